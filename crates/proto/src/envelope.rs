@@ -1,0 +1,161 @@
+//! The message envelope of DESIGN §2.
+
+use std::fmt;
+use std::str::FromStr;
+
+use bytes::Bytes;
+use thiserror::Error;
+use uuid::Uuid;
+
+/// What a message is for; it decides how the broker routes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// Imperative; handled by one instance of each receiving service.
+    /// Refused when no service receives its name.
+    Command,
+    /// A fact; delivered to one instance of every subscribed service.
+    Event,
+    /// An answer to a command, routed to the requester by `response_to`.
+    Reply,
+}
+
+impl Kind {
+    pub fn code(self) -> u8 {
+        match self {
+            Kind::Command => 1,
+            Kind::Event => 2,
+            Kind::Reply => 3,
+        }
+    }
+
+    pub fn from_code(code: u8) -> Option<Kind> {
+        match code {
+            1 => Some(Kind::Command),
+            2 => Some(Kind::Event),
+            3 => Some(Kind::Reply),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Command => "command",
+            Kind::Event => "event",
+            Kind::Reply => "reply",
+        }
+    }
+}
+
+/// A contract version, `MAJOR.MINOR`. A receiver of `1.x` accepts `1.y`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Version {
+    pub major: u16,
+    pub minor: u16,
+}
+
+impl Version {
+    pub const fn new(major: u16, minor: u16) -> Version {
+        Version { major, minor }
+    }
+}
+
+impl Default for Version {
+    fn default() -> Self {
+        Version::new(1, 0)
+    }
+}
+
+impl fmt::Display for Version {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.major, self.minor)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("version {0:?} is not MAJOR.MINOR (for example 1.2)")]
+pub struct VersionParseError(pub String);
+
+impl FromStr for Version {
+    type Err = VersionParseError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let err = || VersionParseError(text.to_string());
+        let (major, minor) = match text.split_once('.') {
+            Some((major, minor)) => (major, minor),
+            None => (text, "0"),
+        };
+        Ok(Version {
+            major: major.parse().map_err(|_| err())?,
+            minor: minor.parse().map_err(|_| err())?,
+        })
+    }
+}
+
+/// One message on the bus: the envelope of DESIGN §2 plus its payload.
+///
+/// `timestamp` and `sender` are set by the broker when it accepts the
+/// message; whatever a client puts there is overwritten.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub kind: Kind,
+    pub name: String,
+    pub version: Version,
+    /// Unique per message (UUID v7); the broker's dedup key.
+    pub id: Uuid,
+    /// Unix nanoseconds at which the broker accepted the message.
+    pub timestamp: u64,
+    pub activity_id: Uuid,
+    /// The command a reply answers.
+    pub response_to: Option<Uuid>,
+    /// The authenticated service that sent the message.
+    pub sender: String,
+    /// Ordering key: same key ⇒ in order, one at a time per receiving service.
+    pub key: Option<Bytes>,
+    /// Unix nanoseconds after which the message is dropped undelivered.
+    pub expires_at: Option<u64>,
+    /// Unix nanoseconds before which the message is not delivered.
+    pub deliver_at: Option<u64>,
+    /// At most once, in memory only.
+    pub transient: bool,
+    /// On a reply: no more replies follow.
+    pub is_final: bool,
+    pub headers: Vec<(String, String)>,
+    pub payload: Bytes,
+}
+
+impl Message {
+    /// A message with fresh ids, version 1.0 and no options set.
+    ///
+    /// ```
+    /// use courier_proto::{Kind, Message};
+    /// let m = Message::new(Kind::Command, "todo.create", "{}");
+    /// assert_eq!(m.name, "todo.create");
+    /// assert_eq!(m.id.get_version_num(), 7);
+    /// ```
+    pub fn new(kind: Kind, name: impl Into<String>, payload: impl Into<Bytes>) -> Message {
+        Message {
+            kind,
+            name: name.into(),
+            version: Version::default(),
+            id: Uuid::now_v7(),
+            timestamp: 0,
+            activity_id: Uuid::now_v7(),
+            response_to: None,
+            sender: String::new(),
+            key: None,
+            expires_at: None,
+            deliver_at: None,
+            transient: false,
+            is_final: kind == Kind::Reply,
+            headers: Vec::new(),
+            payload: payload.into(),
+        }
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}

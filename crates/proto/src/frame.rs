@@ -1,0 +1,1161 @@
+//! Frames: what travels on a Courier connection, and their binary codec.
+//!
+//! The layout is specified byte by byte in `docs/PROTOCOL.md`; keep the two
+//! in step. Every integer is big-endian. A frame is
+//! `length:u32 type:u8 body`, where `length` counts the type byte and the
+//! body. The decoder checks `length` against the connection's limit before it
+//! buffers or allocates anything for the frame.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use thiserror::Error;
+use uuid::Uuid;
+
+use crate::envelope::{Kind, Message, Version};
+use crate::ErrorCode;
+
+/// The protocol version this crate speaks (sent in HELLO and WELCOME).
+pub const PROTOCOL_VERSION: u16 = 1;
+/// First four bytes of a HELLO body; lets a broker tell Courier from noise.
+pub const HELLO_MAGIC: [u8; 4] = *b"CRR1";
+/// Default upper bound of one frame, length prefix excluded.
+pub const FRAME_BYTES_MAX_DEFAULT: u32 = 8 * 1024 * 1024;
+/// An encoder closes a batch frame once it holds this many bytes, so one
+/// large batch never delays the first message in it for long.
+pub const BATCH_BYTES_TARGET: usize = 256 * 1024;
+/// Most entries one batch frame may carry.
+pub const BATCH_ENTRIES_MAX: u32 = 65_536;
+/// Most headers on one message.
+pub const HEADERS_MAX: usize = 64;
+
+const LENGTH_PREFIX_BYTES: usize = 4;
+/// Fixed part of an encoded message; used to bound batch counts before
+/// allocating (see `MESSAGE_BYTES_MIN`).
+const MESSAGE_BYTES_MIN: usize = 1 + 1 + 1 + 4 + 16 + 16 + 8 + 1 + 2 + 4;
+
+/// Frame type codes (the byte after the length prefix).
+pub mod frame_type {
+    pub const HELLO: u8 = 0x01;
+    pub const WELCOME: u8 = 0x02;
+    pub const SEND: u8 = 0x03;
+    pub const SEND_RESULT: u8 = 0x04;
+    pub const SUBSCRIBE: u8 = 0x05;
+    pub const UNSUBSCRIBE: u8 = 0x06;
+    pub const RESULT: u8 = 0x07;
+    pub const DELIVER: u8 = 0x08;
+    pub const ACK: u8 = 0x09;
+    pub const NACK: u8 = 0x0A;
+    pub const FLOW: u8 = 0x0B;
+    pub const PING: u8 = 0x0C;
+    pub const PONG: u8 = 0x0D;
+    pub const ERROR: u8 = 0x0E;
+    pub const DRAIN: u8 = 0x0F;
+    pub const DRAINED: u8 = 0x10;
+}
+
+mod flag {
+    pub const TRANSIENT: u8 = 0x01;
+    pub const FINAL: u8 = 0x02;
+    pub const RESPONSE_TO: u8 = 0x04;
+    pub const KEY: u8 = 0x08;
+    pub const EXPIRES_AT: u8 = 0x10;
+    pub const DELIVER_AT: u8 = 0x20;
+    pub const ALL: u8 = 0x3F;
+}
+
+/// Credentials presented in HELLO. Room for tokens now; certificates are
+/// taken from the TLS session, not from the frame.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Credentials {
+    #[default]
+    None,
+    Token(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub version: u16,
+    pub service: String,
+    pub instance: String,
+    /// How many unacknowledged deliveries this connection takes at once.
+    pub max_in_flight: u32,
+    pub credentials: Credentials,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Welcome {
+    pub version: u16,
+    pub connection_id: u64,
+    pub frame_bytes_max: u32,
+    pub broker: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendEntry {
+    /// Chosen by the client; echoed in the matching [`SendOutcome`].
+    pub seq: u64,
+    pub message: Message,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendOutcome {
+    pub seq: u64,
+    pub code: ErrorCode,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscribe {
+    pub request: u64,
+    pub pattern: String,
+    /// 0 keeps the service's current (or the broker's default) deadline.
+    pub ack_deadline_ms: u32,
+    /// 0 keeps the service's current (or the broker's default) limit.
+    pub max_deliveries: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpResult {
+    pub request: u64,
+    pub code: ErrorCode,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// Names this delivery in ACK and NACK; unique per connection.
+    pub delivery: u64,
+    /// 1 on the first delivery, counting up on each redelivery.
+    pub attempt: u32,
+    pub message: Message,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Nack {
+    pub delivery: u64,
+    pub delay_ms: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorFrame {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// One decoded frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    Hello(Hello),
+    Welcome(Welcome),
+    Send(Vec<SendEntry>),
+    SendResult(Vec<SendOutcome>),
+    Subscribe(Subscribe),
+    Unsubscribe { request: u64, pattern: String },
+    Result(OpResult),
+    Deliver(Vec<Delivery>),
+    Ack(Vec<u64>),
+    Nack(Vec<Nack>),
+    Flow { max_in_flight: u32 },
+    Ping(u64),
+    Pong(u64),
+    Error(ErrorFrame),
+    Drain,
+    Drained,
+}
+
+/// Why bytes could not be decoded into a frame. Offsets count from the
+/// frame's type byte.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum DecodeError {
+    #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
+    FrameTooLarge { len: u64, max: u32 },
+    #[error("frame length is 0; a frame has at least its type byte")]
+    EmptyFrame,
+    #[error("unknown frame type 0x{frame_type:02x}")]
+    UnknownFrameType { frame_type: u8 },
+    #[error("frame ends early at byte {offset}: need {need} more bytes, have {have}")]
+    UnexpectedEof {
+        offset: usize,
+        need: usize,
+        have: usize,
+    },
+    #[error("frame has {extra} bytes left over after its body ends at byte {offset}")]
+    TrailingBytes { offset: usize, extra: usize },
+    #[error("text at byte {offset} is not valid UTF-8")]
+    InvalidUtf8 { offset: usize },
+    #[error("unknown message kind {code} at byte {offset}")]
+    UnknownKind { offset: usize, code: u8 },
+    #[error("unknown message flags 0x{flags:02x} at byte {offset}")]
+    UnknownFlags { offset: usize, flags: u8 },
+    #[error("unknown credentials kind {code} at byte {offset}")]
+    UnknownCredentials { offset: usize, code: u8 },
+    #[error("HELLO does not start with the magic bytes \"CRR1\"; is this a Courier client?")]
+    BadMagic,
+    #[error("batch claims {count} entries; at most {max} fit in this frame")]
+    TooManyEntries { count: u32, max: u64 },
+    #[error("message has {count} headers; at most {HEADERS_MAX} are allowed")]
+    TooManyHeaders { count: usize },
+}
+
+impl DecodeError {
+    /// The wire code an ERROR frame carries for this failure.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            DecodeError::FrameTooLarge { .. } => ErrorCode::FrameTooLarge,
+            _ => ErrorCode::MalformedFrame,
+        }
+    }
+}
+
+/// Why a value could not be encoded.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum EncodeError {
+    #[error("{what} is {len} bytes; at most {max} fit")]
+    TooLong {
+        what: &'static str,
+        len: usize,
+        max: usize,
+    },
+    #[error("message has {count} headers; at most {HEADERS_MAX} are allowed")]
+    TooManyHeaders { count: usize },
+}
+
+/// Decodes one frame from the front of `src`, if a whole one is there.
+///
+/// Returns `Ok(None)` when more bytes are needed. A frame whose length
+/// prefix exceeds `frame_bytes_max` is refused before anything is buffered
+/// for it, so a hostile length cannot make the caller allocate.
+///
+/// ```
+/// use bytes::BytesMut;
+/// use courier_proto::{decode_frame, Frame, FrameWriter, FRAME_BYTES_MAX_DEFAULT};
+/// let mut w = FrameWriter::new();
+/// w.push(&Frame::Ping(7)).unwrap();
+/// let mut buf = BytesMut::from(&w.take()[..]);
+/// assert_eq!(decode_frame(&mut buf, FRAME_BYTES_MAX_DEFAULT).unwrap(), Some(Frame::Ping(7)));
+/// ```
+pub fn decode_frame(
+    src: &mut BytesMut,
+    frame_bytes_max: u32,
+) -> Result<Option<Frame>, DecodeError> {
+    if src.len() < LENGTH_PREFIX_BYTES {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes([src[0], src[1], src[2], src[3]]);
+    if len == 0 {
+        return Err(DecodeError::EmptyFrame);
+    }
+    if len > frame_bytes_max {
+        return Err(DecodeError::FrameTooLarge {
+            len: u64::from(len),
+            max: frame_bytes_max,
+        });
+    }
+    let total = LENGTH_PREFIX_BYTES + len as usize;
+    if src.len() < total {
+        src.reserve(total - src.len());
+        return Ok(None);
+    }
+    let mut frame = src.split_to(total).freeze();
+    frame.advance(LENGTH_PREFIX_BYTES);
+    decode_body(frame).map(Some)
+}
+
+/// Decodes a frame body (type byte first, no length prefix).
+pub fn decode_body(body: Bytes) -> Result<Frame, DecodeError> {
+    let mut r = Reader { buf: body, pos: 0 };
+    let frame_type = r.u8()?;
+    let frame = match frame_type {
+        frame_type::HELLO => {
+            let magic = r.bytes(4)?;
+            if magic[..] != HELLO_MAGIC {
+                return Err(DecodeError::BadMagic);
+            }
+            let version = r.u16()?;
+            let service = r.str8()?;
+            let instance = r.str8()?;
+            let max_in_flight = r.u32()?;
+            let offset = r.pos;
+            let credentials = match r.u8()? {
+                0 => Credentials::None,
+                1 => Credentials::Token(r.str16()?),
+                code => return Err(DecodeError::UnknownCredentials { offset, code }),
+            };
+            Frame::Hello(Hello {
+                version,
+                service,
+                instance,
+                max_in_flight,
+                credentials,
+            })
+        }
+        frame_type::WELCOME => Frame::Welcome(Welcome {
+            version: r.u16()?,
+            connection_id: r.u64()?,
+            frame_bytes_max: r.u32()?,
+            broker: r.str8()?,
+        }),
+        frame_type::SEND => {
+            let count = r.count(8 + MESSAGE_BYTES_MIN)?;
+            let mut entries = Vec::with_capacity(count);
+            for _ in 0..count {
+                let seq = r.u64()?;
+                let message = r.message()?;
+                entries.push(SendEntry { seq, message });
+            }
+            Frame::Send(entries)
+        }
+        frame_type::SEND_RESULT => {
+            let count = r.count(8 + 2 + 2)?;
+            let mut entries = Vec::with_capacity(count);
+            for _ in 0..count {
+                entries.push(SendOutcome {
+                    seq: r.u64()?,
+                    code: ErrorCode::from_u16(r.u16()?),
+                    reason: r.str16()?,
+                });
+            }
+            Frame::SendResult(entries)
+        }
+        frame_type::SUBSCRIBE => Frame::Subscribe(Subscribe {
+            request: r.u64()?,
+            pattern: r.str8()?,
+            ack_deadline_ms: r.u32()?,
+            max_deliveries: r.u32()?,
+        }),
+        frame_type::UNSUBSCRIBE => Frame::Unsubscribe {
+            request: r.u64()?,
+            pattern: r.str8()?,
+        },
+        frame_type::RESULT => Frame::Result(OpResult {
+            request: r.u64()?,
+            code: ErrorCode::from_u16(r.u16()?),
+            reason: r.str16()?,
+        }),
+        frame_type::DELIVER => {
+            let count = r.count(8 + 4 + MESSAGE_BYTES_MIN)?;
+            let mut entries = Vec::with_capacity(count);
+            for _ in 0..count {
+                let delivery = r.u64()?;
+                let attempt = r.u32()?;
+                let message = r.message()?;
+                entries.push(Delivery {
+                    delivery,
+                    attempt,
+                    message,
+                });
+            }
+            Frame::Deliver(entries)
+        }
+        frame_type::ACK => {
+            let count = r.count(8)?;
+            let mut ids = Vec::with_capacity(count);
+            for _ in 0..count {
+                ids.push(r.u64()?);
+            }
+            Frame::Ack(ids)
+        }
+        frame_type::NACK => {
+            let count = r.count(8 + 4)?;
+            let mut entries = Vec::with_capacity(count);
+            for _ in 0..count {
+                entries.push(Nack {
+                    delivery: r.u64()?,
+                    delay_ms: r.u32()?,
+                });
+            }
+            Frame::Nack(entries)
+        }
+        frame_type::FLOW => Frame::Flow {
+            max_in_flight: r.u32()?,
+        },
+        frame_type::PING => Frame::Ping(r.u64()?),
+        frame_type::PONG => Frame::Pong(r.u64()?),
+        frame_type::ERROR => Frame::Error(ErrorFrame {
+            code: ErrorCode::from_u16(r.u16()?),
+            message: r.str16()?,
+        }),
+        frame_type::DRAIN => Frame::Drain,
+        frame_type::DRAINED => Frame::Drained,
+        other => return Err(DecodeError::UnknownFrameType { frame_type: other }),
+    };
+    let extra = r.buf.len() - r.pos;
+    if extra != 0 {
+        return Err(DecodeError::TrailingBytes {
+            offset: r.pos,
+            extra,
+        });
+    }
+    Ok(frame)
+}
+
+struct Reader {
+    buf: Bytes,
+    pos: usize,
+}
+
+impl Reader {
+    fn need(&self, n: usize) -> Result<(), DecodeError> {
+        let have = self.buf.len() - self.pos;
+        if have < n {
+            return Err(DecodeError::UnexpectedEof {
+                offset: self.pos,
+                need: n,
+                have,
+            });
+        }
+        Ok(())
+    }
+
+    fn bytes(&mut self, n: usize) -> Result<Bytes, DecodeError> {
+        self.need(n)?;
+        let out = self.buf.slice(self.pos..self.pos + n);
+        self.pos += n;
+        Ok(out)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
+        self.need(N)?;
+        let mut out = [0u8; N];
+        out.copy_from_slice(&self.buf[self.pos..self.pos + N]);
+        self.pos += N;
+        Ok(out)
+    }
+
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.array::<1>()?[0])
+    }
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        Ok(u16::from_be_bytes(self.array()?))
+    }
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        Ok(u32::from_be_bytes(self.array()?))
+    }
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        Ok(u64::from_be_bytes(self.array()?))
+    }
+    fn uuid(&mut self) -> Result<Uuid, DecodeError> {
+        Ok(Uuid::from_bytes(self.array()?))
+    }
+
+    fn text(&mut self, len: usize) -> Result<String, DecodeError> {
+        let offset = self.pos;
+        let raw = self.bytes(len)?;
+        String::from_utf8(raw.to_vec()).map_err(|_| DecodeError::InvalidUtf8 { offset })
+    }
+    fn str8(&mut self) -> Result<String, DecodeError> {
+        let len = self.u8()? as usize;
+        self.text(len)
+    }
+    fn str16(&mut self) -> Result<String, DecodeError> {
+        let len = self.u16()? as usize;
+        self.text(len)
+    }
+
+    /// Reads a batch count and checks it against what the rest of the frame
+    /// could possibly hold, so a lying count cannot make us allocate.
+    fn count(&mut self, entry_bytes_min: usize) -> Result<usize, DecodeError> {
+        let count = self.u32()?;
+        let fits = ((self.buf.len() - self.pos) / entry_bytes_min) as u64;
+        let max = fits.min(u64::from(BATCH_ENTRIES_MAX));
+        if u64::from(count) > max {
+            return Err(DecodeError::TooManyEntries { count, max });
+        }
+        Ok(count as usize)
+    }
+
+    fn message(&mut self) -> Result<Message, DecodeError> {
+        let offset = self.pos;
+        let code = self.u8()?;
+        let kind = Kind::from_code(code).ok_or(DecodeError::UnknownKind { offset, code })?;
+        let offset = self.pos;
+        let flags = self.u8()?;
+        if flags & !flag::ALL != 0 {
+            return Err(DecodeError::UnknownFlags { offset, flags });
+        }
+        let name = self.str8()?;
+        let version = Version::new(self.u16()?, self.u16()?);
+        let id = self.uuid()?;
+        let activity_id = self.uuid()?;
+        let timestamp = self.u64()?;
+        let sender = self.str8()?;
+        let response_to = if flags & flag::RESPONSE_TO != 0 {
+            Some(self.uuid()?)
+        } else {
+            None
+        };
+        let key = if flags & flag::KEY != 0 {
+            let len = self.u16()? as usize;
+            Some(self.bytes(len)?)
+        } else {
+            None
+        };
+        let expires_at = if flags & flag::EXPIRES_AT != 0 {
+            Some(self.u64()?)
+        } else {
+            None
+        };
+        let deliver_at = if flags & flag::DELIVER_AT != 0 {
+            Some(self.u64()?)
+        } else {
+            None
+        };
+        let header_count = self.u16()? as usize;
+        if header_count > HEADERS_MAX {
+            return Err(DecodeError::TooManyHeaders {
+                count: header_count,
+            });
+        }
+        let mut headers = Vec::with_capacity(header_count);
+        for _ in 0..header_count {
+            let k = self.str8()?;
+            let v = self.str16()?;
+            headers.push((k, v));
+        }
+        let payload_len = self.u32()? as usize;
+        let payload = self.bytes(payload_len)?;
+        Ok(Message {
+            kind,
+            name,
+            version,
+            id,
+            timestamp,
+            activity_id,
+            response_to,
+            sender,
+            key,
+            expires_at,
+            deliver_at,
+            transient: flags & flag::TRANSIENT != 0,
+            is_final: flags & flag::FINAL != 0,
+            headers,
+            payload,
+        })
+    }
+}
+
+struct OpenBatch {
+    frame_type: u8,
+    start: usize,
+    count: u32,
+}
+
+/// Encodes frames into one buffer, merging consecutive batchable entries
+/// (SEND, SEND_RESULT, DELIVER, ACK, NACK) into one frame. One buffer
+/// becomes one `write` call, so under load many messages share a frame and a
+/// syscall, while a lone message still leaves at once.
+#[derive(Default)]
+pub struct FrameWriter {
+    buf: BytesMut,
+    open: Option<OpenBatch>,
+}
+
+impl FrameWriter {
+    pub fn new() -> FrameWriter {
+        FrameWriter::default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    /// Everything encoded so far; the writer starts afresh.
+    pub fn take(&mut self) -> BytesMut {
+        self.open = None;
+        self.buf.split()
+    }
+
+    /// Appends a whole frame. Batch frames given here are appended entry by
+    /// entry, so they merge with neighbours as the `push_*` methods do.
+    pub fn push(&mut self, frame: &Frame) -> Result<(), EncodeError> {
+        match frame {
+            Frame::Send(entries) => {
+                for e in entries {
+                    self.push_send(e.seq, &e.message)?;
+                }
+                Ok(())
+            }
+            Frame::SendResult(entries) => {
+                for e in entries {
+                    self.push_send_outcome(e.seq, e.code, &e.reason)?;
+                }
+                Ok(())
+            }
+            Frame::Deliver(entries) => {
+                for e in entries {
+                    self.push_delivery(e.delivery, e.attempt, &e.message)?;
+                }
+                Ok(())
+            }
+            Frame::Ack(ids) => {
+                for id in ids {
+                    self.push_ack(*id);
+                }
+                Ok(())
+            }
+            Frame::Nack(entries) => {
+                for e in entries {
+                    self.push_nack(*e);
+                }
+                Ok(())
+            }
+            single => self.push_single(single),
+        }
+    }
+
+    fn push_single(&mut self, frame: &Frame) -> Result<(), EncodeError> {
+        self.open = None;
+        let start = self.buf.len();
+        self.buf.put_u32(0);
+        let result = self.single_body(frame);
+        if result.is_err() {
+            self.buf.truncate(start);
+            return result;
+        }
+        self.patch_length(start);
+        Ok(())
+    }
+
+    fn single_body(&mut self, frame: &Frame) -> Result<(), EncodeError> {
+        let b = &mut self.buf;
+        match frame {
+            Frame::Hello(h) => {
+                b.put_u8(frame_type::HELLO);
+                b.put_slice(&HELLO_MAGIC);
+                b.put_u16(h.version);
+                put_str8(b, "service", &h.service)?;
+                put_str8(b, "instance", &h.instance)?;
+                b.put_u32(h.max_in_flight);
+                match &h.credentials {
+                    Credentials::None => b.put_u8(0),
+                    Credentials::Token(t) => {
+                        b.put_u8(1);
+                        put_str16(b, "token", t)?;
+                    }
+                }
+            }
+            Frame::Welcome(w) => {
+                b.put_u8(frame_type::WELCOME);
+                b.put_u16(w.version);
+                b.put_u64(w.connection_id);
+                b.put_u32(w.frame_bytes_max);
+                put_str8(b, "broker", &w.broker)?;
+            }
+            Frame::Subscribe(s) => {
+                b.put_u8(frame_type::SUBSCRIBE);
+                b.put_u64(s.request);
+                put_str8(b, "pattern", &s.pattern)?;
+                b.put_u32(s.ack_deadline_ms);
+                b.put_u32(s.max_deliveries);
+            }
+            Frame::Unsubscribe { request, pattern } => {
+                b.put_u8(frame_type::UNSUBSCRIBE);
+                b.put_u64(*request);
+                put_str8(b, "pattern", pattern)?;
+            }
+            Frame::Result(r) => {
+                b.put_u8(frame_type::RESULT);
+                b.put_u64(r.request);
+                b.put_u16(r.code.as_u16());
+                put_str16_lossy(b, &r.reason);
+            }
+            Frame::Flow { max_in_flight } => {
+                b.put_u8(frame_type::FLOW);
+                b.put_u32(*max_in_flight);
+            }
+            Frame::Ping(n) => {
+                b.put_u8(frame_type::PING);
+                b.put_u64(*n);
+            }
+            Frame::Pong(n) => {
+                b.put_u8(frame_type::PONG);
+                b.put_u64(*n);
+            }
+            Frame::Error(e) => {
+                b.put_u8(frame_type::ERROR);
+                b.put_u16(e.code.as_u16());
+                put_str16_lossy(b, &e.message);
+            }
+            Frame::Drain => b.put_u8(frame_type::DRAIN),
+            Frame::Drained => b.put_u8(frame_type::DRAINED),
+            Frame::Send(_)
+            | Frame::SendResult(_)
+            | Frame::Deliver(_)
+            | Frame::Ack(_)
+            | Frame::Nack(_) => unreachable!("batch frames are pushed entry by entry"),
+        }
+        Ok(())
+    }
+
+    fn patch_length(&mut self, start: usize) {
+        let len = (self.buf.len() - start - LENGTH_PREFIX_BYTES) as u32;
+        self.buf[start..start + 4].copy_from_slice(&len.to_be_bytes());
+    }
+
+    /// Opens (or continues) a batch frame of `frame_type`, runs `entry` to
+    /// append one entry, and patches length and count. On error the entry's
+    /// bytes are removed again.
+    fn batch_entry(
+        &mut self,
+        frame_type: u8,
+        entry: impl FnOnce(&mut BytesMut) -> Result<(), EncodeError>,
+    ) -> Result<(), EncodeError> {
+        let continue_open = matches!(&self.open, Some(o) if o.frame_type == frame_type
+            && self.buf.len() - o.start < BATCH_BYTES_TARGET
+            && o.count < BATCH_ENTRIES_MAX);
+        if !continue_open {
+            let start = self.buf.len();
+            self.buf.put_u32(0);
+            self.buf.put_u8(frame_type);
+            self.buf.put_u32(0);
+            self.open = Some(OpenBatch {
+                frame_type,
+                start,
+                count: 0,
+            });
+        }
+        let before = self.buf.len();
+        if let Err(e) = entry(&mut self.buf) {
+            self.buf.truncate(before);
+            if let Some(open) = &self.open {
+                if open.count == 0 {
+                    self.buf.truncate(open.start);
+                    self.open = None;
+                }
+            }
+            return Err(e);
+        }
+        if let Some(open) = &mut self.open {
+            open.count += 1;
+            let (start, count) = (open.start, open.count);
+            self.buf[start + 5..start + 9].copy_from_slice(&count.to_be_bytes());
+            self.patch_length(start);
+        }
+        Ok(())
+    }
+
+    pub fn push_send(&mut self, seq: u64, message: &Message) -> Result<(), EncodeError> {
+        self.batch_entry(frame_type::SEND, |b| {
+            b.put_u64(seq);
+            put_message(b, message)
+        })
+    }
+
+    pub fn push_send_outcome(
+        &mut self,
+        seq: u64,
+        code: ErrorCode,
+        reason: &str,
+    ) -> Result<(), EncodeError> {
+        self.batch_entry(frame_type::SEND_RESULT, |b| {
+            b.put_u64(seq);
+            b.put_u16(code.as_u16());
+            put_str16_lossy(b, reason);
+            Ok(())
+        })
+    }
+
+    pub fn push_delivery(
+        &mut self,
+        delivery: u64,
+        attempt: u32,
+        message: &Message,
+    ) -> Result<(), EncodeError> {
+        self.batch_entry(frame_type::DELIVER, |b| {
+            b.put_u64(delivery);
+            b.put_u32(attempt);
+            put_message(b, message)
+        })
+    }
+
+    pub fn push_ack(&mut self, delivery: u64) {
+        let _infallible = self.batch_entry(frame_type::ACK, |b| {
+            b.put_u64(delivery);
+            Ok(())
+        });
+    }
+
+    pub fn push_nack(&mut self, nack: Nack) {
+        let _infallible = self.batch_entry(frame_type::NACK, |b| {
+            b.put_u64(nack.delivery);
+            b.put_u32(nack.delay_ms);
+            Ok(())
+        });
+    }
+}
+
+fn put_str8(b: &mut BytesMut, what: &'static str, s: &str) -> Result<(), EncodeError> {
+    if s.len() > u8::MAX as usize {
+        return Err(EncodeError::TooLong {
+            what,
+            len: s.len(),
+            max: u8::MAX as usize,
+        });
+    }
+    b.put_u8(s.len() as u8);
+    b.put_slice(s.as_bytes());
+    Ok(())
+}
+
+fn put_str16(b: &mut BytesMut, what: &'static str, s: &str) -> Result<(), EncodeError> {
+    if s.len() > u16::MAX as usize {
+        return Err(EncodeError::TooLong {
+            what,
+            len: s.len(),
+            max: u16::MAX as usize,
+        });
+    }
+    b.put_u16(s.len() as u16);
+    b.put_slice(s.as_bytes());
+    Ok(())
+}
+
+/// Human-readable reasons are cut (at a character boundary) rather than
+/// refused: an error about an error helps nobody.
+fn put_str16_lossy(b: &mut BytesMut, s: &str) {
+    let mut end = s.len().min(u16::MAX as usize);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    b.put_u16(end as u16);
+    b.put_slice(&s.as_bytes()[..end]);
+}
+
+/// Bytes [`put_message`] will write for `m`; lets callers check a message
+/// against the frame limit before encoding it.
+pub fn encoded_message_len(m: &Message) -> usize {
+    MESSAGE_BYTES_MIN - 1 - 1
+        + m.name.len()
+        + m.sender.len()
+        + 1
+        + 1
+        + m.response_to.map_or(0, |_| 16)
+        + m.key.as_ref().map_or(0, |k| 2 + k.len())
+        + m.expires_at.map_or(0, |_| 8)
+        + m.deliver_at.map_or(0, |_| 8)
+        + m.headers
+            .iter()
+            .map(|(k, v)| 1 + k.len() + 2 + v.len())
+            .sum::<usize>()
+        + m.payload.len()
+}
+
+fn put_message(b: &mut BytesMut, m: &Message) -> Result<(), EncodeError> {
+    if m.headers.len() > HEADERS_MAX {
+        return Err(EncodeError::TooManyHeaders {
+            count: m.headers.len(),
+        });
+    }
+    if m.payload.len() > u32::MAX as usize {
+        return Err(EncodeError::TooLong {
+            what: "payload",
+            len: m.payload.len(),
+            max: u32::MAX as usize,
+        });
+    }
+    let mut flags = 0;
+    if m.transient {
+        flags |= flag::TRANSIENT;
+    }
+    if m.is_final {
+        flags |= flag::FINAL;
+    }
+    if m.response_to.is_some() {
+        flags |= flag::RESPONSE_TO;
+    }
+    if m.key.is_some() {
+        flags |= flag::KEY;
+    }
+    if m.expires_at.is_some() {
+        flags |= flag::EXPIRES_AT;
+    }
+    if m.deliver_at.is_some() {
+        flags |= flag::DELIVER_AT;
+    }
+    b.reserve(encoded_message_len(m));
+    b.put_u8(m.kind.code());
+    b.put_u8(flags);
+    put_str8(b, "name", &m.name)?;
+    b.put_u16(m.version.major);
+    b.put_u16(m.version.minor);
+    b.put_slice(m.id.as_bytes());
+    b.put_slice(m.activity_id.as_bytes());
+    b.put_u64(m.timestamp);
+    put_str8(b, "sender", &m.sender)?;
+    if let Some(r) = m.response_to {
+        b.put_slice(r.as_bytes());
+    }
+    if let Some(key) = &m.key {
+        if key.len() > u16::MAX as usize {
+            return Err(EncodeError::TooLong {
+                what: "key",
+                len: key.len(),
+                max: u16::MAX as usize,
+            });
+        }
+        b.put_u16(key.len() as u16);
+        b.put_slice(key);
+    }
+    if let Some(t) = m.expires_at {
+        b.put_u64(t);
+    }
+    if let Some(t) = m.deliver_at {
+        b.put_u64(t);
+    }
+    b.put_u16(m.headers.len() as u16);
+    for (k, v) in &m.headers {
+        put_str8(b, "header name", k)?;
+        put_str16(b, "header value", v)?;
+    }
+    b.put_u32(m.payload.len() as u32);
+    b.put_slice(&m.payload);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample(kind: Kind) -> Message {
+        let mut m = Message::new(kind, "todo.create", &b"{\"text\":\"milk\"}"[..]);
+        m.sender = "web".into();
+        m.timestamp = 42;
+        m.key = Some(Bytes::from_static(b"user-1"));
+        m.expires_at = Some(1_000);
+        m.deliver_at = Some(500);
+        m.response_to = Some(Uuid::now_v7());
+        m.headers
+            .push(("content-type".into(), "application/json".into()));
+        m
+    }
+
+    fn roundtrip(frames: &[Frame]) -> Vec<Frame> {
+        let mut w = FrameWriter::new();
+        for f in frames {
+            w.push(f).expect("encodes");
+        }
+        let mut buf = w.take();
+        let mut out = Vec::new();
+        while let Some(f) = decode_frame(&mut buf, FRAME_BYTES_MAX_DEFAULT).expect("decodes") {
+            out.push(f);
+        }
+        assert!(buf.is_empty());
+        out
+    }
+
+    #[test]
+    fn every_frame_roundtrips() {
+        let frames = vec![
+            Frame::Hello(Hello {
+                version: 1,
+                service: "web".into(),
+                instance: "web-1".into(),
+                max_in_flight: 64,
+                credentials: Credentials::Token("secret".into()),
+            }),
+            Frame::Welcome(Welcome {
+                version: 1,
+                connection_id: 9,
+                frame_bytes_max: 1024,
+                broker: "courier".into(),
+            }),
+            Frame::Send(vec![SendEntry {
+                seq: 1,
+                message: sample(Kind::Command),
+            }]),
+            Frame::SendResult(vec![SendOutcome {
+                seq: 1,
+                code: ErrorCode::NoReceiver,
+                reason: "no service receives todo.create".into(),
+            }]),
+            Frame::Subscribe(Subscribe {
+                request: 3,
+                pattern: "todo.*".into(),
+                ack_deadline_ms: 100,
+                max_deliveries: 4,
+            }),
+            Frame::Unsubscribe {
+                request: 4,
+                pattern: "todo.>".into(),
+            },
+            Frame::Result(OpResult {
+                request: 3,
+                code: ErrorCode::Ok,
+                reason: String::new(),
+            }),
+            Frame::Deliver(vec![Delivery {
+                delivery: 5,
+                attempt: 2,
+                message: sample(Kind::Reply),
+            }]),
+            Frame::Ack(vec![5]),
+            Frame::Nack(vec![Nack {
+                delivery: 5,
+                delay_ms: 10,
+            }]),
+            Frame::Flow { max_in_flight: 8 },
+            Frame::Ping(1),
+            Frame::Pong(1),
+            Frame::Error(ErrorFrame {
+                code: ErrorCode::MalformedFrame,
+                message: "bad".into(),
+            }),
+            Frame::Drain,
+            Frame::Drained,
+        ];
+        assert_eq!(roundtrip(&frames), frames);
+    }
+
+    #[test]
+    fn consecutive_entries_share_one_frame() {
+        let mut w = FrameWriter::new();
+        for i in 0..100 {
+            w.push_send(i, &Message::new(Kind::Event, "a.b", "x"))
+                .expect("encodes");
+        }
+        w.push_ack(1);
+        w.push_ack(2);
+        let mut buf = w.take();
+        let first = decode_frame(&mut buf, FRAME_BYTES_MAX_DEFAULT)
+            .expect("ok")
+            .expect("frame");
+        match first {
+            Frame::Send(entries) => assert_eq!(entries.len(), 100),
+            other => panic!("expected one SEND of 100, got {other:?}"),
+        }
+        assert_eq!(
+            decode_frame(&mut buf, FRAME_BYTES_MAX_DEFAULT).expect("ok"),
+            Some(Frame::Ack(vec![1, 2]))
+        );
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn oversized_length_is_refused_before_buffering() {
+        for len in [u32::MAX, (1u32 << 31) - 1, FRAME_BYTES_MAX_DEFAULT + 1] {
+            let mut buf = BytesMut::from(&len.to_be_bytes()[..]);
+            assert!(matches!(
+                decode_frame(&mut buf, FRAME_BYTES_MAX_DEFAULT),
+                Err(DecodeError::FrameTooLarge { .. })
+            ));
+            assert!(
+                buf.capacity() < 1024,
+                "must not reserve for a hostile length"
+            );
+        }
+    }
+
+    #[test]
+    fn truncated_and_garbage_frames_are_errors_not_panics() {
+        let mut w = FrameWriter::new();
+        w.push_send(1, &sample(Kind::Command)).expect("encodes");
+        let whole = w.take().freeze();
+        // Every prefix of the body, re-framed with a matching length, must fail cleanly.
+        for cut in 1..whole.len() - 4 {
+            let body = whole.slice(4..4 + cut);
+            assert!(decode_body(body).is_err(), "prefix of {cut} bytes decoded");
+        }
+        assert_eq!(
+            decode_body(Bytes::from_static(&[0x7f])),
+            Err(DecodeError::UnknownFrameType { frame_type: 0x7f })
+        );
+        let mut zero = BytesMut::from(&[0u8, 0, 0, 0][..]);
+        assert_eq!(decode_frame(&mut zero, 100), Err(DecodeError::EmptyFrame));
+    }
+
+    #[test]
+    fn lying_batch_count_is_refused() {
+        let mut body = BytesMut::new();
+        body.put_u8(frame_type::ACK);
+        body.put_u32(u32::MAX);
+        body.put_u64(1);
+        assert!(matches!(
+            decode_body(body.freeze()),
+            Err(DecodeError::TooManyEntries {
+                count: u32::MAX,
+                max: 1
+            })
+        ));
+    }
+
+    #[test]
+    fn encoded_len_is_exact() {
+        let m = sample(Kind::Command);
+        let mut b = BytesMut::new();
+        put_message(&mut b, &m).expect("encodes");
+        assert_eq!(b.len(), encoded_message_len(&m));
+        let plain = Message::new(Kind::Event, "x", "");
+        let mut b = BytesMut::new();
+        put_message(&mut b, &plain).expect("encodes");
+        assert_eq!(b.len(), encoded_message_len(&plain));
+    }
+
+    fn arb_message() -> impl Strategy<Value = Message> {
+        (
+            0u8..3,
+            "[a-z]{1,8}(\\.[a-z0-9_-]{1,8}){0,3}",
+            any::<(u16, u16, u128, u128, u64)>(),
+            proptest::option::of(any::<u128>()),
+            proptest::option::of(proptest::collection::vec(any::<u8>(), 0..16)),
+            proptest::option::of(any::<u64>()),
+            proptest::option::of(any::<u64>()),
+            any::<(bool, bool)>(),
+            proptest::collection::vec(("[a-z-]{1,10}", "\\PC{0,20}"), 0..4),
+            proptest::collection::vec(any::<u8>(), 0..200),
+        )
+            .prop_map(
+                |(
+                    kind,
+                    name,
+                    (major, minor, id, activity, ts),
+                    resp,
+                    key,
+                    exp,
+                    at,
+                    (tr, fin),
+                    headers,
+                    payload,
+                )| {
+                    Message {
+                        kind: Kind::from_code(kind + 1).expect("1..=3"),
+                        name,
+                        version: Version::new(major, minor),
+                        id: Uuid::from_u128(id),
+                        timestamp: ts,
+                        activity_id: Uuid::from_u128(activity),
+                        response_to: resp.map(Uuid::from_u128),
+                        sender: "svc".into(),
+                        key: key.map(Bytes::from),
+                        expires_at: exp,
+                        deliver_at: at,
+                        transient: tr,
+                        is_final: fin,
+                        headers,
+                        payload: Bytes::from(payload),
+                    }
+                },
+            )
+    }
+
+    proptest! {
+        #[test]
+        fn messages_roundtrip(messages in proptest::collection::vec(arb_message(), 1..20)) {
+            let frame = Frame::Deliver(messages.into_iter().enumerate().map(|(i, message)| Delivery {
+                delivery: i as u64,
+                attempt: 1,
+                message,
+            }).collect());
+            prop_assert_eq!(roundtrip(std::slice::from_ref(&frame)), vec![frame]);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut buf = BytesMut::from(&bytes[..]);
+            while let Ok(Some(_)) = decode_frame(&mut buf, 4096) {}
+        }
+    }
+}

@@ -1,0 +1,24 @@
+//! Courier's wire vocabulary: the message envelope, names and patterns,
+//! frames and their codec, and the error-code table.
+//!
+//! Architecture invariant: this crate does no I/O and knows nothing of
+//! tokio; it turns bytes into values and back, so every transport (TCP,
+//! TLS, a fuzzer) shares one codec.
+#![forbid(unsafe_code)]
+
+mod envelope;
+mod error_code;
+mod frame;
+mod name;
+
+pub use envelope::{Kind, Message, Version, VersionParseError};
+pub use error_code::ErrorCode;
+pub use frame::{
+    decode_body, decode_frame, encoded_message_len, frame_type, Credentials, DecodeError, Delivery,
+    EncodeError, ErrorFrame, Frame, FrameWriter, Hello, Nack, OpResult, SendEntry, SendOutcome,
+    Subscribe, Welcome, BATCH_BYTES_TARGET, BATCH_ENTRIES_MAX, FRAME_BYTES_MAX_DEFAULT,
+    HEADERS_MAX, HELLO_MAGIC, PROTOCOL_VERSION,
+};
+pub use name::{
+    is_wildcard, pattern_matches, validate_name, validate_pattern, NameError, NAME_BYTES_MAX,
+};

@@ -1,0 +1,248 @@
+//! Message names and subscription patterns.
+//!
+//! A name is one or more dot-separated segments of `[a-z0-9_-]`, at most
+//! [`NAME_BYTES_MAX`] bytes in all. A pattern is a name whose segments may
+//! also be `*` (exactly one segment) or, as the last segment only, `>`
+//! (one or more remaining segments) — the NATS conventions users know.
+
+use thiserror::Error;
+
+/// Longest accepted message name or pattern, in bytes (DESIGN §2).
+pub const NAME_BYTES_MAX: usize = 255;
+
+/// Why a name or pattern was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum NameError {
+    #[error("name is empty")]
+    Empty,
+    #[error("name is {len} bytes long; at most {NAME_BYTES_MAX} are allowed")]
+    TooLong { len: usize },
+    #[error("name {name:?} has an empty segment (two dots in a row, or a dot at an end)")]
+    EmptySegment { name: String },
+    #[error("name {name:?} has the character {ch:?} at byte {offset}; names use only a-z, 0-9, '.', '_' and '-'")]
+    BadCharacter {
+        name: String,
+        ch: char,
+        offset: usize,
+    },
+    #[error("pattern {pattern:?} uses '>' before its last segment; '>' matches the rest and must come last")]
+    TailNotLast { pattern: String },
+    #[error("pattern {pattern:?} mixes a wildcard with other characters in one segment; use '*' or '>' as a whole segment")]
+    PartialWildcard { pattern: String },
+}
+
+fn is_name_byte(b: u8) -> bool {
+    matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-')
+}
+
+fn check_common(text: &str) -> Result<(), NameError> {
+    if text.is_empty() {
+        return Err(NameError::Empty);
+    }
+    if text.len() > NAME_BYTES_MAX {
+        return Err(NameError::TooLong { len: text.len() });
+    }
+    if text.split('.').any(str::is_empty) {
+        return Err(NameError::EmptySegment {
+            name: printable(text),
+        });
+    }
+    Ok(())
+}
+
+fn printable(text: &str) -> String {
+    text.chars().take(80).collect()
+}
+
+fn bad_character(text: &str, offset: usize) -> NameError {
+    let ch = text[offset..].chars().next().unwrap_or('\u{fffd}');
+    NameError::BadCharacter {
+        name: printable(text),
+        ch,
+        offset,
+    }
+}
+
+/// Checks that `name` is a valid message name (no wildcards).
+///
+/// ```
+/// assert!(courier_proto::validate_name("todo.create").is_ok());
+/// assert!(courier_proto::validate_name("todo.*").is_err());
+/// ```
+pub fn validate_name(name: &str) -> Result<(), NameError> {
+    check_common(name)?;
+    for (offset, b) in name.bytes().enumerate() {
+        if b != b'.' && !is_name_byte(b) {
+            return Err(bad_character(name, offset));
+        }
+    }
+    Ok(())
+}
+
+/// Checks that `pattern` is a valid subscription pattern.
+///
+/// ```
+/// assert!(courier_proto::validate_pattern("todo.>").is_ok());
+/// assert!(courier_proto::validate_pattern("todo.>.x").is_err());
+/// ```
+pub fn validate_pattern(pattern: &str) -> Result<(), NameError> {
+    check_common(pattern)?;
+    let segments: Vec<&str> = pattern.split('.').collect();
+    let last = segments.len() - 1;
+    let mut offset = 0;
+    for (index, segment) in segments.iter().enumerate() {
+        match *segment {
+            "*" => {}
+            ">" if index == last => {}
+            ">" => {
+                return Err(NameError::TailNotLast {
+                    pattern: printable(pattern),
+                })
+            }
+            _ => {
+                for (i, b) in segment.bytes().enumerate() {
+                    if b == b'*' || b == b'>' {
+                        return Err(NameError::PartialWildcard {
+                            pattern: printable(pattern),
+                        });
+                    }
+                    if !is_name_byte(b) {
+                        return Err(bad_character(pattern, offset + i));
+                    }
+                }
+            }
+        }
+        offset += segment.len() + 1;
+    }
+    Ok(())
+}
+
+/// Whether a validated `name` matches a validated `pattern`.
+///
+/// ```
+/// use courier_proto::pattern_matches;
+/// assert!(pattern_matches("todo.*", "todo.create"));
+/// assert!(!pattern_matches("todo.*", "todo.item.create"));
+/// assert!(pattern_matches("todo.>", "todo.item.create"));
+/// assert!(!pattern_matches("todo.>", "todo"));
+/// ```
+pub fn pattern_matches(pattern: &str, name: &str) -> bool {
+    let mut names = name.split('.');
+    for segment in pattern.split('.') {
+        match segment {
+            ">" => return names.next().is_some(),
+            "*" => {
+                if names.next().is_none() {
+                    return false;
+                }
+            }
+            literal => {
+                if names.next() != Some(literal) {
+                    return false;
+                }
+            }
+        }
+    }
+    names.next().is_none()
+}
+
+/// Whether `pattern` contains a wildcard segment.
+pub fn is_wildcard(pattern: &str) -> bool {
+    pattern.split('.').any(|s| s == "*" || s == ">")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for ok in ["a", "todo.create", "file.copy.in-progress", "a_b.c-d.9"] {
+            assert_eq!(validate_name(ok), Ok(()), "{ok}");
+        }
+        assert_eq!(validate_name(""), Err(NameError::Empty));
+        assert!(matches!(
+            validate_name("Todo.create"),
+            Err(NameError::BadCharacter {
+                ch: 'T',
+                offset: 0,
+                ..
+            })
+        ));
+        assert!(matches!(
+            validate_name("todo create"),
+            Err(NameError::BadCharacter {
+                ch: ' ',
+                offset: 4,
+                ..
+            })
+        ));
+        assert!(matches!(
+            validate_name("todo\0"),
+            Err(NameError::BadCharacter { ch: '\0', .. })
+        ));
+        // A Cyrillic 'о' that looks like a Latin 'o'.
+        assert!(matches!(
+            validate_name("t\u{043e}do"),
+            Err(NameError::BadCharacter {
+                ch: '\u{043e}',
+                offset: 1,
+                ..
+            })
+        ));
+        assert!(matches!(
+            validate_name("a..b"),
+            Err(NameError::EmptySegment { .. })
+        ));
+        assert!(matches!(
+            validate_name(".a"),
+            Err(NameError::EmptySegment { .. })
+        ));
+        assert_eq!(
+            validate_name(&"a".repeat(256)),
+            Err(NameError::TooLong { len: 256 })
+        );
+        assert_eq!(validate_name(&"a".repeat(255)), Ok(()));
+        assert!(validate_name("a.*").is_err());
+    }
+
+    #[test]
+    fn patterns() {
+        for ok in ["todo.*", "todo.>", "*.created", ">", "*", "a.*.c"] {
+            assert_eq!(validate_pattern(ok), Ok(()), "{ok}");
+        }
+        assert!(matches!(
+            validate_pattern("a.>.b"),
+            Err(NameError::TailNotLast { .. })
+        ));
+        assert!(matches!(
+            validate_pattern("a.b*"),
+            Err(NameError::PartialWildcard { .. })
+        ));
+    }
+
+    #[test]
+    fn matching() {
+        let cases = [
+            ("todo.create", "todo.create", true),
+            ("todo.create", "todo.created", false),
+            ("todo.*", "todo.create", true),
+            ("todo.*", "todo", false),
+            ("todo.*", "todo.a.b", false),
+            ("*.created", "todo.created", true),
+            ("todo.>", "todo.a", true),
+            ("todo.>", "todo.a.b.c", true),
+            ("todo.>", "todo", false),
+            (">", "anything.at.all", true),
+            ("a.*.c", "a.b.c", true),
+            ("a.*.c", "a.b.d", false),
+        ];
+        for (pattern, name, expected) in cases {
+            assert_eq!(
+                pattern_matches(pattern, name),
+                expected,
+                "{pattern} vs {name}"
+            );
+        }
+    }
+}

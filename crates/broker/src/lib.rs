@@ -1,1 +1,1000 @@
+//! Courier's routing and delivery rules as a sans-I/O state machine.
+//!
+//! [`Broker`] is fed events — a connection said hello, sent messages,
+//! acked a delivery, time passed — each with the current time, and answers
+//! with [`Action`]s for the I/O layer to carry out. It opens no sockets,
+//! reads no clock and spawns nothing, so every rule here is tested
+//! deterministically, without sleeping.
+//!
+//! Architecture invariant: only `courier-server` turns actions into bytes
+//! on sockets; this crate never blocks and never does network I/O.
+#![forbid(unsafe_code)]
 
+mod queue;
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+
+use courier_proto::{validate_name, validate_pattern, ErrorCode, Kind, Message};
+use courier_store::{MessageStore, Seq};
+use uuid::Uuid;
+
+pub use queue::DeadLetter;
+use queue::{Entry, Queue};
+
+/// Unix time in nanoseconds; the broker's only notion of time.
+pub type Nanos = u64;
+pub type ConnId = u64;
+pub type DeliveryId = u64;
+
+const NANOS_PER_MS: u64 = 1_000_000;
+
+/// Tunables, each with a unit in its name.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// How long a delivery may stay unacked before it goes to another instance.
+    pub ack_deadline_ms: u32,
+    /// Deliveries of one message before it goes to the dead letters.
+    pub max_deliveries: u32,
+    /// How long a message id is remembered for dedup.
+    pub dedup_window_ms: u64,
+    /// Most ids remembered for dedup; the oldest are forgotten first.
+    pub dedup_ids_max: usize,
+    /// How long the broker routes replies to a command after it was sent.
+    pub reply_route_ms: u64,
+    /// Most commands awaiting replies at once; the oldest routes are dropped.
+    pub reply_routes_max: usize,
+    /// Replies held per service while none of its instances is connected.
+    pub parked_replies_max: usize,
+    /// In-flight deliveries per connection when HELLO asks for 0.
+    pub max_in_flight_default: u32,
+    /// A connection never gets more than this many deliveries in flight.
+    pub max_in_flight_limit: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            ack_deadline_ms: 30_000,
+            max_deliveries: 5,
+            dedup_window_ms: 120_000,
+            dedup_ids_max: 1_000_000,
+            reply_route_ms: 600_000,
+            reply_routes_max: 1_000_000,
+            parked_replies_max: 10_000,
+            max_in_flight_default: 256,
+            max_in_flight_limit: 65_536,
+        }
+    }
+}
+
+/// What the I/O layer must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    Deliver {
+        conn: ConnId,
+        delivery: DeliveryId,
+        attempt: u32,
+        message: Arc<Message>,
+    },
+    SendResult {
+        conn: ConnId,
+        seq: u64,
+        code: ErrorCode,
+        reason: String,
+    },
+    OpResult {
+        conn: ConnId,
+        request: u64,
+        code: ErrorCode,
+        reason: String,
+    },
+    /// No delivery follows for this connection.
+    Drained { conn: ConnId },
+}
+
+/// Counters for `/metrics` and tests; they only ever go up.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Metrics {
+    pub accepted: u64,
+    pub refused: u64,
+    pub duplicates: u64,
+    pub delivered: u64,
+    pub redelivered: u64,
+    pub acked: u64,
+    pub nacked: u64,
+    pub dead_lettered: u64,
+    pub expired: u64,
+    /// Events (and transient messages) nobody was there to take.
+    pub dropped_unrouted: u64,
+    pub replies_parked: u64,
+    pub replies_dropped: u64,
+}
+
+/// A subscription a service holds, as reported by [`Broker::services`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceInfo {
+    pub name: String,
+    pub patterns: Vec<String>,
+    pub instances: Vec<String>,
+    pub depth: usize,
+    pub in_flight: usize,
+    pub dead_letters: usize,
+}
+
+struct Conn {
+    service: String,
+    instance: String,
+    max_in_flight: u32,
+    in_flight: u32,
+    /// Patterns this connection consumes; empty means it only sends.
+    patterns: Vec<String>,
+    draining: bool,
+}
+
+impl Conn {
+    fn wants(&self, name: &str) -> bool {
+        !self.draining
+            && self
+                .patterns
+                .iter()
+                .any(|p| courier_proto::pattern_matches(p, name))
+    }
+}
+
+struct Service {
+    patterns: BTreeSet<String>,
+    ack_deadline_ms: u32,
+    max_deliveries: u32,
+    /// Connected instances, in connection order.
+    instances: Vec<ConnId>,
+    /// Round-robin cursor into `instances`.
+    next_instance: usize,
+    queue: Queue,
+    parked_replies: VecDeque<Arc<Message>>,
+}
+
+impl Service {
+    fn new(config: &Config) -> Service {
+        Service {
+            patterns: BTreeSet::new(),
+            ack_deadline_ms: config.ack_deadline_ms,
+            max_deliveries: config.max_deliveries,
+            instances: Vec::new(),
+            next_instance: 0,
+            queue: Queue::default(),
+            parked_replies: VecDeque::new(),
+        }
+    }
+
+    fn receives(&self, name: &str) -> bool {
+        self.patterns
+            .iter()
+            .any(|p| courier_proto::pattern_matches(p, name))
+    }
+
+    /// Whether it can be forgotten: nothing subscribed, nobody connected.
+    fn is_idle(&self) -> bool {
+        self.patterns.is_empty()
+            && self.instances.is_empty()
+            && self.queue.depth() == 0
+            && self.parked_replies.is_empty()
+    }
+}
+
+struct ReplyRoute {
+    service: String,
+    conn: ConnId,
+}
+
+/// Which instance a message should go to.
+enum Pick {
+    Conn(ConnId),
+    /// Instances take this name, but none has room now.
+    AllBusy,
+    /// No connected instance consumes this name.
+    NoneMatching,
+}
+
+/// The broker's whole routing and delivery state.
+pub struct Broker<S: MessageStore> {
+    config: Config,
+    store: S,
+    conns: HashMap<ConnId, Conn>,
+    services: HashMap<String, Service>,
+    /// Services with a subscription, so routing skips the idle ones.
+    /// References per stored message: services that still owe an ack.
+    refs: HashMap<Seq, u32>,
+    dedup_seen: HashMap<Uuid, Nanos>,
+    dedup_order: VecDeque<(Nanos, Uuid)>,
+    reply_routes: HashMap<Uuid, ReplyRoute>,
+    reply_route_order: VecDeque<(Nanos, Uuid)>,
+    next_delivery: DeliveryId,
+    /// Actions held until the store's next sync: acknowledgements of
+    /// durable sends must not leave before the data is durable.
+    unsynced: Vec<Action>,
+    actions: Vec<Action>,
+    metrics: Metrics,
+}
+
+impl<S: MessageStore> Broker<S> {
+    pub fn new(config: Config, store: S) -> Broker<S> {
+        Broker {
+            config,
+            store,
+            conns: HashMap::new(),
+            services: HashMap::new(),
+            refs: HashMap::new(),
+            dedup_seen: HashMap::new(),
+            dedup_order: VecDeque::new(),
+            reply_routes: HashMap::new(),
+            reply_route_order: VecDeque::new(),
+            next_delivery: 0,
+            unsynced: Vec::new(),
+            actions: Vec::new(),
+            metrics: Metrics::default(),
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// Makes everything accepted so far durable, then hands over the actions
+    /// produced since the last call. One call per batch of input is the
+    /// group commit: all sends in the batch share one sync.
+    pub fn take_actions(&mut self, out: &mut Vec<Action>) {
+        if !self.unsynced.is_empty() {
+            match self.store.sync() {
+                Ok(()) => self.actions.append(&mut self.unsynced),
+                Err(error) => {
+                    // Nothing in this batch may be reported as accepted.
+                    for action in self.unsynced.drain(..) {
+                        if let Action::SendResult { conn, seq, .. } = action {
+                            self.actions.push(Action::SendResult {
+                                conn,
+                                seq,
+                                code: ErrorCode::StorageFailed,
+                                reason: format!("not stored: {error}"),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        out.append(&mut self.actions);
+    }
+
+    // ---- connections -------------------------------------------------
+
+    /// A connection finished its handshake.
+    pub fn connect(
+        &mut self,
+        conn: ConnId,
+        service: &str,
+        instance: &str,
+        max_in_flight: u32,
+        now: Nanos,
+    ) {
+        let max_in_flight = self.effective_max_in_flight(max_in_flight);
+        self.conns.insert(
+            conn,
+            Conn {
+                service: service.to_string(),
+                instance: instance.to_string(),
+                max_in_flight,
+                in_flight: 0,
+                patterns: Vec::new(),
+                draining: false,
+            },
+        );
+        let config = &self.config;
+        let svc = self
+            .services
+            .entry(service.to_string())
+            .or_insert_with(|| Service::new(config));
+        svc.instances.push(conn);
+        // Replies that arrived while no instance of this service was here.
+        while let Some(reply) = svc.parked_replies.pop_front() {
+            self.next_delivery += 1;
+            self.metrics.delivered += 1;
+            self.actions.push(Action::Deliver {
+                conn,
+                delivery: self.next_delivery,
+                attempt: 1,
+                message: reply,
+            });
+        }
+        let _ = now;
+    }
+
+    fn effective_max_in_flight(&self, asked: u32) -> u32 {
+        if asked == 0 {
+            self.config.max_in_flight_default
+        } else {
+            asked.min(self.config.max_in_flight_limit)
+        }
+    }
+
+    /// The connection is gone; its unacked deliveries go to other instances now.
+    pub fn disconnect(&mut self, conn: ConnId, now: Nanos) {
+        let Some(c) = self.conns.remove(&conn) else {
+            return;
+        };
+        let Some(svc) = self.services.get_mut(&c.service) else {
+            return;
+        };
+        svc.instances.retain(|i| *i != conn);
+        for delivery in svc.queue.deliveries_of(conn) {
+            if let Some(flight) = svc.queue.finish(delivery) {
+                svc.queue.make_ready_again(flight.entry);
+            }
+        }
+        self.pump(&c.service, now);
+        if self.services.get(&c.service).is_some_and(Service::is_idle) {
+            self.services.remove(&c.service);
+        }
+    }
+
+    /// Changes how many deliveries the connection takes at once.
+    pub fn flow(&mut self, conn: ConnId, max_in_flight: u32, now: Nanos) {
+        let max = self.effective_max_in_flight(max_in_flight);
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        c.max_in_flight = max;
+        let service = c.service.clone();
+        self.pump(&service, now);
+    }
+
+    /// Stop delivering to this connection (graceful shutdown); in-flight
+    /// deliveries may still be acked.
+    pub fn drain(&mut self, conn: ConnId) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.draining = true;
+            self.actions.push(Action::Drained { conn });
+        }
+    }
+
+    // ---- subscriptions -----------------------------------------------
+
+    /// The connection's service subscribes to `pattern` and this connection
+    /// consumes it. The subscription belongs to the service: it outlives
+    /// the connection until [`Broker::unsubscribe`].
+    pub fn subscribe(
+        &mut self,
+        conn: ConnId,
+        request: u64,
+        pattern: &str,
+        ack_deadline_ms: u32,
+        max_deliveries: u32,
+        now: Nanos,
+    ) {
+        if let Err(e) = validate_pattern(pattern) {
+            return self.op_result(conn, request, ErrorCode::InvalidPattern, e.to_string());
+        }
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if !c.patterns.iter().any(|p| p == pattern) {
+            c.patterns.push(pattern.to_string());
+        }
+        let service = c.service.clone();
+        let config = &self.config;
+        let svc = self
+            .services
+            .entry(service.clone())
+            .or_insert_with(|| Service::new(config));
+        svc.patterns.insert(pattern.to_string());
+        if ack_deadline_ms != 0 {
+            svc.ack_deadline_ms = ack_deadline_ms;
+        }
+        if max_deliveries != 0 {
+            svc.max_deliveries = max_deliveries;
+        }
+        self.op_result(conn, request, ErrorCode::Ok, String::new());
+        self.pump(&service, now);
+    }
+
+    /// Removes the service's subscription to `pattern`. With its last
+    /// subscription gone, the messages waiting for the service go too.
+    pub fn unsubscribe(&mut self, conn: ConnId, request: u64, pattern: &str) {
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
+        let service = c.service.clone();
+        let Some(svc) = self.services.get_mut(&service) else {
+            return self.op_result(
+                conn,
+                request,
+                ErrorCode::NotSubscribed,
+                format!("service {service} has no subscriptions"),
+            );
+        };
+        if !svc.patterns.remove(pattern) {
+            return self.op_result(
+                conn,
+                request,
+                ErrorCode::NotSubscribed,
+                format!("service {service} is not subscribed to {pattern}"),
+            );
+        }
+        for instance in &svc.instances {
+            if let Some(c) = self.conns.get_mut(instance) {
+                c.patterns.retain(|p| p != pattern);
+            }
+        }
+        if svc.patterns.is_empty() {
+            for seq in svc.queue.drain_all() {
+                release(&mut self.store, &mut self.refs, seq);
+            }
+            for instance in &svc.instances {
+                if let Some(c) = self.conns.get_mut(instance) {
+                    c.in_flight = 0;
+                }
+            }
+        }
+        if svc.is_idle() {
+            self.services.remove(&service);
+        }
+        self.op_result(conn, request, ErrorCode::Ok, String::new());
+    }
+
+    fn op_result(&mut self, conn: ConnId, request: u64, code: ErrorCode, reason: String) {
+        self.actions.push(Action::OpResult {
+            conn,
+            request,
+            code,
+            reason,
+        });
+    }
+
+    // ---- sending -----------------------------------------------------
+
+    /// A message from `conn`, which numbered it `seq`.
+    pub fn send(&mut self, conn: ConnId, seq: u64, mut message: Message, now: Nanos) {
+        let Some(sender) = self.conns.get(&conn).map(|c| c.service.clone()) else {
+            return;
+        };
+        if let Err(refusal) = self.check(&message, now) {
+            self.metrics.refused += 1;
+            return self.send_result(conn, seq, refusal.0, refusal.1);
+        }
+        if self.is_duplicate(message.id, now) {
+            self.metrics.duplicates += 1;
+            return self.send_result(conn, seq, ErrorCode::Ok, "duplicate".to_string());
+        }
+        message.timestamp = now;
+        message.sender = sender;
+        let outcome = match message.kind {
+            Kind::Reply => self.route_reply(message),
+            Kind::Command | Kind::Event => self.route(conn, message, now),
+        };
+        match outcome {
+            Ok(()) => {
+                self.metrics.accepted += 1;
+                let result = Action::SendResult {
+                    conn,
+                    seq,
+                    code: ErrorCode::Ok,
+                    reason: String::new(),
+                };
+                self.unsynced.push(result);
+            }
+            Err((code, reason)) => {
+                self.metrics.refused += 1;
+                self.send_result(conn, seq, code, reason);
+            }
+        }
+    }
+
+    fn send_result(&mut self, conn: ConnId, seq: u64, code: ErrorCode, reason: String) {
+        // A refusal carries no durability promise, but it must not overtake
+        // the acceptance of an earlier send on the same connection.
+        let action = Action::SendResult {
+            conn,
+            seq,
+            code,
+            reason,
+        };
+        if self.unsynced.is_empty() {
+            self.actions.push(action);
+        } else {
+            self.unsynced.push(action);
+        }
+    }
+
+    fn check(&self, m: &Message, now: Nanos) -> Result<(), (ErrorCode, String)> {
+        validate_name(&m.name).map_err(|e| (ErrorCode::InvalidName, e.to_string()))?;
+        if m.expires_at.is_some_and(|t| t <= now) {
+            return Err((
+                ErrorCode::Expired,
+                format!(
+                    "{} expired before it was sent (expires_at is in the past)",
+                    m.name
+                ),
+            ));
+        }
+        match (m.kind, m.response_to) {
+            (Kind::Reply, None) => Err((
+                ErrorCode::InvalidMessage,
+                format!(
+                    "reply {} has no response_to; a reply names the command it answers",
+                    m.name
+                ),
+            )),
+            (Kind::Command | Kind::Event, Some(_)) => Err((
+                ErrorCode::InvalidMessage,
+                format!(
+                    "{} {} has a response_to; only replies answer commands",
+                    m.kind.as_str(),
+                    m.name
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn is_duplicate(&mut self, id: Uuid, now: Nanos) -> bool {
+        self.expire_dedup(now);
+        if self.dedup_seen.contains_key(&id) {
+            return true;
+        }
+        if self.dedup_order.len() >= self.config.dedup_ids_max {
+            if let Some((_, old)) = self.dedup_order.pop_front() {
+                self.dedup_seen.remove(&old);
+            }
+        }
+        self.dedup_seen.insert(id, now);
+        self.dedup_order.push_back((now, id));
+        false
+    }
+
+    fn expire_dedup(&mut self, now: Nanos) {
+        let window = self.config.dedup_window_ms * NANOS_PER_MS;
+        while let Some((t, id)) = self.dedup_order.front().copied() {
+            if t + window > now {
+                break;
+            }
+            self.dedup_order.pop_front();
+            self.dedup_seen.remove(&id);
+        }
+    }
+
+    /// Routes a command or event to every service whose subscriptions match.
+    fn route(
+        &mut self,
+        conn: ConnId,
+        message: Message,
+        now: Nanos,
+    ) -> Result<(), (ErrorCode, String)> {
+        let mut targets: Vec<String> = self
+            .services
+            .iter()
+            .filter(|(_, s)| s.receives(&message.name))
+            .map(|(n, _)| n.clone())
+            .collect();
+        if targets.is_empty() {
+            if message.kind == Kind::Command {
+                return Err((
+                    ErrorCode::NoReceiver,
+                    format!(
+                        "no service receives {}; subscribe a service to it first",
+                        message.name
+                    ),
+                ));
+            }
+            self.metrics.dropped_unrouted += 1;
+            return Ok(());
+        }
+        targets.sort_unstable();
+        if message.kind == Kind::Command {
+            self.remember_reply_route(conn, message.id, now);
+        }
+        let message = Arc::new(message);
+        if message.transient {
+            for service in &targets {
+                self.deliver_transient(service, &message);
+            }
+            return Ok(());
+        }
+        let seq = self
+            .store
+            .append(message.clone())
+            .map_err(|e| (ErrorCode::StorageFailed, format!("not stored: {e}")))?;
+        self.refs.insert(seq, targets.len() as u32);
+        for service in &targets {
+            let Some(svc) = self.services.get_mut(service) else {
+                continue;
+            };
+            let entry = Entry {
+                seq,
+                attempts: 0,
+                key: message.key.clone(),
+            };
+            match message.deliver_at {
+                Some(at) if at > now => svc.queue.defer(at, entry),
+                _ => svc.queue.make_ready(entry),
+            }
+            self.pump(service, now);
+        }
+        Ok(())
+    }
+
+    fn remember_reply_route(&mut self, conn: ConnId, command: Uuid, now: Nanos) {
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
+        if self.reply_route_order.len() >= self.config.reply_routes_max {
+            if let Some((_, old)) = self.reply_route_order.pop_front() {
+                self.reply_routes.remove(&old);
+            }
+        }
+        self.reply_routes.insert(
+            command,
+            ReplyRoute {
+                service: c.service.clone(),
+                conn,
+            },
+        );
+        self.reply_route_order.push_back((now, command));
+    }
+
+    fn deliver_transient(&mut self, service: &str, message: &Arc<Message>) {
+        let Some(svc) = self.services.get_mut(service) else {
+            return;
+        };
+        let n = svc.instances.len();
+        for k in 0..n {
+            let idx = (svc.next_instance + k) % n;
+            let conn = svc.instances[idx];
+            if self
+                .conns
+                .get(&conn)
+                .is_some_and(|c| c.wants(&message.name))
+            {
+                svc.next_instance = idx + 1;
+                self.next_delivery += 1;
+                self.metrics.delivered += 1;
+                self.actions.push(Action::Deliver {
+                    conn,
+                    delivery: self.next_delivery,
+                    attempt: 1,
+                    message: message.clone(),
+                });
+                return;
+            }
+        }
+        self.metrics.dropped_unrouted += 1;
+    }
+
+    /// A reply goes to the connection that sent the command, else to another
+    /// instance of its service, else it waits for one.
+    fn route_reply(&mut self, message: Message) -> Result<(), (ErrorCode, String)> {
+        let Some(command) = message.response_to else {
+            return Err((
+                ErrorCode::InvalidMessage,
+                "reply without response_to".to_string(),
+            ));
+        };
+        let Some(route) = self.reply_routes.get(&command) else {
+            return Err((
+                ErrorCode::UnknownRequest,
+                format!("no command {command} awaits replies (it finished, timed out, or was never sent)"),
+            ));
+        };
+        let service = route.service.clone();
+        let target = if self.conns.contains_key(&route.conn) {
+            Some(route.conn)
+        } else {
+            self.services
+                .get(&service)
+                .and_then(|s| s.instances.first().copied())
+        };
+        if message.is_final {
+            self.reply_routes.remove(&command);
+        }
+        let message = Arc::new(message);
+        match target {
+            Some(conn) => {
+                self.next_delivery += 1;
+                self.metrics.delivered += 1;
+                self.actions.push(Action::Deliver {
+                    conn,
+                    delivery: self.next_delivery,
+                    attempt: 1,
+                    message,
+                });
+            }
+            None => {
+                let config = &self.config;
+                let svc = self
+                    .services
+                    .entry(service)
+                    .or_insert_with(|| Service::new(config));
+                if svc.parked_replies.len() >= self.config.parked_replies_max {
+                    svc.parked_replies.pop_front();
+                    self.metrics.replies_dropped += 1;
+                }
+                svc.parked_replies.push_back(message);
+                self.metrics.replies_parked += 1;
+            }
+        }
+        Ok(())
+    }
+
+    // ---- delivery ----------------------------------------------------
+
+    fn pick(&mut self, service: &str, name: &str) -> Pick {
+        let Some(svc) = self.services.get_mut(service) else {
+            return Pick::NoneMatching;
+        };
+        let n = svc.instances.len();
+        let mut any_matching = false;
+        for k in 0..n {
+            let idx = (svc.next_instance + k) % n;
+            let conn = svc.instances[idx];
+            let Some(c) = self.conns.get(&conn) else {
+                continue;
+            };
+            if !c.wants(name) {
+                continue;
+            }
+            any_matching = true;
+            if c.in_flight < c.max_in_flight {
+                svc.next_instance = idx + 1;
+                return Pick::Conn(conn);
+            }
+        }
+        if any_matching {
+            Pick::AllBusy
+        } else {
+            Pick::NoneMatching
+        }
+    }
+
+    /// Sends ready messages of `service` to instances with room.
+    fn pump(&mut self, service: &str, now: Nanos) {
+        /// Ready messages no connected instance consumes are skipped over;
+        /// past this many, the scan stops until something changes.
+        const UNMATCHED_SCAN_MAX: usize = 1024;
+        let mut index = 0;
+        let mut skipped = 0;
+        loop {
+            let Some(svc) = self.services.get_mut(service) else {
+                return;
+            };
+            let Some(entry) = svc.queue.ready.get(index).cloned() else {
+                return;
+            };
+            let Some(message) = self.store.get(entry.seq) else {
+                // Gone from the store (purged): nothing left to deliver.
+                svc.queue.ready.remove(index);
+                svc.queue.release_key(&entry);
+                continue;
+            };
+            if message.expires_at.is_some_and(|t| t <= now) {
+                svc.queue.ready.remove(index);
+                svc.queue.release_key(&entry);
+                self.metrics.expired += 1;
+                release(&mut self.store, &mut self.refs, entry.seq);
+                continue;
+            }
+            match self.pick(service, &message.name) {
+                Pick::Conn(conn) => {
+                    let Some(svc) = self.services.get_mut(service) else {
+                        return;
+                    };
+                    let Some(mut entry) = svc.queue.ready.remove(index) else {
+                        return;
+                    };
+                    entry.attempts += 1;
+                    let attempt = entry.attempts;
+                    let deadline = now + u64::from(svc.ack_deadline_ms) * NANOS_PER_MS;
+                    self.next_delivery += 1;
+                    let delivery = self.next_delivery;
+                    svc.queue.start(delivery, conn, entry, deadline);
+                    if let Some(c) = self.conns.get_mut(&conn) {
+                        c.in_flight += 1;
+                    }
+                    self.metrics.delivered += 1;
+                    if attempt > 1 {
+                        self.metrics.redelivered += 1;
+                    }
+                    self.actions.push(Action::Deliver {
+                        conn,
+                        delivery,
+                        attempt,
+                        message,
+                    });
+                }
+                Pick::AllBusy => return,
+                Pick::NoneMatching => {
+                    index += 1;
+                    skipped += 1;
+                    if skipped >= UNMATCHED_SCAN_MAX {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The receiver handled a delivery.
+    pub fn ack(&mut self, conn: ConnId, delivery: DeliveryId, now: Nanos) {
+        let Some(flight) = self.take_flight(conn, delivery) else {
+            return;
+        };
+        self.metrics.acked += 1;
+        let service = flight.1;
+        if let Some(svc) = self.services.get_mut(&service) {
+            svc.queue.release_key(&flight.0.entry);
+        }
+        release(&mut self.store, &mut self.refs, flight.0.entry.seq);
+        self.pump(&service, now);
+    }
+
+    /// The receiver could not handle a delivery now; retry after `delay_ms`.
+    pub fn nack(&mut self, conn: ConnId, delivery: DeliveryId, delay_ms: u32, now: Nanos) {
+        let Some((flight, service)) = self.take_flight(conn, delivery) else {
+            return;
+        };
+        self.metrics.nacked += 1;
+        self.retry_or_dead_letter(
+            &service,
+            flight.entry,
+            u64::from(delay_ms) * NANOS_PER_MS,
+            "nacked",
+            now,
+        );
+        self.pump(&service, now);
+    }
+
+    /// Removes a delivery from flight if `conn` really holds it. Acks for
+    /// transient messages and replies, or for unknown ids, find nothing.
+    fn take_flight(
+        &mut self,
+        conn: ConnId,
+        delivery: DeliveryId,
+    ) -> Option<(queue::InFlight, String)> {
+        let c = self.conns.get_mut(&conn)?;
+        let svc = self.services.get_mut(&c.service)?;
+        if svc.queue.in_flight.get(&delivery).map(|f| f.conn) != Some(conn) {
+            return None;
+        }
+        let flight = svc.queue.finish(delivery)?;
+        c.in_flight = c.in_flight.saturating_sub(1);
+        Some((flight, c.service.clone()))
+    }
+
+    fn retry_or_dead_letter(
+        &mut self,
+        service: &str,
+        entry: Entry,
+        delay: Nanos,
+        why: &str,
+        now: Nanos,
+    ) {
+        let Some(svc) = self.services.get_mut(service) else {
+            return;
+        };
+        if entry.attempts >= svc.max_deliveries {
+            svc.queue.release_key(&entry);
+            svc.queue.dead_letters.push(DeadLetter {
+                seq: entry.seq,
+                attempts: entry.attempts,
+                reason: format!(
+                    "{why} on attempt {} of {}",
+                    entry.attempts, svc.max_deliveries
+                ),
+                at: now,
+            });
+            self.metrics.dead_lettered += 1;
+        } else if delay == 0 {
+            svc.queue.make_ready_again(entry);
+        } else {
+            svc.queue.defer(now + delay, entry);
+        }
+    }
+
+    /// Advances time: deferred messages fall due, overdue deliveries go to
+    /// other instances, old dedup ids and reply routes are forgotten.
+    pub fn tick(&mut self, now: Nanos) {
+        self.expire_dedup(now);
+        let route_ttl = self.config.reply_route_ms * NANOS_PER_MS;
+        while let Some((t, id)) = self.reply_route_order.front().copied() {
+            if t + route_ttl > now {
+                break;
+            }
+            self.reply_route_order.pop_front();
+            self.reply_routes.remove(&id);
+        }
+        let names: Vec<String> = self.services.keys().cloned().collect();
+        for service in names {
+            let Some(svc) = self.services.get_mut(&service) else {
+                continue;
+            };
+            svc.queue.release_due(now);
+            for delivery in svc.queue.overdue(now) {
+                let Some(svc) = self.services.get_mut(&service) else {
+                    break;
+                };
+                let Some(flight) = svc.queue.finish(delivery) else {
+                    continue;
+                };
+                if let Some(c) = self.conns.get_mut(&flight.conn) {
+                    c.in_flight = c.in_flight.saturating_sub(1);
+                }
+                self.retry_or_dead_letter(&service, flight.entry, 0, "ack deadline passed", now);
+            }
+            self.pump(&service, now);
+        }
+    }
+
+    /// When [`Broker::tick`] next has work, if ever.
+    pub fn next_timer(&self) -> Option<Nanos> {
+        self.services
+            .values()
+            .filter_map(|s| s.queue.next_timer())
+            .min()
+    }
+
+    // ---- inspection --------------------------------------------------
+
+    pub fn services(&self) -> Vec<ServiceInfo> {
+        let mut out: Vec<ServiceInfo> = self
+            .services
+            .iter()
+            .map(|(name, s)| ServiceInfo {
+                name: name.clone(),
+                patterns: s.patterns.iter().cloned().collect(),
+                instances: s
+                    .instances
+                    .iter()
+                    .filter_map(|c| self.conns.get(c))
+                    .map(|c| c.instance.clone())
+                    .collect(),
+                depth: s.queue.depth(),
+                in_flight: s.queue.in_flight.len(),
+                dead_letters: s.queue.dead_letters.len(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    pub fn dead_letters(&self, service: &str) -> Vec<(DeadLetter, Option<Arc<Message>>)> {
+        self.services
+            .get(service)
+            .map(|s| {
+                s.queue
+                    .dead_letters
+                    .iter()
+                    .map(|d| (d.clone(), self.store.get(d.seq)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// One service no longer needs `seq`; the last one out removes it.
+fn release<S: MessageStore>(store: &mut S, refs: &mut HashMap<Seq, u32>, seq: Seq) {
+    if let Some(count) = refs.get_mut(&seq) {
+        *count -= 1;
+        if *count == 0 {
+            refs.remove(&seq);
+            store.remove(seq);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,719 @@
+//! Delivery rules, tested without sockets or clocks.
+
+use super::*;
+use bytes::Bytes;
+use courier_store::MemoryStore;
+use proptest::prelude::*;
+
+const MS: Nanos = NANOS_PER_MS;
+
+struct Harness {
+    broker: Broker<MemoryStore>,
+    now: Nanos,
+}
+
+impl Harness {
+    fn new() -> Harness {
+        Harness {
+            broker: Broker::new(Config::default(), MemoryStore::new()),
+            now: 1_000 * MS,
+        }
+    }
+
+    fn connect(&mut self, conn: ConnId, service: &str, max_in_flight: u32) {
+        self.broker.connect(
+            conn,
+            service,
+            &format!("{service}-{conn}"),
+            max_in_flight,
+            self.now,
+        );
+    }
+
+    fn subscribe(&mut self, conn: ConnId, pattern: &str) {
+        self.broker.subscribe(conn, 0, pattern, 0, 0, self.now);
+    }
+
+    fn send(&mut self, conn: ConnId, seq: u64, message: Message) {
+        self.broker.send(conn, seq, message, self.now);
+    }
+
+    fn advance(&mut self, ms: u64) {
+        self.now += ms * MS;
+        self.broker.tick(self.now);
+    }
+
+    fn actions(&mut self) -> Vec<Action> {
+        let mut out = Vec::new();
+        self.broker.take_actions(&mut out);
+        out
+    }
+
+    /// (conn, delivery, attempt, name, payload) of every delivery since last call.
+    fn deliveries(&mut self) -> Vec<(ConnId, DeliveryId, u32, String, Bytes)> {
+        self.actions()
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::Deliver {
+                    conn,
+                    delivery,
+                    attempt,
+                    message,
+                } => Some((
+                    conn,
+                    delivery,
+                    attempt,
+                    message.name.clone(),
+                    message.payload.clone(),
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+fn command(name: &str, payload: &'static str) -> Message {
+    Message::new(Kind::Command, name, payload)
+}
+
+fn event(name: &str, payload: &'static str) -> Message {
+    Message::new(Kind::Event, name, payload)
+}
+
+fn results(actions: &[Action]) -> Vec<(u64, ErrorCode)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::SendResult { seq, code, .. } => Some((*seq, *code)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn command_without_receiver_is_refused_with_its_name() {
+    let mut h = Harness::new();
+    h.connect(1, "web", 0);
+    h.send(1, 7, command("todo.create", "{}"));
+    let actions = h.actions();
+    match &actions[..] {
+        [Action::SendResult {
+            seq: 7,
+            code,
+            reason,
+            ..
+        }] => {
+            assert_eq!(*code, ErrorCode::NoReceiver);
+            assert!(
+                reason.contains("no service receives todo.create"),
+                "{reason}"
+            );
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn commands_compete_across_instances_of_one_service() {
+    let mut h = Harness::new();
+    h.connect(1, "web", 0);
+    for conn in [2, 3] {
+        h.connect(conn, "todo", 0);
+        h.subscribe(conn, "todo.create");
+    }
+    for i in 0..10 {
+        h.send(1, i, command("todo.create", "x"));
+    }
+    let deliveries = h.deliveries();
+    assert_eq!(deliveries.len(), 10, "each command delivered exactly once");
+    let to_2 = deliveries.iter().filter(|d| d.0 == 2).count();
+    assert_eq!(to_2, 5, "round robin between the two instances");
+}
+
+#[test]
+fn events_fan_out_across_services_and_compete_within_one() {
+    let mut h = Harness::new();
+    h.connect(1, "todo", 0);
+    h.connect(2, "audit", 0);
+    h.connect(3, "audit", 0);
+    h.connect(4, "mail", 0);
+    h.subscribe(2, "todo.*");
+    h.subscribe(3, "todo.*");
+    h.subscribe(4, "todo.>");
+    h.send(1, 1, event("todo.created", "a"));
+    h.send(1, 2, event("todo.item.deleted", "b"));
+    let deliveries = h.deliveries();
+    let audit: Vec<_> = deliveries.iter().filter(|d| d.0 == 2 || d.0 == 3).collect();
+    let mail: Vec<_> = deliveries.iter().filter(|d| d.0 == 4).collect();
+    assert_eq!(audit.len(), 1, "todo.* matches one segment only");
+    assert_eq!(mail.len(), 2, "todo.> matches the rest");
+}
+
+#[test]
+fn event_without_subscriber_is_accepted_and_dropped() {
+    let mut h = Harness::new();
+    h.connect(1, "todo", 0);
+    h.send(1, 1, event("todo.created", "a"));
+    assert_eq!(results(&h.actions()), vec![(1, ErrorCode::Ok)]);
+    assert_eq!(h.broker.metrics().dropped_unrouted, 1);
+}
+
+#[test]
+fn broker_sets_sender_and_timestamp() {
+    let mut h = Harness::new();
+    h.connect(1, "web", 0);
+    h.connect(2, "todo", 0);
+    h.subscribe(2, "todo.create");
+    let mut m = command("todo.create", "x");
+    m.sender = "admin".into();
+    m.timestamp = 5;
+    h.send(1, 1, m);
+    let delivered = h
+        .actions()
+        .into_iter()
+        .find_map(|a| match a {
+            Action::Deliver { message, .. } => Some(message),
+            _ => None,
+        })
+        .expect("delivered");
+    assert_eq!(delivered.sender, "web");
+    assert_eq!(delivered.timestamp, h.now);
+}
+
+#[test]
+fn subscription_belongs_to_the_service_and_messages_wait() {
+    let mut h = Harness::new();
+    h.connect(1, "web", 0);
+    h.connect(2, "todo", 0);
+    h.subscribe(2, "todo.create");
+    h.broker.disconnect(2, h.now);
+    h.send(1, 1, command("todo.create", "waiting"));
+    assert_eq!(results(&h.actions()), vec![(1, ErrorCode::Ok)]);
+    h.connect(3, "todo", 0);
+    h.subscribe(3, "todo.create");
+    let d = h.deliveries();
+    assert_eq!(d.len(), 1);
+    assert_eq!(d[0].0, 3);
+    assert_eq!(d[0].4, Bytes::from_static(b"waiting"));
+}
+
+#[test]
+fn unsubscribe_removes_the_subscription_and_its_backlog() {
+    let mut h = Harness::new();
+    h.connect(1, "web", 0);
+    h.connect(2, "todo", 0);
+    h.subscribe(2, "todo.create");
+    h.broker.disconnect(2, h.now);
+    h.send(1, 1, command("todo.create", "x"));
+    assert_eq!(h.broker.store().len(), 1);
+    h.connect(3, "todo", 1);
+    h.broker.unsubscribe(3, 9, "todo.create");
+    assert_eq!(h.broker.store().len(), 0, "backlog released");
+    h.send(1, 2, command("todo.create", "y"));
+    let r = results(&h.actions());
+    assert_eq!(r.last(), Some(&(2, ErrorCode::NoReceiver)));
+}
+
+#[test]
+fn unacked_delivery_goes_to_another_instance_after_the_deadline() {
+    let mut h = Harness::new();
+    h.connect(1, "web", 0);
+    h.connect(2, "todo", 0);
+    h.connect(3, "todo", 0);
+    h.broker.subscribe(2, 0, "todo.create", 100, 0, h.now);
+    h.subscribe(3, "todo.create");
+    h.send(1, 1, command("todo.create", "x"));
+    let first = h.deliveries();
+    assert_eq!(first.len(), 1);
+    let (first_conn, _, attempt, ..) = first[0].clone();
+    assert_eq!(attempt, 1);
+    h.advance(99);
+    assert!(h.deliveries().is_empty(), "not before the deadline");
+    h.advance(1);
+    let second = h.deliveries();
+    assert_eq!(second.len(), 1);
+    assert_eq!(second[0].2, 2, "attempt counts up");
+    assert_ne!(
+        second[0].0, first_conn,
+        "round robin moves on to the other instance"
+    );
+}
+
+#[test]
+fn disconnect_redelivers_at_once_to_another_instance() {
+    let mut h = Harness::new();
+    h.connect(1, "web", 0);
+    h.connect(2, "todo", 0);
+    h.subscribe(2, "todo.create");
+    h.send(1, 1, command("todo.create", "x"));
+    assert_eq!(h.deliveries()[0].0, 2);
+    h.connect(3, "todo", 0);
+    h.subscribe(3, "todo.create");
+    h.broker.disconnect(2, h.now);
+    let again = h.deliveries();
+    assert_eq!(again.len(), 1);
+    assert_eq!((again[0].0, again[0].2), (3, 2));
+}
+
+#[test]
+fn nack_with_delay_then_dead_letter_after_max_deliveries() {
+    let mut h = Harness::new();
+    h.connect(1, "web", 0);
+    h.connect(2, "todo", 0);
+    h.broker.subscribe(2, 0, "todo.create", 0, 3, h.now);
+    h.send(1, 1, command("todo.create", "poison"));
+    for attempt in 1..=3 {
+        let d = h.deliveries();
+        assert_eq!(d.len(), 1, "attempt {attempt}");
+        assert_eq!(d[0].2, attempt);
+        h.broker.nack(2, d[0].1, 50, h.now);
+        h.advance(49);
+        if attempt < 3 {
+            assert!(h.deliveries().is_empty(), "nack delay holds it back");
+            h.advance(1);
+        }
+    }
+    assert!(h.deliveries().is_empty());
+    let dead = h.broker.dead_letters("todo");
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].0.attempts, 3);
+    assert_eq!(
+        dead[0].1.as_ref().map(|m| m.payload.clone()),
+        Some(Bytes::from_static(b"poison"))
+    );
+    assert_eq!(h.broker.metrics().dead_lettered, 1);
+}
+
+#[test]
+fn ack_from_another_connection_is_ignored() {
+    let mut h = Harness::new();
+    h.connect(1, "web", 0);
+    h.connect(2, "todo", 0);
+    h.connect(3, "todo", 0);
+    h.subscribe(2, "todo.create");
+    h.send(1, 1, command("todo.create", "x"));
+    let d = h.deliveries();
+    h.broker.ack(3, d[0].1, h.now);
+    h.broker.ack(1, d[0].1, h.now);
+    assert_eq!(h.broker.metrics().acked, 0);
+    h.broker.ack(2, d[0].1, h.now);
+    assert_eq!(h.broker.metrics().acked, 1);
+    assert!(
+        h.broker.store().is_empty(),
+        "acked by its only receiver: released"
+    );
+}
+
+#[test]
+fn same_key_is_delivered_in_order_one_at_a_time() {
+    let mut h = Harness::new();
+    h.connect(1, "web", 0);
+    h.connect(2, "todo", 0);
+    h.connect(3, "todo", 0);
+    h.subscribe(2, "todo.update");
+    h.subscribe(3, "todo.update");
+    for (i, payload) in ["k1-a", "k1-b", "k1-c"].into_iter().enumerate() {
+        let mut m = command("todo.update", payload);
+        m.key = Some(Bytes::from_static(b"k1"));
+        h.send(1, i as u64, m);
+    }
+    let mut other = command("todo.update", "k2-a");
+    other.key = Some(Bytes::from_static(b"k2"));
+    h.send(1, 9, other);
+    let d = h.deliveries();
+    let payloads: Vec<_> = d.iter().map(|d| d.4.clone()).collect();
+    assert_eq!(
+        payloads,
+        vec![Bytes::from_static(b"k1-a"), Bytes::from_static(b"k2-a")]
+    );
+    let k1 = d
+        .iter()
+        .find(|d| d.4 == Bytes::from_static(b"k1-a"))
+        .expect("k1-a")
+        .clone();
+    // A nack keeps the key: k1-b must not overtake k1-a.
+    h.broker.nack(k1.0, k1.1, 0, h.now);
+    let again = h.deliveries();
+    assert_eq!(
+        again.iter().map(|d| d.4.clone()).collect::<Vec<_>>(),
+        vec![Bytes::from_static(b"k1-a")]
+    );
+    h.broker.ack(again[0].0, again[0].1, h.now);
+    let next = h.deliveries();
+    assert_eq!(
+        next.iter().map(|d| d.4.clone()).collect::<Vec<_>>(),
+        vec![Bytes::from_static(b"k1-b")]
+    );
+}
+
+#[test]
+fn duplicate_id_within_window_is_acknowledged_and_dropped() {
+    let mut h = Harness::new();
+    h.connect(1, "web", 0);
+    h.connect(2, "todo", 0);
+    h.subscribe(2, "todo.create");
+    let m = command("todo.create", "x");
+    h.send(1, 1, m.clone());
+    h.send(1, 2, m.clone());
+    let actions = h.actions();
+    assert_eq!(
+        results(&actions),
+        vec![(1, ErrorCode::Ok), (2, ErrorCode::Ok)]
+    );
+    assert_eq!(
+        actions
+            .iter()
+            .filter(|a| matches!(a, Action::Deliver { .. }))
+            .count(),
+        1
+    );
+    assert_eq!(h.broker.metrics().duplicates, 1);
+    let first = actions.iter().find_map(|a| match a {
+        Action::Deliver { conn, delivery, .. } => Some((*conn, *delivery)),
+        _ => None,
+    });
+    let (conn, delivery) = first.expect("delivered once");
+    h.broker.ack(conn, delivery, h.now);
+    h.advance(120_001);
+    h.send(1, 3, m);
+    assert_eq!(
+        h.deliveries().len(),
+        1,
+        "after the window the id is new again"
+    );
+}
+
+#[test]
+fn expired_messages_are_refused_or_dropped() {
+    let mut h = Harness::new();
+    h.connect(1, "web", 0);
+    h.connect(2, "todo", 0);
+    h.subscribe(2, "todo.create");
+    let mut stale = command("todo.create", "x");
+    stale.expires_at = Some(h.now - 1);
+    h.send(1, 1, stale);
+    assert_eq!(results(&h.actions()), vec![(1, ErrorCode::Expired)]);
+
+    h.broker.disconnect(2, h.now);
+    let mut short = command("todo.create", "y");
+    short.expires_at = Some(h.now + 10 * MS);
+    h.send(1, 2, short);
+    h.advance(20);
+    h.connect(3, "todo", 0);
+    h.subscribe(3, "todo.create");
+    assert!(h.deliveries().is_empty(), "expired while waiting");
+    assert_eq!(h.broker.metrics().expired, 1);
+    assert!(h.broker.store().is_empty());
+}
+
+#[test]
+fn deferred_delivery_waits_for_deliver_at() {
+    let mut h = Harness::new();
+    h.connect(1, "web", 0);
+    h.connect(2, "todo", 0);
+    h.subscribe(2, "todo.remind");
+    let mut later = command("todo.remind", "x");
+    later.deliver_at = Some(h.now + 500 * MS);
+    h.send(1, 1, later);
+    assert_eq!(results(&h.actions()), vec![(1, ErrorCode::Ok)]);
+    assert_eq!(h.broker.next_timer(), Some(h.now + 500 * MS));
+    h.advance(499);
+    assert!(h.deliveries().is_empty());
+    h.advance(1);
+    assert_eq!(h.deliveries().len(), 1);
+}
+
+#[test]
+fn transient_messages_go_to_connected_instances_only() {
+    let mut h = Harness::new();
+    h.connect(1, "web", 0);
+    h.connect(2, "todo", 0);
+    h.subscribe(2, "todo.ping");
+    let mut m = event("todo.ping", "x");
+    m.transient = true;
+    h.send(1, 1, m.clone());
+    assert_eq!(h.deliveries().len(), 1);
+    assert!(
+        h.broker.store().is_empty(),
+        "transient messages are never stored"
+    );
+    h.broker.disconnect(2, h.now);
+    m.id = Uuid::now_v7();
+    h.send(1, 2, m);
+    assert_eq!(results(&h.actions()), vec![(2, ErrorCode::Ok)]);
+    h.connect(3, "todo", 0);
+    h.subscribe(3, "todo.ping");
+    assert!(h.deliveries().is_empty(), "at most once: nothing waited");
+}
+
+#[test]
+fn flow_control_limits_deliveries_in_flight() {
+    let mut h = Harness::new();
+    h.connect(1, "web", 0);
+    h.connect(2, "todo", 2);
+    h.subscribe(2, "todo.create");
+    for i in 0..5 {
+        h.send(1, i, command("todo.create", "x"));
+    }
+    let d = h.deliveries();
+    assert_eq!(d.len(), 2);
+    h.broker.ack(2, d[0].1, h.now);
+    assert_eq!(h.deliveries().len(), 1);
+    h.broker.flow(2, 10, h.now);
+    assert_eq!(h.deliveries().len(), 2);
+}
+
+#[test]
+fn replies_stream_back_to_the_requesting_instance() {
+    let mut h = Harness::new();
+    h.connect(1, "web", 0);
+    h.connect(5, "web", 0);
+    h.connect(2, "file", 0);
+    h.subscribe(2, "file.copy");
+    let cmd = command("file.copy", "{}");
+    let cmd_id = cmd.id;
+    h.send(5, 1, cmd);
+    h.deliveries();
+    for (i, (name, last)) in [("file.copy.in-progress", false), ("file.copy.done", true)]
+        .into_iter()
+        .enumerate()
+    {
+        let mut r = Message::new(Kind::Reply, name, "");
+        r.response_to = Some(cmd_id);
+        r.is_final = last;
+        h.send(2, 10 + i as u64, r);
+    }
+    let d = h.deliveries();
+    assert_eq!(
+        d.iter().map(|d| (d.0, d.3.as_str())).collect::<Vec<_>>(),
+        vec![(5, "file.copy.in-progress"), (5, "file.copy.done")]
+    );
+    let mut late = Message::new(Kind::Reply, "file.copy.done", "");
+    late.response_to = Some(cmd_id);
+    h.send(2, 20, late);
+    assert_eq!(
+        results(&h.actions()),
+        vec![(20, ErrorCode::UnknownRequest)],
+        "the stream ended with its final reply"
+    );
+}
+
+#[test]
+fn reply_goes_to_another_instance_when_the_requester_is_gone() {
+    let mut h = Harness::new();
+    h.connect(1, "web", 0);
+    h.connect(5, "web", 0);
+    h.connect(2, "todo", 0);
+    h.subscribe(2, "todo.create");
+    let cmd = command("todo.create", "{}");
+    let id = cmd.id;
+    h.send(5, 1, cmd);
+    h.deliveries();
+    h.broker.disconnect(5, h.now);
+    let mut r = Message::new(Kind::Reply, "todo.created", "");
+    r.response_to = Some(id);
+    h.send(2, 2, r);
+    assert_eq!(
+        h.deliveries().iter().map(|d| d.0).collect::<Vec<_>>(),
+        vec![1]
+    );
+}
+
+#[test]
+fn reply_waits_while_no_instance_of_the_requester_is_connected() {
+    let mut h = Harness::new();
+    h.connect(5, "web", 0);
+    h.connect(2, "todo", 0);
+    h.subscribe(2, "todo.create");
+    let cmd = command("todo.create", "{}");
+    let id = cmd.id;
+    h.send(5, 1, cmd);
+    h.deliveries();
+    h.broker.disconnect(5, h.now);
+    let mut r = Message::new(Kind::Reply, "todo.created", "");
+    r.response_to = Some(id);
+    h.send(2, 2, r);
+    assert!(h.deliveries().is_empty());
+    h.connect(6, "web", 0);
+    assert_eq!(
+        h.deliveries().iter().map(|d| d.0).collect::<Vec<_>>(),
+        vec![6]
+    );
+}
+
+#[test]
+fn invalid_names_and_patterns_are_refused() {
+    let mut h = Harness::new();
+    h.connect(1, "web", 0);
+    h.send(1, 1, command("Todo Create", "x"));
+    h.broker.subscribe(1, 4, "todo.>.x", 0, 0, h.now);
+    let actions = h.actions();
+    assert_eq!(results(&actions), vec![(1, ErrorCode::InvalidName)]);
+    assert!(actions.iter().any(|a| matches!(
+        a,
+        Action::OpResult {
+            request: 4,
+            code: ErrorCode::InvalidPattern,
+            ..
+        }
+    )));
+}
+
+#[test]
+fn drain_stops_new_deliveries() {
+    let mut h = Harness::new();
+    h.connect(1, "web", 0);
+    h.connect(2, "todo", 0);
+    h.subscribe(2, "todo.create");
+    h.broker.drain(2);
+    assert!(matches!(
+        h.actions()[..],
+        [Action::OpResult { .. }, Action::Drained { conn: 2 }]
+    ));
+    h.send(1, 1, command("todo.create", "x"));
+    assert!(h.deliveries().is_empty());
+}
+
+// ---- state-machine property test --------------------------------------
+
+#[derive(Debug, Clone)]
+enum Op {
+    Send { key: u8 },
+    Connect,
+    Disconnect(usize),
+    Ack(usize),
+    Nack(usize),
+    Advance(u16),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0u8..4).prop_map(|key| Op::Send { key }),
+        1 => Just(Op::Connect),
+        1 => (0usize..8).prop_map(Op::Disconnect),
+        4 => (0usize..32).prop_map(Op::Ack),
+        1 => (0usize..32).prop_map(Op::Nack),
+        1 => (0u16..300).prop_map(Op::Advance),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, .. ProptestConfig::default() })]
+
+    /// Against a simple model: every accepted message ends acked exactly
+    /// once or dead-lettered; never two of one key in flight; each key's
+    /// messages are first delivered in send order; nothing is invented.
+    #[test]
+    fn delivery_rules_hold(ops in proptest::collection::vec(op(), 1..200)) {
+        let mut h = Harness::new();
+        h.connect(1, "sender", 0);
+        h.broker.subscribe(1000, 0, "jobs.run", 0, 0, h.now); // unknown conn: ignored
+        let mut next_conn = 100;
+        h.connect(next_conn, "worker", 3);
+        h.broker.subscribe(next_conn, 0, "jobs.run", 100, 4, h.now);
+        let mut live: Vec<ConnId> = vec![next_conn];
+        let mut sent: Vec<(u8, Bytes)> = Vec::new();
+        let mut in_flight: Vec<(ConnId, DeliveryId, Bytes)> = Vec::new();
+        let mut acked: Vec<Bytes> = Vec::new();
+        let mut first_delivery_order: HashMap<u8, Vec<Bytes>> = HashMap::new();
+        let mut seen_first: std::collections::HashSet<Bytes> = Default::default();
+
+        let mut absorb = |h: &mut Harness, in_flight: &mut Vec<(ConnId, DeliveryId, Bytes)>| -> Result<(), TestCaseError> {
+            for a in h.actions() {
+                if let Action::Deliver { conn, delivery, message, .. } = a {
+                    // Deliveries the broker took back (deadline) are no longer in flight.
+                    let held: Vec<DeliveryId> = h.broker.services.get("worker").map(|s| s.queue.in_flight.keys().copied().collect()).unwrap_or_default();
+                    in_flight.retain(|f| held.contains(&f.1));
+                    let key = message.key.clone().expect("keyed");
+                    prop_assert!(!in_flight.iter().any(|(_, _, p)| p[..1] == key[..]), "two of key {:?} in flight", key);
+                    in_flight.push((conn, delivery, message.payload.clone()));
+                    if seen_first.insert(message.payload.clone()) {
+                        first_delivery_order.entry(key[0]).or_default().push(message.payload.clone());
+                    }
+                }
+            }
+            Ok(())
+        };
+
+        for op in ops {
+            match op {
+                Op::Send { key } => {
+                    let payload = Bytes::from(format!("{}{}", key as char, sent.len()));
+                    let mut m = Message::new(Kind::Command, "jobs.run", payload.clone());
+                    m.key = Some(Bytes::from(vec![key]));
+                    m.payload = {
+                        let mut p = vec![key];
+                        p.extend_from_slice(&payload);
+                        Bytes::from(p)
+                    };
+                    sent.push((key, m.payload.clone()));
+                    h.send(1, sent.len() as u64, m);
+                }
+                Op::Connect => {
+                    next_conn += 1;
+                    h.connect(next_conn, "worker", 3);
+                    h.subscribe(next_conn, "jobs.run");
+                    live.push(next_conn);
+                }
+                Op::Disconnect(i) => {
+                    if !live.is_empty() {
+                        let conn = live.remove(i % live.len());
+                        in_flight.retain(|(c, _, _)| *c != conn);
+                        h.broker.disconnect(conn, h.now);
+                    }
+                }
+                Op::Ack(i) => {
+                    if !in_flight.is_empty() {
+                        let (conn, d, p) = in_flight.remove(i % in_flight.len());
+                        h.broker.ack(conn, d, h.now);
+                        acked.push(p);
+                    }
+                }
+                Op::Nack(i) => {
+                    if !in_flight.is_empty() {
+                        let (conn, d, _) = in_flight.remove(i % in_flight.len());
+                        h.broker.nack(conn, d, 10, h.now);
+                    }
+                }
+                Op::Advance(ms) => {
+                    // Time passing makes held deliveries overdue: the model
+                    // forgets them as the broker does.
+                    h.advance(u64::from(ms));
+                }
+            }
+            // Deliveries past their deadline were taken back by the broker.
+            let overdue: Vec<DeliveryId> = in_flight.iter().map(|f| f.1).filter(|d| {
+                h.broker.services.get("worker").is_some_and(|s| !s.queue.in_flight.contains_key(d))
+            }).collect();
+            in_flight.retain(|f| !overdue.contains(&f.1));
+            absorb(&mut h, &mut in_flight)?;
+        }
+        // Settle: a fresh consumer acks everything until nothing is left.
+        next_conn += 1;
+        h.connect(next_conn, "worker", 1000);
+        h.subscribe(next_conn, "jobs.run");
+        for _ in 0..100 {
+            let overdue: Vec<DeliveryId> = in_flight.iter().map(|f| f.1).filter(|d| {
+                h.broker.services.get("worker").is_some_and(|s| !s.queue.in_flight.contains_key(d))
+            }).collect();
+            in_flight.retain(|f| !overdue.contains(&f.1));
+            absorb(&mut h, &mut in_flight)?;
+            for (conn, d, p) in std::mem::take(&mut in_flight) {
+                h.broker.ack(conn, d, h.now);
+                acked.push(p);
+            }
+            h.advance(100);
+        }
+        let dead: Vec<Bytes> = h.broker.dead_letters("worker").into_iter().filter_map(|(_, m)| m.map(|m| m.payload.clone())).collect();
+        let mut done: Vec<Bytes> = acked.iter().chain(dead.iter()).cloned().collect();
+        done.sort();
+        let mut expected: Vec<Bytes> = sent.iter().map(|(_, p)| p.clone()).collect();
+        expected.sort();
+        prop_assert_eq!(done, expected, "every message acked exactly once or dead-lettered");
+        for (key, order) in first_delivery_order {
+            let sent_order: Vec<Bytes> = sent.iter().filter(|(k, _)| *k == key).map(|(_, p)| p.clone()).filter(|p| order.contains(p)).collect();
+            prop_assert_eq!(order, sent_order, "key {} first-delivered out of order", key);
+        }
+        prop_assert_eq!(h.broker.store().len(), dead.len(), "only dead letters stay stored");
+    }
+}

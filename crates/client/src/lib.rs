@@ -1,1 +1,729 @@
+//! The Courier SDK for Rust services.
+//!
+//! A service embeds one [`Client`]. It sends commands ([`Client::send`]),
+//! publishes events ([`Client::publish`]), asks and awaits replies
+//! ([`Client::request`], [`Client::request_stream`]), and handles the
+//! commands and events it receives ([`Client::on`]). The client reconnects
+//! by itself after a broker restart, subscribes again, and re-sends what
+//! was not yet acknowledged (safe: the broker drops duplicates by id).
+//!
+//! ```no_run
+//! use courier_client::{Client, ClientOptions};
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Serialize, Deserialize)]
+//! struct Todo { text: String }
+//!
+//! # async fn run() -> Result<(), courier_client::Error> {
+//! // The todo service: handles todo.create and replies todo.created.
+//! let todo = Client::connect(ClientOptions::new("127.0.0.1:7700", "todo")).await?;
+//! todo.on("todo.create", |msg| async move {
+//!     let new: Todo = msg.json()?;
+//!     msg.reply("todo.created", &new).await?;
+//!     Ok(())
+//! }).await?;
+//!
+//! // The web service: asks and awaits the reply.
+//! let web = Client::connect(ClientOptions::new("127.0.0.1:7700", "web")).await?;
+//! let reply = web.request("todo.create", &Todo { text: "milk".into() }).await?;
+//! assert_eq!(reply.name(), "todo.created");
+//! let created: Todo = reply.json()?;
+//! # let _ = created;
+//! # Ok(()) }
+//! ```
+#![forbid(unsafe_code)]
 
+mod connection;
+mod error;
+mod handler;
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use courier_proto::{
+    encoded_message_len, validate_name, validate_pattern, FrameWriter, Kind, Message, Version,
+};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+use uuid::Uuid;
+
+pub use courier_proto::{self as proto, ErrorCode};
+pub use error::{Error, Result};
+pub use handler::{BoxError, Incoming};
+
+use handler::Handler;
+
+tokio::task_local! {
+    /// The activity of the message being handled on this task.
+    static ACTIVITY: Uuid;
+}
+
+/// The activity id a message sent now would carry: the one of the message
+/// being handled, if this runs inside a handler.
+pub fn current_activity() -> Option<Uuid> {
+    ACTIVITY.try_with(|a| *a).ok()
+}
+
+/// How to reach the broker and behave on the way.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// `host:port` of the broker.
+    pub url: String,
+    /// The service this client acts for.
+    pub service: String,
+    /// This instance's name; the broker makes one up when empty.
+    pub instance: String,
+    /// Credentials for brokers that require them.
+    pub token: Option<String>,
+    /// Deliveries this instance handles at once (flow control).
+    pub max_in_flight: u32,
+    /// How long `send` waits for the broker's acknowledgement.
+    pub send_timeout: Duration,
+    /// How long `request` waits for a reply unless told otherwise.
+    pub request_timeout: Duration,
+    /// Ack deadline asked for this service's subscriptions; `None` keeps the broker's.
+    pub ack_deadline: Option<Duration>,
+    /// Deliveries of one message before it goes to the dead letters; `None` keeps the broker's.
+    pub max_deliveries: Option<u32>,
+    /// Retry delay when a handler returns an error.
+    pub nack_delay: Duration,
+    pub reconnect_delay_min: Duration,
+    pub reconnect_delay_max: Duration,
+    /// How long `shutdown` waits for running handlers.
+    pub drain_timeout: Duration,
+    /// Run handlers one at a time in delivery order, instead of each on its
+    /// own task (up to `max_in_flight` at once).
+    pub sequential: bool,
+}
+
+impl ClientOptions {
+    /// Options with defaults for everything but where and who.
+    ///
+    /// ```
+    /// let opts = courier_client::ClientOptions::new("127.0.0.1:7700", "web");
+    /// assert_eq!(opts.max_in_flight, 64);
+    /// ```
+    pub fn new(url: impl Into<String>, service: impl Into<String>) -> ClientOptions {
+        ClientOptions {
+            url: url.into(),
+            service: service.into(),
+            instance: String::new(),
+            token: None,
+            max_in_flight: 64,
+            send_timeout: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(30),
+            ack_deadline: None,
+            max_deliveries: None,
+            nack_delay: Duration::from_secs(1),
+            reconnect_delay_min: Duration::from_millis(50),
+            reconnect_delay_max: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(30),
+            sequential: false,
+        }
+    }
+
+    /// Reads `COURIER_URL` and `COURIER_SERVICE` (defaults `127.0.0.1:7700`
+    /// and `cli`), and `COURIER_TOKEN` when set.
+    pub fn from_env() -> ClientOptions {
+        let url = std::env::var("COURIER_URL").unwrap_or_else(|_| "127.0.0.1:7700".to_string());
+        let service = std::env::var("COURIER_SERVICE").unwrap_or_else(|_| "cli".to_string());
+        let mut opts = ClientOptions::new(url, service);
+        opts.token = std::env::var("COURIER_TOKEN").ok();
+        opts
+    }
+}
+
+struct PendingSend {
+    message: Message,
+    done: oneshot::Sender<Result<()>>,
+}
+
+struct Subscription {
+    pattern: String,
+    handler: Handler,
+}
+
+/// Replies buffered per request before the oldest are dropped.
+const REPLY_BUFFER_MAX: usize = 1024;
+
+pub(crate) struct State {
+    writer: FrameWriter,
+    /// Counts connections; deliveries from an older one can't be acked.
+    generation: u64,
+    connected: bool,
+    frame_bytes_max: u32,
+    next_seq: u64,
+    pending_sends: BTreeMap<u64, PendingSend>,
+    requests: HashMap<Uuid, mpsc::Sender<Result<Reply>>>,
+    subscriptions: Vec<Subscription>,
+    next_op: u64,
+    pending_ops: HashMap<u64, oneshot::Sender<Result<()>>>,
+    handlers_running: usize,
+    drained: Option<oneshot::Sender<()>>,
+    shut_down: bool,
+}
+
+pub(crate) struct Inner {
+    opts: ClientOptions,
+    state: Mutex<State>,
+    /// Something was written to `state.writer`.
+    wake_writer: Notify,
+    /// A handler finished.
+    handler_done: Notify,
+    shutdown: watch::Sender<bool>,
+    /// The queue of the one handler task, when handlers run sequentially.
+    sequential: Option<mpsc::Sender<(Handler, Incoming)>>,
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// A connection to the broker on behalf of one service instance. Cheap to
+/// clone; clones share the connection.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+fn now_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+impl Client {
+    /// Connects and completes the handshake. Fails at once if the broker
+    /// cannot be reached; after that, the client reconnects by itself.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), courier_client::Error> {
+    /// let client = courier_client::Client::connect(courier_client::ClientOptions::from_env()).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect(opts: ClientOptions) -> Result<Client> {
+        let first = connection::establish(&opts).await?;
+        let (shutdown, _) = watch::channel(false);
+        let (sequential, sequential_rx) = if opts.sequential {
+            let (tx, rx) = mpsc::channel(opts.max_in_flight.max(1) as usize * 2);
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        let inner = Arc::new(Inner {
+            sequential,
+            state: Mutex::new(State {
+                writer: FrameWriter::new(),
+                generation: 0,
+                connected: false,
+                frame_bytes_max: first.frame_bytes_max,
+                next_seq: 0,
+                pending_sends: BTreeMap::new(),
+                requests: HashMap::new(),
+                subscriptions: Vec::new(),
+                next_op: 0,
+                pending_ops: HashMap::new(),
+                handlers_running: 0,
+                drained: None,
+                shut_down: false,
+            }),
+            opts,
+            wake_writer: Notify::new(),
+            handler_done: Notify::new(),
+            shutdown,
+        });
+        connection::on_connected(&inner, &first);
+        if let Some(mut rx) = sequential_rx {
+            tokio::spawn(async move {
+                while let Some((handler, incoming)) = rx.recv().await {
+                    handler::run(handler, incoming).await;
+                }
+            });
+        }
+        tokio::spawn(connection::drive(inner.clone(), first));
+        Ok(Client { inner })
+    }
+
+    /// The service this client acts for.
+    pub fn service(&self) -> &str {
+        &self.inner.opts.service
+    }
+
+    /// Starts a command with options (key, headers, TTL …).
+    ///
+    /// ```no_run
+    /// # async fn run(client: courier_client::Client) -> Result<(), courier_client::Error> {
+    /// client.command("todo.create").key("user-1").json(&serde_json::json!({"text": "milk"}))?.send().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn command(&self, name: impl Into<String>) -> MessageBuilder {
+        MessageBuilder::new(self.clone(), Kind::Command, name.into())
+    }
+
+    /// Starts an event with options.
+    pub fn event(&self, name: impl Into<String>) -> MessageBuilder {
+        MessageBuilder::new(self.clone(), Kind::Event, name.into())
+    }
+
+    /// Sends a command with a JSON payload; returns its id once the broker
+    /// accepted it (not once it was handled).
+    ///
+    /// ```no_run
+    /// # async fn run(client: courier_client::Client) -> Result<(), courier_client::Error> {
+    /// let id = client.send("todo.create", &serde_json::json!({"text": "milk"})).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn send<T: Serialize + ?Sized>(&self, name: &str, payload: &T) -> Result<Uuid> {
+        self.command(name).json(payload)?.send().await
+    }
+
+    /// Publishes an event with a JSON payload.
+    ///
+    /// ```no_run
+    /// # async fn run(client: courier_client::Client) -> Result<(), courier_client::Error> {
+    /// client.publish("todo.created", &serde_json::json!({"id": 1})).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn publish<T: Serialize + ?Sized>(&self, name: &str, payload: &T) -> Result<Uuid> {
+        self.event(name).json(payload)?.send().await
+    }
+
+    /// Sends a command and waits for its first reply (within
+    /// [`ClientOptions::request_timeout`]).
+    ///
+    /// ```no_run
+    /// # async fn run(client: courier_client::Client) -> Result<(), courier_client::Error> {
+    /// let reply = client.request("todos.list", &()).await?;
+    /// let todos: Vec<String> = reply.json()?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn request<T: Serialize + ?Sized>(&self, name: &str, payload: &T) -> Result<Reply> {
+        self.command(name).json(payload)?.request().await
+    }
+
+    /// Sends a command and returns the stream of its replies, which ends
+    /// after the final one.
+    ///
+    /// ```no_run
+    /// # async fn run(client: courier_client::Client) -> Result<(), courier_client::Error> {
+    /// let mut replies = client.request_stream("file.copy", &serde_json::json!({"from": "a"})).await?;
+    /// while let Some(reply) = replies.next_reply().await {
+    ///     let reply = reply?;
+    ///     println!("{}: {}", reply.name(), String::from_utf8_lossy(reply.payload()));
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn request_stream<T: Serialize + ?Sized>(
+        &self,
+        name: &str,
+        payload: &T,
+    ) -> Result<ReplyStream> {
+        self.command(name).json(payload)?.request_stream().await
+    }
+
+    /// Sends a message built by hand; the broker sets `timestamp` and `sender`.
+    pub async fn send_message(&self, message: Message) -> Result<Uuid> {
+        let id = message.id;
+        self.submit(message).await?;
+        Ok(id)
+    }
+
+    fn check(&self, message: &Message) -> Result<()> {
+        validate_name(&message.name)?;
+        let len = encoded_message_len(message) + 64;
+        let max = self.inner.lock().frame_bytes_max as usize;
+        if len > max {
+            return Err(Error::Refused {
+                code: ErrorCode::PayloadTooLarge,
+                reason: format!(
+                    "{} is {len} bytes encoded; the broker takes at most {max}",
+                    message.name
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    async fn submit(&self, message: Message) -> Result<()> {
+        self.check(&message)?;
+        let (done, rx) = oneshot::channel();
+        let seq = {
+            let mut state = self.inner.lock();
+            if state.shut_down {
+                return Err(Error::Shutdown);
+            }
+            state.next_seq += 1;
+            let seq = state.next_seq;
+            if state.connected {
+                state.writer.push_send(seq, &message)?;
+            }
+            state
+                .pending_sends
+                .insert(seq, PendingSend { message, done });
+            seq
+        };
+        self.inner.wake_writer.notify_one();
+        let timeout = self.inner.opts.send_timeout;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(Error::Shutdown),
+            Err(_) => {
+                self.inner.lock().pending_sends.remove(&seq);
+                Err(Error::Timeout(timeout))
+            }
+        }
+    }
+
+    async fn open_request(&self, message: Message, timeout: Duration) -> Result<ReplyStream> {
+        let id = message.id;
+        let (tx, rx) = mpsc::channel(REPLY_BUFFER_MAX);
+        self.inner.lock().requests.insert(id, tx);
+        let stream = ReplyStream {
+            inner: self.inner.clone(),
+            command: id,
+            rx,
+            sleep: Box::pin(tokio::time::sleep(timeout)),
+            timeout,
+            done: false,
+        };
+        // On refusal `stream` is dropped, which forgets the request.
+        self.submit(message).await?;
+        Ok(stream)
+    }
+
+    /// Handles every command or event whose name matches `pattern` (`*` and
+    /// `>` wildcards). The subscription belongs to the service: messages
+    /// wait for it while no instance runs. The handler's `Ok` acks the
+    /// delivery, its `Err` nacks it for a retry after
+    /// [`ClientOptions::nack_delay`] — unless it settled it itself.
+    ///
+    /// ```no_run
+    /// # async fn run(client: courier_client::Client) -> Result<(), courier_client::Error> {
+    /// client.on("todo.*", |msg| async move {
+    ///     println!("{} from {}", msg.name(), msg.message().sender);
+    ///     Ok(())
+    /// }).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn on<F, Fut, E>(&self, pattern: &str, handler: F) -> Result<()>
+    where
+        F: Fn(Incoming) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<(), E>> + Send + 'static,
+        E: Into<BoxError>,
+    {
+        validate_pattern(pattern)?;
+        let handler = handler::boxed(handler);
+        let rx = {
+            let mut state = self.inner.lock();
+            state.subscriptions.retain(|s| s.pattern != pattern);
+            state.subscriptions.push(Subscription {
+                pattern: pattern.to_string(),
+                handler,
+            });
+            if state.connected {
+                Some(connection::push_subscribe(&self.inner, &mut state, pattern))
+            } else {
+                None
+            }
+        };
+        self.inner.wake_writer.notify_one();
+        match rx {
+            Some(rx) => self.await_op(rx).await,
+            // Subscribed on the next connect.
+            None => Ok(()),
+        }
+    }
+
+    /// Removes the service's subscription to `pattern` (for every
+    /// instance); messages waiting for it are discarded.
+    pub async fn unsubscribe(&self, pattern: &str) -> Result<()> {
+        let rx = {
+            let mut state = self.inner.lock();
+            state.subscriptions.retain(|s| s.pattern != pattern);
+            state.next_op += 1;
+            let request = state.next_op;
+            let (tx, rx) = oneshot::channel();
+            state.pending_ops.insert(request, tx);
+            state.writer.push(&courier_proto::Frame::Unsubscribe {
+                request,
+                pattern: pattern.to_string(),
+            })?;
+            rx
+        };
+        self.inner.wake_writer.notify_one();
+        self.await_op(rx).await
+    }
+
+    async fn await_op(&self, rx: oneshot::Receiver<Result<()>>) -> Result<()> {
+        let timeout = self.inner.opts.send_timeout;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(Error::Closed(
+                "connection lost before the broker answered".into(),
+            )),
+            Err(_) => Err(Error::Timeout(timeout)),
+        }
+    }
+
+    /// Stops taking deliveries, waits (up to
+    /// [`ClientOptions::drain_timeout`]) for running handlers to finish and
+    /// their acks to be written, then closes the connection.
+    pub async fn shutdown(&self) {
+        let drained = {
+            let mut state = self.inner.lock();
+            if state.shut_down {
+                return;
+            }
+            state.shut_down = true;
+            if state.connected {
+                let (tx, rx) = oneshot::channel();
+                state.drained = Some(tx);
+                let _ = state.writer.push(&courier_proto::Frame::Drain);
+                Some(rx)
+            } else {
+                None
+            }
+        };
+        self.inner.wake_writer.notify_one();
+        let deadline = tokio::time::Instant::now() + self.inner.opts.drain_timeout;
+        if let Some(rx) = drained {
+            let _ = tokio::time::timeout_at(deadline, rx).await;
+        }
+        loop {
+            let notified = self.inner.handler_done.notified();
+            if self.inner.lock().handlers_running == 0 {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                tracing::warn!("handlers still running at the drain timeout; closing anyway");
+                break;
+            }
+        }
+        let _ = self.inner.shutdown.send(true);
+        self.inner.wake_writer.notify_one();
+    }
+
+    /// Whether a connection to the broker is up right now.
+    pub fn is_connected(&self) -> bool {
+        self.inner.lock().connected
+    }
+}
+
+/// A message under construction; finish with `send`, `request` or
+/// `request_stream`.
+pub struct MessageBuilder {
+    client: Client,
+    message: Message,
+    timeout: Option<Duration>,
+}
+
+impl MessageBuilder {
+    fn new(client: Client, kind: Kind, name: String) -> MessageBuilder {
+        let mut message = Message::new(kind, name, Bytes::new());
+        if let Some(activity) = current_activity() {
+            message.activity_id = activity;
+        }
+        MessageBuilder {
+            client,
+            message,
+            timeout: None,
+        }
+    }
+
+    /// Serializes `payload` as JSON and sets `content-type`.
+    pub fn json<T: Serialize + ?Sized>(mut self, payload: &T) -> Result<MessageBuilder> {
+        self.message.payload = Bytes::from(serde_json::to_vec(payload)?);
+        self.message.headers.retain(|(k, _)| k != "content-type");
+        self.message
+            .headers
+            .push(("content-type".into(), "application/json".into()));
+        Ok(self)
+    }
+
+    /// Raw payload bytes, in any encoding.
+    pub fn payload(mut self, payload: impl Into<Bytes>) -> MessageBuilder {
+        self.message.payload = payload.into();
+        self
+    }
+
+    /// Ordering key: same key ⇒ delivered in order, one at a time per service.
+    pub fn key(mut self, key: impl Into<Bytes>) -> MessageBuilder {
+        self.message.key = Some(key.into());
+        self
+    }
+
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> MessageBuilder {
+        self.message.headers.push((name.into(), value.into()));
+        self
+    }
+
+    pub fn version(mut self, version: Version) -> MessageBuilder {
+        self.message.version = version;
+        self
+    }
+
+    /// Dropped undelivered if not delivered within `ttl`.
+    pub fn ttl(mut self, ttl: Duration) -> MessageBuilder {
+        self.message.expires_at = Some(now_nanos() + ttl.as_nanos() as u64);
+        self
+    }
+
+    /// Not delivered before `delay` has passed.
+    pub fn deliver_after(mut self, delay: Duration) -> MessageBuilder {
+        self.message.deliver_at = Some(now_nanos() + delay.as_nanos() as u64);
+        self
+    }
+
+    /// At most once, in memory only: lowest latency, no redelivery.
+    pub fn transient(mut self) -> MessageBuilder {
+        self.message.transient = true;
+        self
+    }
+
+    /// Belongs to this activity rather than the current one.
+    pub fn activity(mut self, activity_id: Uuid) -> MessageBuilder {
+        self.message.activity_id = activity_id;
+        self
+    }
+
+    /// How long `request` waits for replies.
+    pub fn timeout(mut self, timeout: Duration) -> MessageBuilder {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// The message as it stands.
+    pub fn message(&self) -> &Message {
+        &self.message
+    }
+
+    /// Sends; resolves once the broker accepted it.
+    pub async fn send(self) -> Result<Uuid> {
+        self.client.send_message(self.message).await
+    }
+
+    /// Sends and waits for the first reply.
+    pub async fn request(self) -> Result<Reply> {
+        let mut stream = self.request_stream().await?;
+        match stream.next_reply().await {
+            Some(reply) => reply,
+            None => Err(Error::Closed("reply stream ended without a reply".into())),
+        }
+    }
+
+    /// Sends and returns the stream of replies.
+    pub async fn request_stream(self) -> Result<ReplyStream> {
+        let timeout = self
+            .timeout
+            .unwrap_or(self.client.inner.opts.request_timeout);
+        self.client.open_request(self.message, timeout).await
+    }
+}
+
+/// One reply to a command.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    message: Arc<Message>,
+}
+
+impl Reply {
+    /// The outcome, in domain language (`todo.created`).
+    pub fn name(&self) -> &str {
+        &self.message.name
+    }
+
+    /// No more replies follow.
+    pub fn is_final(&self) -> bool {
+        self.message.is_final
+    }
+
+    pub fn payload(&self) -> &Bytes {
+        &self.message.payload
+    }
+
+    pub fn json<T: DeserializeOwned>(&self) -> Result<T> {
+        Ok(serde_json::from_slice(&self.message.payload)?)
+    }
+
+    /// The whole envelope.
+    pub fn message(&self) -> &Message {
+        &self.message
+    }
+}
+
+/// The replies to one command; ends after the final reply, or with
+/// [`Error::Timeout`] when the requester's timeout passes first.
+pub struct ReplyStream {
+    inner: Arc<Inner>,
+    command: Uuid,
+    rx: mpsc::Receiver<Result<Reply>>,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    timeout: Duration,
+    done: bool,
+}
+
+impl ReplyStream {
+    /// The id of the command these replies answer.
+    pub fn command_id(&self) -> Uuid {
+        self.command
+    }
+
+    /// The next reply, `None` after the final one.
+    pub async fn next_reply(&mut self) -> Option<Result<Reply>> {
+        std::future::poll_fn(|cx| self.poll_reply(cx)).await
+    }
+
+    fn poll_reply(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Reply>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(Ok(reply))) => {
+                if reply.is_final() {
+                    self.done = true;
+                }
+                Poll::Ready(Some(Ok(reply)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                self.done = true;
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Ready(None) => {
+                self.done = true;
+                Poll::Ready(Some(Err(Error::Shutdown)))
+            }
+            Poll::Pending => match self.sleep.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    self.done = true;
+                    Poll::Ready(Some(Err(Error::Timeout(self.timeout))))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+impl futures_core::Stream for ReplyStream {
+    type Item = Result<Reply>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.get_mut().poll_reply(cx)
+    }
+}
+
+impl Drop for ReplyStream {
+    fn drop(&mut self) {
+        self.inner.lock().requests.remove(&self.command);
+    }
+}

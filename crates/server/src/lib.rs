@@ -1,1 +1,557 @@
+//! Courier's network edge: accepts TCP connections, speaks the frame
+//! protocol, and feeds the sans-I/O [`courier_broker::Broker`].
+//!
+//! Architecture invariant: this is the only crate that opens sockets. The
+//! broker core sits behind one mutex; a connection's reader decodes every
+//! frame it has, applies them all under one lock (one group commit), and
+//! encodes the resulting actions into each target connection's outbox. A
+//! per-connection writer task turns an outbox into one `write` call, so
+//! under load many frames share a syscall.
+#![forbid(unsafe_code)]
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::BytesMut;
+use courier_broker::{Action, Broker, ConnId, Nanos};
+use courier_proto::{
+    decode_frame, validate_name, ErrorCode, ErrorFrame, Frame, FrameWriter, Welcome,
+    FRAME_BYTES_MAX_DEFAULT, PROTOCOL_VERSION,
+};
+use courier_store::MessageStore;
+use thiserror::Error;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+use tracing::{debug, info, warn};
+
+pub use courier_broker::Config as BrokerConfig;
+
+/// Listener settings; each limit is named with its unit.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub frame_bytes_max: u32,
+    /// A connection must finish HELLO within this time.
+    pub handshake_timeout_ms: u64,
+    /// Bytes queued for one connection before it counts as a slow consumer
+    /// and is cut off (its unacked deliveries go to other instances).
+    pub pending_bytes_max: usize,
+    /// Reads are made in chunks of at least this size.
+    pub read_buffer_bytes: usize,
+    pub broker: BrokerConfig,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7700)),
+            frame_bytes_max: FRAME_BYTES_MAX_DEFAULT,
+            handshake_timeout_ms: 10_000,
+            pending_bytes_max: 64 * 1024 * 1024,
+            read_buffer_bytes: 64 * 1024,
+            broker: BrokerConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+type Store = Box<dyn MessageStore>;
+
+/// Bytes waiting to be written to one connection.
+struct Outbox {
+    state: Mutex<OutState>,
+    wake: Notify,
+}
+
+struct OutState {
+    writer: FrameWriter,
+    /// Set when the connection must close once the outbox is flushed.
+    closing: bool,
+}
+
+impl Outbox {
+    fn new() -> Arc<Outbox> {
+        Arc::new(Outbox {
+            state: Mutex::new(OutState {
+                writer: FrameWriter::new(),
+                closing: false,
+            }),
+            wake: Notify::new(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, OutState> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn push(&self, frame: &Frame) {
+        let mut state = self.lock();
+        if let Err(e) = state.writer.push(frame) {
+            warn!(error = %e, "frame could not be encoded; dropped");
+        }
+        drop(state);
+        self.wake.notify_one();
+    }
+
+    /// Sends an ERROR frame, then closes the connection.
+    fn fail(&self, code: ErrorCode, message: String) {
+        let mut state = self.lock();
+        let _ = state
+            .writer
+            .push(&Frame::Error(ErrorFrame { code, message }));
+        state.closing = true;
+        drop(state);
+        self.wake.notify_one();
+    }
+}
+
+struct Shared {
+    config: ServerConfig,
+    core: Mutex<Broker<Store>>,
+    outboxes: Mutex<HashMap<ConnId, Arc<Outbox>>>,
+    next_conn: AtomicU64,
+    /// When the timer task plans to wake next (unix ns).
+    timer_due: AtomicU64,
+    timer_wake: Notify,
+}
+
+fn now_nanos() -> Nanos {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// A running broker.
+pub struct Server {
+    shared: Arc<Shared>,
+    listener: TcpListener,
+}
+
+impl Server {
+    /// Binds the listener; call [`Server::run`] to serve.
+    pub async fn bind(config: ServerConfig, store: Store) -> Result<Server, ServerError> {
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| ServerError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+        let core = Broker::new(config.broker.clone(), store);
+        Ok(Server {
+            shared: Arc::new(Shared {
+                config,
+                core: Mutex::new(core),
+                outboxes: Mutex::new(HashMap::new()),
+                next_conn: AtomicU64::new(1),
+                timer_due: AtomicU64::new(u64::MAX),
+                timer_wake: Notify::new(),
+            }),
+            listener,
+        })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until the task is dropped.
+    pub async fn run(self) {
+        let _timer = tokio::spawn(run_timer(self.shared.clone()));
+        loop {
+            match self.listener.accept().await {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    tokio::spawn(serve_connection(self.shared.clone(), stream, peer));
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+impl Shared {
+    fn core(&self) -> MutexGuard<'_, Broker<Store>> {
+        self.core
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn outboxes(&self) -> MutexGuard<'_, HashMap<ConnId, Arc<Outbox>>> {
+        self.outboxes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Runs `f` on the broker, then carries out every action it produced.
+    /// Actions are written while the core lock is held, so frames for one
+    /// connection leave in the order the broker decided them.
+    fn with_core(&self, f: impl FnOnce(&mut Broker<Store>, Nanos)) {
+        let mut core = self.core();
+        let now = now_nanos();
+        f(&mut core, now);
+        let mut actions = Vec::new();
+        core.take_actions(&mut actions);
+        let next_timer = core.next_timer();
+        self.dispatch(actions);
+        drop(core);
+        if let Some(t) = next_timer {
+            if t < self.timer_due.load(Ordering::Relaxed) {
+                self.timer_wake.notify_one();
+            }
+        }
+    }
+
+    fn dispatch(&self, actions: Vec<Action>) {
+        if actions.is_empty() {
+            return;
+        }
+        let outboxes = self.outboxes();
+        let mut touched: Vec<Arc<Outbox>> = Vec::new();
+        let mut slow: Vec<ConnId> = Vec::new();
+        for action in actions {
+            let conn = match &action {
+                Action::Deliver { conn, .. }
+                | Action::SendResult { conn, .. }
+                | Action::OpResult { conn, .. }
+                | Action::Drained { conn } => *conn,
+            };
+            let Some(outbox) = outboxes.get(&conn) else {
+                continue;
+            };
+            let mut state = outbox.lock();
+            if state.closing {
+                continue;
+            }
+            let encoded = match action {
+                Action::Deliver {
+                    delivery,
+                    attempt,
+                    message,
+                    ..
+                } => state.writer.push_delivery(delivery, attempt, &message),
+                Action::SendResult {
+                    seq, code, reason, ..
+                } => state.writer.push_send_outcome(seq, code, &reason),
+                Action::OpResult {
+                    request,
+                    code,
+                    reason,
+                    ..
+                } => state.writer.push(&Frame::Result(courier_proto::OpResult {
+                    request,
+                    code,
+                    reason,
+                })),
+                Action::Drained { .. } => state.writer.push(&Frame::Drained),
+            };
+            if let Err(e) = encoded {
+                warn!(conn, error = %e, "could not encode a frame; dropped");
+            }
+            if state.writer.len() > self.config.pending_bytes_max {
+                slow.push(conn);
+            }
+            drop(state);
+            if !touched.iter().any(|o| Arc::ptr_eq(o, outbox)) {
+                touched.push(outbox.clone());
+            }
+        }
+        for outbox in touched {
+            outbox.wake.notify_one();
+        }
+        for conn in slow {
+            if let Some(outbox) = outboxes.get(&conn) {
+                warn!(
+                    conn,
+                    "slow consumer: outbox over its byte limit; closing the connection"
+                );
+                let mut state = outbox.lock();
+                state.writer.take();
+                state.closing = true;
+                drop(state);
+                outbox.fail(
+                    ErrorCode::SlowConsumer,
+                    format!(
+                        "more than {} bytes were waiting for this connection; read faster or lower max_in_flight",
+                        self.config.pending_bytes_max
+                    ),
+                );
+            }
+        }
+    }
+}
+
+async fn run_timer(shared: Arc<Shared>) {
+    /// Housekeeping (dedup and reply-route expiry) runs at least this often.
+    const TICK_INTERVAL_MAX_MS: u64 = 1_000;
+    loop {
+        let now = now_nanos();
+        let next = {
+            let core = shared.core();
+            core.next_timer()
+        };
+        let due = next
+            .unwrap_or(u64::MAX)
+            .min(now + TICK_INTERVAL_MAX_MS * 1_000_000);
+        shared.timer_due.store(due, Ordering::Relaxed);
+        let wait = Duration::from_nanos(due.saturating_sub(now));
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shared.timer_wake.notified() => {}
+        }
+        shared.with_core(|core, now| core.tick(now));
+    }
+}
+
+async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
+    let (mut reader, writer) = stream.into_split();
+    let outbox = Outbox::new();
+    let writer_task = tokio::spawn(run_writer(writer, outbox.clone()));
+    let mut buf = BytesMut::with_capacity(shared.config.read_buffer_bytes);
+    let deadline = Duration::from_millis(shared.config.handshake_timeout_ms);
+    let hello =
+        match tokio::time::timeout(deadline, read_frame(&mut reader, &mut buf, &shared.config))
+            .await
+        {
+            Err(_) => {
+                outbox.fail(
+                    ErrorCode::HandshakeTimeout,
+                    format!("no HELLO within {} ms", shared.config.handshake_timeout_ms),
+                );
+                let _ = writer_task.await;
+                return;
+            }
+            Ok(Err(ReadError::Closed)) => return,
+            Ok(Err(ReadError::Decode(code, message))) => {
+                outbox.fail(code, message);
+                let _ = writer_task.await;
+                return;
+            }
+            Ok(Ok(Frame::Hello(hello))) => hello,
+            Ok(Ok(other)) => {
+                outbox.fail(
+                    ErrorCode::HandshakeRequired,
+                    format!("the first frame must be HELLO, not {}", frame_name(&other)),
+                );
+                let _ = writer_task.await;
+                return;
+            }
+        };
+    if hello.version != PROTOCOL_VERSION {
+        outbox.fail(
+            ErrorCode::UnsupportedVersion,
+            format!(
+                "protocol version {} is not supported; this broker speaks {PROTOCOL_VERSION}",
+                hello.version
+            ),
+        );
+        let _ = writer_task.await;
+        return;
+    }
+    if let Err(e) = validate_name(&hello.service) {
+        outbox.fail(ErrorCode::InvalidName, format!("service name: {e}"));
+        let _ = writer_task.await;
+        return;
+    }
+    let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+    let instance = if hello.instance.is_empty() {
+        format!("{}-{conn}", hello.service)
+    } else {
+        hello.instance.clone()
+    };
+    debug!(conn, %peer, service = %hello.service, %instance, "connected");
+    outbox.push(&Frame::Welcome(Welcome {
+        version: PROTOCOL_VERSION,
+        connection_id: conn,
+        frame_bytes_max: shared.config.frame_bytes_max,
+        broker: format!("courier {}", env!("CARGO_PKG_VERSION")),
+    }));
+    shared.outboxes().insert(conn, outbox.clone());
+    shared.with_core(|core, now| {
+        core.connect(conn, &hello.service, &instance, hello.max_in_flight, now)
+    });
+
+    let end = read_loop(&shared, conn, &outbox, &mut reader, &mut buf).await;
+    match end {
+        ReadError::Closed => debug!(conn, "disconnected"),
+        ReadError::Decode(code, message) => {
+            info!(conn, %peer, %code, %message, "closing connection after a bad frame");
+            outbox.fail(code, message);
+        }
+    }
+    shared.with_core(|core, now| core.disconnect(conn, now));
+    shared.outboxes().remove(&conn);
+    outbox.lock().closing = true;
+    outbox.wake.notify_one();
+    let _ = writer_task.await;
+}
+
+enum ReadError {
+    Closed,
+    Decode(ErrorCode, String),
+}
+
+async fn read_frame(
+    reader: &mut OwnedReadHalf,
+    buf: &mut BytesMut,
+    config: &ServerConfig,
+) -> Result<Frame, ReadError> {
+    loop {
+        match decode_frame(buf, config.frame_bytes_max) {
+            Ok(Some(frame)) => return Ok(frame),
+            Ok(None) => {}
+            Err(e) => return Err(ReadError::Decode(e.code(), e.to_string())),
+        }
+        buf.reserve(config.read_buffer_bytes);
+        match reader.read_buf(buf).await {
+            Ok(0) | Err(_) => return Err(ReadError::Closed),
+            Ok(_) => {}
+        }
+    }
+}
+
+async fn read_loop(
+    shared: &Shared,
+    conn: ConnId,
+    outbox: &Outbox,
+    reader: &mut OwnedReadHalf,
+    buf: &mut BytesMut,
+) -> ReadError {
+    let mut frames = Vec::new();
+    loop {
+        let mut failure = None;
+        loop {
+            match decode_frame(buf, shared.config.frame_bytes_max) {
+                Ok(Some(frame)) => frames.push(frame),
+                Ok(None) => break,
+                Err(e) => {
+                    failure = Some(ReadError::Decode(e.code(), e.to_string()));
+                    break;
+                }
+            }
+        }
+        if !frames.is_empty() {
+            // Everything decoded from this read is applied under one lock.
+            shared.with_core(|core, now| {
+                for frame in frames.drain(..) {
+                    apply(core, conn, outbox, frame, now);
+                }
+            });
+        }
+        if let Some(failure) = failure {
+            return failure;
+        }
+        buf.reserve(shared.config.read_buffer_bytes);
+        match reader.read_buf(buf).await {
+            Ok(0) | Err(_) => return ReadError::Closed,
+            Ok(_) => {}
+        }
+    }
+}
+
+fn apply(core: &mut Broker<Store>, conn: ConnId, outbox: &Outbox, frame: Frame, now: Nanos) {
+    match frame {
+        Frame::Send(entries) => {
+            for entry in entries {
+                core.send(conn, entry.seq, entry.message, now);
+            }
+        }
+        Frame::Subscribe(s) => core.subscribe(
+            conn,
+            s.request,
+            &s.pattern,
+            s.ack_deadline_ms,
+            s.max_deliveries,
+            now,
+        ),
+        Frame::Unsubscribe { request, pattern } => core.unsubscribe(conn, request, &pattern),
+        Frame::Ack(ids) => {
+            for id in ids {
+                core.ack(conn, id, now);
+            }
+        }
+        Frame::Nack(entries) => {
+            for n in entries {
+                core.nack(conn, n.delivery, n.delay_ms, now);
+            }
+        }
+        Frame::Flow { max_in_flight } => core.flow(conn, max_in_flight, now),
+        Frame::Ping(nonce) => outbox.push(&Frame::Pong(nonce)),
+        Frame::Pong(_) => {}
+        Frame::Drain => core.drain(conn),
+        other @ (Frame::Hello(_)
+        | Frame::Welcome(_)
+        | Frame::SendResult(_)
+        | Frame::Result(_)
+        | Frame::Deliver(_)
+        | Frame::Error(_)
+        | Frame::Drained) => {
+            outbox.fail(
+                ErrorCode::MalformedFrame,
+                format!(
+                    "{} is not a frame a client may send after the handshake",
+                    frame_name(&other)
+                ),
+            );
+        }
+    }
+}
+
+fn frame_name(frame: &Frame) -> &'static str {
+    match frame {
+        Frame::Hello(_) => "HELLO",
+        Frame::Welcome(_) => "WELCOME",
+        Frame::Send(_) => "SEND",
+        Frame::SendResult(_) => "SEND_RESULT",
+        Frame::Subscribe(_) => "SUBSCRIBE",
+        Frame::Unsubscribe { .. } => "UNSUBSCRIBE",
+        Frame::Result(_) => "RESULT",
+        Frame::Deliver(_) => "DELIVER",
+        Frame::Ack(_) => "ACK",
+        Frame::Nack(_) => "NACK",
+        Frame::Flow { .. } => "FLOW",
+        Frame::Ping(_) => "PING",
+        Frame::Pong(_) => "PONG",
+        Frame::Error(_) => "ERROR",
+        Frame::Drain => "DRAIN",
+        Frame::Drained => "DRAINED",
+    }
+}
+
+async fn run_writer(mut writer: OwnedWriteHalf, outbox: Arc<Outbox>) {
+    loop {
+        let (bytes, closing) = {
+            let mut state = outbox.lock();
+            (state.writer.take(), state.closing)
+        };
+        if !bytes.is_empty() && writer.write_all(&bytes).await.is_err() {
+            return;
+        }
+        if closing {
+            let _ = writer.shutdown().await;
+            return;
+        }
+        outbox.wake.notified().await;
+    }
+}

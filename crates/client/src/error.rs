@@ -1,0 +1,43 @@
+use std::time::Duration;
+
+use courier_proto::ErrorCode;
+use thiserror::Error;
+
+/// What can go wrong talking to the broker.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// The broker refused the message or operation; `code` says why.
+    #[error("refused by the broker: {reason} [{code}]")]
+    Refused { code: ErrorCode, reason: String },
+    #[error("no reply within {0:?}")]
+    Timeout(Duration),
+    #[error("cannot reach broker at {addr}: {source} — is 'courier serve' running?")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("the broker closed the connection: {0}")]
+    Closed(String),
+    #[error("the client is shut down")]
+    Shutdown,
+    #[error("payload is not valid JSON for the expected type: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("message cannot be encoded: {0}")]
+    Encode(#[from] courier_proto::EncodeError),
+    #[error("invalid name: {0}")]
+    Name(#[from] courier_proto::NameError),
+    #[error("this delivery was already acked or nacked")]
+    AlreadySettled,
+}
+
+impl Error {
+    /// The broker's error code, when the broker refused.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Error::Refused { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,219 @@
+//! Handlers and the context they get for each delivery.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use courier_proto::{Kind, Message, Nack};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::{Client, Error, Inner, MessageBuilder, Result, ACTIVITY};
+
+/// Any error a handler may return; it nacks the delivery.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+type HandlerFuture = Pin<Box<dyn Future<Output = std::result::Result<(), BoxError>> + Send>>;
+pub(crate) type Handler = Arc<dyn Fn(Incoming) -> HandlerFuture + Send + Sync>;
+
+pub(crate) fn boxed<F, Fut, E>(handler: F) -> Handler
+where
+    F: Fn(Incoming) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = std::result::Result<(), E>> + Send + 'static,
+    E: Into<BoxError>,
+{
+    Arc::new(move |incoming| {
+        let fut = handler(incoming);
+        Box::pin(async move { fut.await.map_err(Into::into) })
+    })
+}
+
+/// A delivered command or event, and the means to answer it.
+///
+/// Messages sent through it (or through any [`Client`] on the handler's
+/// task) carry this message's `activity_id`.
+pub struct Incoming {
+    pub(crate) client: Client,
+    pub(crate) generation: u64,
+    pub(crate) delivery: u64,
+    pub(crate) attempt: u32,
+    pub(crate) message: Arc<Message>,
+    pub(crate) settled: Arc<AtomicBool>,
+}
+
+impl Incoming {
+    pub fn name(&self) -> &str {
+        &self.message.name
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.message.kind
+    }
+
+    /// 1 on the first delivery; more when redelivered.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// The raw payload bytes, whatever their encoding.
+    pub fn payload(&self) -> &Bytes {
+        &self.message.payload
+    }
+
+    /// The payload decoded from JSON.
+    pub fn json<T: DeserializeOwned>(&self) -> Result<T> {
+        Ok(serde_json::from_slice(&self.message.payload)?)
+    }
+
+    /// The whole envelope.
+    pub fn message(&self) -> &Message {
+        &self.message
+    }
+
+    /// The client, for sending more messages in the same activity.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Replies to this command with a final reply named by its outcome.
+    pub async fn reply<T: Serialize + ?Sized>(&self, outcome: &str, payload: &T) -> Result<()> {
+        self.reply_builder(outcome, true)
+            .json(payload)?
+            .send()
+            .await
+            .map(|_| ())
+    }
+
+    /// Sends a reply that says more follow (a streaming reply).
+    pub async fn reply_progress<T: Serialize + ?Sized>(
+        &self,
+        outcome: &str,
+        payload: &T,
+    ) -> Result<()> {
+        self.reply_builder(outcome, false)
+            .json(payload)?
+            .send()
+            .await
+            .map(|_| ())
+    }
+
+    /// A reply to finish by hand (raw payload, headers); `is_final` says
+    /// whether more follow.
+    pub fn reply_builder(&self, outcome: &str, is_final: bool) -> MessageBuilder {
+        let mut builder =
+            MessageBuilder::new(self.client.clone(), Kind::Reply, outcome.to_string());
+        builder.message.response_to = Some(self.message.id);
+        builder.message.activity_id = self.message.activity_id;
+        builder.message.is_final = is_final;
+        builder
+    }
+
+    /// Starts a command in this message's activity.
+    pub fn command(&self, name: &str) -> MessageBuilder {
+        self.client.command(name).activity(self.message.activity_id)
+    }
+
+    /// Starts an event in this message's activity.
+    pub fn event(&self, name: &str) -> MessageBuilder {
+        self.client.event(name).activity(self.message.activity_id)
+    }
+
+    /// Marks the delivery handled. Done for you when the handler returns `Ok`.
+    pub fn ack(&self) -> Result<()> {
+        self.settle(None)
+    }
+
+    /// Asks for redelivery after `delay`. Done for you when the handler
+    /// returns `Err`.
+    pub fn nack(&self, delay: Duration) -> Result<()> {
+        self.settle(Some(delay))
+    }
+
+    fn settle(&self, nack_delay: Option<Duration>) -> Result<()> {
+        if self.settled.swap(true, Ordering::AcqRel) {
+            return Err(Error::AlreadySettled);
+        }
+        settle(
+            &self.client.inner,
+            self.generation,
+            self.delivery,
+            &self.message,
+            nack_delay,
+        );
+        Ok(())
+    }
+}
+
+/// Writes the ACK or NACK, if the delivery came on the current connection;
+/// after a reconnect the broker has already taken it back.
+pub(crate) fn settle(
+    inner: &Inner,
+    generation: u64,
+    delivery: u64,
+    message: &Message,
+    nack_delay: Option<Duration>,
+) {
+    if message.transient {
+        return;
+    }
+    let mut state = inner.lock();
+    if !state.connected || state.generation != generation {
+        return;
+    }
+    match nack_delay {
+        None => state.writer.push_ack(delivery),
+        Some(delay) => state.writer.push_nack(Nack {
+            delivery,
+            delay_ms: delay.as_millis().min(u128::from(u32::MAX)) as u32,
+        }),
+    }
+    drop(state);
+    inner.wake_writer.notify_one();
+}
+
+/// Runs `handler` on its own task (or, with [`crate::ClientOptions::sequential`],
+/// queues it for the client's one handler task).
+pub(crate) fn spawn(handler: Handler, incoming: Incoming) {
+    let inner = incoming.client.inner.clone();
+    inner.lock().handlers_running += 1;
+    if let Some(queue) = &inner.sequential {
+        match queue.try_send((handler, incoming)) {
+            Ok(()) => return,
+            Err(tokio::sync::mpsc::error::TrySendError::Full((handler, incoming)))
+            | Err(tokio::sync::mpsc::error::TrySendError::Closed((handler, incoming))) => {
+                tokio::spawn(run(handler, incoming));
+                return;
+            }
+        }
+    }
+    tokio::spawn(run(handler, incoming));
+}
+
+/// Runs one handler with the message's activity in scope, then acks or
+/// nacks unless the handler settled it.
+pub(crate) async fn run(handler: Handler, incoming: Incoming) {
+    let inner = incoming.client.inner.clone();
+    let activity = incoming.message.activity_id;
+    let settled = incoming.settled.clone();
+    let (generation, delivery, message) = (
+        incoming.generation,
+        incoming.delivery,
+        incoming.message.clone(),
+    );
+    let result = ACTIVITY.scope(activity, handler(incoming)).await;
+    if !settled.swap(true, Ordering::AcqRel) {
+        let nack = match &result {
+            Ok(()) => None,
+            Err(error) => {
+                tracing::warn!(name = %message.name, %error, "handler failed; nacking for a retry");
+                Some(inner.opts.nack_delay)
+            }
+        };
+        settle(&inner, generation, delivery, &message, nack);
+    }
+    inner.lock().handlers_running -= 1;
+    inner.handler_done.notify_waiters();
+}

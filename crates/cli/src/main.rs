@@ -115,6 +115,9 @@ enum Command {
         /// Exit after answering this many commands.
         #[arg(long)]
         count: Option<u64>,
+        /// Wait this long before replying (simulates a slow handler).
+        #[arg(long, value_parser = parse_duration)]
+        delay: Option<Duration>,
         #[command(flatten)]
         conn: Conn,
     },
@@ -240,8 +243,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             echo,
             stream,
             count,
+            delay,
             conn,
-        } => reply(name, outcome, data, echo, stream, count, conn).await,
+        } => reply(name, outcome, data, echo, stream, count, delay, conn).await,
         Command::Subscribe {
             pattern,
             count,
@@ -311,7 +315,7 @@ async fn send(args: SendArgs, event: bool) -> anyhow::Result<()> {
         if args.transient {
             builder = builder.transient();
         }
-        window.push_back((seq, tokio::spawn(builder.send())));
+        window.push_back((seq, tokio::spawn(builder.enqueue()?.wait())));
         if window.len() >= SEND_WINDOW {
             if let Err(e) = settle_one(&mut window).await {
                 first_error = Some(e);
@@ -375,6 +379,7 @@ async fn reply(
     echo: bool,
     stream: u32,
     count: Option<u64>,
+    delay: Option<Duration>,
     conn: Conn,
 ) -> anyhow::Result<()> {
     let client = connect(&conn).await?;
@@ -386,6 +391,9 @@ async fn reply(
         .on(&name, move |msg| {
             let (data, outcome, done_tx) = (data.clone(), outcome.clone(), done_tx.clone());
             async move {
+                if let Some(delay) = delay {
+                    tokio::time::sleep(delay).await;
+                }
                 let payload = if echo {
                     msg.payload().clone()
                 } else {

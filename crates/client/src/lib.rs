@@ -356,7 +356,14 @@ impl Client {
     }
 
     async fn submit(&self, message: Message) -> Result<()> {
+        self.enqueue(message)?.wait().await.map(|_| ())
+    }
+
+    /// Queues `message` for sending now, in call order, without waiting
+    /// for the broker; await the returned [`PendingAck`] for its fate.
+    fn enqueue(&self, message: Message) -> Result<PendingAck> {
         self.check(&message)?;
+        let id = message.id;
         let (done, rx) = oneshot::channel();
         let seq = {
             let mut state = self.inner.lock();
@@ -374,15 +381,12 @@ impl Client {
             seq
         };
         self.inner.wake_writer.notify_one();
-        let timeout = self.inner.opts.send_timeout;
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(Error::Shutdown),
-            Err(_) => {
-                self.inner.lock().pending_sends.remove(&seq);
-                Err(Error::Timeout(timeout))
-            }
-        }
+        Ok(PendingAck {
+            inner: self.inner.clone(),
+            seq,
+            id,
+            rx,
+        })
     }
 
     async fn open_request(&self, message: Message, timeout: Duration) -> Result<ReplyStream> {
@@ -613,6 +617,25 @@ impl MessageBuilder {
         self.client.send_message(self.message).await
     }
 
+    /// Queues the message at once — messages queued one after another
+    /// reach the broker in that order — and returns its acknowledgement to
+    /// await later. For pipelining many sends without a round trip each.
+    ///
+    /// ```no_run
+    /// # async fn run(client: courier_client::Client) -> Result<(), courier_client::Error> {
+    /// let mut acks = Vec::new();
+    /// for i in 0..100 {
+    ///     acks.push(client.event("metric.sampled").json(&i)?.enqueue()?);
+    /// }
+    /// for ack in acks {
+    ///     ack.wait().await?;
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn enqueue(self) -> Result<PendingAck> {
+        self.client.enqueue(self.message)
+    }
+
     /// Sends and waits for the first reply.
     pub async fn request(self) -> Result<Reply> {
         let mut stream = self.request_stream().await?;
@@ -628,6 +651,35 @@ impl MessageBuilder {
             .timeout
             .unwrap_or(self.client.inner.opts.request_timeout);
         self.client.open_request(self.message, timeout).await
+    }
+}
+
+/// The broker's answer to one queued message, to be awaited.
+pub struct PendingAck {
+    inner: Arc<Inner>,
+    seq: u64,
+    id: Uuid,
+    rx: oneshot::Receiver<Result<()>>,
+}
+
+impl PendingAck {
+    /// The message's id.
+    pub fn id(&self) -> Uuid {
+        self.id
+    }
+
+    /// Waits (up to [`ClientOptions::send_timeout`]) until the broker
+    /// accepted or refused the message.
+    pub async fn wait(self) -> Result<Uuid> {
+        let timeout = self.inner.opts.send_timeout;
+        match tokio::time::timeout(timeout, self.rx).await {
+            Ok(Ok(result)) => result.map(|()| self.id),
+            Ok(Err(_)) => Err(Error::Shutdown),
+            Err(_) => {
+                self.inner.lock().pending_sends.remove(&self.seq);
+                Err(Error::Timeout(timeout))
+            }
+        }
     }
 }
 

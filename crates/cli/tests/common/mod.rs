@@ -1,0 +1,226 @@
+//! Real `courier` processes for end-to-end tests.
+#![allow(dead_code)] // each test file uses a different part
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::TcpListener;
+use std::process::{Child, ChildStdout, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+pub fn courier_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_courier")
+}
+
+/// A broker process; killed with SIGKILL on drop.
+pub struct Broker {
+    pub child: Child,
+    pub addr: String,
+    pub data_dir: tempdir::Dir,
+}
+
+pub mod tempdir {
+    use std::path::{Path, PathBuf};
+
+    /// A directory removed on drop.
+    pub struct Dir(PathBuf);
+
+    impl Dir {
+        pub fn new(tag: &str) -> Dir {
+            let path = std::env::temp_dir().join(format!(
+                "courier-test-{tag}-{}-{}",
+                std::process::id(),
+                uuid_like()
+            ));
+            std::fs::create_dir_all(&path).expect("create temp dir");
+            Dir(path)
+        }
+        pub fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn uuid_like() -> u128 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    }
+}
+
+/// A free loopback port (racy in theory; fine for tests on one machine).
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+    listener.local_addr().expect("local addr").port()
+}
+
+impl Broker {
+    pub fn start() -> Broker {
+        Broker::start_on(
+            &format!("127.0.0.1:{}", free_port()),
+            tempdir::Dir::new("broker"),
+        )
+    }
+
+    /// Starts `courier serve` and waits for its ready line.
+    pub fn start_on(listen: &str, data_dir: tempdir::Dir) -> Broker {
+        let mut child = Command::new(courier_bin())
+            .args(["serve", "--listen", listen, "--data-dir"])
+            .arg(data_dir.path())
+            .env("COURIER_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn courier serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let ready = lines.next().expect("ready line").expect("read ready line");
+        assert!(
+            ready.contains(listen),
+            "ready line {ready:?} names the address {listen}"
+        );
+        // Keep draining stdout so a later line never meets a closed pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        Broker {
+            child,
+            addr: listen.to_string(),
+            data_dir,
+        }
+    }
+
+    /// `kill -9`, then start again on the same address and data dir.
+    pub fn crash_and_restart(mut self) -> Broker {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let data_dir = std::mem::replace(&mut self.data_dir, tempdir::Dir::new("moved"));
+        Broker::start_on(&self.addr, data_dir)
+    }
+
+    /// A `courier` client command against this broker.
+    pub fn cli(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(courier_bin());
+        cmd.args(args)
+            .env("COURIER_URL", &self.addr)
+            .env_remove("COURIER_SERVICE");
+        cmd
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cli(args).output().expect("run courier")
+    }
+
+    /// Starts a long-running client command with its stdout piped.
+    pub fn spawn(&self, args: &[&str]) -> Proc {
+        let mut child = self
+            .cli(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn courier");
+        let (tx, rx) = mpsc::channel();
+        let stdout = child.stdout.take().expect("stdout");
+        std::thread::spawn(move || forward_lines(stdout, tx));
+        let stderr = child.stderr.take().expect("stderr");
+        let (etx, erx) = mpsc::channel();
+        std::thread::spawn(move || forward_lines(stderr, etx));
+        Proc {
+            child,
+            lines: rx,
+            errors: erx,
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn forward_lines<R: Read>(from: R, to: mpsc::Sender<String>) {
+    for line in BufReader::new(from).lines() {
+        let Ok(line) = line else { return };
+        if to.send(line).is_err() {
+            return;
+        }
+    }
+}
+
+/// A running client process; SIGKILLed on drop.
+pub struct Proc {
+    pub child: Child,
+    lines: mpsc::Receiver<String>,
+    errors: mpsc::Receiver<String>,
+}
+
+impl Proc {
+    /// The next stdout line, parsed as JSON.
+    pub fn json_line(&self, timeout: Duration) -> serde_json::Value {
+        let line = self
+            .lines
+            .recv_timeout(timeout)
+            .expect("a line on stdout in time");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("line {line:?} is not JSON: {e}"))
+    }
+
+    pub fn no_line(&self, wait: Duration) -> bool {
+        self.lines.recv_timeout(wait).is_err()
+    }
+
+    /// Waits for a stderr line containing `needle`.
+    pub fn wait_stderr(&self, needle: &str, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.errors.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return,
+                Ok(_) => continue,
+                Err(_) => panic!("no stderr line containing {needle:?} within {timeout:?}"),
+            }
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[allow(unused)]
+pub type Lines = ChildStdout;
+
+/// Parses every stdout line of a finished command as JSON.
+pub fn json_lines(output: &Output) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("line {l:?} is not JSON: {e}")))
+        .collect()
+}
+
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}

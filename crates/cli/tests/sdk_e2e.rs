@@ -1,0 +1,499 @@
+//! The Rust SDK against a real broker process.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::Broker;
+use courier_client::{Client, ClientOptions, ErrorCode, Incoming};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+const T: Duration = Duration::from_secs(10);
+
+fn opts(broker: &Broker, service: &str) -> ClientOptions {
+    let mut o = ClientOptions::new(broker.addr.clone(), service);
+    o.reconnect_delay_max = Duration::from_millis(200);
+    o
+}
+
+async fn client(broker: &Broker, service: &str) -> Client {
+    Client::connect(opts(broker, service))
+        .await
+        .expect("connect")
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+struct Todo {
+    text: String,
+}
+
+/// Forwards each delivery's (name, attempt, payload) to a channel and acks.
+async fn recorder(client: &Client, pattern: &str) -> mpsc::Receiver<(String, u32, Vec<u8>)> {
+    let (tx, rx) = mpsc::channel(10_000);
+    client
+        .on(pattern, move |msg: Incoming| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx
+                    .send((
+                        msg.name().to_string(),
+                        msg.attempt(),
+                        msg.payload().to_vec(),
+                    ))
+                    .await;
+                Ok::<(), courier_client::Error>(())
+            }
+        })
+        .await
+        .expect("subscribe");
+    rx
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_request_reply_carries_the_activity_into_everything_sent_while_handling() {
+    let broker = Broker::start();
+    let todo = client(&broker, "todo").await;
+    let audit = client(&broker, "audit").await;
+    let mut events = recorder(&audit, "todo.created").await;
+    let (seen_tx, mut seen) = mpsc::channel(10);
+    todo.on("todo.create", move |msg: Incoming| {
+        let seen_tx = seen_tx.clone();
+        async move {
+            let new: Todo = msg.json()?;
+            let _ = seen_tx.send(msg.message().activity_id).await;
+            // Sent through the plain client inside the handler: same activity.
+            msg.client().publish("todo.created", &new).await?;
+            msg.reply("todo.created", &new).await?;
+            Ok::<(), courier_client::Error>(())
+        }
+    })
+    .await
+    .expect("subscribe");
+
+    let web = client(&broker, "web").await;
+    let builder = web
+        .command("todo.create")
+        .json(&Todo {
+            text: "milk".into(),
+        })
+        .expect("json");
+    let activity = builder.message().activity_id;
+    let reply = builder.timeout(T).request().await.expect("reply");
+    assert_eq!(reply.name(), "todo.created");
+    assert!(reply.is_final());
+    assert_eq!(
+        reply.json::<Todo>().expect("typed"),
+        Todo {
+            text: "milk".into()
+        }
+    );
+    assert_eq!(reply.message().sender, "todo");
+    assert_eq!(reply.message().activity_id, activity);
+    assert_eq!(reply.message().id.get_version_num(), 7, "ids are UUID v7");
+    assert_eq!(seen.recv().await, Some(activity));
+    let (name, _, payload) = tokio::time::timeout(T, events.recv())
+        .await
+        .expect("event in time")
+        .expect("event");
+    assert_eq!(name, "todo.created");
+    assert_eq!(
+        serde_json::from_slice::<Todo>(&payload).expect("json"),
+        Todo {
+            text: "milk".into()
+        }
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_send_says_why() {
+    let broker = Broker::start();
+    let web = client(&broker, "web").await;
+    let err = web
+        .send("todo.create", &())
+        .await
+        .expect_err("nobody receives it");
+    assert_eq!(err.code(), Some(ErrorCode::NoReceiver));
+    assert!(
+        err.to_string().contains("no service receives todo.create"),
+        "{err}"
+    );
+    let err = web
+        .request("todo.create", &())
+        .await
+        .expect_err("refused request");
+    assert_eq!(err.code(), Some(ErrorCode::NoReceiver));
+    let err = web.send("Bad Name", &()).await.expect_err("bad name");
+    assert!(err.to_string().contains("invalid name"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_times_out_when_nobody_replies() {
+    let broker = Broker::start();
+    let todo = client(&broker, "todo").await;
+    todo.on("todo.create", |_msg| async {
+        Ok::<(), courier_client::Error>(())
+    })
+    .await
+    .expect("sub");
+    let web = client(&broker, "web").await;
+    let started = Instant::now();
+    let err = web
+        .command("todo.create")
+        .timeout(Duration::from_millis(300))
+        .request()
+        .await
+        .expect_err("times out");
+    assert!(matches!(err, courier_client::Error::Timeout(_)), "{err}");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_replies_arrive_in_order_and_end_with_the_final() {
+    let broker = Broker::start();
+    let files = client(&broker, "files").await;
+    files
+        .on("file.copy", |msg: Incoming| async move {
+            for percent in [25, 50, 75] {
+                msg.reply_progress("file.copy.in-progress", &percent)
+                    .await?;
+            }
+            msg.reply("file.copy.done", &100).await?;
+            Ok::<(), courier_client::Error>(())
+        })
+        .await
+        .expect("sub");
+    let web = client(&broker, "web").await;
+    let mut stream = web.request_stream("file.copy", &()).await.expect("sent");
+    let mut got = Vec::new();
+    while let Some(reply) = stream.next_reply().await {
+        let reply = reply.expect("reply");
+        got.push((
+            reply.name().to_string(),
+            reply.json::<u32>().expect("n"),
+            reply.is_final(),
+        ));
+    }
+    assert_eq!(
+        got,
+        vec![
+            ("file.copy.in-progress".into(), 25, false),
+            ("file.copy.in-progress".into(), 50, false),
+            ("file.copy.in-progress".into(), 75, false),
+            ("file.copy.done".into(), 100, true),
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_key_in_order_one_at_a_time_with_concurrent_handlers() {
+    let broker = Broker::start();
+    let log: Arc<Mutex<Vec<(String, u32)>>> = Arc::default();
+    let busy: Arc<Mutex<HashMap<String, bool>>> = Arc::default();
+    let mut workers = Vec::new();
+    for _ in 0..2 {
+        let w = client(&broker, "ledger").await;
+        let (log, busy) = (log.clone(), busy.clone());
+        w.on("ledger.post", move |msg: Incoming| {
+            let (log, busy) = (log.clone(), busy.clone());
+            async move {
+                let key = String::from_utf8_lossy(msg.message().key.as_deref().unwrap_or_default())
+                    .into_owned();
+                let n: u32 = msg.json()?;
+                assert!(
+                    !busy
+                        .lock()
+                        .expect("lock")
+                        .insert(key.clone(), true)
+                        .unwrap_or(false),
+                    "two of {key} at once"
+                );
+                tokio::time::sleep(Duration::from_millis(u64::from(n % 3))).await;
+                log.lock().expect("lock").push((key.clone(), n));
+                busy.lock().expect("lock").insert(key, false);
+                Ok::<(), courier_client::Error>(())
+            }
+        })
+        .await
+        .expect("sub");
+        workers.push(w);
+    }
+    let sender = client(&broker, "web").await;
+    let mut acks = Vec::new();
+    for n in 0..60u32 {
+        let key = format!("account-{}", n % 3);
+        acks.push(
+            sender
+                .command("ledger.post")
+                .key(key)
+                .json(&n)
+                .expect("json")
+                .enqueue()
+                .expect("queued"),
+        );
+    }
+    for ack in acks {
+        ack.wait().await.expect("accepted");
+    }
+    let deadline = Instant::now() + T;
+    while log.lock().expect("lock").len() < 60 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let log = log.lock().expect("lock").clone();
+    assert_eq!(log.len(), 60);
+    for k in 0..3u32 {
+        let order: Vec<u32> = log
+            .iter()
+            .filter(|(key, _)| *key == format!("account-{k}"))
+            .map(|(_, n)| *n)
+            .collect();
+        let expected: Vec<u32> = (0..60).filter(|n| n % 3 == k).collect();
+        assert_eq!(order, expected, "key account-{k} in send order");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nack_redelivers_after_its_delay_then_dead_letters_after_max_deliveries() {
+    let broker = Broker::start();
+    let mut o = opts(&broker, "mailer");
+    o.max_deliveries = Some(3);
+    let mailer = Client::connect(o).await.expect("connect");
+    let (tx, mut rx) = mpsc::channel(100);
+    mailer
+        .on("mail.send", move |msg: Incoming| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send((msg.attempt(), Instant::now())).await;
+                msg.nack(Duration::from_millis(200))?;
+                Ok::<(), courier_client::Error>(())
+            }
+        })
+        .await
+        .expect("sub");
+    let web = client(&broker, "web").await;
+    web.send("mail.send", &"hi").await.expect("sent");
+    let mut attempts = Vec::new();
+    while let Ok(Some(a)) = tokio::time::timeout(Duration::from_secs(2), rx.recv()).await {
+        attempts.push(a);
+    }
+    assert_eq!(
+        attempts.iter().map(|a| a.0).collect::<Vec<_>>(),
+        vec![1, 2, 3],
+        "stops at max_deliveries"
+    );
+    assert!(
+        attempts[1].1 - attempts[0].1 >= Duration::from_millis(190),
+        "nack delay respected"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unacked_delivery_goes_elsewhere_after_the_ack_deadline() {
+    let broker = Broker::start();
+    let mut o = opts(&broker, "jobs");
+    o.ack_deadline = Some(Duration::from_millis(300));
+    let stuck = Client::connect(o.clone()).await.expect("connect");
+    let (tx, mut rx) = mpsc::channel(10);
+    let tx2 = tx.clone();
+    stuck
+        .on("job.run", move |msg: Incoming| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(("stuck", msg.attempt())).await;
+                std::future::pending::<()>().await;
+                Ok::<(), courier_client::Error>(())
+            }
+        })
+        .await
+        .expect("sub");
+    let web = client(&broker, "web").await;
+    web.send("job.run", &1).await.expect("sent");
+    assert_eq!(rx.recv().await, Some(("stuck", 1)));
+    let healthy = Client::connect(o).await.expect("connect");
+    healthy
+        .on("job.run", move |msg: Incoming| {
+            let tx = tx2.clone();
+            async move {
+                let _ = tx.send(("healthy", msg.attempt())).await;
+                Ok::<(), courier_client::Error>(())
+            }
+        })
+        .await
+        .expect("sub");
+    let next = tokio::time::timeout(T, rx.recv())
+        .await
+        .expect("redelivered in time");
+    assert_eq!(next, Some(("healthy", 2)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dedup_ttl_deferred_and_flow_control() {
+    let broker = Broker::start();
+    let worker = client(&broker, "w").await;
+    let mut rx = recorder(&worker, "w.>").await;
+    let web = client(&broker, "web").await;
+
+    // Dedup: the same message (same id) twice is accepted twice, delivered once.
+    let mut m = courier_client::proto::Message::new(
+        courier_client::proto::Kind::Command,
+        "w.dedup",
+        "once",
+    );
+    m.sender.clear();
+    web.send_message(m.clone()).await.expect("first");
+    web.send_message(m).await.expect("duplicate accepted");
+    assert_eq!(
+        tokio::time::timeout(T, rx.recv())
+            .await
+            .expect("in time")
+            .map(|d| d.0),
+        Some("w.dedup".into())
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), rx.recv())
+            .await
+            .is_err(),
+        "delivered once"
+    );
+
+    // Deferred delivery.
+    let sent = Instant::now();
+    web.command("w.later")
+        .deliver_after(Duration::from_millis(400))
+        .send()
+        .await
+        .expect("sent");
+    let got = tokio::time::timeout(T, rx.recv())
+        .await
+        .expect("in time")
+        .expect("delivery");
+    assert_eq!(got.0, "w.later");
+    assert!(
+        sent.elapsed() >= Duration::from_millis(390),
+        "not before deliver_at"
+    );
+
+    // TTL: expires while its service has no instance connected.
+    worker.shutdown().await;
+    web.command("w.short")
+        .ttl(Duration::from_millis(100))
+        .send()
+        .await
+        .expect("sent");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut o = opts(&broker, "w");
+    o.max_in_flight = 2;
+    let slow = Client::connect(o).await.expect("connect");
+    let running = Arc::new(Mutex::new((0u32, 0u32))); // (now, max)
+    let (done_tx, mut done) = mpsc::channel(100);
+    let r = running.clone();
+    slow.on("w.>", move |msg: Incoming| {
+        let (r, done_tx) = (r.clone(), done_tx.clone());
+        async move {
+            {
+                let mut g = r.lock().expect("lock");
+                g.0 += 1;
+                g.1 = g.1.max(g.0);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            r.lock().expect("lock").0 -= 1;
+            let _ = done_tx.send(msg.name().to_string()).await;
+            Ok::<(), courier_client::Error>(())
+        }
+    })
+    .await
+    .expect("sub");
+    for i in 0..8 {
+        web.send("w.flow", &i).await.expect("sent");
+    }
+    let mut names = Vec::new();
+    while let Ok(Some(n)) = tokio::time::timeout(Duration::from_secs(2), done.recv()).await {
+        names.push(n);
+    }
+    assert_eq!(
+        names.len(),
+        8,
+        "all flow messages handled and the expired one not: {names:?}"
+    );
+    assert!(
+        !names.contains(&"w.short".to_string()),
+        "expired message was delivered"
+    );
+    assert_eq!(
+        running.lock().expect("lock").1,
+        2,
+        "never more than max_in_flight at once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_reconnects_and_resubscribes_after_a_broker_crash() {
+    let broker = Broker::start();
+    let worker = client(&broker, "todo").await;
+    let mut rx = recorder(&worker, "todo.create").await;
+    let web = client(&broker, "web").await;
+    web.send("todo.create", &1).await.expect("sent");
+    assert_eq!(
+        tokio::time::timeout(T, rx.recv())
+            .await
+            .expect("in time")
+            .map(|d| d.2),
+        Some(b"1".to_vec())
+    );
+
+    let broker = broker.crash_and_restart();
+    // The worker resubscribes by itself; the sender's retry finds it.
+    let deadline = Instant::now() + T;
+    loop {
+        match web.send("todo.create", &2).await {
+            Ok(_) => break,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("no resubscription after restart: {e}"),
+        }
+    }
+    assert_eq!(
+        tokio::time::timeout(T, rx.recv())
+            .await
+            .expect("in time")
+            .map(|d| d.2),
+        Some(b"2".to_vec())
+    );
+    assert!(worker.is_connected());
+    drop(broker);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_finishes_running_handlers_and_acks_them() {
+    let broker = Broker::start();
+    let worker = client(&broker, "resize").await;
+    let (tx, mut rx) = mpsc::channel(10);
+    worker
+        .on("image.resize", move |_msg: Incoming| {
+            let tx = tx.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let _ = tx.send(()).await;
+                Ok::<(), courier_client::Error>(())
+            }
+        })
+        .await
+        .expect("sub");
+    let web = client(&broker, "web").await;
+    web.send("image.resize", &()).await.expect("sent");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    worker.shutdown().await;
+    assert!(rx.try_recv().is_ok(), "shutdown waited for the handler");
+    // The ack went out before the connection closed: nothing is redelivered.
+    let next = client(&broker, "resize").await;
+    let mut again = recorder(&next, "image.resize").await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(700), again.recv())
+            .await
+            .is_err()
+    );
+}

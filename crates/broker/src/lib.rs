@@ -253,6 +253,8 @@ impl<S: MessageStore> Broker<S> {
     /// group commit: all sends in the batch share one sync.
     pub fn take_actions(&mut self, out: &mut Vec<Action>) {
         if !self.unsynced.is_empty() {
+            // Deliveries in `actions` wait for the sync too: nothing leaves
+            // the broker before it is as durable as its acknowledgement says.
             match self.store.sync() {
                 Ok(()) => self.actions.append(&mut self.unsynced),
                 Err(error) => {
@@ -334,8 +336,17 @@ impl<S: MessageStore> Broker<S> {
         };
         svc.instances.retain(|i| *i != conn);
         for delivery in svc.queue.deliveries_of(conn) {
+            let Some(svc) = self.services.get_mut(&c.service) else {
+                break;
+            };
             if let Some(flight) = svc.queue.finish(delivery) {
-                svc.queue.make_ready_again(flight.entry);
+                self.retry_or_dead_letter(
+                    &c.service,
+                    flight.entry,
+                    0,
+                    "receiver disconnected",
+                    now,
+                );
             }
         }
         self.pump(&c.service, now);
@@ -468,10 +479,12 @@ impl<S: MessageStore> Broker<S> {
             self.metrics.refused += 1;
             return self.send_result(conn, seq, refusal.0, refusal.1);
         }
-        if self.is_duplicate(message.id, now) {
+        self.expire_dedup(now);
+        if self.dedup_seen.contains_key(&message.id) {
             self.metrics.duplicates += 1;
             return self.send_result(conn, seq, ErrorCode::Ok, "duplicate".to_string());
         }
+        let id = message.id;
         message.timestamp = now;
         message.sender = sender;
         let outcome = match message.kind {
@@ -480,6 +493,9 @@ impl<S: MessageStore> Broker<S> {
         };
         match outcome {
             Ok(()) => {
+                // Only accepted ids count for dedup: a refused send retried
+                // with the same id must be tried again, not dropped.
+                self.remember_id(id, now);
                 self.metrics.accepted += 1;
                 let result = Action::SendResult {
                     conn,
@@ -543,11 +559,7 @@ impl<S: MessageStore> Broker<S> {
         }
     }
 
-    fn is_duplicate(&mut self, id: Uuid, now: Nanos) -> bool {
-        self.expire_dedup(now);
-        if self.dedup_seen.contains_key(&id) {
-            return true;
-        }
+    fn remember_id(&mut self, id: Uuid, now: Nanos) {
         if self.dedup_order.len() >= self.config.dedup_ids_max {
             if let Some((_, old)) = self.dedup_order.pop_front() {
                 self.dedup_seen.remove(&old);
@@ -555,7 +567,6 @@ impl<S: MessageStore> Broker<S> {
         }
         self.dedup_seen.insert(id, now);
         self.dedup_order.push_back((now, id));
-        false
     }
 
     fn expire_dedup(&mut self, now: Nanos) {

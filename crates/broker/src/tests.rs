@@ -384,6 +384,47 @@ fn duplicate_id_within_window_is_acknowledged_and_dropped() {
 }
 
 #[test]
+fn refused_send_retried_with_the_same_id_is_routed_not_deduplicated() {
+    let mut h = Harness::new();
+    h.connect(1, "web", 0);
+    let m = command("todo.create", "x");
+    h.send(1, 1, m.clone());
+    assert_eq!(results(&h.actions()), vec![(1, ErrorCode::NoReceiver)]);
+    h.connect(2, "todo", 0);
+    h.subscribe(2, "todo.create");
+    h.send(1, 2, m);
+    let actions = h.actions();
+    assert_eq!(results(&actions), vec![(2, ErrorCode::Ok)]);
+    assert_eq!(
+        actions
+            .iter()
+            .filter(|a| matches!(a, Action::Deliver { .. }))
+            .count(),
+        1
+    );
+}
+
+#[test]
+fn redelivery_after_disconnect_counts_towards_max_deliveries() {
+    let mut h = Harness::new();
+    h.connect(1, "web", 0);
+    h.connect(2, "todo", 0);
+    h.broker.subscribe(2, 0, "todo.create", 0, 2, h.now);
+    h.send(1, 1, command("todo.create", "crashy"));
+    for conn in [3, 4] {
+        assert_eq!(h.deliveries().len(), 1);
+        h.connect(conn, "todo", 0);
+        h.subscribe(conn, "todo.create");
+        h.broker.disconnect(conn - 1, h.now);
+    }
+    assert!(
+        h.deliveries().is_empty(),
+        "two crashes used up max_deliveries = 2"
+    );
+    assert_eq!(h.broker.dead_letters("todo").len(), 1);
+}
+
+#[test]
 fn expired_messages_are_refused_or_dropped() {
     let mut h = Harness::new();
     h.connect(1, "web", 0);

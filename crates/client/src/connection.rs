@@ -141,7 +141,7 @@ pub(crate) fn on_connected(inner: &Inner, established: &Established) {
         .collect();
     for pattern in patterns {
         // Nobody awaits a re-subscription; a refusal is logged when it arrives.
-        let _ = push_subscribe(inner, &mut state, &pattern);
+        drop(push_subscribe(inner, &mut state, &pattern));
     }
     let pending: Vec<(u64, courier_proto::Message)> = state
         .pending_sends

@@ -20,7 +20,7 @@
 //! todo.on("todo.create", |msg| async move {
 //!     let new: Todo = msg.json()?;
 //!     msg.reply("todo.created", &new).await?;
-//!     Ok(())
+//!     Ok::<(), courier_client::Error>(())
 //! }).await?;
 //!
 //! // The web service: asks and awaits the reply.
@@ -416,7 +416,7 @@ impl Client {
     /// # async fn run(client: courier_client::Client) -> Result<(), courier_client::Error> {
     /// client.on("todo.*", |msg| async move {
     ///     println!("{} from {}", msg.name(), msg.message().sender);
-    ///     Ok(())
+    ///     Ok::<(), courier_client::Error>(())
     /// }).await?;
     /// # Ok(()) }
     /// ```

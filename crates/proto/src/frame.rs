@@ -29,7 +29,7 @@ pub const HEADERS_MAX: usize = 64;
 
 const LENGTH_PREFIX_BYTES: usize = 4;
 /// Fixed part of an encoded message; used to bound batch counts before
-/// allocating (see `MESSAGE_BYTES_MIN`).
+/// allocating.
 const MESSAGE_BYTES_MIN: usize = 1 + 1 + 1 + 4 + 16 + 16 + 8 + 1 + 2 + 4;
 
 /// Frame type codes (the byte after the length prefix).
@@ -190,6 +190,8 @@ pub enum DecodeError {
     UnknownCredentials { offset: usize, code: u8 },
     #[error("HELLO does not start with the magic bytes \"CRR1\"; is this a Courier client?")]
     BadMagic,
+    #[error("batch frame has 0 entries; send no frame instead")]
+    EmptyBatch,
     #[error("batch claims {count} entries; at most {max} fit in this frame")]
     TooManyEntries { count: u32, max: u64 },
     #[error("message has {count} headers; at most {HEADERS_MAX} are allowed")]
@@ -455,6 +457,11 @@ impl Reader {
     /// could possibly hold, so a lying count cannot make us allocate.
     fn count(&mut self, entry_bytes_min: usize) -> Result<usize, DecodeError> {
         let count = self.u32()?;
+        if count == 0 {
+            // The encoder never writes an empty batch; accepting one would
+            // give two encodings of "nothing".
+            return Err(DecodeError::EmptyBatch);
+        }
         let fits = ((self.buf.len() - self.pos) / entry_bytes_min) as u64;
         let max = fits.min(u64::from(BATCH_ENTRIES_MAX));
         if u64::from(count) > max {
@@ -1062,6 +1069,11 @@ mod tests {
         assert_eq!(
             decode_body(Bytes::from_static(&[0x7f])),
             Err(DecodeError::UnknownFrameType { frame_type: 0x7f })
+        );
+        assert_eq!(
+            decode_body(Bytes::from_static(&[frame_type::ACK, 0, 0, 0, 0])),
+            Err(DecodeError::EmptyBatch),
+            "found by the fuzzer: an empty batch has no encoding"
         );
         let mut zero = BytesMut::from(&[0u8, 0, 0, 0][..]);
         assert_eq!(decode_frame(&mut zero, 100), Err(DecodeError::EmptyFrame));

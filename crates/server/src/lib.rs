@@ -455,9 +455,13 @@ async fn read_loop(
             // Everything decoded from this read is applied under one lock.
             shared.with_core(|core, now| {
                 for frame in frames.drain(..) {
-                    apply(core, conn, outbox, frame, now);
+                    if !apply(core, conn, outbox, frame, now) {
+                        failure = Some(ReadError::Closed);
+                        break;
+                    }
                 }
             });
+            frames.clear();
         }
         if let Some(failure) = failure {
             return failure;
@@ -470,7 +474,15 @@ async fn read_loop(
     }
 }
 
-fn apply(core: &mut Broker<Store>, conn: ConnId, outbox: &Outbox, frame: Frame, now: Nanos) {
+/// Applies one client frame; `false` when the connection must close (the
+/// frame was not one a client may send, and an ERROR is on its way).
+fn apply(
+    core: &mut Broker<Store>,
+    conn: ConnId,
+    outbox: &Outbox,
+    frame: Frame,
+    now: Nanos,
+) -> bool {
     match frame {
         Frame::Send(entries) => {
             for entry in entries {
@@ -514,8 +526,10 @@ fn apply(core: &mut Broker<Store>, conn: ConnId, outbox: &Outbox, frame: Frame, 
                     frame_name(&other)
                 ),
             );
+            return false;
         }
     }
+    true
 }
 
 fn frame_name(frame: &Frame) -> &'static str {

@@ -81,6 +81,25 @@ impl MessageStore for MemoryStore {
     }
 }
 
+/// Lets the server pick a storage engine at run time.
+impl<T: MessageStore + ?Sized> MessageStore for Box<T> {
+    fn append(&mut self, message: Arc<Message>) -> Result<Seq, StoreError> {
+        (**self).append(message)
+    }
+    fn get(&self, seq: Seq) -> Option<Arc<Message>> {
+        (**self).get(seq)
+    }
+    fn remove(&mut self, seq: Seq) {
+        (**self).remove(seq)
+    }
+    fn sync(&mut self) -> Result<(), StoreError> {
+        (**self).sync()
+    }
+    fn len(&self) -> usize {
+        (**self).len()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,24 +119,5 @@ mod tests {
         store.remove(a);
         assert!(store.get(a).is_none());
         assert_eq!(store.len(), 1);
-    }
-}
-
-/// Lets the server pick a storage engine at run time.
-impl<T: MessageStore + ?Sized> MessageStore for Box<T> {
-    fn append(&mut self, message: Arc<Message>) -> Result<Seq, StoreError> {
-        (**self).append(message)
-    }
-    fn get(&self, seq: Seq) -> Option<Arc<Message>> {
-        (**self).get(seq)
-    }
-    fn remove(&mut self, seq: Seq) {
-        (**self).remove(seq)
-    }
-    fn sync(&mut self) -> Result<(), StoreError> {
-        (**self).sync()
-    }
-    fn len(&self) -> usize {
-        (**self).len()
     }
 }

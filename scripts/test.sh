@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Runs every check CI runs: formatting, lints, and the whole test suite
+# (unit, property, and end-to-end tests that start real courier processes).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "scripts/test.sh: cargo not found — install Rust 1.85 or newer (https://rustup.rs) and retry" >&2
+  exit 1
+fi
+# Reuse one build directory outside the clone so repeated runs stay fast.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/courier-target}"
+rustup component add rustfmt clippy >/dev/null 2>&1 || true
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo test"
+cargo test --workspace --locked

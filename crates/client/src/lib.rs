@@ -7,16 +7,22 @@
 //! by itself after a broker restart, subscribes again, and re-sends what
 //! was not yet acknowledged (safe: the broker drops duplicates by id).
 //!
-//! ```no_run
+//! ```
 //! use courier_client::{Client, ClientOptions};
 //! use serde::{Deserialize, Serialize};
 //!
 //! #[derive(Serialize, Deserialize)]
 //! struct Todo { text: String }
 //!
-//! # async fn run() -> Result<(), courier_client::Error> {
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # // A broker in this process, on a free port (normally: `courier serve`).
+//! # let config = courier_server::ServerConfig { listen: "127.0.0.1:0".parse()?, ..Default::default() };
+//! # let server = courier_server::Server::bind(config, Box::new(courier_store::MemoryStore::new())).await?;
+//! # let url = server.local_addr()?.to_string();
+//! # tokio::spawn(server.run());
 //! // The todo service: handles todo.create and replies todo.created.
-//! let todo = Client::connect(ClientOptions::new("127.0.0.1:7700", "todo")).await?;
+//! let todo = Client::connect(ClientOptions::new(&url, "todo")).await?;
 //! todo.on("todo.create", |msg| async move {
 //!     let new: Todo = msg.json()?;
 //!     msg.reply("todo.created", &new).await?;
@@ -24,11 +30,11 @@
 //! }).await?;
 //!
 //! // The web service: asks and awaits the reply.
-//! let web = Client::connect(ClientOptions::new("127.0.0.1:7700", "web")).await?;
+//! let web = Client::connect(ClientOptions::new(&url, "web")).await?;
 //! let reply = web.request("todo.create", &Todo { text: "milk".into() }).await?;
 //! assert_eq!(reply.name(), "todo.created");
 //! let created: Todo = reply.json()?;
-//! # let _ = created;
+//! assert_eq!(created.text, "milk");
 //! # Ok(()) }
 //! ```
 #![forbid(unsafe_code)]

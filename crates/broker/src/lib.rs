@@ -10,6 +10,7 @@
 //! on sockets; this crate never blocks and never does network I/O.
 #![forbid(unsafe_code)]
 
+mod expiring;
 mod queue;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
@@ -19,6 +20,7 @@ use courier_proto::{validate_name, validate_pattern, ErrorCode, Kind, Message};
 use courier_store::{MessageStore, Seq};
 use uuid::Uuid;
 
+use expiring::ExpiringMap;
 pub use queue::DeadLetter;
 use queue::{Entry, Queue};
 
@@ -202,13 +204,12 @@ pub struct Broker<S: MessageStore> {
     store: S,
     conns: HashMap<ConnId, Conn>,
     services: HashMap<String, Service>,
-    /// Services with a subscription, so routing skips the idle ones.
     /// References per stored message: services that still owe an ack.
     refs: HashMap<Seq, u32>,
-    dedup_seen: HashMap<Uuid, Nanos>,
-    dedup_order: VecDeque<(Nanos, Uuid)>,
-    reply_routes: HashMap<Uuid, ReplyRoute>,
-    reply_route_order: VecDeque<(Nanos, Uuid)>,
+    /// Ids of accepted messages within the dedup window.
+    dedup: ExpiringMap<Uuid, ()>,
+    /// Command id → where its replies go.
+    reply_routes: ExpiringMap<Uuid, ReplyRoute>,
     next_delivery: DeliveryId,
     /// Actions held until the store's next sync: acknowledgements of
     /// durable sends must not leave before the data is durable.
@@ -219,16 +220,19 @@ pub struct Broker<S: MessageStore> {
 
 impl<S: MessageStore> Broker<S> {
     pub fn new(config: Config, store: S) -> Broker<S> {
+        let dedup = ExpiringMap::new(config.dedup_window_ms * NANOS_PER_MS, config.dedup_ids_max);
+        let reply_routes = ExpiringMap::new(
+            config.reply_route_ms * NANOS_PER_MS,
+            config.reply_routes_max,
+        );
         Broker {
             config,
             store,
             conns: HashMap::new(),
             services: HashMap::new(),
             refs: HashMap::new(),
-            dedup_seen: HashMap::new(),
-            dedup_order: VecDeque::new(),
-            reply_routes: HashMap::new(),
-            reply_route_order: VecDeque::new(),
+            dedup,
+            reply_routes,
             next_delivery: 0,
             unsynced: Vec::new(),
             actions: Vec::new(),
@@ -278,14 +282,7 @@ impl<S: MessageStore> Broker<S> {
     // ---- connections -------------------------------------------------
 
     /// A connection finished its handshake.
-    pub fn connect(
-        &mut self,
-        conn: ConnId,
-        service: &str,
-        instance: &str,
-        max_in_flight: u32,
-        now: Nanos,
-    ) {
+    pub fn connect(&mut self, conn: ConnId, service: &str, instance: &str, max_in_flight: u32) {
         let max_in_flight = self.effective_max_in_flight(max_in_flight);
         self.conns.insert(
             conn,
@@ -305,17 +302,10 @@ impl<S: MessageStore> Broker<S> {
             .or_insert_with(|| Service::new(config));
         svc.instances.push(conn);
         // Replies that arrived while no instance of this service was here.
-        while let Some(reply) = svc.parked_replies.pop_front() {
-            self.next_delivery += 1;
-            self.metrics.delivered += 1;
-            self.actions.push(Action::Deliver {
-                conn,
-                delivery: self.next_delivery,
-                attempt: 1,
-                message: reply,
-            });
+        let parked = std::mem::take(&mut svc.parked_replies);
+        for reply in parked {
+            self.deliver_untracked(conn, reply);
         }
-        let _ = now;
     }
 
     fn effective_max_in_flight(&self, asked: u32) -> u32 {
@@ -479,8 +469,8 @@ impl<S: MessageStore> Broker<S> {
             self.metrics.refused += 1;
             return self.send_result(conn, seq, refusal.0, refusal.1);
         }
-        self.expire_dedup(now);
-        if self.dedup_seen.contains_key(&message.id) {
+        self.dedup.expire(now);
+        if self.dedup.contains(&message.id) {
             self.metrics.duplicates += 1;
             return self.send_result(conn, seq, ErrorCode::Ok, "duplicate".to_string());
         }
@@ -495,7 +485,7 @@ impl<S: MessageStore> Broker<S> {
             Ok(()) => {
                 // Only accepted ids count for dedup: a refused send retried
                 // with the same id must be tried again, not dropped.
-                self.remember_id(id, now);
+                self.dedup.insert(id, (), now);
                 self.metrics.accepted += 1;
                 let result = Action::SendResult {
                     conn,
@@ -556,27 +546,6 @@ impl<S: MessageStore> Broker<S> {
                 ),
             )),
             _ => Ok(()),
-        }
-    }
-
-    fn remember_id(&mut self, id: Uuid, now: Nanos) {
-        if self.dedup_order.len() >= self.config.dedup_ids_max {
-            if let Some((_, old)) = self.dedup_order.pop_front() {
-                self.dedup_seen.remove(&old);
-            }
-        }
-        self.dedup_seen.insert(id, now);
-        self.dedup_order.push_back((now, id));
-    }
-
-    fn expire_dedup(&mut self, now: Nanos) {
-        let window = self.config.dedup_window_ms * NANOS_PER_MS;
-        while let Some((t, id)) = self.dedup_order.front().copied() {
-            if t + window > now {
-                break;
-            }
-            self.dedup_order.pop_front();
-            self.dedup_seen.remove(&id);
         }
     }
 
@@ -644,19 +613,11 @@ impl<S: MessageStore> Broker<S> {
         let Some(c) = self.conns.get(&conn) else {
             return;
         };
-        if self.reply_route_order.len() >= self.config.reply_routes_max {
-            if let Some((_, old)) = self.reply_route_order.pop_front() {
-                self.reply_routes.remove(&old);
-            }
-        }
-        self.reply_routes.insert(
-            command,
-            ReplyRoute {
-                service: c.service.clone(),
-                conn,
-            },
-        );
-        self.reply_route_order.push_back((now, command));
+        let route = ReplyRoute {
+            service: c.service.clone(),
+            conn,
+        };
+        self.reply_routes.insert(command, route, now);
     }
 
     fn deliver_transient(&mut self, service: &str, message: &Arc<Message>) {
@@ -673,18 +634,24 @@ impl<S: MessageStore> Broker<S> {
                 .is_some_and(|c| c.wants(&message.name))
             {
                 svc.next_instance = idx + 1;
-                self.next_delivery += 1;
-                self.metrics.delivered += 1;
-                self.actions.push(Action::Deliver {
-                    conn,
-                    delivery: self.next_delivery,
-                    attempt: 1,
-                    message: message.clone(),
-                });
+                self.deliver_untracked(conn, message.clone());
                 return;
             }
         }
         self.metrics.dropped_unrouted += 1;
+    }
+
+    /// A delivery that needs no ack (a reply, a transient message): nothing
+    /// is kept in flight for it, and acks for it are ignored.
+    fn deliver_untracked(&mut self, conn: ConnId, message: Arc<Message>) {
+        self.next_delivery += 1;
+        self.metrics.delivered += 1;
+        self.actions.push(Action::Deliver {
+            conn,
+            delivery: self.next_delivery,
+            attempt: 1,
+            message,
+        });
     }
 
     /// A reply goes to the connection that sent the command, else to another
@@ -716,14 +683,7 @@ impl<S: MessageStore> Broker<S> {
         let message = Arc::new(message);
         match target {
             Some(conn) => {
-                self.next_delivery += 1;
-                self.metrics.delivered += 1;
-                self.actions.push(Action::Deliver {
-                    conn,
-                    delivery: self.next_delivery,
-                    attempt: 1,
-                    message,
-                });
+                self.deliver_untracked(conn, message);
             }
             None => {
                 let config = &self.config;
@@ -919,15 +879,8 @@ impl<S: MessageStore> Broker<S> {
     /// Advances time: deferred messages fall due, overdue deliveries go to
     /// other instances, old dedup ids and reply routes are forgotten.
     pub fn tick(&mut self, now: Nanos) {
-        self.expire_dedup(now);
-        let route_ttl = self.config.reply_route_ms * NANOS_PER_MS;
-        while let Some((t, id)) = self.reply_route_order.front().copied() {
-            if t + route_ttl > now {
-                break;
-            }
-            self.reply_route_order.pop_front();
-            self.reply_routes.remove(&id);
-        }
+        self.dedup.expire(now);
+        self.reply_routes.expire(now);
         let names: Vec<String> = self.services.keys().cloned().collect();
         for service in names {
             let Some(svc) = self.services.get_mut(&service) else {

@@ -21,13 +21,8 @@ impl Harness {
     }
 
     fn connect(&mut self, conn: ConnId, service: &str, max_in_flight: u32) {
-        self.broker.connect(
-            conn,
-            service,
-            &format!("{service}-{conn}"),
-            max_in_flight,
-            self.now,
-        );
+        self.broker
+            .connect(conn, service, &format!("{service}-{conn}"), max_in_flight);
     }
 
     fn subscribe(&mut self, conn: ConnId, pattern: &str) {

@@ -388,9 +388,8 @@ async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAd
         broker: format!("courier {}", env!("CARGO_PKG_VERSION")),
     }));
     shared.outboxes().insert(conn, outbox.clone());
-    shared.with_core(|core, now| {
-        core.connect(conn, &hello.service, &instance, hello.max_in_flight, now)
-    });
+    shared
+        .with_core(|core, _now| core.connect(conn, &hello.service, &instance, hello.max_in_flight));
 
     let end = read_loop(&shared, conn, &outbox, &mut reader, &mut buf).await;
     match end {

@@ -1,0 +1,81 @@
+//! A map whose entries expire after a fixed time and whose size is capped:
+//! the shape shared by the dedup window and the reply routes.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::Hash;
+
+use crate::Nanos;
+
+pub(crate) struct ExpiringMap<K, V> {
+    entries: HashMap<K, V>,
+    /// Insertion order, which is also expiry order: the lifetime is fixed.
+    order: VecDeque<(Nanos, K)>,
+    lifetime: Nanos,
+    capacity: usize,
+}
+
+impl<K: Hash + Eq + Clone, V> ExpiringMap<K, V> {
+    pub fn new(lifetime: Nanos, capacity: usize) -> Self {
+        ExpiringMap {
+            entries: HashMap::new(),
+            order: VecDeque::new(),
+            lifetime,
+            capacity,
+        }
+    }
+
+    /// Inserts; at capacity, the oldest entry is forgotten first.
+    pub fn insert(&mut self, key: K, value: V, now: Nanos) {
+        if self.order.len() >= self.capacity {
+            if let Some((_, old)) = self.order.pop_front() {
+                self.entries.remove(&old);
+            }
+        }
+        self.entries.insert(key.clone(), value);
+        self.order.push_back((now, key));
+    }
+
+    pub fn get(&self, key: &K) -> Option<&V> {
+        self.entries.get(key)
+    }
+
+    pub fn contains(&self, key: &K) -> bool {
+        self.entries.contains_key(key)
+    }
+
+    /// Forgets `key` now; its slot in the order expires harmlessly later.
+    pub fn remove(&mut self, key: &K) {
+        self.entries.remove(key);
+    }
+
+    /// Forgets every entry older than the lifetime at `now`.
+    pub fn expire(&mut self, now: Nanos) {
+        while let Some((t, _)) = self.order.front() {
+            if t + self.lifetime > now {
+                break;
+            }
+            if let Some((_, key)) = self.order.pop_front() {
+                self.entries.remove(&key);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_expire_and_capacity_evicts_the_oldest() {
+        let mut m = ExpiringMap::new(10, 2);
+        m.insert("a", 1, 0);
+        m.insert("b", 2, 5);
+        m.insert("c", 3, 6);
+        assert!(!m.contains(&"a"), "evicted at capacity");
+        m.expire(15);
+        assert!(!m.contains(&"b"));
+        assert_eq!(m.get(&"c"), Some(&3));
+        m.expire(16);
+        assert!(!m.contains(&"c"));
+    }
+}

@@ -390,6 +390,36 @@ pub fn decode_body(body: Bytes) -> Result<Frame, DecodeError> {
     Ok(frame)
 }
 
+/// Encodes one message alone, in the same layout it has inside SEND and
+/// DELIVER entries (`docs/PROTOCOL.md` §4); the durable log stores this.
+pub fn encode_message(message: &Message, out: &mut BytesMut) -> Result<(), EncodeError> {
+    put_message(out, message)
+}
+
+/// Decodes one message encoded by [`encode_message`]; the payload and key
+/// share `bytes` rather than being copied.
+///
+/// ```
+/// use bytes::BytesMut;
+/// use courier_proto::{decode_message, encode_message, Kind, Message};
+/// let m = Message::new(Kind::Event, "todo.created", "{}");
+/// let mut buf = BytesMut::new();
+/// encode_message(&m, &mut buf).unwrap();
+/// assert_eq!(decode_message(buf.freeze()).unwrap(), m);
+/// ```
+pub fn decode_message(bytes: Bytes) -> Result<Message, DecodeError> {
+    let mut r = Reader { buf: bytes, pos: 0 };
+    let message = r.message()?;
+    let extra = r.buf.len() - r.pos;
+    if extra != 0 {
+        return Err(DecodeError::TrailingBytes {
+            offset: r.pos,
+            extra,
+        });
+    }
+    Ok(message)
+}
+
 struct Reader {
     buf: Bytes,
     pos: usize,

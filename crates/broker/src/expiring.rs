@@ -48,6 +48,18 @@ impl<K: Hash + Eq + Clone, V> ExpiringMap<K, V> {
         self.entries.remove(key);
     }
 
+    /// Live entries with the time they were inserted, oldest first.
+    pub fn iter(&self) -> impl Iterator<Item = (&K, &V, Nanos)> {
+        self.order
+            .iter()
+            .filter_map(|(t, k)| self.entries.get_key_value(k).map(|(k, v)| (k, v, *t)))
+    }
+
+    pub fn clear(&mut self) {
+        self.entries.clear();
+        self.order.clear();
+    }
+
     /// Forgets every entry older than the lifetime at `now`.
     pub fn expire(&mut self, now: Nanos) {
         while let Some((t, _)) = self.order.front() {

@@ -11,9 +11,11 @@
 #![forbid(unsafe_code)]
 
 mod expiring;
+mod journal;
 mod queue;
+mod recovery;
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 use courier_proto::{validate_name, validate_pattern, ErrorCode, Kind, Message};
@@ -21,8 +23,11 @@ use courier_store::{MessageStore, Seq};
 use uuid::Uuid;
 
 use expiring::ExpiringMap;
+pub use journal::JournalError;
+use journal::Op;
 pub use queue::DeadLetter;
 use queue::{Entry, Queue};
+pub use recovery::RecoveryReport;
 
 /// Unix time in nanoseconds; the broker's only notion of time.
 pub type Nanos = u64;
@@ -52,6 +57,8 @@ pub struct Config {
     pub max_in_flight_default: u32,
     /// A connection never gets more than this many deliveries in flight.
     pub max_in_flight_limit: u32,
+    /// Events stay in the log at least this long, for `--from` replays.
+    pub event_retention_ms: u64,
 }
 
 impl Default for Config {
@@ -66,6 +73,7 @@ impl Default for Config {
             parked_replies_max: 10_000,
             max_in_flight_default: 256,
             max_in_flight_limit: 65_536,
+            event_retention_ms: 24 * 3600 * 1000,
         }
     }
 }
@@ -111,7 +119,13 @@ pub struct Metrics {
     pub dropped_unrouted: u64,
     pub replies_parked: u64,
     pub replies_dropped: u64,
+    /// Syncs that failed (disk full, I/O error); each rebuilt the state.
+    pub storage_failures: u64,
+    /// Stored messages that could not be read back (checksum, I/O).
+    pub unreadable_messages: u64,
 }
+
+pub use courier_proto::StartFrom;
 
 /// A subscription a service holds, as reported by [`Broker::services`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -204,8 +218,9 @@ pub struct Broker<S: MessageStore> {
     store: S,
     conns: HashMap<ConnId, Conn>,
     services: HashMap<String, Service>,
-    /// References per stored message: services that still owe an ack.
-    refs: HashMap<Seq, u32>,
+    /// References per stored message: services that still owe an ack (or
+    /// hold it as a dead letter). Ordered, so the oldest live seq is cheap.
+    refs: BTreeMap<Seq, u32>,
     /// Ids of accepted messages within the dedup window.
     dedup: ExpiringMap<Uuid, ()>,
     /// Command id → where its replies go.
@@ -216,6 +231,14 @@ pub struct Broker<S: MessageStore> {
     unsynced: Vec<Action>,
     actions: Vec<Action>,
     metrics: Metrics,
+    /// Something was appended or journaled since the last sync.
+    dirty: bool,
+    /// The latest time an input carried.
+    now: Nanos,
+    /// Things an operator must hear about (corruption, storage failures).
+    alerts: Vec<String>,
+    /// The store's `next_seq` at the last checkpoint.
+    checkpointed_at: Seq,
 }
 
 impl<S: MessageStore> Broker<S> {
@@ -230,13 +253,36 @@ impl<S: MessageStore> Broker<S> {
             store,
             conns: HashMap::new(),
             services: HashMap::new(),
-            refs: HashMap::new(),
+            refs: BTreeMap::new(),
             dedup,
             reply_routes,
             next_delivery: 0,
             unsynced: Vec::new(),
             actions: Vec::new(),
             metrics: Metrics::default(),
+            dirty: false,
+            now: 0,
+            alerts: Vec::new(),
+            checkpointed_at: 0,
+        }
+    }
+
+    /// Messages for the operator's log since the last call.
+    pub fn take_alerts(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.alerts)
+    }
+
+    /// Appends a delivery-state change to the store's journal; returns
+    /// its seq (0 if the write failed: the next sync then fails too and
+    /// rebuilds the state).
+    fn journal(&mut self, op: Op) -> Seq {
+        self.dirty = true;
+        match self.store.journal(&op.encode()) {
+            Ok(seq) => seq,
+            Err(e) => {
+                self.alerts.push(format!("journal write failed: {e}"));
+                0
+            }
         }
     }
 
@@ -252,31 +298,76 @@ impl<S: MessageStore> Broker<S> {
         &self.store
     }
 
+    pub fn store_mut(&mut self) -> &mut S {
+        &mut self.store
+    }
+
     /// Makes everything accepted so far durable, then hands over the actions
     /// produced since the last call. One call per batch of input is the
     /// group commit: all sends in the batch share one sync.
     pub fn take_actions(&mut self, out: &mut Vec<Action>) {
-        if !self.unsynced.is_empty() {
+        if self.dirty || !self.unsynced.is_empty() {
             // Deliveries in `actions` wait for the sync too: nothing leaves
             // the broker before it is as durable as its acknowledgement says.
             match self.store.sync() {
-                Ok(()) => self.actions.append(&mut self.unsynced),
-                Err(error) => {
-                    // Nothing in this batch may be reported as accepted.
-                    for action in self.unsynced.drain(..) {
-                        if let Action::SendResult { conn, seq, .. } = action {
-                            self.actions.push(Action::SendResult {
-                                conn,
-                                seq,
-                                code: ErrorCode::StorageFailed,
-                                reason: format!("not stored: {error}"),
-                            });
-                        }
-                    }
+                Ok(()) => {
+                    self.dirty = false;
+                    self.actions.append(&mut self.unsynced);
                 }
+                Err(error) => self.storage_failed(&error),
             }
         }
         out.append(&mut self.actions);
+    }
+
+    /// A sync failed: whatever this batch wrote may be lost, so nothing of
+    /// it is reported as done, and the state is rebuilt from what the store
+    /// really holds instead of assuming a retry would succeed.
+    fn storage_failed(&mut self, error: &courier_store::StoreError) {
+        self.metrics.storage_failures += 1;
+        self.alerts.push(format!(
+            "storage sync failed: {error}; refusing this batch and rebuilding state from the log"
+        ));
+        let reason = format!("not stored: {error}");
+        let batch: Vec<Action> = self
+            .actions
+            .drain(..)
+            .chain(self.unsynced.drain(..))
+            .collect();
+        for action in batch {
+            match action {
+                Action::SendResult {
+                    conn, seq, code, ..
+                } if code.is_ok() => self.actions.push(Action::SendResult {
+                    conn,
+                    seq,
+                    code: ErrorCode::StorageFailed,
+                    reason: reason.clone(),
+                }),
+                Action::OpResult {
+                    conn,
+                    request,
+                    code,
+                    ..
+                } if code.is_ok() => self.actions.push(Action::OpResult {
+                    conn,
+                    request,
+                    code: ErrorCode::StorageFailed,
+                    reason: reason.clone(),
+                }),
+                // The message may not exist any more; the rebuilt state
+                // delivers again whatever survived.
+                Action::Deliver { .. } => {}
+                other => self.actions.push(other),
+            }
+        }
+        self.dirty = false;
+        let now = self.now;
+        if let Err(e) = self.rebuild(now) {
+            self.alerts.push(format!(
+                "rebuilding state after a storage failure failed too: {e}"
+            ));
+        }
     }
 
     // ---- connections -------------------------------------------------
@@ -370,6 +461,7 @@ impl<S: MessageStore> Broker<S> {
     /// The connection's service subscribes to `pattern` and this connection
     /// consumes it. The subscription belongs to the service: it outlives
     /// the connection until [`Broker::unsubscribe`].
+    #[allow(clippy::too_many_arguments)] // one per SUBSCRIBE field
     pub fn subscribe(
         &mut self,
         conn: ConnId,
@@ -377,8 +469,10 @@ impl<S: MessageStore> Broker<S> {
         pattern: &str,
         ack_deadline_ms: u32,
         max_deliveries: u32,
+        from: StartFrom,
         now: Nanos,
     ) {
+        self.now = now;
         if let Err(e) = validate_pattern(pattern) {
             return self.op_result(conn, request, ErrorCode::InvalidPattern, e.to_string());
         }
@@ -389,10 +483,65 @@ impl<S: MessageStore> Broker<S> {
             c.patterns.push(pattern.to_string());
         }
         let service = c.service.clone();
+        let existing = self.services.get(&service);
+        let is_new = !existing.is_some_and(|s| s.patterns.contains(pattern));
+        let settings_change = existing.is_none_or(|s| {
+            (ack_deadline_ms != 0 && ack_deadline_ms != s.ack_deadline_ms)
+                || (max_deliveries != 0 && max_deliveries != s.max_deliveries)
+        });
+        let from_seq = if is_new { self.start_seq(from) } else { 0 };
+        if is_new || settings_change {
+            let op_seq = self.journal(Op::Subscribe {
+                service: service.clone(),
+                pattern: pattern.to_string(),
+                ack_deadline_ms,
+                max_deliveries,
+                from_seq,
+            });
+            self.apply_subscribe(&service, pattern, ack_deadline_ms, max_deliveries);
+            if from_seq > 0 {
+                self.backfill(&service, pattern, from_seq, op_seq, now);
+            }
+            // The subscription is only promised once it is durable.
+            self.unsynced.push(Action::OpResult {
+                conn,
+                request,
+                code: ErrorCode::Ok,
+                reason: String::new(),
+            });
+        } else {
+            self.op_result(conn, request, ErrorCode::Ok, String::new());
+        }
+        self.pump(&service, now);
+    }
+
+    /// The first seq a new subscription reads from (0: only new messages).
+    fn start_seq(&mut self, from: StartFrom) -> Seq {
+        match from {
+            StartFrom::New => 0,
+            StartFrom::Beginning => 1,
+            StartFrom::Time(t) => match self.store.seq_at_time(t) {
+                Ok(seq) => seq.max(1),
+                Err(e) => {
+                    self.alerts
+                        .push(format!("cannot look up the log by time: {e}"));
+                    0
+                }
+            },
+        }
+    }
+
+    fn apply_subscribe(
+        &mut self,
+        service: &str,
+        pattern: &str,
+        ack_deadline_ms: u32,
+        max_deliveries: u32,
+    ) {
         let config = &self.config;
         let svc = self
             .services
-            .entry(service.clone())
+            .entry(service.to_string())
             .or_insert_with(|| Service::new(config));
         svc.patterns.insert(pattern.to_string());
         if ack_deadline_ms != 0 {
@@ -401,8 +550,43 @@ impl<S: MessageStore> Broker<S> {
         if max_deliveries != 0 {
             svc.max_deliveries = max_deliveries;
         }
-        self.op_result(conn, request, ErrorCode::Ok, String::new());
-        self.pump(&service, now);
+    }
+
+    /// Queues the retained events in `[from, until)` that match `pattern`
+    /// for `service` (history replay for a new subscription).
+    fn backfill(&mut self, service: &str, pattern: &str, from: Seq, until: Seq, now: Nanos) {
+        let mut found: Vec<(Seq, Option<bytes::Bytes>, Option<Nanos>)> = Vec::new();
+        let scanned = self.store.scan_messages(from, &mut |seq, m| {
+            if seq < until
+                && m.kind == Kind::Event
+                && courier_proto::pattern_matches(pattern, &m.name)
+            {
+                found.push((seq, m.key.clone(), m.deliver_at));
+            }
+        });
+        if let Err(e) = scanned {
+            self.alerts
+                .push(format!("history replay for {service} stopped early: {e}"));
+        }
+        let Some(svc) = self.services.get_mut(service) else {
+            return;
+        };
+        let queued = svc.queue.seqs();
+        for (seq, key, deliver_at) in found {
+            if queued.contains(&seq) {
+                continue;
+            }
+            *self.refs.entry(seq).or_insert(0) += 1;
+            let entry = Entry {
+                seq,
+                attempts: 0,
+                key,
+            };
+            match deliver_at {
+                Some(at) if at > now => svc.queue.defer(at, entry),
+                _ => svc.queue.make_ready(entry),
+            }
+        }
     }
 
     /// Removes the service's subscription to `pattern`. With its last
@@ -412,21 +596,27 @@ impl<S: MessageStore> Broker<S> {
             return;
         };
         let service = c.service.clone();
-        let Some(svc) = self.services.get_mut(&service) else {
-            return self.op_result(
-                conn,
-                request,
-                ErrorCode::NotSubscribed,
-                format!("service {service} has no subscriptions"),
-            );
+        if let Err(reason) = self.apply_unsubscribe(&service, pattern) {
+            return self.op_result(conn, request, ErrorCode::NotSubscribed, reason);
+        }
+        self.journal(Op::Unsubscribe {
+            service,
+            pattern: pattern.to_string(),
+        });
+        self.unsynced.push(Action::OpResult {
+            conn,
+            request,
+            code: ErrorCode::Ok,
+            reason: String::new(),
+        });
+    }
+
+    fn apply_unsubscribe(&mut self, service: &str, pattern: &str) -> Result<(), String> {
+        let Some(svc) = self.services.get_mut(service) else {
+            return Err(format!("service {service} has no subscriptions"));
         };
         if !svc.patterns.remove(pattern) {
-            return self.op_result(
-                conn,
-                request,
-                ErrorCode::NotSubscribed,
-                format!("service {service} is not subscribed to {pattern}"),
-            );
+            return Err(format!("service {service} is not subscribed to {pattern}"));
         }
         for instance in &svc.instances {
             if let Some(c) = self.conns.get_mut(instance) {
@@ -444,9 +634,9 @@ impl<S: MessageStore> Broker<S> {
             }
         }
         if svc.is_idle() {
-            self.services.remove(&service);
+            self.services.remove(service);
         }
-        self.op_result(conn, request, ErrorCode::Ok, String::new());
+        Ok(())
     }
 
     fn op_result(&mut self, conn: ConnId, request: u64, code: ErrorCode, reason: String) {
@@ -462,6 +652,7 @@ impl<S: MessageStore> Broker<S> {
 
     /// A message from `conn`, which numbered it `seq`.
     pub fn send(&mut self, conn: ConnId, seq: u64, mut message: Message, now: Nanos) {
+        self.now = now;
         let Some(sender) = self.conns.get(&conn).map(|c| c.service.clone()) else {
             return;
         };
@@ -556,12 +747,7 @@ impl<S: MessageStore> Broker<S> {
         message: Message,
         now: Nanos,
     ) -> Result<(), (ErrorCode, String)> {
-        let mut targets: Vec<String> = self
-            .services
-            .iter()
-            .filter(|(_, s)| s.receives(&message.name))
-            .map(|(n, _)| n.clone())
-            .collect();
+        let targets = self.receivers(&message.name);
         if targets.is_empty() {
             if message.kind == Kind::Command {
                 return Err((
@@ -573,9 +759,18 @@ impl<S: MessageStore> Broker<S> {
                 ));
             }
             self.metrics.dropped_unrouted += 1;
+            if !message.transient {
+                // Kept for history replay (`--from`) until retention ends;
+                // no service holds a reference.
+                let seq = self
+                    .store
+                    .append(Arc::new(message))
+                    .map_err(|e| (ErrorCode::StorageFailed, format!("not stored: {e}")))?;
+                self.dirty = true;
+                self.store.remove(seq);
+            }
             return Ok(());
         }
-        targets.sort_unstable();
         if message.kind == Kind::Command {
             self.remember_reply_route(conn, message.id, now);
         }
@@ -590,11 +785,33 @@ impl<S: MessageStore> Broker<S> {
             .store
             .append(message.clone())
             .map_err(|e| (ErrorCode::StorageFailed, format!("not stored: {e}")))?;
-        self.refs.insert(seq, targets.len() as u32);
+        self.dirty = true;
+        self.enqueue(seq, &message, &targets, now);
         for service in &targets {
+            self.pump(service, now);
+        }
+        Ok(())
+    }
+
+    /// Services whose subscriptions match `name`, in name order.
+    fn receivers(&self, name: &str) -> Vec<String> {
+        let mut targets: Vec<String> = self
+            .services
+            .iter()
+            .filter(|(_, s)| s.receives(name))
+            .map(|(n, _)| n.clone())
+            .collect();
+        targets.sort_unstable();
+        targets
+    }
+
+    /// Puts a stored message into the queue of each target service.
+    fn enqueue(&mut self, seq: Seq, message: &Message, targets: &[String], now: Nanos) {
+        for service in targets {
             let Some(svc) = self.services.get_mut(service) else {
                 continue;
             };
+            *self.refs.entry(seq).or_insert(0) += 1;
             let entry = Entry {
                 seq,
                 attempts: 0,
@@ -604,9 +821,7 @@ impl<S: MessageStore> Broker<S> {
                 Some(at) if at > now => svc.queue.defer(at, entry),
                 _ => svc.queue.make_ready(entry),
             }
-            self.pump(service, now);
         }
-        Ok(())
     }
 
     fn remember_reply_route(&mut self, conn: ConnId, command: Uuid, now: Nanos) {
@@ -746,11 +961,29 @@ impl<S: MessageStore> Broker<S> {
             let Some(entry) = svc.queue.ready.get(index).cloned() else {
                 return;
             };
-            let Some(message) = self.store.get(entry.seq) else {
-                // Gone from the store (purged): nothing left to deliver.
-                svc.queue.ready.remove(index);
-                svc.queue.release_key(&entry);
-                continue;
+            let message = match self.store.get(entry.seq) {
+                Ok(Some(message)) => message,
+                Ok(None) => {
+                    // Gone from the store (purged): nothing left to deliver.
+                    svc.queue.ready.remove(index);
+                    svc.queue.release_key(&entry);
+                    continue;
+                }
+                Err(e) => {
+                    // Never skipped silently: it stays queued, and the
+                    // operator hears of it each time it is tried.
+                    self.metrics.unreadable_messages += 1;
+                    self.alerts.push(format!(
+                        "message {} for {service} cannot be read: {e}",
+                        entry.seq
+                    ));
+                    index += 1;
+                    skipped += 1;
+                    if skipped >= UNMATCHED_SCAN_MAX {
+                        return;
+                    }
+                    continue;
+                }
             };
             if message.expires_at.is_some_and(|t| t <= now) {
                 svc.queue.ready.remove(index);
@@ -772,10 +1005,15 @@ impl<S: MessageStore> Broker<S> {
                     let deadline = now + u64::from(svc.ack_deadline_ms) * NANOS_PER_MS;
                     self.next_delivery += 1;
                     let delivery = self.next_delivery;
+                    let seq = entry.seq;
                     svc.queue.start(delivery, conn, entry, deadline);
                     if let Some(c) = self.conns.get_mut(&conn) {
                         c.in_flight += 1;
                     }
+                    self.journal(Op::Delivered {
+                        service: service.to_string(),
+                        seq,
+                    });
                     self.metrics.delivered += 1;
                     if attempt > 1 {
                         self.metrics.redelivered += 1;
@@ -806,10 +1044,15 @@ impl<S: MessageStore> Broker<S> {
         };
         self.metrics.acked += 1;
         let service = flight.1;
+        let seq = flight.0.entry.seq;
+        self.journal(Op::Acked {
+            service: service.clone(),
+            seq,
+        });
         if let Some(svc) = self.services.get_mut(&service) {
             svc.queue.release_key(&flight.0.entry);
         }
-        release(&mut self.store, &mut self.refs, flight.0.entry.seq);
+        release(&mut self.store, &mut self.refs, seq);
         self.pump(&service, now);
     }
 
@@ -859,7 +1102,7 @@ impl<S: MessageStore> Broker<S> {
         };
         if entry.attempts >= svc.max_deliveries {
             svc.queue.release_key(&entry);
-            svc.queue.dead_letters.push(DeadLetter {
+            let letter = DeadLetter {
                 seq: entry.seq,
                 attempts: entry.attempts,
                 reason: format!(
@@ -867,18 +1110,33 @@ impl<S: MessageStore> Broker<S> {
                     entry.attempts, svc.max_deliveries
                 ),
                 at: now,
-            });
+            };
+            svc.queue.dead_letters.push(letter.clone());
             self.metrics.dead_lettered += 1;
+            self.journal(Op::DeadLettered {
+                service: service.to_string(),
+                seq: letter.seq,
+                attempts: letter.attempts,
+                reason: letter.reason,
+                at: now,
+            });
         } else if delay == 0 {
             svc.queue.make_ready_again(entry);
         } else {
+            let seq = entry.seq;
             svc.queue.defer(now + delay, entry);
+            self.journal(Op::Nacked {
+                service: service.to_string(),
+                seq,
+                until: now + delay,
+            });
         }
     }
 
     /// Advances time: deferred messages fall due, overdue deliveries go to
     /// other instances, old dedup ids and reply routes are forgotten.
     pub fn tick(&mut self, now: Nanos) {
+        self.now = now;
         self.dedup.expire(now);
         self.reply_routes.expire(now);
         let names: Vec<String> = self.services.keys().cloned().collect();
@@ -935,22 +1193,80 @@ impl<S: MessageStore> Broker<S> {
         out
     }
 
-    pub fn dead_letters(&self, service: &str) -> Vec<(DeadLetter, Option<Arc<Message>>)> {
-        self.services
+    /// The service's dead letters with their messages (`None` if unreadable).
+    pub fn dead_letters(&mut self, service: &str) -> Vec<(DeadLetter, Option<Arc<Message>>)> {
+        let letters = self
+            .services
             .get(service)
-            .map(|s| {
-                s.queue
-                    .dead_letters
-                    .iter()
-                    .map(|d| (d.clone(), self.store.get(d.seq)))
-                    .collect()
+            .map(|s| s.queue.dead_letters.clone())
+            .unwrap_or_default();
+        letters
+            .into_iter()
+            .map(|d| {
+                let message = self.store.get(d.seq).ok().flatten();
+                (d, message)
             })
-            .unwrap_or_default()
+            .collect()
+    }
+
+    /// Puts a dead letter back in the service's queue, as a fresh message.
+    pub fn revive(&mut self, service: &str, seq: Seq, now: Nanos) -> Result<(), String> {
+        self.now = now;
+        let key = match self.store.get(seq) {
+            Ok(Some(m)) => m.key.clone(),
+            Ok(None) => return Err(format!("message {seq} is no longer stored")),
+            Err(e) => return Err(format!("message {seq} cannot be read: {e}")),
+        };
+        let svc = self
+            .services
+            .get_mut(service)
+            .ok_or_else(|| format!("service {service} has no dead letters"))?;
+        let position = svc
+            .queue
+            .dead_letters
+            .iter()
+            .position(|d| d.seq == seq)
+            .ok_or_else(|| format!("service {service} has no dead letter {seq}"))?;
+        svc.queue.dead_letters.remove(position);
+        svc.queue.make_ready(Entry {
+            seq,
+            attempts: 0,
+            key,
+        });
+        self.journal(Op::Revived {
+            service: service.to_string(),
+            seq,
+        });
+        self.pump(service, now);
+        Ok(())
+    }
+
+    /// Deletes the service's dead letters (all of them, or those listed).
+    pub fn purge(&mut self, service: &str, only: Option<&[Seq]>) -> usize {
+        let Some(svc) = self.services.get_mut(service) else {
+            return 0;
+        };
+        let (gone, kept): (Vec<DeadLetter>, Vec<DeadLetter>) =
+            std::mem::take(&mut svc.queue.dead_letters)
+                .into_iter()
+                .partition(|d| only.is_none_or(|list| list.contains(&d.seq)));
+        svc.queue.dead_letters = kept;
+        let seqs: Vec<Seq> = gone.iter().map(|d| d.seq).collect();
+        for seq in &seqs {
+            release(&mut self.store, &mut self.refs, *seq);
+        }
+        if !seqs.is_empty() {
+            self.journal(Op::Purged {
+                service: service.to_string(),
+                seqs: seqs.clone(),
+            });
+        }
+        seqs.len()
     }
 }
 
 /// One service no longer needs `seq`; the last one out removes it.
-fn release<S: MessageStore>(store: &mut S, refs: &mut HashMap<Seq, u32>, seq: Seq) {
+fn release<S: MessageStore>(store: &mut S, refs: &mut BTreeMap<Seq, u32>, seq: Seq) {
     if let Some(count) = refs.get_mut(&seq) {
         *count -= 1;
         if *count == 0 {

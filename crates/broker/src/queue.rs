@@ -176,6 +176,43 @@ impl Queue {
         }
     }
 
+    /// Seqs of every message the queue holds (dead letters included).
+    pub fn seqs(&self) -> std::collections::HashSet<Seq> {
+        self.entries()
+            .map(|(e, _)| e.seq)
+            .chain(self.dead_letters.iter().map(|d| d.seq))
+            .collect()
+    }
+
+    /// Every waiting or in-flight entry, with the time it is deferred to.
+    /// In-flight entries are listed as ready: a snapshot or a rebuild
+    /// treats them as not delivered (they come back after a crash anyway).
+    pub fn entries(&self) -> impl Iterator<Item = (&Entry, Option<Nanos>)> {
+        self.ready
+            .iter()
+            .map(|e| (e, None))
+            .chain(self.deferred.iter().map(|((t, _), e)| (e, Some(*t))))
+            .chain(self.in_flight.values().map(|f| (&f.entry, None)))
+            .chain(
+                self.key_waiting
+                    .values()
+                    .flat_map(|w| w.iter().map(|e| (e, None))),
+            )
+    }
+
+    /// Empties the queue (not its dead letters) and returns its entries as
+    /// [`Queue::entries`] lists them, for rebuilding it in seq order.
+    pub fn take_entries(&mut self) -> Vec<(Entry, Option<Nanos>)> {
+        let out = self.entries().map(|(e, t)| (e.clone(), t)).collect();
+        self.ready.clear();
+        self.deferred.clear();
+        self.in_flight.clear();
+        self.deadlines.clear();
+        self.key_holder.clear();
+        self.key_waiting.clear();
+        out
+    }
+
     /// Every message the queue holds, for purging; leaves it empty.
     pub fn drain_all(&mut self) -> Vec<Seq> {
         let mut seqs: Vec<Seq> = self.ready.drain(..).map(|e| e.seq).collect();

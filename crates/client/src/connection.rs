@@ -109,6 +109,7 @@ pub(crate) fn push_subscribe(
     inner: &Inner,
     state: &mut State,
     pattern: &str,
+    start: courier_proto::StartFrom,
 ) -> oneshot::Receiver<Result<()>> {
     state.next_op += 1;
     let request = state.next_op;
@@ -122,6 +123,7 @@ pub(crate) fn push_subscribe(
             .ack_deadline
             .map_or(0, |d| d.as_millis().min(u128::from(u32::MAX)) as u32),
         max_deliveries: inner.opts.max_deliveries.unwrap_or(0),
+        start,
     }));
     rx
 }
@@ -134,14 +136,14 @@ pub(crate) fn on_connected(inner: &Inner, established: &Established) {
     state.connected = true;
     state.frame_bytes_max = established.frame_bytes_max;
     state.writer = courier_proto::FrameWriter::new();
-    let patterns: Vec<String> = state
+    let patterns: Vec<(String, courier_proto::StartFrom)> = state
         .subscriptions
         .iter()
-        .map(|s| s.pattern.clone())
+        .map(|s| (s.pattern.clone(), s.start))
         .collect();
-    for pattern in patterns {
+    for (pattern, start) in patterns {
         // Nobody awaits a re-subscription; a refusal is logged when it arrives.
-        drop(push_subscribe(inner, &mut state, &pattern));
+        drop(push_subscribe(inner, &mut state, &pattern, start));
     }
     let pending: Vec<(u64, courier_proto::Message)> = state
         .pending_sends

@@ -59,7 +59,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use uuid::Uuid;
 
-pub use courier_proto::{self as proto, ErrorCode};
+pub use courier_proto::{self as proto, ErrorCode, StartFrom};
 pub use error::{Error, Result};
 pub use handler::{BoxError, Incoming};
 
@@ -152,6 +152,8 @@ struct PendingSend {
 
 struct Subscription {
     pattern: String,
+    /// Where the subscription starts when the broker does not know it yet.
+    start: StartFrom,
     handler: Handler,
 }
 
@@ -432,6 +434,33 @@ impl Client {
         Fut: Future<Output = std::result::Result<(), E>> + Send + 'static,
         E: Into<BoxError>,
     {
+        self.on_from(pattern, StartFrom::New, handler).await
+    }
+
+    /// Like [`Client::on`], but a subscription the broker does not know
+    /// yet starts at `start`: [`StartFrom::Beginning`] or
+    /// [`StartFrom::Time`] first replays retained events (history).
+    ///
+    /// ```no_run
+    /// # async fn run(client: courier_client::Client) -> Result<(), courier_client::Error> {
+    /// use courier_client::StartFrom;
+    /// client.on_from("todo.*", StartFrom::Beginning, |msg| async move {
+    ///     println!("{}", msg.name());
+    ///     Ok::<(), courier_client::Error>(())
+    /// }).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn on_from<F, Fut, E>(
+        &self,
+        pattern: &str,
+        start: StartFrom,
+        handler: F,
+    ) -> Result<()>
+    where
+        F: Fn(Incoming) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<(), E>> + Send + 'static,
+        E: Into<BoxError>,
+    {
         validate_pattern(pattern)?;
         let handler = handler::boxed(handler);
         let rx = {
@@ -439,10 +468,16 @@ impl Client {
             state.subscriptions.retain(|s| s.pattern != pattern);
             state.subscriptions.push(Subscription {
                 pattern: pattern.to_string(),
+                start,
                 handler,
             });
             if state.connected {
-                Some(connection::push_subscribe(&self.inner, &mut state, pattern))
+                Some(connection::push_subscribe(
+                    &self.inner,
+                    &mut state,
+                    pattern,
+                    start,
+                ))
             } else {
                 None
             }

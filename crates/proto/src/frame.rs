@@ -103,6 +103,18 @@ pub struct SendOutcome {
     pub reason: String,
 }
 
+/// Where a new subscription starts reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StartFrom {
+    /// Only messages accepted from now on (also called "end").
+    #[default]
+    New,
+    /// Every retained event.
+    Beginning,
+    /// Retained events accepted at or after this time (unix ns).
+    Time(u64),
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Subscribe {
     pub request: u64,
@@ -111,6 +123,8 @@ pub struct Subscribe {
     pub ack_deadline_ms: u32,
     /// 0 keeps the service's current (or the broker's default) limit.
     pub max_deliveries: u32,
+    /// Only used when the subscription is new for the service.
+    pub start: StartFrom,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -186,6 +200,8 @@ pub enum DecodeError {
     UnknownKind { offset: usize, code: u8 },
     #[error("unknown message flags 0x{flags:02x} at byte {offset}")]
     UnknownFlags { offset: usize, flags: u8 },
+    #[error("unknown subscription start {code} at byte {offset}")]
+    UnknownStart { offset: usize, code: u8 },
     #[error("unknown credentials kind {code} at byte {offset}")]
     UnknownCredentials { offset: usize, code: u8 },
     #[error("HELLO does not start with the magic bytes \"CRR1\"; is this a Courier client?")]
@@ -318,12 +334,28 @@ pub fn decode_body(body: Bytes) -> Result<Frame, DecodeError> {
             }
             Frame::SendResult(entries)
         }
-        frame_type::SUBSCRIBE => Frame::Subscribe(Subscribe {
-            request: r.u64()?,
-            pattern: r.str8()?,
-            ack_deadline_ms: r.u32()?,
-            max_deliveries: r.u32()?,
-        }),
+        frame_type::SUBSCRIBE => {
+            let request = r.u64()?;
+            let pattern = r.str8()?;
+            let ack_deadline_ms = r.u32()?;
+            let max_deliveries = r.u32()?;
+            let offset = r.pos;
+            let code = r.u8()?;
+            let time = r.u64()?;
+            let start = match code {
+                0 => StartFrom::New,
+                1 => StartFrom::Beginning,
+                2 => StartFrom::Time(time),
+                code => return Err(DecodeError::UnknownStart { offset, code }),
+            };
+            Frame::Subscribe(Subscribe {
+                request,
+                pattern,
+                ack_deadline_ms,
+                max_deliveries,
+                start,
+            })
+        }
         frame_type::UNSUBSCRIBE => Frame::Unsubscribe {
             request: r.u64()?,
             pattern: r.str8()?,
@@ -687,6 +719,13 @@ impl FrameWriter {
                 put_str8(b, "pattern", &s.pattern)?;
                 b.put_u32(s.ack_deadline_ms);
                 b.put_u32(s.max_deliveries);
+                let (code, time) = match s.start {
+                    StartFrom::New => (0, 0),
+                    StartFrom::Beginning => (1, 0),
+                    StartFrom::Time(t) => (2, t),
+                };
+                b.put_u8(code);
+                b.put_u64(time);
             }
             Frame::Unsubscribe { request, pattern } => {
                 b.put_u8(frame_type::UNSUBSCRIBE);
@@ -1014,6 +1053,7 @@ mod tests {
                 pattern: "todo.*".into(),
                 ack_deadline_ms: 100,
                 max_deliveries: 4,
+                start: StartFrom::Time(12),
             }),
             Frame::Unsubscribe {
                 request: 4,

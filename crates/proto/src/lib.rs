@@ -16,8 +16,8 @@ pub use error_code::ErrorCode;
 pub use frame::{
     decode_body, decode_frame, decode_message, encode_message, encoded_message_len, frame_type,
     Credentials, DecodeError, Delivery, EncodeError, ErrorFrame, Frame, FrameWriter, Hello, Nack,
-    OpResult, SendEntry, SendOutcome, Subscribe, Welcome, BATCH_BYTES_TARGET, BATCH_ENTRIES_MAX,
-    FRAME_BYTES_MAX_DEFAULT, HEADERS_MAX, HELLO_MAGIC, PROTOCOL_VERSION,
+    OpResult, SendEntry, SendOutcome, StartFrom, Subscribe, Welcome, BATCH_BYTES_TARGET,
+    BATCH_ENTRIES_MAX, FRAME_BYTES_MAX_DEFAULT, HEADERS_MAX, HELLO_MAGIC, PROTOCOL_VERSION,
 };
 pub use name::{
     is_wildcard, pattern_matches, validate_name, validate_pattern, NameError, NAME_BYTES_MAX,

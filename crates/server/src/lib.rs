@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
-use courier_broker::{Action, Broker, ConnId, Nanos};
+use courier_broker::{Action, Broker, ConnId, Nanos, RecoveryReport};
 use courier_proto::{
     decode_frame, validate_name, ErrorCode, ErrorFrame, Frame, FrameWriter, Welcome,
     FRAME_BYTES_MAX_DEFAULT, PROTOCOL_VERSION,
@@ -43,6 +43,9 @@ pub struct ServerConfig {
     pub pending_bytes_max: usize,
     /// Reads are made in chunks of at least this size.
     pub read_buffer_bytes: usize,
+    /// A snapshot is taken this often (when anything changed), so recovery
+    /// replays at most this much log.
+    pub checkpoint_interval_ms: u64,
     pub broker: BrokerConfig,
 }
 
@@ -54,6 +57,7 @@ impl Default for ServerConfig {
             handshake_timeout_ms: 10_000,
             pending_bytes_max: 64 * 1024 * 1024,
             read_buffer_bytes: 64 * 1024,
+            checkpoint_interval_ms: 30_000,
             broker: BrokerConfig::default(),
         }
     }
@@ -61,6 +65,8 @@ impl Default for ServerConfig {
 
 #[derive(Debug, Error)]
 pub enum ServerError {
+    #[error("cannot recover the broker's state from its store: {0}")]
+    Recovery(#[from] courier_store::StoreError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -141,6 +147,26 @@ fn now_nanos() -> Nanos {
 pub struct Server {
     shared: Arc<Shared>,
     listener: TcpListener,
+    recovery: RecoveryReport,
+}
+
+/// Operations on a running server from outside its tasks.
+#[derive(Clone)]
+pub struct ServerHandle {
+    shared: Arc<Shared>,
+}
+
+impl ServerHandle {
+    /// Snapshots the state and compacts the store (also done periodically);
+    /// returns the bytes freed.
+    pub fn checkpoint(&self) -> Result<u64, courier_store::StoreError> {
+        let mut core = self.shared.core();
+        let freed = core.checkpoint(now_nanos());
+        for alert in core.take_alerts() {
+            warn!("{alert}");
+        }
+        freed
+    }
 }
 
 impl Server {
@@ -153,8 +179,13 @@ impl Server {
                     addr: config.listen,
                     source,
                 })?;
-        let core = Broker::new(config.broker.clone(), store);
+        let mut core = Broker::new(config.broker.clone(), store);
+        let recovery = core.recover(now_nanos())?;
+        for alert in core.take_alerts() {
+            warn!("{alert}");
+        }
         Ok(Server {
+            recovery,
             shared: Arc::new(Shared {
                 config,
                 core: Mutex::new(core),
@@ -165,6 +196,17 @@ impl Server {
             }),
             listener,
         })
+    }
+
+    /// What recovery found at start-up.
+    pub fn recovery(&self) -> &RecoveryReport {
+        &self.recovery
+    }
+
+    pub fn handle(&self) -> ServerHandle {
+        ServerHandle {
+            shared: self.shared.clone(),
+        }
     }
 
     /// The address actually bound (useful with port 0).
@@ -213,6 +255,9 @@ impl Shared {
         f(&mut core, now);
         let mut actions = Vec::new();
         core.take_actions(&mut actions);
+        for alert in core.take_alerts() {
+            warn!("{alert}");
+        }
         let next_timer = core.next_timer();
         self.dispatch(actions);
         drop(core);
@@ -305,6 +350,7 @@ impl Shared {
 async fn run_timer(shared: Arc<Shared>) {
     /// Housekeeping (dedup and reply-route expiry) runs at least this often.
     const TICK_INTERVAL_MAX_MS: u64 = 1_000;
+    let mut next_checkpoint = now_nanos() + shared.config.checkpoint_interval_ms * 1_000_000;
     loop {
         let now = now_nanos();
         let next = {
@@ -321,6 +367,15 @@ async fn run_timer(shared: Arc<Shared>) {
             _ = shared.timer_wake.notified() => {}
         }
         shared.with_core(|core, now| core.tick(now));
+        if now_nanos() >= next_checkpoint {
+            next_checkpoint = now_nanos() + shared.config.checkpoint_interval_ms * 1_000_000;
+            let handle = ServerHandle {
+                shared: shared.clone(),
+            };
+            if let Err(e) = handle.checkpoint() {
+                warn!(error = %e, "checkpoint failed; recovery will replay more of the log");
+            }
+        }
     }
 }
 
@@ -494,6 +549,7 @@ fn apply(
             &s.pattern,
             s.ack_deadline_ms,
             s.max_deliveries,
+            s.start,
             now,
         ),
         Frame::Unsubscribe { request, pattern } => core.unsubscribe(conn, request, &pattern),

@@ -1,71 +1,123 @@
 //! The storage interface behind Courier's delivery logic, and the in-memory
 //! implementation used for transient runs and tests.
 //!
-//! Architecture invariant: the broker core reaches messages only through
-//! [`MessageStore`]; the durable log implements the same trait, so the
-//! delivery rules never change with the storage engine.
+//! Architecture invariant: the broker core reaches messages and its own
+//! journal only through [`MessageStore`]; the durable log implements the
+//! same trait, so the delivery rules never change with the storage engine.
 #![forbid(unsafe_code)]
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use courier_proto::Message;
 use thiserror::Error;
 
-/// Position of a message in the store; assigned on append, increasing.
+/// Position of a record (a message or a journal entry) in the store;
+/// assigned on append, increasing, never reused for durable records.
 pub type Seq = u64;
 
 #[derive(Debug, Error)]
 pub enum StoreError {
-    #[error("storage is full: {0}")]
+    #[error("the disk is full: {0} — free space; sends are refused until then")]
     Full(String),
     #[error("storage I/O failed: {0}")]
-    Io(#[from] std::io::Error),
+    Io(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
 }
 
-/// Where accepted messages live until every entitled service has acked them.
+/// A record read back during recovery, in log order.
+#[derive(Debug, Clone)]
+pub enum Replayed {
+    Message(Arc<Message>),
+    /// A delivery-state change the broker journaled; opaque to the store.
+    State(Bytes),
+}
+
+/// Where accepted messages and the broker's journal live.
 ///
-/// `append` may buffer; nothing appended counts as durable until `sync`
-/// returns `Ok`. The broker calls `sync` once per batch of work (group
-/// commit) and only then acknowledges the sends in that batch.
+/// `append` and `journal` may buffer; nothing counts as durable until
+/// `sync` returns `Ok`. The broker calls `sync` once per batch of work
+/// (group commit) and only then acknowledges the sends in that batch. A
+/// failed `sync` means everything since the last successful one is gone: the
+/// broker rebuilds its state from the store rather than assume otherwise.
 pub trait MessageStore: Send {
     fn append(&mut self, message: Arc<Message>) -> Result<Seq, StoreError>;
-    fn get(&self, seq: Seq) -> Option<Arc<Message>>;
-    /// The message is no longer needed by anyone.
+    /// Appends a journal record (a delivery-state change), in order with messages.
+    fn journal(&mut self, entry: &[u8]) -> Result<Seq, StoreError>;
+    fn get(&mut self, seq: Seq) -> Result<Option<Arc<Message>>, StoreError>;
+    /// No service needs the message any more; the store may reclaim it.
     fn remove(&mut self, seq: Seq);
-    /// Makes every append so far durable.
+    /// Makes every append and journal record so far durable.
     fn sync(&mut self) -> Result<(), StoreError>;
-    /// Messages held.
+    /// Up to `max_records` records after `after`, in order; empty at the
+    /// end (recovery reads the log in chunks of bounded size).
+    fn replay_chunk(
+        &mut self,
+        after: Seq,
+        max_records: usize,
+    ) -> Result<Vec<(Seq, Replayed)>, StoreError>;
+    /// Saves the broker's state as of record `covers` (inclusive).
+    fn save_snapshot(&mut self, covers: Seq, state: &[u8]) -> Result<(), StoreError>;
+    fn load_snapshot(&mut self) -> Result<Option<(Seq, Bytes)>, StoreError>;
+    /// Messages with seq ≥ `from` (for replaying history to a new subscription).
+    fn scan_messages(
+        &mut self,
+        from: Seq,
+        f: &mut dyn FnMut(Seq, Arc<Message>),
+    ) -> Result<(), StoreError>;
+    /// The first seq accepted at or after `timestamp` (unix ns).
+    fn seq_at_time(&mut self, timestamp: u64) -> Result<Seq, StoreError>;
+    /// The seq the next append will get.
+    fn next_seq(&self) -> Seq;
+    /// Lets the store drop whatever only records before `seq` need, when
+    /// they are also older than `older_than` (unix ns). Returns bytes freed.
+    fn compact(&mut self, before: Seq, older_than: u64) -> Result<u64, StoreError>;
+    /// Messages held (memory store) or bytes on disk (log), for metrics.
     fn len(&self) -> usize;
+    /// Whether anything survives a restart (snapshots are pointless if not).
+    fn persistent(&self) -> bool {
+        true
+    }
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
 }
 
-/// Keeps messages in a hash map; nothing survives the process.
+/// Keeps messages in memory; nothing survives the process, so journal
+/// records are dropped and there is nothing to replay.
 #[derive(Default)]
 pub struct MemoryStore {
-    messages: HashMap<Seq, Arc<Message>>,
+    messages: BTreeMap<Seq, Arc<Message>>,
     next_seq: Seq,
 }
 
 impl MemoryStore {
     pub fn new() -> MemoryStore {
-        MemoryStore::default()
+        MemoryStore {
+            messages: BTreeMap::new(),
+            next_seq: 1,
+        }
     }
 }
 
 impl MessageStore for MemoryStore {
     fn append(&mut self, message: Arc<Message>) -> Result<Seq, StoreError> {
+        let seq = self.next_seq;
         self.next_seq += 1;
-        self.messages.insert(self.next_seq, message);
-        Ok(self.next_seq)
+        self.messages.insert(seq, message);
+        Ok(seq)
     }
 
-    fn get(&self, seq: Seq) -> Option<Arc<Message>> {
-        self.messages.get(&seq).cloned()
+    fn journal(&mut self, _entry: &[u8]) -> Result<Seq, StoreError> {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        Ok(seq)
+    }
+
+    fn get(&mut self, seq: Seq) -> Result<Option<Arc<Message>>, StoreError> {
+        Ok(self.messages.get(&seq).cloned())
     }
 
     fn remove(&mut self, seq: Seq) {
@@ -76,8 +128,204 @@ impl MessageStore for MemoryStore {
         Ok(())
     }
 
+    fn replay_chunk(
+        &mut self,
+        _after: Seq,
+        _max_records: usize,
+    ) -> Result<Vec<(Seq, Replayed)>, StoreError> {
+        Ok(Vec::new())
+    }
+
+    fn save_snapshot(&mut self, _covers: Seq, _state: &[u8]) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn load_snapshot(&mut self) -> Result<Option<(Seq, Bytes)>, StoreError> {
+        Ok(None)
+    }
+
+    fn scan_messages(
+        &mut self,
+        from: Seq,
+        f: &mut dyn FnMut(Seq, Arc<Message>),
+    ) -> Result<(), StoreError> {
+        for (seq, m) in self.messages.range(from..) {
+            f(*seq, m.clone());
+        }
+        Ok(())
+    }
+
+    fn seq_at_time(&mut self, timestamp: u64) -> Result<Seq, StoreError> {
+        Ok(self
+            .messages
+            .iter()
+            .find(|(_, m)| m.timestamp >= timestamp)
+            .map_or(self.next_seq, |(seq, _)| *seq))
+    }
+
+    fn next_seq(&self) -> Seq {
+        self.next_seq
+    }
+
+    fn compact(&mut self, _before: Seq, _older_than: u64) -> Result<u64, StoreError> {
+        Ok(0)
+    }
+
     fn len(&self) -> usize {
         self.messages.len()
+    }
+
+    fn persistent(&self) -> bool {
+        false
+    }
+}
+
+/// A log kept in memory that behaves like a durable one across a
+/// simulated crash: [`MemoryLog::crash`] keeps only what was synced. For
+/// deterministic crash-and-restart tests of the delivery rules, without
+/// files.
+#[derive(Clone, Default)]
+pub struct MemoryLog {
+    records: Vec<(Seq, Replayed)>,
+    /// `records[..synced]` survived the last successful sync.
+    synced: usize,
+    /// `next_seq` as of the last successful sync: seqs are never reused,
+    /// even when compaction removed every record.
+    synced_next_seq: Seq,
+    snapshot: Option<(Seq, Bytes)>,
+    next_seq: Seq,
+    /// The next this many syncs fail (fault injection).
+    pub failing_syncs: u32,
+}
+
+impl MemoryLog {
+    pub fn new() -> MemoryLog {
+        MemoryLog {
+            next_seq: 1,
+            synced_next_seq: 1,
+            ..MemoryLog::default()
+        }
+    }
+
+    /// What a restarted process would find: synced records only.
+    pub fn crash(&self) -> MemoryLog {
+        let records = self.records[..self.synced].to_vec();
+        MemoryLog {
+            synced: records.len(),
+            records,
+            snapshot: self.snapshot.clone(),
+            next_seq: self.synced_next_seq,
+            synced_next_seq: self.synced_next_seq,
+            failing_syncs: 0,
+        }
+    }
+
+    fn push(&mut self, record: Replayed) -> Seq {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.records.push((seq, record));
+        seq
+    }
+
+    fn index_of(&self, seq: Seq) -> Option<usize> {
+        self.records.binary_search_by_key(&seq, |(s, _)| *s).ok()
+    }
+}
+
+impl MessageStore for MemoryLog {
+    fn append(&mut self, message: Arc<Message>) -> Result<Seq, StoreError> {
+        Ok(self.push(Replayed::Message(message)))
+    }
+
+    fn journal(&mut self, entry: &[u8]) -> Result<Seq, StoreError> {
+        Ok(self.push(Replayed::State(Bytes::copy_from_slice(entry))))
+    }
+
+    fn get(&mut self, seq: Seq) -> Result<Option<Arc<Message>>, StoreError> {
+        Ok(self.index_of(seq).and_then(|i| match &self.records[i].1 {
+            Replayed::Message(m) => Some(m.clone()),
+            Replayed::State(_) => None,
+        }))
+    }
+
+    fn remove(&mut self, _seq: Seq) {}
+
+    fn sync(&mut self) -> Result<(), StoreError> {
+        if self.failing_syncs > 0 {
+            self.failing_syncs -= 1;
+            // As a real log does after a failed fsync: the unsynced tail is gone.
+            self.records.truncate(self.synced);
+            self.next_seq = self.synced_next_seq;
+            return Err(StoreError::Full("injected: no space left on device".into()));
+        }
+        self.synced = self.records.len();
+        self.synced_next_seq = self.next_seq;
+        Ok(())
+    }
+
+    fn replay_chunk(
+        &mut self,
+        after: Seq,
+        max_records: usize,
+    ) -> Result<Vec<(Seq, Replayed)>, StoreError> {
+        let start = self.records.partition_point(|(s, _)| *s <= after);
+        Ok(self.records[start..]
+            .iter()
+            .take(max_records)
+            .cloned()
+            .collect())
+    }
+
+    fn save_snapshot(&mut self, covers: Seq, state: &[u8]) -> Result<(), StoreError> {
+        self.snapshot = Some((covers, Bytes::copy_from_slice(state)));
+        Ok(())
+    }
+
+    fn load_snapshot(&mut self) -> Result<Option<(Seq, Bytes)>, StoreError> {
+        Ok(self.snapshot.clone())
+    }
+
+    fn scan_messages(
+        &mut self,
+        from: Seq,
+        f: &mut dyn FnMut(Seq, Arc<Message>),
+    ) -> Result<(), StoreError> {
+        let start = self.records.partition_point(|(s, _)| *s < from);
+        for (seq, record) in &self.records[start..] {
+            if let Replayed::Message(m) = record {
+                f(*seq, m.clone());
+            }
+        }
+        Ok(())
+    }
+
+    fn seq_at_time(&mut self, timestamp: u64) -> Result<Seq, StoreError> {
+        Ok(self
+            .records
+            .iter()
+            .find(|(_, r)| matches!(r, Replayed::Message(m) if m.timestamp >= timestamp))
+            .map_or(self.next_seq, |(s, _)| *s))
+    }
+
+    fn next_seq(&self) -> Seq {
+        self.next_seq
+    }
+
+    fn compact(&mut self, before: Seq, _older_than: u64) -> Result<u64, StoreError> {
+        // Keeps everything unless covered by the snapshot: recovery never
+        // needs records the snapshot already folded in.
+        let covered = self.snapshot.as_ref().map_or(0, |(c, _)| *c);
+        let cut = self
+            .records
+            .partition_point(|(s, _)| *s < before.min(covered + 1));
+        let cut = cut.min(self.synced);
+        self.records.drain(..cut);
+        self.synced -= cut;
+        Ok(cut as u64)
+    }
+
+    fn len(&self) -> usize {
+        self.records.len()
     }
 }
 
@@ -86,7 +334,10 @@ impl<T: MessageStore + ?Sized> MessageStore for Box<T> {
     fn append(&mut self, message: Arc<Message>) -> Result<Seq, StoreError> {
         (**self).append(message)
     }
-    fn get(&self, seq: Seq) -> Option<Arc<Message>> {
+    fn journal(&mut self, entry: &[u8]) -> Result<Seq, StoreError> {
+        (**self).journal(entry)
+    }
+    fn get(&mut self, seq: Seq) -> Result<Option<Arc<Message>>, StoreError> {
         (**self).get(seq)
     }
     fn remove(&mut self, seq: Seq) {
@@ -95,8 +346,40 @@ impl<T: MessageStore + ?Sized> MessageStore for Box<T> {
     fn sync(&mut self) -> Result<(), StoreError> {
         (**self).sync()
     }
+    fn replay_chunk(
+        &mut self,
+        after: Seq,
+        max_records: usize,
+    ) -> Result<Vec<(Seq, Replayed)>, StoreError> {
+        (**self).replay_chunk(after, max_records)
+    }
+    fn save_snapshot(&mut self, covers: Seq, state: &[u8]) -> Result<(), StoreError> {
+        (**self).save_snapshot(covers, state)
+    }
+    fn load_snapshot(&mut self) -> Result<Option<(Seq, Bytes)>, StoreError> {
+        (**self).load_snapshot()
+    }
+    fn scan_messages(
+        &mut self,
+        from: Seq,
+        f: &mut dyn FnMut(Seq, Arc<Message>),
+    ) -> Result<(), StoreError> {
+        (**self).scan_messages(from, f)
+    }
+    fn seq_at_time(&mut self, timestamp: u64) -> Result<Seq, StoreError> {
+        (**self).seq_at_time(timestamp)
+    }
+    fn next_seq(&self) -> Seq {
+        (**self).next_seq()
+    }
+    fn compact(&mut self, before: Seq, older_than: u64) -> Result<u64, StoreError> {
+        (**self).compact(before, older_than)
+    }
     fn len(&self) -> usize {
         (**self).len()
+    }
+    fn persistent(&self) -> bool {
+        (**self).persistent()
     }
 }
 
@@ -115,9 +398,12 @@ mod tests {
             .append(Arc::new(Message::new(Kind::Event, "b", "2")))
             .expect("append");
         assert!(b > a);
-        assert_eq!(store.get(a).map(|m| m.name.clone()), Some("a".to_string()));
+        assert_eq!(
+            store.get(a).expect("read").map(|m| m.name.clone()),
+            Some("a".to_string())
+        );
         store.remove(a);
-        assert!(store.get(a).is_none());
+        assert!(store.get(a).expect("read").is_none());
         assert_eq!(store.len(), 1);
     }
 }

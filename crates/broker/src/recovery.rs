@@ -1,0 +1,439 @@
+//! Recovery: rebuilding the broker's state from the store after a restart
+//! (or after a failed sync), and checkpoints that keep recovery short.
+//!
+//! The state is a fold over the log: a snapshot holds the fold up to some
+//! seq; recovery loads it and replays the records after it — messages are
+//! routed again to the services subscribed at that point, journal entries
+//! are applied where they stood. Acks and nacks name messages by seq; while
+//! replaying they are collected as marks and applied in one pass at the end,
+//! which rebuilds each queue in seq order (per-key order included).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use courier_proto::{Kind, Message};
+use courier_store::{MessageStore, Replayed, Seq, StoreError};
+use uuid::Uuid;
+
+use crate::journal::{JournalError, Op, Reader, Writer};
+use crate::queue::{DeadLetter, Entry};
+use crate::{Broker, Nanos, ReplyRoute, Service};
+
+/// Records read per chunk while replaying; bounds recovery's extra memory.
+const REPLAY_CHUNK_RECORDS: usize = 4096;
+const SNAPSHOT_MAGIC: &[u8; 4] = b"CRSN";
+const SNAPSHOT_VERSION: u32 = 1;
+
+/// What recovery found, for the start-up log line.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// The snapshot's last seq, if one was loaded.
+    pub snapshot_covers: Option<Seq>,
+    pub records_replayed: u64,
+    pub messages_replayed: u64,
+    /// Journal entries that could not be decoded (reported, skipped).
+    pub bad_journal_entries: u64,
+    pub services: usize,
+    /// Messages waiting across all services.
+    pub backlog: usize,
+    pub dead_letters: usize,
+}
+
+/// Marks collected while replaying, applied when the replay ends.
+#[derive(Default)]
+struct Marks {
+    /// (service, seq) acked or dead-lettered: not in the queue any more.
+    removed: HashSet<(String, Seq)>,
+    /// Delivery attempts begun.
+    attempts: HashMap<(String, Seq), u32>,
+    /// Nacked: not before this time.
+    until: HashMap<(String, Seq), Nanos>,
+}
+
+impl<S: MessageStore> Broker<S> {
+    /// Loads the newest snapshot and replays the log after it. Call once,
+    /// before any connection.
+    pub fn recover(&mut self, now: Nanos) -> Result<RecoveryReport, StoreError> {
+        self.now = now;
+        let mut report = RecoveryReport::default();
+        let mut after = 0;
+        if let Some((covers, bytes)) = self.store.load_snapshot()? {
+            match self.restore_snapshot(bytes) {
+                Ok(()) => {
+                    after = covers;
+                    report.snapshot_covers = Some(covers);
+                }
+                Err(e) => {
+                    // Replaying the whole log gives the same state, slower.
+                    self.alerts.push(format!(
+                        "snapshot unreadable ({e}); replaying the whole log"
+                    ));
+                    self.clear_state();
+                }
+            }
+        }
+        let mut marks = Marks::default();
+        loop {
+            let chunk = self.store.replay_chunk(after, REPLAY_CHUNK_RECORDS)?;
+            let Some((last, _)) = chunk.last() else { break };
+            after = *last;
+            for (seq, record) in chunk {
+                report.records_replayed += 1;
+                match record {
+                    Replayed::Message(message) => {
+                        report.messages_replayed += 1;
+                        self.replay_message(seq, &message, now);
+                    }
+                    Replayed::State(bytes) => match Op::decode(bytes) {
+                        Ok(op) => self.replay_op(seq, op, &mut marks, now),
+                        Err(e) => {
+                            report.bad_journal_entries += 1;
+                            self.alerts
+                                .push(format!("journal entry {seq} unreadable: {e}"));
+                        }
+                    },
+                }
+            }
+        }
+        self.settle_marks(marks, now);
+        self.dedup.expire(now);
+        self.reply_routes.expire(now);
+        report.services = self.services.len();
+        report.backlog = self.services.values().map(|s| s.queue.depth()).sum();
+        report.dead_letters = self
+            .services
+            .values()
+            .map(|s| s.queue.dead_letters.len())
+            .sum();
+        Ok(report)
+    }
+
+    /// After a failed sync: forget the in-memory state, recover it from the
+    /// store, and re-attach the live connections (their in-flight deliveries
+    /// are void; those messages are delivered again).
+    pub(crate) fn rebuild(&mut self, now: Nanos) -> Result<RecoveryReport, StoreError> {
+        self.clear_state();
+        let report = self.recover(now)?;
+        let mut conns: Vec<(u64, String)> = self
+            .conns
+            .iter()
+            .map(|(id, c)| (*id, c.service.clone()))
+            .collect();
+        conns.sort_unstable();
+        for (id, service) in conns {
+            if let Some(c) = self.conns.get_mut(&id) {
+                c.in_flight = 0;
+            }
+            let config = &self.config;
+            let svc = self
+                .services
+                .entry(service)
+                .or_insert_with(|| Service::new(config));
+            svc.instances.push(id);
+        }
+        let names: Vec<String> = self.services.keys().cloned().collect();
+        for name in names {
+            self.pump(&name, now);
+        }
+        Ok(report)
+    }
+
+    fn clear_state(&mut self) {
+        self.services.clear();
+        self.refs.clear();
+        self.dedup.clear();
+        self.reply_routes.clear();
+    }
+
+    fn replay_message(&mut self, seq: Seq, message: &Arc<Message>, now: Nanos) {
+        self.dedup.insert(message.id, (), message.timestamp);
+        if message.kind == Kind::Command {
+            let route = ReplyRoute {
+                service: message.sender.clone(),
+                // The requesting connection is gone; any instance will do.
+                conn: 0,
+            };
+            self.reply_routes
+                .insert(message.id, route, message.timestamp);
+        }
+        let targets = self.receivers(&message.name);
+        self.enqueue(seq, message, &targets, now);
+    }
+
+    fn replay_op(&mut self, seq: Seq, op: Op, marks: &mut Marks, now: Nanos) {
+        match op {
+            Op::Subscribe {
+                service,
+                pattern,
+                ack_deadline_ms,
+                max_deliveries,
+                from_seq,
+            } => {
+                let is_new = !self
+                    .services
+                    .get(&service)
+                    .is_some_and(|s| s.patterns.contains(&pattern));
+                self.apply_subscribe(&service, &pattern, ack_deadline_ms, max_deliveries);
+                if is_new && from_seq > 0 {
+                    self.backfill(&service, &pattern, from_seq, seq, now);
+                }
+            }
+            Op::Unsubscribe { service, pattern } => {
+                let emptied = self
+                    .services
+                    .get(&service)
+                    .is_some_and(|s| s.patterns.len() == 1 && s.patterns.contains(&pattern));
+                let _ = self.apply_unsubscribe(&service, &pattern);
+                if emptied {
+                    // Marks for the old queue must not touch a later one.
+                    marks.removed.retain(|(s, _)| *s != service);
+                    marks.attempts.retain(|(s, _), _| *s != service);
+                    marks.until.retain(|(s, _), _| *s != service);
+                }
+            }
+            Op::Delivered { service, seq } => {
+                *marks.attempts.entry((service, seq)).or_insert(0) += 1
+            }
+            Op::Acked { service, seq } => {
+                marks.removed.insert((service, seq));
+            }
+            Op::Nacked {
+                service,
+                seq,
+                until,
+            } => {
+                marks.until.insert((service, seq), until);
+            }
+            Op::DeadLettered {
+                service,
+                seq,
+                attempts,
+                reason,
+                at,
+            } => {
+                if let Some(svc) = self.services.get_mut(&service) {
+                    svc.queue.dead_letters.push(DeadLetter {
+                        seq,
+                        attempts,
+                        reason,
+                        at,
+                    });
+                    // The dead letter keeps the queue's reference.
+                    *self.refs.entry(seq).or_insert(0) += 1;
+                }
+                marks.removed.insert((service, seq));
+            }
+            Op::Revived { service, seq } => {
+                let key = self
+                    .store
+                    .get(seq)
+                    .ok()
+                    .flatten()
+                    .and_then(|m| m.key.clone());
+                if let Some(svc) = self.services.get_mut(&service) {
+                    if let Some(i) = svc.queue.dead_letters.iter().position(|d| d.seq == seq) {
+                        svc.queue.dead_letters.remove(i);
+                        svc.queue.make_ready(Entry {
+                            seq,
+                            attempts: 0,
+                            key,
+                        });
+                        // The entry reuses the dead letter's reference.
+                    }
+                }
+                let k = (service, seq);
+                marks.removed.remove(&k);
+                marks.attempts.remove(&k);
+                marks.until.remove(&k);
+            }
+            Op::Purged { service, seqs } => {
+                if let Some(svc) = self.services.get_mut(&service) {
+                    svc.queue.dead_letters.retain(|d| !seqs.contains(&d.seq));
+                }
+                for seq in seqs {
+                    crate::release(&mut self.store, &mut self.refs, seq);
+                }
+            }
+        }
+    }
+
+    /// Applies the replay's marks and rebuilds every queue in seq order.
+    fn settle_marks(&mut self, marks: Marks, now: Nanos) {
+        let names: Vec<String> = self.services.keys().cloned().collect();
+        for name in names {
+            let Some(svc) = self.services.get_mut(&name) else {
+                continue;
+            };
+            let mut entries = svc.queue.take_entries();
+            entries.sort_by_key(|(e, _)| e.seq);
+            let mut released = Vec::new();
+            for (mut entry, deferred) in entries {
+                let k = (name.clone(), entry.seq);
+                if marks.removed.contains(&k) {
+                    released.push(entry.seq);
+                    continue;
+                }
+                entry.attempts += marks.attempts.get(&k).copied().unwrap_or(0);
+                match marks.until.get(&k).copied().or(deferred) {
+                    Some(t) if t > now => svc.queue.defer(t, entry),
+                    _ => svc.queue.make_ready(entry),
+                }
+            }
+            for seq in released {
+                // Acked entries drop their reference; dead-lettered ones
+                // were given one of their own when replayed.
+                crate::release(&mut self.store, &mut self.refs, seq);
+            }
+        }
+    }
+
+    /// Saves a snapshot of the state, then lets the store drop records that
+    /// neither the snapshot nor any live message needs. Returns bytes freed.
+    pub fn checkpoint(&mut self, now: Nanos) -> Result<u64, StoreError> {
+        self.now = now;
+        if !self.store.persistent() || self.store.next_seq() == self.checkpointed_at {
+            return Ok(0);
+        }
+        self.store.sync()?;
+        self.dirty = false;
+        let covers = self.store.next_seq().saturating_sub(1);
+        let state = self.snapshot_bytes();
+        self.store.save_snapshot(covers, &state)?;
+        self.checkpointed_at = covers + 1;
+        let oldest_live = self.refs.keys().next().copied().unwrap_or(covers + 1);
+        let before = oldest_live.min(covers + 1);
+        let retention = self.config.event_retention_ms * crate::NANOS_PER_MS;
+        self.store.compact(before, now.saturating_sub(retention))
+    }
+
+    fn snapshot_bytes(&self) -> bytes::BytesMut {
+        let mut w = Writer::new();
+        w.0.extend_from_slice(SNAPSHOT_MAGIC);
+        w.u32(SNAPSHOT_VERSION);
+        // Services with nothing durable (senders only) are not saved.
+        let mut names: Vec<&String> = self
+            .services
+            .iter()
+            .filter(|(_, s)| !s.patterns.is_empty() || !s.queue.dead_letters.is_empty())
+            .map(|(n, _)| n)
+            .collect();
+        names.sort();
+        w.u32(names.len() as u32);
+        for name in names {
+            let svc = &self.services[name];
+            w.str(name);
+            w.u32(svc.ack_deadline_ms);
+            w.u32(svc.max_deliveries);
+            w.u32(svc.patterns.len() as u32);
+            for p in &svc.patterns {
+                w.str(p);
+            }
+            let entries: Vec<(&Entry, Option<Nanos>)> = svc.queue.entries().collect();
+            w.u32(entries.len() as u32);
+            for (e, until) in entries {
+                w.u64(e.seq);
+                w.u32(e.attempts);
+                match &e.key {
+                    Some(k) => {
+                        w.u8(1);
+                        w.bytes(k);
+                    }
+                    None => w.u8(0),
+                }
+                w.u64(until.unwrap_or(0));
+            }
+            w.u32(svc.queue.dead_letters.len() as u32);
+            for d in &svc.queue.dead_letters {
+                w.u64(d.seq);
+                w.u32(d.attempts);
+                w.str(&d.reason);
+                w.u64(d.at);
+            }
+        }
+        let dedup: Vec<_> = self.dedup.iter().collect();
+        w.u32(dedup.len() as u32);
+        for (id, (), t) in dedup {
+            w.bytes(id.as_bytes());
+            w.u64(t);
+        }
+        let routes: Vec<_> = self.reply_routes.iter().collect();
+        w.u32(routes.len() as u32);
+        for (id, route, t) in routes {
+            w.bytes(id.as_bytes());
+            w.str(&route.service);
+            w.u64(t);
+        }
+        w.0
+    }
+
+    fn restore_snapshot(&mut self, bytes: Bytes) -> Result<(), JournalError> {
+        if bytes.len() < 8 || &bytes[..4] != SNAPSHOT_MAGIC {
+            return Err(JournalError::BadSnapshot);
+        }
+        let mut r = Reader::new(bytes.slice(4..));
+        if r.u32()? != SNAPSHOT_VERSION {
+            return Err(JournalError::BadSnapshot);
+        }
+        let services = r.u32()?;
+        for _ in 0..services {
+            let name = r.str()?;
+            let ack_deadline_ms = r.u32()?;
+            let max_deliveries = r.u32()?;
+            let mut svc = Service::new(&self.config);
+            svc.ack_deadline_ms = ack_deadline_ms;
+            svc.max_deliveries = max_deliveries;
+            for _ in 0..r.u32()? {
+                svc.patterns.insert(r.str()?);
+            }
+            let mut entries = Vec::new();
+            for _ in 0..r.u32()? {
+                let seq = r.u64()?;
+                let attempts = r.u32()?;
+                let key = if r.u8()? == 1 { Some(r.bytes()?) } else { None };
+                let until = r.u64()?;
+                entries.push((Entry { seq, attempts, key }, until));
+            }
+            entries.sort_by_key(|(e, _)| e.seq);
+            for (entry, until) in entries {
+                *self.refs.entry(entry.seq).or_insert(0) += 1;
+                if until > 0 {
+                    svc.queue.defer(until, entry);
+                } else {
+                    svc.queue.make_ready(entry);
+                }
+            }
+            for _ in 0..r.u32()? {
+                let letter = DeadLetter {
+                    seq: r.u64()?,
+                    attempts: r.u32()?,
+                    reason: r.str()?,
+                    at: r.u64()?,
+                };
+                *self.refs.entry(letter.seq).or_insert(0) += 1;
+                svc.queue.dead_letters.push(letter);
+            }
+            self.services.insert(name, svc);
+        }
+        for _ in 0..r.u32()? {
+            let id = uuid_from(r.bytes()?)?;
+            let t = r.u64()?;
+            self.dedup.insert(id, (), t);
+        }
+        for _ in 0..r.u32()? {
+            let id = uuid_from(r.bytes()?)?;
+            let service = r.str()?;
+            let t = r.u64()?;
+            self.reply_routes
+                .insert(id, ReplyRoute { service, conn: 0 }, t);
+        }
+        if !r.is_empty() {
+            return Err(JournalError::BadSnapshot);
+        }
+        Ok(())
+    }
+}
+
+fn uuid_from(bytes: Bytes) -> Result<Uuid, JournalError> {
+    Uuid::from_slice(&bytes).map_err(|_| JournalError::BadSnapshot)
+}

@@ -10,6 +10,7 @@
 //! on sockets; this crate never blocks and never does network I/O.
 #![forbid(unsafe_code)]
 
+mod admin;
 mod expiring;
 mod journal;
 mod queue;
@@ -22,6 +23,7 @@ use courier_proto::{validate_name, validate_pattern, ErrorCode, Kind, Message};
 use courier_store::{MessageStore, Seq};
 use uuid::Uuid;
 
+pub use admin::SYSTEM_PREFIX;
 use expiring::ExpiringMap;
 pub use journal::JournalError;
 use journal::Op;
@@ -317,6 +319,7 @@ impl<S: MessageStore> Broker<S> {
                 Err(error) => self.storage_failed(&error),
             }
         }
+        self.alerts.extend(self.store.take_reports());
         out.append(&mut self.actions);
     }
 
@@ -669,6 +672,16 @@ impl<S: MessageStore> Broker<S> {
         message.timestamp = now;
         message.sender = sender;
         let outcome = match message.kind {
+            Kind::Command if message.name.starts_with(SYSTEM_PREFIX) => {
+                self.system_command(conn, &message, now)
+            }
+            _ if message.name.starts_with(SYSTEM_PREFIX) => Err((
+                ErrorCode::InvalidName,
+                format!(
+                    "{}: names under {SYSTEM_PREFIX} are reserved for the broker",
+                    message.name
+                ),
+            )),
             Kind::Reply => self.route_reply(message),
             Kind::Command | Kind::Event => self.route(conn, message, now),
         };
@@ -958,6 +971,19 @@ impl<S: MessageStore> Broker<S> {
             let Some(svc) = self.services.get_mut(service) else {
                 return;
             };
+            if svc.queue.ready.len() <= index {
+                return;
+            }
+            // Without an instance that has room, looking at messages (which
+            // may mean reading them from disk) is wasted work.
+            let has_room = svc.instances.iter().any(|i| {
+                self.conns.get(i).is_some_and(|c| {
+                    !c.draining && !c.patterns.is_empty() && c.in_flight < c.max_in_flight
+                })
+            });
+            if !has_room {
+                return;
+            }
             let Some(entry) = svc.queue.ready.get(index).cloned() else {
                 return;
             };
@@ -1137,6 +1163,8 @@ impl<S: MessageStore> Broker<S> {
     /// other instances, old dedup ids and reply routes are forgotten.
     pub fn tick(&mut self, now: Nanos) {
         self.now = now;
+        // Lets a store with a periodic fsync policy catch up while idle.
+        self.dirty |= self.store.persistent();
         self.dedup.expire(now);
         self.reply_routes.expire(now);
         let names: Vec<String> = self.services.keys().cloned().collect();

@@ -97,6 +97,7 @@ impl<S: MessageStore> Broker<S> {
             }
         }
         self.settle_marks(marks, now);
+        self.alerts.extend(self.store.take_reports());
         self.dedup.expire(now);
         self.reply_routes.expire(now);
         report.services = self.services.len();

@@ -13,8 +13,9 @@ use std::time::Duration;
 use anyhow::Context as _;
 use bytes::Bytes;
 use clap::{Args, Parser, Subcommand};
-use courier_client::{Client, ClientOptions, Error as ClientError};
+use courier_client::{Client, ClientOptions, Error as ClientError, StartFrom};
 use courier_server::{Server, ServerConfig};
+use courier_store::{FsyncPolicy, LogConfig};
 use tokio::sync::mpsc;
 
 /// Exit codes, distinct per kind of failure so scripts can tell them apart.
@@ -71,17 +72,45 @@ struct SendArgs {
     conn: Conn,
 }
 
+#[derive(Args)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:7700")]
+    listen: SocketAddr,
+    /// Where the broker keeps its log, snapshot and state.
+    #[arg(long, default_value = "./courier-data")]
+    data_dir: PathBuf,
+    /// When a send is acknowledged: `always` (after fsync; nothing
+    /// acknowledged is lost), `interval:MS` (fsync at most every MS ms; a
+    /// machine crash loses up to MS ms of acknowledged sends), `never` (the
+    /// OS decides; a machine crash can lose anything not yet written back).
+    #[arg(long, default_value = "always", value_parser = parse_fsync)]
+    fsync: FsyncPolicy,
+    /// Keep events in the log at least this long for `--from` replays.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    retention: Duration,
+    /// Keep everything in memory: nothing survives a restart.
+    #[arg(long)]
+    in_memory: bool,
+}
+
+fn parse_fsync(text: &str) -> Result<FsyncPolicy, String> {
+    match text {
+        "always" => Ok(FsyncPolicy::Always),
+        "never" => Ok(FsyncPolicy::Never),
+        other => match other.strip_prefix("interval:").map(str::parse::<u64>) {
+            Some(Ok(ms)) if ms > 0 => Ok(FsyncPolicy::Interval(Duration::from_millis(ms))),
+            _ => Err(format!(
+                "{other:?} is not always, never or interval:MS (e.g. interval:100)"
+            )),
+        },
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Runs the broker.
-    Serve {
-        /// Address to listen on.
-        #[arg(long, default_value = "127.0.0.1:7700")]
-        listen: SocketAddr,
-        /// Where the broker keeps its data.
-        #[arg(long, default_value = "./courier-data")]
-        data_dir: PathBuf,
-    },
+    Serve(ServeArgs),
     /// Sends a command; prints {"id", "seq"} per accepted message.
     Send(SendArgs),
     /// Publishes an event; prints {"id", "seq"} per accepted message.
@@ -130,6 +159,10 @@ enum Command {
         /// Exit after this long without a delivery (e.g. 2s).
         #[arg(long, value_parser = parse_duration)]
         idle_timeout: Option<Duration>,
+        /// Where a new subscription starts: end (new messages only),
+        /// beginning (all retained events), or an RFC 3339 time.
+        #[arg(long, default_value = "end", value_parser = parse_start)]
+        from: StartFrom,
         #[command(flatten)]
         conn: Conn,
     },
@@ -139,6 +172,76 @@ enum Command {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Inspects, replays or purges a service's dead letters.
+    #[command(name = "dead-letters", subcommand)]
+    DeadLetters(DeadLetters),
+    /// Lists services: subscriptions, instances, backlog, dead letters.
+    Services {
+        #[command(flatten)]
+        admin: Admin,
+    },
+}
+
+/// Connection for operations on the broker (not acting as a service).
+#[derive(Args, Clone)]
+struct Admin {
+    /// Broker address.
+    #[arg(long, env = "COURIER_URL", default_value = "127.0.0.1:7700")]
+    url: String,
+    #[arg(long, env = "COURIER_TOKEN")]
+    token: Option<String>,
+}
+
+#[derive(Args, Clone)]
+struct DeadLetterTarget {
+    /// The service whose dead letters these are.
+    #[arg(long)]
+    service: String,
+    #[command(flatten)]
+    admin: Admin,
+}
+
+#[derive(Subcommand)]
+enum DeadLetters {
+    /// One JSON line per dead letter.
+    List(DeadLetterTarget),
+    /// One dead letter with its whole message.
+    Show {
+        id: u64,
+        #[command(flatten)]
+        target: DeadLetterTarget,
+    },
+    /// Puts a dead letter back in the service's queue.
+    Replay {
+        id: u64,
+        #[command(flatten)]
+        target: DeadLetterTarget,
+    },
+    /// Deletes the service's dead letters (or only --id).
+    Purge {
+        #[arg(long)]
+        id: Option<u64>,
+        #[command(flatten)]
+        target: DeadLetterTarget,
+    },
+}
+
+/// `beginning`, `end`, or an RFC 3339 time such as `2026-11-24T12:00:00Z`.
+fn parse_start(text: &str) -> Result<StartFrom, String> {
+    match text {
+        "beginning" => Ok(StartFrom::Beginning),
+        "end" => Ok(StartFrom::New),
+        time => {
+            let at = humantime::parse_rfc3339_weak(time).map_err(|e| {
+                format!("{time:?} is not beginning, end or an RFC 3339 time like 2026-11-24T12:00:00Z: {e}")
+            })?;
+            let nanos = at
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_err(|_| format!("{time:?} is before 1970"))?
+                .as_nanos();
+            Ok(StartFrom::Time(nanos.min(u128::from(u64::MAX)) as u64))
+        }
+    }
 }
 
 /// `500ms`, `5s`, `2m`, `1h`, or plain seconds.
@@ -227,7 +330,7 @@ async fn connect_with(conn: &Conn, max_in_flight: u32) -> Result<Client, ClientE
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve { listen, data_dir } => serve(listen, data_dir).await,
+        Command::Serve(args) => serve(args).await,
         Command::Send(args) => send(args, false).await,
         Command::Publish(args) => send(args, true).await,
         Command::Request {
@@ -250,8 +353,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             pattern,
             count,
             idle_timeout,
+            from,
             conn,
-        } => subscribe(pattern, count, idle_timeout, conn).await,
+        } => subscribe(pattern, count, idle_timeout, from, conn).await,
+        Command::DeadLetters(action) => dead_letters(action).await,
+        Command::Services { admin } => {
+            let listing =
+                admin_request(&admin, "courier.services.list", serde_json::json!({})).await?;
+            for service in listing.as_array().into_iter().flatten() {
+                output::line(service);
+            }
+            Ok(())
+        }
         Command::Unsubscribe { pattern, conn } => {
             let client = connect(&conn).await?;
             client.unsubscribe(&pattern).await?;
@@ -261,7 +374,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn serve(listen: SocketAddr, data_dir: PathBuf) -> anyhow::Result<()> {
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("COURIER_LOG")
@@ -269,22 +382,78 @@ async fn serve(listen: SocketAddr, data_dir: PathBuf) -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    std::fs::create_dir_all(&data_dir)
-        .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
+    let started = std::time::Instant::now();
+    let (store, description): (Box<dyn courier_store::MessageStore>, String) = if args.in_memory {
+        (
+            Box::new(courier_store::MemoryStore::new()),
+            "memory (nothing survives a restart)".to_string(),
+        )
+    } else {
+        let dir = args.data_dir.join("log");
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create the data directory {} — check its permissions or pick another with --data-dir", dir.display()))?;
+        let mut config = LogConfig::new(&dir);
+        config.fsync = args.fsync;
+        let (store, damage) = courier_store::LogStore::open(config)
+            .with_context(|| format!("cannot open the log in {}", dir.display()))?;
+        for d in &damage {
+            tracing::warn!(damage = %d, "the log was damaged; see docs/STORAGE.md");
+        }
+        let fsync = match args.fsync {
+            FsyncPolicy::Always => "always".to_string(),
+            FsyncPolicy::Interval(d) => format!("interval:{}", d.as_millis()),
+            FsyncPolicy::Never => "never".to_string(),
+        };
+        (
+            Box::new(store),
+            format!("log in {}, fsync {fsync}", dir.display()),
+        )
+    };
+    let broker = courier_server::BrokerConfig {
+        event_retention_ms: args.retention.as_millis().min(u128::from(u64::MAX)) as u64,
+        ..courier_server::BrokerConfig::default()
+    };
     let config = ServerConfig {
-        listen,
+        listen: args.listen,
+        broker,
         ..ServerConfig::default()
     };
-    let server = Server::bind(config, Box::new(courier_store::MemoryStore::new())).await?;
-    let addr = server.local_addr()?;
-    println!(
-        "courier listening on {addr} (store: memory, data dir: {})",
-        data_dir.display()
+    let server = Server::bind(config, store).await?;
+    let r = server.recovery().clone();
+    tracing::info!(
+        services = r.services,
+        backlog = r.backlog,
+        dead_letters = r.dead_letters,
+        snapshot = ?r.snapshot_covers,
+        records_replayed = r.records_replayed,
+        ms = started.elapsed().as_millis() as u64,
+        "recovered"
     );
+    let addr = server.local_addr()?;
+    println!("courier listening on {addr} (store: {description})");
+    let handle = server.handle();
+    let stop = async {
+        #[cfg(unix)]
+        {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        tokio::signal::ctrl_c().await?;
+        Ok::<(), std::io::Error>(())
+    };
     tokio::select! {
         _ = server.run() => Ok(()),
-        _ = tokio::signal::ctrl_c() => {
-            eprintln!("courier: interrupted; stopping");
+        _ = stop => {
+            // A snapshot now makes the next start read almost no log.
+            if let Err(e) = handle.checkpoint() {
+                eprintln!("courier: final checkpoint failed ({e}); the next start replays more log");
+            }
+            eprintln!("courier: stopped");
             Ok(())
         }
     }
@@ -429,10 +598,73 @@ async fn reply(
     Ok(())
 }
 
+/// Sends a `courier.*` command to the broker and returns its reply's payload.
+async fn admin_request(
+    admin: &Admin,
+    name: &str,
+    args: serde_json::Value,
+) -> anyhow::Result<serde_json::Value> {
+    let mut opts = ClientOptions::new(
+        admin.url.clone(),
+        std::env::var("COURIER_SERVICE").unwrap_or_else(|_| "cli".into()),
+    );
+    opts.token = admin.token.clone();
+    let client = Client::connect(opts).await?;
+    let reply = client.command(name).json(&args)?.request().await;
+    client.shutdown().await;
+    Ok(reply?.json()?)
+}
+
+async fn dead_letters(action: DeadLetters) -> anyhow::Result<()> {
+    use serde_json::json;
+    match action {
+        DeadLetters::List(t) => {
+            let listing = admin_request(
+                &t.admin,
+                "courier.dead-letters.list",
+                json!({"service": t.service}),
+            )
+            .await?;
+            for letter in listing.as_array().into_iter().flatten() {
+                output::line(letter);
+            }
+        }
+        DeadLetters::Show { id, target: t } => {
+            output::line(
+                &admin_request(
+                    &t.admin,
+                    "courier.dead-letters.show",
+                    json!({"service": t.service, "id": id}),
+                )
+                .await?,
+            );
+        }
+        DeadLetters::Replay { id, target: t } => {
+            output::line(
+                &admin_request(
+                    &t.admin,
+                    "courier.dead-letters.replay",
+                    json!({"service": t.service, "id": id}),
+                )
+                .await?,
+            );
+        }
+        DeadLetters::Purge { id, target: t } => {
+            let mut args = json!({"service": t.service});
+            if let Some(id) = id {
+                args["id"] = json!(id);
+            }
+            output::line(&admin_request(&t.admin, "courier.dead-letters.purge", args).await?);
+        }
+    }
+    Ok(())
+}
+
 async fn subscribe(
     pattern: String,
     count: Option<u64>,
     idle: Option<Duration>,
+    from: StartFrom,
     conn: Conn,
 ) -> anyhow::Result<()> {
     // Take no more at once than we will print, so the rest stays for others.
@@ -443,7 +675,7 @@ async fn subscribe(
     let limit = count.unwrap_or(u64::MAX);
     let seen = printed.clone();
     client
-        .on(&pattern, move |msg| {
+        .on_from(&pattern, from, move |msg| {
             let (tx, seen) = (tx.clone(), seen.clone());
             async move {
                 // Past the count, hand deliveries back at once for others.

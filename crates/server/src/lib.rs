@@ -348,8 +348,9 @@ impl Shared {
 }
 
 async fn run_timer(shared: Arc<Shared>) {
-    /// Housekeeping (dedup and reply-route expiry) runs at least this often.
-    const TICK_INTERVAL_MAX_MS: u64 = 1_000;
+    /// Housekeeping (dedup and reply-route expiry, the periodic fsync of
+    /// `--fsync interval:MS`) runs at least this often.
+    const TICK_INTERVAL_MAX_MS: u64 = 100;
     let mut next_checkpoint = now_nanos() + shared.config.checkpoint_interval_ms * 1_000_000;
     loop {
         let now = now_nanos();

@@ -6,6 +6,11 @@
 //! same trait, so the delivery rules never change with the storage engine.
 #![forbid(unsafe_code)]
 
+mod log_store;
+
+pub use courier_log::{Damage, FsyncPolicy, LogConfig};
+pub use log_store::{LogStore, RECENT_MESSAGES_MAX};
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -79,6 +84,10 @@ pub trait MessageStore: Send {
     /// Whether anything survives a restart (snapshots are pointless if not).
     fn persistent(&self) -> bool {
         true
+    }
+    /// Damage and oddities found since the last call, for the operator.
+    fn take_reports(&mut self) -> Vec<String> {
+        Vec::new()
     }
     fn is_empty(&self) -> bool {
         self.len() == 0
@@ -380,6 +389,9 @@ impl<T: MessageStore + ?Sized> MessageStore for Box<T> {
     }
     fn persistent(&self) -> bool {
         (**self).persistent()
+    }
+    fn take_reports(&mut self) -> Vec<String> {
+        (**self).take_reports()
     }
 }
 

@@ -1,0 +1,243 @@
+//! [`MessageStore`] on the durable embedded log (`courier-log`): messages
+//! and journal entries are records of one log, so one fsync makes a batch
+//! of both durable (group commit), and their order is the replay order.
+
+use std::collections::{HashMap, VecDeque};
+use std::ops::ControlFlow;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use courier_log::{Damage, Log, LogConfig, LogError, RecordKind};
+use courier_proto::{decode_message, encode_message, Message};
+
+use crate::{MessageStore, Replayed, Seq, StoreError};
+
+/// Messages kept decoded in memory after append, so a delivery right after
+/// a send does not read the disk. Bounds the cache's memory: at most this
+/// many messages (their payloads included).
+pub const RECENT_MESSAGES_MAX: usize = 4096;
+
+pub struct LogStore {
+    log: Log,
+    recent: HashMap<Seq, Arc<Message>>,
+    recent_order: VecDeque<Seq>,
+    /// Journal records carry the newest message timestamp, so the log's
+    /// time index stays non-decreasing without the store reading a clock.
+    last_timestamp: u64,
+    reports: Vec<String>,
+}
+
+fn store_error(e: LogError) -> StoreError {
+    match e {
+        LogError::NoSpace { .. } => StoreError::Full(e.to_string()),
+        LogError::Corrupt { .. } => StoreError::Corrupt(e.to_string()),
+        other => StoreError::Io(other.to_string()),
+    }
+}
+
+impl LogStore {
+    /// Opens (or creates) the log; what recovery found damaged is returned
+    /// for the operator's log, never hidden.
+    pub fn open(config: LogConfig) -> Result<(LogStore, Vec<Damage>), StoreError> {
+        let (log, damage) = Log::open(config).map_err(store_error)?;
+        Ok((LogStore::new(log), damage))
+    }
+
+    pub fn new(log: Log) -> LogStore {
+        LogStore {
+            log,
+            recent: HashMap::new(),
+            recent_order: VecDeque::new(),
+            last_timestamp: 0,
+            reports: Vec::new(),
+        }
+    }
+
+    pub fn log(&self) -> &Log {
+        &self.log
+    }
+
+    fn remember(&mut self, seq: Seq, message: Arc<Message>) {
+        if self.recent_order.len() >= RECENT_MESSAGES_MAX {
+            if let Some(old) = self.recent_order.pop_front() {
+                self.recent.remove(&old);
+            }
+        }
+        self.recent.insert(seq, message);
+        self.recent_order.push_back(seq);
+    }
+
+    fn decode(&mut self, seq: Seq, body: Bytes) -> Option<Arc<Message>> {
+        match decode_message(body) {
+            Ok(m) => Some(Arc::new(m)),
+            Err(e) => {
+                self.reports.push(format!(
+                    "message record {seq} passed its checksum but does not decode: {e}"
+                ));
+                None
+            }
+        }
+    }
+}
+
+impl MessageStore for LogStore {
+    fn append(&mut self, message: Arc<Message>) -> Result<Seq, StoreError> {
+        let mut buf = BytesMut::with_capacity(courier_proto::encoded_message_len(&message));
+        encode_message(&message, &mut buf)
+            .map_err(|e| StoreError::Io(format!("cannot encode message: {e}")))?;
+        self.last_timestamp = self.last_timestamp.max(message.timestamp);
+        let seq = self
+            .log
+            .append(RecordKind::Message, self.last_timestamp, &buf)
+            .map_err(store_error)?;
+        self.remember(seq, message);
+        Ok(seq)
+    }
+
+    fn journal(&mut self, entry: &[u8]) -> Result<Seq, StoreError> {
+        self.log
+            .append(RecordKind::State, self.last_timestamp, entry)
+            .map_err(store_error)
+    }
+
+    fn get(&mut self, seq: Seq) -> Result<Option<Arc<Message>>, StoreError> {
+        if let Some(m) = self.recent.get(&seq) {
+            return Ok(Some(m.clone()));
+        }
+        match self.log.read(seq).map_err(store_error)? {
+            Some(record) if record.kind == RecordKind::Message => Ok(self.decode(seq, record.body)),
+            _ => Ok(None),
+        }
+    }
+
+    fn remove(&mut self, seq: Seq) {
+        // The log reclaims whole segments at compaction; only the cache
+        // lets go now.
+        if self.recent.remove(&seq).is_some() {
+            self.recent_order.retain(|s| *s != seq);
+        }
+    }
+
+    fn sync(&mut self) -> Result<(), StoreError> {
+        let result = self.log.sync().map_err(store_error);
+        if result.is_err() {
+            // Records since the last good sync are gone; so are their seqs.
+            let next = self.log.next_seq();
+            self.recent.retain(|s, _| *s < next);
+            self.recent_order.retain(|s| *s < next);
+        }
+        result
+    }
+
+    fn replay_chunk(
+        &mut self,
+        after: Seq,
+        max_records: usize,
+    ) -> Result<Vec<(Seq, Replayed)>, StoreError> {
+        let mut out = Vec::new();
+        let mut from = after + 1;
+        loop {
+            let mut raw = Vec::new();
+            let scanned = self.log.scan(from, &mut |record| {
+                raw.push(record);
+                if raw.len() >= max_records {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            });
+            for record in raw {
+                from = record.seq + 1;
+                match record.kind {
+                    RecordKind::Message => {
+                        if let Some(m) = self.decode(record.seq, record.body) {
+                            out.push((record.seq, Replayed::Message(m)));
+                        }
+                    }
+                    RecordKind::State => out.push((record.seq, Replayed::State(record.body))),
+                }
+            }
+            match scanned {
+                Ok(()) => return Ok(out),
+                Err(e @ LogError::Corrupt { resume_seq, .. }) if resume_seq > from => {
+                    // Reported loudly, then the replay goes on after it: the
+                    // intact records that follow are not lost.
+                    self.reports.push(format!(
+                        "records {from}..{resume_seq} are damaged and were skipped during recovery: {e}"
+                    ));
+                    from = resume_seq;
+                    if out.len() >= max_records {
+                        return Ok(out);
+                    }
+                }
+                Err(e) => return Err(store_error(e)),
+            }
+        }
+    }
+
+    fn save_snapshot(&mut self, covers: Seq, state: &[u8]) -> Result<(), StoreError> {
+        self.log.save_snapshot(covers, state).map_err(store_error)
+    }
+
+    fn load_snapshot(&mut self) -> Result<Option<(Seq, Bytes)>, StoreError> {
+        let snapshot = self.log.load_snapshot().map_err(store_error)?;
+        for damage in self.log.take_damage() {
+            self.reports.push(damage.to_string());
+        }
+        Ok(snapshot)
+    }
+
+    fn scan_messages(
+        &mut self,
+        from: Seq,
+        f: &mut dyn FnMut(Seq, Arc<Message>),
+    ) -> Result<(), StoreError> {
+        let mut undecodable = Vec::new();
+        let start = from.max(self.log.first_seq());
+        self.log
+            .scan(start, &mut |record| {
+                if record.kind == RecordKind::Message {
+                    match decode_message(record.body) {
+                        Ok(m) => f(record.seq, Arc::new(m)),
+                        Err(e) => undecodable.push(format!(
+                            "message record {} does not decode: {e}",
+                            record.seq
+                        )),
+                    }
+                }
+                ControlFlow::Continue(())
+            })
+            .map_err(store_error)?;
+        self.reports.append(&mut undecodable);
+        Ok(())
+    }
+
+    fn seq_at_time(&mut self, timestamp: u64) -> Result<Seq, StoreError> {
+        self.log.seq_at_time(timestamp).map_err(store_error)
+    }
+
+    fn next_seq(&self) -> Seq {
+        self.log.next_seq()
+    }
+
+    fn compact(&mut self, before: Seq, older_than: u64) -> Result<u64, StoreError> {
+        // Segments holding events younger than the retention stay.
+        let young = self
+            .log
+            .segments()
+            .iter()
+            .find(|s| s.last_timestamp >= older_than)
+            .map_or(before, |s| s.first_seq);
+        self.log
+            .remove_segments_before(before.min(young))
+            .map_err(store_error)
+    }
+
+    fn len(&self) -> usize {
+        self.log.segments().iter().map(|s| s.bytes as usize).sum()
+    }
+
+    fn take_reports(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.reports)
+    }
+}

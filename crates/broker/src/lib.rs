@@ -59,8 +59,53 @@ pub struct Config {
     pub max_in_flight_default: u32,
     /// A connection never gets more than this many deliveries in flight.
     pub max_in_flight_limit: u32,
-    /// Events stay in the log at least this long, for `--from` replays.
+    /// Events stay in the log at least this long, for `--from` replays,
+    /// unless a rule in `retention_rules` matches them first.
     pub event_retention_ms: u64,
+    /// Per name pattern retention of events; the first matching rule wins.
+    pub retention_rules: Vec<RetentionRule>,
+    /// Above this many bytes of log, retained history is given up at the
+    /// next checkpoint (all of it that no service is still owed, and that
+    /// the snapshot covers), whatever its age. 0: no cap.
+    pub retention_bytes_max: u64,
+}
+
+/// How long, and how much of, the events named by `pattern` are kept for
+/// history replays.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetentionRule {
+    pub pattern: String,
+    pub max_age_ms: u64,
+    /// 0: no size limit. Only the newest events of this rule, up to this
+    /// many payload bytes, are replayed.
+    pub max_bytes: u64,
+}
+
+impl Config {
+    /// The retention that applies to events named `name`: (max age in ns,
+    /// max bytes or 0, rule index or `None` for the default).
+    pub fn retention_for(&self, name: &str) -> (Nanos, u64, Option<usize>) {
+        let rule = self
+            .retention_rules
+            .iter()
+            .enumerate()
+            .find(|(_, r)| courier_proto::pattern_matches(&r.pattern, name));
+        match rule {
+            Some((i, r)) => (r.max_age_ms * NANOS_PER_MS, r.max_bytes, Some(i)),
+            None => (self.event_retention_ms * NANOS_PER_MS, 0, None),
+        }
+    }
+
+    /// The longest age any event is kept (what the log must keep).
+    pub fn longest_retention(&self) -> Nanos {
+        self.retention_rules
+            .iter()
+            .map(|r| r.max_age_ms)
+            .chain(std::iter::once(self.event_retention_ms))
+            .max()
+            .unwrap_or(0)
+            * NANOS_PER_MS
+    }
 }
 
 impl Default for Config {
@@ -76,6 +121,8 @@ impl Default for Config {
             max_in_flight_default: 256,
             max_in_flight_limit: 65_536,
             event_retention_ms: 24 * 3600 * 1000,
+            retention_rules: Vec::new(),
+            retention_bytes_max: 0,
         }
     }
 }
@@ -558,19 +605,56 @@ impl<S: MessageStore> Broker<S> {
     /// Queues the retained events in `[from, until)` that match `pattern`
     /// for `service` (history replay for a new subscription).
     fn backfill(&mut self, service: &str, pattern: &str, from: Seq, until: Seq, now: Nanos) {
-        let mut found: Vec<(Seq, Option<bytes::Bytes>, Option<Nanos>)> = Vec::new();
+        struct Found {
+            seq: Seq,
+            key: Option<bytes::Bytes>,
+            deliver_at: Option<Nanos>,
+            rule: Option<usize>,
+            bytes: u64,
+        }
+        let mut found: Vec<Found> = Vec::new();
+        let config = &self.config;
         let scanned = self.store.scan_messages(from, &mut |seq, m| {
             if seq < until
                 && m.kind == Kind::Event
                 && courier_proto::pattern_matches(pattern, &m.name)
             {
-                found.push((seq, m.key.clone(), m.deliver_at));
+                let (max_age, _, rule) = config.retention_for(&m.name);
+                // Older than its retention: gone for replays, even if the
+                // log has not reclaimed its segment yet.
+                if now.saturating_sub(m.timestamp) <= max_age {
+                    found.push(Found {
+                        seq,
+                        key: m.key.clone(),
+                        deliver_at: m.deliver_at,
+                        rule,
+                        bytes: m.payload.len() as u64,
+                    });
+                }
             }
         });
         if let Err(e) = scanned {
             self.alerts
                 .push(format!("history replay for {service} stopped early: {e}"));
         }
+        // Size limits keep the newest events of each rule.
+        let mut used: HashMap<usize, u64> = HashMap::new();
+        let mut keep = vec![true; found.len()];
+        for (i, f) in found.iter().enumerate().rev() {
+            let Some(rule) = f.rule else { continue };
+            let max = self.config.retention_rules[rule].max_bytes;
+            if max > 0 {
+                let total = used.entry(rule).or_insert(0);
+                *total += f.bytes;
+                keep[i] = *total <= max;
+            }
+        }
+        let found: Vec<(Seq, Option<bytes::Bytes>, Option<Nanos>)> = found
+            .into_iter()
+            .zip(keep)
+            .filter(|(_, k)| *k)
+            .map(|(f, _)| (f.seq, f.key, f.deliver_at))
+            .collect();
         let Some(svc) = self.services.get_mut(service) else {
             return;
         };

@@ -304,8 +304,15 @@ impl<S: MessageStore> Broker<S> {
         self.checkpointed_at = covers + 1;
         let oldest_live = self.refs.keys().next().copied().unwrap_or(covers + 1);
         let before = oldest_live.min(covers + 1);
-        let retention = self.config.event_retention_ms * crate::NANOS_PER_MS;
-        self.store.compact(before, now.saturating_sub(retention))
+        let retention = self.config.longest_retention();
+        let mut freed = self.store.compact(before, now.saturating_sub(retention))?;
+        let cap = self.config.retention_bytes_max;
+        if cap > 0 && self.store.len() as u64 > cap {
+            // Over the size cap: give up retained history (never messages
+            // still owed to a service, nor records the snapshot needs).
+            freed += self.store.compact(before, u64::MAX)?;
+        }
+        Ok(freed)
     }
 
     fn snapshot_bytes(&self) -> bytes::BytesMut {

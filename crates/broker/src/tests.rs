@@ -991,6 +991,48 @@ fn history_replay_from_the_beginning_or_a_time() {
     assert!(h.deliveries().is_empty());
 }
 
+#[test]
+fn retention_rules_limit_history_by_age_and_size_per_pattern() {
+    let config = Config {
+        retention_rules: vec![
+            RetentionRule {
+                pattern: "metrics.>".into(),
+                max_age_ms: 10,
+                max_bytes: 0,
+            },
+            RetentionRule {
+                pattern: "big.>".into(),
+                max_age_ms: 60_000,
+                max_bytes: 10,
+            },
+        ],
+        ..Config::default()
+    };
+    let mut h = Harness::with_store(MemoryLog::new());
+    h.broker = Broker::new(config, MemoryLog::new());
+    h.connect(1, "web", 0);
+    h.send(1, 1, event("metrics.cpu", "old"));
+    h.send(1, 2, event("audit.login", "kept"));
+    for (i, p) in ["b1---", "b2---", "b3---"].into_iter().enumerate() {
+        h.send(1, 10 + i as u64, event("big.blob", p));
+    }
+    h.advance(20);
+    h.connect(2, "reader", 0);
+    h.broker
+        .subscribe(2, 0, ">", 0, 0, StartFrom::Beginning, h.now);
+    let mut got: Vec<Bytes> = h.deliveries().into_iter().map(|d| d.4).collect();
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            Bytes::from_static(b"b2---"),
+            Bytes::from_static(b"b3---"),
+            Bytes::from_static(b"kept")
+        ],
+        "metrics.* is past its 10 ms; big.* keeps only its newest 10 bytes"
+    );
+}
+
 #[derive(Debug, Clone)]
 enum CrashOp {
     Send { key: u8 },

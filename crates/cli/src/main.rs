@@ -89,9 +89,62 @@ struct ServeArgs {
     /// Keep events in the log at least this long for `--from` replays.
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     retention: Duration,
+    /// Retention for events named by a pattern: PATTERN=AGE or
+    /// PATTERN=AGE,SIZE (e.g. 'metrics.>=1h,64MiB'); repeatable; the first
+    /// matching rule wins, others get --retention.
+    #[arg(long = "retain", value_parser = parse_retention_rule)]
+    retain: Vec<courier_server::RetentionRule>,
+    /// Give up retained history when the log grows past this size (e.g. 10GiB).
+    #[arg(long, value_parser = parse_size)]
+    retention_bytes: Option<u64>,
     /// Keep everything in memory: nothing survives a restart.
     #[arg(long)]
     in_memory: bool,
+}
+
+/// `512`, `64KiB`, `10MB`, `2GiB` …
+fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size; write e.g. 64MiB or 10GB"))?;
+    let factor: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KB" => 1_000,
+        "KiB" => 1 << 10,
+        "MB" => 1_000_000,
+        "MiB" => 1 << 20,
+        "GB" => 1_000_000_000,
+        "GiB" => 1 << 30,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?}; use B, KB, KiB, MB, MiB, GB or GiB"
+            ))
+        }
+    };
+    n.checked_mul(factor)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
+/// `PATTERN=AGE` or `PATTERN=AGE,SIZE`.
+fn parse_retention_rule(text: &str) -> Result<courier_server::RetentionRule, String> {
+    let (pattern, limits) = text.rsplit_once('=').ok_or_else(|| {
+        format!("{text:?} is not PATTERN=AGE or PATTERN=AGE,SIZE (e.g. 'metrics.>=1h,64MiB')")
+    })?;
+    courier_client::proto::validate_pattern(pattern).map_err(|e| format!("{pattern:?}: {e}"))?;
+    let (age, size) = match limits.split_once(',') {
+        Some((age, size)) => (age, Some(size)),
+        None => (limits, None),
+    };
+    Ok(courier_server::RetentionRule {
+        pattern: pattern.to_string(),
+        max_age_ms: parse_duration(age)?.as_millis().min(u128::from(u64::MAX)) as u64,
+        max_bytes: size.map(parse_size).transpose()?.unwrap_or(0),
+    })
 }
 
 fn parse_fsync(text: &str) -> Result<FsyncPolicy, String> {
@@ -244,7 +297,7 @@ fn parse_start(text: &str) -> Result<StartFrom, String> {
     }
 }
 
-/// `500ms`, `5s`, `2m`, `1h`, or plain seconds.
+/// `500ms`, `5s`, `2m`, `1h`, `7d`, or plain seconds.
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
@@ -259,9 +312,10 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
         "" | "s" => value,
         "m" => value * 60.0,
         "h" => value * 3600.0,
+        "d" => value * 86_400.0,
         other => {
             return Err(format!(
-                "unknown duration unit {other:?}; use ms, s, m or h"
+                "unknown duration unit {other:?}; use ms, s, m, h or d"
             ))
         }
     };
@@ -411,6 +465,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let broker = courier_server::BrokerConfig {
         event_retention_ms: args.retention.as_millis().min(u128::from(u64::MAX)) as u64,
+        retention_rules: args.retain,
+        retention_bytes_max: args.retention_bytes.unwrap_or(0),
         ..courier_server::BrokerConfig::default()
     };
     let config = ServerConfig {
@@ -716,6 +772,23 @@ async fn subscribe(
 mod tests {
     use super::*;
     use courier_client::ErrorCode;
+
+    #[test]
+    fn sizes_and_retention_rules() {
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("10GB"), Ok(10_000_000_000));
+        assert_eq!(parse_size("512"), Ok(512));
+        assert!(parse_size("5 parsecs").is_err());
+        let rule = parse_retention_rule("metrics.>=1h,64MiB").expect("rule");
+        assert_eq!(
+            (rule.pattern.as_str(), rule.max_age_ms, rule.max_bytes),
+            ("metrics.>", 3_600_000, 64 << 20)
+        );
+        let rule = parse_retention_rule("audit.*=7d").expect("days");
+        assert_eq!((rule.max_age_ms, rule.max_bytes), (7 * 86_400_000, 0));
+        assert!(parse_retention_rule("Bad Pattern=1h").is_err());
+        assert!(parse_retention_rule("nothing").is_err());
+    }
 
     #[test]
     fn durations() {

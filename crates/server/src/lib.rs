@@ -29,7 +29,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
-pub use courier_broker::Config as BrokerConfig;
+pub use courier_broker::{Config as BrokerConfig, RetentionRule};
 
 /// Listener settings; each limit is named with its unit.
 #[derive(Debug, Clone)]

@@ -19,6 +19,7 @@ mod recovery;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
+use courier_manifest::Manifest;
 use courier_proto::{validate_name, validate_pattern, ErrorCode, Kind, Message};
 use courier_store::{MessageStore, Seq};
 use uuid::Uuid;
@@ -168,6 +169,8 @@ pub struct Metrics {
     pub dropped_unrouted: u64,
     pub replies_parked: u64,
     pub replies_dropped: u64,
+    /// Sends and subscriptions the manifest did not allow.
+    pub unauthorized: u64,
     /// Syncs that failed (disk full, I/O error); each rebuilt the state.
     pub storage_failures: u64,
     /// Stored messages that could not be read back (checksum, I/O).
@@ -189,6 +192,8 @@ pub struct ServiceInfo {
 
 struct Conn {
     service: String,
+    /// Authenticated as the manifest's admin role.
+    admin: bool,
     instance: String,
     max_in_flight: u32,
     in_flight: u32,
@@ -250,6 +255,8 @@ impl Service {
 struct ReplyRoute {
     service: String,
     conn: ConnId,
+    /// Services the command went to: only they may reply to it.
+    receivers: Vec<String>,
 }
 
 /// Which instance a message should go to.
@@ -288,6 +295,8 @@ pub struct Broker<S: MessageStore> {
     alerts: Vec<String>,
     /// The store's `next_seq` at the last checkpoint.
     checkpointed_at: Seq,
+    /// Who may send and receive what; `None` lets everyone do everything.
+    manifest: Option<Arc<Manifest>>,
 }
 
 impl<S: MessageStore> Broker<S> {
@@ -313,7 +322,24 @@ impl<S: MessageStore> Broker<S> {
             now: 0,
             alerts: Vec::new(),
             checkpointed_at: 0,
+            manifest: None,
         }
+    }
+
+    /// Puts a manifest in force (or removes it). Takes effect for the next
+    /// send, delivery and subscription; live connections are the server's
+    /// to re-check.
+    pub fn set_manifest(&mut self, manifest: Option<Arc<Manifest>>) {
+        self.manifest = manifest;
+    }
+
+    pub fn manifest(&self) -> Option<&Arc<Manifest>> {
+        self.manifest.as_ref()
+    }
+
+    /// The service a live connection acts for.
+    pub fn connection_service(&self, conn: ConnId) -> Option<String> {
+        self.conns.get(&conn).map(|c| c.service.clone())
     }
 
     /// Messages for the operator's log since the last call.
@@ -424,11 +450,25 @@ impl<S: MessageStore> Broker<S> {
 
     /// A connection finished its handshake.
     pub fn connect(&mut self, conn: ConnId, service: &str, instance: &str, max_in_flight: u32) {
+        self.connect_as(conn, service, instance, max_in_flight, false);
+    }
+
+    /// Like [`Broker::connect`]; `admin` connections may use the broker's
+    /// own `courier.*` commands when a manifest is in force.
+    pub fn connect_as(
+        &mut self,
+        conn: ConnId,
+        service: &str,
+        instance: &str,
+        max_in_flight: u32,
+        admin: bool,
+    ) {
         let max_in_flight = self.effective_max_in_flight(max_in_flight);
         self.conns.insert(
             conn,
             Conn {
                 service: service.to_string(),
+                admin,
                 instance: instance.to_string(),
                 max_in_flight,
                 in_flight: 0,
@@ -525,6 +565,17 @@ impl<S: MessageStore> Broker<S> {
         self.now = now;
         if let Err(e) = validate_pattern(pattern) {
             return self.op_result(conn, request, ErrorCode::InvalidPattern, e.to_string());
+        }
+        let Some(service) = self.conns.get(&conn).map(|c| c.service.clone()) else {
+            return;
+        };
+        if let Some(manifest) = &self.manifest {
+            // Deliveries are filtered by `may_receive` message by message;
+            // a subscription that could never receive anything is refused.
+            if let Err(denial) = manifest.cut_subscription(&service, pattern) {
+                self.metrics.unauthorized += 1;
+                return self.op_result(conn, request, ErrorCode::Unauthorized, denial.to_string());
+            }
         }
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
@@ -740,12 +791,18 @@ impl<S: MessageStore> Broker<S> {
     /// A message from `conn`, which numbered it `seq`.
     pub fn send(&mut self, conn: ConnId, seq: u64, mut message: Message, now: Nanos) {
         self.now = now;
-        let Some(sender) = self.conns.get(&conn).map(|c| c.service.clone()) else {
+        let Some((sender, admin)) = self.conns.get(&conn).map(|c| (c.service.clone(), c.admin))
+        else {
             return;
         };
         if let Err(refusal) = self.check(&message, now) {
             self.metrics.refused += 1;
             return self.send_result(conn, seq, refusal.0, refusal.1);
+        }
+        if let Err(reason) = self.authorize_send(&sender, admin, &message) {
+            self.metrics.refused += 1;
+            self.metrics.unauthorized += 1;
+            return self.send_result(conn, seq, ErrorCode::Unauthorized, reason);
         }
         self.dedup.expire(now);
         if self.dedup.contains(&message.id) {
@@ -787,6 +844,30 @@ impl<S: MessageStore> Broker<S> {
                 self.metrics.refused += 1;
                 self.send_result(conn, seq, code, reason);
             }
+        }
+    }
+
+    /// The manifest's word on a send; replies are checked against the
+    /// command they answer instead (see `route_reply`).
+    fn authorize_send(&self, sender: &str, admin: bool, m: &Message) -> Result<(), String> {
+        let Some(manifest) = &self.manifest else {
+            return Ok(());
+        };
+        if m.name.starts_with(SYSTEM_PREFIX) {
+            return if admin {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{}: only the admin identity may use the broker's {SYSTEM_PREFIX}* commands",
+                    m.name
+                ))
+            };
+        }
+        match m.kind {
+            Kind::Reply => Ok(()),
+            Kind::Command | Kind::Event => manifest
+                .may_send(sender, &m.name, m.version.major)
+                .map_err(|d| d.to_string()),
         }
     }
 
@@ -844,16 +925,21 @@ impl<S: MessageStore> Broker<S> {
         message: Message,
         now: Nanos,
     ) -> Result<(), (ErrorCode, String)> {
-        let targets = self.receivers(&message.name);
+        let targets = self.receivers(&message.name, message.version.major);
         if targets.is_empty() {
             if message.kind == Kind::Command {
-                return Err((
-                    ErrorCode::NoReceiver,
+                let reason = if self.manifest.is_some() {
+                    format!(
+                        "no service may receive {} at major version {} and is subscribed to it; check the receives of courier.toml",
+                        message.name, message.version.major
+                    )
+                } else {
                     format!(
                         "no service receives {}; subscribe a service to it first",
                         message.name
-                    ),
-                ));
+                    )
+                };
+                return Err((ErrorCode::NoReceiver, reason));
             }
             self.metrics.dropped_unrouted += 1;
             if !message.transient {
@@ -869,7 +955,7 @@ impl<S: MessageStore> Broker<S> {
             return Ok(());
         }
         if message.kind == Kind::Command {
-            self.remember_reply_route(conn, message.id, now);
+            self.remember_reply_route(conn, message.id, targets.clone(), now);
         }
         let message = Arc::new(message);
         if message.transient {
@@ -891,11 +977,19 @@ impl<S: MessageStore> Broker<S> {
     }
 
     /// Services whose subscriptions match `name`, in name order.
-    fn receivers(&self, name: &str) -> Vec<String> {
+    /// With a manifest, only services it allows to receive `name` at
+    /// `major` count: a wildcard subscription is cut down to what is allowed.
+    fn receivers(&self, name: &str, major: u16) -> Vec<String> {
         let mut targets: Vec<String> = self
             .services
             .iter()
-            .filter(|(_, s)| s.receives(name))
+            .filter(|(n, s)| {
+                s.receives(name)
+                    && self
+                        .manifest
+                        .as_ref()
+                        .is_none_or(|m| m.may_receive(n, name, major).is_ok())
+            })
             .map(|(n, _)| n.clone())
             .collect();
         targets.sort_unstable();
@@ -921,13 +1015,20 @@ impl<S: MessageStore> Broker<S> {
         }
     }
 
-    fn remember_reply_route(&mut self, conn: ConnId, command: Uuid, now: Nanos) {
+    fn remember_reply_route(
+        &mut self,
+        conn: ConnId,
+        command: Uuid,
+        receivers: Vec<String>,
+        now: Nanos,
+    ) {
         let Some(c) = self.conns.get(&conn) else {
             return;
         };
         let route = ReplyRoute {
             service: c.service.clone(),
             conn,
+            receivers,
         };
         self.reply_routes.insert(command, route, now);
     }
@@ -981,6 +1082,15 @@ impl<S: MessageStore> Broker<S> {
                 format!("no command {command} awaits replies (it finished, timed out, or was never sent)"),
             ));
         };
+        if !route.receivers.contains(&message.sender) {
+            return Err((
+                ErrorCode::Unauthorized,
+                format!(
+                    "service {} may not reply to command {command}: it was not delivered to {}",
+                    message.sender, message.sender
+                ),
+            ));
+        }
         let service = route.service.clone();
         let target = if self.conns.contains_key(&route.conn) {
             Some(route.conn)

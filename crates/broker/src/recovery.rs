@@ -149,16 +149,17 @@ impl<S: MessageStore> Broker<S> {
 
     fn replay_message(&mut self, seq: Seq, message: &Arc<Message>, now: Nanos) {
         self.dedup.insert(message.id, (), message.timestamp);
+        let targets = self.receivers(&message.name, message.version.major);
         if message.kind == Kind::Command {
             let route = ReplyRoute {
                 service: message.sender.clone(),
                 // The requesting connection is gone; any instance will do.
                 conn: 0,
+                receivers: targets.clone(),
             };
             self.reply_routes
                 .insert(message.id, route, message.timestamp);
         }
-        let targets = self.receivers(&message.name);
         self.enqueue(seq, message, &targets, now);
     }
 
@@ -371,6 +372,10 @@ impl<S: MessageStore> Broker<S> {
             w.bytes(id.as_bytes());
             w.str(&route.service);
             w.u64(t);
+            w.u32(route.receivers.len() as u32);
+            for r in &route.receivers {
+                w.str(r);
+            }
         }
         w.0
     }
@@ -432,8 +437,16 @@ impl<S: MessageStore> Broker<S> {
             let id = uuid_from(r.bytes()?)?;
             let service = r.str()?;
             let t = r.u64()?;
-            self.reply_routes
-                .insert(id, ReplyRoute { service, conn: 0 }, t);
+            let mut receivers = Vec::new();
+            for _ in 0..r.u32()? {
+                receivers.push(r.str()?);
+            }
+            let route = ReplyRoute {
+                service,
+                conn: 0,
+                receivers,
+            };
+            self.reply_routes.insert(id, route, t);
         }
         if !r.is_empty() {
             return Err(JournalError::BadSnapshot);

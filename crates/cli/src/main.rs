@@ -44,12 +44,24 @@ struct Conn {
     /// Broker address.
     #[arg(long, env = "COURIER_URL", default_value = "127.0.0.1:7700")]
     url: String,
-    /// The service to act as.
-    #[arg(long, env = "COURIER_SERVICE", default_value = "cli")]
-    service: String,
+    /// The service to act as (default: the token's service, else `cli`).
+    #[arg(long, env = "COURIER_SERVICE")]
+    service: Option<String>,
     /// Credentials, for brokers that require them.
     #[arg(long, env = "COURIER_TOKEN")]
     token: Option<String>,
+}
+
+impl Conn {
+    /// With a token and no explicit service, the token decides (an empty
+    /// name in HELLO); without either, `cli`.
+    fn service_name(&self) -> String {
+        match (&self.service, &self.token) {
+            (Some(s), _) => s.clone(),
+            (None, Some(_)) => String::new(),
+            (None, None) => "cli".to_string(),
+        }
+    }
 }
 
 #[derive(Args, Clone)]
@@ -100,6 +112,13 @@ struct ServeArgs {
     /// Keep everything in memory: nothing survives a restart.
     #[arg(long)]
     in_memory: bool,
+    /// The application's manifest: who may connect, send and receive what
+    /// (reloaded on SIGHUP and when the file changes).
+    #[arg(long)]
+    manifest: Option<PathBuf>,
+    /// Accept unauthenticated connections on a non-loopback address.
+    #[arg(long)]
+    insecure: bool,
 }
 
 /// `512`, `64KiB`, `10MB`, `2GiB` …
@@ -233,6 +252,20 @@ enum Command {
         #[command(flatten)]
         admin: Admin,
     },
+    /// Tokens for courier.toml.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Validates an application's manifest; one line per problem.
+    Check {
+        /// The manifest, e.g. courier.toml.
+        manifest: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Prints a fresh token (first line) and the `sha256:…` line for courier.toml (second).
+    New,
 }
 
 /// Connection for operations on the broker (not acting as a service).
@@ -373,7 +406,7 @@ async fn connect(conn: &Conn) -> Result<Client, ClientError> {
 /// `max_in_flight` 0 keeps the SDK's default. Handlers run one at a time,
 /// so lines print in delivery order.
 async fn connect_with(conn: &Conn, max_in_flight: u32) -> Result<Client, ClientError> {
-    let mut opts = ClientOptions::new(conn.url.clone(), conn.service.clone());
+    let mut opts = ClientOptions::new(conn.url.clone(), conn.service_name());
     opts.token = conn.token.clone();
     if max_in_flight > 0 {
         opts.max_in_flight = max_in_flight;
@@ -411,6 +444,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             conn,
         } => subscribe(pattern, count, idle_timeout, from, conn).await,
         Command::DeadLetters(action) => dead_letters(action).await,
+        Command::Token(TokenCommand::New) => {
+            let token = courier_manifest::generate_token()
+                .context("cannot read random bytes from the OS")?;
+            println!("{token}");
+            println!("{}", courier_manifest::hash_token(&token));
+            Ok(())
+        }
+        Command::Check { manifest } => check(&manifest),
         Command::Services { admin } => {
             let listing =
                 admin_request(&admin, "courier.services.list", serde_json::json!({})).await?;
@@ -472,6 +513,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = ServerConfig {
         listen: args.listen,
         broker,
+        manifest_path: args.manifest.clone(),
+        insecure: args.insecure,
         ..ServerConfig::default()
     };
     let server = Server::bind(config, store).await?;
@@ -637,7 +680,7 @@ async fn reply(
         .await?;
     eprintln!(
         "courier: replying to {name} as service {} (Ctrl-C to stop)",
-        conn.service
+        conn.service_name()
     );
     let mut answered = 0u64;
     loop {
@@ -654,17 +697,39 @@ async fn reply(
     Ok(())
 }
 
+fn check(path: &std::path::Path) -> anyhow::Result<()> {
+    let (manifest, _) = courier_server::load_manifest(path).map_err(|e| anyhow::anyhow!(e))?;
+    let problems = courier_manifest::check(&manifest);
+    let origin = path.display().to_string();
+    for p in &problems {
+        println!("{}", p.display_in(&origin));
+    }
+    if courier_manifest::has_errors(&problems) {
+        anyhow::bail!(
+            "{origin}: {} problem(s); fix the errors above",
+            problems.len()
+        );
+    }
+    eprintln!(
+        "courier: {origin} is consistent ({} warning(s))",
+        problems.len()
+    );
+    Ok(())
+}
+
 /// Sends a `courier.*` command to the broker and returns its reply's payload.
 async fn admin_request(
     admin: &Admin,
     name: &str,
     args: serde_json::Value,
 ) -> anyhow::Result<serde_json::Value> {
-    let mut opts = ClientOptions::new(
-        admin.url.clone(),
-        std::env::var("COURIER_SERVICE").unwrap_or_else(|_| "cli".into()),
-    );
-    opts.token = admin.token.clone();
+    let conn = Conn {
+        url: admin.url.clone(),
+        service: std::env::var("COURIER_SERVICE").ok(),
+        token: admin.token.clone(),
+    };
+    let mut opts = ClientOptions::new(conn.url.clone(), conn.service_name());
+    opts.token = conn.token.clone();
     let client = Client::connect(opts).await?;
     let reply = client.command(name).json(&args)?.request().await;
     client.shutdown().await;

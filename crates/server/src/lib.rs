@@ -9,6 +9,10 @@
 //! under load many frames share a syscall.
 #![forbid(unsafe_code)]
 
+mod auth;
+
+pub use auth::{load_manifest, ADMIN_SERVICE};
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,8 +22,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::BytesMut;
 use courier_broker::{Action, Broker, ConnId, Nanos, RecoveryReport};
 use courier_proto::{
-    decode_frame, validate_name, ErrorCode, ErrorFrame, Frame, FrameWriter, Welcome,
-    FRAME_BYTES_MAX_DEFAULT, PROTOCOL_VERSION,
+    decode_frame, ErrorCode, ErrorFrame, Frame, FrameWriter, Welcome, FRAME_BYTES_MAX_DEFAULT,
+    PROTOCOL_VERSION,
 };
 use courier_store::MessageStore;
 use thiserror::Error;
@@ -46,6 +50,13 @@ pub struct ServerConfig {
     /// A snapshot is taken this often (when anything changed), so recovery
     /// replays at most this much log.
     pub checkpoint_interval_ms: u64,
+    /// `courier.toml`: who may connect, send and receive what. Reloaded on
+    /// SIGHUP and when the file changes.
+    pub manifest_path: Option<std::path::PathBuf>,
+    /// Accept unauthenticated connections on a non-loopback address.
+    pub insecure: bool,
+    /// Connections still in their handshake at once; more are closed at once.
+    pub handshakes_max: usize,
     pub broker: BrokerConfig,
 }
 
@@ -58,6 +69,9 @@ impl Default for ServerConfig {
             pending_bytes_max: 64 * 1024 * 1024,
             read_buffer_bytes: 64 * 1024,
             checkpoint_interval_ms: 30_000,
+            manifest_path: None,
+            insecure: false,
+            handshakes_max: 1024,
             broker: BrokerConfig::default(),
         }
     }
@@ -65,6 +79,13 @@ impl Default for ServerConfig {
 
 #[derive(Debug, Error)]
 pub enum ServerError {
+    #[error("{0}")]
+    Manifest(String),
+    #[error(
+        "refusing to listen on {0} without authentication: anyone who can reach it could send anything; \
+         pass --manifest courier.toml, or --insecure if that is really what you want"
+    )]
+    Insecure(SocketAddr),
     #[error("cannot recover the broker's state from its store: {0}")]
     Recovery(#[from] courier_store::StoreError),
     #[error("cannot listen on {addr}: {source}")]
@@ -128,6 +149,12 @@ impl Outbox {
 
 struct Shared {
     config: ServerConfig,
+    /// Credentials each live connection presented, to check again when the
+    /// manifest changes.
+    credentials: Mutex<HashMap<ConnId, courier_proto::Credentials>>,
+    /// Modification time of the manifest file in force.
+    manifest_modified: Mutex<Option<SystemTime>>,
+    handshakes: std::sync::atomic::AtomicUsize,
     core: Mutex<Broker<Store>>,
     outboxes: Mutex<HashMap<ConnId, Arc<Outbox>>>,
     next_conn: AtomicU64,
@@ -157,6 +184,14 @@ pub struct ServerHandle {
 }
 
 impl ServerHandle {
+    /// Reads the manifest file again. A bad one is refused (the error names
+    /// line and column) and the one in force stays; a good one takes effect
+    /// at once, and connections whose credentials it no longer accepts are
+    /// closed.
+    pub fn reload_manifest(&self) -> Result<(), String> {
+        reload_manifest(&self.shared)
+    }
+
     /// Snapshots the state and compacts the store (also done periodically);
     /// returns the bytes freed.
     pub fn checkpoint(&self) -> Result<u64, courier_store::StoreError> {
@@ -179,7 +214,20 @@ impl Server {
                     addr: config.listen,
                     source,
                 })?;
+        let mut manifest_modified = None;
+        let manifest = match &config.manifest_path {
+            Some(path) => {
+                let (manifest, modified) = load_manifest(path).map_err(ServerError::Manifest)?;
+                manifest_modified = modified;
+                Some(manifest)
+            }
+            None => None,
+        };
+        if manifest.is_none() && !config.insecure && !config.listen.ip().is_loopback() {
+            return Err(ServerError::Insecure(config.listen));
+        }
         let mut core = Broker::new(config.broker.clone(), store);
+        core.set_manifest(manifest);
         let recovery = core.recover(now_nanos())?;
         for alert in core.take_alerts() {
             warn!("{alert}");
@@ -188,6 +236,9 @@ impl Server {
             recovery,
             shared: Arc::new(Shared {
                 config,
+                credentials: Mutex::new(HashMap::new()),
+                manifest_modified: Mutex::new(manifest_modified),
+                handshakes: std::sync::atomic::AtomicUsize::new(0),
                 core: Mutex::new(core),
                 outboxes: Mutex::new(HashMap::new()),
                 next_conn: AtomicU64::new(1),
@@ -217,6 +268,7 @@ impl Server {
     /// Serves until the task is dropped.
     pub async fn run(self) {
         let _timer = tokio::spawn(run_timer(self.shared.clone()));
+        let _reloader = tokio::spawn(watch_manifest(self.shared.clone()));
         loop {
             match self.listener.accept().await {
                 Ok((stream, peer)) => {
@@ -347,6 +399,103 @@ impl Shared {
     }
 }
 
+fn reload_manifest(shared: &Shared) -> Result<(), String> {
+    let Some(path) = &shared.config.manifest_path else {
+        return Err("no --manifest was given; nothing to reload".to_string());
+    };
+    let (manifest, modified) = load_manifest(path)?;
+    *shared
+        .manifest_modified
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = modified;
+    let credentials: Vec<(ConnId, courier_proto::Credentials)> = shared
+        .credentials
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .map(|(c, cred)| (*c, cred.clone()))
+        .collect();
+    let mut revoked = Vec::new();
+    {
+        let mut core = shared.core();
+        for (conn, cred) in credentials {
+            let hello = courier_proto::Hello {
+                version: PROTOCOL_VERSION,
+                service: String::new(),
+                instance: String::new(),
+                max_in_flight: 0,
+                credentials: cred,
+            };
+            let still = auth::authenticate(Some(&manifest), &hello);
+            let current = core.connection_service(conn);
+            let same = matches!((&still, &current), (Ok(a), Some(s)) if a.service == *s);
+            if !same {
+                revoked.push(conn);
+            }
+        }
+        core.set_manifest(Some(manifest));
+    }
+    let outboxes = shared.outboxes();
+    for conn in &revoked {
+        if let Some(outbox) = outboxes.get(conn) {
+            outbox.fail(
+                ErrorCode::Unauthorized,
+                "the reloaded manifest no longer accepts this connection's credentials".to_string(),
+            );
+        }
+    }
+    info!(path = %path.display(), revoked = revoked.len(), "manifest reloaded");
+    Ok(())
+}
+
+/// Reloads the manifest on SIGHUP and when its file changes.
+async fn watch_manifest(shared: Arc<Shared>) {
+    /// How often the file's modification time is checked.
+    const MANIFEST_POLL_MS: u64 = 1_000;
+    let Some(path) = shared.config.manifest_path.clone() else {
+        return;
+    };
+    #[cfg(unix)]
+    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            warn!(error = %e, "cannot listen for SIGHUP; the manifest reloads only when its file changes");
+            None
+        }
+    };
+    loop {
+        #[cfg(unix)]
+        let signalled = async {
+            match hangup.as_mut() {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let signalled = std::future::pending::<()>();
+        let forced = tokio::select! {
+            _ = signalled => true,
+            _ = tokio::time::sleep(Duration::from_millis(MANIFEST_POLL_MS)) => false,
+        };
+        let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+        let known = *shared
+            .manifest_modified
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if forced || (modified.is_some() && modified != known) {
+            if let Err(e) = reload_manifest(&shared) {
+                warn!("manifest reload refused, the previous manifest stays in force: {e}");
+                *shared
+                    .manifest_modified
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = modified;
+            }
+        }
+    }
+}
+
 async fn run_timer(shared: Arc<Shared>) {
     /// Housekeeping (dedup and reply-route expiry, the periodic fsync of
     /// `--fsync interval:MS`) runs at least this often.
@@ -380,7 +529,23 @@ async fn run_timer(shared: Arc<Shared>) {
     }
 }
 
+/// Counts a connection as "in its handshake" until dropped.
+struct HandshakeSlot<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for HandshakeSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
+    let slot = HandshakeSlot(&shared.handshakes);
+    if shared.handshakes.fetch_add(1, Ordering::Relaxed) >= shared.config.handshakes_max {
+        // Unauthenticated connections cost memory and a task each; past the
+        // cap they are dropped before a byte is read.
+        warn!(%peer, max = shared.config.handshakes_max, "too many connections in their handshake; dropping one");
+        return;
+    }
     let (mut reader, writer) = stream.into_split();
     let outbox = Outbox::new();
     let writer_task = tokio::spawn(run_writer(writer, outbox.clone()));
@@ -425,18 +590,27 @@ async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAd
         let _ = writer_task.await;
         return;
     }
-    if let Err(e) = validate_name(&hello.service) {
-        outbox.fail(ErrorCode::InvalidName, format!("service name: {e}"));
-        let _ = writer_task.await;
-        return;
-    }
+    let identity = {
+        let core = shared.core();
+        auth::authenticate(core.manifest().map(|m| m.as_ref()), &hello)
+    };
+    let identity = match identity {
+        Ok(identity) => identity,
+        Err((code, reason)) => {
+            info!(%peer, %reason, "handshake refused");
+            outbox.fail(code, reason);
+            let _ = writer_task.await;
+            return;
+        }
+    };
+    drop(slot);
     let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
     let instance = if hello.instance.is_empty() {
-        format!("{}-{conn}", hello.service)
+        format!("{}-{conn}", identity.service)
     } else {
         hello.instance.clone()
     };
-    debug!(conn, %peer, service = %hello.service, %instance, "connected");
+    debug!(conn, %peer, service = %identity.service, %instance, "connected");
     outbox.push(&Frame::Welcome(Welcome {
         version: PROTOCOL_VERSION,
         connection_id: conn,
@@ -445,7 +619,19 @@ async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAd
     }));
     shared.outboxes().insert(conn, outbox.clone());
     shared
-        .with_core(|core, _now| core.connect(conn, &hello.service, &instance, hello.max_in_flight));
+        .credentials
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(conn, hello.credentials.clone());
+    shared.with_core(|core, _now| {
+        core.connect_as(
+            conn,
+            &identity.service,
+            &instance,
+            hello.max_in_flight,
+            identity.admin,
+        )
+    });
 
     let end = read_loop(&shared, conn, &outbox, &mut reader, &mut buf).await;
     match end {
@@ -457,6 +643,11 @@ async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAd
     }
     shared.with_core(|core, now| core.disconnect(conn, now));
     shared.outboxes().remove(&conn);
+    shared
+        .credentials
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&conn);
     outbox.lock().closing = true;
     outbox.wake.notify_one();
     let _ = writer_task.await;

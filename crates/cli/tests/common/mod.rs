@@ -67,11 +67,25 @@ impl Broker {
         )
     }
 
+    /// Starts a broker with extra `serve` flags.
+    pub fn start_with(extra: &[&str]) -> Broker {
+        Broker::start_full(
+            &format!("127.0.0.1:{}", free_port()),
+            tempdir::Dir::new("broker"),
+            extra,
+        )
+    }
+
     /// Starts `courier serve` and waits for its ready line.
     pub fn start_on(listen: &str, data_dir: tempdir::Dir) -> Broker {
+        Broker::start_full(listen, data_dir, &[])
+    }
+
+    fn start_full(listen: &str, data_dir: tempdir::Dir, extra: &[&str]) -> Broker {
         let mut child = Command::new(courier_bin())
             .args(["serve", "--listen", listen, "--data-dir"])
             .arg(data_dir.path())
+            .args(extra)
             .env("COURIER_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

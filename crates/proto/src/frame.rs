@@ -202,6 +202,8 @@ pub enum DecodeError {
     UnknownFlags { offset: usize, flags: u8 },
     #[error("unknown subscription start {code} at byte {offset}")]
     UnknownStart { offset: usize, code: u8 },
+    #[error("subscription start {code} carries a start_time; it must be 0 unless start is 2 (time)")]
+    StrayStartTime { code: u8 },
     #[error("unknown credentials kind {code} at byte {offset}")]
     UnknownCredentials { offset: usize, code: u8 },
     #[error("HELLO does not start with the magic bytes \"CRR1\"; is this a Courier client?")]
@@ -343,6 +345,9 @@ pub fn decode_body(body: Bytes) -> Result<Frame, DecodeError> {
             let code = r.u8()?;
             let time = r.u64()?;
             let start = match code {
+                // One encoding per value: a stray time would be lost on
+                // re-encoding (found by the fuzzer).
+                0 | 1 if time != 0 => return Err(DecodeError::StrayStartTime { code }),
                 0 => StartFrom::New,
                 1 => StartFrom::Beginning,
                 2 => StartFrom::Time(time),
@@ -1139,6 +1144,17 @@ mod tests {
         assert_eq!(
             decode_body(Bytes::from_static(&[0x7f])),
             Err(DecodeError::UnknownFrameType { frame_type: 0x7f })
+        );
+        let mut stray = vec![frame_type::SUBSCRIBE];
+        stray.extend_from_slice(&[0; 8]); // request
+        stray.extend_from_slice(&[1, b'a']); // pattern
+        stray.extend_from_slice(&[0; 8]); // deadline, max deliveries
+        stray.push(0); // start: new
+        stray.extend_from_slice(&u64::MAX.to_be_bytes());
+        assert_eq!(
+            decode_body(Bytes::from(stray)),
+            Err(DecodeError::StrayStartTime { code: 0 }),
+            "found by the fuzzer: a start time only goes with start 2"
         );
         assert_eq!(
             decode_body(Bytes::from_static(&[frame_type::ACK, 0, 0, 0, 0])),

@@ -134,6 +134,22 @@ impl<S: MessageStore> Broker<S> {
                     json!({"service": service, "purged": purged}),
                 )
             }
+            "courier.metrics" => {
+                let m = self.metrics().clone();
+                (
+                    "courier.metrics.current",
+                    json!({
+                        "accepted": m.accepted, "refused": m.refused, "duplicates": m.duplicates,
+                        "delivered": m.delivered, "redelivered": m.redelivered, "acked": m.acked,
+                        "nacked": m.nacked, "dead_lettered": m.dead_lettered, "expired": m.expired,
+                        "dropped_unrouted": m.dropped_unrouted, "replies_parked": m.replies_parked,
+                        "replies_dropped": m.replies_dropped, "unauthorized": m.unauthorized,
+                        "rate_limited": m.rate_limited, "connections_refused": m.connections_refused,
+                        "storage_failures": m.storage_failures, "unreadable_messages": m.unreadable_messages,
+                        "store_len": self.store.len(),
+                    }),
+                )
+            }
             "courier.services.list" => {
                 let services: Vec<Value> = self
                     .services()

@@ -159,6 +159,15 @@ impl Reader {
 }
 
 impl Op {
+    /// Changes beyond delivery bookkeeping: losing one in a failed sync
+    /// means the state in memory no longer matches the disk.
+    pub fn is_structural(&self) -> bool {
+        !matches!(
+            self,
+            Op::Delivered { .. } | Op::Acked { .. } | Op::Nacked { .. }
+        )
+    }
+
     pub fn encode(&self) -> BytesMut {
         let mut w = Writer::new();
         match self {

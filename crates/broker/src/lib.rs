@@ -38,6 +38,9 @@ pub type ConnId = u64;
 pub type DeliveryId = u64;
 
 const NANOS_PER_MS: u64 = 1_000_000;
+/// Journal entries kept in memory while the disk fails; past this, the
+/// oldest delivery bookkeeping is lost (counted), never messages.
+const DEFERRED_JOURNAL_ENTRIES_MAX: usize = 1_000_000;
 
 /// Tunables, each with a unit in its name.
 #[derive(Debug, Clone)]
@@ -65,6 +68,11 @@ pub struct Config {
     pub event_retention_ms: u64,
     /// Per name pattern retention of events; the first matching rule wins.
     pub retention_rules: Vec<RetentionRule>,
+    /// Sends per second one service may make (all its instances together);
+    /// bursts up to one second's worth. 0: no limit.
+    pub send_rate_per_service: u32,
+    /// Connections one service may hold at once.
+    pub connections_per_service_max: u32,
     /// Above this many bytes of log, retained history is given up at the
     /// next checkpoint (all of it that no service is still owed, and that
     /// the snapshot covers), whatever its age. 0: no cap.
@@ -124,6 +132,8 @@ impl Default for Config {
             event_retention_ms: 24 * 3600 * 1000,
             retention_rules: Vec::new(),
             retention_bytes_max: 0,
+            send_rate_per_service: 1_000_000,
+            connections_per_service_max: 1024,
         }
     }
 }
@@ -171,10 +181,16 @@ pub struct Metrics {
     pub replies_dropped: u64,
     /// Sends and subscriptions the manifest did not allow.
     pub unauthorized: u64,
+    /// Sends refused because their service was over its send rate.
+    pub rate_limited: u64,
+    /// Connections refused because their service had too many.
+    pub connections_refused: u64,
     /// Syncs that failed (disk full, I/O error); each rebuilt the state.
     pub storage_failures: u64,
     /// Stored messages that could not be read back (checksum, I/O).
     pub unreadable_messages: u64,
+    /// Journal entries dropped while the disk failed for too long.
+    pub journal_entries_dropped: u64,
 }
 
 pub use courier_proto::StartFrom;
@@ -222,6 +238,9 @@ struct Service {
     next_instance: usize,
     queue: Queue,
     parked_replies: VecDeque<Arc<Message>>,
+    /// Token bucket for the send rate: tokens left, and when last refilled.
+    send_tokens: f64,
+    send_tokens_at: Nanos,
 }
 
 impl Service {
@@ -234,6 +253,8 @@ impl Service {
             next_instance: 0,
             queue: Queue::default(),
             parked_replies: VecDeque::new(),
+            send_tokens: f64::from(config.send_rate_per_service),
+            send_tokens_at: 0,
         }
     }
 
@@ -295,6 +316,16 @@ pub struct Broker<S: MessageStore> {
     alerts: Vec<String>,
     /// The store's `next_seq` at the last checkpoint.
     checkpointed_at: Seq,
+    /// The store failed a sync and has not worked since.
+    degraded: bool,
+    /// Journal entries waiting for the disk (while degraded), in order.
+    deferred_ops: Vec<bytes::BytesMut>,
+    /// Journal entries written since the last good sync.
+    batch_ops: Vec<bytes::BytesMut>,
+    /// The batch changed more than delivery bookkeeping.
+    batch_structural: bool,
+    /// The batch appended messages.
+    batch_appended: bool,
     /// Who may send and receive what; `None` lets everyone do everything.
     manifest: Option<Arc<Manifest>>,
 }
@@ -322,6 +353,11 @@ impl<S: MessageStore> Broker<S> {
             now: 0,
             alerts: Vec::new(),
             checkpointed_at: 0,
+            degraded: false,
+            deferred_ops: Vec::new(),
+            batch_ops: Vec::new(),
+            batch_structural: false,
+            batch_appended: false,
             manifest: None,
         }
     }
@@ -351,14 +387,53 @@ impl<S: MessageStore> Broker<S> {
     /// its seq (0 if the write failed: the next sync then fails too and
     /// rebuilds the state).
     fn journal(&mut self, op: Op) -> Seq {
+        let bytes = op.encode();
+        if self.degraded {
+            // The disk is failing: keep the change in memory, in order, and
+            // write it when the disk works again (see `retry_storage`).
+            if self.deferred_ops.len() < DEFERRED_JOURNAL_ENTRIES_MAX {
+                self.deferred_ops.push(bytes);
+            } else {
+                self.metrics.journal_entries_dropped += 1;
+            }
+            return self.store.next_seq();
+        }
         self.dirty = true;
-        match self.store.journal(&op.encode()) {
+        self.batch_structural |= op.is_structural();
+        self.batch_ops.push(bytes.clone());
+        match self.store.journal(&bytes) {
             Ok(seq) => seq,
             Err(e) => {
                 self.alerts.push(format!("journal write failed: {e}"));
                 0
             }
         }
+    }
+
+    /// While degraded, tries to write the deferred journal entries; on
+    /// success the broker is back to normal.
+    fn retry_storage(&mut self) {
+        // Twice: a store may need a failed attempt to reopen its files.
+        for _ in 0..2 {
+            let written = self
+                .deferred_ops
+                .iter()
+                .all(|op| self.store.journal(op).is_ok());
+            if written && self.store.sync().is_ok() {
+                let count = self.deferred_ops.len();
+                self.deferred_ops.clear();
+                self.degraded = false;
+                self.alerts.push(format!(
+                    "storage works again; {count} deferred journal entries written"
+                ));
+                return;
+            }
+        }
+    }
+
+    /// Whether the store is failing (durable sends are refused meanwhile).
+    pub fn is_degraded(&self) -> bool {
+        self.degraded
     }
 
     pub fn config(&self) -> &Config {
@@ -391,6 +466,9 @@ impl<S: MessageStore> Broker<S> {
                 }
                 Err(error) => self.storage_failed(&error),
             }
+            self.batch_ops.clear();
+            self.batch_structural = false;
+            self.batch_appended = false;
         }
         self.alerts.extend(self.store.take_reports());
         out.append(&mut self.actions);
@@ -401,6 +479,19 @@ impl<S: MessageStore> Broker<S> {
     /// really holds instead of assuming a retry would succeed.
     fn storage_failed(&mut self, error: &courier_store::StoreError) {
         self.metrics.storage_failures += 1;
+        self.degraded = true;
+        self.dirty = false;
+        if !self.batch_appended && !self.batch_structural {
+            // Only delivery bookkeeping (delivered, acked, nacked) was lost:
+            // the state in memory is right; write it again later. Nothing
+            // else changes, so a failing disk cannot cause a redelivery loop.
+            self.alerts.push(format!(
+                "storage sync failed: {error}; delivery state is kept in memory until the disk works again"
+            ));
+            self.deferred_ops.append(&mut self.batch_ops);
+            self.actions.append(&mut self.unsynced);
+            return;
+        }
         self.alerts.push(format!(
             "storage sync failed: {error}; refusing this batch and rebuilding state from the log"
         ));
@@ -450,7 +541,19 @@ impl<S: MessageStore> Broker<S> {
 
     /// A connection finished its handshake.
     pub fn connect(&mut self, conn: ConnId, service: &str, instance: &str, max_in_flight: u32) {
-        self.connect_as(conn, service, instance, max_in_flight, false);
+        let _refused = self.connect_as(conn, service, instance, max_in_flight, false);
+    }
+
+    /// Whether `service` may open one more connection.
+    pub fn may_connect(&self, service: &str) -> Result<(), String> {
+        let open = self.services.get(service).map_or(0, |s| s.instances.len());
+        let max = self.config.connections_per_service_max as usize;
+        if open >= max {
+            return Err(format!(
+                "service {service} already has {open} connections, the most allowed ({max}); close some or raise the limit"
+            ));
+        }
+        Ok(())
     }
 
     /// Like [`Broker::connect`]; `admin` connections may use the broker's
@@ -462,7 +565,11 @@ impl<S: MessageStore> Broker<S> {
         instance: &str,
         max_in_flight: u32,
         admin: bool,
-    ) {
+    ) -> Result<(), String> {
+        if let Err(reason) = self.may_connect(service) {
+            self.metrics.connections_refused += 1;
+            return Err(reason);
+        }
         let max_in_flight = self.effective_max_in_flight(max_in_flight);
         self.conns.insert(
             conn,
@@ -487,6 +594,7 @@ impl<S: MessageStore> Broker<S> {
         for reply in parked {
             self.deliver_untracked(conn, reply);
         }
+        Ok(())
     }
 
     fn effective_max_in_flight(&self, asked: u32) -> u32 {
@@ -590,6 +698,14 @@ impl<S: MessageStore> Broker<S> {
             (ack_deadline_ms != 0 && ack_deadline_ms != s.ack_deadline_ms)
                 || (max_deliveries != 0 && max_deliveries != s.max_deliveries)
         });
+        if self.degraded && (is_new || settings_change) {
+            return self.op_result(
+                conn,
+                request,
+                ErrorCode::StorageFailed,
+                "the broker's disk is failing; a new subscription cannot be made durable now — retry later".to_string(),
+            );
+        }
         let from_seq = if is_new { self.start_seq(from) } else { 0 };
         if is_new || settings_change {
             let op_seq = self.journal(Op::Subscribe {
@@ -734,6 +850,14 @@ impl<S: MessageStore> Broker<S> {
             return;
         };
         let service = c.service.clone();
+        if self.degraded {
+            return self.op_result(
+                conn,
+                request,
+                ErrorCode::StorageFailed,
+                "the broker's disk is failing; retry the unsubscribe later".to_string(),
+            );
+        }
         if let Err(reason) = self.apply_unsubscribe(&service, pattern) {
             return self.op_result(conn, request, ErrorCode::NotSubscribed, reason);
         }
@@ -799,6 +923,17 @@ impl<S: MessageStore> Broker<S> {
             self.metrics.refused += 1;
             return self.send_result(conn, seq, refusal.0, refusal.1);
         }
+        if !self.take_send_token(&sender, now) {
+            self.metrics.refused += 1;
+            self.metrics.rate_limited += 1;
+            let rate = self.config.send_rate_per_service;
+            return self.send_result(
+                conn,
+                seq,
+                ErrorCode::RateLimited,
+                format!("service {sender} is over its send rate of {rate}/s; retry later (the SDK's send_timeout covers it)"),
+            );
+        }
         if let Err(reason) = self.authorize_send(&sender, admin, &message) {
             self.metrics.refused += 1;
             self.metrics.unauthorized += 1;
@@ -808,6 +943,19 @@ impl<S: MessageStore> Broker<S> {
         if self.dedup.contains(&message.id) {
             self.metrics.duplicates += 1;
             return self.send_result(conn, seq, ErrorCode::Ok, "duplicate".to_string());
+        }
+        if self.degraded
+            && !message.transient
+            && message.kind != Kind::Reply
+            && !message.name.starts_with(SYSTEM_PREFIX)
+        {
+            self.metrics.refused += 1;
+            return self.send_result(
+                conn,
+                seq,
+                ErrorCode::StorageFailed,
+                "the broker's disk is failing (full or erroring; see its log): durable messages are refused until it works again — retry later".to_string(),
+            );
         }
         let id = message.id;
         message.timestamp = now;
@@ -844,6 +992,26 @@ impl<S: MessageStore> Broker<S> {
                 self.metrics.refused += 1;
                 self.send_result(conn, seq, code, reason);
             }
+        }
+    }
+
+    /// Refills the service's bucket for the time passed and takes one token.
+    fn take_send_token(&mut self, service: &str, now: Nanos) -> bool {
+        let rate = self.config.send_rate_per_service;
+        if rate == 0 {
+            return true;
+        }
+        let Some(svc) = self.services.get_mut(service) else {
+            return true;
+        };
+        let elapsed_s = now.saturating_sub(svc.send_tokens_at) as f64 / 1e9;
+        svc.send_tokens = (svc.send_tokens + elapsed_s * f64::from(rate)).min(f64::from(rate));
+        svc.send_tokens_at = now;
+        if svc.send_tokens >= 1.0 {
+            svc.send_tokens -= 1.0;
+            true
+        } else {
+            false
         }
     }
 
@@ -950,6 +1118,7 @@ impl<S: MessageStore> Broker<S> {
                     .append(Arc::new(message))
                     .map_err(|e| (ErrorCode::StorageFailed, format!("not stored: {e}")))?;
                 self.dirty = true;
+                self.batch_appended = true;
                 self.store.remove(seq);
             }
             return Ok(());
@@ -969,6 +1138,7 @@ impl<S: MessageStore> Broker<S> {
             .append(message.clone())
             .map_err(|e| (ErrorCode::StorageFailed, format!("not stored: {e}")))?;
         self.dirty = true;
+        self.batch_appended = true;
         self.enqueue(seq, &message, &targets, now);
         for service in &targets {
             self.pump(service, now);
@@ -1357,6 +1527,9 @@ impl<S: MessageStore> Broker<S> {
     /// other instances, old dedup ids and reply routes are forgotten.
     pub fn tick(&mut self, now: Nanos) {
         self.now = now;
+        if self.degraded {
+            self.retry_storage();
+        }
         // Lets a store with a periodic fsync policy catch up while idle.
         self.dirty |= self.store.persistent();
         self.dedup.expire(now);

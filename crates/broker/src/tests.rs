@@ -936,7 +936,19 @@ fn unsynced_sends_are_never_acknowledged_and_a_failed_sync_rebuilds_state() {
         .take_alerts()
         .iter()
         .any(|a| a.contains("storage sync failed")));
-    // Space is back: the retry (same id) is accepted and delivered once.
+    // Until the disk has been seen working again, durable sends are refused
+    // without touching it.
+    assert!(h.broker.is_degraded());
+    h.send(1, 5, command("job.run", "early"));
+    assert_eq!(results(&h.actions()), vec![(5, ErrorCode::StorageFailed)]);
+    // Space is back: the next tick notices, and sends are accepted again.
+    h.advance(100);
+    assert!(!h.broker.is_degraded());
+    assert!(h
+        .broker
+        .take_alerts()
+        .iter()
+        .any(|a| a.contains("storage works again")));
     h.send(1, 2, command("job.run", "kept"));
     let actions = h.actions();
     assert_eq!(results(&actions), vec![(2, ErrorCode::Ok)]);
@@ -1292,7 +1304,9 @@ fn broker_commands_need_the_admin_identity_under_a_manifest() {
     let mut h = Harness::new();
     h.broker.set_manifest(Some(manifest()));
     h.connect(1, "web", 0);
-    h.broker.connect_as(9, "admin", "admin-1", 0, true);
+    h.broker
+        .connect_as(9, "admin", "admin-1", 0, true)
+        .expect("admin connects");
     let mut list = command("courier.services.list", "");
     h.send(1, 1, list.clone());
     let (code, reason) = refusal(&h.actions(), 1);
@@ -1305,4 +1319,75 @@ fn broker_commands_need_the_admin_identity_under_a_manifest() {
     assert!(actions
         .iter()
         .any(|a| matches!(a, Action::Deliver { conn: 9, .. })));
+}
+
+// ---- limits --------------------------------------------------------------
+
+#[test]
+fn a_service_over_its_send_rate_is_refused_and_recovers() {
+    let mut h = Harness::new();
+    h.broker = Broker::new(
+        Config {
+            send_rate_per_service: 10,
+            ..Config::default()
+        },
+        MemoryStore::new(),
+    );
+    h.connect(1, "chatty", 0);
+    h.connect(2, "quiet", 0);
+    for i in 0..12 {
+        h.send(1, i, event("noise.made", "x"));
+    }
+    h.send(2, 100, event("calm.note", "x"));
+    let r = results(&h.actions());
+    assert_eq!(
+        r.iter().filter(|(_, c)| c.is_ok()).count(),
+        11,
+        "10 for chatty (its burst) and quiet's one: {r:?}"
+    );
+    assert_eq!(
+        r.iter()
+            .filter(|(_, c)| *c == ErrorCode::RateLimited)
+            .count(),
+        2
+    );
+    assert_eq!(h.broker.metrics().rate_limited, 2);
+    h.advance(500);
+    for i in 0..6 {
+        h.send(1, 200 + i, event("noise.made", "x"));
+    }
+    let r = results(&h.actions());
+    assert_eq!(
+        r.iter().filter(|(_, c)| c.is_ok()).count(),
+        5,
+        "half a second refills half the rate: {r:?}"
+    );
+}
+
+#[test]
+fn connections_per_service_are_capped() {
+    let mut h = Harness::new();
+    h.broker = Broker::new(
+        Config {
+            connections_per_service_max: 2,
+            ..Config::default()
+        },
+        MemoryStore::new(),
+    );
+    assert!(h.broker.connect_as(1, "web", "a", 0, false).is_ok());
+    assert!(h.broker.connect_as(2, "web", "b", 0, false).is_ok());
+    let refused = h.broker.connect_as(3, "web", "c", 0, false);
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|r| r.contains("already has 2 connections")),
+        "{refused:?}"
+    );
+    assert!(
+        h.broker.connect_as(4, "todo", "a", 0, false).is_ok(),
+        "other services are not affected"
+    );
+    h.broker.disconnect(1, h.now);
+    assert!(h.broker.connect_as(5, "web", "d", 0, false).is_ok());
+    assert_eq!(h.broker.metrics().connections_refused, 1);
 }

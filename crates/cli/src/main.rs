@@ -1,5 +1,7 @@
 //! `courier`: the broker and the client tools in one binary.
 
+mod bench;
+mod certs;
 mod output;
 
 use std::collections::VecDeque;
@@ -44,22 +46,47 @@ struct Conn {
     /// Broker address.
     #[arg(long, env = "COURIER_URL", default_value = "127.0.0.1:7700")]
     url: String,
-    /// The service to act as (default: the token's service, else `cli`).
+    /// The service to act as (default: the token's or client certificate's
+    /// service, else `cli`).
     #[arg(long, env = "COURIER_SERVICE")]
     service: Option<String>,
     /// Credentials, for brokers that require them.
     #[arg(long, env = "COURIER_TOKEN")]
     token: Option<String>,
+    /// Connect with TLS, trusting this CA certificate (PEM).
+    #[arg(long, env = "COURIER_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for brokers that authenticate by certificate.
+    #[arg(long, env = "COURIER_TLS_CERT", requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "COURIER_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 impl Conn {
+    /// TLS when `--tls-ca` is given (clap pairs `--tls-cert` with
+    /// `--tls-key` and with `--tls-ca`).
+    fn client_tls(&self) -> Option<courier_client::ClientTls> {
+        let ca = self.tls_ca.clone()?;
+        let tls = courier_client::ClientTls::new(ca);
+        Some(match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => tls.with_client_cert(cert, key),
+            _ => tls,
+        })
+    }
+
     /// With a token and no explicit service, the token decides (an empty
     /// name in HELLO); without either, `cli`.
     fn service_name(&self) -> String {
-        match (&self.service, &self.token) {
+        // A client certificate decides like a token does.
+        match (
+            &self.service,
+            self.token.is_some() || self.tls_cert.is_some(),
+        ) {
             (Some(s), _) => s.clone(),
-            (None, Some(_)) => String::new(),
-            (None, None) => "cli".to_string(),
+            (None, true) => String::new(),
+            (None, false) => "cli".to_string(),
         }
     }
 }
@@ -119,6 +146,17 @@ struct ServeArgs {
     /// Accept unauthenticated connections on a non-loopback address.
     #[arg(long)]
     insecure: bool,
+    /// Serve TLS with this certificate chain (PEM, leaf first).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Verify client certificates against this CA (PEM); a verified
+    /// certificate authenticates as the service whose `certificates` list
+    /// its subject. Optional per client: token-only clients still connect.
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
 }
 
 /// `512`, `64KiB`, `10MB`, `2GiB` …
@@ -252,9 +290,31 @@ enum Command {
         #[command(flatten)]
         admin: Admin,
     },
+    /// Measures durable publish, consume and restart against a broker it
+    /// starts itself; prints a table (or --json lines).
+    Bench(bench::BenchArgs),
+    /// Prints the broker's counters as one JSON object.
+    Metrics {
+        #[command(flatten)]
+        admin: Admin,
+    },
     /// Tokens for courier.toml.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Writes a development CA, a broker certificate for localhost and a
+    /// client certificate (subject CN=NAME) per service into DIR.
+    #[command(name = "dev-certs")]
+    DevCerts {
+        /// Where to write the PEM files.
+        dir: PathBuf,
+        /// A service to make a client certificate for (repeatable;
+        /// default: web, todo, admin).
+        #[arg(long = "service")]
+        services: Vec<String>,
+        /// Replace files that already exist.
+        #[arg(long)]
+        force: bool,
+    },
     /// Validates an application's manifest; one line per problem.
     Check {
         /// The manifest, e.g. courier.toml.
@@ -276,6 +336,15 @@ struct Admin {
     url: String,
     #[arg(long, env = "COURIER_TOKEN")]
     token: Option<String>,
+    /// Connect with TLS, trusting this CA certificate (PEM).
+    #[arg(long, env = "COURIER_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for brokers that authenticate by certificate.
+    #[arg(long, env = "COURIER_TLS_CERT", requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "COURIER_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -408,6 +477,7 @@ async fn connect(conn: &Conn) -> Result<Client, ClientError> {
 async fn connect_with(conn: &Conn, max_in_flight: u32) -> Result<Client, ClientError> {
     let mut opts = ClientOptions::new(conn.url.clone(), conn.service_name());
     opts.token = conn.token.clone();
+    opts.tls = conn.client_tls();
     if max_in_flight > 0 {
         opts.max_in_flight = max_in_flight;
     }
@@ -452,6 +522,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Check { manifest } => check(&manifest),
+        Command::DevCerts {
+            dir,
+            services,
+            force,
+        } => dev_certs(&dir, services, force),
+        Command::Metrics { admin } => {
+            output::line(&admin_request(&admin, "courier.metrics", serde_json::json!({})).await?);
+            Ok(())
+        }
+        Command::Bench(args) => bench::run(args).await,
         Command::Services { admin } => {
             let listing =
                 admin_request(&admin, "courier.services.list", serde_json::json!({})).await?;
@@ -515,6 +595,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         broker,
         manifest_path: args.manifest.clone(),
         insecure: args.insecure,
+        tls: match (args.tls_cert, args.tls_key) {
+            (Some(cert_chain), Some(key)) => Some(courier_server::TlsSettings {
+                cert_chain,
+                key,
+                client_ca: args.tls_client_ca,
+            }),
+            _ => None,
+        },
         ..ServerConfig::default()
     };
     let server = Server::bind(config, store).await?;
@@ -697,6 +785,30 @@ async fn reply(
     Ok(())
 }
 
+fn dev_certs(dir: &std::path::Path, services: Vec<String>, force: bool) -> anyhow::Result<()> {
+    let services = if services.is_empty() {
+        certs::DEFAULT_SERVICES
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    } else {
+        services
+    };
+    let written = certs::write_dev_certs(dir, &services, force)?;
+    for path in &written {
+        println!("{}", path.display());
+    }
+    let d = dir.display();
+    let first = services.first().map_or("web", String::as_str);
+    eprintln!(
+        "courier: development certificates only (the CA key is in {d}/ca-key.pem).\n\
+         broker:  courier serve --tls-cert {d}/server.pem --tls-key {d}/server-key.pem --tls-client-ca {d}/ca.pem\n\
+         clients: --tls-ca {d}/ca.pem --tls-cert {d}/{first}.pem --tls-key {d}/{first}-key.pem\n\
+         manifest: certificates = [\"CN={first}\"] under [services.{first}]"
+    );
+    Ok(())
+}
+
 fn check(path: &std::path::Path) -> anyhow::Result<()> {
     let (manifest, _) = courier_server::load_manifest(path).map_err(|e| anyhow::anyhow!(e))?;
     let problems = courier_manifest::check(&manifest);
@@ -727,9 +839,13 @@ async fn admin_request(
         url: admin.url.clone(),
         service: std::env::var("COURIER_SERVICE").ok(),
         token: admin.token.clone(),
+        tls_ca: admin.tls_ca.clone(),
+        tls_cert: admin.tls_cert.clone(),
+        tls_key: admin.tls_key.clone(),
     };
     let mut opts = ClientOptions::new(conn.url.clone(), conn.service_name());
     opts.token = conn.token.clone();
+    opts.tls = conn.client_tls();
     let client = Client::connect(opts).await?;
     let reply = client.command(name).json(&args)?.request().await;
     client.shutdown().await;

@@ -141,3 +141,50 @@ fn frames_before_the_handshake_and_wrong_versions_are_refused() {
     assert_eq!(expect_error_then_close(&mut s).0, ErrorCode::InvalidName);
     broker_still_serves(&broker);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_half_open_connections_do_not_stop_anyone_else() {
+    let broker = Broker::start();
+    let listener = broker.spawn(&["subscribe", "still.here", "--service", "good"]);
+    let publisher = courier_client::Client::connect(courier_client::ClientOptions::new(
+        broker.addr.clone(),
+        "web",
+    ))
+    .await
+    .expect("connect before the flood");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Connections that never finish (or even start) their handshake, some
+    // with a partial frame: more than the broker's cap on handshakes. New
+    // connections may be turned away while the cap is reached; connected
+    // ones must not notice.
+    let mut idle = Vec::new();
+    for i in 0..3000 {
+        match TcpStream::connect(&broker.addr) {
+            Ok(mut s) => {
+                if i % 2 == 0 {
+                    let _ = s.write_all(&[0, 0, 0, 40, 0x01, b'C']);
+                }
+                idle.push(s);
+            }
+            // The OS backlog may refuse some at this rate: that is fine too.
+            Err(_) => continue,
+        }
+    }
+    let started = std::time::Instant::now();
+    publisher
+        .publish("still.here", &"served")
+        .await
+        .expect("a connected client keeps being served");
+    assert_eq!(
+        listener.json_line(Duration::from_secs(10))["payload"],
+        "served"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    drop(idle);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::task::block_in_place(|| broker_still_serves(&broker));
+}

@@ -1,7 +1,9 @@
 //! The connection driver: handshake, reading, writing, reconnecting.
 
+use std::pin::Pin;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -9,14 +11,17 @@ use courier_proto::{
     decode_frame, Credentials, ErrorCode, Frame, Hello, Kind, Subscribe, FRAME_BYTES_MAX_DEFAULT,
     PROTOCOL_VERSION,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
+use tokio_rustls::client::TlsStream;
 use tracing::{debug, warn};
 
 use crate::handler::{self, Incoming};
-use crate::{Client, ClientOptions, Error, Inner, Reply, Result, State};
+use crate::{Client, ClientOptions, ClientTls, Error, Inner, Reply, Result, State};
 
 /// Biggest frame we accept from the broker.
 const INBOUND_FRAME_BYTES_MAX: u32 = 64 * 1024 * 1024;
@@ -27,11 +32,150 @@ const PING_INTERVAL: Duration = Duration::from_secs(10);
 /// … and gives it up when nothing at all arrived for this long.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The ALPN protocol offered: the Courier protocol, version 1 (the
+/// broker's `courier_server::ALPN`).
+const ALPN: &[u8] = b"courier/1";
+
 pub(crate) struct Established {
-    reader: OwnedReadHalf,
-    writer: OwnedWriteHalf,
+    reader: Reader,
+    writer: Writer,
     buf: BytesMut,
     pub frame_bytes_max: u32,
+}
+
+/// The read half of a connection. Plain TCP keeps `TcpStream`'s owned
+/// halves (no lock between reader and writer); a TLS session is one state
+/// machine for both directions, so its halves share `tokio::io::split`'s
+/// lock. An enum rather than a `Box<dyn …>`: no allocation or virtual call
+/// on the plain path.
+enum Reader {
+    Plain(OwnedReadHalf),
+    Tls(tokio::io::ReadHalf<TlsStream<TcpStream>>),
+}
+
+enum Writer {
+    Plain(OwnedWriteHalf),
+    Tls(tokio::io::WriteHalf<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Reader {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Reader::Plain(r) => Pin::new(r).poll_read(cx, buf),
+            Reader::Tls(r) => Pin::new(r).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Writer {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Writer::Plain(w) => Pin::new(w).poll_write(cx, buf),
+            Writer::Tls(w) => Pin::new(w).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Writer::Plain(w) => Pin::new(w).poll_flush(cx),
+            Writer::Tls(w) => Pin::new(w).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Writer::Plain(w) => Pin::new(w).poll_shutdown(cx),
+            Writer::Tls(w) => Pin::new(w).poll_shutdown(cx),
+        }
+    }
+}
+
+/// A rustls client set-up from the PEM files of `tls` (read now, so
+/// renewed files count at the next reconnect).
+fn tls_connector(tls: &ClientTls) -> std::result::Result<tokio_rustls::TlsConnector, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let certificates = |path: &std::path::Path, what: &str| {
+        let certs = CertificateDer::pem_file_iter(path)
+            .and_then(|certs| certs.collect::<std::result::Result<Vec<_>, _>>())
+            .map_err(|e| format!("cannot read {what} {}: {e}", path.display()))?;
+        if certs.is_empty() {
+            return Err(format!(
+                "{what} {} holds no PEM CERTIFICATE block",
+                path.display()
+            ));
+        }
+        Ok(certs)
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in certificates(&tls.ca, "the TLS CA file")? {
+        roots.add(cert).map_err(|e| {
+            format!(
+                "the TLS CA file {} holds an unusable certificate: {e}",
+                tls.ca.display()
+            )
+        })?;
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS set-up: {e}"))?
+        .with_root_certificates(roots);
+    let mut config = match &tls.client_cert {
+        Some((cert, key)) => {
+            let chain = certificates(cert, "the client certificate file")?;
+            let key = PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| format!("cannot read a private key from {}: {e}", key.display()))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| format!("the client certificate and key do not match: {e}"))?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+/// The name the broker's certificate must carry: the override, else the
+/// host part of `host:port` (an IP address or a DNS name).
+fn server_name(
+    opts: &ClientOptions,
+    tls: &ClientTls,
+) -> std::result::Result<ServerName<'static>, String> {
+    let host = match &tls.server_name {
+        Some(name) => name.as_str(),
+        None => opts
+            .url
+            .rsplit_once(':')
+            .map_or(opts.url.as_str(), |(host, _)| host)
+            .trim_start_matches('[')
+            .trim_end_matches(']'),
+    };
+    ServerName::try_from(host.to_string())
+        .map_err(|e| format!("{host:?} is not a name a TLS certificate can carry: {e}"))
+}
+
+/// Why a TLS session failed, in words that point at the fix.
+fn tls_failure(addr: &str, e: &std::io::Error) -> String {
+    let hint = match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+        Some(rustls::Error::InvalidCertificate(_)) => {
+            "; the broker's certificate is not signed by the trusted CA (--tls-ca / COURIER_TLS_CA) or does not name this host".to_string()
+        }
+        Some(rustls::Error::InvalidMessage(_)) => {
+            "; is the broker listening with TLS (courier serve --tls-cert --tls-key)?".to_string()
+        }
+        Some(rustls::Error::AlertReceived(alert)) => format!(
+            "; the broker refused the TLS session ({alert:?}): is this client certificate (--tls-cert) signed by the broker's --tls-client-ca?"
+        ),
+        _ => String::new(),
+    };
+    format!("TLS session with {addr} failed: {e}{hint}")
 }
 
 /// Connects and completes HELLO/WELCOME.
@@ -50,7 +194,38 @@ pub(crate) async fn establish(opts: &ClientOptions) -> Result<Established> {
         })?
         .map_err(connect_error)?;
     let _ = stream.set_nodelay(true);
-    let (mut reader, mut writer) = stream.into_split();
+    let is_tls = opts.tls.is_some();
+    let (mut reader, mut writer) = match &opts.tls {
+        None => {
+            let (reader, writer) = stream.into_split();
+            (Reader::Plain(reader), Writer::Plain(writer))
+        }
+        Some(tls) => {
+            let setup_error = |message: String| {
+                connect_error(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    message,
+                ))
+            };
+            let connector = tls_connector(tls).map_err(setup_error)?;
+            let name = server_name(opts, tls).map_err(setup_error)?;
+            let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, stream))
+                .await
+                .map_err(|_| Error::Closed("no TLS handshake with the broker within 10 s".into()))?
+                .map_err(|e| Error::Closed(tls_failure(&opts.url, &e)))?;
+            let (reader, writer) = tokio::io::split(stream);
+            (Reader::Tls(reader), Writer::Tls(writer))
+        }
+    };
+    // Errors on an established TLS session (a refused client certificate
+    // arrives as an alert after the client's side of the handshake).
+    let session_error = |e: std::io::Error| {
+        if is_tls {
+            Error::Closed(tls_failure(&opts.url, &e))
+        } else {
+            connect_error(e)
+        }
+    };
     let mut out = courier_proto::FrameWriter::new();
     out.push(&Frame::Hello(Hello {
         version: PROTOCOL_VERSION,
@@ -63,23 +238,34 @@ pub(crate) async fn establish(opts: &ClientOptions) -> Result<Established> {
             .map(Credentials::Token)
             .unwrap_or_default(),
     }))?;
-    writer.write_all(&out.take()).await.map_err(connect_error)?;
+    writer.write_all(&out.take()).await.map_err(session_error)?;
+    writer.flush().await.map_err(session_error)?;
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let welcome = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
         loop {
             match decode_frame(&mut buf, INBOUND_FRAME_BYTES_MAX) {
                 Ok(Some(frame)) => return Ok(frame),
                 Ok(None) => {}
-                Err(e) => return Err(Error::Closed(format!("broker sent a bad frame: {e}"))),
+                Err(e) => {
+                    // A TLS record (alert 0x15 or handshake 0x16, version 3.x).
+                    let hint = if !is_tls && matches!(buf.get(..2), Some([0x15 | 0x16, 0x03])) {
+                        "; it looks like TLS: pass --tls-ca (COURIER_TLS_CA)"
+                    } else {
+                        ""
+                    };
+                    return Err(Error::Closed(format!("broker sent a bad frame: {e}{hint}")));
+                }
             }
             match reader.read_buf(&mut buf).await {
                 Ok(0) => {
-                    return Err(Error::Closed(
-                        "broker closed the connection during the handshake".into(),
-                    ))
+                    return Err(Error::Closed(if is_tls {
+                        "broker closed the connection during the handshake (did it refuse this client certificate?)".into()
+                    } else {
+                        "broker closed the connection during the handshake".into()
+                    }))
                 }
                 Ok(_) => {}
-                Err(e) => return Err(connect_error(e)),
+                Err(e) => return Err(session_error(e)),
             }
         }
     })
@@ -232,7 +418,7 @@ pub(crate) async fn drive(inner: Arc<Inner>, first: Established) {
 }
 
 /// Writes whatever the client queued; ends `Ok` on shutdown after the last flush.
-async fn write_loop(inner: &Inner, mut writer: OwnedWriteHalf) -> std::io::Result<()> {
+async fn write_loop(inner: &Inner, mut writer: Writer) -> std::io::Result<()> {
     let mut shutdown = inner.shutdown.subscribe();
     let mut ping = tokio::time::interval(PING_INTERVAL);
     ping.tick().await;
@@ -240,6 +426,8 @@ async fn write_loop(inner: &Inner, mut writer: OwnedWriteHalf) -> std::io::Resul
         let bytes = inner.lock().writer.take();
         if !bytes.is_empty() {
             writer.write_all(&bytes).await?;
+            // Free on TCP; TLS may hold encrypted bytes until flushed.
+            writer.flush().await?;
         }
         if *shutdown.borrow() {
             let _ = writer.shutdown().await;
@@ -276,7 +464,7 @@ impl ReadEnd {
 async fn read_loop(
     inner: &Arc<Inner>,
     generation: u64,
-    reader: &mut OwnedReadHalf,
+    reader: &mut Reader,
     buf: &mut BytesMut,
 ) -> ReadEnd {
     loop {

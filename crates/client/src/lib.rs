@@ -87,6 +87,8 @@ pub struct ClientOptions {
     pub instance: String,
     /// Credentials for brokers that require them.
     pub token: Option<String>,
+    /// TLS to the broker; `None` is plain TCP.
+    pub tls: Option<ClientTls>,
     /// Deliveries this instance handles at once (flow control).
     pub max_in_flight: u32,
     /// How long `send` waits for the broker's acknowledgement.
@@ -121,6 +123,7 @@ impl ClientOptions {
             service: service.into(),
             instance: String::new(),
             token: None,
+            tls: None,
             max_in_flight: 64,
             send_timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(30),
@@ -135,13 +138,67 @@ impl ClientOptions {
     }
 
     /// Reads `COURIER_URL` and `COURIER_SERVICE` (defaults `127.0.0.1:7700`
-    /// and `cli`), and `COURIER_TOKEN` when set.
+    /// and `cli`), and `COURIER_TOKEN` when set; with `COURIER_TLS_CA` set,
+    /// TLS trusting that CA, with the client certificate of
+    /// `COURIER_TLS_CERT` and `COURIER_TLS_KEY` when both are set.
     pub fn from_env() -> ClientOptions {
         let url = std::env::var("COURIER_URL").unwrap_or_else(|_| "127.0.0.1:7700".to_string());
         let service = std::env::var("COURIER_SERVICE").unwrap_or_else(|_| "cli".to_string());
         let mut opts = ClientOptions::new(url, service);
         opts.token = std::env::var("COURIER_TOKEN").ok();
+        opts.tls = std::env::var_os("COURIER_TLS_CA").map(|ca| {
+            let mut tls = ClientTls::new(ca);
+            if let (Some(cert), Some(key)) = (
+                std::env::var_os("COURIER_TLS_CERT"),
+                std::env::var_os("COURIER_TLS_KEY"),
+            ) {
+                tls.client_cert = Some((cert.into(), key.into()));
+            }
+            tls
+        });
         opts
+    }
+}
+
+/// TLS to the broker (rustls, TLS 1.3). PEM files are read at each
+/// (re)connect, so renewed certificates are picked up without a restart.
+///
+/// ```
+/// let mut opts = courier_client::ClientOptions::new("127.0.0.1:7700", "web");
+/// opts.tls = Some(courier_client::ClientTls::new("certs/ca.pem")
+///     .with_client_cert("certs/web.pem", "certs/web-key.pem"));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientTls {
+    /// CA certificate(s) that sign the broker's certificate; the only ones
+    /// trusted.
+    pub ca: std::path::PathBuf,
+    /// Client certificate chain and its private key, for brokers that
+    /// authenticate by certificate (mTLS).
+    pub client_cert: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// The name the broker's certificate must carry; by default the host of
+    /// [`ClientOptions::url`].
+    pub server_name: Option<String>,
+}
+
+impl ClientTls {
+    /// Trusts the CA in `ca`; no client certificate.
+    pub fn new(ca: impl Into<std::path::PathBuf>) -> ClientTls {
+        ClientTls {
+            ca: ca.into(),
+            client_cert: None,
+            server_name: None,
+        }
+    }
+
+    /// Presents this client certificate (chain, leaf first) and key.
+    pub fn with_client_cert(
+        mut self,
+        cert: impl Into<std::path::PathBuf>,
+        key: impl Into<std::path::PathBuf>,
+    ) -> ClientTls {
+        self.client_cert = Some((cert.into(), key.into()));
+        self
     }
 }
 

@@ -709,6 +709,11 @@ impl Log {
         self.metrics
     }
 
+    /// The file system the log was opened on (to reopen it the same way).
+    pub fn file_system(&self) -> Arc<dyn FileSystem> {
+        self.fs.clone()
+    }
+
     pub fn config(&self) -> &LogConfig {
         &self.config
     }

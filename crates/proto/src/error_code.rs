@@ -64,6 +64,7 @@ error_codes! {
     HandshakeTimeout = 18, "handshake_timeout";
     SlowConsumer = 19, "slow_consumer";
     NotSubscribed = 20, "not_subscribed";
+    TooManyConnections = 21, "too_many_connections";
 }
 
 impl ErrorCode {

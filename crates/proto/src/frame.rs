@@ -202,7 +202,9 @@ pub enum DecodeError {
     UnknownFlags { offset: usize, flags: u8 },
     #[error("unknown subscription start {code} at byte {offset}")]
     UnknownStart { offset: usize, code: u8 },
-    #[error("subscription start {code} carries a start_time; it must be 0 unless start is 2 (time)")]
+    #[error(
+        "subscription start {code} carries a start_time; it must be 0 unless start is 2 (time)"
+    )]
     StrayStartTime { code: u8 },
     #[error("unknown credentials kind {code} at byte {offset}")]
     UnknownCredentials { offset: usize, code: u8 },

@@ -21,9 +21,17 @@ pub const ADMIN_SERVICE: &str = "admin";
 
 /// Checks a HELLO against the manifest in force. Without a manifest,
 /// anyone may connect as any service (development on loopback).
+///
+/// `certificate` is the RFC 4514 subject of the client certificate that
+/// rustls verified against `--tls-client-ca` (never from the frame). With a
+/// manifest, a HELLO without a token is authenticated by that subject
+/// (`certificates = ["CN=web"]`). A token and a certificate that the
+/// manifest gives to different identities are refused; a certificate whose
+/// subject no service lists names nobody, and the token decides alone.
 pub(crate) fn authenticate(
     manifest: Option<&Manifest>,
     hello: &Hello,
+    certificate: Option<&str>,
 ) -> Result<Authenticated, (ErrorCode, String)> {
     let Some(manifest) = manifest else {
         if hello.service.is_empty() {
@@ -40,18 +48,50 @@ pub(crate) fn authenticate(
             admin: false,
         });
     };
-    let Credentials::Token(token) = &hello.credentials else {
-        return Err((
-            ErrorCode::Unauthorized,
-            "this broker requires credentials: pass --token or set COURIER_TOKEN (see 'courier token new')".to_string(),
-        ));
+    let by_certificate = certificate.and_then(|s| manifest.authenticate_certificate(s));
+    let identity = match (&hello.credentials, certificate) {
+        (Credentials::Token(token), _) => {
+            let by_token = manifest.authenticate_token(token);
+            if let (Some(t), Some(c), Some(subject)) = (&by_token, &by_certificate, certificate) {
+                if t != c {
+                    return Err((
+                        ErrorCode::Unauthorized,
+                        format!(
+                            "the token is {} but the client certificate {subject:?} is {}; present the credentials of one service",
+                            describe(t),
+                            describe(c)
+                        ),
+                    ));
+                }
+            }
+            by_token.ok_or_else(|| {
+                (
+                    ErrorCode::Unauthorized,
+                    "the token is not in the manifest (unknown, revoked, or mistyped)".to_string(),
+                )
+            })?
+        }
+        (_, Some(subject)) => by_certificate.ok_or_else(|| {
+            (
+                ErrorCode::Unauthorized,
+                format!(
+                    "the client certificate {subject:?} is in no service's certificates in the manifest"
+                ),
+            )
+        })?,
+        (_, None) => {
+            return Err((
+                ErrorCode::Unauthorized,
+                "this broker requires credentials: pass --token or set COURIER_TOKEN (see 'courier token new'), or a client certificate (--tls-cert, --tls-key)".to_string(),
+            ))
+        }
     };
-    match manifest.authenticate_token(token) {
-        Some(Identity::Admin) => Ok(Authenticated {
+    match identity {
+        Identity::Admin => Ok(Authenticated {
             service: ADMIN_SERVICE.to_string(),
             admin: true,
         }),
-        Some(Identity::Service(name)) => {
+        Identity::Service(name) => {
             // The sender of every message is this name, whatever the
             // client claims; a mismatching claim is refused, not corrected,
             // so misconfigured services fail loudly.
@@ -59,7 +99,12 @@ pub(crate) fn authenticate(
                 return Err((
                     ErrorCode::Unauthorized,
                     format!(
-                        "this token belongs to service {name}, not {:?}",
+                        "{} belongs to service {name}, not {:?}",
+                        if matches!(hello.credentials, Credentials::Token(_)) {
+                            "this token"
+                        } else {
+                            "this client certificate"
+                        },
                         hello.service
                     ),
                 ));
@@ -69,10 +114,13 @@ pub(crate) fn authenticate(
                 admin: false,
             })
         }
-        None => Err((
-            ErrorCode::Unauthorized,
-            "the token is not in the manifest (unknown, revoked, or mistyped)".to_string(),
-        )),
+    }
+}
+
+fn describe(identity: &Identity) -> String {
+    match identity {
+        Identity::Admin => "the admin's".to_string(),
+        Identity::Service(name) => format!("service {name}'s"),
     }
 }
 
@@ -103,7 +151,9 @@ mod tests {
 
     fn manifest() -> Manifest {
         Manifest::parse(&format!(
-            "[services.web]\nsends = [\"todo.create@1\"]\ntokens = [\"{}\"]\n\n[admin]\ntokens = [\"{}\"]\n",
+            "[services.web]\nsends = [\"todo.create@1\"]\ntokens = [\"{}\"]\ncertificates = [\"CN=web\"]\n\n\
+             [services.todo]\ncertificates = [\"CN=todo\"]\n\n\
+             [admin]\ntokens = [\"{}\"]\ncertificates = [\"CN=ops\"]\n",
             courier_manifest::hash_token("web-secret"),
             courier_manifest::hash_token("admin-secret")
         ))
@@ -111,32 +161,92 @@ mod tests {
     }
 
     #[test]
+    fn verified_certificates_authenticate_and_must_agree_with_tokens() {
+        let m = manifest();
+        let auth = |service: &str, token: Option<&str>, cert: Option<&str>| {
+            authenticate(Some(&m), &hello(service, token), cert)
+        };
+        assert_eq!(
+            auth("", None, Some("CN=todo")).map(|a| a.service),
+            Ok("todo".into())
+        );
+        assert_eq!(
+            auth("todo", None, Some("CN=todo")).map(|a| a.service),
+            Ok("todo".into())
+        );
+        assert_eq!(
+            auth("", None, Some("CN=ops")),
+            Ok(Authenticated {
+                service: "admin".into(),
+                admin: true
+            })
+        );
+        let spoof = auth("web", None, Some("CN=todo"));
+        assert!(
+            matches!(spoof, Err((ErrorCode::Unauthorized, ref r)) if r.contains("client certificate belongs to service todo")),
+            "{spoof:?}"
+        );
+        let unknown = auth("", None, Some("CN=web,O=evil"));
+        assert!(
+            matches!(unknown, Err((ErrorCode::Unauthorized, ref r)) if r.contains("in no service's certificates")),
+            "{unknown:?}"
+        );
+        // Token and certificate of one service: fine; of two: refused.
+        assert_eq!(
+            auth("", Some("web-secret"), Some("CN=web")).map(|a| a.service),
+            Ok("web".into())
+        );
+        let mixed = auth("", Some("web-secret"), Some("CN=todo"));
+        assert!(
+            matches!(mixed, Err((ErrorCode::Unauthorized, ref r)) if r.contains("service web's") && r.contains("service todo's")),
+            "{mixed:?}"
+        );
+        assert!(auth("", Some("admin-secret"), Some("CN=web")).is_err());
+        // A certificate nobody lists names nobody: the token decides.
+        assert_eq!(
+            auth("", Some("web-secret"), Some("CN=stranger")).map(|a| a.service),
+            Ok("web".into())
+        );
+        // A wrong token is not rescued by a good certificate.
+        assert!(auth("", Some("guess"), Some("CN=web")).is_err());
+        // Without a manifest certificates add nothing.
+        assert!(authenticate(None, &hello("x", None), Some("CN=web")).is_ok());
+    }
+
+    fn authenticate_plain(
+        manifest: Option<&Manifest>,
+        hello: &Hello,
+    ) -> Result<Authenticated, (ErrorCode, String)> {
+        authenticate(manifest, hello, None)
+    }
+
+    #[test]
     fn tokens_decide_the_identity() {
         let m = manifest();
         assert_eq!(
-            authenticate(Some(&m), &hello("web", Some("web-secret"))),
+            authenticate_plain(Some(&m), &hello("web", Some("web-secret"))),
             Ok(Authenticated {
                 service: "web".into(),
                 admin: false
             })
         );
         assert_eq!(
-            authenticate(Some(&m), &hello("", Some("web-secret"))).map(|a| a.service),
+            authenticate_plain(Some(&m), &hello("", Some("web-secret"))).map(|a| a.service),
             Ok("web".into())
         );
-        let spoof = authenticate(Some(&m), &hello("todo", Some("web-secret")));
+        let spoof = authenticate_plain(Some(&m), &hello("todo", Some("web-secret")));
         assert!(
             matches!(spoof, Err((ErrorCode::Unauthorized, ref r)) if r.contains("belongs to service web"))
         );
         assert!(matches!(
-            authenticate(Some(&m), &hello("web", None)),
+            authenticate_plain(Some(&m), &hello("web", None)),
             Err((ErrorCode::Unauthorized, _))
         ));
         assert!(matches!(
-            authenticate(Some(&m), &hello("web", Some("guess"))),
+            authenticate_plain(Some(&m), &hello("web", Some("guess"))),
             Err((ErrorCode::Unauthorized, _))
         ));
-        let admin = authenticate(Some(&m), &hello("cli", Some("admin-secret")));
+        let admin = authenticate_plain(Some(&m), &hello("cli", Some("admin-secret")));
         assert_eq!(
             admin,
             Ok(Authenticated {
@@ -145,7 +255,7 @@ mod tests {
             })
         );
         // Without a manifest: any valid name, no credentials needed.
-        assert!(authenticate(None, &hello("web", None)).is_ok());
-        assert!(authenticate(None, &hello("Not Valid", None)).is_err());
+        assert!(authenticate_plain(None, &hello("web", None)).is_ok());
+        assert!(authenticate_plain(None, &hello("Not Valid", None)).is_err());
     }
 }

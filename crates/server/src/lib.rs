@@ -10,8 +10,10 @@
 #![forbid(unsafe_code)]
 
 mod auth;
+mod tls;
 
 pub use auth::{load_manifest, ADMIN_SERVICE};
+pub use tls::{certificate_subject, TlsSettings, ALPN};
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -27,8 +29,7 @@ use courier_proto::{
 };
 use courier_store::MessageStore;
 use thiserror::Error;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
@@ -57,6 +58,10 @@ pub struct ServerConfig {
     pub insecure: bool,
     /// Connections still in their handshake at once; more are closed at once.
     pub handshakes_max: usize,
+    /// TLS on the listener: every connection's TLS handshake comes before
+    /// HELLO and counts against `handshake_timeout_ms`. TLS alone is not
+    /// authentication (the `insecure` rule is unchanged).
+    pub tls: Option<TlsSettings>,
     pub broker: BrokerConfig,
 }
 
@@ -72,6 +77,7 @@ impl Default for ServerConfig {
             manifest_path: None,
             insecure: false,
             handshakes_max: 1024,
+            tls: None,
             broker: BrokerConfig::default(),
         }
     }
@@ -86,6 +92,8 @@ pub enum ServerError {
          pass --manifest courier.toml, or --insecure if that is really what you want"
     )]
     Insecure(SocketAddr),
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("cannot recover the broker's state from its store: {0}")]
     Recovery(#[from] courier_store::StoreError),
     #[error("cannot listen on {addr}: {source}")]
@@ -149,9 +157,11 @@ impl Outbox {
 
 struct Shared {
     config: ServerConfig,
-    /// Credentials each live connection presented, to check again when the
-    /// manifest changes.
-    credentials: Mutex<HashMap<ConnId, courier_proto::Credentials>>,
+    /// Credentials each live connection presented (and the subject of its
+    /// verified client certificate), to check again when the manifest changes.
+    credentials: Mutex<HashMap<ConnId, (courier_proto::Credentials, Option<String>)>>,
+    /// Set when the listener speaks TLS.
+    tls: Option<tokio_rustls::TlsAcceptor>,
     /// Modification time of the manifest file in force.
     manifest_modified: Mutex<Option<SystemTime>>,
     handshakes: std::sync::atomic::AtomicUsize,
@@ -226,6 +236,10 @@ impl Server {
         if manifest.is_none() && !config.insecure && !config.listen.ip().is_loopback() {
             return Err(ServerError::Insecure(config.listen));
         }
+        let tls = match &config.tls {
+            Some(settings) => Some(tls::acceptor(settings).map_err(ServerError::Tls)?),
+            None => None,
+        };
         let mut core = Broker::new(config.broker.clone(), store);
         core.set_manifest(manifest);
         let recovery = core.recover(now_nanos())?;
@@ -237,6 +251,7 @@ impl Server {
             shared: Arc::new(Shared {
                 config,
                 credentials: Mutex::new(HashMap::new()),
+                tls,
                 manifest_modified: Mutex::new(manifest_modified),
                 handshakes: std::sync::atomic::AtomicUsize::new(0),
                 core: Mutex::new(core),
@@ -408,7 +423,7 @@ fn reload_manifest(shared: &Shared) -> Result<(), String> {
         .manifest_modified
         .lock()
         .unwrap_or_else(|p| p.into_inner()) = modified;
-    let credentials: Vec<(ConnId, courier_proto::Credentials)> = shared
+    let credentials: Vec<(ConnId, (courier_proto::Credentials, Option<String>))> = shared
         .credentials
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -418,7 +433,7 @@ fn reload_manifest(shared: &Shared) -> Result<(), String> {
     let mut revoked = Vec::new();
     {
         let mut core = shared.core();
-        for (conn, cred) in credentials {
+        for (conn, (cred, subject)) in credentials {
             let hello = courier_proto::Hello {
                 version: PROTOCOL_VERSION,
                 service: String::new(),
@@ -426,7 +441,7 @@ fn reload_manifest(shared: &Shared) -> Result<(), String> {
                 max_in_flight: 0,
                 credentials: cred,
             };
-            let still = auth::authenticate(Some(&manifest), &hello);
+            let still = auth::authenticate(Some(&manifest), &hello, subject.as_deref());
             let current = core.connection_service(conn);
             let same = matches!((&still, &current), (Ok(a), Some(s)) if a.service == *s);
             if !same {
@@ -546,39 +561,138 @@ async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAd
         warn!(%peer, max = shared.config.handshakes_max, "too many connections in their handshake; dropping one");
         return;
     }
-    let (mut reader, writer) = stream.into_split();
+    // The TLS handshake and HELLO share one deadline.
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_millis(shared.config.handshake_timeout_ms);
+    let Some(acceptor) = shared.tls.clone() else {
+        // Plain TCP keeps TcpStream's own owned halves: reader and writer
+        // task never contend for a lock.
+        let (reader, writer) = stream.into_split();
+        serve_stream(&shared, slot, reader, writer, peer, None, deadline).await;
+        return;
+    };
+    let Some(stream) = refuse_plaintext(&shared.config, stream, peer, deadline).await else {
+        return;
+    };
+    let stream = match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+        Err(_) => {
+            info!(%peer, "TLS handshake not finished within the handshake timeout; closing");
+            return;
+        }
+        Ok(Err(e)) => {
+            info!(%peer, error = %e, "TLS handshake failed");
+            return;
+        }
+        Ok(Ok(stream)) => stream,
+    };
+    // rustls has verified the chain against --tls-client-ca by now.
+    let subject = match stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+    {
+        None => None,
+        Some(leaf) => match tls::certificate_subject(leaf) {
+            Ok(subject) => Some(subject),
+            Err(e) => {
+                info!(%peer, error = %e, "client certificate subject unreadable; closing");
+                return;
+            }
+        },
+    };
+    // A TLS session is one state machine for both directions, so its halves
+    // share a lock (`tokio::io::split`); only the TLS path pays for that.
+    let (reader, writer) = tokio::io::split(stream);
+    serve_stream(&shared, slot, reader, writer, peer, subject, deadline).await;
+}
+
+/// A TLS client starts with a handshake record (`0x16`). Anything else is
+/// most likely a Courier client without TLS: it gets a plaintext ERROR
+/// frame saying so (rather than TLS alert bytes it cannot read), and the
+/// connection closes. `None` when the connection is done with.
+async fn refuse_plaintext(
+    config: &ServerConfig,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    deadline: tokio::time::Instant,
+) -> Option<TcpStream> {
+    /// The first byte of every TLS handshake record.
+    const TLS_HANDSHAKE: u8 = 0x16;
+    /// What is read and discarded from a plaintext client before closing.
+    const DISCARD_BYTES_MAX: usize = 64 * 1024;
+    let mut first = [0u8; 1];
+    match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
+        Ok(Ok(1..)) if first[0] == TLS_HANDSHAKE => return Some(stream),
+        Ok(Ok(1..)) => {}
+        Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return None,
+    }
+    info!(%peer, "a client spoke plain TCP to the TLS listener; refusing");
+    let mut out = FrameWriter::new();
+    let _ = out.push(&Frame::Error(ErrorFrame {
+        code: ErrorCode::HandshakeRequired,
+        message: format!(
+            "this broker requires TLS on {}: connect with --tls-ca CA.pem (or COURIER_TLS_CA; ClientOptions::tls in the SDK)",
+            config.listen
+        ),
+    }));
+    // Read what the client sent first, so closing does not reset the
+    // connection before it has read the ERROR.
+    let mut scratch = vec![0u8; 4096];
+    let mut discarded = 0;
+    let _ = stream.try_read(&mut scratch);
+    if stream.write_all(&out.take()).await.is_ok() && stream.shutdown().await.is_ok() {
+        while discarded < DISCARD_BYTES_MAX {
+            match tokio::time::timeout_at(deadline, stream.read(&mut scratch)).await {
+                Ok(Ok(n)) if n > 0 => discarded += n,
+                _ => break,
+            }
+        }
+    }
+    None
+}
+
+/// Handshake and life of one connection over any byte stream.
+async fn serve_stream<R, W>(
+    shared: &Shared,
+    slot: HandshakeSlot<'_>,
+    mut reader: R,
+    writer: W,
+    peer: SocketAddr,
+    subject: Option<String>,
+    deadline: tokio::time::Instant,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let outbox = Outbox::new();
     let writer_task = tokio::spawn(run_writer(writer, outbox.clone()));
-    let mut buf = BytesMut::with_capacity(shared.config.read_buffer_bytes);
-    let deadline = Duration::from_millis(shared.config.handshake_timeout_ms);
-    let hello =
-        match tokio::time::timeout(deadline, read_frame(&mut reader, &mut buf, &shared.config))
-            .await
-        {
-            Err(_) => {
-                outbox.fail(
-                    ErrorCode::HandshakeTimeout,
-                    format!("no HELLO within {} ms", shared.config.handshake_timeout_ms),
-                );
-                let _ = writer_task.await;
-                return;
-            }
-            Ok(Err(ReadError::Closed)) => return,
-            Ok(Err(ReadError::Decode(code, message))) => {
-                outbox.fail(code, message);
-                let _ = writer_task.await;
-                return;
-            }
-            Ok(Ok(Frame::Hello(hello))) => hello,
-            Ok(Ok(other)) => {
-                outbox.fail(
-                    ErrorCode::HandshakeRequired,
-                    format!("the first frame must be HELLO, not {}", frame_name(&other)),
-                );
-                let _ = writer_task.await;
-                return;
-            }
-        };
+    let mut buf = BytesMut::with_capacity(HANDSHAKE_READ_BYTES);
+    let hello = match tokio::time::timeout_at(deadline, read_frame(&mut reader, &mut buf)).await {
+        Err(_) => {
+            outbox.fail(
+                ErrorCode::HandshakeTimeout,
+                format!("no HELLO within {} ms", shared.config.handshake_timeout_ms),
+            );
+            let _ = writer_task.await;
+            return;
+        }
+        Ok(Err(ReadError::Closed)) => return,
+        Ok(Err(ReadError::Decode(code, message))) => {
+            outbox.fail(code, message);
+            let _ = writer_task.await;
+            return;
+        }
+        Ok(Ok(Frame::Hello(hello))) => hello,
+        Ok(Ok(other)) => {
+            outbox.fail(
+                ErrorCode::HandshakeRequired,
+                format!("the first frame must be HELLO, not {}", frame_name(&other)),
+            );
+            let _ = writer_task.await;
+            return;
+        }
+    };
     if hello.version != PROTOCOL_VERSION {
         outbox.fail(
             ErrorCode::UnsupportedVersion,
@@ -592,7 +706,11 @@ async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAd
     }
     let identity = {
         let core = shared.core();
-        auth::authenticate(core.manifest().map(|m| m.as_ref()), &hello)
+        auth::authenticate(
+            core.manifest().map(|m| m.as_ref()),
+            &hello,
+            subject.as_deref(),
+        )
     };
     let identity = match identity {
         Ok(identity) => identity,
@@ -610,30 +728,51 @@ async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAd
     } else {
         hello.instance.clone()
     };
-    debug!(conn, %peer, service = %identity.service, %instance, "connected");
-    outbox.push(&Frame::Welcome(Welcome {
-        version: PROTOCOL_VERSION,
-        connection_id: conn,
-        frame_bytes_max: shared.config.frame_bytes_max,
-        broker: format!("courier {}", env!("CARGO_PKG_VERSION")),
-    }));
-    shared.outboxes().insert(conn, outbox.clone());
     shared
         .credentials
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .insert(conn, hello.credentials.clone());
+        .insert(conn, (hello.credentials.clone(), subject));
+    shared.outboxes().insert(conn, outbox.clone());
+    // WELCOME and the broker's first actions (parked replies) leave in
+    // that order: both happen under the core lock.
+    let mut refused = None;
     shared.with_core(|core, _now| {
-        core.connect_as(
+        if let Err(reason) = core.may_connect(&identity.service) {
+            refused = Some(reason);
+            return;
+        }
+        outbox.push(&Frame::Welcome(Welcome {
+            version: PROTOCOL_VERSION,
+            connection_id: conn,
+            frame_bytes_max: shared.config.frame_bytes_max,
+            broker: format!("courier {}", env!("CARGO_PKG_VERSION")),
+        }));
+        if let Err(reason) = core.connect_as(
             conn,
             &identity.service,
             &instance,
             hello.max_in_flight,
             identity.admin,
-        )
+        ) {
+            refused = Some(reason);
+        }
     });
+    if let Some(reason) = refused {
+        info!(%peer, %reason, "connection refused");
+        shared.outboxes().remove(&conn);
+        shared
+            .credentials
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&conn);
+        outbox.fail(ErrorCode::TooManyConnections, reason);
+        let _ = writer_task.await;
+        return;
+    }
+    debug!(conn, %peer, service = %identity.service, %instance, "connected");
 
-    let end = read_loop(&shared, conn, &outbox, &mut reader, &mut buf).await;
+    let end = read_loop(shared, conn, &outbox, &mut reader, &mut buf).await;
     match end {
         ReadError::Closed => debug!(conn, "disconnected"),
         ReadError::Decode(code, message) => {
@@ -658,18 +797,25 @@ enum ReadError {
     Decode(ErrorCode, String),
 }
 
-async fn read_frame(
-    reader: &mut OwnedReadHalf,
+/// Largest HELLO accepted: its fields (two names of at most 255 bytes, a
+/// token of at most 65 535) with room to spare. Until a connection is
+/// authenticated it may make the broker buffer no more than this.
+const HELLO_BYTES_MAX: u32 = 70 * 1024;
+/// What an unauthenticated connection's reads are sized by.
+const HANDSHAKE_READ_BYTES: usize = 4 * 1024;
+
+/// Reads the first frame (HELLO) with the handshake's small limits.
+async fn read_frame<R: AsyncRead + Unpin>(
+    reader: &mut R,
     buf: &mut BytesMut,
-    config: &ServerConfig,
 ) -> Result<Frame, ReadError> {
     loop {
-        match decode_frame(buf, config.frame_bytes_max) {
+        match decode_frame(buf, HELLO_BYTES_MAX) {
             Ok(Some(frame)) => return Ok(frame),
             Ok(None) => {}
             Err(e) => return Err(ReadError::Decode(e.code(), e.to_string())),
         }
-        buf.reserve(config.read_buffer_bytes);
+        buf.reserve(HANDSHAKE_READ_BYTES);
         match reader.read_buf(buf).await {
             Ok(0) | Err(_) => return Err(ReadError::Closed),
             Ok(_) => {}
@@ -677,11 +823,11 @@ async fn read_frame(
     }
 }
 
-async fn read_loop(
+async fn read_loop<R: AsyncRead + Unpin>(
     shared: &Shared,
     conn: ConnId,
     outbox: &Outbox,
-    reader: &mut OwnedReadHalf,
+    reader: &mut R,
     buf: &mut BytesMut,
 ) -> ReadError {
     let mut frames = Vec::new();
@@ -800,13 +946,17 @@ fn frame_name(frame: &Frame) -> &'static str {
     }
 }
 
-async fn run_writer(mut writer: OwnedWriteHalf, outbox: Arc<Outbox>) {
+async fn run_writer<W: AsyncWrite + Unpin>(mut writer: W, outbox: Arc<Outbox>) {
     loop {
         let (bytes, closing) = {
             let mut state = outbox.lock();
             (state.writer.take(), state.closing)
         };
-        if !bytes.is_empty() && writer.write_all(&bytes).await.is_err() {
+        // The flush is free on TCP; a TLS stream may still hold encrypted
+        // bytes after `write_all` until flushed.
+        if !bytes.is_empty()
+            && (writer.write_all(&bytes).await.is_err() || writer.flush().await.is_err())
+        {
             return;
         }
         if closing {

@@ -57,6 +57,33 @@ impl LogStore {
         &self.log
     }
 
+    /// After an error that left the log refusing writes (it could not cut
+    /// a failed write back), reopen it: opening repairs the tail, and writes
+    /// work again once the disk does.
+    fn recover_from(&mut self, error: &LogError) {
+        if !matches!(error, LogError::Poisoned { .. }) {
+            return;
+        }
+        let config = self.log.config().clone();
+        let fs = self.log.file_system();
+        match Log::open_with(config, fs) {
+            Ok((log, damage)) => {
+                self.log = log;
+                let next = self.log.next_seq();
+                self.recent.retain(|s, _| *s < next);
+                self.recent_order.retain(|s| *s < next);
+                self.reports
+                    .push("the log was reopened after a write it could not undo".to_string());
+                for d in damage {
+                    self.reports.push(d.to_string());
+                }
+            }
+            Err(e) => self.reports.push(format!(
+                "the log refuses writes and cannot be reopened yet: {e}"
+            )),
+        }
+    }
+
     fn remember(&mut self, seq: Seq, message: Arc<Message>) {
         if self.recent_order.len() >= RECENT_MESSAGES_MAX {
             if let Some(old) = self.recent_order.pop_front() {
@@ -86,18 +113,31 @@ impl MessageStore for LogStore {
         encode_message(&message, &mut buf)
             .map_err(|e| StoreError::Io(format!("cannot encode message: {e}")))?;
         self.last_timestamp = self.last_timestamp.max(message.timestamp);
-        let seq = self
+        let seq = match self
             .log
             .append(RecordKind::Message, self.last_timestamp, &buf)
-            .map_err(store_error)?;
+        {
+            Ok(seq) => seq,
+            Err(e) => {
+                self.recover_from(&e);
+                return Err(store_error(e));
+            }
+        };
         self.remember(seq, message);
         Ok(seq)
     }
 
     fn journal(&mut self, entry: &[u8]) -> Result<Seq, StoreError> {
-        self.log
+        match self
+            .log
             .append(RecordKind::State, self.last_timestamp, entry)
-            .map_err(store_error)
+        {
+            Ok(seq) => Ok(seq),
+            Err(e) => {
+                self.recover_from(&e);
+                Err(store_error(e))
+            }
+        }
     }
 
     fn get(&mut self, seq: Seq) -> Result<Option<Arc<Message>>, StoreError> {
@@ -119,7 +159,11 @@ impl MessageStore for LogStore {
     }
 
     fn sync(&mut self) -> Result<(), StoreError> {
-        let result = self.log.sync().map_err(store_error);
+        let result = self.log.sync();
+        if let Err(e) = &result {
+            self.recover_from(e);
+        }
+        let result = result.map_err(store_error);
         if result.is_err() {
             // Records since the last good sync are gone; so are their seqs.
             let next = self.log.next_seq();

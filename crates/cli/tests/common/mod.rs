@@ -238,3 +238,145 @@ pub fn json_lines(output: &Output) -> Vec<serde_json::Value> {
 pub fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
+
+/// A broker's stderr, collected line by line as it comes (ANSI colour
+/// codes removed), for tests that check what it reports.
+#[derive(Clone, Default)]
+pub struct StderrLog(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl StderrLog {
+    pub fn lines(&self) -> Vec<String> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    pub fn text(&self) -> String {
+        self.lines().join("\n")
+    }
+
+    /// Waits until a line contains every one of `needles`; returns it.
+    pub fn wait_for(&self, needles: &[&str], timeout: Duration) -> Option<String> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(line) = self
+                .lines()
+                .into_iter()
+                .find(|l| needles.iter().all(|n| l.contains(n)))
+            {
+                return Some(line);
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Removes ANSI escape sequences (`ESC [ … letter`).
+pub fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
+impl Broker {
+    /// Like [`Broker::start_on`] at log level `info`, with stderr collected
+    /// instead of inherited.
+    pub fn start_watched(listen: &str, data_dir: tempdir::Dir) -> (Broker, StderrLog) {
+        let mut child = Command::new(courier_bin())
+            .args(["serve", "--listen", listen, "--data-dir"])
+            .arg(data_dir.path())
+            .env("COURIER_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn courier serve");
+        let log = StderrLog::default();
+        let stderr = child.stderr.take().expect("stderr");
+        let lines = log.0.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { return };
+                lines
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .push(strip_ansi(&line));
+            }
+        });
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let ready = match lines.next() {
+            Some(Ok(line)) => line,
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                std::thread::sleep(Duration::from_millis(100));
+                panic!(
+                    "courier serve printed no ready line; its stderr:\n{}",
+                    log.text()
+                );
+            }
+        };
+        assert!(
+            ready.contains(listen),
+            "ready line {ready:?} names the address {listen}"
+        );
+        std::thread::spawn(move || lines.for_each(drop));
+        (
+            Broker {
+                child,
+                addr: listen.to_string(),
+                data_dir,
+            },
+            log,
+        )
+    }
+
+    /// `kill -9`; hands back the data directory, for a restart on it.
+    pub fn kill9(mut self) -> tempdir::Dir {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::mem::replace(&mut self.data_dir, tempdir::Dir::new("moved"))
+    }
+
+    /// SIGTERM (a graceful stop: the broker saves a snapshot), waits for the
+    /// exit and hands back the data directory and the exit code.
+    pub fn terminate(mut self, timeout: Duration) -> (tempdir::Dir, Option<i32>) {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill -TERM");
+        assert!(sent.success(), "kill -TERM failed");
+        let deadline = std::time::Instant::now() + timeout;
+        let code = loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                break status.code();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "courier serve did not stop within {timeout:?} of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let dir = std::mem::replace(&mut self.data_dir, tempdir::Dir::new("moved"));
+        (dir, code)
+    }
+}

@@ -1,0 +1,147 @@
+//! `courier bench` end to end: it starts its own brokers, prints one JSON
+//! object per figure, and leaves no process or data directory behind.
+
+use std::process::Command;
+
+fn courier() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_courier"));
+    cmd.env_remove("COURIER_URL").env_remove("COURIER_SERVICE");
+    cmd
+}
+
+/// Data directories the bench process `pid` left in the temp dir.
+fn leftover_dirs(pid: u32) -> Vec<String> {
+    let prefix = format!("courier-bench-{pid}-");
+    std::fs::read_dir(std::env::temp_dir())
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|name| name.starts_with(&prefix))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Processes still running with a data directory of the bench process `pid`.
+fn leftover_brokers(pid: u32) -> Vec<String> {
+    let needle = format!("courier-bench-{pid}-");
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|raw| String::from_utf8_lossy(&raw).replace('\0', " "))
+        .filter(|cmdline| cmdline.contains(&needle) && cmdline.contains(" serve "))
+        .collect()
+}
+
+#[test]
+fn quick_json_run_prints_one_object_per_figure_and_cleans_up() {
+    let child = courier()
+        .args([
+            "bench",
+            "--quick",
+            "--runs",
+            "1",
+            "--only",
+            "W5a,W5b,W6",
+            "--json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn courier bench");
+    let pid = child.id();
+    let out = child.wait_with_output().expect("courier bench runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "courier bench failed: {stderr}");
+
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let mut rows = Vec::new();
+    for line in stdout.lines() {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line:?}"));
+        for field in ["workload", "metric", "unit"] {
+            assert!(v[field].is_string(), "{field} missing in {line}");
+        }
+        assert!(v["higher_is_better"].is_boolean(), "{line}");
+        let median = v["courier"].as_f64().expect("courier is a number");
+        assert!(median > 0.0, "{line}");
+        let runs = v["runs"].as_array().expect("runs is an array");
+        assert_eq!(runs.len(), 1, "{line}");
+        assert!(
+            runs.iter()
+                .all(|r| r["courier"].as_f64().is_some_and(|x| x > 0.0)),
+            "{line}"
+        );
+        rows.push((
+            v["workload"].as_str().unwrap_or_default().to_string(),
+            v["metric"].as_str().unwrap_or_default().to_string(),
+        ));
+    }
+    let expected = [
+        ("W5a", "throughput"),
+        ("W5a", "latency p50"),
+        ("W5a", "latency p99"),
+        ("W5b", "throughput"),
+        ("W6", "throughput"),
+    ];
+    assert_eq!(
+        rows,
+        expected.map(|(w, m)| (w.to_string(), m.to_string())),
+        "{stdout}"
+    );
+    // Progress and the settings go to stderr in --json mode.
+    assert!(stderr.contains("W6 run 1/1"), "{stderr}");
+    assert!(stderr.contains("Machine: nproc"), "{stderr}");
+    assert!(stderr.contains("Command: "), "{stderr}");
+    assert_eq!(leftover_dirs(pid), Vec::<String>::new());
+    assert_eq!(leftover_brokers(pid), Vec::<String>::new());
+}
+
+#[test]
+fn a_run_over_its_timeout_stops_with_a_clear_error_and_cleans_up() {
+    let child = courier()
+        .args([
+            "bench",
+            "--quick",
+            "--runs",
+            "1",
+            "--only",
+            "W7",
+            "--timeout",
+            "700ms",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn courier bench");
+    let pid = child.id();
+    let out = child.wait_with_output().expect("courier bench runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("courier: W7 run 1/1 (Courier) did not finish within 700ms (--timeout)"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty(), "no table after a failure");
+    assert_eq!(leftover_dirs(pid), Vec::<String>::new());
+    assert_eq!(leftover_brokers(pid), Vec::<String>::new());
+}
+
+#[test]
+fn an_unknown_workload_is_a_usage_error_naming_the_valid_ones() {
+    let out = courier()
+        .args(["bench", "--only", "W5a,W9"])
+        .output()
+        .expect("run courier bench");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("W9") && stderr.contains("W5a, W5b, W6, W7a, W7b"),
+        "{stderr}"
+    );
+}

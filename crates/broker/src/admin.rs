@@ -146,6 +146,9 @@ impl<S: MessageStore> Broker<S> {
                         "replies_dropped": m.replies_dropped, "unauthorized": m.unauthorized,
                         "rate_limited": m.rate_limited, "connections_refused": m.connections_refused,
                         "storage_failures": m.storage_failures, "unreadable_messages": m.unreadable_messages,
+                        "journal_entries_dropped": m.journal_entries_dropped,
+                        "frames_rejected": m.frames_rejected, "handshakes_refused": m.handshakes_refused,
+                        "slow_consumers_cut": m.slow_consumers_cut, "receivers_paused": m.receivers_paused, "degraded": self.is_degraded(),
                         "store_len": self.store.len(),
                     }),
                 )

@@ -191,6 +191,14 @@ pub struct Metrics {
     pub unreadable_messages: u64,
     /// Journal entries dropped while the disk failed for too long.
     pub journal_entries_dropped: u64,
+    /// Counted by the network edge: malformed or oversized frames (each
+    /// closed its connection), refused handshakes, and connections cut off
+    /// for not reading (slow consumers).
+    pub frames_rejected: u64,
+    pub handshakes_refused: u64,
+    pub slow_consumers_cut: u64,
+    /// Times a receiver was paused because it did not read its deliveries.
+    pub receivers_paused: u64,
 }
 
 pub use courier_proto::StartFrom;
@@ -216,6 +224,8 @@ struct Conn {
     /// Patterns this connection consumes; empty means it only sends.
     patterns: Vec<String>,
     draining: bool,
+    /// Its outbox is full (it does not read): no deliveries until resumed.
+    paused: bool,
 }
 
 impl Conn {
@@ -444,6 +454,11 @@ impl<S: MessageStore> Broker<S> {
         &self.metrics
     }
 
+    /// For the network edge's own counters (see [`Metrics`]).
+    pub fn metrics_mut(&mut self) -> &mut Metrics {
+        &mut self.metrics
+    }
+
     pub fn store(&self) -> &S {
         &self.store
     }
@@ -581,6 +596,7 @@ impl<S: MessageStore> Broker<S> {
                 in_flight: 0,
                 patterns: Vec::new(),
                 draining: false,
+                paused: false,
             },
         );
         let config = &self.config;
@@ -647,6 +663,25 @@ impl<S: MessageStore> Broker<S> {
 
     /// Stop delivering to this connection (graceful shutdown); in-flight
     /// deliveries may still be acked.
+    /// The network edge's back-pressure: a connection whose unwritten bytes
+    /// pile up gets no deliveries until it has caught up (memory stays
+    /// bounded; its messages wait in the queue, or go to other instances).
+    pub fn set_paused(&mut self, conn: ConnId, paused: bool, now: Nanos) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if c.paused == paused {
+            return;
+        }
+        c.paused = paused;
+        if paused {
+            self.metrics.receivers_paused += 1;
+        } else {
+            let service = c.service.clone();
+            self.pump(&service, now);
+        }
+    }
+
     pub fn drain(&mut self, conn: ConnId) {
         if let Some(c) = self.conns.get_mut(&conn) {
             c.draining = true;
@@ -1214,7 +1249,7 @@ impl<S: MessageStore> Broker<S> {
             if self
                 .conns
                 .get(&conn)
-                .is_some_and(|c| c.wants(&message.name))
+                .is_some_and(|c| !c.paused && c.wants(&message.name))
             {
                 svc.next_instance = idx + 1;
                 self.deliver_untracked(conn, message.clone());
@@ -1312,7 +1347,7 @@ impl<S: MessageStore> Broker<S> {
                 continue;
             }
             any_matching = true;
-            if c.in_flight < c.max_in_flight {
+            if c.in_flight < c.max_in_flight && !c.paused {
                 svc.next_instance = idx + 1;
                 return Pick::Conn(conn);
             }
@@ -1342,7 +1377,10 @@ impl<S: MessageStore> Broker<S> {
             // may mean reading them from disk) is wasted work.
             let has_room = svc.instances.iter().any(|i| {
                 self.conns.get(i).is_some_and(|c| {
-                    !c.draining && !c.patterns.is_empty() && c.in_flight < c.max_in_flight
+                    !c.draining
+                        && !c.paused
+                        && !c.patterns.is_empty()
+                        && c.in_flight < c.max_in_flight
                 })
             });
             if !has_room {

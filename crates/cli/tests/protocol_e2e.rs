@@ -188,3 +188,117 @@ async fn thousands_of_half_open_connections_do_not_stop_anyone_else() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     tokio::task::block_in_place(|| broker_still_serves(&broker));
 }
+
+/// Resident memory of a process, from /proc (Linux).
+fn rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmRSS line")
+        / 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_that_stops_reading_is_paused_without_growing_memory_or_slowing_others() {
+    const MESSAGES: usize = 60_000;
+    const PAYLOAD_BYTES: usize = 2048;
+    let broker = Broker::start();
+    // The slow one: asks for everything at once, then never reads.
+    let mut slow = raw(&broker);
+    let mut w = FrameWriter::new();
+    w.push(&Frame::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        service: "sluggish".into(),
+        instance: String::new(),
+        max_in_flight: 65_536,
+        credentials: Credentials::None,
+    }))
+    .expect("encode");
+    w.push(&Frame::Subscribe(courier_client::proto::Subscribe {
+        request: 1,
+        pattern: "flood.>".into(),
+        ack_deadline_ms: 0,
+        max_deliveries: 0,
+        start: courier_client::proto::StartFrom::New,
+    }))
+    .expect("encode");
+    slow.write_all(&w.take()).expect("write");
+    // A healthy receiver of the same events, in another service.
+    let mut opts = courier_client::ClientOptions::new(broker.addr.clone(), "fast");
+    opts.max_in_flight = 1024;
+    let fast = courier_client::Client::connect(opts)
+        .await
+        .expect("connect");
+    let (tx, mut rx) = tokio::sync::mpsc::channel(8192);
+    fast.on("flood.>", move |_msg| {
+        let tx = tx.clone();
+        async move {
+            let _ = tx.send(()).await;
+            Ok::<(), courier_client::Error>(())
+        }
+    })
+    .await
+    .expect("subscribe");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let baseline = rss_mib(broker.child.id());
+
+    let publisher = courier_client::Client::connect(courier_client::ClientOptions::new(
+        broker.addr.clone(),
+        "pub",
+    ))
+    .await
+    .expect("connect");
+    let payload = vec![b'z'; PAYLOAD_BYTES];
+    let mut window = std::collections::VecDeque::new();
+    let mut peak = baseline;
+    for i in 0..MESSAGES {
+        window.push_back(
+            publisher
+                .event("flood.item")
+                .payload(payload.clone())
+                .enqueue()
+                .expect("queued"),
+        );
+        if window.len() >= 256 {
+            window
+                .pop_front()
+                .expect("ack")
+                .wait()
+                .await
+                .expect("accepted");
+        }
+        if i % 5_000 == 0 {
+            peak = peak.max(rss_mib(broker.child.id()));
+        }
+    }
+    for ack in window {
+        ack.wait().await.expect("accepted");
+    }
+    let mut received = 0;
+    while received < MESSAGES {
+        tokio::time::timeout(Duration::from_secs(30), rx.recv())
+            .await
+            .expect("the healthy receiver keeps getting messages")
+            .expect("open");
+        received += 1;
+    }
+    peak = peak.max(rss_mib(broker.child.id()));
+    let data_mib = (MESSAGES * PAYLOAD_BYTES) as u64 >> 20;
+    eprintln!("broker RSS: baseline {baseline} MiB, peak {peak} MiB, {data_mib} MiB published");
+    // The bound: the 4 MiB pause threshold of the slow connection, the
+    // store's cache of recent messages (4096 x 2 KiB) and the bookkeeping
+    // of its backlog (<= 320 B a message): far below what was published.
+    let bound_mib = ((4096 * (PAYLOAD_BYTES + 200) + 400 * MESSAGES) >> 20) as u64 + 4 + 32;
+    assert!(
+        peak < baseline + bound_mib && peak - baseline < data_mib / 2,
+        "peak {peak} MiB from {baseline} MiB (bound +{bound_mib} MiB)"
+    );
+    let metrics = common::json_lines(&broker.run(&["metrics"]));
+    assert!(
+        metrics[0]["receivers_paused"].as_u64().expect("counter") >= 1,
+        "{metrics:?}"
+    );
+    drop(slow);
+}

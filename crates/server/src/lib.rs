@@ -43,6 +43,9 @@ pub struct ServerConfig {
     pub frame_bytes_max: u32,
     /// A connection must finish HELLO within this time.
     pub handshake_timeout_ms: u64,
+    /// Bytes queued for one connection at which it gets no more deliveries
+    /// until it has written all but a quarter of them (back-pressure).
+    pub pause_bytes: usize,
     /// Bytes queued for one connection before it counts as a slow consumer
     /// and is cut off (its unacked deliveries go to other instances).
     pub pending_bytes_max: usize,
@@ -72,6 +75,7 @@ impl Default for ServerConfig {
             frame_bytes_max: FRAME_BYTES_MAX_DEFAULT,
             handshake_timeout_ms: 10_000,
             pending_bytes_max: 64 * 1024 * 1024,
+            pause_bytes: 4 * 1024 * 1024,
             read_buffer_bytes: 64 * 1024,
             checkpoint_interval_ms: 30_000,
             manifest_path: None,
@@ -115,6 +119,9 @@ struct OutState {
     writer: FrameWriter,
     /// Set when the connection must close once the outbox is flushed.
     closing: bool,
+    /// Bytes the writer task took and has not finished writing: they count
+    /// against the connection's limit as much as those still queued.
+    writing: usize,
 }
 
 impl Outbox {
@@ -123,6 +130,7 @@ impl Outbox {
             state: Mutex::new(OutState {
                 writer: FrameWriter::new(),
                 closing: false,
+                writing: 0,
             }),
             wake: Notify::new(),
         })
@@ -165,6 +173,10 @@ struct Shared {
     /// Modification time of the manifest file in force.
     manifest_modified: Mutex<Option<SystemTime>>,
     handshakes: std::sync::atomic::AtomicUsize,
+    /// The second (unix) of the last "too many handshakes" warning.
+    cap_warned_at: AtomicU64,
+    /// Connections paused for back-pressure, checked on every tick.
+    paused: Mutex<std::collections::HashSet<ConnId>>,
     core: Mutex<Broker<Store>>,
     outboxes: Mutex<HashMap<ConnId, Arc<Outbox>>>,
     next_conn: AtomicU64,
@@ -254,6 +266,8 @@ impl Server {
                 tls,
                 manifest_modified: Mutex::new(manifest_modified),
                 handshakes: std::sync::atomic::AtomicUsize::new(0),
+                cap_warned_at: AtomicU64::new(0),
+                paused: Mutex::new(std::collections::HashSet::new()),
                 core: Mutex::new(core),
                 outboxes: Mutex::new(HashMap::new()),
                 next_conn: AtomicU64::new(1),
@@ -326,7 +340,15 @@ impl Shared {
             warn!("{alert}");
         }
         let next_timer = core.next_timer();
-        self.dispatch(actions);
+        let (cut, full) = self.dispatch(actions);
+        core.metrics_mut().slow_consumers_cut += cut;
+        if !full.is_empty() {
+            let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
+            for conn in full {
+                core.set_paused(conn, true, now);
+                paused.insert(conn);
+            }
+        }
         drop(core);
         if let Some(t) = next_timer {
             if t < self.timer_due.load(Ordering::Relaxed) {
@@ -335,13 +357,40 @@ impl Shared {
         }
     }
 
-    fn dispatch(&self, actions: Vec<Action>) {
-        if actions.is_empty() {
+    /// Resumes paused connections whose outbox has drained (on each tick).
+    fn resume_drained(&self, core: &mut Broker<Store>, now: Nanos) {
+        let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
+        if paused.is_empty() {
             return;
+        }
+        let outboxes = self.outboxes();
+        let low = self.config.pause_bytes / 4;
+        paused.retain(|conn| {
+            let Some(outbox) = outboxes.get(conn) else {
+                return false;
+            };
+            let state = outbox.lock();
+            let pending = state.writer.len() + state.writing;
+            drop(state);
+            if pending <= low {
+                core.set_paused(*conn, false, now);
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    /// Encodes actions into outboxes; returns how many connections were cut
+    /// off as slow consumers, and those now over the pause threshold.
+    fn dispatch(&self, actions: Vec<Action>) -> (u64, Vec<ConnId>) {
+        if actions.is_empty() {
+            return (0, Vec::new());
         }
         let outboxes = self.outboxes();
         let mut touched: Vec<Arc<Outbox>> = Vec::new();
         let mut slow: Vec<ConnId> = Vec::new();
+        let mut full: Vec<ConnId> = Vec::new();
         for action in actions {
             let conn = match &action {
                 Action::Deliver { conn, .. }
@@ -381,8 +430,11 @@ impl Shared {
             if let Err(e) = encoded {
                 warn!(conn, error = %e, "could not encode a frame; dropped");
             }
-            if state.writer.len() > self.config.pending_bytes_max {
+            let pending = state.writer.len() + state.writing;
+            if pending > self.config.pending_bytes_max {
                 slow.push(conn);
+            } else if pending > self.config.pause_bytes && !full.contains(&conn) {
+                full.push(conn);
             }
             drop(state);
             if !touched.iter().any(|o| Arc::ptr_eq(o, outbox)) {
@@ -392,6 +444,8 @@ impl Shared {
         for outbox in touched {
             outbox.wake.notify_one();
         }
+        let cut = slow.len() as u64;
+        full.retain(|c| !slow.contains(c));
         for conn in slow {
             if let Some(outbox) = outboxes.get(&conn) {
                 warn!(
@@ -411,6 +465,7 @@ impl Shared {
                 );
             }
         }
+        (cut, full)
     }
 }
 
@@ -531,7 +586,10 @@ async fn run_timer(shared: Arc<Shared>) {
             _ = tokio::time::sleep(wait) => {}
             _ = shared.timer_wake.notified() => {}
         }
-        shared.with_core(|core, now| core.tick(now));
+        shared.with_core(|core, now| {
+            core.tick(now);
+            shared.resume_drained(core, now);
+        });
         if now_nanos() >= next_checkpoint {
             next_checkpoint = now_nanos() + shared.config.checkpoint_interval_ms * 1_000_000;
             let handle = ServerHandle {
@@ -557,8 +615,13 @@ async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAd
     let slot = HandshakeSlot(&shared.handshakes);
     if shared.handshakes.fetch_add(1, Ordering::Relaxed) >= shared.config.handshakes_max {
         // Unauthenticated connections cost memory and a task each; past the
-        // cap they are dropped before a byte is read.
-        warn!(%peer, max = shared.config.handshakes_max, "too many connections in their handshake; dropping one");
+        // cap they are dropped before a byte is read. Said once a second at
+        // most: a flood must not flood the log too.
+        shared.core().metrics_mut().handshakes_refused += 1;
+        let second = now_nanos() / 1_000_000_000;
+        if shared.cap_warned_at.swap(second, Ordering::Relaxed) != second {
+            warn!(%peer, max = shared.config.handshakes_max, "too many connections in their handshake; dropping new ones");
+        }
         return;
     }
     // The TLS handshake and HELLO share one deadline.
@@ -670,6 +733,7 @@ async fn serve_stream<R, W>(
     let mut buf = BytesMut::with_capacity(HANDSHAKE_READ_BYTES);
     let hello = match tokio::time::timeout_at(deadline, read_frame(&mut reader, &mut buf)).await {
         Err(_) => {
+            shared.core().metrics_mut().handshakes_refused += 1;
             outbox.fail(
                 ErrorCode::HandshakeTimeout,
                 format!("no HELLO within {} ms", shared.config.handshake_timeout_ms),
@@ -679,12 +743,15 @@ async fn serve_stream<R, W>(
         }
         Ok(Err(ReadError::Closed)) => return,
         Ok(Err(ReadError::Decode(code, message))) => {
+            shared.core().metrics_mut().frames_rejected += 1;
+            shared.core().metrics_mut().handshakes_refused += 1;
             outbox.fail(code, message);
             let _ = writer_task.await;
             return;
         }
         Ok(Ok(Frame::Hello(hello))) => hello,
         Ok(Ok(other)) => {
+            shared.core().metrics_mut().handshakes_refused += 1;
             outbox.fail(
                 ErrorCode::HandshakeRequired,
                 format!("the first frame must be HELLO, not {}", frame_name(&other)),
@@ -694,6 +761,7 @@ async fn serve_stream<R, W>(
         }
     };
     if hello.version != PROTOCOL_VERSION {
+        shared.core().metrics_mut().handshakes_refused += 1;
         outbox.fail(
             ErrorCode::UnsupportedVersion,
             format!(
@@ -716,6 +784,7 @@ async fn serve_stream<R, W>(
         Ok(identity) => identity,
         Err((code, reason)) => {
             info!(%peer, %reason, "handshake refused");
+            shared.core().metrics_mut().handshakes_refused += 1;
             outbox.fail(code, reason);
             let _ = writer_task.await;
             return;
@@ -777,6 +846,7 @@ async fn serve_stream<R, W>(
         ReadError::Closed => debug!(conn, "disconnected"),
         ReadError::Decode(code, message) => {
             info!(conn, %peer, %code, %message, "closing connection after a bad frame");
+            shared.core().metrics_mut().frames_rejected += 1;
             outbox.fail(code, message);
         }
     }
@@ -950,7 +1020,9 @@ async fn run_writer<W: AsyncWrite + Unpin>(mut writer: W, outbox: Arc<Outbox>) {
     loop {
         let (bytes, closing) = {
             let mut state = outbox.lock();
-            (state.writer.take(), state.closing)
+            let bytes = state.writer.take();
+            state.writing = bytes.len();
+            (bytes, state.closing)
         };
         // The flush is free on TCP; a TLS stream may still hold encrypted
         // bytes after `write_all` until flushed.
@@ -959,6 +1031,7 @@ async fn run_writer<W: AsyncWrite + Unpin>(mut writer: W, outbox: Arc<Outbox>) {
         {
             return;
         }
+        outbox.lock().writing = 0;
         if closing {
             let _ = writer.shutdown().await;
             return;

@@ -76,8 +76,11 @@ mod token;
 #[cfg(test)]
 mod tests;
 
+mod handshake;
+
 pub use check::{check, has_errors, Problem, Severity};
 pub use error::{ManifestError, ManifestErrorKind};
+pub use handshake::{authenticate, Authenticated, ADMIN_SERVICE};
 pub use manifest::{
     Action, AdminSpec, Denial, Identity, Lists, Manifest, RuleList, ServiceSpec,
     DENIAL_RULES_SHOWN_MAX,

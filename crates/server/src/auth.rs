@@ -8,7 +8,7 @@ use std::time::SystemTime;
 
 use courier_manifest::Manifest;
 
-pub use courier_manifest::{authenticate, Authenticated, ADMIN_SERVICE};
+pub use courier_manifest::{authenticate, ADMIN_SERVICE};
 
 /// Reads and parses a manifest file; errors name file, line and column.
 pub fn load_manifest(path: &Path) -> Result<(Arc<Manifest>, Option<SystemTime>), String> {
@@ -22,6 +22,7 @@ pub fn load_manifest(path: &Path) -> Result<(Arc<Manifest>, Option<SystemTime>),
 #[cfg(test)]
 mod tests {
     use super::*;
+    use courier_manifest::Authenticated;
     use courier_proto::{Credentials, ErrorCode, Hello};
 
     fn hello(service: &str, token: Option<&str>) -> Hello {

@@ -602,6 +602,16 @@ impl Machine {
     }
 }
 
+/// The 1, 5 and 15 minute load averages, from /proc (Linux): other work on
+/// the machine skews the figures, so they are printed with them.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .filter(|l| !l.is_empty())
+        .unwrap_or_else(|| "unknown".to_string())
+}
+
 /// The first `model name` of /proc/cpuinfo.
 fn cpu_model(cpuinfo: &str) -> Option<String> {
     cpuinfo.lines().find_map(|l| {
@@ -1135,6 +1145,7 @@ async fn courier_w7(exe: &Path, plan: &Plan) -> anyhow::Result<Vec<Measurement>>
     let mut broker = BrokerProcess::start(exe, dir.path()).await?;
     let addr = broker.addr.clone();
     let count = plan.w7;
+    let rss_before = broker.rss_mib()?;
     let built = async {
         subscribe_offline(&addr, W7_SERVICE, W7_NAME).await?;
         let producer = connect(&addr, "bench-publisher", None).await?;
@@ -1151,13 +1162,15 @@ async fn courier_w7(exe: &Path, plan: &Plan) -> anyhow::Result<Vec<Measurement>>
     let rss_with_backlog = broker.rss_mib()?;
     let log_bytes = dir.size();
     progress(&format!(
-        "  backlog of {} × {} published in {:.1} s ({} msg/s); data dir {}; broker VmRSS {:.1} MiB",
+        "  backlog of {} × {} published in {:.1} s ({} msg/s); data dir {}; broker VmRSS {:.1} MiB before, {:.1} MiB with it ({:.0} B per waiting message)",
         thousands(count),
         bytes_text(LARGE_BYTES as u64),
         build_time.as_secs_f64(),
         format_value(per_second(count, build_time)),
         bytes_text(log_bytes),
-        rss_with_backlog
+        rss_before,
+        rss_with_backlog,
+        (rss_with_backlog - rss_before) * 1024.0 * 1024.0 / count as f64
     ));
 
     broker.kill9();
@@ -1223,6 +1236,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let command = command_line(std::env::args());
     let date = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
     let machine = Machine::detect();
+    let load_at_start = load_average();
     let systems = [System::Courier];
     let jobs = Job::for_selection(&selected);
     if cfg!(debug_assertions) {
@@ -1273,7 +1287,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => bail!("interrupted; the brokers were stopped and their data directories removed"),
     }
 
-    let settings = settings_lines(&args, &plan, &selected, &machine, &date, &command);
+    let load = format!(
+        "{load_at_start} at the start, {} at the end",
+        load_average()
+    );
+    let settings = settings_lines(&args, &plan, &selected, &machine, &load, &date, &command);
     if args.json {
         let mut out = std::io::stdout().lock();
         for line in results.json_lines() {
@@ -1299,6 +1317,7 @@ fn settings_lines(
     plan: &Plan,
     selected: &[Workload],
     machine: &Machine,
+    load: &str,
     date: &str,
     command: &str,
 ) -> Vec<String> {
@@ -1329,7 +1348,7 @@ fn settings_lines(
         }
     ));
     lines.push(format!(
-        "Machine: nproc {}, CPU {}",
+        "Machine: nproc {}, CPU {}; load average (1, 5, 15 min) {load}",
         machine.nproc, machine.cpu
     ));
     lines.push(format!("Date: {date}"));

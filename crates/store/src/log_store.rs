@@ -16,11 +16,17 @@ use crate::{MessageStore, Replayed, Seq, StoreError};
 /// a send does not read the disk. Bounds the cache's memory: at most this
 /// many messages (their payloads included).
 pub const RECENT_MESSAGES_MAX: usize = 4096;
+/// Messages decoded ahead of a disk read: a backlog is delivered in seq
+/// order, so one scan serves the next reads too instead of each read
+/// walking from its index entry again.
+pub const READ_AHEAD_MESSAGES: usize = 256;
 
 pub struct LogStore {
     log: Log,
     recent: HashMap<Seq, Arc<Message>>,
     recent_order: VecDeque<Seq>,
+    /// Messages read ahead from disk (at most `READ_AHEAD_MESSAGES`).
+    ahead: HashMap<Seq, Arc<Message>>,
     /// Journal records carry the newest message timestamp, so the log's
     /// time index stays non-decreasing without the store reading a clock.
     last_timestamp: u64,
@@ -48,6 +54,7 @@ impl LogStore {
             log,
             recent: HashMap::new(),
             recent_order: VecDeque::new(),
+            ahead: HashMap::new(),
             last_timestamp: 0,
             reports: Vec::new(),
         }
@@ -144,18 +151,53 @@ impl MessageStore for LogStore {
         if let Some(m) = self.recent.get(&seq) {
             return Ok(Some(m.clone()));
         }
-        match self.log.read(seq).map_err(store_error)? {
-            Some(record) if record.kind == RecordKind::Message => Ok(self.decode(seq, record.body)),
-            _ => Ok(None),
+        if let Some(m) = self.ahead.get(&seq) {
+            return Ok(Some(m.clone()));
         }
+        if seq < self.log.first_seq() || seq >= self.log.next_seq() {
+            return Ok(None);
+        }
+        self.ahead.clear();
+        let mut bodies = Vec::new();
+        let mut first = None;
+        let scanned = self.log.scan(seq, &mut |record| {
+            if first.is_none() {
+                first = Some(record.seq);
+            }
+            if record.kind == RecordKind::Message {
+                bodies.push((record.seq, record.body));
+            }
+            if bodies.len() >= READ_AHEAD_MESSAGES {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        });
+        if let Err(e) = scanned {
+            if bodies.is_empty() {
+                return Err(store_error(e));
+            }
+        }
+        for (s, body) in bodies {
+            if let Some(m) = self.decode(s, body) {
+                self.ahead.insert(s, m);
+            }
+        }
+        if first != Some(seq) {
+            // The scan started past `seq`: it is gone (compacted) or was
+            // never a record of ours.
+            return Ok(None);
+        }
+        Ok(self.ahead.get(&seq).cloned())
     }
 
     fn remove(&mut self, seq: Seq) {
         // The log reclaims whole segments at compaction; only the cache
         // lets go now.
-        if self.recent.remove(&seq).is_some() {
-            self.recent_order.retain(|s| *s != seq);
-        }
+        // Its slot in `recent_order` goes stale and is dropped on eviction:
+        // removing it here would cost a scan of the order per ack.
+        self.recent.remove(&seq);
+        self.ahead.remove(&seq);
     }
 
     fn sync(&mut self) -> Result<(), StoreError> {

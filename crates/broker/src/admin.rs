@@ -148,7 +148,8 @@ impl<S: MessageStore> Broker<S> {
                         "storage_failures": m.storage_failures, "unreadable_messages": m.unreadable_messages,
                         "journal_entries_dropped": m.journal_entries_dropped,
                         "frames_rejected": m.frames_rejected, "handshakes_refused": m.handshakes_refused,
-                        "slow_consumers_cut": m.slow_consumers_cut, "receivers_paused": m.receivers_paused, "degraded": self.is_degraded(),
+                        "slow_consumers_cut": m.slow_consumers_cut, "receivers_paused": m.receivers_paused,
+                        "in_flight_requests_lowered": m.in_flight_requests_lowered, "degraded": self.is_degraded(),
                         "store_len": self.store.len(),
                     }),
                 )

@@ -199,6 +199,8 @@ pub struct Metrics {
     pub slow_consumers_cut: u64,
     /// Times a receiver was paused because it did not read its deliveries.
     pub receivers_paused: u64,
+    /// Receivers that asked for more deliveries in flight than the limit.
+    pub in_flight_requests_lowered: u64,
 }
 
 pub use courier_proto::StartFrom;
@@ -613,12 +615,20 @@ impl<S: MessageStore> Broker<S> {
         Ok(())
     }
 
-    fn effective_max_in_flight(&self, asked: u32) -> u32 {
+    /// A request above the limit is lowered to it (counted and reported),
+    /// not refused: the connection still works, just with less in flight.
+    fn effective_max_in_flight(&mut self, asked: u32) -> u32 {
         if asked == 0 {
-            self.config.max_in_flight_default
-        } else {
-            asked.min(self.config.max_in_flight_limit)
+            return self.config.max_in_flight_default;
         }
+        let limit = self.config.max_in_flight_limit;
+        if asked > limit {
+            self.metrics.in_flight_requests_lowered += 1;
+            self.alerts.push(format!(
+                "a receiver asked for {asked} deliveries in flight; it gets the limit of {limit}"
+            ));
+        }
+        asked.min(limit)
     }
 
     /// The connection is gone; its unacked deliveries go to other instances now.

@@ -318,17 +318,6 @@ fn history_replays_from_the_beginning_after_a_restart() {
     assert!(future.is_empty());
 }
 
-/// Resident memory of a process, from /proc (Linux).
-fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS line");
-    kb * 1024
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_offline_backlog_lives_on_disk_not_in_broker_memory() {
     const MESSAGES: usize = 100_000;
@@ -343,7 +332,7 @@ async fn an_offline_backlog_lives_on_disk_not_in_broker_memory() {
         "50ms",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let baseline = rss_bytes(broker.child.id());
+    let baseline = common::rss_bytes(broker.child.id());
     let producer = Client::connect(opts(&broker.addr, "producer"))
         .await
         .expect("connect");
@@ -368,7 +357,7 @@ async fn an_offline_backlog_lives_on_disk_not_in_broker_memory() {
     for ack in window {
         ack.wait().await.expect("accepted");
     }
-    let with_backlog = rss_bytes(broker.child.id());
+    let with_backlog = common::rss_bytes(broker.child.id());
     let data = (MESSAGES * PAYLOAD_BYTES) as u64;
     eprintln!(
         "broker RSS: {} MiB before, {} MiB with a backlog of {MESSAGES} x {PAYLOAD_BYTES} B ({} MiB of payload)",

@@ -189,15 +189,9 @@ async fn thousands_of_half_open_connections_do_not_stop_anyone_else() {
     tokio::task::block_in_place(|| broker_still_serves(&broker));
 }
 
-/// Resident memory of a process, from /proc (Linux).
+/// Resident memory of a process in MiB.
 fn rss_mib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .expect("VmRSS line")
-        / 1024
+    common::rss_bytes(pid) >> 20
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -35,6 +35,10 @@ impl<K: Hash + Eq + Clone, V> ExpiringMap<K, V> {
         self.order.push_back((now, key));
     }
 
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
     pub fn get(&self, key: &K) -> Option<&V> {
         self.entries.get(key)
     }

@@ -73,6 +73,9 @@ pub struct Config {
     pub send_rate_per_service: u32,
     /// Connections one service may hold at once.
     pub connections_per_service_max: u32,
+    /// Log written since the last snapshot before another is taken, so a
+    /// restart after a crash replays at most about this much.
+    pub checkpoint_log_bytes: u64,
     /// Above this many bytes of log, retained history is given up at the
     /// next checkpoint (all of it that no service is still owed, and that
     /// the snapshot covers), whatever its age. 0: no cap.
@@ -134,6 +137,7 @@ impl Default for Config {
             retention_bytes_max: 0,
             send_rate_per_service: 1_000_000,
             connections_per_service_max: 1024,
+            checkpoint_log_bytes: 128 * 1024 * 1024,
         }
     }
 }
@@ -328,6 +332,8 @@ pub struct Broker<S: MessageStore> {
     alerts: Vec<String>,
     /// The store's `next_seq` at the last checkpoint.
     checkpointed_at: Seq,
+    /// The store's size at the last checkpoint.
+    checkpointed_bytes: u64,
     /// The store failed a sync and has not worked since.
     degraded: bool,
     /// Journal entries waiting for the disk (while degraded), in order.
@@ -365,6 +371,7 @@ impl<S: MessageStore> Broker<S> {
             now: 0,
             alerts: Vec::new(),
             checkpointed_at: 0,
+            checkpointed_bytes: 0,
             degraded: false,
             deferred_ops: Vec::new(),
             batch_ops: Vec::new(),

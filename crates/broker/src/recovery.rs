@@ -313,11 +313,25 @@ impl<S: MessageStore> Broker<S> {
             // still owed to a service, nor records the snapshot needs).
             freed += self.store.compact(before, u64::MAX)?;
         }
+        self.checkpointed_bytes = self.store.len() as u64;
         Ok(freed)
+    }
+
+    /// Whether the log grew enough since the last checkpoint that recovery
+    /// would replay more than `checkpoint_log_bytes`: then a checkpoint is
+    /// due now, not only on the timer.
+    pub fn checkpoint_due(&self) -> bool {
+        self.store.persistent()
+            && (self.store.len() as u64).saturating_sub(self.checkpointed_bytes)
+                >= self.config.checkpoint_log_bytes
     }
 
     fn snapshot_bytes(&self) -> bytes::BytesMut {
         let mut w = Writer::new();
+        // Sized up front (about 40 bytes an entry) so the buffer is not
+        // copied as it grows.
+        let backlog: usize = self.services.values().map(|s| s.queue.depth()).sum();
+        w.0.reserve(4096 + backlog * 40 + self.dedup.len() * 32);
         w.0.extend_from_slice(SNAPSHOT_MAGIC);
         w.u32(SNAPSHOT_VERSION);
         // Services with nothing durable (senders only) are not saved.
@@ -338,9 +352,10 @@ impl<S: MessageStore> Broker<S> {
             for p in &svc.patterns {
                 w.str(p);
             }
-            let entries: Vec<(&Entry, Option<Nanos>)> = svc.queue.entries().collect();
-            w.u32(entries.len() as u32);
-            for (e, until) in entries {
+            // Counted, then written straight from the queue: collecting a
+            // large backlog first would double the snapshot's memory.
+            w.u32(svc.queue.entries().count() as u32);
+            for (e, until) in svc.queue.entries() {
                 w.u64(e.seq);
                 w.u32(e.attempts);
                 match &e.key {

@@ -590,7 +590,8 @@ async fn run_timer(shared: Arc<Shared>) {
             core.tick(now);
             shared.resume_drained(core, now);
         });
-        if now_nanos() >= next_checkpoint {
+        let due = shared.core().checkpoint_due();
+        if due || now_nanos() >= next_checkpoint {
             next_checkpoint = now_nanos() + shared.config.checkpoint_interval_ms * 1_000_000;
             let handle = ServerHandle {
                 shared: shared.clone(),

@@ -956,6 +956,28 @@ async fn publish_pipelined(
     Ok(())
 }
 
+/// Subscribes `service` to `name` and leaves it offline, then publishes
+/// `count` events of `payload_bytes` to it, pipelined; returns how long the
+/// publishing took. W6 and W7 both start from such a backlog.
+async fn build_backlog(
+    addr: &str,
+    service: &str,
+    name: &str,
+    payload_bytes: usize,
+    count: u64,
+) -> anyhow::Result<Duration> {
+    subscribe_offline(addr, service, name).await?;
+    let producer = connect(addr, "bench-publisher", None).await?;
+    let payload = Bytes::from(vec![b'x'; payload_bytes]);
+    let started = Instant::now();
+    publish_pipelined(&producer, name, &payload, count, WINDOW)
+        .await
+        .context("publishing the backlog")?;
+    let elapsed = started.elapsed();
+    producer.shutdown().await;
+    Ok(elapsed)
+}
+
 fn per_second(count: u64, elapsed: Duration) -> f64 {
     count as f64 / elapsed.as_secs_f64().max(1e-9)
 }
@@ -1052,15 +1074,7 @@ async fn courier_w6(exe: &Path, plan: &Plan) -> anyhow::Result<Vec<Measurement>>
     let addr = broker.addr.clone();
     let count = plan.w6;
     let result = async {
-        subscribe_offline(&addr, W6_SERVICE, W6_NAME).await?;
-        let producer = connect(&addr, "bench-publisher", None).await?;
-        let payload = Bytes::from(vec![b'x'; SMALL_BYTES]);
-        let setup = Instant::now();
-        publish_pipelined(&producer, W6_NAME, &payload, count, WINDOW)
-            .await
-            .context("publishing the backlog")?;
-        let setup = setup.elapsed();
-        producer.shutdown().await;
+        let setup = build_backlog(&addr, W6_SERVICE, W6_NAME, SMALL_BYTES, count).await?;
         progress(&format!(
             "  backlog of {} published in {:.1} s ({} msg/s, one subscribed offline service)",
             thousands(count),
@@ -1146,18 +1160,7 @@ async fn courier_w7(exe: &Path, plan: &Plan) -> anyhow::Result<Vec<Measurement>>
     let addr = broker.addr.clone();
     let count = plan.w7;
     let rss_before = broker.rss_mib()?;
-    let built = async {
-        subscribe_offline(&addr, W7_SERVICE, W7_NAME).await?;
-        let producer = connect(&addr, "bench-publisher", None).await?;
-        let payload = Bytes::from(vec![b'x'; LARGE_BYTES]);
-        let started = Instant::now();
-        publish_pipelined(&producer, W7_NAME, &payload, count, WINDOW)
-            .await
-            .context("building the backlog")?;
-        let elapsed = started.elapsed();
-        producer.shutdown().await;
-        Ok(elapsed)
-    };
+    let built = build_backlog(&addr, W7_SERVICE, W7_NAME, LARGE_BYTES, count);
     let build_time = broker.watch(built).await?;
     let rss_with_backlog = broker.rss_mib()?;
     let log_bytes = dir.size();

@@ -1,0 +1,264 @@
+//! The broker processes the bench starts, and their data directories.
+
+use super::*;
+
+// ---------------------------------------------------------------------------
+// Broker processes and their data
+
+/// A fresh directory under the system's temp dir, removed on drop.
+pub(super) struct DataDir(PathBuf);
+
+impl DataDir {
+    pub(super) fn create() -> anyhow::Result<DataDir> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "courier-bench-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        // Left by an earlier process that had our pid and was killed.
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir(&path).with_context(|| {
+            format!(
+                "cannot create the data directory {}; point TMPDIR at a writable directory",
+                path.display()
+            )
+        })?;
+        Ok(DataDir(path))
+    }
+
+    pub(super) fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// Bytes of all files under it.
+    pub(super) fn size(&self) -> u64 {
+        fn walk(dir: &Path) -> u64 {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                return 0;
+            };
+            entries
+                .flatten()
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => walk(&e.path()),
+                    Ok(m) => m.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        }
+        walk(&self.0)
+    }
+}
+
+impl Drop for DataDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `127.0.0.1:<port>` with a port free right now.
+pub(super) fn free_loopback_addr() -> anyhow::Result<String> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")
+        .context("cannot bind a loopback port to find a free one")?;
+    Ok(listener.local_addr()?.to_string())
+}
+
+/// A `courier serve` child process; killed (SIGKILL) and reaped on drop.
+pub(super) struct BrokerProcess {
+    pub(super) child: Child,
+    pub(super) addr: String,
+    pub(super) spawned_at: Instant,
+    /// The first stdout line and when it was read; `None` at EOF.
+    ready: Option<oneshot::Receiver<Option<(Instant, String)>>>,
+    stderr_tail: Arc<Mutex<VecDeque<String>>>,
+    stderr_closed: Arc<AtomicBool>,
+}
+
+impl BrokerProcess {
+    /// Spawns `exe serve` on `addr` with its log in `dir`; does not wait.
+    pub(super) fn spawn(exe: &Path, addr: &str, dir: &Path) -> anyhow::Result<BrokerProcess> {
+        let spawned_at = Instant::now();
+        let mut child = Command::new(exe)
+            .args(["serve", "--listen", addr, "--fsync", FSYNC, "--data-dir"])
+            .arg(dir)
+            .env("COURIER_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot start the broker {} serve", exe.display()))?;
+        let (tx, rx) = oneshot::channel();
+        if let Some(stdout) = child.stdout.take() {
+            std::thread::spawn(move || {
+                let mut lines = BufReader::new(stdout).lines();
+                let first = lines.next().and_then(Result::ok);
+                let _ = tx.send(first.map(|line| (Instant::now(), line)));
+                // Keep draining, so a later line never meets a full pipe.
+                lines.for_each(drop);
+            });
+        }
+        let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
+        let stderr_closed = Arc::new(AtomicBool::new(false));
+        if let Some(stderr) = child.stderr.take() {
+            let (tail, closed) = (stderr_tail.clone(), stderr_closed.clone());
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    let mut tail = tail.lock().unwrap_or_else(|p| p.into_inner());
+                    if tail.len() == STDERR_TAIL_LINES {
+                        tail.pop_front();
+                    }
+                    tail.push_back(line);
+                }
+                closed.store(true, Ordering::Release);
+            });
+        }
+        Ok(BrokerProcess {
+            child,
+            addr: addr.to_string(),
+            spawned_at,
+            ready: Some(rx),
+            stderr_tail,
+            stderr_closed,
+        })
+    }
+
+    /// Spawns a broker on a fresh port and waits until it is ready.
+    pub(super) async fn start(exe: &Path, dir: &Path) -> anyhow::Result<BrokerProcess> {
+        let mut broker = BrokerProcess::spawn(exe, &free_loopback_addr()?, dir)?;
+        broker.wait_ready().await?;
+        Ok(broker)
+    }
+
+    /// Waits for the ready line; returns the time since spawning.
+    pub(super) async fn wait_ready(&mut self) -> anyhow::Result<Duration> {
+        let Some(rx) = self.ready.take() else {
+            return Err(anyhow!("internal: the ready line was already awaited"));
+        };
+        match tokio::time::timeout(READY_TIMEOUT, rx).await {
+            Ok(Ok(Some((at, line)))) => {
+                if !line.starts_with("courier listening on") {
+                    bail!(
+                        "the broker's first line was {line:?}, not `courier listening on …`; is {} the courier binary?",
+                        std::env::current_exe().unwrap_or_default().display()
+                    );
+                }
+                Ok(at.duration_since(self.spawned_at))
+            }
+            Ok(_) => {
+                let why = self.exit_report().await;
+                bail!("the broker exited before it was ready{why}")
+            }
+            Err(_) => bail!(
+                "the broker printed no ready line within {} s{}",
+                READY_TIMEOUT.as_secs(),
+                self.stderr_note()
+            ),
+        }
+    }
+
+    pub(super) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub(super) fn rss_mib(&self) -> anyhow::Result<f64> {
+        rss_mib(self.pid())
+    }
+
+    /// `kill -9` and reap.
+    pub(super) fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub(super) fn stderr_lines(&self) -> Vec<String> {
+        self.stderr_tail
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    pub(super) fn stderr_note(&self) -> String {
+        let lines = self.stderr_lines();
+        if lines.is_empty() {
+            String::new()
+        } else {
+            format!("; its stderr ends: {}", lines.join(" | "))
+        }
+    }
+
+    /// Once the process is gone: its exit status and the end of its stderr.
+    pub(super) async fn exit_report(&mut self) -> String {
+        let mut status: Option<ExitStatus> = None;
+        for _ in 0..200 {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                status = Some(s);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for _ in 0..100 {
+            if self.stderr_closed.load(Ordering::Acquire) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let status = status.map_or_else(|| "still running".to_string(), |s| s.to_string());
+        format!(" ({status}){}", self.stderr_note())
+    }
+
+    /// Runs `work`, but stops it as soon as the broker process exits:
+    /// a dead broker fails the run at once, not at a client timeout.
+    pub(super) async fn watch<T>(
+        &mut self,
+        work: impl std::future::Future<Output = anyhow::Result<T>>,
+    ) -> anyhow::Result<T> {
+        tokio::pin!(work);
+        let result = loop {
+            tokio::select! {
+                result = &mut work => break result,
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                    if let Ok(Some(_)) = self.child.try_wait() {
+                        let why = self.exit_report().await;
+                        bail!("the broker exited in the middle of the run{why}");
+                    }
+                }
+            }
+        };
+        self.explain(result).await
+    }
+
+    /// Adds the broker's fate to an error if it died meanwhile.
+    pub(super) async fn explain<T>(&mut self, result: anyhow::Result<T>) -> anyhow::Result<T> {
+        match result {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    let why = self.exit_report().await;
+                    Err(e.context(format!("the broker died{why}")))
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    /// The broker's own `recovered …` log line, if it printed one.
+    pub(super) fn recovery_line(&self) -> Option<String> {
+        self.stderr_lines()
+            .into_iter()
+            .find(|l| l.contains("recovered"))
+            .map(|l| match l.find("recovered") {
+                Some(i) => l[i..].to_string(),
+                None => l,
+            })
+    }
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if ! command -v cargo >/dev/null 2>&1; then
-  echo "scripts/test.sh: cargo not found — install Rust 1.85 or newer (https://rustup.rs) and retry" >&2
+  echo "scripts/test.sh: cargo not found — install Rust 1.89 or newer (https://rustup.rs) and retry" >&2
   exit 1
 fi
 # Reuse one build directory outside the clone so repeated runs stay fast.

@@ -129,7 +129,7 @@ impl Segment {
         }
         self.last_timestamp = timestamp;
         self.max_timestamp = self.max_timestamp.max(timestamp);
-        if self.records % u64::from(index_every) == 0 {
+        if self.records.is_multiple_of(u64::from(index_every)) {
             self.index.push(IndexEntry {
                 seq,
                 offset,

@@ -224,7 +224,7 @@ fn string_value(tag: u8, content: &[u8]) -> Option<String> {
         0x0C | 0x12 | 0x13 | 0x16 | 0x1A => std::str::from_utf8(content).ok().map(str::to_string),
         // BMPString: UTF-16BE
         0x1E => {
-            if content.len() % 2 != 0 {
+            if !content.len().is_multiple_of(2) {
                 return None;
             }
             let units: Vec<u16> = content
@@ -235,7 +235,7 @@ fn string_value(tag: u8, content: &[u8]) -> Option<String> {
         }
         // UniversalString: UTF-32BE
         0x1C => {
-            if content.len() % 4 != 0 {
+            if !content.len().is_multiple_of(4) {
                 return None;
             }
             content

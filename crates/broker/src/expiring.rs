@@ -35,6 +35,14 @@ impl<K: Hash + Eq + Clone, V> ExpiringMap<K, V> {
         self.order.push_back((now, key));
     }
 
+    /// Room for `additional` more entries (never beyond the capacity), so
+    /// a bulk load does not rehash as it grows.
+    pub fn reserve(&mut self, additional: usize) {
+        let room = additional.min(self.capacity.saturating_sub(self.order.len()));
+        self.entries.reserve(room);
+        self.order.reserve(room);
+    }
+
     pub fn len(&self) -> usize {
         self.entries.len()
     }

@@ -883,11 +883,7 @@ impl<S: MessageStore> Broker<S> {
                 continue;
             }
             *self.refs.entry(seq).or_insert(0) += 1;
-            let entry = Entry {
-                seq,
-                attempts: 0,
-                key,
-            };
+            let entry = Entry::new(seq, 0, key);
             match deliver_at {
                 Some(at) if at > now => svc.queue.defer(at, entry),
                 _ => svc.queue.make_ready(entry),
@@ -1225,11 +1221,7 @@ impl<S: MessageStore> Broker<S> {
                 continue;
             };
             *self.refs.entry(seq).or_insert(0) += 1;
-            let entry = Entry {
-                seq,
-                attempts: 0,
-                key: message.key.clone(),
-            };
+            let entry = Entry::new(seq, 0, message.key.clone());
             match message.deliver_at {
                 Some(at) if at > now => svc.queue.defer(at, entry),
                 _ => svc.queue.make_ready(entry),
@@ -1678,11 +1670,7 @@ impl<S: MessageStore> Broker<S> {
             .position(|d| d.seq == seq)
             .ok_or_else(|| format!("service {service} has no dead letter {seq}"))?;
         svc.queue.dead_letters.remove(position);
-        svc.queue.make_ready(Entry {
-            seq,
-            attempts: 0,
-            key,
-        });
+        svc.queue.make_ready(Entry::new(seq, 0, key));
         self.journal(Op::Revived {
             service: service.to_string(),
             seq,

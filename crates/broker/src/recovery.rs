@@ -236,11 +236,7 @@ impl<S: MessageStore> Broker<S> {
                 if let Some(svc) = self.services.get_mut(&service) {
                     if let Some(i) = svc.queue.dead_letters.iter().position(|d| d.seq == seq) {
                         svc.queue.dead_letters.remove(i);
-                        svc.queue.make_ready(Entry {
-                            seq,
-                            attempts: 0,
-                            key,
-                        });
+                        svc.queue.make_ready(Entry::new(seq, 0, key));
                         // The entry reuses the dead letter's reference.
                     }
                 }
@@ -358,7 +354,7 @@ impl<S: MessageStore> Broker<S> {
             for (e, until) in svc.queue.entries() {
                 w.u64(e.seq);
                 w.u32(e.attempts);
-                match &e.key {
+                match e.key() {
                     Some(k) => {
                         w.u8(1);
                         w.bytes(k);
@@ -375,15 +371,22 @@ impl<S: MessageStore> Broker<S> {
                 w.u64(d.at);
             }
         }
-        let dedup: Vec<_> = self.dedup.iter().collect();
-        w.u32(dedup.len() as u32);
-        for (id, (), t) in dedup {
+        // Counted while written, then the count is patched in: collecting
+        // a million ids first cost tens of MiB that the allocator kept.
+        let count_at = w.0.len();
+        w.u32(0);
+        let mut count: u32 = 0;
+        for (id, (), t) in self.dedup.iter() {
             w.bytes(id.as_bytes());
             w.u64(t);
+            count += 1;
         }
-        let routes: Vec<_> = self.reply_routes.iter().collect();
-        w.u32(routes.len() as u32);
-        for (id, route, t) in routes {
+        w.0[count_at..count_at + 4].copy_from_slice(&count.to_be_bytes());
+        let count_at = w.0.len();
+        w.u32(0);
+        let mut count: u32 = 0;
+        for (id, route, t) in self.reply_routes.iter() {
+            count += 1;
             w.bytes(id.as_bytes());
             w.str(&route.service);
             w.u64(t);
@@ -392,6 +395,7 @@ impl<S: MessageStore> Broker<S> {
                 w.str(r);
             }
         }
+        w.0[count_at..count_at + 4].copy_from_slice(&count.to_be_bytes());
         w.0
     }
 
@@ -420,7 +424,7 @@ impl<S: MessageStore> Broker<S> {
                 let attempts = r.u32()?;
                 let key = if r.u8()? == 1 { Some(r.bytes()?) } else { None };
                 let until = r.u64()?;
-                entries.push((Entry { seq, attempts, key }, until));
+                entries.push((Entry::new(seq, attempts, key), until));
             }
             entries.sort_by_key(|(e, _)| e.seq);
             for (entry, until) in entries {
@@ -443,13 +447,15 @@ impl<S: MessageStore> Broker<S> {
             }
             self.services.insert(name, svc);
         }
-        for _ in 0..r.u32()? {
-            let id = uuid_from(r.bytes()?)?;
+        let ids = r.u32()?;
+        self.dedup.reserve(ids as usize);
+        for _ in 0..ids {
+            let id = Uuid::from_bytes(r.id()?);
             let t = r.u64()?;
             self.dedup.insert(id, (), t);
         }
         for _ in 0..r.u32()? {
-            let id = uuid_from(r.bytes()?)?;
+            let id = Uuid::from_bytes(r.id()?);
             let service = r.str()?;
             let t = r.u64()?;
             let mut receivers = Vec::new();
@@ -468,8 +474,4 @@ impl<S: MessageStore> Broker<S> {
         }
         Ok(())
     }
-}
-
-fn uuid_from(bytes: Bytes) -> Result<Uuid, JournalError> {
-    Uuid::from_slice(&bytes).map_err(|_| JournalError::BadSnapshot)
 }

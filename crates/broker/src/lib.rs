@@ -315,7 +315,8 @@ pub struct Broker<S: MessageStore> {
     /// hold it as a dead letter). Ordered, so the oldest live seq is cheap.
     refs: BTreeMap<Seq, u32>,
     /// Ids of accepted messages within the dedup window.
-    dedup: ExpiringMap<Uuid, ()>,
+    /// Keyed by [`expiring::fingerprint`] of the id.
+    dedup: ExpiringMap<u64, ()>,
     /// Command id → where its replies go.
     reply_routes: ExpiringMap<Uuid, ReplyRoute>,
     next_delivery: DeliveryId,
@@ -988,7 +989,7 @@ impl<S: MessageStore> Broker<S> {
             return self.send_result(conn, seq, ErrorCode::Unauthorized, reason);
         }
         self.dedup.expire(now);
-        if self.dedup.contains(&message.id) {
+        if self.dedup.contains(&expiring::fingerprint(&message.id)) {
             self.metrics.duplicates += 1;
             return self.send_result(conn, seq, ErrorCode::Ok, "duplicate".to_string());
         }
@@ -1026,7 +1027,7 @@ impl<S: MessageStore> Broker<S> {
             Ok(()) => {
                 // Only accepted ids count for dedup: a refused send retried
                 // with the same id must be tried again, not dropped.
-                self.dedup.insert(id, (), now);
+                self.dedup.insert(expiring::fingerprint(&id), (), now);
                 self.metrics.accepted += 1;
                 let result = Action::SendResult {
                     conn,

@@ -16,6 +16,7 @@ use courier_proto::{Kind, Message};
 use courier_store::{MessageStore, Replayed, Seq, StoreError};
 use uuid::Uuid;
 
+use crate::expiring::fingerprint;
 use crate::journal::{JournalError, Op, Reader, Writer};
 use crate::queue::{DeadLetter, Entry};
 use crate::{Broker, Nanos, ReplyRoute, Service};
@@ -23,7 +24,8 @@ use crate::{Broker, Nanos, ReplyRoute, Service};
 /// Records read per chunk while replaying; bounds recovery's extra memory.
 const REPLAY_CHUNK_RECORDS: usize = 4096;
 const SNAPSHOT_MAGIC: &[u8; 4] = b"CRSN";
-const SNAPSHOT_VERSION: u32 = 1;
+/// 2: dedup ids as 64-bit fingerprints. Version 1 (whole ids) still loads.
+const SNAPSHOT_VERSION: u32 = 2;
 
 /// What recovery found, for the start-up log line.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -148,7 +150,8 @@ impl<S: MessageStore> Broker<S> {
     }
 
     fn replay_message(&mut self, seq: Seq, message: &Arc<Message>, now: Nanos) {
-        self.dedup.insert(message.id, (), message.timestamp);
+        self.dedup
+            .insert(fingerprint(&message.id), (), message.timestamp);
         let targets = self.receivers(&message.name, message.version.major);
         if message.kind == Kind::Command {
             let route = ReplyRoute {
@@ -377,7 +380,7 @@ impl<S: MessageStore> Broker<S> {
         w.u32(0);
         let mut count: u32 = 0;
         for (id, (), t) in self.dedup.iter() {
-            w.bytes(id.as_bytes());
+            w.u64(*id);
             w.u64(t);
             count += 1;
         }
@@ -399,12 +402,13 @@ impl<S: MessageStore> Broker<S> {
         w.0
     }
 
-    fn restore_snapshot(&mut self, bytes: Bytes) -> Result<(), JournalError> {
+    pub(crate) fn restore_snapshot(&mut self, bytes: Bytes) -> Result<(), JournalError> {
         if bytes.len() < 8 || &bytes[..4] != SNAPSHOT_MAGIC {
             return Err(JournalError::BadSnapshot);
         }
         let mut r = Reader::new(bytes.slice(4..));
-        if r.u32()? != SNAPSHOT_VERSION {
+        let version = r.u32()?;
+        if version != SNAPSHOT_VERSION && version != 1 {
             return Err(JournalError::BadSnapshot);
         }
         let services = r.u32()?;
@@ -450,7 +454,11 @@ impl<S: MessageStore> Broker<S> {
         let ids = r.u32()?;
         self.dedup.reserve(ids as usize);
         for _ in 0..ids {
-            let id = Uuid::from_bytes(r.id()?);
+            let id = if version == 1 {
+                fingerprint(&Uuid::from_bytes(r.id()?))
+            } else {
+                r.u64()?
+            };
             let t = r.u64()?;
             self.dedup.insert(id, (), t);
         }

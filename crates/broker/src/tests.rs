@@ -1391,3 +1391,26 @@ fn connections_per_service_are_capped() {
     assert!(h.broker.connect_as(5, "web", "d", 0, false).is_ok());
     assert_eq!(h.broker.metrics().connections_refused, 1);
 }
+
+#[test]
+fn a_version_1_snapshot_with_whole_dedup_ids_still_loads_and_still_deduplicates() {
+    let id = Uuid::now_v7();
+    let mut v1 = Vec::new();
+    v1.extend_from_slice(b"CRSN");
+    v1.extend_from_slice(&1u32.to_be_bytes()); // version 1
+    v1.extend_from_slice(&0u32.to_be_bytes()); // no services
+    v1.extend_from_slice(&1u32.to_be_bytes()); // one dedup id …
+    v1.extend_from_slice(&16u32.to_be_bytes());
+    v1.extend_from_slice(id.as_bytes());
+    v1.extend_from_slice(&(1_000 * MS).to_be_bytes()); // … remembered at 1 s
+    v1.extend_from_slice(&0u32.to_be_bytes()); // no reply routes
+    let mut h = Harness::new();
+    h.broker
+        .restore_snapshot(Bytes::from(v1))
+        .expect("a version 1 snapshot loads");
+    h.connect(1, "sender", 10);
+    let mut m = Message::new(Kind::Event, "thing.happened", "x");
+    m.id = id;
+    h.send(1, 1, m);
+    assert_eq!(h.broker.metrics().duplicates, 1, "the old id still counts");
+}

@@ -76,6 +76,9 @@ impl<S: MessageStore> Broker<S> {
             }
         }
         let mut marks = Marks::default();
+        // About how much log lies after the snapshot (record framing not
+        // counted): what the next checkpoint-by-growth starts from.
+        let mut replayed_bytes: u64 = 0;
         loop {
             let chunk = self.store.replay_chunk(after, REPLAY_CHUNK_RECORDS)?;
             let Some((last, _)) = chunk.last() else { break };
@@ -85,20 +88,31 @@ impl<S: MessageStore> Broker<S> {
                 match record {
                     Replayed::Message(message) => {
                         report.messages_replayed += 1;
+                        replayed_bytes += courier_proto::encoded_message_len(&message) as u64;
                         self.replay_message(seq, &message, now);
                     }
-                    Replayed::State(bytes) => match Op::decode(bytes) {
-                        Ok(op) => self.replay_op(seq, op, &mut marks, now),
-                        Err(e) => {
-                            report.bad_journal_entries += 1;
-                            self.alerts
-                                .push(format!("journal entry {seq} unreadable: {e}"));
+                    Replayed::State(bytes) => {
+                        replayed_bytes += bytes.len() as u64;
+                        match Op::decode(bytes) {
+                            Ok(op) => self.replay_op(seq, op, &mut marks, now),
+                            Err(e) => {
+                                report.bad_journal_entries += 1;
+                                self.alerts
+                                    .push(format!("journal entry {seq} unreadable: {e}"));
+                            }
                         }
-                    },
+                    }
                 }
             }
         }
         self.settle_marks(marks, now);
+        if let Some(covers) = report.snapshot_covers {
+            // The snapshot on disk is as good as one taken now, but for
+            // what was replayed: no checkpoint is due at once (taking one
+            // at every start cost a snapshot's worth of memory and I/O).
+            self.checkpointed_at = covers + 1;
+            self.checkpointed_bytes = (self.store.len() as u64).saturating_sub(replayed_bytes);
+        }
         self.alerts.extend(self.store.take_reports());
         self.dedup.expire(now);
         self.reply_routes.expire(now);

@@ -127,6 +127,11 @@ pub fn validate_pattern(pattern: &str) -> Result<(), NameError> {
 /// assert!(!pattern_matches("todo.>", "todo"));
 /// ```
 pub fn pattern_matches(pattern: &str, name: &str) -> bool {
+    // Most subscriptions name one message: a plain comparison, without
+    // splitting both strings on every routed message.
+    if !pattern.bytes().any(|b| b == b'*' || b == b'>') {
+        return pattern == name;
+    }
     let mut names = name.split('.');
     for segment in pattern.split('.') {
         match segment {

@@ -189,7 +189,17 @@ pub(crate) fn spawn(handler: Handler, incoming: Incoming) {
             }
         }
     }
-    tokio::spawn(run(handler, incoming));
+    // Most handlers finish without waiting for anything (count, store in
+    // memory, send a reply into the outbox): those run to the end right
+    // here, on the connection's reader, without a task of their own — a
+    // spawn per delivery was the SDK's largest cost per message. A handler
+    // that has to wait goes on on its own task, which polls it again at
+    // once with its own waker (the no-op one used here is never relied on).
+    let mut task = Box::pin(run(handler, incoming));
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    if task.as_mut().poll(&mut cx).is_pending() {
+        tokio::spawn(task);
+    }
 }
 
 /// Runs one handler with the message's activity in scope, then acks or

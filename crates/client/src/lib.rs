@@ -477,6 +477,11 @@ impl Client {
     /// delivery, its `Err` nacks it for a retry after
     /// [`ClientOptions::nack_delay`] — unless it settled it itself.
     ///
+    /// A handler starts on the connection's reader and moves to a task of
+    /// its own when it first has to wait, so one that finishes at once
+    /// costs no task; put long CPU work in `tokio::task::spawn_blocking`,
+    /// or it holds up the deliveries behind it.
+    ///
     /// ```no_run
     /// # async fn run(client: courier_client::Client) -> Result<(), courier_client::Error> {
     /// client.on("todo.*", |msg| async move {

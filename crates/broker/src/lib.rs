@@ -142,6 +142,13 @@ impl Default for Config {
     }
 }
 
+/// The services a message goes to, in name order; shared by the route cache.
+type Receivers = Arc<[String]>;
+
+/// Distinct message names whose routes are cached; past it the cache
+/// starts over (names are the senders' to choose).
+const ROUTE_CACHE_NAMES_MAX: usize = 10_000;
+
 /// What the I/O layer must do.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
@@ -317,6 +324,8 @@ pub struct Broker<S: MessageStore> {
     /// Ids of accepted messages within the dedup window.
     /// Keyed by [`expiring::fingerprint`] of the id.
     dedup: ExpiringMap<u64, ()>,
+    /// Name → (major version, receiving services); see `receivers`.
+    route_cache: HashMap<String, Vec<(u16, Receivers)>>,
     /// Command id → where its replies go.
     reply_routes: ExpiringMap<Uuid, ReplyRoute>,
     next_delivery: DeliveryId,
@@ -363,6 +372,7 @@ impl<S: MessageStore> Broker<S> {
             services: HashMap::new(),
             refs: BTreeMap::new(),
             dedup,
+            route_cache: HashMap::new(),
             reply_routes,
             next_delivery: 0,
             unsynced: Vec::new(),
@@ -387,6 +397,7 @@ impl<S: MessageStore> Broker<S> {
     /// to re-check.
     pub fn set_manifest(&mut self, manifest: Option<Arc<Manifest>>) {
         self.manifest = manifest;
+        self.routes_changed();
     }
 
     pub fn manifest(&self) -> Option<&Arc<Manifest>> {
@@ -813,7 +824,9 @@ impl<S: MessageStore> Broker<S> {
             .services
             .entry(service.to_string())
             .or_insert_with(|| Service::new(config));
-        svc.patterns.insert(pattern.to_string());
+        if svc.patterns.insert(pattern.to_string()) {
+            self.route_cache.clear();
+        }
         if ack_deadline_ms != 0 {
             svc.ack_deadline_ms = ack_deadline_ms;
         }
@@ -929,6 +942,7 @@ impl<S: MessageStore> Broker<S> {
         if !svc.patterns.remove(pattern) {
             return Err(format!("service {service} is not subscribed to {pattern}"));
         }
+        self.route_cache.clear();
         for instance in &svc.instances {
             if let Some(c) = self.conns.get_mut(instance) {
                 c.patterns.retain(|p| p != pattern);
@@ -1173,11 +1187,11 @@ impl<S: MessageStore> Broker<S> {
             return Ok(());
         }
         if message.kind == Kind::Command {
-            self.remember_reply_route(conn, message.id, targets.clone(), now);
+            self.remember_reply_route(conn, message.id, targets.to_vec(), now);
         }
         let message = Arc::new(message);
         if message.transient {
-            for service in &targets {
+            for service in targets.iter() {
                 self.deliver_transient(service, &message);
             }
             return Ok(());
@@ -1189,7 +1203,7 @@ impl<S: MessageStore> Broker<S> {
         self.dirty = true;
         self.batch_appended = true;
         self.enqueue(seq, &message, &targets, now);
-        for service in &targets {
+        for service in targets.iter() {
             self.pump(service, now);
         }
         Ok(())
@@ -1198,7 +1212,18 @@ impl<S: MessageStore> Broker<S> {
     /// Services whose subscriptions match `name`, in name order.
     /// With a manifest, only services it allows to receive `name` at
     /// `major` count: a wildcard subscription is cut down to what is allowed.
-    fn receivers(&self, name: &str, major: u16) -> Vec<String> {
+    ///
+    /// Cached per name and major version: matching every service's patterns
+    /// (and asking the manifest) for every routed message was the largest
+    /// cost of a send. Every change to patterns or the manifest empties it.
+    fn receivers(&mut self, name: &str, major: u16) -> Receivers {
+        if let Some(hit) = self
+            .route_cache
+            .get(name)
+            .and_then(|per_major| per_major.iter().find(|(m, _)| *m == major))
+        {
+            return hit.1.clone();
+        }
         let mut targets: Vec<String> = self
             .services
             .iter()
@@ -1212,7 +1237,20 @@ impl<S: MessageStore> Broker<S> {
             .map(|(n, _)| n.clone())
             .collect();
         targets.sort_unstable();
+        let targets: Receivers = targets.into();
+        if self.route_cache.len() >= ROUTE_CACHE_NAMES_MAX {
+            self.route_cache.clear();
+        }
+        self.route_cache
+            .entry(name.to_string())
+            .or_default()
+            .push((major, targets.clone()));
         targets
+    }
+
+    /// Forgets every cached route: patterns or the manifest changed.
+    fn routes_changed(&mut self) {
+        self.route_cache.clear();
     }
 
     /// Puts a stored message into the queue of each target service.

@@ -158,6 +158,7 @@ impl<S: MessageStore> Broker<S> {
 
     fn clear_state(&mut self) {
         self.services.clear();
+        self.routes_changed();
         self.refs.clear();
         self.dedup.clear();
         self.reply_routes.clear();
@@ -172,7 +173,7 @@ impl<S: MessageStore> Broker<S> {
                 service: message.sender.clone(),
                 // The requesting connection is gone; any instance will do.
                 conn: 0,
-                receivers: targets.clone(),
+                receivers: targets.to_vec(),
             };
             self.reply_routes
                 .insert(message.id, route, message.timestamp);
@@ -464,6 +465,7 @@ impl<S: MessageStore> Broker<S> {
                 svc.queue.dead_letters.push(letter);
             }
             self.services.insert(name, svc);
+            self.routes_changed();
         }
         let ids = r.u32()?;
         self.dedup.reserve(ids as usize);

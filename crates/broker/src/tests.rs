@@ -1414,3 +1414,29 @@ fn a_version_1_snapshot_with_whole_dedup_ids_still_loads_and_still_deduplicates(
     h.send(1, 1, m);
     assert_eq!(h.broker.metrics().duplicates, 1, "the old id still counts");
 }
+
+#[test]
+fn cached_routes_follow_every_subscription_change() {
+    let mut h = Harness::new();
+    h.connect(1, "sender", 100);
+    h.connect(2, "audit", 100);
+    h.connect(3, "billing", 100);
+    h.subscribe(2, "order.placed");
+    let receivers = |h: &mut Harness| -> Vec<ConnId> {
+        let mut conns: Vec<ConnId> = h.deliveries().into_iter().map(|d| d.0).collect();
+        conns.sort_unstable();
+        conns
+    };
+    h.send(1, 1, Message::new(Kind::Event, "order.placed", "1"));
+    assert_eq!(receivers(&mut h), vec![2]);
+    h.subscribe(3, "order.*");
+    h.send(1, 2, Message::new(Kind::Event, "order.placed", "2"));
+    assert_eq!(
+        receivers(&mut h),
+        vec![2, 3],
+        "a new subscriber is routed to"
+    );
+    h.broker.unsubscribe(2, 7, "order.placed");
+    h.send(1, 3, Message::new(Kind::Event, "order.placed", "3"));
+    assert_eq!(receivers(&mut h), vec![3], "an unsubscribed service is not");
+}

@@ -334,7 +334,7 @@ pub(crate) fn on_connected(inner: &Inner, established: &Established) {
     let pending: Vec<(u64, courier_proto::Message)> = state
         .pending_sends
         .iter()
-        .map(|(seq, p)| (*seq, p.message.clone()))
+        .map(|(seq, p)| (seq, p.message.clone()))
         .collect();
     for (seq, message) in pending {
         let _ = state.writer.push_send(seq, &message);
@@ -411,7 +411,7 @@ pub(crate) async fn drive(inner: Arc<Inner>, first: Established) {
     }
     let mut state = inner.lock();
     state.connected = false;
-    for (_, pending) in std::mem::take(&mut state.pending_sends) {
+    for (_, pending) in state.pending_sends.take() {
         let _ = pending.done.send(Err(Error::Shutdown));
     }
     state.requests.clear();
@@ -493,7 +493,7 @@ fn handle_frame(inner: &Arc<Inner>, generation: u64, frame: Frame) -> Option<Rea
         Frame::SendResult(outcomes) => {
             let mut state = inner.lock();
             for o in outcomes {
-                if let Some(pending) = state.pending_sends.remove(&o.seq) {
+                if let Some(pending) = state.pending_sends.remove(o.seq) {
                     let result = if o.code.is_ok() {
                         Ok(())
                     } else {

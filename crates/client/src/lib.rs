@@ -42,8 +42,11 @@
 mod connection;
 mod error;
 mod handler;
+mod pending;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
+
+use pending::PendingSends;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -224,7 +227,7 @@ pub(crate) struct State {
     connected: bool,
     frame_bytes_max: u32,
     next_seq: u64,
-    pending_sends: BTreeMap<u64, PendingSend>,
+    pending_sends: PendingSends<PendingSend>,
     requests: HashMap<Uuid, mpsc::Sender<Result<Reply>>>,
     subscriptions: Vec<Subscription>,
     next_op: u64,
@@ -294,7 +297,7 @@ impl Client {
                 connected: false,
                 frame_bytes_max: first.frame_bytes_max,
                 next_seq: 0,
-                pending_sends: BTreeMap::new(),
+                pending_sends: PendingSends::new(),
                 requests: HashMap::new(),
                 subscriptions: Vec::new(),
                 next_op: 0,
@@ -779,7 +782,7 @@ impl PendingAck {
             Ok(Ok(result)) => result.map(|()| self.id),
             Ok(Err(_)) => Err(Error::Shutdown),
             Err(_) => {
-                self.inner.lock().pending_sends.remove(&self.seq);
+                self.inner.lock().pending_sends.remove(self.seq);
                 Err(Error::Timeout(timeout))
             }
         }

@@ -145,3 +145,101 @@ fn an_unknown_workload_is_a_usage_error_naming_the_valid_ones() {
         "{stderr}"
     );
 }
+
+/// nats-server processes started for the bench process `pid` (their config
+/// lives in one of its data directories).
+fn leftover_nats_servers(pid: u32) -> Vec<String> {
+    let needle = format!("courier-bench-{pid}-");
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|raw| String::from_utf8_lossy(&raw).replace('\0', " "))
+        .filter(|cmdline| cmdline.contains(&needle) && cmdline.contains("nats-server"))
+        .collect()
+}
+
+#[test]
+fn against_nats_prints_both_columns_a_ratio_and_the_nats_settings() {
+    let child = courier()
+        .args([
+            "bench",
+            "--against",
+            "nats",
+            "--quick",
+            "--runs",
+            "1",
+            "--only",
+            "W1a,W4a,W5a",
+            "--json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn courier bench");
+    let pid = child.id();
+    let out = child.wait_with_output().expect("courier bench runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "courier bench --against nats failed: {stderr}"
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let rows: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let ids: Vec<(&str, &str)> = rows
+        .iter()
+        .map(|v| {
+            (
+                v["workload"].as_str().unwrap_or_default(),
+                v["metric"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    for expected in [
+        ("W1a", "throughput"),
+        ("W4a", "latency p50"),
+        ("W4a", "latency p99.9"),
+        ("W5a", "throughput"),
+        ("W5a-always", "throughput"),
+    ] {
+        assert!(ids.contains(&expected), "no {expected:?} row in {stdout}");
+    }
+    for v in &rows {
+        let courier = v["courier"].as_f64().expect("courier is a number");
+        let nats = v["nats"].as_f64().expect("nats is a number");
+        let ratio = v["ratio"].as_f64().expect("ratio is a number");
+        assert!(courier > 0.0 && nats > 0.0, "{v}");
+        let expected = if v["higher_is_better"] == true {
+            courier / nats
+        } else {
+            nats / courier
+        };
+        assert!((ratio - expected).abs() <= 0.01 * expected + 0.001, "{v}");
+        assert!(v["nats_side"].is_string(), "{v}");
+    }
+    let always = rows
+        .iter()
+        .find(|v| v["workload"] == "W5a-always" && v["metric"] == "throughput")
+        .expect("W5a-always row");
+    let default = rows
+        .iter()
+        .find(|v| v["workload"] == "W5a" && v["metric"] == "throughput")
+        .expect("W5a row");
+    assert_eq!(
+        always["courier"], default["courier"],
+        "the same Courier runs"
+    );
+    assert!(always["nats_side"]
+        .as_str()
+        .is_some_and(|s| s.contains("always")));
+    assert!(stderr.contains("NATS server:"), "{stderr}");
+    assert!(stderr.contains("W5a run 1/1 (NATS)"), "{stderr}");
+    assert_eq!(leftover_dirs(pid), Vec::<String>::new());
+    assert_eq!(leftover_brokers(pid), Vec::<String>::new());
+    assert_eq!(leftover_nats_servers(pid), Vec::<String>::new());
+}

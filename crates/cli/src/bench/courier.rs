@@ -323,36 +323,483 @@ pub(super) async fn courier_w7(exe: &Path, plan: &Plan) -> anyhow::Result<Vec<Me
     ])
 }
 
-// W1–W4: transient traffic (filled in by the W1–W4 work).
+// ---------------------------------------------------------------------------
+// W1–W4: transient traffic (at most once, in memory, no acks)
+
+pub(super) const W1_NAME: &str = "bench.w1.published";
+pub(super) const W2_NAME: &str = "bench.w2.published";
+pub(super) const W3_NAME: &str = "bench.w3.published";
+pub(super) const W4_NAME: &str = "bench.w4.asked";
+pub(super) const W4_REPLY: &str = "bench.w4.answered";
+pub(super) const W1_SERVICE: &str = "bench-w1-subscriber";
+pub(super) const W2_SERVICES: [&str; 4] = [
+    "bench-w2-subscriber-1",
+    "bench-w2-subscriber-2",
+    "bench-w2-subscriber-3",
+    "bench-w2-subscriber-4",
+];
+pub(super) const W3_SERVICE: &str = "bench-w3-worker";
+/// Instances of the one W3 service (competing consumers).
+pub(super) const W3_INSTANCES: usize = 4;
+pub(super) const W4_SERVICE: &str = "bench-w4-responder";
+pub(super) const W4_REQUESTER: &str = "bench-w4-requester";
+pub(super) const TRANSIENT_PUBLISHER: &str = "bench-transient-publisher";
+/// Transient sends W1–W3 keep unacknowledged. The broker acknowledges a
+/// transient send once it has routed it, so the window is the publisher's
+/// only brake: it bounds the burst of deliveries the broker may queue for a
+/// receiver at once. Past the server's `pause_bytes` (4 MiB) queued for a
+/// receiver, the broker pauses it and drops its transient messages; 4 096 ×
+/// 1 KiB lost events that way, 1 024 did not and was also the fastest for
+/// 16 B (measured 128–16 384 on 2 cores).
+pub(super) const TRANSIENT_WINDOW: usize = 1024;
+/// A W1–W3 receiver that handles nothing for this long after the last send
+/// was acknowledged makes the bench ask the broker whether it dropped any.
+const LOSS_CHECK_AFTER: Duration = Duration::from_secs(2);
+/// The 16 B W4 replies carry.
+static W4_REPLY_PAYLOAD: [u8; TINY_BYTES] = [b'r'; TINY_BYTES];
+
+/// Publishes `count` transient events, keeping at most `window` unacknowledged.
+async fn publish_transient(
+    client: &Client,
+    name: &str,
+    payload: &Bytes,
+    count: u64,
+    window: usize,
+) -> anyhow::Result<()> {
+    let mut pending: VecDeque<(u64, PendingAck)> = VecDeque::with_capacity(window);
+    for i in 0..count {
+        if pending.len() >= window {
+            if let Some((j, ack)) = pending.pop_front() {
+                ack.wait()
+                    .await
+                    .with_context(|| format!("transient publish {} of {count} failed", j + 1))?;
+            }
+        }
+        let ack = client
+            .event(name)
+            .payload(payload.clone())
+            .transient()
+            .enqueue()
+            .with_context(|| {
+                format!("transient publish {} of {count} could not be queued", i + 1)
+            })?;
+        pending.push_back((i, ack));
+    }
+    for (j, ack) in pending {
+        ack.wait()
+            .await
+            .with_context(|| format!("transient publish {} of {count} failed", j + 1))?;
+    }
+    Ok(())
+}
+
+/// What one receiving service of W1–W3 has handled, however many
+/// instances it runs.
+struct Tally {
+    service: &'static str,
+    handled: Arc<AtomicU64>,
+}
+
+/// Receptions of a W1–W3 run: one tally per receiving service, the count
+/// each must reach, and a signal when one reaches it.
+struct Receivers {
+    tallies: Vec<Tally>,
+    goal: Arc<AtomicU64>,
+    reached: Arc<Notify>,
+}
+
+impl Receivers {
+    fn new() -> Receivers {
+        Receivers {
+            tallies: Vec::new(),
+            goal: Arc::new(AtomicU64::new(u64::MAX)),
+            reached: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Connects `instances` instances of `service`, each handling `name`
+    /// by counting it; the clients go to `clients` (to be shut down).
+    async fn subscribe(
+        &mut self,
+        addr: &str,
+        service: &'static str,
+        instances: usize,
+        name: &str,
+        clients: &mut Vec<Client>,
+    ) -> anyhow::Result<()> {
+        let handled = Arc::new(AtomicU64::new(0));
+        for _ in 0..instances {
+            let client = connect(addr, service, None).await?;
+            clients.push(client.clone());
+            let (h, goal, reached) = (handled.clone(), self.goal.clone(), self.reached.clone());
+            client
+                .on(name, move |_msg| {
+                    if h.fetch_add(1, Ordering::Relaxed) + 1 == goal.load(Ordering::Relaxed) {
+                        reached.notify_one();
+                    }
+                    std::future::ready(Ok::<(), courier_client::Error>(()))
+                })
+                .await
+                .with_context(|| format!("cannot subscribe {service} to {name}"))?;
+        }
+        self.tallies.push(Tally { service, handled });
+        Ok(())
+    }
+
+    /// Every tally must reach `goal` from now on.
+    fn expect(&self, goal: u64) {
+        self.goal.store(goal, Ordering::Relaxed);
+    }
+
+    fn counts(&self) -> Vec<u64> {
+        self.tallies
+            .iter()
+            .map(|t| t.handled.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// Waits until every tally has reached `goal`, once the publisher's
+    /// sends are all acknowledged. Transient deliveries the broker dropped
+    /// never come: when no count moves for [`LOSS_CHECK_AFTER`], `broker`
+    /// is asked for its drop counter, and the run fails if it dropped any,
+    /// or in any case after [`STALL_TIMEOUT`].
+    async fn wait_for(&self, goal: u64, broker: &Client) -> anyhow::Result<()> {
+        let mut last = Vec::new();
+        let mut last_change = Instant::now();
+        let mut checked = false;
+        loop {
+            let counts = self.counts();
+            if counts.iter().all(|c| *c >= goal) {
+                if let Some((t, c)) = self.tallies.iter().zip(&counts).find(|(_, c)| **c > goal) {
+                    bail!(
+                        "{} handled {} transient events, more than the {} published: a delivery came twice",
+                        t.service,
+                        thousands(*c),
+                        thousands(goal)
+                    );
+                }
+                return Ok(());
+            }
+            let stalled = last_change.elapsed();
+            // The publisher's sends are all acknowledged by now, so the
+            // broker has routed every event: a drop it counted is final.
+            if counts != last {
+                (last, last_change, checked) = (counts, Instant::now(), false);
+            } else if (!checked && stalled > LOSS_CHECK_AFTER) || stalled > STALL_TIMEOUT {
+                checked = true;
+                let metrics = broker_metrics(broker).await;
+                let dropped = metrics
+                    .as_ref()
+                    .ok()
+                    .and_then(|m| m["dropped_unrouted"].as_u64())
+                    .unwrap_or(0);
+                if dropped > 0 || stalled > STALL_TIMEOUT {
+                    let each: Vec<String> = self
+                        .tallies
+                        .iter()
+                        .zip(&counts)
+                        .map(|(t, c)| format!("{} received {}", t.service, thousands(*c)))
+                        .collect();
+                    let total: u64 = counts.iter().sum();
+                    let expected = goal * self.tallies.len() as u64;
+                    let why = match &metrics {
+                        Ok(m) => format!(
+                            "broker metrics: dropped_unrouted {}, receivers_paused {}, slow_consumers_cut {}, delivered {}",
+                            m["dropped_unrouted"], m["receivers_paused"], m["slow_consumers_cut"], m["delivered"]
+                        ),
+                        Err(e) => format!("the broker's metrics could not be read: {e:#}"),
+                    };
+                    bail!(
+                        "transient events lost: {} of {} arrived ({}), none more for {:.1} s; {why}. \
+                         Transient delivery is at most once: the broker drops a transient message for a \
+                         service with no connected instance it may deliver to, and it pauses a receiver \
+                         while more than the server's pause_bytes (4 MiB) of deliveries wait to be \
+                         written to it (receivers_paused); the receivers must keep up with the \
+                         publisher, e.g. with a smaller TRANSIENT_WINDOW in bench/courier.rs",
+                        thousands(total),
+                        thousands(expected),
+                        each.join(", "),
+                        stalled.as_secs_f64(),
+                    );
+                }
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.reached.notified()).await;
+        }
+    }
+}
+
+/// The broker's counters (`courier.metrics`).
+async fn broker_metrics(client: &Client) -> anyhow::Result<Value> {
+    let reply = client
+        .command("courier.metrics")
+        .json(&json!({}))?
+        .timeout(Duration::from_secs(5))
+        .request()
+        .await
+        .context("courier.metrics")?;
+    Ok(reply.json::<Value>()?)
+}
+
+/// Shuts every client down at once.
+async fn shutdown_all(clients: &[Client]) {
+    futures_util::future::join_all(clients.iter().map(Client::shutdown)).await;
+}
+
+/// W1–W3: `count` transient events of `size` from one publisher to the
+/// receiving `services` (name, instances), after a warm-up; throughput is
+/// events published per second until every service has handled the last.
+async fn transient_run(
+    exe: &Path,
+    plan: &Plan,
+    size: Size,
+    workload: Workload,
+    name: &str,
+    services: &[(&'static str, usize)],
+) -> anyhow::Result<Vec<Measurement>> {
+    let dir = DataDir::create()?;
+    let mut broker = BrokerProcess::start(exe, dir.path()).await?;
+    let addr = broker.addr.clone();
+    let (count, warmup) = (plan.transient(size), plan.warmup);
+    let run = async {
+        let mut clients = Vec::new();
+        let measured = async {
+            let mut receivers = Receivers::new();
+            for &(service, instances) in services {
+                receivers
+                    .subscribe(&addr, service, instances, name, &mut clients)
+                    .await?;
+            }
+            let publisher = connect(&addr, TRANSIENT_PUBLISHER, None).await?;
+            clients.push(publisher.clone());
+            let payload = Bytes::from(vec![b'x'; size.bytes()]);
+
+            receivers.expect(warmup);
+            publish_transient(&publisher, name, &payload, warmup, TRANSIENT_WINDOW)
+                .await
+                .context("warm-up")?;
+            receivers
+                .wait_for(warmup, &publisher)
+                .await
+                .context("warm-up")?;
+
+            let goal = warmup + count;
+            receivers.expect(goal);
+            let started = Instant::now();
+            publish_transient(&publisher, name, &payload, count, TRANSIENT_WINDOW).await?;
+            let published = started.elapsed();
+            receivers.wait_for(goal, &publisher).await?;
+            let elapsed = started.elapsed();
+            progress(&format!(
+                "  {} published in {:.2} s, all handled after {:.2} s",
+                thousands(count),
+                published.as_secs_f64(),
+                elapsed.as_secs_f64()
+            ));
+            Ok(vec![(
+                workload,
+                Metric::Throughput,
+                per_second(count, elapsed),
+            )])
+        }
+        .await;
+        shutdown_all(&clients).await;
+        measured
+    };
+    broker.watch(run).await
+}
 
 pub(super) async fn courier_w1(
-    _exe: &Path,
-    _plan: &Plan,
-    _size: Size,
+    exe: &Path,
+    plan: &Plan,
+    size: Size,
 ) -> anyhow::Result<Vec<Measurement>> {
-    bail!("W1 is not measured on the Courier side yet")
+    let workload = match size {
+        Size::Tiny => Workload::W1a,
+        Size::Kib => Workload::W1b,
+    };
+    transient_run(exe, plan, size, workload, W1_NAME, &[(W1_SERVICE, 1)]).await
 }
 
 pub(super) async fn courier_w2(
-    _exe: &Path,
-    _plan: &Plan,
-    _size: Size,
+    exe: &Path,
+    plan: &Plan,
+    size: Size,
 ) -> anyhow::Result<Vec<Measurement>> {
-    bail!("W2 is not measured on the Courier side yet")
+    let workload = match size {
+        Size::Tiny => Workload::W2a,
+        Size::Kib => Workload::W2b,
+    };
+    let services = W2_SERVICES.map(|s| (s, 1));
+    transient_run(exe, plan, size, workload, W2_NAME, &services).await
 }
 
 pub(super) async fn courier_w3(
-    _exe: &Path,
-    _plan: &Plan,
-    _size: Size,
+    exe: &Path,
+    plan: &Plan,
+    size: Size,
 ) -> anyhow::Result<Vec<Measurement>> {
-    bail!("W3 is not measured on the Courier side yet")
+    let workload = match size {
+        Size::Tiny => Workload::W3a,
+        Size::Kib => Workload::W3b,
+    };
+    let services = [(W3_SERVICE, W3_INSTANCES)];
+    transient_run(exe, plan, size, workload, W3_NAME, &services).await
 }
 
-pub(super) async fn courier_w4a(_exe: &Path, _plan: &Plan) -> anyhow::Result<Vec<Measurement>> {
-    bail!("W4a is not measured on the Courier side yet")
+/// Connects the W4 responder: it answers every (transient) W4 command
+/// with a transient final reply of 16 B.
+async fn w4_responder(addr: &str) -> anyhow::Result<Client> {
+    let responder = connect(addr, W4_SERVICE, None).await?;
+    let subscribed = responder
+        .on(W4_NAME, |msg| async move {
+            msg.reply_builder(W4_REPLY, true)
+                .payload(Bytes::from_static(&W4_REPLY_PAYLOAD))
+                .transient()
+                .send()
+                .await?;
+            Ok::<(), courier_client::Error>(())
+        })
+        .await
+        .with_context(|| format!("cannot subscribe {W4_SERVICE} to {W4_NAME}"));
+    if let Err(e) = subscribed {
+        responder.shutdown().await;
+        return Err(e);
+    }
+    Ok(responder)
 }
 
-pub(super) async fn courier_w4b(_exe: &Path, _plan: &Plan) -> anyhow::Result<Vec<Measurement>> {
-    bail!("W4b is not measured on the Courier side yet")
+/// One transient W4 request, from `client`; checks the reply.
+fn w4_ask(
+    client: &Client,
+    payload: &Bytes,
+    i: u64,
+    of: u64,
+) -> impl std::future::Future<Output = anyhow::Result<()>> + Send + 'static {
+    let builder = client
+        .command(W4_NAME)
+        .payload(payload.clone())
+        .transient()
+        .timeout(STALL_TIMEOUT);
+    async move {
+        let reply = builder.request().await.with_context(|| {
+            format!(
+                "request {} of {of} got no reply (timeout {} s): a transient command is dropped when no \
+                 instance of {W4_SERVICE} is connected and unpaused, and then never answered",
+                i + 1,
+                STALL_TIMEOUT.as_secs()
+            )
+        })?;
+        if reply.name() != W4_REPLY || reply.payload().len() != TINY_BYTES {
+            bail!(
+                "request {} of {of} got the reply {} of {} B, not {W4_REPLY} of {TINY_BYTES} B",
+                i + 1,
+                reply.name(),
+                reply.payload().len()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Runs `count` W4 requests with at most `in_flight` outstanding at once.
+async fn w4_requests(
+    client: &Client,
+    payload: &Bytes,
+    count: u64,
+    in_flight: usize,
+) -> anyhow::Result<()> {
+    use futures_util::stream::{FuturesUnordered, StreamExt as _};
+    let mut pending = FuturesUnordered::new();
+    let mut issued = 0;
+    while issued < count && pending.len() < in_flight {
+        pending.push(w4_ask(client, payload, issued, count));
+        issued += 1;
+    }
+    while let Some(answered) = pending.next().await {
+        answered?;
+        if issued < count {
+            pending.push(w4_ask(client, payload, issued, count));
+            issued += 1;
+        }
+    }
+    Ok(())
+}
+
+/// A W4 run: fresh broker, the responder and a requester, then `measure`
+/// with the requester; both clients are shut down afterwards.
+async fn w4_run<F, Fut>(exe: &Path, measure: F) -> anyhow::Result<Vec<Measurement>>
+where
+    F: FnOnce(Client) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Vec<Measurement>>>,
+{
+    let dir = DataDir::create()?;
+    let mut broker = BrokerProcess::start(exe, dir.path()).await?;
+    let addr = broker.addr.clone();
+    let run = async {
+        let responder = w4_responder(&addr).await?;
+        let requester = match connect(&addr, W4_REQUESTER, None).await {
+            Ok(c) => c,
+            Err(e) => {
+                responder.shutdown().await;
+                return Err(e);
+            }
+        };
+        let measured = measure(requester.clone()).await;
+        shutdown_all(&[requester, responder]).await;
+        measured
+    };
+    broker.watch(run).await
+}
+
+pub(super) async fn courier_w4a(exe: &Path, plan: &Plan) -> anyhow::Result<Vec<Measurement>> {
+    let (count, warmup) = (plan.w4a, plan.warmup);
+    w4_run(exe, |client| async move {
+        let payload = Bytes::from(vec![b'x'; TINY_BYTES]);
+        for i in 0..warmup {
+            w4_ask(&client, &payload, i, warmup)
+                .await
+                .context("warm-up")?;
+        }
+        let mut latencies = Vec::with_capacity(count as usize);
+        let started = Instant::now();
+        for i in 0..count {
+            let t = Instant::now();
+            w4_ask(&client, &payload, i, count).await?;
+            latencies.push(t.elapsed().as_nanos() as u64);
+        }
+        let elapsed = started.elapsed();
+        latencies.sort_unstable();
+        let micros = |p| percentile(&latencies, p).unwrap_or(0) as f64 / 1000.0;
+        Ok(vec![
+            (Workload::W4a, Metric::LatencyP50, micros(50.0)),
+            (Workload::W4a, Metric::LatencyP90, micros(90.0)),
+            (Workload::W4a, Metric::LatencyP99, micros(99.0)),
+            (Workload::W4a, Metric::LatencyP999, micros(99.9)),
+            (
+                Workload::W4a,
+                Metric::Throughput,
+                per_second(count, elapsed),
+            ),
+        ])
+    })
+    .await
+}
+
+pub(super) async fn courier_w4b(exe: &Path, plan: &Plan) -> anyhow::Result<Vec<Measurement>> {
+    let (count, warmup) = (plan.w4b, plan.warmup);
+    w4_run(exe, |client| async move {
+        let payload = Bytes::from(vec![b'x'; TINY_BYTES]);
+        w4_requests(&client, &payload, warmup, REQUESTS_IN_FLIGHT)
+            .await
+            .context("warm-up")?;
+        let started = Instant::now();
+        w4_requests(&client, &payload, count, REQUESTS_IN_FLIGHT).await?;
+        let elapsed = started.elapsed();
+        Ok(vec![(
+            Workload::W4b,
+            Metric::Throughput,
+            per_second(count, elapsed),
+        )])
+    })
+    .await
 }

@@ -742,6 +742,11 @@ impl Results {
             rows: ROWS
                 .iter()
                 .filter(|(w, _, _)| selected.contains(w))
+                // The twin rows only differ in their NATS column.
+                .filter(|(w, _, _)| {
+                    systems.contains(&System::Nats)
+                        || !Workload::ALL.iter().any(|o| o.courier_twin() == Some(*w))
+                })
                 .map(|&(workload, metric, target)| Row {
                     workload,
                     metric,

@@ -458,19 +458,29 @@ impl Client {
     }
 
     async fn open_request(&self, message: Message, timeout: Duration) -> Result<ReplyStream> {
+        let stream = self.start_request(message, timeout)?;
+        // On refusal `stream` is dropped, which forgets the request.
+        let stream = stream.accepted().await?;
+        Ok(stream)
+    }
+
+    /// Registers the request and queues the command; the stream still
+    /// holds the broker's answer to the send, to be awaited.
+    fn start_request(&self, message: Message, timeout: Duration) -> Result<ReplyStream> {
         let id = message.id;
         let (tx, rx) = mpsc::channel(REPLY_BUFFER_MAX);
         self.inner.lock().requests.insert(id, tx);
-        let stream = ReplyStream {
+        let mut stream = ReplyStream {
             inner: self.inner.clone(),
             command: id,
             rx,
             sleep: Box::pin(tokio::time::sleep(timeout)),
             timeout,
             done: false,
+            acceptance: None,
         };
-        // On refusal `stream` is dropped, which forgets the request.
-        self.submit(message).await?;
+        let ack = self.enqueue(message)?;
+        stream.acceptance = Some(ack.rx);
         Ok(stream)
     }
 
@@ -744,7 +754,12 @@ impl MessageBuilder {
 
     /// Sends and waits for the first reply.
     pub async fn request(self) -> Result<Reply> {
-        let mut stream = self.request_stream().await?;
+        let timeout = self
+            .timeout
+            .unwrap_or(self.client.inner.opts.request_timeout);
+        // The broker's acceptance and the reply are awaited together: one
+        // wake-up per request instead of two (a refusal still comes first).
+        let mut stream = self.client.start_request(self.message, timeout)?;
         match stream.next_reply().await {
             Some(reply) => reply,
             None => Err(Error::Closed("reply stream ended without a reply".into())),
@@ -829,6 +844,8 @@ pub struct ReplyStream {
     sleep: Pin<Box<tokio::time::Sleep>>,
     timeout: Duration,
     done: bool,
+    /// The broker's answer to the command's send, until it came.
+    acceptance: Option<oneshot::Receiver<Result<()>>>,
 }
 
 impl ReplyStream {
@@ -842,9 +859,37 @@ impl ReplyStream {
         std::future::poll_fn(|cx| self.poll_reply(cx)).await
     }
 
+    /// Waits until the broker accepted the command (or refused it).
+    async fn accepted(mut self) -> Result<ReplyStream> {
+        if let Some(rx) = self.acceptance.take() {
+            match tokio::time::timeout(self.timeout, rx).await {
+                Ok(Ok(result)) => result?,
+                Ok(Err(_)) => return Err(Error::Shutdown),
+                Err(_) => return Err(Error::Timeout(self.timeout)),
+            }
+        }
+        Ok(self)
+    }
+
     fn poll_reply(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Reply>>> {
         if self.done {
             return Poll::Ready(None);
+        }
+        if let Some(rx) = self.acceptance.as_mut() {
+            match Pin::new(rx).poll(cx) {
+                Poll::Ready(Ok(Ok(()))) => self.acceptance = None,
+                Poll::Ready(Ok(Err(e))) => {
+                    self.done = true;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Poll::Ready(Err(_)) => {
+                    self.done = true;
+                    return Poll::Ready(Some(Err(Error::Shutdown)));
+                }
+                // No reply can come first: the broker answers the send in
+                // the same batch that delivers the command.
+                Poll::Pending => {}
+            }
         }
         match self.rx.poll_recv(cx) {
             Poll::Ready(Some(Ok(reply))) => {

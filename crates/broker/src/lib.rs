@@ -188,6 +188,10 @@ pub struct Metrics {
     pub expired: u64,
     /// Events (and transient messages) nobody was there to take.
     pub dropped_unrouted: u64,
+    /// Transient messages dropped because every instance that would take
+    /// them was paused (not reading its deliveries): at most once means
+    /// they are not kept for it. Not counted in `dropped_unrouted`.
+    pub transient_dropped_paused: u64,
     pub replies_parked: u64,
     pub replies_dropped: u64,
     /// Sends and subscriptions the manifest did not allow.
@@ -1292,20 +1296,29 @@ impl<S: MessageStore> Broker<S> {
             return;
         };
         let n = svc.instances.len();
+        let mut paused = false;
         for k in 0..n {
             let idx = (svc.next_instance + k) % n;
             let conn = svc.instances[idx];
-            if self
-                .conns
-                .get(&conn)
-                .is_some_and(|c| !c.paused && c.wants(&message.name))
-            {
-                svc.next_instance = idx + 1;
-                self.deliver_untracked(conn, message.clone());
-                return;
+            let Some(c) = self.conns.get(&conn) else {
+                continue;
+            };
+            if !c.wants(&message.name) {
+                continue;
             }
+            if c.paused {
+                paused = true;
+                continue;
+            }
+            svc.next_instance = idx + 1;
+            self.deliver_untracked(conn, message.clone());
+            return;
         }
-        self.metrics.dropped_unrouted += 1;
+        if paused {
+            self.metrics.transient_dropped_paused += 1;
+        } else {
+            self.metrics.dropped_unrouted += 1;
+        }
     }
 
     /// A delivery that needs no ack (a reply, a transient message): nothing

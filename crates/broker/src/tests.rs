@@ -1440,3 +1440,27 @@ fn cached_routes_follow_every_subscription_change() {
     h.send(1, 3, Message::new(Kind::Event, "order.placed", "3"));
     assert_eq!(receivers(&mut h), vec![3], "an unsubscribed service is not");
 }
+
+#[test]
+fn transient_messages_for_a_paused_receiver_are_dropped_and_counted_apart() {
+    let mut h = Harness::new();
+    h.connect(1, "sender", 100);
+    h.connect(2, "ticker", 100);
+    h.subscribe(2, "tick");
+    h.actions();
+    let mut tick = Message::new(Kind::Event, "tick", "1");
+    tick.transient = true;
+    h.broker.set_paused(2, true, h.now);
+    h.send(1, 1, tick.clone());
+    assert!(
+        h.deliveries().is_empty(),
+        "nothing goes to a paused receiver"
+    );
+    assert_eq!(h.broker.metrics().transient_dropped_paused, 1);
+    assert_eq!(h.broker.metrics().dropped_unrouted, 0);
+    h.broker.set_paused(2, false, h.now);
+    tick.id = Uuid::now_v7();
+    h.send(1, 2, tick);
+    assert_eq!(h.deliveries().len(), 1, "delivered again once resumed");
+    assert_eq!(h.broker.metrics().transient_dropped_paused, 1);
+}

@@ -462,11 +462,10 @@ impl Receivers {
             } else if (!checked && stalled > LOSS_CHECK_AFTER) || stalled > STALL_TIMEOUT {
                 checked = true;
                 let metrics = broker_metrics(broker).await;
-                let dropped = metrics
-                    .as_ref()
-                    .ok()
-                    .and_then(|m| m["dropped_unrouted"].as_u64())
-                    .unwrap_or(0);
+                let dropped: u64 = ["dropped_unrouted", "transient_dropped_paused"]
+                    .iter()
+                    .filter_map(|counter| metrics.as_ref().ok()?[counter].as_u64())
+                    .sum();
                 if dropped > 0 || stalled > STALL_TIMEOUT {
                     let each: Vec<String> = self
                         .tallies
@@ -478,8 +477,8 @@ impl Receivers {
                     let expected = goal * self.tallies.len() as u64;
                     let why = match &metrics {
                         Ok(m) => format!(
-                            "broker metrics: dropped_unrouted {}, receivers_paused {}, slow_consumers_cut {}, delivered {}",
-                            m["dropped_unrouted"], m["receivers_paused"], m["slow_consumers_cut"], m["delivered"]
+                            "broker metrics: dropped_unrouted {}, transient_dropped_paused {}, receivers_paused {}, slow_consumers_cut {}, delivered {}",
+                            m["dropped_unrouted"], m["transient_dropped_paused"], m["receivers_paused"], m["slow_consumers_cut"], m["delivered"]
                         ),
                         Err(e) => format!("the broker's metrics could not be read: {e:#}"),
                     };
@@ -488,7 +487,8 @@ impl Receivers {
                          Transient delivery is at most once: the broker drops a transient message for a \
                          service with no connected instance it may deliver to, and it pauses a receiver \
                          while more than the server's pause_bytes (4 MiB) of deliveries wait to be \
-                         written to it (receivers_paused); the receivers must keep up with the \
+                         written to it (receivers_paused), dropping its transient messages meanwhile \
+                         (transient_dropped_paused); the receivers must keep up with the \
                          publisher, e.g. with a smaller TRANSIENT_WINDOW in bench/courier.rs",
                         thousands(total),
                         thousands(expected),

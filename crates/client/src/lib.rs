@@ -45,8 +45,6 @@ mod handler;
 mod pending;
 
 use std::collections::HashMap;
-
-use pending::PendingSends;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -61,6 +59,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use uuid::Uuid;
+
+use pending::PendingSends;
 
 pub use courier_proto::{self as proto, ErrorCode, StartFrom};
 pub use error::{Error, Result};

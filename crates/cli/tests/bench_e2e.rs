@@ -43,24 +43,30 @@ fn leftover_brokers(pid: u32) -> Vec<String> {
     leftover_processes(pid, " serve ")
 }
 
-#[test]
-fn quick_json_run_prints_one_object_per_figure_and_cleans_up() {
+/// Runs `courier <args>` to its end; its pid (to look for leftovers by)
+/// and its output.
+fn run_bench(args: &[&str]) -> (u32, std::process::Output) {
     let child = courier()
-        .args([
-            "bench",
-            "--quick",
-            "--runs",
-            "1",
-            "--only",
-            "W5a,W5b,W6",
-            "--json",
-        ])
+        .args(args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("spawn courier bench");
     let pid = child.id();
-    let out = child.wait_with_output().expect("courier bench runs");
+    (pid, child.wait_with_output().expect("courier bench runs"))
+}
+
+#[test]
+fn quick_json_run_prints_one_object_per_figure_and_cleans_up() {
+    let (pid, out) = run_bench(&[
+        "bench",
+        "--quick",
+        "--runs",
+        "1",
+        "--only",
+        "W5a,W5b,W6",
+        "--json",
+    ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "courier bench failed: {stderr}");
 
@@ -109,23 +115,16 @@ fn quick_json_run_prints_one_object_per_figure_and_cleans_up() {
 
 #[test]
 fn a_run_over_its_timeout_stops_with_a_clear_error_and_cleans_up() {
-    let child = courier()
-        .args([
-            "bench",
-            "--quick",
-            "--runs",
-            "1",
-            "--only",
-            "W7",
-            "--timeout",
-            "700ms",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn courier bench");
-    let pid = child.id();
-    let out = child.wait_with_output().expect("courier bench runs");
+    let (pid, out) = run_bench(&[
+        "bench",
+        "--quick",
+        "--runs",
+        "1",
+        "--only",
+        "W7",
+        "--timeout",
+        "700ms",
+    ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     let last = stderr.lines().last().unwrap_or_default();
@@ -160,24 +159,17 @@ fn leftover_nats_servers(pid: u32) -> Vec<String> {
 
 #[test]
 fn against_nats_prints_both_columns_a_ratio_and_the_nats_settings() {
-    let child = courier()
-        .args([
-            "bench",
-            "--against",
-            "nats",
-            "--quick",
-            "--runs",
-            "1",
-            "--only",
-            "W1a,W4a,W5a",
-            "--json",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn courier bench");
-    let pid = child.id();
-    let out = child.wait_with_output().expect("courier bench runs");
+    let (pid, out) = run_bench(&[
+        "bench",
+        "--against",
+        "nats",
+        "--quick",
+        "--runs",
+        "1",
+        "--only",
+        "W1a,W4a,W5a",
+        "--json",
+    ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
@@ -268,25 +260,18 @@ fn on_a_current_thread_client_runtime_runs_finish_and_timeouts_still_clean_up() 
     );
     assert!(stdout.contains("tokio current-thread runtime"), "{stdout}");
 
-    let child = courier()
-        .args([
-            "bench",
-            "--client-runtime",
-            "current-thread",
-            "--quick",
-            "--runs",
-            "1",
-            "--only",
-            "W7",
-            "--timeout",
-            "700ms",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn courier bench");
-    let pid = child.id();
-    let out = child.wait_with_output().expect("courier bench runs");
+    let (pid, out) = run_bench(&[
+        "bench",
+        "--client-runtime",
+        "current-thread",
+        "--quick",
+        "--runs",
+        "1",
+        "--only",
+        "W7",
+        "--timeout",
+        "700ms",
+    ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(

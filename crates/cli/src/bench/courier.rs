@@ -587,10 +587,7 @@ pub(super) async fn courier_w1(
     plan: &Plan,
     size: Size,
 ) -> anyhow::Result<Vec<Measurement>> {
-    let workload = match size {
-        Size::Tiny => Workload::W1a,
-        Size::Kib => Workload::W1b,
-    };
+    let workload = Job::PubSub(size).workload();
     transient_run(exe, plan, size, workload, W1_NAME, &[(W1_SERVICE, 1)]).await
 }
 
@@ -599,10 +596,7 @@ pub(super) async fn courier_w2(
     plan: &Plan,
     size: Size,
 ) -> anyhow::Result<Vec<Measurement>> {
-    let workload = match size {
-        Size::Tiny => Workload::W2a,
-        Size::Kib => Workload::W2b,
-    };
+    let workload = Job::FanOut(size).workload();
     let services = W2_SERVICES.map(|s| (s, 1));
     transient_run(exe, plan, size, workload, W2_NAME, &services).await
 }
@@ -612,10 +606,7 @@ pub(super) async fn courier_w3(
     plan: &Plan,
     size: Size,
 ) -> anyhow::Result<Vec<Measurement>> {
-    let workload = match size {
-        Size::Tiny => Workload::W3a,
-        Size::Kib => Workload::W3b,
-    };
+    let workload = Job::Competing(size).workload();
     let services = [(W3_SERVICE, W3_INSTANCES)];
     transient_run(exe, plan, size, workload, W3_NAME, &services).await
 }

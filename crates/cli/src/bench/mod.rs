@@ -506,6 +506,15 @@ impl Job {
         jobs
     }
 
+    /// The workload a run of this job is filed under first (W5's runs
+    /// also fill their `-always` twins).
+    fn workload(self) -> Workload {
+        Workload::ALL
+            .into_iter()
+            .find(|w| w.job() == self)
+            .unwrap_or(Workload::W1a)
+    }
+
     fn label(self) -> &'static str {
         match self {
             Job::PubSub(Size::Tiny) => "W1a",

@@ -597,9 +597,11 @@ pub(super) async fn run(
     plan: &Plan,
 ) -> anyhow::Result<Vec<Measurement>> {
     match job {
-        Job::PubSub(size) => transient(nats, plan, size, Shape::One).await,
-        Job::FanOut(size) => transient(nats, plan, size, Shape::FanOut).await,
-        Job::Competing(size) => transient(nats, plan, size, Shape::QueueGroup).await,
+        Job::PubSub(size) => transient(nats, plan, size, Shape::One, job.workload()).await,
+        Job::FanOut(size) => transient(nats, plan, size, Shape::FanOut, job.workload()).await,
+        Job::Competing(size) => {
+            transient(nats, plan, size, Shape::QueueGroup, job.workload()).await
+        }
         Job::RequestSequential => requests_sequential(nats, plan).await,
         Job::RequestConcurrent => requests_concurrent(nats, plan).await,
         Job::PublishOneByOne => {
@@ -653,17 +655,6 @@ impl Shape {
         match self {
             Shape::One | Shape::QueueGroup => 1,
             Shape::FanOut => SUBSCRIBERS as u64,
-        }
-    }
-
-    fn workload(self, size: Size) -> Workload {
-        match (self, size) {
-            (Shape::One, Size::Tiny) => Workload::W1a,
-            (Shape::One, Size::Kib) => Workload::W1b,
-            (Shape::FanOut, Size::Tiny) => Workload::W2a,
-            (Shape::FanOut, Size::Kib) => Workload::W2b,
-            (Shape::QueueGroup, Size::Tiny) => Workload::W3a,
-            (Shape::QueueGroup, Size::Kib) => Workload::W3b,
         }
     }
 }
@@ -757,6 +748,7 @@ async fn transient(
     plan: &Plan,
     size: Size,
     shape: Shape,
+    workload: Workload,
 ) -> anyhow::Result<Vec<Measurement>> {
     let mut server = NatsServer::start(nats, Fsync::Default).await?;
     let url = server.url();
@@ -812,7 +804,7 @@ async fn transient(
         let elapsed = done.saturating_duration_since(started);
         drop(tasks);
         Ok(vec![(
-            shape.workload(size),
+            workload,
             Metric::Throughput,
             per_second(count, elapsed),
         )])
@@ -961,6 +953,16 @@ async fn requests_concurrent(nats: &NatsInstall, plan: &Plan) -> anyhow::Result<
     server.watch(work).await
 }
 
+/// W5's publisher: a connection, its JetStream context and the stream
+/// (file storage) the events go to.
+async fn w5_publisher(url: &str) -> anyhow::Result<jetstream::Context> {
+    let events = Arc::new(ClientEvents::default());
+    let client = connect(url, "bench-publisher", MIN_SUBSCRIPTION_CAPACITY, &events).await?;
+    let js = jetstream_context(client);
+    create_stream(&js, W5_STREAM, W5_SUBJECT).await?;
+    Ok(js)
+}
+
 /// W5a (default fsync) or W5a-always: each publish ack awaited before the
 /// next publish.
 async fn publish_one_by_one(
@@ -975,10 +977,7 @@ async fn publish_one_by_one(
     let mut server = NatsServer::start(nats, fsync).await?;
     let url = server.url();
     let work = async {
-        let events = Arc::new(ClientEvents::default());
-        let client = connect(&url, "bench-publisher", MIN_SUBSCRIPTION_CAPACITY, &events).await?;
-        let js = jetstream_context(client);
-        create_stream(&js, W5_STREAM, W5_SUBJECT).await?;
+        let js = w5_publisher(&url).await?;
         let payload = Bytes::from(vec![b'x'; SMALL_BYTES]);
         let send = |i: u64, of: u64| {
             let (js, payload) = (&js, payload.clone());
@@ -1026,10 +1025,7 @@ async fn publish_windowed(
     let mut server = NatsServer::start(nats, fsync).await?;
     let url = server.url();
     let work = async {
-        let events = Arc::new(ClientEvents::default());
-        let client = connect(&url, "bench-publisher", MIN_SUBSCRIPTION_CAPACITY, &events).await?;
-        let js = jetstream_context(client);
-        create_stream(&js, W5_STREAM, W5_SUBJECT).await?;
+        let js = w5_publisher(&url).await?;
         let payload = Bytes::from(vec![b'x'; SMALL_BYTES]);
         publish_pipelined(&js, W5_SUBJECT, &payload, plan.w5b_warmup, WINDOW)
             .await
@@ -1376,9 +1372,9 @@ mod tests {
 
     #[test]
     fn shapes_map_to_workloads_and_deliveries() {
-        assert_eq!(Shape::One.workload(Size::Tiny), Workload::W1a);
-        assert_eq!(Shape::FanOut.workload(Size::Kib), Workload::W2b);
-        assert_eq!(Shape::QueueGroup.workload(Size::Tiny), Workload::W3a);
+        assert_eq!(Job::PubSub(Size::Tiny).workload(), Workload::W1a);
+        assert_eq!(Job::FanOut(Size::Kib).workload(), Workload::W2b);
+        assert_eq!(Job::Competing(Size::Tiny).workload(), Workload::W3a);
         assert_eq!((Shape::One.subscribers(), Shape::One.copies()), (1, 1));
         assert_eq!(
             (Shape::FanOut.subscribers(), Shape::FanOut.copies()),

@@ -172,6 +172,9 @@ pub enum Action {
     },
     /// No delivery follows for this connection.
     Drained { conn: ConnId },
+    /// The answer to a PING: it follows every answer to what the
+    /// connection sent before the PING, so a client's flush can wait on it.
+    Pong { conn: ConnId, nonce: u64 },
 }
 
 /// Counters for `/metrics` and tests; they only ever go up.
@@ -980,8 +983,26 @@ impl<S: MessageStore> Broker<S> {
 
     // ---- sending -----------------------------------------------------
 
-    /// A message from `conn`, which numbered it `seq`.
-    pub fn send(&mut self, conn: ConnId, seq: u64, mut message: Message, now: Nanos) {
+    /// A message from `conn`, which numbered it `seq`; answered with a
+    /// send result whether accepted or refused.
+    pub fn send(&mut self, conn: ConnId, seq: u64, message: Message, now: Nanos) {
+        self.accept_send(conn, seq, message, false, now);
+    }
+
+    /// A QUIET send (PROTOCOL §5.3): answered only if refused, so an
+    /// accepted one costs no send result.
+    pub fn send_quiet(&mut self, conn: ConnId, seq: u64, message: Message, now: Nanos) {
+        self.accept_send(conn, seq, message, true, now);
+    }
+
+    fn accept_send(
+        &mut self,
+        conn: ConnId,
+        seq: u64,
+        mut message: Message,
+        quiet: bool,
+        now: Nanos,
+    ) {
         self.now = now;
         let Some((sender, admin)) = self.conns.get(&conn).map(|c| (c.service.clone(), c.admin))
         else {
@@ -1010,7 +1031,10 @@ impl<S: MessageStore> Broker<S> {
         self.dedup.expire(now);
         if self.dedup.contains(&expiring::fingerprint(&message.id)) {
             self.metrics.duplicates += 1;
-            return self.send_result(conn, seq, ErrorCode::Ok, "duplicate".to_string());
+            if !quiet {
+                self.send_result(conn, seq, ErrorCode::Ok, "duplicate".to_string());
+            }
+            return;
         }
         if self.degraded
             && !message.transient
@@ -1048,6 +1072,9 @@ impl<S: MessageStore> Broker<S> {
                 // with the same id must be tried again, not dropped.
                 self.dedup.insert(expiring::fingerprint(&id), (), now);
                 self.metrics.accepted += 1;
+                if quiet {
+                    return;
+                }
                 let result = Action::SendResult {
                     conn,
                     seq,
@@ -1104,6 +1131,17 @@ impl<S: MessageStore> Broker<S> {
             Kind::Command | Kind::Event => manifest
                 .may_send(sender, &m.name, m.version.major)
                 .map_err(|d| d.to_string()),
+        }
+    }
+
+    /// A PING from `conn`: its PONG queues behind the answers to every
+    /// earlier send, durable ones included (they wait for the fsync).
+    pub fn ping(&mut self, conn: ConnId, nonce: u64) {
+        let action = Action::Pong { conn, nonce };
+        if self.unsynced.is_empty() {
+            self.actions.push(action);
+        } else {
+            self.unsynced.push(action);
         }
     }
 

@@ -388,6 +388,62 @@ fn duplicate_id_within_window_is_acknowledged_and_dropped() {
 }
 
 #[test]
+fn quiet_sends_are_answered_only_when_refused() {
+    let mut h = Harness::new();
+    h.connect(1, "web", 0);
+    h.connect(2, "todo", 0);
+    h.subscribe(2, "todo.created");
+    let _ = h.actions();
+    let mut accepted = event("todo.created", "x");
+    accepted.transient = true;
+    h.broker.send_quiet(1, 1, accepted.clone(), h.now);
+    // An accepted duplicate is an acceptance too: no answer either.
+    h.broker.send_quiet(1, 2, accepted, h.now);
+    h.broker
+        .send_quiet(1, 3, command("todo.nobody", "x"), h.now);
+    let mut bad_name = event("todo.created", "x");
+    bad_name.name = "Not Valid".into();
+    h.broker.send_quiet(1, 4, bad_name, h.now);
+    let actions = h.actions();
+    assert_eq!(
+        results(&actions),
+        vec![(3, ErrorCode::NoReceiver), (4, ErrorCode::InvalidName)],
+        "only the refusals are answered"
+    );
+    let delivered: Vec<_> = actions
+        .iter()
+        .filter(|a| matches!(a, Action::Deliver { conn: 2, .. }))
+        .collect();
+    assert_eq!(delivered.len(), 1, "accepted once, the duplicate dropped");
+    assert_eq!(h.broker.metrics().accepted, 1);
+    assert_eq!(h.broker.metrics().duplicates, 1);
+    assert_eq!(h.broker.metrics().refused, 2);
+}
+
+#[test]
+fn a_pong_follows_the_answers_to_everything_sent_before_its_ping() {
+    let mut h = Harness::new();
+    h.connect(1, "web", 0);
+    h.connect(2, "todo", 0);
+    h.subscribe(2, "todo.created");
+    let _ = h.actions();
+    h.send(1, 1, event("todo.created", "durable"));
+    h.broker
+        .send_quiet(1, 2, command("todo.nobody", "x"), h.now);
+    h.broker.ping(1, 99);
+    let answers: Vec<String> = h
+        .actions()
+        .iter()
+        .filter_map(|a| match a {
+            Action::SendResult { conn: 1, seq, .. } => Some(format!("result {seq}")),
+            Action::Pong { conn: 1, nonce } => Some(format!("pong {nonce}")),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(answers, ["result 1", "result 2", "pong 99"]);
+}
+
+#[test]
 fn refused_send_retried_with_the_same_id_is_routed_not_deduplicated() {
     let mut h = Harness::new();
     h.connect(1, "web", 0);

@@ -130,6 +130,91 @@ async fn refused_send_says_why() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_sends_are_delivered_and_only_their_refusals_are_counted_by_flush() {
+    let broker = Broker::start();
+    let audit = client(&broker, "audit").await;
+    let mut events = recorder(&audit, "metric.sampled").await;
+    let todo = client(&broker, "todo").await;
+    let _commands = recorder(&todo, "todo.create").await;
+    let web = client(&broker, "web").await;
+
+    for i in 0..2_000u32 {
+        web.event("metric.sampled")
+            .json(&i)
+            .expect("encode")
+            .transient()
+            .send_quiet()
+            .await
+            .expect("quiet send");
+    }
+    tokio::time::timeout(T, web.flush())
+        .await
+        .expect("flush in time")
+        .expect("flush");
+    assert_eq!(web.unheard_refusals(), 0);
+    assert!(web.last_unheard_refusal().is_none());
+    // Handlers run concurrently, so the recorder may see them out of order.
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..2_000u32 {
+        let (name, _, payload) = tokio::time::timeout(T, events.recv())
+            .await
+            .expect("delivered in time")
+            .expect("open");
+        assert_eq!(name, "metric.sampled");
+        seen.insert(serde_json::from_slice::<u32>(&payload).expect("a number"));
+    }
+    assert_eq!(seen, (0..2_000u32).collect());
+
+    // "web" may not send commands nobody receives, so these are refused;
+    // send_quiet itself succeeds, and the flush behind them counts both.
+    for _ in 0..2 {
+        web.command("nobody.listens")
+            .json(&())
+            .expect("encode")
+            .send_quiet()
+            .await
+            .expect("queued");
+    }
+    // A durable quiet send between them is accepted and not counted.
+    web.command("todo.create")
+        .json(&())
+        .expect("encode")
+        .send_quiet()
+        .await
+        .expect("queued");
+    tokio::time::timeout(T, web.flush())
+        .await
+        .expect("flush in time")
+        .expect("flush");
+    assert_eq!(web.unheard_refusals(), 2);
+    let (code, reason) = web.last_unheard_refusal().expect("a refusal");
+    assert_eq!(code, ErrorCode::NoReceiver);
+    assert!(reason.contains("nobody.listens"), "{reason}");
+
+    // Once the broker is gone, quiet sends and flushes fail instead of
+    // pretending.
+    drop(broker);
+    let deadline = Instant::now() + T;
+    loop {
+        let sent = web
+            .event("metric.sampled")
+            .json(&0)
+            .expect("encode")
+            .transient()
+            .send_quiet()
+            .await;
+        let flushed = tokio::time::timeout(T, web.flush())
+            .await
+            .expect("answered");
+        if sent.is_err() || flushed.is_err() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still accepted without a broker");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_times_out_when_nobody_replies() {
     let broker = Broker::start();
     let todo = client(&broker, "todo").await;

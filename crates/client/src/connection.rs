@@ -400,10 +400,17 @@ pub(crate) async fn drive(inner: Arc<Inner>, first: Established) {
             for (_, tx) in state.pending_ops.drain() {
                 let _ = tx.send(Err(Error::Closed("connection lost".into())));
             }
+            for (_, tx) in state.flushes.drain(..) {
+                let _ = tx.send(Err(Error::Closed(
+                    "connection lost before the broker answered the flush".into(),
+                )));
+            }
             if let Some(tx) = state.drained.take() {
                 let _ = tx.send(());
             }
         }
+        // Quiet senders waiting for room must see the connection is gone.
+        inner.writer_drained.notify_waiters();
         if stopped || *shutdown.borrow() {
             break;
         }
@@ -414,7 +421,12 @@ pub(crate) async fn drive(inner: Arc<Inner>, first: Established) {
     for (_, pending) in state.pending_sends.take() {
         let _ = pending.done.send(Err(Error::Shutdown));
     }
+    for (_, tx) in state.flushes.drain(..) {
+        let _ = tx.send(Err(Error::Shutdown));
+    }
     state.requests.clear();
+    drop(state);
+    inner.writer_drained.notify_waiters();
 }
 
 /// Writes whatever the client queued; ends `Ok` on shutdown after the last flush.
@@ -428,6 +440,7 @@ async fn write_loop(inner: &Inner, mut writer: Writer) -> std::io::Result<()> {
             writer.write_all(&bytes).await?;
             // Free on TCP; TLS may hold encrypted bytes until flushed.
             writer.flush().await?;
+            inner.writer_drained.notify_waiters();
         }
         if *shutdown.borrow() {
             let _ = writer.shutdown().await;
@@ -503,6 +516,11 @@ fn handle_frame(inner: &Arc<Inner>, generation: u64, frame: Frame) -> Option<Rea
                         })
                     };
                     let _ = pending.done.send(result);
+                } else if !o.code.is_ok() {
+                    // A quiet send's refusal, or one whose waiter gave up.
+                    warn!(code = %o.code, reason = %o.reason, "the broker refused a send nobody awaits");
+                    state.unheard_refusals += 1;
+                    state.last_unheard_refusal = Some((o.code, o.reason));
                 }
             }
         }
@@ -579,7 +597,14 @@ fn handle_frame(inner: &Arc<Inner>, generation: u64, frame: Frame) -> Option<Rea
             let _ = inner.lock().writer.push(&Frame::Pong(n));
             inner.wake_writer.notify_one();
         }
-        Frame::Pong(_) => {}
+        Frame::Pong(nonce) => {
+            let mut state = inner.lock();
+            while state.flushes.front().is_some_and(|(n, _)| *n <= nonce) {
+                if let Some((_, done)) = state.flushes.pop_front() {
+                    let _ = done.send(Ok(()));
+                }
+            }
+        }
         Frame::Error(e) => {
             warn!(code = %e.code, message = %e.message, "broker closed the connection");
             return Some(ReadEnd::BrokerError(e.code, e.message));

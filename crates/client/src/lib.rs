@@ -44,7 +44,7 @@ mod error;
 mod handler;
 mod pending;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -67,6 +67,10 @@ pub use error::{Error, Result};
 pub use handler::{BoxError, Incoming};
 
 use handler::Handler;
+
+/// Bytes of quiet sends that may wait for the socket before
+/// [`MessageBuilder::send_quiet`] waits for room.
+pub const QUIET_BUFFER_BYTES_MAX: usize = 1024 * 1024;
 
 tokio::task_local! {
     /// The activity of the message being handled on this task.
@@ -235,6 +239,12 @@ pub(crate) struct State {
     handlers_running: usize,
     drained: Option<oneshot::Sender<()>>,
     shut_down: bool,
+    /// Flushes waiting for their PONG, by nonce, oldest first.
+    flushes: VecDeque<(u64, oneshot::Sender<Result<()>>)>,
+    next_flush: u64,
+    /// Refusals of sends nobody awaits (see [`Client::unheard_refusals`]).
+    unheard_refusals: u64,
+    last_unheard_refusal: Option<(ErrorCode, String)>,
 }
 
 pub(crate) struct Inner {
@@ -242,6 +252,9 @@ pub(crate) struct Inner {
     state: Mutex<State>,
     /// Something was written to `state.writer`.
     wake_writer: Notify,
+    /// The write loop handed `state.writer`'s bytes to the socket, or the
+    /// connection ended: quiet senders waiting for room look again.
+    writer_drained: Notify,
     /// A handler finished.
     handler_done: Notify,
     shutdown: watch::Sender<bool>,
@@ -305,9 +318,14 @@ impl Client {
                 handlers_running: 0,
                 drained: None,
                 shut_down: false,
+                flushes: VecDeque::new(),
+                next_flush: 0,
+                unheard_refusals: 0,
+                last_unheard_refusal: None,
             }),
             opts,
             wake_writer: Notify::new(),
+            writer_drained: Notify::new(),
             handler_done: Notify::new(),
             shutdown,
         });
@@ -421,6 +439,88 @@ impl Client {
             });
         }
         Ok(())
+    }
+
+    /// Queues `message` as a QUIET send: the broker answers only if it
+    /// refuses it. Waits while more than [`QUIET_BUFFER_BYTES_MAX`] are
+    /// queued for the socket, so a fast publisher can't grow memory.
+    async fn send_quiet(&self, message: Message) -> Result<Uuid> {
+        self.check(&message)?;
+        loop {
+            let room = self.inner.writer_drained.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            {
+                let mut state = self.inner.lock();
+                if state.shut_down {
+                    return Err(Error::Shutdown);
+                }
+                if !state.connected {
+                    // At most once: nothing is kept to re-send after a
+                    // reconnect, so there is nothing to queue it for.
+                    return Err(Error::Closed(
+                        "not connected to the broker; a quiet send is not queued across reconnects"
+                            .into(),
+                    ));
+                }
+                if state.writer.len() < QUIET_BUFFER_BYTES_MAX {
+                    state.next_seq += 1;
+                    let seq = state.next_seq;
+                    state.writer.push_quiet_send(seq, &message)?;
+                    drop(state);
+                    self.inner.wake_writer.notify_one();
+                    return Ok(message.id);
+                }
+            }
+            self.inner.wake_writer.notify_one();
+            room.await;
+        }
+    }
+
+    /// Resolves once the broker has answered everything this client sent
+    /// before the call — accepted durable messages are on disk, refusals of
+    /// quiet sends are counted in [`Client::unheard_refusals`] — by a PING
+    /// that the broker answers behind those answers. The PING is queued at
+    /// the call, so flushes can be pipelined like sends.
+    pub fn flush(&self) -> impl Future<Output = Result<()>> + Send + 'static {
+        let queued = {
+            let mut state = self.inner.lock();
+            if state.shut_down {
+                Err(Error::Shutdown)
+            } else if !state.connected {
+                Err(Error::Closed("not connected to the broker".into()))
+            } else {
+                state.next_flush += 1;
+                let nonce = state.next_flush;
+                let (tx, rx) = oneshot::channel();
+                state.flushes.push_back((nonce, tx));
+                let _ = state.writer.push(&courier_proto::Frame::Ping(nonce));
+                Ok(rx)
+            }
+        };
+        self.inner.wake_writer.notify_one();
+        let timeout = self.inner.opts.send_timeout;
+        async move {
+            let rx = queued?;
+            match tokio::time::timeout(timeout, rx).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(_)) => Err(Error::Shutdown),
+                Err(_) => Err(Error::Timeout(timeout)),
+            }
+        }
+    }
+
+    /// How many refusals came for sends nobody awaits: quiet sends
+    /// ([`MessageBuilder::send_quiet`]), and sends whose wait timed out
+    /// before the broker answered. Each is also logged as a warning.
+    pub fn unheard_refusals(&self) -> u64 {
+        self.inner.lock().unheard_refusals
+    }
+
+    /// The code and reason of the latest refusal counted in
+    /// [`Client::unheard_refusals`].
+    pub fn last_unheard_refusal(&self) -> Option<(ErrorCode, String)> {
+        self.inner.lock().last_unheard_refusal.clone()
     }
 
     async fn submit(&self, message: Message) -> Result<()> {
@@ -750,6 +850,28 @@ impl MessageBuilder {
     /// ```
     pub fn enqueue(self) -> Result<PendingAck> {
         self.client.enqueue(self.message)
+    }
+
+    /// Sends without asking for the broker's acceptance: returns once the
+    /// message is queued for the socket, in call order with other sends.
+    /// The broker answers only a refusal, which lands in
+    /// [`Client::unheard_refusals`]; [`Client::flush`] waits until every
+    /// earlier send was answered. Meant for transient messages (at most
+    /// once): nothing is re-sent after a reconnect, and while disconnected
+    /// it fails at once. Waits while the socket is behind by more than
+    /// [`QUIET_BUFFER_BYTES_MAX`].
+    ///
+    /// ```no_run
+    /// # async fn run(client: courier_client::Client) -> Result<(), courier_client::Error> {
+    /// for i in 0..10_000 {
+    ///     client.event("metric.sampled").json(&i)?.transient().send_quiet().await?;
+    /// }
+    /// client.flush().await?;
+    /// assert_eq!(client.unheard_refusals(), 0);
+    /// # Ok(()) }
+    /// ```
+    pub async fn send_quiet(self) -> Result<Uuid> {
+        self.client.send_quiet(self.message).await
     }
 
     /// Sends and waits for the first reply.

@@ -59,7 +59,10 @@ mod flag {
     pub const KEY: u8 = 0x08;
     pub const EXPIRES_AT: u8 = 0x10;
     pub const DELIVER_AT: u8 = 0x20;
+    /// The flags a message may carry wherever it appears.
     pub const ALL: u8 = 0x3F;
+    /// Only in a SEND entry: answer this send only if it is refused.
+    pub const QUIET: u8 = 0x40;
 }
 
 /// Credentials presented in HELLO. Room for tokens now; certificates are
@@ -94,6 +97,10 @@ pub struct SendEntry {
     /// Chosen by the client; echoed in the matching [`SendOutcome`].
     pub seq: u64,
     pub message: Message,
+    /// The sender wants a [`SendOutcome`] only for a refusal (flag `0x40`
+    /// of the message in this entry): fire-and-forget sends that cost the
+    /// broker no answer and the client no bookkeeping when all goes well.
+    pub quiet: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -321,8 +328,12 @@ pub fn decode_body(body: Bytes) -> Result<Frame, DecodeError> {
             let mut entries = Vec::with_capacity(count);
             for _ in 0..count {
                 let seq = r.u64()?;
-                let message = r.message()?;
-                entries.push(SendEntry { seq, message });
+                let (message, flags) = r.message_with(flag::QUIET)?;
+                entries.push(SendEntry {
+                    seq,
+                    message,
+                    quiet: flags & flag::QUIET != 0,
+                });
             }
             Frame::Send(entries)
         }
@@ -540,12 +551,19 @@ impl Reader {
     }
 
     fn message(&mut self) -> Result<Message, DecodeError> {
+        self.message_with(0).map(|(message, _)| message)
+    }
+
+    /// Decodes a message that may also carry the flags in `extra_flags`
+    /// (those that only mean something where the message is, like QUIET
+    /// in a SEND entry); returns its flags too.
+    fn message_with(&mut self, extra_flags: u8) -> Result<(Message, u8), DecodeError> {
         let offset = self.pos;
         let code = self.u8()?;
         let kind = Kind::from_code(code).ok_or(DecodeError::UnknownKind { offset, code })?;
         let offset = self.pos;
         let flags = self.u8()?;
-        if flags & !flag::ALL != 0 {
+        if flags & !(flag::ALL | extra_flags) != 0 {
             return Err(DecodeError::UnknownFlags { offset, flags });
         }
         let name = self.str8()?;
@@ -589,7 +607,7 @@ impl Reader {
         }
         let payload_len = self.u32()? as usize;
         let payload = self.bytes(payload_len)?;
-        Ok(Message {
+        let message = Message {
             kind,
             name,
             version,
@@ -605,7 +623,8 @@ impl Reader {
             is_final: flags & flag::FINAL != 0,
             headers,
             payload,
-        })
+        };
+        Ok((message, flags))
     }
 }
 
@@ -650,7 +669,11 @@ impl FrameWriter {
         match frame {
             Frame::Send(entries) => {
                 for e in entries {
-                    self.push_send(e.seq, &e.message)?;
+                    if e.quiet {
+                        self.push_quiet_send(e.seq, &e.message)?;
+                    } else {
+                        self.push_send(e.seq, &e.message)?;
+                    }
                 }
                 Ok(())
             }
@@ -823,7 +846,16 @@ impl FrameWriter {
     pub fn push_send(&mut self, seq: u64, message: &Message) -> Result<(), EncodeError> {
         self.batch_entry(frame_type::SEND, |b| {
             b.put_u64(seq);
-            put_message(b, message)
+            put_message_flagged(b, message, 0)
+        })
+    }
+
+    /// A SEND entry with the QUIET flag: the broker answers it only if it
+    /// refuses the message.
+    pub fn push_quiet_send(&mut self, seq: u64, message: &Message) -> Result<(), EncodeError> {
+        self.batch_entry(frame_type::SEND, |b| {
+            b.put_u64(seq);
+            put_message_flagged(b, message, flag::QUIET)
         })
     }
 
@@ -927,6 +959,10 @@ pub fn encoded_message_len(m: &Message) -> usize {
 }
 
 fn put_message(b: &mut BytesMut, m: &Message) -> Result<(), EncodeError> {
+    put_message_flagged(b, m, 0)
+}
+
+fn put_message_flagged(b: &mut BytesMut, m: &Message, extra_flags: u8) -> Result<(), EncodeError> {
     if m.headers.len() > HEADERS_MAX {
         return Err(EncodeError::TooManyHeaders {
             count: m.headers.len(),
@@ -939,7 +975,7 @@ fn put_message(b: &mut BytesMut, m: &Message) -> Result<(), EncodeError> {
             max: u32::MAX as usize,
         });
     }
-    let mut flags = 0;
+    let mut flags = extra_flags;
     if m.transient {
         flags |= flag::TRANSIENT;
     }
@@ -1046,10 +1082,18 @@ mod tests {
                 frame_bytes_max: 1024,
                 broker: "courier".into(),
             }),
-            Frame::Send(vec![SendEntry {
-                seq: 1,
-                message: sample(Kind::Command),
-            }]),
+            Frame::Send(vec![
+                SendEntry {
+                    seq: 1,
+                    message: sample(Kind::Command),
+                    quiet: false,
+                },
+                SendEntry {
+                    seq: 2,
+                    message: sample(Kind::Event),
+                    quiet: true,
+                },
+            ]),
             Frame::SendResult(vec![SendOutcome {
                 seq: 1,
                 code: ErrorCode::NoReceiver,
@@ -1239,6 +1283,45 @@ mod tests {
                     }
                 },
             )
+    }
+
+    #[test]
+    fn quiet_is_a_send_entry_flag_and_malformed_anywhere_else() {
+        let message = sample(Kind::Event);
+        let mut w = FrameWriter::new();
+        w.push_quiet_send(7, &message).expect("encodes");
+        let mut buf = w.take();
+        // kind and flags follow length (4), type (1), count (4) and seq (8).
+        let flags_at = 4 + 1 + 4 + 8 + 1;
+        assert_eq!(buf[flags_at] & 0x40, 0x40, "the wire flag is 0x40");
+        let quiet_entry = buf.clone();
+        match decode_frame(&mut buf, FRAME_BYTES_MAX_DEFAULT) {
+            Ok(Some(Frame::Send(entries))) => {
+                assert_eq!(entries.len(), 1);
+                assert!(entries[0].quiet);
+                assert_eq!(entries[0].message, message);
+            }
+            other => panic!("expected one SEND entry, got {other:?}"),
+        }
+
+        // The same message bytes in a DELIVER entry (delivery + attempt
+        // take the place of seq, 4 bytes longer) are refused.
+        let mut deliver = BytesMut::new();
+        let body = &quiet_entry[4 + 1 + 4 + 8..];
+        deliver.put_u32((1 + 4 + 12 + body.len()) as u32);
+        deliver.put_u8(frame_type::DELIVER);
+        deliver.put_u32(1);
+        deliver.put_u64(1);
+        deliver.put_u32(1);
+        deliver.put_slice(body);
+        match decode_frame(&mut deliver, FRAME_BYTES_MAX_DEFAULT) {
+            Err(DecodeError::UnknownFlags { flags, .. }) => assert_eq!(flags & 0x40, 0x40),
+            other => panic!("QUIET in a delivery must be malformed, got {other:?}"),
+        }
+        assert!(matches!(
+            decode_message(Bytes::copy_from_slice(body)),
+            Err(DecodeError::UnknownFlags { .. })
+        ));
     }
 
     proptest! {

@@ -406,7 +406,8 @@ impl Shared {
                 Action::Deliver { conn, .. }
                 | Action::SendResult { conn, .. }
                 | Action::OpResult { conn, .. }
-                | Action::Drained { conn } => *conn,
+                | Action::Drained { conn }
+                | Action::Pong { conn, .. } => *conn,
             };
             let Some(outbox) = outboxes.get(&conn) else {
                 continue;
@@ -436,6 +437,7 @@ impl Shared {
                     reason,
                 })),
                 Action::Drained { .. } => state.writer.push(&Frame::Drained),
+                Action::Pong { nonce, .. } => state.writer.push(&Frame::Pong(nonce)),
             };
             if let Err(e) = encoded {
                 warn!(conn, error = %e, "could not encode a frame; dropped");
@@ -960,7 +962,11 @@ fn apply(
     match frame {
         Frame::Send(entries) => {
             for entry in entries {
-                core.send(conn, entry.seq, entry.message, now);
+                if entry.quiet {
+                    core.send_quiet(conn, entry.seq, entry.message, now);
+                } else {
+                    core.send(conn, entry.seq, entry.message, now);
+                }
             }
         }
         Frame::Subscribe(s) => core.subscribe(
@@ -984,7 +990,7 @@ fn apply(
             }
         }
         Frame::Flow { max_in_flight } => core.flow(conn, max_in_flight, now),
-        Frame::Ping(nonce) => outbox.push(&Frame::Pong(nonce)),
+        Frame::Ping(nonce) => core.ping(conn, nonce),
         Frame::Pong(_) => {}
         Frame::Drain => core.drain(conn),
         other @ (Frame::Hello(_)

@@ -36,43 +36,79 @@ pub(super) async fn subscribe_offline(addr: &str, service: &str, name: &str) -> 
     Ok(())
 }
 
-/// Publishes `count` events, keeping at most `window` unacknowledged;
-/// durable ones, or `transient` (at most once) ones.
+/// Publishes `count` durable events, keeping at most `window`
+/// unacknowledged.
 pub(super) async fn publish_pipelined(
     client: &Client,
     name: &str,
     payload: &Bytes,
     count: u64,
     window: usize,
-    transient: bool,
 ) -> anyhow::Result<()> {
-    let what = if transient {
-        "transient publish"
-    } else {
-        "publish"
-    };
     let mut pending: VecDeque<(u64, PendingAck)> = VecDeque::with_capacity(window);
     for i in 0..count {
         if pending.len() >= window {
             if let Some((j, ack)) = pending.pop_front() {
                 ack.wait()
                     .await
-                    .with_context(|| format!("{what} {} of {count} failed", j + 1))?;
+                    .with_context(|| format!("publish {} of {count} failed", j + 1))?;
             }
         }
-        let mut message = client.event(name).payload(payload.clone());
-        if transient {
-            message = message.transient();
-        }
-        let ack = message
+        let ack = client
+            .event(name)
+            .payload(payload.clone())
             .enqueue()
-            .with_context(|| format!("{what} {} of {count} could not be queued", i + 1))?;
+            .with_context(|| format!("publish {} of {count} could not be queued", i + 1))?;
         pending.push_back((i, ack));
     }
     for (j, ack) in pending {
         ack.wait()
             .await
-            .with_context(|| format!("{what} {} of {count} failed", j + 1))?;
+            .with_context(|| format!("publish {} of {count} failed", j + 1))?;
+    }
+    Ok(())
+}
+
+/// Publishes `count` transient events as quiet sends (the broker answers
+/// only refusals), with a flush every `TRANSIENT_WINDOW / 2` sends and at
+/// most two flushes unanswered; fails if the broker refused any.
+pub(super) async fn publish_transient(
+    client: &Client,
+    name: &str,
+    payload: &Bytes,
+    count: u64,
+) -> anyhow::Result<()> {
+    let refused_before = client.unheard_refusals();
+    let every = (TRANSIENT_WINDOW / 2) as u64;
+    let mut flushes = VecDeque::with_capacity(3);
+    for i in 0..count {
+        client
+            .event(name)
+            .payload(payload.clone())
+            .transient()
+            .send_quiet()
+            .await
+            .with_context(|| format!("transient publish {} of {count} failed", i + 1))?;
+        if (i + 1) % every == 0 {
+            flushes.push_back(client.flush());
+            if flushes.len() > 2 {
+                if let Some(flush) = flushes.pop_front() {
+                    flush.await.context("flush after transient publishes")?;
+                }
+            }
+        }
+    }
+    flushes.push_back(client.flush());
+    for flush in flushes {
+        flush.await.context("flush after transient publishes")?;
+    }
+    let refused = client.unheard_refusals() - refused_before;
+    if refused > 0 {
+        let last = client
+            .last_unheard_refusal()
+            .map(|(code, reason)| format!("{reason} [{code}]"))
+            .unwrap_or_default();
+        bail!("the broker refused {refused} of {count} transient publishes; the last: {last}");
     }
     Ok(())
 }
@@ -91,7 +127,7 @@ pub(super) async fn build_backlog(
     let producer = connect(addr, "bench-publisher", None).await?;
     let payload = Bytes::from(vec![b'x'; payload_bytes]);
     let started = Instant::now();
-    publish_pipelined(&producer, name, &payload, count, WINDOW, false)
+    publish_pipelined(&producer, name, &payload, count, WINDOW)
         .await
         .context("publishing the backlog")?;
     let elapsed = started.elapsed();
@@ -157,11 +193,11 @@ pub(super) async fn courier_w5b(exe: &Path, plan: &Plan) -> anyhow::Result<Vec<M
     let result = async {
         let client = connect(&addr, "bench-publisher", None).await?;
         let payload = Bytes::from(vec![b'x'; SMALL_BYTES]);
-        publish_pipelined(&client, W5_NAME, &payload, plan.w5b_warmup, WINDOW, false)
+        publish_pipelined(&client, W5_NAME, &payload, plan.w5b_warmup, WINDOW)
             .await
             .context("warm-up")?;
         let started = Instant::now();
-        publish_pipelined(&client, W5_NAME, &payload, plan.w5b, WINDOW, false).await?;
+        publish_pipelined(&client, W5_NAME, &payload, plan.w5b, WINDOW).await?;
         let elapsed = started.elapsed();
         client.shutdown().await;
         Ok(vec![(
@@ -353,13 +389,14 @@ pub(super) const W3_INSTANCES: usize = 4;
 pub(super) const W4_SERVICE: &str = "bench-w4-responder";
 pub(super) const W4_REQUESTER: &str = "bench-w4-requester";
 pub(super) const TRANSIENT_PUBLISHER: &str = "bench-transient-publisher";
-/// Transient sends W1–W3 keep unacknowledged. The broker acknowledges a
-/// transient send once it has routed it, so the window is the publisher's
-/// only brake: it bounds the burst of deliveries the broker may queue for a
-/// receiver at once. Past the server's `pause_bytes` (4 MiB) queued for a
-/// receiver, the broker pauses it and drops its transient messages; 4 096 ×
-/// 1 KiB lost events that way, 1 024 did not and was also the fastest for
-/// 16 B (measured 128–16 384 on 2 cores).
+/// Transient sends W1–W3 keep past the last flush the broker answered.
+/// They are quiet sends (no answer unless refused), so flushes — a PING
+/// the broker answers once it has routed everything before it — are the
+/// publisher's only brake: they bound the burst of deliveries the broker
+/// may queue for a receiver at once. Past the server's `pause_bytes`
+/// (4 MiB) queued for a receiver, the broker pauses it and drops its
+/// transient messages; with acknowledged sends, a window of 4 096 × 1 KiB
+/// lost events that way, 1 024 did not.
 pub(super) const TRANSIENT_WINDOW: usize = 1024;
 /// A W1–W3 receiver that handles nothing for this long after the last send
 /// was acknowledged makes the bench ask the broker whether it dropped any.
@@ -548,7 +585,7 @@ async fn transient_run(
             let payload = Bytes::from(vec![b'x'; size.bytes()]);
 
             receivers.expect(warmup);
-            publish_pipelined(&publisher, name, &payload, warmup, TRANSIENT_WINDOW, true)
+            publish_transient(&publisher, name, &payload, warmup)
                 .await
                 .context("warm-up")?;
             receivers
@@ -559,7 +596,7 @@ async fn transient_run(
             let goal = warmup + count;
             receivers.expect(goal);
             let started = Instant::now();
-            publish_pipelined(&publisher, name, &payload, count, TRANSIENT_WINDOW, true).await?;
+            publish_transient(&publisher, name, &payload, count).await?;
             let published = started.elapsed();
             receivers.wait_for(goal, &publisher).await?;
             let elapsed = started.elapsed();
@@ -617,10 +654,11 @@ async fn w4_responder(addr: &str) -> anyhow::Result<Client> {
     let responder = connect(addr, W4_SERVICE, None).await?;
     let subscribed = responder
         .on(W4_NAME, |msg| async move {
+            // Like the NATS responder's publish: no answer unless refused.
             msg.reply_builder(W4_REPLY, true)
                 .payload(Bytes::from_static(&W4_REPLY_PAYLOAD))
                 .transient()
-                .send()
+                .send_quiet()
                 .await?;
             Ok::<(), courier_client::Error>(())
         })

@@ -1,13 +1,13 @@
 //! A map whose entries expire after a fixed time and whose size is capped:
 //! the shape shared by the dedup window and the reply routes.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::hash::Hash;
 
 use crate::Nanos;
 
 pub(crate) struct ExpiringMap<K, V> {
-    entries: HashMap<K, V>,
+    entries: crate::FastMap<K, V>,
     /// Insertion order, which is also expiry order: the lifetime is fixed.
     order: VecDeque<(Nanos, K)>,
     lifetime: Nanos,
@@ -17,7 +17,7 @@ pub(crate) struct ExpiringMap<K, V> {
 impl<K: Hash + Eq + Clone, V> ExpiringMap<K, V> {
     pub fn new(lifetime: Nanos, capacity: usize) -> Self {
         ExpiringMap {
-            entries: HashMap::new(),
+            entries: crate::FastMap::default(),
             order: VecDeque::new(),
             lifetime,
             capacity,

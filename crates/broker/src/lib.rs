@@ -17,6 +17,10 @@ mod queue;
 mod recovery;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+
+/// The maps touched for every message: keyed by a fast hasher seeded at
+/// random per process (keys come from clients, so not a fixed one).
+pub(crate) type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 use std::sync::Arc;
 
 use courier_manifest::Manifest;
@@ -323,8 +327,8 @@ enum Pick {
 pub struct Broker<S: MessageStore> {
     config: Config,
     store: S,
-    conns: HashMap<ConnId, Conn>,
-    services: HashMap<String, Service>,
+    conns: FastMap<ConnId, Conn>,
+    services: FastMap<String, Service>,
     /// References per stored message: services that still owe an ack (or
     /// hold it as a dead letter). Ordered, so the oldest live seq is cheap.
     refs: BTreeMap<Seq, u32>,
@@ -332,7 +336,7 @@ pub struct Broker<S: MessageStore> {
     /// Keyed by [`expiring::fingerprint`] of the id.
     dedup: ExpiringMap<u64, ()>,
     /// Name → (major version, receiving services); see `receivers`.
-    route_cache: HashMap<String, Vec<(u16, Receivers)>>,
+    route_cache: FastMap<String, Vec<(u16, Receivers)>>,
     /// Command id → where its replies go.
     reply_routes: ExpiringMap<Uuid, ReplyRoute>,
     next_delivery: DeliveryId,
@@ -375,11 +379,11 @@ impl<S: MessageStore> Broker<S> {
         Broker {
             config,
             store,
-            conns: HashMap::new(),
-            services: HashMap::new(),
+            conns: FastMap::default(),
+            services: FastMap::default(),
             refs: BTreeMap::new(),
             dedup,
-            route_cache: HashMap::new(),
+            route_cache: FastMap::default(),
             reply_routes,
             next_delivery: 0,
             unsynced: Vec::new(),

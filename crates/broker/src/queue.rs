@@ -5,7 +5,7 @@
 //! passed in) and never talks to connections; [`crate::Broker`] decides who
 //! gets what.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use bytes::Bytes;
 use courier_store::Seq;
@@ -62,13 +62,13 @@ pub(crate) struct Queue {
     /// Not before the time in the key; the `u64` keeps equal times in order.
     deferred: BTreeMap<(Nanos, u64), Entry>,
     deferred_tiebreak: u64,
-    pub in_flight: HashMap<DeliveryId, InFlight>,
+    pub in_flight: crate::FastMap<DeliveryId, InFlight>,
     deadlines: BTreeSet<(Nanos, DeliveryId)>,
     /// Key → the message that holds it: dispatched and not yet acked, or
     /// waiting to be redelivered.
-    key_holder: HashMap<Bytes, Seq>,
+    key_holder: crate::FastMap<Bytes, Seq>,
     /// Keyed messages that arrived while their key was held, in order.
-    key_waiting: HashMap<Bytes, VecDeque<Entry>>,
+    key_waiting: crate::FastMap<Bytes, VecDeque<Entry>>,
     pub dead_letters: Vec<DeadLetter>,
 }
 

@@ -1,7 +1,7 @@
 //! The connection driver: handshake, reading, writing, reconnecting.
 
+use crate::handler::{Delivered, Handler};
 use std::pin::Pin;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -549,19 +549,28 @@ fn handle_frame(inner: &Arc<Inner>, generation: u64, frame: Frame) -> Option<Rea
             let client = Client {
                 inner: inner.clone(),
             };
+            // Deliveries in one frame mostly share a name: the last match is
+            // reused without the lock and the pattern walk.
+            let mut last: Option<(String, Handler)> = None;
             for d in deliveries {
-                let message = Arc::new(d.message);
-                if message.kind == Kind::Reply {
-                    route_reply(inner, message);
+                if d.message.kind == Kind::Reply {
+                    route_reply(inner, Arc::new(d.message));
                     continue;
                 }
-                let handler = {
-                    let state = inner.lock();
-                    state
-                        .subscriptions
-                        .iter()
-                        .find(|s| courier_proto::pattern_matches(&s.pattern, &message.name))
-                        .map(|s| s.handler.clone())
+                let handler = match &last {
+                    Some((name, handler)) if *name == d.message.name => Some(handler.clone()),
+                    _ => {
+                        let found = inner
+                            .lock()
+                            .subscriptions
+                            .iter()
+                            .find(|s| courier_proto::pattern_matches(&s.pattern, &d.message.name))
+                            .map(|s| s.handler.clone());
+                        if let Some(handler) = &found {
+                            last = Some((d.message.name.clone(), handler.clone()));
+                        }
+                        found
+                    }
                 };
                 let Some(handler) = handler else {
                     // Subscribed by another instance of this service, not
@@ -570,7 +579,7 @@ fn handle_frame(inner: &Arc<Inner>, generation: u64, frame: Frame) -> Option<Rea
                         inner,
                         generation,
                         d.delivery,
-                        &message,
+                        &d.message,
                         Some(inner.opts.nack_delay),
                     );
                     continue;
@@ -582,8 +591,7 @@ fn handle_frame(inner: &Arc<Inner>, generation: u64, frame: Frame) -> Option<Rea
                         generation,
                         delivery: d.delivery,
                         attempt: d.attempt,
-                        message,
-                        settled: Arc::new(AtomicBool::new(false)),
+                        delivered: Delivered::new(d.message),
                     },
                 );
             }

@@ -4,6 +4,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -40,17 +41,32 @@ pub struct Incoming {
     pub(crate) generation: u64,
     pub(crate) delivery: u64,
     pub(crate) attempt: u32,
-    pub(crate) message: Arc<Message>,
-    pub(crate) settled: Arc<AtomicBool>,
+    pub(crate) delivered: Arc<Delivered>,
+}
+
+/// What a delivery's handler and its runner share: one allocation per
+/// delivery for the message and whether it was settled.
+pub(crate) struct Delivered {
+    pub(crate) message: Message,
+    pub(crate) settled: AtomicBool,
+}
+
+impl Delivered {
+    pub(crate) fn new(message: Message) -> Arc<Delivered> {
+        Arc::new(Delivered {
+            message,
+            settled: AtomicBool::new(false),
+        })
+    }
 }
 
 impl Incoming {
     pub fn name(&self) -> &str {
-        &self.message.name
+        &self.delivered.message.name
     }
 
     pub fn kind(&self) -> Kind {
-        self.message.kind
+        self.delivered.message.kind
     }
 
     /// 1 on the first delivery; more when redelivered.
@@ -60,17 +76,17 @@ impl Incoming {
 
     /// The raw payload bytes, whatever their encoding.
     pub fn payload(&self) -> &Bytes {
-        &self.message.payload
+        &self.delivered.message.payload
     }
 
     /// The payload decoded from JSON.
     pub fn json<T: DeserializeOwned>(&self) -> Result<T> {
-        Ok(serde_json::from_slice(&self.message.payload)?)
+        Ok(serde_json::from_slice(&self.delivered.message.payload)?)
     }
 
     /// The whole envelope.
     pub fn message(&self) -> &Message {
-        &self.message
+        &self.delivered.message
     }
 
     /// The client, for sending more messages in the same activity.
@@ -105,20 +121,24 @@ impl Incoming {
     pub fn reply_builder(&self, outcome: &str, is_final: bool) -> MessageBuilder {
         let mut builder =
             MessageBuilder::new(self.client.clone(), Kind::Reply, outcome.to_string());
-        builder.message.response_to = Some(self.message.id);
-        builder.message.activity_id = self.message.activity_id;
+        builder.message.response_to = Some(self.delivered.message.id);
+        builder.message.activity_id = self.delivered.message.activity_id;
         builder.message.is_final = is_final;
         builder
     }
 
     /// Starts a command in this message's activity.
     pub fn command(&self, name: &str) -> MessageBuilder {
-        self.client.command(name).activity(self.message.activity_id)
+        self.client
+            .command(name)
+            .activity(self.delivered.message.activity_id)
     }
 
     /// Starts an event in this message's activity.
     pub fn event(&self, name: &str) -> MessageBuilder {
-        self.client.event(name).activity(self.message.activity_id)
+        self.client
+            .event(name)
+            .activity(self.delivered.message.activity_id)
     }
 
     /// Marks the delivery handled. Done for you when the handler returns `Ok`.
@@ -133,14 +153,14 @@ impl Incoming {
     }
 
     fn settle(&self, nack_delay: Option<Duration>) -> Result<()> {
-        if self.settled.swap(true, Ordering::AcqRel) {
+        if self.delivered.settled.swap(true, Ordering::AcqRel) {
             return Err(Error::AlreadySettled);
         }
         settle(
             &self.client.inner,
             self.generation,
             self.delivery,
-            &self.message,
+            &self.delivered.message,
             nack_delay,
         );
         Ok(())
@@ -178,7 +198,7 @@ pub(crate) fn settle(
 /// queues it for the client's one handler task).
 pub(crate) fn spawn(handler: Handler, incoming: Incoming) {
     let inner = incoming.client.inner.clone();
-    inner.lock().handlers_running += 1;
+    inner.handlers_running.fetch_add(1, Ordering::AcqRel);
     if let Some(queue) = &inner.sequential {
         match queue.try_send((handler, incoming)) {
             Ok(()) => return,
@@ -195,10 +215,23 @@ pub(crate) fn spawn(handler: Handler, incoming: Incoming) {
     // spawn per delivery was the SDK's largest cost per message. A handler
     // that has to wait goes on on its own task, which polls it again at
     // once with its own waker (the no-op one used here is never relied on).
-    let mut task = Box::pin(run(handler, incoming));
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    if task.as_mut().poll(&mut cx).is_pending() {
-        tokio::spawn(task);
+    let delivered = incoming.delivered.clone();
+    let (generation, delivery) = (incoming.generation, incoming.delivery);
+    let activity = delivered.message.activity_id;
+    let (mut future, first) = ACTIVITY.sync_scope(activity, || {
+        let mut future = handler(incoming);
+        let mut cx = Context::from_waker(Waker::noop());
+        let first = future.as_mut().poll(&mut cx);
+        (future, first)
+    });
+    match first {
+        Poll::Ready(result) => finish(&inner, generation, delivery, &delivered, result),
+        Poll::Pending => {
+            tokio::spawn(async move {
+                let result = ACTIVITY.scope(activity, &mut future).await;
+                finish(&inner, generation, delivery, &delivered, result);
+            });
+        }
     }
 }
 
@@ -206,24 +239,32 @@ pub(crate) fn spawn(handler: Handler, incoming: Incoming) {
 /// nacks unless the handler settled it.
 pub(crate) async fn run(handler: Handler, incoming: Incoming) {
     let inner = incoming.client.inner.clone();
-    let activity = incoming.message.activity_id;
-    let settled = incoming.settled.clone();
-    let (generation, delivery, message) = (
-        incoming.generation,
-        incoming.delivery,
-        incoming.message.clone(),
-    );
+    let delivered = incoming.delivered.clone();
+    let (generation, delivery) = (incoming.generation, incoming.delivery);
+    let activity = delivered.message.activity_id;
     let result = ACTIVITY.scope(activity, handler(incoming)).await;
-    if !settled.swap(true, Ordering::AcqRel) {
+    finish(&inner, generation, delivery, &delivered, result);
+}
+
+fn finish(
+    inner: &Inner,
+    generation: u64,
+    delivery: u64,
+    delivered: &Delivered,
+    result: std::result::Result<(), BoxError>,
+) {
+    if !delivered.settled.swap(true, Ordering::AcqRel) {
         let nack = match &result {
             Ok(()) => None,
             Err(error) => {
-                tracing::warn!(name = %message.name, %error, "handler failed; nacking for a retry");
+                tracing::warn!(name = %delivered.message.name, %error, "handler failed; nacking for a retry");
                 Some(inner.opts.nack_delay)
             }
         };
-        settle(&inner, generation, delivery, &message, nack);
+        settle(inner, generation, delivery, &delivered.message, nack);
     }
-    inner.lock().handlers_running -= 1;
-    inner.handler_done.notify_waiters();
+    // Only the last one out wakes `shutdown`, which waits for zero.
+    if inner.handlers_running.fetch_sub(1, Ordering::AcqRel) == 1 {
+        inner.handler_done.notify_waiters();
+    }
 }

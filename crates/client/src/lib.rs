@@ -236,7 +236,6 @@ pub(crate) struct State {
     subscriptions: Vec<Subscription>,
     next_op: u64,
     pending_ops: HashMap<u64, oneshot::Sender<Result<()>>>,
-    handlers_running: usize,
     drained: Option<oneshot::Sender<()>>,
     shut_down: bool,
     /// Flushes waiting for their PONG, by nonce, oldest first.
@@ -255,8 +254,10 @@ pub(crate) struct Inner {
     /// The write loop handed `state.writer`'s bytes to the socket, or the
     /// connection ended: quiet senders waiting for room look again.
     writer_drained: Notify,
-    /// A handler finished.
+    /// The last running handler finished.
     handler_done: Notify,
+    /// Handlers started and not finished; `shutdown` waits for zero.
+    handlers_running: std::sync::atomic::AtomicUsize,
     shutdown: watch::Sender<bool>,
     /// The queue of the one handler task, when handlers run sequentially.
     sequential: Option<mpsc::Sender<(Handler, Incoming)>>,
@@ -315,7 +316,6 @@ impl Client {
                 subscriptions: Vec::new(),
                 next_op: 0,
                 pending_ops: HashMap::new(),
-                handlers_running: 0,
                 drained: None,
                 shut_down: false,
                 flushes: VecDeque::new(),
@@ -327,6 +327,7 @@ impl Client {
             wake_writer: Notify::new(),
             writer_drained: Notify::new(),
             handler_done: Notify::new(),
+            handlers_running: std::sync::atomic::AtomicUsize::new(0),
             shutdown,
         });
         connection::on_connected(&inner, &first);
@@ -430,13 +431,7 @@ impl Client {
         let len = encoded_message_len(message) + 64;
         let max = self.inner.lock().frame_bytes_max as usize;
         if len > max {
-            return Err(Error::Refused {
-                code: ErrorCode::PayloadTooLarge,
-                reason: format!(
-                    "{} is {len} bytes encoded; the broker takes at most {max}",
-                    message.name
-                ),
-            });
+            return Err(too_large(&message.name, len, max));
         }
         Ok(())
     }
@@ -445,12 +440,14 @@ impl Client {
     /// refuses it. Waits while more than [`QUIET_BUFFER_BYTES_MAX`] are
     /// queued for the socket, so a fast publisher can't grow memory.
     async fn send_quiet(&self, message: Message) -> Result<Uuid> {
-        self.check(&message)?;
+        validate_name(&message.name)?;
+        let len = encoded_message_len(&message) + 64;
         loop {
+            // The waiter is made only when there's no room: on the fast
+            // path a send costs one lock.
             let room = self.inner.writer_drained.notified();
             tokio::pin!(room);
-            room.as_mut().enable();
-            {
+            for attempt in 0..2 {
                 let mut state = self.inner.lock();
                 if state.shut_down {
                     return Err(Error::Shutdown);
@@ -463,6 +460,10 @@ impl Client {
                             .into(),
                     ));
                 }
+                let max = state.frame_bytes_max as usize;
+                if len > max {
+                    return Err(too_large(&message.name, len, max));
+                }
                 if state.writer.len() < QUIET_BUFFER_BYTES_MAX {
                     state.next_seq += 1;
                     let seq = state.next_seq;
@@ -470,6 +471,12 @@ impl Client {
                     drop(state);
                     self.inner.wake_writer.notify_one();
                     return Ok(message.id);
+                }
+                drop(state);
+                if attempt == 0 {
+                    // Registered before looking again, so a drain between
+                    // the look and the wait is not missed.
+                    room.as_mut().enable();
                 }
             }
             self.inner.wake_writer.notify_one();
@@ -722,7 +729,12 @@ impl Client {
         }
         loop {
             let notified = self.inner.handler_done.notified();
-            if self.inner.lock().handlers_running == 0 {
+            if self
+                .inner
+                .handlers_running
+                .load(std::sync::atomic::Ordering::Acquire)
+                == 0
+            {
                 break;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
@@ -894,6 +906,13 @@ impl MessageBuilder {
             .timeout
             .unwrap_or(self.client.inner.opts.request_timeout);
         self.client.open_request(self.message, timeout).await
+    }
+}
+
+fn too_large(name: &str, len: usize, max: usize) -> Error {
+    Error::Refused {
+        code: ErrorCode::PayloadTooLarge,
+        reason: format!("{name} is {len} bytes encoded; the broker takes at most {max}"),
     }
 }
 

@@ -133,13 +133,14 @@ impl Message {
     /// assert_eq!(m.id.get_version_num(), 7);
     /// ```
     pub fn new(kind: Kind, name: impl Into<String>, payload: impl Into<Bytes>) -> Message {
+        let (id, activity_id) = crate::id::new_id_pair();
         Message {
             kind,
             name: name.into(),
             version: Version::default(),
-            id: crate::new_id(),
+            id,
             timestamp: 0,
-            activity_id: crate::new_id(),
+            activity_id,
             response_to: None,
             sender: String::new(),
             key: None,

@@ -32,9 +32,23 @@ thread_local! {
 
 /// A new UUID v7 (millisecond timestamp, then random bits).
 pub fn new_id() -> Uuid {
-    let millis = SystemTime::now()
+    new_id_at(now_millis())
+}
+
+/// Two new ids with one reading of the clock (a message's id and
+/// activity id).
+pub(crate) fn new_id_pair() -> (Uuid, Uuid) {
+    let millis = now_millis();
+    (new_id_at(millis), new_id_at(millis))
+}
+
+fn now_millis() -> u64 {
+    SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn new_id_at(millis: u64) -> Uuid {
     let random = POOL.with(|pool| {
         let mut pool = pool.borrow_mut();
         if pool.used + ID_RANDOM_BYTES > POOL_BYTES {

@@ -42,7 +42,12 @@ fn check_common(text: &str) -> Result<(), NameError> {
     if text.len() > NAME_BYTES_MAX {
         return Err(NameError::TooLong { len: text.len() });
     }
-    if text.split('.').any(str::is_empty) {
+    // Byte-wise rather than split: every send and delivery checks a name.
+    let bytes = text.as_bytes();
+    if bytes[0] == b'.'
+        || bytes[bytes.len() - 1] == b'.'
+        || bytes.windows(2).any(|pair| pair == b"..")
+    {
         return Err(NameError::EmptySegment {
             name: printable(text),
         });

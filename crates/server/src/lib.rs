@@ -16,6 +16,8 @@ pub use auth::{load_manifest, ADMIN_SERVICE};
 pub use tls::{certificate_subject, TlsSettings, ALPN};
 
 use std::collections::HashMap;
+
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -187,7 +189,7 @@ struct Shared {
     /// Connections paused for back-pressure, checked on every tick.
     paused: Mutex<std::collections::HashSet<ConnId>>,
     core: Mutex<Broker<Store>>,
-    outboxes: Mutex<HashMap<ConnId, Arc<Outbox>>>,
+    outboxes: Mutex<FastMap<ConnId, Arc<Outbox>>>,
     next_conn: AtomicU64,
     /// When the timer task plans to wake next (unix ns).
     timer_due: AtomicU64,
@@ -278,7 +280,7 @@ impl Server {
                 cap_warned_at: AtomicU64::new(0),
                 paused: Mutex::new(std::collections::HashSet::new()),
                 core: Mutex::new(core),
-                outboxes: Mutex::new(HashMap::new()),
+                outboxes: Mutex::new(FastMap::default()),
                 next_conn: AtomicU64::new(1),
                 timer_due: AtomicU64::new(u64::MAX),
                 timer_wake: Arc::new(Notify::new()),
@@ -330,7 +332,7 @@ impl Shared {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn outboxes(&self) -> MutexGuard<'_, HashMap<ConnId, Arc<Outbox>>> {
+    fn outboxes(&self) -> MutexGuard<'_, FastMap<ConnId, Arc<Outbox>>> {
         self.outboxes
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -401,6 +403,9 @@ impl Shared {
         let mut touched: Vec<Arc<Outbox>> = Vec::new();
         let mut slow: Vec<ConnId> = Vec::new();
         let mut full: Vec<ConnId> = Vec::new();
+        // Actions for one connection come in runs (a batch of deliveries,
+        // a batch of results): one map lookup and one lock per run.
+        let mut current: Option<(ConnId, MutexGuard<'_, OutState>)> = None;
         for action in actions {
             let conn = match &action {
                 Action::Deliver { conn, .. }
@@ -409,10 +414,19 @@ impl Shared {
                 | Action::Drained { conn }
                 | Action::Pong { conn, .. } => *conn,
             };
-            let Some(outbox) = outboxes.get(&conn) else {
+            if current.as_ref().is_none_or(|(c, _)| *c != conn) {
+                current = None;
+                let Some(outbox) = outboxes.get(&conn) else {
+                    continue;
+                };
+                if !touched.iter().any(|o| Arc::ptr_eq(o, outbox)) {
+                    touched.push(outbox.clone());
+                }
+                current = Some((conn, outbox.lock()));
+            }
+            let Some((_, state)) = current.as_mut() else {
                 continue;
             };
-            let mut state = outbox.lock();
             if state.closing {
                 continue;
             }
@@ -444,16 +458,15 @@ impl Shared {
             }
             let pending = state.writer.len() + state.writing;
             if pending > self.config.pending_bytes_max {
-                slow.push(conn);
+                if !slow.contains(&conn) {
+                    slow.push(conn);
+                }
             } else if pending > self.config.pause_bytes && !full.contains(&conn) {
                 state.paused = true;
                 full.push(conn);
             }
-            drop(state);
-            if !touched.iter().any(|o| Arc::ptr_eq(o, outbox)) {
-                touched.push(outbox.clone());
-            }
         }
+        drop(current);
         for outbox in touched {
             outbox.wake.notify_one();
         }

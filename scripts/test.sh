@@ -11,6 +11,18 @@ fi
 # Reuse one build directory outside the clone so repeated runs stay fast.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/courier-target}"
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
+# C toolchain: ring and jemalloc (the binary's allocator) build from C, and
+# jemalloc's build runs make. Idempotent: installs only what is missing.
+if ! command -v make >/dev/null 2>&1 || ! command -v cc >/dev/null 2>&1; then
+  echo "== apt-get install make gcc (C parts of ring and jemalloc)"
+  if command -v apt-get >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq make gcc
+  else
+    echo "scripts/test.sh: make and a C compiler are needed; install them and retry" >&2
+    exit 1
+  fi
+fi
 # The NATS side of `courier bench --against nats` (tested in bench_e2e):
 # the bench installs nats-server itself when missing; doing it here first
 # keeps the install out of the test's time. Idempotent.

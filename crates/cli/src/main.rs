@@ -1,5 +1,6 @@
 //! `courier`: the broker and the client tools in one binary.
 
+mod allocator;
 mod bench;
 mod certs;
 mod output;

@@ -1262,7 +1262,11 @@ fn settings_lines(
     lines.push(format!(
         "  courier serve --listen 127.0.0.1:<free port> --data-dir <fresh dir in {}> --fsync {FSYNC} (other flags at their defaults); a fresh broker and data dir per run; build: {}",
         std::env::temp_dir().display(),
-        if cfg!(debug_assertions) { "debug (not for figures)" } else { "release" }
+        if cfg!(debug_assertions) {
+            "debug (not for figures)"
+        } else {
+            "release, jemalloc as the allocator (of the bench process too, so both sides' clients run on it)"
+        }
     ));
     lines.push("Courier client:".to_string());
     lines.push(format!(

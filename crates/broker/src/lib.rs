@@ -17,10 +17,6 @@ mod queue;
 mod recovery;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-
-/// The maps touched for every message: keyed by a fast hasher seeded at
-/// random per process (keys come from clients, so not a fixed one).
-pub(crate) type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 use std::sync::Arc;
 
 use courier_manifest::Manifest;
@@ -35,6 +31,10 @@ use journal::Op;
 pub use queue::DeadLetter;
 use queue::{Entry, Queue};
 pub use recovery::RecoveryReport;
+
+/// The maps touched for every message: keyed by a fast hasher seeded at
+/// random per process (keys come from clients, so not a fixed one).
+pub(crate) type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// Unix time in nanoseconds; the broker's only notion of time.
 pub type Nanos = u64;

@@ -1,6 +1,5 @@
 //! The connection driver: handshake, reading, writing, reconnecting.
 
-use crate::handler::{Delivered, Handler};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -20,7 +19,7 @@ use tokio::sync::oneshot;
 use tokio_rustls::client::TlsStream;
 use tracing::{debug, warn};
 
-use crate::handler::{self, Incoming};
+use crate::handler::{self, Delivered, Handler, Incoming};
 use crate::{Client, ClientOptions, ClientTls, Error, Inner, Reply, Result, State};
 
 /// Biggest frame we accept from the broker.

@@ -32,9 +32,10 @@ pub use queue::DeadLetter;
 use queue::{Entry, Queue};
 pub use recovery::RecoveryReport;
 
-/// The maps touched for every message: keyed by a fast hasher seeded at
-/// random per process (keys come from clients, so not a fixed one).
-pub(crate) type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+/// The maps touched for every message (here and in the server): keyed by
+/// a fast hasher seeded at random per process (keys come from clients, so
+/// not a fixed one).
+pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// Unix time in nanoseconds; the broker's only notion of time.
 pub type Nanos = u64;

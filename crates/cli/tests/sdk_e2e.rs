@@ -165,7 +165,7 @@ async fn quiet_sends_are_delivered_and_only_their_refusals_are_counted_by_flush(
     }
     assert_eq!(seen, (0..2_000u32).collect());
 
-    // "web" may not send commands nobody receives, so these are refused;
+    // No service receives these commands, so the broker refuses them;
     // send_quiet itself succeeds, and the flush behind them counts both.
     for _ in 0..2 {
         web.command("nobody.listens")
@@ -175,7 +175,7 @@ async fn quiet_sends_are_delivered_and_only_their_refusals_are_counted_by_flush(
             .await
             .expect("queued");
     }
-    // A durable quiet send between them is accepted and not counted.
+    // A durable quiet send after them is accepted and not counted.
     web.command("todo.create")
         .json(&())
         .expect("encode")

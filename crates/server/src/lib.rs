@@ -16,15 +16,13 @@ pub use auth::{load_manifest, ADMIN_SERVICE};
 pub use tls::{certificate_subject, TlsSettings, ALPN};
 
 use std::collections::HashMap;
-
-type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
-use courier_broker::{Action, Broker, ConnId, Nanos, RecoveryReport};
+use courier_broker::{Action, Broker, ConnId, FastMap, Nanos, RecoveryReport};
 use courier_proto::{
     decode_frame, ErrorCode, ErrorFrame, Frame, FrameWriter, Welcome, FRAME_BYTES_MAX_DEFAULT,
     PROTOCOL_VERSION,

@@ -1,5 +1,5 @@
 //! A map whose entries expire after a fixed time and whose size is capped:
-//! the shape shared by the dedup window and the reply routes.
+//! the reply routes, and the dedup window's ids without a usable timestamp.
 
 use std::collections::VecDeque;
 use std::hash::Hash;
@@ -67,6 +67,22 @@ impl<K: Hash + Eq + Clone, V> ExpiringMap<K, V> {
             .filter_map(|(t, k)| self.entries.get_key_value(k).map(|(k, v)| (k, v, *t)))
     }
 
+    /// When the oldest entry still in the order was inserted (it may have
+    /// been removed since: close enough to choose what to evict).
+    pub fn oldest(&self) -> Option<Nanos> {
+        self.order.front().map(|(t, _)| *t)
+    }
+
+    /// Forgets the oldest live entry; `false` if there was none.
+    pub fn forget_oldest(&mut self) -> bool {
+        while let Some((_, key)) = self.order.pop_front() {
+            if self.entries.remove(&key).is_some() {
+                return true;
+            }
+        }
+        false
+    }
+
     pub fn clear(&mut self) {
         self.entries.clear();
         self.order.clear();
@@ -85,47 +101,9 @@ impl<K: Hash + Eq + Clone, V> ExpiringMap<K, V> {
     }
 }
 
-/// The dedup window's key for a message id: 64 bits instead of 128.
-///
-/// A million remembered ids cost about 36 MiB as fingerprints and 61 MiB
-/// as whole ids. The price is a false "duplicate" when two different ids
-/// share a fingerprint: for random ids, at most one chance in 2^64 divided
-/// by the ids in the window (about 5·10^-14 per message with a million).
-/// Ids that differ in only one half never collide: each half goes through
-/// a bijection before they are combined. The function is fixed (no random
-/// key), because snapshots store fingerprints.
-pub(crate) fn fingerprint(id: &uuid::Uuid) -> u64 {
-    let (high, low) = id.as_u64_pair();
-    mix(high ^ mix(low))
-}
-
-/// MurmurHash3's 64-bit finaliser: a bijection that spreads every bit.
-fn mix(mut x: u64) -> u64 {
-    x ^= x >> 33;
-    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    x ^= x >> 33;
-    x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    x ^ (x >> 33)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn fingerprints_differ_for_ids_that_differ_in_one_half() {
-        use std::collections::HashSet;
-        let mut seen = HashSet::new();
-        for i in 0..1000u64 {
-            assert!(seen.insert(fingerprint(&uuid::Uuid::from_u64_pair(7, i))));
-            assert!(seen.insert(fingerprint(&uuid::Uuid::from_u64_pair(i + 1000, 7))));
-        }
-        // Swapped halves are different ids and get different fingerprints.
-        assert_ne!(
-            fingerprint(&uuid::Uuid::from_u64_pair(1, 2)),
-            fingerprint(&uuid::Uuid::from_u64_pair(2, 1))
-        );
-    }
 
     #[test]
     fn entries_expire_and_capacity_evicts_the_oldest() {

@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod dedup;
 mod expiring;
 mod journal;
 mod queue;
@@ -335,7 +336,7 @@ pub struct Broker<S: MessageStore> {
     refs: BTreeMap<Seq, u32>,
     /// Ids of accepted messages within the dedup window.
     /// Keyed by [`expiring::fingerprint`] of the id.
-    dedup: ExpiringMap<u64, ()>,
+    dedup: dedup::DedupWindow,
     /// Name → (major version, receiving services); see `receivers`.
     route_cache: FastMap<String, Vec<(u16, Receivers)>>,
     /// Command id → where its replies go.
@@ -372,7 +373,7 @@ pub struct Broker<S: MessageStore> {
 
 impl<S: MessageStore> Broker<S> {
     pub fn new(config: Config, store: S) -> Broker<S> {
-        let dedup = ExpiringMap::new(config.dedup_window_ms * NANOS_PER_MS, config.dedup_ids_max);
+        let dedup = dedup::DedupWindow::new(config.dedup_window_ms, config.dedup_ids_max);
         let reply_routes = ExpiringMap::new(
             config.reply_route_ms * NANOS_PER_MS,
             config.reply_routes_max,
@@ -1034,7 +1035,7 @@ impl<S: MessageStore> Broker<S> {
             return self.send_result(conn, seq, ErrorCode::Unauthorized, reason);
         }
         self.dedup.expire(now);
-        if self.dedup.contains(&expiring::fingerprint(&message.id)) {
+        if self.dedup.contains(&message.id) {
             self.metrics.duplicates += 1;
             if !quiet {
                 self.send_result(conn, seq, ErrorCode::Ok, "duplicate".to_string());
@@ -1075,7 +1076,7 @@ impl<S: MessageStore> Broker<S> {
             Ok(()) => {
                 // Only accepted ids count for dedup: a refused send retried
                 // with the same id must be tried again, not dropped.
-                self.dedup.insert(expiring::fingerprint(&id), (), now);
+                self.dedup.insert(&id, now);
                 self.metrics.accepted += 1;
                 if quiet {
                     return;

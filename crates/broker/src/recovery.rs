@@ -16,7 +16,7 @@ use courier_proto::{Kind, Message};
 use courier_store::{MessageStore, Replayed, Seq, StoreError};
 use uuid::Uuid;
 
-use crate::expiring::fingerprint;
+use crate::dedup::fingerprint;
 use crate::journal::{JournalError, Op, Reader, Writer};
 use crate::queue::{DeadLetter, Entry};
 use crate::{Broker, Nanos, ReplyRoute, Service};
@@ -24,8 +24,10 @@ use crate::{Broker, Nanos, ReplyRoute, Service};
 /// Records read per chunk while replaying; bounds recovery's extra memory.
 const REPLAY_CHUNK_RECORDS: usize = 4096;
 const SNAPSHOT_MAGIC: &[u8; 4] = b"CRSN";
-/// 2: dedup ids as 64-bit fingerprints. Version 1 (whole ids) still loads.
-const SNAPSHOT_VERSION: u32 = 2;
+/// 3: the dedup window's ids in buckets by timestamp, after those without
+/// one. Version 2 (fingerprints with their times only) and version 1 (whole
+/// ids) still load.
+const SNAPSHOT_VERSION: u32 = 3;
 
 /// What recovery found, for the start-up log line.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -165,8 +167,7 @@ impl<S: MessageStore> Broker<S> {
     }
 
     fn replay_message(&mut self, seq: Seq, message: &Arc<Message>, now: Nanos) {
-        self.dedup
-            .insert(fingerprint(&message.id), (), message.timestamp);
+        self.dedup.insert(&message.id, message.timestamp);
         let targets = self.receivers(&message.name, message.version.major);
         if message.kind == Kind::Command {
             let route = ReplyRoute {
@@ -394,12 +395,28 @@ impl<S: MessageStore> Broker<S> {
         let count_at = w.0.len();
         w.u32(0);
         let mut count: u32 = 0;
-        for (id, (), t) in self.dedup.iter() {
-            w.u64(*id);
+        for (fp, t) in self.dedup.others() {
+            w.u64(fp);
             w.u64(t);
             count += 1;
         }
         w.0[count_at..count_at + 4].copy_from_slice(&count.to_be_bytes());
+        let count_at = w.0.len();
+        w.u32(0);
+        let mut buckets: u32 = 0;
+        for (start_ms, fps) in self.dedup.buckets() {
+            w.u64(start_ms);
+            let len_at = w.0.len();
+            w.u32(0);
+            let mut len: u32 = 0;
+            for fp in fps {
+                w.u64(fp);
+                len += 1;
+            }
+            w.0[len_at..len_at + 4].copy_from_slice(&len.to_be_bytes());
+            buckets += 1;
+        }
+        w.0[count_at..count_at + 4].copy_from_slice(&buckets.to_be_bytes());
         let count_at = w.0.len();
         w.u32(0);
         let mut count: u32 = 0;
@@ -423,7 +440,7 @@ impl<S: MessageStore> Broker<S> {
         }
         let mut r = Reader::new(bytes.slice(4..));
         let version = r.u32()?;
-        if version != SNAPSHOT_VERSION && version != 1 {
+        if !(1..=SNAPSHOT_VERSION).contains(&version) {
             return Err(JournalError::BadSnapshot);
         }
         let services = r.u32()?;
@@ -468,7 +485,7 @@ impl<S: MessageStore> Broker<S> {
             self.routes_changed();
         }
         let ids = r.u32()?;
-        self.dedup.reserve(ids as usize);
+        self.dedup.reserve_others(ids as usize);
         for _ in 0..ids {
             let id = if version == 1 {
                 fingerprint(&Uuid::from_bytes(r.id()?))
@@ -476,7 +493,18 @@ impl<S: MessageStore> Broker<S> {
                 r.u64()?
             };
             let t = r.u64()?;
-            self.dedup.insert(id, (), t);
+            self.dedup.restore_other(id, t);
+        }
+        if version >= 3 {
+            for _ in 0..r.u32()? {
+                let start_ms = r.u64()?;
+                let len = r.u32()?;
+                let mut fps = Vec::with_capacity(len.min(1 << 20) as usize);
+                for _ in 0..len {
+                    fps.push(r.u64()?);
+                }
+                self.dedup.restore_bucket(start_ms, fps);
+            }
         }
         for _ in 0..r.u32()? {
             let id = Uuid::from_bytes(r.id()?);

@@ -937,6 +937,38 @@ fn restart_resumes_subscriptions_backlog_attempts_and_dead_letters() {
 }
 
 #[test]
+fn ids_stamped_now_are_still_duplicates_after_a_checkpoint_and_a_crash() {
+    let mut h = Harness::with_store(MemoryLog::new());
+    // The clock at the ids' own time: they go to the dedup window's
+    // timestamp buckets, which the snapshot keeps sealed.
+    h.now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_nanos() as Nanos;
+    h.connect(1, "web", 0);
+    let sent: Vec<Message> = (0..50).map(|_| event("thing.happened", "x")).collect();
+    for (seq, m) in sent.iter().enumerate() {
+        h.send(1, seq as u64, m.clone());
+    }
+    h.actions();
+    h.advance(500);
+    h.broker.checkpoint(h.now).expect("checkpoint");
+    // Sent after the checkpoint: found again by replaying the log.
+    let later = event("thing.happened", "y");
+    h.send(1, 50, later.clone());
+    h.actions();
+    let report = h.crash_and_recover();
+    assert!(report.snapshot_covers.is_some(), "{report:?}");
+    h.connect(1, "web", 0);
+    for (seq, m) in sent.into_iter().chain([later]).enumerate() {
+        h.send(1, 100 + seq as u64, m);
+    }
+    assert_eq!(h.broker.metrics().duplicates, 51);
+    h.send(1, 200, event("thing.happened", "z"));
+    assert_eq!(h.broker.metrics().duplicates, 51, "a new id is not one");
+}
+
+#[test]
 fn a_checkpoint_gives_the_same_state_as_a_full_replay() {
     let mut a = busy_broker();
     let mut b = busy_broker();
@@ -1464,6 +1496,28 @@ fn a_version_1_snapshot_with_whole_dedup_ids_still_loads_and_still_deduplicates(
     h.broker
         .restore_snapshot(Bytes::from(v1))
         .expect("a version 1 snapshot loads");
+    h.connect(1, "sender", 10);
+    let mut m = Message::new(Kind::Event, "thing.happened", "x");
+    m.id = id;
+    h.send(1, 1, m);
+    assert_eq!(h.broker.metrics().duplicates, 1, "the old id still counts");
+}
+
+#[test]
+fn a_version_2_snapshot_with_timed_fingerprints_still_loads_and_still_deduplicates() {
+    let id = Uuid::now_v7();
+    let mut v2 = Vec::new();
+    v2.extend_from_slice(b"CRSN");
+    v2.extend_from_slice(&2u32.to_be_bytes()); // version 2
+    v2.extend_from_slice(&0u32.to_be_bytes()); // no services
+    v2.extend_from_slice(&1u32.to_be_bytes()); // one dedup fingerprint …
+    v2.extend_from_slice(&crate::dedup::fingerprint(&id).to_be_bytes());
+    v2.extend_from_slice(&(1_000 * MS).to_be_bytes()); // … remembered at 1 s
+    v2.extend_from_slice(&0u32.to_be_bytes()); // no reply routes
+    let mut h = Harness::new();
+    h.broker
+        .restore_snapshot(Bytes::from(v2))
+        .expect("a version 2 snapshot loads");
     h.connect(1, "sender", 10);
     let mut m = Message::new(Kind::Event, "thing.happened", "x");
     m.id = id;

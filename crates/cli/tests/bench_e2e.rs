@@ -123,13 +123,13 @@ fn a_run_over_its_timeout_stops_with_a_clear_error_and_cleans_up() {
         "--only",
         "W7",
         "--timeout",
-        "700ms",
+        "150ms",
     ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     let last = stderr.lines().last().unwrap_or_default();
     assert!(
-        last.starts_with("courier: W7 run 1/1 (Courier) did not finish within 700ms (--timeout)"),
+        last.starts_with("courier: W7 run 1/1 (Courier) did not finish within 150ms (--timeout)"),
         "{stderr}"
     );
     assert!(out.stdout.is_empty(), "no table after a failure");
@@ -270,12 +270,12 @@ fn on_a_current_thread_client_runtime_runs_finish_and_timeouts_still_clean_up() 
         "--only",
         "W7",
         "--timeout",
-        "700ms",
+        "150ms",
     ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
-        stderr.contains("did not finish within 700ms (--timeout)"),
+        stderr.contains("did not finish within 150ms (--timeout)"),
         "{stderr}"
     );
     assert_eq!(leftover_dirs(pid), Vec::<String>::new());

@@ -16,8 +16,9 @@ mod expiring;
 mod journal;
 mod queue;
 mod recovery;
+mod refcount;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 use courier_manifest::Manifest;
@@ -333,7 +334,7 @@ pub struct Broker<S: MessageStore> {
     services: FastMap<String, Service>,
     /// References per stored message: services that still owe an ack (or
     /// hold it as a dead letter). Ordered, so the oldest live seq is cheap.
-    refs: BTreeMap<Seq, u32>,
+    refs: refcount::RefCounts,
     /// Ids of accepted messages within the dedup window.
     /// Keyed by [`expiring::fingerprint`] of the id.
     dedup: dedup::DedupWindow,
@@ -383,7 +384,7 @@ impl<S: MessageStore> Broker<S> {
             store,
             conns: FastMap::default(),
             services: FastMap::default(),
-            refs: BTreeMap::new(),
+            refs: refcount::RefCounts::default(),
             dedup,
             route_cache: FastMap::default(),
             reply_routes,
@@ -910,7 +911,7 @@ impl<S: MessageStore> Broker<S> {
             if queued.contains(&seq) {
                 continue;
             }
-            *self.refs.entry(seq).or_insert(0) += 1;
+            self.refs.add(seq);
             let entry = Entry::new(seq, 0, key);
             match deliver_at {
                 Some(at) if at > now => svc.queue.defer(at, entry),
@@ -1308,7 +1309,7 @@ impl<S: MessageStore> Broker<S> {
             let Some(svc) = self.services.get_mut(service) else {
                 continue;
             };
-            *self.refs.entry(seq).or_insert(0) += 1;
+            self.refs.add(seq);
             let entry = Entry::new(seq, 0, message.key.clone());
             match message.deliver_at {
                 Some(at) if at > now => svc.queue.defer(at, entry),
@@ -1492,7 +1493,7 @@ impl<S: MessageStore> Broker<S> {
             if !has_room {
                 return;
             }
-            let Some(entry) = svc.queue.ready.get(index).cloned() else {
+            let Some(entry) = svc.queue.ready.get(index) else {
                 return;
             };
             let message = match self.store.get(entry.seq) {
@@ -1801,13 +1802,9 @@ impl<S: MessageStore> Broker<S> {
 }
 
 /// One service no longer needs `seq`; the last one out removes it.
-fn release<S: MessageStore>(store: &mut S, refs: &mut BTreeMap<Seq, u32>, seq: Seq) {
-    if let Some(count) = refs.get_mut(&seq) {
-        *count -= 1;
-        if *count == 0 {
-            refs.remove(&seq);
-            store.remove(seq);
-        }
+fn release<S: MessageStore>(store: &mut S, refs: &mut refcount::RefCounts, seq: Seq) {
+    if refs.release(seq) {
+        store.remove(seq);
     }
 }
 

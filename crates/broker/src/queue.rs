@@ -40,6 +40,179 @@ impl Entry {
     }
 }
 
+/// Consecutive seqs waiting to go out, in one piece: `first`, `first + 1`
+/// … `first + count - 1`. A span of more than one holds first deliveries
+/// of messages without a key only; anything else (a retry, a keyed
+/// message) is a span of one. Same 24 bytes as an [`Entry`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Span {
+    first: Seq,
+    count: u32,
+    attempts: u32,
+    key: Option<Box<Bytes>>,
+}
+
+impl Span {
+    fn of(entry: Entry) -> Span {
+        Span {
+            first: entry.seq,
+            count: 1,
+            attempts: entry.attempts,
+            key: entry.key,
+        }
+    }
+
+    fn extends(&self) -> bool {
+        self.attempts == 0 && self.key.is_none() && self.count < u32::MAX
+    }
+
+    /// The entry at `offset` within the span.
+    fn entry(&self, offset: u32) -> Entry {
+        Entry {
+            seq: self.first + u64::from(offset),
+            attempts: self.attempts,
+            key: self.key.clone(),
+        }
+    }
+}
+
+/// The ready messages of a queue, in order, as spans of consecutive seqs.
+///
+/// A backlog that built up while a service was offline is one run of
+/// consecutive seqs (nothing else was logged in between): one span holds
+/// all of it, where a deque of entries cost 24 bytes a message.
+#[derive(Debug, Default)]
+pub(crate) struct Ready {
+    spans: VecDeque<Span>,
+    len: usize,
+}
+
+impl Ready {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn push_back(&mut self, entry: Entry) {
+        self.len += 1;
+        if entry.attempts == 0 && entry.key.is_none() {
+            if let Some(back) = self.spans.back_mut() {
+                if back.extends() && back.first + u64::from(back.count) == entry.seq {
+                    back.count += 1;
+                    return;
+                }
+            }
+        }
+        self.spans.push_back(Span::of(entry));
+    }
+
+    /// Adds `count` consecutive first deliveries without a key.
+    pub fn push_back_run(&mut self, first: Seq, count: u32) {
+        if count == 0 {
+            return;
+        }
+        self.len += count as usize;
+        if let Some(back) = self.spans.back_mut() {
+            if back.extends()
+                && back.first + u64::from(back.count) == first
+                && back.count.checked_add(count).is_some()
+            {
+                back.count += count;
+                return;
+            }
+        }
+        self.spans.push_back(Span {
+            first,
+            count,
+            attempts: 0,
+            key: None,
+        });
+    }
+
+    pub fn push_front(&mut self, entry: Entry) {
+        self.len += 1;
+        if entry.attempts == 0 && entry.key.is_none() {
+            if let Some(front) = self.spans.front_mut() {
+                if front.extends() && entry.seq + 1 == front.first {
+                    front.first -= 1;
+                    front.count += 1;
+                    return;
+                }
+            }
+        }
+        self.spans.push_front(Span::of(entry));
+    }
+
+    #[cfg(test)]
+    pub fn pop_front(&mut self) -> Option<Entry> {
+        self.remove(0)
+    }
+
+    /// The span holding the `index`th ready entry, and the offset in it.
+    fn locate(&self, mut index: usize) -> Option<(usize, u32)> {
+        for (i, span) in self.spans.iter().enumerate() {
+            let count = span.count as usize;
+            if index < count {
+                return Some((i, index as u32));
+            }
+            index -= count;
+        }
+        None
+    }
+
+    pub fn get(&self, index: usize) -> Option<Entry> {
+        let (i, offset) = self.locate(index)?;
+        Some(self.spans[i].entry(offset))
+    }
+
+    pub fn remove(&mut self, index: usize) -> Option<Entry> {
+        let (i, offset) = self.locate(index)?;
+        self.len -= 1;
+        let span = &mut self.spans[i];
+        if span.count == 1 {
+            let span = self.spans.remove(i)?;
+            return Some(Entry {
+                seq: span.first,
+                attempts: span.attempts,
+                key: span.key,
+            });
+        }
+        let entry = span.entry(offset);
+        if offset == 0 {
+            span.first += 1;
+            span.count -= 1;
+        } else if offset == span.count - 1 {
+            span.count -= 1;
+        } else {
+            let right = Span {
+                first: entry.seq + 1,
+                count: span.count - offset - 1,
+                attempts: span.attempts,
+                key: None,
+            };
+            span.count = offset;
+            self.spans.insert(i + 1, right);
+        }
+        Some(entry)
+    }
+
+    /// Every ready entry, in order.
+    pub fn iter(&self) -> impl Iterator<Item = Entry> + '_ {
+        self.spans
+            .iter()
+            .flat_map(|span| (0..span.count).map(move |offset| span.entry(offset)))
+    }
+
+    /// The spans, as their first entry and how many seqs they hold.
+    pub fn runs(&self) -> impl Iterator<Item = (Entry, u32)> + '_ {
+        self.spans.iter().map(|span| (span.entry(0), span.count))
+    }
+
+    pub fn clear(&mut self) {
+        self.spans.clear();
+        self.len = 0;
+    }
+}
+
 #[derive(Debug, Clone)]
 pub(crate) struct InFlight {
     pub entry: Entry,
@@ -58,7 +231,7 @@ pub struct DeadLetter {
 #[derive(Default)]
 pub(crate) struct Queue {
     /// Ready to go, in arrival order.
-    pub ready: VecDeque<Entry>,
+    pub ready: Ready,
     /// Not before the time in the key; the `u64` keeps equal times in order.
     deferred: BTreeMap<(Nanos, u64), Entry>,
     deferred_tiebreak: u64,
@@ -197,32 +370,38 @@ impl Queue {
 
     /// Seqs of every message the queue holds (dead letters included).
     pub fn seqs(&self) -> std::collections::HashSet<Seq> {
-        self.entries()
-            .map(|(e, _)| e.seq)
+        self.runs()
+            .flat_map(|(e, count, _)| (0..u64::from(count)).map(move |i| e.seq + i))
             .chain(self.dead_letters.iter().map(|d| d.seq))
             .collect()
     }
 
-    /// Every waiting or in-flight entry, with the time it is deferred to.
-    /// In-flight entries are listed as ready: a snapshot or a rebuild
-    /// treats them as not delivered (they come back after a crash anyway).
-    pub fn entries(&self) -> impl Iterator<Item = (&Entry, Option<Nanos>)> {
+    /// Every waiting or in-flight entry as runs — the first entry, how many
+    /// consecutive seqs, and the time it is deferred to. Only ready entries
+    /// come in runs longer than one. In-flight entries are listed as ready:
+    /// a snapshot or a rebuild treats them as not delivered (they come back
+    /// after a crash anyway).
+    pub fn runs(&self) -> impl Iterator<Item = (Entry, u32, Option<Nanos>)> + '_ {
         self.ready
-            .iter()
-            .map(|e| (e, None))
-            .chain(self.deferred.iter().map(|((t, _), e)| (e, Some(*t))))
-            .chain(self.in_flight.values().map(|f| (&f.entry, None)))
+            .runs()
+            .map(|(e, count)| (e, count, None))
+            .chain(
+                self.deferred
+                    .iter()
+                    .map(|((t, _), e)| (e.clone(), 1, Some(*t))),
+            )
+            .chain(self.in_flight.values().map(|f| (f.entry.clone(), 1, None)))
             .chain(
                 self.key_waiting
                     .values()
-                    .flat_map(|w| w.iter().map(|e| (e, None))),
+                    .flat_map(|w| w.iter().map(|e| (e.clone(), 1, None))),
             )
     }
 
     /// Empties the queue (not its dead letters) and returns its entries as
-    /// [`Queue::entries`] lists them, for rebuilding it in seq order.
-    pub fn take_entries(&mut self) -> Vec<(Entry, Option<Nanos>)> {
-        let out = self.entries().map(|(e, t)| (e.clone(), t)).collect();
+    /// [`Queue::runs`] lists them, for rebuilding it in seq order.
+    pub fn take_runs(&mut self) -> Vec<(Entry, u32, Option<Nanos>)> {
+        let out = self.runs().collect();
         self.ready.clear();
         self.deferred.clear();
         self.in_flight.clear();
@@ -234,7 +413,8 @@ impl Queue {
 
     /// Every message the queue holds, for purging; leaves it empty.
     pub fn drain_all(&mut self) -> Vec<Seq> {
-        let mut seqs: Vec<Seq> = self.ready.drain(..).map(|e| e.seq).collect();
+        let mut seqs: Vec<Seq> = self.ready.iter().map(|e| e.seq).collect();
+        self.ready.clear();
         seqs.extend(
             std::mem::take(&mut self.deferred)
                 .into_values()
@@ -304,12 +484,108 @@ mod tests {
         q.defer(10, keyed(3, "z"));
         assert_eq!(q.next_timer(), Some(10));
         q.release_due(9);
-        assert!(q.ready.is_empty());
+        assert!(q.ready.len() == 0);
         q.release_due(10);
         assert_eq!(
             q.ready.iter().map(|e| e.seq).collect::<Vec<_>>(),
             vec![2, 3]
         );
         assert_eq!(q.next_timer(), Some(30));
+    }
+
+    #[test]
+    fn a_backlog_of_consecutive_seqs_is_one_span() {
+        let mut ready = Ready::default();
+        for seq in 1..=1_000_000 {
+            ready.push_back(Entry::new(seq, 0, None));
+        }
+        assert_eq!((ready.len(), ready.spans.len()), (1_000_000, 1));
+        assert_eq!(ready.remove(10).map(|e| e.seq), Some(11));
+        assert_eq!(ready.spans.len(), 2, "split around the hole");
+        assert_eq!(ready.get(10).map(|e| e.seq), Some(12));
+        ready.push_front(Entry::new(11, 1, None));
+        assert_eq!(ready.spans.len(), 3, "a retry is a span of its own");
+        assert_eq!(
+            ready.pop_front().map(|e| (e.seq, e.attempts)),
+            Some((11, 1))
+        );
+    }
+
+    mod model {
+        use super::*;
+        use proptest::prelude::*;
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            PushBack {
+                gap: u64,
+                attempts: u32,
+                keyed: bool,
+            },
+            PushFront {
+                attempts: u32,
+            },
+            Run(u32),
+            Remove(usize),
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                4 => (0u64..3, 0u32..2, proptest::bool::weighted(0.1))
+                    .prop_map(|(gap, attempts, keyed)| Op::PushBack { gap, attempts, keyed }),
+                1 => (0u32..2).prop_map(|attempts| Op::PushFront { attempts }),
+                1 => (0u32..50).prop_map(Op::Run),
+                3 => (0usize..80).prop_map(Op::Remove),
+            ]
+        }
+
+        proptest! {
+            /// Spans hold exactly what a deque of entries would, in order.
+            #[test]
+            fn spans_agree_with_a_deque_of_entries(ops in proptest::collection::vec(op(), 1..200)) {
+                let mut ready = Ready::default();
+                let mut model: VecDeque<Entry> = VecDeque::new();
+                let mut next: Seq = 100;
+                let mut front: Seq = 99;
+                for op in ops {
+                    match op {
+                        Op::PushBack { gap, attempts, keyed } => {
+                            next += gap;
+                            let key = keyed.then(|| Bytes::from_static(b"k"));
+                            let e = Entry::new(next, attempts, key);
+                            next += 1;
+                            ready.push_back(e.clone());
+                            model.push_back(e);
+                        }
+                        Op::PushFront { attempts } => {
+                            let e = Entry::new(front, attempts, None);
+                            front -= 1;
+                            ready.push_front(e.clone());
+                            model.push_front(e);
+                        }
+                        Op::Run(count) => {
+                            ready.push_back_run(next, count);
+                            model.extend((0..u64::from(count)).map(|i| Entry::new(next + i, 0, None)));
+                            next += u64::from(count);
+                        }
+                        Op::Remove(index) => {
+                            prop_assert_eq!(ready.get(index), model.get(index).cloned());
+                            prop_assert_eq!(ready.remove(index), model.remove(index));
+                        }
+                    }
+                    prop_assert_eq!(ready.len(), model.len());
+                }
+                prop_assert_eq!(ready.iter().collect::<Vec<_>>(), model.iter().cloned().collect::<Vec<_>>());
+                let expanded: Vec<Entry> = ready
+                    .runs()
+                    .flat_map(|(e, count)| (0..u64::from(count)).map(move |i| {
+                        let mut e = e.clone();
+                        e.seq += i;
+                        e
+                    }))
+                    .collect();
+                prop_assert_eq!(expanded, model.into_iter().collect::<Vec<_>>());
+            }
+        }
     }
 }

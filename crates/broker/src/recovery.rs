@@ -24,8 +24,8 @@ use crate::{Broker, Nanos, ReplyRoute, Service};
 /// Records read per chunk while replaying; bounds recovery's extra memory.
 const REPLAY_CHUNK_RECORDS: usize = 4096;
 const SNAPSHOT_MAGIC: &[u8; 4] = b"CRSN";
-/// 3: the dedup window's ids in buckets by timestamp, after those without
-/// one. Version 2 (fingerprints with their times only) and version 1 (whole
+/// 3: queue entries in runs of consecutive seqs (a count after each), and
+/// the dedup window's ids in buckets by timestamp after those without one. Version 2 (fingerprints with their times only) and version 1 (whole
 /// ids) still load.
 const SNAPSHOT_VERSION: u32 = 3;
 
@@ -44,15 +44,24 @@ pub struct RecoveryReport {
     pub dead_letters: usize,
 }
 
-/// Marks collected while replaying, applied when the replay ends.
+/// Marks collected while replaying, per service, applied when the replay
+/// ends.
+type Marks = HashMap<String, ServiceMarks>;
+
 #[derive(Default)]
-struct Marks {
-    /// (service, seq) acked or dead-lettered: not in the queue any more.
-    removed: HashSet<(String, Seq)>,
+struct ServiceMarks {
+    /// Acked or dead-lettered: not in the queue any more.
+    removed: HashSet<Seq>,
     /// Delivery attempts begun.
-    attempts: HashMap<(String, Seq), u32>,
+    attempts: HashMap<Seq, u32>,
     /// Nacked: not before this time.
-    until: HashMap<(String, Seq), Nanos>,
+    until: HashMap<Seq, Nanos>,
+}
+
+impl ServiceMarks {
+    fn is_empty(&self) -> bool {
+        self.removed.is_empty() && self.attempts.is_empty() && self.until.is_empty()
+    }
 }
 
 impl<S: MessageStore> Broker<S> {
@@ -208,23 +217,26 @@ impl<S: MessageStore> Broker<S> {
                 let _ = self.apply_unsubscribe(&service, &pattern);
                 if emptied {
                     // Marks for the old queue must not touch a later one.
-                    marks.removed.retain(|(s, _)| *s != service);
-                    marks.attempts.retain(|(s, _), _| *s != service);
-                    marks.until.retain(|(s, _), _| *s != service);
+                    marks.remove(&service);
                 }
             }
             Op::Delivered { service, seq } => {
-                *marks.attempts.entry((service, seq)).or_insert(0) += 1
+                *marks
+                    .entry(service)
+                    .or_default()
+                    .attempts
+                    .entry(seq)
+                    .or_insert(0) += 1
             }
             Op::Acked { service, seq } => {
-                marks.removed.insert((service, seq));
+                marks.entry(service).or_default().removed.insert(seq);
             }
             Op::Nacked {
                 service,
                 seq,
                 until,
             } => {
-                marks.until.insert((service, seq), until);
+                marks.entry(service).or_default().until.insert(seq, until);
             }
             Op::DeadLettered {
                 service,
@@ -241,9 +253,9 @@ impl<S: MessageStore> Broker<S> {
                         at,
                     });
                     // The dead letter keeps the queue's reference.
-                    *self.refs.entry(seq).or_insert(0) += 1;
+                    self.refs.add(seq);
                 }
-                marks.removed.insert((service, seq));
+                marks.entry(service).or_default().removed.insert(seq);
             }
             Op::Revived { service, seq } => {
                 let key = self
@@ -259,10 +271,11 @@ impl<S: MessageStore> Broker<S> {
                         // The entry reuses the dead letter's reference.
                     }
                 }
-                let k = (service, seq);
-                marks.removed.remove(&k);
-                marks.attempts.remove(&k);
-                marks.until.remove(&k);
+                if let Some(m) = marks.get_mut(&service) {
+                    m.removed.remove(&seq);
+                    m.attempts.remove(&seq);
+                    m.until.remove(&seq);
+                }
             }
             Op::Purged { service, seqs } => {
                 if let Some(svc) = self.services.get_mut(&service) {
@@ -276,25 +289,34 @@ impl<S: MessageStore> Broker<S> {
     }
 
     /// Applies the replay's marks and rebuilds every queue in seq order.
-    fn settle_marks(&mut self, marks: Marks, now: Nanos) {
+    fn settle_marks(&mut self, mut marks: Marks, now: Nanos) {
         let names: Vec<String> = self.services.keys().cloned().collect();
         for name in names {
             let Some(svc) = self.services.get_mut(&name) else {
                 continue;
             };
-            let mut entries = svc.queue.take_entries();
-            entries.sort_by_key(|(e, _)| e.seq);
+            let marks = marks.remove(&name).unwrap_or_default();
+            let mut runs = svc.queue.take_runs();
+            runs.sort_by_key(|(e, _, _)| e.seq);
             let mut released = Vec::new();
-            for (mut entry, deferred) in entries {
-                let k = (name.clone(), entry.seq);
-                if marks.removed.contains(&k) {
-                    released.push(entry.seq);
+            for (first, count, deferred) in runs {
+                if count > 1 && marks.is_empty() {
+                    // A run of first deliveries nothing was recorded for.
+                    svc.queue.ready.push_back_run(first.seq, count);
                     continue;
                 }
-                entry.attempts += marks.attempts.get(&k).copied().unwrap_or(0);
-                match marks.until.get(&k).copied().or(deferred) {
-                    Some(t) if t > now => svc.queue.defer(t, entry),
-                    _ => svc.queue.make_ready(entry),
+                for i in 0..u64::from(count) {
+                    let mut entry = first.clone();
+                    entry.seq += i;
+                    if marks.removed.contains(&entry.seq) {
+                        released.push(entry.seq);
+                        continue;
+                    }
+                    entry.attempts += marks.attempts.get(&entry.seq).copied().unwrap_or(0);
+                    match marks.until.get(&entry.seq).copied().or(deferred) {
+                        Some(t) if t > now => svc.queue.defer(t, entry),
+                        _ => svc.queue.make_ready(entry),
+                    }
                 }
             }
             for seq in released {
@@ -318,7 +340,7 @@ impl<S: MessageStore> Broker<S> {
         let state = self.snapshot_bytes();
         self.store.save_snapshot(covers, &state)?;
         self.checkpointed_at = covers + 1;
-        let oldest_live = self.refs.keys().next().copied().unwrap_or(covers + 1);
+        let oldest_live = self.refs.oldest().unwrap_or(covers + 1);
         let before = oldest_live.min(covers + 1);
         let retention = self.config.longest_retention();
         let mut freed = self.store.compact(before, now.saturating_sub(retention))?;
@@ -368,9 +390,10 @@ impl<S: MessageStore> Broker<S> {
                 w.str(p);
             }
             // Counted, then written straight from the queue: collecting a
-            // large backlog first would double the snapshot's memory.
-            w.u32(svc.queue.entries().count() as u32);
-            for (e, until) in svc.queue.entries() {
+            // large backlog first would double the snapshot's memory. Runs
+            // of consecutive seqs are one record each.
+            w.u32(svc.queue.runs().count() as u32);
+            for (e, count, until) in svc.queue.runs() {
                 w.u64(e.seq);
                 w.u32(e.attempts);
                 match e.key() {
@@ -381,6 +404,7 @@ impl<S: MessageStore> Broker<S> {
                     None => w.u8(0),
                 }
                 w.u64(until.unwrap_or(0));
+                w.u32(count);
             }
             w.u32(svc.queue.dead_letters.len() as u32);
             for d in &svc.queue.dead_letters {
@@ -454,18 +478,26 @@ impl<S: MessageStore> Broker<S> {
             for _ in 0..r.u32()? {
                 svc.patterns.insert(r.str()?);
             }
-            let mut entries = Vec::new();
+            let mut runs = Vec::new();
             for _ in 0..r.u32()? {
                 let seq = r.u64()?;
                 let attempts = r.u32()?;
                 let key = if r.u8()? == 1 { Some(r.bytes()?) } else { None };
                 let until = r.u64()?;
-                entries.push((Entry::new(seq, attempts, key), until));
+                let count = if version >= 3 { r.u32()? } else { 1 };
+                if count > 1 && (attempts > 0 || key.is_some() || until > 0) {
+                    return Err(JournalError::BadSnapshot);
+                }
+                runs.push((Entry::new(seq, attempts, key), count, until));
             }
-            entries.sort_by_key(|(e, _)| e.seq);
-            for (entry, until) in entries {
-                *self.refs.entry(entry.seq).or_insert(0) += 1;
-                if until > 0 {
+            runs.sort_by_key(|(e, _, _)| e.seq);
+            for (entry, count, until) in runs {
+                for seq in entry.seq..entry.seq.saturating_add(u64::from(count)) {
+                    self.refs.add(seq);
+                }
+                if count > 1 {
+                    svc.queue.ready.push_back_run(entry.seq, count);
+                } else if until > 0 {
                     svc.queue.defer(until, entry);
                 } else {
                     svc.queue.make_ready(entry);
@@ -478,7 +510,7 @@ impl<S: MessageStore> Broker<S> {
                     reason: r.str()?,
                     at: r.u64()?,
                 };
-                *self.refs.entry(letter.seq).or_insert(0) += 1;
+                self.refs.add(letter.seq);
                 svc.queue.dead_letters.push(letter);
             }
             self.services.insert(name, svc);

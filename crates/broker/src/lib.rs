@@ -1203,7 +1203,7 @@ impl<S: MessageStore> Broker<S> {
     fn route(
         &mut self,
         conn: ConnId,
-        message: Message,
+        mut message: Message,
         now: Nanos,
     ) -> Result<(), (ErrorCode, String)> {
         let targets = self.receivers(&message.name, message.version.major);
@@ -1238,6 +1238,13 @@ impl<S: MessageStore> Broker<S> {
         }
         if message.kind == Kind::Command {
             self.remember_reply_route(conn, message.id, targets.to_vec(), now);
+        }
+        if !message.transient {
+            // The payload is a slice of the connection's read buffer, and
+            // the store keeps recent messages cached: its own copy lets the
+            // buffer be reused in place instead of being pinned, then
+            // freed, 64 KiB at a time (memory the allocator holds on to).
+            message.payload = bytes::Bytes::copy_from_slice(&message.payload);
         }
         let message = Arc::new(message);
         if message.transient {

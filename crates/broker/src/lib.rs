@@ -992,21 +992,27 @@ impl<S: MessageStore> Broker<S> {
 
     /// A message from `conn`, which numbered it `seq`; answered with a
     /// send result whether accepted or refused.
-    pub fn send(&mut self, conn: ConnId, seq: u64, message: Message, now: Nanos) {
-        self.accept_send(conn, seq, message, false, now);
+    pub fn send(&mut self, conn: ConnId, seq: u64, message: impl Into<Arc<Message>>, now: Nanos) {
+        self.accept_send(conn, seq, message.into(), false, now);
     }
 
     /// A QUIET send (PROTOCOL §5.3): answered only if refused, so an
     /// accepted one costs no send result.
-    pub fn send_quiet(&mut self, conn: ConnId, seq: u64, message: Message, now: Nanos) {
-        self.accept_send(conn, seq, message, true, now);
+    pub fn send_quiet(
+        &mut self,
+        conn: ConnId,
+        seq: u64,
+        message: impl Into<Arc<Message>>,
+        now: Nanos,
+    ) {
+        self.accept_send(conn, seq, message.into(), true, now);
     }
 
     fn accept_send(
         &mut self,
         conn: ConnId,
         seq: u64,
-        mut message: Message,
+        mut message: Arc<Message>,
         quiet: bool,
         now: Nanos,
     ) {
@@ -1057,8 +1063,10 @@ impl<S: MessageStore> Broker<S> {
             );
         }
         let id = message.id;
-        message.timestamp = now;
-        message.sender = sender;
+        // Not shared yet (it was just decoded): no copy is made.
+        let stamped = Arc::make_mut(&mut message);
+        stamped.timestamp = now;
+        stamped.sender = sender;
         let outcome = match message.kind {
             Kind::Command if message.name.starts_with(SYSTEM_PREFIX) => {
                 self.system_command(conn, &message, now)
@@ -1203,7 +1211,7 @@ impl<S: MessageStore> Broker<S> {
     fn route(
         &mut self,
         conn: ConnId,
-        mut message: Message,
+        mut message: Arc<Message>,
         now: Nanos,
     ) -> Result<(), (ErrorCode, String)> {
         let targets = self.receivers(&message.name, message.version.major);
@@ -1228,7 +1236,7 @@ impl<S: MessageStore> Broker<S> {
                 // no service holds a reference.
                 let seq = self
                     .store
-                    .append(Arc::new(message))
+                    .append(message)
                     .map_err(|e| (ErrorCode::StorageFailed, format!("not stored: {e}")))?;
                 self.dirty = true;
                 self.batch_appended = true;
@@ -1244,9 +1252,9 @@ impl<S: MessageStore> Broker<S> {
             // the store keeps recent messages cached: its own copy lets the
             // buffer be reused in place instead of being pinned, then
             // freed, 64 KiB at a time (memory the allocator holds on to).
-            message.payload = bytes::Bytes::copy_from_slice(&message.payload);
+            let owned = Arc::make_mut(&mut message);
+            owned.payload = bytes::Bytes::copy_from_slice(&owned.payload);
         }
-        let message = Arc::new(message);
         if message.transient {
             for service in targets.iter() {
                 self.deliver_transient(service, &message);
@@ -1388,7 +1396,7 @@ impl<S: MessageStore> Broker<S> {
 
     /// A reply goes to the connection that sent the command, else to another
     /// instance of its service, else it waits for one.
-    fn route_reply(&mut self, message: Message) -> Result<(), (ErrorCode, String)> {
+    fn route_reply(&mut self, message: Arc<Message>) -> Result<(), (ErrorCode, String)> {
         let Some(command) = message.response_to else {
             return Err((
                 ErrorCode::InvalidMessage,
@@ -1421,7 +1429,6 @@ impl<S: MessageStore> Broker<S> {
         if message.is_final {
             self.reply_routes.remove(&command);
         }
-        let message = Arc::new(message);
         match target {
             Some(conn) => {
                 self.deliver_untracked(conn, message);

@@ -6,6 +6,8 @@
 //! body. The decoder checks `length` against the connection's limit before it
 //! buffers or allocates anything for the frame.
 
+use std::sync::Arc;
+
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use thiserror::Error;
 use uuid::Uuid;
@@ -96,7 +98,10 @@ pub struct Welcome {
 pub struct SendEntry {
     /// Chosen by the client; echoed in the matching [`SendOutcome`].
     pub seq: u64,
-    pub message: Message,
+    /// Shared from the moment it is decoded: the broker stores and
+    /// delivers this same allocation, and a message is ~250 bytes that
+    /// would otherwise be copied at every step.
+    pub message: Arc<Message>,
     /// The sender wants a [`SendOutcome`] only for a refusal (flag `0x40`
     /// of the message in this entry): fire-and-forget sends that cost the
     /// broker no answer and the client no bookkeeping when all goes well.
@@ -331,7 +336,7 @@ pub fn decode_body(body: Bytes) -> Result<Frame, DecodeError> {
                 let (message, flags) = r.message_with(flag::QUIET)?;
                 entries.push(SendEntry {
                     seq,
-                    message,
+                    message: Arc::new(message),
                     quiet: flags & flag::QUIET != 0,
                 });
             }
@@ -1085,12 +1090,12 @@ mod tests {
             Frame::Send(vec![
                 SendEntry {
                     seq: 1,
-                    message: sample(Kind::Command),
+                    message: Arc::new(sample(Kind::Command)),
                     quiet: false,
                 },
                 SendEntry {
                     seq: 2,
-                    message: sample(Kind::Event),
+                    message: Arc::new(sample(Kind::Event)),
                     quiet: true,
                 },
             ]),
@@ -1299,7 +1304,7 @@ mod tests {
             Ok(Some(Frame::Send(entries))) => {
                 assert_eq!(entries.len(), 1);
                 assert!(entries[0].quiet);
-                assert_eq!(entries[0].message, message);
+                assert_eq!(*entries[0].message, message);
             }
             other => panic!("expected one SEND entry, got {other:?}"),
         }

@@ -124,16 +124,21 @@ pub struct Message {
 }
 
 impl Message {
-    /// A message with fresh ids, version 1.0 and no options set.
+    /// A message with a fresh id, version 1.0 and no options set. It
+    /// starts a new activity, named after it: its `activity_id` is its own
+    /// id (unique as any fresh id, at half the random bits per message);
+    /// messages sent while handling it inherit that activity instead.
     ///
     /// ```
     /// use courier_proto::{Kind, Message};
     /// let m = Message::new(Kind::Command, "todo.create", "{}");
     /// assert_eq!(m.name, "todo.create");
     /// assert_eq!(m.id.get_version_num(), 7);
+    /// assert_eq!(m.activity_id, m.id);
     /// ```
     pub fn new(kind: Kind, name: impl Into<String>, payload: impl Into<Bytes>) -> Message {
-        let (id, activity_id) = crate::id::new_id_pair();
+        let id = crate::id::new_id();
+        let activity_id = id;
         Message {
             kind,
             name: name.into(),

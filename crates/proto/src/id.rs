@@ -1,8 +1,7 @@
 //! Fresh message ids: UUID v7 with random bits from a per-thread pool.
 //!
 //! `Uuid::now_v7` asks the OS for randomness on every call — a `getrandom`
-//! syscall per id, two per message (id and activity id), which profiles
-//! of the send path showed. The pool refills from the same OS source a few
+//! syscall per id, which profiles of the send path showed. The pool refills from the same OS source a few
 //! kilobytes at a time, so the ids are as unpredictable as before (another
 //! service cannot guess them to collide with them in the broker's dedup
 //! window) at one syscall per few hundred ids.
@@ -33,13 +32,6 @@ thread_local! {
 /// A new UUID v7 (millisecond timestamp, then random bits).
 pub fn new_id() -> Uuid {
     new_id_at(now_millis())
-}
-
-/// Two new ids with one reading of the clock (a message's id and
-/// activity id).
-pub(crate) fn new_id_pair() -> (Uuid, Uuid) {
-    let millis = now_millis();
-    (new_id_at(millis), new_id_at(millis))
 }
 
 fn now_millis() -> u64 {

@@ -22,7 +22,11 @@ use crate::queue::{DeadLetter, Entry};
 use crate::{Broker, Nanos, ReplyRoute, Service};
 
 /// Records read per chunk while replaying; bounds recovery's extra memory.
-const REPLAY_CHUNK_RECORDS: usize = 4096;
+/// Measured on a restart replaying 47k records of 1 KiB: with 4096 a
+/// chunk, the broker's RSS was 49 MiB after recovery, 12 of them live (the
+/// allocator kept the rest of the freed chunks' pages); with 256 it was
+/// 14 MiB, and the replay took 81 instead of 115 ms (a chunk stays in cache).
+const REPLAY_CHUNK_RECORDS: usize = 256;
 const SNAPSHOT_MAGIC: &[u8; 4] = b"CRSN";
 /// 3: queue entries in runs of consecutive seqs (a count after each), and
 /// the dedup window's ids in buckets by timestamp after those without one. Version 2 (fingerprints with their times only) and version 1 (whole

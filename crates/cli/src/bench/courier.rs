@@ -70,8 +70,8 @@ pub(super) async fn publish_pipelined(
 }
 
 /// Publishes `count` transient events as quiet sends (the broker answers
-/// only refusals), with a flush every `TRANSIENT_WINDOW / 2` sends and at
-/// most two flushes unanswered; fails if the broker refused any.
+/// only refusals), with a flush every half [`transient_window`] sends and
+/// at most two flushes unanswered; fails if the broker refused any.
 pub(super) async fn publish_transient(
     client: &Client,
     name: &str,
@@ -79,7 +79,7 @@ pub(super) async fn publish_transient(
     count: u64,
 ) -> anyhow::Result<()> {
     let refused_before = client.unheard_refusals();
-    let every = (TRANSIENT_WINDOW / 2) as u64;
+    let every = (transient_window(name, payload.len()) / 2) as u64;
     let mut flushes = VecDeque::with_capacity(3);
     for i in 0..count {
         client
@@ -397,8 +397,27 @@ pub(super) const TRANSIENT_PUBLISHER: &str = "bench-transient-publisher";
 /// (4 MiB) queued for a receiver, the broker pauses it and drops its
 /// transient messages; with acknowledged sends, a window of 4 096 × 1 KiB
 /// lost events that way, 1 024 did not; with quiet sends, 2 048 lost 310 of
-/// W1b's 201,000 (2026-12-03), 1 024 none.
-pub(super) const TRANSIENT_WINDOW: usize = 1024;
+/// W1b's 201,000 (2026-12-03), 1 024 none. So the window is counted in
+/// bytes — about 1 MiB of encoded messages, the SDK's own bound on quiet
+/// sends it holds (`QUIET_BUFFER_BYTES_MAX`) — and never below 1 024
+/// messages: 1 024 at 1 KiB, ~12,000 at 16 B (where 1 024 left the cores
+/// idle between flushes: W1a 0.86M msg/s, 1.1–1.3M with 12,288).
+pub(super) const TRANSIENT_WINDOW_BYTES: usize = 1024 * 1024;
+pub(super) const TRANSIENT_WINDOW_MIN: usize = 1024;
+
+/// The transient window for events named `name` with `payload_bytes` of
+/// payload: [`TRANSIENT_WINDOW_BYTES`] of encoded SEND entries, at least
+/// [`TRANSIENT_WINDOW_MIN`] of them, and even (flushes go every half).
+pub(super) fn transient_window(name: &str, payload_bytes: usize) -> usize {
+    let sample = courier_proto::Message::new(
+        courier_proto::Kind::Event,
+        name,
+        bytes::Bytes::from(vec![0u8; payload_bytes]),
+    );
+    // A SEND entry is its seq (8 bytes) and the message.
+    let entry = 8 + courier_proto::encoded_message_len(&sample);
+    (TRANSIENT_WINDOW_BYTES / entry).max(TRANSIENT_WINDOW_MIN) & !1
+}
 /// A W1–W3 receiver that handles nothing for this long after the last send
 /// was acknowledged makes the bench ask the broker whether it dropped any.
 const LOSS_CHECK_AFTER: Duration = Duration::from_secs(2);
@@ -527,7 +546,7 @@ impl Receivers {
                          while more than the server's pause_bytes (4 MiB) of deliveries wait to be \
                          written to it (receivers_paused), dropping its transient messages meanwhile \
                          (transient_dropped_paused); the receivers must keep up with the \
-                         publisher, e.g. with a smaller TRANSIENT_WINDOW in bench/courier.rs",
+                         publisher, e.g. with a smaller TRANSIENT_WINDOW_BYTES in bench/courier.rs",
                         thousands(total),
                         thousands(expected),
                         each.join(", "),

@@ -71,17 +71,29 @@ pub(super) async fn publish_pipelined(
 
 /// Publishes `count` transient events as quiet sends (the broker answers
 /// only refusals), with a flush every half [`transient_window`] sends and
-/// at most two flushes unanswered; fails if the broker refused any.
+/// at most two flushes unanswered, and never more than
+/// [`transient_lead`] events ahead of the slowest receiving service
+/// (`received` counts what it has handled); fails if the broker refused any.
 pub(super) async fn publish_transient(
     client: &Client,
     name: &str,
     payload: &Bytes,
     count: u64,
+    received: impl Fn() -> u64,
 ) -> anyhow::Result<()> {
     let refused_before = client.unheard_refusals();
     let every = (transient_window(name, payload.len()) / 2) as u64;
+    let lead = transient_lead(name, payload.len());
+    let received_before = received();
     let mut flushes = VecDeque::with_capacity(3);
     for i in 0..count {
+        if i % LEAD_CHECK_EVERY == 0 {
+            // The flushes bound what the broker has not routed yet, not
+            // what waits in its outbox for a slow receiver: this does.
+            while i.saturating_sub(received().saturating_sub(received_before)) > lead {
+                tokio::task::yield_now().await;
+            }
+        }
         client
             .event(name)
             .payload(payload.clone())
@@ -404,6 +416,28 @@ pub(super) const TRANSIENT_PUBLISHER: &str = "bench-transient-publisher";
 /// idle between flushes: W1a 0.86M msg/s, 1.1–1.3M with 12,288).
 pub(super) const TRANSIENT_WINDOW_BYTES: usize = 1024 * 1024;
 pub(super) const TRANSIENT_WINDOW_MIN: usize = 1024;
+/// How far (in encoded bytes) the W1–W3 publisher may run ahead of the
+/// slowest receiver: half the broker's default `pause_bytes` (4 MiB), past
+/// which it pauses the receiver and drops its transient messages. The
+/// flush window alone did not bound this — a run of 3ac5bc0 lost 512 of
+/// W1b's 201,000 when the subscriber fell behind (2026-12-03).
+pub(super) const TRANSIENT_LEAD_BYTES: usize = 2 * 1024 * 1024;
+/// Sends between two looks at the receivers' progress.
+const LEAD_CHECK_EVERY: u64 = 64;
+
+/// The most events of `payload_bytes` the publisher may have sent beyond
+/// what the slowest receiver handled: [`TRANSIENT_LEAD_BYTES`] of DELIVER
+/// entries (the message, its delivery id and attempt), and at least one
+/// flush window.
+pub(super) fn transient_lead(name: &str, payload_bytes: usize) -> u64 {
+    let sample = courier_proto::Message::new(
+        courier_proto::Kind::Event,
+        name,
+        bytes::Bytes::from(vec![0u8; payload_bytes]),
+    );
+    let entry = 12 + courier_proto::encoded_message_len(&sample);
+    (TRANSIENT_LEAD_BYTES / entry).max(transient_window(name, payload_bytes)) as u64
+}
 
 /// The transient window for events named `name` with `payload_bytes` of
 /// payload: [`TRANSIENT_WINDOW_BYTES`] of encoded SEND entries, at least
@@ -482,6 +516,15 @@ impl Receivers {
         self.goal.store(goal, Ordering::Relaxed);
     }
 
+    /// What the slowest receiving service has handled.
+    fn slowest(&self) -> u64 {
+        self.tallies
+            .iter()
+            .map(|t| t.handled.load(Ordering::Relaxed))
+            .min()
+            .unwrap_or(0)
+    }
+
     fn counts(&self) -> Vec<u64> {
         self.tallies
             .iter()
@@ -546,7 +589,7 @@ impl Receivers {
                          while more than the server's pause_bytes (4 MiB) of deliveries wait to be \
                          written to it (receivers_paused), dropping its transient messages meanwhile \
                          (transient_dropped_paused); the receivers must keep up with the \
-                         publisher, e.g. with a smaller TRANSIENT_WINDOW_BYTES in bench/courier.rs",
+                         publisher, e.g. with a smaller TRANSIENT_LEAD_BYTES in bench/courier.rs",
                         thousands(total),
                         thousands(expected),
                         each.join(", "),
@@ -605,7 +648,7 @@ async fn transient_run(
             let payload = Bytes::from(vec![b'x'; size.bytes()]);
 
             receivers.expect(warmup);
-            publish_transient(&publisher, name, &payload, warmup)
+            publish_transient(&publisher, name, &payload, warmup, || receivers.slowest())
                 .await
                 .context("warm-up")?;
             receivers
@@ -616,7 +659,7 @@ async fn transient_run(
             let goal = warmup + count;
             receivers.expect(goal);
             let started = Instant::now();
-            publish_transient(&publisher, name, &payload, count).await?;
+            publish_transient(&publisher, name, &payload, count, || receivers.slowest()).await?;
             let published = started.elapsed();
             receivers.wait_for(goal, &publisher).await?;
             let elapsed = started.elapsed();

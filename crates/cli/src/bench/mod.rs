@@ -1270,11 +1270,14 @@ fn settings_lines(
     ));
     lines.push("Courier client:".to_string());
     lines.push(format!(
-        "  courier-client SDK in the bench process, {}, one connection per publisher, subscriber, instance or requester; W1–W3 send transient events as quiet sends (the broker answers only refusals) with a flush every {} sends at 16 B and {} at 1 KiB, at most twice that past the last answered flush (about {} of encoded messages, at least {TRANSIENT_WINDOW_MIN}), W4 transient commands answered with a quiet transient reply; W5 publishes events no service subscribes to (kept in the log for --from replays, like a stream without consumers), W6 and W7 events for one subscribed service that is offline while they arrive; window {WINDOW} (W5–W7), consumer max_in_flight {MAX_IN_FLIGHT}, payloads {SMALL_BYTES} B (W5, W6) and {} (W7)",
+        "  courier-client SDK in the bench process, {}, one connection per publisher, subscriber, instance or requester; W1–W3 send transient events as quiet sends (the broker answers only refusals) with a flush every {} sends at 16 B and {} at 1 KiB, at most twice that past the last answered flush (about {} of encoded messages, at least {TRANSIENT_WINDOW_MIN}), and at most {} (16 B) or {} (1 KiB) ahead of the slowest receiving service (about {} of deliveries: half the broker's pause_bytes), W4 transient commands answered with a quiet transient reply; W5 publishes events no service subscribes to (kept in the log for --from replays, like a stream without consumers), W6 and W7 events for one subscribed service that is offline while they arrive; window {WINDOW} (W5–W7), consumer max_in_flight {MAX_IN_FLIGHT}, payloads {SMALL_BYTES} B (W5, W6) and {} (W7)",
         args.client_runtime.describe(machine.nproc),
         thousands(courier::transient_window(W1_NAME, TINY_BYTES) as u64 / 2),
         thousands(courier::transient_window(W1_NAME, LARGE_BYTES) as u64 / 2),
         bytes_text(TRANSIENT_WINDOW_BYTES as u64),
+        thousands(courier::transient_lead(W1_NAME, TINY_BYTES)),
+        thousands(courier::transient_lead(W1_NAME, LARGE_BYTES)),
+        bytes_text(TRANSIENT_LEAD_BYTES as u64),
         bytes_text(LARGE_BYTES as u64)
     ));
     if let Some(nats) = nats {

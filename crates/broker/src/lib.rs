@@ -336,7 +336,7 @@ pub struct Broker<S: MessageStore> {
     /// hold it as a dead letter). Ordered, so the oldest live seq is cheap.
     refs: refcount::RefCounts,
     /// Ids of accepted messages within the dedup window.
-    /// Keyed by [`expiring::fingerprint`] of the id.
+    /// Kept as [`dedup::fingerprint`]s, in buckets by the ids' timestamps.
     dedup: dedup::DedupWindow,
     /// Name → (major version, receiving services); see `receivers`.
     route_cache: FastMap<String, Vec<(u16, Receivers)>>,

@@ -489,7 +489,7 @@ impl<S: MessageStore> Broker<S> {
                 let key = if r.u8()? == 1 { Some(r.bytes()?) } else { None };
                 let until = r.u64()?;
                 let count = if version >= 3 { r.u32()? } else { 1 };
-                if count > 1 && (attempts > 0 || key.is_some() || until > 0) {
+                if count == 0 || (count > 1 && (attempts > 0 || key.is_some() || until > 0)) {
                     return Err(JournalError::BadSnapshot);
                 }
                 runs.push((Entry::new(seq, attempts, key), count, until));

@@ -85,6 +85,11 @@ impl Span {
 pub(crate) struct Ready {
     spans: VecDeque<Span>,
     len: usize,
+    /// Where the last lookup ended: a span and how many entries come
+    /// before it. The pump scans by increasing index; starting from here
+    /// keeps that scan linear in the spans instead of quadratic. Valid as
+    /// long as no span before it changes: pushing at the front resets it.
+    cursor: std::cell::Cell<(usize, usize)>,
 }
 
 impl Ready {
@@ -98,6 +103,7 @@ impl Ready {
             if let Some(back) = self.spans.back_mut() {
                 if back.extends() && back.first + u64::from(back.count) == entry.seq {
                     back.count += 1;
+                    self.back_grew();
                     return;
                 }
             }
@@ -117,6 +123,7 @@ impl Ready {
                 && back.count.checked_add(count).is_some()
             {
                 back.count += count;
+                self.back_grew();
                 return;
             }
         }
@@ -128,7 +135,16 @@ impl Ready {
         });
     }
 
+    /// The last span took more entries: a cursor left past it (its span
+    /// was removed) would count them as before whatever span comes next.
+    fn back_grew(&self) {
+        if self.cursor.get().0 >= self.spans.len() {
+            self.cursor.set((0, 0));
+        }
+    }
+
     pub fn push_front(&mut self, entry: Entry) {
+        self.cursor.set((0, 0));
         self.len += 1;
         if entry.attempts == 0 && entry.key.is_none() {
             if let Some(front) = self.spans.front_mut() {
@@ -148,13 +164,19 @@ impl Ready {
     }
 
     /// The span holding the `index`th ready entry, and the offset in it.
-    fn locate(&self, mut index: usize) -> Option<(usize, u32)> {
-        for (i, span) in self.spans.iter().enumerate() {
+    fn locate(&self, index: usize) -> Option<(usize, u32)> {
+        let (mut i, mut before) = self.cursor.get();
+        if before > index || i >= self.spans.len() {
+            (i, before) = (0, 0);
+        }
+        while let Some(span) = self.spans.get(i) {
             let count = span.count as usize;
-            if index < count {
-                return Some((i, index as u32));
+            if index < before + count {
+                self.cursor.set((i, before));
+                return Some((i, (index - before) as u32));
             }
-            index -= count;
+            before += count;
+            i += 1;
         }
         None
     }
@@ -210,6 +232,7 @@ impl Ready {
     pub fn clear(&mut self) {
         self.spans.clear();
         self.len = 0;
+        self.cursor.set((0, 0));
     }
 }
 
@@ -526,7 +549,11 @@ mod tests {
                 attempts: u32,
             },
             Run(u32),
+            Get(usize),
             Remove(usize),
+            /// The last removed seq again, as a first delivery (a revived
+            /// dead letter): it may extend the span it was cut from.
+            Reinsert,
         }
 
         fn op() -> impl Strategy<Value = Op> {
@@ -535,7 +562,9 @@ mod tests {
                     .prop_map(|(gap, attempts, keyed)| Op::PushBack { gap, attempts, keyed }),
                 1 => (0u32..2).prop_map(|attempts| Op::PushFront { attempts }),
                 1 => (0u32..50).prop_map(Op::Run),
+                2 => (0usize..80).prop_map(Op::Get),
                 3 => (0usize..80).prop_map(Op::Remove),
+                1 => Just(Op::Reinsert),
             ]
         }
 
@@ -547,6 +576,7 @@ mod tests {
                 let mut model: VecDeque<Entry> = VecDeque::new();
                 let mut next: Seq = 100;
                 let mut front: Seq = 99;
+                let mut removed: Option<Seq> = None;
                 for op in ops {
                     match op {
                         Op::PushBack { gap, attempts, keyed } => {
@@ -568,9 +598,20 @@ mod tests {
                             model.extend((0..u64::from(count)).map(|i| Entry::new(next + i, 0, None)));
                             next += u64::from(count);
                         }
+                        Op::Get(index) => {
+                            prop_assert_eq!(ready.get(index), model.get(index).cloned());
+                        }
                         Op::Remove(index) => {
                             prop_assert_eq!(ready.get(index), model.get(index).cloned());
-                            prop_assert_eq!(ready.remove(index), model.remove(index));
+                            let entry = ready.remove(index);
+                            prop_assert_eq!(&entry, &model.remove(index));
+                            removed = entry.map(|e| e.seq).or(removed);
+                        }
+                        Op::Reinsert => {
+                            if let Some(seq) = removed.take() {
+                                ready.push_back(Entry::new(seq, 0, None));
+                                model.push_back(Entry::new(seq, 0, None));
+                            }
                         }
                     }
                     prop_assert_eq!(ready.len(), model.len());

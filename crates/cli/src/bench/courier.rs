@@ -430,12 +430,8 @@ const LEAD_CHECK_EVERY: u64 = 64;
 /// entries (the message, its delivery id and attempt), and at least one
 /// flush window.
 pub(super) fn transient_lead(name: &str, payload_bytes: usize) -> u64 {
-    let sample = courier_proto::Message::new(
-        courier_proto::Kind::Event,
-        name,
-        bytes::Bytes::from(vec![0u8; payload_bytes]),
-    );
-    let entry = 12 + courier_proto::encoded_message_len(&sample);
+    // A DELIVER entry is its delivery id (8 bytes), attempt (4) and the message.
+    let entry = 12 + event_len(name, payload_bytes);
     (TRANSIENT_LEAD_BYTES / entry).max(transient_window(name, payload_bytes)) as u64
 }
 
@@ -443,15 +439,22 @@ pub(super) fn transient_lead(name: &str, payload_bytes: usize) -> u64 {
 /// payload: [`TRANSIENT_WINDOW_BYTES`] of encoded SEND entries, at least
 /// [`TRANSIENT_WINDOW_MIN`] of them, and even (flushes go every half).
 pub(super) fn transient_window(name: &str, payload_bytes: usize) -> usize {
+    // A SEND entry is its seq (8 bytes) and the message.
+    let entry = 8 + event_len(name, payload_bytes);
+    (TRANSIENT_WINDOW_BYTES / entry).max(TRANSIENT_WINDOW_MIN) & !1
+}
+
+/// The encoded size of an event named `name` with `payload_bytes` of
+/// payload, as the bench's publisher sends it.
+fn event_len(name: &str, payload_bytes: usize) -> usize {
     let sample = courier_proto::Message::new(
         courier_proto::Kind::Event,
         name,
         bytes::Bytes::from(vec![0u8; payload_bytes]),
     );
-    // A SEND entry is its seq (8 bytes) and the message.
-    let entry = 8 + courier_proto::encoded_message_len(&sample);
-    (TRANSIENT_WINDOW_BYTES / entry).max(TRANSIENT_WINDOW_MIN) & !1
+    courier_proto::encoded_message_len(&sample)
 }
+
 /// A W1–W3 receiver that handles nothing for this long after the last send
 /// was acknowledged makes the bench ask the broker whether it dropped any.
 const LOSS_CHECK_AFTER: Duration = Duration::from_secs(2);

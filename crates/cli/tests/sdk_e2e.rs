@@ -214,6 +214,57 @@ async fn quiet_sends_are_delivered_and_only_their_refusals_are_counted_by_flush(
     }
 }
 
+/// On one thread the connection's writer cannot run while the publisher
+/// never waits, so the socket's buffer fills: from then on send_quiet's
+/// future waits for room instead of being ready, and nothing is lost.
+#[tokio::test(flavor = "current_thread")]
+async fn quiet_sends_wait_for_room_once_the_socket_buffer_is_full() {
+    use std::future::Future;
+    use std::task::{Context, Poll, Waker};
+
+    let broker = Broker::start();
+    let audit = client(&broker, "audit").await;
+    let mut events = recorder(&audit, "metric.sampled").await;
+    let web = client(&broker, "web").await;
+    let payload = bytes::Bytes::from(vec![b'x'; 4096]);
+    // Two and a half buffers' worth: below the broker's pause threshold for
+    // a slow subscriber, so no transient delivery is dropped.
+    let count = 5 * courier_client::QUIET_BUFFER_BYTES_MAX / 2 / payload.len();
+    let mut waited = 0;
+    for _ in 0..count {
+        let send = web
+            .event("metric.sampled")
+            .payload(payload.clone())
+            .transient()
+            .send_quiet();
+        let mut send = std::pin::pin!(send);
+        let sent = match send.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(sent) => sent,
+            Poll::Pending => {
+                waited += 1;
+                tokio::time::timeout(T, send).await.expect("room in time")
+            }
+        };
+        sent.expect("quiet send");
+    }
+    assert!(
+        waited > 0,
+        "the buffer never filled: the test does not test waiting"
+    );
+    tokio::time::timeout(T, web.flush())
+        .await
+        .expect("flush in time")
+        .expect("flush");
+    assert_eq!(web.unheard_refusals(), 0);
+    for _ in 0..count {
+        let (_, _, got) = tokio::time::timeout(T, events.recv())
+            .await
+            .expect("delivered in time")
+            .expect("open");
+        assert_eq!(got.len(), payload.len());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_times_out_when_nobody_replies() {
     let broker = Broker::start();

@@ -330,13 +330,9 @@ pub(crate) fn on_connected(inner: &Inner, established: &Established) {
         // Nobody awaits a re-subscription; a refusal is logged when it arrives.
         drop(push_subscribe(inner, &mut state, &pattern, start));
     }
-    let pending: Vec<(u64, courier_proto::Message)> = state
-        .pending_sends
-        .iter()
-        .map(|(seq, p)| (seq, p.message.clone()))
-        .collect();
-    for (seq, message) in pending {
-        let _ = state.writer.push_send(seq, &message);
+    let state_now = &mut *state;
+    for (seq, pending) in state_now.pending_sends.iter() {
+        let _ = state_now.writer.push_send(seq, &pending.message);
     }
     if state.shut_down {
         let _ = state.writer.push(&Frame::Drain);

@@ -263,8 +263,11 @@ fn finish(
         };
         settle(inner, generation, delivery, &delivered.message, nack);
     }
-    // Only the last one out wakes `shutdown`, which waits for zero.
-    if inner.handlers_running.fetch_sub(1, Ordering::AcqRel) == 1 {
+    // Only the last one out wakes `shutdown`, which waits for zero (see
+    // there for the ordering).
+    if inner.handlers_running.fetch_sub(1, Ordering::SeqCst) == 1
+        && inner.awaiting_handlers.load(Ordering::SeqCst)
+    {
         inner.handler_done.notify_waiters();
     }
 }

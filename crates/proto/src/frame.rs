@@ -524,10 +524,16 @@ impl Reader {
         Ok(Uuid::from_bytes(self.array()?))
     }
 
+    /// Copied straight out of the frame: a `Bytes` slice first would cost
+    /// a reference count taken and dropped on the shared read buffer.
     fn text(&mut self, len: usize) -> Result<String, DecodeError> {
         let offset = self.pos;
-        let raw = self.bytes(len)?;
-        String::from_utf8(raw.to_vec()).map_err(|_| DecodeError::InvalidUtf8 { offset })
+        self.need(len)?;
+        let raw = &self.buf[offset..offset + len];
+        self.pos += len;
+        std::str::from_utf8(raw)
+            .map(str::to_owned)
+            .map_err(|_| DecodeError::InvalidUtf8 { offset })
     }
     fn str8(&mut self) -> Result<String, DecodeError> {
         let len = self.u8()? as usize;

@@ -552,34 +552,35 @@ fn handle_frame(inner: &Arc<Inner>, generation: u64, frame: Frame) -> Option<Rea
                     route_reply(inner, Arc::new(d.message));
                     continue;
                 }
-                let handler = match &last {
-                    Some((name, handler)) if *name == d.message.name => Some(handler.clone()),
-                    _ => {
-                        let found = inner
-                            .lock()
-                            .subscriptions
-                            .iter()
-                            .find(|s| courier_proto::pattern_matches(&s.pattern, &d.message.name))
-                            .map(|s| s.handler.clone());
-                        if let Some(handler) = &found {
-                            last = Some((d.message.name.clone(), handler.clone()));
+                let known = matches!(&last, Some((name, _)) if *name == d.message.name);
+                if !known {
+                    let found = inner
+                        .lock()
+                        .subscriptions
+                        .iter()
+                        .find(|s| courier_proto::pattern_matches(&s.pattern, &d.message.name))
+                        .map(|s| s.handler.clone());
+                    match found {
+                        Some(handler) => last = Some((d.message.name.clone(), handler)),
+                        None => {
+                            // Subscribed by another instance of this service,
+                            // not handled here: let the broker try elsewhere soon.
+                            handler::settle(
+                                inner,
+                                generation,
+                                d.delivery,
+                                &d.message,
+                                Some(inner.opts.nack_delay),
+                            );
+                            continue;
                         }
-                        found
                     }
-                };
-                let Some(handler) = handler else {
-                    // Subscribed by another instance of this service, not
-                    // handled here: let the broker try elsewhere soon.
-                    handler::settle(
-                        inner,
-                        generation,
-                        d.delivery,
-                        &d.message,
-                        Some(inner.opts.nack_delay),
-                    );
+                }
+                let Some((_, handler)) = &last else {
                     continue;
                 };
                 handler::spawn(
+                    inner,
                     handler,
                     Incoming {
                         client: client.clone(),

@@ -196,11 +196,13 @@ pub(crate) fn settle(
 
 /// Runs `handler` on its own task (or, with [`crate::ClientOptions::sequential`],
 /// queues it for the client's one handler task).
-pub(crate) fn spawn(handler: Handler, incoming: Incoming) {
-    let inner = incoming.client.inner.clone();
+///
+/// Borrows what it can: every reference count taken per delivery (the
+/// handler's, the client's) was an atomic add and subtract.
+pub(crate) fn spawn(inner: &Arc<Inner>, handler: &Handler, incoming: Incoming) {
     inner.handlers_running.fetch_add(1, Ordering::AcqRel);
     if let Some(queue) = &inner.sequential {
-        match queue.try_send((handler, incoming)) {
+        match queue.try_send((handler.clone(), incoming)) {
             Ok(()) => return,
             Err(tokio::sync::mpsc::error::TrySendError::Full((handler, incoming)))
             | Err(tokio::sync::mpsc::error::TrySendError::Closed((handler, incoming))) => {
@@ -225,8 +227,9 @@ pub(crate) fn spawn(handler: Handler, incoming: Incoming) {
         (future, first)
     });
     match first {
-        Poll::Ready(result) => finish(&inner, generation, delivery, &delivered, result),
+        Poll::Ready(result) => finish(inner, generation, delivery, &delivered, result),
         Poll::Pending => {
+            let inner = inner.clone();
             tokio::spawn(async move {
                 let result = ACTIVITY.scope(activity, &mut future).await;
                 finish(&inner, generation, delivery, &delivered, result);

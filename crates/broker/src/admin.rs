@@ -35,7 +35,7 @@ fn dead_letter_json(d: &DeadLetter, m: Option<&Arc<Message>>, full: bool) -> Val
         Some(m) => {
             v["name"] = json!(m.name);
             v["message_id"] = json!(m.id.to_string());
-            v["sender"] = json!(m.sender);
+            v["sender"] = json!(m.sender.as_str());
             v["timestamp"] = json!(m.timestamp);
             if full {
                 v["version"] = json!(m.version.to_string());
@@ -185,7 +185,7 @@ impl<S: MessageStore> Broker<S> {
         );
         reply.response_to = Some(command.id);
         reply.activity_id = command.activity_id;
-        reply.sender = "courier".to_string();
+        reply.sender = "courier".into();
         reply.timestamp = now;
         reply.is_final = true;
         reply

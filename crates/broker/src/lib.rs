@@ -243,6 +243,9 @@ pub struct ServiceInfo {
 
 struct Conn {
     service: String,
+    /// The service's name as messages carry it: stamped on each accepted
+    /// message by reference count, not copied.
+    sender: courier_proto::SharedStr,
     /// Authenticated as the manifest's admin role.
     admin: bool,
     instance: String,
@@ -626,6 +629,7 @@ impl<S: MessageStore> Broker<S> {
             conn,
             Conn {
                 service: service.to_string(),
+                sender: courier_proto::SharedStr::from(service),
                 admin,
                 instance: instance.to_string(),
                 max_in_flight,
@@ -1017,7 +1021,7 @@ impl<S: MessageStore> Broker<S> {
         now: Nanos,
     ) {
         self.now = now;
-        let Some((sender, admin)) = self.conns.get(&conn).map(|c| (c.service.clone(), c.admin))
+        let Some((sender, admin)) = self.conns.get(&conn).map(|c| (c.sender.clone(), c.admin))
         else {
             return;
         };
@@ -1409,7 +1413,7 @@ impl<S: MessageStore> Broker<S> {
                 format!("no command {command} awaits replies (it finished, timed out, or was never sent)"),
             ));
         };
-        if !route.receivers.contains(&message.sender) {
+        if !route.receivers.iter().any(|r| *r == message.sender) {
             return Err((
                 ErrorCode::Unauthorized,
                 format!(

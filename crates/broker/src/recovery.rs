@@ -184,7 +184,7 @@ impl<S: MessageStore> Broker<S> {
         let targets = self.receivers(&message.name, message.version.major);
         if message.kind == Kind::Command {
             let route = ReplyRoute {
-                service: message.sender.clone(),
+                service: message.sender.to_string(),
                 // The requesting connection is gone; any instance will do.
                 conn: 0,
                 receivers: targets.to_vec(),

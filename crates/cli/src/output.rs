@@ -36,7 +36,7 @@ pub fn envelope(m: &Message, attempt: Option<u32>) -> Value {
         "response_to".into(),
         json!(m.response_to.map(|r| r.to_string())),
     );
-    o.insert("sender".into(), json!(m.sender));
+    o.insert("sender".into(), json!(m.sender.as_str()));
     o.insert(
         "key".into(),
         json!(m

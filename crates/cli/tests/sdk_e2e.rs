@@ -477,7 +477,7 @@ async fn dedup_ttl_deferred_and_flow_control() {
         "w.dedup",
         "once",
     );
-    m.sender.clear();
+    m.sender = Default::default();
     web.send_message(m.clone()).await.expect("first");
     web.send_message(m).await.expect("duplicate accepted");
     assert_eq!(

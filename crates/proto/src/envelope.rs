@@ -7,6 +7,8 @@ use bytes::Bytes;
 use thiserror::Error;
 use uuid::Uuid;
 
+use crate::SharedStr;
+
 /// What a message is for; it decides how the broker routes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {
@@ -107,8 +109,9 @@ pub struct Message {
     pub activity_id: Uuid,
     /// The command a reply answers.
     pub response_to: Option<Uuid>,
-    /// The authenticated service that sent the message.
-    pub sender: String,
+    /// The authenticated service that sent the message (shared: the
+    /// broker stamps every message of a connection with one copy).
+    pub sender: SharedStr,
     /// Ordering key: same key ⇒ in order, one at a time per receiving service.
     pub key: Option<Bytes>,
     /// Unix nanoseconds after which the message is dropped undelivered.
@@ -147,7 +150,7 @@ impl Message {
             timestamp: 0,
             activity_id,
             response_to: None,
-            sender: String::new(),
+            sender: SharedStr::new(),
             key: None,
             expires_at: None,
             deliver_at: None,

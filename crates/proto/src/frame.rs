@@ -13,7 +13,7 @@ use thiserror::Error;
 use uuid::Uuid;
 
 use crate::envelope::{Kind, Message, Version};
-use crate::ErrorCode;
+use crate::{ErrorCode, SharedStr};
 
 /// The protocol version this crate speaks (sent in HELLO and WELCOME).
 pub const PROTOCOL_VERSION: u16 = 1;
@@ -557,6 +557,19 @@ impl Reader {
         let len = self.u8()? as usize;
         self.text(len)
     }
+    /// A short string straight into its shared form (the empty one, what
+    /// clients send as the sender, allocates nothing).
+    #[inline(always)]
+    fn shared_str8(&mut self) -> Result<SharedStr, DecodeError> {
+        let len = usize::from(self.u8()?);
+        let offset = self.pos;
+        self.need(len)?;
+        let raw = &self.buf[offset..offset + len];
+        self.pos += len;
+        std::str::from_utf8(raw)
+            .map(SharedStr::from)
+            .map_err(|_| DecodeError::InvalidUtf8 { offset })
+    }
     #[inline(always)]
     fn str16(&mut self) -> Result<String, DecodeError> {
         let len = self.u16()? as usize;
@@ -601,7 +614,7 @@ impl Reader {
         let id = self.uuid()?;
         let activity_id = self.uuid()?;
         let timestamp = self.u64()?;
-        let sender = self.str8()?;
+        let sender = self.shared_str8()?;
         let response_to = if flags & flag::RESPONSE_TO != 0 {
             Some(self.uuid()?)
         } else {

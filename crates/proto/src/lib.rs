@@ -11,6 +11,7 @@ mod error_code;
 mod frame;
 mod id;
 mod name;
+mod shared_str;
 
 pub use envelope::{Kind, Message, Version, VersionParseError};
 pub use error_code::ErrorCode;
@@ -24,3 +25,4 @@ pub use id::new_id;
 pub use name::{
     is_wildcard, pattern_matches, validate_name, validate_pattern, NameError, NAME_BYTES_MAX,
 };
+pub use shared_str::SharedStr;

@@ -540,17 +540,20 @@ impl Reader {
         Ok(Uuid::from_bytes(self.array()?))
     }
 
-    /// Copied straight out of the frame: a `Bytes` slice first would cost
-    /// a reference count taken and dropped on the shared read buffer.
+    /// The next `len` bytes as text, borrowed from the frame: a `Bytes`
+    /// slice first would cost a reference count taken and dropped on the
+    /// shared read buffer.
     #[inline(always)]
-    fn text(&mut self, len: usize) -> Result<String, DecodeError> {
+    fn raw_str(&mut self, len: usize) -> Result<&str, DecodeError> {
         let offset = self.pos;
         self.need(len)?;
-        let raw = &self.buf[offset..offset + len];
         self.pos += len;
-        std::str::from_utf8(raw)
-            .map(str::to_owned)
+        std::str::from_utf8(&self.buf[offset..offset + len])
             .map_err(|_| DecodeError::InvalidUtf8 { offset })
+    }
+    #[inline(always)]
+    fn text(&mut self, len: usize) -> Result<String, DecodeError> {
+        self.raw_str(len).map(str::to_owned)
     }
     #[inline(always)]
     fn str8(&mut self) -> Result<String, DecodeError> {
@@ -562,13 +565,7 @@ impl Reader {
     #[inline(always)]
     fn shared_str8(&mut self) -> Result<SharedStr, DecodeError> {
         let len = usize::from(self.u8()?);
-        let offset = self.pos;
-        self.need(len)?;
-        let raw = &self.buf[offset..offset + len];
-        self.pos += len;
-        std::str::from_utf8(raw)
-            .map(SharedStr::from)
-            .map_err(|_| DecodeError::InvalidUtf8 { offset })
+        self.raw_str(len).map(SharedStr::from)
     }
     #[inline(always)]
     fn str16(&mut self) -> Result<String, DecodeError> {

@@ -242,10 +242,9 @@ pub struct ServiceInfo {
 }
 
 struct Conn {
-    service: String,
-    /// The service's name as messages carry it: stamped on each accepted
-    /// message by reference count, not copied.
-    sender: courier_proto::SharedStr,
+    /// Shared: every message the connection sends is stamped with it by
+    /// reference count, not copied.
+    service: courier_proto::SharedStr,
     /// Authenticated as the manifest's admin role.
     admin: bool,
     instance: String,
@@ -423,7 +422,7 @@ impl<S: MessageStore> Broker<S> {
 
     /// The service a live connection acts for.
     pub fn connection_service(&self, conn: ConnId) -> Option<String> {
-        self.conns.get(&conn).map(|c| c.service.clone())
+        self.conns.get(&conn).map(|c| c.service.to_string())
     }
 
     /// Messages for the operator's log since the last call.
@@ -628,8 +627,7 @@ impl<S: MessageStore> Broker<S> {
         self.conns.insert(
             conn,
             Conn {
-                service: service.to_string(),
-                sender: courier_proto::SharedStr::from(service),
+                service: courier_proto::SharedStr::from(service),
                 admin,
                 instance: instance.to_string(),
                 max_in_flight,
@@ -674,12 +672,12 @@ impl<S: MessageStore> Broker<S> {
         let Some(c) = self.conns.remove(&conn) else {
             return;
         };
-        let Some(svc) = self.services.get_mut(&c.service) else {
+        let Some(svc) = self.services.get_mut(c.service.as_str()) else {
             return;
         };
         svc.instances.retain(|i| *i != conn);
         for delivery in svc.queue.deliveries_of(conn) {
-            let Some(svc) = self.services.get_mut(&c.service) else {
+            let Some(svc) = self.services.get_mut(c.service.as_str()) else {
                 break;
             };
             if let Some(flight) = svc.queue.finish(delivery) {
@@ -693,8 +691,12 @@ impl<S: MessageStore> Broker<S> {
             }
         }
         self.pump(&c.service, now);
-        if self.services.get(&c.service).is_some_and(Service::is_idle) {
-            self.services.remove(&c.service);
+        if self
+            .services
+            .get(c.service.as_str())
+            .is_some_and(Service::is_idle)
+        {
+            self.services.remove(c.service.as_str());
         }
     }
 
@@ -705,7 +707,7 @@ impl<S: MessageStore> Broker<S> {
             return;
         };
         c.max_in_flight = max;
-        let service = c.service.clone();
+        let service = c.service.to_string();
         self.pump(&service, now);
     }
 
@@ -725,7 +727,7 @@ impl<S: MessageStore> Broker<S> {
         if paused {
             self.metrics.receivers_paused += 1;
         } else {
-            let service = c.service.clone();
+            let service = c.service.to_string();
             self.pump(&service, now);
         }
     }
@@ -757,7 +759,7 @@ impl<S: MessageStore> Broker<S> {
         if let Err(e) = validate_pattern(pattern) {
             return self.op_result(conn, request, ErrorCode::InvalidPattern, e.to_string());
         }
-        let Some(service) = self.conns.get(&conn).map(|c| c.service.clone()) else {
+        let Some(service) = self.conns.get(&conn).map(|c| c.service.to_string()) else {
             return;
         };
         if let Some(manifest) = &self.manifest {
@@ -774,7 +776,7 @@ impl<S: MessageStore> Broker<S> {
         if !c.patterns.iter().any(|p| p == pattern) {
             c.patterns.push(pattern.to_string());
         }
-        let service = c.service.clone();
+        let service = c.service.to_string();
         let existing = self.services.get(&service);
         let is_new = !existing.is_some_and(|s| s.patterns.contains(pattern));
         let settings_change = existing.is_none_or(|s| {
@@ -930,7 +932,7 @@ impl<S: MessageStore> Broker<S> {
         let Some(c) = self.conns.get(&conn) else {
             return;
         };
-        let service = c.service.clone();
+        let service = c.service.to_string();
         if self.degraded {
             return self.op_result(
                 conn,
@@ -1021,7 +1023,7 @@ impl<S: MessageStore> Broker<S> {
         now: Nanos,
     ) {
         self.now = now;
-        let Some((sender, admin)) = self.conns.get(&conn).map(|c| (c.sender.clone(), c.admin))
+        let Some((sender, admin)) = self.conns.get(&conn).map(|c| (c.service.clone(), c.admin))
         else {
             return;
         };
@@ -1348,7 +1350,7 @@ impl<S: MessageStore> Broker<S> {
             return;
         };
         let route = ReplyRoute {
-            service: c.service.clone(),
+            service: c.service.to_string(),
             conn,
             receivers,
         };
@@ -1633,13 +1635,13 @@ impl<S: MessageStore> Broker<S> {
         delivery: DeliveryId,
     ) -> Option<(queue::InFlight, String)> {
         let c = self.conns.get_mut(&conn)?;
-        let svc = self.services.get_mut(&c.service)?;
+        let svc = self.services.get_mut(c.service.as_str())?;
         if svc.queue.in_flight.get(&delivery).map(|f| f.conn) != Some(conn) {
             return None;
         }
         let flight = svc.queue.finish(delivery)?;
         c.in_flight = c.in_flight.saturating_sub(1);
-        Some((flight, c.service.clone()))
+        Some((flight, c.service.to_string()))
     }
 
     fn retry_or_dead_letter(

@@ -150,7 +150,7 @@ impl<S: MessageStore> Broker<S> {
         let mut conns: Vec<(u64, String)> = self
             .conns
             .iter()
-            .map(|(id, c)| (*id, c.service.clone()))
+            .map(|(id, c)| (*id, c.service.to_string()))
             .collect();
         conns.sort_unstable();
         for (id, service) in conns {

@@ -31,7 +31,7 @@ pub enum NameError {
     PartialWildcard { pattern: String },
 }
 
-fn is_name_byte(b: u8) -> bool {
+const fn is_name_byte(b: u8) -> bool {
     matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-')
 }
 
@@ -40,10 +40,12 @@ const NAME_BYTE_CLASS: [u8; 256] = {
     let mut class = [0u8; 256];
     let mut b = 0;
     while b < 256 {
-        class[b] = match b as u8 {
-            b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-' => 1,
-            b'.' => 2,
-            _ => 0,
+        class[b] = if is_name_byte(b as u8) {
+            1
+        } else if b as u8 == b'.' {
+            2
+        } else {
+            0
         };
         b += 1;
     }

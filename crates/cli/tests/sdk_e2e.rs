@@ -265,6 +265,112 @@ async fn quiet_sends_wait_for_room_once_the_socket_buffer_is_full() {
     }
 }
 
+/// Transient commands go QUIET: the broker answers only a refusal, which
+/// must still end the request at once, and every reply must reach the
+/// request it answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_requests_get_their_own_replies_and_their_refusals() {
+    let broker = Broker::start();
+    let web = client(&broker, "web").await;
+    let started = Instant::now();
+    let err = web
+        .command("price.get")
+        .json(&1)
+        .expect("json")
+        .transient()
+        .timeout(T)
+        .request()
+        .await
+        .expect_err("nobody receives price.get");
+    assert_eq!(err.code(), Some(ErrorCode::NoReceiver), "{err}");
+    assert!(
+        started.elapsed() < T / 2,
+        "the refusal ended the request, not its timeout"
+    );
+
+    let prices = client(&broker, "prices").await;
+    prices
+        .on("price.get", |msg: Incoming| async move {
+            let item: u32 = msg.json()?;
+            msg.reply_builder("price.quoted", true)
+                .json(&(item * 10))?
+                .transient()
+                .send_quiet()
+                .await?;
+            Ok::<(), courier_client::Error>(())
+        })
+        .await
+        .expect("subscribe");
+    let mut asked = tokio::task::JoinSet::new();
+    for item in 0..200u32 {
+        let web = web.clone();
+        asked.spawn(async move {
+            let reply = web
+                .command("price.get")
+                .json(&item)?
+                .transient()
+                .timeout(T)
+                .request()
+                .await?;
+            Ok::<(u32, u32), courier_client::Error>((item, reply.json()?))
+        });
+    }
+    let mut answered = 0;
+    while let Some(joined) = asked.join_next().await {
+        let (item, price) = joined.expect("task").expect("reply");
+        assert_eq!(price, item * 10, "the reply to {item}");
+        answered += 1;
+    }
+    assert_eq!(answered, 200);
+}
+
+/// A transient request whose connection is lost ends at once with a
+/// clear error: its command is not sent again (at most once), so no
+/// reply can come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transient_request_ends_at_once_when_its_connection_is_lost() {
+    let broker = Broker::start();
+    let slow = client(&broker, "slow").await;
+    let (got_tx, mut got) = mpsc::channel(1);
+    slow.on("slow.work", move |_msg: Incoming| {
+        let got_tx = got_tx.clone();
+        async move {
+            let _ = got_tx.send(()).await;
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            Ok::<(), courier_client::Error>(())
+        }
+    })
+    .await
+    .expect("subscribe");
+    let web = client(&broker, "web").await;
+    let long = Duration::from_secs(60);
+    let request = tokio::spawn({
+        let web = web.clone();
+        async move {
+            web.command("slow.work")
+                .transient()
+                .timeout(long)
+                .request()
+                .await
+        }
+    });
+    tokio::time::timeout(T, got.recv())
+        .await
+        .expect("the command reached the handler in time");
+    let killed = Instant::now();
+    let _broker = broker.crash_and_restart();
+    let err = tokio::time::timeout(T, request)
+        .await
+        .expect("the request ended well before its timeout")
+        .expect("task")
+        .expect_err("no reply can come");
+    assert!(
+        matches!(&err, courier_client::Error::Closed(why) if why.contains("at most once")),
+        "{err}"
+    );
+    assert!(killed.elapsed() < T);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_times_out_when_nobody_replies() {
     let broker = Broker::start();

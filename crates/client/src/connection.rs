@@ -1,6 +1,7 @@
 //! The connection driver: handshake, reading, writing, reconnecting.
 
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -338,7 +339,7 @@ pub(crate) fn on_connected(inner: &Inner, established: &Established) {
         let _ = state.writer.push(&Frame::Drain);
     }
     drop(state);
-    inner.wake_writer.notify_one();
+    inner.wake_writer();
 }
 
 /// Runs connections until shutdown, reconnecting with backoff.
@@ -384,7 +385,10 @@ pub(crate) async fn drive(inner: Arc<Inner>, first: Established) {
         } = established;
         let write = write_loop(&inner, writer);
         let read = read_loop(&inner, generation, &mut reader, &mut buf);
+        // Read first: the write loop, polled after the reader in the same
+        // poll, takes what the frames just handled queued (see `reading`).
         let stopped = tokio::select! {
+            biased;
             end = read => { debug!(reason = %end.describe(), "connection read side ended"); false }
             end = write => { debug!(?end, "connection write side ended"); end.is_ok() }
         };
@@ -394,6 +398,14 @@ pub(crate) async fn drive(inner: Arc<Inner>, first: Established) {
             // Operations in flight on the dead connection will never be answered.
             for (_, tx) in state.pending_ops.drain() {
                 let _ = tx.send(Err(Error::Closed("connection lost".into())));
+            }
+            let state_now = &mut *state;
+            for (_, command) in state_now.quiet_requests.drain() {
+                if let Some(waiting) = state_now.requests.remove(&command) {
+                    let _ = waiting.replies.try_send(Err(Error::Closed(
+                        "lost while the transient request waited for its reply; a transient command is sent at most once, so it was not sent again: send it again, or make it durable to have it re-sent across reconnects".into(),
+                    )));
+                }
             }
             for (_, tx) in state.flushes.drain(..) {
                 let _ = tx.send(Err(Error::Closed(
@@ -420,6 +432,7 @@ pub(crate) async fn drive(inner: Arc<Inner>, first: Established) {
         let _ = tx.send(Err(Error::Shutdown));
     }
     state.requests.clear();
+    state.quiet_requests.clear();
     drop(state);
     inner.writer_drained.notify_waiters();
 }
@@ -441,8 +454,16 @@ async fn write_loop(inner: &Inner, mut writer: Writer) -> std::io::Result<()> {
             let _ = writer.shutdown().await;
             return Ok(());
         }
+        let notified = inner.writer_wake.notified();
+        tokio::pin!(notified);
+        let requested = std::future::poll_fn(|cx| {
+            if inner.write_requested.swap(false, Ordering::SeqCst) {
+                return Poll::Ready(());
+            }
+            std::future::Future::poll(notified.as_mut(), cx)
+        });
         tokio::select! {
-            _ = inner.wake_writer.notified() => {}
+            _ = requested => {}
             _ = shutdown.changed() => {}
             _ = ping.tick() => {
                 let _ = inner.lock().writer.push(&Frame::Ping(0));
@@ -469,6 +490,23 @@ impl ReadEnd {
     }
 }
 
+/// `Inner::reading` for as long as it lives (cleared on every way out, or
+/// writes queued after a lost connection would never wake the writer).
+struct Reading<'a>(&'a Inner);
+
+impl<'a> Reading<'a> {
+    fn start(inner: &'a Inner) -> Reading<'a> {
+        inner.reading.store(true, Ordering::SeqCst);
+        Reading(inner)
+    }
+}
+
+impl Drop for Reading<'_> {
+    fn drop(&mut self) {
+        self.0.reading.store(false, Ordering::SeqCst);
+    }
+}
+
 async fn read_loop(
     inner: &Arc<Inner>,
     generation: u64,
@@ -476,15 +514,18 @@ async fn read_loop(
     buf: &mut BytesMut,
 ) -> ReadEnd {
     loop {
-        loop {
-            match decode_frame(buf, INBOUND_FRAME_BYTES_MAX) {
-                Ok(Some(frame)) => {
-                    if let Some(end) = handle_frame(inner, generation, frame) {
-                        return end;
+        {
+            let _reading = Reading::start(inner);
+            loop {
+                match decode_frame(buf, INBOUND_FRAME_BYTES_MAX) {
+                    Ok(Some(frame)) => {
+                        if let Some(end) = handle_frame(inner, generation, frame) {
+                            return end;
+                        }
                     }
+                    Ok(None) => break,
+                    Err(e) => return ReadEnd::BadFrame(e.to_string()),
                 }
-                Ok(None) => break,
-                Err(e) => return ReadEnd::BadFrame(e.to_string()),
             }
         }
         buf.reserve(64 * 1024);
@@ -511,6 +552,14 @@ fn handle_frame(inner: &Arc<Inner>, generation: u64, frame: Frame) -> Option<Rea
                         })
                     };
                     let _ = pending.done.send(result);
+                } else if let Some(command) = state.quiet_requests.remove(&o.seq) {
+                    // Only a refusal is answered; the request ends with it.
+                    if let Some(waiting) = state.requests.remove(&command) {
+                        let _ = waiting.replies.try_send(Err(Error::Refused {
+                            code: o.code,
+                            reason: o.reason,
+                        }));
+                    }
                 } else if !o.code.is_ok() {
                     // A quiet send's refusal, or one whose waiter gave up.
                     warn!(code = %o.code, reason = %o.reason, "the broker refused a send nobody awaits");
@@ -599,7 +648,7 @@ fn handle_frame(inner: &Arc<Inner>, generation: u64, frame: Frame) -> Option<Rea
         }
         Frame::Ping(n) => {
             let _ = inner.lock().writer.push(&Frame::Pong(n));
-            inner.wake_writer.notify_one();
+            inner.wake_writer();
         }
         Frame::Pong(nonce) => {
             let mut state = inner.lock();
@@ -627,16 +676,26 @@ fn route_reply(inner: &Inner, message: Arc<Message>) {
         return;
     };
     let mut state = inner.lock();
-    let Some(tx) = state.requests.get(&command) else {
+    // A final reply ends the request here, so its stream need not lock to
+    // forget it when dropped.
+    let replies = if message.is_final {
+        state.requests.remove(&command).map(|waiting| {
+            if let Some(seq) = waiting.quiet_seq {
+                state.quiet_requests.remove(&seq);
+            }
+            waiting.replies
+        })
+    } else {
+        state.requests.get(&command).map(|w| w.replies.clone())
+    };
+    // Unlocked before the requester is woken: it takes the lock next.
+    drop(state);
+    let Some(replies) = replies else {
         debug!(%command, name = %message.name, "reply for a request nobody awaits; dropped");
         return;
     };
-    let is_final = message.is_final;
-    if tx.try_send(Ok(Reply { message })).is_err() {
+    if replies.try_send(Ok(Reply { message })).is_err() {
         warn!(%command, "reply buffer full or request dropped; reply discarded");
-    }
-    if is_final {
-        state.requests.remove(&command);
     }
 }
 

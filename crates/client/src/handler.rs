@@ -191,7 +191,7 @@ pub(crate) fn settle(
         }),
     }
     drop(state);
-    inner.wake_writer.notify_one();
+    inner.wake_writer();
 }
 
 /// Runs `handler` on its own task (or, with [`crate::ClientOptions::sequential`],

@@ -47,6 +47,7 @@ mod pending;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -232,7 +233,12 @@ pub(crate) struct State {
     frame_bytes_max: u32,
     next_seq: u64,
     pending_sends: PendingSends<PendingSend>,
-    requests: HashMap<Uuid, mpsc::Sender<Result<Reply>>>,
+    requests: HashMap<Uuid, Waiting>,
+    /// Transient commands of [`MessageBuilder::request`], sent QUIET: the
+    /// command's id by send seq, until its request ends. The broker answers
+    /// only a refusal, which ends the request; so does a lost connection
+    /// (transient is at most once: the command is not sent again).
+    quiet_requests: HashMap<u64, Uuid>,
     subscriptions: Vec<Subscription>,
     next_op: u64,
     pending_ops: HashMap<u64, oneshot::Sender<Result<()>>>,
@@ -246,11 +252,26 @@ pub(crate) struct State {
     last_unheard_refusal: Option<(ErrorCode, String)>,
 }
 
+/// A request waiting for replies, by its command's id.
+pub(crate) struct Waiting {
+    replies: mpsc::Sender<Result<Reply>>,
+    /// Its key in [`State::quiet_requests`], when the command went QUIET.
+    quiet_seq: Option<u64>,
+}
+
 pub(crate) struct Inner {
     opts: ClientOptions,
     state: Mutex<State>,
-    /// Something was written to `state.writer`.
-    wake_writer: Notify,
+    /// Something was written to `state.writer` (see [`Inner::wake_writer`]).
+    writer_wake: Notify,
+    /// Set with every write to `state.writer`; the write loop clears it
+    /// when it looks.
+    write_requested: AtomicBool,
+    /// The driver task is handling frames it read. Its write loop is polled
+    /// right after that, in the same poll, and looks at `write_requested`:
+    /// a wake now would only make the running task reschedule itself, as a
+    /// yield that also wakes an idle worker thread.
+    reading: AtomicBool,
     /// The write loop handed `state.writer`'s bytes to the socket, or the
     /// connection ended: quiet senders waiting for room look again.
     writer_drained: Notify,
@@ -271,6 +292,19 @@ impl Inner {
         self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Tells the write loop that `state.writer` has bytes (call after the
+    /// lock is released).
+    ///
+    /// SeqCst pairs with the driver's `reading` store: a caller that saw
+    /// `reading` set stored `write_requested` before the driver cleared
+    /// `reading`, so the write loop, which looks after that, sees it.
+    pub(crate) fn wake_writer(&self) {
+        self.write_requested.store(true, Ordering::SeqCst);
+        if !self.reading.load(Ordering::SeqCst) {
+            self.writer_wake.notify_one();
+        }
     }
 }
 
@@ -316,6 +350,7 @@ impl Client {
                 next_seq: 0,
                 pending_sends: PendingSends::new(),
                 requests: HashMap::new(),
+                quiet_requests: HashMap::new(),
                 subscriptions: Vec::new(),
                 next_op: 0,
                 pending_ops: HashMap::new(),
@@ -327,7 +362,9 @@ impl Client {
                 last_unheard_refusal: None,
             }),
             opts,
-            wake_writer: Notify::new(),
+            writer_wake: Notify::new(),
+            write_requested: AtomicBool::new(false),
+            reading: AtomicBool::new(false),
             writer_drained: Notify::new(),
             handler_done: Notify::new(),
             handlers_running: std::sync::atomic::AtomicUsize::new(0),
@@ -469,7 +506,7 @@ impl Client {
         let seq = state.next_seq;
         state.writer.push_quiet_send(seq, message)?;
         drop(state);
-        self.inner.wake_writer.notify_one();
+        self.inner.wake_writer();
         Ok(Some(message.id))
     }
 
@@ -484,7 +521,7 @@ impl Client {
             if let Some(id) = self.try_send_quiet(&message)? {
                 return Ok(id);
             }
-            self.inner.wake_writer.notify_one();
+            self.inner.wake_writer();
             room.await;
         }
     }
@@ -510,7 +547,7 @@ impl Client {
                 Ok(rx)
             }
         };
-        self.inner.wake_writer.notify_one();
+        self.inner.wake_writer();
         let timeout = self.inner.opts.send_timeout;
         async move {
             let rx = queued?;
@@ -560,7 +597,7 @@ impl Client {
                 .insert(seq, PendingSend { message, done });
             seq
         };
-        self.inner.wake_writer.notify_one();
+        self.inner.wake_writer();
         Ok(PendingAck {
             inner: self.inner.clone(),
             seq,
@@ -581,7 +618,13 @@ impl Client {
     fn start_request(&self, message: Box<Message>, timeout: Duration) -> Result<ReplyStream> {
         let id = message.id;
         let (tx, rx) = mpsc::channel(REPLY_BUFFER_MAX);
-        self.inner.lock().requests.insert(id, tx);
+        self.inner.lock().requests.insert(
+            id,
+            Waiting {
+                replies: tx,
+                quiet_seq: None,
+            },
+        );
         let mut stream = ReplyStream {
             inner: self.inner.clone(),
             command: id,
@@ -590,10 +633,58 @@ impl Client {
             timeout,
             done: false,
             acceptance: None,
+            quiet_seq: None,
+            answered: false,
         };
         let ack = self.enqueue(message)?;
         stream.acceptance = Some(ack.rx);
         Ok(stream)
+    }
+
+    /// Registers the request and queues the command as a QUIET send
+    /// (see [`State::quiet_requests`]); while disconnected, as
+    /// [`Client::start_request`] does.
+    fn start_quiet_request(&self, message: Box<Message>, timeout: Duration) -> Result<ReplyStream> {
+        validate_name(&message.name)?;
+        let id = message.id;
+        let (tx, rx) = mpsc::channel(REPLY_BUFFER_MAX);
+        let mut state = self.inner.lock();
+        if state.shut_down {
+            return Err(Error::Shutdown);
+        }
+        if !state.connected {
+            drop(state);
+            return self.start_request(message, timeout);
+        }
+        let max = state.frame_bytes_max as usize;
+        let len = encoded_message_len(&message) + 64;
+        if len > max {
+            return Err(too_large(&message.name, len, max));
+        }
+        state.next_seq += 1;
+        let seq = state.next_seq;
+        state.writer.push_quiet_send(seq, &message)?;
+        state.requests.insert(
+            id,
+            Waiting {
+                replies: tx,
+                quiet_seq: Some(seq),
+            },
+        );
+        state.quiet_requests.insert(seq, id);
+        drop(state);
+        self.inner.wake_writer();
+        Ok(ReplyStream {
+            inner: self.inner.clone(),
+            command: id,
+            rx,
+            sleep: Box::pin(tokio::time::sleep(timeout)),
+            timeout,
+            done: false,
+            acceptance: None,
+            quiet_seq: Some(seq),
+            answered: false,
+        })
     }
 
     /// Handles every command or event whose name matches `pattern` (`*` and
@@ -669,7 +760,7 @@ impl Client {
                 None
             }
         };
-        self.inner.wake_writer.notify_one();
+        self.inner.wake_writer();
         match rx {
             Some(rx) => self.await_op(rx).await,
             // Subscribed on the next connect.
@@ -693,7 +784,7 @@ impl Client {
             })?;
             rx
         };
-        self.inner.wake_writer.notify_one();
+        self.inner.wake_writer();
         self.await_op(rx).await
     }
 
@@ -727,7 +818,7 @@ impl Client {
                 None
             }
         };
-        self.inner.wake_writer.notify_one();
+        self.inner.wake_writer();
         let deadline = tokio::time::Instant::now() + self.inner.opts.drain_timeout;
         if let Some(rx) = drained {
             let _ = tokio::time::timeout_at(deadline, rx).await;
@@ -753,7 +844,7 @@ impl Client {
             }
         }
         let _ = self.inner.shutdown.send(true);
-        self.inner.wake_writer.notify_one();
+        self.inner.wake_writer();
     }
 
     /// Whether a connection to the broker is up right now.
@@ -924,9 +1015,15 @@ impl MessageBuilder {
         let timeout = self
             .timeout
             .unwrap_or(self.client.inner.opts.request_timeout);
-        // The broker's acceptance and the reply are awaited together: one
-        // wake-up per request instead of two (a refusal still comes first).
-        let mut stream = self.client.start_request(self.message, timeout)?;
+        // A transient command goes QUIET: the broker's acceptance would
+        // arrive well before the reply (it is written as the command is
+        // routed), a second wake-up of the connection and of the caller
+        // per request. Only a refusal is answered, into the stream.
+        let mut stream = if self.message.transient {
+            self.client.start_quiet_request(self.message, timeout)?
+        } else {
+            self.client.start_request(self.message, timeout)?
+        };
         match stream.next_reply().await {
             Some(reply) => reply,
             None => Err(Error::Closed("reply stream ended without a reply".into())),
@@ -1026,6 +1123,10 @@ pub struct ReplyStream {
     done: bool,
     /// The broker's answer to the command's send, until it came.
     acceptance: Option<oneshot::Receiver<Result<()>>>,
+    /// The command's send seq when it went QUIET (no acceptance comes).
+    quiet_seq: Option<u64>,
+    /// The final reply came.
+    answered: bool,
 }
 
 impl ReplyStream {
@@ -1075,6 +1176,7 @@ impl ReplyStream {
             Poll::Ready(Some(Ok(reply))) => {
                 if reply.is_final() {
                     self.done = true;
+                    self.answered = true;
                 }
                 Poll::Ready(Some(Ok(reply)))
             }
@@ -1107,6 +1209,14 @@ impl futures_core::Stream for ReplyStream {
 
 impl Drop for ReplyStream {
     fn drop(&mut self) {
-        self.inner.lock().requests.remove(&self.command);
+        if self.answered {
+            // The final reply took the request out of the client's tables.
+            return;
+        }
+        let mut state = self.inner.lock();
+        state.requests.remove(&self.command);
+        if let Some(seq) = self.quiet_seq {
+            state.quiet_requests.remove(&seq);
+        }
     }
 }

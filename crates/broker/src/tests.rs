@@ -1453,6 +1453,39 @@ fn a_service_over_its_send_rate_is_refused_and_recovers() {
 }
 
 #[test]
+fn instances_of_a_service_share_its_send_rate() {
+    let mut h = Harness::new();
+    h.broker = Broker::new(
+        Config {
+            send_rate_per_service: 10,
+            ..Config::default()
+        },
+        MemoryStore::new(),
+    );
+    h.connect(1, "chatty", 0);
+    h.connect(2, "chatty", 0);
+    for i in 0..12 {
+        h.send(1 + i % 2, i, event("noise.made", "x"));
+    }
+    let r = results(&h.actions());
+    assert_eq!(r.iter().filter(|(_, c)| c.is_ok()).count(), 10, "{r:?}");
+    assert_eq!(
+        r.iter()
+            .filter(|(_, c)| *c == ErrorCode::RateLimited)
+            .count(),
+        2
+    );
+    // A refused send takes no token.
+    h.advance(100);
+    h.send(1, 50, event("Bad Name", "x"));
+    h.send(2, 51, event("noise.made", "x"));
+    let r = results(&h.actions());
+    assert_eq!(r.len(), 2, "{r:?}");
+    assert_eq!(r.iter().filter(|(_, c)| c.is_ok()).count(), 1, "{r:?}");
+    assert!(r.iter().any(|(_, c)| *c == ErrorCode::InvalidName), "{r:?}");
+}
+
+#[test]
 fn connections_per_service_are_capped() {
     let mut h = Harness::new();
     h.broker = Broker::new(

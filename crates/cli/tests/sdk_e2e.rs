@@ -324,6 +324,50 @@ async fn transient_requests_get_their_own_replies_and_their_refusals() {
     assert_eq!(answered, 200);
 }
 
+/// A lone request is written from the caller's thread; one larger than
+/// the socket takes at once leaves the rest to the connection's writer,
+/// and the next request must still follow it intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_request_larger_than_the_socket_buffer_arrives_whole() {
+    let broker = Broker::start();
+    let sizes = client(&broker, "sizes").await;
+    sizes
+        .on("size.measure", |msg: Incoming| async move {
+            let payload = msg.message().payload.clone();
+            let checksum = payload.iter().fold(0u64, |sum, b| {
+                sum.wrapping_mul(31).wrapping_add(u64::from(*b))
+            });
+            msg.reply_builder("size.measured", true)
+                .json(&(payload.len(), checksum))?
+                .transient()
+                .send_quiet()
+                .await?;
+            Ok::<(), courier_client::Error>(())
+        })
+        .await
+        .expect("subscribe");
+    let web = client(&broker, "web").await;
+    for len in [6 * 1024 * 1024, 16, 3 * 1024 * 1024 + 7, 1] {
+        let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        let checksum = payload.iter().fold(0u64, |sum, b| {
+            sum.wrapping_mul(31).wrapping_add(u64::from(*b))
+        });
+        let reply = web
+            .command("size.measure")
+            .payload(bytes::Bytes::from(payload))
+            .transient()
+            .timeout(T)
+            .request()
+            .await
+            .expect("reply");
+        assert_eq!(
+            reply.json::<(usize, u64)>().expect("json"),
+            (len, checksum),
+            "request of {len} B"
+        );
+    }
+}
+
 /// A transient request whose connection is lost ends at once with a
 /// clear error: its command is not sent again (at most once), so no
 /// reply can come.

@@ -39,6 +39,9 @@ const ALPN: &[u8] = b"courier/1";
 pub(crate) struct Established {
     reader: Reader,
     writer: Writer,
+    /// The plain socket once more (a second descriptor), for writes from
+    /// the caller's thread (see `State::direct`); `None` with TLS.
+    direct: Option<std::net::TcpStream>,
     buf: BytesMut,
     pub frame_bytes_max: u32,
 }
@@ -195,8 +198,15 @@ pub(crate) async fn establish(opts: &ClientOptions) -> Result<Established> {
         .map_err(connect_error)?;
     let _ = stream.set_nodelay(true);
     let is_tls = opts.tls.is_some();
+    let mut direct = None;
     let (mut reader, mut writer) = match &opts.tls {
         None => {
+            // A second descriptor of the same socket, non-blocking like the
+            // first: tokio keeps the first registered, the client writes a
+            // lone request through the second without waking a worker.
+            let socket = stream.into_std().map_err(connect_error)?;
+            direct = socket.try_clone().ok();
+            let stream = TcpStream::from_std(socket).map_err(connect_error)?;
             let (reader, writer) = stream.into_split();
             (Reader::Plain(reader), Writer::Plain(writer))
         }
@@ -275,6 +285,7 @@ pub(crate) async fn establish(opts: &ClientOptions) -> Result<Established> {
         Frame::Welcome(w) => Ok(Established {
             reader,
             writer,
+            direct,
             buf,
             frame_bytes_max: if w.frame_bytes_max == 0 {
                 FRAME_BYTES_MAX_DEFAULT
@@ -316,10 +327,12 @@ pub(crate) fn push_subscribe(
 
 /// A new connection is up: subscribe again and re-send what was not yet
 /// acknowledged (same ids, so the broker's dedup makes it safe).
-pub(crate) fn on_connected(inner: &Inner, established: &Established) {
+pub(crate) fn on_connected(inner: &Inner, established: &mut Established) {
     let mut state = inner.lock();
     state.generation += 1;
     state.connected = true;
+    state.direct = established.direct.take();
+    state.writing = false;
     state.frame_bytes_max = established.frame_bytes_max;
     state.writer = courier_proto::FrameWriter::new();
     let patterns: Vec<(String, courier_proto::StartFrom)> = state
@@ -355,8 +368,8 @@ pub(crate) async fn drive(inner: Arc<Inner>, first: Established) {
                     break;
                 }
                 match establish(&inner.opts).await {
-                    Ok(e) => {
-                        on_connected(&inner, &e);
+                    Ok(mut e) => {
+                        on_connected(&inner, &mut e);
                         delay = inner.opts.reconnect_delay_min;
                         debug!(service = %inner.opts.service, "reconnected");
                         e
@@ -395,6 +408,9 @@ pub(crate) async fn drive(inner: Arc<Inner>, first: Established) {
         {
             let mut state = inner.lock();
             state.connected = false;
+            // Closed before tokio's descriptor of the socket is (the
+            // connection's halves are dropped after this block).
+            state.direct = None;
             // Operations in flight on the dead connection will never be answered.
             for (_, tx) in state.pending_ops.drain() {
                 let _ = tx.send(Err(Error::Closed("connection lost".into())));
@@ -443,11 +459,18 @@ async fn write_loop(inner: &Inner, mut writer: Writer) -> std::io::Result<()> {
     let mut ping = tokio::time::interval(PING_INTERVAL);
     ping.tick().await;
     loop {
-        let bytes = inner.lock().writer.take();
+        let bytes = {
+            let mut state = inner.lock();
+            let bytes = state.writer.take();
+            // No direct write may overtake these.
+            state.writing = !bytes.is_empty();
+            bytes
+        };
         if !bytes.is_empty() {
             writer.write_all(&bytes).await?;
             // Free on TCP; TLS may hold encrypted bytes until flushed.
             writer.flush().await?;
+            inner.lock().writing = false;
             inner.writer_drained.notify_waiters();
         }
         if *shutdown.borrow() {

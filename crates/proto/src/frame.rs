@@ -718,6 +718,15 @@ impl FrameWriter {
         taken
     }
 
+    /// Puts back the bytes of a `take` that a direct write to the socket
+    /// did not get to: they leave first, and nothing merges into their
+    /// last frame. Only on a writer that is empty (nothing pushed since).
+    pub fn push_unwritten(&mut self, bytes: &[u8]) {
+        debug_assert!(self.buf.is_empty(), "unwritten bytes must leave first");
+        self.open = None;
+        self.buf.extend_from_slice(bytes);
+    }
+
     /// Appends a whole frame. Batch frames given here are appended entry by
     /// entry, so they merge with neighbours as the `push_*` methods do.
     pub fn push(&mut self, frame: &Frame) -> Result<(), EncodeError> {
@@ -1219,6 +1228,39 @@ mod tests {
             Some(Frame::Ack(vec![1, 2]))
         );
         assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn unwritten_bytes_leave_first_and_nothing_merges_into_them() {
+        let mut w = FrameWriter::new();
+        w.push_send(1, &Message::new(Kind::Event, "a.b", "x"))
+            .expect("encodes");
+        w.push_send(2, &Message::new(Kind::Event, "a.b", "y"))
+            .expect("encodes");
+        let taken = w.take();
+        // A direct write took the first 5 bytes only.
+        w.push_unwritten(&taken[5..]);
+        w.push_send(3, &Message::new(Kind::Event, "a.b", "z"))
+            .expect("encodes");
+        let mut wire = BytesMut::from(&taken[..5]);
+        wire.extend_from_slice(&w.take());
+        let seqs = |frame: Frame| match frame {
+            Frame::Send(entries) => entries.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            other => panic!("expected SEND, got {other:?}"),
+        };
+        let first = decode_frame(&mut wire, FRAME_BYTES_MAX_DEFAULT)
+            .expect("ok")
+            .expect("frame");
+        assert_eq!(seqs(first), [1, 2]);
+        let second = decode_frame(&mut wire, FRAME_BYTES_MAX_DEFAULT)
+            .expect("ok")
+            .expect("frame");
+        assert_eq!(
+            seqs(second),
+            [3],
+            "a new frame, not merged into the put-back one"
+        );
+        assert!(wire.is_empty());
     }
 
     #[test]

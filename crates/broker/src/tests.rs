@@ -1411,16 +1411,21 @@ fn broker_commands_need_the_admin_identity_under_a_manifest() {
 
 // ---- limits --------------------------------------------------------------
 
-#[test]
-fn a_service_over_its_send_rate_is_refused_and_recovers() {
+fn harness_with_send_rate(per_service: u32) -> Harness {
     let mut h = Harness::new();
     h.broker = Broker::new(
         Config {
-            send_rate_per_service: 10,
+            send_rate_per_service: per_service,
             ..Config::default()
         },
         MemoryStore::new(),
     );
+    h
+}
+
+#[test]
+fn a_service_over_its_send_rate_is_refused_and_recovers() {
+    let mut h = harness_with_send_rate(10);
     h.connect(1, "chatty", 0);
     h.connect(2, "quiet", 0);
     for i in 0..12 {
@@ -1454,14 +1459,7 @@ fn a_service_over_its_send_rate_is_refused_and_recovers() {
 
 #[test]
 fn instances_of_a_service_share_its_send_rate() {
-    let mut h = Harness::new();
-    h.broker = Broker::new(
-        Config {
-            send_rate_per_service: 10,
-            ..Config::default()
-        },
-        MemoryStore::new(),
-    );
+    let mut h = harness_with_send_rate(10);
     h.connect(1, "chatty", 0);
     h.connect(2, "chatty", 0);
     for i in 0..12 {

@@ -646,25 +646,8 @@ impl Client {
     /// holds the broker's answer to the send, to be awaited.
     fn start_request(&self, message: Box<Message>, timeout: Duration) -> Result<ReplyStream> {
         let id = message.id;
-        let (tx, rx) = mpsc::channel(REPLY_BUFFER_MAX);
-        self.inner.lock().requests.insert(
-            id,
-            Waiting {
-                replies: tx,
-                quiet_seq: None,
-            },
-        );
-        let mut stream = ReplyStream {
-            inner: self.inner.clone(),
-            command: id,
-            rx,
-            sleep: Box::pin(tokio::time::sleep(timeout)),
-            timeout,
-            done: false,
-            acceptance: None,
-            quiet_seq: None,
-            answered: false,
-        };
+        let (waiting, mut stream) = ReplyStream::open(&self.inner, id, timeout, None);
+        self.inner.lock().requests.insert(id, waiting);
         let ack = self.enqueue(message)?;
         stream.acceptance = Some(ack.rx);
         Ok(stream)
@@ -676,7 +659,6 @@ impl Client {
     fn start_quiet_request(&self, message: Box<Message>, timeout: Duration) -> Result<ReplyStream> {
         validate_name(&message.name)?;
         let id = message.id;
-        let (tx, rx) = mpsc::channel(REPLY_BUFFER_MAX);
         let mut state = self.inner.lock();
         if state.shut_down {
             return Err(Error::Shutdown);
@@ -699,30 +681,15 @@ impl Client {
         state.next_seq += 1;
         let seq = state.next_seq;
         state.writer.push_quiet_send(seq, &message)?;
-        state.requests.insert(
-            id,
-            Waiting {
-                replies: tx,
-                quiet_seq: Some(seq),
-            },
-        );
+        let (waiting, stream) = ReplyStream::open(&self.inner, id, timeout, Some(seq));
+        state.requests.insert(id, waiting);
         state.quiet_requests.insert(seq, id);
         let written = lone && write_direct(&mut state);
         drop(state);
         if !written {
             self.inner.wake_writer();
         }
-        Ok(ReplyStream {
-            inner: self.inner.clone(),
-            command: id,
-            rx,
-            sleep: Box::pin(tokio::time::sleep(timeout)),
-            timeout,
-            done: false,
-            acceptance: None,
-            quiet_seq: Some(seq),
-            answered: false,
-        })
+        Ok(stream)
     }
 
     /// Handles every command or event whose name matches `pattern` (`*` and
@@ -1168,6 +1135,29 @@ pub struct ReplyStream {
 }
 
 impl ReplyStream {
+    /// A stream for the replies to `command`, and the entry under which
+    /// the client's tables wait for them.
+    fn open(
+        inner: &Arc<Inner>,
+        command: Uuid,
+        timeout: Duration,
+        quiet_seq: Option<u64>,
+    ) -> (Waiting, ReplyStream) {
+        let (replies, rx) = mpsc::channel(REPLY_BUFFER_MAX);
+        let stream = ReplyStream {
+            inner: inner.clone(),
+            command,
+            rx,
+            sleep: Box::pin(tokio::time::sleep(timeout)),
+            timeout,
+            done: false,
+            acceptance: None,
+            quiet_seq,
+            answered: false,
+        };
+        (Waiting { replies, quiet_seq }, stream)
+    }
+
     /// The id of the command these replies answer.
     pub fn command_id(&self) -> Uuid {
         self.command

@@ -140,6 +140,11 @@ struct ServeArgs {
     /// Keep everything in memory: nothing survives a restart.
     #[arg(long)]
     in_memory: bool,
+    /// Messages a service may send per second, all its instances together,
+    /// in bursts of up to one second's worth; more are refused with
+    /// `rate_limited` (retry later). 0: no limit.
+    #[arg(long, default_value_t = courier_server::BrokerConfig::default().send_rate_per_service)]
+    send_rate: u32,
     /// The application's manifest: who may connect, send and receive what
     /// (reloaded on SIGHUP and when the file changes).
     #[arg(long)]
@@ -589,6 +594,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         event_retention_ms: args.retention.as_millis().min(u128::from(u64::MAX)) as u64,
         retention_rules: args.retain,
         retention_bytes_max: args.retention_bytes.unwrap_or(0),
+        send_rate_per_service: args.send_rate,
         ..courier_server::BrokerConfig::default()
     };
     let config = ServerConfig {

@@ -415,6 +415,44 @@ async fn a_transient_request_ends_at_once_when_its_connection_is_lost() {
     assert!(killed.elapsed() < T);
 }
 
+/// `courier serve --send-rate N`: a service's sends past its rate are
+/// refused with `rate_limited` and a reason that says to retry; none is
+/// delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_over_the_service_send_rate_are_refused() {
+    let broker = Broker::start_with(&["--send-rate", "5"]);
+    let audit = client(&broker, "audit").await;
+    let mut seen = recorder(&audit, "noise.made").await;
+    let chatty = client(&broker, "chatty").await;
+    let (mut accepted, mut limited) = (0, 0);
+    for i in 0..12 {
+        match chatty.publish("noise.made", &i).await {
+            Ok(_) => accepted += 1,
+            Err(e) => {
+                assert_eq!(e.code(), Some(ErrorCode::RateLimited), "{e}");
+                assert!(e.to_string().contains("retry later"), "{e}");
+                limited += 1;
+            }
+        }
+    }
+    // The burst is one second's worth (5); sends take milliseconds, so at
+    // most one more token can have been refilled meanwhile.
+    assert!((5..=6).contains(&accepted), "accepted {accepted}");
+    assert_eq!(accepted + limited, 12);
+    for _ in 0..accepted {
+        tokio::time::timeout(T, seen.recv())
+            .await
+            .expect("accepted events arrive")
+            .expect("event");
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), seen.recv())
+            .await
+            .is_err(),
+        "a refused event was delivered"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_times_out_when_nobody_replies() {
     let broker = Broker::start();

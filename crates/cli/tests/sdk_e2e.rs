@@ -292,12 +292,7 @@ async fn transient_requests_get_their_own_replies_and_their_refusals() {
     prices
         .on("price.get", |msg: Incoming| async move {
             let item: u32 = msg.json()?;
-            msg.reply_builder("price.quoted", true)
-                .json(&(item * 10))?
-                .transient()
-                .send_quiet()
-                .await?;
-            Ok::<(), courier_client::Error>(())
+            reply_quietly(&msg, "price.quoted", &(item * 10)).await
         })
         .await
         .expect("subscribe");
@@ -324,6 +319,26 @@ async fn transient_requests_get_their_own_replies_and_their_refusals() {
     assert_eq!(answered, 200);
 }
 
+/// Answers `msg` with one final transient reply, sent QUIET.
+async fn reply_quietly<T: Serialize>(
+    msg: &Incoming,
+    name: &str,
+    value: &T,
+) -> Result<(), courier_client::Error> {
+    msg.reply_builder(name, true)
+        .json(value)?
+        .transient()
+        .send_quiet()
+        .await?;
+    Ok(())
+}
+
+fn checksum(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0u64, |sum, b| {
+        sum.wrapping_mul(31).wrapping_add(u64::from(*b))
+    })
+}
+
 /// A lone request is written from the caller's thread; one larger than
 /// the socket takes at once leaves the rest to the connection's writer,
 /// and the next request must still follow it intact.
@@ -333,25 +348,16 @@ async fn a_lone_request_larger_than_the_socket_buffer_arrives_whole() {
     let sizes = client(&broker, "sizes").await;
     sizes
         .on("size.measure", |msg: Incoming| async move {
-            let payload = msg.message().payload.clone();
-            let checksum = payload.iter().fold(0u64, |sum, b| {
-                sum.wrapping_mul(31).wrapping_add(u64::from(*b))
-            });
-            msg.reply_builder("size.measured", true)
-                .json(&(payload.len(), checksum))?
-                .transient()
-                .send_quiet()
-                .await?;
-            Ok::<(), courier_client::Error>(())
+            let payload = &msg.message().payload;
+            let measured = (payload.len(), checksum(payload));
+            reply_quietly(&msg, "size.measured", &measured).await
         })
         .await
         .expect("subscribe");
     let web = client(&broker, "web").await;
     for len in [6 * 1024 * 1024, 16, 3 * 1024 * 1024 + 7, 1] {
         let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
-        let checksum = payload.iter().fold(0u64, |sum, b| {
-            sum.wrapping_mul(31).wrapping_add(u64::from(*b))
-        });
+        let sum = checksum(&payload);
         let reply = web
             .command("size.measure")
             .payload(bytes::Bytes::from(payload))
@@ -362,7 +368,7 @@ async fn a_lone_request_larger_than_the_socket_buffer_arrives_whole() {
             .expect("reply");
         assert_eq!(
             reply.json::<(usize, u64)>().expect("json"),
-            (len, checksum),
+            (len, sum),
             "request of {len} B"
         );
     }

@@ -266,34 +266,46 @@ struct Conn {
 /// because the broker must be `Send`; it is used under the broker's one
 /// lock, so `Relaxed` is enough.
 struct SendBucket {
-    /// Tokens left (f64 bits).
-    tokens: AtomicU64,
+    /// Tokens left, in billionths of a token: a nanosecond at `rate` adds
+    /// `rate` of them, so refilling is integer arithmetic, exact, without a
+    /// division.
+    nano_tokens: AtomicU64,
     /// When last refilled (unix ns).
     refilled_at: AtomicU64,
 }
+
+const NANO_TOKENS_PER_TOKEN: u64 = 1_000_000_000;
 
 impl SendBucket {
     /// Full: a new service may send a second's worth at once.
     fn new(rate: u32) -> Arc<SendBucket> {
         Arc::new(SendBucket {
-            tokens: AtomicU64::new(f64::from(rate).to_bits()),
+            nano_tokens: AtomicU64::new(SendBucket::capacity(rate)),
             refilled_at: AtomicU64::new(0),
         })
     }
 
+    /// A second's worth of sends (fits: `u32::MAX` · 10⁹ < `u64::MAX`).
+    fn capacity(rate: u32) -> u64 {
+        u64::from(rate) * NANO_TOKENS_PER_TOKEN
+    }
+
     /// Refills for the time passed and takes one token.
     fn take(&self, rate: u32, now: Nanos) -> bool {
-        let elapsed_s = now.saturating_sub(self.refilled_at.load(Ordering::Relaxed)) as f64 / 1e9;
-        let tokens = (f64::from_bits(self.tokens.load(Ordering::Relaxed))
-            + elapsed_s * f64::from(rate))
-        .min(f64::from(rate));
+        let elapsed_ns = now.saturating_sub(self.refilled_at.load(Ordering::Relaxed));
+        let tokens = self
+            .nano_tokens
+            .load(Ordering::Relaxed)
+            .saturating_add(elapsed_ns.saturating_mul(u64::from(rate)))
+            .min(SendBucket::capacity(rate));
         self.refilled_at.store(now, Ordering::Relaxed);
-        let (tokens, taken) = if tokens >= 1.0 {
-            (tokens - 1.0, true)
+        let taken = tokens >= NANO_TOKENS_PER_TOKEN;
+        let left = if taken {
+            tokens - NANO_TOKENS_PER_TOKEN
         } else {
-            (tokens, false)
+            tokens
         };
-        self.tokens.store(tokens.to_bits(), Ordering::Relaxed);
+        self.nano_tokens.store(left, Ordering::Relaxed);
         taken
     }
 }

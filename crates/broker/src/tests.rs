@@ -1605,3 +1605,24 @@ fn transient_messages_for_a_paused_receiver_are_dropped_and_counted_apart() {
     assert_eq!(h.deliveries().len(), 1, "delivered again once resumed");
     assert_eq!(h.broker.metrics().transient_dropped_paused, 1);
 }
+
+#[test]
+fn send_bucket_refills_exactly_at_its_rate_up_to_one_second() {
+    const MS: Nanos = 1_000_000;
+    let start = 5_000 * MS;
+    let bucket = SendBucket::new(10);
+    // Full at first: a second's worth at once, then nothing.
+    assert_eq!((0..12).filter(|_| bucket.take(10, start)).count(), 10);
+    // 10/s: a token each 100 ms, not before.
+    assert!(!bucket.take(10, start + 99 * MS));
+    assert!(bucket.take(10, start + 100 * MS));
+    assert!(!bucket.take(10, start + 150 * MS));
+    assert!(bucket.take(10, start + 200 * MS));
+    // A long pause refills one second's worth, no more (and no overflow).
+    let later = start + 3_600_000 * MS;
+    assert_eq!((0..12).filter(|_| bucket.take(10, later)).count(), 10);
+    // The highest rate fits: a full second of it, then a token per ns.
+    let fastest = SendBucket::new(u32::MAX);
+    assert!(fastest.take(u32::MAX, u64::MAX));
+    assert!(fastest.take(u32::MAX, 0));
+}

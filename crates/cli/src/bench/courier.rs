@@ -72,29 +72,31 @@ pub(super) async fn publish_pipelined(
 /// Publishes `count` transient events as quiet sends (the broker answers
 /// only refusals), with a flush every half [`transient_window`] sends and
 /// at most two flushes unanswered, and never more than
-/// [`transient_lead`] events ahead of the slowest receiving service
-/// (`received` counts what it has handled); fails if the broker refused any.
-pub(super) async fn publish_transient(
+/// [`transient_lead`] events ahead of the slowest receiving service;
+/// fails if the broker refused any.
+async fn publish_transient(
     client: &Client,
     name: &str,
     payload: &Bytes,
     count: u64,
-    received: impl Fn() -> u64,
+    receivers: &Receivers,
 ) -> anyhow::Result<()> {
     let refused_before = client.unheard_refusals();
     let every = (transient_window(name, payload.len()) / 2) as u64;
     let lead = transient_lead(name, payload.len());
-    let received_before = received();
+    let received_before = receivers.slowest();
     let mut flushes = VecDeque::with_capacity(3);
     for i in 0..count {
-        if i % LEAD_CHECK_EVERY == 0 {
+        if i % LEAD_CHECK_EVERY == 0 && i > lead {
             // The flushes bound what the broker has not routed yet, not
             // what waits in its outbox for a slow receiver: this does.
-            while i.saturating_sub(received().saturating_sub(received_before)) > lead {
-                // A millisecond is a small part of the lead's worth of
-                // deliveries; yielding instead spun a core the broker and
-                // the receivers need.
-                tokio::time::sleep(Duration::from_millis(1)).await;
+            // Once past the lead, the publisher waits until the receivers
+            // are a quarter of it behind. A 1 ms sleep instead (~30 per W1b
+            // run) overslept while they ran dry; resuming at half the lead
+            // kept the cores too busy for the fan-out (W2b −5 %), a quarter
+            // did not (2026-12-03, alternating runs with `--only`).
+            if receivers.slowest() < received_before + (i - lead) {
+                receivers.caught_up(received_before + (i - lead / 4)).await;
             }
         }
         client
@@ -469,6 +471,7 @@ static W4_REPLY_PAYLOAD: [u8; TINY_BYTES] = [b'r'; TINY_BYTES];
 struct Tally {
     service: &'static str,
     handled: Arc<AtomicU64>,
+    catch_up: Arc<CatchUp>,
 }
 
 /// Receptions of a W1–W3 run: one tally per receiving service, the count
@@ -479,12 +482,47 @@ struct Receivers {
     reached: Arc<Notify>,
 }
 
+/// The publisher's wait for one receiving service: the count it waits for
+/// (`u64::MAX`: it does not wait), and its wake-up once the service has
+/// handled that many. One relaxed load per handled event when nobody waits.
+struct CatchUp {
+    at: AtomicU64,
+    reached: Notify,
+}
+
+impl CatchUp {
+    fn handled(&self, count: u64) {
+        if count >= self.at.load(Ordering::Relaxed) {
+            self.at.store(u64::MAX, Ordering::Relaxed);
+            self.reached.notify_one();
+        }
+    }
+}
+
 impl Receivers {
     fn new() -> Receivers {
         Receivers {
             tallies: Vec::new(),
             goal: Arc::new(AtomicU64::new(u64::MAX)),
             reached: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Returns once every receiving service has handled `count`.
+    async fn caught_up(&self, count: u64) {
+        for tally in &self.tallies {
+            let catch_up = &tally.catch_up;
+            loop {
+                // Set before looking, so a receiver that passes `count`
+                // between the look and the wait still leaves its wake-up.
+                catch_up.at.store(count, Ordering::Relaxed);
+                if tally.handled.load(Ordering::Relaxed) >= count {
+                    catch_up.at.store(u64::MAX, Ordering::Relaxed);
+                    break;
+                }
+                // A permit left by an earlier wait may wake us early.
+                catch_up.reached.notified().await;
+            }
         }
     }
 
@@ -499,21 +537,32 @@ impl Receivers {
         clients: &mut Vec<Client>,
     ) -> anyhow::Result<()> {
         let handled = Arc::new(AtomicU64::new(0));
+        let catch_up = Arc::new(CatchUp {
+            at: AtomicU64::new(u64::MAX),
+            reached: Notify::new(),
+        });
         for _ in 0..instances {
             let client = connect(addr, service, None).await?;
             clients.push(client.clone());
             let (h, goal, reached) = (handled.clone(), self.goal.clone(), self.reached.clone());
+            let catch_up = catch_up.clone();
             client
                 .on(name, move |_msg| {
-                    if h.fetch_add(1, Ordering::Relaxed) + 1 == goal.load(Ordering::Relaxed) {
+                    let count = h.fetch_add(1, Ordering::Relaxed) + 1;
+                    if count == goal.load(Ordering::Relaxed) {
                         reached.notify_one();
                     }
+                    catch_up.handled(count);
                     std::future::ready(Ok::<(), courier_client::Error>(()))
                 })
                 .await
                 .with_context(|| format!("cannot subscribe {service} to {name}"))?;
         }
-        self.tallies.push(Tally { service, handled });
+        self.tallies.push(Tally {
+            service,
+            handled,
+            catch_up,
+        });
         Ok(())
     }
 
@@ -654,7 +703,7 @@ async fn transient_run(
             let payload = Bytes::from(vec![b'x'; size.bytes()]);
 
             receivers.expect(warmup);
-            publish_transient(&publisher, name, &payload, warmup, || receivers.slowest())
+            publish_transient(&publisher, name, &payload, warmup, &receivers)
                 .await
                 .context("warm-up")?;
             receivers
@@ -665,7 +714,7 @@ async fn transient_run(
             let goal = warmup + count;
             receivers.expect(goal);
             let started = Instant::now();
-            publish_transient(&publisher, name, &payload, count, || receivers.slowest()).await?;
+            publish_transient(&publisher, name, &payload, count, &receivers).await?;
             let published = started.elapsed();
             receivers.wait_for(goal, &publisher).await?;
             let elapsed = started.elapsed();

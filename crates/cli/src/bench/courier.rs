@@ -93,8 +93,8 @@ async fn publish_transient(
             // Once past the lead, the publisher waits until the receivers
             // are a quarter of it behind. A 1 ms sleep instead (~30 per W1b
             // run) overslept while they ran dry; resuming at half the lead
-            // kept the cores too busy for the fan-out (W2b −5 %), a quarter
-            // did not (2026-12-03, alternating runs with `--only`).
+            // cost the fan-out 2–15 % (W2b), a quarter did not (2026-12-03,
+            // alternating runs with `--only`).
             if receivers.slowest() < received_before + (i - lead) {
                 receivers.caught_up(received_before + (i - lead / 4)).await;
             }

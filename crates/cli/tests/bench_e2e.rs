@@ -281,3 +281,41 @@ fn on_a_current_thread_client_runtime_runs_finish_and_timeouts_still_clean_up() 
     assert_eq!(leftover_dirs(pid), Vec::<String>::new());
     assert_eq!(leftover_brokers(pid), Vec::<String>::new());
 }
+
+/// Fan-out and competing consumers, with the publisher and every receiver
+/// on one thread: once a lead ahead, the publisher waits to be woken by
+/// the slowest of four services (W2) or by one service's four instances
+/// (W3) — once or twice per run here (counted 2026-12-03) — and no event
+/// may be lost (a lost one fails the run).
+#[test]
+fn fan_out_and_competing_consumers_finish_on_one_client_thread() {
+    let (pid, out) = run_bench(&[
+        "bench",
+        "--client-runtime",
+        "current-thread",
+        "--quick",
+        "--runs",
+        "1",
+        "--only",
+        "W2a,W2b,W3a,W3b",
+        "--json",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "courier bench failed: {stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let mut rows = Vec::new();
+    for line in stdout.lines() {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line:?}"));
+        let throughput = v["courier"].as_f64().expect("courier is a number");
+        assert!(throughput > 0.0, "{line}");
+        rows.push(v["workload"].as_str().unwrap_or_default().to_string());
+    }
+    assert_eq!(rows, ["W2a", "W2b", "W3a", "W3b"], "{stdout}");
+    assert!(
+        stderr.contains("W2b run 1/1 (Courier): W2b throughput"),
+        "{stderr}"
+    );
+    assert_eq!(leftover_dirs(pid), Vec::<String>::new());
+    assert_eq!(leftover_brokers(pid), Vec::<String>::new());
+}

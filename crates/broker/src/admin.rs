@@ -33,7 +33,7 @@ fn dead_letter_json(d: &DeadLetter, m: Option<&Arc<Message>>, full: bool) -> Val
     });
     match m {
         Some(m) => {
-            v["name"] = json!(m.name);
+            v["name"] = json!(m.name.as_str());
             v["message_id"] = json!(m.id.to_string());
             v["sender"] = json!(m.sender.as_str());
             v["timestamp"] = json!(m.timestamp);

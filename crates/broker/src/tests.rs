@@ -65,7 +65,7 @@ impl<S: MessageStore> Harness<S> {
                     conn,
                     delivery,
                     attempt,
-                    message.name.clone(),
+                    message.name.to_string(),
                     message.payload.clone(),
                 )),
                 _ => None,

@@ -26,7 +26,7 @@ fn payload_value(payload: &Bytes) -> Value {
 /// The envelope as a JSON object; `attempt` on deliveries, `final` on replies.
 pub fn envelope(m: &Message, attempt: Option<u32>) -> Value {
     let mut o = Map::new();
-    o.insert("name".into(), json!(m.name));
+    o.insert("name".into(), json!(m.name.as_str()));
     o.insert("kind".into(), json!(m.kind.as_str()));
     o.insert("version".into(), json!(m.version.to_string()));
     o.insert("id".into(), json!(m.id.to_string()));

@@ -618,7 +618,7 @@ fn handle_frame(inner: &Arc<Inner>, generation: u64, frame: Frame) -> Option<Rea
             };
             // Deliveries in one frame mostly share a name: the last match is
             // reused without the lock and the pattern walk.
-            let mut last: Option<(String, Handler)> = None;
+            let mut last: Option<(courier_proto::SharedStr, Handler)> = None;
             for d in deliveries {
                 if d.message.kind == Kind::Reply {
                     route_reply(inner, Arc::new(d.message));

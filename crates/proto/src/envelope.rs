@@ -100,7 +100,7 @@ impl FromStr for Version {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
     pub kind: Kind,
-    pub name: String,
+    pub name: SharedStr,
     pub version: Version,
     /// Unique per message (UUID v7); the broker's dedup key.
     pub id: Uuid,
@@ -139,7 +139,7 @@ impl Message {
     /// assert_eq!(m.id.get_version_num(), 7);
     /// assert_eq!(m.activity_id, m.id);
     /// ```
-    pub fn new(kind: Kind, name: impl Into<String>, payload: impl Into<Bytes>) -> Message {
+    pub fn new(kind: Kind, name: impl Into<SharedStr>, payload: impl Into<Bytes>) -> Message {
         let id = crate::id::new_id();
         let activity_id = id;
         Message {

@@ -296,7 +296,11 @@ pub fn decode_frame(
 
 /// Decodes a frame body (type byte first, no length prefix).
 pub fn decode_body(body: Bytes) -> Result<Frame, DecodeError> {
-    let mut r = Reader { buf: body, pos: 0 };
+    let mut r = Reader {
+        buf: body,
+        pos: 0,
+        last_name: SharedStr::new(),
+    };
     let frame_type = r.u8()?;
     let frame = match frame_type {
         frame_type::HELLO => {
@@ -463,7 +467,11 @@ pub fn encode_message(message: &Message, out: &mut BytesMut) -> Result<(), Encod
 /// assert_eq!(decode_message(buf.freeze()).unwrap(), m);
 /// ```
 pub fn decode_message(bytes: Bytes) -> Result<Message, DecodeError> {
-    let mut r = Reader { buf: bytes, pos: 0 };
+    let mut r = Reader {
+        buf: bytes,
+        pos: 0,
+        last_name: SharedStr::new(),
+    };
     let message = r.message()?;
     let extra = r.buf.len() - r.pos;
     if extra != 0 {
@@ -478,6 +486,9 @@ pub fn decode_message(bytes: Bytes) -> Result<Message, DecodeError> {
 struct Reader {
     buf: Bytes,
     pos: usize,
+    /// The name of the message decoded last: the entries of a batch mostly
+    /// share one, so they share its one copy (see [`Reader::name8`]).
+    last_name: SharedStr,
 }
 
 // Inlined: called out of line, each returned its value through memory in
@@ -551,6 +562,24 @@ impl Reader {
         std::str::from_utf8(&self.buf[offset..offset + len])
             .map_err(|_| DecodeError::InvalidUtf8 { offset })
     }
+    /// A message name: the previous message's copy when the bytes are the
+    /// same (already checked as UTF-8 then), else a new one. A `String` per
+    /// message was an allocation, a copy and a UTF-8 check per entry of a
+    /// batch, and a free once it was delivered.
+    #[inline(always)]
+    fn name8(&mut self) -> Result<SharedStr, DecodeError> {
+        let len = usize::from(self.u8()?);
+        self.need(len)?;
+        if !self.last_name.is_empty()
+            && self.last_name.as_bytes() == &self.buf[self.pos..self.pos + len]
+        {
+            self.pos += len;
+            return Ok(self.last_name.clone());
+        }
+        let name = SharedStr::from(self.raw_str(len)?);
+        self.last_name = name.clone();
+        Ok(name)
+    }
     #[inline(always)]
     fn text(&mut self, len: usize) -> Result<String, DecodeError> {
         self.raw_str(len).map(str::to_owned)
@@ -606,7 +635,7 @@ impl Reader {
         if flags & !(flag::ALL | extra_flags) != 0 {
             return Err(DecodeError::UnknownFlags { offset, flags });
         }
-        let name = self.str8()?;
+        let name = self.name8()?;
         let version = Version::new(self.u16()?, self.u16()?);
         let id = self.uuid()?;
         let activity_id = self.uuid()?;
@@ -1135,6 +1164,39 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_shares_one_copy_of_a_repeated_name() {
+        let entry = |seq, name: &str| SendEntry {
+            seq,
+            quiet: true,
+            message: Arc::new(Message::new(Kind::Event, name, "x")),
+        };
+        let frames = roundtrip(&[Frame::Send(vec![
+            entry(1, "todo.created"),
+            entry(2, "todo.created"),
+            entry(3, "todo.deleted"),
+            entry(4, "todo.deleted"),
+        ])]);
+        let [Frame::Send(entries)] = frames.as_slice() else {
+            panic!("one SEND frame: {frames:?}");
+        };
+        let names: Vec<&str> = entries.iter().map(|e| e.message.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "todo.created",
+                "todo.created",
+                "todo.deleted",
+                "todo.deleted"
+            ]
+        );
+        let same_copy = |a: usize, b: usize| {
+            entries[a].message.name.as_ptr() == entries[b].message.name.as_ptr()
+        };
+        assert!(same_copy(0, 1) && same_copy(2, 3));
+        assert!(!same_copy(1, 2));
+    }
+
+    #[test]
     fn every_frame_roundtrips() {
         let frames = vec![
             Frame::Hello(Hello {
@@ -1367,7 +1429,7 @@ mod tests {
                 )| {
                     Message {
                         kind: Kind::from_code(kind + 1).expect("1..=3"),
-                        name,
+                        name: name.into(),
                         version: Version::new(major, minor),
                         id: Uuid::from_u128(id),
                         timestamp: ts,

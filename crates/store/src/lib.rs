@@ -411,7 +411,7 @@ mod tests {
             .expect("append");
         assert!(b > a);
         assert_eq!(
-            store.get(a).expect("read").map(|m| m.name.clone()),
+            store.get(a).expect("read").map(|m| m.name.to_string()),
             Some("a".to_string())
         );
         store.remove(a);

@@ -56,6 +56,14 @@ fn run_bench(args: &[&str]) -> (u32, std::process::Output) {
     (pid, child.wait_with_output().expect("courier bench runs"))
 }
 
+/// The objects `--json` printed, one per line of stdout.
+fn json_lines(stdout: &str) -> Vec<serde_json::Value> {
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l:?}")))
+        .collect()
+}
+
 #[test]
 fn quick_json_run_prints_one_object_per_figure_and_cleans_up() {
     let (pid, out) = run_bench(&[
@@ -72,21 +80,19 @@ fn quick_json_run_prints_one_object_per_figure_and_cleans_up() {
 
     let stdout = String::from_utf8_lossy(&out.stdout);
     let mut rows = Vec::new();
-    for line in stdout.lines() {
-        let v: serde_json::Value = serde_json::from_str(line)
-            .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line:?}"));
+    for v in json_lines(&stdout) {
         for field in ["workload", "metric", "unit"] {
-            assert!(v[field].is_string(), "{field} missing in {line}");
+            assert!(v[field].is_string(), "{field} missing in {v}");
         }
-        assert!(v["higher_is_better"].is_boolean(), "{line}");
+        assert!(v["higher_is_better"].is_boolean(), "{v}");
         let median = v["courier"].as_f64().expect("courier is a number");
-        assert!(median > 0.0, "{line}");
+        assert!(median > 0.0, "{v}");
         let runs = v["runs"].as_array().expect("runs is an array");
-        assert_eq!(runs.len(), 1, "{line}");
+        assert_eq!(runs.len(), 1, "{v}");
         assert!(
             runs.iter()
                 .all(|r| r["courier"].as_f64().is_some_and(|x| x > 0.0)),
-            "{line}"
+            "{v}"
         );
         rows.push((
             v["workload"].as_str().unwrap_or_default().to_string(),
@@ -176,10 +182,7 @@ fn against_nats_prints_both_columns_a_ratio_and_the_nats_settings() {
         "courier bench --against nats failed: {stderr}"
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let rows: Vec<serde_json::Value> = stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-        .collect();
+    let rows = json_lines(&stdout);
     let ids: Vec<(&str, &str)> = rows
         .iter()
         .map(|v| {
@@ -304,11 +307,9 @@ fn fan_out_and_competing_consumers_finish_on_one_client_thread() {
     assert!(out.status.success(), "courier bench failed: {stderr}");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let mut rows = Vec::new();
-    for line in stdout.lines() {
-        let v: serde_json::Value = serde_json::from_str(line)
-            .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line:?}"));
+    for v in json_lines(&stdout) {
         let throughput = v["courier"].as_f64().expect("courier is a number");
-        assert!(throughput > 0.0, "{line}");
+        assert!(throughput > 0.0, "{v}");
         rows.push(v["workload"].as_str().unwrap_or_default().to_string());
     }
     assert_eq!(rows, ["W2a", "W2b", "W3a", "W3b"], "{stdout}");

@@ -296,11 +296,7 @@ pub fn decode_frame(
 
 /// Decodes a frame body (type byte first, no length prefix).
 pub fn decode_body(body: Bytes) -> Result<Frame, DecodeError> {
-    let mut r = Reader {
-        buf: body,
-        pos: 0,
-        last_name: SharedStr::new(),
-    };
+    let mut r = Reader::new(body);
     let frame_type = r.u8()?;
     let frame = match frame_type {
         frame_type::HELLO => {
@@ -467,11 +463,7 @@ pub fn encode_message(message: &Message, out: &mut BytesMut) -> Result<(), Encod
 /// assert_eq!(decode_message(buf.freeze()).unwrap(), m);
 /// ```
 pub fn decode_message(bytes: Bytes) -> Result<Message, DecodeError> {
-    let mut r = Reader {
-        buf: bytes,
-        pos: 0,
-        last_name: SharedStr::new(),
-    };
+    let mut r = Reader::new(bytes);
     let message = r.message()?;
     let extra = r.buf.len() - r.pos;
     if extra != 0 {
@@ -495,6 +487,14 @@ struct Reader {
 // a `Result`, and reading it back stalled on store forwarding — 15 % of a
 // subscriber's samples were `message_with` alone (W1a profile).
 impl Reader {
+    fn new(buf: Bytes) -> Reader {
+        Reader {
+            buf,
+            pos: 0,
+            last_name: SharedStr::new(),
+        }
+    }
+
     #[inline(always)]
     fn need(&self, n: usize) -> Result<(), DecodeError> {
         if self.buf.len() - self.pos < n {

@@ -231,6 +231,17 @@ fn against_nats_prints_both_columns_a_ratio_and_the_nats_settings() {
         .is_some_and(|s| s.contains("always")));
     assert!(stderr.contains("NATS server:"), "{stderr}");
     assert!(stderr.contains("W5a run 1/1 (NATS)"), "{stderr}");
+    // W4 runs both sides at once, alternating, each with the whole count.
+    assert!(
+        stderr.contains("W4a run 1/1 (Courier and NATS, alternating in 10 slices)"),
+        "{stderr}"
+    );
+    for side in ["Courier", "NATS"] {
+        assert!(
+            stderr.contains(&format!("  {side}: 1,000 requests in ")),
+            "{stderr}"
+        );
+    }
     assert_eq!(leftover_dirs(pid), Vec::<String>::new());
     assert_eq!(leftover_brokers(pid), Vec::<String>::new());
     assert_eq!(leftover_nats_servers(pid), Vec::<String>::new());
@@ -241,6 +252,8 @@ fn on_a_current_thread_client_runtime_runs_finish_and_timeouts_still_clean_up() 
     let out = courier()
         .args([
             "bench",
+            "--against",
+            "nats",
             "--client-runtime",
             "current-thread",
             "--quick",
@@ -262,6 +275,7 @@ fn on_a_current_thread_client_runtime_runs_finish_and_timeouts_still_clean_up() 
         "{stdout}"
     );
     assert!(stdout.contains("tokio current-thread runtime"), "{stdout}");
+    assert!(stdout.contains("NATS (median)"), "{stdout}");
 
     let (pid, out) = run_bench(&[
         "bench",

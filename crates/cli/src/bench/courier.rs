@@ -822,105 +822,59 @@ fn w4_ask(
     }
 }
 
-/// Runs `count` W4 requests with at most `in_flight` outstanding at once.
-async fn w4_requests(
-    client: &Client,
-    payload: &Bytes,
-    count: u64,
-    in_flight: usize,
-) -> anyhow::Result<()> {
-    use futures_util::stream::{FuturesUnordered, StreamExt as _};
-    let mut pending = FuturesUnordered::new();
-    let mut issued = 0;
-    while issued < count && pending.len() < in_flight {
-        pending.push(w4_ask(client, payload, issued, count));
-        issued += 1;
+/// Courier's side of W4: a fresh broker, the responder and a requester.
+pub(super) struct CourierW4 {
+    // Killed before its directory is removed (fields drop in this order).
+    broker: BrokerProcess,
+    _dir: DataDir,
+    responder: Client,
+    requester: Client,
+    payload: Bytes,
+}
+
+impl CourierW4 {
+    pub(super) async fn start(exe: &Path) -> anyhow::Result<CourierW4> {
+        let dir = DataDir::create()?;
+        let mut broker = BrokerProcess::start(exe, dir.path()).await?;
+        let addr = broker.addr.clone();
+        let (responder, requester) = broker
+            .watch(async {
+                let responder = w4_responder(&addr).await?;
+                match connect(&addr, W4_REQUESTER, None).await {
+                    Ok(requester) => Ok((responder, requester)),
+                    Err(e) => {
+                        responder.shutdown().await;
+                        Err(e)
+                    }
+                }
+            })
+            .await?;
+        Ok(CourierW4 {
+            broker,
+            _dir: dir,
+            responder,
+            requester,
+            payload: Bytes::from(vec![b'x'; TINY_BYTES]),
+        })
     }
-    while let Some(answered) = pending.next().await {
-        answered?;
-        if issued < count {
-            pending.push(w4_ask(client, payload, issued, count));
-            issued += 1;
-        }
+
+    /// See [`timed_requests`]; requests are numbered from `first` of `of`.
+    pub(super) async fn requests(
+        &mut self,
+        requests: Requests,
+        latencies: &mut Vec<u64>,
+    ) -> anyhow::Result<Duration> {
+        let CourierW4 {
+            broker,
+            requester,
+            payload,
+            ..
+        } = self;
+        let ask = |i| w4_ask(requester, payload, i, requests.of);
+        broker.watch(timed_requests(requests, latencies, ask)).await
     }
-    Ok(())
-}
 
-/// A W4 run: fresh broker, the responder and a requester, then `measure`
-/// with the requester; both clients are shut down afterwards.
-async fn w4_run<F, Fut>(exe: &Path, measure: F) -> anyhow::Result<Vec<Measurement>>
-where
-    F: FnOnce(Client) -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<Vec<Measurement>>>,
-{
-    let dir = DataDir::create()?;
-    let mut broker = BrokerProcess::start(exe, dir.path()).await?;
-    let addr = broker.addr.clone();
-    let run = async {
-        let responder = w4_responder(&addr).await?;
-        let requester = match connect(&addr, W4_REQUESTER, None).await {
-            Ok(c) => c,
-            Err(e) => {
-                responder.shutdown().await;
-                return Err(e);
-            }
-        };
-        let measured = measure(requester.clone()).await;
-        shutdown_all(&[requester, responder]).await;
-        measured
-    };
-    broker.watch(run).await
-}
-
-pub(super) async fn courier_w4a(exe: &Path, plan: &Plan) -> anyhow::Result<Vec<Measurement>> {
-    let (count, warmup) = (plan.w4a, plan.warmup);
-    w4_run(exe, |client| async move {
-        let payload = Bytes::from(vec![b'x'; TINY_BYTES]);
-        for i in 0..warmup {
-            w4_ask(&client, &payload, i, warmup)
-                .await
-                .context("warm-up")?;
-        }
-        let mut latencies = Vec::with_capacity(count as usize);
-        let started = Instant::now();
-        for i in 0..count {
-            let t = Instant::now();
-            w4_ask(&client, &payload, i, count).await?;
-            latencies.push(t.elapsed().as_nanos() as u64);
-        }
-        let elapsed = started.elapsed();
-        latencies.sort_unstable();
-        let micros = |p| percentile(&latencies, p).unwrap_or(0) as f64 / 1000.0;
-        Ok(vec![
-            (Workload::W4a, Metric::LatencyP50, micros(50.0)),
-            (Workload::W4a, Metric::LatencyP90, micros(90.0)),
-            (Workload::W4a, Metric::LatencyP99, micros(99.0)),
-            (Workload::W4a, Metric::LatencyP999, micros(99.9)),
-            (
-                Workload::W4a,
-                Metric::Throughput,
-                per_second(count, elapsed),
-            ),
-        ])
-    })
-    .await
-}
-
-pub(super) async fn courier_w4b(exe: &Path, plan: &Plan) -> anyhow::Result<Vec<Measurement>> {
-    let (count, warmup) = (plan.w4b, plan.warmup);
-    w4_run(exe, |client| async move {
-        let payload = Bytes::from(vec![b'x'; TINY_BYTES]);
-        w4_requests(&client, &payload, warmup, REQUESTS_IN_FLIGHT)
-            .await
-            .context("warm-up")?;
-        let started = Instant::now();
-        w4_requests(&client, &payload, count, REQUESTS_IN_FLIGHT).await?;
-        let elapsed = started.elapsed();
-        Ok(vec![(
-            Workload::W4b,
-            Metric::Throughput,
-            per_second(count, elapsed),
-        )])
-    })
-    .await
+    pub(super) async fn stop(self) {
+        shutdown_all(&[self.requester, self.responder]).await;
+    }
 }

@@ -9,7 +9,6 @@
 use super::*;
 
 use async_nats::jetstream::{self, consumer::pull, consumer::AckPolicy};
-use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt as _;
 
 /// The server binary's name.
@@ -602,8 +601,9 @@ pub(super) async fn run(
         Job::Competing(size) => {
             transient(nats, plan, size, Shape::QueueGroup, job.workload()).await
         }
-        Job::RequestSequential => requests_sequential(nats, plan).await,
-        Job::RequestConcurrent => requests_concurrent(nats, plan).await,
+        Job::RequestSequential | Job::RequestConcurrent => {
+            bail!("internal: W4 runs through w4::run")
+        }
         Job::PublishOneByOne => {
             let mut measured = publish_one_by_one(nats, plan, Fsync::Default)
                 .await
@@ -842,115 +842,71 @@ async fn start_responder(
     Ok(())
 }
 
-/// One request; errors name it.
-async fn request(
-    client: &async_nats::Client,
-    payload: &Bytes,
-    i: u64,
-    count: u64,
-) -> anyhow::Result<()> {
-    client
-        .request(REQUEST_SUBJECT, payload.clone())
-        .await
-        .with_context(|| format!("request {} of {count} failed", i + 1))?;
-    Ok(())
+/// NATS's side of W4: a fresh nats-server, the responder and a requester.
+pub(super) struct NatsW4 {
+    // Stops the responder before the server is killed.
+    tasks: Tasks,
+    server: NatsServer,
+    events: Arc<ClientEvents>,
+    requester: async_nats::Client,
+    payload: Bytes,
 }
 
-/// W4a: one request at a time.
-async fn requests_sequential(nats: &NatsInstall, plan: &Plan) -> anyhow::Result<Vec<Measurement>> {
-    let mut server = NatsServer::start(nats, Fsync::Default).await?;
-    let url = server.url();
-    let work = async {
+impl NatsW4 {
+    pub(super) async fn start(nats: &NatsInstall) -> anyhow::Result<NatsW4> {
+        let mut server = NatsServer::start(nats, Fsync::Default).await?;
+        let url = server.url();
         let events = Arc::new(ClientEvents::default());
         let mut tasks = Tasks::default();
-        start_responder(&url, &events, &mut tasks).await?;
-        let requester =
-            connect(&url, "bench-requester", MIN_SUBSCRIPTION_CAPACITY, &events).await?;
-        let payload = Bytes::from(vec![b'q'; TINY_BYTES]);
-        for i in 0..plan.warmup {
-            request(&requester, &payload, i, plan.warmup)
-                .await
-                .context("warm-up")?;
-        }
-        let count = plan.w4a;
-        let mut latencies = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
-        let started = Instant::now();
-        for i in 0..count {
-            let t = Instant::now();
-            request(&requester, &payload, i, count)
-                .await
-                .map_err(|e| anyhow!("{e:#}{}", events.note()))?;
-            latencies.push(t.elapsed().as_nanos() as u64);
-        }
-        let elapsed = started.elapsed();
-        drop(tasks);
-        latencies.sort_unstable();
-        let micros = |p| percentile(&latencies, p).unwrap_or(0) as f64 / 1000.0;
-        Ok(vec![
-            (Workload::W4a, Metric::LatencyP50, micros(50.0)),
-            (Workload::W4a, Metric::LatencyP90, micros(90.0)),
-            (Workload::W4a, Metric::LatencyP99, micros(99.0)),
-            (Workload::W4a, Metric::LatencyP999, micros(99.9)),
-            (
-                Workload::W4a,
-                Metric::Throughput,
-                per_second(count, elapsed),
-            ),
-        ])
-    };
-    server.watch(work).await
-}
-
-/// Sends `count` requests from one connection, [`REQUESTS_IN_FLIGHT`] at
-/// a time.
-async fn requests_in_flight(
-    client: &async_nats::Client,
-    payload: &Bytes,
-    count: u64,
-) -> anyhow::Result<()> {
-    let mut in_flight = FuturesUnordered::new();
-    let mut sent = 0;
-    while sent < count && in_flight.len() < REQUESTS_IN_FLIGHT {
-        in_flight.push(request(client, payload, sent, count));
-        sent += 1;
+        let requester = server
+            .watch(async {
+                start_responder(&url, &events, &mut tasks).await?;
+                connect(&url, "bench-requester", MIN_SUBSCRIPTION_CAPACITY, &events).await
+            })
+            .await?;
+        Ok(NatsW4 {
+            tasks,
+            server,
+            events,
+            requester,
+            payload: Bytes::from(vec![b'q'; TINY_BYTES]),
+        })
     }
-    while let Some(answered) = in_flight.next().await {
-        answered?;
-        if sent < count {
-            in_flight.push(request(client, payload, sent, count));
-            sent += 1;
-        }
-    }
-    Ok(())
-}
 
-/// W4b: [`REQUESTS_IN_FLIGHT`] requests in flight.
-async fn requests_concurrent(nats: &NatsInstall, plan: &Plan) -> anyhow::Result<Vec<Measurement>> {
-    let mut server = NatsServer::start(nats, Fsync::Default).await?;
-    let url = server.url();
-    let work = async {
-        let events = Arc::new(ClientEvents::default());
-        let mut tasks = Tasks::default();
-        start_responder(&url, &events, &mut tasks).await?;
-        let requester =
-            connect(&url, "bench-requester", MIN_SUBSCRIPTION_CAPACITY, &events).await?;
-        let payload = Bytes::from(vec![b'q'; TINY_BYTES]);
-        requests_in_flight(&requester, &payload, plan.warmup)
-            .await
-            .context("warm-up")?;
-        let started = Instant::now();
-        requests_in_flight(&requester, &payload, plan.w4b)
-            .await
-            .map_err(|e| anyhow!("{e:#}{}", events.note()))?;
-        let elapsed = started.elapsed();
-        drop(tasks);
-        Ok(vec![(
-            Workload::W4b,
-            Metric::Throughput,
-            per_second(plan.w4b, elapsed),
-        )])
-    };
-    server.watch(work).await
+    /// See [`timed_requests`]; requests are numbered from `first` of `of`.
+    pub(super) async fn requests(
+        &mut self,
+        requests: Requests,
+        latencies: &mut Vec<u64>,
+    ) -> anyhow::Result<Duration> {
+        let NatsW4 {
+            server,
+            events,
+            requester,
+            payload,
+            ..
+        } = self;
+        let ask = |i: u64| {
+            let (requester, payload) = (requester.clone(), payload.clone());
+            async move {
+                requester
+                    .request(REQUEST_SUBJECT, payload)
+                    .await
+                    .with_context(|| format!("request {} of {} failed", i + 1, requests.of))?;
+                Ok(())
+            }
+        };
+        let work = async {
+            timed_requests(requests, latencies, ask)
+                .await
+                .map_err(|e| anyhow!("{e:#}{}", events.note()))
+        };
+        server.watch(work).await
+    }
+
+    pub(super) async fn stop(self) {
+        drop(self.tasks);
+    }
 }
 
 /// W5's publisher: a connection, its JetStream context and the stream

@@ -1,0 +1,296 @@
+//! W4, request/reply, on either side alone or on both at once.
+//!
+//! With both sides, one run sets up Courier's and NATS's servers and
+//! clients side by side, then alternates between them in [`W4_SLICES`]
+//! slices of the run's requests (the side that went second in a slice
+//! goes first in the next). On this VM the hypervisor steals CPU in bursts of a
+//! second or more, and the latency tails follow the steal; a side that
+//! ran all its requests inside such a burst lost its p99 to it, not to
+//! the other side. Slices of a few hundred milliseconds give both sides
+//! the same share of every burst.
+
+use super::nats::{NatsInstall, NatsW4};
+use super::*;
+
+use futures_util::stream::{FuturesUnordered, StreamExt as _};
+
+/// Slices a W4 run alternates between the sides in.
+pub(super) const W4_SLICES: u64 = 10;
+
+/// Which requests a call makes: numbers `first ..` of `of` in all (for
+/// error messages), `count` of them, `in_flight` at a time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Requests {
+    pub(super) first: u64,
+    pub(super) count: u64,
+    pub(super) of: u64,
+    pub(super) in_flight: usize,
+}
+
+/// Makes the requests `ask(i)` describes and returns the time they took;
+/// one at a time (`in_flight` 1), each one's latency in nanoseconds goes
+/// to `latencies`.
+pub(super) async fn timed_requests<F, Fut>(
+    requests: Requests,
+    latencies: &mut Vec<u64>,
+    mut ask: F,
+) -> anyhow::Result<Duration>
+where
+    F: FnMut(u64) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let numbers = requests.first..requests.first + requests.count;
+    let started = Instant::now();
+    if requests.in_flight <= 1 {
+        for i in numbers {
+            let t = Instant::now();
+            ask(i).await?;
+            latencies.push(t.elapsed().as_nanos() as u64);
+        }
+    } else {
+        let mut numbers = numbers.peekable();
+        let mut pending = FuturesUnordered::new();
+        while pending.len() < requests.in_flight {
+            let Some(i) = numbers.next() else { break };
+            pending.push(ask(i));
+        }
+        while let Some(answered) = pending.next().await {
+            answered?;
+            if let Some(i) = numbers.next() {
+                pending.push(ask(i));
+            }
+        }
+    }
+    Ok(started.elapsed())
+}
+
+/// One side's W4 servers and clients.
+enum Side {
+    Courier(CourierW4),
+    // Boxed: the NATS side holds more state; one of each per run.
+    Nats(Box<NatsW4>),
+}
+
+impl Side {
+    async fn start(system: System, exe: &Path, nats: Option<&NatsInstall>) -> anyhow::Result<Side> {
+        match system {
+            System::Courier => Ok(Side::Courier(CourierW4::start(exe).await?)),
+            System::Nats => {
+                let nats =
+                    nats.ok_or_else(|| anyhow!("internal: no nats-server for the NATS side"))?;
+                Ok(Side::Nats(Box::new(NatsW4::start(nats).await?)))
+            }
+        }
+    }
+
+    async fn requests(
+        &mut self,
+        requests: Requests,
+        latencies: &mut Vec<u64>,
+    ) -> anyhow::Result<Duration> {
+        match self {
+            Side::Courier(side) => side.requests(requests, latencies).await,
+            Side::Nats(side) => side.requests(requests, latencies).await,
+        }
+    }
+
+    async fn stop(self) {
+        match self {
+            Side::Courier(side) => side.stop().await,
+            Side::Nats(side) => side.stop().await,
+        }
+    }
+}
+
+/// What one side's timed requests of a run add up to.
+#[derive(Default)]
+struct Tally {
+    latencies: Vec<u64>,
+    requests: u64,
+    elapsed: Duration,
+    /// /proc/stat ticks during this side's slices: all, and stolen.
+    cpu_ticks: u64,
+    stolen_ticks: u64,
+}
+
+impl Tally {
+    fn measurements(mut self, job: Job) -> Vec<Measurement> {
+        let throughput = per_second(self.requests, self.elapsed);
+        if job == Job::RequestConcurrent {
+            return vec![(Workload::W4b, Metric::Throughput, throughput)];
+        }
+        self.latencies.sort_unstable();
+        let micros = |p| percentile(&self.latencies, p).unwrap_or(0) as f64 / 1000.0;
+        vec![
+            (Workload::W4a, Metric::LatencyP50, micros(50.0)),
+            (Workload::W4a, Metric::LatencyP90, micros(90.0)),
+            (Workload::W4a, Metric::LatencyP99, micros(99.0)),
+            (Workload::W4a, Metric::LatencyP999, micros(99.9)),
+            (Workload::W4a, Metric::Throughput, throughput),
+        ]
+    }
+
+    /// ", CPU steal 3.2 % in its slices"; empty without /proc/stat.
+    fn steal_text(&self) -> String {
+        if self.cpu_ticks == 0 {
+            return String::new();
+        }
+        let percent = self.stolen_ticks as f64 * 100.0 / self.cpu_ticks as f64;
+        format!(", CPU steal {percent:.1} % in its slices")
+    }
+}
+
+/// The sizes of `slices` slices of `count` (the first ones one larger
+/// where it does not divide).
+fn slice_sizes(count: u64, slices: u64) -> Vec<u64> {
+    let slices = slices.clamp(1, count.max(1));
+    (0..slices)
+        .map(|k| count / slices + u64::from(k < count % slices))
+        .collect()
+}
+
+/// One run of a W4 job on `systems`: each alone in one slice, or both
+/// alternating in [`W4_SLICES`]. Returns each system's figures, with a
+/// note for the progress line when they ran interleaved.
+pub(super) async fn run(
+    systems: &[System],
+    job: Job,
+    exe: &Path,
+    nats: Option<&NatsInstall>,
+    plan: &Plan,
+) -> anyhow::Result<Vec<(System, Vec<Measurement>)>> {
+    let (count, in_flight) = match job {
+        Job::RequestSequential => (plan.w4a, 1),
+        Job::RequestConcurrent => (plan.w4b, REQUESTS_IN_FLIGHT),
+        other => bail!("internal: {} is not a W4 job", other.label()),
+    };
+    let mut sides = Vec::with_capacity(systems.len());
+    for &system in systems {
+        // Those started before are dropped on error: their servers killed.
+        sides.push((system, Side::start(system, exe, nats).await?));
+    }
+    let result = timed_run(&mut sides, plan.warmup, count, in_flight).await;
+    for (_, side) in sides {
+        side.stop().await;
+    }
+    let tallies = result?;
+    let interleaved = systems.len() > 1;
+    Ok(systems
+        .iter()
+        .zip(tallies)
+        .map(|(&system, tally)| {
+            if interleaved {
+                progress(&format!(
+                    "  {}: {} requests in {:.2} s{}",
+                    system.title(),
+                    thousands(tally.requests),
+                    tally.elapsed.as_secs_f64(),
+                    tally.steal_text()
+                ));
+            }
+            (system, tally.measurements(job))
+        })
+        .collect())
+}
+
+/// Warms every side up, then times `count` requests on each, in slices
+/// that alternate between the sides when there are several.
+async fn timed_run(
+    sides: &mut [(System, Side)],
+    warmup: u64,
+    count: u64,
+    in_flight: usize,
+) -> anyhow::Result<Vec<Tally>> {
+    let mut discarded = Vec::new();
+    for (_, side) in sides.iter_mut() {
+        let requests = Requests {
+            first: 0,
+            count: warmup,
+            of: warmup,
+            in_flight,
+        };
+        side.requests(requests, &mut discarded)
+            .await
+            .context("warm-up")?;
+        discarded.clear();
+    }
+    let slices = if sides.len() > 1 {
+        slice_sizes(count, W4_SLICES)
+    } else {
+        vec![count]
+    };
+    let mut tallies: Vec<Tally> = sides.iter().map(|_| Tally::default()).collect();
+    for (k, &size) in slices.iter().enumerate() {
+        let first = slices[..k].iter().sum();
+        let mut order: Vec<usize> = (0..sides.len()).collect();
+        if k % 2 == 1 {
+            order.reverse();
+        }
+        for i in order {
+            let tally = &mut tallies[i];
+            let requests = Requests {
+                first,
+                count: size,
+                of: count,
+                in_flight,
+            };
+            let before = CpuTimes::read();
+            tally.elapsed += sides[i].1.requests(requests, &mut tally.latencies).await?;
+            tally.requests += size;
+            if let Some((before, after)) = before.zip(CpuTimes::read()) {
+                tally.cpu_ticks += after.total.saturating_sub(before.total);
+                tally.stolen_ticks += after.steal.saturating_sub(before.steal);
+            }
+        }
+    }
+    Ok(tallies)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slices_cover_the_count_and_differ_by_at_most_one() {
+        assert_eq!(slice_sizes(20_000, 10), vec![2_000; 10]);
+        assert_eq!(slice_sizes(23, 10), vec![3, 3, 3, 2, 2, 2, 2, 2, 2, 2]);
+        assert_eq!(slice_sizes(4, 10), vec![1, 1, 1, 1]);
+        assert_eq!(slice_sizes(0, 10), vec![0]);
+        for count in [1, 10, 99, 1_000, 200_000] {
+            let sizes = slice_sizes(count, W4_SLICES);
+            assert_eq!(sizes.iter().sum::<u64>(), count);
+            let (min, max) = (sizes.iter().min(), sizes.iter().max());
+            assert!(max.zip(min).is_some_and(|(max, min)| max - min <= 1));
+        }
+    }
+
+    #[test]
+    fn a_tally_gives_nearest_rank_percentiles_and_requests_per_second() {
+        let tally = Tally {
+            latencies: (1..=1_000).rev().map(|us| us * 1_000).collect(),
+            requests: 1_000,
+            elapsed: Duration::from_millis(500),
+            ..Tally::default()
+        };
+        let figures = tally.measurements(Job::RequestSequential);
+        assert_eq!(
+            figures,
+            vec![
+                (Workload::W4a, Metric::LatencyP50, 500.0),
+                (Workload::W4a, Metric::LatencyP90, 900.0),
+                (Workload::W4a, Metric::LatencyP99, 990.0),
+                (Workload::W4a, Metric::LatencyP999, 999.0),
+                (Workload::W4a, Metric::Throughput, 2_000.0),
+            ]
+        );
+        let concurrent = Tally {
+            requests: 300,
+            elapsed: Duration::from_millis(100),
+            ..Tally::default()
+        };
+        assert_eq!(
+            concurrent.measurements(Job::RequestConcurrent),
+            vec![(Workload::W4b, Metric::Throughput, 3_000.0)]
+        );
+    }
+}

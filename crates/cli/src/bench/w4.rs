@@ -149,9 +149,9 @@ fn slice_sizes(count: u64, slices: u64) -> Vec<u64> {
         .collect()
 }
 
-/// One run of a W4 job on `systems`: each alone in one slice, or both
-/// alternating in [`W4_SLICES`]. Returns each system's figures, with a
-/// note for the progress line when they ran interleaved.
+/// One run of a W4 job on `systems`: one alone in one stretch, or both
+/// alternating in [`W4_SLICES`] slices (then each side's request count,
+/// time and steal go to the progress output). Returns each one's figures.
 pub(super) async fn run(
     systems: &[System],
     job: Job,
@@ -202,7 +202,7 @@ async fn timed_run(
     in_flight: usize,
 ) -> anyhow::Result<Vec<Tally>> {
     let mut discarded = Vec::new();
-    for (_, side) in sides.iter_mut() {
+    for (system, side) in sides.iter_mut() {
         let requests = Requests {
             first: 0,
             count: warmup,
@@ -211,7 +211,7 @@ async fn timed_run(
         };
         side.requests(requests, &mut discarded)
             .await
-            .context("warm-up")?;
+            .with_context(|| format!("{}'s warm-up", system.title()))?;
         discarded.clear();
     }
     let slices = if sides.len() > 1 {
@@ -235,7 +235,11 @@ async fn timed_run(
                 in_flight,
             };
             let before = CpuTimes::read();
-            tally.elapsed += sides[i].1.requests(requests, &mut tally.latencies).await?;
+            let (system, side) = &mut sides[i];
+            tally.elapsed += side
+                .requests(requests, &mut tally.latencies)
+                .await
+                .with_context(|| format!("{}'s side", system.title()))?;
             tally.requests += size;
             if let Some((before, after)) = before.zip(CpuTimes::read()) {
                 tally.cpu_ticks += after.total.saturating_sub(before.total);

@@ -517,13 +517,19 @@ impl Job {
             .unwrap_or(Workload::W1a)
     }
 
-    /// The systems each run measures together: W4 runs both sides in one
-    /// run, alternating (see the `w4` module); every other job runs each
-    /// system on its own, one after the other.
+    /// W4: one run measures both sides, alternating between them (see
+    /// the `w4` module).
+    fn is_request_reply(self) -> bool {
+        matches!(self, Job::RequestSequential | Job::RequestConcurrent)
+    }
+
+    /// The systems each run measures together: all at once for W4; every
+    /// other job runs each system on its own, one after the other.
     fn run_groups(self, systems: &[System]) -> Vec<Vec<System>> {
-        match self {
-            Job::RequestSequential | Job::RequestConcurrent => vec![systems.to_vec()],
-            _ => systems.iter().map(|&s| vec![s]).collect(),
+        if self.is_request_reply() {
+            vec![systems.to_vec()]
+        } else {
+            systems.iter().map(|&s| vec![s]).collect()
         }
     }
 
@@ -1117,7 +1123,7 @@ async fn run_job(
     nats: Option<&nats::NatsInstall>,
     plan: &Plan,
 ) -> anyhow::Result<Vec<(System, Vec<Measurement>)>> {
-    if matches!(job, Job::RequestSequential | Job::RequestConcurrent) {
+    if job.is_request_reply() {
         return w4::run(systems, job, exe, nats, plan).await;
     }
     let &[system] = systems else {

@@ -1047,7 +1047,7 @@ fn load_average() -> String {
 /// (Linux), in clock ticks: all of it, and what the hypervisor gave to
 /// other guests ("steal"). On a VM, stolen time slows a run unevenly (the
 /// latency tails most), so every run reports its share.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 struct CpuTimes {
     total: u64,
     steal: u64,
@@ -1077,11 +1077,22 @@ impl CpuTimes {
         })
     }
 
+    /// The ticks from `earlier` to these.
+    fn since(self, earlier: CpuTimes) -> Option<CpuTimes> {
+        Some(CpuTimes {
+            total: self.total.checked_sub(earlier.total)?,
+            steal: self.steal.checked_sub(earlier.steal)?,
+        })
+    }
+
+    /// The percentage of these ticks that was stolen.
+    fn steal_percent(self) -> Option<f64> {
+        (self.total > 0).then(|| self.steal as f64 * 100.0 / self.total as f64)
+    }
+
     /// The percentage of the CPU time since `earlier` that was stolen.
     fn steal_percent_since(self, earlier: CpuTimes) -> Option<f64> {
-        let total = self.total.checked_sub(earlier.total)?;
-        let steal = self.steal.checked_sub(earlier.steal)?;
-        (total > 0).then(|| steal as f64 * 100.0 / total as f64)
+        self.since(earlier)?.steal_percent()
     }
 }
 

@@ -3,11 +3,11 @@
 //! With both sides, one run sets up Courier's and NATS's servers and
 //! clients side by side, then alternates between them in [`W4_SLICES`]
 //! slices of the run's requests (the side that went second in a slice
-//! goes first in the next). On this VM the hypervisor steals CPU in bursts of a
-//! second or more, and the latency tails follow the steal; a side that
-//! ran all its requests inside such a burst lost its p99 to it, not to
-//! the other side. Slices of a few hundred milliseconds give both sides
-//! the same share of every burst.
+//! goes first in the next). On this VM the hypervisor steals CPU in
+//! bursts of a second or more, and the latency tails follow the steal; a
+//! side that ran all its requests inside such a burst lost its p99 to it,
+//! not to the other side. Slices of a few hundred milliseconds give both
+//! sides the same share of every burst.
 
 use super::nats::{NatsInstall, NatsW4};
 use super::*;
@@ -39,16 +39,15 @@ where
     F: FnMut(u64) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
-    let numbers = requests.first..requests.first + requests.count;
+    let mut numbers = requests.first..requests.first + requests.count;
     let started = Instant::now();
     if requests.in_flight <= 1 {
-        for i in numbers {
+        for i in numbers.by_ref() {
             let t = Instant::now();
             ask(i).await?;
             latencies.push(t.elapsed().as_nanos() as u64);
         }
     } else {
-        let mut numbers = numbers.peekable();
         let mut pending = FuturesUnordered::new();
         while pending.len() < requests.in_flight {
             let Some(i) = numbers.next() else { break };
@@ -108,9 +107,8 @@ struct Tally {
     latencies: Vec<u64>,
     requests: u64,
     elapsed: Duration,
-    /// /proc/stat ticks during this side's slices: all, and stolen.
-    cpu_ticks: u64,
-    stolen_ticks: u64,
+    /// /proc/stat ticks during this side's slices, summed.
+    cpu: CpuTimes,
 }
 
 impl Tally {
@@ -132,11 +130,11 @@ impl Tally {
 
     /// ", CPU steal 3.2 % in its slices"; empty without /proc/stat.
     fn steal_text(&self) -> String {
-        if self.cpu_ticks == 0 {
-            return String::new();
-        }
-        let percent = self.stolen_ticks as f64 * 100.0 / self.cpu_ticks as f64;
-        format!(", CPU steal {percent:.1} % in its slices")
+        self.cpu
+            .steal_percent()
+            .map_or_else(String::new, |percent| {
+                format!(", CPU steal {percent:.1} % in its slices")
+            })
     }
 }
 
@@ -219,7 +217,15 @@ async fn timed_run(
     } else {
         vec![count]
     };
-    let mut tallies: Vec<Tally> = sides.iter().map(|_| Tally::default()).collect();
+    // Room for every latency up front: no reallocation inside a timed slice.
+    let latencies = if in_flight <= 1 { count } else { 0 };
+    let mut tallies: Vec<Tally> = sides
+        .iter()
+        .map(|_| Tally {
+            latencies: Vec::with_capacity(usize::try_from(latencies).unwrap_or(0)),
+            ..Tally::default()
+        })
+        .collect();
     for (k, &size) in slices.iter().enumerate() {
         let first = slices[..k].iter().sum();
         let mut order: Vec<usize> = (0..sides.len()).collect();
@@ -241,9 +247,10 @@ async fn timed_run(
                 .await
                 .with_context(|| format!("{}'s side", system.title()))?;
             tally.requests += size;
-            if let Some((before, after)) = before.zip(CpuTimes::read()) {
-                tally.cpu_ticks += after.total.saturating_sub(before.total);
-                tally.stolen_ticks += after.steal.saturating_sub(before.steal);
+            let after = CpuTimes::read();
+            if let Some(span) = before.zip(after).and_then(|(b, a)| a.since(b)) {
+                tally.cpu.total += span.total;
+                tally.cpu.steal += span.steal;
             }
         }
     }

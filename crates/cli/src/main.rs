@@ -3,6 +3,7 @@
 mod allocator;
 mod bench;
 mod certs;
+mod http_get;
 mod output;
 
 use std::collections::VecDeque;
@@ -163,6 +164,28 @@ struct ServeArgs {
     /// its subject. Optional per client: token-only clients still connect.
     #[arg(long, requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
+    /// The HTTP port: /healthz, /readyz and /metrics (Prometheus). `off`
+    /// serves none. Guarded by the manifest's [admin] tokens; without a
+    /// manifest, loopback clients only.
+    #[arg(long, default_value = "127.0.0.1:7780", value_parser = parse_http_addr)]
+    http: HttpAddr,
+    /// Distinct message names the metrics label by name; traffic of names
+    /// past it is counted under name="_other".
+    #[arg(long, default_value_t = courier_server::BrokerConfig::default().metrics_names_max)]
+    metrics_names_max: usize,
+}
+
+/// `--http ADDR` or `--http off`.
+#[derive(Clone, Copy, Debug)]
+struct HttpAddr(Option<std::net::SocketAddr>);
+
+fn parse_http_addr(text: &str) -> Result<HttpAddr, String> {
+    if text.eq_ignore_ascii_case("off") {
+        return Ok(HttpAddr(None));
+    }
+    text.parse()
+        .map(|a| HttpAddr(Some(a)))
+        .map_err(|e| format!("{text:?} is not HOST:PORT or off ({e})"))
 }
 
 /// `512`, `64KiB`, `10MB`, `2GiB` …
@@ -299,10 +322,17 @@ enum Command {
     /// Measures durable publish, consume and restart against a broker it
     /// starts itself; prints a table (or --json lines).
     Bench(bench::BenchArgs),
-    /// Prints the broker's counters as one JSON object.
+    /// Prints the broker's counters as one JSON object, or with
+    /// --prometheus every metric of its HTTP port's /metrics.
     Metrics {
         #[command(flatten)]
         admin: Admin,
+        /// Print the Prometheus text of the broker's HTTP port instead.
+        #[arg(long)]
+        prometheus: bool,
+        /// The broker's HTTP port (with --prometheus).
+        #[arg(long, env = "COURIER_HTTP", default_value = "127.0.0.1:7780")]
+        http: String,
     },
     /// Tokens for courier.toml.
     #[command(subcommand)]
@@ -533,7 +563,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             services,
             force,
         } => dev_certs(&dir, services, force),
-        Command::Metrics { admin } => {
+        Command::Metrics {
+            admin,
+            prometheus: true,
+            http,
+        } => {
+            let text = http_get::get(&http, "/metrics", admin.token.as_deref()).await?;
+            print!("{text}");
+            Ok(())
+        }
+        Command::Metrics { admin, .. } => {
             output::line(&admin_request(&admin, "courier.metrics", serde_json::json!({})).await?);
             Ok(())
         }
@@ -595,6 +634,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         retention_rules: args.retain,
         retention_bytes_max: args.retention_bytes.unwrap_or(0),
         send_rate_per_service: args.send_rate,
+        metrics_names_max: args.metrics_names_max,
         ..courier_server::BrokerConfig::default()
     };
     let config = ServerConfig {
@@ -610,6 +650,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             }),
             _ => None,
         },
+        http: args.http.0,
         ..ServerConfig::default()
     };
     let server = Server::bind(config, store).await?;
@@ -625,6 +666,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     );
     let addr = server.local_addr()?;
     println!("courier listening on {addr} (store: {description})");
+    if let Some(http) = server.http_addr() {
+        println!("courier http on http://{http}/ (/metrics, /healthz, /readyz)");
+    }
     let handle = server.handle();
     let stop = async {
         #[cfg(unix)]

@@ -220,7 +220,9 @@ impl BrokerProcess {
     pub(super) fn spawn(exe: &Path, addr: &str, dir: &Path) -> anyhow::Result<BrokerProcess> {
         let spawned_at = Instant::now();
         let mut child = Command::new(exe)
-            .args(["serve", "--listen", addr, "--fsync", FSYNC, "--data-dir"])
+            .args(["serve", "--listen", addr, "--fsync", FSYNC])
+            // The HTTP port is on, as by default, on a port of its own.
+            .args(["--http", "127.0.0.1:0", "--data-dir"])
             .arg(dir)
             .env("COURIER_LOG", "info")
             .env("NO_COLOR", "1")

@@ -1,0 +1,439 @@
+//! The broker's HTTP port against real `courier serve` processes: health
+//! and readiness, Prometheus metrics counted from real traffic (parsed as
+//! the exposition format), who may read them, and the name cap.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::Broker;
+
+const T: Duration = Duration::from_secs(20);
+
+/// `GET path` with an optional bearer token: (status, body).
+fn get(http: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    let addr = http.trim_start_matches("http://").trim_end_matches('/');
+    let mut s = TcpStream::connect(addr).expect("connect to the HTTP port");
+    s.set_read_timeout(Some(T)).expect("timeout");
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .expect("write request");
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).expect("read answer");
+    let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("a status code");
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    (status, body)
+}
+
+fn dechunk(mut rest: &str) -> String {
+    let mut out = String::new();
+    loop {
+        let (size, after) = rest.split_once("\r\n").expect("chunk size line");
+        let size = usize::from_str_radix(size.trim(), 16).expect("hex chunk size");
+        if size == 0 {
+            return out;
+        }
+        out.push_str(&after[..size]);
+        rest = after[size..].trim_start_matches("\r\n");
+    }
+}
+
+/// One sample of the exposition format: metric name and labels → value.
+type Samples = BTreeMap<(String, BTreeMap<String, String>), f64>;
+
+/// Parses the OpenMetrics text format as Prometheus reads it: `# TYPE`
+/// and `# HELP` lines, samples `name{k="v",…} value`, and `# EOF` last.
+fn parse_exposition(text: &str) -> Samples {
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines.last(),
+        Some(&"# EOF"),
+        "the exposition ends with # EOF"
+    );
+    let mut samples = Samples::new();
+    let mut typed = std::collections::HashSet::new();
+    for line in lines {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let name = rest.split_whitespace().next().expect("type name");
+            assert!(
+                typed.insert(name.to_string()),
+                "one TYPE per family: {name}"
+            );
+            continue;
+        }
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').expect("sample value");
+        let value: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            v => v.parse().unwrap_or_else(|_| panic!("a number in {line:?}")),
+        };
+        let (name, labels) = match series.split_once('{') {
+            Some((name, labels)) => (name, labels.strip_suffix('}').expect("closing brace")),
+            None => (series, ""),
+        };
+        let mut map = BTreeMap::new();
+        for pair in split_labels(labels) {
+            let (k, v) = pair.split_once('=').expect("label k=v");
+            let v = v
+                .strip_prefix('"')
+                .and_then(|v| v.strip_suffix('"'))
+                .expect("quoted label value");
+            map.insert(k.to_string(), v.to_string());
+        }
+        assert!(
+            samples.insert((name.to_string(), map), value).is_none(),
+            "each series once: {line}"
+        );
+    }
+    samples
+}
+
+/// Label pairs, split at commas outside quotes.
+fn split_labels(labels: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let (mut start, mut quoted) = (0, false);
+    for (i, c) in labels.char_indices() {
+        match c {
+            '"' => quoted = !quoted,
+            ',' if !quoted => {
+                out.push(&labels[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    if start < labels.len() {
+        out.push(&labels[start..]);
+    }
+    out
+}
+
+fn value(samples: &Samples, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let labels: BTreeMap<String, String> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    samples.get(&(name.to_string(), labels)).copied()
+}
+
+fn metrics(broker: &Broker, token: Option<&str>) -> Samples {
+    let http = broker.http.as_deref().expect("the HTTP port is on");
+    let (status, body) = get(http, "/metrics", token);
+    assert_eq!(status, 200, "{body}");
+    parse_exposition(&body)
+}
+
+#[test]
+fn health_and_readiness_answer() {
+    let broker = Broker::start();
+    let http = broker.http.as_deref().expect("the HTTP port is on");
+    assert_eq!(get(http, "/healthz", None), (200, "ok\n".to_string()));
+    assert_eq!(get(http, "/readyz", None), (200, "ready\n".to_string()));
+    assert_eq!(get(http, "/nothing-here", None).0, 404);
+}
+
+#[test]
+fn metrics_count_real_traffic_per_name_service_and_outcome() {
+    let broker = Broker::start();
+    let responder = broker.spawn(&[
+        "reply",
+        "todo.create",
+        "--service",
+        "todo",
+        "--outcome",
+        "todo.created",
+        "--echo",
+    ]);
+    responder.wait_stderr("replying to todo.create", T);
+    for _ in 0..3 {
+        let out = broker.run(&["request", "todo.create", "--service", "web", "--data", "{}"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Refused: nobody receives it.
+    let out = broker.run(&["send", "nobody.listens", "--service", "web"]);
+    assert_eq!(out.status.code(), Some(4));
+    // Events for a subscribed service, consumed with acks.
+    let out = broker.run(&[
+        "subscribe",
+        "audit.*",
+        "--service",
+        "audit",
+        "--idle-timeout",
+        "1s",
+    ]);
+    assert!(out.status.success());
+    let out = broker.run(&["publish", "audit.seen", "--service", "web", "--count", "5"]);
+    assert!(out.status.success());
+
+    let m = metrics(&broker, None);
+    let sent = |name, service| {
+        value(
+            &m,
+            "courier_messages_sent_total",
+            &[("name", name), ("service", service)],
+        )
+    };
+    assert_eq!(sent("todo.create", "web"), Some(3.0));
+    assert_eq!(sent("audit.seen", "web"), Some(5.0));
+    assert_eq!(
+        sent("todo.created", "todo"),
+        Some(3.0),
+        "replies count as sent by the responder"
+    );
+    let delivered = value(
+        &m,
+        "courier_messages_delivered_total",
+        &[("name", "todo.create"), ("service", "todo")],
+    );
+    assert_eq!(delivered, Some(3.0));
+    assert_eq!(
+        value(
+            &m,
+            "courier_messages_acked_total",
+            &[("name", "todo.create"), ("service", "todo")]
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        value(
+            &m,
+            "courier_messages_refused_total",
+            &[
+                ("name", "nobody.listens"),
+                ("service", "web"),
+                ("reason", "no_receiver")
+            ]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(
+            &m,
+            "courier_command_replies_total",
+            &[("name", "todo.create"), ("outcome", "todo.created")]
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        value(
+            &m,
+            "courier_command_reply_seconds_count",
+            &[("name", "todo.create")]
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        value(
+            &m,
+            "courier_command_reply_seconds_bucket",
+            &[("name", "todo.create"), ("le", "+Inf")]
+        ),
+        Some(3.0)
+    );
+    // The five events wait for audit, which is offline.
+    assert_eq!(
+        value(
+            &m,
+            "courier_subscription_backlog_messages",
+            &[("service", "audit")]
+        ),
+        Some(5.0)
+    );
+    assert_eq!(
+        value(
+            &m,
+            "courier_subscription_consumers",
+            &[("service", "audit")]
+        ),
+        Some(0.0)
+    );
+    let oldest = value(
+        &m,
+        "courier_subscription_oldest_unacked_seconds",
+        &[("service", "audit")],
+    )
+    .expect("the oldest unacked age of a backlog");
+    assert!((0.0..60.0).contains(&oldest), "{oldest}");
+    assert_eq!(
+        value(&m, "courier_connections", &[("service", "todo")]),
+        Some(1.0)
+    );
+    assert!(value(&m, "courier_log_bytes", &[]).is_some_and(|b| b > 0.0));
+    assert!(value(&m, "courier_fsync_seconds_count", &[]).is_some_and(|n| n > 0.0));
+    assert!(value(&m, "courier_group_commit_records_count", &[]).is_some_and(|n| n > 0.0));
+    assert_eq!(value(&m, "courier_degraded", &[]), Some(0.0));
+    assert!(value(&m, "courier_frames_in_total", &[]).is_some_and(|n| n > 0.0));
+
+    // Consuming them acks them: the backlog empties, the counters move.
+    let out = broker.run(&["subscribe", "audit.*", "--service", "audit", "--count", "5"]);
+    assert!(out.status.success());
+    let m = metrics(&broker, None);
+    assert_eq!(
+        value(
+            &m,
+            "courier_messages_acked_total",
+            &[("name", "audit.seen"), ("service", "audit")]
+        ),
+        Some(5.0)
+    );
+    assert_eq!(
+        value(
+            &m,
+            "courier_subscription_backlog_messages",
+            &[("service", "audit")]
+        ),
+        Some(0.0)
+    );
+    assert_eq!(
+        value(
+            &m,
+            "courier_subscription_oldest_unacked_seconds",
+            &[("service", "audit")]
+        ),
+        None
+    );
+
+    // The CLI prints the same page.
+    let http = broker.http.clone().expect("http");
+    let out = broker.run(&[
+        "metrics",
+        "--prometheus",
+        "--http",
+        http.trim_start_matches("http://").trim_end_matches('/'),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = parse_exposition(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(
+        value(
+            &printed,
+            "courier_messages_sent_total",
+            &[("name", "todo.create"), ("service", "web")]
+        ),
+        Some(3.0)
+    );
+}
+
+#[test]
+fn names_past_the_cap_are_counted_as_other() {
+    let broker = Broker::start_with(&["--metrics-names-max", "2"]);
+    let out = broker.run(&[
+        "subscribe",
+        "x.>",
+        "--service",
+        "sink",
+        "--idle-timeout",
+        "1s",
+    ]);
+    assert!(out.status.success());
+    for name in ["x.one", "x.two", "x.three", "x.four", "x.four"] {
+        let out = broker.run(&["publish", name, "--service", "src"]);
+        assert!(out.status.success());
+    }
+    let m = metrics(&broker, None);
+    let sent = |name| {
+        value(
+            &m,
+            "courier_messages_sent_total",
+            &[("name", name), ("service", "src")],
+        )
+    };
+    assert_eq!(sent("x.one"), Some(1.0));
+    assert_eq!(sent("x.two"), Some(1.0));
+    assert_eq!(sent("x.three"), None);
+    assert_eq!(sent("_other"), Some(3.0));
+    assert_eq!(
+        value(&m, "courier_metrics_names_over_cap_total", &[]),
+        Some(3.0)
+    );
+    assert_eq!(value(&m, "courier_metrics_names_max", &[]), Some(2.0));
+}
+
+#[test]
+fn under_a_manifest_metrics_need_an_admin_token() {
+    let dir = common::tempdir::Dir::new("obs-manifest");
+    let manifest = dir.path().join("courier.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "[services.web]\nsends = [\"todo.create\"]\ntokens = [\"{}\"]\n\n[admin]\ntokens = [\"{}\"]\n",
+            token_hash("crr_web_secret"),
+            token_hash("crr_admin_secret")
+        ),
+    )
+    .expect("write manifest");
+    let broker = Broker::start_with(&["--manifest", manifest.to_str().expect("utf-8 path")]);
+    let http = broker.http.as_deref().expect("http");
+    let (status, body) = get(http, "/metrics", None);
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("Authorization: Bearer"), "{body}");
+    let (status, body) = get(http, "/metrics", Some("crr_web_secret"));
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("belongs to service web"), "{body}");
+    let (status, _) = get(http, "/metrics", Some("crr_nobody"));
+    assert_eq!(status, 401);
+    assert!(metrics(&broker, Some("crr_admin_secret"))
+        .contains_key(&("courier_degraded".to_string(), BTreeMap::new())));
+    // Probes need no credentials.
+    assert_eq!(get(http, "/healthz", None).0, 200);
+}
+
+#[test]
+fn a_public_http_address_without_a_manifest_is_refused() {
+    let out = std::process::Command::new(common::courier_bin())
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--in-memory",
+            "--http",
+            "0.0.0.0:0",
+        ])
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(6), "{stderr}");
+    assert!(
+        stderr.contains("HTTP") && stderr.contains("--manifest"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn http_off_serves_no_port() {
+    let broker = Broker::start_with(&["--http", "off"]);
+    assert!(broker.http.is_none());
+}
+
+fn token_hash(token: &str) -> String {
+    courier_manifest::hash_token(token)
+}

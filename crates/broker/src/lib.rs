@@ -18,6 +18,7 @@ mod queue;
 mod recovery;
 mod refcount;
 pub mod stats;
+mod tap;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,6 +36,7 @@ use journal::Op;
 pub use queue::DeadLetter;
 use queue::{Entry, Queue};
 pub use recovery::RecoveryReport;
+pub use tap::{TailFilter, Tapped};
 
 /// The maps touched for every message (here and in the server): keyed by
 /// a fast hasher seeded at random per process (keys come from clients, so
@@ -188,6 +190,15 @@ pub enum Action {
     /// The answer to a PING: it follows every answer to what the
     /// connection sent before the PING, so a client's flush can wait on it.
     Pong { conn: ConnId, nonce: u64 },
+    /// An admin asked to tail the bus (`courier.tail`): the network edge
+    /// sends it what [`Broker::take_taps`] yields, filtered, as replies to
+    /// `request`, for as long as the connection lives.
+    StartTail {
+        conn: ConnId,
+        request: Uuid,
+        activity_id: Uuid,
+        filter: TailFilter,
+    },
 }
 
 /// Counters for `/metrics` and tests; they only ever go up.
@@ -455,6 +466,9 @@ pub struct Broker<S: MessageStore> {
     manifest: Option<Arc<Manifest>>,
     /// Traffic per message name and service (`stats.rs`).
     traffic: stats::TrafficStats,
+    /// Someone tails the bus: accepted messages are copied to `taps`.
+    tapping: bool,
+    taps: Vec<Tapped>,
 }
 
 impl<S: MessageStore> Broker<S> {
@@ -490,6 +504,8 @@ impl<S: MessageStore> Broker<S> {
             batch_appended: false,
             manifest: None,
             traffic: stats::TrafficStats::new(config_names_max),
+            tapping: false,
+            taps: Vec::new(),
         }
     }
 
@@ -1174,7 +1190,11 @@ impl<S: MessageStore> Broker<S> {
         stamped.sender = sender;
         let outcome = match message.kind {
             Kind::Command if message.name.starts_with(SYSTEM_PREFIX) => {
-                self.system_command(conn, &message, now)
+                let answered = self.system_command(conn, &message, now);
+                if answered.is_ok() {
+                    self.tap(&message, Arc::from([]));
+                }
+                answered
             }
             _ if message.name.starts_with(SYSTEM_PREFIX) => Err((
                 ErrorCode::InvalidName,
@@ -1318,6 +1338,7 @@ impl<S: MessageStore> Broker<S> {
                 return Err((ErrorCode::NoReceiver, reason));
             }
             self.metrics.dropped_unrouted += 1;
+            self.tap(&message, targets);
             if !message.transient {
                 // Kept for history replay (`--from`) until retention ends;
                 // no service holds a reference.
@@ -1344,6 +1365,7 @@ impl<S: MessageStore> Broker<S> {
             owned.payload = bytes::Bytes::copy_from_slice(&owned.payload);
         }
         if message.transient {
+            self.tap(&message, targets.clone());
             for service in targets.iter() {
                 self.deliver_transient(service, &message);
             }
@@ -1356,6 +1378,7 @@ impl<S: MessageStore> Broker<S> {
         self.dirty = true;
         self.batch_appended = true;
         self.enqueue(seq, &message, &targets, now);
+        self.tap(&message, targets.clone());
         for service in targets.iter() {
             self.pump(service, now);
         }
@@ -1530,6 +1553,10 @@ impl<S: MessageStore> Broker<S> {
         };
         if message.is_final {
             self.reply_routes.remove(&command);
+        }
+        if self.tapping {
+            let requester: Receivers = Arc::from([service.clone()]);
+            self.tap(&message, requester);
         }
         match target {
             Some(conn) => {
@@ -1874,6 +1901,29 @@ impl<S: MessageStore> Broker<S> {
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
         out
+    }
+
+    /// Whether accepted messages are recorded for tails (the network edge
+    /// turns it on while at least one tail runs).
+    pub fn set_tapping(&mut self, on: bool) {
+        self.tapping = on;
+        if !on {
+            self.taps.clear();
+        }
+    }
+
+    /// What was accepted since the last call, while tapping.
+    pub fn take_taps(&mut self) -> Vec<Tapped> {
+        std::mem::take(&mut self.taps)
+    }
+
+    fn tap(&mut self, message: &Arc<Message>, receivers: Receivers) {
+        if self.tapping {
+            self.taps.push(Tapped {
+                message: message.clone(),
+                receivers,
+            });
+        }
     }
 
     /// Traffic per message name and service, for `/metrics`.

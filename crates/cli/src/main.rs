@@ -5,6 +5,7 @@ mod bench;
 mod certs;
 mod http_get;
 mod output;
+mod tail;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -322,6 +323,10 @@ enum Command {
     /// Measures durable publish, consume and restart against a broker it
     /// starts itself; prints a table (or --json lines).
     Bench(bench::BenchArgs),
+    /// Follows everything the broker accepts, replies included, as one JSON
+    /// line per message, without receiving anything (admin only). A tail
+    /// that cannot keep up skips lines and says how many on stderr.
+    Tail(tail::TailArgs),
     /// Prints the broker's counters as one JSON object, or with
     /// --prometheus every metric of its HTTP port's /metrics.
     Metrics {
@@ -577,6 +582,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(args) => bench::run(args).await,
+        Command::Tail(args) => tail::run(args).await,
         Command::Services { admin } => {
             let listing =
                 admin_request(&admin, "courier.services.list", serde_json::json!({})).await?;
@@ -886,6 +892,14 @@ async fn admin_request(
     name: &str,
     args: serde_json::Value,
 ) -> anyhow::Result<serde_json::Value> {
+    let client = connect_admin(admin).await?;
+    let reply = client.command(name).json(&args)?.request().await;
+    client.shutdown().await;
+    Ok(reply?.json()?)
+}
+
+/// A connection for the broker's own commands.
+async fn connect_admin(admin: &Admin) -> anyhow::Result<Client> {
     let conn = Conn {
         url: admin.url.clone(),
         service: std::env::var("COURIER_SERVICE").ok(),
@@ -897,10 +911,7 @@ async fn admin_request(
     let mut opts = ClientOptions::new(conn.url.clone(), conn.service_name());
     opts.token = conn.token.clone();
     opts.tls = conn.client_tls();
-    let client = Client::connect(opts).await?;
-    let reply = client.command(name).json(&args)?.request().await;
-    client.shutdown().await;
-    Ok(reply?.json()?)
+    Ok(Client::connect(opts).await?)
 }
 
 async fn dead_letters(action: DeadLetters) -> anyhow::Result<()> {

@@ -12,12 +12,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::{ConnectInfo, State};
+use std::collections::HashMap;
+
+use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use courier_broker::Nanos;
+use courier_broker::{Nanos, TailFilter};
 use courier_manifest::Identity;
 use tokio::net::TcpListener;
 use tracing::warn;
@@ -56,6 +58,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/v1/tail", get(tail))
         .with_state(shared)
 }
 
@@ -95,6 +98,33 @@ async fn metrics(
         text,
     )
         .into_response()
+}
+
+/// `GET /v1/tail?pattern=…&service=…&kind=…&payload=true`: the live tail
+/// as Server-Sent Events.
+async fn tail(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(refusal) = authorize(&shared, peer, &headers) {
+        return *refusal;
+    }
+    let mut args = serde_json::Map::new();
+    for field in ["pattern", "service", "kind"] {
+        if let Some(v) = query.get(field) {
+            args.insert(field.to_string(), serde_json::Value::String(v.clone()));
+        }
+    }
+    let payload = query
+        .get("payload")
+        .is_some_and(|v| matches!(v.as_str(), "" | "1" | "true" | "yes"));
+    args.insert("payload".to_string(), serde_json::Value::Bool(payload));
+    match TailFilter::from_args(&serde_json::Value::Object(args)) {
+        Ok(filter) => shared.tails.sse(filter).into_response(),
+        Err((_, reason)) => problem(StatusCode::BAD_REQUEST, &reason),
+    }
 }
 
 /// Admin tokens under a manifest; loopback peers without one.

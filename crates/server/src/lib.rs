@@ -12,6 +12,7 @@
 mod auth;
 mod http;
 mod metrics_text;
+mod tail;
 mod tls;
 
 pub use auth::{load_manifest, ADMIN_SERVICE};
@@ -132,6 +133,8 @@ struct Outbox {
     /// below `resume_below` is resumed at once, not at the next tick.
     timer_wake: Arc<Notify>,
     resume_below: usize,
+    /// Set once the connection is gone (tails writing to it stop).
+    gone: std::sync::atomic::AtomicBool,
 }
 
 struct OutState {
@@ -157,7 +160,12 @@ impl Outbox {
             wake: Notify::new(),
             timer_wake,
             resume_below,
+            gone: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    fn is_gone(&self) -> bool {
+        self.gone.load(Ordering::Relaxed)
     }
 
     fn lock(&self) -> MutexGuard<'_, OutState> {
@@ -213,6 +221,8 @@ struct Shared {
     /// into fewer frames), for `/metrics`.
     frames_in: AtomicU64,
     entries_out: AtomicU64,
+    /// Live tails and the channel that feeds them.
+    tails: tail::Tails,
 }
 
 fn now_nanos() -> Nanos {
@@ -323,6 +333,7 @@ impl Server {
                 recovery_seconds,
                 frames_in: AtomicU64::new(0),
                 entries_out: AtomicU64::new(0),
+                tails: tail::Tails::new(),
             }),
             listener,
         })
@@ -401,9 +412,14 @@ impl Shared {
     fn with_core(&self, f: impl FnOnce(&mut Broker<Store>, Nanos)) {
         let mut core = self.core();
         let now = now_nanos();
+        core.set_tapping(self.tails.any());
         f(&mut core, now);
         let mut actions = Vec::new();
         core.take_actions(&mut actions);
+        // Sent under the lock, so every tail sees the core's order.
+        for tapped in core.take_taps() {
+            let _ = self.tails.sender.send(Arc::new(tapped));
+        }
         for alert in core.take_alerts() {
             warn!("{alert}");
         }
@@ -471,7 +487,8 @@ impl Shared {
                 | Action::SendResult { conn, .. }
                 | Action::OpResult { conn, .. }
                 | Action::Drained { conn }
-                | Action::Pong { conn, .. } => *conn,
+                | Action::Pong { conn, .. }
+                | Action::StartTail { conn, .. } => *conn,
             };
             if current.as_ref().is_none_or(|(c, _)| *c != conn) {
                 current = None;
@@ -511,6 +528,18 @@ impl Shared {
                 })),
                 Action::Drained { .. } => state.writer.push(&Frame::Drained),
                 Action::Pong { nonce, .. } => state.writer.push(&Frame::Pong(nonce)),
+                Action::StartTail {
+                    conn,
+                    request,
+                    activity_id,
+                    filter,
+                } => {
+                    if let Some(outbox) = outboxes.get(&conn) {
+                        self.tails
+                            .start_bus_tail(outbox.clone(), request, activity_id, filter);
+                    }
+                    Ok(())
+                }
             };
             if let Err(e) = encoded {
                 warn!(conn, error = %e, "could not encode a frame; dropped");
@@ -938,6 +967,7 @@ async fn serve_stream<R, W>(
     }
     shared.with_core(|core, now| core.disconnect(conn, now));
     shared.outboxes().remove(&conn);
+    outbox.gone.store(true, Ordering::Relaxed);
     shared
         .credentials
         .lock()

@@ -560,3 +560,91 @@ fn an_sse_tail_that_lags_is_told_how_many_it_missed_and_misses_nothing_else() {
     assert!(dropped > 0, "a tail that was not read fell behind");
     assert_eq!(lines + dropped, EVENTS, "every message shown or counted");
 }
+
+/// A real `prometheus` (Debian's package; `scripts/test.sh` installs it)
+/// scrapes the broker and answers a query over what it scraped.
+#[test]
+fn a_real_prometheus_scrapes_the_broker() {
+    let Ok(prometheus) = which("prometheus") else {
+        panic!("prometheus is not installed: apt-get install prometheus (scripts/test.sh does)");
+    };
+    let broker = Broker::start();
+    let out = broker.run(&[
+        "subscribe",
+        "scrape.*",
+        "--service",
+        "sink",
+        "--idle-timeout",
+        "1s",
+    ]);
+    assert!(out.status.success());
+    let out = broker.run(&["publish", "scrape.me", "--service", "src", "--count", "7"]);
+    assert!(out.status.success());
+
+    let dir = common::tempdir::Dir::new("prometheus");
+    let target = broker
+        .http
+        .as_deref()
+        .expect("http")
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: courier\n    static_configs:\n      - targets: ['{target}']\n"
+        ),
+    )
+    .expect("write config");
+    let web = format!("127.0.0.1:{}", common::free_port());
+    let mut server = std::process::Command::new(prometheus)
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("data").display()
+        ))
+        .arg(format!("--web.listen-address={web}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start prometheus");
+    let query = "/api/v1/query?query=courier_messages_sent_total%7Bname%3D%22scrape.me%22%7D";
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut last = String::new();
+    let found = loop {
+        if std::time::Instant::now() > deadline {
+            break None;
+        }
+        if let Ok(mut s) = TcpStream::connect(&web) {
+            let _ = s.set_read_timeout(Some(T));
+            let _ = write!(s, "GET {query} HTTP/1.0\r\nHost: {web}\r\n\r\n");
+            let mut answer = String::new();
+            let _ = s.read_to_string(&mut answer);
+            if let Some((_, body)) = answer.split_once("\r\n\r\n") {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(body) {
+                    if let Some(sample) = v["data"]["result"].as_array().and_then(|r| r.first()) {
+                        break Some(sample.clone());
+                    }
+                    last = body.to_string();
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let _ = server.kill();
+    let _ = server.wait();
+    let sample =
+        found.unwrap_or_else(|| panic!("prometheus never had the series; last answer: {last}"));
+    assert_eq!(sample["metric"]["service"], "src");
+    assert_eq!(sample["value"][1], "7", "{sample}");
+}
+
+fn which(program: &str) -> Result<std::path::PathBuf, ()> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|dir| dir.join(program))
+        .find(|p| p.is_file())
+        .ok_or(())
+}

@@ -157,7 +157,7 @@ pub async fn connect(
     let client = tokio::select! {
         client = Client::connect(opts) => client?,
         () = deadline.reached() => {
-            return Err(deadline.gave_up(conn, false, "nothing sent"));
+            return Err(deadline.gave_up(conn, false, "never connected"));
         }
     };
     let mut events = client.connection_events();

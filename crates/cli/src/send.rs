@@ -311,6 +311,9 @@ pub async fn send(args: SendArgs, event: bool) -> anyhow::Result<()> {
     let mut window = Window::new();
     let mut acknowledged = 0u64;
     let mut all_queued = false;
+    // One timer for the whole run, not one per message.
+    let deadline_reached = deadline.reached();
+    tokio::pin!(deadline_reached);
     let outcome = loop {
         if all_queued && window.is_empty() {
             break Ok(());
@@ -320,7 +323,7 @@ pub async fn send(args: SendArgs, event: bool) -> anyhow::Result<()> {
         let front = window.front_mut().map(|(_, handle)| handle);
         let step = tokio::select! {
             biased;
-            () = deadline.reached() => Step::Deadline,
+            () = &mut deadline_reached => Step::Deadline,
             settled = async move {
                 match front {
                     Some(handle) => handle.await,

@@ -68,6 +68,8 @@ pub async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
     }
     let mut received = 0u64;
     let mut outcome = Ok(());
+    let deadline_reached = deadline.reached();
+    tokio::pin!(deadline_reached);
     while received < limit {
         let next = async {
             match args.idle_timeout {
@@ -80,7 +82,7 @@ pub async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
                 Some(()) => received += 1,
                 None => break,
             },
-            () = deadline.reached() => {
+            () = &mut deadline_reached => {
                 let progress = match args.count {
                     Some(count) => format!("{received} of {count} deliveries received"),
                     None => format!("{received} deliveries received"),

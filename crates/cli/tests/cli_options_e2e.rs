@@ -270,6 +270,22 @@ fn request_takes_the_same_envelope_flags_and_a_payload_file() {
     assert_eq!(seen["headers"]["x-trace"], "t1");
     assert!(seen["expires_at"].is_u64() && seen["deliver_at"].is_u64());
 
+    // A transient command gets its reply too.
+    let replies = ok(
+        &broker,
+        &[
+            "request",
+            "calc.add",
+            "--transient",
+            "--data",
+            "7",
+            "--timeout",
+            "5s",
+        ],
+    );
+    assert_eq!(replies[0]["payload"], 7);
+    assert!(audit.json_line(T)["payload"] == 7);
+
     // All of stdin is one request's payload.
     let mut child = broker
         .cli(&["request", "calc.add", "--data", "-", "--timeout", "5s"])

@@ -283,9 +283,20 @@ fn timeouts_too_long_to_represent_are_refused_and_long_ones_work() {
         "{}",
         stderr(&out)
     );
+    let out = broker.run(&["subscribe", "x", "--service", "s", "--idle-timeout", "50ms"]);
+    assert!(out.status.success(), "{}", stderr(&out));
     // Centuries: no deadline in practice, and no panic.
     for args in [
         &["publish", "x", "--timeout", "10000000000d"][..],
+        &["send", "x", "--timeout", "10000000000d"][..],
+        &[
+            "send",
+            "x",
+            "--ttl",
+            "500000000000y",
+            "--delay",
+            "500000000000y",
+        ][..],
         &[
             "subscribe",
             "x",

@@ -226,6 +226,16 @@ fn publish_with_a_timeout_gives_up_while_the_broker_is_down_and_says_how_far_it_
 #[test]
 fn request_waiting_for_a_reply_when_the_broker_goes_is_unreachable_not_slow() {
     let broker = Broker::start();
+    // The subscription exists before the request; the spawned one receives.
+    let out = broker.run(&[
+        "subscribe",
+        "calc.add",
+        "--service",
+        "calc",
+        "--idle-timeout",
+        "50ms",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
     let silent = broker.spawn(&["subscribe", "calc.add", "--service", "calc"]);
     let requester = broker.spawn(&["request", "calc.add", "--timeout", "2s"]);
     // The command reached its receiver; now the broker goes.

@@ -775,7 +775,7 @@ async fn reply(
         .await?;
     eprintln!(
         "courier: replying to {name} as service {} (Ctrl-C to stop)",
-        conn.service_name()
+        client.service()
     );
     let mut answered = 0u64;
     loop {

@@ -5,7 +5,12 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use common::{json_lines, stderr, Broker};
+use courier_client::proto::{
+    decode_frame, Credentials, Frame, FrameWriter, Hello, Welcome, PROTOCOL_VERSION,
+};
+use courier_client::{Client, ClientOptions};
 
 struct Tokens {
     web: String,
@@ -146,6 +151,85 @@ fn tokens_decide_who_connects_and_the_manifest_what_they_send_and_receive() {
     let out = broker.run(&["services", "--token", &t.admin]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(json_lines(&out).iter().any(|s| s["name"] == "todo"));
+}
+
+/// The WELCOME a raw client gets for a HELLO naming `service` (maybe
+/// empty) with `token`.
+fn welcome_for(broker: &Broker, service: &str, token: &str) -> Welcome {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(&broker.addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut out = FrameWriter::new();
+    out.push(&Frame::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        service: service.into(),
+        instance: String::new(),
+        max_in_flight: 0,
+        credentials: Credentials::Token(token.into()),
+    }))
+    .expect("encode");
+    stream.write_all(&out.take()).expect("write HELLO");
+    let mut buf = BytesMut::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match decode_frame(&mut buf, u32::MAX).expect("broker frames decode") {
+            Some(Frame::Welcome(welcome)) => return welcome,
+            Some(other) => panic!("expected WELCOME, got {other:?}"),
+            None => {}
+        }
+        let n = stream.read(&mut chunk).expect("read WELCOME");
+        assert!(n > 0, "the broker closed the connection instead of WELCOME");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_its_service_to_its_token_learns_it_from_welcome() {
+    let dir = common::tempdir::Dir::new("identity");
+    let (broker, t, _) = start_with_manifest(&dir);
+    let (anonymous, named, admin, admin_named_cli) = tokio::task::block_in_place(|| {
+        (
+            welcome_for(&broker, "", &t.web),
+            welcome_for(&broker, "web", &t.web),
+            welcome_for(&broker, "", &t.admin),
+            welcome_for(&broker, "cli", &t.admin),
+        )
+    });
+    assert_eq!(anonymous.service.as_deref(), Some("web"));
+    assert_eq!(
+        named.service, None,
+        "a client that named itself gets WELCOME without the field, as before it existed"
+    );
+    assert_eq!(admin.service.as_deref(), Some("admin"));
+    assert_eq!(
+        admin_named_cli.service.as_deref(),
+        Some("admin"),
+        "the admin's token decides whatever name HELLO gave"
+    );
+
+    let mut opts = ClientOptions::new(broker.addr.clone(), "");
+    opts.token = Some(t.todo.clone());
+    let client = Client::connect(opts).await.expect("connect with a token");
+    assert_eq!(client.service(), "todo");
+    client.shutdown().await;
+
+    // The CLI's responder says whom it answers as, not an empty name.
+    let responder = broker.spawn(&[
+        "reply",
+        "todo.create",
+        "--outcome",
+        "todo.created",
+        "--token",
+        &t.todo,
+    ]);
+    tokio::task::block_in_place(|| {
+        responder.wait_stderr(
+            "replying to todo.create as service todo",
+            Duration::from_secs(10),
+        )
+    });
 }
 
 #[test]

@@ -89,7 +89,9 @@ pub fn current_activity() -> Option<Uuid> {
 pub struct ClientOptions {
     /// `host:port` of the broker.
     pub url: String,
-    /// The service this client acts for.
+    /// The service this client acts for. Empty: the one its token or
+    /// client certificate belongs to (a broker with a manifest names it in
+    /// WELCOME; see [`Client::service`]).
     pub service: String,
     /// This instance's name; the broker makes one up when empty.
     pub instance: String,
@@ -269,6 +271,9 @@ pub(crate) struct Waiting {
 
 pub(crate) struct Inner {
     opts: ClientOptions,
+    /// The service the broker authenticated the first connection as
+    /// (`opts.service`, or what WELCOME named when that was left empty).
+    service: String,
     state: Mutex<State>,
     /// Something was written to `state.writer` (see [`Inner::wake_writer`]).
     writer_wake: Notify,
@@ -389,6 +394,7 @@ impl Client {
                 unheard_refusals: 0,
                 last_unheard_refusal: None,
             }),
+            service: first.service.clone(),
             opts,
             writer_wake: Notify::new(),
             write_requested: AtomicBool::new(false),
@@ -412,9 +418,11 @@ impl Client {
         Ok(Client { inner })
     }
 
-    /// The service this client acts for.
+    /// The service this client acts for: [`ClientOptions::service`], or,
+    /// when that was left empty for the token or client certificate to
+    /// decide, the service the broker authenticated it as.
     pub fn service(&self) -> &str {
-        &self.inner.opts.service
+        &self.inner.service
     }
 
     /// Starts a command with options (key, headers, TTL …).

@@ -841,6 +841,10 @@ async fn serve_stream<R, W>(
             connection_id: conn,
             frame_bytes_max: shared.config.frame_bytes_max,
             broker: format!("courier {}", env!("CARGO_PKG_VERSION")),
+            // A client that left the name to its credentials (or the admin,
+            // whatever name it gave) learns it here; one whose name stands
+            // gets the WELCOME it always got.
+            service: (identity.service != hello.service).then(|| identity.service.clone()),
         }));
         if let Err(reason) = core.connect_as(
             conn,

@@ -91,8 +91,9 @@ pub fn current_activity() -> Option<Uuid> {
 pub struct ClientOptions {
     /// `host:port` of the broker.
     pub url: String,
-    /// The service this client acts for; empty to let the broker take it
-    /// from the credentials (the token, or the client certificate).
+    /// The service this client acts for. Empty: the one its token or
+    /// client certificate belongs to (a broker with a manifest names it in
+    /// WELCOME; see [`Client::service`]).
     pub service: String,
     /// This instance's name; the broker makes one up when empty.
     pub instance: String,
@@ -297,6 +298,9 @@ pub(crate) struct Waiting {
 
 pub(crate) struct Inner {
     opts: ClientOptions,
+    /// The service the broker authenticated the first connection as
+    /// (`opts.service`, or what WELCOME named when that was left empty).
+    service: String,
     state: Mutex<State>,
     /// Something was written to `state.writer` (see [`Inner::wake_writer`]).
     writer_wake: Notify,
@@ -424,6 +428,7 @@ impl Client {
                 last_unheard_refusal: None,
                 events: Some(broadcast::channel(events::CONNECTION_EVENTS_MAX).0),
             }),
+            service: first.service.clone(),
             opts,
             writer_wake: Notify::new(),
             write_requested: AtomicBool::new(false),
@@ -447,11 +452,11 @@ impl Client {
         Ok(Client { inner })
     }
 
-    /// The service this client acts for, as given in
-    /// [`ClientOptions::service`] (empty when the broker takes it from the
-    /// credentials).
+    /// The service this client acts for: [`ClientOptions::service`], or,
+    /// when that was left empty for the token or client certificate to
+    /// decide, the service the broker authenticated it as.
     pub fn service(&self) -> &str {
-        &self.inner.opts.service
+        &self.inner.service
     }
 
     /// Starts a command with options (key, headers, TTL …).

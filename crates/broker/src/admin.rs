@@ -152,6 +152,8 @@ impl<S: MessageStore> Broker<S> {
                         "frames_rejected": m.frames_rejected, "handshakes_refused": m.handshakes_refused,
                         "slow_consumers_cut": m.slow_consumers_cut, "receivers_paused": m.receivers_paused,
                         "in_flight_requests_lowered": m.in_flight_requests_lowered, "degraded": self.is_degraded(),
+                        "frame_timeouts": m.frame_timeouts, "keepalive_timeouts": m.keepalive_timeouts,
+                        "connections_over_cap": m.connections_over_cap, "connections_open": m.connections_open,
                         "store_len": self.store.len(),
                     }),
                 )

@@ -227,6 +227,16 @@ pub struct Metrics {
     pub receivers_paused: u64,
     /// Receivers that asked for more deliveries in flight than the limit.
     pub in_flight_requests_lowered: u64,
+    /// Counted by the network edge: connections closed because a frame
+    /// they had begun did not arrive whole within the frame deadline, or
+    /// because nothing arrived within the keepalive deadline.
+    pub frame_timeouts: u64,
+    pub keepalive_timeouts: u64,
+    /// Connections refused because the broker held its maximum.
+    pub connections_over_cap: u64,
+    /// Connections open now (a gauge kept by the network edge), in their
+    /// handshake or established.
+    pub connections_open: u64,
 }
 
 pub use courier_proto::StartFrom;

@@ -4,6 +4,7 @@ mod allocator;
 mod bench;
 mod certs;
 mod output;
+mod serve_limits;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -163,6 +164,8 @@ struct ServeArgs {
     /// its subject. Optional per client: token-only clients still connect.
     #[arg(long, requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
+    #[command(flatten)]
+    limits: serve_limits::ServeLimits,
 }
 
 /// `512`, `64KiB`, `10MB`, `2GiB` …
@@ -597,7 +600,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         send_rate_per_service: args.send_rate,
         ..courier_server::BrokerConfig::default()
     };
-    let config = ServerConfig {
+    let mut config = ServerConfig {
         listen: args.listen,
         broker,
         manifest_path: args.manifest.clone(),
@@ -612,6 +615,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
         ..ServerConfig::default()
     };
+    args.limits.apply(&mut config);
     let server = Server::bind(config, store).await?;
     let r = server.recovery().clone();
     tracing::info!(

@@ -581,7 +581,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let (store, damage) = courier_store::LogStore::open(config)
             .with_context(|| format!("cannot open the log in {}", dir.display()))?;
         for d in &damage {
-            tracing::warn!(damage = %d, "the log was damaged; see docs/STORAGE.md");
+            if d.is_harmful() {
+                tracing::error!(damage = %d, "the log was damaged; see docs/STORAGE.md");
+            } else {
+                tracing::warn!(damage = %d, "the log was damaged; see docs/STORAGE.md");
+            }
         }
         let fsync = match args.fsync {
             FsyncPolicy::Always => "always".to_string(),

@@ -40,6 +40,9 @@ pub enum LogError {
     /// hold bytes the log does not know about.
     #[error("the log stopped accepting writes: {reason}; reopen it (Log::open repairs the tail) once the disk is healthy")]
     Poisoned { reason: String },
+    /// Another process holds the log directory's lock.
+    #[error("another process holds the lock {} (a running courier serve?); stop it first, or use another --data-dir", path.display())]
+    Locked { path: PathBuf },
     #[error("invalid log configuration: {reason}; fix the configuration and open again")]
     InvalidConfig { reason: String },
     #[error("snapshot of {len} bytes exceeds the limit of {max} bytes; make the snapshot smaller")]

@@ -24,6 +24,7 @@ mod error;
 mod faulty;
 mod format;
 mod fs;
+mod lock;
 mod log;
 mod segment;
 
@@ -33,6 +34,7 @@ use std::time::Duration;
 pub use error::{Damage, LogError};
 pub use faulty::{Fault, FaultCounts, FaultOp, FaultyFs};
 pub use fs::{FileSystem, LogFile, OpenMode, RealFs};
+pub use lock::DirLock;
 pub use log::{Log, LogMetrics, SegmentInfo};
 
 /// Record sequence number: the first record of a fresh log gets 1, every

@@ -32,7 +32,7 @@ use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 pub use courier_broker::{Config as BrokerConfig, RetentionRule};
 
@@ -236,6 +236,17 @@ struct Shared {
     timer_wake: Arc<Notify>,
 }
 
+/// What the broker wants the operator to hear: harm to durable data at
+/// error level, the rest as warnings.
+fn say_alerts(core: &mut Broker<Store>) {
+    for error in core.take_errors() {
+        error!("{error}");
+    }
+    for alert in core.take_alerts() {
+        warn!("{alert}");
+    }
+}
+
 fn now_nanos() -> Nanos {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -270,9 +281,7 @@ impl ServerHandle {
     pub fn checkpoint(&self) -> Result<u64, courier_store::StoreError> {
         let mut core = self.shared.core();
         let freed = core.checkpoint(now_nanos());
-        for alert in core.take_alerts() {
-            warn!("{alert}");
-        }
+        say_alerts(&mut core);
         freed
     }
 }
@@ -306,9 +315,7 @@ impl Server {
         let mut core = Broker::new(config.broker.clone(), store);
         core.set_manifest(manifest);
         let recovery = core.recover(now_nanos())?;
-        for alert in core.take_alerts() {
-            warn!("{alert}");
-        }
+        say_alerts(&mut core);
         Ok(Server {
             recovery,
             shared: Arc::new(Shared {
@@ -395,9 +402,7 @@ impl Shared {
         f(&mut core, now);
         let mut actions = Vec::new();
         core.take_actions(&mut actions);
-        for alert in core.take_alerts() {
-            warn!("{alert}");
-        }
+        say_alerts(&mut core);
         let next_timer = core.next_timer();
         let (cut, full) = self.dispatch(actions);
         core.metrics_mut().slow_consumers_cut += cut;

@@ -5,6 +5,7 @@ mod bench;
 mod certs;
 mod output;
 mod serve_limits;
+mod verify;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -324,6 +325,9 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Reads a stopped broker's whole log (every record, index and the
+    /// snapshot) and prints every damaged range; exit 7 if there is any.
+    Verify(verify::VerifyArgs),
     /// Validates an application's manifest; one line per problem.
     Check {
         /// The manifest, e.g. courier.toml.
@@ -463,6 +467,9 @@ fn one_line(e: &anyhow::Error) -> String {
 }
 
 fn exit_code(e: &anyhow::Error) -> u8 {
+    if e.downcast_ref::<verify::DamageFound>().is_some() {
+        return verify::EXIT_DAMAGE_FOUND;
+    }
     if let Some(client) = e.downcast_ref::<ClientError>() {
         return match client {
             ClientError::Connect { .. } => exit::UNREACHABLE,
@@ -531,6 +538,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Check { manifest } => check(&manifest),
+        Command::Verify(args) => verify::run(args),
         Command::DevCerts {
             dir,
             services,
@@ -619,7 +627,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
         ..ServerConfig::default()
     };
-    args.limits.apply(&mut config);
+    args.limits.apply(
+        &mut config,
+        (!args.in_memory).then(|| args.data_dir.join("log")),
+    );
     let server = Server::bind(config, store).await?;
     let r = server.recovery().clone();
     tracing::info!(

@@ -33,12 +33,32 @@ pub struct ServeLimits {
     /// hard limit at start) less what the broker needs for itself.
     #[arg(long)]
     connections_max: Option<usize>,
+    /// The background scrub's read rate over the log's sealed segments
+    /// (e.g. 8MiB/s; 0 turns it off): damage is found before a read needs
+    /// the record, reported once and counted in `courier metrics`.
+    #[arg(long, default_value = "8MiB/s", value_parser = parse_rate)]
+    scrub_rate: u64,
+}
+
+/// `8MiB/s`, `512KiB/s`, `0` …: bytes per second.
+fn parse_rate(text: &str) -> Result<u64, String> {
+    let size = text.trim().strip_suffix("/s").unwrap_or(text.trim());
+    crate::parse_size(size).map_err(|e| format!("{e} (a rate such as 8MiB/s, or 0 for off)"))
 }
 
 impl ServeLimits {
-    /// Raises the open-files limit and sets the deadlines and the cap;
-    /// says what the cap is and why.
-    pub fn apply(&self, config: &mut ServerConfig) {
+    /// Raises the open-files limit and sets the deadlines and the cap (and
+    /// says what the cap is and why), and the scrub of the log in
+    /// `log_dir` (none for a store in memory).
+    pub fn apply(&self, config: &mut ServerConfig, log_dir: Option<std::path::PathBuf>) {
+        config.scrub =
+            log_dir
+                .filter(|_| self.scrub_rate > 0)
+                .map(|log_dir| courier_server::ScrubSettings {
+                    log_dir,
+                    bytes_per_sec: self.scrub_rate,
+                    pass_interval_ms: courier_server::SCRUB_PASS_INTERVAL_MS_DEFAULT,
+                });
         config.handshake_timeout_ms = millis(self.handshake_timeout);
         config.frame_timeout_ms = millis(self.frame_timeout);
         config.keepalive_timeout_ms = millis(self.keepalive_timeout);
@@ -101,6 +121,14 @@ fn raise_open_files_limit() -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scrub_rates_read_as_bytes_per_second() {
+        assert_eq!(parse_rate("8MiB/s"), Ok(8 << 20));
+        assert_eq!(parse_rate("500KB/s"), Ok(500_000));
+        assert_eq!(parse_rate("0"), Ok(0));
+        assert!(parse_rate("fast").is_err_and(|e| e.contains("8MiB/s")));
+    }
 
     #[test]
     fn the_default_cap_leaves_room_for_the_brokers_own_files() {

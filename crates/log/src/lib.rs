@@ -27,6 +27,7 @@ mod fs;
 mod lock;
 mod log;
 mod segment;
+mod verify;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -36,6 +37,7 @@ pub use faulty::{Fault, FaultCounts, FaultOp, FaultyFs};
 pub use fs::{FileSystem, LogFile, OpenMode, RealFs};
 pub use lock::DirLock;
 pub use log::{Log, LogMetrics, SegmentInfo};
+pub use verify::{verify_dir, Scrubber, VerifyProgress, VerifyReport};
 
 /// Record sequence number: the first record of a fresh log gets 1, every
 /// append the next one; a number is never reused once it was durable.

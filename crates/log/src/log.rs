@@ -1213,7 +1213,7 @@ fn write_index(
 
 /// Reads and checks a sealed segment's index file; the error says where
 /// and what is wrong with it.
-fn read_index(
+pub(crate) fn read_index(
     fs: &dyn FileSystem,
     path: &Path,
     first_seq: Seq,
@@ -1312,24 +1312,58 @@ pub(crate) struct DurableMark {
 /// The snapshot's `covers`, as a durable mark: `save_snapshot` makes the
 /// records it covers durable before it writes the snapshot. `None` when
 /// there is no snapshot or it fails its checks (`load_snapshot` reports
-/// that). Checked as it is read, a piece at a time, so a large snapshot
-/// costs no memory here.
+/// that).
 pub(crate) fn snapshot_mark(fs: &dyn FileSystem, path: &Path) -> Option<DurableMark> {
+    let covers = check_snapshot(fs, path).ok().flatten()?;
+    (covers > 0).then(|| DurableMark {
+        next_seq: covers.saturating_add(1),
+        proof: format!(
+            "the snapshot {} covers every record up to seq {covers}",
+            path.display()
+        ),
+    })
+}
+
+/// Checks the snapshot as it reads it, a piece at a time (a large one costs
+/// no memory here): `Ok(None)` if there is none, its `covers` if it holds
+/// together, else where and what is wrong.
+pub(crate) fn check_snapshot(
+    fs: &dyn FileSystem,
+    path: &Path,
+) -> Result<Option<Seq>, (u64, String)> {
     const CHUNK_BYTES: u64 = 1024 * 1024;
-    let file = fs.open(path, OpenMode::Read).ok()?;
-    let size = file.size().ok()?;
+    let file = match fs.open(path, OpenMode::Read) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err((0, format!("the snapshot cannot be opened: {e}"))),
+    };
+    let size = file
+        .size()
+        .map_err(|e| (0, format!("the snapshot's size cannot be read: {e}")))?;
     let header_bytes = SNAPSHOT_HEADER_BYTES as u64;
     let trailer_bytes = SNAPSHOT_TRAILER_BYTES as u64;
     if size < header_bytes + trailer_bytes
         || size > SNAPSHOT_BYTES_MAX + header_bytes + trailer_bytes
     {
-        return None;
+        return Err((
+            0,
+            format!("the snapshot is {size} bytes, outside its limits"),
+        ));
     }
+    let unreadable = |e: io::Error| (0, format!("the snapshot cannot be read: {e}"));
     let mut header = [0u8; SNAPSHOT_HEADER_BYTES];
-    read_exact_at(&*file, 0, &mut header).ok()?;
-    let (covers, body_len) = crate::format::snapshot_header(&header)?;
+    read_exact_at(&*file, 0, &mut header).map_err(unreadable)?;
+    let Some((covers, body_len)) = crate::format::snapshot_header(&header) else {
+        return Err((
+            0,
+            "the snapshot's magic or version is not CLSN 1".to_string(),
+        ));
+    };
     if body_len != size - header_bytes - trailer_bytes {
-        return None;
+        return Err((
+            16,
+            format!("snapshot body length {body_len} does not match the file"),
+        ));
     }
     let body_end = size - trailer_bytes;
     let mut crc = crc32c::crc32c(&header);
@@ -1338,22 +1372,20 @@ pub(crate) fn snapshot_mark(fs: &dyn FileSystem, path: &Path) -> Option<DurableM
     while at < body_end {
         let len = (body_end - at).min(CHUNK_BYTES);
         chunk.resize(len as usize, 0);
-        read_exact_at(&*file, at, &mut chunk).ok()?;
+        read_exact_at(&*file, at, &mut chunk).map_err(unreadable)?;
         crc = crc32c::crc32c_append(crc, &chunk);
         at += len;
     }
     let mut trailer = [0u8; SNAPSHOT_TRAILER_BYTES];
-    read_exact_at(&*file, body_end, &mut trailer).ok()?;
-    if u32::from_be_bytes(trailer) != crc || covers == 0 {
-        return None;
+    read_exact_at(&*file, body_end, &mut trailer).map_err(unreadable)?;
+    let stored = u32::from_be_bytes(trailer);
+    if stored != crc {
+        return Err((
+            body_end,
+            format!("snapshot checksum mismatch (stored {stored:#010x}, computed {crc:#010x})"),
+        ));
     }
-    Some(DurableMark {
-        next_seq: covers.saturating_add(1),
-        proof: format!(
-            "the snapshot {} covers every record up to seq {covers}",
-            path.display()
-        ),
-    })
+    Ok(Some(covers))
 }
 
 /// The `next_seq` an index file records for segment `first_seq`, if the
@@ -1427,7 +1459,7 @@ fn seal_short_segment(
 /// missing; an overlap means two files claim the same seqs (the later one
 /// wins). Both only happen when files were changed by hand or the disk
 /// lost data; both are reported, and the missing seqs read as damaged.
-fn reconcile_boundaries(
+pub(crate) fn reconcile_boundaries(
     segments_dir: &Path,
     sealed: &mut [Segment],
     active: &mut Segment,

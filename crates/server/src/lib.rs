@@ -73,6 +73,8 @@ pub struct ServerConfig {
     pub insecure: bool,
     /// Connections still in their handshake at once; more are closed at once.
     pub handshakes_max: usize,
+    /// The background scrub of the log's sealed segments; `None`: off.
+    pub scrub: Option<ScrubSettings>,
     /// TLS on the listener: every connection's TLS handshake comes before
     /// HELLO and counts against `handshake_timeout_ms`. TLS alone is not
     /// authentication (the `insecure` rule is unchanged).
@@ -96,11 +98,30 @@ impl Default for ServerConfig {
             manifest_path: None,
             insecure: false,
             handshakes_max: 1024,
+            scrub: None,
             tls: None,
             broker: BrokerConfig::default(),
         }
     }
 }
+
+/// Where and how fast the background scrub reads (docs/STORAGE.md §8.8).
+#[derive(Debug, Clone)]
+pub struct ScrubSettings {
+    /// The log's directory (`LogConfig::dir`).
+    pub log_dir: std::path::PathBuf,
+    /// Bytes read per second at most (the scrub's whole I/O).
+    pub bytes_per_sec: u64,
+    /// A pass starts this long after the previous one started (or when it
+    /// ends, if it took longer). The first starts with the broker.
+    pub pass_interval_ms: u64,
+}
+
+/// Default of [`ScrubSettings::bytes_per_sec`]: a 64 MiB segment in 8 s,
+/// a 10 GiB log in about 21 minutes, a small share of any disk.
+pub const SCRUB_BYTES_PER_SEC_DEFAULT: u64 = 8 * 1024 * 1024;
+/// Default of [`ScrubSettings::pass_interval_ms`]: hourly.
+pub const SCRUB_PASS_INTERVAL_MS_DEFAULT: u64 = 3_600_000;
 
 /// Default of [`ServerConfig::frame_timeout_ms`]: a frame of the default
 /// 8 MiB limit still arrives at 280 KB/s.
@@ -357,6 +378,15 @@ impl Server {
 
     /// Serves until the task is dropped.
     pub async fn run(self) {
+        if let Some(settings) = self.shared.config.scrub.clone() {
+            let shared = Arc::downgrade(&self.shared);
+            let spawned = std::thread::Builder::new()
+                .name("courier-scrub".to_string())
+                .spawn(move || run_scrub(shared, settings));
+            if let Err(e) = spawned {
+                warn!(error = %e, "cannot start the background scrub; sealed segments are checked only when read");
+            }
+        }
         let _timer = tokio::spawn(run_timer(self.shared.clone()));
         let _reloader = tokio::spawn(watch_manifest(self.shared.clone()));
         loop {
@@ -679,6 +709,46 @@ async fn run_timer(shared: Arc<Shared>) {
                 warn!(error = %e, "checkpoint failed; recovery will replay more of the log");
             }
         }
+    }
+}
+
+/// The background scrub, on a thread of its own (it paces itself by
+/// sleeping): passes over the sealed segments at the configured rate;
+/// damage is reported once and counted. Ends when the server is gone.
+fn run_scrub(shared: std::sync::Weak<Shared>, settings: ScrubSettings) {
+    let mut scrubber = courier_store::Scrubber::new(&settings.log_dir, settings.bytes_per_sec);
+    let interval = Duration::from_millis(settings.pass_interval_ms);
+    loop {
+        let started = std::time::Instant::now();
+        let mut found = |damage: courier_store::Damage| {
+            if let Some(shared) = shared.upgrade() {
+                let mut core = shared.core();
+                core.report_scrub_damage(damage.to_string());
+                say_alerts(&mut core);
+            }
+        };
+        let mut read = |bytes: u64| {
+            if let Some(shared) = shared.upgrade() {
+                shared.core().metrics_mut().scrub_bytes += bytes;
+            }
+        };
+        let result = scrubber.pass(&mut found, &mut read);
+        let Some(alive) = shared.upgrade() else {
+            return;
+        };
+        match result {
+            Ok(bytes) => {
+                alive.core().metrics_mut().scrub_passes += 1;
+                debug!(
+                    bytes,
+                    ms = started.elapsed().as_millis() as u64,
+                    "scrub pass done"
+                );
+            }
+            Err(e) => warn!(error = %e, "a scrub pass failed; the next one tries again"),
+        }
+        drop(alive);
+        std::thread::sleep(interval.saturating_sub(started.elapsed()));
     }
 }
 

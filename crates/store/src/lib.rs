@@ -8,7 +8,9 @@
 
 mod log_store;
 
-pub use courier_log::{Damage, DirLock, FsyncPolicy, LogConfig};
+pub use courier_log::{
+    verify_dir, Damage, DirLock, FsyncPolicy, LogConfig, Scrubber, VerifyProgress, VerifyReport,
+};
 pub use log_store::{LogStore, RECENT_MESSAGES_MAX};
 
 use std::collections::BTreeMap;

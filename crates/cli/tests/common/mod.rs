@@ -300,9 +300,19 @@ impl Broker {
     /// Like [`Broker::start_on`] at log level `info`, with stderr collected
     /// instead of inherited.
     pub fn start_watched(listen: &str, data_dir: tempdir::Dir) -> (Broker, StderrLog) {
+        Broker::start_watched_with(listen, data_dir, &[])
+    }
+
+    /// [`Broker::start_watched`] with extra `serve` flags.
+    pub fn start_watched_with(
+        listen: &str,
+        data_dir: tempdir::Dir,
+        extra: &[&str],
+    ) -> (Broker, StderrLog) {
         let mut child = Command::new(courier_bin())
             .args(["serve", "--listen", listen, "--data-dir"])
             .arg(data_dir.path())
+            .args(extra)
             .env("COURIER_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(Stdio::piped())

@@ -163,6 +163,12 @@ impl<S: MessageStore> Broker<S> {
                         "frames_rejected": m.frames_rejected, "handshakes_refused": m.handshakes_refused,
                         "slow_consumers_cut": m.slow_consumers_cut, "receivers_paused": m.receivers_paused,
                         "in_flight_requests_lowered": m.in_flight_requests_lowered, "degraded": self.is_degraded(),
+                        "frame_timeouts": m.frame_timeouts, "keepalive_timeouts": m.keepalive_timeouts,
+                        "connections_over_cap": m.connections_over_cap, "connections_open": m.connections_open,
+                        "records_lost": m.records_lost, "messages_lost": m.messages_lost,
+                        "damage_warnings_repeated": m.damage_warnings_repeated,
+                        "scrub_bytes": m.scrub_bytes, "scrub_passes": m.scrub_passes,
+                        "scrub_damage_found": m.scrub_damage_found,
                         "store_len": self.store.len(),
                     }),
                 )

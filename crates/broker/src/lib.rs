@@ -17,6 +17,7 @@ mod journal;
 mod queue;
 mod recovery;
 mod refcount;
+mod repeats;
 pub mod stats;
 mod tap;
 
@@ -243,6 +244,29 @@ pub struct Metrics {
     pub receivers_paused: u64,
     /// Receivers that asked for more deliveries in flight than the limit.
     pub in_flight_requests_lowered: u64,
+    /// Counted by the network edge: connections closed because a frame
+    /// they had begun did not arrive whole within the frame deadline, or
+    /// because nothing arrived within the keepalive deadline.
+    pub frame_timeouts: u64,
+    pub keepalive_timeouts: u64,
+    /// Connections refused because the broker held its maximum.
+    pub connections_over_cap: u64,
+    /// Connections open now (a gauge kept by the network edge), in their
+    /// handshake or established.
+    pub connections_open: u64,
+    /// Records the store found gone at start-up although they had been
+    /// durable (`docs/STORAGE.md` §8.7), and the queue entries that named
+    /// them, moved to dead letters.
+    pub records_lost: u64,
+    pub messages_lost: u64,
+    /// Damage warnings held back as repeats of one already said (the
+    /// summary line says how many).
+    pub damage_warnings_repeated: u64,
+    /// Counted by the network edge's background scrub: bytes of sealed
+    /// segments checked, passes finished, damaged ranges found.
+    pub scrub_bytes: u64,
+    pub scrub_passes: u64,
+    pub scrub_damage_found: u64,
 }
 
 pub use courier_proto::StartFrom;
@@ -448,6 +472,10 @@ pub struct Broker<S: MessageStore> {
     now: Nanos,
     /// Things an operator must hear about (corruption, storage failures).
     alerts: Vec<String>,
+    /// Harm to durable data an operator must act on (records lost).
+    errors: Vec<String>,
+    /// Damage warnings already said, whose repeats are only counted.
+    repeats: repeats::Repeats,
     /// The store's `next_seq` at the last checkpoint.
     checkpointed_at: Seq,
     /// The store's size at the last checkpoint.
@@ -495,6 +523,8 @@ impl<S: MessageStore> Broker<S> {
             dirty: false,
             now: 0,
             alerts: Vec::new(),
+            errors: Vec::new(),
+            repeats: repeats::Repeats::default(),
             checkpointed_at: 0,
             checkpointed_bytes: 0,
             degraded: false,
@@ -529,6 +559,20 @@ impl<S: MessageStore> Broker<S> {
     /// Messages for the operator's log since the last call.
     pub fn take_alerts(&mut self) -> Vec<String> {
         std::mem::take(&mut self.alerts)
+    }
+
+    /// Harm to durable data found since the last call (records lost), for
+    /// the operator's log at error level; each says what to do.
+    pub fn take_errors(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.errors)
+    }
+
+    /// Damage found outside the broker's own reads (the network edge's
+    /// background scrub): said once as a warning and counted.
+    pub fn report_scrub_damage(&mut self, damage: String) {
+        self.metrics.scrub_damage_found += 1;
+        self.alerts
+            .push(format!("the background scrub found damage: {damage}"));
     }
 
     /// Appends a delivery-state change to the store's journal; returns
@@ -1648,18 +1692,28 @@ impl<S: MessageStore> Broker<S> {
                     continue;
                 }
                 Err(e) => {
-                    // Never skipped silently: it stays queued, and the
-                    // operator hears of it each time it is tried.
+                    // Never skipped silently: it stays in the backlog (and
+                    // in snapshots), set aside so it is not tried again
+                    // until the next start, and holds its key; the operator
+                    // hears of it once, of more in the same range in a
+                    // summary.
                     self.metrics.unreadable_messages += 1;
-                    self.alerts.push(format!(
-                        "message {} for {service} cannot be read: {e}",
-                        entry.seq
-                    ));
-                    index += 1;
-                    skipped += 1;
-                    if skipped >= UNMATCHED_SCAN_MAX {
-                        return;
+                    if let Some(entry) = svc.queue.ready.remove(index) {
+                        svc.queue.unreadable.push(entry);
                     }
+                    let reason = e.to_string();
+                    let line = format!(
+                        "message {} for {service} cannot be read: {e}; it stays in the backlog, set aside until the next start",
+                        entry.seq
+                    );
+                    let (lines, repeated) = self.repeats.say(
+                        &format!("{service}\u{0}{reason}"),
+                        line,
+                        || format!("messages for {service} cannot be read ({reason})"),
+                        now,
+                    );
+                    self.metrics.damage_warnings_repeated += u64::from(repeated);
+                    self.alerts.extend(lines);
                     continue;
                 }
             };
@@ -1842,6 +1896,7 @@ impl<S: MessageStore> Broker<S> {
         self.dirty |= self.store.persistent();
         self.dedup.expire(now);
         self.reply_routes.expire(now);
+        self.alerts.extend(self.repeats.summaries(now));
         let names: Vec<String> = self.services.keys().cloned().collect();
         for service in names {
             let Some(svc) = self.services.get_mut(&service) else {

@@ -268,6 +268,11 @@ pub(crate) struct Queue {
     key_holder: crate::FastMap<Bytes, Seq>,
     /// Keyed messages that arrived while their key was held, in order.
     key_waiting: crate::FastMap<Bytes, VecDeque<Entry>>,
+    /// Messages whose record could not be read: kept (counted in the
+    /// depth, saved in snapshots as ready, holding their key) but not
+    /// tried again until the next start, so they neither stall the pump
+    /// nor repeat their warning.
+    pub unreadable: Vec<Entry>,
     pub dead_letters: Vec<DeadLetter>,
 }
 
@@ -277,6 +282,7 @@ impl Queue {
         self.ready.len()
             + self.deferred.len()
             + self.in_flight.len()
+            + self.unreadable.len()
             + self.key_waiting.values().map(VecDeque::len).sum::<usize>()
     }
 
@@ -425,6 +431,7 @@ impl Queue {
                     .map(|((t, _), e)| (e.clone(), 1, Some(*t))),
             )
             .chain(self.in_flight.values().map(|f| (f.entry.clone(), 1, None)))
+            .chain(self.unreadable.iter().map(|e| (e.clone(), 1, None)))
             .chain(
                 self.key_waiting
                     .values()
@@ -442,6 +449,7 @@ impl Queue {
         self.deadlines.clear();
         self.key_holder.clear();
         self.key_waiting.clear();
+        self.unreadable.clear();
         out
     }
 
@@ -455,6 +463,7 @@ impl Queue {
                 .map(|e| e.seq),
         );
         seqs.extend(self.in_flight.drain().map(|(_, f)| f.entry.seq));
+        seqs.extend(self.unreadable.drain(..).map(|e| e.seq));
         seqs.extend(
             self.key_waiting
                 .drain()

@@ -8,8 +8,10 @@ mod http_get;
 mod output;
 mod reply;
 mod send;
+mod serve_limits;
 mod subscribe;
 mod tail;
+mod verify;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -118,6 +120,8 @@ struct ServeArgs {
     /// past it is counted under name="_other".
     #[arg(long, default_value_t = courier_server::BrokerConfig::default().metrics_names_max)]
     metrics_names_max: usize,
+    #[command(flatten)]
+    limits: serve_limits::ServeLimits,
 }
 
 /// `--http ADDR` or `--http off`.
@@ -266,6 +270,9 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Reads a stopped broker's whole log (every record, index and the
+    /// snapshot) and prints every damaged range; exit 7 if there is any.
+    Verify(verify::VerifyArgs),
     /// Validates an application's manifest; one line per problem.
     Check {
         /// The manifest, e.g. courier.toml.
@@ -416,6 +423,9 @@ fn one_line(e: &anyhow::Error) -> String {
 }
 
 fn exit_code(e: &anyhow::Error) -> u8 {
+    if e.downcast_ref::<verify::DamageFound>().is_some() {
+        return verify::EXIT_DAMAGE_FOUND;
+    }
     if e.downcast_ref::<UsageError>().is_some() {
         return exit::USAGE;
     }
@@ -466,6 +476,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Verify(args) => verify::run(args),
         Command::DevCerts {
             dir,
             services,
@@ -531,7 +542,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let (store, damage) = courier_store::LogStore::open(config)
             .with_context(|| format!("cannot open the log in {}", dir.display()))?;
         for d in &damage {
-            tracing::warn!(damage = %d, "the log was damaged; see docs/STORAGE.md");
+            if d.is_harmful() {
+                tracing::error!(damage = %d, "the log was damaged; see docs/STORAGE.md");
+            } else {
+                tracing::warn!(damage = %d, "the log was damaged; see docs/STORAGE.md");
+            }
         }
         let fsync = match args.fsync {
             FsyncPolicy::Always => "always".to_string(),
@@ -551,7 +566,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         metrics_names_max: args.metrics_names_max,
         ..courier_server::BrokerConfig::default()
     };
-    let config = ServerConfig {
+    let mut config = ServerConfig {
         listen: args.listen,
         broker,
         manifest_path: args.manifest.clone(),
@@ -567,6 +582,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         http: args.http.0,
         ..ServerConfig::default()
     };
+    args.limits.apply(
+        &mut config,
+        (!args.in_memory).then(|| args.data_dir.join("log")),
+    );
     let server = Server::bind(config, store).await?;
     let r = server.recovery().clone();
     tracing::info!(

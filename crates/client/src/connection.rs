@@ -29,7 +29,9 @@ use crate::{
 const INBOUND_FRAME_BYTES_MAX: u32 = 64 * 1024 * 1024;
 /// A handshake that takes longer than this failed.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// The client pings an idle connection this often …
+/// The client pings an idle connection this often (a sixth of the
+/// broker's default keepalive deadline, which closes a connection on
+/// which nothing arrives) …
 const PING_INTERVAL: Duration = Duration::from_secs(10);
 /// … and gives it up when nothing at all arrived for this long.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -750,3 +752,19 @@ fn route_reply(inner: &Inner, message: Arc<Message>) {
 }
 
 use courier_proto::Message;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two PINGs may be lost (or the runtime late) before the broker's
+    /// keepalive deadline cuts an idle connection.
+    #[test]
+    fn an_idle_connection_pings_well_within_the_brokers_keepalive_deadline() {
+        let deadline = Duration::from_millis(courier_proto::KEEPALIVE_TIMEOUT_MS_DEFAULT);
+        assert!(
+            PING_INTERVAL * 3 <= deadline,
+            "{PING_INTERVAL:?} vs {deadline:?}"
+        );
+    }
+}

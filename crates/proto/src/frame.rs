@@ -21,6 +21,10 @@ pub const PROTOCOL_VERSION: u16 = 1;
 pub const HELLO_MAGIC: [u8; 4] = *b"CRR1";
 /// Default upper bound of one frame, length prefix excluded.
 pub const FRAME_BYTES_MAX_DEFAULT: u32 = 8 * 1024 * 1024;
+/// The reference broker's default keepalive deadline: a connection on
+/// which nothing arrives for this long is closed (`read_timeout`), so a
+/// client pings an idle connection well within it.
+pub const KEEPALIVE_TIMEOUT_MS_DEFAULT: u64 = 60_000;
 /// An encoder closes a batch frame once it holds this many bytes, so one
 /// large batch never delays the first message in it for long.
 pub const BATCH_BYTES_TARGET: usize = 256 * 1024;

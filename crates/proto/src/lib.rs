@@ -15,6 +15,7 @@ mod shared_str;
 
 pub use envelope::{Kind, Message, Version, VersionParseError};
 pub use error_code::ErrorCode;
+pub use frame::KEEPALIVE_TIMEOUT_MS_DEFAULT;
 pub use frame::{
     decode_body, decode_frame, decode_message, encode_message, encoded_message_len, frame_type,
     Credentials, DecodeError, Delivery, EncodeError, ErrorFrame, Frame, FrameWriter, Hello, Nack,

@@ -126,6 +126,11 @@ export class Broker {
     return this.stderr.join("");
   }
 
+  /** SIGSTOP: the broker holds its connections open and answers nothing. */
+  freeze(): void {
+    this.child.kill("SIGSTOP");
+  }
+
   /** `kill -9`: no chance to flush or say goodbye. */
   async kill(): Promise<void> {
     if (this.child.exitCode !== null || this.child.signalCode !== null) {

@@ -424,13 +424,11 @@ function pem(value: string | Buffer, what: string): string | Buffer {
 /** Why a TLS session failed, in words that point at the fix. */
 function tlsHint(error: NodeJS.ErrnoException): string {
   const code = error.code ?? "";
-  if (
-    code.includes("CERT") ||
-    code.includes("SIGNATURE") ||
-    code === "ERR_TLS_CERT_ALTNAME_INVALID" ||
-    code === "UNABLE_TO_GET_ISSUER_CERT_LOCALLY"
-  ) {
-    return "; the broker's certificate is not signed by the trusted CA (tls.ca / COURIER_TLS_CA) or does not name this host";
+  if (code === "ERR_TLS_CERT_ALTNAME_INVALID") {
+    return "; the broker's certificate does not name this host: connect by a name it carries, or set tls.serverName";
+  }
+  if (code.includes("CERT") || code.includes("SIGNATURE") || code === "UNABLE_TO_GET_ISSUER_CERT_LOCALLY") {
+    return "; the broker's certificate is not signed by the trusted CA (tls.ca / COURIER_TLS_CA)";
   }
   if (code === "EPROTO" || /wrong version number|packet length too long/.test(error.message)) {
     return "; is the broker listening with TLS (courier serve --tls-cert --tls-key)?";

@@ -784,6 +784,12 @@ export class Client implements DeliveryOwner {
         this.scheduleWrite();
         return message.id;
       }
+      if (this.writer.length > 0) {
+        // A caller that never yields to the event loop (awaiting only
+        // settled promises) would never let the scheduled write run.
+        this.writeNow();
+        continue;
+      }
       await new Promise<void>((resolve) => this.roomWaiters.push(resolve));
     }
   }

@@ -148,15 +148,17 @@ export function buildMessage(kind: Kind, name: string, payload: unknown, options
   if (json && !headers.some(([k]) => k === "content-type")) {
     headers.push(["content-type", JSON_CONTENT_TYPE]);
   }
-  const id = options.id ?? uuidv7();
-  if (!isUuid(id)) {
-    throw new InvalidMessageError(`message id ${JSON.stringify(id)} is not a UUID`);
+  // Only ids from the caller are checked: generated ones, and activities
+  // (checked by withActivity or decoded from a delivery), are well formed.
+  if (options.id !== undefined && !isUuid(options.id)) {
+    throw new InvalidMessageError(`message id ${JSON.stringify(options.id)} is not a UUID`);
   }
+  if (options.activityId !== undefined && !isUuid(options.activityId)) {
+    throw new InvalidMessageError(`activity id ${JSON.stringify(options.activityId)} is not a UUID`);
+  }
+  const id = options.id ?? uuidv7();
   // A new activity is named after the message that starts it.
   const activityId = options.activityId ?? currentActivity() ?? id;
-  if (!isUuid(activityId)) {
-    throw new InvalidMessageError(`activity id ${JSON.stringify(activityId)} is not a UUID`);
-  }
   const key =
     options.key === undefined
       ? undefined
@@ -314,7 +316,11 @@ export class IncomingMessage extends Received {
   /** @internal Settles unless the handler did: ack on success, nack on failure. */
   finish(nackDelayMs: number | undefined | null): void {
     if (this.settledAs === null) {
-      this.settle(nackDelayMs === null ? "ack" : "nack", nackDelayMs ?? this.owner.nackDelayMs);
+      if (nackDelayMs === null) {
+        this.settle("ack", undefined);
+      } else {
+        this.settle("nack", nackDelayMs ?? this.owner.nackDelayMs);
+      }
     }
   }
 

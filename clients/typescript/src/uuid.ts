@@ -21,7 +21,8 @@ function randomBytes(n: number): Buffer {
   return bytes;
 }
 
-const HEX: string[] = Array.from({ length: 256 }, (_, i) => i.toString(16).padStart(2, "0"));
+/** 16 bytes to fill per id: 48 bits of milliseconds, then the random rest. */
+const scratch = Buffer.alloc(16);
 
 /**
  * A fresh UUIDv7: the current Unix millisecond in the first 48 bits (ids
@@ -30,27 +31,11 @@ const HEX: string[] = Array.from({ length: 256 }, (_, i) => i.toString(16).padSt
  */
 export function uuidv7(): string {
   const ms = Date.now();
-  const random = randomBytes(ID_RANDOM_BYTES);
-  const time = ms.toString(16).padStart(12, "0").slice(-12);
-  const r = random;
-  return (
-    time.slice(0, 8) +
-    "-" +
-    time.slice(8, 12) +
-    "-7" +
-    HEX[r[0]! & 0x0f]!.slice(1) +
-    HEX[r[1]!]! +
-    "-" +
-    HEX[0x80 | (r[2]! & 0x3f)]! +
-    HEX[r[3]!]! +
-    "-" +
-    HEX[r[4]!]! +
-    HEX[r[5]!]! +
-    HEX[r[6]!]! +
-    HEX[r[7]!]! +
-    HEX[r[8]!]! +
-    HEX[r[9]!]!
-  );
+  scratch.writeUIntBE(ms, 0, 6);
+  randomBytes(ID_RANDOM_BYTES).copy(scratch, 6);
+  scratch[6] = 0x70 | (scratch[6]! & 0x0f);
+  scratch[8] = 0x80 | (scratch[8]! & 0x3f);
+  return readUuid(scratch, 0);
 }
 
 const UUID_TEXT = /^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$/;
@@ -60,24 +45,38 @@ export function isUuid(text: string): boolean {
   return UUID_TEXT.test(text);
 }
 
+/** Hex digit values by character code; -1 for anything else. */
+const HEX_VALUES = new Int8Array(128).fill(-1);
+for (let i = 0; i < 16; i++) {
+  HEX_VALUES["0123456789abcdef".charCodeAt(i)] = i;
+  HEX_VALUES["0123456789ABCDEF".charCodeAt(i)] = i;
+}
+const DASH = 0x2d;
+
+function hexValue(text: string, i: number): number {
+  const c = text.charCodeAt(i);
+  return c < 128 ? HEX_VALUES[c]! : -1;
+}
+
 /** Writes the 16 bytes of the UUID `text` at `offset`; returns the offset after them. */
 export function writeUuid(buf: Buffer, offset: number, text: string): number {
-  // Four hex runs between the dashes; Buffer.write stops at a bad digit,
-  // so the length written tells whether the text was whole.
+  // Every message carries two or three: parsed by hand, without the
+  // substrings and native calls of Buffer.write(…, "hex").
+  let bad = text.length !== 36;
   let at = offset;
-  at += buf.write(text.slice(0, 8), at, "hex");
-  at += buf.write(text.slice(9, 13), at, "hex");
-  at += buf.write(text.slice(14, 18), at, "hex");
-  at += buf.write(text.slice(19, 23), at, "hex");
-  at += buf.write(text.slice(24, 36), at, "hex");
-  if (
-    at - offset !== 16 ||
-    text.length !== 36 ||
-    text[8] !== "-" ||
-    text[13] !== "-" ||
-    text[18] !== "-" ||
-    text[23] !== "-"
-  ) {
+  for (let i = 0; i < 36 && !bad; ) {
+    if (i === 8 || i === 13 || i === 18 || i === 23) {
+      bad = text.charCodeAt(i) !== DASH;
+      i++;
+      continue;
+    }
+    const hi = hexValue(text, i);
+    const lo = hexValue(text, i + 1);
+    bad = (hi | lo) < 0;
+    buf[at++] = (hi << 4) | lo;
+    i += 2;
+  }
+  if (bad) {
     throw new TypeError(`${JSON.stringify(text)} is not a UUID (xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)`);
   }
   return at;

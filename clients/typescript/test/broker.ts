@@ -64,6 +64,16 @@ export function removeDir(dir: string): void {
   rmSync(dir, { recursive: true, force: true });
 }
 
+/** One line of `courier services`. */
+export interface ServiceState {
+  name: string;
+  backlog: number;
+  in_flight: number;
+  dead_letters: number;
+  instances: string[];
+  patterns: string[];
+}
+
 export interface BrokerOptions {
   /** Extra `serve` flags. */
   args?: string[];
@@ -119,6 +129,17 @@ export class Broker {
       });
     });
     return new Broker(child, addr, dataDir, options, stderr);
+  }
+
+  /** The broker's view of `service` (`courier services`): backlog, in flight, dead letters. */
+  service(name: string): ServiceState {
+    const lines = courier(["services", "--url", this.addr]).trim().split("\n");
+    const states = lines.filter((l) => l !== "").map((l) => JSON.parse(l) as ServiceState);
+    const state = states.find((s) => s.name === name);
+    if (state === undefined) {
+      throw new Error(`the broker knows no service ${name}: ${lines.join(" ")}`);
+    }
+    return state;
   }
 
   /** What the broker wrote to stderr so far. */

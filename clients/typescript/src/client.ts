@@ -148,11 +148,6 @@ export class PendingAck implements PromiseLike<string> {
     readonly id: string,
   ) {}
 
-  /** @internal Whether someone awaits the answer. */
-  get heard(): boolean {
-    return this.promise !== null;
-  }
-
   /** @internal */
   settle(outcome: Settled): void {
     if (this.outcome !== null) {
@@ -244,6 +239,7 @@ export class ReplyStream implements AsyncIterable<Reply> {
     }
     if (reply.final) {
       this.finish();
+      this.forget();
     }
     if (this.waiter !== null) {
       const waiter = this.waiter;
@@ -393,9 +389,10 @@ interface Established {
 
 type State = "open" | "closing" | "closed";
 
-function resolved<T>(value: T, positive: (v: T) => boolean, what: string): T {
-  if (!positive(value)) {
-    throw new InvalidMessageError(`${what} is out of range: ${String(value)}`);
+/** `value` if `valid` says so; otherwise a RangeError naming the option. */
+function resolved<T>(value: T, valid: (v: T) => boolean, what: string): T {
+  if (!valid(value)) {
+    throw new RangeError(`option ${what} is out of range: ${String(value)}`);
   }
   return value;
 }
@@ -518,8 +515,14 @@ export class Client implements DeliveryOwner {
       concurrency: resolved(options.concurrency ?? Math.max(1, maxInFlight), positive, "concurrency"),
       sendTimeoutMs: resolved(options.sendTimeoutMs ?? 30_000, positive, "sendTimeoutMs"),
       requestTimeoutMs: resolved(options.requestTimeoutMs ?? 30_000, positive, "requestTimeoutMs"),
-      ackDeadlineMs: options.ackDeadlineMs,
-      maxDeliveries: options.maxDeliveries,
+      ackDeadlineMs:
+        options.ackDeadlineMs === undefined
+          ? undefined
+          : resolved(options.ackDeadlineMs, (n) => Number.isInteger(n) && n > 0 && n <= 0xffff_ffff, "ackDeadlineMs"),
+      maxDeliveries:
+        options.maxDeliveries === undefined
+          ? undefined
+          : resolved(options.maxDeliveries, (n) => Number.isInteger(n) && n > 0 && n <= 0xffff_ffff, "maxDeliveries"),
       nackDelayMs: resolved(options.nackDelayMs ?? 1_000, nonNegative, "nackDelayMs"),
       reconnectDelayMinMs: resolved(options.reconnectDelayMinMs ?? 50, positive, "reconnectDelayMinMs"),
       reconnectDelayMaxMs: resolved(options.reconnectDelayMaxMs ?? 5_000, positive, "reconnectDelayMaxMs"),
@@ -951,8 +954,8 @@ export class Client implements DeliveryOwner {
       type: "subscribe",
       request,
       pattern: subscription.pattern,
-      ackDeadlineMs: Math.min(this.opts.ackDeadlineMs ?? 0, 0xffff_ffff),
-      maxDeliveries: Math.min(this.opts.maxDeliveries ?? 0, 0xffff_ffff),
+      ackDeadlineMs: this.opts.ackDeadlineMs ?? 0,
+      maxDeliveries: this.opts.maxDeliveries ?? 0,
       start: subscription.start,
     });
   }
@@ -1168,9 +1171,12 @@ export class Client implements DeliveryOwner {
         if (frame.type === "welcome") {
           settled = true;
           clearTimeout(timer);
+          // Paused until attached, so that no byte after the WELCOME is lost.
+          socket.pause();
           socket.off("data", onData);
-          socket.removeAllListeners("error");
           socket.removeAllListeners("close");
+          socket.removeAllListeners("error");
+          socket.on("error", () => {});
           resolve({
             socket,
             reader,
@@ -1244,6 +1250,11 @@ export class Client implements DeliveryOwner {
     this.events.emit("connected", info);
     // Frames that came with the WELCOME.
     this.readFrames(reader);
+    if (socket.destroyed) {
+      this.lost(new ConnectionError("the connection to the broker was lost"));
+    } else {
+      socket.resume();
+    }
   }
 
   private readFrames(reader: FrameReader): void {

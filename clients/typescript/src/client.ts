@@ -60,7 +60,7 @@ export interface Logger {
 export interface ClientOptions {
   /** `host:port` of the broker; default `$COURIER_URL`, else `127.0.0.1:7700`. */
   url?: string;
-  /** The service this client acts for. May be empty with a token under a manifest: the token decides. */
+  /** The service this client acts for. May be empty with a token or client certificate under a manifest: they decide. */
   service: string;
   /** This instance's name; the broker makes one up when empty. */
   instance?: string;
@@ -109,12 +109,20 @@ const ALPN = "courier/1";
 /** Largest frame accepted from the broker. */
 const INBOUND_FRAME_BYTES_MAX = 64 * 1024 * 1024;
 
-/** Options from the environment, as the Rust SDK and the CLI read them. */
+/**
+ * Options from the environment, as the CLI and the Rust SDK read them:
+ * `COURIER_URL` (default `127.0.0.1:7700`), `COURIER_TOKEN`, and with
+ * `COURIER_TLS_CA` TLS trusting that CA, with the client certificate of
+ * `COURIER_TLS_CERT` and `COURIER_TLS_KEY` when both are set. The service
+ * is `COURIER_SERVICE`; without it a token or client certificate decides
+ * (the service stays empty, the broker names it), else it is `cli`.
+ */
 export function optionsFromEnv(overrides: Partial<ClientOptions> = {}): ClientOptions {
   const env = process.env;
+  const credentials = Boolean(env.COURIER_TOKEN) || Boolean(env.COURIER_TLS_CERT && env.COURIER_TLS_KEY);
   const options: ClientOptions = {
     url: env.COURIER_URL ?? "127.0.0.1:7700",
-    service: env.COURIER_SERVICE ?? "cli",
+    service: env.COURIER_SERVICE ?? (credentials ? "" : "cli"),
   };
   if (env.COURIER_TOKEN) {
     options.token = env.COURIER_TOKEN;
@@ -536,7 +544,9 @@ export class Client implements DeliveryOwner {
     this.logger = options.logger === undefined ? { warn: (m) => console.warn(`courier: ${m}`) } : options.logger;
     ({ host: this.host, port: this.port } = splitUrl(url));
     const service = this.opts.service;
-    if (!(service === "" && this.opts.token !== undefined)) {
+    // Empty with credentials: the broker takes the service from them.
+    const credentials = this.opts.token !== undefined || this.opts.tls?.cert !== undefined;
+    if (!(service === "" && credentials)) {
       const problem = nameProblem(service);
       if (problem !== null) {
         throw new InvalidMessageError(`service ${problem}`);

@@ -195,11 +195,14 @@ export class DecodeError extends CourierError {
   override name = "DecodeError";
   readonly kind: DecodeErrorKind;
   readonly wireCode: number;
+  /** The failure's numbers, by the reference decoder's field names (`offset`, `need`, `have` …). */
+  readonly details: Readonly<Record<string, number>>;
 
-  constructor(kind: DecodeErrorKind, message: string) {
+  constructor(kind: DecodeErrorKind, message: string, details: Record<string, number> = {}) {
     super(message);
     this.kind = kind;
     this.wireCode = kind === "FrameTooLarge" ? 2 : 1;
+    this.details = details;
   }
 }
 
@@ -658,6 +661,7 @@ class Reader {
       throw new DecodeError(
         "UnexpectedEof",
         `frame ends early at byte ${this.pos}: need ${n} more bytes, have ${have}`,
+        { offset: this.pos, need: n, have },
       );
     }
   }
@@ -707,7 +711,7 @@ class Reader {
       }
     }
     if (!ascii && !isUtf8(this.buf.subarray(start, end))) {
-      throw new DecodeError("InvalidUtf8", `text at byte ${start} is not valid UTF-8`);
+      throw new DecodeError("InvalidUtf8", `text at byte ${start} is not valid UTF-8`, { offset: start });
     }
     this.pos = end;
     return this.buf.toString(ascii ? "latin1" : "utf8", start, end);
@@ -727,7 +731,10 @@ class Reader {
     const fits = Math.floor((this.buf.length - this.pos) / entryBytesMin);
     const max = Math.min(fits, BATCH_ENTRIES_MAX);
     if (count > max) {
-      throw new DecodeError("TooManyEntries", `batch claims ${count} entries; at most ${max} fit in this frame`);
+      throw new DecodeError("TooManyEntries", `batch claims ${count} entries; at most ${max} fit in this frame`, {
+        count,
+        max,
+      });
     }
     return count;
   }
@@ -738,12 +745,16 @@ class Reader {
     const code = this.u8();
     const kind = KINDS[code];
     if (kind === undefined) {
-      throw new DecodeError("UnknownKind", `unknown message kind ${code} at byte ${offset}`);
+      throw new DecodeError("UnknownKind", `unknown message kind ${code} at byte ${offset}`, { offset, code });
     }
     offset = this.pos;
     const flags = this.u8();
     if ((flags & ~(FLAGS_ALL | extraFlags)) !== 0) {
-      throw new DecodeError("UnknownFlags", `unknown message flags 0x${flags.toString(16).padStart(2, "0")} at byte ${offset}`);
+      throw new DecodeError(
+        "UnknownFlags",
+        `unknown message flags 0x${flags.toString(16).padStart(2, "0")} at byte ${offset}`,
+        { offset, flags },
+      );
     }
     const name = this.str8();
     const major = this.u16();
@@ -758,7 +769,9 @@ class Reader {
     const deliverAt = flags & Flag.DELIVER_AT ? this.u64() : undefined;
     const headerCount = this.u16();
     if (headerCount > HEADERS_MAX) {
-      throw new DecodeError("TooManyHeaders", `message has ${headerCount} headers; at most ${HEADERS_MAX} are allowed`);
+      throw new DecodeError("TooManyHeaders", `message has ${headerCount} headers; at most ${HEADERS_MAX} are allowed`, {
+        count: headerCount,
+      });
     }
     const headers: Array<[string, string]> = [];
     for (let i = 0; i < headerCount; i++) {
@@ -789,7 +802,10 @@ class Reader {
   finish(): void {
     const extra = this.buf.length - this.pos;
     if (extra !== 0) {
-      throw new DecodeError("TrailingBytes", `frame has ${extra} bytes left over after its body ends at byte ${this.pos}`);
+      throw new DecodeError("TrailingBytes", `frame has ${extra} bytes left over after its body ends at byte ${this.pos}`, {
+        offset: this.pos,
+        extra,
+      });
     }
   }
 }
@@ -817,7 +833,10 @@ export function decodeBody(body: Buffer): Frame {
       if (credentials === 1) {
         token = r.str16();
       } else if (credentials !== 0) {
-        throw new DecodeError("UnknownCredentials", `unknown credentials kind ${credentials} at byte ${offset}`);
+        throw new DecodeError("UnknownCredentials", `unknown credentials kind ${credentials} at byte ${offset}`, {
+          offset,
+          code: credentials,
+        });
       }
       frame = { type: "hello", version, service, instance, maxInFlight, token };
       break;
@@ -867,6 +886,7 @@ export function decodeBody(body: Buffer): Frame {
         throw new DecodeError(
           "StrayStartTime",
           `subscription start ${code} carries a start_time; it must be 0 unless start is 2 (time)`,
+          { code },
         );
       } else if (code === 0) {
         start = { kind: "new" };
@@ -875,7 +895,7 @@ export function decodeBody(body: Buffer): Frame {
       } else if (code === 2) {
         start = { kind: "time", time };
       } else {
-        throw new DecodeError("UnknownStart", `unknown subscription start ${code} at byte ${offset}`);
+        throw new DecodeError("UnknownStart", `unknown subscription start ${code} at byte ${offset}`, { offset, code });
       }
       frame = { type: "subscribe", request, pattern, ackDeadlineMs, maxDeliveries, start };
       break;
@@ -942,7 +962,9 @@ export function decodeBody(body: Buffer): Frame {
       frame = { type: "drained" };
       break;
     default:
-      throw new DecodeError("UnknownFrameType", `unknown frame type 0x${type.toString(16).padStart(2, "0")}`);
+      throw new DecodeError("UnknownFrameType", `unknown frame type 0x${type.toString(16).padStart(2, "0")}`, {
+        frame_type: type,
+      });
   }
   r.finish();
   return frame;
@@ -962,7 +984,10 @@ function checkLength(len: number, frameBytesMax: number): void {
     throw new DecodeError("EmptyFrame", "frame length is 0; a frame has at least its type byte");
   }
   if (len > frameBytesMax) {
-    throw new DecodeError("FrameTooLarge", `frame of ${len} bytes exceeds the limit of ${frameBytesMax} bytes`);
+    throw new DecodeError("FrameTooLarge", `frame of ${len} bytes exceeds the limit of ${frameBytesMax} bytes`, {
+      len,
+      max: frameBytesMax,
+    });
   }
 }
 

@@ -6,7 +6,7 @@ import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 
-import { Client, ConnectionError, RefusedError, type ClientOptions } from "../src/index.js";
+import { Client, ConnectionError, RefusedError, optionsFromEnv, type ClientOptions } from "../src/index.js";
 import { Broker, courier, removeDir, tempDir } from "./broker.js";
 
 /** `courier token new`: the token and the line for the manifest. */
@@ -194,6 +194,24 @@ tokens = ["${todoPair.hash}"]
       todoClient.publish("todo.deleted", {}),
       (e: RefusedError) => e.code === "unauthorized",
     );
+  });
+
+  test("without a service name the token decides, and the client learns it from WELCOME", async () => {
+    const client = await connect({ url: broker.addr, service: "", token: web });
+    assert.equal(client.service, "web");
+    assert.equal(client.connection?.service, "web");
+    const saved = { ...process.env };
+    try {
+      delete process.env.COURIER_SERVICE;
+      process.env.COURIER_TOKEN = todo;
+      process.env.COURIER_URL = broker.addr;
+      const options = optionsFromEnv({ logger: null });
+      assert.equal(options.service, "", "a token in the environment decides the service");
+      const fromEnv = await connect(options);
+      assert.equal(fromEnv.service, "todo");
+    } finally {
+      process.env = saved;
+    }
   });
 
   test("a connection without a token, or with another service's, is refused at the handshake", async () => {

@@ -236,9 +236,13 @@ export class ReplyStream implements AsyncIterable<Reply> {
         abort();
       } else {
         signal.addEventListener("abort", abort, { once: true });
+        // One signal may serve many requests: each takes its listener along.
+        this.unlisten = () => signal.removeEventListener("abort", abort);
       }
     }
   }
+
+  private unlisten: (() => void) | null = null;
 
   /** @internal A reply arrived; true if it was the final one. */
   push(reply: Reply): boolean {
@@ -289,6 +293,8 @@ export class ReplyStream implements AsyncIterable<Reply> {
       clearTimeout(this.timer);
       this.timer = null;
     }
+    this.unlisten?.();
+    this.unlisten = null;
   }
 
   /** Stops waiting for replies. */

@@ -2,6 +2,7 @@
 // handlers with ack and nack, activities, flow control, closing.
 
 import assert from "node:assert/strict";
+import { getEventListeners } from "node:events";
 import { after, before, describe, test } from "node:test";
 
 import {
@@ -226,6 +227,13 @@ describe("sending", () => {
     const pending = web.request("stall.forever", {}, { signal: abort.signal });
     abort.abort();
     await assert.rejects(pending, { name: "AbortError" });
+    // One signal for many requests: each answered request lets go of it.
+    const shared = new AbortController();
+    await (await connect("echoes")).on("echo.back", (msg) => msg.reply("echo.came", msg.json()));
+    for (let i = 0; i < 3; i++) {
+      assert.equal((await web.request("echo.back", i, { signal: shared.signal })).json(), i);
+    }
+    assert.equal(getEventListeners(shared.signal, "abort").length, 0);
   });
 
   test("a subscription new to the service can start at the beginning of retained events", async () => {

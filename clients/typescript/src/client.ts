@@ -734,7 +734,7 @@ export class Client implements DeliveryOwner {
       this.writer.pushSend(quietSeq, bytes, true);
       this.scheduleWrite();
     } else {
-      const ack = this.enqueueMessage(message);
+      const ack = this.enqueueEncoded(message.id, bytes);
       ack.then(undefined, (error: unknown) => stream.fail(error as Error));
     }
     return stream;
@@ -774,9 +774,14 @@ export class Client implements DeliveryOwner {
     this.checkOpen();
     const bytes = encodeMessage(message);
     this.checkSize(message.name, bytes);
+    return this.enqueueEncoded(message.id, bytes);
+  }
+
+  /** Queues a checked, encoded message to be sent now and after every reconnect until answered. */
+  private enqueueEncoded(id: string, bytes: Buffer): PendingAck {
     this.nextSeq += 1n;
     const seq = this.nextSeq;
-    const ack = new PendingAck(message.id);
+    const ack = new PendingAck(id);
     this.pendingSends.set(seq, { seq, bytes, ack, deadline: Date.now() + this.opts.sendTimeoutMs });
     this.armSweeper();
     if (this.socket !== null) {

@@ -387,6 +387,39 @@ interface Job {
   message: IncomingMessage;
 }
 
+/** Deliveries waiting for a free handler, first in first out, in O(1) per job. */
+class JobQueue {
+  private jobs: Array<Job | undefined> = [];
+  private head = 0;
+
+  get length(): number {
+    return this.jobs.length - this.head;
+  }
+
+  push(job: Job): void {
+    this.jobs.push(job);
+  }
+
+  shift(): Job | undefined {
+    if (this.head === this.jobs.length) {
+      return undefined;
+    }
+    const job = this.jobs[this.head];
+    this.jobs[this.head++] = undefined;
+    // Drop the consumed front once it is most of the array.
+    if (this.head > 1024 && this.head * 2 > this.jobs.length) {
+      this.jobs = this.jobs.slice(this.head);
+      this.head = 0;
+    }
+    return job;
+  }
+
+  clear(): void {
+    this.jobs = [];
+    this.head = 0;
+  }
+}
+
 /** What a connection learned from the broker's WELCOME. */
 export interface ConnectionInfo {
   connectionId: bigint;
@@ -508,7 +541,8 @@ export class Client implements DeliveryOwner {
   private roomWaiters: Array<() => void> = [];
 
   private running = 0;
-  private readonly queue: Job[] = [];
+  private pumping = false;
+  private readonly queue = new JobQueue();
   private idleWaiters: Array<() => void> = [];
   private refusalsUnheard = 0;
   private lastRefusal: RefusedError | undefined;
@@ -1008,12 +1042,33 @@ export class Client implements DeliveryOwner {
       return;
     }
     const incoming = new IncomingMessage(message, attempt, this, this.generation, delivery);
-    if (this.running < this.opts.concurrency) {
-      this.run({ handler: subscription.handler, message: incoming });
-    } else if (message.transient && this.queue.length >= this.opts.transientQueueMax) {
+    if (message.transient && this.queue.length >= this.opts.transientQueueMax && this.running >= this.opts.concurrency) {
       this.transientDropped++;
-    } else {
-      this.queue.push({ handler: subscription.handler, message: incoming });
+      return;
+    }
+    this.queue.push({ handler: subscription.handler, message: incoming });
+    this.pump();
+  }
+
+  /**
+   * Starts queued handlers while there is room. A loop, not a recursion: a
+   * run of handlers that finish at once must not grow the stack.
+   */
+  private pump(): void {
+    if (this.pumping) {
+      return;
+    }
+    this.pumping = true;
+    while (this.running < this.opts.concurrency) {
+      const job = this.queue.shift();
+      if (job === undefined) {
+        break;
+      }
+      this.run(job);
+    }
+    this.pumping = false;
+    if (this.running === 0 && this.queue.length === 0) {
+      for (const wake of this.idleWaiters.splice(0)) wake();
     }
   }
 
@@ -1050,12 +1105,7 @@ export class Client implements DeliveryOwner {
       message.finish(delay);
     }
     this.running--;
-    const next = this.queue.shift();
-    if (next !== undefined) {
-      this.run(next);
-    } else if (this.running === 0) {
-      for (const wake of this.idleWaiters.splice(0)) wake();
-    }
+    this.pump();
   }
 
   private routeReply(message: Message): void {
@@ -1529,6 +1579,6 @@ export class Client implements DeliveryOwner {
       f.reject(closed);
     }
     this.wakeRoomWaiters();
-    this.queue.length = 0;
+    this.queue.clear();
   }
 }

@@ -202,3 +202,49 @@ test("an ERROR from the broker ends the connection and the client reconnects", a
   await eventually("reconnected", () => broker.peers.length === 2 && client.connected);
   assert.equal((disconnected[0] as { code?: string }).code, "slow_consumer");
 });
+
+test("a long run of handlers that finish at once, queued behind a slow one, does not grow the stack", async () => {
+  const { broker, client } = await setup({ concurrency: 1 });
+  const peer = broker.peers[0]!;
+  let release!: () => void;
+  const gate = new Promise<void>((r) => (release = r));
+  let handled = 0;
+  // Only the first returns a promise; the rest finish within the call.
+  const subscribed = client.on("burst.*", (msg) => {
+    handled++;
+    return msg.name === "burst.first" ? gate : undefined;
+  });
+  await eventually("SUBSCRIBE sent", () => peer.frames.some((f) => f.type === "subscribe"));
+  const subscribe = peer.frames.find((f) => f.type === "subscribe");
+  assert.ok(subscribe?.type === "subscribe");
+  peer.send({ type: "result", request: subscribe.request, code: 0, reason: "" });
+  await subscribed;
+  const count = 20_000;
+  const entries = Array.from({ length: count }, (_, i) => {
+    const id = `01890a5d-ac96-774b-bcce-${(i + 1).toString(16).padStart(12, "0")}`;
+    return {
+      delivery: BigInt(i + 1),
+      attempt: 1,
+      message: {
+        kind: "event" as const,
+        name: i === 0 ? "burst.first" : "burst.next",
+        version: { major: 1, minor: 0 },
+        id,
+        activityId: id,
+        timestamp: 1n,
+        sender: "src",
+        transient: false,
+        final: false,
+        headers: [],
+        payload: Buffer.alloc(0),
+      },
+    };
+  });
+  peer.send({ type: "deliver", entries });
+  await eventually("the first handler holds the one slot", () => handled === 1);
+  release();
+  await eventually("every delivery was handled", () => handled === count);
+  const acked = (): number =>
+    peer.frames.reduce((n, f) => n + (f.type === "ack" ? f.deliveries.length : 0), 0);
+  await eventually("every delivery was acked", () => acked() === count);
+});

@@ -365,6 +365,8 @@ interface OpenBatch {
 
 /** Bytes a writer sets aside at first; it doubles as needed. */
 const WRITER_INITIAL_BYTES = 64 * 1024;
+/** Takes up to this size are copied out rather than handing the buffer over. */
+const COPY_OUT_BYTES_MAX = 16 * 1024;
 
 /**
  * Encodes frames into one buffer, merging consecutive batchable entries
@@ -388,9 +390,16 @@ export class FrameWriter {
     if (this.len === 0) {
       return null;
     }
-    const out = this.buf.subarray(0, this.len);
-    // A fresh buffer: the socket may still hold `out` after write() returns.
-    this.buf = Buffer.allocUnsafe(Math.max(WRITER_INITIAL_BYTES, Math.min(this.buf.length, 4 * 1024 * 1024)));
+    let out: Buffer;
+    if (this.len <= COPY_OUT_BYTES_MAX) {
+      // A few frames (a request, some acks): copied out, the buffer stays.
+      out = Buffer.allocUnsafe(this.len);
+      this.buf.copy(out, 0, 0, this.len);
+    } else {
+      // Handed over whole; the socket may hold it after write() returns.
+      out = this.buf.subarray(0, this.len);
+      this.buf = Buffer.allocUnsafe(Math.max(WRITER_INITIAL_BYTES, Math.min(this.buf.length, 4 * 1024 * 1024)));
+    }
     this.len = 0;
     this.open = null;
     return out;

@@ -12,8 +12,10 @@ import {
   FrameReader,
   FrameWriter,
   PROTOCOL_VERSION,
+  Flag,
   encodeFrame,
   encodeMessage,
+  layoutMessage,
   type Frame,
   type Kind,
   type Message,
@@ -739,8 +741,8 @@ export class Client implements DeliveryOwner {
       (n) => Number.isFinite(n) && n > 0,
       "timeoutMs",
     );
-    const bytes = encodeMessage(message);
-    this.checkSize(message.name, bytes);
+    const layout = layoutMessage(message, message.transient ? Flag.QUIET : 0);
+    this.checkSize(message.name, layout.length);
     if (options.signal?.aborted) {
       const reason: unknown = options.signal.reason;
       throw reason instanceof Error ? reason : new CourierError("the request was aborted");
@@ -765,10 +767,10 @@ export class Client implements DeliveryOwner {
       this.nextSeq += 1n;
       quietSeq = this.nextSeq;
       this.quietRequests.set(quietSeq, id);
-      this.writer.pushSend(quietSeq, bytes, true);
+      this.writer.pushSendMessage(quietSeq, message, layout);
       this.scheduleWrite();
     } else {
-      const ack = this.enqueueEncoded(message.id, bytes);
+      const ack = this.enqueueEncoded(message.id, encodeMessage(message));
       ack.then(undefined, (error: unknown) => stream.fail(error as Error));
     }
     return stream;
@@ -793,13 +795,13 @@ export class Client implements DeliveryOwner {
     }
   }
 
-  private checkSize(name: string, bytes: Buffer): void {
+  private checkSize(name: string, messageBytes: number): void {
     // type, count and seq go around the message in a SEND frame of one entry.
-    const frameLength = 1 + 4 + 8 + bytes.length;
+    const frameLength = 1 + 4 + 8 + messageBytes;
     if (frameLength > this.frameBytesMax) {
       throw new RefusedError(
         13,
-        `${name} is ${bytes.length} bytes encoded; the broker takes frames of at most ${this.frameBytesMax} bytes`,
+        `${name} is ${messageBytes} bytes encoded; the broker takes frames of at most ${this.frameBytesMax} bytes`,
       );
     }
   }
@@ -807,7 +809,7 @@ export class Client implements DeliveryOwner {
   private enqueueMessage(message: Message): PendingAck {
     this.checkOpen();
     const bytes = encodeMessage(message);
-    this.checkSize(message.name, bytes);
+    this.checkSize(message.name, bytes.length);
     return this.enqueueEncoded(message.id, bytes);
   }
 
@@ -827,8 +829,8 @@ export class Client implements DeliveryOwner {
 
   private async sendQuiet(message: Message): Promise<string> {
     this.checkOpen();
-    const bytes = encodeMessage(message);
-    this.checkSize(message.name, bytes);
+    const layout = layoutMessage(message, Flag.QUIET);
+    this.checkSize(message.name, layout.length);
     for (;;) {
       const socket = this.socket;
       if (socket === null) {
@@ -838,7 +840,7 @@ export class Client implements DeliveryOwner {
       }
       if (socket.writableLength + this.writer.length < QUIET_BUFFER_BYTES_MAX) {
         this.nextSeq += 1n;
-        this.writer.pushSend(this.nextSeq, bytes, true);
+        this.writer.pushSendMessage(this.nextSeq, message, layout);
         this.scheduleWrite();
         return message.id;
       }

@@ -267,11 +267,21 @@ export function encodedMessageLength(m: Message): number {
   return len + m.payload.length;
 }
 
+/** A message checked for encoding: its encoded length and the bytes that depend on it. */
+export interface MessageLayout {
+  /** Bytes the message takes encoded. */
+  length: number;
+  code: number;
+  flags: number;
+  nameBytes: number;
+  senderBytes: number;
+}
+
 /**
- * Encodes one message (docs/PROTOCOL.md §4) into a buffer of its own, the
- * layout it has inside SEND and DELIVER entries. `extraFlags` may add QUIET.
+ * Checks that `m` can be encoded and works out its layout; `extraFlags`
+ * may add QUIET. Throws {@link EncodeError} naming what does not fit.
  */
-export function encodeMessage(m: Message, extraFlags = 0): Buffer {
+export function layoutMessage(m: Message, extraFlags = 0): MessageLayout {
   const code = KIND_CODES[m.kind];
   if (code === undefined) {
     throw new EncodeError(`kind ${JSON.stringify(m.kind)} is not command, event or reply`);
@@ -279,8 +289,8 @@ export function encodeMessage(m: Message, extraFlags = 0): Buffer {
   if (m.headers.length > HEADERS_MAX) {
     throw new EncodeError(`message has ${m.headers.length} headers; at most ${HEADERS_MAX} are allowed`);
   }
-  const nameLen = strBytes("name", m.name, 255);
-  const senderLen = strBytes("sender", m.sender, 255);
+  const nameBytes = strBytes("name", m.name, 255);
+  const senderBytes = strBytes("sender", m.sender, 255);
   checkU16("version.major", m.version.major);
   checkU16("version.minor", m.version.minor);
   checkU64("timestamp", m.timestamp);
@@ -290,44 +300,48 @@ export function encodeMessage(m: Message, extraFlags = 0): Buffer {
   if (m.payload.length > U32_MAX) {
     throw new EncodeError(`payload is ${m.payload.length} bytes; at most ${U32_MAX} fit`);
   }
-  let headersLen = 0;
+  let headersBytes = 0;
   for (const [k, v] of m.headers) {
-    headersLen += 1 + strBytes("header name", k, 255) + 2 + strBytes("header value", v, U16_MAX);
+    headersBytes += 1 + strBytes("header name", k, 255) + 2 + strBytes("header value", v, U16_MAX);
   }
   let flags = extraFlags;
-  let len = MESSAGE_BYTES_MIN + nameLen + senderLen + headersLen + m.payload.length;
+  let length = MESSAGE_BYTES_MIN + nameBytes + senderBytes + headersBytes + m.payload.length;
   if (m.transient) flags |= Flag.TRANSIENT;
   if (m.final) flags |= Flag.FINAL;
   if (m.responseTo !== undefined) {
     flags |= Flag.RESPONSE_TO;
-    len += 16;
+    length += 16;
   }
   if (m.key !== undefined) {
     flags |= Flag.KEY;
-    len += 2 + m.key.length;
+    length += 2 + m.key.length;
   }
   if (m.expiresAt !== undefined) {
     checkU64("expires_at", m.expiresAt);
     flags |= Flag.EXPIRES_AT;
-    len += 8;
+    length += 8;
   }
   if (m.deliverAt !== undefined) {
     checkU64("deliver_at", m.deliverAt);
     flags |= Flag.DELIVER_AT;
-    len += 8;
+    length += 8;
   }
-  const b = Buffer.allocUnsafe(len);
-  let at = 0;
-  b[at++] = code;
-  b[at++] = flags;
-  b[at++] = nameLen;
+  return { length, code, flags, nameBytes, senderBytes };
+}
+
+/** Writes `m`, laid out by {@link layoutMessage}, at `at` of `b` (room checked by the caller). */
+function writeMessageAt(b: Buffer, start: number, m: Message, layout: MessageLayout): number {
+  let at = start;
+  b[at++] = layout.code;
+  b[at++] = layout.flags;
+  b[at++] = layout.nameBytes;
   at += b.write(m.name, at, "utf8");
   at = b.writeUInt16BE(m.version.major, at);
   at = b.writeUInt16BE(m.version.minor, at);
   at = writeUuid(b, at, m.id);
   at = writeUuid(b, at, m.activityId);
   at = b.writeBigUInt64BE(m.timestamp, at);
-  b[at++] = senderLen;
+  b[at++] = layout.senderBytes;
   at += b.write(m.sender, at, "utf8");
   if (m.responseTo !== undefined) {
     at = writeUuid(b, at, m.responseTo);
@@ -351,9 +365,20 @@ export function encodeMessage(m: Message, extraFlags = 0): Buffer {
   }
   at = b.writeUInt32BE(m.payload.length, at);
   at += m.payload.copy(b, at);
-  if (at !== len) {
-    throw new EncodeError(`internal: encoded ${at} bytes of a ${len}-byte message`);
+  if (at - start !== layout.length) {
+    throw new EncodeError(`internal: encoded ${at - start} bytes of a ${layout.length}-byte message`);
   }
+  return at;
+}
+
+/**
+ * Encodes one message (docs/PROTOCOL.md §4) into a buffer of its own, the
+ * layout it has inside SEND and DELIVER entries. `extraFlags` may add QUIET.
+ */
+export function encodeMessage(m: Message, extraFlags = 0): Buffer {
+  const layout = layoutMessage(m, extraFlags);
+  const b = Buffer.allocUnsafe(layout.length);
+  writeMessageAt(b, 0, m, layout);
   return b;
 }
 
@@ -459,6 +484,17 @@ export class FrameWriter {
       this.buf[flagsAt] = this.buf[flagsAt]! | Flag.QUIET;
     }
     this.endEntry(at);
+  }
+
+  /**
+   * A SEND entry encoding `m` in place, laid out by {@link layoutMessage}
+   * (with QUIET among its flags for a quiet send): one copy of the payload
+   * fewer than encoding it on its own first.
+   */
+  pushSendMessage(seq: bigint, m: Message, layout: MessageLayout): void {
+    let at = this.batchEntry(FrameType.SEND, 8 + layout.length);
+    at = this.buf.writeBigUInt64BE(seq, at);
+    this.endEntry(writeMessageAt(this.buf, at, m, layout));
   }
 
   pushSendOutcome(seq: bigint, code: number, reason: string): void {

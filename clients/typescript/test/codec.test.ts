@@ -14,6 +14,7 @@ import {
   encodeFrame,
   encodeMessage,
   encodedMessageLength,
+  layoutMessage,
   type Frame,
   type Message,
 } from "../src/codec.js";
@@ -218,6 +219,15 @@ describe("the writer batches", () => {
     assert.deepEqual(reader.next(), { type: "ack", deliveries: [7n] });
     assert.equal(reader.next(), null);
     assert.equal(w.take(), null, "the writer starts afresh");
+  });
+
+  test("a message encoded in place is the message encoded on its own", () => {
+    const message = sampleMessage({ headers: [["a", "ü"]], responseTo: "017f22e2-79b0-7cc3-98c4-dc0c0c0739aa", kind: "reply", final: true });
+    const inPlace = new FrameWriter();
+    inPlace.pushSendMessage(3n, message, layoutMessage(message, 0x40));
+    const copied = new FrameWriter();
+    copied.pushSend(3n, encodeMessage(message), true);
+    assert.deepEqual(inPlace.take(), copied.take());
   });
 
   test("a batch frame takes entries while it holds less than 256 KiB", () => {

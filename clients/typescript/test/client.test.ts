@@ -363,11 +363,12 @@ describe("handlers", () => {
     let running = 0;
     let most = 0;
     let done = 0;
+    let gate: Promise<void> | null = null;
     const worker = await connect("flow-worker", { maxInFlight: 2, concurrency: 50 });
     await worker.on("flow.job", async () => {
       running++;
       most = Math.max(most, running);
-      await sleep(30);
+      await (gate ?? sleep(30));
       running--;
       done++;
     });
@@ -375,11 +376,17 @@ describe("handlers", () => {
     await Promise.all(Array.from({ length: 10 }, () => source.send("flow.job", {})));
     await eventually("the first jobs done", () => done === 10);
     assert.equal(most, 2, "max_in_flight of HELLO bounds the deliveries");
-    worker.setMaxInFlight(6);
+    // Held until released: exactly as many start as FLOW allows.
+    let release!: () => void;
+    gate = new Promise((r) => (release = r));
     most = 0;
+    worker.setMaxInFlight(6);
     await Promise.all(Array.from({ length: 30 }, () => source.send("flow.job", {})));
+    await eventually("six deliveries are held at once", () => running === 6);
+    release();
+    gate = null;
     await eventually("the next jobs done", () => done === 40);
-    assert.ok(most > 2 && most <= 6, `after FLOW 6: at most ${most} at once`);
+    assert.equal(most, 6, "after FLOW 6, six at most");
   });
 
   test("close drains: running handlers finish and their acks go out; then sends are refused", async () => {

@@ -49,5 +49,17 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test"
 cargo test --workspace --locked
+# The TypeScript client, against the debug broker the cargo tests just built.
+echo "== TypeScript client (clients/typescript)"
+if ! command -v npm >/dev/null 2>&1 || ! node -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 20 ? 0 : 1)'; then
+  echo "scripts/test.sh: the TypeScript client needs Node.js 20 or newer with npm (https://nodejs.org); install it and retry" >&2
+  exit 1
+fi
+(
+  cd clients/typescript
+  npm ci --no-audit --no-fund --loglevel=error
+  npm run build
+  COURIER_BIN="$CARGO_TARGET_DIR/debug/courier" npm test
+)
 echo "== fuzz (bounded)"
 ./scripts/fuzz.sh

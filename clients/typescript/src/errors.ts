@@ -24,6 +24,7 @@ export const ERROR_CODES: Readonly<Record<number, string>> = Object.freeze({
   19: "slow_consumer",
   20: "not_subscribed",
   21: "too_many_connections",
+  22: "read_timeout",
 });
 
 /**

@@ -1,9 +1,10 @@
 """Courier for Python services: send commands, publish events, request
 replies and handle what your service receives, over Courier's wire protocol.
 
->>> import courier_client  # doctest: +SKIP
->>> async with courier_client.connect("127.0.0.1:7700", "web") as client:  # doctest: +SKIP
-...     reply = await client.request("todo.create", {"text": "milk"})
+    import courier_client
+
+    async with courier_client.connect("127.0.0.1:7700", "web") as client:
+        reply = await client.request("todo.create", {"text": "milk"})
 """
 
 from .client import (

@@ -119,14 +119,14 @@ def tls_context(
     """A TLS 1.3 context that trusts only the CA in ``ca`` (PEM), offers ALPN
     ``courier/1`` and, with ``cert`` and ``key``, presents that client
     certificate (for brokers started with ``--tls-client-ca``)."""
+    if (cert is None) != (key is None):
+        raise ValueError("a client certificate needs both cert and key")
     ctx = sslmod.SSLContext(sslmod.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = sslmod.TLSVersion.TLSv1_3
     try:
         ctx.load_verify_locations(cafile=os.fspath(ca))
     except (OSError, sslmod.SSLError) as e:
         raise ValueError(f"cannot use the TLS CA file {os.fspath(ca)}: {e}") from e
-    if (cert is None) != (key is None):
-        raise ValueError("a client certificate needs both cert and key")
     if cert is not None and key is not None:
         try:
             ctx.load_cert_chain(os.fspath(cert), os.fspath(key))
@@ -635,8 +635,8 @@ class ReplyStream:
                 raise StopAsyncIteration
             acceptance = self._acceptance
             if acceptance is not None and acceptance.done():
+                error = acceptance.result()
                 self._acceptance = acceptance = None
-                error = self._acceptance_error()
                 if error is not None:
                     self.close()
                     raise error
@@ -665,9 +665,6 @@ class ReplyStream:
                 timer.cancel()
                 if acceptance is not None:
                     acceptance.remove_done_callback(self._wake)
-
-    def _acceptance_error(self) -> BaseException | None:
-        return None if self._acceptance is None else self._acceptance.result()
 
     def close(self) -> None:
         """Stops listening: later replies to this command are dropped."""
@@ -785,7 +782,7 @@ class _Connection(asyncio.Protocol):
             got = p.decode_frame(buf, INBOUND_FRAME_BYTES_MAX)
         except p.DecodeError as e:
             hint = ""
-            if buf[:1] in (b"\x15", b"\x16") and buf[1:2] == b"\x03":
+            if bytes(buf[:1]) in (b"\x15", b"\x16") and bytes(buf[1:2]) == b"\x03":
                 hint = "; it looks like TLS: connect with ssl=tls_context(ca)"
             self._fail_handshake(ConnectError(f"broker sent a bad frame: {e}{hint}"))
             return

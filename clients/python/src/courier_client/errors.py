@@ -65,9 +65,11 @@ class InvalidName(CourierError, ValueError):
 class Nack(Exception):
     """Raise from a handler to nack the delivery: the broker redelivers it
     no sooner than ``delay`` seconds from now (``None``: the client's
-    ``nack_delay``).
+    ``nack_delay``)::
 
-    >>> raise Nack(delay=5)  # doctest: +SKIP
+        async def handle(msg):
+            if not ready():
+                raise Nack(delay=5)
     """
 
     def __init__(self, reason: str = "", *, delay: float | None = None) -> None:

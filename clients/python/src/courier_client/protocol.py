@@ -905,8 +905,8 @@ def decode_body(body: bytes) -> Frame:
         frame_bytes_max = r.u32()
         broker = r.str8()
         # Brokers that tell the authenticated service append it.
-        service = r.str8() if r.pos < r.end else None
-        frame = Welcome(version, connection_id, frame_bytes_max, broker, service)
+        authenticated = r.str8() if r.pos < r.end else None
+        frame = Welcome(version, connection_id, frame_bytes_max, broker, authenticated)
     elif frame_type == FrameType.SEND:
         count = r.count(8 + MESSAGE_BYTES_MIN)
         entries = []

@@ -17,6 +17,8 @@ mod journal;
 mod queue;
 mod recovery;
 mod refcount;
+pub mod stats;
+mod tap;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,6 +36,7 @@ use journal::Op;
 pub use queue::DeadLetter;
 use queue::{Entry, Queue};
 pub use recovery::RecoveryReport;
+pub use tap::{TailFilter, Tapped};
 
 /// The maps touched for every message (here and in the server): keyed by
 /// a fast hasher seeded at random per process (keys come from clients, so
@@ -84,6 +87,9 @@ pub struct Config {
     /// Log written since the last snapshot before another is taken, so a
     /// restart after a crash replays at most about this much.
     pub checkpoint_log_bytes: u64,
+    /// Distinct message names counted under their own name in the
+    /// per-name metrics; traffic of names past it is counted as `_other`.
+    pub metrics_names_max: usize,
     /// Above this many bytes of log, retained history is given up at the
     /// next checkpoint (all of it that no service is still owed, and that
     /// the snapshot covers), whatever its age. 0: no cap.
@@ -146,6 +152,7 @@ impl Default for Config {
             send_rate_per_service: 1_000_000,
             connections_per_service_max: 1024,
             checkpoint_log_bytes: 128 * 1024 * 1024,
+            metrics_names_max: 10_000,
         }
     }
 }
@@ -183,6 +190,15 @@ pub enum Action {
     /// The answer to a PING: it follows every answer to what the
     /// connection sent before the PING, so a client's flush can wait on it.
     Pong { conn: ConnId, nonce: u64 },
+    /// An admin asked to tail the bus (`courier.tail`): the network edge
+    /// sends it what [`Broker::take_taps`] yields, filtered, as replies to
+    /// `request`, for as long as the connection lives.
+    StartTail {
+        conn: ConnId,
+        request: Uuid,
+        activity_id: Uuid,
+        filter: TailFilter,
+    },
 }
 
 /// Counters for `/metrics` and tests; they only ever go up.
@@ -240,6 +256,26 @@ pub struct ServiceInfo {
     pub depth: usize,
     pub in_flight: usize,
     pub dead_letters: usize,
+}
+
+/// One service's subscription as `/metrics` and the console show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscriptionGauges {
+    pub service: String,
+    pub patterns: Vec<String>,
+    /// Messages waiting for the service in any state (ready, deferred, in
+    /// flight, behind a busy key); dead letters are not counted.
+    pub backlog: usize,
+    pub in_flight: usize,
+    /// Connected instances that consume (not those that only send).
+    pub consumers: usize,
+    /// Of those, paused because they do not read their deliveries.
+    pub consumers_paused: usize,
+    pub dead_letters: usize,
+    /// How long ago the oldest message the service still owes an ack for
+    /// was accepted (ns); `None` when it owes none (or it is unreadable).
+    pub oldest_unacked_age: Option<Nanos>,
+    oldest_seq: Option<Seq>,
 }
 
 struct Conn {
@@ -368,6 +404,11 @@ struct ReplyRoute {
     conn: ConnId,
     /// Services the command went to: only they may reply to it.
     receivers: Vec<String>,
+    /// Where the command's name is counted, and when it was accepted: for
+    /// the outcome counts and the latency to its final reply. Routes
+    /// loaded from a snapshot have neither ([`stats::Slot::MAX`], 0).
+    command: stats::Slot,
+    accepted_at: Nanos,
 }
 
 /// Which instance a message should go to.
@@ -423,10 +464,16 @@ pub struct Broker<S: MessageStore> {
     batch_appended: bool,
     /// Who may send and receive what; `None` lets everyone do everything.
     manifest: Option<Arc<Manifest>>,
+    /// Traffic per message name and service (`stats.rs`).
+    traffic: stats::TrafficStats,
+    /// Someone tails the bus: accepted messages are copied to `taps`.
+    tapping: bool,
+    taps: Vec<Tapped>,
 }
 
 impl<S: MessageStore> Broker<S> {
     pub fn new(config: Config, store: S) -> Broker<S> {
+        let config_names_max = config.metrics_names_max;
         let dedup = dedup::DedupWindow::new(config.dedup_window_ms, config.dedup_ids_max);
         let reply_routes = ExpiringMap::new(
             config.reply_route_ms * NANOS_PER_MS,
@@ -456,6 +503,9 @@ impl<S: MessageStore> Broker<S> {
             batch_structural: false,
             batch_appended: false,
             manifest: None,
+            traffic: stats::TrafficStats::new(config_names_max),
+            tapping: false,
+            taps: Vec::new(),
         }
     }
 
@@ -736,6 +786,7 @@ impl<S: MessageStore> Broker<S> {
                 self.retry_or_dead_letter(
                     &c.service,
                     flight.entry,
+                    flight.name,
                     0,
                     "receiver disconnected",
                     now,
@@ -1085,11 +1136,14 @@ impl<S: MessageStore> Broker<S> {
         let has_token = checked.is_err() || rate == 0 || c.send_bucket.take(rate, now);
         if let Err(refusal) = checked {
             self.metrics.refused += 1;
+            self.traffic.refused(&message.name, &sender, refusal.0);
             return self.send_result(conn, seq, refusal.0, refusal.1);
         }
         if !has_token {
             self.metrics.refused += 1;
             self.metrics.rate_limited += 1;
+            self.traffic
+                .refused(&message.name, &sender, ErrorCode::RateLimited);
             let rate = self.config.send_rate_per_service;
             return self.send_result(
                 conn,
@@ -1101,6 +1155,8 @@ impl<S: MessageStore> Broker<S> {
         if let Err(reason) = self.authorize_send(&sender, admin, &message) {
             self.metrics.refused += 1;
             self.metrics.unauthorized += 1;
+            self.traffic
+                .refused(&message.name, &sender, ErrorCode::Unauthorized);
             return self.send_result(conn, seq, ErrorCode::Unauthorized, reason);
         }
         self.dedup.expire(now);
@@ -1117,6 +1173,8 @@ impl<S: MessageStore> Broker<S> {
             && !message.name.starts_with(SYSTEM_PREFIX)
         {
             self.metrics.refused += 1;
+            self.traffic
+                .refused(&message.name, &sender, ErrorCode::StorageFailed);
             return self.send_result(
                 conn,
                 seq,
@@ -1125,13 +1183,18 @@ impl<S: MessageStore> Broker<S> {
             );
         }
         let id = message.id;
+        let counted = self.traffic.locate(&message.name, &sender);
         // Not shared yet (it was just decoded): no copy is made.
         let stamped = Arc::make_mut(&mut message);
         stamped.timestamp = now;
         stamped.sender = sender;
         let outcome = match message.kind {
             Kind::Command if message.name.starts_with(SYSTEM_PREFIX) => {
-                self.system_command(conn, &message, now)
+                let answered = self.system_command(conn, &message, now);
+                if answered.is_ok() {
+                    self.tap(&message, Arc::from([]));
+                }
+                answered
             }
             _ if message.name.starts_with(SYSTEM_PREFIX) => Err((
                 ErrorCode::InvalidName,
@@ -1149,6 +1212,7 @@ impl<S: MessageStore> Broker<S> {
                 // with the same id must be tried again, not dropped.
                 self.dedup.insert(&id, now);
                 self.metrics.accepted += 1;
+                self.traffic.at(counted).sent += 1;
                 if quiet {
                     return;
                 }
@@ -1162,6 +1226,7 @@ impl<S: MessageStore> Broker<S> {
             }
             Err((code, reason)) => {
                 self.metrics.refused += 1;
+                self.traffic.at(counted).refuse(code);
                 self.send_result(conn, seq, code, reason);
             }
         }
@@ -1273,6 +1338,7 @@ impl<S: MessageStore> Broker<S> {
                 return Err((ErrorCode::NoReceiver, reason));
             }
             self.metrics.dropped_unrouted += 1;
+            self.tap(&message, targets);
             if !message.transient {
                 // Kept for history replay (`--from`) until retention ends;
                 // no service holds a reference.
@@ -1287,7 +1353,8 @@ impl<S: MessageStore> Broker<S> {
             return Ok(());
         }
         if message.kind == Kind::Command {
-            self.remember_reply_route(conn, message.id, targets.to_vec(), now);
+            let command = self.traffic.slot(&message.name);
+            self.remember_reply_route(conn, message.id, command, targets.to_vec(), now);
         }
         if !message.transient {
             // The payload is a slice of the connection's read buffer, and
@@ -1298,6 +1365,7 @@ impl<S: MessageStore> Broker<S> {
             owned.payload = bytes::Bytes::copy_from_slice(&owned.payload);
         }
         if message.transient {
+            self.tap(&message, targets.clone());
             for service in targets.iter() {
                 self.deliver_transient(service, &message);
             }
@@ -1310,6 +1378,7 @@ impl<S: MessageStore> Broker<S> {
         self.dirty = true;
         self.batch_appended = true;
         self.enqueue(seq, &message, &targets, now);
+        self.tap(&message, targets.clone());
         for service in targets.iter() {
             self.pump(service, now);
         }
@@ -1379,6 +1448,7 @@ impl<S: MessageStore> Broker<S> {
         &mut self,
         conn: ConnId,
         command: Uuid,
+        command_name: stats::Slot,
         receivers: Vec<String>,
         now: Nanos,
     ) {
@@ -1389,6 +1459,8 @@ impl<S: MessageStore> Broker<S> {
             service: c.service.to_string(),
             conn,
             receivers,
+            command: command_name,
+            accepted_at: now,
         };
         self.reply_routes.insert(command, route, now);
     }
@@ -1428,6 +1500,10 @@ impl<S: MessageStore> Broker<S> {
     fn deliver_untracked(&mut self, conn: ConnId, message: Arc<Message>) {
         self.next_delivery += 1;
         self.metrics.delivered += 1;
+        if let Some(c) = self.conns.get(&conn) {
+            let counted = self.traffic.locate(&message.name, &c.service);
+            self.traffic.at(counted).delivered += 1;
+        }
         self.actions.push(Action::Deliver {
             conn,
             delivery: self.next_delivery,
@@ -1461,6 +1537,13 @@ impl<S: MessageStore> Broker<S> {
             ));
         }
         let service = route.service.clone();
+        self.traffic.outcome(route.command, &message.name);
+        if message.is_final {
+            let latency = self.now.saturating_sub(route.accepted_at);
+            if route.accepted_at != 0 {
+                self.traffic.final_reply(route.command, latency);
+            }
+        }
         let target = if self.conns.contains_key(&route.conn) {
             Some(route.conn)
         } else {
@@ -1470,6 +1553,10 @@ impl<S: MessageStore> Broker<S> {
         };
         if message.is_final {
             self.reply_routes.remove(&command);
+        }
+        if self.tapping {
+            let requester: Receivers = Arc::from([service.clone()]);
+            self.tap(&message, requester);
         }
         match target {
             Some(conn) => {
@@ -1580,6 +1667,10 @@ impl<S: MessageStore> Broker<S> {
                 svc.queue.ready.remove(index);
                 svc.queue.release_key(&entry);
                 self.metrics.expired += 1;
+                let slot = self.traffic.slot(&message.name);
+                if let Some(t) = self.traffic.traffic(slot, service) {
+                    t.expired += 1;
+                }
                 release(&mut self.store, &mut self.refs, entry.seq);
                 continue;
             }
@@ -1597,7 +1688,8 @@ impl<S: MessageStore> Broker<S> {
                     self.next_delivery += 1;
                     let delivery = self.next_delivery;
                     let seq = entry.seq;
-                    svc.queue.start(delivery, conn, entry, deadline);
+                    let slot = self.traffic.slot(&message.name);
+                    svc.queue.start(delivery, conn, entry, deadline, slot);
                     if let Some(c) = self.conns.get_mut(&conn) {
                         c.in_flight += 1;
                     }
@@ -1606,6 +1698,10 @@ impl<S: MessageStore> Broker<S> {
                         seq,
                     });
                     self.metrics.delivered += 1;
+                    if let Some(t) = self.traffic.traffic(slot, service) {
+                        t.delivered += 1;
+                        t.redelivered += u64::from(attempt > 1);
+                    }
                     if attempt > 1 {
                         self.metrics.redelivered += 1;
                     }
@@ -1635,6 +1731,9 @@ impl<S: MessageStore> Broker<S> {
         };
         self.metrics.acked += 1;
         let service = flight.1;
+        if let Some(t) = self.traffic.traffic(flight.0.name, &service) {
+            t.acked += 1;
+        }
         let seq = flight.0.entry.seq;
         self.journal(Op::Acked {
             service: service.clone(),
@@ -1653,9 +1752,13 @@ impl<S: MessageStore> Broker<S> {
             return;
         };
         self.metrics.nacked += 1;
+        if let Some(t) = self.traffic.traffic(flight.name, &service) {
+            t.nacked += 1;
+        }
         self.retry_or_dead_letter(
             &service,
             flight.entry,
+            flight.name,
             u64::from(delay_ms) * NANOS_PER_MS,
             "nacked",
             now,
@@ -1684,6 +1787,7 @@ impl<S: MessageStore> Broker<S> {
         &mut self,
         service: &str,
         entry: Entry,
+        name: stats::Slot,
         delay: Nanos,
         why: &str,
         now: Nanos,
@@ -1704,6 +1808,9 @@ impl<S: MessageStore> Broker<S> {
             };
             svc.queue.dead_letters.push(letter.clone());
             self.metrics.dead_lettered += 1;
+            if let Some(t) = self.traffic.traffic(name, service) {
+                t.dead_lettered += 1;
+            }
             self.journal(Op::DeadLettered {
                 service: service.to_string(),
                 seq: letter.seq,
@@ -1751,7 +1858,14 @@ impl<S: MessageStore> Broker<S> {
                 if let Some(c) = self.conns.get_mut(&flight.conn) {
                     c.in_flight = c.in_flight.saturating_sub(1);
                 }
-                self.retry_or_dead_letter(&service, flight.entry, 0, "ack deadline passed", now);
+                self.retry_or_dead_letter(
+                    &service,
+                    flight.entry,
+                    flight.name,
+                    0,
+                    "ack deadline passed",
+                    now,
+                );
             }
             self.pump(&service, now);
         }
@@ -1787,6 +1901,81 @@ impl<S: MessageStore> Broker<S> {
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
         out
+    }
+
+    /// Whether accepted messages are recorded for tails (the network edge
+    /// turns it on while at least one tail runs).
+    pub fn set_tapping(&mut self, on: bool) {
+        self.tapping = on;
+        if !on {
+            self.taps.clear();
+        }
+    }
+
+    /// What was accepted since the last call, while tapping.
+    pub fn take_taps(&mut self) -> Vec<Tapped> {
+        std::mem::take(&mut self.taps)
+    }
+
+    fn tap(&mut self, message: &Arc<Message>, receivers: Receivers) {
+        if self.tapping {
+            self.taps.push(Tapped {
+                message: message.clone(),
+                receivers,
+            });
+        }
+    }
+
+    /// Traffic per message name and service, for `/metrics`.
+    pub fn traffic(&self) -> &stats::TrafficStats {
+        &self.traffic
+    }
+
+    /// Every subscribed service's queue as `/metrics` shows it. Reads the
+    /// oldest waiting message of each service from the store for its age.
+    pub fn subscription_gauges(&mut self, now: Nanos) -> Vec<SubscriptionGauges> {
+        let mut out: Vec<SubscriptionGauges> = Vec::with_capacity(self.services.len());
+        for (name, s) in &self.services {
+            let oldest_seq = s.queue.runs().map(|(entry, _, _)| entry.seq).min();
+            let consumers: Vec<&Conn> = s
+                .instances
+                .iter()
+                .filter_map(|c| self.conns.get(c))
+                .filter(|c| !c.patterns.is_empty())
+                .collect();
+            out.push(SubscriptionGauges {
+                service: name.clone(),
+                patterns: s.patterns.iter().cloned().collect(),
+                backlog: s.queue.depth(),
+                in_flight: s.queue.in_flight.len(),
+                consumers: consumers.len(),
+                consumers_paused: consumers.iter().filter(|c| c.paused).count(),
+                dead_letters: s.queue.dead_letters.len(),
+                oldest_unacked_age: None,
+                oldest_seq,
+            });
+        }
+        for gauge in &mut out {
+            if let Some(seq) = gauge.oldest_seq {
+                if let Ok(Some(m)) = self.store.get(seq) {
+                    gauge.oldest_unacked_age = Some(now.saturating_sub(m.timestamp));
+                }
+            }
+        }
+        out.sort_by(|a, b| a.service.cmp(&b.service));
+        out
+    }
+
+    /// Live connections per service (instances and senders alike).
+    pub fn connections_by_service(&self) -> Vec<(String, usize)> {
+        let mut counts: std::collections::BTreeMap<&str, usize> = Default::default();
+        for c in self.conns.values() {
+            *counts.entry(c.service.as_str()).or_default() += 1;
+        }
+        counts
+            .into_iter()
+            .map(|(service, n)| (service.to_string(), n))
+            .collect()
     }
 
     /// The service's dead letters with their messages (`None` if unreadable).

@@ -188,6 +188,8 @@ impl<S: MessageStore> Broker<S> {
                 // The requesting connection is gone; any instance will do.
                 conn: 0,
                 receivers: targets.to_vec(),
+                command: self.traffic.slot(&message.name),
+                accepted_at: message.timestamp,
             };
             self.reply_routes
                 .insert(message.id, route, message.timestamp);
@@ -554,6 +556,8 @@ impl<S: MessageStore> Broker<S> {
                 service,
                 conn: 0,
                 receivers,
+                command: crate::stats::Slot::MAX,
+                accepted_at: 0,
             };
             self.reply_routes.insert(id, route, t);
         }

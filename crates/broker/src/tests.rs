@@ -1626,3 +1626,69 @@ fn send_bucket_refills_exactly_at_its_rate_up_to_one_second() {
     assert!(fastest.take(u32::MAX, u64::MAX));
     assert!(fastest.take(u32::MAX, 0));
 }
+
+#[test]
+fn a_tail_sees_commands_replies_and_events_without_changing_routing() {
+    let mut h = Harness::new();
+    h.connect(1, "web", 16);
+    h.connect(2, "todo", 16);
+    h.subscribe(2, "todo.create");
+    h.connect(3, "admin", 16);
+    h.broker.set_tapping(true);
+    h.send(3, 1, command("courier.tail", "{\"pattern\":\"todo.>\"}"));
+    let started = h
+        .actions()
+        .into_iter()
+        .find_map(|a| match a {
+            Action::StartTail { conn, filter, .. } => Some((conn, filter)),
+            _ => None,
+        })
+        .expect("the tail starts");
+    assert_eq!(started.0, 3);
+    assert_eq!(started.1.pattern.as_deref(), Some("todo.>"));
+
+    let create = command("todo.create", "{}");
+    let create_id = create.id;
+    h.send(1, 2, create);
+    let delivered = h.deliveries();
+    assert_eq!(delivered.len(), 1, "only the subscribed service gets it");
+    assert_eq!(delivered[0].0, 2);
+    let mut reply = Message::new(Kind::Reply, "todo.created", "{}");
+    reply.response_to = Some(create_id);
+    h.send(2, 3, reply);
+    // A command nobody receives is still refused while a tail runs.
+    h.send(1, 4, command("todo.delete", "{}"));
+    let refused = h.actions().into_iter().any(|a| {
+        matches!(
+            a,
+            Action::SendResult {
+                seq: 4,
+                code: ErrorCode::NoReceiver,
+                ..
+            }
+        )
+    });
+    assert!(refused, "no_receiver despite the tail");
+
+    let taps = h.broker.take_taps();
+    let seen: Vec<(&str, Vec<String>)> = taps
+        .iter()
+        .map(|t| (t.message.name.as_str(), t.receivers.to_vec()))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            ("courier.tail", vec![]),
+            ("todo.create", vec!["todo".to_string()]),
+            ("todo.created", vec!["web".to_string()]),
+        ]
+    );
+    assert_eq!(taps[1].message.sender, "web", "stamped with its sender");
+
+    h.broker.set_tapping(false);
+    h.send(1, 5, command("todo.create", "{}"));
+    assert!(
+        h.broker.take_taps().is_empty(),
+        "nothing is recorded untapped"
+    );
+}

@@ -3,7 +3,9 @@
 mod allocator;
 mod bench;
 mod certs;
+mod http_get;
 mod output;
+mod tail;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -163,6 +165,28 @@ struct ServeArgs {
     /// its subject. Optional per client: token-only clients still connect.
     #[arg(long, requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
+    /// The HTTP port: /healthz, /readyz and /metrics (Prometheus). `off`
+    /// serves none. Guarded by the manifest's [admin] tokens; without a
+    /// manifest, loopback clients only.
+    #[arg(long, default_value = "127.0.0.1:7780", value_parser = parse_http_addr)]
+    http: HttpAddr,
+    /// Distinct message names the metrics label by name; traffic of names
+    /// past it is counted under name="_other".
+    #[arg(long, default_value_t = courier_server::BrokerConfig::default().metrics_names_max)]
+    metrics_names_max: usize,
+}
+
+/// `--http ADDR` or `--http off`.
+#[derive(Clone, Copy, Debug)]
+struct HttpAddr(Option<std::net::SocketAddr>);
+
+fn parse_http_addr(text: &str) -> Result<HttpAddr, String> {
+    if text.eq_ignore_ascii_case("off") {
+        return Ok(HttpAddr(None));
+    }
+    text.parse()
+        .map(|a| HttpAddr(Some(a)))
+        .map_err(|e| format!("{text:?} is not HOST:PORT or off ({e})"))
 }
 
 /// `512`, `64KiB`, `10MB`, `2GiB` …
@@ -299,10 +323,21 @@ enum Command {
     /// Measures durable publish, consume and restart against a broker it
     /// starts itself; prints a table (or --json lines).
     Bench(bench::BenchArgs),
-    /// Prints the broker's counters as one JSON object.
+    /// Follows everything the broker accepts, replies included, as one JSON
+    /// line per message, without receiving anything (admin only). A tail
+    /// that cannot keep up skips lines and says how many on stderr.
+    Tail(tail::TailArgs),
+    /// Prints the broker's counters as one JSON object, or with
+    /// --prometheus every metric of its HTTP port's /metrics.
     Metrics {
         #[command(flatten)]
         admin: Admin,
+        /// Print the Prometheus text of the broker's HTTP port instead.
+        #[arg(long)]
+        prometheus: bool,
+        /// The broker's HTTP port (with --prometheus).
+        #[arg(long, env = "COURIER_HTTP", default_value = "127.0.0.1:7780")]
+        http: String,
     },
     /// Tokens for courier.toml.
     #[command(subcommand)]
@@ -533,11 +568,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             services,
             force,
         } => dev_certs(&dir, services, force),
-        Command::Metrics { admin } => {
+        Command::Metrics {
+            admin,
+            prometheus: true,
+            http,
+        } => {
+            let text = http_get::get(&http, "/metrics", admin.token.as_deref()).await?;
+            print!("{text}");
+            Ok(())
+        }
+        Command::Metrics { admin, .. } => {
             output::line(&admin_request(&admin, "courier.metrics", serde_json::json!({})).await?);
             Ok(())
         }
         Command::Bench(args) => bench::run(args).await,
+        Command::Tail(args) => tail::run(args).await,
         Command::Services { admin } => {
             let listing =
                 admin_request(&admin, "courier.services.list", serde_json::json!({})).await?;
@@ -595,6 +640,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         retention_rules: args.retain,
         retention_bytes_max: args.retention_bytes.unwrap_or(0),
         send_rate_per_service: args.send_rate,
+        metrics_names_max: args.metrics_names_max,
         ..courier_server::BrokerConfig::default()
     };
     let config = ServerConfig {
@@ -610,6 +656,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             }),
             _ => None,
         },
+        http: args.http.0,
         ..ServerConfig::default()
     };
     let server = Server::bind(config, store).await?;
@@ -625,6 +672,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     );
     let addr = server.local_addr()?;
     println!("courier listening on {addr} (store: {description})");
+    if let Some(http) = server.http_addr() {
+        println!("courier http on http://{http}/ (/metrics, /healthz, /readyz)");
+    }
     let handle = server.handle();
     let stop = async {
         #[cfg(unix)]
@@ -842,6 +892,14 @@ async fn admin_request(
     name: &str,
     args: serde_json::Value,
 ) -> anyhow::Result<serde_json::Value> {
+    let client = connect_admin(admin).await?;
+    let reply = client.command(name).json(&args)?.request().await;
+    client.shutdown().await;
+    Ok(reply?.json()?)
+}
+
+/// A connection for the broker's own commands.
+async fn connect_admin(admin: &Admin) -> anyhow::Result<Client> {
     let conn = Conn {
         url: admin.url.clone(),
         service: std::env::var("COURIER_SERVICE").ok(),
@@ -853,10 +911,7 @@ async fn admin_request(
     let mut opts = ClientOptions::new(conn.url.clone(), conn.service_name());
     opts.token = conn.token.clone();
     opts.tls = conn.client_tls();
-    let client = Client::connect(opts).await?;
-    let reply = client.command(name).json(&args)?.request().await;
-    client.shutdown().await;
-    Ok(reply?.json()?)
+    Ok(Client::connect(opts).await?)
 }
 
 async fn dead_letters(action: DeadLetters) -> anyhow::Result<()> {

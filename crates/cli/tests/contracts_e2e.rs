@@ -197,7 +197,14 @@ fn a_reloaded_manifest_revokes_tokens_and_a_bad_one_is_refused() {
 #[test]
 fn a_public_address_without_authentication_is_refused_unless_insecure() {
     let out = std::process::Command::new(common::courier_bin())
-        .args(["serve", "--listen", "0.0.0.0:0", "--in-memory"])
+        .args([
+            "serve",
+            "--listen",
+            "0.0.0.0:0",
+            "--in-memory",
+            "--http",
+            "off",
+        ])
         .output()
         .expect("run");
     assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));

@@ -61,7 +61,14 @@ fn web_lists_and_creates_todos_through_the_todo_service() {
     let data = std::env::temp_dir().join(format!("courier-todo-e2e-{}", std::process::id()));
     let mut serve = Command::new(courier_bin());
     serve
-        .args(["serve", "--listen", &bus, "--data-dir"])
+        .args([
+            "serve",
+            "--listen",
+            &bus,
+            "--http",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
         .arg(&data)
         .env("COURIER_LOG", "warn");
     let _broker = start(serve, &bus);

@@ -52,8 +52,10 @@ def start_broker(courier: str, data_dir: str) -> tuple[subprocess.Popen[bytes], 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         addr = f"127.0.0.1:{s.getsockname()[1]}"
+    help_text = subprocess.run([courier, "serve", "--help"], capture_output=True, text=True).stdout
+    http_off = ["--http", "off"] if "--http <" in help_text else []
     proc = subprocess.Popen(
-        [courier, "serve", "--listen", addr, "--data-dir", data_dir, "--send-rate", "0"],
+        [courier, "serve", "--listen", addr, "--data-dir", data_dir, "--send-rate", "0", *http_off],
         stdout=subprocess.PIPE,
         env={**os.environ, "COURIER_LOG": "warn"},
     )

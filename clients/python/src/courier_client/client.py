@@ -74,6 +74,10 @@ ALPN = "courier/1"
 QUIET_BUFFER_BYTES_MAX = 1024 * 1024
 """Bytes of quiet sends that may wait for the socket before a quiet send
 waits for room (so a fast publisher cannot grow memory without bound)."""
+EAGER_WRITE_BYTES = 256 * 1024
+"""Bytes of sends queued in one go (a loop of ``enqueue()`` calls does not
+yield to the event loop) that are handed to the socket at once, so the
+broker works on them while more are encoded."""
 INBOUND_FRAME_BYTES_MAX = 64 * 1024 * 1024
 """The biggest frame accepted from the broker."""
 REPLY_BUFFER_MAX = 1024
@@ -1341,8 +1345,11 @@ class Client:
         self._next_seq = seq = self._next_seq + 1
         ack = self._pending[seq] = PendingAck(self, seq, id_bytes, body)
         if self._connected:
-            self._writer.push_send(seq, body)
-            if not self._flush_scheduled:
+            writer = self._writer
+            writer.push_send(seq, body)
+            if len(writer) >= EAGER_WRITE_BYTES:
+                self._flush()
+            elif not self._flush_scheduled:
                 self._flush_scheduled = True
                 self._loop.call_soon(self._flush)
         return ack
@@ -1363,8 +1370,11 @@ class Client:
         if len(self._writer) >= QUIET_BUFFER_BYTES_MAX or (conn is not None and conn.paused):
             return False
         self._next_seq += 1
-        self._writer.push_send(self._next_seq, body, quiet=True)
-        if not self._flush_scheduled:
+        writer = self._writer
+        writer.push_send(self._next_seq, body, quiet=True)
+        if len(writer) >= EAGER_WRITE_BYTES:
+            self._flush()
+        elif not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
         return True

@@ -11,7 +11,8 @@ Workloads, one after another:
 - durable publish: ``event(...).enqueue()`` with up to ``--window`` sends
   awaiting their acceptance (persisted by the broker) at once;
 - consume: the durable events, queued meanwhile for a subscribed service,
-  handled by a plain-function handler (acked) with ``max_in_flight`` 1024.
+  handled by a plain-function handler (acked) with ``--max-in-flight``
+  deliveries outstanding (default 4096).
 
 The broker is started with ``$COURIER_BIN`` or ``--courier`` (default: the
 release build, else the debug build, under the repository's target dir).
@@ -100,7 +101,7 @@ async def publish_durable(client: Client, count: int, payload: bytes, window: in
     return time.perf_counter() - started
 
 
-async def consume(url: str, count: int) -> float:
+async def consume(url: str, count: int, max_in_flight: int) -> float:
     received = 0
     done = asyncio.get_running_loop().create_future()
 
@@ -110,7 +111,7 @@ async def consume(url: str, count: int) -> float:
         if received == count and not done.done():
             done.set_result(None)
 
-    async with connect(url, "bench-sink", max_in_flight=1024) as sink:
+    async with connect(url, "bench-sink", max_in_flight=max_in_flight) as sink:
         started = time.perf_counter()
         await sink.on("bench.durable", handle)
         await asyncio.wait_for(done, timeout=max(60.0, count / 5000))
@@ -124,6 +125,7 @@ async def main() -> None:
     parser.add_argument("--count", type=int, default=200_000, help="messages per workload")
     parser.add_argument("--payload", type=int, default=100, help="payload bytes per message")
     parser.add_argument("--window", type=int, default=10_000, help="durable sends awaiting acceptance at once")
+    parser.add_argument("--max-in-flight", type=int, default=4096, help="deliveries the consumer takes at once")
     args = parser.parse_args()
 
     proc = None
@@ -145,8 +147,8 @@ async def main() -> None:
             print(f"publish quiet/transient  {rate(args.count, quiet)}")
             durable = await publish_durable(pub, args.count, payload, args.window)
             print(f"publish durable          {rate(args.count, durable)}  window {args.window:,}")
-        consumed = await consume(url, args.count)
-        print(f"consume durable (acked)  {rate(args.count, consumed)}")
+        consumed = await consume(url, args.count, args.max_in_flight)
+        print(f"consume durable (acked)  {rate(args.count, consumed)}  max_in_flight {args.max_in_flight:,}")
     finally:
         if proc is not None:
             proc.kill()

@@ -685,7 +685,7 @@ def encode_frame(frame: Frame) -> bytes:
 class _Reader:
     """A cursor over one frame body (type byte at position 0)."""
 
-    __slots__ = ("buf", "pos", "end", "last_name_raw", "last_name")
+    __slots__ = ("buf", "pos", "end", "last_name_raw", "last_name", "last_sender_raw", "last_sender")
 
     def __init__(self, buf: bytes, pos: int = 0, end: int | None = None) -> None:
         self.buf = buf
@@ -693,6 +693,9 @@ class _Reader:
         self.end = len(buf) if end is None else end
         self.last_name_raw = b""
         self.last_name = ""
+        # The empty sender (what clients send) needs no decoding either.
+        self.last_sender_raw = b""
+        self.last_sender = ""
 
     def eof(self, need: int) -> DecodeError:
         have = self.end - self.pos
@@ -763,6 +766,95 @@ class _Reader:
         return count
 
     def message(self, extra_flags: int = 0) -> tuple[Message, int]:
+        """The message at the cursor and its flags byte.
+
+        The usual message (valid, no optional field but a key or none,
+        few headers) takes the fast path, reading straight from the buffer
+        with the checks it needs; anything else, errors included, takes the
+        careful path, which says exactly what is wrong and where."""
+        buf = self.buf
+        start = self.pos
+        end = self.end
+        if end - start >= 3:
+            kind_code = buf[start]
+            flags = buf[start + 1]
+            n = buf[start + 2]
+            pos = start + 3
+            if (
+                1 <= kind_code <= 3
+                and not flags & (0xFF ^ (Flag.ALL | extra_flags))
+                and not flags & (Flag.RESPONSE_TO | Flag.EXPIRES_AT | Flag.DELIVER_AT)
+                and end - pos >= n + 45
+            ):
+                raw = buf[pos : pos + n]
+                if raw == self.last_name_raw and n:
+                    name = self.last_name
+                else:
+                    try:
+                        name = raw.decode()
+                    except UnicodeDecodeError:
+                        return self._message_checked(extra_flags)
+                    self.last_name_raw = raw
+                    self.last_name = name
+                pos += n
+                major, minor = _VERSION.unpack_from(buf, pos)
+                id_bytes = buf[pos + 4 : pos + 20]
+                activity = buf[pos + 20 : pos + 36]
+                (timestamp,) = _U64.unpack_from(buf, pos + 36)
+                sn = buf[pos + 44]
+                pos += 45
+                raw = buf[pos : pos + sn]
+                if raw == self.last_sender_raw:
+                    sender = self.last_sender
+                else:
+                    try:
+                        sender = raw.decode()
+                    except UnicodeDecodeError:
+                        return self._message_checked(extra_flags)
+                    if len(raw) != sn:
+                        return self._message_checked(extra_flags)
+                    self.last_sender_raw = raw
+                    self.last_sender = sender
+                pos += sn
+                key = None
+                if flags & Flag.KEY:
+                    if end - pos < 2:
+                        return self._message_checked(extra_flags)
+                    (kn,) = _U16.unpack_from(buf, pos)
+                    key = buf[pos + 2 : pos + 2 + kn]
+                    pos += 2 + kn
+                if end - pos >= 2:
+                    (header_count,) = _U16.unpack_from(buf, pos)
+                    pos += 2
+                    if header_count <= HEADERS_MAX:
+                        self.pos = pos
+                        try:
+                            headers = [(self.str8(), self.str16()) for _ in range(header_count)] if header_count else []
+                            payload = self.take(self.u32())
+                        except DecodeError:
+                            self.pos = start
+                            return self._message_checked(extra_flags)
+                        m = _new_object(Message)
+                        m.kind = _KINDS[kind_code]
+                        m.name = name
+                        m.version = (major, minor)
+                        m.id_bytes = id_bytes
+                        m.activity_id_bytes = activity
+                        m.timestamp = timestamp
+                        m.sender = sender
+                        m.response_to_bytes = None
+                        m.key = key
+                        m.expires_at = None
+                        m.deliver_at = None
+                        m.transient = bool(flags & Flag.TRANSIENT)
+                        m.final = bool(flags & Flag.FINAL)
+                        m.headers = headers
+                        m.payload = payload
+                        return m, flags
+        self.pos = start
+        return self._message_checked(extra_flags)
+
+    def _message_checked(self, extra_flags: int) -> tuple[Message, int]:
         offset = self.pos
         kind_code = self.u8()
         if not 1 <= kind_code <= 3:
@@ -831,6 +923,7 @@ class _Reader:
 
 
 _KINDS = {1: Kind.COMMAND, 2: Kind.EVENT, 3: Kind.REPLY}
+_new_object = object.__new__
 
 
 def decode_frame(buf: bytes | bytearray, frame_bytes_max: int = FRAME_BYTES_MAX_DEFAULT) -> tuple[Frame, int] | None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -68,8 +69,15 @@ def start_broker(courier: str, data_dir: str) -> tuple[subprocess.Popen[bytes], 
     return proc, addr
 
 
-def rate(count: int, seconds: float) -> str:
-    return f"{count / seconds:>12,.0f} msg/s  ({count:,} in {seconds:.2f} s)"
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def rate(count: int, seconds: float, cpu: float) -> str:
+    """Messages per second of wall time, and this process's CPU time per
+    message (what the client costs, whatever else the machine runs)."""
+    return f"{count / seconds:>12,.0f} msg/s  ({count:,} in {seconds:.2f} s; python {cpu / count * 1e6:.1f} µs CPU/msg)"
 
 
 async def publish_quiet(client: Client, count: int, payload: bytes) -> float:
@@ -143,12 +151,18 @@ async def main() -> None:
             await sink.on("bench.durable", lambda msg: None)
         async with connect(url, "bench-pub") as pub:
             print(f"python {sys.version.split()[0]}, {args.count:,} messages of {args.payload} bytes, one process")
+            cpu = cpu_seconds()
             quiet = await publish_quiet(pub, args.count, payload)
-            print(f"publish quiet/transient  {rate(args.count, quiet)}")
+            print(f"publish quiet/transient  {rate(args.count, quiet, cpu_seconds() - cpu)}")
+            cpu = cpu_seconds()
             durable = await publish_durable(pub, args.count, payload, args.window)
-            print(f"publish durable          {rate(args.count, durable)}  window {args.window:,}")
+            print(f"publish durable          {rate(args.count, durable, cpu_seconds() - cpu)}  window {args.window:,}")
+        cpu = cpu_seconds()
         consumed = await consume(url, args.count, args.max_in_flight)
-        print(f"consume durable (acked)  {rate(args.count, consumed)}  max_in_flight {args.max_in_flight:,}")
+        print(
+            f"consume durable (acked)  {rate(args.count, consumed, cpu_seconds() - cpu)}"
+            f"  max_in_flight {args.max_in_flight:,}"
+        )
     finally:
         if proc is not None:
             proc.kill()

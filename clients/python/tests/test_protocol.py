@@ -3,6 +3,7 @@ type both ways, and every way a frame can be malformed (§2.2)."""
 
 from __future__ import annotations
 
+import random
 import struct
 import uuid
 
@@ -304,3 +305,35 @@ def test_patterns() -> None:
     assert not pattern_matches("todo.>", "todo")
     assert pattern_matches(">", "anything.at.all")
     assert pattern_matches("a.b", "a.b") and not pattern_matches("a.b", "a.c")
+
+
+def random_message(rng: random.Random) -> p.Message:
+    names = ["a", "todo.created", "todo.create", "é"]
+    return p.Message(
+        rng.choice([p.Kind.COMMAND, p.Kind.EVENT, p.Kind.REPLY]),
+        rng.choice(names),
+        rng.randbytes(rng.choice([0, 1, 50])),
+        version=(rng.randrange(3), rng.randrange(3)),
+        timestamp=rng.randrange(2**64),
+        sender=rng.choice(["", "todo", "todoo", "ü"]),
+        response_to=uuid.uuid4() if rng.random() < 0.3 else None,
+        key=rng.randbytes(rng.randrange(4)) if rng.random() < 0.5 else None,
+        expires_at=rng.randrange(2**64) if rng.random() < 0.2 else None,
+        deliver_at=rng.randrange(2**64) if rng.random() < 0.2 else None,
+        transient=rng.random() < 0.5,
+        final=rng.random() < 0.5,
+        headers=[(rng.choice(["k", "ñ"]), "v" * rng.randrange(3)) for _ in range(rng.choice([0, 0, 1, 3]))],
+    )
+
+
+def test_random_batches_decode_to_what_was_encoded_and_every_truncation_is_refused() -> None:
+    rng = random.Random(20261205)
+    for _ in range(200):
+        entries = [p.Delivery(rng.randrange(2**64), rng.randrange(1, 9), random_message(rng)) for _ in range(rng.randrange(1, 5))]
+        wire = p.encode_frame(p.Deliver(entries))
+        assert p.decode_frame(wire) == (p.Deliver(entries), len(wire))
+        for cut in rng.sample(range(5, len(wire)), min(20, len(wire) - 5)):
+            with pytest.raises(p.DecodeError):
+                p.decode_body(wire[4:cut])
+        with pytest.raises(p.DecodeError, match="left over"):
+            p.decode_body(wire[4:] + b"\x00")

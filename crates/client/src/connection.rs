@@ -21,7 +21,9 @@ use tokio_rustls::client::TlsStream;
 use tracing::{debug, warn};
 
 use crate::handler::{self, Delivered, Handler, Incoming};
-use crate::{Client, ClientOptions, ClientTls, Error, Inner, Reply, Result, State};
+use crate::{
+    Client, ClientOptions, ClientTls, ConnectionEvent, Error, Inner, Reply, Result, State,
+};
 
 /// Biggest frame we accept from the broker.
 const INBOUND_FRAME_BYTES_MAX: u32 = 64 * 1024 * 1024;
@@ -44,6 +46,9 @@ pub(crate) struct Established {
     direct: Option<std::net::TcpStream>,
     buf: BytesMut,
     pub frame_bytes_max: u32,
+    /// The service the broker authenticated this connection as: named in
+    /// WELCOME when it is not the one HELLO asked for, else that one.
+    pub service: String,
 }
 
 /// The read half of a connection. Plain TCP keeps `TcpStream`'s owned
@@ -292,6 +297,7 @@ pub(crate) async fn establish(opts: &ClientOptions) -> Result<Established> {
             } else {
                 w.frame_bytes_max
             },
+            service: w.service.unwrap_or_else(|| opts.service.clone()),
         }),
         Frame::Error(e) => Err(Error::Refused {
             code: e.code,
@@ -331,6 +337,9 @@ pub(crate) fn on_connected(inner: &Inner, established: &mut Established) {
     let mut state = inner.lock();
     state.generation += 1;
     state.connected = true;
+    if state.generation > 1 {
+        state.emit(ConnectionEvent::Restored);
+    }
     state.direct = established.direct.take();
     state.writing = false;
     state.frame_bytes_max = established.frame_bytes_max;
@@ -371,7 +380,7 @@ pub(crate) async fn drive(inner: Arc<Inner>, first: Established) {
                     Ok(mut e) => {
                         on_connected(&inner, &mut e);
                         delay = inner.opts.reconnect_delay_min;
-                        debug!(service = %inner.opts.service, "reconnected");
+                        debug!(service = %inner.service, "reconnected");
                         e
                     }
                     Err(error) => {
@@ -379,6 +388,10 @@ pub(crate) async fn drive(inner: Arc<Inner>, first: Established) {
                         let jitter = Duration::from_millis(
                             u64::from(uuid::Uuid::new_v4().as_bytes()[0]) % 50,
                         );
+                        inner.lock().emit(ConnectionEvent::ReconnectFailed {
+                            error: error.to_string(),
+                            retry_in: delay + jitter,
+                        });
                         tokio::select! {
                             _ = tokio::time::sleep(delay + jitter) => {}
                             _ = shutdown.changed() => {}
@@ -400,10 +413,21 @@ pub(crate) async fn drive(inner: Arc<Inner>, first: Established) {
         let read = read_loop(&inner, generation, &mut reader, &mut buf);
         // Read first: the write loop, polled after the reader in the same
         // poll, takes what the frames just handled queued (see `reading`).
-        let stopped = tokio::select! {
+        let (stopped, reason) = tokio::select! {
             biased;
-            end = read => { debug!(reason = %end.describe(), "connection read side ended"); false }
-            end = write => { debug!(?end, "connection write side ended"); end.is_ok() }
+            end = read => {
+                let reason = end.describe();
+                debug!(%reason, "connection read side ended");
+                (false, reason)
+            }
+            end = write => {
+                debug!(?end, "connection write side ended");
+                let reason = match &end {
+                    Ok(()) => "closed by this client".to_string(),
+                    Err(e) => format!("write failed: {e}"),
+                };
+                (end.is_ok(), reason)
+            }
         };
         {
             let mut state = inner.lock();
@@ -437,10 +461,13 @@ pub(crate) async fn drive(inner: Arc<Inner>, first: Established) {
         if stopped || *shutdown.borrow() {
             break;
         }
-        warn!(service = %inner.opts.service, "connection to the broker lost; reconnecting");
+        warn!(service = %inner.service, %reason, "connection to the broker lost; reconnecting");
+        inner.lock().emit(ConnectionEvent::Lost { reason });
     }
     let mut state = inner.lock();
     state.connected = false;
+    // Ends every reader of the connection events.
+    state.events = None;
     for (_, pending) in state.pending_sends.take() {
         let _ = pending.done.send(Err(Error::Shutdown));
     }

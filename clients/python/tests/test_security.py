@@ -72,13 +72,11 @@ async def test_tls_with_client_certificates_and_tokens(
         # web: its certificate (CN=web) decides the service; no token.
         web_tls = tls_context(ca, certs / "web.pem", certs / "web-key.pem")
         async with connect(broker.addr, "", ssl=web_tls) as web:
-            if web.service:  # brokers that name the service in WELCOME
-                assert web.service == "web"
+            assert web.service == "web", "WELCOME names the service the certificate decided"
             reply = await web.request("todo.create", {})
             assert reply.json() == {"for": "web"}
             assert reply.sender == "todo"
-        if todo.service:
-            assert todo.service == "todo"
+        assert todo.service == "todo", "WELCOME names the service the token decided"
 
     # Plain TCP on the TLS port: the broker says TLS is required.
     with pytest.raises(Refused) as plain:
@@ -110,7 +108,7 @@ async def test_tokens_decide_the_service_and_the_manifest_what_it_sends(
 ) -> None:
     web_token, web_hash = token_pair(courier_bin)
     todo_token, todo_hash = token_pair(courier_bin)
-    _, admin_hash = token_pair(courier_bin)
+    admin_token, admin_hash = token_pair(courier_bin)
     broker = start_broker("--manifest", str(manifest(tmp_dir / "courier.toml", web_hash, todo_hash, admin_hash)))
 
     with pytest.raises(Refused) as no_token:
@@ -124,6 +122,7 @@ async def test_tokens_decide_the_service_and_the_manifest_what_it_sends(
     assert spoof.value.code == ErrorCode.UNAUTHORIZED
 
     async with connect(broker.addr, "", token=todo_token) as todo, connect(broker.addr, "web", token=web_token) as web:
+        assert (todo.service, web.service) == ("todo", "web")
         await todo.on("todo.create", reply_created)
         reply = await web.request("todo.create", {})
         assert reply.json() == {"for": "web"} and reply.sender == "todo"
@@ -131,3 +130,15 @@ async def test_tokens_decide_the_service_and_the_manifest_what_it_sends(
             await web.publish("todo.deleted", {})
         assert outside.value.code == ErrorCode.UNAUTHORIZED
         assert "todo.deleted" in outside.value.reason
+    # The admin's token makes the connection `admin`, whatever it asked for.
+    # Broker commands are requests like any other.
+    async with connect(broker.addr, "web", token=admin_token) as admin:
+        assert admin.service == "admin"
+        listing = await admin.request("courier.services.list")
+        assert listing.name == "courier.services.listing" and listing.sender == "courier"
+        (todo_row,) = [row for row in listing.json() if row["name"] == "todo"]
+        assert todo_row["patterns"] == ["todo.create"]
+        async with connect(broker.addr, "web", token=web_token) as web:
+            with pytest.raises(Refused) as not_admin:
+                await web.request("courier.services.list")
+            assert not_admin.value.code == ErrorCode.UNAUTHORIZED

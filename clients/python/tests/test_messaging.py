@@ -19,6 +19,7 @@ from courier_client import (
     InvalidName,
     Refused,
     connect,
+    connect_from_env,
     current_activity,
 )
 
@@ -291,3 +292,16 @@ async def test_an_unreachable_broker_fails_at_once_with_the_address() -> None:
     addr = f"127.0.0.1:{free_port()}"
     with pytest.raises(ConnectError, match=f"cannot reach broker at {addr}.*courier serve"):
         await connect(addr, "web")
+
+
+async def test_connect_from_env_reads_the_cli_variables(broker: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("COURIER_TOKEN", "COURIER_TLS_CA", "COURIER_TLS_CERT", "COURIER_TLS_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("COURIER_URL", broker.addr)
+    monkeypatch.setenv("COURIER_SERVICE", "reporting")
+    async with connect_from_env(instance="reporting-7") as client:
+        assert client.service == "reporting"
+        await client.publish("report.made")
+    monkeypatch.delenv("COURIER_SERVICE")
+    async with connect_from_env() as client:
+        assert client.service == "cli", "without a service or credentials: cli, as the courier CLI"

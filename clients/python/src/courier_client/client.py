@@ -35,7 +35,6 @@ from .errors import (
     ClientClosed,
     ConnectError,
     ConnectionLost,
-    CourierError,
     CourierTimeout,
     Nack,
     Refused,
@@ -768,7 +767,10 @@ class _Connection(asyncio.Protocol):
         self.loop = client._loop
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
-        self.welcome: asyncio.Future[p.Welcome] = self.loop.create_future()
+        # The handshake's outcome, a refusal as a value: set when nobody
+        # waits any more (a timed-out handshake), an exception would be
+        # reported as never retrieved.
+        self.welcome: asyncio.Future[p.Welcome | BaseException] = self.loop.create_future()
         self.closed: asyncio.Future[None] = self.loop.create_future()
         self.attached = False
         self.generation = 0
@@ -847,7 +849,7 @@ class _Connection(asyncio.Protocol):
 
     def _fail_handshake(self, error: BaseException) -> None:
         if not self.welcome.done():
-            self.welcome.set_exception(error)
+            self.welcome.set_result(error)
         if self.transport is not None:
             self.transport.abort()
 
@@ -866,7 +868,7 @@ class _Connection(asyncio.Protocol):
                 why = "broker closed the connection during the handshake (did it refuse this client certificate?)"
             else:
                 why = f"broker closed the connection during the handshake{f': {exc}' if exc else ''}"
-            self.welcome.set_exception(ConnectError(why))
+            self.welcome.set_result(ConnectError(why))
         if not self.closed.done():
             self.closed.set_result(None)
         if self.attached:
@@ -1007,6 +1009,8 @@ class Client:
                 welcome = await asyncio.wait_for(asyncio.shield(conn.welcome), o.handshake_timeout)
             except asyncio.TimeoutError:
                 raise ConnectError(f"no WELCOME from the broker within {o.handshake_timeout:g}s") from None
+            if isinstance(welcome, BaseException):
+                raise welcome
         except BaseException as e:
             transport.abort()
             if isinstance(e, Refused) and e.code == ErrorCode.INVALID_NAME and not o.service:
@@ -1038,6 +1042,9 @@ class Client:
         conn.attach(self._generation)
         self._schedule_flush()
         self._keepalive = self._loop.call_later(self._options.ping_interval, self._keep_alive, conn)
+        if conn.closed.done():
+            # Lost between WELCOME and now, before it was ours to report.
+            self._on_connection_lost(conn, None)
 
     async def _drive(self) -> None:
         """Reconnects with exponential backoff and jitter until closed."""
@@ -1050,7 +1057,7 @@ class Client:
             while not self._closed:
                 try:
                     conn = await self._establish()
-                except (CourierError, OSError) as e:
+                except Exception as e:  # whatever failed, the next try may work
                     level = logging.WARNING if isinstance(e, Refused) else logging.DEBUG
                     log.log(level, "reconnecting to %s failed: %s; next try in %.2fs", o.url, e, delay)
                     pause = delay * (0.5 + random.random() / 2)
@@ -1567,10 +1574,8 @@ class Client:
             if self._drained is not None and not self._drained.done():
                 self._drained.set_result(None)
         elif isinstance(frame, p.ErrorFrame):
+            # Reported when the broker closes the connection right after.
             conn.error = (frame.code, frame.message)
-            log.warning(
-                "broker closes the connection: %s (%s): %s", p.error_code_name(frame.code), frame.code, frame.message
-            )
             return False
         else:
             raise p.DecodeError("UnexpectedFrame", f"unexpected frame from the broker: {type(frame).__name__}")

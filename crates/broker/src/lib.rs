@@ -79,6 +79,10 @@ pub struct Config {
     /// Sends per second one service may make (all its instances together);
     /// bursts up to one second's worth. 0: no limit.
     pub send_rate_per_service: u32,
+    /// The frame limit announced in WELCOME: no frame the broker sends is
+    /// longer. A message is accepted only if its DELIVER frame fits
+    /// (`courier_proto::delivery_frame_len` of the message as delivered).
+    pub frame_bytes_max: u32,
     /// Connections one service may hold at once.
     pub connections_per_service_max: u32,
     /// Log written since the last snapshot before another is taken, so a
@@ -144,6 +148,7 @@ impl Default for Config {
             retention_rules: Vec::new(),
             retention_bytes_max: 0,
             send_rate_per_service: 1_000_000,
+            frame_bytes_max: courier_proto::FRAME_BYTES_MAX_DEFAULT,
             connections_per_service_max: 1024,
             checkpoint_log_bytes: 128 * 1024 * 1024,
         }
@@ -1079,7 +1084,9 @@ impl<S: MessageStore> Broker<S> {
             return;
         };
         let (sender, admin) = (c.service.clone(), c.admin);
-        let checked = self.check(&message, now);
+        let checked = self
+            .check(&message, now)
+            .and_then(|()| self.check_delivery_size(&message, &sender));
         // Only a send that passed the checks takes a token.
         let rate = self.config.send_rate_per_service;
         let has_token = checked.is_err() || rate == 0 || c.send_bucket.take(rate, now);
@@ -1247,6 +1254,30 @@ impl<S: MessageStore> Broker<S> {
             )),
             _ => Ok(()),
         }
+    }
+
+    /// Refuses a message whose DELIVER frame would be longer than the frame
+    /// limit: the broker never sends a frame above the limit it announced,
+    /// so what it could not deliver it does not accept. What the broker
+    /// adds to a sent message is the sender (the service name, in place of
+    /// whatever the client put there) and 4 bytes of delivery fields.
+    fn check_delivery_size(&self, m: &Message, sender: &str) -> Result<(), (ErrorCode, String)> {
+        let max = self.config.frame_bytes_max as usize;
+        let len = courier_proto::delivery_frame_len(m) - m.sender.len() + sender.len();
+        if len <= max {
+            return Ok(());
+        }
+        let over = len - max;
+        Err((
+            ErrorCode::PayloadTooLarge,
+            format!(
+                "{} would be delivered as a DELIVER frame of {len} bytes, {over} byte(s) over the broker's frame limit of {max}: \
+                 the broker adds the sender ({} bytes, the service name) and 4 bytes of delivery fields to what was sent; \
+                 make the payload at least {over} byte(s) smaller",
+                m.name,
+                sender.len()
+            ),
+        ))
     }
 
     /// Routes a command or event to every service whose subscriptions match.
@@ -1583,6 +1614,27 @@ impl<S: MessageStore> Broker<S> {
                 release(&mut self.store, &mut self.refs, entry.seq);
                 continue;
             }
+            let len = courier_proto::delivery_frame_len(&message);
+            if len > self.config.frame_bytes_max as usize {
+                // Accepted under a larger limit (the broker was restarted
+                // with a smaller one): it cannot be delivered, and it is
+                // not dropped either.
+                let Some(entry) = svc.queue.ready.remove(index) else {
+                    return;
+                };
+                let max = self.config.frame_bytes_max;
+                self.alerts.push(format!(
+                    "message {} for {service} is {len} bytes as a DELIVER frame, over the frame limit of {max}; dead-lettered",
+                    entry.seq
+                ));
+                self.dead_letter(
+                    service,
+                    entry,
+                    format!("its DELIVER frame would be {len} bytes, over the broker's frame limit of {max} (was it accepted under a larger limit?)"),
+                    now,
+                );
+                continue;
+            }
             match self.pick(service, &message.name) {
                 Pick::Conn(conn) => {
                     let Some(svc) = self.services.get_mut(service) else {
@@ -1692,25 +1744,11 @@ impl<S: MessageStore> Broker<S> {
             return;
         };
         if entry.attempts >= svc.max_deliveries {
-            svc.queue.release_key(&entry);
-            let letter = DeadLetter {
-                seq: entry.seq,
-                attempts: entry.attempts,
-                reason: format!(
-                    "{why} on attempt {} of {}",
-                    entry.attempts, svc.max_deliveries
-                ),
-                at: now,
-            };
-            svc.queue.dead_letters.push(letter.clone());
-            self.metrics.dead_lettered += 1;
-            self.journal(Op::DeadLettered {
-                service: service.to_string(),
-                seq: letter.seq,
-                attempts: letter.attempts,
-                reason: letter.reason,
-                at: now,
-            });
+            let reason = format!(
+                "{why} on attempt {} of {}",
+                entry.attempts, svc.max_deliveries
+            );
+            self.dead_letter(service, entry, reason, now);
         } else if delay == 0 {
             svc.queue.make_ready_again(entry);
         } else {
@@ -1722,6 +1760,30 @@ impl<S: MessageStore> Broker<S> {
                 until: now + delay,
             });
         }
+    }
+
+    /// Moves a message of `service` that is in no other state to its dead
+    /// letters, for good.
+    fn dead_letter(&mut self, service: &str, entry: Entry, reason: String, now: Nanos) {
+        let Some(svc) = self.services.get_mut(service) else {
+            return;
+        };
+        svc.queue.release_key(&entry);
+        let letter = DeadLetter {
+            seq: entry.seq,
+            attempts: entry.attempts,
+            reason,
+            at: now,
+        };
+        svc.queue.dead_letters.push(letter.clone());
+        self.metrics.dead_lettered += 1;
+        self.journal(Op::DeadLettered {
+            service: service.to_string(),
+            seq: letter.seq,
+            attempts: letter.attempts,
+            reason: letter.reason,
+            at: now,
+        });
     }
 
     /// Advances time: deferred messages fall due, overdue deliveries go to

@@ -334,7 +334,7 @@ pub(crate) fn on_connected(inner: &Inner, established: &mut Established) {
     state.direct = established.direct.take();
     state.writing = false;
     state.frame_bytes_max = established.frame_bytes_max;
-    state.writer = courier_proto::FrameWriter::new();
+    state.writer = courier_proto::FrameWriter::with_frame_bytes_max(established.frame_bytes_max);
     let patterns: Vec<(String, courier_proto::StartFrom)> = state
         .subscriptions
         .iter()

@@ -54,7 +54,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use courier_proto::{
-    encoded_message_len, validate_name, validate_pattern, FrameWriter, Kind, Message, Version,
+    delivery_frame_len, validate_name, validate_pattern, FrameWriter, Kind, Message, Version,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -498,8 +498,17 @@ impl Client {
 
     fn check(&self, message: &Message) -> Result<()> {
         validate_name(&message.name)?;
-        let len = encoded_message_len(message) + 64;
-        let max = self.inner.lock().frame_bytes_max as usize;
+        let max = self.inner.lock().frame_bytes_max;
+        self.check_size(message, max)
+    }
+
+    /// Refuses, before it is sent, a message the broker would refuse for
+    /// its size: one whose DELIVER frame, with this service's name as its
+    /// sender, would be longer than the broker's frame limit.
+    fn check_size(&self, message: &Message, frame_bytes_max: u32) -> Result<()> {
+        let len =
+            delivery_frame_len(message) - message.sender.len() + self.inner.opts.service.len();
+        let max = frame_bytes_max as usize;
         if len > max {
             return Err(too_large(&message.name, len, max));
         }
@@ -523,11 +532,7 @@ impl Client {
                 "not connected to the broker; a quiet send is not queued across reconnects".into(),
             ));
         }
-        let max = state.frame_bytes_max as usize;
-        let len = encoded_message_len(message) + 64;
-        if len > max {
-            return Err(too_large(&message.name, len, max));
-        }
+        self.check_size(message, state.frame_bytes_max)?;
         if state.writer.len() >= QUIET_BUFFER_BYTES_MAX {
             return Ok(None);
         }
@@ -667,11 +672,7 @@ impl Client {
             drop(state);
             return self.start_request(message, timeout);
         }
-        let max = state.frame_bytes_max as usize;
-        let len = encoded_message_len(&message) + 64;
-        if len > max {
-            return Err(too_large(&message.name, len, max));
-        }
+        self.check_size(&message, state.frame_bytes_max)?;
         // The only request, nothing else queued or being written, and the
         // driver not about to write anyway: the caller writes it.
         let lone = state.requests.is_empty()
@@ -1053,7 +1054,10 @@ enum QuietOutcome {
 fn too_large(name: &str, len: usize, max: usize) -> Error {
     Error::Refused {
         code: ErrorCode::PayloadTooLarge,
-        reason: format!("{name} is {len} bytes encoded; the broker takes at most {max}"),
+        reason: format!(
+            "{name} would be delivered as a frame of {len} bytes, {} over the broker's frame limit of {max} (the broker adds this service's name as the sender); make the payload smaller",
+            len - max
+        ),
     }
 }
 

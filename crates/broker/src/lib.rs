@@ -17,6 +17,7 @@ mod journal;
 mod queue;
 mod recovery;
 mod refcount;
+mod streams;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,6 +35,8 @@ use journal::Op;
 pub use queue::DeadLetter;
 use queue::{Entry, Queue};
 pub use recovery::RecoveryReport;
+use streams::{ReplyFate, Stream};
+pub use streams::{REPLY_WINDOW_HEADER, REPLY_WINDOW_MAX};
 
 /// The maps touched for every message (here and in the server): keyed by
 /// a fast hasher seeded at random per process (keys come from clients, so
@@ -67,6 +70,10 @@ pub struct Config {
     pub reply_routes_max: usize,
     /// Replies held per service while none of its instances is connected.
     pub parked_replies_max: usize,
+    /// Bytes of replies held for flow-controlled streams (PROTOCOL §8.7),
+    /// all streams together; past it a reply that would wait is refused
+    /// (`stream_full`), so a slow requester cannot grow broker memory.
+    pub held_reply_bytes_max: usize,
     /// In-flight deliveries per connection when HELLO asks for 0.
     pub max_in_flight_default: u32,
     /// A connection never gets more than this many deliveries in flight.
@@ -142,6 +149,7 @@ impl Default for Config {
             reply_route_ms: 600_000,
             reply_routes_max: 1_000_000,
             parked_replies_max: 10_000,
+            held_reply_bytes_max: 64 * 1024 * 1024,
             max_in_flight_default: 256,
             max_in_flight_limit: 65_536,
             event_retention_ms: 24 * 3600 * 1000,
@@ -210,6 +218,12 @@ pub struct Metrics {
     pub transient_dropped_paused: u64,
     pub replies_parked: u64,
     pub replies_dropped: u64,
+    /// Replies of flow-controlled streams that waited for the requester's
+    /// credit.
+    pub replies_held: u64,
+    /// Replies accepted and dropped because their requester had stopped
+    /// reading the stream or disconnected (each sender was told).
+    pub replies_discarded: u64,
     /// Sends and subscriptions the manifest did not allow.
     pub unauthorized: u64,
     /// Sends refused because their service was over its send rate.
@@ -263,6 +277,8 @@ struct Conn {
     paused: bool,
     /// Its service's (the same `Arc`).
     send_bucket: Arc<SendBucket>,
+    /// Commands it sent whose replies are a flow-controlled stream.
+    streams: std::collections::HashSet<Uuid, foldhash::fast::RandomState>,
 }
 
 /// A service's send-rate token bucket, held by each of its connections
@@ -373,6 +389,8 @@ struct ReplyRoute {
     conn: ConnId,
     /// Services the command went to: only they may reply to it.
     receivers: Vec<String>,
+    /// Set when the requester asked for flow control (PROTOCOL §8.7).
+    stream: Option<Box<Stream>>,
 }
 
 /// Which instance a message should go to.
@@ -400,6 +418,11 @@ pub struct Broker<S: MessageStore> {
     route_cache: FastMap<String, Vec<(u16, Receivers)>>,
     /// Command id → where its replies go.
     reply_routes: ExpiringMap<Uuid, ReplyRoute>,
+    /// Replies of flow-controlled streams delivered and not yet acked →
+    /// their command.
+    reply_deliveries: FastMap<DeliveryId, Uuid>,
+    /// Bytes of replies held for credit, all streams together.
+    held_reply_bytes: usize,
     next_delivery: DeliveryId,
     /// Actions held until the store's next sync: acknowledgements of
     /// durable sends must not leave before the data is durable.
@@ -446,6 +469,8 @@ impl<S: MessageStore> Broker<S> {
             dedup,
             route_cache: FastMap::default(),
             reply_routes,
+            reply_deliveries: FastMap::default(),
+            held_reply_bytes: 0,
             next_delivery: 0,
             unsynced: Vec::new(),
             actions: Vec::new(),
@@ -698,6 +723,7 @@ impl<S: MessageStore> Broker<S> {
                 draining: false,
                 paused: false,
                 send_bucket: svc.send_bucket.clone(),
+                streams: Default::default(),
             },
         );
         // Replies that arrived while no instance of this service was here.
@@ -729,6 +755,11 @@ impl<S: MessageStore> Broker<S> {
         let Some(c) = self.conns.remove(&conn) else {
             return;
         };
+        // Its flow-controlled streams cannot be delivered in order to
+        // anyone else: they end (their responders hear so).
+        for command in &c.streams {
+            self.abandon_stream(*command, "the requester's connection closed");
+        }
         let Some(svc) = self.services.get_mut(c.service.as_str()) else {
             return;
         };
@@ -1137,9 +1168,9 @@ impl<S: MessageStore> Broker<S> {
         stamped.timestamp = now;
         stamped.sender = sender;
         let outcome = match message.kind {
-            Kind::Command if message.name.starts_with(SYSTEM_PREFIX) => {
-                self.system_command(conn, &message, now)
-            }
+            Kind::Command if message.name.starts_with(SYSTEM_PREFIX) => self
+                .system_command(conn, &message, now)
+                .map(|()| ReplyFate::Delivered),
             _ if message.name.starts_with(SYSTEM_PREFIX) => Err((
                 ErrorCode::InvalidName,
                 format!(
@@ -1147,11 +1178,22 @@ impl<S: MessageStore> Broker<S> {
                     message.name
                 ),
             )),
-            Kind::Reply => self.route_reply(message),
-            Kind::Command | Kind::Event => self.route(conn, message, now),
+            Kind::Reply => self.route_reply(conn, seq, quiet, message, now),
+            Kind::Command | Kind::Event => self
+                .route(conn, message, now)
+                .map(|()| ReplyFate::Delivered),
         };
         match outcome {
-            Ok(()) => {
+            // Answered when it goes out to the requester (streams.rs).
+            Ok(ReplyFate::Held) => {}
+            Ok(ReplyFate::Discarded(reason)) => {
+                self.dedup.insert(&id, now);
+                self.metrics.accepted += 1;
+                if !quiet {
+                    self.send_result(conn, seq, ErrorCode::Ok, reason);
+                }
+            }
+            Ok(ReplyFate::Delivered) => {
                 // Only accepted ids count for dedup: a refused send retried
                 // with the same id must be tried again, not dropped.
                 self.dedup.insert(&id, now);
@@ -1252,6 +1294,9 @@ impl<S: MessageStore> Broker<S> {
                     m.name
                 ),
             )),
+            (Kind::Command, None) if !m.headers.is_empty() => streams::requested_window(m)
+                .map(|_| ())
+                .map_err(|reason| (ErrorCode::InvalidMessage, reason)),
             _ => Ok(()),
         }
     }
@@ -1318,7 +1363,8 @@ impl<S: MessageStore> Broker<S> {
             return Ok(());
         }
         if message.kind == Kind::Command {
-            self.remember_reply_route(conn, message.id, targets.to_vec(), now);
+            let window = streams::requested_window(&message).ok().flatten();
+            self.remember_reply_route(conn, message.id, targets.to_vec(), window, now);
         }
         if !message.transient {
             // The payload is a slice of the connection's read buffer, and
@@ -1411,17 +1457,30 @@ impl<S: MessageStore> Broker<S> {
         conn: ConnId,
         command: Uuid,
         receivers: Vec<String>,
+        window: Option<u32>,
         now: Nanos,
     ) {
-        let Some(c) = self.conns.get(&conn) else {
+        let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
+        if window.is_some() {
+            c.streams.insert(command);
+        }
         let route = ReplyRoute {
             service: c.service.to_string(),
             conn,
             receivers,
+            stream: window.map(|w| Box::new(Stream::new(conn, w))),
         };
-        self.reply_routes.insert(command, route, now);
+        if let Some((old, route)) = self.reply_routes.insert(command, route, now) {
+            if let Some(stream) = route.stream {
+                self.expire_stream(
+                    old,
+                    stream,
+                    "was forgotten: too many commands await replies",
+                );
+            }
+        }
     }
 
     fn deliver_transient(&mut self, service: &str, message: &Arc<Message>) {
@@ -1468,8 +1527,16 @@ impl<S: MessageStore> Broker<S> {
     }
 
     /// A reply goes to the connection that sent the command, else to another
-    /// instance of its service, else it waits for one.
-    fn route_reply(&mut self, message: Arc<Message>) -> Result<(), (ErrorCode, String)> {
+    /// instance of its service, else it waits for one — unless its command
+    /// asked for a flow-controlled stream (`streams.rs`).
+    fn route_reply(
+        &mut self,
+        conn: ConnId,
+        seq: u64,
+        quiet: bool,
+        message: Arc<Message>,
+        now: Nanos,
+    ) -> Result<ReplyFate, (ErrorCode, String)> {
         let Some(command) = message.response_to else {
             return Err((
                 ErrorCode::InvalidMessage,
@@ -1491,9 +1558,18 @@ impl<S: MessageStore> Broker<S> {
                 ),
             ));
         }
-        let service = route.service.clone();
-        let target = if self.conns.contains_key(&route.conn) {
-            Some(route.conn)
+        let (service, route_conn) = (route.service.clone(), route.conn);
+        if route.stream.is_some() {
+            let stream = self
+                .reply_routes
+                .get_mut(&command)
+                .and_then(|r| r.stream.take());
+            if let Some(stream) = stream {
+                return self.route_stream_reply(conn, seq, quiet, message, stream, now);
+            }
+        }
+        let target = if self.conns.contains_key(&route_conn) {
+            Some(route_conn)
         } else {
             self.services
                 .get(&service)
@@ -1520,7 +1596,7 @@ impl<S: MessageStore> Broker<S> {
                 self.metrics.replies_parked += 1;
             }
         }
-        Ok(())
+        Ok(ReplyFate::Delivered)
     }
 
     // ---- delivery ----------------------------------------------------
@@ -1650,6 +1726,12 @@ impl<S: MessageStore> Broker<S> {
                     let delivery = self.next_delivery;
                     let seq = entry.seq;
                     svc.queue.start(delivery, conn, entry, deadline);
+                    if message.kind == Kind::Command
+                        && !message.headers.is_empty()
+                        && message.header(REPLY_WINDOW_HEADER).is_some()
+                    {
+                        self.note_stream_handler(message.id, service, delivery);
+                    }
                     if let Some(c) = self.conns.get_mut(&conn) {
                         c.in_flight += 1;
                     }
@@ -1683,6 +1765,8 @@ impl<S: MessageStore> Broker<S> {
     /// The receiver handled a delivery.
     pub fn ack(&mut self, conn: ConnId, delivery: DeliveryId, now: Nanos) {
         let Some(flight) = self.take_flight(conn, delivery) else {
+            // A reply of a flow-controlled stream: one credit back.
+            self.ack_reply(conn, delivery, now);
             return;
         };
         self.metrics.acked += 1;
@@ -1702,6 +1786,9 @@ impl<S: MessageStore> Broker<S> {
     /// The receiver could not handle a delivery now; retry after `delay_ms`.
     pub fn nack(&mut self, conn: ConnId, delivery: DeliveryId, delay_ms: u32, now: Nanos) {
         let Some((flight, service)) = self.take_flight(conn, delivery) else {
+            // A reply of a flow-controlled stream: the requester stops
+            // reading it.
+            self.nack_reply(conn, delivery);
             return;
         };
         self.metrics.nacked += 1;
@@ -1796,7 +1883,20 @@ impl<S: MessageStore> Broker<S> {
         // Lets a store with a periodic fsync policy catch up while idle.
         self.dirty |= self.store.persistent();
         self.dedup.expire(now);
-        self.reply_routes.expire(now);
+        let mut expired = Vec::new();
+        self.reply_routes.expire_each(now, |command, route| {
+            if let Some(stream) = route.stream {
+                expired.push((command, stream));
+            }
+        });
+        let route_ms = self.config.reply_route_ms;
+        for (command, stream) in expired {
+            self.expire_stream(
+                command,
+                stream,
+                &format!("stopped taking replies: its reply route expired after {route_ms} ms"),
+            );
+        }
         let names: Vec<String> = self.services.keys().cloned().collect();
         for service in names {
             let Some(svc) = self.services.get_mut(&service) else {

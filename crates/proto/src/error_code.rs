@@ -65,6 +65,7 @@ error_codes! {
     SlowConsumer = 19, "slow_consumer";
     NotSubscribed = 20, "not_subscribed";
     TooManyConnections = 21, "too_many_connections";
+    StreamFull = 22, "stream_full";
 }
 
 impl ErrorCode {

@@ -21,11 +21,7 @@ use uuid::Uuid;
 
 use crate::{Action, Broker, ConnId, DeliveryId, Nanos, NANOS_PER_MS};
 
-/// The command header that asks for a flow-controlled reply stream; its
-/// value is the window, in replies.
-pub const REPLY_WINDOW_HEADER: &str = "courier-reply-window";
-/// The largest window a request may ask for (as many as `max_in_flight`).
-pub const REPLY_WINDOW_MAX: u32 = 65_536;
+pub use courier_proto::{REPLY_WINDOW_HEADER, REPLY_WINDOW_MAX};
 
 /// Deliveries of the command one stream remembers, to keep their ack
 /// deadlines alive while the handlers reply (redeliveries add more).

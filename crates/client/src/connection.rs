@@ -428,6 +428,17 @@ pub(crate) async fn drive(inner: Arc<Inner>, first: Established) {
                     "connection lost before the broker answered the flush".into(),
                 )));
             }
+            // The broker ends a flow-controlled stream with its requester's
+            // connection (PROTOCOL §8.7): so does the client, saying so.
+            state.requests.retain(|_, waiting| {
+                if !waiting.flow_controlled {
+                    return true;
+                }
+                let _ = waiting.replies.try_send(Err(Error::Closed(
+                    "connection lost during a flow-controlled reply stream; the broker ends such a stream with its requester's connection, so the replies after those received will not come: request again".into(),
+                )));
+                false
+            });
             if let Some(tx) = state.drained.take() {
                 let _ = tx.send(());
             }
@@ -621,7 +632,7 @@ fn handle_frame(inner: &Arc<Inner>, generation: u64, frame: Frame) -> Option<Rea
             let mut last: Option<(courier_proto::SharedStr, Handler)> = None;
             for d in deliveries {
                 if d.message.kind == Kind::Reply {
-                    route_reply(inner, Arc::new(d.message));
+                    route_reply(inner, generation, d.delivery, Arc::new(d.message));
                     continue;
                 }
                 let known = matches!(&last, Some((name, _)) if *name == d.message.name);
@@ -694,11 +705,43 @@ fn handle_frame(inner: &Arc<Inner>, generation: u64, frame: Frame) -> Option<Rea
     None
 }
 
-fn route_reply(inner: &Inner, message: Arc<Message>) {
+fn route_reply(inner: &Inner, generation: u64, delivery: u64, message: Arc<Message>) {
     let Some(command) = message.response_to else {
         return;
     };
     let mut state = inner.lock();
+    let Some(waiting) = state.requests.get_mut(&command) else {
+        if !message.is_final {
+            // Nobody reads this stream any more: if it is flow-controlled,
+            // the NACK stops it (a broker ignores it otherwise).
+            state.writer.push_nack(courier_proto::Nack {
+                delivery,
+                delay_ms: 0,
+            });
+            drop(state);
+            inner.wake_writer();
+        }
+        debug!(%command, name = %message.name, "reply for a request nobody awaits; dropped");
+        return;
+    };
+    // The last slot is kept for the error that ends the stream.
+    if waiting.lost > 0 || waiting.replies.capacity() <= 1 {
+        // Never skip a reply and go on: from here on the stream only counts.
+        waiting.lost += 1;
+        let lost = waiting.lost;
+        if lost == 1 {
+            warn!(%command, "reply buffer full; this reply and the rest of its stream are lost");
+        }
+        if message.is_final {
+            if let Some(waiting) = state.requests.remove(&command) {
+                if let Some(seq) = waiting.quiet_seq {
+                    state.quiet_requests.remove(&seq);
+                }
+                let _ = waiting.replies.try_send(Err(Error::RepliesLost(lost)));
+            }
+        }
+        return;
+    }
     // A final reply ends the request here, so its stream need not lock to
     // forget it when dropped.
     let replies = if message.is_final {
@@ -709,16 +752,20 @@ fn route_reply(inner: &Inner, message: Arc<Message>) {
             waiting.replies
         })
     } else {
-        state.requests.get(&command).map(|w| w.replies.clone())
+        Some(waiting.replies.clone())
     };
     // Unlocked before the requester is woken: it takes the lock next.
     drop(state);
     let Some(replies) = replies else {
-        debug!(%command, name = %message.name, "reply for a request nobody awaits; dropped");
         return;
     };
-    if replies.try_send(Ok(Reply { message })).is_err() {
-        warn!(%command, "reply buffer full or request dropped; reply discarded");
+    let reply = Reply {
+        message,
+        delivery,
+        generation,
+    };
+    if replies.try_send(Ok(reply)).is_err() {
+        debug!(%command, "request dropped while its reply arrived");
     }
 }
 

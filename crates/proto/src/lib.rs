@@ -13,7 +13,9 @@ mod id;
 mod name;
 mod shared_str;
 
-pub use envelope::{Kind, Message, Version, VersionParseError};
+pub use envelope::{
+    Kind, Message, Version, VersionParseError, REPLY_WINDOW_HEADER, REPLY_WINDOW_MAX,
+};
 pub use error_code::ErrorCode;
 pub use frame::{
     decode_body, decode_frame, decode_message, delivery_frame_len, encode_message,

@@ -1265,8 +1265,9 @@ impl ReplyStream {
         self.command
     }
 
-    /// Replies received and not yet taken by the application; a
-    /// flow-controlled stream never has more than its reply window.
+    /// Replies received and not yet taken by the application (and the
+    /// error that ends the stream, once it came); a flow-controlled stream
+    /// never buffers more replies than its reply window.
     pub fn buffered(&self) -> usize {
         self.rx.len()
     }

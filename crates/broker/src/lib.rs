@@ -758,7 +758,7 @@ impl<S: MessageStore> Broker<S> {
         // Its flow-controlled streams cannot be delivered in order to
         // anyone else: they end (their responders hear so).
         for command in &c.streams {
-            self.abandon_stream(*command, "the requester's connection closed");
+            self.abandon_stream(*command, "the requester's connection closed", now);
         }
         let Some(svc) = self.services.get_mut(c.service.as_str()) else {
             return;
@@ -1788,7 +1788,7 @@ impl<S: MessageStore> Broker<S> {
         let Some((flight, service)) = self.take_flight(conn, delivery) else {
             // A reply of a flow-controlled stream: the requester stops
             // reading it.
-            self.nack_reply(conn, delivery);
+            self.nack_reply(conn, delivery, now);
             return;
         };
         self.metrics.nacked += 1;

@@ -255,11 +255,11 @@ impl<S: MessageStore> Broker<S> {
     }
 
     /// A NACK of a reply delivery: the requester stops reading the stream.
-    pub(crate) fn nack_reply(&mut self, conn: ConnId, delivery: DeliveryId) -> bool {
+    pub(crate) fn nack_reply(&mut self, conn: ConnId, delivery: DeliveryId, now: Nanos) -> bool {
         let Some(command) = self.stream_of_delivery(conn, delivery) else {
             return false;
         };
-        self.abandon_stream(command, "the requester stopped reading the stream");
+        self.abandon_stream(command, "the requester stopped reading the stream", now);
         true
     }
 
@@ -301,7 +301,7 @@ impl<S: MessageStore> Broker<S> {
 
     /// The requester stopped reading, or left: what is held, and whatever
     /// comes later until the final reply, is accepted and discarded.
-    pub(crate) fn abandon_stream(&mut self, command: Uuid, reason: &'static str) {
+    pub(crate) fn abandon_stream(&mut self, command: Uuid, reason: &'static str, now: Nanos) {
         let Some(mut stream) = self.take_stream(command) else {
             return;
         };
@@ -310,7 +310,7 @@ impl<S: MessageStore> Broker<S> {
         let final_went = stream.final_held;
         for h in held {
             self.held_reply_bytes = self.held_reply_bytes.saturating_sub(h.bytes());
-            self.dedup.insert(&h.message.id, self.now);
+            self.dedup.insert(&h.message.id, now);
             self.metrics.accepted += 1;
             self.metrics.replies_discarded += 1;
             for (conn, seq, quiet) in h.senders {
@@ -332,6 +332,7 @@ impl<S: MessageStore> Broker<S> {
     pub(crate) fn expire_stream(&mut self, command: Uuid, mut stream: Box<Stream>, why: &str) {
         for h in std::mem::take(&mut stream.held) {
             self.held_reply_bytes = self.held_reply_bytes.saturating_sub(h.bytes());
+            self.metrics.refused += 1;
             for (conn, seq, _) in h.senders {
                 self.send_result(
                     conn,

@@ -23,6 +23,18 @@ if ! command -v make >/dev/null 2>&1 || ! command -v cc >/dev/null 2>&1; then
     exit 1
   fi
 fi
+# A real Prometheus scrapes the broker's /metrics in observability_e2e.
+# Idempotent: installs only when missing.
+if ! command -v prometheus >/dev/null 2>&1; then
+  echo "== apt-get install prometheus (scrapes /metrics in the tests)"
+  if command -v apt-get >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq prometheus >/dev/null
+  else
+    echo "scripts/test.sh: install prometheus (the tests scrape the broker with it) and retry" >&2
+    exit 1
+  fi
+fi
 # The NATS side of `courier bench --against nats` (tested in bench_e2e):
 # the bench installs nats-server itself when missing; doing it here first
 # keeps the install out of the test's time. Idempotent.

@@ -96,6 +96,17 @@ impl<S: MessageStore> Broker<S> {
             })
         };
         let (outcome, body) = match command.name.as_str() {
+            "courier.tail" => {
+                let filter = crate::TailFilter::from_args(&args)?;
+                self.actions.push(crate::Action::StartTail {
+                    conn,
+                    request: command.id,
+                    activity_id: command.activity_id,
+                    filter,
+                });
+                // The network edge answers from here on, reply by reply.
+                return Ok(());
+            }
             "courier.dead-letters.list" => {
                 let service = service()?;
                 // Paging: a listing too long for one frame is cut (see

@@ -17,7 +17,9 @@ mod journal;
 mod queue;
 mod recovery;
 mod refcount;
+pub mod stats;
 mod streams;
+mod tap;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,6 +39,7 @@ use queue::{Entry, Queue};
 pub use recovery::RecoveryReport;
 use streams::{ReplyFate, Stream};
 pub use streams::{REPLY_WINDOW_HEADER, REPLY_WINDOW_MAX};
+pub use tap::{TailFilter, Tapped};
 
 /// The maps touched for every message (here and in the server): keyed by
 /// a fast hasher seeded at random per process (keys come from clients, so
@@ -95,6 +98,9 @@ pub struct Config {
     /// Log written since the last snapshot before another is taken, so a
     /// restart after a crash replays at most about this much.
     pub checkpoint_log_bytes: u64,
+    /// Distinct message names counted under their own name in the
+    /// per-name metrics; traffic of names past it is counted as `_other`.
+    pub metrics_names_max: usize,
     /// Above this many bytes of log, retained history is given up at the
     /// next checkpoint (all of it that no service is still owed, and that
     /// the snapshot covers), whatever its age. 0: no cap.
@@ -159,6 +165,7 @@ impl Default for Config {
             frame_bytes_max: courier_proto::FRAME_BYTES_MAX_DEFAULT,
             connections_per_service_max: 1024,
             checkpoint_log_bytes: 128 * 1024 * 1024,
+            metrics_names_max: 10_000,
         }
     }
 }
@@ -196,6 +203,15 @@ pub enum Action {
     /// The answer to a PING: it follows every answer to what the
     /// connection sent before the PING, so a client's flush can wait on it.
     Pong { conn: ConnId, nonce: u64 },
+    /// An admin asked to tail the bus (`courier.tail`): the network edge
+    /// sends it what [`Broker::take_taps`] yields, filtered, as replies to
+    /// `request`, for as long as the connection lives.
+    StartTail {
+        conn: ConnId,
+        request: Uuid,
+        activity_id: Uuid,
+        filter: TailFilter,
+    },
 }
 
 /// Counters for `/metrics` and tests; they only ever go up.
@@ -259,6 +275,26 @@ pub struct ServiceInfo {
     pub depth: usize,
     pub in_flight: usize,
     pub dead_letters: usize,
+}
+
+/// One service's subscription as `/metrics` and the console show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscriptionGauges {
+    pub service: String,
+    pub patterns: Vec<String>,
+    /// Messages waiting for the service in any state (ready, deferred, in
+    /// flight, behind a busy key); dead letters are not counted.
+    pub backlog: usize,
+    pub in_flight: usize,
+    /// Connected instances that consume (not those that only send).
+    pub consumers: usize,
+    /// Of those, paused because they do not read their deliveries.
+    pub consumers_paused: usize,
+    pub dead_letters: usize,
+    /// How long ago the oldest message the service still owes an ack for
+    /// was accepted (ns); `None` when it owes none (or it is unreadable).
+    pub oldest_unacked_age: Option<Nanos>,
+    oldest_seq: Option<Seq>,
 }
 
 struct Conn {
@@ -389,6 +425,11 @@ struct ReplyRoute {
     conn: ConnId,
     /// Services the command went to: only they may reply to it.
     receivers: Vec<String>,
+    /// Where the command's name is counted, and when it was accepted: for
+    /// the outcome counts and the latency to its final reply. Routes
+    /// loaded from a snapshot have neither ([`stats::Slot::MAX`], 0).
+    command: stats::Slot,
+    accepted_at: Nanos,
     /// Set when the requester asked for flow control (PROTOCOL §8.7).
     stream: Option<Box<Stream>>,
 }
@@ -451,10 +492,16 @@ pub struct Broker<S: MessageStore> {
     batch_appended: bool,
     /// Who may send and receive what; `None` lets everyone do everything.
     manifest: Option<Arc<Manifest>>,
+    /// Traffic per message name and service (`stats.rs`).
+    traffic: stats::TrafficStats,
+    /// Someone tails the bus: accepted messages are copied to `taps`.
+    tapping: bool,
+    taps: Vec<Tapped>,
 }
 
 impl<S: MessageStore> Broker<S> {
     pub fn new(config: Config, store: S) -> Broker<S> {
+        let config_names_max = config.metrics_names_max;
         let dedup = dedup::DedupWindow::new(config.dedup_window_ms, config.dedup_ids_max);
         let reply_routes = ExpiringMap::new(
             config.reply_route_ms * NANOS_PER_MS,
@@ -486,6 +533,9 @@ impl<S: MessageStore> Broker<S> {
             batch_structural: false,
             batch_appended: false,
             manifest: None,
+            traffic: stats::TrafficStats::new(config_names_max),
+            tapping: false,
+            taps: Vec::new(),
         }
     }
 
@@ -755,10 +805,10 @@ impl<S: MessageStore> Broker<S> {
         let Some(c) = self.conns.remove(&conn) else {
             return;
         };
-        // Its flow-controlled streams cannot be delivered in order to
-        // anyone else: they end (their responders hear so).
+        // Its flow-controlled streams under way cannot be delivered in
+        // order to anyone else: they end (their responders hear so).
         for command in &c.streams {
-            self.abandon_stream(*command, "the requester's connection closed", now);
+            self.requester_left(*command, now);
         }
         let Some(svc) = self.services.get_mut(c.service.as_str()) else {
             return;
@@ -772,6 +822,7 @@ impl<S: MessageStore> Broker<S> {
                 self.retry_or_dead_letter(
                     &c.service,
                     flight.entry,
+                    flight.name,
                     0,
                     "receiver disconnected",
                     now,
@@ -1123,11 +1174,14 @@ impl<S: MessageStore> Broker<S> {
         let has_token = checked.is_err() || rate == 0 || c.send_bucket.take(rate, now);
         if let Err(refusal) = checked {
             self.metrics.refused += 1;
+            self.traffic.refused(&message.name, &sender, refusal.0);
             return self.send_result(conn, seq, refusal.0, refusal.1);
         }
         if !has_token {
             self.metrics.refused += 1;
             self.metrics.rate_limited += 1;
+            self.traffic
+                .refused(&message.name, &sender, ErrorCode::RateLimited);
             let rate = self.config.send_rate_per_service;
             return self.send_result(
                 conn,
@@ -1139,6 +1193,8 @@ impl<S: MessageStore> Broker<S> {
         if let Err(reason) = self.authorize_send(&sender, admin, &message) {
             self.metrics.refused += 1;
             self.metrics.unauthorized += 1;
+            self.traffic
+                .refused(&message.name, &sender, ErrorCode::Unauthorized);
             return self.send_result(conn, seq, ErrorCode::Unauthorized, reason);
         }
         self.dedup.expire(now);
@@ -1155,6 +1211,8 @@ impl<S: MessageStore> Broker<S> {
             && !message.name.starts_with(SYSTEM_PREFIX)
         {
             self.metrics.refused += 1;
+            self.traffic
+                .refused(&message.name, &sender, ErrorCode::StorageFailed);
             return self.send_result(
                 conn,
                 seq,
@@ -1163,14 +1221,19 @@ impl<S: MessageStore> Broker<S> {
             );
         }
         let id = message.id;
+        let counted = self.traffic.locate(&message.name, &sender);
         // Not shared yet (it was just decoded): no copy is made.
         let stamped = Arc::make_mut(&mut message);
         stamped.timestamp = now;
         stamped.sender = sender;
         let outcome = match message.kind {
-            Kind::Command if message.name.starts_with(SYSTEM_PREFIX) => self
-                .system_command(conn, &message, now)
-                .map(|()| ReplyFate::Delivered),
+            Kind::Command if message.name.starts_with(SYSTEM_PREFIX) => {
+                let answered = self.system_command(conn, &message, now);
+                if answered.is_ok() {
+                    self.tap(&message, Arc::from([]));
+                }
+                answered.map(|()| ReplyFate::Delivered)
+            }
             _ if message.name.starts_with(SYSTEM_PREFIX) => Err((
                 ErrorCode::InvalidName,
                 format!(
@@ -1198,6 +1261,7 @@ impl<S: MessageStore> Broker<S> {
                 // with the same id must be tried again, not dropped.
                 self.dedup.insert(&id, now);
                 self.metrics.accepted += 1;
+                self.traffic.at(counted).sent += 1;
                 if quiet {
                     return;
                 }
@@ -1211,6 +1275,7 @@ impl<S: MessageStore> Broker<S> {
             }
             Err((code, reason)) => {
                 self.metrics.refused += 1;
+                self.traffic.at(counted).refuse(code);
                 self.send_result(conn, seq, code, reason);
             }
         }
@@ -1349,6 +1414,7 @@ impl<S: MessageStore> Broker<S> {
                 return Err((ErrorCode::NoReceiver, reason));
             }
             self.metrics.dropped_unrouted += 1;
+            self.tap(&message, targets);
             if !message.transient {
                 // Kept for history replay (`--from`) until retention ends;
                 // no service holds a reference.
@@ -1363,8 +1429,9 @@ impl<S: MessageStore> Broker<S> {
             return Ok(());
         }
         if message.kind == Kind::Command {
+            let command = self.traffic.slot(&message.name);
             let window = streams::requested_window(&message).ok().flatten();
-            self.remember_reply_route(conn, message.id, targets.to_vec(), window, now);
+            self.remember_reply_route(conn, message.id, command, targets.to_vec(), window, now);
         }
         if !message.transient {
             // The payload is a slice of the connection's read buffer, and
@@ -1375,6 +1442,7 @@ impl<S: MessageStore> Broker<S> {
             owned.payload = bytes::Bytes::copy_from_slice(&owned.payload);
         }
         if message.transient {
+            self.tap(&message, targets.clone());
             for service in targets.iter() {
                 self.deliver_transient(service, &message);
             }
@@ -1387,6 +1455,7 @@ impl<S: MessageStore> Broker<S> {
         self.dirty = true;
         self.batch_appended = true;
         self.enqueue(seq, &message, &targets, now);
+        self.tap(&message, targets.clone());
         for service in targets.iter() {
             self.pump(service, now);
         }
@@ -1456,6 +1525,7 @@ impl<S: MessageStore> Broker<S> {
         &mut self,
         conn: ConnId,
         command: Uuid,
+        command_name: stats::Slot,
         receivers: Vec<String>,
         window: Option<u32>,
         now: Nanos,
@@ -1470,6 +1540,8 @@ impl<S: MessageStore> Broker<S> {
             service: c.service.to_string(),
             conn,
             receivers,
+            command: command_name,
+            accepted_at: now,
             stream: window.map(|w| Box::new(Stream::new(conn, w))),
         };
         if let Some((old, route)) = self.reply_routes.insert(command, route, now) {
@@ -1518,6 +1590,10 @@ impl<S: MessageStore> Broker<S> {
     fn deliver_untracked(&mut self, conn: ConnId, message: Arc<Message>) {
         self.next_delivery += 1;
         self.metrics.delivered += 1;
+        if let Some(c) = self.conns.get(&conn) {
+            let counted = self.traffic.locate(&message.name, &c.service);
+            self.traffic.at(counted).delivered += 1;
+        }
         self.actions.push(Action::Deliver {
             conn,
             delivery: self.next_delivery,
@@ -1558,16 +1634,22 @@ impl<S: MessageStore> Broker<S> {
                 ),
             ));
         }
-        let (service, route_conn) = (route.service.clone(), route.conn);
+        let service = route.service.clone();
+        let (route_conn, command_slot, accepted_at) =
+            (route.conn, route.command, route.accepted_at);
         if route.stream.is_some() {
             let stream = self
                 .reply_routes
                 .get_mut(&command)
                 .and_then(|r| r.stream.take());
             if let Some(stream) = stream {
-                return self.route_stream_reply(conn, seq, quiet, message, stream, now);
+                let reply = message.clone();
+                let fate = self.route_stream_reply(conn, seq, quiet, message, stream, now)?;
+                self.count_reply(command_slot, accepted_at, &reply, &service);
+                return Ok(fate);
             }
         }
+        self.count_reply(command_slot, accepted_at, &message, &service);
         let target = if self.conns.contains_key(&route_conn) {
             Some(route_conn)
         } else {
@@ -1597,6 +1679,26 @@ impl<S: MessageStore> Broker<S> {
             }
         }
         Ok(ReplyFate::Delivered)
+    }
+
+    /// Counts an accepted reply for its command's outcomes (and the
+    /// latency to the final one), and shows it to the tails.
+    fn count_reply(
+        &mut self,
+        command: stats::Slot,
+        accepted_at: Nanos,
+        message: &Arc<Message>,
+        requester: &str,
+    ) {
+        self.traffic.outcome(command, &message.name);
+        if message.is_final && accepted_at != 0 {
+            let latency = self.now.saturating_sub(accepted_at);
+            self.traffic.final_reply(command, latency);
+        }
+        if self.tapping {
+            let requester: Receivers = Arc::from([requester.to_string()]);
+            self.tap(message, requester);
+        }
     }
 
     // ---- delivery ----------------------------------------------------
@@ -1687,6 +1789,10 @@ impl<S: MessageStore> Broker<S> {
                 svc.queue.ready.remove(index);
                 svc.queue.release_key(&entry);
                 self.metrics.expired += 1;
+                let slot = self.traffic.slot(&message.name);
+                if let Some(t) = self.traffic.traffic(slot, service) {
+                    t.expired += 1;
+                }
                 release(&mut self.store, &mut self.refs, entry.seq);
                 continue;
             }
@@ -1703,9 +1809,11 @@ impl<S: MessageStore> Broker<S> {
                     "message {} for {service} is {len} bytes as a DELIVER frame, over the frame limit of {max}; dead-lettered",
                     entry.seq
                 ));
+                let slot = self.traffic.slot(&message.name);
                 self.dead_letter(
                     service,
                     entry,
+                    slot,
                     format!("its DELIVER frame would be {len} bytes, over the broker's frame limit of {max} (was it accepted under a larger limit?)"),
                     now,
                 );
@@ -1725,7 +1833,8 @@ impl<S: MessageStore> Broker<S> {
                     self.next_delivery += 1;
                     let delivery = self.next_delivery;
                     let seq = entry.seq;
-                    svc.queue.start(delivery, conn, entry, deadline);
+                    let slot = self.traffic.slot(&message.name);
+                    svc.queue.start(delivery, conn, entry, deadline, slot);
                     if message.kind == Kind::Command
                         && !message.headers.is_empty()
                         && message.header(REPLY_WINDOW_HEADER).is_some()
@@ -1740,6 +1849,10 @@ impl<S: MessageStore> Broker<S> {
                         seq,
                     });
                     self.metrics.delivered += 1;
+                    if let Some(t) = self.traffic.traffic(slot, service) {
+                        t.delivered += 1;
+                        t.redelivered += u64::from(attempt > 1);
+                    }
                     if attempt > 1 {
                         self.metrics.redelivered += 1;
                     }
@@ -1771,6 +1884,9 @@ impl<S: MessageStore> Broker<S> {
         };
         self.metrics.acked += 1;
         let service = flight.1;
+        if let Some(t) = self.traffic.traffic(flight.0.name, &service) {
+            t.acked += 1;
+        }
         let seq = flight.0.entry.seq;
         self.journal(Op::Acked {
             service: service.clone(),
@@ -1792,9 +1908,13 @@ impl<S: MessageStore> Broker<S> {
             return;
         };
         self.metrics.nacked += 1;
+        if let Some(t) = self.traffic.traffic(flight.name, &service) {
+            t.nacked += 1;
+        }
         self.retry_or_dead_letter(
             &service,
             flight.entry,
+            flight.name,
             u64::from(delay_ms) * NANOS_PER_MS,
             "nacked",
             now,
@@ -1823,6 +1943,7 @@ impl<S: MessageStore> Broker<S> {
         &mut self,
         service: &str,
         entry: Entry,
+        name: stats::Slot,
         delay: Nanos,
         why: &str,
         now: Nanos,
@@ -1835,7 +1956,7 @@ impl<S: MessageStore> Broker<S> {
                 "{why} on attempt {} of {}",
                 entry.attempts, svc.max_deliveries
             );
-            self.dead_letter(service, entry, reason, now);
+            self.dead_letter(service, entry, name, reason, now);
         } else if delay == 0 {
             svc.queue.make_ready_again(entry);
         } else {
@@ -1851,7 +1972,14 @@ impl<S: MessageStore> Broker<S> {
 
     /// Moves a message of `service` that is in no other state to its dead
     /// letters, for good.
-    fn dead_letter(&mut self, service: &str, entry: Entry, reason: String, now: Nanos) {
+    fn dead_letter(
+        &mut self,
+        service: &str,
+        entry: Entry,
+        name: stats::Slot,
+        reason: String,
+        now: Nanos,
+    ) {
         let Some(svc) = self.services.get_mut(service) else {
             return;
         };
@@ -1864,6 +1992,9 @@ impl<S: MessageStore> Broker<S> {
         };
         svc.queue.dead_letters.push(letter.clone());
         self.metrics.dead_lettered += 1;
+        if let Some(t) = self.traffic.traffic(name, service) {
+            t.dead_lettered += 1;
+        }
         self.journal(Op::DeadLettered {
             service: service.to_string(),
             seq: letter.seq,
@@ -1913,7 +2044,14 @@ impl<S: MessageStore> Broker<S> {
                 if let Some(c) = self.conns.get_mut(&flight.conn) {
                     c.in_flight = c.in_flight.saturating_sub(1);
                 }
-                self.retry_or_dead_letter(&service, flight.entry, 0, "ack deadline passed", now);
+                self.retry_or_dead_letter(
+                    &service,
+                    flight.entry,
+                    flight.name,
+                    0,
+                    "ack deadline passed",
+                    now,
+                );
             }
             self.pump(&service, now);
         }
@@ -1949,6 +2087,81 @@ impl<S: MessageStore> Broker<S> {
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
         out
+    }
+
+    /// Whether accepted messages are recorded for tails (the network edge
+    /// turns it on while at least one tail runs).
+    pub fn set_tapping(&mut self, on: bool) {
+        self.tapping = on;
+        if !on {
+            self.taps.clear();
+        }
+    }
+
+    /// What was accepted since the last call, while tapping.
+    pub fn take_taps(&mut self) -> Vec<Tapped> {
+        std::mem::take(&mut self.taps)
+    }
+
+    fn tap(&mut self, message: &Arc<Message>, receivers: Receivers) {
+        if self.tapping {
+            self.taps.push(Tapped {
+                message: message.clone(),
+                receivers,
+            });
+        }
+    }
+
+    /// Traffic per message name and service, for `/metrics`.
+    pub fn traffic(&self) -> &stats::TrafficStats {
+        &self.traffic
+    }
+
+    /// Every subscribed service's queue as `/metrics` shows it. Reads the
+    /// oldest waiting message of each service from the store for its age.
+    pub fn subscription_gauges(&mut self, now: Nanos) -> Vec<SubscriptionGauges> {
+        let mut out: Vec<SubscriptionGauges> = Vec::with_capacity(self.services.len());
+        for (name, s) in &self.services {
+            let oldest_seq = s.queue.runs().map(|(entry, _, _)| entry.seq).min();
+            let consumers: Vec<&Conn> = s
+                .instances
+                .iter()
+                .filter_map(|c| self.conns.get(c))
+                .filter(|c| !c.patterns.is_empty())
+                .collect();
+            out.push(SubscriptionGauges {
+                service: name.clone(),
+                patterns: s.patterns.iter().cloned().collect(),
+                backlog: s.queue.depth(),
+                in_flight: s.queue.in_flight.len(),
+                consumers: consumers.len(),
+                consumers_paused: consumers.iter().filter(|c| c.paused).count(),
+                dead_letters: s.queue.dead_letters.len(),
+                oldest_unacked_age: None,
+                oldest_seq,
+            });
+        }
+        for gauge in &mut out {
+            if let Some(seq) = gauge.oldest_seq {
+                if let Ok(Some(m)) = self.store.get(seq) {
+                    gauge.oldest_unacked_age = Some(now.saturating_sub(m.timestamp));
+                }
+            }
+        }
+        out.sort_by(|a, b| a.service.cmp(&b.service));
+        out
+    }
+
+    /// Live connections per service (instances and senders alike).
+    pub fn connections_by_service(&self) -> Vec<(String, usize)> {
+        let mut counts: std::collections::BTreeMap<&str, usize> = Default::default();
+        for c in self.conns.values() {
+            *counts.entry(c.service.as_str()).or_default() += 1;
+        }
+        counts
+            .into_iter()
+            .map(|(service, n)| (service.to_string(), n))
+            .collect()
     }
 
     /// The service's dead letters with their messages (`None` if unreadable).

@@ -241,6 +241,9 @@ pub(crate) struct InFlight {
     pub entry: Entry,
     pub conn: u64,
     pub deadline: Nanos,
+    /// Where the message's name is counted (`stats.rs`), so an ack or a
+    /// nack counts without reading the message again.
+    pub name: crate::stats::Slot,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -325,7 +328,14 @@ impl Queue {
     }
 
     /// Records a dispatch; the caller has bumped `attempts`.
-    pub fn start(&mut self, delivery: DeliveryId, conn: u64, entry: Entry, deadline: Nanos) {
+    pub fn start(
+        &mut self,
+        delivery: DeliveryId,
+        conn: u64,
+        entry: Entry,
+        deadline: Nanos,
+        name: crate::stats::Slot,
+    ) {
         self.deadlines.insert((deadline, delivery));
         self.in_flight.insert(
             delivery,
@@ -333,6 +343,7 @@ impl Queue {
                 entry,
                 conn,
                 deadline,
+                name,
             },
         );
     }
@@ -496,7 +507,7 @@ mod tests {
             vec![1, 3]
         );
         let first = q.ready.pop_front().expect("1");
-        q.start(10, 1, first, 100);
+        q.start(10, 1, first, 100, 0);
         q.make_ready(keyed(4, "a"));
         assert_eq!(
             q.key_waiting

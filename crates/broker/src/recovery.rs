@@ -213,6 +213,8 @@ impl<S: MessageStore> Broker<S> {
                 conn: 0,
                 receivers: targets.to_vec(),
                 stream: None,
+                command: self.traffic.slot(&message.name),
+                accepted_at: message.timestamp,
             };
             self.reply_routes
                 .insert(message.id, route, message.timestamp);
@@ -580,6 +582,8 @@ impl<S: MessageStore> Broker<S> {
                 conn: 0,
                 receivers,
                 stream: None,
+                command: crate::stats::Slot::MAX,
+                accepted_at: 0,
             };
             self.reply_routes.insert(id, route, t);
         }

@@ -65,6 +65,9 @@ pub(crate) struct Stream {
     /// Set when the requester stopped reading or left: replies are then
     /// accepted and discarded, with this reason.
     discarding: Option<&'static str>,
+    /// A reply went out to the requester: from then on the stream is
+    /// bound to its connection.
+    started: bool,
 }
 
 /// A reply waiting for credit, and who awaits its SEND_RESULT.
@@ -92,6 +95,7 @@ impl Stream {
             final_held: false,
             handlers: Vec::new(),
             discarding: None,
+            started: false,
         }
     }
 
@@ -201,7 +205,12 @@ impl<S: MessageStore> Broker<S> {
         self.next_delivery += 1;
         let delivery = self.next_delivery;
         self.metrics.delivered += 1;
+        if let Some(c) = self.conns.get(&stream.requester) {
+            let counted = self.traffic.locate(&message.name, &c.service);
+            self.traffic.at(counted).delivered += 1;
+        }
         let is_final = message.is_final;
+        stream.started = true;
         self.actions.push(Action::Deliver {
             conn: stream.requester,
             delivery,
@@ -325,6 +334,24 @@ impl<S: MessageStore> Broker<S> {
         }
         self.forget_stream(command, &mut stream);
         self.put_back(command, stream);
+    }
+
+    /// The requesting connection closed. A stream that has delivered
+    /// nothing yet (so holds nothing either) loses its flow control and
+    /// its replies are routed as any others (to another instance of the
+    /// requesting service, or parked for one): a requester that reconnects
+    /// before the first reply still gets its replies. A stream under way
+    /// cannot continue in order elsewhere: it is abandoned.
+    pub(crate) fn requester_left(&mut self, command: Uuid, now: Nanos) {
+        let Some(mut stream) = self.take_stream(command) else {
+            return;
+        };
+        if stream.started || !stream.held.is_empty() {
+            self.put_back(command, stream);
+            self.abandon_stream(command, "the requester's connection closed", now);
+        } else {
+            self.forget_stream(command, &mut stream);
+        }
     }
 
     /// A stream whose route is gone before its end (expired, or evicted by

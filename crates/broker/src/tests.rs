@@ -2016,6 +2016,30 @@ fn the_requester_disconnecting_ends_its_stream_and_every_responder_hears_it() {
 }
 
 #[test]
+fn a_requester_that_leaves_before_the_first_reply_gets_its_replies_routed_as_any() {
+    let (mut h, id) = streaming("1");
+    h.broker.disconnect(5, h.now);
+    // Nothing was under way: the replies go to another instance of the
+    // requesting service (conn 1), as without flow control.
+    h.send(2, 10, reply_to(id, "r1", false));
+    h.send(2, 11, reply_to(id, "r2", false));
+    h.send(2, 12, reply_to(id, "done", true));
+    let actions = h.actions();
+    assert_eq!(
+        delivered_to(&actions),
+        vec![(1, "r1".into()), (1, "r2".into()), (1, "done".into())]
+    );
+    assert_eq!(
+        results(&actions),
+        vec![
+            (10, ErrorCode::Ok),
+            (11, ErrorCode::Ok),
+            (12, ErrorCode::Ok)
+        ]
+    );
+}
+
+#[test]
 fn a_nack_of_a_reply_stops_the_stream() {
     let (mut h, id) = streaming("1");
     h.send(2, 10, reply_to(id, "r1", false));
@@ -2183,6 +2207,10 @@ struct StreamModel {
     unacked: Vec<DeliveryId>,
     /// The requester stopped reading or left: nothing more may arrive.
     stopped: bool,
+    /// The requester left before any reply reached it: the rest of the
+    /// replies are routed without flow control (parked here: the
+    /// requesting service has no other instance).
+    unbound: bool,
 }
 
 impl StreamModel {
@@ -2209,6 +2237,7 @@ impl StreamModel {
             delivered: Vec::new(),
             unacked: Vec::new(),
             stopped: false,
+            unbound: false,
         }
     }
 
@@ -2320,6 +2349,15 @@ impl StreamModel {
                 }
             }
             StreamOp::RequesterLeaves => {
+                let stream_open = self
+                    .h
+                    .broker
+                    .reply_routes
+                    .get(&self.command)
+                    .is_some_and(|r| r.stream.is_some());
+                if !self.stopped && stream_open && self.delivered.is_empty() {
+                    self.unbound = true;
+                }
                 self.h.broker.disconnect(self.requester, self.h.now);
                 self.stopped = true;
             }
@@ -2391,13 +2429,18 @@ proptest! {
             let answers = m.answers.get(key).map_or(0, Vec::len);
             prop_assert_eq!(answers, 1, "send {:?} of reply {} answered {} times", key, index, answers);
         }
-        for index in m.taken.iter().filter(|i| !m.delivered.contains(i)) {
-            let told = m.sends.iter().filter(|(_, i)| *i == index).any(|(key, _)| {
-                m.answers[key].iter().any(|(code, reason)| {
-                    reason.starts_with("discarded") || *code == ErrorCode::UnknownRequest
-                })
-            });
-            prop_assert!(told, "reply {} was taken, not delivered, and nobody was told", index);
+        if m.unbound {
+            // Parked for an instance of the requester, as any reply.
+            prop_assert!(m.h.broker.metrics().replies_parked > 0 || m.taken.is_empty());
+        } else {
+            for index in m.taken.iter().filter(|i| !m.delivered.contains(i)) {
+                let told = m.sends.iter().filter(|(_, i)| *i == index).any(|(key, _)| {
+                    m.answers[key].iter().any(|(code, reason)| {
+                        reason.starts_with("discarded") || *code == ErrorCode::UnknownRequest
+                    })
+                });
+                prop_assert!(told, "reply {} was taken, not delivered, and nobody was told", index);
+            }
         }
         prop_assert_eq!(m.h.broker.held_reply_bytes, 0);
         prop_assert!(m.h.broker.reply_deliveries.is_empty());
@@ -2432,4 +2475,69 @@ fn a_stream_and_its_held_replies_outlive_a_rebuild_after_a_failed_sync() {
     let actions = h.actions();
     assert_eq!(delivered_to(&actions), vec![(5, "r2".into())]);
     assert_eq!(results(&actions), vec![(11, ErrorCode::Ok)]);
+}
+#[test]
+fn a_tail_sees_commands_replies_and_events_without_changing_routing() {
+    let mut h = Harness::new();
+    h.connect(1, "web", 16);
+    h.connect(2, "todo", 16);
+    h.subscribe(2, "todo.create");
+    h.connect(3, "admin", 16);
+    h.broker.set_tapping(true);
+    h.send(3, 1, command("courier.tail", "{\"pattern\":\"todo.>\"}"));
+    let started = h
+        .actions()
+        .into_iter()
+        .find_map(|a| match a {
+            Action::StartTail { conn, filter, .. } => Some((conn, filter)),
+            _ => None,
+        })
+        .expect("the tail starts");
+    assert_eq!(started.0, 3);
+    assert_eq!(started.1.pattern.as_deref(), Some("todo.>"));
+
+    let create = command("todo.create", "{}");
+    let create_id = create.id;
+    h.send(1, 2, create);
+    let delivered = h.deliveries();
+    assert_eq!(delivered.len(), 1, "only the subscribed service gets it");
+    assert_eq!(delivered[0].0, 2);
+    let mut reply = Message::new(Kind::Reply, "todo.created", "{}");
+    reply.response_to = Some(create_id);
+    h.send(2, 3, reply);
+    // A command nobody receives is still refused while a tail runs.
+    h.send(1, 4, command("todo.delete", "{}"));
+    let refused = h.actions().into_iter().any(|a| {
+        matches!(
+            a,
+            Action::SendResult {
+                seq: 4,
+                code: ErrorCode::NoReceiver,
+                ..
+            }
+        )
+    });
+    assert!(refused, "no_receiver despite the tail");
+
+    let taps = h.broker.take_taps();
+    let seen: Vec<(&str, Vec<String>)> = taps
+        .iter()
+        .map(|t| (t.message.name.as_str(), t.receivers.to_vec()))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            ("courier.tail", vec![]),
+            ("todo.create", vec!["todo".to_string()]),
+            ("todo.created", vec!["web".to_string()]),
+        ]
+    );
+    assert_eq!(taps[1].message.sender, "web", "stamped with its sender");
+
+    h.broker.set_tapping(false);
+    h.send(1, 5, command("todo.create", "{}"));
+    assert!(
+        h.broker.take_taps().is_empty(),
+        "nothing is recorded untapped"
+    );
 }

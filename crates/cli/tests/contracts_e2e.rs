@@ -197,7 +197,14 @@ fn a_reloaded_manifest_revokes_tokens_and_a_bad_one_is_refused() {
 #[test]
 fn a_public_address_without_authentication_is_refused_unless_insecure() {
     let out = std::process::Command::new(common::courier_bin())
-        .args(["serve", "--listen", "0.0.0.0:0", "--in-memory"])
+        .args([
+            "serve",
+            "--listen",
+            "0.0.0.0:0",
+            "--in-memory",
+            "--http",
+            "off",
+        ])
         .output()
         .expect("run");
     assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
@@ -246,4 +253,73 @@ fn check_reports_one_line_per_problem() {
         "line and column: {}",
         stderr(&out)
     );
+}
+
+/// Set for the child of the test below, which reads its options from the
+/// environment (set per process, so no other test's environment changes).
+const FROM_ENV_CHILD: &str = "COURIER_TEST_FROM_ENV_CHILD";
+
+#[test]
+fn sdk_options_from_env_take_the_service_from_the_token() {
+    if std::env::var_os(FROM_ENV_CHILD).is_some() {
+        send_with_options_from_env();
+        return;
+    }
+    let dir = common::tempdir::Dir::new("manifest");
+    let (broker, t, _) = start_with_manifest(&dir);
+    // The subscription exists once this returns; the next one receives.
+    let todo_args = [
+        "subscribe",
+        "todo.create",
+        "--service",
+        "todo",
+        "--token",
+        &t.todo,
+    ];
+    let out = broker.run(&[&todo_args[..], &["--idle-timeout", "50ms"]].concat());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let todo = broker.spawn(&todo_args);
+    let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "sdk_options_from_env_take_the_service_from_the_token",
+            "--exact",
+            "--nocapture",
+        ])
+        .env(FROM_ENV_CHILD, "1")
+        .env("COURIER_URL", &broker.addr)
+        .env("COURIER_TOKEN", &t.web)
+        .env_remove("COURIER_SERVICE")
+        .output()
+        .expect("run the child");
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("from_env: sent as the token's service"),
+        "{said}"
+    );
+    let got = todo.json_line(Duration::from_secs(10));
+    assert_eq!(got["name"], "todo.create");
+    assert_eq!(got["sender"], "web", "the service the token belongs to");
+}
+
+/// The child: what a service started with `COURIER_TOKEN` and no
+/// `COURIER_SERVICE` does.
+fn send_with_options_from_env() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let opts = courier_client::ClientOptions::from_env();
+        assert_eq!(opts.service, "", "the broker decides");
+        let client = courier_client::Client::connect(opts)
+            .await
+            .expect("connects with the token alone");
+        client
+            .send("todo.create", &serde_json::json!({"text": "milk"}))
+            .await
+            .expect("web may send todo.create");
+        client.shutdown().await;
+    });
+    println!("from_env: sent as the token's service");
 }

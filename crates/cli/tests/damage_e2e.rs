@@ -1,4 +1,4 @@
-//! Issue 3's damage rules against real `courier serve` processes: the data
+//! The log's damage rules against real `courier serve` processes: the data
 //! directory is damaged by hand between runs (torn writes, flipped bits in
 //! a segment and in the snapshot), then the broker is started again. It
 //! must start, report the damage on stderr (the `the log was damaged` warning

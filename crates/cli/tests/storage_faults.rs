@@ -1,4 +1,4 @@
-//! Issue 3's disk-fault rules at the broker level: the broker core
+//! The disk-fault rules at the broker level: the broker core
 //! (`courier-broker`) on the durable log's store (`LogStore`) over a
 //! fault-injecting file system (`FaultyFs` on a temporary directory). No
 //! sockets, no clock: every step is driven by hand, so each run replays.

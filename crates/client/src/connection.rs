@@ -21,7 +21,9 @@ use tokio_rustls::client::TlsStream;
 use tracing::{debug, warn};
 
 use crate::handler::{self, Delivered, Handler, Incoming};
-use crate::{Client, ClientOptions, ClientTls, Error, Inner, Reply, Result, State};
+use crate::{
+    Client, ClientOptions, ClientTls, ConnectionEvent, Error, Inner, Reply, Result, State,
+};
 
 /// Biggest frame we accept from the broker.
 const INBOUND_FRAME_BYTES_MAX: u32 = 64 * 1024 * 1024;
@@ -331,6 +333,9 @@ pub(crate) fn on_connected(inner: &Inner, established: &mut Established) {
     let mut state = inner.lock();
     state.generation += 1;
     state.connected = true;
+    if state.generation > 1 {
+        state.emit(ConnectionEvent::Restored);
+    }
     state.direct = established.direct.take();
     state.writing = false;
     state.frame_bytes_max = established.frame_bytes_max;
@@ -379,6 +384,10 @@ pub(crate) async fn drive(inner: Arc<Inner>, first: Established) {
                         let jitter = Duration::from_millis(
                             u64::from(uuid::Uuid::new_v4().as_bytes()[0]) % 50,
                         );
+                        inner.lock().emit(ConnectionEvent::ReconnectFailed {
+                            error: error.to_string(),
+                            retry_in: delay + jitter,
+                        });
                         tokio::select! {
                             _ = tokio::time::sleep(delay + jitter) => {}
                             _ = shutdown.changed() => {}
@@ -400,10 +409,21 @@ pub(crate) async fn drive(inner: Arc<Inner>, first: Established) {
         let read = read_loop(&inner, generation, &mut reader, &mut buf);
         // Read first: the write loop, polled after the reader in the same
         // poll, takes what the frames just handled queued (see `reading`).
-        let stopped = tokio::select! {
+        let (stopped, reason) = tokio::select! {
             biased;
-            end = read => { debug!(reason = %end.describe(), "connection read side ended"); false }
-            end = write => { debug!(?end, "connection write side ended"); end.is_ok() }
+            end = read => {
+                let reason = end.describe();
+                debug!(%reason, "connection read side ended");
+                (false, reason)
+            }
+            end = write => {
+                debug!(?end, "connection write side ended");
+                let reason = match &end {
+                    Ok(()) => "closed by this client".to_string(),
+                    Err(e) => format!("write failed: {e}"),
+                };
+                (end.is_ok(), reason)
+            }
         };
         {
             let mut state = inner.lock();
@@ -428,10 +448,11 @@ pub(crate) async fn drive(inner: Arc<Inner>, first: Established) {
                     "connection lost before the broker answered the flush".into(),
                 )));
             }
-            // The broker ends a flow-controlled stream with its requester's
-            // connection (PROTOCOL §8.7): so does the client, saying so.
+            // The broker ends a flow-controlled stream under way with its
+            // requester's connection (PROTOCOL §8.7): so does the client,
+            // saying so. One that has not started waits on, as any request.
             state.requests.retain(|_, waiting| {
-                if !waiting.flow_controlled {
+                if !waiting.flow_controlled || waiting.received == 0 {
                     return true;
                 }
                 let _ = waiting.replies.try_send(Err(Error::Closed(
@@ -448,10 +469,13 @@ pub(crate) async fn drive(inner: Arc<Inner>, first: Established) {
         if stopped || *shutdown.borrow() {
             break;
         }
-        warn!(service = %inner.opts.service, "connection to the broker lost; reconnecting");
+        warn!(service = %inner.opts.service, %reason, "connection to the broker lost; reconnecting");
+        inner.lock().emit(ConnectionEvent::Lost { reason });
     }
     let mut state = inner.lock();
     state.connected = false;
+    // Ends every reader of the connection events.
+    state.events = None;
     for (_, pending) in state.pending_sends.take() {
         let _ = pending.done.send(Err(Error::Shutdown));
     }
@@ -742,6 +766,7 @@ fn route_reply(inner: &Inner, generation: u64, delivery: u64, message: Arc<Messa
         }
         return;
     }
+    waiting.received += 1;
     // A final reply ends the request here, so its stream need not lock to
     // forget it when dropped.
     let replies = if message.is_final {

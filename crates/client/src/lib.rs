@@ -41,6 +41,7 @@
 
 mod connection;
 mod error;
+mod events;
 mod handler;
 mod pending;
 
@@ -58,13 +59,14 @@ use courier_proto::{
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::sync::{broadcast, mpsc, oneshot, watch, Notify};
 use uuid::Uuid;
 
 use pending::PendingSends;
 
 pub use courier_proto::{self as proto, ErrorCode, StartFrom};
 pub use error::{Error, Result};
+pub use events::{ConnectionEvent, ConnectionEvents};
 pub use handler::{BoxError, Incoming};
 
 use handler::Handler;
@@ -89,7 +91,8 @@ pub fn current_activity() -> Option<Uuid> {
 pub struct ClientOptions {
     /// `host:port` of the broker.
     pub url: String,
-    /// The service this client acts for.
+    /// The service this client acts for; empty to let the broker take it
+    /// from the credentials (the token, or the client certificate).
     pub service: String,
     /// This instance's name; the broker makes one up when empty.
     pub instance: String,
@@ -151,21 +154,34 @@ impl ClientOptions {
         }
     }
 
-    /// Reads `COURIER_URL` and `COURIER_SERVICE` (defaults `127.0.0.1:7700`
-    /// and `cli`), and `COURIER_TOKEN` when set; with `COURIER_TLS_CA` set,
-    /// TLS trusting that CA, with the client certificate of
-    /// `COURIER_TLS_CERT` and `COURIER_TLS_KEY` when both are set.
+    /// Reads what the `courier` CLI reads: `COURIER_URL` (default
+    /// `127.0.0.1:7700`), `COURIER_TOKEN` when set, and with
+    /// `COURIER_TLS_CA` set, TLS trusting that CA, with the client
+    /// certificate of `COURIER_TLS_CERT` and `COURIER_TLS_KEY` when both are
+    /// set. The service is `COURIER_SERVICE`; without it, a token or a
+    /// client certificate decides (the service stays empty and the broker
+    /// takes it from the credentials), and without those it is `cli`.
     pub fn from_env() -> ClientOptions {
-        let url = std::env::var("COURIER_URL").unwrap_or_else(|_| "127.0.0.1:7700".to_string());
-        let service = std::env::var("COURIER_SERVICE").unwrap_or_else(|_| "cli".to_string());
+        ClientOptions::from_vars(|name| std::env::var_os(name))
+    }
+
+    /// [`ClientOptions::from_env`] with the variables looked up by `var`.
+    fn from_vars(var: impl Fn(&str) -> Option<std::ffi::OsString>) -> ClientOptions {
+        let text = |name: &str| var(name).map(|v| v.to_string_lossy().into_owned());
+        let url = text("COURIER_URL").unwrap_or_else(|| "127.0.0.1:7700".to_string());
+        let token = text("COURIER_TOKEN");
+        let cert = var("COURIER_TLS_CERT");
+        let key = var("COURIER_TLS_KEY");
+        let service = match text("COURIER_SERVICE") {
+            Some(service) => service,
+            None if token.is_some() || (cert.is_some() && key.is_some()) => String::new(),
+            None => "cli".to_string(),
+        };
         let mut opts = ClientOptions::new(url, service);
-        opts.token = std::env::var("COURIER_TOKEN").ok();
-        opts.tls = std::env::var_os("COURIER_TLS_CA").map(|ca| {
+        opts.token = token;
+        opts.tls = var("COURIER_TLS_CA").map(|ca| {
             let mut tls = ClientTls::new(ca);
-            if let (Some(cert), Some(key)) = (
-                std::env::var_os("COURIER_TLS_CERT"),
-                std::env::var_os("COURIER_TLS_KEY"),
-            ) {
+            if let (Some(cert), Some(key)) = (cert, key) {
                 tls.client_cert = Some((cert.into(), key.into()));
             }
             tls
@@ -265,6 +281,18 @@ pub(crate) struct State {
     /// Refusals of sends nobody awaits (see [`Client::unheard_refusals`]).
     unheard_refusals: u64,
     last_unheard_refusal: Option<(ErrorCode, String)>,
+    /// Where [`ConnectionEvent`]s go; dropped when the driver stops, which
+    /// ends every [`ConnectionEvents`].
+    events: Option<broadcast::Sender<ConnectionEvent>>,
+}
+
+impl State {
+    /// Tells every [`ConnectionEvents`] reader (none listening is fine).
+    pub(crate) fn emit(&self, event: ConnectionEvent) {
+        if let Some(events) = &self.events {
+            let _ = events.send(event);
+        }
+    }
 }
 
 /// A request waiting for replies, by its command's id.
@@ -275,8 +303,11 @@ pub(crate) struct Waiting {
     /// Its key in [`State::quiet_requests`], when the command went QUIET.
     quiet_seq: Option<u64>,
     /// A flow-controlled stream (PROTOCOL §8.7): the broker sends no more
-    /// than the buffer holds, and the stream ends with its connection.
+    /// than the buffer holds, and once under way (`received`) the stream
+    /// ends with its connection.
     flow_controlled: bool,
+    /// Replies that arrived.
+    received: u64,
     /// Replies that found the buffer full. From the first one on, every
     /// later reply is counted here rather than buffered — the stream never
     /// skips a reply and goes on — and it ends with
@@ -362,8 +393,14 @@ fn write_direct(state: &mut State) -> bool {
 fn now_nanos() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
         .unwrap_or(0)
+}
+
+/// Unix nanoseconds `after` from now, saturating at the clock's end
+/// rather than wrapping into the past.
+fn nanos_from_now(after: Duration) -> u64 {
+    now_nanos().saturating_add(u64::try_from(after.as_nanos()).unwrap_or(u64::MAX))
 }
 
 impl Client {
@@ -406,6 +443,7 @@ impl Client {
                 next_flush: 0,
                 unheard_refusals: 0,
                 last_unheard_refusal: None,
+                events: Some(broadcast::channel(events::CONNECTION_EVENTS_MAX).0),
             }),
             opts,
             writer_wake: Notify::new(),
@@ -430,7 +468,9 @@ impl Client {
         Ok(Client { inner })
     }
 
-    /// The service this client acts for.
+    /// The service this client acts for, as given in
+    /// [`ClientOptions::service`] (empty when the broker takes it from the
+    /// credentials).
     pub fn service(&self) -> &str {
         &self.inner.opts.service
     }
@@ -894,6 +934,19 @@ impl Client {
     pub fn is_connected(&self) -> bool {
         self.inner.lock().connected
     }
+
+    /// The changes of the connection to the broker from now on: lost,
+    /// reconnect attempts, restored (see [`ConnectionEvent`]). For telling
+    /// a user that the bus is away rather than waiting silently; the client
+    /// reconnects by itself whether anyone listens or not.
+    pub fn connection_events(&self) -> ConnectionEvents {
+        let rx = match &self.inner.lock().events {
+            Some(events) => events.subscribe(),
+            // Shut down: a stream that ends at once.
+            None => broadcast::channel(1).1,
+        };
+        ConnectionEvents::new(rx)
+    }
 }
 
 /// A message under construction; finish with `send`, `request` or
@@ -954,15 +1007,40 @@ impl MessageBuilder {
         self
     }
 
-    /// Dropped undelivered if not delivered within `ttl`.
+    /// Dropped undelivered if not delivered within `ttl` (a `ttl` beyond
+    /// the year 2554, the end of the envelope's nanosecond clock, means
+    /// never).
     pub fn ttl(mut self, ttl: Duration) -> MessageBuilder {
-        self.message.expires_at = Some(now_nanos() + ttl.as_nanos() as u64);
+        self.message.expires_at = Some(nanos_from_now(ttl));
         self
     }
 
     /// Not delivered before `delay` has passed.
     pub fn deliver_after(mut self, delay: Duration) -> MessageBuilder {
-        self.message.deliver_at = Some(now_nanos() + delay.as_nanos() as u64);
+        self.message.deliver_at = Some(nanos_from_now(delay));
+        self
+    }
+
+    /// Sets the message's id, the broker's dedup key: a message sent again
+    /// with the same id within the broker's dedup window is accepted and
+    /// dropped, so a retry after an unclear failure (a crash, a lost
+    /// connection) cannot deliver twice. By default every message gets a
+    /// fresh UUID v7. A message that starts its own activity names it
+    /// after its id, so the activity follows the id here.
+    ///
+    /// ```no_run
+    /// # async fn run(client: courier_client::Client) -> Result<(), courier_client::Error> {
+    /// let id = uuid::Uuid::now_v7();
+    /// client.command("payment.capture").id(id).send().await?;
+    /// // Unsure whether that arrived? Sending it again is safe.
+    /// client.command("payment.capture").id(id).send().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn id(mut self, id: Uuid) -> MessageBuilder {
+        if self.message.activity_id == self.message.id {
+            self.message.activity_id = id;
+        }
+        self.message.id = id;
         self
     }
 
@@ -1088,8 +1166,10 @@ impl MessageBuilder {
     /// broker holds the rest back — and with them the responder — so a
     /// long stream arrives whole and in order however slowly it is read.
     /// Dropping the stream before its final reply tells the broker to stop
-    /// it. A flow-controlled stream ends with [`Error::Closed`] if the
-    /// connection is lost (the broker ends it too).
+    /// it. If the connection is lost once replies have arrived, the stream
+    /// ends with [`Error::Closed`] (the broker ends it too); before the
+    /// first reply, the request waits on across a reconnect, as `request`
+    /// does.
     pub async fn request_stream(self) -> Result<ReplyStream> {
         let timeout = self
             .timeout
@@ -1255,6 +1335,7 @@ impl ReplyStream {
             replies,
             quiet_seq,
             flow_controlled: window.is_some(),
+            received: 0,
             lost: 0,
         };
         (waiting, stream)
@@ -1419,5 +1500,60 @@ impl Drop for ReplyStream {
             drop(state);
             self.inner.wake_writer();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn from(vars: &[(&str, &str)]) -> ClientOptions {
+        ClientOptions::from_vars(|name| {
+            vars.iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| std::ffi::OsString::from(v))
+        })
+    }
+
+    #[test]
+    fn from_env_lets_credentials_decide_the_service_unless_it_is_named() {
+        let plain = from(&[]);
+        assert_eq!(
+            (plain.url.as_str(), plain.service.as_str()),
+            ("127.0.0.1:7700", "cli")
+        );
+        assert_eq!(plain.token, None);
+
+        let token = from(&[("COURIER_TOKEN", "crr_x"), ("COURIER_URL", "h:1")]);
+        assert_eq!(token.service, "", "the broker takes it from the token");
+        assert_eq!(
+            (token.url.as_str(), token.token.as_deref()),
+            ("h:1", Some("crr_x"))
+        );
+
+        let named = from(&[("COURIER_TOKEN", "crr_x"), ("COURIER_SERVICE", "web")]);
+        assert_eq!(named.service, "web");
+
+        let cert = from(&[
+            ("COURIER_TLS_CA", "ca.pem"),
+            ("COURIER_TLS_CERT", "web.pem"),
+            ("COURIER_TLS_KEY", "web-key.pem"),
+        ]);
+        assert_eq!(cert.service, "");
+        let tls = cert.tls.expect("tls");
+        assert_eq!(
+            tls.client_cert,
+            Some(("web.pem".into(), "web-key.pem".into()))
+        );
+
+        let ca_only = from(&[("COURIER_TLS_CA", "ca.pem")]);
+        assert_eq!(ca_only.service, "cli", "a CA alone authenticates nobody");
+    }
+
+    #[test]
+    fn far_deadlines_saturate_instead_of_wrapping_into_the_past() {
+        assert_eq!(nanos_from_now(Duration::MAX), u64::MAX);
+        let soon = nanos_from_now(Duration::from_secs(1));
+        assert!(soon > now_nanos() && soon < now_nanos() + 2_000_000_000);
     }
 }

@@ -139,7 +139,7 @@ fn names(services: &BTreeSet<&str>) -> String {
 /// - a name in some service's optional `publishes` list is an **event**;
 /// - every other sent name (in `sends`) is a **command**.
 ///
-/// So the shape of issue 5 — `sends` and `receives` only — is read as
+/// So a manifest of `sends` and `receives` only is read as
 /// commands, and a name meant to fan out to several services is declared
 /// where it is sent: `publishes = ["todo.created@1"]`, mirroring
 /// `courier send` (commands) and `courier publish` (events). For

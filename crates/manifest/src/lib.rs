@@ -1,6 +1,5 @@
 //! Courier's service manifest, `courier.toml`: who may send and receive
-//! which message names, and which credentials identify whom (DESIGN §4,
-//! issue 5).
+//! which message names, and which credentials identify whom.
 //!
 //! - [`Manifest::parse`] reads and validates the file; a refusal says the
 //!   line and column of the offending value and what to do.

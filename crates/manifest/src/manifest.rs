@@ -657,7 +657,7 @@ impl Manifest {
     ///
     /// A `name` that is not a valid message name is refused whatever the
     /// rules say (a wildcard rule must not admit `todo.x y`). The manifest
-    /// does not govern replies (issue 5, rule 3: the broker routes a reply
+    /// does not govern replies (the broker routes a reply
     /// only back to the sender of the command it answers).
     pub fn may_send(&self, service: &str, name: &str, major: u16) -> Result<(), Denial> {
         let spec = self.spec(service)?;

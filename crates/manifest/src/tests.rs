@@ -7,9 +7,9 @@ use proptest::prelude::*;
 
 use crate::*;
 
-/// The manifest of issue 5, with real hashes of the tokens `crr_web`,
+/// The todo application's manifest, with real hashes of the tokens `crr_web`,
 /// `crr_todo` and `crr_admin`.
-fn issue_manifest_text() -> String {
+fn todo_manifest_text() -> String {
     format!(
         r#"[services.web]
 sends = ["todos.list@1", "todo.create@1"]
@@ -31,8 +31,8 @@ tokens = ["{admin}"]
     )
 }
 
-fn issue_manifest() -> Manifest {
-    Manifest::parse(&issue_manifest_text()).expect("the issue's manifest is valid")
+fn todo_manifest() -> Manifest {
+    Manifest::parse(&todo_manifest_text()).expect("the todo manifest is valid")
 }
 
 fn rules(texts: &[&str]) -> Vec<NameRule> {
@@ -70,8 +70,8 @@ fn assert_refused(text: &str, at: &str, contains: &str) {
 // ---------------------------------------------------------------- parsing
 
 #[test]
-fn parses_the_issue_manifest() {
-    let m = issue_manifest();
+fn parses_the_todo_manifest() {
+    let m = todo_manifest();
     assert_eq!(m.services().keys().collect::<Vec<_>>(), ["todo", "web"]);
     let web = m.service("web").expect("web");
     assert_eq!(web.sends, rules(&["todos.list@1", "todo.create@1"]));
@@ -365,7 +365,7 @@ fn refuses_bytes_that_are_not_utf8() {
         err.with_origin("courier.toml").to_string(),
         "courier.toml:2:12: the manifest is not valid UTF-8 here; save it as UTF-8"
     );
-    assert!(Manifest::parse_bytes(issue_manifest_text().as_bytes()).is_ok());
+    assert!(Manifest::parse_bytes(todo_manifest_text().as_bytes()).is_ok());
 }
 
 #[test]
@@ -380,7 +380,7 @@ fn reports_the_first_error_in_the_file() {
 
 #[test]
 fn may_send_and_receive() {
-    let m = issue_manifest();
+    let m = todo_manifest();
     assert_eq!(m.may_send("web", "todo.create", 1), Ok(()));
     assert_eq!(m.may_send("web", "todos.list", 1), Ok(()));
     assert_eq!(m.may_receive("web", "todo.created", 1), Ok(()));
@@ -498,7 +498,7 @@ const NAME_LEN_OVER: usize = courier_proto::NAME_BYTES_MAX + 1;
 
 #[test]
 fn service_names_are_compared_exactly() {
-    let m = issue_manifest();
+    let m = todo_manifest();
     for spoof in [
         "web ",
         " web",
@@ -526,7 +526,7 @@ fn service_names_are_compared_exactly() {
 
 #[test]
 fn subscriptions_are_cut_to_what_is_allowed() {
-    let m = issue_manifest();
+    let m = todo_manifest();
     assert_eq!(m.allowed_receive_patterns("web", ">"), ["todo.created"]);
     assert_eq!(
         m.allowed_receive_patterns("web", "todo.*"),
@@ -592,7 +592,7 @@ fn subscription_cut_keeps_majors_and_drops_covered_rules() {
 
 #[test]
 fn authenticate_tokens() {
-    let m = issue_manifest();
+    let m = todo_manifest();
     assert_eq!(m.authenticate_token("crr_web"), Some(web()));
     assert_eq!(
         m.authenticate_token("crr_todo"),
@@ -624,7 +624,7 @@ fn authenticate_tokens() {
 
 #[test]
 fn authenticate_certificates_exactly() {
-    let m = issue_manifest();
+    let m = todo_manifest();
     assert_eq!(m.authenticate_certificate("CN=web"), Some(web()));
     for wrong in [
         "CN=web,O=evil",
@@ -753,8 +753,8 @@ fn check_lines(body: &str) -> Vec<String> {
 }
 
 #[test]
-fn check_accepts_the_issue_manifest() {
-    assert_eq!(check(&issue_manifest()), []);
+fn check_accepts_the_todo_manifest() {
+    assert_eq!(check(&todo_manifest()), []);
 }
 
 #[test]
@@ -948,8 +948,8 @@ fn check_is_fast_at_the_limits() {
 fn fuzz_seed_manifests_are_valid() {
     for (name, text) in [
         (
-            "issue",
-            include_str!("../../../fuzz/corpus/manifest_parser/issue.toml"),
+            "todo",
+            include_str!("../../../fuzz/corpus/manifest_parser/todo.toml"),
         ),
         (
             "wildcards",

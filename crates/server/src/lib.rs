@@ -10,6 +10,9 @@
 #![forbid(unsafe_code)]
 
 mod auth;
+mod http;
+mod metrics_text;
+mod tail;
 mod tls;
 
 pub use auth::{load_manifest, ADMIN_SERVICE};
@@ -69,6 +72,8 @@ pub struct ServerConfig {
     /// HELLO and counts against `handshake_timeout_ms`. TLS alone is not
     /// authentication (the `insecure` rule is unchanged).
     pub tls: Option<TlsSettings>,
+    /// The HTTP port (health, readiness, metrics); `None` serves none.
+    pub http: Option<SocketAddr>,
     pub broker: BrokerConfig,
 }
 
@@ -86,6 +91,7 @@ impl Default for ServerConfig {
             insecure: false,
             handshakes_max: 1024,
             tls: None,
+            http: None,
             broker: BrokerConfig::default(),
         }
     }
@@ -109,6 +115,16 @@ pub enum ServerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot listen for HTTP on {addr}: {source}; pass --http with a free address, or --http off")]
+    BindHttp {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(
+        "refusing to serve HTTP on {0} without authentication: anyone who can reach it could read the broker's metrics; \
+         pass --manifest courier.toml (its [admin] tokens guard the port), or --insecure if that is really what you want"
+    )]
+    InsecureHttp(SocketAddr),
 }
 
 type Store = Box<dyn MessageStore>;
@@ -121,6 +137,8 @@ struct Outbox {
     /// below `resume_below` is resumed at once, not at the next tick.
     timer_wake: Arc<Notify>,
     resume_below: usize,
+    /// Set once the connection is gone (tails writing to it stop).
+    gone: std::sync::atomic::AtomicBool,
 }
 
 struct OutState {
@@ -148,7 +166,12 @@ impl Outbox {
             wake: Notify::new(),
             timer_wake,
             resume_below,
+            gone: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    fn is_gone(&self) -> bool {
+        self.gone.load(Ordering::Relaxed)
     }
 
     fn lock(&self) -> MutexGuard<'_, OutState> {
@@ -198,6 +221,14 @@ struct Shared {
     /// When the timer task plans to wake next (unix ns).
     timer_due: AtomicU64,
     timer_wake: Arc<Notify>,
+    /// How long recovery took at start-up, for `/metrics`.
+    recovery_seconds: f64,
+    /// Frames decoded from clients, and entries encoded for them (batched
+    /// into fewer frames), for `/metrics`.
+    frames_in: AtomicU64,
+    entries_out: AtomicU64,
+    /// Live tails and the channel that feeds them.
+    tails: tail::Tails,
 }
 
 fn now_nanos() -> Nanos {
@@ -211,6 +242,7 @@ fn now_nanos() -> Nanos {
 pub struct Server {
     shared: Arc<Shared>,
     listener: TcpListener,
+    http: Option<http::HttpListener>,
     recovery: RecoveryReport,
 }
 
@@ -263,6 +295,19 @@ impl Server {
         if manifest.is_none() && !config.insecure && !config.listen.ip().is_loopback() {
             return Err(ServerError::Insecure(config.listen));
         }
+        if let Some(addr) = config.http {
+            if manifest.is_none() && !config.insecure && !addr.ip().is_loopback() {
+                return Err(ServerError::InsecureHttp(addr));
+            }
+        }
+        let http = match config.http {
+            Some(addr) => Some(
+                http::HttpListener::bind(addr)
+                    .await
+                    .map_err(|source| ServerError::BindHttp { addr, source })?,
+            ),
+            None => None,
+        };
         let tls = match &config.tls {
             Some(settings) => Some(tls::acceptor(settings).map_err(ServerError::Tls)?),
             None => None,
@@ -275,12 +320,15 @@ impl Server {
         };
         let mut core = Broker::new(broker_config, store);
         core.set_manifest(manifest);
+        let recovery_started = std::time::Instant::now();
         let recovery = core.recover(now_nanos())?;
+        let recovery_seconds = recovery_started.elapsed().as_secs_f64();
         for alert in core.take_alerts() {
             warn!("{alert}");
         }
         Ok(Server {
             recovery,
+            http,
             shared: Arc::new(Shared {
                 config,
                 credentials: Mutex::new(HashMap::new()),
@@ -294,6 +342,10 @@ impl Server {
                 next_conn: AtomicU64::new(1),
                 timer_due: AtomicU64::new(u64::MAX),
                 timer_wake: Arc::new(Notify::new()),
+                recovery_seconds,
+                frames_in: AtomicU64::new(0),
+                entries_out: AtomicU64::new(0),
+                tails: tail::Tails::new(),
             }),
             listener,
         })
@@ -315,8 +367,17 @@ impl Server {
         self.listener.local_addr()
     }
 
+    /// The HTTP port's address, if it serves one (useful with port 0).
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().and_then(|h| h.local_addr().ok())
+    }
+
     /// Serves until the task is dropped.
-    pub async fn run(self) {
+    pub async fn run(mut self) {
+        let _http = self
+            .http
+            .take()
+            .map(|http| AbortOnDrop(tokio::spawn(http.serve(self.shared.clone()))));
         let _timer = tokio::spawn(run_timer(self.shared.clone()));
         let _reloader = tokio::spawn(watch_manifest(self.shared.clone()));
         loop {
@@ -332,6 +393,15 @@ impl Server {
                 }
             }
         }
+    }
+}
+
+/// Stops a spawned task when the server's task is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -354,9 +424,14 @@ impl Shared {
     fn with_core(&self, f: impl FnOnce(&mut Broker<Store>, Nanos)) {
         let mut core = self.core();
         let now = now_nanos();
+        core.set_tapping(self.tails.any());
         f(&mut core, now);
         let mut actions = Vec::new();
         core.take_actions(&mut actions);
+        // Sent under the lock, so every tail sees the core's order.
+        for tapped in core.take_taps() {
+            let _ = self.tails.sender.send(Arc::new(tapped));
+        }
         for alert in core.take_alerts() {
             warn!("{alert}");
         }
@@ -409,6 +484,8 @@ impl Shared {
         if actions.is_empty() {
             return (0, Vec::new());
         }
+        self.entries_out
+            .fetch_add(actions.len() as u64, Ordering::Relaxed);
         let outboxes = self.outboxes();
         let mut touched: Vec<Arc<Outbox>> = Vec::new();
         let mut slow: Vec<ConnId> = Vec::new();
@@ -422,7 +499,8 @@ impl Shared {
                 | Action::SendResult { conn, .. }
                 | Action::OpResult { conn, .. }
                 | Action::Drained { conn }
-                | Action::Pong { conn, .. } => *conn,
+                | Action::Pong { conn, .. }
+                | Action::StartTail { conn, .. } => *conn,
             };
             if current.as_ref().is_none_or(|(c, _)| *c != conn) {
                 current = None;
@@ -462,6 +540,18 @@ impl Shared {
                 })),
                 Action::Drained { .. } => state.writer.push(&Frame::Drained),
                 Action::Pong { nonce, .. } => state.writer.push(&Frame::Pong(nonce)),
+                Action::StartTail {
+                    conn,
+                    request,
+                    activity_id,
+                    filter,
+                } => {
+                    if let Some(outbox) = outboxes.get(&conn) {
+                        self.tails
+                            .start_bus_tail(outbox.clone(), request, activity_id, filter);
+                    }
+                    Ok(())
+                }
             };
             if let Err(e) = encoded {
                 warn!(conn, error = %e, "could not encode a frame; dropped");
@@ -893,6 +983,7 @@ async fn serve_stream<R, W>(
     }
     shared.with_core(|core, now| core.disconnect(conn, now));
     shared.outboxes().remove(&conn);
+    outbox.gone.store(true, Ordering::Relaxed);
     shared
         .credentials
         .lock()
@@ -955,6 +1046,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
             }
         }
         if !frames.is_empty() {
+            shared
+                .frames_in
+                .fetch_add(frames.len() as u64, Ordering::Relaxed);
             // Everything decoded from this read is applied under one lock.
             shared.with_core(|core, now| {
                 for frame in frames.drain(..) {

@@ -6,6 +6,7 @@
 //! same trait, so the delivery rules never change with the storage engine.
 #![forbid(unsafe_code)]
 
+pub mod histogram;
 mod log_store;
 
 pub use courier_log::{Damage, FsyncPolicy, LogConfig};
@@ -30,6 +31,33 @@ pub enum StoreError {
     Io(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+}
+
+/// What a store reports of itself for `/metrics`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StorageStats {
+    /// Bytes of log on disk (0 in memory).
+    pub log_bytes: u64,
+    /// Segment files of the log (0 in memory).
+    pub segments: u64,
+    /// Seconds each `sync` took.
+    pub sync_seconds: histogram::Histogram,
+    /// Records each `sync` made durable (the size of a group commit).
+    pub sync_batch_records: histogram::Histogram,
+    /// Bytes free for the log on its file system, when known.
+    pub disk_free_bytes: Option<u64>,
+}
+
+impl Default for StorageStats {
+    fn default() -> Self {
+        StorageStats {
+            log_bytes: 0,
+            segments: 0,
+            sync_seconds: histogram::Histogram::new(&histogram::SECONDS_BUCKETS),
+            sync_batch_records: histogram::Histogram::new(&histogram::BATCH_BUCKETS),
+            disk_free_bytes: None,
+        }
+    }
 }
 
 /// A record read back during recovery, in log order.
@@ -84,6 +112,10 @@ pub trait MessageStore: Send {
     /// Whether anything survives a restart (snapshots are pointless if not).
     fn persistent(&self) -> bool {
         true
+    }
+    /// Sizes, sync latencies and group-commit sizes, for `/metrics`.
+    fn storage_stats(&self) -> StorageStats {
+        StorageStats::default()
     }
     /// Damage and oddities found since the last call, for the operator.
     fn take_reports(&mut self) -> Vec<String> {
@@ -392,6 +424,9 @@ impl<T: MessageStore + ?Sized> MessageStore for Box<T> {
     }
     fn take_reports(&mut self) -> Vec<String> {
         (**self).take_reports()
+    }
+    fn storage_stats(&self) -> StorageStats {
+        (**self).storage_stats()
     }
 }
 

@@ -5,12 +5,14 @@
 use std::collections::{HashMap, VecDeque};
 use std::ops::ControlFlow;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use courier_log::{Damage, Log, LogConfig, LogError, RecordKind};
 use courier_proto::{decode_message, encode_message, Message};
 
-use crate::{MessageStore, Replayed, Seq, StoreError};
+use crate::histogram::{Histogram, BATCH_BUCKETS, SECONDS_BUCKETS};
+use crate::{MessageStore, Replayed, Seq, StorageStats, StoreError};
 
 /// Messages kept decoded in memory after append, so a delivery right after
 /// a send does not read the disk. Bounds the cache's memory: at most this
@@ -31,6 +33,11 @@ pub struct LogStore {
     /// time index stays non-decreasing without the store reading a clock.
     last_timestamp: u64,
     reports: Vec<String>,
+    /// The log's next seq after the last good sync: what a sync makes
+    /// durable is everything from here on.
+    synced_next: Seq,
+    sync_seconds: Histogram,
+    sync_batch_records: Histogram,
 }
 
 fn store_error(e: LogError) -> StoreError {
@@ -57,6 +64,9 @@ impl LogStore {
             ahead: HashMap::new(),
             last_timestamp: 0,
             reports: Vec::new(),
+            synced_next: 0,
+            sync_seconds: Histogram::new(&SECONDS_BUCKETS),
+            sync_batch_records: Histogram::new(&BATCH_BUCKETS),
         }
     }
 
@@ -201,7 +211,14 @@ impl MessageStore for LogStore {
     }
 
     fn sync(&mut self) -> Result<(), StoreError> {
+        let records = self.log.next_seq().saturating_sub(self.synced_next);
+        let started = Instant::now();
         let result = self.log.sync();
+        if records > 0 {
+            self.sync_seconds.observe(started.elapsed().as_secs_f64());
+            self.sync_batch_records.observe(records as f64);
+        }
+        self.synced_next = self.log.next_seq();
         if let Err(e) = &result {
             self.recover_from(e);
         }
@@ -321,6 +338,22 @@ impl MessageStore for LogStore {
 
     fn len(&self) -> usize {
         self.log.segments().iter().map(|s| s.bytes as usize).sum()
+    }
+
+    fn storage_stats(&self) -> StorageStats {
+        let segments = self.log.segments();
+        let disk_free_bytes = segments
+            .first()
+            .and_then(|s| s.path.parent())
+            .and_then(|dir| rustix::fs::statvfs(dir).ok())
+            .map(|fs| fs.f_bavail.saturating_mul(fs.f_frsize));
+        StorageStats {
+            log_bytes: segments.iter().map(|s| s.bytes).sum(),
+            segments: segments.len() as u64,
+            sync_seconds: self.sync_seconds.clone(),
+            sync_batch_records: self.sync_batch_records.clone(),
+            disk_free_bytes,
+        }
     }
 
     fn take_reports(&mut self) -> Vec<String> {

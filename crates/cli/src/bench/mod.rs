@@ -1,6 +1,6 @@
-//! `courier bench`: issue 4's workloads W1–W7, and with `--against nats`
+//! `courier bench`: the workloads W1–W7, and with `--against nats`
 //! the same workloads against nats-server (core NATS and JetStream) side by
-//! side, with the ratio and issue 4's target per row.
+//! side, with the ratio and the target per row.
 //!
 //! Every run starts a real broker process (this same binary, `serve`) on a
 //! free loopback port with a fresh data directory, drives it through the
@@ -92,15 +92,26 @@ pub struct BenchArgs {
     /// the bench stops with an error.
     #[arg(long, default_value = "10m", value_parser = crate::parse_duration)]
     timeout: Duration,
+    /// `on` (the broker's default: its HTTP port serves, traffic is
+    /// counted per name) or `off` (`--http off --metrics-names-max 0`), to
+    /// measure what observing the traffic costs.
+    #[arg(long, value_enum, default_value_t = Observability::On)]
+    observability: Observability,
     /// Multiplies every message count (after --quick); for tests.
     #[arg(long, default_value_t = 1.0, hide = true)]
     scale: f64,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Observability {
+    On,
+    Off,
+}
+
 // ---------------------------------------------------------------------------
 // What is measured
 
-/// Workload ids of issue 4. W1–W3 come in two message sizes (`a`: 16 B,
+/// Workload ids. W1–W3 come in two message sizes (`a`: 16 B,
 /// `b`: 1 KiB); W5 is compared twice, against JetStream at its default
 /// fsync and at `sync_interval: always` (Courier's column is the same runs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -298,7 +309,7 @@ impl Metric {
     }
 }
 
-/// Issue 4's goal for one row: a least ratio (Courier's advantage, see
+/// The goal for one row: a least ratio (Courier's advantage, see
 /// [`ratio`]) and/or a most value for Courier's own figure.
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct Target {
@@ -349,11 +360,11 @@ fn ratio(metric: Metric, courier: f64, nats: f64) -> Option<f64> {
     (den > 0.0 && num.is_finite() && den.is_finite()).then(|| num / den)
 }
 
-/// Issue 4's memory ceiling, 150 MB, in the MiB the table shows.
+/// The memory ceiling, 150 MB, in the MiB the table shows.
 const MIB_PER_150_MB: f64 = 150_000_000.0 / (1024.0 * 1024.0);
 
-/// Every row the table can have, in the order it is printed, with issue
-/// 4's target for it.
+/// Every row the table can have, in the order it is printed, with the
+/// target for it.
 const ROWS: [(Workload, Metric, Option<Target>); 25] = [
     (Workload::W1a, Metric::Throughput, Target::ratio(1.2)),
     (Workload::W1b, Metric::Throughput, Target::ratio(1.0)),
@@ -1235,6 +1246,10 @@ async fn run_job_within(
 /// Runs the selected workloads and prints the table (or JSON lines).
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let plan = Plan::new(args.quick, args.scale).map_err(anyhow::Error::msg)?;
+    process::OBSERVABILITY_OFF.store(
+        args.observability == Observability::Off,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let selected = args
         .only
         .clone()
@@ -1390,8 +1405,9 @@ fn settings_lines(
     }
     lines.push("Courier server:".to_string());
     lines.push(format!(
-        "  courier serve --listen 127.0.0.1:<free port> --data-dir <fresh dir in {}> --fsync {FSYNC} (other flags at their defaults); a fresh broker and data dir per run; build: {}",
+        "  courier serve --listen 127.0.0.1:<free port> --data-dir <fresh dir in {}> --fsync {FSYNC} {} (other flags at their defaults); a fresh broker and data dir per run; build: {}",
         std::env::temp_dir().display(),
+        process::observability_flags().join(" "),
         if cfg!(debug_assertions) {
             "debug (not for figures)"
         } else {
@@ -1415,7 +1431,7 @@ fn settings_lines(
             nats,
             &args.client_runtime.describe(machine.nproc),
         ));
-        lines.push("Ratio: Courier's advantage over NATS, of the medians: Courier ÷ NATS where higher is better, NATS ÷ Courier where lower is better; above 1 means Courier leads. Target and met: issue 4's goals, judged on the medians.".to_string());
+        lines.push("Ratio: Courier's advantage over NATS, of the medians: Courier ÷ NATS where higher is better, NATS ÷ Courier where lower is better; above 1 means Courier leads. Target and met: Courier's goals, judged on the medians.".to_string());
         lines.push(format!(
             "Order: the runs interleave, Courier then NATS, run by run, one workload after the other; a W4 run sets up both sides at once and alternates between them in {} slices of its requests (the side second in one slice goes first in the next), so both meet the same share of the hypervisor's bursts of steal",
             w4::W4_SLICES
@@ -1538,7 +1554,7 @@ mod tests {
     }
 
     #[test]
-    fn plan_counts_follow_the_issue_and_shrink_with_quick_and_scale() {
+    fn plan_counts_follow_the_workloads_and_shrink_with_quick_and_scale() {
         let full = Plan::new(false, 1.0).expect("plan");
         assert_eq!(
             (full.w5a, full.w5b, full.w6, full.w7),
@@ -1655,7 +1671,7 @@ mod tests {
     }
 
     #[test]
-    fn json_lines_carry_the_fields_of_issue_4() {
+    fn json_lines_carry_every_row_field() {
         let lines = sample().json_lines();
         assert_eq!(lines.len(), 5);
         let first: Value = serde_json::from_str(&lines[0]).expect("JSON");

@@ -207,6 +207,22 @@ impl Drop for ServerChild {
     }
 }
 
+/// Whether the brokers the bench starts observe their traffic (the
+/// default: the HTTP port on a port of its own, per-name metrics) or not
+/// (`--observability off`: no HTTP port, no per-name metrics); set once,
+/// before the first broker starts.
+pub(super) static OBSERVABILITY_OFF: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// The `serve` flags for [`OBSERVABILITY_OFF`].
+pub(super) fn observability_flags() -> &'static [&'static str] {
+    if OBSERVABILITY_OFF.load(std::sync::atomic::Ordering::Relaxed) {
+        &["--http", "off", "--metrics-names-max", "0"]
+    } else {
+        &["--http", "127.0.0.1:0"]
+    }
+}
+
 /// A `courier serve` child process; killed (SIGKILL) and reaped on drop.
 pub(super) struct BrokerProcess {
     pub(super) server: ServerChild,
@@ -220,7 +236,9 @@ impl BrokerProcess {
     pub(super) fn spawn(exe: &Path, addr: &str, dir: &Path) -> anyhow::Result<BrokerProcess> {
         let spawned_at = Instant::now();
         let mut child = Command::new(exe)
-            .args(["serve", "--listen", addr, "--fsync", FSYNC, "--data-dir"])
+            .args(["serve", "--listen", addr, "--fsync", FSYNC])
+            .args(observability_flags())
+            .arg("--data-dir")
             .arg(dir)
             .env("COURIER_LOG", "info")
             .env("NO_COLOR", "1")

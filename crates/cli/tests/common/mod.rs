@@ -16,6 +16,35 @@ pub struct Broker {
     pub child: Child,
     pub addr: String,
     pub data_dir: tempdir::Dir,
+    /// The HTTP port (`http://…/`), unless started with `--http off`.
+    pub http: Option<String>,
+}
+
+/// `serve` flags for the HTTP port: a free one, unless the test chose.
+fn http_flags(extra: &[&str]) -> Vec<&'static str> {
+    if extra.contains(&"--http") {
+        Vec::new()
+    } else {
+        vec!["--http", "127.0.0.1:0"]
+    }
+}
+
+/// The HTTP line that follows the ready line, when the port is on.
+fn http_line(extra: &[&str], lines: &mut std::io::Lines<BufReader<ChildStdout>>) -> Option<String> {
+    let off = extra.windows(2).any(|w| w[0] == "--http" && w[1] == "off");
+    if off {
+        return None;
+    }
+    let line = lines.next()?.ok()?;
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .map(str::to_string);
+    assert!(
+        url.is_some(),
+        "the line after the ready line names the HTTP port: {line:?}"
+    );
+    url
 }
 
 pub mod tempdir {
@@ -85,6 +114,7 @@ impl Broker {
         let mut child = Command::new(courier_bin())
             .args(["serve", "--listen", listen, "--data-dir"])
             .arg(data_dir.path())
+            .args(http_flags(extra))
             .args(extra)
             .env("COURIER_LOG", "warn")
             .stdout(Stdio::piped())
@@ -98,12 +128,14 @@ impl Broker {
             ready.contains(listen),
             "ready line {ready:?} names the address {listen}"
         );
+        let http = http_line(extra, &mut lines);
         // Keep draining stdout so a later line never meets a closed pipe.
         std::thread::spawn(move || lines.for_each(drop));
         Broker {
             child,
             addr: listen.to_string(),
             data_dir,
+            http,
         }
     }
 
@@ -303,6 +335,7 @@ impl Broker {
         let mut child = Command::new(courier_bin())
             .args(["serve", "--listen", listen, "--data-dir"])
             .arg(data_dir.path())
+            .args(http_flags(&[]))
             .env("COURIER_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
@@ -339,12 +372,14 @@ impl Broker {
             ready.contains(listen),
             "ready line {ready:?} names the address {listen}"
         );
+        let http = http_line(&[], &mut lines);
         std::thread::spawn(move || lines.for_each(drop));
         (
             Broker {
                 child,
                 addr: listen.to_string(),
                 data_dir,
+                http,
             },
             log,
         )

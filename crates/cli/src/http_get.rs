@@ -1,0 +1,85 @@
+//! A plain HTTP/1.1 GET against the broker's HTTP port, for `courier
+//! metrics --prometheus`: one request, `Connection: close`, the body read
+//! to the end. No client library: the port is the broker's own, on
+//! loopback or behind the operator's TLS terminator.
+
+use anyhow::{bail, Context};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Answers larger than this are refused (a metrics page is far smaller).
+const BODY_BYTES_MAX: usize = 256 * 1024 * 1024;
+
+/// `GET path` from `addr` (`HOST:PORT`); the body when the status is 200.
+pub async fn get(addr: &str, path: &str, token: Option<&str>) -> anyhow::Result<String> {
+    let mut stream = TcpStream::connect(addr).await.with_context(|| {
+        format!("cannot reach the broker's HTTP port at {addr}: is `courier serve` running with --http {addr}? (pass --http ADDR here if it serves elsewhere)")
+    })?;
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut answer = Vec::new();
+    (&mut stream)
+        .take(BODY_BYTES_MAX as u64 + 64 * 1024)
+        .read_to_end(&mut answer)
+        .await
+        .with_context(|| format!("reading the answer from {addr}"))?;
+    let text = String::from_utf8_lossy(&answer);
+    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+        bail!("{addr} answered something that is not HTTP");
+    };
+    let status = head
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or("?");
+    let chunked = head.lines().any(|l| {
+        l.to_ascii_lowercase().starts_with("transfer-encoding:")
+            && l.to_ascii_lowercase().contains("chunked")
+    });
+    let body = if chunked {
+        dechunk(body)?
+    } else {
+        body.to_string()
+    };
+    if status != "200" {
+        bail!("{addr}{path} answered {status}: {}", body.trim());
+    }
+    Ok(body)
+}
+
+/// The body of a `Transfer-Encoding: chunked` answer.
+fn dechunk(mut rest: &str) -> anyhow::Result<String> {
+    let mut out = String::new();
+    loop {
+        let Some((size, after)) = rest.split_once("\r\n") else {
+            bail!("a chunked answer ended early");
+        };
+        let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
+            .with_context(|| format!("bad chunk size {size:?}"))?;
+        if size == 0 {
+            return Ok(out);
+        }
+        let Some(chunk) = after.get(..size) else {
+            bail!("a chunked answer ended inside a chunk");
+        };
+        out.push_str(chunk);
+        rest = after.get(size..).unwrap_or("").trim_start_matches("\r\n");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dechunk;
+
+    #[test]
+    fn chunks_are_joined() {
+        assert_eq!(
+            dechunk("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n").expect("chunked"),
+            "hello world"
+        );
+        assert!(dechunk("5\r\nhel").is_err());
+    }
+}

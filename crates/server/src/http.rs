@@ -1,0 +1,185 @@
+//! The broker's HTTP port: health, readiness and Prometheus metrics, on
+//! the broker's own tokio runtime.
+//!
+//! Who may ask: with a manifest, the `[admin]` tokens as `Authorization:
+//! Bearer`; without one, loopback peers only (as on the bus port, a
+//! non-loopback address without a manifest needs `--insecure`). `/healthz`
+//! and `/readyz` answer everyone who can reach the port: they say no more
+//! than whether the broker is up, and orchestrators probe them without
+//! credentials.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use std::collections::HashMap;
+
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use courier_broker::{Nanos, TailFilter};
+use courier_manifest::Identity;
+use tokio::net::TcpListener;
+use tracing::warn;
+
+use crate::metrics_text::{encode_metrics, MetricsSnapshot};
+use crate::{now_nanos, Shared};
+
+/// The HTTP listener, bound before the broker reports itself ready.
+pub(crate) struct HttpListener {
+    listener: TcpListener,
+}
+
+impl HttpListener {
+    pub(crate) async fn bind(addr: SocketAddr) -> std::io::Result<HttpListener> {
+        Ok(HttpListener {
+            listener: TcpListener::bind(addr).await?,
+        })
+    }
+
+    pub(crate) fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until the task is dropped.
+    pub(crate) async fn serve(self, shared: Arc<Shared>) {
+        let app = router(shared);
+        let service = app.into_make_service_with_connect_info::<SocketAddr>();
+        if let Err(e) = axum::serve(self.listener, service).await {
+            warn!(error = %e, "the HTTP port stopped");
+        }
+    }
+}
+
+fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/tail", get(tail))
+        .with_state(shared)
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
+    let degraded = shared.core().is_degraded();
+    if degraded {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "degraded: the broker's disk is failing (full or erroring; see its log); durable sends are refused until it works again\n",
+        )
+            .into_response()
+    } else {
+        (StatusCode::OK, "ready\n").into_response()
+    }
+}
+
+async fn metrics(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(refusal) = authorize(&shared, peer, &headers) {
+        return *refusal;
+    }
+    let started = Instant::now();
+    let snapshot = MetricsSnapshot::take(&shared, now_nanos());
+    let text = encode_metrics(snapshot, started);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+/// `GET /v1/tail?pattern=…&service=…&kind=…&payload=true`: the live tail
+/// as Server-Sent Events.
+async fn tail(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(refusal) = authorize(&shared, peer, &headers) {
+        return *refusal;
+    }
+    let mut args = serde_json::Map::new();
+    for field in ["pattern", "service", "kind"] {
+        if let Some(v) = query.get(field) {
+            args.insert(field.to_string(), serde_json::Value::String(v.clone()));
+        }
+    }
+    let payload = query
+        .get("payload")
+        .is_some_and(|v| matches!(v.as_str(), "" | "1" | "true" | "yes"));
+    args.insert("payload".to_string(), serde_json::Value::Bool(payload));
+    match TailFilter::from_args(&serde_json::Value::Object(args)) {
+        Ok(filter) => shared.tails.sse(filter).into_response(),
+        Err((_, reason)) => problem(StatusCode::BAD_REQUEST, &reason),
+    }
+}
+
+/// Admin tokens under a manifest; loopback peers without one.
+fn authorize(shared: &Shared, peer: SocketAddr, headers: &HeaderMap) -> Result<(), Box<Response>> {
+    let manifest = shared.core().manifest().cloned();
+    let Some(manifest) = manifest else {
+        if peer.ip().is_loopback() || shared.config.insecure {
+            return Ok(());
+        }
+        return Err(Box::new(problem(
+            StatusCode::FORBIDDEN,
+            "without a manifest the HTTP port answers loopback clients only; start the broker with --manifest and send an admin token",
+        )));
+    };
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let Some(token) = token else {
+        return Err(Box::new(problem(
+            StatusCode::UNAUTHORIZED,
+            "send an admin token of the manifest as 'Authorization: Bearer <token>'",
+        )));
+    };
+    match manifest.authenticate_token(token) {
+        Some(Identity::Admin) => Ok(()),
+        Some(Identity::Service(service)) => Err(Box::new(problem(
+            StatusCode::FORBIDDEN,
+            &format!("this token belongs to service {service}; the HTTP admin endpoints take an [admin] token"),
+        ))),
+        None => Err(Box::new(problem(
+            StatusCode::UNAUTHORIZED,
+            "this token is in no entry of the manifest; use one listed under [admin]",
+        ))),
+    }
+}
+
+/// An RFC 9457 problem document.
+fn problem(status: StatusCode, detail: &str) -> Response {
+    let body = serde_json::json!({
+        "type": "about:blank",
+        "title": status.canonical_reason().unwrap_or("error"),
+        "status": status.as_u16(),
+        "detail": detail,
+    });
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/problem+json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+/// Seconds from nanoseconds, for gauges.
+pub(crate) fn seconds(nanos: Nanos) -> f64 {
+    nanos as f64 / 1e9
+}

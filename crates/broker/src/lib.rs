@@ -73,7 +73,7 @@ pub struct Config {
     pub reply_routes_max: usize,
     /// Replies held per service while none of its instances is connected.
     pub parked_replies_max: usize,
-    /// Bytes of replies held for flow-controlled streams (PROTOCOL §8.7),
+    /// Bytes of replies held for flow-controlled streams (PROTOCOL §8.8),
     /// all streams together; past it a reply that would wait is refused
     /// (`stream_full`), so a slow requester cannot grow broker memory.
     pub held_reply_bytes_max: usize,
@@ -430,7 +430,7 @@ struct ReplyRoute {
     /// loaded from a snapshot have neither ([`stats::Slot::MAX`], 0).
     command: stats::Slot,
     accepted_at: Nanos,
-    /// Set when the requester asked for flow control (PROTOCOL §8.7).
+    /// Set when the requester asked for flow control (PROTOCOL §8.8).
     stream: Option<Box<Stream>>,
 }
 

@@ -1,4 +1,4 @@
-//! Flow-controlled reply streams (PROTOCOL §8.7): the requester grants a
+//! Flow-controlled reply streams (PROTOCOL §8.8): the requester grants a
 //! window of replies per request, and replies beyond it wait in the broker.
 //!
 //! A command whose header `courier-reply-window` says W opens a stream.

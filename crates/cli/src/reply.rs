@@ -113,7 +113,7 @@ pub async fn reply(args: ReplyArgs) -> anyhow::Result<()> {
     eprintln!(
         "courier: replying to {} as service {} (Ctrl-C to stop)",
         args.name,
-        args.conn.service_name()
+        client.service()
     );
     let mut answered = 0u64;
     loop {

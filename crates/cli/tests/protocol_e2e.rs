@@ -10,7 +10,8 @@ use std::time::Duration;
 use bytes::BytesMut;
 use common::{stderr, Broker};
 use courier_client::proto::{
-    decode_frame, Credentials, ErrorCode, Frame, FrameWriter, Hello, PROTOCOL_VERSION,
+    decode_frame, Credentials, ErrorCode, Frame, FrameWriter, Hello, Kind, Message,
+    PROTOCOL_VERSION,
 };
 
 fn raw(broker: &Broker) -> TcpStream {
@@ -140,6 +141,71 @@ fn frames_before_the_handshake_and_wrong_versions_are_refused() {
     s.write_all(&hello("Not Valid")).expect("write");
     assert_eq!(expect_error_then_close(&mut s).0, ErrorCode::InvalidName);
     broker_still_serves(&broker);
+}
+
+/// The broker's limit before WELCOME (PROTOCOL.md §2.1).
+const HELLO_BYTES_MAX: u32 = 71_680;
+
+#[test]
+fn the_pre_handshake_limit_bounds_the_first_frame_only() {
+    let broker = Broker::start();
+    // A first frame of exactly the limit is read (and found malformed: a
+    // HELLO with bytes after its token); one byte more is refused unread.
+    let mut w = FrameWriter::new();
+    w.push(&Frame::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        service: "big".into(),
+        instance: String::new(),
+        max_in_flight: 0,
+        credentials: Credentials::Token("t".repeat(usize::from(u16::MAX))),
+    }))
+    .expect("the largest token encodes");
+    let mut padded = w.take().to_vec();
+    padded.resize(4 + HELLO_BYTES_MAX as usize, 0);
+    padded[..4].copy_from_slice(&HELLO_BYTES_MAX.to_be_bytes());
+    let mut s = raw(&broker);
+    s.write_all(&padded).expect("write");
+    let (code, message) = expect_error_then_close(&mut s);
+    assert_eq!(code, ErrorCode::MalformedFrame, "{message}");
+    assert!(message.contains("left over"), "{message}");
+
+    let mut s = raw(&broker);
+    s.write_all(&(HELLO_BYTES_MAX + 1).to_be_bytes())
+        .expect("write");
+    let (code, message) = expect_error_then_close(&mut s);
+    assert_eq!(code, ErrorCode::FrameTooLarge, "{message}");
+    assert!(
+        message.contains("71680"),
+        "the message names the limit: {message}"
+    );
+
+    // After WELCOME, frames far beyond it are fine.
+    let mut s = raw(&broker);
+    let mut w = FrameWriter::new();
+    w.push_send(
+        7,
+        &Message::new(Kind::Event, "big.payload", vec![b'x'; 256 * 1024]),
+    )
+    .expect("encode");
+    let mut bytes = hello("big");
+    bytes.extend_from_slice(&w.take());
+    s.write_all(&bytes).expect("write");
+    let mut buf = BytesMut::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match decode_frame(&mut buf, u32::MAX).expect("broker frames decode") {
+            Some(Frame::Welcome(_)) => continue,
+            Some(Frame::SendResult(results)) => {
+                assert_eq!((results[0].seq, results[0].code), (7, ErrorCode::Ok));
+                break;
+            }
+            Some(other) => panic!("expected WELCOME, then SEND_RESULT; got {other:?}"),
+            None => {}
+        }
+        let n = s.read(&mut chunk).expect("read");
+        assert!(n > 0, "the broker closed the connection");
+        buf.extend_from_slice(&chunk[..n]);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,6 @@
 //! Reply streams against a real broker: a long stream reaches a slow
 //! requester whole and in order, with the broker's and the requester's
-//! memory bounded by flow control (PROTOCOL §8.7).
+//! memory bounded by flow control (PROTOCOL §8.8).
 
 mod common;
 

@@ -46,6 +46,9 @@ pub(crate) struct Established {
     direct: Option<std::net::TcpStream>,
     buf: BytesMut,
     pub frame_bytes_max: u32,
+    /// The service the broker authenticated this connection as: named in
+    /// WELCOME when it is not the one HELLO asked for, else that one.
+    pub service: String,
 }
 
 /// The read half of a connection. Plain TCP keeps `TcpStream`'s owned
@@ -294,6 +297,7 @@ pub(crate) async fn establish(opts: &ClientOptions) -> Result<Established> {
             } else {
                 w.frame_bytes_max
             },
+            service: w.service.unwrap_or_else(|| opts.service.clone()),
         }),
         Frame::Error(e) => Err(Error::Refused {
             code: e.code,
@@ -376,7 +380,7 @@ pub(crate) async fn drive(inner: Arc<Inner>, first: Established) {
                     Ok(mut e) => {
                         on_connected(&inner, &mut e);
                         delay = inner.opts.reconnect_delay_min;
-                        debug!(service = %inner.opts.service, "reconnected");
+                        debug!(service = %inner.service, "reconnected");
                         e
                     }
                     Err(error) => {
@@ -449,7 +453,7 @@ pub(crate) async fn drive(inner: Arc<Inner>, first: Established) {
                 )));
             }
             // The broker ends a flow-controlled stream under way with its
-            // requester's connection (PROTOCOL §8.7): so does the client,
+            // requester's connection (PROTOCOL §8.8): so does the client,
             // saying so. One that has not started waits on, as any request.
             state.requests.retain(|_, waiting| {
                 if !waiting.flow_controlled || waiting.received == 0 {
@@ -469,7 +473,7 @@ pub(crate) async fn drive(inner: Arc<Inner>, first: Established) {
         if stopped || *shutdown.borrow() {
             break;
         }
-        warn!(service = %inner.opts.service, %reason, "connection to the broker lost; reconnecting");
+        warn!(service = %inner.service, %reason, "connection to the broker lost; reconnecting");
         inner.lock().emit(ConnectionEvent::Lost { reason });
     }
     let mut state = inner.lock();

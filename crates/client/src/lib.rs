@@ -91,8 +91,9 @@ pub fn current_activity() -> Option<Uuid> {
 pub struct ClientOptions {
     /// `host:port` of the broker.
     pub url: String,
-    /// The service this client acts for; empty to let the broker take it
-    /// from the credentials (the token, or the client certificate).
+    /// The service this client acts for. Empty: the one its token or
+    /// client certificate belongs to (a broker with a manifest names it in
+    /// WELCOME; see [`Client::service`]).
     pub service: String,
     /// This instance's name; the broker makes one up when empty.
     pub instance: String,
@@ -104,7 +105,7 @@ pub struct ClientOptions {
     pub max_in_flight: u32,
     /// Replies of a [`Client::request_stream`] received and not yet taken
     /// by the application, at most (flow control of reply streams,
-    /// PROTOCOL §8.7): the broker holds the rest back, and with them the
+    /// PROTOCOL §8.8): the broker holds the rest back, and with them the
     /// responder. From 1 to 65 536.
     pub reply_window: u32,
     /// How long `send` waits for the broker's acknowledgement.
@@ -302,7 +303,7 @@ pub(crate) struct Waiting {
     replies: mpsc::Sender<Result<Reply>>,
     /// Its key in [`State::quiet_requests`], when the command went QUIET.
     quiet_seq: Option<u64>,
-    /// A flow-controlled stream (PROTOCOL §8.7): the broker sends no more
+    /// A flow-controlled stream (PROTOCOL §8.8): the broker sends no more
     /// than the buffer holds, and once under way (`received`) the stream
     /// ends with its connection.
     flow_controlled: bool,
@@ -318,6 +319,9 @@ pub(crate) struct Waiting {
 
 pub(crate) struct Inner {
     opts: ClientOptions,
+    /// The service the broker authenticated the first connection as
+    /// (`opts.service`, or what WELCOME named when that was left empty).
+    service: String,
     state: Mutex<State>,
     /// Something was written to `state.writer` (see [`Inner::wake_writer`]).
     writer_wake: Notify,
@@ -445,6 +449,7 @@ impl Client {
                 last_unheard_refusal: None,
                 events: Some(broadcast::channel(events::CONNECTION_EVENTS_MAX).0),
             }),
+            service: first.service.clone(),
             opts,
             writer_wake: Notify::new(),
             write_requested: AtomicBool::new(false),
@@ -468,11 +473,11 @@ impl Client {
         Ok(Client { inner })
     }
 
-    /// The service this client acts for, as given in
-    /// [`ClientOptions::service`] (empty when the broker takes it from the
-    /// credentials).
+    /// The service this client acts for: [`ClientOptions::service`], or,
+    /// when that was left empty for the token or client certificate to
+    /// decide, the service the broker authenticated it as.
     pub fn service(&self) -> &str {
-        &self.inner.opts.service
+        &self.inner.service
     }
 
     /// Starts a command with options (key, headers, TTL …).
@@ -564,8 +569,8 @@ impl Client {
     /// its size: one whose DELIVER frame, with this service's name as its
     /// sender, would be longer than the broker's frame limit.
     fn check_size(&self, message: &Message, frame_bytes_max: u32) -> Result<()> {
-        let len =
-            delivery_frame_len(message) - message.sender.len() + self.inner.opts.service.len();
+        // The name the broker stamps: the authenticated service's.
+        let len = delivery_frame_len(message) - message.sender.len() + self.inner.service.len();
         let max = frame_bytes_max as usize;
         if len > max {
             return Err(too_large(&message.name, len, max));
@@ -1161,7 +1166,7 @@ impl MessageBuilder {
     }
 
     /// Sends and returns the stream of replies, flow-controlled (PROTOCOL
-    /// §8.7): the client buffers at most the reply window of replies not
+    /// §8.8): the client buffers at most the reply window of replies not
     /// yet taken, acknowledges each as the application takes it, and the
     /// broker holds the rest back — and with them the responder — so a
     /// long stream arrives whole and in order however slowly it is read.
@@ -1218,7 +1223,7 @@ impl PendingAck {
     /// Waits (up to [`ClientOptions::send_timeout`]) until the broker
     /// accepted or refused the message.
     ///
-    /// A reply to a flow-controlled stream (PROTOCOL §8.7) is answered
+    /// A reply to a flow-controlled stream (PROTOCOL §8.8) is answered
     /// when it goes out to the requester, which may be much later: its
     /// wait has no time limit but the stream's (the broker refuses it when
     /// the request's reply route expires, and discards it with an answer
@@ -1293,7 +1298,7 @@ pub struct ReplyStream {
     quiet_seq: Option<u64>,
     /// The final reply came.
     answered: bool,
-    /// The window of a flow-controlled stream (PROTOCOL §8.7).
+    /// The window of a flow-controlled stream (PROTOCOL §8.8).
     window: Option<u32>,
     /// Replies the application took and the broker has not yet heard of,
     /// as `(generation, delivery)`: acked in a batch, half a window at a

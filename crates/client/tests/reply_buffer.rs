@@ -41,6 +41,7 @@ async fn broker_without_flow_control(listener: TcpListener, replies: u64) -> Opt
         connection_id: 1,
         frame_bytes_max: FRAME_BYTES_MAX_DEFAULT,
         broker: "courier 0.0.1".into(),
+        service: None,
     }))
     .expect("encode");
     socket.write_all(&out.take()).await.expect("write");

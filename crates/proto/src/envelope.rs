@@ -94,7 +94,7 @@ impl FromStr for Version {
 }
 
 /// The command header that asks for a flow-controlled reply stream
-/// (`docs/PROTOCOL.md` §8.7); its value is the window, in replies, as
+/// (`docs/PROTOCOL.md` §8.8); its value is the window, in replies, as
 /// decimal digits.
 pub const REPLY_WINDOW_HEADER: &str = "courier-reply-window";
 /// The largest reply window a request may ask for.

@@ -92,6 +92,12 @@ pub struct Welcome {
     pub connection_id: u64,
     pub frame_bytes_max: u32,
     pub broker: String,
+    /// The service the connection authenticated as, when that is not the
+    /// one HELLO named (HELLO left it empty for the credentials to decide,
+    /// or the credentials are the admin's). Absent otherwise, and from
+    /// brokers that predate the field, so a client whose name stands sees
+    /// WELCOME unchanged.
+    pub service: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -329,6 +335,8 @@ pub fn decode_body(body: Bytes) -> Result<Frame, DecodeError> {
             connection_id: r.u64()?,
             frame_bytes_max: r.u32()?,
             broker: r.str8()?,
+            // The one optional trailing field: present iff bytes remain.
+            service: if r.is_at_end() { None } else { Some(r.str8()?) },
         }),
         frame_type::SEND => {
             let count = r.count(8 + MESSAGE_BYTES_MIN)?;
@@ -495,6 +503,10 @@ impl Reader {
             pos: 0,
             last_name: SharedStr::new(),
         }
+    }
+
+    fn is_at_end(&self) -> bool {
+        self.pos == self.buf.len()
     }
 
     #[inline(always)]
@@ -878,6 +890,9 @@ impl FrameWriter {
                 b.put_u64(w.connection_id);
                 b.put_u32(w.frame_bytes_max);
                 put_str8(b, "broker", &w.broker)?;
+                if let Some(service) = &w.service {
+                    put_str8(b, "service", service)?;
+                }
             }
             Frame::Subscribe(s) => {
                 b.put_u8(frame_type::SUBSCRIBE);
@@ -1301,6 +1316,14 @@ mod tests {
                 connection_id: 9,
                 frame_bytes_max: 1024,
                 broker: "courier".into(),
+                service: None,
+            }),
+            Frame::Welcome(Welcome {
+                version: 1,
+                connection_id: 10,
+                frame_bytes_max: 1024,
+                broker: "courier".into(),
+                service: Some("web".into()),
             }),
             Frame::Send(vec![
                 SendEntry {
@@ -1356,6 +1379,50 @@ mod tests {
             Frame::Drained,
         ];
         assert_eq!(roundtrip(&frames), frames);
+    }
+
+    #[test]
+    fn welcome_names_the_service_only_when_it_carries_one() {
+        // PROTOCOL.md §10.2: WELCOME without the service field, as a client
+        // that named itself in HELLO gets it (and as older brokers sent it).
+        let plain: &[u8] = &[
+            0, 0, 0, 0x17, 0x02, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0x80, 0, 0, 7, b'c', b'o', b'u',
+            b'r', b'i', b'e', b'r',
+        ];
+        let welcome = |service: Option<&str>| {
+            Frame::Welcome(Welcome {
+                version: 1,
+                connection_id: 1,
+                frame_bytes_max: FRAME_BYTES_MAX_DEFAULT,
+                broker: "courier".into(),
+                service: service.map(str::to_string),
+            })
+        };
+        let decode = |bytes: &[u8]| decode_frame(&mut BytesMut::from(bytes), u32::MAX);
+        assert_eq!(decode(plain), Ok(Some(welcome(None))));
+        let mut w = FrameWriter::new();
+        w.push(&welcome(None)).expect("encodes");
+        assert_eq!(&w.take()[..], plain);
+
+        // The same with `service` appended: a str8 after `broker`.
+        let mut named = plain.to_vec();
+        named[3] += 4;
+        named.extend_from_slice(&[3, b'w', b'e', b'b']);
+        assert_eq!(decode(&named), Ok(Some(welcome(Some("web")))));
+        w.push(&welcome(Some("web"))).expect("encodes");
+        assert_eq!(&w.take()[..], &named[..]);
+
+        // Nothing may follow it.
+        let mut longer = named.clone();
+        longer[3] += 1;
+        longer.push(0);
+        assert_eq!(
+            decode(&longer),
+            Err(DecodeError::TrailingBytes {
+                offset: 27,
+                extra: 1
+            })
+        );
     }
 
     #[test]

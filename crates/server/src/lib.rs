@@ -947,6 +947,10 @@ async fn serve_stream<R, W>(
             connection_id: conn,
             frame_bytes_max: shared.config.frame_bytes_max,
             broker: format!("courier {}", env!("CARGO_PKG_VERSION")),
+            // A client that left the name to its credentials (or the admin,
+            // whatever name it gave) learns it here; one whose name stands
+            // gets the WELCOME it always got.
+            service: (identity.service != hello.service).then(|| identity.service.clone()),
         }));
         if let Err(reason) = core.connect_as(
             conn,
@@ -972,7 +976,7 @@ async fn serve_stream<R, W>(
     }
     debug!(conn, %peer, service = %identity.service, %instance, "connected");
 
-    let end = read_loop(shared, conn, &outbox, &mut reader, &mut buf).await;
+    let end = read_loop(shared, conn, &mut reader, &mut buf).await;
     match end {
         ReadError::Closed => debug!(conn, "disconnected"),
         ReadError::Decode(code, message) => {
@@ -1028,7 +1032,6 @@ async fn read_frame<R: AsyncRead + Unpin>(
 async fn read_loop<R: AsyncRead + Unpin>(
     shared: &Shared,
     conn: ConnId,
-    outbox: &Outbox,
     reader: &mut R,
     buf: &mut BytesMut,
 ) -> ReadError {
@@ -1052,8 +1055,8 @@ async fn read_loop<R: AsyncRead + Unpin>(
             // Everything decoded from this read is applied under one lock.
             shared.with_core(|core, now| {
                 for frame in frames.drain(..) {
-                    if !apply(core, conn, outbox, frame, now) {
-                        failure = Some(ReadError::Closed);
+                    if let Err(refused) = apply(core, conn, frame, now) {
+                        failure = Some(refused);
                         break;
                     }
                 }
@@ -1071,15 +1074,15 @@ async fn read_loop<R: AsyncRead + Unpin>(
     }
 }
 
-/// Applies one client frame; `false` when the connection must close (the
-/// frame was not one a client may send, and an ERROR is on its way).
+/// Applies one client frame; an error when the frame is not one a client
+/// may send. The connection then closes with an ERROR, sent like one for a
+/// malformed frame: after the answers to the frames before it.
 fn apply(
     core: &mut Broker<Store>,
     conn: ConnId,
-    outbox: &Outbox,
     frame: Frame,
     now: Nanos,
-) -> bool {
+) -> Result<(), ReadError> {
     match frame {
         Frame::Send(entries) => {
             for entry in entries {
@@ -1121,17 +1124,16 @@ fn apply(
         | Frame::Deliver(_)
         | Frame::Error(_)
         | Frame::Drained) => {
-            outbox.fail(
+            return Err(ReadError::Decode(
                 ErrorCode::MalformedFrame,
                 format!(
                     "{} is not a frame a client may send after the handshake",
                     frame_name(&other)
                 ),
-            );
-            return false;
+            ));
         }
     }
-    true
+    Ok(())
 }
 
 fn frame_name(frame: &Frame) -> &'static str {

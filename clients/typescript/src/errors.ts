@@ -25,6 +25,7 @@ export const ERROR_CODES: Readonly<Record<number, string>> = Object.freeze({
   20: "not_subscribed",
   21: "too_many_connections",
   22: "read_timeout",
+  23: "stream_full",
 });
 
 /**

@@ -354,6 +354,19 @@ impl Queue {
         );
     }
 
+    /// Moves the ack deadline of `delivery` to `deadline`, if `conn` holds it.
+    pub fn extend(&mut self, delivery: DeliveryId, conn: u64, deadline: Nanos) {
+        let Some(flight) = self.in_flight.get_mut(&delivery) else {
+            return;
+        };
+        if flight.conn != conn || flight.deadline >= deadline {
+            return;
+        }
+        self.deadlines.remove(&(flight.deadline, delivery));
+        flight.deadline = deadline;
+        self.deadlines.insert((deadline, delivery));
+    }
+
     /// Takes a delivery out of flight (ack, nack, deadline or disconnect).
     pub fn finish(&mut self, delivery: DeliveryId) -> Option<InFlight> {
         let flight = self.in_flight.remove(&delivery)?;

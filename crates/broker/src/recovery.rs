@@ -147,8 +147,32 @@ impl<S: MessageStore> Broker<S> {
     /// store, and re-attach the live connections (their in-flight deliveries
     /// are void; those messages are delivered again).
     pub(crate) fn rebuild(&mut self, now: Nanos) -> Result<RecoveryReport, StoreError> {
+        // Flow-controlled streams live with live connections, not in the
+        // log: they are kept as they are (held replies included).
+        let streaming: Vec<(Uuid, Nanos)> = self
+            .reply_routes
+            .iter()
+            .filter(|(_, route, _)| route.stream.is_some())
+            .map(|(command, _, t)| (*command, t))
+            .collect();
+        let streams: Vec<(Uuid, ReplyRoute, Nanos)> = streaming
+            .into_iter()
+            .filter_map(|(command, t)| Some((command, self.reply_routes.remove(&command)?, t)))
+            .collect();
         self.clear_state();
-        let report = self.recover(now)?;
+        let report = self.recover(now);
+        for (command, route, t) in streams {
+            if let Some((old, evicted)) = self.reply_routes.insert(command, route, t) {
+                if let Some(stream) = evicted.stream {
+                    self.expire_stream(
+                        old,
+                        stream,
+                        "was forgotten: too many commands await replies",
+                    );
+                }
+            }
+        }
+        let report = report?;
         let mut conns: Vec<(u64, String)> = self
             .conns
             .iter()
@@ -190,6 +214,7 @@ impl<S: MessageStore> Broker<S> {
                 // The requesting connection is gone; any instance will do.
                 conn: 0,
                 receivers: targets.to_vec(),
+                stream: None,
                 command: self.traffic.slot(&message.name),
                 accepted_at: message.timestamp,
             };
@@ -608,6 +633,7 @@ impl<S: MessageStore> Broker<S> {
                 service,
                 conn: 0,
                 receivers,
+                stream: None,
                 command: crate::stats::Slot::MAX,
                 accepted_at: 0,
             };

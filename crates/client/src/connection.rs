@@ -345,7 +345,7 @@ pub(crate) fn on_connected(inner: &Inner, established: &mut Established) {
     state.direct = established.direct.take();
     state.writing = false;
     state.frame_bytes_max = established.frame_bytes_max;
-    state.writer = courier_proto::FrameWriter::new();
+    state.writer = courier_proto::FrameWriter::with_frame_bytes_max(established.frame_bytes_max);
     let patterns: Vec<(String, courier_proto::StartFrom)> = state
         .subscriptions
         .iter()
@@ -454,6 +454,18 @@ pub(crate) async fn drive(inner: Arc<Inner>, first: Established) {
                     "connection lost before the broker answered the flush".into(),
                 )));
             }
+            // The broker ends a flow-controlled stream under way with its
+            // requester's connection (PROTOCOL §8.8): so does the client,
+            // saying so. One that has not started waits on, as any request.
+            state.requests.retain(|_, waiting| {
+                if !waiting.flow_controlled || waiting.received == 0 {
+                    return true;
+                }
+                let _ = waiting.replies.try_send(Err(Error::Closed(
+                    "connection lost during a flow-controlled reply stream; the broker ends such a stream with its requester's connection, so the replies after those received will not come: request again".into(),
+                )));
+                false
+            });
             if let Some(tx) = state.drained.take() {
                 let _ = tx.send(());
             }
@@ -650,7 +662,7 @@ fn handle_frame(inner: &Arc<Inner>, generation: u64, frame: Frame) -> Option<Rea
             let mut last: Option<(courier_proto::SharedStr, Handler)> = None;
             for d in deliveries {
                 if d.message.kind == Kind::Reply {
-                    route_reply(inner, Arc::new(d.message));
+                    route_reply(inner, generation, d.delivery, Arc::new(d.message));
                     continue;
                 }
                 let known = matches!(&last, Some((name, _)) if *name == d.message.name);
@@ -723,11 +735,44 @@ fn handle_frame(inner: &Arc<Inner>, generation: u64, frame: Frame) -> Option<Rea
     None
 }
 
-fn route_reply(inner: &Inner, message: Arc<Message>) {
+fn route_reply(inner: &Inner, generation: u64, delivery: u64, message: Arc<Message>) {
     let Some(command) = message.response_to else {
         return;
     };
     let mut state = inner.lock();
+    let Some(waiting) = state.requests.get_mut(&command) else {
+        if !message.is_final {
+            // Nobody reads this stream any more: if it is flow-controlled,
+            // the NACK stops it (a broker ignores it otherwise).
+            state.writer.push_nack(courier_proto::Nack {
+                delivery,
+                delay_ms: 0,
+            });
+            drop(state);
+            inner.wake_writer();
+        }
+        debug!(%command, name = %message.name, "reply for a request nobody awaits; dropped");
+        return;
+    };
+    // The last slot is kept for the error that ends the stream.
+    if waiting.lost > 0 || waiting.replies.capacity() <= 1 {
+        // Never skip a reply and go on: from here on the stream only counts.
+        waiting.lost += 1;
+        let lost = waiting.lost;
+        if lost == 1 {
+            warn!(%command, "reply buffer full; this reply and the rest of its stream are lost");
+        }
+        if message.is_final {
+            if let Some(waiting) = state.requests.remove(&command) {
+                if let Some(seq) = waiting.quiet_seq {
+                    state.quiet_requests.remove(&seq);
+                }
+                let _ = waiting.replies.try_send(Err(Error::RepliesLost(lost)));
+            }
+        }
+        return;
+    }
+    waiting.received += 1;
     // A final reply ends the request here, so its stream need not lock to
     // forget it when dropped.
     let replies = if message.is_final {
@@ -738,16 +783,20 @@ fn route_reply(inner: &Inner, message: Arc<Message>) {
             waiting.replies
         })
     } else {
-        state.requests.get(&command).map(|w| w.replies.clone())
+        Some(waiting.replies.clone())
     };
     // Unlocked before the requester is woken: it takes the lock next.
     drop(state);
     let Some(replies) = replies else {
-        debug!(%command, name = %message.name, "reply for a request nobody awaits; dropped");
         return;
     };
-    if replies.try_send(Ok(Reply { message })).is_err() {
-        warn!(%command, "reply buffer full or request dropped; reply discarded");
+    let reply = Reply {
+        message,
+        delivery,
+        generation,
+    };
+    if replies.try_send(Ok(reply)).is_err() {
+        debug!(%command, "request dropped while its reply arrived");
     }
 }
 

@@ -55,7 +55,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use courier_proto::{
-    encoded_message_len, validate_name, validate_pattern, FrameWriter, Kind, Message, Version,
+    delivery_frame_len, validate_name, validate_pattern, FrameWriter, Kind, Message, Version,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -103,6 +103,11 @@ pub struct ClientOptions {
     pub tls: Option<ClientTls>,
     /// Deliveries this instance handles at once (flow control).
     pub max_in_flight: u32,
+    /// Replies of a [`Client::request_stream`] received and not yet taken
+    /// by the application, at most (flow control of reply streams,
+    /// PROTOCOL §8.8): the broker holds the rest back, and with them the
+    /// responder. From 1 to 65 536.
+    pub reply_window: u32,
     /// How long `send` waits for the broker's acknowledgement.
     pub send_timeout: Duration,
     /// How long `request` waits for a reply unless told otherwise.
@@ -137,6 +142,7 @@ impl ClientOptions {
             token: None,
             tls: None,
             max_in_flight: 64,
+            reply_window: 64,
             send_timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(30),
             ack_deadline: None,
@@ -239,8 +245,9 @@ struct Subscription {
     handler: Handler,
 }
 
-/// Replies buffered per request before the oldest are dropped.
-const REPLY_BUFFER_MAX: usize = 1024;
+/// Replies buffered per request without flow control (`request`, which
+/// takes the first); past it the rest of the stream is lost, and said so.
+const REPLY_BUFFER_MAX: u32 = 1024;
 
 pub(crate) struct State {
     writer: FrameWriter,
@@ -291,9 +298,23 @@ impl State {
 
 /// A request waiting for replies, by its command's id.
 pub(crate) struct Waiting {
+    /// Room for the buffer's replies plus one slot, kept for the error
+    /// that ends the stream, so it always finds room.
     replies: mpsc::Sender<Result<Reply>>,
     /// Its key in [`State::quiet_requests`], when the command went QUIET.
     quiet_seq: Option<u64>,
+    /// A flow-controlled stream (PROTOCOL §8.8): the broker sends no more
+    /// than the buffer holds, and once under way (`received`) the stream
+    /// ends with its connection.
+    flow_controlled: bool,
+    /// Replies that arrived.
+    received: u64,
+    /// Replies that found the buffer full. From the first one on, every
+    /// later reply is counted here rather than buffered — the stream never
+    /// skips a reply and goes on — and it ends with
+    /// [`Error::RepliesLost`]. Only a broker without flow control (or a
+    /// request without it) can make this happen.
+    lost: u64,
 }
 
 pub(crate) struct Inner {
@@ -540,8 +561,17 @@ impl Client {
 
     fn check(&self, message: &Message) -> Result<()> {
         validate_name(&message.name)?;
-        let len = encoded_message_len(message) + 64;
-        let max = self.inner.lock().frame_bytes_max as usize;
+        let max = self.inner.lock().frame_bytes_max;
+        self.check_size(message, max)
+    }
+
+    /// Refuses, before it is sent, a message the broker would refuse for
+    /// its size: one whose DELIVER frame, with this service's name as its
+    /// sender, would be longer than the broker's frame limit.
+    fn check_size(&self, message: &Message, frame_bytes_max: u32) -> Result<()> {
+        // The name the broker stamps: the authenticated service's.
+        let len = delivery_frame_len(message) - message.sender.len() + self.inner.service.len();
+        let max = frame_bytes_max as usize;
         if len > max {
             return Err(too_large(&message.name, len, max));
         }
@@ -565,11 +595,7 @@ impl Client {
                 "not connected to the broker; a quiet send is not queued across reconnects".into(),
             ));
         }
-        let max = state.frame_bytes_max as usize;
-        let len = encoded_message_len(message) + 64;
-        if len > max {
-            return Err(too_large(&message.name, len, max));
-        }
+        self.check_size(message, state.frame_bytes_max)?;
         if state.writer.len() >= QUIET_BUFFER_BYTES_MAX {
             return Ok(None);
         }
@@ -652,6 +678,7 @@ impl Client {
     fn enqueue(&self, message: Box<Message>) -> Result<PendingAck> {
         self.check(&message)?;
         let id = message.id;
+        let reply = message.kind == Kind::Reply;
         let (done, rx) = oneshot::channel();
         let seq = {
             let mut state = self.inner.lock();
@@ -673,12 +700,25 @@ impl Client {
             inner: self.inner.clone(),
             seq,
             id,
+            reply,
             rx,
         })
     }
 
-    async fn open_request(&self, message: Box<Message>, timeout: Duration) -> Result<ReplyStream> {
-        let stream = self.start_request(message, timeout)?;
+    async fn open_request(
+        &self,
+        mut message: Box<Message>,
+        timeout: Duration,
+        window: u32,
+    ) -> Result<ReplyStream> {
+        let window = window.clamp(1, proto::REPLY_WINDOW_MAX);
+        message
+            .headers
+            .retain(|(name, _)| name != proto::REPLY_WINDOW_HEADER);
+        message
+            .headers
+            .push((proto::REPLY_WINDOW_HEADER.into(), window.to_string()));
+        let stream = self.start_request(message, timeout, Some(window))?;
         // On refusal `stream` is dropped, which forgets the request.
         let stream = stream.accepted().await?;
         Ok(stream)
@@ -686,9 +726,14 @@ impl Client {
 
     /// Registers the request and queues the command; the stream still
     /// holds the broker's answer to the send, to be awaited.
-    fn start_request(&self, message: Box<Message>, timeout: Duration) -> Result<ReplyStream> {
+    fn start_request(
+        &self,
+        message: Box<Message>,
+        timeout: Duration,
+        window: Option<u32>,
+    ) -> Result<ReplyStream> {
         let id = message.id;
-        let (waiting, mut stream) = ReplyStream::open(&self.inner, id, timeout, None);
+        let (waiting, mut stream) = ReplyStream::open(&self.inner, id, timeout, None, window);
         self.inner.lock().requests.insert(id, waiting);
         let ack = self.enqueue(message)?;
         stream.acceptance = Some(ack.rx);
@@ -707,13 +752,9 @@ impl Client {
         }
         if !state.connected {
             drop(state);
-            return self.start_request(message, timeout);
+            return self.start_request(message, timeout, None);
         }
-        let max = state.frame_bytes_max as usize;
-        let len = encoded_message_len(&message) + 64;
-        if len > max {
-            return Err(too_large(&message.name, len, max));
-        }
+        self.check_size(&message, state.frame_bytes_max)?;
         // The only request, nothing else queued or being written, and the
         // driver not about to write anyway: the caller writes it.
         let lone = state.requests.is_empty()
@@ -723,7 +764,7 @@ impl Client {
         state.next_seq += 1;
         let seq = state.next_seq;
         state.writer.push_quiet_send(seq, &message)?;
-        let (waiting, stream) = ReplyStream::open(&self.inner, id, timeout, Some(seq));
+        let (waiting, stream) = ReplyStream::open(&self.inner, id, timeout, Some(seq), None);
         state.requests.insert(id, waiting);
         state.quiet_requests.insert(seq, id);
         let written = lone && write_direct(&mut state);
@@ -922,6 +963,7 @@ pub struct MessageBuilder {
     /// step was a fifth of a fast publisher's time.
     message: Box<Message>,
     timeout: Option<Duration>,
+    reply_window: Option<u32>,
 }
 
 impl MessageBuilder {
@@ -934,6 +976,7 @@ impl MessageBuilder {
             client,
             message,
             timeout: None,
+            reply_window: None,
         }
     }
 
@@ -1107,7 +1150,7 @@ impl MessageBuilder {
         let mut stream = if self.message.transient {
             self.client.start_quiet_request(self.message, timeout)?
         } else {
-            self.client.start_request(self.message, timeout)?
+            self.client.start_request(self.message, timeout, None)?
         };
         match stream.next_reply().await {
             Some(reply) => reply,
@@ -1115,12 +1158,33 @@ impl MessageBuilder {
         }
     }
 
-    /// Sends and returns the stream of replies.
+    /// How many replies of a `request_stream` may wait for the
+    /// application at once; [`ClientOptions::reply_window`] otherwise.
+    pub fn reply_window(mut self, replies: u32) -> MessageBuilder {
+        self.reply_window = Some(replies);
+        self
+    }
+
+    /// Sends and returns the stream of replies, flow-controlled (PROTOCOL
+    /// §8.8): the client buffers at most the reply window of replies not
+    /// yet taken, acknowledges each as the application takes it, and the
+    /// broker holds the rest back — and with them the responder — so a
+    /// long stream arrives whole and in order however slowly it is read.
+    /// Dropping the stream before its final reply tells the broker to stop
+    /// it. If the connection is lost once replies have arrived, the stream
+    /// ends with [`Error::Closed`] (the broker ends it too); before the
+    /// first reply, the request waits on across a reconnect, as `request`
+    /// does.
     pub async fn request_stream(self) -> Result<ReplyStream> {
         let timeout = self
             .timeout
             .unwrap_or(self.client.inner.opts.request_timeout);
-        self.client.open_request(self.message, timeout).await
+        let window = self
+            .reply_window
+            .unwrap_or(self.client.inner.opts.reply_window);
+        self.client
+            .open_request(self.message, timeout, window)
+            .await
     }
 }
 
@@ -1133,7 +1197,10 @@ enum QuietOutcome {
 fn too_large(name: &str, len: usize, max: usize) -> Error {
     Error::Refused {
         code: ErrorCode::PayloadTooLarge,
-        reason: format!("{name} is {len} bytes encoded; the broker takes at most {max}"),
+        reason: format!(
+            "{name} would be delivered as a frame of {len} bytes, {} over the broker's frame limit of {max} (the broker adds this service's name as the sender); make the payload smaller",
+            len - max
+        ),
     }
 }
 
@@ -1142,6 +1209,8 @@ pub struct PendingAck {
     inner: Arc<Inner>,
     seq: u64,
     id: Uuid,
+    /// A reply: its answer may wait for the requester's credit.
+    reply: bool,
     rx: oneshot::Receiver<Result<()>>,
 }
 
@@ -1153,7 +1222,20 @@ impl PendingAck {
 
     /// Waits (up to [`ClientOptions::send_timeout`]) until the broker
     /// accepted or refused the message.
+    ///
+    /// A reply to a flow-controlled stream (PROTOCOL §8.8) is answered
+    /// when it goes out to the requester, which may be much later: its
+    /// wait has no time limit but the stream's (the broker refuses it when
+    /// the request's reply route expires, and discards it with an answer
+    /// when the requester stops reading or leaves). That wait is the
+    /// back-pressure that paces a responder to its requester.
     pub async fn wait(self) -> Result<Uuid> {
+        if self.reply {
+            return match self.rx.await {
+                Ok(result) => result.map(|()| self.id),
+                Err(_) => Err(Error::Shutdown),
+            };
+        }
         let timeout = self.inner.opts.send_timeout;
         match tokio::time::timeout(timeout, self.rx).await {
             Ok(Ok(result)) => result.map(|()| self.id),
@@ -1170,6 +1252,10 @@ impl PendingAck {
 #[derive(Debug, Clone)]
 pub struct Reply {
     message: Arc<Message>,
+    /// Its delivery id and the connection it came on: a flow-controlled
+    /// stream acks it when the application takes it.
+    pub(crate) delivery: u64,
+    pub(crate) generation: u64,
 }
 
 impl Reply {
@@ -1212,18 +1298,31 @@ pub struct ReplyStream {
     quiet_seq: Option<u64>,
     /// The final reply came.
     answered: bool,
+    /// The window of a flow-controlled stream (PROTOCOL §8.8).
+    window: Option<u32>,
+    /// Replies the application took and the broker has not yet heard of,
+    /// as `(generation, delivery)`: acked in a batch, half a window at a
+    /// time, or at once when nothing more is buffered (the broker may be
+    /// waiting for exactly that credit).
+    to_ack: Vec<(u64, u64)>,
 }
 
 impl ReplyStream {
     /// A stream for the replies to `command`, and the entry under which
-    /// the client's tables wait for them.
+    /// the client's tables wait for them. With a `window`, the stream is
+    /// flow-controlled and buffers that many replies; without, up to
+    /// [`REPLY_BUFFER_MAX`].
     fn open(
         inner: &Arc<Inner>,
         command: Uuid,
         timeout: Duration,
         quiet_seq: Option<u64>,
+        window: Option<u32>,
     ) -> (Waiting, ReplyStream) {
-        let (replies, rx) = mpsc::channel(REPLY_BUFFER_MAX);
+        // One slot more than the buffer: the error that ends a stream
+        // always finds room (see `Waiting::replies`).
+        let slots = window.unwrap_or(REPLY_BUFFER_MAX) as usize + 1;
+        let (replies, rx) = mpsc::channel(slots);
         let stream = ReplyStream {
             inner: inner.clone(),
             command,
@@ -1234,13 +1333,29 @@ impl ReplyStream {
             acceptance: None,
             quiet_seq,
             answered: false,
+            window,
+            to_ack: Vec::new(),
         };
-        (Waiting { replies, quiet_seq }, stream)
+        let waiting = Waiting {
+            replies,
+            quiet_seq,
+            flow_controlled: window.is_some(),
+            received: 0,
+            lost: 0,
+        };
+        (waiting, stream)
     }
 
     /// The id of the command these replies answer.
     pub fn command_id(&self) -> Uuid {
         self.command
+    }
+
+    /// Replies received and not yet taken by the application (and the
+    /// error that ends the stream, once it came); a flow-controlled stream
+    /// never buffers more replies than its reply window.
+    pub fn buffered(&self) -> usize {
+        self.rx.len()
     }
 
     /// The next reply, `None` after the final one.
@@ -1258,6 +1373,31 @@ impl ReplyStream {
             }
         }
         Ok(self)
+    }
+
+    /// Tells the broker about the replies the application took: credit
+    /// for as many more. Acks from an older connection are void (the
+    /// broker ended that stream with it).
+    fn send_acks(&mut self) {
+        if self.to_ack.is_empty() {
+            return;
+        }
+        let mut state = self.inner.lock();
+        let (connected, generation) = (state.connected, state.generation);
+        for (acked_on, delivery) in self.to_ack.drain(..) {
+            if connected && acked_on == generation {
+                state.writer.push_ack(delivery);
+            }
+        }
+        drop(state);
+        self.inner.wake_writer();
+    }
+
+    /// Where a stream whose buffer overflowed stands: the replies lost
+    /// so far, if any.
+    fn lost(&self) -> u64 {
+        let state = self.inner.lock();
+        state.requests.get(&self.command).map_or(0, |w| w.lost)
     }
 
     fn poll_reply(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Reply>>> {
@@ -1285,6 +1425,12 @@ impl ReplyStream {
                 if reply.is_final() {
                     self.done = true;
                     self.answered = true;
+                } else if let Some(window) = self.window {
+                    // The application has it now: credit for one more.
+                    self.to_ack.push((reply.generation, reply.delivery));
+                    if self.to_ack.len() >= (window as usize / 2).max(1) || self.rx.is_empty() {
+                        self.send_acks();
+                    }
                 }
                 Poll::Ready(Some(Ok(reply)))
             }
@@ -1296,13 +1442,21 @@ impl ReplyStream {
                 self.done = true;
                 Poll::Ready(Some(Err(Error::Shutdown)))
             }
-            Poll::Pending => match self.sleep.as_mut().poll(cx) {
-                Poll::Ready(()) => {
-                    self.done = true;
-                    Poll::Ready(Some(Err(Error::Timeout(self.timeout))))
+            Poll::Pending => {
+                self.send_acks();
+                match self.sleep.as_mut().poll(cx) {
+                    Poll::Ready(()) => {
+                        self.done = true;
+                        let lost = self.lost();
+                        Poll::Ready(Some(Err(if lost > 0 {
+                            Error::RepliesLost(lost)
+                        } else {
+                            Error::Timeout(self.timeout)
+                        })))
+                    }
+                    Poll::Pending => Poll::Pending,
                 }
-                Poll::Pending => Poll::Pending,
-            },
+            }
         }
     }
 }
@@ -1321,10 +1475,35 @@ impl Drop for ReplyStream {
             // The final reply took the request out of the client's tables.
             return;
         }
+        // A flow-controlled stream given up before its end: a NACK of one
+        // of its replies that the broker has not seen acked tells it to
+        // stop (and to tell the responder). With none at hand, the next
+        // reply to arrive is NACKed instead (`connection::route_reply`).
+        let mut unacked = self.to_ack.last().copied();
+        if self.window.is_some() {
+            while let Ok(item) = self.rx.try_recv() {
+                if let Ok(reply) = item {
+                    if !reply.is_final() {
+                        unacked = Some((reply.generation, reply.delivery));
+                    }
+                }
+            }
+        }
         let mut state = self.inner.lock();
         state.requests.remove(&self.command);
         if let Some(seq) = self.quiet_seq {
             state.quiet_requests.remove(&seq);
+        }
+        let Some((generation, delivery)) = unacked else {
+            return;
+        };
+        if state.connected && state.generation == generation {
+            state.writer.push_nack(proto::Nack {
+                delivery,
+                delay_ms: 0,
+            });
+            drop(state);
+            self.inner.wake_writer();
         }
     }
 }

@@ -66,6 +66,7 @@ error_codes! {
     NotSubscribed = 20, "not_subscribed";
     TooManyConnections = 21, "too_many_connections";
     ReadTimeout = 22, "read_timeout";
+    StreamFull = 23, "stream_full";
 }
 
 impl ErrorCode {

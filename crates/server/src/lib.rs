@@ -43,6 +43,10 @@ pub use courier_broker::{Config as BrokerConfig, RetentionRule};
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
+    /// The frame limit announced in WELCOME, for both directions: the
+    /// longest frame a client may send, and the longest the broker sends
+    /// (it refuses messages whose delivery would be longer). Overrides
+    /// `broker.frame_bytes_max`.
     pub frame_bytes_max: u32,
     /// A connection must finish HELLO within this time (its TLS handshake
     /// included), whether it goes silent or shuts its write side.
@@ -206,10 +210,12 @@ struct OutState {
 }
 
 impl Outbox {
-    fn new(timer_wake: Arc<Notify>, resume_below: usize) -> Arc<Outbox> {
+    /// An outbox whose frames keep to `frame_bytes_max`, the limit the
+    /// broker announces in WELCOME.
+    fn new(timer_wake: Arc<Notify>, resume_below: usize, frame_bytes_max: u32) -> Arc<Outbox> {
         Arc::new(Outbox {
             state: Mutex::new(OutState {
-                writer: FrameWriter::new(),
+                writer: FrameWriter::with_frame_bytes_max(frame_bytes_max),
                 closing: false,
                 writing: 0,
                 paused: false,
@@ -378,7 +384,13 @@ impl Server {
             Some(settings) => Some(tls::acceptor(settings).map_err(ServerError::Tls)?),
             None => None,
         };
-        let mut core = Broker::new(config.broker.clone(), store);
+        // One limit both ways: what clients may send, and what the broker
+        // accepts only if its delivery fits.
+        let broker_config = BrokerConfig {
+            frame_bytes_max: config.frame_bytes_max,
+            ..config.broker.clone()
+        };
+        let mut core = Broker::new(broker_config, store);
         core.set_manifest(manifest);
         let recovery_started = std::time::Instant::now();
         let recovery = core.recover(now_nanos())?;
@@ -1044,7 +1056,11 @@ async fn serve_stream<R, W>(
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let outbox = Outbox::new(shared.timer_wake.clone(), shared.config.pause_bytes / 4);
+    let outbox = Outbox::new(
+        shared.timer_wake.clone(),
+        shared.config.pause_bytes / 4,
+        shared.config.frame_bytes_max,
+    );
     let writer_task = tokio::spawn(run_writer(writer, outbox.clone()));
     let mut buf = BytesMut::with_capacity(HANDSHAKE_READ_BYTES);
     let hello = match tokio::time::timeout_at(deadline, read_frame(&mut reader, &mut buf)).await {

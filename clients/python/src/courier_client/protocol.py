@@ -154,6 +154,7 @@ class ErrorCode(IntEnum):
     NOT_SUBSCRIBED = 20
     TOO_MANY_CONNECTIONS = 21
     READ_TIMEOUT = 22
+    STREAM_FULL = 23
 
     @property
     def wire_name(self) -> str:

@@ -44,6 +44,8 @@ pub(crate) struct Established {
     direct: Option<std::net::TcpStream>,
     buf: BytesMut,
     pub frame_bytes_max: u32,
+    /// The protocol version the broker speaks on this connection.
+    pub version: u16,
 }
 
 /// The read half of a connection. Plain TCP keeps `TcpStream`'s owned
@@ -292,6 +294,8 @@ pub(crate) async fn establish(opts: &ClientOptions) -> Result<Established> {
             } else {
                 w.frame_bytes_max
             },
+            // A broker of version 1 gets messages without parent_id.
+            version: w.version.min(PROTOCOL_VERSION),
         }),
         Frame::Error(e) => Err(Error::Refused {
             code: e.code,
@@ -334,7 +338,7 @@ pub(crate) fn on_connected(inner: &Inner, established: &mut Established) {
     state.direct = established.direct.take();
     state.writing = false;
     state.frame_bytes_max = established.frame_bytes_max;
-    state.writer = courier_proto::FrameWriter::new();
+    state.writer = courier_proto::FrameWriter::for_version(established.version);
     let patterns: Vec<(String, courier_proto::StartFrom)> = state
         .subscriptions
         .iter()

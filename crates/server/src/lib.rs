@@ -27,8 +27,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::BytesMut;
 use courier_broker::{Action, Broker, ConnId, FastMap, Nanos, RecoveryReport};
 use courier_proto::{
-    decode_frame, ErrorCode, ErrorFrame, Frame, FrameWriter, Welcome, FRAME_BYTES_MAX_DEFAULT,
-    PROTOCOL_VERSION,
+    decode_frame, decode_frame_as, ErrorCode, ErrorFrame, Frame, FrameWriter, Welcome,
+    FRAME_BYTES_MAX_DEFAULT, PROTOCOL_VERSION, PROTOCOL_VERSION_MIN,
 };
 use courier_store::MessageStore;
 use thiserror::Error;
@@ -875,18 +875,23 @@ async fn serve_stream<R, W>(
             return;
         }
     };
-    if hello.version != PROTOCOL_VERSION {
+    if !(PROTOCOL_VERSION_MIN..=PROTOCOL_VERSION).contains(&hello.version) {
         shared.core().metrics_mut().handshakes_refused += 1;
         outbox.fail(
             ErrorCode::UnsupportedVersion,
             format!(
-                "protocol version {} is not supported; this broker speaks {PROTOCOL_VERSION}",
+                "protocol version {} is not supported; this broker speaks versions {PROTOCOL_VERSION_MIN} to {PROTOCOL_VERSION}",
                 hello.version
             ),
         );
         let _ = writer_task.await;
         return;
     }
+    // The version both ends speak: what the connection's frames are
+    // written and read as from WELCOME on (a version-1 client never sees
+    // flag 0x80, and sending it stays malformed).
+    let version = hello.version.min(PROTOCOL_VERSION);
+    outbox.lock().writer.set_version(version);
     let identity = {
         let core = shared.core();
         auth::authenticate(
@@ -927,7 +932,7 @@ async fn serve_stream<R, W>(
             return;
         }
         outbox.push(&Frame::Welcome(Welcome {
-            version: PROTOCOL_VERSION,
+            version,
             connection_id: conn,
             frame_bytes_max: shared.config.frame_bytes_max,
             broker: format!("courier {}", env!("CARGO_PKG_VERSION")),
@@ -956,7 +961,7 @@ async fn serve_stream<R, W>(
     }
     debug!(conn, %peer, service = %identity.service, %instance, "connected");
 
-    let end = read_loop(shared, conn, &outbox, &mut reader, &mut buf).await;
+    let end = read_loop(shared, conn, version, &outbox, &mut reader, &mut buf).await;
     match end {
         ReadError::Closed => debug!(conn, "disconnected"),
         ReadError::Decode(code, message) => {
@@ -1012,6 +1017,7 @@ async fn read_frame<R: AsyncRead + Unpin>(
 async fn read_loop<R: AsyncRead + Unpin>(
     shared: &Shared,
     conn: ConnId,
+    version: u16,
     outbox: &Outbox,
     reader: &mut R,
     buf: &mut BytesMut,
@@ -1020,7 +1026,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     loop {
         let mut failure = None;
         loop {
-            match decode_frame(buf, shared.config.frame_bytes_max) {
+            match decode_frame_as(buf, shared.config.frame_bytes_max, version) {
                 Ok(Some(frame)) => frames.push(frame),
                 Ok(None) => break,
                 Err(e) => {

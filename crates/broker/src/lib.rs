@@ -19,6 +19,7 @@ mod recovery;
 mod refcount;
 pub mod stats;
 mod tap;
+mod trace;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,6 +38,7 @@ pub use queue::DeadLetter;
 use queue::{Entry, Queue};
 pub use recovery::RecoveryReport;
 pub use tap::{TailFilter, Tapped};
+pub use trace::{Outcome, TraceRecord};
 
 /// The maps touched for every message (here and in the server): keyed by
 /// a fast hasher seeded at random per process (keys come from clients, so
@@ -49,6 +51,8 @@ pub type ConnId = u64;
 pub type DeliveryId = u64;
 
 const NANOS_PER_MS: u64 = 1_000_000;
+/// Why a delivery is retried after a NACK (dead letters and traces say it).
+const NACKED: &str = "nacked";
 /// Journal entries kept in memory while the disk fails; past this, the
 /// oldest delivery bookkeeping is lost (counted), never messages.
 const DEFERRED_JOURNAL_ENTRIES_MAX: usize = 1_000_000;
@@ -284,7 +288,8 @@ struct Conn {
     service: courier_proto::SharedStr,
     /// Authenticated as the manifest's admin role.
     admin: bool,
-    instance: String,
+    /// Shared like `service`: trace records name it by reference count.
+    instance: courier_proto::SharedStr,
     max_in_flight: u32,
     in_flight: u32,
     /// Patterns this connection consumes; empty means it only sends.
@@ -469,6 +474,10 @@ pub struct Broker<S: MessageStore> {
     /// Someone tails the bus: accepted messages are copied to `taps`.
     tapping: bool,
     taps: Vec<Tapped>,
+    /// Activity traces are kept: what happens to messages is recorded in
+    /// `traces` (`trace.rs`).
+    tracing: bool,
+    traces: Vec<TraceRecord>,
 }
 
 impl<S: MessageStore> Broker<S> {
@@ -506,6 +515,8 @@ impl<S: MessageStore> Broker<S> {
             traffic: stats::TrafficStats::new(config_names_max),
             tapping: false,
             taps: Vec::new(),
+            tracing: false,
+            traces: Vec::new(),
         }
     }
 
@@ -649,6 +660,9 @@ impl<S: MessageStore> Broker<S> {
         self.alerts.push(format!(
             "storage sync failed: {error}; refusing this batch and rebuilding state from the log"
         ));
+        // Nothing of the batch happened: its sends are refused, its
+        // deliveries dropped, and seqs it used are issued again.
+        self.traces.clear();
         let reason = format!("not stored: {error}");
         let batch: Vec<Action> = self
             .actions
@@ -736,7 +750,7 @@ impl<S: MessageStore> Broker<S> {
             Conn {
                 service: courier_proto::SharedStr::from(service),
                 admin,
-                instance: instance.to_string(),
+                instance: courier_proto::SharedStr::from(instance),
                 max_in_flight,
                 in_flight: 0,
                 patterns: Vec::new(),
@@ -1338,6 +1352,7 @@ impl<S: MessageStore> Broker<S> {
                 return Err((ErrorCode::NoReceiver, reason));
             }
             self.metrics.dropped_unrouted += 1;
+            self.trace_accepted(&message, 0, &targets);
             self.tap(&message, targets);
             if !message.transient {
                 // Kept for history replay (`--from`) until retention ends;
@@ -1365,6 +1380,7 @@ impl<S: MessageStore> Broker<S> {
             owned.payload = bytes::Bytes::copy_from_slice(&owned.payload);
         }
         if message.transient {
+            self.trace_accepted(&message, 0, &targets);
             self.tap(&message, targets.clone());
             for service in targets.iter() {
                 self.deliver_transient(service, &message);
@@ -1377,6 +1393,9 @@ impl<S: MessageStore> Broker<S> {
             .map_err(|e| (ErrorCode::StorageFailed, format!("not stored: {e}")))?;
         self.dirty = true;
         self.batch_appended = true;
+        // Before its deliveries (in `pump` below): records keep the order
+        // things happened in.
+        self.trace_accepted(&message, seq, &targets);
         self.enqueue(seq, &message, &targets, now);
         self.tap(&message, targets.clone());
         for service in targets.iter() {
@@ -1503,6 +1522,17 @@ impl<S: MessageStore> Broker<S> {
         if let Some(c) = self.conns.get(&conn) {
             let counted = self.traffic.locate(&message.name, &c.service);
             self.traffic.at(counted).delivered += 1;
+            // The broker's own answers belong to no traced activity.
+            if self.tracing && !message.name.starts_with(SYSTEM_PREFIX) {
+                self.traces.push(TraceRecord::Delivered {
+                    message: message.clone(),
+                    seq: 0,
+                    service: c.service.clone(),
+                    instance: c.instance.clone(),
+                    attempt: 1,
+                    at: self.now,
+                });
+            }
         }
         self.actions.push(Action::Deliver {
             conn,
@@ -1554,8 +1584,9 @@ impl<S: MessageStore> Broker<S> {
         if message.is_final {
             self.reply_routes.remove(&command);
         }
-        if self.tapping {
+        if self.tapping || self.tracing {
             let requester: Receivers = Arc::from([service.clone()]);
+            self.trace_accepted(&message, 0, &requester);
             self.tap(&message, requester);
         }
         match target {
@@ -1671,6 +1702,14 @@ impl<S: MessageStore> Broker<S> {
                 if let Some(t) = self.traffic.traffic(slot, service) {
                     t.expired += 1;
                 }
+                if self.tracing {
+                    self.traces.push(TraceRecord::Settled {
+                        seq: entry.seq,
+                        service: courier_proto::SharedStr::from(service),
+                        outcome: Outcome::Expired,
+                        at: now,
+                    });
+                }
                 release(&mut self.store, &mut self.refs, entry.seq);
                 continue;
             }
@@ -1692,6 +1731,16 @@ impl<S: MessageStore> Broker<S> {
                     svc.queue.start(delivery, conn, entry, deadline, slot);
                     if let Some(c) = self.conns.get_mut(&conn) {
                         c.in_flight += 1;
+                        if self.tracing {
+                            self.traces.push(TraceRecord::Delivered {
+                                message: message.clone(),
+                                seq,
+                                service: c.service.clone(),
+                                instance: c.instance.clone(),
+                                attempt,
+                                at: now,
+                            });
+                        }
                     }
                     self.journal(Op::Delivered {
                         service: service.to_string(),
@@ -1736,10 +1785,18 @@ impl<S: MessageStore> Broker<S> {
         }
         let seq = flight.0.entry.seq;
         self.journal(Op::Acked {
-            service: service.clone(),
+            service: service.to_string(),
             seq,
         });
-        if let Some(svc) = self.services.get_mut(&service) {
+        if self.tracing {
+            self.traces.push(TraceRecord::Settled {
+                seq,
+                service: service.clone(),
+                outcome: Outcome::Acked,
+                at: now,
+            });
+        }
+        if let Some(svc) = self.services.get_mut(service.as_str()) {
             svc.queue.release_key(&flight.0.entry);
         }
         release(&mut self.store, &mut self.refs, seq);
@@ -1755,12 +1812,20 @@ impl<S: MessageStore> Broker<S> {
         if let Some(t) = self.traffic.traffic(flight.name, &service) {
             t.nacked += 1;
         }
+        if self.tracing {
+            self.traces.push(TraceRecord::Settled {
+                seq: flight.entry.seq,
+                service: service.clone(),
+                outcome: Outcome::Nacked { delay_ms },
+                at: now,
+            });
+        }
         self.retry_or_dead_letter(
             &service,
             flight.entry,
             flight.name,
             u64::from(delay_ms) * NANOS_PER_MS,
-            "nacked",
+            NACKED,
             now,
         );
         self.pump(&service, now);
@@ -1772,7 +1837,7 @@ impl<S: MessageStore> Broker<S> {
         &mut self,
         conn: ConnId,
         delivery: DeliveryId,
-    ) -> Option<(queue::InFlight, String)> {
+    ) -> Option<(queue::InFlight, courier_proto::SharedStr)> {
         let c = self.conns.get_mut(&conn)?;
         let svc = self.services.get_mut(c.service.as_str())?;
         if svc.queue.in_flight.get(&delivery).map(|f| f.conn) != Some(conn) {
@@ -1780,7 +1845,7 @@ impl<S: MessageStore> Broker<S> {
         }
         let flight = svc.queue.finish(delivery)?;
         c.in_flight = c.in_flight.saturating_sub(1);
-        Some((flight, c.service.to_string()))
+        Some((flight, c.service.clone()))
     }
 
     fn retry_or_dead_letter(
@@ -1789,13 +1854,30 @@ impl<S: MessageStore> Broker<S> {
         entry: Entry,
         name: stats::Slot,
         delay: Nanos,
-        why: &str,
+        why: &'static str,
         now: Nanos,
     ) {
         let Some(svc) = self.services.get_mut(service) else {
             return;
         };
-        if entry.attempts >= svc.max_deliveries {
+        let dead = entry.attempts >= svc.max_deliveries;
+        if self.tracing && (dead || why != NACKED) {
+            let outcome = if dead {
+                Outcome::DeadLettered { reason: why }
+            } else {
+                Outcome::Released { reason: why }
+            };
+            self.traces.push(TraceRecord::Settled {
+                seq: entry.seq,
+                service: courier_proto::SharedStr::from(service),
+                outcome,
+                at: now,
+            });
+        }
+        let Some(svc) = self.services.get_mut(service) else {
+            return;
+        };
+        if dead {
             svc.queue.release_key(&entry);
             let letter = DeadLetter {
                 seq: entry.seq,
@@ -1892,7 +1974,7 @@ impl<S: MessageStore> Broker<S> {
                     .instances
                     .iter()
                     .filter_map(|c| self.conns.get(c))
-                    .map(|c| c.instance.clone())
+                    .map(|c| c.instance.to_string())
                     .collect(),
                 depth: s.queue.depth(),
                 in_flight: s.queue.in_flight.len(),
@@ -1915,6 +1997,32 @@ impl<S: MessageStore> Broker<S> {
     /// What was accepted since the last call, while tapping.
     pub fn take_taps(&mut self) -> Vec<Tapped> {
         std::mem::take(&mut self.taps)
+    }
+
+    /// Whether what happens to messages is recorded for activity traces
+    /// (the network edge turns it on unless traces are off).
+    pub fn set_tracing(&mut self, on: bool) {
+        self.tracing = on;
+        if !on {
+            self.traces.clear();
+        }
+    }
+
+    /// What happened since the last call, while tracing; `out` (emptied
+    /// first) takes the records and hands its allocation over for the next.
+    pub fn take_traces(&mut self, out: &mut Vec<TraceRecord>) {
+        out.clear();
+        std::mem::swap(out, &mut self.traces);
+    }
+
+    fn trace_accepted(&mut self, message: &Arc<Message>, seq: Seq, receivers: &Receivers) {
+        if self.tracing {
+            self.traces.push(TraceRecord::Accepted {
+                message: message.clone(),
+                seq,
+                receivers: receivers.clone(),
+            });
+        }
     }
 
     fn tap(&mut self, message: &Arc<Message>, receivers: Receivers) {

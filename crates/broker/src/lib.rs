@@ -38,7 +38,10 @@ pub use queue::DeadLetter;
 use queue::{Entry, Queue};
 pub use recovery::RecoveryReport;
 pub use tap::{TailFilter, Tapped};
-pub use trace::{Outcome, TraceRecord};
+pub use trace::{
+    ActivityFilter, Outcome, TraceQuery, TraceRecord, ACTIVITIES_LIMIT_DEFAULT,
+    ACTIVITIES_LIMIT_MAX, DEAD_LETTERED,
+};
 
 /// The maps touched for every message (here and in the server): keyed by
 /// a fast hasher seeded at random per process (keys come from clients, so
@@ -202,6 +205,15 @@ pub enum Action {
         request: Uuid,
         activity_id: Uuid,
         filter: TailFilter,
+    },
+    /// An admin asked about the activity traces (`courier.trace.get`,
+    /// `courier.trace.find`): the network edge, which keeps them, answers
+    /// `request` with one final reply.
+    TraceQuery {
+        conn: ConnId,
+        request: Uuid,
+        activity_id: Uuid,
+        query: TraceQuery,
     },
 }
 
@@ -478,6 +490,8 @@ pub struct Broker<S: MessageStore> {
     /// `traces` (`trace.rs`).
     tracing: bool,
     traces: Vec<TraceRecord>,
+    /// Bytes the records in `traces` hold on to (the messages they pin).
+    traces_bytes: usize,
 }
 
 impl<S: MessageStore> Broker<S> {
@@ -517,6 +531,7 @@ impl<S: MessageStore> Broker<S> {
             taps: Vec::new(),
             tracing: false,
             traces: Vec::new(),
+            traces_bytes: 0,
         }
     }
 
@@ -663,6 +678,7 @@ impl<S: MessageStore> Broker<S> {
         // Nothing of the batch happened: its sends are refused, its
         // deliveries dropped, and seqs it used are issued again.
         self.traces.clear();
+        self.traces_bytes = 0;
         let reason = format!("not stored: {error}");
         let batch: Vec<Action> = self
             .actions
@@ -1524,14 +1540,18 @@ impl<S: MessageStore> Broker<S> {
             self.traffic.at(counted).delivered += 1;
             // The broker's own answers belong to no traced activity.
             if self.tracing && !message.name.starts_with(SYSTEM_PREFIX) {
-                self.traces.push(TraceRecord::Delivered {
-                    message: message.clone(),
-                    seq: 0,
-                    service: c.service.clone(),
-                    instance: c.instance.clone(),
-                    attempt: 1,
-                    at: self.now,
-                });
+                push_trace(
+                    &mut self.traces,
+                    &mut self.traces_bytes,
+                    TraceRecord::Delivered {
+                        message: message.clone(),
+                        seq: 0,
+                        service: c.service.clone(),
+                        instance: c.instance.clone(),
+                        attempt: 1,
+                        at: self.now,
+                    },
+                );
             }
         }
         self.actions.push(Action::Deliver {
@@ -1703,12 +1723,16 @@ impl<S: MessageStore> Broker<S> {
                     t.expired += 1;
                 }
                 if self.tracing {
-                    self.traces.push(TraceRecord::Settled {
-                        seq: entry.seq,
-                        service: courier_proto::SharedStr::from(service),
-                        outcome: Outcome::Expired,
-                        at: now,
-                    });
+                    push_trace(
+                        &mut self.traces,
+                        &mut self.traces_bytes,
+                        TraceRecord::Settled {
+                            seq: entry.seq,
+                            service: courier_proto::SharedStr::from(service),
+                            outcome: Outcome::Expired,
+                            at: now,
+                        },
+                    );
                 }
                 release(&mut self.store, &mut self.refs, entry.seq);
                 continue;
@@ -1732,14 +1756,18 @@ impl<S: MessageStore> Broker<S> {
                     if let Some(c) = self.conns.get_mut(&conn) {
                         c.in_flight += 1;
                         if self.tracing {
-                            self.traces.push(TraceRecord::Delivered {
-                                message: message.clone(),
-                                seq,
-                                service: c.service.clone(),
-                                instance: c.instance.clone(),
-                                attempt,
-                                at: now,
-                            });
+                            push_trace(
+                                &mut self.traces,
+                                &mut self.traces_bytes,
+                                TraceRecord::Delivered {
+                                    message: message.clone(),
+                                    seq,
+                                    service: c.service.clone(),
+                                    instance: c.instance.clone(),
+                                    attempt,
+                                    at: now,
+                                },
+                            );
                         }
                     }
                     self.journal(Op::Delivered {
@@ -1789,12 +1817,16 @@ impl<S: MessageStore> Broker<S> {
             seq,
         });
         if self.tracing {
-            self.traces.push(TraceRecord::Settled {
-                seq,
-                service: service.clone(),
-                outcome: Outcome::Acked,
-                at: now,
-            });
+            push_trace(
+                &mut self.traces,
+                &mut self.traces_bytes,
+                TraceRecord::Settled {
+                    seq,
+                    service: service.clone(),
+                    outcome: Outcome::Acked,
+                    at: now,
+                },
+            );
         }
         if let Some(svc) = self.services.get_mut(service.as_str()) {
             svc.queue.release_key(&flight.0.entry);
@@ -1813,12 +1845,16 @@ impl<S: MessageStore> Broker<S> {
             t.nacked += 1;
         }
         if self.tracing {
-            self.traces.push(TraceRecord::Settled {
-                seq: flight.entry.seq,
-                service: service.clone(),
-                outcome: Outcome::Nacked { delay_ms },
-                at: now,
-            });
+            push_trace(
+                &mut self.traces,
+                &mut self.traces_bytes,
+                TraceRecord::Settled {
+                    seq: flight.entry.seq,
+                    service: service.clone(),
+                    outcome: Outcome::Nacked { delay_ms },
+                    at: now,
+                },
+            );
         }
         self.retry_or_dead_letter(
             &service,
@@ -1867,12 +1903,16 @@ impl<S: MessageStore> Broker<S> {
             } else {
                 Outcome::Released { reason: why }
             };
-            self.traces.push(TraceRecord::Settled {
-                seq: entry.seq,
-                service: courier_proto::SharedStr::from(service),
-                outcome,
-                at: now,
-            });
+            push_trace(
+                &mut self.traces,
+                &mut self.traces_bytes,
+                TraceRecord::Settled {
+                    seq: entry.seq,
+                    service: courier_proto::SharedStr::from(service),
+                    outcome,
+                    at: now,
+                },
+            );
         }
         let Some(svc) = self.services.get_mut(service) else {
             return;
@@ -2005,19 +2045,26 @@ impl<S: MessageStore> Broker<S> {
         self.tracing = on;
         if !on {
             self.traces.clear();
+            self.traces_bytes = 0;
         }
     }
 
     /// What happened since the last call, while tracing; `out` (emptied
     /// first) takes the records and hands its allocation over for the next.
-    pub fn take_traces(&mut self, out: &mut Vec<TraceRecord>) {
+    /// Returns about how many bytes of memory the records hold on to.
+    pub fn take_traces(&mut self, out: &mut Vec<TraceRecord>) -> usize {
         out.clear();
         std::mem::swap(out, &mut self.traces);
+        std::mem::take(&mut self.traces_bytes)
+    }
+
+    fn trace(&mut self, record: TraceRecord) {
+        push_trace(&mut self.traces, &mut self.traces_bytes, record);
     }
 
     fn trace_accepted(&mut self, message: &Arc<Message>, seq: Seq, receivers: &Receivers) {
         if self.tracing {
-            self.traces.push(TraceRecord::Accepted {
+            self.trace(TraceRecord::Accepted {
                 message: message.clone(),
                 seq,
                 receivers: receivers.clone(),
@@ -2152,6 +2199,19 @@ impl<S: MessageStore> Broker<S> {
         }
         seqs.len()
     }
+}
+
+/// Records `record`, counting the memory it holds on to (the message it
+/// pins). A free function: callers hold other parts of the broker.
+fn push_trace(traces: &mut Vec<TraceRecord>, bytes: &mut usize, record: TraceRecord) {
+    *bytes += std::mem::size_of::<TraceRecord>()
+        + match &record {
+            TraceRecord::Accepted { message, .. } | TraceRecord::Delivered { message, .. } => {
+                message.payload.len()
+            }
+            TraceRecord::Settled { .. } => 0,
+        };
+    traces.push(record);
 }
 
 /// One service no longer needs `seq`; the last one out removes it.

@@ -14,9 +14,11 @@ mod http;
 mod metrics_text;
 mod tail;
 mod tls;
+mod trace;
 
 pub use auth::{load_manifest, ADMIN_SERVICE};
 pub use tls::{certificate_subject, TlsSettings, ALPN};
+pub use trace::TraceSettings;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -70,6 +72,8 @@ pub struct ServerConfig {
     pub tls: Option<TlsSettings>,
     /// The HTTP port (health, readiness, metrics); `None` serves none.
     pub http: Option<SocketAddr>,
+    /// Activity traces; `None` keeps none.
+    pub trace: Option<TraceSettings>,
     pub broker: BrokerConfig,
 }
 
@@ -88,6 +92,7 @@ impl Default for ServerConfig {
             handshakes_max: 1024,
             tls: None,
             http: None,
+            trace: Some(TraceSettings::default()),
             broker: BrokerConfig::default(),
         }
     }
@@ -104,6 +109,8 @@ pub enum ServerError {
     Insecure(SocketAddr),
     #[error("TLS: {0}")]
     Tls(String),
+    #[error("cannot start the activity traces' thread: {0}")]
+    Trace(std::io::Error),
     #[error("cannot recover the broker's state from its store: {0}")]
     Recovery(#[from] courier_store::StoreError),
     #[error("cannot listen on {addr}: {source}")]
@@ -223,6 +230,8 @@ struct Shared {
     entries_out: AtomicU64,
     /// Live tails and the channel that feeds them.
     tails: tail::Tails,
+    /// Activity traces, unless off.
+    tracer: Option<trace::Tracer>,
 }
 
 fn now_nanos() -> Nanos {
@@ -314,6 +323,13 @@ impl Server {
         for alert in core.take_alerts() {
             warn!("{alert}");
         }
+        let tracer = match &config.trace {
+            Some(settings) => {
+                Some(trace::Tracer::start(settings, now_nanos()).map_err(ServerError::Trace)?)
+            }
+            None => None,
+        };
+        core.set_tracing(tracer.is_some());
         Ok(Server {
             recovery,
             http,
@@ -334,6 +350,7 @@ impl Server {
                 frames_in: AtomicU64::new(0),
                 entries_out: AtomicU64::new(0),
                 tails: tail::Tails::new(),
+                tracer,
             }),
             listener,
         })
@@ -420,6 +437,15 @@ impl Shared {
         for tapped in core.take_taps() {
             let _ = self.tails.sender.send(Arc::new(tapped));
         }
+        // One send per batch, under the lock too: the trace thread sees
+        // acceptances before the deliveries and acks that follow them.
+        if let Some(tracer) = &self.tracer {
+            let mut records = Vec::new();
+            let bytes = core.take_traces(&mut records);
+            if !records.is_empty() {
+                tracer.submit(records, bytes);
+            }
+        }
         for alert in core.take_alerts() {
             warn!("{alert}");
         }
@@ -488,7 +514,8 @@ impl Shared {
                 | Action::OpResult { conn, .. }
                 | Action::Drained { conn }
                 | Action::Pong { conn, .. }
-                | Action::StartTail { conn, .. } => *conn,
+                | Action::StartTail { conn, .. }
+                | Action::TraceQuery { conn, .. } => *conn,
             };
             if current.as_ref().is_none_or(|(c, _)| *c != conn) {
                 current = None;
@@ -540,6 +567,23 @@ impl Shared {
                     }
                     Ok(())
                 }
+                Action::TraceQuery {
+                    conn,
+                    request,
+                    activity_id,
+                    query,
+                } => {
+                    if let (Some(outbox), Some(tracer)) = (outboxes.get(&conn), &self.tracer) {
+                        answer_trace_query(
+                            tracer.clone(),
+                            outbox.clone(),
+                            request,
+                            activity_id,
+                            query,
+                        );
+                    }
+                    Ok(())
+                }
             };
             if let Err(e) = encoded {
                 warn!(conn, error = %e, "could not encode a frame; dropped");
@@ -581,6 +625,30 @@ impl Shared {
         }
         (cut, full)
     }
+}
+
+/// Answers a `courier.trace.*` command off the broker's lock (a tree
+/// may take a while to build) with one final reply.
+fn answer_trace_query(
+    tracer: trace::Tracer,
+    outbox: Arc<Outbox>,
+    request: uuid::Uuid,
+    activity_id: uuid::Uuid,
+    query: courier_broker::TraceQuery,
+) {
+    tokio::task::spawn_blocking(move || {
+        let (outcome, body) = tracer.answer(&query);
+        let mut reply =
+            courier_proto::Message::new(courier_proto::Kind::Reply, outcome, body.to_string());
+        reply.response_to = Some(request);
+        reply.activity_id = activity_id;
+        reply.sender = "courier".into();
+        reply.timestamp = now_nanos();
+        reply
+            .headers
+            .push(("content-type".into(), "application/json".into()));
+        outbox.deliver(&reply, usize::MAX);
+    });
 }
 
 fn reload_manifest(shared: &Shared) -> Result<(), String> {

@@ -93,8 +93,9 @@ pub struct BenchArgs {
     #[arg(long, default_value = "10m", value_parser = crate::parse_duration)]
     timeout: Duration,
     /// `on` (the broker's default: its HTTP port serves, traffic is
-    /// counted per name) or `off` (`--http off --metrics-names-max 0`), to
-    /// measure what observing the traffic costs.
+    /// counted per name, activities are traced) or `off` (`--http off
+    /// --metrics-names-max 0 --trace off`), to measure what observing the
+    /// traffic costs.
     #[arg(long, value_enum, default_value_t = Observability::On)]
     observability: Observability,
     /// Multiplies every message count (after --quick); for tests.

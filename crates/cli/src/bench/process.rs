@@ -209,7 +209,8 @@ impl Drop for ServerChild {
 
 /// Whether the brokers the bench starts observe their traffic (the
 /// default: the HTTP port on a port of its own, per-name metrics) or not
-/// (`--observability off`: no HTTP port, no per-name metrics); set once,
+/// (`--observability off`: no HTTP port, no per-name metrics, no activity
+/// traces); set once,
 /// before the first broker starts.
 pub(super) static OBSERVABILITY_OFF: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(false);
@@ -217,7 +218,14 @@ pub(super) static OBSERVABILITY_OFF: std::sync::atomic::AtomicBool =
 /// The `serve` flags for [`OBSERVABILITY_OFF`].
 pub(super) fn observability_flags() -> &'static [&'static str] {
     if OBSERVABILITY_OFF.load(std::sync::atomic::Ordering::Relaxed) {
-        &["--http", "off", "--metrics-names-max", "0"]
+        &[
+            "--http",
+            "off",
+            "--metrics-names-max",
+            "0",
+            "--trace",
+            "off",
+        ]
     } else {
         &["--http", "127.0.0.1:0"]
     }

@@ -47,7 +47,10 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy -p courier-client --all-targets --features otel --locked -- -D warnings
 echo "== cargo test"
 cargo test --workspace --locked
+# The SDK's OpenTelemetry spans (a feature, off by default).
+cargo test -p courier-client --features otel --locked
 echo "== fuzz (bounded)"
 ./scripts/fuzz.sh

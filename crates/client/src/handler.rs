@@ -223,7 +223,11 @@ pub(crate) fn spawn(inner: &Arc<Inner>, handler: &Handler, incoming: Incoming) {
     let delivered = incoming.delivered.clone();
     let (generation, delivery) = (incoming.generation, incoming.delivery);
     let handling = Handling::of(&delivered.message);
+    #[cfg(feature = "otel")]
+    let span = crate::otel::handler_span(&delivered.message, &handling.trace);
     let (mut future, first) = HANDLING.sync_scope(handling, || {
+        #[cfg(feature = "otel")]
+        let _entered = span.enter();
         let mut future = handler(incoming);
         let mut cx = Context::from_waker(Waker::noop());
         let first = future.as_mut().poll(&mut cx);
@@ -234,7 +238,11 @@ pub(crate) fn spawn(inner: &Arc<Inner>, handler: &Handler, incoming: Incoming) {
         Poll::Pending => {
             let inner = inner.clone();
             tokio::spawn(async move {
-                let result = HANDLING.scope(handling, &mut future).await;
+                #[cfg(feature = "otel")]
+                let future = tracing::Instrument::instrument(&mut future, span);
+                #[cfg(not(feature = "otel"))]
+                let future = &mut future;
+                let result = HANDLING.scope(handling, future).await;
                 finish(&inner, generation, delivery, &delivered, result);
             });
         }
@@ -248,7 +256,14 @@ pub(crate) async fn run(handler: Handler, incoming: Incoming) {
     let delivered = incoming.delivered.clone();
     let (generation, delivery) = (incoming.generation, incoming.delivery);
     let handling = Handling::of(&delivered.message);
-    let result = HANDLING.scope(handling, handler(incoming)).await;
+    #[cfg(feature = "otel")]
+    let future = tracing::Instrument::instrument(
+        handler(incoming),
+        crate::otel::handler_span(&delivered.message, &handling.trace),
+    );
+    #[cfg(not(feature = "otel"))]
+    let future = handler(incoming);
+    let result = HANDLING.scope(handling, future).await;
     finish(&inner, generation, delivery, &delivered, result);
 }
 

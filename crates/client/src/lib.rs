@@ -42,6 +42,8 @@
 mod connection;
 mod error;
 mod handler;
+#[cfg(feature = "otel")]
+mod otel;
 mod pending;
 mod trace_context;
 
@@ -86,7 +88,7 @@ pub(crate) struct Handling {
     activity: Uuid,
     /// The handled message: the parent of everything sent now.
     message: Uuid,
-    trace: TraceParent,
+    pub(crate) trace: TraceParent,
 }
 
 impl Handling {
@@ -104,7 +106,20 @@ impl Handling {
         message.activity_id = self.activity;
         message.parent_id = Some(self.message);
         trace_context::set_traceparent(message, &self.trace.child(message.id));
+        mark_current_span(message);
     }
+}
+
+/// With the `otel` feature, a message sent while an OpenTelemetry span is
+/// current names that span as its sender in `traceparent` (a handler's
+/// span, or the program's own, e.g. an HTTP request's).
+fn mark_current_span(message: &mut Message) {
+    #[cfg(feature = "otel")]
+    if let Some(span) = otel::current() {
+        trace_context::set_traceparent(message, &span);
+    }
+    #[cfg(not(feature = "otel"))]
+    let _ = message;
 }
 
 /// The activity id a message sent now would carry: the one of the message
@@ -907,8 +922,9 @@ pub struct MessageBuilder {
 impl MessageBuilder {
     fn new(client: Client, kind: Kind, name: String) -> MessageBuilder {
         let mut message = Box::new(Message::new(kind, name, Bytes::new()));
-        if let Ok(handling) = HANDLING.try_with(|h| *h) {
-            handling.mark(&mut message);
+        match HANDLING.try_with(|h| *h) {
+            Ok(handling) => handling.mark(&mut message),
+            Err(_) => mark_current_span(&mut message),
         }
         MessageBuilder {
             client,

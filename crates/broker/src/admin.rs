@@ -108,7 +108,7 @@ impl<S: MessageStore> Broker<S> {
                 return Ok(());
             }
             "courier.trace.get" | "courier.trace.find" => {
-                if !self.tracing {
+                if !self.is_tracing() {
                     return Err((
                         ErrorCode::InvalidName,
                         format!(

@@ -39,7 +39,7 @@ use queue::{Entry, Queue};
 pub use recovery::RecoveryReport;
 pub use tap::{TailFilter, Tapped};
 pub use trace::{
-    ActivityFilter, Outcome, TraceQuery, TraceRecord, ACTIVITIES_LIMIT_DEFAULT,
+    ActivityFilter, Outcome, TraceQuery, TraceRecord, TraceSampler, ACTIVITIES_LIMIT_DEFAULT,
     ACTIVITIES_LIMIT_MAX, DEAD_LETTERED,
 };
 
@@ -486,9 +486,9 @@ pub struct Broker<S: MessageStore> {
     /// Someone tails the bus: accepted messages are copied to `taps`.
     tapping: bool,
     taps: Vec<Tapped>,
-    /// Activity traces are kept: what happens to messages is recorded in
-    /// `traces` (`trace.rs`).
-    tracing: bool,
+    /// Activity traces are kept: what happens to the messages of the
+    /// activities the sampler picks is recorded in `traces` (`trace.rs`).
+    sampler: Option<trace::TraceSampler>,
     traces: Vec<TraceRecord>,
     /// Bytes the records in `traces` hold on to (the messages they pin).
     traces_bytes: usize,
@@ -529,7 +529,7 @@ impl<S: MessageStore> Broker<S> {
             traffic: stats::TrafficStats::new(config_names_max),
             tapping: false,
             taps: Vec::new(),
-            tracing: false,
+            sampler: None,
             traces: Vec::new(),
             traces_bytes: 0,
         }
@@ -813,14 +813,7 @@ impl<S: MessageStore> Broker<S> {
                 break;
             };
             if let Some(flight) = svc.queue.finish(delivery) {
-                self.retry_or_dead_letter(
-                    &c.service,
-                    flight.entry,
-                    flight.name,
-                    0,
-                    "receiver disconnected",
-                    now,
-                );
+                self.retry_or_dead_letter(&c.service, flight, 0, "receiver disconnected", now);
             }
         }
         self.pump(&c.service, now);
@@ -1539,7 +1532,8 @@ impl<S: MessageStore> Broker<S> {
             let counted = self.traffic.locate(&message.name, &c.service);
             self.traffic.at(counted).delivered += 1;
             // The broker's own answers belong to no traced activity.
-            if self.tracing && !message.name.starts_with(SYSTEM_PREFIX) {
+            if !message.name.starts_with(SYSTEM_PREFIX) && traces(&self.sampler, &message, self.now)
+            {
                 push_trace(
                     &mut self.traces,
                     &mut self.traces_bytes,
@@ -1604,9 +1598,17 @@ impl<S: MessageStore> Broker<S> {
         if message.is_final {
             self.reply_routes.remove(&command);
         }
-        if self.tapping || self.tracing {
+        let traced = self.sample(&message);
+        if self.tapping || traced {
+            // Only then: a reply's receivers are made for it alone.
             let requester: Receivers = Arc::from([service.clone()]);
-            self.trace_accepted(&message, 0, &requester);
+            if traced {
+                self.trace(TraceRecord::Accepted {
+                    message: message.clone(),
+                    seq: 0,
+                    receivers: requester.clone(),
+                });
+            }
             self.tap(&message, requester);
         }
         match target {
@@ -1722,7 +1724,7 @@ impl<S: MessageStore> Broker<S> {
                 if let Some(t) = self.traffic.traffic(slot, service) {
                     t.expired += 1;
                 }
-                if self.tracing {
+                if traces(&self.sampler, &message, now) {
                     push_trace(
                         &mut self.traces,
                         &mut self.traces_bytes,
@@ -1752,10 +1754,12 @@ impl<S: MessageStore> Broker<S> {
                     let delivery = self.next_delivery;
                     let seq = entry.seq;
                     let slot = self.traffic.slot(&message.name);
-                    svc.queue.start(delivery, conn, entry, deadline, slot);
+                    let traced = traces(&self.sampler, &message, now);
+                    svc.queue
+                        .start(delivery, conn, entry, deadline, slot, traced);
                     if let Some(c) = self.conns.get_mut(&conn) {
                         c.in_flight += 1;
-                        if self.tracing {
+                        if traced {
                             push_trace(
                                 &mut self.traces,
                                 &mut self.traces_bytes,
@@ -1816,7 +1820,7 @@ impl<S: MessageStore> Broker<S> {
             service: service.to_string(),
             seq,
         });
-        if self.tracing {
+        if flight.0.traced {
             push_trace(
                 &mut self.traces,
                 &mut self.traces_bytes,
@@ -1844,7 +1848,7 @@ impl<S: MessageStore> Broker<S> {
         if let Some(t) = self.traffic.traffic(flight.name, &service) {
             t.nacked += 1;
         }
-        if self.tracing {
+        if flight.traced {
             push_trace(
                 &mut self.traces,
                 &mut self.traces_bytes,
@@ -1858,8 +1862,7 @@ impl<S: MessageStore> Broker<S> {
         }
         self.retry_or_dead_letter(
             &service,
-            flight.entry,
-            flight.name,
+            flight,
             u64::from(delay_ms) * NANOS_PER_MS,
             NACKED,
             now,
@@ -1887,17 +1890,22 @@ impl<S: MessageStore> Broker<S> {
     fn retry_or_dead_letter(
         &mut self,
         service: &str,
-        entry: Entry,
-        name: stats::Slot,
+        flight: queue::InFlight,
         delay: Nanos,
         why: &'static str,
         now: Nanos,
     ) {
+        let queue::InFlight {
+            entry,
+            name,
+            traced,
+            ..
+        } = flight;
         let Some(svc) = self.services.get_mut(service) else {
             return;
         };
         let dead = entry.attempts >= svc.max_deliveries;
-        if self.tracing && (dead || why != NACKED) {
+        if traced && (dead || why != NACKED) {
             let outcome = if dead {
                 Outcome::DeadLettered { reason: why }
             } else {
@@ -1980,14 +1988,7 @@ impl<S: MessageStore> Broker<S> {
                 if let Some(c) = self.conns.get_mut(&flight.conn) {
                     c.in_flight = c.in_flight.saturating_sub(1);
                 }
-                self.retry_or_dead_letter(
-                    &service,
-                    flight.entry,
-                    flight.name,
-                    0,
-                    "ack deadline passed",
-                    now,
-                );
+                self.retry_or_dead_letter(&service, flight, 0, "ack deadline passed", now);
             }
             self.pump(&service, now);
         }
@@ -2040,13 +2041,26 @@ impl<S: MessageStore> Broker<S> {
     }
 
     /// Whether what happens to messages is recorded for activity traces
-    /// (the network edge turns it on unless traces are off).
-    pub fn set_tracing(&mut self, on: bool) {
-        self.tracing = on;
-        if !on {
+    /// (the network edge turns it on unless traces are off): `Some(rate)`
+    /// traces every activity up to `rate` accepted messages a second and
+    /// samples whole activities above it (0: every activity).
+    pub fn set_tracing(&mut self, rate: Option<u32>) {
+        self.sampler = rate.map(trace::TraceSampler::new);
+        if rate.is_none() {
             self.traces.clear();
             self.traces_bytes = 0;
         }
+    }
+
+    /// Whether activity traces are kept.
+    pub fn is_tracing(&self) -> bool {
+        self.sampler.is_some()
+    }
+
+    /// Accepted messages the sampler left out of the traces, and 2^-level
+    /// is the share of new activities traced now.
+    pub fn trace_sampling(&self) -> Option<(u64, u8)> {
+        self.sampler.as_ref().map(|s| (s.skipped, s.level()))
     }
 
     /// What happened since the last call, while tracing; `out` (emptied
@@ -2063,13 +2077,21 @@ impl<S: MessageStore> Broker<S> {
     }
 
     fn trace_accepted(&mut self, message: &Arc<Message>, seq: Seq, receivers: &Receivers) {
-        if self.tracing {
+        if self.sample(message) {
             self.trace(TraceRecord::Accepted {
                 message: message.clone(),
                 seq,
                 receivers: receivers.clone(),
             });
         }
+    }
+
+    /// Counts an accepted message for the sampler; whether it is traced.
+    fn sample(&mut self, message: &Message) -> bool {
+        let now = self.now;
+        self.sampler
+            .as_mut()
+            .is_some_and(|s| s.accept(&message.activity_id, now))
     }
 
     fn tap(&mut self, message: &Arc<Message>, receivers: Receivers) {
@@ -2199,6 +2221,13 @@ impl<S: MessageStore> Broker<S> {
         }
         seqs.len()
     }
+}
+
+/// Whether what happens to `message` is recorded: its activity is traced.
+fn traces(sampler: &Option<trace::TraceSampler>, message: &Message, now: Nanos) -> bool {
+    sampler
+        .as_ref()
+        .is_some_and(|s| s.traces(&message.activity_id, now))
 }
 
 /// Records `record`, counting the memory it holds on to (the message it

@@ -1738,7 +1738,7 @@ fn traces_record_acceptance_deliveries_and_their_outcomes_in_order() {
     h.subscribe(2, "todo.create");
     h.connect(3, "audit", 16);
     h.subscribe(3, "todo.created");
-    h.broker.set_tracing(true);
+    h.broker.set_tracing(Some(0));
     let create = command("todo.create", "{}");
     let create_id = create.id;
     h.send(1, 1, create);
@@ -1775,7 +1775,7 @@ fn traces_record_acceptance_deliveries_and_their_outcomes_in_order() {
         ]
     );
 
-    h.broker.set_tracing(false);
+    h.broker.set_tracing(None);
     h.send(1, 5, command("todo.create", "{}"));
     h.deliveries();
     assert!(
@@ -1791,7 +1791,7 @@ fn traces_record_dead_letters_and_expiry() {
     h.connect(2, "todo", 16);
     h.broker
         .subscribe(2, 0, "todo.create", 0, 1, StartFrom::New, h.now);
-    h.broker.set_tracing(true);
+    h.broker.set_tracing(Some(0));
     h.send(1, 1, command("todo.create", "{}"));
     let delivered = h.deliveries();
     h.broker.nack(2, delivered[0].1, 0, h.now);
@@ -1828,7 +1828,7 @@ fn a_failed_sync_voids_the_batch_s_trace_records() {
     h.connect(2, "todo", 16);
     h.subscribe(2, "todo.create");
     h.actions();
-    h.broker.set_tracing(true);
+    h.broker.set_tracing(Some(0));
     h.broker.store_mut().failing_syncs = 1;
     h.send(1, 1, command("todo.create", "{}"));
     let refused = results(&h.actions());

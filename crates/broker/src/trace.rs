@@ -12,6 +12,7 @@
 //! `seq` (what the queues hold), not its id: the edge learns which seq is
 //! which message from the `Accepted` record.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use courier_proto::{validate_pattern, ErrorCode, Message, SharedStr};
@@ -84,6 +85,173 @@ impl Outcome {
             Outcome::Expired => "expired",
         }
     }
+}
+
+/// Decides which activities are traced: all of them up to `rate` accepted
+/// messages a second; above it, an activity is traced if the low `level`
+/// bits of a fixed hash of its id are zero (1 in 2^level). Whole
+/// activities only: the level that counts for a message is the one in
+/// force when its *activity* started — the millisecond in its UUID v7
+/// id — so every message of an activity gets the same answer however the
+/// rate moves meanwhile. Levels follow each 100 ms window's rate, and go
+/// up at once when a window traces more than its share (bursts are cut
+/// within the window). A level change never reaches back past an
+/// activity already decided (a client clock up to 5 s ahead is allowed
+/// for); an activity id that is not a UUID v7 (or far ahead) is timed by
+/// the broker's clock, and is then whole only while the level holds.
+///
+/// Costs a hash and a look at the last level change per message: the
+/// records of skipped activities are never made.
+#[derive(Debug, Clone)]
+pub struct TraceSampler {
+    /// Accepted messages a second traced whole; 0: everything.
+    rate: u32,
+    window_start: Nanos,
+    window_seen: u64,
+    window_traced: u64,
+    level: u8,
+    /// (unix ms from which a level holds, the level), in time order.
+    history: VecDeque<(u64, u8)>,
+    /// The level before the oldest change remembered.
+    level_before_history: u8,
+    /// The latest activity time decided so far (unix ms).
+    newest_decided_ms: u64,
+    /// Accepted messages not traced.
+    pub skipped: u64,
+}
+
+const SAMPLE_WINDOW_NS: Nanos = 100_000_000;
+const WINDOWS_PER_SECOND: u64 = 10;
+/// At most 1 in 2^`LEVEL_MAX` activities is traced.
+const LEVEL_MAX: u8 = 24;
+/// Level changes remembered (at most 10 a second; older activities get
+/// the oldest remembered level).
+const LEVEL_HISTORY_MAX: usize = 4096;
+/// How far ahead of the broker's clock an activity's time is believed.
+const CLOCK_AHEAD_MS_MAX: u64 = 5_000;
+
+impl TraceSampler {
+    pub fn new(rate: u32) -> TraceSampler {
+        TraceSampler {
+            rate,
+            window_start: 0,
+            window_seen: 0,
+            window_traced: 0,
+            level: 0,
+            history: VecDeque::new(),
+            level_before_history: 0,
+            newest_decided_ms: 0,
+            skipped: 0,
+        }
+    }
+
+    /// 1 in 2^level new activities is traced now.
+    pub fn level(&self) -> u8 {
+        self.level
+    }
+
+    /// Counts an accepted message and says whether it is traced.
+    pub fn accept(&mut self, activity: &Uuid, now: Nanos) -> bool {
+        if self.rate == 0 {
+            return true;
+        }
+        if now >= self.window_start.saturating_add(SAMPLE_WINDOW_NS) {
+            let elapsed = now.saturating_sub(self.window_start).max(SAMPLE_WINDOW_NS);
+            let per_second = self.window_seen.saturating_mul(1_000_000_000) / elapsed;
+            let mut level = 0;
+            while level < LEVEL_MAX && (per_second >> level) > u64::from(self.rate) {
+                level += 1;
+            }
+            self.set_level(level, now);
+            self.window_start = now;
+            self.window_seen = 0;
+            self.window_traced = 0;
+        }
+        self.window_seen += 1;
+        let ms = activity_ms(activity, now);
+        self.newest_decided_ms = self.newest_decided_ms.max(ms);
+        if !keeps(activity, self.level_at(ms)) {
+            self.skipped += 1;
+            return false;
+        }
+        self.window_traced += 1;
+        let budget = (u64::from(self.rate) / WINDOWS_PER_SECOND).max(1);
+        if self.window_traced > budget && self.level < LEVEL_MAX {
+            // A burst: new activities from now on are sampled harder.
+            self.set_level(self.level + 1, now);
+            self.window_traced = 0;
+        }
+        true
+    }
+
+    /// Whether a later record of `activity` (a delivery, an outcome) is
+    /// traced: the answer its accepted messages got.
+    pub fn traces(&self, activity: &Uuid, now: Nanos) -> bool {
+        self.rate == 0 || keeps(activity, self.level_at(activity_ms(activity, now)))
+    }
+
+    fn level_at(&self, ms: u64) -> u8 {
+        // Most messages belong to activities begun since the last change.
+        match self.history.back() {
+            None => return self.level,
+            Some(&(from, level)) if from <= ms => return level,
+            Some(_) => {}
+        }
+        let after = self.history.partition_point(|&(from, _)| from <= ms);
+        match after.checked_sub(1) {
+            Some(i) => self.history[i].1,
+            None => self.level_before_history,
+        }
+    }
+
+    /// The new level holds for activities started from now on — or after
+    /// the newest already decided, so none of those changes its answer.
+    fn set_level(&mut self, level: u8, now: Nanos) {
+        if level == self.level {
+            return;
+        }
+        self.level = level;
+        let from = (now / 1_000_000)
+            .max(self.newest_decided_ms + 1)
+            .max(self.history.back().map_or(0, |&(from, _)| from));
+        match self.history.back_mut() {
+            Some(last) if last.0 == from => last.1 = level,
+            _ => self.history.push_back((from, level)),
+        }
+        if self.history.len() > LEVEL_HISTORY_MAX {
+            if let Some((_, level)) = self.history.pop_front() {
+                self.level_before_history = level;
+            }
+        }
+    }
+}
+
+/// When an activity started (unix ms): its UUID v7's timestamp, unless it
+/// has none or it is too far ahead of the broker's clock (then now).
+fn activity_ms(activity: &Uuid, now: Nanos) -> u64 {
+    let now_ms = now / 1_000_000;
+    if activity.get_version_num() == 7 {
+        let b = activity.as_bytes();
+        let ms = u64::from_be_bytes([0, 0, b[0], b[1], b[2], b[3], b[4], b[5]]);
+        if ms <= now_ms + CLOCK_AHEAD_MS_MAX {
+            return ms;
+        }
+    }
+    now_ms
+}
+
+fn keeps(activity: &Uuid, level: u8) -> bool {
+    level == 0 || hash(activity) & ((1u64 << level) - 1) == 0
+}
+
+/// A fixed hash of an activity id (SplitMix64's finalizer over its two
+/// halves): the same answer in every process.
+fn hash(id: &Uuid) -> u64 {
+    let (hi, lo) = id.as_u64_pair();
+    let mut z = hi ^ lo.rotate_left(32) ^ 0x9e37_79b9_7f4a_7c15;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// A question about the activity traces (`courier.trace.get`,
@@ -260,6 +428,106 @@ mod tests {
             let refused = ActivityFilter::from_args(&bad, NOW);
             assert!(refused.is_err(), "{bad} must be refused");
         }
+    }
+
+    const MS: Nanos = 1_000_000;
+
+    /// A UUID v7 of an activity started at `ms` (unix), random bits from `n`.
+    fn activity_at(ms: u64, n: u64) -> Uuid {
+        let mut bytes = [0u8; 16];
+        bytes[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
+        bytes[8..].copy_from_slice(&n.wrapping_mul(0x9e37_79b9_7f4a_7c15).to_be_bytes());
+        bytes[6] = 0x70 | (bytes[6] & 0x0f);
+        bytes[8] = 0x80 | (bytes[8] & 0x3f);
+        Uuid::from_bytes(bytes)
+    }
+
+    #[test]
+    fn under_the_rate_everything_is_traced() {
+        let mut s = TraceSampler::new(1_000);
+        let start = 1_700_000_000_000 * MS;
+        // 500 a second for 3 seconds.
+        for i in 0..1_500u64 {
+            let now = start + i * 2 * MS;
+            assert!(s.accept(&activity_at(now / MS, i), now));
+        }
+        assert_eq!((s.level(), s.skipped), (0, 0));
+        let mut all = TraceSampler::new(0);
+        assert!(all.accept(&Uuid::from_u128(1), 0));
+    }
+
+    #[test]
+    fn above_the_rate_whole_activities_are_traced_whatever_the_level_does() {
+        const RATE: u32 = 1_000;
+        let mut s = TraceSampler::new(RATE);
+        let start = 1_700_000_000_000 * MS;
+        // Activities of 10 messages each, one message every 20 µs (50,000
+        // a second, 50x the rate), each activity's messages spread over
+        // a second while new ones keep starting — and a quiet spell in
+        // the middle drops the level, then traffic raises it again.
+        let mut decided: std::collections::HashMap<u64, Vec<bool>> = Default::default();
+        let mut now = start;
+        let mut next = 0u64;
+        let mut open: VecDeque<(u64, u64, u32)> = VecDeque::new(); // (n, started ms, sent)
+        for step in 0..200_000u64 {
+            now += if (60_000..60_050).contains(&step) {
+                200 * MS
+            } else {
+                20_000
+            };
+            if open.len() < 5_000 {
+                open.push_back((next, now / MS, 0));
+                next += 1;
+            }
+            let Some((n, started, sent)) = open.pop_front() else {
+                continue;
+            };
+            let traced = s.accept(&activity_at(started, n), now);
+            decided.entry(n).or_default().push(traced);
+            if sent + 1 < 10 {
+                open.push_back((n, started, sent + 1));
+            }
+        }
+        let mut kept = 0;
+        for (n, answers) in &decided {
+            assert!(
+                answers.iter().all(|a| *a == answers[0]),
+                "activity {n} was traced in part: {answers:?}"
+            );
+            kept += usize::from(answers[0]);
+        }
+        assert!(s.level() >= 5, "50x the rate: level {}", s.level());
+        let share = kept as f64 / decided.len() as f64;
+        assert!(share < 0.1, "{kept} of {} activities traced", decided.len());
+        assert!(kept > 0);
+        let messages: usize = decided.values().map(Vec::len).sum();
+        let traced: usize = decided.values().filter(|a| a[0]).map(Vec::len).sum();
+        assert_eq!(
+            s.skipped as usize,
+            messages - traced,
+            "every skipped message is counted"
+        );
+        // A later record of an activity gets the answer its messages got.
+        for (n, answers) in decided.iter().take(100) {
+            let started = open.iter().find(|o| o.0 == *n).map(|o| o.1);
+            if let Some(started) = started {
+                assert_eq!(s.traces(&activity_at(started, *n), now), answers[0]);
+            }
+        }
+    }
+
+    #[test]
+    fn a_burst_raises_the_level_within_its_window() {
+        let mut s = TraceSampler::new(100);
+        let start = 1_700_000_000_000 * MS;
+        let mut traced = 0;
+        // 10,000 new activities within 50 ms: far over the 10 a window.
+        for i in 0..10_000u64 {
+            let now = start + i * 5_000;
+            traced += usize::from(s.accept(&activity_at(now / MS, i), now));
+        }
+        assert!(traced < 500, "{traced} traced of 10,000 in one burst");
+        assert!(s.level() > 0);
     }
 
     #[test]

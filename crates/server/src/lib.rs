@@ -329,7 +329,12 @@ impl Server {
             }
             None => None,
         };
-        core.set_tracing(tracer.is_some());
+        core.set_tracing(
+            tracer
+                .as_ref()
+                .and(config.trace.as_ref())
+                .map(|settings| settings.rate),
+        );
         Ok(Server {
             recovery,
             http,

@@ -42,6 +42,9 @@ pub(crate) struct MetricsSnapshot {
     pub entries_out: u64,
     /// `None` when traces are off.
     pub traces: Option<crate::trace::TraceGauges>,
+    /// The core's sampler: messages skipped, and the level (2^-level of
+    /// new activities traced).
+    pub trace_sampling: Option<(u64, u8)>,
 }
 
 impl MetricsSnapshot {
@@ -58,6 +61,7 @@ impl MetricsSnapshot {
         let subscriptions = core.subscription_gauges(now);
         MetricsSnapshot {
             traces,
+            trace_sampling: core.trace_sampling(),
             counters: core.metrics().clone(),
             names,
             names_max,
@@ -152,8 +156,8 @@ impl Collector for Exposition {
         encode_traffic(&mut encoder, &s.names)?;
         encode_subscriptions(&mut encoder, &s.subscriptions)?;
         encode_broker(&mut encoder, s)?;
-        if let Some(traces) = &s.traces {
-            encode_traces(&mut encoder, traces)?;
+        if let (Some(traces), Some(sampling)) = (&s.traces, s.trace_sampling) {
+            encode_traces(&mut encoder, traces, sampling)?;
         }
         Family::open(
             &mut encoder,
@@ -424,7 +428,11 @@ fn encode_broker(encoder: &mut DescriptorEncoder, s: &MetricsSnapshot) -> fmt::R
     Ok(())
 }
 
-fn encode_traces(encoder: &mut DescriptorEncoder, t: &crate::trace::TraceGauges) -> fmt::Result {
+fn encode_traces(
+    encoder: &mut DescriptorEncoder,
+    t: &crate::trace::TraceGauges,
+    (skipped, level): (u64, u8),
+) -> fmt::Result {
     let counters: [(&str, &str, u64); 6] = [
         (
             "courier_trace_messages_traced",
@@ -434,7 +442,7 @@ fn encode_traces(encoder: &mut DescriptorEncoder, t: &crate::trace::TraceGauges)
         (
             "courier_trace_messages_skipped",
             "Accepted messages not traced: above --trace-rate, their activity was not sampled",
-            t.stats.messages_skipped,
+            skipped,
         ),
         (
             "courier_trace_records_unmatched",
@@ -492,7 +500,7 @@ fn encode_traces(encoder: &mut DescriptorEncoder, t: &crate::trace::TraceGauges)
         (
             "courier_trace_sample_ratio",
             "The share of new activities traced now (1 up to --trace-rate messages a second)",
-            1.0 / f64::from(1u32 << t.sample_level.min(31)),
+            1.0 / f64::from(1u32 << level.min(31)),
         ),
     ];
     for (metric, help, value) in gauges {

@@ -9,14 +9,8 @@
 //! ago. The constants count a hash table's worst slack (it doubles), so
 //! the sum bounds what is really allocated (a test measures it).
 //!
-//! Sampling: up to `rate` accepted messages a second every activity is
-//! traced whole. Above it, an activity is kept only if the low `level`
-//! bits of a hash of its id are zero (1 in 2^level, `level` following the
-//! last second's rate), so every message of it gets the same answer; an
-//! activity once kept stays kept (its later messages are not sampled
-//! again), and while anything was skipped within the retention, a message
-//! that continues an activity the index does not hold is skipped too (its
-//! start may have been). Skipped messages are counted.
+//! Sampling happens before any record is made, in the broker core
+//! (`courier_broker::TraceSampler`): what reaches the index is kept.
 
 use std::collections::VecDeque;
 use std::mem::size_of;
@@ -66,16 +60,11 @@ pub(crate) const SEQ_ENTRY_BYTES: usize = (size_of::<(u64, Uuid)>() + 1) * 16 / 
 /// Accepted messages a second above which activities are sampled
 /// (`--trace-rate`), unless 0 (trace everything).
 pub(crate) const TRACE_RATE_DEFAULT: u32 = 20_000;
-/// The sampler keeps at least 1 in 2^`LEVEL_MAX` activities.
-const LEVEL_MAX: u32 = 20;
-const SECOND_NS: Nanos = 1_000_000_000;
 
 #[derive(Debug, Clone)]
 pub(crate) struct IndexConfig {
     pub retention_ns: Nanos,
     pub bytes_max: usize,
-    /// Messages a second traced in full; 0: no sampling.
-    pub rate: u32,
     pub payloads: bool,
 }
 
@@ -83,20 +72,10 @@ pub(crate) struct IndexConfig {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub(crate) struct IndexStats {
     pub messages_traced: u64,
-    pub messages_skipped: u64,
     /// Records of messages the index does not hold (skipped, evicted).
     pub records_unmatched: u64,
     pub evicted_retention: u64,
     pub evicted_size: u64,
-}
-
-/// The sampler's state (see the module's doc).
-struct Sampler {
-    rate: u32,
-    level: u32,
-    window_start: Nanos,
-    window_seen: u64,
-    last_skip_at: Option<Nanos>,
 }
 
 /// What filing a record changes besides the record bytes.
@@ -128,54 +107,6 @@ impl Activity {
     }
 }
 
-impl Sampler {
-    fn new(rate: u32) -> Sampler {
-        Sampler {
-            rate,
-            level: 0,
-            window_start: 0,
-            window_seen: 0,
-            last_skip_at: None,
-        }
-    }
-
-    /// Counts an accepted message and moves to the next window when a
-    /// second has passed: the level is what would have kept the last
-    /// window's rate at or under `rate`.
-    fn count(&mut self, now: Nanos) {
-        if self.rate == 0 {
-            return;
-        }
-        if now >= self.window_start + SECOND_NS {
-            let elapsed = now.saturating_sub(self.window_start).max(SECOND_NS);
-            // Messages per second over the window (an idle gap counts).
-            let per_second = self.window_seen.saturating_mul(SECOND_NS) / elapsed;
-            let mut level = 0;
-            while level < LEVEL_MAX && (per_second >> level) > u64::from(self.rate) {
-                level += 1;
-            }
-            self.level = level;
-            self.window_start = now;
-            self.window_seen = 0;
-        }
-        self.window_seen += 1;
-    }
-
-    fn keeps(&self, activity: &Uuid) -> bool {
-        self.level == 0 || hash(activity) & ((1u64 << self.level) - 1) == 0
-    }
-}
-
-/// A fixed hash of an activity id (SplitMix64's finalizer over its two
-/// halves): the same answer in every process, so sampling is consistent.
-fn hash(id: &Uuid) -> u64 {
-    let (hi, lo) = id.as_u64_pair();
-    let mut z = hi ^ lo.rotate_left(32) ^ 0x9e37_79b9_7f4a_7c15;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
 /// Where a batch's new records go besides memory: the disk log. Each is
 /// (its time, whether it is an accepted message, its bytes in `bytes`).
 #[derive(Default)]
@@ -201,14 +132,12 @@ pub(crate) struct TraceIndex {
     seqs: FastMap<u64, Uuid>,
     /// What everything above counts for (see the module's doc).
     bytes: usize,
-    sampler: Sampler,
     pub stats: IndexStats,
 }
 
 impl TraceIndex {
     pub fn new(config: IndexConfig) -> TraceIndex {
         TraceIndex {
-            sampler: Sampler::new(config.rate),
             config,
             activities: FastMap::default(),
             order: VecDeque::new(),
@@ -232,14 +161,10 @@ impl TraceIndex {
         self.bytes
     }
 
-    /// 1 in 2^level activities is traced now.
-    pub fn sample_level(&self) -> u32 {
-        self.sampler.level
-    }
-
-    /// Takes one record from the core: samples, encodes, files it under
-    /// its activity, and appends it to `written` for the disk.
-    pub fn apply(&mut self, record: &TraceRecord, now: Nanos, written: &mut Written) {
+    /// Takes one record from the core (sampled there already): encodes
+    /// it, files it under its activity, and appends it to `written` for
+    /// the disk.
+    pub fn apply(&mut self, record: &TraceRecord, written: &mut Written) {
         let start = written.bytes.len();
         let (activity, at, filed) = match record {
             TraceRecord::Accepted {
@@ -247,14 +172,6 @@ impl TraceIndex {
                 seq,
                 receivers,
             } => {
-                self.sampler.count(now);
-                let is_root = message.parent_id.is_none() && message.kind != Kind::Reply;
-                if !self.activities.contains_key(&message.activity_id)
-                    && !self.admits(is_root, &message.activity_id, now)
-                {
-                    self.stats.messages_skipped += 1;
-                    return;
-                }
                 record::encode_accepted(
                     &mut written.bytes,
                     message,
@@ -294,23 +211,6 @@ impl TraceIndex {
             .records
             .push((at, filed.is_accepted(), range.clone()));
         self.file(activity, at, &written.bytes[range], filed);
-    }
-
-    /// Whether a message of an activity the index does not hold starts
-    /// being traced (see the module's doc).
-    fn admits(&mut self, is_root: bool, activity: &Uuid, now: Nanos) -> bool {
-        if self.sampler.rate == 0 {
-            return true;
-        }
-        let skipped_lately = self
-            .sampler
-            .last_skip_at
-            .is_some_and(|t| now.saturating_sub(t) < self.config.retention_ns);
-        let admit = (is_root || !skipped_lately) && self.sampler.keeps(activity);
-        if !admit {
-            self.sampler.last_skip_at = Some(now);
-        }
-        admit
     }
 
     /// Takes one record read back from the disk at start-up (it was kept
@@ -507,11 +407,10 @@ mod tests {
     const MS: Nanos = 1_000_000;
     const T0: Nanos = 1_700_000_000_000_000_000;
 
-    fn config(bytes_max: usize, rate: u32) -> IndexConfig {
+    fn config(bytes_max: usize) -> IndexConfig {
         IndexConfig {
             retention_ns: 3_600_000 * MS,
             bytes_max,
-            rate,
             payloads: false,
         }
     }
@@ -558,7 +457,7 @@ mod tests {
                 at: at + 2 * MS,
             },
         ] {
-            index.apply(&record, at, written);
+            index.apply(&record, written);
         }
         command.activity_id
     }
@@ -566,7 +465,7 @@ mod tests {
     #[test]
     fn far_more_than_the_cap_stays_under_it_oldest_out_first() {
         const CAP: usize = 256 * 1024;
-        let mut index = TraceIndex::new(config(CAP, 0));
+        let mut index = TraceIndex::new(config(CAP));
         let mut written = Written::default();
         let mut ids = Vec::new();
         let mut peak = 0;
@@ -603,7 +502,7 @@ mod tests {
 
     #[test]
     fn activities_older_than_the_retention_go_even_when_idle() {
-        let mut index = TraceIndex::new(config(usize::MAX, 0));
+        let mut index = TraceIndex::new(config(usize::MAX));
         let mut written = Written::default();
         let old = activity(&mut index, 1, T0, &mut written);
         let young = activity(&mut index, 3, T0 + 3_000_000 * MS, &mut written);
@@ -613,69 +512,5 @@ mod tests {
         assert_eq!(index.stats.evicted_retention, 1);
         index.evict(T0 + 10 * 3_600_000 * MS);
         assert_eq!((index.activities(), index.memory_bytes()), (0, 0));
-    }
-
-    #[test]
-    fn above_the_rate_whole_activities_are_kept_or_skipped_and_counted() {
-        const RATE: u32 = 1_000;
-        let mut index = TraceIndex::new(config(usize::MAX, RATE));
-        let mut written = Written::default();
-        // 20,000 activities of two messages in one second: 40x the rate.
-        let mut all = Vec::new();
-        for second in 0..2u64 {
-            for i in 0..20_000u64 {
-                let at = T0 + second * 1_000 * MS + i * 50_000;
-                let seq = 1 + 2 * (second * 20_000 + i);
-                all.push(activity(&mut index, seq, at, &mut written));
-            }
-        }
-        let kept: Vec<&Uuid> = all.iter().filter(|id| index.tree(id).is_some()).collect();
-        // The first second is traced until the sampler sees its rate; the
-        // second is sampled at 1 in 64 (40,000/s over 1,000/s).
-        assert_eq!(index.sample_level(), 6);
-        let second_half = all[20_000..]
-            .iter()
-            .filter(|id| index.tree(id).is_some())
-            .count();
-        assert!(
-            (150..=500).contains(&second_half),
-            "{second_half} of 20000 kept at 1 in 64"
-        );
-        for id in &kept {
-            let tree = index.tree(id).expect("kept");
-            assert_eq!(tree["messages"], 2, "a kept activity is whole");
-            assert_eq!(tree["roots"][0]["deliveries"][0]["outcome"], "acked");
-        }
-        assert_eq!(
-            index.stats.messages_skipped,
-            2 * (all.len() - kept.len()) as u64,
-            "every message of a skipped activity is counted"
-        );
-        assert_eq!(index.stats.messages_traced, 2 * kept.len() as u64);
-    }
-
-    #[test]
-    fn after_a_skip_a_continuation_of_an_unknown_activity_is_not_started() {
-        let mut index = TraceIndex::new(config(usize::MAX, 1));
-        let mut written = Written::default();
-        // Push the level up: many roots in one second, then one more second.
-        for i in 0..64u64 {
-            let m = message(Kind::Event, "tick", T0 + i, None);
-            index.apply(&accepted(&m, 0, "x"), T0 + i, &mut written);
-        }
-        let late = T0 + 1_000 * MS;
-        let root = message(Kind::Event, "tick", late, None);
-        index.apply(&accepted(&root, 0, "x"), late, &mut written);
-        assert!(index.sample_level() > 0);
-        assert!(
-            index.sampler.last_skip_at.is_some(),
-            "something was skipped"
-        );
-        // A message continuing an activity the index never saw is not
-        // traced: its start may have been skipped.
-        let unknown = message(Kind::Command, "orphan", late, None);
-        let caused = message(Kind::Command, "next", late + 1, Some(&unknown));
-        index.apply(&accepted(&caused, 0, "y"), late + 1, &mut written);
-        assert!(index.tree(&caused.activity_id).is_none());
     }
 }

@@ -5,8 +5,10 @@
 //! The broker core records compact [`TraceRecord`]s while it works; the
 //! connection that holds the core's lock takes them with everything else
 //! and hands them here in one channel send per batch
-//! ([`Tracer::submit`]). A thread of its own ("courier-trace") samples,
-//! encodes, indexes (`index.rs`) and writes them to a log of their own
+//! ([`Tracer::submit`]); which activities are traced the core decides
+//! as it goes (`courier_broker::TraceSampler`), so skipped ones cost no
+//! record. A thread of its own ("courier-trace") encodes, indexes
+//! (`index.rs`) and writes them to a log of their own
 //! (`<data-dir>/trace/`, on `courier-log`, no fsync), so none of that
 //! costs the broker's lock. At start-up the log is read back within the
 //! retention.
@@ -88,7 +90,6 @@ pub(crate) struct TraceGauges {
     pub memory_bytes: usize,
     pub memory_bytes_max: usize,
     pub disk_bytes: u64,
-    pub sample_level: u32,
     pub batches_dropped: u64,
     pub records_dropped: u64,
     pub disk_errors: u64,
@@ -132,7 +133,6 @@ impl Tracer {
         let config = IndexConfig {
             retention_ns: settings.retention_ms.saturating_mul(1_000_000),
             bytes_max: usize::try_from(settings.bytes_max).unwrap_or(usize::MAX),
-            rate: settings.rate,
             payloads: settings.payloads,
         };
         let mut index = TraceIndex::new(config);
@@ -254,7 +254,6 @@ impl Tracer {
             memory_bytes: index.memory_bytes(),
             memory_bytes_max: index.config().bytes_max,
             disk_bytes: self.counters.disk_bytes.load(Ordering::Relaxed),
-            sample_level: index.sample_level(),
             batches_dropped: self.counters.batches_dropped.load(Ordering::Relaxed),
             records_dropped: self.counters.records_dropped.load(Ordering::Relaxed),
             disk_errors: self.counters.disk_errors.load(Ordering::Relaxed),
@@ -398,7 +397,7 @@ impl Worker {
                 let mut index = lock(&shared);
                 for batch in &batches {
                     for record in &batch.records {
-                        index.apply(record, now, &mut self.written);
+                        index.apply(record, &mut self.written);
                     }
                 }
                 index.evict(now);

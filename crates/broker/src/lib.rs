@@ -17,7 +17,9 @@ mod journal;
 mod queue;
 mod recovery;
 mod refcount;
+mod repeats;
 pub mod stats;
+mod streams;
 mod tap;
 mod trace;
 
@@ -37,6 +39,8 @@ use journal::Op;
 pub use queue::DeadLetter;
 use queue::{Entry, Queue};
 pub use recovery::RecoveryReport;
+use streams::{ReplyFate, Stream};
+pub use streams::{REPLY_WINDOW_HEADER, REPLY_WINDOW_MAX};
 pub use tap::{TailFilter, Tapped};
 pub use trace::{
     ActivityFilter, Outcome, TraceQuery, TraceRecord, TraceSampler, ACTIVITIES_LIMIT_DEFAULT,
@@ -77,6 +81,10 @@ pub struct Config {
     pub reply_routes_max: usize,
     /// Replies held per service while none of its instances is connected.
     pub parked_replies_max: usize,
+    /// Bytes of replies held for flow-controlled streams (PROTOCOL §8.8),
+    /// all streams together; past it a reply that would wait is refused
+    /// (`stream_full`), so a slow requester cannot grow broker memory.
+    pub held_reply_bytes_max: usize,
     /// In-flight deliveries per connection when HELLO asks for 0.
     pub max_in_flight_default: u32,
     /// A connection never gets more than this many deliveries in flight.
@@ -89,6 +97,10 @@ pub struct Config {
     /// Sends per second one service may make (all its instances together);
     /// bursts up to one second's worth. 0: no limit.
     pub send_rate_per_service: u32,
+    /// The frame limit announced in WELCOME: no frame the broker sends is
+    /// longer. A message is accepted only if its DELIVER frame fits
+    /// (`courier_proto::delivery_frame_len` of the message as delivered).
+    pub frame_bytes_max: u32,
     /// Connections one service may hold at once.
     pub connections_per_service_max: u32,
     /// Log written since the last snapshot before another is taken, so a
@@ -151,12 +163,14 @@ impl Default for Config {
             reply_route_ms: 600_000,
             reply_routes_max: 1_000_000,
             parked_replies_max: 10_000,
+            held_reply_bytes_max: 64 * 1024 * 1024,
             max_in_flight_default: 256,
             max_in_flight_limit: 65_536,
             event_retention_ms: 24 * 3600 * 1000,
             retention_rules: Vec::new(),
             retention_bytes_max: 0,
             send_rate_per_service: 1_000_000,
+            frame_bytes_max: courier_proto::FRAME_BYTES_MAX_DEFAULT,
             connections_per_service_max: 1024,
             checkpoint_log_bytes: 128 * 1024 * 1024,
             metrics_names_max: 10_000,
@@ -237,6 +251,12 @@ pub struct Metrics {
     pub transient_dropped_paused: u64,
     pub replies_parked: u64,
     pub replies_dropped: u64,
+    /// Replies of flow-controlled streams that waited for the requester's
+    /// credit.
+    pub replies_held: u64,
+    /// Replies accepted and dropped because their requester had stopped
+    /// reading the stream or disconnected (each sender was told).
+    pub replies_discarded: u64,
     /// Sends and subscriptions the manifest did not allow.
     pub unauthorized: u64,
     /// Sends refused because their service was over its send rate.
@@ -259,6 +279,29 @@ pub struct Metrics {
     pub receivers_paused: u64,
     /// Receivers that asked for more deliveries in flight than the limit.
     pub in_flight_requests_lowered: u64,
+    /// Counted by the network edge: connections closed because a frame
+    /// they had begun did not arrive whole within the frame deadline, or
+    /// because nothing arrived within the keepalive deadline.
+    pub frame_timeouts: u64,
+    pub keepalive_timeouts: u64,
+    /// Connections refused because the broker held its maximum.
+    pub connections_over_cap: u64,
+    /// Connections open now (a gauge kept by the network edge), in their
+    /// handshake or established.
+    pub connections_open: u64,
+    /// Records the store found gone at start-up although they had been
+    /// durable (`docs/STORAGE.md` §8.7), and the queue entries that named
+    /// them, moved to dead letters.
+    pub records_lost: u64,
+    pub messages_lost: u64,
+    /// Damage warnings held back as repeats of one already said (the
+    /// summary line says how many).
+    pub damage_warnings_repeated: u64,
+    /// Counted by the network edge's background scrub: bytes of sealed
+    /// segments checked, passes finished, damaged ranges found.
+    pub scrub_bytes: u64,
+    pub scrub_passes: u64,
+    pub scrub_damage_found: u64,
 }
 
 pub use courier_proto::StartFrom;
@@ -311,6 +354,8 @@ struct Conn {
     paused: bool,
     /// Its service's (the same `Arc`).
     send_bucket: Arc<SendBucket>,
+    /// Commands it sent whose replies are a flow-controlled stream.
+    streams: std::collections::HashSet<Uuid, foldhash::fast::RandomState>,
 }
 
 /// A service's send-rate token bucket, held by each of its connections
@@ -426,6 +471,8 @@ struct ReplyRoute {
     /// loaded from a snapshot have neither ([`stats::Slot::MAX`], 0).
     command: stats::Slot,
     accepted_at: Nanos,
+    /// Set when the requester asked for flow control (PROTOCOL §8.8).
+    stream: Option<Box<Stream>>,
 }
 
 /// Which instance a message should go to.
@@ -453,6 +500,11 @@ pub struct Broker<S: MessageStore> {
     route_cache: FastMap<String, Vec<(u16, Receivers)>>,
     /// Command id → where its replies go.
     reply_routes: ExpiringMap<Uuid, ReplyRoute>,
+    /// Replies of flow-controlled streams delivered and not yet acked →
+    /// their command.
+    reply_deliveries: FastMap<DeliveryId, Uuid>,
+    /// Bytes of replies held for credit, all streams together.
+    held_reply_bytes: usize,
     next_delivery: DeliveryId,
     /// Actions held until the store's next sync: acknowledgements of
     /// durable sends must not leave before the data is durable.
@@ -465,6 +517,10 @@ pub struct Broker<S: MessageStore> {
     now: Nanos,
     /// Things an operator must hear about (corruption, storage failures).
     alerts: Vec<String>,
+    /// Harm to durable data an operator must act on (records lost).
+    errors: Vec<String>,
+    /// Damage warnings already said, whose repeats are only counted.
+    repeats: repeats::Repeats,
     /// The store's `next_seq` at the last checkpoint.
     checkpointed_at: Seq,
     /// The store's size at the last checkpoint.
@@ -511,6 +567,8 @@ impl<S: MessageStore> Broker<S> {
             dedup,
             route_cache: FastMap::default(),
             reply_routes,
+            reply_deliveries: FastMap::default(),
+            held_reply_bytes: 0,
             next_delivery: 0,
             unsynced: Vec::new(),
             actions: Vec::new(),
@@ -518,6 +576,8 @@ impl<S: MessageStore> Broker<S> {
             dirty: false,
             now: 0,
             alerts: Vec::new(),
+            errors: Vec::new(),
+            repeats: repeats::Repeats::default(),
             checkpointed_at: 0,
             checkpointed_bytes: 0,
             degraded: false,
@@ -555,6 +615,20 @@ impl<S: MessageStore> Broker<S> {
     /// Messages for the operator's log since the last call.
     pub fn take_alerts(&mut self) -> Vec<String> {
         std::mem::take(&mut self.alerts)
+    }
+
+    /// Harm to durable data found since the last call (records lost), for
+    /// the operator's log at error level; each says what to do.
+    pub fn take_errors(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.errors)
+    }
+
+    /// Damage found outside the broker's own reads (the network edge's
+    /// background scrub): said once as a warning and counted.
+    pub fn report_scrub_damage(&mut self, damage: String) {
+        self.metrics.scrub_damage_found += 1;
+        self.alerts
+            .push(format!("the background scrub found damage: {damage}"));
     }
 
     /// Appends a delivery-state change to the store's journal; returns
@@ -773,6 +847,7 @@ impl<S: MessageStore> Broker<S> {
                 draining: false,
                 paused: false,
                 send_bucket: svc.send_bucket.clone(),
+                streams: Default::default(),
             },
         );
         // Replies that arrived while no instance of this service was here.
@@ -804,6 +879,11 @@ impl<S: MessageStore> Broker<S> {
         let Some(c) = self.conns.remove(&conn) else {
             return;
         };
+        // Its flow-controlled streams under way cannot be delivered in
+        // order to anyone else: they end (their responders hear so).
+        for command in &c.streams {
+            self.requester_left(*command, now);
+        }
         let Some(svc) = self.services.get_mut(c.service.as_str()) else {
             return;
         };
@@ -1153,7 +1233,9 @@ impl<S: MessageStore> Broker<S> {
             return;
         };
         let (sender, admin) = (c.service.clone(), c.admin);
-        let checked = self.check(&message, now);
+        let checked = self
+            .check(&message, now)
+            .and_then(|()| self.check_delivery_size(&message, &sender));
         // Only a send that passed the checks takes a token.
         let rate = self.config.send_rate_per_service;
         let has_token = checked.is_err() || rate == 0 || c.send_bucket.take(rate, now);
@@ -1217,7 +1299,7 @@ impl<S: MessageStore> Broker<S> {
                 if answered.is_ok() {
                     self.tap(&message, Arc::from([]));
                 }
-                answered
+                answered.map(|()| ReplyFate::Delivered)
             }
             _ if message.name.starts_with(SYSTEM_PREFIX) => Err((
                 ErrorCode::InvalidName,
@@ -1226,11 +1308,22 @@ impl<S: MessageStore> Broker<S> {
                     message.name
                 ),
             )),
-            Kind::Reply => self.route_reply(message),
-            Kind::Command | Kind::Event => self.route(conn, message, now),
+            Kind::Reply => self.route_reply(conn, seq, quiet, message, now),
+            Kind::Command | Kind::Event => self
+                .route(conn, message, now)
+                .map(|()| ReplyFate::Delivered),
         };
         match outcome {
-            Ok(()) => {
+            // Answered when it goes out to the requester (streams.rs).
+            Ok(ReplyFate::Held) => {}
+            Ok(ReplyFate::Discarded(reason)) => {
+                self.dedup.insert(&id, now);
+                self.metrics.accepted += 1;
+                if !quiet {
+                    self.send_result(conn, seq, ErrorCode::Ok, reason);
+                }
+            }
+            Ok(ReplyFate::Delivered) => {
                 // Only accepted ids count for dedup: a refused send retried
                 // with the same id must be tried again, not dropped.
                 self.dedup.insert(&id, now);
@@ -1333,8 +1426,35 @@ impl<S: MessageStore> Broker<S> {
                     m.name
                 ),
             )),
+            (Kind::Command, None) if !m.headers.is_empty() => streams::requested_window(m)
+                .map(|_| ())
+                .map_err(|reason| (ErrorCode::InvalidMessage, reason)),
             _ => Ok(()),
         }
+    }
+
+    /// Refuses a message whose DELIVER frame would be longer than the frame
+    /// limit: the broker never sends a frame above the limit it announced,
+    /// so what it could not deliver it does not accept. What the broker
+    /// adds to a sent message is the sender (the service name, in place of
+    /// whatever the client put there) and 4 bytes of delivery fields.
+    fn check_delivery_size(&self, m: &Message, sender: &str) -> Result<(), (ErrorCode, String)> {
+        let max = self.config.frame_bytes_max as usize;
+        let len = courier_proto::delivery_frame_len(m) - m.sender.len() + sender.len();
+        if len <= max {
+            return Ok(());
+        }
+        let over = len - max;
+        Err((
+            ErrorCode::PayloadTooLarge,
+            format!(
+                "{} would be delivered as a DELIVER frame of {len} bytes, {over} byte(s) over the broker's frame limit of {max}: \
+                 the broker adds the sender ({} bytes, the service name) and 4 bytes of delivery fields to what was sent; \
+                 make the payload at least {over} byte(s) smaller",
+                m.name,
+                sender.len()
+            ),
+        ))
     }
 
     /// Routes a command or event to every service whose subscriptions match.
@@ -1378,7 +1498,8 @@ impl<S: MessageStore> Broker<S> {
         }
         if message.kind == Kind::Command {
             let command = self.traffic.slot(&message.name);
-            self.remember_reply_route(conn, message.id, command, targets.to_vec(), now);
+            let window = streams::requested_window(&message).ok().flatten();
+            self.remember_reply_route(conn, message.id, command, targets.to_vec(), window, now);
         }
         if !message.transient {
             // The payload is a slice of the connection's read buffer, and
@@ -1478,19 +1599,32 @@ impl<S: MessageStore> Broker<S> {
         command: Uuid,
         command_name: stats::Slot,
         receivers: Vec<String>,
+        window: Option<u32>,
         now: Nanos,
     ) {
-        let Some(c) = self.conns.get(&conn) else {
+        let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
+        if window.is_some() {
+            c.streams.insert(command);
+        }
         let route = ReplyRoute {
             service: c.service.to_string(),
             conn,
             receivers,
             command: command_name,
             accepted_at: now,
+            stream: window.map(|w| Box::new(Stream::new(conn, w))),
         };
-        self.reply_routes.insert(command, route, now);
+        if let Some((old, route)) = self.reply_routes.insert(command, route, now) {
+            if let Some(stream) = route.stream {
+                self.expire_stream(
+                    old,
+                    stream,
+                    "was forgotten: too many commands await replies",
+                );
+            }
+        }
     }
 
     fn deliver_transient(&mut self, service: &str, message: &Arc<Message>) {
@@ -1557,8 +1691,16 @@ impl<S: MessageStore> Broker<S> {
     }
 
     /// A reply goes to the connection that sent the command, else to another
-    /// instance of its service, else it waits for one.
-    fn route_reply(&mut self, message: Arc<Message>) -> Result<(), (ErrorCode, String)> {
+    /// instance of its service, else it waits for one — unless its command
+    /// asked for a flow-controlled stream (`streams.rs`).
+    fn route_reply(
+        &mut self,
+        conn: ConnId,
+        seq: u64,
+        quiet: bool,
+        message: Arc<Message>,
+        now: Nanos,
+    ) -> Result<ReplyFate, (ErrorCode, String)> {
         let Some(command) = message.response_to else {
             return Err((
                 ErrorCode::InvalidMessage,
@@ -1581,15 +1723,23 @@ impl<S: MessageStore> Broker<S> {
             ));
         }
         let service = route.service.clone();
-        self.traffic.outcome(route.command, &message.name);
-        if message.is_final {
-            let latency = self.now.saturating_sub(route.accepted_at);
-            if route.accepted_at != 0 {
-                self.traffic.final_reply(route.command, latency);
+        let (route_conn, command_slot, accepted_at) =
+            (route.conn, route.command, route.accepted_at);
+        if route.stream.is_some() {
+            let stream = self
+                .reply_routes
+                .get_mut(&command)
+                .and_then(|r| r.stream.take());
+            if let Some(stream) = stream {
+                let reply = message.clone();
+                let fate = self.route_stream_reply(conn, seq, quiet, message, stream, now)?;
+                self.count_reply(command_slot, accepted_at, &reply, &service);
+                return Ok(fate);
             }
         }
-        let target = if self.conns.contains_key(&route.conn) {
-            Some(route.conn)
+        self.count_reply(command_slot, accepted_at, &message, &service);
+        let target = if self.conns.contains_key(&route_conn) {
+            Some(route_conn)
         } else {
             self.services
                 .get(&service)
@@ -1597,19 +1747,6 @@ impl<S: MessageStore> Broker<S> {
         };
         if message.is_final {
             self.reply_routes.remove(&command);
-        }
-        let traced = self.sample(&message);
-        if self.tapping || traced {
-            // Only then: a reply's receivers are made for it alone.
-            let requester: Receivers = Arc::from([service.clone()]);
-            if traced {
-                self.trace(TraceRecord::Accepted {
-                    message: message.clone(),
-                    seq: 0,
-                    receivers: requester.clone(),
-                });
-            }
-            self.tap(&message, requester);
         }
         match target {
             Some(conn) => {
@@ -1629,7 +1766,36 @@ impl<S: MessageStore> Broker<S> {
                 self.metrics.replies_parked += 1;
             }
         }
-        Ok(())
+        Ok(ReplyFate::Delivered)
+    }
+
+    /// Counts an accepted reply for its command's outcomes (and the
+    /// latency to the final one), and shows it to the tails and traces.
+    fn count_reply(
+        &mut self,
+        command: stats::Slot,
+        accepted_at: Nanos,
+        message: &Arc<Message>,
+        requester: &str,
+    ) {
+        self.traffic.outcome(command, &message.name);
+        if message.is_final && accepted_at != 0 {
+            let latency = self.now.saturating_sub(accepted_at);
+            self.traffic.final_reply(command, latency);
+        }
+        let traced = self.sample(message);
+        if self.tapping || traced {
+            // Only then: a reply's receivers are made for it alone.
+            let requester: Receivers = Arc::from([requester.to_string()]);
+            if traced {
+                self.trace(TraceRecord::Accepted {
+                    message: message.clone(),
+                    seq: 0,
+                    receivers: requester.clone(),
+                });
+            }
+            self.tap(message, requester);
+        }
     }
 
     // ---- delivery ----------------------------------------------------
@@ -1701,18 +1867,28 @@ impl<S: MessageStore> Broker<S> {
                     continue;
                 }
                 Err(e) => {
-                    // Never skipped silently: it stays queued, and the
-                    // operator hears of it each time it is tried.
+                    // Never skipped silently: it stays in the backlog (and
+                    // in snapshots), set aside so it is not tried again
+                    // until the next start, and holds its key; the operator
+                    // hears of it once, of more in the same range in a
+                    // summary.
                     self.metrics.unreadable_messages += 1;
-                    self.alerts.push(format!(
-                        "message {} for {service} cannot be read: {e}",
-                        entry.seq
-                    ));
-                    index += 1;
-                    skipped += 1;
-                    if skipped >= UNMATCHED_SCAN_MAX {
-                        return;
+                    if let Some(entry) = svc.queue.ready.remove(index) {
+                        svc.queue.unreadable.push(entry);
                     }
+                    let reason = e.to_string();
+                    let line = format!(
+                        "message {} for {service} cannot be read: {e}; it stays in the backlog, set aside until the next start",
+                        entry.seq
+                    );
+                    let (lines, repeated) = self.repeats.say(
+                        &format!("{service}\u{0}{reason}"),
+                        line,
+                        || format!("messages for {service} cannot be read ({reason})"),
+                        now,
+                    );
+                    self.metrics.damage_warnings_repeated += u64::from(repeated);
+                    self.alerts.extend(lines);
                     continue;
                 }
             };
@@ -1739,6 +1915,29 @@ impl<S: MessageStore> Broker<S> {
                 release(&mut self.store, &mut self.refs, entry.seq);
                 continue;
             }
+            let len = courier_proto::delivery_frame_len(&message);
+            if len > self.config.frame_bytes_max as usize {
+                // Accepted under a larger limit (the broker was restarted
+                // with a smaller one): it cannot be delivered, and it is
+                // not dropped either.
+                let Some(entry) = svc.queue.ready.remove(index) else {
+                    return;
+                };
+                let max = self.config.frame_bytes_max;
+                self.alerts.push(format!(
+                    "message {} for {service} is {len} bytes as a DELIVER frame, over the frame limit of {max}; dead-lettered",
+                    entry.seq
+                ));
+                let slot = self.traffic.slot(&message.name);
+                self.dead_letter(
+                    service,
+                    entry,
+                    slot,
+                    format!("its DELIVER frame would be {len} bytes, over the broker's frame limit of {max} (was it accepted under a larger limit?)"),
+                    now,
+                );
+                continue;
+            }
             match self.pick(service, &message.name) {
                 Pick::Conn(conn) => {
                     let Some(svc) = self.services.get_mut(service) else {
@@ -1757,6 +1956,12 @@ impl<S: MessageStore> Broker<S> {
                     let traced = traces(&self.sampler, &message, now);
                     svc.queue
                         .start(delivery, conn, entry, deadline, slot, traced);
+                    if message.kind == Kind::Command
+                        && !message.headers.is_empty()
+                        && message.header(REPLY_WINDOW_HEADER).is_some()
+                    {
+                        self.note_stream_handler(message.id, service, delivery);
+                    }
                     if let Some(c) = self.conns.get_mut(&conn) {
                         c.in_flight += 1;
                         if traced {
@@ -1808,6 +2013,8 @@ impl<S: MessageStore> Broker<S> {
     /// The receiver handled a delivery.
     pub fn ack(&mut self, conn: ConnId, delivery: DeliveryId, now: Nanos) {
         let Some(flight) = self.take_flight(conn, delivery) else {
+            // A reply of a flow-controlled stream: one credit back.
+            self.ack_reply(conn, delivery, now);
             return;
         };
         self.metrics.acked += 1;
@@ -1842,6 +2049,9 @@ impl<S: MessageStore> Broker<S> {
     /// The receiver could not handle a delivery now; retry after `delay_ms`.
     pub fn nack(&mut self, conn: ConnId, delivery: DeliveryId, delay_ms: u32, now: Nanos) {
         let Some((flight, service)) = self.take_flight(conn, delivery) else {
+            // A reply of a flow-controlled stream: the requester stops
+            // reading it.
+            self.nack_reply(conn, delivery, now);
             return;
         };
         self.metrics.nacked += 1;
@@ -1926,28 +2136,11 @@ impl<S: MessageStore> Broker<S> {
             return;
         };
         if dead {
-            svc.queue.release_key(&entry);
-            let letter = DeadLetter {
-                seq: entry.seq,
-                attempts: entry.attempts,
-                reason: format!(
-                    "{why} on attempt {} of {}",
-                    entry.attempts, svc.max_deliveries
-                ),
-                at: now,
-            };
-            svc.queue.dead_letters.push(letter.clone());
-            self.metrics.dead_lettered += 1;
-            if let Some(t) = self.traffic.traffic(name, service) {
-                t.dead_lettered += 1;
-            }
-            self.journal(Op::DeadLettered {
-                service: service.to_string(),
-                seq: letter.seq,
-                attempts: letter.attempts,
-                reason: letter.reason,
-                at: now,
-            });
+            let reason = format!(
+                "{why} on attempt {} of {}",
+                entry.attempts, svc.max_deliveries
+            );
+            self.dead_letter(service, entry, name, reason, now);
         } else if delay == 0 {
             svc.queue.make_ready_again(entry);
         } else {
@@ -1961,6 +2154,40 @@ impl<S: MessageStore> Broker<S> {
         }
     }
 
+    /// Moves a message of `service` that is in no other state to its dead
+    /// letters, for good.
+    fn dead_letter(
+        &mut self,
+        service: &str,
+        entry: Entry,
+        name: stats::Slot,
+        reason: String,
+        now: Nanos,
+    ) {
+        let Some(svc) = self.services.get_mut(service) else {
+            return;
+        };
+        svc.queue.release_key(&entry);
+        let letter = DeadLetter {
+            seq: entry.seq,
+            attempts: entry.attempts,
+            reason,
+            at: now,
+        };
+        svc.queue.dead_letters.push(letter.clone());
+        self.metrics.dead_lettered += 1;
+        if let Some(t) = self.traffic.traffic(name, service) {
+            t.dead_lettered += 1;
+        }
+        self.journal(Op::DeadLettered {
+            service: service.to_string(),
+            seq: letter.seq,
+            attempts: letter.attempts,
+            reason: letter.reason,
+            at: now,
+        });
+    }
+
     /// Advances time: deferred messages fall due, overdue deliveries go to
     /// other instances, old dedup ids and reply routes are forgotten.
     pub fn tick(&mut self, now: Nanos) {
@@ -1971,7 +2198,21 @@ impl<S: MessageStore> Broker<S> {
         // Lets a store with a periodic fsync policy catch up while idle.
         self.dirty |= self.store.persistent();
         self.dedup.expire(now);
-        self.reply_routes.expire(now);
+        let mut expired = Vec::new();
+        self.reply_routes.expire_each(now, |command, route| {
+            if let Some(stream) = route.stream {
+                expired.push((command, stream));
+            }
+        });
+        let route_ms = self.config.reply_route_ms;
+        for (command, stream) in expired {
+            self.expire_stream(
+                command,
+                stream,
+                &format!("stopped taking replies: its reply route expired after {route_ms} ms"),
+            );
+        }
+        self.alerts.extend(self.repeats.summaries(now));
         let names: Vec<String> = self.services.keys().cloned().collect();
         for service in names {
             let Some(svc) = self.services.get_mut(&service) else {

@@ -271,6 +271,11 @@ pub(crate) struct Queue {
     key_holder: crate::FastMap<Bytes, Seq>,
     /// Keyed messages that arrived while their key was held, in order.
     key_waiting: crate::FastMap<Bytes, VecDeque<Entry>>,
+    /// Messages whose record could not be read: kept (counted in the
+    /// depth, saved in snapshots as ready, holding their key) but not
+    /// tried again until the next start, so they neither stall the pump
+    /// nor repeat their warning.
+    pub unreadable: Vec<Entry>,
     pub dead_letters: Vec<DeadLetter>,
 }
 
@@ -280,6 +285,7 @@ impl Queue {
         self.ready.len()
             + self.deferred.len()
             + self.in_flight.len()
+            + self.unreadable.len()
             + self.key_waiting.values().map(VecDeque::len).sum::<usize>()
     }
 
@@ -351,6 +357,19 @@ impl Queue {
                 traced,
             },
         );
+    }
+
+    /// Moves the ack deadline of `delivery` to `deadline`, if `conn` holds it.
+    pub fn extend(&mut self, delivery: DeliveryId, conn: u64, deadline: Nanos) {
+        let Some(flight) = self.in_flight.get_mut(&delivery) else {
+            return;
+        };
+        if flight.conn != conn || flight.deadline >= deadline {
+            return;
+        }
+        self.deadlines.remove(&(flight.deadline, delivery));
+        flight.deadline = deadline;
+        self.deadlines.insert((deadline, delivery));
     }
 
     /// Takes a delivery out of flight (ack, nack, deadline or disconnect).
@@ -430,6 +449,7 @@ impl Queue {
                     .map(|((t, _), e)| (e.clone(), 1, Some(*t))),
             )
             .chain(self.in_flight.values().map(|f| (f.entry.clone(), 1, None)))
+            .chain(self.unreadable.iter().map(|e| (e.clone(), 1, None)))
             .chain(
                 self.key_waiting
                     .values()
@@ -447,6 +467,7 @@ impl Queue {
         self.deadlines.clear();
         self.key_holder.clear();
         self.key_waiting.clear();
+        self.unreadable.clear();
         out
     }
 
@@ -460,6 +481,7 @@ impl Queue {
                 .map(|e| e.seq),
         );
         seqs.extend(self.in_flight.drain().map(|(_, f)| f.entry.seq));
+        seqs.extend(self.unreadable.drain(..).map(|e| e.seq));
         seqs.extend(
             self.key_waiting
                 .drain()

@@ -59,7 +59,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         json!({ "activity_id": id }),
     )
     .await?;
-    if outcome == "courier.trace.not-found" {
+    if outcome == "courier.trace.not-found" || outcome == "courier.trace.too-large" {
         anyhow::bail!(
             "{}",
             body["reason"]

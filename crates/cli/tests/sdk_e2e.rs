@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::Broker;
-use courier_client::{Client, ClientOptions, ErrorCode, Incoming};
+use courier_client::{Client, ClientOptions, ConnectionEvent, ErrorCode, Incoming};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -804,6 +804,64 @@ async fn client_reconnects_and_resubscribes_after_a_broker_crash() {
     }
     assert!(worker.is_connected());
     drop(broker);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_events_tell_of_an_outage_and_end_at_shutdown() {
+    let broker = Broker::start();
+    let web = client(&broker, "web").await;
+    let mut events = web.connection_events();
+
+    let broker = broker.crash_and_restart();
+    let lost = tokio::time::timeout(T, events.next())
+        .await
+        .expect("an event in time");
+    assert!(
+        matches!(&lost, Some(ConnectionEvent::Lost { reason }) if !reason.is_empty()),
+        "the outage starts with Lost: {lost:?}"
+    );
+    // Failed attempts may come between, depending on how fast the broker is back.
+    loop {
+        match tokio::time::timeout(T, events.next())
+            .await
+            .expect("restored in time")
+        {
+            Some(ConnectionEvent::ReconnectFailed { error, .. }) => {
+                assert!(error.contains("cannot reach broker"), "{error}")
+            }
+            Some(ConnectionEvent::Restored) => break,
+            other => panic!("expected ReconnectFailed or Restored, got {other:?}"),
+        }
+    }
+    assert!(web.is_connected(), "Restored comes once connected");
+
+    // Ids set by hand: the second send of one id is accepted and dropped.
+    let worker = client(&broker, "w").await;
+    let mut rx = recorder(&worker, "w.once").await;
+    let id = uuid::Uuid::now_v7();
+    for _ in 0..2 {
+        let sent = web.command("w.once").id(id).send().await.expect("accepted");
+        assert_eq!(sent, id);
+    }
+    let first = tokio::time::timeout(T, rx.recv()).await.expect("in time");
+    assert_eq!(first.map(|d| d.0), Some("w.once".to_string()));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), rx.recv())
+            .await
+            .is_err(),
+        "the same id is delivered once"
+    );
+
+    web.shutdown().await;
+    assert_eq!(
+        tokio::time::timeout(T, events.next())
+            .await
+            .expect("ends in time"),
+        None,
+        "the events end with the client"
+    );
+    assert_eq!(web.connection_events().next().await, None);
+    worker.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

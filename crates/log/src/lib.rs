@@ -24,8 +24,10 @@ mod error;
 mod faulty;
 mod format;
 mod fs;
+mod lock;
 mod log;
 mod segment;
+mod verify;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -33,7 +35,9 @@ use std::time::Duration;
 pub use error::{Damage, LogError};
 pub use faulty::{Fault, FaultCounts, FaultOp, FaultyFs};
 pub use fs::{FileSystem, LogFile, OpenMode, RealFs};
+pub use lock::DirLock;
 pub use log::{Log, LogMetrics, SegmentInfo};
+pub use verify::{verify_dir, Scrubber, VerifyProgress, VerifyReport};
 
 /// Record sequence number: the first record of a fresh log gets 1, every
 /// append the next one; a number is never reused once it was durable.

@@ -93,6 +93,13 @@ impl FromStr for Version {
     }
 }
 
+/// The command header that asks for a flow-controlled reply stream
+/// (`docs/PROTOCOL.md` §8.8); its value is the window, in replies, as
+/// decimal digits.
+pub const REPLY_WINDOW_HEADER: &str = "courier-reply-window";
+/// The largest reply window a request may ask for.
+pub const REPLY_WINDOW_MAX: u32 = 65_536;
+
 /// One message on the bus: the envelope of DESIGN §2 plus its payload.
 ///
 /// `timestamp` and `sender` are set by the broker when it accepts the

@@ -25,6 +25,10 @@ pub const PROTOCOL_VERSION_MIN: u16 = 1;
 pub const HELLO_MAGIC: [u8; 4] = *b"CRR1";
 /// Default upper bound of one frame, length prefix excluded.
 pub const FRAME_BYTES_MAX_DEFAULT: u32 = 8 * 1024 * 1024;
+/// The reference broker's default keepalive deadline: a connection on
+/// which nothing arrives for this long is closed (`read_timeout`), so a
+/// client pings an idle connection well within it.
+pub const KEEPALIVE_TIMEOUT_MS_DEFAULT: u64 = 60_000;
 /// An encoder closes a batch frame once it holds this many bytes, so one
 /// large batch never delays the first message in it for long.
 pub const BATCH_BYTES_TARGET: usize = 256 * 1024;
@@ -107,6 +111,12 @@ pub struct Welcome {
     pub connection_id: u64,
     pub frame_bytes_max: u32,
     pub broker: String,
+    /// The service the connection authenticated as, when that is not the
+    /// one HELLO named (HELLO left it empty for the credentials to decide,
+    /// or the credentials are the admin's). Absent otherwise, and from
+    /// brokers that predate the field, so a client whose name stands sees
+    /// WELCOME unchanged.
+    pub service: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -266,6 +276,8 @@ pub enum EncodeError {
     },
     #[error("message has {count} headers; at most {HEADERS_MAX} are allowed")]
     TooManyHeaders { count: usize },
+    #[error("frame of {len} bytes exceeds the receiver's limit of {max} bytes")]
+    FrameTooLarge { len: usize, max: u32 },
 }
 
 /// Decodes one frame from the front of `src`, if a whole one is there.
@@ -371,6 +383,8 @@ pub fn decode_body_as(body: Bytes, version: u16) -> Result<Frame, DecodeError> {
             connection_id: r.u64()?,
             frame_bytes_max: r.u32()?,
             broker: r.str8()?,
+            // The one optional trailing field: present iff bytes remain.
+            service: if r.is_at_end() { None } else { Some(r.str8()?) },
         }),
         frame_type::SEND => {
             let count = r.count(8 + MESSAGE_BYTES_MIN)?;
@@ -540,6 +554,10 @@ impl Reader {
             flags_allowed: flag::allowed(PROTOCOL_VERSION),
             last_name: SharedStr::new(),
         }
+    }
+
+    fn is_at_end(&self) -> bool {
+        self.pos == self.buf.len()
     }
 
     #[inline(always)]
@@ -756,18 +774,28 @@ struct OpenBatch {
     count: u32,
 }
 
+/// Fixed bytes of a batch frame before its first entry: type and count.
+const BATCH_HEADER_BYTES: usize = 1 + 4;
+
 /// Encodes frames into one buffer, merging consecutive batchable entries
 /// (SEND, SEND_RESULT, DELIVER, ACK, NACK) into one frame. One buffer
 /// becomes one `write` call, so under load many messages share a frame and a
 /// syscall, while a lone message still leaves at once.
 ///
-/// A writer speaks one protocol version (the newest unless made with
-/// [`FrameWriter::for_version`]): at version 1 messages are written
-/// without their `parent_id`, so flag `0x80` never reaches a peer that
-/// does not know it.
+/// No frame it writes has a `length` above its frame limit (the peer's
+/// `frame_bytes_max`): a batch that an entry would take over the limit is
+/// closed and the entry starts a frame of its own, and a frame that alone
+/// exceeds the limit is refused ([`EncodeError::FrameTooLarge`]).
+///
+/// A writer speaks one protocol version (the newest unless told with
+/// [`FrameWriter::for_version`] or [`FrameWriter::set_version`]): at
+/// version 1 messages are written without their `parent_id`, so flag
+/// `0x80` never reaches a peer that does not know it.
 pub struct FrameWriter {
     buf: BytesMut,
     open: Option<OpenBatch>,
+    /// The largest `length` a frame may have (the receiver's limit).
+    frame_bytes_max: u32,
     /// The connection's negotiated protocol version.
     version: u16,
     /// About the most recent `take`s took (the largest, fading by a quarter
@@ -784,23 +812,42 @@ pub struct FrameWriter {
 const PRESIZE_BYTES_MAX: usize = 4 * 1024 * 1024;
 
 impl Default for FrameWriter {
-    fn default() -> Self {
-        FrameWriter::for_version(PROTOCOL_VERSION)
+    fn default() -> FrameWriter {
+        FrameWriter::with_frame_bytes_max(FRAME_BYTES_MAX_DEFAULT)
     }
 }
 
 impl FrameWriter {
+    /// A writer for a receiver with the default frame limit
+    /// ([`FRAME_BYTES_MAX_DEFAULT`]).
     pub fn new() -> FrameWriter {
         FrameWriter::default()
     }
 
-    /// A writer for a connection that speaks protocol `version`.
-    pub fn for_version(version: u16) -> FrameWriter {
+    /// A writer for a receiver whose frame limit is `frame_bytes_max`
+    /// (what the broker announced in WELCOME, or announces), at the newest
+    /// protocol version.
+    pub fn with_frame_bytes_max(frame_bytes_max: u32) -> FrameWriter {
         FrameWriter {
             buf: BytesMut::new(),
             open: None,
-            version,
+            frame_bytes_max,
+            version: PROTOCOL_VERSION,
             room_hint: 0,
+        }
+    }
+
+    /// The frame limit this writer keeps to.
+    pub fn frame_bytes_max(&self) -> u32 {
+        self.frame_bytes_max
+    }
+
+    /// A writer for a connection that speaks protocol `version` (frame
+    /// limit: the default).
+    pub fn for_version(version: u16) -> FrameWriter {
+        FrameWriter {
+            version,
+            ..FrameWriter::default()
         }
     }
 
@@ -893,6 +940,14 @@ impl FrameWriter {
             self.buf.truncate(start);
             return result;
         }
+        let len = self.buf.len() - start - LENGTH_PREFIX_BYTES;
+        if len > self.frame_bytes_max as usize {
+            self.buf.truncate(start);
+            return Err(EncodeError::FrameTooLarge {
+                len,
+                max: self.frame_bytes_max,
+            });
+        }
         self.patch_length(start);
         Ok(())
     }
@@ -921,6 +976,9 @@ impl FrameWriter {
                 b.put_u64(w.connection_id);
                 b.put_u32(w.frame_bytes_max);
                 put_str8(b, "broker", &w.broker)?;
+                if let Some(service) = &w.service {
+                    put_str8(b, "service", service)?;
+                }
             }
             Frame::Subscribe(s) => {
                 b.put_u8(frame_type::SUBSCRIBE);
@@ -982,7 +1040,8 @@ impl FrameWriter {
 
     /// Opens (or continues) a batch frame of `frame_type`, runs `entry` to
     /// append one entry, and patches length and count. On error the entry's
-    /// bytes are removed again.
+    /// bytes are removed again. An entry that would take an open batch over
+    /// the frame limit moves to a frame of its own.
     fn batch_entry(
         &mut self,
         frame_type: u8,
@@ -996,26 +1055,33 @@ impl FrameWriter {
             && self.buf.len() - o.start < BATCH_BYTES_TARGET
             && o.count < BATCH_ENTRIES_MAX);
         if !continue_open {
-            let start = self.buf.len();
-            self.buf.put_u32(0);
-            self.buf.put_u8(frame_type);
-            self.buf.put_u32(0);
-            self.open = Some(OpenBatch {
-                frame_type,
-                start,
-                count: 0,
-            });
+            self.open_batch(frame_type);
         }
         let before = self.buf.len();
         if let Err(e) = entry(&mut self.buf) {
-            self.buf.truncate(before);
-            if let Some(open) = &self.open {
-                if open.count == 0 {
-                    self.buf.truncate(open.start);
-                    self.open = None;
-                }
-            }
+            self.drop_entry(before);
             return Err(e);
+        }
+        let max = self.frame_bytes_max as usize;
+        let Some(open) = &self.open else {
+            return Ok(());
+        };
+        let frame_len = self.buf.len() - open.start - LENGTH_PREFIX_BYTES;
+        if frame_len > max {
+            let entry_len = self.buf.len() - before;
+            if open.count == 0 || BATCH_HEADER_BYTES + entry_len > max {
+                // Too large even alone: no receiver with this limit takes it.
+                self.drop_entry(before);
+                return Err(EncodeError::FrameTooLarge {
+                    len: BATCH_HEADER_BYTES + entry_len,
+                    max: self.frame_bytes_max,
+                });
+            }
+            // The open batch stays as it was; the entry starts the next
+            // frame. A copy, but only of an entry near the limit in size.
+            let moved = self.buf.split_off(before);
+            self.open_batch(frame_type);
+            self.buf.extend_from_slice(&moved);
         }
         if let Some(open) = &mut self.open {
             open.count += 1;
@@ -1024,6 +1090,31 @@ impl FrameWriter {
             self.patch_length(start);
         }
         Ok(())
+    }
+
+    /// Starts a batch frame of `frame_type` with no entries yet.
+    fn open_batch(&mut self, frame_type: u8) {
+        let start = self.buf.len();
+        self.buf.put_u32(0);
+        self.buf.put_u8(frame_type);
+        self.buf.put_u32(0);
+        self.open = Some(OpenBatch {
+            frame_type,
+            start,
+            count: 0,
+        });
+    }
+
+    /// Removes a failed entry's bytes (from `before`), and its batch frame
+    /// too when that holds nothing else.
+    fn drop_entry(&mut self, before: usize) {
+        self.buf.truncate(before);
+        if let Some(open) = &self.open {
+            if open.count == 0 {
+                self.buf.truncate(open.start);
+                self.open = None;
+            }
+        }
     }
 
     pub fn push_send(&mut self, seq: u64, message: &Message) -> Result<(), EncodeError> {
@@ -1123,6 +1214,20 @@ fn put_str16_lossy(b: &mut BytesMut, s: &str) {
     }
     b.put_u16(end as u16);
     b.put_slice(&s.as_bytes()[..end]);
+}
+
+/// The `length` of a DELIVER frame that carries `m` alone: type, count,
+/// delivery id, attempt and the message (`docs/PROTOCOL.md` §5.8). The
+/// broker accepts a message only if this, for the message as it will be
+/// delivered (with its `sender` set), is within its frame limit.
+pub fn delivery_frame_len(m: &Message) -> usize {
+    BATCH_HEADER_BYTES + 8 + 4 + encoded_message_len(m)
+}
+
+/// The `length` of a SEND frame that carries `m` alone: type, count, seq
+/// and the message (`docs/PROTOCOL.md` §5.3).
+pub fn send_frame_len(m: &Message) -> usize {
+    BATCH_HEADER_BYTES + 8 + encoded_message_len(m)
 }
 
 /// Bytes [`put_message`] will write for `m` (at the newest protocol
@@ -1317,6 +1422,14 @@ mod tests {
                 connection_id: 9,
                 frame_bytes_max: 1024,
                 broker: "courier".into(),
+                service: None,
+            }),
+            Frame::Welcome(Welcome {
+                version: 1,
+                connection_id: 10,
+                frame_bytes_max: 1024,
+                broker: "courier".into(),
+                service: Some("web".into()),
             }),
             Frame::Send(vec![
                 SendEntry {
@@ -1372,6 +1485,50 @@ mod tests {
             Frame::Drained,
         ];
         assert_eq!(roundtrip(&frames), frames);
+    }
+
+    #[test]
+    fn welcome_names_the_service_only_when_it_carries_one() {
+        // PROTOCOL.md §10.2: WELCOME without the service field, as a client
+        // that named itself in HELLO gets it (and as older brokers sent it).
+        let plain: &[u8] = &[
+            0, 0, 0, 0x17, 0x02, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0x80, 0, 0, 7, b'c', b'o', b'u',
+            b'r', b'i', b'e', b'r',
+        ];
+        let welcome = |service: Option<&str>| {
+            Frame::Welcome(Welcome {
+                version: 1,
+                connection_id: 1,
+                frame_bytes_max: FRAME_BYTES_MAX_DEFAULT,
+                broker: "courier".into(),
+                service: service.map(str::to_string),
+            })
+        };
+        let decode = |bytes: &[u8]| decode_frame(&mut BytesMut::from(bytes), u32::MAX);
+        assert_eq!(decode(plain), Ok(Some(welcome(None))));
+        let mut w = FrameWriter::new();
+        w.push(&welcome(None)).expect("encodes");
+        assert_eq!(&w.take()[..], plain);
+
+        // The same with `service` appended: a str8 after `broker`.
+        let mut named = plain.to_vec();
+        named[3] += 4;
+        named.extend_from_slice(&[3, b'w', b'e', b'b']);
+        assert_eq!(decode(&named), Ok(Some(welcome(Some("web")))));
+        w.push(&welcome(Some("web"))).expect("encodes");
+        assert_eq!(&w.take()[..], &named[..]);
+
+        // Nothing may follow it.
+        let mut longer = named.clone();
+        longer[3] += 1;
+        longer.push(0);
+        assert_eq!(
+            decode(&longer),
+            Err(DecodeError::TrailingBytes {
+                offset: 27,
+                extra: 1
+            })
+        );
     }
 
     #[test]
@@ -1505,6 +1662,98 @@ mod tests {
         let mut b = BytesMut::new();
         put_message(&mut b, &plain).expect("encodes");
         assert_eq!(b.len(), encoded_message_len(&plain));
+    }
+
+    /// A message whose DELIVER frame of one entry is exactly `len` long.
+    fn message_delivered_as(len: usize) -> Message {
+        let mut m = Message::new(Kind::Event, "a.b", "");
+        m.sender = "svc".into();
+        let fixed = delivery_frame_len(&m);
+        m.payload = Bytes::from(vec![7u8; len - fixed]);
+        assert_eq!(delivery_frame_len(&m), len);
+        m
+    }
+
+    #[test]
+    fn frame_lengths_of_one_message_are_what_the_writer_writes() {
+        let m = sample(Kind::Reply);
+        let mut w = FrameWriter::new();
+        w.push_delivery(1, 1, &m).expect("encodes");
+        let frame = w.take();
+        assert_eq!(frame.len(), 4 + delivery_frame_len(&m));
+        w.push_send(1, &m).expect("encodes");
+        let frame = w.take();
+        assert_eq!(frame.len(), 4 + send_frame_len(&m));
+        assert_eq!(
+            delivery_frame_len(&m) - send_frame_len(&m),
+            4,
+            "delivery id and attempt (12 bytes) take the place of seq (8)"
+        );
+    }
+
+    #[test]
+    fn a_frame_of_exactly_the_limit_is_written_and_one_byte_more_is_refused() {
+        let limit = 1_000u32;
+        let mut w = FrameWriter::with_frame_bytes_max(limit);
+        w.push_ack(9);
+        let fits = message_delivered_as(limit as usize);
+        w.push_delivery(1, 1, &fits)
+            .expect("exactly the limit fits");
+        let over = message_delivered_as(limit as usize + 1);
+        assert_eq!(
+            w.push_delivery(2, 1, &over),
+            Err(EncodeError::FrameTooLarge {
+                len: limit as usize + 1,
+                max: limit
+            })
+        );
+        let mut buf = w.take();
+        assert_eq!(
+            decode_frame(&mut buf, limit).expect("ok"),
+            Some(Frame::Ack(vec![9]))
+        );
+        let prefix = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
+        assert_eq!(prefix, limit, "the DELIVER frame is exactly the limit");
+        match decode_frame(&mut buf, limit).expect("ok") {
+            Some(Frame::Deliver(entries)) => {
+                assert_eq!(entries.len(), 1, "the refused entry left nothing behind");
+                assert_eq!(entries[0].message, fits);
+            }
+            other => panic!("expected one DELIVER, got {other:?}"),
+        }
+        assert!(buf.is_empty());
+        let mut single = FrameWriter::with_frame_bytes_max(8);
+        assert!(matches!(
+            single.push(&Frame::Ping(1)),
+            Err(EncodeError::FrameTooLarge { len: 9, max: 8 })
+        ));
+        assert!(single.is_empty());
+    }
+
+    #[test]
+    fn an_entry_that_would_take_a_batch_over_the_limit_starts_the_next_frame() {
+        let limit = 1_000u32;
+        let mut w = FrameWriter::with_frame_bytes_max(limit);
+        let small = message_delivered_as(300);
+        let large = message_delivered_as(900);
+        w.push_delivery(1, 1, &small).expect("encodes");
+        w.push_delivery(2, 1, &small).expect("encodes");
+        w.push_delivery(3, 1, &large).expect("encodes");
+        w.push_delivery(4, 1, &small).expect("encodes");
+        let mut buf = w.take();
+        let mut batches = Vec::new();
+        while buf.len() >= 4 {
+            let prefix = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
+            assert!(prefix <= limit, "a frame of {prefix} bytes");
+            match decode_frame(&mut buf, limit).expect("decodes") {
+                Some(Frame::Deliver(entries)) => {
+                    batches.push(entries.iter().map(|e| e.delivery).collect::<Vec<_>>())
+                }
+                other => panic!("expected DELIVER, got {other:?}"),
+            }
+        }
+        assert!(buf.is_empty());
+        assert_eq!(batches, vec![vec![1, 2], vec![3], vec![4]]);
     }
 
     fn arb_message() -> impl Strategy<Value = Message> {

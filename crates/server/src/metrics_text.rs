@@ -433,7 +433,12 @@ fn encode_traces(
     t: &crate::trace::TraceGauges,
     (skipped, level): (u64, u8),
 ) -> fmt::Result {
-    let counters: [(&str, &str, u64); 6] = [
+    let counters: [(&str, &str, u64); 7] = [
+        (
+            "courier_trace_records_truncated",
+            "Records left out of activities that reached their size limit (1 MiB each)",
+            t.stats.records_truncated,
+        ),
         (
             "courier_trace_messages_traced",
             "Accepted messages kept in activity traces",

@@ -332,10 +332,20 @@ impl Broker {
     /// Like [`Broker::start_on`] at log level `info`, with stderr collected
     /// instead of inherited.
     pub fn start_watched(listen: &str, data_dir: tempdir::Dir) -> (Broker, StderrLog) {
+        Broker::start_watched_with(listen, data_dir, &[])
+    }
+
+    /// [`Broker::start_watched`] with extra `serve` flags.
+    pub fn start_watched_with(
+        listen: &str,
+        data_dir: tempdir::Dir,
+        extra: &[&str],
+    ) -> (Broker, StderrLog) {
         let mut child = Command::new(courier_bin())
             .args(["serve", "--listen", listen, "--data-dir"])
             .arg(data_dir.path())
-            .args(http_flags(&[]))
+            .args(http_flags(extra))
+            .args(extra)
             .env("COURIER_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
@@ -372,7 +382,7 @@ impl Broker {
             ready.contains(listen),
             "ready line {ready:?} names the address {listen}"
         );
-        let http = http_line(&[], &mut lines);
+        let http = http_line(extra, &mut lines);
         std::thread::spawn(move || lines.for_each(drop));
         (
             Broker {

@@ -37,6 +37,8 @@ struct Activity {
     records: Vec<u8>,
     /// Stored messages of it (seq → this activity in `seqs`).
     stored: u32,
+    /// Records left out once it held `ACTIVITY_RECORDS_BYTES_MAX`.
+    dropped: u32,
     /// What it counts for in the index's `bytes`.
     cost: usize,
 }
@@ -44,6 +46,10 @@ struct Activity {
 /// Room a growing record buffer gets beyond the record that needs it
 /// (and a quarter of what it holds).
 const RECORDS_SLACK_BYTES: usize = 32;
+/// The most record bytes one activity keeps (some 5,000 messages with
+/// their deliveries): one endless activity (a long stream, a batch job)
+/// must not push every other out, nor make a tree too large to send.
+pub(crate) const ACTIVITY_RECORDS_BYTES_MAX: usize = 1024 * 1024;
 /// Final outcomes an activity summary lists.
 const OUTCOMES_KEPT_MAX: usize = 8;
 
@@ -72,6 +78,8 @@ pub(crate) struct IndexConfig {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub(crate) struct IndexStats {
     pub messages_traced: u64,
+    /// Records left out of activities over `ACTIVITY_RECORDS_BYTES_MAX`.
+    pub records_truncated: u64,
     /// Records of messages the index does not hold (skipped, evicted).
     pub records_unmatched: u64,
     pub evicted_retention: u64,
@@ -257,10 +265,17 @@ impl TraceIndex {
                         dead_lettered: false,
                         records: Vec::new(),
                         stored: 0,
+                        dropped: 0,
                         cost: ACTIVITY_FIXED_BYTES,
                     }))
             }
         };
+        entry.last_at = entry.last_at.max(at);
+        if entry.records.len() + bytes.len() > ACTIVITY_RECORDS_BYTES_MAX {
+            entry.dropped = entry.dropped.saturating_add(1);
+            self.stats.records_truncated += 1;
+            return;
+        }
         let before = entry.heap_bytes();
         if entry.records.capacity() - entry.records.len() < bytes.len() {
             // Grows by a quarter rather than doubling: most activities
@@ -352,7 +367,12 @@ impl TraceIndex {
     /// One activity's causal tree, if the index holds it.
     pub fn tree(&self, activity: &Uuid) -> Option<Value> {
         let entry = self.activities.get(activity)?;
-        Some(tree::build(*activity, &record::decode_all(&entry.records)))
+        let mut tree = tree::build(*activity, &record::decode_all(&entry.records));
+        if entry.dropped > 0 {
+            tree["truncated"] = json!(true);
+            tree["records_dropped"] = json!(entry.dropped);
+        }
+        Some(tree)
     }
 
     /// Recent activities matching `filter`, newest first.
@@ -498,6 +518,25 @@ mod tests {
             2 * kept,
             "evicted activities leave nothing in the seq map"
         );
+    }
+
+    #[test]
+    fn one_endless_activity_keeps_its_first_megabyte_and_says_it_was_cut() {
+        let mut index = TraceIndex::new(config(usize::MAX));
+        let mut written = Written::default();
+        let root = message(Kind::Command, "job.run", T0, None);
+        index.apply(&accepted(&root, 1, "worker"), &mut written);
+        for i in 0..20_000u64 {
+            let step = message(Kind::Event, "job.step", T0 + i, Some(&root));
+            index.apply(&accepted(&step, 2 + i, "audit"), &mut written);
+        }
+        let tree = index.tree(&root.activity_id).expect("kept");
+        assert_eq!(tree["truncated"], true);
+        let kept = tree["messages"].as_u64().expect("count");
+        assert!(kept > 5_000 && kept < 20_000, "{kept} kept");
+        assert_eq!(tree["records_dropped"].as_u64(), Some(20_001 - kept));
+        assert!(index.memory_bytes() < 2 * ACTIVITY_RECORDS_BYTES_MAX);
+        assert_eq!(index.stats.records_truncated, 20_001 - kept);
     }
 
     #[test]

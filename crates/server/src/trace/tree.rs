@@ -4,7 +4,7 @@
 //! commands those caused — with what became of every delivery.
 //!
 //! The JSON shape is the one `GET /v1/activities/{id}` and
-//! `courier.trace.get` answer with (`docs/PROTOCOL.md` §8.8).
+//! `courier.trace.get` answer with (`docs/PROTOCOL.md` §8.10).
 
 use std::collections::HashMap;
 

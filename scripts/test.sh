@@ -47,8 +47,11 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy -p courier-client --all-targets --features otel --locked -- -D warnings
 echo "== cargo test"
 cargo test --workspace --locked
+# The SDK's OpenTelemetry spans (a feature, off by default).
+cargo test -p courier-client --features otel --locked
 # The TypeScript client, against the debug broker the cargo tests just built.
 echo "== TypeScript client (clients/typescript)"
 if ! command -v npm >/dev/null 2>&1 || ! node -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 20 ? 0 : 1)'; then

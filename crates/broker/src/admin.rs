@@ -107,6 +107,30 @@ impl<S: MessageStore> Broker<S> {
                 // The network edge answers from here on, reply by reply.
                 return Ok(());
             }
+            "courier.trace.get" | "courier.trace.find" => {
+                if !self.is_tracing() {
+                    return Err((
+                        ErrorCode::InvalidName,
+                        format!(
+                            "{}: activity traces are off on this broker (it was started with --trace off)",
+                            command.name
+                        ),
+                    ));
+                }
+                let query = if command.name.as_str() == "courier.trace.get" {
+                    crate::TraceQuery::activity_from_args(&args)?
+                } else {
+                    crate::TraceQuery::Activities(crate::ActivityFilter::from_args(&args, now)?)
+                };
+                self.actions.push(crate::Action::TraceQuery {
+                    conn,
+                    request: command.id,
+                    activity_id: command.activity_id,
+                    query,
+                });
+                // The network edge answers: the traces live there.
+                return Ok(());
+            }
             "courier.dead-letters.list" => {
                 let service = service()?;
                 // Paging: a listing too long for one frame is cut (see

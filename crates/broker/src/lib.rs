@@ -21,6 +21,7 @@ mod repeats;
 pub mod stats;
 mod streams;
 mod tap;
+mod trace;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,6 +42,10 @@ pub use recovery::RecoveryReport;
 use streams::{ReplyFate, Stream};
 pub use streams::{REPLY_WINDOW_HEADER, REPLY_WINDOW_MAX};
 pub use tap::{TailFilter, Tapped};
+pub use trace::{
+    ActivityFilter, Outcome, TraceQuery, TraceRecord, TraceSampler, ACTIVITIES_LIMIT_DEFAULT,
+    ACTIVITIES_LIMIT_MAX, DEAD_LETTERED,
+};
 
 /// The maps touched for every message (here and in the server): keyed by
 /// a fast hasher seeded at random per process (keys come from clients, so
@@ -53,6 +58,8 @@ pub type ConnId = u64;
 pub type DeliveryId = u64;
 
 const NANOS_PER_MS: u64 = 1_000_000;
+/// Why a delivery is retried after a NACK (dead letters and traces say it).
+const NACKED: &str = "nacked";
 /// Journal entries kept in memory while the disk fails; past this, the
 /// oldest delivery bookkeeping is lost (counted), never messages.
 const DEFERRED_JOURNAL_ENTRIES_MAX: usize = 1_000_000;
@@ -213,6 +220,15 @@ pub enum Action {
         activity_id: Uuid,
         filter: TailFilter,
     },
+    /// An admin asked about the activity traces (`courier.trace.get`,
+    /// `courier.trace.find`): the network edge, which keeps them, answers
+    /// `request` with one final reply.
+    TraceQuery {
+        conn: ConnId,
+        request: Uuid,
+        activity_id: Uuid,
+        query: TraceQuery,
+    },
 }
 
 /// Counters for `/metrics` and tests; they only ever go up.
@@ -327,7 +343,8 @@ struct Conn {
     service: courier_proto::SharedStr,
     /// Authenticated as the manifest's admin role.
     admin: bool,
-    instance: String,
+    /// Shared like `service`: trace records name it by reference count.
+    instance: courier_proto::SharedStr,
     max_in_flight: u32,
     in_flight: u32,
     /// Patterns this connection consumes; empty means it only sends.
@@ -525,6 +542,12 @@ pub struct Broker<S: MessageStore> {
     /// Someone tails the bus: accepted messages are copied to `taps`.
     tapping: bool,
     taps: Vec<Tapped>,
+    /// Activity traces are kept: what happens to the messages of the
+    /// activities the sampler picks is recorded in `traces` (`trace.rs`).
+    sampler: Option<trace::TraceSampler>,
+    traces: Vec<TraceRecord>,
+    /// Bytes the records in `traces` hold on to (the messages they pin).
+    traces_bytes: usize,
 }
 
 impl<S: MessageStore> Broker<S> {
@@ -566,6 +589,9 @@ impl<S: MessageStore> Broker<S> {
             traffic: stats::TrafficStats::new(config_names_max),
             tapping: false,
             taps: Vec::new(),
+            sampler: None,
+            traces: Vec::new(),
+            traces_bytes: 0,
         }
     }
 
@@ -723,6 +749,10 @@ impl<S: MessageStore> Broker<S> {
         self.alerts.push(format!(
             "storage sync failed: {error}; refusing this batch and rebuilding state from the log"
         ));
+        // Nothing of the batch happened: its sends are refused, its
+        // deliveries dropped, and seqs it used are issued again.
+        self.traces.clear();
+        self.traces_bytes = 0;
         let reason = format!("not stored: {error}");
         let batch: Vec<Action> = self
             .actions
@@ -810,7 +840,7 @@ impl<S: MessageStore> Broker<S> {
             Conn {
                 service: courier_proto::SharedStr::from(service),
                 admin,
-                instance: instance.to_string(),
+                instance: courier_proto::SharedStr::from(instance),
                 max_in_flight,
                 in_flight: 0,
                 patterns: Vec::new(),
@@ -863,14 +893,7 @@ impl<S: MessageStore> Broker<S> {
                 break;
             };
             if let Some(flight) = svc.queue.finish(delivery) {
-                self.retry_or_dead_letter(
-                    &c.service,
-                    flight.entry,
-                    flight.name,
-                    0,
-                    "receiver disconnected",
-                    now,
-                );
+                self.retry_or_dead_letter(&c.service, flight, 0, "receiver disconnected", now);
             }
         }
         self.pump(&c.service, now);
@@ -1458,6 +1481,7 @@ impl<S: MessageStore> Broker<S> {
                 return Err((ErrorCode::NoReceiver, reason));
             }
             self.metrics.dropped_unrouted += 1;
+            self.trace_accepted(&message, 0, &targets);
             self.tap(&message, targets);
             if !message.transient {
                 // Kept for history replay (`--from`) until retention ends;
@@ -1486,6 +1510,7 @@ impl<S: MessageStore> Broker<S> {
             owned.payload = bytes::Bytes::copy_from_slice(&owned.payload);
         }
         if message.transient {
+            self.trace_accepted(&message, 0, &targets);
             self.tap(&message, targets.clone());
             for service in targets.iter() {
                 self.deliver_transient(service, &message);
@@ -1498,6 +1523,9 @@ impl<S: MessageStore> Broker<S> {
             .map_err(|e| (ErrorCode::StorageFailed, format!("not stored: {e}")))?;
         self.dirty = true;
         self.batch_appended = true;
+        // Before its deliveries (in `pump` below): records keep the order
+        // things happened in.
+        self.trace_accepted(&message, seq, &targets);
         self.enqueue(seq, &message, &targets, now);
         self.tap(&message, targets.clone());
         for service in targets.iter() {
@@ -1637,6 +1665,22 @@ impl<S: MessageStore> Broker<S> {
         if let Some(c) = self.conns.get(&conn) {
             let counted = self.traffic.locate(&message.name, &c.service);
             self.traffic.at(counted).delivered += 1;
+            // The broker's own answers belong to no traced activity.
+            if !message.name.starts_with(SYSTEM_PREFIX) && traces(&self.sampler, &message, self.now)
+            {
+                push_trace(
+                    &mut self.traces,
+                    &mut self.traces_bytes,
+                    TraceRecord::Delivered {
+                        message: message.clone(),
+                        seq: 0,
+                        service: c.service.clone(),
+                        instance: c.instance.clone(),
+                        attempt: 1,
+                        at: self.now,
+                    },
+                );
+            }
         }
         self.actions.push(Action::Deliver {
             conn,
@@ -1726,7 +1770,7 @@ impl<S: MessageStore> Broker<S> {
     }
 
     /// Counts an accepted reply for its command's outcomes (and the
-    /// latency to the final one), and shows it to the tails.
+    /// latency to the final one), and shows it to the tails and traces.
     fn count_reply(
         &mut self,
         command: stats::Slot,
@@ -1739,8 +1783,17 @@ impl<S: MessageStore> Broker<S> {
             let latency = self.now.saturating_sub(accepted_at);
             self.traffic.final_reply(command, latency);
         }
-        if self.tapping {
+        let traced = self.sample(message);
+        if self.tapping || traced {
+            // Only then: a reply's receivers are made for it alone.
             let requester: Receivers = Arc::from([requester.to_string()]);
+            if traced {
+                self.trace(TraceRecord::Accepted {
+                    message: message.clone(),
+                    seq: 0,
+                    receivers: requester.clone(),
+                });
+            }
             self.tap(message, requester);
         }
     }
@@ -1847,6 +1900,18 @@ impl<S: MessageStore> Broker<S> {
                 if let Some(t) = self.traffic.traffic(slot, service) {
                     t.expired += 1;
                 }
+                if traces(&self.sampler, &message, now) {
+                    push_trace(
+                        &mut self.traces,
+                        &mut self.traces_bytes,
+                        TraceRecord::Settled {
+                            seq: entry.seq,
+                            service: courier_proto::SharedStr::from(service),
+                            outcome: Outcome::Expired,
+                            at: now,
+                        },
+                    );
+                }
                 release(&mut self.store, &mut self.refs, entry.seq);
                 continue;
             }
@@ -1888,7 +1953,9 @@ impl<S: MessageStore> Broker<S> {
                     let delivery = self.next_delivery;
                     let seq = entry.seq;
                     let slot = self.traffic.slot(&message.name);
-                    svc.queue.start(delivery, conn, entry, deadline, slot);
+                    let traced = traces(&self.sampler, &message, now);
+                    svc.queue
+                        .start(delivery, conn, entry, deadline, slot, traced);
                     if message.kind == Kind::Command
                         && !message.headers.is_empty()
                         && message.header(REPLY_WINDOW_HEADER).is_some()
@@ -1897,6 +1964,20 @@ impl<S: MessageStore> Broker<S> {
                     }
                     if let Some(c) = self.conns.get_mut(&conn) {
                         c.in_flight += 1;
+                        if traced {
+                            push_trace(
+                                &mut self.traces,
+                                &mut self.traces_bytes,
+                                TraceRecord::Delivered {
+                                    message: message.clone(),
+                                    seq,
+                                    service: c.service.clone(),
+                                    instance: c.instance.clone(),
+                                    attempt,
+                                    at: now,
+                                },
+                            );
+                        }
                     }
                     self.journal(Op::Delivered {
                         service: service.to_string(),
@@ -1943,10 +2024,22 @@ impl<S: MessageStore> Broker<S> {
         }
         let seq = flight.0.entry.seq;
         self.journal(Op::Acked {
-            service: service.clone(),
+            service: service.to_string(),
             seq,
         });
-        if let Some(svc) = self.services.get_mut(&service) {
+        if flight.0.traced {
+            push_trace(
+                &mut self.traces,
+                &mut self.traces_bytes,
+                TraceRecord::Settled {
+                    seq,
+                    service: service.clone(),
+                    outcome: Outcome::Acked,
+                    at: now,
+                },
+            );
+        }
+        if let Some(svc) = self.services.get_mut(service.as_str()) {
             svc.queue.release_key(&flight.0.entry);
         }
         release(&mut self.store, &mut self.refs, seq);
@@ -1965,12 +2058,23 @@ impl<S: MessageStore> Broker<S> {
         if let Some(t) = self.traffic.traffic(flight.name, &service) {
             t.nacked += 1;
         }
+        if flight.traced {
+            push_trace(
+                &mut self.traces,
+                &mut self.traces_bytes,
+                TraceRecord::Settled {
+                    seq: flight.entry.seq,
+                    service: service.clone(),
+                    outcome: Outcome::Nacked { delay_ms },
+                    at: now,
+                },
+            );
+        }
         self.retry_or_dead_letter(
             &service,
-            flight.entry,
-            flight.name,
+            flight,
             u64::from(delay_ms) * NANOS_PER_MS,
-            "nacked",
+            NACKED,
             now,
         );
         self.pump(&service, now);
@@ -1982,7 +2086,7 @@ impl<S: MessageStore> Broker<S> {
         &mut self,
         conn: ConnId,
         delivery: DeliveryId,
-    ) -> Option<(queue::InFlight, String)> {
+    ) -> Option<(queue::InFlight, courier_proto::SharedStr)> {
         let c = self.conns.get_mut(&conn)?;
         let svc = self.services.get_mut(c.service.as_str())?;
         if svc.queue.in_flight.get(&delivery).map(|f| f.conn) != Some(conn) {
@@ -1990,22 +2094,48 @@ impl<S: MessageStore> Broker<S> {
         }
         let flight = svc.queue.finish(delivery)?;
         c.in_flight = c.in_flight.saturating_sub(1);
-        Some((flight, c.service.to_string()))
+        Some((flight, c.service.clone()))
     }
 
     fn retry_or_dead_letter(
         &mut self,
         service: &str,
-        entry: Entry,
-        name: stats::Slot,
+        flight: queue::InFlight,
         delay: Nanos,
-        why: &str,
+        why: &'static str,
         now: Nanos,
     ) {
+        let queue::InFlight {
+            entry,
+            name,
+            traced,
+            ..
+        } = flight;
         let Some(svc) = self.services.get_mut(service) else {
             return;
         };
-        if entry.attempts >= svc.max_deliveries {
+        let dead = entry.attempts >= svc.max_deliveries;
+        if traced && (dead || why != NACKED) {
+            let outcome = if dead {
+                Outcome::DeadLettered { reason: why }
+            } else {
+                Outcome::Released { reason: why }
+            };
+            push_trace(
+                &mut self.traces,
+                &mut self.traces_bytes,
+                TraceRecord::Settled {
+                    seq: entry.seq,
+                    service: courier_proto::SharedStr::from(service),
+                    outcome,
+                    at: now,
+                },
+            );
+        }
+        let Some(svc) = self.services.get_mut(service) else {
+            return;
+        };
+        if dead {
             let reason = format!(
                 "{why} on attempt {} of {}",
                 entry.attempts, svc.max_deliveries
@@ -2099,14 +2229,7 @@ impl<S: MessageStore> Broker<S> {
                 if let Some(c) = self.conns.get_mut(&flight.conn) {
                     c.in_flight = c.in_flight.saturating_sub(1);
                 }
-                self.retry_or_dead_letter(
-                    &service,
-                    flight.entry,
-                    flight.name,
-                    0,
-                    "ack deadline passed",
-                    now,
-                );
+                self.retry_or_dead_letter(&service, flight, 0, "ack deadline passed", now);
             }
             self.pump(&service, now);
         }
@@ -2133,7 +2256,7 @@ impl<S: MessageStore> Broker<S> {
                     .instances
                     .iter()
                     .filter_map(|c| self.conns.get(c))
-                    .map(|c| c.instance.clone())
+                    .map(|c| c.instance.to_string())
                     .collect(),
                 depth: s.queue.depth(),
                 in_flight: s.queue.in_flight.len(),
@@ -2156,6 +2279,60 @@ impl<S: MessageStore> Broker<S> {
     /// What was accepted since the last call, while tapping.
     pub fn take_taps(&mut self) -> Vec<Tapped> {
         std::mem::take(&mut self.taps)
+    }
+
+    /// Whether what happens to messages is recorded for activity traces
+    /// (the network edge turns it on unless traces are off): `Some(rate)`
+    /// traces every activity up to `rate` accepted messages a second and
+    /// samples whole activities above it (0: every activity).
+    pub fn set_tracing(&mut self, rate: Option<u32>) {
+        self.sampler = rate.map(trace::TraceSampler::new);
+        if rate.is_none() {
+            self.traces.clear();
+            self.traces_bytes = 0;
+        }
+    }
+
+    /// Whether activity traces are kept.
+    pub fn is_tracing(&self) -> bool {
+        self.sampler.is_some()
+    }
+
+    /// Accepted messages the sampler left out of the traces, and 2^-level
+    /// is the share of new activities traced now.
+    pub fn trace_sampling(&self) -> Option<(u64, u8)> {
+        self.sampler.as_ref().map(|s| (s.skipped, s.level()))
+    }
+
+    /// What happened since the last call, while tracing; `out` (emptied
+    /// first) takes the records and hands its allocation over for the next.
+    /// Returns about how many bytes of memory the records hold on to.
+    pub fn take_traces(&mut self, out: &mut Vec<TraceRecord>) -> usize {
+        out.clear();
+        std::mem::swap(out, &mut self.traces);
+        std::mem::take(&mut self.traces_bytes)
+    }
+
+    fn trace(&mut self, record: TraceRecord) {
+        push_trace(&mut self.traces, &mut self.traces_bytes, record);
+    }
+
+    fn trace_accepted(&mut self, message: &Arc<Message>, seq: Seq, receivers: &Receivers) {
+        if self.sample(message) {
+            self.trace(TraceRecord::Accepted {
+                message: message.clone(),
+                seq,
+                receivers: receivers.clone(),
+            });
+        }
+    }
+
+    /// Counts an accepted message for the sampler; whether it is traced.
+    fn sample(&mut self, message: &Message) -> bool {
+        let now = self.now;
+        self.sampler
+            .as_mut()
+            .is_some_and(|s| s.accept(&message.activity_id, now))
     }
 
     fn tap(&mut self, message: &Arc<Message>, receivers: Receivers) {
@@ -2285,6 +2462,26 @@ impl<S: MessageStore> Broker<S> {
         }
         seqs.len()
     }
+}
+
+/// Whether what happens to `message` is recorded: its activity is traced.
+fn traces(sampler: &Option<trace::TraceSampler>, message: &Message, now: Nanos) -> bool {
+    sampler
+        .as_ref()
+        .is_some_and(|s| s.traces(&message.activity_id, now))
+}
+
+/// Records `record`, counting the memory it holds on to (the message it
+/// pins). A free function: callers hold other parts of the broker.
+fn push_trace(traces: &mut Vec<TraceRecord>, bytes: &mut usize, record: TraceRecord) {
+    *bytes += std::mem::size_of::<TraceRecord>()
+        + match &record {
+            TraceRecord::Accepted { message, .. } | TraceRecord::Delivered { message, .. } => {
+                message.payload.len()
+            }
+            TraceRecord::Settled { .. } => 0,
+        };
+    traces.push(record);
 }
 
 /// One service no longer needs `seq`; the last one out removes it.

@@ -208,6 +208,20 @@ impl<S: MessageStore> Broker<S> {
         if let Some(c) = self.conns.get(&stream.requester) {
             let counted = self.traffic.locate(&message.name, &c.service);
             self.traffic.at(counted).delivered += 1;
+            if crate::traces(&self.sampler, &message, self.now) {
+                crate::push_trace(
+                    &mut self.traces,
+                    &mut self.traces_bytes,
+                    crate::TraceRecord::Delivered {
+                        message: message.clone(),
+                        seq: 0,
+                        service: c.service.clone(),
+                        instance: c.instance.clone(),
+                        attempt: 1,
+                        at: self.now,
+                    },
+                );
+            }
         }
         let is_final = message.is_final;
         stream.started = true;

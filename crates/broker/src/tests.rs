@@ -2541,3 +2541,149 @@ fn a_tail_sees_commands_replies_and_events_without_changing_routing() {
         "nothing is recorded untapped"
     );
 }
+
+/// Each trace record in short: (what, message name or seq, service, detail).
+fn trace_lines(h: &mut Harness<impl MessageStore>) -> Vec<String> {
+    let mut records = Vec::new();
+    h.broker.take_traces(&mut records);
+    records
+        .iter()
+        .map(|r| match r {
+            TraceRecord::Accepted {
+                message,
+                seq,
+                receivers,
+            } => format!(
+                "accepted {} seq={seq} to={}",
+                message.name,
+                receivers.join(",")
+            ),
+            TraceRecord::Delivered {
+                message,
+                seq,
+                service,
+                instance,
+                attempt,
+                ..
+            } => format!(
+                "delivered {} seq={seq} to={service}/{instance} attempt={attempt}",
+                message.name
+            ),
+            TraceRecord::Settled {
+                seq,
+                service,
+                outcome,
+                ..
+            } => format!("{} seq={seq} by={service} {outcome:?}", outcome.as_str()),
+        })
+        .collect()
+}
+
+#[test]
+fn traces_record_acceptance_deliveries_and_their_outcomes_in_order() {
+    let mut h = Harness::new();
+    h.connect(1, "web", 16);
+    h.connect(2, "todo", 16);
+    h.subscribe(2, "todo.create");
+    h.connect(3, "audit", 16);
+    h.subscribe(3, "todo.created");
+    h.broker.set_tracing(Some(0));
+    let create = command("todo.create", "{}");
+    let create_id = create.id;
+    h.send(1, 1, create);
+    let delivered = h.deliveries();
+    h.broker.ack(2, delivered[0].1, h.now);
+    let mut reply = Message::new(Kind::Reply, "todo.created", "{}");
+    reply.response_to = Some(create_id);
+    reply.parent_id = Some(create_id);
+    h.send(2, 2, reply);
+    h.send(2, 3, event("todo.created", "{}"));
+    let event_delivery = h.deliveries().last().expect("the event").1;
+    h.broker.nack(3, event_delivery, 0, h.now);
+    let again = h.deliveries();
+    assert_eq!(again.len(), 1, "redelivered at once");
+    // The ack deadline (30 s) passes without an answer.
+    h.advance(31_000);
+    h.deliveries();
+    // A broker command leaves no trace.
+    h.send(1, 4, command("courier.services.list", ""));
+    assert_eq!(
+        trace_lines(&mut h),
+        [
+            "accepted todo.create seq=3 to=todo",
+            "delivered todo.create seq=3 to=todo/todo-2 attempt=1",
+            "acked seq=3 by=todo Acked",
+            "accepted todo.created seq=0 to=web",
+            "delivered todo.created seq=0 to=web/web-1 attempt=1",
+            "accepted todo.created seq=6 to=audit",
+            "delivered todo.created seq=6 to=audit/audit-3 attempt=1",
+            "nacked seq=6 by=audit Nacked { delay_ms: 0 }",
+            "delivered todo.created seq=6 to=audit/audit-3 attempt=2",
+            "released seq=6 by=audit Released { reason: \"ack deadline passed\" }",
+            "delivered todo.created seq=6 to=audit/audit-3 attempt=3",
+        ]
+    );
+
+    h.broker.set_tracing(None);
+    h.send(1, 5, command("todo.create", "{}"));
+    h.deliveries();
+    assert!(
+        trace_lines(&mut h).is_empty(),
+        "nothing is recorded untraced"
+    );
+}
+
+#[test]
+fn traces_record_dead_letters_and_expiry() {
+    let mut h = Harness::new();
+    h.connect(1, "web", 16);
+    h.connect(2, "todo", 16);
+    h.broker
+        .subscribe(2, 0, "todo.create", 0, 1, StartFrom::New, h.now);
+    h.broker.set_tracing(Some(0));
+    h.send(1, 1, command("todo.create", "{}"));
+    let delivered = h.deliveries();
+    h.broker.nack(2, delivered[0].1, 0, h.now);
+    // Expires while todo has no room: it is dropped before delivery.
+    h.broker.flow(2, 1, h.now);
+    h.send(1, 2, command("todo.create", "blocker"));
+    let mut soon = command("todo.create", "late");
+    soon.expires_at = Some(h.now + 10 * MS);
+    h.send(1, 3, soon);
+    let blocker = h.deliveries();
+    assert_eq!(blocker.len(), 1);
+    h.advance(20);
+    h.broker.ack(2, blocker[0].1, h.now);
+    h.deliveries();
+    let lines = trace_lines(&mut h);
+    assert!(
+        lines.contains(
+            &"dead_lettered seq=2 by=todo DeadLettered { reason: \"nacked\" }".to_string()
+        ),
+        "{lines:#?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("expired seq=") && l.ends_with("by=todo Expired")),
+        "{lines:#?}"
+    );
+}
+
+#[test]
+fn a_failed_sync_voids_the_batch_s_trace_records() {
+    let mut h = Harness::with_store(MemoryLog::new());
+    h.connect(1, "web", 16);
+    h.connect(2, "todo", 16);
+    h.subscribe(2, "todo.create");
+    h.actions();
+    h.broker.set_tracing(Some(0));
+    h.broker.store_mut().failing_syncs = 1;
+    h.send(1, 1, command("todo.create", "{}"));
+    let refused = results(&h.actions());
+    assert_eq!(refused, [(1, ErrorCode::StorageFailed)]);
+    assert!(
+        trace_lines(&mut h).is_empty(),
+        "a refused send was never accepted"
+    );
+}

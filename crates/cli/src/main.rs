@@ -11,6 +11,7 @@ mod send;
 mod serve_limits;
 mod subscribe;
 mod tail;
+mod trace;
 mod verify;
 
 use std::net::SocketAddr;
@@ -120,6 +121,24 @@ struct ServeArgs {
     /// past it is counted under name="_other".
     #[arg(long, default_value_t = courier_server::BrokerConfig::default().metrics_names_max)]
     metrics_names_max: usize,
+    /// Activity traces (`courier trace`, /v1/activities): `on` or `off`.
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    trace: String,
+    /// How long an activity's trace is kept after its first message.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    trace_retention: Duration,
+    /// The most the traces hold in memory, and about the most they take
+    /// on disk (in DATA_DIR/trace); the oldest activities go first.
+    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+    trace_bytes_max: u64,
+    /// Accepted messages a second traced whole; above it, activities are
+    /// sampled by a hash of their id (each kept one whole; the skipped
+    /// ones counted in /metrics). 0: trace everything.
+    #[arg(long, default_value_t = 20_000)]
+    trace_rate: u32,
+    /// Keep payloads in traces (at most 16 KiB of each).
+    #[arg(long)]
+    trace_payloads: bool,
     #[command(flatten)]
     limits: serve_limits::ServeLimits,
 }
@@ -241,6 +260,10 @@ enum Command {
     /// line per message, without receiving anything (admin only). A tail
     /// that cannot keep up skips lines and says how many on stderr.
     Tail(tail::TailArgs),
+    /// Shows an activity's causal tree: each message under the one it was
+    /// sent while handling, with every delivery, its timings and outcome
+    /// (admin only). Without an id, lists recent activities.
+    Trace(trace::TraceArgs),
     /// Prints the broker's counters as one JSON object, or with
     /// --prometheus every metric of its HTTP port's /metrics.
     Metrics {
@@ -497,6 +520,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Bench(args) => bench::run(args).await,
         Command::Tail(args) => tail::run(args).await,
+        Command::Trace(args) => trace::run(args).await,
         Command::Services { admin } => {
             let listing =
                 admin_request(&admin, "courier.services.list", serde_json::json!({})).await?;
@@ -580,6 +604,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             _ => None,
         },
         http: args.http.0,
+        trace: (args.trace == "on").then(|| courier_server::TraceSettings {
+            retention_ms: args.trace_retention.as_millis().min(u128::from(u64::MAX)) as u64,
+            bytes_max: args.trace_bytes_max,
+            rate: args.trace_rate,
+            payloads: args.trace_payloads,
+            dir: (!args.in_memory).then(|| args.data_dir.join("trace")),
+        }),
         ..ServerConfig::default()
     };
     args.limits.apply(
@@ -680,10 +711,20 @@ async fn admin_request(
     name: &str,
     args: serde_json::Value,
 ) -> anyhow::Result<serde_json::Value> {
+    Ok(admin_request_named(admin, name, args).await?.1)
+}
+
+/// Like [`admin_request`], with the reply's name (its outcome).
+async fn admin_request_named(
+    admin: &Admin,
+    name: &str,
+    args: serde_json::Value,
+) -> anyhow::Result<(String, serde_json::Value)> {
     let client = connect_admin(admin).await?;
     let reply = client.command(name).json(&args)?.request().await;
     client.shutdown().await;
-    Ok(reply?.json()?)
+    let reply = reply?;
+    Ok((reply.name().to_string(), reply.json()?))
 }
 
 /// A connection for the broker's own commands.

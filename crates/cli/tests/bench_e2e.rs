@@ -121,7 +121,7 @@ fn quick_json_run_prints_one_object_per_figure_and_cleans_up() {
 }
 
 #[test]
-fn observability_off_starts_brokers_without_the_http_port_or_name_metrics() {
+fn observability_off_starts_brokers_without_the_http_port_name_metrics_or_traces() {
     let (pid, out) = run_bench(&[
         "bench",
         "--quick",
@@ -136,7 +136,7 @@ fn observability_off_starts_brokers_without_the_http_port_or_name_metrics() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "courier bench failed: {stderr}");
     assert!(
-        stderr.contains("--http off --metrics-names-max 0"),
+        stderr.contains("--http off --metrics-names-max 0 --trace off"),
         "the settings name the flags: {stderr}"
     );
     let rows = json_lines(&String::from_utf8_lossy(&out.stdout));

@@ -322,7 +322,9 @@ fn history_replays_from_the_beginning_after_a_restart() {
 async fn an_offline_backlog_lives_on_disk_not_in_broker_memory() {
     const MESSAGES: usize = 100_000;
     const PAYLOAD_BYTES: usize = 1024;
-    let broker = Broker::start();
+    // The backlog's own cost; activity traces add at most their cap
+    // (--trace-bytes-max), measured in trace_e2e.
+    let broker = Broker::start_with(&["--trace", "off"]);
     let out = broker.run(&[
         "subscribe",
         "backlog.>",

@@ -114,6 +114,10 @@ pub struct Message {
     /// Unix nanoseconds at which the broker accepted the message.
     pub timestamp: u64,
     pub activity_id: Uuid,
+    /// The message that was being handled when this one was sent (its
+    /// cause); `None` for a message that starts an activity. Carried on
+    /// the wire from protocol version 2 (flag `0x80`).
+    pub parent_id: Option<Uuid>,
     /// The command a reply answers.
     pub response_to: Option<Uuid>,
     /// The authenticated service that sent the message (shared: the
@@ -156,6 +160,7 @@ impl Message {
             id,
             timestamp: 0,
             activity_id,
+            parent_id: None,
             response_to: None,
             sender: SharedStr::new(),
             key: None,

@@ -93,8 +93,10 @@ pub struct BenchArgs {
     #[arg(long, default_value = "10m", value_parser = crate::parse_duration)]
     timeout: Duration,
     /// `on` (the broker's default: its HTTP port serves, traffic is
-    /// counted per name) or `off` (`--http off --metrics-names-max 0`), to
-    /// measure what observing the traffic costs.
+    /// counted per name, activities are traced), `off` (`--http off
+    /// --metrics-names-max 0 --trace off`), or `traces-off` (all on but
+    /// activity traces: `--trace off`), to measure what observing the
+    /// traffic costs.
     #[arg(long, value_enum, default_value_t = Observability::On)]
     observability: Observability,
     /// Multiplies every message count (after --quick); for tests.
@@ -106,6 +108,7 @@ pub struct BenchArgs {
 pub enum Observability {
     On,
     Off,
+    TracesOff,
 }
 
 // ---------------------------------------------------------------------------
@@ -1246,10 +1249,7 @@ async fn run_job_within(
 /// Runs the selected workloads and prints the table (or JSON lines).
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let plan = Plan::new(args.quick, args.scale).map_err(anyhow::Error::msg)?;
-    process::OBSERVABILITY_OFF.store(
-        args.observability == Observability::Off,
-        std::sync::atomic::Ordering::Relaxed,
-    );
+    process::set_observability(args.observability);
     let selected = args
         .only
         .clone()

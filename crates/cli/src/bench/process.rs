@@ -208,18 +208,31 @@ impl Drop for ServerChild {
 }
 
 /// Whether the brokers the bench starts observe their traffic (the
-/// default: the HTTP port on a port of its own, per-name metrics) or not
-/// (`--observability off`: no HTTP port, no per-name metrics); set once,
-/// before the first broker starts.
-pub(super) static OBSERVABILITY_OFF: std::sync::atomic::AtomicBool =
-    std::sync::atomic::AtomicBool::new(false);
+/// default: the HTTP port on a port of its own, per-name metrics,
+/// activity traces) or not (`--observability off`: none of these;
+/// `traces-off`: no activity traces); set once, before the first broker
+/// starts.
+static OBSERVABILITY: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
-/// The `serve` flags for [`OBSERVABILITY_OFF`].
+pub(super) fn set_observability(observability: super::Observability) {
+    OBSERVABILITY.store(observability as u8, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The `serve` flags for the bench's `--observability`.
 pub(super) fn observability_flags() -> &'static [&'static str] {
-    if OBSERVABILITY_OFF.load(std::sync::atomic::Ordering::Relaxed) {
-        &["--http", "off", "--metrics-names-max", "0"]
-    } else {
-        &["--http", "127.0.0.1:0"]
+    match OBSERVABILITY.load(std::sync::atomic::Ordering::Relaxed) {
+        x if x == super::Observability::Off as u8 => &[
+            "--http",
+            "off",
+            "--metrics-names-max",
+            "0",
+            "--trace",
+            "off",
+        ],
+        x if x == super::Observability::TracesOff as u8 => {
+            &["--http", "127.0.0.1:0", "--trace", "off"]
+        }
+        _ => &["--http", "127.0.0.1:0"],
     }
 }
 

@@ -9,6 +9,7 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use thiserror::Error;
 
+use crate::registry::RegistryOp;
 use crate::Nanos;
 use courier_store::Seq;
 
@@ -59,6 +60,8 @@ pub enum Op {
         service: String,
         seqs: Vec<Seq>,
     },
+    /// A service registry change (tags 64 and up, `registry.rs`).
+    Registry(RegistryOp),
 }
 
 mod tag {
@@ -165,6 +168,13 @@ impl Reader {
         self.buf.copy_to_slice(&mut id);
         Ok(id)
     }
+    /// Four bytes that name a snapshot section.
+    pub fn magic(&mut self) -> Result<[u8; 4], JournalError> {
+        self.need(4)?;
+        let mut magic = [0u8; 4];
+        self.buf.copy_to_slice(&mut magic);
+        Ok(magic)
+    }
     pub fn str(&mut self) -> Result<String, JournalError> {
         let offset = self.offset();
         let raw = self.bytes()?;
@@ -251,6 +261,7 @@ impl Op {
                     w.u64(*s);
                 }
             }
+            Op::Registry(op) => op.encode_into(&mut w),
         }
         w.0
     }
@@ -302,6 +313,7 @@ impl Op {
                 }
                 Op::Purged { service, seqs }
             }
+            tag @ 64..=66 => Op::Registry(RegistryOp::decode_after(tag, &mut r)?),
             tag => return Err(JournalError::UnknownTag { tag }),
         };
         Ok(op)
@@ -354,6 +366,10 @@ mod tests {
                 service: "a".into(),
                 seqs: vec![1, 2, 3],
             },
+            Op::Registry(RegistryOp::Deregister {
+                service: "db".into(),
+                id: "db-1".into(),
+            }),
         ];
         for op in ops {
             assert_eq!(Op::decode(op.encode().freeze()), Ok(op.clone()));

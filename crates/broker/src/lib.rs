@@ -17,6 +17,7 @@ mod journal;
 mod queue;
 mod recovery;
 mod refcount;
+pub mod registry;
 mod repeats;
 pub mod stats;
 mod streams;
@@ -548,6 +549,10 @@ pub struct Broker<S: MessageStore> {
     traces: Vec<TraceRecord>,
     /// Bytes the records in `traces` hold on to (the messages they pin).
     traces_bytes: usize,
+    /// Services' instances and their health (`registry.rs`).
+    registry: registry::Registry,
+    /// Checks due, for the edge to run.
+    registry_checks: Vec<(String, String, registry::Check)>,
 }
 
 impl<S: MessageStore> Broker<S> {
@@ -592,6 +597,8 @@ impl<S: MessageStore> Broker<S> {
             sampler: None,
             traces: Vec::new(),
             traces_bytes: 0,
+            registry: registry::Registry::default(),
+            registry_checks: Vec::new(),
         }
     }
 
@@ -855,6 +862,8 @@ impl<S: MessageStore> Broker<S> {
         for reply in parked {
             self.deliver_untracked(conn, reply);
         }
+        let now = self.now;
+        self.register_bus_instance(service, instance, now);
         Ok(())
     }
 
@@ -884,6 +893,7 @@ impl<S: MessageStore> Broker<S> {
         for command in &c.streams {
             self.requester_left(*command, now);
         }
+        self.deregister_bus_instance(&c.service, &c.instance);
         let Some(svc) = self.services.get_mut(c.service.as_str()) else {
             return;
         };
@@ -2213,6 +2223,7 @@ impl<S: MessageStore> Broker<S> {
             );
         }
         self.alerts.extend(self.repeats.summaries(now));
+        self.registry_tick(now);
         let names: Vec<String> = self.services.keys().cloned().collect();
         for service in names {
             let Some(svc) = self.services.get_mut(&service) else {
@@ -2240,6 +2251,7 @@ impl<S: MessageStore> Broker<S> {
         self.services
             .values()
             .filter_map(|s| s.queue.next_timer())
+            .chain(self.registry.next_timer())
             .min()
     }
 

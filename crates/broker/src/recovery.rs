@@ -31,7 +31,12 @@ const SNAPSHOT_MAGIC: &[u8; 4] = b"CRSN";
 /// 3: queue entries in runs of consecutive seqs (a count after each), and
 /// the dedup window's ids in buckets by timestamp after those without one. Version 2 (fingerprints with their times only) and version 1 (whole
 /// ids) still load.
-const SNAPSHOT_VERSION: u32 = 3;
+///
+/// 5: the service registry follows, as a section tagged `RGST` (its
+/// instances and their visible health; `registry.rs`). 4 is left to other
+/// state so that the two can be told apart.
+const SNAPSHOT_VERSION: u32 = 5;
+const REGISTRY_SECTION: &[u8; 4] = b"RGST";
 
 /// What recovery found, for the start-up log line.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -203,6 +208,7 @@ impl<S: MessageStore> Broker<S> {
         self.refs.clear();
         self.dedup.clear();
         self.reply_routes.clear();
+        self.registry.clear_durable();
     }
 
     fn replay_message(&mut self, seq: Seq, message: &Arc<Message>, now: Nanos) {
@@ -318,6 +324,7 @@ impl<S: MessageStore> Broker<S> {
                     crate::release(&mut self.store, &mut self.refs, seq);
                 }
             }
+            Op::Registry(op) => self.registry.apply(op, now),
         }
     }
 
@@ -538,6 +545,9 @@ impl<S: MessageStore> Broker<S> {
             }
         }
         w.0[count_at..count_at + 4].copy_from_slice(&count.to_be_bytes());
+        // The service registry, a tagged section of its own at the end.
+        w.0.extend_from_slice(REGISTRY_SECTION);
+        self.registry.write_snapshot(&mut w);
         w.0
     }
 
@@ -638,6 +648,13 @@ impl<S: MessageStore> Broker<S> {
                 accepted_at: 0,
             };
             self.reply_routes.insert(id, route, t);
+        }
+        if version >= 5 {
+            if r.magic()? != *REGISTRY_SECTION {
+                return Err(JournalError::BadSnapshot);
+            }
+            let now = self.now;
+            self.registry.read_snapshot(&mut r, now)?;
         }
         if !r.is_empty() {
             return Err(JournalError::BadSnapshot);

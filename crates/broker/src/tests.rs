@@ -2687,3 +2687,90 @@ fn a_failed_sync_voids_the_batch_s_trace_records() {
         "a refused send was never accepted"
     );
 }
+
+// ---- service registry ---------------------------------------------------
+
+fn registry_spec(id: &str, check: crate::registry::Check) -> crate::registry::InstanceSpec {
+    crate::registry::InstanceSpec {
+        service: "db".into(),
+        id: id.into(),
+        address: "127.0.0.1:5432".into(),
+        meta: Default::default(),
+        check,
+        interval_ms: 1000,
+        flap_threshold: 1,
+        deregister_after_ms: 0,
+        on_bus: false,
+    }
+}
+
+#[test]
+fn the_registry_survives_a_restart_from_the_journal_and_from_a_snapshot() {
+    use crate::registry::{Check, Health};
+    let mut h = Harness::with_store(MemoryLog::new());
+    h.connect(1, "web", 0);
+    let tcp = Check::Tcp {
+        address: "127.0.0.1:5432".into(),
+        timeout_ms: 500,
+    };
+    h.broker
+        .registry_register(registry_spec("db-1", tcp.clone()), h.now)
+        .expect("registers");
+    h.broker
+        .registry_register(registry_spec("db-2", tcp), h.now)
+        .expect("registers");
+    h.broker
+        .registry_check_result("db", "db-1", Health::Passing, String::new(), h.now);
+    h.broker
+        .registry_deregister("db", "db-2")
+        .expect("deregisters");
+    assert_eq!(h.broker.registry().instances("web", true).len(), 1);
+    h.actions();
+    let healthy = |h: &Harness<MemoryLog>| -> Vec<String> {
+        h.broker
+            .registry()
+            .instances("db", false)
+            .iter()
+            .map(|i| i.spec.id.clone())
+            .collect()
+    };
+    let index = h.broker.registry().index();
+
+    h.crash_and_recover();
+    assert_eq!(healthy(&h), vec!["db-1".to_string()], "from the journal");
+    assert!(
+        h.broker.registry().instances("web", true).is_empty(),
+        "bus instances leave with their connection"
+    );
+    // Bus connections are not journaled, so the index may restart lower:
+    // watchers holding a larger one are answered at once.
+    assert!(h.broker.registry().index() > 0 && index > 0);
+
+    h.broker.checkpoint(h.now).expect("checkpoint");
+    let report = h.crash_and_recover();
+    assert!(report.snapshot_covers.is_some(), "{report:?}");
+    assert_eq!(healthy(&h), vec!["db-1".to_string()], "from the snapshot");
+    assert_eq!(report.bad_journal_entries, 0);
+}
+
+#[test]
+fn due_checks_are_handed_to_the_edge_on_tick() {
+    let mut h = Harness::with_store(MemoryLog::new());
+    let http = crate::registry::Check::Http {
+        url: "http://127.0.0.1:1/health".into(),
+        timeout_ms: 100,
+    };
+    h.broker
+        .registry_register(registry_spec("db-1", http), h.now)
+        .expect("registers");
+    h.broker.tick(h.now);
+    let checks = h.broker.take_registry_checks();
+    assert_eq!(checks.len(), 1);
+    assert_eq!(checks[0].1, "db-1");
+    h.broker.tick(h.now);
+    assert!(
+        h.broker.take_registry_checks().is_empty(),
+        "not due again yet"
+    );
+    assert_eq!(h.broker.next_timer(), Some(h.now + 1_000_000_000));
+}

@@ -1,0 +1,961 @@
+//! The service registry: which instances of which services exist, where
+//! they listen, and whether their checks pass.
+//!
+//! Sans-I/O like the rest of the broker: every input carries the time,
+//! every output is a [`RegistryAction`]. The edge runs the checks it is
+//! told to (`RunCheck`), reports their results (`check_result`), writes
+//! the journal entries it is handed (`Journal`) and wakes watchers when the
+//! change index moves (`Changed`).
+//!
+//! Health has three states. A check's raw result only moves the visible
+//! state after `flap_threshold` consecutive results agree, so a check
+//! that alternates never changes what lookups see. An instance critical for
+//! `deregister_after` is removed. A TTL check passes on each heartbeat and
+//! counts as one critical result per TTL without one.
+
+use std::collections::BTreeMap;
+
+use crate::journal::{JournalError, Reader, Writer};
+use crate::Nanos;
+
+const MS: Nanos = 1_000_000;
+
+/// A visible (or raw) health state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Health {
+    Passing,
+    Warning,
+    Critical,
+}
+
+impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Passing => "passing",
+            Health::Warning => "warning",
+            Health::Critical => "critical",
+        }
+    }
+    fn code(self) -> u8 {
+        match self {
+            Health::Passing => 0,
+            Health::Warning => 1,
+            Health::Critical => 2,
+        }
+    }
+    fn from_code(code: u8) -> Result<Health, JournalError> {
+        match code {
+            0 => Ok(Health::Passing),
+            1 => Ok(Health::Warning),
+            2 => Ok(Health::Critical),
+            tag => Err(JournalError::UnknownTag { tag }),
+        }
+    }
+    /// Healthy instances are those lookups and routing use by default.
+    pub fn is_healthy(self) -> bool {
+        self != Health::Critical
+    }
+}
+
+/// How the broker learns whether an instance is alive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Check {
+    /// No check of its own: a bus instance is passing while connected.
+    None,
+    /// `GET url`: 2xx passes, 429 warns, anything else (or no answer
+    /// within `timeout_ms`) is critical.
+    Http { url: String, timeout_ms: u32 },
+    /// A TCP connect to `address` within `timeout_ms`.
+    Tcp { address: String, timeout_ms: u32 },
+    /// Passes while heartbeats come at least every `ttl_ms`.
+    Ttl { ttl_ms: u32 },
+}
+
+impl Check {
+    fn code(&self) -> u8 {
+        match self {
+            Check::None => 0,
+            Check::Http { .. } => 1,
+            Check::Tcp { .. } => 2,
+            Check::Ttl { .. } => 3,
+        }
+    }
+
+    /// Parses the CLI and HTTP form: `http://…`, `https://…`, `tcp://HOST:PORT`
+    /// or `ttl:30s`.
+    pub fn parse(text: &str, timeout_ms: u32) -> Result<Check, String> {
+        if text.starts_with("http://") || text.starts_with("https://") {
+            return Ok(Check::Http {
+                url: text.to_string(),
+                timeout_ms,
+            });
+        }
+        if let Some(address) = text.strip_prefix("tcp://") {
+            if !address.contains(':') {
+                return Err(format!(
+                    "check {text:?} names no port: write tcp://HOST:PORT"
+                ));
+            }
+            return Ok(Check::Tcp {
+                address: address.to_string(),
+                timeout_ms,
+            });
+        }
+        if let Some(ttl) = text.strip_prefix("ttl:") {
+            let ttl = humantime::parse_duration(ttl)
+                .map_err(|e| format!("check {text:?}: {e}; write for example ttl:30s"))?;
+            let ttl_ms = u32::try_from(ttl.as_millis()).unwrap_or(u32::MAX).max(1);
+            return Ok(Check::Ttl { ttl_ms });
+        }
+        Err(format!(
+            "check {text:?} is not understood: write http://…, tcp://HOST:PORT or ttl:30s"
+        ))
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Check::None => "connection".to_string(),
+            Check::Http { url, .. } => url.clone(),
+            Check::Tcp { address, .. } => format!("tcp://{address}"),
+            Check::Ttl { ttl_ms } => format!("ttl:{}ms", ttl_ms),
+        }
+    }
+}
+
+/// What an instance is registered with: everything durable about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceSpec {
+    pub service: String,
+    pub id: String,
+    /// `HOST:PORT` it serves on (empty when it advertises none).
+    pub address: String,
+    pub meta: BTreeMap<String, String>,
+    pub check: Check,
+    pub interval_ms: u32,
+    /// Consecutive agreeing results a state change needs (at least 1).
+    pub flap_threshold: u32,
+    /// Removed after being critical this long (0: never).
+    pub deregister_after_ms: u32,
+    /// Registered by a bus connection: removed when it closes.
+    pub on_bus: bool,
+}
+
+/// One instance as lookups see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Instance {
+    pub spec: InstanceSpec,
+    pub health: Health,
+    /// The check's last raw result and its output, for `?all=1`.
+    pub last_output: String,
+    /// The change index at which this instance last changed.
+    pub modify_index: u64,
+    raw_streak: (Health, u32),
+    critical_since: Option<Nanos>,
+    next_check: Nanos,
+    last_heartbeat: Nanos,
+}
+
+impl Instance {
+    fn new(spec: InstanceSpec, index: u64, now: Nanos) -> Instance {
+        // An instance with a check of its own starts critical until it has
+        // shown it works; one on the bus is alive by being connected.
+        let health = match spec.check {
+            Check::None | Check::Ttl { .. } => Health::Passing,
+            _ => Health::Critical,
+        };
+        let mut instance = Instance {
+            health,
+            last_output: String::new(),
+            modify_index: index,
+            raw_streak: (health, 0),
+            critical_since: (health == Health::Critical).then_some(now),
+            next_check: now,
+            last_heartbeat: now,
+            spec,
+        };
+        match instance.spec.check {
+            Check::Ttl { ttl_ms } => instance.next_check = now + Nanos::from(ttl_ms) * MS,
+            Check::None => instance.next_check = Nanos::MAX,
+            _ => {}
+        }
+        instance
+    }
+}
+
+/// What the edge must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegistryAction {
+    /// Run this check now and report with [`Registry::check_result`].
+    RunCheck {
+        service: String,
+        id: String,
+        check: Check,
+    },
+    /// Write this journal entry (already applied in memory).
+    Journal(RegistryOp),
+    /// The change index moved: wake watchers.
+    Changed { index: u64 },
+}
+
+/// A durable registry change, as journal entries carry it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegistryOp {
+    Register(InstanceSpec),
+    Deregister {
+        service: String,
+        id: String,
+    },
+    Health {
+        service: String,
+        id: String,
+        health: Health,
+    },
+}
+
+/// Journal tags of the registry's entries: a range of their own, apart
+/// from the delivery entries' small numbers.
+pub(crate) mod tag {
+    pub const REGISTER: u8 = 64;
+    pub const DEREGISTER: u8 = 65;
+    pub const HEALTH: u8 = 66;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegistryError {
+    #[error(
+        "no instance {id:?} of service {service:?}: `courier services {service} --all` lists them"
+    )]
+    Unknown { service: String, id: String },
+    #[error("instance {id:?} of {service:?} has no TTL check: only TTL checks take heartbeats")]
+    NotTtl { service: String, id: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Default)]
+pub struct Registry {
+    instances: BTreeMap<(String, String), Instance>,
+    /// Grows by one for every visible change; watchers long-poll from it.
+    index: u64,
+}
+
+impl Registry {
+    pub fn index(&self) -> u64 {
+        self.index
+    }
+
+    pub fn len(&self) -> usize {
+        self.instances.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.instances.is_empty()
+    }
+
+    /// Forgets what the journal rebuilds; bus instances stay, their
+    /// connections are live. The index never goes back.
+    pub(crate) fn clear_durable(&mut self) {
+        self.instances.retain(|_, i| i.spec.on_bus);
+    }
+
+    /// Service names with at least one instance, sorted.
+    pub fn service_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.instances.keys().map(|(s, _)| s.clone()).collect();
+        names.dedup();
+        names
+    }
+
+    /// The instances of `service`, healthy ones only unless `all`.
+    pub fn instances(&self, service: &str, all: bool) -> Vec<&Instance> {
+        self.instances
+            .range((service.to_string(), String::new())..)
+            .take_while(|((s, _), _)| s == service)
+            .map(|(_, i)| i)
+            .filter(|i| all || i.health.is_healthy())
+            .collect()
+    }
+
+    pub fn get(&self, service: &str, id: &str) -> Option<&Instance> {
+        self.instances.get(&(service.to_string(), id.to_string()))
+    }
+
+    /// Whether the instance may receive new work: unknown instances may.
+    pub fn is_routable(&self, service: &str, id: &str) -> bool {
+        self.get(service, id).is_none_or(|i| i.health.is_healthy())
+    }
+
+    /// Adds or replaces an instance.
+    pub fn register(
+        &mut self,
+        spec: InstanceSpec,
+        now: Nanos,
+        out: &mut Vec<RegistryAction>,
+    ) -> Result<(), RegistryError> {
+        validate(&spec)?;
+        out.push(RegistryAction::Journal(RegistryOp::Register(spec.clone())));
+        self.apply_register(spec, now);
+        out.push(RegistryAction::Changed { index: self.index });
+        Ok(())
+    }
+
+    pub fn deregister(
+        &mut self,
+        service: &str,
+        id: &str,
+        out: &mut Vec<RegistryAction>,
+    ) -> Result<(), RegistryError> {
+        if self.get(service, id).is_none() {
+            return Err(RegistryError::Unknown {
+                service: service.to_string(),
+                id: id.to_string(),
+            });
+        }
+        out.push(RegistryAction::Journal(RegistryOp::Deregister {
+            service: service.to_string(),
+            id: id.to_string(),
+        }));
+        self.apply_deregister(service, id);
+        out.push(RegistryAction::Changed { index: self.index });
+        Ok(())
+    }
+
+    /// A TTL heartbeat: counts as one passing result.
+    pub fn heartbeat(
+        &mut self,
+        service: &str,
+        id: &str,
+        now: Nanos,
+        out: &mut Vec<RegistryAction>,
+    ) -> Result<(), RegistryError> {
+        let key = (service.to_string(), id.to_string());
+        let Some(instance) = self.instances.get_mut(&key) else {
+            return Err(RegistryError::Unknown {
+                service: service.to_string(),
+                id: id.to_string(),
+            });
+        };
+        let Check::Ttl { ttl_ms } = instance.spec.check else {
+            return Err(RegistryError::NotTtl {
+                service: service.to_string(),
+                id: id.to_string(),
+            });
+        };
+        instance.last_heartbeat = now;
+        instance.next_check = now + Nanos::from(ttl_ms) * MS;
+        self.record(&key, Health::Passing, "heartbeat".to_string(), now, out);
+        Ok(())
+    }
+
+    /// The result of a `RunCheck`. Results for instances gone meanwhile
+    /// are ignored.
+    pub fn check_result(
+        &mut self,
+        service: &str,
+        id: &str,
+        result: Health,
+        output: String,
+        now: Nanos,
+        out: &mut Vec<RegistryAction>,
+    ) {
+        let key = (service.to_string(), id.to_string());
+        self.record(&key, result, output, now, out);
+    }
+
+    /// A bus instance's connection closed: it leaves the registry.
+    pub fn connection_closed(&mut self, service: &str, id: &str, out: &mut Vec<RegistryAction>) {
+        if self.get(service, id).is_some_and(|i| i.spec.on_bus) {
+            let _ = self.deregister(service, id, out);
+        }
+    }
+
+    fn record(
+        &mut self,
+        key: &(String, String),
+        result: Health,
+        output: String,
+        now: Nanos,
+        out: &mut Vec<RegistryAction>,
+    ) {
+        let Some(instance) = self.instances.get_mut(key) else {
+            return;
+        };
+        instance.last_output = output;
+        let streak = &mut instance.raw_streak;
+        if streak.0 == result {
+            streak.1 = streak.1.saturating_add(1);
+        } else {
+            *streak = (result, 1);
+        }
+        let settled = streak.1 >= instance.spec.flap_threshold.max(1);
+        if !settled || instance.health == result {
+            return;
+        }
+        instance.health = result;
+        instance.critical_since = (result == Health::Critical).then_some(now);
+        out.push(RegistryAction::Journal(RegistryOp::Health {
+            service: key.0.clone(),
+            id: key.1.clone(),
+            health: result,
+        }));
+        self.index += 1;
+        let index = self.index;
+        if let Some(instance) = self.instances.get_mut(key) {
+            instance.modify_index = index;
+        }
+        out.push(RegistryAction::Changed { index });
+    }
+
+    /// Advances time: due checks are asked for, TTLs that lapsed count as
+    /// critical results, and instances critical too long are removed.
+    pub fn tick(&mut self, now: Nanos, out: &mut Vec<RegistryAction>) {
+        let mut lapsed = Vec::new();
+        let mut expired = Vec::new();
+        for (key, instance) in self.instances.iter_mut() {
+            if let (Some(since), after) =
+                (instance.critical_since, instance.spec.deregister_after_ms)
+            {
+                if after > 0 && now.saturating_sub(since) >= Nanos::from(after) * MS {
+                    expired.push(key.clone());
+                    continue;
+                }
+            }
+            if instance.next_check > now {
+                continue;
+            }
+            match &instance.spec.check {
+                Check::None => instance.next_check = Nanos::MAX,
+                Check::Ttl { ttl_ms } => {
+                    instance.next_check = now + Nanos::from(*ttl_ms) * MS;
+                    lapsed.push(key.clone());
+                }
+                check => {
+                    instance.next_check = now + Nanos::from(instance.spec.interval_ms.max(1)) * MS;
+                    out.push(RegistryAction::RunCheck {
+                        service: key.0.clone(),
+                        id: key.1.clone(),
+                        check: check.clone(),
+                    });
+                }
+            }
+        }
+        for key in lapsed {
+            self.record(&key, Health::Critical, "TTL lapsed".to_string(), now, out);
+        }
+        for (service, id) in expired {
+            let _ = self.deregister(&service, &id, out);
+        }
+    }
+
+    /// When [`Registry::tick`] next has work.
+    pub fn next_timer(&self) -> Option<Nanos> {
+        self.instances
+            .values()
+            .flat_map(|i| {
+                let dereg = match (i.critical_since, i.spec.deregister_after_ms) {
+                    (Some(since), after) if after > 0 => Some(since + Nanos::from(after) * MS),
+                    _ => None,
+                };
+                [Some(i.next_check).filter(|t| *t != Nanos::MAX), dereg]
+            })
+            .flatten()
+            .min()
+    }
+
+    // ---- durability --------------------------------------------------
+
+    pub(crate) fn apply(&mut self, op: RegistryOp, now: Nanos) {
+        match op {
+            RegistryOp::Register(spec) => self.apply_register(spec, now),
+            RegistryOp::Deregister { service, id } => self.apply_deregister(&service, &id),
+            RegistryOp::Health {
+                service,
+                id,
+                health,
+            } => {
+                self.index += 1;
+                let index = self.index;
+                if let Some(i) = self.instances.get_mut(&(service, id)) {
+                    i.health = health;
+                    i.raw_streak = (health, i.spec.flap_threshold);
+                    i.critical_since = (health == Health::Critical).then_some(now);
+                    i.modify_index = index;
+                }
+            }
+        }
+    }
+
+    fn apply_register(&mut self, spec: InstanceSpec, now: Nanos) {
+        self.index += 1;
+        let key = (spec.service.clone(), spec.id.clone());
+        let instance = Instance::new(spec, self.index, now);
+        self.instances.insert(key, instance);
+    }
+
+    fn apply_deregister(&mut self, service: &str, id: &str) {
+        self.index += 1;
+        self.instances
+            .remove(&(service.to_string(), id.to_string()));
+    }
+
+    /// The snapshot section: every instance's spec and visible health.
+    /// Bus instances are not saved: they come back when they connect.
+    pub(crate) fn write_snapshot(&self, w: &mut Writer) {
+        w.u64(self.index);
+        let durable = || self.instances.values().filter(|i| !i.spec.on_bus);
+        w.u32(durable().count() as u32);
+        for instance in durable() {
+            write_spec(w, &instance.spec);
+            w.u8(instance.health.code());
+        }
+    }
+
+    pub(crate) fn read_snapshot(&mut self, r: &mut Reader, now: Nanos) -> Result<(), JournalError> {
+        let index = r.u64()?;
+        for _ in 0..r.u32()? {
+            let spec = read_spec(r)?;
+            let health = Health::from_code(r.u8()?)?;
+            self.apply_register(spec.clone(), now);
+            self.apply(
+                RegistryOp::Health {
+                    service: spec.service,
+                    id: spec.id,
+                    health,
+                },
+                now,
+            );
+        }
+        self.index = self.index.max(index);
+        Ok(())
+    }
+}
+
+fn validate(spec: &InstanceSpec) -> Result<(), RegistryError> {
+    let bad = |what: String| Err(RegistryError::Invalid(what));
+    if spec.service.is_empty() || spec.service.len() > 63 {
+        return bad(format!(
+            "service name {:?} must be 1 to 63 characters (it becomes a DNS label)",
+            spec.service
+        ));
+    }
+    if !spec
+        .service
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return bad(format!(
+            "service name {:?} may hold only letters, digits, '-' and '_' (it becomes a DNS label)",
+            spec.service
+        ));
+    }
+    if spec.id.is_empty() || spec.id.len() > 255 {
+        return bad("instance id must be 1 to 255 bytes".to_string());
+    }
+    if !spec.address.is_empty() && !spec.address.contains(':') {
+        return bad(format!(
+            "address {:?} has no port: write HOST:PORT",
+            spec.address
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) fn write_spec(w: &mut Writer, spec: &InstanceSpec) {
+    w.str(&spec.service);
+    w.str(&spec.id);
+    w.str(&spec.address);
+    w.u32(spec.meta.len() as u32);
+    for (k, v) in &spec.meta {
+        w.str(k);
+        w.str(v);
+    }
+    w.u8(spec.check.code());
+    match &spec.check {
+        Check::None => {}
+        Check::Http { url, timeout_ms } => {
+            w.str(url);
+            w.u32(*timeout_ms);
+        }
+        Check::Tcp {
+            address,
+            timeout_ms,
+        } => {
+            w.str(address);
+            w.u32(*timeout_ms);
+        }
+        Check::Ttl { ttl_ms } => w.u32(*ttl_ms),
+    }
+    w.u32(spec.interval_ms);
+    w.u32(spec.flap_threshold);
+    w.u32(spec.deregister_after_ms);
+    w.u8(u8::from(spec.on_bus));
+}
+
+pub(crate) fn read_spec(r: &mut Reader) -> Result<InstanceSpec, JournalError> {
+    let service = r.str()?;
+    let id = r.str()?;
+    let address = r.str()?;
+    let mut meta = BTreeMap::new();
+    for _ in 0..r.u32()? {
+        let k = r.str()?;
+        meta.insert(k, r.str()?);
+    }
+    let check = match r.u8()? {
+        0 => Check::None,
+        1 => Check::Http {
+            url: r.str()?,
+            timeout_ms: r.u32()?,
+        },
+        2 => Check::Tcp {
+            address: r.str()?,
+            timeout_ms: r.u32()?,
+        },
+        3 => Check::Ttl { ttl_ms: r.u32()? },
+        tag => return Err(JournalError::UnknownTag { tag }),
+    };
+    Ok(InstanceSpec {
+        service,
+        id,
+        address,
+        meta,
+        check,
+        interval_ms: r.u32()?,
+        flap_threshold: r.u32()?,
+        deregister_after_ms: r.u32()?,
+        on_bus: r.u8()? == 1,
+    })
+}
+
+impl RegistryOp {
+    pub(crate) fn encode_into(&self, w: &mut Writer) {
+        match self {
+            RegistryOp::Register(spec) => {
+                w.u8(tag::REGISTER);
+                write_spec(w, spec);
+            }
+            RegistryOp::Deregister { service, id } => {
+                w.u8(tag::DEREGISTER);
+                w.str(service);
+                w.str(id);
+            }
+            RegistryOp::Health {
+                service,
+                id,
+                health,
+            } => {
+                w.u8(tag::HEALTH);
+                w.str(service);
+                w.str(id);
+                w.u8(health.code());
+            }
+        }
+    }
+
+    /// Decodes the body after one of the registry's tags.
+    pub(crate) fn decode_after(tag: u8, r: &mut Reader) -> Result<RegistryOp, JournalError> {
+        Ok(match tag {
+            tag::REGISTER => RegistryOp::Register(read_spec(r)?),
+            tag::DEREGISTER => RegistryOp::Deregister {
+                service: r.str()?,
+                id: r.str()?,
+            },
+            tag::HEALTH => RegistryOp::Health {
+                service: r.str()?,
+                id: r.str()?,
+                health: Health::from_code(r.u8()?)?,
+            },
+            tag => return Err(JournalError::UnknownTag { tag }),
+        })
+    }
+}
+
+// ---- the broker's side ----------------------------------------------
+
+impl<S: crate::MessageStore> crate::Broker<S> {
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Checks the edge must run now (asked for by [`crate::Broker::tick`]).
+    pub fn take_registry_checks(&mut self) -> Vec<(String, String, Check)> {
+        std::mem::take(&mut self.registry_checks)
+    }
+
+    pub fn registry_register(
+        &mut self,
+        spec: InstanceSpec,
+        now: Nanos,
+    ) -> Result<(), RegistryError> {
+        let mut out = Vec::new();
+        let result = self.registry.register(spec, now, &mut out);
+        self.registry_actions(out);
+        result
+    }
+
+    pub fn registry_deregister(&mut self, service: &str, id: &str) -> Result<(), RegistryError> {
+        let mut out = Vec::new();
+        let result = self.registry.deregister(service, id, &mut out);
+        self.registry_actions(out);
+        result
+    }
+
+    pub fn registry_heartbeat(
+        &mut self,
+        service: &str,
+        id: &str,
+        now: Nanos,
+    ) -> Result<(), RegistryError> {
+        let mut out = Vec::new();
+        let result = self.registry.heartbeat(service, id, now, &mut out);
+        self.registry_actions(out);
+        result
+    }
+
+    pub fn registry_check_result(
+        &mut self,
+        service: &str,
+        id: &str,
+        result: Health,
+        output: String,
+        now: Nanos,
+    ) {
+        let mut out = Vec::new();
+        self.registry
+            .check_result(service, id, result, output, now, &mut out);
+        self.registry_actions(out);
+    }
+
+    /// A bus connection arrived: its instance is registered, in memory
+    /// only (after a restart it is back when it connects again).
+    pub(crate) fn register_bus_instance(&mut self, service: &str, instance: &str, now: Nanos) {
+        let spec = InstanceSpec {
+            service: service.to_string(),
+            id: instance.to_string(),
+            address: String::new(),
+            meta: BTreeMap::new(),
+            check: Check::None,
+            interval_ms: 0,
+            flap_threshold: 1,
+            deregister_after_ms: 0,
+            on_bus: true,
+        };
+        let mut out = Vec::new();
+        // A name the registry cannot hold (not a DNS label) is simply not
+        // discoverable; the connection works all the same.
+        let _ = self.registry.register(spec, now, &mut out);
+    }
+
+    pub(crate) fn deregister_bus_instance(&mut self, service: &str, instance: &str) {
+        let mut out = Vec::new();
+        self.registry.connection_closed(service, instance, &mut out);
+    }
+
+    pub(crate) fn registry_tick(&mut self, now: Nanos) {
+        let mut out = Vec::new();
+        self.registry.tick(now, &mut out);
+        self.registry_actions(out);
+    }
+
+    fn registry_actions(&mut self, out: Vec<RegistryAction>) {
+        for action in out {
+            match action {
+                RegistryAction::RunCheck { service, id, check } => {
+                    self.registry_checks.push((service, id, check));
+                }
+                RegistryAction::Journal(op) => {
+                    self.journal(crate::journal::Op::Registry(op));
+                }
+                RegistryAction::Changed { .. } => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    const S: Nanos = 1_000_000_000;
+
+    fn spec(id: &str, check: Check, flap: u32, dereg_ms: u32) -> InstanceSpec {
+        InstanceSpec {
+            service: "todo".into(),
+            id: id.into(),
+            address: "127.0.0.1:8080".into(),
+            meta: BTreeMap::from([("version".into(), "1".into())]),
+            check,
+            interval_ms: 5_000,
+            flap_threshold: flap,
+            deregister_after_ms: dereg_ms,
+            on_bus: false,
+        }
+    }
+
+    fn http() -> Check {
+        Check::Http {
+            url: "http://127.0.0.1:8080/health".into(),
+            timeout_ms: 1000,
+        }
+    }
+
+    fn result(r: &mut Registry, h: Health, now: Nanos) -> Vec<RegistryAction> {
+        let mut out = Vec::new();
+        r.check_result("todo", "a", h, String::new(), now, &mut out);
+        out
+    }
+
+    #[test]
+    fn a_checked_instance_is_hidden_until_its_check_passes() {
+        let mut r = Registry::default();
+        let mut out = Vec::new();
+        r.register(spec("a", http(), 2, 0), 0, &mut out).unwrap();
+        assert!(r.instances("todo", false).is_empty());
+        assert_eq!(r.instances("todo", true).len(), 1);
+        out.clear();
+        r.tick(0, &mut out);
+        assert!(matches!(out[0], RegistryAction::RunCheck { .. }));
+        result(&mut r, Health::Passing, S);
+        assert!(r.instances("todo", false).is_empty(), "one pass of two");
+        let out = result(&mut r, Health::Passing, 2 * S);
+        assert_eq!(r.instances("todo", false).len(), 1);
+        assert!(out.iter().any(|a| matches!(
+            a,
+            RegistryAction::Journal(RegistryOp::Health {
+                health: Health::Passing,
+                ..
+            })
+        )));
+    }
+
+    #[test]
+    fn an_alternating_check_never_changes_the_visible_state() {
+        let mut r = Registry::default();
+        let mut out = Vec::new();
+        r.register(spec("a", http(), 3, 0), 0, &mut out).unwrap();
+        for t in 1..4 {
+            result(&mut r, Health::Passing, t * S);
+        }
+        let index = r.index();
+        for t in 4..100 {
+            let h = if t % 2 == 0 {
+                Health::Critical
+            } else {
+                Health::Passing
+            };
+            assert!(result(&mut r, h, t * S).is_empty());
+        }
+        assert_eq!(r.index(), index);
+        assert_eq!(r.get("todo", "a").unwrap().health, Health::Passing);
+        for t in 100..103 {
+            result(&mut r, Health::Critical, t * S);
+        }
+        assert_eq!(r.get("todo", "a").unwrap().health, Health::Critical);
+        assert!(!r.is_routable("todo", "a"));
+    }
+
+    #[test]
+    fn critical_for_the_configured_time_deregisters() {
+        let mut r = Registry::default();
+        let mut out = Vec::new();
+        r.register(spec("a", http(), 1, 30_000), 0, &mut out)
+            .unwrap();
+        result(&mut r, Health::Passing, S);
+        result(&mut r, Health::Critical, 10 * S);
+        out.clear();
+        r.tick(39 * S, &mut out);
+        assert!(r.get("todo", "a").is_some());
+        assert_eq!(r.next_timer(), Some(40 * S));
+        r.tick(40 * S, &mut out);
+        assert!(r.get("todo", "a").is_none());
+        assert!(out
+            .iter()
+            .any(|a| matches!(a, RegistryAction::Journal(RegistryOp::Deregister { .. }))));
+    }
+
+    #[test]
+    fn a_ttl_check_lapses_without_heartbeats() {
+        let mut r = Registry::default();
+        let mut out = Vec::new();
+        r.register(spec("a", Check::Ttl { ttl_ms: 30_000 }, 1, 0), 0, &mut out)
+            .unwrap();
+        assert_eq!(r.instances("todo", false).len(), 1);
+        r.tick(29 * S, &mut out);
+        r.heartbeat("todo", "a", 29 * S, &mut out).unwrap();
+        r.tick(58 * S, &mut out);
+        assert_eq!(r.get("todo", "a").unwrap().health, Health::Passing);
+        r.tick(59 * S, &mut out);
+        assert_eq!(r.get("todo", "a").unwrap().health, Health::Critical);
+        r.heartbeat("todo", "a", 60 * S, &mut out).unwrap();
+        assert_eq!(r.get("todo", "a").unwrap().health, Health::Passing);
+        let err = {
+            r.register(spec("b", http(), 1, 0), 0, &mut out).unwrap();
+            r.heartbeat("todo", "b", 0, &mut out).unwrap_err()
+        };
+        assert!(matches!(err, RegistryError::NotTtl { .. }));
+    }
+
+    #[test]
+    fn bad_specs_are_refused_with_the_fix() {
+        let mut r = Registry::default();
+        let mut out = Vec::new();
+        let mut s = spec("a", Check::None, 1, 0);
+        s.service = "todo.v1".into();
+        let e = r.register(s, 0, &mut out).unwrap_err().to_string();
+        assert!(e.contains("only letters"), "{e}");
+        let mut s = spec("a", Check::None, 1, 0);
+        s.address = "localhost".into();
+        let e = r.register(s, 0, &mut out).unwrap_err().to_string();
+        assert!(e.contains("HOST:PORT"), "{e}");
+        assert!(Check::parse("ftp://x", 1).is_err());
+        assert_eq!(
+            Check::parse("ttl:30s", 1),
+            Ok(Check::Ttl { ttl_ms: 30_000 })
+        );
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn journal_replay_and_snapshot_rebuild_the_same_registry() {
+        let mut r = Registry::default();
+        let mut out = Vec::new();
+        r.register(spec("a", http(), 1, 0), 0, &mut out).unwrap();
+        r.register(spec("b", Check::Ttl { ttl_ms: 1000 }, 1, 0), 0, &mut out)
+            .unwrap();
+        let mut bus = spec("c", Check::None, 1, 0);
+        bus.on_bus = true;
+        r.register(bus, 0, &mut out).unwrap();
+        r.check_result("todo", "a", Health::Passing, String::new(), S, &mut out);
+        r.deregister("todo", "b", &mut out).unwrap();
+
+        let mut replayed = Registry::default();
+        for action in &out {
+            if let RegistryAction::Journal(op) = action {
+                let mut w = Writer::new();
+                op.encode_into(&mut w);
+                let mut rd = Reader::new(w.0.freeze());
+                let tag = rd.u8().unwrap();
+                let decoded = RegistryOp::decode_after(tag, &mut rd).unwrap();
+                assert_eq!(&decoded, op);
+                assert!(rd.is_empty());
+                replayed.apply(decoded, 5 * S);
+            }
+        }
+        let names = |r: &Registry| -> Vec<(String, Health)> {
+            r.instances("todo", true)
+                .iter()
+                .map(|i| (i.spec.id.clone(), i.health))
+                .collect()
+        };
+        assert_eq!(names(&replayed), names(&r));
+
+        let mut w = Writer::new();
+        r.write_snapshot(&mut w);
+        let mut loaded = Registry::default();
+        loaded
+            .read_snapshot(&mut Reader::new(w.0.freeze()), 5 * S)
+            .unwrap();
+        assert_eq!(names(&loaded), vec![("a".to_string(), Health::Passing)]);
+        assert!(loaded.index() >= r.index());
+        assert_eq!(loaded.len(), 1, "bus instances are not saved");
+    }
+}

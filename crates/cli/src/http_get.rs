@@ -12,13 +12,36 @@ const BODY_BYTES_MAX: usize = 256 * 1024 * 1024;
 
 /// `GET path` from `addr` (`HOST:PORT`); the body when the status is 200.
 pub async fn get(addr: &str, path: &str, token: Option<&str>) -> anyhow::Result<String> {
+    request("GET", addr, path, token, None).await
+}
+
+/// `METHOD path` with an optional JSON body; the answer's body when the
+/// status is 200, else an error carrying the broker's explanation.
+pub async fn request(
+    method: &str,
+    addr: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> anyhow::Result<String> {
     let mut stream = TcpStream::connect(addr).await.with_context(|| {
         format!("cannot reach the broker's HTTP port at {addr}: is `courier serve` running with --http {addr}? (pass --http ADDR here if it serves elsewhere)")
     })?;
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n");
+    let content = match body {
+        Some(b) => format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            b.len()
+        ),
+        None if method == "GET" => String::new(),
+        None => "Content-Length: 0\r\n".to_string(),
+    };
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}{content}Connection: close\r\n\r\n{}",
+        body.unwrap_or("")
+    );
     stream.write_all(request.as_bytes()).await?;
     let mut answer = Vec::new();
     (&mut stream)
@@ -45,7 +68,12 @@ pub async fn get(addr: &str, path: &str, token: Option<&str>) -> anyhow::Result<
         body.to_string()
     };
     if status != "200" {
-        bail!("{addr}{path} answered {status}: {}", body.trim());
+        // Problem answers explain themselves in "detail".
+        let detail = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["detail"].as_str().map(str::to_string))
+            .unwrap_or_else(|| body.trim().to_string());
+        bail!("{addr}{path} answered {status}: {detail}");
     }
     Ok(body)
 }

@@ -6,6 +6,7 @@ mod certs;
 mod conn;
 mod http_get;
 mod output;
+mod registry;
 mod reply;
 mod send;
 mod serve_limits;
@@ -249,10 +250,32 @@ enum Command {
     #[command(name = "dead-letters", subcommand)]
     DeadLetters(DeadLetters),
     /// Lists services: subscriptions, instances, backlog, dead letters.
+    /// With NAME (or --json), the registry's instances of it (healthy
+    /// ones; --all for every one with its state) from the HTTP port.
     Services {
+        /// A service whose registered instances to list.
+        name: Option<String>,
+        /// Every instance with its state, not only healthy ones.
+        #[arg(long)]
+        all: bool,
+        /// One JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// The broker's HTTP port (with NAME or --json).
+        #[arg(long, env = "COURIER_HTTP", default_value = "127.0.0.1:7780")]
+        http: String,
         #[command(flatten)]
         admin: Admin,
     },
+    /// Registers an instance off the bus (a database, an HTTP API) and
+    /// prints its id.
+    Register(registry::RegisterArgs),
+    /// Removes a registered instance.
+    Deregister(registry::InstanceArgs),
+    /// Passes an instance's TTL check.
+    Heartbeat(registry::InstanceArgs),
+    /// Prints a service's instances, then one JSON line per change.
+    Watch(registry::WatchArgs),
     /// Measures durable publish, consume and restart against a broker it
     /// starts itself; prints a table (or --json lines).
     Bench(bench::BenchArgs),
@@ -521,7 +544,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => bench::run(args).await,
         Command::Tail(args) => tail::run(args).await,
         Command::Trace(args) => trace::run(args).await,
-        Command::Services { admin } => {
+        Command::Register(args) => registry::register(args).await,
+        Command::Deregister(args) => registry::deregister(args).await,
+        Command::Heartbeat(args) => registry::heartbeat(args).await,
+        Command::Watch(args) => registry::watch(args).await,
+        Command::Services {
+            name,
+            all,
+            json,
+            http,
+            admin,
+        } if name.is_some() || json || all => {
+            registry::show(name.as_deref(), all, json, &http, admin.token.as_deref()).await
+        }
+        Command::Services { admin, .. } => {
             let listing =
                 admin_request(&admin, "courier.services.list", serde_json::json!({})).await?;
             for service in listing.as_array().into_iter().flatten() {

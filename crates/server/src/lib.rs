@@ -12,6 +12,7 @@
 mod auth;
 mod http;
 mod metrics_text;
+mod registry;
 mod tail;
 mod tls;
 mod trace;
@@ -267,6 +268,8 @@ impl Outbox {
 
 struct Shared {
     config: ServerConfig,
+    /// The service registry's checks and watchers (`registry.rs`).
+    registry: registry::RegistryEdge,
     /// Credentials each live connection presented (and the subject of its
     /// verified client certificate), to check again when the manifest changes.
     credentials: Mutex<HashMap<ConnId, (courier_proto::Credentials, Option<String>)>>,
@@ -422,6 +425,7 @@ impl Server {
             http,
             shared: Arc::new(Shared {
                 config,
+                registry: registry::RegistryEdge::new(),
                 credentials: Mutex::new(HashMap::new()),
                 tls,
                 manifest_modified: Mutex::new(manifest_modified),
@@ -483,6 +487,7 @@ impl Server {
             }
         }
         let _timer = tokio::spawn(run_timer(self.shared.clone()));
+        let _checks = AbortOnDrop(tokio::spawn(registry::report_results(self.shared.clone())));
         let _reloader = tokio::spawn(watch_manifest(self.shared.clone()));
         loop {
             match self.listener.accept().await {
@@ -551,6 +556,8 @@ impl Shared {
             }
         }
         say_alerts(&mut core);
+        let checks = core.take_registry_checks();
+        self.registry.after_core(core.registry().index(), checks);
         let next_timer = core.next_timer();
         let (cut, full) = self.dispatch(actions);
         core.metrics_mut().slow_consumers_cut += cut;

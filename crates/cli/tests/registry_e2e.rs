@@ -1,0 +1,212 @@
+//! The service registry against real `courier` processes: instances
+//! registered with the CLI, checked over HTTP, watched, killed with
+//! `kill -9`, kept across a broker restart, and TTL heartbeats.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{http_get, wait_for, Broker};
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(20);
+
+fn port_of(http: &str) -> String {
+    http.trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string()
+}
+
+fn registry_cli(broker: &Broker, args: &[&str]) -> std::process::Output {
+    let http = port_of(broker.http.as_deref().expect("an HTTP port"));
+    broker
+        .cli(args)
+        .env("COURIER_HTTP", http)
+        .output()
+        .expect("run courier")
+}
+
+fn healthy_ids(broker: &Broker, name: &str) -> Vec<String> {
+    let http = broker.http.as_deref().expect("an HTTP port");
+    let (status, body) = http_get(http, &format!("/v1/services/{name}"), None);
+    assert_eq!(status, 200, "{body}");
+    let answer: Value = serde_json::from_str(&body).expect("JSON");
+    answer["instances"]
+        .as_array()
+        .expect("instances")
+        .iter()
+        .map(|i| i["id"].as_str().expect("id").to_string())
+        .collect()
+}
+
+#[test]
+fn a_checked_instance_appears_when_healthy_leaves_when_killed_and_survives_a_restart() {
+    let registry = Broker::start();
+    // The "todo" instance is itself a courier process: its /healthz is
+    // what the check asks.
+    let todo = Broker::start();
+    let todo_http = port_of(todo.http.as_deref().expect("an HTTP port"));
+    let http = port_of(registry.http.as_deref().expect("an HTTP port"));
+
+    let mut watch = registry
+        .cli(&["watch", "todo", "--http", &http])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn courier watch");
+    let watched = common_lines(&mut watch);
+
+    let out = registry_cli(
+        &registry,
+        &[
+            "register",
+            "todo",
+            "--address",
+            &todo_http,
+            "--check",
+            &format!("http://{todo_http}/healthz"),
+            "--interval",
+            "300ms",
+            "--meta",
+            "version=1",
+        ],
+    );
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(id.starts_with("todo-"), "prints the instance id: {id:?}");
+
+    wait_for("the instance passes its check", T, || {
+        healthy_ids(&registry, "todo").contains(&id).then_some(())
+    });
+    let out = registry_cli(&registry, &["services", "todo", "--json"]);
+    let listed: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(listed["instances"][0]["meta"]["version"], "1");
+    assert_eq!(listed["instances"][0]["health"], "passing");
+
+    // kill -9: two failed checks 300 ms apart and it is gone.
+    drop(todo);
+    let killed = Instant::now();
+    wait_for("the killed instance leaves the lookup", T, || {
+        healthy_ids(&registry, "todo").is_empty().then_some(())
+    });
+    let took = killed.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "gone after {took:?}, within a few check intervals"
+    );
+    let out = registry_cli(&registry, &["services", "todo", "--all", "--json"]);
+    let listed: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(listed["instances"][0]["health"], "critical", "{listed}");
+
+    // The watch saw: nothing healthy, then the instance, then nothing, in
+    // that order.
+    let first = watched.recv_timeout(T).expect("first watch line");
+    let counts: Vec<usize> = std::iter::once(first)
+        .chain(std::iter::from_fn(|| {
+            watched.recv_timeout(Duration::from_secs(5)).ok()
+        }))
+        .take(3)
+        .map(|v| v["instances"].as_array().map_or(0, Vec::len))
+        .collect();
+    assert_eq!(counts, vec![0, 1, 0], "the watch's lines in order");
+    let _ = watch.kill();
+    let _ = watch.wait();
+
+    // Registered instances are in the broker's log.
+    let registry = registry.crash_and_restart();
+    let out = registry_cli(&registry, &["services", "todo", "--all", "--json"]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let listed: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(listed["instances"][0]["id"], id.as_str(), "{listed}");
+}
+
+#[test]
+fn ttl_heartbeats_deregistration_and_clear_errors() {
+    let registry = Broker::start();
+    let out = registry_cli(
+        &registry,
+        &[
+            "register",
+            "db",
+            "--address",
+            "127.0.0.1:5432",
+            "--check",
+            "ttl:1s",
+            "--flap-threshold",
+            "1",
+            "--id",
+            "db-1",
+        ],
+    );
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "db-1");
+    assert_eq!(healthy_ids(&registry, "db"), vec!["db-1".to_string()]);
+    wait_for("the TTL lapses without heartbeats", T, || {
+        healthy_ids(&registry, "db").is_empty().then_some(())
+    });
+    let out = registry_cli(&registry, &["heartbeat", "db", "db-1"]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    assert_eq!(healthy_ids(&registry, "db"), vec!["db-1".to_string()]);
+
+    let out = registry_cli(&registry, &["heartbeat", "db", "db-9"]);
+    assert!(!out.status.success());
+    assert!(
+        common::stderr(&out).contains("--all"),
+        "{}",
+        common::stderr(&out)
+    );
+    let out = registry_cli(
+        &registry,
+        &[
+            "register",
+            "db",
+            "--address",
+            "localhost",
+            "--check",
+            "ttl:1s",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        common::stderr(&out).contains("HOST:PORT"),
+        "{}",
+        common::stderr(&out)
+    );
+
+    let out = registry_cli(&registry, &["deregister", "db", "db-1"]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let out = registry_cli(&registry, &["services", "db", "--all", "--json"]);
+    let listed: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(listed["instances"], serde_json::json!([]));
+}
+
+#[test]
+fn bus_instances_register_themselves_and_leave_with_their_connection() {
+    let registry = Broker::start();
+    let mut sub = registry.spawn(&["subscribe", "todo.*", "--service", "todo"]);
+    wait_for("the connected instance is registered", T, || {
+        (healthy_ids(&registry, "todo").len() == 1).then_some(())
+    });
+    sub.kill9();
+    wait_for("the closed connection's instance leaves", T, || {
+        healthy_ids(&registry, "todo").is_empty().then_some(())
+    });
+}
+
+/// The JSON lines a child prints, as they come.
+fn common_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<Value> {
+    use std::io::BufRead;
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            let Ok(value) = serde_json::from_str::<Value>(&line) else {
+                continue;
+            };
+            if tx.send(value).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}

@@ -1826,7 +1826,12 @@ impl<S: MessageStore> Broker<S> {
                 continue;
             }
             any_matching = true;
-            if c.in_flight < c.max_in_flight && !c.paused {
+            // An instance whose checks are critical is passed over, as if
+            // busy, until it recovers.
+            if c.in_flight < c.max_in_flight
+                && !c.paused
+                && self.registry.is_routable(service, &c.instance)
+            {
                 svc.next_instance = idx + 1;
                 return Pick::Conn(conn);
             }
@@ -1860,6 +1865,7 @@ impl<S: MessageStore> Broker<S> {
                         && !c.paused
                         && !c.patterns.is_empty()
                         && c.in_flight < c.max_in_flight
+                        && self.registry.is_routable(service, &c.instance)
                 })
             });
             if !has_room {

@@ -484,9 +484,13 @@ impl Registry {
         }
     }
 
-    fn apply_register(&mut self, spec: InstanceSpec, now: Nanos) {
+    fn apply_register(&mut self, mut spec: InstanceSpec, now: Nanos) {
         self.index += 1;
         let key = (spec.service.clone(), spec.id.clone());
+        // A check given to a connected instance stays with its connection.
+        if self.instances.get(&key).is_some_and(|i| i.spec.on_bus) {
+            spec.on_bus = true;
+        }
         let instance = Instance::new(spec, self.index, now);
         self.instances.insert(key, instance);
     }
@@ -718,6 +722,7 @@ impl<S: crate::MessageStore> crate::Broker<S> {
         output: String,
         now: Nanos,
     ) {
+        self.now = self.now.max(now);
         let mut out = Vec::new();
         self.registry
             .check_result(service, id, result, output, now, &mut out);
@@ -762,6 +767,14 @@ impl<S: crate::MessageStore> crate::Broker<S> {
                     self.registry_checks.push((service, id, check));
                 }
                 RegistryAction::Journal(op) => {
+                    if let RegistryOp::Health { service, .. } = &op {
+                        // A recovered instance takes work again at once.
+                        let service = service.clone();
+                        let now = self.now;
+                        self.journal(crate::journal::Op::Registry(op));
+                        self.pump(&service, now);
+                        continue;
+                    }
                     self.journal(crate::journal::Op::Registry(op));
                 }
                 RegistryAction::Changed { .. } => {}

@@ -2774,3 +2774,26 @@ fn due_checks_are_handed_to_the_edge_on_tick() {
     );
     assert_eq!(h.broker.next_timer(), Some(h.now + 1_000_000_000));
 }
+
+#[test]
+fn an_instance_whose_check_is_critical_gets_no_new_work_until_it_recovers() {
+    use crate::registry::{Check, Health};
+    let mut h = Harness::with_store(MemoryStore::new());
+    h.connect(1, "web", 0);
+    h.connect(2, "worker", 0);
+    h.subscribe(2, "job.run");
+    let mut spec = registry_spec("worker-2", Check::Ttl { ttl_ms: 60_000 });
+    spec.service = "worker".into();
+    h.broker.registry_register(spec, h.now).expect("registers");
+    h.broker
+        .registry_check_result("worker", "worker-2", Health::Critical, String::new(), h.now);
+    assert!(!h.broker.registry().is_routable("worker", "worker-2"));
+    h.send(1, 1, command("job.run", "held"));
+    assert!(h.deliveries().is_empty(), "nothing for a critical instance");
+    h.broker
+        .registry_heartbeat("worker", "worker-2", h.now)
+        .expect("heartbeat");
+    let d = h.deliveries();
+    assert_eq!(d.len(), 1, "delivered once it passes again");
+    assert_eq!(d[0].0, 2);
+}

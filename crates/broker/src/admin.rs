@@ -141,13 +141,15 @@ impl<S: MessageStore> Broker<S> {
                 let pattern = match args.get("pattern") {
                     None | Some(Value::Null) => None,
                     Some(Value::String(p)) => Some(p.as_str()),
-                    Some(_) => return Err((
-                        ErrorCode::InvalidMessage,
-                        format!(
+                    Some(_) => {
+                        return Err((
+                            ErrorCode::InvalidMessage,
+                            format!(
                             "{}: \"pattern\" is a string (or left out for all of the service's)",
                             command.name
                         ),
-                    )),
+                        ))
+                    }
                 };
                 let pause = command.name.as_str() == "courier.subscriptions.pause";
                 let changed = if pause {

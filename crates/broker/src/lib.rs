@@ -2152,6 +2152,33 @@ impl<S: MessageStore> Broker<S> {
             .collect()
     }
 
+    /// How many dead letters the service holds; `None` for a service the
+    /// broker does not know.
+    pub fn dead_letter_count(&self, service: &str) -> Option<usize> {
+        self.services
+            .get(service)
+            .map(|s| s.queue.dead_letters.len())
+    }
+
+    /// One dead letter of the service with its message (`None` inside if
+    /// unreadable); `None` if the service has no such dead letter.
+    pub fn dead_letter(
+        &mut self,
+        service: &str,
+        seq: Seq,
+    ) -> Option<(DeadLetter, Option<Arc<Message>>)> {
+        let letter = self
+            .services
+            .get(service)?
+            .queue
+            .dead_letters
+            .iter()
+            .find(|d| d.seq == seq)?
+            .clone();
+        let message = self.store.get(seq).ok().flatten();
+        Some((letter, message))
+    }
+
     /// Puts a dead letter back in the service's queue, as a fresh message.
     pub fn revive(&mut self, service: &str, seq: Seq, now: Nanos) -> Result<(), String> {
         self.now = now;

@@ -5,6 +5,7 @@ mod bench;
 mod certs;
 mod http_get;
 mod output;
+mod pause;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -319,6 +320,11 @@ enum Command {
         #[command(flatten)]
         admin: Admin,
     },
+    /// Pauses a service's subscription: its messages wait in the broker
+    /// (the backlog grows) until `courier resume`.
+    Pause(pause::PauseArgs),
+    /// Resumes a paused subscription: what waited is delivered.
+    Resume(pause::PauseArgs),
     /// Measures durable publish, consume and restart against a broker it
     /// starts itself; prints a table (or --json lines).
     Bench(bench::BenchArgs),
@@ -550,6 +556,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             conn,
         } => subscribe(pattern, count, idle_timeout, from, conn).await,
         Command::DeadLetters(action) => dead_letters(action).await,
+        Command::Pause(args) => pause::run(args, true).await,
+        Command::Resume(args) => pause::run(args, false).await,
         Command::Token(TokenCommand::New) => {
             let token = courier_manifest::generate_token()
                 .context("cannot read random bytes from the OS")?;

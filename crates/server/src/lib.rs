@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 mod auth;
+mod console;
 mod http;
 mod metrics_text;
 mod tls;
@@ -213,6 +214,9 @@ struct Shared {
     /// into fewer frames), for `/metrics`.
     frames_in: AtomicU64,
     entries_out: AtomicU64,
+    /// Where each live connection comes from and since when, for the
+    /// console (the broker core knows nothing of sockets or clocks).
+    peers: Mutex<FastMap<ConnId, console::Peer>>,
 }
 
 fn now_nanos() -> Nanos {
@@ -323,6 +327,7 @@ impl Server {
                 recovery_seconds,
                 frames_in: AtomicU64::new(0),
                 entries_out: AtomicU64::new(0),
+                peers: Mutex::new(FastMap::default()),
             }),
             listener,
         })
@@ -385,6 +390,12 @@ impl Drop for AbortOnDrop {
 impl Shared {
     fn core(&self) -> MutexGuard<'_, Broker<Store>> {
         self.core
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn peers(&self) -> MutexGuard<'_, FastMap<ConnId, console::Peer>> {
+        self.peers
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -888,6 +899,13 @@ async fn serve_stream<R, W>(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .insert(conn, (hello.credentials.clone(), subject));
+    shared.peers().insert(
+        conn,
+        console::Peer {
+            addr: peer,
+            connected_at: now_nanos(),
+        },
+    );
     shared.outboxes().insert(conn, outbox.clone());
     // WELCOME and the broker's first actions (parked replies) leave in
     // that order: both happen under the core lock.
@@ -916,6 +934,7 @@ async fn serve_stream<R, W>(
     if let Some(reason) = refused {
         info!(%peer, %reason, "connection refused");
         shared.outboxes().remove(&conn);
+        shared.peers().remove(&conn);
         shared
             .credentials
             .lock()
@@ -943,6 +962,7 @@ async fn serve_stream<R, W>(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .remove(&conn);
+    shared.peers().remove(&conn);
     outbox.lock().closing = true;
     outbox.wake.notify_one();
     let _ = writer_task.await;

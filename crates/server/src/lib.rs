@@ -204,6 +204,9 @@ struct Shared {
     paused: Mutex<std::collections::HashSet<ConnId>>,
     core: Mutex<Broker<Store>>,
     outboxes: Mutex<FastMap<ConnId, Arc<Outbox>>>,
+    /// Where each live connection comes from and since when, for the
+    /// console (the broker core knows nothing of sockets or clocks).
+    peers: Mutex<FastMap<ConnId, console::Peer>>,
     next_conn: AtomicU64,
     /// When the timer task plans to wake next (unix ns).
     timer_due: AtomicU64,
@@ -214,9 +217,6 @@ struct Shared {
     /// into fewer frames), for `/metrics`.
     frames_in: AtomicU64,
     entries_out: AtomicU64,
-    /// Where each live connection comes from and since when, for the
-    /// console (the broker core knows nothing of sockets or clocks).
-    peers: Mutex<FastMap<ConnId, console::Peer>>,
 }
 
 fn now_nanos() -> Nanos {
@@ -321,13 +321,13 @@ impl Server {
                 paused: Mutex::new(std::collections::HashSet::new()),
                 core: Mutex::new(core),
                 outboxes: Mutex::new(FastMap::default()),
+                peers: Mutex::new(FastMap::default()),
                 next_conn: AtomicU64::new(1),
                 timer_due: AtomicU64::new(u64::MAX),
                 timer_wake: Arc::new(Notify::new()),
                 recovery_seconds,
                 frames_in: AtomicU64::new(0),
                 entries_out: AtomicU64::new(0),
-                peers: Mutex::new(FastMap::default()),
             }),
             listener,
         })

@@ -438,7 +438,7 @@ function tailRow(line) {
     h('th', { scope: 'row' }, line.name),
     h('td', {}, `${line.sender || '?'} → ${receivers || '(nobody)'}`),
     h('td', {}, line.outcome ? `${line.outcome}${line.final === false ? ' (more follow)' : ''}` : ''),
-    h('td', { class: 'mono' }, (line.activity_id || '').slice(0, 13)));
+    h('td', { class: 'mono', title: line.activity_id || '' }, (line.activity_id || '').slice(-12)));
 }
 
 function tailState(text, kind) {

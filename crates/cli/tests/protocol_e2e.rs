@@ -90,7 +90,7 @@ fn hostile_length_prefixes_are_refused_without_allocating() {
 fn malformed_frame_after_hello_closes_only_that_connection() {
     let broker = Broker::start();
     let listener = broker.spawn(&["subscribe", "a.b", "--service", "good"]);
-    std::thread::sleep(Duration::from_millis(300));
+    broker.wait_consumers("good", 1, None);
     let mut s = raw(&broker);
     s.write_all(&hello("evil")).expect("hello");
     // A SEND frame claiming one entry but truncated inside the message.
@@ -219,7 +219,7 @@ async fn thousands_of_half_open_connections_do_not_stop_anyone_else() {
     ))
     .await
     .expect("connect before the flood");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::task::block_in_place(|| broker.wait_consumers("good", 1, None));
     // Connections that never finish (or even start) their handshake, some
     // with a partial frame: more than the broker's cap on handshakes. New
     // connections may be turned away while the cap is reached; connected
@@ -252,8 +252,18 @@ async fn thousands_of_half_open_connections_do_not_stop_anyone_else() {
         started.elapsed()
     );
     drop(idle);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    tokio::task::block_in_place(|| broker_still_serves(&broker));
+    // New connections are served again once the broker has seen the
+    // flood's connections close.
+    tokio::task::block_in_place(|| {
+        common::wait_for(
+            "a new connection served after the flood",
+            Duration::from_secs(10),
+            || {
+                let out = broker.run(&["publish", "health.check"]);
+                out.status.success().then_some(())
+            },
+        )
+    });
 }
 
 /// Resident memory of a process in MiB.
@@ -302,7 +312,10 @@ async fn a_receiver_that_stops_reading_is_paused_without_growing_memory_or_slowi
     })
     .await
     .expect("subscribe");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::task::block_in_place(|| {
+        broker.wait_consumers("sluggish", 1, None);
+        broker.wait_consumers("fast", 1, None);
+    });
     let baseline = rss_mib(broker.child.id());
 
     let publisher = courier_client::Client::connect(courier_client::ClientOptions::new(

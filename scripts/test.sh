@@ -45,6 +45,14 @@ fi
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
+# Every declared dependency is used (cargo-machete reads the sources; it
+# installs once into ~/.cargo/bin, from crates.io, pinned by --locked).
+if ! command -v cargo-machete >/dev/null 2>&1; then
+  echo "== cargo install cargo-machete (checks for unused dependencies)"
+  cargo install --quiet --locked cargo-machete
+fi
+echo "== cargo machete"
+cargo machete
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo clippy -p courier-client --all-targets --features otel --locked -- -D warnings

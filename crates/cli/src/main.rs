@@ -158,30 +158,14 @@ fn parse_http_addr(text: &str) -> Result<HttpAddr, String> {
 
 /// `512`, `64KiB`, `10MB`, `2GiB` …
 fn parse_size(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size; write e.g. 64MiB or 10GB"))?;
-    let factor: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "KB" => 1_000,
-        "KiB" => 1 << 10,
-        "MB" => 1_000_000,
-        "MiB" => 1 << 20,
-        "GB" => 1_000_000_000,
-        "GiB" => 1 << 30,
-        other => {
-            return Err(format!(
-                "unknown size unit {other:?}; use B, KB, KiB, MB, MiB, GB or GiB"
-            ))
-        }
-    };
-    n.checked_mul(factor)
-        .ok_or_else(|| format!("{text:?} is too large"))
+    let size: bytesize::ByteSize = text.trim().parse().map_err(|e| {
+        format!("{text:?} is not a size ({e}); write e.g. 64MiB, 10GB or a number of bytes")
+    })?;
+    // bytesize saturates what does not fit; a size that large is a typo.
+    match size.as_u64() {
+        u64::MAX => Err(format!("{text:?} is too large")),
+        bytes => Ok(bytes),
+    }
 }
 
 /// `PATTERN=AGE` or `PATTERN=AGE,SIZE`.
@@ -800,7 +784,10 @@ mod tests {
         assert_eq!(parse_size("64MiB"), Ok(64 << 20));
         assert_eq!(parse_size("10GB"), Ok(10_000_000_000));
         assert_eq!(parse_size("512"), Ok(512));
+        assert_eq!(parse_size("1.5KiB"), Ok(1536));
         assert!(parse_size("5 parsecs").is_err());
+        assert!(parse_size("-5MB").is_err());
+        assert!(parse_size("99999999999999GiB").is_err(), "too large");
         let rule = parse_retention_rule("metrics.>=1h,64MiB").expect("rule");
         assert_eq!(
             (rule.pattern.as_str(), rule.max_age_ms, rule.max_bytes),

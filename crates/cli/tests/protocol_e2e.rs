@@ -75,6 +75,8 @@ fn garbage_before_hello_is_refused() {
 #[test]
 fn hostile_length_prefixes_are_refused_without_allocating() {
     let broker = Broker::start();
+    broker_still_serves(&broker);
+    let baseline = rss_mib(broker.child.id());
     for len in [u32::MAX, (1u32 << 31) - 1] {
         let mut s = raw(&broker);
         s.write_all(&hello("evil")).expect("hello");
@@ -84,6 +86,42 @@ fn hostile_length_prefixes_are_refused_without_allocating() {
         assert!(message.contains(&len.to_string()), "{message}");
     }
     broker_still_serves(&broker);
+    let grown = rss_mib(broker.child.id()).saturating_sub(baseline);
+    assert!(
+        grown < 16,
+        "refusing 6 GiB of announced frames grew the broker by {grown} MiB"
+    );
+}
+
+#[test]
+fn frames_announced_at_the_limit_do_not_grow_memory_before_their_bytes_come() {
+    const CONNECTIONS: usize = 64;
+    const FRAME_BYTES_MAX: u32 = 8 << 20;
+    let broker = Broker::start();
+    broker_still_serves(&broker);
+    let baseline = rss_mib(broker.child.id());
+    // Each announces a frame just under the limit and sends one byte of it.
+    let announced: Vec<TcpStream> = (0..CONNECTIONS)
+        .map(|_| {
+            let mut s = raw(&broker);
+            s.write_all(&hello("hopeful")).expect("hello");
+            s.write_all(&(FRAME_BYTES_MAX - 16).to_be_bytes())
+                .expect("length");
+            s.write_all(&[0x03]).expect("first byte");
+            s
+        })
+        .collect();
+    // Every connection's bytes have been read once a later connection is
+    // served (the broker reads connections concurrently, in accept order).
+    broker_still_serves(&broker);
+    let grown = rss_mib(broker.child.id()).saturating_sub(baseline);
+    let if_reserved = CONNECTIONS as u64 * u64::from(FRAME_BYTES_MAX >> 20);
+    assert!(
+        grown < 64,
+        "{CONNECTIONS} announced frames grew the broker by {grown} MiB \
+         (reserving each announced length would take {if_reserved} MiB)"
+    );
+    drop(announced);
 }
 
 #[test]

@@ -1502,12 +1502,10 @@ impl<S: MessageStore> Broker<S> {
             self.remember_reply_route(conn, message.id, command, targets.to_vec(), window, now);
         }
         if !message.transient {
-            // The payload is a slice of the connection's read buffer, and
-            // the store keeps recent messages cached: its own copy lets the
-            // buffer be reused in place instead of being pinned, then
-            // freed, 64 KiB at a time (memory the allocator holds on to).
-            let owned = Arc::make_mut(&mut message);
-            owned.payload = bytes::Bytes::copy_from_slice(&owned.payload);
+            // The store keeps recent messages cached and the queue keeps
+            // keys: their own copies let the read buffer be reused in place
+            // instead of being pinned, then freed, 64 KiB at a time.
+            Arc::make_mut(&mut message).detach();
         }
         if message.transient {
             self.trace_accepted(&message, 0, &targets);
@@ -1762,6 +1760,8 @@ impl<S: MessageStore> Broker<S> {
                     svc.parked_replies.pop_front();
                     self.metrics.replies_dropped += 1;
                 }
+                let mut message = message;
+                Arc::make_mut(&mut message).detach();
                 svc.parked_replies.push_back(message);
                 self.metrics.replies_parked += 1;
             }

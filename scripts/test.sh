@@ -23,6 +23,18 @@ if ! command -v make >/dev/null 2>&1 || ! command -v cc >/dev/null 2>&1; then
     exit 1
   fi
 fi
+# A real Prometheus scrapes the broker's /metrics in observability_e2e.
+# Idempotent: installs only when missing.
+if ! command -v prometheus >/dev/null 2>&1; then
+  echo "== apt-get install prometheus (scrapes /metrics in the tests)"
+  if command -v apt-get >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq prometheus >/dev/null
+  else
+    echo "scripts/test.sh: install prometheus (the tests scrape the broker with it) and retry" >&2
+    exit 1
+  fi
+fi
 # The NATS side of `courier bench --against nats` (tested in bench_e2e):
 # the bench installs nats-server itself when missing; doing it here first
 # keeps the install out of the test's time. Idempotent.
@@ -45,9 +57,60 @@ fi
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
+# Every declared dependency is used (cargo-machete reads the sources; it
+# installs once into ~/.cargo/bin, from crates.io, pinned by --locked).
+if ! command -v cargo-machete >/dev/null 2>&1; then
+  echo "== cargo install cargo-machete (checks for unused dependencies)"
+  cargo install --quiet --locked cargo-machete
+fi
+echo "== cargo machete"
+cargo machete
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy -p courier-client --all-targets --features otel --locked -- -D warnings
 echo "== cargo test"
 cargo test --workspace --locked
+# The SDK's OpenTelemetry spans (a feature, off by default).
+cargo test -p courier-client --features otel --locked
+# The TypeScript client, against the debug broker the cargo tests just built.
+echo "== TypeScript client (clients/typescript)"
+if ! command -v npm >/dev/null 2>&1 || ! node -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 20 ? 0 : 1)'; then
+  echo "scripts/test.sh: the TypeScript client needs Node.js 20 or newer with npm (https://nodejs.org); install it and retry" >&2
+  exit 1
+fi
+(
+  cd clients/typescript
+  npm ci --no-audit --no-fund --loglevel=error
+  npm run build
+  COURIER_BIN="$CARGO_TARGET_DIR/debug/courier" npm test
+)
+
+# The Python client (clients/python) against the courier binary the cargo
+# tests just built. Its virtualenv lives beside the build, so it survives
+# between runs; the editable install is redone only when pyproject.toml or
+# the checkout's path changes (an editable install points at its checkout).
+echo "== python client: mypy --strict, pytest"
+PY_VENV="$CARGO_TARGET_DIR/python-venv"
+if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+  echo "scripts/test.sh: the Python client needs python3 3.10 or newer on the PATH" >&2
+  exit 1
+fi
+if [ ! -x "$PY_VENV/bin/python" ]; then
+  python3 -m venv "$PY_VENV" || {
+    echo "scripts/test.sh: python3 -m venv failed; install the venv module (Debian: apt-get install python3-venv) and retry" >&2
+    exit 1
+  }
+fi
+PY_STAMP="$PY_VENV/.courier-client-installed"
+PY_WANT="$(pwd)/clients/python $(cksum < clients/python/pyproject.toml)"
+if [ "$(cat "$PY_STAMP" 2>/dev/null)" != "$PY_WANT" ]; then
+  "$PY_VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "clients/python[test]"
+  echo "$PY_WANT" > "$PY_STAMP"
+fi
+(
+  cd clients/python
+  "$PY_VENV/bin/mypy"
+  COURIER_BIN="$CARGO_TARGET_DIR/debug/courier" "$PY_VENV/bin/pytest" -q
+)
 echo "== fuzz (bounded)"
 ./scripts/fuzz.sh

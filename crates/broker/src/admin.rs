@@ -98,11 +98,50 @@ impl<S: MessageStore> Broker<S> {
             })
         };
         let (outcome, body) = match command.name.as_str() {
+            "courier.tail" => {
+                let filter = crate::TailFilter::from_args(&args)?;
+                self.actions.push(crate::Action::StartTail {
+                    conn,
+                    request: command.id,
+                    activity_id: command.activity_id,
+                    filter,
+                });
+                // The network edge answers from here on, reply by reply.
+                return Ok(());
+            }
+            "courier.trace.get" | "courier.trace.find" => {
+                if !self.is_tracing() {
+                    return Err((
+                        ErrorCode::InvalidName,
+                        format!(
+                            "{}: activity traces are off on this broker (it was started with --trace off)",
+                            command.name
+                        ),
+                    ));
+                }
+                let query = if command.name.as_str() == "courier.trace.get" {
+                    crate::TraceQuery::activity_from_args(&args)?
+                } else {
+                    crate::TraceQuery::Activities(crate::ActivityFilter::from_args(&args, now)?)
+                };
+                self.actions.push(crate::Action::TraceQuery {
+                    conn,
+                    request: command.id,
+                    activity_id: command.activity_id,
+                    query,
+                });
+                // The network edge answers: the traces live there.
+                return Ok(());
+            }
             "courier.dead-letters.list" => {
                 let service = service()?;
+                // Paging: a listing too long for one frame is cut (see
+                // `fit`), and the rest is listed from after its last id.
+                let after = args.get("after").and_then(Value::as_u64).unwrap_or(0);
                 let letters: Vec<Value> = self
                     .dead_letters(&service)
                     .iter()
+                    .filter(|(d, _)| d.seq > after)
                     .map(|(d, m)| dead_letter_json(d, m.as_ref(), false))
                     .collect();
                 ("courier.dead-letters.listing", json!(letters))
@@ -185,13 +224,20 @@ impl<S: MessageStore> Broker<S> {
                         "dropped_unrouted": m.dropped_unrouted,
                         "transient_dropped_paused": m.transient_dropped_paused,
                         "replies_parked": m.replies_parked,
-                        "replies_dropped": m.replies_dropped, "unauthorized": m.unauthorized,
+                        "replies_dropped": m.replies_dropped, "replies_held": m.replies_held,
+                        "replies_discarded": m.replies_discarded, "unauthorized": m.unauthorized,
                         "rate_limited": m.rate_limited, "connections_refused": m.connections_refused,
                         "storage_failures": m.storage_failures, "unreadable_messages": m.unreadable_messages,
                         "journal_entries_dropped": m.journal_entries_dropped,
                         "frames_rejected": m.frames_rejected, "handshakes_refused": m.handshakes_refused,
                         "slow_consumers_cut": m.slow_consumers_cut, "receivers_paused": m.receivers_paused,
                         "in_flight_requests_lowered": m.in_flight_requests_lowered, "degraded": self.is_degraded(),
+                        "frame_timeouts": m.frame_timeouts, "keepalive_timeouts": m.keepalive_timeouts,
+                        "connections_over_cap": m.connections_over_cap, "connections_open": m.connections_open,
+                        "records_lost": m.records_lost, "messages_lost": m.messages_lost,
+                        "damage_warnings_repeated": m.damage_warnings_repeated,
+                        "scrub_bytes": m.scrub_bytes, "scrub_passes": m.scrub_passes,
+                        "scrub_damage_found": m.scrub_damage_found,
                         "store_len": self.store.len(),
                     }),
                 )
@@ -218,11 +264,7 @@ impl<S: MessageStore> Broker<S> {
                 ))
             }
         };
-        let mut reply = Message::new(
-            Kind::Reply,
-            outcome,
-            serde_json::to_vec(&body).unwrap_or_default(),
-        );
+        let mut reply = Message::new(Kind::Reply, outcome, Vec::new());
         reply.response_to = Some(command.id);
         reply.activity_id = command.activity_id;
         reply.sender = "courier".into();
@@ -231,7 +273,129 @@ impl<S: MessageStore> Broker<S> {
         reply
             .headers
             .push(("content-type".into(), "application/json".into()));
+        let room = (self.config.frame_bytes_max as usize)
+            .saturating_sub(courier_proto::delivery_frame_len(&reply));
+        reply.payload = fit(body, room)
+            .map_err(|len| {
+                (
+                    ErrorCode::PayloadTooLarge,
+                    format!(
+                        "the answer to {} is {len} bytes of JSON, more than the {room} that fit in one frame under the broker's frame limit of {}",
+                        command.name, self.config.frame_bytes_max
+                    ),
+                )
+            })?
+            .into();
         self.deliver_untracked(conn, Arc::new(reply));
         Ok(())
+    }
+}
+
+/// `body` as JSON of at most `room` bytes, so that the answer's DELIVER
+/// frame stays within the frame limit: a list too long is cut, ending with
+/// a note that says how many of how many it shows; a dead letter whose
+/// payload is too large to show loses the payload, with a note that says
+/// so. `Err` with the JSON's length when even that does not fit.
+fn fit(body: Value, room: usize) -> Result<Vec<u8>, usize> {
+    let json = serde_json::to_vec(&body).unwrap_or_default();
+    if json.len() <= room {
+        return Ok(json);
+    }
+    match body {
+        Value::Array(items) => {
+            let total = items.len();
+            let cut = |shown: usize| -> Vec<u8> {
+                let mut list: Vec<Value> = items[..shown].to_vec();
+                let after = list
+                    .last()
+                    .and_then(|last| last.get("id"))
+                    .cloned()
+                    .unwrap_or(Value::Null);
+                list.push(json!({
+                    "truncated": true,
+                    "shown": shown,
+                    "total": total,
+                    "reason": "the whole list does not fit in one frame",
+                    "rest_after": after,
+                }));
+                serde_json::to_vec(&list).unwrap_or_default()
+            };
+            // The longest prefix that fits, by bisection: `lo` fits, `hi` not.
+            let (mut lo, mut hi) = (0, total);
+            if cut(0).len() > room {
+                return Err(json.len());
+            }
+            while hi - lo > 1 {
+                let mid = lo + (hi - lo) / 2;
+                if cut(mid).len() <= room {
+                    lo = mid;
+                } else {
+                    hi = mid;
+                }
+            }
+            Ok(cut(lo))
+        }
+        Value::Object(mut fields) if fields.contains_key("payload") => {
+            let bytes = fields.get("payload").map_or(0, |p| {
+                serde_json::to_vec(p).map_or(0, |encoded| encoded.len())
+            });
+            fields.insert("payload".into(), Value::Null);
+            fields.insert(
+                "payload_omitted".into(),
+                json!(format!(
+                    "the payload, {bytes} bytes as JSON, does not fit in one frame; replay the dead letter to receive it"
+                )),
+            );
+            let json = serde_json::to_vec(&fields).unwrap_or_default();
+            if json.len() <= room {
+                Ok(json)
+            } else {
+                Err(json.len())
+            }
+        }
+        _ => Err(json.len()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_that_fit_are_whole_and_longer_lists_are_cut_with_a_note() {
+        let list = Value::Array(
+            (1..=10)
+                .map(|id| json!({"id": id, "pad": "x".repeat(40)}))
+                .collect(),
+        );
+        let whole = serde_json::to_vec(&list).expect("json");
+        assert_eq!(fit(list.clone(), whole.len()), Ok(whole.clone()));
+        let room = 300;
+        let cut = fit(list, room).expect("fits cut");
+        assert!(cut.len() <= room);
+        let cut: Value = serde_json::from_slice(&cut).expect("json");
+        let items = cut.as_array().expect("a list");
+        let note = items.last().expect("a note");
+        assert_eq!(note["truncated"], true);
+        assert_eq!(note["total"], 10);
+        let shown = note["shown"].as_u64().expect("shown") as usize;
+        assert_eq!(items.len(), shown + 1);
+        assert!((1..10).contains(&shown), "{shown}");
+        assert_eq!(note["rest_after"], items[shown - 1]["id"]);
+    }
+
+    #[test]
+    fn a_payload_too_large_to_show_is_left_out_with_a_note() {
+        let letter = json!({"id": 4, "payload": "x".repeat(1000)});
+        let fitted = fit(letter, 300).expect("fits without the payload");
+        assert!(fitted.len() <= 300);
+        let fitted: Value = serde_json::from_slice(&fitted).expect("json");
+        assert_eq!(fitted["id"], 4);
+        assert_eq!(fitted["payload"], Value::Null);
+        assert!(fitted["payload_omitted"]
+            .as_str()
+            .expect("a note")
+            .contains("1002 bytes"));
+        assert_eq!(fit(json!({"a": "y".repeat(100)}), 50), Err(108));
     }
 }

@@ -24,15 +24,18 @@ impl<K: Hash + Eq + Clone, V> ExpiringMap<K, V> {
         }
     }
 
-    /// Inserts; at capacity, the oldest entry is forgotten first.
-    pub fn insert(&mut self, key: K, value: V, now: Nanos) {
+    /// Inserts; at capacity, the oldest entry is forgotten first, and
+    /// handed back if it was still live.
+    pub fn insert(&mut self, key: K, value: V, now: Nanos) -> Option<(K, V)> {
+        let mut evicted = None;
         if self.order.len() >= self.capacity {
             if let Some((_, old)) = self.order.pop_front() {
-                self.entries.remove(&old);
+                evicted = self.entries.remove_entry(&old);
             }
         }
         self.entries.insert(key.clone(), value);
         self.order.push_back((now, key));
+        evicted
     }
 
     /// Room for `additional` more entries (never beyond the capacity), so
@@ -51,13 +54,17 @@ impl<K: Hash + Eq + Clone, V> ExpiringMap<K, V> {
         self.entries.get(key)
     }
 
+    pub fn get_mut(&mut self, key: &K) -> Option<&mut V> {
+        self.entries.get_mut(key)
+    }
+
     pub fn contains(&self, key: &K) -> bool {
         self.entries.contains_key(key)
     }
 
     /// Forgets `key` now; its slot in the order expires harmlessly later.
-    pub fn remove(&mut self, key: &K) {
-        self.entries.remove(key);
+    pub fn remove(&mut self, key: &K) -> Option<V> {
+        self.entries.remove(key)
     }
 
     /// Live entries with the time they were inserted, oldest first.
@@ -90,12 +97,20 @@ impl<K: Hash + Eq + Clone, V> ExpiringMap<K, V> {
 
     /// Forgets every entry older than the lifetime at `now`.
     pub fn expire(&mut self, now: Nanos) {
+        self.expire_each(now, |_, _| {});
+    }
+
+    /// Forgets every entry older than the lifetime at `now`, handing each
+    /// live one to `gone`.
+    pub fn expire_each(&mut self, now: Nanos, mut gone: impl FnMut(K, V)) {
         while let Some((t, _)) = self.order.front() {
             if t + self.lifetime > now {
                 break;
             }
             if let Some((_, key)) = self.order.pop_front() {
-                self.entries.remove(&key);
+                if let Some((key, value)) = self.entries.remove_entry(&key) {
+                    gone(key, value);
+                }
             }
         }
     }
@@ -110,10 +125,11 @@ mod tests {
         let mut m = ExpiringMap::new(10, 2);
         m.insert("a", 1, 0);
         m.insert("b", 2, 5);
-        m.insert("c", 3, 6);
-        assert!(!m.contains(&"a"), "evicted at capacity");
-        m.expire(15);
-        assert!(!m.contains(&"b"));
+        assert_eq!(m.insert("c", 3, 6), Some(("a", 1)), "evicted at capacity");
+        assert!(!m.contains(&"a"));
+        let mut expired = Vec::new();
+        m.expire_each(15, |k, v| expired.push((k, v)));
+        assert_eq!(expired, vec![("b", 2)]);
         assert_eq!(m.get(&"c"), Some(&3));
         m.expire(16);
         assert!(!m.contains(&"c"));

@@ -17,7 +17,11 @@ mod journal;
 mod queue;
 mod recovery;
 mod refcount;
+mod repeats;
 pub mod stats;
+mod streams;
+mod tap;
+mod trace;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,6 +39,13 @@ use journal::Op;
 pub use queue::DeadLetter;
 use queue::{Entry, Queue};
 pub use recovery::RecoveryReport;
+use streams::{ReplyFate, Stream};
+pub use streams::{REPLY_WINDOW_HEADER, REPLY_WINDOW_MAX};
+pub use tap::{TailFilter, Tapped};
+pub use trace::{
+    ActivityFilter, Outcome, TraceQuery, TraceRecord, TraceSampler, ACTIVITIES_LIMIT_DEFAULT,
+    ACTIVITIES_LIMIT_MAX, DEAD_LETTERED,
+};
 
 /// The maps touched for every message (here and in the server): keyed by
 /// a fast hasher seeded at random per process (keys come from clients, so
@@ -47,6 +58,8 @@ pub type ConnId = u64;
 pub type DeliveryId = u64;
 
 const NANOS_PER_MS: u64 = 1_000_000;
+/// Why a delivery is retried after a NACK (dead letters and traces say it).
+const NACKED: &str = "nacked";
 /// Journal entries kept in memory while the disk fails; past this, the
 /// oldest delivery bookkeeping is lost (counted), never messages.
 const DEFERRED_JOURNAL_ENTRIES_MAX: usize = 1_000_000;
@@ -68,6 +81,10 @@ pub struct Config {
     pub reply_routes_max: usize,
     /// Replies held per service while none of its instances is connected.
     pub parked_replies_max: usize,
+    /// Bytes of replies held for flow-controlled streams (PROTOCOL §8.8),
+    /// all streams together; past it a reply that would wait is refused
+    /// (`stream_full`), so a slow requester cannot grow broker memory.
+    pub held_reply_bytes_max: usize,
     /// In-flight deliveries per connection when HELLO asks for 0.
     pub max_in_flight_default: u32,
     /// A connection never gets more than this many deliveries in flight.
@@ -80,6 +97,10 @@ pub struct Config {
     /// Sends per second one service may make (all its instances together);
     /// bursts up to one second's worth. 0: no limit.
     pub send_rate_per_service: u32,
+    /// The frame limit announced in WELCOME: no frame the broker sends is
+    /// longer. A message is accepted only if its DELIVER frame fits
+    /// (`courier_proto::delivery_frame_len` of the message as delivered).
+    pub frame_bytes_max: u32,
     /// Connections one service may hold at once.
     pub connections_per_service_max: u32,
     /// Log written since the last snapshot before another is taken, so a
@@ -142,12 +163,14 @@ impl Default for Config {
             reply_route_ms: 600_000,
             reply_routes_max: 1_000_000,
             parked_replies_max: 10_000,
+            held_reply_bytes_max: 64 * 1024 * 1024,
             max_in_flight_default: 256,
             max_in_flight_limit: 65_536,
             event_retention_ms: 24 * 3600 * 1000,
             retention_rules: Vec::new(),
             retention_bytes_max: 0,
             send_rate_per_service: 1_000_000,
+            frame_bytes_max: courier_proto::FRAME_BYTES_MAX_DEFAULT,
             connections_per_service_max: 1024,
             checkpoint_log_bytes: 128 * 1024 * 1024,
             metrics_names_max: 10_000,
@@ -188,6 +211,24 @@ pub enum Action {
     /// The answer to a PING: it follows every answer to what the
     /// connection sent before the PING, so a client's flush can wait on it.
     Pong { conn: ConnId, nonce: u64 },
+    /// An admin asked to tail the bus (`courier.tail`): the network edge
+    /// sends it what [`Broker::take_taps`] yields, filtered, as replies to
+    /// `request`, for as long as the connection lives.
+    StartTail {
+        conn: ConnId,
+        request: Uuid,
+        activity_id: Uuid,
+        filter: TailFilter,
+    },
+    /// An admin asked about the activity traces (`courier.trace.get`,
+    /// `courier.trace.find`): the network edge, which keeps them, answers
+    /// `request` with one final reply.
+    TraceQuery {
+        conn: ConnId,
+        request: Uuid,
+        activity_id: Uuid,
+        query: TraceQuery,
+    },
 }
 
 /// Counters for `/metrics` and tests; they only ever go up.
@@ -210,6 +251,12 @@ pub struct Metrics {
     pub transient_dropped_paused: u64,
     pub replies_parked: u64,
     pub replies_dropped: u64,
+    /// Replies of flow-controlled streams that waited for the requester's
+    /// credit.
+    pub replies_held: u64,
+    /// Replies accepted and dropped because their requester had stopped
+    /// reading the stream or disconnected (each sender was told).
+    pub replies_discarded: u64,
     /// Sends and subscriptions the manifest did not allow.
     pub unauthorized: u64,
     /// Sends refused because their service was over its send rate.
@@ -232,6 +279,29 @@ pub struct Metrics {
     pub receivers_paused: u64,
     /// Receivers that asked for more deliveries in flight than the limit.
     pub in_flight_requests_lowered: u64,
+    /// Counted by the network edge: connections closed because a frame
+    /// they had begun did not arrive whole within the frame deadline, or
+    /// because nothing arrived within the keepalive deadline.
+    pub frame_timeouts: u64,
+    pub keepalive_timeouts: u64,
+    /// Connections refused because the broker held its maximum.
+    pub connections_over_cap: u64,
+    /// Connections open now (a gauge kept by the network edge), in their
+    /// handshake or established.
+    pub connections_open: u64,
+    /// Records the store found gone at start-up although they had been
+    /// durable (`docs/STORAGE.md` §8.7), and the queue entries that named
+    /// them, moved to dead letters.
+    pub records_lost: u64,
+    pub messages_lost: u64,
+    /// Damage warnings held back as repeats of one already said (the
+    /// summary line says how many).
+    pub damage_warnings_repeated: u64,
+    /// Counted by the network edge's background scrub: bytes of sealed
+    /// segments checked, passes finished, damaged ranges found.
+    pub scrub_bytes: u64,
+    pub scrub_passes: u64,
+    pub scrub_damage_found: u64,
 }
 
 pub use courier_proto::StartFrom;
@@ -310,7 +380,8 @@ struct Conn {
     service: courier_proto::SharedStr,
     /// Authenticated as the manifest's admin role.
     admin: bool,
-    instance: String,
+    /// Shared like `service`: trace records name it by reference count.
+    instance: courier_proto::SharedStr,
     max_in_flight: u32,
     in_flight: u32,
     /// Patterns this connection consumes; empty means it only sends.
@@ -320,6 +391,8 @@ struct Conn {
     paused: bool,
     /// Its service's (the same `Arc`).
     send_bucket: Arc<SendBucket>,
+    /// Commands it sent whose replies are a flow-controlled stream.
+    streams: std::collections::HashSet<Uuid, foldhash::fast::RandomState>,
 }
 
 /// A service's send-rate token bucket, held by each of its connections
@@ -451,6 +524,8 @@ struct ReplyRoute {
     /// loaded from a snapshot have neither ([`stats::Slot::MAX`], 0).
     command: stats::Slot,
     accepted_at: Nanos,
+    /// Set when the requester asked for flow control (PROTOCOL §8.8).
+    stream: Option<Box<Stream>>,
 }
 
 /// Which instance a message should go to.
@@ -478,6 +553,11 @@ pub struct Broker<S: MessageStore> {
     route_cache: FastMap<String, Vec<(u16, Receivers)>>,
     /// Command id → where its replies go.
     reply_routes: ExpiringMap<Uuid, ReplyRoute>,
+    /// Replies of flow-controlled streams delivered and not yet acked →
+    /// their command.
+    reply_deliveries: FastMap<DeliveryId, Uuid>,
+    /// Bytes of replies held for credit, all streams together.
+    held_reply_bytes: usize,
     next_delivery: DeliveryId,
     /// Actions held until the store's next sync: acknowledgements of
     /// durable sends must not leave before the data is durable.
@@ -490,6 +570,10 @@ pub struct Broker<S: MessageStore> {
     now: Nanos,
     /// Things an operator must hear about (corruption, storage failures).
     alerts: Vec<String>,
+    /// Harm to durable data an operator must act on (records lost).
+    errors: Vec<String>,
+    /// Damage warnings already said, whose repeats are only counted.
+    repeats: repeats::Repeats,
     /// The store's `next_seq` at the last checkpoint.
     checkpointed_at: Seq,
     /// The store's size at the last checkpoint.
@@ -508,6 +592,15 @@ pub struct Broker<S: MessageStore> {
     manifest: Option<Arc<Manifest>>,
     /// Traffic per message name and service (`stats.rs`).
     traffic: stats::TrafficStats,
+    /// Someone tails the bus: accepted messages are copied to `taps`.
+    tapping: bool,
+    taps: Vec<Tapped>,
+    /// Activity traces are kept: what happens to the messages of the
+    /// activities the sampler picks is recorded in `traces` (`trace.rs`).
+    sampler: Option<trace::TraceSampler>,
+    traces: Vec<TraceRecord>,
+    /// Bytes the records in `traces` hold on to (the messages they pin).
+    traces_bytes: usize,
 }
 
 impl<S: MessageStore> Broker<S> {
@@ -527,6 +620,8 @@ impl<S: MessageStore> Broker<S> {
             dedup,
             route_cache: FastMap::default(),
             reply_routes,
+            reply_deliveries: FastMap::default(),
+            held_reply_bytes: 0,
             next_delivery: 0,
             unsynced: Vec::new(),
             actions: Vec::new(),
@@ -534,6 +629,8 @@ impl<S: MessageStore> Broker<S> {
             dirty: false,
             now: 0,
             alerts: Vec::new(),
+            errors: Vec::new(),
+            repeats: repeats::Repeats::default(),
             checkpointed_at: 0,
             checkpointed_bytes: 0,
             degraded: false,
@@ -543,6 +640,11 @@ impl<S: MessageStore> Broker<S> {
             batch_appended: false,
             manifest: None,
             traffic: stats::TrafficStats::new(config_names_max),
+            tapping: false,
+            taps: Vec::new(),
+            sampler: None,
+            traces: Vec::new(),
+            traces_bytes: 0,
         }
     }
 
@@ -566,6 +668,20 @@ impl<S: MessageStore> Broker<S> {
     /// Messages for the operator's log since the last call.
     pub fn take_alerts(&mut self) -> Vec<String> {
         std::mem::take(&mut self.alerts)
+    }
+
+    /// Harm to durable data found since the last call (records lost), for
+    /// the operator's log at error level; each says what to do.
+    pub fn take_errors(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.errors)
+    }
+
+    /// Damage found outside the broker's own reads (the network edge's
+    /// background scrub): said once as a warning and counted.
+    pub fn report_scrub_damage(&mut self, damage: String) {
+        self.metrics.scrub_damage_found += 1;
+        self.alerts
+            .push(format!("the background scrub found damage: {damage}"));
     }
 
     /// Appends a delivery-state change to the store's journal; returns
@@ -686,6 +802,10 @@ impl<S: MessageStore> Broker<S> {
         self.alerts.push(format!(
             "storage sync failed: {error}; refusing this batch and rebuilding state from the log"
         ));
+        // Nothing of the batch happened: its sends are refused, its
+        // deliveries dropped, and seqs it used are issued again.
+        self.traces.clear();
+        self.traces_bytes = 0;
         let reason = format!("not stored: {error}");
         let batch: Vec<Action> = self
             .actions
@@ -773,13 +893,14 @@ impl<S: MessageStore> Broker<S> {
             Conn {
                 service: courier_proto::SharedStr::from(service),
                 admin,
-                instance: instance.to_string(),
+                instance: courier_proto::SharedStr::from(instance),
                 max_in_flight,
                 in_flight: 0,
                 patterns: Vec::new(),
                 draining: false,
                 paused: false,
                 send_bucket: svc.send_bucket.clone(),
+                streams: Default::default(),
             },
         );
         // Replies that arrived while no instance of this service was here.
@@ -811,6 +932,11 @@ impl<S: MessageStore> Broker<S> {
         let Some(c) = self.conns.remove(&conn) else {
             return;
         };
+        // Its flow-controlled streams under way cannot be delivered in
+        // order to anyone else: they end (their responders hear so).
+        for command in &c.streams {
+            self.requester_left(*command, now);
+        }
         let Some(svc) = self.services.get_mut(c.service.as_str()) else {
             return;
         };
@@ -820,14 +946,7 @@ impl<S: MessageStore> Broker<S> {
                 break;
             };
             if let Some(flight) = svc.queue.finish(delivery) {
-                self.retry_or_dead_letter(
-                    &c.service,
-                    flight.entry,
-                    flight.name,
-                    0,
-                    "receiver disconnected",
-                    now,
-                );
+                self.retry_or_dead_letter(&c.service, flight, 0, "receiver disconnected", now);
             }
         }
         self.pump(&c.service, now);
@@ -1168,7 +1287,9 @@ impl<S: MessageStore> Broker<S> {
             return;
         };
         let (sender, admin) = (c.service.clone(), c.admin);
-        let checked = self.check(&message, now);
+        let checked = self
+            .check(&message, now)
+            .and_then(|()| self.check_delivery_size(&message, &sender));
         // Only a send that passed the checks takes a token.
         let rate = self.config.send_rate_per_service;
         let has_token = checked.is_err() || rate == 0 || c.send_bucket.take(rate, now);
@@ -1228,7 +1349,11 @@ impl<S: MessageStore> Broker<S> {
         stamped.sender = sender;
         let outcome = match message.kind {
             Kind::Command if message.name.starts_with(SYSTEM_PREFIX) => {
-                self.system_command(conn, &message, now)
+                let answered = self.system_command(conn, &message, now);
+                if answered.is_ok() {
+                    self.tap(&message, Arc::from([]));
+                }
+                answered.map(|()| ReplyFate::Delivered)
             }
             _ if message.name.starts_with(SYSTEM_PREFIX) => Err((
                 ErrorCode::InvalidName,
@@ -1237,11 +1362,22 @@ impl<S: MessageStore> Broker<S> {
                     message.name
                 ),
             )),
-            Kind::Reply => self.route_reply(message),
-            Kind::Command | Kind::Event => self.route(conn, message, now),
+            Kind::Reply => self.route_reply(conn, seq, quiet, message, now),
+            Kind::Command | Kind::Event => self
+                .route(conn, message, now)
+                .map(|()| ReplyFate::Delivered),
         };
         match outcome {
-            Ok(()) => {
+            // Answered when it goes out to the requester (streams.rs).
+            Ok(ReplyFate::Held) => {}
+            Ok(ReplyFate::Discarded(reason)) => {
+                self.dedup.insert(&id, now);
+                self.metrics.accepted += 1;
+                if !quiet {
+                    self.send_result(conn, seq, ErrorCode::Ok, reason);
+                }
+            }
+            Ok(ReplyFate::Delivered) => {
                 // Only accepted ids count for dedup: a refused send retried
                 // with the same id must be tried again, not dropped.
                 self.dedup.insert(&id, now);
@@ -1344,8 +1480,35 @@ impl<S: MessageStore> Broker<S> {
                     m.name
                 ),
             )),
+            (Kind::Command, None) if !m.headers.is_empty() => streams::requested_window(m)
+                .map(|_| ())
+                .map_err(|reason| (ErrorCode::InvalidMessage, reason)),
             _ => Ok(()),
         }
+    }
+
+    /// Refuses a message whose DELIVER frame would be longer than the frame
+    /// limit: the broker never sends a frame above the limit it announced,
+    /// so what it could not deliver it does not accept. What the broker
+    /// adds to a sent message is the sender (the service name, in place of
+    /// whatever the client put there) and 4 bytes of delivery fields.
+    fn check_delivery_size(&self, m: &Message, sender: &str) -> Result<(), (ErrorCode, String)> {
+        let max = self.config.frame_bytes_max as usize;
+        let len = courier_proto::delivery_frame_len(m) - m.sender.len() + sender.len();
+        if len <= max {
+            return Ok(());
+        }
+        let over = len - max;
+        Err((
+            ErrorCode::PayloadTooLarge,
+            format!(
+                "{} would be delivered as a DELIVER frame of {len} bytes, {over} byte(s) over the broker's frame limit of {max}: \
+                 the broker adds the sender ({} bytes, the service name) and 4 bytes of delivery fields to what was sent; \
+                 make the payload at least {over} byte(s) smaller",
+                m.name,
+                sender.len()
+            ),
+        ))
     }
 
     /// Routes a command or event to every service whose subscriptions match.
@@ -1372,6 +1535,8 @@ impl<S: MessageStore> Broker<S> {
                 return Err((ErrorCode::NoReceiver, reason));
             }
             self.metrics.dropped_unrouted += 1;
+            self.trace_accepted(&message, 0, &targets);
+            self.tap(&message, targets);
             if !message.transient {
                 // Kept for history replay (`--from`) until retention ends;
                 // no service holds a reference.
@@ -1387,17 +1552,18 @@ impl<S: MessageStore> Broker<S> {
         }
         if message.kind == Kind::Command {
             let command = self.traffic.slot(&message.name);
-            self.remember_reply_route(conn, message.id, command, targets.to_vec(), now);
+            let window = streams::requested_window(&message).ok().flatten();
+            self.remember_reply_route(conn, message.id, command, targets.to_vec(), window, now);
         }
         if !message.transient {
-            // The payload is a slice of the connection's read buffer, and
-            // the store keeps recent messages cached: its own copy lets the
-            // buffer be reused in place instead of being pinned, then
-            // freed, 64 KiB at a time (memory the allocator holds on to).
-            let owned = Arc::make_mut(&mut message);
-            owned.payload = bytes::Bytes::copy_from_slice(&owned.payload);
+            // The store keeps recent messages cached and the queue keeps
+            // keys: their own copies let the read buffer be reused in place
+            // instead of being pinned, then freed, 64 KiB at a time.
+            Arc::make_mut(&mut message).detach();
         }
         if message.transient {
+            self.trace_accepted(&message, 0, &targets);
+            self.tap(&message, targets.clone());
             for service in targets.iter() {
                 self.deliver_transient(service, &message);
             }
@@ -1409,7 +1575,11 @@ impl<S: MessageStore> Broker<S> {
             .map_err(|e| (ErrorCode::StorageFailed, format!("not stored: {e}")))?;
         self.dirty = true;
         self.batch_appended = true;
+        // Before its deliveries (in `pump` below): records keep the order
+        // things happened in.
+        self.trace_accepted(&message, seq, &targets);
         self.enqueue(seq, &message, &targets, now);
+        self.tap(&message, targets.clone());
         for service in targets.iter() {
             self.pump(service, now);
         }
@@ -1481,19 +1651,32 @@ impl<S: MessageStore> Broker<S> {
         command: Uuid,
         command_name: stats::Slot,
         receivers: Vec<String>,
+        window: Option<u32>,
         now: Nanos,
     ) {
-        let Some(c) = self.conns.get(&conn) else {
+        let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
+        if window.is_some() {
+            c.streams.insert(command);
+        }
         let route = ReplyRoute {
             service: c.service.to_string(),
             conn,
             receivers,
             command: command_name,
             accepted_at: now,
+            stream: window.map(|w| Box::new(Stream::new(conn, w))),
         };
-        self.reply_routes.insert(command, route, now);
+        if let Some((old, route)) = self.reply_routes.insert(command, route, now) {
+            if let Some(stream) = route.stream {
+                self.expire_stream(
+                    old,
+                    stream,
+                    "was forgotten: too many commands await replies",
+                );
+            }
+        }
     }
 
     fn deliver_transient(&mut self, service: &str, message: &Arc<Message>) {
@@ -1539,6 +1722,22 @@ impl<S: MessageStore> Broker<S> {
         if let Some(c) = self.conns.get(&conn) {
             let counted = self.traffic.locate(&message.name, &c.service);
             self.traffic.at(counted).delivered += 1;
+            // The broker's own answers belong to no traced activity.
+            if !message.name.starts_with(SYSTEM_PREFIX) && traces(&self.sampler, &message, self.now)
+            {
+                push_trace(
+                    &mut self.traces,
+                    &mut self.traces_bytes,
+                    TraceRecord::Delivered {
+                        message: message.clone(),
+                        seq: 0,
+                        service: c.service.clone(),
+                        instance: c.instance.clone(),
+                        attempt: 1,
+                        at: self.now,
+                    },
+                );
+            }
         }
         self.actions.push(Action::Deliver {
             conn,
@@ -1549,8 +1748,16 @@ impl<S: MessageStore> Broker<S> {
     }
 
     /// A reply goes to the connection that sent the command, else to another
-    /// instance of its service, else it waits for one.
-    fn route_reply(&mut self, message: Arc<Message>) -> Result<(), (ErrorCode, String)> {
+    /// instance of its service, else it waits for one — unless its command
+    /// asked for a flow-controlled stream (`streams.rs`).
+    fn route_reply(
+        &mut self,
+        conn: ConnId,
+        seq: u64,
+        quiet: bool,
+        message: Arc<Message>,
+        now: Nanos,
+    ) -> Result<ReplyFate, (ErrorCode, String)> {
         let Some(command) = message.response_to else {
             return Err((
                 ErrorCode::InvalidMessage,
@@ -1573,15 +1780,23 @@ impl<S: MessageStore> Broker<S> {
             ));
         }
         let service = route.service.clone();
-        self.traffic.outcome(route.command, &message.name);
-        if message.is_final {
-            let latency = self.now.saturating_sub(route.accepted_at);
-            if route.accepted_at != 0 {
-                self.traffic.final_reply(route.command, latency);
+        let (route_conn, command_slot, accepted_at) =
+            (route.conn, route.command, route.accepted_at);
+        if route.stream.is_some() {
+            let stream = self
+                .reply_routes
+                .get_mut(&command)
+                .and_then(|r| r.stream.take());
+            if let Some(stream) = stream {
+                let reply = message.clone();
+                let fate = self.route_stream_reply(conn, seq, quiet, message, stream, now)?;
+                self.count_reply(command_slot, accepted_at, &reply, &service);
+                return Ok(fate);
             }
         }
-        let target = if self.conns.contains_key(&route.conn) {
-            Some(route.conn)
+        self.count_reply(command_slot, accepted_at, &message, &service);
+        let target = if self.conns.contains_key(&route_conn) {
+            Some(route_conn)
         } else {
             self.services
                 .get(&service)
@@ -1604,11 +1819,42 @@ impl<S: MessageStore> Broker<S> {
                     svc.parked_replies.pop_front();
                     self.metrics.replies_dropped += 1;
                 }
+                let mut message = message;
+                Arc::make_mut(&mut message).detach();
                 svc.parked_replies.push_back(message);
                 self.metrics.replies_parked += 1;
             }
         }
-        Ok(())
+        Ok(ReplyFate::Delivered)
+    }
+
+    /// Counts an accepted reply for its command's outcomes (and the
+    /// latency to the final one), and shows it to the tails and traces.
+    fn count_reply(
+        &mut self,
+        command: stats::Slot,
+        accepted_at: Nanos,
+        message: &Arc<Message>,
+        requester: &str,
+    ) {
+        self.traffic.outcome(command, &message.name);
+        if message.is_final && accepted_at != 0 {
+            let latency = self.now.saturating_sub(accepted_at);
+            self.traffic.final_reply(command, latency);
+        }
+        let traced = self.sample(message);
+        if self.tapping || traced {
+            // Only then: a reply's receivers are made for it alone.
+            let requester: Receivers = Arc::from([requester.to_string()]);
+            if traced {
+                self.trace(TraceRecord::Accepted {
+                    message: message.clone(),
+                    seq: 0,
+                    receivers: requester.clone(),
+                });
+            }
+            self.tap(message, requester);
+        }
     }
 
     // ---- delivery ----------------------------------------------------
@@ -1681,18 +1927,28 @@ impl<S: MessageStore> Broker<S> {
                     continue;
                 }
                 Err(e) => {
-                    // Never skipped silently: it stays queued, and the
-                    // operator hears of it each time it is tried.
+                    // Never skipped silently: it stays in the backlog (and
+                    // in snapshots), set aside so it is not tried again
+                    // until the next start, and holds its key; the operator
+                    // hears of it once, of more in the same range in a
+                    // summary.
                     self.metrics.unreadable_messages += 1;
-                    self.alerts.push(format!(
-                        "message {} for {service} cannot be read: {e}",
-                        entry.seq
-                    ));
-                    index += 1;
-                    skipped += 1;
-                    if skipped >= UNMATCHED_SCAN_MAX {
-                        return;
+                    if let Some(entry) = svc.queue.ready.remove(index) {
+                        svc.queue.unreadable.push(entry);
                     }
+                    let reason = e.to_string();
+                    let line = format!(
+                        "message {} for {service} cannot be read: {e}; it stays in the backlog, set aside until the next start",
+                        entry.seq
+                    );
+                    let (lines, repeated) = self.repeats.say(
+                        &format!("{service}\u{0}{reason}"),
+                        line,
+                        || format!("messages for {service} cannot be read ({reason})"),
+                        now,
+                    );
+                    self.metrics.damage_warnings_repeated += u64::from(repeated);
+                    self.alerts.extend(lines);
                     continue;
                 }
             };
@@ -1704,21 +1960,51 @@ impl<S: MessageStore> Broker<S> {
                 if let Some(t) = self.traffic.traffic(slot, service) {
                     t.expired += 1;
                 }
+                if traces(&self.sampler, &message, now) {
+                    push_trace(
+                        &mut self.traces,
+                        &mut self.traces_bytes,
+                        TraceRecord::Settled {
+                            seq: entry.seq,
+                            service: courier_proto::SharedStr::from(service),
+                            outcome: Outcome::Expired,
+                            at: now,
+                        },
+                    );
+                }
                 release(&mut self.store, &mut self.refs, entry.seq);
                 continue;
             }
-            if partly_paused
-                && !self
-                    .services
-                    .get(service)
-                    .is_some_and(|s| s.takes_now(&message.name))
-            {
+            if partly_paused && !svc.takes_now(&message.name) {
                 // Only paused subscriptions take it: it waits for a resume.
                 index += 1;
                 skipped += 1;
                 if skipped >= UNMATCHED_SCAN_MAX {
                     return;
                 }
+                continue;
+            }
+            let len = courier_proto::delivery_frame_len(&message);
+            if len > self.config.frame_bytes_max as usize {
+                // Accepted under a larger limit (the broker was restarted
+                // with a smaller one): it cannot be delivered, and it is
+                // not dropped either.
+                let Some(entry) = svc.queue.ready.remove(index) else {
+                    return;
+                };
+                let max = self.config.frame_bytes_max;
+                self.alerts.push(format!(
+                    "message {} for {service} is {len} bytes as a DELIVER frame, over the frame limit of {max}; dead-lettered",
+                    entry.seq
+                ));
+                let slot = self.traffic.slot(&message.name);
+                self.dead_letter(
+                    service,
+                    entry,
+                    slot,
+                    format!("its DELIVER frame would be {len} bytes, over the broker's frame limit of {max} (was it accepted under a larger limit?)"),
+                    now,
+                );
                 continue;
             }
             match self.pick(service, &message.name) {
@@ -1736,9 +2022,31 @@ impl<S: MessageStore> Broker<S> {
                     let delivery = self.next_delivery;
                     let seq = entry.seq;
                     let slot = self.traffic.slot(&message.name);
-                    svc.queue.start(delivery, conn, entry, deadline, slot);
+                    let traced = traces(&self.sampler, &message, now);
+                    svc.queue
+                        .start(delivery, conn, entry, deadline, slot, traced);
+                    if message.kind == Kind::Command
+                        && !message.headers.is_empty()
+                        && message.header(REPLY_WINDOW_HEADER).is_some()
+                    {
+                        self.note_stream_handler(message.id, service, delivery);
+                    }
                     if let Some(c) = self.conns.get_mut(&conn) {
                         c.in_flight += 1;
+                        if traced {
+                            push_trace(
+                                &mut self.traces,
+                                &mut self.traces_bytes,
+                                TraceRecord::Delivered {
+                                    message: message.clone(),
+                                    seq,
+                                    service: c.service.clone(),
+                                    instance: c.instance.clone(),
+                                    attempt,
+                                    at: now,
+                                },
+                            );
+                        }
                     }
                     self.journal(Op::Delivered {
                         service: service.to_string(),
@@ -1774,6 +2082,8 @@ impl<S: MessageStore> Broker<S> {
     /// The receiver handled a delivery.
     pub fn ack(&mut self, conn: ConnId, delivery: DeliveryId, now: Nanos) {
         let Some(flight) = self.take_flight(conn, delivery) else {
+            // A reply of a flow-controlled stream: one credit back.
+            self.ack_reply(conn, delivery, now);
             return;
         };
         self.metrics.acked += 1;
@@ -1783,10 +2093,22 @@ impl<S: MessageStore> Broker<S> {
         }
         let seq = flight.0.entry.seq;
         self.journal(Op::Acked {
-            service: service.clone(),
+            service: service.to_string(),
             seq,
         });
-        if let Some(svc) = self.services.get_mut(&service) {
+        if flight.0.traced {
+            push_trace(
+                &mut self.traces,
+                &mut self.traces_bytes,
+                TraceRecord::Settled {
+                    seq,
+                    service: service.clone(),
+                    outcome: Outcome::Acked,
+                    at: now,
+                },
+            );
+        }
+        if let Some(svc) = self.services.get_mut(service.as_str()) {
             svc.queue.release_key(&flight.0.entry);
         }
         release(&mut self.store, &mut self.refs, seq);
@@ -1796,18 +2118,32 @@ impl<S: MessageStore> Broker<S> {
     /// The receiver could not handle a delivery now; retry after `delay_ms`.
     pub fn nack(&mut self, conn: ConnId, delivery: DeliveryId, delay_ms: u32, now: Nanos) {
         let Some((flight, service)) = self.take_flight(conn, delivery) else {
+            // A reply of a flow-controlled stream: the requester stops
+            // reading it.
+            self.nack_reply(conn, delivery, now);
             return;
         };
         self.metrics.nacked += 1;
         if let Some(t) = self.traffic.traffic(flight.name, &service) {
             t.nacked += 1;
         }
+        if flight.traced {
+            push_trace(
+                &mut self.traces,
+                &mut self.traces_bytes,
+                TraceRecord::Settled {
+                    seq: flight.entry.seq,
+                    service: service.clone(),
+                    outcome: Outcome::Nacked { delay_ms },
+                    at: now,
+                },
+            );
+        }
         self.retry_or_dead_letter(
             &service,
-            flight.entry,
-            flight.name,
+            flight,
             u64::from(delay_ms) * NANOS_PER_MS,
-            "nacked",
+            NACKED,
             now,
         );
         self.pump(&service, now);
@@ -1819,7 +2155,7 @@ impl<S: MessageStore> Broker<S> {
         &mut self,
         conn: ConnId,
         delivery: DeliveryId,
-    ) -> Option<(queue::InFlight, String)> {
+    ) -> Option<(queue::InFlight, courier_proto::SharedStr)> {
         let c = self.conns.get_mut(&conn)?;
         let svc = self.services.get_mut(c.service.as_str())?;
         if svc.queue.in_flight.get(&delivery).map(|f| f.conn) != Some(conn) {
@@ -1827,44 +2163,53 @@ impl<S: MessageStore> Broker<S> {
         }
         let flight = svc.queue.finish(delivery)?;
         c.in_flight = c.in_flight.saturating_sub(1);
-        Some((flight, c.service.to_string()))
+        Some((flight, c.service.clone()))
     }
 
     fn retry_or_dead_letter(
         &mut self,
         service: &str,
-        entry: Entry,
-        name: stats::Slot,
+        flight: queue::InFlight,
         delay: Nanos,
-        why: &str,
+        why: &'static str,
         now: Nanos,
     ) {
+        let queue::InFlight {
+            entry,
+            name,
+            traced,
+            ..
+        } = flight;
         let Some(svc) = self.services.get_mut(service) else {
             return;
         };
-        if entry.attempts >= svc.max_deliveries {
-            svc.queue.release_key(&entry);
-            let letter = DeadLetter {
-                seq: entry.seq,
-                attempts: entry.attempts,
-                reason: format!(
-                    "{why} on attempt {} of {}",
-                    entry.attempts, svc.max_deliveries
-                ),
-                at: now,
+        let dead = entry.attempts >= svc.max_deliveries;
+        if traced && (dead || why != NACKED) {
+            let outcome = if dead {
+                Outcome::DeadLettered { reason: why }
+            } else {
+                Outcome::Released { reason: why }
             };
-            svc.queue.dead_letters.push(letter.clone());
-            self.metrics.dead_lettered += 1;
-            if let Some(t) = self.traffic.traffic(name, service) {
-                t.dead_lettered += 1;
-            }
-            self.journal(Op::DeadLettered {
-                service: service.to_string(),
-                seq: letter.seq,
-                attempts: letter.attempts,
-                reason: letter.reason,
-                at: now,
-            });
+            push_trace(
+                &mut self.traces,
+                &mut self.traces_bytes,
+                TraceRecord::Settled {
+                    seq: entry.seq,
+                    service: courier_proto::SharedStr::from(service),
+                    outcome,
+                    at: now,
+                },
+            );
+        }
+        let Some(svc) = self.services.get_mut(service) else {
+            return;
+        };
+        if dead {
+            let reason = format!(
+                "{why} on attempt {} of {}",
+                entry.attempts, svc.max_deliveries
+            );
+            self.dead_letter(service, entry, name, reason, now);
         } else if delay == 0 {
             svc.queue.make_ready_again(entry);
         } else {
@@ -1878,6 +2223,40 @@ impl<S: MessageStore> Broker<S> {
         }
     }
 
+    /// Moves a message of `service` that is in no other state to its dead
+    /// letters, for good.
+    fn dead_letter(
+        &mut self,
+        service: &str,
+        entry: Entry,
+        name: stats::Slot,
+        reason: String,
+        now: Nanos,
+    ) {
+        let Some(svc) = self.services.get_mut(service) else {
+            return;
+        };
+        svc.queue.release_key(&entry);
+        let letter = DeadLetter {
+            seq: entry.seq,
+            attempts: entry.attempts,
+            reason,
+            at: now,
+        };
+        svc.queue.dead_letters.push(letter.clone());
+        self.metrics.dead_lettered += 1;
+        if let Some(t) = self.traffic.traffic(name, service) {
+            t.dead_lettered += 1;
+        }
+        self.journal(Op::DeadLettered {
+            service: service.to_string(),
+            seq: letter.seq,
+            attempts: letter.attempts,
+            reason: letter.reason,
+            at: now,
+        });
+    }
+
     /// Advances time: deferred messages fall due, overdue deliveries go to
     /// other instances, old dedup ids and reply routes are forgotten.
     pub fn tick(&mut self, now: Nanos) {
@@ -1888,7 +2267,21 @@ impl<S: MessageStore> Broker<S> {
         // Lets a store with a periodic fsync policy catch up while idle.
         self.dirty |= self.store.persistent();
         self.dedup.expire(now);
-        self.reply_routes.expire(now);
+        let mut expired = Vec::new();
+        self.reply_routes.expire_each(now, |command, route| {
+            if let Some(stream) = route.stream {
+                expired.push((command, stream));
+            }
+        });
+        let route_ms = self.config.reply_route_ms;
+        for (command, stream) in expired {
+            self.expire_stream(
+                command,
+                stream,
+                &format!("stopped taking replies: its reply route expired after {route_ms} ms"),
+            );
+        }
+        self.alerts.extend(self.repeats.summaries(now));
         let names: Vec<String> = self.services.keys().cloned().collect();
         for service in names {
             let Some(svc) = self.services.get_mut(&service) else {
@@ -1905,14 +2298,7 @@ impl<S: MessageStore> Broker<S> {
                 if let Some(c) = self.conns.get_mut(&flight.conn) {
                     c.in_flight = c.in_flight.saturating_sub(1);
                 }
-                self.retry_or_dead_letter(
-                    &service,
-                    flight.entry,
-                    flight.name,
-                    0,
-                    "ack deadline passed",
-                    now,
-                );
+                self.retry_or_dead_letter(&service, flight, 0, "ack deadline passed", now);
             }
             self.pump(&service, now);
         }
@@ -1940,7 +2326,7 @@ impl<S: MessageStore> Broker<S> {
                     .instances
                     .iter()
                     .filter_map(|c| self.conns.get(c))
-                    .map(|c| c.instance.clone())
+                    .map(|c| c.instance.to_string())
                     .collect(),
                 depth: s.queue.depth(),
                 in_flight: s.queue.in_flight.len(),
@@ -1949,6 +2335,83 @@ impl<S: MessageStore> Broker<S> {
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
         out
+    }
+
+    /// Whether accepted messages are recorded for tails (the network edge
+    /// turns it on while at least one tail runs).
+    pub fn set_tapping(&mut self, on: bool) {
+        self.tapping = on;
+        if !on {
+            self.taps.clear();
+        }
+    }
+
+    /// What was accepted since the last call, while tapping.
+    pub fn take_taps(&mut self) -> Vec<Tapped> {
+        std::mem::take(&mut self.taps)
+    }
+
+    /// Whether what happens to messages is recorded for activity traces
+    /// (the network edge turns it on unless traces are off): `Some(rate)`
+    /// traces every activity up to `rate` accepted messages a second and
+    /// samples whole activities above it (0: every activity).
+    pub fn set_tracing(&mut self, rate: Option<u32>) {
+        self.sampler = rate.map(trace::TraceSampler::new);
+        if rate.is_none() {
+            self.traces.clear();
+            self.traces_bytes = 0;
+        }
+    }
+
+    /// Whether activity traces are kept.
+    pub fn is_tracing(&self) -> bool {
+        self.sampler.is_some()
+    }
+
+    /// Accepted messages the sampler left out of the traces, and 2^-level
+    /// is the share of new activities traced now.
+    pub fn trace_sampling(&self) -> Option<(u64, u8)> {
+        self.sampler.as_ref().map(|s| (s.skipped, s.level()))
+    }
+
+    /// What happened since the last call, while tracing; `out` (emptied
+    /// first) takes the records and hands its allocation over for the next.
+    /// Returns about how many bytes of memory the records hold on to.
+    pub fn take_traces(&mut self, out: &mut Vec<TraceRecord>) -> usize {
+        out.clear();
+        std::mem::swap(out, &mut self.traces);
+        std::mem::take(&mut self.traces_bytes)
+    }
+
+    fn trace(&mut self, record: TraceRecord) {
+        push_trace(&mut self.traces, &mut self.traces_bytes, record);
+    }
+
+    fn trace_accepted(&mut self, message: &Arc<Message>, seq: Seq, receivers: &Receivers) {
+        if self.sample(message) {
+            self.trace(TraceRecord::Accepted {
+                message: message.clone(),
+                seq,
+                receivers: receivers.clone(),
+            });
+        }
+    }
+
+    /// Counts an accepted message for the sampler; whether it is traced.
+    fn sample(&mut self, message: &Message) -> bool {
+        let now = self.now;
+        self.sampler
+            .as_mut()
+            .is_some_and(|s| s.accept(&message.activity_id, now))
+    }
+
+    fn tap(&mut self, message: &Arc<Message>, receivers: Receivers) {
+        if self.tapping {
+            self.taps.push(Tapped {
+                message: message.clone(),
+                receivers,
+            });
+        }
     }
 
     /// Traffic per message name and service, for `/metrics`.
@@ -2000,7 +2463,7 @@ impl<S: MessageStore> Broker<S> {
             .map(|(id, c)| InstanceInfo {
                 conn: *id,
                 service: c.service.to_string(),
-                instance: c.instance.clone(),
+                instance: c.instance.to_string(),
                 in_flight: c.in_flight,
                 max_in_flight: c.max_in_flight,
                 patterns: c.patterns.clone(),
@@ -2162,7 +2625,7 @@ impl<S: MessageStore> Broker<S> {
 
     /// One dead letter of the service with its message (`None` inside if
     /// unreadable); `None` if the service has no such dead letter.
-    pub fn dead_letter(
+    pub fn find_dead_letter(
         &mut self,
         service: &str,
         seq: Seq,
@@ -2229,6 +2692,26 @@ impl<S: MessageStore> Broker<S> {
         }
         seqs.len()
     }
+}
+
+/// Whether what happens to `message` is recorded: its activity is traced.
+fn traces(sampler: &Option<trace::TraceSampler>, message: &Message, now: Nanos) -> bool {
+    sampler
+        .as_ref()
+        .is_some_and(|s| s.traces(&message.activity_id, now))
+}
+
+/// Records `record`, counting the memory it holds on to (the message it
+/// pins). A free function: callers hold other parts of the broker.
+fn push_trace(traces: &mut Vec<TraceRecord>, bytes: &mut usize, record: TraceRecord) {
+    *bytes += std::mem::size_of::<TraceRecord>()
+        + match &record {
+            TraceRecord::Accepted { message, .. } | TraceRecord::Delivered { message, .. } => {
+                message.payload.len()
+            }
+            TraceRecord::Settled { .. } => 0,
+        };
+    traces.push(record);
 }
 
 /// One service no longer needs `seq`; the last one out removes it.

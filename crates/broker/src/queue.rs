@@ -30,7 +30,9 @@ impl Entry {
         Entry {
             seq,
             attempts,
-            key: key.map(Box::new),
+            // Its own copy: a key sliced from a read buffer or a log read
+            // would keep all of that alive while the entry waits.
+            key: key.map(|key| Box::new(Bytes::copy_from_slice(&key))),
         }
     }
 
@@ -244,6 +246,9 @@ pub(crate) struct InFlight {
     /// Where the message's name is counted (`stats.rs`), so an ack or a
     /// nack counts without reading the message again.
     pub name: crate::stats::Slot,
+    /// Its activity is traced: what becomes of the delivery is recorded
+    /// (decided with the message at hand, so an ack need not read it).
+    pub traced: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -268,6 +273,11 @@ pub(crate) struct Queue {
     key_holder: crate::FastMap<Bytes, Seq>,
     /// Keyed messages that arrived while their key was held, in order.
     key_waiting: crate::FastMap<Bytes, VecDeque<Entry>>,
+    /// Messages whose record could not be read: kept (counted in the
+    /// depth, saved in snapshots as ready, holding their key) but not
+    /// tried again until the next start, so they neither stall the pump
+    /// nor repeat their warning.
+    pub unreadable: Vec<Entry>,
     pub dead_letters: Vec<DeadLetter>,
 }
 
@@ -277,6 +287,7 @@ impl Queue {
         self.ready.len()
             + self.deferred.len()
             + self.in_flight.len()
+            + self.unreadable.len()
             + self.key_waiting.values().map(VecDeque::len).sum::<usize>()
     }
 
@@ -335,6 +346,7 @@ impl Queue {
         entry: Entry,
         deadline: Nanos,
         name: crate::stats::Slot,
+        traced: bool,
     ) {
         self.deadlines.insert((deadline, delivery));
         self.in_flight.insert(
@@ -344,8 +356,22 @@ impl Queue {
                 conn,
                 deadline,
                 name,
+                traced,
             },
         );
+    }
+
+    /// Moves the ack deadline of `delivery` to `deadline`, if `conn` holds it.
+    pub fn extend(&mut self, delivery: DeliveryId, conn: u64, deadline: Nanos) {
+        let Some(flight) = self.in_flight.get_mut(&delivery) else {
+            return;
+        };
+        if flight.conn != conn || flight.deadline >= deadline {
+            return;
+        }
+        self.deadlines.remove(&(flight.deadline, delivery));
+        flight.deadline = deadline;
+        self.deadlines.insert((deadline, delivery));
     }
 
     /// Takes a delivery out of flight (ack, nack, deadline or disconnect).
@@ -425,6 +451,7 @@ impl Queue {
                     .map(|((t, _), e)| (e.clone(), 1, Some(*t))),
             )
             .chain(self.in_flight.values().map(|f| (f.entry.clone(), 1, None)))
+            .chain(self.unreadable.iter().map(|e| (e.clone(), 1, None)))
             .chain(
                 self.key_waiting
                     .values()
@@ -442,6 +469,7 @@ impl Queue {
         self.deadlines.clear();
         self.key_holder.clear();
         self.key_waiting.clear();
+        self.unreadable.clear();
         out
     }
 
@@ -455,6 +483,7 @@ impl Queue {
                 .map(|e| e.seq),
         );
         seqs.extend(self.in_flight.drain().map(|(_, f)| f.entry.seq));
+        seqs.extend(self.unreadable.drain(..).map(|e| e.seq));
         seqs.extend(
             self.key_waiting
                 .drain()
@@ -494,7 +523,7 @@ mod tests {
             vec![1, 3]
         );
         let first = q.ready.pop_front().expect("1");
-        q.start(10, 1, first, 100, 0);
+        q.start(10, 1, first, 100, 0, false);
         q.make_ready(keyed(4, "a"));
         assert_eq!(
             q.key_waiting

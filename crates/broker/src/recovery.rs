@@ -121,7 +121,9 @@ impl<S: MessageStore> Broker<S> {
                 }
             }
         }
-        self.settle_marks(marks, now);
+        let lost = self.store.lost_records();
+        self.metrics.records_lost = lost.iter().map(|seqs| seqs.end - seqs.start).sum();
+        self.settle_marks(marks, &lost, now);
         if let Some(covers) = report.snapshot_covers {
             // The snapshot on disk is as good as one taken now, but for
             // what was replayed: no checkpoint is due at once (taking one
@@ -146,8 +148,32 @@ impl<S: MessageStore> Broker<S> {
     /// store, and re-attach the live connections (their in-flight deliveries
     /// are void; those messages are delivered again).
     pub(crate) fn rebuild(&mut self, now: Nanos) -> Result<RecoveryReport, StoreError> {
+        // Flow-controlled streams live with live connections, not in the
+        // log: they are kept as they are (held replies included).
+        let streaming: Vec<(Uuid, Nanos)> = self
+            .reply_routes
+            .iter()
+            .filter(|(_, route, _)| route.stream.is_some())
+            .map(|(command, _, t)| (*command, t))
+            .collect();
+        let streams: Vec<(Uuid, ReplyRoute, Nanos)> = streaming
+            .into_iter()
+            .filter_map(|(command, t)| Some((command, self.reply_routes.remove(&command)?, t)))
+            .collect();
         self.clear_state();
-        let report = self.recover(now)?;
+        let report = self.recover(now);
+        for (command, route, t) in streams {
+            if let Some((old, evicted)) = self.reply_routes.insert(command, route, t) {
+                if let Some(stream) = evicted.stream {
+                    self.expire_stream(
+                        old,
+                        stream,
+                        "was forgotten: too many commands await replies",
+                    );
+                }
+            }
+        }
+        let report = report?;
         let mut conns: Vec<(u64, String)> = self
             .conns
             .iter()
@@ -189,6 +215,7 @@ impl<S: MessageStore> Broker<S> {
                 // The requesting connection is gone; any instance will do.
                 conn: 0,
                 receivers: targets.to_vec(),
+                stream: None,
                 command: self.traffic.slot(&message.name),
                 accepted_at: message.timestamp,
             };
@@ -298,8 +325,16 @@ impl<S: MessageStore> Broker<S> {
     }
 
     /// Applies the replay's marks and rebuilds every queue in seq order.
-    fn settle_marks(&mut self, mut marks: Marks, now: Nanos) {
-        let names: Vec<String> = self.services.keys().cloned().collect();
+    /// Entries whose records are `lost` (sorted ranges: gone from the store
+    /// for good) go to their service's dead letters instead, journaled, and
+    /// the operator is told per service what to do.
+    fn settle_marks(&mut self, mut marks: Marks, lost: &[std::ops::Range<Seq>], now: Nanos) {
+        let is_lost = |seq: Seq| {
+            let after = lost.partition_point(|seqs| seqs.end <= seq);
+            lost.get(after).is_some_and(|seqs| seqs.contains(&seq))
+        };
+        let mut names: Vec<String> = self.services.keys().cloned().collect();
+        names.sort();
         for name in names {
             let Some(svc) = self.services.get_mut(&name) else {
                 continue;
@@ -308,8 +343,13 @@ impl<S: MessageStore> Broker<S> {
             let mut runs = svc.queue.take_runs();
             runs.sort_by_key(|(e, _, _)| e.seq);
             let mut released = Vec::new();
+            let mut gone = Vec::new();
             for (first, count, deferred) in runs {
-                if count > 1 && marks.is_empty() {
+                let end = first.seq + u64::from(count);
+                let touches_lost = lost
+                    .iter()
+                    .any(|seqs| seqs.start < end && first.seq < seqs.end);
+                if count > 1 && marks.is_empty() && !touches_lost {
                     // A run of first deliveries nothing was recorded for.
                     svc.queue.ready.push_back_run(first.seq, count);
                     continue;
@@ -322,6 +362,10 @@ impl<S: MessageStore> Broker<S> {
                         continue;
                     }
                     entry.attempts += marks.attempts.get(&entry.seq).copied().unwrap_or(0);
+                    if is_lost(entry.seq) {
+                        gone.push(entry);
+                        continue;
+                    }
                     match marks.until.get(&entry.seq).copied().or(deferred) {
                         Some(t) if t > now => svc.queue.defer(t, entry),
                         _ => svc.queue.make_ready(entry),
@@ -333,7 +377,40 @@ impl<S: MessageStore> Broker<S> {
                 // were given one of their own when replayed.
                 crate::release(&mut self.store, &mut self.refs, seq);
             }
+            self.dead_letter_lost(&name, gone, now);
         }
+    }
+
+    /// Moves queue entries whose records are lost to the service's dead
+    /// letters (each keeps the reference its entry held), journaled so the
+    /// move survives the next restart, and says so once for the service.
+    fn dead_letter_lost(&mut self, service: &str, gone: Vec<Entry>, now: Nanos) {
+        let (Some(first), Some(last)) = (gone.first(), gone.last()) else {
+            return;
+        };
+        let (first, last, count) = (first.seq, last.seq, gone.len());
+        let reason = "record lost: the log no longer holds it although it was durable (docs/STORAGE.md §8.7)";
+        for entry in gone {
+            if let Some(svc) = self.services.get_mut(service) {
+                svc.queue.dead_letters.push(DeadLetter {
+                    seq: entry.seq,
+                    attempts: entry.attempts,
+                    reason: reason.to_string(),
+                    at: now,
+                });
+            }
+            self.journal(Op::DeadLettered {
+                service: service.to_string(),
+                seq: entry.seq,
+                attempts: entry.attempts,
+                reason: reason.to_string(),
+                at: now,
+            });
+        }
+        self.metrics.messages_lost += count as u64;
+        self.errors.push(format!(
+            "{count} acknowledged messages for {service} (seqs {first} to {last}) are lost with their records; they are in its dead letters, marked unreadable: restore the log's segment from a backup and replay them (courier dead-letters replay), or purge them to accept the loss (courier dead-letters purge --service {service})"
+        ));
     }
 
     /// Saves a snapshot of the state, then lets the store drop records that
@@ -572,6 +649,7 @@ impl<S: MessageStore> Broker<S> {
                 service,
                 conn: 0,
                 receivers,
+                stream: None,
                 command: crate::stats::Slot::MAX,
                 accepted_at: 0,
             };

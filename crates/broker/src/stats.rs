@@ -114,9 +114,13 @@ pub struct TrafficStats {
     last: Option<(SharedStr, Slot)>,
     /// Sends (accepted or refused) of names past the cap.
     pub names_over_cap: u64,
+    /// Where counts go when nothing is counted (`names_max` 0).
+    discard: Traffic,
 }
 
 impl TrafficStats {
+    /// Counts up to `names_max` names under their own name; 0 counts
+    /// nothing (no per-name metrics at all).
     pub fn new(names_max: usize) -> TrafficStats {
         TrafficStats {
             names_max,
@@ -125,11 +129,15 @@ impl TrafficStats {
             other: None,
             last: None,
             names_over_cap: 0,
+            discard: Traffic::default(),
         }
     }
 
     /// The slot counting `name`, made on first use ([`OTHER`]'s past the cap).
     pub fn slot(&mut self, name: &SharedStr) -> Slot {
+        if self.names_max == 0 {
+            return Slot::MAX;
+        }
         if let Some((last, slot)) = &self.last {
             if last.ptr_eq(name) || last == name {
                 return *slot;
@@ -180,7 +188,14 @@ impl TrafficStats {
 
     /// The counters [`TrafficStats::locate`] found.
     pub fn at(&mut self, counted: Counted) -> &mut Traffic {
-        &mut self.names[counted.slot as usize].by_service[counted.service].1
+        match self
+            .names
+            .get_mut(counted.slot as usize)
+            .and_then(|n| n.by_service.get_mut(counted.service))
+        {
+            Some((_, traffic)) => traffic,
+            None => &mut self.discard,
+        }
     }
 
     /// The counters of `slot` for `service`.
@@ -275,6 +290,18 @@ mod tests {
             vec![(ErrorCode::Unauthorized, 1)]
         );
         assert_eq!(n.by_service[2].1.delivered, 1);
+    }
+
+    #[test]
+    fn a_cap_of_zero_counts_nothing() {
+        let mut stats = TrafficStats::new(0);
+        let counted = stats.locate(&SharedStr::from("a.b"), &SharedStr::from("svc"));
+        stats.at(counted).sent += 1;
+        let slot = stats.slot(&SharedStr::from("a.b"));
+        assert_eq!(slot, Slot::MAX);
+        stats.final_reply(slot, 1_000);
+        assert!(stats.names().is_empty());
+        assert_eq!(stats.names_over_cap, 0);
     }
 
     #[test]

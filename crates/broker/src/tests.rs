@@ -1818,3 +1818,1064 @@ fn a_pause_survives_a_restart_from_the_journal_and_from_a_snapshot() {
         assert!(gauges_of(&mut h, "audit").paused.is_empty());
     }
 }
+
+// ---- the frame limit ------------------------------------------------------
+
+const FRAME_LIMIT: u32 = 2_000;
+
+fn harness_with_frame_limit() -> Harness {
+    let config = Config {
+        frame_bytes_max: FRAME_LIMIT,
+        ..Config::default()
+    };
+    Harness {
+        broker: Broker::new(config, MemoryStore::new()),
+        now: 1_000 * MS,
+    }
+}
+
+/// A message from a service named `sender_len` bytes long whose DELIVER
+/// frame is `len` bytes: the broker adds the sender to what was sent.
+fn delivered_as(mut m: Message, sender_len: usize, len: usize) -> Message {
+    let fixed = courier_proto::delivery_frame_len(&m) + sender_len;
+    m.payload = Bytes::from(vec![b'x'; len - fixed]);
+    m
+}
+
+/// Every delivery's DELIVER frame, encoded as the server does, must fit.
+fn delivered_frame_lengths(actions: &[Action]) -> Vec<usize> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Deliver {
+                delivery,
+                attempt,
+                message,
+                ..
+            } => {
+                let mut w = courier_proto::FrameWriter::with_frame_bytes_max(FRAME_LIMIT);
+                w.push_delivery(*delivery, *attempt, message)
+                    .expect("within the frame limit");
+                Some(w.take().len() - 4)
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_message_is_accepted_if_its_delivery_fits_the_frame_limit_exactly_and_refused_one_byte_over() {
+    let mut h = harness_with_frame_limit();
+    let long_name = "s".repeat(200);
+    h.connect(1, &long_name, 0);
+    h.connect(2, "recv", 0);
+    h.subscribe(2, "big.*");
+    for (seq, kind, name) in [(1, Kind::Command, "big.cmd"), (2, Kind::Event, "big.event")] {
+        let fits = delivered_as(Message::new(kind, name, ""), 200, FRAME_LIMIT as usize);
+        let over = delivered_as(Message::new(kind, name, ""), 200, FRAME_LIMIT as usize + 1);
+        h.send(1, seq, fits);
+        h.send(1, seq + 10, over);
+        let actions = h.actions();
+        assert_eq!(
+            delivered_frame_lengths(&actions),
+            vec![FRAME_LIMIT as usize],
+            "{name}: the largest accepted message is delivered in a frame of exactly the limit"
+        );
+        assert_eq!(results(&actions)[0], (seq, ErrorCode::Ok));
+        let (code, reason) = refusal(&actions, seq + 10);
+        assert_eq!(code, ErrorCode::PayloadTooLarge);
+        assert!(
+            reason.contains("2001 bytes, 1 byte(s) over the broker's frame limit of 2000")
+                && reason.contains("the sender (200 bytes"),
+            "{reason}"
+        );
+    }
+    // A reply, from the long name to the receiver's request.
+    h.subscribe(1, "big.ask");
+    let ask = command("big.ask", "");
+    let ask_id = ask.id;
+    h.send(2, 30, ask);
+    h.deliveries();
+    for (seq, len) in [(31, FRAME_LIMIT as usize + 1), (32, FRAME_LIMIT as usize)] {
+        let mut reply = Message::new(Kind::Reply, "big.answer", "");
+        reply.response_to = Some(ask_id);
+        h.send(1, seq, delivered_as(reply, 200, len));
+    }
+    let actions = h.actions();
+    assert_eq!(refusal(&actions, 31).0, ErrorCode::PayloadTooLarge);
+    assert_eq!(
+        delivered_frame_lengths(&actions),
+        vec![FRAME_LIMIT as usize],
+        "the refused reply did not end the stream: the one that fits is delivered"
+    );
+}
+
+#[test]
+fn a_stored_message_too_large_for_a_lowered_limit_is_dead_lettered_not_sent() {
+    let mut h = harness_with_frame_limit();
+    h.connect(1, "web", 0);
+    h.connect(2, "recv", 0);
+    h.subscribe(2, "big.event");
+    h.broker.disconnect(2, h.now);
+    h.send(
+        1,
+        1,
+        delivered_as(event("big.event", ""), 3, FRAME_LIMIT as usize),
+    );
+    assert_eq!(results(&h.actions()), vec![(1, ErrorCode::Ok)]);
+    h.broker.config.frame_bytes_max = FRAME_LIMIT - 1;
+    h.connect(3, "recv", 0);
+    h.subscribe(3, "big.event");
+    assert!(h.deliveries().is_empty(), "nothing above the limit is sent");
+    let letters = h.broker.dead_letters("recv");
+    assert_eq!(letters.len(), 1);
+    assert!(
+        letters[0]
+            .0
+            .reason
+            .contains("over the broker's frame limit of 1999"),
+        "{}",
+        letters[0].0.reason
+    );
+    assert!(h
+        .broker
+        .take_alerts()
+        .iter()
+        .any(|a| a.contains("dead-lettered")));
+}
+
+#[test]
+fn broker_answers_fit_the_frame_limit_however_large_the_dead_letters() {
+    let mut h = harness_with_frame_limit();
+    h.connect(1, "web", 0);
+    h.connect(2, "recv", 0);
+    h.broker
+        .subscribe(2, 0, "big.event", 0, 1, StartFrom::New, h.now);
+    // A payload of control characters is six bytes each as JSON.
+    let mut m = event("big.event", "");
+    m.payload = Bytes::from(vec![1u8; 1_500]);
+    h.send(1, 1, m);
+    for _ in 0..40 {
+        h.send(1, 2, event("big.event", "small"));
+    }
+    for (_, delivery, ..) in h.deliveries() {
+        h.broker.nack(2, delivery, 0, h.now);
+    }
+    let letters = h.broker.dead_letters("recv");
+    assert_eq!(letters.len(), 41);
+    let big = letters[0].0.seq;
+    let ask = |h: &mut Harness, name: &str, args: serde_json::Value| {
+        h.send(1, 9, Message::new(Kind::Command, name, args.to_string()));
+        let actions = h.actions();
+        assert_eq!(delivered_frame_lengths(&actions).len(), 1, "{actions:?}");
+        actions
+            .into_iter()
+            .find_map(|a| match a {
+                Action::Deliver { message, .. } => {
+                    serde_json::from_slice::<serde_json::Value>(&message.payload).ok()
+                }
+                _ => None,
+            })
+            .expect("a JSON answer")
+    };
+    let shown = ask(
+        &mut h,
+        "courier.dead-letters.show",
+        serde_json::json!({"service": "recv", "id": big}),
+    );
+    assert_eq!(shown["payload"], serde_json::Value::Null);
+    assert!(shown["payload_omitted"].is_string(), "{shown}");
+    let listing = ask(
+        &mut h,
+        "courier.dead-letters.list",
+        serde_json::json!({"service": "recv"}),
+    );
+    let items = listing.as_array().expect("a list");
+    let note = items.last().expect("a note");
+    assert_eq!(note["truncated"], true, "{listing}");
+    assert_eq!(note["total"], 41);
+    let shown = note["shown"].as_u64().expect("shown") as usize;
+    let rest = ask(
+        &mut h,
+        "courier.dead-letters.list",
+        serde_json::json!({"service": "recv", "after": note["rest_after"]}),
+    );
+    let rest_ids: Vec<u64> = rest
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|l| l["id"].as_u64())
+        .collect();
+    assert_eq!(
+        rest_ids.first().copied(),
+        letters.get(shown).map(|l| l.0.seq),
+        "the next page starts after the last one shown"
+    );
+}
+
+// ---- flow-controlled reply streams ---------------------------------------
+
+/// A `file.copy` command whose replies are a stream with `window` credit.
+fn stream_command(window: &str) -> Message {
+    let mut m = command("file.copy", "{}");
+    m.headers
+        .push((REPLY_WINDOW_HEADER.to_string(), window.to_string()));
+    m
+}
+
+fn reply_to(command: Uuid, payload: &str, is_final: bool) -> Message {
+    let mut r = Message::new(Kind::Reply, "file.copy.progress", payload.to_string());
+    r.response_to = Some(command);
+    r.is_final = is_final;
+    r
+}
+
+/// Requester `web` on conn 5 (and another instance on 1), responder
+/// `file` on conn 2; the command is sent and delivered to conn 2.
+fn streaming(window: &str) -> (Harness, Uuid) {
+    let mut h = Harness::new();
+    h.connect(1, "web", 0);
+    h.connect(5, "web", 0);
+    h.connect(2, "file", 0);
+    h.subscribe(2, "file.copy");
+    let cmd = stream_command(window);
+    let id = cmd.id;
+    h.send(5, 1, cmd);
+    let actions = h.actions();
+    assert_eq!(results(&actions), vec![(1, ErrorCode::Ok)]);
+    assert_eq!(delivered_to(&actions), vec![(2, "{}".to_string())]);
+    (h, id)
+}
+
+/// (conn, payload) of each delivery.
+fn delivered_to(actions: &[Action]) -> Vec<(ConnId, String)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Deliver { conn, message, .. } => Some((
+                *conn,
+                String::from_utf8_lossy(&message.payload).into_owned(),
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+fn delivery_ids(actions: &[Action], to: ConnId) -> Vec<DeliveryId> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Deliver { conn, delivery, .. } if *conn == to => Some(*delivery),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn replies_beyond_the_window_wait_and_credit_releases_them_in_order() {
+    let (mut h, id) = streaming("2");
+    for (seq, payload) in [(10, "r1"), (11, "r2"), (12, "r3"), (13, "r4")] {
+        h.send(2, seq, reply_to(id, payload, false));
+    }
+    // A fifth while two are unread and two wait: refused, not dropped.
+    h.send(2, 14, reply_to(id, "r5", false));
+    h.broker.ping(2, 99);
+    let actions = h.actions();
+    assert_eq!(
+        delivered_to(&actions),
+        vec![(5, "r1".into()), (5, "r2".into())],
+        "the window: two replies out, unacked"
+    );
+    assert_eq!(
+        results(&actions),
+        vec![
+            (10, ErrorCode::Ok),
+            (11, ErrorCode::Ok),
+            (14, ErrorCode::StreamFull)
+        ],
+        "held replies are answered when they go out"
+    );
+    let (_, reason) = refusal(&actions, 14);
+    assert!(
+        reason.contains("wait for the answer to an earlier reply"),
+        "{reason}"
+    );
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::Pong { conn: 2, nonce: 99 })),
+        "a PONG does not wait for held replies"
+    );
+    let first = delivery_ids(&actions, 5);
+    // Credit back, one reply at a time, oldest first.
+    h.broker.ack(5, first[0], h.now);
+    let actions = h.actions();
+    assert_eq!(delivered_to(&actions), vec![(5, "r3".into())]);
+    assert_eq!(results(&actions), vec![(12, ErrorCode::Ok)]);
+    let third = delivery_ids(&actions, 5);
+    h.send(2, 15, reply_to(id, "r5", false));
+    assert!(h.actions().is_empty(), "r5 waits behind r4");
+    h.broker.ack(5, first[1], h.now);
+    let actions = h.actions();
+    assert_eq!(delivered_to(&actions), vec![(5, "r4".into())]);
+    assert_eq!(results(&actions), vec![(13, ErrorCode::Ok)]);
+    let r4 = delivery_ids(&actions, 5);
+    h.broker.ack(5, third[0], h.now);
+    let actions = h.actions();
+    assert_eq!(delivered_to(&actions), vec![(5, "r5".into())]);
+    assert_eq!(results(&actions), vec![(15, ErrorCode::Ok)]);
+    h.send(2, 16, reply_to(id, "done", true));
+    assert!(h.actions().is_empty(), "the final waits for credit too");
+    h.broker.ack(5, r4[0], h.now);
+    let actions = h.actions();
+    assert_eq!(delivered_to(&actions), vec![(5, "done".into())]);
+    assert_eq!(results(&actions), vec![(16, ErrorCode::Ok)]);
+    h.send(2, 17, reply_to(id, "late", true));
+    assert_eq!(
+        results(&h.actions()),
+        vec![(17, ErrorCode::UnknownRequest)],
+        "the stream ended with its final reply"
+    );
+    assert_eq!(h.broker.held_reply_bytes, 0);
+    assert!(h.broker.reply_deliveries.is_empty());
+}
+
+#[test]
+fn a_reply_sent_again_while_held_waits_once_and_answers_both_sends() {
+    let (mut h, id) = streaming("1");
+    h.send(2, 10, reply_to(id, "r1", false));
+    let r2 = reply_to(id, "r2", false);
+    h.send(2, 11, r2.clone());
+    let first = delivery_ids(&h.actions(), 5);
+    // The responder reconnected: its new connection sends r2 again.
+    h.connect(3, "file", 0);
+    h.subscribe(3, "file.copy");
+    h.broker.disconnect(2, h.now);
+    h.actions();
+    h.send(3, 7, r2.clone());
+    assert!(results(&h.actions()).is_empty(), "still waiting for credit");
+    h.broker.ack(5, first[0], h.now);
+    let actions = h.actions();
+    assert_eq!(
+        delivered_to(&actions),
+        vec![(5, "r2".into())],
+        "delivered once"
+    );
+    for (conn, seq) in [(3, 7), (2, 11)] {
+        assert!(
+            actions.iter().any(|a| matches!(
+                a,
+                Action::SendResult { conn: c, seq: s, code: ErrorCode::Ok, .. } if *c == conn && *s == seq
+            )),
+            "send {seq} on {conn} is answered: {actions:?}"
+        );
+    }
+    h.send(3, 8, r2);
+    let actions = h.actions();
+    assert!(actions.iter().any(|a| matches!(
+        a,
+        Action::SendResult { seq: 8, code: ErrorCode::Ok, reason, .. } if reason == "duplicate"
+    )));
+    assert!(delivered_to(&actions).is_empty());
+}
+
+#[test]
+fn the_requester_disconnecting_ends_its_stream_and_every_responder_hears_it() {
+    let (mut h, id) = streaming("1");
+    h.send(2, 10, reply_to(id, "r1", false));
+    h.send(2, 11, reply_to(id, "r2", false));
+    h.actions();
+    h.broker.disconnect(5, h.now);
+    let actions = h.actions();
+    let (code, reason) = refusal(&actions, 11);
+    assert_eq!(code, ErrorCode::Ok);
+    assert_eq!(reason, "discarded: the requester's connection closed");
+    h.send(2, 12, reply_to(id, "r3", false));
+    h.send(2, 13, reply_to(id, "done", true));
+    let actions = h.actions();
+    assert!(
+        delivered_to(&actions).is_empty(),
+        "not re-routed to the other instance (conn 1): it cannot get the stream in order"
+    );
+    assert_eq!(
+        results(&actions),
+        vec![(12, ErrorCode::Ok), (13, ErrorCode::Ok)]
+    );
+    h.send(2, 14, reply_to(id, "after the end", true));
+    assert_eq!(results(&h.actions()), vec![(14, ErrorCode::UnknownRequest)]);
+    assert_eq!(h.broker.metrics().replies_discarded, 3);
+    assert_eq!(h.broker.held_reply_bytes, 0);
+}
+
+#[test]
+fn a_requester_that_leaves_before_the_first_reply_gets_its_replies_routed_as_any() {
+    let (mut h, id) = streaming("1");
+    h.broker.disconnect(5, h.now);
+    // Nothing was under way: the replies go to another instance of the
+    // requesting service (conn 1), as without flow control.
+    h.send(2, 10, reply_to(id, "r1", false));
+    h.send(2, 11, reply_to(id, "r2", false));
+    h.send(2, 12, reply_to(id, "done", true));
+    let actions = h.actions();
+    assert_eq!(
+        delivered_to(&actions),
+        vec![(1, "r1".into()), (1, "r2".into()), (1, "done".into())]
+    );
+    assert_eq!(
+        results(&actions),
+        vec![
+            (10, ErrorCode::Ok),
+            (11, ErrorCode::Ok),
+            (12, ErrorCode::Ok)
+        ]
+    );
+}
+
+#[test]
+fn a_nack_of_a_reply_stops_the_stream() {
+    let (mut h, id) = streaming("1");
+    h.send(2, 10, reply_to(id, "r1", false));
+    h.send(2, 11, reply_to(id, "r2", false));
+    let first = delivery_ids(&h.actions(), 5);
+    h.broker.nack(1, first[0], 0, h.now);
+    assert!(
+        h.actions().is_empty(),
+        "only the requesting connection may stop its stream"
+    );
+    h.broker.nack(5, first[0], 0, h.now);
+    let (code, reason) = refusal(&h.actions(), 11);
+    assert_eq!(
+        (code, reason.as_str()),
+        (
+            ErrorCode::Ok,
+            "discarded: the requester stopped reading the stream"
+        )
+    );
+    h.send(2, 12, reply_to(id, "done", true));
+    let actions = h.actions();
+    assert!(delivered_to(&actions).is_empty());
+    assert_eq!(results(&actions), vec![(12, ErrorCode::Ok)]);
+}
+
+#[test]
+fn held_replies_are_refused_when_the_reply_route_expires() {
+    let (mut h, id) = streaming("1");
+    h.send(2, 10, reply_to(id, "r1", false));
+    h.send(2, 11, reply_to(id, "r2", false));
+    h.actions();
+    h.advance(Config::default().reply_route_ms + 1);
+    let actions = h.actions();
+    let (code, reason) = refusal(&actions, 11);
+    assert_eq!(code, ErrorCode::UnknownRequest);
+    assert!(
+        reason.contains("reply route expired after 600000 ms"),
+        "{reason}"
+    );
+    assert_eq!(h.broker.held_reply_bytes, 0);
+    assert!(h.broker.reply_deliveries.is_empty());
+}
+
+#[test]
+fn a_handler_that_keeps_replying_keeps_its_delivery() {
+    let (mut h, id) = streaming("1");
+    // The ack deadline is 30 s; the handler replies every 20 s, paced by
+    // the requester, for a minute.
+    let mut last = None;
+    for i in 0..3 {
+        h.advance(20_000);
+        if let Some(d) = last {
+            h.broker.ack(5, d, h.now);
+        }
+        h.send(2, 10 + i, reply_to(id, "tick", false));
+        let actions = h.actions();
+        assert!(
+            !delivered_to(&actions).iter().any(|(conn, _)| *conn == 2),
+            "the command was not taken back at {} s",
+            20 * (i + 1)
+        );
+        last = delivery_ids(&actions, 5).first().copied().or(last);
+    }
+    h.advance(31_000);
+    assert_eq!(
+        delivered_to(&h.actions()),
+        vec![(2, "{}".into())],
+        "silent for longer than the deadline: redelivered"
+    );
+}
+
+#[test]
+fn a_bad_reply_window_is_refused_with_what_is_allowed() {
+    let mut h = Harness::new();
+    h.connect(1, "web", 0);
+    h.connect(2, "file", 0);
+    h.subscribe(2, "file.copy");
+    for (seq, window) in [(1, "0"), (2, "65537"), (3, "ten"), (4, "+5"), (5, "")] {
+        h.send(1, seq, stream_command(window));
+        let (code, reason) = refusal(&h.actions(), seq);
+        assert_eq!(code, ErrorCode::InvalidMessage, "{window:?}");
+        assert!(reason.contains("from 1 to 65536"), "{reason}");
+    }
+    h.send(1, 6, stream_command("65536"));
+    assert_eq!(results(&h.actions()), vec![(6, ErrorCode::Ok)]);
+}
+
+#[test]
+fn held_replies_are_bounded_in_bytes_across_streams() {
+    let mut h = Harness::with_store(MemoryStore::new());
+    h.broker.config.held_reply_bytes_max = 400;
+    h.connect(5, "web", 0);
+    h.connect(2, "file", 0);
+    h.subscribe(2, "file.copy");
+    let cmd = stream_command("100");
+    let id = cmd.id;
+    h.send(5, 1, cmd);
+    h.actions();
+    let mut refused = 0;
+    for seq in 0..300 {
+        h.send(2, 10 + seq, reply_to(id, "0123456789", false));
+        for (_, code) in results(&h.actions()) {
+            refused += usize::from(code == ErrorCode::StreamFull);
+        }
+    }
+    assert!(h.broker.held_reply_bytes <= 400);
+    assert_eq!(
+        refused,
+        300 - 100 - h.broker.metrics().replies_held as usize
+    );
+    assert!(h.broker.metrics().replies_held > 0);
+}
+
+// ---- reply streams: state-machine property test -------------------------
+
+#[derive(Debug, Clone)]
+enum StreamOp {
+    /// The responder sends its next reply (the final one if `last`).
+    Reply {
+        last: bool,
+    },
+    /// The responder sends an earlier, refused reply again (a retry).
+    Resend(usize),
+    /// The requester's application took one of its unacked replies.
+    Ack(usize),
+    /// The requester stops reading.
+    Nack(usize),
+    RequesterLeaves,
+    /// The responder's connection drops; it reconnects and sends again
+    /// every reply not yet answered, as the SDK does.
+    ResponderReconnects,
+    Advance(u32),
+}
+
+fn stream_op() -> impl Strategy<Value = StreamOp> {
+    prop_oneof![
+        8 => prop::bool::weighted(0.05).prop_map(|last| StreamOp::Reply { last }),
+        1 => (0usize..64).prop_map(StreamOp::Resend),
+        8 => (0usize..8).prop_map(StreamOp::Ack),
+        1 => (0usize..8).prop_map(StreamOp::Nack),
+        1 => Just(StreamOp::RequesterLeaves),
+        1 => Just(StreamOp::ResponderReconnects),
+        2 => prop_oneof![0u32..40_000, 550_000u32..650_000].prop_map(StreamOp::Advance),
+    ]
+}
+
+/// What the property test sees of one flow-controlled stream.
+struct StreamModel {
+    h: Harness,
+    command: Uuid,
+    window: usize,
+    requester: ConnId,
+    responder: ConnId,
+    next_seq: u64,
+    /// Every reply made, by index (the payload is the index).
+    replies: Vec<Message>,
+    /// `(conn, seq)` → reply index, for every send.
+    sends: HashMap<(ConnId, u64), usize>,
+    /// `(conn, seq)` → every answer it got.
+    answers: HashMap<(ConnId, u64), Vec<(ErrorCode, String)>>,
+    /// Replies the broker took (not refused at once), in the order taken.
+    taken: Vec<usize>,
+    /// Reply indexes the requester received, in order.
+    delivered: Vec<usize>,
+    unacked: Vec<DeliveryId>,
+    /// The requester stopped reading or left: nothing more may arrive.
+    stopped: bool,
+    /// The requester left before any reply reached it: the rest of the
+    /// replies are routed without flow control (parked here: the
+    /// requesting service has no other instance).
+    unbound: bool,
+}
+
+impl StreamModel {
+    fn new(window: usize) -> StreamModel {
+        let mut h = Harness::new();
+        h.connect(5, "web", 0);
+        h.connect(2, "file", 0);
+        h.subscribe(2, "file.copy");
+        let cmd = stream_command(&window.to_string());
+        let command = cmd.id;
+        h.send(5, 1, cmd);
+        h.actions();
+        StreamModel {
+            h,
+            command,
+            window,
+            requester: 5,
+            responder: 2,
+            next_seq: 100,
+            replies: Vec::new(),
+            sends: HashMap::new(),
+            answers: HashMap::new(),
+            taken: Vec::new(),
+            delivered: Vec::new(),
+            unacked: Vec::new(),
+            stopped: false,
+            unbound: false,
+        }
+    }
+
+    fn absorb(&mut self) -> Result<(), TestCaseError> {
+        for a in self.h.actions() {
+            match a {
+                Action::Deliver {
+                    conn,
+                    delivery,
+                    message,
+                    ..
+                } if message.kind == Kind::Reply => {
+                    prop_assert_eq!(conn, self.requester, "a reply of the stream went elsewhere");
+                    prop_assert!(!self.stopped, "a reply arrived after the requester stopped");
+                    let index: usize = std::str::from_utf8(&message.payload)
+                        .ok()
+                        .and_then(|p| p.parse().ok())
+                        .expect("payload is the reply's index");
+                    self.delivered.push(index);
+                    if !message.is_final {
+                        self.unacked.push(delivery);
+                    }
+                    prop_assert!(
+                        self.unacked.len() <= self.window,
+                        "{} replies unacked, window {}",
+                        self.unacked.len(),
+                        self.window
+                    );
+                }
+                Action::SendResult {
+                    conn,
+                    seq,
+                    code,
+                    reason,
+                } => self
+                    .answers
+                    .entry((conn, seq))
+                    .or_default()
+                    .push((code, reason)),
+                _ => {}
+            }
+        }
+        let held = self
+            .h
+            .broker
+            .reply_routes
+            .get(&self.command)
+            .and_then(|r| r.stream.as_ref())
+            .map_or(0, |s| s.held_len());
+        prop_assert!(held <= self.window, "{} held, window {}", held, self.window);
+        Ok(())
+    }
+
+    fn send(&mut self, index: usize) -> Result<(), TestCaseError> {
+        self.next_seq += 1;
+        let key = (self.responder, self.next_seq);
+        self.sends.insert(key, index);
+        let message = self.replies[index].clone();
+        self.h.send(key.0, key.1, message);
+        self.absorb()?;
+        let refused = self
+            .answers
+            .get(&key)
+            .is_some_and(|a| a.iter().any(|(code, _)| !code.is_ok()));
+        if !refused && !self.taken.contains(&index) {
+            self.taken.push(index);
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, op: StreamOp) -> Result<(), TestCaseError> {
+        match op {
+            StreamOp::Reply { last } => {
+                let index = self.replies.len();
+                self.replies
+                    .push(reply_to(self.command, &index.to_string(), last));
+                self.send(index)?;
+            }
+            StreamOp::Resend(i) => {
+                // A client retries what was refused, never what the broker
+                // took (beyond the dedup window that would duplicate it).
+                let refused: Vec<usize> = (0..self.replies.len())
+                    .filter(|index| {
+                        let answers: Vec<&(ErrorCode, String)> = self
+                            .sends
+                            .iter()
+                            .filter(|(_, i)| *i == index)
+                            .filter_map(|(key, _)| self.answers.get(key))
+                            .flatten()
+                            .collect();
+                        !answers.is_empty() && answers.iter().all(|(code, _)| !code.is_ok())
+                    })
+                    .collect();
+                if !refused.is_empty() {
+                    self.send(refused[i % refused.len()])?;
+                }
+            }
+            StreamOp::Ack(i) => {
+                if !self.unacked.is_empty() {
+                    let d = self.unacked.remove(i % self.unacked.len());
+                    self.h.broker.ack(self.requester, d, self.h.now);
+                }
+            }
+            StreamOp::Nack(i) => {
+                if !self.unacked.is_empty() && !self.stopped {
+                    let d = self.unacked[i % self.unacked.len()];
+                    self.h.broker.nack(self.requester, d, 0, self.h.now);
+                    self.stopped = true;
+                }
+            }
+            StreamOp::RequesterLeaves => {
+                let stream_open = self
+                    .h
+                    .broker
+                    .reply_routes
+                    .get(&self.command)
+                    .is_some_and(|r| r.stream.is_some());
+                if !self.stopped && stream_open && self.delivered.is_empty() {
+                    self.unbound = true;
+                }
+                self.h.broker.disconnect(self.requester, self.h.now);
+                self.stopped = true;
+            }
+            StreamOp::ResponderReconnects => {
+                self.h.broker.disconnect(self.responder, self.h.now);
+                self.responder += 100;
+                self.h.connect(self.responder, "file", 0);
+                self.h.subscribe(self.responder, "file.copy");
+                let mut unanswered: Vec<(u64, usize)> = self
+                    .sends
+                    .iter()
+                    .filter(|(key, _)| !self.answers.contains_key(key))
+                    .map(|((_, seq), index)| (*seq, *index))
+                    .collect();
+                unanswered.sort_unstable();
+                self.absorb()?;
+                for (_, index) in unanswered {
+                    self.send(index)?;
+                }
+            }
+            StreamOp::Advance(ms) => self.h.advance(u64::from(ms)),
+        }
+        self.absorb()
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, .. ProptestConfig::default() })]
+
+    /// Against a model of one stream: the requester never holds more than
+    /// its window unacked, nor does the broker hold more; what arrives is
+    /// exactly what the broker took, in that order, each once; and every
+    /// send is answered exactly once — a reply taken and not delivered was
+    /// answered as discarded (the requester stopped) or refused (the route
+    /// expired), never lost in silence.
+    #[test]
+    fn reply_stream_rules_hold(
+        window in 1usize..5,
+        ops in proptest::collection::vec(stream_op(), 1..150),
+    ) {
+        let mut m = StreamModel::new(window);
+        for op in ops {
+            m.apply(op)?;
+        }
+        // Settle: the requester reads everything, the responder ends the
+        // stream, then the route's time runs out.
+        for _ in 0..20 {
+            for d in std::mem::take(&mut m.unacked) {
+                m.h.broker.ack(m.requester, d, m.h.now);
+            }
+            m.absorb()?;
+        }
+        let index = m.replies.len();
+        m.replies.push(reply_to(m.command, &index.to_string(), true));
+        m.send(index)?;
+        for _ in 0..20 {
+            for d in std::mem::take(&mut m.unacked) {
+                m.h.broker.ack(m.requester, d, m.h.now);
+            }
+            m.absorb()?;
+        }
+        m.h.advance(Config::default().reply_route_ms + 1);
+        m.absorb()?;
+
+        let mut seen = std::collections::HashSet::new();
+        prop_assert!(m.delivered.iter().all(|i| seen.insert(*i)), "delivered twice: {:?}", m.delivered);
+        prop_assert_eq!(&m.delivered[..], &m.taken[..m.delivered.len()], "delivered out of the order taken");
+        for (key, index) in &m.sends {
+            let answers = m.answers.get(key).map_or(0, Vec::len);
+            prop_assert_eq!(answers, 1, "send {:?} of reply {} answered {} times", key, index, answers);
+        }
+        if m.unbound {
+            // Parked for an instance of the requester, as any reply.
+            prop_assert!(m.h.broker.metrics().replies_parked > 0 || m.taken.is_empty());
+        } else {
+            for index in m.taken.iter().filter(|i| !m.delivered.contains(i)) {
+                let told = m.sends.iter().filter(|(_, i)| *i == index).any(|(key, _)| {
+                    m.answers[key].iter().any(|(code, reason)| {
+                        reason.starts_with("discarded") || *code == ErrorCode::UnknownRequest
+                    })
+                });
+                prop_assert!(told, "reply {} was taken, not delivered, and nobody was told", index);
+            }
+        }
+        prop_assert_eq!(m.h.broker.held_reply_bytes, 0);
+        prop_assert!(m.h.broker.reply_deliveries.is_empty());
+    }
+}
+
+#[test]
+fn a_stream_and_its_held_replies_outlive_a_rebuild_after_a_failed_sync() {
+    let mut h = Harness::with_store(MemoryLog::new());
+    h.connect(5, "web", 0);
+    h.connect(2, "file", 0);
+    h.subscribe(2, "file.copy");
+    h.subscribe(2, "file.audit");
+    let cmd = stream_command("1");
+    let id = cmd.id;
+    h.send(5, 1, cmd);
+    h.actions();
+    h.send(2, 10, reply_to(id, "r1", false));
+    h.send(2, 11, reply_to(id, "r2", true));
+    let first = delivery_ids(&h.actions(), 5);
+    h.broker.store_mut().failing_syncs = 1;
+    h.send(5, 2, event("file.audit", "lost"));
+    assert_eq!(results(&h.actions()), vec![(2, ErrorCode::StorageFailed)]);
+    assert_eq!(
+        h.broker.metrics().storage_failures,
+        1,
+        "the state was rebuilt"
+    );
+    h.advance(100);
+    h.actions();
+    h.broker.ack(5, first[0], h.now);
+    let actions = h.actions();
+    assert_eq!(delivered_to(&actions), vec![(5, "r2".into())]);
+    assert_eq!(results(&actions), vec![(11, ErrorCode::Ok)]);
+}
+#[test]
+fn a_tail_sees_commands_replies_and_events_without_changing_routing() {
+    let mut h = Harness::new();
+    h.connect(1, "web", 16);
+    h.connect(2, "todo", 16);
+    h.subscribe(2, "todo.create");
+    h.connect(3, "admin", 16);
+    h.broker.set_tapping(true);
+    h.send(3, 1, command("courier.tail", "{\"pattern\":\"todo.>\"}"));
+    let started = h
+        .actions()
+        .into_iter()
+        .find_map(|a| match a {
+            Action::StartTail { conn, filter, .. } => Some((conn, filter)),
+            _ => None,
+        })
+        .expect("the tail starts");
+    assert_eq!(started.0, 3);
+    assert_eq!(started.1.pattern.as_deref(), Some("todo.>"));
+
+    let create = command("todo.create", "{}");
+    let create_id = create.id;
+    h.send(1, 2, create);
+    let delivered = h.deliveries();
+    assert_eq!(delivered.len(), 1, "only the subscribed service gets it");
+    assert_eq!(delivered[0].0, 2);
+    let mut reply = Message::new(Kind::Reply, "todo.created", "{}");
+    reply.response_to = Some(create_id);
+    h.send(2, 3, reply);
+    // A command nobody receives is still refused while a tail runs.
+    h.send(1, 4, command("todo.delete", "{}"));
+    let refused = h.actions().into_iter().any(|a| {
+        matches!(
+            a,
+            Action::SendResult {
+                seq: 4,
+                code: ErrorCode::NoReceiver,
+                ..
+            }
+        )
+    });
+    assert!(refused, "no_receiver despite the tail");
+
+    let taps = h.broker.take_taps();
+    let seen: Vec<(&str, Vec<String>)> = taps
+        .iter()
+        .map(|t| (t.message.name.as_str(), t.receivers.to_vec()))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            ("courier.tail", vec![]),
+            ("todo.create", vec!["todo".to_string()]),
+            ("todo.created", vec!["web".to_string()]),
+        ]
+    );
+    assert_eq!(taps[1].message.sender, "web", "stamped with its sender");
+
+    h.broker.set_tapping(false);
+    h.send(1, 5, command("todo.create", "{}"));
+    assert!(
+        h.broker.take_taps().is_empty(),
+        "nothing is recorded untapped"
+    );
+}
+
+/// Each trace record in short: (what, message name or seq, service, detail).
+fn trace_lines(h: &mut Harness<impl MessageStore>) -> Vec<String> {
+    let mut records = Vec::new();
+    h.broker.take_traces(&mut records);
+    records
+        .iter()
+        .map(|r| match r {
+            TraceRecord::Accepted {
+                message,
+                seq,
+                receivers,
+            } => format!(
+                "accepted {} seq={seq} to={}",
+                message.name,
+                receivers.join(",")
+            ),
+            TraceRecord::Delivered {
+                message,
+                seq,
+                service,
+                instance,
+                attempt,
+                ..
+            } => format!(
+                "delivered {} seq={seq} to={service}/{instance} attempt={attempt}",
+                message.name
+            ),
+            TraceRecord::Settled {
+                seq,
+                service,
+                outcome,
+                ..
+            } => format!("{} seq={seq} by={service} {outcome:?}", outcome.as_str()),
+        })
+        .collect()
+}
+
+#[test]
+fn traces_record_acceptance_deliveries_and_their_outcomes_in_order() {
+    let mut h = Harness::new();
+    h.connect(1, "web", 16);
+    h.connect(2, "todo", 16);
+    h.subscribe(2, "todo.create");
+    h.connect(3, "audit", 16);
+    h.subscribe(3, "todo.created");
+    h.broker.set_tracing(Some(0));
+    let create = command("todo.create", "{}");
+    let create_id = create.id;
+    h.send(1, 1, create);
+    let delivered = h.deliveries();
+    h.broker.ack(2, delivered[0].1, h.now);
+    let mut reply = Message::new(Kind::Reply, "todo.created", "{}");
+    reply.response_to = Some(create_id);
+    reply.parent_id = Some(create_id);
+    h.send(2, 2, reply);
+    h.send(2, 3, event("todo.created", "{}"));
+    let event_delivery = h.deliveries().last().expect("the event").1;
+    h.broker.nack(3, event_delivery, 0, h.now);
+    let again = h.deliveries();
+    assert_eq!(again.len(), 1, "redelivered at once");
+    // The ack deadline (30 s) passes without an answer.
+    h.advance(31_000);
+    h.deliveries();
+    // A broker command leaves no trace.
+    h.send(1, 4, command("courier.services.list", ""));
+    assert_eq!(
+        trace_lines(&mut h),
+        [
+            "accepted todo.create seq=3 to=todo",
+            "delivered todo.create seq=3 to=todo/todo-2 attempt=1",
+            "acked seq=3 by=todo Acked",
+            "accepted todo.created seq=0 to=web",
+            "delivered todo.created seq=0 to=web/web-1 attempt=1",
+            "accepted todo.created seq=6 to=audit",
+            "delivered todo.created seq=6 to=audit/audit-3 attempt=1",
+            "nacked seq=6 by=audit Nacked { delay_ms: 0 }",
+            "delivered todo.created seq=6 to=audit/audit-3 attempt=2",
+            "released seq=6 by=audit Released { reason: \"ack deadline passed\" }",
+            "delivered todo.created seq=6 to=audit/audit-3 attempt=3",
+        ]
+    );
+
+    h.broker.set_tracing(None);
+    h.send(1, 5, command("todo.create", "{}"));
+    h.deliveries();
+    assert!(
+        trace_lines(&mut h).is_empty(),
+        "nothing is recorded untraced"
+    );
+}
+
+#[test]
+fn traces_record_dead_letters_and_expiry() {
+    let mut h = Harness::new();
+    h.connect(1, "web", 16);
+    h.connect(2, "todo", 16);
+    h.broker
+        .subscribe(2, 0, "todo.create", 0, 1, StartFrom::New, h.now);
+    h.broker.set_tracing(Some(0));
+    h.send(1, 1, command("todo.create", "{}"));
+    let delivered = h.deliveries();
+    h.broker.nack(2, delivered[0].1, 0, h.now);
+    // Expires while todo has no room: it is dropped before delivery.
+    h.broker.flow(2, 1, h.now);
+    h.send(1, 2, command("todo.create", "blocker"));
+    let mut soon = command("todo.create", "late");
+    soon.expires_at = Some(h.now + 10 * MS);
+    h.send(1, 3, soon);
+    let blocker = h.deliveries();
+    assert_eq!(blocker.len(), 1);
+    h.advance(20);
+    h.broker.ack(2, blocker[0].1, h.now);
+    h.deliveries();
+    let lines = trace_lines(&mut h);
+    assert!(
+        lines.contains(
+            &"dead_lettered seq=2 by=todo DeadLettered { reason: \"nacked\" }".to_string()
+        ),
+        "{lines:#?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("expired seq=") && l.ends_with("by=todo Expired")),
+        "{lines:#?}"
+    );
+}
+
+#[test]
+fn a_failed_sync_voids_the_batch_s_trace_records() {
+    let mut h = Harness::with_store(MemoryLog::new());
+    h.connect(1, "web", 16);
+    h.connect(2, "todo", 16);
+    h.subscribe(2, "todo.create");
+    h.actions();
+    h.broker.set_tracing(Some(0));
+    h.broker.store_mut().failing_syncs = 1;
+    h.send(1, 1, command("todo.create", "{}"));
+    let refused = results(&h.actions());
+    assert_eq!(refused, [(1, ErrorCode::StorageFailed)]);
+    assert!(
+        trace_lines(&mut h).is_empty(),
+        "a refused send was never accepted"
+    );
+}

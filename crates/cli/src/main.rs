@@ -3,35 +3,53 @@
 mod allocator;
 mod bench;
 mod certs;
+mod conn;
 mod http_get;
 mod output;
 mod pause;
+mod reply;
+mod send;
+mod serve_limits;
+mod subscribe;
+mod tail;
+mod trace;
+mod verify;
 
-use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use bytes::Bytes;
-use clap::{Args, Parser, Subcommand};
-use courier_client::{Client, ClientOptions, Error as ClientError, StartFrom};
+use clap::{Args, CommandFactory as _, Parser, Subcommand};
+use courier_client::{Error as ClientError, StartFrom};
 use courier_server::{Server, ServerConfig};
 use courier_store::{FsyncPolicy, LogConfig};
-use tokio::sync::mpsc;
+
+use conn::Conn;
 
 /// Exit codes, distinct per kind of failure so scripts can tell them apart.
 mod exit {
     pub const FAILURE: u8 = 1;
-    // 2 is clap's usage error.
+    /// clap's code for a bad command line; also [`super::UsageError`].
+    pub const USAGE: u8 = 2;
     pub const UNREACHABLE: u8 = 3;
     pub const REFUSED: u8 = 4;
     pub const TIMEOUT: u8 = 5;
     pub const CANNOT_LISTEN: u8 = 6;
 }
+
+/// Flags that clap accepts one by one but not together.
+#[derive(Debug)]
+struct UsageError(String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
 
 #[derive(Parser)]
 #[command(
@@ -42,76 +60,6 @@ mod exit {
 struct Cli {
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Args, Clone)]
-struct Conn {
-    /// Broker address.
-    #[arg(long, env = "COURIER_URL", default_value = "127.0.0.1:7700")]
-    url: String,
-    /// The service to act as (default: the token's or client certificate's
-    /// service, else `cli`).
-    #[arg(long, env = "COURIER_SERVICE")]
-    service: Option<String>,
-    /// Credentials, for brokers that require them.
-    #[arg(long, env = "COURIER_TOKEN")]
-    token: Option<String>,
-    /// Connect with TLS, trusting this CA certificate (PEM).
-    #[arg(long, env = "COURIER_TLS_CA")]
-    tls_ca: Option<PathBuf>,
-    /// Client certificate (PEM) for brokers that authenticate by certificate.
-    #[arg(long, env = "COURIER_TLS_CERT", requires_all = ["tls_key", "tls_ca"])]
-    tls_cert: Option<PathBuf>,
-    /// The client certificate's private key (PEM).
-    #[arg(long, env = "COURIER_TLS_KEY", requires = "tls_cert")]
-    tls_key: Option<PathBuf>,
-}
-
-impl Conn {
-    /// TLS when `--tls-ca` is given (clap pairs `--tls-cert` with
-    /// `--tls-key` and with `--tls-ca`).
-    fn client_tls(&self) -> Option<courier_client::ClientTls> {
-        let ca = self.tls_ca.clone()?;
-        let tls = courier_client::ClientTls::new(ca);
-        Some(match (&self.tls_cert, &self.tls_key) {
-            (Some(cert), Some(key)) => tls.with_client_cert(cert, key),
-            _ => tls,
-        })
-    }
-
-    /// With a token and no explicit service, the token decides (an empty
-    /// name in HELLO); without either, `cli`.
-    fn service_name(&self) -> String {
-        // A client certificate decides like a token does.
-        match (
-            &self.service,
-            self.token.is_some() || self.tls_cert.is_some(),
-        ) {
-            (Some(s), _) => s.clone(),
-            (None, true) => String::new(),
-            (None, false) => "cli".to_string(),
-        }
-    }
-}
-
-#[derive(Args, Clone)]
-struct SendArgs {
-    /// Message name, e.g. todo.create.
-    name: String,
-    /// Payload (JSON, or any text); with --count, `{seq}` becomes the index.
-    #[arg(long, default_value = "")]
-    data: String,
-    /// Ordering key.
-    #[arg(long)]
-    key: Option<String>,
-    /// At most once, in memory only.
-    #[arg(long)]
-    transient: bool,
-    /// Send this many messages.
-    #[arg(long, default_value_t = 1)]
-    count: u64,
-    #[command(flatten)]
-    conn: Conn,
 }
 
 #[derive(Args)]
@@ -174,6 +122,26 @@ struct ServeArgs {
     /// past it is counted under name="_other".
     #[arg(long, default_value_t = courier_server::BrokerConfig::default().metrics_names_max)]
     metrics_names_max: usize,
+    /// Activity traces (`courier trace`, /v1/activities): `on` or `off`.
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    trace: String,
+    /// How long an activity's trace is kept after its first message.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    trace_retention: Duration,
+    /// The most the traces hold in memory, and about the most they take
+    /// on disk (in DATA_DIR/trace); the oldest activities go first.
+    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+    trace_bytes_max: u64,
+    /// Accepted messages a second traced whole; above it, activities are
+    /// sampled by a hash of their id (each kept one whole; the skipped
+    /// ones counted in /metrics). 0: trace everything.
+    #[arg(long, default_value_t = 20_000)]
+    trace_rate: u32,
+    /// Keep payloads in traces (at most 16 KiB of each).
+    #[arg(long)]
+    trace_payloads: bool,
+    #[command(flatten)]
+    limits: serve_limits::ServeLimits,
 }
 
 /// `--http ADDR` or `--http off`.
@@ -191,30 +159,14 @@ fn parse_http_addr(text: &str) -> Result<HttpAddr, String> {
 
 /// `512`, `64KiB`, `10MB`, `2GiB` …
 fn parse_size(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size; write e.g. 64MiB or 10GB"))?;
-    let factor: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "KB" => 1_000,
-        "KiB" => 1 << 10,
-        "MB" => 1_000_000,
-        "MiB" => 1 << 20,
-        "GB" => 1_000_000_000,
-        "GiB" => 1 << 30,
-        other => {
-            return Err(format!(
-                "unknown size unit {other:?}; use B, KB, KiB, MB, MiB, GB or GiB"
-            ))
-        }
-    };
-    n.checked_mul(factor)
-        .ok_or_else(|| format!("{text:?} is too large"))
+    let size: bytesize::ByteSize = text.trim().parse().map_err(|e| {
+        format!("{text:?} is not a size ({e}); write e.g. 64MiB, 10GB or a number of bytes")
+    })?;
+    // bytesize saturates what does not fit; a size that large is a typo.
+    match size.as_u64() {
+        u64::MAX => Err(format!("{text:?} is too large")),
+        bytes => Ok(bytes),
+    }
 }
 
 /// `PATTERN=AGE` or `PATTERN=AGE,SIZE`.
@@ -252,60 +204,26 @@ enum Command {
     /// Runs the broker.
     Serve(ServeArgs),
     /// Sends a command; prints {"id", "seq"} per accepted message.
-    Send(SendArgs),
+    Send(send::SendArgs),
     /// Publishes an event; prints {"id", "seq"} per accepted message.
-    Publish(SendArgs),
+    Publish(send::SendArgs),
     /// Sends a command and prints its replies, one JSON line each.
-    Request {
-        name: String,
-        #[arg(long, default_value = "")]
-        data: String,
-        /// How long to wait for the final reply (e.g. 500ms, 5s, 2m).
-        #[arg(long, default_value = "30s", value_parser = parse_duration)]
-        timeout: Duration,
-        #[command(flatten)]
-        conn: Conn,
-    },
+    Request(send::RequestArgs),
     /// Acts as a responder: replies to every NAME command it receives.
-    Reply {
-        name: String,
-        /// The reply's name, e.g. todo.created.
-        #[arg(long)]
-        outcome: String,
-        /// Reply payload.
-        #[arg(long, conflicts_with = "echo")]
-        data: Option<String>,
-        /// Reply with the command's own payload.
-        #[arg(long)]
-        echo: bool,
-        /// Send N replies: N-1 marked non-final, then the final one.
-        #[arg(long, default_value_t = 1)]
-        stream: u32,
-        /// Exit after answering this many commands.
-        #[arg(long)]
-        count: Option<u64>,
-        /// Wait this long before replying (simulates a slow handler).
-        #[arg(long, value_parser = parse_duration)]
-        delay: Option<Duration>,
-        #[command(flatten)]
-        conn: Conn,
-    },
-    /// Subscribes the service to PATTERN and prints each delivery, acking it.
-    Subscribe {
-        pattern: String,
-        /// Exit after this many deliveries.
-        #[arg(long)]
-        count: Option<u64>,
-        /// Exit after this long without a delivery (e.g. 2s).
-        #[arg(long, value_parser = parse_duration)]
-        idle_timeout: Option<Duration>,
-        /// Where a new subscription starts: end (new messages only),
-        /// beginning (all retained events), or an RFC 3339 time.
-        #[arg(long, default_value = "end", value_parser = parse_start)]
-        from: StartFrom,
-        #[command(flatten)]
-        conn: Conn,
-    },
+    Reply(reply::ReplyArgs),
+    /// Receives for the service: subscribes it to PATTERN and prints each
+    /// delivery (commands and events), acking it.
+    ///
+    /// The subscription belongs to the service (--service): it stays after
+    /// this command exits, and messages wait for it until `courier
+    /// unsubscribe`. A wildcard receives commands too, not only events:
+    /// `subscribe '>' --service X` makes X a receiver of every command (as
+    /// its manifest allows), beside each command's own receiver — X gets
+    /// its own copy of each and acks it, its backlog grows while nothing
+    /// reads it, and a command with no other receiver is accepted instead
+    /// of refused. Watching traffic without becoming a receiver is for a
+    /// non-intrusive tail, a separate command still to come.
+    Subscribe(subscribe::SubscribeArgs),
     /// Removes the service's subscription to PATTERN.
     Unsubscribe {
         pattern: String,
@@ -328,6 +246,14 @@ enum Command {
     /// Measures durable publish, consume and restart against a broker it
     /// starts itself; prints a table (or --json lines).
     Bench(bench::BenchArgs),
+    /// Follows everything the broker accepts, replies included, as one JSON
+    /// line per message, without receiving anything (admin only). A tail
+    /// that cannot keep up skips lines and says how many on stderr.
+    Tail(tail::TailArgs),
+    /// Shows an activity's causal tree: each message under the one it was
+    /// sent while handling, with every delivery, its timings and outcome
+    /// (admin only). Without an id, lists recent activities.
+    Trace(trace::TraceArgs),
     /// Prints the broker's counters as one JSON object, or with
     /// --prometheus every metric of its HTTP port's /metrics.
     Metrics {
@@ -357,10 +283,19 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Reads a stopped broker's whole log (every record, index and the
+    /// snapshot) and prints every damaged range; exit 7 if there is any.
+    Verify(verify::VerifyArgs),
     /// Validates an application's manifest; one line per problem.
     Check {
         /// The manifest, e.g. courier.toml.
         manifest: PathBuf,
+    },
+    /// Prints a shell completion script, e.g.
+    /// `courier completions bash > /etc/bash_completion.d/courier`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
     },
 }
 
@@ -441,29 +376,34 @@ fn parse_start(text: &str) -> Result<StartFrom, String> {
     }
 }
 
-/// `500ms`, `5s`, `2m`, `1h`, `7d`, or plain seconds.
+/// `500ms`, `5s`, `2m`, `1h`, `7d`, plain seconds, or what `humantime`
+/// reads (`1h 30m`, `2days`).
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
         .find(|c: char| !c.is_ascii_digit() && c != '.')
         .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration; write e.g. 500ms, 5s or 2m"))?;
-    let seconds = match unit {
-        "ms" => value / 1000.0,
-        "" | "s" => value,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        "d" => value * 86_400.0,
-        other => {
-            return Err(format!(
-                "unknown duration unit {other:?}; use ms, s, m, h or d"
-            ))
-        }
+    let factor = match unit {
+        "ms" => Some(0.001),
+        "" | "s" => Some(1.0),
+        "m" => Some(60.0),
+        "h" => Some(3600.0),
+        "d" => Some(86_400.0),
+        _ => None,
     };
-    Ok(Duration::from_secs_f64(seconds))
+    let simple = factor.zip(number.parse::<f64>().ok());
+    let Some((factor, value)) = simple else {
+        return humantime::parse_duration(text).map_err(|e| {
+            format!("{text:?} is not a duration ({e}); write e.g. 500ms, 5s, 2m, 1h or 7d")
+        });
+    };
+    Duration::try_from_secs_f64(value * factor).map_err(|_| {
+        format!(
+            "{text:?} is too long a duration; the longest is {} seconds (about 584 billion years)",
+            u64::MAX
+        )
+    })
 }
 
 fn main() -> ExitCode {
@@ -496,6 +436,19 @@ fn one_line(e: &anyhow::Error) -> String {
 }
 
 fn exit_code(e: &anyhow::Error) -> u8 {
+    if e.downcast_ref::<verify::DamageFound>().is_some() {
+        return verify::EXIT_DAMAGE_FOUND;
+    }
+    if e.downcast_ref::<UsageError>().is_some() {
+        return exit::USAGE;
+    }
+    if let Some(gave_up) = e.downcast_ref::<conn::GaveUp>() {
+        return if gave_up.unreachable {
+            exit::UNREACHABLE
+        } else {
+            exit::TIMEOUT
+        };
+    }
     if let Some(client) = e.downcast_ref::<ClientError>() {
         return match client {
             ClientError::Connect { .. } => exit::UNREACHABLE,
@@ -510,51 +463,14 @@ fn exit_code(e: &anyhow::Error) -> u8 {
     exit::FAILURE
 }
 
-async fn connect(conn: &Conn) -> Result<Client, ClientError> {
-    connect_with(conn, 0).await
-}
-
-/// `max_in_flight` 0 keeps the SDK's default. Handlers run one at a time,
-/// so lines print in delivery order.
-async fn connect_with(conn: &Conn, max_in_flight: u32) -> Result<Client, ClientError> {
-    let mut opts = ClientOptions::new(conn.url.clone(), conn.service_name());
-    opts.token = conn.token.clone();
-    opts.tls = conn.client_tls();
-    if max_in_flight > 0 {
-        opts.max_in_flight = max_in_flight;
-    }
-    opts.sequential = true;
-    Client::connect(opts).await
-}
-
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
-        Command::Send(args) => send(args, false).await,
-        Command::Publish(args) => send(args, true).await,
-        Command::Request {
-            name,
-            data,
-            timeout,
-            conn,
-        } => request(name, data, timeout, conn).await,
-        Command::Reply {
-            name,
-            outcome,
-            data,
-            echo,
-            stream,
-            count,
-            delay,
-            conn,
-        } => reply(name, outcome, data, echo, stream, count, delay, conn).await,
-        Command::Subscribe {
-            pattern,
-            count,
-            idle_timeout,
-            from,
-            conn,
-        } => subscribe(pattern, count, idle_timeout, from, conn).await,
+        Command::Send(args) => send::send(args, false).await,
+        Command::Publish(args) => send::send(args, true).await,
+        Command::Request(args) => send::request(args).await,
+        Command::Reply(args) => reply::reply(args).await,
+        Command::Subscribe(args) => subscribe::subscribe(args).await,
         Command::DeadLetters(action) => dead_letters(action).await,
         Command::Pause(args) => pause::run(args, true).await,
         Command::Resume(args) => pause::run(args, false).await,
@@ -566,6 +482,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Check { manifest } => check(&manifest),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "courier",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Command::Verify(args) => verify::run(args),
         Command::DevCerts {
             dir,
             services,
@@ -585,6 +511,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(args) => bench::run(args).await,
+        Command::Tail(args) => tail::run(args).await,
+        Command::Trace(args) => trace::run(args).await,
         Command::Services { admin } => {
             let listing =
                 admin_request(&admin, "courier.services.list", serde_json::json!({})).await?;
@@ -594,7 +522,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Unsubscribe { pattern, conn } => {
-            let client = connect(&conn).await?;
+            let client = conn::connect(
+                &conn,
+                conn::Settings::default(),
+                &conn::Deadline::after(None),
+            )
+            .await?;
             client.unsubscribe(&pattern).await?;
             client.shutdown().await;
             Ok(())
@@ -625,7 +558,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let (store, damage) = courier_store::LogStore::open(config)
             .with_context(|| format!("cannot open the log in {}", dir.display()))?;
         for d in &damage {
-            tracing::warn!(damage = %d, "the log was damaged; see docs/STORAGE.md");
+            if d.is_harmful() {
+                tracing::error!(damage = %d, "the log was damaged; see docs/STORAGE.md");
+            } else {
+                tracing::warn!(damage = %d, "the log was damaged; see docs/STORAGE.md");
+            }
         }
         let fsync = match args.fsync {
             FsyncPolicy::Always => "always".to_string(),
@@ -645,7 +582,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         metrics_names_max: args.metrics_names_max,
         ..courier_server::BrokerConfig::default()
     };
-    let config = ServerConfig {
+    let mut config = ServerConfig {
         listen: args.listen,
         broker,
         manifest_path: args.manifest.clone(),
@@ -659,8 +596,19 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             _ => None,
         },
         http: args.http.0,
+        trace: (args.trace == "on").then(|| courier_server::TraceSettings {
+            retention_ms: args.trace_retention.as_millis().min(u128::from(u64::MAX)) as u64,
+            bytes_max: args.trace_bytes_max,
+            rate: args.trace_rate,
+            payloads: args.trace_payloads,
+            dir: (!args.in_memory).then(|| args.data_dir.join("trace")),
+        }),
         ..ServerConfig::default()
     };
+    args.limits.apply(
+        &mut config,
+        (!args.in_memory).then(|| args.data_dir.join("log")),
+    );
     let server = Server::bind(config, store).await?;
     let r = server.recovery().clone();
     tracing::info!(
@@ -703,145 +651,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             Ok(())
         }
     }
-}
-
-/// Sends kept in flight at once by `--count`; enough to fill batches.
-const SEND_WINDOW: usize = 256;
-
-async fn send(args: SendArgs, event: bool) -> anyhow::Result<()> {
-    let client = connect(&args.conn).await?;
-    let mut window = VecDeque::new();
-    let mut first_error = None;
-    for seq in 0..args.count {
-        let data = if args.count > 1 {
-            args.data.replace("{seq}", &seq.to_string())
-        } else {
-            args.data.clone()
-        };
-        let mut builder = if event {
-            client.event(&args.name)
-        } else {
-            client.command(&args.name)
-        };
-        builder = output::with_payload(builder, data);
-        if let Some(key) = &args.key {
-            builder = builder.key(Bytes::from(key.clone().into_bytes()));
-        }
-        if args.transient {
-            builder = builder.transient();
-        }
-        window.push_back((seq, tokio::spawn(builder.enqueue()?.wait())));
-        if window.len() >= SEND_WINDOW {
-            if let Err(e) = settle_one(&mut window).await {
-                first_error = Some(e);
-                break;
-            }
-        }
-    }
-    while first_error.is_none() && !window.is_empty() {
-        if let Err(e) = settle_one(&mut window).await {
-            first_error = Some(e);
-        }
-    }
-    client.shutdown().await;
-    match first_error {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
-}
-
-async fn settle_one(
-    window: &mut VecDeque<(
-        u64,
-        tokio::task::JoinHandle<courier_client::Result<uuid::Uuid>>,
-    )>,
-) -> anyhow::Result<()> {
-    let Some((seq, handle)) = window.pop_front() else {
-        return Ok(());
-    };
-    let id = handle.await.context("send task failed")??;
-    output::line(&serde_json::json!({"id": id.to_string(), "seq": seq}));
-    Ok(())
-}
-
-async fn request(name: String, data: String, timeout: Duration, conn: Conn) -> anyhow::Result<()> {
-    let client = connect(&conn).await?;
-    let builder = output::with_payload(client.command(&name), data).timeout(timeout);
-    let mut replies = builder.request_stream().await?;
-    let mut result = Ok(());
-    while let Some(reply) = replies.next_reply().await {
-        match reply {
-            Ok(reply) => output::line(&output::envelope(reply.message(), None)),
-            Err(ClientError::Timeout(t)) => {
-                result = Err(anyhow::Error::new(ClientError::Timeout(t)));
-                break;
-            }
-            Err(e) => {
-                result = Err(e.into());
-                break;
-            }
-        }
-    }
-    client.shutdown().await;
-    result
-}
-
-#[allow(clippy::too_many_arguments)] // one per CLI flag
-async fn reply(
-    name: String,
-    outcome: String,
-    data: Option<String>,
-    echo: bool,
-    stream: u32,
-    count: Option<u64>,
-    delay: Option<Duration>,
-    conn: Conn,
-) -> anyhow::Result<()> {
-    let client = connect(&conn).await?;
-    let (done_tx, mut done_rx) = mpsc::channel::<()>(1024);
-    let data = Arc::new(data.unwrap_or_default());
-    let outcome = Arc::new(outcome);
-    let stream = stream.max(1);
-    client
-        .on(&name, move |msg| {
-            let (data, outcome, done_tx) = (data.clone(), outcome.clone(), done_tx.clone());
-            async move {
-                if let Some(delay) = delay {
-                    tokio::time::sleep(delay).await;
-                }
-                let payload = if echo {
-                    msg.payload().clone()
-                } else {
-                    Bytes::from(data.as_bytes().to_vec())
-                };
-                for i in 1..=stream {
-                    let builder = msg.reply_builder(&outcome, i == stream);
-                    output::with_payload_bytes(builder, payload.clone())
-                        .send()
-                        .await?;
-                }
-                let _ = done_tx.send(()).await;
-                Ok::<(), ClientError>(())
-            }
-        })
-        .await?;
-    eprintln!(
-        "courier: replying to {name} as service {} (Ctrl-C to stop)",
-        conn.service_name()
-    );
-    let mut answered = 0u64;
-    loop {
-        tokio::select! {
-            got = done_rx.recv() => {
-                if got.is_none() { break; }
-                answered += 1;
-                if count.is_some_and(|c| answered >= c) { break; }
-            }
-            _ = tokio::signal::ctrl_c() => break,
-        }
-    }
-    client.shutdown().await;
-    Ok(())
 }
 
 fn dev_certs(dir: &std::path::Path, services: Vec<String>, force: bool) -> anyhow::Result<()> {
@@ -894,6 +703,24 @@ async fn admin_request(
     name: &str,
     args: serde_json::Value,
 ) -> anyhow::Result<serde_json::Value> {
+    Ok(admin_request_named(admin, name, args).await?.1)
+}
+
+/// Like [`admin_request`], with the reply's name (its outcome).
+async fn admin_request_named(
+    admin: &Admin,
+    name: &str,
+    args: serde_json::Value,
+) -> anyhow::Result<(String, serde_json::Value)> {
+    let client = connect_admin(admin).await?;
+    let reply = client.command(name).json(&args)?.request().await;
+    client.shutdown().await;
+    let reply = reply?;
+    Ok((reply.name().to_string(), reply.json()?))
+}
+
+/// A connection for the broker's own commands.
+async fn connect_admin(admin: &Admin) -> anyhow::Result<courier_client::Client> {
     let conn = Conn {
         url: admin.url.clone(),
         service: std::env::var("COURIER_SERVICE").ok(),
@@ -902,13 +729,12 @@ async fn admin_request(
         tls_cert: admin.tls_cert.clone(),
         tls_key: admin.tls_key.clone(),
     };
-    let mut opts = ClientOptions::new(conn.url.clone(), conn.service_name());
-    opts.token = conn.token.clone();
-    opts.tls = conn.client_tls();
-    let client = Client::connect(opts).await?;
-    let reply = client.command(name).json(&args)?.request().await;
-    client.shutdown().await;
-    Ok(reply?.json()?)
+    conn::connect(
+        &conn,
+        conn::Settings::default(),
+        &conn::Deadline::after(None),
+    )
+    .await
 }
 
 async fn dead_letters(action: DeadLetters) -> anyhow::Result<()> {
@@ -956,58 +782,6 @@ async fn dead_letters(action: DeadLetters) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn subscribe(
-    pattern: String,
-    count: Option<u64>,
-    idle: Option<Duration>,
-    from: StartFrom,
-    conn: Conn,
-) -> anyhow::Result<()> {
-    // Take no more at once than we will print, so the rest stays for others.
-    let window = count.map_or(0, |c| c.clamp(1, 64) as u32);
-    let client = connect_with(&conn, window).await?;
-    let (tx, mut rx) = mpsc::channel::<()>(1024);
-    let printed = Arc::new(AtomicU64::new(0));
-    let limit = count.unwrap_or(u64::MAX);
-    let seen = printed.clone();
-    client
-        .on_from(&pattern, from, move |msg| {
-            let (tx, seen) = (tx.clone(), seen.clone());
-            async move {
-                // Past the count, hand deliveries back at once for others.
-                if seen.fetch_add(1, Ordering::SeqCst) >= limit {
-                    msg.nack(Duration::ZERO)?;
-                    return Ok::<(), ClientError>(());
-                }
-                output::line(&output::envelope(msg.message(), Some(msg.attempt())));
-                let _ = tx.send(()).await;
-                Ok(())
-            }
-        })
-        .await?;
-    let mut received = 0u64;
-    loop {
-        if received >= limit {
-            break;
-        }
-        let next = async {
-            match idle {
-                Some(d) => tokio::time::timeout(d, rx.recv()).await.ok().flatten(),
-                None => rx.recv().await,
-            }
-        };
-        tokio::select! {
-            got = next => match got {
-                Some(()) => received += 1,
-                None => break,
-            },
-            _ = tokio::signal::ctrl_c() => break,
-        }
-    }
-    client.shutdown().await;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1018,7 +792,10 @@ mod tests {
         assert_eq!(parse_size("64MiB"), Ok(64 << 20));
         assert_eq!(parse_size("10GB"), Ok(10_000_000_000));
         assert_eq!(parse_size("512"), Ok(512));
+        assert_eq!(parse_size("1.5KiB"), Ok(1536));
         assert!(parse_size("5 parsecs").is_err());
+        assert!(parse_size("-5MB").is_err());
+        assert!(parse_size("99999999999999GiB").is_err(), "too large");
         let rule = parse_retention_rule("metrics.>=1h,64MiB").expect("rule");
         assert_eq!(
             (rule.pattern.as_str(), rule.max_age_ms, rule.max_bytes),
@@ -1038,6 +815,29 @@ mod tests {
         assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
         assert!(parse_duration("5 parsecs").is_err());
         assert!(parse_duration("ms").is_err());
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
+        // Long but representable: fine (a deadline that far is no deadline).
+        assert_eq!(
+            parse_duration("10000000000d"),
+            Ok(Duration::from_secs(864_000_000_000_000))
+        );
+        // Beyond a Duration: a clear error, not a panic.
+        for huge in [
+            "99999999999999999999999s",
+            "1e400",
+            "9999999999999999999999999years",
+        ] {
+            let error = parse_duration(huge).expect_err(huge);
+            assert!(error.contains(huge), "{error}");
+        }
+        let error = parse_duration("99999999999999999999999s").expect_err("too long");
+        assert!(error.contains("too long"), "{error}");
+    }
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
     }
 
     #[test]

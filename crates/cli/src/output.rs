@@ -33,6 +33,10 @@ pub fn envelope(m: &Message, attempt: Option<u32>) -> Value {
     o.insert("timestamp".into(), json!(m.timestamp));
     o.insert("activity_id".into(), json!(m.activity_id.to_string()));
     o.insert(
+        "parent_id".into(),
+        json!(m.parent_id.map(|p| p.to_string())),
+    );
+    o.insert(
         "response_to".into(),
         json!(m.response_to.map(|r| r.to_string())),
     );
@@ -67,10 +71,6 @@ pub fn envelope(m: &Message, attempt: Option<u32>) -> Value {
 }
 
 /// Sets `data` as the payload, marked as JSON when it parses as JSON.
-pub fn with_payload(builder: MessageBuilder, data: String) -> MessageBuilder {
-    with_payload_bytes(builder, Bytes::from(data.into_bytes()))
-}
-
 pub fn with_payload_bytes(builder: MessageBuilder, data: Bytes) -> MessageBuilder {
     let is_json =
         !data.is_empty() && serde_json::from_slice::<serde::de::IgnoredAny>(&data).is_ok();

@@ -115,7 +115,33 @@ fn quick_json_run_prints_one_object_per_figure_and_cleans_up() {
     assert!(stderr.contains("W6 run 1/1"), "{stderr}");
     assert!(stderr.contains("Machine: nproc"), "{stderr}");
     assert!(stderr.contains("Command: "), "{stderr}");
+    assert!(stderr.contains("--http 127.0.0.1:0"), "{stderr}");
     assert_eq!(leftover_dirs(pid), Vec::<String>::new());
+    assert_eq!(leftover_brokers(pid), Vec::<String>::new());
+}
+
+#[test]
+fn observability_off_starts_brokers_without_the_http_port_name_metrics_or_traces() {
+    let (pid, out) = run_bench(&[
+        "bench",
+        "--quick",
+        "--runs",
+        "1",
+        "--only",
+        "W5b",
+        "--json",
+        "--observability",
+        "off",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "courier bench failed: {stderr}");
+    assert!(
+        stderr.contains("--http off --metrics-names-max 0 --trace off"),
+        "the settings name the flags: {stderr}"
+    );
+    let rows = json_lines(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(rows.len(), 1);
+    assert!(rows[0]["courier"].as_f64().is_some_and(|x| x > 0.0));
     assert_eq!(leftover_brokers(pid), Vec::<String>::new());
 }
 

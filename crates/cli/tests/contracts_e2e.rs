@@ -5,7 +5,13 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use common::{json_lines, stderr, Broker};
+use courier_client::proto::{
+    decode_frame, Credentials, ErrorCode, Frame, FrameWriter, Hello, Kind, Message, Welcome,
+    PROTOCOL_VERSION,
+};
+use courier_client::{Client, ClientOptions};
 
 struct Tokens {
     web: String,
@@ -104,7 +110,7 @@ fn tokens_decide_who_connects_and_the_manifest_what_they_send_and_receive() {
         "--token",
         &t.todo,
     ]);
-    std::thread::sleep(Duration::from_millis(400));
+    broker.wait_consumers("todo", 1, Some(&t.admin));
     let out = broker.run(&[
         "send",
         "todo.create",
@@ -148,10 +154,228 @@ fn tokens_decide_who_connects_and_the_manifest_what_they_send_and_receive() {
     assert!(json_lines(&out).iter().any(|s| s["name"] == "todo"));
 }
 
+/// The WELCOME a raw client gets for a HELLO naming `service` (maybe
+/// empty) with `token`.
+fn welcome_for(broker: &Broker, service: &str, token: &str) -> Welcome {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(&broker.addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut out = FrameWriter::new();
+    out.push(&Frame::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        service: service.into(),
+        instance: String::new(),
+        max_in_flight: 0,
+        credentials: Credentials::Token(token.into()),
+    }))
+    .expect("encode");
+    stream.write_all(&out.take()).expect("write HELLO");
+    let mut buf = BytesMut::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match decode_frame(&mut buf, u32::MAX).expect("broker frames decode") {
+            Some(Frame::Welcome(welcome)) => return welcome,
+            Some(other) => panic!("expected WELCOME, got {other:?}"),
+            None => {}
+        }
+        let n = stream.read(&mut chunk).expect("read WELCOME");
+        assert!(n > 0, "the broker closed the connection instead of WELCOME");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_its_service_to_its_token_learns_it_from_welcome() {
+    let dir = common::tempdir::Dir::new("identity");
+    let (broker, t, _) = start_with_manifest(&dir);
+    let (anonymous, named, admin, admin_named_cli) = tokio::task::block_in_place(|| {
+        (
+            welcome_for(&broker, "", &t.web),
+            welcome_for(&broker, "web", &t.web),
+            welcome_for(&broker, "", &t.admin),
+            welcome_for(&broker, "cli", &t.admin),
+        )
+    });
+    assert_eq!(anonymous.service.as_deref(), Some("web"));
+    assert_eq!(
+        named.service, None,
+        "a client that named itself gets WELCOME without the field, as before it existed"
+    );
+    assert_eq!(admin.service.as_deref(), Some("admin"));
+    assert_eq!(
+        admin_named_cli.service.as_deref(),
+        Some("admin"),
+        "the admin's token decides whatever name HELLO gave"
+    );
+
+    let mut opts = ClientOptions::new(broker.addr.clone(), "");
+    opts.token = Some(t.todo.clone());
+    let client = Client::connect(opts).await.expect("connect with a token");
+    assert_eq!(client.service(), "todo");
+    client.shutdown().await;
+
+    // The CLI's responder says whom it answers as, not an empty name.
+    let responder = broker.spawn(&[
+        "reply",
+        "todo.create",
+        "--outcome",
+        "todo.created",
+        "--token",
+        &t.todo,
+    ]);
+    tokio::task::block_in_place(|| {
+        responder.wait_stderr(
+            "replying to todo.create as service todo",
+            Duration::from_secs(10),
+        )
+    });
+}
+
+/// Sends, on a raw connection as `service`, a reply to `command`; returns
+/// the broker's SEND_RESULT.
+fn forge_reply(
+    broker: &Broker,
+    service: &str,
+    token: Option<&str>,
+    command: uuid::Uuid,
+) -> (ErrorCode, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(&broker.addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut forged = Message::new(Kind::Reply, "todo.created", "forged");
+    forged.response_to = Some(command);
+    let mut out = FrameWriter::new();
+    out.push(&Frame::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        service: service.into(),
+        instance: String::new(),
+        max_in_flight: 0,
+        credentials: token
+            .map(|t| Credentials::Token(t.into()))
+            .unwrap_or_default(),
+    }))
+    .expect("encode");
+    out.push_send(1, &forged).expect("encode");
+    stream.write_all(&out.take()).expect("write");
+    let mut buf = BytesMut::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        while let Some(frame) = decode_frame(&mut buf, u32::MAX).expect("broker frames decode") {
+            match frame {
+                Frame::Welcome(_) => {}
+                Frame::SendResult(results) => {
+                    let result = &results[0];
+                    assert_eq!(result.seq, 1);
+                    return (result.code, result.reason.clone());
+                }
+                other => panic!("expected WELCOME, then SEND_RESULT; got {other:?}"),
+            }
+        }
+        let n = stream.read(&mut chunk).expect("read");
+        assert!(n > 0, "the broker closed the connection before answering");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// `todo` receives todo.create and `web` asks it; while todo's handler
+/// holds the command, `forger` (a service the command never went to)
+/// replies to it and must be refused with 10; then todo's own reply
+/// reaches web.
+async fn only_the_receiver_may_reply(
+    broker: &Broker,
+    tokens: Option<&Tokens>,
+    forger: &str,
+    forger_token: Option<&str>,
+) {
+    let options = |service: &str, token: Option<&String>| {
+        let mut opts = ClientOptions::new(broker.addr.clone(), service);
+        opts.token = token.cloned();
+        opts
+    };
+    let todo = Client::connect(options("todo", tokens.map(|t| &t.todo)))
+        .await
+        .expect("todo connects");
+    let (delivered_tx, mut delivered) = tokio::sync::mpsc::channel(1);
+    let release = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let held = release.clone();
+    todo.on("todo.create", move |msg| {
+        let (delivered_tx, held) = (delivered_tx.clone(), held.clone());
+        async move {
+            let _ = delivered_tx.send(msg.message().id).await;
+            let _permit = held.acquire().await;
+            msg.reply("todo.created", &"real").await
+        }
+    })
+    .await
+    .expect("todo subscribes");
+    let web = Client::connect(options("web", tokens.map(|t| &t.web)))
+        .await
+        .expect("web connects");
+    let mut replies = web
+        .command("todo.create")
+        .json(&"milk")
+        .expect("json")
+        .request_stream()
+        .await
+        .expect("the command is accepted");
+    let command = tokio::time::timeout(Duration::from_secs(10), delivered.recv())
+        .await
+        .expect("todo gets the command")
+        .expect("open");
+    assert_eq!(command, replies.command_id());
+
+    let (code, reason) =
+        tokio::task::block_in_place(|| forge_reply(broker, forger, forger_token, command));
+    assert_eq!(code, ErrorCode::Unauthorized, "{reason}");
+    assert!(
+        reason.contains(&format!("service {forger} may not reply")),
+        "{reason}"
+    );
+
+    release.add_permits(1);
+    let reply = replies
+        .next_reply()
+        .await
+        .expect("a reply")
+        .expect("todo's reply");
+    assert_eq!(reply.payload().as_ref(), b"\"real\"");
+    assert_eq!(reply.message().sender.as_str(), "todo");
+    web.shutdown().await;
+    todo.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_from_a_service_the_command_never_reached_is_refused_without_a_manifest() {
+    let broker = Broker::start_with(&["--in-memory"]);
+    only_the_receiver_may_reply(&broker, None, "ops", None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_from_a_service_the_command_never_reached_is_refused_under_a_manifest() {
+    let dir = common::tempdir::Dir::new("forged-reply");
+    let (broker, t, _) = start_with_manifest(&dir);
+    // web sent the command but never received it: it may not answer it.
+    only_the_receiver_may_reply(&broker, Some(&t), "web", Some(&t.web)).await;
+}
+
 #[test]
 fn a_reloaded_manifest_revokes_tokens_and_a_bad_one_is_refused() {
     let dir = common::tempdir::Dir::new("reload");
-    let (broker, t, path) = start_with_manifest(&dir);
+    let (web, web_hash) = token_pair(None);
+    let (todo, todo_hash) = token_pair(None);
+    let (admin, admin_hash) = token_pair(None);
+    let path = dir.path().join("courier.toml");
+    write_manifest(&path, Some(&web_hash), &todo_hash, &admin_hash);
+    let (broker, log) = Broker::start_watched_with(
+        &format!("127.0.0.1:{}", common::free_port()),
+        common::tempdir::Dir::new("reload-data"),
+        &["--manifest", path.to_str().expect("utf-8 path")],
+    );
+    let t = Tokens { web, todo, admin };
     let todo = broker.spawn(&[
         "subscribe",
         "todo.create",
@@ -160,7 +384,7 @@ fn a_reloaded_manifest_revokes_tokens_and_a_bad_one_is_refused() {
         "--token",
         &t.todo,
     ]);
-    std::thread::sleep(Duration::from_millis(300));
+    broker.wait_consumers("todo", 1, Some(&t.admin));
     let send = |broker: &Broker| {
         broker.run(&["send", "todo.create", "--service", "web", "--token", &t.web])
     };
@@ -169,7 +393,8 @@ fn a_reloaded_manifest_revokes_tokens_and_a_bad_one_is_refused() {
 
     // A manifest with a syntax error is refused; the old one stays.
     std::fs::write(&path, "[services.web\nsends = [").expect("write");
-    std::thread::sleep(Duration::from_millis(1500));
+    log.wait_for(&["manifest reload refused"], Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("the bad manifest was never read:\n{}", log.text()));
     assert!(
         send(&broker).status.success(),
         "the previous manifest stays in force"
@@ -253,4 +478,73 @@ fn check_reports_one_line_per_problem() {
         "line and column: {}",
         stderr(&out)
     );
+}
+
+/// Set for the child of the test below, which reads its options from the
+/// environment (set per process, so no other test's environment changes).
+const FROM_ENV_CHILD: &str = "COURIER_TEST_FROM_ENV_CHILD";
+
+#[test]
+fn sdk_options_from_env_take_the_service_from_the_token() {
+    if std::env::var_os(FROM_ENV_CHILD).is_some() {
+        send_with_options_from_env();
+        return;
+    }
+    let dir = common::tempdir::Dir::new("manifest");
+    let (broker, t, _) = start_with_manifest(&dir);
+    // The subscription exists once this returns; the next one receives.
+    let todo_args = [
+        "subscribe",
+        "todo.create",
+        "--service",
+        "todo",
+        "--token",
+        &t.todo,
+    ];
+    let out = broker.run(&[&todo_args[..], &["--idle-timeout", "50ms"]].concat());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let todo = broker.spawn(&todo_args);
+    let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "sdk_options_from_env_take_the_service_from_the_token",
+            "--exact",
+            "--nocapture",
+        ])
+        .env(FROM_ENV_CHILD, "1")
+        .env("COURIER_URL", &broker.addr)
+        .env("COURIER_TOKEN", &t.web)
+        .env_remove("COURIER_SERVICE")
+        .output()
+        .expect("run the child");
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("from_env: sent as the token's service"),
+        "{said}"
+    );
+    let got = todo.json_line(Duration::from_secs(10));
+    assert_eq!(got["name"], "todo.create");
+    assert_eq!(got["sender"], "web", "the service the token belongs to");
+}
+
+/// The child: what a service started with `COURIER_TOKEN` and no
+/// `COURIER_SERVICE` does.
+fn send_with_options_from_env() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let opts = courier_client::ClientOptions::from_env();
+        assert_eq!(opts.service, "", "the broker decides");
+        let client = courier_client::Client::connect(opts)
+            .await
+            .expect("connects with the token alone");
+        client
+            .send("todo.create", &serde_json::json!({"text": "milk"}))
+            .await
+            .expect("web may send todo.create");
+        client.shutdown().await;
+    });
+    println!("from_env: sent as the token's service");
 }

@@ -524,3 +524,203 @@ fn a_flipped_bit_in_a_record_the_snapshot_covers_is_reported_kept_and_not_delive
         "kept, not dropped: an operator can still restore it"
     );
 }
+
+/// The log's records, read from every segment of a data directory (the
+/// active one may end in a torn record, which is left out).
+fn segment_files(data_dir: &Path) -> Vec<PathBuf> {
+    let dir = data_dir.join("log").join("segments");
+    let mut logs: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("list {}: {e}", dir.display()))
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    logs.sort();
+    logs
+}
+
+/// The seq the snapshot says it covers (STORAGE.md §5: bytes 8..16).
+fn snapshot_covers(data_dir: &Path) -> u64 {
+    let bytes = std::fs::read(data_dir.join("log").join("snapshot"))
+        .unwrap_or_else(|e| panic!("a graceful stop saves a snapshot ({e})"));
+    u64_at(&bytes, 8)
+}
+
+/// A seed from the clock, printed so a failure replays with
+/// `COURIER_DAMAGE_SEED`.
+fn damage_seed() -> u64 {
+    let seed = std::env::var("COURIER_DAMAGE_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(7)
+        });
+    eprintln!("COURIER_DAMAGE_SEED={seed}");
+    seed
+}
+
+/// Acknowledged events, a graceful stop (its snapshot covers every one of
+/// them), then the segment cut at a random offset inside records that
+/// snapshot covers: durable records are gone. That is not a torn write:
+/// start-up reports it as an error naming the lost seqs and what to do,
+/// never as "nothing to do"; the broker serves what remains (the events
+/// before the cut, in order), puts the lost ones in the service's dead
+/// letters (unreadable), counts them in its metrics, and numbers new
+/// records above everything the snapshot covered, so no lost seq is ever
+/// issued again — also after a second restart.
+#[test]
+fn records_cut_from_what_the_snapshot_covers_are_reported_lost_and_their_seqs_never_reissued() {
+    const EVENTS: u64 = 3000;
+    let seed = damage_seed();
+    let (broker, _) = start(tempdir::Dir::new("lost-durable"));
+    offline_backlog(&broker, EVENTS);
+    let (dir, code) = broker.terminate(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "a graceful stop");
+    let covers = snapshot_covers(dir.path());
+
+    let path = only_segment(dir.path());
+    let bytes = std::fs::read(&path).expect("read segment");
+    let messages: Vec<RecordAt> = records(&bytes)
+        .into_iter()
+        .filter(|r| r.kind == KIND_MESSAGE)
+        .collect();
+    assert_eq!(messages.len() as u64, EVENTS);
+    assert!(
+        messages.last().expect("messages").seq <= covers,
+        "the snapshot covers every acknowledged event"
+    );
+    // Cut inside one of the newer half of the records, at any byte of it.
+    let hit = messages[(EVENTS / 2 + seed % (EVENTS / 2)) as usize];
+    let cut = hit.offset + 1 + (seed / EVENTS) as usize % (hit.size - 1);
+    std::fs::write(&path, &bytes[..cut]).expect("cut segment");
+    let kept = messages.iter().filter(|m| m.seq < hit.seq).count() as u64;
+    let lost = EVENTS - kept;
+
+    let (broker, log) = start(dir);
+    let range = format!("records {}..{}", hit.seq, covers + 1);
+    let line = log
+        .wait_for(&[&range, "lost"], READY_WAIT)
+        .unwrap_or_else(|| panic!("no report of {range} lost on stderr:\n{}", log.text()));
+    assert!(line.contains("ERROR"), "reported as an error: {line}");
+    assert!(
+        line.contains(&path.display().to_string()) && line.contains("restore"),
+        "names the file and the fix: {line}"
+    );
+    for wrong in ["never durable", "nothing to do"] {
+        assert!(
+            !log.text().contains(wrong),
+            "durable records lost are not a harmless torn write:\n{}",
+            log.text()
+        );
+    }
+    assert_eq!(
+        drain(&broker, "audit", "1500ms"),
+        (0..kept).collect::<Vec<_>>(),
+        "every event before the cut, once, in order"
+    );
+    let letters = ok(&broker, &["dead-letters", "list", "--service", "audit"]);
+    assert_eq!(
+        letters.len() as u64,
+        lost,
+        "the lost events are accounted for"
+    );
+    for letter in &letters {
+        let seq = letter["id"].as_u64().expect("id");
+        assert!((hit.seq..=covers).contains(&seq), "{letter}");
+        assert_eq!(letter["unreadable"], true, "{letter}");
+    }
+    let metrics = ok(&broker, &["metrics"]);
+    assert_eq!(
+        metrics[0]["records_lost"],
+        covers + 1 - hit.seq,
+        "{metrics:?}"
+    );
+
+    // New events: delivered, and numbered above what the snapshot covered.
+    ok(
+        &broker,
+        &[
+            "publish",
+            "audit.logged",
+            "--data",
+            r#"{"n":9000{seq}}"#,
+            "--count",
+            "3",
+        ],
+    );
+    assert_eq!(drain(&broker, "audit", "1s"), vec![90000, 90001, 90002]);
+    let dir = broker.kill9();
+    let segments = segment_files(dir.path());
+    let newest = segments.last().expect("segments");
+    assert_eq!(
+        newest.file_name().and_then(|n| n.to_str()),
+        Some(format!("{:020}.log", covers + 1).as_str()),
+        "the log goes on after the last seq the snapshot covered: {segments:?}"
+    );
+    let after: Vec<RecordAt> = records(&std::fs::read(newest).expect("read segment"));
+    assert!(
+        after.iter().all(|r| r.seq > covers) && after.len() >= 3,
+        "no seq the snapshot covered is issued again: {after:?}"
+    );
+
+    // The hole stays reported, and nothing is counted twice.
+    let (broker, log) = start(dir);
+    log.wait_for(&[&range], READY_WAIT)
+        .unwrap_or_else(|| panic!("no report of {range} after a restart:\n{}", log.text()));
+    let letters = ok(&broker, &["dead-letters", "list", "--service", "audit"]);
+    assert_eq!(letters.len() as u64, lost);
+    assert_eq!(drain(&broker, "audit", "1s"), Vec::<u64>::new());
+}
+
+/// Twenty records zeroed in one stretch (one damaged range) under a
+/// backlog the snapshot saved: the broker warns about that range once,
+/// sets the twenty messages aside (still in the backlog, not tried again
+/// and again), counts the repeats in its metrics and sums them up in one
+/// line — and delivers everything around the damage.
+#[test]
+fn a_damaged_range_is_warned_about_once_then_summed_up_and_counted() {
+    let (broker, _) = start(tempdir::Dir::new("damaged-range"));
+    offline_backlog(&broker, 40);
+    let (dir, code) = broker.terminate(Duration::from_secs(5));
+    assert_eq!(code, Some(0), "a graceful stop");
+    let path = only_segment(dir.path());
+    let mut bytes = std::fs::read(&path).expect("read segment");
+    let messages: Vec<RecordAt> = records(&bytes)
+        .into_iter()
+        .filter(|r| r.kind == KIND_MESSAGE)
+        .collect();
+    let (from, to) = (messages[10], messages[29]);
+    bytes[from.offset..to.offset + to.size].fill(0);
+    std::fs::write(&path, &bytes).expect("write damaged segment");
+
+    let (broker, log) = start(dir);
+    let mut delivered = drain(&broker, "audit", "1500ms");
+    delivered.sort_unstable();
+    let around: Vec<u64> = (0..10).chain(30..40).collect();
+    assert_eq!(delivered, around);
+    let warned = "for audit cannot be read";
+    let summary = "19 more messages for audit cannot be read";
+    log.wait_for(&[summary], Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("no summary {summary:?}:\n{}", log.text()));
+    let lines: Vec<String> = log
+        .lines()
+        .into_iter()
+        .filter(|l| l.contains(warned) && !l.contains(summary))
+        .collect();
+    assert_eq!(lines.len(), 1, "one warning for the range: {lines:#?}");
+    assert!(
+        lines[0].contains(&format!("records {}..{}", from.seq, to.seq + 1)),
+        "{}",
+        lines[0]
+    );
+    let metrics = ok(&broker, &["metrics"]);
+    assert_eq!(metrics[0]["unreadable_messages"], 20, "{metrics:?}");
+    assert_eq!(metrics[0]["damage_warnings_repeated"], 19, "{metrics:?}");
+    assert_eq!(
+        service_state(&services(&broker), "audit")["backlog"],
+        20,
+        "kept, not dropped: an operator can still restore them"
+    );
+}

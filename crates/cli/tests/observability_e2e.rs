@@ -437,3 +437,214 @@ fn http_off_serves_no_port() {
 fn token_hash(token: &str) -> String {
     courier_manifest::hash_token(token)
 }
+
+#[test]
+fn a_tail_follows_commands_and_replies_without_becoming_a_receiver() {
+    let broker = Broker::start();
+    let tail = broker.spawn(&["tail", "todo.>", "--payload"]);
+    tail.wait_stderr("tailing todo.>", T);
+    let responder = broker.spawn(&[
+        "reply",
+        "todo.create",
+        "--service",
+        "todo",
+        "--outcome",
+        "todo.created",
+        "--echo",
+    ]);
+    responder.wait_stderr("replying to todo.create", T);
+    let out = broker.run(&[
+        "request",
+        "todo.create",
+        "--service",
+        "web",
+        "--data",
+        r#"{"text":"milk"}"#,
+    ]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    // The tail receives nothing: a command nobody receives is refused.
+    let out = broker.run(&["send", "todo.delete", "--service", "web"]);
+    assert_eq!(out.status.code(), Some(4), "{}", common::stderr(&out));
+    assert!(common::stderr(&out).contains("no_receiver"));
+    let out = broker.run(&["publish", "other.thing", "--service", "web"]);
+    assert!(out.status.success());
+    let out = broker.run(&["publish", "todo.listed", "--service", "web"]);
+    assert!(out.status.success());
+
+    let command = tail.json_line(T);
+    assert_eq!(command["name"], "todo.create");
+    assert_eq!(command["kind"], "command");
+    assert_eq!(command["sender"], "web");
+    assert_eq!(command["receivers"], serde_json::json!(["todo"]));
+    assert_eq!(command["payload"]["text"], "milk");
+    let reply = tail.json_line(T);
+    assert_eq!(reply["kind"], "reply");
+    assert_eq!(reply["outcome"], "todo.created");
+    assert_eq!(reply["final"], true);
+    assert_eq!(reply["response_to"], command["id"]);
+    assert_eq!(reply["receivers"], serde_json::json!(["web"]));
+    assert_eq!(reply["activity_id"], command["activity_id"]);
+    // The refused command is not shown; neither is a name outside the pattern.
+    let event = tail.json_line(T);
+    assert_eq!(event["name"], "todo.listed");
+    assert_eq!(
+        event["receivers"],
+        serde_json::json!([]),
+        "kept for retention only"
+    );
+}
+
+#[test]
+fn an_sse_tail_that_lags_is_told_how_many_it_missed_and_misses_nothing_else() {
+    let broker = Broker::start();
+    let http = broker.http.clone().expect("http");
+    let addr = http.trim_start_matches("http://").trim_end_matches('/');
+    let mut sse = TcpStream::connect(addr).expect("connect");
+    write!(
+        sse,
+        "GET /v1/tail?pattern=lag.%3E HTTP/1.0\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n"
+    )
+    .expect("request");
+    sse.set_read_timeout(Some(T)).expect("timeout");
+    let mut reader = std::io::BufReader::new(sse.try_clone().expect("clone"));
+    // Wait for the tail to start, then stop reading while the bus runs.
+    let mut seen = String::new();
+    while !seen.contains("event: started") {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut reader, &mut line).expect("read");
+        assert!(!line.is_empty(), "the stream ended before it started");
+        seen.push_str(&line);
+    }
+    const EVENTS: u64 = 60_000;
+    let count = EVENTS.to_string();
+    let data = "x".repeat(200);
+    let out = broker.run(&[
+        "publish",
+        "lag.tick",
+        "--service",
+        "src",
+        "--transient",
+        "--count",
+        &count,
+        "--data",
+        &data,
+    ]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    // Mark the end, then read everything up to it.
+    let out = broker.run(&["publish", "lag.end", "--service", "src"]);
+    assert!(out.status.success());
+    let (mut lines, mut dropped) = (0u64, 0u64);
+    // The started event's data line is still unread.
+    let mut event = String::from("started");
+    loop {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut reader, &mut line).expect("read the stream");
+        assert!(!line.is_empty(), "the stream ended early");
+        let line = line.trim_end();
+        if let Some(name) = line.strip_prefix("event: ") {
+            event = name.to_string();
+        } else if let Some(data) = line.strip_prefix("data: ") {
+            let v: serde_json::Value = serde_json::from_str(data).expect("JSON data");
+            match event.as_str() {
+                "message" if v["name"] == "lag.end" => break,
+                "message" => {
+                    assert_eq!(v["name"], "lag.tick");
+                    lines += 1;
+                }
+                "dropped" => dropped += v["dropped"].as_u64().expect("a count"),
+                "started" => assert_eq!(v["pattern"], "lag.>"),
+                other => panic!("unexpected event {other}"),
+            }
+        }
+    }
+    assert!(dropped > 0, "a tail that was not read fell behind");
+    assert_eq!(lines + dropped, EVENTS, "every message shown or counted");
+}
+
+/// A real `prometheus` (Debian's package; `scripts/test.sh` installs it)
+/// scrapes the broker and answers a query over what it scraped.
+#[test]
+fn a_real_prometheus_scrapes_the_broker() {
+    let Ok(prometheus) = which("prometheus") else {
+        panic!("prometheus is not installed: apt-get install prometheus (scripts/test.sh does)");
+    };
+    let broker = Broker::start();
+    let out = broker.run(&[
+        "subscribe",
+        "scrape.*",
+        "--service",
+        "sink",
+        "--idle-timeout",
+        "1s",
+    ]);
+    assert!(out.status.success());
+    let out = broker.run(&["publish", "scrape.me", "--service", "src", "--count", "7"]);
+    assert!(out.status.success());
+
+    let dir = common::tempdir::Dir::new("prometheus");
+    let target = broker
+        .http
+        .as_deref()
+        .expect("http")
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: courier\n    static_configs:\n      - targets: ['{target}']\n"
+        ),
+    )
+    .expect("write config");
+    let web = format!("127.0.0.1:{}", common::free_port());
+    let mut server = std::process::Command::new(prometheus)
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("data").display()
+        ))
+        .arg(format!("--web.listen-address={web}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start prometheus");
+    let query = "/api/v1/query?query=courier_messages_sent_total%7Bname%3D%22scrape.me%22%7D";
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut last = String::new();
+    let found = loop {
+        if std::time::Instant::now() > deadline {
+            break None;
+        }
+        if let Ok(mut s) = TcpStream::connect(&web) {
+            let _ = s.set_read_timeout(Some(T));
+            let _ = write!(s, "GET {query} HTTP/1.0\r\nHost: {web}\r\n\r\n");
+            let mut answer = String::new();
+            let _ = s.read_to_string(&mut answer);
+            if let Some((_, body)) = answer.split_once("\r\n\r\n") {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(body) {
+                    if let Some(sample) = v["data"]["result"].as_array().and_then(|r| r.first()) {
+                        break Some(sample.clone());
+                    }
+                    last = body.to_string();
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let _ = server.kill();
+    let _ = server.wait();
+    let sample =
+        found.unwrap_or_else(|| panic!("prometheus never had the series; last answer: {last}"));
+    assert_eq!(sample["metric"]["service"], "src");
+    assert_eq!(sample["value"][1], "7", "{sample}");
+}
+
+fn which(program: &str) -> Result<std::path::PathBuf, ()> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|dir| dir.join(program))
+        .find(|p| p.is_file())
+        .ok_or(())
+}

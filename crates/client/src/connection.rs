@@ -21,13 +21,17 @@ use tokio_rustls::client::TlsStream;
 use tracing::{debug, warn};
 
 use crate::handler::{self, Delivered, Handler, Incoming};
-use crate::{Client, ClientOptions, ClientTls, Error, Inner, Reply, Result, State};
+use crate::{
+    Client, ClientOptions, ClientTls, ConnectionEvent, Error, Inner, Reply, Result, State,
+};
 
 /// Biggest frame we accept from the broker.
 const INBOUND_FRAME_BYTES_MAX: u32 = 64 * 1024 * 1024;
 /// A handshake that takes longer than this failed.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// The client pings an idle connection this often …
+/// The client pings an idle connection this often (a sixth of the
+/// broker's default keepalive deadline, which closes a connection on
+/// which nothing arrives) …
 const PING_INTERVAL: Duration = Duration::from_secs(10);
 /// … and gives it up when nothing at all arrived for this long.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -44,6 +48,11 @@ pub(crate) struct Established {
     direct: Option<std::net::TcpStream>,
     buf: BytesMut,
     pub frame_bytes_max: u32,
+    /// The protocol version the broker speaks on this connection.
+    pub version: u16,
+    /// The service the broker authenticated this connection as: named in
+    /// WELCOME when it is not the one HELLO asked for, else that one.
+    pub service: String,
 }
 
 /// The read half of a connection. Plain TCP keeps `TcpStream`'s owned
@@ -292,6 +301,9 @@ pub(crate) async fn establish(opts: &ClientOptions) -> Result<Established> {
             } else {
                 w.frame_bytes_max
             },
+            // A broker of version 1 gets messages without parent_id.
+            version: w.version.min(PROTOCOL_VERSION),
+            service: w.service.unwrap_or_else(|| opts.service.clone()),
         }),
         Frame::Error(e) => Err(Error::Refused {
             code: e.code,
@@ -331,10 +343,14 @@ pub(crate) fn on_connected(inner: &Inner, established: &mut Established) {
     let mut state = inner.lock();
     state.generation += 1;
     state.connected = true;
+    if state.generation > 1 {
+        state.emit(ConnectionEvent::Restored);
+    }
     state.direct = established.direct.take();
     state.writing = false;
     state.frame_bytes_max = established.frame_bytes_max;
-    state.writer = courier_proto::FrameWriter::new();
+    state.writer = courier_proto::FrameWriter::with_frame_bytes_max(established.frame_bytes_max);
+    state.writer.set_version(established.version);
     let patterns: Vec<(String, courier_proto::StartFrom)> = state
         .subscriptions
         .iter()
@@ -371,7 +387,7 @@ pub(crate) async fn drive(inner: Arc<Inner>, first: Established) {
                     Ok(mut e) => {
                         on_connected(&inner, &mut e);
                         delay = inner.opts.reconnect_delay_min;
-                        debug!(service = %inner.opts.service, "reconnected");
+                        debug!(service = %inner.service, "reconnected");
                         e
                     }
                     Err(error) => {
@@ -379,6 +395,10 @@ pub(crate) async fn drive(inner: Arc<Inner>, first: Established) {
                         let jitter = Duration::from_millis(
                             u64::from(uuid::Uuid::new_v4().as_bytes()[0]) % 50,
                         );
+                        inner.lock().emit(ConnectionEvent::ReconnectFailed {
+                            error: error.to_string(),
+                            retry_in: delay + jitter,
+                        });
                         tokio::select! {
                             _ = tokio::time::sleep(delay + jitter) => {}
                             _ = shutdown.changed() => {}
@@ -400,10 +420,21 @@ pub(crate) async fn drive(inner: Arc<Inner>, first: Established) {
         let read = read_loop(&inner, generation, &mut reader, &mut buf);
         // Read first: the write loop, polled after the reader in the same
         // poll, takes what the frames just handled queued (see `reading`).
-        let stopped = tokio::select! {
+        let (stopped, reason) = tokio::select! {
             biased;
-            end = read => { debug!(reason = %end.describe(), "connection read side ended"); false }
-            end = write => { debug!(?end, "connection write side ended"); end.is_ok() }
+            end = read => {
+                let reason = end.describe();
+                debug!(%reason, "connection read side ended");
+                (false, reason)
+            }
+            end = write => {
+                debug!(?end, "connection write side ended");
+                let reason = match &end {
+                    Ok(()) => "closed by this client".to_string(),
+                    Err(e) => format!("write failed: {e}"),
+                };
+                (end.is_ok(), reason)
+            }
         };
         {
             let mut state = inner.lock();
@@ -428,6 +459,18 @@ pub(crate) async fn drive(inner: Arc<Inner>, first: Established) {
                     "connection lost before the broker answered the flush".into(),
                 )));
             }
+            // The broker ends a flow-controlled stream under way with its
+            // requester's connection (PROTOCOL §8.8): so does the client,
+            // saying so. One that has not started waits on, as any request.
+            state.requests.retain(|_, waiting| {
+                if !waiting.flow_controlled || waiting.received == 0 {
+                    return true;
+                }
+                let _ = waiting.replies.try_send(Err(Error::Closed(
+                    "connection lost during a flow-controlled reply stream; the broker ends such a stream with its requester's connection, so the replies after those received will not come: request again".into(),
+                )));
+                false
+            });
             if let Some(tx) = state.drained.take() {
                 let _ = tx.send(());
             }
@@ -437,10 +480,13 @@ pub(crate) async fn drive(inner: Arc<Inner>, first: Established) {
         if stopped || *shutdown.borrow() {
             break;
         }
-        warn!(service = %inner.opts.service, "connection to the broker lost; reconnecting");
+        warn!(service = %inner.service, %reason, "connection to the broker lost; reconnecting");
+        inner.lock().emit(ConnectionEvent::Lost { reason });
     }
     let mut state = inner.lock();
     state.connected = false;
+    // Ends every reader of the connection events.
+    state.events = None;
     for (_, pending) in state.pending_sends.take() {
         let _ = pending.done.send(Err(Error::Shutdown));
     }
@@ -621,7 +667,7 @@ fn handle_frame(inner: &Arc<Inner>, generation: u64, frame: Frame) -> Option<Rea
             let mut last: Option<(courier_proto::SharedStr, Handler)> = None;
             for d in deliveries {
                 if d.message.kind == Kind::Reply {
-                    route_reply(inner, Arc::new(d.message));
+                    route_reply(inner, generation, d.delivery, Arc::new(d.message));
                     continue;
                 }
                 let known = matches!(&last, Some((name, _)) if *name == d.message.name);
@@ -694,11 +740,44 @@ fn handle_frame(inner: &Arc<Inner>, generation: u64, frame: Frame) -> Option<Rea
     None
 }
 
-fn route_reply(inner: &Inner, message: Arc<Message>) {
+fn route_reply(inner: &Inner, generation: u64, delivery: u64, message: Arc<Message>) {
     let Some(command) = message.response_to else {
         return;
     };
     let mut state = inner.lock();
+    let Some(waiting) = state.requests.get_mut(&command) else {
+        if !message.is_final {
+            // Nobody reads this stream any more: if it is flow-controlled,
+            // the NACK stops it (a broker ignores it otherwise).
+            state.writer.push_nack(courier_proto::Nack {
+                delivery,
+                delay_ms: 0,
+            });
+            drop(state);
+            inner.wake_writer();
+        }
+        debug!(%command, name = %message.name, "reply for a request nobody awaits; dropped");
+        return;
+    };
+    // The last slot is kept for the error that ends the stream.
+    if waiting.lost > 0 || waiting.replies.capacity() <= 1 {
+        // Never skip a reply and go on: from here on the stream only counts.
+        waiting.lost += 1;
+        let lost = waiting.lost;
+        if lost == 1 {
+            warn!(%command, "reply buffer full; this reply and the rest of its stream are lost");
+        }
+        if message.is_final {
+            if let Some(waiting) = state.requests.remove(&command) {
+                if let Some(seq) = waiting.quiet_seq {
+                    state.quiet_requests.remove(&seq);
+                }
+                let _ = waiting.replies.try_send(Err(Error::RepliesLost(lost)));
+            }
+        }
+        return;
+    }
+    waiting.received += 1;
     // A final reply ends the request here, so its stream need not lock to
     // forget it when dropped.
     let replies = if message.is_final {
@@ -709,17 +788,37 @@ fn route_reply(inner: &Inner, message: Arc<Message>) {
             waiting.replies
         })
     } else {
-        state.requests.get(&command).map(|w| w.replies.clone())
+        Some(waiting.replies.clone())
     };
     // Unlocked before the requester is woken: it takes the lock next.
     drop(state);
     let Some(replies) = replies else {
-        debug!(%command, name = %message.name, "reply for a request nobody awaits; dropped");
         return;
     };
-    if replies.try_send(Ok(Reply { message })).is_err() {
-        warn!(%command, "reply buffer full or request dropped; reply discarded");
+    let reply = Reply {
+        message,
+        delivery,
+        generation,
+    };
+    if replies.try_send(Ok(reply)).is_err() {
+        debug!(%command, "request dropped while its reply arrived");
     }
 }
 
 use courier_proto::Message;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two PINGs may be lost (or the runtime late) before the broker's
+    /// keepalive deadline cuts an idle connection.
+    #[test]
+    fn an_idle_connection_pings_well_within_the_brokers_keepalive_deadline() {
+        let deadline = Duration::from_millis(courier_proto::KEEPALIVE_TIMEOUT_MS_DEFAULT);
+        assert!(
+            PING_INTERVAL * 3 <= deadline,
+            "{PING_INTERVAL:?} vs {deadline:?}"
+        );
+    }
+}

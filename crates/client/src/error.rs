@@ -28,6 +28,15 @@ pub enum Error {
     Name(#[from] courier_proto::NameError),
     #[error("this delivery was already acked or nacked")]
     AlreadySettled,
+    /// Replies of a stream arrived while its buffer was full: the replies
+    /// before them were delivered in order, these and the rest of the
+    /// stream were not. Only a broker without flow control of reply
+    /// streams (PROTOCOL §8.8) sends more than the buffer holds.
+    #[error(
+        "{0} replies of this stream were lost: they arrived while the client's reply buffer was full \
+         (the broker did not hold them back; is it older than this client?); the replies before them arrived in order"
+    )]
+    RepliesLost(u64),
 }
 
 impl Error {

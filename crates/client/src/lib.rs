@@ -41,8 +41,12 @@
 
 mod connection;
 mod error;
+mod events;
 mod handler;
+#[cfg(feature = "otel")]
+mod otel;
 mod pending;
+mod trace_context;
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -54,18 +58,20 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use courier_proto::{
-    encoded_message_len, validate_name, validate_pattern, FrameWriter, Kind, Message, Version,
+    delivery_frame_len, validate_name, validate_pattern, FrameWriter, Kind, Message, Version,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::sync::{broadcast, mpsc, oneshot, watch, Notify};
 use uuid::Uuid;
 
 use pending::PendingSends;
 
 pub use courier_proto::{self as proto, ErrorCode, StartFrom};
 pub use error::{Error, Result};
+pub use events::{ConnectionEvent, ConnectionEvents};
 pub use handler::{BoxError, Incoming};
+pub use trace_context::{TraceParent, TRACEPARENT};
 
 use handler::Handler;
 
@@ -74,14 +80,60 @@ use handler::Handler;
 pub const QUIET_BUFFER_BYTES_MAX: usize = 1024 * 1024;
 
 tokio::task_local! {
-    /// The activity of the message being handled on this task.
-    static ACTIVITY: Uuid;
+    /// The message being handled on this task.
+    static HANDLING: Handling;
+}
+
+/// What a message sent while handling another inherits from it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Handling {
+    activity: Uuid,
+    /// The handled message: the parent of everything sent now.
+    message: Uuid,
+    pub(crate) trace: TraceParent,
+}
+
+impl Handling {
+    pub(crate) fn of(message: &Message) -> Handling {
+        Handling {
+            activity: message.activity_id,
+            message: message.id,
+            trace: TraceParent::of(message),
+        }
+    }
+
+    /// Makes `message` a consequence of the handled one: same activity,
+    /// the handled message as its parent, a child of its trace.
+    pub(crate) fn mark(&self, message: &mut Message) {
+        message.activity_id = self.activity;
+        message.parent_id = Some(self.message);
+        trace_context::set_traceparent(message, &self.trace.child(message.id));
+        mark_current_span(message);
+    }
+}
+
+/// With the `otel` feature, a message sent while an OpenTelemetry span is
+/// current names that span as its sender in `traceparent` (a handler's
+/// span, or the program's own, e.g. an HTTP request's).
+fn mark_current_span(message: &mut Message) {
+    #[cfg(feature = "otel")]
+    if let Some(span) = otel::current() {
+        trace_context::set_traceparent(message, &span);
+    }
+    #[cfg(not(feature = "otel"))]
+    let _ = message;
 }
 
 /// The activity id a message sent now would carry: the one of the message
 /// being handled, if this runs inside a handler.
 pub fn current_activity() -> Option<Uuid> {
-    ACTIVITY.try_with(|a| *a).ok()
+    HANDLING.try_with(|h| h.activity).ok()
+}
+
+/// The `parent_id` a message sent now would carry: the id of the message
+/// being handled, if this runs inside a handler.
+pub fn current_message() -> Option<Uuid> {
+    HANDLING.try_with(|h| h.message).ok()
 }
 
 /// How to reach the broker and behave on the way.
@@ -89,7 +141,9 @@ pub fn current_activity() -> Option<Uuid> {
 pub struct ClientOptions {
     /// `host:port` of the broker.
     pub url: String,
-    /// The service this client acts for.
+    /// The service this client acts for. Empty: the one its token or
+    /// client certificate belongs to (a broker with a manifest names it in
+    /// WELCOME; see [`Client::service`]).
     pub service: String,
     /// This instance's name; the broker makes one up when empty.
     pub instance: String,
@@ -99,6 +153,11 @@ pub struct ClientOptions {
     pub tls: Option<ClientTls>,
     /// Deliveries this instance handles at once (flow control).
     pub max_in_flight: u32,
+    /// Replies of a [`Client::request_stream`] received and not yet taken
+    /// by the application, at most (flow control of reply streams,
+    /// PROTOCOL §8.8): the broker holds the rest back, and with them the
+    /// responder. From 1 to 65 536.
+    pub reply_window: u32,
     /// How long `send` waits for the broker's acknowledgement.
     pub send_timeout: Duration,
     /// How long `request` waits for a reply unless told otherwise.
@@ -133,6 +192,7 @@ impl ClientOptions {
             token: None,
             tls: None,
             max_in_flight: 64,
+            reply_window: 64,
             send_timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(30),
             ack_deadline: None,
@@ -145,21 +205,34 @@ impl ClientOptions {
         }
     }
 
-    /// Reads `COURIER_URL` and `COURIER_SERVICE` (defaults `127.0.0.1:7700`
-    /// and `cli`), and `COURIER_TOKEN` when set; with `COURIER_TLS_CA` set,
-    /// TLS trusting that CA, with the client certificate of
-    /// `COURIER_TLS_CERT` and `COURIER_TLS_KEY` when both are set.
+    /// Reads what the `courier` CLI reads: `COURIER_URL` (default
+    /// `127.0.0.1:7700`), `COURIER_TOKEN` when set, and with
+    /// `COURIER_TLS_CA` set, TLS trusting that CA, with the client
+    /// certificate of `COURIER_TLS_CERT` and `COURIER_TLS_KEY` when both are
+    /// set. The service is `COURIER_SERVICE`; without it, a token or a
+    /// client certificate decides (the service stays empty and the broker
+    /// takes it from the credentials), and without those it is `cli`.
     pub fn from_env() -> ClientOptions {
-        let url = std::env::var("COURIER_URL").unwrap_or_else(|_| "127.0.0.1:7700".to_string());
-        let service = std::env::var("COURIER_SERVICE").unwrap_or_else(|_| "cli".to_string());
+        ClientOptions::from_vars(|name| std::env::var_os(name))
+    }
+
+    /// [`ClientOptions::from_env`] with the variables looked up by `var`.
+    fn from_vars(var: impl Fn(&str) -> Option<std::ffi::OsString>) -> ClientOptions {
+        let text = |name: &str| var(name).map(|v| v.to_string_lossy().into_owned());
+        let url = text("COURIER_URL").unwrap_or_else(|| "127.0.0.1:7700".to_string());
+        let token = text("COURIER_TOKEN");
+        let cert = var("COURIER_TLS_CERT");
+        let key = var("COURIER_TLS_KEY");
+        let service = match text("COURIER_SERVICE") {
+            Some(service) => service,
+            None if token.is_some() || (cert.is_some() && key.is_some()) => String::new(),
+            None => "cli".to_string(),
+        };
         let mut opts = ClientOptions::new(url, service);
-        opts.token = std::env::var("COURIER_TOKEN").ok();
-        opts.tls = std::env::var_os("COURIER_TLS_CA").map(|ca| {
+        opts.token = token;
+        opts.tls = var("COURIER_TLS_CA").map(|ca| {
             let mut tls = ClientTls::new(ca);
-            if let (Some(cert), Some(key)) = (
-                std::env::var_os("COURIER_TLS_CERT"),
-                std::env::var_os("COURIER_TLS_KEY"),
-            ) {
+            if let (Some(cert), Some(key)) = (cert, key) {
                 tls.client_cert = Some((cert.into(), key.into()));
             }
             tls
@@ -222,8 +295,9 @@ struct Subscription {
     handler: Handler,
 }
 
-/// Replies buffered per request before the oldest are dropped.
-const REPLY_BUFFER_MAX: usize = 1024;
+/// Replies buffered per request without flow control (`request`, which
+/// takes the first); past it the rest of the stream is lost, and said so.
+const REPLY_BUFFER_MAX: u32 = 1024;
 
 pub(crate) struct State {
     writer: FrameWriter,
@@ -258,17 +332,46 @@ pub(crate) struct State {
     /// Refusals of sends nobody awaits (see [`Client::unheard_refusals`]).
     unheard_refusals: u64,
     last_unheard_refusal: Option<(ErrorCode, String)>,
+    /// Where [`ConnectionEvent`]s go; dropped when the driver stops, which
+    /// ends every [`ConnectionEvents`].
+    events: Option<broadcast::Sender<ConnectionEvent>>,
+}
+
+impl State {
+    /// Tells every [`ConnectionEvents`] reader (none listening is fine).
+    pub(crate) fn emit(&self, event: ConnectionEvent) {
+        if let Some(events) = &self.events {
+            let _ = events.send(event);
+        }
+    }
 }
 
 /// A request waiting for replies, by its command's id.
 pub(crate) struct Waiting {
+    /// Room for the buffer's replies plus one slot, kept for the error
+    /// that ends the stream, so it always finds room.
     replies: mpsc::Sender<Result<Reply>>,
     /// Its key in [`State::quiet_requests`], when the command went QUIET.
     quiet_seq: Option<u64>,
+    /// A flow-controlled stream (PROTOCOL §8.8): the broker sends no more
+    /// than the buffer holds, and once under way (`received`) the stream
+    /// ends with its connection.
+    flow_controlled: bool,
+    /// Replies that arrived.
+    received: u64,
+    /// Replies that found the buffer full. From the first one on, every
+    /// later reply is counted here rather than buffered — the stream never
+    /// skips a reply and goes on — and it ends with
+    /// [`Error::RepliesLost`]. Only a broker without flow control (or a
+    /// request without it) can make this happen.
+    lost: u64,
 }
 
 pub(crate) struct Inner {
     opts: ClientOptions,
+    /// The service the broker authenticated the first connection as
+    /// (`opts.service`, or what WELCOME named when that was left empty).
+    service: String,
     state: Mutex<State>,
     /// Something was written to `state.writer` (see [`Inner::wake_writer`]).
     writer_wake: Notify,
@@ -344,8 +447,14 @@ fn write_direct(state: &mut State) -> bool {
 fn now_nanos() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
         .unwrap_or(0)
+}
+
+/// Unix nanoseconds `after` from now, saturating at the clock's end
+/// rather than wrapping into the past.
+fn nanos_from_now(after: Duration) -> u64 {
+    now_nanos().saturating_add(u64::try_from(after.as_nanos()).unwrap_or(u64::MAX))
 }
 
 impl Client {
@@ -388,7 +497,9 @@ impl Client {
                 next_flush: 0,
                 unheard_refusals: 0,
                 last_unheard_refusal: None,
+                events: Some(broadcast::channel(events::CONNECTION_EVENTS_MAX).0),
             }),
+            service: first.service.clone(),
             opts,
             writer_wake: Notify::new(),
             write_requested: AtomicBool::new(false),
@@ -412,9 +523,11 @@ impl Client {
         Ok(Client { inner })
     }
 
-    /// The service this client acts for.
+    /// The service this client acts for: [`ClientOptions::service`], or,
+    /// when that was left empty for the token or client certificate to
+    /// decide, the service the broker authenticated it as.
     pub fn service(&self) -> &str {
-        &self.inner.opts.service
+        &self.inner.service
     }
 
     /// Starts a command with options (key, headers, TTL …).
@@ -498,8 +611,17 @@ impl Client {
 
     fn check(&self, message: &Message) -> Result<()> {
         validate_name(&message.name)?;
-        let len = encoded_message_len(message) + 64;
-        let max = self.inner.lock().frame_bytes_max as usize;
+        let max = self.inner.lock().frame_bytes_max;
+        self.check_size(message, max)
+    }
+
+    /// Refuses, before it is sent, a message the broker would refuse for
+    /// its size: one whose DELIVER frame, with this service's name as its
+    /// sender, would be longer than the broker's frame limit.
+    fn check_size(&self, message: &Message, frame_bytes_max: u32) -> Result<()> {
+        // The name the broker stamps: the authenticated service's.
+        let len = delivery_frame_len(message) - message.sender.len() + self.inner.service.len();
+        let max = frame_bytes_max as usize;
         if len > max {
             return Err(too_large(&message.name, len, max));
         }
@@ -523,11 +645,7 @@ impl Client {
                 "not connected to the broker; a quiet send is not queued across reconnects".into(),
             ));
         }
-        let max = state.frame_bytes_max as usize;
-        let len = encoded_message_len(message) + 64;
-        if len > max {
-            return Err(too_large(&message.name, len, max));
-        }
+        self.check_size(message, state.frame_bytes_max)?;
         if state.writer.len() >= QUIET_BUFFER_BYTES_MAX {
             return Ok(None);
         }
@@ -610,6 +728,7 @@ impl Client {
     fn enqueue(&self, message: Box<Message>) -> Result<PendingAck> {
         self.check(&message)?;
         let id = message.id;
+        let reply = message.kind == Kind::Reply;
         let (done, rx) = oneshot::channel();
         let seq = {
             let mut state = self.inner.lock();
@@ -631,12 +750,25 @@ impl Client {
             inner: self.inner.clone(),
             seq,
             id,
+            reply,
             rx,
         })
     }
 
-    async fn open_request(&self, message: Box<Message>, timeout: Duration) -> Result<ReplyStream> {
-        let stream = self.start_request(message, timeout)?;
+    async fn open_request(
+        &self,
+        mut message: Box<Message>,
+        timeout: Duration,
+        window: u32,
+    ) -> Result<ReplyStream> {
+        let window = window.clamp(1, proto::REPLY_WINDOW_MAX);
+        message
+            .headers
+            .retain(|(name, _)| name != proto::REPLY_WINDOW_HEADER);
+        message
+            .headers
+            .push((proto::REPLY_WINDOW_HEADER.into(), window.to_string()));
+        let stream = self.start_request(message, timeout, Some(window))?;
         // On refusal `stream` is dropped, which forgets the request.
         let stream = stream.accepted().await?;
         Ok(stream)
@@ -644,9 +776,14 @@ impl Client {
 
     /// Registers the request and queues the command; the stream still
     /// holds the broker's answer to the send, to be awaited.
-    fn start_request(&self, message: Box<Message>, timeout: Duration) -> Result<ReplyStream> {
+    fn start_request(
+        &self,
+        message: Box<Message>,
+        timeout: Duration,
+        window: Option<u32>,
+    ) -> Result<ReplyStream> {
         let id = message.id;
-        let (waiting, mut stream) = ReplyStream::open(&self.inner, id, timeout, None);
+        let (waiting, mut stream) = ReplyStream::open(&self.inner, id, timeout, None, window);
         self.inner.lock().requests.insert(id, waiting);
         let ack = self.enqueue(message)?;
         stream.acceptance = Some(ack.rx);
@@ -665,13 +802,9 @@ impl Client {
         }
         if !state.connected {
             drop(state);
-            return self.start_request(message, timeout);
+            return self.start_request(message, timeout, None);
         }
-        let max = state.frame_bytes_max as usize;
-        let len = encoded_message_len(&message) + 64;
-        if len > max {
-            return Err(too_large(&message.name, len, max));
-        }
+        self.check_size(&message, state.frame_bytes_max)?;
         // The only request, nothing else queued or being written, and the
         // driver not about to write anyway: the caller writes it.
         let lone = state.requests.is_empty()
@@ -681,7 +814,7 @@ impl Client {
         state.next_seq += 1;
         let seq = state.next_seq;
         state.writer.push_quiet_send(seq, &message)?;
-        let (waiting, stream) = ReplyStream::open(&self.inner, id, timeout, Some(seq));
+        let (waiting, stream) = ReplyStream::open(&self.inner, id, timeout, Some(seq), None);
         state.requests.insert(id, waiting);
         state.quiet_requests.insert(seq, id);
         let written = lone && write_direct(&mut state);
@@ -856,6 +989,19 @@ impl Client {
     pub fn is_connected(&self) -> bool {
         self.inner.lock().connected
     }
+
+    /// The changes of the connection to the broker from now on: lost,
+    /// reconnect attempts, restored (see [`ConnectionEvent`]). For telling
+    /// a user that the bus is away rather than waiting silently; the client
+    /// reconnects by itself whether anyone listens or not.
+    pub fn connection_events(&self) -> ConnectionEvents {
+        let rx = match &self.inner.lock().events {
+            Some(events) => events.subscribe(),
+            // Shut down: a stream that ends at once.
+            None => broadcast::channel(1).1,
+        };
+        ConnectionEvents::new(rx)
+    }
 }
 
 /// A message under construction; finish with `send`, `request` or
@@ -867,18 +1013,21 @@ pub struct MessageBuilder {
     /// step was a fifth of a fast publisher's time.
     message: Box<Message>,
     timeout: Option<Duration>,
+    reply_window: Option<u32>,
 }
 
 impl MessageBuilder {
     fn new(client: Client, kind: Kind, name: String) -> MessageBuilder {
         let mut message = Box::new(Message::new(kind, name, Bytes::new()));
-        if let Some(activity) = current_activity() {
-            message.activity_id = activity;
+        match HANDLING.try_with(|h| *h) {
+            Ok(handling) => handling.mark(&mut message),
+            Err(_) => mark_current_span(&mut message),
         }
         MessageBuilder {
             client,
             message,
             timeout: None,
+            reply_window: None,
         }
     }
 
@@ -914,15 +1063,40 @@ impl MessageBuilder {
         self
     }
 
-    /// Dropped undelivered if not delivered within `ttl`.
+    /// Dropped undelivered if not delivered within `ttl` (a `ttl` beyond
+    /// the year 2554, the end of the envelope's nanosecond clock, means
+    /// never).
     pub fn ttl(mut self, ttl: Duration) -> MessageBuilder {
-        self.message.expires_at = Some(now_nanos() + ttl.as_nanos() as u64);
+        self.message.expires_at = Some(nanos_from_now(ttl));
         self
     }
 
     /// Not delivered before `delay` has passed.
     pub fn deliver_after(mut self, delay: Duration) -> MessageBuilder {
-        self.message.deliver_at = Some(now_nanos() + delay.as_nanos() as u64);
+        self.message.deliver_at = Some(nanos_from_now(delay));
+        self
+    }
+
+    /// Sets the message's id, the broker's dedup key: a message sent again
+    /// with the same id within the broker's dedup window is accepted and
+    /// dropped, so a retry after an unclear failure (a crash, a lost
+    /// connection) cannot deliver twice. By default every message gets a
+    /// fresh UUID v7. A message that starts its own activity names it
+    /// after its id, so the activity follows the id here.
+    ///
+    /// ```no_run
+    /// # async fn run(client: courier_client::Client) -> Result<(), courier_client::Error> {
+    /// let id = uuid::Uuid::now_v7();
+    /// client.command("payment.capture").id(id).send().await?;
+    /// // Unsure whether that arrived? Sending it again is safe.
+    /// client.command("payment.capture").id(id).send().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn id(mut self, id: Uuid) -> MessageBuilder {
+        if self.message.activity_id == self.message.id {
+            self.message.activity_id = id;
+        }
+        self.message.id = id;
         self
     }
 
@@ -1027,7 +1201,7 @@ impl MessageBuilder {
         let mut stream = if self.message.transient {
             self.client.start_quiet_request(self.message, timeout)?
         } else {
-            self.client.start_request(self.message, timeout)?
+            self.client.start_request(self.message, timeout, None)?
         };
         match stream.next_reply().await {
             Some(reply) => reply,
@@ -1035,12 +1209,33 @@ impl MessageBuilder {
         }
     }
 
-    /// Sends and returns the stream of replies.
+    /// How many replies of a `request_stream` may wait for the
+    /// application at once; [`ClientOptions::reply_window`] otherwise.
+    pub fn reply_window(mut self, replies: u32) -> MessageBuilder {
+        self.reply_window = Some(replies);
+        self
+    }
+
+    /// Sends and returns the stream of replies, flow-controlled (PROTOCOL
+    /// §8.8): the client buffers at most the reply window of replies not
+    /// yet taken, acknowledges each as the application takes it, and the
+    /// broker holds the rest back — and with them the responder — so a
+    /// long stream arrives whole and in order however slowly it is read.
+    /// Dropping the stream before its final reply tells the broker to stop
+    /// it. If the connection is lost once replies have arrived, the stream
+    /// ends with [`Error::Closed`] (the broker ends it too); before the
+    /// first reply, the request waits on across a reconnect, as `request`
+    /// does.
     pub async fn request_stream(self) -> Result<ReplyStream> {
         let timeout = self
             .timeout
             .unwrap_or(self.client.inner.opts.request_timeout);
-        self.client.open_request(self.message, timeout).await
+        let window = self
+            .reply_window
+            .unwrap_or(self.client.inner.opts.reply_window);
+        self.client
+            .open_request(self.message, timeout, window)
+            .await
     }
 }
 
@@ -1053,7 +1248,10 @@ enum QuietOutcome {
 fn too_large(name: &str, len: usize, max: usize) -> Error {
     Error::Refused {
         code: ErrorCode::PayloadTooLarge,
-        reason: format!("{name} is {len} bytes encoded; the broker takes at most {max}"),
+        reason: format!(
+            "{name} would be delivered as a frame of {len} bytes, {} over the broker's frame limit of {max} (the broker adds this service's name as the sender); make the payload smaller",
+            len - max
+        ),
     }
 }
 
@@ -1062,6 +1260,8 @@ pub struct PendingAck {
     inner: Arc<Inner>,
     seq: u64,
     id: Uuid,
+    /// A reply: its answer may wait for the requester's credit.
+    reply: bool,
     rx: oneshot::Receiver<Result<()>>,
 }
 
@@ -1073,7 +1273,20 @@ impl PendingAck {
 
     /// Waits (up to [`ClientOptions::send_timeout`]) until the broker
     /// accepted or refused the message.
+    ///
+    /// A reply to a flow-controlled stream (PROTOCOL §8.8) is answered
+    /// when it goes out to the requester, which may be much later: its
+    /// wait has no time limit but the stream's (the broker refuses it when
+    /// the request's reply route expires, and discards it with an answer
+    /// when the requester stops reading or leaves). That wait is the
+    /// back-pressure that paces a responder to its requester.
     pub async fn wait(self) -> Result<Uuid> {
+        if self.reply {
+            return match self.rx.await {
+                Ok(result) => result.map(|()| self.id),
+                Err(_) => Err(Error::Shutdown),
+            };
+        }
         let timeout = self.inner.opts.send_timeout;
         match tokio::time::timeout(timeout, self.rx).await {
             Ok(Ok(result)) => result.map(|()| self.id),
@@ -1090,6 +1303,10 @@ impl PendingAck {
 #[derive(Debug, Clone)]
 pub struct Reply {
     message: Arc<Message>,
+    /// Its delivery id and the connection it came on: a flow-controlled
+    /// stream acks it when the application takes it.
+    pub(crate) delivery: u64,
+    pub(crate) generation: u64,
 }
 
 impl Reply {
@@ -1132,18 +1349,31 @@ pub struct ReplyStream {
     quiet_seq: Option<u64>,
     /// The final reply came.
     answered: bool,
+    /// The window of a flow-controlled stream (PROTOCOL §8.8).
+    window: Option<u32>,
+    /// Replies the application took and the broker has not yet heard of,
+    /// as `(generation, delivery)`: acked in a batch, half a window at a
+    /// time, or at once when nothing more is buffered (the broker may be
+    /// waiting for exactly that credit).
+    to_ack: Vec<(u64, u64)>,
 }
 
 impl ReplyStream {
     /// A stream for the replies to `command`, and the entry under which
-    /// the client's tables wait for them.
+    /// the client's tables wait for them. With a `window`, the stream is
+    /// flow-controlled and buffers that many replies; without, up to
+    /// [`REPLY_BUFFER_MAX`].
     fn open(
         inner: &Arc<Inner>,
         command: Uuid,
         timeout: Duration,
         quiet_seq: Option<u64>,
+        window: Option<u32>,
     ) -> (Waiting, ReplyStream) {
-        let (replies, rx) = mpsc::channel(REPLY_BUFFER_MAX);
+        // One slot more than the buffer: the error that ends a stream
+        // always finds room (see `Waiting::replies`).
+        let slots = window.unwrap_or(REPLY_BUFFER_MAX) as usize + 1;
+        let (replies, rx) = mpsc::channel(slots);
         let stream = ReplyStream {
             inner: inner.clone(),
             command,
@@ -1154,13 +1384,29 @@ impl ReplyStream {
             acceptance: None,
             quiet_seq,
             answered: false,
+            window,
+            to_ack: Vec::new(),
         };
-        (Waiting { replies, quiet_seq }, stream)
+        let waiting = Waiting {
+            replies,
+            quiet_seq,
+            flow_controlled: window.is_some(),
+            received: 0,
+            lost: 0,
+        };
+        (waiting, stream)
     }
 
     /// The id of the command these replies answer.
     pub fn command_id(&self) -> Uuid {
         self.command
+    }
+
+    /// Replies received and not yet taken by the application (and the
+    /// error that ends the stream, once it came); a flow-controlled stream
+    /// never buffers more replies than its reply window.
+    pub fn buffered(&self) -> usize {
+        self.rx.len()
     }
 
     /// The next reply, `None` after the final one.
@@ -1178,6 +1424,31 @@ impl ReplyStream {
             }
         }
         Ok(self)
+    }
+
+    /// Tells the broker about the replies the application took: credit
+    /// for as many more. Acks from an older connection are void (the
+    /// broker ended that stream with it).
+    fn send_acks(&mut self) {
+        if self.to_ack.is_empty() {
+            return;
+        }
+        let mut state = self.inner.lock();
+        let (connected, generation) = (state.connected, state.generation);
+        for (acked_on, delivery) in self.to_ack.drain(..) {
+            if connected && acked_on == generation {
+                state.writer.push_ack(delivery);
+            }
+        }
+        drop(state);
+        self.inner.wake_writer();
+    }
+
+    /// Where a stream whose buffer overflowed stands: the replies lost
+    /// so far, if any.
+    fn lost(&self) -> u64 {
+        let state = self.inner.lock();
+        state.requests.get(&self.command).map_or(0, |w| w.lost)
     }
 
     fn poll_reply(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Reply>>> {
@@ -1205,6 +1476,12 @@ impl ReplyStream {
                 if reply.is_final() {
                     self.done = true;
                     self.answered = true;
+                } else if let Some(window) = self.window {
+                    // The application has it now: credit for one more.
+                    self.to_ack.push((reply.generation, reply.delivery));
+                    if self.to_ack.len() >= (window as usize / 2).max(1) || self.rx.is_empty() {
+                        self.send_acks();
+                    }
                 }
                 Poll::Ready(Some(Ok(reply)))
             }
@@ -1216,13 +1493,21 @@ impl ReplyStream {
                 self.done = true;
                 Poll::Ready(Some(Err(Error::Shutdown)))
             }
-            Poll::Pending => match self.sleep.as_mut().poll(cx) {
-                Poll::Ready(()) => {
-                    self.done = true;
-                    Poll::Ready(Some(Err(Error::Timeout(self.timeout))))
+            Poll::Pending => {
+                self.send_acks();
+                match self.sleep.as_mut().poll(cx) {
+                    Poll::Ready(()) => {
+                        self.done = true;
+                        let lost = self.lost();
+                        Poll::Ready(Some(Err(if lost > 0 {
+                            Error::RepliesLost(lost)
+                        } else {
+                            Error::Timeout(self.timeout)
+                        })))
+                    }
+                    Poll::Pending => Poll::Pending,
                 }
-                Poll::Pending => Poll::Pending,
-            },
+            }
         }
     }
 }
@@ -1241,10 +1526,90 @@ impl Drop for ReplyStream {
             // The final reply took the request out of the client's tables.
             return;
         }
+        // A flow-controlled stream given up before its end: a NACK of one
+        // of its replies that the broker has not seen acked tells it to
+        // stop (and to tell the responder). With none at hand, the next
+        // reply to arrive is NACKed instead (`connection::route_reply`).
+        let mut unacked = self.to_ack.last().copied();
+        if self.window.is_some() {
+            while let Ok(item) = self.rx.try_recv() {
+                if let Ok(reply) = item {
+                    if !reply.is_final() {
+                        unacked = Some((reply.generation, reply.delivery));
+                    }
+                }
+            }
+        }
         let mut state = self.inner.lock();
         state.requests.remove(&self.command);
         if let Some(seq) = self.quiet_seq {
             state.quiet_requests.remove(&seq);
         }
+        let Some((generation, delivery)) = unacked else {
+            return;
+        };
+        if state.connected && state.generation == generation {
+            state.writer.push_nack(proto::Nack {
+                delivery,
+                delay_ms: 0,
+            });
+            drop(state);
+            self.inner.wake_writer();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn from(vars: &[(&str, &str)]) -> ClientOptions {
+        ClientOptions::from_vars(|name| {
+            vars.iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| std::ffi::OsString::from(v))
+        })
+    }
+
+    #[test]
+    fn from_env_lets_credentials_decide_the_service_unless_it_is_named() {
+        let plain = from(&[]);
+        assert_eq!(
+            (plain.url.as_str(), plain.service.as_str()),
+            ("127.0.0.1:7700", "cli")
+        );
+        assert_eq!(plain.token, None);
+
+        let token = from(&[("COURIER_TOKEN", "crr_x"), ("COURIER_URL", "h:1")]);
+        assert_eq!(token.service, "", "the broker takes it from the token");
+        assert_eq!(
+            (token.url.as_str(), token.token.as_deref()),
+            ("h:1", Some("crr_x"))
+        );
+
+        let named = from(&[("COURIER_TOKEN", "crr_x"), ("COURIER_SERVICE", "web")]);
+        assert_eq!(named.service, "web");
+
+        let cert = from(&[
+            ("COURIER_TLS_CA", "ca.pem"),
+            ("COURIER_TLS_CERT", "web.pem"),
+            ("COURIER_TLS_KEY", "web-key.pem"),
+        ]);
+        assert_eq!(cert.service, "");
+        let tls = cert.tls.expect("tls");
+        assert_eq!(
+            tls.client_cert,
+            Some(("web.pem".into(), "web-key.pem".into()))
+        );
+
+        let ca_only = from(&[("COURIER_TLS_CA", "ca.pem")]);
+        assert_eq!(ca_only.service, "cli", "a CA alone authenticates nobody");
+    }
+
+    #[test]
+    fn far_deadlines_saturate_instead_of_wrapping_into_the_past() {
+        assert_eq!(nanos_from_now(Duration::MAX), u64::MAX);
+        let soon = nanos_from_now(Duration::from_secs(1));
+        assert!(soon > now_nanos() && soon < now_nanos() + 2_000_000_000);
     }
 }

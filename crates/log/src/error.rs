@@ -40,6 +40,9 @@ pub enum LogError {
     /// hold bytes the log does not know about.
     #[error("the log stopped accepting writes: {reason}; reopen it (Log::open repairs the tail) once the disk is healthy")]
     Poisoned { reason: String },
+    /// Another process holds the log directory's lock.
+    #[error("another process holds the lock {} (a running courier serve?); stop it first, or use another --data-dir", path.display())]
+    Locked { path: PathBuf },
     #[error("invalid log configuration: {reason}; fix the configuration and open again")]
     InvalidConfig { reason: String },
     #[error("snapshot of {len} bytes exceeds the limit of {max} bytes; make the snapshot smaller")]
@@ -83,12 +86,32 @@ fn is_no_space(error: &io::Error) -> bool {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Damage {
     /// The last segment ended in an incomplete or checksum-failing record
-    /// with nothing valid after it: the remains of a write a crash cut
-    /// short. The file was truncated to the end of the last valid record.
+    /// with nothing valid after it, past every durable mark (nothing on
+    /// disk records those bytes as durable): the remains of a write a
+    /// crash cut short. The file was truncated to the end of the last
+    /// valid record.
     TornTail {
         segment: PathBuf,
         offset: u64,
         bytes_dropped: u64,
+    },
+    /// The last segment ends (whole or in a torn record) before a seq that
+    /// a durable mark — the snapshot's `covers`, an index file — proves was
+    /// durable: records that were fsynced are gone (a file cut short, a
+    /// disk that lost writes). Nothing was truncated; the segment was
+    /// sealed as it is and the log goes on at `seqs.end`, so none of the
+    /// lost seqs is ever issued again. Reads of `seqs` return
+    /// [`LogError::Corrupt`].
+    DurableRecordsLost {
+        segment: PathBuf,
+        /// Where the last intact record ends.
+        offset: u64,
+        /// Bytes from `offset` to the end of the file (the remains of the
+        /// lost records, kept).
+        bytes: u64,
+        seqs: Range<Seq>,
+        /// The durable mark that proves it, in words.
+        mark: String,
     },
     /// Bytes that do not decode as the expected record, with valid records
     /// (or a sealed segment's end) after them. Nothing was deleted; reads of
@@ -135,6 +158,7 @@ impl Damage {
     pub fn path(&self) -> &Path {
         match self {
             Damage::TornTail { segment, .. }
+            | Damage::DurableRecordsLost { segment, .. }
             | Damage::CorruptRecord { segment, .. }
             | Damage::MissingRecords { segment, .. } => segment,
             Damage::IndexRebuilt { index, .. } => index,
@@ -146,10 +170,48 @@ impl Damage {
     pub fn offset(&self) -> u64 {
         match self {
             Damage::TornTail { offset, .. }
+            | Damage::DurableRecordsLost { offset, .. }
             | Damage::CorruptRecord { offset, .. }
             | Damage::MissingRecords { offset, .. }
             | Damage::IndexRebuilt { offset, .. }
             | Damage::SnapshotUnreadable { offset, .. } => *offset,
+        }
+    }
+}
+
+impl Damage {
+    /// Records that cannot be read because of this damage (empty when
+    /// none: a torn tail, a rebuilt index, the snapshot).
+    pub fn unreadable_seqs(&self) -> Range<Seq> {
+        match self {
+            Damage::DurableRecordsLost { seqs, .. }
+            | Damage::CorruptRecord { seqs, .. }
+            | Damage::MissingRecords { seqs, .. } => seqs.clone(),
+            Damage::TornTail { .. }
+            | Damage::IndexRebuilt { .. }
+            | Damage::SnapshotUnreadable { .. } => 0..0,
+        }
+    }
+
+    /// Records that are gone from the disk altogether (not merely
+    /// damaged in place), which no read will ever return.
+    pub fn lost_seqs(&self) -> Range<Seq> {
+        match self {
+            Damage::DurableRecordsLost { seqs, .. } | Damage::MissingRecords { seqs, .. } => {
+                seqs.clone()
+            }
+            _ => 0..0,
+        }
+    }
+
+    /// Whether this is harm to durable data (an error for the operator),
+    /// rather than the expected remains of a crash or derived data rebuilt
+    /// without loss.
+    pub fn is_harmful(&self) -> bool {
+        match self {
+            Damage::TornTail { .. } | Damage::IndexRebuilt { .. } => false,
+            Damage::SnapshotUnreadable { .. } => true,
+            other => !other.unreadable_seqs().is_empty(),
         }
     }
 }
@@ -163,8 +225,22 @@ impl fmt::Display for Damage {
                 bytes_dropped,
             } => write!(
                 f,
-                "{}: dropped {bytes_dropped} bytes at byte {offset}, the remains of a write cut short by a crash (they were never durable); nothing to do",
+                "{}: dropped {bytes_dropped} bytes at byte {offset}, the remains of a write cut short by a crash; no durable mark (snapshot, index) reaches past the records before them, so the log holds everything it recorded as durable",
                 segment.display()
+            ),
+            Damage::DurableRecordsLost {
+                segment,
+                offset,
+                bytes,
+                seqs,
+                mark,
+            } => write!(
+                f,
+                "{}: records {}..{} are lost: the segment ends at byte {offset} ({bytes} bytes of remains after it, kept), yet {mark}, so they were durable; the log goes on at seq {} and never issues their seqs again; restore the segment file from a backup (stop the broker first) to get them back, or accept the loss",
+                segment.display(),
+                seqs.start,
+                seqs.end,
+                seqs.end
             ),
             Damage::CorruptRecord {
                 segment,
@@ -186,7 +262,7 @@ impl fmt::Display for Damage {
                 reason,
             } => write!(
                 f,
-                "{}: records {}..{} are missing at byte {offset} ({reason}); check whether segment files were removed or restored by hand",
+                "{}: records {}..{} are missing at byte {offset} ({reason}), so they are lost; check whether segment files were removed or restored by hand, restore the missing records from a backup (stop the broker first), or accept the loss",
                 segment.display(),
                 seqs.start,
                 seqs.end

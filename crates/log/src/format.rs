@@ -366,6 +366,15 @@ pub(crate) fn encode_snapshot(covers: Seq, body: &[u8]) -> Vec<u8> {
 }
 
 /// Decodes a snapshot file; the error says where and what.
+/// `covers` and `body_len` from a snapshot's header, if its magic and
+/// version are ours (the checksum is the caller's to check).
+pub(crate) fn snapshot_header(header: &[u8; SNAPSHOT_HEADER_BYTES]) -> Option<(Seq, u64)> {
+    if &header[0..4] != SNAPSHOT_MAGIC || be_u32(header, 4) != SNAPSHOT_VERSION {
+        return None;
+    }
+    Some((be_u64(header, 8), be_u64(header, 16)))
+}
+
 pub(crate) fn decode_snapshot(bytes: Vec<u8>) -> Result<(Seq, Bytes), (u64, String)> {
     if bytes.len() < SNAPSHOT_HEADER_BYTES + SNAPSHOT_TRAILER_BYTES {
         return Err((

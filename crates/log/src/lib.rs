@@ -20,20 +20,26 @@
 //!   reported, never skipped silently, and never makes [`Log::open`] fail.
 #![forbid(unsafe_code)]
 
+mod clock;
 mod error;
 mod faulty;
 mod format;
 mod fs;
+mod lock;
 mod log;
 mod segment;
+mod verify;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use clock::Clock;
 pub use error::{Damage, LogError};
 pub use faulty::{Fault, FaultCounts, FaultOp, FaultyFs};
 pub use fs::{FileSystem, LogFile, OpenMode, RealFs};
+pub use lock::DirLock;
 pub use log::{Log, LogMetrics, SegmentInfo};
+pub use verify::{verify_dir, Scrubber, VerifyProgress, VerifyReport};
 
 /// Record sequence number: the first record of a fresh log gets 1, every
 /// append the next one; a number is never reused once it was durable.
@@ -94,6 +100,9 @@ pub struct LogConfig {
     /// Largest record body [`Log::append`] accepts, in bytes.
     pub record_bytes_max: u32,
     pub fsync: FsyncPolicy,
+    /// Time for the `Interval` policy; [`Clock::system`] unless a test
+    /// drives it.
+    pub clock: Clock,
 }
 
 impl LogConfig {
@@ -104,6 +113,7 @@ impl LogConfig {
             index_every_records: INDEX_EVERY_RECORDS_DEFAULT,
             record_bytes_max: RECORD_BYTES_MAX_DEFAULT,
             fsync: FsyncPolicy::Always,
+            clock: Clock::system(),
         }
     }
 

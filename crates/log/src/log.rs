@@ -46,6 +46,9 @@ pub struct LogMetrics {
     /// several records.
     pub corrupt_records_found: u64,
     pub torn_tails_truncated: u64,
+    /// Seqs a durable mark (the snapshot, an index file) proves were
+    /// written, found missing at open: records lost, never reissued.
+    pub records_lost: u64,
     pub write_errors: u64,
     pub fsync_errors: u64,
     /// Appended records thrown away after a write or fsync error.
@@ -209,6 +212,9 @@ impl Log {
             // Left by a crash between removing a segment and its index.
             remove_if_present(&*fs, &segments_dir.join(index_file_name(seq)))?;
         }
+        // What the directory proves durable besides the last segment's own
+        // records: nothing it covers may be taken for a torn write.
+        let mut mark = snapshot_mark(&*fs, &snapshot_path);
 
         // Whatever directory entries are here now must stay: a previous run
         // may have created a segment and died (or failed) before it fsynced
@@ -257,8 +263,23 @@ impl Log {
             .map_err(|e| LogError::io("open", &path, e))?;
         if index_seqs.contains(&last_seq) {
             // Written by a roll that did not complete: an index describes
-            // only a sealed segment.
-            remove_if_present(&*fs, &segments_dir.join(index_file_name(last_seq)))?;
+            // only a sealed segment. What it describes was fsynced first,
+            // so it is a durable mark.
+            let index_path = segments_dir.join(index_file_name(last_seq));
+            if let Some(next_seq) = index_next_seq(&*fs, &index_path, last_seq) {
+                let by_index = DurableMark {
+                    next_seq,
+                    proof: format!(
+                        "its index file {} records seqs up to {}",
+                        index_path.display(),
+                        next_seq.saturating_sub(1)
+                    ),
+                };
+                if mark.as_ref().is_none_or(|m| m.next_seq < next_seq) {
+                    mark = Some(by_index);
+                }
+            }
+            remove_if_present(&*fs, &index_path)?;
         }
         let file_len = active_file
             .size()
@@ -274,21 +295,59 @@ impl Log {
             None,
         )
         .map_err(|e| LogError::io("read", &path, e))?;
-        if let Some(at) = scanned.torn_at {
-            active_file
-                .set_len(at)
-                .map_err(|e| LogError::io("truncate the torn tail of", &path, e))?;
-            // Durable before new records go after it, so a crash cannot
-            // bring the torn bytes back between them.
-            active_file
-                .sync_data()
-                .map_err(|e| LogError::io("fsync", &path, e))?;
-            metrics.torn_tails_truncated += 1;
-            metrics.fsyncs += 1;
-        }
-        damage.extend(scanned.damage);
-        let mut active = scanned.segment;
+        let mut active = match mark {
+            Some(mark) if scanned.segment.next_seq < mark.next_seq => {
+                // Not a torn write: durable records are gone. Nothing is
+                // cut; the segment is sealed as it is and a new one starts
+                // at the mark, so no lost seq is issued again.
+                let lost = scanned.segment.next_seq..mark.next_seq;
+                metrics.records_lost += lost.end - lost.start;
+                damage.extend(
+                    scanned
+                        .damage
+                        .into_iter()
+                        .filter(|d| !matches!(d, Damage::TornTail { .. })),
+                );
+                let (segment, file) = seal_short_segment(
+                    &*fs,
+                    &segments_dir,
+                    &path,
+                    scanned.segment,
+                    file_len,
+                    mark,
+                    &mut damage,
+                )?;
+                active_file = file;
+                metrics.fsyncs += 3;
+                let active = Segment::empty(segment.next_seq, segment.max_timestamp);
+                sealed.push(segment);
+                active
+            }
+            _ => {
+                if let Some(at) = scanned.torn_at {
+                    active_file
+                        .set_len(at)
+                        .map_err(|e| LogError::io("truncate the torn tail of", &path, e))?;
+                    // Durable before new records go after it, so a crash
+                    // cannot bring the torn bytes back between them.
+                    active_file
+                        .sync_data()
+                        .map_err(|e| LogError::io("fsync", &path, e))?;
+                    metrics.torn_tails_truncated += 1;
+                    metrics.fsyncs += 1;
+                }
+                damage.extend(scanned.damage);
+                scanned.segment
+            }
+        };
         reconcile_boundaries(&segments_dir, &mut sealed, &mut active, &mut damage);
+        metrics.records_lost += damage
+            .iter()
+            .map(|d| match d {
+                Damage::MissingRecords { .. } => d.lost_seqs().end - d.lost_seqs().start,
+                _ => 0,
+            })
+            .sum::<u64>();
         metrics.corrupt_records_found = damage
             .iter()
             .filter(|d| matches!(d, Damage::CorruptRecord { .. }))
@@ -438,7 +497,7 @@ impl Log {
             FsyncPolicy::Always => true,
             FsyncPolicy::Interval(interval) => self
                 .last_fsync
-                .is_none_or(|last| last.elapsed() >= interval),
+                .is_none_or(|last| self.config.clock.now().duration_since(last) >= interval),
             FsyncPolicy::Never => false,
         };
         let unsynced = self.written != self.durable;
@@ -764,7 +823,7 @@ impl Log {
             Ok(()) => {
                 self.metrics.fsyncs += 1;
                 self.durable = self.written;
-                self.last_fsync = Some(Instant::now());
+                self.last_fsync = Some(self.config.clock.now());
                 Ok(())
             }
             Err(e) => {
@@ -1154,7 +1213,7 @@ fn write_index(
 
 /// Reads and checks a sealed segment's index file; the error says where
 /// and what is wrong with it.
-fn read_index(
+pub(crate) fn read_index(
     fs: &dyn FileSystem,
     path: &Path,
     first_seq: Seq,
@@ -1242,11 +1301,165 @@ fn load_sealed(
     }
 }
 
+/// A seq up to which the directory proves records durable, whatever the
+/// last segment now holds, and what proves it (for the operator).
+pub(crate) struct DurableMark {
+    /// Every record below this seq was durable.
+    pub(crate) next_seq: Seq,
+    pub(crate) proof: String,
+}
+
+/// The snapshot's `covers`, as a durable mark: `save_snapshot` makes the
+/// records it covers durable before it writes the snapshot. `None` when
+/// there is no snapshot or it fails its checks (`load_snapshot` reports
+/// that).
+pub(crate) fn snapshot_mark(fs: &dyn FileSystem, path: &Path) -> Option<DurableMark> {
+    let covers = check_snapshot(fs, path).ok().flatten()?;
+    (covers > 0).then(|| DurableMark {
+        next_seq: covers.saturating_add(1),
+        proof: format!(
+            "the snapshot {} covers every record up to seq {covers}",
+            path.display()
+        ),
+    })
+}
+
+/// Checks the snapshot as it reads it, a piece at a time (a large one costs
+/// no memory here): `Ok(None)` if there is none, its `covers` if it holds
+/// together, else where and what is wrong.
+pub(crate) fn check_snapshot(
+    fs: &dyn FileSystem,
+    path: &Path,
+) -> Result<Option<Seq>, (u64, String)> {
+    const CHUNK_BYTES: u64 = 1024 * 1024;
+    let file = match fs.open(path, OpenMode::Read) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err((0, format!("the snapshot cannot be opened: {e}"))),
+    };
+    let size = file
+        .size()
+        .map_err(|e| (0, format!("the snapshot's size cannot be read: {e}")))?;
+    let header_bytes = SNAPSHOT_HEADER_BYTES as u64;
+    let trailer_bytes = SNAPSHOT_TRAILER_BYTES as u64;
+    if size < header_bytes + trailer_bytes
+        || size > SNAPSHOT_BYTES_MAX + header_bytes + trailer_bytes
+    {
+        return Err((
+            0,
+            format!("the snapshot is {size} bytes, outside its limits"),
+        ));
+    }
+    let unreadable = |e: io::Error| (0, format!("the snapshot cannot be read: {e}"));
+    let mut header = [0u8; SNAPSHOT_HEADER_BYTES];
+    read_exact_at(&*file, 0, &mut header).map_err(unreadable)?;
+    let Some((covers, body_len)) = crate::format::snapshot_header(&header) else {
+        return Err((
+            0,
+            "the snapshot's magic or version is not CLSN 1".to_string(),
+        ));
+    };
+    if body_len != size - header_bytes - trailer_bytes {
+        return Err((
+            16,
+            format!("snapshot body length {body_len} does not match the file"),
+        ));
+    }
+    let body_end = size - trailer_bytes;
+    let mut crc = crc32c::crc32c(&header);
+    let mut chunk = Vec::new();
+    let mut at = header_bytes;
+    while at < body_end {
+        let len = (body_end - at).min(CHUNK_BYTES);
+        chunk.resize(len as usize, 0);
+        read_exact_at(&*file, at, &mut chunk).map_err(unreadable)?;
+        crc = crc32c::crc32c_append(crc, &chunk);
+        at += len;
+    }
+    let mut trailer = [0u8; SNAPSHOT_TRAILER_BYTES];
+    read_exact_at(&*file, body_end, &mut trailer).map_err(unreadable)?;
+    let stored = u32::from_be_bytes(trailer);
+    if stored != crc {
+        return Err((
+            body_end,
+            format!("snapshot checksum mismatch (stored {stored:#010x}, computed {crc:#010x})"),
+        ));
+    }
+    Ok(Some(covers))
+}
+
+/// The `next_seq` an index file records for segment `first_seq`, if the
+/// file holds together (its checksum, magic, version and entries), however
+/// long the segment is now.
+pub(crate) fn index_next_seq(fs: &dyn FileSystem, path: &Path, first_seq: Seq) -> Option<Seq> {
+    let file = fs.open(path, OpenMode::Read).ok()?;
+    let size = file.size().ok()?;
+    let mut header = [0u8; INDEX_HEADER_BYTES];
+    read_exact_at(&*file, 0, &mut header).ok()?;
+    let segment_bytes = crate::format::be_u64(&header, 24);
+    let entries_max =
+        segment_bytes.min(crate::SEGMENT_BYTES_LIMIT) / RECORD_HEADER_BYTES as u64 + 1;
+    let size_max =
+        (INDEX_HEADER_BYTES + INDEX_TRAILER_BYTES) as u64 + entries_max * INDEX_ENTRY_BYTES as u64;
+    if size > size_max {
+        return None;
+    }
+    let mut bytes = vec![0; usize::try_from(size).ok()?];
+    read_exact_at(&*file, 0, &mut bytes).ok()?;
+    decode_index(&bytes, first_seq, segment_bytes)
+        .ok()
+        .map(|index| index.next_seq)
+}
+
+/// The last segment ends before `mark`: seals it as it is (no byte cut),
+/// with an index of its intact records, reports the loss, and starts the
+/// next segment at the mark. Returns the sealed segment (its lost seqs
+/// read as damaged) and the new active file.
+fn seal_short_segment(
+    fs: &dyn FileSystem,
+    segments_dir: &Path,
+    path: &Path,
+    mut segment: Segment,
+    file_len: u64,
+    mark: DurableMark,
+    damage: &mut Vec<Damage>,
+) -> Result<(Segment, Box<dyn LogFile>), LogError> {
+    let intact_end = segment.bytes;
+    let lost = segment.next_seq..mark.next_seq;
+    damage.push(Damage::DurableRecordsLost {
+        segment: path.to_path_buf(),
+        offset: intact_end,
+        bytes: file_len - intact_end,
+        seqs: lost.clone(),
+        mark: mark.proof.clone(),
+    });
+    // The index says where the intact records end; the next open finds
+    // the lost seqs between this segment and the next and reports them
+    // again, for as long as the segment is kept.
+    segment.bytes = file_len;
+    segment.sealed = true;
+    segment.index_bytes = write_index(fs, segments_dir, &segment)?;
+    segment.add_damaged(Damaged {
+        offset: intact_end,
+        end_offset: file_len,
+        seqs: lost.clone(),
+        reason: format!("records lost although {}", mark.proof),
+    });
+    segment.next_seq = mark.next_seq;
+    let next_path = segments_dir.join(segment_file_name(mark.next_seq));
+    let file = fs
+        .open(&next_path, OpenMode::Create)
+        .map_err(|e| LogError::io("create", &next_path, e))?;
+    fs.sync_dir(segments_dir)
+        .map_err(|e| LogError::io("fsync the directory", segments_dir, e))?;
+    Ok((segment, file))
+}
+
 /// Each segment must end where the next begins. A gap means records are
 /// missing; an overlap means two files claim the same seqs (the later one
 /// wins). Both only happen when files were changed by hand or the disk
 /// lost data; both are reported, and the missing seqs read as damaged.
-fn reconcile_boundaries(
+pub(crate) fn reconcile_boundaries(
     segments_dir: &Path,
     sealed: &mut [Segment],
     active: &mut Segment,

@@ -559,3 +559,214 @@ proptest! {
         log.sync().expect("sync");
     }
 }
+
+/// The active segment cut inside records the snapshot covers: not a torn
+/// write (those records were durable) but lost records, reported with the
+/// snapshot as the proof; nothing is cut, and the log goes on after the
+/// snapshot, so none of the lost seqs is issued again, at this open or any
+/// later one (where the gap is reported again, as missing records).
+#[test]
+fn records_the_snapshot_covers_cut_from_the_active_segment_are_lost_not_torn() {
+    let env = one_segment_env(31);
+    let mut log = env.open_clean();
+    append_n(&mut log, 20, 40);
+    log.save_snapshot(20, b"state").expect("snapshot");
+    let path = active_path(&log);
+    drop(log);
+    // Inside record 13: 12 whole records stay.
+    let kept = 12 * record_bytes(40);
+    let cut = kept + 17;
+    let bytes = std::fs::read(&path).expect("read");
+    std::fs::write(&path, &bytes[..cut as usize]).expect("cut");
+
+    let (mut log, damage) = env.open();
+    assert_eq!(
+        damage,
+        vec![Damage::DurableRecordsLost {
+            segment: path.clone(),
+            offset: kept,
+            bytes: 17,
+            seqs: 13..21,
+            mark: format!(
+                "the snapshot {} covers every record up to seq 20",
+                env.snapshot_path().display()
+            ),
+        }]
+    );
+    let said = damage[0].to_string();
+    assert!(
+        said.contains("records 13..21 are lost") && said.contains("restore the segment"),
+        "{said}"
+    );
+    assert!(damage[0].is_harmful());
+    assert_eq!(file_len(&path), cut, "nothing cut");
+    assert_eq!(log.metrics().records_lost, 8);
+    assert_eq!(log.next_seq(), 21, "numbering goes on after the snapshot");
+    for seq in 1..=12 {
+        assert_eq!(
+            log.read(seq).expect("intact"),
+            Some(expected_record(seq, 40))
+        );
+    }
+    for seq in 13..=20 {
+        assert!(
+            matches!(log.read(seq), Err(LogError::Corrupt { resume_seq: 21, .. })),
+            "seq {seq}"
+        );
+    }
+    let seq = log.next_seq();
+    assert_eq!(
+        log.append(RecordKind::Message, seq * 1000, &common::body(seq, 40, 0))
+            .expect("append"),
+        21
+    );
+    log.sync().expect("sync");
+    drop(log);
+
+    let (mut log, damage) = env.open();
+    assert!(
+        matches!(&damage[..], [Damage::MissingRecords { seqs, .. }] if *seqs == (13..21)),
+        "{damage:?}"
+    );
+    assert!(damage[0].to_string().contains("lost"), "{}", damage[0]);
+    assert_eq!(log.next_seq(), 22);
+    assert_eq!(log.read(21).expect("intact"), Some(expected_record(21, 40)));
+    assert!(matches!(log.read(13), Err(LogError::Corrupt { .. })));
+    assert_eq!(file_len(&path), cut, "still nothing cut");
+}
+
+/// A torn write past the snapshot is still a torn tail: the mark decides.
+#[test]
+fn a_torn_tail_past_the_snapshot_is_still_torn() {
+    let env = one_segment_env(32);
+    let mut log = env.open_clean();
+    append_n(&mut log, 20, 40);
+    log.save_snapshot(10, b"state").expect("snapshot");
+    let path = active_path(&log);
+    drop(log);
+    let cut = 15 * record_bytes(40) + 5;
+    let bytes = std::fs::read(&path).expect("read");
+    std::fs::write(&path, &bytes[..cut as usize]).expect("cut");
+    let (log, damage) = env.open();
+    assert!(
+        matches!(
+            &damage[..],
+            [Damage::TornTail {
+                bytes_dropped: 5,
+                ..
+            }]
+        ),
+        "{damage:?}"
+    );
+    assert!(!damage[0].is_harmful());
+    assert_eq!(log.next_seq(), 16);
+}
+
+/// A sealed segment's index is a durable mark too: when the newest
+/// segment file is gone and the one before it was cut short, its index
+/// (left on disk as by a roll that did not finish) proves records lost.
+#[test]
+fn an_index_file_proves_the_records_it_describes_durable() {
+    let env = Env::small(33);
+    let segments = sealed_setup(&env);
+    let last_sealed = &segments[segments.len() - 2];
+    let active = segments.last().expect("active");
+    std::fs::remove_file(&active.path).expect("remove the active segment");
+    let bytes = std::fs::read(&last_sealed.path).expect("read");
+    std::fs::write(&last_sealed.path, &bytes[..bytes.len() - 3]).expect("cut");
+
+    let (log, damage) = env.open();
+    let lost = last_sealed.last_seq..active.first_seq;
+    assert!(
+        matches!(&damage[..], [Damage::DurableRecordsLost { seqs, mark, .. }]
+            if *seqs == lost && mark.contains("index file")),
+        "{damage:?}"
+    );
+    assert_eq!(log.next_seq(), active.first_seq);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// Whatever is cut from the end of the newest segment, and wherever the
+    /// snapshot stands: a seq the snapshot covers is never issued again,
+    /// and no seq ever reads back as a record other than the one first
+    /// written with it — so nothing the broker keeps by seq (a backlog, an
+    /// ack, a dead letter) can come to name another message. Records the
+    /// snapshot covers that are gone are reported lost, never torn.
+    #[test]
+    fn a_covered_seq_is_never_issued_again_whatever_is_cut(
+        seed in any::<u64>(),
+        count in 1u64..60,
+        covers_pick in any::<u64>(),
+        cut_pick in any::<u64>(),
+        more in 0u64..10,
+        reopens in 1usize..3,
+    ) {
+        let mut env = Env::small(seed);
+        env.config.segment_bytes_max = 700;
+        env.config.index_every_records = 3;
+        let mut log = env.open_clean();
+        let written = append_n(&mut log, count as usize, 30);
+        let covers = covers_pick % (count + 1);
+        if covers > 0 {
+            log.save_snapshot(covers, b"state").expect("snapshot");
+        } else {
+            log.sync().expect("sync");
+        }
+        let active = active_path(&log);
+        let active_first = log.segments().last().expect("active").first_seq;
+        drop(log);
+        let len = file_len(&active);
+        let cut = if len == 0 { 0 } else { cut_pick % (len + 1) };
+        let bytes = std::fs::read(&active).expect("read");
+        std::fs::write(&active, &bytes[..cut as usize]).expect("cut");
+        let intact_next = active_first + cut / record_bytes(30);
+
+        let mut issued: Vec<(Seq, u8)> = written.iter().map(|&s| (s, 0)).collect();
+        for round in 0..reopens {
+            let (mut log, damage) = env.open();
+            prop_assert!(log.next_seq() > covers, "next {} covers {covers}", log.next_seq());
+            if intact_next <= covers {
+                let lost = intact_next..covers + 1;
+                prop_assert!(
+                    damage.iter().any(|d| d.is_harmful() && d.lost_seqs() == lost),
+                    "records {lost:?} lost, reported as {damage:?}"
+                );
+                prop_assert!(
+                    !damage.iter().any(|d| matches!(d, Damage::TornTail { .. })),
+                    "{damage:?}"
+                );
+            }
+            for &(seq, salt) in &issued {
+                match log.read(seq) {
+                    Ok(Some(record)) => prop_assert_eq!(
+                        record.body.to_vec(),
+                        common::body(seq, 30, salt),
+                        "seq {} read back as another record", seq
+                    ),
+                    Ok(None) => prop_assert!(
+                        seq >= log.next_seq() && seq > covers,
+                        "seq {seq} vanished"
+                    ),
+                    Err(LogError::Corrupt { .. }) => {}
+                    Err(e) => return Err(TestCaseError::fail(format!("read {seq}: {e}"))),
+                }
+            }
+            let salt = 1 + round as u8;
+            for _ in 0..more {
+                let seq = log.next_seq();
+                if issued.iter().any(|&(s, _)| s == seq) {
+                    prop_assert!(seq > covers, "seq {seq}, covered by the snapshot, issued again");
+                }
+                let got = log
+                    .append(RecordKind::Message, seq * 1000, &common::body(seq, 30, salt))
+                    .expect("append");
+                prop_assert_eq!(got, seq);
+                issued.retain(|&(s, _)| s != seq);
+                issued.push((seq, salt));
+            }
+            log.sync().expect("sync");
+        }
+    }
+}

@@ -93,6 +93,13 @@ impl FromStr for Version {
     }
 }
 
+/// The command header that asks for a flow-controlled reply stream
+/// (`docs/PROTOCOL.md` §8.8); its value is the window, in replies, as
+/// decimal digits.
+pub const REPLY_WINDOW_HEADER: &str = "courier-reply-window";
+/// The largest reply window a request may ask for.
+pub const REPLY_WINDOW_MAX: u32 = 65_536;
+
 /// One message on the bus: the envelope of DESIGN §2 plus its payload.
 ///
 /// `timestamp` and `sender` are set by the broker when it accepts the
@@ -107,6 +114,10 @@ pub struct Message {
     /// Unix nanoseconds at which the broker accepted the message.
     pub timestamp: u64,
     pub activity_id: Uuid,
+    /// The message that was being handled when this one was sent (its
+    /// cause); `None` for a message that starts an activity. Carried on
+    /// the wire from protocol version 2 (flag `0x80`).
+    pub parent_id: Option<Uuid>,
     /// The command a reply answers.
     pub response_to: Option<Uuid>,
     /// The authenticated service that sent the message (shared: the
@@ -127,6 +138,17 @@ pub struct Message {
 }
 
 impl Message {
+    /// Gives the payload and the key allocations of their own. A decoded
+    /// message's bytes are slices of the connection's read buffer (64 KiB
+    /// at a time); one kept for long — in a queue, parked, held — would
+    /// keep that whole buffer alive.
+    pub fn detach(&mut self) {
+        self.payload = Bytes::copy_from_slice(&self.payload);
+        if let Some(key) = &mut self.key {
+            *key = Bytes::copy_from_slice(key);
+        }
+    }
+
     /// A message with a fresh id, version 1.0 and no options set. It
     /// starts a new activity, named after it: its `activity_id` is its own
     /// id (unique as any fresh id, at half the random bits per message);
@@ -149,6 +171,7 @@ impl Message {
             id,
             timestamp: 0,
             activity_id,
+            parent_id: None,
             response_to: None,
             sender: SharedStr::new(),
             key: None,

@@ -65,6 +65,8 @@ error_codes! {
     SlowConsumer = 19, "slow_consumer";
     NotSubscribed = 20, "not_subscribed";
     TooManyConnections = 21, "too_many_connections";
+    ReadTimeout = 22, "read_timeout";
+    StreamFull = 23, "stream_full";
 }
 
 impl ErrorCode {

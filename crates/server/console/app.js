@@ -558,6 +558,19 @@ function flatten(nodes, depth = 0, out = []) {
   return out;
 }
 
+/** What became of each delivery of a traced message, e.g. `todo: acked`. */
+function deliveryOutcomes(node) {
+  const deliveries = Array.isArray(node.deliveries) ? node.deliveries : [];
+  if (!deliveries.length) return first(node, 'outcome', 'result') || '';
+  return deliveries.map((d) => {
+    const attempt = d.attempt > 1 ? ` (attempt ${d.attempt})` : '';
+    // Replies are not acked: delivered is their last word.
+    const open = node.kind === 'reply' ? 'delivered' : 'in flight';
+    const outcome = d.outcome || (d.delivered_at ? open : 'waiting');
+    return `${d.service || '?'}: ${outcome}${attempt}`;
+  }).join('; ');
+}
+
 async function openTrace(id) {
   let tree;
   try {
@@ -585,11 +598,12 @@ async function openTrace(id) {
         return h('tr', { dataset: { test: 'trace-node', name: first(node, 'name') || '' } },
           h('th', { scope: 'row', class: `depth d${Math.min(depth, 8)}` }, h('span', { class: `kind ${node.kind || ''}` }, node.kind || ''), ' ', first(node, 'name') || '?'),
           h('td', {}, `${first(node, 'sender', 'from') || '?'} → ${Array.isArray(receivers) ? receivers.join(', ') : (receivers || '–')}`),
-          h('td', {}, first(node, 'outcome', 'result') || ''),
+          h('td', {}, deliveryOutcomes(node)),
           h('td', { class: 'num' }, t ? `+${latency((t - t0) / 1e9)}` : '–'),
           h('td', {}, s('svg', { width, height: 12, class: 'lane', 'aria-hidden': 'true' },
             s('rect', { x: x.toFixed(1), y: 2, width: 8, height: 8, rx: 2, class: `mark ${node.kind || ''}` }))));
       })))));
+  $('trace-detail').scrollIntoView({ block: 'start' });
 }
 
 // ---- navigation and actions ---------------------------------------------

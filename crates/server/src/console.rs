@@ -550,7 +550,7 @@ async fn dead_letter(
         Ok(id) => id,
         Err(refusal) => return refusal.into_response(),
     };
-    let found = shared.core().dead_letter(&service, id);
+    let found = shared.core().find_dead_letter(&service, id);
     match found {
         Some((d, m)) => json_answer(dead_letter_json(&d, m.as_ref(), true)),
         None => no_dead_letter(&service, id),
@@ -617,7 +617,7 @@ async fn replay(
         Err(refusal) => return refusal.into_response(),
     };
     let revived = change(&shared, |core, now| {
-        core.dead_letter(&service, id)?;
+        core.find_dead_letter(&service, id)?;
         Some(core.revive(&service, id, now))
     });
     match revived {

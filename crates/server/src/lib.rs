@@ -13,10 +13,13 @@ mod auth;
 mod console;
 mod http;
 mod metrics_text;
+mod tail;
 mod tls;
+mod trace;
 
 pub use auth::{load_manifest, ADMIN_SERVICE};
 pub use tls::{certificate_subject, TlsSettings, ALPN};
+pub use trace::TraceSettings;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -27,15 +30,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::BytesMut;
 use courier_broker::{Action, Broker, ConnId, FastMap, Nanos, RecoveryReport};
 use courier_proto::{
-    decode_frame, ErrorCode, ErrorFrame, Frame, FrameWriter, Welcome, FRAME_BYTES_MAX_DEFAULT,
-    PROTOCOL_VERSION,
+    decode_frame, decode_frame_as, ErrorCode, ErrorFrame, Frame, FrameWriter, Welcome,
+    FRAME_BYTES_MAX_DEFAULT, PROTOCOL_VERSION, PROTOCOL_VERSION_MIN,
 };
 use courier_store::MessageStore;
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 pub use courier_broker::{Config as BrokerConfig, RetentionRule};
 
@@ -43,9 +46,25 @@ pub use courier_broker::{Config as BrokerConfig, RetentionRule};
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
+    /// The frame limit announced in WELCOME, for both directions: the
+    /// longest frame a client may send, and the longest the broker sends
+    /// (it refuses messages whose delivery would be longer). Overrides
+    /// `broker.frame_bytes_max`.
     pub frame_bytes_max: u32,
-    /// A connection must finish HELLO within this time.
+    /// A connection must finish HELLO within this time (its TLS handshake
+    /// included), whether it goes silent or shuts its write side.
     pub handshake_timeout_ms: u64,
+    /// Once a frame has begun to arrive, all of it must arrive within this
+    /// time, or the connection is closed (`read_timeout`).
+    pub frame_timeout_ms: u64,
+    /// An established connection that sends nothing (not even a PING) for
+    /// this long is closed (`read_timeout`). The SDK pings every 10 s.
+    pub keepalive_timeout_ms: u64,
+    /// Connections open at once, in their handshake or established; more
+    /// are answered `too_many_connections` and closed, so the process never
+    /// runs out of file descriptors. `courier serve` sizes it from its
+    /// open-files limit.
+    pub connections_max: usize,
     /// Bytes queued for one connection at which it gets no more deliveries
     /// until it has written all but a quarter of them (back-pressure).
     pub pause_bytes: usize,
@@ -64,12 +83,16 @@ pub struct ServerConfig {
     pub insecure: bool,
     /// Connections still in their handshake at once; more are closed at once.
     pub handshakes_max: usize,
+    /// The background scrub of the log's sealed segments; `None`: off.
+    pub scrub: Option<ScrubSettings>,
     /// TLS on the listener: every connection's TLS handshake comes before
     /// HELLO and counts against `handshake_timeout_ms`. TLS alone is not
     /// authentication (the `insecure` rule is unchanged).
     pub tls: Option<TlsSettings>,
     /// The HTTP port (health, readiness, metrics); `None` serves none.
     pub http: Option<SocketAddr>,
+    /// Activity traces; `None` keeps none.
+    pub trace: Option<TraceSettings>,
     pub broker: BrokerConfig,
 }
 
@@ -79,6 +102,9 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 7700)),
             frame_bytes_max: FRAME_BYTES_MAX_DEFAULT,
             handshake_timeout_ms: 10_000,
+            frame_timeout_ms: FRAME_TIMEOUT_MS_DEFAULT,
+            keepalive_timeout_ms: KEEPALIVE_TIMEOUT_MS_DEFAULT,
+            connections_max: CONNECTIONS_MAX_DEFAULT,
             pending_bytes_max: 64 * 1024 * 1024,
             pause_bytes: 4 * 1024 * 1024,
             read_buffer_bytes: 64 * 1024,
@@ -86,12 +112,53 @@ impl Default for ServerConfig {
             manifest_path: None,
             insecure: false,
             handshakes_max: 1024,
+            scrub: None,
             tls: None,
             http: None,
+            trace: Some(TraceSettings::default()),
             broker: BrokerConfig::default(),
         }
     }
 }
+
+/// Where and how fast the background scrub reads (docs/STORAGE.md §8.8).
+#[derive(Debug, Clone)]
+pub struct ScrubSettings {
+    /// The log's directory (`LogConfig::dir`).
+    pub log_dir: std::path::PathBuf,
+    /// Bytes read per second at most (the scrub's whole I/O).
+    pub bytes_per_sec: u64,
+    /// A pass starts this long after the previous one started (or when it
+    /// ends, if it took longer). The first starts with the broker.
+    pub pass_interval_ms: u64,
+}
+
+/// Default of [`ScrubSettings::bytes_per_sec`]: a 64 MiB segment in 8 s,
+/// a 10 GiB log in about 21 minutes, a small share of any disk.
+pub const SCRUB_BYTES_PER_SEC_DEFAULT: u64 = 8 * 1024 * 1024;
+/// Default of [`ScrubSettings::pass_interval_ms`]: hourly.
+pub const SCRUB_PASS_INTERVAL_MS_DEFAULT: u64 = 3_600_000;
+
+/// Default of [`ServerConfig::frame_timeout_ms`]: a frame of the default
+/// 8 MiB limit still arrives at 280 KB/s.
+pub const FRAME_TIMEOUT_MS_DEFAULT: u64 = 30_000;
+/// Default of [`ServerConfig::keepalive_timeout_ms`]: six of the SDK's
+/// 10-second PING intervals, so a lost PING or two never cuts an idle
+/// client, while a dead peer's descriptor is freed within a minute.
+pub use courier_proto::KEEPALIVE_TIMEOUT_MS_DEFAULT;
+/// Default of [`ServerConfig::connections_max`] when nothing sized it from
+/// the process's open-files limit.
+pub const CONNECTIONS_MAX_DEFAULT: usize = 4096;
+/// Connections being refused (over the cap) at once; past it, a new one
+/// is closed without its ERROR frame rather than hold another descriptor.
+const REFUSALS_MAX: usize = 64;
+/// How long a refused connection is kept to read what the client sent,
+/// so closing does not reset the connection before the ERROR is read.
+const REFUSAL_LINGER_MS: u64 = 1_000;
+/// How long a closing connection may take to write what is left in its
+/// outbox (its ERROR frame, say) before it is closed regardless: a peer
+/// that stopped reading must not keep the descriptor.
+const CLOSE_LINGER_MS: u64 = 5_000;
 
 #[derive(Debug, Error)]
 pub enum ServerError {
@@ -104,6 +171,8 @@ pub enum ServerError {
     Insecure(SocketAddr),
     #[error("TLS: {0}")]
     Tls(String),
+    #[error("cannot start the activity traces' thread: {0}")]
+    Trace(std::io::Error),
     #[error("cannot recover the broker's state from its store: {0}")]
     Recovery(#[from] courier_store::StoreError),
     #[error("cannot listen on {addr}: {source}")]
@@ -133,6 +202,8 @@ struct Outbox {
     /// below `resume_below` is resumed at once, not at the next tick.
     timer_wake: Arc<Notify>,
     resume_below: usize,
+    /// Set once the connection is gone (tails writing to it stop).
+    gone: std::sync::atomic::AtomicBool,
 }
 
 struct OutState {
@@ -147,10 +218,12 @@ struct OutState {
 }
 
 impl Outbox {
-    fn new(timer_wake: Arc<Notify>, resume_below: usize) -> Arc<Outbox> {
+    /// An outbox whose frames keep to `frame_bytes_max`, the limit the
+    /// broker announces in WELCOME.
+    fn new(timer_wake: Arc<Notify>, resume_below: usize, frame_bytes_max: u32) -> Arc<Outbox> {
         Arc::new(Outbox {
             state: Mutex::new(OutState {
-                writer: FrameWriter::new(),
+                writer: FrameWriter::with_frame_bytes_max(frame_bytes_max),
                 closing: false,
                 writing: 0,
                 paused: false,
@@ -158,7 +231,12 @@ impl Outbox {
             wake: Notify::new(),
             timer_wake,
             resume_below,
+            gone: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    fn is_gone(&self) -> bool {
+        self.gone.load(Ordering::Relaxed)
     }
 
     fn lock(&self) -> MutexGuard<'_, OutState> {
@@ -198,8 +276,14 @@ struct Shared {
     /// Modification time of the manifest file in force.
     manifest_modified: Mutex<Option<SystemTime>>,
     handshakes: std::sync::atomic::AtomicUsize,
+    /// Connections open (see [`ServerConfig::connections_max`]).
+    connections: std::sync::atomic::AtomicUsize,
+    /// Connections over the cap being told so.
+    refusals: std::sync::atomic::AtomicUsize,
     /// The second (unix) of the last "too many handshakes" warning.
     cap_warned_at: AtomicU64,
+    /// The second (unix) of the last "too many connections" warning.
+    connections_warned_at: AtomicU64,
     /// Connections paused for back-pressure, checked on every tick.
     paused: Mutex<std::collections::HashSet<ConnId>>,
     core: Mutex<Broker<Store>>,
@@ -217,6 +301,21 @@ struct Shared {
     /// into fewer frames), for `/metrics`.
     frames_in: AtomicU64,
     entries_out: AtomicU64,
+    /// Live tails and the channel that feeds them.
+    tails: tail::Tails,
+    /// Activity traces, unless off.
+    tracer: Option<trace::Tracer>,
+}
+
+/// What the broker wants the operator to hear: harm to durable data at
+/// error level, the rest as warnings.
+fn say_alerts(core: &mut Broker<Store>) {
+    for error in core.take_errors() {
+        error!("{error}");
+    }
+    for alert in core.take_alerts() {
+        warn!("{alert}");
+    }
 }
 
 fn now_nanos() -> Nanos {
@@ -254,9 +353,7 @@ impl ServerHandle {
     pub fn checkpoint(&self) -> Result<u64, courier_store::StoreError> {
         let mut core = self.shared.core();
         let freed = core.checkpoint(now_nanos());
-        for alert in core.take_alerts() {
-            warn!("{alert}");
-        }
+        say_alerts(&mut core);
         freed
     }
 }
@@ -300,14 +397,30 @@ impl Server {
             Some(settings) => Some(tls::acceptor(settings).map_err(ServerError::Tls)?),
             None => None,
         };
-        let mut core = Broker::new(config.broker.clone(), store);
+        // One limit both ways: what clients may send, and what the broker
+        // accepts only if its delivery fits.
+        let broker_config = BrokerConfig {
+            frame_bytes_max: config.frame_bytes_max,
+            ..config.broker.clone()
+        };
+        let mut core = Broker::new(broker_config, store);
         core.set_manifest(manifest);
         let recovery_started = std::time::Instant::now();
         let recovery = core.recover(now_nanos())?;
         let recovery_seconds = recovery_started.elapsed().as_secs_f64();
-        for alert in core.take_alerts() {
-            warn!("{alert}");
-        }
+        say_alerts(&mut core);
+        let tracer = match &config.trace {
+            Some(settings) => {
+                Some(trace::Tracer::start(settings, now_nanos()).map_err(ServerError::Trace)?)
+            }
+            None => None,
+        };
+        core.set_tracing(
+            tracer
+                .as_ref()
+                .and(config.trace.as_ref())
+                .map(|settings| settings.rate),
+        );
         Ok(Server {
             recovery,
             http,
@@ -317,7 +430,10 @@ impl Server {
                 tls,
                 manifest_modified: Mutex::new(manifest_modified),
                 handshakes: std::sync::atomic::AtomicUsize::new(0),
+                connections: std::sync::atomic::AtomicUsize::new(0),
+                refusals: std::sync::atomic::AtomicUsize::new(0),
                 cap_warned_at: AtomicU64::new(0),
+                connections_warned_at: AtomicU64::new(0),
                 paused: Mutex::new(std::collections::HashSet::new()),
                 core: Mutex::new(core),
                 outboxes: Mutex::new(FastMap::default()),
@@ -328,6 +444,8 @@ impl Server {
                 recovery_seconds,
                 frames_in: AtomicU64::new(0),
                 entries_out: AtomicU64::new(0),
+                tails: tail::Tails::new(),
+                tracer,
             }),
             listener,
         })
@@ -360,13 +478,27 @@ impl Server {
             .http
             .take()
             .map(|http| AbortOnDrop(tokio::spawn(http.serve(self.shared.clone()))));
+        if let Some(settings) = self.shared.config.scrub.clone() {
+            let shared = Arc::downgrade(&self.shared);
+            let spawned = std::thread::Builder::new()
+                .name("courier-scrub".to_string())
+                .spawn(move || run_scrub(shared, settings));
+            if let Err(e) = spawned {
+                warn!(error = %e, "cannot start the background scrub; sealed segments are checked only when read");
+            }
+        }
         let _timer = tokio::spawn(run_timer(self.shared.clone()));
         let _reloader = tokio::spawn(watch_manifest(self.shared.clone()));
         loop {
             match self.listener.accept().await {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    tokio::spawn(serve_connection(self.shared.clone(), stream, peer));
+                    match ConnectionSlot::take(&self.shared) {
+                        Some(slot) => {
+                            tokio::spawn(serve_connection(self.shared.clone(), slot, stream, peer));
+                        }
+                        None => refuse_over_cap(&self.shared, stream, peer),
+                    }
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off, keep serving.
@@ -412,12 +544,24 @@ impl Shared {
     fn with_core(&self, f: impl FnOnce(&mut Broker<Store>, Nanos)) {
         let mut core = self.core();
         let now = now_nanos();
+        core.set_tapping(self.tails.any());
         f(&mut core, now);
         let mut actions = Vec::new();
         core.take_actions(&mut actions);
-        for alert in core.take_alerts() {
-            warn!("{alert}");
+        // Sent under the lock, so every tail sees the core's order.
+        for tapped in core.take_taps() {
+            let _ = self.tails.sender.send(Arc::new(tapped));
         }
+        // One send per batch, under the lock too: the trace thread sees
+        // acceptances before the deliveries and acks that follow them.
+        if let Some(tracer) = &self.tracer {
+            let mut records = Vec::new();
+            let bytes = core.take_traces(&mut records);
+            if !records.is_empty() {
+                tracer.submit(records, bytes);
+            }
+        }
+        say_alerts(&mut core);
         let next_timer = core.next_timer();
         let (cut, full) = self.dispatch(actions);
         core.metrics_mut().slow_consumers_cut += cut;
@@ -482,7 +626,9 @@ impl Shared {
                 | Action::SendResult { conn, .. }
                 | Action::OpResult { conn, .. }
                 | Action::Drained { conn }
-                | Action::Pong { conn, .. } => *conn,
+                | Action::Pong { conn, .. }
+                | Action::StartTail { conn, .. }
+                | Action::TraceQuery { conn, .. } => *conn,
             };
             if current.as_ref().is_none_or(|(c, _)| *c != conn) {
                 current = None;
@@ -522,6 +668,35 @@ impl Shared {
                 })),
                 Action::Drained { .. } => state.writer.push(&Frame::Drained),
                 Action::Pong { nonce, .. } => state.writer.push(&Frame::Pong(nonce)),
+                Action::StartTail {
+                    conn,
+                    request,
+                    activity_id,
+                    filter,
+                } => {
+                    if let Some(outbox) = outboxes.get(&conn) {
+                        self.tails
+                            .start_bus_tail(outbox.clone(), request, activity_id, filter);
+                    }
+                    Ok(())
+                }
+                Action::TraceQuery {
+                    conn,
+                    request,
+                    activity_id,
+                    query,
+                } => {
+                    if let (Some(outbox), Some(tracer)) = (outboxes.get(&conn), &self.tracer) {
+                        answer_trace_query(
+                            tracer.clone(),
+                            outbox.clone(),
+                            request,
+                            activity_id,
+                            query,
+                        );
+                    }
+                    Ok(())
+                }
             };
             if let Err(e) = encoded {
                 warn!(conn, error = %e, "could not encode a frame; dropped");
@@ -563,6 +738,42 @@ impl Shared {
         }
         (cut, full)
     }
+}
+
+/// Answers a `courier.trace.*` command off the broker's lock (a tree
+/// may take a while to build) with one final reply.
+fn answer_trace_query(
+    tracer: trace::Tracer,
+    outbox: Arc<Outbox>,
+    request: uuid::Uuid,
+    activity_id: uuid::Uuid,
+    query: courier_broker::TraceQuery,
+) {
+    tokio::task::spawn_blocking(move || {
+        let (outcome, body) = tracer.answer(&query);
+        let mut reply =
+            courier_proto::Message::new(courier_proto::Kind::Reply, outcome, body.to_string());
+        reply.response_to = Some(request);
+        reply.activity_id = activity_id;
+        reply.sender = "courier".into();
+        reply.timestamp = now_nanos();
+        reply
+            .headers
+            .push(("content-type".into(), "application/json".into()));
+        let limit = outbox.lock().writer.frame_bytes_max() as usize;
+        let size = courier_proto::delivery_frame_len(&reply);
+        if size > limit {
+            // The connection could not take it: say so instead.
+            let why = serde_json::json!({
+                "reason": format!(
+                    "the answer is {size} bytes, more than this connection's frame limit of {limit}; read it over HTTP (GET /v1/activities on the broker's HTTP port)"
+                ),
+            });
+            reply.name = "courier.trace.too-large".into();
+            reply.payload = why.to_string().into();
+        }
+        outbox.deliver(&reply, usize::MAX);
+    });
 }
 
 fn reload_manifest(shared: &Shared) -> Result<(), String> {
@@ -699,6 +910,46 @@ async fn run_timer(shared: Arc<Shared>) {
     }
 }
 
+/// The background scrub, on a thread of its own (it paces itself by
+/// sleeping): passes over the sealed segments at the configured rate;
+/// damage is reported once and counted. Ends when the server is gone.
+fn run_scrub(shared: std::sync::Weak<Shared>, settings: ScrubSettings) {
+    let mut scrubber = courier_store::Scrubber::new(&settings.log_dir, settings.bytes_per_sec);
+    let interval = Duration::from_millis(settings.pass_interval_ms);
+    loop {
+        let started = std::time::Instant::now();
+        let mut found = |damage: courier_store::Damage| {
+            if let Some(shared) = shared.upgrade() {
+                let mut core = shared.core();
+                core.report_scrub_damage(damage.to_string());
+                say_alerts(&mut core);
+            }
+        };
+        let mut read = |bytes: u64| {
+            if let Some(shared) = shared.upgrade() {
+                shared.core().metrics_mut().scrub_bytes += bytes;
+            }
+        };
+        let result = scrubber.pass(&mut found, &mut read);
+        let Some(alive) = shared.upgrade() else {
+            return;
+        };
+        match result {
+            Ok(bytes) => {
+                alive.core().metrics_mut().scrub_passes += 1;
+                debug!(
+                    bytes,
+                    ms = started.elapsed().as_millis() as u64,
+                    "scrub pass done"
+                );
+            }
+            Err(e) => warn!(error = %e, "a scrub pass failed; the next one tries again"),
+        }
+        drop(alive);
+        std::thread::sleep(interval.saturating_sub(started.elapsed()));
+    }
+}
+
 /// Counts a connection as "in its handshake" until dropped.
 struct HandshakeSlot<'a>(&'a std::sync::atomic::AtomicUsize);
 
@@ -708,7 +959,101 @@ impl Drop for HandshakeSlot<'_> {
     }
 }
 
-async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
+/// One of [`ServerConfig::connections_max`] places, held by a connection
+/// from accept to close; the `connections_open` gauge follows.
+struct ConnectionSlot {
+    shared: Arc<Shared>,
+}
+
+impl ConnectionSlot {
+    fn take(shared: &Arc<Shared>) -> Option<ConnectionSlot> {
+        let open = shared.connections.fetch_add(1, Ordering::Relaxed) + 1;
+        if open > shared.config.connections_max {
+            shared.connections.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        shared.core().metrics_mut().connections_open = open as u64;
+        Some(ConnectionSlot {
+            shared: shared.clone(),
+        })
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let open = self.shared.connections.fetch_sub(1, Ordering::Relaxed) - 1;
+        self.shared.core().metrics_mut().connections_open = open as u64;
+    }
+}
+
+/// A connection over the cap: told so with an ERROR frame (plain TCP; a
+/// TLS client could not read a plaintext frame, so it is only closed), and
+/// closed. Said once a second at most, and at most `REFUSALS_MAX` are
+/// being told at once: a flood must hold neither descriptors nor the log.
+fn refuse_over_cap(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
+    shared.core().metrics_mut().connections_over_cap += 1;
+    let second = now_nanos() / 1_000_000_000;
+    if shared.connections_warned_at.swap(second, Ordering::Relaxed) != second {
+        warn!(%peer, max = shared.config.connections_max, "the broker holds its maximum of connections; refusing new ones (--connections-max)");
+    }
+    if shared.tls.is_some() {
+        return;
+    }
+    if shared.refusals.fetch_add(1, Ordering::Relaxed) >= REFUSALS_MAX {
+        shared.refusals.fetch_sub(1, Ordering::Relaxed);
+        return;
+    }
+    let shared = shared.clone();
+    let message = format!(
+        "the broker holds its maximum of {} connections; retry later, or raise courier serve --connections-max (and the open-files limit)",
+        shared.config.connections_max
+    );
+    tokio::spawn(async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(REFUSAL_LINGER_MS);
+        tell_and_close(stream, ErrorCode::TooManyConnections, message, deadline).await;
+        shared.refusals.fetch_sub(1, Ordering::Relaxed);
+    });
+}
+
+/// Writes one ERROR frame to a plain-TCP connection that has sent nothing
+/// the broker will read, and closes it. What the client sends first (its
+/// HELLO) is read and dropped — closing with unread bytes would reset the
+/// connection before the client read the ERROR: the broker waits for it
+/// until `deadline`, then takes what else is there and closes.
+async fn tell_and_close(
+    mut stream: TcpStream,
+    code: ErrorCode,
+    message: String,
+    deadline: tokio::time::Instant,
+) {
+    /// What is read and discarded before closing.
+    const DISCARD_BYTES_MAX: usize = 64 * 1024;
+    let mut out = FrameWriter::new();
+    let _ = out.push(&Frame::Error(ErrorFrame { code, message }));
+    let mut scratch = vec![0u8; 4096];
+    let mut discarded = 0;
+    let written = tokio::time::timeout_at(deadline, stream.write_all(&out.take())).await;
+    if !matches!(written, Ok(Ok(()))) || stream.shutdown().await.is_err() {
+        return;
+    }
+    match tokio::time::timeout_at(deadline, stream.read(&mut scratch)).await {
+        Ok(Ok(n)) if n > 0 => discarded += n,
+        _ => return,
+    }
+    while discarded < DISCARD_BYTES_MAX {
+        match stream.try_read(&mut scratch) {
+            Ok(n) if n > 0 => discarded += n,
+            _ => return,
+        }
+    }
+}
+
+async fn serve_connection(
+    shared: Arc<Shared>,
+    _place: ConnectionSlot,
+    stream: TcpStream,
+    peer: SocketAddr,
+) {
     let slot = HandshakeSlot(&shared.handshakes);
     if shared.handshakes.fetch_add(1, Ordering::Relaxed) >= shared.config.handshakes_max {
         // Unauthenticated connections cost memory and a task each; past the
@@ -773,14 +1118,12 @@ async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAd
 /// connection closes. `None` when the connection is done with.
 async fn refuse_plaintext(
     config: &ServerConfig,
-    mut stream: TcpStream,
+    stream: TcpStream,
     peer: SocketAddr,
     deadline: tokio::time::Instant,
 ) -> Option<TcpStream> {
     /// The first byte of every TLS handshake record.
     const TLS_HANDSHAKE: u8 = 0x16;
-    /// What is read and discarded from a plaintext client before closing.
-    const DISCARD_BYTES_MAX: usize = 64 * 1024;
     let mut first = [0u8; 1];
     match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
         Ok(Ok(1..)) if first[0] == TLS_HANDSHAKE => return Some(stream),
@@ -788,27 +1131,11 @@ async fn refuse_plaintext(
         Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return None,
     }
     info!(%peer, "a client spoke plain TCP to the TLS listener; refusing");
-    let mut out = FrameWriter::new();
-    let _ = out.push(&Frame::Error(ErrorFrame {
-        code: ErrorCode::HandshakeRequired,
-        message: format!(
-            "this broker requires TLS on {}: connect with --tls-ca CA.pem (or COURIER_TLS_CA; ClientOptions::tls in the SDK)",
-            config.listen
-        ),
-    }));
-    // Read what the client sent first, so closing does not reset the
-    // connection before it has read the ERROR.
-    let mut scratch = vec![0u8; 4096];
-    let mut discarded = 0;
-    let _ = stream.try_read(&mut scratch);
-    if stream.write_all(&out.take()).await.is_ok() && stream.shutdown().await.is_ok() {
-        while discarded < DISCARD_BYTES_MAX {
-            match tokio::time::timeout_at(deadline, stream.read(&mut scratch)).await {
-                Ok(Ok(n)) if n > 0 => discarded += n,
-                _ => break,
-            }
-        }
-    }
+    let message = format!(
+        "this broker requires TLS on {}: connect with --tls-ca CA.pem (or COURIER_TLS_CA; ClientOptions::tls in the SDK)",
+        config.listen
+    );
+    tell_and_close(stream, ErrorCode::HandshakeRequired, message, deadline).await;
     None
 }
 
@@ -825,7 +1152,11 @@ async fn serve_stream<R, W>(
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let outbox = Outbox::new(shared.timer_wake.clone(), shared.config.pause_bytes / 4);
+    let outbox = Outbox::new(
+        shared.timer_wake.clone(),
+        shared.config.pause_bytes / 4,
+        shared.config.frame_bytes_max,
+    );
     let writer_task = tokio::spawn(run_writer(writer, outbox.clone()));
     let mut buf = BytesMut::with_capacity(HANDSHAKE_READ_BYTES);
     let hello = match tokio::time::timeout_at(deadline, read_frame(&mut reader, &mut buf)).await {
@@ -835,15 +1166,20 @@ async fn serve_stream<R, W>(
                 ErrorCode::HandshakeTimeout,
                 format!("no HELLO within {} ms", shared.config.handshake_timeout_ms),
             );
-            let _ = writer_task.await;
+            close(&outbox, writer_task).await;
             return;
         }
-        Ok(Err(ReadError::Closed)) => return,
+        // Closed, or only the write side shut: a HELLO that has not
+        // arrived by now never will. (`read_frame` sets no deadline.)
+        Ok(Err(ReadError::Closed | ReadError::TimedOut(_))) => {
+            close(&outbox, writer_task).await;
+            return;
+        }
         Ok(Err(ReadError::Decode(code, message))) => {
             shared.core().metrics_mut().frames_rejected += 1;
             shared.core().metrics_mut().handshakes_refused += 1;
             outbox.fail(code, message);
-            let _ = writer_task.await;
+            close(&outbox, writer_task).await;
             return;
         }
         Ok(Ok(Frame::Hello(hello))) => hello,
@@ -853,22 +1189,27 @@ async fn serve_stream<R, W>(
                 ErrorCode::HandshakeRequired,
                 format!("the first frame must be HELLO, not {}", frame_name(&other)),
             );
-            let _ = writer_task.await;
+            close(&outbox, writer_task).await;
             return;
         }
     };
-    if hello.version != PROTOCOL_VERSION {
+    if !(PROTOCOL_VERSION_MIN..=PROTOCOL_VERSION).contains(&hello.version) {
         shared.core().metrics_mut().handshakes_refused += 1;
         outbox.fail(
             ErrorCode::UnsupportedVersion,
             format!(
-                "protocol version {} is not supported; this broker speaks {PROTOCOL_VERSION}",
+                "protocol version {} is not supported; this broker speaks versions {PROTOCOL_VERSION_MIN} to {PROTOCOL_VERSION}",
                 hello.version
             ),
         );
-        let _ = writer_task.await;
+        close(&outbox, writer_task).await;
         return;
     }
+    // The version both ends speak: what the connection's frames are
+    // written and read as from WELCOME on (a version-1 client never sees
+    // flag 0x80, and sending it stays malformed).
+    let version = hello.version.min(PROTOCOL_VERSION);
+    outbox.lock().writer.set_version(version);
     let identity = {
         let core = shared.core();
         auth::authenticate(
@@ -883,7 +1224,7 @@ async fn serve_stream<R, W>(
             info!(%peer, %reason, "handshake refused");
             shared.core().metrics_mut().handshakes_refused += 1;
             outbox.fail(code, reason);
-            let _ = writer_task.await;
+            close(&outbox, writer_task).await;
             return;
         }
     };
@@ -916,10 +1257,14 @@ async fn serve_stream<R, W>(
             return;
         }
         outbox.push(&Frame::Welcome(Welcome {
-            version: PROTOCOL_VERSION,
+            version,
             connection_id: conn,
             frame_bytes_max: shared.config.frame_bytes_max,
             broker: format!("courier {}", env!("CARGO_PKG_VERSION")),
+            // A client that left the name to its credentials (or the admin,
+            // whatever name it gave) learns it here; one whose name stands
+            // gets the WELCOME it always got.
+            service: (identity.service != hello.service).then(|| identity.service.clone()),
         }));
         if let Err(reason) = core.connect_as(
             conn,
@@ -941,12 +1286,12 @@ async fn serve_stream<R, W>(
             .unwrap_or_else(|p| p.into_inner())
             .remove(&conn);
         outbox.fail(ErrorCode::TooManyConnections, reason);
-        let _ = writer_task.await;
+        close(&outbox, writer_task).await;
         return;
     }
     debug!(conn, %peer, service = %identity.service, %instance, "connected");
 
-    let end = read_loop(shared, conn, &outbox, &mut reader, &mut buf).await;
+    let end = read_loop(shared, conn, version, &mut reader, &mut buf).await;
     match end {
         ReadError::Closed => debug!(conn, "disconnected"),
         ReadError::Decode(code, message) => {
@@ -954,23 +1299,69 @@ async fn serve_stream<R, W>(
             shared.core().metrics_mut().frames_rejected += 1;
             outbox.fail(code, message);
         }
+        ReadError::TimedOut(timeout) => {
+            let message = match timeout {
+                Timeout::Frame => format!(
+                    "a frame began more than {} ms ago and has not arrived whole; closing",
+                    shared.config.frame_timeout_ms
+                ),
+                Timeout::Keepalive => format!(
+                    "nothing arrived for {} ms; a client must send something (a PING will do) more often than that",
+                    shared.config.keepalive_timeout_ms
+                ),
+            };
+            info!(conn, %peer, %message, "closing connection");
+            {
+                let mut core = shared.core();
+                let metrics = core.metrics_mut();
+                match timeout {
+                    Timeout::Frame => metrics.frame_timeouts += 1,
+                    Timeout::Keepalive => metrics.keepalive_timeouts += 1,
+                }
+            }
+            outbox.fail(ErrorCode::ReadTimeout, message);
+        }
     }
     shared.with_core(|core, now| core.disconnect(conn, now));
     shared.outboxes().remove(&conn);
+    outbox.gone.store(true, Ordering::Relaxed);
     shared
         .credentials
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .remove(&conn);
     shared.peers().remove(&conn);
+    close(&outbox, writer_task).await;
+}
+
+/// Closes a connection: what its outbox still holds (an ERROR frame, say)
+/// is written, then the socket is shut. A peer that does not read gets
+/// `CLOSE_LINGER_MS`, then its writer is dropped, and the descriptor with it.
+async fn close(outbox: &Outbox, mut writer_task: tokio::task::JoinHandle<()>) {
     outbox.lock().closing = true;
     outbox.wake.notify_one();
-    let _ = writer_task.await;
+    let linger = Duration::from_millis(CLOSE_LINGER_MS);
+    if tokio::time::timeout(linger, &mut writer_task)
+        .await
+        .is_err()
+    {
+        writer_task.abort();
+    }
 }
 
 enum ReadError {
     Closed,
     Decode(ErrorCode, String),
+    TimedOut(Timeout),
+}
+
+/// Which deadline a connection missed.
+#[derive(Clone, Copy)]
+enum Timeout {
+    /// A frame began and did not arrive whole in time.
+    Frame,
+    /// Nothing arrived in time.
+    Keepalive,
 }
 
 /// Largest HELLO accepted: its fields (two names of at most 255 bytes, a
@@ -1002,15 +1393,26 @@ async fn read_frame<R: AsyncRead + Unpin>(
 async fn read_loop<R: AsyncRead + Unpin>(
     shared: &Shared,
     conn: ConnId,
-    outbox: &Outbox,
+    version: u16,
     reader: &mut R,
     buf: &mut BytesMut,
 ) -> ReadError {
+    let frame_timeout = Duration::from_millis(shared.config.frame_timeout_ms);
+    let keepalive = Duration::from_millis(shared.config.keepalive_timeout_ms);
     let mut frames = Vec::new();
+    // When bytes last arrived, and when the frame still incomplete in
+    // `buf` began to (a monotonic clock: tokio's, so tests may pause it).
+    let mut last_read = tokio::time::Instant::now();
+    let mut partial_since: Option<tokio::time::Instant> = None;
+    // One timer for the connection, moved only when a deadline comes
+    // closer, and otherwise checked when it fires: resetting it per read
+    // would cost a timer-wheel update per read.
+    let timer = tokio::time::sleep_until(last_read + keepalive);
+    tokio::pin!(timer);
     loop {
         let mut failure = None;
         loop {
-            match decode_frame(buf, shared.config.frame_bytes_max) {
+            match decode_frame_as(buf, shared.config.frame_bytes_max, version) {
                 Ok(Some(frame)) => frames.push(frame),
                 Ok(None) => break,
                 Err(e) => {
@@ -1019,15 +1421,16 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 }
             }
         }
-        if !frames.is_empty() {
+        let decoded_any = !frames.is_empty();
+        if decoded_any {
             shared
                 .frames_in
                 .fetch_add(frames.len() as u64, Ordering::Relaxed);
             // Everything decoded from this read is applied under one lock.
             shared.with_core(|core, now| {
                 for frame in frames.drain(..) {
-                    if !apply(core, conn, outbox, frame, now) {
-                        failure = Some(ReadError::Closed);
+                    if let Err(refused) = apply(core, conn, frame, now) {
+                        failure = Some(refused);
                         break;
                     }
                 }
@@ -1037,23 +1440,51 @@ async fn read_loop<R: AsyncRead + Unpin>(
         if let Some(failure) = failure {
             return failure;
         }
+        partial_since = match partial_since {
+            _ if buf.is_empty() => None,
+            // What is left began in the read that completed the frames.
+            _ if decoded_any => Some(last_read),
+            Some(since) => Some(since),
+            None => Some(last_read),
+        };
+        let (deadline, missed) = match partial_since {
+            Some(since) => (since + frame_timeout, Timeout::Frame),
+            None => (last_read + keepalive, Timeout::Keepalive),
+        };
+        if deadline < timer.deadline() {
+            timer.as_mut().reset(deadline);
+        }
         buf.reserve(shared.config.read_buffer_bytes);
-        match reader.read_buf(buf).await {
-            Ok(0) | Err(_) => return ReadError::Closed,
-            Ok(_) => {}
+        loop {
+            tokio::select! {
+                biased;
+                read = reader.read_buf(buf) => match read {
+                    Ok(0) | Err(_) => return ReadError::Closed,
+                    Ok(_) => {
+                        last_read = tokio::time::Instant::now();
+                        break;
+                    }
+                },
+                () = &mut timer => {
+                    if tokio::time::Instant::now() >= deadline {
+                        return ReadError::TimedOut(missed);
+                    }
+                    timer.as_mut().reset(deadline);
+                }
+            }
         }
     }
 }
 
-/// Applies one client frame; `false` when the connection must close (the
-/// frame was not one a client may send, and an ERROR is on its way).
+/// Applies one client frame; an error when the frame is not one a client
+/// may send. The connection then closes with an ERROR, sent like one for a
+/// malformed frame: after the answers to the frames before it.
 fn apply(
     core: &mut Broker<Store>,
     conn: ConnId,
-    outbox: &Outbox,
     frame: Frame,
     now: Nanos,
-) -> bool {
+) -> Result<(), ReadError> {
     match frame {
         Frame::Send(entries) => {
             for entry in entries {
@@ -1095,17 +1526,16 @@ fn apply(
         | Frame::Deliver(_)
         | Frame::Error(_)
         | Frame::Drained) => {
-            outbox.fail(
+            return Err(ReadError::Decode(
                 ErrorCode::MalformedFrame,
                 format!(
                     "{} is not a frame a client may send after the handshake",
                     frame_name(&other)
                 ),
-            );
-            return false;
+            ));
         }
     }
-    true
+    Ok(())
 }
 
 fn frame_name(frame: &Frame) -> &'static str {

@@ -9,10 +9,13 @@
 pub mod histogram;
 mod log_store;
 
-pub use courier_log::{Damage, FsyncPolicy, LogConfig};
+pub use courier_log::{
+    verify_dir, Damage, DirLock, FsyncPolicy, LogConfig, Scrubber, VerifyProgress, VerifyReport,
+};
 pub use log_store::{LogStore, RECENT_MESSAGES_MAX};
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -31,6 +34,8 @@ pub enum StoreError {
     Io(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    #[error("{0}")]
+    Locked(String),
 }
 
 /// What a store reports of itself for `/metrics`.
@@ -119,6 +124,12 @@ pub trait MessageStore: Send {
     }
     /// Damage and oddities found since the last call, for the operator.
     fn take_reports(&mut self) -> Vec<String> {
+        Vec::new()
+    }
+    /// Seqs, in order, whose records were durable and are gone from the
+    /// store for good (found when it was opened): whatever the broker
+    /// holds by those seqs can never be delivered. Never reissued.
+    fn lost_records(&self) -> Vec<Range<Seq>> {
         Vec::new()
     }
     fn is_empty(&self) -> bool {
@@ -427,6 +438,9 @@ impl<T: MessageStore + ?Sized> MessageStore for Box<T> {
     }
     fn storage_stats(&self) -> StorageStats {
         (**self).storage_stats()
+    }
+    fn lost_records(&self) -> Vec<Range<Seq>> {
+        (**self).lost_records()
     }
 }
 

@@ -3,12 +3,12 @@
 //! of both durable (group commit), and their order is the replay order.
 
 use std::collections::{HashMap, VecDeque};
-use std::ops::ControlFlow;
+use std::ops::{ControlFlow, Range};
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use courier_log::{Damage, Log, LogConfig, LogError, RecordKind};
+use courier_log::{Damage, DirLock, Log, LogConfig, LogError, RecordKind};
 use courier_proto::{decode_message, encode_message, Message};
 
 use crate::histogram::{Histogram, BATCH_BUCKETS, SECONDS_BUCKETS};
@@ -38,22 +38,32 @@ pub struct LogStore {
     synced_next: Seq,
     sync_seconds: Histogram,
     sync_batch_records: Histogram,
+    /// Seqs whose records the last open found gone from the disk.
+    lost: Vec<Range<Seq>>,
+    /// Held while the store is open (see [`LogStore::open`]).
+    _lock: Option<DirLock>,
 }
 
 fn store_error(e: LogError) -> StoreError {
     match e {
         LogError::NoSpace { .. } => StoreError::Full(e.to_string()),
         LogError::Corrupt { .. } => StoreError::Corrupt(e.to_string()),
+        LogError::Locked { .. } => StoreError::Locked(e.to_string()),
         other => StoreError::Io(other.to_string()),
     }
 }
 
 impl LogStore {
-    /// Opens (or creates) the log; what recovery found damaged is returned
-    /// for the operator's log, never hidden.
+    /// Opens (or creates) the log, holding its directory's lock for as
+    /// long as the store lives (a second broker on the same directory is
+    /// refused, [`StoreError::Locked`]); what recovery found damaged is
+    /// returned for the operator's log, never hidden.
     pub fn open(config: LogConfig) -> Result<(LogStore, Vec<Damage>), StoreError> {
+        let lock = DirLock::exclusive(&config.dir).map_err(store_error)?;
         let (log, damage) = Log::open(config).map_err(store_error)?;
-        Ok((LogStore::new(log), damage))
+        let mut store = LogStore::with_open_damage(log, &damage);
+        store._lock = Some(lock);
+        Ok((store, damage))
     }
 
     pub fn new(log: Log) -> LogStore {
@@ -67,7 +77,26 @@ impl LogStore {
             synced_next: 0,
             sync_seconds: Histogram::new(&SECONDS_BUCKETS),
             sync_batch_records: Histogram::new(&BATCH_BUCKETS),
+            lost: Vec::new(),
+            _lock: None,
         }
+    }
+
+    /// A store on a log just opened, told what the open found: records
+    /// gone from the disk are [`MessageStore::lost_records`].
+    pub fn with_open_damage(log: Log, damage: &[Damage]) -> LogStore {
+        let mut store = LogStore::new(log);
+        store.note_lost(damage);
+        store
+    }
+
+    fn note_lost(&mut self, damage: &[Damage]) {
+        self.lost = damage
+            .iter()
+            .map(Damage::lost_seqs)
+            .filter(|seqs| !seqs.is_empty())
+            .collect();
+        self.lost.sort_by_key(|seqs| seqs.start);
     }
 
     pub fn log(&self) -> &Log {
@@ -91,6 +120,7 @@ impl LogStore {
                 self.recent_order.retain(|s| *s < next);
                 self.reports
                     .push("the log was reopened after a write it could not undo".to_string());
+                self.note_lost(&damage);
                 for d in damage {
                     self.reports.push(d.to_string());
                 }
@@ -357,6 +387,14 @@ impl MessageStore for LogStore {
     }
 
     fn take_reports(&mut self) -> Vec<String> {
+        // Damage reads ran into since the last call: each range once.
+        for damage in self.log.take_damage() {
+            self.reports.push(damage.to_string());
+        }
         std::mem::take(&mut self.reports)
+    }
+
+    fn lost_records(&self) -> Vec<Range<Seq>> {
+        self.lost.clone()
     }
 }

@@ -92,9 +92,23 @@ pub struct BenchArgs {
     /// the bench stops with an error.
     #[arg(long, default_value = "10m", value_parser = crate::parse_duration)]
     timeout: Duration,
+    /// `on` (the broker's default: its HTTP port serves, traffic is
+    /// counted per name, activities are traced), `off` (`--http off
+    /// --metrics-names-max 0 --trace off`), or `traces-off` (all on but
+    /// activity traces: `--trace off`), to measure what observing the
+    /// traffic costs.
+    #[arg(long, value_enum, default_value_t = Observability::On)]
+    observability: Observability,
     /// Multiplies every message count (after --quick); for tests.
     #[arg(long, default_value_t = 1.0, hide = true)]
     scale: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Observability {
+    On,
+    Off,
+    TracesOff,
 }
 
 // ---------------------------------------------------------------------------
@@ -1235,6 +1249,7 @@ async fn run_job_within(
 /// Runs the selected workloads and prints the table (or JSON lines).
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let plan = Plan::new(args.quick, args.scale).map_err(anyhow::Error::msg)?;
+    process::set_observability(args.observability);
     let selected = args
         .only
         .clone()
@@ -1390,8 +1405,9 @@ fn settings_lines(
     }
     lines.push("Courier server:".to_string());
     lines.push(format!(
-        "  courier serve --listen 127.0.0.1:<free port> --data-dir <fresh dir in {}> --fsync {FSYNC} (other flags at their defaults); a fresh broker and data dir per run; build: {}",
+        "  courier serve --listen 127.0.0.1:<free port> --data-dir <fresh dir in {}> --fsync {FSYNC} {} (other flags at their defaults); a fresh broker and data dir per run; build: {}",
         std::env::temp_dir().display(),
+        process::observability_flags().join(" "),
         if cfg!(debug_assertions) {
             "debug (not for figures)"
         } else {

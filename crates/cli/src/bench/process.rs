@@ -207,6 +207,35 @@ impl Drop for ServerChild {
     }
 }
 
+/// Whether the brokers the bench starts observe their traffic (the
+/// default: the HTTP port on a port of its own, per-name metrics,
+/// activity traces) or not (`--observability off`: none of these;
+/// `traces-off`: no activity traces); set once, before the first broker
+/// starts.
+static OBSERVABILITY: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+pub(super) fn set_observability(observability: super::Observability) {
+    OBSERVABILITY.store(observability as u8, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The `serve` flags for the bench's `--observability`.
+pub(super) fn observability_flags() -> &'static [&'static str] {
+    match OBSERVABILITY.load(std::sync::atomic::Ordering::Relaxed) {
+        x if x == super::Observability::Off as u8 => &[
+            "--http",
+            "off",
+            "--metrics-names-max",
+            "0",
+            "--trace",
+            "off",
+        ],
+        x if x == super::Observability::TracesOff as u8 => {
+            &["--http", "127.0.0.1:0", "--trace", "off"]
+        }
+        _ => &["--http", "127.0.0.1:0"],
+    }
+}
+
 /// A `courier serve` child process; killed (SIGKILL) and reaped on drop.
 pub(super) struct BrokerProcess {
     pub(super) server: ServerChild,
@@ -221,8 +250,8 @@ impl BrokerProcess {
         let spawned_at = Instant::now();
         let mut child = Command::new(exe)
             .args(["serve", "--listen", addr, "--fsync", FSYNC])
-            // The HTTP port is on, as by default, on a port of its own.
-            .args(["--http", "127.0.0.1:0", "--data-dir"])
+            .args(observability_flags())
+            .arg("--data-dir")
             .arg(dir)
             .env("COURIER_LOG", "info")
             .env("NO_COLOR", "1")

@@ -5,7 +5,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use courier_client::{Client, ClientOptions, Incoming};
-use courier_example_todo::{init_logging, CreateTodo, Listing, Todo};
+use courier_example_todo::{
+    init_logging, log_connection_changes, stop_requested, CreateTodo, Listing, Todo,
+};
 use uuid::Uuid;
 
 #[derive(Default)]
@@ -21,7 +23,9 @@ async fn main() -> anyhow::Result<()> {
     init_logging();
     let mut opts = ClientOptions::from_env();
     opts.service = "todo".into();
+    let bus = opts.url.clone();
     let client = Client::connect(opts).await?;
+    log_connection_changes(&client, &bus);
     let store = Arc::new(Mutex::new(Store::default()));
 
     let s = store.clone();
@@ -63,7 +67,10 @@ async fn main() -> anyhow::Result<()> {
         .await?;
 
     println!("todo service ready");
-    tokio::signal::ctrl_c().await?;
+    stop_requested().await;
+    // Running handlers finish and their replies and acks go out; what was
+    // not handled stays with the bus for the next instance.
     client.shutdown().await;
+    println!("todo service stopped (drained)");
     Ok(())
 }

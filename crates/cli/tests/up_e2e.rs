@@ -29,6 +29,7 @@ fn bin_dir() -> PathBuf {
                 .args(["build", "--quiet"])
                 .args(["-p", "courier-example-todo"])
                 .args(["-p", "courier-example-sensor-pipeline"])
+                .args(["-p", "courier-example-transfer"])
                 .status()
                 .expect("cargo build the examples");
             assert!(status.success(), "the examples build");
@@ -71,6 +72,8 @@ impl Up {
             .args(["--no-build", "--listen", bus, "--http", http])
             .env("TODO_BIN_DIR", bin_dir())
             .env("SENSOR_BIN_DIR", bin_dir())
+            .env("TRANSFER_BIN_DIR", bin_dir())
+            .env("TELLER_INTERVAL_MS", "300")
             .env("TODO_WEB_LISTEN", web)
             .env("NO_COLOR", "1")
             .env("COURIER_LOG", "info")
@@ -198,13 +201,7 @@ fn courier_up_runs_the_todo_app_restarts_a_crash_and_stops_everything_on_sigint(
     let created = create(&web, "buy milk");
     assert!(created.starts_with("HTTP/1.1 303"), "{created}");
     assert!(page(&web).contains("<li>buy milk</li>"));
-    let tokens = std::fs::read_to_string(dir.join(".courier/tokens.toml")).expect("tokens");
-    let token = tokens
-        .lines()
-        .find(|l| l.starts_with("\"todo\""))
-        .and_then(|l| l.split('"').nth(3))
-        .expect("todo's token")
-        .to_string();
+    let token = token_of(&dir, "todo");
     assert!(
         !up.seen.iter().any(|l| l.contains(&token)),
         "a token is never printed"
@@ -380,4 +377,89 @@ fn the_sensor_pipeline_spreads_readings_over_competing_workers_and_scales() {
     std::thread::spawn(move || lines.for_each(drop));
     assert_eq!(scaled.wait().expect("wait").code(), Some(0));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A token `courier up` made, from `.courier/tokens.toml`.
+fn token_of(dir: &Path, who: &str) -> String {
+    let tokens = std::fs::read_to_string(dir.join(".courier/tokens.toml")).expect("tokens");
+    tokens
+        .lines()
+        .find(|l| l.starts_with(&format!("\"{who}\"")))
+        .and_then(|l| l.split('"').nth(3))
+        .unwrap_or_else(|| panic!("no token of {who}"))
+        .to_string()
+}
+
+/// `GET /metrics` from the broker's HTTP port, as the admin.
+fn metrics(http: &str, admin_token: &str) -> String {
+    let page = self::http(
+        http,
+        &format!("GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {admin_token}\r\nConnection: close\r\n\r\n"),
+    );
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    page
+}
+
+#[test]
+fn transfers_answer_with_their_outcomes_counted_in_the_metrics_and_a_copy_streams_progress() {
+    let dir = app_dir("transfer", "transfer");
+    let (bus, http_port, web) = (free_addr(), free_addr(), free_addr());
+    let mut up = Up::start(&dir, &bus, &http_port, &web);
+    let running = up.wait_line(&["courier up:", "running"]);
+    assert!(
+        running.contains("bank ×1")
+            && running.contains("files ×1")
+            && running.contains("teller ×1"),
+        "{running}"
+    );
+    for outcome in [
+        "transfer.transferred",
+        "transfer.pending",
+        "transfer.transaction-limit-exceeded",
+        "transfer.insufficient-funds",
+        "transfer.unknown-account",
+        "transfer.unauthorized",
+        "transfer.internal-error",
+    ] {
+        up.wait_line(&["teller.1", &format!(": {outcome}")]);
+    }
+    // alice's daily limit runs out over the rounds.
+    up.wait_line(&["teller.1", ": transfer.daily-limit-exceeded"]);
+    let copied = up.wait_line(&["teller.1", "file.copy", "file.copied"]);
+    assert!(
+        copied.contains("(9 progress replies, 1000000 bytes)"),
+        "{copied}"
+    );
+
+    // The broker counts each outcome of the transfer command.
+    let page = metrics(&http_port, &token_of(&dir, "admin"));
+    for outcome in courier_example_outcomes() {
+        let series =
+            format!("courier_command_replies_total{{name=\"transfer\",outcome=\"{outcome}\"}}");
+        let count = page
+            .lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no {series} in /metrics"));
+        assert!(count >= 1.0, "{series} {count}");
+    }
+    let _ = Command::new("kill")
+        .args(["-INT", &up.child.id().to_string()])
+        .status();
+    assert_eq!(up.child.wait().expect("wait").code(), Some(0));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The outcomes the teller's rounds reach.
+fn courier_example_outcomes() -> [&'static str; 8] {
+    [
+        "transfer.transferred",
+        "transfer.pending",
+        "transfer.transaction-limit-exceeded",
+        "transfer.daily-limit-exceeded",
+        "transfer.insufficient-funds",
+        "transfer.unknown-account",
+        "transfer.unauthorized",
+        "transfer.internal-error",
+    ]
 }

@@ -85,6 +85,11 @@ fn locate(given: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
 }
 
 pub async fn up(args: UpArgs) -> anyhow::Result<()> {
+    // Listened for from the start: a Ctrl-C while starting stops what has
+    // started, instead of killing courier up and orphaning it.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
     let (app_dir, manifest_path) = locate(&args.dir)?;
     let (manifest, _) =
         courier_server::load_manifest(&manifest_path).map_err(|e| anyhow::anyhow!(e))?;
@@ -276,14 +281,15 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         },
         args.listen,
         console
-            .map(|c| format!(", console at {c}"))
+            .map(|c| format!(
+                ", console at {c} (its admin token is `admin` in {})",
+                state.tokens_path().display()
+            ))
             .unwrap_or_default()
     );
 
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("cannot listen for SIGTERM")?;
     let broker_gone = tokio::select! {
-        _ = tokio::signal::ctrl_c() => false,
+        _ = interrupt.recv() => false,
         _ = terminate.recv() => false,
         status = broker.wait() => {
             println!("{broker_prefix} the broker stopped ({}); stopping the services", status.map_or_else(|e| e.to_string(), |s| s.to_string()));

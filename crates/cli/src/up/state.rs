@@ -31,6 +31,10 @@ impl StateDir {
         Ok(StateDir(path))
     }
 
+    pub fn tokens_path(&self) -> PathBuf {
+        self.0.join("tokens.toml")
+    }
+
     pub fn lock_path(&self) -> PathBuf {
         self.0.join("up.pid")
     }
@@ -42,7 +46,7 @@ impl StateDir {
     /// The token of every service and of the admin role, generated once and
     /// kept in `tokens.toml` (readable by the owner only).
     pub fn tokens(&self, manifest: &Manifest) -> anyhow::Result<BTreeMap<String, String>> {
-        let path = self.0.join("tokens.toml");
+        let path = self.tokens_path();
         let mut tokens: BTreeMap<String, String> = match std::fs::read_to_string(&path) {
             Ok(text) => toml::from_str(&text).with_context(|| {
                 format!(

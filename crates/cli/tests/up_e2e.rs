@@ -463,3 +463,78 @@ fn courier_example_outcomes() -> [&'static str; 8] {
         "transfer.internal-error",
     ]
 }
+
+#[test]
+fn print_compose_writes_every_service_port_and_variable_and_no_token() {
+    let dir = app_dir("todo", "compose");
+    let out = Command::new(courier_bin())
+        .arg("up")
+        .arg(&dir)
+        .args(["--print-compose", "--scale", "todo=2"])
+        .output()
+        .expect("courier up --print-compose");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    // Read as YAML by a YAML parser (PyYAML, which scripts/test.sh installs).
+    let mut python = Command::new("python3")
+        .args([
+            "-c",
+            "import json, sys, yaml; print(json.dumps(yaml.safe_load(sys.stdin)))",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    python
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("write");
+    let parsed = python.wait_with_output().expect("python3 ran");
+    assert!(parsed.status.success(), "not YAML:\n{text}");
+    let compose: serde_json::Value = serde_json::from_slice(&parsed.stdout).expect("json");
+    let services = compose["services"].as_object().expect("services");
+    assert_eq!(
+        services.keys().collect::<Vec<_>>(),
+        ["broker", "todo", "web"],
+        "{text}"
+    );
+    let broker = &services["broker"];
+    assert_eq!(
+        broker["ports"],
+        serde_json::json!(["7700:7700", "7780:7780"])
+    );
+    assert!(broker["command"]
+        .as_array()
+        .expect("command")
+        .contains(&serde_json::json!("/etc/courier/manifest.toml")));
+    for (name, replicas) in [("web", 1), ("todo", 2)] {
+        let s = &services[name];
+        assert_eq!(s["environment"]["COURIER_URL"], "broker:7700", "{name}");
+        assert_eq!(s["environment"]["COURIER_SERVICE"], name);
+        assert_eq!(s["deploy"]["replicas"], replicas, "{name}");
+        assert_eq!(s["depends_on"], serde_json::json!(["broker"]));
+        let command = s["command"][2].as_str().expect("command");
+        assert!(
+            command.contains("$${TODO_BIN_DIR"),
+            "compose must not interpolate: {command}"
+        );
+        let env_file = s["env_file"][0].as_str().expect("env_file");
+        let secret = std::fs::read_to_string(dir.join(env_file)).expect("env file");
+        let token = token_of(&dir, name);
+        assert_eq!(secret.trim(), format!("COURIER_TOKEN={token}"));
+        assert!(!text.contains(&token), "no token in the compose file");
+    }
+    assert_eq!(services["web"]["environment"]["PORT"], "3000");
+    assert_eq!(services["web"]["ports"], serde_json::json!(["3000:3000"]));
+    assert!(
+        dir.join(".courier/manifest.toml").exists(),
+        "the broker's manifest is written"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -3,6 +3,7 @@
 //! started, supervised, and stopped together; `courier down [DIR]` stops
 //! it from elsewhere.
 
+mod compose;
 mod state;
 mod supervisor;
 
@@ -40,6 +41,10 @@ pub struct UpArgs {
     /// Skip the services' build commands.
     #[arg(long)]
     no_build: bool,
+    /// Print the application as a docker-compose file instead of running
+    /// it (each service's token goes to `.courier/SERVICE.env`).
+    #[arg(long)]
+    print_compose: bool,
 }
 
 #[derive(Args, Debug)]
@@ -118,11 +123,17 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         }
     }
     let state = StateDir::open(&app_dir)?;
+    let scale: BTreeMap<&str, u32> = args.scale.iter().map(|(s, n)| (s.as_str(), *n)).collect();
+    if args.print_compose {
+        let tokens = state.tokens(&manifest)?;
+        state.write_manifest(&manifest, &tokens)?;
+        print!("{}", compose::render(&manifest, &tokens, &state, &scale)?);
+        return Ok(());
+    }
     let _lock = Lock::take(&state, &app_dir)?;
     let tokens = state.tokens(&manifest)?;
     let broker_manifest = state.write_manifest(&manifest, &tokens)?;
 
-    let scale: BTreeMap<&str, u32> = args.scale.iter().map(|(s, n)| (s.as_str(), *n)).collect();
     let dir_of = |dir: &Option<String>| match dir {
         Some(d) => app_dir.join(d),
         None => app_dir.clone(),

@@ -125,6 +125,13 @@ impl StateDir {
     }
 }
 
+impl StateDir {
+    /// `.courier/SERVICE.env` (owner-only): a compose service's secrets.
+    pub fn write_env_file(&self, service: &str, text: &str) -> anyhow::Result<()> {
+        write_private(&self.0.join(format!("{service}.env")), text.as_bytes())
+    }
+}
+
 /// Held while `courier up` runs: `.courier/up.pid` with its pid. A second
 /// `courier up` (or a `courier down`) finds it; one left by a process that
 /// is gone is taken over.

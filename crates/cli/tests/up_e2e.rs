@@ -66,10 +66,15 @@ struct Up {
 
 impl Up {
     fn start(dir: &Path, bus: &str, http: &str, web: &str) -> Up {
+        Up::start_with(dir, bus, http, web, &[])
+    }
+
+    fn start_with(dir: &Path, bus: &str, http: &str, web: &str, extra: &[&str]) -> Up {
         let mut child = Command::new(courier_bin())
             .arg("up")
             .arg(dir)
             .args(["--no-build", "--listen", bus, "--http", http])
+            .args(extra)
             .env("TODO_BIN_DIR", bin_dir())
             .env("SENSOR_BIN_DIR", bin_dir())
             .env("TRANSFER_BIN_DIR", bin_dir())
@@ -536,5 +541,30 @@ fn print_compose_writes_every_service_port_and_variable_and_no_token() {
         dir.join(".courier/manifest.toml").exists(),
         "the broker's manifest is written"
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn watch_restarts_the_services_whose_files_changed() {
+    let dir = app_dir("todo", "watch");
+    let (bus, web) = (free_addr(), free_addr());
+    let mut up = Up::start_with(&dir, &bus, "off", &web, &["--watch"]);
+    up.wait_line(&["courier up:", "running"]);
+    up.wait_line(&["todo.1", "todo service ready"]);
+    up.wait_line(&["web.1", "todo web listening"]);
+    up.seen.clear();
+    // Both services run from the application's directory: a new file
+    // there is a change to both.
+    std::fs::write(dir.join("notes.txt"), "changed").expect("write");
+    up.wait_line(&["todo.1", "restarting: its files changed"]);
+    up.wait_line(&["web.1", "restarting: its files changed"]);
+    up.wait_line(&["todo.1", "todo service ready"]);
+    up.wait_line(&["web.1", "todo web listening"]);
+    let created = create(&web, "after a change");
+    assert!(created.starts_with("HTTP/1.1 303"), "{created}");
+    let _ = Command::new("kill")
+        .args(["-INT", &up.child.id().to_string()])
+        .status();
+    assert_eq!(up.child.wait().expect("wait").code(), Some(0));
     let _ = std::fs::remove_dir_all(&dir);
 }

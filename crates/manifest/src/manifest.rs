@@ -119,6 +119,9 @@ pub struct AppSpec {
     pub env: BTreeMap<String, String>,
     /// How many instances `courier up` starts (`instances = N`, default 1).
     pub instances: u32,
+    /// What `courier up --watch` watches, relative to `dir` (`watch =
+    /// [...]`, default: all of `dir`); a change rebuilds and restarts.
+    pub watch: Vec<String>,
     /// The HTTP port the first instance serves on (`http = PORT`); the
     /// n-th instance gets PORT + n − 1, in `PORT` and the advertised
     /// address.
@@ -336,6 +339,8 @@ struct RawService {
     instances: Option<Spanned<u32>>,
     #[serde(default)]
     http: Option<u16>,
+    #[serde(default)]
+    watch: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -574,6 +579,7 @@ impl<'t> Builder<'t> {
                 env: raw.env.clone(),
                 instances,
                 http: raw.http,
+                watch: raw.watch.clone(),
             },
             location: self.at(name.span()),
         })

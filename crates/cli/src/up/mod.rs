@@ -6,6 +6,7 @@
 mod compose;
 mod state;
 mod supervisor;
+mod watch;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -14,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use clap::Args;
-use tokio::sync::watch;
+use tokio::sync;
 
 use state::{Lock, StateDir};
 use supervisor::{Prefixer, Spec};
@@ -41,6 +42,10 @@ pub struct UpArgs {
     /// Skip the services' build commands.
     #[arg(long)]
     no_build: bool,
+    /// Rebuild and restart a service when its files change (its `watch`
+    /// paths, default its whole `dir`, polled every second).
+    #[arg(long)]
+    watch: bool,
     /// Print the application as a docker-compose file instead of running
     /// it (each service's token goes to `.courier/SERVICE.env`).
     #[arg(long)]
@@ -271,16 +276,54 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         .and_then(|l| l.split_whitespace().find(|w| w.starts_with("http://")))
         .map(str::to_string);
 
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let (stop_tx, stop_rx) = sync::watch::channel(false);
     let mut running = tokio::task::JoinSet::new();
     let mut counts: BTreeMap<String, u32> = BTreeMap::new();
+    let mut restarts: BTreeMap<String, sync::watch::Sender<u64>> = BTreeMap::new();
     for spec in specs {
         let service = spec
             .label
             .rsplit_once('.')
             .map_or(spec.label.clone(), |(s, _)| s.to_string());
+        let restart = restarts
+            .entry(service.clone())
+            .or_insert_with(|| sync::watch::channel(0).0)
+            .subscribe();
         *counts.entry(service).or_default() += 1;
-        running.spawn(supervisor::supervise(spec, out.clone(), stop_rx.clone()));
+        running.spawn(supervisor::supervise(
+            spec,
+            out.clone(),
+            stop_rx.clone(),
+            restart,
+        ));
+    }
+    if args.watch {
+        let watched: Vec<Watched> = manifest
+            .services()
+            .iter()
+            .filter_map(|(name, spec)| {
+                let restart = restarts.remove(name)?;
+                let dir = dir_of(&spec.app.dir);
+                let roots = if spec.app.watch.is_empty() {
+                    vec![dir.clone()]
+                } else {
+                    spec.app.watch.iter().map(|p| dir.join(p)).collect()
+                };
+                let build = spec.app.build.clone().filter(|_| !args.no_build);
+                Some(Watched {
+                    name: name.clone(),
+                    roots,
+                    build,
+                    dir,
+                    restart,
+                })
+            })
+            .collect();
+        eprintln!(
+            "courier up: watching {} service(s) for changes",
+            watched.len()
+        );
+        tokio::spawn(watch_and_restart(watched, stop_rx.clone()));
     }
     let started: Vec<String> = counts.iter().map(|(s, n)| format!("{s} ×{n}")).collect();
     println!(
@@ -346,4 +389,63 @@ pub async fn down(args: DownArgs) -> anyhow::Result<()> {
     }
     eprintln!("courier down: stopped");
     Ok(())
+}
+
+/// A service `--watch` looks after.
+struct Watched {
+    name: String,
+    roots: Vec<PathBuf>,
+    build: Option<String>,
+    dir: PathBuf,
+    restart: sync::watch::Sender<u64>,
+}
+
+/// Polls each service's files; on a change, rebuilds it (if it has a
+/// build) and restarts its instances. A failed build leaves the running
+/// instances alone and says so.
+async fn watch_and_restart(watched: Vec<Watched>, mut stopping: sync::watch::Receiver<bool>) {
+    let fingerprint =
+        |roots: Vec<PathBuf>| tokio::task::spawn_blocking(move || watch::fingerprint(&roots));
+    let mut last = Vec::with_capacity(watched.len());
+    for w in &watched {
+        last.push(fingerprint(w.roots.clone()).await.unwrap_or(0));
+    }
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(watch::POLL) => {}
+            _ = stopping.wait_for(|s| *s) => return,
+        }
+        for (w, seen) in watched.iter().zip(last.iter_mut()) {
+            let now = fingerprint(w.roots.clone()).await.unwrap_or(0);
+            if now == *seen {
+                continue;
+            }
+            *seen = now;
+            if let Some(build) = &w.build {
+                eprintln!(
+                    "courier up: {}'s files changed; rebuilding: {build}",
+                    w.name
+                );
+                let built = tokio::process::Command::new("sh")
+                    .arg("-c")
+                    .arg(build)
+                    .current_dir(&w.dir)
+                    .stdin(Stdio::null())
+                    .status()
+                    .await;
+                match built {
+                    Ok(status) if status.success() => {}
+                    Ok(status) => {
+                        eprintln!("courier up: the build of {} failed ({status}); its running instances stay as they are", w.name);
+                        continue;
+                    }
+                    Err(e) => {
+                        eprintln!("courier up: cannot run the build of {}: {e}", w.name);
+                        continue;
+                    }
+                }
+            }
+            w.restart.send_modify(|generation| *generation += 1);
+        }
+    }
 }

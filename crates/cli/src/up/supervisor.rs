@@ -157,7 +157,14 @@ async fn stopped(stopping: &mut watch::Receiver<bool>) {
 
 /// Runs one instance until `stopping` turns true: restarted with backoff
 /// whenever it exits, and stopped gracefully at the end.
-pub async fn supervise(spec: Spec, out: Prefixer, mut stopping: watch::Receiver<bool>) {
+/// `restart` moving on (`courier up --watch` saw the service's files
+/// change and rebuilt it) restarts the instance at once.
+pub async fn supervise(
+    spec: Spec,
+    out: Prefixer,
+    mut stopping: watch::Receiver<bool>,
+    mut restart: watch::Receiver<u64>,
+) {
     let prefix = out.prefix(&spec.label);
     let mut delay = RESTART_DELAY_MIN;
     let mut restarts = 0u32;
@@ -170,11 +177,18 @@ pub async fn supervise(spec: Spec, out: Prefixer, mut stopping: watch::Receiver<
                 return;
             }
         };
+        restart.mark_unchanged();
         let status = tokio::select! {
             status = child.wait() => status,
             _ = stopped(&mut stopping) => {
                 stop(&mut child, &spec.label, &out).await;
                 return;
+            }
+            Ok(()) = restart.changed() => {
+                println!("{prefix} {} restarting: its files changed", spec.label);
+                stop(&mut child, &spec.label, &out).await;
+                delay = RESTART_DELAY_MIN;
+                continue;
             }
         };
         let how = match status {

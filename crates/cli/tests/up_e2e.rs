@@ -165,15 +165,25 @@ fn page(web: &str) -> String {
     )
 }
 
-/// Pids of live processes whose command line contains `needle`.
-fn processes_with(needle: &str) -> Vec<u32> {
+/// Pids of live processes of the application in `dir` (started there, or
+/// naming it) whose command line contains `needle`. Other tests run the
+/// same binaries from directories of their own.
+fn processes_with(dir: &Path, needle: &str) -> Vec<u32> {
+    let dir = std::fs::canonicalize(dir).expect("app dir");
+    let dir_text = dir.display().to_string();
     std::fs::read_dir("/proc")
         .expect("/proc")
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
             std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).contains(needle))
+                .map(|c| {
+                    let cmdline = String::from_utf8_lossy(&c);
+                    cmdline.contains(needle)
+                        && (cmdline.contains(&dir_text)
+                            || std::fs::read_link(format!("/proc/{pid}/cwd"))
+                                .is_ok_and(|cwd| cwd == dir))
+                })
                 .unwrap_or(false)
         })
         .filter(|pid| {
@@ -228,7 +238,7 @@ fn courier_up_runs_the_todo_app_restarts_a_crash_and_stops_everything_on_sigint(
 
     // A crashed service is restarted, and the application works again.
     let service = bin_dir().join("todo-service").display().to_string();
-    let pids = processes_with(&service);
+    let pids = processes_with(&dir, &service);
     assert_eq!(pids.len(), 1, "one todo instance: {pids:?}");
     let _ = Command::new("kill")
         .args(["-9", &pids[0].to_string()])
@@ -256,7 +266,7 @@ fn courier_up_runs_the_todo_app_restarts_a_crash_and_stops_everything_on_sigint(
     let data = dir.join(".courier").display().to_string();
     for needle in [&service, &web_bin, &data] {
         assert_eq!(
-            processes_with(needle),
+            processes_with(&dir, needle),
             Vec::<u32>::new(),
             "left running: {needle}"
         );
@@ -360,6 +370,7 @@ fn the_sensor_pipeline_spreads_readings_over_competing_workers_and_scales() {
         .args(["-INT", &up.child.id().to_string()])
         .status();
     assert_eq!(up.child.wait().expect("wait").code(), Some(0));
+    assert_nothing_left(&dir, &["sensor", "sensor-worker", "sensor-app"]);
 
     // --scale overrides instances.
     let mut scaled = Command::new(courier_bin())
@@ -452,7 +463,26 @@ fn transfers_answer_with_their_outcomes_counted_in_the_metrics_and_a_copy_stream
         .args(["-INT", &up.child.id().to_string()])
         .status();
     assert_eq!(up.child.wait().expect("wait").code(), Some(0));
+    assert_nothing_left(&dir, &["bank", "files", "teller"]);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// No process of the application (its binaries, its broker) outlived
+/// courier up.
+fn assert_nothing_left(dir: &Path, binaries: &[&str]) {
+    let data = dir.join(".courier").display().to_string();
+    let mut needles: Vec<String> = binaries
+        .iter()
+        .map(|b| bin_dir().join(b).display().to_string())
+        .collect();
+    needles.push(data);
+    for needle in &needles {
+        assert_eq!(
+            processes_with(dir, needle),
+            Vec::<u32>::new(),
+            "left running: {needle}"
+        );
+    }
 }
 
 /// The outcomes the teller's rounds reach.

@@ -105,8 +105,9 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         courier_server::load_manifest(&manifest_path).map_err(|e| anyhow::anyhow!(e))?;
     let problems = courier_manifest::check(&manifest);
     let origin = manifest_path.display().to_string();
+    // On stderr: stdout may be the compose file (--print-compose).
     for p in &problems {
-        println!("{}", p.display_in(&origin));
+        eprintln!("{}", p.display_in(&origin));
     }
     if courier_manifest::has_errors(&problems) {
         bail!(

@@ -140,41 +140,151 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let tokens = state.tokens(&manifest)?;
     let broker_manifest = state.write_manifest(&manifest, &tokens)?;
 
-    let dir_of = |dir: &Option<String>| match dir {
-        Some(d) => app_dir.join(d),
-        None => app_dir.clone(),
-    };
-
-    // Build, each distinct command once, before anything starts.
     if !args.no_build {
-        let mut built: Vec<(String, PathBuf)> = Vec::new();
-        for (name, spec) in manifest.services() {
-            let Some(build) = &spec.app.build else {
-                continue;
-            };
-            let dir = dir_of(&spec.app.dir);
-            if built.contains(&(build.clone(), dir.clone())) {
-                continue;
-            }
-            eprintln!("courier up: building {name}: {build}");
-            let status = tokio::process::Command::new("sh")
-                .arg("-c")
-                .arg(build)
-                .current_dir(&dir)
-                .stdin(Stdio::null())
-                .status()
-                .await
-                .with_context(|| format!("cannot run the build of {name} in {}", dir.display()))?;
-            if !status.success() {
-                bail!(
-                    "the build of {name} ({build:?} in {}) failed ({status}); fix it and run courier up again, or pass --no-build",
-                    dir.display()
-                );
-            }
-            built.push((build.clone(), dir));
-        }
+        build_all(&manifest, &app_dir).await?;
     }
+    let specs = instance_specs(&manifest, &app_dir, &scale, &tokens, &args.listen)?;
+    let mut labels: Vec<&str> = specs.iter().map(|s| s.label.as_str()).collect();
+    labels.push("broker");
+    let out = Prefixer::new(&labels);
 
+    let (mut broker, console, broker_prefix) =
+        start_broker(&args, &state, &broker_manifest, &out).await?;
+
+    let (stop_tx, stop_rx) = sync::watch::channel(false);
+    let mut running = tokio::task::JoinSet::new();
+    let mut counts: BTreeMap<String, u32> = BTreeMap::new();
+    let mut restarts: BTreeMap<String, sync::watch::Sender<u64>> = BTreeMap::new();
+    for spec in specs {
+        let service = spec
+            .label
+            .rsplit_once('.')
+            .map_or(spec.label.clone(), |(s, _)| s.to_string());
+        let restart = restarts
+            .entry(service.clone())
+            .or_insert_with(|| sync::watch::channel(0).0)
+            .subscribe();
+        *counts.entry(service).or_default() += 1;
+        running.spawn(supervisor::supervise(
+            spec,
+            out.clone(),
+            stop_rx.clone(),
+            restart,
+        ));
+    }
+    if args.watch {
+        let watched: Vec<Watched> = manifest
+            .services()
+            .iter()
+            .filter_map(|(name, spec)| {
+                let restart = restarts.remove(name)?;
+                let dir = service_dir(&app_dir, &spec.app);
+                let roots = if spec.app.watch.is_empty() {
+                    vec![dir.clone()]
+                } else {
+                    spec.app.watch.iter().map(|p| dir.join(p)).collect()
+                };
+                let build = spec.app.build.clone().filter(|_| !args.no_build);
+                Some(Watched {
+                    name: name.clone(),
+                    roots,
+                    build,
+                    dir,
+                    restart,
+                })
+            })
+            .collect();
+        eprintln!(
+            "courier up: watching {} service(s) for changes",
+            watched.len()
+        );
+        tokio::spawn(watch_and_restart(watched, stop_rx.clone()));
+    }
+    let started: Vec<String> = counts.iter().map(|(s, n)| format!("{s} ×{n}")).collect();
+    println!(
+        "courier up: {} running on the broker at {}{}; Ctrl-C stops everything",
+        if started.is_empty() {
+            "no service".to_string()
+        } else {
+            started.join(", ")
+        },
+        args.listen,
+        console
+            .map(|c| format!(
+                ", console at {c} (its admin token is `admin` in {})",
+                state.tokens_path().display()
+            ))
+            .unwrap_or_default()
+    );
+
+    let broker_gone = tokio::select! {
+        _ = interrupt.recv() => false,
+        _ = terminate.recv() => false,
+        status = broker.wait() => {
+            println!("{broker_prefix} the broker stopped ({}); stopping the services", status.map_or_else(|e| e.to_string(), |s| s.to_string()));
+            true
+        }
+    };
+    println!("courier up: stopping the services, then the broker …");
+    let _ = stop_tx.send(true);
+    while running.join_next().await.is_some() {}
+    if !broker_gone {
+        supervisor::stop(&mut broker, "broker", &out).await;
+    }
+    println!("courier up: stopped");
+    if broker_gone {
+        bail!("the broker stopped on its own; its last lines are above");
+    }
+    Ok(())
+}
+
+/// Where a service's commands run: its `dir`, relative to the application.
+fn service_dir(app_dir: &Path, app: &courier_manifest::AppSpec) -> PathBuf {
+    match &app.dir {
+        Some(dir) => app_dir.join(dir),
+        None => app_dir.to_path_buf(),
+    }
+}
+
+/// Runs each distinct build command once, before anything starts.
+async fn build_all(manifest: &courier_manifest::Manifest, app_dir: &Path) -> anyhow::Result<()> {
+    let mut built: Vec<(String, PathBuf)> = Vec::new();
+    for (name, spec) in manifest.services() {
+        let Some(build) = &spec.app.build else {
+            continue;
+        };
+        let dir = service_dir(app_dir, &spec.app);
+        if built.contains(&(build.clone(), dir.clone())) {
+            continue;
+        }
+        eprintln!("courier up: building {name}: {build}");
+        let status = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(build)
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .status()
+            .await
+            .with_context(|| format!("cannot run the build of {name} in {}", dir.display()))?;
+        if !status.success() {
+            bail!(
+                "the build of {name} ({build:?} in {}) failed ({status}); fix it and run courier up again, or pass --no-build",
+                dir.display()
+            );
+        }
+        built.push((build.clone(), dir));
+    }
+    Ok(())
+}
+
+/// Every instance to start: its command, directory and environment.
+fn instance_specs(
+    manifest: &courier_manifest::Manifest,
+    app_dir: &Path,
+    scale: &BTreeMap<&str, u32>,
+    tokens: &BTreeMap<String, String>,
+    listen: &str,
+) -> anyhow::Result<Vec<Spec>> {
     let mut specs = Vec::new();
     for (name, spec) in manifest.services() {
         let Some(run) = &spec.app.run else { continue };
@@ -187,7 +297,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             .with_context(|| format!("internal: no token for {name}"))?;
         for i in 1..=instances {
             let mut env = vec![
-                ("COURIER_URL".to_string(), args.listen.clone()),
+                ("COURIER_URL".to_string(), listen.to_string()),
                 ("COURIER_SERVICE".to_string(), name.clone()),
                 ("COURIER_TOKEN".to_string(), token.clone()),
                 ("COURIER_INSTANCE".to_string(), format!("{name}.{i}")),
@@ -200,16 +310,23 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             specs.push(Spec {
                 label: format!("{name}.{i}"),
                 command: run.clone(),
-                dir: dir_of(&spec.app.dir),
+                dir: service_dir(app_dir, &spec.app),
                 env,
             });
         }
     }
-    let mut labels: Vec<&str> = specs.iter().map(|s| s.label.as_str()).collect();
-    labels.push("broker");
-    let out = Prefixer::new(&labels);
+    Ok(specs)
+}
 
-    // The broker, in a process group of its own like every service.
+/// Starts the broker in a process group of its own, like every service,
+/// and waits for its ready line(s); returns it with the console's URL and
+/// its output prefix.
+async fn start_broker(
+    args: &UpArgs,
+    state: &StateDir,
+    broker_manifest: &Path,
+    out: &Prefixer,
+) -> anyhow::Result<(tokio::process::Child, Option<String>, String)> {
     let exe = std::env::current_exe()
         .context("cannot find this program's own path, which courier up starts as the broker")?;
     let mut broker = tokio::process::Command::new(exe)
@@ -217,7 +334,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         .arg("--data-dir")
         .arg(state.data_dir())
         .arg("--manifest")
-        .arg(&broker_manifest)
+        .arg(broker_manifest)
         .envs(out.plain().then_some(("NO_COLOR", "1")))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -276,92 +393,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         .get(1)
         .and_then(|l| l.split_whitespace().find(|w| w.starts_with("http://")))
         .map(str::to_string);
-
-    let (stop_tx, stop_rx) = sync::watch::channel(false);
-    let mut running = tokio::task::JoinSet::new();
-    let mut counts: BTreeMap<String, u32> = BTreeMap::new();
-    let mut restarts: BTreeMap<String, sync::watch::Sender<u64>> = BTreeMap::new();
-    for spec in specs {
-        let service = spec
-            .label
-            .rsplit_once('.')
-            .map_or(spec.label.clone(), |(s, _)| s.to_string());
-        let restart = restarts
-            .entry(service.clone())
-            .or_insert_with(|| sync::watch::channel(0).0)
-            .subscribe();
-        *counts.entry(service).or_default() += 1;
-        running.spawn(supervisor::supervise(
-            spec,
-            out.clone(),
-            stop_rx.clone(),
-            restart,
-        ));
-    }
-    if args.watch {
-        let watched: Vec<Watched> = manifest
-            .services()
-            .iter()
-            .filter_map(|(name, spec)| {
-                let restart = restarts.remove(name)?;
-                let dir = dir_of(&spec.app.dir);
-                let roots = if spec.app.watch.is_empty() {
-                    vec![dir.clone()]
-                } else {
-                    spec.app.watch.iter().map(|p| dir.join(p)).collect()
-                };
-                let build = spec.app.build.clone().filter(|_| !args.no_build);
-                Some(Watched {
-                    name: name.clone(),
-                    roots,
-                    build,
-                    dir,
-                    restart,
-                })
-            })
-            .collect();
-        eprintln!(
-            "courier up: watching {} service(s) for changes",
-            watched.len()
-        );
-        tokio::spawn(watch_and_restart(watched, stop_rx.clone()));
-    }
-    let started: Vec<String> = counts.iter().map(|(s, n)| format!("{s} ×{n}")).collect();
-    println!(
-        "courier up: {} running on the broker at {}{}; Ctrl-C stops everything",
-        if started.is_empty() {
-            "no service".to_string()
-        } else {
-            started.join(", ")
-        },
-        args.listen,
-        console
-            .map(|c| format!(
-                ", console at {c} (its admin token is `admin` in {})",
-                state.tokens_path().display()
-            ))
-            .unwrap_or_default()
-    );
-
-    let broker_gone = tokio::select! {
-        _ = interrupt.recv() => false,
-        _ = terminate.recv() => false,
-        status = broker.wait() => {
-            println!("{broker_prefix} the broker stopped ({}); stopping the services", status.map_or_else(|e| e.to_string(), |s| s.to_string()));
-            true
-        }
-    };
-    println!("courier up: stopping the services, then the broker …");
-    let _ = stop_tx.send(true);
-    while running.join_next().await.is_some() {}
-    if !broker_gone {
-        supervisor::stop(&mut broker, "broker", &out).await;
-    }
-    println!("courier up: stopped");
-    if broker_gone {
-        bail!("the broker stopped on its own; its last lines are above");
-    }
-    Ok(())
+    Ok((broker, console, broker_prefix))
 }
 
 pub async fn down(args: DownArgs) -> anyhow::Result<()> {

@@ -116,11 +116,7 @@ pub fn certificate_subject(der: &[u8]) -> Result<String, String> {
             let tag = u8::try_from(value.tag().0).map_err(|_| {
                 "the certificate is not valid DER: a tag beyond one byte".to_string()
             })?;
-            attributes.push(attribute(
-                pair.attr_type().as_bytes(),
-                tag,
-                value.data.as_ref(),
-            )?);
+            attributes.push(attribute(pair.attr_type().as_bytes(), tag, value.data)?);
         }
         rdns.push(attributes.join("+"));
     }

@@ -33,7 +33,7 @@ use courier_proto::{validate_name, validate_pattern, ErrorCode, Kind, Message};
 use courier_store::{MessageStore, Seq};
 use uuid::Uuid;
 
-pub use admin::SYSTEM_PREFIX;
+pub use admin::{dead_letter_json, SYSTEM_PREFIX};
 use expiring::ExpiringMap;
 pub use journal::JournalError;
 use journal::Op;
@@ -312,6 +312,8 @@ pub use courier_proto::StartFrom;
 pub struct ServiceInfo {
     pub name: String,
     pub patterns: Vec<String>,
+    /// Of `patterns`, those paused by an operator.
+    pub paused: Vec<String>,
     pub instances: Vec<String>,
     pub depth: usize,
     pub in_flight: usize,
@@ -323,6 +325,8 @@ pub struct ServiceInfo {
 pub struct SubscriptionGauges {
     pub service: String,
     pub patterns: Vec<String>,
+    /// Of `patterns`, those paused by an operator.
+    pub paused: Vec<String>,
     /// Messages waiting for the service in any state (ready, deferred, in
     /// flight, behind a busy key); dead letters are not counted.
     pub backlog: usize,
@@ -336,6 +340,39 @@ pub struct SubscriptionGauges {
     /// was accepted (ns); `None` when it owes none (or it is unreadable).
     pub oldest_unacked_age: Option<Nanos>,
     oldest_seq: Option<Seq>,
+}
+
+/// One connection as the console shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceInfo {
+    pub conn: ConnId,
+    pub service: String,
+    pub instance: String,
+    pub in_flight: u32,
+    pub max_in_flight: u32,
+    /// Patterns it consumes; empty when it only sends.
+    pub patterns: Vec<String>,
+    /// It asked for no more deliveries (graceful shutdown).
+    pub draining: bool,
+    /// Paused by back-pressure: it does not read its deliveries.
+    pub paused: bool,
+}
+
+/// Why a subscription could not be paused or resumed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PauseError {
+    #[error("service {0} has no subscriptions")]
+    UnknownService(String),
+    #[error("service {service} is not subscribed to {pattern}; its subscriptions: {subscribed}")]
+    NotSubscribed {
+        service: String,
+        pattern: String,
+        subscribed: String,
+    },
+    #[error(
+        "the broker's disk is failing; a pause or resume cannot be made durable now — retry later"
+    )]
+    StorageFailing,
 }
 
 struct Conn {
@@ -421,6 +458,9 @@ impl Conn {
 
 struct Service {
     patterns: BTreeSet<String>,
+    /// Patterns an operator paused (a subset of `patterns`): messages
+    /// only they match wait in the queue until resumed.
+    paused: BTreeSet<String>,
     ack_deadline_ms: u32,
     max_deliveries: u32,
     /// Connected instances, in connection order.
@@ -437,6 +477,7 @@ impl Service {
     fn new(config: &Config) -> Service {
         Service {
             patterns: BTreeSet::new(),
+            paused: BTreeSet::new(),
             ack_deadline_ms: config.ack_deadline_ms,
             max_deliveries: config.max_deliveries,
             instances: Vec::new(),
@@ -451,6 +492,18 @@ impl Service {
         self.patterns
             .iter()
             .any(|p| courier_proto::pattern_matches(p, name))
+    }
+
+    /// Every subscription is paused: nothing is delivered at all.
+    fn is_paused(&self) -> bool {
+        !self.paused.is_empty() && self.paused.len() == self.patterns.len()
+    }
+
+    /// Whether `name` matches a subscription that is not paused.
+    fn takes_now(&self, name: &str) -> bool {
+        self.patterns
+            .iter()
+            .any(|p| !self.paused.contains(p) && courier_proto::pattern_matches(p, name))
     }
 
     /// Whether it can be forgotten: nothing subscribed, nobody connected.
@@ -1179,6 +1232,7 @@ impl<S: MessageStore> Broker<S> {
         if !svc.patterns.remove(pattern) {
             return Err(format!("service {service} is not subscribed to {pattern}"));
         }
+        svc.paused.remove(pattern);
         self.route_cache.clear();
         for instance in &svc.instances {
             if let Some(c) = self.conns.get_mut(instance) {
@@ -1512,12 +1566,10 @@ impl<S: MessageStore> Broker<S> {
             self.remember_reply_route(conn, message.id, command, targets.to_vec(), window, now);
         }
         if !message.transient {
-            // The payload is a slice of the connection's read buffer, and
-            // the store keeps recent messages cached: its own copy lets the
-            // buffer be reused in place instead of being pinned, then
-            // freed, 64 KiB at a time (memory the allocator holds on to).
-            let owned = Arc::make_mut(&mut message);
-            owned.payload = bytes::Bytes::copy_from_slice(&owned.payload);
+            // The store keeps recent messages cached and the queue keeps
+            // keys: their own copies let the read buffer be reused in place
+            // instead of being pinned, then freed, 64 KiB at a time.
+            Arc::make_mut(&mut message).detach();
         }
         if message.transient {
             self.trace_accepted(&message, 0, &targets);
@@ -1641,6 +1693,11 @@ impl<S: MessageStore> Broker<S> {
         let Some(svc) = self.services.get_mut(service) else {
             return;
         };
+        if !svc.paused.is_empty() && !svc.takes_now(&message.name) {
+            // At most once: not kept for a paused subscription either.
+            self.metrics.transient_dropped_paused += 1;
+            return;
+        }
         let n = svc.instances.len();
         let mut paused = false;
         for k in 0..n {
@@ -1772,6 +1829,8 @@ impl<S: MessageStore> Broker<S> {
                     svc.parked_replies.pop_front();
                     self.metrics.replies_dropped += 1;
                 }
+                let mut message = message;
+                Arc::make_mut(&mut message).detach();
                 svc.parked_replies.push_back(message);
                 self.metrics.replies_parked += 1;
             }
@@ -1854,9 +1913,10 @@ impl<S: MessageStore> Broker<S> {
             let Some(svc) = self.services.get_mut(service) else {
                 return;
             };
-            if svc.queue.ready.len() <= index {
+            if svc.queue.ready.len() <= index || svc.is_paused() {
                 return;
             }
+            let partly_paused = !svc.paused.is_empty();
             // Without an instance that has room, looking at messages (which
             // may mean reading them from disk) is wasted work.
             let has_room = svc.instances.iter().any(|i| {
@@ -1929,6 +1989,15 @@ impl<S: MessageStore> Broker<S> {
                     );
                 }
                 release(&mut self.store, &mut self.refs, entry.seq);
+                continue;
+            }
+            if partly_paused && !svc.takes_now(&message.name) {
+                // Only paused subscriptions take it: it waits for a resume.
+                index += 1;
+                skipped += 1;
+                if skipped >= UNMATCHED_SCAN_MAX {
+                    return;
+                }
                 continue;
             }
             let len = courier_proto::delivery_frame_len(&message);
@@ -2270,6 +2339,7 @@ impl<S: MessageStore> Broker<S> {
             .map(|(name, s)| ServiceInfo {
                 name: name.clone(),
                 patterns: s.patterns.iter().cloned().collect(),
+                paused: s.paused.iter().cloned().collect(),
                 instances: s
                     .instances
                     .iter()
@@ -2382,6 +2452,7 @@ impl<S: MessageStore> Broker<S> {
             out.push(SubscriptionGauges {
                 service: name.clone(),
                 patterns: s.patterns.iter().cloned().collect(),
+                paused: s.paused.iter().cloned().collect(),
                 backlog: s.queue.depth(),
                 in_flight: s.queue.in_flight.len(),
                 consumers: consumers.len(),
@@ -2402,6 +2473,128 @@ impl<S: MessageStore> Broker<S> {
         out
     }
 
+    /// Every live connection, by service then connection order.
+    pub fn instances(&self) -> Vec<InstanceInfo> {
+        let mut out: Vec<InstanceInfo> = self
+            .conns
+            .iter()
+            .map(|(id, c)| InstanceInfo {
+                conn: *id,
+                service: c.service.to_string(),
+                instance: c.instance.to_string(),
+                in_flight: c.in_flight,
+                max_in_flight: c.max_in_flight,
+                patterns: c.patterns.clone(),
+                draining: c.draining,
+                paused: c.paused,
+            })
+            .collect();
+        out.sort_by(|a, b| a.service.cmp(&b.service).then(a.conn.cmp(&b.conn)));
+        out
+    }
+
+    /// Pauses the service's subscription to `pattern` (every one of them
+    /// with `None`): messages it alone takes wait in the queue, counted in
+    /// the backlog, until [`Broker::resume_subscription`]. Deliveries in
+    /// flight may still be acked. Journaled, so it survives a restart.
+    /// Returns the patterns it applied to.
+    pub fn pause_subscription(
+        &mut self,
+        service: &str,
+        pattern: Option<&str>,
+        now: Nanos,
+    ) -> Result<Vec<String>, PauseError> {
+        self.set_subscription_paused(service, pattern, true, now)
+    }
+
+    /// Undoes [`Broker::pause_subscription`]; what waited is delivered.
+    pub fn resume_subscription(
+        &mut self,
+        service: &str,
+        pattern: Option<&str>,
+        now: Nanos,
+    ) -> Result<Vec<String>, PauseError> {
+        self.set_subscription_paused(service, pattern, false, now)
+    }
+
+    fn set_subscription_paused(
+        &mut self,
+        service: &str,
+        pattern: Option<&str>,
+        paused: bool,
+        now: Nanos,
+    ) -> Result<Vec<String>, PauseError> {
+        self.now = now;
+        let svc = self
+            .services
+            .get(service)
+            .filter(|s| !s.patterns.is_empty())
+            .ok_or_else(|| PauseError::UnknownService(service.to_string()))?;
+        let targets: Vec<String> = match pattern {
+            None => svc.patterns.iter().cloned().collect(),
+            Some(p) if svc.patterns.contains(p) => vec![p.to_string()],
+            Some(p) => {
+                return Err(PauseError::NotSubscribed {
+                    service: service.to_string(),
+                    pattern: p.to_string(),
+                    subscribed: svc.patterns.iter().cloned().collect::<Vec<_>>().join(", "),
+                })
+            }
+        };
+        let changes: Vec<String> = targets
+            .iter()
+            .filter(|p| svc.paused.contains(*p) != paused)
+            .cloned()
+            .collect();
+        if changes.is_empty() {
+            return Ok(targets);
+        }
+        if self.degraded {
+            return Err(PauseError::StorageFailing);
+        }
+        for pattern in changes {
+            let op = if paused {
+                Op::Paused {
+                    service: service.to_string(),
+                    pattern: pattern.clone(),
+                }
+            } else {
+                Op::Resumed {
+                    service: service.to_string(),
+                    pattern: pattern.clone(),
+                }
+            };
+            self.journal(op);
+            self.apply_paused(service, &pattern, paused);
+        }
+        if !paused {
+            self.pump(service, now);
+        }
+        Ok(targets)
+    }
+
+    /// The service's paused patterns, in order.
+    pub fn paused_patterns(&self, service: &str) -> Vec<String> {
+        self.services
+            .get(service)
+            .map(|s| s.paused.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn apply_paused(&mut self, service: &str, pattern: &str, paused: bool) {
+        let Some(svc) = self.services.get_mut(service) else {
+            return;
+        };
+        if !svc.patterns.contains(pattern) {
+            return;
+        }
+        if paused {
+            svc.paused.insert(pattern.to_string());
+        } else {
+            svc.paused.remove(pattern);
+        }
+    }
+
     /// Live connections per service (instances and senders alike).
     pub fn connections_by_service(&self) -> Vec<(String, usize)> {
         let mut counts: std::collections::BTreeMap<&str, usize> = Default::default();
@@ -2416,10 +2609,20 @@ impl<S: MessageStore> Broker<S> {
 
     /// The service's dead letters with their messages (`None` if unreadable).
     pub fn dead_letters(&mut self, service: &str) -> Vec<(DeadLetter, Option<Arc<Message>>)> {
-        let letters = self
+        self.dead_letters_first(service, usize::MAX)
+    }
+
+    /// Like [`Broker::dead_letters`], the oldest `max` only: each one is a
+    /// read from the store.
+    pub fn dead_letters_first(
+        &mut self,
+        service: &str,
+        max: usize,
+    ) -> Vec<(DeadLetter, Option<Arc<Message>>)> {
+        let letters: Vec<DeadLetter> = self
             .services
             .get(service)
-            .map(|s| s.queue.dead_letters.clone())
+            .map(|s| s.queue.dead_letters.iter().take(max).cloned().collect())
             .unwrap_or_default();
         letters
             .into_iter()
@@ -2428,6 +2631,33 @@ impl<S: MessageStore> Broker<S> {
                 (d, message)
             })
             .collect()
+    }
+
+    /// How many dead letters the service holds; `None` for a service the
+    /// broker does not know.
+    pub fn dead_letter_count(&self, service: &str) -> Option<usize> {
+        self.services
+            .get(service)
+            .map(|s| s.queue.dead_letters.len())
+    }
+
+    /// One dead letter of the service with its message (`None` inside if
+    /// unreadable); `None` if the service has no such dead letter.
+    pub fn find_dead_letter(
+        &mut self,
+        service: &str,
+        seq: Seq,
+    ) -> Option<(DeadLetter, Option<Arc<Message>>)> {
+        let letter = self
+            .services
+            .get(service)?
+            .queue
+            .dead_letters
+            .iter()
+            .find(|d| d.seq == seq)?
+            .clone();
+        let message = self.store.get(seq).ok().flatten();
+        Some((letter, message))
     }
 
     /// Puts a dead letter back in the service's queue, as a fresh message.

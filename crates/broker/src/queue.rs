@@ -30,7 +30,9 @@ impl Entry {
         Entry {
             seq,
             attempts,
-            key: key.map(Box::new),
+            // Its own copy: a key sliced from a read buffer or a log read
+            // would keep all of that alive while the entry waits.
+            key: key.map(|key| Box::new(Bytes::copy_from_slice(&key))),
         }
     }
 

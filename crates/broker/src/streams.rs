@@ -185,6 +185,8 @@ impl<S: MessageStore> Broker<S> {
         stream.final_held |= message.is_final;
         self.held_reply_bytes += bytes;
         self.metrics.replies_held += 1;
+        let mut message = message;
+        Arc::make_mut(&mut message).detach();
         stream.held.push_back(Held {
             message,
             senders: vec![(conn, seq, quiet)],

@@ -6,6 +6,7 @@ mod certs;
 mod conn;
 mod http_get;
 mod output;
+mod pause;
 mod registry;
 mod reply;
 mod send;
@@ -13,6 +14,7 @@ mod serve_limits;
 mod subscribe;
 mod tail;
 mod trace;
+mod up;
 mod verify;
 
 use std::net::SocketAddr;
@@ -159,30 +161,14 @@ fn parse_http_addr(text: &str) -> Result<HttpAddr, String> {
 
 /// `512`, `64KiB`, `10MB`, `2GiB` …
 fn parse_size(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size; write e.g. 64MiB or 10GB"))?;
-    let factor: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "KB" => 1_000,
-        "KiB" => 1 << 10,
-        "MB" => 1_000_000,
-        "MiB" => 1 << 20,
-        "GB" => 1_000_000_000,
-        "GiB" => 1 << 30,
-        other => {
-            return Err(format!(
-                "unknown size unit {other:?}; use B, KB, KiB, MB, MiB, GB or GiB"
-            ))
-        }
-    };
-    n.checked_mul(factor)
-        .ok_or_else(|| format!("{text:?} is too large"))
+    let size: bytesize::ByteSize = text.trim().parse().map_err(|e| {
+        format!("{text:?} is not a size ({e}); write e.g. 64MiB, 10GB or a number of bytes")
+    })?;
+    // bytesize saturates what does not fit; a size that large is a typo.
+    match size.as_u64() {
+        u64::MAX => Err(format!("{text:?} is too large")),
+        bytes => Ok(bytes),
+    }
 }
 
 /// `PATTERN=AGE` or `PATTERN=AGE,SIZE`.
@@ -267,6 +253,11 @@ enum Command {
         #[command(flatten)]
         admin: Admin,
     },
+    /// Pauses a service's subscription: its messages wait in the broker
+    /// (the backlog grows) until `courier resume`.
+    Pause(pause::PauseArgs),
+    /// Resumes a paused subscription: what waited is delivered.
+    Resume(pause::PauseArgs),
     /// Registers an instance off the bus (a database, an HTTP API) and
     /// prints its id.
     Register(registry::RegisterArgs),
@@ -319,6 +310,12 @@ enum Command {
     /// Reads a stopped broker's whole log (every record, index and the
     /// snapshot) and prints every damaged range; exit 7 if there is any.
     Verify(verify::VerifyArgs),
+    /// Runs a whole application from its courier.toml: checks it, builds
+    /// it, starts the broker and every service instance, restarts what
+    /// crashes, and stops everything on Ctrl-C.
+    Up(up::UpArgs),
+    /// Stops the `courier up` running for a directory.
+    Down(up::DownArgs),
     /// Validates an application's manifest; one line per problem.
     Check {
         /// The manifest, e.g. courier.toml.
@@ -505,6 +502,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Reply(args) => reply::reply(args).await,
         Command::Subscribe(args) => subscribe::subscribe(args).await,
         Command::DeadLetters(action) => dead_letters(action).await,
+        Command::Pause(args) => pause::run(args, true).await,
+        Command::Resume(args) => pause::run(args, false).await,
         Command::Token(TokenCommand::New) => {
             let token = courier_manifest::generate_token()
                 .context("cannot read random bytes from the OS")?;
@@ -523,6 +522,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Verify(args) => verify::run(args),
+        Command::Up(args) => up::up(args).await,
+        Command::Down(args) => up::down(args).await,
         Command::DevCerts {
             dir,
             services,
@@ -836,7 +837,10 @@ mod tests {
         assert_eq!(parse_size("64MiB"), Ok(64 << 20));
         assert_eq!(parse_size("10GB"), Ok(10_000_000_000));
         assert_eq!(parse_size("512"), Ok(512));
+        assert_eq!(parse_size("1.5KiB"), Ok(1536));
         assert!(parse_size("5 parsecs").is_err());
+        assert!(parse_size("-5MB").is_err());
+        assert!(parse_size("99999999999999GiB").is_err(), "too large");
         let rule = parse_retention_rule("metrics.>=1h,64MiB").expect("rule");
         assert_eq!(
             (rule.pattern.as_str(), rule.max_age_ms, rule.max_bytes),

@@ -157,7 +157,7 @@ pub async fn show(
     token: Option<&str>,
 ) -> anyhow::Result<()> {
     let Some(name) = name else {
-        let answer = http_get::get(http, "/v1/services", token).await?;
+        let answer = http_get::get(http, "/v1/registry", token).await?;
         let answer: Value =
             serde_json::from_str(&answer).context("the broker's answer is not JSON")?;
         output::line(&answer);

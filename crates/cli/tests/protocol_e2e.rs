@@ -75,6 +75,8 @@ fn garbage_before_hello_is_refused() {
 #[test]
 fn hostile_length_prefixes_are_refused_without_allocating() {
     let broker = Broker::start();
+    broker_still_serves(&broker);
+    let baseline = rss_mib(broker.child.id());
     for len in [u32::MAX, (1u32 << 31) - 1] {
         let mut s = raw(&broker);
         s.write_all(&hello("evil")).expect("hello");
@@ -84,13 +86,49 @@ fn hostile_length_prefixes_are_refused_without_allocating() {
         assert!(message.contains(&len.to_string()), "{message}");
     }
     broker_still_serves(&broker);
+    let grown = rss_mib(broker.child.id()).saturating_sub(baseline);
+    assert!(
+        grown < 16,
+        "refusing 6 GiB of announced frames grew the broker by {grown} MiB"
+    );
+}
+
+#[test]
+fn frames_announced_at_the_limit_do_not_grow_memory_before_their_bytes_come() {
+    const CONNECTIONS: usize = 64;
+    const FRAME_BYTES_MAX: u32 = 8 << 20;
+    let broker = Broker::start();
+    broker_still_serves(&broker);
+    let baseline = rss_mib(broker.child.id());
+    // Each announces a frame just under the limit and sends one byte of it.
+    let announced: Vec<TcpStream> = (0..CONNECTIONS)
+        .map(|_| {
+            let mut s = raw(&broker);
+            s.write_all(&hello("hopeful")).expect("hello");
+            s.write_all(&(FRAME_BYTES_MAX - 16).to_be_bytes())
+                .expect("length");
+            s.write_all(&[0x03]).expect("first byte");
+            s
+        })
+        .collect();
+    // Every connection's bytes have been read once a later connection is
+    // served (the broker reads connections concurrently, in accept order).
+    broker_still_serves(&broker);
+    let grown = rss_mib(broker.child.id()).saturating_sub(baseline);
+    let if_reserved = CONNECTIONS as u64 * u64::from(FRAME_BYTES_MAX >> 20);
+    assert!(
+        grown < 64,
+        "{CONNECTIONS} announced frames grew the broker by {grown} MiB \
+         (reserving each announced length would take {if_reserved} MiB)"
+    );
+    drop(announced);
 }
 
 #[test]
 fn malformed_frame_after_hello_closes_only_that_connection() {
     let broker = Broker::start();
     let listener = broker.spawn(&["subscribe", "a.b", "--service", "good"]);
-    std::thread::sleep(Duration::from_millis(300));
+    broker.wait_consumers("good", 1, None);
     let mut s = raw(&broker);
     s.write_all(&hello("evil")).expect("hello");
     // A SEND frame claiming one entry but truncated inside the message.
@@ -219,7 +257,7 @@ async fn thousands_of_half_open_connections_do_not_stop_anyone_else() {
     ))
     .await
     .expect("connect before the flood");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::task::block_in_place(|| broker.wait_consumers("good", 1, None));
     // Connections that never finish (or even start) their handshake, some
     // with a partial frame: more than the broker's cap on handshakes. New
     // connections may be turned away while the cap is reached; connected
@@ -252,8 +290,18 @@ async fn thousands_of_half_open_connections_do_not_stop_anyone_else() {
         started.elapsed()
     );
     drop(idle);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    tokio::task::block_in_place(|| broker_still_serves(&broker));
+    // New connections are served again once the broker has seen the
+    // flood's connections close.
+    tokio::task::block_in_place(|| {
+        common::wait_for(
+            "a new connection served after the flood",
+            Duration::from_secs(10),
+            || {
+                let out = broker.run(&["publish", "health.check"]);
+                out.status.success().then_some(())
+            },
+        )
+    });
 }
 
 /// Resident memory of a process in MiB.
@@ -302,7 +350,10 @@ async fn a_receiver_that_stops_reading_is_paused_without_growing_memory_or_slowi
     })
     .await
     .expect("subscribe");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::task::block_in_place(|| {
+        broker.wait_consumers("sluggish", 1, None);
+        broker.wait_consumers("fast", 1, None);
+    });
     let baseline = rss_mib(broker.child.id());
 
     let publisher = courier_client::Client::connect(courier_client::ClientOptions::new(

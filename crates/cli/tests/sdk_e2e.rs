@@ -869,10 +869,12 @@ async fn graceful_shutdown_finishes_running_handlers_and_acks_them() {
     let broker = Broker::start();
     let worker = client(&broker, "resize").await;
     let (tx, mut rx) = mpsc::channel(10);
+    let (started_tx, mut started) = mpsc::channel(10);
     worker
         .on("image.resize", move |_msg: Incoming| {
-            let tx = tx.clone();
+            let (tx, started_tx) = (tx.clone(), started_tx.clone());
             async move {
+                let _ = started_tx.send(()).await;
                 tokio::time::sleep(Duration::from_millis(300)).await;
                 let _ = tx.send(()).await;
                 Ok::<(), courier_client::Error>(())
@@ -882,7 +884,9 @@ async fn graceful_shutdown_finishes_running_handlers_and_acks_them() {
         .expect("sub");
     let web = client(&broker, "web").await;
     web.send("image.resize", &()).await.expect("sent");
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    tokio::time::timeout(T, started.recv())
+        .await
+        .expect("the handler started in time");
     worker.shutdown().await;
     assert!(rx.try_recv().is_ok(), "shutdown waited for the handler");
     // The ack went out before the connection closed: nothing is redelivered.

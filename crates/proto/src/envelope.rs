@@ -138,6 +138,17 @@ pub struct Message {
 }
 
 impl Message {
+    /// Gives the payload and the key allocations of their own. A decoded
+    /// message's bytes are slices of the connection's read buffer (64 KiB
+    /// at a time); one kept for long — in a queue, parked, held — would
+    /// keep that whole buffer alive.
+    pub fn detach(&mut self) {
+        self.payload = Bytes::copy_from_slice(&self.payload);
+        if let Some(key) = &mut self.key {
+            *key = Bytes::copy_from_slice(key);
+        }
+    }
+
     /// A message with a fresh id, version 1.0 and no options set. It
     /// starts a new activity, named after it: its `activity_id` is its own
     /// id (unique as any fresh id, at half the random bits per message);

@@ -55,6 +55,7 @@ impl HttpListener {
 
 fn router(shared: Arc<Shared>) -> Router {
     Router::new()
+        .merge(crate::console::routes(shared.clone()))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 mod auth;
+mod console;
 mod http;
 mod metrics_text;
 mod registry;
@@ -290,6 +291,9 @@ struct Shared {
     paused: Mutex<std::collections::HashSet<ConnId>>,
     core: Mutex<Broker<Store>>,
     outboxes: Mutex<FastMap<ConnId, Arc<Outbox>>>,
+    /// Where each live connection comes from and since when, for the
+    /// console (the broker core knows nothing of sockets or clocks).
+    peers: Mutex<FastMap<ConnId, console::Peer>>,
     next_conn: AtomicU64,
     /// When the timer task plans to wake next (unix ns).
     timer_due: AtomicU64,
@@ -437,6 +441,7 @@ impl Server {
                 paused: Mutex::new(std::collections::HashSet::new()),
                 core: Mutex::new(core),
                 outboxes: Mutex::new(FastMap::default()),
+                peers: Mutex::new(FastMap::default()),
                 next_conn: AtomicU64::new(1),
                 timer_due: AtomicU64::new(u64::MAX),
                 timer_wake: Arc::new(Notify::new()),
@@ -522,6 +527,12 @@ impl Drop for AbortOnDrop {
 impl Shared {
     fn core(&self) -> MutexGuard<'_, Broker<Store>> {
         self.core
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn peers(&self) -> MutexGuard<'_, FastMap<ConnId, console::Peer>> {
+        self.peers
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -1236,6 +1247,13 @@ async fn serve_stream<R, W>(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .insert(conn, (hello.credentials.clone(), subject));
+    shared.peers().insert(
+        conn,
+        console::Peer {
+            addr: peer,
+            connected_at: now_nanos(),
+        },
+    );
     shared.outboxes().insert(conn, outbox.clone());
     // WELCOME and the broker's first actions (parked replies) leave in
     // that order: both happen under the core lock.
@@ -1268,6 +1286,7 @@ async fn serve_stream<R, W>(
     if let Some(reason) = refused {
         info!(%peer, %reason, "connection refused");
         shared.outboxes().remove(&conn);
+        shared.peers().remove(&conn);
         shared
             .credentials
             .lock()
@@ -1318,6 +1337,7 @@ async fn serve_stream<R, W>(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .remove(&conn);
+    shared.peers().remove(&conn);
     close(&outbox, writer_task).await;
 }
 

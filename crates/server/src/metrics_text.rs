@@ -335,6 +335,24 @@ fn encode_subscriptions(
             }
         }
     }
+    let mut paused = Family::open(
+        encoder,
+        "courier_subscription_paused",
+        "1 while an operator has paused the service's subscription to the pattern (courier pause), else 0",
+        MetricType::Gauge,
+    )?;
+    for g in subs {
+        for pattern in &g.patterns {
+            let value = f64::from(u8::from(g.paused.contains(pattern)));
+            paused.gauge(
+                &[
+                    ("service", g.service.as_str()),
+                    ("pattern", pattern.as_str()),
+                ],
+                value,
+            )?;
+        }
+    }
     Ok(())
 }
 

@@ -2,7 +2,8 @@
 //! TCP connect), the change index watchers wait on, and the HTTP routes
 //! under `/v1/services`.
 //!
-//! `GET /v1/services` lists services; `GET /v1/services/{name}` their
+//! `GET /v1/registry` lists the registry's services (`GET /v1/services`
+//! is the console's listing of the bus); `GET /v1/services/{name}` their
 //! healthy instances (`?all=1`: every one, with its state), and with
 //! `?index=N` it blocks until the registry's index differs from N (at most
 //! `?wait=`, default 30 s). `POST /v1/services/{name}` registers (a JSON
@@ -201,7 +202,7 @@ async fn http_status(url: &str) -> Result<u16, String> {
 
 pub(crate) fn routes() -> Router<Arc<Shared>> {
     Router::new()
-        .route("/v1/services", get(list_services))
+        .route("/v1/registry", get(list_services))
         .route("/v1/services/{name}", get(service_instances).post(register))
         .route("/v1/services/{name}/{id}", delete(deregister))
         .route("/v1/services/{name}/{id}/heartbeat", post(heartbeat))

@@ -7,6 +7,8 @@ use std::process::{Child, ChildStdout, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+pub mod webdriver;
+
 pub fn courier_bin() -> &'static str {
     env!("CARGO_BIN_EXE_courier")
 }
@@ -503,5 +505,28 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Opt
             "{what}: not within {timeout:?}"
         );
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+impl Broker {
+    /// Waits until `service` has at least `n` consuming instances, as the
+    /// broker's `/metrics` says (under a manifest, pass an admin token): the
+    /// readiness signal for a subscriber started in another process.
+    pub fn wait_consumers(&self, service: &str, n: u64, admin_token: Option<&str>) {
+        let http = self
+            .http
+            .as_deref()
+            .expect("wait_consumers needs the broker's HTTP port");
+        let series = format!("courier_subscription_consumers{{service=\"{service}\"}}");
+        wait_for(
+            &format!("{n} consumer(s) of {service}"),
+            Duration::from_secs(10),
+            || {
+                let (status, body) = http_get(http, "/metrics", admin_token);
+                assert_eq!(status, 200, "/metrics: {body}");
+                let consumers = metric(&body, &series).unwrap_or(0.0);
+                (consumers >= n as f64).then_some(())
+            },
+        );
     }
 }

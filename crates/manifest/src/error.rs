@@ -42,6 +42,15 @@ pub enum ManifestErrorKind {
     ServiceName { name: String, source: NameError },
     #[error("\"admin\" is reserved for the [admin] table; give the service another name")]
     ReservedServiceName,
+    /// A process field (`build`, `dir`, `env`, `instances`, `http_port`,
+    /// `watch`) on a service without `run`.
+    #[error("service {service} sets {field} but no run command; add run = \"…\" (the command that starts it) or remove {field}")]
+    ProcessWithoutRun {
+        service: String,
+        field: &'static str,
+    },
+    #[error("{what}; {fix}")]
+    ProcessField { what: String, fix: &'static str },
     #[error("{0}")]
     Rule(RuleError),
     #[error("{rule} is listed twice in {field}; remove one")]

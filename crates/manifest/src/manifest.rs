@@ -98,7 +98,37 @@ pub struct ServiceSpec {
     /// Client-certificate subjects that identify the service, compared
     /// exactly (`"CN=web"`).
     pub certificates: Vec<String>,
+    /// How `courier up` builds and starts the service; `None` for a
+    /// service the manifest only authorises.
+    pub process: Option<ProcessSpec>,
     location: Option<Location>,
+}
+
+/// Most instances of one service `courier up` starts.
+pub const INSTANCES_MAX: u32 = 256;
+
+/// A service's process, for `courier up`: `run = "…"` and its companions.
+/// The broker ignores it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessSpec {
+    /// The shell command that starts one instance (`sh -c`).
+    pub run: String,
+    /// A shell command run once before the first start (and after a
+    /// change under `watch`).
+    pub build: Option<String>,
+    /// Where both commands run, relative to the manifest's directory
+    /// (`.` when not given).
+    pub dir: String,
+    /// Extra environment variables for every instance.
+    pub env: BTreeMap<String, String>,
+    /// How many instances to start (1 when not given).
+    pub instances: u32,
+    /// The HTTP port the service advertises (instance `n` gets
+    /// `http_port + n - 1`), passed to it as `PORT`.
+    pub http_port: Option<u16>,
+    /// Paths, relative to `dir`, whose changes restart the service under
+    /// `courier up --watch` (`dir` itself when not given).
+    pub watch: Vec<String>,
 }
 
 impl ServiceSpec {
@@ -297,6 +327,13 @@ struct RawService {
     tokens: Vec<Spanned<String>>,
     #[serde(default)]
     certificates: Vec<Spanned<String>>,
+    run: Option<Spanned<String>>,
+    build: Option<Spanned<String>>,
+    dir: Option<Spanned<String>>,
+    env: Option<Spanned<BTreeMap<String, String>>>,
+    instances: Option<Spanned<u32>>,
+    http_port: Option<Spanned<u16>>,
+    watch: Option<Spanned<Vec<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -511,7 +548,87 @@ impl<'t> Builder<'t> {
             receives: self.rules(&raw.receives, field("receives")),
             tokens: self.tokens(&raw.tokens, &owner),
             certificates: self.certificates(&raw.certificates, &owner),
+            process: self.process(name, raw),
             location: self.at(name.span()),
+        })
+    }
+
+    fn process(&mut self, name: &Spanned<String>, raw: &RawService) -> Option<ProcessSpec> {
+        let service = name.get_ref();
+        let Some(run) = &raw.run else {
+            let fields: [(&'static str, Option<std::ops::Range<usize>>); 6] = [
+                ("build", raw.build.as_ref().map(Spanned::span)),
+                ("dir", raw.dir.as_ref().map(Spanned::span)),
+                ("env", raw.env.as_ref().map(Spanned::span)),
+                ("instances", raw.instances.as_ref().map(Spanned::span)),
+                ("http_port", raw.http_port.as_ref().map(Spanned::span)),
+                ("watch", raw.watch.as_ref().map(Spanned::span)),
+            ];
+            for (field, span) in fields {
+                if let Some(span) = span {
+                    let kind = ManifestErrorKind::ProcessWithoutRun {
+                        service: service.clone(),
+                        field,
+                    };
+                    self.fail(span, kind);
+                }
+            }
+            return None;
+        };
+        if run.get_ref().trim().is_empty() {
+            self.fail(
+                run.span(),
+                ManifestErrorKind::ProcessField {
+                    what: format!("service {service} has an empty run command"),
+                    fix: "write the command that starts one instance, like run = \"./server\"",
+                },
+            );
+        }
+        let instances = raw.instances.as_ref().map_or(1, |n| *n.get_ref());
+        if let Some(n) = &raw.instances {
+            if !(1..=INSTANCES_MAX).contains(n.get_ref()) {
+                self.fail(
+                    n.span(),
+                    ManifestErrorKind::ProcessField {
+                        what: format!(
+                            "service {service} asks for {} instances; 1 to {INSTANCES_MAX} are allowed",
+                            n.get_ref()
+                        ),
+                        fix: "set instances within that range, or remove the service's run command",
+                    },
+                );
+            }
+        }
+        if let Some(port) = &raw.http_port {
+            if *port.get_ref() == 0 {
+                self.fail(
+                    port.span(),
+                    ManifestErrorKind::ProcessField {
+                        what: format!("service {service} advertises HTTP port 0"),
+                        fix: "give the port it listens on, like http_port = 3000",
+                    },
+                );
+            }
+        }
+        Some(ProcessSpec {
+            run: run.get_ref().clone(),
+            build: raw.build.as_ref().map(|b| b.get_ref().clone()),
+            dir: raw
+                .dir
+                .as_ref()
+                .map_or_else(|| ".".to_string(), |d| d.get_ref().clone()),
+            env: raw
+                .env
+                .as_ref()
+                .map(|e| e.get_ref().clone())
+                .unwrap_or_default(),
+            instances,
+            http_port: raw.http_port.as_ref().map(|p| *p.get_ref()),
+            watch: raw
+                .watch
+                .as_ref()
+                .map(|w| w.get_ref().clone())
+                .unwrap_or_default(),
         })
     }
 }

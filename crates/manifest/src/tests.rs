@@ -982,3 +982,48 @@ fn deep_nesting_is_refused_without_overflowing_the_stack() {
         assert!(err.location().is_some(), "{err}");
     }
 }
+
+#[test]
+fn a_service_may_say_how_courier_up_runs_it() {
+    let manifest = Manifest::parse(
+        "[services.worker]\nreceives = [\"reading.taken\"]\nrun = \"./worker\"\nbuild = \"make\"\n\
+         dir = \"w\"\nenv = { LOG = \"debug\" }\ninstances = 4\nhttp_port = 3000\nwatch = [\"src\"]\n\
+         [services.web]\nsends = [\"x\"]\n",
+    )
+    .unwrap();
+    let worker = manifest.services()["worker"].process.clone().unwrap();
+    assert_eq!(
+        (
+            worker.run.as_str(),
+            worker.build.as_deref(),
+            worker.dir.as_str()
+        ),
+        ("./worker", Some("make"), "w")
+    );
+    assert_eq!(worker.env["LOG"], "debug");
+    assert_eq!(
+        (worker.instances, worker.http_port, worker.watch),
+        (4, Some(3000), vec!["src".to_string()])
+    );
+    assert_eq!(
+        manifest.services()["web"].process,
+        None,
+        "old manifests stay valid"
+    );
+}
+
+#[test]
+fn process_fields_without_run_or_out_of_range_are_refused_with_the_fix() {
+    let err = Manifest::parse("[services.w]\ninstances = 2\n").unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "2:13: service w sets instances but no run command; add run = \"…\" (the command that starts it) or remove instances"
+    );
+    let err = Manifest::parse("[services.w]\nrun = \"x\"\ninstances = 0\n").unwrap_err();
+    assert!(
+        err.to_string().contains("asks for 0 instances; 1 to 256"),
+        "{err}"
+    );
+    let err = Manifest::parse("[services.w]\nrun = \" \"\n").unwrap_err();
+    assert!(err.to_string().contains("empty run command"), "{err}");
+}

@@ -990,8 +990,11 @@ fn a_service_may_say_how_courier_up_runs_it() {
          dir = \"w\"\nenv = { LOG = \"debug\" }\ninstances = 4\nhttp_port = 3000\nwatch = [\"src\"]\n\
          [services.web]\nsends = [\"x\"]\n",
     )
-    .unwrap();
-    let worker = manifest.services()["worker"].process.clone().unwrap();
+    .expect("valid");
+    let worker = manifest.services()["worker"]
+        .process
+        .clone()
+        .expect("a process");
     assert_eq!(
         (
             worker.run.as_str(),
@@ -1014,16 +1017,16 @@ fn a_service_may_say_how_courier_up_runs_it() {
 
 #[test]
 fn process_fields_without_run_or_out_of_range_are_refused_with_the_fix() {
-    let err = Manifest::parse("[services.w]\ninstances = 2\n").unwrap_err();
+    let err = Manifest::parse("[services.w]\ninstances = 2\n").expect_err("refused");
     assert_eq!(
         err.to_string(),
         "2:13: service w sets instances but no run command; add run = \"…\" (the command that starts it) or remove instances"
     );
-    let err = Manifest::parse("[services.w]\nrun = \"x\"\ninstances = 0\n").unwrap_err();
+    let err = Manifest::parse("[services.w]\nrun = \"x\"\ninstances = 0\n").expect_err("refused");
     assert!(
         err.to_string().contains("asks for 0 instances; 1 to 256"),
         "{err}"
     );
-    let err = Manifest::parse("[services.w]\nrun = \" \"\n").unwrap_err();
+    let err = Manifest::parse("[services.w]\nrun = \" \"\n").expect_err("refused");
     assert!(err.to_string().contains("empty run command"), "{err}");
 }

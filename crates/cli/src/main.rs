@@ -11,6 +11,7 @@ mod send;
 mod serve_limits;
 mod subscribe;
 mod tail;
+mod up;
 mod verify;
 
 use std::net::SocketAddr;
@@ -284,6 +285,12 @@ enum Command {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
     },
+    /// Runs the whole application of a courier.toml: checks it, builds it,
+    /// starts the broker and every service instance, restarts what
+    /// crashes, and stops it all on Ctrl-C.
+    Up(up::UpArgs),
+    /// Stops the `courier up` running for a directory.
+    Down(up::DownArgs),
 }
 
 #[derive(Subcommand)]
@@ -477,6 +484,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Verify(args) => verify::run(args),
+        Command::Up(args) => up::up(args).await,
+        Command::Down(args) => up::down(args).await,
         Command::DevCerts {
             dir,
             services,

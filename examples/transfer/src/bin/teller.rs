@@ -13,8 +13,8 @@ const SCRIPT: [(&str, &str, u64, &str); 9] = [
     ("bob", "alice", 100, "2222"),     // transferred (back)
     ("carol", "alice", 2_500, "3333"), // pending
     ("alice", "bob", 9_000, "1111"),   // transaction limit exceeded
-    ("dave", "bob", 1_500, "4444"),    // daily limit exceeded
     ("alice", "bob", 1_900, "1111"),   // insufficient funds
+    ("dave", "bob", 1_500, "4444"),    // daily limit exceeded
     ("alice", "zed", 10, "1111"),      // unknown account
     ("bob", "alice", 10, "0000"),      // unauthorized
     ("erin", "bob", 10, "5555"),       // internal error

@@ -616,3 +616,30 @@ fn print_compose_describes_every_service_port_and_variable_without_secrets() {
         assert!(!text.contains(token.as_str()));
     }
 }
+
+#[test]
+fn watch_rebuilds_and_restarts_the_service_whose_files_changed() {
+    let dir = tempdir::Dir::new("up-watch");
+    std::fs::write(dir.path().join("version"), "1\n").expect("write");
+    std::fs::write(dir.path().join("other"), "x\n").expect("write");
+    std::fs::write(
+        dir.path().join("courier.toml"),
+        "[services.clock]\nbuild = \"echo building clock from $(cat version)\"\n\
+         run = \"echo clock v$(cat version) running; exec sleep 600\"\nwatch = [\"version\"]\n\
+         [services.still]\nrun = \"echo still running; exec sleep 600\"\nwatch = [\"other\"]\n",
+    )
+    .expect("write");
+    let mut up = Up::start(dir.path(), &["--watch"]);
+    up.wait_for("clock v1 running", SOON);
+    up.wait_for("still running", SOON);
+    up.wait_for("watching the services' files", SOON);
+    std::fs::write(dir.path().join("version"), "2\n").expect("write");
+    up.wait_for("building clock from 2", SOON);
+    up.wait_for("clock.1: restarting with what changed", SOON);
+    up.wait_for("clock v2 running", SOON);
+    assert_eq!(up.count("still running"), 1, "only what changed restarts");
+    let tree = descendants(up.pid());
+    up.signal("-TERM");
+    assert_eq!(up.wait_exit(SOON), Some(0), "{}", up.text());
+    assert_no_survivors(&tree, &up.text());
+}

@@ -42,15 +42,6 @@ pub enum ManifestErrorKind {
     ServiceName { name: String, source: NameError },
     #[error("\"admin\" is reserved for the [admin] table; give the service another name")]
     ReservedServiceName,
-    /// A process field (`build`, `dir`, `env`, `instances`, `http_port`,
-    /// `watch`) on a service without `run`.
-    #[error("service {service} sets {field} but no run command; add run = \"…\" (the command that starts it) or remove {field}")]
-    ProcessWithoutRun {
-        service: String,
-        field: &'static str,
-    },
-    #[error("{what}; {fix}")]
-    ProcessField { what: String, fix: &'static str },
     #[error("{0}")]
     Rule(RuleError),
     #[error("{rule} is listed twice in {field}; remove one")]
@@ -103,7 +94,8 @@ impl ManifestError {
     /// assert_eq!(
     ///     err.with_origin("courier.toml").to_string(),
     ///     "courier.toml:2:1: unknown field `sendz`, expected one of `sends`, `publishes`, \
-    ///      `receives`, `tokens`, `certificates`",
+    ///      `receives`, `tokens`, `certificates`, `run`, `build`, `dir`, `env`, `instances`, \
+    ///      `http`, `watch`",
     /// );
     /// ```
     #[must_use]

@@ -28,15 +28,6 @@
 //! publishes = ["todo.created@1"]              # optional: names it sends as events
 //! tokens = ["sha256:…"]
 //!
-//! [services.worker]                           # how `courier up` runs a service (all optional but run):
-//! run = "./worker"                            # shell command starting one instance
-//! build = "make worker"                       # run once before starting, and on --watch changes
-//! dir = "worker"                              # working directory, relative to this file
-//! env = { LOG = "debug" }                     # extra environment
-//! instances = 4                               # competing instances (default 1)
-//! http_port = 3000                            # advertised HTTP port, passed as PORT
-//! watch = ["src"]                             # paths --watch follows (default: dir)
-//!
 //! [admin]                                     # optional: the operations role
 //! tokens = ["sha256:…"]
 //! certificates = ["CN=ops"]
@@ -90,7 +81,7 @@ pub use check::{check, has_errors, Problem, Severity};
 pub use error::{ManifestError, ManifestErrorKind};
 pub use handshake::{authenticate, Authenticated, ADMIN_SERVICE};
 pub use manifest::{
-    Action, AdminSpec, Denial, Identity, Lists, Manifest, ProcessSpec, RuleList, ServiceSpec,
+    Action, AdminSpec, AppSpec, Denial, Identity, Lists, Manifest, RuleList, ServiceSpec,
     DENIAL_RULES_SHOWN_MAX, INSTANCES_MAX,
 };
 pub use pattern::{intersect_patterns, pattern_covers};

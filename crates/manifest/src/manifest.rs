@@ -98,38 +98,38 @@ pub struct ServiceSpec {
     /// Client-certificate subjects that identify the service, compared
     /// exactly (`"CN=web"`).
     pub certificates: Vec<String>,
-    /// How `courier up` builds and starts the service; `None` for a
-    /// service the manifest only authorises.
-    pub process: Option<ProcessSpec>,
+    /// How `courier up` builds and runs the service; the broker ignores it.
+    pub app: AppSpec,
     location: Option<Location>,
+}
+
+/// The part of a service's entry that `courier up` reads: how to build and
+/// run it. All optional: a service without `run` is one `courier up`
+/// does not start (it runs elsewhere and connects on its own).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AppSpec {
+    /// Shell command that starts one instance (`run = "…"`).
+    pub run: Option<String>,
+    /// Shell command run once before any instance starts (`build = "…"`).
+    pub build: Option<String>,
+    /// Working directory of both, relative to the manifest's directory
+    /// (`dir = "…"`, default: that directory).
+    pub dir: Option<String>,
+    /// Extra environment of every instance (`[services.NAME.env]`).
+    pub env: BTreeMap<String, String>,
+    /// How many instances `courier up` starts (`instances = N`, default 1).
+    pub instances: u32,
+    /// What `courier up --watch` watches, relative to `dir` (`watch =
+    /// [...]`, default: all of `dir`); a change rebuilds and restarts.
+    pub watch: Vec<String>,
+    /// The HTTP port the first instance serves on (`http = PORT`); the
+    /// n-th instance gets PORT + n − 1, in `PORT` and the advertised
+    /// address.
+    pub http: Option<u16>,
 }
 
 /// Most instances of one service `courier up` starts.
 pub const INSTANCES_MAX: u32 = 256;
-
-/// A service's process, for `courier up`: `run = "…"` and its companions.
-/// The broker ignores it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProcessSpec {
-    /// The shell command that starts one instance (`sh -c`).
-    pub run: String,
-    /// A shell command run once before the first start (and after a
-    /// change under `watch`).
-    pub build: Option<String>,
-    /// Where both commands run, relative to the manifest's directory
-    /// (`.` when not given).
-    pub dir: String,
-    /// Extra environment variables for every instance.
-    pub env: BTreeMap<String, String>,
-    /// How many instances to start (1 when not given).
-    pub instances: u32,
-    /// The HTTP port the service advertises (instance `n` gets
-    /// `http_port + n - 1`), passed to it as `PORT`.
-    pub http_port: Option<u16>,
-    /// Paths, relative to `dir`, whose changes restart the service under
-    /// `courier up --watch` (`dir` itself when not given).
-    pub watch: Vec<String>,
-}
 
 impl ServiceSpec {
     /// Where the service's name was written.
@@ -327,13 +327,20 @@ struct RawService {
     tokens: Vec<Spanned<String>>,
     #[serde(default)]
     certificates: Vec<Spanned<String>>,
-    run: Option<Spanned<String>>,
-    build: Option<Spanned<String>>,
-    dir: Option<Spanned<String>>,
-    env: Option<Spanned<BTreeMap<String, String>>>,
+    #[serde(default)]
+    run: Option<String>,
+    #[serde(default)]
+    build: Option<String>,
+    #[serde(default)]
+    dir: Option<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
     instances: Option<Spanned<u32>>,
-    http_port: Option<Spanned<u16>>,
-    watch: Option<Spanned<Vec<String>>>,
+    #[serde(default)]
+    http: Option<u16>,
+    #[serde(default)]
+    watch: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -542,93 +549,39 @@ impl<'t> Builder<'t> {
             return None;
         }
         let field = |list: &str| format!("services.{}.{list}", name.get_ref());
+        let instances = match &raw.instances {
+            None => 1,
+            Some(n) if (1..=INSTANCES_MAX).contains(n.get_ref()) => *n.get_ref(),
+            Some(n) => {
+                self.fail(
+                    n.span(),
+                    ManifestErrorKind::Toml {
+                        message: format!(
+                            "services.{}.instances is {}; it must be 1 to {INSTANCES_MAX}",
+                            name.get_ref(),
+                            n.get_ref()
+                        ),
+                    },
+                );
+                return None;
+            }
+        };
         Some(ServiceSpec {
             sends: self.rules(&raw.sends, field("sends")),
             publishes: self.rules(&raw.publishes, field("publishes")),
             receives: self.rules(&raw.receives, field("receives")),
             tokens: self.tokens(&raw.tokens, &owner),
             certificates: self.certificates(&raw.certificates, &owner),
-            process: self.process(name, raw),
+            app: AppSpec {
+                run: raw.run.clone(),
+                build: raw.build.clone(),
+                dir: raw.dir.clone(),
+                env: raw.env.clone(),
+                instances,
+                http: raw.http,
+                watch: raw.watch.clone(),
+            },
             location: self.at(name.span()),
-        })
-    }
-
-    fn process(&mut self, name: &Spanned<String>, raw: &RawService) -> Option<ProcessSpec> {
-        let service = name.get_ref();
-        let Some(run) = &raw.run else {
-            let fields: [(&'static str, Option<std::ops::Range<usize>>); 6] = [
-                ("build", raw.build.as_ref().map(Spanned::span)),
-                ("dir", raw.dir.as_ref().map(Spanned::span)),
-                ("env", raw.env.as_ref().map(Spanned::span)),
-                ("instances", raw.instances.as_ref().map(Spanned::span)),
-                ("http_port", raw.http_port.as_ref().map(Spanned::span)),
-                ("watch", raw.watch.as_ref().map(Spanned::span)),
-            ];
-            for (field, span) in fields {
-                if let Some(span) = span {
-                    let kind = ManifestErrorKind::ProcessWithoutRun {
-                        service: service.clone(),
-                        field,
-                    };
-                    self.fail(span, kind);
-                }
-            }
-            return None;
-        };
-        if run.get_ref().trim().is_empty() {
-            self.fail(
-                run.span(),
-                ManifestErrorKind::ProcessField {
-                    what: format!("service {service} has an empty run command"),
-                    fix: "write the command that starts one instance, like run = \"./server\"",
-                },
-            );
-        }
-        let instances = raw.instances.as_ref().map_or(1, |n| *n.get_ref());
-        if let Some(n) = &raw.instances {
-            if !(1..=INSTANCES_MAX).contains(n.get_ref()) {
-                self.fail(
-                    n.span(),
-                    ManifestErrorKind::ProcessField {
-                        what: format!(
-                            "service {service} asks for {} instances; 1 to {INSTANCES_MAX} are allowed",
-                            n.get_ref()
-                        ),
-                        fix: "set instances within that range, or remove the service's run command",
-                    },
-                );
-            }
-        }
-        if let Some(port) = &raw.http_port {
-            if *port.get_ref() == 0 {
-                self.fail(
-                    port.span(),
-                    ManifestErrorKind::ProcessField {
-                        what: format!("service {service} advertises HTTP port 0"),
-                        fix: "give the port it listens on, like http_port = 3000",
-                    },
-                );
-            }
-        }
-        Some(ProcessSpec {
-            run: run.get_ref().clone(),
-            build: raw.build.as_ref().map(|b| b.get_ref().clone()),
-            dir: raw
-                .dir
-                .as_ref()
-                .map_or_else(|| ".".to_string(), |d| d.get_ref().clone()),
-            env: raw
-                .env
-                .as_ref()
-                .map(|e| e.get_ref().clone())
-                .unwrap_or_default(),
-            instances,
-            http_port: raw.http_port.as_ref().map(|p| *p.get_ref()),
-            watch: raw
-                .watch
-                .as_ref()
-                .map(|w| w.get_ref().clone())
-                .unwrap_or_default(),
         })
     }
 }

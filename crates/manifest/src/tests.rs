@@ -984,49 +984,49 @@ fn deep_nesting_is_refused_without_overflowing_the_stack() {
 }
 
 #[test]
-fn a_service_may_say_how_courier_up_runs_it() {
-    let manifest = Manifest::parse(
-        "[services.worker]\nreceives = [\"reading.taken\"]\nrun = \"./worker\"\nbuild = \"make\"\n\
-         dir = \"w\"\nenv = { LOG = \"debug\" }\ninstances = 4\nhttp_port = 3000\nwatch = [\"src\"]\n\
-         [services.web]\nsends = [\"x\"]\n",
-    )
-    .expect("valid");
-    let worker = manifest.services()["worker"]
-        .process
-        .clone()
-        .expect("a process");
-    assert_eq!(
-        (
-            worker.run.as_str(),
-            worker.build.as_deref(),
-            worker.dir.as_str()
-        ),
-        ("./worker", Some("make"), "w")
-    );
-    assert_eq!(worker.env["LOG"], "debug");
-    assert_eq!(
-        (worker.instances, worker.http_port, worker.watch),
-        (4, Some(3000), vec!["src".to_string()])
-    );
-    assert_eq!(
-        manifest.services()["web"].process,
-        None,
-        "old manifests stay valid"
-    );
-}
+fn how_courier_up_runs_a_service_is_read_and_ignored_by_the_rules() {
+    let text = r#"[services.worker]
+receives = ["reading.taken"]
+run = "exec ./worker"
+build = "cargo build"
+dir = "services/worker"
+instances = 4
+http = 8080
+env = { RUST_LOG = "info" }
 
-#[test]
-fn process_fields_without_run_or_out_of_range_are_refused_with_the_fix() {
-    let err = Manifest::parse("[services.w]\ninstances = 2\n").expect_err("refused");
+[services.sensor]
+publishes = ["reading.taken"]
+tokens = ["sha256:0000000000000000000000000000000000000000000000000000000000000000"]
+"#;
+    let manifest = Manifest::parse(text).expect("valid");
+    let worker = manifest.service("worker").expect("worker");
+    assert_eq!(worker.app.run.as_deref(), Some("exec ./worker"));
+    assert_eq!(worker.app.build.as_deref(), Some("cargo build"));
+    assert_eq!(worker.app.dir.as_deref(), Some("services/worker"));
+    assert_eq!((worker.app.instances, worker.app.http), (4, Some(8080)));
     assert_eq!(
-        err.to_string(),
-        "2:13: service w sets instances but no run command; add run = \"…\" (the command that starts it) or remove instances"
+        worker.app.env.get("RUST_LOG").map(String::as_str),
+        Some("info")
     );
-    let err = Manifest::parse("[services.w]\nrun = \"x\"\ninstances = 0\n").expect_err("refused");
+    let sensor = manifest.service("sensor").expect("sensor");
+    assert_eq!(
+        sensor.app,
+        AppSpec {
+            instances: 1,
+            ..AppSpec::default()
+        }
+    );
+    // A service courier up runs gets its token from courier up.
     assert!(
-        err.to_string().contains("asks for 0 instances; 1 to 256"),
-        "{err}"
+        check(&manifest)
+            .iter()
+            .all(|p| !p.to_string().contains("neither tokens")),
+        "{:?}",
+        check(&manifest)
     );
-    let err = Manifest::parse("[services.w]\nrun = \" \"\n").expect_err("refused");
-    assert!(err.to_string().contains("empty run command"), "{err}");
+    assert_refused(
+        &text.replace("instances = 4", "instances = 0"),
+        "6:13",
+        "instances is 0; it must be 1 to 256",
+    );
 }

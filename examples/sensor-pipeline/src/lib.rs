@@ -1,49 +1,53 @@
-//! The sensor pipeline (a whole application for `courier up`): `sensor`
-//! publishes `reading.taken`, each reading goes to one of the competing
-//! `worker` instances, which publishes `reading.squared`, which `app`
-//! logs. Each service names only messages, never another service.
+//! The seeds' sensor pipeline: `sensor` publishes readings as events,
+//! `worker` instances (competing: each reading goes to one of them) square
+//! them and publish the results, and `app` prints the results. No service
+//! names another; each knows only message names.
 
+use courier_client::{Client, ClientOptions};
 use serde::{Deserialize, Serialize};
 
-/// `reading.taken`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// Payload of `reading.taken`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Reading {
-    /// Counts up from 1 per sensor run.
-    pub seq: u64,
+    pub sensor: String,
+    pub number: u64,
     pub value: i64,
 }
 
-/// `reading.squared`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// Payload of `reading.squared`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Squared {
-    pub seq: u64,
-    pub value: i64,
-    pub square: i64,
-    /// Which worker instance did it (`COURIER_INSTANCE`), to show that
-    /// instances share the work.
-    pub worker: String,
+    pub reading: Reading,
+    pub squared: i64,
+    /// The worker instance that did it (its `COURIER_INSTANCE`).
+    pub by: String,
 }
 
-/// The client from the environment `courier up` sets (`COURIER_URL`,
-/// `COURIER_TOKEN`), as `service`.
-pub fn options(service: &str) -> courier_client::ClientOptions {
-    let mut opts = courier_client::ClientOptions::from_env();
+/// Connects as `service` with what `courier up` (or the caller) put in the
+/// environment: `COURIER_URL`, `COURIER_TOKEN`.
+pub async fn connect(service: &str) -> anyhow::Result<Client> {
+    let mut opts = ClientOptions::from_env();
     opts.service = service.into();
-    opts
+    Ok(Client::connect(opts).await?)
+}
+
+/// This process's instance name, e.g. `worker.2`.
+pub fn instance(service: &str) -> String {
+    std::env::var("COURIER_INSTANCE")
+        .unwrap_or_else(|_| format!("{service}.{}", std::process::id()))
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
 pub async fn stop_requested() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
         Err(_) => {
             let _ = tokio::signal::ctrl_c().await;
+            return;
         }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
     }
 }

@@ -1,24 +1,23 @@
-//! `app`: logs every squared reading.
+//! Prints every `reading.squared` result.
 
-use courier_client::{Client, Incoming};
-use courier_example_sensor_pipeline::{options, stop_requested, Squared};
+use courier_client::Incoming;
+use courier_example_sensor_pipeline::{connect, stop_requested, Squared};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let client = Client::connect(options("app")).await?;
+    let client = connect("app").await?;
     client
         .on("reading.squared", |msg: Incoming| async move {
-            let squared: Squared = msg.json()?;
+            let s: Squared = msg.json()?;
             println!(
-                "reading {}: {}² = {} (worker {})",
-                squared.seq, squared.value, squared.square, squared.worker
+                "{} reading {}: {} squared is {} (by {})",
+                s.reading.sensor, s.reading.number, s.reading.value, s.squared, s.by
             );
             Ok::<(), courier_client::Error>(())
         })
         .await?;
-    println!("app ready");
+    println!("app printing results");
     stop_requested().await;
     client.shutdown().await;
-    println!("app stopped (drained)");
     Ok(())
 }

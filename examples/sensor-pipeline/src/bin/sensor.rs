@@ -1,40 +1,41 @@
-//! `sensor`: publishes a reading every `SENSOR_INTERVAL_MS` (default 500).
+//! Publishes a reading as a `reading.taken` event every
+//! `SENSOR_INTERVAL_MS` (default 500), until stopped.
 
 use std::time::Duration;
 
-use anyhow::Context as _;
-use courier_client::Client;
-use courier_example_sensor_pipeline::{options, stop_requested, Reading};
+use courier_example_sensor_pipeline::{connect, instance, stop_requested, Reading};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let interval_ms: u64 = match std::env::var("SENSOR_INTERVAL_MS") {
-        Ok(ms) => ms
-            .parse()
-            .context("SENSOR_INTERVAL_MS must be milliseconds, e.g. 500")?,
-        Err(_) => 500,
-    };
-    let client = Client::connect(options("sensor")).await?;
-    println!("sensor ready: a reading every {interval_ms} ms");
-    let mut ticker = tokio::time::interval(Duration::from_millis(interval_ms.max(1)));
+    let client = connect("sensor").await?;
+    let name = instance("sensor");
+    let interval = std::env::var("SENSOR_INTERVAL_MS")
+        .ok()
+        .and_then(|ms| ms.parse().ok())
+        .unwrap_or(500);
+    println!("{name} publishing a reading every {interval} ms");
+    let mut tick = tokio::time::interval(Duration::from_millis(interval));
     let stop = stop_requested();
     tokio::pin!(stop);
-    let mut seq = 0u64;
+    let mut number = 0u64;
     loop {
         tokio::select! {
+            _ = tick.tick() => {}
             _ = &mut stop => break,
-            _ = ticker.tick() => {}
         }
-        seq += 1;
-        // A reading that wanders between -20 and 20.
-        let value = (seq as i64 * 7) % 41 - 20;
-        let reading = Reading { seq, value };
-        match client.publish("reading.taken", &reading).await {
-            Ok(_) => println!("published reading {seq}: {value}"),
-            Err(e) => println!("reading {seq} not published: {e}"),
+        number += 1;
+        // A value that moves, in a small range: -9 … 9.
+        let value = ((number * 7) % 19) as i64 - 9;
+        let reading = Reading {
+            sensor: name.clone(),
+            number,
+            value,
+        };
+        if let Err(e) = client.publish("reading.taken", &reading).await {
+            eprintln!("{name}: reading {number} not published: {e}");
         }
     }
     client.shutdown().await;
-    println!("sensor stopped");
+    println!("{name} stopped after {number} readings");
     Ok(())
 }

@@ -1,38 +1,33 @@
-//! `worker`: squares each reading it gets and publishes the result. Run
-//! several: they compete, each reading goes to one of them.
+//! Squares each `reading.taken` it is given and publishes
+//! `reading.squared`. Run several: each reading goes to one of them.
 
-use courier_client::{Client, Incoming};
-use courier_example_sensor_pipeline::{options, stop_requested, Reading, Squared};
+use courier_client::Incoming;
+use courier_example_sensor_pipeline::{connect, instance, stop_requested, Reading, Squared};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let instance = std::env::var("COURIER_INSTANCE").unwrap_or_else(|_| "1".into());
-    let client = Client::connect(options("worker")).await?;
-    let me = instance.clone();
+    let client = connect("worker").await?;
+    let by = instance("worker");
+    let me = by.clone();
     client
         .on("reading.taken", move |msg: Incoming| {
-            let me = me.clone();
+            let by = by.clone();
             async move {
                 let reading: Reading = msg.json()?;
-                let square = reading.value.saturating_mul(reading.value);
-                println!(
-                    "squared reading {}: {} -> {square}",
-                    reading.seq, reading.value
-                );
-                let result = Squared {
-                    seq: reading.seq,
-                    value: reading.value,
-                    square,
-                    worker: me,
+                let squared = Squared {
+                    squared: reading.value * reading.value,
+                    reading,
+                    by,
                 };
-                msg.client().publish("reading.squared", &result).await?;
-                Ok::<(), anyhow::Error>(())
+                // Sent as part of handling the reading: same activity.
+                msg.event("reading.squared").json(&squared)?.send().await?;
+                Ok::<(), courier_client::Error>(())
             }
         })
         .await?;
-    println!("worker {instance} ready");
+    println!("{me} squaring readings");
     stop_requested().await;
     client.shutdown().await;
-    println!("worker {instance} stopped (drained)");
+    println!("{me} stopped");
     Ok(())
 }

@@ -1,42 +1,46 @@
-//! `files`: copies a file (pretend), answering `file.copy` with progress
-//! replies and a final `file.copy.done`.
+//! Answers `file.copy` with a stream: `file.copy.progress` replies as the
+//! copy goes, then `file.copied`.
 
 use std::time::Duration;
 
-use courier_client::{Client, Incoming};
-use courier_example_transfer::{options, stop_requested, FileCopy, Progress};
+use courier_client::Incoming;
+use courier_example_transfer::{connect, stop_requested, FileCopy, Progress};
 
-/// Progress replies per copy, the final one included.
-const STEPS: u64 = 4;
+/// Progress replies per copy.
+const STEPS: u64 = 10;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let client = Client::connect(options("files")).await?;
+    let client = connect("files").await?;
     client
         .on("file.copy", |msg: Incoming| async move {
             let copy: FileCopy = msg.json()?;
-            for step in 1..STEPS {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                let progress = Progress {
-                    path: copy.path.clone(),
-                    copied: copy.bytes * step / STEPS,
-                    bytes: copy.bytes,
-                };
-                msg.reply_progress("file.copy.progress", &progress).await?;
+            let step = copy.bytes.div_ceil(STEPS).max(1);
+            let mut copied = 0;
+            while copied + step < copy.bytes {
+                copied += step;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                msg.reply_progress(
+                    "file.copy.progress",
+                    &Progress {
+                        copied,
+                        of: copy.bytes,
+                    },
+                )
+                .await?;
             }
-            let done = Progress {
-                path: copy.path.clone(),
-                copied: copy.bytes,
-                bytes: copy.bytes,
-            };
-            msg.reply("file.copy.done", &done).await?;
-            println!("copied {} ({} bytes)", copy.path, copy.bytes);
-            Ok::<(), anyhow::Error>(())
+            msg.reply(
+                "file.copied",
+                &Progress {
+                    copied: copy.bytes,
+                    of: copy.bytes,
+                },
+            )
+            .await
         })
         .await?;
     println!("files ready");
     stop_requested().await;
     client.shutdown().await;
-    println!("files stopped (drained)");
     Ok(())
 }

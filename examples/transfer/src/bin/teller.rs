@@ -1,85 +1,78 @@
-//! `teller`: asks for one transfer of each outcome and one file copy, then
-//! pauses `TELLER_PAUSE_MS` (default 2000) and asks again.
+//! Asks for a round of transfers (one of each outcome) and a file copy
+//! every `TELLER_INTERVAL_MS` (default 2000), printing what came back.
 
 use std::time::Duration;
 
-use anyhow::Context as _;
-use courier_client::Client;
-use courier_example_transfer::{options, stop_requested, FileCopy, Progress, Transfer};
-
-/// (from, to, amount, pin): one of each outcome, in the bank's order.
-const SCRIPT: [(&str, &str, u64, &str); 9] = [
-    ("alice", "bob", 100, "1111"),     // transferred
-    ("bob", "alice", 100, "2222"),     // transferred (back)
-    ("carol", "alice", 2_500, "3333"), // pending
-    ("alice", "bob", 9_000, "1111"),   // transaction limit exceeded
-    ("alice", "bob", 1_900, "1111"),   // insufficient funds
-    ("dave", "bob", 1_500, "4444"),    // daily limit exceeded
-    ("alice", "zed", 10, "1111"),      // unknown account
-    ("bob", "alice", 10, "0000"),      // unauthorized
-    ("erin", "bob", 10, "5555"),       // internal error
-];
+use courier_example_transfer::{connect, stop_requested, FileCopy, Progress, Transfer};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let pause_ms: u64 = match std::env::var("TELLER_PAUSE_MS") {
-        Ok(ms) => ms
-            .parse()
-            .context("TELLER_PAUSE_MS must be milliseconds, e.g. 2000")?,
-        Err(_) => 2_000,
-    };
-    let client = Client::connect(options("teller")).await?;
-    println!("teller ready");
+    let client = connect("teller").await?;
+    let interval = std::env::var("TELLER_INTERVAL_MS")
+        .ok()
+        .and_then(|ms| ms.parse().ok())
+        .unwrap_or(2000);
+    let round = [
+        ("alice-1", "bob-1", 1_000, "alice"),
+        ("alice-1", "carol-1", 60_000, "alice"),
+        ("alice-1", "bob-1", 150_000, "alice"),
+        ("bob-1", "alice-1", 30_000, "bob"),
+        ("nobody", "alice-1", 1, "x"),
+        ("carol-1", "alice-1", 1, "bob"),
+        ("carol-1", "carol-1", 1, "carol"),
+    ];
+    println!("teller sending a round of transfers every {interval} ms");
     let stop = stop_requested();
     tokio::pin!(stop);
-    let mut round = 0u64;
+    let mut tick = tokio::time::interval(Duration::from_millis(interval));
     loop {
-        round += 1;
         tokio::select! {
+            _ = tick.tick() => {}
             _ = &mut stop => break,
-            _ = one_round(&client, round) => {}
         }
-        tokio::select! {
-            _ = &mut stop => break,
-            _ = tokio::time::sleep(Duration::from_millis(pause_ms)) => {}
+        for (from, to, amount, by) in round {
+            let t = Transfer {
+                from: from.into(),
+                to: to.into(),
+                amount,
+                by: by.into(),
+            };
+            match client.request("transfer", &t).await {
+                Ok(reply) => println!(
+                    "transfer {amount} from {from} to {to} by {by}: {}",
+                    reply.name()
+                ),
+                Err(e) => println!("transfer {amount} from {from} to {to}: no answer ({e})"),
+            }
+        }
+        let copy = FileCopy {
+            from: "report.pdf".into(),
+            to: "archive/report.pdf".into(),
+            bytes: 1_000_000,
+        };
+        match client.request_stream("file.copy", &copy).await {
+            Ok(mut replies) => {
+                let mut updates = 0;
+                while let Some(reply) = replies.next_reply().await {
+                    match reply {
+                        Ok(r) if r.is_final() => {
+                            let done: Progress = r.json()?;
+                            println!(
+                                "file.copy {} → {}: {} ({updates} progress replies, {} bytes)",
+                                copy.from,
+                                copy.to,
+                                r.name(),
+                                done.copied
+                            );
+                        }
+                        Ok(_) => updates += 1,
+                        Err(e) => println!("file.copy: {e}"),
+                    }
+                }
+            }
+            Err(e) => println!("file.copy: no answer ({e})"),
         }
     }
     client.shutdown().await;
-    println!("teller stopped");
     Ok(())
-}
-
-async fn one_round(client: &Client, round: u64) {
-    for (from, to, amount, pin) in SCRIPT {
-        let transfer = Transfer {
-            from: from.into(),
-            to: to.into(),
-            amount,
-            pin: pin.into(),
-        };
-        match client.request("transfer", &transfer).await {
-            Ok(reply) => println!("transfer {amount} {from} -> {to}: {}", reply.name()),
-            Err(e) => println!("transfer {amount} {from} -> {to} not answered: {e}"),
-        }
-    }
-    let copy = FileCopy {
-        path: format!("statements/round-{round}.pdf"),
-        bytes: 4_000_000,
-    };
-    let mut stream = match client.request_stream("file.copy", &copy).await {
-        Ok(stream) => stream,
-        Err(e) => {
-            println!("file.copy not sent: {e}");
-            return;
-        }
-    };
-    while let Some(reply) = stream.next_reply().await {
-        match reply.and_then(|r| Ok((r.name().to_string(), r.json::<Progress>()?))) {
-            Ok((name, p)) => println!("{name}: {} {}/{} bytes", p.path, p.copied, p.bytes),
-            Err(e) => {
-                println!("file.copy failed: {e}");
-                return;
-            }
-        }
-    }
 }

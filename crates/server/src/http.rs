@@ -44,8 +44,11 @@ impl HttpListener {
     }
 
     /// Serves until the task is dropped.
-    pub(crate) async fn serve(self, shared: Arc<Shared>) {
-        let app = router(shared);
+    pub(crate) async fn serve(self, shared: Arc<Shared>, bus: std::io::Result<SocketAddr>) {
+        let mut app = router(shared.clone());
+        if let Ok(bus) = bus {
+            app = app.merge(crate::gateway::router(shared, bus));
+        }
         let service = app.into_make_service_with_connect_info::<SocketAddr>();
         if let Err(e) = axum::serve(self.listener, service).await {
             warn!(error = %e, "the HTTP port stopped");
@@ -164,7 +167,7 @@ fn authorize(shared: &Shared, peer: SocketAddr, headers: &HeaderMap) -> Result<(
 }
 
 /// An RFC 9457 problem document.
-fn problem(status: StatusCode, detail: &str) -> Response {
+pub(crate) fn problem(status: StatusCode, detail: &str) -> Response {
     let body = serde_json::json!({
         "type": "about:blank",
         "title": status.canonical_reason().unwrap_or("error"),

@@ -285,3 +285,120 @@ async fn under_a_manifest_the_gateway_takes_service_tokens_and_keeps_the_rules()
         Some("todo.created")
     );
 }
+
+/// `GET path`, no credentials: the answer, its body de-chunked.
+fn get(http: &str, path: &str) -> Answer {
+    let addr = http.trim_start_matches("http://").trim_end_matches('/');
+    let mut s = TcpStream::connect(addr).expect("connect to the HTTP port");
+    s.set_read_timeout(Some(T)).expect("timeout");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).expect("read answer");
+    let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("a status code");
+    Answer {
+        status,
+        head: head.to_string(),
+        body: body.to_string(),
+    }
+}
+
+fn dechunk(mut rest: &str) -> String {
+    let mut out = String::new();
+    loop {
+        let (size, after) = rest.split_once("\r\n").expect("chunk size line");
+        let size = usize::from_str_radix(size.trim(), 16).expect("hex chunk size");
+        if size == 0 {
+            return out;
+        }
+        out.push_str(&after[..size]);
+        rest = after[size..].trim_start_matches("\r\n");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_of_replies_comes_as_ndjson_and_async_requests_are_polled() {
+    let broker = Broker::start();
+    let http = broker.http.clone().expect("an HTTP port");
+    let todo = connect(&broker, "todo", None).await;
+    todo.on("todos.export", |msg| async move {
+        for n in 0..3 {
+            msg.reply_progress("todos.exported.part", &serde_json::json!({ "n": n }))
+                .await?;
+        }
+        msg.reply("todos.exported", &serde_json::json!({ "parts": 3 }))
+            .await?;
+        Ok::<(), courier_client::Error>(())
+    })
+    .await
+    .expect("subscribe");
+
+    let streamed = {
+        let http = http.clone();
+        tokio::task::spawn_blocking(move || post(&http, "/v1/requests/todos.export", &[], "{}"))
+            .await
+            .expect("join")
+    };
+    assert_eq!(streamed.status, 200, "{}", streamed.body);
+    assert_eq!(
+        streamed.header("content-type").as_deref(),
+        Some("application/x-ndjson")
+    );
+    let lines: Vec<serde_json::Value> = dechunk(&streamed.body)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert_eq!(lines.len(), 4, "{lines:?}");
+    assert_eq!(lines[1]["payload"]["n"], 1);
+    assert_eq!(lines[3]["name"], "todos.exported");
+    assert_eq!(lines[3]["final"], true);
+
+    let accepted = {
+        let http = http.clone();
+        tokio::task::spawn_blocking(move || {
+            post(
+                &http,
+                "/v1/requests/todos.export",
+                &[("Prefer", "respond-async")],
+                "{}",
+            )
+        })
+        .await
+        .expect("join")
+    };
+    assert_eq!(accepted.status, 202, "{}", accepted.body);
+    let location = accepted.header("location").expect("a Location");
+    let deadline = std::time::Instant::now() + T;
+    let done = loop {
+        let http = http.clone();
+        let location = location.clone();
+        let polled = tokio::task::spawn_blocking(move || get(&http, &location))
+            .await
+            .expect("join");
+        assert_eq!(polled.status, 200, "{}", polled.body);
+        let status = polled.json()["status"].as_str().unwrap_or("").to_string();
+        assert!(status == "pending" || status == "done", "{status}");
+        if status == "done" {
+            break polled.json();
+        }
+        assert!(std::time::Instant::now() < deadline, "still pending");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(done["replies"].as_array().map(Vec::len), Some(4));
+    assert_eq!(done["replies"][3]["payload"]["parts"], 3);
+
+    let unknown = tokio::task::spawn_blocking(move || {
+        get(&http, "/v1/requests/0190e0a0-0000-7000-8000-0000000000ff")
+    })
+    .await
+    .expect("join");
+    assert_eq!(unknown.status, 404, "{}", unknown.body);
+}

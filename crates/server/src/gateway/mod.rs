@@ -39,6 +39,58 @@ pub(crate) struct Gateway {
     bus: SocketAddr,
     /// One bus connection per credential presented (token, or none).
     clients: Mutex<HashMap<Option<String>, Client>>,
+    /// Requests answered asynchronously, kept for polling.
+    asynchronous: std::sync::Mutex<AsyncRequests>,
+}
+
+/// Requests sent with `Prefer: respond-async`, kept for
+/// [`ASYNC_RETENTION`] after they end, and at most [`ASYNC_REQUESTS_MAX`]
+/// of them (the oldest go first).
+#[derive(Default)]
+struct AsyncRequests {
+    by_id: HashMap<Uuid, AsyncRequest>,
+    order: std::collections::VecDeque<Uuid>,
+}
+
+struct AsyncRequest {
+    /// The service whose token asked: only it may poll.
+    owner: Option<String>,
+    status: &'static str,
+    replies: Vec<serde_json::Value>,
+    ended_at: Option<std::time::Instant>,
+}
+
+/// How long a finished asynchronous request stays to be polled.
+const ASYNC_RETENTION: Duration = Duration::from_secs(600);
+/// Asynchronous requests kept at most.
+const ASYNC_REQUESTS_MAX: usize = 10_000;
+
+impl AsyncRequests {
+    fn insert(&mut self, id: Uuid, owner: Option<String>) {
+        let now = std::time::Instant::now();
+        while let Some(oldest) = self.order.front().copied() {
+            let expired = self
+                .by_id
+                .get(&oldest)
+                .and_then(|r| r.ended_at)
+                .is_some_and(|t| now.duration_since(t) > ASYNC_RETENTION);
+            if !expired && self.order.len() < ASYNC_REQUESTS_MAX {
+                break;
+            }
+            self.order.pop_front();
+            self.by_id.remove(&oldest);
+        }
+        self.order.push_back(id);
+        self.by_id.insert(
+            id,
+            AsyncRequest {
+                owner,
+                status: "pending",
+                replies: Vec::new(),
+                ended_at: None,
+            },
+        );
+    }
 }
 
 /// The gateway's routes, with their state applied.
@@ -54,10 +106,11 @@ pub(crate) fn router(shared: Arc<Shared>, mut bus: SocketAddr) -> Router {
         shared,
         bus,
         clients: Mutex::new(HashMap::new()),
+        asynchronous: std::sync::Mutex::new(AsyncRequests::default()),
     });
     Router::new()
         .route("/v1/messages/{name}", post(post_message))
-        .route("/v1/requests/{name}", post(post_request))
+        .route("/v1/requests/{name}", post(post_request).get(get_request))
         .with_state(gateway)
 }
 
@@ -192,46 +245,204 @@ async fn post_request(
         Ok(builder) => builder.timeout(timeout),
         Err(refused) => return *refused,
     };
-    match builder.request().await {
-        Ok(reply) => {
-            let message = reply.message();
-            let mut response = (StatusCode::OK, message.payload.clone()).into_response();
-            let out = response.headers_mut();
-            let content_type = message
-                .headers
-                .iter()
-                .find(|(k, _)| k == "content-type")
-                .map(|(_, v)| v.as_str())
-                .unwrap_or("application/octet-stream");
-            insert(out, header::CONTENT_TYPE, content_type);
-            insert(
-                out,
-                HeaderName::from_static("courier-outcome"),
-                &message.name,
-            );
-            insert(
-                out,
-                HeaderName::from_static("courier-id"),
-                &message.id.to_string(),
-            );
-            insert(
-                out,
-                HeaderName::from_static("courier-sender"),
-                &message.sender,
-            );
-            insert(
-                out,
-                HeaderName::from_static("courier-version"),
-                &message.version.to_string(),
-            );
-            response
-        }
-        Err(ClientError::Timeout(t)) => problem(
-            StatusCode::GATEWAY_TIMEOUT,
-            &format!("no reply within {t:?}; ask again with a longer ?timeout="),
-        ),
-        Err(e) => refusal(&e),
+    let respond_async = headers
+        .get("prefer")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|p| p.trim() == "respond-async"));
+    let mut stream = match builder.request_stream().await {
+        Ok(stream) => stream,
+        Err(e) => return refusal(&e),
+    };
+    if respond_async {
+        let id = stream.command_id();
+        let owner = bearer(&headers).map(str::to_string);
+        lock(&gateway.asynchronous).insert(id, owner);
+        let gateway = gateway.clone();
+        tokio::spawn(async move {
+            loop {
+                let next = stream.next_reply().await;
+                let mut requests = lock(&gateway.asynchronous);
+                let Some(entry) = requests.by_id.get_mut(&id) else {
+                    return;
+                };
+                match next {
+                    Some(Ok(reply)) => {
+                        entry.replies.push(reply_json(&reply));
+                        if reply.is_final() {
+                            entry.status = "done";
+                        }
+                    }
+                    Some(Err(_)) | None => {
+                        if entry.status == "pending" {
+                            entry.status = "expired";
+                        }
+                    }
+                }
+                if entry.status != "pending" {
+                    entry.ended_at = Some(std::time::Instant::now());
+                    return;
+                }
+            }
+        });
+        let location = format!("/v1/requests/{id}");
+        return (
+            StatusCode::ACCEPTED,
+            [
+                (header::LOCATION, location.clone()),
+                (header::CONTENT_TYPE, "application/json".to_string()),
+            ],
+            serde_json::json!({ "id": id.to_string(), "status": "pending", "location": location })
+                .to_string(),
+        )
+            .into_response();
     }
+    let first = match stream.next_reply().await {
+        Some(Ok(reply)) => reply,
+        Some(Err(ClientError::Timeout(_))) | None => return no_reply(timeout),
+        Some(Err(e)) => return refusal(&e),
+    };
+    if first.is_final() {
+        return reply_response(&first);
+    }
+    // A stream: every reply as one JSON line, while they come.
+    let lines =
+        futures_util::stream::unfold((Some(first), Some(stream)), |(first, stream)| async move {
+            if let Some(reply) = first {
+                let last = reply.is_final();
+                return Some((
+                    ndjson_line(&reply_json(&reply)),
+                    (None, stream.filter(|_| !last)),
+                ));
+            }
+            let mut stream = stream?;
+            match stream.next_reply().await {
+                Some(Ok(reply)) => {
+                    let line = ndjson_line(&reply_json(&reply));
+                    let rest = (!reply.is_final()).then_some(stream);
+                    Some((line, (None, rest)))
+                }
+                Some(Err(e)) => {
+                    let line = ndjson_line(&serde_json::json!({ "error": e.to_string() }));
+                    Some((line, (None, None)))
+                }
+                None => None,
+            }
+        });
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        axum::body::Body::from_stream(lines),
+    )
+        .into_response()
+}
+
+/// `GET /v1/requests/{id}`: an asynchronous request's status
+/// (pending, done or expired) and its replies so far.
+async fn get_request(
+    State(gateway): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    // The same credentials as the request's own.
+    if let Err(refused) = gateway.client(peer, &headers).await {
+        return *refused;
+    }
+    let Ok(id) = Uuid::parse_str(&id) else {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "a request id is a UUID, as in the Location of its 202 answer",
+        );
+    };
+    let owner = bearer(&headers).map(str::to_string);
+    let requests = lock(&gateway.asynchronous);
+    match requests.by_id.get(&id) {
+        Some(entry) if entry.owner == owner => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            serde_json::json!({
+                "id": id.to_string(),
+                "status": entry.status,
+                "replies": entry.replies,
+            })
+            .to_string(),
+        )
+            .into_response(),
+        _ => problem(
+            StatusCode::NOT_FOUND,
+            "no such request: it was never sent with 'Prefer: respond-async' by this service, or it ended more than 10 minutes ago",
+        ),
+    }
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn no_reply(timeout: Duration) -> Response {
+    problem(
+        StatusCode::GATEWAY_TIMEOUT,
+        &format!("no reply within {timeout:?}; ask again with a longer ?timeout="),
+    )
+}
+
+/// A reply as JSON: its payload inline when it is JSON, else as text.
+fn reply_json(reply: &courier_client::Reply) -> serde_json::Value {
+    let message = reply.message();
+    let payload =
+        serde_json::from_slice::<serde_json::Value>(&message.payload).unwrap_or_else(|_| {
+            serde_json::Value::String(String::from_utf8_lossy(&message.payload).into_owned())
+        });
+    serde_json::json!({
+        "id": message.id.to_string(),
+        "name": &*message.name,
+        "sender": &*message.sender,
+        "final": message.is_final,
+        "payload": payload,
+    })
+}
+
+fn ndjson_line(value: &serde_json::Value) -> Result<Bytes, std::convert::Infallible> {
+    let mut line = value.to_string();
+    line.push('\n');
+    Ok(Bytes::from(line))
+}
+
+/// The final reply: its payload as the body, its envelope in headers.
+fn reply_response(reply: &courier_client::Reply) -> Response {
+    let message = reply.message();
+    let mut response = (StatusCode::OK, message.payload.clone()).into_response();
+    let out = response.headers_mut();
+    let content_type = message
+        .headers
+        .iter()
+        .find(|(k, _)| k == "content-type")
+        .map(|(_, v)| v.as_str())
+        .unwrap_or("application/octet-stream");
+    insert(out, header::CONTENT_TYPE, content_type);
+    insert(
+        out,
+        HeaderName::from_static("courier-outcome"),
+        &message.name,
+    );
+    insert(
+        out,
+        HeaderName::from_static("courier-id"),
+        &message.id.to_string(),
+    );
+    insert(
+        out,
+        HeaderName::from_static("courier-sender"),
+        &message.sender,
+    );
+    insert(
+        out,
+        HeaderName::from_static("courier-version"),
+        &message.version.to_string(),
+    );
+    response
 }
 
 fn insert(headers: &mut HeaderMap, name: HeaderName, value: &str) {

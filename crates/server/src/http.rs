@@ -44,8 +44,11 @@ impl HttpListener {
     }
 
     /// Serves until the task is dropped.
-    pub(crate) async fn serve(self, shared: Arc<Shared>) {
-        let app = router(shared);
+    pub(crate) async fn serve(self, shared: Arc<Shared>, bus: std::io::Result<SocketAddr>) {
+        let mut app = router(shared.clone());
+        if let Ok(bus) = bus {
+            app = app.merge(crate::gateway::router(shared, bus));
+        }
         let service = app.into_make_service_with_connect_info::<SocketAddr>();
         if let Err(e) = axum::serve(self.listener, service).await {
             warn!(error = %e, "the HTTP port stopped");

@@ -11,6 +11,7 @@
 
 mod auth;
 mod console;
+mod gateway;
 mod http;
 mod metrics_text;
 mod registry;
@@ -478,10 +479,11 @@ impl Server {
 
     /// Serves until the task is dropped.
     pub async fn run(mut self) {
-        let _http = self
-            .http
-            .take()
-            .map(|http| AbortOnDrop(tokio::spawn(http.serve(self.shared.clone()))));
+        let _http = self.http.take().map(|http| {
+            AbortOnDrop(tokio::spawn(
+                http.serve(self.shared.clone(), self.listener.local_addr()),
+            ))
+        });
         if let Some(settings) = self.shared.config.scrub.clone() {
             let shared = Arc::downgrade(&self.shared);
             let spawned = std::thread::Builder::new()

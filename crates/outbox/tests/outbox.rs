@@ -1,6 +1,7 @@
 //! The outbox and inbox against a real PostgreSQL 15 (started by
 //! scripts/test.sh, found through COURIER_TEST_POSTGRES_URL) and SQLite,
 //! with a broker in the test process.
+#![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

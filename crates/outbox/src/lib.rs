@@ -550,6 +550,11 @@ impl Relay {
         })
     }
 
+    /// The options in use.
+    pub fn options(&self) -> &RelayOptions {
+        &self.opts
+    }
+
     /// Replaces the options.
     pub fn with_options(mut self, opts: RelayOptions) -> Relay {
         self.opts = opts;

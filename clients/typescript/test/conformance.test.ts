@@ -13,6 +13,7 @@ import {
   DecodeError,
   FRAME_BYTES_MAX_DEFAULT,
   FrameReader,
+  PROTOCOL_VERSION,
   decodeFrame,
   encodeFrame,
   type Frame,
@@ -35,7 +36,9 @@ const vectors = loadVectors();
 function list(key: string): JsonObject[] {
   const value = vectors[key];
   assert.ok(Array.isArray(value) && value.length > 0, `the vectors have a non-empty ${key} list`);
-  return value as JsonObject[];
+  // A vector of a newer protocol version than this codec speaks (it says
+  // so in its own protocol_version) is not for it.
+  return (value as JsonObject[]).filter((v) => Number(v.protocol_version ?? 1) <= PROTOCOL_VERSION);
 }
 
 /** Without the `note`s meant for humans. */
@@ -59,8 +62,8 @@ function hexOf(item: JsonObject): Buffer {
   return Buffer.from(item.hex as string, "hex");
 }
 
-test("the vectors speak protocol version 1", () => {
-  assert.equal(vectors.protocol_version, 1);
+test("the vectors cover protocol version 1", () => {
+  assert.ok(Number(vectors.protocol_version) >= PROTOCOL_VERSION);
 });
 
 test("the error code table is the vectors' table", () => {

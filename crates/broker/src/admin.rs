@@ -24,7 +24,9 @@ fn payload_value(m: &Message) -> Value {
         .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&m.payload).into_owned()))
 }
 
-fn dead_letter_json(d: &DeadLetter, m: Option<&Arc<Message>>, full: bool) -> Value {
+/// A dead letter as the CLI and the console show it; `full` adds the
+/// whole envelope and the payload (JSON when it parses, else text).
+pub fn dead_letter_json(d: &DeadLetter, m: Option<&Arc<Message>>, full: bool) -> Value {
     let mut v = json!({
         "id": d.seq,
         "attempts": d.attempts,
@@ -107,6 +109,30 @@ impl<S: MessageStore> Broker<S> {
                 // The network edge answers from here on, reply by reply.
                 return Ok(());
             }
+            "courier.trace.get" | "courier.trace.find" => {
+                if !self.is_tracing() {
+                    return Err((
+                        ErrorCode::InvalidName,
+                        format!(
+                            "{}: activity traces are off on this broker (it was started with --trace off)",
+                            command.name
+                        ),
+                    ));
+                }
+                let query = if command.name.as_str() == "courier.trace.get" {
+                    crate::TraceQuery::activity_from_args(&args)?
+                } else {
+                    crate::TraceQuery::Activities(crate::ActivityFilter::from_args(&args, now)?)
+                };
+                self.actions.push(crate::Action::TraceQuery {
+                    conn,
+                    request: command.id,
+                    activity_id: command.activity_id,
+                    query,
+                });
+                // The network edge answers: the traces live there.
+                return Ok(());
+            }
             "courier.dead-letters.list" => {
                 let service = service()?;
                 // Paging: a listing too long for one frame is cut (see
@@ -149,6 +175,44 @@ impl<S: MessageStore> Broker<S> {
                     json!({"service": service, "purged": purged}),
                 )
             }
+            "courier.subscriptions.pause" | "courier.subscriptions.resume" => {
+                let service = service()?;
+                let pattern = match args.get("pattern") {
+                    None | Some(Value::Null) => None,
+                    Some(Value::String(p)) => Some(p.as_str()),
+                    Some(_) => {
+                        return Err((
+                            ErrorCode::InvalidMessage,
+                            format!(
+                            "{}: \"pattern\" is a string (or left out for all of the service's)",
+                            command.name
+                        ),
+                        ))
+                    }
+                };
+                let pause = command.name.as_str() == "courier.subscriptions.pause";
+                let changed = if pause {
+                    self.pause_subscription(&service, pattern, now)
+                } else {
+                    self.resume_subscription(&service, pattern, now)
+                };
+                let patterns = changed.map_err(|e| {
+                    let code = match e {
+                        crate::PauseError::StorageFailing => ErrorCode::StorageFailed,
+                        _ => ErrorCode::InvalidMessage,
+                    };
+                    (code, e.to_string())
+                })?;
+                let paused = self.paused_patterns(&service);
+                (
+                    if pause {
+                        "courier.subscriptions.paused"
+                    } else {
+                        "courier.subscriptions.resumed"
+                    },
+                    json!({"service": service, "patterns": patterns, "paused": paused}),
+                )
+            }
             "courier.metrics" => {
                 let m = self.metrics().clone();
                 (
@@ -184,7 +248,7 @@ impl<S: MessageStore> Broker<S> {
                     .into_iter()
                     .map(|s| {
                         json!({
-                            "name": s.name, "patterns": s.patterns, "instances": s.instances,
+                            "name": s.name, "patterns": s.patterns, "paused": s.paused, "instances": s.instances,
                             "backlog": s.depth, "in_flight": s.in_flight, "dead_letters": s.dead_letters,
                         })
                     })

@@ -59,6 +59,16 @@ pub enum Op {
         service: String,
         seqs: Vec<Seq>,
     },
+    /// An operator paused the service's subscription to `pattern`: its
+    /// messages wait until it is resumed.
+    Paused {
+        service: String,
+        pattern: String,
+    },
+    Resumed {
+        service: String,
+        pattern: String,
+    },
 }
 
 mod tag {
@@ -70,6 +80,8 @@ mod tag {
     pub const DEAD_LETTERED: u8 = 6;
     pub const REVIVED: u8 = 7;
     pub const PURGED: u8 = 8;
+    pub const PAUSED: u8 = 9;
+    pub const RESUMED: u8 = 10;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -251,6 +263,16 @@ impl Op {
                     w.u64(*s);
                 }
             }
+            Op::Paused { service, pattern } => {
+                w.u8(tag::PAUSED);
+                w.str(service);
+                w.str(pattern);
+            }
+            Op::Resumed { service, pattern } => {
+                w.u8(tag::RESUMED);
+                w.str(service);
+                w.str(pattern);
+            }
         }
         w.0
     }
@@ -302,6 +324,14 @@ impl Op {
                 }
                 Op::Purged { service, seqs }
             }
+            tag::PAUSED => Op::Paused {
+                service: r.str()?,
+                pattern: r.str()?,
+            },
+            tag::RESUMED => Op::Resumed {
+                service: r.str()?,
+                pattern: r.str()?,
+            },
             tag => return Err(JournalError::UnknownTag { tag }),
         };
         Ok(op)
@@ -353,6 +383,14 @@ mod tests {
             Op::Purged {
                 service: "a".into(),
                 seqs: vec![1, 2, 3],
+            },
+            Op::Paused {
+                service: "audit".into(),
+                pattern: "todo.*".into(),
+            },
+            Op::Resumed {
+                service: "audit".into(),
+                pattern: "todo.*".into(),
             },
         ];
         for op in ops {

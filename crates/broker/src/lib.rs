@@ -21,6 +21,7 @@ mod repeats;
 pub mod stats;
 mod streams;
 mod tap;
+mod trace;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,7 +32,7 @@ use courier_proto::{validate_name, validate_pattern, ErrorCode, Kind, Message};
 use courier_store::{MessageStore, Seq};
 use uuid::Uuid;
 
-pub use admin::SYSTEM_PREFIX;
+pub use admin::{dead_letter_json, SYSTEM_PREFIX};
 use expiring::ExpiringMap;
 pub use journal::JournalError;
 use journal::Op;
@@ -41,6 +42,10 @@ pub use recovery::RecoveryReport;
 use streams::{ReplyFate, Stream};
 pub use streams::{REPLY_WINDOW_HEADER, REPLY_WINDOW_MAX};
 pub use tap::{TailFilter, Tapped};
+pub use trace::{
+    ActivityFilter, Outcome, TraceQuery, TraceRecord, TraceSampler, ACTIVITIES_LIMIT_DEFAULT,
+    ACTIVITIES_LIMIT_MAX, DEAD_LETTERED,
+};
 
 /// The maps touched for every message (here and in the server): keyed by
 /// a fast hasher seeded at random per process (keys come from clients, so
@@ -53,6 +58,8 @@ pub type ConnId = u64;
 pub type DeliveryId = u64;
 
 const NANOS_PER_MS: u64 = 1_000_000;
+/// Why a delivery is retried after a NACK (dead letters and traces say it).
+const NACKED: &str = "nacked";
 /// Journal entries kept in memory while the disk fails; past this, the
 /// oldest delivery bookkeeping is lost (counted), never messages.
 const DEFERRED_JOURNAL_ENTRIES_MAX: usize = 1_000_000;
@@ -213,6 +220,15 @@ pub enum Action {
         activity_id: Uuid,
         filter: TailFilter,
     },
+    /// An admin asked about the activity traces (`courier.trace.get`,
+    /// `courier.trace.find`): the network edge, which keeps them, answers
+    /// `request` with one final reply.
+    TraceQuery {
+        conn: ConnId,
+        request: Uuid,
+        activity_id: Uuid,
+        query: TraceQuery,
+    },
 }
 
 /// Counters for `/metrics` and tests; they only ever go up.
@@ -295,6 +311,8 @@ pub use courier_proto::StartFrom;
 pub struct ServiceInfo {
     pub name: String,
     pub patterns: Vec<String>,
+    /// Of `patterns`, those paused by an operator.
+    pub paused: Vec<String>,
     pub instances: Vec<String>,
     pub depth: usize,
     pub in_flight: usize,
@@ -306,6 +324,8 @@ pub struct ServiceInfo {
 pub struct SubscriptionGauges {
     pub service: String,
     pub patterns: Vec<String>,
+    /// Of `patterns`, those paused by an operator.
+    pub paused: Vec<String>,
     /// Messages waiting for the service in any state (ready, deferred, in
     /// flight, behind a busy key); dead letters are not counted.
     pub backlog: usize,
@@ -321,13 +341,47 @@ pub struct SubscriptionGauges {
     oldest_seq: Option<Seq>,
 }
 
+/// One connection as the console shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceInfo {
+    pub conn: ConnId,
+    pub service: String,
+    pub instance: String,
+    pub in_flight: u32,
+    pub max_in_flight: u32,
+    /// Patterns it consumes; empty when it only sends.
+    pub patterns: Vec<String>,
+    /// It asked for no more deliveries (graceful shutdown).
+    pub draining: bool,
+    /// Paused by back-pressure: it does not read its deliveries.
+    pub paused: bool,
+}
+
+/// Why a subscription could not be paused or resumed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PauseError {
+    #[error("service {0} has no subscriptions")]
+    UnknownService(String),
+    #[error("service {service} is not subscribed to {pattern}; its subscriptions: {subscribed}")]
+    NotSubscribed {
+        service: String,
+        pattern: String,
+        subscribed: String,
+    },
+    #[error(
+        "the broker's disk is failing; a pause or resume cannot be made durable now — retry later"
+    )]
+    StorageFailing,
+}
+
 struct Conn {
     /// Shared: every message the connection sends is stamped with it by
     /// reference count, not copied.
     service: courier_proto::SharedStr,
     /// Authenticated as the manifest's admin role.
     admin: bool,
-    instance: String,
+    /// Shared like `service`: trace records name it by reference count.
+    instance: courier_proto::SharedStr,
     max_in_flight: u32,
     in_flight: u32,
     /// Patterns this connection consumes; empty means it only sends.
@@ -403,6 +457,9 @@ impl Conn {
 
 struct Service {
     patterns: BTreeSet<String>,
+    /// Patterns an operator paused (a subset of `patterns`): messages
+    /// only they match wait in the queue until resumed.
+    paused: BTreeSet<String>,
     ack_deadline_ms: u32,
     max_deliveries: u32,
     /// Connected instances, in connection order.
@@ -419,6 +476,7 @@ impl Service {
     fn new(config: &Config) -> Service {
         Service {
             patterns: BTreeSet::new(),
+            paused: BTreeSet::new(),
             ack_deadline_ms: config.ack_deadline_ms,
             max_deliveries: config.max_deliveries,
             instances: Vec::new(),
@@ -433,6 +491,18 @@ impl Service {
         self.patterns
             .iter()
             .any(|p| courier_proto::pattern_matches(p, name))
+    }
+
+    /// Every subscription is paused: nothing is delivered at all.
+    fn is_paused(&self) -> bool {
+        !self.paused.is_empty() && self.paused.len() == self.patterns.len()
+    }
+
+    /// Whether `name` matches a subscription that is not paused.
+    fn takes_now(&self, name: &str) -> bool {
+        self.patterns
+            .iter()
+            .any(|p| !self.paused.contains(p) && courier_proto::pattern_matches(p, name))
     }
 
     /// Whether it can be forgotten: nothing subscribed, nobody connected.
@@ -525,6 +595,12 @@ pub struct Broker<S: MessageStore> {
     /// Someone tails the bus: accepted messages are copied to `taps`.
     tapping: bool,
     taps: Vec<Tapped>,
+    /// Activity traces are kept: what happens to the messages of the
+    /// activities the sampler picks is recorded in `traces` (`trace.rs`).
+    sampler: Option<trace::TraceSampler>,
+    traces: Vec<TraceRecord>,
+    /// Bytes the records in `traces` hold on to (the messages they pin).
+    traces_bytes: usize,
 }
 
 impl<S: MessageStore> Broker<S> {
@@ -566,6 +642,9 @@ impl<S: MessageStore> Broker<S> {
             traffic: stats::TrafficStats::new(config_names_max),
             tapping: false,
             taps: Vec::new(),
+            sampler: None,
+            traces: Vec::new(),
+            traces_bytes: 0,
         }
     }
 
@@ -723,6 +802,10 @@ impl<S: MessageStore> Broker<S> {
         self.alerts.push(format!(
             "storage sync failed: {error}; refusing this batch and rebuilding state from the log"
         ));
+        // Nothing of the batch happened: its sends are refused, its
+        // deliveries dropped, and seqs it used are issued again.
+        self.traces.clear();
+        self.traces_bytes = 0;
         let reason = format!("not stored: {error}");
         let batch: Vec<Action> = self
             .actions
@@ -810,7 +893,7 @@ impl<S: MessageStore> Broker<S> {
             Conn {
                 service: courier_proto::SharedStr::from(service),
                 admin,
-                instance: instance.to_string(),
+                instance: courier_proto::SharedStr::from(instance),
                 max_in_flight,
                 in_flight: 0,
                 patterns: Vec::new(),
@@ -863,14 +946,7 @@ impl<S: MessageStore> Broker<S> {
                 break;
             };
             if let Some(flight) = svc.queue.finish(delivery) {
-                self.retry_or_dead_letter(
-                    &c.service,
-                    flight.entry,
-                    flight.name,
-                    0,
-                    "receiver disconnected",
-                    now,
-                );
+                self.retry_or_dead_letter(&c.service, flight, 0, "receiver disconnected", now);
             }
         }
         self.pump(&c.service, now);
@@ -1146,6 +1222,7 @@ impl<S: MessageStore> Broker<S> {
         if !svc.patterns.remove(pattern) {
             return Err(format!("service {service} is not subscribed to {pattern}"));
         }
+        svc.paused.remove(pattern);
         self.route_cache.clear();
         for instance in &svc.instances {
             if let Some(c) = self.conns.get_mut(instance) {
@@ -1458,6 +1535,7 @@ impl<S: MessageStore> Broker<S> {
                 return Err((ErrorCode::NoReceiver, reason));
             }
             self.metrics.dropped_unrouted += 1;
+            self.trace_accepted(&message, 0, &targets);
             self.tap(&message, targets);
             if !message.transient {
                 // Kept for history replay (`--from`) until retention ends;
@@ -1478,14 +1556,13 @@ impl<S: MessageStore> Broker<S> {
             self.remember_reply_route(conn, message.id, command, targets.to_vec(), window, now);
         }
         if !message.transient {
-            // The payload is a slice of the connection's read buffer, and
-            // the store keeps recent messages cached: its own copy lets the
-            // buffer be reused in place instead of being pinned, then
-            // freed, 64 KiB at a time (memory the allocator holds on to).
-            let owned = Arc::make_mut(&mut message);
-            owned.payload = bytes::Bytes::copy_from_slice(&owned.payload);
+            // The store keeps recent messages cached and the queue keeps
+            // keys: their own copies let the read buffer be reused in place
+            // instead of being pinned, then freed, 64 KiB at a time.
+            Arc::make_mut(&mut message).detach();
         }
         if message.transient {
+            self.trace_accepted(&message, 0, &targets);
             self.tap(&message, targets.clone());
             for service in targets.iter() {
                 self.deliver_transient(service, &message);
@@ -1498,6 +1575,9 @@ impl<S: MessageStore> Broker<S> {
             .map_err(|e| (ErrorCode::StorageFailed, format!("not stored: {e}")))?;
         self.dirty = true;
         self.batch_appended = true;
+        // Before its deliveries (in `pump` below): records keep the order
+        // things happened in.
+        self.trace_accepted(&message, seq, &targets);
         self.enqueue(seq, &message, &targets, now);
         self.tap(&message, targets.clone());
         for service in targets.iter() {
@@ -1603,6 +1683,11 @@ impl<S: MessageStore> Broker<S> {
         let Some(svc) = self.services.get_mut(service) else {
             return;
         };
+        if !svc.paused.is_empty() && !svc.takes_now(&message.name) {
+            // At most once: not kept for a paused subscription either.
+            self.metrics.transient_dropped_paused += 1;
+            return;
+        }
         let n = svc.instances.len();
         let mut paused = false;
         for k in 0..n {
@@ -1637,6 +1722,22 @@ impl<S: MessageStore> Broker<S> {
         if let Some(c) = self.conns.get(&conn) {
             let counted = self.traffic.locate(&message.name, &c.service);
             self.traffic.at(counted).delivered += 1;
+            // The broker's own answers belong to no traced activity.
+            if !message.name.starts_with(SYSTEM_PREFIX) && traces(&self.sampler, &message, self.now)
+            {
+                push_trace(
+                    &mut self.traces,
+                    &mut self.traces_bytes,
+                    TraceRecord::Delivered {
+                        message: message.clone(),
+                        seq: 0,
+                        service: c.service.clone(),
+                        instance: c.instance.clone(),
+                        attempt: 1,
+                        at: self.now,
+                    },
+                );
+            }
         }
         self.actions.push(Action::Deliver {
             conn,
@@ -1718,6 +1819,8 @@ impl<S: MessageStore> Broker<S> {
                     svc.parked_replies.pop_front();
                     self.metrics.replies_dropped += 1;
                 }
+                let mut message = message;
+                Arc::make_mut(&mut message).detach();
                 svc.parked_replies.push_back(message);
                 self.metrics.replies_parked += 1;
             }
@@ -1726,7 +1829,7 @@ impl<S: MessageStore> Broker<S> {
     }
 
     /// Counts an accepted reply for its command's outcomes (and the
-    /// latency to the final one), and shows it to the tails.
+    /// latency to the final one), and shows it to the tails and traces.
     fn count_reply(
         &mut self,
         command: stats::Slot,
@@ -1739,8 +1842,17 @@ impl<S: MessageStore> Broker<S> {
             let latency = self.now.saturating_sub(accepted_at);
             self.traffic.final_reply(command, latency);
         }
-        if self.tapping {
+        let traced = self.sample(message);
+        if self.tapping || traced {
+            // Only then: a reply's receivers are made for it alone.
             let requester: Receivers = Arc::from([requester.to_string()]);
+            if traced {
+                self.trace(TraceRecord::Accepted {
+                    message: message.clone(),
+                    seq: 0,
+                    receivers: requester.clone(),
+                });
+            }
             self.tap(message, requester);
         }
     }
@@ -1786,9 +1898,10 @@ impl<S: MessageStore> Broker<S> {
             let Some(svc) = self.services.get_mut(service) else {
                 return;
             };
-            if svc.queue.ready.len() <= index {
+            if svc.queue.ready.len() <= index || svc.is_paused() {
                 return;
             }
+            let partly_paused = !svc.paused.is_empty();
             // Without an instance that has room, looking at messages (which
             // may mean reading them from disk) is wasted work.
             let has_room = svc.instances.iter().any(|i| {
@@ -1847,7 +1960,28 @@ impl<S: MessageStore> Broker<S> {
                 if let Some(t) = self.traffic.traffic(slot, service) {
                     t.expired += 1;
                 }
+                if traces(&self.sampler, &message, now) {
+                    push_trace(
+                        &mut self.traces,
+                        &mut self.traces_bytes,
+                        TraceRecord::Settled {
+                            seq: entry.seq,
+                            service: courier_proto::SharedStr::from(service),
+                            outcome: Outcome::Expired,
+                            at: now,
+                        },
+                    );
+                }
                 release(&mut self.store, &mut self.refs, entry.seq);
+                continue;
+            }
+            if partly_paused && !svc.takes_now(&message.name) {
+                // Only paused subscriptions take it: it waits for a resume.
+                index += 1;
+                skipped += 1;
+                if skipped >= UNMATCHED_SCAN_MAX {
+                    return;
+                }
                 continue;
             }
             let len = courier_proto::delivery_frame_len(&message);
@@ -1888,7 +2022,9 @@ impl<S: MessageStore> Broker<S> {
                     let delivery = self.next_delivery;
                     let seq = entry.seq;
                     let slot = self.traffic.slot(&message.name);
-                    svc.queue.start(delivery, conn, entry, deadline, slot);
+                    let traced = traces(&self.sampler, &message, now);
+                    svc.queue
+                        .start(delivery, conn, entry, deadline, slot, traced);
                     if message.kind == Kind::Command
                         && !message.headers.is_empty()
                         && message.header(REPLY_WINDOW_HEADER).is_some()
@@ -1897,6 +2033,20 @@ impl<S: MessageStore> Broker<S> {
                     }
                     if let Some(c) = self.conns.get_mut(&conn) {
                         c.in_flight += 1;
+                        if traced {
+                            push_trace(
+                                &mut self.traces,
+                                &mut self.traces_bytes,
+                                TraceRecord::Delivered {
+                                    message: message.clone(),
+                                    seq,
+                                    service: c.service.clone(),
+                                    instance: c.instance.clone(),
+                                    attempt,
+                                    at: now,
+                                },
+                            );
+                        }
                     }
                     self.journal(Op::Delivered {
                         service: service.to_string(),
@@ -1943,10 +2093,22 @@ impl<S: MessageStore> Broker<S> {
         }
         let seq = flight.0.entry.seq;
         self.journal(Op::Acked {
-            service: service.clone(),
+            service: service.to_string(),
             seq,
         });
-        if let Some(svc) = self.services.get_mut(&service) {
+        if flight.0.traced {
+            push_trace(
+                &mut self.traces,
+                &mut self.traces_bytes,
+                TraceRecord::Settled {
+                    seq,
+                    service: service.clone(),
+                    outcome: Outcome::Acked,
+                    at: now,
+                },
+            );
+        }
+        if let Some(svc) = self.services.get_mut(service.as_str()) {
             svc.queue.release_key(&flight.0.entry);
         }
         release(&mut self.store, &mut self.refs, seq);
@@ -1965,12 +2127,23 @@ impl<S: MessageStore> Broker<S> {
         if let Some(t) = self.traffic.traffic(flight.name, &service) {
             t.nacked += 1;
         }
+        if flight.traced {
+            push_trace(
+                &mut self.traces,
+                &mut self.traces_bytes,
+                TraceRecord::Settled {
+                    seq: flight.entry.seq,
+                    service: service.clone(),
+                    outcome: Outcome::Nacked { delay_ms },
+                    at: now,
+                },
+            );
+        }
         self.retry_or_dead_letter(
             &service,
-            flight.entry,
-            flight.name,
+            flight,
             u64::from(delay_ms) * NANOS_PER_MS,
-            "nacked",
+            NACKED,
             now,
         );
         self.pump(&service, now);
@@ -1982,7 +2155,7 @@ impl<S: MessageStore> Broker<S> {
         &mut self,
         conn: ConnId,
         delivery: DeliveryId,
-    ) -> Option<(queue::InFlight, String)> {
+    ) -> Option<(queue::InFlight, courier_proto::SharedStr)> {
         let c = self.conns.get_mut(&conn)?;
         let svc = self.services.get_mut(c.service.as_str())?;
         if svc.queue.in_flight.get(&delivery).map(|f| f.conn) != Some(conn) {
@@ -1990,22 +2163,48 @@ impl<S: MessageStore> Broker<S> {
         }
         let flight = svc.queue.finish(delivery)?;
         c.in_flight = c.in_flight.saturating_sub(1);
-        Some((flight, c.service.to_string()))
+        Some((flight, c.service.clone()))
     }
 
     fn retry_or_dead_letter(
         &mut self,
         service: &str,
-        entry: Entry,
-        name: stats::Slot,
+        flight: queue::InFlight,
         delay: Nanos,
-        why: &str,
+        why: &'static str,
         now: Nanos,
     ) {
+        let queue::InFlight {
+            entry,
+            name,
+            traced,
+            ..
+        } = flight;
         let Some(svc) = self.services.get_mut(service) else {
             return;
         };
-        if entry.attempts >= svc.max_deliveries {
+        let dead = entry.attempts >= svc.max_deliveries;
+        if traced && (dead || why != NACKED) {
+            let outcome = if dead {
+                Outcome::DeadLettered { reason: why }
+            } else {
+                Outcome::Released { reason: why }
+            };
+            push_trace(
+                &mut self.traces,
+                &mut self.traces_bytes,
+                TraceRecord::Settled {
+                    seq: entry.seq,
+                    service: courier_proto::SharedStr::from(service),
+                    outcome,
+                    at: now,
+                },
+            );
+        }
+        let Some(svc) = self.services.get_mut(service) else {
+            return;
+        };
+        if dead {
             let reason = format!(
                 "{why} on attempt {} of {}",
                 entry.attempts, svc.max_deliveries
@@ -2099,14 +2298,7 @@ impl<S: MessageStore> Broker<S> {
                 if let Some(c) = self.conns.get_mut(&flight.conn) {
                     c.in_flight = c.in_flight.saturating_sub(1);
                 }
-                self.retry_or_dead_letter(
-                    &service,
-                    flight.entry,
-                    flight.name,
-                    0,
-                    "ack deadline passed",
-                    now,
-                );
+                self.retry_or_dead_letter(&service, flight, 0, "ack deadline passed", now);
             }
             self.pump(&service, now);
         }
@@ -2129,11 +2321,12 @@ impl<S: MessageStore> Broker<S> {
             .map(|(name, s)| ServiceInfo {
                 name: name.clone(),
                 patterns: s.patterns.iter().cloned().collect(),
+                paused: s.paused.iter().cloned().collect(),
                 instances: s
                     .instances
                     .iter()
                     .filter_map(|c| self.conns.get(c))
-                    .map(|c| c.instance.clone())
+                    .map(|c| c.instance.to_string())
                     .collect(),
                 depth: s.queue.depth(),
                 in_flight: s.queue.in_flight.len(),
@@ -2156,6 +2349,60 @@ impl<S: MessageStore> Broker<S> {
     /// What was accepted since the last call, while tapping.
     pub fn take_taps(&mut self) -> Vec<Tapped> {
         std::mem::take(&mut self.taps)
+    }
+
+    /// Whether what happens to messages is recorded for activity traces
+    /// (the network edge turns it on unless traces are off): `Some(rate)`
+    /// traces every activity up to `rate` accepted messages a second and
+    /// samples whole activities above it (0: every activity).
+    pub fn set_tracing(&mut self, rate: Option<u32>) {
+        self.sampler = rate.map(trace::TraceSampler::new);
+        if rate.is_none() {
+            self.traces.clear();
+            self.traces_bytes = 0;
+        }
+    }
+
+    /// Whether activity traces are kept.
+    pub fn is_tracing(&self) -> bool {
+        self.sampler.is_some()
+    }
+
+    /// Accepted messages the sampler left out of the traces, and 2^-level
+    /// is the share of new activities traced now.
+    pub fn trace_sampling(&self) -> Option<(u64, u8)> {
+        self.sampler.as_ref().map(|s| (s.skipped, s.level()))
+    }
+
+    /// What happened since the last call, while tracing; `out` (emptied
+    /// first) takes the records and hands its allocation over for the next.
+    /// Returns about how many bytes of memory the records hold on to.
+    pub fn take_traces(&mut self, out: &mut Vec<TraceRecord>) -> usize {
+        out.clear();
+        std::mem::swap(out, &mut self.traces);
+        std::mem::take(&mut self.traces_bytes)
+    }
+
+    fn trace(&mut self, record: TraceRecord) {
+        push_trace(&mut self.traces, &mut self.traces_bytes, record);
+    }
+
+    fn trace_accepted(&mut self, message: &Arc<Message>, seq: Seq, receivers: &Receivers) {
+        if self.sample(message) {
+            self.trace(TraceRecord::Accepted {
+                message: message.clone(),
+                seq,
+                receivers: receivers.clone(),
+            });
+        }
+    }
+
+    /// Counts an accepted message for the sampler; whether it is traced.
+    fn sample(&mut self, message: &Message) -> bool {
+        let now = self.now;
+        self.sampler
+            .as_mut()
+            .is_some_and(|s| s.accept(&message.activity_id, now))
     }
 
     fn tap(&mut self, message: &Arc<Message>, receivers: Receivers) {
@@ -2187,6 +2434,7 @@ impl<S: MessageStore> Broker<S> {
             out.push(SubscriptionGauges {
                 service: name.clone(),
                 patterns: s.patterns.iter().cloned().collect(),
+                paused: s.paused.iter().cloned().collect(),
                 backlog: s.queue.depth(),
                 in_flight: s.queue.in_flight.len(),
                 consumers: consumers.len(),
@@ -2207,6 +2455,128 @@ impl<S: MessageStore> Broker<S> {
         out
     }
 
+    /// Every live connection, by service then connection order.
+    pub fn instances(&self) -> Vec<InstanceInfo> {
+        let mut out: Vec<InstanceInfo> = self
+            .conns
+            .iter()
+            .map(|(id, c)| InstanceInfo {
+                conn: *id,
+                service: c.service.to_string(),
+                instance: c.instance.to_string(),
+                in_flight: c.in_flight,
+                max_in_flight: c.max_in_flight,
+                patterns: c.patterns.clone(),
+                draining: c.draining,
+                paused: c.paused,
+            })
+            .collect();
+        out.sort_by(|a, b| a.service.cmp(&b.service).then(a.conn.cmp(&b.conn)));
+        out
+    }
+
+    /// Pauses the service's subscription to `pattern` (every one of them
+    /// with `None`): messages it alone takes wait in the queue, counted in
+    /// the backlog, until [`Broker::resume_subscription`]. Deliveries in
+    /// flight may still be acked. Journaled, so it survives a restart.
+    /// Returns the patterns it applied to.
+    pub fn pause_subscription(
+        &mut self,
+        service: &str,
+        pattern: Option<&str>,
+        now: Nanos,
+    ) -> Result<Vec<String>, PauseError> {
+        self.set_subscription_paused(service, pattern, true, now)
+    }
+
+    /// Undoes [`Broker::pause_subscription`]; what waited is delivered.
+    pub fn resume_subscription(
+        &mut self,
+        service: &str,
+        pattern: Option<&str>,
+        now: Nanos,
+    ) -> Result<Vec<String>, PauseError> {
+        self.set_subscription_paused(service, pattern, false, now)
+    }
+
+    fn set_subscription_paused(
+        &mut self,
+        service: &str,
+        pattern: Option<&str>,
+        paused: bool,
+        now: Nanos,
+    ) -> Result<Vec<String>, PauseError> {
+        self.now = now;
+        let svc = self
+            .services
+            .get(service)
+            .filter(|s| !s.patterns.is_empty())
+            .ok_or_else(|| PauseError::UnknownService(service.to_string()))?;
+        let targets: Vec<String> = match pattern {
+            None => svc.patterns.iter().cloned().collect(),
+            Some(p) if svc.patterns.contains(p) => vec![p.to_string()],
+            Some(p) => {
+                return Err(PauseError::NotSubscribed {
+                    service: service.to_string(),
+                    pattern: p.to_string(),
+                    subscribed: svc.patterns.iter().cloned().collect::<Vec<_>>().join(", "),
+                })
+            }
+        };
+        let changes: Vec<String> = targets
+            .iter()
+            .filter(|p| svc.paused.contains(*p) != paused)
+            .cloned()
+            .collect();
+        if changes.is_empty() {
+            return Ok(targets);
+        }
+        if self.degraded {
+            return Err(PauseError::StorageFailing);
+        }
+        for pattern in changes {
+            let op = if paused {
+                Op::Paused {
+                    service: service.to_string(),
+                    pattern: pattern.clone(),
+                }
+            } else {
+                Op::Resumed {
+                    service: service.to_string(),
+                    pattern: pattern.clone(),
+                }
+            };
+            self.journal(op);
+            self.apply_paused(service, &pattern, paused);
+        }
+        if !paused {
+            self.pump(service, now);
+        }
+        Ok(targets)
+    }
+
+    /// The service's paused patterns, in order.
+    pub fn paused_patterns(&self, service: &str) -> Vec<String> {
+        self.services
+            .get(service)
+            .map(|s| s.paused.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn apply_paused(&mut self, service: &str, pattern: &str, paused: bool) {
+        let Some(svc) = self.services.get_mut(service) else {
+            return;
+        };
+        if !svc.patterns.contains(pattern) {
+            return;
+        }
+        if paused {
+            svc.paused.insert(pattern.to_string());
+        } else {
+            svc.paused.remove(pattern);
+        }
+    }
+
     /// Live connections per service (instances and senders alike).
     pub fn connections_by_service(&self) -> Vec<(String, usize)> {
         let mut counts: std::collections::BTreeMap<&str, usize> = Default::default();
@@ -2221,10 +2591,20 @@ impl<S: MessageStore> Broker<S> {
 
     /// The service's dead letters with their messages (`None` if unreadable).
     pub fn dead_letters(&mut self, service: &str) -> Vec<(DeadLetter, Option<Arc<Message>>)> {
-        let letters = self
+        self.dead_letters_first(service, usize::MAX)
+    }
+
+    /// Like [`Broker::dead_letters`], the oldest `max` only: each one is a
+    /// read from the store.
+    pub fn dead_letters_first(
+        &mut self,
+        service: &str,
+        max: usize,
+    ) -> Vec<(DeadLetter, Option<Arc<Message>>)> {
+        let letters: Vec<DeadLetter> = self
             .services
             .get(service)
-            .map(|s| s.queue.dead_letters.clone())
+            .map(|s| s.queue.dead_letters.iter().take(max).cloned().collect())
             .unwrap_or_default();
         letters
             .into_iter()
@@ -2233,6 +2613,33 @@ impl<S: MessageStore> Broker<S> {
                 (d, message)
             })
             .collect()
+    }
+
+    /// How many dead letters the service holds; `None` for a service the
+    /// broker does not know.
+    pub fn dead_letter_count(&self, service: &str) -> Option<usize> {
+        self.services
+            .get(service)
+            .map(|s| s.queue.dead_letters.len())
+    }
+
+    /// One dead letter of the service with its message (`None` inside if
+    /// unreadable); `None` if the service has no such dead letter.
+    pub fn find_dead_letter(
+        &mut self,
+        service: &str,
+        seq: Seq,
+    ) -> Option<(DeadLetter, Option<Arc<Message>>)> {
+        let letter = self
+            .services
+            .get(service)?
+            .queue
+            .dead_letters
+            .iter()
+            .find(|d| d.seq == seq)?
+            .clone();
+        let message = self.store.get(seq).ok().flatten();
+        Some((letter, message))
     }
 
     /// Puts a dead letter back in the service's queue, as a fresh message.
@@ -2285,6 +2692,26 @@ impl<S: MessageStore> Broker<S> {
         }
         seqs.len()
     }
+}
+
+/// Whether what happens to `message` is recorded: its activity is traced.
+fn traces(sampler: &Option<trace::TraceSampler>, message: &Message, now: Nanos) -> bool {
+    sampler
+        .as_ref()
+        .is_some_and(|s| s.traces(&message.activity_id, now))
+}
+
+/// Records `record`, counting the memory it holds on to (the message it
+/// pins). A free function: callers hold other parts of the broker.
+fn push_trace(traces: &mut Vec<TraceRecord>, bytes: &mut usize, record: TraceRecord) {
+    *bytes += std::mem::size_of::<TraceRecord>()
+        + match &record {
+            TraceRecord::Accepted { message, .. } | TraceRecord::Delivered { message, .. } => {
+                message.payload.len()
+            }
+            TraceRecord::Settled { .. } => 0,
+        };
+    traces.push(record);
 }
 
 /// One service no longer needs `seq`; the last one out removes it.

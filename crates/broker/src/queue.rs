@@ -30,7 +30,9 @@ impl Entry {
         Entry {
             seq,
             attempts,
-            key: key.map(Box::new),
+            // Its own copy: a key sliced from a read buffer or a log read
+            // would keep all of that alive while the entry waits.
+            key: key.map(|key| Box::new(Bytes::copy_from_slice(&key))),
         }
     }
 
@@ -244,6 +246,9 @@ pub(crate) struct InFlight {
     /// Where the message's name is counted (`stats.rs`), so an ack or a
     /// nack counts without reading the message again.
     pub name: crate::stats::Slot,
+    /// Its activity is traced: what becomes of the delivery is recorded
+    /// (decided with the message at hand, so an ack need not read it).
+    pub traced: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -341,6 +346,7 @@ impl Queue {
         entry: Entry,
         deadline: Nanos,
         name: crate::stats::Slot,
+        traced: bool,
     ) {
         self.deadlines.insert((deadline, delivery));
         self.in_flight.insert(
@@ -350,6 +356,7 @@ impl Queue {
                 conn,
                 deadline,
                 name,
+                traced,
             },
         );
     }
@@ -516,7 +523,7 @@ mod tests {
             vec![1, 3]
         );
         let first = q.ready.pop_front().expect("1");
-        q.start(10, 1, first, 100, 0);
+        q.start(10, 1, first, 100, 0, false);
         q.make_ready(keyed(4, "a"));
         assert_eq!(
             q.key_waiting

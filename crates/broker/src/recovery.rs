@@ -28,10 +28,11 @@ use crate::{Broker, Nanos, ReplyRoute, Service};
 /// 14 MiB, and the replay took 81 instead of 115 ms (a chunk stays in cache).
 const REPLAY_CHUNK_RECORDS: usize = 256;
 const SNAPSHOT_MAGIC: &[u8; 4] = b"CRSN";
-/// 3: queue entries in runs of consecutive seqs (a count after each), and
-/// the dedup window's ids in buckets by timestamp after those without one. Version 2 (fingerprints with their times only) and version 1 (whole
-/// ids) still load.
-const SNAPSHOT_VERSION: u32 = 3;
+/// 4: each service's paused patterns after its patterns. 3: queue entries
+/// in runs of consecutive seqs (a count after each), and the dedup
+/// window's ids in buckets by timestamp after those without one. Versions
+/// 3, 2 (fingerprints with their times only) and 1 (whole ids) still load.
+const SNAPSHOT_VERSION: u32 = 4;
 
 /// What recovery found, for the start-up log line.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -318,6 +319,8 @@ impl<S: MessageStore> Broker<S> {
                     crate::release(&mut self.store, &mut self.refs, seq);
                 }
             }
+            Op::Paused { service, pattern } => self.apply_paused(&service, &pattern, true),
+            Op::Resumed { service, pattern } => self.apply_paused(&service, &pattern, false),
         }
     }
 
@@ -472,6 +475,10 @@ impl<S: MessageStore> Broker<S> {
             for p in &svc.patterns {
                 w.str(p);
             }
+            w.u32(svc.paused.len() as u32);
+            for p in &svc.paused {
+                w.str(p);
+            }
             // Counted, then written straight from the queue: collecting a
             // large backlog first would double the snapshot's memory. Runs
             // of consecutive seqs are one record each.
@@ -560,6 +567,15 @@ impl<S: MessageStore> Broker<S> {
             svc.max_deliveries = max_deliveries;
             for _ in 0..r.u32()? {
                 svc.patterns.insert(r.str()?);
+            }
+            if version >= 4 {
+                for _ in 0..r.u32()? {
+                    let pattern = r.str()?;
+                    if !svc.patterns.contains(&pattern) {
+                        return Err(JournalError::BadSnapshot);
+                    }
+                    svc.paused.insert(pattern);
+                }
             }
             let mut runs = Vec::new();
             for _ in 0..r.u32()? {

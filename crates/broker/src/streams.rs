@@ -185,6 +185,8 @@ impl<S: MessageStore> Broker<S> {
         stream.final_held |= message.is_final;
         self.held_reply_bytes += bytes;
         self.metrics.replies_held += 1;
+        let mut message = message;
+        Arc::make_mut(&mut message).detach();
         stream.held.push_back(Held {
             message,
             senders: vec![(conn, seq, quiet)],
@@ -208,6 +210,20 @@ impl<S: MessageStore> Broker<S> {
         if let Some(c) = self.conns.get(&stream.requester) {
             let counted = self.traffic.locate(&message.name, &c.service);
             self.traffic.at(counted).delivered += 1;
+            if crate::traces(&self.sampler, &message, self.now) {
+                crate::push_trace(
+                    &mut self.traces,
+                    &mut self.traces_bytes,
+                    crate::TraceRecord::Delivered {
+                        message: message.clone(),
+                        seq: 0,
+                        service: c.service.clone(),
+                        instance: c.instance.clone(),
+                        attempt: 1,
+                        at: self.now,
+                    },
+                );
+            }
         }
         let is_final = message.is_final;
         stream.started = true;

@@ -113,6 +113,7 @@ impl TailFilter {
             "sender": m.sender.as_str(),
             "receivers": tapped.receivers.as_ref(),
             "activity_id": m.activity_id.to_string(),
+            "parent_id": m.parent_id.map(|p| p.to_string()),
             "timestamp": m.timestamp,
             "transient": m.transient,
         });
@@ -201,7 +202,19 @@ mod tests {
         assert_eq!(plain["outcome"], "todo.created");
         assert_eq!(plain["receivers"], json!(["web"]));
         assert_eq!(plain["sender"], "todo");
+        assert_eq!(plain["parent_id"], Value::Null, "a root message has none");
         assert!(plain.get("payload").is_none());
+        let mut caused = Message::clone(&t.message);
+        let parent = courier_proto::new_id();
+        caused.parent_id = Some(parent);
+        let caused = Tapped {
+            message: Arc::new(caused),
+            receivers: t.receivers.clone(),
+        };
+        assert_eq!(
+            TailFilter::default().line(&caused)["parent_id"],
+            parent.to_string()
+        );
         let with = TailFilter {
             payload: true,
             ..TailFilter::default()

@@ -1627,6 +1627,198 @@ fn send_bucket_refills_exactly_at_its_rate_up_to_one_second() {
     assert!(fastest.take(u32::MAX, 0));
 }
 
+// ---- pausing subscriptions ----------------------------------------------
+
+fn gauges_of(h: &mut Harness<impl MessageStore>, service: &str) -> SubscriptionGauges {
+    let now = h.now;
+    h.broker
+        .subscription_gauges(now)
+        .into_iter()
+        .find(|g| g.service == service)
+        .expect("the service's gauges")
+}
+
+fn payloads(deliveries: &[(ConnId, DeliveryId, u32, String, Bytes)]) -> Vec<Bytes> {
+    deliveries.iter().map(|d| d.4.clone()).collect()
+}
+
+#[test]
+fn a_paused_subscription_gets_no_deliveries_and_its_backlog_grows_until_resumed() {
+    let mut h = Harness::new();
+    h.connect(1, "web", 0);
+    h.connect(2, "audit", 0);
+    h.subscribe(2, "todo.*");
+    h.actions();
+    assert_eq!(
+        h.broker.pause_subscription("audit", Some("todo.*"), h.now),
+        Ok(vec!["todo.*".to_string()])
+    );
+    for payload in ["1", "2", "3"] {
+        h.send(1, 0, event("todo.created", payload));
+    }
+    h.advance(60_000);
+    assert!(h.deliveries().is_empty(), "nothing goes out while paused");
+    let g = gauges_of(&mut h, "audit");
+    assert_eq!(
+        (g.backlog, g.paused.clone()),
+        (3, vec!["todo.*".to_string()])
+    );
+    assert_eq!(h.broker.services()[0].paused, vec!["todo.*".to_string()]);
+    // Pausing again changes nothing; resuming delivers what waited, in order.
+    assert!(h.broker.pause_subscription("audit", None, h.now).is_ok());
+    assert_eq!(
+        h.broker.resume_subscription("audit", None, h.now),
+        Ok(vec!["todo.*".to_string()])
+    );
+    let d = h.deliveries();
+    assert_eq!(
+        payloads(&d),
+        vec![
+            Bytes::from_static(b"1"),
+            Bytes::from_static(b"2"),
+            Bytes::from_static(b"3")
+        ]
+    );
+    assert!(gauges_of(&mut h, "audit").paused.is_empty());
+}
+
+#[test]
+fn pausing_one_pattern_holds_only_what_no_other_subscription_takes() {
+    let mut h = Harness::new();
+    h.connect(1, "web", 0);
+    h.connect(2, "audit", 0);
+    h.subscribe(2, "todo.*");
+    h.subscribe(2, "user.*");
+    h.actions();
+    h.broker
+        .pause_subscription("audit", Some("todo.*"), h.now)
+        .expect("paused");
+    h.send(1, 0, event("todo.created", "held"));
+    h.send(1, 1, event("user.joined", "flows"));
+    assert_eq!(
+        payloads(&h.deliveries()),
+        vec![Bytes::from_static(b"flows")]
+    );
+    // A transient message for the paused subscription is not kept for it.
+    let mut tick = event("todo.ticked", "gone");
+    tick.transient = true;
+    h.send(1, 2, tick);
+    assert!(h.deliveries().is_empty());
+    assert_eq!(h.broker.metrics().transient_dropped_paused, 1);
+    h.broker
+        .resume_subscription("audit", Some("todo.*"), h.now)
+        .expect("resumed");
+    assert_eq!(payloads(&h.deliveries()), vec![Bytes::from_static(b"held")]);
+}
+
+#[test]
+fn pausing_what_is_not_subscribed_is_refused_with_what_is() {
+    let mut h = Harness::new();
+    h.connect(2, "audit", 0);
+    h.subscribe(2, "todo.*");
+    assert_eq!(
+        h.broker.pause_subscription("nobody", None, h.now),
+        Err(PauseError::UnknownService("nobody".into()))
+    );
+    let refused = h
+        .broker
+        .pause_subscription("audit", Some("user.*"), h.now)
+        .expect_err("not subscribed");
+    assert!(
+        refused.to_string().contains("its subscriptions: todo.*"),
+        "{refused}"
+    );
+    // Unsubscribing forgets the pause: a new subscription starts flowing.
+    h.broker
+        .pause_subscription("audit", None, h.now)
+        .expect("paused");
+    h.broker.unsubscribe(2, 1, "todo.*");
+    h.subscribe(2, "todo.*");
+    assert!(gauges_of(&mut h, "audit").paused.is_empty());
+}
+
+#[test]
+fn the_pause_command_answers_with_the_paused_patterns() {
+    let mut h = Harness::new();
+    h.connect(1, "ops", 0);
+    h.connect(2, "audit", 0);
+    h.subscribe(2, "todo.*");
+    h.actions();
+    let pause = command(
+        "courier.subscriptions.pause",
+        r#"{"service":"audit","pattern":"todo.*"}"#,
+    );
+    h.send(1, 1, pause);
+    let actions = h.actions();
+    assert_eq!(refusal(&actions, 1).0, ErrorCode::Ok);
+    let reply = actions
+        .iter()
+        .find_map(|a| match a {
+            Action::Deliver {
+                conn: 1, message, ..
+            } => Some(message.clone()),
+            _ => None,
+        })
+        .expect("a reply");
+    assert_eq!(reply.name, "courier.subscriptions.paused");
+    let body: serde_json::Value = serde_json::from_slice(&reply.payload).expect("JSON");
+    assert_eq!(body["paused"], serde_json::json!(["todo.*"]));
+    let wrong = command(
+        "courier.subscriptions.resume",
+        r#"{"service":"audit","pattern":"user.*"}"#,
+    );
+    h.send(1, 2, wrong);
+    let (code, reason) = refusal(&h.actions(), 2);
+    assert_eq!(code, ErrorCode::InvalidMessage);
+    assert!(reason.contains("not subscribed to user.*"), "{reason}");
+}
+
+#[test]
+fn a_pause_survives_a_restart_from_the_journal_and_from_a_snapshot() {
+    for with_snapshot in [false, true] {
+        let mut h = Harness::with_store(MemoryLog::new());
+        h.connect(1, "web", 0);
+        h.connect(2, "audit", 0);
+        h.subscribe(2, "todo.*");
+        h.subscribe(2, "user.*");
+        h.actions();
+        h.broker
+            .pause_subscription("audit", Some("todo.*"), h.now)
+            .expect("paused");
+        // Paused and resumed again: the journal's last word counts.
+        h.broker
+            .pause_subscription("audit", Some("user.*"), h.now)
+            .expect("paused");
+        h.broker
+            .resume_subscription("audit", Some("user.*"), h.now)
+            .expect("resumed");
+        h.send(1, 0, event("todo.created", "waited"));
+        h.actions();
+        if with_snapshot {
+            h.advance(10);
+            h.broker.checkpoint(h.now).expect("checkpoint");
+        }
+        let report = h.crash_and_recover();
+        assert_eq!(report.snapshot_covers.is_some(), with_snapshot);
+        h.connect(3, "audit", 0);
+        h.subscribe(3, "todo.*");
+        h.subscribe(3, "user.*");
+        assert!(h.deliveries().is_empty(), "still paused after the restart");
+        let g = gauges_of(&mut h, "audit");
+        assert_eq!((g.backlog, g.paused), (1, vec!["todo.*".to_string()]));
+        h.broker
+            .resume_subscription("audit", Some("todo.*"), h.now)
+            .expect("resumed");
+        assert_eq!(
+            payloads(&h.deliveries()),
+            vec![Bytes::from_static(b"waited")]
+        );
+        // The resume is journaled too.
+        h.crash_and_recover();
+        assert!(gauges_of(&mut h, "audit").paused.is_empty());
+    }
+}
+
 // ---- the frame limit ------------------------------------------------------
 
 const FRAME_LIMIT: u32 = 2_000;
@@ -2539,5 +2731,151 @@ fn a_tail_sees_commands_replies_and_events_without_changing_routing() {
     assert!(
         h.broker.take_taps().is_empty(),
         "nothing is recorded untapped"
+    );
+}
+
+/// Each trace record in short: (what, message name or seq, service, detail).
+fn trace_lines(h: &mut Harness<impl MessageStore>) -> Vec<String> {
+    let mut records = Vec::new();
+    h.broker.take_traces(&mut records);
+    records
+        .iter()
+        .map(|r| match r {
+            TraceRecord::Accepted {
+                message,
+                seq,
+                receivers,
+            } => format!(
+                "accepted {} seq={seq} to={}",
+                message.name,
+                receivers.join(",")
+            ),
+            TraceRecord::Delivered {
+                message,
+                seq,
+                service,
+                instance,
+                attempt,
+                ..
+            } => format!(
+                "delivered {} seq={seq} to={service}/{instance} attempt={attempt}",
+                message.name
+            ),
+            TraceRecord::Settled {
+                seq,
+                service,
+                outcome,
+                ..
+            } => format!("{} seq={seq} by={service} {outcome:?}", outcome.as_str()),
+        })
+        .collect()
+}
+
+#[test]
+fn traces_record_acceptance_deliveries_and_their_outcomes_in_order() {
+    let mut h = Harness::new();
+    h.connect(1, "web", 16);
+    h.connect(2, "todo", 16);
+    h.subscribe(2, "todo.create");
+    h.connect(3, "audit", 16);
+    h.subscribe(3, "todo.created");
+    h.broker.set_tracing(Some(0));
+    let create = command("todo.create", "{}");
+    let create_id = create.id;
+    h.send(1, 1, create);
+    let delivered = h.deliveries();
+    h.broker.ack(2, delivered[0].1, h.now);
+    let mut reply = Message::new(Kind::Reply, "todo.created", "{}");
+    reply.response_to = Some(create_id);
+    reply.parent_id = Some(create_id);
+    h.send(2, 2, reply);
+    h.send(2, 3, event("todo.created", "{}"));
+    let event_delivery = h.deliveries().last().expect("the event").1;
+    h.broker.nack(3, event_delivery, 0, h.now);
+    let again = h.deliveries();
+    assert_eq!(again.len(), 1, "redelivered at once");
+    // The ack deadline (30 s) passes without an answer.
+    h.advance(31_000);
+    h.deliveries();
+    // A broker command leaves no trace.
+    h.send(1, 4, command("courier.services.list", ""));
+    assert_eq!(
+        trace_lines(&mut h),
+        [
+            "accepted todo.create seq=3 to=todo",
+            "delivered todo.create seq=3 to=todo/todo-2 attempt=1",
+            "acked seq=3 by=todo Acked",
+            "accepted todo.created seq=0 to=web",
+            "delivered todo.created seq=0 to=web/web-1 attempt=1",
+            "accepted todo.created seq=6 to=audit",
+            "delivered todo.created seq=6 to=audit/audit-3 attempt=1",
+            "nacked seq=6 by=audit Nacked { delay_ms: 0 }",
+            "delivered todo.created seq=6 to=audit/audit-3 attempt=2",
+            "released seq=6 by=audit Released { reason: \"ack deadline passed\" }",
+            "delivered todo.created seq=6 to=audit/audit-3 attempt=3",
+        ]
+    );
+
+    h.broker.set_tracing(None);
+    h.send(1, 5, command("todo.create", "{}"));
+    h.deliveries();
+    assert!(
+        trace_lines(&mut h).is_empty(),
+        "nothing is recorded untraced"
+    );
+}
+
+#[test]
+fn traces_record_dead_letters_and_expiry() {
+    let mut h = Harness::new();
+    h.connect(1, "web", 16);
+    h.connect(2, "todo", 16);
+    h.broker
+        .subscribe(2, 0, "todo.create", 0, 1, StartFrom::New, h.now);
+    h.broker.set_tracing(Some(0));
+    h.send(1, 1, command("todo.create", "{}"));
+    let delivered = h.deliveries();
+    h.broker.nack(2, delivered[0].1, 0, h.now);
+    // Expires while todo has no room: it is dropped before delivery.
+    h.broker.flow(2, 1, h.now);
+    h.send(1, 2, command("todo.create", "blocker"));
+    let mut soon = command("todo.create", "late");
+    soon.expires_at = Some(h.now + 10 * MS);
+    h.send(1, 3, soon);
+    let blocker = h.deliveries();
+    assert_eq!(blocker.len(), 1);
+    h.advance(20);
+    h.broker.ack(2, blocker[0].1, h.now);
+    h.deliveries();
+    let lines = trace_lines(&mut h);
+    assert!(
+        lines.contains(
+            &"dead_lettered seq=2 by=todo DeadLettered { reason: \"nacked\" }".to_string()
+        ),
+        "{lines:#?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("expired seq=") && l.ends_with("by=todo Expired")),
+        "{lines:#?}"
+    );
+}
+
+#[test]
+fn a_failed_sync_voids_the_batch_s_trace_records() {
+    let mut h = Harness::with_store(MemoryLog::new());
+    h.connect(1, "web", 16);
+    h.connect(2, "todo", 16);
+    h.subscribe(2, "todo.create");
+    h.actions();
+    h.broker.set_tracing(Some(0));
+    h.broker.store_mut().failing_syncs = 1;
+    h.send(1, 1, command("todo.create", "{}"));
+    let refused = results(&h.actions());
+    assert_eq!(refused, [(1, ErrorCode::StorageFailed)]);
+    assert!(
+        trace_lines(&mut h).is_empty(),
+        "a refused send was never accepted"
     );
 }

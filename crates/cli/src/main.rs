@@ -7,11 +7,14 @@ mod conn;
 mod http_get;
 mod outbox;
 mod output;
+mod pause;
 mod reply;
 mod send;
 mod serve_limits;
 mod subscribe;
 mod tail;
+mod trace;
+mod up;
 mod verify;
 
 use std::net::SocketAddr;
@@ -121,6 +124,24 @@ struct ServeArgs {
     /// past it is counted under name="_other".
     #[arg(long, default_value_t = courier_server::BrokerConfig::default().metrics_names_max)]
     metrics_names_max: usize,
+    /// Activity traces (`courier trace`, /v1/activities): `on` or `off`.
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    trace: String,
+    /// How long an activity's trace is kept after its first message.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    trace_retention: Duration,
+    /// The most the traces hold in memory, and about the most they take
+    /// on disk (in DATA_DIR/trace); the oldest activities go first.
+    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+    trace_bytes_max: u64,
+    /// Accepted messages a second traced whole; above it, activities are
+    /// sampled by a hash of their id (each kept one whole; the skipped
+    /// ones counted in /metrics). 0: trace everything.
+    #[arg(long, default_value_t = 20_000)]
+    trace_rate: u32,
+    /// Keep payloads in traces (at most 16 KiB of each).
+    #[arg(long)]
+    trace_payloads: bool,
     #[command(flatten)]
     limits: serve_limits::ServeLimits,
 }
@@ -140,30 +161,14 @@ fn parse_http_addr(text: &str) -> Result<HttpAddr, String> {
 
 /// `512`, `64KiB`, `10MB`, `2GiB` …
 fn parse_size(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size; write e.g. 64MiB or 10GB"))?;
-    let factor: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "KB" => 1_000,
-        "KiB" => 1 << 10,
-        "MB" => 1_000_000,
-        "MiB" => 1 << 20,
-        "GB" => 1_000_000_000,
-        "GiB" => 1 << 30,
-        other => {
-            return Err(format!(
-                "unknown size unit {other:?}; use B, KB, KiB, MB, MiB, GB or GiB"
-            ))
-        }
-    };
-    n.checked_mul(factor)
-        .ok_or_else(|| format!("{text:?} is too large"))
+    let size: bytesize::ByteSize = text.trim().parse().map_err(|e| {
+        format!("{text:?} is not a size ({e}); write e.g. 64MiB, 10GB or a number of bytes")
+    })?;
+    // bytesize saturates what does not fit; a size that large is a typo.
+    match size.as_u64() {
+        u64::MAX => Err(format!("{text:?} is too large")),
+        bytes => Ok(bytes),
+    }
 }
 
 /// `PATTERN=AGE` or `PATTERN=AGE,SIZE`.
@@ -235,6 +240,11 @@ enum Command {
         #[command(flatten)]
         admin: Admin,
     },
+    /// Pauses a service's subscription: its messages wait in the broker
+    /// (the backlog grows) until `courier resume`.
+    Pause(pause::PauseArgs),
+    /// Resumes a paused subscription: what waited is delivered.
+    Resume(pause::PauseArgs),
     /// Measures durable publish, consume and restart against a broker it
     /// starts itself; prints a table (or --json lines).
     Bench(bench::BenchArgs),
@@ -247,6 +257,10 @@ enum Command {
     /// line per message, without receiving anything (admin only). A tail
     /// that cannot keep up skips lines and says how many on stderr.
     Tail(tail::TailArgs),
+    /// Shows an activity's causal tree: each message under the one it was
+    /// sent while handling, with every delivery, its timings and outcome
+    /// (admin only). Without an id, lists recent activities.
+    Trace(trace::TraceArgs),
     /// Prints the broker's counters as one JSON object, or with
     /// --prometheus every metric of its HTTP port's /metrics.
     Metrics {
@@ -279,6 +293,12 @@ enum Command {
     /// Reads a stopped broker's whole log (every record, index and the
     /// snapshot) and prints every damaged range; exit 7 if there is any.
     Verify(verify::VerifyArgs),
+    /// Runs a whole application from its courier.toml: checks it, builds
+    /// it, starts the broker and every service instance, restarts what
+    /// crashes, and stops everything on Ctrl-C.
+    Up(up::UpArgs),
+    /// Stops the `courier up` running for a directory.
+    Down(up::DownArgs),
     /// Validates an application's manifest; one line per problem.
     Check {
         /// The manifest, e.g. courier.toml.
@@ -465,6 +485,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Reply(args) => reply::reply(args).await,
         Command::Subscribe(args) => subscribe::subscribe(args).await,
         Command::DeadLetters(action) => dead_letters(action).await,
+        Command::Pause(args) => pause::run(args, true).await,
+        Command::Resume(args) => pause::run(args, false).await,
         Command::Token(TokenCommand::New) => {
             let token = courier_manifest::generate_token()
                 .context("cannot read random bytes from the OS")?;
@@ -483,6 +505,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Verify(args) => verify::run(args),
+        Command::Up(args) => up::up(args).await,
+        Command::Down(args) => up::down(args).await,
         Command::DevCerts {
             dir,
             services,
@@ -504,6 +528,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => bench::run(args).await,
         Command::Tail(args) => tail::run(args).await,
         Command::OutboxRelay(args) => outbox::run(args).await,
+        Command::Trace(args) => trace::run(args).await,
         Command::Services { admin } => {
             let listing =
                 admin_request(&admin, "courier.services.list", serde_json::json!({})).await?;
@@ -587,6 +612,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             _ => None,
         },
         http: args.http.0,
+        trace: (args.trace == "on").then(|| courier_server::TraceSettings {
+            retention_ms: args.trace_retention.as_millis().min(u128::from(u64::MAX)) as u64,
+            bytes_max: args.trace_bytes_max,
+            rate: args.trace_rate,
+            payloads: args.trace_payloads,
+            dir: (!args.in_memory).then(|| args.data_dir.join("trace")),
+        }),
         ..ServerConfig::default()
     };
     args.limits.apply(
@@ -687,10 +719,20 @@ async fn admin_request(
     name: &str,
     args: serde_json::Value,
 ) -> anyhow::Result<serde_json::Value> {
+    Ok(admin_request_named(admin, name, args).await?.1)
+}
+
+/// Like [`admin_request`], with the reply's name (its outcome).
+async fn admin_request_named(
+    admin: &Admin,
+    name: &str,
+    args: serde_json::Value,
+) -> anyhow::Result<(String, serde_json::Value)> {
     let client = connect_admin(admin).await?;
     let reply = client.command(name).json(&args)?.request().await;
     client.shutdown().await;
-    Ok(reply?.json()?)
+    let reply = reply?;
+    Ok((reply.name().to_string(), reply.json()?))
 }
 
 /// A connection for the broker's own commands.
@@ -766,7 +808,10 @@ mod tests {
         assert_eq!(parse_size("64MiB"), Ok(64 << 20));
         assert_eq!(parse_size("10GB"), Ok(10_000_000_000));
         assert_eq!(parse_size("512"), Ok(512));
+        assert_eq!(parse_size("1.5KiB"), Ok(1536));
         assert!(parse_size("5 parsecs").is_err());
+        assert!(parse_size("-5MB").is_err());
+        assert!(parse_size("99999999999999GiB").is_err(), "too large");
         let rule = parse_retention_rule("metrics.>=1h,64MiB").expect("rule");
         assert_eq!(
             (rule.pattern.as_str(), rule.max_age_ms, rule.max_bytes),

@@ -33,6 +33,10 @@ pub fn envelope(m: &Message, attempt: Option<u32>) -> Value {
     o.insert("timestamp".into(), json!(m.timestamp));
     o.insert("activity_id".into(), json!(m.activity_id.to_string()));
     o.insert(
+        "parent_id".into(),
+        json!(m.parent_id.map(|p| p.to_string())),
+    );
+    o.insert(
         "response_to".into(),
         json!(m.response_to.map(|r| r.to_string())),
     );

@@ -95,6 +95,15 @@ pub async fn reply(args: ReplyArgs) -> anyhow::Result<()> {
             let (data, names, done_tx) = (data.clone(), names.clone(), done_tx.clone());
             async move {
                 if let Some(delay) = delay {
+                    // A long wait is announced, so whoever watches knows the
+                    // command arrived and is being held on purpose.
+                    eprintln!(
+                        "courier: received {} {} from {}; replying in {}",
+                        msg.name(),
+                        msg.message().id,
+                        msg.message().sender,
+                        humantime::format_duration(delay)
+                    );
                     tokio::time::sleep(delay).await;
                 }
                 let payload = if echo { msg.payload().clone() } else { data };

@@ -121,7 +121,7 @@ fn quick_json_run_prints_one_object_per_figure_and_cleans_up() {
 }
 
 #[test]
-fn observability_off_starts_brokers_without_the_http_port_or_name_metrics() {
+fn observability_off_starts_brokers_without_the_http_port_name_metrics_or_traces() {
     let (pid, out) = run_bench(&[
         "bench",
         "--quick",
@@ -136,12 +136,64 @@ fn observability_off_starts_brokers_without_the_http_port_or_name_metrics() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "courier bench failed: {stderr}");
     assert!(
-        stderr.contains("--http off --metrics-names-max 0"),
+        stderr.contains("--http off --metrics-names-max 0 --trace off"),
         "the settings name the flags: {stderr}"
     );
     let rows = json_lines(&String::from_utf8_lossy(&out.stdout));
     assert_eq!(rows.len(), 1);
     assert!(rows[0]["courier"].as_f64().is_some_and(|x| x > 0.0));
+    assert_eq!(leftover_brokers(pid), Vec::<String>::new());
+}
+
+#[test]
+fn observability_compare_runs_both_sides_and_judges_the_ratio() {
+    let (pid, out) = run_bench(&[
+        "bench",
+        "--quick",
+        "--runs",
+        "1",
+        "--only",
+        "W5b",
+        "--json",
+        "--observability",
+        "compare",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "courier bench failed: {stderr}");
+    assert!(
+        stderr.contains("(observed), or --http off --metrics-names-max 0 --trace off (unobserved)"),
+        "the settings name both sides' flags: {stderr}"
+    );
+    let rows = json_lines(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(rows.len(), 1);
+    let (observed, unobserved) = (
+        rows[0]["courier"].as_f64().expect("observed"),
+        rows[0]["courier_unobserved"].as_f64().expect("unobserved"),
+    );
+    let ratio = rows[0]["ratio"].as_f64().expect("ratio");
+    assert!((ratio - observed / unobserved).abs() < 0.01, "{}", rows[0]);
+    assert_eq!(rows[0]["met"], serde_json::json!(ratio >= 0.95));
+    assert_eq!(leftover_brokers(pid), Vec::<String>::new());
+}
+
+#[test]
+fn metrics_scrape_times_the_metrics_page_of_a_broker_with_many_names() {
+    let (pid, out) = run_bench(&["bench", "--metrics-scrape", "--quick"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "courier bench failed: {stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("counted 500 names from 50 services")
+            && stdout.contains("(500 of them courier_messages_sent_total)"),
+        "{stdout}"
+    );
+    let p99 = stdout
+        .split("p99 ")
+        .nth(1)
+        .and_then(|rest| rest.split(" ms").next())
+        .and_then(|ms| ms.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no p99 figure: {stdout}"));
+    assert!(p99 > 0.0, "{stdout}");
     assert_eq!(leftover_brokers(pid), Vec::<String>::new());
 }
 

@@ -97,7 +97,7 @@ fn request_times_out_with_its_own_exit_code() {
     let broker = Broker::start();
     // A service that receives the command but never replies.
     let silent = broker.spawn(&["subscribe", "todo.create", "--service", "todo"]);
-    std::thread::sleep(Duration::from_millis(300));
+    broker.wait_consumers("todo", 1, None);
     let started = std::time::Instant::now();
     let out = broker.run(&["request", "todo.create", "--timeout", "500ms"]);
     assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
@@ -276,7 +276,7 @@ fn receiver_killed_mid_handling_its_command_goes_to_another_instance() {
         "--timeout",
         "30s",
     ]);
-    std::thread::sleep(Duration::from_millis(500));
+    slow.wait_stderr("received report.build", T);
     slow.kill9();
     let fast = broker.spawn(&[
         "reply",
@@ -318,7 +318,7 @@ fn transient_publish_reaches_only_connected_instances() {
         listener.no_line(Duration::from_millis(500)),
         "nothing waited for a transient message"
     );
-    std::thread::sleep(Duration::from_millis(200));
+    broker.wait_consumers("clock", 1, None);
     assert!(broker
         .run(&["publish", "tick", "--transient", "--data", "seen"])
         .status

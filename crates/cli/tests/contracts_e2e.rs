@@ -110,7 +110,7 @@ fn tokens_decide_who_connects_and_the_manifest_what_they_send_and_receive() {
         "--token",
         &t.todo,
     ]);
-    std::thread::sleep(Duration::from_millis(400));
+    broker.wait_consumers("todo", 1, Some(&t.admin));
     let out = broker.run(&[
         "send",
         "todo.create",
@@ -365,7 +365,17 @@ async fn a_reply_from_a_service_the_command_never_reached_is_refused_under_a_man
 #[test]
 fn a_reloaded_manifest_revokes_tokens_and_a_bad_one_is_refused() {
     let dir = common::tempdir::Dir::new("reload");
-    let (broker, t, path) = start_with_manifest(&dir);
+    let (web, web_hash) = token_pair(None);
+    let (todo, todo_hash) = token_pair(None);
+    let (admin, admin_hash) = token_pair(None);
+    let path = dir.path().join("courier.toml");
+    write_manifest(&path, Some(&web_hash), &todo_hash, &admin_hash);
+    let (broker, log) = Broker::start_watched_with(
+        &format!("127.0.0.1:{}", common::free_port()),
+        common::tempdir::Dir::new("reload-data"),
+        &["--manifest", path.to_str().expect("utf-8 path")],
+    );
+    let t = Tokens { web, todo, admin };
     let todo = broker.spawn(&[
         "subscribe",
         "todo.create",
@@ -374,7 +384,7 @@ fn a_reloaded_manifest_revokes_tokens_and_a_bad_one_is_refused() {
         "--token",
         &t.todo,
     ]);
-    std::thread::sleep(Duration::from_millis(300));
+    broker.wait_consumers("todo", 1, Some(&t.admin));
     let send = |broker: &Broker| {
         broker.run(&["send", "todo.create", "--service", "web", "--token", &t.web])
     };
@@ -383,7 +393,8 @@ fn a_reloaded_manifest_revokes_tokens_and_a_bad_one_is_refused() {
 
     // A manifest with a syntax error is refused; the old one stays.
     std::fs::write(&path, "[services.web\nsends = [").expect("write");
-    std::thread::sleep(Duration::from_millis(1500));
+    log.wait_for(&["manifest reload refused"], Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("the bad manifest was never read:\n{}", log.text()));
     assert!(
         send(&broker).status.success(),
         "the previous manifest stays in force"

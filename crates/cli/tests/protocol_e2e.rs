@@ -10,9 +10,10 @@ use std::time::Duration;
 use bytes::BytesMut;
 use common::{stderr, Broker};
 use courier_client::proto::{
-    decode_frame, Credentials, ErrorCode, Frame, FrameWriter, Hello, Kind, Message,
-    PROTOCOL_VERSION,
+    decode_frame, decode_frame_as, Credentials, ErrorCode, Frame, FrameWriter, Hello, Kind,
+    Message, PROTOCOL_VERSION,
 };
+use uuid::Uuid;
 
 fn raw(broker: &Broker) -> TcpStream {
     let s = TcpStream::connect(&broker.addr).expect("connect");
@@ -74,6 +75,8 @@ fn garbage_before_hello_is_refused() {
 #[test]
 fn hostile_length_prefixes_are_refused_without_allocating() {
     let broker = Broker::start();
+    broker_still_serves(&broker);
+    let baseline = rss_mib(broker.child.id());
     for len in [u32::MAX, (1u32 << 31) - 1] {
         let mut s = raw(&broker);
         s.write_all(&hello("evil")).expect("hello");
@@ -83,13 +86,49 @@ fn hostile_length_prefixes_are_refused_without_allocating() {
         assert!(message.contains(&len.to_string()), "{message}");
     }
     broker_still_serves(&broker);
+    let grown = rss_mib(broker.child.id()).saturating_sub(baseline);
+    assert!(
+        grown < 16,
+        "refusing 6 GiB of announced frames grew the broker by {grown} MiB"
+    );
+}
+
+#[test]
+fn frames_announced_at_the_limit_do_not_grow_memory_before_their_bytes_come() {
+    const CONNECTIONS: usize = 64;
+    const FRAME_BYTES_MAX: u32 = 8 << 20;
+    let broker = Broker::start();
+    broker_still_serves(&broker);
+    let baseline = rss_mib(broker.child.id());
+    // Each announces a frame just under the limit and sends one byte of it.
+    let announced: Vec<TcpStream> = (0..CONNECTIONS)
+        .map(|_| {
+            let mut s = raw(&broker);
+            s.write_all(&hello("hopeful")).expect("hello");
+            s.write_all(&(FRAME_BYTES_MAX - 16).to_be_bytes())
+                .expect("length");
+            s.write_all(&[0x03]).expect("first byte");
+            s
+        })
+        .collect();
+    // Every connection's bytes have been read once a later connection is
+    // served (the broker reads connections concurrently, in accept order).
+    broker_still_serves(&broker);
+    let grown = rss_mib(broker.child.id()).saturating_sub(baseline);
+    let if_reserved = CONNECTIONS as u64 * u64::from(FRAME_BYTES_MAX >> 20);
+    assert!(
+        grown < 64,
+        "{CONNECTIONS} announced frames grew the broker by {grown} MiB \
+         (reserving each announced length would take {if_reserved} MiB)"
+    );
+    drop(announced);
 }
 
 #[test]
 fn malformed_frame_after_hello_closes_only_that_connection() {
     let broker = Broker::start();
     let listener = broker.spawn(&["subscribe", "a.b", "--service", "good"]);
-    std::thread::sleep(Duration::from_millis(300));
+    broker.wait_consumers("good", 1, None);
     let mut s = raw(&broker);
     s.write_all(&hello("evil")).expect("hello");
     // A SEND frame claiming one entry but truncated inside the message.
@@ -218,7 +257,7 @@ async fn thousands_of_half_open_connections_do_not_stop_anyone_else() {
     ))
     .await
     .expect("connect before the flood");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::task::block_in_place(|| broker.wait_consumers("good", 1, None));
     // Connections that never finish (or even start) their handshake, some
     // with a partial frame: more than the broker's cap on handshakes. New
     // connections may be turned away while the cap is reached; connected
@@ -251,8 +290,18 @@ async fn thousands_of_half_open_connections_do_not_stop_anyone_else() {
         started.elapsed()
     );
     drop(idle);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    tokio::task::block_in_place(|| broker_still_serves(&broker));
+    // New connections are served again once the broker has seen the
+    // flood's connections close.
+    tokio::task::block_in_place(|| {
+        common::wait_for(
+            "a new connection served after the flood",
+            Duration::from_secs(10),
+            || {
+                let out = broker.run(&["publish", "health.check"]);
+                out.status.success().then_some(())
+            },
+        )
+    });
 }
 
 /// Resident memory of a process in MiB.
@@ -301,7 +350,10 @@ async fn a_receiver_that_stops_reading_is_paused_without_growing_memory_or_slowi
     })
     .await
     .expect("subscribe");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::task::block_in_place(|| {
+        broker.wait_consumers("sluggish", 1, None);
+        broker.wait_consumers("fast", 1, None);
+    });
     let baseline = rss_mib(broker.child.id());
 
     let publisher = courier_client::Client::connect(courier_client::ClientOptions::new(
@@ -361,6 +413,116 @@ async fn a_receiver_that_stops_reading_is_paused_without_growing_memory_or_slowi
         "{metrics:?}"
     );
     drop(slow);
+}
+
+/// A HELLO asking for protocol `version`.
+fn hello_version(service: &str, version: u16) -> Vec<u8> {
+    let mut w = FrameWriter::new();
+    w.push(&Frame::Hello(Hello {
+        version,
+        service: service.into(),
+        instance: String::new(),
+        max_in_flight: 0,
+        credentials: Credentials::None,
+    }))
+    .expect("encode");
+    w.take().to_vec()
+}
+
+/// Reads frames, decoded strictly as protocol `version`, until `want`
+/// returns a value; a frame that version does not define fails the test.
+fn read_until<T>(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    version: u16,
+    mut want: impl FnMut(Frame) -> Option<T>,
+) -> T {
+    let mut chunk = [0u8; 4096];
+    loop {
+        while let Some(frame) = decode_frame_as(buf, u32::MAX, version).unwrap_or_else(|e| {
+            panic!("a frame that protocol version {version} does not define: {e}")
+        }) {
+            if let Some(found) = want(frame) {
+                return found;
+            }
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) => panic!("the broker closed the connection"),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) => panic!("nothing more from the broker: {e}"),
+        }
+    }
+}
+
+/// Sends command `name` as a raw client of `version` and returns the
+/// reply it gets (decoded strictly as that version).
+fn raw_request(broker: &Broker, service: &str, version: u16, name: &str) -> (Uuid, Message) {
+    let mut s = raw(broker);
+    s.write_all(&hello_version(service, version))
+        .expect("hello");
+    let mut buf = BytesMut::new();
+    let welcome = read_until(&mut s, &mut buf, version, |f| match f {
+        Frame::Welcome(w) => Some(w),
+        other => panic!("expected WELCOME, got {other:?}"),
+    });
+    assert_eq!(
+        welcome.version, version,
+        "the broker speaks the client's version"
+    );
+    let command = Message::new(Kind::Command, name, "{}");
+    let mut w = FrameWriter::for_version(version);
+    w.push_send(1, &command).expect("encode");
+    s.write_all(&w.take()).expect("send");
+    let reply = read_until(&mut s, &mut buf, version, |f| match f {
+        Frame::SendResult(results) => {
+            assert!(results.iter().all(|r| r.code.is_ok()), "{results:?}");
+            None
+        }
+        Frame::Deliver(mut deliveries) => Some(deliveries.remove(0).message),
+        other => panic!("unexpected {other:?}"),
+    });
+    (command.id, reply)
+}
+
+#[test]
+fn a_version_1_client_still_works_and_never_sees_flag_0x80() {
+    let broker = Broker::start();
+    // The CLI's responder speaks version 2: its replies carry the command
+    // they answer as their parent_id.
+    let responder = broker.spawn(&[
+        "reply",
+        "old.ask",
+        "--outcome",
+        "old.answered",
+        "--service",
+        "answerer",
+    ]);
+    responder.wait_stderr("replying to old.ask", Duration::from_secs(10));
+
+    let (command, reply) = raw_request(&broker, "veteran", 1, "old.ask");
+    assert_eq!(reply.name, "old.answered");
+    assert_eq!(reply.response_to, Some(command));
+    assert_eq!(
+        reply.parent_id, None,
+        "a version-1 delivery has no parent_id"
+    );
+
+    // The same reply to a version-2 client carries it.
+    let (command, reply) = raw_request(&broker, "modern", 2, "old.ask");
+    assert_eq!(reply.parent_id, Some(command));
+
+    // From a version-1 client, bit 7 stays malformed.
+    let mut s = raw(&broker);
+    s.write_all(&hello_version("veteran", 1)).expect("hello");
+    let mut caused = Message::new(Kind::Event, "old.news", "");
+    caused.parent_id = Some(command);
+    let mut w = FrameWriter::for_version(2);
+    w.push_send(1, &caused).expect("encode");
+    s.write_all(&w.take()).expect("send");
+    let (code, message) = expect_error_then_close(&mut s);
+    assert_eq!(code, ErrorCode::MalformedFrame);
+    assert!(message.contains("flags 0x80"), "{message}");
+    broker_still_serves(&broker);
 }
 
 /// A raw connection that checks every frame's length prefix against the

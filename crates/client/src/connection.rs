@@ -48,6 +48,8 @@ pub(crate) struct Established {
     direct: Option<std::net::TcpStream>,
     buf: BytesMut,
     pub frame_bytes_max: u32,
+    /// The protocol version the broker speaks on this connection.
+    pub version: u16,
     /// The service the broker authenticated this connection as: named in
     /// WELCOME when it is not the one HELLO asked for, else that one.
     pub service: String,
@@ -299,6 +301,8 @@ pub(crate) async fn establish(opts: &ClientOptions) -> Result<Established> {
             } else {
                 w.frame_bytes_max
             },
+            // A broker of version 1 gets messages without parent_id.
+            version: w.version.min(PROTOCOL_VERSION),
             service: w.service.unwrap_or_else(|| opts.service.clone()),
         }),
         Frame::Error(e) => Err(Error::Refused {
@@ -346,6 +350,7 @@ pub(crate) fn on_connected(inner: &Inner, established: &mut Established) {
     state.writing = false;
     state.frame_bytes_max = established.frame_bytes_max;
     state.writer = courier_proto::FrameWriter::with_frame_bytes_max(established.frame_bytes_max);
+    state.writer.set_version(established.version);
     let patterns: Vec<(String, courier_proto::StartFrom)> = state
         .subscriptions
         .iter()

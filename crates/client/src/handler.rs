@@ -12,7 +12,7 @@ use courier_proto::{Kind, Message, Nack};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::{Client, Error, Inner, MessageBuilder, Result, ACTIVITY};
+use crate::{Client, Error, Handling, Inner, MessageBuilder, Result, HANDLING};
 
 /// Any error a handler may return; it nacks the delivery.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -35,7 +35,8 @@ where
 /// A delivered command or event, and the means to answer it.
 ///
 /// Messages sent through it (or through any [`Client`] on the handler's
-/// task) carry this message's `activity_id`.
+/// task) carry this message's `activity_id`, its id as their `parent_id`,
+/// and a child of its `traceparent`.
 pub struct Incoming {
     pub(crate) client: Client,
     pub(crate) generation: u64,
@@ -122,23 +123,25 @@ impl Incoming {
         let mut builder =
             MessageBuilder::new(self.client.clone(), Kind::Reply, outcome.to_string());
         builder.message.response_to = Some(self.delivered.message.id);
-        builder.message.activity_id = self.delivered.message.activity_id;
         builder.message.is_final = is_final;
-        builder
+        self.caused(builder)
     }
 
-    /// Starts a command in this message's activity.
+    /// Starts a command caused by this message (in its activity).
     pub fn command(&self, name: &str) -> MessageBuilder {
-        self.client
-            .command(name)
-            .activity(self.delivered.message.activity_id)
+        self.caused(self.client.command(name))
     }
 
-    /// Starts an event in this message's activity.
+    /// Starts an event caused by this message (in its activity).
     pub fn event(&self, name: &str) -> MessageBuilder {
-        self.client
-            .event(name)
-            .activity(self.delivered.message.activity_id)
+        self.caused(self.client.event(name))
+    }
+
+    /// Whatever task it is built on, a message made through `Incoming`
+    /// is this message's consequence.
+    fn caused(&self, mut builder: MessageBuilder) -> MessageBuilder {
+        Handling::of(&self.delivered.message).mark(&mut builder.message);
+        builder
     }
 
     /// Marks the delivery handled. Done for you when the handler returns `Ok`.
@@ -219,8 +222,12 @@ pub(crate) fn spawn(inner: &Arc<Inner>, handler: &Handler, incoming: Incoming) {
     // once with its own waker (the no-op one used here is never relied on).
     let delivered = incoming.delivered.clone();
     let (generation, delivery) = (incoming.generation, incoming.delivery);
-    let activity = delivered.message.activity_id;
-    let (mut future, first) = ACTIVITY.sync_scope(activity, || {
+    let handling = Handling::of(&delivered.message);
+    #[cfg(feature = "otel")]
+    let span = crate::otel::handler_span(&delivered.message, &handling.trace);
+    let (mut future, first) = HANDLING.sync_scope(handling, || {
+        #[cfg(feature = "otel")]
+        let _entered = span.enter();
         let mut future = handler(incoming);
         let mut cx = Context::from_waker(Waker::noop());
         let first = future.as_mut().poll(&mut cx);
@@ -231,7 +238,11 @@ pub(crate) fn spawn(inner: &Arc<Inner>, handler: &Handler, incoming: Incoming) {
         Poll::Pending => {
             let inner = inner.clone();
             tokio::spawn(async move {
-                let result = ACTIVITY.scope(activity, &mut future).await;
+                #[cfg(feature = "otel")]
+                let future = tracing::Instrument::instrument(&mut future, span);
+                #[cfg(not(feature = "otel"))]
+                let future = &mut future;
+                let result = HANDLING.scope(handling, future).await;
                 finish(&inner, generation, delivery, &delivered, result);
             });
         }
@@ -244,8 +255,15 @@ pub(crate) async fn run(handler: Handler, incoming: Incoming) {
     let inner = incoming.client.inner.clone();
     let delivered = incoming.delivered.clone();
     let (generation, delivery) = (incoming.generation, incoming.delivery);
-    let activity = delivered.message.activity_id;
-    let result = ACTIVITY.scope(activity, handler(incoming)).await;
+    let handling = Handling::of(&delivered.message);
+    #[cfg(feature = "otel")]
+    let future = tracing::Instrument::instrument(
+        handler(incoming),
+        crate::otel::handler_span(&delivered.message, &handling.trace),
+    );
+    #[cfg(not(feature = "otel"))]
+    let future = handler(incoming);
+    let result = HANDLING.scope(handling, future).await;
     finish(&inner, generation, delivery, &delivered, result);
 }
 

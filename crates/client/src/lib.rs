@@ -43,7 +43,10 @@ mod connection;
 mod error;
 mod events;
 mod handler;
+#[cfg(feature = "otel")]
+mod otel;
 mod pending;
+mod trace_context;
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -68,6 +71,7 @@ pub use courier_proto::{self as proto, ErrorCode, StartFrom};
 pub use error::{Error, Result};
 pub use events::{ConnectionEvent, ConnectionEvents};
 pub use handler::{BoxError, Incoming};
+pub use trace_context::{TraceParent, TRACEPARENT};
 
 use handler::Handler;
 
@@ -76,14 +80,60 @@ use handler::Handler;
 pub const QUIET_BUFFER_BYTES_MAX: usize = 1024 * 1024;
 
 tokio::task_local! {
-    /// The activity of the message being handled on this task.
-    static ACTIVITY: Uuid;
+    /// The message being handled on this task.
+    static HANDLING: Handling;
+}
+
+/// What a message sent while handling another inherits from it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Handling {
+    activity: Uuid,
+    /// The handled message: the parent of everything sent now.
+    message: Uuid,
+    pub(crate) trace: TraceParent,
+}
+
+impl Handling {
+    pub(crate) fn of(message: &Message) -> Handling {
+        Handling {
+            activity: message.activity_id,
+            message: message.id,
+            trace: TraceParent::of(message),
+        }
+    }
+
+    /// Makes `message` a consequence of the handled one: same activity,
+    /// the handled message as its parent, a child of its trace.
+    pub(crate) fn mark(&self, message: &mut Message) {
+        message.activity_id = self.activity;
+        message.parent_id = Some(self.message);
+        trace_context::set_traceparent(message, &self.trace.child(message.id));
+        mark_current_span(message);
+    }
+}
+
+/// With the `otel` feature, a message sent while an OpenTelemetry span is
+/// current names that span as its sender in `traceparent` (a handler's
+/// span, or the program's own, e.g. an HTTP request's).
+fn mark_current_span(message: &mut Message) {
+    #[cfg(feature = "otel")]
+    if let Some(span) = otel::current() {
+        trace_context::set_traceparent(message, &span);
+    }
+    #[cfg(not(feature = "otel"))]
+    let _ = message;
 }
 
 /// The activity id a message sent now would carry: the one of the message
 /// being handled, if this runs inside a handler.
 pub fn current_activity() -> Option<Uuid> {
-    ACTIVITY.try_with(|a| *a).ok()
+    HANDLING.try_with(|h| h.activity).ok()
+}
+
+/// The `parent_id` a message sent now would carry: the id of the message
+/// being handled, if this runs inside a handler.
+pub fn current_message() -> Option<Uuid> {
+    HANDLING.try_with(|h| h.message).ok()
 }
 
 /// How to reach the broker and behave on the way.
@@ -969,8 +1019,9 @@ pub struct MessageBuilder {
 impl MessageBuilder {
     fn new(client: Client, kind: Kind, name: String) -> MessageBuilder {
         let mut message = Box::new(Message::new(kind, name, Bytes::new()));
-        if let Some(activity) = current_activity() {
-            message.activity_id = activity;
+        match HANDLING.try_with(|h| *h) {
+            Ok(handling) => handling.mark(&mut message),
+            Err(_) => mark_current_span(&mut message),
         }
         MessageBuilder {
             client,

@@ -20,6 +20,7 @@
 //!   reported, never skipped silently, and never makes [`Log::open`] fail.
 #![forbid(unsafe_code)]
 
+mod clock;
 mod error;
 mod faulty;
 mod format;
@@ -32,6 +33,7 @@ mod verify;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use clock::Clock;
 pub use error::{Damage, LogError};
 pub use faulty::{Fault, FaultCounts, FaultOp, FaultyFs};
 pub use fs::{FileSystem, LogFile, OpenMode, RealFs};
@@ -98,6 +100,9 @@ pub struct LogConfig {
     /// Largest record body [`Log::append`] accepts, in bytes.
     pub record_bytes_max: u32,
     pub fsync: FsyncPolicy,
+    /// Time for the `Interval` policy; [`Clock::system`] unless a test
+    /// drives it.
+    pub clock: Clock,
 }
 
 impl LogConfig {
@@ -108,6 +113,7 @@ impl LogConfig {
             index_every_records: INDEX_EVERY_RECORDS_DEFAULT,
             record_bytes_max: RECORD_BYTES_MAX_DEFAULT,
             fsync: FsyncPolicy::Always,
+            clock: Clock::system(),
         }
     }
 

@@ -497,7 +497,7 @@ impl Log {
             FsyncPolicy::Always => true,
             FsyncPolicy::Interval(interval) => self
                 .last_fsync
-                .is_none_or(|last| last.elapsed() >= interval),
+                .is_none_or(|last| self.config.clock.now().duration_since(last) >= interval),
             FsyncPolicy::Never => false,
         };
         let unsynced = self.written != self.durable;
@@ -823,7 +823,7 @@ impl Log {
             Ok(()) => {
                 self.metrics.fsyncs += 1;
                 self.durable = self.written;
-                self.last_fsync = Some(Instant::now());
+                self.last_fsync = Some(self.config.clock.now());
                 Ok(())
             }
             Err(e) => {

@@ -20,7 +20,7 @@ use crate::log::{
     check_snapshot, index_next_seq, read_index, reconcile_boundaries, snapshot_mark, DurableMark,
 };
 use crate::segment::{scan_segment, Segment};
-use crate::{Seq, INDEX_EVERY_RECORDS_DEFAULT};
+use crate::{Clock, Seq, INDEX_EVERY_RECORDS_DEFAULT};
 
 const SEGMENTS_DIR_NAME: &str = "segments";
 const SNAPSHOT_FILE_NAME: &str = "snapshot";
@@ -214,6 +214,7 @@ pub fn verify_dir(
 struct Throttled {
     file: Box<dyn LogFile>,
     bytes_per_sec: u64,
+    clock: Clock,
     started: Instant,
     read: std::cell::Cell<u64>,
 }
@@ -225,8 +226,9 @@ impl LogFile for Throttled {
         self.read.set(read);
         if self.bytes_per_sec > 0 {
             let due = Duration::from_secs_f64(read as f64 / self.bytes_per_sec as f64);
-            if let Some(wait) = due.checked_sub(self.started.elapsed()) {
-                std::thread::sleep(wait);
+            let elapsed = self.clock.now().duration_since(self.started);
+            if let Some(wait) = due.checked_sub(elapsed) {
+                self.clock.sleep(wait);
             }
         }
         Ok(n)
@@ -253,6 +255,7 @@ impl LogFile for Throttled {
 pub struct Scrubber {
     segments_dir: PathBuf,
     bytes_per_sec: u64,
+    clock: Clock,
     /// (segment's first seq, byte offset) of damage already reported.
     reported: HashSet<(Seq, u64)>,
 }
@@ -263,8 +266,15 @@ impl Scrubber {
         Scrubber {
             segments_dir: dir.join(SEGMENTS_DIR_NAME),
             bytes_per_sec,
+            clock: Clock::system(),
             reported: HashSet::new(),
         }
+    }
+
+    /// Paces by `clock` instead of the system's (tests pass a manual one).
+    pub fn with_clock(mut self, clock: Clock) -> Scrubber {
+        self.clock = clock;
+        self
     }
 
     /// One pass over the sealed segments there are now. `found` gets each
@@ -294,7 +304,8 @@ impl Scrubber {
             let throttled = Throttled {
                 file,
                 bytes_per_sec: self.bytes_per_sec,
-                started: Instant::now(),
+                clock: self.clock.clone(),
+                started: self.clock.now(),
                 read: std::cell::Cell::new(0),
             };
             let scanned = scan_segment(

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{append_n, body, expected_record, file_len, scan_all, Env};
-use courier_log::{Damage, Fault, FaultOp, FsyncPolicy, LogError, RecordKind, Seq};
+use courier_log::{Clock, Damage, Fault, FaultOp, FsyncPolicy, LogError, RecordKind, Seq};
 
 fn one_segment_env(seed: u64) -> Env {
     let mut env = Env::small(seed);
@@ -96,6 +96,7 @@ fn failed_fsync_discards_everything_since_the_last_successful_one() {
 fn failed_fsync_under_interval_policy_discards_records_written_since_the_last_fsync() {
     let mut env = one_segment_env(3);
     env.config.fsync = FsyncPolicy::Interval(Duration::from_millis(200));
+    env.config.clock = Clock::manual();
     let mut log = env.open_clean();
     let base = log.metrics().fsyncs;
     append_n(&mut log, 4, 20);
@@ -104,7 +105,11 @@ fn failed_fsync_under_interval_policy_discards_records_written_since_the_last_fs
     log.sync()
         .expect("written, not fsynced: inside the interval");
     assert_eq!(log.metrics().fsyncs - base, 1);
-    std::thread::sleep(Duration::from_millis(250));
+    env.config.clock.advance(Duration::from_millis(199));
+    append_n(&mut log, 1, 20);
+    log.sync().expect("still inside the interval");
+    assert_eq!(log.metrics().fsyncs - base, 1);
+    env.config.clock.advance(Duration::from_millis(1));
     append_n(&mut log, 4, 20);
     env.fs.fail_nth(FaultOp::Sync, 1, Fault::Io);
     log.sync().expect_err("fsync fails");

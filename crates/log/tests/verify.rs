@@ -6,10 +6,9 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::Instant;
 
 use common::{append_n, flip_bit, record_bytes, Env};
-use courier_log::{verify_dir, Damage, Scrubber};
+use courier_log::{verify_dir, Clock, Damage, Scrubber};
 
 /// Every file under `dir` with its bytes.
 fn snapshot_of(dir: &Path) -> BTreeMap<String, Vec<u8>> {
@@ -133,20 +132,21 @@ fn the_scrubber_reports_each_range_once_and_keeps_to_its_rate() {
     flip_bit(&target.path, record_bytes(40) + 30, 0);
     let sealed_bytes: u64 = segments[..segments.len() - 1].iter().map(|s| s.bytes).sum();
     let rate = 20 * 1024;
-    let mut scrubber = Scrubber::new(&env.config.dir, rate);
+    let clock = Clock::manual();
+    let mut scrubber = Scrubber::new(&env.config.dir, rate).with_clock(clock.clone());
     let mut found = Vec::new();
     let mut read = 0;
-    let started = Instant::now();
     let total = scrubber
         .pass(&mut |d| found.push(d), &mut |bytes| read += bytes)
         .expect("pass");
-    let took = started.elapsed();
+    let took = clock.elapsed_manually();
     assert!(
         total >= sealed_bytes && read == total,
         "{total} {read} {sealed_bytes}"
     );
+    let due = total as f64 / rate as f64;
     assert!(
-        took.as_secs_f64() >= 0.9 * total as f64 / rate as f64,
+        took.as_secs_f64() >= 0.99 * due && took.as_secs_f64() <= due + 0.01,
         "{total} bytes in {took:?} at {rate} B/s"
     );
     assert!(

@@ -155,7 +155,7 @@ fn names(services: &BTreeSet<&str>) -> String {
 /// | a wildcard sent rule that no single receive rule covers (some names may have no receiver) | warning |
 /// | a name in one service's `sends` that another service `publishes` (checked as an event) | warning |
 /// | a receive rule no sent rule overlaps, or none at its major | warning |
-/// | a service with neither tokens nor certificates (it cannot authenticate) | warning |
+/// | a service with neither tokens nor certificates (it cannot authenticate), unless `courier up` runs it | warning |
 /// | a manifest without services | warning |
 ///
 /// Wildcards are compared through pattern intersection
@@ -212,7 +212,8 @@ pub fn check(manifest: &Manifest) -> Vec<Problem> {
     let mut sent: Vec<Entry<'_>> = Vec::new();
     let mut received: Vec<Entry<'_>> = Vec::new();
     for (name, spec) in services {
-        if spec.tokens.is_empty() && spec.certificates.is_empty() {
+        // `courier up` makes a token for each service it runs.
+        if spec.tokens.is_empty() && spec.certificates.is_empty() && spec.app.run.is_none() {
             problems.push(Problem::new(
                 Severity::Warning,
                 spec.location().map(|l| l.line),

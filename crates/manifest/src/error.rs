@@ -94,7 +94,8 @@ impl ManifestError {
     /// assert_eq!(
     ///     err.with_origin("courier.toml").to_string(),
     ///     "courier.toml:2:1: unknown field `sendz`, expected one of `sends`, `publishes`, \
-    ///      `receives`, `tokens`, `certificates`",
+    ///      `receives`, `tokens`, `certificates`, `run`, `build`, `dir`, `env`, `instances`, \
+    ///      `http`, `watch`",
     /// );
     /// ```
     #[must_use]

@@ -81,8 +81,8 @@ pub use check::{check, has_errors, Problem, Severity};
 pub use error::{ManifestError, ManifestErrorKind};
 pub use handshake::{authenticate, Authenticated, ADMIN_SERVICE};
 pub use manifest::{
-    Action, AdminSpec, Denial, Identity, Lists, Manifest, RuleList, ServiceSpec,
-    DENIAL_RULES_SHOWN_MAX,
+    Action, AdminSpec, AppSpec, Denial, Identity, Lists, Manifest, RuleList, ServiceSpec,
+    DENIAL_RULES_SHOWN_MAX, INSTANCES_MAX,
 };
 pub use pattern::{intersect_patterns, pattern_covers};
 pub use rule::{Location, NameRule, RuleError};

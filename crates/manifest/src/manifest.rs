@@ -98,8 +98,38 @@ pub struct ServiceSpec {
     /// Client-certificate subjects that identify the service, compared
     /// exactly (`"CN=web"`).
     pub certificates: Vec<String>,
+    /// How `courier up` builds and runs the service; the broker ignores it.
+    pub app: AppSpec,
     location: Option<Location>,
 }
+
+/// The part of a service's entry that `courier up` reads: how to build and
+/// run it. All optional: a service without `run` is one `courier up`
+/// does not start (it runs elsewhere and connects on its own).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AppSpec {
+    /// Shell command that starts one instance (`run = "…"`).
+    pub run: Option<String>,
+    /// Shell command run once before any instance starts (`build = "…"`).
+    pub build: Option<String>,
+    /// Working directory of both, relative to the manifest's directory
+    /// (`dir = "…"`, default: that directory).
+    pub dir: Option<String>,
+    /// Extra environment of every instance (`[services.NAME.env]`).
+    pub env: BTreeMap<String, String>,
+    /// How many instances `courier up` starts (`instances = N`, default 1).
+    pub instances: u32,
+    /// What `courier up --watch` watches, relative to `dir` (`watch =
+    /// [...]`, default: all of `dir`); a change rebuilds and restarts.
+    pub watch: Vec<String>,
+    /// The HTTP port the first instance serves on (`http = PORT`); the
+    /// n-th instance gets PORT + n − 1, in `PORT` and the advertised
+    /// address.
+    pub http: Option<u16>,
+}
+
+/// Most instances of one service `courier up` starts.
+pub const INSTANCES_MAX: u32 = 256;
 
 impl ServiceSpec {
     /// Where the service's name was written.
@@ -297,6 +327,20 @@ struct RawService {
     tokens: Vec<Spanned<String>>,
     #[serde(default)]
     certificates: Vec<Spanned<String>>,
+    #[serde(default)]
+    run: Option<String>,
+    #[serde(default)]
+    build: Option<String>,
+    #[serde(default)]
+    dir: Option<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    instances: Option<Spanned<u32>>,
+    #[serde(default)]
+    http: Option<u16>,
+    #[serde(default)]
+    watch: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -505,12 +549,38 @@ impl<'t> Builder<'t> {
             return None;
         }
         let field = |list: &str| format!("services.{}.{list}", name.get_ref());
+        let instances = match &raw.instances {
+            None => 1,
+            Some(n) if (1..=INSTANCES_MAX).contains(n.get_ref()) => *n.get_ref(),
+            Some(n) => {
+                self.fail(
+                    n.span(),
+                    ManifestErrorKind::Toml {
+                        message: format!(
+                            "services.{}.instances is {}; it must be 1 to {INSTANCES_MAX}",
+                            name.get_ref(),
+                            n.get_ref()
+                        ),
+                    },
+                );
+                return None;
+            }
+        };
         Some(ServiceSpec {
             sends: self.rules(&raw.sends, field("sends")),
             publishes: self.rules(&raw.publishes, field("publishes")),
             receives: self.rules(&raw.receives, field("receives")),
             tokens: self.tokens(&raw.tokens, &owner),
             certificates: self.certificates(&raw.certificates, &owner),
+            app: AppSpec {
+                run: raw.run.clone(),
+                build: raw.build.clone(),
+                dir: raw.dir.clone(),
+                env: raw.env.clone(),
+                instances,
+                http: raw.http,
+                watch: raw.watch.clone(),
+            },
             location: self.at(name.span()),
         })
     }

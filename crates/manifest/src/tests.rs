@@ -982,3 +982,51 @@ fn deep_nesting_is_refused_without_overflowing_the_stack() {
         assert!(err.location().is_some(), "{err}");
     }
 }
+
+#[test]
+fn how_courier_up_runs_a_service_is_read_and_ignored_by_the_rules() {
+    let text = r#"[services.worker]
+receives = ["reading.taken"]
+run = "exec ./worker"
+build = "cargo build"
+dir = "services/worker"
+instances = 4
+http = 8080
+env = { RUST_LOG = "info" }
+
+[services.sensor]
+publishes = ["reading.taken"]
+tokens = ["sha256:0000000000000000000000000000000000000000000000000000000000000000"]
+"#;
+    let manifest = Manifest::parse(text).expect("valid");
+    let worker = manifest.service("worker").expect("worker");
+    assert_eq!(worker.app.run.as_deref(), Some("exec ./worker"));
+    assert_eq!(worker.app.build.as_deref(), Some("cargo build"));
+    assert_eq!(worker.app.dir.as_deref(), Some("services/worker"));
+    assert_eq!((worker.app.instances, worker.app.http), (4, Some(8080)));
+    assert_eq!(
+        worker.app.env.get("RUST_LOG").map(String::as_str),
+        Some("info")
+    );
+    let sensor = manifest.service("sensor").expect("sensor");
+    assert_eq!(
+        sensor.app,
+        AppSpec {
+            instances: 1,
+            ..AppSpec::default()
+        }
+    );
+    // A service courier up runs gets its token from courier up.
+    assert!(
+        check(&manifest)
+            .iter()
+            .all(|p| !p.to_string().contains("neither tokens")),
+        "{:?}",
+        check(&manifest)
+    );
+    assert_refused(
+        &text.replace("instances = 4", "instances = 0"),
+        "6:13",
+        "instances is 0; it must be 1 to 256",
+    );
+}

@@ -114,6 +114,10 @@ pub struct Message {
     /// Unix nanoseconds at which the broker accepted the message.
     pub timestamp: u64,
     pub activity_id: Uuid,
+    /// The message that was being handled when this one was sent (its
+    /// cause); `None` for a message that starts an activity. Carried on
+    /// the wire from protocol version 2 (flag `0x80`).
+    pub parent_id: Option<Uuid>,
     /// The command a reply answers.
     pub response_to: Option<Uuid>,
     /// The authenticated service that sent the message (shared: the
@@ -134,6 +138,17 @@ pub struct Message {
 }
 
 impl Message {
+    /// Gives the payload and the key allocations of their own. A decoded
+    /// message's bytes are slices of the connection's read buffer (64 KiB
+    /// at a time); one kept for long — in a queue, parked, held — would
+    /// keep that whole buffer alive.
+    pub fn detach(&mut self) {
+        self.payload = Bytes::copy_from_slice(&self.payload);
+        if let Some(key) = &mut self.key {
+            *key = Bytes::copy_from_slice(key);
+        }
+    }
+
     /// A message with a fresh id, version 1.0 and no options set. It
     /// starts a new activity, named after it: its `activity_id` is its own
     /// id (unique as any fresh id, at half the random bits per message);
@@ -156,6 +171,7 @@ impl Message {
             id,
             timestamp: 0,
             activity_id,
+            parent_id: None,
             response_to: None,
             sender: SharedStr::new(),
             key: None,

@@ -15,8 +15,12 @@ use uuid::Uuid;
 use crate::envelope::{Kind, Message, Version};
 use crate::{ErrorCode, SharedStr};
 
-/// The protocol version this crate speaks (sent in HELLO and WELCOME).
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The newest protocol version this crate speaks (sent in HELLO; a broker
+/// answers in WELCOME with the version it speaks on the connection).
+/// Version 2 added a message's `parent_id` (flag `0x80`).
+pub const PROTOCOL_VERSION: u16 = 2;
+/// The oldest protocol version this crate still speaks.
+pub const PROTOCOL_VERSION_MIN: u16 = 1;
 /// First four bytes of a HELLO body; lets a broker tell Courier from noise.
 pub const HELLO_MAGIC: [u8; 4] = *b"CRR1";
 /// Default upper bound of one frame, length prefix excluded.
@@ -65,10 +69,21 @@ mod flag {
     pub const KEY: u8 = 0x08;
     pub const EXPIRES_AT: u8 = 0x10;
     pub const DELIVER_AT: u8 = 0x20;
-    /// The flags a message may carry wherever it appears.
-    pub const ALL: u8 = 0x3F;
     /// Only in a SEND entry: answer this send only if it is refused.
     pub const QUIET: u8 = 0x40;
+    /// From protocol version 2: the `parent_id` field is present.
+    pub const PARENT_ID: u8 = 0x80;
+    /// The flags a message may carry wherever it appears, in version 1.
+    const V1: u8 = 0x3F;
+
+    /// The flags a message may carry wherever it appears at `version`.
+    pub fn allowed(version: u16) -> u8 {
+        if version >= 2 {
+            V1 | PARENT_ID
+        } else {
+            V1
+        }
+    }
 }
 
 /// Credentials presented in HELLO. Room for tokens now; certificates are
@@ -283,6 +298,29 @@ pub fn decode_frame(
     src: &mut BytesMut,
     frame_bytes_max: u32,
 ) -> Result<Option<Frame>, DecodeError> {
+    decode_frame_as(src, frame_bytes_max, PROTOCOL_VERSION)
+}
+
+/// [`decode_frame`] for a connection that speaks protocol `version`: what
+/// that version does not define (a version-1 message with flag `0x80`) is
+/// malformed, as it was in that version.
+///
+/// ```
+/// use bytes::BytesMut;
+/// use courier_proto::{decode_frame_as, FrameWriter, Kind, Message};
+/// let mut m = Message::new(Kind::Event, "todo.created", "{}");
+/// m.parent_id = Some(courier_proto::new_id());
+/// let mut w = FrameWriter::new();
+/// w.push_delivery(1, 1, &m).unwrap();
+/// let bytes = w.take();
+/// assert!(decode_frame_as(&mut bytes.clone(), 1 << 20, 2).is_ok());
+/// assert!(decode_frame_as(&mut bytes.clone(), 1 << 20, 1).is_err());
+/// ```
+pub fn decode_frame_as(
+    src: &mut BytesMut,
+    frame_bytes_max: u32,
+    version: u16,
+) -> Result<Option<Frame>, DecodeError> {
     if src.len() < LENGTH_PREFIX_BYTES {
         return Ok(None);
     }
@@ -303,12 +341,18 @@ pub fn decode_frame(
     }
     let mut frame = src.split_to(total).freeze();
     frame.advance(LENGTH_PREFIX_BYTES);
-    decode_body(frame).map(Some)
+    decode_body_as(frame, version).map(Some)
 }
 
 /// Decodes a frame body (type byte first, no length prefix).
 pub fn decode_body(body: Bytes) -> Result<Frame, DecodeError> {
+    decode_body_as(body, PROTOCOL_VERSION)
+}
+
+/// [`decode_body`] at protocol `version` (see [`decode_frame_as`]).
+pub fn decode_body_as(body: Bytes, version: u16) -> Result<Frame, DecodeError> {
     let mut r = Reader::new(body);
+    r.flags_allowed = flag::allowed(version);
     let frame_type = r.u8()?;
     let frame = match frame_type {
         frame_type::HELLO => {
@@ -492,6 +536,8 @@ pub fn decode_message(bytes: Bytes) -> Result<Message, DecodeError> {
 struct Reader {
     buf: Bytes,
     pos: usize,
+    /// The message flags the connection's protocol version defines.
+    flags_allowed: u8,
     /// The name of the message decoded last: the entries of a batch mostly
     /// share one, so they share its one copy (see [`Reader::name8`]).
     last_name: SharedStr,
@@ -505,6 +551,7 @@ impl Reader {
         Reader {
             buf,
             pos: 0,
+            flags_allowed: flag::allowed(PROTOCOL_VERSION),
             last_name: SharedStr::new(),
         }
     }
@@ -650,7 +697,7 @@ impl Reader {
         let kind = Kind::from_code(code).ok_or(DecodeError::UnknownKind { offset, code })?;
         let offset = self.pos;
         let flags = self.u8()?;
-        if flags & !(flag::ALL | extra_flags) != 0 {
+        if flags & !(self.flags_allowed | extra_flags) != 0 {
             return Err(DecodeError::UnknownFlags { offset, flags });
         }
         let name = self.name8()?;
@@ -680,6 +727,11 @@ impl Reader {
         } else {
             None
         };
+        let parent_id = if flags & flag::PARENT_ID != 0 {
+            Some(self.uuid()?)
+        } else {
+            None
+        };
         let header_count = self.u16()? as usize;
         if header_count > HEADERS_MAX {
             return Err(DecodeError::TooManyHeaders {
@@ -701,6 +753,7 @@ impl Reader {
             id,
             timestamp,
             activity_id,
+            parent_id,
             response_to,
             sender,
             key,
@@ -733,11 +786,18 @@ const BATCH_HEADER_BYTES: usize = 1 + 4;
 /// `frame_bytes_max`): a batch that an entry would take over the limit is
 /// closed and the entry starts a frame of its own, and a frame that alone
 /// exceeds the limit is refused ([`EncodeError::FrameTooLarge`]).
+///
+/// A writer speaks one protocol version (the newest unless told with
+/// [`FrameWriter::for_version`] or [`FrameWriter::set_version`]): at
+/// version 1 messages are written without their `parent_id`, so flag
+/// `0x80` never reaches a peer that does not know it.
 pub struct FrameWriter {
     buf: BytesMut,
     open: Option<OpenBatch>,
     /// The largest `length` a frame may have (the receiver's limit).
     frame_bytes_max: u32,
+    /// The connection's negotiated protocol version.
+    version: u16,
     /// About the most recent `take`s took (the largest, fading by a quarter
     /// a take): the next batch starts with twice that much room, where
     /// growing by doubling copied each buffer about once more (reallocation
@@ -765,12 +825,14 @@ impl FrameWriter {
     }
 
     /// A writer for a receiver whose frame limit is `frame_bytes_max`
-    /// (what the broker announced in WELCOME, or announces).
+    /// (what the broker announced in WELCOME, or announces), at the newest
+    /// protocol version.
     pub fn with_frame_bytes_max(frame_bytes_max: u32) -> FrameWriter {
         FrameWriter {
             buf: BytesMut::new(),
             open: None,
             frame_bytes_max,
+            version: PROTOCOL_VERSION,
             room_hint: 0,
         }
     }
@@ -778,6 +840,26 @@ impl FrameWriter {
     /// The frame limit this writer keeps to.
     pub fn frame_bytes_max(&self) -> u32 {
         self.frame_bytes_max
+    }
+
+    /// A writer for a connection that speaks protocol `version` (frame
+    /// limit: the default).
+    pub fn for_version(version: u16) -> FrameWriter {
+        FrameWriter {
+            version,
+            ..FrameWriter::default()
+        }
+    }
+
+    /// The protocol version messages are written for.
+    pub fn version(&self) -> u16 {
+        self.version
+    }
+
+    /// Writes messages for protocol `version` from now on (after the
+    /// handshake settled it).
+    pub fn set_version(&mut self, version: u16) {
+        self.version = version;
     }
 
     pub fn len(&self) -> usize {
@@ -1036,18 +1118,20 @@ impl FrameWriter {
     }
 
     pub fn push_send(&mut self, seq: u64, message: &Message) -> Result<(), EncodeError> {
+        let version = self.version;
         self.batch_entry(frame_type::SEND, |b| {
             b.put_u64(seq);
-            put_message_flagged(b, message, 0)
+            put_message_flagged(b, message, 0, version)
         })
     }
 
     /// A SEND entry with the QUIET flag: the broker answers it only if it
     /// refuses the message.
     pub fn push_quiet_send(&mut self, seq: u64, message: &Message) -> Result<(), EncodeError> {
+        let version = self.version;
         self.batch_entry(frame_type::SEND, |b| {
             b.put_u64(seq);
-            put_message_flagged(b, message, flag::QUIET)
+            put_message_flagged(b, message, flag::QUIET, version)
         })
     }
 
@@ -1071,10 +1155,11 @@ impl FrameWriter {
         attempt: u32,
         message: &Message,
     ) -> Result<(), EncodeError> {
+        let version = self.version;
         self.batch_entry(frame_type::DELIVER, |b| {
             b.put_u64(delivery);
             b.put_u32(attempt);
-            put_message(b, message)
+            put_message_flagged(b, message, 0, version)
         })
     }
 
@@ -1145,8 +1230,9 @@ pub fn send_frame_len(m: &Message) -> usize {
     BATCH_HEADER_BYTES + 8 + encoded_message_len(m)
 }
 
-/// Bytes [`put_message`] will write for `m`; lets callers check a message
-/// against the frame limit before encoding it.
+/// Bytes [`put_message`] will write for `m` (at the newest protocol
+/// version; a version-1 writer leaves out the 16 of a `parent_id`); lets
+/// callers check a message against the frame limit before encoding it.
 pub fn encoded_message_len(m: &Message) -> usize {
     MESSAGE_BYTES_MIN - 1 - 1
         + m.name.len()
@@ -1157,6 +1243,7 @@ pub fn encoded_message_len(m: &Message) -> usize {
         + m.key.as_ref().map_or(0, |k| 2 + k.len())
         + m.expires_at.map_or(0, |_| 8)
         + m.deliver_at.map_or(0, |_| 8)
+        + m.parent_id.map_or(0, |_| 16)
         + m.headers
             .iter()
             .map(|(k, v)| 1 + k.len() + 2 + v.len())
@@ -1165,10 +1252,17 @@ pub fn encoded_message_len(m: &Message) -> usize {
 }
 
 fn put_message(b: &mut BytesMut, m: &Message) -> Result<(), EncodeError> {
-    put_message_flagged(b, m, 0)
+    put_message_flagged(b, m, 0, PROTOCOL_VERSION)
 }
 
-fn put_message_flagged(b: &mut BytesMut, m: &Message, extra_flags: u8) -> Result<(), EncodeError> {
+/// Writes `m` as protocol `version` defines a message: a version-1 peer
+/// gets no `parent_id` (it would refuse flag `0x80`).
+fn put_message_flagged(
+    b: &mut BytesMut,
+    m: &Message,
+    extra_flags: u8,
+    version: u16,
+) -> Result<(), EncodeError> {
     if m.headers.len() > HEADERS_MAX {
         return Err(EncodeError::TooManyHeaders {
             count: m.headers.len(),
@@ -1200,6 +1294,10 @@ fn put_message_flagged(b: &mut BytesMut, m: &Message, extra_flags: u8) -> Result
     if m.deliver_at.is_some() {
         flags |= flag::DELIVER_AT;
     }
+    let parent_id = m.parent_id.filter(|_| version >= 2);
+    if parent_id.is_some() {
+        flags |= flag::PARENT_ID;
+    }
     b.reserve(encoded_message_len(m));
     b.put_u8(m.kind.code());
     b.put_u8(flags);
@@ -1230,6 +1328,9 @@ fn put_message_flagged(b: &mut BytesMut, m: &Message, extra_flags: u8) -> Result
     if let Some(t) = m.deliver_at {
         b.put_u64(t);
     }
+    if let Some(p) = parent_id {
+        b.put_slice(p.as_bytes());
+    }
     b.put_u16(m.headers.len() as u16);
     for (k, v) in &m.headers {
         put_str8(b, "header name", k)?;
@@ -1253,6 +1354,7 @@ mod tests {
         m.expires_at = Some(1_000);
         m.deliver_at = Some(500);
         m.response_to = Some(Uuid::now_v7());
+        m.parent_id = Some(Uuid::now_v7());
         m.headers
             .push(("content-type".into(), "application/json".into()));
         m
@@ -1662,7 +1764,10 @@ mod tests {
             proptest::option::of(any::<u128>()),
             proptest::option::of(proptest::collection::vec(any::<u8>(), 0..16)),
             proptest::option::of(any::<u64>()),
-            proptest::option::of(any::<u64>()),
+            (
+                proptest::option::of(any::<u64>()),
+                proptest::option::of(any::<u128>()),
+            ),
             any::<(bool, bool)>(),
             proptest::collection::vec(("[a-z-]{1,10}", "\\PC{0,20}"), 0..4),
             proptest::collection::vec(any::<u8>(), 0..200),
@@ -1675,7 +1780,7 @@ mod tests {
                     resp,
                     key,
                     exp,
-                    at,
+                    (at, parent),
                     (tr, fin),
                     headers,
                     payload,
@@ -1687,6 +1792,7 @@ mod tests {
                         id: Uuid::from_u128(id),
                         timestamp: ts,
                         activity_id: Uuid::from_u128(activity),
+                        parent_id: parent.map(Uuid::from_u128),
                         response_to: resp.map(Uuid::from_u128),
                         sender: "svc".into(),
                         key: key.map(Bytes::from),
@@ -1699,6 +1805,140 @@ mod tests {
                     }
                 },
             )
+    }
+
+    /// Where a lone SEND entry's message starts: after length (4), type
+    /// (1), count (4) and seq (8).
+    const SEND_MESSAGE_AT: usize = 4 + 1 + 4 + 8;
+
+    #[test]
+    fn parent_id_is_flag_0x80_and_16_bytes_after_deliver_at() {
+        let mut m = Message::new(Kind::Event, "a.b", "x");
+        m.deliver_at = Some(7);
+        let parent = Uuid::from_u128(0x0102_0304_0506_0708_090a_0b0c_0d0e_0f10);
+        m.parent_id = Some(parent);
+        let mut w = FrameWriter::new();
+        w.push_send(1, &m).expect("encodes");
+        let bytes = w.take();
+        let message = &bytes[SEND_MESSAGE_AT..];
+        assert_eq!(message[1], 0x80 | 0x20, "PARENT_ID and DELIVER_AT");
+        // kind, flags, name "a.b", version, id, activity_id, timestamp,
+        // empty sender, deliver_at: then the parent's 16 bytes.
+        let parent_at = 1 + 1 + 4 + 4 + 16 + 16 + 8 + 1 + 8;
+        assert_eq!(&message[parent_at..parent_at + 16], parent.as_bytes());
+        assert_eq!(message.len(), encoded_message_len(&m));
+
+        let frames = roundtrip(&[Frame::Send(vec![SendEntry {
+            seq: 1,
+            message: Arc::new(m.clone()),
+            quiet: false,
+        }])]);
+        let [Frame::Send(entries)] = frames.as_slice() else {
+            panic!("one SEND: {frames:?}");
+        };
+        assert_eq!(entries[0].message.parent_id, Some(parent));
+        assert_eq!(*entries[0].message, m);
+
+        let root = Message::new(Kind::Event, "a.b", "x");
+        let mut w = FrameWriter::new();
+        w.push_send(2, &root).expect("encodes");
+        let bytes = w.take();
+        assert_eq!(bytes[SEND_MESSAGE_AT + 1] & 0x80, 0, "no parent, no flag");
+        let frames = roundtrip(&[Frame::Send(vec![SendEntry {
+            seq: 2,
+            message: Arc::new(root),
+            quiet: false,
+        }])]);
+        let [Frame::Send(entries)] = frames.as_slice() else {
+            panic!("one SEND: {frames:?}");
+        };
+        assert_eq!(entries[0].message.parent_id, None);
+    }
+
+    /// `docs/PROTOCOL.md` §10.5, byte for byte.
+    #[test]
+    fn the_documented_reply_with_its_parent_encodes_as_written() {
+        let command = Uuid::parse_str("017f22e2-79b0-7cc3-98c4-dc0c0c07398f").expect("uuid");
+        let mut m = Message::new(Kind::Reply, "todo.created", "ok");
+        m.id = Uuid::parse_str("017f22e2-79b1-7cc3-98c4-dc0c0c073991").expect("uuid");
+        m.activity_id = command;
+        m.timestamp = 1_700_000_000_000_000_000;
+        m.sender = "todo".into();
+        m.response_to = Some(command);
+        m.parent_id = Some(command);
+        let mut w = FrameWriter::new();
+        w.push_delivery(1, 1, &m).expect("encodes");
+        let hex: Vec<String> = w.take().iter().map(|b| format!("{b:02x}")).collect();
+        let documented = "00 00 00 79 08 00 00 00 01 00 00 00 00 00 00 00 \
+             01 00 00 00 01 03 86 0c 74 6f 64 6f 2e 63 72 65 \
+             61 74 65 64 00 01 00 00 01 7f 22 e2 79 b1 7c c3 \
+             98 c4 dc 0c 0c 07 39 91 01 7f 22 e2 79 b0 7c c3 \
+             98 c4 dc 0c 0c 07 39 8f 17 97 9c fe 36 2a 00 00 \
+             04 74 6f 64 6f 01 7f 22 e2 79 b0 7c c3 98 c4 dc \
+             0c 0c 07 39 8f 01 7f 22 e2 79 b0 7c c3 98 c4 dc \
+             0c 0c 07 39 8f 00 00 00 00 00 02 6f 6b";
+        assert_eq!(
+            hex.join(" "),
+            documented.split_whitespace().collect::<Vec<_>>().join(" ")
+        );
+    }
+
+    #[test]
+    fn a_version_1_writer_never_sets_the_parent_flag() {
+        let m = sample(Kind::Command);
+        assert!(m.parent_id.is_some());
+        let mut w = FrameWriter::for_version(1);
+        w.push_send(1, &m).expect("encodes");
+        w.push_quiet_send(2, &m).expect("encodes");
+        w.push_delivery(3, 1, &m).expect("encodes");
+        let mut bytes = w.take();
+        let whole = bytes.clone();
+        let mut seen = 0;
+        while let Some(frame) = decode_frame_as(&mut bytes, FRAME_BYTES_MAX_DEFAULT, 1)
+            .expect("a version-1 reader takes what a version-1 writer wrote")
+        {
+            let messages: Vec<Message> = match frame {
+                Frame::Send(entries) => entries.iter().map(|e| (*e.message).clone()).collect(),
+                Frame::Deliver(entries) => entries.into_iter().map(|e| e.message).collect(),
+                other => panic!("unexpected {other:?}"),
+            };
+            for got in messages {
+                seen += 1;
+                assert_eq!(got.parent_id, None);
+                assert_eq!(
+                    got,
+                    Message {
+                        parent_id: None,
+                        ..m.clone()
+                    }
+                );
+            }
+        }
+        assert_eq!(seen, 3);
+        // The SEND entry's flags byte, and the whole message 16 bytes
+        // shorter than at version 2.
+        assert_eq!(whole[SEND_MESSAGE_AT + 1] & 0x80, 0);
+        let mut v2 = FrameWriter::new();
+        v2.push_send(1, &m).expect("encodes");
+        assert_eq!(v2.take().len(), {
+            let mut one = FrameWriter::for_version(1);
+            one.push_send(1, &m).expect("encodes");
+            one.take().len() + 16
+        });
+    }
+
+    #[test]
+    fn a_version_1_reader_refuses_the_parent_flag() {
+        let mut m = Message::new(Kind::Event, "a.b", "x");
+        m.parent_id = Some(Uuid::now_v7());
+        let mut w = FrameWriter::new();
+        w.push_delivery(1, 1, &m).expect("encodes");
+        let bytes = w.take();
+        match decode_frame_as(&mut bytes.clone(), FRAME_BYTES_MAX_DEFAULT, 1) {
+            Err(DecodeError::UnknownFlags { flags, .. }) => assert_eq!(flags, 0x80),
+            other => panic!("bit 7 must stay malformed at version 1, got {other:?}"),
+        }
+        assert!(decode_frame_as(&mut bytes.clone(), FRAME_BYTES_MAX_DEFAULT, 2).is_ok());
     }
 
     #[test]

@@ -15,7 +15,8 @@ use std::collections::BTreeSet;
 
 use bytes::BytesMut;
 use courier_proto::{
-    decode_frame, Credentials, ErrorCode, Frame, FrameWriter, FRAME_BYTES_MAX_DEFAULT,
+    decode_frame_as, Credentials, ErrorCode, Frame, FrameWriter, FRAME_BYTES_MAX_DEFAULT,
+    PROTOCOL_VERSION,
 };
 use serde_json::Value;
 use vectors::{
@@ -30,6 +31,27 @@ fn report(what: &str, failures: Vec<String>) {
         failures.len(),
         failures.join("\n\n")
     );
+}
+
+/// The protocol version a vector is read at: its own `protocol_version`,
+/// else 1.
+fn version(fields: &mut Fields<'_>) -> u16 {
+    fields
+        .opt_u64("protocol_version")
+        .map_or(1, |v| u16::try_from(v).expect("protocol_version fits u16"))
+}
+
+#[test]
+fn the_file_covers_the_codec_s_protocol_version() {
+    let all = vectors::load();
+    assert_eq!(all["protocol_version"], u64::from(PROTOCOL_VERSION));
+    // A version-2 vector is one a version-1 codec cannot read.
+    let newer = ["frames", "malformed", "broker"]
+        .iter()
+        .flat_map(|s| section(&all, s))
+        .filter(|v| v["protocol_version"] == 2)
+        .count();
+    assert!(newer >= 5, "{newer} vectors of version 2");
 }
 
 /// A vector's `frame_bytes_max`, else the default limit.
@@ -54,6 +76,7 @@ fn every_frame_vector_decodes_to_its_fields_and_encodes_to_its_bytes() {
         let direction = fields.str("direction");
         let bytes = fields.hex("hex");
         let expected = frame_from_json(&fields.path("frame"), fields.get("frame"));
+        let version = version(&mut fields);
         fields.optional("note");
         fields.done();
 
@@ -69,7 +92,7 @@ fn every_frame_vector_decodes_to_its_fields_and_encodes_to_its_bytes() {
         }
 
         let mut buf = BytesMut::from(&bytes[..]);
-        match decode_frame(&mut buf, FRAME_BYTES_MAX_DEFAULT) {
+        match decode_frame_as(&mut buf, FRAME_BYTES_MAX_DEFAULT, version) {
             Ok(Some(decoded)) if decoded == expected && buf.is_empty() => {
                 // Back to JSON too: the vector's fields are exactly the frame's.
                 let json = frame_to_json(&decoded);
@@ -89,7 +112,7 @@ fn every_frame_vector_decodes_to_its_fields_and_encodes_to_its_bytes() {
             Err(e) => failures.push(format!("{name}: the bytes do not decode: {e}")),
         }
 
-        let mut writer = FrameWriter::new();
+        let mut writer = FrameWriter::for_version(version);
         match writer.push(&expected) {
             Ok(()) => {
                 let encoded = writer.take();
@@ -125,12 +148,13 @@ fn every_malformed_vector_fails_with_the_error_it_names() {
         );
         let code = fields.u16("code");
         let code_name = fields.str("code_name");
+        let version = version(&mut fields);
         fields.optional("note");
         fields.done();
         if code_name != ErrorCode::from_u16(code).as_str() {
             failures.push(format!("{name}: code {code} is not named {code_name:?}"));
         }
-        match decode_frame(&mut BytesMut::from(&bytes[..]), max) {
+        match decode_frame_as(&mut BytesMut::from(&bytes[..]), max, version) {
             Err(e) if e == expected && e.code().as_u16() == code => {}
             Err(e) => {
                 let (error, details) = decode_error_to_json(&e);
@@ -158,10 +182,11 @@ fn every_incomplete_vector_waits_for_more_bytes() {
         fields.str("name");
         let bytes = fields.hex("hex");
         let max = limit(&mut fields);
+        let version = version(&mut fields);
         fields.optional("note");
         fields.done();
         let mut buf = BytesMut::from(&bytes[..]);
-        match decode_frame(&mut buf, max) {
+        match decode_frame_as(&mut buf, max, version) {
             Ok(None) if buf[..] == bytes[..] => {}
             other => failures.push(format!("{name}: {other:?}")),
         }
@@ -293,6 +318,7 @@ fn the_vectors_cover_every_frame_type_and_field_variant() {
         ));
         variants.insert(format!("expires_at {}", m.expires_at.is_some()));
         variants.insert(format!("deliver_at {}", m.deliver_at.is_some()));
+        variants.insert(format!("parent_id {}", m.parent_id.is_some()));
         variants.insert(format!("headers {}", !m.headers.is_empty()));
         variants.insert(format!("version 1.0 {}", m.version == Default::default()));
         variants.insert(format!("sender set {}", !m.sender.is_empty()));
@@ -315,6 +341,7 @@ fn the_vectors_cover_every_frame_type_and_field_variant() {
         "response_to",
         "expires_at",
         "deliver_at",
+        "parent_id",
         "headers",
         "version 1.0",
         "sender set",
@@ -394,6 +421,7 @@ fn every_broker_case_is_well_formed() {
         let mut fields = Fields::new(format!("broker[{name:?}]"), case);
         fields.str("name");
         fields.optional("note");
+        version(&mut fields);
         if let Some(manifest) = fields.opt_str("manifest") {
             assert!(
                 manifests.contains_key(manifest),

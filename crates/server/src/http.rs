@@ -1,5 +1,5 @@
-//! The broker's HTTP port: health, readiness and Prometheus metrics, on
-//! the broker's own tokio runtime.
+//! The broker's HTTP port: health, readiness, Prometheus metrics, the
+//! live tail and activity traces, on the broker's own tokio runtime.
 //!
 //! Who may ask: with a manifest, the `[admin]` tokens as `Authorization:
 //! Bearer`; without one, loopback peers only (as on the bus port, a
@@ -14,12 +14,12 @@ use std::time::Instant;
 
 use std::collections::HashMap;
 
-use axum::extract::{ConnectInfo, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use courier_broker::{Nanos, TailFilter};
+use courier_broker::{ActivityFilter, Nanos, TailFilter};
 use courier_manifest::Identity;
 use tokio::net::TcpListener;
 use tracing::warn;
@@ -55,10 +55,13 @@ impl HttpListener {
 
 fn router(shared: Arc<Shared>) -> Router {
     Router::new()
+        .merge(crate::console::routes(shared.clone()))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/v1/tail", get(tail))
+        .route("/v1/activities", get(activities))
+        .route("/v1/activities/{id}", get(activity))
         .with_state(shared)
 }
 
@@ -127,8 +130,108 @@ async fn tail(
     }
 }
 
+/// `GET /v1/activities/{id}`: one activity's causal tree as JSON
+/// (`docs/PROTOCOL.md` §8.8 shows its shape).
+async fn activity(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(refusal) = authorize(&shared, peer, &headers) {
+        return *refusal;
+    }
+    let Some(tracer) = shared.tracer.clone() else {
+        return traces_off();
+    };
+    let id = match uuid::Uuid::parse_str(&id) {
+        Ok(id) => id,
+        Err(e) => {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                &format!("{id:?} is not an activity id (a UUID): {e}"),
+            )
+        }
+    };
+    let found =
+        tokio::task::spawn_blocking(move || tracer.tree(&id).ok_or_else(|| tracer.not_found(&id)))
+            .await;
+    match found {
+        Ok(Ok(tree)) => json_response(&tree),
+        Ok(Err(why)) => problem(
+            StatusCode::NOT_FOUND,
+            why["reason"].as_str().unwrap_or("no such activity"),
+        ),
+        Err(e) => problem(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("building the tree failed: {e}"),
+        ),
+    }
+}
+
+/// `GET /v1/activities?name=…&outcome=…&since=…&limit=…`: recent
+/// activities, newest first.
+async fn activities(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(refusal) = authorize(&shared, peer, &headers) {
+        return *refusal;
+    }
+    let Some(tracer) = shared.tracer.clone() else {
+        return traces_off();
+    };
+    if let Some(unknown) = query
+        .keys()
+        .find(|k| !["name", "outcome", "since", "limit"].contains(&k.as_str()))
+    {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            &format!("unknown parameter {unknown:?}; use name, outcome, since and limit"),
+        );
+    }
+    let args = serde_json::Value::Object(
+        query
+            .into_iter()
+            .map(|(k, v)| (k, serde_json::Value::String(v)))
+            .collect(),
+    );
+    let filter = match ActivityFilter::from_args(&args, now_nanos()) {
+        Ok(filter) => filter,
+        Err((_, reason)) => return problem(StatusCode::BAD_REQUEST, &reason),
+    };
+    match tokio::task::spawn_blocking(move || tracer.find(&filter)).await {
+        Ok(listing) => json_response(&listing),
+        Err(e) => problem(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("listing failed: {e}"),
+        ),
+    }
+}
+
+fn traces_off() -> Response {
+    problem(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "activity traces are off on this broker (it was started with --trace off)",
+    )
+}
+
+fn json_response(value: &serde_json::Value) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        value.to_string(),
+    )
+        .into_response()
+}
+
 /// Admin tokens under a manifest; loopback peers without one.
-fn authorize(shared: &Shared, peer: SocketAddr, headers: &HeaderMap) -> Result<(), Box<Response>> {
+pub(crate) fn authorize(
+    shared: &Shared,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+) -> Result<(), Box<Response>> {
     let manifest = shared.core().manifest().cloned();
     let Some(manifest) = manifest else {
         if peer.ip().is_loopback() || shared.config.insecure {
@@ -164,7 +267,7 @@ fn authorize(shared: &Shared, peer: SocketAddr, headers: &HeaderMap) -> Result<(
 }
 
 /// An RFC 9457 problem document.
-fn problem(status: StatusCode, detail: &str) -> Response {
+pub(crate) fn problem(status: StatusCode, detail: &str) -> Response {
     let body = serde_json::json!({
         "type": "about:blank",
         "title": status.canonical_reason().unwrap_or("error"),

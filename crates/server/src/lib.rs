@@ -10,13 +10,16 @@
 #![forbid(unsafe_code)]
 
 mod auth;
+mod console;
 mod http;
 mod metrics_text;
 mod tail;
 mod tls;
+mod trace;
 
 pub use auth::{load_manifest, ADMIN_SERVICE};
 pub use tls::{certificate_subject, TlsSettings, ALPN};
+pub use trace::TraceSettings;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -27,8 +30,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::BytesMut;
 use courier_broker::{Action, Broker, ConnId, FastMap, Nanos, RecoveryReport};
 use courier_proto::{
-    decode_frame, ErrorCode, ErrorFrame, Frame, FrameWriter, Welcome, FRAME_BYTES_MAX_DEFAULT,
-    PROTOCOL_VERSION,
+    decode_frame, decode_frame_as, ErrorCode, ErrorFrame, Frame, FrameWriter, Welcome,
+    FRAME_BYTES_MAX_DEFAULT, PROTOCOL_VERSION, PROTOCOL_VERSION_MIN,
 };
 use courier_store::MessageStore;
 use thiserror::Error;
@@ -88,6 +91,8 @@ pub struct ServerConfig {
     pub tls: Option<TlsSettings>,
     /// The HTTP port (health, readiness, metrics); `None` serves none.
     pub http: Option<SocketAddr>,
+    /// Activity traces; `None` keeps none.
+    pub trace: Option<TraceSettings>,
     pub broker: BrokerConfig,
 }
 
@@ -110,6 +115,7 @@ impl Default for ServerConfig {
             scrub: None,
             tls: None,
             http: None,
+            trace: Some(TraceSettings::default()),
             broker: BrokerConfig::default(),
         }
     }
@@ -165,6 +171,8 @@ pub enum ServerError {
     Insecure(SocketAddr),
     #[error("TLS: {0}")]
     Tls(String),
+    #[error("cannot start the activity traces' thread: {0}")]
+    Trace(std::io::Error),
     #[error("cannot recover the broker's state from its store: {0}")]
     Recovery(#[from] courier_store::StoreError),
     #[error("cannot listen on {addr}: {source}")]
@@ -280,6 +288,9 @@ struct Shared {
     paused: Mutex<std::collections::HashSet<ConnId>>,
     core: Mutex<Broker<Store>>,
     outboxes: Mutex<FastMap<ConnId, Arc<Outbox>>>,
+    /// Where each live connection comes from and since when, for the
+    /// console (the broker core knows nothing of sockets or clocks).
+    peers: Mutex<FastMap<ConnId, console::Peer>>,
     next_conn: AtomicU64,
     /// When the timer task plans to wake next (unix ns).
     timer_due: AtomicU64,
@@ -292,6 +303,8 @@ struct Shared {
     entries_out: AtomicU64,
     /// Live tails and the channel that feeds them.
     tails: tail::Tails,
+    /// Activity traces, unless off.
+    tracer: Option<trace::Tracer>,
 }
 
 /// What the broker wants the operator to hear: harm to durable data at
@@ -396,6 +409,18 @@ impl Server {
         let recovery = core.recover(now_nanos())?;
         let recovery_seconds = recovery_started.elapsed().as_secs_f64();
         say_alerts(&mut core);
+        let tracer = match &config.trace {
+            Some(settings) => {
+                Some(trace::Tracer::start(settings, now_nanos()).map_err(ServerError::Trace)?)
+            }
+            None => None,
+        };
+        core.set_tracing(
+            tracer
+                .as_ref()
+                .and(config.trace.as_ref())
+                .map(|settings| settings.rate),
+        );
         Ok(Server {
             recovery,
             http,
@@ -412,6 +437,7 @@ impl Server {
                 paused: Mutex::new(std::collections::HashSet::new()),
                 core: Mutex::new(core),
                 outboxes: Mutex::new(FastMap::default()),
+                peers: Mutex::new(FastMap::default()),
                 next_conn: AtomicU64::new(1),
                 timer_due: AtomicU64::new(u64::MAX),
                 timer_wake: Arc::new(Notify::new()),
@@ -419,6 +445,7 @@ impl Server {
                 frames_in: AtomicU64::new(0),
                 entries_out: AtomicU64::new(0),
                 tails: tail::Tails::new(),
+                tracer,
             }),
             listener,
         })
@@ -499,6 +526,12 @@ impl Shared {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    fn peers(&self) -> MutexGuard<'_, FastMap<ConnId, console::Peer>> {
+        self.peers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     fn outboxes(&self) -> MutexGuard<'_, FastMap<ConnId, Arc<Outbox>>> {
         self.outboxes
             .lock()
@@ -518,6 +551,15 @@ impl Shared {
         // Sent under the lock, so every tail sees the core's order.
         for tapped in core.take_taps() {
             let _ = self.tails.sender.send(Arc::new(tapped));
+        }
+        // One send per batch, under the lock too: the trace thread sees
+        // acceptances before the deliveries and acks that follow them.
+        if let Some(tracer) = &self.tracer {
+            let mut records = Vec::new();
+            let bytes = core.take_traces(&mut records);
+            if !records.is_empty() {
+                tracer.submit(records, bytes);
+            }
         }
         say_alerts(&mut core);
         let next_timer = core.next_timer();
@@ -585,7 +627,8 @@ impl Shared {
                 | Action::OpResult { conn, .. }
                 | Action::Drained { conn }
                 | Action::Pong { conn, .. }
-                | Action::StartTail { conn, .. } => *conn,
+                | Action::StartTail { conn, .. }
+                | Action::TraceQuery { conn, .. } => *conn,
             };
             if current.as_ref().is_none_or(|(c, _)| *c != conn) {
                 current = None;
@@ -637,6 +680,23 @@ impl Shared {
                     }
                     Ok(())
                 }
+                Action::TraceQuery {
+                    conn,
+                    request,
+                    activity_id,
+                    query,
+                } => {
+                    if let (Some(outbox), Some(tracer)) = (outboxes.get(&conn), &self.tracer) {
+                        answer_trace_query(
+                            tracer.clone(),
+                            outbox.clone(),
+                            request,
+                            activity_id,
+                            query,
+                        );
+                    }
+                    Ok(())
+                }
             };
             if let Err(e) = encoded {
                 warn!(conn, error = %e, "could not encode a frame; dropped");
@@ -678,6 +738,42 @@ impl Shared {
         }
         (cut, full)
     }
+}
+
+/// Answers a `courier.trace.*` command off the broker's lock (a tree
+/// may take a while to build) with one final reply.
+fn answer_trace_query(
+    tracer: trace::Tracer,
+    outbox: Arc<Outbox>,
+    request: uuid::Uuid,
+    activity_id: uuid::Uuid,
+    query: courier_broker::TraceQuery,
+) {
+    tokio::task::spawn_blocking(move || {
+        let (outcome, body) = tracer.answer(&query);
+        let mut reply =
+            courier_proto::Message::new(courier_proto::Kind::Reply, outcome, body.to_string());
+        reply.response_to = Some(request);
+        reply.activity_id = activity_id;
+        reply.sender = "courier".into();
+        reply.timestamp = now_nanos();
+        reply
+            .headers
+            .push(("content-type".into(), "application/json".into()));
+        let limit = outbox.lock().writer.frame_bytes_max() as usize;
+        let size = courier_proto::delivery_frame_len(&reply);
+        if size > limit {
+            // The connection could not take it: say so instead.
+            let why = serde_json::json!({
+                "reason": format!(
+                    "the answer is {size} bytes, more than this connection's frame limit of {limit}; read it over HTTP (GET /v1/activities on the broker's HTTP port)"
+                ),
+            });
+            reply.name = "courier.trace.too-large".into();
+            reply.payload = why.to_string().into();
+        }
+        outbox.deliver(&reply, usize::MAX);
+    });
 }
 
 fn reload_manifest(shared: &Shared) -> Result<(), String> {
@@ -1097,18 +1193,23 @@ async fn serve_stream<R, W>(
             return;
         }
     };
-    if hello.version != PROTOCOL_VERSION {
+    if !(PROTOCOL_VERSION_MIN..=PROTOCOL_VERSION).contains(&hello.version) {
         shared.core().metrics_mut().handshakes_refused += 1;
         outbox.fail(
             ErrorCode::UnsupportedVersion,
             format!(
-                "protocol version {} is not supported; this broker speaks {PROTOCOL_VERSION}",
+                "protocol version {} is not supported; this broker speaks versions {PROTOCOL_VERSION_MIN} to {PROTOCOL_VERSION}",
                 hello.version
             ),
         );
         close(&outbox, writer_task).await;
         return;
     }
+    // The version both ends speak: what the connection's frames are
+    // written and read as from WELCOME on (a version-1 client never sees
+    // flag 0x80, and sending it stays malformed).
+    let version = hello.version.min(PROTOCOL_VERSION);
+    outbox.lock().writer.set_version(version);
     let identity = {
         let core = shared.core();
         auth::authenticate(
@@ -1139,6 +1240,13 @@ async fn serve_stream<R, W>(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .insert(conn, (hello.credentials.clone(), subject));
+    shared.peers().insert(
+        conn,
+        console::Peer {
+            addr: peer,
+            connected_at: now_nanos(),
+        },
+    );
     shared.outboxes().insert(conn, outbox.clone());
     // WELCOME and the broker's first actions (parked replies) leave in
     // that order: both happen under the core lock.
@@ -1149,7 +1257,7 @@ async fn serve_stream<R, W>(
             return;
         }
         outbox.push(&Frame::Welcome(Welcome {
-            version: PROTOCOL_VERSION,
+            version,
             connection_id: conn,
             frame_bytes_max: shared.config.frame_bytes_max,
             broker: format!("courier {}", env!("CARGO_PKG_VERSION")),
@@ -1171,6 +1279,7 @@ async fn serve_stream<R, W>(
     if let Some(reason) = refused {
         info!(%peer, %reason, "connection refused");
         shared.outboxes().remove(&conn);
+        shared.peers().remove(&conn);
         shared
             .credentials
             .lock()
@@ -1182,7 +1291,7 @@ async fn serve_stream<R, W>(
     }
     debug!(conn, %peer, service = %identity.service, %instance, "connected");
 
-    let end = read_loop(shared, conn, &mut reader, &mut buf).await;
+    let end = read_loop(shared, conn, version, &mut reader, &mut buf).await;
     match end {
         ReadError::Closed => debug!(conn, "disconnected"),
         ReadError::Decode(code, message) => {
@@ -1221,6 +1330,7 @@ async fn serve_stream<R, W>(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .remove(&conn);
+    shared.peers().remove(&conn);
     close(&outbox, writer_task).await;
 }
 
@@ -1283,6 +1393,7 @@ async fn read_frame<R: AsyncRead + Unpin>(
 async fn read_loop<R: AsyncRead + Unpin>(
     shared: &Shared,
     conn: ConnId,
+    version: u16,
     reader: &mut R,
     buf: &mut BytesMut,
 ) -> ReadError {
@@ -1301,7 +1412,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     loop {
         let mut failure = None;
         loop {
-            match decode_frame(buf, shared.config.frame_bytes_max) {
+            match decode_frame_as(buf, shared.config.frame_bytes_max, version) {
                 Ok(Some(frame)) => frames.push(frame),
                 Ok(None) => break,
                 Err(e) => {

@@ -40,10 +40,17 @@ pub(crate) struct MetricsSnapshot {
     pub recovery_seconds: f64,
     pub frames_in: u64,
     pub entries_out: u64,
+    /// `None` when traces are off.
+    pub traces: Option<crate::trace::TraceGauges>,
+    /// The core's sampler: messages skipped, and the level (2^-level of
+    /// new activities traced).
+    pub trace_sampling: Option<(u64, u8)>,
 }
 
 impl MetricsSnapshot {
     pub(crate) fn take(shared: &Shared, now: Nanos) -> MetricsSnapshot {
+        // Before the core's lock: the two are never held together.
+        let traces = shared.tracer.as_ref().map(crate::trace::Tracer::gauges);
         let mut core = shared.core();
         let traffic = core.traffic();
         let (names, names_max, names_over_cap) = (
@@ -53,6 +60,8 @@ impl MetricsSnapshot {
         );
         let subscriptions = core.subscription_gauges(now);
         MetricsSnapshot {
+            traces,
+            trace_sampling: core.trace_sampling(),
             counters: core.metrics().clone(),
             names,
             names_max,
@@ -147,6 +156,9 @@ impl Collector for Exposition {
         encode_traffic(&mut encoder, &s.names)?;
         encode_subscriptions(&mut encoder, &s.subscriptions)?;
         encode_broker(&mut encoder, s)?;
+        if let (Some(traces), Some(sampling)) = (&s.traces, s.trace_sampling) {
+            encode_traces(&mut encoder, traces, sampling)?;
+        }
         Family::open(
             &mut encoder,
             "courier_metrics_names",
@@ -323,6 +335,24 @@ fn encode_subscriptions(
             }
         }
     }
+    let mut paused = Family::open(
+        encoder,
+        "courier_subscription_paused",
+        "1 while an operator has paused the service's subscription to the pattern (courier pause), else 0",
+        MetricType::Gauge,
+    )?;
+    for g in subs {
+        for pattern in &g.patterns {
+            let value = f64::from(u8::from(g.paused.contains(pattern)));
+            paused.gauge(
+                &[
+                    ("service", g.service.as_str()),
+                    ("pattern", pattern.as_str()),
+                ],
+                value,
+            )?;
+        }
+    }
     Ok(())
 }
 
@@ -413,5 +443,91 @@ fn encode_broker(encoder: &mut DescriptorEncoder, s: &MetricsSnapshot) -> fmt::R
         MetricType::Histogram,
     )?
     .histogram(&NONE, &st.sync_batch_records)?;
+    Ok(())
+}
+
+fn encode_traces(
+    encoder: &mut DescriptorEncoder,
+    t: &crate::trace::TraceGauges,
+    (skipped, level): (u64, u8),
+) -> fmt::Result {
+    let counters: [(&str, &str, u64); 7] = [
+        (
+            "courier_trace_records_truncated",
+            "Records left out of activities that reached their size limit (1 MiB each)",
+            t.stats.records_truncated,
+        ),
+        (
+            "courier_trace_messages_traced",
+            "Accepted messages kept in activity traces",
+            t.stats.messages_traced,
+        ),
+        (
+            "courier_trace_messages_skipped",
+            "Accepted messages not traced: above --trace-rate, their activity was not sampled",
+            skipped,
+        ),
+        (
+            "courier_trace_records_unmatched",
+            "Deliveries and outcomes of messages no trace holds (their activity was skipped or evicted)",
+            t.stats.records_unmatched,
+        ),
+        (
+            "courier_trace_records_dropped",
+            "Trace records lost because the trace thread fell behind (its queue was full)",
+            t.records_dropped,
+        ),
+        (
+            "courier_trace_batches_dropped",
+            "Batches of trace records lost because the trace thread fell behind",
+            t.batches_dropped,
+        ),
+        (
+            "courier_trace_disk_errors",
+            "Failures of the trace log (after one, traces are kept in memory only)",
+            t.disk_errors,
+        ),
+    ];
+    for (metric, help, value) in counters {
+        Family::open(encoder, metric, help, MetricType::Counter)?.counter(&NONE, value)?;
+    }
+    let mut evicted = Family::open(
+        encoder,
+        "courier_trace_activities_evicted",
+        "Activities dropped from the traces, by reason (retention: older than --trace-retention; size: over --trace-bytes-max)",
+        MetricType::Counter,
+    )?;
+    evicted.counter(&[("reason", "retention")], t.stats.evicted_retention)?;
+    evicted.counter(&[("reason", "size")], t.stats.evicted_size)?;
+    let gauges: [(&str, &str, f64); 5] = [
+        (
+            "courier_trace_activities",
+            "Activities the traces hold",
+            t.activities as f64,
+        ),
+        (
+            "courier_trace_memory_bytes",
+            "Bytes the trace index holds in memory",
+            t.memory_bytes as f64,
+        ),
+        (
+            "courier_trace_memory_bytes_max",
+            "The trace index's memory bound (--trace-bytes-max)",
+            t.memory_bytes_max as f64,
+        ),
+        (
+            "courier_trace_disk_bytes",
+            "Bytes of the trace log on disk",
+            t.disk_bytes as f64,
+        ),
+        (
+            "courier_trace_sample_ratio",
+            "The share of new activities traced now (1 up to --trace-rate messages a second)",
+            1.0 / f64::from(1u32 << level.min(31)),
+        ),
+    ];
+    for (metric, help, value) in gauges {
+        Family::open(encoder, metric, help, MetricType::Gauge)?.gauge(&NONE, value)?;
+    }
     Ok(())
 }

@@ -197,7 +197,7 @@ async fn run_bus_tail(
 impl Outbox {
     /// Queues a delivery unless more than `pending_max` bytes wait to be
     /// written; whether it was queued.
-    fn deliver(&self, message: &Message, pending_max: usize) -> bool {
+    pub(crate) fn deliver(&self, message: &Message, pending_max: usize) -> bool {
         let mut state = self.lock();
         if state.closing || state.writer.len() + state.writing > pending_max {
             return false;

@@ -105,28 +105,18 @@ const SUBJECT_BYTES_MAX: usize = 1024;
 /// Call only on a certificate rustls has verified; this parses, it does not
 /// check signatures.
 pub fn certificate_subject(der: &[u8]) -> Result<String, String> {
-    let (certificate, _) = expect(der, SEQUENCE, "certificate")?;
-    let (mut tbs, _) = expect(certificate, SEQUENCE, "tbsCertificate")?;
-    let (tag, _, rest) = tlv(tbs)?;
-    if tag == 0xA0 {
-        tbs = rest; // [0] EXPLICIT version
-    }
-    let (_, rest) = expect(tbs, INTEGER, "serial number")?;
-    let (_, rest) = expect(rest, SEQUENCE, "signature algorithm")?;
-    let (_, rest) = expect(rest, SEQUENCE, "issuer")?;
-    let (_, rest) = expect(rest, SEQUENCE, "validity")?;
-    let (mut name, _) = expect(rest, SEQUENCE, "subject")?;
+    use x509_parser::prelude::{FromDer as _, X509Certificate};
+    let (_, certificate) = X509Certificate::from_der(der)
+        .map_err(|e| format!("the certificate is not valid DER: {e}"))?;
     let mut rdns = Vec::new();
-    while !name.is_empty() {
-        let (mut set, rest) = expect(name, SET, "relative distinguished name")?;
-        name = rest;
+    for rdn in certificate.subject().iter() {
         let mut attributes = Vec::new();
-        while !set.is_empty() {
-            let (pair, rest) = expect(set, SEQUENCE, "attribute")?;
-            set = rest;
-            let (oid, value) = expect(pair, OID, "attribute type")?;
-            let (value_tag, value_content, _) = tlv(value)?;
-            attributes.push(attribute(oid, value_tag, value_content, value)?);
+        for pair in rdn.iter() {
+            let value = pair.attr_value();
+            let tag = u8::try_from(value.tag().0).map_err(|_| {
+                "the certificate is not valid DER: a tag beyond one byte".to_string()
+            })?;
+            attributes.push(attribute(pair.attr_type().as_bytes(), tag, value.data)?);
         }
         rdns.push(attributes.join("+"));
     }
@@ -140,51 +130,26 @@ pub fn certificate_subject(der: &[u8]) -> Result<String, String> {
     Ok(subject)
 }
 
-const INTEGER: u8 = 0x02;
-const OID: u8 = 0x06;
-const SEQUENCE: u8 = 0x30;
-const SET: u8 = 0x31;
-
-/// One DER element: tag, contents, and what follows it.
-fn tlv(input: &[u8]) -> Result<(u8, &[u8], &[u8]), String> {
-    let bad = || "the certificate is not valid DER".to_string();
-    let (&tag, rest) = input.split_first().ok_or_else(bad)?;
-    if tag & 0x1F == 0x1F {
-        return Err(bad()); // multi-byte tags occur nowhere we read
-    }
-    let (&first, mut rest) = rest.split_first().ok_or_else(bad)?;
-    let len = if first < 0x80 {
-        usize::from(first)
-    } else {
-        let count = usize::from(first & 0x7F);
-        if count == 0 || count > 4 || rest.len() < count {
-            return Err(bad());
+/// The DER encoding of an element with this tag and content (definite
+/// length, short or long form).
+fn der_element(tag: u8, content: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    match u8::try_from(content.len()) {
+        Ok(len) if len < 0x80 => out.push(len),
+        _ => {
+            let len = content.len().to_be_bytes();
+            let first = len.iter().position(|b| *b != 0).unwrap_or(len.len() - 1);
+            out.push(0x80 | (len.len() - first) as u8);
+            out.extend_from_slice(&len[first..]);
         }
-        let (bytes, after) = rest.split_at(count);
-        rest = after;
-        bytes
-            .iter()
-            .fold(0usize, |len, &b| (len << 8) | usize::from(b))
-    };
-    if rest.len() < len {
-        return Err(bad());
     }
-    let (content, after) = rest.split_at(len);
-    Ok((tag, content, after))
+    out.extend_from_slice(content);
+    out
 }
 
-fn expect<'a>(input: &'a [u8], tag: u8, what: &str) -> Result<(&'a [u8], &'a [u8]), String> {
-    let (found, content, rest) = tlv(input)?;
-    if found != tag {
-        return Err(format!(
-            "the certificate is not valid DER: expected the {what} (tag {tag:#04x}), found tag {found:#04x}"
-        ));
-    }
-    Ok((content, rest))
-}
-
-/// `TYPE=value` for one attribute; `element` is the whole DER value.
-fn attribute(oid: &[u8], tag: u8, content: &[u8], element: &[u8]) -> Result<String, String> {
+/// `TYPE=value` for one attribute: its type's OID bytes, its value's tag
+/// and content.
+fn attribute(oid: &[u8], tag: u8, content: &[u8]) -> Result<String, String> {
     const SHORT_NAMES: &[(&[u8], &str)] = &[
         (&[0x55, 0x04, 0x03], "CN"),
         (&[0x55, 0x04, 0x07], "L"),
@@ -213,7 +178,7 @@ fn attribute(oid: &[u8], tag: u8, content: &[u8], element: &[u8]) -> Result<Stri
     };
     // RFC 4514 §2.4: other types, or values that are no string, as `#`
     // followed by the hex of the value's whole BER (here DER) encoding.
-    let element = &element[..element.len() - tlv(element)?.2.len()];
+    let element = der_element(tag, content);
     let hex: String = element.iter().map(|b| format!("{b:02x}")).collect();
     Ok(format!("{text}=#{hex}"))
 }
@@ -314,6 +279,18 @@ mod tests {
         let key = KeyPair::generate().expect("key");
         let cert = params.self_signed(&key).expect("certificate");
         certificate_subject(cert.der()).expect("subject")
+    }
+
+    #[test]
+    fn der_elements_take_the_short_or_the_long_length_form() {
+        assert_eq!(der_element(0x0C, b"x"), [0x0C, 0x01, b'x']);
+        let long = der_element(0x04, &[7; 200]);
+        assert_eq!(&long[..3], &[0x04, 0x81, 200]);
+        assert_eq!(long.len(), 203);
+        assert_eq!(
+            &der_element(0x04, &[7; 300])[..4],
+            &[0x04, 0x82, 0x01, 0x2C]
+        );
     }
 
     #[test]

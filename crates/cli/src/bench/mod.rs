@@ -30,6 +30,7 @@ use tokio::sync::{oneshot, Notify};
 mod courier;
 mod nats;
 mod process;
+mod scrape;
 mod w4;
 
 use courier::*;
@@ -93,10 +94,17 @@ pub struct BenchArgs {
     #[arg(long, default_value = "10m", value_parser = crate::parse_duration)]
     timeout: Duration,
     /// `on` (the broker's default: its HTTP port serves, traffic is
-    /// counted per name) or `off` (`--http off --metrics-names-max 0`), to
-    /// measure what observing the traffic costs.
+    /// counted per name, activities are traced), `off` (`--http off
+    /// --metrics-names-max 0 --trace off`), or `traces-off` (all on but
+    /// activity traces: `--trace off`), to measure what observing the
+    /// traffic costs; `compare` runs every workload both on and off,
+    /// interleaved run by run, with the ratio (observed ÷ unobserved).
     #[arg(long, value_enum, default_value_t = Observability::On)]
     observability: Observability,
+    /// Instead of the workloads: time `GET /metrics` on a broker that has
+    /// counted 10,000 names from 1,000 services (p50, p99, max of 40).
+    #[arg(long, conflicts_with_all = ["against", "only", "observability"])]
+    metrics_scrape: bool,
     /// Multiplies every message count (after --quick); for tests.
     #[arg(long, default_value_t = 1.0, hide = true)]
     scale: f64,
@@ -106,6 +114,8 @@ pub struct BenchArgs {
 pub enum Observability {
     On,
     Off,
+    TracesOff,
+    Compare,
 }
 
 // ---------------------------------------------------------------------------
@@ -331,7 +341,12 @@ impl Target {
             parts.push(format!("≤ {} {unit}", format_value(max)));
         }
         if let Some(min) = self.min_ratio {
-            parts.push(format!("≥ {min:.1}×"));
+            // Two decimals only where the first does not say it (0.95×).
+            if (min * 10.0).fract().abs() < 1e-9 {
+                parts.push(format!("≥ {min:.1}×"));
+            } else {
+                parts.push(format!("≥ {min:.2}×"));
+            }
         }
         parts.join(", ")
     }
@@ -359,6 +374,9 @@ fn ratio(metric: Metric, courier: f64, nats: f64) -> Option<f64> {
     };
     (den > 0.0 && num.is_finite() && den.is_finite()).then(|| num / den)
 }
+
+/// Observed ÷ unobserved at least this: observing costs at most 5 %.
+const OBSERVED_RATIO_MIN: f64 = 0.95;
 
 /// The memory ceiling, 150 MB, in the MiB the table shows.
 const MIB_PER_150_MB: f64 = 150_000_000.0 / (1024.0 * 1024.0);
@@ -429,6 +447,8 @@ type Measurement = (Workload, Metric, f64);
 enum System {
     Courier,
     Nats,
+    /// Courier with its observability off (`--observability compare`).
+    CourierUnobserved,
 }
 
 impl System {
@@ -436,6 +456,7 @@ impl System {
         match self {
             System::Courier => "courier",
             System::Nats => "nats",
+            System::CourierUnobserved => "courier_unobserved",
         }
     }
 
@@ -443,6 +464,7 @@ impl System {
         match self {
             System::Courier => "Courier",
             System::Nats => "NATS",
+            System::CourierUnobserved => "Courier unobserved",
         }
     }
 }
@@ -768,19 +790,33 @@ impl Row {
         summarize(&self.runs[i]).map(|s| s.median)
     }
 
-    /// Courier's advantage over NATS, of the medians.
+    /// Courier's advantage over the other column (NATS, or Courier
+    /// unobserved), of the medians.
     fn ratio(&self, systems: &[System]) -> Option<f64> {
+        let other = systems.iter().find(|s| **s != System::Courier)?;
         ratio(
             self.metric,
             self.median(systems, System::Courier)?,
-            self.median(systems, System::Nats)?,
+            self.median(systems, *other)?,
         )
     }
 
+    /// The row's target; comparing Courier with itself unobserved, every
+    /// figure's is "observing costs at most 5 %".
+    fn target(&self, systems: &[System]) -> Option<Target> {
+        if systems.contains(&System::CourierUnobserved) {
+            return Some(Target {
+                min_ratio: Some(OBSERVED_RATIO_MIN),
+                max_courier: None,
+            });
+        }
+        self.target
+    }
+
     fn met(&self, systems: &[System]) -> Option<bool> {
-        let target = self.target?;
-        if target.min_ratio.is_some() && !systems.contains(&System::Nats) {
-            // Without a NATS column only the absolute part can be judged.
+        let target = self.target(systems)?;
+        if target.min_ratio.is_some() && systems.iter().all(|s| *s == System::Courier) {
+            // Without a second column only the absolute part can be judged.
             let absolute = Target {
                 min_ratio: None,
                 ..target
@@ -859,7 +895,7 @@ impl Results {
                 format!("{} spread", system.title())
             });
         }
-        let compared = self.systems.contains(&System::Nats);
+        let compared = self.systems.len() > 1;
         if compared {
             header.push("ratio".to_string());
         }
@@ -893,7 +929,7 @@ impl Results {
             }
             cells.push(row.metric.unit().to_string());
             cells.push(
-                row.target
+                row.target(&self.systems)
                     .map_or_else(String::new, |t| t.text(row.metric.unit())),
             );
             cells.push(match row.met(&self.systems) {
@@ -950,7 +986,7 @@ impl Results {
     /// `target` and `met`, and `runs`: one object per run with each
     /// system's value (`[{"courier": …, "nats": …}, …]`).
     fn json_lines(&self) -> Vec<String> {
-        let compared = self.systems.contains(&System::Nats);
+        let compared = self.systems.len() > 1;
         self.rows
             .iter()
             .map(|row| {
@@ -968,11 +1004,13 @@ impl Results {
                 }
                 if compared {
                     o.insert("ratio".into(), json!(row.ratio(&self.systems).map(round3)));
-                    o.insert("nats_side".into(), json!(row.workload.nats_side()));
+                    if self.systems.contains(&System::Nats) {
+                        o.insert("nats_side".into(), json!(row.workload.nats_side()));
+                    }
                 }
                 o.insert(
                     "target".into(),
-                    json!(row.target.map(|t| t.text(row.metric.unit()))),
+                    json!(row.target(&self.systems).map(|t| t.text(row.metric.unit()))),
                 );
                 o.insert("met".into(), json!(row.met(&self.systems)));
                 let count = row.runs.iter().map(Vec::len).max().unwrap_or(0);
@@ -1151,8 +1189,9 @@ async fn run_job(
     let &[system] = systems else {
         bail!("internal: {} runs one system at a time", job.label());
     };
+    process::observe_as(system);
     let measured = match system {
-        System::Courier => match job {
+        System::Courier | System::CourierUnobserved => match job {
             Job::PubSub(size) => courier_w1(exe, plan, size).await,
             Job::FanOut(size) => courier_w2(exe, plan, size).await,
             Job::Competing(size) => courier_w3(exe, plan, size).await,
@@ -1245,11 +1284,13 @@ async fn run_job_within(
 
 /// Runs the selected workloads and prints the table (or JSON lines).
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.metrics_scrape {
+        let exe = std::env::current_exe()
+            .context("cannot find this program's own path, which the bench starts as the broker")?;
+        return scrape::run(&exe, args.quick).await;
+    }
     let plan = Plan::new(args.quick, args.scale).map_err(anyhow::Error::msg)?;
-    process::OBSERVABILITY_OFF.store(
-        args.observability == Observability::Off,
-        std::sync::atomic::Ordering::Relaxed,
-    );
+    process::set_observability(args.observability);
     let selected = args
         .only
         .clone()
@@ -1277,7 +1318,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         None => None,
     };
     let systems: Vec<System> = match nats {
+        Some(_) if args.observability == Observability::Compare => {
+            bail!("--observability compare puts Courier beside itself unobserved; run it without --against")
+        }
         Some(_) => vec![System::Courier, System::Nats],
+        None if args.observability == Observability::Compare => {
+            vec![System::Courier, System::CourierUnobserved]
+        }
         None => vec![System::Courier],
     };
     let jobs = Job::for_selection(&selected);
@@ -1407,7 +1454,11 @@ fn settings_lines(
     lines.push(format!(
         "  courier serve --listen 127.0.0.1:<free port> --data-dir <fresh dir in {}> --fsync {FSYNC} {} (other flags at their defaults); a fresh broker and data dir per run; build: {}",
         std::env::temp_dir().display(),
-        process::observability_flags().join(" "),
+        process::flags_described(if args.observability == Observability::Compare {
+            &[System::Courier, System::CourierUnobserved]
+        } else {
+            &[System::Courier]
+        }),
         if cfg!(debug_assertions) {
             "debug (not for figures)"
         } else {
@@ -1745,6 +1796,43 @@ mod tests {
         assert_eq!(both.met(Some(120.0), Some(0.9)), Some(false));
         assert_eq!(both.met(Some(120.0), None), None);
         assert_eq!(both.text("MiB"), "≤ 143 MiB, ≥ 1.0×");
+    }
+
+    #[test]
+    fn comparing_with_itself_unobserved_judges_every_figure_by_the_five_percent_rule() {
+        let selected = [Workload::W1a, Workload::W4a];
+        let systems = [System::Courier, System::CourierUnobserved];
+        let mut r = Results::new(&selected, &systems);
+        r.record(
+            System::Courier,
+            &[
+                (Workload::W1a, Metric::Throughput, 960.0),
+                (Workload::W4a, Metric::LatencyP50, 110.0),
+            ],
+        );
+        r.record(
+            System::CourierUnobserved,
+            &[
+                (Workload::W1a, Metric::Throughput, 1000.0),
+                (Workload::W4a, Metric::LatencyP50, 100.0),
+            ],
+        );
+        let row = |w, m| {
+            r.rows
+                .iter()
+                .find(|row| row.workload == w && row.metric == m)
+                .expect("row")
+        };
+        let w1 = row(Workload::W1a, Metric::Throughput);
+        assert_eq!(w1.ratio(&systems), Some(0.96));
+        assert_eq!(w1.met(&systems), Some(true), "4 % slower observed");
+        let w4 = row(Workload::W4a, Metric::LatencyP50);
+        assert_eq!(w4.met(&systems), Some(false), "10 % slower observed");
+        let table = r.table();
+        assert!(table.contains("Courier unobserved (median)"), "{table}");
+        assert!(table.contains("≥ 0.95×"), "{table}");
+        let json = r.json_lines().join("\n");
+        assert!(json.contains("\"courier_unobserved\":1000.0"), "{json}");
     }
 
     #[test]

@@ -208,18 +208,74 @@ impl Drop for ServerChild {
 }
 
 /// Whether the brokers the bench starts observe their traffic (the
-/// default: the HTTP port on a port of its own, per-name metrics) or not
-/// (`--observability off`: no HTTP port, no per-name metrics); set once,
-/// before the first broker starts.
-pub(super) static OBSERVABILITY_OFF: std::sync::atomic::AtomicBool =
-    std::sync::atomic::AtomicBool::new(false);
+/// default: the HTTP port on a port of its own, per-name metrics,
+/// activity traces) or not (`--observability off`: none of these;
+/// `traces-off`: no activity traces); set once, before the first broker
+/// starts.
+static OBSERVABILITY: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
-/// The `serve` flags for [`OBSERVABILITY_OFF`].
+pub(super) fn set_observability(observability: super::Observability) {
+    OBSERVABILITY.store(observability as u8, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Set while the brokers started are the unobserved side of
+/// `--observability compare`.
+static UNOBSERVED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Brokers started from now on are for `system`: the unobserved side of
+/// a comparison gets `--observability off`'s flags, any other the bench's
+/// `--observability`.
+pub(super) fn observe_as(system: super::System) {
+    UNOBSERVED.store(
+        system == super::System::CourierUnobserved,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+}
+
+/// The observability flags of the brokers of a run with these systems.
+pub(super) fn flags_described(systems: &[super::System]) -> String {
+    let restore = UNOBSERVED.load(std::sync::atomic::Ordering::Relaxed);
+    let mut described = Vec::new();
+    for &system in systems {
+        if system == super::System::Nats {
+            continue;
+        }
+        observe_as(system);
+        described.push(observability_flags().join(" "));
+    }
+    UNOBSERVED.store(restore, std::sync::atomic::Ordering::Relaxed);
+    described.join(" (observed), or ")
+        + if described.len() > 1 {
+            " (unobserved)"
+        } else {
+            ""
+        }
+}
+
+/// The `serve` flags for the bench's `--observability`.
 pub(super) fn observability_flags() -> &'static [&'static str] {
-    if OBSERVABILITY_OFF.load(std::sync::atomic::Ordering::Relaxed) {
-        &["--http", "off", "--metrics-names-max", "0"]
-    } else {
-        &["--http", "127.0.0.1:0"]
+    let unobserved = UNOBSERVED.load(std::sync::atomic::Ordering::Relaxed);
+    match OBSERVABILITY.load(std::sync::atomic::Ordering::Relaxed) {
+        _ if unobserved => &[
+            "--http",
+            "off",
+            "--metrics-names-max",
+            "0",
+            "--trace",
+            "off",
+        ],
+        x if x == super::Observability::Off as u8 => &[
+            "--http",
+            "off",
+            "--metrics-names-max",
+            "0",
+            "--trace",
+            "off",
+        ],
+        x if x == super::Observability::TracesOff as u8 => {
+            &["--http", "127.0.0.1:0", "--trace", "off"]
+        }
+        _ => &["--http", "127.0.0.1:0"],
     }
 }
 

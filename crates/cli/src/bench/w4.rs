@@ -72,8 +72,11 @@ enum Side {
 
 impl Side {
     async fn start(system: System, exe: &Path, nats: Option<&NatsInstall>) -> anyhow::Result<Side> {
+        super::process::observe_as(system);
         match system {
-            System::Courier => Ok(Side::Courier(CourierW4::start(exe).await?)),
+            System::Courier | System::CourierUnobserved => {
+                Ok(Side::Courier(CourierW4::start(exe).await?))
+            }
             System::Nats => {
                 let nats =
                     nats.ok_or_else(|| anyhow!("internal: no nats-server for the NATS side"))?;

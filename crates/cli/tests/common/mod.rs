@@ -7,6 +7,8 @@ use std::process::{Child, ChildStdout, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+pub mod webdriver;
+
 pub fn courier_bin() -> &'static str {
     env!("CARGO_BIN_EXE_courier")
 }
@@ -435,4 +437,96 @@ pub fn rss_bytes(pid: u32) -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .expect("VmRSS line");
     kb * 1024
+}
+
+/// `GET path` on an HTTP port (`http://host:port/`) with an optional
+/// bearer token: (status, body). Bodies sent chunked are put together.
+pub fn http_get(http: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    use std::io::Write;
+    let addr = http.trim_start_matches("http://").trim_end_matches('/');
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the HTTP port");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .expect("write request");
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).expect("read answer");
+    let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("a status code");
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    if !chunked {
+        return (status, body.to_string());
+    }
+    let mut rest = body;
+    let mut out = String::new();
+    loop {
+        let (size, after) = rest.split_once("\r\n").expect("chunk size line");
+        let size = usize::from_str_radix(size.trim(), 16).expect("hex chunk size");
+        if size == 0 {
+            return (status, out);
+        }
+        out.push_str(&after[..size]);
+        rest = after[size..].trim_start_matches("\r\n");
+    }
+}
+
+/// The value of an unlabelled sample (`name value` or `name{} value`)
+/// in Prometheus text.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let rest = l.strip_prefix(name)?;
+        let rest = rest.strip_prefix("{}").unwrap_or(rest);
+        rest.strip_prefix(' ')?.trim().parse().ok()
+    })
+}
+
+/// Polls `check` every 50 ms until it returns `Some`, or panics with
+/// `what` after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(found) = check() {
+            return found;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+impl Broker {
+    /// Waits until `service` has at least `n` consuming instances, as the
+    /// broker's `/metrics` says (under a manifest, pass an admin token): the
+    /// readiness signal for a subscriber started in another process.
+    pub fn wait_consumers(&self, service: &str, n: u64, admin_token: Option<&str>) {
+        let http = self
+            .http
+            .as_deref()
+            .expect("wait_consumers needs the broker's HTTP port");
+        let series = format!("courier_subscription_consumers{{service=\"{service}\"}}");
+        wait_for(
+            &format!("{n} consumer(s) of {service}"),
+            Duration::from_secs(10),
+            || {
+                let (status, body) = http_get(http, "/metrics", admin_token);
+                assert_eq!(status, 200, "/metrics: {body}");
+                let consumers = metric(&body, &series).unwrap_or(0.0);
+                (consumers >= n as f64).then_some(())
+            },
+        );
+    }
 }

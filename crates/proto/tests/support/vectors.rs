@@ -119,6 +119,7 @@ pub fn message_flags(message: &Message, quiet: bool) -> u8 {
         (message.expires_at.is_some(), 0x10),
         (message.deliver_at.is_some(), 0x20),
         (quiet, 0x40),
+        (message.parent_id.is_some(), 0x80),
     ];
     bits.iter()
         .filter(|(set, _)| *set)
@@ -407,6 +408,7 @@ pub fn message_from_json(path: &str, value: &Value, quiet: bool) -> Message {
         id: f.uuid("id"),
         timestamp: f.u64("timestamp"),
         activity_id: f.uuid("activity_id"),
+        parent_id: f.opt_uuid("parent_id"),
         response_to: f.opt_uuid("response_to"),
         sender: f.str("sender").into(),
         key: f.opt_str("key").map(|key| Bytes::from(hex_decode(key))),
@@ -531,6 +533,9 @@ pub fn message_to_json(m: &Message, quiet: bool) -> Value {
     }
     if let Some(t) = m.deliver_at {
         v["deliver_at"] = json!(t);
+    }
+    if let Some(p) = m.parent_id {
+        v["parent_id"] = json!(p.to_string());
     }
     v
 }

@@ -68,6 +68,32 @@ fi
 echo "== hadolint Dockerfile"
 hadolint Dockerfile
 
+# PostgreSQL 15 for courier-outbox's tests (crates/outbox/tests): installed
+# when missing, started when down, a role and database created once. The
+# tests find it through COURIER_TEST_POSTGRES_URL. Idempotent.
+if ! command -v pg_ctlcluster >/dev/null 2>&1 || [ ! -d /etc/postgresql/15/main ]; then
+  echo "== apt-get install postgresql (courier-outbox's tests)"
+  if command -v apt-get >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq postgresql-15 >/dev/null
+  else
+    echo "scripts/test.sh: install PostgreSQL 15 (Debian: apt-get install postgresql-15) and retry" >&2
+    exit 1
+  fi
+fi
+PG_SUDO=""; [ "$(id -u)" -ne 0 ] && PG_SUDO="sudo"
+if ! pg_lsclusters -h 2>/dev/null | awk '$1 == 15 && $2 == "main" && $4 == "online" { found = 1 } END { exit !found }'; then
+  $PG_SUDO pg_ctlcluster 15 main start
+fi
+pg_psql() { $PG_SUDO su postgres -c "psql -X -q -v ON_ERROR_STOP=1 -p 5432 $*"; }
+if [ "$(pg_psql "-tAc \"SELECT 1 FROM pg_roles WHERE rolname = 'courier_test'\"")" != "1" ]; then
+  pg_psql "-c \"CREATE ROLE courier_test LOGIN PASSWORD 'courier_test' CREATEDB\""
+fi
+if [ "$(pg_psql "-tAc \"SELECT 1 FROM pg_database WHERE datname = 'courier_test'\"")" != "1" ]; then
+  pg_psql "-c \"CREATE DATABASE courier_test OWNER courier_test\""
+fi
+export COURIER_TEST_POSTGRES_URL="postgres://courier_test:courier_test@127.0.0.1:5432/courier_test"
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 # Every declared dependency is used (cargo-machete reads the sources; it

@@ -33,7 +33,7 @@ pub struct Conn {
 impl Conn {
     /// TLS when `--tls-ca` is given (clap pairs `--tls-cert` with
     /// `--tls-key` and with `--tls-ca`).
-    fn client_tls(&self) -> Option<courier_client::ClientTls> {
+    pub fn client_tls(&self) -> Option<courier_client::ClientTls> {
         let ca = self.tls_ca.clone()?;
         let tls = courier_client::ClientTls::new(ca);
         Some(match (&self.tls_cert, &self.tls_key) {

@@ -5,6 +5,7 @@ mod bench;
 mod certs;
 mod conn;
 mod http_get;
+mod outbox;
 mod output;
 mod pause;
 mod registry;
@@ -270,6 +271,11 @@ enum Command {
     /// Measures durable publish, consume and restart against a broker it
     /// starts itself; prints a table (or --json lines).
     Bench(bench::BenchArgs),
+    /// Publishes a database's outbox (courier-outbox, PostgreSQL or
+    /// SQLite) to the broker: rows leave the outbox only once the broker
+    /// accepted them. Several relays may share one PostgreSQL database.
+    #[command(name = "outbox-relay")]
+    OutboxRelay(outbox::OutboxRelayArgs),
     /// Follows everything the broker accepts, replies included, as one JSON
     /// line per message, without receiving anything (admin only). A tail
     /// that cannot keep up skips lines and says how many on stderr.
@@ -544,6 +550,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Bench(args) => bench::run(args).await,
         Command::Tail(args) => tail::run(args).await,
+        Command::OutboxRelay(args) => outbox::run(args).await,
         Command::Trace(args) => trace::run(args).await,
         Command::Register(args) => registry::register(args).await,
         Command::Deregister(args) => registry::deregister(args).await,

@@ -211,6 +211,8 @@ fn courier_up_runs_the_todo_app_restarts_a_crash_and_stops_everything_on_sigint(
     );
     up.wait_line(&["web.1", "todo web listening on"]);
     up.wait_line(&["todo.1", "todo service ready"]);
+    // Which services are up, as the broker sees them.
+    up.wait_line(&["courier up: up: todo 1/1, web 1/1"]);
 
     // End to end: web → broker → todo and back, with generated tokens.
     let created = create(&web, "buy milk");

@@ -217,6 +217,13 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             .unwrap_or_default()
     );
 
+    tokio::spawn(supervisor::show_status(
+        counts.clone(),
+        args.listen.clone(),
+        tokens.get("admin").cloned(),
+        stop_rx.clone(),
+    ));
+
     let broker_gone = tokio::select! {
         _ = interrupt.recv() => false,
         _ = terminate.recv() => false,

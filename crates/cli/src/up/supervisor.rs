@@ -214,3 +214,83 @@ pub async fn supervise(
         delay = (delay * 2).min(RESTART_DELAY_MAX);
     }
 }
+
+/// How often [`show_status`] asks the broker.
+const STATUS_POLL: Duration = Duration::from_secs(1);
+
+/// The status line: each service's instances connected to the broker out
+/// of those started, as the broker lists them (`courier.services.list`).
+pub fn status_line(
+    wanted: &std::collections::BTreeMap<String, u32>,
+    listing: &serde_json::Value,
+) -> String {
+    let connected = |name: &str| {
+        listing
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|s| s["name"] == name)
+            .and_then(|s| s["instances"].as_array())
+            .map_or(0, Vec::len)
+    };
+    let parts: Vec<String> = wanted
+        .iter()
+        .map(|(name, n)| format!("{name} {}/{n}", connected(name)))
+        .collect();
+    format!("courier up: up: {}", parts.join(", "))
+}
+
+/// Prints which services are up, each time that changes, until `stop`.
+pub async fn show_status(
+    wanted: std::collections::BTreeMap<String, u32>,
+    url: String,
+    admin_token: Option<String>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut opts = courier_client::ClientOptions::new(url, "");
+    opts.token = admin_token;
+    let Ok(client) = courier_client::Client::connect(opts).await else {
+        return;
+    };
+    let mut shown = String::new();
+    loop {
+        let listing = async {
+            client
+                .command("courier.services.list")
+                .json(&serde_json::json!({}))?
+                .request()
+                .await?
+                .json::<serde_json::Value>()
+        };
+        if let Ok(listing) = listing.await {
+            let line = status_line(&wanted, &listing);
+            if line != shown {
+                println!("{line}");
+                shown = line;
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(STATUS_POLL) => {}
+            _ = stop.wait_for(|s| *s) => break,
+        }
+    }
+    client.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_status_line_counts_connected_instances_out_of_those_started() {
+        let wanted = [("todo".to_string(), 2), ("web".to_string(), 1)].into();
+        let listing = serde_json::json!([
+            {"name": "admin", "instances": ["admin-1"]},
+            {"name": "todo", "instances": ["todo-3"], "patterns": ["todo.create"]},
+        ]);
+        assert_eq!(
+            status_line(&wanted, &listing),
+            "courier up: up: todo 1/2, web 0/1"
+        );
+    }
+}

@@ -107,12 +107,10 @@ cargo machete
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo clippy -p courier-client --all-targets --features otel --locked -- -D warnings
-echo "== cargo test"
-cargo test --workspace --locked
-# The SDK's OpenTelemetry spans (a feature, off by default).
-cargo test -p courier-client --features otel --locked
-# The TypeScript client, against the debug broker the cargo tests just built.
-echo "== TypeScript client (clients/typescript)"
+# The clients and the polyglot example (crates/cli/tests/polyglot_e2e.rs
+# runs its Python and TypeScript services) are installed and built before
+# the cargo tests. Idempotent.
+echo "== TypeScript client and polyglot notifier: npm ci, build"
 if ! command -v npm >/dev/null 2>&1 || ! node -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 20 ? 0 : 1)'; then
   echo "scripts/test.sh: the TypeScript client needs Node.js 20 or newer with npm (https://nodejs.org); install it and retry" >&2
   exit 1
@@ -121,14 +119,16 @@ fi
   cd clients/typescript
   npm ci --no-audit --no-fund --loglevel=error
   npm run build
-  COURIER_BIN="$CARGO_TARGET_DIR/debug/courier" npm test
 )
-
-# The Python client (clients/python) against the courier binary the cargo
-# tests just built. Its virtualenv lives beside the build, so it survives
+(
+  cd examples/polyglot/notifier
+  npm ci --no-audit --no-fund --loglevel=error
+  npm run build
+)
+# The Python client's virtualenv lives beside the build, so it survives
 # between runs; the editable install is redone only when pyproject.toml or
 # the checkout's path changes (an editable install points at its checkout).
-echo "== python client: mypy --strict, pytest"
+echo "== python client: virtualenv"
 PY_VENV="$CARGO_TARGET_DIR/python-venv"
 if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
   echo "scripts/test.sh: the Python client needs python3 3.10 or newer on the PATH" >&2
@@ -146,9 +146,25 @@ if [ "$(cat "$PY_STAMP" 2>/dev/null)" != "$PY_WANT" ]; then
   "$PY_VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "clients/python[test]"
   echo "$PY_WANT" > "$PY_STAMP"
 fi
+export COURIER_PYTHON="$PY_VENV/bin/python"
+echo "== cargo test"
+cargo test --workspace --locked
+# The SDK's OpenTelemetry spans (a feature, off by default).
+cargo test -p courier-client --features otel --locked
+# The TypeScript client, against the debug broker the cargo tests just built.
+echo "== TypeScript client (clients/typescript)"
+(
+  cd clients/typescript
+  COURIER_BIN="$CARGO_TARGET_DIR/debug/courier" npm test
+)
+
+# The Python client (clients/python) against the courier binary the cargo
+# tests just built.
+echo "== python client: mypy --strict, pytest"
 (
   cd clients/python
   "$PY_VENV/bin/mypy"
+  "$PY_VENV/bin/mypy" --strict ../../examples/polyglot/todo-service/src
   COURIER_BIN="$CARGO_TARGET_DIR/debug/courier" "$PY_VENV/bin/pytest" -q
 )
 echo "== fuzz (bounded)"

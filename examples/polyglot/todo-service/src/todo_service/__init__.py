@@ -1,0 +1,1 @@
+"""The todo application's `todo` service, in Python."""

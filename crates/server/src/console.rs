@@ -269,7 +269,17 @@ fn json_answer(body: Value) -> Response {
 /// `GET /v1/services`: every service the broker knows (subscribed or
 /// connected), its subscriptions and whether each is paused, its queue,
 /// and its connected instances.
-async fn services(State(shared): State<Arc<Shared>>) -> Response {
+#[utoipa::path(
+    get,
+    path = "/v1/services",
+    tag = "console",
+    responses(
+        (status = 200, description = "Every service the broker knows, its subscriptions, queue and instances", body = crate::openapi::ServicesListing),
+        (status = 401, description = "Under a manifest: no admin token, or one it does not list", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "A service's token, or a non-loopback caller without a manifest", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ),
+)]
+pub(crate) async fn services(State(shared): State<Arc<Shared>>) -> Response {
     let now = now_nanos();
     let (gauges, instances) = {
         let mut core = shared.core();
@@ -347,7 +357,17 @@ fn traffic_copy(shared: &Shared) -> (Vec<NameStats>, usize, u64) {
 /// `GET /v1/names`: per message name its counters (since the broker
 /// started), reply-latency percentiles and outcomes. Rates are the page's
 /// to derive, by diffing two answers over their `at`.
-async fn names(State(shared): State<Arc<Shared>>) -> Response {
+#[utoipa::path(
+    get,
+    path = "/v1/names",
+    tag = "console",
+    responses(
+        (status = 200, description = "Per message name: counters, reply latency, outcomes", body = crate::openapi::NamesListing),
+        (status = 401, description = "Under a manifest: no admin token, or one it does not list", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "A service's token, or a non-loopback caller without a manifest", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ),
+)]
+pub(crate) async fn names(State(shared): State<Arc<Shared>>) -> Response {
     let now = now_nanos();
     let (names, names_max, over_cap) = traffic_copy(&shared);
     let names: Vec<Value> = names.iter().map(name_json).collect();
@@ -473,7 +493,17 @@ fn quantile(h: &Histogram, q: f64) -> Option<f64> {
 /// delivered to; `count` is what the sender sent of it (each message goes
 /// to every receiving service once), `errors` the receiver's nacks and
 /// dead letters of it plus the sender's refused sends of it.
-async fn topology(State(shared): State<Arc<Shared>>) -> Response {
+#[utoipa::path(
+    get,
+    path = "/v1/topology",
+    tag = "console",
+    responses(
+        (status = 200, description = "Who sent what to whom", body = crate::openapi::Topology),
+        (status = 401, description = "Under a manifest: no admin token, or one it does not list", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "A service's token, or a non-loopback caller without a manifest", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ),
+)]
+pub(crate) async fn topology(State(shared): State<Arc<Shared>>) -> Response {
     let now = now_nanos();
     let (names, _, _) = traffic_copy(&shared);
     let known: Vec<String> = shared
@@ -517,7 +547,24 @@ fn topology_json(names: &[NameStats], mut services: Vec<String>, now: Nanos) -> 
 
 /// `GET /v1/dead-letters/{service}`: the oldest dead letters (at most
 /// `DEAD_LETTERS_LISTED_MAX`) and how many there are.
-async fn dead_letters(State(shared): State<Arc<Shared>>, Path(service): Path<String>) -> Response {
+#[utoipa::path(
+    get,
+    path = "/v1/dead-letters/{service}",
+    tag = "console",
+    params(
+        ("service" = String, Path, description = "The service's name"),
+    ),
+    responses(
+        (status = 200, description = "The oldest dead letters, and how many there are", body = crate::openapi::DeadLetters),
+        (status = 401, description = "Under a manifest: no admin token, or one it does not list", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "A service's token, or a non-loopback caller without a manifest", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such service", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ),
+)]
+pub(crate) async fn dead_letters(
+    State(shared): State<Arc<Shared>>,
+    Path(service): Path<String>,
+) -> Response {
     let (total, letters) = {
         let mut core = shared.core();
         let Some(total) = core.dead_letter_count(&service) else {
@@ -542,7 +589,23 @@ async fn dead_letters(State(shared): State<Arc<Shared>>, Path(service): Path<Str
 
 /// `GET /v1/dead-letters/{service}/{id}`: one, with its whole envelope
 /// and payload.
-async fn dead_letter(
+#[utoipa::path(
+    get,
+    path = "/v1/dead-letters/{service}/{id}",
+    tag = "console",
+    params(
+        ("service" = String, Path, description = "The service's name"),
+        ("id" = String, Path, description = "The dead letter's id, a number"),
+    ),
+    responses(
+        (status = 200, description = "One dead letter with its envelope and payload", body = crate::openapi::DeadLetter),
+        (status = 400, description = "Not a dead letter id", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Under a manifest: no admin token, or one it does not list", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "A service's token, or a non-loopback caller without a manifest", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such dead letter", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ),
+)]
+pub(crate) async fn dead_letter(
     State(shared): State<Arc<Shared>>,
     Path((service, id)): Path<(String, String)>,
 ) -> Response {
@@ -608,7 +671,27 @@ fn change<T>(
 
 /// `POST /v1/dead-letters/{service}/{id}/replay`: back into the service's
 /// queue, delivered as a fresh message.
-async fn replay(
+#[utoipa::path(
+    post,
+    path = "/v1/dead-letters/{service}/{id}/replay",
+    tag = "console",
+    params(
+        ("service" = String, Path, description = "The service's name"),
+        ("id" = String, Path, description = "The dead letter's id, a number"),
+    ),
+    request_body(content = Object, content_type = "application/json", description = "{}"),
+    responses(
+        (status = 200, description = "Back in the service's queue", body = crate::openapi::Replayed),
+        (status = 400, description = "Not a dead letter id", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Under a manifest: no admin token, or one it does not list", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "A service's token, or a non-loopback caller without a manifest", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such dead letter", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "It cannot be replayed now", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 415, description = "A POST must be sent as Content-Type: application/json", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The broker's disk failed while saving the change", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ),
+)]
+pub(crate) async fn replay(
     State(shared): State<Arc<Shared>>,
     Path((service, id)): Path<(String, String)>,
 ) -> Response {
@@ -630,7 +713,27 @@ async fn replay(
 
 /// `POST /v1/dead-letters/{service}/purge`: deletes all of the service's
 /// dead letters.
-async fn purge(State(shared): State<Arc<Shared>>, Path(service): Path<String>) -> Response {
+#[utoipa::path(
+    post,
+    path = "/v1/dead-letters/{service}/purge",
+    tag = "console",
+    params(
+        ("service" = String, Path, description = "The service's name"),
+    ),
+    request_body(content = Object, content_type = "application/json", description = "{}"),
+    responses(
+        (status = 200, description = "All of the service's dead letters deleted", body = crate::openapi::Purged),
+        (status = 401, description = "Under a manifest: no admin token, or one it does not list", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "A service's token, or a non-loopback caller without a manifest", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such service", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 415, description = "A POST must be sent as Content-Type: application/json", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The broker's disk failed while saving the change", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ),
+)]
+pub(crate) async fn purge(
+    State(shared): State<Arc<Shared>>,
+    Path(service): Path<String>,
+) -> Response {
     let purged = change(&shared, |core, _| {
         core.dead_letter_count(&service)?;
         Some(core.purge(&service, None))
@@ -642,7 +745,25 @@ async fn purge(State(shared): State<Arc<Shared>>, Path(service): Path<String>) -
     }
 }
 
-async fn pause(
+#[utoipa::path(
+    post,
+    path = "/v1/subscriptions/{service}/pause",
+    tag = "console",
+    params(
+        ("service" = String, Path, description = "The service's name"),
+    ),
+    request_body(content = crate::openapi::PauseChange, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Paused", body = crate::openapi::Paused),
+        (status = 400, description = "A bad body", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Under a manifest: no admin token, or one it does not list", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "A service's token, or a non-loopback caller without a manifest", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such service or subscription", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 415, description = "A POST must be sent as Content-Type: application/json", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The broker's disk failed while saving the change", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ),
+)]
+pub(crate) async fn pause(
     State(shared): State<Arc<Shared>>,
     Path(service): Path<String>,
     body: Bytes,
@@ -650,7 +771,25 @@ async fn pause(
     pause_or_resume(&shared, &service, &body, true)
 }
 
-async fn resume(
+#[utoipa::path(
+    post,
+    path = "/v1/subscriptions/{service}/resume",
+    tag = "console",
+    params(
+        ("service" = String, Path, description = "The service's name"),
+    ),
+    request_body(content = crate::openapi::PauseChange, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Resumed", body = crate::openapi::Paused),
+        (status = 400, description = "A bad body", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Under a manifest: no admin token, or one it does not list", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "A service's token, or a non-loopback caller without a manifest", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such service or subscription", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 415, description = "A POST must be sent as Content-Type: application/json", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The broker's disk failed while saving the change", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ),
+)]
+pub(crate) async fn resume(
     State(shared): State<Arc<Shared>>,
     Path(service): Path<String>,
     body: Bytes,

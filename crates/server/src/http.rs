@@ -66,14 +66,34 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/activities", get(activities))
         .route("/v1/activities/{id}", get(activity))
         .merge(crate::registry::routes())
+        .route("/v1/openapi.json", get(crate::openapi::document))
         .with_state(shared)
 }
 
-async fn healthz() -> &'static str {
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    security(()),
+    responses(
+        (status = 200, description = "The broker is up", body = String, content_type = "text/plain"),
+    ),
+)]
+pub(crate) async fn healthz() -> &'static str {
     "ok\n"
 }
 
-async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    security(()),
+    responses(
+        (status = 200, description = "Ready", body = String, content_type = "text/plain"),
+        (status = 503, description = "Degraded: the broker's disk is failing; durable sends are refused", body = String, content_type = "text/plain"),
+    ),
+)]
+pub(crate) async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
     let degraded = shared.core().is_degraded();
     if degraded {
         (
@@ -86,7 +106,17 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
     }
 }
 
-async fn metrics(
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses(
+        (status = 200, description = "The broker's metrics", body = String, content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        (status = 401, description = "Under a manifest: no admin token, or one it does not list", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "A service's token, or a non-loopback caller without a manifest", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ),
+)]
+pub(crate) async fn metrics(
     State(shared): State<Arc<Shared>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
@@ -109,7 +139,24 @@ async fn metrics(
 
 /// `GET /v1/tail?pattern=…&service=…&kind=…&payload=true`: the live tail
 /// as Server-Sent Events.
-async fn tail(
+#[utoipa::path(
+    get,
+    path = "/v1/tail",
+    tag = "operations",
+    params(
+        ("pattern" = Option<String>, Query, description = "Only names matching this pattern, such as todo.*"),
+        ("service" = Option<String>, Query, description = "Only messages from or to this service"),
+        ("kind" = Option<String>, Query, description = "command, event or reply"),
+        ("payload" = Option<bool>, Query, description = "Include payloads"),
+    ),
+    responses(
+        (status = 200, description = "The live tail, as Server-Sent Events", body = String, content_type = "text/event-stream"),
+        (status = 400, description = "A bad filter", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Under a manifest: no admin token, or one it does not list", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "A service's token, or a non-loopback caller without a manifest", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ),
+)]
+pub(crate) async fn tail(
     State(shared): State<Arc<Shared>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Query(query): Query<HashMap<String, String>>,
@@ -136,7 +183,23 @@ async fn tail(
 
 /// `GET /v1/activities/{id}`: one activity's causal tree as JSON
 /// (`docs/PROTOCOL.md` §8.8 shows its shape).
-async fn activity(
+#[utoipa::path(
+    get,
+    path = "/v1/activities/{id}",
+    tag = "operations",
+    params(
+        ("id" = String, Path, description = "The activity's id (a UUID)"),
+    ),
+    responses(
+        (status = 200, description = "The activity's causal tree", body = Object),
+        (status = 400, description = "Not a UUID", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Under a manifest: no admin token, or one it does not list", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "A service's token, or a non-loopback caller without a manifest", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such activity in the traces", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Activity traces are off on this broker", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ),
+)]
+pub(crate) async fn activity(
     State(shared): State<Arc<Shared>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(id): Path<String>,
@@ -175,7 +238,25 @@ async fn activity(
 
 /// `GET /v1/activities?name=…&outcome=…&since=…&limit=…`: recent
 /// activities, newest first.
-async fn activities(
+#[utoipa::path(
+    get,
+    path = "/v1/activities",
+    tag = "operations",
+    params(
+        ("name" = Option<String>, Query, description = "Only activities that started with this name"),
+        ("outcome" = Option<String>, Query, description = "Only activities with this outcome"),
+        ("since" = Option<String>, Query, description = "Only activities since then: a duration ago (10m) or a time"),
+        ("limit" = Option<u32>, Query, description = "At most this many"),
+    ),
+    responses(
+        (status = 200, description = "Recent activities, newest first", body = Object),
+        (status = 400, description = "A bad or unknown parameter", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Under a manifest: no admin token, or one it does not list", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "A service's token, or a non-loopback caller without a manifest", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Activity traces are off on this broker", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ),
+)]
+pub(crate) async fn activities(
     State(shared): State<Arc<Shared>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Query(query): Query<HashMap<String, String>>,

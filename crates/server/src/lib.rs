@@ -14,6 +14,7 @@ mod console;
 mod gateway;
 mod http;
 mod metrics_text;
+mod openapi;
 mod registry;
 mod tail;
 mod tls;

@@ -259,7 +259,17 @@ fn truthy(query: &HashMap<String, String>, key: &str) -> bool {
         .is_some_and(|v| matches!(v.as_str(), "" | "1" | "true" | "yes"))
 }
 
-async fn list_services(
+#[utoipa::path(
+    get,
+    path = "/v1/registry",
+    tag = "registry",
+    responses(
+        (status = 200, description = "The registry's services", body = crate::openapi::RegistryListing, headers(("X-Courier-Index" = String, description = "The registry's change index"))),
+        (status = 401, description = "Under a manifest: no admin token, or one it does not list", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "A service's token, or a non-loopback caller without a manifest", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ),
+)]
+pub(crate) async fn list_services(
     State(shared): State<Arc<Shared>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
@@ -274,7 +284,24 @@ async fn list_services(
     json_response(StatusCode::OK, &body, index)
 }
 
-async fn service_instances(
+#[utoipa::path(
+    get,
+    path = "/v1/services/{name}",
+    tag = "registry",
+    params(
+        ("name" = String, Path, description = "The service's name"),
+        ("all" = Option<bool>, Query, description = "Every instance with its state, not only the healthy ones"),
+        ("index" = Option<u64>, Query, description = "Block until the registry's index differs from this one"),
+        ("wait" = Option<String>, Query, description = "With index: wait at most this long, such as 30s (at most 300s)"),
+    ),
+    responses(
+        (status = 200, description = "The service's instances", body = crate::openapi::RegistryInstances, headers(("X-Courier-Index" = String, description = "The registry's change index"))),
+        (status = 400, description = "A bad index or wait", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Under a manifest: no admin token, or one it does not list", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "A service's token, or a non-loopback caller without a manifest", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ),
+)]
+pub(crate) async fn service_instances(
     State(shared): State<Arc<Shared>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(name): Path<String>,
@@ -387,7 +414,22 @@ pub fn spec_from_json(service: &str, body: &Value) -> Result<InstanceSpec, Strin
     })
 }
 
-async fn register(
+#[utoipa::path(
+    post,
+    path = "/v1/services/{name}",
+    tag = "registry",
+    params(
+        ("name" = String, Path, description = "The service's name"),
+    ),
+    request_body(content = crate::openapi::Registration, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Registered", body = crate::openapi::RegistryChange, headers(("X-Courier-Index" = String, description = "The registry's change index"))),
+        (status = 400, description = "A bad registration", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Under a manifest: no admin token, or one it does not list", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "A service's token, or a non-loopback caller without a manifest", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ),
+)]
+pub(crate) async fn register(
     State(shared): State<Arc<Shared>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(name): Path<String>,
@@ -426,7 +468,22 @@ async fn register(
     }
 }
 
-async fn deregister(
+#[utoipa::path(
+    delete,
+    path = "/v1/services/{name}/{id}",
+    tag = "registry",
+    params(
+        ("name" = String, Path, description = "The service's name"),
+        ("id" = String, Path, description = "The instance's id"),
+    ),
+    responses(
+        (status = 200, description = "Deregistered", body = crate::openapi::RegistryChange, headers(("X-Courier-Index" = String, description = "The registry's change index"))),
+        (status = 401, description = "Under a manifest: no admin token, or one it does not list", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "A service's token, or a non-loopback caller without a manifest", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such instance", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ),
+)]
+pub(crate) async fn deregister(
     State(shared): State<Arc<Shared>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path((name, id)): Path<(String, String)>,
@@ -450,7 +507,23 @@ async fn deregister(
     }
 }
 
-async fn heartbeat(
+#[utoipa::path(
+    post,
+    path = "/v1/services/{name}/{id}/heartbeat",
+    tag = "registry",
+    params(
+        ("name" = String, Path, description = "The service's name"),
+        ("id" = String, Path, description = "The instance's id"),
+    ),
+    responses(
+        (status = 200, description = "The instance's TTL check passed", body = crate::openapi::RegistryChange, headers(("X-Courier-Index" = String, description = "The registry's change index"))),
+        (status = 401, description = "Under a manifest: no admin token, or one it does not list", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "A service's token, or a non-loopback caller without a manifest", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such instance", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The instance's check is not a TTL check", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ),
+)]
+pub(crate) async fn heartbeat(
     State(shared): State<Arc<Shared>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path((name, id)): Path<(String, String)>,

@@ -19,6 +19,7 @@ use axum::routing::post;
 use axum::Router;
 use courier_client::{Client, ClientOptions, Error as ClientError, ErrorCode, MessageBuilder};
 use courier_manifest::Identity;
+use serde::Serialize;
 use tokio::sync::Mutex;
 use uuid::Uuid;
 
@@ -56,7 +57,7 @@ struct AsyncRequest {
     /// The service whose token asked: only it may poll.
     owner: Option<String>,
     status: &'static str,
-    replies: Vec<serde_json::Value>,
+    replies: Vec<ReplyJson>,
     ended_at: Option<std::time::Instant>,
 }
 
@@ -91,6 +92,77 @@ impl AsyncRequests {
             },
         );
     }
+}
+
+/// `202` to a message sent or published.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct Accepted {
+    /// The message's id (the `Courier-Id` sent, or one chosen for it).
+    #[schema(format = "uuid")]
+    id: String,
+}
+
+/// `202` to a request sent with `Prefer: respond-async`.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct AsyncAccepted {
+    #[schema(format = "uuid")]
+    id: String,
+    /// Always `pending`.
+    status: &'static str,
+    /// Where to poll: `/v1/requests/{id}`.
+    location: String,
+}
+
+/// An asynchronous request's state.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct AsyncStatus<'a> {
+    #[schema(format = "uuid")]
+    id: String,
+    /// pending, done or expired.
+    status: &'static str,
+    replies: &'a [ReplyJson],
+}
+
+/// One reply, as a line of a stream or in an asynchronous request's state.
+#[derive(Clone, Serialize, utoipa::ToSchema)]
+pub(crate) struct ReplyJson {
+    #[schema(format = "uuid")]
+    id: String,
+    /// The outcome: the reply's name.
+    name: String,
+    /// The service that answered.
+    sender: String,
+    /// Whether this reply ends the request.
+    #[serde(rename = "final")]
+    #[schema(rename = "final")]
+    is_final: bool,
+    /// The payload, inline when it is JSON, else as text.
+    payload: serde_json::Value,
+}
+
+/// The envelope headers of a message: one list for both operations.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)] // described; read from the HeaderMap by `envelope`
+pub(crate) struct EnvelopeHeaders {
+    /// Partition key: messages with the same key are delivered in order.
+    #[param(rename = "Courier-Key")]
+    courier_key: Option<String>,
+    /// The message's id (a UUID); a retry with the same id is deduplicated.
+    #[param(rename = "Courier-Id", format = "uuid")]
+    courier_id: Option<String>,
+    /// Time to live, such as 30s or 500ms.
+    #[param(rename = "Courier-TTL")]
+    courier_ttl: Option<String>,
+    /// Deliver no sooner than this, such as 5s.
+    #[param(rename = "Courier-Delay")]
+    courier_delay: Option<String>,
+    /// The payload's schema version, MAJOR.MINOR.
+    #[param(rename = "Courier-Version")]
+    courier_version: Option<String>,
+    /// true: at most once, memory only.
+    #[param(rename = "Courier-Transient")]
+    courier_transient: Option<bool>,
 }
 
 /// The gateway's routes, with their state applied.
@@ -186,7 +258,36 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 
 /// `POST /v1/messages/{name}`: a command sent, or an event published
 /// (names in the past tense are events, as on the bus).
-async fn post_message(
+///
+/// The answer is `{"id"}` alone: the bus's acknowledgement (SEND_RESULT)
+/// echoes the sender's own `seq` and carries no log position, so there is
+/// no broker sequence number to report without changing the protocol.
+#[utoipa::path(
+    post,
+    path = "/v1/messages/{name}",
+    tag = "gateway",
+    params(
+        ("name" = String, Path, description = "The message's name; names in the past tense (todo.created) are published as events, others sent as commands"),
+        EnvelopeHeaders,
+    ),
+    request_body(description = "The payload, its Content-Type kept in the message's headers", content(
+        (serde_json::Value = "application/json"),
+        (String = "application/octet-stream"),
+    )),
+    responses(
+        (status = 202, description = "The broker accepted the message (a durable one is fsynced)", body = Accepted),
+        (status = 400, description = "A bad name, envelope header or message", body = crate::openapi::Problem, content_type = "application/problem+json", headers(("Courier-Error" = String, description = "The broker's error code, when it refused"))),
+        (status = 401, description = "No token, or one the manifest does not list", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not allowed: by the manifest, an admin token, or a non-loopback caller without a manifest", body = crate::openapi::Problem, content_type = "application/problem+json", headers(("Courier-Error" = String, description = "The broker's error code, when it refused"))),
+        (status = 404, description = "No service receives this command", body = crate::openapi::Problem, content_type = "application/problem+json", headers(("Courier-Error" = String, description = "no_receiver"))),
+        (status = 413, description = "The payload is over the broker's limit", body = crate::openapi::Problem, content_type = "application/problem+json", headers(("Courier-Error" = String, description = "payload_too_large"))),
+        (status = 429, description = "The service is over its send rate", body = crate::openapi::Problem, content_type = "application/problem+json", headers(("Courier-Error" = String, description = "rate_limited"))),
+        (status = 502, description = "Another refusal by the broker", body = crate::openapi::Problem, content_type = "application/problem+json", headers(("Courier-Error" = String, description = "The broker's error code"))),
+        (status = 503, description = "The broker cannot take it now (disk failing, shutting down, connection lost)", body = crate::openapi::Problem, content_type = "application/problem+json", headers(("Courier-Error" = String, description = "The broker's error code, when it refused"))),
+        (status = 504, description = "The broker did not answer in time", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ),
+)]
+pub(crate) async fn post_message(
     State(gateway): State<Arc<Gateway>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(name): Path<String>,
@@ -207,19 +308,50 @@ async fn post_message(
         Err(refused) => return *refused,
     };
     match builder.send().await {
-        Ok(id) => (
-            StatusCode::ACCEPTED,
-            [(header::CONTENT_TYPE, "application/json")],
-            serde_json::json!({ "id": id.to_string() }).to_string(),
-        )
-            .into_response(),
+        Ok(id) => json_answer(StatusCode::ACCEPTED, &Accepted { id: id.to_string() }),
         Err(e) => refusal(&e),
     }
 }
 
 /// `POST /v1/requests/{name}?timeout=…`: a command sent, answered with
 /// its final reply.
-async fn post_request(
+#[utoipa::path(
+    post,
+    path = "/v1/requests/{name}",
+    tag = "gateway",
+    params(
+        ("name" = String, Path, description = "The command's name"),
+        ("timeout" = Option<String>, Query, description = "How long to wait for the final reply: 1ms to 300s, such as 500ms or 5s (default 30s)"),
+        ("Prefer" = Option<String>, Header, description = "respond-async: answer 202 at once, with a Location to poll"),
+        EnvelopeHeaders,
+    ),
+    request_body(description = "The payload, its Content-Type kept in the message's headers", content(
+        (serde_json::Value = "application/json"),
+        (String = "application/octet-stream"),
+    )),
+    responses(
+        (status = 200, description = "The final reply: its payload as the body (its own content type), its envelope in headers; or, for a stream of replies, one JSON reply a line as they come", content(
+            (serde_json::Value = "*/*"),
+            (ReplyJson = "application/x-ndjson"),
+        ), headers(
+            ("Courier-Outcome" = String, description = "The reply's name"),
+            ("Courier-Id" = String, description = "The reply's id"),
+            ("Courier-Sender" = String, description = "The service that answered"),
+            ("Courier-Version" = String, description = "The reply's schema version"),
+        )),
+        (status = 202, description = "With Prefer: respond-async: sent; poll the Location", body = AsyncAccepted, headers(("Location" = String, description = "/v1/requests/{id}"))),
+        (status = 400, description = "A bad name, timeout, envelope header or message", body = crate::openapi::Problem, content_type = "application/problem+json", headers(("Courier-Error" = String, description = "The broker's error code, when it refused"))),
+        (status = 401, description = "No token, or one the manifest does not list", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not allowed: by the manifest, an admin token, or a non-loopback caller without a manifest", body = crate::openapi::Problem, content_type = "application/problem+json", headers(("Courier-Error" = String, description = "The broker's error code, when it refused"))),
+        (status = 404, description = "No service receives this command", body = crate::openapi::Problem, content_type = "application/problem+json", headers(("Courier-Error" = String, description = "no_receiver"))),
+        (status = 413, description = "The payload is over the broker's limit", body = crate::openapi::Problem, content_type = "application/problem+json", headers(("Courier-Error" = String, description = "payload_too_large"))),
+        (status = 429, description = "The service is over its send rate", body = crate::openapi::Problem, content_type = "application/problem+json", headers(("Courier-Error" = String, description = "rate_limited"))),
+        (status = 502, description = "Another refusal by the broker", body = crate::openapi::Problem, content_type = "application/problem+json", headers(("Courier-Error" = String, description = "The broker's error code"))),
+        (status = 503, description = "The broker cannot take it now", body = crate::openapi::Problem, content_type = "application/problem+json", headers(("Courier-Error" = String, description = "The broker's error code, when it refused"))),
+        (status = 504, description = "No final reply within the timeout", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ),
+)]
+pub(crate) async fn post_request(
     State(gateway): State<Arc<Gateway>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(name): Path<String>,
@@ -285,16 +417,16 @@ async fn post_request(
             }
         });
         let location = format!("/v1/requests/{id}");
-        return (
+        let mut response = json_answer(
             StatusCode::ACCEPTED,
-            [
-                (header::LOCATION, location.clone()),
-                (header::CONTENT_TYPE, "application/json".to_string()),
-            ],
-            serde_json::json!({ "id": id.to_string(), "status": "pending", "location": location })
-                .to_string(),
-        )
-            .into_response();
+            &AsyncAccepted {
+                id: id.to_string(),
+                status: "pending",
+                location: location.clone(),
+            },
+        );
+        insert(response.headers_mut(), header::LOCATION, &location);
+        return response;
     }
     let first = match stream.next_reply().await {
         Some(Ok(reply)) => reply,
@@ -338,7 +470,21 @@ async fn post_request(
 
 /// `GET /v1/requests/{id}`: an asynchronous request's status
 /// (pending, done or expired) and its replies so far.
-async fn get_request(
+#[utoipa::path(
+    get,
+    path = "/v1/requests/{id}",
+    tag = "gateway",
+    params(("id" = String, Path, description = "The request's id, from the Location of its 202")),
+    responses(
+        (status = 200, description = "Its status and replies so far", body = AsyncStatus),
+        (status = 400, description = "Not a UUID", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No token, or one the manifest does not list", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "An admin token, or a non-loopback caller without a manifest", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such request of this service (or it ended over 10 minutes ago)", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The bus connection could not be opened", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ),
+)]
+pub(crate) async fn get_request(
     State(gateway): State<Arc<Gateway>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(id): Path<String>,
@@ -357,20 +503,27 @@ async fn get_request(
     let owner = bearer(&headers).map(str::to_string);
     let requests = lock(&gateway.asynchronous);
     match requests.by_id.get(&id) {
-        Some(entry) if entry.owner == owner => (
+        Some(entry) if entry.owner == owner => json_answer(
             StatusCode::OK,
-            [(header::CONTENT_TYPE, "application/json")],
-            serde_json::json!({
-                "id": id.to_string(),
-                "status": entry.status,
-                "replies": entry.replies,
-            })
-            .to_string(),
-        )
-            .into_response(),
+            &AsyncStatus {
+                id: id.to_string(),
+                status: entry.status,
+                replies: &entry.replies,
+            },
+        ),
         _ => problem(
             StatusCode::NOT_FOUND,
             "no such request: it was never sent with 'Prefer: respond-async' by this service, or it ended more than 10 minutes ago",
+        ),
+    }
+}
+
+fn json_answer(status: StatusCode, body: &impl Serialize) -> Response {
+    match serde_json::to_string(body) {
+        Ok(text) => (status, [(header::CONTENT_TYPE, "application/json")], text).into_response(),
+        Err(e) => problem(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("the answer could not be encoded: {e}"),
         ),
     }
 }
@@ -389,23 +542,24 @@ fn no_reply(timeout: Duration) -> Response {
 }
 
 /// A reply as JSON: its payload inline when it is JSON, else as text.
-fn reply_json(reply: &courier_client::Reply) -> serde_json::Value {
+fn reply_json(reply: &courier_client::Reply) -> ReplyJson {
     let message = reply.message();
     let payload =
         serde_json::from_slice::<serde_json::Value>(&message.payload).unwrap_or_else(|_| {
             serde_json::Value::String(String::from_utf8_lossy(&message.payload).into_owned())
         });
-    serde_json::json!({
-        "id": message.id.to_string(),
-        "name": &*message.name,
-        "sender": &*message.sender,
-        "final": message.is_final,
-        "payload": payload,
-    })
+    ReplyJson {
+        id: message.id.to_string(),
+        name: message.name.to_string(),
+        sender: message.sender.to_string(),
+        is_final: message.is_final,
+        payload,
+    }
 }
 
-fn ndjson_line(value: &serde_json::Value) -> Result<Bytes, std::convert::Infallible> {
-    let mut line = value.to_string();
+fn ndjson_line(value: &impl Serialize) -> Result<Bytes, std::convert::Infallible> {
+    let mut line = serde_json::to_string(value)
+        .unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }).to_string());
     line.push('\n');
     Ok(Bytes::from(line))
 }

@@ -512,6 +512,17 @@ async fn every_documented_operation_answers_as_the_document_says() {
         check("delete", &format!("/v1/services/db/{id}"), &[], "", 200);
         check("delete", &format!("/v1/services/db/{id}"), &[], "", 404);
 
+        // A method the document does not list is told 405 with the ones
+        // it does, before any check of the body.
+        for (method, path, allow) in [
+            ("POST", "/v1/names", "GET, HEAD"),
+            ("GET", "/v1/dead-letters/calc/purge", "POST"),
+        ] {
+            let answer = call(&http, method, path, &[], "");
+            assert_eq!(answer.status, 405, "{method} {path}");
+            assert_eq!(answer.header("allow"), Some(allow), "{method} {path}");
+        }
+
         let documented: BTreeSet<String> = doc["paths"]
             .as_object()
             .expect("paths")

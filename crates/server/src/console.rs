@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, Path, Request, State};
-use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post, MethodRouter};
@@ -112,16 +112,30 @@ pub(crate) fn routes(shared: Arc<Shared>) -> Router<Arc<Shared>> {
 }
 
 fn only_get(route: MethodRouter<Arc<Shared>>) -> MethodRouter<Arc<Shared>> {
-    route.fallback(|| async { refuse(StatusCode::METHOD_NOT_ALLOWED, "this endpoint answers GET") })
+    route.fallback(|| async {
+        let mut refused = refuse(StatusCode::METHOD_NOT_ALLOWED, "this endpoint answers GET");
+        refused
+            .headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
+        refused
+    })
 }
 
+/// A change: POST only, and only as JSON from the page's own origin (the
+/// check runs for the POST itself, so another method is told 405).
 fn only_post(route: MethodRouter<Arc<Shared>>) -> MethodRouter<Arc<Shared>> {
-    route.fallback(|| async {
-        refuse(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "this endpoint answers POST (with a JSON body)",
-        )
-    })
+    route
+        .route_layer(middleware::from_fn(json_from_same_origin))
+        .fallback(|| async {
+            let mut refused = refuse(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "this endpoint answers POST (with a JSON body)",
+            );
+            refused
+                .headers_mut()
+                .insert(header::ALLOW, header::HeaderValue::from_static("POST"));
+            refused
+        })
 }
 
 fn refuse(status: StatusCode, detail: &str) -> Response {
@@ -161,10 +175,13 @@ async fn authorized(
     if let Err(refusal) = authorize(&shared, peer, request.headers()) {
         return *refusal;
     }
-    if request.method() == Method::POST {
-        if let Err(refusal) = same_origin_json(request.headers()) {
-            return refusal.into_response();
-        }
+    next.run(request).await
+}
+
+/// The guard in front of every change (see [`only_post`]).
+async fn json_from_same_origin(request: Request, next: Next) -> Response {
+    if let Err(refusal) = same_origin_json(request.headers()) {
+        return refusal.into_response();
     }
     next.run(request).await
 }
@@ -595,7 +612,7 @@ pub(crate) async fn dead_letters(
     tag = "console",
     params(
         ("service" = String, Path, description = "The service's name"),
-        ("id" = String, Path, description = "The dead letter's id, a number"),
+        ("id" = u64, Path, description = "The dead letter's id"),
     ),
     responses(
         (status = 200, description = "One dead letter with its envelope and payload", body = crate::openapi::DeadLetter),
@@ -677,12 +694,12 @@ fn change<T>(
     tag = "console",
     params(
         ("service" = String, Path, description = "The service's name"),
-        ("id" = String, Path, description = "The dead letter's id, a number"),
+        ("id" = u64, Path, description = "The dead letter's id"),
     ),
     request_body(content = Object, content_type = "application/json", description = "{}"),
     responses(
         (status = 200, description = "Back in the service's queue", body = crate::openapi::Replayed),
-        (status = 400, description = "Not a dead letter id", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Not a dead letter id, or a body that is not a JSON object", body = crate::openapi::Problem, content_type = "application/problem+json"),
         (status = 401, description = "Under a manifest: no admin token, or one it does not list", body = crate::openapi::Problem, content_type = "application/problem+json"),
         (status = 403, description = "A service's token, or a non-loopback caller without a manifest", body = crate::openapi::Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such dead letter", body = crate::openapi::Problem, content_type = "application/problem+json"),
@@ -694,8 +711,9 @@ fn change<T>(
 pub(crate) async fn replay(
     State(shared): State<Arc<Shared>>,
     Path((service, id)): Path<(String, String)>,
+    body: Bytes,
 ) -> Response {
-    let id = match parse_id(&id) {
+    let id = match parse_id(&id).and_then(|id| no_fields(&body).map(|()| id)) {
         Ok(id) => id,
         Err(refusal) => return refusal.into_response(),
     };
@@ -723,6 +741,7 @@ pub(crate) async fn replay(
     request_body(content = Object, content_type = "application/json", description = "{}"),
     responses(
         (status = 200, description = "All of the service's dead letters deleted", body = crate::openapi::Purged),
+        (status = 400, description = "A body that is not a JSON object", body = crate::openapi::Problem, content_type = "application/problem+json"),
         (status = 401, description = "Under a manifest: no admin token, or one it does not list", body = crate::openapi::Problem, content_type = "application/problem+json"),
         (status = 403, description = "A service's token, or a non-loopback caller without a manifest", body = crate::openapi::Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such service", body = crate::openapi::Problem, content_type = "application/problem+json"),
@@ -733,7 +752,11 @@ pub(crate) async fn replay(
 pub(crate) async fn purge(
     State(shared): State<Arc<Shared>>,
     Path(service): Path<String>,
+    body: Bytes,
 ) -> Response {
+    if let Err(refusal) = no_fields(&body) {
+        return refusal.into_response();
+    }
     let purged = change(&shared, |core, _| {
         core.dead_letter_count(&service)?;
         Some(core.purge(&service, None))
@@ -826,6 +849,20 @@ fn pause_or_resume(shared: &Shared, service: &str, body: &[u8], pause: bool) -> 
     }
 }
 
+/// The body of a change that takes no arguments: empty, or a JSON object.
+fn no_fields(body: &[u8]) -> Result<(), Refusal> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(());
+    }
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(_)) => Ok(()),
+        _ => Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "the body is a JSON object, {} (this change takes no arguments)",
+        )),
+    }
+}
+
 /// The optional `pattern` of a pause or resume body.
 fn pattern_of(body: &[u8]) -> Result<Option<String>, Refusal> {
     let bad = |detail: String| Refusal::new(StatusCode::BAD_REQUEST, detail);
@@ -912,6 +949,18 @@ mod tests {
                 {"from": "todo", "to": "web", "name": "todo.created", "count": 5, "errors": 1},
             ])
         );
+    }
+
+    #[test]
+    fn a_change_without_arguments_takes_nothing_or_a_json_object() {
+        assert!(no_fields(b"").is_ok());
+        assert!(no_fields(b" {} ").is_ok());
+        for bad in [&b"\x00"[..], b"[]", b"null", b"{"] {
+            assert_eq!(
+                no_fields(bad).expect_err("refused").status,
+                StatusCode::BAD_REQUEST
+            );
+        }
     }
 
     #[test]

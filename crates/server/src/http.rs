@@ -188,7 +188,7 @@ pub(crate) async fn tail(
     path = "/v1/activities/{id}",
     tag = "operations",
     params(
-        ("id" = String, Path, description = "The activity's id (a UUID)"),
+        ("id" = String, Path, format = "uuid", description = "The activity's id"),
     ),
     responses(
         (status = 200, description = "The activity's causal tree", body = Object),
@@ -243,10 +243,10 @@ pub(crate) async fn activity(
     path = "/v1/activities",
     tag = "operations",
     params(
-        ("name" = Option<String>, Query, description = "Only activities that started with this name"),
+        ("name" = Option<String>, Query, description = "Only activities that started with a name matching this pattern", pattern = r"^$|^(([a-z0-9_-]+|\*)\.)*([a-z0-9_-]+|\*|>)$", max_length = 255),
         ("outcome" = Option<String>, Query, description = "Only activities with this outcome"),
-        ("since" = Option<String>, Query, description = "Only activities since then: a duration ago (10m) or a time"),
-        ("limit" = Option<u32>, Query, description = "At most this many"),
+        ("since" = Option<String>, Query, description = "Only activities since then: an age (90s, 15m, 2h, 1d) or Unix nanoseconds; RFC 3339 times are taken too", pattern = r"^$|^[0-9]{1,6}[smhd]$|^[0-9]{1,18}$"),
+        ("limit" = Option<u32>, Query, description = "At most this many (default 50)", minimum = 1, maximum = 1000),
     ),
     responses(
         (status = 200, description = "Recent activities, newest first", body = Object),

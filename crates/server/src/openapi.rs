@@ -9,7 +9,9 @@ use std::sync::OnceLock;
 
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
+use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Schema, Type};
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::openapi::RefOr;
 use utoipa::{Modify, OpenApi, ToSchema};
 
 #[derive(OpenApi)]
@@ -61,6 +63,7 @@ use utoipa::{Modify, OpenApi, ToSchema};
         RegistryInstance,
         RegistryChange,
         Registration,
+        Duration,
         ServicesListing,
         NamesListing,
         Topology,
@@ -194,27 +197,55 @@ pub(crate) struct RegistryChange {
 }
 
 /// A registration's body: only `address` is required. Durations are
-/// milliseconds or text such as "5s".
+/// milliseconds, or text such as "5s" (the document shows the simplest
+/// forms; humantime's others, like "1m 30s", are taken too).
 #[derive(ToSchema)]
 #[allow(dead_code)]
 pub(crate) struct Registration {
-    /// HOST:PORT.
+    /// HOST:PORT (or empty, for an instance reached otherwise).
+    #[schema(pattern = r"^$|:")]
     address: String,
     /// Chosen by the broker when left out.
+    #[schema(pattern = r"^[!-~]{1,255}$")]
     id: Option<String>,
-    /// `http://…`, `tcp://HOST:PORT`, or `ttl:DURATION`; none checks nothing.
+    /// `http://…`, `tcp://HOST:PORT`, or `ttl:30s`; none or empty checks
+    /// nothing.
+    #[schema(pattern = r"^$|^https?://|^tcp://[^:]*:|^ttl:[1-9][0-9]{0,5}(ms|s|m|h)$")]
     check: Option<String>,
-    #[schema(value_type = Option<serde_json::Value>)]
+    #[schema(value_type = Option<Duration>)]
     interval: Option<String>,
-    #[schema(value_type = Option<serde_json::Value>)]
+    #[schema(value_type = Option<Duration>)]
     timeout: Option<String>,
-    #[schema(value_type = Option<serde_json::Value>)]
+    #[schema(value_type = Option<Duration>)]
     deregister_after: Option<String>,
     #[schema(minimum = 1, maximum = 100)]
     flap_threshold: Option<u32>,
-    #[schema(value_type = Option<serde_json::Value>)]
+    #[schema(value_type = Option<Object>)]
     meta: Option<std::collections::BTreeMap<String, String>>,
 }
+
+/// Milliseconds, or text such as "5s".
+pub(crate) struct Duration;
+
+impl utoipa::PartialSchema for Duration {
+    fn schema() -> RefOr<Schema> {
+        OneOfBuilder::new()
+            .description(Some("Milliseconds, or text such as \"5s\""))
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::Integer)
+                    .minimum(Some(0)),
+            )
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .pattern(Some(r"^[0-9]{1,6}(ms|s|m|h)$")),
+            )
+            .into()
+    }
+}
+
+impl ToSchema for Duration {}
 
 // ---- console ---------------------------------------------------------------
 
@@ -323,7 +354,6 @@ mod tests {
         for route in [
             "/v1/messages/{name}",
             "/v1/requests/{name}",
-            "/v1/requests/{id}",
             "/v1/registry",
             "/v1/services/{name}",
             "/v1/services",
@@ -335,6 +365,9 @@ mod tests {
         ] {
             assert!(paths.contains_key(route), "{route} is not documented");
         }
+        // One template per route: polling an asynchronous request is the
+        // GET of the requests' route.
+        assert!(doc["paths"]["/v1/requests/{name}"]["get"].is_object());
         let bad = &doc["paths"]["/v1/messages/{name}"]["post"]["responses"]["400"];
         assert!(
             bad["content"]["application/problem+json"].is_object(),

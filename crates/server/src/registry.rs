@@ -356,8 +356,14 @@ pub(crate) async fn service_instances(
 fn duration_ms(body: &Value, key: &str, default: u32) -> Result<u32, String> {
     match &body[key] {
         Value::Null => Ok(default),
+        // 5000 and 5000.0 alike.
         Value::Number(n) => n
             .as_u64()
+            .or_else(|| {
+                n.as_f64()
+                    .filter(|f| *f >= 0.0 && f.fract() == 0.0)
+                    .map(|f| f.min(f64::from(u32::MAX)) as u64)
+            })
             .map(|n| n.min(u64::from(u32::MAX)) as u32)
             .ok_or_else(|| {
                 format!("{key} must be a whole number of milliseconds or text like \"5s\"")
@@ -375,15 +381,25 @@ pub fn spec_from_json(service: &str, body: &Value) -> Result<InstanceSpec, Strin
         .as_str()
         .ok_or("the body needs \"address\": \"HOST:PORT\"")?
         .to_string();
-    let id = match body["id"].as_str() {
-        Some(id) => id.to_string(),
-        None => format!("{service}-{}", uuid::Uuid::now_v7().simple()),
+    let id = match &body["id"] {
+        Value::String(id) => id.to_string(),
+        Value::Null => format!("{service}-{}", uuid::Uuid::now_v7().simple()),
+        other => return Err(format!("\"id\" is text, such as \"db-1\", not {other}")),
     };
     let timeout_ms = duration_ms(body, "timeout", TIMEOUT_MS_DEFAULT)?;
-    let check = match body["check"].as_str() {
-        None | Some("") => Check::None,
-        Some(text) => Check::parse(text, timeout_ms)?,
+    let check = match &body["check"] {
+        Value::Null => Check::None,
+        Value::String(text) if text.is_empty() => Check::None,
+        Value::String(text) => Check::parse(text, timeout_ms)?,
+        other => {
+            return Err(format!(
+                "\"check\" is text: http://…, tcp://HOST:PORT or ttl:30s, not {other}"
+            ))
+        }
     };
+    if !(body["meta"].is_null() || body["meta"].is_object()) {
+        return Err("\"meta\" is an object of text values, such as {\"zone\": \"a\"}".to_string());
+    }
     let mut meta = BTreeMap::new();
     if let Some(object) = body["meta"].as_object() {
         for (k, v) in object {
@@ -397,9 +413,9 @@ pub fn spec_from_json(service: &str, body: &Value) -> Result<InstanceSpec, Strin
     let flap_threshold = match &body["flap_threshold"] {
         Value::Null => FLAP_THRESHOLD_DEFAULT,
         v => v
-            .as_u64()
-            .filter(|n| (1..=100).contains(n))
-            .ok_or("flap_threshold must be a number from 1 to 100")? as u32,
+            .as_f64()
+            .filter(|n| n.fract() == 0.0 && (1.0..=100.0).contains(n))
+            .ok_or("flap_threshold must be a whole number from 1 to 100")? as u32,
     };
     Ok(InstanceSpec {
         service: service.to_string(),
@@ -419,7 +435,7 @@ pub fn spec_from_json(service: &str, body: &Value) -> Result<InstanceSpec, Strin
     path = "/v1/services/{name}",
     tag = "registry",
     params(
-        ("name" = String, Path, description = "The service's name"),
+        ("name" = String, Path, description = "The service's name (it becomes a DNS label)", pattern = r"^[A-Za-z0-9_-]{1,63}$"),
     ),
     request_body(content = crate::openapi::Registration, content_type = "application/json"),
     responses(
@@ -570,6 +586,21 @@ mod tests {
         let e = spec_from_json("db", &json!({"address": "h:1", "interval": "soon"}))
             .expect_err("bad interval");
         assert!(e.contains("5s"), "{e}");
+        // Whole numbers written as floats are whole numbers.
+        let spec = spec_from_json(
+            "db",
+            &json!({"address": "h:1", "interval": 400.0, "flap_threshold": 3.0}),
+        )
+        .expect("valid");
+        assert_eq!((spec.interval_ms, spec.flap_threshold), (400, 3));
+        for bad in [
+            json!({"address": "h:1", "id": {}}),
+            json!({"address": "h:1", "check": 7}),
+            json!({"address": "h:1", "meta": []}),
+            json!({"address": "h:1", "flap_threshold": 2.5}),
+        ] {
+            assert!(spec_from_json("db", &bad).is_err(), "{bad} was taken");
+        }
     }
 
     #[test]

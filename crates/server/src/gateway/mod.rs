@@ -146,22 +146,40 @@ pub(crate) struct ReplyJson {
 #[allow(dead_code)] // described; read from the HeaderMap by `envelope`
 pub(crate) struct EnvelopeHeaders {
     /// Partition key: messages with the same key are delivered in order.
-    #[param(rename = "Courier-Key")]
+    #[param(
+        nullable = false,
+        rename = "Courier-Key",
+        pattern = r"^[\x20-\x7e]*$",
+        max_length = 255
+    )]
     courier_key: Option<String>,
     /// The message's id (a UUID); a retry with the same id is deduplicated.
-    #[param(rename = "Courier-Id", format = "uuid")]
+    #[param(nullable = false, rename = "Courier-Id", format = "uuid")]
     courier_id: Option<String>,
-    /// Time to live, such as 30s or 500ms.
-    #[param(rename = "Courier-TTL")]
+    /// Time to live, such as 30s or 1500ms (the document asks for 1s or
+    /// more: a shorter one may run out before the broker has the message).
+    #[param(
+        nullable = false,
+        rename = "Courier-TTL",
+        pattern = r"^([1-9][0-9]{0,5}(s|m)|[1-9][0-9]{3,5}(ms)?)$"
+    )]
     courier_ttl: Option<String>,
     /// Deliver no sooner than this, such as 5s.
-    #[param(rename = "Courier-Delay")]
+    #[param(
+        nullable = false,
+        rename = "Courier-Delay",
+        pattern = r"^[0-9]{1,6}(ms|s|m)?$"
+    )]
     courier_delay: Option<String>,
     /// The payload's schema version, MAJOR.MINOR.
-    #[param(rename = "Courier-Version")]
+    #[param(
+        nullable = false,
+        rename = "Courier-Version",
+        pattern = r"^[0-9]{1,4}(\.[0-9]{1,4})?$"
+    )]
     courier_version: Option<String>,
     /// true: at most once, memory only.
-    #[param(rename = "Courier-Transient")]
+    #[param(nullable = false, rename = "Courier-Transient")]
     courier_transient: Option<bool>,
 }
 
@@ -267,7 +285,7 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
     path = "/v1/messages/{name}",
     tag = "gateway",
     params(
-        ("name" = String, Path, description = "The message's name; names in the past tense (todo.created) are published as events, others sent as commands"),
+        ("name" = String, Path, description = "The message's name; names in the past tense (todo.created) are published as events, others sent as commands", pattern = r"^[a-z0-9_-]+(\.[a-z0-9_-]+)*$", max_length = 255),
         EnvelopeHeaders,
     ),
     request_body(description = "The payload, its Content-Type kept in the message's headers", content(
@@ -320,9 +338,9 @@ pub(crate) async fn post_message(
     path = "/v1/requests/{name}",
     tag = "gateway",
     params(
-        ("name" = String, Path, description = "The command's name"),
-        ("timeout" = Option<String>, Query, description = "How long to wait for the final reply: 1ms to 300s, such as 500ms or 5s (default 30s)"),
-        ("Prefer" = Option<String>, Header, description = "respond-async: answer 202 at once, with a Location to poll"),
+        ("name" = String, Path, description = "The command's name", pattern = r"^[a-z0-9_-]+(\.[a-z0-9_-]+)*$", max_length = 255),
+        ("timeout" = Option<String>, Query, description = "How long to wait for the final reply: 1ms to 300s, such as 500ms or 5s (default 30s)", pattern = r"^([1-9][0-9]{0,4}(ms)?|[1-9][0-9]?s|[12][0-9]{2}s|300s|[1-5]m)$"),
+        ("Prefer" = Option<String>, Header, nullable = false, description = "respond-async: answer 202 at once, with a Location to poll"),
         EnvelopeHeaders,
     ),
     request_body(description = "The payload, its Content-Type kept in the message's headers", content(
@@ -472,9 +490,11 @@ pub(crate) async fn post_request(
 /// (pending, done or expired) and its replies so far.
 #[utoipa::path(
     get,
-    path = "/v1/requests/{id}",
+    // The same route as the POST (OpenAPI allows one template per
+    // route): here `{name}` is the request's id.
+    path = "/v1/requests/{name}",
     tag = "gateway",
-    params(("id" = String, Path, description = "The request's id, from the Location of its 202")),
+    params(("name" = String, Path, format = "uuid", description = "The request's id, from the Location of its 202")),
     responses(
         (status = 200, description = "Its status and replies so far", body = AsyncStatus),
         (status = 400, description = "Not a UUID", body = crate::openapi::Problem, content_type = "application/problem+json"),

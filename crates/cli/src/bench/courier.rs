@@ -670,7 +670,7 @@ async fn broker_metrics(client: &Client) -> anyhow::Result<Value> {
 }
 
 /// Shuts every client down at once.
-async fn shutdown_all(clients: &[Client]) {
+pub(super) async fn shutdown_all(clients: &[Client]) {
     futures_util::future::join_all(clients.iter().map(Client::shutdown)).await;
 }
 
@@ -768,7 +768,7 @@ pub(super) async fn courier_w3(
 
 /// Connects the W4 responder: it answers every (transient) W4 command
 /// with a transient final reply of 16 B.
-async fn w4_responder(addr: &str) -> anyhow::Result<Client> {
+pub(super) async fn w4_responder(addr: &str) -> anyhow::Result<Client> {
     let responder = connect(addr, W4_SERVICE, None).await?;
     let subscribed = responder
         .on(W4_NAME, |msg| async move {
@@ -790,7 +790,7 @@ async fn w4_responder(addr: &str) -> anyhow::Result<Client> {
 }
 
 /// One transient W4 request, from `client`; checks the reply.
-fn w4_ask(
+pub(super) fn w4_ask(
     client: &Client,
     payload: &Bytes,
     i: u64,

@@ -28,6 +28,7 @@ use serde_json::{json, Map, Value};
 use tokio::sync::{oneshot, Notify};
 
 mod courier;
+mod gateway;
 mod nats;
 mod process;
 mod scrape;
@@ -86,7 +87,8 @@ pub struct BenchArgs {
     #[arg(long)]
     json: bool,
     /// Run only these workloads, comma-separated: W5a, W5b, W6, W7a, W7b
-    /// (W5 and W7 name both halves).
+    /// (W5 and W7 name both halves), W-HTTP-a (request/reply through the
+    /// HTTP gateway beside the native protocol).
     #[arg(long, value_parser = parse_only)]
     only: Option<Only>,
     /// Each run of a workload must finish within this (e.g. 90s, 10m), or
@@ -231,15 +233,21 @@ impl Workload {
     }
 }
 
-/// The workloads `--only` selected, in canonical order, without repeats.
+/// The workloads `--only` selected, in canonical order, without repeats,
+/// and whether W-HTTP-a was.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Only(Vec<Workload>);
+pub struct Only(Vec<Workload>, bool);
 
 fn parse_only(text: &str) -> Result<Only, String> {
     use Workload::*;
     let mut picked = Vec::new();
+    let mut gateway = false;
     for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let named: &[Workload] = match part.to_ascii_lowercase().as_str() {
+            "w-http-a" | "w-http" => {
+                gateway = true;
+                &[]
+            }
             "w1" => &[W1a, W1b],
             "w1a" => &[W1a],
             "w1b" => &[W1b],
@@ -261,18 +269,18 @@ fn parse_only(text: &str) -> Result<Only, String> {
             "w7" => &[W7a, W7b],
             _ => {
                 return Err(format!(
-                    "unknown workload {part:?}; choose from W1a, W1b, W2a, W2b, W3a, W3b, W4a, W4b, W5a, W5b, W6, W7a, W7b (W1 … W7 name all their parts), comma-separated"
+                    "unknown workload {part:?}; choose from W1a, W1b, W2a, W2b, W3a, W3b, W4a, W4b, W5a, W5b, W6, W7a, W7b (W1 … W7 name all their parts), W-HTTP-a, comma-separated"
                 ))
             }
         };
         picked.extend_from_slice(named);
     }
-    if picked.is_empty() {
+    if picked.is_empty() && !gateway {
         return Err("no workload named; write e.g. --only W1a,W5a".to_string());
     }
     picked.sort();
     picked.dedup();
-    Ok(Only(picked))
+    Ok(Only(picked, gateway))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -600,6 +608,7 @@ struct Plan {
     w5b_warmup: u64,
     w6: u64,
     w7: u64,
+    gateway: gateway::GatewayPlan,
 }
 
 impl Plan {
@@ -621,6 +630,11 @@ impl Plan {
             w5b_warmup: n(10_000),
             w6: n(200_000),
             w7: n(1_000_000),
+            gateway: gateway::GatewayPlan {
+                concurrent: n(40_000),
+                sequential: n(5_000),
+                warmup: n(1_000),
+            },
         })
     }
 
@@ -1295,8 +1309,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         .only
         .clone()
         .map_or_else(|| Workload::ALL.to_vec(), |o| o.0);
+    let with_gateway = args.only.as_ref().is_none_or(|o| o.1);
     let exe = std::env::current_exe()
         .context("cannot find this program's own path, which the bench starts as the broker")?;
+    if selected.is_empty() {
+        if args.against.is_some() {
+            bail!("W-HTTP-a compares the gateway with Courier's own protocol; run it without --against");
+        }
+        return run_gateway(&args, &plan, &exe).await;
+    }
     let command = command_line(std::env::args());
     let date = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
     let machine = Machine::detect();
@@ -1421,7 +1442,27 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             println!("{line}");
         }
     }
+    if with_gateway && args.against.is_none() {
+        if !args.json {
+            println!();
+        }
+        run_gateway(&args, &plan, &exe).await?;
+    }
     Ok(())
+}
+
+/// W-HTTP-a, stopped on Ctrl-C like the other workloads.
+async fn run_gateway(args: &BenchArgs, plan: &Plan, exe: &Path) -> anyhow::Result<()> {
+    if cfg!(debug_assertions) {
+        progress(
+            "this is a debug build; for figures build with `cargo build --release -p courier-cli`",
+        );
+    }
+    let work = gateway::run(exe, plan.gateway, args.runs, args.timeout, args.json);
+    tokio::select! {
+        done = work => done.map_err(|e| anyhow!("{e:#}")),
+        _ = tokio::signal::ctrl_c() => bail!("interrupted; the broker was stopped and its data directory removed"),
+    }
 }
 
 /// Where, when and how the bench ran.
@@ -1551,14 +1592,22 @@ mod tests {
     #[test]
     fn only_parses_ids_groups_and_case_and_keeps_canonical_order() {
         use Workload::*;
-        assert_eq!(parse_only("W6,W5a"), Ok(Only(vec![W5a, W5aAlways, W6])));
+        assert_eq!(
+            parse_only("W6,W5a"),
+            Ok(Only(vec![W5a, W5aAlways, W6], false))
+        );
         assert_eq!(
             parse_only("w7, W5"),
-            Ok(Only(vec![W5a, W5aAlways, W5b, W5bAlways, W7a, W7b]))
+            Ok(Only(vec![W5a, W5aAlways, W5b, W5bAlways, W7a, W7b], false))
         );
-        assert_eq!(parse_only("W5a,W5a,w5a"), Ok(Only(vec![W5a, W5aAlways])));
-        assert_eq!(parse_only("W1,w4b"), Ok(Only(vec![W1a, W1b, W4b])));
-        assert_eq!(parse_only("W7b,"), Ok(Only(vec![W7b])));
+        assert_eq!(
+            parse_only("W5a,W5a,w5a"),
+            Ok(Only(vec![W5a, W5aAlways], false))
+        );
+        assert_eq!(parse_only("W1,w4b"), Ok(Only(vec![W1a, W1b, W4b], false)));
+        assert_eq!(parse_only("W7b,"), Ok(Only(vec![W7b], false)));
+        assert_eq!(parse_only("W-HTTP-a"), Ok(Only(vec![], true)));
+        assert_eq!(parse_only("w4a,w-http-a"), Ok(Only(vec![W4a], true)));
         let unknown = parse_only("W5a,W9").expect_err("W9 is unknown");
         assert!(unknown.contains("\"W9\"") && unknown.contains("W5a, W5b, W6, W7a, W7b"));
         assert!(parse_only(" , ").is_err());
@@ -1585,7 +1634,10 @@ mod tests {
         assert_eq!(a.runs, 1);
         assert_eq!(
             a.only,
-            Some(Only(vec![Workload::W5a, Workload::W5aAlways, Workload::W6]))
+            Some(Only(
+                vec![Workload::W5a, Workload::W5aAlways, Workload::W6],
+                false
+            ))
         );
         assert_eq!(
             args(&["--against", "nats"]).expect("parse").against,

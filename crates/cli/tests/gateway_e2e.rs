@@ -96,8 +96,14 @@ async fn a_posted_command_reaches_its_handler_with_its_content_type_and_id() {
     .await
     .expect("join");
     assert_eq!(answer.status, 202, "{}", answer.body);
-    // The bus's acknowledgement carries no log position: the id alone.
-    assert_eq!(answer.json(), serde_json::json!({ "id": id }));
+    // The id, and where the broker's log holds the message.
+    let accepted = answer.json();
+    assert_eq!(accepted["id"], id);
+    let seq = accepted["seq"]
+        .as_u64()
+        .expect("a durable message has a seq");
+    assert!(seq >= 1, "{accepted}");
+    assert_eq!(accepted.as_object().map(|o| o.len()), Some(2), "{accepted}");
 
     let got = tokio::time::timeout(T, rx.recv())
         .await

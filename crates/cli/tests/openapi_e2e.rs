@@ -374,12 +374,15 @@ async fn every_documented_operation_answers_as_the_document_says() {
 
         // The gateway.
         let sent = check("post", "/v1/messages/calc.add", &json_post, "{}", 202);
-        assert_eq!(
-            sent.json().as_object().map(|o| o.len()),
-            Some(1),
+        assert!(sent.json()["seq"].as_u64().is_some(), "{}", sent.json());
+        let transient = check(
+            "post",
+            "/v1/messages/calc.add",
+            &[("Courier-Transient", "true")],
             "{}",
-            sent.json()
+            202,
         );
+        assert!(transient.json()["seq"].is_null(), "{}", transient.json());
         check("post", "/v1/messages/ghost.do", &json_post, "{}", 404);
         let refused = check(
             "post",

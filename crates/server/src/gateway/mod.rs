@@ -100,6 +100,11 @@ pub(crate) struct Accepted {
     /// The message's id (the `Courier-Id` sent, or one chosen for it).
     #[schema(format = "uuid")]
     id: String,
+    /// Where the broker's log holds it (its seq there); null for what the
+    /// log does not keep: a transient message, or a duplicate of an
+    /// earlier send.
+    #[schema(minimum = 1)]
+    seq: Option<u64>,
 }
 
 /// `202` to a request sent with `Prefer: respond-async`.
@@ -277,9 +282,8 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 /// `POST /v1/messages/{name}`: a command sent, or an event published
 /// (names in the past tense are events, as on the bus).
 ///
-/// The answer is `{"id"}` alone: the bus's acknowledgement (SEND_RESULT)
-/// echoes the sender's own `seq` and carries no log position, so there is
-/// no broker sequence number to report without changing the protocol.
+/// The answer is `{"id", "seq"}`: the seq is the broker's log position of
+/// the message, from the bus's acknowledgement (SEND_RESULT's `log_seq`).
 #[utoipa::path(
     post,
     path = "/v1/messages/{name}",
@@ -325,8 +329,14 @@ pub(crate) async fn post_message(
         Ok(builder) => builder,
         Err(refused) => return *refused,
     };
-    match builder.send().await {
-        Ok(id) => json_answer(StatusCode::ACCEPTED, &Accepted { id: id.to_string() }),
+    match builder.send_receipt().await {
+        Ok(receipt) => json_answer(
+            StatusCode::ACCEPTED,
+            &Accepted {
+                id: receipt.id.to_string(),
+                seq: receipt.seq,
+            },
+        ),
         Err(e) => refusal(&e),
     }
 }

@@ -222,6 +222,31 @@ fn a_run_over_its_timeout_stops_with_a_clear_error_and_cleans_up() {
 }
 
 #[test]
+fn the_gateway_workload_compares_http_with_the_native_protocol_and_cleans_up() {
+    let (pid, out) = run_bench(&[
+        "bench", "--quick", "--runs", "1", "--only", "W-HTTP-a", "--json",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "courier bench failed: {stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let rows = json_lines(&stdout);
+    assert_eq!(rows.len(), 6, "{stdout}");
+    for row in &rows {
+        assert_eq!(row["workload"], "W-HTTP-a", "{row}");
+        assert!(row["native"].as_f64().is_some_and(|v| v > 0.0), "{row}");
+        assert!(row["gateway"].as_f64().is_some_and(|v| v > 0.0), "{row}");
+    }
+    let verdicts: Vec<&serde_json::Value> = rows.iter().filter(|r| r["met"].is_boolean()).collect();
+    assert_eq!(
+        verdicts.len(),
+        2,
+        "throughput share and added p50: {stdout}"
+    );
+    assert_eq!(leftover_dirs(pid), Vec::<String>::new());
+    assert_eq!(leftover_brokers(pid), Vec::<String>::new());
+}
+
+#[test]
 fn an_unknown_workload_is_a_usage_error_naming_the_valid_ones() {
     let out = courier()
         .args(["bench", "--only", "W5a,W9"])

@@ -164,6 +164,41 @@ impl Discovery {
 impl Client {
     /// Watches the healthy endpoints of `service` in the broker's registry,
     /// balanced round robin; see [`Client::discover_with`].
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use courier_client::{BreakerConfig, Client, ClientOptions, Idempotency, Policy};
+    ///
+    /// # async fn get(address: &str, path: &str) -> std::io::Result<String> { Ok(String::new()) }
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let mut opts = ClientOptions::from_env();
+    /// opts.http = Some("127.0.0.1:7780".into()); // the broker's --http
+    /// let client = Client::connect(opts).await?;
+    ///
+    /// // One policy per dependency, shared by every call to it.
+    /// let todo_api = Policy::builder("todo-api")
+    ///     .timeout(Duration::from_secs(2))
+    ///     .retries(2)                          // idempotent calls only
+    ///     .breaker(BreakerConfig::default())   // 5 failures in a row, or 50 % of 20+ calls in 10 s
+    ///     .bulkhead(32)                        // more outstanding calls fail at once
+    ///     .build();
+    ///
+    /// let mut todo = client.discover("todo").await?;
+    /// let list = todo
+    ///     .call(&todo_api, Idempotency::Idempotent, |endpoint| async move {
+    ///         get(&endpoint.address, "/todos").await // any HTTP client
+    ///     })
+    ///     .await?;
+    ///
+    /// // Bus requests run under a policy the same way.
+    /// let pricing = Policy::builder("pricing").breaker(BreakerConfig::default()).build();
+    /// let quote = pricing.call(|| client.request("pricing.quote", &7)).await?;
+    ///
+    /// // Changes to the list, as they happen; and metrics for /metrics.
+    /// let now = todo.changed().await?;
+    /// let text = courier_client::resilience::prometheus_text(&[todo_api.snapshot(), pricing.snapshot()]);
+    /// # Ok(()) }
+    /// ```
     pub async fn discover(&self, service: &str) -> Result<Discovery> {
         self.discover_with(service, Balance::RoundRobin).await
     }

@@ -471,6 +471,32 @@ impl Inbox {
         let horizon_us = i64::try_from(horizon.as_micros()).unwrap_or(i64::MAX);
         Ok(DB::prune_inbox(conn, now_micros().saturating_sub(horizon_us)).await?)
     }
+
+    /// Prunes the inbox of `pool` now and then every `every`, forgetting
+    /// ids older than `horizon` (see [`Inbox::prune`]); runs until dropped
+    /// (spawn it). A failed prune is logged and tried again next time.
+    pub async fn keep_pruned<DB: Backend>(
+        pool: sqlx::Pool<DB>,
+        horizon: Duration,
+        every: Duration,
+    ) {
+        let mut ticks = tokio::time::interval(every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            let pruned = match pool.acquire().await {
+                Ok(mut conn) => Inbox::prune::<DB>(&mut conn, horizon).await,
+                Err(e) => Err(e.into()),
+            };
+            match pruned {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!("inbox: forgot {n} message ids older than {horizon:?}"),
+                Err(e) => {
+                    tracing::warn!("inbox: pruning old message ids: {e}; trying again in {every:?}")
+                }
+            }
+        }
+    }
 }
 
 /// How a [`Relay`] reads and waits.

@@ -673,14 +673,22 @@ impl Relay {
 
     /// Reads, publishes and deletes one batch inside `tx`.
     async fn publish_locked(&self, tx: &mut Transaction<'_, Postgres>) -> Result<usize, Error> {
-        // One round trip: the partitions this relay can lock (skipping
-        // those other relays hold; the locks last until the commit) and
-        // their oldest rows. A row is only read with its partition locked.
+        // The partitions this relay can lock (skipping those other relays
+        // hold; the locks last until the commit), then their oldest rows.
+        // Two statements: as one (`part IN (SELECT … SKIP LOCKED)`) the
+        // planner sorted the whole outbox for every batch, 4× slower.
+        let parts: Vec<i32> =
+            sqlx::query_scalar("SELECT part FROM courier_outbox_partitions FOR UPDATE SKIP LOCKED")
+                .fetch_all(&mut **tx)
+                .await?;
+        if parts.is_empty() {
+            return Ok(0);
+        }
         let rows = sqlx::query(
             "SELECT seq, id, kind, name, key, payload FROM courier_outbox \
-             WHERE part IN (SELECT part FROM courier_outbox_partitions FOR UPDATE SKIP LOCKED) \
-             ORDER BY seq LIMIT $1",
+             WHERE part = ANY($1) ORDER BY seq LIMIT $2",
         )
+        .bind(&parts)
         .bind(self.opts.batch_size)
         .fetch_all(&mut **tx)
         .await?;

@@ -200,6 +200,8 @@ pub enum Action {
         seq: u64,
         code: ErrorCode,
         reason: String,
+        /// Where the log holds the accepted message; 0: it holds none.
+        log_seq: Seq,
     },
     OpResult {
         conn: ConnId,
@@ -330,6 +332,8 @@ pub struct SubscriptionGauges {
     /// Messages waiting for the service in any state (ready, deferred, in
     /// flight, behind a busy key); dead letters are not counted.
     pub backlog: usize,
+    /// Payload bytes of those messages.
+    pub backlog_bytes: u64,
     pub in_flight: usize,
     /// Connected instances that consume (not those that only send).
     pub consumers: usize,
@@ -828,6 +832,7 @@ impl<S: MessageStore> Broker<S> {
                     seq,
                     code: ErrorCode::StorageFailed,
                     reason: reason.clone(),
+                    log_seq: 0,
                 }),
                 Action::OpResult {
                     conn,
@@ -1172,21 +1177,29 @@ impl<S: MessageStore> Broker<S> {
                 keep[i] = *total <= max;
             }
         }
-        let found: Vec<(Seq, Option<bytes::Bytes>, Option<Nanos>)> = found
+        let found: Vec<Found> = found
             .into_iter()
             .zip(keep)
             .filter(|(_, k)| *k)
-            .map(|(f, _)| (f.seq, f.key, f.deliver_at))
+            .map(|(f, _)| f)
             .collect();
         let Some(svc) = self.services.get_mut(service) else {
             return;
         };
         let queued = svc.queue.seqs();
-        for (seq, key, deliver_at) in found {
+        for Found {
+            seq,
+            key,
+            deliver_at,
+            bytes,
+            ..
+        } in found
+        {
             if queued.contains(&seq) {
                 continue;
             }
             self.refs.add(seq);
+            svc.queue.count_in(bytes);
             let entry = Entry::new(seq, 0, key);
             match deliver_at {
                 Some(at) if at > now => svc.queue.defer(at, entry),
@@ -1357,6 +1370,8 @@ impl<S: MessageStore> Broker<S> {
         let stamped = Arc::make_mut(&mut message);
         stamped.timestamp = now;
         stamped.sender = sender;
+        // Where the log holds it, once routed (0: it holds none).
+        let mut log_seq: Seq = 0;
         let outcome = match message.kind {
             Kind::Command if message.name.starts_with(SYSTEM_PREFIX) => {
                 let answered = self.system_command(conn, &message, now);
@@ -1373,9 +1388,10 @@ impl<S: MessageStore> Broker<S> {
                 ),
             )),
             Kind::Reply => self.route_reply(conn, seq, quiet, message, now),
-            Kind::Command | Kind::Event => self
-                .route(conn, message, now)
-                .map(|()| ReplyFate::Delivered),
+            Kind::Command | Kind::Event => self.route(conn, message, now).map(|stored| {
+                log_seq = stored;
+                ReplyFate::Delivered
+            }),
         };
         match outcome {
             // Answered when it goes out to the requester (streams.rs).
@@ -1401,6 +1417,7 @@ impl<S: MessageStore> Broker<S> {
                     seq,
                     code: ErrorCode::Ok,
                     reason: String::new(),
+                    log_seq,
                 };
                 self.unsynced.push(result);
             }
@@ -1455,6 +1472,7 @@ impl<S: MessageStore> Broker<S> {
             seq,
             code,
             reason,
+            log_seq: 0,
         };
         if self.unsynced.is_empty() {
             self.actions.push(action);
@@ -1527,7 +1545,7 @@ impl<S: MessageStore> Broker<S> {
         conn: ConnId,
         mut message: Arc<Message>,
         now: Nanos,
-    ) -> Result<(), (ErrorCode, String)> {
+    ) -> Result<Seq, (ErrorCode, String)> {
         let targets = self.receivers(&message.name, message.version.major);
         if targets.is_empty() {
             if message.kind == Kind::Command {
@@ -1557,8 +1575,9 @@ impl<S: MessageStore> Broker<S> {
                 self.dirty = true;
                 self.batch_appended = true;
                 self.store.remove(seq);
+                return Ok(seq);
             }
-            return Ok(());
+            return Ok(0);
         }
         if message.kind == Kind::Command {
             let command = self.traffic.slot(&message.name);
@@ -1577,7 +1596,7 @@ impl<S: MessageStore> Broker<S> {
             for service in targets.iter() {
                 self.deliver_transient(service, &message);
             }
-            return Ok(());
+            return Ok(0);
         }
         let seq = self
             .store
@@ -1593,7 +1612,7 @@ impl<S: MessageStore> Broker<S> {
         for service in targets.iter() {
             self.pump(service, now);
         }
-        Ok(())
+        Ok(seq)
     }
 
     /// Services whose subscriptions match `name`, in name order.
@@ -1647,6 +1666,7 @@ impl<S: MessageStore> Broker<S> {
                 continue;
             };
             self.refs.add(seq);
+            svc.queue.count_in(message.payload.len() as u64);
             let entry = Entry::new(seq, 0, message.key.clone());
             match message.deliver_at {
                 Some(at) if at > now => svc.queue.defer(at, entry),
@@ -1971,6 +1991,7 @@ impl<S: MessageStore> Broker<S> {
             if message.expires_at.is_some_and(|t| t <= now) {
                 svc.queue.ready.remove(index);
                 svc.queue.release_key(&entry);
+                svc.queue.count_out(message.payload.len() as u64);
                 self.metrics.expired += 1;
                 let slot = self.traffic.slot(&message.name);
                 if let Some(t) = self.traffic.traffic(slot, service) {
@@ -2017,6 +2038,7 @@ impl<S: MessageStore> Broker<S> {
                 self.dead_letter(
                     service,
                     entry,
+                    message.payload.len() as u64,
                     slot,
                     format!("its DELIVER frame would be {len} bytes, over the broker's frame limit of {max} (was it accepted under a larger limit?)"),
                     now,
@@ -2039,8 +2061,17 @@ impl<S: MessageStore> Broker<S> {
                     let seq = entry.seq;
                     let slot = self.traffic.slot(&message.name);
                     let traced = traces(&self.sampler, &message, now);
-                    svc.queue
-                        .start(delivery, conn, entry, deadline, slot, traced);
+                    svc.queue.start(
+                        delivery,
+                        queue::InFlight {
+                            entry,
+                            conn,
+                            deadline,
+                            name: slot,
+                            traced,
+                            bytes: message.payload.len() as u64,
+                        },
+                    );
                     if message.kind == Kind::Command
                         && !message.headers.is_empty()
                         && message.header(REPLY_WINDOW_HEADER).is_some()
@@ -2126,6 +2157,7 @@ impl<S: MessageStore> Broker<S> {
         }
         if let Some(svc) = self.services.get_mut(service.as_str()) {
             svc.queue.release_key(&flight.0.entry);
+            svc.queue.count_out(flight.0.bytes);
         }
         release(&mut self.store, &mut self.refs, seq);
         self.pump(&service, now);
@@ -2194,6 +2226,7 @@ impl<S: MessageStore> Broker<S> {
             entry,
             name,
             traced,
+            bytes,
             ..
         } = flight;
         let Some(svc) = self.services.get_mut(service) else {
@@ -2225,7 +2258,7 @@ impl<S: MessageStore> Broker<S> {
                 "{why} on attempt {} of {}",
                 entry.attempts, svc.max_deliveries
             );
-            self.dead_letter(service, entry, name, reason, now);
+            self.dead_letter(service, entry, bytes, name, reason, now);
         } else if delay == 0 {
             svc.queue.make_ready_again(entry);
         } else {
@@ -2245,6 +2278,7 @@ impl<S: MessageStore> Broker<S> {
         &mut self,
         service: &str,
         entry: Entry,
+        bytes: u64,
         name: stats::Slot,
         reason: String,
         now: Nanos,
@@ -2253,6 +2287,7 @@ impl<S: MessageStore> Broker<S> {
             return;
         };
         svc.queue.release_key(&entry);
+        svc.queue.count_out(bytes);
         let letter = DeadLetter {
             seq: entry.seq,
             attempts: entry.attempts,
@@ -2454,6 +2489,7 @@ impl<S: MessageStore> Broker<S> {
                 patterns: s.patterns.iter().cloned().collect(),
                 paused: s.paused.iter().cloned().collect(),
                 backlog: s.queue.depth(),
+                backlog_bytes: s.queue.backlog_bytes(),
                 in_flight: s.queue.in_flight.len(),
                 consumers: consumers.len(),
                 consumers_paused: consumers.iter().filter(|c| c.paused).count(),
@@ -2663,8 +2699,8 @@ impl<S: MessageStore> Broker<S> {
     /// Puts a dead letter back in the service's queue, as a fresh message.
     pub fn revive(&mut self, service: &str, seq: Seq, now: Nanos) -> Result<(), String> {
         self.now = now;
-        let key = match self.store.get(seq) {
-            Ok(Some(m)) => m.key.clone(),
+        let (key, bytes) = match self.store.get(seq) {
+            Ok(Some(m)) => (m.key.clone(), m.payload.len() as u64),
             Ok(None) => return Err(format!("message {seq} is no longer stored")),
             Err(e) => return Err(format!("message {seq} cannot be read: {e}")),
         };
@@ -2679,6 +2715,7 @@ impl<S: MessageStore> Broker<S> {
             .position(|d| d.seq == seq)
             .ok_or_else(|| format!("service {service} has no dead letter {seq}"))?;
         svc.queue.dead_letters.remove(position);
+        svc.queue.count_in(bytes);
         svc.queue.make_ready(Entry::new(seq, 0, key));
         self.journal(Op::Revived {
             service: service.to_string(),

@@ -285,7 +285,8 @@ impl ClientTls {
 
 struct PendingSend {
     message: Box<Message>,
-    done: oneshot::Sender<Result<()>>,
+    /// The broker's answer: the log seq it stored the message at (0: none).
+    done: oneshot::Sender<Result<u64>>,
 }
 
 struct Subscription {
@@ -719,8 +720,8 @@ impl Client {
         self.inner.lock().last_unheard_refusal.clone()
     }
 
-    async fn submit(&self, message: Box<Message>) -> Result<()> {
-        self.enqueue(message)?.wait().await.map(|_| ())
+    async fn submit(&self, message: Box<Message>) -> Result<Receipt> {
+        self.enqueue(message)?.wait_receipt().await
     }
 
     /// Queues `message` for sending now, in call order, without waiting
@@ -1125,9 +1126,13 @@ impl MessageBuilder {
 
     /// Sends; resolves once the broker accepted it.
     pub async fn send(self) -> Result<Uuid> {
-        let id = self.message.id;
-        self.client.submit(self.message).await?;
-        Ok(id)
+        Ok(self.client.submit(self.message).await?.id)
+    }
+
+    /// Sends like [`MessageBuilder::send`], and says where the broker's
+    /// log holds the message.
+    pub async fn send_receipt(self) -> Result<Receipt> {
+        self.client.submit(self.message).await
     }
 
     /// Queues the message at once — messages queued one after another
@@ -1262,7 +1267,18 @@ pub struct PendingAck {
     id: Uuid,
     /// A reply: its answer may wait for the requester's credit.
     reply: bool,
-    rx: oneshot::Receiver<Result<()>>,
+    rx: oneshot::Receiver<Result<u64>>,
+}
+
+/// What the broker's acceptance of a message says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Receipt {
+    /// The message's id.
+    pub id: Uuid,
+    /// Where the broker's log holds it (its seq there): `None` for what
+    /// the log does not keep (transient messages, replies, duplicates of
+    /// an earlier send) and from brokers of protocol version 2 or older.
+    pub seq: Option<u64>,
 }
 
 impl PendingAck {
@@ -1281,15 +1297,25 @@ impl PendingAck {
     /// when the requester stops reading or leaves). That wait is the
     /// back-pressure that paces a responder to its requester.
     pub async fn wait(self) -> Result<Uuid> {
+        self.wait_receipt().await.map(|receipt| receipt.id)
+    }
+
+    /// [`PendingAck::wait`], and where the broker's log holds the message.
+    pub async fn wait_receipt(self) -> Result<Receipt> {
+        let id = self.id;
+        let receipt = move |log_seq: u64| Receipt {
+            id,
+            seq: (log_seq != 0).then_some(log_seq),
+        };
         if self.reply {
             return match self.rx.await {
-                Ok(result) => result.map(|()| self.id),
+                Ok(result) => result.map(receipt),
                 Err(_) => Err(Error::Shutdown),
             };
         }
         let timeout = self.inner.opts.send_timeout;
         match tokio::time::timeout(timeout, self.rx).await {
-            Ok(Ok(result)) => result.map(|()| self.id),
+            Ok(Ok(result)) => result.map(receipt),
             Ok(Err(_)) => Err(Error::Shutdown),
             Err(_) => {
                 self.inner.lock().pending_sends.remove(self.seq);
@@ -1344,7 +1370,7 @@ pub struct ReplyStream {
     timeout: Duration,
     done: bool,
     /// The broker's answer to the command's send, until it came.
-    acceptance: Option<oneshot::Receiver<Result<()>>>,
+    acceptance: Option<oneshot::Receiver<Result<u64>>>,
     /// The command's send seq when it went QUIET (no acceptance comes).
     quiet_seq: Option<u64>,
     /// The final reply came.
@@ -1418,7 +1444,9 @@ impl ReplyStream {
     async fn accepted(mut self) -> Result<ReplyStream> {
         if let Some(rx) = self.acceptance.take() {
             match tokio::time::timeout(self.timeout, rx).await {
-                Ok(Ok(result)) => result?,
+                Ok(Ok(result)) => {
+                    result?;
+                }
                 Ok(Err(_)) => return Err(Error::Shutdown),
                 Err(_) => return Err(Error::Timeout(self.timeout)),
             }
@@ -1457,7 +1485,7 @@ impl ReplyStream {
         }
         if let Some(rx) = self.acceptance.as_mut() {
             match Pin::new(rx).poll(cx) {
-                Poll::Ready(Ok(Ok(()))) => self.acceptance = None,
+                Poll::Ready(Ok(Ok(_))) => self.acceptance = None,
                 Poll::Ready(Ok(Err(e))) => {
                     self.done = true;
                     return Poll::Ready(Some(Err(e)));

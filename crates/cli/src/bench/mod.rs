@@ -1853,7 +1853,11 @@ mod tests {
             vec![Job::Restart]
         );
         assert_eq!(
-            Job::for_selection(&Workload::ALL),
+            Job::for_selection(&Workload::ALL).last(),
+            Some(&Job::Outbox)
+        );
+        assert_eq!(
+            Job::for_selection(&Workload::DEFAULT),
             vec![
                 Job::PubSub(Size::Tiny),
                 Job::PubSub(Size::Kib),

@@ -40,6 +40,7 @@
 #![forbid(unsafe_code)]
 
 mod connection;
+mod discovery;
 mod error;
 mod events;
 mod handler;
@@ -68,6 +69,11 @@ use uuid::Uuid;
 use pending::PendingSends;
 
 pub use courier_proto::{self as proto, ErrorCode, StartFrom};
+pub use courier_resilience::{
+    self as resilience, Backoff, Balance, BreakerConfig, BreakerState, Idempotency, Policy,
+    PolicySnapshot,
+};
+pub use discovery::{Discovery, Endpoint, Endpoints};
 pub use error::{Error, Result};
 pub use events::{ConnectionEvent, ConnectionEvents};
 pub use handler::{BoxError, Incoming};
@@ -149,6 +155,10 @@ pub struct ClientOptions {
     pub instance: String,
     /// Credentials for brokers that require them.
     pub token: Option<String>,
+    /// `host:port` of the broker's HTTP port, where [`Client::discover`]
+    /// looks services up. `None`: the host of `url` with port 7780 (what
+    /// `courier serve --http` listens on by default).
+    pub http: Option<String>,
     /// TLS to the broker; `None` is plain TCP.
     pub tls: Option<ClientTls>,
     /// Deliveries this instance handles at once (flow control).
@@ -190,6 +200,7 @@ impl ClientOptions {
             service: service.into(),
             instance: String::new(),
             token: None,
+            http: None,
             tls: None,
             max_in_flight: 64,
             reply_window: 64,
@@ -206,7 +217,8 @@ impl ClientOptions {
     }
 
     /// Reads what the `courier` CLI reads: `COURIER_URL` (default
-    /// `127.0.0.1:7700`), `COURIER_TOKEN` when set, and with
+    /// `127.0.0.1:7700`), `COURIER_TOKEN` when set, `COURIER_HTTP` (the
+    /// HTTP port, for discovery) when set, and with
     /// `COURIER_TLS_CA` set, TLS trusting that CA, with the client
     /// certificate of `COURIER_TLS_CERT` and `COURIER_TLS_KEY` when both are
     /// set. The service is `COURIER_SERVICE`; without it, a token or a
@@ -230,6 +242,7 @@ impl ClientOptions {
         };
         let mut opts = ClientOptions::new(url, service);
         opts.token = token;
+        opts.http = text("COURIER_HTTP");
         opts.tls = var("COURIER_TLS_CA").map(|ca| {
             let mut tls = ClientTls::new(ca);
             if let (Some(cert), Some(key)) = (cert, key) {

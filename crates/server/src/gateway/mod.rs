@@ -25,6 +25,8 @@ use uuid::Uuid;
 use crate::http::problem;
 use crate::Shared;
 
+mod subscribe;
+
 /// The service an unauthenticated loopback caller acts for when the
 /// broker runs without a manifest.
 pub(crate) const ANONYMOUS_SERVICE: &str = "http";
@@ -111,7 +113,8 @@ pub(crate) fn router(shared: Arc<Shared>, mut bus: SocketAddr) -> Router {
     Router::new()
         .route("/v1/messages/{name}", post(post_message))
         .route("/v1/requests/{name}", post(post_request).get(get_request))
-        .with_state(gateway)
+        .with_state(gateway.clone())
+        .merge(subscribe::router(subscribe::Subscriptions::new(gateway)))
 }
 
 impl Gateway {

@@ -501,3 +501,121 @@ fn under_a_manifest_subscribing_takes_the_service_token_and_its_rules() {
     let own = ack(&http, &delivery, &auth);
     assert_eq!(own.status, 204, "{}", own.body);
 }
+
+mod websocket {
+    use super::*;
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message as Frame;
+
+    type Socket = tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >;
+
+    async fn open(http: &str, query: &str) -> Socket {
+        let url = format!("ws://{}/v1/ws?{query}", addr_of(http));
+        let (mut socket, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("a WebSocket");
+        let first = next(&mut socket).await;
+        assert_eq!(first["type"], "subscribed", "{first}");
+        socket
+    }
+
+    async fn next(socket: &mut Socket) -> serde_json::Value {
+        loop {
+            let frame = tokio::time::timeout(T, socket.next())
+                .await
+                .expect("a frame in time")
+                .expect("the socket open")
+                .expect("a good frame");
+            if let Frame::Text(text) = frame {
+                return serde_json::from_str(text.as_str()).expect("JSON");
+            }
+        }
+    }
+
+    async fn put(socket: &mut Socket, frame: serde_json::Value) {
+        socket
+            .send(Frame::Text(frame.to_string().into()))
+            .await
+            .expect("send a frame");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn deliveries_come_as_frames_and_an_ack_frame_settles_them() {
+        let broker = Broker::start();
+        let http = broker.http.clone().expect("an HTTP port");
+        let query = "pattern=todo.*&service=notifier&max_in_flight=1";
+        let mut socket = open(&http, query).await;
+        put(
+            &mut socket,
+            serde_json::json!({"type": "send", "name": "todo.created", "payload": {"n": 1}, "ref": 1}),
+        )
+        .await;
+        let sent = next(&mut socket).await;
+        assert_eq!(sent["type"], "sent", "{sent}");
+        assert_eq!(sent["ref"], 1);
+        let delivered = next(&mut socket).await;
+        assert_eq!(delivered["type"], "delivery", "{delivered}");
+        assert_eq!(delivered["id"], sent["id"]);
+        assert_eq!(delivered["payload"], r#"{"n":1}"#);
+        assert_eq!(delivered["headers"]["content-type"], "application/json");
+        let delivery = delivered["delivery"].as_str().expect("a delivery id");
+
+        // A nack with a delay brings it back, counted.
+        put(
+            &mut socket,
+            serde_json::json!({"type": "nack", "delivery": delivery, "delay": "10ms"}),
+        )
+        .await;
+        let again = next(&mut socket).await;
+        assert_eq!(again["id"], sent["id"], "{again}");
+        assert_eq!(again["attempt"], 2);
+        let delivery = again["delivery"].as_str().expect("a delivery id");
+        put(
+            &mut socket,
+            serde_json::json!({"type": "ack", "delivery": delivery}),
+        )
+        .await;
+        // Settled: acking it again is an error, answered on the socket.
+        put(
+            &mut socket,
+            serde_json::json!({"type": "ack", "delivery": delivery, "ref": "twice"}),
+        )
+        .await;
+        let twice = next(&mut socket).await;
+        assert_eq!(twice["type"], "error", "{twice}");
+        assert_eq!(twice["ref"], "twice");
+        let _ = socket.close(None).await;
+
+        // The acked one never comes again; the next does.
+        let mut socket = open(&http, query).await;
+        let later = {
+            let http = http.clone();
+            tokio::task::spawn_blocking(move || publish(&http, "todo.updated", "{}"))
+                .await
+                .expect("join")
+        };
+        let got = next(&mut socket).await;
+        assert_eq!(got["id"], later.as_str(), "{got}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refused_websocket_gets_problem_json_before_the_upgrade() {
+        let broker = Broker::start();
+        let http = broker.http.clone().expect("an HTTP port");
+        let url = format!("ws://{}/v1/ws?service=notifier", addr_of(&http));
+        match tokio_tungstenite::connect_async(url).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                assert_eq!(response.status().as_u16(), 400);
+                let body = response.body().as_deref().unwrap_or_default();
+                let problem: serde_json::Value = serde_json::from_slice(body).expect("JSON");
+                assert!(problem["detail"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("?pattern="));
+            }
+            other => panic!("expected a 400 answer, got {other:?}"),
+        }
+    }
+}

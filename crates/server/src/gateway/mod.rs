@@ -26,6 +26,7 @@ use crate::http::problem;
 use crate::Shared;
 
 mod subscribe;
+mod ws;
 
 /// The service an unauthenticated loopback caller acts for when the
 /// broker runs without a manifest.
@@ -110,11 +111,13 @@ pub(crate) fn router(shared: Arc<Shared>, mut bus: SocketAddr) -> Router {
         clients: Mutex::new(HashMap::new()),
         asynchronous: std::sync::Mutex::new(AsyncRequests::default()),
     });
+    let subscriptions = subscribe::Subscriptions::new(gateway.clone());
     Router::new()
         .route("/v1/messages/{name}", post(post_message))
         .route("/v1/requests/{name}", post(post_request).get(get_request))
         .with_state(gateway.clone())
-        .merge(subscribe::router(subscribe::Subscriptions::new(gateway)))
+        .merge(subscribe::router(subscriptions.clone()))
+        .merge(ws::router(subscriptions))
 }
 
 impl Gateway {

@@ -238,6 +238,7 @@ impl Subscriptions {
             pattern,
             service: client.service().to_string(),
             owner: token,
+            client,
             auto_ack,
             deliveries,
             subscriptions: self.clone(),
@@ -277,6 +278,7 @@ pub(crate) struct Session {
     pub(crate) pattern: String,
     pub(crate) service: String,
     pub(crate) owner: Option<String>,
+    client: Client,
     auto_ack: bool,
     deliveries: mpsc::UnboundedReceiver<Delivery>,
     subscriptions: Arc<Subscriptions>,
@@ -298,6 +300,20 @@ impl Session {
                 .settle(&delivery.id, &self.owner, Settlement::Ack);
         }
         Some(delivery)
+    }
+
+    /// Settles a delivery of this session's caller.
+    pub(crate) fn settle(
+        &self,
+        delivery: &str,
+        settlement: Settlement,
+    ) -> Result<(), Unsettleable> {
+        self.subscriptions.settle(delivery, &self.owner, settlement)
+    }
+
+    /// The session's bus connection, to send on.
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
     }
 
     /// The first event of a stream: the subscription is in place.

@@ -26,6 +26,7 @@ use crate::http::problem;
 use crate::Shared;
 
 mod subscribe;
+pub(crate) mod webhook;
 mod ws;
 
 /// The service an unauthenticated loopback caller acts for when the
@@ -243,6 +244,10 @@ async fn post_request(
             )
         }
     };
+    let reply_to = match webhook::reply_to(&headers) {
+        Ok(reply_to) => reply_to,
+        Err(refused) => return *refused,
+    };
     let client = match gateway.client(peer, &headers).await {
         Ok(client) => client,
         Err(refused) => return *refused,
@@ -259,6 +264,17 @@ async fn post_request(
         Ok(stream) => stream,
         Err(e) => return refusal(&e),
     };
+    if let Some(target) = reply_to {
+        let id = stream.command_id();
+        let secret = webhook::webhook_secret(bearer(&headers).unwrap_or_default());
+        webhook::deliver(stream, target, secret, gateway.shared.webhooks.clone());
+        return (
+            StatusCode::ACCEPTED,
+            [(header::CONTENT_TYPE, "application/json")],
+            serde_json::json!({ "id": id.to_string(), "status": "pending" }).to_string(),
+        )
+            .into_response();
+    }
     if respond_async {
         let id = stream.command_id();
         let owner = bearer(&headers).map(str::to_string);

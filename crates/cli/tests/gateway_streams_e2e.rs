@@ -949,3 +949,19 @@ tokens = ["{todo_hash}"]
             .contains("https://"));
     }
 }
+
+#[test]
+fn a_stream_that_goes_away_leaves_its_unacked_deliveries_to_the_next() {
+    let broker = Broker::start();
+    let http = broker.http.clone().expect("an HTTP port");
+    let query = "pattern=todo.*&service=notifier";
+    let mut first = Stream::subscribed(&http, query, &[]);
+    let a = publish(&http, "todo.created", "{}");
+    assert_eq!(first.delivery().data["id"], a.as_str());
+    first.close();
+    // No Last-Event-ID: the gateway notices the closed stream by itself.
+    let mut second = Stream::subscribed(&http, query, &[]);
+    let again = second.delivery();
+    assert_eq!(again.data["id"], a.as_str());
+    assert_eq!(again.data["attempt"], 2);
+}

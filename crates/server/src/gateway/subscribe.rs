@@ -25,7 +25,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use base64::Engine as _;
 use courier_client::{Client, ClientOptions, Incoming};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
 use super::{bearer, lock, parse_duration, refusal, Gateway};
@@ -60,6 +60,9 @@ struct Unsettled {
 struct Open {
     owner: Option<String>,
     client: Client,
+    /// Dropped when the session closes: its handlers still waiting then
+    /// leave their deliveries to the broker.
+    _closing: watch::Sender<()>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -182,6 +185,7 @@ impl Subscriptions {
             .await
             .map_err(|e| Box::new(refusal(&e)))?;
         let (tx, deliveries) = mpsc::unbounded_channel();
+        let (closing, closed) = watch::channel(());
         let handler = {
             let subscriptions = self.clone();
             let owner = token.clone();
@@ -190,6 +194,7 @@ impl Subscriptions {
                 let subscriptions = subscriptions.clone();
                 let owner = owner.clone();
                 let tx = tx.clone();
+                let mut closed = closed.clone();
                 let n = next.fetch_add(1, Ordering::Relaxed);
                 async move {
                     let delivery = format!("{}.{n}", id.simple());
@@ -208,16 +213,28 @@ impl Subscriptions {
                             settle,
                         },
                     );
-                    if tx.send(Delivery { id: delivery, json }).is_err() {
-                        let _ = incoming.abandon();
-                        return Ok(());
+                    let forget = |delivery: &str| {
+                        lock(&subscriptions.unsettled).remove(delivery);
+                        incoming.abandon()
+                    };
+                    if tx
+                        .send(Delivery {
+                            id: delivery.clone(),
+                            json,
+                        })
+                        .is_err()
+                    {
+                        return forget(&delivery);
                     }
-                    match verdict.await {
-                        Ok(Settlement::Ack) => Ok(()),
-                        Ok(Settlement::Nack(delay)) => incoming.nack(delay),
+                    tokio::select! {
+                        verdict = verdict => match verdict {
+                            Ok(Settlement::Ack) => Ok(()),
+                            Ok(Settlement::Nack(delay)) => incoming.nack(delay),
+                            Err(_) => forget(&delivery),
+                        },
                         // The session closed first: the broker redelivers
                         // it when the connection has gone.
-                        Err(_) => incoming.abandon(),
+                        _ = closed.changed() => forget(&delivery),
                     }
                 }
             }
@@ -231,6 +248,7 @@ impl Subscriptions {
             Open {
                 owner: token.clone(),
                 client: client.clone(),
+                _closing: closing,
             },
         );
         Ok(Session {
@@ -328,9 +346,12 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        if let Some(client) = self.subscriptions.forget(self.id) {
+        if let (Some(client), Ok(runtime)) = (
+            self.subscriptions.forget(self.id),
+            tokio::runtime::Handle::try_current(),
+        ) {
             // Drop cannot wait: the connection drains and closes on its own.
-            tokio::spawn(async move { client.shutdown().await });
+            runtime.spawn(async move { client.shutdown().await });
         }
     }
 }

@@ -965,3 +965,22 @@ fn a_stream_that_goes_away_leaves_its_unacked_deliveries_to_the_next() {
     assert_eq!(again.data["id"], a.as_str());
     assert_eq!(again.data["attempt"], 2);
 }
+
+#[test]
+fn transient_events_arrive_with_nothing_to_settle() {
+    let broker = Broker::start();
+    let http = broker.http.clone().expect("an HTTP port");
+    let mut stream = Stream::subscribed(&http, "pattern=sensor.*&service=dashboard", &[]);
+    let sent = post(
+        &http,
+        "/v1/messages/sensor.measured",
+        &[("Courier-Transient", "true")],
+        "21.5",
+    );
+    assert_eq!(sent.status, 202, "{}", sent.body);
+    let got = stream.delivery();
+    assert_eq!(got.data["transient"], true);
+    assert_eq!(got.data["payload"], "21.5");
+    let settled = ack(&http, got.id.as_deref().expect("id"), &[]);
+    assert_eq!(settled.status, 404, "{}", settled.body);
+}

@@ -26,6 +26,7 @@ use axum::Router;
 use base64::Engine as _;
 use courier_client::{Client, ClientOptions, Incoming};
 use tokio::sync::{mpsc, oneshot, watch};
+use tracing::debug;
 use uuid::Uuid;
 
 use super::{bearer, lock, parse_duration, refusal, Gateway};
@@ -36,6 +37,8 @@ use crate::http::problem;
 const MAX_IN_FLIGHT_DEFAULT: u32 = 16;
 /// The most a session may ask for.
 const MAX_IN_FLIGHT_MAX: u32 = 1024;
+/// Transient deliveries a stream may have waiting to be written.
+const TRANSIENT_WAITING_MAX: usize = 1024;
 /// How often an idle stream sends a comment, so that proxies keep it
 /// open and a client gone away is noticed.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
@@ -140,18 +143,18 @@ impl Subscriptions {
             }
         };
         // Authenticates the caller (and tells its service).
-        let shared = self.gateway.client(peer, headers).await?;
+        let caller = self.gateway.client(peer, headers).await?;
         let token = bearer(headers).map(str::to_string);
         let wanted = query.get("service").filter(|s| !s.is_empty());
         let service = if token.is_some() && self.gateway.shared.core().manifest().is_some() {
             match wanted {
-                Some(wanted) if wanted != shared.service() => {
+                Some(wanted) if wanted != caller.service() => {
                     return Err(Box::new(problem(
                         StatusCode::FORBIDDEN,
                         &format!(
                             "this token belongs to service '{}', not '{wanted}': ask for ?service={} or send a token of '{wanted}'",
-                            shared.service(),
-                            shared.service()
+                            caller.service(),
+                            caller.service()
                         ),
                     )));
                 }
@@ -184,7 +187,9 @@ impl Subscriptions {
         let client = Client::connect(opts)
             .await
             .map_err(|e| Box::new(refusal(&e)))?;
-        let (tx, deliveries) = mpsc::unbounded_channel();
+        // Durable deliveries are bounded by max_in_flight already;
+        // transient ones are not, and are dropped past this much room.
+        let (tx, deliveries) = mpsc::channel(max_in_flight as usize + TRANSIENT_WAITING_MAX);
         let (closing, closed) = watch::channel(());
         let handler = {
             let subscriptions = self.clone();
@@ -200,8 +205,11 @@ impl Subscriptions {
                     let delivery = format!("{}.{n}", id.simple());
                     let json = delivery_json(&delivery, &incoming);
                     if incoming.message().transient {
-                        // Nothing to settle: sent at most once.
-                        let _ = tx.send(Delivery { id: delivery, json });
+                        // Nothing to settle: at most once, so a stream that
+                        // does not keep up loses some.
+                        if tx.try_send(Delivery { id: delivery, json }).is_err() {
+                            debug!(session = %id, "transient delivery dropped: the stream is behind");
+                        }
                         return Ok(());
                     }
                     let (settle, verdict) = oneshot::channel();
@@ -222,6 +230,7 @@ impl Subscriptions {
                             id: delivery.clone(),
                             json,
                         })
+                        .await
                         .is_err()
                     {
                         return forget(&delivery);
@@ -298,7 +307,7 @@ pub(crate) struct Session {
     pub(crate) owner: Option<String>,
     client: Client,
     auto_ack: bool,
-    deliveries: mpsc::UnboundedReceiver<Delivery>,
+    deliveries: mpsc::Receiver<Delivery>,
     subscriptions: Arc<Subscriptions>,
 }
 

@@ -51,11 +51,17 @@ pub(crate) struct Subscriptions {
 }
 
 /// A delivery handed to an HTTP client and waiting for its verdict.
+///
+/// The verdict is written to the bus by whoever settles, before the HTTP
+/// answer: a stream closed right after its ack cannot lose the ack to
+/// the close.
 struct Unsettled {
     /// The token of the session's caller: only it settles.
     owner: Option<String>,
     session: Uuid,
-    settle: oneshot::Sender<Settlement>,
+    incoming: Incoming,
+    /// Dropped with the entry: the delivery's handler may end.
+    _settled: oneshot::Sender<()>,
 }
 
 /// A session as the registry knows it, to close it when a reconnecting
@@ -102,12 +108,21 @@ impl Subscriptions {
             _ => return Err(Unsettleable::Unknown),
         }
         let entry = unsettled.remove(delivery).ok_or(Unsettleable::Unknown)?;
-        // The handler is gone only if its session closed meanwhile; then
-        // the broker redelivers it anyway.
-        entry
-            .settle
-            .send(settlement)
-            .map_err(|_| Unsettleable::Unknown)
+        // Under the lock, so that the handler cannot meanwhile find the
+        // entry gone and settle the delivery its own way.
+        let settled = match settlement {
+            Settlement::Ack => entry.incoming.ack(),
+            Settlement::Nack(delay) => entry.incoming.nack(delay),
+        };
+        drop(unsettled);
+        settled.map_err(|_| Unsettleable::Unknown)
+    }
+
+    /// Leaves a delivery still unsettled to the broker's redelivery.
+    fn release(&self, delivery: &str) {
+        if let Some(entry) = lock(&self.unsettled).remove(delivery) {
+            let _ = entry.incoming.abandon();
+        }
     }
 
     /// Opens a session: checks the caller, connects for its service and
@@ -212,39 +227,31 @@ impl Subscriptions {
                         }
                         return Ok(());
                     }
-                    let (settle, verdict) = oneshot::channel();
+                    let (settled, verdict) = oneshot::channel::<()>();
                     lock(&subscriptions.unsettled).insert(
                         delivery.clone(),
                         Unsettled {
                             owner,
                             session: id,
-                            settle,
+                            incoming,
+                            _settled: settled,
                         },
                     );
-                    let forget = |delivery: &str| {
-                        lock(&subscriptions.unsettled).remove(delivery);
-                        incoming.abandon()
-                    };
-                    if tx
-                        .send(Delivery {
-                            id: delivery.clone(),
-                            json,
-                        })
-                        .await
-                        .is_err()
-                    {
-                        return forget(&delivery);
+                    let sent = tx.send(Delivery {
+                        id: delivery.clone(),
+                        json,
+                    });
+                    if sent.await.is_ok() {
+                        // Settled over HTTP (the entry is gone), or the
+                        // session closed: the broker then redelivers it
+                        // when the connection has gone.
+                        tokio::select! {
+                            _ = verdict => {}
+                            _ = closed.changed() => {}
+                        }
                     }
-                    tokio::select! {
-                        verdict = verdict => match verdict {
-                            Ok(Settlement::Ack) => Ok(()),
-                            Ok(Settlement::Nack(delay)) => incoming.nack(delay),
-                            Err(_) => forget(&delivery),
-                        },
-                        // The session closed first: the broker redelivers
-                        // it when the connection has gone.
-                        _ = closed.changed() => forget(&delivery),
-                    }
+                    subscriptions.release(&delivery);
+                    Ok::<(), courier_client::Error>(())
                 }
             }
         };
@@ -275,8 +282,16 @@ impl Subscriptions {
     /// Forgets the session's unsettled deliveries (their handlers leave
     /// them to the broker) and closes its connection.
     fn forget(&self, session: Uuid) -> Option<Client> {
+        // The deliveries first: a handler woken by the session's end must
+        // find its own gone or still there, never settled behind it.
+        lock(&self.unsettled).retain(|_, entry| {
+            let keep = entry.session != session;
+            if !keep {
+                let _ = entry.incoming.abandon();
+            }
+            keep
+        });
         let open = lock(&self.sessions).remove(&session);
-        lock(&self.unsettled).retain(|_, entry| entry.session != session);
         open.map(|open| open.client)
     }
 

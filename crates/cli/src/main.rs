@@ -339,6 +339,15 @@ enum Command {
 enum TokenCommand {
     /// Prints a fresh token (first line) and the `sha256:…` line for courier.toml (second).
     New,
+    /// Prints the secret the HTTP gateway signs webhooks with for requests
+    /// sent with this token (`Courier-Signature`, see the README). Without
+    /// a token: the secret of requests to a broker without a manifest.
+    #[command(name = "webhook-secret")]
+    WebhookSecret {
+        /// The service token the requests carry.
+        #[arg(long, env = "COURIER_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
 }
 
 /// Connection for operations on the broker (not acting as a service).
@@ -515,6 +524,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .context("cannot read random bytes from the OS")?;
             println!("{token}");
             println!("{}", courier_manifest::hash_token(&token));
+            Ok(())
+        }
+        Command::Token(TokenCommand::WebhookSecret { token }) => {
+            println!(
+                "{}",
+                courier_server::webhook_secret(token.as_deref().unwrap_or_default())
+            );
             Ok(())
         }
         Command::Check { manifest } => check(&manifest),

@@ -155,6 +155,19 @@ impl Incoming {
         self.settle(Some(delay))
     }
 
+    /// Leaves the delivery unsettled without telling the broker: it comes
+    /// again (with `attempt + 1`) when its ack deadline passes or this
+    /// connection closes, whichever is first. For a handler that hands the
+    /// delivery on to someone who went away before settling it, and whose
+    /// connection is about to close: a NACK would have it redelivered to
+    /// this very connection while it drains.
+    pub fn abandon(&self) -> Result<()> {
+        if self.delivered.settled.swap(true, Ordering::AcqRel) {
+            return Err(Error::AlreadySettled);
+        }
+        Ok(())
+    }
+
     fn settle(&self, nack_delay: Option<Duration>) -> Result<()> {
         if self.delivered.settled.swap(true, Ordering::AcqRel) {
             return Err(Error::AlreadySettled);

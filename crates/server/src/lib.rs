@@ -21,6 +21,7 @@ mod tls;
 mod trace;
 
 pub use auth::{load_manifest, ADMIN_SERVICE};
+pub use gateway::webhook::{webhook_secret, webhook_signature};
 pub use tls::{certificate_subject, TlsSettings, ALPN};
 pub use trace::TraceSettings;
 
@@ -310,6 +311,8 @@ struct Shared {
     tails: tail::Tails,
     /// Activity traces, unless off.
     tracer: Option<trace::Tracer>,
+    /// The HTTP gateway's webhook posts, for `/metrics`.
+    webhooks: Arc<gateway::webhook::WebhookCounters>,
 }
 
 /// What the broker wants the operator to hear: harm to durable data at
@@ -452,6 +455,7 @@ impl Server {
                 entries_out: AtomicU64::new(0),
                 tails: tail::Tails::new(),
                 tracer,
+                webhooks: Arc::default(),
             }),
             listener,
         })

@@ -45,12 +45,15 @@ pub(crate) struct MetricsSnapshot {
     /// The core's sampler: messages skipped, and the level (2^-level of
     /// new activities traced).
     pub trace_sampling: Option<(u64, u8)>,
+    /// The gateway's webhook posts: delivered, retried, given up.
+    pub webhooks: (u64, u64, u64),
 }
 
 impl MetricsSnapshot {
     pub(crate) fn take(shared: &Shared, now: Nanos) -> MetricsSnapshot {
         // Before the core's lock: the two are never held together.
         let traces = shared.tracer.as_ref().map(crate::trace::Tracer::gauges);
+        let webhooks = shared.webhooks.snapshot();
         let mut core = shared.core();
         let traffic = core.traffic();
         let (names, names_max, names_over_cap) = (
@@ -60,6 +63,7 @@ impl MetricsSnapshot {
         );
         let subscriptions = core.subscription_gauges(now);
         MetricsSnapshot {
+            webhooks,
             traces,
             trace_sampling: core.trace_sampling(),
             counters: core.metrics().clone(),
@@ -159,6 +163,16 @@ impl Collector for Exposition {
         if let (Some(traces), Some(sampling)) = (&s.traces, s.trace_sampling) {
             encode_traces(&mut encoder, traces, sampling)?;
         }
+        let mut webhooks = Family::open(
+            &mut encoder,
+            "courier_gateway_webhook_posts",
+            "Replies posted to webhooks by the HTTP gateway: delivered (answered 2xx), retried (an attempt failed and another follows), given_up (the last attempt failed)",
+            MetricType::Counter,
+        )?;
+        let (delivered, retried, given_up) = s.webhooks;
+        webhooks.counter(&[("result", "delivered")], delivered)?;
+        webhooks.counter(&[("result", "retried")], retried)?;
+        webhooks.counter(&[("result", "given_up")], given_up)?;
         Family::open(
             &mut encoder,
             "courier_metrics_names",

@@ -26,6 +26,10 @@ use uuid::Uuid;
 use crate::http::problem;
 use crate::Shared;
 
+mod subscribe;
+pub(crate) mod webhook;
+mod ws;
+
 /// The service an unauthenticated loopback caller acts for when the
 /// broker runs without a manifest.
 pub(crate) const ANONYMOUS_SERVICE: &str = "http";
@@ -203,10 +207,13 @@ pub(crate) fn router(shared: Arc<Shared>, mut bus: SocketAddr) -> Router {
         clients: Mutex::new(HashMap::new()),
         asynchronous: std::sync::Mutex::new(AsyncRequests::default()),
     });
+    let subscriptions = subscribe::Subscriptions::new(gateway.clone());
     Router::new()
         .route("/v1/messages/{name}", post(post_message))
         .route("/v1/requests/{name}", post(post_request).get(get_request))
-        .with_state(gateway)
+        .with_state(gateway.clone())
+        .merge(subscribe::router(subscriptions.clone()))
+        .merge(ws::router(subscriptions))
 }
 
 impl Gateway {
@@ -397,6 +404,10 @@ pub(crate) async fn post_request(
             )
         }
     };
+    let reply_to = match webhook::reply_to(&headers) {
+        Ok(reply_to) => reply_to,
+        Err(refused) => return *refused,
+    };
     let client = match gateway.client(peer, &headers).await {
         Ok(client) => client,
         Err(refused) => return *refused,
@@ -413,6 +424,17 @@ pub(crate) async fn post_request(
         Ok(stream) => stream,
         Err(e) => return refusal(&e),
     };
+    if let Some(target) = reply_to {
+        let id = stream.command_id();
+        let secret = webhook::webhook_secret(bearer(&headers).unwrap_or_default());
+        webhook::deliver(stream, target, secret, gateway.shared.webhooks.clone());
+        return (
+            StatusCode::ACCEPTED,
+            [(header::CONTENT_TYPE, "application/json")],
+            serde_json::json!({ "id": id.to_string(), "status": "pending" }).to_string(),
+        )
+            .into_response();
+    }
     if respond_async {
         let id = stream.command_id();
         let owner = bearer(&headers).map(str::to_string);

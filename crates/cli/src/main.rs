@@ -138,7 +138,7 @@ struct ServeArgs {
     /// Accepted messages a second traced whole; above it, activities are
     /// sampled by a hash of their id (each kept one whole; the skipped
     /// ones counted in /metrics). 0: trace everything.
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = 2_000)]
     trace_rate: u32,
     /// Keep payloads in traces (at most 16 KiB of each).
     #[arg(long)]

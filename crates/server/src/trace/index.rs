@@ -65,7 +65,7 @@ pub(crate) const SEQ_ENTRY_BYTES: usize = (size_of::<(u64, Uuid)>() + 1) * 16 / 
 
 /// Accepted messages a second above which activities are sampled
 /// (`--trace-rate`), unless 0 (trace everything).
-pub(crate) const TRACE_RATE_DEFAULT: u32 = 20_000;
+pub(crate) const TRACE_RATE_DEFAULT: u32 = 2_000;
 
 #[derive(Debug, Clone)]
 pub(crate) struct IndexConfig {

@@ -450,8 +450,19 @@ struct Worker {
     bytes_max: u64,
 }
 
+/// The trace thread's nice value: above the broker's threads, so on a
+/// small machine its rounds wait for a core the hot path leaves free
+/// instead of taking one from a request in flight (measured: without it,
+/// W4a's p99 was 0.5× of the unobserved broker's).
+const TRACE_THREAD_NICE: i32 = 10;
+
 impl Worker {
     fn run(mut self) {
+        // Linux keeps nice values per thread: this lowers only this one.
+        #[cfg(target_os = "linux")]
+        if let Err(e) = rustix::process::setpriority_process(None, TRACE_THREAD_NICE) {
+            warn!(error = %e, "cannot lower the trace thread's priority; it competes with the broker's threads");
+        }
         loop {
             let first = match self.receiver.recv_timeout(HOUSEKEEPING_INTERVAL) {
                 Ok(batch) => Some(batch),

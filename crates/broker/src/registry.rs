@@ -228,6 +228,10 @@ pub enum RegistryError {
     Unknown { service: String, id: String },
     #[error("instance {id:?} of {service:?} has no TTL check: only TTL checks take heartbeats")]
     NotTtl { service: String, id: String },
+    #[error(
+        "instance {id:?} of service {service:?} is not in the registry as a bus connection (a service name must be a DNS label: letters, digits, '-' and '_', at most 63)"
+    )]
+    NotOnBus { service: String, id: String },
     #[error("{0}")]
     Invalid(String),
 }
@@ -315,6 +319,47 @@ impl Registry {
             id: id.to_string(),
         }));
         self.apply_deregister(service, id);
+        out.push(RegistryAction::Changed { index: self.index });
+        Ok(())
+    }
+
+    /// A bus instance tells where it serves (its HTTP port, say): the
+    /// address (and metadata, when given) of its own entry change. Held in
+    /// memory like the entry itself; the instance says it again when it
+    /// reconnects.
+    pub fn advertise(
+        &mut self,
+        service: &str,
+        id: &str,
+        address: String,
+        meta: Option<BTreeMap<String, String>>,
+        out: &mut Vec<RegistryAction>,
+    ) -> Result<(), RegistryError> {
+        let key = (service.to_string(), id.to_string());
+        let Some(instance) = self.instances.get_mut(&key) else {
+            return Err(RegistryError::NotOnBus {
+                service: service.to_string(),
+                id: id.to_string(),
+            });
+        };
+        if !instance.spec.on_bus {
+            return Err(RegistryError::NotOnBus {
+                service: service.to_string(),
+                id: id.to_string(),
+            });
+        }
+        let mut spec = instance.spec.clone();
+        spec.address = address;
+        if let Some(meta) = meta {
+            spec.meta = meta;
+        }
+        validate(&spec)?;
+        if spec == instance.spec {
+            return Ok(());
+        }
+        self.index += 1;
+        instance.spec = spec;
+        instance.modify_index = self.index;
         out.push(RegistryAction::Changed { index: self.index });
         Ok(())
     }
@@ -747,6 +792,22 @@ impl<S: crate::MessageStore> crate::Broker<S> {
         // A name the registry cannot hold (not a DNS label) is simply not
         // discoverable; the connection works all the same.
         let _ = self.registry.register(spec, now, &mut out);
+    }
+
+    /// `courier.registry.advertise` from a bus connection: its own entry.
+    pub(crate) fn advertise_bus_instance(
+        &mut self,
+        service: &str,
+        instance: &str,
+        address: String,
+        meta: Option<BTreeMap<String, String>>,
+    ) -> Result<(), RegistryError> {
+        let mut out = Vec::new();
+        let result = self
+            .registry
+            .advertise(service, instance, address, meta, &mut out);
+        self.registry_actions(out);
+        result
     }
 
     pub(crate) fn deregister_bus_instance(&mut self, service: &str, instance: &str) {

@@ -30,6 +30,7 @@ use tokio::sync::{oneshot, Notify};
 mod courier;
 mod nats;
 mod process;
+mod registry;
 mod scrape;
 mod w4;
 
@@ -86,7 +87,9 @@ pub struct BenchArgs {
     #[arg(long)]
     json: bool,
     /// Run only these workloads, comma-separated: W5a, W5b, W6, W7a, W7b
-    /// (W5 and W7 name both halves).
+    /// (W5 and W7 name both halves); or `registry` alone: a watch's
+    /// latency, DNS queries a second, and the CPU of 10,000 checked
+    /// instances, each with its goal.
     #[arg(long, value_parser = parse_only)]
     only: Option<Only>,
     /// Each run of a workload must finish within this (e.g. 90s, 10m), or
@@ -231,14 +234,32 @@ impl Workload {
     }
 }
 
-/// The workloads `--only` selected, in canonical order, without repeats.
+/// What `--only` selected: workloads in canonical order, without
+/// repeats, or the registry's figures (a run of their own).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Only(Vec<Workload>);
+enum Only {
+    Workloads(Vec<Workload>),
+    Registry,
+}
 
 fn parse_only(text: &str) -> Result<Only, String> {
     use Workload::*;
     let mut picked = Vec::new();
-    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+    let parts: Vec<&str> = text
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect();
+    if parts.iter().any(|p| p.eq_ignore_ascii_case("registry")) {
+        if parts.len() > 1 {
+            return Err(
+                "registry runs on its own: write --only registry, and the workloads in another run"
+                    .to_string(),
+            );
+        }
+        return Ok(Only::Registry);
+    }
+    for part in parts {
         let named: &[Workload] = match part.to_ascii_lowercase().as_str() {
             "w1" => &[W1a, W1b],
             "w1a" => &[W1a],
@@ -261,7 +282,7 @@ fn parse_only(text: &str) -> Result<Only, String> {
             "w7" => &[W7a, W7b],
             _ => {
                 return Err(format!(
-                    "unknown workload {part:?}; choose from W1a, W1b, W2a, W2b, W3a, W3b, W4a, W4b, W5a, W5b, W6, W7a, W7b (W1 … W7 name all their parts), comma-separated"
+                    "unknown workload {part:?}; choose from W1a, W1b, W2a, W2b, W3a, W3b, W4a, W4b, W5a, W5b, W6, W7a, W7b (W1 … W7 name all their parts), comma-separated, or registry alone"
                 ))
             }
         };
@@ -272,7 +293,7 @@ fn parse_only(text: &str) -> Result<Only, String> {
     }
     picked.sort();
     picked.dedup();
-    Ok(Only(picked))
+    Ok(Only::Workloads(picked))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1289,12 +1310,21 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             .context("cannot find this program's own path, which the bench starts as the broker")?;
         return scrape::run(&exe, args.quick).await;
     }
+    let selected = match args.only.clone() {
+        None => Workload::ALL.to_vec(),
+        Some(Only::Workloads(selected)) => selected,
+        Some(Only::Registry) => {
+            if args.against.is_some() {
+                bail!("--only registry measures Courier alone; run it without --against");
+            }
+            let exe = std::env::current_exe().context(
+                "cannot find this program's own path, which the bench starts as the broker",
+            )?;
+            return registry::run(&exe, args.quick).await;
+        }
+    };
     let plan = Plan::new(args.quick, args.scale).map_err(anyhow::Error::msg)?;
     process::set_observability(args.observability);
-    let selected = args
-        .only
-        .clone()
-        .map_or_else(|| Workload::ALL.to_vec(), |o| o.0);
     let exe = std::env::current_exe()
         .context("cannot find this program's own path, which the bench starts as the broker")?;
     let command = command_line(std::env::args());
@@ -1551,17 +1581,31 @@ mod tests {
     #[test]
     fn only_parses_ids_groups_and_case_and_keeps_canonical_order() {
         use Workload::*;
-        assert_eq!(parse_only("W6,W5a"), Ok(Only(vec![W5a, W5aAlways, W6])));
+        assert_eq!(
+            parse_only("W6,W5a"),
+            Ok(Only::Workloads(vec![W5a, W5aAlways, W6]))
+        );
         assert_eq!(
             parse_only("w7, W5"),
-            Ok(Only(vec![W5a, W5aAlways, W5b, W5bAlways, W7a, W7b]))
+            Ok(Only::Workloads(vec![
+                W5a, W5aAlways, W5b, W5bAlways, W7a, W7b
+            ]))
         );
-        assert_eq!(parse_only("W5a,W5a,w5a"), Ok(Only(vec![W5a, W5aAlways])));
-        assert_eq!(parse_only("W1,w4b"), Ok(Only(vec![W1a, W1b, W4b])));
-        assert_eq!(parse_only("W7b,"), Ok(Only(vec![W7b])));
+        assert_eq!(
+            parse_only("W5a,W5a,w5a"),
+            Ok(Only::Workloads(vec![W5a, W5aAlways]))
+        );
+        assert_eq!(
+            parse_only("W1,w4b"),
+            Ok(Only::Workloads(vec![W1a, W1b, W4b]))
+        );
+        assert_eq!(parse_only("W7b,"), Ok(Only::Workloads(vec![W7b])));
         let unknown = parse_only("W5a,W9").expect_err("W9 is unknown");
         assert!(unknown.contains("\"W9\"") && unknown.contains("W5a, W5b, W6, W7a, W7b"));
         assert!(parse_only(" , ").is_err());
+        assert_eq!(parse_only("Registry"), Ok(Only::Registry));
+        let mixed = parse_only("registry,W1a").expect_err("registry runs alone");
+        assert!(mixed.contains("--only registry"), "{mixed}");
     }
 
     #[test]
@@ -1585,7 +1629,11 @@ mod tests {
         assert_eq!(a.runs, 1);
         assert_eq!(
             a.only,
-            Some(Only(vec![Workload::W5a, Workload::W5aAlways, Workload::W6]))
+            Some(Only::Workloads(vec![
+                Workload::W5a,
+                Workload::W5aAlways,
+                Workload::W6
+            ]))
         );
         assert_eq!(
             args(&["--against", "nats"]).expect("parse").against,

@@ -330,6 +330,8 @@ pub struct SubscriptionGauges {
     /// Messages waiting for the service in any state (ready, deferred, in
     /// flight, behind a busy key); dead letters are not counted.
     pub backlog: usize,
+    /// Payload bytes of those messages.
+    pub backlog_bytes: u64,
     pub in_flight: usize,
     /// Connected instances that consume (not those that only send).
     pub consumers: usize,
@@ -1172,21 +1174,29 @@ impl<S: MessageStore> Broker<S> {
                 keep[i] = *total <= max;
             }
         }
-        let found: Vec<(Seq, Option<bytes::Bytes>, Option<Nanos>)> = found
+        let found: Vec<Found> = found
             .into_iter()
             .zip(keep)
             .filter(|(_, k)| *k)
-            .map(|(f, _)| (f.seq, f.key, f.deliver_at))
+            .map(|(f, _)| f)
             .collect();
         let Some(svc) = self.services.get_mut(service) else {
             return;
         };
         let queued = svc.queue.seqs();
-        for (seq, key, deliver_at) in found {
+        for Found {
+            seq,
+            key,
+            deliver_at,
+            bytes,
+            ..
+        } in found
+        {
             if queued.contains(&seq) {
                 continue;
             }
             self.refs.add(seq);
+            svc.queue.count_in(bytes);
             let entry = Entry::new(seq, 0, key);
             match deliver_at {
                 Some(at) if at > now => svc.queue.defer(at, entry),
@@ -1649,6 +1659,7 @@ impl<S: MessageStore> Broker<S> {
                 continue;
             };
             self.refs.add(seq);
+            svc.queue.count_in(message.payload.len() as u64);
             let entry = Entry::new(seq, 0, message.key.clone());
             match message.deliver_at {
                 Some(at) if at > now => svc.queue.defer(at, entry),
@@ -1973,6 +1984,7 @@ impl<S: MessageStore> Broker<S> {
             if message.expires_at.is_some_and(|t| t <= now) {
                 svc.queue.ready.remove(index);
                 svc.queue.release_key(&entry);
+                svc.queue.count_out(message.payload.len() as u64);
                 self.metrics.expired += 1;
                 let slot = self.traffic.slot(&message.name);
                 if let Some(t) = self.traffic.traffic(slot, service) {
@@ -2019,6 +2031,7 @@ impl<S: MessageStore> Broker<S> {
                 self.dead_letter(
                     service,
                     entry,
+                    message.payload.len() as u64,
                     slot,
                     format!("its DELIVER frame would be {len} bytes, over the broker's frame limit of {max} (was it accepted under a larger limit?)"),
                     now,
@@ -2041,8 +2054,17 @@ impl<S: MessageStore> Broker<S> {
                     let seq = entry.seq;
                     let slot = self.traffic.slot(&message.name);
                     let traced = traces(&self.sampler, &message, now);
-                    svc.queue
-                        .start(delivery, conn, entry, deadline, slot, traced);
+                    svc.queue.start(
+                        delivery,
+                        queue::InFlight {
+                            entry,
+                            conn,
+                            deadline,
+                            name: slot,
+                            traced,
+                            bytes: message.payload.len() as u64,
+                        },
+                    );
                     if message.kind == Kind::Command
                         && !message.headers.is_empty()
                         && message.header(REPLY_WINDOW_HEADER).is_some()
@@ -2128,6 +2150,7 @@ impl<S: MessageStore> Broker<S> {
         }
         if let Some(svc) = self.services.get_mut(service.as_str()) {
             svc.queue.release_key(&flight.0.entry);
+            svc.queue.count_out(flight.0.bytes);
         }
         release(&mut self.store, &mut self.refs, seq);
         self.pump(&service, now);
@@ -2196,6 +2219,7 @@ impl<S: MessageStore> Broker<S> {
             entry,
             name,
             traced,
+            bytes,
             ..
         } = flight;
         let Some(svc) = self.services.get_mut(service) else {
@@ -2227,7 +2251,7 @@ impl<S: MessageStore> Broker<S> {
                 "{why} on attempt {} of {}",
                 entry.attempts, svc.max_deliveries
             );
-            self.dead_letter(service, entry, name, reason, now);
+            self.dead_letter(service, entry, bytes, name, reason, now);
         } else if delay == 0 {
             svc.queue.make_ready_again(entry);
         } else {
@@ -2247,6 +2271,7 @@ impl<S: MessageStore> Broker<S> {
         &mut self,
         service: &str,
         entry: Entry,
+        bytes: u64,
         name: stats::Slot,
         reason: String,
         now: Nanos,
@@ -2255,6 +2280,7 @@ impl<S: MessageStore> Broker<S> {
             return;
         };
         svc.queue.release_key(&entry);
+        svc.queue.count_out(bytes);
         let letter = DeadLetter {
             seq: entry.seq,
             attempts: entry.attempts,
@@ -2456,6 +2482,7 @@ impl<S: MessageStore> Broker<S> {
                 patterns: s.patterns.iter().cloned().collect(),
                 paused: s.paused.iter().cloned().collect(),
                 backlog: s.queue.depth(),
+                backlog_bytes: s.queue.backlog_bytes(),
                 in_flight: s.queue.in_flight.len(),
                 consumers: consumers.len(),
                 consumers_paused: consumers.iter().filter(|c| c.paused).count(),
@@ -2665,8 +2692,8 @@ impl<S: MessageStore> Broker<S> {
     /// Puts a dead letter back in the service's queue, as a fresh message.
     pub fn revive(&mut self, service: &str, seq: Seq, now: Nanos) -> Result<(), String> {
         self.now = now;
-        let key = match self.store.get(seq) {
-            Ok(Some(m)) => m.key.clone(),
+        let (key, bytes) = match self.store.get(seq) {
+            Ok(Some(m)) => (m.key.clone(), m.payload.len() as u64),
             Ok(None) => return Err(format!("message {seq} is no longer stored")),
             Err(e) => return Err(format!("message {seq} cannot be read: {e}")),
         };
@@ -2681,6 +2708,7 @@ impl<S: MessageStore> Broker<S> {
             .position(|d| d.seq == seq)
             .ok_or_else(|| format!("service {service} has no dead letter {seq}"))?;
         svc.queue.dead_letters.remove(position);
+        svc.queue.count_in(bytes);
         svc.queue.make_ready(Entry::new(seq, 0, key));
         self.journal(Op::Revived {
             service: service.to_string(),

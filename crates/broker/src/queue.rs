@@ -249,6 +249,9 @@ pub(crate) struct InFlight {
     /// Its activity is traced: what becomes of the delivery is recorded
     /// (decided with the message at hand, so an ack need not read it).
     pub traced: bool,
+    /// Its payload's size, so an ack takes it off [`Queue::bytes`]
+    /// without reading the message again.
+    pub bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -279,6 +282,13 @@ pub(crate) struct Queue {
     /// nor repeat their warning.
     pub unreadable: Vec<Entry>,
     pub dead_letters: Vec<DeadLetter>,
+    /// Payload bytes of the messages counted in [`Queue::depth`]. Entries
+    /// do not carry their size (a backlog of first deliveries is one span
+    /// of seqs), so the broker adds a message's size when it enters the
+    /// queue and takes it off when the message leaves with the message
+    /// (or its [`InFlight`]) at hand. An empty queue holds no bytes,
+    /// whatever the count says ([`Queue::backlog_bytes`]).
+    pub bytes: u64,
 }
 
 impl Queue {
@@ -289,6 +299,31 @@ impl Queue {
             + self.in_flight.len()
             + self.unreadable.len()
             + self.key_waiting.values().map(VecDeque::len).sum::<usize>()
+    }
+
+    /// Payload bytes waiting: what [`Queue::depth`] counts, in bytes.
+    pub fn backlog_bytes(&self) -> u64 {
+        if self.depth() == 0 {
+            0
+        } else {
+            self.bytes
+        }
+    }
+
+    /// A message of `bytes` payload entered the queue.
+    pub fn count_in(&mut self, bytes: u64) {
+        self.bytes = self.bytes.saturating_add(bytes);
+    }
+
+    /// A message of `bytes` payload left the queue (acked, expired,
+    /// dead-lettered). Emptying the queue forgets any difference, so a
+    /// message that left unread (its record gone) cannot skew the count
+    /// for good.
+    pub fn count_out(&mut self, bytes: u64) {
+        self.bytes = self.bytes.saturating_sub(bytes);
+        if self.depth() == 0 {
+            self.bytes = 0;
+        }
     }
 
     /// Adds a message that may go out now, unless its key is busy.
@@ -339,26 +374,9 @@ impl Queue {
     }
 
     /// Records a dispatch; the caller has bumped `attempts`.
-    pub fn start(
-        &mut self,
-        delivery: DeliveryId,
-        conn: u64,
-        entry: Entry,
-        deadline: Nanos,
-        name: crate::stats::Slot,
-        traced: bool,
-    ) {
-        self.deadlines.insert((deadline, delivery));
-        self.in_flight.insert(
-            delivery,
-            InFlight {
-                entry,
-                conn,
-                deadline,
-                name,
-                traced,
-            },
-        );
+    pub fn start(&mut self, delivery: DeliveryId, flight: InFlight) {
+        self.deadlines.insert((flight.deadline, delivery));
+        self.in_flight.insert(delivery, flight);
     }
 
     /// Moves the ack deadline of `delivery` to `deadline`, if `conn` holds it.
@@ -492,6 +510,7 @@ impl Queue {
         seqs.extend(self.dead_letters.drain(..).map(|d| d.seq));
         self.deadlines.clear();
         self.key_holder.clear();
+        self.bytes = 0;
         seqs
     }
 }
@@ -523,7 +542,17 @@ mod tests {
             vec![1, 3]
         );
         let first = q.ready.pop_front().expect("1");
-        q.start(10, 1, first, 100, 0, false);
+        q.start(
+            10,
+            InFlight {
+                entry: first,
+                conn: 1,
+                deadline: 100,
+                name: 0,
+                traced: false,
+                bytes: 0,
+            },
+        );
         q.make_ready(keyed(4, "a"));
         assert_eq!(
             q.key_waiting

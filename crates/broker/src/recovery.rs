@@ -28,6 +28,9 @@ use crate::{Broker, Nanos, ReplyRoute, Service};
 /// 14 MiB, and the replay took 81 instead of 115 ms (a chunk stays in cache).
 const REPLAY_CHUNK_RECORDS: usize = 256;
 const SNAPSHOT_MAGIC: &[u8; 4] = b"CRSN";
+/// 6: each service's backlog bytes (payload bytes of its waiting
+/// messages) after its dead letters; older snapshots are counted from
+/// the messages once, at recovery.
 /// 5: the service registry follows the reply routes, as a section tagged
 /// `RGST` (its instances and their visible health; `registry.rs`).
 /// 4: each service's paused patterns after its patterns. 3: queue entries
@@ -35,7 +38,7 @@ const SNAPSHOT_MAGIC: &[u8; 4] = b"CRSN";
 /// window's ids in buckets by timestamp after those without one. Versions
 /// 4, 3, 2 (fingerprints with their times only) and 1 (whole ids) still
 /// load.
-const SNAPSHOT_VERSION: u32 = 5;
+const SNAPSHOT_VERSION: u32 = 6;
 const REGISTRY_SECTION: &[u8; 4] = b"RGST";
 
 /// What recovery found, for the start-up log line.
@@ -96,6 +99,10 @@ impl<S: MessageStore> Broker<S> {
             }
         }
         let mut marks = Marks::default();
+        // Payload sizes of the messages replayed into queues, in seq
+        // order: what settling the marks takes off the backlog bytes
+        // without reading the messages again.
+        let mut sizes: Vec<(Seq, u32)> = Vec::new();
         // About how much log lies after the snapshot (record framing not
         // counted): what the next checkpoint-by-growth starts from.
         let mut replayed_bytes: u64 = 0;
@@ -109,7 +116,10 @@ impl<S: MessageStore> Broker<S> {
                     Replayed::Message(message) => {
                         report.messages_replayed += 1;
                         replayed_bytes += courier_proto::encoded_message_len(&message) as u64;
-                        self.replay_message(seq, &message, now);
+                        if self.replay_message(seq, &message, now) {
+                            let size = u32::try_from(message.payload.len()).unwrap_or(u32::MAX);
+                            sizes.push((seq, size));
+                        }
                     }
                     Replayed::State(bytes) => {
                         replayed_bytes += bytes.len() as u64;
@@ -127,7 +137,8 @@ impl<S: MessageStore> Broker<S> {
         }
         let lost = self.store.lost_records();
         self.metrics.records_lost = lost.iter().map(|seqs| seqs.end - seqs.start).sum();
-        self.settle_marks(marks, &lost, now);
+        self.settle_marks(marks, &lost, &sizes, now);
+        drop(sizes);
         if let Some(covers) = report.snapshot_covers {
             // The snapshot on disk is as good as one taken now, but for
             // what was replayed: no checkpoint is due at once (taking one
@@ -211,7 +222,8 @@ impl<S: MessageStore> Broker<S> {
         self.registry.clear_durable();
     }
 
-    fn replay_message(&mut self, seq: Seq, message: &Arc<Message>, now: Nanos) {
+    /// Replays one message; whether it went into some queue.
+    fn replay_message(&mut self, seq: Seq, message: &Arc<Message>, now: Nanos) -> bool {
         self.dedup.insert(&message.id, message.timestamp);
         let targets = self.receivers(&message.name, message.version.major);
         if message.kind == Kind::Command {
@@ -228,6 +240,7 @@ impl<S: MessageStore> Broker<S> {
                 .insert(message.id, route, message.timestamp);
         }
         self.enqueue(seq, message, &targets, now);
+        !targets.is_empty()
     }
 
     fn replay_op(&mut self, seq: Seq, op: Op, marks: &mut Marks, now: Nanos) {
@@ -297,15 +310,13 @@ impl<S: MessageStore> Broker<S> {
                 marks.entry(service).or_default().removed.insert(seq);
             }
             Op::Revived { service, seq } => {
-                let key = self
-                    .store
-                    .get(seq)
-                    .ok()
-                    .flatten()
-                    .and_then(|m| m.key.clone());
+                let message = self.store.get(seq).ok().flatten();
+                let key = message.as_ref().and_then(|m| m.key.clone());
+                let bytes = message.map_or(0, |m| m.payload.len() as u64);
                 if let Some(svc) = self.services.get_mut(&service) {
                     if let Some(i) = svc.queue.dead_letters.iter().position(|d| d.seq == seq) {
                         svc.queue.dead_letters.remove(i);
+                        svc.queue.count_in(bytes);
                         svc.queue.make_ready(Entry::new(seq, 0, key));
                         // The entry reuses the dead letter's reference.
                     }
@@ -334,7 +345,15 @@ impl<S: MessageStore> Broker<S> {
     /// Entries whose records are `lost` (sorted ranges: gone from the store
     /// for good) go to their service's dead letters instead, journaled, and
     /// the operator is told per service what to do.
-    fn settle_marks(&mut self, mut marks: Marks, lost: &[std::ops::Range<Seq>], now: Nanos) {
+    /// `sizes`: payload sizes of the messages replayed into queues, by
+    /// seq, for the backlog bytes of what the marks remove.
+    fn settle_marks(
+        &mut self,
+        mut marks: Marks,
+        lost: &[std::ops::Range<Seq>],
+        sizes: &[(Seq, u32)],
+        now: Nanos,
+    ) {
         let is_lost = |seq: Seq| {
             let after = lost.partition_point(|seqs| seqs.end <= seq);
             lost.get(after).is_some_and(|seqs| seqs.contains(&seq))
@@ -378,13 +397,62 @@ impl<S: MessageStore> Broker<S> {
                     }
                 }
             }
+            let mut released_bytes: u64 = 0;
             for seq in released {
+                released_bytes += match sizes.binary_search_by_key(&seq, |(s, _)| *s) {
+                    Ok(i) => u64::from(sizes[i].1),
+                    // From before the snapshot: only the record knows.
+                    Err(_) => self.payload_bytes(seq),
+                };
                 // Acked entries drop their reference; dead-lettered ones
                 // were given one of their own when replayed.
                 crate::release(&mut self.store, &mut self.refs, seq);
             }
-            self.dead_letter_lost(&name, gone, now);
+            if let Some(svc) = self.services.get_mut(&name) {
+                svc.queue.bytes = svc.queue.bytes.saturating_sub(released_bytes);
+            }
+            if !gone.is_empty() {
+                self.dead_letter_lost(&name, gone, now);
+                // Lost records cannot say their size: count what is left.
+                self.recount_backlog_bytes(&name);
+            }
         }
+    }
+
+    /// A stored message's payload size; 0 if it cannot be read.
+    fn payload_bytes(&mut self, seq: Seq) -> u64 {
+        match self.store.get(seq) {
+            Ok(Some(m)) => m.payload.len() as u64,
+            _ => 0,
+        }
+    }
+
+    /// Counts the service's backlog bytes from its messages (recovery
+    /// from a snapshot that does not hold them, lost records).
+    pub(crate) fn recount_backlog_bytes(&mut self, service: &str) {
+        let bytes = self.backlog_bytes_read(service);
+        if let Some(svc) = self.services.get_mut(service) {
+            svc.queue.bytes = bytes;
+        }
+    }
+
+    /// The service's backlog bytes as its messages say, read one by one.
+    pub(crate) fn backlog_bytes_read(&mut self, service: &str) -> u64 {
+        let Some(svc) = self.services.get(service) else {
+            return 0;
+        };
+        let seqs: Vec<(Seq, u32)> = svc
+            .queue
+            .runs()
+            .map(|(e, count, _)| (e.seq, count))
+            .collect();
+        let mut bytes = 0;
+        for (first, count) in seqs {
+            for seq in first..first + u64::from(count) {
+                bytes += self.payload_bytes(seq);
+            }
+        }
+        bytes
     }
 
     /// Moves queue entries whose records are lost to the service's dead
@@ -509,6 +577,7 @@ impl<S: MessageStore> Broker<S> {
                 w.str(&d.reason);
                 w.u64(d.at);
             }
+            w.u64(svc.queue.backlog_bytes());
         }
         // Counted while written, then the count is patched in: collecting
         // a million ids first cost tens of MiB that the allocator kept.
@@ -567,6 +636,7 @@ impl<S: MessageStore> Broker<S> {
             return Err(JournalError::BadSnapshot);
         }
         let services = r.u32()?;
+        let mut uncounted = Vec::new();
         for _ in 0..services {
             let name = r.str()?;
             let ack_deadline_ms = r.u32()?;
@@ -621,6 +691,11 @@ impl<S: MessageStore> Broker<S> {
                 self.refs.add(letter.seq);
                 svc.queue.dead_letters.push(letter);
             }
+            if version >= 6 {
+                svc.queue.bytes = r.u64()?;
+            } else {
+                uncounted.push(name.clone());
+            }
             self.services.insert(name, svc);
             self.routes_changed();
         }
@@ -673,6 +748,9 @@ impl<S: MessageStore> Broker<S> {
         }
         if !r.is_empty() {
             return Err(JournalError::BadSnapshot);
+        }
+        for name in uncounted {
+            self.recount_backlog_bytes(&name);
         }
         Ok(())
     }

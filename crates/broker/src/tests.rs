@@ -797,6 +797,8 @@ proptest! {
             }).collect();
             in_flight.retain(|f| !overdue.contains(&f.1));
             absorb(&mut h, &mut in_flight)?;
+            let counted = h.broker.services.get("worker").map_or(0, |s| s.queue.backlog_bytes());
+            prop_assert_eq!(counted, h.broker.backlog_bytes_read("worker"), "backlog bytes as counted and as read");
         }
         // Settle: a fresh consumer acks everything until nothing is left.
         next_conn += 1;
@@ -1228,6 +1230,8 @@ proptest! {
                 }
             }
             absorb(&mut h, &mut in_flight, &mut accepted, &sent, &acked)?;
+            let counted = h.broker.services.get("worker").map_or(0, |s| s.queue.backlog_bytes());
+            prop_assert_eq!(counted, h.broker.backlog_bytes_read("worker"), "backlog bytes as counted and as read");
         }
         // Settle: ack everything until nothing more comes.
         for _ in 0..50 {

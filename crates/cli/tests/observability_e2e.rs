@@ -188,7 +188,16 @@ fn metrics_count_real_traffic_per_name_service_and_outcome() {
         "1s",
     ]);
     assert!(out.status.success());
-    let out = broker.run(&["publish", "audit.seen", "--service", "web", "--count", "5"]);
+    let out = broker.run(&[
+        "publish",
+        "audit.seen",
+        "--service",
+        "web",
+        "--count",
+        "5",
+        "--data",
+        "seen {seq}",
+    ]);
     assert!(out.status.success());
 
     let m = metrics(&broker, None);
@@ -265,6 +274,15 @@ fn metrics_count_real_traffic_per_name_service_and_outcome() {
         ),
         Some(5.0)
     );
+    // "seen 0" … "seen 4": six bytes each.
+    assert_eq!(
+        value(
+            &m,
+            "courier_subscription_backlog_bytes",
+            &[("service", "audit")]
+        ),
+        Some(30.0)
+    );
     assert_eq!(
         value(
             &m,
@@ -306,6 +324,14 @@ fn metrics_count_real_traffic_per_name_service_and_outcome() {
         value(
             &m,
             "courier_subscription_backlog_messages",
+            &[("service", "audit")]
+        ),
+        Some(0.0)
+    );
+    assert_eq!(
+        value(
+            &m,
+            "courier_subscription_backlog_bytes",
             &[("service", "audit")]
         ),
         Some(0.0)

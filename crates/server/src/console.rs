@@ -308,6 +308,7 @@ fn services_json(
                 "paused": g.paused,
                 "instances": instances,
                 "backlog": g.backlog,
+                "backlog_bytes": g.backlog_bytes,
                 "in_flight": g.in_flight,
                 "dead_letters": g.dead_letters,
                 "oldest_unacked_seconds": g.oldest_unacked_age.map(seconds),

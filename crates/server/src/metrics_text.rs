@@ -295,11 +295,16 @@ fn encode_subscriptions(
     subs: &[SubscriptionGauges],
 ) -> fmt::Result {
     type Pick = fn(&SubscriptionGauges) -> Option<f64>;
-    let gauges: [(&str, &str, Pick); 6] = [
+    let gauges: [(&str, &str, Pick); 7] = [
         (
             "courier_subscription_backlog_messages",
             "Messages waiting for the service (ready, deferred, in flight, behind a busy key)",
             |g| Some(g.backlog as f64),
+        ),
+        (
+            "courier_subscription_backlog_bytes",
+            "Payload bytes of the messages waiting for the service",
+            |g| Some(g.backlog_bytes as f64),
         ),
         (
             "courier_subscription_in_flight",

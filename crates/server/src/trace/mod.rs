@@ -13,6 +13,13 @@
 //! costs the broker's lock. At start-up the log is read back within the
 //! retention.
 //!
+//! The thread does not wake for every batch: after a round it sleeps
+//! `COALESCE_INTERVAL` and takes what gathered meanwhile in one go, so a
+//! request/reply workload does not pay a thread wake-up (a context
+//! switch on a small machine) per message. A query first waits for the
+//! thread to take everything submitted before it ([`Tracer::settle`]),
+//! so a trace is complete as soon as its replies have left.
+//!
 //! Bounds: the queue to the thread holds at most `TRACE_QUEUE_BATCHES`
 //! batches and `TRACE_QUEUE_BYTES_MAX` of the messages they pin (past
 //! either, a batch is dropped and counted); the index at most
@@ -28,7 +35,7 @@ use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use courier_broker::{ActivityFilter, Nanos, TraceQuery, TraceRecord};
@@ -41,12 +48,22 @@ pub(crate) use index::TRACE_RATE_DEFAULT;
 use index::{IndexConfig, IndexStats, TraceIndex, Written};
 
 /// Batches waiting for the trace thread; past it a batch is dropped.
-const TRACE_QUEUE_BATCHES: usize = 4096;
+/// Room for a full coalescing interval of one batch per core call at
+/// well over a million calls a second.
+const TRACE_QUEUE_BATCHES: usize = 16 * 1024;
 /// Bytes of messages the waiting batches may pin (their payloads share
 /// the messages' memory); past it a batch is dropped.
 const TRACE_QUEUE_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// Batches the thread takes in one go (one lock of the index, one write).
-const BATCHES_PER_ROUND_MAX: usize = 256;
+const BATCHES_PER_ROUND_MAX: usize = 4096;
+/// How long the thread lets batches gather after a round before it takes
+/// them: the bound on how stale the index is, and what spares a
+/// wake-up per batch.
+const COALESCE_INTERVAL: Duration = Duration::from_millis(10);
+/// The longest a query waits for the thread to take what was submitted
+/// before it (the thread is stuck on a slow disk, say); then it answers
+/// from what the index has.
+const SETTLE_WAIT_MAX: Duration = Duration::from_secs(1);
 /// How often the thread wakes without work: retention runs on time too.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
 /// The largest trace record on disk: a message's metadata and at most
@@ -108,6 +125,15 @@ struct Batch {
     bytes: usize,
 }
 
+/// How far the trace thread got: batches submitted and taken into the
+/// index, so a query can wait for what was submitted before it.
+#[derive(Default)]
+struct Progress {
+    submitted: AtomicU64,
+    applied: Mutex<u64>,
+    applied_changed: Condvar,
+}
+
 /// The network edge's handle on the traces; cheap to clone.
 #[derive(Clone)]
 pub(crate) struct Tracer {
@@ -115,7 +141,9 @@ pub(crate) struct Tracer {
     index: Arc<Mutex<TraceIndex>>,
     queued_bytes: Arc<AtomicUsize>,
     counters: Arc<Counters>,
-    /// The trace thread, to wait for when stopping (tests).
+    progress: Arc<Progress>,
+    /// The trace thread, to wake early for a query and to wait for when
+    /// stopping (tests).
     thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
@@ -164,6 +192,7 @@ impl Tracer {
             index: Arc::new(Mutex::new(index)),
             queued_bytes: Arc::new(AtomicUsize::new(0)),
             counters,
+            progress: Arc::new(Progress::default()),
             thread: Arc::new(Mutex::new(None)),
         };
         let worker = Worker {
@@ -171,6 +200,7 @@ impl Tracer {
             index: tracer.index.clone(),
             queued_bytes: tracer.queued_bytes.clone(),
             counters: tracer.counters.clone(),
+            progress: tracer.progress.clone(),
             disk,
             written: Written::default(),
             trimmed_at: 0,
@@ -196,7 +226,10 @@ impl Tracer {
             Some(records)
         } else {
             match self.sender.try_send(Batch { records, bytes }) {
-                Ok(()) => None,
+                Ok(()) => {
+                    self.progress.submitted.fetch_add(1, Ordering::Release);
+                    None
+                }
                 Err(TrySendError::Full(batch)) | Err(TrySendError::Disconnected(batch)) => {
                     Some(batch.records)
                 }
@@ -213,13 +246,43 @@ impl Tracer {
         }
     }
 
+    /// Waits until the trace thread has taken every batch submitted
+    /// before the call into the index (waking it from its coalescing
+    /// sleep), at most [`SETTLE_WAIT_MAX`]. Blocks: call it off the
+    /// async runtime.
+    fn settle(&self) {
+        let target = self.progress.submitted.load(Ordering::Acquire);
+        let applied = self
+            .progress
+            .applied
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if *applied >= target {
+            return;
+        }
+        if let Some(handle) = self
+            .thread
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .as_ref()
+        {
+            handle.thread().unpark();
+        }
+        let _ =
+            self.progress
+                .applied_changed
+                .wait_timeout_while(applied, SETTLE_WAIT_MAX, |applied| *applied < target);
+    }
+
     /// One activity's causal tree, if it is traced.
     pub(crate) fn tree(&self, activity: &Uuid) -> Option<Value> {
+        self.settle();
         lock(&self.index).tree(activity)
     }
 
     /// Recent activities matching `filter`, newest first.
     pub(crate) fn find(&self, filter: &ActivityFilter) -> Value {
+        self.settle();
         lock(&self.index).find(filter)
     }
 
@@ -367,6 +430,7 @@ struct Worker {
     index: Arc<Mutex<TraceIndex>>,
     queued_bytes: Arc<AtomicUsize>,
     counters: Arc<Counters>,
+    progress: Arc<Progress>,
     disk: Option<Log>,
     written: Written,
     /// When the log was last trimmed (unix ns).
@@ -407,9 +471,24 @@ impl Worker {
                 self.write(now);
             }
             let pinned: usize = batches.iter().map(|b| b.bytes).sum();
+            let taken = batches.len() as u64;
             // The messages are let go outside the index's lock.
             drop(batches);
             self.queued_bytes.fetch_sub(pinned, Ordering::Relaxed);
+            {
+                let mut applied = self
+                    .progress
+                    .applied
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                *applied += taken;
+            }
+            self.progress.applied_changed.notify_all();
+            if taken > 0 {
+                // Let the next batches gather; a query waiting for them
+                // unparks the thread early.
+                std::thread::park_timeout(COALESCE_INTERVAL);
+            }
         }
     }
 

@@ -104,6 +104,11 @@ fi
 if [ "$(pg_psql "-tAc \"SELECT 1 FROM pg_database WHERE datname = 'courier_test'\"")" != "1" ]; then
   pg_psql "-c \"CREATE DATABASE courier_test OWNER courier_test\""
 fi
+# Each outbox test makes a database of its own; those of earlier runs go
+# here, so they never pile up.
+for db in $(pg_psql "-tAc \"SELECT d.datname FROM pg_database d JOIN pg_roles r ON d.datdba = r.oid WHERE r.rolname = 'courier_test' AND d.datname <> 'courier_test'\""); do
+  pg_psql "-c \"DROP DATABASE IF EXISTS $db\""
+done
 export COURIER_TEST_POSTGRES_URL="postgres://courier_test:courier_test@127.0.0.1:5432/courier_test"
 
 echo "== cargo fmt --check"

@@ -200,6 +200,8 @@ pub enum Action {
         seq: u64,
         code: ErrorCode,
         reason: String,
+        /// Where the log holds the accepted message; 0: it holds none.
+        log_seq: Seq,
     },
     OpResult {
         conn: ConnId,
@@ -830,6 +832,7 @@ impl<S: MessageStore> Broker<S> {
                     seq,
                     code: ErrorCode::StorageFailed,
                     reason: reason.clone(),
+                    log_seq: 0,
                 }),
                 Action::OpResult {
                     conn,
@@ -1367,6 +1370,8 @@ impl<S: MessageStore> Broker<S> {
         let stamped = Arc::make_mut(&mut message);
         stamped.timestamp = now;
         stamped.sender = sender;
+        // Where the log holds it, once routed (0: it holds none).
+        let mut log_seq: Seq = 0;
         let outcome = match message.kind {
             Kind::Command if message.name.starts_with(SYSTEM_PREFIX) => {
                 let answered = self.system_command(conn, &message, now);
@@ -1383,9 +1388,10 @@ impl<S: MessageStore> Broker<S> {
                 ),
             )),
             Kind::Reply => self.route_reply(conn, seq, quiet, message, now),
-            Kind::Command | Kind::Event => self
-                .route(conn, message, now)
-                .map(|()| ReplyFate::Delivered),
+            Kind::Command | Kind::Event => self.route(conn, message, now).map(|stored| {
+                log_seq = stored;
+                ReplyFate::Delivered
+            }),
         };
         match outcome {
             // Answered when it goes out to the requester (streams.rs).
@@ -1411,6 +1417,7 @@ impl<S: MessageStore> Broker<S> {
                     seq,
                     code: ErrorCode::Ok,
                     reason: String::new(),
+                    log_seq,
                 };
                 self.unsynced.push(result);
             }
@@ -1467,6 +1474,7 @@ impl<S: MessageStore> Broker<S> {
             seq,
             code,
             reason,
+            log_seq: 0,
         };
         if self.unsynced.is_empty() {
             self.actions.push(action);
@@ -1539,7 +1547,7 @@ impl<S: MessageStore> Broker<S> {
         conn: ConnId,
         mut message: Arc<Message>,
         now: Nanos,
-    ) -> Result<(), (ErrorCode, String)> {
+    ) -> Result<Seq, (ErrorCode, String)> {
         let targets = self.receivers(&message.name, message.version.major);
         if targets.is_empty() {
             if message.kind == Kind::Command {
@@ -1569,8 +1577,9 @@ impl<S: MessageStore> Broker<S> {
                 self.dirty = true;
                 self.batch_appended = true;
                 self.store.remove(seq);
+                return Ok(seq);
             }
-            return Ok(());
+            return Ok(0);
         }
         if message.kind == Kind::Command {
             let command = self.traffic.slot(&message.name);
@@ -1589,7 +1598,7 @@ impl<S: MessageStore> Broker<S> {
             for service in targets.iter() {
                 self.deliver_transient(service, &message);
             }
-            return Ok(());
+            return Ok(0);
         }
         let seq = self
             .store
@@ -1605,7 +1614,7 @@ impl<S: MessageStore> Broker<S> {
         for service in targets.iter() {
             self.pump(service, now);
         }
-        Ok(())
+        Ok(seq)
     }
 
     /// Services whose subscriptions match `name`, in name order.

@@ -663,6 +663,53 @@ fn invalid_names_and_patterns_are_refused() {
 }
 
 #[test]
+fn an_acceptance_says_where_the_log_holds_the_message() {
+    let mut h = Harness::new();
+    h.connect(1, "web", 0);
+    h.connect(2, "todo", 0);
+    h.subscribe(2, "todo.create");
+    h.actions();
+    let log_seq_of = |actions: &[Action], wanted: u64| {
+        actions.iter().find_map(|a| match a {
+            Action::SendResult {
+                seq, code, log_seq, ..
+            } if *seq == wanted => Some((*code, *log_seq)),
+            _ => None,
+        })
+    };
+    let first = command("todo.create", "a");
+    let first_id = first.id;
+    h.send(1, 1, first);
+    h.send(1, 2, command("todo.create", "b"));
+    let actions = h.actions();
+    let (code, one) = log_seq_of(&actions, 1).expect("answered");
+    assert!(code.is_ok());
+    let (_, two) = log_seq_of(&actions, 2).expect("answered");
+    assert!(one > 0 && two > one, "log seqs {one} then {two}");
+    assert_eq!(
+        h.broker
+            .store_mut()
+            .get(one)
+            .expect("read")
+            .expect("stored")
+            .payload,
+        Bytes::from_static(b"a")
+    );
+    // Nothing stored: a transient message, a duplicate, a refusal.
+    let mut transient = command("todo.create", "c");
+    transient.transient = true;
+    h.send(1, 3, transient);
+    let mut again = command("todo.create", "a");
+    again.id = first_id;
+    h.send(1, 4, again);
+    h.send(1, 5, command("nobody.listens", "d"));
+    let actions = h.actions();
+    assert_eq!(log_seq_of(&actions, 3), Some((ErrorCode::Ok, 0)));
+    assert_eq!(log_seq_of(&actions, 4), Some((ErrorCode::Ok, 0)));
+    assert_eq!(log_seq_of(&actions, 5), Some((ErrorCode::NoReceiver, 0)));
+}
+
+#[test]
 fn drain_stops_new_deliveries() {
     let mut h = Harness::new();
     h.connect(1, "web", 0);
@@ -2522,6 +2569,7 @@ impl StreamModel {
                     seq,
                     code,
                     reason,
+                    ..
                 } => self
                     .answers
                     .entry((conn, seq))

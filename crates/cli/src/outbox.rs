@@ -23,6 +23,10 @@ pub struct OutboxRelayArgs {
     /// wake-up; PostgreSQL's fallback to LISTEN/NOTIFY).
     #[arg(long, value_parser = humantime::parse_duration)]
     poll_interval: Option<Duration>,
+    /// For crash tests: abort the process (like `kill -9`) once the broker
+    /// has accepted this many batches, the last one's rows not yet deleted.
+    #[arg(long, hide = true)]
+    abort_after_batches: Option<u64>,
     #[command(flatten)]
     conn: Conn,
 }
@@ -58,7 +62,16 @@ pub async fn run(args: OutboxRelayArgs) -> anyhow::Result<()> {
     if let Some(poll) = args.poll_interval {
         opts.poll_interval = poll;
     }
-    let relay = relay.with_options(opts);
+    let mut relay = relay.with_options(opts);
+    if let Some(limit) = args.abort_after_batches {
+        let accepted = std::sync::atomic::AtomicU64::new(0);
+        relay = relay.on_accepted(std::sync::Arc::new(move |_ids| {
+            if accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 >= limit {
+                eprintln!("courier: aborting after {limit} accepted batches, before deleting them (--abort-after-batches)");
+                std::process::abort();
+            }
+        }));
+    }
     eprintln!("courier: relaying the outbox of {}", redact(url));
     relay.run().await?;
     Ok(())

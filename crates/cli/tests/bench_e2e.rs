@@ -445,3 +445,117 @@ fn fan_out_and_competing_consumers_finish_on_one_client_thread() {
     assert_eq!(leftover_dirs(pid), Vec::<String>::new());
     assert_eq!(leftover_brokers(pid), Vec::<String>::new());
 }
+
+/// The PostgreSQL the tests use (scripts/test.sh starts it and sets this).
+fn test_postgres_url() -> String {
+    std::env::var("COURIER_TEST_POSTGRES_URL").unwrap_or_else(|_| {
+        panic!(
+            "COURIER_TEST_POSTGRES_URL is not set: run the tests through scripts/test.sh, \
+             which installs and starts PostgreSQL 15 and sets it"
+        )
+    })
+}
+
+/// Scratch databases the bench process `pid` left on the test PostgreSQL.
+fn leftover_databases(pid: u32) -> Vec<String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let pool = sqlx::PgPool::connect(&test_postgres_url())
+            .await
+            .expect("connect to COURIER_TEST_POSTGRES_URL");
+        sqlx::query_scalar("SELECT datname::text FROM pg_database WHERE datname LIKE $1")
+            .bind(format!("courier_bench_{pid}_%"))
+            .fetch_all(&pool)
+            .await
+            .expect("list databases")
+    })
+}
+
+#[test]
+fn the_outbox_workload_times_the_relay_beside_direct_publishing_and_drops_its_database() {
+    let (pid, out) = run_bench(&[
+        "bench",
+        "--quick",
+        "--runs",
+        "1",
+        "--only",
+        "outbox",
+        "--json",
+        "--scale",
+        "0.2",
+        "--postgres-url",
+        &test_postgres_url(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "courier bench failed: {stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let rows: Vec<(String, String, f64, String)> = json_lines(&stdout)
+        .iter()
+        .map(|v| {
+            (
+                v["workload"].as_str().unwrap_or_default().to_string(),
+                v["metric"].as_str().unwrap_or_default().to_string(),
+                v["courier"].as_f64().unwrap_or(f64::NAN),
+                v["target"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    let metrics: Vec<&str> = rows.iter().map(|r| r.1.as_str()).collect();
+    assert_eq!(
+        metrics,
+        [
+            "relay, PostgreSQL → broker",
+            "direct publish, SDK → broker",
+            "commit → acceptance p50",
+            "commit → acceptance p99",
+        ],
+        "{stdout}"
+    );
+    assert!(
+        rows.iter().all(|r| r.0 == "outbox" && r.2 > 0.0),
+        "{stdout}"
+    );
+    assert_eq!(rows[0].3, "≥ 20,000 msg/s");
+    assert_eq!(rows[3].3, "≤ 5,000 µs");
+    assert!(rows[2].2 <= rows[3].2, "p50 ≤ p99: {stdout}");
+    assert!(stderr.contains("outbox filled with"), "{stderr}");
+    assert_eq!(leftover_databases(pid), Vec::<String>::new());
+    assert_eq!(leftover_dirs(pid), Vec::<String>::new());
+    assert_eq!(leftover_brokers(pid), Vec::<String>::new());
+}
+
+#[test]
+fn the_outbox_workload_without_postgresql_says_how_to_get_one() {
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let (pid, out) = run_bench(&[
+        "bench",
+        "--quick",
+        "--runs",
+        "1",
+        "--only",
+        "outbox",
+        "--postgres-url",
+        &format!("postgres://someone:secret@127.0.0.1:{port}/somewhere"),
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("pg_ctlcluster 15 main start")
+            && stderr.contains("CREATEDB")
+            && stderr.contains("--postgres-url"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("secret"),
+        "the password is not printed: {stderr}"
+    );
+    assert_eq!(leftover_dirs(pid), Vec::<String>::new());
+    assert_eq!(leftover_brokers(pid), Vec::<String>::new());
+}

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use common::Broker;
-use courier_client::proto::{decode_frame, FrameWriter};
+use courier_client::proto::{decode_frame_as, Frame, FrameWriter, PROTOCOL_VERSION};
 use serde_json::Value;
 use vectors::{answer_items, frame_from_json, hex_decode, matches, name_of, section};
 
@@ -46,10 +46,15 @@ fn answers(stream: &mut TcpStream, enough: Option<usize>) -> (Vec<Value>, bool) 
     let mut items = Vec::new();
     let mut buf = BytesMut::new();
     let mut chunk = [0u8; 64 * 1024];
+    // Frames after WELCOME are read at the version it settled.
+    let mut version = PROTOCOL_VERSION;
     loop {
         while let Some(frame) =
-            decode_frame(&mut buf, u32::MAX).expect("the broker's frames decode")
+            decode_frame_as(&mut buf, u32::MAX, version).expect("the broker's frames decode")
         {
+            if let Frame::Welcome(w) = &frame {
+                version = w.version;
+            }
             items.extend(answer_items(&frame));
         }
         if enough.is_some_and(|n| items.len() >= n) {

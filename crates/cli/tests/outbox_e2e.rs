@@ -57,8 +57,12 @@ impl Rng {
     }
 }
 
-fn spawn_relay(broker: &Broker, database_url: &str) -> common::Proc {
-    let relay = broker.spawn(&[
+/// A relay; with `abort_after`, one that aborts itself after that many
+/// batches were accepted by the broker and before it deletes the last one
+/// (the kill point between publish and mark-sent, hit for sure).
+fn spawn_relay(broker: &Broker, database_url: &str, abort_after: Option<u64>) -> common::Proc {
+    let abort_after = abort_after.map(|n| n.to_string());
+    let mut args = vec![
         "outbox-relay",
         "--database-url",
         database_url,
@@ -66,7 +70,11 @@ fn spawn_relay(broker: &Broker, database_url: &str) -> common::Proc {
         "shop",
         "--batch-size",
         "50",
-    ]);
+    ];
+    if let Some(n) = &abort_after {
+        args.extend(["--abort-after-batches", n.as_str()]);
+    }
+    let relay = broker.spawn(&args);
     relay.wait_stderr("relaying the outbox", Duration::from_secs(30));
     relay
 }
@@ -218,7 +226,7 @@ fn exactly_once_effects_while_relay_broker_and_consumer_are_killed() {
 
     let mut broker = Broker::start();
     let mut consumer = spawn_consumer(&broker, &ledger_url, None);
-    let mut relay = spawn_relay(&broker, &shop_url);
+    let mut relay = spawn_relay(&broker, &shop_url, None);
 
     // The business: TRANSACTIONS orders, each with its event, plus some
     // transactions that roll back (never published).
@@ -254,14 +262,21 @@ fn exactly_once_effects_while_relay_broker_and_consumer_are_killed() {
         })
     };
 
-    let mut kills = [0u32; 4];
-    while !business.is_finished() || kills.iter().take(3).any(|k| *k == 0) {
+    let mut kills = [0u32; 5];
+    while !business.is_finished() || kills.contains(&0) {
         std::thread::sleep(Duration::from_millis(150 + rng.below(350)));
-        match rng.below(4) {
+        match rng.below(5) {
             0 => {
                 relay.kill9();
-                relay = spawn_relay(&broker, &shop_url);
+                relay = spawn_relay(&broker, &shop_url, None);
                 kills[0] += 1;
+            }
+            4 => {
+                // Dies right after the broker accepted a batch, before
+                // deleting it: that batch is published again.
+                relay.kill9();
+                relay = spawn_relay(&broker, &shop_url, Some(1 + rng.below(3)));
+                kills[4] += 1;
             }
             1 => {
                 broker = broker.crash_and_restart();
@@ -283,12 +298,15 @@ fn exactly_once_effects_while_relay_broker_and_consumer_are_killed() {
     }
     runtime.block_on(business).unwrap();
     eprintln!(
-        "kills: relay {}, broker {}, consumer {}, consumer after commit {}",
-        kills[0], kills[1], kills[2], kills[3]
+        "kills: relay {}, broker {}, consumer {}, consumer after commit {}, relay after publish before delete {}",
+        kills[0], kills[1], kills[2], kills[3], kills[4]
     );
-    // The crash-after-commit consumer may have aborted; the last one runs on.
+    // The crash-after-commit consumer and the aborting relay may have died;
+    // the last ones run on.
     drop(consumer);
     consumer = spawn_consumer(&broker, &ledger_url, None);
+    relay.kill9();
+    relay = spawn_relay(&broker, &shop_url, None);
 
     let deadline = Instant::now() + Duration::from_secs(180);
     let (total, distinct) = loop {

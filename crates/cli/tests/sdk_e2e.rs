@@ -108,6 +108,41 @@ async fn typed_request_reply_carries_the_activity_into_everything_sent_while_han
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acceptance_says_where_the_broker_s_log_holds_the_message() {
+    let broker = Broker::start();
+    let web = client(&broker, "web").await;
+    let first = web
+        .event("todo.created")
+        .json(&1)
+        .expect("json")
+        .send_receipt()
+        .await
+        .expect("accepted");
+    let second = web
+        .event("todo.created")
+        .json(&2)
+        .expect("json")
+        .enqueue()
+        .expect("queued")
+        .wait_receipt()
+        .await
+        .expect("accepted");
+    let (Some(one), Some(two)) = (first.seq, second.seq) else {
+        panic!("durable events are stored: {first:?}, {second:?}");
+    };
+    assert!(two > one, "log seqs {one} then {two}");
+    let transient = web
+        .event("todo.created")
+        .json(&3)
+        .expect("json")
+        .transient()
+        .send_receipt()
+        .await
+        .expect("accepted");
+    assert_eq!(transient.seq, None, "the log keeps no transient message");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_send_says_why() {
     let broker = Broker::start();
     let web = client(&broker, "web").await;

@@ -212,7 +212,7 @@ fn courier_up_runs_the_todo_app_restarts_a_crash_and_stops_everything_on_sigint(
     up.wait_line(&["web.1", "todo web listening on"]);
     up.wait_line(&["todo.1", "todo service ready"]);
     // Which services are up, as the broker sees them.
-    up.wait_line(&["courier up: up: todo 1/1, web 1/1"]);
+    up.wait_line(&["courier up: up: stats 1/1, todo 1/1, web 1/1"]);
 
     // End to end: web → broker → todo and back, with generated tokens.
     let created = create(&web, "buy milk");
@@ -265,8 +265,9 @@ fn courier_up_runs_the_todo_app_restarts_a_crash_and_stops_everything_on_sigint(
     let status = up.child.wait().expect("wait");
     assert_eq!(status.code(), Some(0), "{status}");
     let web_bin = bin_dir().join("todo-web").display().to_string();
+    let stats_bin = bin_dir().join("todo-stats").display().to_string();
     let data = dir.join(".courier").display().to_string();
-    for needle in [&service, &web_bin, &data] {
+    for needle in [&service, &web_bin, &stats_bin, &data] {
         assert_eq!(
             processes_with(&dir, needle),
             Vec::<u32>::new(),
@@ -277,6 +278,77 @@ fn courier_up_runs_the_todo_app_restarts_a_crash_and_stops_everything_on_sigint(
         !dir.join(".courier/up.pid").exists(),
         "the lock is released"
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The count on the page (from the stats service), if it answered.
+fn todos_counted(page: &str) -> Option<u64> {
+    let after = page.split("<p id=\"stats\">").nth(1)?;
+    after.split(" todos created").next()?.trim().parse().ok()
+}
+
+/// Kills (SIGKILL) the one running instance of `binary` in the app of `dir`.
+fn kill9_one(dir: &Path, binary: &str) {
+    let path = bin_dir().join(binary).display().to_string();
+    let pids = processes_with(dir, &path);
+    assert_eq!(pids.len(), 1, "one {binary} instance: {pids:?}");
+    let _ = Command::new("kill")
+        .args(["-9", &pids[0].to_string()])
+        .status();
+}
+
+#[test]
+fn stats_counts_each_created_todo_once_while_stats_and_todo_are_killed() {
+    let dir = app_dir("todo", "stats");
+    let (bus, web) = (free_addr(), free_addr());
+    let mut up = Up::start(&dir, &bus, "off", &web);
+    up.wait_line(&["courier up:", "running"]);
+    up.wait_line(&["stats.1", "stats service ready"]);
+    up.wait_line(&["todo.1", "todo service ready"]);
+    up.wait_line(&["web.1", "todo web listening on"]);
+
+    // Todos go in one after the other while stats (twice) and todo (once)
+    // are killed mid-stream; a create that fails while todo restarts is
+    // retried, as a user would.
+    const TODOS: u32 = 40;
+    for i in 0..TODOS {
+        match i {
+            10 | 25 => kill9_one(&dir, "todo-stats"),
+            18 => kill9_one(&dir, "todo-service"),
+            _ => {}
+        }
+        let deadline = Instant::now() + T;
+        while !create(&web, &format!("todo {i}")).starts_with("HTTP/1.1 303") {
+            assert!(Instant::now() < deadline, "todo {i} was never created");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    up.wait_line(&["stats.1", "was killed", "restarting in"]);
+    up.wait_line(&["todo.1", "was killed", "restarting in"]);
+
+    // Every todo listed is counted, once: the count reaches the list's
+    // length and stays there.
+    let deadline = Instant::now() + T;
+    let (listed, counted) = loop {
+        let page = page(&web);
+        let listed = page.matches("<li>").count() as u64;
+        let counted = todos_counted(&page);
+        if counted == Some(listed) || Instant::now() > deadline {
+            break (listed, counted);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(listed >= u64::from(TODOS), "{listed} todos listed");
+    assert_eq!(counted, Some(listed), "todos counted by stats");
+    // Late redeliveries (an unacked event's deadline) would show as more.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(todos_counted(&page(&web)), Some(listed), "counted again");
+
+    let _ = Command::new("kill")
+        .args(["-INT", &up.child.id().to_string()])
+        .status();
+    assert_eq!(up.child.wait().expect("wait").code(), Some(0));
+    assert_nothing_left(&dir, &["todo-service", "todo-stats", "todo-web"]);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -537,7 +609,7 @@ fn print_compose_writes_every_service_port_and_variable_and_no_token() {
     let services = compose["services"].as_object().expect("services");
     assert_eq!(
         services.keys().collect::<Vec<_>>(),
-        ["broker", "todo", "web"],
+        ["broker", "stats", "todo", "web"],
         "{text}"
     );
     let broker = &services["broker"];

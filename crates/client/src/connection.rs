@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use courier_proto::{
-    decode_frame, Credentials, ErrorCode, Frame, Hello, Kind, Subscribe, FRAME_BYTES_MAX_DEFAULT,
-    PROTOCOL_VERSION,
+    decode_frame, decode_frame_as, Credentials, ErrorCode, Frame, Hello, Kind, Subscribe,
+    FRAME_BYTES_MAX_DEFAULT, PROTOCOL_VERSION,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -448,10 +448,11 @@ pub(crate) async fn drive(inner: Arc<Inner>, first: Established) {
             mut reader,
             writer,
             mut buf,
+            version,
             ..
         } = established;
         let write = write_loop(&inner, writer);
-        let read = read_loop(&inner, generation, &mut reader, &mut buf);
+        let read = read_loop(&inner, generation, version, &mut reader, &mut buf);
         // Read first: the write loop, polled after the reader in the same
         // poll, takes what the frames just handled queued (see `reading`).
         let (stopped, reason) = tokio::select! {
@@ -610,9 +611,12 @@ impl Drop for Reading<'_> {
     }
 }
 
+/// `version`: the connection's protocol version, which frames are read as
+/// (a version-2 broker's SEND_RESULT has no log seq).
 async fn read_loop(
     inner: &Arc<Inner>,
     generation: u64,
+    version: u16,
     reader: &mut Reader,
     buf: &mut BytesMut,
 ) -> ReadEnd {
@@ -620,7 +624,7 @@ async fn read_loop(
         {
             let _reading = Reading::start(inner);
             loop {
-                match decode_frame(buf, INBOUND_FRAME_BYTES_MAX) {
+                match decode_frame_as(buf, INBOUND_FRAME_BYTES_MAX, version) {
                     Ok(Some(frame)) => {
                         if let Some(end) = handle_frame(inner, generation, frame) {
                             return end;
@@ -647,7 +651,7 @@ fn handle_frame(inner: &Arc<Inner>, generation: u64, frame: Frame) -> Option<Rea
             for o in outcomes {
                 if let Some(pending) = state.pending_sends.remove(o.seq) {
                     let result = if o.code.is_ok() {
-                        Ok(())
+                        Ok(o.log_seq)
                     } else {
                         Err(Error::Refused {
                             code: o.code,

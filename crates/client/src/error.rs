@@ -40,6 +40,10 @@ pub enum Error {
          (the broker did not hold them back; is it older than this client?); the replies before them arrived in order"
     )]
     RepliesLost(u64),
+    /// A registry lookup of [`Client::discover`](crate::Client::discover)
+    /// failed.
+    #[error("service discovery through the broker's HTTP port {http}: {reason}")]
+    Discovery { http: String, reason: String },
 }
 
 impl Error {

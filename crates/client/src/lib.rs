@@ -40,6 +40,7 @@
 #![forbid(unsafe_code)]
 
 mod connection;
+mod discovery;
 mod error;
 mod events;
 mod handler;
@@ -68,6 +69,11 @@ use uuid::Uuid;
 use pending::PendingSends;
 
 pub use courier_proto::{self as proto, ErrorCode, StartFrom};
+pub use courier_resilience::{
+    self as resilience, Backoff, Balance, BreakerConfig, BreakerState, Idempotency, Policy,
+    PolicySnapshot,
+};
+pub use discovery::{Discovery, Endpoint, Endpoints};
 pub use error::{Error, Result};
 pub use events::{ConnectionEvent, ConnectionEvents};
 pub use handler::{BoxError, Incoming};
@@ -149,6 +155,10 @@ pub struct ClientOptions {
     pub instance: String,
     /// Credentials for brokers that require them.
     pub token: Option<String>,
+    /// `host:port` of the broker's HTTP port, where [`Client::discover`]
+    /// looks services up. `None`: the host of `url` with port 7780 (what
+    /// `courier serve --http` listens on by default).
+    pub http: Option<String>,
     /// TLS to the broker; `None` is plain TCP.
     pub tls: Option<ClientTls>,
     /// Deliveries this instance handles at once (flow control).
@@ -195,6 +205,7 @@ impl ClientOptions {
             service: service.into(),
             instance: String::new(),
             token: None,
+            http: None,
             tls: None,
             max_in_flight: 64,
             reply_window: 64,
@@ -228,7 +239,8 @@ impl ClientOptions {
     }
 
     /// Reads what the `courier` CLI reads: `COURIER_URL` (default
-    /// `127.0.0.1:7700`), `COURIER_TOKEN` when set, and with
+    /// `127.0.0.1:7700`), `COURIER_TOKEN` when set, `COURIER_HTTP` (the
+    /// HTTP port, for discovery) when set, and with
     /// `COURIER_TLS_CA` set, TLS trusting that CA, with the client
     /// certificate of `COURIER_TLS_CERT` and `COURIER_TLS_KEY` when both are
     /// set. The service is `COURIER_SERVICE`; without it, a token or a
@@ -254,6 +266,7 @@ impl ClientOptions {
         };
         let mut opts = ClientOptions::new(url, service);
         opts.token = token;
+        opts.http = text("COURIER_HTTP");
         opts.advertise = text("COURIER_ADVERTISE").filter(|a| !a.trim().is_empty());
         opts.tls = var("COURIER_TLS_CA").map(|ca| {
             let mut tls = ClientTls::new(ca);
@@ -310,7 +323,8 @@ impl ClientTls {
 
 struct PendingSend {
     message: Box<Message>,
-    done: oneshot::Sender<Result<()>>,
+    /// The broker's answer: the log seq it stored the message at (0: none).
+    done: oneshot::Sender<Result<u64>>,
 }
 
 struct Subscription {
@@ -760,8 +774,8 @@ impl Client {
         self.inner.lock().last_unheard_refusal.clone()
     }
 
-    async fn submit(&self, message: Box<Message>) -> Result<()> {
-        self.enqueue(message)?.wait().await.map(|_| ())
+    async fn submit(&self, message: Box<Message>) -> Result<Receipt> {
+        self.enqueue(message)?.wait_receipt().await
     }
 
     /// Queues `message` for sending now, in call order, without waiting
@@ -1166,9 +1180,13 @@ impl MessageBuilder {
 
     /// Sends; resolves once the broker accepted it.
     pub async fn send(self) -> Result<Uuid> {
-        let id = self.message.id;
-        self.client.submit(self.message).await?;
-        Ok(id)
+        Ok(self.client.submit(self.message).await?.id)
+    }
+
+    /// Sends like [`MessageBuilder::send`], and says where the broker's
+    /// log holds the message.
+    pub async fn send_receipt(self) -> Result<Receipt> {
+        self.client.submit(self.message).await
     }
 
     /// Queues the message at once — messages queued one after another
@@ -1303,7 +1321,18 @@ pub struct PendingAck {
     id: Uuid,
     /// A reply: its answer may wait for the requester's credit.
     reply: bool,
-    rx: oneshot::Receiver<Result<()>>,
+    rx: oneshot::Receiver<Result<u64>>,
+}
+
+/// What the broker's acceptance of a message says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Receipt {
+    /// The message's id.
+    pub id: Uuid,
+    /// Where the broker's log holds it (its seq there): `None` for what
+    /// the log does not keep (transient messages, replies, duplicates of
+    /// an earlier send) and from brokers of protocol version 2 or older.
+    pub seq: Option<u64>,
 }
 
 impl PendingAck {
@@ -1322,15 +1351,25 @@ impl PendingAck {
     /// when the requester stops reading or leaves). That wait is the
     /// back-pressure that paces a responder to its requester.
     pub async fn wait(self) -> Result<Uuid> {
+        self.wait_receipt().await.map(|receipt| receipt.id)
+    }
+
+    /// [`PendingAck::wait`], and where the broker's log holds the message.
+    pub async fn wait_receipt(self) -> Result<Receipt> {
+        let id = self.id;
+        let receipt = move |log_seq: u64| Receipt {
+            id,
+            seq: (log_seq != 0).then_some(log_seq),
+        };
         if self.reply {
             return match self.rx.await {
-                Ok(result) => result.map(|()| self.id),
+                Ok(result) => result.map(receipt),
                 Err(_) => Err(Error::Shutdown),
             };
         }
         let timeout = self.inner.opts.send_timeout;
         match tokio::time::timeout(timeout, self.rx).await {
-            Ok(Ok(result)) => result.map(|()| self.id),
+            Ok(Ok(result)) => result.map(receipt),
             Ok(Err(_)) => Err(Error::Shutdown),
             Err(_) => {
                 self.inner.lock().pending_sends.remove(self.seq);
@@ -1385,7 +1424,7 @@ pub struct ReplyStream {
     timeout: Duration,
     done: bool,
     /// The broker's answer to the command's send, until it came.
-    acceptance: Option<oneshot::Receiver<Result<()>>>,
+    acceptance: Option<oneshot::Receiver<Result<u64>>>,
     /// The command's send seq when it went QUIET (no acceptance comes).
     quiet_seq: Option<u64>,
     /// The final reply came.
@@ -1459,7 +1498,9 @@ impl ReplyStream {
     async fn accepted(mut self) -> Result<ReplyStream> {
         if let Some(rx) = self.acceptance.take() {
             match tokio::time::timeout(self.timeout, rx).await {
-                Ok(Ok(result)) => result?,
+                Ok(Ok(result)) => {
+                    result?;
+                }
                 Ok(Err(_)) => return Err(Error::Shutdown),
                 Err(_) => return Err(Error::Timeout(self.timeout)),
             }
@@ -1498,7 +1539,7 @@ impl ReplyStream {
         }
         if let Some(rx) = self.acceptance.as_mut() {
             match Pin::new(rx).poll(cx) {
-                Poll::Ready(Ok(Ok(()))) => self.acceptance = None,
+                Poll::Ready(Ok(Ok(_))) => self.acceptance = None,
                 Poll::Ready(Ok(Err(e))) => {
                     self.done = true;
                     return Poll::Ready(Some(Err(e)));

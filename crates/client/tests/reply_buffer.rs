@@ -55,6 +55,7 @@ async fn broker_without_flow_control(listener: TcpListener, replies: u64) -> Opt
         seq,
         code: ErrorCode::Ok,
         reason: String::new(),
+        log_seq: 0,
     }]))
     .expect("encode");
     for i in 0..=replies {

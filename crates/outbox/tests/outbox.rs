@@ -379,3 +379,49 @@ async fn sqlite_outbox_and_inbox_work_end_to_end() {
     relay_task.abort();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_pruned_forgets_ids_past_the_horizon_and_keeps_recent_ones() {
+    let dir = std::env::temp_dir().join(format!("courier-inbox-{}", Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pool = sqlite(&dir).await;
+    courier_outbox::migrate_sqlite(&pool).await.unwrap();
+    // Processed two hours ago.
+    let two_hours_ago_us = (std::time::SystemTime::now() - Duration::from_secs(7200))
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as i64;
+    sqlx::query("INSERT INTO courier_inbox (id, processed_us) VALUES ($1, $2)")
+        .bind(Uuid::now_v7().as_bytes().as_slice())
+        .bind(two_hours_ago_us)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let recent = Uuid::now_v7();
+    let mut tx = pool.begin().await.unwrap();
+    Inbox::process_once(&mut tx, &recent, |_tx| {
+        Box::pin(async { Ok::<_, sqlx::Error>(()) })
+    })
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let pruner = tokio::spawn(Inbox::keep_pruned(
+        pool.clone(),
+        Duration::from_secs(3600),
+        Duration::from_millis(10),
+    ));
+    let start = Instant::now();
+    loop {
+        let ids: Vec<Vec<u8>> = sqlx::query_scalar("SELECT id FROM courier_inbox")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+        if ids == vec![recent.as_bytes().to_vec()] {
+            break;
+        }
+        assert!(start.elapsed() < DEADLINE, "{ids:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    pruner.abort();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -17,8 +17,9 @@ use crate::{ErrorCode, SharedStr};
 
 /// The newest protocol version this crate speaks (sent in HELLO; a broker
 /// answers in WELCOME with the version it speaks on the connection).
-/// Version 2 added a message's `parent_id` (flag `0x80`).
-pub const PROTOCOL_VERSION: u16 = 2;
+/// Version 2 added a message's `parent_id` (flag `0x80`); version 3 the
+/// log seq of an accepted message in SEND_RESULT.
+pub const PROTOCOL_VERSION: u16 = 3;
 /// The oldest protocol version this crate still speaks.
 pub const PROTOCOL_VERSION_MIN: u16 = 1;
 /// First four bytes of a HELLO body; lets a broker tell Courier from noise.
@@ -138,6 +139,10 @@ pub struct SendOutcome {
     pub seq: u64,
     pub code: ErrorCode,
     pub reason: String,
+    /// From protocol version 3: where the broker's log holds the accepted
+    /// message (its seq there); 0 when it holds none (transient, a reply,
+    /// a duplicate, a refusal) or on older versions.
+    pub log_seq: u64,
 }
 
 /// Where a new subscription starts reading.
@@ -353,6 +358,7 @@ pub fn decode_body(body: Bytes) -> Result<Frame, DecodeError> {
 pub fn decode_body_as(body: Bytes, version: u16) -> Result<Frame, DecodeError> {
     let mut r = Reader::new(body);
     r.flags_allowed = flag::allowed(version);
+    r.version = version;
     let frame_type = r.u8()?;
     let frame = match frame_type {
         frame_type::HELLO => {
@@ -401,13 +407,15 @@ pub fn decode_body_as(body: Bytes, version: u16) -> Result<Frame, DecodeError> {
             Frame::Send(entries)
         }
         frame_type::SEND_RESULT => {
-            let count = r.count(8 + 2 + 2)?;
+            let with_log_seq = r.version >= 3;
+            let count = r.count(8 + 2 + 2 + if with_log_seq { 8 } else { 0 })?;
             let mut entries = Vec::with_capacity(count);
             for _ in 0..count {
                 entries.push(SendOutcome {
                     seq: r.u64()?,
                     code: ErrorCode::from_u16(r.u16()?),
                     reason: r.str16()?,
+                    log_seq: if with_log_seq { r.u64()? } else { 0 },
                 });
             }
             Frame::SendResult(entries)
@@ -538,6 +546,8 @@ struct Reader {
     pos: usize,
     /// The message flags the connection's protocol version defines.
     flags_allowed: u8,
+    /// The connection's protocol version.
+    version: u16,
     /// The name of the message decoded last: the entries of a batch mostly
     /// share one, so they share its one copy (see [`Reader::name8`]).
     last_name: SharedStr,
@@ -552,6 +562,7 @@ impl Reader {
             buf,
             pos: 0,
             flags_allowed: flag::allowed(PROTOCOL_VERSION),
+            version: PROTOCOL_VERSION,
             last_name: SharedStr::new(),
         }
     }
@@ -905,7 +916,7 @@ impl FrameWriter {
             }
             Frame::SendResult(entries) => {
                 for e in entries {
-                    self.push_send_outcome(e.seq, e.code, &e.reason)?;
+                    self.push_send_outcome(e.seq, e.code, &e.reason, e.log_seq)?;
                 }
                 Ok(())
             }
@@ -1135,16 +1146,23 @@ impl FrameWriter {
         })
     }
 
+    /// One SEND_RESULT entry; `log_seq` is written from protocol
+    /// version 3 on (older versions have no place for it).
     pub fn push_send_outcome(
         &mut self,
         seq: u64,
         code: ErrorCode,
         reason: &str,
+        log_seq: u64,
     ) -> Result<(), EncodeError> {
+        let with_log_seq = self.version >= 3;
         self.batch_entry(frame_type::SEND_RESULT, |b| {
             b.put_u64(seq);
             b.put_u16(code.as_u16());
             put_str16_lossy(b, reason);
+            if with_log_seq {
+                b.put_u64(log_seq);
+            }
             Ok(())
         })
     }
@@ -1447,6 +1465,7 @@ mod tests {
                 seq: 1,
                 code: ErrorCode::NoReceiver,
                 reason: "no service receives todo.create".into(),
+                log_seq: 0,
             }]),
             Frame::Subscribe(Subscribe {
                 request: 3,

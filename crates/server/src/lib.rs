@@ -700,8 +700,12 @@ impl Shared {
                     ..
                 } => state.writer.push_delivery(delivery, attempt, &message),
                 Action::SendResult {
-                    seq, code, reason, ..
-                } => state.writer.push_send_outcome(seq, code, &reason),
+                    seq,
+                    code,
+                    reason,
+                    log_seq,
+                    ..
+                } => state.writer.push_send_outcome(seq, code, &reason, log_seq),
                 Action::OpResult {
                     request,
                     code,

@@ -1,10 +1,21 @@
 //! The seeds' first example: a `web` service that serves an HTML page of
-//! todos, and a `todo` service that keeps them. They never talk directly:
-//! `web` asks with `todos.list` (reply `todos.listing`) and sends
-//! `todo.create` (reply `todo.created`); Courier routes both ways.
+//! todos, a `todo` service that keeps them, and a `stats` service that
+//! counts them. They never talk directly: `web` asks with `todos.list`
+//! (reply `todos.listing`), sends `todo.create` (reply `todo.created`) and
+//! asks `stats.get` (reply `stats.counted`); Courier routes every way.
+//!
+//! `todo` keeps its todos in SQLite and publishes the event `todo.created`
+//! through the transactional outbox (courier-outbox) in the transaction
+//! that inserts the todo; `stats` counts those events through the inbox,
+//! in its own SQLite database, so a redelivered event counts once.
 
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
 use courier_client::{Client, ConnectionEvent};
 use serde::{Deserialize, Serialize};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 
 /// One todo item, as both services see it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -23,6 +34,46 @@ pub struct CreateTodo {
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct Listing {
     pub todos: Vec<Todo>,
+}
+
+/// Payload of `stats.counted`, the reply to `stats.get`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, Default, PartialEq, Eq)]
+pub struct Counted {
+    /// `todo.created` events counted, each once.
+    pub todos_created: u64,
+}
+
+/// Opens (creating it and its directory if missing) the SQLite database at
+/// the path in `variable`, or at `default` (relative to the working
+/// directory: under `courier up`, the application's `.courier/`).
+///
+/// One connection: SQLite has one writer anyway, and transactions that
+/// queue for the connection never meet a busy database.
+pub async fn open_database(variable: &str, default: &str) -> anyhow::Result<SqlitePool> {
+    let path = PathBuf::from(std::env::var(variable).unwrap_or_else(|_| default.to_string()));
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| {
+            format!(
+                "cannot create {} for the database; set {variable} to a writable path",
+                dir.display()
+            )
+        })?;
+    }
+    let options = SqliteConnectOptions::new()
+        .filename(&path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .busy_timeout(Duration::from_secs(5));
+    SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect_with(options)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot open the SQLite database {}; set {variable} to a writable path",
+                path.display()
+            )
+        })
 }
 
 pub fn init_logging() {

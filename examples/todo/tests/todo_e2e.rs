@@ -80,7 +80,9 @@ fn web_lists_and_creates_todos_through_the_todo_service() {
     let _broker = start(serve, &bus);
 
     let mut todo = Command::new(env!("CARGO_BIN_EXE_todo-service"));
-    todo.env("COURIER_URL", &bus).env("COURIER_LOG", "warn");
+    todo.env("COURIER_URL", &bus)
+        .env("COURIER_LOG", "warn")
+        .env("TODO_DATABASE", data.join("app/todo.sqlite"));
     let _todo = start(todo, "todo service ready");
     let mut web = Command::new(env!("CARGO_BIN_EXE_todo-web"));
     web.env("COURIER_URL", &bus)
@@ -259,7 +261,8 @@ impl App {
     fn todo(&self) -> Watched {
         let mut todo = Command::new(env!("CARGO_BIN_EXE_todo-service"));
         todo.env("COURIER_URL", &self.bus)
-            .env("COURIER_LOG", "info");
+            .env("COURIER_LOG", "info")
+            .env("TODO_DATABASE", self.data.join("app/todo.sqlite"));
         Watched::start(todo, "todo service ready")
     }
 

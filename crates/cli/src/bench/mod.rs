@@ -29,6 +29,7 @@ use tokio::sync::{oneshot, Notify};
 
 mod courier;
 mod nats;
+mod outbox;
 mod process;
 mod registry;
 mod scrape;
@@ -87,11 +88,17 @@ pub struct BenchArgs {
     #[arg(long)]
     json: bool,
     /// Run only these workloads, comma-separated: W5a, W5b, W6, W7a, W7b
-    /// (W5 and W7 name both halves); or `registry` alone: a watch's
-    /// latency, DNS queries a second, and the CPU of 10,000 checked
-    /// instances, each with its goal.
+    /// (W5 and W7 name both halves), or `outbox` (the transactional
+    /// outbox's relay from PostgreSQL; not run unless named); or
+    /// `registry` alone: a watch's latency, DNS queries a second, and the
+    /// CPU of 10,000 checked instances, each with its goal.
     #[arg(long, value_parser = parse_only)]
     only: Option<Only>,
+    /// The PostgreSQL `--only outbox` makes its scratch databases on: a
+    /// role that may create databases, and the database to connect to
+    /// first.
+    #[arg(long, env = "COURIER_BENCH_POSTGRES_URL", default_value = outbox::DEFAULT_POSTGRES_URL, hide_default_value = true)]
+    postgres_url: String,
     /// Each run of a workload must finish within this (e.g. 90s, 10m), or
     /// the bench stops with an error.
     #[arg(long, default_value = "10m", value_parser = crate::parse_duration)]
@@ -144,10 +151,34 @@ enum Workload {
     W6,
     W7a,
     W7b,
+    /// The transactional outbox (needs PostgreSQL; only with `--only`).
+    Outbox,
 }
 
 impl Workload {
-    const ALL: [Workload; 15] = [
+    /// Every workload; [`Workload::DEFAULT`] without `--only`.
+    const ALL: [Workload; 16] = [
+        Workload::W1a,
+        Workload::W1b,
+        Workload::W2a,
+        Workload::W2b,
+        Workload::W3a,
+        Workload::W3b,
+        Workload::W4a,
+        Workload::W4b,
+        Workload::W5a,
+        Workload::W5aAlways,
+        Workload::W5b,
+        Workload::W5bAlways,
+        Workload::W6,
+        Workload::W7a,
+        Workload::W7b,
+        Workload::Outbox,
+    ];
+
+    /// What runs without `--only`: everything but the outbox, which needs
+    /// a PostgreSQL.
+    const DEFAULT: [Workload; 15] = [
         Workload::W1a,
         Workload::W1b,
         Workload::W2a,
@@ -182,6 +213,7 @@ impl Workload {
             Workload::W6 => "W6",
             Workload::W7a => "W7a",
             Workload::W7b => "W7b",
+            Workload::Outbox => "outbox",
         }
     }
 
@@ -202,6 +234,7 @@ impl Workload {
             Workload::W5bAlways => "JetStream file stream, async publish, sync_interval: always",
             Workload::W6 => "JetStream pull consumer, explicit ack",
             Workload::W7a | Workload::W7b => "JetStream file stream, same data, default fsync",
+            Workload::Outbox => "none (Courier's outbox only)",
         }
     }
 
@@ -220,6 +253,7 @@ impl Workload {
             Workload::W5b | Workload::W5bAlways => Job::PublishPipelined,
             Workload::W6 => Job::Consume,
             Workload::W7a | Workload::W7b => Job::Restart,
+            Workload::Outbox => Job::Outbox,
         }
     }
 
@@ -280,9 +314,10 @@ fn parse_only(text: &str) -> Result<Only, String> {
             "w7a" => &[W7a],
             "w7b" => &[W7b],
             "w7" => &[W7a, W7b],
+            "outbox" => &[Outbox],
             _ => {
                 return Err(format!(
-                    "unknown workload {part:?}; choose from W1a, W1b, W2a, W2b, W3a, W3b, W4a, W4b, W5a, W5b, W6, W7a, W7b (W1 … W7 name all their parts), comma-separated, or registry alone"
+                    "unknown workload {part:?}; choose from W1a, W1b, W2a, W2b, W3a, W3b, W4a, W4b, W5a, W5b, W6, W7a, W7b (W1 … W7 name all their parts) or outbox, comma-separated, or registry alone"
                 ))
             }
         };
@@ -307,6 +342,10 @@ enum Metric {
     FirstConnect,
     RssWithBacklog,
     RssAfterRestart,
+    RelayThroughput,
+    DirectPublish,
+    CommitToAcceptP50,
+    CommitToAcceptP99,
 }
 
 impl Metric {
@@ -321,22 +360,32 @@ impl Metric {
             Metric::FirstConnect => "restart: spawn to first use",
             Metric::RssWithBacklog => "RSS, backlog just written",
             Metric::RssAfterRestart => "RSS, backlog after restart",
+            Metric::RelayThroughput => "relay, PostgreSQL → broker",
+            Metric::DirectPublish => "direct publish, SDK → broker",
+            Metric::CommitToAcceptP50 => "commit → acceptance p50",
+            Metric::CommitToAcceptP99 => "commit → acceptance p99",
         }
     }
 
     fn unit(self) -> &'static str {
         match self {
-            Metric::Throughput => "msg/s",
-            Metric::LatencyP50 | Metric::LatencyP90 | Metric::LatencyP99 | Metric::LatencyP999 => {
-                "µs"
-            }
+            Metric::Throughput | Metric::RelayThroughput | Metric::DirectPublish => "msg/s",
+            Metric::LatencyP50
+            | Metric::LatencyP90
+            | Metric::LatencyP99
+            | Metric::LatencyP999
+            | Metric::CommitToAcceptP50
+            | Metric::CommitToAcceptP99 => "µs",
             Metric::ReadyLine | Metric::FirstConnect => "ms",
             Metric::RssWithBacklog | Metric::RssAfterRestart => "MiB",
         }
     }
 
     fn higher_is_better(self) -> bool {
-        matches!(self, Metric::Throughput)
+        matches!(
+            self,
+            Metric::Throughput | Metric::RelayThroughput | Metric::DirectPublish
+        )
     }
 }
 
@@ -346,6 +395,7 @@ impl Metric {
 struct Target {
     min_ratio: Option<f64>,
     max_courier: Option<f64>,
+    min_courier: Option<f64>,
 }
 
 impl Target {
@@ -353,11 +403,31 @@ impl Target {
         Some(Target {
             min_ratio: Some(min),
             max_courier: None,
+            min_courier: None,
+        })
+    }
+
+    const fn at_most(max: f64) -> Option<Target> {
+        Some(Target {
+            min_ratio: None,
+            max_courier: Some(max),
+            min_courier: None,
+        })
+    }
+
+    const fn at_least(min: f64) -> Option<Target> {
+        Some(Target {
+            min_ratio: None,
+            max_courier: None,
+            min_courier: Some(min),
         })
     }
 
     fn text(self, unit: &str) -> String {
         let mut parts = Vec::new();
+        if let Some(min) = self.min_courier {
+            parts.push(format!("≥ {} {unit}", format_value(min)));
+        }
         if let Some(max) = self.max_courier {
             parts.push(format!("≤ {} {unit}", format_value(max)));
         }
@@ -375,6 +445,9 @@ impl Target {
     /// Whether the medians meet it; `None` while a figure is missing.
     fn met(self, courier: Option<f64>, ratio: Option<f64>) -> Option<bool> {
         let mut met = true;
+        if let Some(min) = self.min_courier {
+            met &= courier? >= min;
+        }
         if let Some(max) = self.max_courier {
             met &= courier? <= max;
         }
@@ -404,7 +477,7 @@ const MIB_PER_150_MB: f64 = 150_000_000.0 / (1024.0 * 1024.0);
 
 /// Every row the table can have, in the order it is printed, with the
 /// target for it.
-const ROWS: [(Workload, Metric, Option<Target>); 25] = [
+const ROWS: [(Workload, Metric, Option<Target>); 29] = [
     (Workload::W1a, Metric::Throughput, Target::ratio(1.2)),
     (Workload::W1b, Metric::Throughput, Target::ratio(1.0)),
     (Workload::W2a, Metric::Throughput, Target::ratio(1.2)),
@@ -426,28 +499,15 @@ const ROWS: [(Workload, Metric, Option<Target>); 25] = [
     (Workload::W5b, Metric::Throughput, Target::ratio(1.5)),
     (Workload::W5bAlways, Metric::Throughput, Target::ratio(20.0)),
     (Workload::W6, Metric::Throughput, Target::ratio(1.5)),
-    (
-        Workload::W7a,
-        Metric::ReadyLine,
-        Some(Target {
-            min_ratio: None,
-            max_courier: Some(1000.0),
-        }),
-    ),
-    (
-        Workload::W7a,
-        Metric::FirstConnect,
-        Some(Target {
-            min_ratio: None,
-            max_courier: Some(1000.0),
-        }),
-    ),
+    (Workload::W7a, Metric::ReadyLine, Target::at_most(1000.0)),
+    (Workload::W7a, Metric::FirstConnect, Target::at_most(1000.0)),
     (
         Workload::W7b,
         Metric::RssWithBacklog,
         Some(Target {
             min_ratio: Some(1.0),
             max_courier: Some(MIB_PER_150_MB),
+            min_courier: None,
         }),
     ),
     (
@@ -456,9 +516,27 @@ const ROWS: [(Workload, Metric, Option<Target>); 25] = [
         Some(Target {
             min_ratio: Some(1.0),
             max_courier: Some(MIB_PER_150_MB),
+            min_courier: None,
         }),
     ),
+    (
+        Workload::Outbox,
+        Metric::RelayThroughput,
+        Target::at_least(OUTBOX_RELAY_MIN),
+    ),
+    (Workload::Outbox, Metric::DirectPublish, None),
+    (Workload::Outbox, Metric::CommitToAcceptP50, None),
+    (
+        Workload::Outbox,
+        Metric::CommitToAcceptP99,
+        Target::at_most(OUTBOX_COMMIT_TO_ACCEPT_P99_MAX_US),
+    ),
 ];
+
+/// The relay's goal, msg/s from PostgreSQL to the broker.
+const OUTBOX_RELAY_MIN: f64 = 20_000.0;
+/// The relay's goal for commit → broker acceptance at p99, in µs.
+const OUTBOX_COMMIT_TO_ACCEPT_P99_MAX_US: f64 = 5_000.0;
 
 /// One figure from one run.
 type Measurement = (Workload, Metric, f64);
@@ -548,6 +626,7 @@ enum Job {
     PublishPipelined,
     Consume,
     Restart,
+    Outbox,
 }
 
 impl Job {
@@ -601,6 +680,7 @@ impl Job {
             Job::PublishPipelined => "W5b",
             Job::Consume => "W6",
             Job::Restart => "W7",
+            Job::Outbox => "outbox",
         }
     }
 }
@@ -621,6 +701,12 @@ struct Plan {
     w5b_warmup: u64,
     w6: u64,
     w7: u64,
+    /// Rows in the outbox when the relay starts.
+    outbox_relay: u64,
+    /// Business transactions timed one at a time.
+    outbox_latency: u64,
+    /// Where the outbox's scratch databases are made.
+    postgres_url: String,
 }
 
 impl Plan {
@@ -642,6 +728,9 @@ impl Plan {
             w5b_warmup: n(10_000),
             w6: n(200_000),
             w7: n(1_000_000),
+            outbox_relay: n(200_000),
+            outbox_latency: n(2_000),
+            postgres_url: outbox::DEFAULT_POSTGRES_URL.to_string(),
         })
     }
 
@@ -701,6 +790,11 @@ impl Plan {
                 thousands(self.w7),
                 bytes_text(LARGE_BYTES as u64),
                 CONNECT_POLL.as_millis()
+            ),
+            Job::Outbox => format!(
+                "the transactional outbox on PostgreSQL (a scratch database per run): one relay publishes a backlog of {} rows of {SMALL_BYTES} B (batches of 1,000 read, published pipelined, deleted in one statement), timed until the outbox is empty; beside it the same count and size published by the SDK straight to the broker (window {WINDOW}); then {} business transactions one at a time (Outbox::enqueue + commit) with the relay on LISTEN/NOTIFY, each timed from the commit's return until the relay has the broker's acceptance",
+                thousands(self.outbox_relay),
+                thousands(self.outbox_latency)
             ),
         }
     }
@@ -829,6 +923,7 @@ impl Row {
             return Some(Target {
                 min_ratio: Some(OBSERVED_RATIO_MIN),
                 max_courier: None,
+                min_courier: None,
             });
         }
         self.target
@@ -842,9 +937,9 @@ impl Row {
                 min_ratio: None,
                 ..target
             };
-            return absolute
-                .max_courier
-                .and_then(|_| absolute.met(self.median(systems, System::Courier), None));
+            return (absolute.max_courier.is_some() || absolute.min_courier.is_some())
+                .then(|| absolute.met(self.median(systems, System::Courier), None))
+                .flatten();
         }
         target.met(self.median(systems, System::Courier), self.ratio(systems))
     }
@@ -1223,7 +1318,10 @@ async fn run_job(
             Job::PublishPipelined => courier_w5b(exe, plan).await,
             Job::Consume => courier_w6(exe, plan).await,
             Job::Restart => courier_w7(exe, plan).await,
+            Job::Outbox => outbox::courier_outbox(exe, plan).await,
         },
+        // NATS has no outbox: its column stays empty.
+        System::Nats if job == Job::Outbox => Ok(Vec::new()),
         System::Nats => {
             let nats = nats.ok_or_else(|| anyhow!("internal: no nats-server for the NATS side"))?;
             nats::run(job, nats, plan).await
@@ -1311,7 +1409,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         return scrape::run(&exe, args.quick).await;
     }
     let selected = match args.only.clone() {
-        None => Workload::ALL.to_vec(),
+        None => Workload::DEFAULT.to_vec(),
         Some(Only::Workloads(selected)) => selected,
         Some(Only::Registry) => {
             if args.against.is_some() {
@@ -1323,7 +1421,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             return registry::run(&exe, args.quick).await;
         }
     };
-    let plan = Plan::new(args.quick, args.scale).map_err(anyhow::Error::msg)?;
+    let mut plan = Plan::new(args.quick, args.scale).map_err(anyhow::Error::msg)?;
+    plan.postgres_url = args.postgres_url.clone();
     process::set_observability(args.observability);
     let exe = std::env::current_exe()
         .context("cannot find this program's own path, which the bench starts as the broker")?;
@@ -1802,7 +1901,11 @@ mod tests {
             vec![Job::Restart]
         );
         assert_eq!(
-            Job::for_selection(&Workload::ALL),
+            Job::for_selection(&Workload::ALL).last(),
+            Some(&Job::Outbox)
+        );
+        assert_eq!(
+            Job::for_selection(&Workload::DEFAULT),
             vec![
                 Job::PubSub(Size::Tiny),
                 Job::PubSub(Size::Kib),
@@ -1838,12 +1941,34 @@ mod tests {
         let both = Target {
             min_ratio: Some(1.0),
             max_courier: Some(143.0),
+            min_courier: None,
         };
         assert_eq!(both.met(Some(120.0), Some(1.5)), Some(true));
         assert_eq!(both.met(Some(150.0), Some(1.5)), Some(false));
         assert_eq!(both.met(Some(120.0), Some(0.9)), Some(false));
         assert_eq!(both.met(Some(120.0), None), None);
         assert_eq!(both.text("MiB"), "≤ 143 MiB, ≥ 1.0×");
+        let floor = Target::at_least(20_000.0).expect("a target");
+        assert_eq!(floor.met(Some(25_000.0), None), Some(true));
+        assert_eq!(floor.met(Some(15_000.0), None), Some(false));
+        assert_eq!(floor.text("msg/s"), "≥ 20,000 msg/s");
+    }
+
+    #[test]
+    fn the_outbox_runs_only_when_named() {
+        assert!(!Workload::DEFAULT.contains(&Workload::Outbox));
+        assert_eq!(
+            parse_only("outbox"),
+            Ok(Only::Workloads(vec![Workload::Outbox]))
+        );
+        assert_eq!(
+            parse_only("W5a,outbox").map(|o| match o {
+                Only::Workloads(w) => w.len(),
+                Only::Registry => 0,
+            }),
+            Ok(3),
+            "W5a, its -always twin, the outbox"
+        );
     }
 
     #[test]

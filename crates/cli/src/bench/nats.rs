@@ -628,6 +628,7 @@ pub(super) async fn run(
         }
         Job::Consume => consume(nats, plan).await,
         Job::Restart => restart(nats, plan).await,
+        Job::Outbox => Ok(Vec::new()),
     }
 }
 

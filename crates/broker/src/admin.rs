@@ -13,6 +13,9 @@ use crate::{Broker, ConnId, DeadLetter, Nanos};
 
 /// Names under this prefix belong to the broker.
 pub const SYSTEM_PREFIX: &str = "courier.";
+/// The one broker command every connection may send, manifest or not: it
+/// sets where the sender's own instance serves, in the registry.
+pub const ADVERTISE_COMMAND: &str = "courier.registry.advertise";
 
 type Refusal = (ErrorCode, String);
 
@@ -240,6 +243,46 @@ impl<S: MessageStore> Broker<S> {
                         "scrub_damage_found": m.scrub_damage_found,
                         "store_len": self.store.len(),
                     }),
+                )
+            }
+            ADVERTISE_COMMAND => {
+                let address = args
+                    .get("address")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| {
+                        (
+                            ErrorCode::InvalidMessage,
+                            format!("{} needs {{\"address\": \"HOST:PORT\"}}", command.name),
+                        )
+                    })?
+                    .to_string();
+                let meta = match args.get("meta") {
+                    None | Some(Value::Null) => None,
+                    Some(Value::Object(object)) => Some(
+                        object
+                            .iter()
+                            .map(|(k, v)| {
+                                let v = v.as_str().map_or_else(|| v.to_string(), str::to_string);
+                                (k.clone(), v)
+                            })
+                            .collect(),
+                    ),
+                    Some(_) => {
+                        return Err((
+                            ErrorCode::InvalidMessage,
+                            format!("{}: \"meta\" must be an object of strings", command.name),
+                        ))
+                    }
+                };
+                let Some(c) = self.conns.get(&conn) else {
+                    return Ok(());
+                };
+                let (service, instance) = (c.service.to_string(), c.instance.to_string());
+                self.advertise_bus_instance(&service, &instance, address.clone(), meta)
+                    .map_err(|e| (ErrorCode::InvalidMessage, format!("{}: {e}", command.name)))?;
+                (
+                    "courier.registry.advertised",
+                    json!({"service": service, "id": instance, "address": address}),
                 )
             }
             "courier.services.list" => {

@@ -33,7 +33,7 @@ use courier_proto::{validate_name, validate_pattern, ErrorCode, Kind, Message};
 use courier_store::{MessageStore, Seq};
 use uuid::Uuid;
 
-pub use admin::{dead_letter_json, SYSTEM_PREFIX};
+pub use admin::{dead_letter_json, ADVERTISE_COMMAND, SYSTEM_PREFIX};
 use expiring::ExpiringMap;
 pub use journal::JournalError;
 use journal::Op;
@@ -1436,7 +1436,9 @@ impl<S: MessageStore> Broker<S> {
             return Ok(());
         };
         if m.name.starts_with(SYSTEM_PREFIX) {
-            return if admin {
+            // Any connection may say where it serves: it changes only its
+            // own registry entry.
+            return if admin || m.name.as_str() == ADVERTISE_COMMAND {
                 Ok(())
             } else {
                 Err(format!(

@@ -1460,6 +1460,60 @@ fn broker_commands_need_the_admin_identity_under_a_manifest() {
         .any(|a| matches!(a, Action::Deliver { conn: 9, .. })));
 }
 
+#[test]
+fn any_connection_may_advertise_where_its_own_instance_serves() {
+    let mut h = Harness::new();
+    h.broker.set_manifest(Some(manifest()));
+    h.connect(1, "web", 0);
+    let index = h.broker.registry().index();
+    h.send(
+        1,
+        1,
+        command(
+            "courier.registry.advertise",
+            r#"{"address": "127.0.0.1:3000", "meta": {"zone": "a"}}"#,
+        ),
+    );
+    let actions = h.actions();
+    assert_eq!(refusal(&actions, 1).0, ErrorCode::Ok);
+    let reply = actions
+        .iter()
+        .find_map(|a| match a {
+            Action::Deliver {
+                conn: 1, message, ..
+            } => Some(message.clone()),
+            _ => None,
+        })
+        .expect("the broker answers");
+    assert_eq!(reply.name, "courier.registry.advertised");
+    let entry = h.broker.registry().get("web", "web-1").expect("registered");
+    assert_eq!(entry.spec.address, "127.0.0.1:3000");
+    assert_eq!(entry.spec.meta["zone"], "a");
+    assert!(
+        h.broker.registry().index() > index,
+        "watchers see the change"
+    );
+
+    h.send(
+        1,
+        2,
+        command("courier.registry.advertise", r#"{"address": "localhost"}"#),
+    );
+    let (code, reason) = refusal(&h.actions(), 2);
+    assert_eq!(code, ErrorCode::InvalidMessage);
+    assert!(reason.contains("HOST:PORT"), "{reason}");
+    h.send(1, 3, command("courier.registry.advertise", "{}"));
+    let (code, reason) = refusal(&h.actions(), 3);
+    assert_eq!(code, ErrorCode::InvalidMessage);
+    assert!(reason.contains("address"), "{reason}");
+    // The exception is this one command: the others stay the admin's.
+    h.send(1, 4, command("courier.services.list", ""));
+    assert_eq!(refusal(&h.actions(), 4).0, ErrorCode::Unauthorized);
+
+    h.broker.disconnect(1, h.now);
+    assert!(h.broker.registry().get("web", "web-1").is_none());
+}
+
 // ---- limits --------------------------------------------------------------
 
 fn harness_with_send_rate(per_service: u32) -> Harness {

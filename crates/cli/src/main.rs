@@ -121,6 +121,12 @@ struct ServeArgs {
     /// manifest, loopback clients only.
     #[arg(long, default_value = "127.0.0.1:7780", value_parser = parse_http_addr)]
     http: HttpAddr,
+    /// DNS for the service registry on this address, UDP and TCP (e.g.
+    /// 127.0.0.1:8600): `NAME.service.courier` answers A and SRV with the
+    /// service's healthy instances. Off unless given; a non-loopback
+    /// address needs --insecure (DNS has no authentication).
+    #[arg(long, value_name = "ADDR")]
+    dns: Option<std::net::SocketAddr>,
     /// Distinct message names the metrics label by name; traffic of names
     /// past it is counted under name="_other".
     #[arg(long, default_value_t = courier_server::BrokerConfig::default().metrics_names_max)]
@@ -664,6 +670,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             _ => None,
         },
         http: args.http.0,
+        dns: args.dns,
         trace: (args.trace == "on").then(|| courier_server::TraceSettings {
             retention_ms: args.trace_retention.as_millis().min(u128::from(u64::MAX)) as u64,
             bytes_max: args.trace_bytes_max,
@@ -692,6 +699,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     println!("courier listening on {addr} (store: {description})");
     if let Some(http) = server.http_addr() {
         println!("courier http on http://{http}/ (/metrics, /healthz, /readyz)");
+    }
+    if let Some(dns) = server.dns_addr() {
+        println!("courier dns on {dns} (udp and tcp; NAME.service.courier)");
     }
     let handle = server.handle();
     let stop = async {

@@ -198,6 +198,39 @@ fn metrics_scrape_times_the_metrics_page_of_a_broker_with_many_names() {
 }
 
 #[test]
+fn only_registry_prints_the_registrys_three_figures_with_their_goals() {
+    let (pid, out) = run_bench(&["bench", "--only", "registry", "--quick"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "courier bench failed: {stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for (figure, goal) in [
+        ("(a) registry change → watcher", "goal p99 ≤ 100 ms"),
+        ("(b) DNS over UDP", "goal ≥ 20000 queries/s with p99 ≤ 1 ms"),
+        (
+            "(c) 500 instances with a TCP check every 5s (500 passing)",
+            "goal ≤ 5 %",
+        ),
+    ] {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(figure))
+            .unwrap_or_else(|| panic!("no line {figure:?}: {stdout}"));
+        assert!(
+            line.contains(goal) && line.contains("not judged (--quick)"),
+            "{line}"
+        );
+    }
+    let rate = stdout
+        .split(" queries/s, p50")
+        .next()
+        .and_then(|head| head.rsplit(' ').next())
+        .and_then(|n| n.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no DNS rate: {stdout}"));
+    assert!(rate > 0.0, "{stdout}");
+    assert_eq!(leftover_brokers(pid), Vec::<String>::new());
+}
+
+#[test]
 fn a_run_over_its_timeout_stops_with_a_clear_error_and_cleans_up() {
     let (pid, out) = run_bench(&[
         "bench",

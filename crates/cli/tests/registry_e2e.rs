@@ -192,6 +192,108 @@ fn bus_instances_register_themselves_and_leave_with_their_connection() {
     });
 }
 
+/// The todo example's binaries, built into the same target dir.
+fn todo_bin(name: &str) -> std::path::PathBuf {
+    let status = std::process::Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "courier-example-todo",
+            "--bin",
+            name,
+        ])
+        .status()
+        .expect("run cargo build");
+    assert!(status.success(), "cargo build of {name} failed");
+    std::path::Path::new(common::courier_bin()).with_file_name(name)
+}
+
+fn instance_addresses(broker: &Broker, name: &str) -> Vec<String> {
+    let http = broker.http.as_deref().expect("an HTTP port");
+    let (status, body) = http_get(http, &format!("/v1/services/{name}"), None);
+    assert_eq!(status, 200, "{body}");
+    let answer: Value = serde_json::from_str(&body).expect("JSON");
+    let mut addresses: Vec<String> = answer["instances"]
+        .as_array()
+        .expect("instances")
+        .iter()
+        .map(|i| i["address"].as_str().expect("address").to_string())
+        .collect();
+    addresses.sort();
+    addresses
+}
+
+#[test]
+fn bus_instances_advertise_where_they_serve() {
+    let registry = Broker::start();
+    // todo-web advertises the address it listens on by itself ...
+    let mut web = KilledOnDrop(
+        std::process::Command::new(todo_bin("todo-web"))
+            .env("COURIER_URL", &registry.addr)
+            .env("TODO_WEB_LISTEN", "127.0.0.1:0")
+            .env_remove("COURIER_ADVERTISE")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start todo-web"),
+    );
+    let listening = {
+        use std::io::BufRead;
+        let stdout = web.0.stdout.take().expect("stdout");
+        let line = std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .find(|l| l.contains("listening on"))
+            .expect("todo-web prints where it listens");
+        line.rsplit("http://")
+            .next()
+            .expect("an address")
+            .to_string()
+    };
+    wait_for("todo-web's address is in the registry", T, || {
+        (instance_addresses(&registry, "web") == vec![listening.clone()]).then_some(())
+    });
+    // ... and any SDK service advertises COURIER_ADVERTISE.
+    let mut todo = KilledOnDrop(
+        std::process::Command::new(todo_bin("todo-service"))
+            .env("COURIER_URL", &registry.addr)
+            .env("COURIER_ADVERTISE", "127.0.0.1:4001")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start todo-service"),
+    );
+    wait_for(
+        "todo-service's advertised address is in the registry",
+        T,
+        || {
+            (instance_addresses(&registry, "todo") == vec!["127.0.0.1:4001".to_string()])
+                .then_some(())
+        },
+    );
+    todo.kill9();
+    wait_for("the killed instance leaves with its connection", T, || {
+        instance_addresses(&registry, "todo")
+            .is_empty()
+            .then_some(())
+    });
+}
+
+/// A child process killed (SIGKILL) when dropped, also when a test fails.
+struct KilledOnDrop(std::process::Child);
+
+impl KilledOnDrop {
+    fn kill9(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for KilledOnDrop {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
 /// The JSON lines a child prints, as they come.
 fn common_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<Value> {
     use std::io::BufRead;

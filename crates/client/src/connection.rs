@@ -39,6 +39,10 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// The ALPN protocol offered: the Courier protocol, version 1 (the
 /// broker's `courier_server::ALPN`).
 const ALPN: &[u8] = b"courier/1";
+/// The broker command that sets where this instance serves (PROTOCOL §8.7).
+const ADVERTISE_COMMAND: &str = "courier.registry.advertise";
+/// How long an advertisement waits for the broker's answer.
+const ADVERTISE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub(crate) struct Established {
     reader: Reader,
@@ -339,7 +343,7 @@ pub(crate) fn push_subscribe(
 
 /// A new connection is up: subscribe again and re-send what was not yet
 /// acknowledged (same ids, so the broker's dedup makes it safe).
-pub(crate) fn on_connected(inner: &Inner, established: &mut Established) {
+pub(crate) fn on_connected(inner: &Arc<Inner>, established: &mut Established) {
     let mut state = inner.lock();
     state.generation += 1;
     state.connected = true;
@@ -369,6 +373,36 @@ pub(crate) fn on_connected(inner: &Inner, established: &mut Established) {
     }
     drop(state);
     inner.wake_writer();
+    advertise(inner);
+}
+
+/// Tells the broker where this instance serves, on every connection (the
+/// registry forgets a bus instance when its connection closes). A broker
+/// that predates the command refuses it; the bus works all the same.
+fn advertise(inner: &Arc<Inner>) {
+    let Some(address) = inner.opts.advertise.clone() else {
+        return;
+    };
+    let client = Client {
+        inner: inner.clone(),
+    };
+    tokio::spawn(async move {
+        let sent = match client
+            .command(ADVERTISE_COMMAND)
+            .timeout(ADVERTISE_TIMEOUT)
+            .json(&serde_json::json!({ "address": address }))
+        {
+            Ok(command) => command.request().await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        match sent {
+            Ok(()) => debug!(%address, "address advertised"),
+            Err(Error::Shutdown) => {}
+            Err(error) => {
+                warn!(%address, %error, "the broker did not take the advertised address; the registry lists this instance without it")
+            }
+        }
+    });
 }
 
 /// Runs connections until shutdown, reconnecting with backoff.

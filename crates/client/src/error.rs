@@ -18,6 +18,9 @@ pub enum Error {
     },
     #[error("the broker closed the connection: {0}")]
     Closed(String),
+    /// [`crate::ClientOptions`] hold something the client cannot use.
+    #[error("invalid client options: {0}")]
+    Options(String),
     #[error("the client is shut down")]
     Shutdown,
     #[error("payload is not valid JSON for the expected type: {0}")]

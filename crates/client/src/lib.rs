@@ -185,6 +185,11 @@ pub struct ClientOptions {
     /// Run handlers one at a time in delivery order, instead of each on its
     /// own task (up to `max_in_flight` at once).
     pub sequential: bool,
+    /// `HOST:PORT` this instance serves on (its HTTP port, say), told to the
+    /// broker on every (re)connect so the service registry, its lookups and
+    /// its DNS name list it; `None` advertises nothing. See
+    /// [`ClientOptions::advertise`].
+    pub advertise: Option<String>,
 }
 
 impl ClientOptions {
@@ -213,7 +218,24 @@ impl ClientOptions {
             reconnect_delay_max: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(30),
             sequential: false,
+            advertise: None,
         }
+    }
+
+    /// Advertises where this instance serves, as `HOST:PORT` (e.g. the
+    /// address its HTTP server listens on): the broker's registry then
+    /// lists it with that address, and `NAME.service.courier` resolves to
+    /// it. A host of `0.0.0.0` tells callers nothing; give the address
+    /// they can reach.
+    ///
+    /// ```
+    /// let opts = courier_client::ClientOptions::new("127.0.0.1:7700", "web")
+    ///     .advertise("127.0.0.1:3000");
+    /// assert_eq!(opts.advertise.as_deref(), Some("127.0.0.1:3000"));
+    /// ```
+    pub fn advertise(mut self, address: impl Into<String>) -> ClientOptions {
+        self.advertise = Some(address.into());
+        self
     }
 
     /// Reads what the `courier` CLI reads: `COURIER_URL` (default
@@ -224,6 +246,8 @@ impl ClientOptions {
     /// set. The service is `COURIER_SERVICE`; without it, a token or a
     /// client certificate decides (the service stays empty and the broker
     /// takes it from the credentials), and without those it is `cli`.
+    /// `COURIER_ADVERTISE` (`HOST:PORT`), when set, is the address
+    /// advertised (see [`ClientOptions::advertise`]).
     pub fn from_env() -> ClientOptions {
         ClientOptions::from_vars(|name| std::env::var_os(name))
     }
@@ -243,6 +267,7 @@ impl ClientOptions {
         let mut opts = ClientOptions::new(url, service);
         opts.token = token;
         opts.http = text("COURIER_HTTP");
+        opts.advertise = text("COURIER_ADVERTISE").filter(|a| !a.trim().is_empty());
         opts.tls = var("COURIER_TLS_CA").map(|ca| {
             let mut tls = ClientTls::new(ca);
             if let (Some(cert), Some(key)) = (cert, key) {
@@ -458,6 +483,19 @@ fn write_direct(state: &mut State) -> bool {
     false
 }
 
+/// An advertised address must be `HOST:PORT`, as the registry holds it.
+fn check_advertised(address: &str) -> Result<()> {
+    let port = address
+        .rsplit_once(':')
+        .map(|(host, port)| (host, port.parse::<u16>()));
+    match port {
+        Some((host, Ok(port))) if !host.is_empty() && port > 0 => Ok(()),
+        _ => Err(Error::Options(format!(
+            "advertised address {address:?} is not HOST:PORT (COURIER_ADVERTISE or ClientOptions::advertise); write for example 127.0.0.1:3000"
+        ))),
+    }
+}
+
 fn now_nanos() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -481,6 +519,9 @@ impl Client {
     /// # Ok(()) }
     /// ```
     pub async fn connect(opts: ClientOptions) -> Result<Client> {
+        if let Some(address) = &opts.advertise {
+            check_advertised(address)?;
+        }
         let first = connection::establish(&opts).await?;
         let (shutdown, _) = watch::channel(false);
         let (sequential, sequential_rx) = if opts.sequential {
@@ -1645,6 +1686,23 @@ mod tests {
 
         let ca_only = from(&[("COURIER_TLS_CA", "ca.pem")]);
         assert_eq!(ca_only.service, "cli", "a CA alone authenticates nobody");
+    }
+
+    #[test]
+    fn the_advertised_address_comes_from_the_environment_and_must_be_host_port() {
+        let opts = from(&[("COURIER_ADVERTISE", "127.0.0.1:3000")]);
+        assert_eq!(opts.advertise.as_deref(), Some("127.0.0.1:3000"));
+        assert_eq!(from(&[("COURIER_ADVERTISE", "")]).advertise, None);
+        assert_eq!(from(&[]).advertise, None);
+        assert!(check_advertised("127.0.0.1:3000").is_ok());
+        assert!(check_advertised("[::1]:3000").is_ok());
+        for bad in ["localhost", ":3000", "h:port", "h:0", "h:70000"] {
+            let e = check_advertised(bad).expect_err(bad).to_string();
+            assert!(
+                e.contains("HOST:PORT") && e.contains("COURIER_ADVERTISE"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

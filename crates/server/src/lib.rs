@@ -11,6 +11,7 @@
 
 mod auth;
 mod console;
+mod dns;
 mod gateway;
 mod http;
 mod metrics_text;
@@ -95,6 +96,9 @@ pub struct ServerConfig {
     pub tls: Option<TlsSettings>,
     /// The HTTP port (health, readiness, metrics); `None` serves none.
     pub http: Option<SocketAddr>,
+    /// DNS for the service registry (UDP and TCP, `NAME.service.courier.`);
+    /// `None` serves none.
+    pub dns: Option<SocketAddr>,
     /// Activity traces; `None` keeps none.
     pub trace: Option<TraceSettings>,
     pub broker: BrokerConfig,
@@ -119,6 +123,7 @@ impl Default for ServerConfig {
             scrub: None,
             tls: None,
             http: None,
+            dns: None,
             trace: Some(TraceSettings::default()),
             broker: BrokerConfig::default(),
         }
@@ -194,6 +199,16 @@ pub enum ServerError {
          pass --manifest courier.toml (its [admin] tokens guard the port), or --insecure if that is really what you want"
     )]
     InsecureHttp(SocketAddr),
+    #[error("cannot serve DNS on {addr} (UDP and TCP): {source}; pass --dns with a free address")]
+    BindDns {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(
+        "refusing to serve DNS on {0}: DNS has no authentication, so anyone who can reach it could list the registry's services and addresses; \
+         bind it to loopback (e.g. --dns 127.0.0.1:8600), or pass --insecure if that is really what you want"
+    )]
+    InsecureDns(SocketAddr),
 }
 
 type Store = Box<dyn MessageStore>;
@@ -338,6 +353,7 @@ pub struct Server {
     shared: Arc<Shared>,
     listener: TcpListener,
     http: Option<http::HttpListener>,
+    dns: Option<dns::DnsListener>,
     recovery: RecoveryReport,
 }
 
@@ -401,6 +417,17 @@ impl Server {
             ),
             None => None,
         };
+        let dns = match config.dns {
+            Some(addr) if !config.insecure && !addr.ip().is_loopback() => {
+                return Err(ServerError::InsecureDns(addr));
+            }
+            Some(addr) => Some(
+                dns::DnsListener::bind(addr)
+                    .await
+                    .map_err(|source| ServerError::BindDns { addr, source })?,
+            ),
+            None => None,
+        };
         let tls = match &config.tls {
             Some(settings) => Some(tls::acceptor(settings).map_err(ServerError::Tls)?),
             None => None,
@@ -432,6 +459,7 @@ impl Server {
         Ok(Server {
             recovery,
             http,
+            dns,
             shared: Arc::new(Shared {
                 config,
                 registry: registry::RegistryEdge::new(),
@@ -482,8 +510,17 @@ impl Server {
         self.http.as_ref().and_then(|h| h.local_addr().ok())
     }
 
+    /// The DNS port's address (UDP and TCP), if it serves one.
+    pub fn dns_addr(&self) -> Option<SocketAddr> {
+        self.dns.as_ref().and_then(|d| d.local_addr().ok())
+    }
+
     /// Serves until the task is dropped.
     pub async fn run(mut self) {
+        let _dns = self
+            .dns
+            .take()
+            .map(|dns| AbortOnDrop(tokio::spawn(dns.serve(self.shared.clone()))));
         let _http = self.http.take().map(|http| {
             AbortOnDrop(tokio::spawn(
                 http.serve(self.shared.clone(), self.listener.local_addr()),

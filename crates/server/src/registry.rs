@@ -64,6 +64,11 @@ impl RegistryEdge {
         }
     }
 
+    /// The registry's change index as of the broker's last pass.
+    pub(crate) fn current_index(&self) -> u64 {
+        *self.index.borrow()
+    }
+
     /// After every pass of the broker: wakes watchers if the index moved
     /// and starts the checks that fell due.
     pub(crate) fn after_core(&self, registry_index: u64, checks: Vec<(String, String, Check)>) {

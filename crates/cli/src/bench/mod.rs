@@ -32,6 +32,7 @@ mod gateway;
 mod nats;
 mod outbox;
 mod process;
+mod registry;
 mod scrape;
 mod w4;
 
@@ -90,7 +91,9 @@ pub struct BenchArgs {
     /// Run only these workloads, comma-separated: W5a, W5b, W6, W7a, W7b
     /// (W5 and W7 name both halves), W-HTTP-a (request/reply through the
     /// HTTP gateway beside the native protocol), or `outbox` (the
-    /// transactional outbox's relay from PostgreSQL; not run unless named).
+    /// transactional outbox's relay from PostgreSQL; not run unless named);
+    /// or `registry` alone: a watch's latency, DNS queries a second, and
+    /// the CPU of 10,000 checked instances, each with its goal.
     #[arg(long, value_parser = parse_only)]
     only: Option<Only>,
     /// The PostgreSQL `--only outbox` makes its scratch databases on: a
@@ -267,16 +270,34 @@ impl Workload {
     }
 }
 
-/// The workloads `--only` selected, in canonical order, without repeats,
-/// and whether W-HTTP-a was.
+/// What `--only` selected: workloads in canonical order, without
+/// repeats, and whether W-HTTP-a was; or the registry's figures (a run
+/// of their own).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Only(Vec<Workload>, bool);
+enum Only {
+    Workloads(Vec<Workload>, bool),
+    Registry,
+}
 
 fn parse_only(text: &str) -> Result<Only, String> {
     use Workload::*;
     let mut picked = Vec::new();
     let mut gateway = false;
-    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+    let parts: Vec<&str> = text
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect();
+    if parts.iter().any(|p| p.eq_ignore_ascii_case("registry")) {
+        if parts.len() > 1 {
+            return Err(
+                "registry runs on its own: write --only registry, and the workloads in another run"
+                    .to_string(),
+            );
+        }
+        return Ok(Only::Registry);
+    }
+    for part in parts {
         let named: &[Workload] = match part.to_ascii_lowercase().as_str() {
             "w-http-a" | "w-http" => {
                 gateway = true;
@@ -304,7 +325,7 @@ fn parse_only(text: &str) -> Result<Only, String> {
             "outbox" => &[Outbox],
             _ => {
                 return Err(format!(
-                    "unknown workload {part:?}; choose from W1a, W1b, W2a, W2b, W3a, W3b, W4a, W4b, W5a, W5b, W6, W7a, W7b (W1 … W7 name all their parts), W-HTTP-a or outbox, comma-separated"
+                    "unknown workload {part:?}; choose from W1a, W1b, W2a, W2b, W3a, W3b, W4a, W4b, W5a, W5b, W6, W7a, W7b (W1 … W7 name all their parts), W-HTTP-a or outbox, comma-separated, or registry alone"
                 ))
             }
         };
@@ -315,7 +336,7 @@ fn parse_only(text: &str) -> Result<Only, String> {
     }
     picked.sort();
     picked.dedup();
-    Ok(Only(picked, gateway))
+    Ok(Only::Workloads(picked, gateway))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1401,14 +1422,26 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             .context("cannot find this program's own path, which the bench starts as the broker")?;
         return scrape::run(&exe, args.quick).await;
     }
+    let selected = match args.only.clone() {
+        None => Workload::DEFAULT.to_vec(),
+        Some(Only::Workloads(selected, _)) => selected,
+        Some(Only::Registry) => {
+            if args.against.is_some() {
+                bail!("--only registry measures Courier alone; run it without --against");
+            }
+            let exe = std::env::current_exe().context(
+                "cannot find this program's own path, which the bench starts as the broker",
+            )?;
+            return registry::run(&exe, args.quick).await;
+        }
+    };
     let mut plan = Plan::new(args.quick, args.scale).map_err(anyhow::Error::msg)?;
     plan.postgres_url = args.postgres_url.clone();
     process::set_observability(args.observability);
-    let selected = args
-        .only
-        .clone()
-        .map_or_else(|| Workload::DEFAULT.to_vec(), |o| o.0);
-    let with_gateway = args.only.as_ref().is_none_or(|o| o.1);
+    let with_gateway = match &args.only {
+        Some(Only::Workloads(_, gateway)) => *gateway,
+        _ => true,
+    };
     let exe = std::env::current_exe()
         .context("cannot find this program's own path, which the bench starts as the broker")?;
     if selected.is_empty() {
@@ -1693,23 +1726,35 @@ mod tests {
         use Workload::*;
         assert_eq!(
             parse_only("W6,W5a"),
-            Ok(Only(vec![W5a, W5aAlways, W6], false))
+            Ok(Only::Workloads(vec![W5a, W5aAlways, W6], false))
         );
         assert_eq!(
             parse_only("w7, W5"),
-            Ok(Only(vec![W5a, W5aAlways, W5b, W5bAlways, W7a, W7b], false))
+            Ok(Only::Workloads(
+                vec![W5a, W5aAlways, W5b, W5bAlways, W7a, W7b],
+                false
+            ))
         );
         assert_eq!(
             parse_only("W5a,W5a,w5a"),
-            Ok(Only(vec![W5a, W5aAlways], false))
+            Ok(Only::Workloads(vec![W5a, W5aAlways], false))
         );
-        assert_eq!(parse_only("W1,w4b"), Ok(Only(vec![W1a, W1b, W4b], false)));
-        assert_eq!(parse_only("W7b,"), Ok(Only(vec![W7b], false)));
-        assert_eq!(parse_only("W-HTTP-a"), Ok(Only(vec![], true)));
-        assert_eq!(parse_only("w4a,w-http-a"), Ok(Only(vec![W4a], true)));
+        assert_eq!(
+            parse_only("W1,w4b"),
+            Ok(Only::Workloads(vec![W1a, W1b, W4b], false))
+        );
+        assert_eq!(parse_only("W7b,"), Ok(Only::Workloads(vec![W7b], false)));
+        assert_eq!(parse_only("W-HTTP-a"), Ok(Only::Workloads(vec![], true)));
+        assert_eq!(
+            parse_only("w4a,w-http-a"),
+            Ok(Only::Workloads(vec![W4a], true))
+        );
         let unknown = parse_only("W5a,W9").expect_err("W9 is unknown");
         assert!(unknown.contains("\"W9\"") && unknown.contains("W5a, W5b, W6, W7a, W7b"));
         assert!(parse_only(" , ").is_err());
+        assert_eq!(parse_only("Registry"), Ok(Only::Registry));
+        let mixed = parse_only("registry,W1a").expect_err("registry runs alone");
+        assert!(mixed.contains("--only registry"), "{mixed}");
     }
 
     #[test]
@@ -1733,7 +1778,7 @@ mod tests {
         assert_eq!(a.runs, 1);
         assert_eq!(
             a.only,
-            Some(Only(
+            Some(Only::Workloads(
                 vec![Workload::W5a, Workload::W5aAlways, Workload::W6],
                 false
             ))
@@ -1963,10 +2008,13 @@ mod tests {
         assert!(!Workload::DEFAULT.contains(&Workload::Outbox));
         assert_eq!(
             parse_only("outbox"),
-            Ok(Only(vec![Workload::Outbox], false))
+            Ok(Only::Workloads(vec![Workload::Outbox], false))
         );
         assert_eq!(
-            parse_only("W5a,outbox").map(|o| o.0.len()),
+            parse_only("W5a,outbox").map(|o| match o {
+                Only::Workloads(w, _) => w.len(),
+                Only::Registry => 0,
+            }),
             Ok(3),
             "W5a, its -always twin, the outbox"
         );

@@ -40,12 +40,19 @@ async fn main() -> anyhow::Result<()> {
         Err(_) => 5_000,
     };
     opts.request_timeout = Duration::from_millis(timeout_ms);
-    let bus = opts.url.clone();
-    let client = Client::connect(opts).await?;
-    log_connection_changes(&client, &bus);
     let listen: SocketAddr = std::env::var("TODO_WEB_LISTEN")
         .unwrap_or_else(|_| "127.0.0.1:3000".into())
         .parse()?;
+    // Bound before connecting, so the registry learns the real port (also
+    // when TODO_WEB_LISTEN asks for port 0); COURIER_ADVERTISE, when set,
+    // says otherwise (an address behind a proxy, say).
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    if opts.advertise.is_none() {
+        opts = opts.advertise(listener.local_addr()?.to_string());
+    }
+    let bus = opts.url.clone();
+    let client = Client::connect(opts).await?;
+    log_connection_changes(&client, &bus);
     let app = Router::new()
         .route("/", get(index))
         .route("/todos", post(create))
@@ -53,7 +60,6 @@ async fn main() -> anyhow::Result<()> {
             client: client.clone(),
             bus,
         });
-    let listener = tokio::net::TcpListener::bind(listen).await?;
     println!("todo web listening on http://{}", listener.local_addr()?);
     // Stops taking connections, and answers the requests already in.
     axum::serve(listener, app)

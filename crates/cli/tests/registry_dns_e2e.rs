@@ -103,6 +103,14 @@ fn todo_instance(bin: &Path, broker: &Broker, advertise: &str) -> KilledOnDrop {
         Command::new(bin)
             .env("COURIER_URL", &broker.addr)
             .env("COURIER_ADVERTISE", advertise)
+            // Its own database, in the test's temporary directory.
+            .env(
+                "TODO_DATABASE",
+                broker
+                    .data_dir
+                    .path()
+                    .join(format!("todo-{}.sqlite", advertise.replace(':', "-"))),
+            )
             .env("COURIER_LOG", "warn")
             .stdout(Stdio::null())
             .spawn()

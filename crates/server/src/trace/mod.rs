@@ -21,9 +21,8 @@
 //! so a trace is complete as soon as its replies have left.
 //!
 //! Bounds: the queue to the thread holds at most `TRACE_QUEUE_BATCHES`
-//! batches and `bytes_max` (between `TRACE_QUEUE_BYTES_MIN` and
-//! `TRACE_QUEUE_BYTES_MAX`) of the messages they pin (past either, a
-//! batch is dropped and counted); the index at most
+//! batches and `TRACE_QUEUE_BYTES_MAX` of the messages they pin (past
+//! either, a batch is dropped and counted); the index at most
 //! `bytes_max` (`index.rs` says what a record costs); the log about
 //! `bytes_max` too (whole segments are removed, oldest first, past the
 //! size or the retention).
@@ -53,13 +52,8 @@ use index::{IndexConfig, IndexStats, TraceIndex, Written};
 /// well over a million calls a second.
 const TRACE_QUEUE_BATCHES: usize = 16 * 1024;
 /// Bytes of messages the waiting batches may pin (their payloads share
-/// the messages' memory); past it a batch is dropped. Never more than the
-/// traces' own cap (`--trace-bytes-max`), so a trace thread starved of
-/// CPU holds at most about twice that.
+/// the messages' memory); past it a batch is dropped.
 const TRACE_QUEUE_BYTES_MAX: usize = 64 * 1024 * 1024;
-/// The queue's bound under a small `--trace-bytes-max`: room for a
-/// coalescing interval of ordinary traffic.
-const TRACE_QUEUE_BYTES_MIN: usize = 1024 * 1024;
 /// Batches the thread takes in one go (one lock of the index, one write).
 const BATCHES_PER_ROUND_MAX: usize = 4096;
 /// How long the thread lets batches gather after a round before it takes
@@ -146,8 +140,6 @@ pub(crate) struct Tracer {
     sender: SyncSender<Batch>,
     index: Arc<Mutex<TraceIndex>>,
     queued_bytes: Arc<AtomicUsize>,
-    /// The most `queued_bytes` may reach.
-    queued_bytes_max: usize,
     counters: Arc<Counters>,
     progress: Arc<Progress>,
     /// The trace thread, to wake early for a query and to wait for when
@@ -199,9 +191,6 @@ impl Tracer {
             sender,
             index: Arc::new(Mutex::new(index)),
             queued_bytes: Arc::new(AtomicUsize::new(0)),
-            queued_bytes_max: usize::try_from(settings.bytes_max)
-                .unwrap_or(usize::MAX)
-                .clamp(TRACE_QUEUE_BYTES_MIN, TRACE_QUEUE_BYTES_MAX),
             counters,
             progress: Arc::new(Progress::default()),
             thread: Arc::new(Mutex::new(None)),
@@ -233,7 +222,7 @@ impl Tracer {
     /// queue is dropped and counted.
     pub(crate) fn submit(&self, records: Vec<TraceRecord>, bytes: usize) {
         let queued = self.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
-        let dropped = if queued + bytes > self.queued_bytes_max {
+        let dropped = if queued + bytes > TRACE_QUEUE_BYTES_MAX {
             Some(records)
         } else {
             match self.sender.try_send(Batch { records, bytes }) {
@@ -647,22 +636,6 @@ mod tests {
         let gauges = tracer.gauges();
         assert_eq!((gauges.batches_dropped, gauges.records_dropped), (1, count));
         assert_eq!(tracer.queued_bytes.load(Ordering::Relaxed), 0);
-        tracer.stop();
-    }
-
-    #[test]
-    fn the_queue_pins_no_more_than_the_traces_own_cap() {
-        let settings = TraceSettings {
-            bytes_max: 4 * 1024 * 1024,
-            ..TraceSettings::default()
-        };
-        let tracer = Tracer::start(&settings, crate::now_nanos()).expect("starts");
-        let (_, batch) = records(crate::now_nanos());
-        tracer.submit(batch, 4 * 1024 * 1024 + 1);
-        assert_eq!(tracer.gauges().batches_dropped, 1);
-        let (_, batch) = records(crate::now_nanos());
-        tracer.submit(batch, 1024);
-        assert_eq!(tracer.gauges().batches_dropped, 1, "a small batch fits");
         tracer.stop();
     }
 }

@@ -188,6 +188,8 @@ echo "== python client: mypy --strict, pytest"
 # (/v1/openapi.json) for about a minute, every check on: no answer may be a
 # 500 (scripts/schemathesis.toml), and every answer must be one the document
 # describes. From PyPI into the venv above; installed once per version.
+# The seed is fixed so that a red run replays the same requests; set
+# COURIER_SCHEMATHESIS_SEED to another number to explore further.
 # Left out: GET /v1/tail (an endless event stream) and GET
 # /v1/services/{name} (with ?index= it long-polls for up to 30 s).
 echo "== schemathesis: the HTTP API against its OpenAPI document"
@@ -224,7 +226,7 @@ fi
   "$PY_VENV/bin/schemathesis" --config-file "$ST_CONFIG" \
     run "${ST_URL}v1/openapi.json" --checks all --max-time 60 --max-examples 50 \
     --request-timeout 10 --exclude-path /v1/tail --exclude-operation-id service_instances \
-    --generation-database none --no-color
+    --generation-database none --no-color --seed "${COURIER_SCHEMATHESIS_SEED:-64075300279450387413112728606275099585}"
 )
 kill "$ST_PID" 2>/dev/null || true
 wait "$ST_PID" 2>/dev/null || true

@@ -345,7 +345,13 @@ impl ActivityFilter {
             None => None,
             Some(since) => Some(parse_since(&since, now).map_err(bad)?),
         };
-        let limit = match text("limit")? {
+        // An empty limit is refused rather than taken as the default: a
+        // caller who wrote `limit=` meant some number and lost it.
+        let limit = match args.get("limit") {
+            Some(Value::String(s)) if s.is_empty() => Some(String::new()),
+            _ => text("limit")?,
+        };
+        let limit = match limit {
             None => ACTIVITIES_LIMIT_DEFAULT,
             Some(limit) => match limit.parse::<usize>() {
                 Ok(n) if (1..=ACTIVITIES_LIMIT_MAX).contains(&n) => n,
@@ -421,6 +427,7 @@ mod tests {
         for bad in [
             json!({"since": "yesterday"}),
             json!({"limit": 0}),
+            json!({"limit": ""}),
             json!({"limit": 1001}),
             json!({"name": "Not A Pattern"}),
             json!({"outcome": ["a"]}),

@@ -852,14 +852,14 @@ fn pause_or_resume(shared: &Shared, service: &str, body: &[u8], pause: bool) -> 
 
 /// The body of a change that takes no arguments: empty, or a JSON object.
 fn no_fields(body: &[u8]) -> Result<(), Refusal> {
-    if body.iter().all(u8::is_ascii_whitespace) {
+    if body.is_empty() {
         return Ok(());
     }
     match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(_)) => Ok(()),
         _ => Err(Refusal::new(
             StatusCode::BAD_REQUEST,
-            "the body is a JSON object, {} (this change takes no arguments)",
+            "the body must be empty or a JSON object, {} (this change takes no arguments)",
         )),
     }
 }
@@ -867,7 +867,7 @@ fn no_fields(body: &[u8]) -> Result<(), Refusal> {
 /// The optional `pattern` of a pause or resume body.
 fn pattern_of(body: &[u8]) -> Result<Option<String>, Refusal> {
     let bad = |detail: String| Refusal::new(StatusCode::BAD_REQUEST, detail);
-    if body.iter().all(u8::is_ascii_whitespace) {
+    if body.is_empty() {
         return Ok(None);
     }
     let value: Value = serde_json::from_slice(body).map_err(|e| {

@@ -213,110 +213,71 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
     ) -> BoxFuture<'a, Result<u64, sqlx::Error>>;
 }
 
-const INSERT_OUTBOX_PG: &str = "INSERT INTO courier_outbox (id, kind, name, key, part, payload, enqueued_us) VALUES ($1, $2, $3, $4, $5, $6, $7)";
+const INSERT_OUTBOX: &str = "INSERT INTO courier_outbox (id, kind, name, key, part, payload, enqueued_us) VALUES ($1, $2, $3, $4, $5, $6, $7)";
 const CLAIM_INBOX: &str =
     "INSERT INTO courier_inbox (id, processed_us) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING";
 const PRUNE_INBOX: &str = "DELETE FROM courier_inbox WHERE processed_us < $1";
 
-impl Backend for Postgres {
-    fn insert_outbox<'a>(
-        conn: &'a mut Self::Connection,
-        message: &'a OutboxMessage,
-        now_us: i64,
-    ) -> BoxFuture<'a, Result<(), sqlx::Error>> {
-        Box::pin(async move {
-            sqlx::query(INSERT_OUTBOX_PG)
-                .bind(message.id.as_bytes().as_slice())
-                .bind(message.kind.code())
-                .bind(message.name.as_str())
-                .bind(message.key.as_deref())
-                .bind(message.partition())
-                .bind(message.payload.as_slice())
-                .bind(now_us)
-                .execute(conn)
-                .await?;
-            Ok(())
-        })
-    }
+// The same statements serve both databases (the placeholders `$1`… are
+// PostgreSQL's, and SQLite takes them too); only the connection types
+// differ, which a generic impl over sqlx's executor traits cannot name
+// without bounds longer than the bodies.
+macro_rules! backend_impl {
+    ($db:ty) => {
+        impl Backend for $db {
+            fn insert_outbox<'a>(
+                conn: &'a mut Self::Connection,
+                message: &'a OutboxMessage,
+                now_us: i64,
+            ) -> BoxFuture<'a, Result<(), sqlx::Error>> {
+                Box::pin(async move {
+                    sqlx::query(INSERT_OUTBOX)
+                        .bind(message.id.as_bytes().as_slice())
+                        .bind(message.kind.code())
+                        .bind(message.name.as_str())
+                        .bind(message.key.as_deref())
+                        .bind(message.partition())
+                        .bind(message.payload.as_slice())
+                        .bind(now_us)
+                        .execute(conn)
+                        .await?;
+                    Ok(())
+                })
+            }
 
-    fn claim_inbox<'a>(
-        conn: &'a mut Self::Connection,
-        id: Uuid,
-        now_us: i64,
-    ) -> BoxFuture<'a, Result<bool, sqlx::Error>> {
-        Box::pin(async move {
-            let done = sqlx::query(CLAIM_INBOX)
-                .bind(id.as_bytes().as_slice())
-                .bind(now_us)
-                .execute(conn)
-                .await?;
-            Ok(done.rows_affected() == 1)
-        })
-    }
+            fn claim_inbox<'a>(
+                conn: &'a mut Self::Connection,
+                id: Uuid,
+                now_us: i64,
+            ) -> BoxFuture<'a, Result<bool, sqlx::Error>> {
+                Box::pin(async move {
+                    let done = sqlx::query(CLAIM_INBOX)
+                        .bind(id.as_bytes().as_slice())
+                        .bind(now_us)
+                        .execute(conn)
+                        .await?;
+                    Ok(done.rows_affected() == 1)
+                })
+            }
 
-    fn prune_inbox<'a>(
-        conn: &'a mut Self::Connection,
-        before_us: i64,
-    ) -> BoxFuture<'a, Result<u64, sqlx::Error>> {
-        Box::pin(async move {
-            let done = sqlx::query(PRUNE_INBOX)
-                .bind(before_us)
-                .execute(conn)
-                .await?;
-            Ok(done.rows_affected())
-        })
-    }
+            fn prune_inbox<'a>(
+                conn: &'a mut Self::Connection,
+                before_us: i64,
+            ) -> BoxFuture<'a, Result<u64, sqlx::Error>> {
+                Box::pin(async move {
+                    let done = sqlx::query(PRUNE_INBOX)
+                        .bind(before_us)
+                        .execute(conn)
+                        .await?;
+                    Ok(done.rows_affected())
+                })
+            }
+        }
+    };
 }
 
-impl Backend for Sqlite {
-    fn insert_outbox<'a>(
-        conn: &'a mut Self::Connection,
-        message: &'a OutboxMessage,
-        now_us: i64,
-    ) -> BoxFuture<'a, Result<(), sqlx::Error>> {
-        Box::pin(async move {
-            sqlx::query(INSERT_OUTBOX_PG)
-                .bind(message.id.as_bytes().as_slice())
-                .bind(message.kind.code())
-                .bind(message.name.as_str())
-                .bind(message.key.as_deref())
-                .bind(message.partition())
-                .bind(message.payload.as_slice())
-                .bind(now_us)
-                .execute(conn)
-                .await?;
-            Ok(())
-        })
-    }
-
-    fn claim_inbox<'a>(
-        conn: &'a mut Self::Connection,
-        id: Uuid,
-        now_us: i64,
-    ) -> BoxFuture<'a, Result<bool, sqlx::Error>> {
-        Box::pin(async move {
-            let done = sqlx::query(CLAIM_INBOX)
-                .bind(id.as_bytes().as_slice())
-                .bind(now_us)
-                .execute(conn)
-                .await?;
-            Ok(done.rows_affected() == 1)
-        })
-    }
-
-    fn prune_inbox<'a>(
-        conn: &'a mut Self::Connection,
-        before_us: i64,
-    ) -> BoxFuture<'a, Result<u64, sqlx::Error>> {
-        Box::pin(async move {
-            let done = sqlx::query(PRUNE_INBOX)
-                .bind(before_us)
-                .execute(conn)
-                .await?;
-            Ok(done.rows_affected())
-        })
-    }
-}
+backend_impl!(Postgres);
+backend_impl!(Sqlite);
 
 /// Applies the outbox and inbox schema to a PostgreSQL database, once;
 /// safe to call from several processes at the same time.

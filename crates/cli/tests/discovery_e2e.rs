@@ -431,3 +431,42 @@ async fn calls_are_spread_over_two_instances() {
     );
     assert_eq!(policy.snapshot().succeeded, 40);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_a_manifest_discovery_runs_on_the_callers_own_token() {
+    let dir = common::tempdir::Dir::new("discovery-manifest");
+    let manifest = dir.path().join("courier.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "[services.caller]\nsends = [\"api.ping\"]\ntokens = [\"{}\"]\n\n[admin]\ntokens = [\"{}\"]\n",
+            courier_manifest::hash_token("crr_caller_secret"),
+            courier_manifest::hash_token("crr_admin_secret"),
+        ),
+    )
+    .expect("write the manifest");
+    let registry = Broker::start_with(&["--manifest", manifest.to_str().expect("a UTF-8 path")]);
+    let register_as_admin = |id: &str, address: &str| {
+        let out = registry
+            .cli(&["register", "api", "--address", address, "--id", id])
+            .env("COURIER_HTTP", http_port(&registry))
+            .env("COURIER_TOKEN", "crr_admin_secret")
+            .output()
+            .expect("run courier register");
+        assert!(out.status.success(), "{}", common::stderr(&out));
+    };
+    register_as_admin("api-1", "127.0.0.1:9101");
+
+    let mut opts = ClientOptions::new(&registry.addr, "caller");
+    opts.http = Some(http_port(&registry));
+    opts.token = Some("crr_caller_secret".to_string());
+    let client = Client::connect(opts).await.expect("connect the caller");
+    let mut api = client
+        .discover("api")
+        .await
+        .expect("a service's token looks up the registry");
+    wait_endpoints(&mut api, 1).await;
+    // The watch long-polls on the same token.
+    register_as_admin("api-2", "127.0.0.1:9102");
+    wait_endpoints(&mut api, 2).await;
+}

@@ -8,8 +8,14 @@
 //! `?index=N` it blocks until the registry's index differs from N (at most
 //! `?wait=`, default 30 s). `POST /v1/services/{name}` registers (a JSON
 //! body), `DELETE /v1/services/{name}/{id}` deregisters, `POST
-//! /v1/services/{name}/{id}/heartbeat` passes a TTL check. Same
-//! authorization as the rest of the port.
+//! /v1/services/{name}/{id}/heartbeat` passes a TTL check.
+//!
+//! Under a manifest the two lookups take any token it lists, a service's
+//! too (a caller finds its dependencies with its own token, as Consul's
+//! `service:read`); the changes take `[admin]` tokens only, like the rest
+//! of the port: a registration records no owner, and a name off the bus
+//! (a database, say) belongs to no manifest service, so no token but an
+//! admin's can be shown to own one. Without a manifest: loopback peers.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -28,7 +34,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
-use crate::http::{authorize, problem};
+use crate::http::{authorize, authorize_for, problem, Audience};
 use crate::{now_nanos, Shared};
 
 /// Defaults of a registration that names none.
@@ -270,8 +276,8 @@ fn truthy(query: &HashMap<String, String>, key: &str) -> bool {
     tag = "registry",
     responses(
         (status = 200, description = "The registry's services", body = crate::openapi::RegistryListing, headers(("X-Courier-Index" = String, description = "The registry's change index"))),
-        (status = 401, description = "Under a manifest: no admin token, or one it does not list", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "A service's token, or a non-loopback caller without a manifest", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Under a manifest: no token, or one it does not list (a service's token or an admin's is taken)", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "A non-loopback caller without a manifest", body = crate::openapi::Problem, content_type = "application/problem+json"),
     ),
 )]
 pub(crate) async fn list_services(
@@ -279,7 +285,7 @@ pub(crate) async fn list_services(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(refusal) = authorize(&shared, peer, &headers) {
+    if let Err(refusal) = authorize_for(&shared, peer, &headers, Audience::ManifestTokens) {
         return *refusal;
     }
     let core = shared.core();
@@ -302,8 +308,8 @@ pub(crate) async fn list_services(
     responses(
         (status = 200, description = "The service's instances", body = crate::openapi::RegistryInstances, headers(("X-Courier-Index" = String, description = "The registry's change index"))),
         (status = 400, description = "A bad index or wait", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Under a manifest: no admin token, or one it does not list", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "A service's token, or a non-loopback caller without a manifest", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Under a manifest: no token, or one it does not list (a service's token or an admin's is taken)", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "A non-loopback caller without a manifest", body = crate::openapi::Problem, content_type = "application/problem+json"),
     ),
 )]
 pub(crate) async fn service_instances(
@@ -313,7 +319,7 @@ pub(crate) async fn service_instances(
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(refusal) = authorize(&shared, peer, &headers) {
+    if let Err(refusal) = authorize_for(&shared, peer, &headers, Audience::ManifestTokens) {
         return *refusal;
     }
     let all = truthy(&query, "all");

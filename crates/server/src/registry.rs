@@ -28,14 +28,15 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::Router;
-use courier_broker::registry::{Check, Health, Instance, InstanceSpec, Registry};
+use courier_broker::registry::{Check, Health, Instance, InstanceSpec, Registry, RegistryError};
+use courier_broker::{Broker, Nanos};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
 use crate::http::{authorize, authorize_for, problem, Audience};
-use crate::{now_nanos, Shared};
+use crate::{Shared, Store};
 
 /// Defaults of a registration that names none.
 const INTERVAL_MS_DEFAULT: u32 = 5_000;
@@ -483,15 +484,42 @@ pub(crate) async fn register(
     let mut result = Ok(());
     shared.with_core(|core, now| result = core.registry_register(spec, now));
     match result {
-        Ok(()) => {
-            let index = shared.core().registry().index();
-            json_response(
-                StatusCode::OK,
-                &json!({"service": name, "id": id, "index": index}),
-                index,
-            )
-        }
+        Ok(()) => changed(&shared, &name, &id),
         Err(e) => problem(StatusCode::BAD_REQUEST, &e.to_string()),
+    }
+}
+
+/// The answer to a change of instance `id` of `name`: the registry's
+/// index after it.
+fn changed(shared: &Shared, name: &str, id: &str) -> Response {
+    let index = shared.core().registry().index();
+    json_response(
+        StatusCode::OK,
+        &json!({"service": name, "id": id, "index": index}),
+        index,
+    )
+}
+
+/// A change to one registered instance (deregister, heartbeat):
+/// authorized as every change is, run in the core, answered with the
+/// index after it; an unknown instance is 404, a heartbeat to one whose
+/// check is not TTL 409.
+fn change_instance(
+    shared: &Shared,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    (name, id): (&str, &str),
+    change: impl FnOnce(&mut Broker<Store>, Nanos) -> Result<(), RegistryError>,
+) -> Response {
+    if let Err(refusal) = authorize(shared, peer, headers) {
+        return *refusal;
+    }
+    let mut result = Ok(());
+    shared.with_core(|core, now| result = change(core, now));
+    match result {
+        Ok(()) => changed(shared, name, id),
+        Err(e @ RegistryError::NotTtl { .. }) => problem(StatusCode::CONFLICT, &e.to_string()),
+        Err(e) => problem(StatusCode::NOT_FOUND, &e.to_string()),
     }
 }
 
@@ -516,22 +544,9 @@ pub(crate) async fn deregister(
     Path((name, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(refusal) = authorize(&shared, peer, &headers) {
-        return *refusal;
-    }
-    let mut result = Ok(());
-    shared.with_core(|core, _| result = core.registry_deregister(&name, &id));
-    match result {
-        Ok(()) => {
-            let index = shared.core().registry().index();
-            json_response(
-                StatusCode::OK,
-                &json!({"service": name, "id": id, "index": index}),
-                index,
-            )
-        }
-        Err(e) => problem(StatusCode::NOT_FOUND, &e.to_string()),
-    }
+    change_instance(&shared, peer, &headers, (&name, &id), |core, _| {
+        core.registry_deregister(&name, &id)
+    })
 }
 
 #[utoipa::path(
@@ -556,25 +571,9 @@ pub(crate) async fn heartbeat(
     Path((name, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(refusal) = authorize(&shared, peer, &headers) {
-        return *refusal;
-    }
-    let mut result = Ok(());
-    shared.with_core(|core, _| result = core.registry_heartbeat(&name, &id, now_nanos()));
-    match result {
-        Ok(()) => {
-            let index = shared.core().registry().index();
-            json_response(
-                StatusCode::OK,
-                &json!({"service": name, "id": id, "index": index}),
-                index,
-            )
-        }
-        Err(e @ courier_broker::registry::RegistryError::NotTtl { .. }) => {
-            problem(StatusCode::CONFLICT, &e.to_string())
-        }
-        Err(e) => problem(StatusCode::NOT_FOUND, &e.to_string()),
-    }
+    change_instance(&shared, peer, &headers, (&name, &id), |core, now| {
+        core.registry_heartbeat(&name, &id, now)
+    })
 }
 
 #[cfg(test)]

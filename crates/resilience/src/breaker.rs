@@ -367,7 +367,7 @@ impl Breaker {
 /// transitions than one breaker makes.
 const GENERATIONS_PER_BREAKER: u64 = 1 << 32;
 
-/// Endpoints of a set in each state.
+/// How many endpoints' breakers are in each state.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct StateCounts {
     pub closed: u64,
@@ -378,8 +378,8 @@ pub struct StateCounts {
 /// One breaker per endpoint (by key, an endpoint's id), all with the same
 /// config; pure like [`Breaker`]. Made on an endpoint's first call; the
 /// breakers of endpoints no longer listed are dropped by
-/// [`BreakerSet::acquire`], so the set holds no more than the endpoints
-/// listed.
+/// [`BreakerSet::acquire`], so the set holds at most one more than the
+/// endpoints listed.
 #[derive(Debug, Clone)]
 pub struct BreakerSet {
     config: BreakerConfig,
@@ -429,7 +429,8 @@ impl BreakerSet {
                 None => {
                     let breaker =
                         Breaker::from_generation(self.config.clone(), self.next_generation);
-                    self.next_generation += GENERATIONS_PER_BREAKER;
+                    self.next_generation =
+                        self.next_generation.wrapping_add(GENERATIONS_PER_BREAKER);
                     self.breakers.entry(key.to_string()).or_insert(breaker)
                 }
             };

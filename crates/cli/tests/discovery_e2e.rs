@@ -563,17 +563,14 @@ async fn calls_are_spread_over_two_instances() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_a_manifest_discovery_runs_on_the_callers_own_token() {
     let dir = common::tempdir::Dir::new("discovery-manifest");
-    let manifest = dir.path().join("courier.toml");
-    std::fs::write(
-        &manifest,
-        format!(
-            "[services.caller]\nsends = [\"api.ping\"]\ntokens = [\"{}\"]\n\n[admin]\ntokens = [\"{}\"]\n",
-            courier_manifest::hash_token("crr_caller_secret"),
-            courier_manifest::hash_token("crr_admin_secret"),
-        ),
-    )
-    .expect("write the manifest");
-    let registry = Broker::start_with(&["--manifest", manifest.to_str().expect("a UTF-8 path")]);
+    let manifest = common::manifest_with_admin(
+        &dir,
+        "caller",
+        "sends = [\"api.ping\"]",
+        "crr_caller_secret",
+        "crr_admin_secret",
+    );
+    let registry = Broker::start_with(&["--manifest", &manifest]);
     let register_as_admin = |id: &str, address: &str| {
         let out = registry
             .cli(&["register", "api", "--address", address, "--id", id])

@@ -551,17 +551,14 @@ async fn every_documented_operation_answers_as_the_document_says() {
 #[test]
 fn under_a_manifest_the_registrys_answers_to_each_token_are_documented() {
     let dir = common::tempdir::Dir::new("openapi-manifest");
-    let manifest = dir.path().join("courier.toml");
-    std::fs::write(
-        &manifest,
-        format!(
-            "[services.web]\nsends = [\"todo.create\"]\ntokens = [\"{}\"]\n\n[admin]\ntokens = [\"{}\"]\n",
-            courier_manifest::hash_token("crr_web_secret"),
-            courier_manifest::hash_token("crr_admin_secret"),
-        ),
-    )
-    .expect("write the manifest");
-    let broker = Broker::start_with(&["--manifest", manifest.to_str().expect("a UTF-8 path")]);
+    let manifest = common::manifest_with_admin(
+        &dir,
+        "web",
+        "sends = [\"todo.create\"]",
+        "crr_web_secret",
+        "crr_admin_secret",
+    );
+    let broker = Broker::start_with(&["--manifest", &manifest]);
     let http = broker.http.clone().expect("an HTTP port");
     let (_, doc_text) = common::http_get(&http, "/v1/openapi.json", None);
     let doc: Value = serde_json::from_str(&doc_text).expect("the document is JSON");

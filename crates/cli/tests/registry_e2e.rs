@@ -313,26 +313,16 @@ fn common_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<Va
     rx
 }
 
-/// A manifest with service `todo` (token `crr_todo_secret`) and an admin
-/// (`crr_admin_secret`), written into `dir`; the `--manifest` flag.
-fn write_manifest(dir: &common::tempdir::Dir) -> String {
-    let manifest = dir.path().join("courier.toml");
-    std::fs::write(
-        &manifest,
-        format!(
-            "[services.todo]\nreceives = [\"todo.create\"]\ntokens = [\"{}\"]\n\n[admin]\ntokens = [\"{}\"]\n",
-            courier_manifest::hash_token("crr_todo_secret"),
-            courier_manifest::hash_token("crr_admin_secret"),
-        ),
-    )
-    .expect("write the manifest");
-    manifest.to_str().expect("a UTF-8 path").to_string()
-}
-
 #[test]
 fn under_a_manifest_a_service_token_reads_the_registry_and_only_an_admin_changes_it() {
     let dir = common::tempdir::Dir::new("registry-manifest");
-    let manifest = write_manifest(&dir);
+    let manifest = common::manifest_with_admin(
+        &dir,
+        "todo",
+        "receives = [\"todo.create\"]",
+        "crr_todo_secret",
+        "crr_admin_secret",
+    );
     let registry = Broker::start_with(&["--manifest", &manifest]);
     let http = registry.http.clone().expect("an HTTP port");
     let as_cli = |token: Option<&str>, args: &[&str]| {

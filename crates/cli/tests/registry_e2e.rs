@@ -258,6 +258,12 @@ fn bus_instances_advertise_where_they_serve() {
         std::process::Command::new(todo_bin("todo-service"))
             .env("COURIER_URL", &registry.addr)
             .env("COURIER_ADVERTISE", "127.0.0.1:4001")
+            // Its database in the test's temporary directory, not the
+            // source tree.
+            .env(
+                "TODO_DATABASE",
+                registry.data_dir.path().join("todo.sqlite"),
+            )
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("start todo-service"),

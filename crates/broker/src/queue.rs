@@ -500,7 +500,7 @@ impl Queue {
                 if was_first {
                     if let Some(&(next, _)) = state.in_flight.front() {
                         if let Some(f) = self.in_flight.get_mut(&next) {
-                            if f.deadline == NOT_ARMED {
+                            if f.deadline == NOT_ARMED && next_deadline != NOT_ARMED {
                                 f.deadline = next_deadline;
                                 self.deadlines.insert((next_deadline, next));
                             }

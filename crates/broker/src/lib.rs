@@ -1991,6 +1991,22 @@ impl<S: MessageStore> Broker<S> {
         const UNMATCHED_SCAN_MAX: usize = 1024;
         let mut index = 0;
         let mut skipped = 0;
+        if let Some(svc) = self.services.get_mut(service) {
+            // Keys parked for a connection that has room again.
+            for conn in svc.queue.parked_for() {
+                // A connection gone lets all of its keys go.
+                let room = self.conns.get(&conn).map_or(usize::MAX, |c| {
+                    if c.paused {
+                        0
+                    } else {
+                        c.max_in_flight.saturating_sub(c.in_flight) as usize
+                    }
+                });
+                if room > 0 {
+                    svc.queue.unpark(conn, room);
+                }
+            }
+        }
         loop {
             let Some(svc) = self.services.get_mut(service) else {
                 return;
@@ -2016,6 +2032,18 @@ impl<S: MessageStore> Broker<S> {
             let Some(entry) = svc.queue.ready.get(index) else {
                 return;
             };
+            if let Some(holder) = entry.key().and_then(|key| svc.queue.key_holder(key)) {
+                let full = self
+                    .conns
+                    .get(&holder)
+                    .is_none_or(|c| c.paused || c.in_flight >= c.max_in_flight);
+                if full {
+                    // Out to a connection with no room: it waits aside,
+                    // not read from the store at every pass.
+                    svc.queue.park(index, holder);
+                    continue;
+                }
+            }
             let message = match self.store.get(entry.seq) {
                 Ok(Some(message)) => message,
                 Ok(None) => {

@@ -279,6 +279,9 @@ struct KeyState {
     pipelined: bool,
     /// The message that goes out next, if it is not waiting.
     next: Option<Seq>,
+    /// `next` itself while it waits for room on `conn` (then it is not in
+    /// `ready`, [`Queue::park`]).
+    parked: Option<Entry>,
     /// Later messages, in order.
     waiting: VecDeque<Entry>,
 }
@@ -286,6 +289,10 @@ struct KeyState {
 impl KeyState {
     fn is_empty(&self) -> bool {
         self.in_flight.is_empty() && self.next.is_none() && self.waiting.is_empty()
+    }
+
+    fn held(&self) -> usize {
+        self.waiting.len() + usize::from(self.parked.is_some())
     }
 
     /// Whether the front of `waiting` may become `next`.
@@ -311,6 +318,9 @@ pub(crate) struct Queue {
     /// Per ordering key: what is out, what goes next, what waits
     /// ([`KeyState`]). A key with nothing in any state has no entry.
     keys: crate::FastMap<Bytes, KeyState>,
+    /// Per connection, the keys whose next message is parked for it, in
+    /// the order they were parked.
+    parked: crate::FastMap<u64, VecDeque<Bytes>>,
     /// Messages whose record could not be read: kept (counted in the
     /// depth, saved in snapshots as ready, holding their key) but not
     /// tried again until the next start, so they neither stall the pump
@@ -333,7 +343,7 @@ impl Queue {
             + self.deferred.len()
             + self.in_flight.len()
             + self.unreadable.len()
-            + self.keys.values().map(|k| k.waiting.len()).sum::<usize>()
+            + self.keys.values().map(KeyState::held).sum::<usize>()
     }
 
     /// Payload bytes waiting: what [`Queue::depth`] counts, in bytes.
@@ -461,6 +471,50 @@ impl Queue {
             .map(|k| k.conn)
     }
 
+    /// The ready entry at `index` is keyed, and the connection holding its
+    /// key has no room: it leaves `ready` until that connection has room
+    /// ([`Queue::unpark`]), so the pump does not look at it again and
+    /// again meanwhile.
+    pub fn park(&mut self, index: usize, conn: u64) {
+        let Some(entry) = self.ready.remove(index) else {
+            return;
+        };
+        let Some(key) = entry.key().cloned() else {
+            self.ready.push_front(entry);
+            return;
+        };
+        let state = self.keys.entry(key.clone()).or_default();
+        state.parked = Some(entry);
+        self.parked.entry(conn).or_default().push_back(key);
+    }
+
+    /// `conn` has room for `room` more: that many of the keys parked for
+    /// it put their next message back at the front of `ready`.
+    pub fn unpark(&mut self, conn: u64, room: usize) {
+        let Some(keys) = self.parked.get_mut(&conn) else {
+            return;
+        };
+        let mut back = 0;
+        while back < room {
+            let Some(key) = keys.pop_front() else { break };
+            let Some(state) = self.keys.get_mut(&key) else {
+                continue;
+            };
+            if let Some(entry) = state.parked.take() {
+                self.ready.push_front(entry);
+                back += 1;
+            }
+        }
+        if keys.is_empty() {
+            self.parked.remove(&conn);
+        }
+    }
+
+    /// Connections with keys parked for them.
+    pub fn parked_for(&self) -> Vec<u64> {
+        self.parked.keys().copied().collect()
+    }
+
     /// Whether `delivery` (in flight) has later deliveries of its key out
     /// on the same connection.
     pub fn has_followers(&self, delivery: DeliveryId) -> bool {
@@ -543,7 +597,10 @@ impl Queue {
                 taken.push(flight);
             }
         }
-        if let Some(next) = next {
+        let parked = state.parked.take();
+        if let Some(entry) = parked {
+            back.push_back(entry);
+        } else if let Some(next) = next {
             let in_ready = self.ready.iter().position(|e| e.seq == next);
             let entry = if let Some(index) = in_ready {
                 self.ready.remove(index)
@@ -639,11 +696,12 @@ impl Queue {
             )
             .chain(self.in_flight.values().map(|f| (f.entry.clone(), 1, None)))
             .chain(self.unreadable.iter().map(|e| (e.clone(), 1, None)))
-            .chain(
-                self.keys
-                    .values()
-                    .flat_map(|k| k.waiting.iter().map(|e| (e.clone(), 1, None))),
-            )
+            .chain(self.keys.values().flat_map(|k| {
+                k.parked
+                    .iter()
+                    .chain(k.waiting.iter())
+                    .map(|e| (e.clone(), 1, None))
+            }))
     }
 
     /// Empties the queue (not its dead letters) and returns its entries as
@@ -655,6 +713,7 @@ impl Queue {
         self.in_flight.clear();
         self.deadlines.clear();
         self.keys.clear();
+        self.parked.clear();
         self.unreadable.clear();
         out
     }
@@ -673,8 +732,9 @@ impl Queue {
         seqs.extend(
             self.keys
                 .drain()
-                .flat_map(|(_, k)| k.waiting.into_iter().map(|e| e.seq)),
+                .flat_map(|(_, k)| k.parked.into_iter().chain(k.waiting).map(|e| e.seq)),
         );
+        self.parked.clear();
         seqs.extend(self.dead_letters.drain(..).map(|d| d.seq));
         self.deadlines.clear();
         self.bytes = 0;

@@ -3566,3 +3566,40 @@ fn an_instance_whose_check_is_critical_gets_no_new_work_until_it_recovers() {
     assert_eq!(d.len(), 1, "delivered once it passes again");
     assert_eq!(d[0].0, 2);
 }
+
+#[test]
+fn a_keyed_backlog_drains_through_two_pipelined_instances() {
+    let mut h = Harness::new();
+    h.connect(1, "web", 0);
+    h.subscribe(1, "ledger.entry");
+    h.broker.disconnect(1, h.now);
+    h.connect(9, "bank", 0);
+    let mut sent = 0u64;
+    for index in 0..10 {
+        for key in 0..1000 {
+            let mut m = event("ledger.entry", "x");
+            m.key = Some(Bytes::from(format!("{key}")));
+            m.payload = Bytes::from(format!("{index}"));
+            sent += 1;
+            h.send(9, sent, m);
+        }
+    }
+    h.actions();
+    for conn in [2, 3] {
+        h.broker.connect(conn, "web", &format!("web-{conn}"), 1024);
+        h.broker.set_pipelined_keys(conn, true);
+        h.subscribe(conn, "ledger.entry");
+    }
+    let mut acked = 0;
+    for _ in 0..100 {
+        let d = h.deliveries();
+        if d.is_empty() {
+            break;
+        }
+        for (conn, delivery, ..) in d {
+            h.broker.ack(conn, delivery, h.now);
+            acked += 1;
+        }
+    }
+    assert_eq!(acked, 10_000);
+}

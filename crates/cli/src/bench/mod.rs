@@ -372,6 +372,8 @@ enum Metric {
     DirectPublish,
     CommitToAcceptP50,
     CommitToAcceptP99,
+    SendToAcceptP50,
+    SendToAcceptP99,
 }
 
 impl Metric {
@@ -390,6 +392,8 @@ impl Metric {
             Metric::DirectPublish => "direct publish, SDK → broker",
             Metric::CommitToAcceptP50 => "commit → acceptance p50",
             Metric::CommitToAcceptP99 => "commit → acceptance p99",
+            Metric::SendToAcceptP50 => "direct send → acceptance p50",
+            Metric::SendToAcceptP99 => "direct send → acceptance p99",
         }
     }
 
@@ -401,7 +405,9 @@ impl Metric {
             | Metric::LatencyP99
             | Metric::LatencyP999
             | Metric::CommitToAcceptP50
-            | Metric::CommitToAcceptP99 => "µs",
+            | Metric::CommitToAcceptP99
+            | Metric::SendToAcceptP50
+            | Metric::SendToAcceptP99 => "µs",
             Metric::ReadyLine | Metric::FirstConnect => "ms",
             Metric::RssWithBacklog | Metric::RssAfterRestart => "MiB",
         }
@@ -559,6 +565,8 @@ const ROWS: [(Workload, Metric, Option<Target>); 31] = [
         Metric::CommitToAcceptP99,
         Target::at_most(OUTBOX_COMMIT_TO_ACCEPT_P99_MAX_US),
     ),
+    (Workload::Outbox, Metric::SendToAcceptP50, None),
+    (Workload::Outbox, Metric::SendToAcceptP99, None),
 ];
 
 /// The relay's goal, msg/s from PostgreSQL to the broker.
@@ -855,7 +863,7 @@ impl Plan {
                 CONNECT_POLL.as_millis()
             ),
             Job::Outbox => format!(
-                "the transactional outbox on PostgreSQL (a scratch database per run): one relay publishes a backlog of {} rows of {SMALL_BYTES} B (batches of 1,000 read, published pipelined, deleted in one statement), timed until the outbox is empty; beside it the same count and size published by the SDK straight to the broker (window {WINDOW}); then {} business transactions one at a time (Outbox::enqueue + commit) with the relay on LISTEN/NOTIFY, each timed from the commit's return until the relay has the broker's acceptance",
+                "the transactional outbox on PostgreSQL (a scratch database per run): one relay publishes a backlog of {} rows of {SMALL_BYTES} B (batches of 1,000 read, published pipelined, deleted in one statement), timed until the outbox is empty; beside it the same count and size published by the SDK straight to the broker (window {WINDOW}); then {} business transactions one at a time (Outbox::enqueue + commit) with the relay on LISTEN/NOTIFY, each timed from the commit's return until the relay has the broker's acceptance, and after each one durable event sent by the SDK straight to the broker, timed from the send until its acceptance (the floor at the same moments: the broker's fsync)",
                 thousands(self.outbox_relay),
                 thousands(self.outbox_latency)
             ),

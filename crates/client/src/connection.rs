@@ -384,6 +384,8 @@ pub(crate) fn on_connected(inner: &Arc<Inner>, established: &mut Established) {
     let mut state = inner.lock();
     state.generation += 1;
     state.connected = true;
+    // The broker took back every delivery of the last connection.
+    state.key_lines.clear();
     if state.generation > 1 {
         state.emit(ConnectionEvent::Restored);
     }
@@ -663,7 +665,7 @@ async fn read_loop(
             loop {
                 match decode_frame_as(buf, INBOUND_FRAME_BYTES_MAX, version) {
                     Ok(Some(frame)) => {
-                        if let Some(end) = handle_frame(inner, generation, frame) {
+                        if let Some(end) = handle_frame(inner, generation, version, frame) {
                             return end;
                         }
                     }
@@ -681,7 +683,12 @@ async fn read_loop(
     }
 }
 
-fn handle_frame(inner: &Arc<Inner>, generation: u64, frame: Frame) -> Option<ReadEnd> {
+fn handle_frame(
+    inner: &Arc<Inner>,
+    generation: u64,
+    version: u16,
+    frame: Frame,
+) -> Option<ReadEnd> {
     match frame {
         Frame::SendResult(outcomes) => {
             let mut state = inner.lock();
@@ -740,11 +747,23 @@ fn handle_frame(inner: &Arc<Inner>, generation: u64, frame: Frame) -> Option<Rea
             // Deliveries in one frame mostly share a name: the last match is
             // reused without the lock and the pattern walk.
             let mut last: Option<(courier_proto::SharedStr, Handler)> = None;
+            // Version 4: a key's deliveries come pipelined (PROTOCOL §8.4).
+            let pipelined = version >= courier_proto::PIPELINED_KEYS_VERSION;
             for d in deliveries {
                 if d.message.kind == Kind::Reply {
                     route_reply(inner, generation, d.delivery, Arc::new(d.message));
                     continue;
                 }
+                let key_start = pipelined && d.attempt & courier_proto::ATTEMPT_KEY_START != 0;
+                let attempt = if pipelined {
+                    d.attempt & !courier_proto::ATTEMPT_KEY_START
+                } else {
+                    d.attempt
+                };
+                let key = match &d.message.key {
+                    Some(key) if pipelined && !d.message.transient => Some(key.clone()),
+                    _ => None,
+                };
                 let known = matches!(&last, Some((name, _)) if *name == d.message.name);
                 if !known {
                     let found = inner
@@ -765,6 +784,9 @@ fn handle_frame(inner: &Arc<Inner>, generation: u64, frame: Frame) -> Option<Rea
                                 &d.message,
                                 Some(inner.opts.nack_delay),
                             );
+                            if let Some(key) = &key {
+                                handler::key_refused(inner, generation, key, key_start);
+                            }
                             continue;
                         }
                     }
@@ -772,17 +794,18 @@ fn handle_frame(inner: &Arc<Inner>, generation: u64, frame: Frame) -> Option<Rea
                 let Some((_, handler)) = &last else {
                     continue;
                 };
-                handler::spawn(
-                    inner,
-                    handler,
-                    Incoming {
-                        client: client.clone(),
-                        generation,
-                        delivery: d.delivery,
-                        attempt: d.attempt,
-                        delivered: Delivered::new(d.message),
-                    },
-                );
+                let incoming = Incoming {
+                    client: client.clone(),
+                    generation,
+                    delivery: d.delivery,
+                    attempt,
+                    delivered: Delivered::new(d.message),
+                    ticket: None,
+                };
+                match key {
+                    Some(key) => handler::deliver_keyed(inner, handler, incoming, key, key_start),
+                    None => handler::spawn(inner, handler, incoming),
+                }
             }
         }
         Frame::Drained => {

@@ -401,6 +401,9 @@ pub(crate) struct State {
     /// Where [`ConnectionEvent`]s go; dropped when the driver stops, which
     /// ends every [`ConnectionEvents`].
     events: Option<broadcast::Sender<ConnectionEvent>>,
+    /// Ordering keys of this connection's deliveries while any is out
+    /// (protocol version 4 only): what hands them over one at a time.
+    key_lines: HashMap<bytes::Bytes, handler::KeyLine>,
 }
 
 impl State {
@@ -593,6 +596,7 @@ impl Client {
                 unheard_refusals: 0,
                 last_unheard_refusal: None,
                 events: Some(broadcast::channel(events::CONNECTION_EVENTS_MAX).0),
+                key_lines: HashMap::new(),
             }),
             service: first.service.clone(),
             opts,

@@ -679,7 +679,8 @@ impl Shared {
                 | Action::Drained { conn }
                 | Action::Pong { conn, .. }
                 | Action::StartTail { conn, .. }
-                | Action::TraceQuery { conn, .. } => *conn,
+                | Action::TraceQuery { conn, .. }
+                | Action::Close { conn, .. } => *conn,
             };
             if current.as_ref().is_none_or(|(c, _)| *c != conn) {
                 current = None;
@@ -722,6 +723,17 @@ impl Shared {
                     reason,
                 })),
                 Action::Drained { .. } => state.writer.push(&Frame::Drained),
+                Action::Close { code, reason, .. } => {
+                    // The core already let go of the connection; the
+                    // ERROR follows what was queued before it.
+                    warn!(conn, %reason, "closing the connection");
+                    let pushed = state.writer.push(&Frame::Error(ErrorFrame {
+                        code,
+                        message: reason,
+                    }));
+                    state.closing = true;
+                    pushed
+                }
                 Action::Pong { nonce, .. } => state.writer.push(&Frame::Pong(nonce)),
                 Action::StartTail {
                     conn,
@@ -1363,6 +1375,8 @@ async fn serve_stream<R, W>(
             identity.admin,
         ) {
             refused = Some(reason);
+        } else if version >= courier_proto::PIPELINED_KEYS_VERSION {
+            core.set_pipelined_keys(conn, true);
         }
     });
     if let Some(reason) = refused {

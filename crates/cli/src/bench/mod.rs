@@ -88,8 +88,8 @@ pub struct BenchArgs {
     /// (the settings then go to stderr).
     #[arg(long)]
     json: bool,
-    /// Run only these workloads, comma-separated: W5a, W5b, W6, W7a, W7b
-    /// (W5 and W7 name both halves), W-HTTP-a (request/reply through the
+    /// Run only these workloads, comma-separated: W5a, W5b, W6, W7a, W7b,
+    /// W8a, W8b (W5, W7 and W8 name both halves), W-HTTP-a (request/reply through the
     /// HTTP gateway beside the native protocol), or `outbox` (the
     /// transactional outbox's relay from PostgreSQL; not run unless named);
     /// or `registry` alone: a watch's latency, DNS queries a second, and
@@ -153,13 +153,16 @@ enum Workload {
     W6,
     W7a,
     W7b,
+    /// Ordered delivery: a keyed backlog, one key (W8a) or 1,000 (W8b).
+    W8a,
+    W8b,
     /// The transactional outbox (needs PostgreSQL; only with `--only`).
     Outbox,
 }
 
 impl Workload {
     /// Every workload; [`Workload::DEFAULT`] without `--only`.
-    const ALL: [Workload; 16] = [
+    const ALL: [Workload; 18] = [
         Workload::W1a,
         Workload::W1b,
         Workload::W2a,
@@ -175,12 +178,14 @@ impl Workload {
         Workload::W6,
         Workload::W7a,
         Workload::W7b,
+        Workload::W8a,
+        Workload::W8b,
         Workload::Outbox,
     ];
 
     /// What runs without `--only`: everything but the outbox, which needs
     /// a PostgreSQL.
-    const DEFAULT: [Workload; 15] = [
+    const DEFAULT: [Workload; 17] = [
         Workload::W1a,
         Workload::W1b,
         Workload::W2a,
@@ -196,6 +201,8 @@ impl Workload {
         Workload::W6,
         Workload::W7a,
         Workload::W7b,
+        Workload::W8a,
+        Workload::W8b,
     ];
 
     fn id(self) -> &'static str {
@@ -215,6 +222,8 @@ impl Workload {
             Workload::W6 => "W6",
             Workload::W7a => "W7a",
             Workload::W7b => "W7b",
+            Workload::W8a => "W8a",
+            Workload::W8b => "W8b",
             Workload::Outbox => "outbox",
         }
     }
@@ -236,6 +245,10 @@ impl Workload {
             Workload::W5bAlways => "JetStream file stream, async publish, sync_interval: always",
             Workload::W6 => "JetStream pull consumer, explicit ack",
             Workload::W7a | Workload::W7b => "JetStream file stream, same data, default fsync",
+            Workload::W8a => "JetStream pull consumer, max_ack_pending 1, 2 pullers",
+            Workload::W8b => {
+                "JetStream, subject partitioned into 16, one pull consumer each with max_ack_pending 1"
+            }
             Workload::Outbox => "none (Courier's outbox only)",
         }
     }
@@ -255,6 +268,8 @@ impl Workload {
             Workload::W5b | Workload::W5bAlways => Job::PublishPipelined,
             Workload::W6 => Job::Consume,
             Workload::W7a | Workload::W7b => Job::Restart,
+            Workload::W8a => Job::Ordered(Keys::One),
+            Workload::W8b => Job::Ordered(Keys::Thousand),
             Workload::Outbox => Job::Outbox,
         }
     }
@@ -322,10 +337,13 @@ fn parse_only(text: &str) -> Result<Only, String> {
             "w7a" => &[W7a],
             "w7b" => &[W7b],
             "w7" => &[W7a, W7b],
+            "w8" => &[W8a, W8b],
+            "w8a" => &[W8a],
+            "w8b" => &[W8b],
             "outbox" => &[Outbox],
             _ => {
                 return Err(format!(
-                    "unknown workload {part:?}; choose from W1a, W1b, W2a, W2b, W3a, W3b, W4a, W4b, W5a, W5b, W6, W7a, W7b (W1 … W7 name all their parts), W-HTTP-a or outbox, comma-separated, or registry alone"
+                    "unknown workload {part:?}; choose from W1a, W1b, W2a, W2b, W3a, W3b, W4a, W4b, W5a, W5b, W6, W7a, W7b, W8a, W8b (W1 … W8 name all their parts), W-HTTP-a or outbox, comma-separated, or registry alone"
                 ))
             }
         };
@@ -491,7 +509,7 @@ const MIB_PER_150_MB: f64 = 150_000_000.0 / (1024.0 * 1024.0);
 
 /// Every row the table can have, in the order it is printed, with the
 /// target for it.
-const ROWS: [(Workload, Metric, Option<Target>); 31] = [
+const ROWS: [(Workload, Metric, Option<Target>); 33] = [
     (Workload::W1a, Metric::Throughput, Target::ratio(1.2)),
     (Workload::W1b, Metric::Throughput, Target::ratio(1.0)),
     (Workload::W2a, Metric::Throughput, Target::ratio(1.2)),
@@ -513,6 +531,8 @@ const ROWS: [(Workload, Metric, Option<Target>); 31] = [
     (Workload::W5b, Metric::Throughput, Target::ratio(1.5)),
     (Workload::W5bAlways, Metric::Throughput, Target::ratio(20.0)),
     (Workload::W6, Metric::Throughput, Target::ratio(1.5)),
+    (Workload::W8a, Metric::Throughput, Target::ratio(20.0)),
+    (Workload::W8b, Metric::Throughput, Target::ratio(3.0)),
     (Workload::W7a, Metric::ReadyLine, Target::at_most(1000.0)),
     (Workload::W7a, Metric::FirstConnect, Target::at_most(1000.0)),
     (
@@ -642,7 +662,25 @@ enum Job {
     PublishPipelined,
     Consume,
     Restart,
+    /// W8: a keyed backlog consumed in order by 2 instances.
+    Ordered(Keys),
     Outbox,
+}
+
+/// How many ordering keys W8's events spread over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Keys {
+    One,
+    Thousand,
+}
+
+impl Keys {
+    fn count(self) -> u64 {
+        match self {
+            Keys::One => 1,
+            Keys::Thousand => 1_000,
+        }
+    }
 }
 
 impl Job {
@@ -696,6 +734,8 @@ impl Job {
             Job::PublishPipelined => "W5b",
             Job::Consume => "W6",
             Job::Restart => "W7",
+            Job::Ordered(Keys::One) => "W8a",
+            Job::Ordered(Keys::Thousand) => "W8b",
             Job::Outbox => "outbox",
         }
     }
@@ -717,6 +757,8 @@ struct Plan {
     w5b_warmup: u64,
     w6: u64,
     w7: u64,
+    /// W8a and W8b.
+    w8: u64,
     gateway: gateway::GatewayPlan,
     /// Rows in the outbox when the relay starts.
     outbox_relay: u64,
@@ -745,6 +787,7 @@ impl Plan {
             w5b_warmup: n(10_000),
             w6: n(200_000),
             w7: n(1_000_000),
+            w8: n(200_000),
             gateway: gateway::GatewayPlan {
                 concurrent: n(40_000),
                 sequential: n(5_000),
@@ -806,6 +849,12 @@ impl Plan {
             Job::Consume => format!(
                 "a backlog of {} × {SMALL_BYTES} B durable events waiting for an offline consumer, then consumed with explicit acks (at most {MAX_IN_FLIGHT} unacknowledged), timed from subscribing until all are acked and the acks applied",
                 thousands(self.w6)
+            ),
+            Job::Ordered(keys) => format!(
+                "a backlog of {} × {SMALL_BYTES} B durable events with {} ordering key{} waiting for an offline service, then consumed in order by 2 instances with explicit acks (Courier: pipelined keys, max_in_flight {MAX_IN_FLIGHT} each; NATS: max_ack_pending 1 per consumer), each instance checking that every key's messages come in order; timed from subscribing until all are acked",
+                thousands(self.w8),
+                thousands(keys.count()),
+                if keys.count() == 1 { "" } else { "s" }
             ),
             Job::Restart => format!(
                 "a backlog of {} × {} durable events for an offline consumer (pipelined, window {WINDOW}); VmRSS; kill -9; restart on the same data: spawn to ready line, and to the first connection that sees the whole backlog (polled every {} ms); VmRSS",
@@ -1339,6 +1388,7 @@ async fn run_job(
             Job::PublishOneByOne => courier_w5a(exe, plan).await,
             Job::PublishPipelined => courier_w5b(exe, plan).await,
             Job::Consume => courier_w6(exe, plan).await,
+            Job::Ordered(keys) => courier_w8(exe, plan, keys).await,
             Job::Restart => courier_w7(exe, plan).await,
             Job::Outbox => outbox::courier_outbox(exe, plan).await,
         },
@@ -1752,6 +1802,10 @@ mod tests {
             Ok(Only::Workloads(vec![W1a, W1b, W4b], false))
         );
         assert_eq!(parse_only("W7b,"), Ok(Only::Workloads(vec![W7b], false)));
+        assert_eq!(
+            parse_only("w8,W6"),
+            Ok(Only::Workloads(vec![W6, W8a, W8b], false))
+        );
         assert_eq!(parse_only("W-HTTP-a"), Ok(Only::Workloads(vec![], true)));
         assert_eq!(
             parse_only("w4a,w-http-a"),
@@ -1805,7 +1859,7 @@ mod tests {
         );
         assert_eq!(a.timeout, Duration::from_secs(90));
         assert!(args(&["--runs", "0"]).is_err());
-        assert!(args(&["--only", "W8"]).is_err());
+        assert!(args(&["--only", "W10"]).is_err());
     }
 
     #[test]
@@ -1975,7 +2029,9 @@ mod tests {
                 Job::PublishOneByOne,
                 Job::PublishPipelined,
                 Job::Consume,
-                Job::Restart
+                Job::Restart,
+                Job::Ordered(Keys::One),
+                Job::Ordered(Keys::Thousand)
             ]
         );
         for job in Job::for_selection(&Workload::ALL) {

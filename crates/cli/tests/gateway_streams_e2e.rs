@@ -1066,6 +1066,19 @@ fn a_command_delivered_over_sse_is_answered_through_the_gateway() {
     let unnamed = reply(&http, &delivery, &[], "{}");
     assert_eq!(unnamed.status, 400, "{}", unnamed.body);
     assert!(unnamed.body.contains("Courier-Outcome"), "{}", unnamed.body);
+    // Nacked, it comes again, answered by its new delivery id only.
+    let nacked = post(&http, &format!("/v1/nacks/{delivery}"), &[], "");
+    assert_eq!(nacked.status, 204, "{}", nacked.body);
+    let again = stream.delivery();
+    assert_eq!(again.data["attempt"], 2);
+    let stale = reply(
+        &http,
+        &delivery,
+        &[("Courier-Outcome", "todo.created")],
+        "{}",
+    );
+    assert_eq!(stale.status, 404, "{}", stale.body);
+    let delivery = again.id.expect("a delivery id");
     let replied = reply(
         &http,
         &delivery,

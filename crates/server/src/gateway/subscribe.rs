@@ -149,6 +149,11 @@ impl Subscriptions {
             Settlement::Nack(delay) => entry.incoming.nack(delay),
         };
         drop(unsettled);
+        if let Settlement::Nack(_) = settlement {
+            // Given back: it is answered when it comes again, by its new
+            // delivery id.
+            lock(&self.answerable).remove(delivery);
+        }
         settled.map_err(|_| Unsettleable::Unknown)
     }
 

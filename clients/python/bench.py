@@ -16,12 +16,17 @@ Workloads, one after another:
 
 The broker is started with ``$COURIER_BIN`` or ``--courier`` (default: the
 release build, else the debug build, under the repository's target dir).
+
+``--json`` prints one JSON object a line per workload instead (``client``,
+``workload``: publish_quiet, publish_durable or consume_durable, ``count``,
+``seconds``, ``cpu_seconds``): what ``courier bench --only clients`` reads.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import resource
 import shutil
@@ -134,7 +139,15 @@ async def main() -> None:
     parser.add_argument("--payload", type=int, default=100, help="payload bytes per message")
     parser.add_argument("--window", type=int, default=10_000, help="durable sends awaiting acceptance at once")
     parser.add_argument("--max-in-flight", type=int, default=4096, help="deliveries the consumer takes at once")
+    parser.add_argument("--json", action="store_true", help="one JSON object a line per workload")
     args = parser.parse_args()
+
+    def say(workload: str, label: str, seconds: float, cpu: float, extra: str = "") -> None:
+        if args.json:
+            record = {"client": "python", "workload": workload, "count": args.count, "seconds": seconds, "cpu_seconds": cpu}
+            print(json.dumps(record), flush=True)
+        else:
+            print(f"{label:<24} {rate(args.count, seconds, cpu)}{extra}")
 
     proc = None
     data_dir = None
@@ -143,25 +156,30 @@ async def main() -> None:
         courier = find_courier(args.courier)
         data_dir = tempfile.mkdtemp(prefix="courier-pybench-")
         proc, url = start_broker(courier, data_dir)
-        print(f"broker: {courier} serve (durable store in {data_dir}, fsync always)")
+        if not args.json:
+            print(f"broker: {courier} serve (durable store in {data_dir}, fsync always)")
     payload = b"x" * args.payload
     try:
         # The consumer's service subscribes first, so durable events queue for it.
         async with connect(url, "bench-sink") as sink:
             await sink.on("bench.durable", lambda msg: None)
         async with connect(url, "bench-pub") as pub:
-            print(f"python {sys.version.split()[0]}, {args.count:,} messages of {args.payload} bytes, one process")
+            if not args.json:
+                print(f"python {sys.version.split()[0]}, {args.count:,} messages of {args.payload} bytes, one process")
             cpu = cpu_seconds()
             quiet = await publish_quiet(pub, args.count, payload)
-            print(f"publish quiet/transient  {rate(args.count, quiet, cpu_seconds() - cpu)}")
+            say("publish_quiet", "publish quiet/transient", quiet, cpu_seconds() - cpu)
             cpu = cpu_seconds()
             durable = await publish_durable(pub, args.count, payload, args.window)
-            print(f"publish durable          {rate(args.count, durable, cpu_seconds() - cpu)}  window {args.window:,}")
+            say("publish_durable", "publish durable", durable, cpu_seconds() - cpu, f"  window {args.window:,}")
         cpu = cpu_seconds()
         consumed = await consume(url, args.count, args.max_in_flight)
-        print(
-            f"consume durable (acked)  {rate(args.count, consumed, cpu_seconds() - cpu)}"
-            f"  max_in_flight {args.max_in_flight:,}"
+        say(
+            "consume_durable",
+            "consume durable (acked)",
+            consumed,
+            cpu_seconds() - cpu,
+            f"  max_in_flight {args.max_in_flight:,}",
         )
     finally:
         if proc is not None:

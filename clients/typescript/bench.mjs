@@ -6,6 +6,12 @@
 //   npm run build && node bench.mjs                 # starts its own broker
 //   node bench.mjs --url 127.0.0.1:7700             # against a running one
 //   node bench.mjs --count 50000 --payload 1024
+//   node bench.mjs --url 127.0.0.1:7700 --json     # for `courier bench --only clients`
+//
+// --json runs the three workloads the Rust and Python clients run too
+// (publish_quiet, publish_durable to a subscribed service,
+// consume_durable) and prints one JSON object a line per workload:
+// client, workload, count, seconds, cpu_seconds.
 //
 // The broker it starts is $COURIER_BIN, else the release build, else the
 // debug build (much slower: the numbers then measure the debug broker).
@@ -28,6 +34,7 @@ const { values: args } = parseArgs({
     payload: { type: "string", default: "100" },
     window: { type: "string", default: "10000" },
     fsync: { type: "string", default: "always" },
+    json: { type: "boolean", default: false },
   },
 });
 const COUNT = Number(args.count);
@@ -99,9 +106,27 @@ async function startBroker() {
 const payload = Buffer.alloc(PAYLOAD_BYTES, 0x61);
 const results = [];
 
+/** The workloads --json names, by their human label's start. */
+const JSON_NAMES = [
+  ["publish transient quiet", "publish_quiet"],
+  ["publish durable (window", "publish_durable"],
+  ["consume durable backlog", "consume_durable"],
+];
+let cpuAtStart = process.cpuUsage();
+
 function report(workload, count, ms) {
   const rate = Math.round((count / ms) * 1000);
   results.push({ workload, count, ms: Math.round(ms), rate });
+  const cpu = process.cpuUsage(cpuAtStart);
+  cpuAtStart = process.cpuUsage();
+  if (args.json) {
+    const named = JSON_NAMES.find(([label]) => workload.startsWith(label) && !workload.includes("no subscriber"));
+    if (named) {
+      const cpuSeconds = (cpu.user + cpu.system) / 1e6;
+      console.log(JSON.stringify({ client: "typescript", workload: named[1], count, seconds: ms / 1000, cpu_seconds: cpuSeconds }));
+    }
+    return;
+  }
   console.log(`${workload.padEnd(44)} ${String(count).padStart(8)} msgs ${(ms / 1000).toFixed(2).padStart(7)} s ${rate.toLocaleString("en-US").padStart(10)} msg/s`);
 }
 
@@ -112,6 +137,7 @@ async function connect(url, service, options = {}) {
 /** Transient, quiet: no answer per message; one flush confirms them all. */
 async function publishQuiet(url) {
   const client = await connect(url, "bench-quiet");
+  cpuAtStart = process.cpuUsage();
   const started = performance.now();
   for (let i = 0; i < COUNT; i++) {
     await client.publish("bench.quiet", payload, { transient: true, quiet: true });
@@ -125,6 +151,7 @@ async function publishQuiet(url) {
 /** Durable, pipelined: up to WINDOW acceptances outstanding. */
 async function publishDurable(url, name, service) {
   const client = await connect(url, service);
+  cpuAtStart = process.cpuUsage();
   const started = performance.now();
   let window = [];
   for (let i = 0; i < COUNT; i++) {
@@ -152,6 +179,7 @@ async function consumeBacklog(url) {
   let done;
   const all = new Promise((r) => (done = r));
   const consumer = await connect(url, "bench-sink", { maxInFlight: 4096 });
+  cpuAtStart = process.cpuUsage();
   const started = performance.now();
   await consumer.on("bench.backlog", () => {
     if (++received === COUNT) done();
@@ -194,15 +222,21 @@ async function requestRoundTrips(url) {
 
 const broker = args.url ? null : await startBroker();
 const url = args.url ?? broker.addr;
-console.log(
-  `node ${process.version}, ${COUNT} messages of ${PAYLOAD_BYTES} bytes, broker ${args.url ? url : `${broker.bin} (--fsync ${args.fsync})`}`,
-);
+if (!args.json) {
+  console.log(
+    `node ${process.version}, ${COUNT} messages of ${PAYLOAD_BYTES} bytes, broker ${args.url ? url : `${broker.bin} (--fsync ${args.fsync})`}`,
+  );
+}
 try {
   await publishQuiet(url);
-  report(`publish durable (window ${WINDOW}, no subscriber)`, COUNT, await publishDurable(url, "bench.durable", "bench-durable"));
+  if (!args.json) {
+    report(`publish durable (window ${WINDOW}, no subscriber)`, COUNT, await publishDurable(url, "bench.durable", "bench-durable"));
+  }
   await consumeBacklog(url);
-  await pubSubLive(url);
-  await requestRoundTrips(url);
+  if (!args.json) {
+    await pubSubLive(url);
+    await requestRoundTrips(url);
+  }
 } finally {
   broker?.stop();
 }

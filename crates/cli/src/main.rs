@@ -149,6 +149,11 @@ struct ServeArgs {
     /// Keep payloads in traces (at most 16 KiB of each).
     #[arg(long)]
     trace_payloads: bool,
+    /// The key each service's webhook secret derives from (made on first
+    /// start). Default: webhook.key in --data-dir; with --in-memory, a key
+    /// for this process only.
+    #[arg(long, value_name = "FILE")]
+    webhook_key: Option<PathBuf>,
     #[command(flatten)]
     limits: serve_limits::ServeLimits,
 }
@@ -345,14 +350,20 @@ enum Command {
 enum TokenCommand {
     /// Prints a fresh token (first line) and the `sha256:…` line for courier.toml (second).
     New,
-    /// Prints the secret the HTTP gateway signs webhooks with for requests
-    /// sent with this token (`Courier-Signature`, see the README). Without
-    /// a token: the secret of requests to a broker without a manifest.
+    /// Prints the secret the HTTP gateway signs a service's webhooks with
+    /// (`Courier-Signature`, see the README), from the broker's webhook key.
     #[command(name = "webhook-secret")]
     WebhookSecret {
-        /// The service token the requests carry.
-        #[arg(long, env = "COURIER_TOKEN", hide_env_values = true)]
-        token: Option<String>,
+        /// The service whose requests name the webhooks (without a
+        /// manifest: http).
+        #[arg(long)]
+        service: String,
+        /// The broker's --data-dir, which holds its webhook.key.
+        #[arg(long, default_value = "./courier-data")]
+        data_dir: PathBuf,
+        /// The broker's --webhook-key, if it was given one.
+        #[arg(long, value_name = "FILE")]
+        webhook_key: Option<PathBuf>,
     },
 }
 
@@ -532,11 +543,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", courier_manifest::hash_token(&token));
             Ok(())
         }
-        Command::Token(TokenCommand::WebhookSecret { token }) => {
-            println!(
-                "{}",
-                courier_server::webhook_secret(token.as_deref().unwrap_or_default())
-            );
+        Command::Token(TokenCommand::WebhookSecret {
+            service,
+            data_dir,
+            webhook_key,
+        }) => {
+            let path = webhook_key.unwrap_or_else(|| data_dir.join("webhook.key"));
+            let key = courier_server::WebhookKey::load(&path)?;
+            println!("{}", key.secret(&service));
             Ok(())
         }
         Command::Check { manifest } => check(&manifest),
@@ -671,6 +685,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
         http: args.http.0,
         dns: args.dns,
+        webhook_key: args
+            .webhook_key
+            .clone()
+            .or_else(|| (!args.in_memory).then(|| args.data_dir.join("webhook.key"))),
         trace: (args.trace == "on").then(|| courier_server::TraceSettings {
             retention_ms: args.trace_retention.as_millis().min(u128::from(u64::MAX)) as u64,
             bytes_max: args.trace_bytes_max,

@@ -587,3 +587,88 @@ fn the_outbox_workload_without_postgresql_says_how_to_get_one() {
     assert_eq!(leftover_dirs(pid), Vec::<String>::new());
     assert_eq!(leftover_brokers(pid), Vec::<String>::new());
 }
+
+/// The table row of `workload` in `--only clients`' output.
+fn clients_row<'a>(stdout: &'a str, workload: &str) -> &'a str {
+    stdout
+        .lines()
+        .find(|l| l.starts_with(workload))
+        .unwrap_or_else(|| panic!("no row {workload:?}: {stdout}"))
+}
+
+#[test]
+fn only_clients_puts_the_python_and_typescript_clients_beside_the_rust_sdk() {
+    // scripts/test.sh builds both clients and names its Python in
+    // COURIER_PYTHON first; without them, the bench must say what to
+    // install, and still measure the rest.
+    let (pid, out) = run_bench(&[
+        "bench", "--only", "clients", "--quick", "--runs", "1", "--scale", "0.05",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stdout.contains("Rust SDK") && stdout.contains("Python") && stdout.contains("TypeScript"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("load average:"), "{stdout}");
+    for workload in [
+        "publish, transient quiet",
+        "publish, durable",
+        "consume that backlog",
+    ] {
+        let row = clients_row(&stdout, workload);
+        let rust = row.split(" | ").nth(1).unwrap_or("");
+        assert!(
+            rust.contains(" k") || rust.trim().starts_with(char::is_numeric),
+            "{row}"
+        );
+        if out.status.success() {
+            assert!(!row.contains("not run"), "{row}");
+        }
+    }
+    if out.status.success() {
+        assert!(stdout.contains("goal: ≥ 100000 msg/s publish (quiet) from one Python process: not judged (--quick)"), "{stdout}");
+    } else {
+        assert!(
+            stderr.contains("not measured") && stderr.contains("install"),
+            "{stderr}"
+        );
+    }
+    assert_eq!(leftover_brokers(pid), Vec::<String>::new());
+    assert_eq!(leftover_dirs(pid), Vec::<String>::new());
+}
+
+#[test]
+fn only_clients_names_what_to_install_when_a_client_cannot_run() {
+    let out = courier()
+        .args([
+            "bench", "--only", "clients", "--quick", "--runs", "1", "--scale", "0.02",
+        ])
+        .env("COURIER_PYTHON", "/nonexistent/python3")
+        // No node on this PATH.
+        .env("PATH", "/nonexistent")
+        .output()
+        .expect("run courier bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(
+        stderr.contains("Python: no `/nonexistent/python3` to run; install Python 3.10 or newer"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("pip install -e clients/python"), "{stderr}");
+    assert!(
+        stderr.contains("TypeScript: no `node` to run; install Node.js 20 or newer"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("npm ci && npm run build"), "{stderr}");
+    // The Rust SDK was measured all the same; the others say not run.
+    let row = clients_row(&stdout, "publish, durable");
+    let cells: Vec<&str> = row.split(" | ").collect();
+    assert_eq!(cells.len(), 4, "{row}");
+    assert!(!cells[1].contains("not run"), "{row}");
+    assert!(
+        cells[2].contains("not run") && cells[3].contains("not run"),
+        "{row}"
+    );
+}

@@ -716,14 +716,19 @@ mod webhooks {
         (url, rx)
     }
 
-    fn secret_for(token: Option<&str>) -> String {
-        let mut cli = std::process::Command::new(common::courier_bin());
-        cli.args(["token", "webhook-secret"])
-            .env_remove("COURIER_TOKEN");
-        if let Some(token) = token {
-            cli.args(["--token", token]);
-        }
-        let out = cli.output().expect("run");
+    /// What `courier token webhook-secret` prints for `service` of `broker`.
+    fn secret_for(broker: &Broker, service: &str) -> String {
+        let out = std::process::Command::new(common::courier_bin())
+            .args([
+                "token",
+                "webhook-secret",
+                "--service",
+                service,
+                "--data-dir",
+            ])
+            .arg(broker.data_dir.path())
+            .output()
+            .expect("run");
         assert!(out.status.success(), "{}", common::stderr(&out));
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
@@ -804,8 +809,8 @@ tokens = ["{todo_hash}"]
         assert_eq!(accepted.status, 202, "{}", accepted.body);
         let request = accepted.json()["id"].as_str().expect("an id").to_string();
 
-        let secret = secret_for(Some(&web));
-        assert_ne!(secret, secret_for(Some(&todo_token)));
+        let secret = secret_for(&broker, "web");
+        assert_ne!(secret, secret_for(&broker, "todo"));
         let (first, last) = tokio::task::spawn_blocking(move || {
             (
                 posts.recv_timeout(T).expect("the first reply"),
@@ -832,8 +837,12 @@ tokens = ["{todo_hash}"]
         }
         assert_eq!(last.body, br#"{"id":7}"#);
         // Signed with another service's secret, it would not verify.
-        let forged = std::panic::catch_unwind(|| last.verify(&secret_for(Some(&todo_token))));
+        let forged = std::panic::catch_unwind(|| last.verify(&secret_for(&broker, "todo")));
         assert!(forged.is_err());
+        // Nor with the same service's secret under another broker's key.
+        let other = Broker::start();
+        let foreign = std::panic::catch_unwind(|| last.verify(&secret_for(&other, "web")));
+        assert!(foreign.is_err());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -864,7 +873,7 @@ tokens = ["{todo_hash}"]
         })
         .await
         .expect("join");
-        let secret = secret_for(None);
+        let secret = secret_for(&broker, "http");
         let attempts: Vec<(String, String)> = got
             .iter()
             .map(|p| {
@@ -933,6 +942,27 @@ tokens = ["{todo_hash}"]
     }
 
     #[test]
+    fn the_webhook_key_outlives_a_restart_and_a_missing_one_is_named() {
+        let broker = Broker::start();
+        let before = secret_for(&broker, "web");
+        assert_eq!(before.len(), 64, "{before}");
+        let broker = broker.crash_and_restart();
+        assert_eq!(secret_for(&broker, "web"), before);
+        let empty = common::tempdir::Dir::new("no-webhook-key");
+        let out = std::process::Command::new(common::courier_bin())
+            .args(["token", "webhook-secret", "--service", "web", "--data-dir"])
+            .arg(empty.path())
+            .output()
+            .expect("run");
+        assert!(!out.status.success());
+        let said = common::stderr(&out);
+        assert!(
+            said.contains("webhook.key") && said.contains("--data-dir"),
+            "{said}"
+        );
+    }
+
+    #[test]
     fn a_webhook_must_be_https_or_loopback() {
         let broker = Broker::start();
         let http = broker.http.clone().expect("an HTTP port");
@@ -983,4 +1013,475 @@ fn transient_events_arrive_with_nothing_to_settle() {
     assert_eq!(got.data["payload"], "21.5");
     let settled = ack(&http, got.id.as_deref().expect("id"), &[]);
     assert_eq!(settled.status, 404, "{}", settled.body);
+}
+
+/// `POST /v1/requests/{name}` on a thread of its own (it waits for the
+/// reply), with the answer sent back when it comes.
+fn request_in_background(
+    http: &str,
+    name: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> std::sync::mpsc::Receiver<Answer> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (http, path, body) = (
+        http.to_string(),
+        format!("/v1/requests/{name}?timeout=15s"),
+        body.to_string(),
+    );
+    let headers: Vec<(String, String)> = headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    std::thread::spawn(move || {
+        let headers: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let _ = tx.send(post(&http, &path, &headers, &body));
+    });
+    rx
+}
+
+fn reply(http: &str, delivery: &str, headers: &[(&str, &str)], body: &str) -> Answer {
+    post(http, &format!("/v1/replies/{delivery}"), headers, body)
+}
+
+#[test]
+fn a_command_delivered_over_sse_is_answered_through_the_gateway() {
+    let broker = Broker::start();
+    let http = broker.http.clone().expect("an HTTP port");
+    let mut stream = Stream::subscribed(&http, "pattern=todo.create&service=todo", &[]);
+    let answer = request_in_background(
+        &http,
+        "todo.create",
+        &[("Content-Type", "application/json")],
+        r#"{"text":"milk"}"#,
+    );
+    let got = stream.delivery();
+    assert_eq!(got.data["kind"], "command");
+    assert_eq!(got.data["payload"], r#"{"text":"milk"}"#);
+    let delivery = got.id.expect("a delivery id");
+
+    let unnamed = reply(&http, &delivery, &[], "{}");
+    assert_eq!(unnamed.status, 400, "{}", unnamed.body);
+    assert!(unnamed.body.contains("Courier-Outcome"), "{}", unnamed.body);
+    // Nacked, it comes again, answered by its new delivery id only.
+    let nacked = post(&http, &format!("/v1/nacks/{delivery}"), &[], "");
+    assert_eq!(nacked.status, 204, "{}", nacked.body);
+    let again = stream.delivery();
+    assert_eq!(again.data["attempt"], 2);
+    let stale = reply(
+        &http,
+        &delivery,
+        &[("Courier-Outcome", "todo.created")],
+        "{}",
+    );
+    assert_eq!(stale.status, 404, "{}", stale.body);
+    let delivery = again.id.expect("a delivery id");
+    let replied = reply(
+        &http,
+        &delivery,
+        &[
+            ("Courier-Outcome", "todo.created"),
+            ("Content-Type", "application/json"),
+        ],
+        r#"{"id":7}"#,
+    );
+    assert_eq!(replied.status, 202, "{}", replied.body);
+    let reply_id = replied.json()["id"].as_str().expect("an id").to_string();
+
+    let answer = answer.recv_timeout(T).expect("the request's answer");
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(answer.body, r#"{"id":7}"#);
+    assert_eq!(
+        answer.header("courier-outcome").as_deref(),
+        Some("todo.created")
+    );
+    assert_eq!(answer.header("courier-sender").as_deref(), Some("todo"));
+    assert_eq!(
+        answer.header("courier-id").as_deref(),
+        Some(reply_id.as_str())
+    );
+    assert_eq!(
+        answer.header("content-type").as_deref(),
+        Some("application/json")
+    );
+    // The final reply acked the delivery, and ended what may be answered.
+    let acked = ack(&http, &delivery, &[]);
+    assert_eq!(acked.status, 404, "{}", acked.body);
+    let again = reply(
+        &http,
+        &delivery,
+        &[("Courier-Outcome", "todo.created")],
+        "{}",
+    );
+    assert_eq!(again.status, 404, "{}", again.body);
+    // An event is acked, never answered.
+    let mut events = Stream::subscribed(&http, "pattern=todo.created&service=audit", &[]);
+    publish(&http, "todo.created", "{}");
+    let got = events.delivery();
+    let not_a_command = reply(
+        &http,
+        got.id.as_deref().expect("id"),
+        &[("Courier-Outcome", "todo.seen")],
+        "{}",
+    );
+    assert_eq!(not_a_command.status, 404, "{}", not_a_command.body);
+}
+
+#[test]
+fn a_stream_of_replies_over_sse_reaches_the_requester_as_ndjson() {
+    let broker = Broker::start();
+    let http = broker.http.clone().expect("an HTTP port");
+    // With ?ack=auto the delivery is settled as it is sent, and still
+    // answerable while the stream lasts.
+    let mut stream =
+        Stream::subscribed(&http, "pattern=report.build&service=reports&ack=auto", &[]);
+    let answer = request_in_background(&http, "report.build", &[], "{}");
+    let delivery = stream.delivery().id.expect("a delivery id");
+    for (n, outcome, is_final) in [
+        (1, "report.progressed", "false"),
+        (2, "report.progressed", "false"),
+        (3, "report.built", "true"),
+    ] {
+        let replied = reply(
+            &http,
+            &delivery,
+            &[
+                ("Courier-Outcome", outcome),
+                ("Courier-Final", is_final),
+                ("Content-Type", "application/json"),
+            ],
+            &format!(r#"{{"n":{n}}}"#),
+        );
+        assert_eq!(replied.status, 202, "{}", replied.body);
+    }
+    let answer = answer.recv_timeout(T).expect("the request's answer");
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(
+        answer.header("content-type").as_deref(),
+        Some("application/x-ndjson")
+    );
+    let lines: Vec<serde_json::Value> = answer
+        .body
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    let seen: Vec<(String, bool, serde_json::Value)> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["name"].as_str().unwrap_or("").to_string(),
+                l["final"].as_bool().unwrap_or(true),
+                l["payload"]["n"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            ("report.progressed".into(), false, 1.into()),
+            ("report.progressed".into(), false, 2.into()),
+            ("report.built".into(), true, 3.into()),
+        ]
+    );
+    let bad = reply(
+        &http,
+        &delivery,
+        &[
+            ("Courier-Outcome", "report.built"),
+            ("Courier-Final", "maybe"),
+        ],
+        "",
+    );
+    assert_eq!(bad.status, 400, "{}", bad.body);
+}
+
+mod websocket_replies {
+    use super::*;
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message as Frame;
+
+    type Socket = tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >;
+
+    async fn next(socket: &mut Socket) -> serde_json::Value {
+        loop {
+            let frame = tokio::time::timeout(T, socket.next())
+                .await
+                .expect("a frame in time")
+                .expect("the socket open")
+                .expect("a good frame");
+            if let Frame::Text(text) = frame {
+                return serde_json::from_str(text.as_str()).expect("JSON");
+            }
+        }
+    }
+
+    async fn put(socket: &mut Socket, frame: serde_json::Value) {
+        socket
+            .send(Frame::Text(frame.to_string().into()))
+            .await
+            .expect("send a frame");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_command_delivered_over_websocket_is_answered_by_reply_frames() {
+        let broker = Broker::start();
+        let http = broker.http.clone().expect("an HTTP port");
+        let url = format!(
+            "ws://{}/v1/ws?pattern=todo.create&service=todo",
+            addr_of(&http)
+        );
+        let (mut socket, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("a WebSocket");
+        assert_eq!(next(&mut socket).await["type"], "subscribed");
+
+        // A single final reply.
+        let answer = request_in_background(&http, "todo.create", &[], r#"{"text":"milk"}"#);
+        let delivered = next(&mut socket).await;
+        assert_eq!(delivered["kind"], "command", "{delivered}");
+        let delivery = delivered["delivery"].as_str().expect("a delivery id");
+        put(
+            &mut socket,
+            serde_json::json!({"type": "reply", "delivery": delivery, "ref": 0}),
+        )
+        .await;
+        let unnamed = next(&mut socket).await;
+        assert_eq!(unnamed["type"], "error", "{unnamed}");
+        assert!(unnamed["detail"].as_str().unwrap_or("").contains("outcome"));
+        put(
+            &mut socket,
+            serde_json::json!({"type": "reply", "delivery": delivery, "outcome": "todo.created", "payload": {"id": 7}, "ref": 1}),
+        )
+        .await;
+        let replied = next(&mut socket).await;
+        assert_eq!(replied["type"], "replied", "{replied}");
+        assert_eq!(replied["ref"], 1);
+        assert_eq!(replied["final"], true);
+        let answer = tokio::task::spawn_blocking(move || answer.recv_timeout(T))
+            .await
+            .expect("join")
+            .expect("the request's answer");
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        assert_eq!(answer.body, r#"{"id":7}"#);
+        assert_eq!(
+            answer.header("courier-outcome").as_deref(),
+            Some("todo.created")
+        );
+        assert_eq!(
+            answer.header("courier-id").as_deref(),
+            replied["id"].as_str()
+        );
+        // The final reply acked it.
+        put(
+            &mut socket,
+            serde_json::json!({"type": "ack", "delivery": delivery, "ref": 2}),
+        )
+        .await;
+        let settled = next(&mut socket).await;
+        assert_eq!(settled["type"], "error", "{settled}");
+        assert_eq!(settled["ref"], 2);
+
+        // A stream of replies, read by the requester as ndjson.
+        let answer = request_in_background(&http, "todo.create", &[], "{}");
+        let delivered = next(&mut socket).await;
+        let delivery = delivered["delivery"].as_str().expect("a delivery id");
+        for (n, outcome, is_final) in [(1, "todo.validated", false), (2, "todo.created", true)] {
+            put(
+                &mut socket,
+                serde_json::json!({"type": "reply", "delivery": delivery, "outcome": outcome, "final": is_final, "payload": {"n": n}}),
+            )
+            .await;
+            let replied = next(&mut socket).await;
+            assert_eq!(replied["type"], "replied", "{replied}");
+            assert_eq!(replied["final"], is_final);
+        }
+        let answer = tokio::task::spawn_blocking(move || answer.recv_timeout(T))
+            .await
+            .expect("join")
+            .expect("the request's answer");
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        assert_eq!(
+            answer.header("content-type").as_deref(),
+            Some("application/x-ndjson")
+        );
+        let lines: Vec<serde_json::Value> = answer
+            .body
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .collect();
+        assert_eq!(lines.len(), 2, "{}", answer.body);
+        assert_eq!(lines[0]["name"], "todo.validated");
+        assert_eq!(lines[0]["final"], false);
+        assert_eq!(lines[0]["payload"], serde_json::json!({"n": 1}));
+        assert_eq!(lines[1]["name"], "todo.created");
+        assert_eq!(lines[1]["final"], true);
+        assert_eq!(lines[1]["sender"], "todo");
+    }
+}
+
+mod browser_credentials {
+    use super::*;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    /// Everything under `dir`, as bytes, with its path.
+    fn files_under(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+        let mut out = Vec::new();
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return out;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                out.extend(files_under(&path));
+            } else if let Ok(bytes) = std::fs::read(&path) {
+                out.push((path, bytes));
+            }
+        }
+        out
+    }
+
+    fn contains(haystack: &[u8], needle: &str) -> bool {
+        haystack
+            .windows(needle.len())
+            .any(|w| w == needle.as_bytes())
+    }
+
+    async fn websocket(
+        http: &str,
+        protocol: &str,
+    ) -> Result<
+        (
+            tokio_tungstenite::WebSocketStream<
+                tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+            >,
+            Option<String>,
+        ),
+        u16,
+    > {
+        let url = format!("ws://{}/v1/ws?pattern=todo.*", addr_of(http));
+        let mut request = url.into_client_request().expect("a request");
+        request.headers_mut().insert(
+            "sec-websocket-protocol",
+            protocol.parse().expect("a header value"),
+        );
+        match tokio_tungstenite::connect_async(request).await {
+            Ok((socket, response)) => Ok((
+                socket,
+                response
+                    .headers()
+                    .get("sec-websocket-protocol")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string),
+            )),
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                Err(response.status().as_u16())
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn browsers_send_the_token_as_a_query_or_a_subprotocol_and_it_is_never_logged() {
+        let dir = common::tempdir::Dir::new("gateway-browser-credentials");
+        let (web, web_hash) = token_pair();
+        let (notifier, notifier_hash) = token_pair();
+        let manifest = dir.path().join("courier.toml");
+        std::fs::write(
+            &manifest,
+            format!(
+                r#"[services.web]
+sends = ["todo.created@1"]
+tokens = ["{web_hash}"]
+
+[services.notifier]
+receives = ["todo.created@1"]
+tokens = ["{notifier_hash}"]
+"#
+            ),
+        )
+        .expect("write manifest");
+        let log = dir.path().join("broker.log");
+        let broker = Broker::start_logging_to(
+            &log,
+            &["--manifest", manifest.to_str().expect("utf-8 path")],
+        );
+        let http = broker.http.clone().expect("an HTTP port");
+
+        // Server-Sent Events: ?access_token=.
+        let sse = {
+            let (http, notifier, web) = (http.clone(), notifier.clone(), web.clone());
+            tokio::task::spawn_blocking(move || {
+                for (query, headers, status) in [
+                    ("pattern=todo.*&access_token=crr_nope", vec![], 401),
+                    (
+                        &*format!("pattern=todo.*&access_token={notifier}"),
+                        vec![("Authorization", format!("Bearer {notifier}"))],
+                        400,
+                    ),
+                ] {
+                    let headers: Vec<(&str, &str)> =
+                        headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                    match Stream::open(&http, query, &headers) {
+                        Ok(_) => panic!("{query} was taken"),
+                        Err(refused) => {
+                            assert_eq!(refused.status, status, "{query}: {}", refused.body)
+                        }
+                    }
+                }
+                let mut stream = Stream::subscribed(
+                    &http,
+                    &format!("pattern=todo.*&access_token={notifier}"),
+                    &[],
+                );
+                let sent = post(
+                    &http,
+                    "/v1/messages/todo.created",
+                    &[("Authorization", &format!("Bearer {web}"))],
+                    r#"{"text":"milk"}"#,
+                );
+                assert_eq!(sent.status, 202, "{}", sent.body);
+                let got = stream.delivery();
+                assert_eq!(got.data["sender"], "web");
+                let acked = ack(
+                    &http,
+                    got.id.as_deref().expect("id"),
+                    &[("Authorization", &format!("Bearer {notifier}"))],
+                );
+                assert_eq!(acked.status, 204, "{}", acked.body);
+            })
+        };
+        sse.await.expect("the SSE checks");
+
+        // WebSocket: the courier.bearer.<token> subprotocol, echoed.
+        assert_eq!(
+            websocket(&http, "courier.bearer.crr_nope").await.err(),
+            Some(401)
+        );
+        let offered = format!("courier.bearer.{notifier}");
+        let (_socket, chosen) = websocket(&http, &offered).await.expect("a WebSocket");
+        assert_eq!(chosen.as_deref(), Some(offered.as_str()));
+        let url = format!(
+            "ws://{}/v1/ws?pattern=todo.*&access_token={notifier}",
+            addr_of(&http)
+        );
+        tokio_tungstenite::connect_async(url)
+            .await
+            .expect("a WebSocket with ?access_token=");
+
+        // The token is nowhere in what the broker wrote: its log (at
+        // trace level), its message log, its traces.
+        let text = std::fs::read(&log).expect("the broker's log");
+        assert!(!text.is_empty(), "the broker logged nothing at trace level");
+        for token in [&notifier, &web] {
+            assert!(!contains(&text, token), "a token is in the broker's log");
+            for (path, bytes) in files_under(broker.data_dir.path()) {
+                assert!(!contains(&bytes, token), "a token is in {}", path.display());
+            }
+        }
+    }
 }

@@ -435,6 +435,17 @@ async fn every_documented_operation_answers_as_the_document_says() {
             404,
         );
 
+        // Replies to commands delivered on a stream (answered in
+        // gateway_streams_e2e): none is open here.
+        check(
+            "post",
+            "/v1/replies/0190e0a0.1",
+            &[("Courier-Outcome", "calc.added")],
+            "{}",
+            404,
+        );
+        check("post", "/v1/replies/0190e0a0.1", &json_post, "{}", 400);
+
         // The console.
         check("get", "/v1/services", &[], "", 200);
         check("get", "/v1/names", &[], "", 200);

@@ -22,7 +22,7 @@ mod tls;
 mod trace;
 
 pub use auth::{load_manifest, ADMIN_SERVICE};
-pub use gateway::webhook::{webhook_secret, webhook_signature};
+pub use gateway::webhook::{webhook_signature, WebhookKey, WebhookKeyError};
 pub use tls::{certificate_subject, TlsSettings, ALPN};
 pub use trace::TraceSettings;
 
@@ -101,6 +101,10 @@ pub struct ServerConfig {
     pub dns: Option<SocketAddr>,
     /// Activity traces; `None` keeps none.
     pub trace: Option<TraceSettings>,
+    /// The file of the key the HTTP gateway derives each service's webhook
+    /// secret from, made on first start; `None`: a key for this process
+    /// only (its secrets change with every start).
+    pub webhook_key: Option<std::path::PathBuf>,
     pub broker: BrokerConfig,
 }
 
@@ -125,6 +129,7 @@ impl Default for ServerConfig {
             http: None,
             dns: None,
             trace: Some(TraceSettings::default()),
+            webhook_key: None,
             broker: BrokerConfig::default(),
         }
     }
@@ -180,6 +185,8 @@ pub enum ServerError {
     Insecure(SocketAddr),
     #[error("TLS: {0}")]
     Tls(String),
+    #[error("{0}")]
+    WebhookKey(#[from] gateway::webhook::WebhookKeyError),
     #[error("cannot start the activity traces' thread: {0}")]
     Trace(std::io::Error),
     #[error("cannot recover the broker's state from its store: {0}")]
@@ -328,6 +335,8 @@ struct Shared {
     tracer: Option<trace::Tracer>,
     /// The HTTP gateway's webhook posts, for `/metrics`.
     webhooks: Arc<gateway::webhook::WebhookCounters>,
+    /// What the gateway's webhook secrets derive from.
+    webhook_key: gateway::webhook::WebhookKey,
 }
 
 /// What the broker wants the operator to hear: harm to durable data at
@@ -456,6 +465,10 @@ impl Server {
                 .and(config.trace.as_ref())
                 .map(|settings| settings.rate),
         );
+        let webhook_key = match &config.webhook_key {
+            Some(path) => gateway::webhook::WebhookKey::load_or_create(path),
+            None => gateway::webhook::WebhookKey::ephemeral(),
+        }?;
         Ok(Server {
             recovery,
             http,
@@ -484,6 +497,7 @@ impl Server {
                 tails: tail::Tails::new(),
                 tracer,
                 webhooks: Arc::default(),
+                webhook_key,
             }),
             listener,
         })

@@ -31,6 +31,7 @@ use utoipa::{Modify, OpenApi, ToSchema};
         crate::gateway::post_message,
         crate::gateway::post_request,
         crate::gateway::get_request,
+        crate::gateway::subscribe::post_reply,
         crate::registry::list_services,
         crate::registry::service_instances,
         crate::registry::register,

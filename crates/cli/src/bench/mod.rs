@@ -27,6 +27,7 @@ use courier_client::{Client, ClientOptions, PendingAck};
 use serde_json::{json, Map, Value};
 use tokio::sync::{oneshot, Notify};
 
+mod clients;
 mod courier;
 mod gateway;
 mod nats;
@@ -93,7 +94,9 @@ pub struct BenchArgs {
     /// HTTP gateway beside the native protocol), or `outbox` (the
     /// transactional outbox's relay from PostgreSQL; not run unless named);
     /// or `registry` alone: a watch's latency, DNS queries a second, and
-    /// the CPU of 10,000 checked instances, each with its goal.
+    /// the CPU of 10,000 checked instances, each with its goal; or
+    /// `clients` alone: the Python and TypeScript clients' publish and
+    /// consume rates beside the Rust SDK's.
     #[arg(long, value_parser = parse_only)]
     only: Option<Only>,
     /// The PostgreSQL `--only outbox` makes its scratch databases on: a
@@ -292,6 +295,7 @@ impl Workload {
 enum Only {
     Workloads(Vec<Workload>, bool),
     Registry,
+    Clients,
 }
 
 fn parse_only(text: &str) -> Result<Only, String> {
@@ -311,6 +315,15 @@ fn parse_only(text: &str) -> Result<Only, String> {
             );
         }
         return Ok(Only::Registry);
+    }
+    if parts.iter().any(|p| p.eq_ignore_ascii_case("clients")) {
+        if parts.len() > 1 {
+            return Err(
+                "clients runs on its own: write --only clients, and the workloads in another run"
+                    .to_string(),
+            );
+        }
+        return Ok(Only::Clients);
     }
     for part in parts {
         let named: &[Workload] = match part.to_ascii_lowercase().as_str() {
@@ -1492,6 +1505,17 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             )?;
             return registry::run(&exe, args.quick).await;
         }
+        Some(Only::Clients) => {
+            if args.against.is_some() {
+                bail!(
+                    "--only clients puts Courier's clients side by side; run it without --against"
+                );
+            }
+            let exe = std::env::current_exe().context(
+                "cannot find this program's own path, which the bench starts as the broker",
+            )?;
+            return clients::run(&exe, args.quick, args.scale, args.runs, args.timeout).await;
+        }
     };
     let mut plan = Plan::new(args.quick, args.scale).map_err(anyhow::Error::msg)?;
     plan.postgres_url = args.postgres_url.clone();
@@ -1815,6 +1839,9 @@ mod tests {
         assert!(unknown.contains("\"W9\"") && unknown.contains("W5a, W5b, W6, W7a, W7b"));
         assert!(parse_only(" , ").is_err());
         assert_eq!(parse_only("Registry"), Ok(Only::Registry));
+        assert_eq!(parse_only("clients"), Ok(Only::Clients));
+        let mixed = parse_only("clients,W5a").expect_err("clients runs alone");
+        assert!(mixed.contains("--only clients"), "{mixed}");
         let mixed = parse_only("registry,W1a").expect_err("registry runs alone");
         assert!(mixed.contains("--only registry"), "{mixed}");
     }
@@ -2077,7 +2104,7 @@ mod tests {
         assert_eq!(
             parse_only("W5a,outbox").map(|o| match o {
                 Only::Workloads(w, _) => w.len(),
-                Only::Registry => 0,
+                Only::Registry | Only::Clients => 0,
             }),
             Ok(3),
             "W5a, its -always twin, the outbox"

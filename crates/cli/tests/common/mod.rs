@@ -112,15 +112,38 @@ impl Broker {
         Broker::start_full(listen, data_dir, &[])
     }
 
+    /// Starts a broker with extra `serve` flags that logs everything, at
+    /// trace level, to `log`.
+    pub fn start_logging_to(log: &std::path::Path, extra: &[&str]) -> Broker {
+        let file = std::fs::File::create(log).expect("create the log file");
+        Broker::start_logging(
+            &format!("127.0.0.1:{}", free_port()),
+            tempdir::Dir::new("broker"),
+            extra,
+            "trace",
+            Stdio::from(file),
+        )
+    }
+
     fn start_full(listen: &str, data_dir: tempdir::Dir, extra: &[&str]) -> Broker {
+        Broker::start_logging(listen, data_dir, extra, "warn", Stdio::inherit())
+    }
+
+    fn start_logging(
+        listen: &str,
+        data_dir: tempdir::Dir,
+        extra: &[&str],
+        level: &str,
+        stderr: Stdio,
+    ) -> Broker {
         let mut child = Command::new(courier_bin())
             .args(["serve", "--listen", listen, "--data-dir"])
             .arg(data_dir.path())
             .args(http_flags(extra))
             .args(extra)
-            .env("COURIER_LOG", "warn")
+            .env("COURIER_LOG", level)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("spawn courier serve");
         let stdout = child.stdout.take().expect("stdout");

@@ -30,7 +30,7 @@ use uuid::Uuid;
 use crate::http::problem;
 use crate::Shared;
 
-mod subscribe;
+pub(crate) mod subscribe;
 pub(crate) mod webhook;
 mod ws;
 
@@ -463,7 +463,7 @@ pub(crate) async fn post_request(
     };
     if let Some(target) = reply_to {
         let id = stream.command_id();
-        let secret = webhook::webhook_secret(bearer(&headers).unwrap_or_default());
+        let secret = gateway.shared.webhook_key.secret(client.service());
         webhook::deliver(stream, target, secret, gateway.shared.webhooks.clone());
         return (
             StatusCode::ACCEPTED,
@@ -799,7 +799,9 @@ fn status_of(code: ErrorCode) -> StatusCode {
     match code {
         ErrorCode::Unauthorized => StatusCode::FORBIDDEN,
         ErrorCode::PayloadTooLarge | ErrorCode::FrameTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-        ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+        ErrorCode::RateLimited | ErrorCode::StreamFull => StatusCode::TOO_MANY_REQUESTS,
+        // A reply to a requester that no longer awaits replies.
+        ErrorCode::UnknownRequest => StatusCode::GONE,
         ErrorCode::NoReceiver => StatusCode::NOT_FOUND,
         ErrorCode::InvalidName
         | ErrorCode::InvalidMessage

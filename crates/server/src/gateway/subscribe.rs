@@ -1,7 +1,8 @@
 //! Durable subscriptions over HTTP: Server-Sent Events at
 //! `GET /v1/subscribe`, settled by `POST /v1/acks/{delivery}` and
-//! `POST /v1/nacks/{delivery}` (the WebSocket flavour, `ws.rs`, shares the
-//! sessions below).
+//! `POST /v1/nacks/{delivery}`, and commands answered by
+//! `POST /v1/replies/{delivery}` (the WebSocket flavour, `ws.rs`, shares
+//! the sessions below).
 //!
 //! Each stream is a session: a bus connection of its own, of the caller's
 //! service, subscribed to the pattern with the stream's `max_in_flight`.
@@ -15,8 +16,9 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use axum::body::Bytes;
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -24,12 +26,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use base64::Engine as _;
-use courier_client::{Client, ClientOptions, Incoming};
+use courier_client::proto::Kind;
+use courier_client::{Client, ClientOptions, Incoming, MessageBuilder};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::debug;
 use uuid::Uuid;
 
-use super::{bearer, lock, parse_duration, refusal, Gateway};
+use super::{bearer, envelope, json_answer, lock, parse_duration, refusal, Accepted, Gateway};
 use crate::http::problem;
 
 /// Deliveries a session holds unsettled unless `?max_in_flight=` says
@@ -42,11 +45,19 @@ const TRANSIENT_WAITING_MAX: usize = 1024;
 /// How often an idle stream sends a comment, so that proxies keep it
 /// open and a client gone away is noticed.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// How long a delivered command stays answerable without its final
+/// reply: the broker's reply route lasts as long (docs/PROTOCOL.md §8.1),
+/// so a later reply would be refused anyway.
+const ANSWERABLE_FOR: Duration = Duration::from_secs(600);
+/// Commands awaiting a reply held at once, across sessions; past it the
+/// expired go, and a command that finds no room is not answerable here.
+const ANSWERABLE_MAX: usize = 65_536;
 
 /// The sessions open and the deliveries they hold unsettled.
 pub(crate) struct Subscriptions {
     pub(super) gateway: Arc<Gateway>,
     unsettled: std::sync::Mutex<HashMap<String, Unsettled>>,
+    answerable: std::sync::Mutex<HashMap<String, Answerable>>,
     sessions: std::sync::Mutex<HashMap<Uuid, Open>>,
 }
 
@@ -59,9 +70,21 @@ struct Unsettled {
     /// The token of the session's caller: only it settles.
     owner: Option<String>,
     session: Uuid,
-    incoming: Incoming,
+    incoming: Arc<Incoming>,
     /// Dropped with the entry: the delivery's handler may end.
     _settled: oneshot::Sender<()>,
+}
+
+/// A command handed to an HTTP client, which may answer it until its
+/// final reply, whether or not the delivery was settled yet (with
+/// `?ack=auto` it is settled as it is sent), for as long as the session
+/// lasts: the replies go out on the session's connection, the one the
+/// command was delivered to.
+struct Answerable {
+    owner: Option<String>,
+    session: Uuid,
+    incoming: Arc<Incoming>,
+    since: Instant,
 }
 
 /// A session as the registry knows it, to close it when a reconnecting
@@ -86,11 +109,22 @@ pub(crate) enum Unsettleable {
     Unknown,
 }
 
+/// Why a reply was not sent.
+pub(crate) enum Unanswerable<E> {
+    /// No such command awaits a reply from this caller.
+    Unknown,
+    /// The reply could not be built (a bad header or payload).
+    Unbuildable(E),
+    /// The broker refused it, or could not be reached.
+    Refused(courier_client::Error),
+}
+
 impl Subscriptions {
     pub(crate) fn new(gateway: Arc<Gateway>) -> Arc<Subscriptions> {
         Arc::new(Subscriptions {
             gateway,
             unsettled: std::sync::Mutex::new(HashMap::new()),
+            answerable: std::sync::Mutex::new(HashMap::new()),
             sessions: std::sync::Mutex::new(HashMap::new()),
         })
     }
@@ -115,7 +149,56 @@ impl Subscriptions {
             Settlement::Nack(delay) => entry.incoming.nack(delay),
         };
         drop(unsettled);
+        if let Settlement::Nack(_) = settlement {
+            // Given back: it is answered when it comes again, by its new
+            // delivery id.
+            lock(&self.answerable).remove(delivery);
+        }
         settled.map_err(|_| Unsettleable::Unknown)
+    }
+
+    /// Sends a reply to a delivered command for the caller holding
+    /// `owner`'s token, built by `build` from the reply's start. A final
+    /// reply ends what may be answered and acks the delivery if it was
+    /// not settled yet, as an SDK handler that returns after replying
+    /// does; a reply the broker refuses leaves both as they were.
+    pub(crate) async fn reply<E>(
+        &self,
+        delivery: &str,
+        owner: &Option<String>,
+        outcome: &str,
+        is_final: bool,
+        build: impl FnOnce(MessageBuilder) -> Result<MessageBuilder, E>,
+    ) -> Result<uuid::Uuid, Unanswerable<E>> {
+        let incoming = match lock(&self.answerable).get(delivery) {
+            Some(entry) if entry.owner == *owner => entry.incoming.clone(),
+            _ => return Err(Unanswerable::Unknown),
+        };
+        let builder =
+            build(incoming.reply_builder(outcome, is_final)).map_err(Unanswerable::Unbuildable)?;
+        let id = builder.send().await.map_err(Unanswerable::Refused)?;
+        if is_final {
+            lock(&self.answerable).remove(delivery);
+            // Settled already (by hand, or with ?ack=auto) is as good.
+            let _ = self.settle(delivery, owner, Settlement::Ack);
+        }
+        Ok(id)
+    }
+
+    /// Holds a delivered command for its replies.
+    fn answerable(&self, delivery: &str, entry: Answerable) {
+        let mut answerable = lock(&self.answerable);
+        if answerable.len() >= ANSWERABLE_MAX {
+            answerable.retain(|_, e| e.since.elapsed() < ANSWERABLE_FOR);
+        }
+        if answerable.len() < ANSWERABLE_MAX {
+            answerable.insert(delivery.to_string(), entry);
+        } else {
+            debug!(
+                delivery,
+                "too many commands await replies: this one cannot be answered through the gateway"
+            );
+        }
     }
 
     /// Leaves a delivery still unsettled to the broker's redelivery.
@@ -219,6 +302,18 @@ impl Subscriptions {
                 async move {
                     let delivery = format!("{}.{n}", id.simple());
                     let json = delivery_json(&delivery, &incoming);
+                    let incoming = Arc::new(incoming);
+                    if incoming.kind() == Kind::Command {
+                        subscriptions.answerable(
+                            &delivery,
+                            Answerable {
+                                owner: owner.clone(),
+                                session: id,
+                                incoming: incoming.clone(),
+                                since: Instant::now(),
+                            },
+                        );
+                    }
                     if incoming.message().transient {
                         // Nothing to settle: at most once, so a stream that
                         // does not keep up loses some.
@@ -291,6 +386,7 @@ impl Subscriptions {
             }
             keep
         });
+        lock(&self.answerable).retain(|_, entry| entry.session != session);
         let open = lock(&self.sessions).remove(&session);
         open.map(|open| open.client)
     }
@@ -305,6 +401,55 @@ impl Subscriptions {
             }
         }
     }
+}
+
+/// The WebSocket subprotocol that carries a browser's token:
+/// `courier.bearer.<token>`, echoed as the protocol chosen.
+pub(crate) const BEARER_PROTOCOL: &str = "courier.bearer.";
+
+/// The caller's headers with its token in `Authorization`, wherever it
+/// came: a browser's EventSource and WebSocket cannot set that header, so
+/// the token may come as `?access_token=` (RFC 6750 §2.3) or, on a
+/// WebSocket, as the subprotocol `courier.bearer.<token>`. Moved into the
+/// header, it is read in one place with the rest, and goes no further:
+/// the query and the subprotocol are never logged or passed on. A token
+/// sent two ways at once is refused (RFC 6750 §2).
+pub(crate) fn with_browser_credentials(
+    mut headers: HeaderMap,
+    query: &HashMap<String, String>,
+) -> Result<HeaderMap, Box<Response>> {
+    let from_query = query.get("access_token").map(String::as_str);
+    let from_protocol = bearer_protocol(&headers).map(|p| &p[BEARER_PROTOCOL.len()..]);
+    let from_header = headers.contains_key(axum::http::header::AUTHORIZATION);
+    let token = match (from_header, from_query, from_protocol) {
+        (_, Some(_), Some(_)) | (true, Some(_), _) | (true, _, Some(_)) => {
+            return Err(Box::new(problem(
+                StatusCode::BAD_REQUEST,
+                "send the token one way only: the Authorization header, ?access_token= or the courier.bearer.<token> subprotocol",
+            )))
+        }
+        (_, Some(token), None) | (_, None, Some(token)) => token.trim().to_string(),
+        (_, None, None) => return Ok(headers),
+    };
+    let value = axum::http::HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
+        Box::new(problem(
+            StatusCode::UNAUTHORIZED,
+            "the token is not one a manifest lists: tokens are visible ASCII",
+        ))
+    })?;
+    headers.insert(axum::http::header::AUTHORIZATION, value);
+    Ok(headers)
+}
+
+/// The `courier.bearer.<token>` subprotocol a WebSocket offers, if any.
+pub(crate) fn bearer_protocol(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get_all(axum::http::header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .find(|p| p.starts_with(BEARER_PROTOCOL) && p.len() > BEARER_PROTOCOL.len())
 }
 
 /// The session a delivery id (`<session>.<n>`) belongs to.
@@ -351,6 +496,19 @@ impl Session {
         settlement: Settlement,
     ) -> Result<(), Unsettleable> {
         self.subscriptions.settle(delivery, &self.owner, settlement)
+    }
+
+    /// Answers a command delivered to this session's caller.
+    pub(crate) async fn reply<E>(
+        &self,
+        delivery: &str,
+        outcome: &str,
+        is_final: bool,
+        build: impl FnOnce(MessageBuilder) -> Result<MessageBuilder, E>,
+    ) -> Result<uuid::Uuid, Unanswerable<E>> {
+        self.subscriptions
+            .reply(delivery, &self.owner, outcome, is_final, build)
+            .await
     }
 
     /// The session's bus connection, to send on.
@@ -431,17 +589,23 @@ pub(crate) fn router(subscriptions: Arc<Subscriptions>) -> Router {
         .route("/v1/subscribe", get(subscribe))
         .route("/v1/acks/{delivery}", post(ack))
         .route("/v1/nacks/{delivery}", post(nack))
+        .route("/v1/replies/{delivery}", post(post_reply))
         .with_state(subscriptions)
 }
 
 /// `GET /v1/subscribe?pattern=…&service=…&max_in_flight=…&ack=auto`: the
-/// service's deliveries as Server-Sent Events.
+/// service's deliveries as Server-Sent Events. The token comes in
+/// `Authorization`, or from a browser as `?access_token=`.
 async fn subscribe(
     State(subscriptions): State<Arc<Subscriptions>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Response {
+    let headers = match with_browser_credentials(headers, &query) {
+        Ok(headers) => headers,
+        Err(refused) => return *refused,
+    };
     let session = match subscriptions.open(peer, &headers, &query).await {
         Ok(session) => session,
         Err(refused) => return *refused,
@@ -505,6 +669,94 @@ async fn nack(
     .await
 }
 
+/// `POST /v1/replies/{delivery}`: answers a command delivered on a
+/// stream. The body is the reply's payload (its `Content-Type` kept);
+/// `Courier-Outcome` names the reply; `Courier-Final: false` sends one of
+/// a stream of replies, more to follow; the final reply (the default)
+/// also acks the delivery.
+#[utoipa::path(
+    post,
+    path = "/v1/replies/{delivery}",
+    tag = "gateway",
+    params(
+        ("delivery" = String, Path, description = "The command's delivery id, from its SSE `id:` or its delivery's `delivery` field", max_length = 64),
+        ("Courier-Outcome" = String, Header, nullable = false, description = "The reply's name: the outcome, such as todo.created", pattern = r"^[a-z0-9_-]+(\.[a-z0-9_-]+)*$", max_length = 255),
+        ("Courier-Final" = Option<bool>, Header, nullable = false, description = "false: one of a stream of replies, more follow (the delivery stays unsettled); true (the default): the last reply, which also acks the delivery"),
+        ("Courier-Id" = Option<String>, Header, nullable = false, format = "uuid", description = "The reply's id; a retry with the same id is deduplicated"),
+        ("Courier-Version" = Option<String>, Header, nullable = false, description = "The payload's schema version, MAJOR.MINOR", pattern = r"^[0-9]{1,4}(\.[0-9]{1,4})?$"),
+    ),
+    request_body(description = "The reply's payload, its Content-Type kept in the reply's headers", content(
+        (serde_json::Value = "application/json"),
+        (String = "application/octet-stream"),
+    )),
+    responses(
+        (status = 202, description = "The broker took the reply", body = Accepted),
+        (status = 400, description = "No or a bad Courier-Outcome, Courier-Final or envelope header", body = crate::openapi::Problem, content_type = "application/problem+json", headers(("Courier-Error" = String, description = "The broker's error code, when it refused"))),
+        (status = 401, description = "No token, or one the manifest does not list", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not allowed: by the manifest, an admin token, or a non-loopback caller without a manifest", body = crate::openapi::Problem, content_type = "application/problem+json", headers(("Courier-Error" = String, description = "The broker's error code, when it refused"))),
+        (status = 404, description = "No command delivered on this caller's open streams awaits a reply by this id", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 410, description = "The requester no longer awaits replies (its route expired, or it abandoned the stream)", body = crate::openapi::Problem, content_type = "application/problem+json", headers(("Courier-Error" = String, description = "unknown_request"))),
+        (status = 413, description = "The payload is over the broker's limit", body = crate::openapi::Problem, content_type = "application/problem+json", headers(("Courier-Error" = String, description = "payload_too_large"))),
+        (status = 429, description = "Over the send rate, or the requester's reply window is full: send it again after the requester took some", body = crate::openapi::Problem, content_type = "application/problem+json", headers(("Courier-Error" = String, description = "rate_limited or stream_full"))),
+        (status = 502, description = "Another refusal by the broker", body = crate::openapi::Problem, content_type = "application/problem+json", headers(("Courier-Error" = String, description = "The broker's error code"))),
+        (status = 503, description = "The broker cannot take it now", body = crate::openapi::Problem, content_type = "application/problem+json", headers(("Courier-Error" = String, description = "The broker's error code, when it refused"))),
+        (status = 504, description = "The broker did not answer in time", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ),
+)]
+pub(crate) async fn post_reply(
+    State(subscriptions): State<Arc<Subscriptions>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(delivery): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(refused) = subscriptions.gateway.client(peer, &headers).await {
+        return *refused;
+    }
+    let bad = |detail: &str| problem(StatusCode::BAD_REQUEST, detail);
+    let outcome = match headers.get("courier-outcome").map(|v| v.to_str()) {
+        Some(Ok(outcome)) if !outcome.trim().is_empty() => outcome.trim().to_string(),
+        _ => {
+            return bad(
+                "name the reply in Courier-Outcome, such as 'Courier-Outcome: todo.created'",
+            )
+        }
+    };
+    let is_final = match headers.get("courier-final").map(|v| v.to_str()) {
+        None => true,
+        Some(Ok("true" | "1")) => true,
+        Some(Ok("false" | "0")) => false,
+        Some(_) => {
+            return bad(
+                "Courier-Final takes true (the last reply, the default) or false (more follow)",
+            )
+        }
+    };
+    let owner = bearer(&headers).map(str::to_string);
+    let sent = subscriptions
+        .reply(&delivery, &owner, &outcome, is_final, |builder| {
+            envelope(builder, &headers, body)
+        })
+        .await;
+    match sent {
+        Ok(id) => json_answer(
+            StatusCode::ACCEPTED,
+            &Accepted {
+                id: id.to_string(),
+                seq: None,
+            },
+        ),
+        Err(Unanswerable::Unknown) => problem(
+            StatusCode::NOT_FOUND,
+            &format!(
+                "no command delivery '{delivery}' awaits a reply from this caller: it is not a command, its final reply was sent, or its stream closed (then it is delivered again)"
+            ),
+        ),
+        Err(Unanswerable::Unbuildable(refused)) => *refused,
+        Err(Unanswerable::Refused(e)) => refusal(&e),
+    }
+}
+
 async fn settle_over_http(
     subscriptions: &Subscriptions,
     peer: SocketAddr,
@@ -538,6 +790,66 @@ mod tests {
         assert_eq!(session_of(&id), Some(session));
         assert_eq!(session_of("nonsense"), None);
         assert_eq!(session_of(&format!("{}.x", session.simple())), None);
+    }
+
+    #[test]
+    fn a_browsers_token_moves_into_authorization_and_only_one_way_is_taken() {
+        let query = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let authorization = |headers: &HeaderMap| {
+            headers
+                .get(axum::http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let from_query = with_browser_credentials(
+            HeaderMap::new(),
+            &query(&[("access_token", "crr_q"), ("pattern", "a.*")]),
+        )
+        .ok()
+        .and_then(|h| authorization(&h));
+        assert_eq!(from_query.as_deref(), Some("Bearer crr_q"));
+
+        let mut offered = HeaderMap::new();
+        offered.insert(
+            axum::http::header::SEC_WEBSOCKET_PROTOCOL,
+            "courier.v1, courier.bearer.crr_p".parse().expect("a value"),
+        );
+        assert_eq!(bearer_protocol(&offered), Some("courier.bearer.crr_p"));
+        let from_protocol = with_browser_credentials(offered.clone(), &query(&[]))
+            .ok()
+            .and_then(|h| authorization(&h));
+        assert_eq!(from_protocol.as_deref(), Some("Bearer crr_p"));
+
+        let twice = with_browser_credentials(offered, &query(&[("access_token", "crr_q")]));
+        assert_eq!(
+            twice.err().map(|r| r.status()),
+            Some(StatusCode::BAD_REQUEST)
+        );
+        let mut header = HeaderMap::new();
+        header.insert(
+            axum::http::header::AUTHORIZATION,
+            "Bearer crr_h".parse().expect("a value"),
+        );
+        let both = with_browser_credentials(header.clone(), &query(&[("access_token", "crr_q")]));
+        assert_eq!(
+            both.err().map(|r| r.status()),
+            Some(StatusCode::BAD_REQUEST)
+        );
+        let alone = with_browser_credentials(header, &query(&[]))
+            .ok()
+            .and_then(|h| authorization(&h));
+        assert_eq!(alone.as_deref(), Some("Bearer crr_h"));
+        let mut empty = HeaderMap::new();
+        empty.insert(
+            axum::http::header::SEC_WEBSOCKET_PROTOCOL,
+            "courier.bearer.".parse().expect("a value"),
+        );
+        assert_eq!(bearer_protocol(&empty), None);
     }
 
     #[test]

@@ -5,8 +5,8 @@
 //! Each POST carries the reply's payload as its body and its envelope in
 //! headers (as a synchronous request's answer does), and is signed:
 //! `Courier-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>." + body>`,
-//! keyed with the webhook secret of the service token that sent the
-//! request ([`webhook_secret`]). A POST that fails (no connection, no
+//! keyed with the webhook secret of the service that sent the request
+//! ([`WebhookKey::secret`]). A POST that fails (no connection, no
 //! answer within [`ATTEMPT_TIMEOUT`], or a status other than 2xx) is tried
 //! again after a delay that doubles from [`FIRST_RETRY`], [`ATTEMPTS`]
 //! times in all; then that reply is given up, and the next one, if any, is
@@ -55,20 +55,118 @@ impl WebhookCounters {
     }
 }
 
-/// The secret a service's webhooks are signed with, for the token its
-/// requests carry: the hex HMAC-SHA256 of `courier-webhook`, keyed with
-/// the token (`courier token webhook-secret` prints it). Without a
-/// manifest the gateway takes no tokens, and signs with the secret of the
-/// empty token: anyone can compute it, which is as much as an
-/// unauthenticated loopback broker promises.
-///
-/// ```
-/// let secret = courier_server::webhook_secret("crr_x");
-/// assert_eq!(secret.len(), 64);
-/// assert_ne!(secret, courier_server::webhook_secret(""));
-/// ```
-pub fn webhook_secret(token: &str) -> String {
-    hex(&hmac_sha256(token.as_bytes(), b"courier-webhook"))
+/// The key the broker derives each service's webhook secret from: a
+/// random string in a file the broker keeps (`<data-dir>/webhook.key`,
+/// made on first start, readable by its owner only). `courier token
+/// webhook-secret --service NAME` reads the same file, and prints what a
+/// receiver verifies with. Replacing the file (and restarting) rotates
+/// every service's secret.
+#[derive(Clone)]
+pub struct WebhookKey(String);
+
+impl std::fmt::Debug for WebhookKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WebhookKey(…)")
+    }
+}
+
+/// Why the webhook key could not be read or made.
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookKeyError {
+    #[error("no webhook key at {0}: the broker makes it on its first start with that --data-dir; pass the broker's --data-dir (or --webhook-key FILE)")]
+    Missing(std::path::PathBuf),
+    #[error("cannot read the webhook key {path}: {source}")]
+    Read {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "the webhook key {0} is empty: remove it, and the broker makes a new one on its next start"
+    )]
+    Empty(std::path::PathBuf),
+    #[error("cannot make the webhook key {path}: {source}; check the directory's permissions, or pass --webhook-key FILE")]
+    Write {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot draw random bytes for a webhook key: {0}")]
+    Random(String),
+}
+
+impl WebhookKey {
+    /// A key for this process only (a broker that keeps nothing on disk):
+    /// its secrets change with every start.
+    pub fn ephemeral() -> Result<WebhookKey, WebhookKeyError> {
+        courier_manifest::generate_token()
+            .map(WebhookKey)
+            .map_err(|e| WebhookKeyError::Random(e.to_string()))
+    }
+
+    /// Reads the key at `path`.
+    pub fn load(path: &std::path::Path) -> Result<WebhookKey, WebhookKeyError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(WebhookKeyError::Missing(path.to_path_buf()))
+            }
+            Err(source) => {
+                return Err(WebhookKeyError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        };
+        let key = text.trim();
+        if key.is_empty() {
+            return Err(WebhookKeyError::Empty(path.to_path_buf()));
+        }
+        Ok(WebhookKey(key.to_string()))
+    }
+
+    /// Reads the key at `path`, or makes one there if there is none.
+    pub fn load_or_create(path: &std::path::Path) -> Result<WebhookKey, WebhookKeyError> {
+        match WebhookKey::load(path) {
+            Err(WebhookKeyError::Missing(_)) => {}
+            other => return other,
+        }
+        let key = WebhookKey::ephemeral()?;
+        let write = |source| WebhookKeyError::Write {
+            path: path.to_path_buf(),
+            source,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(write)?;
+        }
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        match options.open(path) {
+            Ok(mut file) => {
+                use std::io::Write;
+                writeln!(file, "{}", key.0)
+                    .and_then(|()| file.sync_all())
+                    .map_err(write)?;
+                Ok(key)
+            }
+            // Made meanwhile by another process: that one counts.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => WebhookKey::load(path),
+            Err(source) => Err(write(source)),
+        }
+    }
+
+    /// The secret `service`'s webhooks are signed with: the hex
+    /// HMAC-SHA256 of `courier-webhook:<service>`, keyed with this key.
+    ///
+    /// ```
+    /// let key = courier_server::WebhookKey::ephemeral().expect("random bytes");
+    /// assert_eq!(key.secret("todo").len(), 64);
+    /// assert_ne!(key.secret("todo"), key.secret("web"));
+    /// ```
+    pub fn secret(&self, service: &str) -> String {
+        let message = format!("courier-webhook:{service}");
+        hex(&hmac_sha256(self.0.as_bytes(), message.as_bytes()))
+    }
 }
 
 /// `Courier-Signature`'s value for `body` sent at `timestamp` (unix
@@ -345,11 +443,44 @@ mod tests {
 
     #[test]
     fn signatures_cover_the_timestamp_and_the_body() {
-        let secret = webhook_secret("crr_x");
+        let secret = WebhookKey("k".into()).secret("web");
         let signed = webhook_signature(&secret, 1_700_000_000, b"{}");
         assert!(signed.starts_with("t=1700000000,v1="));
         assert_ne!(signed, webhook_signature(&secret, 1_700_000_001, b"{}"));
         assert_ne!(signed, webhook_signature(&secret, 1_700_000_000, b"{ }"));
+    }
+
+    #[test]
+    fn a_key_is_made_once_and_read_back_the_same() {
+        let dir =
+            std::env::temp_dir().join(format!("courier-webhook-key-{}", uuid::Uuid::new_v4()));
+        let path = dir.join("webhook.key");
+        assert!(matches!(
+            WebhookKey::load(&path),
+            Err(WebhookKeyError::Missing(_))
+        ));
+        let made = WebhookKey::load_or_create(&path).expect("made");
+        let again = WebhookKey::load_or_create(&path).expect("read");
+        assert_eq!(made.secret("todo"), again.secret("todo"));
+        assert_eq!(
+            made.secret("todo"),
+            WebhookKey::load(&path).expect("read").secret("todo")
+        );
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path)
+                .expect("metadata")
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        std::fs::write(&path, "\n").expect("write");
+        assert!(matches!(
+            WebhookKey::load(&path),
+            Err(WebhookKeyError::Empty(_))
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -50,6 +50,8 @@ const WINDOW: usize = 256;
 const REQUESTS_IN_FLIGHT: usize = 64;
 /// Deliveries the W6 consumer takes at once.
 const MAX_IN_FLIGHT: u32 = 1024;
+/// W13: publishing connections at once, each awaiting every ack.
+const W13_CONNECTIONS: [usize; 4] = [1, 4, 16, 64];
 /// The broker's `--fsync` for every run (its default).
 const FSYNC: &str = "always";
 /// `--quick` divides every message count by this.
@@ -153,13 +155,24 @@ enum Workload {
     W6,
     W7a,
     W7b,
+    /// Durable events one at a time from 1, 4, 16 and 64 connections at
+    /// once (group commit across connections); each compared with
+    /// JetStream at its default fsync and, the `Always` twin, at `always`.
+    W13c1,
+    W13c1Always,
+    W13c4,
+    W13c4Always,
+    W13c16,
+    W13c16Always,
+    W13c64,
+    W13c64Always,
     /// The transactional outbox (needs PostgreSQL; only with `--only`).
     Outbox,
 }
 
 impl Workload {
     /// Every workload; [`Workload::DEFAULT`] without `--only`.
-    const ALL: [Workload; 16] = [
+    const ALL: [Workload; 24] = [
         Workload::W1a,
         Workload::W1b,
         Workload::W2a,
@@ -175,12 +188,20 @@ impl Workload {
         Workload::W6,
         Workload::W7a,
         Workload::W7b,
+        Workload::W13c1,
+        Workload::W13c1Always,
+        Workload::W13c4,
+        Workload::W13c4Always,
+        Workload::W13c16,
+        Workload::W13c16Always,
+        Workload::W13c64,
+        Workload::W13c64Always,
         Workload::Outbox,
     ];
 
     /// What runs without `--only`: everything but the outbox, which needs
     /// a PostgreSQL.
-    const DEFAULT: [Workload; 15] = [
+    const DEFAULT: [Workload; 23] = [
         Workload::W1a,
         Workload::W1b,
         Workload::W2a,
@@ -196,7 +217,30 @@ impl Workload {
         Workload::W6,
         Workload::W7a,
         Workload::W7b,
+        Workload::W13c1,
+        Workload::W13c1Always,
+        Workload::W13c4,
+        Workload::W13c4Always,
+        Workload::W13c16,
+        Workload::W13c16Always,
+        Workload::W13c64,
+        Workload::W13c64Always,
     ];
+
+    /// W13's row for `connections` publishers (JetStream `always` when
+    /// `always`).
+    fn w13(connections: usize, always: bool) -> Workload {
+        match (connections, always) {
+            (1, false) => Workload::W13c1,
+            (1, true) => Workload::W13c1Always,
+            (4, false) => Workload::W13c4,
+            (4, true) => Workload::W13c4Always,
+            (16, false) => Workload::W13c16,
+            (16, true) => Workload::W13c16Always,
+            (_, false) => Workload::W13c64,
+            (_, true) => Workload::W13c64Always,
+        }
+    }
 
     fn id(self) -> &'static str {
         match self {
@@ -215,6 +259,14 @@ impl Workload {
             Workload::W6 => "W6",
             Workload::W7a => "W7a",
             Workload::W7b => "W7b",
+            Workload::W13c1 => "W13-1",
+            Workload::W13c1Always => "W13-1-always",
+            Workload::W13c4 => "W13-4",
+            Workload::W13c4Always => "W13-4-always",
+            Workload::W13c16 => "W13-16",
+            Workload::W13c16Always => "W13-16-always",
+            Workload::W13c64 => "W13-64",
+            Workload::W13c64Always => "W13-64-always",
             Workload::Outbox => "outbox",
         }
     }
@@ -236,6 +288,15 @@ impl Workload {
             Workload::W5bAlways => "JetStream file stream, async publish, sync_interval: always",
             Workload::W6 => "JetStream pull consumer, explicit ack",
             Workload::W7a | Workload::W7b => "JetStream file stream, same data, default fsync",
+            Workload::W13c1 | Workload::W13c4 | Workload::W13c16 | Workload::W13c64 => {
+                "JetStream file stream, sync publish from as many connections, default fsync"
+            }
+            Workload::W13c1Always
+            | Workload::W13c4Always
+            | Workload::W13c16Always
+            | Workload::W13c64Always => {
+                "JetStream file stream, sync publish from as many connections, sync_interval: always"
+            }
             Workload::Outbox => "none (Courier's outbox only)",
         }
     }
@@ -255,6 +316,14 @@ impl Workload {
             Workload::W5b | Workload::W5bAlways => Job::PublishPipelined,
             Workload::W6 => Job::Consume,
             Workload::W7a | Workload::W7b => Job::Restart,
+            Workload::W13c1
+            | Workload::W13c1Always
+            | Workload::W13c4
+            | Workload::W13c4Always
+            | Workload::W13c16
+            | Workload::W13c16Always
+            | Workload::W13c64
+            | Workload::W13c64Always => Job::PublishConcurrent,
             Workload::Outbox => Job::Outbox,
         }
     }
@@ -265,6 +334,10 @@ impl Workload {
         match self {
             Workload::W5a => Some(Workload::W5aAlways),
             Workload::W5b => Some(Workload::W5bAlways),
+            Workload::W13c1 => Some(Workload::W13c1Always),
+            Workload::W13c4 => Some(Workload::W13c4Always),
+            Workload::W13c16 => Some(Workload::W13c16Always),
+            Workload::W13c64 => Some(Workload::W13c64Always),
             _ => None,
         }
     }
@@ -322,10 +395,24 @@ fn parse_only(text: &str) -> Result<Only, String> {
             "w7a" => &[W7a],
             "w7b" => &[W7b],
             "w7" => &[W7a, W7b],
+            "w13" => &[
+                W13c1,
+                W13c1Always,
+                W13c4,
+                W13c4Always,
+                W13c16,
+                W13c16Always,
+                W13c64,
+                W13c64Always,
+            ],
+            "w13-1" | "w13-1-always" => &[W13c1, W13c1Always],
+            "w13-4" | "w13-4-always" => &[W13c4, W13c4Always],
+            "w13-16" | "w13-16-always" => &[W13c16, W13c16Always],
+            "w13-64" | "w13-64-always" => &[W13c64, W13c64Always],
             "outbox" => &[Outbox],
             _ => {
                 return Err(format!(
-                    "unknown workload {part:?}; choose from W1a, W1b, W2a, W2b, W3a, W3b, W4a, W4b, W5a, W5b, W6, W7a, W7b (W1 … W7 name all their parts), W-HTTP-a or outbox, comma-separated, or registry alone"
+                    "unknown workload {part:?}; choose from W1a, W1b, W2a, W2b, W3a, W3b, W4a, W4b, W5a, W5b, W6, W7a, W7b, W13-1, W13-4, W13-16, W13-64 (W1 … W7 and W13 name all their parts), W-HTTP-a or outbox, comma-separated, or registry alone"
                 ))
             }
         };
@@ -485,7 +572,7 @@ const MIB_PER_150_MB: f64 = 150_000_000.0 / (1024.0 * 1024.0);
 
 /// Every row the table can have, in the order it is printed, with the
 /// target for it.
-const ROWS: [(Workload, Metric, Option<Target>); 29] = [
+const ROWS: [(Workload, Metric, Option<Target>); 37] = [
     (Workload::W1a, Metric::Throughput, Target::ratio(1.2)),
     (Workload::W1b, Metric::Throughput, Target::ratio(1.0)),
     (Workload::W2a, Metric::Throughput, Target::ratio(1.2)),
@@ -527,6 +614,14 @@ const ROWS: [(Workload, Metric, Option<Target>); 29] = [
             min_courier: None,
         }),
     ),
+    (Workload::W13c1, Metric::Throughput, None),
+    (Workload::W13c1Always, Metric::Throughput, None),
+    (Workload::W13c4, Metric::Throughput, None),
+    (Workload::W13c4Always, Metric::Throughput, None),
+    (Workload::W13c16, Metric::Throughput, None),
+    (Workload::W13c16Always, Metric::Throughput, Target::ratio(5.0)),
+    (Workload::W13c64, Metric::Throughput, None),
+    (Workload::W13c64Always, Metric::Throughput, Target::ratio(5.0)),
     (
         Workload::Outbox,
         Metric::RelayThroughput,
@@ -634,6 +729,7 @@ enum Job {
     PublishPipelined,
     Consume,
     Restart,
+    PublishConcurrent,
     Outbox,
 }
 
@@ -688,6 +784,7 @@ impl Job {
             Job::PublishPipelined => "W5b",
             Job::Consume => "W6",
             Job::Restart => "W7",
+            Job::PublishConcurrent => "W13",
             Job::Outbox => "outbox",
         }
     }
@@ -709,6 +806,9 @@ struct Plan {
     w5b_warmup: u64,
     w6: u64,
     w7: u64,
+    /// W13: events per connection count, shared by the connections.
+    w13: u64,
+    w13_warmup: u64,
     gateway: gateway::GatewayPlan,
     /// Rows in the outbox when the relay starts.
     outbox_relay: u64,
@@ -737,6 +837,8 @@ impl Plan {
             w5b_warmup: n(10_000),
             w6: n(200_000),
             w7: n(1_000_000),
+            w13: n(8_000),
+            w13_warmup: n(640),
             gateway: gateway::GatewayPlan {
                 concurrent: n(40_000),
                 sequential: n(5_000),
@@ -804,6 +906,12 @@ impl Plan {
                 thousands(self.w7),
                 bytes_text(LARGE_BYTES as u64),
                 CONNECT_POLL.as_millis()
+            ),
+            Job::PublishConcurrent => format!(
+                "{} durable events of {SMALL_BYTES} B from each of {} connections at once (the events shared among them), each connection awaiting every ack before its next send; one broker (one nats-server per fsync setting) for the four counts (after {} warm-up per count)",
+                thousands(self.w13),
+                W13_CONNECTIONS.map(|c| c.to_string()).join(", "),
+                thousands(self.w13_warmup)
             ),
             Job::Outbox => format!(
                 "the transactional outbox on PostgreSQL (a scratch database per run): one relay publishes a backlog of {} rows of {SMALL_BYTES} B (batches of 1,000 read, published pipelined, deleted in one statement), timed until the outbox is empty; beside it the same count and size published by the SDK straight to the broker (window {WINDOW}); then {} business transactions one at a time (Outbox::enqueue + commit) with the relay on LISTEN/NOTIFY, each timed from the commit's return until the relay has the broker's acceptance",
@@ -1332,6 +1440,7 @@ async fn run_job(
             Job::PublishPipelined => courier_w5b(exe, plan).await,
             Job::Consume => courier_w6(exe, plan).await,
             Job::Restart => courier_w7(exe, plan).await,
+            Job::PublishConcurrent => courier_w13(exe, plan).await,
             Job::Outbox => outbox::courier_outbox(exe, plan).await,
         },
         // NATS has no outbox: its column stays empty.
@@ -1967,7 +2076,8 @@ mod tests {
                 Job::PublishOneByOne,
                 Job::PublishPipelined,
                 Job::Consume,
-                Job::Restart
+                Job::Restart,
+                Job::PublishConcurrent
             ]
         );
         for job in Job::for_selection(&Workload::ALL) {

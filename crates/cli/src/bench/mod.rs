@@ -91,7 +91,8 @@ pub struct BenchArgs {
     #[arg(long)]
     json: bool,
     /// Run only these workloads, comma-separated: W5a, W5b, W6, W7a, W7b
-    /// (W5 and W7 name both halves), W-HTTP-a (request/reply through the
+    /// (W5 and W7 name both halves), W13 (durable sends one at a time from
+    /// 1, 4, 16 and 64 connections; W13-16 and the like name one count), W-HTTP-a (request/reply through the
     /// HTTP gateway beside the native protocol), or `outbox` (the
     /// transactional outbox's relay from PostgreSQL; not run unless named);
     /// or `registry` alone: a watch's latency, DNS queries a second, and

@@ -241,7 +241,11 @@ async fn publish_one_at_a_time(client: Client, payload: Bytes, count: u64) -> an
 
 /// Each of `clients` sends `each` events one at a time, all at once;
 /// returns how long until the last ack.
-async fn publish_from_each(clients: &[Client], payload: &Bytes, each: u64) -> anyhow::Result<Duration> {
+async fn publish_from_each(
+    clients: &[Client],
+    payload: &Bytes,
+    each: u64,
+) -> anyhow::Result<Duration> {
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for client in clients {

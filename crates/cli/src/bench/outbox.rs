@@ -188,9 +188,28 @@ pub(super) async fn courier_outbox(exe: &Path, plan: &Plan) -> anyhow::Result<Ve
         ));
         direct.shutdown().await;
 
-        let (p50, p99) = commit_to_acceptance(&pool, &addr, plan.outbox_latency).await?;
-        measured.push((Workload::Outbox, Metric::CommitToAcceptP50, p50));
-        measured.push((Workload::Outbox, Metric::CommitToAcceptP99, p99));
+        let latencies = commit_to_acceptance(&pool, &addr, plan.outbox_latency).await?;
+        let p = |sorted: &[u64], q| percentile(sorted, q).map_or(f64::NAN, |v| v as f64);
+        measured.push((
+            Workload::Outbox,
+            Metric::CommitToAcceptP50,
+            p(&latencies.commit, 50.0),
+        ));
+        measured.push((
+            Workload::Outbox,
+            Metric::CommitToAcceptP99,
+            p(&latencies.commit, 99.0),
+        ));
+        measured.push((
+            Workload::Outbox,
+            Metric::SendToAcceptP50,
+            p(&latencies.direct, 50.0),
+        ));
+        measured.push((
+            Workload::Outbox,
+            Metric::SendToAcceptP99,
+            p(&latencies.direct, 99.0),
+        ));
         Ok(measured)
     };
     let result = broker.watch(result).await;
@@ -226,9 +245,22 @@ async fn fill_outbox(pool: &PgPool, count: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Sorted latencies in µs: of the outbox (commit → acceptance) and, beside
+/// each transaction, of one durable event sent straight to the broker
+/// (send → acceptance): the same moments' floor, the broker's fsync
+/// included, which the outbox cannot beat.
+struct AcceptLatencies {
+    commit: Vec<u64>,
+    direct: Vec<u64>,
+}
+
 /// Runs `count` transactions one after the other, each waiting for its
-/// message's acceptance; returns p50 and p99 of commit → acceptance, in µs.
-async fn commit_to_acceptance(pool: &PgPool, addr: &str, count: u64) -> anyhow::Result<(f64, f64)> {
+/// message's acceptance, and after each a direct durable send.
+async fn commit_to_acceptance(
+    pool: &PgPool,
+    addr: &str,
+    count: u64,
+) -> anyhow::Result<AcceptLatencies> {
     let accepted: Arc<Mutex<HashMap<Uuid, Instant>>> = Arc::default();
     let seen = Arc::new(Notify::new());
     let hook = {
@@ -249,8 +281,11 @@ async fn commit_to_acceptance(pool: &PgPool, addr: &str, count: u64) -> anyhow::
     let relay = tokio::spawn(async move { relay.run().await });
     // The relay listens before the first transaction: a warm-up one is
     // accepted only once it does (its poll would find it anyway).
+    let direct = connect(addr, OUTBOX_SERVICE, None).await?;
+    let payload = Bytes::from(vec![b'x'; SMALL_BYTES]);
     let result = async {
         let mut latencies = Vec::with_capacity(count as usize);
+        let mut direct_latencies = Vec::with_capacity(count as usize);
         for i in 0..=count {
             let mut tx = pool.begin().await?;
             let id = Outbox::enqueue(
@@ -278,13 +313,25 @@ async fn commit_to_acceptance(pool: &PgPool, addr: &str, count: u64) -> anyhow::
                 // The relay may see the acceptance before the commit call
                 // returns here; that counts as no delay.
                 latencies.push(at.saturating_duration_since(committed).as_micros() as u64);
+                let sent = Instant::now();
+                direct
+                    .event(OUTBOX_DIRECT_NAME)
+                    .payload(payload.clone())
+                    .enqueue()?
+                    .wait()
+                    .await?;
+                direct_latencies.push(sent.elapsed().as_micros() as u64);
             }
         }
         latencies.sort_unstable();
-        let p = |q| percentile(&latencies, q).map_or(f64::NAN, |v| v as f64);
-        Ok((p(50.0), p(99.0)))
+        direct_latencies.sort_unstable();
+        Ok(AcceptLatencies {
+            commit: latencies,
+            direct: direct_latencies,
+        })
     }
     .await;
     relay.abort();
+    direct.shutdown().await;
     result
 }

@@ -18,7 +18,9 @@
 //! request/reply workload does not pay a thread wake-up (a context
 //! switch on a small machine) per message. A query first waits for the
 //! thread to take everything submitted before it ([`Tracer::settle`]),
-//! so a trace is complete as soon as its replies have left.
+//! so a trace is complete as soon as its replies have left. Nor does it
+//! sleep while `TRACE_QUEUE_WAKE_BYTES` of messages wait: a burst is
+//! taken as it comes.
 //!
 //! Bounds: the queue to the thread holds at most `TRACE_QUEUE_BATCHES`
 //! batches and `TRACE_QUEUE_BYTES_MAX` of the messages they pin (past
@@ -54,6 +56,10 @@ const TRACE_QUEUE_BATCHES: usize = 16 * 1024;
 /// Bytes of messages the waiting batches may pin (their payloads share
 /// the messages' memory); past it a batch is dropped.
 const TRACE_QUEUE_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// Bytes of queued messages past which the thread stops sleeping between
+/// rounds (a submit that crosses it wakes the thread): a burst is taken
+/// as it comes instead of pinning a coalescing interval's worth.
+const TRACE_QUEUE_WAKE_BYTES: usize = 4 * 1024 * 1024;
 /// Batches the thread takes in one go (one lock of the index, one write).
 const BATCHES_PER_ROUND_MAX: usize = 4096;
 /// How long the thread lets batches gather after a round before it takes
@@ -142,9 +148,11 @@ pub(crate) struct Tracer {
     queued_bytes: Arc<AtomicUsize>,
     counters: Arc<Counters>,
     progress: Arc<Progress>,
-    /// The trace thread, to wake early for a query and to wait for when
-    /// stopping (tests).
+    /// The trace thread, to wait for when stopping (tests).
+    #[cfg(test)]
     thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
+    /// The same thread, to wake early for a query or a burst.
+    waker: std::thread::Thread,
 }
 
 fn lock(index: &Mutex<TraceIndex>) -> MutexGuard<'_, TraceIndex> {
@@ -187,20 +195,15 @@ impl Tracer {
             },
         };
         let (sender, receiver) = sync_channel(TRACE_QUEUE_BATCHES);
-        let tracer = Tracer {
-            sender,
-            index: Arc::new(Mutex::new(index)),
-            queued_bytes: Arc::new(AtomicUsize::new(0)),
-            counters,
-            progress: Arc::new(Progress::default()),
-            thread: Arc::new(Mutex::new(None)),
-        };
+        let index = Arc::new(Mutex::new(index));
+        let queued_bytes = Arc::new(AtomicUsize::new(0));
+        let progress = Arc::new(Progress::default());
         let worker = Worker {
             receiver,
-            index: tracer.index.clone(),
-            queued_bytes: tracer.queued_bytes.clone(),
-            counters: tracer.counters.clone(),
-            progress: tracer.progress.clone(),
+            index: index.clone(),
+            queued_bytes: queued_bytes.clone(),
+            counters: counters.clone(),
+            progress: progress.clone(),
             disk,
             written: Written::default(),
             trimmed_at: 0,
@@ -210,10 +213,16 @@ impl Tracer {
         let thread = std::thread::Builder::new()
             .name("courier-trace".into())
             .spawn(move || worker.run())?;
-        *tracer
-            .thread
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(thread);
+        let tracer = Tracer {
+            sender,
+            index,
+            queued_bytes,
+            counters,
+            progress,
+            waker: thread.thread().clone(),
+            #[cfg(test)]
+            thread: Arc::new(Mutex::new(Some(thread))),
+        };
         Ok(tracer)
     }
 
@@ -222,6 +231,9 @@ impl Tracer {
     /// queue is dropped and counted.
     pub(crate) fn submit(&self, records: Vec<TraceRecord>, bytes: usize) {
         let queued = self.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
+        if queued < TRACE_QUEUE_WAKE_BYTES && queued + bytes >= TRACE_QUEUE_WAKE_BYTES {
+            self.waker.unpark();
+        }
         let dropped = if queued + bytes > TRACE_QUEUE_BYTES_MAX {
             Some(records)
         } else {
@@ -260,14 +272,7 @@ impl Tracer {
         if *applied >= target {
             return;
         }
-        if let Some(handle) = self
-            .thread
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .as_ref()
-        {
-            handle.thread().unpark();
-        }
+        self.waker.unpark();
         let _ =
             self.progress
                 .applied_changed
@@ -495,7 +500,7 @@ impl Worker {
                 *applied += taken;
             }
             self.progress.applied_changed.notify_all();
-            if taken > 0 {
+            if taken > 0 && self.queued_bytes.load(Ordering::Relaxed) < TRACE_QUEUE_WAKE_BYTES {
                 // Let the next batches gather; a query waiting for them
                 // unparks the thread early.
                 std::thread::park_timeout(COALESCE_INTERVAL);

@@ -13,7 +13,8 @@ pub struct HttpPort {
     /// The broker's HTTP port.
     #[arg(long, env = "COURIER_HTTP", default_value = "127.0.0.1:7780")]
     pub http: String,
-    /// An `[admin]` token, when the broker has a manifest.
+    /// A token of the broker's manifest, when it has one: an `[admin]`
+    /// token for changes; a service's token is enough for lookups (`watch`).
     #[arg(long, env = "COURIER_TOKEN")]
     pub token: Option<String>,
 }

@@ -536,6 +536,8 @@ fn the_outbox_workload_times_the_relay_beside_direct_publishing_and_drops_its_da
             "direct publish, SDK → broker",
             "commit → acceptance p50",
             "commit → acceptance p99",
+            "direct send → acceptance p50",
+            "direct send → acceptance p99",
         ],
         "{stdout}"
     );
@@ -546,6 +548,7 @@ fn the_outbox_workload_times_the_relay_beside_direct_publishing_and_drops_its_da
     assert_eq!(rows[0].3, "≥ 20,000 msg/s");
     assert_eq!(rows[3].3, "≤ 5,000 µs");
     assert!(rows[2].2 <= rows[3].2, "p50 ≤ p99: {stdout}");
+    assert!(rows[4].2 <= rows[5].2, "p50 ≤ p99: {stdout}");
     assert!(stderr.contains("outbox filled with"), "{stderr}");
     assert_eq!(leftover_databases(pid), Vec::<String>::new());
     assert_eq!(leftover_dirs(pid), Vec::<String>::new());

@@ -147,9 +147,9 @@ fn breaker(cool_down: Duration) -> BreakerConfig {
 
 /// Calls until one succeeds (each failure is a call the caller made and
 /// saw fail): the breaker has to find out by itself that the service is back.
-async fn call_until_success(
+async fn call_until_success<T>(
     what: &str,
-    mut call: impl AsyncFnMut() -> Result<u16, resilience::Error>,
+    mut call: impl AsyncFnMut() -> Result<T, resilience::Error>,
 ) {
     let deadline = Instant::now() + T;
     loop {
@@ -231,6 +231,134 @@ async fn a_killed_http_service_opens_the_breaker_and_its_return_closes_it() {
         metrics.contains("courier_call_breaker_state{policy=\"flaky\",state=\"closed\"} 1"),
         "{metrics}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_killed_instance_opens_only_its_own_breaker_and_calls_go_to_the_other() {
+    let registry = Broker::start();
+    // Two instances of a flaky HTTP service, each a courier process whose
+    // /healthz the caller calls. They are registered without a check, so
+    // the registry keeps listing a dead one: only the caller's breakers
+    // keep calls away from it.
+    let address = || format!("127.0.0.1:{}", free_port());
+    let (address_a, address_b) = (address(), address());
+    let instance = |address: &str| Broker::start_with(&["--http", address]);
+    let (a, b) = (instance(&address_a), instance(&address_b));
+    register(&registry, "flaky", &address_a, &["--id", "flaky-a"]);
+    register(&registry, "flaky", &address_b, &["--id", "flaky-b"]);
+    let client = caller(&registry).await;
+    let mut flaky = client.discover("flaky").await.expect("discover");
+    wait_endpoints(&mut flaky, 2).await;
+
+    let timeout = Duration::from_secs(2);
+    let policy = Policy::builder("flaky")
+        .timeout(timeout)
+        .retries(1)
+        .breaker(breaker(Duration::from_secs(1)))
+        .build();
+    let call = async || {
+        flaky
+            .call(&policy, Idempotency::Idempotent, |endpoint| async move {
+                get(&endpoint.address, "/healthz")
+                    .await
+                    .map(|_| endpoint.id)
+            })
+            .await
+    };
+    let state = |id: &str| policy.endpoint_breaker_state(id);
+    let mut answered = std::collections::BTreeSet::new();
+    for _ in 0..4 {
+        answered.insert(call().await.expect("both answer"));
+    }
+    assert_eq!(answered.len(), 2, "round robin reaches both: {answered:?}");
+
+    // kill -9 one: every call still succeeds (a failed attempt at it is
+    // retried at the other) until its breaker opens; the other's stays
+    // closed.
+    drop(a);
+    let mut calls = 0;
+    while state("flaky-a") != Some(BreakerState::Open) {
+        assert_eq!(call().await.expect("b answers"), "flaky-b");
+        calls += 1;
+        assert!(calls <= 10, "a's breaker opens after 3 failed attempts");
+    }
+    assert_eq!(state("flaky-b"), Some(BreakerState::Closed));
+    assert_eq!(policy.breaker_state(), Some(BreakerState::Closed));
+    let turned_away = |id: &str| {
+        policy
+            .snapshot()
+            .endpoints
+            .iter()
+            .find(|e| e.endpoint == id)
+            .map_or(0, |e| e.rejected)
+    };
+    let turned_away_before = turned_away("flaky-a");
+    for _ in 0..20 {
+        let started = Instant::now();
+        assert_eq!(call().await.expect("b answers"), "flaky-b");
+        let took = started.elapsed();
+        assert!(took < timeout / 4, "no timeout: {took:?}");
+    }
+    assert!(
+        turned_away("flaky-a") > turned_away_before,
+        "calls were turned away from a"
+    );
+    assert_eq!(policy.snapshot().timed_out, 0);
+    let metrics = prometheus_text(&[policy.snapshot()]);
+    for series in [
+        "courier_call_endpoint_breaker_state{policy=\"flaky\",endpoint=\"flaky-a\",state=\"closed\"} 0",
+        "courier_call_endpoint_breaker_state{policy=\"flaky\",endpoint=\"flaky-b\",state=\"closed\"} 1",
+        "courier_call_endpoint_breakers{policy=\"flaky\",state=\"closed\"} 1",
+    ] {
+        assert!(metrics.contains(series), "{series} in {metrics}");
+    }
+    assert!(
+        metrics.contains(
+            "courier_call_endpoint_rejections_total{policy=\"flaky\",endpoint=\"flaky-a\"}"
+        ),
+        "{metrics}"
+    );
+
+    // Kill the other too: once its breaker opens as well, calls fail at
+    // once without being made.
+    drop(b);
+    let mut failures = 0;
+    while policy.breaker_state() != Some(BreakerState::Open) {
+        assert!(call().await.is_err(), "a call to two killed instances");
+        failures += 1;
+        assert!(failures <= 10, "every breaker opens");
+    }
+    for _ in 0..10 {
+        let started = Instant::now();
+        let refused = call().await.expect_err("every breaker is open");
+        let took = started.elapsed();
+        assert!(
+            matches!(refused, resilience::Error::Open { .. }),
+            "{refused}"
+        );
+        assert!(took < timeout / 20, "fails fast: {took:?}");
+    }
+
+    // Back on the same ports: the breakers' probes find them and close
+    // both breakers by themselves.
+    let (_a, _b) = (instance(&address_a), instance(&address_b));
+    call_until_success("the caller reaches the service again", call).await;
+    let deadline = Instant::now() + T;
+    while state("flaky-a") != Some(BreakerState::Closed)
+        || state("flaky-b") != Some(BreakerState::Closed)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "both breakers close: {:?}, {:?}",
+            state("flaky-a"),
+            state("flaky-b")
+        );
+        call().await.expect("the instances are back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let snapshot = policy.snapshot();
+    assert!(snapshot.breaker_opened >= 2, "{snapshot:?}");
+    assert!(snapshot.rejected_open >= 10, "{snapshot:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -430,4 +558,40 @@ async fn calls_are_spread_over_two_instances() {
         "two choices spread the calls: {a} and {b}"
     );
     assert_eq!(policy.snapshot().succeeded, 40);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_a_manifest_discovery_runs_on_the_callers_own_token() {
+    let dir = common::tempdir::Dir::new("discovery-manifest");
+    let manifest = common::manifest_with_admin(
+        &dir,
+        "caller",
+        "sends = [\"api.ping\"]",
+        "crr_caller_secret",
+        "crr_admin_secret",
+    );
+    let registry = Broker::start_with(&["--manifest", &manifest]);
+    let register_as_admin = |id: &str, address: &str| {
+        let out = registry
+            .cli(&["register", "api", "--address", address, "--id", id])
+            .env("COURIER_HTTP", http_port(&registry))
+            .env("COURIER_TOKEN", "crr_admin_secret")
+            .output()
+            .expect("run courier register");
+        assert!(out.status.success(), "{}", common::stderr(&out));
+    };
+    register_as_admin("api-1", "127.0.0.1:9101");
+
+    let mut opts = ClientOptions::new(&registry.addr, "caller");
+    opts.http = Some(http_port(&registry));
+    opts.token = Some("crr_caller_secret".to_string());
+    let client = Client::connect(opts).await.expect("connect the caller");
+    let mut api = client
+        .discover("api")
+        .await
+        .expect("a service's token looks up the registry");
+    wait_endpoints(&mut api, 1).await;
+    // The watch long-polls on the same token.
+    register_as_admin("api-2", "127.0.0.1:9102");
+    wait_endpoints(&mut api, 2).await;
 }

@@ -546,6 +546,70 @@ async fn every_documented_operation_answers_as_the_document_says() {
     .expect("join");
 }
 
+/// Under a manifest the registry's answers to each kind of token are
+/// the documented ones: lookups take a service's token, changes an admin's.
+#[test]
+fn under_a_manifest_the_registrys_answers_to_each_token_are_documented() {
+    let dir = common::tempdir::Dir::new("openapi-manifest");
+    let manifest = common::manifest_with_admin(
+        &dir,
+        "web",
+        "sends = [\"todo.create\"]",
+        "crr_web_secret",
+        "crr_admin_secret",
+    );
+    let broker = Broker::start_with(&["--manifest", &manifest]);
+    let http = broker.http.clone().expect("an HTTP port");
+    let (_, doc_text) = common::http_get(&http, "/v1/openapi.json", None);
+    let doc: Value = serde_json::from_str(&doc_text).expect("the document is JSON");
+    let bearer = |token: &str| format!("Bearer {token}");
+    let (web, admin, nobody) = (
+        bearer("crr_web_secret"),
+        bearer("crr_admin_secret"),
+        bearer("crr_nobody"),
+    );
+    let json_post = ("Content-Type", "application/json");
+    let body = r#"{"address":"127.0.0.1:5432","id":"db-1"}"#;
+    for (method, path, auth, body, want) in [
+        ("post", "/v1/services/db", Some(&web), body, 403),
+        ("post", "/v1/services/db", Some(&admin), body, 200),
+        ("get", "/v1/registry", Some(&web), "", 200),
+        ("get", "/v1/services/db", Some(&web), "", 200),
+        (
+            "get",
+            "/v1/services/db?index=0&wait=1s",
+            Some(&web),
+            "",
+            200,
+        ),
+        ("get", "/v1/registry", None, "", 401),
+        ("get", "/v1/services/db", Some(&nobody), "", 401),
+        (
+            "post",
+            "/v1/services/db/db-1/heartbeat",
+            Some(&web),
+            "",
+            403,
+        ),
+        ("delete", "/v1/services/db/db-1", Some(&web), "", 403),
+        ("delete", "/v1/services/db/db-1", Some(&admin), "", 200),
+    ] {
+        let mut headers = vec![json_post];
+        if let Some(auth) = auth {
+            headers.push(("Authorization", auth.as_str()));
+        }
+        let answer = call(&http, &method.to_ascii_uppercase(), path, &headers, body);
+        assert_eq!(
+            answer.status,
+            want,
+            "{method} {path}: {}",
+            String::from_utf8_lossy(&answer.body)
+        );
+        let (_, validated) = conforms(&doc, method, path, &answer);
+        assert!(validated, "{method} {path}: a JSON body was checked");
+    }
+}
+
 #[test]
 fn the_checker_refuses_what_the_document_does_not_say() {
     let doc = json!({

@@ -258,6 +258,12 @@ fn bus_instances_advertise_where_they_serve() {
         std::process::Command::new(todo_bin("todo-service"))
             .env("COURIER_URL", &registry.addr)
             .env("COURIER_ADVERTISE", "127.0.0.1:4001")
+            // Its database in the test's temporary directory, not the
+            // source tree.
+            .env(
+                "TODO_DATABASE",
+                registry.data_dir.path().join("todo.sqlite"),
+            )
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("start todo-service"),
@@ -311,4 +317,108 @@ fn common_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<Va
         }
     });
     rx
+}
+
+#[test]
+fn under_a_manifest_a_service_token_reads_the_registry_and_only_an_admin_changes_it() {
+    let dir = common::tempdir::Dir::new("registry-manifest");
+    let manifest = common::manifest_with_admin(
+        &dir,
+        "todo",
+        "receives = [\"todo.create\"]",
+        "crr_todo_secret",
+        "crr_admin_secret",
+    );
+    let registry = Broker::start_with(&["--manifest", &manifest]);
+    let http = registry.http.clone().expect("an HTTP port");
+    let as_cli = |token: Option<&str>, args: &[&str]| {
+        let mut cmd = registry.cli(args);
+        cmd.env("COURIER_HTTP", port_of(&http));
+        match token {
+            Some(token) => cmd.env("COURIER_TOKEN", token),
+            None => cmd.env_remove("COURIER_TOKEN"),
+        };
+        cmd.output().expect("run courier")
+    };
+
+    // Changes: an admin's token only.
+    let db = [
+        "register",
+        "db",
+        "--address",
+        "127.0.0.1:5432",
+        "--id",
+        "db-1",
+    ];
+    let out = as_cli(Some("crr_todo_secret"), &db);
+    assert!(!out.status.success(), "a service's token registered");
+    assert!(
+        common::stderr(&out).contains("[admin] token"),
+        "{}",
+        common::stderr(&out)
+    );
+    let out = as_cli(Some("crr_admin_secret"), &db);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+
+    // Lookups: a service's token lists ...
+    let out = as_cli(Some("crr_todo_secret"), &["services", "--json"]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let listing: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(listing["services"][0]["name"], "db", "{listing}");
+    let out = as_cli(Some("crr_todo_secret"), &["services", "db", "--json"]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let listed: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(listed["instances"][0]["id"], "db-1", "{listed}");
+
+    // ... and long-polls: held until the registry changes.
+    let index = listed["index"].as_u64().expect("an index");
+    let poll = {
+        let http = http.clone();
+        std::thread::spawn(move || {
+            http_get(
+                &http,
+                &format!("/v1/services/db?index={index}&wait=20s"),
+                Some("crr_todo_secret"),
+            )
+        })
+    };
+    let out = as_cli(
+        Some("crr_admin_secret"),
+        &[
+            "register",
+            "db",
+            "--address",
+            "127.0.0.1:5433",
+            "--id",
+            "db-2",
+        ],
+    );
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let (status, body) = poll.join().expect("the long-poll");
+    assert_eq!(status, 200, "{body}");
+    let answer: Value = serde_json::from_str(&body).expect("JSON");
+    assert!(answer["index"].as_u64() > Some(index), "{answer}");
+    assert_eq!(answer["instances"].as_array().map(Vec::len), Some(2));
+
+    // A token the manifest does not list, or none: 401, for the lookups
+    // and for `courier watch` alike.
+    for path in ["/v1/registry", "/v1/services/db", "/v1/services/db?index=0"] {
+        for token in [None, Some("crr_nobody")] {
+            let (status, body) = http_get(&http, path, token);
+            assert_eq!(status, 401, "{path} with {token:?}: {body}");
+            assert!(body.contains("Authorization: Bearer") || body.contains("no entry"));
+        }
+        let (status, body) = http_get(&http, path, Some("crr_admin_secret"));
+        assert_eq!(status, 200, "{path} with the admin's token: {body}");
+    }
+    let out = as_cli(Some("crr_nobody"), &["watch", "db"]);
+    assert!(!out.status.success(), "a watch with an unknown token ran");
+    assert!(
+        common::stderr(&out).contains("401"),
+        "{}",
+        common::stderr(&out)
+    );
+    // The rest of the port stays the admin's.
+    let (status, body) = http_get(&http, "/metrics", Some("crr_todo_secret"));
+    assert_eq!(status, 403, "{body}");
 }

@@ -293,7 +293,23 @@ fn traces_go_past_their_retention_and_past_the_size_cap_and_memory_stays_bounded
         (metric(&text, "courier_trace_messages_traced_total")? >= (EVENTS + 1) as f64)
             .then_some(text)
     });
-    let grown = common::rss_bytes(broker.child.id()).saturating_sub(baseline);
+    // The cap, the store's cache of recent messages (4096 x 2 KiB) and
+    // the dedup window's ids, with room: nowhere near the 70 MiB traced.
+    // Held, not passing through: while the trace thread lags (a busy
+    // machine), its queue may pin up to 64 MiB of messages for a moment,
+    // which the allocator returns about a second after they are let go.
+    const HELD_MAX: u64 = 40 * 1024 * 1024;
+    let mut grown = 0;
+    let settled = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < settled {
+        grown = common::rss_bytes(broker.child.id()).saturating_sub(baseline);
+        if grown < HELD_MAX {
+            break;
+        }
+        // A scrape allocates, which lets the allocator return freed pages.
+        let _ = http_get(&http, "/metrics", None);
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let memory = metric(&text, "courier_trace_memory_bytes").expect("memory gauge");
     eprintln!(
         "traces: {memory} B held of {CAP}; broker RSS grew {} KiB over {EVENTS} traced events",
@@ -304,9 +320,7 @@ fn traces_go_past_their_retention_and_past_the_size_cap_and_memory_stays_bounded
         text.contains("courier_trace_activities_evicted_total{reason=\"size\"}"),
         "{text}"
     );
-    // The cap, the store's cache of recent messages (4096 x 2 KiB) and
-    // the dedup window's ids, with room: nowhere near the 70 MiB traced.
-    assert!(grown < 40 * 1024 * 1024, "RSS grew {grown} B");
+    assert!(grown < HELD_MAX, "RSS grew {grown} B and stayed");
     assert_eq!(
         http_get(&http, &format!("/v1/activities/{early}"), None).0,
         404,

@@ -671,3 +671,80 @@ fn watch_restarts_the_services_whose_files_changed() {
     assert_eq!(up.child.wait().expect("wait").code(), Some(0));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `courier services NAME --json` against `courier up`'s broker: the
+/// addresses of NAME's healthy instances, sorted.
+fn registered_addresses(http: &str, token: &str, name: &str) -> Vec<String> {
+    let out = Command::new(courier_bin())
+        .args(["services", name, "--json", "--http", http])
+        .env("COURIER_TOKEN", token)
+        .output()
+        .expect("run courier services");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let mut addresses: Vec<String> = listed["instances"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i["address"].as_str().map(str::to_string))
+        .collect();
+    addresses.sort();
+    addresses
+}
+
+#[test]
+fn a_service_with_an_http_port_is_registered_at_it_unless_its_env_says_otherwise() {
+    let dir = app_dir("todo", "advertise");
+    let port = |addr: String| addr.rsplit_once(':').expect("HOST:PORT").1.to_string();
+    let (todo_port, stats_port) = (port(free_addr()), port(free_addr()));
+    let toml = std::fs::read_to_string(dir.join("courier.toml")).expect("read courier.toml");
+    assert_eq!(
+        toml.lines().rfind(|l| l.starts_with('[')),
+        Some("[services.stats]"),
+        "the example's last table is stats"
+    );
+    // todo declares a port; stats (the file's last table) one too, and
+    // advertises an address of its own.
+    let toml =
+        toml.replacen(
+            "[services.todo]\n",
+            &format!("[services.todo]\nhttp = {todo_port}\n"),
+            1,
+        ) + &format!("http = {stats_port}\nenv = {{ COURIER_ADVERTISE = \"127.0.0.1:4999\" }}\n");
+    std::fs::write(dir.join("courier.toml"), toml).expect("write courier.toml");
+    let (bus, http_port, web) = (free_addr(), free_addr(), free_addr());
+    let mut up = Up::start(&dir, &bus, &http_port, &web);
+    up.wait_line(&["courier up: up: stats 1/1, todo 1/1, web 1/1"]);
+
+    // A service's own token reads the registry.
+    let token = token_of(&dir, "todo");
+    let deadline = Instant::now() + T;
+    let expected = (
+        vec![format!("127.0.0.1:{todo_port}")],
+        vec!["127.0.0.1:4999".to_string()],
+    );
+    loop {
+        let seen = (
+            registered_addresses(&http_port, &token, "todo"),
+            registered_addresses(&http_port, &token, "stats"),
+        );
+        if seen == expected {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "registered (todo, stats): {seen:?}, not {expected:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = Command::new("kill")
+        .args(["-INT", &up.child.id().to_string()])
+        .status();
+    assert_eq!(up.child.wait().expect("wait").code(), Some(0));
+    assert_nothing_left(&dir, &["todo-service", "todo-web", "todo-stats"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}

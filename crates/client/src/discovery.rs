@@ -8,7 +8,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use courier_resilience::{Balance, Balancer, BoxError, Idempotency, InFlight, Policy};
+use courier_resilience::{Balance, Balancer, BoxError, Idempotency, InFlight, Policy, Spread};
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -127,37 +127,32 @@ impl Discovery {
     }
 
     /// Calls the service under `policy`: each attempt picks an endpoint
-    /// (a retry may go to another one) and runs `call` with it. With no
-    /// healthy endpoint an attempt fails with
+    /// (a retry may go to another one) and runs `call` with it. Each
+    /// endpoint has a breaker of its own in the policy: the balancer's
+    /// pick is passed over while its breaker is open (its half-open probe
+    /// still goes to it), and the call fails at once with
+    /// [`courier_resilience::Error::Open`] only when every endpoint's
+    /// breaker is open. With no healthy endpoint an attempt fails with
     /// [`courier_resilience::Error::NoEndpoints`].
     pub async fn call<T, E, F, Fut>(
         &self,
         policy: &Policy,
         idempotency: Idempotency,
-        mut call: F,
+        call: F,
     ) -> std::result::Result<T, courier_resilience::Error>
     where
         F: FnMut(Endpoint) -> Fut,
         Fut: Future<Output = std::result::Result<T, E>>,
         E: Into<BoxError>,
     {
-        policy
-            .run(idempotency, || {
-                let attempt = self
-                    .pick()
-                    .map(|(endpoint, in_flight)| (call(endpoint), in_flight));
-                let service = self.service.clone();
-                async move {
-                    let Some((attempt, in_flight)) = attempt else {
-                        let none = courier_resilience::Error::NoEndpoints(service.to_string());
-                        return Err(BoxError::from(none));
-                    };
-                    let result = attempt.await.map_err(Into::into);
-                    drop(in_flight);
-                    result
-                }
-            })
-            .await
+        let endpoints = || self.current.borrow().endpoints.clone();
+        let spread = Spread {
+            service: &self.service,
+            balancer: &self.balancer,
+            endpoints: &endpoints,
+            key: |e: &Endpoint| e.id.as_str(),
+        };
+        policy.call_spread(idempotency, &spread, call).await
     }
 }
 

@@ -64,9 +64,21 @@ impl Balancer {
         endpoints: &'a [T],
         key: impl Fn(&T) -> &str,
     ) -> Option<(&'a T, InFlight)> {
-        let chosen = match (self.balance, endpoints.len()) {
-            (_, 0) => return None,
-            (_, 1) => 0,
+        let chosen = *self.order(endpoints, &key).first()?;
+        let endpoint = &endpoints[chosen];
+        Some((endpoint, self.hold(key(endpoint))))
+    }
+
+    /// Every index of `endpoints`, in the order to try them: the balance's
+    /// pick first (round robin: the next in turn, then the ones after it;
+    /// two choices: the less loaded of two at random, then the other, then
+    /// the rest), so a caller that may not use the first (its breaker is
+    /// open) falls back on the next.
+    pub fn order<T>(&self, endpoints: &[T], key: impl Fn(&T) -> &str) -> Vec<usize> {
+        let n = endpoints.len();
+        let start = match (self.balance, n) {
+            (_, 0) => return Vec::new(),
+            (_, 1) => return vec![0],
             (Balance::RoundRobin, n) => self.next.fetch_add(1, Ordering::Relaxed) % n,
             (Balance::PowerOfTwoChoices, n) => {
                 let random = random_u64();
@@ -74,20 +86,35 @@ impl Balancer {
                 // A second index, different from the first.
                 let second = (first + 1 + ((random >> 32) % (n as u64 - 1)) as usize) % n;
                 let load = |i: usize| self.outstanding(key(&endpoints[i]));
-                if load(second) < load(first) {
-                    second
+                let (better, other) = if load(second) < load(first) {
+                    (second, first)
                 } else {
-                    first
-                }
+                    (first, second)
+                };
+                let mut order = Vec::with_capacity(n);
+                order.extend([better, other]);
+                order.extend(
+                    (0..n)
+                        .map(|k| (first + k) % n)
+                        .filter(|i| *i != second && *i != first),
+                );
+                return order;
             }
         };
-        let endpoint = &endpoints[chosen];
+        (0..n).map(|k| (start + k) % n).collect()
+    }
+
+    /// Counts a call on the endpoint `key` until the [`InFlight`] is dropped.
+    pub fn hold(&self, key: &str) -> InFlight {
         let counter = {
             let mut counts = self.counts();
-            counts.entry(key(endpoint).to_string()).or_default().clone()
+            match counts.get(key) {
+                Some(counter) => counter.clone(),
+                None => counts.entry(key.to_string()).or_default().clone(),
+            }
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        Some((endpoint, InFlight(counter)))
+        InFlight(counter)
     }
 
     /// Forgets the counts of endpoints no longer listed with nothing under way.
@@ -140,6 +167,24 @@ mod tests {
         drop(held_too);
         assert_eq!(b.outstanding(busy), 0);
         assert_eq!(b.outstanding(idle), 0);
+    }
+
+    #[test]
+    fn the_order_puts_the_pick_first_and_every_endpoint_once() {
+        let b = Balancer::new(Balance::RoundRobin);
+        let endpoints = ["a", "b", "c"];
+        assert_eq!(b.order(&endpoints, id), vec![0, 1, 2]);
+        assert_eq!(b.order(&endpoints, id), vec![1, 2, 0]);
+        let b = Balancer::new(Balance::PowerOfTwoChoices);
+        let _busy = b.hold("a");
+        for _ in 0..50 {
+            let order = b.order(&endpoints, id);
+            let mut sorted = order.clone();
+            sorted.sort();
+            assert_eq!(sorted, vec![0, 1, 2], "{order:?}");
+            assert_ne!(order[0], 0, "a is busier than either other: {order:?}");
+        }
+        assert!(b.order(&[] as &[&str], id).is_empty());
     }
 
     #[test]

@@ -6,8 +6,14 @@
 //! refuses every call until its cool-down is over, then it is half-open:
 //! a few probes go through; as many successes close it, one failure opens
 //! it again for another cool-down.
+//!
+//! A [`BreakerSet`] keeps one breaker per endpoint of a service: a call
+//! goes to the first of its candidate endpoints whose breaker lets it
+//! through, so one dead instance opens only its own breaker and calls go
+//! around it; only when every endpoint's breaker refuses is the call
+//! refused.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -190,13 +196,19 @@ pub struct Breaker {
 
 impl Breaker {
     pub fn new(config: BreakerConfig) -> Breaker {
+        Breaker::from_generation(config, 0)
+    }
+
+    /// A closed breaker whose permits start at `generation`, so a permit
+    /// of a breaker it replaces is never taken for one of its own.
+    fn from_generation(config: BreakerConfig, generation: u64) -> Breaker {
         Breaker {
             window: Window::new(config.window),
             config,
             phase: Phase::Closed {
                 consecutive_failures: 0,
             },
-            generation: 0,
+            generation,
             opened_total: 0,
             rejected_total: 0,
         }
@@ -351,6 +363,159 @@ impl Breaker {
     }
 }
 
+/// Generations apart of two breakers made for the same key: far more
+/// transitions than one breaker makes.
+const GENERATIONS_PER_BREAKER: u64 = 1 << 32;
+
+/// How many endpoints' breakers are in each state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct StateCounts {
+    pub closed: u64,
+    pub open: u64,
+    pub half_open: u64,
+}
+
+/// One breaker per endpoint (by key, an endpoint's id), all with the same
+/// config; pure like [`Breaker`]. Made on an endpoint's first call; the
+/// breakers of endpoints no longer listed are dropped by
+/// [`BreakerSet::acquire`], so the set holds at most one more than the
+/// endpoints listed.
+#[derive(Debug, Clone)]
+pub struct BreakerSet {
+    config: BreakerConfig,
+    breakers: BTreeMap<String, Breaker>,
+    /// Where the next breaker's generations start.
+    next_generation: u64,
+    opened_total: u64,
+    rejected_total: u64,
+}
+
+impl BreakerSet {
+    pub fn new(config: BreakerConfig) -> BreakerSet {
+        BreakerSet {
+            config,
+            breakers: BTreeMap::new(),
+            next_generation: 0,
+            opened_total: 0,
+            rejected_total: 0,
+        }
+    }
+
+    /// Asks the breakers of `candidates` (every endpoint listed, in the
+    /// order the balancer would call them) for leave to call at `now`:
+    /// the position of the first that grants it, with its permit. A
+    /// breaker that refuses is skipped, and counts the refusal; an open
+    /// one past its cool-down grants its probe. When every one refuses
+    /// (or there are none), the call is refused, to be tried again in the
+    /// shortest of their waits.
+    ///
+    /// With more breakers than candidates, those of keys not among them
+    /// (endpoints that left the list) are dropped first; at most one
+    /// breaker is made per call, so the set never holds more than one
+    /// breaker over the endpoints listed.
+    pub fn acquire(
+        &mut self,
+        candidates: &[&str],
+        now: Instant,
+    ) -> Result<(usize, Permit), Rejected> {
+        if self.breakers.len() > candidates.len() {
+            self.breakers
+                .retain(|key, _| candidates.contains(&key.as_str()));
+        }
+        let mut soonest: Option<Duration> = None;
+        for (at, key) in candidates.iter().enumerate() {
+            let breaker = match self.breakers.get_mut(*key) {
+                Some(breaker) => breaker,
+                None => {
+                    let breaker =
+                        Breaker::from_generation(self.config.clone(), self.next_generation);
+                    self.next_generation =
+                        self.next_generation.wrapping_add(GENERATIONS_PER_BREAKER);
+                    self.breakers.entry(key.to_string()).or_insert(breaker)
+                }
+            };
+            match breaker.acquire(now) {
+                Ok(permit) => return Ok((at, permit)),
+                Err(refused) => {
+                    self.rejected_total += 1;
+                    soonest = Some(soonest.map_or(refused.retry_in, |s| s.min(refused.retry_in)));
+                }
+            }
+        }
+        Err(Rejected {
+            retry_in: soonest.unwrap_or(Duration::ZERO),
+        })
+    }
+
+    /// The outcome of the call to `key` that `permit` let through.
+    pub fn record(&mut self, key: &str, permit: Permit, outcome: Outcome, now: Instant) {
+        if let Some(breaker) = self.breakers.get_mut(key) {
+            let opened = breaker.opened_total();
+            breaker.record(permit, outcome, now);
+            self.opened_total += breaker.opened_total() - opened;
+        }
+    }
+
+    /// Hands back a permit of `key` whose call never ran.
+    pub fn release(&mut self, key: &str, permit: Permit) {
+        if let Some(breaker) = self.breakers.get_mut(key) {
+            breaker.release(permit);
+        }
+    }
+
+    /// The state of `key`'s breaker at `now`; `None` before its first call.
+    pub fn state(&self, key: &str, now: Instant) -> Option<BreakerState> {
+        self.breakers.get(key).map(|b| b.state(now))
+    }
+
+    /// The breakers, by key.
+    pub fn breakers(&self) -> impl Iterator<Item = (&str, &Breaker)> {
+        self.breakers.iter().map(|(k, b)| (k.as_str(), b))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.breakers.is_empty()
+    }
+
+    /// How many breakers are in each state at `now`.
+    pub fn counts(&self, now: Instant) -> StateCounts {
+        let mut counts = StateCounts::default();
+        for breaker in self.breakers.values() {
+            match breaker.state(now) {
+                BreakerState::Closed => counts.closed += 1,
+                BreakerState::Open => counts.open += 1,
+                BreakerState::HalfOpen => counts.half_open += 1,
+            }
+        }
+        counts
+    }
+
+    /// The set's state as a whole at `now`: closed while any endpoint's
+    /// breaker is, open only when every one is; `None` while empty.
+    pub fn state_overall(&self, now: Instant) -> Option<BreakerState> {
+        let counts = self.counts(now);
+        if counts.closed > 0 {
+            Some(BreakerState::Closed)
+        } else if counts.half_open > 0 {
+            Some(BreakerState::HalfOpen)
+        } else if counts.open > 0 {
+            Some(BreakerState::Open)
+        } else {
+            None
+        }
+    }
+
+    /// Times any of its breakers opened, those since dropped included.
+    pub fn opened_total(&self) -> u64 {
+        self.opened_total
+    }
+
+    /// Calls any of its breakers refused (a skipped endpoint counts once).
+    pub fn rejected_total(&self) -> u64 {
+        self.rejected_total
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // a test that unwraps fails, which is its point
 mod tests {
@@ -461,6 +626,82 @@ mod tests {
     }
 
     #[test]
+    fn a_set_skips_endpoints_whose_breakers_are_open_and_refuses_only_when_all_are() {
+        let t = Instant::now();
+        let mut set = BreakerSet::new(config());
+        for _ in 0..3 {
+            let (at, permit) = set.acquire(&["a", "b"], t).unwrap();
+            assert_eq!(at, 0);
+            set.record("a", permit, Outcome::Failure, t);
+        }
+        assert_eq!(set.state("a", t), Some(BreakerState::Open));
+        assert_eq!(set.state("b", t), None, "b has had no call yet");
+        let (at, permit) = set.acquire(&["a", "b"], t).unwrap();
+        assert_eq!(at, 1, "a's open breaker is skipped");
+        set.record("b", permit, Outcome::Success, t);
+        assert_eq!(set.rejected_total(), 1);
+        assert_eq!(set.state_overall(t), Some(BreakerState::Closed));
+
+        let later = t + Duration::from_secs(1);
+        for _ in 0..3 {
+            let (at, permit) = set.acquire(&["b", "a"], later).unwrap();
+            assert_eq!(at, 0);
+            set.record("b", permit, Outcome::Failure, later);
+        }
+        let refused = set.acquire(&["a", "b"], later).unwrap_err();
+        assert_eq!(
+            refused.retry_in,
+            Duration::from_secs(4),
+            "a's is the shorter wait"
+        );
+        assert_eq!(set.state_overall(later), Some(BreakerState::Open));
+        assert_eq!(set.opened_total(), 2);
+
+        // a's cool-down ends first: its probe goes to it, listed second.
+        let a_cooled = t + Duration::from_secs(5);
+        let (at, probe) = set.acquire(&["b", "a"], a_cooled).unwrap();
+        assert_eq!(at, 1);
+        assert!(probe.is_probe());
+        set.record("a", probe, Outcome::Success, a_cooled);
+        assert_eq!(set.state("a", a_cooled), Some(BreakerState::Closed));
+        assert_eq!(
+            set.counts(a_cooled),
+            StateCounts {
+                closed: 1,
+                open: 1,
+                half_open: 0
+            }
+        );
+    }
+
+    #[test]
+    fn a_set_drops_the_breakers_of_endpoints_no_longer_listed() {
+        let t = Instant::now();
+        let mut set = BreakerSet::new(config());
+        let (_, stale) = set.acquire(&["a"], t).unwrap();
+        let (_, permit) = set.acquire(&["b"], t).unwrap();
+        set.record("b", permit, Outcome::Success, t);
+        let (_, permit) = set.acquire(&["b"], t).unwrap();
+        set.record("b", permit, Outcome::Success, t);
+        assert_eq!(set.state("a", t), None, "a left the list");
+        assert_eq!(set.breakers().count(), 1);
+        // a is back with a new breaker: a permit of the old one counts
+        // for nothing in it.
+        let (_, fresh) = set.acquire(&["a", "b"], t).unwrap();
+        set.record("a", stale, Outcome::Failure, t);
+        set.release("a", fresh);
+        for _ in 0..2 {
+            let (_, permit) = set.acquire(&["a", "b"], t).unwrap();
+            set.record("a", permit, Outcome::Failure, t);
+        }
+        assert_eq!(
+            set.state("a", t),
+            Some(BreakerState::Closed),
+            "2 failures, not 3"
+        );
+    }
+
+    #[test]
     fn a_failure_rate_over_the_window_opens_it_once_enough_calls_were_seen() {
         let t = Instant::now();
         let mut b = Breaker::new(BreakerConfig {
@@ -540,6 +781,87 @@ mod properties {
                 half_open_probes: probes,
             },
         )
+    }
+
+    #[derive(Debug, Clone)]
+    enum SetOp {
+        /// Asks with every key, the list rotated this far.
+        Acquire(usize),
+        Finish(usize, bool),
+        Release(usize),
+        Advance(u64),
+    }
+
+    fn set_op() -> impl Strategy<Value = SetOp> {
+        prop_oneof![
+            4 => (0usize..3).prop_map(SetOp::Acquire),
+            4 => (any::<usize>(), any::<bool>()).prop_map(|(i, ok)| SetOp::Finish(i, ok)),
+            1 => any::<usize>().prop_map(SetOp::Release),
+            2 => (0u64..3_000).prop_map(SetOp::Advance),
+        ]
+    }
+
+    proptest! {
+        /// Whatever happens to a set of endpoints' breakers: a call goes
+        /// to the first candidate whose breaker is not open (a closed one,
+        /// or a half-open one with a probe free), never past a closed one;
+        /// it is refused only when none is closed, and then told to wait
+        /// the shortest of the waits; the set's openings are its breakers'.
+        #[test]
+        fn a_set_picks_the_first_endpoint_its_breaker_lets_through(
+            config in config(),
+            ops in prop::collection::vec(set_op(), 1..200),
+        ) {
+            const KEYS: [&str; 3] = ["a", "b", "c"];
+            let start = Instant::now();
+            let mut now = start;
+            let mut set = BreakerSet::new(config);
+            let mut out: Vec<(&str, Permit)> = Vec::new();
+            for op in ops {
+                match op {
+                    SetOp::Acquire(rotation) => {
+                        let candidates: Vec<&str> =
+                            (0..3).map(|i| KEYS[(i + rotation) % 3]).collect();
+                        let states: Vec<BreakerState> = candidates
+                            .iter()
+                            .map(|k| set.state(k, now).unwrap_or(BreakerState::Closed))
+                            .collect();
+                        match set.acquire(&candidates, now) {
+                            Ok((at, permit)) => {
+                                prop_assert!(
+                                    states[..at].iter().all(|s| *s != BreakerState::Closed),
+                                    "went past a closed breaker: {:?}, took {}", states, at
+                                );
+                                prop_assert_ne!(states[at], BreakerState::Open);
+                                prop_assert_eq!(permit.is_probe(), states[at] == BreakerState::HalfOpen);
+                                out.push((candidates[at], permit));
+                            }
+                            Err(refused) => {
+                                prop_assert!(states.iter().all(|s| *s != BreakerState::Closed), "{:?}", states);
+                                let any_half_open = states.contains(&BreakerState::HalfOpen);
+                                prop_assert_eq!(refused.retry_in == Duration::ZERO, any_half_open);
+                            }
+                        }
+                    }
+                    SetOp::Finish(i, ok) if !out.is_empty() => {
+                        let (key, permit) = out.remove(i % out.len());
+                        let outcome = if ok { Outcome::Success } else { Outcome::Failure };
+                        set.record(key, permit, outcome, now);
+                    }
+                    SetOp::Release(i) if !out.is_empty() => {
+                        let (key, permit) = out.remove(i % out.len());
+                        set.release(key, permit);
+                    }
+                    SetOp::Advance(ms) => now += Duration::from_millis(ms),
+                    SetOp::Finish(..) | SetOp::Release(_) => {}
+                }
+                let opened: u64 = set.breakers().map(|(_, b)| b.opened_total()).sum();
+                prop_assert_eq!(set.opened_total(), opened);
+                let rejected: u64 = set.breakers().map(|(_, b)| b.rejected_total()).sum();
+                prop_assert_eq!(set.rejected_total(), rejected);
+            }
+        }
+
     }
 
     proptest! {

@@ -3,7 +3,9 @@
 //! backoff and full jitter, fails fast through a circuit breaker and a
 //! bulkhead, and can fall back; a [`Balancer`] spreads calls over a
 //! service's endpoints (round robin, or the less loaded of two picked at
-//! random).
+//! random), and [`Policy::call_spread`] gives each endpoint a breaker of
+//! its own, so calls go around a dead instance and fail fast only when
+//! every one's breaker is open.
 //!
 //! ```
 //! use std::time::Duration;
@@ -35,9 +37,10 @@ use std::time::Duration;
 
 pub use backoff::Backoff;
 pub use balance::{Balance, Balancer, InFlight};
-pub use breaker::{BreakerConfig, BreakerState};
+pub use breaker::{BreakerConfig, BreakerState, StateCounts};
 pub use policy::{
-    prometheus_text, Idempotency, Policy, PolicyBuilder, PolicyLayer, PolicyService, PolicySnapshot,
+    prometheus_text, EndpointBreaker, Idempotency, Policy, PolicyBuilder, PolicyLayer,
+    PolicyService, PolicySnapshot, Spread, ENDPOINT_SERIES_MAX,
 };
 
 /// Any error of the call a policy runs.

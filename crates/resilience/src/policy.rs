@@ -14,8 +14,17 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use crate::backoff::Backoff;
-use crate::breaker::{Breaker, BreakerConfig, BreakerState, Outcome, Permit};
+use crate::balance::Balancer;
+use crate::breaker::{
+    Breaker, BreakerConfig, BreakerSet, BreakerState, Outcome, Permit, Rejected, StateCounts,
+};
 use crate::{BoxError, Error};
+
+/// Endpoints' series a snapshot (and so the metrics text) has per policy
+/// at most: the labels stay bounded however many instances a service
+/// has. Those not open come last and are left out first; the counts of
+/// endpoints by state cover every one.
+pub const ENDPOINT_SERIES_MAX: usize = 64;
 
 /// Whether a call may be made again after it failed: only an idempotent
 /// operation (a read, or a write with a dedup key) is retried.
@@ -73,6 +82,10 @@ impl PolicyBuilder {
                 bulkhead: self
                     .bulkhead
                     .map(|max| (Arc::new(Semaphore::new(max)), max)),
+                endpoint_breakers: self
+                    .breaker
+                    .clone()
+                    .map(|config| Mutex::new(BreakerSet::new(config))),
                 breaker: self.breaker.map(|config| Mutex::new(Breaker::new(config))),
                 name: self.name,
                 timeout: self.timeout,
@@ -106,9 +119,25 @@ struct Shared {
     timeout: Duration,
     retries: u32,
     backoff: Backoff,
+    /// For calls not spread over endpoints (bus requests, say).
     breaker: Option<Mutex<Breaker>>,
+    /// For calls spread over a service's endpoints: one breaker each.
+    endpoint_breakers: Option<Mutex<BreakerSet>>,
     bulkhead: Option<(Arc<Semaphore>, usize)>,
     counters: Counters,
+}
+
+/// A service's endpoints for [`Policy::call_spread`]: each attempt goes to
+/// one of them, the balancer's pick unless that one's breaker is open.
+pub struct Spread<'a, P> {
+    /// The service's name, for the error when it has no endpoint.
+    pub service: &'a str,
+    pub balancer: &'a Balancer,
+    /// The endpoints listed now, asked once per attempt.
+    pub endpoints: &'a (dyn Fn() -> Arc<[P]> + Send + Sync),
+    /// An endpoint's key (its id): of its breaker, of its count in the
+    /// balancer, and its label in the metrics.
+    pub key: fn(&P) -> &str,
 }
 
 /// How calls to one dependency are made: timeout, retries of idempotent
@@ -120,15 +149,33 @@ pub struct Policy {
     shared: Arc<Shared>,
 }
 
+/// One endpoint's breaker in a [`PolicySnapshot`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EndpointBreaker {
+    /// The endpoint's key (its instance id).
+    pub endpoint: String,
+    pub state: BreakerState,
+    /// Times it opened.
+    pub opened: u64,
+    /// Calls it turned away (to another endpoint, or refused).
+    pub rejected: u64,
+}
+
 /// The counters and state of a [`Policy`], for a service to expose
 /// (as JSON, or with [`prometheus_text`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct PolicySnapshot {
     pub policy: String,
-    /// `None` without a breaker.
+    /// `None` without a breaker; see [`Policy::breaker_state`].
     pub breaker: Option<BreakerState>,
-    /// Times the breaker opened.
+    /// Times a breaker opened (the policy's own and its endpoints').
     pub breaker_opened: u64,
+    /// The breakers of the endpoints called through [`Policy::call_spread`]
+    /// (a discovered service's instances), at most [`ENDPOINT_SERIES_MAX`]
+    /// of them, open and half-open ones first.
+    pub endpoints: Vec<EndpointBreaker>,
+    /// Endpoints' breakers in each state, every one counted.
+    pub endpoint_states: StateCounts,
     /// Calls made (each counts once, however many attempts it took).
     pub calls: u64,
     pub succeeded: u64,
@@ -138,7 +185,8 @@ pub struct PolicySnapshot {
     pub timed_out: u64,
     /// Attempts after a first one.
     pub retried: u64,
-    /// Attempts refused by the open (or half-open) breaker.
+    /// Attempts refused by the open (or half-open) breaker; for a call
+    /// spread over endpoints, when every endpoint's breaker refused.
     pub rejected_open: u64,
     /// Calls refused by the full bulkhead.
     pub rejected_full: u64,
@@ -219,26 +267,77 @@ impl Policy {
         }
     }
 
-    /// The breaker's state now, `None` without one.
+    /// The breaker's state now, `None` without one. Once calls were
+    /// spread over endpoints ([`Policy::call_spread`]), the state of their
+    /// breakers as a whole: closed while any endpoint's is, open only when
+    /// every one is (calls then fail at once).
     pub fn breaker_state(&self) -> Option<BreakerState> {
         let now = Instant::now().into_std();
-        self.shared
-            .breaker
+        let spread = self
+            .shared
+            .endpoint_breakers
             .as_ref()
-            .map(|breaker| lock(breaker).state(now))
+            .and_then(|set| lock(set).state_overall(now));
+        spread.or_else(|| {
+            self.shared
+                .breaker
+                .as_ref()
+                .map(|breaker| lock(breaker).state(now))
+        })
+    }
+
+    /// The state of the endpoint `key`'s breaker now; `None` without a
+    /// breaker or before a call to it.
+    pub fn endpoint_breaker_state(&self, key: &str) -> Option<BreakerState> {
+        let now = Instant::now().into_std();
+        self.shared
+            .endpoint_breakers
+            .as_ref()
+            .and_then(|set| lock(set).state(key, now))
     }
 
     pub fn snapshot(&self) -> PolicySnapshot {
         let c = &self.shared.counters;
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         let now = Instant::now().into_std();
-        let (breaker, breaker_opened) = match &self.shared.breaker {
+        let (own_state, own_opened) = match &self.shared.breaker {
             Some(breaker) => {
                 let breaker = lock(breaker);
                 (Some(breaker.state(now)), breaker.opened_total())
             }
             None => (None, 0),
         };
+        let (spread_state, spread_opened, endpoint_states, mut endpoints) =
+            match &self.shared.endpoint_breakers {
+                Some(set) => {
+                    let set = lock(set);
+                    let endpoints: Vec<EndpointBreaker> = set
+                        .breakers()
+                        .map(|(key, b)| EndpointBreaker {
+                            endpoint: key.to_string(),
+                            state: b.state(now),
+                            opened: b.opened_total(),
+                            rejected: b.rejected_total(),
+                        })
+                        .collect();
+                    (
+                        set.state_overall(now),
+                        set.opened_total(),
+                        set.counts(now),
+                        endpoints,
+                    )
+                }
+                None => (None, 0, StateCounts::default(), Vec::new()),
+            };
+        // Open ones first, then half-open, then closed, each by key.
+        endpoints.sort_by_key(|e| match e.state {
+            BreakerState::Open => 0,
+            BreakerState::HalfOpen => 1,
+            BreakerState::Closed => 2,
+        });
+        endpoints.truncate(ENDPOINT_SERIES_MAX);
+        let breaker = spread_state.or(own_state);
+        let breaker_opened = own_opened + spread_opened;
         let outstanding = self.shared.bulkhead.as_ref().map_or(0, |(slots, max)| {
             max.saturating_sub(slots.available_permits()) as u64
         });
@@ -246,6 +345,8 @@ impl Policy {
             policy: self.shared.name.clone(),
             breaker,
             breaker_opened,
+            endpoints,
+            endpoint_states,
             calls: load(&c.calls),
             succeeded: load(&c.succeeded),
             failed: load(&c.failed),
@@ -258,8 +359,42 @@ impl Policy {
         }
     }
 
-    /// The engine: bulkhead around the whole call (retries keep their
-    /// slot), then per attempt the breaker's leave and the timeout.
+    /// Runs a call to one of a service's endpoints: each attempt asks
+    /// `spread` for the endpoints listed now, picks one (the balancer's
+    /// choice, or the next whose breaker lets the call through: each
+    /// endpoint has a breaker of its own, so one dead instance is called
+    /// around) and runs `call` with it. A retry may go to another
+    /// endpoint. Fails at once with [`Error::Open`] only when every
+    /// endpoint's breaker is open, with [`Error::NoEndpoints`] when none
+    /// is listed.
+    pub async fn call_spread<P, T, E, F, Fut>(
+        &self,
+        idempotency: Idempotency,
+        spread: &Spread<'_, P>,
+        mut call: F,
+    ) -> Result<T, Error>
+    where
+        P: Clone,
+        F: FnMut(P) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        E: Into<BoxError>,
+    {
+        self.engine(idempotency, Some(spread), |endpoint| {
+            let attempt = endpoint.map(&mut call);
+            async move {
+                match attempt {
+                    Some(attempt) => attempt.await.map_err(Into::into),
+                    // The engine names an endpoint to every spread attempt.
+                    None => Err(BoxError::from(Error::NoEndpoints(String::new()))),
+                }
+            }
+        })
+        .await
+    }
+
+    /// Runs `attempt` under the policy, retried when `idempotency` says
+    /// so: what [`Policy::call`], [`Policy::call_idempotent`] and the
+    /// tower layer do.
     pub async fn run<T, E, F, Fut>(
         &self,
         idempotency: Idempotency,
@@ -267,6 +402,25 @@ impl Policy {
     ) -> Result<T, Error>
     where
         F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        E: Into<BoxError>,
+    {
+        self.engine(idempotency, None::<&Spread<'_, ()>>, |_| attempt())
+            .await
+    }
+
+    /// The engine: bulkhead around the whole call (retries keep their
+    /// slot), then per attempt the breaker's leave (the policy's own, or
+    /// with `spread` the chosen endpoint's) and the timeout.
+    async fn engine<P, T, E, F, Fut>(
+        &self,
+        idempotency: Idempotency,
+        spread: Option<&Spread<'_, P>>,
+        mut attempt: F,
+    ) -> Result<T, Error>
+    where
+        P: Clone,
+        F: FnMut(Option<P>) -> Fut,
         Fut: Future<Output = Result<T, E>>,
         E: Into<BoxError>,
     {
@@ -288,7 +442,11 @@ impl Policy {
         };
         let mut retry = 0;
         loop {
-            match self.attempt(&mut attempt).await {
+            let result = match spread {
+                None => self.attempt(&mut attempt).await,
+                Some(spread) => self.attempt_spread(spread, &mut attempt).await,
+            };
+            match result {
                 Ok(value) => {
                     bump(&shared.counters.succeeded);
                     return Ok(value);
@@ -310,63 +468,134 @@ impl Policy {
         }
     }
 
-    async fn attempt<T, E, F, Fut>(&self, attempt: &mut F) -> Result<T, Error>
+    /// One attempt under the policy's own breaker.
+    async fn attempt<P, T, E, F, Fut>(&self, attempt: &mut F) -> Result<T, Error>
     where
-        F: FnMut() -> Fut,
+        F: FnMut(Option<P>) -> Fut,
         Fut: Future<Output = Result<T, E>>,
         E: Into<BoxError>,
     {
-        let shared = &*self.shared;
-        let mut leave = match &shared.breaker {
+        let mut leave = match &self.shared.breaker {
             None => None,
             Some(breaker) => match lock(breaker).acquire(Instant::now().into_std()) {
                 Ok(permit) => Some(Leave {
-                    breaker,
+                    gate: Gate::Own(breaker),
                     permit: Some(permit),
                 }),
-                Err(rejected) => {
-                    bump(&shared.counters.rejected_open);
-                    return Err(Error::Open {
-                        policy: shared.name.clone(),
-                        retry_in: rejected.retry_in,
-                    });
-                }
+                Err(rejected) => return Err(self.refused(rejected)),
             },
         };
-        let result = match tokio::time::timeout(shared.timeout, attempt()).await {
+        let result = self.timed(attempt(None)).await;
+        if let Some(leave) = &mut leave {
+            leave.record(&result);
+        }
+        result
+    }
+
+    /// One attempt at one of `spread`'s endpoints, under its breaker.
+    async fn attempt_spread<P, T, E, F, Fut>(
+        &self,
+        spread: &Spread<'_, P>,
+        attempt: &mut F,
+    ) -> Result<T, Error>
+    where
+        P: Clone,
+        F: FnMut(Option<P>) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        E: Into<BoxError>,
+    {
+        let listed = (spread.endpoints)();
+        let order = spread.balancer.order(&listed, spread.key);
+        let keys: Vec<&str> = order.iter().map(|&i| (spread.key)(&listed[i])).collect();
+        let (chosen, mut leave) = match &self.shared.endpoint_breakers {
+            None => (0, None),
+            Some(set) => {
+                let acquired = lock(set).acquire(&keys, Instant::now().into_std());
+                match acquired {
+                    Ok((at, permit)) => (
+                        at,
+                        Some(Leave {
+                            gate: Gate::Endpoint(set, keys[at].to_string()),
+                            permit: Some(permit),
+                        }),
+                    ),
+                    Err(_) if keys.is_empty() => (0, None),
+                    Err(rejected) => return Err(self.refused(rejected)),
+                }
+            }
+        };
+        let Some(&index) = order.get(chosen) else {
+            return Err(Error::NoEndpoints(spread.service.to_string()));
+        };
+        let endpoint = listed[index].clone();
+        let in_flight = spread.balancer.hold(keys[chosen]);
+        drop(keys);
+        drop(listed);
+        let result = self.timed(attempt(Some(endpoint))).await;
+        drop(in_flight);
+        if let Some(leave) = &mut leave {
+            leave.record(&result);
+        }
+        result
+    }
+
+    /// A breaker's refusal as the call's error.
+    fn refused(&self, rejected: Rejected) -> Error {
+        bump(&self.shared.counters.rejected_open);
+        Error::Open {
+            policy: self.shared.name.clone(),
+            retry_in: rejected.retry_in,
+        }
+    }
+
+    /// An attempt's outcome within the policy's timeout.
+    async fn timed<T, E>(&self, attempt: impl Future<Output = Result<T, E>>) -> Result<T, Error>
+    where
+        E: Into<BoxError>,
+    {
+        let shared = &*self.shared;
+        match tokio::time::timeout(shared.timeout, attempt).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(error)) => Err(Error::from_box(error.into())),
             Err(_) => {
                 bump(&shared.counters.timed_out);
                 Err(Error::Timeout(shared.timeout))
             }
-        };
-        if let Some(leave) = &mut leave {
-            leave.record(if result.is_ok() {
-                Outcome::Success
-            } else {
-                Outcome::Failure
-            });
         }
-        result
     }
 }
 
-fn lock(breaker: &Mutex<Breaker>) -> MutexGuard<'_, Breaker> {
-    breaker.lock().unwrap_or_else(|p| p.into_inner())
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Whose permit an attempt holds.
+enum Gate<'a> {
+    Own(&'a Mutex<Breaker>),
+    Endpoint(&'a Mutex<BreakerSet>, String),
 }
 
 /// A breaker's permit for one attempt; an attempt dropped before it ended
 /// (its caller gave up) hands the permit back unrecorded.
 struct Leave<'a> {
-    breaker: &'a Mutex<Breaker>,
+    gate: Gate<'a>,
     permit: Option<Permit>,
 }
 
 impl Leave<'_> {
-    fn record(&mut self, outcome: Outcome) {
-        if let Some(permit) = self.permit.take() {
-            lock(self.breaker).record(permit, outcome, Instant::now().into_std());
+    fn record<T>(&mut self, result: &Result<T, Error>) {
+        let outcome = if result.is_ok() {
+            Outcome::Success
+        } else {
+            Outcome::Failure
+        };
+        let Some(permit) = self.permit.take() else {
+            return;
+        };
+        let now = Instant::now().into_std();
+        match &self.gate {
+            Gate::Own(breaker) => lock(breaker).record(permit, outcome, now),
+            Gate::Endpoint(set, key) => lock(set).record(key, permit, outcome, now),
         }
     }
 }
@@ -374,7 +603,10 @@ impl Leave<'_> {
 impl Drop for Leave<'_> {
     fn drop(&mut self) {
         if let Some(permit) = self.permit.take() {
-            lock(self.breaker).release(permit);
+            match &self.gate {
+                Gate::Own(breaker) => lock(breaker).release(permit),
+                Gate::Endpoint(set, key) => lock(set).release(key, permit),
+            }
         }
     }
 }
@@ -450,7 +682,11 @@ where
 /// Policies' snapshots in the Prometheus text format, for a service's
 /// `/metrics`: breaker state (one series per state, 1 for the current),
 /// calls by outcome, rejections by reason, retries, timeouts, fallbacks,
-/// breaker openings and outstanding calls, each labelled with the policy.
+/// breaker openings and outstanding calls, each labelled with the policy;
+/// and for calls spread over a service's endpoints, each endpoint's
+/// breaker state, openings and rejections labelled with the policy and the
+/// endpoint (at most [`ENDPOINT_SERIES_MAX`] endpoints per policy, open
+/// ones first), with the number of endpoints in each state.
 pub fn prometheus_text(snapshots: &[PolicySnapshot]) -> String {
     use std::fmt::Write;
     let mut out = String::new();
@@ -540,6 +776,65 @@ pub fn prometheus_text(snapshots: &[PolicySnapshot]) -> String {
         "gauge",
         "Calls under way",
         &mut snapshots.iter().map(|s| (label(s), s.outstanding)),
+    );
+    let spread = || snapshots.iter().filter(|s| s.breaker.is_some());
+    family(
+        "courier_call_endpoint_breakers",
+        "gauge",
+        "Endpoints whose circuit breaker is in each state",
+        &mut spread().flat_map(|s| {
+            let counts = s.endpoint_states;
+            [
+                (BreakerState::Closed, counts.closed),
+                (BreakerState::Open, counts.open),
+                (BreakerState::HalfOpen, counts.half_open),
+            ]
+            .map(|(state, n)| (format!("{},state=\"{}\"", label(s), state.as_str()), n))
+        }),
+    );
+    let endpoint_label = |s: &PolicySnapshot, e: &EndpointBreaker| {
+        format!("{},endpoint=\"{}\"", label(s), escape(&e.endpoint))
+    };
+    family(
+        "courier_call_endpoint_breaker_state",
+        "gauge",
+        "1 for an endpoint's circuit breaker's current state",
+        &mut spread().flat_map(|s| {
+            s.endpoints.iter().flat_map(move |e| {
+                let endpoint = endpoint_label(s, e);
+                [
+                    BreakerState::Closed,
+                    BreakerState::Open,
+                    BreakerState::HalfOpen,
+                ]
+                .map(|state| {
+                    (
+                        format!("{endpoint},state=\"{}\"", state.as_str()),
+                        u64::from(state == e.state),
+                    )
+                })
+            })
+        }),
+    );
+    family(
+        "courier_call_endpoint_breaker_opened_total",
+        "counter",
+        "Times an endpoint's circuit breaker opened",
+        &mut spread().flat_map(|s| {
+            s.endpoints
+                .iter()
+                .map(move |e| (endpoint_label(s, e), e.opened))
+        }),
+    );
+    family(
+        "courier_call_endpoint_rejections_total",
+        "counter",
+        "Calls an endpoint's open circuit breaker turned away (to another endpoint, or refused)",
+        &mut spread().flat_map(|s| {
+            s.endpoints
+                .iter()
+                .map(move |e| (endpoint_label(s, e), e.rejected))
+        }),
     );
     out
 }
@@ -642,6 +937,153 @@ mod tests {
         assert!(
             text.contains("courier_call_rejections_total{policy=\"p\",reason=\"breaker_open\"} 2"),
             "{text}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn spread_calls_go_around_an_endpoint_whose_breaker_is_open() {
+        use crate::{Balance, Balancer};
+
+        let policy = Policy::builder("p").retries(0).breaker(breaker()).build();
+        for balance in [Balance::RoundRobin, Balance::PowerOfTwoChoices] {
+            let balancer = Balancer::new(balance);
+            let listed: Arc<[&'static str]> = Arc::from(vec!["up", "down"]);
+            let endpoints = || listed.clone();
+            let spread = Spread {
+                service: "svc",
+                balancer: &balancer,
+                endpoints: &endpoints,
+                key: |e: &&'static str| e,
+            };
+            let down = Arc::new(std::sync::atomic::AtomicBool::new(true));
+            let call = || {
+                policy.call_spread(Idempotency::NotIdempotent, &spread, |e| {
+                    let down = down.load(Ordering::Relaxed);
+                    async move {
+                        if e == "down" && down {
+                            Err(Down)
+                        } else {
+                            Ok(e)
+                        }
+                    }
+                })
+            };
+            let mut failed = 0;
+            while policy.endpoint_breaker_state("down") != Some(BreakerState::Open) {
+                if call().await.is_err() {
+                    failed += 1;
+                }
+                assert!(failed <= 2, "{balance:?}: open after 2 failures");
+            }
+            assert_eq!(
+                policy.endpoint_breaker_state("up"),
+                Some(BreakerState::Closed)
+            );
+            assert_eq!(
+                policy.breaker_state(),
+                Some(BreakerState::Closed),
+                "up still takes calls"
+            );
+            for _ in 0..10 {
+                assert_eq!(call().await.unwrap(), "up", "{balance:?}");
+            }
+
+            // The probe after the cool-down goes to the endpoint that was
+            // down, and closes its breaker.
+            down.store(false, Ordering::Relaxed);
+            tokio::time::advance(Duration::from_secs(1)).await;
+            // Two choices pick at random: a few calls may go to up first.
+            let mut reached = false;
+            for _ in 0..64 {
+                if call().await.unwrap() == "down" {
+                    reached = true;
+                    break;
+                }
+            }
+            assert!(
+                reached,
+                "{balance:?}: the probe went to the endpoint that was down"
+            );
+            assert_eq!(
+                policy.endpoint_breaker_state("down"),
+                Some(BreakerState::Closed)
+            );
+        }
+        let s = policy.snapshot();
+        assert_eq!(s.breaker_opened, 2);
+        assert!(s.endpoints.iter().all(|e| e.state == BreakerState::Closed));
+        assert!(
+            s.endpoints
+                .iter()
+                .any(|e| e.endpoint == "down" && e.rejected >= 5),
+            "round robin alone turned away half of its 10 calls: {:?}",
+            s.endpoints
+        );
+        assert_eq!(s.rejected_open, 0, "no call was refused: up took them");
+        let text = prometheus_text(&[s]);
+        assert!(
+            text.contains("courier_call_endpoint_breaker_state{policy=\"p\",endpoint=\"down\",state=\"closed\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("courier_call_endpoint_breakers{policy=\"p\",state=\"closed\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("courier_call_endpoint_rejections_total{policy=\"p\",endpoint=\"down\"}"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_spread_call_fails_fast_only_when_every_endpoint_is_open() {
+        use crate::{Balance, Balancer};
+
+        let policy = Policy::builder("p").retries(0).breaker(breaker()).build();
+        let balancer = Balancer::new(Balance::RoundRobin);
+        let listed: Arc<[&'static str]> = Arc::from(vec!["a", "b"]);
+        let endpoints = || listed.clone();
+        let spread = Spread {
+            service: "svc",
+            balancer: &balancer,
+            endpoints: &endpoints,
+            key: |e: &&'static str| e,
+        };
+        let tries = AtomicU32::new(0);
+        let call = || {
+            policy.call_spread(Idempotency::NotIdempotent, &spread, |_| async {
+                tries.fetch_add(1, Ordering::Relaxed);
+                Err::<(), _>(Down)
+            })
+        };
+        for _ in 0..4 {
+            assert!(matches!(call().await, Err(Error::Failed(_))));
+        }
+        assert_eq!(policy.breaker_state(), Some(BreakerState::Open));
+        assert!(matches!(call().await, Err(Error::Open { .. })));
+        assert_eq!(
+            tries.load(Ordering::Relaxed),
+            4,
+            "not called once all are open"
+        );
+        let s = policy.snapshot();
+        assert_eq!((s.rejected_open, s.breaker_opened), (1, 2));
+        assert_eq!(s.endpoint_states.open, 2);
+
+        let nothing: Arc<[&'static str]> = Arc::from(Vec::new());
+        let none = || nothing.clone();
+        let empty = Spread {
+            endpoints: &none,
+            ..spread
+        };
+        let refused = policy
+            .call_spread(Idempotency::NotIdempotent, &empty, |_| async {
+                Ok::<_, Down>(())
+            })
+            .await;
+        assert!(
+            matches!(refused, Err(Error::NoEndpoints(ref s)) if s == "svc"),
+            "{refused:?}"
         );
     }
 

@@ -2,7 +2,8 @@
 //! live tail and activity traces, on the broker's own tokio runtime.
 //!
 //! Who may ask: with a manifest, the `[admin]` tokens as `Authorization:
-//! Bearer`; without one, loopback peers only (as on the bus port, a
+//! Bearer` (the registry's lookups take a service's token too, see
+//! [`Audience`]); without one, loopback peers only (as on the bus port, a
 //! non-loopback address without a manifest needs `--insecure`). `/healthz`
 //! and `/readyz` answer everyone who can reach the port: they say no more
 //! than whether the broker is up, and orchestrators probe them without
@@ -311,11 +312,35 @@ fn json_response(value: &serde_json::Value) -> Response {
         .into_response()
 }
 
+/// Whose tokens an endpoint takes under a manifest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Audience {
+    /// `[admin]` tokens only: everything that changes state or shows more
+    /// than one service's own business.
+    Admins,
+    /// Any token the manifest lists, a service's or an admin's: the
+    /// registry's lookups, which every service needs to find the others
+    /// (as a DNS answer shows anyone who can reach `--dns`).
+    ManifestTokens,
+}
+
 /// Admin tokens under a manifest; loopback peers without one.
 pub(crate) fn authorize(
     shared: &Shared,
     peer: SocketAddr,
     headers: &HeaderMap,
+) -> Result<(), Box<Response>> {
+    authorize_for(shared, peer, headers, Audience::Admins)
+}
+
+/// [`authorize`] for an endpoint that takes `audience`'s tokens; without a
+/// manifest, loopback peers (or everyone with `--insecure`) whatever the
+/// audience.
+pub(crate) fn authorize_for(
+    shared: &Shared,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    audience: Audience,
 ) -> Result<(), Box<Response>> {
     let manifest = shared.core().manifest().cloned();
     let Some(manifest) = manifest else {
@@ -327,6 +352,10 @@ pub(crate) fn authorize(
             "without a manifest the HTTP port answers loopback clients only; start the broker with --manifest and send an admin token",
         )));
     };
+    let wanted = match audience {
+        Audience::Admins => "an admin token of the manifest",
+        Audience::ManifestTokens => "a token of the manifest (a service's or an [admin] one)",
+    };
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -335,18 +364,20 @@ pub(crate) fn authorize(
     let Some(token) = token else {
         return Err(Box::new(problem(
             StatusCode::UNAUTHORIZED,
-            "send an admin token of the manifest as 'Authorization: Bearer <token>'",
+            &format!("send {wanted} as 'Authorization: Bearer <token>'"),
         )));
     };
-    match manifest.authenticate_token(token) {
-        Some(Identity::Admin) => Ok(()),
-        Some(Identity::Service(service)) => Err(Box::new(problem(
+    match (manifest.authenticate_token(token), audience) {
+        (Some(Identity::Admin), _) | (Some(Identity::Service(_)), Audience::ManifestTokens) => {
+            Ok(())
+        }
+        (Some(Identity::Service(service)), Audience::Admins) => Err(Box::new(problem(
             StatusCode::FORBIDDEN,
-            &format!("this token belongs to service {service}; the HTTP admin endpoints take an [admin] token"),
+            &format!("this token belongs to service {service}; this endpoint takes an [admin] token (a service's token reads only the registry's lookups)"),
         ))),
-        None => Err(Box::new(problem(
+        (None, _) => Err(Box::new(problem(
             StatusCode::UNAUTHORIZED,
-            "this token is in no entry of the manifest; use one listed under [admin]",
+            &format!("this token is in no entry of the manifest; send {wanted}"),
         ))),
     }
 }

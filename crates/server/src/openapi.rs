@@ -21,7 +21,9 @@ use utoipa::{Modify, OpenApi, ToSchema};
         description = "The broker's HTTP port: the gateway to the bus (send, publish, request), \
             the service registry, the console's admin API, health probes and metrics. \
             Under a manifest, send `Authorization: Bearer <token>`: a service's token for the \
-            gateway, an `[admin]` token for the rest. Without one, loopback callers need none. \
+            gateway and the registry's lookups (`GET /v1/registry`, `GET /v1/services/{name}`; \
+            an `[admin]` token does too), an `[admin]` token for the rest. Without one, loopback \
+            callers need none. \
             Every error is an RFC 9457 `application/problem+json` document.",
         license(name = "MIT OR Apache-2.0", identifier = "MIT OR Apache-2.0"),
     ),

@@ -8,8 +8,14 @@
 //! `?index=N` it blocks until the registry's index differs from N (at most
 //! `?wait=`, default 30 s). `POST /v1/services/{name}` registers (a JSON
 //! body), `DELETE /v1/services/{name}/{id}` deregisters, `POST
-//! /v1/services/{name}/{id}/heartbeat` passes a TTL check. Same
-//! authorization as the rest of the port.
+//! /v1/services/{name}/{id}/heartbeat` passes a TTL check.
+//!
+//! Under a manifest the two lookups take any token it lists, a service's
+//! too (a caller finds its dependencies with its own token, as Consul's
+//! `service:read`); the changes take `[admin]` tokens only, like the rest
+//! of the port: a registration records no owner, and a name off the bus
+//! (a database, say) belongs to no manifest service, so no token but an
+//! admin's can be shown to own one. Without a manifest: loopback peers.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -22,14 +28,15 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::Router;
-use courier_broker::registry::{Check, Health, Instance, InstanceSpec, Registry};
+use courier_broker::registry::{Check, Health, Instance, InstanceSpec, Registry, RegistryError};
+use courier_broker::{Broker, Nanos};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
-use crate::http::{authorize, problem};
-use crate::{now_nanos, Shared};
+use crate::http::{authorize, authorize_for, problem, Audience};
+use crate::{Shared, Store};
 
 /// Defaults of a registration that names none.
 const INTERVAL_MS_DEFAULT: u32 = 5_000;
@@ -270,8 +277,8 @@ fn truthy(query: &HashMap<String, String>, key: &str) -> bool {
     tag = "registry",
     responses(
         (status = 200, description = "The registry's services", body = crate::openapi::RegistryListing, headers(("X-Courier-Index" = String, description = "The registry's change index"))),
-        (status = 401, description = "Under a manifest: no admin token, or one it does not list", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "A service's token, or a non-loopback caller without a manifest", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Under a manifest: no token, or one it does not list (a service's token or an admin's is taken)", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "A non-loopback caller without a manifest", body = crate::openapi::Problem, content_type = "application/problem+json"),
     ),
 )]
 pub(crate) async fn list_services(
@@ -279,7 +286,7 @@ pub(crate) async fn list_services(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(refusal) = authorize(&shared, peer, &headers) {
+    if let Err(refusal) = authorize_for(&shared, peer, &headers, Audience::ManifestTokens) {
         return *refusal;
     }
     let core = shared.core();
@@ -302,8 +309,8 @@ pub(crate) async fn list_services(
     responses(
         (status = 200, description = "The service's instances", body = crate::openapi::RegistryInstances, headers(("X-Courier-Index" = String, description = "The registry's change index"))),
         (status = 400, description = "A bad index or wait", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Under a manifest: no admin token, or one it does not list", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "A service's token, or a non-loopback caller without a manifest", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Under a manifest: no token, or one it does not list (a service's token or an admin's is taken)", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "A non-loopback caller without a manifest", body = crate::openapi::Problem, content_type = "application/problem+json"),
     ),
 )]
 pub(crate) async fn service_instances(
@@ -313,7 +320,7 @@ pub(crate) async fn service_instances(
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(refusal) = authorize(&shared, peer, &headers) {
+    if let Err(refusal) = authorize_for(&shared, peer, &headers, Audience::ManifestTokens) {
         return *refusal;
     }
     let all = truthy(&query, "all");
@@ -477,15 +484,42 @@ pub(crate) async fn register(
     let mut result = Ok(());
     shared.with_core(|core, now| result = core.registry_register(spec, now));
     match result {
-        Ok(()) => {
-            let index = shared.core().registry().index();
-            json_response(
-                StatusCode::OK,
-                &json!({"service": name, "id": id, "index": index}),
-                index,
-            )
-        }
+        Ok(()) => changed(&shared, &name, &id),
         Err(e) => problem(StatusCode::BAD_REQUEST, &e.to_string()),
+    }
+}
+
+/// The answer to a change of instance `id` of `name`: the registry's
+/// index after it.
+fn changed(shared: &Shared, name: &str, id: &str) -> Response {
+    let index = shared.core().registry().index();
+    json_response(
+        StatusCode::OK,
+        &json!({"service": name, "id": id, "index": index}),
+        index,
+    )
+}
+
+/// A change to one registered instance (deregister, heartbeat):
+/// authorized as every change is, run in the core, answered with the
+/// index after it; an unknown instance is 404, a heartbeat to one whose
+/// check is not TTL 409.
+fn change_instance(
+    shared: &Shared,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    (name, id): (&str, &str),
+    change: impl FnOnce(&mut Broker<Store>, Nanos) -> Result<(), RegistryError>,
+) -> Response {
+    if let Err(refusal) = authorize(shared, peer, headers) {
+        return *refusal;
+    }
+    let mut result = Ok(());
+    shared.with_core(|core, now| result = change(core, now));
+    match result {
+        Ok(()) => changed(shared, name, id),
+        Err(e @ RegistryError::NotTtl { .. }) => problem(StatusCode::CONFLICT, &e.to_string()),
+        Err(e) => problem(StatusCode::NOT_FOUND, &e.to_string()),
     }
 }
 
@@ -510,22 +544,9 @@ pub(crate) async fn deregister(
     Path((name, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(refusal) = authorize(&shared, peer, &headers) {
-        return *refusal;
-    }
-    let mut result = Ok(());
-    shared.with_core(|core, _| result = core.registry_deregister(&name, &id));
-    match result {
-        Ok(()) => {
-            let index = shared.core().registry().index();
-            json_response(
-                StatusCode::OK,
-                &json!({"service": name, "id": id, "index": index}),
-                index,
-            )
-        }
-        Err(e) => problem(StatusCode::NOT_FOUND, &e.to_string()),
-    }
+    change_instance(&shared, peer, &headers, (&name, &id), |core, _| {
+        core.registry_deregister(&name, &id)
+    })
 }
 
 #[utoipa::path(
@@ -550,25 +571,9 @@ pub(crate) async fn heartbeat(
     Path((name, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(refusal) = authorize(&shared, peer, &headers) {
-        return *refusal;
-    }
-    let mut result = Ok(());
-    shared.with_core(|core, _| result = core.registry_heartbeat(&name, &id, now_nanos()));
-    match result {
-        Ok(()) => {
-            let index = shared.core().registry().index();
-            json_response(
-                StatusCode::OK,
-                &json!({"service": name, "id": id, "index": index}),
-                index,
-            )
-        }
-        Err(e @ courier_broker::registry::RegistryError::NotTtl { .. }) => {
-            problem(StatusCode::CONFLICT, &e.to_string())
-        }
-        Err(e) => problem(StatusCode::NOT_FOUND, &e.to_string()),
-    }
+    change_instance(&shared, peer, &headers, (&name, &id), |core, now| {
+        core.registry_heartbeat(&name, &id, now)
+    })
 }
 
 #[cfg(test)]

@@ -284,6 +284,9 @@ async fn build_all(manifest: &courier_manifest::Manifest, app_dir: &Path) -> any
     Ok(())
 }
 
+/// The variable an SDK service reads the address it advertises from.
+const ADVERTISE: &str = "COURIER_ADVERTISE";
+
 /// Every instance to start: its command, directory and environment.
 fn instance_specs(
     manifest: &courier_manifest::Manifest,
@@ -312,6 +315,12 @@ fn instance_specs(
             if let Some(port) = spec.app.http {
                 let port = u32::from(port) + i - 1;
                 env.push(("PORT".to_string(), port.to_string()));
+                // So the registry and its DNS list where the instance
+                // serves; the service's own env may say otherwise (an
+                // address behind a proxy, say).
+                if !spec.app.env.contains_key(ADVERTISE) {
+                    env.push((ADVERTISE.to_string(), format!("127.0.0.1:{port}")));
+                }
             }
             env.extend(spec.app.env.iter().map(|(k, v)| (k.clone(), v.clone())));
             specs.push(Spec {

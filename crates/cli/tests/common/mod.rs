@@ -530,3 +530,26 @@ impl Broker {
         );
     }
 }
+
+/// Writes `courier.toml` into `dir`: service `service` with its `rules`
+/// (TOML lines such as `sends = ["x.y"]`) and token `service_token`, and
+/// an `[admin]` with `admin_token`. Returns its path, for `--manifest`.
+pub fn manifest_with_admin(
+    dir: &tempdir::Dir,
+    service: &str,
+    rules: &str,
+    service_token: &str,
+    admin_token: &str,
+) -> String {
+    let path = dir.path().join("courier.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[services.{service}]\n{rules}\ntokens = [\"{}\"]\n\n[admin]\ntokens = [\"{}\"]\n",
+            courier_manifest::hash_token(service_token),
+            courier_manifest::hash_token(admin_token),
+        ),
+    )
+    .expect("write the manifest");
+    path.to_str().expect("a UTF-8 path").to_string()
+}

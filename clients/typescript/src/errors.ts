@@ -26,6 +26,7 @@ export const ERROR_CODES: Readonly<Record<number, string>> = Object.freeze({
   21: "too_many_connections",
   22: "read_timeout",
   23: "stream_full",
+  24: "ack_deadline_passed",
 });
 
 /**

@@ -71,7 +71,8 @@ fn conn_of(action: &Action) -> ConnId {
         | Action::Drained { conn }
         | Action::Pong { conn, .. }
         | Action::StartTail { conn, .. }
-        | Action::TraceQuery { conn, .. } => *conn,
+        | Action::TraceQuery { conn, .. }
+        | Action::Close { conn, .. } => *conn,
     }
 }
 

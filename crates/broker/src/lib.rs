@@ -233,6 +233,14 @@ pub enum Action {
         activity_id: Uuid,
         query: TraceQuery,
     },
+    /// The broker gave up on the connection: the edge sends ERROR `code`
+    /// with `reason` after what is queued for it, and closes it. The core
+    /// has already taken back everything it held.
+    Close {
+        conn: ConnId,
+        code: ErrorCode,
+        reason: String,
+    },
 }
 
 /// Counters for `/metrics` and tests; they only ever go up.
@@ -399,6 +407,8 @@ struct Conn {
     send_bucket: Arc<SendBucket>,
     /// Commands it sent whose replies are a flow-controlled stream.
     streams: std::collections::HashSet<Uuid, foldhash::fast::RandomState>,
+    /// It takes a key's messages pipelined (protocol version 4).
+    pipelined_keys: bool,
 }
 
 /// A service's send-rate token bucket, held by each of its connections
@@ -934,6 +944,7 @@ impl<S: MessageStore> Broker<S> {
                 paused: false,
                 send_bucket: svc.send_bucket.clone(),
                 streams: Default::default(),
+                pipelined_keys: false,
             },
         );
         // Replies that arrived while no instance of this service was here.
@@ -962,6 +973,27 @@ impl<S: MessageStore> Broker<S> {
         asked.min(limit)
     }
 
+    /// The connection takes ordering keys pipelined (it spoke protocol
+    /// version 4, `docs/PROTOCOL.md` §8.4): the broker may send a key's
+    /// next messages to it before the earlier ones are acked, trusting it
+    /// to handle them one at a time, in order. Set once, before it
+    /// subscribes.
+    pub fn set_pipelined_keys(&mut self, conn: ConnId, on: bool) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.pipelined_keys = on;
+        }
+    }
+
+    /// Gives up on a connection: everything it held is taken back at once
+    /// (as if it had crashed), and the edge closes it with an ERROR.
+    fn close_connection(&mut self, conn: ConnId, code: ErrorCode, reason: String, now: Nanos) {
+        if !self.conns.contains_key(&conn) {
+            return;
+        }
+        self.actions.push(Action::Close { conn, code, reason });
+        self.disconnect(conn, now);
+    }
+
     /// The connection is gone; its unacked deliveries go to other instances now.
     pub fn disconnect(&mut self, conn: ConnId, now: Nanos) {
         let Some(c) = self.conns.remove(&conn) else {
@@ -977,11 +1009,23 @@ impl<S: MessageStore> Broker<S> {
             return;
         };
         svc.instances.retain(|i| *i != conn);
-        for delivery in svc.queue.deliveries_of(conn) {
+        // Oldest first: a key's first delivery out is retried (counted)
+        // and takes the later ones of its key back with it, in order.
+        let mut deliveries: Vec<(Seq, DeliveryId)> = svc
+            .queue
+            .deliveries_of(conn)
+            .into_iter()
+            .filter_map(|d| svc.queue.in_flight.get(&d).map(|f| (f.entry.seq, d)))
+            .collect();
+        deliveries.sort_unstable();
+        for (_, delivery) in deliveries {
             let Some(svc) = self.services.get_mut(c.service.as_str()) else {
                 break;
             };
-            if let Some(flight) = svc.queue.finish(delivery) {
+            if let Some(flight) = svc.queue.finish(delivery, queue::NOT_ARMED) {
+                if let Some(key) = flight.entry.key() {
+                    svc.queue.take_back(key, flight.entry.seq);
+                }
                 self.retry_or_dead_letter(&c.service, flight, 0, "receiver disconnected", now);
             }
         }
@@ -1948,6 +1992,22 @@ impl<S: MessageStore> Broker<S> {
         }
     }
 
+    /// Whether `conn`, which holds the key of a message named `name`, can
+    /// take it now.
+    fn pick_holder(&self, service: &str, conn: ConnId, name: &str) -> Pick {
+        match self.conns.get(&conn) {
+            Some(c)
+                if c.wants(name)
+                    && c.in_flight < c.max_in_flight
+                    && !c.paused
+                    && self.registry.is_routable(service, &c.instance) =>
+            {
+                Pick::Conn(conn)
+            }
+            _ => Pick::AllBusy,
+        }
+    }
+
     /// Sends ready messages of `service` to instances with room.
     fn pump(&mut self, service: &str, now: Nanos) {
         /// Ready messages no connected instance consumes are skipped over;
@@ -1955,6 +2015,22 @@ impl<S: MessageStore> Broker<S> {
         const UNMATCHED_SCAN_MAX: usize = 1024;
         let mut index = 0;
         let mut skipped = 0;
+        if let Some(svc) = self.services.get_mut(service) {
+            // Keys parked for a connection that has room again.
+            for conn in svc.queue.parked_for() {
+                // A connection gone lets all of its keys go.
+                let room = self.conns.get(&conn).map_or(usize::MAX, |c| {
+                    if c.paused {
+                        0
+                    } else {
+                        c.max_in_flight.saturating_sub(c.in_flight) as usize
+                    }
+                });
+                if room > 0 {
+                    svc.queue.unpark(conn, room);
+                }
+            }
+        }
         loop {
             let Some(svc) = self.services.get_mut(service) else {
                 return;
@@ -1980,6 +2056,18 @@ impl<S: MessageStore> Broker<S> {
             let Some(entry) = svc.queue.ready.get(index) else {
                 return;
             };
+            if let Some(holder) = entry.key().and_then(|key| svc.queue.key_holder(key)) {
+                let full = self
+                    .conns
+                    .get(&holder)
+                    .is_none_or(|c| c.paused || c.in_flight >= c.max_in_flight);
+                if full {
+                    // Out to a connection with no room: it waits aside,
+                    // not read from the store at every pass.
+                    svc.queue.park(index, holder);
+                    continue;
+                }
+            }
             let message = match self.store.get(entry.seq) {
                 Ok(Some(message)) => message,
                 Ok(None) => {
@@ -2071,7 +2159,14 @@ impl<S: MessageStore> Broker<S> {
                 );
                 continue;
             }
-            match self.pick(service, &message.name) {
+            let holder = entry.key().and_then(|key| svc.queue.key_holder(key));
+            let picked = match holder {
+                // A key out on a connection goes on there (pipelined) or
+                // not at all until it comes back.
+                Some(conn) => self.pick_holder(service, conn, &message.name),
+                None => self.pick(service, &message.name),
+            };
+            match picked {
                 Pick::Conn(conn) => {
                     let Some(svc) = self.services.get_mut(service) else {
                         return;
@@ -2081,13 +2176,15 @@ impl<S: MessageStore> Broker<S> {
                     };
                     entry.attempts += 1;
                     let attempt = entry.attempts;
+                    let keyed = entry.key().is_some();
                     let deadline = now + u64::from(svc.ack_deadline_ms) * NANOS_PER_MS;
                     self.next_delivery += 1;
                     let delivery = self.next_delivery;
                     let seq = entry.seq;
                     let slot = self.traffic.slot(&message.name);
                     let traced = traces(&self.sampler, &message, now);
-                    svc.queue.start(
+                    let pipelined = self.conns.get(&conn).is_some_and(|c| c.pipelined_keys);
+                    let first_of_key = svc.queue.start(
                         delivery,
                         queue::InFlight {
                             entry,
@@ -2097,7 +2194,15 @@ impl<S: MessageStore> Broker<S> {
                             traced,
                             bytes: message.payload.len() as u64,
                         },
+                        pipelined,
                     );
+                    // Tells a pipelined receiver that whatever of this key
+                    // it still holds from before was taken back.
+                    let wire_attempt = if pipelined && keyed && first_of_key {
+                        attempt | courier_proto::ATTEMPT_KEY_START
+                    } else {
+                        attempt
+                    };
                     if message.kind == Kind::Command
                         && !message.headers.is_empty()
                         && message.header(REPLY_WINDOW_HEADER).is_some()
@@ -2136,9 +2241,17 @@ impl<S: MessageStore> Broker<S> {
                     self.actions.push(Action::Deliver {
                         conn,
                         delivery,
-                        attempt,
+                        attempt: wire_attempt,
                         message,
                     });
+                }
+                Pick::AllBusy if holder.is_some() => {
+                    // Only its holder may take it; others may take the rest.
+                    index += 1;
+                    skipped += 1;
+                    if skipped >= UNMATCHED_SCAN_MAX {
+                        return;
+                    }
                 }
                 Pick::AllBusy => return,
                 Pick::NoneMatching => {
@@ -2154,7 +2267,7 @@ impl<S: MessageStore> Broker<S> {
 
     /// The receiver handled a delivery.
     pub fn ack(&mut self, conn: ConnId, delivery: DeliveryId, now: Nanos) {
-        let Some(flight) = self.take_flight(conn, delivery) else {
+        let Some(flight) = self.take_flight(conn, delivery, now) else {
             // A reply of a flow-controlled stream: one credit back.
             self.ack_reply(conn, delivery, now);
             return;
@@ -2191,12 +2304,13 @@ impl<S: MessageStore> Broker<S> {
 
     /// The receiver could not handle a delivery now; retry after `delay_ms`.
     pub fn nack(&mut self, conn: ConnId, delivery: DeliveryId, delay_ms: u32, now: Nanos) {
-        let Some((flight, service)) = self.take_flight(conn, delivery) else {
+        let Some((flight, service)) = self.take_flight(conn, delivery, now) else {
             // A reply of a flow-controlled stream: the requester stops
             // reading it.
             self.nack_reply(conn, delivery, now);
             return;
         };
+        self.take_back_key(&service, &flight);
         self.metrics.nacked += 1;
         if let Some(t) = self.traffic.traffic(flight.name, &service) {
             t.nacked += 1;
@@ -2229,15 +2343,35 @@ impl<S: MessageStore> Broker<S> {
         &mut self,
         conn: ConnId,
         delivery: DeliveryId,
+        now: Nanos,
     ) -> Option<(queue::InFlight, courier_proto::SharedStr)> {
         let c = self.conns.get_mut(&conn)?;
         let svc = self.services.get_mut(c.service.as_str())?;
         if svc.queue.in_flight.get(&delivery).map(|f| f.conn) != Some(conn) {
             return None;
         }
-        let flight = svc.queue.finish(delivery)?;
+        let next_deadline = now + u64::from(svc.ack_deadline_ms) * NANOS_PER_MS;
+        let flight = svc.queue.finish(delivery, next_deadline)?;
         c.in_flight = c.in_flight.saturating_sub(1);
         Some((flight, c.service.clone()))
+    }
+
+    /// A keyed delivery failed (nack, deadline): the later deliveries of
+    /// its key out on the same connection come back too, so the key starts
+    /// again from the failed one, in order (`Queue::take_back`).
+    fn take_back_key(&mut self, service: &str, flight: &queue::InFlight) {
+        let Some(key) = flight.entry.key() else {
+            return;
+        };
+        let Some(svc) = self.services.get_mut(service) else {
+            return;
+        };
+        let taken = svc.queue.take_back(key, flight.entry.seq);
+        for later in taken {
+            if let Some(c) = self.conns.get_mut(&later.conn) {
+                c.in_flight = c.in_flight.saturating_sub(1);
+            }
+        }
     }
 
     fn retry_or_dead_letter(
@@ -2289,7 +2423,7 @@ impl<S: MessageStore> Broker<S> {
             svc.queue.make_ready_again(entry);
         } else {
             let seq = entry.seq;
-            svc.queue.defer(now + delay, entry);
+            svc.queue.defer_retry(now + delay, entry);
             self.journal(Op::Nacked {
                 service: service.to_string(),
                 seq,
@@ -2366,17 +2500,43 @@ impl<S: MessageStore> Broker<S> {
                 continue;
             };
             svc.queue.release_due(now);
+            let mut give_up = Vec::new();
             for delivery in svc.queue.overdue(now) {
                 let Some(svc) = self.services.get_mut(&service) else {
                     break;
                 };
-                let Some(flight) = svc.queue.finish(delivery) else {
+                if svc.queue.has_followers(delivery) {
+                    // Its receiver may have handled it, acked and begun
+                    // the next of its key while the deadline passed here:
+                    // taking the key back would let that next one be
+                    // handled before this one's retry. So the connection
+                    // goes, as if it had crashed.
+                    if let Some(flight) = svc.queue.in_flight.get(&delivery) {
+                        give_up.push(flight.conn);
+                    }
+                    continue;
+                }
+                let Some(flight) = svc.queue.finish(delivery, queue::NOT_ARMED) else {
                     continue;
                 };
                 if let Some(c) = self.conns.get_mut(&flight.conn) {
                     c.in_flight = c.in_flight.saturating_sub(1);
                 }
+                self.take_back_key(&service, &flight);
                 self.retry_or_dead_letter(&service, flight, 0, "ack deadline passed", now);
+            }
+            give_up.sort_unstable();
+            give_up.dedup();
+            for conn in give_up {
+                let deadline = self.services.get(&service).map_or(0, |s| s.ack_deadline_ms);
+                self.close_connection(
+                    conn,
+                    ErrorCode::AckDeadlinePassed,
+                    format!(
+                        "a delivery of an ordering key was not acked within the ack deadline ({deadline} ms) while later ones of its key were out to this connection; everything it held is delivered again, in order. Ack or nack each delivery within the deadline"
+                    ),
+                    now,
+                );
             }
             self.pump(&service, now);
         }

@@ -262,6 +262,50 @@ pub struct DeadLetter {
     pub at: Nanos,
 }
 
+/// One ordering key of a queue.
+///
+/// Invariant: the key's messages are, in order, `in_flight` (all on one
+/// connection, `conn`), then `next` (ready, deferred for a retry, or set
+/// aside unreadable), then `waiting`. Without `pipelined` at most one of
+/// `in_flight` and `next` is non-empty, which is one message out at a
+/// time; with it, `next` may go to `conn` while earlier ones are out.
+#[derive(Debug, Default)]
+struct KeyState {
+    /// Delivered and not settled, oldest first: (delivery, seq).
+    in_flight: VecDeque<(DeliveryId, Seq)>,
+    /// The connection holding `in_flight` (meaningless while empty).
+    conn: u64,
+    /// `conn` takes the key's next messages before the earlier are acked.
+    pipelined: bool,
+    /// The message that goes out next, if it is not waiting.
+    next: Option<Seq>,
+    /// `next` itself while it waits for room on `conn` (then it is not in
+    /// `ready`, [`Queue::park`]).
+    parked: Option<Entry>,
+    /// Later messages, in order.
+    waiting: VecDeque<Entry>,
+}
+
+impl KeyState {
+    fn is_empty(&self) -> bool {
+        self.in_flight.is_empty() && self.next.is_none() && self.waiting.is_empty()
+    }
+
+    fn held(&self) -> usize {
+        self.waiting.len() + usize::from(self.parked.is_some())
+    }
+
+    /// Whether the front of `waiting` may become `next`.
+    fn may_advance(&self) -> bool {
+        self.next.is_none() && (self.in_flight.is_empty() || self.pipelined)
+    }
+}
+
+/// A pipelined delivery that is not the first unacked of its key on its
+/// connection has no ack deadline running: its deadline starts when the
+/// one before it is acked ([`Queue::finish`]).
+pub(crate) const NOT_ARMED: Nanos = Nanos::MAX;
+
 #[derive(Default)]
 pub(crate) struct Queue {
     /// Ready to go, in arrival order.
@@ -271,11 +315,12 @@ pub(crate) struct Queue {
     deferred_tiebreak: u64,
     pub in_flight: crate::FastMap<DeliveryId, InFlight>,
     deadlines: BTreeSet<(Nanos, DeliveryId)>,
-    /// Key → the message that holds it: dispatched and not yet acked, or
-    /// waiting to be redelivered.
-    key_holder: crate::FastMap<Bytes, Seq>,
-    /// Keyed messages that arrived while their key was held, in order.
-    key_waiting: crate::FastMap<Bytes, VecDeque<Entry>>,
+    /// Per ordering key: what is out, what goes next, what waits
+    /// ([`KeyState`]). A key with nothing in any state has no entry.
+    keys: crate::FastMap<Bytes, KeyState>,
+    /// Per connection, the keys whose next message is parked for it, in
+    /// the order they were parked.
+    parked: crate::FastMap<u64, VecDeque<Bytes>>,
     /// Messages whose record could not be read: kept (counted in the
     /// depth, saved in snapshots as ready, holding their key) but not
     /// tried again until the next start, so they neither stall the pump
@@ -298,7 +343,7 @@ impl Queue {
             + self.deferred.len()
             + self.in_flight.len()
             + self.unreadable.len()
-            + self.key_waiting.values().map(VecDeque::len).sum::<usize>()
+            + self.keys.values().map(KeyState::held).sum::<usize>()
     }
 
     /// Payload bytes waiting: what [`Queue::depth`] counts, in bytes.
@@ -328,32 +373,44 @@ impl Queue {
 
     /// Adds a message that may go out now, unless its key is busy.
     ///
-    /// Invariant: per key, at most one message (the holder) is ready,
-    /// in flight or waiting to be retried; the others wait in arrival order.
+    /// Invariant ([`KeyState`]): per key, the messages go out in arrival
+    /// order; the one that goes next is ready (or deferred for a retry),
+    /// the later ones wait.
     pub fn make_ready(&mut self, entry: Entry) {
         if let Some(key) = entry.key() {
-            match self.key_holder.get(key) {
-                None => {
-                    self.key_holder.insert(key.clone(), entry.seq);
-                }
-                Some(holder) if *holder == entry.seq => {}
-                Some(_) => {
-                    self.key_waiting
-                        .entry(key.clone())
-                        .or_default()
-                        .push_back(entry);
-                    return;
-                }
+            let state = self.keys.entry(key.clone()).or_default();
+            if state.next == Some(entry.seq) {
+                // A retry whose delay is over.
+            } else if state.may_advance() && state.waiting.is_empty() {
+                state.next = Some(entry.seq);
+            } else {
+                state.waiting.push_back(entry);
+                return;
             }
         }
         self.ready.push_back(entry);
     }
 
-    /// Retries go to the front: they are older than anything ready.
+    /// Retries go to the front: they are older than anything ready. A
+    /// keyed one is its key's next message again ([`Queue::take_back`]
+    /// made room for it).
     pub fn make_ready_again(&mut self, entry: Entry) {
+        if let Some(key) = entry.key() {
+            self.keys.entry(key.clone()).or_default().next = Some(entry.seq);
+        }
         self.ready.push_front(entry);
     }
 
+    /// A retry after a delay; a keyed one holds its key meanwhile.
+    pub fn defer_retry(&mut self, until: Nanos, entry: Entry) {
+        if let Some(key) = entry.key() {
+            self.keys.entry(key.clone()).or_default().next = Some(entry.seq);
+        }
+        self.defer(until, entry);
+    }
+
+    /// Not before `until`; a keyed message takes its place among its
+    /// key's only then.
     pub fn defer(&mut self, until: Nanos, entry: Entry) {
         self.deferred_tiebreak += 1;
         self.deferred.insert((until, self.deferred_tiebreak), entry);
@@ -373,10 +430,100 @@ impl Queue {
         }
     }
 
-    /// Records a dispatch; the caller has bumped `attempts`.
-    pub fn start(&mut self, delivery: DeliveryId, flight: InFlight) {
-        self.deadlines.insert((flight.deadline, delivery));
+    /// Records a dispatch; the caller has bumped `attempts`. A keyed
+    /// message was its key's next; to a `pipelined` connection the one
+    /// after it becomes ready at once, and unless it is the first of its
+    /// key out there its deadline is not armed yet ([`NOT_ARMED`]).
+    /// Returns whether it is the first of its key now out on `conn`.
+    pub fn start(&mut self, delivery: DeliveryId, mut flight: InFlight, pipelined: bool) -> bool {
+        let mut first = true;
+        if let Some(key) = flight.entry.key() {
+            let state = self.keys.entry(key.clone()).or_default();
+            if state.next == Some(flight.entry.seq) {
+                state.next = None;
+            }
+            first = state.in_flight.is_empty();
+            state.in_flight.push_back((delivery, flight.entry.seq));
+            state.conn = flight.conn;
+            state.pipelined = pipelined;
+            if !first {
+                flight.deadline = NOT_ARMED;
+            }
+            if state.may_advance() {
+                if let Some(next) = state.waiting.pop_front() {
+                    state.next = Some(next.seq);
+                    self.ready.push_back(next);
+                }
+            }
+        }
+        if flight.deadline != NOT_ARMED {
+            self.deadlines.insert((flight.deadline, delivery));
+        }
         self.in_flight.insert(delivery, flight);
+        first
+    }
+
+    /// The connection the key's deliveries are out on, if any are.
+    pub fn key_holder(&self, key: &Bytes) -> Option<u64> {
+        self.keys
+            .get(key)
+            .filter(|k| !k.in_flight.is_empty())
+            .map(|k| k.conn)
+    }
+
+    /// The ready entry at `index` is keyed, and the connection holding its
+    /// key has no room: it leaves `ready` until that connection has room
+    /// ([`Queue::unpark`]), so the pump does not look at it again and
+    /// again meanwhile.
+    pub fn park(&mut self, index: usize, conn: u64) {
+        let Some(entry) = self.ready.remove(index) else {
+            return;
+        };
+        let Some(key) = entry.key().cloned() else {
+            self.ready.push_front(entry);
+            return;
+        };
+        let state = self.keys.entry(key.clone()).or_default();
+        state.parked = Some(entry);
+        self.parked.entry(conn).or_default().push_back(key);
+    }
+
+    /// `conn` has room for `room` more: that many of the keys parked for
+    /// it put their next message back at the front of `ready`.
+    pub fn unpark(&mut self, conn: u64, room: usize) {
+        let Some(keys) = self.parked.get_mut(&conn) else {
+            return;
+        };
+        let mut back = 0;
+        while back < room {
+            let Some(key) = keys.pop_front() else { break };
+            let Some(state) = self.keys.get_mut(&key) else {
+                continue;
+            };
+            if let Some(entry) = state.parked.take() {
+                self.ready.push_front(entry);
+                back += 1;
+            }
+        }
+        if keys.is_empty() {
+            self.parked.remove(&conn);
+        }
+    }
+
+    /// Connections with keys parked for them.
+    pub fn parked_for(&self) -> Vec<u64> {
+        self.parked.keys().copied().collect()
+    }
+
+    /// Whether `delivery` (in flight) has later deliveries of its key out
+    /// on the same connection.
+    pub fn has_followers(&self, delivery: DeliveryId) -> bool {
+        let Some(key) = self.in_flight.get(&delivery).and_then(|f| f.entry.key()) else {
+            return false;
+        };
+        self.keys.get(key).is_some_and(|k| {
+            k.in_flight.len() > 1 && k.in_flight.back().is_some_and(|(d, _)| *d != delivery)
+        })
     }
 
     /// Moves the ack deadline of `delivery` to `deadline`, if `conn` holds it.
@@ -393,30 +540,109 @@ impl Queue {
     }
 
     /// Takes a delivery out of flight (ack, nack, deadline or disconnect).
-    pub fn finish(&mut self, delivery: DeliveryId) -> Option<InFlight> {
+    /// The next delivery of its key out on that connection, if any, now
+    /// is the first unacked: its deadline is armed at `next_deadline`.
+    pub fn finish(&mut self, delivery: DeliveryId, next_deadline: Nanos) -> Option<InFlight> {
         let flight = self.in_flight.remove(&delivery)?;
-        self.deadlines.remove(&(flight.deadline, delivery));
+        if flight.deadline != NOT_ARMED {
+            self.deadlines.remove(&(flight.deadline, delivery));
+        }
+        if let Some(key) = flight.entry.key() {
+            if let Some(state) = self.keys.get_mut(key) {
+                let was_first = state.in_flight.front().map(|(d, _)| *d) == Some(delivery);
+                state.in_flight.retain(|(d, _)| *d != delivery);
+                if was_first {
+                    if let Some(&(next, _)) = state.in_flight.front() {
+                        if let Some(f) = self.in_flight.get_mut(&next) {
+                            if f.deadline == NOT_ARMED && next_deadline != NOT_ARMED {
+                                f.deadline = next_deadline;
+                                self.deadlines.insert((next_deadline, next));
+                            }
+                        }
+                    }
+                }
+            }
+        }
         Some(flight)
     }
 
-    /// The message is done with (acked, dead-lettered, expired): frees its
-    /// key for the next waiting message of that key.
+    /// `seq` of `key` failed (nacked, overdue, its connection gone; it is
+    /// out of flight already): every later delivery of the key still out
+    /// is taken back, and they and the key's next message go back to the
+    /// front of the key's waiting line, in order, so the key starts again
+    /// from `seq`. Returns what was taken out of flight; their attempts
+    /// are not counted (they come again behind `seq`, never handled:
+    /// the receiver handles a key's deliveries in order).
+    pub fn take_back(&mut self, key: &Bytes, seq: Seq) -> Vec<InFlight> {
+        let Some(state) = self.keys.get_mut(key) else {
+            return Vec::new();
+        };
+        let mut back: VecDeque<Entry> = VecDeque::new();
+        let mut taken = Vec::new();
+        let later: Vec<DeliveryId> = state
+            .in_flight
+            .iter()
+            .filter(|(_, s)| *s > seq)
+            .map(|(d, _)| *d)
+            .collect();
+        state.in_flight.retain(|(_, s)| *s <= seq);
+        let next = state.next.take();
+        for delivery in later {
+            if let Some(mut flight) = self.in_flight.remove(&delivery) {
+                if flight.deadline != NOT_ARMED {
+                    self.deadlines.remove(&(flight.deadline, delivery));
+                }
+                flight.entry.attempts = flight.entry.attempts.saturating_sub(1);
+                back.push_back(flight.entry.clone());
+                taken.push(flight);
+            }
+        }
+        let parked = state.parked.take();
+        if let Some(entry) = parked {
+            back.push_back(entry);
+        } else if let Some(next) = next {
+            let in_ready = self.ready.iter().position(|e| e.seq == next);
+            let entry = if let Some(index) = in_ready {
+                self.ready.remove(index)
+            } else if let Some(index) = self.unreadable.iter().position(|e| e.seq == next) {
+                Some(self.unreadable.remove(index))
+            } else {
+                let due = self
+                    .deferred
+                    .iter()
+                    .find(|(_, e)| e.seq == next)
+                    .map(|(k, _)| *k);
+                due.and_then(|k| self.deferred.remove(&k))
+            };
+            back.extend(entry);
+        }
+        let Some(state) = self.keys.get_mut(key) else {
+            return taken;
+        };
+        while let Some(entry) = back.pop_back() {
+            state.waiting.push_front(entry);
+        }
+        taken
+    }
+
+    /// The message is done with (acked, dead-lettered, expired): the key
+    /// lets its next message go when that is due.
     pub fn release_key(&mut self, entry: &Entry) {
         let Some(key) = entry.key() else { return };
-        if self.key_holder.get(key) != Some(&entry.seq) {
-            return;
-        }
-        self.key_holder.remove(key);
-        let Some(waiting) = self.key_waiting.get_mut(key) else {
+        let Some(state) = self.keys.get_mut(key) else {
             return;
         };
-        let next = waiting.pop_front();
-        if waiting.is_empty() {
-            self.key_waiting.remove(key);
+        if state.next == Some(entry.seq) {
+            state.next = None;
         }
-        if let Some(next) = next {
-            self.key_holder.insert(key.clone(), next.seq);
-            self.ready.push_back(next);
+        if state.may_advance() {
+            if let Some(next) = state.waiting.pop_front() {
+                state.next = Some(next.seq);
+                self.ready.push_back(next);
+            }
+        }
+        if state.is_empty() {
+            self.keys.remove(key);
         }
     }
 
@@ -470,11 +696,12 @@ impl Queue {
             )
             .chain(self.in_flight.values().map(|f| (f.entry.clone(), 1, None)))
             .chain(self.unreadable.iter().map(|e| (e.clone(), 1, None)))
-            .chain(
-                self.key_waiting
-                    .values()
-                    .flat_map(|w| w.iter().map(|e| (e.clone(), 1, None))),
-            )
+            .chain(self.keys.values().flat_map(|k| {
+                k.parked
+                    .iter()
+                    .chain(k.waiting.iter())
+                    .map(|e| (e.clone(), 1, None))
+            }))
     }
 
     /// Empties the queue (not its dead letters) and returns its entries as
@@ -485,8 +712,8 @@ impl Queue {
         self.deferred.clear();
         self.in_flight.clear();
         self.deadlines.clear();
-        self.key_holder.clear();
-        self.key_waiting.clear();
+        self.keys.clear();
+        self.parked.clear();
         self.unreadable.clear();
         out
     }
@@ -503,13 +730,13 @@ impl Queue {
         seqs.extend(self.in_flight.drain().map(|(_, f)| f.entry.seq));
         seqs.extend(self.unreadable.drain(..).map(|e| e.seq));
         seqs.extend(
-            self.key_waiting
+            self.keys
                 .drain()
-                .flat_map(|(_, w)| w.into_iter().map(|e| e.seq)),
+                .flat_map(|(_, k)| k.parked.into_iter().chain(k.waiting).map(|e| e.seq)),
         );
+        self.parked.clear();
         seqs.extend(self.dead_letters.drain(..).map(|d| d.seq));
         self.deadlines.clear();
-        self.key_holder.clear();
         self.bytes = 0;
         seqs
     }
@@ -531,41 +758,108 @@ mod tests {
         assert_eq!(Entry::new(8, 2, None).key(), None);
     }
 
+    fn flight(entry: Entry, conn: u64) -> InFlight {
+        InFlight {
+            entry,
+            conn,
+            deadline: 100,
+            name: 0,
+            traced: false,
+            bytes: 0,
+        }
+    }
+
+    fn ready_seqs(q: &Queue) -> Vec<Seq> {
+        q.ready.iter().map(|e| e.seq).collect()
+    }
+
+    fn waiting(q: &Queue, key: &'static str) -> usize {
+        q.keys
+            .get(&Bytes::from_static(key.as_bytes()))
+            .map_or(0, |k| k.waiting.len())
+    }
+
     #[test]
     fn keyed_messages_wait_for_their_key() {
         let mut q = Queue::default();
         q.make_ready(keyed(1, "a"));
         q.make_ready(keyed(2, "a"));
         q.make_ready(keyed(3, "b"));
-        assert_eq!(
-            q.ready.iter().map(|e| e.seq).collect::<Vec<_>>(),
-            vec![1, 3]
-        );
+        assert_eq!(ready_seqs(&q), vec![1, 3]);
         let first = q.ready.pop_front().expect("1");
-        q.start(
-            10,
-            InFlight {
-                entry: first,
-                conn: 1,
-                deadline: 100,
-                name: 0,
-                traced: false,
-                bytes: 0,
-            },
-        );
+        assert!(q.start(10, flight(first, 1), false));
         q.make_ready(keyed(4, "a"));
-        assert_eq!(
-            q.key_waiting
-                .get(&Bytes::from_static(b"a"))
-                .map(VecDeque::len),
-            Some(2)
-        );
-        let flight = q.finish(10).expect("in flight");
+        assert_eq!(waiting(&q, "a"), 2);
+        let flight = q.finish(10, 200).expect("in flight");
         q.release_key(&flight.entry);
+        assert_eq!(ready_seqs(&q), vec![3, 2]);
+    }
+
+    #[test]
+    fn a_pipelined_key_sends_its_next_message_before_the_first_is_acked() {
+        let mut q = Queue::default();
+        for seq in 1..=4 {
+            q.make_ready(keyed(seq, "a"));
+        }
+        let one = q.ready.pop_front().expect("1");
+        assert!(q.start(11, flight(one, 7), true), "first of its key");
+        assert_eq!(ready_seqs(&q), vec![2], "the next is ready at once");
+        let two = q.ready.pop_front().expect("2");
+        assert!(!q.start(12, flight(two, 7), true));
+        assert_eq!(q.in_flight.get(&12).map(|f| f.deadline), Some(NOT_ARMED));
+        assert_eq!(q.key_holder(&Bytes::from_static(b"a")), Some(7));
+        assert!(q.has_followers(11));
+        assert!(!q.has_followers(12));
+        assert_eq!(q.overdue(1_000), vec![11], "only the first has a deadline");
+        let acked = q.finish(11, 500).expect("1 out");
+        q.release_key(&acked.entry);
         assert_eq!(
-            q.ready.iter().map(|e| e.seq).collect::<Vec<_>>(),
-            vec![3, 2]
+            q.in_flight.get(&12).map(|f| f.deadline),
+            Some(500),
+            "armed when it became the first"
         );
+        assert_eq!(ready_seqs(&q), vec![3]);
+    }
+
+    #[test]
+    fn taking_a_key_back_puts_its_messages_in_order_again() {
+        let mut q = Queue::default();
+        for seq in 1..=5 {
+            q.make_ready(keyed(seq, "a"));
+        }
+        for delivery in 21..=23 {
+            let entry = q.ready.pop_front().expect("ready");
+            let mut entry = entry;
+            entry.attempts += 1;
+            q.start(delivery, flight(entry, 3), true);
+        }
+        assert_eq!(ready_seqs(&q), vec![4]);
+        let failed = q.finish(21, 0).expect("1 out");
+        let taken = q.take_back(&Bytes::from_static(b"a"), failed.entry.seq);
+        assert_eq!(
+            taken
+                .iter()
+                .map(|f| (f.entry.seq, f.entry.attempts))
+                .collect::<Vec<_>>(),
+            vec![(2, 0), (3, 0)],
+            "taken back uncounted"
+        );
+        assert!(q.ready.len() == 0 && q.in_flight.is_empty());
+        assert_eq!(q.key_holder(&Bytes::from_static(b"a")), None);
+        q.make_ready_again(failed.entry);
+        assert_eq!(ready_seqs(&q), vec![1]);
+        assert_eq!(q.depth(), 5);
+        let mut order = Vec::new();
+        let mut delivery = 30;
+        while let Some(entry) = q.ready.pop_front() {
+            order.push(entry.seq);
+            delivery += 1;
+            q.start(delivery, flight(entry, 4), false);
+            let done = q.finish(delivery, 0).expect("out");
+            q.release_key(&done.entry);
+        }
+        assert_eq!(order, vec![1, 2, 3, 4, 5]);
+        assert!(q.keys.is_empty(), "a key with nothing left is forgotten");
     }
 
     #[test]

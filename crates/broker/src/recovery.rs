@@ -175,6 +175,15 @@ impl<S: MessageStore> Broker<S> {
             .into_iter()
             .filter_map(|(command, t)| Some((command, self.reply_routes.remove(&command)?, t)))
             .collect();
+        // A pipelined receiver may go on to the next deliveries of a key
+        // whose earlier ones this rebuild voids: it must go, as if crashed.
+        let mut pipelined: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.pipelined_keys && c.in_flight > 0)
+            .map(|(id, _)| *id)
+            .collect();
+        pipelined.sort_unstable();
         self.clear_state();
         let report = self.recover(now);
         for (command, route, t) in streams {
@@ -205,6 +214,14 @@ impl<S: MessageStore> Broker<S> {
                 .entry(service)
                 .or_insert_with(|| Service::new(config));
             svc.instances.push(id);
+        }
+        for conn in pipelined {
+            self.close_connection(
+                conn,
+                courier_proto::ErrorCode::StorageFailed,
+                "the broker's storage failed and its state was rebuilt: the deliveries this connection held are void and come again, in order; reconnect".into(),
+                now,
+            );
         }
         let names: Vec<String> = self.services.keys().cloned().collect();
         for name in names {

@@ -136,7 +136,7 @@ async fn a_request_is_answered_with_the_final_reply_or_504_after_its_timeout() {
     .await
     .expect("subscribe");
 
-    let (answer, late) = tokio::task::spawn_blocking(move || {
+    let (answer, late, unrouted) = tokio::task::spawn_blocking(move || {
         (
             post(
                 &http,
@@ -145,10 +145,28 @@ async fn a_request_is_answered_with_the_final_reply_or_504_after_its_timeout() {
                 r#"{"text":"milk"}"#,
             ),
             post(&http, "/v1/requests/todo.archive?timeout=300ms", &[], "{}"),
+            // Refused by the broker, durable or transient (a transient
+            // command goes QUIET: only its refusal is answered).
+            [
+                post(&http, "/v1/requests/todo.nobody?timeout=10s", &[], "{}"),
+                post(
+                    &http,
+                    "/v1/requests/todo.nobody?timeout=10s",
+                    &[("Courier-Transient", "true")],
+                    "{}",
+                ),
+            ],
         )
     })
     .await
     .expect("join");
+    for refused in &unrouted {
+        assert_eq!(refused.status, 404, "{}", refused.body);
+        assert_eq!(
+            refused.header("courier-error").as_deref(),
+            Some("no_receiver")
+        );
+    }
     assert_eq!(answer.status, 200, "{}", answer.body);
     assert_eq!(
         answer.header("courier-outcome").as_deref(),

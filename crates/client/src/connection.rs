@@ -22,7 +22,8 @@ use tracing::{debug, warn};
 
 use crate::handler::{self, Delivered, Handler, Incoming};
 use crate::{
-    Client, ClientOptions, ClientTls, ConnectionEvent, Error, Inner, Reply, Result, State,
+    BoxRead, BoxWrite, Client, ClientOptions, ClientTls, ConnectionEvent, Connector, Error, Inner,
+    Reply, Result, State,
 };
 
 /// Biggest frame we accept from the broker.
@@ -67,11 +68,13 @@ pub(crate) struct Established {
 enum Reader {
     Plain(OwnedReadHalf),
     Tls(tokio::io::ReadHalf<TlsStream<TcpStream>>),
+    Other(BoxRead),
 }
 
 enum Writer {
     Plain(OwnedWriteHalf),
     Tls(tokio::io::WriteHalf<TlsStream<TcpStream>>),
+    Other(BoxWrite),
 }
 
 impl AsyncRead for Reader {
@@ -83,6 +86,7 @@ impl AsyncRead for Reader {
         match self.get_mut() {
             Reader::Plain(r) => Pin::new(r).poll_read(cx, buf),
             Reader::Tls(r) => Pin::new(r).poll_read(cx, buf),
+            Reader::Other(r) => r.as_mut().poll_read(cx, buf),
         }
     }
 }
@@ -96,6 +100,7 @@ impl AsyncWrite for Writer {
         match self.get_mut() {
             Writer::Plain(w) => Pin::new(w).poll_write(cx, buf),
             Writer::Tls(w) => Pin::new(w).poll_write(cx, buf),
+            Writer::Other(w) => w.as_mut().poll_write(cx, buf),
         }
     }
 
@@ -103,6 +108,7 @@ impl AsyncWrite for Writer {
         match self.get_mut() {
             Writer::Plain(w) => Pin::new(w).poll_flush(cx),
             Writer::Tls(w) => Pin::new(w).poll_flush(cx),
+            Writer::Other(w) => w.as_mut().poll_flush(cx),
         }
     }
 
@@ -110,6 +116,7 @@ impl AsyncWrite for Writer {
         match self.get_mut() {
             Writer::Plain(w) => Pin::new(w).poll_shutdown(cx),
             Writer::Tls(w) => Pin::new(w).poll_shutdown(cx),
+            Writer::Other(w) => w.as_mut().poll_shutdown(cx),
         }
     }
 }
@@ -194,12 +201,28 @@ fn tls_failure(addr: &str, e: &std::io::Error) -> String {
     format!("TLS session with {addr} failed: {e}{hint}")
 }
 
-/// Connects and completes HELLO/WELCOME.
-pub(crate) async fn establish(opts: &ClientOptions) -> Result<Established> {
+/// Connects and completes HELLO/WELCOME: through `connector` when there
+/// is one, else over TCP (and TLS) to `opts.url`.
+pub(crate) async fn establish(
+    opts: &ClientOptions,
+    connector: Option<&Connector>,
+) -> Result<Established> {
     let connect_error = |source| Error::Connect {
         addr: opts.url.clone(),
         source,
     };
+    if let Some(connector) = connector {
+        let (reader, writer) = tokio::time::timeout(HANDSHAKE_TIMEOUT, (connector.0)())
+            .await
+            .map_err(|_| {
+                connect_error(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "connect timed out",
+                ))
+            })?
+            .map_err(connect_error)?;
+        return handshake(opts, Reader::Other(reader), Writer::Other(writer), None).await;
+    }
     let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(&opts.url))
         .await
         .map_err(|_| {
@@ -210,9 +233,8 @@ pub(crate) async fn establish(opts: &ClientOptions) -> Result<Established> {
         })?
         .map_err(connect_error)?;
     let _ = stream.set_nodelay(true);
-    let is_tls = opts.tls.is_some();
     let mut direct = None;
-    let (mut reader, mut writer) = match &opts.tls {
+    let (reader, writer) = match &opts.tls {
         None => {
             // A second descriptor of the same socket, non-blocking like the
             // first: tokio keeps the first registered, the client writes a
@@ -239,6 +261,21 @@ pub(crate) async fn establish(opts: &ClientOptions) -> Result<Established> {
             let (reader, writer) = tokio::io::split(stream);
             (Reader::Tls(reader), Writer::Tls(writer))
         }
+    };
+    handshake(opts, reader, writer, direct).await
+}
+
+/// HELLO, then the broker's WELCOME (or its refusal).
+async fn handshake(
+    opts: &ClientOptions,
+    mut reader: Reader,
+    mut writer: Writer,
+    direct: Option<std::net::TcpStream>,
+) -> Result<Established> {
+    let is_tls = matches!(reader, Reader::Tls(_));
+    let connect_error = |source| Error::Connect {
+        addr: opts.url.clone(),
+        source,
     };
     // Errors on an established TLS session (a refused client certificate
     // arrives as an alert after the client's side of the handshake).
@@ -347,6 +384,8 @@ pub(crate) fn on_connected(inner: &Arc<Inner>, established: &mut Established) {
     let mut state = inner.lock();
     state.generation += 1;
     state.connected = true;
+    // The broker took back every delivery of the last connection.
+    state.key_lines.clear();
     if state.generation > 1 {
         state.emit(ConnectionEvent::Restored);
     }
@@ -417,7 +456,7 @@ pub(crate) async fn drive(inner: Arc<Inner>, first: Established) {
                 if *shutdown.borrow() {
                     break;
                 }
-                match establish(&inner.opts).await {
+                match establish(&inner.opts, inner.connector.as_ref()).await {
                     Ok(mut e) => {
                         on_connected(&inner, &mut e);
                         delay = inner.opts.reconnect_delay_min;
@@ -626,7 +665,7 @@ async fn read_loop(
             loop {
                 match decode_frame_as(buf, INBOUND_FRAME_BYTES_MAX, version) {
                     Ok(Some(frame)) => {
-                        if let Some(end) = handle_frame(inner, generation, frame) {
+                        if let Some(end) = handle_frame(inner, generation, version, frame) {
                             return end;
                         }
                     }
@@ -644,7 +683,12 @@ async fn read_loop(
     }
 }
 
-fn handle_frame(inner: &Arc<Inner>, generation: u64, frame: Frame) -> Option<ReadEnd> {
+fn handle_frame(
+    inner: &Arc<Inner>,
+    generation: u64,
+    version: u16,
+    frame: Frame,
+) -> Option<ReadEnd> {
     match frame {
         Frame::SendResult(outcomes) => {
             let mut state = inner.lock();
@@ -703,11 +747,23 @@ fn handle_frame(inner: &Arc<Inner>, generation: u64, frame: Frame) -> Option<Rea
             // Deliveries in one frame mostly share a name: the last match is
             // reused without the lock and the pattern walk.
             let mut last: Option<(courier_proto::SharedStr, Handler)> = None;
+            // Version 4: a key's deliveries come pipelined (PROTOCOL §8.4).
+            let pipelined = version >= courier_proto::PIPELINED_KEYS_VERSION;
             for d in deliveries {
                 if d.message.kind == Kind::Reply {
                     route_reply(inner, generation, d.delivery, Arc::new(d.message));
                     continue;
                 }
+                let key_start = pipelined && d.attempt & courier_proto::ATTEMPT_KEY_START != 0;
+                let attempt = if pipelined {
+                    d.attempt & !courier_proto::ATTEMPT_KEY_START
+                } else {
+                    d.attempt
+                };
+                let key = match &d.message.key {
+                    Some(key) if pipelined && !d.message.transient => Some(key.clone()),
+                    _ => None,
+                };
                 let known = matches!(&last, Some((name, _)) if *name == d.message.name);
                 if !known {
                     let found = inner
@@ -728,6 +784,9 @@ fn handle_frame(inner: &Arc<Inner>, generation: u64, frame: Frame) -> Option<Rea
                                 &d.message,
                                 Some(inner.opts.nack_delay),
                             );
+                            if let Some(key) = &key {
+                                handler::key_refused(inner, generation, key, key_start);
+                            }
                             continue;
                         }
                     }
@@ -735,17 +794,18 @@ fn handle_frame(inner: &Arc<Inner>, generation: u64, frame: Frame) -> Option<Rea
                 let Some((_, handler)) = &last else {
                     continue;
                 };
-                handler::spawn(
-                    inner,
-                    handler,
-                    Incoming {
-                        client: client.clone(),
-                        generation,
-                        delivery: d.delivery,
-                        attempt: d.attempt,
-                        delivered: Delivered::new(d.message),
-                    },
-                );
+                let incoming = Incoming {
+                    client: client.clone(),
+                    generation,
+                    delivery: d.delivery,
+                    attempt,
+                    delivered: Delivered::new(d.message),
+                    ticket: None,
+                };
+                match key {
+                    Some(key) => handler::deliver_keyed(inner, handler, incoming, key, key_start),
+                    None => handler::spawn(inner, handler, incoming),
+                }
             }
         }
         Frame::Drained => {

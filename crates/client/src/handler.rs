@@ -1,5 +1,6 @@
 //! Handlers and the context they get for each delivery.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -43,6 +44,9 @@ pub struct Incoming {
     pub(crate) delivery: u64,
     pub(crate) attempt: u32,
     pub(crate) delivered: Arc<Delivered>,
+    /// Its place in its key's line, when the connection takes keys
+    /// pipelined ([`KeyLine`]).
+    pub(crate) ticket: Option<Box<KeyTicket>>,
 }
 
 /// What a delivery's handler and its runner share: one allocation per
@@ -50,6 +54,9 @@ pub struct Incoming {
 pub(crate) struct Delivered {
     pub(crate) message: Message,
     pub(crate) settled: AtomicBool,
+    /// Settled by a nack, an error or `abandon`: the broker takes the
+    /// key's later deliveries back.
+    pub(crate) failed: AtomicBool,
 }
 
 impl Delivered {
@@ -57,7 +64,50 @@ impl Delivered {
         Arc::new(Delivered {
             message,
             settled: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
         })
+    }
+}
+
+/// A delivery's place among its key's on a pipelined connection
+/// (protocol version 4, PROTOCOL §8.4).
+#[derive(Debug, Clone)]
+pub(crate) struct KeyTicket {
+    key: Bytes,
+    /// The key start it came after ([`KeyLine::run`]).
+    run: u64,
+    /// Its arrival number within the key.
+    n: u64,
+}
+
+/// One ordering key on a pipelined connection: the broker sends a key's
+/// next deliveries before the earlier ones are acked, and this hands them
+/// to handlers one at a time, in arrival order (which is the key's order).
+/// A failed one (nack, error, abandon) makes the broker take back every
+/// later delivery of the key; those that arrive before the broker's next
+/// key start (bit 31 of `attempt`) are dropped unhandled.
+#[derive(Default)]
+pub(crate) struct KeyLine {
+    /// Key starts seen.
+    run: u64,
+    arrivals: u64,
+    /// Deliveries of this run arrived after this one are stale.
+    drop_after: Option<u64>,
+    /// A delivery of the key is with a handler (concurrent handlers).
+    busy: bool,
+    /// Deliveries waiting for it, in order (concurrent handlers).
+    waiting: VecDeque<(Handler, Incoming)>,
+    /// Tickets given out and not yet finished or dropped.
+    outstanding: u64,
+}
+
+impl KeyLine {
+    fn live(&self, ticket: &KeyTicket) -> bool {
+        ticket.run == self.run && self.drop_after.is_none_or(|last| ticket.n <= last)
+    }
+
+    fn forgettable(&self) -> bool {
+        self.outstanding == 0 && self.drop_after.is_none() && !self.busy
     }
 }
 
@@ -165,12 +215,16 @@ impl Incoming {
         if self.delivered.settled.swap(true, Ordering::AcqRel) {
             return Err(Error::AlreadySettled);
         }
+        self.delivered.failed.store(true, Ordering::Release);
         Ok(())
     }
 
     fn settle(&self, nack_delay: Option<Duration>) -> Result<()> {
         if self.delivered.settled.swap(true, Ordering::AcqRel) {
             return Err(Error::AlreadySettled);
+        }
+        if nack_delay.is_some() {
+            self.delivered.failed.store(true, Ordering::Release);
         }
         settle(
             &self.client.inner,
@@ -210,6 +264,151 @@ pub(crate) fn settle(
     inner.wake_writer();
 }
 
+/// A keyed delivery arrived on a pipelined connection: it goes to a
+/// handler when the one before it of its key is settled (at once if none
+/// is out), or is dropped if the broker takes it back (see [`KeyLine`]).
+/// `key_start`: bit 31 of its `attempt` was set.
+pub(crate) fn deliver_keyed(
+    inner: &Arc<Inner>,
+    handler: &Handler,
+    mut incoming: Incoming,
+    key: Bytes,
+    key_start: bool,
+) {
+    let mut state = inner.lock();
+    if state.generation != incoming.generation {
+        return;
+    }
+    let line = state.key_lines.entry(key.clone()).or_default();
+    if key_start {
+        line.run += 1;
+        line.drop_after = None;
+        // Whatever of an earlier run still waits was taken back.
+        let stale = std::mem::take(&mut line.waiting);
+        line.outstanding = line.outstanding.saturating_sub(stale.len() as u64);
+    }
+    if line.drop_after.is_some() {
+        return;
+    }
+    line.arrivals += 1;
+    line.outstanding += 1;
+    incoming.ticket = Some(Box::new(KeyTicket {
+        key,
+        run: line.run,
+        n: line.arrivals,
+    }));
+    if inner.sequential.is_some() {
+        // The one handler task runs deliveries in arrival order; it looks
+        // at the line again before each.
+        drop(state);
+        spawn(inner, handler, incoming);
+        return;
+    }
+    if line.busy {
+        line.waiting.push_back((handler.clone(), incoming));
+        return;
+    }
+    line.busy = true;
+    drop(state);
+    run_line(inner, handler.clone(), incoming);
+}
+
+/// The key of a pipelined connection's delivery that no handler here
+/// takes was nacked: the broker takes it and the key's later deliveries
+/// back.
+pub(crate) fn key_refused(inner: &Inner, generation: u64, key: &Bytes, key_start: bool) {
+    let mut state = inner.lock();
+    if state.generation != generation {
+        return;
+    }
+    let line = state.key_lines.entry(key.clone()).or_default();
+    if key_start {
+        line.run += 1;
+        let stale = std::mem::take(&mut line.waiting);
+        line.outstanding = line.outstanding.saturating_sub(stale.len() as u64);
+    }
+    line.drop_after = Some(line.arrivals);
+}
+
+/// Runs `incoming` and then, one at a time, what of its key queued behind
+/// it; a handler that has to wait goes on on a task, which carries on
+/// with the line when it is done.
+fn run_line(inner: &Arc<Inner>, handler: Handler, incoming: Incoming) {
+    let mut next = Some((handler, incoming));
+    while let Some((handler, incoming)) = next.take() {
+        let generation = incoming.generation;
+        let delivered = incoming.delivered.clone();
+        let Some(ticket) = incoming.ticket.clone() else {
+            return;
+        };
+        inner.handlers_running.fetch_add(1, Ordering::AcqRel);
+        if !start(inner, &handler, incoming, true) {
+            return;
+        }
+        next = line_finished(inner, generation, &ticket, &delivered);
+    }
+}
+
+/// A keyed delivery's handler is done: its line hears how it went and
+/// hands out what comes next of the key, if anything.
+fn line_finished(
+    inner: &Inner,
+    generation: u64,
+    ticket: &KeyTicket,
+    delivered: &Delivered,
+) -> Option<(Handler, Incoming)> {
+    let mut state = inner.lock();
+    if state.generation != generation {
+        return None;
+    }
+    let line = state.key_lines.get_mut(&ticket.key)?;
+    line.outstanding = line.outstanding.saturating_sub(1);
+    if delivered.failed.load(Ordering::Acquire) && ticket.run == line.run {
+        line.drop_after = Some(line.drop_after.map_or(ticket.n, |d| d.min(ticket.n)));
+    }
+    let mut next = None;
+    while let Some((handler, incoming)) = line.waiting.pop_front() {
+        match &incoming.ticket {
+            Some(t) if line.live(t) => {
+                next = Some((handler, incoming));
+                break;
+            }
+            _ => line.outstanding = line.outstanding.saturating_sub(1),
+        }
+    }
+    if next.is_none() {
+        line.busy = false;
+        if line.forgettable() {
+            state.key_lines.remove(&ticket.key);
+        }
+    }
+    next
+}
+
+/// Whether a delivery still goes to its handler: keyed ones of a
+/// pipelined connection may have been taken back since they arrived
+/// (sequential handlers look just before running each).
+pub(crate) fn still_live(inner: &Inner, incoming: &Incoming) -> bool {
+    let Some(ticket) = &incoming.ticket else {
+        return true;
+    };
+    let mut state = inner.lock();
+    if state.generation != incoming.generation {
+        return false;
+    }
+    let Some(line) = state.key_lines.get_mut(&ticket.key) else {
+        return false;
+    };
+    if line.live(ticket) {
+        return true;
+    }
+    line.outstanding = line.outstanding.saturating_sub(1);
+    if line.forgettable() {
+        state.key_lines.remove(&ticket.key);
+    }
+    false
+}
+
 /// Runs `handler` on its own task (or, with [`crate::ClientOptions::sequential`],
 /// queues it for the client's one handler task).
 ///
@@ -227,6 +426,13 @@ pub(crate) fn spawn(inner: &Arc<Inner>, handler: &Handler, incoming: Incoming) {
             }
         }
     }
+    start(inner, handler, incoming, false);
+}
+
+/// Starts a handler (`handlers_running` already counts it); `true` if it
+/// finished at once. `line`: it is keyed on a pipelined connection, and its
+/// task carries on with its key's line when done.
+fn start(inner: &Arc<Inner>, handler: &Handler, incoming: Incoming, line: bool) -> bool {
     // Most handlers finish without waiting for anything (count, store in
     // memory, send a reply into the outbox): those run to the end right
     // here, on the connection's reader, without a task of their own — a
@@ -234,6 +440,7 @@ pub(crate) fn spawn(inner: &Arc<Inner>, handler: &Handler, incoming: Incoming) {
     // that has to wait goes on on its own task, which polls it again at
     // once with its own waker (the no-op one used here is never relied on).
     let delivered = incoming.delivered.clone();
+    let ticket = if line { incoming.ticket.clone() } else { None };
     let (generation, delivery) = (incoming.generation, incoming.delivery);
     let handling = Handling::of(&delivered.message);
     #[cfg(feature = "otel")]
@@ -247,7 +454,10 @@ pub(crate) fn spawn(inner: &Arc<Inner>, handler: &Handler, incoming: Incoming) {
         (future, first)
     });
     match first {
-        Poll::Ready(result) => finish(inner, generation, delivery, &delivered, result),
+        Poll::Ready(result) => {
+            finish(inner, generation, delivery, &delivered, result);
+            true
+        }
         Poll::Pending => {
             let inner = inner.clone();
             tokio::spawn(async move {
@@ -257,7 +467,15 @@ pub(crate) fn spawn(inner: &Arc<Inner>, handler: &Handler, incoming: Incoming) {
                 let future = &mut future;
                 let result = HANDLING.scope(handling, future).await;
                 finish(&inner, generation, delivery, &delivered, result);
+                if let Some(ticket) = ticket {
+                    if let Some((handler, incoming)) =
+                        line_finished(&inner, generation, &ticket, &delivered)
+                    {
+                        run_line(&inner, handler, incoming);
+                    }
+                }
             });
+            false
         }
     }
 }
@@ -266,6 +484,11 @@ pub(crate) fn spawn(inner: &Arc<Inner>, handler: &Handler, incoming: Incoming) {
 /// nacks unless the handler settled it.
 pub(crate) async fn run(handler: Handler, incoming: Incoming) {
     let inner = incoming.client.inner.clone();
+    if !still_live(&inner, &incoming) {
+        handler_gone(&inner);
+        return;
+    }
+    let ticket = incoming.ticket.clone();
     let delivered = incoming.delivered.clone();
     let (generation, delivery) = (incoming.generation, incoming.delivery);
     let handling = Handling::of(&delivered.message);
@@ -278,6 +501,10 @@ pub(crate) async fn run(handler: Handler, incoming: Incoming) {
     let future = handler(incoming);
     let result = HANDLING.scope(handling, future).await;
     finish(&inner, generation, delivery, &delivered, result);
+    if let Some(ticket) = ticket {
+        // Sequential: nothing waits in the line; the failure is noted.
+        let _ = line_finished(&inner, generation, &ticket, &delivered);
+    }
 }
 
 fn finish(
@@ -292,11 +519,17 @@ fn finish(
             Ok(()) => None,
             Err(error) => {
                 tracing::warn!(name = %delivered.message.name, %error, "handler failed; nacking for a retry");
+                delivered.failed.store(true, Ordering::Release);
                 Some(inner.opts.nack_delay)
             }
         };
         settle(inner, generation, delivery, &delivered.message, nack);
     }
+    handler_gone(inner);
+}
+
+/// A handler finished, or a delivery queued for one was dropped.
+fn handler_gone(inner: &Inner) {
     // Only the last one out wakes `shutdown`, which waits for zero (see
     // there for the ordering).
     if inner.handlers_running.fetch_sub(1, Ordering::SeqCst) == 1

@@ -321,6 +321,33 @@ impl ClientTls {
     }
 }
 
+/// The read half of a byte stream a [`Connector`] opens.
+pub type BoxRead = Pin<Box<dyn tokio::io::AsyncRead + Send>>;
+/// The write half of a byte stream a [`Connector`] opens.
+pub type BoxWrite = Pin<Box<dyn tokio::io::AsyncWrite + Send>>;
+/// What [`Connector`] returns: a new byte stream to the broker, or why not.
+pub type Connecting = Pin<Box<dyn Future<Output = std::io::Result<(BoxRead, BoxWrite)>> + Send>>;
+
+/// Opens byte streams to the broker other than a TCP socket: the broker's
+/// own HTTP gateway, say, reaches its bus in memory. Called for the first
+/// connection and for every reconnect; the protocol over the stream is
+/// the same (HELLO, WELCOME, frames).
+#[derive(Clone)]
+pub struct Connector(Arc<dyn Fn() -> Connecting + Send + Sync>);
+
+impl Connector {
+    /// A connector that calls `open` for each connection.
+    pub fn new(open: impl Fn() -> Connecting + Send + Sync + 'static) -> Connector {
+        Connector(Arc::new(open))
+    }
+}
+
+impl std::fmt::Debug for Connector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Connector")
+    }
+}
+
 struct PendingSend {
     message: Box<Message>,
     /// The broker's answer: the log seq it stored the message at (0: none).
@@ -374,6 +401,9 @@ pub(crate) struct State {
     /// Where [`ConnectionEvent`]s go; dropped when the driver stops, which
     /// ends every [`ConnectionEvents`].
     events: Option<broadcast::Sender<ConnectionEvent>>,
+    /// Ordering keys of this connection's deliveries while any is out
+    /// (protocol version 4 only): what hands them over one at a time.
+    key_lines: HashMap<bytes::Bytes, handler::KeyLine>,
 }
 
 impl State {
@@ -408,6 +438,8 @@ pub(crate) struct Waiting {
 
 pub(crate) struct Inner {
     opts: ClientOptions,
+    /// Where connections come from when not TCP to `opts.url`.
+    connector: Option<Connector>,
     /// The service the broker authenticated the first connection as
     /// (`opts.service`, or what WELCOME named when that was left empty).
     service: String,
@@ -519,10 +551,21 @@ impl Client {
     /// # Ok(()) }
     /// ```
     pub async fn connect(opts: ClientOptions) -> Result<Client> {
+        Client::connect_via(opts, None).await
+    }
+
+    /// Connects like [`Client::connect`], but over the byte streams
+    /// `connector` opens instead of TCP to [`ClientOptions::url`] (which
+    /// then only names the broker in errors; TLS options do not apply).
+    pub async fn connect_with(opts: ClientOptions, connector: Connector) -> Result<Client> {
+        Client::connect_via(opts, Some(connector)).await
+    }
+
+    async fn connect_via(opts: ClientOptions, connector: Option<Connector>) -> Result<Client> {
         if let Some(address) = &opts.advertise {
             check_advertised(address)?;
         }
-        let first = connection::establish(&opts).await?;
+        let first = connection::establish(&opts, connector.as_ref()).await?;
         let (shutdown, _) = watch::channel(false);
         let (sequential, sequential_rx) = if opts.sequential {
             let (tx, rx) = mpsc::channel(opts.max_in_flight.max(1) as usize * 2);
@@ -553,9 +596,11 @@ impl Client {
                 unheard_refusals: 0,
                 last_unheard_refusal: None,
                 events: Some(broadcast::channel(events::CONNECTION_EVENTS_MAX).0),
+                key_lines: HashMap::new(),
             }),
             service: first.service.clone(),
             opts,
+            connector,
             writer_wake: Notify::new(),
             write_requested: AtomicBool::new(false),
             reading: AtomicBool::new(false),
@@ -817,12 +862,7 @@ impl Client {
         window: u32,
     ) -> Result<ReplyStream> {
         let window = window.clamp(1, proto::REPLY_WINDOW_MAX);
-        message
-            .headers
-            .retain(|(name, _)| name != proto::REPLY_WINDOW_HEADER);
-        message
-            .headers
-            .push((proto::REPLY_WINDOW_HEADER.into(), window.to_string()));
+        set_reply_window(&mut message, window);
         let stream = self.start_request(message, timeout, Some(window))?;
         // On refusal `stream` is dropped, which forgets the request.
         let stream = stream.accepted().await?;
@@ -848,7 +888,12 @@ impl Client {
     /// Registers the request and queues the command as a QUIET send
     /// (see [`State::quiet_requests`]); while disconnected, as
     /// [`Client::start_request`] does.
-    fn start_quiet_request(&self, message: Box<Message>, timeout: Duration) -> Result<ReplyStream> {
+    fn start_quiet_request(
+        &self,
+        message: Box<Message>,
+        timeout: Duration,
+        window: Option<u32>,
+    ) -> Result<ReplyStream> {
         validate_name(&message.name)?;
         let id = message.id;
         let mut state = self.inner.lock();
@@ -857,7 +902,7 @@ impl Client {
         }
         if !state.connected {
             drop(state);
-            return self.start_request(message, timeout, None);
+            return self.start_request(message, timeout, window);
         }
         self.check_size(&message, state.frame_bytes_max)?;
         // The only request, nothing else queued or being written, and the
@@ -869,7 +914,7 @@ impl Client {
         state.next_seq += 1;
         let seq = state.next_seq;
         state.writer.push_quiet_send(seq, &message)?;
-        let (waiting, stream) = ReplyStream::open(&self.inner, id, timeout, Some(seq), None);
+        let (waiting, stream) = ReplyStream::open(&self.inner, id, timeout, Some(seq), window);
         state.requests.insert(id, waiting);
         state.quiet_requests.insert(seq, id);
         let written = lone && write_direct(&mut state);
@@ -1258,7 +1303,8 @@ impl MessageBuilder {
         // routed), a second wake-up of the connection and of the caller
         // per request. Only a refusal is answered, into the stream.
         let mut stream = if self.message.transient {
-            self.client.start_quiet_request(self.message, timeout)?
+            self.client
+                .start_quiet_request(self.message, timeout, None)?
         } else {
             self.client.start_request(self.message, timeout, None)?
         };
@@ -1296,6 +1342,41 @@ impl MessageBuilder {
             .open_request(self.message, timeout, window)
             .await
     }
+
+    /// Like [`MessageBuilder::request_stream`] (flow-controlled), but
+    /// returns at once without waiting for the broker's acceptance: a
+    /// refusal is the stream's first item. A transient command goes QUIET,
+    /// as with [`MessageBuilder::request`], so the broker answers the send
+    /// only if it refuses it; a durable one is acknowledged as usual, and
+    /// re-sent across a reconnect until it is. For a caller that awaits
+    /// the replies anyway: one wake-up less per request.
+    pub fn request_stream_now(self) -> Result<ReplyStream> {
+        let timeout = self
+            .timeout
+            .unwrap_or(self.client.inner.opts.request_timeout);
+        let window = self
+            .reply_window
+            .unwrap_or(self.client.inner.opts.reply_window)
+            .clamp(1, proto::REPLY_WINDOW_MAX);
+        let mut message = self.message;
+        set_reply_window(&mut message, window);
+        if message.transient {
+            self.client
+                .start_quiet_request(message, timeout, Some(window))
+        } else {
+            self.client.start_request(message, timeout, Some(window))
+        }
+    }
+}
+
+/// Asks the broker for a flow-controlled reply stream (PROTOCOL §8.8).
+fn set_reply_window(message: &mut Message, window: u32) {
+    message
+        .headers
+        .retain(|(name, _)| name != proto::REPLY_WINDOW_HEADER);
+    message
+        .headers
+        .push((proto::REPLY_WINDOW_HEADER.into(), window.to_string()));
 }
 
 /// Where [`MessageBuilder::send_quiet`] stands once it was called.

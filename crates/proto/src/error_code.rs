@@ -67,6 +67,7 @@ error_codes! {
     TooManyConnections = 21, "too_many_connections";
     ReadTimeout = 22, "read_timeout";
     StreamFull = 23, "stream_full";
+    AckDeadlinePassed = 24, "ack_deadline_passed";
 }
 
 impl ErrorCode {

@@ -18,8 +18,19 @@ use crate::{ErrorCode, SharedStr};
 /// The newest protocol version this crate speaks (sent in HELLO; a broker
 /// answers in WELCOME with the version it speaks on the connection).
 /// Version 2 added a message's `parent_id` (flag `0x80`); version 3 the
-/// log seq of an accepted message in SEND_RESULT.
-pub const PROTOCOL_VERSION: u16 = 3;
+/// log seq of an accepted message in SEND_RESULT; version 4 pipelined
+/// ordering keys (no new bytes but [`ATTEMPT_KEY_START`]).
+pub const PROTOCOL_VERSION: u16 = 4;
+/// The first version whose connections take a key's messages pipelined:
+/// the broker may send a key's next messages before the earlier ones are
+/// acked, and the client hands them to its handlers one at a time, in
+/// order (`docs/PROTOCOL.md` §8.4).
+pub const PIPELINED_KEYS_VERSION: u16 = 4;
+/// Bit 31 of a DELIVER entry's `attempt` on a connection of version 4:
+/// the delivery is the first of its key that the connection holds — the
+/// broker has taken back every earlier delivery of that key to it. The
+/// attempt number is the other 31 bits.
+pub const ATTEMPT_KEY_START: u32 = 0x8000_0000;
 /// The oldest protocol version this crate still speaks.
 pub const PROTOCOL_VERSION_MIN: u16 = 1;
 /// First four bytes of a HELLO body; lets a broker tell Courier from noise.

@@ -22,8 +22,9 @@ pub use frame::{
     decode_body, decode_body_as, decode_frame, decode_frame_as, decode_message, delivery_frame_len,
     encode_message, encoded_message_len, frame_type, send_frame_len, Credentials, DecodeError,
     Delivery, EncodeError, ErrorFrame, Frame, FrameWriter, Hello, Nack, OpResult, SendEntry,
-    SendOutcome, StartFrom, Subscribe, Welcome, BATCH_BYTES_TARGET, BATCH_ENTRIES_MAX,
-    FRAME_BYTES_MAX_DEFAULT, HEADERS_MAX, HELLO_MAGIC, PROTOCOL_VERSION, PROTOCOL_VERSION_MIN,
+    SendOutcome, StartFrom, Subscribe, Welcome, ATTEMPT_KEY_START, BATCH_BYTES_TARGET,
+    BATCH_ENTRIES_MAX, FRAME_BYTES_MAX_DEFAULT, HEADERS_MAX, HELLO_MAGIC, PIPELINED_KEYS_VERSION,
+    PROTOCOL_VERSION, PROTOCOL_VERSION_MIN,
 };
 pub use id::new_id;
 pub use name::{

@@ -719,7 +719,8 @@ impl Shared {
                 | Action::Drained { conn }
                 | Action::Pong { conn, .. }
                 | Action::StartTail { conn, .. }
-                | Action::TraceQuery { conn, .. } => *conn,
+                | Action::TraceQuery { conn, .. }
+                | Action::Close { conn, .. } => *conn,
             };
             if current.as_ref().is_none_or(|(c, _)| *c != conn) {
                 current = None;
@@ -762,6 +763,17 @@ impl Shared {
                     reason,
                 })),
                 Action::Drained { .. } => state.writer.push(&Frame::Drained),
+                Action::Close { code, reason, .. } => {
+                    // The core already let go of the connection; the
+                    // ERROR follows what was queued before it.
+                    warn!(conn, %reason, "closing the connection");
+                    let pushed = state.writer.push(&Frame::Error(ErrorFrame {
+                        code,
+                        message: reason,
+                    }));
+                    state.closing = true;
+                    pushed
+                }
                 Action::Pong { nonce, .. } => state.writer.push(&Frame::Pong(nonce)),
                 Action::StartTail {
                     conn,
@@ -1207,6 +1219,40 @@ async fn serve_connection(
     serve_stream(&shared, slot, reader, writer, peer, subject, deadline).await;
 }
 
+/// Room in each direction of an in-process connection's pipe before its
+/// writer waits for the reader.
+const IN_PROCESS_PIPE_BYTES: usize = 256 * 1024;
+
+/// A bus connection from inside the broker's process (the HTTP gateway's):
+/// an in-memory pipe whose far end is served as an accepted socket is —
+/// handshake, authentication, manifest rules, limits and dedup are the
+/// bus's own — without a trip through the kernel's loopback. It holds one
+/// of the `connections_max` places, as any connection does.
+pub(crate) fn connect_in_process(
+    shared: &Arc<Shared>,
+    peer: SocketAddr,
+) -> std::io::Result<tokio::io::DuplexStream> {
+    let Some(place) = ConnectionSlot::take(shared) else {
+        shared.core().metrics_mut().connections_over_cap += 1;
+        return Err(std::io::Error::other(format!(
+            "the broker holds its maximum of {} connections; retry later, or raise courier serve --connections-max",
+            shared.config.connections_max
+        )));
+    };
+    let (ours, theirs) = tokio::io::duplex(IN_PROCESS_PIPE_BYTES);
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        let _place = place;
+        shared.handshakes.fetch_add(1, Ordering::Relaxed);
+        let slot = HandshakeSlot(&shared.handshakes);
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(shared.config.handshake_timeout_ms);
+        let (reader, writer) = tokio::io::split(theirs);
+        serve_stream(&shared, slot, reader, writer, peer, None, deadline).await;
+    });
+    Ok(ours)
+}
+
 /// A TLS client starts with a handshake record (`0x16`). Anything else is
 /// most likely a Courier client without TLS: it gets a plaintext ERROR
 /// frame saying so (rather than TLS alert bytes it cannot read), and the
@@ -1369,6 +1415,8 @@ async fn serve_stream<R, W>(
             identity.admin,
         ) {
             refused = Some(reason);
+        } else if version >= courier_proto::PIPELINED_KEYS_VERSION {
+            core.set_pipelined_keys(conn, true);
         }
     });
     if let Some(reason) = refused {

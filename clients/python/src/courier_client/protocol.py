@@ -155,6 +155,7 @@ class ErrorCode(IntEnum):
     TOO_MANY_CONNECTIONS = 21
     READ_TIMEOUT = 22
     STREAM_FULL = 23
+    ACK_DEADLINE_PASSED = 24
 
     @property
     def wire_name(self) -> str:

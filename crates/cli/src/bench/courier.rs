@@ -10,6 +10,8 @@ pub(super) const W6_NAME: &str = "bench.w6.published";
 pub(super) const W7_NAME: &str = "bench.w7.published";
 pub(super) const W6_SERVICE: &str = "bench-consumer";
 pub(super) const W7_SERVICE: &str = "bench-offline";
+pub(super) const W8_NAME: &str = "bench.w8.recorded";
+pub(super) const W8_SERVICE: &str = "bench-ordered";
 
 pub(super) async fn connect(
     addr: &str,
@@ -367,6 +369,190 @@ pub(super) async fn courier_w6(exe: &Path, plan: &Plan) -> anyhow::Result<Vec<Me
         )])
     };
     broker.watch(result).await
+}
+
+/// W8: a backlog of keyed events for an offline service (the key of
+/// message i is `i % keys`, its index within the key in the payload's
+/// first 8 bytes), then 2 instances consume it with explicit acks; each
+/// checks that every key's messages come in order.
+pub(super) async fn courier_w8(
+    exe: &Path,
+    plan: &Plan,
+    keys: Keys,
+) -> anyhow::Result<Vec<Measurement>> {
+    let dir = DataDir::create()?;
+    let mut broker = BrokerProcess::start(exe, dir.path()).await?;
+    let addr = broker.addr.clone();
+    let count = plan.w8;
+    let workload = match keys {
+        Keys::One => Workload::W8a,
+        Keys::Thousand => Workload::W8b,
+    };
+    let result = async {
+        subscribe_offline(&addr, W8_SERVICE, W8_NAME).await?;
+        let producer = connect(&addr, "bench-publisher", None).await?;
+        let setup = Instant::now();
+        let mut pending: VecDeque<(u64, PendingAck)> = VecDeque::with_capacity(WINDOW);
+        for i in 0..count {
+            if pending.len() >= WINDOW {
+                if let Some((j, ack)) = pending.pop_front() {
+                    ack.wait()
+                        .await
+                        .with_context(|| format!("publish {} of {count} failed", j + 1))?;
+                }
+            }
+            let ack = producer
+                .event(W8_NAME)
+                .key((i % keys.count()).to_string())
+                .payload(ordered_payload(i / keys.count()))
+                .enqueue()
+                .with_context(|| format!("publish {} of {count} could not be queued", i + 1))?;
+            pending.push_back((i, ack));
+        }
+        for (j, ack) in pending {
+            ack.wait()
+                .await
+                .with_context(|| format!("publish {} of {count} failed", j + 1))?;
+        }
+        let setup = setup.elapsed();
+        producer.shutdown().await;
+        progress(&format!(
+            "  keyed backlog of {} published in {:.1} s ({} msg/s)",
+            thousands(count),
+            setup.as_secs_f64(),
+            format_value(per_second(count, setup))
+        ));
+
+        let order = Arc::new(OrderCheck::new(keys.count()));
+        let all_handled = Arc::new(Notify::new());
+        let started = Instant::now();
+        let mut instances = Vec::new();
+        for _ in 0..2 {
+            let instance = connect(&addr, W8_SERVICE, Some(MAX_IN_FLIGHT)).await?;
+            let (order, done) = (order.clone(), all_handled.clone());
+            instance
+                .on(W8_NAME, move |msg| {
+                    let (order, done) = (order.clone(), done.clone());
+                    async move {
+                        let key = msg
+                            .message()
+                            .key
+                            .as_deref()
+                            .and_then(|k| std::str::from_utf8(k).ok())
+                            .and_then(|k| k.parse::<u64>().ok());
+                        if order.handled(key, msg.payload(), msg.attempt()) == count {
+                            done.notify_one();
+                        }
+                        Ok::<(), courier_client::Error>(())
+                    }
+                })
+                .await
+                .context("cannot subscribe an instance")?;
+            instances.push(instance);
+        }
+        order.wait_all(count, &all_handled).await?;
+        for instance in instances {
+            instance.shutdown().await;
+        }
+        let elapsed = started.elapsed();
+        order.verdict()?;
+        Ok(vec![(
+            workload,
+            Metric::Throughput,
+            per_second(count, elapsed),
+        )])
+    };
+    broker.watch(result).await
+}
+
+/// W8's payload: the message's index within its key, then padding to
+/// [`SMALL_BYTES`].
+pub(super) fn ordered_payload(index: u64) -> Bytes {
+    let mut payload = vec![b'x'; SMALL_BYTES];
+    payload[..8].copy_from_slice(&index.to_be_bytes());
+    Bytes::from(payload)
+}
+
+/// What W8's instances saw: per key the next index expected, first
+/// deliveries counted, and what came out of order.
+pub(super) struct OrderCheck {
+    next: Vec<AtomicU64>,
+    handled: AtomicU64,
+    out_of_order: AtomicU64,
+    redelivered: AtomicU64,
+}
+
+impl OrderCheck {
+    pub(super) fn new(keys: u64) -> OrderCheck {
+        OrderCheck {
+            next: (0..keys).map(|_| AtomicU64::new(0)).collect(),
+            handled: AtomicU64::new(0),
+            out_of_order: AtomicU64::new(0),
+            redelivered: AtomicU64::new(0),
+        }
+    }
+
+    /// One delivery; returns the first deliveries handled so far.
+    pub(super) fn handled(&self, key: Option<u64>, payload: &[u8], attempt: u32) -> u64 {
+        if attempt > 1 {
+            self.redelivered.fetch_add(1, Ordering::Relaxed);
+            return self.handled.load(Ordering::Relaxed);
+        }
+        let index = payload
+            .get(..8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_be_bytes);
+        let slot = key.and_then(|k| self.next.get(k as usize));
+        match (slot, index) {
+            (Some(next), Some(index)) => {
+                // Only the key's holder writes its slot, one at a time.
+                if next.swap(index + 1, Ordering::Relaxed) != index {
+                    self.out_of_order.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            _ => {
+                self.out_of_order.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.handled.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Waits until `count` first deliveries were handled, or fails when
+    /// they stop coming.
+    pub(super) async fn wait_all(&self, count: u64, done: &Notify) -> anyhow::Result<()> {
+        let mut last = 0;
+        let mut last_change = Instant::now();
+        loop {
+            let now = self.handled.load(Ordering::Relaxed);
+            if now >= count {
+                return Ok(());
+            }
+            if now != last {
+                (last, last_change) = (now, Instant::now());
+            } else if last_change.elapsed() > STALL_TIMEOUT {
+                bail!(
+                    "deliveries stopped at {} of {} for {} s",
+                    thousands(now),
+                    thousands(count),
+                    STALL_TIMEOUT.as_secs()
+                );
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(1), done.notified()).await;
+        }
+    }
+
+    /// Fails if any key's messages came out of order.
+    pub(super) fn verdict(&self) -> anyhow::Result<()> {
+        let again = self.redelivered.load(Ordering::Relaxed);
+        if again > 0 {
+            progress(&format!("  note: {again} deliveries were redeliveries"));
+        }
+        let wrong = self.out_of_order.load(Ordering::Relaxed);
+        if wrong > 0 {
+            bail!("{wrong} deliveries came out of their key's order");
+        }
+        Ok(())
+    }
 }
 
 /// Connects as soon as the broker lets us; the time since `since`.

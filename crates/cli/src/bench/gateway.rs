@@ -6,7 +6,8 @@
 //! Both sides send the W4 request (16 B, transient, `Courier-Transient:
 //! true` over HTTP) and get the W4 reply. Throughput and tails are taken
 //! with [`CLIENTS`] requesters at once: on HTTP each its own HTTP/1.1
-//! keep-alive connection (hyper's client), natively each a task sharing
+//! keep-alive connection (hyper's client, the connection driven by the
+//! requester's own task), natively each a task sharing
 //! one SDK connection (as the gateway's HTTP clients share its one bus
 //! connection). The latency the gateway adds is taken one request at a
 //! time, where queueing does not hide it. The sides alternate within a
@@ -223,23 +224,38 @@ async fn gateway(
     for _ in 0..clients {
         connections.push(http_connection(http).await?);
     }
+    let ask = Ask::new(http, payload)?;
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(clients);
-    for mut connection in connections {
-        let (payload, next) = (payload.clone(), next.clone());
+    for (mut sender, connection) in connections {
+        let (ask, next) = (ask.clone(), next.clone());
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= count {
-                    return Ok::<_, anyhow::Error>(latencies);
+            let requests = async {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= count {
+                        return Ok::<_, anyhow::Error>(());
+                    }
+                    let t = Instant::now();
+                    ask.once(&mut sender)
+                        .await
+                        .with_context(|| format!("HTTP request {} of {count}", i + 1))?;
+                    latencies.push(t.elapsed().as_nanos() as u64);
                 }
-                let t = Instant::now();
-                http_ask(&mut connection, http, &payload)
-                    .await
-                    .with_context(|| format!("HTTP request {} of {count}", i + 1))?;
-                latencies.push(t.elapsed().as_nanos() as u64);
+            };
+            // The connection is driven by the requester's own task, as a
+            // client with one connection per thread of work would: a
+            // request and its answer cost no hand-off to another task.
+            tokio::pin!(connection);
+            tokio::select! {
+                done = requests => done?,
+                ended = &mut connection => {
+                    ended.context("the HTTP connection failed")?;
+                    bail!("the broker closed the HTTP connection");
+                }
             }
+            Ok(latencies)
         }));
     }
     gather(tasks, count, started).await
@@ -264,50 +280,70 @@ async fn gather(
     })
 }
 
-type Connection = http1::SendRequest<Full<Bytes>>;
+type Sender = http1::SendRequest<Full<Bytes>>;
+type Connection = http1::Connection<TokioIo<tokio::net::TcpStream>, Full<Bytes>>;
 
-async fn http_connection(http: SocketAddr) -> anyhow::Result<Connection> {
+/// A connection's request half, and the connection to drive.
+async fn http_connection(http: SocketAddr) -> anyhow::Result<(Sender, Connection)> {
     let stream = tokio::net::TcpStream::connect(http)
         .await
         .with_context(|| format!("cannot connect to the broker's HTTP port {http}"))?;
     stream.set_nodelay(true)?;
-    let (sender, connection) = http1::handshake(TokioIo::new(stream))
+    http1::handshake(TokioIo::new(stream))
         .await
-        .context("HTTP/1.1 handshake")?;
-    tokio::spawn(async move {
-        // Ends when the sender is dropped or the broker closes.
-        let _ = connection.await;
-    });
-    Ok(sender)
+        .context("HTTP/1.1 handshake")
 }
 
-/// One W4 request through the gateway; checks the reply.
-async fn http_ask(
-    connection: &mut Connection,
-    http: SocketAddr,
-    payload: &Bytes,
-) -> anyhow::Result<()> {
-    connection
-        .ready()
-        .await
-        .context("the HTTP connection closed")?;
-    let request = hyper::Request::post(format!("/v1/requests/{W4_NAME}?timeout=30s"))
-        .header(hyper::header::HOST, http.to_string())
-        .header(hyper::header::CONTENT_TYPE, "application/octet-stream")
-        .header("courier-transient", "true")
-        .body(Full::new(payload.clone()))
-        .context("internal: the request does not build")?;
-    let response = connection.send_request(request).await?;
-    let status = response.status();
-    let body = response.into_body().collect().await?.to_bytes();
-    if status != hyper::StatusCode::OK || body.len() != TINY_BYTES {
-        bail!(
-            "the gateway answered {status} with {} B ({}), not 200 with the {TINY_BYTES} B reply",
-            body.len(),
-            String::from_utf8_lossy(&body[..body.len().min(200)])
-        );
+/// The W4 request over HTTP: what every request repeats, built once.
+#[derive(Clone)]
+struct Ask {
+    uri: hyper::Uri,
+    host: hyper::header::HeaderValue,
+    payload: Bytes,
+}
+
+impl Ask {
+    fn new(http: SocketAddr, payload: &Bytes) -> anyhow::Result<Ask> {
+        Ok(Ask {
+            uri: format!("/v1/requests/{W4_NAME}?timeout=30s")
+                .parse()
+                .context("internal: the request's path does not parse")?,
+            host: http
+                .to_string()
+                .parse()
+                .context("internal: the Host header does not parse")?,
+            payload: payload.clone(),
+        })
     }
-    Ok(())
+
+    /// One W4 request through the gateway; checks the reply.
+    async fn once(&self, sender: &mut Sender) -> anyhow::Result<()> {
+        sender.ready().await.context("the HTTP connection closed")?;
+        let mut request = hyper::Request::new(Full::new(self.payload.clone()));
+        *request.method_mut() = hyper::Method::POST;
+        *request.uri_mut() = self.uri.clone();
+        let headers = request.headers_mut();
+        headers.insert(hyper::header::HOST, self.host.clone());
+        headers.insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("application/octet-stream"),
+        );
+        headers.insert(
+            "courier-transient",
+            hyper::header::HeaderValue::from_static("true"),
+        );
+        let response = sender.send_request(request).await?;
+        let status = response.status();
+        let body = response.into_body().collect().await?.to_bytes();
+        if status != hyper::StatusCode::OK || body.len() != TINY_BYTES {
+            bail!(
+                "the gateway answered {status} with {} B ({}), not 200 with the {TINY_BYTES} B reply",
+                body.len(),
+                String::from_utf8_lossy(&body[..body.len().min(200)])
+            );
+        }
+        Ok(())
+    }
 }
 
 /// One line of the comparison.

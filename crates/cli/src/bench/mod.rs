@@ -90,9 +90,10 @@ pub struct BenchArgs {
     /// (the settings then go to stderr).
     #[arg(long)]
     json: bool,
-    /// Run only these workloads, comma-separated: W5a, W5b, W6, W7a, W7b
-    /// (W5 and W7 name both halves), W13 (durable sends one at a time from
-    /// 1, 4, 16 and 64 connections; W13-16 and the like name one count), W-HTTP-a (request/reply through the
+    /// Run only these workloads, comma-separated: W5a, W5b, W6, W7a, W7b,
+    /// W8a, W8b (W5, W7 and W8 name both halves), W13 (durable sends one at
+    /// a time from 1, 4, 16 and 64 connections; W13-16 and the like name
+    /// one count), W-HTTP-a (request/reply through the
     /// HTTP gateway beside the native protocol), or `outbox` (the
     /// transactional outbox's relay from PostgreSQL; not run unless named);
     /// or `registry` alone: a watch's latency, DNS queries a second, and
@@ -156,6 +157,9 @@ enum Workload {
     W6,
     W7a,
     W7b,
+    /// Ordered delivery: a keyed backlog, one key (W8a) or 1,000 (W8b).
+    W8a,
+    W8b,
     /// Durable events one at a time from 1, 4, 16 and 64 connections at
     /// once (group commit across connections); each compared with
     /// JetStream at its default fsync and, the `Always` twin, at `always`.
@@ -173,7 +177,7 @@ enum Workload {
 
 impl Workload {
     /// Every workload; [`Workload::DEFAULT`] without `--only`.
-    const ALL: [Workload; 24] = [
+    const ALL: [Workload; 26] = [
         Workload::W1a,
         Workload::W1b,
         Workload::W2a,
@@ -189,6 +193,8 @@ impl Workload {
         Workload::W6,
         Workload::W7a,
         Workload::W7b,
+        Workload::W8a,
+        Workload::W8b,
         Workload::W13c1,
         Workload::W13c1Always,
         Workload::W13c4,
@@ -202,7 +208,7 @@ impl Workload {
 
     /// What runs without `--only`: everything but the outbox, which needs
     /// a PostgreSQL.
-    const DEFAULT: [Workload; 23] = [
+    const DEFAULT: [Workload; 25] = [
         Workload::W1a,
         Workload::W1b,
         Workload::W2a,
@@ -218,6 +224,8 @@ impl Workload {
         Workload::W6,
         Workload::W7a,
         Workload::W7b,
+        Workload::W8a,
+        Workload::W8b,
         Workload::W13c1,
         Workload::W13c1Always,
         Workload::W13c4,
@@ -260,6 +268,8 @@ impl Workload {
             Workload::W6 => "W6",
             Workload::W7a => "W7a",
             Workload::W7b => "W7b",
+            Workload::W8a => "W8a",
+            Workload::W8b => "W8b",
             Workload::W13c1 => "W13-1",
             Workload::W13c1Always => "W13-1-always",
             Workload::W13c4 => "W13-4",
@@ -289,6 +299,10 @@ impl Workload {
             Workload::W5bAlways => "JetStream file stream, async publish, sync_interval: always",
             Workload::W6 => "JetStream pull consumer, explicit ack",
             Workload::W7a | Workload::W7b => "JetStream file stream, same data, default fsync",
+            Workload::W8a => "JetStream pull consumer, max_ack_pending 1, 2 pullers",
+            Workload::W8b => {
+                "JetStream, subject partitioned into 16, one pull consumer each with max_ack_pending 1"
+            }
             Workload::W13c1 | Workload::W13c4 | Workload::W13c16 | Workload::W13c64 => {
                 "JetStream file stream, sync publish from as many connections, default fsync"
             }
@@ -317,6 +331,8 @@ impl Workload {
             Workload::W5b | Workload::W5bAlways => Job::PublishPipelined,
             Workload::W6 => Job::Consume,
             Workload::W7a | Workload::W7b => Job::Restart,
+            Workload::W8a => Job::Ordered(Keys::One),
+            Workload::W8b => Job::Ordered(Keys::Thousand),
             Workload::W13c1
             | Workload::W13c1Always
             | Workload::W13c4
@@ -396,6 +412,9 @@ fn parse_only(text: &str) -> Result<Only, String> {
             "w7a" => &[W7a],
             "w7b" => &[W7b],
             "w7" => &[W7a, W7b],
+            "w8" => &[W8a, W8b],
+            "w8a" => &[W8a],
+            "w8b" => &[W8b],
             "w13" => &[
                 W13c1,
                 W13c1Always,
@@ -413,7 +432,7 @@ fn parse_only(text: &str) -> Result<Only, String> {
             "outbox" => &[Outbox],
             _ => {
                 return Err(format!(
-                    "unknown workload {part:?}; choose from W1a, W1b, W2a, W2b, W3a, W3b, W4a, W4b, W5a, W5b, W6, W7a, W7b, W13-1, W13-4, W13-16, W13-64 (W1 … W7 and W13 name all their parts), W-HTTP-a or outbox, comma-separated, or registry alone"
+                    "unknown workload {part:?}; choose from W1a, W1b, W2a, W2b, W3a, W3b, W4a, W4b, W5a, W5b, W6, W7a, W7b, W8a, W8b, W13-1, W13-4, W13-16, W13-64 (W1 … W8 and W13 name all their parts), W-HTTP-a or outbox, comma-separated, or registry alone"
                 ))
             }
         };
@@ -579,7 +598,7 @@ const MIB_PER_150_MB: f64 = 150_000_000.0 / (1024.0 * 1024.0);
 
 /// Every row the table can have, in the order it is printed, with the
 /// target for it.
-const ROWS: [(Workload, Metric, Option<Target>); 39] = [
+const ROWS: [(Workload, Metric, Option<Target>); 41] = [
     (Workload::W1a, Metric::Throughput, Target::ratio(1.2)),
     (Workload::W1b, Metric::Throughput, Target::ratio(1.0)),
     (Workload::W2a, Metric::Throughput, Target::ratio(1.2)),
@@ -601,6 +620,8 @@ const ROWS: [(Workload, Metric, Option<Target>); 39] = [
     (Workload::W5b, Metric::Throughput, Target::ratio(1.5)),
     (Workload::W5bAlways, Metric::Throughput, Target::ratio(20.0)),
     (Workload::W6, Metric::Throughput, Target::ratio(1.5)),
+    (Workload::W8a, Metric::Throughput, Target::ratio(20.0)),
+    (Workload::W8b, Metric::Throughput, Target::ratio(3.0)),
     (Workload::W7a, Metric::ReadyLine, Target::at_most(1000.0)),
     (Workload::W7a, Metric::FirstConnect, Target::at_most(1000.0)),
     (
@@ -746,8 +767,26 @@ enum Job {
     PublishPipelined,
     Consume,
     Restart,
+    /// W8: a keyed backlog consumed in order by 2 instances.
+    Ordered(Keys),
     PublishConcurrent,
     Outbox,
+}
+
+/// How many ordering keys W8's events spread over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Keys {
+    One,
+    Thousand,
+}
+
+impl Keys {
+    fn count(self) -> u64 {
+        match self {
+            Keys::One => 1,
+            Keys::Thousand => 1_000,
+        }
+    }
 }
 
 impl Job {
@@ -801,6 +840,8 @@ impl Job {
             Job::PublishPipelined => "W5b",
             Job::Consume => "W6",
             Job::Restart => "W7",
+            Job::Ordered(Keys::One) => "W8a",
+            Job::Ordered(Keys::Thousand) => "W8b",
             Job::PublishConcurrent => "W13",
             Job::Outbox => "outbox",
         }
@@ -823,6 +864,8 @@ struct Plan {
     w5b_warmup: u64,
     w6: u64,
     w7: u64,
+    /// W8a and W8b.
+    w8: u64,
     /// W13: events per connection count, shared by the connections.
     w13: u64,
     w13_warmup: u64,
@@ -854,6 +897,7 @@ impl Plan {
             w5b_warmup: n(10_000),
             w6: n(200_000),
             w7: n(1_000_000),
+            w8: n(200_000),
             w13: n(8_000),
             w13_warmup: n(640),
             gateway: gateway::GatewayPlan {
@@ -917,6 +961,12 @@ impl Plan {
             Job::Consume => format!(
                 "a backlog of {} × {SMALL_BYTES} B durable events waiting for an offline consumer, then consumed with explicit acks (at most {MAX_IN_FLIGHT} unacknowledged), timed from subscribing until all are acked and the acks applied",
                 thousands(self.w6)
+            ),
+            Job::Ordered(keys) => format!(
+                "a backlog of {} × {SMALL_BYTES} B durable events with {} ordering key{} waiting for an offline service, then consumed in order by 2 instances with explicit acks (Courier: pipelined keys, max_in_flight {MAX_IN_FLIGHT} each; NATS: max_ack_pending 1 per consumer), each instance checking that every key's messages come in order; timed from subscribing until all are acked",
+                thousands(self.w8),
+                thousands(keys.count()),
+                if keys.count() == 1 { "" } else { "s" }
             ),
             Job::Restart => format!(
                 "a backlog of {} × {} durable events for an offline consumer (pipelined, window {WINDOW}); VmRSS; kill -9; restart on the same data: spawn to ready line, and to the first connection that sees the whole backlog (polled every {} ms); VmRSS",
@@ -1456,6 +1506,7 @@ async fn run_job(
             Job::PublishOneByOne => courier_w5a(exe, plan).await,
             Job::PublishPipelined => courier_w5b(exe, plan).await,
             Job::Consume => courier_w6(exe, plan).await,
+            Job::Ordered(keys) => courier_w8(exe, plan, keys).await,
             Job::Restart => courier_w7(exe, plan).await,
             Job::PublishConcurrent => courier_w13(exe, plan).await,
             Job::Outbox => outbox::courier_outbox(exe, plan).await,
@@ -1870,6 +1921,10 @@ mod tests {
             Ok(Only::Workloads(vec![W1a, W1b, W4b], false))
         );
         assert_eq!(parse_only("W7b,"), Ok(Only::Workloads(vec![W7b], false)));
+        assert_eq!(
+            parse_only("w8,W6"),
+            Ok(Only::Workloads(vec![W6, W8a, W8b], false))
+        );
         assert_eq!(parse_only("W-HTTP-a"), Ok(Only::Workloads(vec![], true)));
         assert_eq!(
             parse_only("w4a,w-http-a"),
@@ -1923,7 +1978,7 @@ mod tests {
         );
         assert_eq!(a.timeout, Duration::from_secs(90));
         assert!(args(&["--runs", "0"]).is_err());
-        assert!(args(&["--only", "W8"]).is_err());
+        assert!(args(&["--only", "W10"]).is_err());
     }
 
     #[test]
@@ -2094,6 +2149,8 @@ mod tests {
                 Job::PublishPipelined,
                 Job::Consume,
                 Job::Restart,
+                Job::Ordered(Keys::One),
+                Job::Ordered(Keys::Thousand),
                 Job::PublishConcurrent
             ]
         );

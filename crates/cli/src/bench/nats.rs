@@ -37,6 +37,11 @@ const W6_CONSUMER: &str = "bench-consumer";
 const W7_STREAM: &str = "BENCH_W7";
 const W7_SUBJECT: &str = "bench.w7.published";
 const W7_CONSUMER: &str = "bench-offline";
+/// W8: one stream over `bench.w8.<partition>.<key>`.
+const W8_STREAM: &str = "BENCH_W8";
+const W8_CONSUMER: &str = "bench-ordered";
+/// W8b's partitions of the subject, one consumer each.
+const W8_PARTITIONS: u64 = 16;
 
 /// async-nats drops messages for a subscription whose buffer is full (a
 /// "slow consumer"); the subscriptions of W1–W3 get room for a whole run,
@@ -628,6 +633,7 @@ pub(super) async fn run(
         }
         Job::Consume => consume(nats, plan).await,
         Job::Restart => restart(nats, plan).await,
+        Job::Ordered(keys) => ordered(nats, plan, keys).await,
         Job::PublishConcurrent => {
             let mut measured = publish_concurrent(nats, plan, Fsync::Default)
                 .await
@@ -1191,6 +1197,194 @@ async fn consume(nats: &NatsInstall, plan: &Plan) -> anyhow::Result<Vec<Measurem
         }
         Ok(vec![(
             Workload::W6,
+            Metric::Throughput,
+            per_second(count, elapsed),
+        )])
+    };
+    server.watch(work).await
+}
+
+/// The partition of a key as the server's `partition(16, …)` subject
+/// mapping computes it (FNV-1a, 32 bits, of the token, modulo the count).
+/// The publisher puts it in the subject itself: the same messages land on
+/// the same subjects without the server's mapping, which this client's
+/// stream config (no `server_2_10` feature) cannot set.
+fn partition(key: &str) -> u64 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in key.bytes() {
+        hash ^= u32::from(byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    u64::from(hash) % W8_PARTITIONS
+}
+
+/// W8: the keyed backlog in a stream, then ordered consumption by 2
+/// instances: W8a one durable pull consumer with `max_ack_pending: 1`
+/// pulled by both; W8b one such consumer per partition of the subject,
+/// 8 pulled by each instance. Timed from creating the consumers until
+/// every message is acked and the acks applied.
+async fn ordered(nats: &NatsInstall, plan: &Plan, keys: Keys) -> anyhow::Result<Vec<Measurement>> {
+    let mut server = NatsServer::start(nats, Fsync::Default).await?;
+    let url = server.url();
+    let count = plan.w8;
+    let workload = match keys {
+        Keys::One => Workload::W8a,
+        Keys::Thousand => Workload::W8b,
+    };
+    let partitions = match keys {
+        Keys::One => 1,
+        Keys::Thousand => W8_PARTITIONS,
+    };
+    let work = async {
+        let events = Arc::new(ClientEvents::default());
+        let publisher =
+            connect(&url, "bench-publisher", MIN_SUBSCRIPTION_CAPACITY, &events).await?;
+        let js = jetstream_context(publisher);
+        create_stream(&js, W8_STREAM, "bench.w8.>").await?;
+        let setup = Instant::now();
+        let mut pending: VecDeque<(u64, jetstream::context::PublishAckFuture)> =
+            VecDeque::with_capacity(WINDOW);
+        for i in 0..count {
+            if pending.len() >= WINDOW {
+                if let Some((j, ack)) = pending.pop_front() {
+                    ack.await.with_context(|| {
+                        format!("publish {} of {count} was not acknowledged", j + 1)
+                    })?;
+                }
+            }
+            let key = (i % keys.count()).to_string();
+            let subject = format!("bench.w8.{}.{key}", partition(&key) % partitions);
+            let ack = js
+                .publish(subject, ordered_payload(i / keys.count()))
+                .await
+                .with_context(|| format!("publish {} of {count} failed", i + 1))?;
+            pending.push_back((i, ack));
+        }
+        for (j, ack) in pending {
+            ack.await
+                .with_context(|| format!("publish {} of {count} was not acknowledged", j + 1))?;
+        }
+        let setup = setup.elapsed();
+        progress(&format!(
+            "  keyed backlog of {} published in {:.1} s ({} msg/s)",
+            thousands(count),
+            setup.as_secs_f64(),
+            format_value(per_second(count, setup))
+        ));
+        drop(js);
+
+        let order = Arc::new(OrderCheck::new(keys.count()));
+        let all_handled = Arc::new(Notify::new());
+        let mut instances = Vec::new();
+        for i in 0..2 {
+            let client = connect(
+                &url,
+                &format!("bench-ordered-{i}"),
+                MIN_SUBSCRIPTION_CAPACITY,
+                &events,
+            )
+            .await?;
+            instances.push(jetstream_context(client));
+        }
+        let stream = instances[0]
+            .get_stream(W8_STREAM)
+            .await
+            .with_context(|| format!("cannot look up the stream {W8_STREAM}"))?;
+        let started = Instant::now();
+        let mut consumers = Vec::new();
+        for p in 0..partitions {
+            let consumer = stream
+                .create_consumer(pull::Config {
+                    durable_name: Some(format!("{W8_CONSUMER}-{p}")),
+                    ack_policy: AckPolicy::Explicit,
+                    max_ack_pending: 1,
+                    filter_subject: format!("bench.w8.{p}.*"),
+                    ..Default::default()
+                })
+                .await
+                .context("cannot create a pull consumer")?;
+            consumers.push(consumer);
+        }
+        // W8a: both instances pull the one consumer; W8b: each pulls its
+        // half of the partitions.
+        let mut pulls = Vec::new();
+        for (i, js) in instances.iter().enumerate() {
+            for p in 0..partitions {
+                if partitions > 1 && p % 2 != i as u64 {
+                    continue;
+                }
+                let stream = js
+                    .get_stream(W8_STREAM)
+                    .await
+                    .with_context(|| format!("cannot look up the stream {W8_STREAM}"))?;
+                let consumer: jetstream::consumer::PullConsumer = stream
+                    .get_consumer(&format!("{W8_CONSUMER}-{p}"))
+                    .await
+                    .map_err(|e| anyhow!(e).context("cannot look up a pull consumer"))?;
+                let (order, done) = (order.clone(), all_handled.clone());
+                pulls.push(tokio::spawn(async move {
+                    let mut messages = consumer
+                        .stream()
+                        .max_messages_per_batch(100)
+                        .messages()
+                        .await
+                        .context("cannot start pulling")?;
+                    while let Some(message) = messages.next().await {
+                        let message = message.map_err(|e| anyhow!(e).context("pulling failed"))?;
+                        let key = message
+                            .subject
+                            .rsplit('.')
+                            .next()
+                            .and_then(|k| k.parse::<u64>().ok());
+                        let attempt = message
+                            .info()
+                            .map_or(1, |info| u32::try_from(info.delivered).unwrap_or(u32::MAX));
+                        if order.handled(key, &message.payload, attempt) == count {
+                            done.notify_one();
+                        }
+                        message
+                            .ack()
+                            .await
+                            .map_err(|e| anyhow!(e).context("acking failed"))?;
+                    }
+                    anyhow::Ok(())
+                }));
+            }
+        }
+        let waited = order.wait_all(count, &all_handled).await;
+        if let Err(e) = waited {
+            for pull in &pulls {
+                pull.abort();
+            }
+            return Err(e.context(events.note()));
+        }
+        let deadline = Instant::now() + STALL_TIMEOUT;
+        for consumer in &mut consumers {
+            loop {
+                let info = consumer
+                    .info()
+                    .await
+                    .context("cannot read a consumer's info")?;
+                if info.num_ack_pending == 0 && info.num_pending == 0 {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "the server has not applied the acks {} s after the last: {} pending",
+                        STALL_TIMEOUT.as_secs(),
+                        info.num_ack_pending
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        let elapsed = started.elapsed();
+        for pull in &pulls {
+            pull.abort();
+        }
+        order.verdict()?;
+        Ok(vec![(
+            workload,
             Metric::Throughput,
             per_second(count, elapsed),
         )])

@@ -217,6 +217,24 @@ impl Proc {
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("line {line:?} is not JSON: {e}"))
     }
 
+    /// Every stdout line still to come, as JSON, until the process's
+    /// stdout closes (call after it exited or was killed).
+    pub fn rest(&self, timeout: Duration) -> Vec<serde_json::Value> {
+        let mut out = Vec::new();
+        loop {
+            match self.lines.recv_timeout(timeout) {
+                Ok(line) => out.push(
+                    serde_json::from_str(&line)
+                        .unwrap_or_else(|e| panic!("line {line:?} is not JSON: {e}")),
+                ),
+                Err(mpsc::RecvTimeoutError::Disconnected) => return out,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    panic!("stdout still open after {timeout:?}")
+                }
+            }
+        }
+    }
+
     pub fn no_line(&self, wait: Duration) -> bool {
         self.lines.recv_timeout(wait).is_err()
     }

@@ -2,9 +2,10 @@
 //! over plain HTTP on the broker's HTTP port.
 //!
 //! The gateway speaks to the broker core through the same path bus
-//! clients use: one SDK connection per authenticated service, over
-//! loopback to the bus listener. Authentication, manifest rules, limits
-//! and dedup are therefore the bus's own, not a second copy of them.
+//! clients use: one SDK connection per authenticated service, served by
+//! the bus's own connection code over an in-memory pipe (no loopback
+//! socket). Authentication, manifest rules, limits and dedup are
+//! therefore the bus's own, not a second copy of them.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -17,7 +18,10 @@ use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
-use courier_client::{Client, ClientOptions, Error as ClientError, ErrorCode, MessageBuilder};
+use courier_client::{
+    BoxRead, BoxWrite, Client, ClientOptions, Connector, Error as ClientError, ErrorCode,
+    MessageBuilder,
+};
 use courier_manifest::Identity;
 use serde::Serialize;
 use tokio::sync::Mutex;
@@ -43,7 +47,10 @@ pub(crate) struct Gateway {
     shared: Arc<Shared>,
     bus: SocketAddr,
     /// One bus connection per credential presented (token, or none).
-    clients: Mutex<HashMap<Option<String>, Client>>,
+    clients: std::sync::Mutex<HashMap<Option<String>, Client>>,
+    /// Held while a bus connection is being opened, so one credential
+    /// gets one connection however many requests arrive at once.
+    connecting: Mutex<()>,
     /// Requests answered asynchronously, kept for polling.
     asynchronous: std::sync::Mutex<AsyncRequests>,
 }
@@ -204,7 +211,8 @@ pub(crate) fn router(shared: Arc<Shared>, mut bus: SocketAddr) -> Router {
     let gateway = Arc::new(Gateway {
         shared,
         bus,
-        clients: Mutex::new(HashMap::new()),
+        clients: std::sync::Mutex::new(HashMap::new()),
+        connecting: Mutex::new(()),
         asynchronous: std::sync::Mutex::new(AsyncRequests::default()),
     });
     let subscriptions = subscribe::Subscriptions::new(gateway.clone());
@@ -225,9 +233,14 @@ impl Gateway {
                 "the HTTP gateway needs a plaintext bus listener; this broker's bus port speaks TLS only",
             )));
         }
-        let token = bearer(headers).map(str::to_string);
-        let manifest = self.shared.core().manifest().cloned();
-        match (&manifest, &token) {
+        let token = bearer(headers);
+        // Without a manifest file none is ever loaded: no need for the
+        // core's lock to learn so on every request.
+        let manifest = match self.shared.config.manifest_path {
+            None => None,
+            Some(_) => self.shared.core().manifest().cloned(),
+        };
+        match (&manifest, token) {
             (None, _) if !(peer.ip().is_loopback() || self.shared.config.insecure) => {
                 return Err(Box::new(problem(
                     StatusCode::FORBIDDEN,
@@ -258,23 +271,39 @@ impl Gateway {
             _ => {}
         }
         let key = if manifest.is_some() {
-            token.clone()
+            token.map(str::to_string)
         } else {
             None
         };
-        let mut clients = self.clients.lock().await;
-        if let Some(client) = clients.get(&key) {
+        if let Some(client) = lock(&self.clients).get(&key) {
+            return Ok(client.clone());
+        }
+        let _connecting = self.connecting.lock().await;
+        if let Some(client) = lock(&self.clients).get(&key) {
             return Ok(client.clone());
         }
         let service = if key.is_some() { "" } else { ANONYMOUS_SERVICE };
         let mut opts = ClientOptions::new(self.bus.to_string(), service);
         opts.token = key.clone();
         opts.instance = "http-gateway".to_string();
-        let client = Client::connect(opts)
+        let client = Client::connect_with(opts, self.in_process())
             .await
             .map_err(|e| Box::new(refusal(&e)))?;
-        clients.insert(key, client.clone());
+        lock(&self.clients).insert(key, client.clone());
         Ok(client)
+    }
+
+    /// Bus connections through the broker's own connection code, in memory.
+    fn in_process(&self) -> Connector {
+        let shared = self.shared.clone();
+        let peer = SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0));
+        Connector::new(move || {
+            let pipe = crate::connect_in_process(&shared, peer);
+            Box::pin(async move {
+                let (reader, writer) = tokio::io::split(pipe?);
+                Ok((Box::pin(reader) as BoxRead, Box::pin(writer) as BoxWrite))
+            })
+        })
     }
 }
 
@@ -420,7 +449,15 @@ pub(crate) async fn post_request(
         .get("prefer")
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.split(',').any(|p| p.trim() == "respond-async"));
-    let mut stream = match builder.request_stream().await {
+    // Answered later: a refusal must come now, before the 202. Answered
+    // now: a refusal comes as the first reply would, without a wake-up
+    // for the acceptance between.
+    let started = if reply_to.is_some() || respond_async {
+        builder.request_stream().await
+    } else {
+        builder.request_stream_now()
+    };
+    let mut stream = match started {
         Ok(stream) => stream,
         Err(e) => return refusal(&e),
     };

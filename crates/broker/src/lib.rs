@@ -12,6 +12,7 @@
 
 mod admin;
 mod dedup;
+mod durability;
 mod expiring;
 mod journal;
 mod queue;
@@ -620,6 +621,8 @@ pub struct Broker<S: MessageStore> {
     registry: registry::Registry,
     /// Checks due, for the edge to run.
     registry_checks: Vec<(String, String, registry::Check)>,
+    /// Actions waiting for an fsync run outside the lock (`durability.rs`).
+    durability: durability::Durability,
 }
 
 impl<S: MessageStore> Broker<S> {
@@ -666,6 +669,7 @@ impl<S: MessageStore> Broker<S> {
             traces_bytes: 0,
             registry: registry::Registry::default(),
             registry_checks: Vec::new(),
+            durability: Default::default(),
         }
     }
 
@@ -746,6 +750,9 @@ impl<S: MessageStore> Broker<S> {
                 let count = self.deferred_ops.len();
                 self.deferred_ops.clear();
                 self.degraded = false;
+                // What a reopen of the store threw away on the way was no
+                // batch's: nothing is stored while degraded.
+                self.take_discarded();
                 self.alerts.push(format!(
                     "storage works again; {count} deferred journal entries written"
                 ));
@@ -784,15 +791,29 @@ impl<S: MessageStore> Broker<S> {
     /// produced since the last call. One call per batch of input is the
     /// group commit: all sends in the batch share one sync.
     pub fn take_actions(&mut self, out: &mut Vec<Action>) {
-        if self.dirty || !self.unsynced.is_empty() {
+        let discarded = self.take_discarded();
+        if self.dirty || !self.unsynced.is_empty() || self.durability_pending() {
             // Deliveries in `actions` wait for the sync too: nothing leaves
             // the broker before it is as durable as its acknowledgement says.
-            match self.store.sync() {
+            // Records thrown away since the last look (a failed write) fail
+            // the batch even if this sync succeeds.
+            let synced = if discarded {
+                Err(courier_store::StoreError::Io(
+                    "records not yet durable were thrown away after a write failed".to_string(),
+                ))
+            } else {
+                self.store.sync()
+            };
+            match synced {
                 Ok(()) => {
                     self.dirty = false;
+                    self.all_durable(out);
                     self.actions.append(&mut self.unsynced);
                 }
-                Err(error) => self.storage_failed(&error),
+                Err(error) => {
+                    self.take_discarded();
+                    self.unsynced_failed(error);
+                }
             }
             self.batch_ops.clear();
             self.batch_structural = false;
@@ -1388,6 +1409,9 @@ impl<S: MessageStore> Broker<S> {
         self.dedup.expire(now);
         if self.dedup.contains(&message.id) {
             self.metrics.duplicates += 1;
+            // "Accepted" says durable: the answer waits for a sync, which
+            // covers the first copy if it is still on its way to the disk.
+            self.dirty |= self.store.persistent();
             if !quiet {
                 self.send_result(conn, seq, ErrorCode::Ok, "duplicate".to_string());
             }

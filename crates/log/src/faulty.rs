@@ -387,4 +387,12 @@ impl LogFile for FaultyFile {
     fn size(&self) -> io::Result<u64> {
         self.inner.size()
     }
+
+    fn try_clone(&self) -> io::Result<Box<dyn LogFile>> {
+        Ok(Box::new(FaultyFile {
+            inner: self.inner.try_clone()?,
+            path: self.path.clone(),
+            state: Arc::clone(&self.state),
+        }))
+    }
 }

@@ -47,6 +47,12 @@ pub trait LogFile: Send {
     fn set_len(&mut self, len: u64) -> io::Result<()>;
     /// Current size in bytes.
     fn size(&self) -> io::Result<u64>;
+    /// A second handle on the same open file, so that one thread can
+    /// fdatasync it while another appends ([`crate::PendingSync`]).
+    /// `Unsupported` makes the log fsync in place instead.
+    fn try_clone(&self) -> io::Result<Box<dyn LogFile>> {
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
 }
 
 /// Reads exactly `buf.len()` bytes at `offset`.
@@ -170,5 +176,9 @@ impl LogFile for RealFile {
 
     fn size(&self) -> io::Result<u64> {
         Ok(self.0.metadata()?.len())
+    }
+
+    fn try_clone(&self) -> io::Result<Box<dyn LogFile>> {
+        Ok(Box::new(RealFile(self.0.try_clone()?)))
     }
 }

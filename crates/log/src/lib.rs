@@ -38,7 +38,7 @@ pub use error::{Damage, LogError};
 pub use faulty::{Fault, FaultCounts, FaultOp, FaultyFs};
 pub use fs::{FileSystem, LogFile, OpenMode, RealFs};
 pub use lock::DirLock;
-pub use log::{Log, LogMetrics, SegmentInfo};
+pub use log::{Log, LogMetrics, PendingSync, SegmentInfo};
 pub use verify::{verify_dir, Scrubber, VerifyProgress, VerifyReport};
 
 /// Record sequence number: the first record of a fresh log gets 1, every

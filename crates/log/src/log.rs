@@ -7,7 +7,7 @@ use std::fmt;
 use std::io;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -107,6 +107,62 @@ impl Mark {
     }
 }
 
+/// What an fdatasync run outside the log ([`PendingSync::run`]) found, kept
+/// until the log hears of it: by [`Log::finish_sync`], or by its own next
+/// fsync of the file, which then fails too (a failed fsync may already have
+/// dropped the pages, and a later one on the same file says `Ok` without
+/// having written them).
+#[derive(Debug, Default)]
+struct FsyncGate {
+    failed: Option<String>,
+}
+
+fn lock_gate(gate: &Mutex<FsyncGate>) -> MutexGuard<'_, FsyncGate> {
+    gate.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// An fdatasync of the active segment taken out of the log by
+/// [`Log::begin_sync`], so that the caller can run it ([`PendingSync::run`])
+/// without holding whatever guards the log while others go on appending.
+/// Its records count as durable only once [`Log::finish_sync`] accepted
+/// the result.
+pub struct PendingSync {
+    file: Box<dyn LogFile>,
+    gate: Arc<Mutex<FsyncGate>>,
+    /// First seq of the segment it syncs.
+    segment: Seq,
+    mark: Mark,
+    rollbacks: u64,
+    path: PathBuf,
+}
+
+impl fmt::Debug for PendingSync {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PendingSync")
+            .field("path", &self.path)
+            .field("covers", &self.covers())
+            .finish()
+    }
+}
+
+impl PendingSync {
+    /// Every record below this seq is durable once the sync finished `Ok`.
+    pub fn covers(&self) -> Seq {
+        self.mark.next_seq
+    }
+
+    /// The fdatasync itself: the slow part, needing no access to the log.
+    /// Waits for any fsync the log itself is running on the file.
+    pub fn run(&mut self) -> io::Result<()> {
+        let mut gate = lock_gate(&self.gate);
+        let result = self.file.sync_data();
+        if let Err(e) = &result {
+            gate.failed.get_or_insert_with(|| e.to_string());
+        }
+        result
+    }
+}
+
 /// The embedded durable log. One writer: every method that touches files
 /// takes `&mut self`.
 ///
@@ -141,6 +197,15 @@ pub struct Log {
     /// A new segment file's directory entry is not yet known to be durable.
     dir_sync_pending: bool,
     last_fsync: Option<Instant>,
+    /// Serialises every fdatasync of the active segment, the log's own and
+    /// one run outside it ([`PendingSync::run`]), and keeps the failure of
+    /// the latter for the log to hear of (see [`Log::begin_sync`]).
+    gate: Arc<Mutex<FsyncGate>>,
+    /// A [`PendingSync`] is out and not yet finished.
+    sync_in_flight: bool,
+    /// Grows whenever records that were written were discarded after a
+    /// failed fsync: a [`PendingSync`] begun before covers none of them.
+    rollbacks: u64,
     poisoned: Option<String>,
     /// An open handle on the sealed segment read last.
     reader: Option<(Seq, Box<dyn LogFile>)>,
@@ -368,6 +433,9 @@ impl Log {
             durable: mark,
             dir_sync_pending: false,
             last_fsync: None,
+            gate: Arc::default(),
+            sync_in_flight: false,
+            rollbacks: 0,
             poisoned: None,
             reader: None,
             readahead: ReadAhead::default(),
@@ -414,6 +482,9 @@ impl Log {
             durable: mark,
             dir_sync_pending: false,
             last_fsync: None,
+            gate: Arc::default(),
+            sync_in_flight: false,
+            rollbacks: 0,
             poisoned: None,
             reader: None,
             readahead: ReadAhead::default(),
@@ -493,13 +564,7 @@ impl Log {
     /// were discarded as the type's failure contract says.
     pub fn sync(&mut self) -> Result<(), LogError> {
         self.check_poisoned()?;
-        let fsync_due = match self.config.fsync {
-            FsyncPolicy::Always => true,
-            FsyncPolicy::Interval(interval) => self
-                .last_fsync
-                .is_none_or(|last| self.config.clock.now().duration_since(last) >= interval),
-            FsyncPolicy::Never => false,
-        };
+        let fsync_due = self.fsync_due();
         let unsynced = self.written != self.durable;
         if self.pending.is_empty() && !self.dir_sync_pending && !(unsynced && fsync_due) {
             return Ok(());
@@ -513,6 +578,122 @@ impl Log {
             self.fsync_active()?;
         }
         Ok(())
+    }
+
+    /// Like [`Log::sync`], but leaves the fdatasync, the slow part, to the
+    /// caller: writes the buffer to the OS and, when the policy wants an
+    /// fsync, returns it as a [`PendingSync`] to [`run`](PendingSync::run)
+    /// anywhere and hand back to [`Log::finish_sync`]; appends may go on
+    /// meanwhile. `Ok(None)`: every append so far is already durable per
+    /// the policy. One may be out at a time.
+    pub fn begin_sync(&mut self) -> Result<Option<PendingSync>, LogError> {
+        self.check_poisoned()?;
+        if self.sync_in_flight {
+            return Err(LogError::Bug {
+                reason: "a sync was begun while another is out".to_string(),
+            });
+        }
+        let fsync_due = self.fsync_due();
+        let unsynced = self.written != self.durable;
+        if self.pending.is_empty() && !self.dir_sync_pending && !(unsynced && fsync_due) {
+            return Ok(None);
+        }
+        self.metrics.syncs += 1;
+        self.flush()?;
+        if self.dir_sync_pending {
+            self.sync_segments_dir()?;
+        }
+        if !fsync_due || self.written == self.durable {
+            return Ok(None);
+        }
+        let Ok(file) = self.active_file.try_clone() else {
+            // A file that cannot be shared is synced here and now.
+            self.fsync_active()?;
+            return Ok(None);
+        };
+        self.sync_in_flight = true;
+        Ok(Some(PendingSync {
+            file,
+            gate: Arc::clone(&self.gate),
+            segment: self.active.first_seq,
+            mark: self.written,
+            rollbacks: self.rollbacks,
+            path: self.active_path(),
+        }))
+    }
+
+    /// Takes the result of a [`PendingSync`] begun by this log. `Ok`: the
+    /// records below [`PendingSync::covers`] are durable. On error nothing
+    /// new is durable, and if the fsync failed on the active segment,
+    /// everything since the last successful fsync is discarded, as after a
+    /// failed [`Log::sync`]. A sync begun before records were discarded
+    /// (after some other failure, or by another log) fails: what it covered
+    /// may be gone.
+    pub fn finish_sync(
+        &mut self,
+        pending: PendingSync,
+        result: io::Result<()>,
+    ) -> Result<(), LogError> {
+        if !Arc::ptr_eq(&pending.gate, &self.gate) {
+            return Err(LogError::Bug {
+                reason: "a sync was finished by a log that did not begin it".to_string(),
+            });
+        }
+        self.sync_in_flight = false;
+        let failed = lock_gate(&self.gate).failed.take();
+        if pending.rollbacks != self.rollbacks {
+            return Err(LogError::io(
+                "fsync",
+                &pending.path,
+                io::Error::other(
+                    "records it covered were discarded after another write or fsync failed",
+                ),
+            ));
+        }
+        let still_active = pending.segment == self.active.first_seq;
+        match (result, failed) {
+            (Ok(()), None) => {
+                self.metrics.fsyncs += 1;
+                self.last_fsync = Some(self.config.clock.now());
+                if still_active && pending.mark.next_seq > self.durable.next_seq {
+                    self.durable = pending.mark;
+                }
+                // Otherwise the segment was sealed meanwhile, and sealing
+                // fsynced it whole.
+                Ok(())
+            }
+            (Err(e), _) => Err(self.fsync_failed(&pending, still_active, e)),
+            (Ok(()), Some(reason)) => {
+                Err(self.fsync_failed(&pending, still_active, io::Error::other(reason)))
+            }
+        }
+    }
+
+    fn fsync_failed(
+        &mut self,
+        pending: &PendingSync,
+        still_active: bool,
+        e: io::Error,
+    ) -> LogError {
+        self.metrics.fsync_errors += 1;
+        let error = LogError::io("fsync", &pending.path, e);
+        if still_active {
+            self.roll_back_to(self.durable, true);
+        }
+        // A sealed segment was fsynced whole by the seal, which would have
+        // failed had this fsync's failure come first; its records stay,
+        // but nothing is reported durable by this sync.
+        error
+    }
+
+    fn fsync_due(&self) -> bool {
+        match self.config.fsync {
+            FsyncPolicy::Always => true,
+            FsyncPolicy::Interval(interval) => self
+                .last_fsync
+                .is_none_or(|last| self.config.clock.now().duration_since(last) >= interval),
+            FsyncPolicy::Never => false,
+        }
     }
 
     /// Reads the record `seq`, checking its checksum. `None` if it was
@@ -819,7 +1000,16 @@ impl Log {
     /// fdatasync of the active file; on error, everything since the last
     /// successful one is discarded.
     fn fsync_active(&mut self) -> Result<(), LogError> {
-        match self.active_file.sync_data() {
+        let gate = Arc::clone(&self.gate);
+        let mut gate = lock_gate(&gate);
+        // A failure of an fsync run outside the log counts as this one's:
+        // the pages it could not write may be marked clean by now.
+        let result = match gate.failed.take() {
+            Some(reason) => Err(io::Error::other(reason)),
+            None => self.active_file.sync_data(),
+        };
+        drop(gate);
+        match result {
             Ok(()) => {
                 self.metrics.fsyncs += 1;
                 self.durable = self.written;
@@ -878,12 +1068,17 @@ impl Log {
         self.written = mark;
         if after_failed_fsync {
             self.durable = mark;
+            self.rollbacks += 1;
         }
         let path = self.active_path();
+        let gate = Arc::clone(&self.gate);
         let cut = self.active_file.set_len(mark.bytes).and_then(|()| {
             // After a failed fsync, make the cut durable too, so a crash
             // cannot bring back records whose seqs are about to be reissued.
             if after_failed_fsync {
+                let mut gate = lock_gate(&gate);
+                // What an outside fsync failed on is cut off here.
+                gate.failed = None;
                 self.active_file.sync_data()
             } else {
                 Ok(())

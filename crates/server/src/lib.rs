@@ -13,6 +13,7 @@ mod auth;
 mod console;
 mod dns;
 mod gateway;
+mod group_commit;
 mod http;
 mod metrics_text;
 mod openapi;
@@ -337,6 +338,8 @@ struct Shared {
     webhooks: Arc<gateway::webhook::WebhookCounters>,
     /// What the gateway's webhook secrets derive from.
     webhook_key: gateway::webhook::WebhookKey,
+    /// Wakes the thread that fsyncs outside the core's lock.
+    committer: Arc<group_commit::Committer>,
 }
 
 /// What the broker wants the operator to hear: harm to durable data at
@@ -498,6 +501,7 @@ impl Server {
                 tracer,
                 webhooks: Arc::default(),
                 webhook_key,
+                committer: Arc::default(),
             }),
             listener,
         })
@@ -549,6 +553,7 @@ impl Server {
                 warn!(error = %e, "cannot start the background scrub; sealed segments are checked only when read");
             }
         }
+        group_commit::start(&self.shared);
         let _timer = tokio::spawn(run_timer(self.shared.clone()));
         let _checks = AbortOnDrop(tokio::spawn(registry::report_results(self.shared.clone())));
         let _reloader = tokio::spawn(watch_manifest(self.shared.clone()));
@@ -571,6 +576,14 @@ impl Server {
             }
         }
     }
+}
+
+/// Where a batch's fsync runs (see [`Shared::with_core_deferred`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Commit {
+    InPlace,
+    Deferred,
+    Committing,
 }
 
 /// Stops a spawned task when the server's task is dropped.
@@ -603,14 +616,38 @@ impl Shared {
 
     /// Runs `f` on the broker, then carries out every action it produced.
     /// Actions are written while the core lock is held, so frames for one
-    /// connection leave in the order the broker decided them.
+    /// connection leave in the order the broker decided them. What `f`
+    /// stored is durable when this returns (the fsync ran under the lock).
     fn with_core(&self, f: impl FnOnce(&mut Broker<Store>, Nanos)) {
+        self.run_core(f, Commit::InPlace);
+    }
+
+    /// Like [`Shared::with_core`], but the fsync runs on the group-commit
+    /// thread (`group_commit.rs`), without the lock: what must wait for it
+    /// (acknowledgements, deliveries of stored messages) leaves when it is
+    /// done, everything else at once.
+    fn with_core_deferred(&self, f: impl FnOnce(&mut Broker<Store>, Nanos)) {
+        self.run_core(f, Commit::Deferred);
+    }
+
+    /// For the group-commit thread itself: deferred, without waking it.
+    fn with_core_committing(&self, f: impl FnOnce(&mut Broker<Store>, Nanos)) {
+        self.run_core(f, Commit::Committing);
+    }
+
+    fn run_core(&self, f: impl FnOnce(&mut Broker<Store>, Nanos), commit: Commit) {
         let mut core = self.core();
         let now = now_nanos();
         core.set_tapping(self.tails.any());
         f(&mut core, now);
         let mut actions = Vec::new();
-        core.take_actions(&mut actions);
+        let mut wake_committer = false;
+        if commit == Commit::InPlace || !self.committer.running() {
+            core.take_actions(&mut actions);
+        } else {
+            core.take_ready_actions(&mut actions);
+            wake_committer = commit == Commit::Deferred && core.sync_wanted();
+        }
         // Sent under the lock, so every tail sees the core's order.
         for tapped in core.take_taps() {
             let _ = self.tails.sender.send(Arc::new(tapped));
@@ -638,6 +675,9 @@ impl Shared {
             }
         }
         drop(core);
+        if wake_committer {
+            self.committer.wake();
+        }
         if let Some(t) = next_timer {
             if t < self.timer_due.load(Ordering::Relaxed) {
                 self.timer_wake.notify_one();
@@ -974,7 +1014,7 @@ async fn run_timer(shared: Arc<Shared>) {
             _ = tokio::time::sleep(wait) => {}
             _ = shared.timer_wake.notified() => {}
         }
-        shared.with_core(|core, now| {
+        shared.with_core_deferred(|core, now| {
             core.tick(now);
             shared.resume_drained(core, now);
         });
@@ -1439,7 +1479,7 @@ async fn serve_stream<R, W>(
             outbox.fail(ErrorCode::ReadTimeout, message);
         }
     }
-    shared.with_core(|core, now| core.disconnect(conn, now));
+    shared.with_core_deferred(|core, now| core.disconnect(conn, now));
     shared.outboxes().remove(&conn);
     outbox.gone.store(true, Ordering::Relaxed);
     shared
@@ -1544,7 +1584,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 .frames_in
                 .fetch_add(frames.len() as u64, Ordering::Relaxed);
             // Everything decoded from this read is applied under one lock.
-            shared.with_core(|core, now| {
+            shared.with_core_deferred(|core, now| {
                 for frame in frames.drain(..) {
                     if let Err(refused) = apply(core, conn, frame, now) {
                         failure = Some(refused);

@@ -10,13 +10,16 @@ pub mod histogram;
 mod log_store;
 
 pub use courier_log::{
-    verify_dir, Damage, DirLock, FsyncPolicy, LogConfig, Scrubber, VerifyProgress, VerifyReport,
+    verify_dir, Damage, DirLock, FsyncPolicy, LogConfig, PendingSync, Scrubber, VerifyProgress,
+    VerifyReport,
 };
 pub use log_store::{LogStore, RECENT_MESSAGES_MAX};
 
 use std::collections::BTreeMap;
+use std::io;
 use std::ops::Range;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use courier_proto::Message;
@@ -73,6 +76,46 @@ pub enum Replayed {
     State(Bytes),
 }
 
+/// A sync begun by [`MessageStore::start_sync`]: [`SyncJob::run`] is the
+/// slow part (the fsync) and needs no access to the store, so it runs
+/// while the store's owner goes on appending; the result goes back to
+/// [`MessageStore::finish_sync`] of the same store.
+#[derive(Debug)]
+pub struct SyncJob {
+    fsync: Option<PendingSync>,
+    covers: Seq,
+    took: Option<Duration>,
+}
+
+impl SyncJob {
+    /// A job with nothing to run (stores whose records need no fsync, and
+    /// tests that decide themselves when a sync completes): finishing it
+    /// `Ok` makes the records below `covers` durable.
+    pub fn marker(covers: Seq) -> SyncJob {
+        SyncJob {
+            fsync: None,
+            covers,
+            took: None,
+        }
+    }
+
+    /// Every record below this seq is durable once the job finished `Ok`.
+    pub fn covers(&self) -> Seq {
+        self.covers
+    }
+
+    /// Runs the fsync (blocking); hand the result to `finish_sync`.
+    pub fn run(&mut self) -> io::Result<()> {
+        let started = Instant::now();
+        let result = match &mut self.fsync {
+            Some(fsync) => fsync.run(),
+            None => Ok(()),
+        };
+        self.took = Some(started.elapsed());
+        result
+    }
+}
+
 /// Where accepted messages and the broker's journal live.
 ///
 /// `append` and `journal` may buffer; nothing counts as durable until
@@ -89,6 +132,26 @@ pub trait MessageStore: Send {
     fn remove(&mut self, seq: Seq);
     /// Makes every append and journal record so far durable.
     fn sync(&mut self) -> Result<(), StoreError>;
+    /// Like `sync`, but leaves the fsync to the caller, to run without
+    /// holding whatever guards the store while appends go on. `Ok(None)`:
+    /// every record so far is durable already. One job at a time.
+    fn start_sync(&mut self) -> Result<Option<SyncJob>, StoreError> {
+        self.sync().map(|()| None)
+    }
+    /// Takes back a job of `start_sync` with what its `run` returned.
+    /// `Ok`: every record below [`SyncJob::covers`] is durable. On error,
+    /// nothing new is, and records may have been discarded
+    /// ([`MessageStore::discards`] says).
+    fn finish_sync(&mut self, job: SyncJob, result: io::Result<()>) -> Result<(), StoreError> {
+        let _ = job;
+        result.map_err(|e| StoreError::Io(e.to_string()))
+    }
+    /// Grows whenever records not yet durable were thrown away (a write or
+    /// fsync failed): whatever waited for them to become durable must be
+    /// told they did not, even if a later sync succeeds.
+    fn discards(&self) -> u64 {
+        0
+    }
     /// Up to `max_records` records after `after`, in order; empty at the
     /// end (recovery reads the log in chunks of bounded size).
     fn replay_chunk(
@@ -248,6 +311,10 @@ pub struct MemoryLog {
     next_seq: Seq,
     /// The next this many syncs fail (fault injection).
     pub failing_syncs: u32,
+    /// Failed syncs (see [`MessageStore::discards`]).
+    discards: u64,
+    /// `discards` when the job out was started.
+    job_started_at: Option<u64>,
 }
 
 impl MemoryLog {
@@ -269,6 +336,8 @@ impl MemoryLog {
             next_seq: self.synced_next_seq,
             synced_next_seq: self.synced_next_seq,
             failing_syncs: 0,
+            discards: 0,
+            job_started_at: None,
         }
     }
 
@@ -277,6 +346,20 @@ impl MemoryLog {
         self.next_seq += 1;
         self.records.push((seq, record));
         seq
+    }
+
+    /// Records the last successful sync kept: what a crash now leaves.
+    pub fn synced_next_seq(&self) -> Seq {
+        self.synced_next_seq
+    }
+
+    /// As a real log does after a failed fsync: the unsynced tail is gone.
+    fn fail_sync(&mut self) -> StoreError {
+        self.failing_syncs -= 1;
+        self.records.truncate(self.synced);
+        self.next_seq = self.synced_next_seq;
+        self.discards += 1;
+        StoreError::Full("injected: no space left on device".into())
     }
 
     fn index_of(&self, seq: Seq) -> Option<usize> {
@@ -304,15 +387,48 @@ impl MessageStore for MemoryLog {
 
     fn sync(&mut self) -> Result<(), StoreError> {
         if self.failing_syncs > 0 {
-            self.failing_syncs -= 1;
-            // As a real log does after a failed fsync: the unsynced tail is gone.
-            self.records.truncate(self.synced);
-            self.next_seq = self.synced_next_seq;
-            return Err(StoreError::Full("injected: no space left on device".into()));
+            return Err(self.fail_sync());
         }
         self.synced = self.records.len();
         self.synced_next_seq = self.next_seq;
         Ok(())
+    }
+
+    /// A job that the test completes when it likes: records appended
+    /// meanwhile stay unsynced.
+    fn start_sync(&mut self) -> Result<Option<SyncJob>, StoreError> {
+        if self.next_seq == self.synced_next_seq {
+            return Ok(None);
+        }
+        self.job_started_at = Some(self.discards);
+        Ok(Some(SyncJob::marker(self.next_seq)))
+    }
+
+    fn finish_sync(&mut self, job: SyncJob, result: io::Result<()>) -> Result<(), StoreError> {
+        let started_at = self.job_started_at.take();
+        if let Err(e) = result {
+            self.failing_syncs += 1;
+            let _ = self.fail_sync();
+            return Err(StoreError::Io(e.to_string()));
+        }
+        if self.failing_syncs > 0 {
+            return Err(self.fail_sync());
+        }
+        // A job begun before a failure covers records that are gone.
+        if started_at != Some(self.discards) {
+            return Err(StoreError::Io(
+                "records the sync covered were discarded".into(),
+            ));
+        }
+        if job.covers() > self.synced_next_seq {
+            self.synced = self.records.partition_point(|(s, _)| *s < job.covers());
+            self.synced_next_seq = job.covers();
+        }
+        Ok(())
+    }
+
+    fn discards(&self) -> u64 {
+        self.discards
     }
 
     fn replay_chunk(
@@ -397,6 +513,15 @@ impl<T: MessageStore + ?Sized> MessageStore for Box<T> {
     }
     fn sync(&mut self) -> Result<(), StoreError> {
         (**self).sync()
+    }
+    fn start_sync(&mut self) -> Result<Option<SyncJob>, StoreError> {
+        (**self).start_sync()
+    }
+    fn finish_sync(&mut self, job: SyncJob, result: io::Result<()>) -> Result<(), StoreError> {
+        (**self).finish_sync(job, result)
+    }
+    fn discards(&self) -> u64 {
+        (**self).discards()
     }
     fn replay_chunk(
         &mut self,

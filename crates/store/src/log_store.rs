@@ -3,6 +3,7 @@
 //! of both durable (group commit), and their order is the replay order.
 
 use std::collections::{HashMap, VecDeque};
+use std::io;
 use std::ops::{ControlFlow, Range};
 use std::sync::Arc;
 use std::time::Instant;
@@ -12,7 +13,7 @@ use courier_log::{Damage, DirLock, Log, LogConfig, LogError, RecordKind};
 use courier_proto::{decode_message, encode_message, Message};
 
 use crate::histogram::{Histogram, BATCH_BUCKETS, SECONDS_BUCKETS};
-use crate::{MessageStore, Replayed, Seq, StorageStats, StoreError};
+use crate::{MessageStore, Replayed, Seq, StorageStats, StoreError, SyncJob};
 
 /// Messages kept decoded in memory after append, so a delivery right after
 /// a send does not read the disk. Bounds the cache's memory: at most this
@@ -40,6 +41,10 @@ pub struct LogStore {
     sync_batch_records: Histogram,
     /// Seqs whose records the last open found gone from the disk.
     lost: Vec<Range<Seq>>,
+    /// See [`MessageStore::discards`].
+    discards: u64,
+    /// The log's count of discarded records when last looked at.
+    discarded_seen: u64,
     /// Held while the store is open (see [`LogStore::open`]).
     _lock: Option<DirLock>,
 }
@@ -78,6 +83,8 @@ impl LogStore {
             sync_seconds: Histogram::new(&SECONDS_BUCKETS),
             sync_batch_records: Histogram::new(&BATCH_BUCKETS),
             lost: Vec::new(),
+            discards: 0,
+            discarded_seen: 0,
             _lock: None,
         }
     }
@@ -103,18 +110,26 @@ impl LogStore {
         &self.log
     }
 
-    /// After an error that left the log refusing writes (it could not cut
-    /// a failed write back), reopen it: opening repairs the tail, and writes
-    /// work again once the disk does.
+    /// After an error: counts records the log threw away, and if it left
+    /// the log refusing writes (it could not cut a failed write back),
+    /// reopens it: opening repairs the tail, and writes work again once
+    /// the disk does.
     fn recover_from(&mut self, error: &LogError) {
+        let discarded = self.log.metrics().records_discarded;
+        if discarded != self.discarded_seen {
+            self.discarded_seen = discarded;
+            self.discards += 1;
+        }
         if !matches!(error, LogError::Poisoned { .. }) {
             return;
         }
+        self.discards += 1;
         let config = self.log.config().clone();
         let fs = self.log.file_system();
         match Log::open_with(config, fs) {
             Ok((log, damage)) => {
                 self.log = log;
+                self.discarded_seen = self.log.metrics().records_discarded;
                 let next = self.log.next_seq();
                 self.recent.retain(|s, _| *s < next);
                 self.recent_order.retain(|s| *s < next);
@@ -129,6 +144,19 @@ impl LogStore {
                 "the log refuses writes and cannot be reopened yet: {e}"
             )),
         }
+    }
+
+    /// The outcome of a sync: after a failure, records since the last good
+    /// sync are gone, and so are their seqs.
+    fn synced(&mut self, result: Result<(), LogError>) -> Result<(), StoreError> {
+        let Err(e) = result else {
+            return Ok(());
+        };
+        self.recover_from(&e);
+        let next = self.log.next_seq();
+        self.recent.retain(|s, _| *s < next);
+        self.recent_order.retain(|s| *s < next);
+        Err(store_error(e))
     }
 
     fn remember(&mut self, seq: Seq, message: Arc<Message>) {
@@ -249,17 +277,44 @@ impl MessageStore for LogStore {
             self.sync_batch_records.observe(records as f64);
         }
         self.synced_next = self.log.next_seq();
-        if let Err(e) = &result {
-            self.recover_from(e);
+        self.synced(result)
+    }
+
+    fn start_sync(&mut self) -> Result<Option<SyncJob>, StoreError> {
+        match self.log.begin_sync() {
+            Ok(Some(fsync)) => Ok(Some(SyncJob {
+                covers: fsync.covers(),
+                fsync: Some(fsync),
+                took: None,
+            })),
+            Ok(None) => {
+                self.synced_next = self.log.next_seq();
+                Ok(None)
+            }
+            Err(e) => self.synced(Err(e)).map(|()| None),
         }
-        let result = result.map_err(store_error);
-        if result.is_err() {
-            // Records since the last good sync are gone; so are their seqs.
-            let next = self.log.next_seq();
-            self.recent.retain(|s, _| *s < next);
-            self.recent_order.retain(|s| *s < next);
+    }
+
+    fn finish_sync(&mut self, mut job: SyncJob, result: io::Result<()>) -> Result<(), StoreError> {
+        let Some(fsync) = job.fsync.take() else {
+            return result.map_err(|e| StoreError::Io(e.to_string()));
+        };
+        let records = job.covers.saturating_sub(self.synced_next);
+        if let (Some(took), true) = (job.took, records > 0) {
+            self.sync_seconds.observe(took.as_secs_f64());
+            self.sync_batch_records.observe(records as f64);
         }
-        result
+        let result = self.log.finish_sync(fsync, result);
+        if result.is_ok() {
+            self.synced_next = self.synced_next.max(job.covers);
+        } else {
+            self.synced_next = self.log.next_seq();
+        }
+        self.synced(result)
+    }
+
+    fn discards(&self) -> u64 {
+        self.discards
     }
 
     fn replay_chunk(
@@ -309,7 +364,9 @@ impl MessageStore for LogStore {
     }
 
     fn save_snapshot(&mut self, covers: Seq, state: &[u8]) -> Result<(), StoreError> {
-        self.log.save_snapshot(covers, state).map_err(store_error)
+        // It fsyncs the records it covers first: a failure there discards.
+        let result = self.log.save_snapshot(covers, state);
+        self.synced(result)
     }
 
     fn load_snapshot(&mut self) -> Result<Option<(Seq, Bytes)>, StoreError> {

@@ -228,6 +228,79 @@ pub(super) async fn courier_w5b(exe: &Path, plan: &Plan) -> anyhow::Result<Vec<M
     broker.watch(result).await
 }
 
+/// Sends `count` durable events one at a time (each ack awaited).
+async fn publish_one_at_a_time(client: Client, payload: Bytes, count: u64) -> anyhow::Result<()> {
+    for i in 0..count {
+        client
+            .event(W5_NAME)
+            .payload(payload.clone())
+            .send()
+            .await
+            .with_context(|| format!("publish {} of {count} failed", i + 1))?;
+    }
+    Ok(())
+}
+
+/// Each of `clients` sends `each` events one at a time, all at once;
+/// returns how long until the last ack.
+async fn publish_from_each(
+    clients: &[Client],
+    payload: &Bytes,
+    each: u64,
+) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for client in clients {
+        tasks.spawn(publish_one_at_a_time(client.clone(), payload.clone(), each));
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.context("a publishing task failed")??;
+    }
+    Ok(started.elapsed())
+}
+
+/// W13: durable events from 1, 4, 16 and 64 connections at once, each
+/// awaiting every ack; what one fsync shared across connections buys.
+pub(super) async fn courier_w13(exe: &Path, plan: &Plan) -> anyhow::Result<Vec<Measurement>> {
+    let dir = DataDir::create()?;
+    let mut broker = BrokerProcess::start(exe, dir.path()).await?;
+    let addr = broker.addr.clone();
+    let result = async {
+        let payload = Bytes::from(vec![b'x'; SMALL_BYTES]);
+        let mut measured = Vec::new();
+        let mut rates = Vec::new();
+        for connections in W13_CONNECTIONS {
+            let mut clients = Vec::with_capacity(connections);
+            for _ in 0..connections {
+                clients.push(connect(&addr, "bench-publisher", None).await?);
+            }
+            let n = connections as u64;
+            publish_from_each(&clients, &payload, (plan.w13_warmup / n).max(1))
+                .await
+                .context("warm-up")?;
+            let each = (plan.w13 / n).max(1);
+            let elapsed = publish_from_each(&clients, &payload, each).await?;
+            for client in clients {
+                client.shutdown().await;
+            }
+            let rate = per_second(each * n, elapsed);
+            rates.push((connections, rate));
+            measured.push((Workload::w13(connections, false), Metric::Throughput, rate));
+        }
+        let one = rates.first().map_or(0.0, |r| r.1);
+        let scaling: Vec<String> = rates
+            .iter()
+            .map(|(c, rate)| format!("{c}: {:.1}×", rate / one.max(1e-9)))
+            .collect();
+        progress(&format!(
+            "  W13, Courier against its own 1-connection rate: {}",
+            scaling.join(", ")
+        ));
+        Ok(measured)
+    };
+    broker.watch(result).await
+}
+
 pub(super) async fn courier_w6(exe: &Path, plan: &Plan) -> anyhow::Result<Vec<Measurement>> {
     let dir = DataDir::create()?;
     let mut broker = BrokerProcess::start(exe, dir.path()).await?;

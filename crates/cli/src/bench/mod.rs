@@ -51,6 +51,8 @@ const WINDOW: usize = 256;
 const REQUESTS_IN_FLIGHT: usize = 64;
 /// Deliveries the W6 consumer takes at once.
 const MAX_IN_FLIGHT: u32 = 1024;
+/// W13: publishing connections at once, each awaiting every ack.
+const W13_CONNECTIONS: [usize; 4] = [1, 4, 16, 64];
 /// The broker's `--fsync` for every run (its default).
 const FSYNC: &str = "always";
 /// `--quick` divides every message count by this.
@@ -90,7 +92,9 @@ pub struct BenchArgs {
     #[arg(long)]
     json: bool,
     /// Run only these workloads, comma-separated: W5a, W5b, W6, W7a, W7b,
-    /// W8a, W8b (W5, W7 and W8 name both halves), W-HTTP-a (request/reply through the
+    /// W8a, W8b (W5, W7 and W8 name both halves), W13 (durable sends one at
+    /// a time from 1, 4, 16 and 64 connections; W13-16 and the like name
+    /// one count), W-HTTP-a (request/reply through the
     /// HTTP gateway beside the native protocol), or `outbox` (the
     /// transactional outbox's relay from PostgreSQL; not run unless named);
     /// or `registry` alone: a watch's latency, DNS queries a second, and
@@ -159,13 +163,24 @@ enum Workload {
     /// Ordered delivery: a keyed backlog, one key (W8a) or 1,000 (W8b).
     W8a,
     W8b,
+    /// Durable events one at a time from 1, 4, 16 and 64 connections at
+    /// once (group commit across connections); each compared with
+    /// JetStream at its default fsync and, the `Always` twin, at `always`.
+    W13c1,
+    W13c1Always,
+    W13c4,
+    W13c4Always,
+    W13c16,
+    W13c16Always,
+    W13c64,
+    W13c64Always,
     /// The transactional outbox (needs PostgreSQL; only with `--only`).
     Outbox,
 }
 
 impl Workload {
     /// Every workload; [`Workload::DEFAULT`] without `--only`.
-    const ALL: [Workload; 18] = [
+    const ALL: [Workload; 26] = [
         Workload::W1a,
         Workload::W1b,
         Workload::W2a,
@@ -183,12 +198,20 @@ impl Workload {
         Workload::W7b,
         Workload::W8a,
         Workload::W8b,
+        Workload::W13c1,
+        Workload::W13c1Always,
+        Workload::W13c4,
+        Workload::W13c4Always,
+        Workload::W13c16,
+        Workload::W13c16Always,
+        Workload::W13c64,
+        Workload::W13c64Always,
         Workload::Outbox,
     ];
 
     /// What runs without `--only`: everything but the outbox, which needs
     /// a PostgreSQL.
-    const DEFAULT: [Workload; 17] = [
+    const DEFAULT: [Workload; 25] = [
         Workload::W1a,
         Workload::W1b,
         Workload::W2a,
@@ -206,7 +229,30 @@ impl Workload {
         Workload::W7b,
         Workload::W8a,
         Workload::W8b,
+        Workload::W13c1,
+        Workload::W13c1Always,
+        Workload::W13c4,
+        Workload::W13c4Always,
+        Workload::W13c16,
+        Workload::W13c16Always,
+        Workload::W13c64,
+        Workload::W13c64Always,
     ];
+
+    /// W13's row for `connections` publishers (JetStream `always` when
+    /// `always`).
+    fn w13(connections: usize, always: bool) -> Workload {
+        match (connections, always) {
+            (1, false) => Workload::W13c1,
+            (1, true) => Workload::W13c1Always,
+            (4, false) => Workload::W13c4,
+            (4, true) => Workload::W13c4Always,
+            (16, false) => Workload::W13c16,
+            (16, true) => Workload::W13c16Always,
+            (_, false) => Workload::W13c64,
+            (_, true) => Workload::W13c64Always,
+        }
+    }
 
     fn id(self) -> &'static str {
         match self {
@@ -227,6 +273,14 @@ impl Workload {
             Workload::W7b => "W7b",
             Workload::W8a => "W8a",
             Workload::W8b => "W8b",
+            Workload::W13c1 => "W13-1",
+            Workload::W13c1Always => "W13-1-always",
+            Workload::W13c4 => "W13-4",
+            Workload::W13c4Always => "W13-4-always",
+            Workload::W13c16 => "W13-16",
+            Workload::W13c16Always => "W13-16-always",
+            Workload::W13c64 => "W13-64",
+            Workload::W13c64Always => "W13-64-always",
             Workload::Outbox => "outbox",
         }
     }
@@ -252,6 +306,15 @@ impl Workload {
             Workload::W8b => {
                 "JetStream, subject partitioned into 16, one pull consumer each with max_ack_pending 1"
             }
+            Workload::W13c1 | Workload::W13c4 | Workload::W13c16 | Workload::W13c64 => {
+                "JetStream file stream, sync publish from as many connections, default fsync"
+            }
+            Workload::W13c1Always
+            | Workload::W13c4Always
+            | Workload::W13c16Always
+            | Workload::W13c64Always => {
+                "JetStream file stream, sync publish from as many connections, sync_interval: always"
+            }
             Workload::Outbox => "none (Courier's outbox only)",
         }
     }
@@ -273,6 +336,14 @@ impl Workload {
             Workload::W7a | Workload::W7b => Job::Restart,
             Workload::W8a => Job::Ordered(Keys::One),
             Workload::W8b => Job::Ordered(Keys::Thousand),
+            Workload::W13c1
+            | Workload::W13c1Always
+            | Workload::W13c4
+            | Workload::W13c4Always
+            | Workload::W13c16
+            | Workload::W13c16Always
+            | Workload::W13c64
+            | Workload::W13c64Always => Job::PublishConcurrent,
             Workload::Outbox => Job::Outbox,
         }
     }
@@ -283,6 +354,10 @@ impl Workload {
         match self {
             Workload::W5a => Some(Workload::W5aAlways),
             Workload::W5b => Some(Workload::W5bAlways),
+            Workload::W13c1 => Some(Workload::W13c1Always),
+            Workload::W13c4 => Some(Workload::W13c4Always),
+            Workload::W13c16 => Some(Workload::W13c16Always),
+            Workload::W13c64 => Some(Workload::W13c64Always),
             _ => None,
         }
     }
@@ -353,10 +428,24 @@ fn parse_only(text: &str) -> Result<Only, String> {
             "w8" => &[W8a, W8b],
             "w8a" => &[W8a],
             "w8b" => &[W8b],
+            "w13" => &[
+                W13c1,
+                W13c1Always,
+                W13c4,
+                W13c4Always,
+                W13c16,
+                W13c16Always,
+                W13c64,
+                W13c64Always,
+            ],
+            "w13-1" | "w13-1-always" => &[W13c1, W13c1Always],
+            "w13-4" | "w13-4-always" => &[W13c4, W13c4Always],
+            "w13-16" | "w13-16-always" => &[W13c16, W13c16Always],
+            "w13-64" | "w13-64-always" => &[W13c64, W13c64Always],
             "outbox" => &[Outbox],
             _ => {
                 return Err(format!(
-                    "unknown workload {part:?}; choose from W1a, W1b, W2a, W2b, W3a, W3b, W4a, W4b, W5a, W5b, W6, W7a, W7b, W8a, W8b (W1 … W8 name all their parts), W-HTTP-a or outbox, comma-separated, or registry alone"
+                    "unknown workload {part:?}; choose from W1a, W1b, W2a, W2b, W3a, W3b, W4a, W4b, W5a, W5b, W6, W7a, W7b, W8a, W8b, W13-1, W13-4, W13-16, W13-64 (W1 … W8 and W13 name all their parts), W-HTTP-a or outbox, comma-separated, or registry alone"
                 ))
             }
         };
@@ -522,7 +611,7 @@ const MIB_PER_150_MB: f64 = 150_000_000.0 / (1024.0 * 1024.0);
 
 /// Every row the table can have, in the order it is printed, with the
 /// target for it.
-const ROWS: [(Workload, Metric, Option<Target>); 33] = [
+const ROWS: [(Workload, Metric, Option<Target>); 41] = [
     (Workload::W1a, Metric::Throughput, Target::ratio(1.2)),
     (Workload::W1b, Metric::Throughput, Target::ratio(1.0)),
     (Workload::W2a, Metric::Throughput, Target::ratio(1.2)),
@@ -565,6 +654,22 @@ const ROWS: [(Workload, Metric, Option<Target>); 33] = [
             max_courier: Some(MIB_PER_150_MB),
             min_courier: None,
         }),
+    ),
+    (Workload::W13c1, Metric::Throughput, None),
+    (Workload::W13c1Always, Metric::Throughput, None),
+    (Workload::W13c4, Metric::Throughput, None),
+    (Workload::W13c4Always, Metric::Throughput, None),
+    (Workload::W13c16, Metric::Throughput, None),
+    (
+        Workload::W13c16Always,
+        Metric::Throughput,
+        Target::ratio(5.0),
+    ),
+    (Workload::W13c64, Metric::Throughput, None),
+    (
+        Workload::W13c64Always,
+        Metric::Throughput,
+        Target::ratio(5.0),
     ),
     (
         Workload::Outbox,
@@ -677,6 +782,7 @@ enum Job {
     Restart,
     /// W8: a keyed backlog consumed in order by 2 instances.
     Ordered(Keys),
+    PublishConcurrent,
     Outbox,
 }
 
@@ -749,6 +855,7 @@ impl Job {
             Job::Restart => "W7",
             Job::Ordered(Keys::One) => "W8a",
             Job::Ordered(Keys::Thousand) => "W8b",
+            Job::PublishConcurrent => "W13",
             Job::Outbox => "outbox",
         }
     }
@@ -772,6 +879,9 @@ struct Plan {
     w7: u64,
     /// W8a and W8b.
     w8: u64,
+    /// W13: events per connection count, shared by the connections.
+    w13: u64,
+    w13_warmup: u64,
     gateway: gateway::GatewayPlan,
     /// Rows in the outbox when the relay starts.
     outbox_relay: u64,
@@ -801,6 +911,8 @@ impl Plan {
             w6: n(200_000),
             w7: n(1_000_000),
             w8: n(200_000),
+            w13: n(8_000),
+            w13_warmup: n(640),
             gateway: gateway::GatewayPlan {
                 concurrent: n(40_000),
                 sequential: n(5_000),
@@ -874,6 +986,12 @@ impl Plan {
                 thousands(self.w7),
                 bytes_text(LARGE_BYTES as u64),
                 CONNECT_POLL.as_millis()
+            ),
+            Job::PublishConcurrent => format!(
+                "{} durable events of {SMALL_BYTES} B from each of {} connections at once (the events shared among them), each connection awaiting every ack before its next send; one broker (one nats-server per fsync setting) for the four counts (after {} warm-up per count)",
+                thousands(self.w13),
+                W13_CONNECTIONS.map(|c| c.to_string()).join(", "),
+                thousands(self.w13_warmup)
             ),
             Job::Outbox => format!(
                 "the transactional outbox on PostgreSQL (a scratch database per run): one relay publishes a backlog of {} rows of {SMALL_BYTES} B (batches of 1,000 read, published pipelined, deleted in one statement), timed until the outbox is empty; beside it the same count and size published by the SDK straight to the broker (window {WINDOW}); then {} business transactions one at a time (Outbox::enqueue + commit) with the relay on LISTEN/NOTIFY, each timed from the commit's return until the relay has the broker's acceptance, and after each one durable event sent by the SDK straight to the broker, timed from the send until its acceptance (the floor at the same moments: the broker's fsync)",
@@ -1403,6 +1521,7 @@ async fn run_job(
             Job::Consume => courier_w6(exe, plan).await,
             Job::Ordered(keys) => courier_w8(exe, plan, keys).await,
             Job::Restart => courier_w7(exe, plan).await,
+            Job::PublishConcurrent => courier_w13(exe, plan).await,
             Job::Outbox => outbox::courier_outbox(exe, plan).await,
         },
         // NATS has no outbox: its column stays empty.
@@ -2058,7 +2177,8 @@ mod tests {
                 Job::Consume,
                 Job::Restart,
                 Job::Ordered(Keys::One),
-                Job::Ordered(Keys::Thousand)
+                Job::Ordered(Keys::Thousand),
+                Job::PublishConcurrent
             ]
         );
         for job in Job::for_selection(&Workload::ALL) {

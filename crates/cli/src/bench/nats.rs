@@ -634,6 +634,17 @@ pub(super) async fn run(
         Job::Consume => consume(nats, plan).await,
         Job::Restart => restart(nats, plan).await,
         Job::Ordered(keys) => ordered(nats, plan, keys).await,
+        Job::PublishConcurrent => {
+            let mut measured = publish_concurrent(nats, plan, Fsync::Default)
+                .await
+                .context("JetStream at its default fsync")?;
+            measured.extend(
+                publish_concurrent(nats, plan, Fsync::Always)
+                    .await
+                    .context("JetStream with sync_interval: always")?,
+            );
+            Ok(measured)
+        }
         Job::Outbox => Ok(Vec::new()),
     }
 }
@@ -970,6 +981,79 @@ async fn publish_one_by_one(
             (workload, Metric::LatencyP50, micros(50.0)),
             (workload, Metric::LatencyP99, micros(99.0)),
         ])
+    };
+    server.watch(work).await
+}
+
+/// Sends `count` events one at a time, each ack awaited.
+async fn js_publish_one_at_a_time(
+    js: jetstream::Context,
+    payload: Bytes,
+    count: u64,
+) -> anyhow::Result<()> {
+    for i in 0..count {
+        js.publish(W5_SUBJECT, payload.clone())
+            .await
+            .with_context(|| format!("publish {} of {count} failed", i + 1))?
+            .await
+            .with_context(|| format!("publish {} of {count} was not acknowledged", i + 1))?;
+    }
+    Ok(())
+}
+
+/// Each context sends `each` events one at a time, all at once; returns
+/// how long until the last ack.
+async fn js_publish_from_each(
+    contexts: &[jetstream::Context],
+    payload: &Bytes,
+    each: u64,
+) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for js in contexts {
+        tasks.spawn(js_publish_one_at_a_time(js.clone(), payload.clone(), each));
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.context("a publishing task failed")??;
+    }
+    Ok(started.elapsed())
+}
+
+/// W13 (default fsync) or W13-always: sync publish from 1, 4, 16 and 64
+/// connections at once.
+async fn publish_concurrent(
+    nats: &NatsInstall,
+    plan: &Plan,
+    fsync: Fsync,
+) -> anyhow::Result<Vec<Measurement>> {
+    let always = fsync == Fsync::Always;
+    let mut server = NatsServer::start(nats, fsync).await?;
+    let url = server.url();
+    let work = async {
+        let payload = Bytes::from(vec![b'x'; SMALL_BYTES]);
+        let first = w5_publisher(&url).await?;
+        let mut measured = Vec::new();
+        for connections in W13_CONNECTIONS {
+            let mut contexts = vec![first.clone()];
+            for _ in 1..connections {
+                let events = Arc::new(ClientEvents::default());
+                let client =
+                    connect(&url, "bench-publisher", MIN_SUBSCRIPTION_CAPACITY, &events).await?;
+                contexts.push(jetstream_context(client));
+            }
+            let n = connections as u64;
+            js_publish_from_each(&contexts, &payload, (plan.w13_warmup / n).max(1))
+                .await
+                .context("warm-up")?;
+            let each = (plan.w13 / n).max(1);
+            let elapsed = js_publish_from_each(&contexts, &payload, each).await?;
+            measured.push((
+                Workload::w13(connections, always),
+                Metric::Throughput,
+                per_second(each * n, elapsed),
+            ));
+        }
+        Ok(measured)
     };
     server.watch(work).await
 }

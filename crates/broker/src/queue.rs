@@ -409,6 +409,18 @@ impl Queue {
         self.defer(until, entry);
     }
 
+    /// A deferred message read back at recovery: one delivered before
+    /// (a retry after a nack's delay) holds its key as it did, one never
+    /// delivered (sent with a delay) takes its place among its key's only
+    /// when due.
+    pub fn defer_again(&mut self, until: Nanos, entry: Entry) {
+        if entry.attempts > 0 {
+            self.defer_retry(until, entry);
+        } else {
+            self.defer(until, entry);
+        }
+    }
+
     /// Not before `until`; a keyed message takes its place among its
     /// key's only then.
     pub fn defer(&mut self, until: Nanos, entry: Entry) {

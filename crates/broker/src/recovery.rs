@@ -409,7 +409,7 @@ impl<S: MessageStore> Broker<S> {
                         continue;
                     }
                     match marks.until.get(&entry.seq).copied().or(deferred) {
-                        Some(t) if t > now => svc.queue.defer(t, entry),
+                        Some(t) if t > now => svc.queue.defer_again(t, entry),
                         _ => svc.queue.make_ready(entry),
                     }
                 }
@@ -693,7 +693,7 @@ impl<S: MessageStore> Broker<S> {
                 if count > 1 {
                     svc.queue.ready.push_back_run(entry.seq, count);
                 } else if until > 0 {
-                    svc.queue.defer(until, entry);
+                    svc.queue.defer_again(until, entry);
                 } else {
                     svc.queue.make_ready(entry);
                 }

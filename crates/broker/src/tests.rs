@@ -1457,6 +1457,43 @@ fn restart_resumes_subscriptions_backlog_attempts_and_dead_letters() {
 }
 
 #[test]
+fn a_keyed_retry_waiting_out_its_nack_delay_keeps_its_key_across_a_restart() {
+    for with_snapshot in [false, true] {
+        let mut h = Harness::with_store(MemoryLog::new());
+        h.connect(1, "web", 0);
+        h.connect(2, "work", 0);
+        h.subscribe(2, "job.keyed");
+        h.send(1, 0, keyed("job.keyed", "k", "k1"));
+        h.send(1, 1, keyed("job.keyed", "k", "k2"));
+        let d = h.deliveries();
+        assert_eq!(payloads(&d), vec![Bytes::from_static(b"k1")]);
+        h.broker.nack(2, d[0].1, 5_000, h.now);
+        h.actions();
+        if with_snapshot {
+            h.advance(10);
+            h.broker.checkpoint(h.now).expect("checkpoint");
+        }
+        let report = h.crash_and_recover();
+        assert_eq!(report.snapshot_covers.is_some(), with_snapshot);
+        h.connect(3, "work", 0);
+        h.subscribe(3, "job.keyed");
+        assert!(
+            h.deliveries().is_empty(),
+            "k2 waits for k1's retry (snapshot: {with_snapshot})"
+        );
+        h.advance(5_000);
+        let retry = h.deliveries();
+        assert_eq!(
+            retry.iter().map(|x| (x.4.clone(), x.2)).collect::<Vec<_>>(),
+            vec![(Bytes::from_static(b"k1"), 2)],
+            "snapshot: {with_snapshot}"
+        );
+        h.broker.ack(3, retry[0].1, h.now);
+        assert_eq!(payloads(&h.deliveries()), vec![Bytes::from_static(b"k2")]);
+    }
+}
+
+#[test]
 fn ids_stamped_now_are_still_duplicates_after_a_checkpoint_and_a_crash() {
     let mut h = Harness::with_store(MemoryLog::new());
     // The clock at the ids' own time: they go to the dedup window's

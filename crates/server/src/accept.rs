@@ -244,3 +244,98 @@ pub(crate) async fn refuse_plaintext(
     tell_and_close(stream, ErrorCode::HandshakeRequired, message, deadline).await;
     None
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test that unwraps fails, which is its point
+mod tests {
+    use bytes::BytesMut;
+    use courier_proto::{decode_frame, FRAME_BYTES_MAX_DEFAULT};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// A connected pair of loopback sockets: (client, server).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        (client, server)
+    }
+
+    async fn frames_until_closed(stream: &mut TcpStream) -> Vec<Frame> {
+        let mut bytes = Vec::new();
+        stream.read_to_end(&mut bytes).await.unwrap();
+        let mut buf = BytesMut::from(&bytes[..]);
+        let mut frames = Vec::new();
+        while let Some(frame) = decode_frame(&mut buf, FRAME_BYTES_MAX_DEFAULT).unwrap() {
+            frames.push(frame);
+        }
+        assert!(buf.is_empty(), "the last frame was cut short");
+        frames
+    }
+
+    fn deadline() -> tokio::time::Instant {
+        tokio::time::Instant::now() + Duration::from_secs(10)
+    }
+
+    #[tokio::test]
+    async fn a_refused_client_reads_its_error_and_then_a_clean_close() {
+        let (mut client, server) = pair().await;
+        // What the client sent first is read and dropped, so closing does
+        // not reset the connection before the ERROR is read.
+        client.write_all(b"a HELLO nobody reads").await.unwrap();
+        let refusing = tokio::spawn(tell_and_close(
+            server,
+            ErrorCode::TooManyConnections,
+            "full".to_string(),
+            deadline(),
+        ));
+        let frames = frames_until_closed(&mut client).await;
+        refusing.await.unwrap();
+        assert_eq!(
+            frames,
+            vec![Frame::Error(ErrorFrame {
+                code: ErrorCode::TooManyConnections,
+                message: "full".to_string(),
+            })]
+        );
+    }
+
+    #[tokio::test]
+    async fn plain_tcp_to_the_tls_listener_is_told_to_use_tls() {
+        let config = ServerConfig::default();
+        let peer = SocketAddr::from(([127, 0, 0, 1], 1));
+
+        let (mut client, server) = pair().await;
+        client.write_all(&[0, 0, 0, 1, 0x0C]).await.unwrap();
+        let refusing = tokio::spawn(async move {
+            refuse_plaintext(&config, server, peer, deadline())
+                .await
+                .is_none()
+        });
+        let frames = frames_until_closed(&mut client).await;
+        assert!(refusing.await.unwrap(), "the plaintext stream was kept");
+        match &frames[..] {
+            [Frame::Error(e)] => {
+                assert_eq!(e.code, ErrorCode::HandshakeRequired);
+                assert!(e.message.contains("--tls-ca"), "{}", e.message);
+            }
+            other => panic!("{other:?}"),
+        }
+
+        let config = ServerConfig::default();
+        let (mut client, server) = pair().await;
+        client.write_all(&[0x16, 0x03, 0x01]).await.unwrap();
+        let kept = refuse_plaintext(&config, server, peer, deadline()).await;
+        assert!(kept.is_some(), "a TLS handshake was refused");
+    }
+
+    #[test]
+    fn a_handshake_slot_is_given_back_when_dropped() {
+        let handshakes = std::sync::atomic::AtomicUsize::new(1);
+        drop(HandshakeSlot(&handshakes));
+        assert_eq!(handshakes.load(Ordering::Relaxed), 0);
+    }
+}

@@ -171,3 +171,49 @@ pub enum ServerError {
     )]
     InsecureDns(SocketAddr),
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test that unwraps fails, which is its point
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_listen_on_loopback_and_pause_a_receiver_before_cutting_it_off() {
+        let config = ServerConfig::default();
+        // Without a manifest, only loopback may be listened on
+        // (`ServerError::Insecure`): the defaults must start as they are.
+        assert!(config.listen.ip().is_loopback());
+        assert!(config.pause_bytes < config.pending_bytes_max);
+        assert_eq!(config.frame_bytes_max, FRAME_BYTES_MAX_DEFAULT);
+        assert!(config.trace.is_some(), "activity traces are on by default");
+    }
+
+    #[test]
+    fn refusals_to_start_name_the_fix() {
+        let addr = SocketAddr::from(([0, 0, 0, 0], 7700));
+        let cases = [
+            (ServerError::Insecure(addr), "--manifest"),
+            (ServerError::InsecureHttp(addr), "--manifest"),
+            (ServerError::InsecureDns(addr), "loopback"),
+            (
+                ServerError::BindHttp {
+                    addr,
+                    source: std::io::Error::from(std::io::ErrorKind::AddrInUse),
+                },
+                "--http off",
+            ),
+            (
+                ServerError::BindDns {
+                    addr,
+                    source: std::io::Error::from(std::io::ErrorKind::AddrInUse),
+                },
+                "--dns",
+            ),
+        ];
+        for (error, fix) in cases {
+            let said = error.to_string();
+            assert!(said.contains(fix), "{said}");
+            assert!(said.contains("0.0.0.0:7700"), "{said}");
+        }
+    }
+}

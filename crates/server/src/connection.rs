@@ -343,3 +343,87 @@ pub(crate) async fn read_loop<R: AsyncRead + Unpin>(
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test that unwraps fails, which is its point
+mod tests {
+    use courier_proto::{Credentials, FrameWriter, Hello, PROTOCOL_VERSION};
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+
+    fn hello() -> Hello {
+        Hello {
+            version: PROTOCOL_VERSION,
+            service: "web".to_string(),
+            instance: "web-1".to_string(),
+            max_in_flight: 16,
+            credentials: Credentials::Token("crr_x".to_string()),
+        }
+    }
+
+    fn encoded(frame: &Frame) -> Vec<u8> {
+        let mut writer = FrameWriter::new();
+        writer.push(frame).unwrap();
+        writer.take().to_vec()
+    }
+
+    #[tokio::test]
+    async fn a_hello_over_the_handshake_limit_is_refused_before_its_body_is_read() {
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        client
+            .write_all(&[0xFF, 0xFF, 0xFF, 0xFF, 0x01])
+            .await
+            .unwrap();
+        let mut buf = BytesMut::new();
+        // The client stays connected and sends no more: a reader that
+        // waited for the announced 4 GiB would never answer.
+        let read = tokio::time::timeout(Duration::from_secs(10), read_frame(&mut server, &mut buf))
+            .await
+            .expect("refused without waiting for the body");
+        match read {
+            Err(ReadError::Decode(code, message)) => {
+                assert_eq!(code, ErrorCode::FrameTooLarge, "{message}");
+            }
+            _ => panic!("a 4 GiB HELLO was not refused as too large"),
+        }
+        assert!(
+            buf.capacity() < HELLO_BYTES_MAX as usize,
+            "{}",
+            buf.capacity()
+        );
+        drop(client);
+    }
+
+    #[tokio::test]
+    async fn a_hello_that_arrives_in_pieces_is_put_together() {
+        let bytes = encoded(&Frame::Hello(hello()));
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        let reader = tokio::spawn(async move {
+            let mut buf = BytesMut::new();
+            read_frame(&mut server, &mut buf).await
+        });
+        for piece in bytes.chunks(3) {
+            client.write_all(piece).await.unwrap();
+            tokio::task::yield_now().await;
+        }
+        match reader.await.unwrap() {
+            Ok(Frame::Hello(got)) => assert_eq!(got, hello()),
+            Ok(other) => panic!("read {other:?}"),
+            Err(_) => panic!("the HELLO was not read"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_ends_inside_its_hello_is_closed() {
+        let bytes = encoded(&Frame::Hello(hello()));
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        client.write_all(&bytes[..bytes.len() - 1]).await.unwrap();
+        drop(client);
+        let mut buf = BytesMut::new();
+        assert!(matches!(
+            read_frame(&mut server, &mut buf).await,
+            Err(ReadError::Closed)
+        ));
+    }
+}

@@ -88,3 +88,96 @@ pub(crate) fn frame_name(frame: &Frame) -> &'static str {
         Frame::Drained => "DRAINED",
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test that unwraps fails, which is its point
+mod tests {
+    use courier_broker::Action;
+    use courier_proto::{Credentials, ErrorFrame, Hello, OpResult, Welcome};
+    use courier_store::MemoryStore;
+
+    use super::*;
+    use crate::BrokerConfig;
+
+    fn connected_core() -> Broker<Store> {
+        let mut core: Broker<Store> =
+            Broker::new(BrokerConfig::default(), Box::new(MemoryStore::new()));
+        core.connect(1, "web", "web-1", 16);
+        core
+    }
+
+    #[test]
+    fn a_frame_only_the_broker_sends_is_refused_and_named() {
+        let mut core = connected_core();
+        let frames = [
+            Frame::Hello(Hello {
+                version: 1,
+                service: "web".to_string(),
+                instance: String::new(),
+                max_in_flight: 1,
+                credentials: Credentials::None,
+            }),
+            Frame::Welcome(Welcome {
+                version: 1,
+                connection_id: 1,
+                frame_bytes_max: 1024,
+                broker: "courier".to_string(),
+                service: None,
+            }),
+            Frame::SendResult(Vec::new()),
+            Frame::Result(OpResult {
+                request: 1,
+                code: ErrorCode::MalformedFrame,
+                reason: String::new(),
+            }),
+            Frame::Deliver(Vec::new()),
+            Frame::Error(ErrorFrame {
+                code: ErrorCode::MalformedFrame,
+                message: String::new(),
+            }),
+            Frame::Drained,
+        ];
+        for frame in frames {
+            let name = frame_name(&frame);
+            match apply(&mut core, 1, frame, 0) {
+                Err(ReadError::Decode(code, message)) => {
+                    assert_eq!(code, ErrorCode::MalformedFrame, "{name}");
+                    assert!(message.starts_with(name), "{message}");
+                }
+                _ => panic!("{name} from a client was taken"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_ping_is_answered_with_its_nonce_on_its_connection() {
+        let mut core = connected_core();
+        assert!(apply(&mut core, 1, Frame::Ping(42), 0).is_ok());
+        let mut actions = Vec::new();
+        core.take_actions(&mut actions);
+        assert!(
+            actions
+                .iter()
+                .any(|a| matches!(a, Action::Pong { conn: 1, nonce: 42 })),
+            "{actions:?}"
+        );
+    }
+
+    #[test]
+    fn every_frame_has_its_own_name() {
+        let names = [
+            frame_name(&Frame::Drain),
+            frame_name(&Frame::Drained),
+            frame_name(&Frame::Ping(0)),
+            frame_name(&Frame::Pong(0)),
+            frame_name(&Frame::Ack(Vec::new())),
+            frame_name(&Frame::Nack(Vec::new())),
+            frame_name(&Frame::Send(Vec::new())),
+            frame_name(&Frame::SendResult(Vec::new())),
+            frame_name(&Frame::Deliver(Vec::new())),
+            frame_name(&Frame::Flow { max_in_flight: 0 }),
+        ];
+        let distinct: std::collections::HashSet<_> = names.iter().collect();
+        assert_eq!(distinct.len(), names.len(), "{names:?}");
+    }
+}

@@ -136,3 +136,99 @@ pub(crate) async fn run_writer<W: AsyncWrite + Unpin>(mut writer: W, outbox: Arc
         outbox.wake.notified().await;
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test that unwraps fails, which is its point
+mod tests {
+    use bytes::BytesMut;
+    use courier_proto::{decode_frame, FRAME_BYTES_MAX_DEFAULT};
+    use tokio::io::AsyncReadExt;
+
+    use super::*;
+
+    /// Every frame the peer of a writer task receives, once it closes.
+    async fn frames_until_closed(mut peer: tokio::io::DuplexStream) -> Vec<Frame> {
+        let mut bytes = Vec::new();
+        peer.read_to_end(&mut bytes).await.unwrap();
+        let mut buf = BytesMut::from(&bytes[..]);
+        let mut frames = Vec::new();
+        while let Some(frame) = decode_frame(&mut buf, FRAME_BYTES_MAX_DEFAULT).unwrap() {
+            frames.push(frame);
+        }
+        assert!(buf.is_empty(), "the last frame was cut short");
+        frames
+    }
+
+    fn error(code: ErrorCode, message: &str) -> Frame {
+        Frame::Error(ErrorFrame {
+            code,
+            message: message.to_string(),
+        })
+    }
+
+    #[tokio::test]
+    async fn frames_leave_in_order_and_a_failure_ends_with_its_error_then_the_close() {
+        let outbox = Outbox::new(Arc::new(Notify::new()), 0, FRAME_BYTES_MAX_DEFAULT);
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        let writer = tokio::spawn(run_writer(ours, outbox.clone()));
+        outbox.push(&Frame::Ping(1));
+        outbox.push(&Frame::Pong(2));
+        outbox.fail(ErrorCode::MalformedFrame, "bad frame".to_string());
+        assert_eq!(
+            frames_until_closed(theirs).await,
+            vec![
+                Frame::Ping(1),
+                Frame::Pong(2),
+                error(ErrorCode::MalformedFrame, "bad frame")
+            ]
+        );
+        writer.await.unwrap();
+    }
+
+    /// Whether `timer` was notified (a stored permit completes at once).
+    async fn woken(timer: &Notify) -> bool {
+        tokio::time::timeout(Duration::ZERO, timer.notified())
+            .await
+            .is_ok()
+    }
+
+    #[tokio::test]
+    async fn a_paused_outbox_that_drained_wakes_the_timer_and_an_unpaused_one_does_not() {
+        for paused in [true, false] {
+            let timer = Arc::new(Notify::new());
+            let outbox = Outbox::new(timer.clone(), 1024, FRAME_BYTES_MAX_DEFAULT);
+            outbox.lock().paused = paused;
+            let (ours, theirs) = tokio::io::duplex(64 * 1024);
+            let writer = tokio::spawn(run_writer(ours, outbox.clone()));
+            outbox.push(&Frame::Ping(1));
+            outbox.fail(ErrorCode::SlowConsumer, "bye".to_string());
+            frames_until_closed(theirs).await;
+            writer.await.unwrap();
+            assert_eq!(woken(&timer).await, paused, "paused: {paused}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_does_not_read_loses_its_connection_after_the_linger() {
+        let outbox = Outbox::new(Arc::new(Notify::new()), 0, FRAME_BYTES_MAX_DEFAULT);
+        // Room for 16 bytes, and the peer never reads: the writer blocks.
+        let (ours, mut theirs) = tokio::io::duplex(16);
+        let writer = tokio::spawn(run_writer(ours, outbox.clone()));
+        outbox.push(&error(ErrorCode::ReadTimeout, &"x".repeat(1024)));
+        let started = tokio::time::Instant::now();
+        close(&outbox, writer).await;
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(CLOSE_LINGER_MS)
+                && waited < Duration::from_millis(CLOSE_LINGER_MS + 1_000),
+            "close waited {waited:?}"
+        );
+        // The writer is gone: the peer reads what was written, then the end.
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(1), theirs.read_to_end(&mut rest))
+            .await
+            .expect("the connection was dropped")
+            .unwrap();
+        assert!(rest.len() < 1024, "{} bytes arrived", rest.len());
+    }
+}

@@ -126,7 +126,15 @@ pub(crate) async fn metrics(
         return *refusal;
     }
     let started = Instant::now();
-    let snapshot = MetricsSnapshot::take(&shared, now_nanos());
+    // Off the runtime: the trace counters wait for the trace thread.
+    let snapshot =
+        tokio::task::spawn_blocking(move || MetricsSnapshot::take(&shared, now_nanos())).await;
+    let Ok(snapshot) = snapshot else {
+        return problem(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the metrics could not be gathered (the task failed); see the broker's log",
+        );
+    };
     let text = encode_metrics(snapshot, started);
     (
         [(

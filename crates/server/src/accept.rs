@@ -248,11 +248,10 @@ pub(crate) async fn refuse_plaintext(
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // a test that unwraps fails, which is its point
 mod tests {
-    use bytes::BytesMut;
-    use courier_proto::{decode_frame, FRAME_BYTES_MAX_DEFAULT};
     use tokio::net::TcpListener;
 
     use super::*;
+    use crate::test_support::frames_until_closed;
 
     /// A connected pair of loopback sockets: (client, server).
     async fn pair() -> (TcpStream, TcpStream) {
@@ -262,18 +261,6 @@ mod tests {
             .unwrap();
         let (server, _) = listener.accept().await.unwrap();
         (client, server)
-    }
-
-    async fn frames_until_closed(stream: &mut TcpStream) -> Vec<Frame> {
-        let mut bytes = Vec::new();
-        stream.read_to_end(&mut bytes).await.unwrap();
-        let mut buf = BytesMut::from(&bytes[..]);
-        let mut frames = Vec::new();
-        while let Some(frame) = decode_frame(&mut buf, FRAME_BYTES_MAX_DEFAULT).unwrap() {
-            frames.push(frame);
-        }
-        assert!(buf.is_empty(), "the last frame was cut short");
-        frames
     }
 
     fn deadline() -> tokio::time::Instant {

@@ -27,6 +27,8 @@ mod registry;
 mod server;
 mod shared;
 mod tail;
+#[cfg(test)]
+mod test_support;
 mod tls;
 mod trace;
 

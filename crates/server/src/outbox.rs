@@ -140,24 +140,11 @@ pub(crate) async fn run_writer<W: AsyncWrite + Unpin>(mut writer: W, outbox: Arc
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // a test that unwraps fails, which is its point
 mod tests {
-    use bytes::BytesMut;
-    use courier_proto::{decode_frame, FRAME_BYTES_MAX_DEFAULT};
+    use courier_proto::FRAME_BYTES_MAX_DEFAULT;
     use tokio::io::AsyncReadExt;
 
     use super::*;
-
-    /// Every frame the peer of a writer task receives, once it closes.
-    async fn frames_until_closed(mut peer: tokio::io::DuplexStream) -> Vec<Frame> {
-        let mut bytes = Vec::new();
-        peer.read_to_end(&mut bytes).await.unwrap();
-        let mut buf = BytesMut::from(&bytes[..]);
-        let mut frames = Vec::new();
-        while let Some(frame) = decode_frame(&mut buf, FRAME_BYTES_MAX_DEFAULT).unwrap() {
-            frames.push(frame);
-        }
-        assert!(buf.is_empty(), "the last frame was cut short");
-        frames
-    }
+    use crate::test_support::frames_until_closed;
 
     fn error(code: ErrorCode, message: &str) -> Frame {
         Frame::Error(ErrorFrame {
@@ -169,13 +156,13 @@ mod tests {
     #[tokio::test]
     async fn frames_leave_in_order_and_a_failure_ends_with_its_error_then_the_close() {
         let outbox = Outbox::new(Arc::new(Notify::new()), 0, FRAME_BYTES_MAX_DEFAULT);
-        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        let (ours, mut theirs) = tokio::io::duplex(64 * 1024);
         let writer = tokio::spawn(run_writer(ours, outbox.clone()));
         outbox.push(&Frame::Ping(1));
         outbox.push(&Frame::Pong(2));
         outbox.fail(ErrorCode::MalformedFrame, "bad frame".to_string());
         assert_eq!(
-            frames_until_closed(theirs).await,
+            frames_until_closed(&mut theirs).await,
             vec![
                 Frame::Ping(1),
                 Frame::Pong(2),
@@ -198,11 +185,11 @@ mod tests {
             let timer = Arc::new(Notify::new());
             let outbox = Outbox::new(timer.clone(), 1024, FRAME_BYTES_MAX_DEFAULT);
             outbox.lock().paused = paused;
-            let (ours, theirs) = tokio::io::duplex(64 * 1024);
+            let (ours, mut theirs) = tokio::io::duplex(64 * 1024);
             let writer = tokio::spawn(run_writer(ours, outbox.clone()));
             outbox.push(&Frame::Ping(1));
             outbox.fail(ErrorCode::SlowConsumer, "bye".to_string());
-            frames_until_closed(theirs).await;
+            frames_until_closed(&mut theirs).await;
             writer.await.unwrap();
             assert_eq!(woken(&timer).await, paused, "paused: {paused}");
         }

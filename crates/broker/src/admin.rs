@@ -125,7 +125,10 @@ impl<S: MessageStore> Broker<S> {
                 let query = if command.name.as_str() == "courier.trace.get" {
                     crate::TraceQuery::activity_from_args(&args)?
                 } else {
-                    crate::TraceQuery::Activities(crate::ActivityFilter::from_args(&args, now)?)
+                    crate::TraceQuery::Activities(crate::ActivityFilter::from_args(
+                        &args,
+                        self.wall(now),
+                    )?)
                 };
                 self.actions.push(crate::Action::TraceQuery {
                     conn,
@@ -311,7 +314,7 @@ impl<S: MessageStore> Broker<S> {
         reply.response_to = Some(command.id);
         reply.activity_id = command.activity_id;
         reply.sender = "courier".into();
-        reply.timestamp = now;
+        reply.timestamp = self.wall(now);
         reply.is_final = true;
         reply
             .headers

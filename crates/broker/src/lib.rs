@@ -282,8 +282,12 @@ pub struct Broker<S: MessageStore> {
     metrics: Metrics,
     /// Something was appended or journaled since the last sync.
     dirty: bool,
-    /// The latest time an input carried.
+    /// The latest time an input carried (broker time: deadlines, delays,
+    /// timers and rate buckets run on it).
     now: Nanos,
+    /// How far the wall clock is ahead of broker time (negative: behind);
+    /// see [`Broker::set_wall_offset`].
+    wall_offset: i64,
     /// Things an operator must hear about (corruption, storage failures).
     alerts: Vec<String>,
     /// Harm to durable data an operator must act on (records lost).
@@ -350,6 +354,7 @@ impl<S: MessageStore> Broker<S> {
             metrics: Metrics::default(),
             dirty: false,
             now: 0,
+            wall_offset: 0,
             alerts: Vec::new(),
             errors: Vec::new(),
             repeats: repeats::Repeats::default(),
@@ -383,6 +388,27 @@ impl<S: MessageStore> Broker<S> {
 
     pub fn manifest(&self) -> Option<&Arc<Manifest>> {
         self.manifest.as_ref()
+    }
+
+    /// How far the wall clock is ahead of broker time (negative: behind),
+    /// as the network edge last read both. Inputs carry broker time, which
+    /// never jumps; the wall clock is read through this offset only where
+    /// the envelope means wall time: message timestamps, `expires_at`,
+    /// `deliver_at`, dedup windows (ids carry the sender's clock), trace
+    /// and dead-letter times. A step of the wall clock thus moves no
+    /// deadline, delay, timer or rate bucket.
+    pub fn set_wall_offset(&mut self, offset: i64) {
+        self.wall_offset = offset;
+    }
+
+    /// Wall time at broker time `now`.
+    pub(crate) fn wall(&self, now: Nanos) -> Nanos {
+        now.saturating_add_signed(self.wall_offset)
+    }
+
+    /// Broker time at which the wall clock shows `wall` (a `deliver_at`).
+    pub(crate) fn broker_time_at(&self, wall: Nanos) -> Nanos {
+        wall.saturating_add_signed(self.wall_offset.saturating_neg())
     }
 
     /// The service a live connection acts for.

@@ -147,7 +147,7 @@ impl<S: MessageStore> Broker<S> {
             self.checkpointed_bytes = (self.store.len() as u64).saturating_sub(replayed_bytes);
         }
         self.alerts.extend(self.store.take_reports());
-        self.dedup.expire(now);
+        self.dedup.expire(self.wall(now));
         self.reply_routes.expire(now);
         report.services = self.services.len();
         report.backlog = self.services.values().map(|s| s.queue.depth()).sum();
@@ -476,6 +476,7 @@ impl<S: MessageStore> Broker<S> {
     /// letters (each keeps the reference its entry held), journaled so the
     /// move survives the next restart, and says so once for the service.
     fn dead_letter_lost(&mut self, service: &str, gone: Vec<Entry>, now: Nanos) {
+        let wall_now = self.wall(now);
         let (Some(first), Some(last)) = (gone.first(), gone.last()) else {
             return;
         };
@@ -487,7 +488,7 @@ impl<S: MessageStore> Broker<S> {
                     seq: entry.seq,
                     attempts: entry.attempts,
                     reason: reason.to_string(),
-                    at: now,
+                    at: wall_now,
                 });
             }
             self.journal(Op::DeadLettered {
@@ -495,7 +496,7 @@ impl<S: MessageStore> Broker<S> {
                 seq: entry.seq,
                 attempts: entry.attempts,
                 reason: reason.to_string(),
-                at: now,
+                at: wall_now,
             });
         }
         self.metrics.messages_lost += count as u64;
@@ -520,7 +521,9 @@ impl<S: MessageStore> Broker<S> {
         let oldest_live = self.refs.oldest().unwrap_or(covers + 1);
         let before = oldest_live.min(covers + 1);
         let retention = self.config.longest_retention();
-        let mut freed = self.store.compact(before, now.saturating_sub(retention))?;
+        let mut freed = self
+            .store
+            .compact(before, self.wall(now).saturating_sub(retention))?;
         let cap = self.config.retention_bytes_max;
         if cap > 0 && self.store.len() as u64 > cap {
             // Over the size cap: give up retained history (never messages

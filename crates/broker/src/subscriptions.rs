@@ -138,6 +138,8 @@ impl<S: MessageStore> Broker<S> {
         }
         let mut found: Vec<Found> = Vec::new();
         let config = &self.config;
+        let wall_now = self.wall(now);
+        let wall_offset = self.wall_offset;
         let scanned = self.store.scan_messages(from, &mut |seq, m| {
             if seq < until
                 && m.kind == Kind::Event
@@ -146,11 +148,14 @@ impl<S: MessageStore> Broker<S> {
                 let (max_age, _, rule) = config.retention_for(&m.name);
                 // Older than its retention: gone for replays, even if the
                 // log has not reclaimed its segment yet.
-                if now.saturating_sub(m.timestamp) <= max_age {
+                if wall_now.saturating_sub(m.timestamp) <= max_age {
                     found.push(Found {
                         seq,
                         key: m.key.clone(),
-                        deliver_at: m.deliver_at,
+                        // On broker time, as the queue's deferrals are.
+                        deliver_at: m
+                            .deliver_at
+                            .map(|at| at.saturating_add_signed(wall_offset.saturating_neg())),
                         rule,
                         bytes: m.payload.len() as u64,
                     });

@@ -32,7 +32,7 @@ use courier_store::histogram::Histogram;
 use serde_json::{json, Value};
 
 use crate::http::{authorize, problem, seconds};
-use crate::{now_nanos, ConnId, FastMap, Nanos, Shared, Store};
+use crate::{wall_nanos, ConnId, FastMap, Nanos, Shared, Store};
 
 /// Where a connection comes from, and since when.
 #[derive(Debug, Clone, Copy)]
@@ -297,7 +297,7 @@ fn json_answer(body: Value) -> Response {
     ),
 )]
 pub(crate) async fn services(State(shared): State<Arc<Shared>>) -> Response {
-    let now = now_nanos();
+    let now = wall_nanos();
     let (gauges, instances) = {
         let mut core = shared.core();
         (core.subscription_gauges(now), core.instances())
@@ -386,7 +386,7 @@ fn traffic_copy(shared: &Shared) -> (Vec<NameStats>, usize, u64) {
     ),
 )]
 pub(crate) async fn names(State(shared): State<Arc<Shared>>) -> Response {
-    let now = now_nanos();
+    let now = wall_nanos();
     let (names, names_max, over_cap) = traffic_copy(&shared);
     let names: Vec<Value> = names.iter().map(name_json).collect();
     json_answer(json!({
@@ -522,7 +522,7 @@ fn quantile(h: &Histogram, q: f64) -> Option<f64> {
     ),
 )]
 pub(crate) async fn topology(State(shared): State<Arc<Shared>>) -> Response {
-    let now = now_nanos();
+    let now = wall_nanos();
     let (names, _, _) = traffic_copy(&shared);
     let known: Vec<String> = shared
         .core()

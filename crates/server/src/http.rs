@@ -26,7 +26,7 @@ use tokio::net::TcpListener;
 use tracing::warn;
 
 use crate::metrics_text::{encode_metrics, MetricsSnapshot};
-use crate::{now_nanos, Shared};
+use crate::{wall_nanos, Shared};
 
 /// The HTTP listener, bound before the broker reports itself ready.
 pub(crate) struct HttpListener {
@@ -126,7 +126,7 @@ pub(crate) async fn metrics(
         return *refusal;
     }
     let started = Instant::now();
-    let snapshot = MetricsSnapshot::take(&shared, now_nanos());
+    let snapshot = MetricsSnapshot::take(&shared, wall_nanos());
     let text = encode_metrics(snapshot, started);
     (
         [(
@@ -284,7 +284,7 @@ pub(crate) async fn activities(
             .map(|(k, v)| (k, serde_json::Value::String(v)))
             .collect(),
     );
-    let filter = match ActivityFilter::from_args(&args, now_nanos()) {
+    let filter = match ActivityFilter::from_args(&args, wall_nanos()) {
         Ok(filter) => filter,
         Err((_, reason)) => return problem(StatusCode::BAD_REQUEST, &reason),
     };

@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 mod auth;
+mod clock;
 mod console;
 mod dns;
 mod gateway;
@@ -31,7 +32,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use bytes::BytesMut;
 use courier_broker::{Action, Broker, ConnId, FastMap, Nanos, RecoveryReport};
@@ -295,6 +296,8 @@ impl Outbox {
 
 struct Shared {
     config: ServerConfig,
+    /// Broker time for the core's inputs, and the wall clock (`clock.rs`).
+    clock: clock::Clock,
     /// The service registry's checks and watchers (`registry.rs`).
     registry: registry::RegistryEdge,
     /// Credentials each live connection presented (and the subject of its
@@ -321,7 +324,7 @@ struct Shared {
     /// console (the broker core knows nothing of sockets or clocks).
     peers: Mutex<FastMap<ConnId, console::Peer>>,
     next_conn: AtomicU64,
-    /// When the timer task plans to wake next (unix ns).
+    /// When the timer task plans to wake next (broker time).
     timer_due: AtomicU64,
     timer_wake: Arc<Notify>,
     /// How long recovery took at start-up, for `/metrics`.
@@ -353,12 +356,7 @@ fn say_alerts(core: &mut Broker<Store>) {
     }
 }
 
-fn now_nanos() -> Nanos {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
-}
+use clock::wall_nanos;
 
 /// A running broker.
 pub struct Server {
@@ -388,7 +386,9 @@ impl ServerHandle {
     /// returns the bytes freed.
     pub fn checkpoint(&self) -> Result<u64, courier_store::StoreError> {
         let mut core = self.shared.core();
-        let freed = core.checkpoint(now_nanos());
+        let now = self.shared.clock.now();
+        core.set_wall_offset(self.shared.clock.wall_offset(now));
+        let freed = core.checkpoint(now);
         say_alerts(&mut core);
         freed
     }
@@ -450,15 +450,18 @@ impl Server {
             frame_bytes_max: config.frame_bytes_max,
             ..config.broker.clone()
         };
+        let clock = clock::Clock::system();
         let mut core = Broker::new(broker_config, store);
         core.set_manifest(manifest);
         let recovery_started = std::time::Instant::now();
-        let recovery = core.recover(now_nanos())?;
+        let now = clock.now();
+        core.set_wall_offset(clock.wall_offset(now));
+        let recovery = core.recover(now)?;
         let recovery_seconds = recovery_started.elapsed().as_secs_f64();
         say_alerts(&mut core);
         let tracer = match &config.trace {
             Some(settings) => {
-                Some(trace::Tracer::start(settings, now_nanos()).map_err(ServerError::Trace)?)
+                Some(trace::Tracer::start(settings, wall_nanos()).map_err(ServerError::Trace)?)
             }
             None => None,
         };
@@ -478,6 +481,7 @@ impl Server {
             dns,
             shared: Arc::new(Shared {
                 config,
+                clock,
                 registry: registry::RegistryEdge::new(),
                 credentials: Mutex::new(HashMap::new()),
                 tls,
@@ -637,7 +641,8 @@ impl Shared {
 
     fn run_core(&self, f: impl FnOnce(&mut Broker<Store>, Nanos), commit: Commit) {
         let mut core = self.core();
-        let now = now_nanos();
+        let now = self.clock.now();
+        core.set_wall_offset(self.clock.wall_offset(now));
         core.set_tapping(self.tails.any());
         f(&mut core, now);
         let mut actions = Vec::new();
@@ -877,7 +882,7 @@ fn answer_trace_query(
         reply.response_to = Some(request);
         reply.activity_id = activity_id;
         reply.sender = "courier".into();
-        reply.timestamp = now_nanos();
+        reply.timestamp = wall_nanos();
         reply
             .headers
             .push(("content-type".into(), "application/json".into()));
@@ -998,9 +1003,9 @@ async fn run_timer(shared: Arc<Shared>) {
     /// Housekeeping (dedup and reply-route expiry, the periodic fsync of
     /// `--fsync interval:MS`) runs at least this often.
     const TICK_INTERVAL_MAX_MS: u64 = 100;
-    let mut next_checkpoint = now_nanos() + shared.config.checkpoint_interval_ms * 1_000_000;
+    let mut next_checkpoint = shared.clock.now() + shared.config.checkpoint_interval_ms * 1_000_000;
     loop {
-        let now = now_nanos();
+        let now = shared.clock.now();
         let next = {
             let core = shared.core();
             core.next_timer()
@@ -1019,8 +1024,8 @@ async fn run_timer(shared: Arc<Shared>) {
             shared.resume_drained(core, now);
         });
         let due = shared.core().checkpoint_due();
-        if due || now_nanos() >= next_checkpoint {
-            next_checkpoint = now_nanos() + shared.config.checkpoint_interval_ms * 1_000_000;
+        if due || shared.clock.now() >= next_checkpoint {
+            next_checkpoint = shared.clock.now() + shared.config.checkpoint_interval_ms * 1_000_000;
             let handle = ServerHandle {
                 shared: shared.clone(),
             };
@@ -1113,7 +1118,7 @@ impl Drop for ConnectionSlot {
 /// being told at once: a flood must hold neither descriptors nor the log.
 fn refuse_over_cap(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     shared.core().metrics_mut().connections_over_cap += 1;
-    let second = now_nanos() / 1_000_000_000;
+    let second = shared.clock.now() / 1_000_000_000;
     if shared.connections_warned_at.swap(second, Ordering::Relaxed) != second {
         warn!(%peer, max = shared.config.connections_max, "the broker holds its maximum of connections; refusing new ones (--connections-max)");
     }
@@ -1181,7 +1186,7 @@ async fn serve_connection(
         // cap they are dropped before a byte is read. Said once a second at
         // most: a flood must not flood the log too.
         shared.core().metrics_mut().handshakes_refused += 1;
-        let second = now_nanos() / 1_000_000_000;
+        let second = shared.clock.now() / 1_000_000_000;
         if shared.cap_warned_at.swap(second, Ordering::Relaxed) != second {
             warn!(%peer, max = shared.config.handshakes_max, "too many connections in their handshake; dropping new ones");
         }
@@ -1399,7 +1404,7 @@ async fn serve_stream<R, W>(
         conn,
         console::Peer {
             addr: peer,
-            connected_at: now_nanos(),
+            connected_at: wall_nanos(),
         },
     );
     shared.outboxes().insert(conn, outbox.clone());

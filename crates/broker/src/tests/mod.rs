@@ -92,6 +92,7 @@ fn results(actions: &[Action]) -> Vec<(u64, ErrorCode)> {
         .collect()
 }
 
+mod clocks;
 mod contracts;
 mod frame_limit;
 mod limits;

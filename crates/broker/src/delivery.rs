@@ -476,6 +476,8 @@ impl<S: MessageStore> Broker<S> {
         if self.degraded {
             self.retry_storage();
         }
+        // History replays go on a pass at a time (`backfill.rs`).
+        self.continue_backfills(now);
         // Lets a store with a periodic fsync policy catch up while idle.
         self.dirty |= self.store.persistent();
         self.dedup.expire(self.wall(now));
@@ -545,6 +547,9 @@ impl<S: MessageStore> Broker<S> {
 
     /// When [`Broker::tick`] next has work, if ever.
     pub fn next_timer(&self) -> Option<Nanos> {
+        if self.backfills_pending() {
+            return Some(self.now);
+        }
         self.services
             .values()
             .filter_map(|s| s.queue.next_timer())

@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod backfill;
 mod config;
 mod connections;
 mod dead_letters;
@@ -183,6 +184,9 @@ struct Service {
     /// Round-robin cursor into `instances`.
     next_instance: usize,
     queue: Queue,
+    /// Unfinished history replays, and what was routed to the service
+    /// after them, waiting to enter `queue` in this order (`backfill.rs`).
+    waiting: VecDeque<backfill::Waiting>,
     parked_replies: VecDeque<Arc<Message>>,
     /// The send rate's token bucket (its connections hold it too).
     send_bucket: Arc<SendBucket>,
@@ -198,6 +202,7 @@ impl Service {
             instances: Vec::new(),
             next_instance: 0,
             queue: Queue::default(),
+            waiting: VecDeque::new(),
             parked_replies: VecDeque::new(),
             send_bucket: SendBucket::new(config.send_rate_per_service),
         }

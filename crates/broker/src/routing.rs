@@ -133,6 +133,12 @@ impl<S: MessageStore> Broker<S> {
             self.refs.add(seq);
             svc.queue.count_in(message.payload.len() as u64);
             let entry = Entry::new(seq, 0, message.key.clone());
+            if !svc.waiting.is_empty() {
+                // Behind an unfinished history replay (`backfill.rs`).
+                svc.waiting
+                    .push_back(backfill::Waiting::Routed(entry, deliver_at));
+                continue;
+            }
             match deliver_at {
                 Some(at) if at > now => svc.queue.defer(at, entry),
                 _ => svc.queue.make_ready(entry),

@@ -343,6 +343,9 @@ struct Shared {
     webhook_key: gateway::webhook::WebhookKey,
     /// Wakes the thread that fsyncs outside the core's lock.
     committer: Arc<group_commit::Committer>,
+    /// Held for a whole checkpoint: one at a time (they share the
+    /// snapshot's temporary file).
+    checkpointing: Mutex<()>,
 }
 
 /// What the broker wants the operator to hear: harm to durable data at
@@ -383,14 +386,45 @@ impl ServerHandle {
     }
 
     /// Snapshots the state and compacts the store (also done periodically);
-    /// returns the bytes freed.
+    /// returns the bytes freed. The core's lock is held to encode the
+    /// state and to let go of old segments, not for the files: writing the
+    /// snapshot and deleting segments run without it, so sends and
+    /// deliveries go on meanwhile.
     pub fn checkpoint(&self) -> Result<u64, courier_store::StoreError> {
-        let mut core = self.shared.core();
-        let now = self.shared.clock.now();
-        core.set_wall_offset(self.shared.clock.wall_offset(now));
-        let freed = core.checkpoint(now);
-        say_alerts(&mut core);
-        freed
+        let shared = &self.shared;
+        let _one_at_a_time = shared
+            .checkpointing
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut snapshot = {
+            let mut core = shared.core();
+            let now = shared.clock.now();
+            core.set_wall_offset(shared.clock.wall_offset(now));
+            let begun = core.begin_checkpoint(now);
+            say_alerts(&mut core);
+            match begun? {
+                Some(snapshot) => snapshot,
+                None => return Ok(0),
+            }
+        };
+        snapshot.write()?;
+        {
+            let mut core = shared.core();
+            let ready = core.checkpoint_ready(&snapshot);
+            say_alerts(&mut core);
+            ready?;
+        }
+        let covers = snapshot.covers();
+        snapshot.install()?;
+        let removal = {
+            let mut core = shared.core();
+            let now = shared.clock.now();
+            core.set_wall_offset(shared.clock.wall_offset(now));
+            let finished = core.finish_checkpoint(covers, now);
+            say_alerts(&mut core);
+            finished?
+        };
+        removal.run()
     }
 }
 
@@ -506,6 +540,7 @@ impl Server {
                 webhooks: Arc::default(),
                 webhook_key,
                 committer: Arc::default(),
+                checkpointing: Mutex::new(()),
             }),
             listener,
         })

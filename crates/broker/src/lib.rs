@@ -45,9 +45,13 @@ use courier_proto::{validate_name, validate_pattern, ErrorCode, Kind, Message};
 use courier_store::{MessageStore, Seq};
 use uuid::Uuid;
 
-pub use admin::{dead_letter_json, ADVERTISE_COMMAND, SYSTEM_PREFIX};
+pub use admin::{
+    dead_letter_json, ADVERTISE_COMMAND, DEAD_LETTERS_PAGE_DEFAULT, DEAD_LETTERS_PAGE_MAX,
+    SYSTEM_PREFIX,
+};
 pub use config::{Config, RetentionRule};
 pub use courier_proto::StartFrom;
+pub use dead_letters::DeadLetterPage;
 use delivery::release;
 use expiring::ExpiringMap;
 use inspection::{push_trace, traces};

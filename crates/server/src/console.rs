@@ -14,11 +14,12 @@
 //!   leave at once and its journal entry is synced before the answer.
 //! - Every error is an RFC 9457 problem document, bad input a 4xx.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, Path, Request, State};
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -563,17 +564,22 @@ fn topology_json(names: &[NameStats], mut services: Vec<String>, now: Nanos) -> 
     json!({ "at": now, "services": services, "edges": edges })
 }
 
-/// `GET /v1/dead-letters/{service}`: the oldest dead letters (at most
-/// `DEAD_LETTERS_LISTED_MAX`) and how many there are.
+/// `GET /v1/dead-letters/{service}`: a page of dead letters by id (at
+/// most `DEAD_LETTERS_LISTED_MAX`, `?after=ID&limit=N`) and how many there
+/// are. The core's lock is held for the page only: it reads each listed
+/// message from the log.
 #[utoipa::path(
     get,
     path = "/v1/dead-letters/{service}",
     tag = "console",
     params(
         ("service" = String, Path, description = "The service's name"),
+        ("after" = Option<u64>, Query, description = "Only dead letters whose id is larger (default 0); the previous page's rest_after"),
+        ("limit" = Option<u32>, Query, description = "At most this many (default and most 500)", minimum = 1, maximum = 500),
     ),
     responses(
-        (status = 200, description = "The oldest dead letters, and how many there are", body = crate::openapi::DeadLetters),
+        (status = 200, description = "A page of dead letters by id, how many there are, and where the next page starts", body = crate::openapi::DeadLetters),
+        (status = 400, description = "after or limit is not a number in range", body = crate::openapi::Problem, content_type = "application/problem+json"),
         (status = 401, description = "Under a manifest: no admin token, or one it does not list", body = crate::openapi::Problem, content_type = "application/problem+json"),
         (status = 403, description = "A service's token, or a non-loopback caller without a manifest", body = crate::openapi::Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such service", body = crate::openapi::Problem, content_type = "application/problem+json"),
@@ -582,18 +588,37 @@ fn topology_json(names: &[NameStats], mut services: Vec<String>, now: Nanos) -> 
 pub(crate) async fn dead_letters(
     State(shared): State<Arc<Shared>>,
     Path(service): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
 ) -> Response {
-    let (total, letters) = {
+    let after =
+        match query.get("after").map(|a| a.parse::<u64>()) {
+            None => 0,
+            Some(Ok(after)) => after,
+            Some(Err(_)) => return problem(
+                StatusCode::BAD_REQUEST,
+                "after must be a dead letter id (a whole number); the previous page's rest_after",
+            ),
+        };
+    let limit = match query.get("limit").map(|l| l.parse::<usize>()) {
+        None => DEAD_LETTERS_LISTED_MAX,
+        Some(Ok(limit)) if (1..=DEAD_LETTERS_LISTED_MAX).contains(&limit) => limit,
+        Some(_) => {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                &format!("limit must be a whole number from 1 to {DEAD_LETTERS_LISTED_MAX}"),
+            )
+        }
+    };
+    let (total, page) = {
         let mut core = shared.core();
         let Some(total) = core.dead_letter_count(&service) else {
             return unknown_service(&service);
         };
-        (
-            total,
-            core.dead_letters_first(&service, DEAD_LETTERS_LISTED_MAX),
-        )
+        (total, core.dead_letters_page(&service, after, limit))
     };
-    let letters: Vec<Value> = letters
+    let rest_after = page.rest_after();
+    let letters: Vec<Value> = page
+        .letters
         .iter()
         .map(|(d, m)| dead_letter_json(d, m.as_ref(), false))
         .collect();
@@ -602,6 +627,7 @@ pub(crate) async fn dead_letters(
         "total": total,
         "listed_max": DEAD_LETTERS_LISTED_MAX,
         "dead_letters": letters,
+        "rest_after": rest_after,
     }))
 }
 

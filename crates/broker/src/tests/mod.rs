@@ -94,6 +94,7 @@ fn results(actions: &[Action]) -> Vec<(u64, ErrorCode)> {
 
 mod clocks;
 mod contracts;
+mod dead_letter_pages;
 mod frame_limit;
 mod limits;
 mod model;

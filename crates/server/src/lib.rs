@@ -12,6 +12,8 @@
 mod auth;
 mod clock;
 mod console;
+#[cfg(test)]
+mod dispatch_tests;
 mod dns;
 mod gateway;
 mod group_commit;
@@ -346,6 +348,10 @@ struct Shared {
     /// Held for a whole checkpoint: one at a time (they share the
     /// snapshot's temporary file).
     checkpointing: Mutex<()>,
+    /// Held while a pass encodes its actions into outboxes; taken before
+    /// the core's lock is let go, so passes encode in the core's order.
+    /// Never held while waiting for the core's lock.
+    dispatching: Mutex<()>,
 }
 
 /// What the broker wants the operator to hear: harm to durable data at
@@ -541,6 +547,7 @@ impl Server {
                 webhook_key,
                 committer: Arc::default(),
                 checkpointing: Mutex::new(()),
+                dispatching: Mutex::new(()),
             }),
             listener,
         })
@@ -654,8 +661,9 @@ impl Shared {
     }
 
     /// Runs `f` on the broker, then carries out every action it produced.
-    /// Actions are written while the core lock is held, so frames for one
-    /// connection leave in the order the broker decided them. What `f`
+    /// Actions are encoded after the core's lock is let go, under the
+    /// dispatch lock taken before, so frames for one connection leave in
+    /// the order the broker decided them. What `f`
     /// stored is durable when this returns (the fsync ran under the lock).
     fn with_core(&self, f: impl FnOnce(&mut Broker<Store>, Nanos)) {
         self.run_core(f, Commit::InPlace);
@@ -705,16 +713,26 @@ impl Shared {
         let checks = core.take_registry_checks();
         self.registry.after_core(core.registry().index(), checks);
         let next_timer = core.next_timer();
+        // Frames are encoded without the core's lock: the dispatch lock,
+        // taken before the core's is let go, keeps every pass's frames in
+        // the order the core decided them, while the next pass already
+        // changes the state.
+        let dispatching = self
+            .dispatching
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        drop(core);
         let (cut, full) = self.dispatch(actions);
-        core.metrics_mut().slow_consumers_cut += cut;
-        if !full.is_empty() {
+        drop(dispatching);
+        if cut > 0 || !full.is_empty() {
+            let mut core = self.core();
+            core.metrics_mut().slow_consumers_cut += cut;
             let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
             for conn in full {
                 core.set_paused(conn, true, now);
                 paused.insert(conn);
             }
         }
-        drop(core);
         if wake_committer {
             self.committer.wake();
         }

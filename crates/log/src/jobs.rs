@@ -6,12 +6,12 @@
 //! Neither touches a file the log still writes or reads.
 
 use std::fmt;
-use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::error::LogError;
-use crate::fs::{FileSystem, OpenMode};
+use crate::fs::FileSystem;
+use crate::log::{remove_if_present, write_file_durably};
 use crate::Seq;
 
 /// A snapshot being saved outside the log. [`SnapshotWrite::write`] puts
@@ -125,29 +125,4 @@ impl SegmentRemoval {
         }
         Ok(freed)
     }
-}
-
-pub(crate) fn remove_if_present(
-    fs: &dyn FileSystem,
-    path: &std::path::Path,
-) -> Result<(), LogError> {
-    match fs.remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(LogError::io("remove", path, e)),
-    }
-}
-
-/// Creates `path` with `bytes` and fsyncs it (not its directory).
-pub(crate) fn write_file_durably(
-    fs: &dyn FileSystem,
-    path: &std::path::Path,
-    bytes: &[u8],
-) -> Result<(), LogError> {
-    let mut file = fs
-        .open(path, OpenMode::Create)
-        .map_err(|e| LogError::io("create", path, e))?;
-    file.append(bytes)
-        .map_err(|e| LogError::io("write", path, e))?;
-    file.sync_data().map_err(|e| LogError::io("fsync", path, e))
 }

@@ -1,8 +1,13 @@
 //! A pass of the core encodes its frames without the core's lock
 //! (`Shared::run_core`): the next pass can change the state meanwhile.
 
-use super::*;
-use std::time::Instant;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use courier_proto::FRAME_BYTES_MAX_DEFAULT;
+
+use crate::{Outbox, Server, ServerConfig, Store};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frames_are_encoded_without_the_cores_lock() {

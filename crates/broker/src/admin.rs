@@ -16,6 +16,10 @@ pub const SYSTEM_PREFIX: &str = "courier.";
 /// The one broker command every connection may send, manifest or not: it
 /// sets where the sender's own instance serves, in the registry.
 pub const ADVERTISE_COMMAND: &str = "courier.registry.advertise";
+/// Dead letters `courier.dead-letters.list` lists when not told `limit`.
+pub const DEAD_LETTERS_PAGE_DEFAULT: usize = 100;
+/// The largest `limit` it takes: a page reads each of its messages.
+pub const DEAD_LETTERS_PAGE_MAX: usize = 1000;
 
 type Refusal = (ErrorCode, String);
 
@@ -125,7 +129,10 @@ impl<S: MessageStore> Broker<S> {
                 let query = if command.name.as_str() == "courier.trace.get" {
                     crate::TraceQuery::activity_from_args(&args)?
                 } else {
-                    crate::TraceQuery::Activities(crate::ActivityFilter::from_args(&args, now)?)
+                    crate::TraceQuery::Activities(crate::ActivityFilter::from_args(
+                        &args,
+                        self.wall(now),
+                    )?)
                 };
                 self.actions.push(crate::Action::TraceQuery {
                     conn,
@@ -138,15 +145,48 @@ impl<S: MessageStore> Broker<S> {
             }
             "courier.dead-letters.list" => {
                 let service = service()?;
-                // Paging: a listing too long for one frame is cut (see
-                // `fit`), and the rest is listed from after its last id.
-                let after = args.get("after").and_then(Value::as_u64).unwrap_or(0);
-                let letters: Vec<Value> = self
-                    .dead_letters(&service)
+                // Paging: a page by id (`limit`, so one answer reads a
+                // bounded number of messages); a page too long for one
+                // frame is cut (see `fit`). Either way the last element
+                // says after which id the rest is listed.
+                let after = match args.get("after") {
+                    None | Some(Value::Null) => 0,
+                    Some(v) => v.as_u64().ok_or_else(|| {
+                        (
+                            ErrorCode::InvalidMessage,
+                            format!("after must be a dead letter id (a whole number), not {v}"),
+                        )
+                    })?,
+                };
+                let limit = match args.get("limit") {
+                    None | Some(Value::Null) => DEAD_LETTERS_PAGE_DEFAULT,
+                    Some(v) => v
+                        .as_u64()
+                        .filter(|n| (1..=DEAD_LETTERS_PAGE_MAX as u64).contains(n))
+                        .ok_or_else(|| {
+                            (
+                                ErrorCode::InvalidMessage,
+                                format!(
+                                    "limit must be a whole number from 1 to {DEAD_LETTERS_PAGE_MAX}, not {v}"
+                                ),
+                            )
+                        })? as usize,
+                };
+                let page = self.dead_letters_page(&service, after, limit);
+                let mut letters: Vec<Value> = page
+                    .letters
                     .iter()
-                    .filter(|(d, _)| d.seq > after)
                     .map(|(d, m)| dead_letter_json(d, m.as_ref(), false))
                     .collect();
+                if let Some(rest_after) = page.rest_after() {
+                    letters.push(json!({
+                        "truncated": true,
+                        "shown": page.letters.len(),
+                        "total": page.total_after,
+                        "reason": format!("a page holds at most {limit} (limit)"),
+                        "rest_after": rest_after,
+                    }));
+                }
                 ("courier.dead-letters.listing", json!(letters))
             }
             "courier.dead-letters.show" => {
@@ -311,7 +351,7 @@ impl<S: MessageStore> Broker<S> {
         reply.response_to = Some(command.id);
         reply.activity_id = command.activity_id;
         reply.sender = "courier".into();
-        reply.timestamp = now;
+        reply.timestamp = self.wall(now);
         reply.is_final = true;
         reply
             .headers

@@ -2,6 +2,26 @@
 
 use super::*;
 
+/// One page of a service's dead letters ([`Broker::dead_letters_page`]).
+#[derive(Debug)]
+pub struct DeadLetterPage {
+    /// By id, with their messages (`None` if unreadable).
+    pub letters: Vec<(DeadLetter, Option<Arc<Message>>)>,
+    /// How many there are after `after` in all, the page's included.
+    pub total_after: usize,
+}
+
+impl DeadLetterPage {
+    /// The next page's `after`, if one follows.
+    pub fn rest_after(&self) -> Option<Seq> {
+        if self.total_after > self.letters.len() {
+            self.letters.last().map(|(d, _)| d.seq)
+        } else {
+            None
+        }
+    }
+}
+
 impl<S: MessageStore> Broker<S> {
     /// The service's dead letters with their messages (`None` if unreadable).
     pub fn dead_letters(&mut self, service: &str) -> Vec<(DeadLetter, Option<Arc<Message>>)> {
@@ -27,6 +47,40 @@ impl<S: MessageStore> Broker<S> {
                 (d, message)
             })
             .collect()
+    }
+
+    /// One page of the service's dead letters by id: those whose id is
+    /// larger than `after`, at most `limit`, with their messages, and how
+    /// many there are after `after` in all. Only the page's messages are
+    /// read from the store, so a page costs the broker `limit` reads
+    /// however many dead letters there are.
+    pub fn dead_letters_page(&mut self, service: &str, after: Seq, limit: usize) -> DeadLetterPage {
+        let mut letters: Vec<&DeadLetter> = self
+            .services
+            .get(service)
+            .map(|s| {
+                s.queue
+                    .dead_letters
+                    .iter()
+                    .filter(|d| d.seq > after)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let total = letters.len();
+        letters.sort_unstable_by_key(|d| d.seq);
+        letters.truncate(limit);
+        let page: Vec<DeadLetter> = letters.into_iter().cloned().collect();
+        let letters = page
+            .into_iter()
+            .map(|d| {
+                let message = self.store.get(d.seq).ok().flatten();
+                (d, message)
+            })
+            .collect();
+        DeadLetterPage {
+            letters,
+            total_after: total,
+        }
     }
 
     /// How many dead letters the service holds; `None` for a service the

@@ -6,6 +6,7 @@ use super::*;
 impl<S: MessageStore> Broker<S> {
     /// Sends ready messages of `service` to instances with room.
     pub(crate) fn pump(&mut self, service: &str, now: Nanos) {
+        let wall_now = self.wall(now);
         /// Ready messages no connected instance consumes are skipped over;
         /// past this many, the scan stops until something changes.
         const UNMATCHED_SCAN_MAX: usize = 1024;
@@ -98,7 +99,7 @@ impl<S: MessageStore> Broker<S> {
                     continue;
                 }
             };
-            if message.expires_at.is_some_and(|t| t <= now) {
+            if message.expires_at.is_some_and(|t| t <= wall_now) {
                 svc.queue.ready.remove(index);
                 svc.queue.release_key(&entry);
                 svc.queue.count_out(message.payload.len() as u64);
@@ -115,7 +116,7 @@ impl<S: MessageStore> Broker<S> {
                             seq: entry.seq,
                             service: courier_proto::SharedStr::from(service),
                             outcome: Outcome::Expired,
-                            at: now,
+                            at: wall_now,
                         },
                     );
                 }
@@ -217,7 +218,7 @@ impl<S: MessageStore> Broker<S> {
                                     service: c.service.clone(),
                                     instance: c.instance.clone(),
                                     attempt,
-                                    at: now,
+                                    at: wall_now,
                                 },
                             );
                         }
@@ -263,6 +264,7 @@ impl<S: MessageStore> Broker<S> {
 
     /// The receiver handled a delivery.
     pub fn ack(&mut self, conn: ConnId, delivery: DeliveryId, now: Nanos) {
+        let wall_now = self.wall(now);
         let Some(flight) = self.take_flight(conn, delivery, now) else {
             // A reply of a flow-controlled stream: one credit back.
             self.ack_reply(conn, delivery, now);
@@ -286,7 +288,7 @@ impl<S: MessageStore> Broker<S> {
                     seq,
                     service: service.clone(),
                     outcome: Outcome::Acked,
-                    at: now,
+                    at: wall_now,
                 },
             );
         }
@@ -300,6 +302,7 @@ impl<S: MessageStore> Broker<S> {
 
     /// The receiver could not handle a delivery now; retry after `delay_ms`.
     pub fn nack(&mut self, conn: ConnId, delivery: DeliveryId, delay_ms: u32, now: Nanos) {
+        let wall_now = self.wall(now);
         let Some((flight, service)) = self.take_flight(conn, delivery, now) else {
             // A reply of a flow-controlled stream: the requester stops
             // reading it.
@@ -319,7 +322,7 @@ impl<S: MessageStore> Broker<S> {
                     seq: flight.entry.seq,
                     service: service.clone(),
                     outcome: Outcome::Nacked { delay_ms },
-                    at: now,
+                    at: wall_now,
                 },
             );
         }
@@ -378,6 +381,7 @@ impl<S: MessageStore> Broker<S> {
         why: &'static str,
         now: Nanos,
     ) {
+        let wall_now = self.wall(now);
         let queue::InFlight {
             entry,
             name,
@@ -402,7 +406,7 @@ impl<S: MessageStore> Broker<S> {
                     seq: entry.seq,
                     service: courier_proto::SharedStr::from(service),
                     outcome,
-                    at: now,
+                    at: wall_now,
                 },
             );
         }
@@ -439,6 +443,7 @@ impl<S: MessageStore> Broker<S> {
         reason: String,
         now: Nanos,
     ) {
+        let wall_now = self.wall(now);
         let Some(svc) = self.services.get_mut(service) else {
             return;
         };
@@ -448,7 +453,7 @@ impl<S: MessageStore> Broker<S> {
             seq: entry.seq,
             attempts: entry.attempts,
             reason,
-            at: now,
+            at: wall_now,
         };
         svc.queue.dead_letters.push(letter.clone());
         self.metrics.dead_lettered += 1;
@@ -460,7 +465,7 @@ impl<S: MessageStore> Broker<S> {
             seq: letter.seq,
             attempts: letter.attempts,
             reason: letter.reason,
-            at: now,
+            at: wall_now,
         });
     }
 
@@ -471,9 +476,11 @@ impl<S: MessageStore> Broker<S> {
         if self.degraded {
             self.retry_storage();
         }
+        // History replays go on a pass at a time (`backfill.rs`).
+        self.continue_backfills(now);
         // Lets a store with a periodic fsync policy catch up while idle.
         self.dirty |= self.store.persistent();
-        self.dedup.expire(now);
+        self.dedup.expire(self.wall(now));
         let mut expired = Vec::new();
         self.reply_routes.expire_each(now, |command, route| {
             if let Some(stream) = route.stream {
@@ -540,6 +547,9 @@ impl<S: MessageStore> Broker<S> {
 
     /// When [`Broker::tick`] next has work, if ever.
     pub fn next_timer(&self) -> Option<Nanos> {
+        if self.backfills_pending() {
+            return Some(self.now);
+        }
         self.services
             .values()
             .filter_map(|s| s.queue.next_timer())

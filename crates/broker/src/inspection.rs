@@ -114,8 +114,9 @@ impl<S: MessageStore> Broker<S> {
     }
 
     /// Every subscribed service's queue as `/metrics` shows it. Reads the
-    /// oldest waiting message of each service from the store for its age.
-    pub fn subscription_gauges(&mut self, now: Nanos) -> Vec<SubscriptionGauges> {
+    /// oldest waiting message of each service from the store for its age,
+    /// against `wall_now`: the wall clock, which message timestamps are on.
+    pub fn subscription_gauges(&mut self, wall_now: Nanos) -> Vec<SubscriptionGauges> {
         let mut out: Vec<SubscriptionGauges> = Vec::with_capacity(self.services.len());
         for (name, s) in &self.services {
             let oldest_seq = s.queue.runs().map(|(entry, _, _)| entry.seq).min();
@@ -142,7 +143,7 @@ impl<S: MessageStore> Broker<S> {
         for gauge in &mut out {
             if let Some(seq) = gauge.oldest_seq {
                 if let Ok(Some(m)) = self.store.get(seq) {
-                    gauge.oldest_unacked_age = Some(now.saturating_sub(m.timestamp));
+                    gauge.oldest_unacked_age = Some(wall_now.saturating_sub(m.timestamp));
                 }
             }
         }

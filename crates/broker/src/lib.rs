@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod backfill;
 mod config;
 mod connections;
 mod dead_letters;
@@ -44,9 +45,13 @@ use courier_proto::{validate_name, validate_pattern, ErrorCode, Kind, Message};
 use courier_store::{MessageStore, Seq};
 use uuid::Uuid;
 
-pub use admin::{dead_letter_json, ADVERTISE_COMMAND, SYSTEM_PREFIX};
+pub use admin::{
+    dead_letter_json, ADVERTISE_COMMAND, DEAD_LETTERS_PAGE_DEFAULT, DEAD_LETTERS_PAGE_MAX,
+    SYSTEM_PREFIX,
+};
 pub use config::{Config, RetentionRule};
 pub use courier_proto::StartFrom;
+pub use dead_letters::DeadLetterPage;
 use delivery::release;
 use expiring::ExpiringMap;
 use inspection::{push_trace, traces};
@@ -183,6 +188,9 @@ struct Service {
     /// Round-robin cursor into `instances`.
     next_instance: usize,
     queue: Queue,
+    /// Unfinished history replays, and what was routed to the service
+    /// after them, waiting to enter `queue` in this order (`backfill.rs`).
+    waiting: VecDeque<backfill::Waiting>,
     parked_replies: VecDeque<Arc<Message>>,
     /// The send rate's token bucket (its connections hold it too).
     send_bucket: Arc<SendBucket>,
@@ -198,6 +206,7 @@ impl Service {
             instances: Vec::new(),
             next_instance: 0,
             queue: Queue::default(),
+            waiting: VecDeque::new(),
             parked_replies: VecDeque::new(),
             send_bucket: SendBucket::new(config.send_rate_per_service),
         }
@@ -282,8 +291,12 @@ pub struct Broker<S: MessageStore> {
     metrics: Metrics,
     /// Something was appended or journaled since the last sync.
     dirty: bool,
-    /// The latest time an input carried.
+    /// The latest time an input carried (broker time: deadlines, delays,
+    /// timers and rate buckets run on it).
     now: Nanos,
+    /// How far the wall clock is ahead of broker time (negative: behind);
+    /// see [`Broker::set_wall_offset`].
+    wall_offset: i64,
     /// Things an operator must hear about (corruption, storage failures).
     alerts: Vec<String>,
     /// Harm to durable data an operator must act on (records lost).
@@ -350,6 +363,7 @@ impl<S: MessageStore> Broker<S> {
             metrics: Metrics::default(),
             dirty: false,
             now: 0,
+            wall_offset: 0,
             alerts: Vec::new(),
             errors: Vec::new(),
             repeats: repeats::Repeats::default(),
@@ -383,6 +397,27 @@ impl<S: MessageStore> Broker<S> {
 
     pub fn manifest(&self) -> Option<&Arc<Manifest>> {
         self.manifest.as_ref()
+    }
+
+    /// How far the wall clock is ahead of broker time (negative: behind),
+    /// as the network edge last read both. Inputs carry broker time, which
+    /// never jumps; the wall clock is read through this offset only where
+    /// the envelope means wall time: message timestamps, `expires_at`,
+    /// `deliver_at`, dedup windows (ids carry the sender's clock), trace
+    /// and dead-letter times. A step of the wall clock thus moves no
+    /// deadline, delay, timer or rate bucket.
+    pub fn set_wall_offset(&mut self, offset: i64) {
+        self.wall_offset = offset;
+    }
+
+    /// Wall time at broker time `now`.
+    pub(crate) fn wall(&self, now: Nanos) -> Nanos {
+        now.saturating_add_signed(self.wall_offset)
+    }
+
+    /// Broker time at which the wall clock shows `wall` (a `deliver_at`).
+    pub(crate) fn broker_time_at(&self, wall: Nanos) -> Nanos {
+        wall.saturating_add_signed(self.wall_offset.saturating_neg())
     }
 
     /// The service a live connection acts for.

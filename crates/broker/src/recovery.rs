@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use courier_proto::{Kind, Message};
-use courier_store::{MessageStore, Replayed, Seq, StoreError};
+use courier_store::{MessageStore, RemovalJob, Replayed, Seq, SnapshotJob, StoreError};
 use uuid::Uuid;
 
 use crate::dedup::fingerprint;
@@ -147,7 +147,7 @@ impl<S: MessageStore> Broker<S> {
             self.checkpointed_bytes = (self.store.len() as u64).saturating_sub(replayed_bytes);
         }
         self.alerts.extend(self.store.take_reports());
-        self.dedup.expire(now);
+        self.dedup.expire(self.wall(now));
         self.reply_routes.expire(now);
         report.services = self.services.len();
         report.backlog = self.services.values().map(|s| s.queue.depth()).sum();
@@ -476,6 +476,7 @@ impl<S: MessageStore> Broker<S> {
     /// letters (each keeps the reference its entry held), journaled so the
     /// move survives the next restart, and says so once for the service.
     fn dead_letter_lost(&mut self, service: &str, gone: Vec<Entry>, now: Nanos) {
+        let wall_now = self.wall(now);
         let (Some(first), Some(last)) = (gone.first(), gone.last()) else {
             return;
         };
@@ -487,7 +488,7 @@ impl<S: MessageStore> Broker<S> {
                     seq: entry.seq,
                     attempts: entry.attempts,
                     reason: reason.to_string(),
-                    at: now,
+                    at: wall_now,
                 });
             }
             self.journal(Op::DeadLettered {
@@ -495,7 +496,7 @@ impl<S: MessageStore> Broker<S> {
                 seq: entry.seq,
                 attempts: entry.attempts,
                 reason: reason.to_string(),
-                at: now,
+                at: wall_now,
             });
         }
         self.metrics.messages_lost += count as u64;
@@ -506,29 +507,77 @@ impl<S: MessageStore> Broker<S> {
 
     /// Saves a snapshot of the state, then lets the store drop records that
     /// neither the snapshot nor any live message needs. Returns bytes freed.
+    /// All in place; the network edge runs the same steps with the disk
+    /// work outside its lock: [`Broker::begin_checkpoint`],
+    /// [`SnapshotJob::write`], [`Broker::checkpoint_ready`],
+    /// [`SnapshotJob::install`], [`Broker::finish_checkpoint`],
+    /// [`RemovalJob::run`].
     pub fn checkpoint(&mut self, now: Nanos) -> Result<u64, StoreError> {
-        self.now = now;
         if !self.store.persistent() || self.store.next_seq() == self.checkpointed_at {
             return Ok(0);
         }
+        while self.backfills_pending() {
+            self.continue_backfills(now);
+        }
         self.store.sync()?;
         self.dirty = false;
+        let Some(mut snapshot) = self.begin_checkpoint(now)? else {
+            return Ok(0);
+        };
+        snapshot.write()?;
+        self.checkpoint_ready(&snapshot)?;
+        let covers = snapshot.covers();
+        snapshot.install()?;
+        self.finish_checkpoint(covers, now)?.run()
+    }
+
+    /// A checkpoint's first step, under whatever guards the broker: the
+    /// state as of the last record appended, encoded. `None` if nothing
+    /// was appended since the last checkpoint (or nothing survives a
+    /// restart), or while a history replay is unfinished (its progress is
+    /// in no snapshot). Write the job without the broker, then
+    /// [`Broker::checkpoint_ready`]. One checkpoint at a time.
+    pub fn begin_checkpoint(&mut self, now: Nanos) -> Result<Option<SnapshotJob>, StoreError> {
+        self.now = now;
+        if !self.store.persistent()
+            || self.store.next_seq() == self.checkpointed_at
+            || self.backfills_pending()
+        {
+            return Ok(None);
+        }
         let covers = self.store.next_seq().saturating_sub(1);
         let state = self.snapshot_bytes();
-        self.store.save_snapshot(covers, &state)?;
-        self.checkpointed_at = covers + 1;
+        self.store.start_snapshot(covers, &state).map(Some)
+    }
+
+    /// Whether a written snapshot may be installed: the records it covers
+    /// are durable (usually the group commit made them so meanwhile; if
+    /// not, they are fsynced here), and none was thrown away since it
+    /// began. On error, drop the job: the snapshot in place stays.
+    pub fn checkpoint_ready(&mut self, snapshot: &SnapshotJob) -> Result<(), StoreError> {
+        self.store.snapshot_ready(snapshot)
+    }
+
+    /// A checkpoint's last step, once its snapshot covering `covers` is in
+    /// place: the store lets go of the records nothing needs any more, and
+    /// the job it returns deletes their files, to run without the broker.
+    pub fn finish_checkpoint(&mut self, covers: Seq, now: Nanos) -> Result<RemovalJob, StoreError> {
+        self.now = now;
+        self.checkpointed_at = self.checkpointed_at.max(covers + 1);
         let oldest_live = self.refs.oldest().unwrap_or(covers + 1);
         let before = oldest_live.min(covers + 1);
         let retention = self.config.longest_retention();
-        let mut freed = self.store.compact(before, now.saturating_sub(retention))?;
+        let mut removal = self
+            .store
+            .start_compact(before, self.wall(now).saturating_sub(retention))?;
         let cap = self.config.retention_bytes_max;
         if cap > 0 && self.store.len() as u64 > cap {
             // Over the size cap: give up retained history (never messages
             // still owed to a service, nor records the snapshot needs).
-            freed += self.store.compact(before, u64::MAX)?;
+            removal.then(self.store.start_compact(before, u64::MAX)?);
         }
         self.checkpointed_bytes = self.store.len() as u64;
-        Ok(freed)
+        Ok(removal)
     }
 
     /// Whether the log grew enough since the last checkpoint that recovery

@@ -125,6 +125,7 @@ impl<S: MessageStore> Broker<S> {
 
     /// Puts a stored message into the queue of each target service.
     pub(crate) fn enqueue(&mut self, seq: Seq, message: &Message, targets: &[String], now: Nanos) {
+        let deliver_at = message.deliver_at.map(|at| self.broker_time_at(at));
         for service in targets {
             let Some(svc) = self.services.get_mut(service) else {
                 continue;
@@ -132,7 +133,13 @@ impl<S: MessageStore> Broker<S> {
             self.refs.add(seq);
             svc.queue.count_in(message.payload.len() as u64);
             let entry = Entry::new(seq, 0, message.key.clone());
-            match message.deliver_at {
+            if !svc.waiting.is_empty() {
+                // Behind an unfinished history replay (`backfill.rs`).
+                svc.waiting
+                    .push_back(backfill::Waiting::Routed(entry, deliver_at));
+                continue;
+            }
+            match deliver_at {
                 Some(at) if at > now => svc.queue.defer(at, entry),
                 _ => svc.queue.make_ready(entry),
             }
@@ -213,6 +220,7 @@ impl<S: MessageStore> Broker<S> {
     pub(crate) fn deliver_untracked(&mut self, conn: ConnId, message: Arc<Message>) {
         self.next_delivery += 1;
         self.metrics.delivered += 1;
+        let wall_now = self.wall(self.now);
         if let Some(c) = self.conns.get(&conn) {
             let counted = self.traffic.locate(&message.name, &c.service);
             self.traffic.at(counted).delivered += 1;
@@ -228,7 +236,7 @@ impl<S: MessageStore> Broker<S> {
                         service: c.service.clone(),
                         instance: c.instance.clone(),
                         attempt: 1,
-                        at: self.now,
+                        at: wall_now,
                     },
                 );
             }

@@ -66,7 +66,7 @@ impl<S: MessageStore> Broker<S> {
                 .refused(&message.name, &sender, ErrorCode::Unauthorized);
             return self.send_result(conn, seq, ErrorCode::Unauthorized, reason);
         }
-        self.dedup.expire(now);
+        self.dedup.expire(self.wall(now));
         if self.dedup.contains(&message.id) {
             self.metrics.duplicates += 1;
             // "Accepted" says durable: the answer waits for a sync, which
@@ -96,7 +96,7 @@ impl<S: MessageStore> Broker<S> {
         let counted = self.traffic.locate(&message.name, &sender);
         // Not shared yet (it was just decoded): no copy is made.
         let stamped = Arc::make_mut(&mut message);
-        stamped.timestamp = now;
+        stamped.timestamp = self.wall(now);
         stamped.sender = sender;
         // Where the log holds it, once routed (0: it holds none).
         let mut log_seq: Seq = 0;
@@ -125,7 +125,7 @@ impl<S: MessageStore> Broker<S> {
             // Answered when it goes out to the requester (streams.rs).
             Ok(ReplyFate::Held) => {}
             Ok(ReplyFate::Discarded(reason)) => {
-                self.dedup.insert(&id, now);
+                self.dedup.insert(&id, self.wall(now));
                 self.metrics.accepted += 1;
                 if !quiet {
                     self.send_result(conn, seq, ErrorCode::Ok, reason);
@@ -134,7 +134,7 @@ impl<S: MessageStore> Broker<S> {
             Ok(ReplyFate::Delivered) => {
                 // Only accepted ids count for dedup: a refused send retried
                 // with the same id must be tried again, not dropped.
-                self.dedup.insert(&id, now);
+                self.dedup.insert(&id, self.wall(now));
                 self.metrics.accepted += 1;
                 self.traffic.at(counted).sent += 1;
                 if quiet {
@@ -218,7 +218,7 @@ impl<S: MessageStore> Broker<S> {
 
     pub(crate) fn check(&self, m: &Message, now: Nanos) -> Result<(), (ErrorCode, String)> {
         validate_name(&m.name).map_err(|e| (ErrorCode::InvalidName, e.to_string()))?;
-        if m.expires_at.is_some_and(|t| t <= now) {
+        if m.expires_at.is_some_and(|t| t <= self.wall(now)) {
             return Err((
                 ErrorCode::Expired,
                 format!(

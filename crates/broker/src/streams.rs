@@ -207,6 +207,7 @@ impl<S: MessageStore> Broker<S> {
         self.next_delivery += 1;
         let delivery = self.next_delivery;
         self.metrics.delivered += 1;
+        let wall_now = self.wall(self.now);
         if let Some(c) = self.conns.get(&stream.requester) {
             let counted = self.traffic.locate(&message.name, &c.service);
             self.traffic.at(counted).delivered += 1;
@@ -220,7 +221,7 @@ impl<S: MessageStore> Broker<S> {
                         service: c.service.clone(),
                         instance: c.instance.clone(),
                         attempt: 1,
-                        at: self.now,
+                        at: wall_now,
                     },
                 );
             }
@@ -308,7 +309,7 @@ impl<S: MessageStore> Broker<S> {
             };
             self.held_reply_bytes = self.held_reply_bytes.saturating_sub(held.bytes());
             // Accepted now: from here on a copy sent again is a duplicate.
-            self.dedup.insert(&held.message.id, now);
+            self.dedup.insert(&held.message.id, self.wall(now));
             self.metrics.accepted += 1;
             for (conn, seq, quiet) in &held.senders {
                 self.keep_handlers_alive(stream, *conn, now);
@@ -335,7 +336,7 @@ impl<S: MessageStore> Broker<S> {
         let final_went = stream.final_held;
         for h in held {
             self.held_reply_bytes = self.held_reply_bytes.saturating_sub(h.bytes());
-            self.dedup.insert(&h.message.id, now);
+            self.dedup.insert(&h.message.id, self.wall(now));
             self.metrics.accepted += 1;
             self.metrics.replies_discarded += 1;
             for (conn, seq, quiet) in h.senders {

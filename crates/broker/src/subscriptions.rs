@@ -65,7 +65,7 @@ impl<S: MessageStore> Broker<S> {
             });
             self.apply_subscribe(&service, pattern, ack_deadline_ms, max_deliveries);
             if from_seq > 0 {
-                self.backfill(&service, pattern, from_seq, op_seq, now);
+                self.start_backfill(&service, pattern, from_seq, op_seq, now);
             }
             // The subscription is only promised once it is durable.
             self.unsynced.push(Action::OpResult {
@@ -119,91 +119,6 @@ impl<S: MessageStore> Broker<S> {
         }
     }
 
-    /// Queues the retained events in `[from, until)` that match `pattern`
-    /// for `service` (history replay for a new subscription).
-    pub(crate) fn backfill(
-        &mut self,
-        service: &str,
-        pattern: &str,
-        from: Seq,
-        until: Seq,
-        now: Nanos,
-    ) {
-        struct Found {
-            seq: Seq,
-            key: Option<bytes::Bytes>,
-            deliver_at: Option<Nanos>,
-            rule: Option<usize>,
-            bytes: u64,
-        }
-        let mut found: Vec<Found> = Vec::new();
-        let config = &self.config;
-        let scanned = self.store.scan_messages(from, &mut |seq, m| {
-            if seq < until
-                && m.kind == Kind::Event
-                && courier_proto::pattern_matches(pattern, &m.name)
-            {
-                let (max_age, _, rule) = config.retention_for(&m.name);
-                // Older than its retention: gone for replays, even if the
-                // log has not reclaimed its segment yet.
-                if now.saturating_sub(m.timestamp) <= max_age {
-                    found.push(Found {
-                        seq,
-                        key: m.key.clone(),
-                        deliver_at: m.deliver_at,
-                        rule,
-                        bytes: m.payload.len() as u64,
-                    });
-                }
-            }
-        });
-        if let Err(e) = scanned {
-            self.alerts
-                .push(format!("history replay for {service} stopped early: {e}"));
-        }
-        // Size limits keep the newest events of each rule.
-        let mut used: HashMap<usize, u64> = HashMap::new();
-        let mut keep = vec![true; found.len()];
-        for (i, f) in found.iter().enumerate().rev() {
-            let Some(rule) = f.rule else { continue };
-            let max = self.config.retention_rules[rule].max_bytes;
-            if max > 0 {
-                let total = used.entry(rule).or_insert(0);
-                *total += f.bytes;
-                keep[i] = *total <= max;
-            }
-        }
-        let found: Vec<Found> = found
-            .into_iter()
-            .zip(keep)
-            .filter(|(_, k)| *k)
-            .map(|(f, _)| f)
-            .collect();
-        let Some(svc) = self.services.get_mut(service) else {
-            return;
-        };
-        let queued = svc.queue.seqs();
-        for Found {
-            seq,
-            key,
-            deliver_at,
-            bytes,
-            ..
-        } in found
-        {
-            if queued.contains(&seq) {
-                continue;
-            }
-            self.refs.add(seq);
-            svc.queue.count_in(bytes);
-            let entry = Entry::new(seq, 0, key);
-            match deliver_at {
-                Some(at) if at > now => svc.queue.defer(at, entry),
-                _ => svc.queue.make_ready(entry),
-            }
-        }
-    }
-
     /// Removes the service's subscription to `pattern`. With its last
     /// subscription gone, the messages waiting for the service go too.
     pub fn unsubscribe(&mut self, conn: ConnId, request: u64, pattern: &str) {
@@ -251,6 +166,11 @@ impl<S: MessageStore> Broker<S> {
         if svc.patterns.is_empty() {
             for seq in svc.queue.drain_all() {
                 release(&mut self.store, &mut self.refs, seq);
+            }
+            for waiting in std::mem::take(&mut svc.waiting) {
+                if let backfill::Waiting::Routed(entry, _) = waiting {
+                    release(&mut self.store, &mut self.refs, entry.seq);
+                }
             }
             for instance in &svc.instances {
                 if let Some(c) = self.conns.get_mut(instance) {

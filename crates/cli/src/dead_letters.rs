@@ -18,8 +18,19 @@ pub(crate) struct DeadLetterTarget {
 
 #[derive(Subcommand)]
 pub(crate) enum DeadLetters {
-    /// One JSON line per dead letter.
-    List(DeadLetterTarget),
+    /// One JSON line per dead letter, by id, a page at a time; if more
+    /// follow, the last line is a note whose `rest_after` is the next
+    /// page's --after.
+    List {
+        /// At most this many dead letters (1 to 1000).
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        limit: u32,
+        /// Only dead letters whose id is larger (0: from the first).
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        #[command(flatten)]
+        target: DeadLetterTarget,
+    },
     /// One dead letter with its whole message.
     Show {
         id: u64,
@@ -44,11 +55,15 @@ pub(crate) enum DeadLetters {
 pub(crate) async fn run(action: DeadLetters) -> anyhow::Result<()> {
     use serde_json::json;
     match action {
-        DeadLetters::List(t) => {
+        DeadLetters::List {
+            limit,
+            after,
+            target: t,
+        } => {
             let listing = admin_request(
                 &t.admin,
                 "courier.dead-letters.list",
-                json!({"service": t.service}),
+                json!({"service": t.service, "after": after, "limit": limit}),
             )
             .await?;
             for letter in listing.as_array().into_iter().flatten() {

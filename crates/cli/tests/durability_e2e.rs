@@ -251,6 +251,30 @@ fn dead_letters_survive_a_crash_and_can_be_shown_replayed_and_purged() {
     assert_eq!(list[0]["name"], "mail.send");
     assert_eq!(list[0]["attempts"], 5);
     let id = list[0]["id"].as_u64().expect("id").to_string();
+    let page = |args: &[&str]| {
+        let mut all = vec!["dead-letters", "list", "--service", "mailer"];
+        all.extend_from_slice(args);
+        common::json_lines(&broker.run(&all))
+    };
+    assert_eq!(page(&["--limit", "1"]), list, "a page of one is all of it");
+    assert!(
+        page(&["--after", &id]).is_empty(),
+        "nothing after the last id"
+    );
+    let refused = broker.run(&[
+        "dead-letters",
+        "list",
+        "--service",
+        "mailer",
+        "--limit",
+        "0",
+    ]);
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("1..=1000"),
+        "{}",
+        stderr(&refused)
+    );
     let shown =
         common::json_lines(&broker.run(&["dead-letters", "show", &id, "--service", "mailer"]));
     assert_eq!(shown[0]["payload"]["to"], "a@b");

@@ -451,6 +451,9 @@ async fn every_documented_operation_answers_as_the_document_says() {
         check("get", "/v1/names", &[], "", 200);
         check("get", "/v1/topology", &[], "", 200);
         check("get", "/v1/dead-letters/calc", &[], "", 200);
+        check("get", "/v1/dead-letters/calc?after=3&limit=2", &[], "", 200);
+        check("get", "/v1/dead-letters/calc?limit=0", &[], "", 400);
+        check("get", "/v1/dead-letters/calc?after=one", &[], "", 400);
         check("get", "/v1/dead-letters/ghost", &[], "", 404);
         check("get", "/v1/dead-letters/calc/1", &[], "", 404);
         check("get", "/v1/dead-letters/calc/one", &[], "", 400);

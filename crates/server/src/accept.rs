@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 use tracing::{info, warn};
 
 use crate::connection::serve_stream;
-use crate::{now_nanos, tls, ServerConfig, Shared};
+use crate::{tls, ServerConfig, Shared};
 
 /// Connections being refused (over the cap) at once; past it, a new one
 /// is closed without its ERROR frame rather than hold another descriptor.
@@ -64,7 +64,7 @@ impl Drop for ConnectionSlot {
 /// being told at once: a flood must hold neither descriptors nor the log.
 pub(crate) fn refuse_over_cap(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     shared.core().metrics_mut().connections_over_cap += 1;
-    let second = now_nanos() / 1_000_000_000;
+    let second = shared.clock.now() / 1_000_000_000;
     if shared.connections_warned_at.swap(second, Ordering::Relaxed) != second {
         warn!(%peer, max = shared.config.connections_max, "the broker holds its maximum of connections; refusing new ones (--connections-max)");
     }
@@ -132,7 +132,7 @@ pub(crate) async fn serve_connection(
         // cap they are dropped before a byte is read. Said once a second at
         // most: a flood must not flood the log too.
         shared.core().metrics_mut().handshakes_refused += 1;
-        let second = now_nanos() / 1_000_000_000;
+        let second = shared.clock.now() / 1_000_000_000;
         if shared.cap_warned_at.swap(second, Ordering::Relaxed) != second {
             warn!(%peer, max = shared.config.handshakes_max, "too many connections in their handshake; dropping new ones");
         }

@@ -10,7 +10,7 @@ use courier_proto::{ErrorCode, PROTOCOL_VERSION};
 use tracing::{debug, info, warn};
 
 use crate::shared::say_alerts;
-use crate::{auth, load_manifest, now_nanos, trace, Outbox, ScrubSettings, ServerHandle, Shared};
+use crate::{auth, load_manifest, trace, wall_nanos, Outbox, ScrubSettings, ServerHandle, Shared};
 
 /// Answers a `courier.trace.*` command off the broker's lock (a tree
 /// may take a while to build) with one final reply.
@@ -28,7 +28,7 @@ pub(crate) fn answer_trace_query(
         reply.response_to = Some(request);
         reply.activity_id = activity_id;
         reply.sender = "courier".into();
-        reply.timestamp = now_nanos();
+        reply.timestamp = wall_nanos();
         reply
             .headers
             .push(("content-type".into(), "application/json".into()));
@@ -149,9 +149,9 @@ pub(crate) async fn run_timer(shared: Arc<Shared>) {
     /// Housekeeping (dedup and reply-route expiry, the periodic fsync of
     /// `--fsync interval:MS`) runs at least this often.
     const TICK_INTERVAL_MAX_MS: u64 = 100;
-    let mut next_checkpoint = now_nanos() + shared.config.checkpoint_interval_ms * 1_000_000;
+    let mut next_checkpoint = shared.clock.now() + shared.config.checkpoint_interval_ms * 1_000_000;
     loop {
-        let now = now_nanos();
+        let now = shared.clock.now();
         let next = {
             let core = shared.core();
             core.next_timer()
@@ -170,8 +170,8 @@ pub(crate) async fn run_timer(shared: Arc<Shared>) {
             shared.resume_drained(core, now);
         });
         let due = shared.core().checkpoint_due();
-        if due || now_nanos() >= next_checkpoint {
-            next_checkpoint = now_nanos() + shared.config.checkpoint_interval_ms * 1_000_000;
+        if due || shared.clock.now() >= next_checkpoint {
+            next_checkpoint = shared.clock.now() + shared.config.checkpoint_interval_ms * 1_000_000;
             let handle = ServerHandle {
                 shared: shared.clone(),
             };

@@ -17,7 +17,7 @@ use tracing::{debug, info};
 use crate::accept::HandshakeSlot;
 use crate::inbound::{apply, frame_name};
 use crate::outbox::{close, run_writer};
-use crate::{auth, console, now_nanos, Outbox, Shared};
+use crate::{auth, console, wall_nanos, Outbox, Shared};
 
 /// Handshake and life of one connection over any byte stream.
 pub(crate) async fn serve_stream<R, W>(
@@ -124,7 +124,7 @@ pub(crate) async fn serve_stream<R, W>(
         conn,
         console::Peer {
             addr: peer,
-            connected_at: now_nanos(),
+            connected_at: wall_nanos(),
         },
     );
     shared.outboxes().insert(conn, outbox.clone());

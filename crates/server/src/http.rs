@@ -26,7 +26,7 @@ use tokio::net::TcpListener;
 use tracing::warn;
 
 use crate::metrics_text::{encode_metrics, MetricsSnapshot};
-use crate::{now_nanos, Shared};
+use crate::{wall_nanos, Shared};
 
 /// The HTTP listener, bound before the broker reports itself ready.
 pub(crate) struct HttpListener {
@@ -128,7 +128,7 @@ pub(crate) async fn metrics(
     let started = Instant::now();
     // Off the runtime: the trace counters wait for the trace thread.
     let snapshot =
-        tokio::task::spawn_blocking(move || MetricsSnapshot::take(&shared, now_nanos())).await;
+        tokio::task::spawn_blocking(move || MetricsSnapshot::take(&shared, wall_nanos())).await;
     let Ok(snapshot) = snapshot else {
         return problem(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -292,7 +292,7 @@ pub(crate) async fn activities(
             .map(|(k, v)| (k, serde_json::Value::String(v)))
             .collect(),
     );
-    let filter = match ActivityFilter::from_args(&args, now_nanos()) {
+    let filter = match ActivityFilter::from_args(&args, wall_nanos()) {
         Ok(filter) => filter,
         Err((_, reason)) => return problem(StatusCode::BAD_REQUEST, &reason),
     };

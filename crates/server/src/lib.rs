@@ -12,9 +12,12 @@
 mod accept;
 mod auth;
 mod background;
+mod clock;
 mod config;
 mod connection;
 mod console;
+#[cfg(test)]
+mod dispatch_tests;
 mod dns;
 mod gateway;
 mod group_commit;
@@ -44,9 +47,10 @@ pub use config::{
 pub use server::{Server, ServerHandle};
 
 pub(crate) use accept::connect_in_process;
+pub(crate) use clock::wall_nanos;
 pub(crate) use outbox::Outbox;
 pub(crate) use server::AbortOnDrop;
-pub(crate) use shared::{now_nanos, Shared, Store};
+pub(crate) use shared::{Shared, Store};
 
 use courier_broker::{ConnId, FastMap, Nanos};
 

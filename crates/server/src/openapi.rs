@@ -297,9 +297,14 @@ pub(crate) struct TopologyEdge {
 #[allow(dead_code)]
 pub(crate) struct DeadLetters {
     service: String,
+    /// Dead letters the service holds.
     total: u64,
+    /// The largest page.
     listed_max: u64,
+    /// This page, by id.
     dead_letters: Vec<DeadLetter>,
+    /// The next page's `after`; null when this is the last page.
+    rest_after: Option<u64>,
 }
 
 /// A dead letter; one read by its id also carries the message's version,

@@ -15,7 +15,7 @@ use crate::accept::{refuse_over_cap, serve_connection, ConnectionSlot};
 use crate::background::{reload_manifest, run_scrub, run_timer, watch_manifest};
 use crate::shared::say_alerts;
 use crate::{
-    dns, gateway, group_commit, http, load_manifest, now_nanos, registry, tail, tls, trace,
+    dns, gateway, group_commit, http, load_manifest, registry, tail, tls, trace, wall_nanos,
     BrokerConfig, ServerConfig, ServerError, Shared, Store,
 };
 
@@ -44,12 +44,45 @@ impl ServerHandle {
     }
 
     /// Snapshots the state and compacts the store (also done periodically);
-    /// returns the bytes freed.
+    /// returns the bytes freed. The core's lock is held to encode the
+    /// state and to let go of old segments, not for the files: writing the
+    /// snapshot and deleting segments run without it, so sends and
+    /// deliveries go on meanwhile.
     pub fn checkpoint(&self) -> Result<u64, courier_store::StoreError> {
-        let mut core = self.shared.core();
-        let freed = core.checkpoint(now_nanos());
-        say_alerts(&mut core);
-        freed
+        let shared = &self.shared;
+        let _one_at_a_time = shared
+            .checkpointing
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut snapshot = {
+            let mut core = shared.core();
+            let now = shared.clock.now();
+            core.set_wall_offset(shared.clock.wall_offset(now));
+            let begun = core.begin_checkpoint(now);
+            say_alerts(&mut core);
+            match begun? {
+                Some(snapshot) => snapshot,
+                None => return Ok(0),
+            }
+        };
+        snapshot.write()?;
+        {
+            let mut core = shared.core();
+            let ready = core.checkpoint_ready(&snapshot);
+            say_alerts(&mut core);
+            ready?;
+        }
+        let covers = snapshot.covers();
+        snapshot.install()?;
+        let removal = {
+            let mut core = shared.core();
+            let now = shared.clock.now();
+            core.set_wall_offset(shared.clock.wall_offset(now));
+            let finished = core.finish_checkpoint(covers, now);
+            say_alerts(&mut core);
+            finished?
+        };
+        removal.run()
     }
 }
 
@@ -109,15 +142,18 @@ impl Server {
             frame_bytes_max: config.frame_bytes_max,
             ..config.broker.clone()
         };
+        let clock = crate::clock::Clock::system();
         let mut core = Broker::new(broker_config, store);
         core.set_manifest(manifest);
         let recovery_started = std::time::Instant::now();
-        let recovery = core.recover(now_nanos())?;
+        let now = clock.now();
+        core.set_wall_offset(clock.wall_offset(now));
+        let recovery = core.recover(now)?;
         let recovery_seconds = recovery_started.elapsed().as_secs_f64();
         say_alerts(&mut core);
         let tracer = match &config.trace {
             Some(settings) => {
-                Some(trace::Tracer::start(settings, now_nanos()).map_err(ServerError::Trace)?)
+                Some(trace::Tracer::start(settings, wall_nanos()).map_err(ServerError::Trace)?)
             }
             None => None,
         };
@@ -137,6 +173,7 @@ impl Server {
             dns,
             shared: Arc::new(Shared {
                 config,
+                clock,
                 registry: registry::RegistryEdge::new(),
                 credentials: Mutex::new(HashMap::new()),
                 tls,
@@ -161,6 +198,8 @@ impl Server {
                 webhooks: Arc::default(),
                 webhook_key,
                 committer: Arc::default(),
+                checkpointing: Mutex::new(()),
+                dispatching: Mutex::new(()),
             }),
             listener,
         })

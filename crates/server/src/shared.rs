@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use courier_broker::{Action, Broker, ConnId, FastMap, Nanos};
 use courier_proto::{ErrorCode, ErrorFrame, Frame};
@@ -20,6 +20,8 @@ pub(crate) type Store = Box<dyn MessageStore>;
 
 pub(crate) struct Shared {
     pub(crate) config: ServerConfig,
+    /// Broker time for the core's inputs, and the wall clock (`clock.rs`).
+    pub(crate) clock: crate::clock::Clock,
     /// The service registry's checks and watchers (`registry.rs`).
     pub(crate) registry: registry::RegistryEdge,
     /// Credentials each live connection presented (and the subject of its
@@ -46,7 +48,7 @@ pub(crate) struct Shared {
     /// console (the broker core knows nothing of sockets or clocks).
     pub(crate) peers: Mutex<FastMap<ConnId, console::Peer>>,
     pub(crate) next_conn: AtomicU64,
-    /// When the timer task plans to wake next (unix ns).
+    /// When the timer task plans to wake next (broker time).
     pub(crate) timer_due: AtomicU64,
     pub(crate) timer_wake: Arc<Notify>,
     /// How long recovery took at start-up, for `/metrics`.
@@ -65,6 +67,13 @@ pub(crate) struct Shared {
     pub(crate) webhook_key: gateway::webhook::WebhookKey,
     /// Wakes the thread that fsyncs outside the core's lock.
     pub(crate) committer: Arc<group_commit::Committer>,
+    /// Held for a whole checkpoint: one at a time (they share the
+    /// snapshot's temporary file).
+    pub(crate) checkpointing: Mutex<()>,
+    /// Held while a pass encodes its actions into outboxes; taken before
+    /// the core's lock is let go, so passes encode in the core's order.
+    /// Never held while waiting for the core's lock.
+    pub(crate) dispatching: Mutex<()>,
 }
 
 /// What the broker wants the operator to hear: harm to durable data at
@@ -76,13 +85,6 @@ pub(crate) fn say_alerts(core: &mut Broker<Store>) {
     for alert in core.take_alerts() {
         warn!("{alert}");
     }
-}
-
-pub(crate) fn now_nanos() -> Nanos {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
 }
 
 /// Where a batch's fsync runs (see [`Shared::with_core_deferred`]).
@@ -113,8 +115,9 @@ impl Shared {
     }
 
     /// Runs `f` on the broker, then carries out every action it produced.
-    /// Actions are written while the core lock is held, so frames for one
-    /// connection leave in the order the broker decided them. What `f`
+    /// Actions are encoded after the core's lock is let go, under the
+    /// dispatch lock taken before, so frames for one connection leave in
+    /// the order the broker decided them. What `f`
     /// stored is durable when this returns (the fsync ran under the lock).
     pub(crate) fn with_core(&self, f: impl FnOnce(&mut Broker<Store>, Nanos)) {
         self.run_core(f, Commit::InPlace);
@@ -135,7 +138,8 @@ impl Shared {
 
     pub(crate) fn run_core(&self, f: impl FnOnce(&mut Broker<Store>, Nanos), commit: Commit) {
         let mut core = self.core();
-        let now = now_nanos();
+        let now = self.clock.now();
+        core.set_wall_offset(self.clock.wall_offset(now));
         core.set_tapping(self.tails.any());
         f(&mut core, now);
         let mut actions = Vec::new();
@@ -163,16 +167,26 @@ impl Shared {
         let checks = core.take_registry_checks();
         self.registry.after_core(core.registry().index(), checks);
         let next_timer = core.next_timer();
+        // Frames are encoded without the core's lock: the dispatch lock,
+        // taken before the core's is let go, keeps every pass's frames in
+        // the order the core decided them, while the next pass already
+        // changes the state.
+        let dispatching = self
+            .dispatching
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        drop(core);
         let (cut, full) = self.dispatch(actions);
-        core.metrics_mut().slow_consumers_cut += cut;
-        if !full.is_empty() {
+        drop(dispatching);
+        if cut > 0 || !full.is_empty() {
+            let mut core = self.core();
+            core.metrics_mut().slow_consumers_cut += cut;
             let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
             for conn in full {
                 core.set_paused(conn, true, now);
                 paused.insert(conn);
             }
         }
-        drop(core);
         if wake_committer {
             self.committer.wake();
         }

@@ -21,7 +21,7 @@ use tokio::sync::broadcast;
 use tracing::warn;
 use uuid::Uuid;
 
-use crate::{now_nanos, Outbox};
+use crate::{wall_nanos, Outbox};
 
 /// Accepted messages held for tails that have not read them yet; past it
 /// the slowest tails lose the oldest (and are told how many).
@@ -152,7 +152,7 @@ async fn run_bus_tail(
         m.response_to = Some(request);
         m.activity_id = activity_id;
         m.sender = "courier".into();
-        m.timestamp = now_nanos();
+        m.timestamp = wall_nanos();
         m.is_final = false;
         m.headers
             .push(("content-type".into(), "application/json".into()));

@@ -10,8 +10,8 @@ pub mod histogram;
 mod log_store;
 
 pub use courier_log::{
-    verify_dir, Damage, DirLock, FsyncPolicy, LogConfig, PendingSync, Scrubber, VerifyProgress,
-    VerifyReport,
+    verify_dir, Damage, DirLock, FsyncPolicy, LogConfig, PendingSync, Scrubber, SegmentRemoval,
+    SnapshotWrite, VerifyProgress, VerifyReport,
 };
 pub use log_store::{LogStore, RECENT_MESSAGES_MAX};
 
@@ -116,6 +116,95 @@ impl SyncJob {
     }
 }
 
+/// A snapshot being saved outside whatever guards the store
+/// ([`MessageStore::start_snapshot`]): [`SnapshotJob::write`] is the slow
+/// part and needs no access to the store; [`MessageStore::snapshot_ready`]
+/// (with the store) says whether it may be put in place, and
+/// [`SnapshotJob::install`] (without it) does so.
+#[derive(Debug)]
+pub struct SnapshotJob {
+    write: Option<SnapshotWrite>,
+    covers: Seq,
+}
+
+impl SnapshotJob {
+    /// A snapshot already saved (stores that save in place).
+    pub fn saved(covers: Seq) -> SnapshotJob {
+        SnapshotJob {
+            write: None,
+            covers,
+        }
+    }
+
+    /// The last record the snapshot covers.
+    pub fn covers(&self) -> Seq {
+        self.covers
+    }
+
+    /// Writes the snapshot's temporary file and fsyncs it (blocking).
+    pub fn write(&mut self) -> Result<(), StoreError> {
+        match &mut self.write {
+            Some(write) => write.write().map_err(log_store::store_error),
+            None => Ok(()),
+        }
+    }
+
+    /// Puts the written snapshot in place (rename, directory fsync), once
+    /// [`MessageStore::snapshot_ready`] returned `Ok` for it.
+    pub fn install(self) -> Result<(), StoreError> {
+        match self.write {
+            Some(write) => write.install().map_err(log_store::store_error),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Old records the store let go of ([`MessageStore::start_compact`]), to
+/// delete outside whatever guards it.
+#[derive(Debug, Default)]
+pub struct RemovalJob {
+    removals: Vec<SegmentRemoval>,
+    /// Bytes freed in place already.
+    freed: u64,
+}
+
+impl RemovalJob {
+    /// Nothing left to delete: `freed` bytes were freed in place.
+    pub fn done(freed: u64) -> RemovalJob {
+        RemovalJob {
+            removals: Vec::new(),
+            freed,
+        }
+    }
+
+    pub fn of(removal: SegmentRemoval) -> RemovalJob {
+        RemovalJob {
+            removals: vec![removal],
+            freed: 0,
+        }
+    }
+
+    /// Files waiting to be deleted.
+    pub fn is_empty(&self) -> bool {
+        self.removals.iter().all(SegmentRemoval::is_empty)
+    }
+
+    /// Adds what `other` deletes, after this job's.
+    pub fn then(&mut self, other: RemovalJob) {
+        self.removals.extend(other.removals);
+        self.freed += other.freed;
+    }
+
+    /// Deletes the files (blocking); returns the bytes freed.
+    pub fn run(self) -> Result<u64, StoreError> {
+        let mut freed = self.freed;
+        for removal in self.removals {
+            freed += removal.run().map_err(log_store::store_error)?;
+        }
+        Ok(freed)
+    }
+}
+
 /// Where accepted messages and the broker's journal live.
 ///
 /// `append` and `journal` may buffer; nothing counts as durable until
@@ -161,6 +250,21 @@ pub trait MessageStore: Send {
     ) -> Result<Vec<(Seq, Replayed)>, StoreError>;
     /// Saves the broker's state as of record `covers` (inclusive).
     fn save_snapshot(&mut self, covers: Seq, state: &[u8]) -> Result<(), StoreError>;
+    /// Like `save_snapshot`, but leaves the writing to the caller, to run
+    /// without holding whatever guards the store (see [`SnapshotJob`]).
+    /// One at a time.
+    fn start_snapshot(&mut self, covers: Seq, state: &[u8]) -> Result<SnapshotJob, StoreError> {
+        self.save_snapshot(covers, state)
+            .map(|()| SnapshotJob::saved(covers))
+    }
+    /// Whether a written [`SnapshotJob`] may be put in place: the records
+    /// it covers are made durable first if a sync has not made them so
+    /// (then this fsyncs); an error if records it covers were thrown away
+    /// since it began, or the fsync failed.
+    fn snapshot_ready(&mut self, job: &SnapshotJob) -> Result<(), StoreError> {
+        let _ = job;
+        Ok(())
+    }
     fn load_snapshot(&mut self) -> Result<Option<(Seq, Bytes)>, StoreError>;
     /// Messages with seq ≥ `from` (for replaying history to a new subscription).
     fn scan_messages(
@@ -168,6 +272,18 @@ pub trait MessageStore: Send {
         from: Seq,
         f: &mut dyn FnMut(Seq, Arc<Message>),
     ) -> Result<(), StoreError>;
+    /// Like `scan_messages`, but stops after about `max_records` records
+    /// (messages and journal entries alike), so a caller holding a lock
+    /// can go on later from the seq returned; `None` at the end.
+    fn scan_messages_chunk(
+        &mut self,
+        from: Seq,
+        max_records: usize,
+        f: &mut dyn FnMut(Seq, Arc<Message>),
+    ) -> Result<Option<Seq>, StoreError> {
+        let _ = max_records;
+        self.scan_messages(from, f).map(|()| None)
+    }
     /// The first seq accepted at or after `timestamp` (unix ns).
     fn seq_at_time(&mut self, timestamp: u64) -> Result<Seq, StoreError>;
     /// The seq the next append will get.
@@ -175,6 +291,12 @@ pub trait MessageStore: Send {
     /// Lets the store drop whatever only records before `seq` need, when
     /// they are also older than `older_than` (unix ns). Returns bytes freed.
     fn compact(&mut self, before: Seq, older_than: u64) -> Result<u64, StoreError>;
+    /// Like `compact`, but leaves deleting files to the caller, to run
+    /// without holding whatever guards the store ([`RemovalJob::run`]);
+    /// the store stops reading them at once.
+    fn start_compact(&mut self, before: Seq, older_than: u64) -> Result<RemovalJob, StoreError> {
+        self.compact(before, older_than).map(RemovalJob::done)
+    }
     /// Messages held (memory store) or bytes on disk (log), for metrics.
     fn len(&self) -> usize;
     /// Whether anything survives a restart (snapshots are pointless if not).
@@ -268,6 +390,21 @@ impl MessageStore for MemoryStore {
             f(*seq, m.clone());
         }
         Ok(())
+    }
+
+    fn scan_messages_chunk(
+        &mut self,
+        from: Seq,
+        max_records: usize,
+        f: &mut dyn FnMut(Seq, Arc<Message>),
+    ) -> Result<Option<Seq>, StoreError> {
+        for (taken, (seq, m)) in self.messages.range(from..).enumerate() {
+            if taken == max_records.max(1) {
+                return Ok(Some(*seq));
+            }
+            f(*seq, m.clone());
+        }
+        Ok(None)
     }
 
     fn seq_at_time(&mut self, timestamp: u64) -> Result<Seq, StoreError> {
@@ -445,6 +582,10 @@ impl MessageStore for MemoryLog {
     }
 
     fn save_snapshot(&mut self, covers: Seq, state: &[u8]) -> Result<(), StoreError> {
+        // As the log does: never a snapshot of records a crash could take.
+        if covers >= self.synced_next_seq {
+            self.sync()?;
+        }
         self.snapshot = Some((covers, Bytes::copy_from_slice(state)));
         Ok(())
     }
@@ -465,6 +606,22 @@ impl MessageStore for MemoryLog {
             }
         }
         Ok(())
+    }
+
+    fn scan_messages_chunk(
+        &mut self,
+        from: Seq,
+        max_records: usize,
+        f: &mut dyn FnMut(Seq, Arc<Message>),
+    ) -> Result<Option<Seq>, StoreError> {
+        let start = self.records.partition_point(|(s, _)| *s < from);
+        let end = start.saturating_add(max_records.max(1));
+        for (seq, record) in self.records.iter().take(end).skip(start) {
+            if let Replayed::Message(m) = record {
+                f(*seq, m.clone());
+            }
+        }
+        Ok(self.records.get(end).map(|(seq, _)| *seq))
     }
 
     fn seq_at_time(&mut self, timestamp: u64) -> Result<Seq, StoreError> {
@@ -533,6 +690,12 @@ impl<T: MessageStore + ?Sized> MessageStore for Box<T> {
     fn save_snapshot(&mut self, covers: Seq, state: &[u8]) -> Result<(), StoreError> {
         (**self).save_snapshot(covers, state)
     }
+    fn start_snapshot(&mut self, covers: Seq, state: &[u8]) -> Result<SnapshotJob, StoreError> {
+        (**self).start_snapshot(covers, state)
+    }
+    fn snapshot_ready(&mut self, job: &SnapshotJob) -> Result<(), StoreError> {
+        (**self).snapshot_ready(job)
+    }
     fn load_snapshot(&mut self) -> Result<Option<(Seq, Bytes)>, StoreError> {
         (**self).load_snapshot()
     }
@@ -543,6 +706,14 @@ impl<T: MessageStore + ?Sized> MessageStore for Box<T> {
     ) -> Result<(), StoreError> {
         (**self).scan_messages(from, f)
     }
+    fn scan_messages_chunk(
+        &mut self,
+        from: Seq,
+        max_records: usize,
+        f: &mut dyn FnMut(Seq, Arc<Message>),
+    ) -> Result<Option<Seq>, StoreError> {
+        (**self).scan_messages_chunk(from, max_records, f)
+    }
     fn seq_at_time(&mut self, timestamp: u64) -> Result<Seq, StoreError> {
         (**self).seq_at_time(timestamp)
     }
@@ -551,6 +722,9 @@ impl<T: MessageStore + ?Sized> MessageStore for Box<T> {
     }
     fn compact(&mut self, before: Seq, older_than: u64) -> Result<u64, StoreError> {
         (**self).compact(before, older_than)
+    }
+    fn start_compact(&mut self, before: Seq, older_than: u64) -> Result<RemovalJob, StoreError> {
+        (**self).start_compact(before, older_than)
     }
     fn len(&self) -> usize {
         (**self).len()

@@ -13,7 +13,9 @@ use courier_log::{Damage, DirLock, Log, LogConfig, LogError, RecordKind};
 use courier_proto::{decode_message, encode_message, Message};
 
 use crate::histogram::{Histogram, BATCH_BUCKETS, SECONDS_BUCKETS};
-use crate::{MessageStore, Replayed, Seq, StorageStats, StoreError, SyncJob};
+use crate::{
+    MessageStore, RemovalJob, Replayed, Seq, SnapshotJob, StorageStats, StoreError, SyncJob,
+};
 
 /// Messages kept decoded in memory after append, so a delivery right after
 /// a send does not read the disk. Bounds the cache's memory: at most this
@@ -49,7 +51,7 @@ pub struct LogStore {
     _lock: Option<DirLock>,
 }
 
-fn store_error(e: LogError) -> StoreError {
+pub(crate) fn store_error(e: LogError) -> StoreError {
     match e {
         LogError::NoSpace { .. } => StoreError::Full(e.to_string()),
         LogError::Corrupt { .. } => StoreError::Corrupt(e.to_string()),
@@ -148,6 +150,17 @@ impl LogStore {
 
     /// The outcome of a sync: after a failure, records since the last good
     /// sync are gone, and so are their seqs.
+    /// Segments holding events younger than the retention stay.
+    fn compactable_before(&self, before: Seq, older_than: u64) -> Seq {
+        let young = self
+            .log
+            .segments()
+            .iter()
+            .find(|s| s.last_timestamp >= older_than)
+            .map_or(before, |s| s.first_seq);
+        before.min(young)
+    }
+
     fn synced(&mut self, result: Result<(), LogError>) -> Result<(), StoreError> {
         let Err(e) = result else {
             return Ok(());
@@ -369,6 +382,26 @@ impl MessageStore for LogStore {
         self.synced(result)
     }
 
+    fn start_snapshot(&mut self, covers: Seq, state: &[u8]) -> Result<SnapshotJob, StoreError> {
+        let write = self
+            .log
+            .begin_snapshot(covers, state)
+            .map_err(store_error)?;
+        Ok(SnapshotJob {
+            write: Some(write),
+            covers,
+        })
+    }
+
+    fn snapshot_ready(&mut self, job: &SnapshotJob) -> Result<(), StoreError> {
+        let Some(write) = &job.write else {
+            return Ok(());
+        };
+        // It may fsync the records it covers: a failure there discards.
+        let result = self.log.snapshot_ready(write);
+        self.synced(result)
+    }
+
     fn load_snapshot(&mut self) -> Result<Option<(Seq, Bytes)>, StoreError> {
         let snapshot = self.log.load_snapshot().map_err(store_error)?;
         for damage in self.log.take_damage() {
@@ -402,6 +435,39 @@ impl MessageStore for LogStore {
         Ok(())
     }
 
+    fn scan_messages_chunk(
+        &mut self,
+        from: Seq,
+        max_records: usize,
+        f: &mut dyn FnMut(Seq, Arc<Message>),
+    ) -> Result<Option<Seq>, StoreError> {
+        let mut undecodable = Vec::new();
+        let start = from.max(self.log.first_seq());
+        let mut taken = 0;
+        let mut resume = None;
+        self.log
+            .scan(start, &mut |record| {
+                if taken == max_records.max(1) {
+                    resume = Some(record.seq);
+                    return ControlFlow::Break(());
+                }
+                taken += 1;
+                if record.kind == RecordKind::Message {
+                    match decode_message(record.body) {
+                        Ok(m) => f(record.seq, Arc::new(m)),
+                        Err(e) => undecodable.push(format!(
+                            "message record {} does not decode: {e}",
+                            record.seq
+                        )),
+                    }
+                }
+                ControlFlow::Continue(())
+            })
+            .map_err(store_error)?;
+        self.reports.append(&mut undecodable);
+        Ok(resume)
+    }
+
     fn seq_at_time(&mut self, timestamp: u64) -> Result<Seq, StoreError> {
         self.log.seq_at_time(timestamp).map_err(store_error)
     }
@@ -411,16 +477,13 @@ impl MessageStore for LogStore {
     }
 
     fn compact(&mut self, before: Seq, older_than: u64) -> Result<u64, StoreError> {
-        // Segments holding events younger than the retention stay.
-        let young = self
-            .log
-            .segments()
-            .iter()
-            .find(|s| s.last_timestamp >= older_than)
-            .map_or(before, |s| s.first_seq);
-        self.log
-            .remove_segments_before(before.min(young))
-            .map_err(store_error)
+        let until = self.compactable_before(before, older_than);
+        self.log.remove_segments_before(until).map_err(store_error)
+    }
+
+    fn start_compact(&mut self, before: Seq, older_than: u64) -> Result<RemovalJob, StoreError> {
+        let until = self.compactable_before(before, older_than);
+        Ok(RemovalJob::of(self.log.detach_segments_before(until)))
     }
 
     fn len(&self) -> usize {

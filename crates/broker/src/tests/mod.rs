@@ -92,7 +92,9 @@ fn results(actions: &[Action]) -> Vec<(u64, ErrorCode)> {
         .collect()
 }
 
+mod clocks;
 mod contracts;
+mod dead_letter_pages;
 mod frame_limit;
 mod limits;
 mod model;

@@ -207,6 +207,72 @@ fn a_checkpoint_gives_the_same_state_as_a_full_replay() {
 }
 
 #[test]
+fn a_checkpoint_in_steps_leaves_the_broker_free_between_them() {
+    // The network edge holds the broker only for the steps that take it;
+    // the jobs own what they write and borrow nothing of it, so they run
+    // on any thread while sends go on.
+    fn runs_anywhere<T: Send + 'static>(_: &T) {}
+    let mut a = busy_broker();
+    let mut b = busy_broker();
+    for h in [&mut a, &mut b] {
+        h.connect(3, "watch", 0);
+        h.subscribe(3, "tick.*");
+        h.actions();
+    }
+    a.broker.checkpoint(a.now).expect("checkpoint");
+    let mut snapshot = b
+        .broker
+        .begin_checkpoint(b.now)
+        .expect("begin")
+        .expect("something to save");
+    runs_anywhere(&snapshot);
+    let covers = snapshot.covers();
+    for h in [&mut a, &mut b] {
+        let mut tick = event("tick.now", "t");
+        tick.transient = true;
+        h.send(1, 30, tick);
+        h.send(1, 31, command("job.during", "during"));
+        let mut ready = Vec::new();
+        h.broker.take_ready_actions(&mut ready);
+        assert_eq!(
+            delivered_to(&ready),
+            vec![(3, "t".to_string())],
+            "the transient send left without waiting for the checkpoint"
+        );
+    }
+    snapshot.write().expect("write");
+    b.broker.checkpoint_ready(&snapshot).expect("ready");
+    snapshot.install().expect("install");
+    let removal = b.broker.finish_checkpoint(covers, b.now).expect("finish");
+    runs_anywhere(&removal);
+    removal.run().expect("delete");
+    for h in [&mut a, &mut b] {
+        h.actions();
+    }
+    let ra = a.crash_and_recover();
+    let rb = b.crash_and_recover();
+    assert_eq!(rb.snapshot_covers, Some(covers));
+    assert_eq!(
+        (ra.backlog, ra.dead_letters, ra.services),
+        (rb.backlog, rb.dead_letters, rb.services)
+    );
+    assert_eq!(a.broker.services(), b.broker.services());
+    let backlog = |h: &mut Harness<MemoryLog>| {
+        h.connect(4, "work", 0);
+        h.subscribe(4, "job.>");
+        let mut names: Vec<String> = h.deliveries().into_iter().map(|d| d.3).collect();
+        names.sort();
+        names
+    };
+    let after_b = backlog(&mut b);
+    assert!(
+        after_b.contains(&"job.during".to_string()),
+        "the send made during the checkpoint survived: {after_b:?}"
+    );
+    assert_eq!(backlog(&mut a), after_b);
+}
+
+#[test]
 fn unsynced_sends_are_never_acknowledged_and_a_failed_sync_rebuilds_state() {
     let mut h = Harness::with_store(MemoryLog::new());
     h.connect(1, "web", 0);
@@ -292,6 +358,54 @@ fn history_replay_from_the_beginning_or_a_time() {
     h.broker
         .subscribe(4, 0, "todo.*", 0, 0, StartFrom::New, h.now);
     assert!(h.deliveries().is_empty());
+}
+
+#[test]
+fn a_long_history_replay_reads_a_bounded_chunk_per_pass() {
+    let history = 2 * crate::backfill::BACKFILL_RECORDS_PER_PASS + 100;
+    let mut h = Harness::with_store(MemoryLog::new());
+    h.connect(1, "web", 0);
+    for i in 0..history {
+        let mut m = event("todo.created", "x");
+        m.payload = Bytes::from(i.to_string());
+        h.send(1, i as u64, m);
+    }
+    h.actions();
+    h.connect(2, "late", history as u32 + 1);
+    h.broker
+        .subscribe(2, 0, "todo.*", 0, 0, StartFrom::Beginning, h.now);
+    assert!(h.deliveries().is_empty(), "one pass read part of it");
+    assert!(h.broker.backfills_pending());
+    assert_eq!(
+        h.broker.next_timer(),
+        Some(h.now),
+        "the rest is due at once"
+    );
+    assert!(
+        h.broker.begin_checkpoint(h.now).expect("begin").is_none(),
+        "no snapshot while a replay is unfinished"
+    );
+    // Sent meanwhile: it goes after the history, as it would have.
+    let mut live = event("todo.created", "x");
+    live.payload = Bytes::from_static(b"live");
+    h.send(1, 1_000_000, live);
+    assert!(h.deliveries().is_empty());
+    h.advance(0);
+    assert!(h.broker.backfills_pending(), "a pass reads a bounded chunk");
+    assert!(h.deliveries().is_empty());
+    h.advance(0);
+    assert!(!h.broker.backfills_pending());
+    let got: Vec<Bytes> = h.deliveries().into_iter().map(|d| d.4).collect();
+    let mut expected: Vec<Bytes> = (0..history).map(|i| Bytes::from(i.to_string())).collect();
+    expected.push(Bytes::from_static(b"live"));
+    assert_eq!(got.len(), expected.len());
+    assert!(
+        got == expected,
+        "history in order, then what was sent meanwhile"
+    );
+    // Recovery replays the subscribe in one pass, to the same backlog.
+    let report = h.crash_and_recover();
+    assert_eq!(report.backlog, history + 1);
 }
 
 #[test]

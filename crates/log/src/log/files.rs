@@ -13,6 +13,7 @@ use crate::format::{
     RECORD_HEADER_BYTES, SNAPSHOT_HEADER_BYTES, SNAPSHOT_TRAILER_BYTES,
 };
 use crate::fs::{read_exact_at, FileSystem, OpenMode};
+use crate::jobs::{SegmentRemoval, SnapshotWrite};
 use crate::segment::Segment;
 use crate::{Seq, SNAPSHOT_BYTES_MAX};
 
@@ -65,6 +66,100 @@ impl Log {
         Ok(freed)
     }
 
+    /// Lets go of the sealed segments (oldest first) whose records all have
+    /// a seq below `seq`, as [`Log::remove_segments_before`] would remove
+    /// them, and hands their files over to delete outside the log
+    /// ([`SegmentRemoval::run`]); from here on the log reads none of them.
+    pub fn detach_segments_before(&mut self, seq: Seq) -> SegmentRemoval {
+        let count = self
+            .sealed
+            .iter()
+            .take_while(|segment| segment.next_seq <= seq)
+            .count();
+        if count == 0 {
+            return SegmentRemoval::default();
+        }
+        let mut segments = Vec::with_capacity(count);
+        for segment in self.sealed.drain(..count) {
+            self.readahead.invalidate(segment.first_seq);
+            if self
+                .reader
+                .as_ref()
+                .is_some_and(|(key, _)| *key == segment.first_seq)
+            {
+                self.reader = None;
+            }
+            segments.push((
+                self.segments_dir.join(segment_file_name(segment.first_seq)),
+                self.segments_dir.join(index_file_name(segment.first_seq)),
+                segment.bytes,
+                segment.index_bytes,
+            ));
+        }
+        self.metrics.segments_removed += count as u64;
+        SegmentRemoval {
+            fs: Some(Arc::clone(&self.fs)),
+            dir: self.segments_dir.clone(),
+            segments,
+        }
+    }
+
+    /// Begins saving a snapshot outside the log: `bytes`, recorded as
+    /// covering every record up to and including `covers`. The returned
+    /// [`SnapshotWrite`] writes its temporary file without the log; before
+    /// it is installed, [`Log::snapshot_ready`] must say the records it
+    /// covers are durable. One at a time (they share the temporary file).
+    pub fn begin_snapshot(&mut self, covers: Seq, bytes: &[u8]) -> Result<SnapshotWrite, LogError> {
+        if bytes.len() as u64 > SNAPSHOT_BYTES_MAX {
+            return Err(LogError::SnapshotTooLarge {
+                len: bytes.len(),
+                max: SNAPSHOT_BYTES_MAX,
+            });
+        }
+        if covers >= self.next_seq() {
+            return Err(LogError::SnapshotAhead {
+                covers,
+                next_seq: self.next_seq(),
+            });
+        }
+        Ok(SnapshotWrite {
+            fs: Arc::clone(&self.fs),
+            tmp: self.snapshot_tmp_path.clone(),
+            path: self.snapshot_path.clone(),
+            dir: self.config.dir.clone(),
+            encoded: encode_snapshot(covers, bytes),
+            covers,
+            discarded_at_begin: self.metrics.records_discarded,
+            written: false,
+        })
+    }
+
+    /// Whether `snapshot` may be installed: the records it covers are made
+    /// durable first if they are not yet, whatever the policy (usually a
+    /// sync outside the log made them durable meanwhile, and this does no
+    /// I/O). An error if records were discarded since it began (their seqs
+    /// may be issued again, so the state it holds may be of records that
+    /// are gone), or if making them durable failed.
+    pub fn snapshot_ready(&mut self, snapshot: &SnapshotWrite) -> Result<(), LogError> {
+        if self.metrics.records_discarded != snapshot.discarded_at_begin {
+            return Err(LogError::io(
+                "save the snapshot at",
+                &snapshot.path,
+                io::Error::other("records it covers were discarded after a write or fsync failed"),
+            ));
+        }
+        if snapshot.covers >= self.next_seq() {
+            return Err(LogError::SnapshotAhead {
+                covers: snapshot.covers,
+                next_seq: self.next_seq(),
+            });
+        }
+        if snapshot.covers >= self.durable.next_seq {
+            self.make_all_durable()?;
+        }
+        Ok(())
+    }
+
     /// Atomically replaces the snapshot with `bytes`, recorded as covering
     /// every record up to and including `covers`: written to a temporary
     /// file, fsynced, renamed over the old one, directory fsynced. The
@@ -84,14 +179,7 @@ impl Log {
             });
         }
         if covers >= self.durable.next_seq {
-            self.check_poisoned()?;
-            self.flush()?;
-            if self.dir_sync_pending {
-                self.sync_segments_dir()?;
-            }
-            if self.written != self.durable {
-                self.fsync_active()?;
-            }
+            self.make_all_durable()?;
         }
         let encoded = encode_snapshot(covers, bytes);
         let tmp = self.snapshot_tmp_path.clone();
@@ -106,6 +194,20 @@ impl Log {
         }
         self.metrics.fsyncs += 1;
         self.sync_dir_counted(&self.config.dir.clone())
+    }
+
+    /// Writes and fdatasyncs every record appended so far, whatever the
+    /// policy.
+    fn make_all_durable(&mut self) -> Result<(), LogError> {
+        self.check_poisoned()?;
+        self.flush()?;
+        if self.dir_sync_pending {
+            self.sync_segments_dir()?;
+        }
+        if self.written != self.durable {
+            self.fsync_active()?;
+        }
+        Ok(())
     }
 
     /// The last snapshot saved, with the seq it covers. `None` if there is

@@ -19,7 +19,10 @@ mod open;
 mod read;
 mod write;
 
-pub(crate) use files::{check_snapshot, index_next_seq, read_index, snapshot_mark, DurableMark};
+pub(crate) use files::{
+    check_snapshot, index_next_seq, read_index, remove_if_present, snapshot_mark,
+    write_file_durably, DurableMark,
+};
 pub(crate) use open::reconcile_boundaries;
 use write::FsyncGate;
 pub use write::PendingSync;

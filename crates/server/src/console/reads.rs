@@ -1,9 +1,10 @@
 //! The console's reads: services, names, topology and dead letters. Each
 //! holds the core's lock only to copy state out, and builds its JSON after.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use courier_broker::stats::{NameStats, Traffic};
@@ -12,7 +13,7 @@ use courier_store::histogram::Histogram;
 use serde_json::{json, Value};
 
 use crate::http::seconds;
-use crate::{now_nanos, ConnId, FastMap, Nanos, Shared};
+use crate::{wall_nanos, ConnId, FastMap, Nanos, Shared};
 
 use super::*;
 
@@ -30,7 +31,7 @@ use super::*;
     ),
 )]
 pub(crate) async fn services(State(shared): State<Arc<Shared>>) -> Response {
-    let now = now_nanos();
+    let now = wall_nanos();
     let (gauges, instances) = {
         let mut core = shared.core();
         (core.subscription_gauges(now), core.instances())
@@ -119,7 +120,7 @@ pub(crate) fn traffic_copy(shared: &Shared) -> (Vec<NameStats>, usize, u64) {
     ),
 )]
 pub(crate) async fn names(State(shared): State<Arc<Shared>>) -> Response {
-    let now = now_nanos();
+    let now = wall_nanos();
     let (names, names_max, over_cap) = traffic_copy(&shared);
     let names: Vec<Value> = names.iter().map(name_json).collect();
     json_answer(json!({
@@ -255,7 +256,7 @@ pub(crate) fn quantile(h: &Histogram, q: f64) -> Option<f64> {
     ),
 )]
 pub(crate) async fn topology(State(shared): State<Arc<Shared>>) -> Response {
-    let now = now_nanos();
+    let now = wall_nanos();
     let (names, _, _) = traffic_copy(&shared);
     let known: Vec<String> = shared
         .core()
@@ -296,17 +297,22 @@ pub(crate) fn topology_json(names: &[NameStats], mut services: Vec<String>, now:
     json!({ "at": now, "services": services, "edges": edges })
 }
 
-/// `GET /v1/dead-letters/{service}`: the oldest dead letters (at most
-/// `DEAD_LETTERS_LISTED_MAX`) and how many there are.
+/// `GET /v1/dead-letters/{service}`: a page of dead letters by id (at
+/// most `DEAD_LETTERS_LISTED_MAX`, `?after=ID&limit=N`) and how many there
+/// are. The core's lock is held for the page only: it reads each listed
+/// message from the log.
 #[utoipa::path(
     get,
     path = "/v1/dead-letters/{service}",
     tag = "console",
     params(
         ("service" = String, Path, description = "The service's name"),
+        ("after" = Option<u64>, Query, description = "Only dead letters whose id is larger (default 0); the previous page's rest_after"),
+        ("limit" = Option<u32>, Query, description = "At most this many (default and most 500)", minimum = 1, maximum = 500),
     ),
     responses(
-        (status = 200, description = "The oldest dead letters, and how many there are", body = crate::openapi::DeadLetters),
+        (status = 200, description = "A page of dead letters by id, how many there are, and where the next page starts", body = crate::openapi::DeadLetters),
+        (status = 400, description = "after or limit is not a number in range", body = crate::openapi::Problem, content_type = "application/problem+json"),
         (status = 401, description = "Under a manifest: no admin token, or one it does not list", body = crate::openapi::Problem, content_type = "application/problem+json"),
         (status = 403, description = "A service's token, or a non-loopback caller without a manifest", body = crate::openapi::Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such service", body = crate::openapi::Problem, content_type = "application/problem+json"),
@@ -315,18 +321,37 @@ pub(crate) fn topology_json(names: &[NameStats], mut services: Vec<String>, now:
 pub(crate) async fn dead_letters(
     State(shared): State<Arc<Shared>>,
     Path(service): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
 ) -> Response {
-    let (total, letters) = {
+    let after =
+        match query.get("after").map(|a| a.parse::<u64>()) {
+            None => 0,
+            Some(Ok(after)) => after,
+            Some(Err(_)) => return problem(
+                StatusCode::BAD_REQUEST,
+                "after must be a dead letter id (a whole number); the previous page's rest_after",
+            ),
+        };
+    let limit = match query.get("limit").map(|l| l.parse::<usize>()) {
+        None => DEAD_LETTERS_LISTED_MAX,
+        Some(Ok(limit)) if (1..=DEAD_LETTERS_LISTED_MAX).contains(&limit) => limit,
+        Some(_) => {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                &format!("limit must be a whole number from 1 to {DEAD_LETTERS_LISTED_MAX}"),
+            )
+        }
+    };
+    let (total, page) = {
         let mut core = shared.core();
         let Some(total) = core.dead_letter_count(&service) else {
             return unknown_service(&service);
         };
-        (
-            total,
-            core.dead_letters_first(&service, DEAD_LETTERS_LISTED_MAX),
-        )
+        (total, core.dead_letters_page(&service, after, limit))
     };
-    let letters: Vec<Value> = letters
+    let rest_after = page.rest_after();
+    let letters: Vec<Value> = page
+        .letters
         .iter()
         .map(|(d, m)| dead_letter_json(d, m.as_ref(), false))
         .collect();
@@ -335,6 +360,7 @@ pub(crate) async fn dead_letters(
         "total": total,
         "listed_max": DEAD_LETTERS_LISTED_MAX,
         "dead_letters": letters,
+        "rest_after": rest_after,
     }))
 }
 

@@ -513,7 +513,7 @@ impl Worker {
                     Err(_) => break,
                 }
             }
-            let now = crate::now_nanos();
+            let now = crate::wall_nanos();
             {
                 let shared = self.index.clone();
                 let mut index = lock(&shared);
@@ -637,7 +637,7 @@ mod tests {
     #[test]
     fn traces_on_disk_are_read_back_within_the_retention() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let now = crate::now_nanos();
+        let now = crate::wall_nanos();
         let tracer = Tracer::start(&settings(dir.path()), now).expect("starts");
         let (fresh, batch) = records(now);
         tracer.submit(batch, 0);
@@ -696,7 +696,7 @@ mod tests {
         let sleeps_an_hour = Duration::from_secs(3600);
         let tracer =
             Tracer::start_coalescing(&TraceSettings::default(), 0, sleeps_an_hour).expect("starts");
-        let now = crate::now_nanos();
+        let now = crate::wall_nanos();
         // The first round is taken at once; then the thread sleeps.
         tracer.submit(records(now).1, 1);
         assert!(drains_below(&tracer, 1));
@@ -717,8 +717,8 @@ mod tests {
 
     #[test]
     fn a_full_queue_drops_whole_batches_and_counts_them() {
-        let tracer = Tracer::start(&TraceSettings::default(), crate::now_nanos()).expect("starts");
-        let (_, batch) = records(crate::now_nanos());
+        let tracer = Tracer::start(&TraceSettings::default(), crate::wall_nanos()).expect("starts");
+        let (_, batch) = records(crate::wall_nanos());
         let count = batch.len() as u64;
         tracer.submit(batch, TRACE_QUEUE_BYTES_MAX + 1);
         let gauges = tracer.gauges();

@@ -40,6 +40,7 @@ use courier_proto::{
     FRAME_BYTES_MAX_DEFAULT, PROTOCOL_VERSION, PROTOCOL_VERSION_MIN,
 };
 use courier_store::MessageStore;
+use futures_util::FutureExt as _;
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -1194,7 +1195,17 @@ async fn serve_connection(
         // Plain TCP keeps TcpStream's own owned halves: reader and writer
         // task never contend for a lock.
         let (reader, writer) = stream.into_split();
-        serve_stream(&shared, slot, reader, writer, peer, None, deadline).await;
+        serve_stream(
+            &shared,
+            slot,
+            reader,
+            writer,
+            peer,
+            None,
+            deadline,
+            Reads::Socket,
+        )
+        .await;
         return;
     };
     let Some(stream) = refuse_plaintext(&shared.config, stream, peer, deadline).await else {
@@ -1230,7 +1241,17 @@ async fn serve_connection(
     // A TLS session is one state machine for both directions, so its halves
     // share a lock (`tokio::io::split`); only the TLS path pays for that.
     let (reader, writer) = tokio::io::split(stream);
-    serve_stream(&shared, slot, reader, writer, peer, subject, deadline).await;
+    serve_stream(
+        &shared,
+        slot,
+        reader,
+        writer,
+        peer,
+        subject,
+        deadline,
+        Reads::Socket,
+    )
+    .await;
 }
 
 /// Room in each direction of an in-process connection's pipe before its
@@ -1262,7 +1283,17 @@ pub(crate) fn connect_in_process(
         let deadline =
             tokio::time::Instant::now() + Duration::from_millis(shared.config.handshake_timeout_ms);
         let (reader, writer) = tokio::io::split(theirs);
-        serve_stream(&shared, slot, reader, writer, peer, None, deadline).await;
+        serve_stream(
+            &shared,
+            slot,
+            reader,
+            writer,
+            peer,
+            None,
+            deadline,
+            Reads::Gathered,
+        )
+        .await;
     });
     Ok(ours)
 }
@@ -1294,7 +1325,23 @@ async fn refuse_plaintext(
     None
 }
 
+/// How a connection's reader takes what arrives.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reads {
+    /// As it comes: a socket's client batches its own writes, and a read
+    /// costs a system call.
+    Socket,
+    /// Gathered: once bytes are there, the tasks already runnable go first
+    /// and the read takes what they wrote too. An in-process client (the
+    /// HTTP gateway) writes each of its callers' frames as that caller
+    /// runs, one small write each; read one at a time they would cost a
+    /// core lock and a write to each recipient apiece, where gathered they
+    /// share one.
+    Gathered,
+}
+
 /// Handshake and life of one connection over any byte stream.
+#[allow(clippy::too_many_arguments)]
 async fn serve_stream<R, W>(
     shared: &Shared,
     slot: HandshakeSlot<'_>,
@@ -1303,6 +1350,7 @@ async fn serve_stream<R, W>(
     peer: SocketAddr,
     subject: Option<String>,
     deadline: tokio::time::Instant,
+    reads: Reads,
 ) where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
@@ -1448,7 +1496,7 @@ async fn serve_stream<R, W>(
     }
     debug!(conn, %peer, service = %identity.service, %instance, "connected");
 
-    let end = read_loop(shared, conn, version, &mut reader, &mut buf).await;
+    let end = read_loop(shared, conn, version, reads, &mut reader, &mut buf).await;
     match end {
         ReadError::Closed => debug!(conn, "disconnected"),
         ReadError::Decode(code, message) => {
@@ -1551,6 +1599,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     shared: &Shared,
     conn: ConnId,
     version: u16,
+    reads: Reads,
     reader: &mut R,
     buf: &mut BytesMut,
 ) -> ReadError {
@@ -1627,6 +1676,17 @@ async fn read_loop<R: AsyncRead + Unpin>(
                         return ReadError::TimedOut(missed);
                     }
                     timer.as_mut().reset(deadline);
+                }
+            }
+        }
+        if reads == Reads::Gathered {
+            tokio::task::yield_now().await;
+            // What the others wrote meanwhile; a close or an error is
+            // read again, and answered, by the next wait.
+            while buf.len() < buf.capacity() {
+                match reader.read_buf(buf).now_or_never() {
+                    Some(Ok(1..)) => {}
+                    _ => break,
                 }
             }
         }

@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{info, warn};
 
-use crate::connection::serve_stream;
+use crate::connection::{serve_stream, Reads};
 use crate::{tls, ServerConfig, Shared};
 
 /// Connections being refused (over the cap) at once; past it, a new one
@@ -145,7 +145,17 @@ pub(crate) async fn serve_connection(
         // Plain TCP keeps TcpStream's own owned halves: reader and writer
         // task never contend for a lock.
         let (reader, writer) = stream.into_split();
-        serve_stream(&shared, slot, reader, writer, peer, None, deadline).await;
+        serve_stream(
+            &shared,
+            slot,
+            reader,
+            writer,
+            peer,
+            None,
+            deadline,
+            Reads::Socket,
+        )
+        .await;
         return;
     };
     let Some(stream) = refuse_plaintext(&shared.config, stream, peer, deadline).await else {
@@ -181,7 +191,17 @@ pub(crate) async fn serve_connection(
     // A TLS session is one state machine for both directions, so its halves
     // share a lock (`tokio::io::split`); only the TLS path pays for that.
     let (reader, writer) = tokio::io::split(stream);
-    serve_stream(&shared, slot, reader, writer, peer, subject, deadline).await;
+    serve_stream(
+        &shared,
+        slot,
+        reader,
+        writer,
+        peer,
+        subject,
+        deadline,
+        Reads::Socket,
+    )
+    .await;
 }
 
 /// Room in each direction of an in-process connection's pipe before its
@@ -213,7 +233,17 @@ pub(crate) fn connect_in_process(
         let deadline =
             tokio::time::Instant::now() + Duration::from_millis(shared.config.handshake_timeout_ms);
         let (reader, writer) = tokio::io::split(theirs);
-        serve_stream(&shared, slot, reader, writer, peer, None, deadline).await;
+        serve_stream(
+            &shared,
+            slot,
+            reader,
+            writer,
+            peer,
+            None,
+            deadline,
+            Reads::Gathered,
+        )
+        .await;
     });
     Ok(ours)
 }

@@ -11,6 +11,7 @@ use courier_proto::{
     decode_frame, decode_frame_as, ErrorCode, Frame, Welcome, PROTOCOL_VERSION,
     PROTOCOL_VERSION_MIN,
 };
+use futures_util::FutureExt as _;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tracing::{debug, info};
 
@@ -19,7 +20,23 @@ use crate::inbound::{apply, frame_name};
 use crate::outbox::{close, run_writer};
 use crate::{auth, console, wall_nanos, Outbox, Shared};
 
+/// How a connection's reader takes what arrives.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Reads {
+    /// As it comes: a socket's client batches its own writes, and a read
+    /// costs a system call.
+    Socket,
+    /// Gathered: once bytes are there, the tasks already runnable go first
+    /// and the read takes what they wrote too. An in-process client (the
+    /// HTTP gateway) writes each of its callers' frames as that caller
+    /// runs, one small write each; read one at a time they would cost a
+    /// core lock and a write to each recipient apiece, where gathered they
+    /// share one.
+    Gathered,
+}
+
 /// Handshake and life of one connection over any byte stream.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn serve_stream<R, W>(
     shared: &Shared,
     slot: HandshakeSlot<'_>,
@@ -28,6 +45,7 @@ pub(crate) async fn serve_stream<R, W>(
     peer: SocketAddr,
     subject: Option<String>,
     deadline: tokio::time::Instant,
+    reads: Reads,
 ) where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
@@ -173,7 +191,7 @@ pub(crate) async fn serve_stream<R, W>(
     }
     debug!(conn, %peer, service = %identity.service, %instance, "connected");
 
-    let end = read_loop(shared, conn, version, &mut reader, &mut buf).await;
+    let end = read_loop(shared, conn, version, reads, &mut reader, &mut buf).await;
     match end {
         ReadError::Closed => debug!(conn, "disconnected"),
         ReadError::Decode(code, message) => {
@@ -262,6 +280,7 @@ pub(crate) async fn read_loop<R: AsyncRead + Unpin>(
     shared: &Shared,
     conn: ConnId,
     version: u16,
+    reads: Reads,
     reader: &mut R,
     buf: &mut BytesMut,
 ) -> ReadError {
@@ -338,6 +357,17 @@ pub(crate) async fn read_loop<R: AsyncRead + Unpin>(
                         return ReadError::TimedOut(missed);
                     }
                     timer.as_mut().reset(deadline);
+                }
+            }
+        }
+        if reads == Reads::Gathered {
+            tokio::task::yield_now().await;
+            // What the others wrote meanwhile; a close or an error is
+            // read again, and answered, by the next wait.
+            while buf.len() < buf.capacity() {
+                match reader.read_buf(buf).now_or_never() {
+                    Some(Ok(1..)) => {}
+                    _ => break,
                 }
             }
         }

@@ -51,7 +51,12 @@ impl HttpListener {
             app = app.merge(crate::gateway::router(shared, bus));
         }
         let service = app.into_make_service_with_connect_info::<SocketAddr>();
-        if let Err(e) = axum::serve(self.listener, service).await {
+        // An answer is one write; Nagle's algorithm would only hold back
+        // the lines of a stream (ndjson, Server-Sent Events) behind an ACK.
+        let listener = axum::serve::ListenerExt::tap_io(self.listener, |stream| {
+            let _ = stream.set_nodelay(true);
+        });
+        if let Err(e) = axum::serve(listener, service).await {
             warn!(error = %e, "the HTTP port stopped");
         }
     }

@@ -282,7 +282,7 @@ impl Subscriptions {
         opts.instance = format!("http-subscribe-{}", &id.simple().to_string()[..8]);
         opts.max_in_flight = max_in_flight;
         opts.drain_timeout = Duration::from_secs(1);
-        let client = Client::connect(opts)
+        let client = Client::connect_with(opts, self.gateway.in_process())
             .await
             .map_err(|e| Box::new(refusal(&e)))?;
         // Durable deliveries are bounded by max_in_flight already;

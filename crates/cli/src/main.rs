@@ -2,6 +2,10 @@
 
 mod allocator;
 mod bench;
+#[cfg(feature = "dev-certs")]
+mod certs;
+#[cfg(not(feature = "dev-certs"))]
+#[path = "certs_absent.rs"]
 mod certs;
 mod conn;
 mod http_get;
@@ -280,7 +284,10 @@ enum Command {
     /// Prints a service's instances, then one JSON line per change.
     Watch(registry::WatchArgs),
     /// Measures durable publish, consume and restart against a broker it
-    /// starts itself; prints a table (or --json lines).
+    /// starts itself; prints a table (or --json lines). Runs the
+    /// courier-bench program (beside this one, or on the PATH) with these
+    /// arguments: `courier bench --help` lists them.
+    #[command(disable_help_flag = true)]
     Bench(bench::BenchArgs),
     /// Publishes a database's outbox (courier-outbox, PostgreSQL or
     /// SQLite) to the broker: rows leave the outbox only once the broker
@@ -584,7 +591,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             output::line(&admin_request(&admin, "courier.metrics", serde_json::json!({})).await?);
             Ok(())
         }
-        Command::Bench(args) => bench::run(args).await,
+        Command::Bench(args) => bench::run(args),
         Command::Tail(args) => tail::run(args).await,
         Command::OutboxRelay(args) => outbox::run(args).await,
         Command::Trace(args) => trace::run(args).await,

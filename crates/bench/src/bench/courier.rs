@@ -159,7 +159,7 @@ pub(super) fn per_second(count: u64, elapsed: Duration) -> f64 {
 }
 
 pub(super) fn progress(text: &str) {
-    eprintln!("courier bench: {text}");
+    eprintln!("courier-bench: {text}");
 }
 
 pub(super) async fn courier_w5a(exe: &Path, plan: &Plan) -> anyhow::Result<Vec<Measurement>> {

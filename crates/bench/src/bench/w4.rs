@@ -65,8 +65,8 @@ where
 
 /// One side's W4 servers and clients.
 enum Side {
-    Courier(CourierW4),
-    // Boxed: the NATS side holds more state; one of each per run.
+    // Boxed: both hold servers and clients; one of each per run.
+    Courier(Box<CourierW4>),
     Nats(Box<NatsW4>),
 }
 
@@ -75,7 +75,7 @@ impl Side {
         super::process::observe_as(system);
         match system {
             System::Courier | System::CourierUnobserved => {
-                Ok(Side::Courier(CourierW4::start(exe).await?))
+                Ok(Side::Courier(Box::new(CourierW4::start(exe).await?)))
             }
             System::Nats => {
                 let nats =

@@ -1,8 +1,9 @@
-//! `courier bench`: the workloads W1–W7, and with `--against nats`
+//! `courier-bench` (also run as `courier bench`): the workloads W1–W13, and with `--against nats`
 //! the same workloads against nats-server (core NATS and JetStream) side by
 //! side, with the ratio and the target per row.
 //!
-//! Every run starts a real broker process (this same binary, `serve`) on a
+//! Every run starts a real broker process (`courier serve`, the `courier`
+//! binary beside this program unless `--courier` names another) on a
 //! free loopback port with a fresh data directory, drives it through the
 //! SDK, and kills it afterwards — also on error, timeout or Ctrl-C (the
 //! process and the directory are owned by guards that clean up on drop).
@@ -110,7 +111,7 @@ pub struct BenchArgs {
     postgres_url: String,
     /// Each run of a workload must finish within this (e.g. 90s, 10m), or
     /// the bench stops with an error.
-    #[arg(long, default_value = "10m", value_parser = crate::parse_duration)]
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
     timeout: Duration,
     /// `on` (the broker's default: its HTTP port serves, traffic is
     /// counted per name, activities are traced), `off` (`--http off
@@ -124,6 +125,10 @@ pub struct BenchArgs {
     /// counted 10,000 names from 1,000 services (p50, p99, max of 40).
     #[arg(long, conflicts_with_all = ["against", "only", "observability"])]
     metrics_scrape: bool,
+    /// The `courier` binary whose `serve` the bench measures (default: the
+    /// one beside this program, else the first on the PATH).
+    #[arg(long, env = "COURIER_BENCH_COURIER", value_name = "PATH")]
+    courier: Option<PathBuf>,
     /// Multiplies every message count (after --quick); for tests.
     #[arg(long, default_value_t = 1.0, hide = true)]
     scale: f64,
@@ -1605,11 +1610,47 @@ async fn run_job_within(
 // ---------------------------------------------------------------------------
 // The command
 
+/// `--timeout`'s value: `90s`, `10m`, `1h 30m`.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim())
+        .map_err(|e| format!("{text:?} is not a duration ({e}); write e.g. 500ms, 90s or 10m"))
+}
+
+/// The `courier` binary the bench starts as the broker: `explicit`
+/// (`--courier`), else the one beside this program (where cargo builds
+/// both), else the first on the PATH.
+fn locate_courier(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(path) = explicit {
+        if !path.is_file() {
+            bail!(
+                "--courier {} is not a file; name the `courier` binary to measure, e.g. target/release/courier",
+                path.display()
+            );
+        }
+        return Ok(path.to_path_buf());
+    }
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|me| Some(me.parent()?.join("courier")));
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|dir| dir.join("courier"));
+    beside
+        .into_iter()
+        .chain(on_path)
+        .find(|candidate| candidate.is_file())
+        .ok_or_else(|| {
+            anyhow!(
+                "no `courier` binary beside this program or on the PATH to start as the broker; build it with `cargo build --release -p courier-cli` (it lands beside courier-bench), or name one with --courier PATH"
+            )
+        })
+}
+
 /// Runs the selected workloads and prints the table (or JSON lines).
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.metrics_scrape {
-        let exe = std::env::current_exe()
-            .context("cannot find this program's own path, which the bench starts as the broker")?;
+        let exe = locate_courier(args.courier.as_deref())?;
         return scrape::run(&exe, args.quick).await;
     }
     let selected = match args.only.clone() {
@@ -1619,9 +1660,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             if args.against.is_some() {
                 bail!("--only registry measures Courier alone; run it without --against");
             }
-            let exe = std::env::current_exe().context(
-                "cannot find this program's own path, which the bench starts as the broker",
-            )?;
+            let exe = locate_courier(args.courier.as_deref())?;
             return registry::run(&exe, args.quick).await;
         }
         Some(Only::Clients) => {
@@ -1630,9 +1669,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                     "--only clients puts Courier's clients side by side; run it without --against"
                 );
             }
-            let exe = std::env::current_exe().context(
-                "cannot find this program's own path, which the bench starts as the broker",
-            )?;
+            let exe = locate_courier(args.courier.as_deref())?;
             return clients::run(&exe, args.quick, args.scale, args.runs, args.timeout).await;
         }
     };
@@ -1643,8 +1680,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Some(Only::Workloads(_, gateway)) => *gateway,
         _ => true,
     };
-    let exe = std::env::current_exe()
-        .context("cannot find this program's own path, which the bench starts as the broker")?;
+    let exe = locate_courier(args.courier.as_deref())?;
     if selected.is_empty() {
         if args.against.is_some() {
             bail!("W-HTTP-a compares the gateway with Courier's own protocol; run it without --against");
@@ -1684,7 +1720,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let jobs = Job::for_selection(&selected);
     if cfg!(debug_assertions) {
         progress(
-            "this is a debug build; for figures build with `cargo build --release -p courier-cli`",
+            "this is a debug build; for figures build with `cargo build --release -p courier-cli -p courier-bench`",
         );
     }
 
@@ -1788,7 +1824,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 async fn run_gateway(args: &BenchArgs, plan: &Plan, exe: &Path) -> anyhow::Result<()> {
     if cfg!(debug_assertions) {
         progress(
-            "this is a debug build; for figures build with `cargo build --release -p courier-cli`",
+            "this is a debug build; for figures build with `cargo build --release -p courier-cli -p courier-bench`",
         );
     }
     let work = gateway::run(exe, plan.gateway, args.runs, args.timeout, args.json);
@@ -2334,8 +2370,8 @@ mod tests {
     #[test]
     fn command_lines_are_quoted_for_a_shell() {
         let line =
-            command_line(["courier", "bench", "--only", "W5a,W6", "a b", "it's"].map(String::from));
-        assert_eq!(line, r"courier bench --only W5a,W6 'a b' 'it'\''s'");
+            command_line(["courier-bench", "--only", "W5a,W6", "a b", "it's"].map(String::from));
+        assert_eq!(line, r"courier-bench --only W5a,W6 'a b' 'it'\''s'");
     }
 
     #[tokio::test]

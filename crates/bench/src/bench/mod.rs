@@ -36,10 +36,12 @@ mod outbox;
 mod process;
 mod registry;
 mod scrape;
+mod side;
 mod w4;
 
 use courier::*;
 use process::*;
+use side::Side;
 use w4::{timed_requests, Requests};
 
 /// Message sizes and client settings; printed with the table.
@@ -1521,12 +1523,32 @@ async fn run_job(
             Job::RequestSequential | Job::RequestConcurrent => {
                 bail!("internal: W4 runs through w4::run")
             }
-            Job::PublishOneByOne => courier_w5a(exe, plan).await,
-            Job::PublishPipelined => courier_w5b(exe, plan).await,
+            Job::PublishOneByOne => {
+                let mut courier = CourierSide::start(exe).await?;
+                side::publish_one_by_one(&mut courier, plan, Workload::W5a).await
+            }
+            Job::PublishPipelined => {
+                let mut courier = CourierSide::start(exe).await?;
+                side::publish_windowed(&mut courier, plan, Workload::W5b).await
+            }
             Job::Consume => courier_w6(exe, plan).await,
             Job::Ordered(keys) => courier_w8(exe, plan, keys).await,
             Job::Restart => courier_w7(exe, plan).await,
-            Job::PublishConcurrent => courier_w13(exe, plan).await,
+            Job::PublishConcurrent => {
+                let mut courier = CourierSide::start(exe).await?;
+                let twin = |c| Workload::w13(c, false);
+                let (measured, rates) = side::publish_concurrent(&mut courier, plan, twin).await?;
+                let one = rates.first().map_or(0.0, |r| r.1);
+                let scaling: Vec<String> = rates
+                    .iter()
+                    .map(|(c, rate)| format!("{c}: {:.1}×", rate / one.max(1e-9)))
+                    .collect();
+                progress(&format!(
+                    "  W13, Courier against its own 1-connection rate: {}",
+                    scaling.join(", ")
+                ));
+                Ok(measured)
+            }
             Job::Outbox => outbox::courier_outbox(exe, plan).await,
         },
         // NATS has no outbox: its column stays empty.

@@ -723,3 +723,68 @@ fn only_clients_names_what_to_install_when_a_client_cannot_run() {
         "{row}"
     );
 }
+
+/// The JSON rows of `--against nats` for `only`, each with both sides'
+/// numbers and the ratio between them.
+fn both_sides_rows(only: &str, scale: &str) -> Vec<serde_json::Value> {
+    let (pid, out) = run_bench(&[
+        "--against",
+        "nats",
+        "--quick",
+        "--runs",
+        "1",
+        "--scale",
+        scale,
+        "--only",
+        only,
+        "--json",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "courier-bench failed: {stderr}");
+    let rows = json_lines(&String::from_utf8_lossy(&out.stdout));
+    for v in &rows {
+        let courier = v["courier"].as_f64().expect("courier is a number");
+        let nats = v["nats"].as_f64().expect("nats is a number");
+        assert!(courier > 0.0 && nats > 0.0, "{v}");
+        assert!(v["ratio"].as_f64().is_some_and(|r| r > 0.0), "{v}");
+        assert!(v["nats_side"].is_string(), "{v}");
+    }
+    assert_eq!(leftover_dirs(pid), Vec::<String>::new());
+    assert_eq!(leftover_brokers(pid), Vec::<String>::new());
+    assert_eq!(leftover_nats_servers(pid), Vec::<String>::new());
+    rows
+}
+
+/// The (workload, metric) of each row.
+fn row_ids(rows: &[serde_json::Value]) -> Vec<(String, String)> {
+    rows.iter()
+        .map(|v| {
+            (
+                v["workload"].as_str().unwrap_or_default().to_string(),
+                v["metric"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn large_events_and_requests_under_load_print_both_sides() {
+    let rows = both_sides_rows("W11,W12", "0.2");
+    let expected = [
+        ("W11", "throughput, MB/s"),
+        ("W11", "share of the disk's write+fsync"),
+        ("W11-always", "throughput, MB/s"),
+        ("W11-always", "share of the disk's write+fsync"),
+        ("W12", "latency p50"),
+        ("W12", "latency p99"),
+        ("W12", "W5b publishing beside it"),
+    ];
+    assert_eq!(
+        row_ids(&rows),
+        expected.map(|(w, m)| (w.to_string(), m.to_string()))
+    );
+    let w11 = &rows[0];
+    let always = &rows[2];
+    assert_eq!(w11["courier"], always["courier"], "the same Courier runs");
+    assert_eq!(rows[1]["target"], "≥ 50.0 %");
+}

@@ -972,6 +972,10 @@ impl Side for CourierSide {
         self.broker.addr.clone()
     }
 
+    fn data_dir(&self) -> &Path {
+        self._dir.path()
+    }
+
     async fn watch<T>(
         &mut self,
         work: impl std::future::Future<Output = anyhow::Result<T>>,

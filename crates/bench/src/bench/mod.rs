@@ -181,13 +181,19 @@ enum Workload {
     W13c16Always,
     W13c64,
     W13c64Always,
+    /// 1 MiB durable events, pipelined (W11-always: against JetStream
+    /// with `sync_interval: always`).
+    W11,
+    W11Always,
+    /// W4a's requests while another connection publishes as W5b does.
+    W12,
     /// The transactional outbox (needs PostgreSQL; only with `--only`).
     Outbox,
 }
 
 impl Workload {
     /// Every workload; [`Workload::DEFAULT`] without `--only`.
-    const ALL: [Workload; 26] = [
+    const ALL: [Workload; 29] = [
         Workload::W1a,
         Workload::W1b,
         Workload::W2a,
@@ -213,12 +219,15 @@ impl Workload {
         Workload::W13c16Always,
         Workload::W13c64,
         Workload::W13c64Always,
+        Workload::W11,
+        Workload::W11Always,
+        Workload::W12,
         Workload::Outbox,
     ];
 
     /// What runs without `--only`: everything but the outbox, which needs
     /// a PostgreSQL.
-    const DEFAULT: [Workload; 25] = [
+    const DEFAULT: [Workload; 28] = [
         Workload::W1a,
         Workload::W1b,
         Workload::W2a,
@@ -244,6 +253,9 @@ impl Workload {
         Workload::W13c16Always,
         Workload::W13c64,
         Workload::W13c64Always,
+        Workload::W11,
+        Workload::W11Always,
+        Workload::W12,
     ];
 
     /// W13's row for `connections` publishers (JetStream `always` when
@@ -288,6 +300,9 @@ impl Workload {
             Workload::W13c16Always => "W13-16-always",
             Workload::W13c64 => "W13-64",
             Workload::W13c64Always => "W13-64-always",
+            Workload::W11 => "W11",
+            Workload::W11Always => "W11-always",
+            Workload::W12 => "W12",
             Workload::Outbox => "outbox",
         }
     }
@@ -322,6 +337,15 @@ impl Workload {
             | Workload::W13c64Always => {
                 "JetStream file stream, sync publish from as many connections, sync_interval: always"
             }
+            Workload::W11 => {
+                "JetStream file stream, async publish of 1 MiB messages, default fsync (sync_interval 2 min)"
+            }
+            Workload::W11Always => {
+                "JetStream file stream, async publish of 1 MiB messages, sync_interval: always"
+            }
+            Workload::W12 => {
+                "core request/reply beside JetStream async publish on another connection, default fsync"
+            }
             Workload::Outbox => "none (Courier's outbox only)",
         }
     }
@@ -351,6 +375,8 @@ impl Workload {
             | Workload::W13c16Always
             | Workload::W13c64
             | Workload::W13c64Always => Job::PublishConcurrent,
+            Workload::W11 | Workload::W11Always => Job::LargeEvents,
+            Workload::W12 => Job::RequestUnderLoad,
             Workload::Outbox => Job::Outbox,
         }
     }
@@ -365,6 +391,7 @@ impl Workload {
             Workload::W13c4 => Some(Workload::W13c4Always),
             Workload::W13c16 => Some(Workload::W13c16Always),
             Workload::W13c64 => Some(Workload::W13c64Always),
+            Workload::W11 => Some(Workload::W11Always),
             _ => None,
         }
     }
@@ -449,10 +476,12 @@ fn parse_only(text: &str) -> Result<Only, String> {
             "w13-4" | "w13-4-always" => &[W13c4, W13c4Always],
             "w13-16" | "w13-16-always" => &[W13c16, W13c16Always],
             "w13-64" | "w13-64-always" => &[W13c64, W13c64Always],
+            "w11" | "w11-always" => &[W11, W11Always],
+            "w12" => &[W12],
             "outbox" => &[Outbox],
             _ => {
                 return Err(format!(
-                    "unknown workload {part:?}; choose from W1a, W1b, W2a, W2b, W3a, W3b, W4a, W4b, W5a, W5b, W6, W7a, W7b, W8a, W8b, W13-1, W13-4, W13-16, W13-64 (W1 … W8 and W13 name all their parts), W-HTTP-a or outbox, comma-separated, or registry alone"
+                    "unknown workload {part:?}; choose from W1a, W1b, W2a, W2b, W3a, W3b, W4a, W4b, W5a, W5b, W6, W7a, W7b, W8a, W8b, W11, W12, W13-1, W13-4, W13-16, W13-64 (W1 … W8 and W13 name all their parts), W-HTTP-a or outbox, comma-separated, or registry alone"
                 ))
             }
         };
@@ -483,6 +512,9 @@ enum Metric {
     CommitToAcceptP99,
     SendToAcceptP50,
     SendToAcceptP99,
+    MegabytesPerSecond,
+    DiskShare,
+    LoadThroughput,
 }
 
 impl Metric {
@@ -503,12 +535,20 @@ impl Metric {
             Metric::CommitToAcceptP99 => "commit → acceptance p99",
             Metric::SendToAcceptP50 => "direct send → acceptance p50",
             Metric::SendToAcceptP99 => "direct send → acceptance p99",
+            Metric::MegabytesPerSecond => "throughput, MB/s",
+            Metric::DiskShare => "share of the disk's write+fsync",
+            Metric::LoadThroughput => "W5b publishing beside it",
         }
     }
 
     fn unit(self) -> &'static str {
         match self {
-            Metric::Throughput | Metric::RelayThroughput | Metric::DirectPublish => "msg/s",
+            Metric::Throughput
+            | Metric::RelayThroughput
+            | Metric::DirectPublish
+            | Metric::LoadThroughput => "msg/s",
+            Metric::MegabytesPerSecond => "MB/s",
+            Metric::DiskShare => "%",
             Metric::LatencyP50
             | Metric::LatencyP90
             | Metric::LatencyP99
@@ -525,7 +565,12 @@ impl Metric {
     fn higher_is_better(self) -> bool {
         matches!(
             self,
-            Metric::Throughput | Metric::RelayThroughput | Metric::DirectPublish
+            Metric::Throughput
+                | Metric::RelayThroughput
+                | Metric::DirectPublish
+                | Metric::LoadThroughput
+                | Metric::MegabytesPerSecond
+                | Metric::DiskShare
         )
     }
 }
@@ -618,7 +663,7 @@ const MIB_PER_150_MB: f64 = 150_000_000.0 / (1024.0 * 1024.0);
 
 /// Every row the table can have, in the order it is printed, with the
 /// target for it.
-const ROWS: [(Workload, Metric, Option<Target>); 41] = [
+const ROWS: [(Workload, Metric, Option<Target>); 48] = [
     (Workload::W1a, Metric::Throughput, Target::ratio(1.2)),
     (Workload::W1b, Metric::Throughput, Target::ratio(1.0)),
     (Workload::W2a, Metric::Throughput, Target::ratio(1.2)),
@@ -678,6 +723,21 @@ const ROWS: [(Workload, Metric, Option<Target>); 41] = [
         Metric::Throughput,
         Target::ratio(5.0),
     ),
+    (
+        Workload::W11,
+        Metric::MegabytesPerSecond,
+        Target::ratio(1.5),
+    ),
+    (Workload::W11, Metric::DiskShare, Target::at_least(50.0)),
+    (
+        Workload::W11Always,
+        Metric::MegabytesPerSecond,
+        Target::ratio(10.0),
+    ),
+    (Workload::W11Always, Metric::DiskShare, None),
+    (Workload::W12, Metric::LatencyP50, None),
+    (Workload::W12, Metric::LatencyP99, Target::ratio(1.0)),
+    (Workload::W12, Metric::LoadThroughput, None),
     (
         Workload::Outbox,
         Metric::RelayThroughput,
@@ -790,6 +850,10 @@ enum Job {
     /// W8: a keyed backlog consumed in order by 2 instances.
     Ordered(Keys),
     PublishConcurrent,
+    /// W11: 1 MiB durable events, pipelined.
+    LargeEvents,
+    /// W12: W4a beside W5b.
+    RequestUnderLoad,
     Outbox,
 }
 
@@ -863,6 +927,8 @@ impl Job {
             Job::Ordered(Keys::One) => "W8a",
             Job::Ordered(Keys::Thousand) => "W8b",
             Job::PublishConcurrent => "W13",
+            Job::LargeEvents => "W11",
+            Job::RequestUnderLoad => "W12",
             Job::Outbox => "outbox",
         }
     }
@@ -889,6 +955,8 @@ struct Plan {
     /// W13: events per connection count, shared by the connections.
     w13: u64,
     w13_warmup: u64,
+    /// W11: 1 MiB events.
+    w11: u64,
     gateway: gateway::GatewayPlan,
     /// Rows in the outbox when the relay starts.
     outbox_relay: u64,
@@ -920,6 +988,7 @@ impl Plan {
             w8: n(200_000),
             w13: n(8_000),
             w13_warmup: n(640),
+            w11: n(2_000),
             gateway: gateway::GatewayPlan {
                 concurrent: n(40_000),
                 sequential: n(5_000),
@@ -999,6 +1068,18 @@ impl Plan {
                 thousands(self.w13),
                 W13_CONNECTIONS.map(|c| c.to_string()).join(", "),
                 thousands(self.w13_warmup)
+            ),
+            Job::LargeEvents => format!(
+                "{} durable events of 1 MiB, pipelined with at most {} unacknowledged (no warm-up); MB/s (10⁶ B), and that as a share of the disk's own write+fsync bandwidth, measured right after in the same data dir: min({}, {}) writes of 1 MiB to a fresh file, each followed by an fdatasync",
+                thousands(self.w11),
+                side::W11_WINDOW,
+                thousands(self.w11),
+                side::DISK_PROBE_MIB_MAX
+            ),
+            Job::RequestUnderLoad => format!(
+                "W4a's {} requests of {TINY_BYTES} B one at a time (after {} warm-up without load) while another connection publishes durable events of {SMALL_BYTES} B pipelined (window {WINDOW}, as W5b) as fast as it can; the requests' latency, and the publishing rate meanwhile",
+                thousands(self.w4a),
+                thousands(self.warmup)
             ),
             Job::Outbox => format!(
                 "the transactional outbox on PostgreSQL (a scratch database per run): one relay publishes a backlog of {} rows of {SMALL_BYTES} B (batches of 1,000 read, published pipelined, deleted in one statement), timed until the outbox is empty; beside it the same count and size published by the SDK straight to the broker (window {WINDOW}); then {} business transactions one at a time (Outbox::enqueue + commit) with the relay on LISTEN/NOTIFY, each timed from the commit's return until the relay has the broker's acceptance, and after each one durable event sent by the SDK straight to the broker, timed from the send until its acceptance (the floor at the same moments: the broker's fsync)",
@@ -1548,6 +1629,14 @@ async fn run_job(
                     scaling.join(", ")
                 ));
                 Ok(measured)
+            }
+            Job::LargeEvents => {
+                let mut courier = CourierSide::start(exe).await?;
+                side::large_events(&mut courier, plan, Workload::W11).await
+            }
+            Job::RequestUnderLoad => {
+                let mut courier = CourierSide::start(exe).await?;
+                side::requests_under_load(&mut courier, plan).await
             }
             Job::Outbox => outbox::courier_outbox(exe, plan).await,
         },
@@ -2236,7 +2325,9 @@ mod tests {
                 Job::Restart,
                 Job::Ordered(Keys::One),
                 Job::Ordered(Keys::Thousand),
-                Job::PublishConcurrent
+                Job::PublishConcurrent,
+                Job::LargeEvents,
+                Job::RequestUnderLoad
             ]
         );
         for job in Job::for_selection(&Workload::ALL) {

@@ -224,7 +224,7 @@ fn server_version(path: &Path) -> anyhow::Result<String> {
 /// logging to stderr only.
 fn config_text(addr: &str, store_dir: &Path, fsync: Fsync) -> String {
     let mut text = format!(
-        "# courier bench: one nats-server per run\nlisten: {addr}\njetstream {{\n  store_dir: {}\n",
+        "# courier-bench: one nats-server per run\nlisten: {addr}\n# W11's 1 MiB events, as Courier's 8 MiB frames allow\nmax_payload: 8MB\njetstream {{\n  store_dir: {}\n",
         quoted(&store_dir.display().to_string())
     );
     if fsync == Fsync::Always {
@@ -639,6 +639,23 @@ pub(super) async fn run(
             }
             Ok(measured)
         }
+        Job::LargeEvents => {
+            let mut measured = Vec::new();
+            for fsync in Fsync::BOTH {
+                let mut side = NatsSide::start(nats, fsync).await?;
+                let workload = fsync.pick(Workload::W11, Workload::W11Always);
+                measured.extend(
+                    side::large_events(&mut side, plan, workload)
+                        .await
+                        .context(fsync.described())?,
+                );
+            }
+            Ok(measured)
+        }
+        Job::RequestUnderLoad => {
+            let mut side = NatsSide::start(nats, Fsync::Default).await?;
+            side::requests_under_load(&mut side, plan).await
+        }
         Job::Outbox => Ok(Vec::new()),
     }
 }
@@ -889,6 +906,10 @@ impl Side for NatsSide {
 
     fn address(&self) -> String {
         self.server.url()
+    }
+
+    fn data_dir(&self) -> &Path {
+        self.server.dir.path()
     }
 
     async fn watch<T>(
@@ -1413,7 +1434,7 @@ pub(super) fn settings(nats: &NatsInstall, runtime: &str) -> Vec<String> {
         "NATS server:".to_string(),
         format!("  {} ({})", nats.path.display(), nats.version),
         format!(
-            "  config file per run: listen: 127.0.0.1:<free port>; jetstream {{ store_dir: <fresh dir in {}> }}; no log file (logs to stderr, info level); everything else at its defaults; a fresh server and store dir per run",
+            "  config file per run: listen: 127.0.0.1:<free port>; max_payload: 8MB (for W11's 1 MiB events; Courier's frames allow 8 MiB); jetstream {{ store_dir: <fresh dir in {}> }}; no log file (logs to stderr, info level); everything else at its defaults; a fresh server and store dir per run",
             std::env::temp_dir().display()
         ),
         "  JetStream fsync: sync_interval at its default (acks once the OS has the data, fsync every 2 min) for W5a, W5b, W6 and W7; `sync_interval: always` (fsync before every ack) for W5a-always and W5b-always; W1–W4 run on the same config without touching JetStream".to_string(),
@@ -1447,6 +1468,7 @@ mod tests {
         );
         assert!(!default.contains("sync_interval"), "{default}");
         assert!(!default.contains("log_file"), "{default}");
+        assert!(default.contains("\nmax_payload: 8MB\n"), "{default}");
         let always = config_text("127.0.0.1:4333", store, Fsync::Always);
         assert!(
             always.contains(

@@ -27,6 +27,9 @@ pub(super) trait Side {
     /// Where clients connect.
     fn address(&self) -> String;
 
+    /// The server's data directory (W11 measures the disk there).
+    fn data_dir(&self) -> &Path;
+
     /// Runs `work`, but fails as soon as the server dies.
     fn watch<T>(
         &mut self,
@@ -235,4 +238,155 @@ pub(super) async fn requests<S: Side>(
 ) -> anyhow::Result<Duration> {
     let ask = |i| S::request(requester, i, requests.of);
     side.watch(timed_requests(requests, latencies, ask)).await
+}
+
+/// W11's event name (NATS: subject).
+pub(super) const W11_NAME: &str = "bench.w11.stored";
+/// W11's payload: 1 MiB.
+pub(super) const W11_BYTES: usize = 1024 * 1024;
+/// W11's unacknowledged events at most: 16 MiB in flight.
+pub(super) const W11_WINDOW: usize = 16;
+/// The disk's own figure is taken on at most this many MiB.
+pub(super) const DISK_PROBE_MIB_MAX: u64 = 256;
+
+/// MB (10⁶ bytes) per second.
+fn megabytes_per_second(bytes: u64, elapsed: Duration) -> f64 {
+    bytes as f64 / 1e6 / elapsed.as_secs_f64().max(1e-9)
+}
+
+/// The disk's own write+fsync bandwidth in `dir`, in MB/s: `mib` writes
+/// of 1 MiB to a fresh file there, each followed by an fdatasync (each
+/// event made durable before the next), the file removed afterwards.
+pub(super) async fn disk_write_fsync(dir: &Path, mib: u64) -> anyhow::Result<f64> {
+    use std::io::Write as _;
+    let path = dir.join("courier-bench-disk-probe");
+    let probe = path.clone();
+    let timed = tokio::task::spawn_blocking(move || -> anyhow::Result<Duration> {
+        let mut file = std::fs::File::create(&probe)
+            .with_context(|| format!("cannot create {}", probe.display()))?;
+        let block = vec![b'x'; W11_BYTES];
+        let started = Instant::now();
+        for _ in 0..mib {
+            file.write_all(&block)
+                .with_context(|| format!("cannot write {}", probe.display()))?;
+            file.sync_data()
+                .with_context(|| format!("cannot fdatasync {}", probe.display()))?;
+        }
+        Ok(started.elapsed())
+    })
+    .await
+    .context("internal: the disk probe panicked")?;
+    let _ = std::fs::remove_file(&path);
+    Ok(megabytes_per_second(mib * W11_BYTES as u64, timed?))
+}
+
+/// W11: [`Plan::w11`] durable events of 1 MiB, pipelined ([`W11_WINDOW`]
+/// unacknowledged); MB/s, and that as a share of the disk's own
+/// write+fsync bandwidth measured right after in the same data directory.
+pub(super) async fn large_events<S: Side>(
+    side: &mut S,
+    plan: &Plan,
+    workload: Workload,
+) -> anyhow::Result<Vec<Measurement>> {
+    let address = side.address();
+    let count = plan.w11;
+    let work = async {
+        let publisher = S::publisher(&address, W11_NAME).await?;
+        let payload = Bytes::from(vec![b'x'; W11_BYTES]);
+        let started = Instant::now();
+        S::publish_pipelined(&publisher, W11_NAME, &payload, count, W11_WINDOW).await?;
+        Ok(started.elapsed())
+    };
+    let elapsed = side.watch(work).await?;
+    let rate = megabytes_per_second(count * W11_BYTES as u64, elapsed);
+    let disk = disk_write_fsync(side.data_dir(), count.min(DISK_PROBE_MIB_MAX)).await?;
+    progress(&format!(
+        "  {} × 1 MiB in {:.2} s: {rate:.0} MB/s; the disk alone (1 MiB writes, each fdatasync'd, in the same data dir): {disk:.0} MB/s",
+        thousands(count),
+        elapsed.as_secs_f64()
+    ));
+    Ok(vec![
+        (workload, Metric::MegabytesPerSecond, rate),
+        (workload, Metric::DiskShare, rate * 100.0 / disk.max(1e-9)),
+    ])
+}
+
+/// W12's event name (NATS: subject) for the publishing beside the requests.
+pub(super) const W12_NAME: &str = "bench.w12.published";
+/// The load's events go in chunks of this many (each chunk pipelined).
+const W12_CHUNK: u64 = 1_000;
+
+/// W12: W4a's requests, one at a time, while another connection publishes
+/// durable events pipelined (W5b) as fast as it can; the requests' p50
+/// and p99, and the publishing rate meanwhile.
+pub(super) async fn requests_under_load<S: Side + 'static>(
+    side: &mut S,
+    plan: &Plan,
+) -> anyhow::Result<Vec<Measurement>> {
+    let address = side.address();
+    let count = plan.w4a;
+    let work = async {
+        let requester = S::requester(&address).await?;
+        let publisher = S::publisher(&address, W12_NAME).await?;
+        let measured = async {
+            let mut latencies = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
+            let warmup = Requests {
+                first: 0,
+                count: plan.warmup,
+                of: plan.warmup,
+                in_flight: 1,
+            };
+            timed_requests(warmup, &mut latencies, |i| {
+                S::request(&requester, i, plan.warmup)
+            })
+            .await
+            .context("warm-up")?;
+            latencies.clear();
+            let stop = Arc::new(AtomicBool::new(false));
+            let published = Arc::new(AtomicU64::new(0));
+            let (load_stop, load_published) = (stop.clone(), published.clone());
+            let load = tokio::spawn(async move {
+                let payload = Bytes::from(vec![b'x'; SMALL_BYTES]);
+                let started = Instant::now();
+                while !load_stop.load(Ordering::Relaxed) {
+                    S::publish_pipelined(&publisher, W12_NAME, &payload, W12_CHUNK, WINDOW)
+                        .await
+                        .context("the publishing beside the requests")?;
+                    load_published.fetch_add(W12_CHUNK, Ordering::Relaxed);
+                }
+                Ok::<Duration, anyhow::Error>(started.elapsed())
+            });
+            // The load is at full speed once its first chunk is in.
+            while published.load(Ordering::Relaxed) == 0 && !load.is_finished() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let requests = Requests {
+                first: 0,
+                count,
+                of: count,
+                in_flight: 1,
+            };
+            let asked = timed_requests(requests, &mut latencies, |i| {
+                S::request(&requester, i, count)
+            })
+            .await;
+            stop.store(true, Ordering::Relaxed);
+            let loaded = load
+                .await
+                .context("internal: the publishing task panicked")?;
+            asked?;
+            let load_rate = per_second(published.load(Ordering::Relaxed), loaded?);
+            latencies.sort_unstable();
+            let micros = |p| percentile(&latencies, p).unwrap_or(0) as f64 / 1000.0;
+            Ok(vec![
+                (Workload::W12, Metric::LatencyP50, micros(50.0)),
+                (Workload::W12, Metric::LatencyP99, micros(99.0)),
+                (Workload::W12, Metric::LoadThroughput, load_rate),
+            ])
+        }
+        .await;
+        S::close_requester(requester).await;
+        measured
+    };
+    side.watch(work).await
 }

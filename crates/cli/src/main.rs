@@ -5,6 +5,10 @@ mod admin;
 mod allocator;
 mod args;
 mod bench;
+#[cfg(feature = "dev-certs")]
+mod certs;
+#[cfg(not(feature = "dev-certs"))]
+#[path = "certs_absent.rs"]
 mod certs;
 mod check;
 mod conn;
@@ -31,8 +35,6 @@ use clap::{CommandFactory as _, Parser};
 use courier_client::Error as ClientError;
 
 use args::{Cli, Command};
-// `bench/` names the shared duration parser by this path.
-use args::parse_duration;
 
 /// Exit codes, distinct per kind of failure so scripts can tell them apart.
 mod exit {
@@ -150,7 +152,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             prometheus,
             http,
         } => admin::metrics(&admin, prometheus, &http).await,
-        Command::Bench(args) => bench::run(args).await,
+        Command::Bench(args) => bench::run(args),
         Command::Tail(args) => tail::run(args).await,
         Command::OutboxRelay(args) => outbox::run(args).await,
         Command::Trace(args) => trace::run(args).await,

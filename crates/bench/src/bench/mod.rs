@@ -1,8 +1,9 @@
-//! `courier bench`: the workloads W1–W7, and with `--against nats`
+//! `courier-bench` (also run as `courier bench`): the workloads W1–W13, and with `--against nats`
 //! the same workloads against nats-server (core NATS and JetStream) side by
 //! side, with the ratio and the target per row.
 //!
-//! Every run starts a real broker process (this same binary, `serve`) on a
+//! Every run starts a real broker process (`courier serve`, the `courier`
+//! binary beside this program unless `--courier` names another) on a
 //! free loopback port with a fresh data directory, drives it through the
 //! SDK, and kills it afterwards — also on error, timeout or Ctrl-C (the
 //! process and the directory are owned by guards that clean up on drop).
@@ -35,10 +36,12 @@ mod outbox;
 mod process;
 mod registry;
 mod scrape;
+mod side;
 mod w4;
 
 use courier::*;
 use process::*;
+use side::Side;
 use w4::{timed_requests, Requests};
 
 /// Message sizes and client settings; printed with the table.
@@ -110,7 +113,7 @@ pub struct BenchArgs {
     postgres_url: String,
     /// Each run of a workload must finish within this (e.g. 90s, 10m), or
     /// the bench stops with an error.
-    #[arg(long, default_value = "10m", value_parser = crate::parse_duration)]
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
     timeout: Duration,
     /// `on` (the broker's default: its HTTP port serves, traffic is
     /// counted per name, activities are traced), `off` (`--http off
@@ -124,6 +127,10 @@ pub struct BenchArgs {
     /// counted 10,000 names from 1,000 services (p50, p99, max of 40).
     #[arg(long, conflicts_with_all = ["against", "only", "observability"])]
     metrics_scrape: bool,
+    /// The `courier` binary whose `serve` the bench measures (default: the
+    /// one beside this program, else the first on the PATH).
+    #[arg(long, env = "COURIER_BENCH_COURIER", value_name = "PATH")]
+    courier: Option<PathBuf>,
     /// Multiplies every message count (after --quick); for tests.
     #[arg(long, default_value_t = 1.0, hide = true)]
     scale: f64,
@@ -174,13 +181,19 @@ enum Workload {
     W13c16Always,
     W13c64,
     W13c64Always,
+    /// 1 MiB durable events, pipelined (W11-always: against JetStream
+    /// with `sync_interval: always`).
+    W11,
+    W11Always,
+    /// W4a's requests while another connection publishes as W5b does.
+    W12,
     /// The transactional outbox (needs PostgreSQL; only with `--only`).
     Outbox,
 }
 
 impl Workload {
     /// Every workload; [`Workload::DEFAULT`] without `--only`.
-    const ALL: [Workload; 26] = [
+    const ALL: [Workload; 29] = [
         Workload::W1a,
         Workload::W1b,
         Workload::W2a,
@@ -206,12 +219,15 @@ impl Workload {
         Workload::W13c16Always,
         Workload::W13c64,
         Workload::W13c64Always,
+        Workload::W11,
+        Workload::W11Always,
+        Workload::W12,
         Workload::Outbox,
     ];
 
     /// What runs without `--only`: everything but the outbox, which needs
     /// a PostgreSQL.
-    const DEFAULT: [Workload; 25] = [
+    const DEFAULT: [Workload; 28] = [
         Workload::W1a,
         Workload::W1b,
         Workload::W2a,
@@ -237,6 +253,9 @@ impl Workload {
         Workload::W13c16Always,
         Workload::W13c64,
         Workload::W13c64Always,
+        Workload::W11,
+        Workload::W11Always,
+        Workload::W12,
     ];
 
     /// W13's row for `connections` publishers (JetStream `always` when
@@ -281,6 +300,9 @@ impl Workload {
             Workload::W13c16Always => "W13-16-always",
             Workload::W13c64 => "W13-64",
             Workload::W13c64Always => "W13-64-always",
+            Workload::W11 => "W11",
+            Workload::W11Always => "W11-always",
+            Workload::W12 => "W12",
             Workload::Outbox => "outbox",
         }
     }
@@ -315,6 +337,15 @@ impl Workload {
             | Workload::W13c64Always => {
                 "JetStream file stream, sync publish from as many connections, sync_interval: always"
             }
+            Workload::W11 => {
+                "JetStream file stream, async publish of 1 MiB messages, default fsync (sync_interval 2 min)"
+            }
+            Workload::W11Always => {
+                "JetStream file stream, async publish of 1 MiB messages, sync_interval: always"
+            }
+            Workload::W12 => {
+                "core request/reply beside JetStream async publish on another connection, default fsync"
+            }
             Workload::Outbox => "none (Courier's outbox only)",
         }
     }
@@ -344,6 +375,8 @@ impl Workload {
             | Workload::W13c16Always
             | Workload::W13c64
             | Workload::W13c64Always => Job::PublishConcurrent,
+            Workload::W11 | Workload::W11Always => Job::LargeEvents,
+            Workload::W12 => Job::RequestUnderLoad,
             Workload::Outbox => Job::Outbox,
         }
     }
@@ -358,6 +391,7 @@ impl Workload {
             Workload::W13c4 => Some(Workload::W13c4Always),
             Workload::W13c16 => Some(Workload::W13c16Always),
             Workload::W13c64 => Some(Workload::W13c64Always),
+            Workload::W11 => Some(Workload::W11Always),
             _ => None,
         }
     }
@@ -442,10 +476,12 @@ fn parse_only(text: &str) -> Result<Only, String> {
             "w13-4" | "w13-4-always" => &[W13c4, W13c4Always],
             "w13-16" | "w13-16-always" => &[W13c16, W13c16Always],
             "w13-64" | "w13-64-always" => &[W13c64, W13c64Always],
+            "w11" | "w11-always" => &[W11, W11Always],
+            "w12" => &[W12],
             "outbox" => &[Outbox],
             _ => {
                 return Err(format!(
-                    "unknown workload {part:?}; choose from W1a, W1b, W2a, W2b, W3a, W3b, W4a, W4b, W5a, W5b, W6, W7a, W7b, W8a, W8b, W13-1, W13-4, W13-16, W13-64 (W1 … W8 and W13 name all their parts), W-HTTP-a or outbox, comma-separated, or registry alone"
+                    "unknown workload {part:?}; choose from W1a, W1b, W2a, W2b, W3a, W3b, W4a, W4b, W5a, W5b, W6, W7a, W7b, W8a, W8b, W11, W12, W13-1, W13-4, W13-16, W13-64 (W1 … W8 and W13 name all their parts), W-HTTP-a or outbox, comma-separated, or registry alone"
                 ))
             }
         };
@@ -476,6 +512,9 @@ enum Metric {
     CommitToAcceptP99,
     SendToAcceptP50,
     SendToAcceptP99,
+    MegabytesPerSecond,
+    DiskShare,
+    LoadThroughput,
 }
 
 impl Metric {
@@ -496,12 +535,20 @@ impl Metric {
             Metric::CommitToAcceptP99 => "commit → acceptance p99",
             Metric::SendToAcceptP50 => "direct send → acceptance p50",
             Metric::SendToAcceptP99 => "direct send → acceptance p99",
+            Metric::MegabytesPerSecond => "throughput, MB/s",
+            Metric::DiskShare => "share of the disk's write+fsync",
+            Metric::LoadThroughput => "W5b publishing beside it",
         }
     }
 
     fn unit(self) -> &'static str {
         match self {
-            Metric::Throughput | Metric::RelayThroughput | Metric::DirectPublish => "msg/s",
+            Metric::Throughput
+            | Metric::RelayThroughput
+            | Metric::DirectPublish
+            | Metric::LoadThroughput => "msg/s",
+            Metric::MegabytesPerSecond => "MB/s",
+            Metric::DiskShare => "%",
             Metric::LatencyP50
             | Metric::LatencyP90
             | Metric::LatencyP99
@@ -518,7 +565,12 @@ impl Metric {
     fn higher_is_better(self) -> bool {
         matches!(
             self,
-            Metric::Throughput | Metric::RelayThroughput | Metric::DirectPublish
+            Metric::Throughput
+                | Metric::RelayThroughput
+                | Metric::DirectPublish
+                | Metric::LoadThroughput
+                | Metric::MegabytesPerSecond
+                | Metric::DiskShare
         )
     }
 }
@@ -611,7 +663,7 @@ const MIB_PER_150_MB: f64 = 150_000_000.0 / (1024.0 * 1024.0);
 
 /// Every row the table can have, in the order it is printed, with the
 /// target for it.
-const ROWS: [(Workload, Metric, Option<Target>); 41] = [
+const ROWS: [(Workload, Metric, Option<Target>); 48] = [
     (Workload::W1a, Metric::Throughput, Target::ratio(1.2)),
     (Workload::W1b, Metric::Throughput, Target::ratio(1.0)),
     (Workload::W2a, Metric::Throughput, Target::ratio(1.2)),
@@ -671,6 +723,21 @@ const ROWS: [(Workload, Metric, Option<Target>); 41] = [
         Metric::Throughput,
         Target::ratio(5.0),
     ),
+    (
+        Workload::W11,
+        Metric::MegabytesPerSecond,
+        Target::ratio(1.5),
+    ),
+    (Workload::W11, Metric::DiskShare, Target::at_least(50.0)),
+    (
+        Workload::W11Always,
+        Metric::MegabytesPerSecond,
+        Target::ratio(10.0),
+    ),
+    (Workload::W11Always, Metric::DiskShare, None),
+    (Workload::W12, Metric::LatencyP50, None),
+    (Workload::W12, Metric::LatencyP99, Target::ratio(1.0)),
+    (Workload::W12, Metric::LoadThroughput, None),
     (
         Workload::Outbox,
         Metric::RelayThroughput,
@@ -783,6 +850,10 @@ enum Job {
     /// W8: a keyed backlog consumed in order by 2 instances.
     Ordered(Keys),
     PublishConcurrent,
+    /// W11: 1 MiB durable events, pipelined.
+    LargeEvents,
+    /// W12: W4a beside W5b.
+    RequestUnderLoad,
     Outbox,
 }
 
@@ -856,6 +927,8 @@ impl Job {
             Job::Ordered(Keys::One) => "W8a",
             Job::Ordered(Keys::Thousand) => "W8b",
             Job::PublishConcurrent => "W13",
+            Job::LargeEvents => "W11",
+            Job::RequestUnderLoad => "W12",
             Job::Outbox => "outbox",
         }
     }
@@ -882,6 +955,8 @@ struct Plan {
     /// W13: events per connection count, shared by the connections.
     w13: u64,
     w13_warmup: u64,
+    /// W11: 1 MiB events.
+    w11: u64,
     gateway: gateway::GatewayPlan,
     /// Rows in the outbox when the relay starts.
     outbox_relay: u64,
@@ -913,6 +988,7 @@ impl Plan {
             w8: n(200_000),
             w13: n(8_000),
             w13_warmup: n(640),
+            w11: n(2_000),
             gateway: gateway::GatewayPlan {
                 concurrent: n(40_000),
                 sequential: n(5_000),
@@ -992,6 +1068,18 @@ impl Plan {
                 thousands(self.w13),
                 W13_CONNECTIONS.map(|c| c.to_string()).join(", "),
                 thousands(self.w13_warmup)
+            ),
+            Job::LargeEvents => format!(
+                "{} durable events of 1 MiB, pipelined with at most {} unacknowledged (no warm-up); MB/s (10⁶ B), and that as a share of the disk's own write+fsync bandwidth, measured right after in the same data dir: min({}, {}) writes of 1 MiB to a fresh file, each followed by an fdatasync",
+                thousands(self.w11),
+                side::W11_WINDOW,
+                thousands(self.w11),
+                side::DISK_PROBE_MIB_MAX
+            ),
+            Job::RequestUnderLoad => format!(
+                "W4a's {} requests of {TINY_BYTES} B one at a time (after {} warm-up without load) while another connection publishes durable events of {SMALL_BYTES} B pipelined (window {WINDOW}, as W5b) as fast as it can; the requests' latency, and the publishing rate meanwhile",
+                thousands(self.w4a),
+                thousands(self.warmup)
             ),
             Job::Outbox => format!(
                 "the transactional outbox on PostgreSQL (a scratch database per run): one relay publishes a backlog of {} rows of {SMALL_BYTES} B (batches of 1,000 read, published pipelined, deleted in one statement), timed until the outbox is empty; beside it the same count and size published by the SDK straight to the broker (window {WINDOW}); then {} business transactions one at a time (Outbox::enqueue + commit) with the relay on LISTEN/NOTIFY, each timed from the commit's return until the relay has the broker's acceptance, and after each one durable event sent by the SDK straight to the broker, timed from the send until its acceptance (the floor at the same moments: the broker's fsync)",
@@ -1516,12 +1604,40 @@ async fn run_job(
             Job::RequestSequential | Job::RequestConcurrent => {
                 bail!("internal: W4 runs through w4::run")
             }
-            Job::PublishOneByOne => courier_w5a(exe, plan).await,
-            Job::PublishPipelined => courier_w5b(exe, plan).await,
+            Job::PublishOneByOne => {
+                let mut courier = CourierSide::start(exe).await?;
+                side::publish_one_by_one(&mut courier, plan, Workload::W5a).await
+            }
+            Job::PublishPipelined => {
+                let mut courier = CourierSide::start(exe).await?;
+                side::publish_windowed(&mut courier, plan, Workload::W5b).await
+            }
             Job::Consume => courier_w6(exe, plan).await,
             Job::Ordered(keys) => courier_w8(exe, plan, keys).await,
             Job::Restart => courier_w7(exe, plan).await,
-            Job::PublishConcurrent => courier_w13(exe, plan).await,
+            Job::PublishConcurrent => {
+                let mut courier = CourierSide::start(exe).await?;
+                let twin = |c| Workload::w13(c, false);
+                let (measured, rates) = side::publish_concurrent(&mut courier, plan, twin).await?;
+                let one = rates.first().map_or(0.0, |r| r.1);
+                let scaling: Vec<String> = rates
+                    .iter()
+                    .map(|(c, rate)| format!("{c}: {:.1}×", rate / one.max(1e-9)))
+                    .collect();
+                progress(&format!(
+                    "  W13, Courier against its own 1-connection rate: {}",
+                    scaling.join(", ")
+                ));
+                Ok(measured)
+            }
+            Job::LargeEvents => {
+                let mut courier = CourierSide::start(exe).await?;
+                side::large_events(&mut courier, plan, Workload::W11).await
+            }
+            Job::RequestUnderLoad => {
+                let mut courier = CourierSide::start(exe).await?;
+                side::requests_under_load(&mut courier, plan).await
+            }
             Job::Outbox => outbox::courier_outbox(exe, plan).await,
         },
         // NATS has no outbox: its column stays empty.
@@ -1605,11 +1721,47 @@ async fn run_job_within(
 // ---------------------------------------------------------------------------
 // The command
 
+/// `--timeout`'s value: `90s`, `10m`, `1h 30m`.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim())
+        .map_err(|e| format!("{text:?} is not a duration ({e}); write e.g. 500ms, 90s or 10m"))
+}
+
+/// The `courier` binary the bench starts as the broker: `explicit`
+/// (`--courier`), else the one beside this program (where cargo builds
+/// both), else the first on the PATH.
+fn locate_courier(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(path) = explicit {
+        if !path.is_file() {
+            bail!(
+                "--courier {} is not a file; name the `courier` binary to measure, e.g. target/release/courier",
+                path.display()
+            );
+        }
+        return Ok(path.to_path_buf());
+    }
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|me| Some(me.parent()?.join("courier")));
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|dir| dir.join("courier"));
+    beside
+        .into_iter()
+        .chain(on_path)
+        .find(|candidate| candidate.is_file())
+        .ok_or_else(|| {
+            anyhow!(
+                "no `courier` binary beside this program or on the PATH to start as the broker; build it with `cargo build --release -p courier-cli` (it lands beside courier-bench), or name one with --courier PATH"
+            )
+        })
+}
+
 /// Runs the selected workloads and prints the table (or JSON lines).
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.metrics_scrape {
-        let exe = std::env::current_exe()
-            .context("cannot find this program's own path, which the bench starts as the broker")?;
+        let exe = locate_courier(args.courier.as_deref())?;
         return scrape::run(&exe, args.quick).await;
     }
     let selected = match args.only.clone() {
@@ -1619,9 +1771,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             if args.against.is_some() {
                 bail!("--only registry measures Courier alone; run it without --against");
             }
-            let exe = std::env::current_exe().context(
-                "cannot find this program's own path, which the bench starts as the broker",
-            )?;
+            let exe = locate_courier(args.courier.as_deref())?;
             return registry::run(&exe, args.quick).await;
         }
         Some(Only::Clients) => {
@@ -1630,9 +1780,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                     "--only clients puts Courier's clients side by side; run it without --against"
                 );
             }
-            let exe = std::env::current_exe().context(
-                "cannot find this program's own path, which the bench starts as the broker",
-            )?;
+            let exe = locate_courier(args.courier.as_deref())?;
             return clients::run(&exe, args.quick, args.scale, args.runs, args.timeout).await;
         }
     };
@@ -1643,8 +1791,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Some(Only::Workloads(_, gateway)) => *gateway,
         _ => true,
     };
-    let exe = std::env::current_exe()
-        .context("cannot find this program's own path, which the bench starts as the broker")?;
+    let exe = locate_courier(args.courier.as_deref())?;
     if selected.is_empty() {
         if args.against.is_some() {
             bail!("W-HTTP-a compares the gateway with Courier's own protocol; run it without --against");
@@ -1684,7 +1831,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let jobs = Job::for_selection(&selected);
     if cfg!(debug_assertions) {
         progress(
-            "this is a debug build; for figures build with `cargo build --release -p courier-cli`",
+            "this is a debug build; for figures build with `cargo build --release -p courier-cli -p courier-bench`",
         );
     }
 
@@ -1788,7 +1935,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 async fn run_gateway(args: &BenchArgs, plan: &Plan, exe: &Path) -> anyhow::Result<()> {
     if cfg!(debug_assertions) {
         progress(
-            "this is a debug build; for figures build with `cargo build --release -p courier-cli`",
+            "this is a debug build; for figures build with `cargo build --release -p courier-cli -p courier-bench`",
         );
     }
     let work = gateway::run(exe, plan.gateway, args.runs, args.timeout, args.json);
@@ -2178,7 +2325,9 @@ mod tests {
                 Job::Restart,
                 Job::Ordered(Keys::One),
                 Job::Ordered(Keys::Thousand),
-                Job::PublishConcurrent
+                Job::PublishConcurrent,
+                Job::LargeEvents,
+                Job::RequestUnderLoad
             ]
         );
         for job in Job::for_selection(&Workload::ALL) {
@@ -2334,8 +2483,8 @@ mod tests {
     #[test]
     fn command_lines_are_quoted_for_a_shell() {
         let line =
-            command_line(["courier", "bench", "--only", "W5a,W6", "a b", "it's"].map(String::from));
-        assert_eq!(line, r"courier bench --only W5a,W6 'a b' 'it'\''s'");
+            command_line(["courier-bench", "--only", "W5a,W6", "a b", "it's"].map(String::from));
+        assert_eq!(line, r"courier-bench --only W5a,W6 'a b' 'it'\''s'");
     }
 
     #[tokio::test]

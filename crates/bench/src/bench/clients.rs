@@ -170,7 +170,7 @@ pub(super) async fn run(
     }
     if cfg!(debug_assertions) {
         progress(
-            "this is a debug build; for figures build with `cargo build --release -p courier-cli`",
+            "this is a debug build; for figures build with `cargo build --release -p courier-cli -p courier-bench`",
         );
     }
     let load_at_start = load_average();

@@ -8,6 +8,7 @@
 
 use super::*;
 
+use super::side::{self, Fsync, Side};
 use async_nats::jetstream::{self, consumer::pull, consumer::AckPolicy};
 use futures_util::StreamExt as _;
 
@@ -29,8 +30,6 @@ const REQUEST_SUBJECT: &str = "bench.requests";
 /// Subscribers of W2 and members of W3's queue group.
 const SUBSCRIBERS: usize = 4;
 /// Streams, subjects and durable consumers of W5–W7.
-const W5_STREAM: &str = "BENCH_W5";
-const W5_SUBJECT: &str = "bench.w5.published";
 const W6_STREAM: &str = "BENCH_W6";
 const W6_SUBJECT: &str = "bench.w6.published";
 const W6_CONSUMER: &str = "bench-consumer";
@@ -221,21 +220,11 @@ fn server_version(path: &Path) -> anyhow::Result<String> {
 // ---------------------------------------------------------------------------
 // nats-server processes
 
-/// JetStream's fsync setting for one server.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Fsync {
-    /// `sync_interval` left at its default (2 min): acks once written to
-    /// the OS, fsync every 2 minutes.
-    Default,
-    /// `sync_interval: always`: fsync before every ack.
-    Always,
-}
-
 /// The server's config file: loopback only, JetStream in `store_dir`,
 /// logging to stderr only.
 fn config_text(addr: &str, store_dir: &Path, fsync: Fsync) -> String {
     let mut text = format!(
-        "# courier bench: one nats-server per run\nlisten: {addr}\njetstream {{\n  store_dir: {}\n",
+        "# courier-bench: one nats-server per run\nlisten: {addr}\n# W11's 1 MiB events, as Courier's 8 MiB frames allow\nmax_payload: 8MB\njetstream {{\n  store_dir: {}\n",
         quoted(&store_dir.display().to_string())
     );
     if fsync == Fsync::Always {
@@ -610,40 +599,62 @@ pub(super) async fn run(
             bail!("internal: W4 runs through w4::run")
         }
         Job::PublishOneByOne => {
-            let mut measured = publish_one_by_one(nats, plan, Fsync::Default)
-                .await
-                .context("JetStream at its default fsync")?;
-            measured.extend(
-                publish_one_by_one(nats, plan, Fsync::Always)
-                    .await
-                    .context("JetStream with sync_interval: always")?,
-            );
+            let mut measured = Vec::new();
+            for fsync in Fsync::BOTH {
+                let mut side = NatsSide::start(nats, fsync).await?;
+                let workload = fsync.pick(Workload::W5a, Workload::W5aAlways);
+                measured.extend(
+                    side::publish_one_by_one(&mut side, plan, workload)
+                        .await
+                        .context(fsync.described())?,
+                );
+            }
             Ok(measured)
         }
         Job::PublishPipelined => {
-            let mut measured = publish_windowed(nats, plan, Fsync::Default)
-                .await
-                .context("JetStream at its default fsync")?;
-            measured.extend(
-                publish_windowed(nats, plan, Fsync::Always)
-                    .await
-                    .context("JetStream with sync_interval: always")?,
-            );
+            let mut measured = Vec::new();
+            for fsync in Fsync::BOTH {
+                let mut side = NatsSide::start(nats, fsync).await?;
+                let workload = fsync.pick(Workload::W5b, Workload::W5bAlways);
+                measured.extend(
+                    side::publish_windowed(&mut side, plan, workload)
+                        .await
+                        .context(fsync.described())?,
+                );
+            }
             Ok(measured)
         }
         Job::Consume => consume(nats, plan).await,
         Job::Restart => restart(nats, plan).await,
         Job::Ordered(keys) => ordered(nats, plan, keys).await,
         Job::PublishConcurrent => {
-            let mut measured = publish_concurrent(nats, plan, Fsync::Default)
-                .await
-                .context("JetStream at its default fsync")?;
-            measured.extend(
-                publish_concurrent(nats, plan, Fsync::Always)
+            let mut measured = Vec::new();
+            for fsync in Fsync::BOTH {
+                let mut side = NatsSide::start(nats, fsync).await?;
+                let twin = |c| Workload::w13(c, fsync == Fsync::Always);
+                let (figures, _) = side::publish_concurrent(&mut side, plan, twin)
                     .await
-                    .context("JetStream with sync_interval: always")?,
-            );
+                    .context(fsync.described())?;
+                measured.extend(figures);
+            }
             Ok(measured)
+        }
+        Job::LargeEvents => {
+            let mut measured = Vec::new();
+            for fsync in Fsync::BOTH {
+                let mut side = NatsSide::start(nats, fsync).await?;
+                let workload = fsync.pick(Workload::W11, Workload::W11Always);
+                measured.extend(
+                    side::large_events(&mut side, plan, workload)
+                        .await
+                        .context(fsync.described())?,
+                );
+            }
+            Ok(measured)
+        }
+        Job::RequestUnderLoad => {
+            let mut side = NatsSide::start(nats, Fsync::Default).await?;
+            side::requests_under_load(&mut side, plan).await
         }
         Job::Outbox => Ok(Vec::new()),
     }
@@ -860,233 +871,128 @@ async fn start_responder(
     Ok(())
 }
 
-/// NATS's side of W4: a fresh nats-server, the responder and a requester.
-pub(super) struct NatsW4 {
+/// NATS's side of the workloads written once ([`Side`]): a fresh
+/// nats-server with JetStream, driven through async-nats.
+pub(super) struct NatsSide {
+    server: NatsServer,
+}
+
+impl NatsSide {
+    pub(super) async fn start(nats: &NatsInstall, fsync: Fsync) -> anyhow::Result<NatsSide> {
+        Ok(NatsSide {
+            server: NatsServer::start(nats, fsync).await?,
+        })
+    }
+}
+
+/// The W4 requester and responder, NATS side.
+pub(super) struct NatsRequester {
     // Stops the responder before the server is killed.
     tasks: Tasks,
-    server: NatsServer,
     events: Arc<ClientEvents>,
     requester: async_nats::Client,
     payload: Bytes,
 }
 
-impl NatsW4 {
-    pub(super) async fn start(nats: &NatsInstall) -> anyhow::Result<NatsW4> {
-        let mut server = NatsServer::start(nats, Fsync::Default).await?;
-        let url = server.url();
+/// The JetStream stream that holds the subject `name`:
+/// `bench.w5.published` → `BENCH_W5_PUBLISHED`.
+fn stream_name(name: &str) -> String {
+    name.to_ascii_uppercase().replace(['.', '-'], "_")
+}
+
+impl Side for NatsSide {
+    type Publisher = jetstream::Context;
+    type Requester = NatsRequester;
+
+    fn address(&self) -> String {
+        self.server.url()
+    }
+
+    fn data_dir(&self) -> &Path {
+        self.server.dir.path()
+    }
+
+    async fn watch<T>(
+        &mut self,
+        work: impl std::future::Future<Output = anyhow::Result<T>>,
+    ) -> anyhow::Result<T> {
+        self.server.watch(work).await
+    }
+
+    async fn publisher(address: &str, name: &'static str) -> anyhow::Result<jetstream::Context> {
+        let events = Arc::new(ClientEvents::default());
+        let client = connect(
+            address,
+            "bench-publisher",
+            MIN_SUBSCRIPTION_CAPACITY,
+            &events,
+        )
+        .await?;
+        let js = jetstream_context(client);
+        create_stream(&js, &stream_name(name), name).await?;
+        Ok(js)
+    }
+
+    async fn publish(
+        js: &jetstream::Context,
+        name: &'static str,
+        payload: Bytes,
+    ) -> anyhow::Result<()> {
+        js.publish(name, payload)
+            .await
+            .context("publish failed")?
+            .await
+            .context("publish was not acknowledged")?;
+        Ok(())
+    }
+
+    fn publish_pipelined<'a>(
+        js: &'a jetstream::Context,
+        name: &'static str,
+        payload: &'a Bytes,
+        count: u64,
+        window: usize,
+    ) -> impl std::future::Future<Output = anyhow::Result<()>> + Send + 'a {
+        publish_pipelined(js, name, payload, count, window)
+    }
+
+    async fn requester(address: &str) -> anyhow::Result<NatsRequester> {
         let events = Arc::new(ClientEvents::default());
         let mut tasks = Tasks::default();
-        let requester = server
-            .watch(async {
-                start_responder(&url, &events, &mut tasks).await?;
-                connect(&url, "bench-requester", MIN_SUBSCRIPTION_CAPACITY, &events).await
-            })
-            .await?;
-        Ok(NatsW4 {
+        start_responder(address, &events, &mut tasks).await?;
+        let requester = connect(
+            address,
+            "bench-requester",
+            MIN_SUBSCRIPTION_CAPACITY,
+            &events,
+        )
+        .await?;
+        Ok(NatsRequester {
             tasks,
-            server,
             events,
             requester,
             payload: Bytes::from(vec![b'q'; TINY_BYTES]),
         })
     }
 
-    /// See [`timed_requests`]; requests are numbered from `first` of `of`.
-    pub(super) async fn requests(
-        &mut self,
-        requests: Requests,
-        latencies: &mut Vec<u64>,
-    ) -> anyhow::Result<Duration> {
-        let NatsW4 {
-            server,
-            events,
-            requester,
-            payload,
-            ..
-        } = self;
-        let ask = |i: u64| {
-            let (requester, payload) = (requester.clone(), payload.clone());
-            async move {
-                requester
-                    .request(REQUEST_SUBJECT, payload)
-                    .await
-                    .with_context(|| format!("request {} of {} failed", i + 1, requests.of))?;
-                Ok(())
-            }
-        };
-        let work = async {
-            timed_requests(requests, latencies, ask)
-                .await
-                .map_err(|e| anyhow!("{e:#}{}", events.note()))
-        };
-        server.watch(work).await
-    }
-
-    pub(super) async fn stop(self) {
-        drop(self.tasks);
-    }
-}
-
-/// W5's publisher: a connection, its JetStream context and the stream
-/// (file storage) the events go to.
-async fn w5_publisher(url: &str) -> anyhow::Result<jetstream::Context> {
-    let events = Arc::new(ClientEvents::default());
-    let client = connect(url, "bench-publisher", MIN_SUBSCRIPTION_CAPACITY, &events).await?;
-    let js = jetstream_context(client);
-    create_stream(&js, W5_STREAM, W5_SUBJECT).await?;
-    Ok(js)
-}
-
-/// W5a (default fsync) or W5a-always: each publish ack awaited before the
-/// next publish.
-async fn publish_one_by_one(
-    nats: &NatsInstall,
-    plan: &Plan,
-    fsync: Fsync,
-) -> anyhow::Result<Vec<Measurement>> {
-    let workload = match fsync {
-        Fsync::Default => Workload::W5a,
-        Fsync::Always => Workload::W5aAlways,
-    };
-    let mut server = NatsServer::start(nats, fsync).await?;
-    let url = server.url();
-    let work = async {
-        let js = w5_publisher(&url).await?;
-        let payload = Bytes::from(vec![b'x'; SMALL_BYTES]);
-        let send = |i: u64, of: u64| {
-            let (js, payload) = (&js, payload.clone());
-            async move {
-                js.publish(W5_SUBJECT, payload)
-                    .await
-                    .with_context(|| format!("publish {} of {of} failed", i + 1))?
-                    .await
-                    .with_context(|| format!("publish {} of {of} was not acknowledged", i + 1))
-            }
-        };
-        for i in 0..plan.w5a_warmup {
-            send(i, plan.w5a_warmup).await.context("warm-up")?;
-        }
-        let mut latencies = Vec::with_capacity(usize::try_from(plan.w5a).unwrap_or(0));
-        let started = Instant::now();
-        for i in 0..plan.w5a {
-            let t = Instant::now();
-            send(i, plan.w5a).await?;
-            latencies.push(t.elapsed().as_nanos() as u64);
-        }
-        let elapsed = started.elapsed();
-        latencies.sort_unstable();
-        let micros = |p| percentile(&latencies, p).unwrap_or(0) as f64 / 1000.0;
-        Ok(vec![
-            (workload, Metric::Throughput, per_second(plan.w5a, elapsed)),
-            (workload, Metric::LatencyP50, micros(50.0)),
-            (workload, Metric::LatencyP99, micros(99.0)),
-        ])
-    };
-    server.watch(work).await
-}
-
-/// Sends `count` events one at a time, each ack awaited.
-async fn js_publish_one_at_a_time(
-    js: jetstream::Context,
-    payload: Bytes,
-    count: u64,
-) -> anyhow::Result<()> {
-    for i in 0..count {
-        js.publish(W5_SUBJECT, payload.clone())
+    async fn request(requester: &NatsRequester, i: u64, of: u64) -> anyhow::Result<()> {
+        requester
+            .requester
+            .request(REQUEST_SUBJECT, requester.payload.clone())
             .await
-            .with_context(|| format!("publish {} of {count} failed", i + 1))?
-            .await
-            .with_context(|| format!("publish {} of {count} was not acknowledged", i + 1))?;
+            .map_err(|e| {
+                anyhow!(
+                    "request {} of {of} failed: {e}{}",
+                    i + 1,
+                    requester.events.note()
+                )
+            })?;
+        Ok(())
     }
-    Ok(())
-}
 
-/// Each context sends `each` events one at a time, all at once; returns
-/// how long until the last ack.
-async fn js_publish_from_each(
-    contexts: &[jetstream::Context],
-    payload: &Bytes,
-    each: u64,
-) -> anyhow::Result<Duration> {
-    let started = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for js in contexts {
-        tasks.spawn(js_publish_one_at_a_time(js.clone(), payload.clone(), each));
+    async fn close_requester(requester: NatsRequester) {
+        drop(requester.tasks);
     }
-    while let Some(done) = tasks.join_next().await {
-        done.context("a publishing task failed")??;
-    }
-    Ok(started.elapsed())
-}
-
-/// W13 (default fsync) or W13-always: sync publish from 1, 4, 16 and 64
-/// connections at once.
-async fn publish_concurrent(
-    nats: &NatsInstall,
-    plan: &Plan,
-    fsync: Fsync,
-) -> anyhow::Result<Vec<Measurement>> {
-    let always = fsync == Fsync::Always;
-    let mut server = NatsServer::start(nats, fsync).await?;
-    let url = server.url();
-    let work = async {
-        let payload = Bytes::from(vec![b'x'; SMALL_BYTES]);
-        let first = w5_publisher(&url).await?;
-        let mut measured = Vec::new();
-        for connections in W13_CONNECTIONS {
-            let mut contexts = vec![first.clone()];
-            for _ in 1..connections {
-                let events = Arc::new(ClientEvents::default());
-                let client =
-                    connect(&url, "bench-publisher", MIN_SUBSCRIPTION_CAPACITY, &events).await?;
-                contexts.push(jetstream_context(client));
-            }
-            let n = connections as u64;
-            js_publish_from_each(&contexts, &payload, (plan.w13_warmup / n).max(1))
-                .await
-                .context("warm-up")?;
-            let each = (plan.w13 / n).max(1);
-            let elapsed = js_publish_from_each(&contexts, &payload, each).await?;
-            measured.push((
-                Workload::w13(connections, always),
-                Metric::Throughput,
-                per_second(each * n, elapsed),
-            ));
-        }
-        Ok(measured)
-    };
-    server.watch(work).await
-}
-
-/// W5b (default fsync) or W5b-always: pipelined with a window of
-/// [`WINDOW`] unawaited acks.
-async fn publish_windowed(
-    nats: &NatsInstall,
-    plan: &Plan,
-    fsync: Fsync,
-) -> anyhow::Result<Vec<Measurement>> {
-    let workload = match fsync {
-        Fsync::Default => Workload::W5b,
-        Fsync::Always => Workload::W5bAlways,
-    };
-    let mut server = NatsServer::start(nats, fsync).await?;
-    let url = server.url();
-    let work = async {
-        let js = w5_publisher(&url).await?;
-        let payload = Bytes::from(vec![b'x'; SMALL_BYTES]);
-        publish_pipelined(&js, W5_SUBJECT, &payload, plan.w5b_warmup, WINDOW)
-            .await
-            .context("warm-up")?;
-        let started = Instant::now();
-        publish_pipelined(&js, W5_SUBJECT, &payload, plan.w5b, WINDOW).await?;
-        let elapsed = started.elapsed();
-        Ok(vec![(
-            workload,
-            Metric::Throughput,
-            per_second(plan.w5b, elapsed),
-        )])
-    };
-    server.watch(work).await
 }
 
 /// W6: a backlog in a stream, then a durable pull consumer with explicit
@@ -1528,7 +1434,7 @@ pub(super) fn settings(nats: &NatsInstall, runtime: &str) -> Vec<String> {
         "NATS server:".to_string(),
         format!("  {} ({})", nats.path.display(), nats.version),
         format!(
-            "  config file per run: listen: 127.0.0.1:<free port>; jetstream {{ store_dir: <fresh dir in {}> }}; no log file (logs to stderr, info level); everything else at its defaults; a fresh server and store dir per run",
+            "  config file per run: listen: 127.0.0.1:<free port>; max_payload: 8MB (for W11's 1 MiB events; Courier's frames allow 8 MiB); jetstream {{ store_dir: <fresh dir in {}> }}; no log file (logs to stderr, info level); everything else at its defaults; a fresh server and store dir per run",
             std::env::temp_dir().display()
         ),
         "  JetStream fsync: sync_interval at its default (acks once the OS has the data, fsync every 2 min) for W5a, W5b, W6 and W7; `sync_interval: always` (fsync before every ack) for W5a-always and W5b-always; W1–W4 run on the same config without touching JetStream".to_string(),
@@ -1562,6 +1468,7 @@ mod tests {
         );
         assert!(!default.contains("sync_interval"), "{default}");
         assert!(!default.contains("log_file"), "{default}");
+        assert!(default.contains("\nmax_payload: 8MB\n"), "{default}");
         let always = config_text("127.0.0.1:4333", store, Fsync::Always);
         assert!(
             always.contains(

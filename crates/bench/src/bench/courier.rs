@@ -5,7 +5,6 @@ use super::*;
 // ---------------------------------------------------------------------------
 // The workloads, Courier side
 
-pub(super) const W5_NAME: &str = "bench.w5.published";
 pub(super) const W6_NAME: &str = "bench.w6.published";
 pub(super) const W7_NAME: &str = "bench.w7.published";
 pub(super) const W6_SERVICE: &str = "bench-consumer";
@@ -159,146 +158,7 @@ pub(super) fn per_second(count: u64, elapsed: Duration) -> f64 {
 }
 
 pub(super) fn progress(text: &str) {
-    eprintln!("courier bench: {text}");
-}
-
-pub(super) async fn courier_w5a(exe: &Path, plan: &Plan) -> anyhow::Result<Vec<Measurement>> {
-    let dir = DataDir::create()?;
-    let mut broker = BrokerProcess::start(exe, dir.path()).await?;
-    let addr = broker.addr.clone();
-    let result = async {
-        let client = connect(&addr, "bench-publisher", None).await?;
-        let payload = Bytes::from(vec![b'x'; SMALL_BYTES]);
-        let send = |i: u64, of: u64| {
-            let builder = client.event(W5_NAME).payload(payload.clone());
-            async move {
-                builder
-                    .send()
-                    .await
-                    .with_context(|| format!("publish {} of {of} failed", i + 1))
-            }
-        };
-        for i in 0..plan.w5a_warmup {
-            send(i, plan.w5a_warmup).await?;
-        }
-        let mut latencies = Vec::with_capacity(plan.w5a as usize);
-        let started = Instant::now();
-        for i in 0..plan.w5a {
-            let t = Instant::now();
-            send(i, plan.w5a).await?;
-            latencies.push(t.elapsed().as_nanos() as u64);
-        }
-        let elapsed = started.elapsed();
-        client.shutdown().await;
-        latencies.sort_unstable();
-        let micros = |p| percentile(&latencies, p).unwrap_or(0) as f64 / 1000.0;
-        Ok(vec![
-            (
-                Workload::W5a,
-                Metric::Throughput,
-                per_second(plan.w5a, elapsed),
-            ),
-            (Workload::W5a, Metric::LatencyP50, micros(50.0)),
-            (Workload::W5a, Metric::LatencyP99, micros(99.0)),
-        ])
-    };
-    broker.watch(result).await
-}
-
-pub(super) async fn courier_w5b(exe: &Path, plan: &Plan) -> anyhow::Result<Vec<Measurement>> {
-    let dir = DataDir::create()?;
-    let mut broker = BrokerProcess::start(exe, dir.path()).await?;
-    let addr = broker.addr.clone();
-    let result = async {
-        let client = connect(&addr, "bench-publisher", None).await?;
-        let payload = Bytes::from(vec![b'x'; SMALL_BYTES]);
-        publish_pipelined(&client, W5_NAME, &payload, plan.w5b_warmup, WINDOW)
-            .await
-            .context("warm-up")?;
-        let started = Instant::now();
-        publish_pipelined(&client, W5_NAME, &payload, plan.w5b, WINDOW).await?;
-        let elapsed = started.elapsed();
-        client.shutdown().await;
-        Ok(vec![(
-            Workload::W5b,
-            Metric::Throughput,
-            per_second(plan.w5b, elapsed),
-        )])
-    };
-    broker.watch(result).await
-}
-
-/// Sends `count` durable events one at a time (each ack awaited).
-async fn publish_one_at_a_time(client: Client, payload: Bytes, count: u64) -> anyhow::Result<()> {
-    for i in 0..count {
-        client
-            .event(W5_NAME)
-            .payload(payload.clone())
-            .send()
-            .await
-            .with_context(|| format!("publish {} of {count} failed", i + 1))?;
-    }
-    Ok(())
-}
-
-/// Each of `clients` sends `each` events one at a time, all at once;
-/// returns how long until the last ack.
-async fn publish_from_each(
-    clients: &[Client],
-    payload: &Bytes,
-    each: u64,
-) -> anyhow::Result<Duration> {
-    let started = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for client in clients {
-        tasks.spawn(publish_one_at_a_time(client.clone(), payload.clone(), each));
-    }
-    while let Some(done) = tasks.join_next().await {
-        done.context("a publishing task failed")??;
-    }
-    Ok(started.elapsed())
-}
-
-/// W13: durable events from 1, 4, 16 and 64 connections at once, each
-/// awaiting every ack; what one fsync shared across connections buys.
-pub(super) async fn courier_w13(exe: &Path, plan: &Plan) -> anyhow::Result<Vec<Measurement>> {
-    let dir = DataDir::create()?;
-    let mut broker = BrokerProcess::start(exe, dir.path()).await?;
-    let addr = broker.addr.clone();
-    let result = async {
-        let payload = Bytes::from(vec![b'x'; SMALL_BYTES]);
-        let mut measured = Vec::new();
-        let mut rates = Vec::new();
-        for connections in W13_CONNECTIONS {
-            let mut clients = Vec::with_capacity(connections);
-            for _ in 0..connections {
-                clients.push(connect(&addr, "bench-publisher", None).await?);
-            }
-            let n = connections as u64;
-            publish_from_each(&clients, &payload, (plan.w13_warmup / n).max(1))
-                .await
-                .context("warm-up")?;
-            let each = (plan.w13 / n).max(1);
-            let elapsed = publish_from_each(&clients, &payload, each).await?;
-            for client in clients {
-                client.shutdown().await;
-            }
-            let rate = per_second(each * n, elapsed);
-            rates.push((connections, rate));
-            measured.push((Workload::w13(connections, false), Metric::Throughput, rate));
-        }
-        let one = rates.first().map_or(0.0, |r| r.1);
-        let scaling: Vec<String> = rates
-            .iter()
-            .map(|(c, rate)| format!("{c}: {:.1}×", rate / one.max(1e-9)))
-            .collect();
-        progress(&format!(
-            "  W13, Courier against its own 1-connection rate: {}",
-            scaling.join(", ")
-        ));
-        Ok(measured)
-    };
-    broker.watch(result).await
+    eprintln!("courier-bench: {text}");
 }
 
 pub(super) async fn courier_w6(exe: &Path, plan: &Plan) -> anyhow::Result<Vec<Measurement>> {
@@ -1081,59 +941,98 @@ pub(super) fn w4_ask(
     }
 }
 
-/// Courier's side of W4: a fresh broker, the responder and a requester.
-pub(super) struct CourierW4 {
+/// Courier's side of the workloads written once ([`Side`]): a fresh
+/// broker and data directory, driven through the SDK.
+pub(super) struct CourierSide {
     // Killed before its directory is removed (fields drop in this order).
     broker: BrokerProcess,
     _dir: DataDir,
-    responder: Client,
+}
+
+impl CourierSide {
+    pub(super) async fn start(exe: &Path) -> anyhow::Result<CourierSide> {
+        let dir = DataDir::create()?;
+        let broker = BrokerProcess::start(exe, dir.path()).await?;
+        Ok(CourierSide { broker, _dir: dir })
+    }
+}
+
+/// The W4 requester and responder, Courier side.
+pub(super) struct CourierRequester {
     requester: Client,
+    responder: Client,
     payload: Bytes,
 }
 
-impl CourierW4 {
-    pub(super) async fn start(exe: &Path) -> anyhow::Result<CourierW4> {
-        let dir = DataDir::create()?;
-        let mut broker = BrokerProcess::start(exe, dir.path()).await?;
-        let addr = broker.addr.clone();
-        let (responder, requester) = broker
-            .watch(async {
-                let responder = w4_responder(&addr).await?;
-                match connect(&addr, W4_REQUESTER, None).await {
-                    Ok(requester) => Ok((responder, requester)),
-                    Err(e) => {
-                        responder.shutdown().await;
-                        Err(e)
-                    }
-                }
-            })
-            .await?;
-        Ok(CourierW4 {
-            broker,
-            _dir: dir,
-            responder,
-            requester,
-            payload: Bytes::from(vec![b'x'; TINY_BYTES]),
-        })
+impl Side for CourierSide {
+    type Publisher = Client;
+    type Requester = CourierRequester;
+
+    fn address(&self) -> String {
+        self.broker.addr.clone()
     }
 
-    /// See [`timed_requests`]; requests are numbered from `first` of `of`.
-    pub(super) async fn requests(
+    fn data_dir(&self) -> &Path {
+        self._dir.path()
+    }
+
+    async fn watch<T>(
         &mut self,
-        requests: Requests,
-        latencies: &mut Vec<u64>,
-    ) -> anyhow::Result<Duration> {
-        let CourierW4 {
-            broker,
-            requester,
-            payload,
-            ..
-        } = self;
-        let ask = |i| w4_ask(requester, payload, i, requests.of);
-        broker.watch(timed_requests(requests, latencies, ask)).await
+        work: impl std::future::Future<Output = anyhow::Result<T>>,
+    ) -> anyhow::Result<T> {
+        self.broker.watch(work).await
     }
 
-    pub(super) async fn stop(self) {
-        shutdown_all(&[self.requester, self.responder]).await;
+    async fn publisher(address: &str, _name: &'static str) -> anyhow::Result<Client> {
+        connect(address, "bench-publisher", None).await
+    }
+
+    fn publish<'a>(
+        publisher: &'a Client,
+        name: &'static str,
+        payload: Bytes,
+    ) -> impl std::future::Future<Output = anyhow::Result<()>> + Send + 'a {
+        let builder = publisher.event(name).payload(payload);
+        async move {
+            builder.send().await?;
+            Ok(())
+        }
+    }
+
+    fn publish_pipelined<'a>(
+        publisher: &'a Client,
+        name: &'static str,
+        payload: &'a Bytes,
+        count: u64,
+        window: usize,
+    ) -> impl std::future::Future<Output = anyhow::Result<()>> + Send + 'a {
+        publish_pipelined(publisher, name, payload, count, window)
+    }
+
+    async fn requester(address: &str) -> anyhow::Result<CourierRequester> {
+        let responder = w4_responder(address).await?;
+        match connect(address, W4_REQUESTER, None).await {
+            Ok(requester) => Ok(CourierRequester {
+                requester,
+                responder,
+                payload: Bytes::from(vec![b'x'; TINY_BYTES]),
+            }),
+            Err(e) => {
+                responder.shutdown().await;
+                Err(e)
+            }
+        }
+    }
+
+    fn request<'a>(
+        requester: &'a CourierRequester,
+        i: u64,
+        of: u64,
+    ) -> impl std::future::Future<Output = anyhow::Result<()>> + Send + 'a {
+        w4_ask(&requester.requester, &requester.payload, i, of)
+    }
+
+    async fn close_requester(requester: CourierRequester) {
+        shutdown_all(&[requester.requester, requester.responder]).await;
     }
 }

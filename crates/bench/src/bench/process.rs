@@ -283,6 +283,8 @@ pub(super) fn observability_flags() -> &'static [&'static str] {
 pub(super) struct BrokerProcess {
     pub(super) server: ServerChild,
     pub(super) addr: String,
+    /// The `courier` binary it runs.
+    exe: PathBuf,
     /// The first stdout line and when it was read; `None` at EOF.
     ready: Option<oneshot::Receiver<Option<(Instant, String)>>>,
 }
@@ -316,6 +318,7 @@ impl BrokerProcess {
         Ok(BrokerProcess {
             server: ServerChild::new("the broker", child, spawned_at, |_| {}),
             addr: addr.to_string(),
+            exe: exe.to_path_buf(),
             ready: Some(rx),
         })
     }
@@ -337,7 +340,7 @@ impl BrokerProcess {
                 if !line.starts_with("courier listening on") {
                     bail!(
                         "the broker's first line was {line:?}, not `courier listening on …`; is {} the courier binary?",
-                        std::env::current_exe().unwrap_or_default().display()
+                        self.exe.display()
                     );
                 }
                 Ok(at.duration_since(self.server.spawned_at))

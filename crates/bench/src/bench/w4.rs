@@ -9,7 +9,8 @@
 //! not to the other side. Slices of a few hundred milliseconds give both
 //! sides the same share of every burst.
 
-use super::nats::{NatsInstall, NatsW4};
+use super::nats::{NatsInstall, NatsRequester, NatsSide};
+use super::side::{self, Fsync, Side};
 use super::*;
 
 use futures_util::stream::{FuturesUnordered, StreamExt as _};
@@ -63,24 +64,32 @@ where
     Ok(started.elapsed())
 }
 
-/// One side's W4 servers and clients.
-enum Side {
-    Courier(CourierW4),
-    // Boxed: the NATS side holds more state; one of each per run.
-    Nats(Box<NatsW4>),
+/// One side's W4 server, responder and requester.
+enum W4Side {
+    // Boxed: both hold a server and clients; one of each per run.
+    Courier(Box<(CourierSide, CourierRequester)>),
+    Nats(Box<(NatsSide, NatsRequester)>),
 }
 
-impl Side {
-    async fn start(system: System, exe: &Path, nats: Option<&NatsInstall>) -> anyhow::Result<Side> {
+impl W4Side {
+    async fn start(
+        system: System,
+        exe: &Path,
+        nats: Option<&NatsInstall>,
+    ) -> anyhow::Result<W4Side> {
         super::process::observe_as(system);
         match system {
             System::Courier | System::CourierUnobserved => {
-                Ok(Side::Courier(CourierW4::start(exe).await?))
+                let mut side = CourierSide::start(exe).await?;
+                let requester = side.watch(CourierSide::requester(&side.address())).await?;
+                Ok(W4Side::Courier(Box::new((side, requester))))
             }
             System::Nats => {
                 let nats =
                     nats.ok_or_else(|| anyhow!("internal: no nats-server for the NATS side"))?;
-                Ok(Side::Nats(Box::new(NatsW4::start(nats).await?)))
+                let mut side = NatsSide::start(nats, Fsync::Default).await?;
+                let requester = side.watch(NatsSide::requester(&side.address())).await?;
+                Ok(W4Side::Nats(Box::new((side, requester))))
             }
         }
     }
@@ -91,15 +100,21 @@ impl Side {
         latencies: &mut Vec<u64>,
     ) -> anyhow::Result<Duration> {
         match self {
-            Side::Courier(side) => side.requests(requests, latencies).await,
-            Side::Nats(side) => side.requests(requests, latencies).await,
+            W4Side::Courier(pair) => {
+                let (side, requester) = &mut **pair;
+                side::requests(side, requester, requests, latencies).await
+            }
+            W4Side::Nats(pair) => {
+                let (side, requester) = &mut **pair;
+                side::requests(side, requester, requests, latencies).await
+            }
         }
     }
 
     async fn stop(self) {
         match self {
-            Side::Courier(side) => side.stop().await,
-            Side::Nats(side) => side.stop().await,
+            W4Side::Courier(pair) => CourierSide::close_requester(pair.1).await,
+            W4Side::Nats(pair) => NatsSide::close_requester(pair.1).await,
         }
     }
 }
@@ -168,7 +183,7 @@ pub(super) async fn run(
     let mut sides = Vec::with_capacity(systems.len());
     for &system in systems {
         // Those started before are dropped on error: their servers killed.
-        sides.push((system, Side::start(system, exe, nats).await?));
+        sides.push((system, W4Side::start(system, exe, nats).await?));
     }
     let result = timed_run(&mut sides, plan.warmup, count, in_flight).await;
     for (_, side) in sides {
@@ -197,7 +212,7 @@ pub(super) async fn run(
 /// Warms every side up, then times `count` requests on each, in slices
 /// that alternate between the sides when there are several.
 async fn timed_run(
-    sides: &mut [(System, Side)],
+    sides: &mut [(System, W4Side)],
     warmup: u64,
     count: u64,
     in_flight: usize,

@@ -1,11 +1,28 @@
-//! `courier bench` end to end: it starts its own brokers, prints one JSON
-//! object per figure, and leaves no process or data directory behind.
+//! `courier-bench` end to end: it starts its own brokers, prints one JSON
+//! object per figure, and leaves no process or data directory behind; and
+//! `courier bench` runs it.
 
+use std::path::PathBuf;
 use std::process::Command;
 
-fn courier() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_courier"));
-    cmd.env_remove("COURIER_URL").env_remove("COURIER_SERVICE");
+/// The `courier` binary the bench measures: cargo builds it beside
+/// courier-bench (`cargo test --workspace` builds both).
+fn courier_binary() -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_BIN_EXE_courier-bench")).with_file_name("courier");
+    assert!(
+        path.is_file(),
+        "no courier binary at {}: run the tests with `cargo test --workspace`, or build it first with `cargo build -p courier-cli`",
+        path.display()
+    );
+    path
+}
+
+/// `courier-bench`, measuring the `courier` beside it.
+fn courier_bench() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_courier-bench"));
+    cmd.env_remove("COURIER_URL")
+        .env_remove("COURIER_SERVICE")
+        .env("COURIER_BENCH_COURIER", courier_binary());
     cmd
 }
 
@@ -43,10 +60,10 @@ fn leftover_brokers(pid: u32) -> Vec<String> {
     leftover_processes(pid, " serve ")
 }
 
-/// Runs `courier <args>` to its end; its pid (to look for leftovers by)
+/// Runs `courier-bench <args>` to its end; its pid (to look for leftovers by)
 /// and its output.
 fn run_bench(args: &[&str]) -> (u32, std::process::Output) {
-    let child = courier()
+    let child = courier_bench()
         .args(args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -66,15 +83,7 @@ fn json_lines(stdout: &str) -> Vec<serde_json::Value> {
 
 #[test]
 fn quick_json_run_prints_one_object_per_figure_and_cleans_up() {
-    let (pid, out) = run_bench(&[
-        "bench",
-        "--quick",
-        "--runs",
-        "1",
-        "--only",
-        "W5a,W5b,W6",
-        "--json",
-    ]);
+    let (pid, out) = run_bench(&["--quick", "--runs", "1", "--only", "W5a,W5b,W6", "--json"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "courier bench failed: {stderr}");
 
@@ -123,7 +132,6 @@ fn quick_json_run_prints_one_object_per_figure_and_cleans_up() {
 #[test]
 fn observability_off_starts_brokers_without_the_http_port_name_metrics_or_traces() {
     let (pid, out) = run_bench(&[
-        "bench",
         "--quick",
         "--runs",
         "1",
@@ -148,7 +156,6 @@ fn observability_off_starts_brokers_without_the_http_port_name_metrics_or_traces
 #[test]
 fn observability_compare_runs_both_sides_and_judges_the_ratio() {
     let (pid, out) = run_bench(&[
-        "bench",
         "--quick",
         "--runs",
         "1",
@@ -178,7 +185,7 @@ fn observability_compare_runs_both_sides_and_judges_the_ratio() {
 
 #[test]
 fn metrics_scrape_times_the_metrics_page_of_a_broker_with_many_names() {
-    let (pid, out) = run_bench(&["bench", "--metrics-scrape", "--quick"]);
+    let (pid, out) = run_bench(&["--metrics-scrape", "--quick"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "courier bench failed: {stderr}");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -199,7 +206,7 @@ fn metrics_scrape_times_the_metrics_page_of_a_broker_with_many_names() {
 
 #[test]
 fn only_registry_prints_the_registrys_three_figures_with_their_goals() {
-    let (pid, out) = run_bench(&["bench", "--only", "registry", "--quick"]);
+    let (pid, out) = run_bench(&["--only", "registry", "--quick"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "courier bench failed: {stderr}");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -233,7 +240,6 @@ fn only_registry_prints_the_registrys_three_figures_with_their_goals() {
 #[test]
 fn a_run_over_its_timeout_stops_with_a_clear_error_and_cleans_up() {
     let (pid, out) = run_bench(&[
-        "bench",
         "--quick",
         "--runs",
         "1",
@@ -246,7 +252,9 @@ fn a_run_over_its_timeout_stops_with_a_clear_error_and_cleans_up() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     let last = stderr.lines().last().unwrap_or_default();
     assert!(
-        last.starts_with("courier: W7 run 1/1 (Courier) did not finish within 150ms (--timeout)"),
+        last.starts_with(
+            "courier-bench: W7 run 1/1 (Courier) did not finish within 150ms (--timeout)"
+        ),
         "{stderr}"
     );
     assert!(out.stdout.is_empty(), "no table after a failure");
@@ -256,9 +264,7 @@ fn a_run_over_its_timeout_stops_with_a_clear_error_and_cleans_up() {
 
 #[test]
 fn the_gateway_workload_compares_http_with_the_native_protocol_and_cleans_up() {
-    let (pid, out) = run_bench(&[
-        "bench", "--quick", "--runs", "1", "--only", "W-HTTP-a", "--json",
-    ]);
+    let (pid, out) = run_bench(&["--quick", "--runs", "1", "--only", "W-HTTP-a", "--json"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "courier bench failed: {stderr}");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -281,16 +287,67 @@ fn the_gateway_workload_compares_http_with_the_native_protocol_and_cleans_up() {
 
 #[test]
 fn an_unknown_workload_is_a_usage_error_naming_the_valid_ones() {
-    let out = courier()
-        .args(["bench", "--only", "W5a,W9"])
+    let out = courier_bench()
+        .args(["--only", "W5a,W99"])
         .output()
-        .expect("run courier bench");
+        .expect("run courier-bench");
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("W9") && stderr.contains("W5a, W5b, W6, W7a, W7b"),
+        stderr.contains("W99") && stderr.contains("W5a, W5b, W6, W7a, W7b"),
         "{stderr}"
     );
+}
+
+/// `courier bench …` runs the courier-bench beside it with the same
+/// arguments, in the same process, measuring that `courier`.
+#[test]
+fn courier_bench_subcommand_runs_the_bench_program_beside_it() {
+    let out = Command::new(courier_binary())
+        .args(["bench", "--only", "W5a,W99"])
+        .env_remove("COURIER_BENCH_COURIER")
+        .output()
+        .expect("run courier bench");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a usage error from courier-bench"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("unknown workload \"W99\""), "{stderr}");
+
+    let help = Command::new(courier_binary())
+        .args(["bench", "--help"])
+        .output()
+        .expect("run courier bench --help");
+    let stdout = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.status.success(),
+        "{}",
+        String::from_utf8_lossy(&help.stderr)
+    );
+    assert!(
+        stdout.contains("Usage: courier-bench") && stdout.contains("--against"),
+        "{stdout}"
+    );
+
+    let child = Command::new(courier_binary())
+        .args(["bench", "--quick", "--runs", "1", "--only", "W5b", "--json"])
+        .env_remove("COURIER_BENCH_COURIER")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn courier bench");
+    let pid = child.id();
+    let out = child.wait_with_output().expect("courier bench runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "courier bench failed: {stderr}");
+    let rows = json_lines(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(rows.len(), 1, "{stderr}");
+    assert!(rows[0]["courier"].as_f64().is_some_and(|x| x > 0.0));
+    assert!(stderr.contains("courier-bench: W5b run 1/1"), "{stderr}");
+    assert_eq!(leftover_dirs(pid), Vec::<String>::new());
+    assert_eq!(leftover_brokers(pid), Vec::<String>::new());
 }
 
 /// nats-server processes the bench process `pid` left running (their
@@ -302,7 +359,6 @@ fn leftover_nats_servers(pid: u32) -> Vec<String> {
 #[test]
 fn against_nats_prints_both_columns_a_ratio_and_the_nats_settings() {
     let (pid, out) = run_bench(&[
-        "bench",
         "--against",
         "nats",
         "--quick",
@@ -385,9 +441,8 @@ fn against_nats_prints_both_columns_a_ratio_and_the_nats_settings() {
 
 #[test]
 fn on_a_current_thread_client_runtime_runs_finish_and_timeouts_still_clean_up() {
-    let out = courier()
+    let out = courier_bench()
         .args([
-            "bench",
             "--against",
             "nats",
             "--client-runtime",
@@ -414,7 +469,6 @@ fn on_a_current_thread_client_runtime_runs_finish_and_timeouts_still_clean_up() 
     assert!(stdout.contains("NATS (median)"), "{stdout}");
 
     let (pid, out) = run_bench(&[
-        "bench",
         "--client-runtime",
         "current-thread",
         "--quick",
@@ -443,7 +497,6 @@ fn on_a_current_thread_client_runtime_runs_finish_and_timeouts_still_clean_up() 
 #[test]
 fn fan_out_and_competing_consumers_finish_on_one_client_thread() {
     let (pid, out) = run_bench(&[
-        "bench",
         "--client-runtime",
         "current-thread",
         "--quick",
@@ -502,7 +555,6 @@ fn leftover_databases(pid: u32) -> Vec<String> {
 #[test]
 fn the_outbox_workload_times_the_relay_beside_direct_publishing_and_drops_its_database() {
     let (pid, out) = run_bench(&[
-        "bench",
         "--quick",
         "--runs",
         "1",
@@ -563,7 +615,6 @@ fn the_outbox_workload_without_postgresql_says_how_to_get_one() {
         .expect("free port")
         .port();
     let (pid, out) = run_bench(&[
-        "bench",
         "--quick",
         "--runs",
         "1",
@@ -602,7 +653,7 @@ fn only_clients_puts_the_python_and_typescript_clients_beside_the_rust_sdk() {
     // COURIER_PYTHON first; without them, the bench must say what to
     // install, and still measure the rest.
     let (pid, out) = run_bench(&[
-        "bench", "--only", "clients", "--quick", "--runs", "1", "--scale", "0.05",
+        "--only", "clients", "--quick", "--runs", "1", "--scale", "0.05",
     ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -640,9 +691,9 @@ fn only_clients_puts_the_python_and_typescript_clients_beside_the_rust_sdk() {
 
 #[test]
 fn only_clients_names_what_to_install_when_a_client_cannot_run() {
-    let out = courier()
+    let out = courier_bench()
         .args([
-            "bench", "--only", "clients", "--quick", "--runs", "1", "--scale", "0.02",
+            "--only", "clients", "--quick", "--runs", "1", "--scale", "0.02",
         ])
         .env("COURIER_PYTHON", "/nonexistent/python3")
         // No node on this PATH.
@@ -671,4 +722,69 @@ fn only_clients_names_what_to_install_when_a_client_cannot_run() {
         cells[2].contains("not run") && cells[3].contains("not run"),
         "{row}"
     );
+}
+
+/// The JSON rows of `--against nats` for `only`, each with both sides'
+/// numbers and the ratio between them.
+fn both_sides_rows(only: &str, scale: &str) -> Vec<serde_json::Value> {
+    let (pid, out) = run_bench(&[
+        "--against",
+        "nats",
+        "--quick",
+        "--runs",
+        "1",
+        "--scale",
+        scale,
+        "--only",
+        only,
+        "--json",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "courier-bench failed: {stderr}");
+    let rows = json_lines(&String::from_utf8_lossy(&out.stdout));
+    for v in &rows {
+        let courier = v["courier"].as_f64().expect("courier is a number");
+        let nats = v["nats"].as_f64().expect("nats is a number");
+        assert!(courier > 0.0 && nats > 0.0, "{v}");
+        assert!(v["ratio"].as_f64().is_some_and(|r| r > 0.0), "{v}");
+        assert!(v["nats_side"].is_string(), "{v}");
+    }
+    assert_eq!(leftover_dirs(pid), Vec::<String>::new());
+    assert_eq!(leftover_brokers(pid), Vec::<String>::new());
+    assert_eq!(leftover_nats_servers(pid), Vec::<String>::new());
+    rows
+}
+
+/// The (workload, metric) of each row.
+fn row_ids(rows: &[serde_json::Value]) -> Vec<(String, String)> {
+    rows.iter()
+        .map(|v| {
+            (
+                v["workload"].as_str().unwrap_or_default().to_string(),
+                v["metric"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn large_events_and_requests_under_load_print_both_sides() {
+    let rows = both_sides_rows("W11,W12", "0.2");
+    let expected = [
+        ("W11", "throughput, MB/s"),
+        ("W11", "share of the disk's write+fsync"),
+        ("W11-always", "throughput, MB/s"),
+        ("W11-always", "share of the disk's write+fsync"),
+        ("W12", "latency p50"),
+        ("W12", "latency p99"),
+        ("W12", "W5b publishing beside it"),
+    ];
+    assert_eq!(
+        row_ids(&rows),
+        expected.map(|(w, m)| (w.to_string(), m.to_string()))
+    );
+    let w11 = &rows[0];
+    let always = &rows[2];
+    assert_eq!(w11["courier"], always["courier"], "the same Courier runs");
+    assert_eq!(rows[1]["target"], "≥ 50.0 %");
 }

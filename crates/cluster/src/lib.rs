@@ -10,6 +10,7 @@
 mod connect;
 pub mod durability;
 pub mod lease;
+pub mod model;
 pub mod names;
 pub mod nodes;
 mod provision;

@@ -8,6 +8,7 @@
 //! delivery on the cluster are not here yet.
 
 mod connect;
+pub mod consumers;
 pub mod durability;
 pub mod lease;
 pub mod model;

@@ -39,6 +39,19 @@ pub fn keyed_lane_lease(service: &str) -> String {
     format!("keyed.{service}")
 }
 
+/// What stands for `.` in a service's token: never part of a Courier name
+/// (lower-case letters, digits, `_`, `-` and dots), allowed in NATS
+/// subject tokens and in consumer names.
+pub const SERVICE_DOT: char = '~';
+
+/// A service name as one NATS subject token and a valid consumer name
+/// part: its dots become [`SERVICE_DOT`]. Service names may have dots
+/// (`billing.eu`); as subject tokens they would split, and service `a`'s
+/// filter `courier.m.r.a.>` would take service `a.b`'s replays.
+pub fn service_token(service: &str) -> String {
+    service.replace('.', &SERVICE_DOT.to_string())
+}
+
 /// The longest node id: it is a subject token and part of KV keys, and a
 /// bound keeps every subject built from it short.
 pub const NODE_ID_BYTES_MAX: usize = 64;
@@ -137,6 +150,14 @@ fn hostname() -> String {
 #[allow(clippy::unwrap_used)] // a test that unwraps fails, which is its point
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_service_is_one_token() {
+        assert_eq!(service_token("billing.eu.west"), "billing~eu~west");
+        assert_eq!(service_token("todo"), "todo");
+        assert_ne!(service_token("a.b"), service_token("a_b"));
+        assert_ne!(service_token("a.b"), service_token("a-b"));
+    }
 
     #[test]
     fn node_ids_are_one_subject_token() {

@@ -300,6 +300,110 @@ impl Lease {
     }
 }
 
+/// After a renewal failed for want of an answer (no quorum, a timeout),
+/// the next attempt comes this much later (while the lease is still valid,
+/// and after too).
+const RENEW_RETRY_PAUSE: Duration = Duration::from_millis(250);
+
+/// What a [`LeaseKeeper`] reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Holding {
+    /// Held: act on it while `now < valid_until`.
+    Held { revision: u64, valid_until: Instant },
+    /// Lost for good (refused renewal); the keeper stopped.
+    Lost { now_held_by: Option<String> },
+}
+
+/// Keeps a lease: renews it on time in a task of its own and publishes
+/// the outcome. A renewal that gets no answer is retried; the lease stays
+/// usable only until its last confirmed renewal's `valid_until`, which
+/// [`LeaseKeeper::is_valid_at`] checks.
+pub struct LeaseKeeper {
+    holding: tokio::sync::watch::Receiver<Holding>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Option<Lease>>,
+}
+
+impl LeaseKeeper {
+    pub fn keep(mut lease: Lease) -> LeaseKeeper {
+        let (tx, holding) = tokio::sync::watch::channel(Holding::Held {
+            revision: lease.revision(),
+            valid_until: lease.valid_until(),
+        });
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let mut next = lease.renew_at();
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => return Some(lease),
+                    () = tokio::time::sleep_until(next) => {}
+                }
+                match lease.renew().await {
+                    Ok(()) => {
+                        next = lease.renew_at();
+                        tx.send_replace(Holding::Held {
+                            revision: lease.revision(),
+                            valid_until: lease.valid_until(),
+                        });
+                    }
+                    Err(LeaseError::Lost { now_held_by, .. }) => {
+                        tracing::warn!(
+                            "lease {} lost{}",
+                            lease.key(),
+                            now_held_by
+                                .as_deref()
+                                .map(|n| format!(" to node {n}"))
+                                .unwrap_or_default()
+                        );
+                        tx.send_replace(Holding::Lost { now_held_by });
+                        return None;
+                    }
+                    Err(e) => {
+                        tracing::warn!("{e}; retrying");
+                        next = Instant::now() + RENEW_RETRY_PAUSE;
+                    }
+                }
+            }
+        });
+        LeaseKeeper {
+            holding,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    /// Whether the holder may act at `now`: held, and within the last
+    /// confirmed renewal's validity.
+    pub fn is_valid_at(&self, now: Instant) -> bool {
+        matches!(*self.holding.borrow(), Holding::Held { valid_until, .. } if now < valid_until)
+    }
+
+    /// The latest outcome; `changed()` on it wakes at each renewal and at
+    /// the loss.
+    pub fn watch(&self) -> tokio::sync::watch::Receiver<Holding> {
+        self.holding.clone()
+    }
+
+    /// Stops renewing and deletes the key if it is still this tenure's.
+    pub async fn release(mut self) -> Result<(), LeaseError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match (&mut self.task).await {
+            Ok(Some(lease)) => lease.release().await,
+            // Lost already, or the task ended abnormally: nothing to delete.
+            Ok(None) | Err(_) => Ok(()),
+        }
+    }
+}
+
+impl Drop for LeaseKeeper {
+    /// Without `release`, the key is left to age out, as a crash would.
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // a test that unwraps fails, which is its point
 mod tests {

@@ -8,7 +8,9 @@ mod common;
 use std::time::Duration;
 
 use common::{wait_for, NatsCluster, Sync};
-use courier_cluster::lease::{self, Acquired, Lease, LeaseError, LeaseTiming};
+use courier_cluster::lease::{
+    self, Acquired, Holding, Lease, LeaseError, LeaseKeeper, LeaseTiming,
+};
 use courier_cluster::nodes::{self, NodeRecord};
 use courier_cluster::{provision, NodeId, Provisioned, Settings};
 use tokio::time::Instant;
@@ -230,4 +232,76 @@ async fn nodes_are_listed_while_they_run_and_go_when_they_stop() {
         "gone too early: {:?}",
         died_at.elapsed()
     );
+}
+
+#[tokio::test]
+async fn a_kept_lease_is_renewed_on_time_and_its_loss_is_reported() {
+    let cluster = NatsCluster::start(ALL_SYNC).await;
+    let (a, on_a) = node(&cluster, "a").await;
+    let (b, on_b) = node(&cluster, "b").await;
+    let key = courier_cluster::names::keyed_lane_lease("todo");
+    let keeper = LeaseKeeper::keep(*gained(
+        Lease::acquire(&on_a.leases, &key, &a, TIMING)
+            .await
+            .unwrap(),
+    ));
+    let mut holding = keeper.watch();
+
+    // Kept for twice the max age: valid throughout, renewed (the
+    // revision moves), and nobody else gets it.
+    let until = Instant::now() + MAX_AGE * 2;
+    let first = match &*holding.borrow() {
+        Holding::Held { revision, .. } => *revision,
+        lost => panic!("{lost:?}"),
+    };
+    while Instant::now() < until {
+        assert!(keeper.is_valid_at(Instant::now()));
+        assert!(matches!(
+            Lease::acquire(&on_b.leases, &key, &b, TIMING)
+                .await
+                .unwrap(),
+            Acquired::HeldBy { .. }
+        ));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let renewed = match &*holding.borrow_and_update() {
+        Holding::Held { revision, .. } => *revision,
+        lost => panic!("{lost:?}"),
+    };
+    assert!(renewed > first, "renewed: revision {first} → {renewed}");
+
+    // Someone takes the key from under it (an operator deleting it, here):
+    // the next renewal is refused and the loss reported.
+    on_b.leases.delete(&key).await.unwrap();
+    let taken = gained(
+        Lease::acquire(&on_b.leases, &key, &b, TIMING)
+            .await
+            .unwrap(),
+    );
+    let lost = tokio::time::timeout(TIMING.renew_every * 3, async {
+        loop {
+            holding.changed().await.unwrap();
+            if let Holding::Lost { now_held_by } = &*holding.borrow_and_update() {
+                return now_held_by.clone();
+            }
+        }
+    })
+    .await
+    .expect("the loss is reported within a renewal or two");
+    assert_eq!(lost.as_deref(), Some("b"));
+    assert!(!keeper.is_valid_at(Instant::now()));
+    keeper.release().await.unwrap();
+    assert_eq!(
+        lease::holder(&on_a.leases, &key)
+            .await
+            .unwrap()
+            .map(|(v, _)| v.node),
+        Some("b".to_string()),
+        "a lost lease's release deletes nothing"
+    );
+
+    // A kept lease released frees the key at once.
+    let keeper = LeaseKeeper::keep(*taken);
+    keeper.release().await.unwrap();
+    assert!(lease::holder(&on_a.leases, &key).await.unwrap().is_none());
 }

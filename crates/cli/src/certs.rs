@@ -121,3 +121,28 @@ fn write_file(path: &Path, text: &str, secret: bool) -> std::io::Result<()> {
     file.write_all(text.as_bytes())?;
     file.sync_all()
 }
+
+pub(crate) fn dev_certs(
+    dir: &std::path::Path,
+    services: Vec<String>,
+    force: bool,
+) -> anyhow::Result<()> {
+    let services = if services.is_empty() {
+        DEFAULT_SERVICES.iter().map(|s| s.to_string()).collect()
+    } else {
+        services
+    };
+    let written = write_dev_certs(dir, &services, force)?;
+    for path in &written {
+        println!("{}", path.display());
+    }
+    let d = dir.display();
+    let first = services.first().map_or("web", String::as_str);
+    eprintln!(
+        "courier: development certificates only (the CA key is in {d}/ca-key.pem).\n\
+         broker:  courier serve --tls-cert {d}/server.pem --tls-key {d}/server-key.pem --tls-client-ca {d}/ca.pem\n\
+         clients: --tls-ca {d}/ca.pem --tls-cert {d}/{first}.pem --tls-key {d}/{first}-key.pem\n\
+         manifest: certificates = [\"CN={first}\"] under [services.{first}]"
+    );
+    Ok(())
+}

@@ -7,15 +7,14 @@ use std::time::Duration;
 use clap::Args;
 use courier_client::{Client, ClientOptions, ConnectionEvent, Error as ClientError};
 
+/// The broker to talk to and the credentials to show it: what every
+/// command that connects takes, whether it acts as a service ([`Conn`]) or
+/// asks the broker's own commands (`courier dead-letters`, `pause`, …).
 #[derive(Args, Clone)]
-pub struct Conn {
+pub struct Broker {
     /// Broker address.
     #[arg(long, env = "COURIER_URL", default_value = "127.0.0.1:7700")]
     pub url: String,
-    /// The service to act as (default: the token's or client certificate's
-    /// service, else `cli`).
-    #[arg(long, env = "COURIER_SERVICE")]
-    pub service: Option<String>,
     /// Credentials, for brokers that require them.
     #[arg(long, env = "COURIER_TOKEN")]
     pub token: Option<String>,
@@ -30,7 +29,7 @@ pub struct Conn {
     pub tls_key: Option<PathBuf>,
 }
 
-impl Conn {
+impl Broker {
     /// TLS when `--tls-ca` is given (clap pairs `--tls-cert` with
     /// `--tls-key` and with `--tls-ca`).
     pub fn client_tls(&self) -> Option<courier_client::ClientTls> {
@@ -41,6 +40,29 @@ impl Conn {
             _ => tls,
         })
     }
+}
+
+/// A client command's connection: the broker, and the service it acts as.
+#[derive(Args, Clone)]
+pub struct Conn {
+    #[command(flatten)]
+    pub broker: Broker,
+    /// The service to act as (default: the token's or client certificate's
+    /// service, else `cli`).
+    #[arg(long, env = "COURIER_SERVICE")]
+    pub service: Option<String>,
+}
+
+impl Conn {
+    /// The connection of a command for the broker itself. It has no
+    /// `--service` (where it takes one, that names the service acted on),
+    /// so only `COURIER_SERVICE` names the service it connects as.
+    pub fn admin(broker: &Broker) -> Conn {
+        Conn {
+            broker: broker.clone(),
+            service: std::env::var("COURIER_SERVICE").ok(),
+        }
+    }
 
     /// With a token and no explicit service, the token decides (an empty
     /// name in HELLO); without either, `cli`.
@@ -48,12 +70,21 @@ impl Conn {
         // A client certificate decides like a token does.
         match (
             &self.service,
-            self.token.is_some() || self.tls_cert.is_some(),
+            self.broker.token.is_some() || self.broker.tls_cert.is_some(),
         ) {
             (Some(s), _) => s.clone(),
             (None, true) => String::new(),
             (None, false) => "cli".to_string(),
         }
+    }
+
+    /// The SDK's options for this connection: address, service,
+    /// credentials and TLS.
+    pub fn options(&self) -> ClientOptions {
+        let mut opts = ClientOptions::new(self.broker.url.clone(), self.service_name());
+        opts.token = self.broker.token.clone();
+        opts.tls = self.broker.client_tls();
+        opts
     }
 }
 
@@ -90,7 +121,7 @@ impl Deadline {
             ),
             None => "gave up".to_string(),
         };
-        anyhow::Error::new(GaveUp::new(&conn.url, connected, &waited, progress))
+        anyhow::Error::new(GaveUp::new(&conn.broker.url, connected, &waited, progress))
     }
 }
 
@@ -144,9 +175,7 @@ pub async fn connect(
     settings: Settings,
     deadline: &Deadline,
 ) -> anyhow::Result<Client> {
-    let mut opts = ClientOptions::new(conn.url.clone(), conn.service_name());
-    opts.token = conn.token.clone();
-    opts.tls = conn.client_tls();
+    let mut opts = conn.options();
     if settings.max_in_flight > 0 {
         opts.max_in_flight = settings.max_in_flight;
     }
@@ -161,7 +190,7 @@ pub async fn connect(
         }
     };
     let mut events = client.connection_events();
-    let url = conn.url.clone();
+    let url = conn.broker.url.clone();
     tokio::spawn(async move {
         while let Some(event) = events.next().await {
             match event {
@@ -187,8 +216,53 @@ pub fn timeout_while_away(
     match error {
         ClientError::Timeout(t) if !client.is_connected() => {
             let waited = format!("no answer within {}", humantime::format_duration(t));
-            anyhow::Error::new(GaveUp::new(&conn.url, false, &waited, progress))
+            anyhow::Error::new(GaveUp::new(&conn.broker.url, false, &waited, progress))
         }
         other => other.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn broker(token: Option<&str>, tls_ca: Option<&str>) -> Broker {
+        Broker {
+            url: "broker.example:7700".to_string(),
+            token: token.map(str::to_string),
+            tls_ca: tls_ca.map(PathBuf::from),
+            tls_cert: None,
+            tls_key: None,
+        }
+    }
+
+    #[test]
+    fn options_carry_the_address_the_credentials_and_who_decides_the_service() {
+        let named = Conn {
+            broker: broker(Some("crr_x"), None),
+            service: Some("web".to_string()),
+        };
+        let opts = named.options();
+        assert_eq!(
+            (
+                opts.url.as_str(),
+                opts.service.as_str(),
+                opts.token.as_deref()
+            ),
+            ("broker.example:7700", "web", Some("crr_x"))
+        );
+        assert!(opts.tls.is_none());
+        let by_token = Conn {
+            broker: broker(Some("crr_x"), None),
+            service: None,
+        };
+        assert_eq!(by_token.options().service, "", "the token decides");
+        let anonymous = Conn {
+            broker: broker(None, Some("ca.pem")),
+            service: None,
+        };
+        let opts = anonymous.options();
+        assert_eq!(opts.service, "cli");
+        assert!(opts.tls.is_some(), "--tls-ca means TLS");
     }
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Args;
-use courier_client::{Client, ClientOptions};
+use courier_client::Client;
 use courier_outbox::{Relay, RelayOptions};
 
 use crate::conn::Conn;
@@ -32,12 +32,9 @@ pub struct OutboxRelayArgs {
 }
 
 pub async fn run(args: OutboxRelayArgs) -> anyhow::Result<()> {
-    let mut opts = ClientOptions::new(args.conn.url.clone(), args.conn.service_name());
-    opts.token = args.conn.token.clone();
-    opts.tls = args.conn.client_tls();
-    let client = Client::connect(opts)
+    let client = Client::connect(args.conn.options())
         .await
-        .with_context(|| format!("connecting to the broker at {}", args.conn.url))?;
+        .with_context(|| format!("connecting to the broker at {}", args.conn.broker.url))?;
     let url = args.database_url.as_str();
     let relay = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         let pool = sqlx::PgPool::connect(url)

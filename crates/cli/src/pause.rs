@@ -5,7 +5,9 @@
 use clap::Args;
 use serde_json::json;
 
-use crate::{admin_request, output, Admin};
+use crate::admin::admin_request;
+use crate::conn::Broker;
+use crate::output;
 
 #[derive(Args)]
 pub struct PauseArgs {
@@ -16,7 +18,7 @@ pub struct PauseArgs {
     #[arg(long)]
     service: String,
     #[command(flatten)]
-    admin: Admin,
+    admin: Broker,
 }
 
 /// Pauses (`pause`) or resumes the subscription; prints the broker's

@@ -9,8 +9,9 @@ use clap::Args;
 use courier_client::Error as ClientError;
 use tokio::sync::mpsc;
 
+use crate::args::parse_duration;
 use crate::conn::{self, Conn, Deadline, Settings};
-use crate::{output, parse_duration};
+use crate::output;
 
 #[derive(Args)]
 pub struct ReplyArgs {

@@ -14,8 +14,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
+use crate::args::parse_duration;
 use crate::conn::{self, Conn, Deadline, Settings};
-use crate::{output, parse_duration, UsageError};
+use crate::{output, UsageError};
 
 /// What a message carries besides its name, shared by send, publish and
 /// request.

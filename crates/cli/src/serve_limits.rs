@@ -18,15 +18,15 @@ const OPEN_FILES_UNLIMITED_TRY: u64 = 1 << 20;
 pub struct ServeLimits {
     /// A new connection must complete its HELLO (and TLS handshake) within
     /// this time, whether it goes silent or shuts its write side.
-    #[arg(long, default_value = "10s", value_parser = crate::parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = crate::args::parse_duration)]
     handshake_timeout: Duration,
     /// Once a frame has begun to arrive, all of it must arrive within this
     /// time, or the connection is closed.
-    #[arg(long, default_value = "30s", value_parser = crate::parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = crate::args::parse_duration)]
     frame_timeout: Duration,
     /// A connection that sends nothing, not even a PING, for this long is
     /// closed (the SDK pings every 10 s).
-    #[arg(long, default_value = "60s", value_parser = crate::parse_duration)]
+    #[arg(long, default_value = "60s", value_parser = crate::args::parse_duration)]
     keepalive_timeout: Duration,
     /// Connections open at once; more are refused with
     /// `too_many_connections`. Default: the open-files limit (raised to the
@@ -43,7 +43,7 @@ pub struct ServeLimits {
 /// `8MiB/s`, `512KiB/s`, `0` …: bytes per second.
 fn parse_rate(text: &str) -> Result<u64, String> {
     let size = text.trim().strip_suffix("/s").unwrap_or(text.trim());
-    crate::parse_size(size).map_err(|e| format!("{e} (a rate such as 8MiB/s, or 0 for off)"))
+    crate::serve::parse_size(size).map_err(|e| format!("{e} (a rate such as 8MiB/s, or 0 for off)"))
 }
 
 impl ServeLimits {

@@ -8,8 +8,9 @@ use clap::Args;
 use courier_client::{Error as ClientError, StartFrom};
 use tokio::sync::mpsc;
 
+use crate::args::{parse_duration, parse_start};
 use crate::conn::{self, Conn, Deadline, Settings};
-use crate::{output, parse_duration, parse_start};
+use crate::output;
 
 #[derive(Args)]
 pub struct SubscribeArgs {
@@ -97,4 +98,12 @@ pub async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
     // once when the broker is away: nothing can be written then).
     client.shutdown().await;
     outcome
+}
+
+/// `courier unsubscribe`: removes the service's subscription to `pattern`.
+pub async fn unsubscribe(pattern: &str, conn: &Conn) -> anyhow::Result<()> {
+    let client = conn::connect(conn, Settings::default(), &Deadline::after(None)).await?;
+    client.unsubscribe(pattern).await?;
+    client.shutdown().await;
+    Ok(())
 }

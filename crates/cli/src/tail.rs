@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use clap::Args;
 
-use crate::{connect_admin, output, Admin};
+use crate::admin::connect_admin;
+use crate::conn::Broker;
+use crate::output;
 
 #[derive(Args)]
 pub struct TailArgs {
@@ -22,7 +24,7 @@ pub struct TailArgs {
     #[arg(long)]
     payload: bool,
     #[command(flatten)]
-    admin: Admin,
+    admin: Broker,
 }
 
 /// A tail runs until interrupted; the request's own deadline is only a

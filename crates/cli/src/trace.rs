@@ -5,7 +5,9 @@
 use clap::Args;
 use serde_json::{json, Value};
 
-use crate::{admin_request, output, Admin};
+use crate::admin::{admin_request, admin_request_named};
+use crate::conn::Broker;
+use crate::output;
 
 #[derive(Args)]
 pub struct TraceArgs {
@@ -32,7 +34,7 @@ pub struct TraceArgs {
     #[arg(long, default_value_t = 50, conflicts_with = "activity_id")]
     limit: u32,
     #[command(flatten)]
-    admin: Admin,
+    admin: Broker,
 }
 
 pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
@@ -53,7 +55,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     };
-    let (outcome, body) = crate::admin_request_named(
+    let (outcome, body) = admin_request_named(
         &args.admin,
         "courier.trace.get",
         json!({ "activity_id": id }),

@@ -65,9 +65,11 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod authorisation;
 mod check;
 mod error;
 mod manifest;
+mod parse;
 mod pattern;
 mod rule;
 mod token;

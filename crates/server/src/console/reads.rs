@@ -1,0 +1,397 @@
+//! The console's reads: services, names, topology and dead letters. Each
+//! holds the core's lock only to copy state out, and builds its JSON after.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use courier_broker::stats::{NameStats, Traffic};
+use courier_broker::{dead_letter_json, InstanceInfo, SubscriptionGauges, SYSTEM_PREFIX};
+use courier_store::histogram::Histogram;
+use serde_json::{json, Value};
+
+use crate::http::seconds;
+use crate::{now_nanos, ConnId, FastMap, Nanos, Shared};
+
+use super::*;
+
+/// `GET /v1/services`: every service the broker knows (subscribed or
+/// connected), its subscriptions and whether each is paused, its queue,
+/// and its connected instances.
+#[utoipa::path(
+    get,
+    path = "/v1/services",
+    tag = "console",
+    responses(
+        (status = 200, description = "Every service the broker knows, its subscriptions, queue and instances", body = crate::openapi::ServicesListing),
+        (status = 401, description = "Under a manifest: no admin token, or one it does not list", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "A service's token, or a non-loopback caller without a manifest", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ),
+)]
+pub(crate) async fn services(State(shared): State<Arc<Shared>>) -> Response {
+    let now = now_nanos();
+    let (gauges, instances) = {
+        let mut core = shared.core();
+        (core.subscription_gauges(now), core.instances())
+    };
+    let peers: FastMap<ConnId, Peer> = shared
+        .peers()
+        .iter()
+        .map(|(conn, peer)| (*conn, *peer))
+        .collect();
+    json_answer(services_json(&gauges, &instances, &peers, now))
+}
+
+pub(crate) fn services_json(
+    gauges: &[SubscriptionGauges],
+    instances: &[InstanceInfo],
+    peers: &FastMap<ConnId, Peer>,
+    now: Nanos,
+) -> Value {
+    let services: Vec<Value> = gauges
+        .iter()
+        .map(|g| {
+            let patterns: Vec<Value> = g
+                .patterns
+                .iter()
+                .map(|p| json!({"pattern": p, "paused": g.paused.contains(p)}))
+                .collect();
+            let instances: Vec<Value> = instances
+                .iter()
+                .filter(|i| i.service == g.service)
+                .map(|i| instance_json(i, peers.get(&i.conn)))
+                .collect();
+            json!({
+                "name": g.service,
+                "patterns": patterns,
+                "paused": g.paused,
+                "instances": instances,
+                "backlog": g.backlog,
+                "backlog_bytes": g.backlog_bytes,
+                "in_flight": g.in_flight,
+                "dead_letters": g.dead_letters,
+                "oldest_unacked_seconds": g.oldest_unacked_age.map(seconds),
+                "consumers": g.consumers,
+                "consumers_paused": g.consumers_paused,
+            })
+        })
+        .collect();
+    json!({ "at": now, "services": services })
+}
+
+pub(crate) fn instance_json(i: &InstanceInfo, peer: Option<&Peer>) -> Value {
+    json!({
+        "instance": i.instance,
+        "connection": i.conn,
+        "peer": peer.map(|p| p.addr.to_string()),
+        "connected_at": peer.map(|p| p.connected_at),
+        "in_flight": i.in_flight,
+        "max_in_flight": i.max_in_flight,
+        "consumes": i.patterns,
+        "draining": i.draining,
+        "backpressure": i.paused,
+    })
+}
+
+/// What `/v1/names` and `/v1/topology` read: the traffic counters.
+pub(crate) fn traffic_copy(shared: &Shared) -> (Vec<NameStats>, usize, u64) {
+    let core = shared.core();
+    let traffic = core.traffic();
+    (
+        traffic.names().to_vec(),
+        traffic.names_max(),
+        traffic.names_over_cap,
+    )
+}
+
+/// `GET /v1/names`: per message name its counters (since the broker
+/// started), reply-latency percentiles and outcomes. Rates are the page's
+/// to derive, by diffing two answers over their `at`.
+#[utoipa::path(
+    get,
+    path = "/v1/names",
+    tag = "console",
+    responses(
+        (status = 200, description = "Per message name: counters, reply latency, outcomes", body = crate::openapi::NamesListing),
+        (status = 401, description = "Under a manifest: no admin token, or one it does not list", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "A service's token, or a non-loopback caller without a manifest", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ),
+)]
+pub(crate) async fn names(State(shared): State<Arc<Shared>>) -> Response {
+    let now = now_nanos();
+    let (names, names_max, over_cap) = traffic_copy(&shared);
+    let names: Vec<Value> = names.iter().map(name_json).collect();
+    json_answer(json!({
+        "at": now,
+        "names": names,
+        "names_max": names_max,
+        "names_over_cap": over_cap,
+    }))
+}
+
+pub(crate) fn refused_total(t: &Traffic) -> u64 {
+    t.refused.iter().map(|(_, n)| n).sum()
+}
+
+pub(crate) fn counters_json(t: &Traffic) -> Value {
+    json!({
+        "sent": t.sent,
+        "delivered": t.delivered,
+        "acked": t.acked,
+        "nacked": t.nacked,
+        "redelivered": t.redelivered,
+        "expired": t.expired,
+        "dead_lettered": t.dead_lettered,
+        "refused": refused_total(t),
+    })
+}
+
+pub(crate) fn name_json(n: &NameStats) -> Value {
+    let mut total = Traffic::default();
+    let mut services = Vec::with_capacity(n.by_service.len());
+    for (service, t) in &n.by_service {
+        total.sent += t.sent;
+        total.delivered += t.delivered;
+        total.acked += t.acked;
+        total.nacked += t.nacked;
+        total.redelivered += t.redelivered;
+        total.expired += t.expired;
+        total.dead_lettered += t.dead_lettered;
+        for (code, count) in &t.refused {
+            match total.refused.iter_mut().find(|(c, _)| c == code) {
+                Some((_, n)) => *n += count,
+                None => total.refused.push((*code, *count)),
+            }
+        }
+        let mut counters = counters_json(t);
+        counters["service"] = json!(service.as_str());
+        counters["refused_by_reason"] = Value::Object(
+            t.refused
+                .iter()
+                .map(|(code, n)| (code.as_str().to_string(), json!(n)))
+                .collect(),
+        );
+        services.push(counters);
+    }
+    let latency = (n.reply_latency.count > 0).then(|| latency_json(&n.reply_latency));
+    let outcomes: Vec<Value> = n
+        .outcomes
+        .iter()
+        .map(|(outcome, count)| json!({"outcome": outcome.as_str(), "count": count}))
+        .collect();
+    json!({
+        "name": n.name.as_str(),
+        "totals": counters_json(&total),
+        "services": services,
+        "reply_latency": latency,
+        "outcomes": outcomes,
+    })
+}
+
+pub(crate) fn latency_json(h: &Histogram) -> Value {
+    let buckets: Vec<Value> = h
+        .cumulative()
+        .into_iter()
+        .map(|(le, n)| {
+            json!([
+                if le.is_finite() {
+                    json!(le)
+                } else {
+                    json!("+Inf")
+                },
+                n
+            ])
+        })
+        .collect();
+    json!({
+        "count": h.count,
+        "sum_seconds": h.sum,
+        "p50": quantile(h, 0.5),
+        "p90": quantile(h, 0.9),
+        "p99": quantile(h, 0.99),
+        "buckets": buckets,
+    })
+}
+
+/// The `q` quantile in seconds, interpolated linearly inside its bucket as
+/// Prometheus's `histogram_quantile` does; past the last bound, that bound.
+pub(crate) fn quantile(h: &Histogram, q: f64) -> Option<f64> {
+    if h.count == 0 {
+        return None;
+    }
+    let rank = q * h.count as f64;
+    let mut below_bound = 0.0;
+    let mut below_count = 0u64;
+    for (le, cumulative) in h.cumulative() {
+        if cumulative as f64 >= rank && cumulative > below_count {
+            if !le.is_finite() {
+                return Some(below_bound);
+            }
+            let share = (rank - below_count as f64) / (cumulative - below_count) as f64;
+            return Some(below_bound + (le - below_bound) * share.clamp(0.0, 1.0));
+        }
+        if le.is_finite() {
+            below_bound = le;
+        }
+        below_count = cumulative;
+    }
+    Some(below_bound)
+}
+
+/// `GET /v1/topology`: who talks to whom, as observed. For each message
+/// name, an edge from every service that sent it to every service it was
+/// delivered to; `count` is what the sender sent of it (each message goes
+/// to every receiving service once), `errors` the receiver's nacks and
+/// dead letters of it plus the sender's refused sends of it.
+#[utoipa::path(
+    get,
+    path = "/v1/topology",
+    tag = "console",
+    responses(
+        (status = 200, description = "Who sent what to whom", body = crate::openapi::Topology),
+        (status = 401, description = "Under a manifest: no admin token, or one it does not list", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "A service's token, or a non-loopback caller without a manifest", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ),
+)]
+pub(crate) async fn topology(State(shared): State<Arc<Shared>>) -> Response {
+    let now = now_nanos();
+    let (names, _, _) = traffic_copy(&shared);
+    let known: Vec<String> = shared
+        .core()
+        .services()
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    json_answer(topology_json(&names, known, now))
+}
+
+pub(crate) fn topology_json(names: &[NameStats], mut services: Vec<String>, now: Nanos) -> Value {
+    let mut edges = Vec::new();
+    for n in names.iter().filter(|n| !n.name.starts_with(SYSTEM_PREFIX)) {
+        let receivers: Vec<(&str, &Traffic)> = n
+            .by_service
+            .iter()
+            .filter(|(_, t)| t.delivered > 0)
+            .map(|(s, t)| (s.as_str(), t))
+            .collect();
+        for (sender, sent) in n.by_service.iter().filter(|(_, t)| t.sent > 0) {
+            for (receiver, got) in &receivers {
+                edges.push(json!({
+                    "from": sender.as_str(),
+                    "to": receiver,
+                    "name": n.name.as_str(),
+                    "count": sent.sent,
+                    "errors": got.nacked + got.dead_lettered + refused_total(sent),
+                }));
+                for s in [sender.as_str(), receiver] {
+                    if !services.iter().any(|known| known == s) {
+                        services.push(s.to_string());
+                    }
+                }
+            }
+        }
+    }
+    services.sort();
+    json!({ "at": now, "services": services, "edges": edges })
+}
+
+/// `GET /v1/dead-letters/{service}`: the oldest dead letters (at most
+/// `DEAD_LETTERS_LISTED_MAX`) and how many there are.
+#[utoipa::path(
+    get,
+    path = "/v1/dead-letters/{service}",
+    tag = "console",
+    params(
+        ("service" = String, Path, description = "The service's name"),
+    ),
+    responses(
+        (status = 200, description = "The oldest dead letters, and how many there are", body = crate::openapi::DeadLetters),
+        (status = 401, description = "Under a manifest: no admin token, or one it does not list", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "A service's token, or a non-loopback caller without a manifest", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such service", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ),
+)]
+pub(crate) async fn dead_letters(
+    State(shared): State<Arc<Shared>>,
+    Path(service): Path<String>,
+) -> Response {
+    let (total, letters) = {
+        let mut core = shared.core();
+        let Some(total) = core.dead_letter_count(&service) else {
+            return unknown_service(&service);
+        };
+        (
+            total,
+            core.dead_letters_first(&service, DEAD_LETTERS_LISTED_MAX),
+        )
+    };
+    let letters: Vec<Value> = letters
+        .iter()
+        .map(|(d, m)| dead_letter_json(d, m.as_ref(), false))
+        .collect();
+    json_answer(json!({
+        "service": service,
+        "total": total,
+        "listed_max": DEAD_LETTERS_LISTED_MAX,
+        "dead_letters": letters,
+    }))
+}
+
+/// `GET /v1/dead-letters/{service}/{id}`: one, with its whole envelope
+/// and payload.
+#[utoipa::path(
+    get,
+    path = "/v1/dead-letters/{service}/{id}",
+    tag = "console",
+    params(
+        ("service" = String, Path, description = "The service's name"),
+        ("id" = u64, Path, description = "The dead letter's id"),
+    ),
+    responses(
+        (status = 200, description = "One dead letter with its envelope and payload", body = crate::openapi::DeadLetter),
+        (status = 400, description = "Not a dead letter id", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Under a manifest: no admin token, or one it does not list", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "A service's token, or a non-loopback caller without a manifest", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such dead letter", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ),
+)]
+pub(crate) async fn dead_letter(
+    State(shared): State<Arc<Shared>>,
+    Path((service, id)): Path<(String, String)>,
+) -> Response {
+    let id = match parse_id(&id) {
+        Ok(id) => id,
+        Err(refusal) => return refusal.into_response(),
+    };
+    let found = shared.core().find_dead_letter(&service, id);
+    match found {
+        Some((d, m)) => json_answer(dead_letter_json(&d, m.as_ref(), true)),
+        None => no_dead_letter(&service, id),
+    }
+}
+
+pub(crate) fn parse_id(id: &str) -> Result<u64, Refusal> {
+    id.parse().map_err(|_| {
+        Refusal::new(
+            StatusCode::BAD_REQUEST,
+            format!("{id:?} is not a dead letter id; ids are the numbers /v1/dead-letters/SERVICE lists"),
+        )
+    })
+}
+
+pub(crate) fn unknown_service(service: &str) -> Response {
+    refuse(
+        StatusCode::NOT_FOUND,
+        &format!("the broker knows no service {service}; /v1/services lists those it knows"),
+    )
+}
+
+pub(crate) fn no_dead_letter(service: &str, id: u64) -> Response {
+    refuse(
+        StatusCode::NOT_FOUND,
+        &format!(
+            "service {service} has no dead letter {id}; /v1/dead-letters/{service} lists them"
+        ),
+    )
+}

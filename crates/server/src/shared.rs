@@ -1,0 +1,360 @@
+//! What every task of a server shares (`Shared`): the broker core behind
+//! its one lock, and carrying out the actions of each batch.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use courier_broker::{Action, Broker, ConnId, FastMap, Nanos};
+use courier_proto::{ErrorCode, ErrorFrame, Frame};
+use courier_store::MessageStore;
+use tokio::sync::Notify;
+use tracing::{error, warn};
+
+use crate::background::answer_trace_query;
+use crate::outbox::OutState;
+use crate::{console, gateway, group_commit, registry, tail, trace, Outbox, ServerConfig};
+
+pub(crate) type Store = Box<dyn MessageStore>;
+
+pub(crate) struct Shared {
+    pub(crate) config: ServerConfig,
+    /// The service registry's checks and watchers (`registry.rs`).
+    pub(crate) registry: registry::RegistryEdge,
+    /// Credentials each live connection presented (and the subject of its
+    /// verified client certificate), to check again when the manifest changes.
+    pub(crate) credentials: Mutex<HashMap<ConnId, (courier_proto::Credentials, Option<String>)>>,
+    /// Set when the listener speaks TLS.
+    pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Modification time of the manifest file in force.
+    pub(crate) manifest_modified: Mutex<Option<SystemTime>>,
+    pub(crate) handshakes: std::sync::atomic::AtomicUsize,
+    /// Connections open (see [`ServerConfig::connections_max`]).
+    pub(crate) connections: std::sync::atomic::AtomicUsize,
+    /// Connections over the cap being told so.
+    pub(crate) refusals: std::sync::atomic::AtomicUsize,
+    /// The second (unix) of the last "too many handshakes" warning.
+    pub(crate) cap_warned_at: AtomicU64,
+    /// The second (unix) of the last "too many connections" warning.
+    pub(crate) connections_warned_at: AtomicU64,
+    /// Connections paused for back-pressure, checked on every tick.
+    pub(crate) paused: Mutex<std::collections::HashSet<ConnId>>,
+    pub(crate) core: Mutex<Broker<Store>>,
+    pub(crate) outboxes: Mutex<FastMap<ConnId, Arc<Outbox>>>,
+    /// Where each live connection comes from and since when, for the
+    /// console (the broker core knows nothing of sockets or clocks).
+    pub(crate) peers: Mutex<FastMap<ConnId, console::Peer>>,
+    pub(crate) next_conn: AtomicU64,
+    /// When the timer task plans to wake next (unix ns).
+    pub(crate) timer_due: AtomicU64,
+    pub(crate) timer_wake: Arc<Notify>,
+    /// How long recovery took at start-up, for `/metrics`.
+    pub(crate) recovery_seconds: f64,
+    /// Frames decoded from clients, and entries encoded for them (batched
+    /// into fewer frames), for `/metrics`.
+    pub(crate) frames_in: AtomicU64,
+    pub(crate) entries_out: AtomicU64,
+    /// Live tails and the channel that feeds them.
+    pub(crate) tails: tail::Tails,
+    /// Activity traces, unless off.
+    pub(crate) tracer: Option<trace::Tracer>,
+    /// The HTTP gateway's webhook posts, for `/metrics`.
+    pub(crate) webhooks: Arc<gateway::webhook::WebhookCounters>,
+    /// What the gateway's webhook secrets derive from.
+    pub(crate) webhook_key: gateway::webhook::WebhookKey,
+    /// Wakes the thread that fsyncs outside the core's lock.
+    pub(crate) committer: Arc<group_commit::Committer>,
+}
+
+/// What the broker wants the operator to hear: harm to durable data at
+/// error level, the rest as warnings.
+pub(crate) fn say_alerts(core: &mut Broker<Store>) {
+    for error in core.take_errors() {
+        error!("{error}");
+    }
+    for alert in core.take_alerts() {
+        warn!("{alert}");
+    }
+}
+
+pub(crate) fn now_nanos() -> Nanos {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// Where a batch's fsync runs (see [`Shared::with_core_deferred`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Commit {
+    InPlace,
+    Deferred,
+    Committing,
+}
+
+impl Shared {
+    pub(crate) fn core(&self) -> MutexGuard<'_, Broker<Store>> {
+        self.core
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub(crate) fn peers(&self) -> MutexGuard<'_, FastMap<ConnId, console::Peer>> {
+        self.peers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub(crate) fn outboxes(&self) -> MutexGuard<'_, FastMap<ConnId, Arc<Outbox>>> {
+        self.outboxes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Runs `f` on the broker, then carries out every action it produced.
+    /// Actions are written while the core lock is held, so frames for one
+    /// connection leave in the order the broker decided them. What `f`
+    /// stored is durable when this returns (the fsync ran under the lock).
+    pub(crate) fn with_core(&self, f: impl FnOnce(&mut Broker<Store>, Nanos)) {
+        self.run_core(f, Commit::InPlace);
+    }
+
+    /// Like [`Shared::with_core`], but the fsync runs on the group-commit
+    /// thread (`group_commit.rs`), without the lock: what must wait for it
+    /// (acknowledgements, deliveries of stored messages) leaves when it is
+    /// done, everything else at once.
+    pub(crate) fn with_core_deferred(&self, f: impl FnOnce(&mut Broker<Store>, Nanos)) {
+        self.run_core(f, Commit::Deferred);
+    }
+
+    /// For the group-commit thread itself: deferred, without waking it.
+    pub(crate) fn with_core_committing(&self, f: impl FnOnce(&mut Broker<Store>, Nanos)) {
+        self.run_core(f, Commit::Committing);
+    }
+
+    pub(crate) fn run_core(&self, f: impl FnOnce(&mut Broker<Store>, Nanos), commit: Commit) {
+        let mut core = self.core();
+        let now = now_nanos();
+        core.set_tapping(self.tails.any());
+        f(&mut core, now);
+        let mut actions = Vec::new();
+        let mut wake_committer = false;
+        if commit == Commit::InPlace || !self.committer.running() {
+            core.take_actions(&mut actions);
+        } else {
+            core.take_ready_actions(&mut actions);
+            wake_committer = commit == Commit::Deferred && core.sync_wanted();
+        }
+        // Sent under the lock, so every tail sees the core's order.
+        for tapped in core.take_taps() {
+            let _ = self.tails.sender.send(Arc::new(tapped));
+        }
+        // One send per batch, under the lock too: the trace thread sees
+        // acceptances before the deliveries and acks that follow them.
+        if let Some(tracer) = &self.tracer {
+            let mut records = Vec::new();
+            let bytes = core.take_traces(&mut records);
+            if !records.is_empty() {
+                tracer.submit(records, bytes);
+            }
+        }
+        say_alerts(&mut core);
+        let checks = core.take_registry_checks();
+        self.registry.after_core(core.registry().index(), checks);
+        let next_timer = core.next_timer();
+        let (cut, full) = self.dispatch(actions);
+        core.metrics_mut().slow_consumers_cut += cut;
+        if !full.is_empty() {
+            let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
+            for conn in full {
+                core.set_paused(conn, true, now);
+                paused.insert(conn);
+            }
+        }
+        drop(core);
+        if wake_committer {
+            self.committer.wake();
+        }
+        if let Some(t) = next_timer {
+            if t < self.timer_due.load(Ordering::Relaxed) {
+                self.timer_wake.notify_one();
+            }
+        }
+    }
+
+    /// Resumes paused connections whose outbox has drained (on each tick).
+    pub(crate) fn resume_drained(&self, core: &mut Broker<Store>, now: Nanos) {
+        let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
+        if paused.is_empty() {
+            return;
+        }
+        let outboxes = self.outboxes();
+        let low = self.config.pause_bytes / 4;
+        paused.retain(|conn| {
+            let Some(outbox) = outboxes.get(conn) else {
+                return false;
+            };
+            let mut state = outbox.lock();
+            let pending = state.writer.len() + state.writing;
+            if pending <= low {
+                state.paused = false;
+                drop(state);
+                core.set_paused(*conn, false, now);
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    /// Encodes actions into outboxes; returns how many connections were cut
+    /// off as slow consumers, and those now over the pause threshold.
+    pub(crate) fn dispatch(&self, actions: Vec<Action>) -> (u64, Vec<ConnId>) {
+        if actions.is_empty() {
+            return (0, Vec::new());
+        }
+        self.entries_out
+            .fetch_add(actions.len() as u64, Ordering::Relaxed);
+        let outboxes = self.outboxes();
+        let mut touched: Vec<Arc<Outbox>> = Vec::new();
+        let mut slow: Vec<ConnId> = Vec::new();
+        let mut full: Vec<ConnId> = Vec::new();
+        // Actions for one connection come in runs (a batch of deliveries,
+        // a batch of results): one map lookup and one lock per run.
+        let mut current: Option<(ConnId, MutexGuard<'_, OutState>)> = None;
+        for action in actions {
+            let conn = match &action {
+                Action::Deliver { conn, .. }
+                | Action::SendResult { conn, .. }
+                | Action::OpResult { conn, .. }
+                | Action::Drained { conn }
+                | Action::Pong { conn, .. }
+                | Action::StartTail { conn, .. }
+                | Action::TraceQuery { conn, .. }
+                | Action::Close { conn, .. } => *conn,
+            };
+            if current.as_ref().is_none_or(|(c, _)| *c != conn) {
+                current = None;
+                let Some(outbox) = outboxes.get(&conn) else {
+                    continue;
+                };
+                if !touched.iter().any(|o| Arc::ptr_eq(o, outbox)) {
+                    touched.push(outbox.clone());
+                }
+                current = Some((conn, outbox.lock()));
+            }
+            let Some((_, state)) = current.as_mut() else {
+                continue;
+            };
+            if state.closing {
+                continue;
+            }
+            let encoded = match action {
+                Action::Deliver {
+                    delivery,
+                    attempt,
+                    message,
+                    ..
+                } => state.writer.push_delivery(delivery, attempt, &message),
+                Action::SendResult {
+                    seq,
+                    code,
+                    reason,
+                    log_seq,
+                    ..
+                } => state.writer.push_send_outcome(seq, code, &reason, log_seq),
+                Action::OpResult {
+                    request,
+                    code,
+                    reason,
+                    ..
+                } => state.writer.push(&Frame::Result(courier_proto::OpResult {
+                    request,
+                    code,
+                    reason,
+                })),
+                Action::Drained { .. } => state.writer.push(&Frame::Drained),
+                Action::Close { code, reason, .. } => {
+                    // The core already let go of the connection; the
+                    // ERROR follows what was queued before it.
+                    warn!(conn, %reason, "closing the connection");
+                    let pushed = state.writer.push(&Frame::Error(ErrorFrame {
+                        code,
+                        message: reason,
+                    }));
+                    state.closing = true;
+                    pushed
+                }
+                Action::Pong { nonce, .. } => state.writer.push(&Frame::Pong(nonce)),
+                Action::StartTail {
+                    conn,
+                    request,
+                    activity_id,
+                    filter,
+                } => {
+                    if let Some(outbox) = outboxes.get(&conn) {
+                        self.tails
+                            .start_bus_tail(outbox.clone(), request, activity_id, filter);
+                    }
+                    Ok(())
+                }
+                Action::TraceQuery {
+                    conn,
+                    request,
+                    activity_id,
+                    query,
+                } => {
+                    if let (Some(outbox), Some(tracer)) = (outboxes.get(&conn), &self.tracer) {
+                        answer_trace_query(
+                            tracer.clone(),
+                            outbox.clone(),
+                            request,
+                            activity_id,
+                            query,
+                        );
+                    }
+                    Ok(())
+                }
+            };
+            if let Err(e) = encoded {
+                warn!(conn, error = %e, "could not encode a frame; dropped");
+            }
+            let pending = state.writer.len() + state.writing;
+            if pending > self.config.pending_bytes_max {
+                if !slow.contains(&conn) {
+                    slow.push(conn);
+                }
+            } else if pending > self.config.pause_bytes && !full.contains(&conn) {
+                state.paused = true;
+                full.push(conn);
+            }
+        }
+        drop(current);
+        for outbox in touched {
+            outbox.wake.notify_one();
+        }
+        let cut = slow.len() as u64;
+        full.retain(|c| !slow.contains(c));
+        for conn in slow {
+            if let Some(outbox) = outboxes.get(&conn) {
+                warn!(
+                    conn,
+                    "slow consumer: outbox over its byte limit; closing the connection"
+                );
+                let mut state = outbox.lock();
+                state.writer.take();
+                state.closing = true;
+                drop(state);
+                outbox.fail(
+                    ErrorCode::SlowConsumer,
+                    format!(
+                        "more than {} bytes were waiting for this connection; read faster or lower max_in_flight",
+                        self.config.pending_bytes_max
+                    ),
+                );
+            }
+        }
+        (cut, full)
+    }
+}

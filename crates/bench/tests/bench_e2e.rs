@@ -205,6 +205,30 @@ fn metrics_scrape_times_the_metrics_page_of_a_broker_with_many_names() {
 }
 
 #[test]
+fn ids_compares_courier_s_generator_with_the_plain_ways_row_by_row() {
+    let (_, out) = run_bench(&["--ids", "--quick"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "courier bench failed: {stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for generator in [
+        "courier new_id (ChaCha12 pool)",
+        "uuid Uuid::now_v7 (OS per id)",
+        "pool refilled from the OS",
+    ] {
+        let row = stdout
+            .lines()
+            .find(|line| line.starts_with(&format!("| {generator} |")))
+            .unwrap_or_else(|| panic!("no row for {generator}: {stdout}"));
+        let nanos: f64 = row
+            .split('|')
+            .nth(4)
+            .and_then(|cell| cell.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no ns per id in {row:?}"));
+        assert!(nanos > 0.0, "{row}");
+    }
+}
+
+#[test]
 fn only_registry_prints_the_registrys_three_figures_with_their_goals() {
     let (pid, out) = run_bench(&["--only", "registry", "--quick"]);
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -316,7 +316,26 @@ fn exactly_once_effects_while_relay_broker_and_consumer_are_killed() {
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    assert_eq!(distinct, TRANSACTIONS as i64, "orders with an effect");
+    if distinct != TRANSACTIONS as i64 {
+        // Which: stuck, or dead-lettered (each kill of the consumer or the
+        // broker with a delivery in flight counts an attempt).
+        let out = broker
+            .cli(&[
+                "dead-letters",
+                "list",
+                "--service",
+                "ledger",
+                "--limit",
+                "1000",
+            ])
+            .output()
+            .unwrap();
+        panic!(
+            "orders with an effect: {distinct} of {TRANSACTIONS} after 180 s; ledger's dead letters:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     // Let any late redelivery arrive before counting for good.
     std::thread::sleep(Duration::from_secs(2));
     let (total, _) = (runtime.block_on(effects(&ledger)).0.max(total), distinct);

@@ -31,6 +31,7 @@ use tokio::sync::{oneshot, Notify};
 mod clients;
 mod courier;
 mod gateway;
+mod ids;
 mod nats;
 mod outbox;
 mod process;
@@ -127,6 +128,10 @@ pub struct BenchArgs {
     /// counted 10,000 names from 1,000 services (p50, p99, max of 40).
     #[arg(long, conflicts_with_all = ["against", "only", "observability"])]
     metrics_scrape: bool,
+    /// Instead of the workloads: time fresh message ids, Courier's beside
+    /// `Uuid::now_v7` and a pool refilled from the OS (one thread).
+    #[arg(long, conflicts_with_all = ["against", "only", "observability", "metrics_scrape"])]
+    ids: bool,
     /// The `courier` binary whose `serve` the bench measures (default: the
     /// one beside this program, else the first on the PATH).
     #[arg(long, env = "COURIER_BENCH_COURIER", value_name = "PATH")]
@@ -1760,6 +1765,9 @@ fn locate_courier(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
 
 /// Runs the selected workloads and prints the table (or JSON lines).
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.ids {
+        return ids::run(args.quick);
+    }
     if args.metrics_scrape {
         let exe = locate_courier(args.courier.as_deref())?;
         return scrape::run(&exe, args.quick).await;

@@ -222,7 +222,7 @@ pub(crate) async fn serve_stream<R, W>(
             outbox.fail(ErrorCode::ReadTimeout, message);
         }
     }
-    shared.with_core_deferred(|core, now| core.disconnect(conn, now));
+    shared.with_core_deferred_for(conn, |core, now| core.disconnect(conn, now));
     shared.outboxes().remove(&conn);
     outbox.gone.store(true, Ordering::Relaxed);
     shared
@@ -314,7 +314,7 @@ pub(crate) async fn read_loop<R: AsyncRead + Unpin>(
                 .frames_in
                 .fetch_add(frames.len() as u64, Ordering::Relaxed);
             // Everything decoded from this read is applied under one lock.
-            shared.with_core_deferred(|core, now| {
+            shared.with_core_deferred_for(conn, |core, now| {
                 for frame in frames.drain(..) {
                     if let Err(refused) = apply(core, conn, frame, now) {
                         failure = Some(refused);

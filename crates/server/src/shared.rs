@@ -91,7 +91,8 @@ pub(crate) fn say_alerts(core: &mut Broker<Store>) {
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Commit {
     InPlace,
-    Deferred,
+    /// The batch of a connection (`None`: of the broker's own timers).
+    Deferred(Option<ConnId>),
     Committing,
 }
 
@@ -128,7 +129,17 @@ impl Shared {
     /// (acknowledgements, deliveries of stored messages) leaves when it is
     /// done, everything else at once.
     pub(crate) fn with_core_deferred(&self, f: impl FnOnce(&mut Broker<Store>, Nanos)) {
-        self.run_core(f, Commit::Deferred);
+        self.run_core(f, Commit::Deferred(None));
+    }
+
+    /// [`Shared::with_core_deferred`] for a batch of `conn`'s: the commit
+    /// thread counts the connections whose batches an fsync covers.
+    pub(crate) fn with_core_deferred_for(
+        &self,
+        conn: ConnId,
+        f: impl FnOnce(&mut Broker<Store>, Nanos),
+    ) {
+        self.run_core(f, Commit::Deferred(Some(conn)));
     }
 
     /// For the group-commit thread itself: deferred, without waking it.
@@ -143,12 +154,16 @@ impl Shared {
         core.set_tapping(self.tails.any());
         f(&mut core, now);
         let mut actions = Vec::new();
-        let mut wake_committer = false;
+        let mut wake_committer = None;
         if commit == Commit::InPlace || !self.committer.running() {
             core.take_actions(&mut actions);
         } else {
             core.take_ready_actions(&mut actions);
-            wake_committer = commit == Commit::Deferred && core.sync_wanted();
+            if let Commit::Deferred(conn) = commit {
+                if core.sync_wanted() {
+                    wake_committer = Some(conn);
+                }
+            }
         }
         // Sent under the lock, so every tail sees the core's order.
         for tapped in core.take_taps() {
@@ -187,8 +202,8 @@ impl Shared {
                 paused.insert(conn);
             }
         }
-        if wake_committer {
-            self.committer.wake();
+        if let Some(conn) = wake_committer {
+            self.committer.wake(conn);
         }
         if let Some(t) = next_timer {
             if t < self.timer_due.load(Ordering::Relaxed) {

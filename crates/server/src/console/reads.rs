@@ -326,8 +326,9 @@ pub(crate) async fn dead_letters(
     let after =
         match query.get("after").map(|a| a.parse::<u64>()) {
             None => 0,
-            Some(Ok(after)) => after,
-            Some(Err(_)) => return problem(
+            // Ids are seqs, which stay within the document's int64.
+            Some(Ok(after)) if after <= i64::MAX as u64 => after,
+            Some(_) => return problem(
                 StatusCode::BAD_REQUEST,
                 "after must be a dead letter id (a whole number); the previous page's rest_after",
             ),

@@ -24,11 +24,9 @@ use base64::Engine as _;
 use courier_client::MessageBuilder;
 use serde_json::{json, Value};
 
-use super::subscribe::{
-    bearer_protocol, with_browser_credentials, Session, Settlement, Subscriptions, Unanswerable,
-    Unsettleable,
-};
-use super::{is_event_name, parse_duration};
+use super::credentials::{bearer_protocol, with_browser_credentials};
+use super::envelope::{is_event_name, parse_duration};
+use super::sessions::{Session, Settlement, Subscriptions, Unanswerable, Unsettleable};
 
 pub(crate) fn router(subscriptions: Arc<Subscriptions>) -> Router {
     Router::new()

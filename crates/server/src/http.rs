@@ -22,8 +22,11 @@ use axum::routing::get;
 use axum::Router;
 use courier_broker::{ActivityFilter, Nanos, TailFilter};
 use courier_manifest::Identity;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use tracing::warn;
+use tower_service::Service as _;
+use tracing::debug;
 
 use crate::metrics_text::{encode_metrics, MetricsSnapshot};
 use crate::{wall_nanos, Shared};
@@ -45,19 +48,42 @@ impl HttpListener {
     }
 
     /// Serves until the task is dropped.
+    ///
+    /// HTTP/1.1 only, each connection on hyper's own HTTP/1 loop (what
+    /// `axum::serve` would wrap in a version-detecting one): nothing on
+    /// the port speaks HTTP/2 (the WebSocket upgrade is HTTP/1.1's), and
+    /// answers to pipelined requests go out in one write.
     pub(crate) async fn serve(self, shared: Arc<Shared>, bus: std::io::Result<SocketAddr>) {
         let mut app = router(shared.clone());
         if let Ok(bus) = bus {
             app = app.merge(crate::gateway::router(shared, bus));
         }
-        let service = app.into_make_service_with_connect_info::<SocketAddr>();
-        // An answer is one write; Nagle's algorithm would only hold back
-        // the lines of a stream (ndjson, Server-Sent Events) behind an ACK.
-        let listener = axum::serve::ListenerExt::tap_io(self.listener, |stream| {
+        let mut listener = self.listener;
+        loop {
+            // Refused or reset connections are skipped, and other errors
+            // (out of file descriptors) logged and retried after a pause,
+            // inside `accept`.
+            let (stream, peer) = axum::serve::Listener::accept(&mut listener).await;
+            // An answer is one write; Nagle's algorithm would only hold
+            // back the lines of a stream (ndjson, Server-Sent Events)
+            // behind an ACK.
             let _ = stream.set_nodelay(true);
-        });
-        if let Err(e) = axum::serve(listener, service).await {
-            warn!(error = %e, "the HTTP port stopped");
+            let app = app.clone();
+            let service =
+                hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+                    request.extensions_mut().insert(ConnectInfo(peer));
+                    app.clone().call(request)
+                });
+            tokio::spawn(async move {
+                let served = hyper::server::conn::http1::Builder::new()
+                    .pipeline_flush(true)
+                    .serve_connection(TokioIo::new(stream), service)
+                    .with_upgrades()
+                    .await;
+                if let Err(e) = served {
+                    debug!(error = %e, %peer, "an HTTP connection ended in error");
+                }
+            });
         }
     }
 }

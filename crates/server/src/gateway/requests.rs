@@ -442,18 +442,22 @@ fn ndjson_line(value: &impl Serialize) -> Result<Bytes, std::convert::Infallible
     Ok(Bytes::from(line))
 }
 
+/// A message's payload type, as its sender gave it.
+pub(super) fn content_type(message: &courier_client::proto::Message) -> &str {
+    message
+        .headers
+        .iter()
+        .find(|(k, _)| k == "content-type")
+        .map(|(_, v)| v.as_str())
+        .unwrap_or("application/octet-stream")
+}
+
 /// The final reply: its payload as the body, its envelope in headers.
 fn reply_response(reply: &courier_client::Reply) -> Response {
     let message = reply.message();
     let mut response = (StatusCode::OK, message.payload.clone()).into_response();
     let out = response.headers_mut();
-    let content_type = message
-        .headers
-        .iter()
-        .find(|(k, _)| k == "content-type")
-        .map(|(_, v)| v.as_str())
-        .unwrap_or("application/octet-stream");
-    insert(out, header::CONTENT_TYPE, content_type);
+    insert(out, header::CONTENT_TYPE, content_type(message));
     insert(
         out,
         HeaderName::from_static("courier-outcome"),

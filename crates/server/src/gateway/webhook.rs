@@ -329,12 +329,7 @@ async fn post(
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let content_type = message
-        .headers
-        .iter()
-        .find(|(k, _)| k == "content-type")
-        .map(|(_, v)| v.as_str())
-        .unwrap_or("application/octet-stream");
+    let content_type = super::requests::content_type(message);
     let path = target
         .uri
         .path_and_query()

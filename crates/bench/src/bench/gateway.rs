@@ -6,18 +6,16 @@
 //! Both sides send the W4 request (16 B, transient, `Courier-Transient:
 //! true` over HTTP) and get the W4 reply. Throughput and tails are taken
 //! with [`CLIENTS`] requesters at once: on HTTP each its own HTTP/1.1
-//! keep-alive connection (hyper's client, the connection driven by the
-//! requester's own task), natively each a task sharing
-//! one SDK connection (as the gateway's HTTP clients share its one bus
-//! connection). The latency the gateway adds is taken one request at a
+//! keep-alive connection (driven by hand, as wrk drives one: the request's
+//! bytes built once, the answer read to its `Content-Length`), natively
+//! each a task sharing one SDK connection (as the gateway's HTTP clients
+//! share its one bus connection). The latency the gateway adds is taken one request at a
 //! time, where queueing does not hide it. The sides alternate within a
 //! run, so CPU steal falls on both.
 
 use std::net::SocketAddr;
 
-use http_body_util::{BodyExt as _, Full};
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use super::courier::{connect, per_second, progress, w4_ask, w4_responder, W4_NAME, W4_REQUESTER};
 use super::process::{free_loopback_addr, DataDir, ServerChild};
@@ -222,40 +220,33 @@ async fn gateway(
     let next = Arc::new(AtomicU64::new(0));
     let mut connections = Vec::with_capacity(clients);
     for _ in 0..clients {
-        connections.push(http_connection(http).await?);
+        connections.push(RawConnection::open(http).await?);
     }
-    let ask = Ask::new(http, payload)?;
+    let request = Arc::new(w4_http_request(http, payload));
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(clients);
-    for (mut sender, connection) in connections {
-        let (ask, next) = (ask.clone(), next.clone());
+    for mut connection in connections {
+        let (request, next) = (request.clone(), next.clone());
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
-            let requests = async {
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= count {
-                        return Ok::<_, anyhow::Error>(());
-                    }
-                    let t = Instant::now();
-                    ask.once(&mut sender)
-                        .await
-                        .with_context(|| format!("HTTP request {} of {count}", i + 1))?;
-                    latencies.push(t.elapsed().as_nanos() as u64);
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= count {
+                    return Ok::<_, anyhow::Error>(latencies);
                 }
-            };
-            // The connection is driven by the requester's own task, as a
-            // client with one connection per thread of work would: a
-            // request and its answer cost no hand-off to another task.
-            tokio::pin!(connection);
-            tokio::select! {
-                done = requests => done?,
-                ended = &mut connection => {
-                    ended.context("the HTTP connection failed")?;
-                    bail!("the broker closed the HTTP connection");
+                let t = Instant::now();
+                let (status, body) = connection
+                    .exchange(&request)
+                    .await
+                    .with_context(|| format!("HTTP request {} of {count}", i + 1))?;
+                if status != 200 || body != TINY_BYTES {
+                    bail!(
+                        "HTTP request {} of {count}: the gateway answered {status} with {body} B, not 200 with the {TINY_BYTES} B reply",
+                        i + 1
+                    );
                 }
+                latencies.push(t.elapsed().as_nanos() as u64);
             }
-            Ok(latencies)
         }));
     }
     gather(tasks, count, started).await
@@ -280,70 +271,92 @@ async fn gather(
     })
 }
 
-type Sender = http1::SendRequest<Full<Bytes>>;
-type Connection = http1::Connection<TokioIo<tokio::net::TcpStream>, Full<Bytes>>;
-
-/// A connection's request half, and the connection to drive.
-async fn http_connection(http: SocketAddr) -> anyhow::Result<(Sender, Connection)> {
-    let stream = tokio::net::TcpStream::connect(http)
-        .await
-        .with_context(|| format!("cannot connect to the broker's HTTP port {http}"))?;
-    stream.set_nodelay(true)?;
-    http1::handshake(TokioIo::new(stream))
-        .await
-        .context("HTTP/1.1 handshake")
+/// The W4 request over HTTP, as the bytes every request repeats.
+fn w4_http_request(http: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    let mut request = format!(
+        "POST /v1/requests/{W4_NAME}?timeout=30s HTTP/1.1\r\nhost: {http}\r\n\
+         content-type: application/octet-stream\r\ncourier-transient: true\r\n\
+         content-length: {}\r\n\r\n",
+        payload.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(payload);
+    request
 }
 
-/// The W4 request over HTTP: what every request repeats, built once.
-#[derive(Clone)]
-struct Ask {
-    uri: hyper::Uri,
-    host: hyper::header::HeaderValue,
-    payload: Bytes,
+/// One keep-alive HTTP/1.1 connection driven by hand, as a load
+/// generator such as wrk drives one: the request's bytes built once and
+/// written whole, the answer read up to its `Content-Length`. Nothing is
+/// spent between the socket and the request that the gateway's own
+/// figure would pay for (hyper's client adds a dispatch channel, a
+/// header map and a body stream per request).
+struct RawConnection {
+    stream: tokio::net::TcpStream,
+    read: Vec<u8>,
 }
 
-impl Ask {
-    fn new(http: SocketAddr, payload: &Bytes) -> anyhow::Result<Ask> {
-        Ok(Ask {
-            uri: format!("/v1/requests/{W4_NAME}?timeout=30s")
-                .parse()
-                .context("internal: the request's path does not parse")?,
-            host: http
-                .to_string()
-                .parse()
-                .context("internal: the Host header does not parse")?,
-            payload: payload.clone(),
+impl RawConnection {
+    async fn open(http: SocketAddr) -> anyhow::Result<RawConnection> {
+        let stream = tokio::net::TcpStream::connect(http)
+            .await
+            .with_context(|| format!("cannot connect to the broker's HTTP port {http}"))?;
+        stream.set_nodelay(true)?;
+        Ok(RawConnection {
+            stream,
+            read: Vec::with_capacity(4096),
         })
     }
 
-    /// One W4 request through the gateway; checks the reply.
-    async fn once(&self, sender: &mut Sender) -> anyhow::Result<()> {
-        sender.ready().await.context("the HTTP connection closed")?;
-        let mut request = hyper::Request::new(Full::new(self.payload.clone()));
-        *request.method_mut() = hyper::Method::POST;
-        *request.uri_mut() = self.uri.clone();
-        let headers = request.headers_mut();
-        headers.insert(hyper::header::HOST, self.host.clone());
-        headers.insert(
-            hyper::header::CONTENT_TYPE,
-            hyper::header::HeaderValue::from_static("application/octet-stream"),
-        );
-        headers.insert(
-            "courier-transient",
-            hyper::header::HeaderValue::from_static("true"),
-        );
-        let response = sender.send_request(request).await?;
-        let status = response.status();
-        let body = response.into_body().collect().await?.to_bytes();
-        if status != hyper::StatusCode::OK || body.len() != TINY_BYTES {
+    /// Sends `request` and reads its answer: the status and the body's
+    /// length.
+    async fn exchange(&mut self, request: &[u8]) -> anyhow::Result<(u16, usize)> {
+        self.stream
+            .write_all(request)
+            .await
+            .context("the HTTP connection closed")?;
+        loop {
+            if let Some((status, head, body)) = parse_answer(&self.read)? {
+                if self.read.len() >= head + body {
+                    self.read.drain(..head + body);
+                    return Ok((status, body));
+                }
+            }
+            if self.stream.read_buf(&mut self.read).await? == 0 {
+                bail!("the broker closed the HTTP connection");
+            }
+        }
+    }
+}
+
+/// An HTTP/1.1 answer's status, head length and `Content-Length`, once
+/// its head is all in `bytes`.
+fn parse_answer(bytes: &[u8]) -> anyhow::Result<Option<(u16, usize, usize)>> {
+    let Some(end) = bytes.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return Ok(None);
+    };
+    let head = std::str::from_utf8(&bytes[..end]).context("an HTTP head that is not UTF-8")?;
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|line| line.strip_prefix("HTTP/1.1 "))
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse().ok())
+        .with_context(|| format!("not an HTTP/1.1 status line: {head:?}"))?;
+    let mut length = None;
+    for line in lines {
+        let Some((name, value)) = line.split_once(':') else {
+            bail!("a malformed header line: {line:?}");
+        };
+        if name.eq_ignore_ascii_case("content-length") {
+            length = Some(value.trim().parse().context("a bad Content-Length")?);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
             bail!(
-                "the gateway answered {status} with {} B ({}), not 200 with the {TINY_BYTES} B reply",
-                body.len(),
-                String::from_utf8_lossy(&body[..body.len().min(200)])
+                "a chunked answer ({line:?}): the load generator reads Content-Length answers only"
             );
         }
-        Ok(())
     }
+    let length = length.with_context(|| format!("an answer without Content-Length: {head:?}"))?;
+    Ok(Some((status, end + 4, length)))
 }
 
 /// One line of the comparison.
@@ -439,7 +452,7 @@ fn table(rows: &[Row], runs: u32) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "W-HTTP-a: sync POST /v1/requests/{{name}} (HTTP/1.1 keep-alive, hyper client) beside the native protocol; \
+        "W-HTTP-a: sync POST /v1/requests/{{name}} (HTTP/1.1 keep-alive, driven by hand) beside the native protocol; \
          16 B transient request and reply, one Rust responder; median of {runs} run(s)"
     );
     let _ = writeln!(
@@ -485,6 +498,34 @@ fn table(rows: &[Row], runs: u32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn answers_are_read_to_their_content_length_and_nothing_else_is_taken() {
+        let answer =
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\nContent-Length: 5\r\n\r\nhello";
+        assert_eq!(parse_answer(answer).ok().flatten(), Some((200, 64, 5)));
+        assert_eq!(parse_answer(&answer[..40]).ok().flatten(), None);
+        let refused: &[u8] = b"HTTP/1.1 504 Gateway Timeout\r\ncontent-length: 0\r\n\r\n";
+        assert_eq!(
+            parse_answer(refused).ok().flatten(),
+            Some((504, refused.len(), 0))
+        );
+        let chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+        assert!(parse_answer(chunked).is_err());
+        assert!(parse_answer(b"HTTP/1.1 200 OK\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn the_request_carries_the_payload_after_its_head() {
+        let addr: SocketAddr = "127.0.0.1:8080".parse().expect("an address");
+        let request = w4_http_request(addr, b"0123456789abcdef");
+        let text = String::from_utf8(request).expect("text");
+        assert!(text.starts_with(&format!(
+            "POST /v1/requests/{W4_NAME}?timeout=30s HTTP/1.1\r\n"
+        )));
+        assert!(text.contains("\r\ncontent-length: 16\r\n\r\n0123456789abcdef"));
+        assert!(text.ends_with("\r\n\r\n0123456789abcdef"));
+    }
 
     fn phase(per_second: f64, p50_micros: f64) -> Phase {
         Phase {

@@ -341,6 +341,11 @@ class _Received:
         return self.message.activity_id
 
     @property
+    def parent_id(self) -> uuid.UUID | None:
+        """The message whose handling caused this one, when the sender said."""
+        return self.message.parent_id
+
+    @property
     def sender(self) -> str:
         """The service that sent it (set by the broker)."""
         return self.message.sender
@@ -385,7 +390,7 @@ class Incoming(_Received):
     Everything sent while its handler runs carries its ``activity_id``.
     """
 
-    __slots__ = ("client", "delivery", "attempt", "_generation", "_settled")
+    __slots__ = ("client", "delivery", "attempt", "_generation", "_settled", "_nacked", "_ticket")
 
     def __init__(self, client: Client, generation: int, delivery: int, attempt: int, message: Message) -> None:
         self.client = client
@@ -395,6 +400,9 @@ class Incoming(_Received):
         self.message = message
         self._generation = generation
         self._settled = False
+        self._nacked = False
+        # Keyed on a pipelined connection: (key, run, arrival), see _KeyLine.
+        self._ticket: tuple[bytes, int, int] | None = None
 
     @property
     def kind(self) -> Kind:
@@ -448,6 +456,7 @@ class Incoming(_Received):
         if self._settled:
             raise AlreadySettled(f"delivery {self.delivery} of {self.name} was already acked or nacked")
         self._settled = True
+        self._nacked = nack_delay is not None
         self.client._settle(self._generation, self.delivery, self.message, nack_delay)
 
     def __repr__(self) -> str:
@@ -740,6 +749,31 @@ class ReplyStream:
                 pass
 
 
+class _KeyLine:
+    """One ordering key on a pipelined connection (protocol version 4,
+    PROTOCOL.md §8.4): the broker sends a key's next deliveries before the
+    earlier ones are acked, and this hands them to handlers one at a time,
+    in arrival order (which is the key's order). A nacked one makes the
+    broker take back every later delivery of the key; those that arrive
+    before the broker's next key start (bit 31 of ``attempt``) are dropped
+    unhandled and unsettled."""
+
+    __slots__ = ("run", "arrivals", "drop_after", "busy", "waiting")
+
+    def __init__(self) -> None:
+        self.run = 0
+        """Key starts seen."""
+        self.arrivals = 0
+        self.drop_after: int | None = None
+        """Deliveries of this run that arrived after this one are stale."""
+        self.busy = False
+        """A delivery of the key is with a handler, or queued for a slot."""
+        self.waiting: deque[tuple[Handler, Incoming]] = deque()
+
+    def live(self, run: int, n: int) -> bool:
+        return run == self.run and (self.drop_after is None or n <= self.drop_after)
+
+
 class _Subscription:
     __slots__ = ("pattern", "handler", "start", "start_time", "ack_deadline_ms", "max_deliveries")
 
@@ -777,6 +811,8 @@ class _Connection(asyncio.Protocol):
         self.last_received = self.loop.time()
         self.paused = False
         self.error: tuple[int, str] | None = None
+        # The protocol version WELCOME settled on.
+        self.version = p.PROTOCOL_VERSION
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -840,6 +876,7 @@ class _Connection(asyncio.Protocol):
         frame, used = got
         del buf[:used]
         if isinstance(frame, p.Welcome):
+            self.version = frame.version
             if not self.welcome.done():
                 self.welcome.set_result(frame)
         elif isinstance(frame, p.ErrorFrame):
@@ -901,6 +938,8 @@ class Client:
         self._loop = asyncio.get_running_loop()
         self._writer = p.FrameWriter()
         self._frame_bytes_max = p.FRAME_BYTES_MAX_DEFAULT
+        self._version = p.PROTOCOL_VERSION
+        self._key_lines: dict[bytes, _KeyLine] = {}
         self._conn: _Connection | None = None
         self._generation = 0
         self._connected = False
@@ -1030,7 +1069,10 @@ class Client:
         self._generation += 1
         self._conn = conn
         self._connected = True
-        self._writer = p.FrameWriter(self._frame_bytes_max)
+        self._version = conn.version
+        # The broker took back every delivery of the last connection.
+        self._key_lines.clear()
+        self._writer = p.FrameWriter(self._frame_bytes_max, self._version)
         for sub in self._subscriptions.values():
             # Nobody awaits a re-subscription; a refusal is logged when it arrives.
             self._push_subscribe(sub)
@@ -1080,7 +1122,7 @@ class Client:
             self._keepalive.cancel()
         # Unsent bytes die with the connection: pending sends are re-sent on
         # the next one, the broker takes back deliveries that were not acked.
-        self._writer = p.FrameWriter(self._frame_bytes_max)
+        self._writer = p.FrameWriter(self._frame_bytes_max, self._version)
         lost = ConnectionLost("connection to the broker lost before it answered")
         for future in self._ops.values():
             if not future.done():
@@ -1547,12 +1589,12 @@ class Client:
         """Handles one frame body; ``False`` when the connection is done."""
         frame_type = body[0]
         if frame_type == FrameType.SEND_RESULT:
-            self._on_send_results(body)
+            self._on_send_results(body, conn.version >= p.LOG_SEQ_VERSION)
             return True
         if frame_type == FrameType.DELIVER:
-            self._on_deliver(_decode_deliveries(body), generation)
+            self._on_deliver(_decode_deliveries(body, conn.version), generation, conn.version)
             return True
-        frame = p.decode_body(body)
+        frame = p.decode_body(body, conn.version)
         if isinstance(frame, p.Result):
             future = self._ops.pop(frame.request, None)
             error = None if frame.code == 0 else Refused(frame.code, frame.reason)
@@ -1581,7 +1623,7 @@ class Client:
             raise p.DecodeError("UnexpectedFrame", f"unexpected frame from the broker: {type(frame).__name__}")
         return True
 
-    def _on_send_results(self, body: bytes) -> None:
+    def _on_send_results(self, body: bytes, with_log_seq: bool) -> None:
         # The hot path of a pipelined publisher: no objects per entry.
         size = len(body)
         if size < 5:
@@ -1589,7 +1631,9 @@ class Client:
         (count,) = _U32.unpack_from(body, 1)
         if count == 0:
             raise p.DecodeError("EmptyBatch", "batch frame has 0 entries; send no frame instead")
-        if count > (size - 5) // 12 or count > p.BATCH_ENTRIES_MAX:
+        # Version 3 on, each entry ends with its log_seq (not needed here).
+        tail = 8 if with_log_seq else 0
+        if count > (size - 5) // (12 + tail) or count > p.BATCH_ENTRIES_MAX:
             raise p.DecodeError("TooManyEntries", f"batch claims {count} entries; they do not fit in this frame")
         pending = self._pending
         pos = 5
@@ -1606,6 +1650,10 @@ class Client:
                 pos += n
             else:
                 reason = ""
+            if tail:
+                if size - pos < tail:
+                    raise p.DecodeError("UnexpectedEof", f"frame ends early at byte {pos}")
+                pos += tail
             ack = pending.pop(seq, None)
             if ack is not None:
                 ack._resolve(None if code == 0 else Refused(code, reason))
@@ -1636,12 +1684,19 @@ class Client:
                 self._quiet_requests.pop(stream._quiet_seq, None)
         stream._push(Reply(message))
 
-    def _on_deliver(self, deliveries: list[tuple[int, int, Message]], generation: int) -> None:
+    def _on_deliver(self, deliveries: list[tuple[int, int, Message]], generation: int, version: int) -> None:
         routes = self._routes
+        # Version 4: a key's deliveries come pipelined (PROTOCOL.md §8.4).
+        pipelined = version >= p.PIPELINED_KEYS_VERSION
         for delivery, attempt, message in deliveries:
             if message.kind == Kind.REPLY:
                 self._route_reply(message)
                 continue
+            key = message.key if pipelined and not message.transient else None
+            key_start = False
+            if pipelined:
+                key_start = bool(attempt & p.ATTEMPT_KEY_START)
+                attempt &= ~p.ATTEMPT_KEY_START
             name = message.name
             sub = routes.get(name, _MISSING)
             if sub is _MISSING:
@@ -1657,16 +1712,98 @@ class Client:
                 # Subscribed by another instance of this service, not handled
                 # here: let the broker try elsewhere soon.
                 self._settle(generation, delivery, message, self._options.nack_delay)
+                if key is not None:
+                    self._key_refused(key, key_start)
                 continue
             incoming = Incoming(self, generation, delivery, attempt, message)
-            if self._running < self._options.max_concurrency:
+            if key is not None:
+                self._deliver_keyed(sub.handler, incoming, key, key_start)
+            elif self._running < self._options.max_concurrency:
                 self._start(sub.handler, incoming)
             elif message.transient and len(self._backlog) >= TRANSIENT_BACKLOG_MAX:
                 log.warning("too many transient deliveries wait for a handler; %s dropped", name)
             else:
                 self._backlog.append((sub.handler, incoming))
 
+    def _deliver_keyed(self, handler: Handler, incoming: Incoming, key: bytes, key_start: bool) -> None:
+        """A keyed delivery on a pipelined connection goes to its handler
+        once the one before it of its key is settled, or is dropped if the
+        broker took it back (see :class:`_KeyLine`)."""
+        line = self._key_lines.get(key)
+        if line is None:
+            line = self._key_lines[key] = _KeyLine()
+        if key_start:
+            # Whatever of an earlier run still waits was taken back.
+            line.run += 1
+            line.drop_after = None
+            line.waiting.clear()
+        if line.drop_after is not None:
+            return  # stale: taken back after a nack; no ack or nack for it
+        line.arrivals += 1
+        incoming._ticket = (key, line.run, line.arrivals)
+        if line.busy:
+            line.waiting.append((handler, incoming))
+            return
+        line.busy = True
+        self._schedule(handler, incoming)
+
+    def _key_refused(self, key: bytes, key_start: bool) -> None:
+        """A keyed delivery no handler here takes was nacked: the broker
+        takes it back with every later delivery of its key."""
+        line = self._key_lines.get(key)
+        if line is None:
+            line = self._key_lines[key] = _KeyLine()
+        if key_start:
+            line.run += 1
+            line.waiting.clear()
+        line.drop_after = line.arrivals
+
+    def _key_live(self, incoming: Incoming) -> bool:
+        """Whether a keyed delivery still goes to its handler: the broker
+        may have taken it back since it arrived."""
+        ticket = incoming._ticket
+        if ticket is None:
+            return True
+        if incoming._generation != self._generation:
+            return False
+        line = self._key_lines.get(ticket[0])
+        return line is not None and line.live(ticket[1], ticket[2])
+
+    def _key_next(self, incoming: Incoming) -> None:
+        """A keyed delivery is done with (handled, or dropped unhandled):
+        its key's next live one goes to a handler."""
+        ticket = incoming._ticket
+        if ticket is None or incoming._generation != self._generation:
+            return
+        key, run, n = ticket
+        line = self._key_lines.get(key)
+        if line is None:
+            return
+        if incoming._nacked and run == line.run:
+            # The broker takes back every later delivery of the key.
+            line.drop_after = n if line.drop_after is None else min(line.drop_after, n)
+        waiting = line.waiting
+        while waiting:
+            handler, following = waiting.popleft()
+            if following._ticket is not None and line.live(following._ticket[1], following._ticket[2]):
+                self._schedule(handler, following)
+                return
+        line.busy = False
+        if line.drop_after is None:
+            del self._key_lines[key]
+
+    def _schedule(self, handler: Handler, incoming: Incoming) -> None:
+        """Starts a handler now if a slot is free, else queues it."""
+        if self._running < self._options.max_concurrency:
+            self._start(handler, incoming)
+        else:
+            self._backlog.append((handler, incoming))
+
     def _start(self, handler: Handler, incoming: Incoming) -> None:
+        if incoming._ticket is not None and not self._key_live(incoming):
+            # Taken back while it waited for a slot: not handled, not settled.
+            self._key_next(incoming)
+            return
         self._running += 1
         token = _ACTIVITY.set(incoming.message.activity_id_bytes)
         error: BaseException | None = None
@@ -1708,9 +1845,9 @@ class Client:
                     )
                 incoming._settle(self._options.nack_delay)
         self._running -= 1
+        if incoming._ticket is not None:
+            self._key_next(incoming)
         self._pump()
-        if self._running == 0 and not self._backlog and self._idle is not None and not self._idle.done():
-            self._idle.set_result(None)
 
     def _pump(self) -> None:
         """Starts waiting deliveries while handler slots are free. A loop,
@@ -1726,6 +1863,8 @@ class Client:
                 self._start(handler, waiting)
         finally:
             self._pumping = False
+        if self._running == 0 and not self._backlog and self._idle is not None and not self._idle.done():
+            self._idle.set_result(None)
 
     def _settle(self, generation: int, delivery: int, message: Message, nack_delay: float | None) -> None:
         """Writes the ACK or NACK, if the delivery came on the current
@@ -1807,10 +1946,10 @@ _VERSION = struct.Struct(">HH")
 _DELIVERY_HEAD = struct.Struct(">QI")
 
 
-def _decode_deliveries(body: bytes) -> list[tuple[int, int, Message]]:
+def _decode_deliveries(body: bytes, version: int) -> list[tuple[int, int, Message]]:
     """A DELIVER body as ``(delivery, attempt, message)`` entries, the whole
     frame checked before any entry is handled."""
-    r = p._Reader(body, 1)
+    r = p._Reader(body, 1, None, version)
     count = r.count(8 + 4 + p.MESSAGE_BYTES_MIN)
     entries = []
     unpack = _DELIVERY_HEAD.unpack_from

@@ -1,4 +1,4 @@
-"""The Courier wire protocol, version 1: frames and messages to and from bytes.
+"""The Courier wire protocol, versions 1 to 4: frames and messages to and from bytes.
 
 Sans-I/O: this module knows nothing of sockets or asyncio. It follows
 ``docs/PROTOCOL.md`` of the Courier repository byte by byte; every integer is
@@ -30,6 +30,10 @@ __all__ = [
     "HELLO_MAGIC",
     "MESSAGE_BYTES_MIN",
     "PROTOCOL_VERSION",
+    "PARENT_ID_VERSION",
+    "LOG_SEQ_VERSION",
+    "PIPELINED_KEYS_VERSION",
+    "ATTEMPT_KEY_START",
     "Ack",
     "DecodeError",
     "Deliver",
@@ -68,8 +72,19 @@ __all__ = [
     "error_code_name",
 ]
 
-PROTOCOL_VERSION = 1
-"""The protocol version this module speaks (HELLO and WELCOME)."""
+PROTOCOL_VERSION = 4
+"""The newest protocol version this module speaks (HELLO and WELCOME);
+it reads and writes 1 to 4, each as that version has it."""
+PARENT_ID_VERSION = 2
+"""From this version on a message may carry ``parent_id`` (flag 0x80)."""
+LOG_SEQ_VERSION = 3
+"""From this version on a SEND_RESULT entry carries ``log_seq``."""
+PIPELINED_KEYS_VERSION = 4
+"""From this version on the broker sends a key's deliveries ahead
+(``docs/PROTOCOL.md`` §8.4) and marks a key start in ``attempt``."""
+ATTEMPT_KEY_START = 0x8000_0000
+"""Bit 31 of a DELIVER entry's ``attempt`` (version 4): the first delivery
+of its key this connection holds."""
 HELLO_MAGIC = b"CRR1"
 FRAME_BYTES_MAX_DEFAULT = 8 * 1024 * 1024
 """A receiver's default limit on a frame's ``length`` field, in bytes."""
@@ -120,8 +135,15 @@ class Flag:
     DELIVER_AT = 0x20
     QUIET = 0x40
     """Only in a SEND entry: answer only a refusal."""
+    PARENT_ID = 0x80
+    """Version 2 on: the message carries the id of the message that caused it."""
     ALL = 0x3F
-    """Every bit a message may carry anywhere (QUIET is SEND-only)."""
+    """Every bit a message of version 1 may carry anywhere (QUIET is SEND-only)."""
+
+
+def _message_flags(version: int) -> int:
+    """The flag bits a message may carry on a connection of ``version``."""
+    return Flag.ALL | Flag.PARENT_ID if version >= PARENT_ID_VERSION else Flag.ALL
 
 
 class ErrorCode(IntEnum):
@@ -222,6 +244,7 @@ class Message:
         "key",
         "expires_at",
         "deliver_at",
+        "parent_id_bytes",
         "transient",
         "final",
         "headers",
@@ -243,6 +266,7 @@ class Message:
         key: bytes | None = None,
         expires_at: int | None = None,
         deliver_at: int | None = None,
+        parent_id: uuid.UUID | bytes | None = None,
         transient: bool = False,
         final: bool | None = None,
         headers: Sequence[tuple[str, str]] = (),
@@ -263,6 +287,7 @@ class Message:
         self.key = key
         self.expires_at = expires_at
         self.deliver_at = deliver_at
+        self.parent_id_bytes = _uuid_bytes(parent_id) if parent_id is not None else None
         self.transient = transient
         self.final = (kind == Kind.REPLY) if final is None else final
         self.headers = list(headers)
@@ -282,6 +307,12 @@ class Message:
     def response_to(self) -> uuid.UUID | None:
         """On a reply: the id of the command it answers."""
         raw = self.response_to_bytes
+        return None if raw is None else uuid.UUID(bytes=raw)
+
+    @property
+    def parent_id(self) -> uuid.UUID | None:
+        """The message whose handling caused this one (version 2 on)."""
+        raw = self.parent_id_bytes
         return None if raw is None else uuid.UUID(bytes=raw)
 
     def header(self, name: str) -> str | None:
@@ -353,14 +384,15 @@ class Send:
     entries: list[SendEntry]
 
 
-class SendOutcome(tuple[int, int, str]):
-    """``(seq, code, reason)`` of one SEND_RESULT entry (a plain tuple: a
-    publisher decodes one per message)."""
+class SendOutcome(tuple[int, int, str, int]):
+    """``(seq, code, reason, log_seq)`` of one SEND_RESULT entry (a plain
+    tuple: a publisher decodes one per message). ``log_seq`` is 0 below
+    version 3 and wherever the log holds nothing."""
 
     __slots__ = ()
 
-    def __new__(cls, seq: int, code: int, reason: str = "") -> SendOutcome:
-        return tuple.__new__(cls, (seq, code, reason))
+    def __new__(cls, seq: int, code: int, reason: str = "", log_seq: int = 0) -> SendOutcome:
+        return tuple.__new__(cls, (seq, code, reason, log_seq))
 
     @property
     def seq(self) -> int:
@@ -374,8 +406,13 @@ class SendOutcome(tuple[int, int, str]):
     def reason(self) -> str:
         return self[2]
 
+    @property
+    def log_seq(self) -> int:
+        """Version 3 on: where the broker's log holds the accepted message."""
+        return self[3]
+
     def __repr__(self) -> str:
-        return f"SendOutcome(seq={self[0]}, code={self[1]}, reason={self[2]!r})"
+        return f"SendOutcome(seq={self[0]}, code={self[1]}, reason={self[2]!r}, log_seq={self[3]})"
 
 
 @dataclass
@@ -526,8 +563,10 @@ def _check_uint(value: int, mask: int, what: str) -> int:
     return value
 
 
-def encode_message(message: Message, extra_flags: int = 0) -> bytes:
-    """The message as it travels inside SEND and DELIVER entries (§4)."""
+def encode_message(message: Message, extra_flags: int = 0, version: int = PROTOCOL_VERSION) -> bytes:
+    """The message as it travels inside SEND and DELIVER entries (§4), on
+    a connection of ``version`` (below 2 without ``parent_id``, as the
+    broker leaves it out)."""
     m = message
     flags = extra_flags
     if m.transient:
@@ -549,6 +588,9 @@ def encode_message(message: Message, extra_flags: int = 0) -> bytes:
     if m.deliver_at is not None:
         flags |= Flag.DELIVER_AT
         optional.append(_U64.pack(_check_uint(m.deliver_at, _MASK_U64, "deliver_at")))
+    if m.parent_id_bytes is not None and version >= PARENT_ID_VERSION:
+        flags |= Flag.PARENT_ID
+        optional.append(m.parent_id_bytes)
     return b"".join(
         (
             bytes((int(m.kind), flags)),
@@ -598,9 +640,10 @@ def _batch(frame_type: int, entries: Sequence[bytes]) -> bytes:
     return _BATCH_HEAD.pack(5 + len(body), frame_type, len(entries)) + body
 
 
-def encode_frame(frame: Frame) -> bytes:
-    """One frame with its length prefix. A batch frame becomes exactly one
-    frame with all its entries (use :class:`FrameWriter` to merge and split)."""
+def encode_frame(frame: Frame, version: int = PROTOCOL_VERSION) -> bytes:
+    """One frame with its length prefix, as a connection of ``version``
+    carries it. A batch frame becomes exactly one frame with all its
+    entries (use :class:`FrameWriter` to merge and split)."""
     if isinstance(frame, Hello):
         credentials = b"\x00" if frame.token is None else b"\x01" + _str16(frame.token, "token")
         return _frame(
@@ -625,7 +668,7 @@ def encode_frame(frame: Frame) -> bytes:
             FrameType.SEND,
             [
                 _U64.pack(_check_uint(e.seq, _MASK_U64, "seq"))
-                + encode_message(e.message, Flag.QUIET if e.quiet else 0)
+                + encode_message(e.message, Flag.QUIET if e.quiet else 0, version)
                 for e in frame.entries
             ],
         )
@@ -633,7 +676,10 @@ def encode_frame(frame: Frame) -> bytes:
         return _batch(
             FrameType.SEND_RESULT,
             [
-                _U64.pack(o.seq) + _U16.pack(o.code) + _str16(o.reason, "reason", truncate=True)
+                _U64.pack(o.seq)
+                + _U16.pack(o.code)
+                + _str16(o.reason, "reason", truncate=True)
+                + (_U64.pack(o.log_seq) if version >= LOG_SEQ_VERSION else b"")
                 for o in frame.entries
             ],
         )
@@ -661,7 +707,7 @@ def encode_frame(frame: Frame) -> bytes:
     if isinstance(frame, Deliver):
         return _batch(
             FrameType.DELIVER,
-            [_DELIVERY_HEAD.pack(d.delivery, d.attempt) + encode_message(d.message) for d in frame.entries],
+            [_DELIVERY_HEAD.pack(d.delivery, d.attempt) + encode_message(d.message, 0, version) for d in frame.entries],
         )
     if isinstance(frame, Ack):
         return _batch(FrameType.ACK, [_U64.pack(d) for d in frame.deliveries])
@@ -688,12 +734,14 @@ def encode_frame(frame: Frame) -> bytes:
 class _Reader:
     """A cursor over one frame body (type byte at position 0)."""
 
-    __slots__ = ("buf", "pos", "end", "last_name_raw", "last_name", "last_sender_raw", "last_sender")
+    __slots__ = ("buf", "pos", "end", "flags", "last_name_raw", "last_name", "last_sender_raw", "last_sender")
 
-    def __init__(self, buf: bytes, pos: int = 0, end: int | None = None) -> None:
+    def __init__(self, buf: bytes, pos: int = 0, end: int | None = None, version: int = PROTOCOL_VERSION) -> None:
         self.buf = buf
         self.pos = pos
         self.end = len(buf) if end is None else end
+        # The message flags this connection's version allows.
+        self.flags = _message_flags(version)
         self.last_name_raw = b""
         self.last_name = ""
         # The empty sender (what clients send) needs no decoding either.
@@ -785,8 +833,8 @@ class _Reader:
             pos = start + 3
             if (
                 1 <= kind_code <= 3
-                and not flags & (0xFF ^ (Flag.ALL | extra_flags))
-                and not flags & (Flag.RESPONSE_TO | Flag.EXPIRES_AT | Flag.DELIVER_AT)
+                and not flags & (0xFF ^ (self.flags | extra_flags))
+                and not flags & (Flag.RESPONSE_TO | Flag.EXPIRES_AT | Flag.DELIVER_AT | Flag.PARENT_ID)
                 and end - pos >= n + 45
             ):
                 raw = buf[pos : pos + n]
@@ -849,6 +897,7 @@ class _Reader:
                         m.key = key
                         m.expires_at = None
                         m.deliver_at = None
+                        m.parent_id_bytes = None
                         m.transient = bool(flags & Flag.TRANSIENT)
                         m.final = bool(flags & Flag.FINAL)
                         m.headers = headers
@@ -864,7 +913,7 @@ class _Reader:
             raise DecodeError("UnknownKind", f"unknown message kind {kind_code} at byte {offset}", offset)
         offset = self.pos
         flags = self.u8()
-        if flags & ~(Flag.ALL | extra_flags):
+        if flags & ~(self.flags | extra_flags):
             raise DecodeError("UnknownFlags", f"unknown message flags 0x{flags:02x} at byte {offset}", offset)
         # The entries of a batch mostly share a name: decode it once.
         n = self.u8()
@@ -890,6 +939,7 @@ class _Reader:
         key = self.take(self.u16()) if flags & Flag.KEY else None
         expires_at = self.u64() if flags & Flag.EXPIRES_AT else None
         deliver_at = self.u64() if flags & Flag.DELIVER_AT else None
+        parent_id = self.take(16) if flags & Flag.PARENT_ID else None
         header_count = self.u16()
         if header_count > HEADERS_MAX:
             raise DecodeError(
@@ -909,6 +959,7 @@ class _Reader:
         m.key = key
         m.expires_at = expires_at
         m.deliver_at = deliver_at
+        m.parent_id_bytes = parent_id
         m.transient = bool(flags & Flag.TRANSIENT)
         m.final = bool(flags & Flag.FINAL)
         m.headers = headers
@@ -929,9 +980,12 @@ _KINDS = {1: Kind.COMMAND, 2: Kind.EVENT, 3: Kind.REPLY}
 _new_object = object.__new__
 
 
-def decode_frame(buf: bytes | bytearray, frame_bytes_max: int = FRAME_BYTES_MAX_DEFAULT) -> tuple[Frame, int] | None:
+def decode_frame(
+    buf: bytes | bytearray, frame_bytes_max: int = FRAME_BYTES_MAX_DEFAULT, version: int = PROTOCOL_VERSION
+) -> tuple[Frame, int] | None:
     """The frame at the start of ``buf`` and the bytes it took, or ``None``
-    if a whole frame is not there yet. The length is checked before the
+    if a whole frame is not there yet; read as a connection of ``version``
+    carries it. The length is checked before the
     frame is looked at, so a hostile length cannot make anyone buffer it."""
     if len(buf) < LENGTH_PREFIX_BYTES:
         return None
@@ -940,7 +994,7 @@ def decode_frame(buf: bytes | bytearray, frame_bytes_max: int = FRAME_BYTES_MAX_
     total = LENGTH_PREFIX_BYTES + length
     if len(buf) < total:
         return None
-    return decode_body(bytes(buf[LENGTH_PREFIX_BYTES:total])), total
+    return decode_body(bytes(buf[LENGTH_PREFIX_BYTES:total]), version), total
 
 
 def check_length(length: int, frame_bytes_max: int) -> None:
@@ -953,13 +1007,14 @@ def check_length(length: int, frame_bytes_max: int) -> None:
         )
 
 
-def decode_body(body: bytes) -> Frame:
+def decode_body(body: bytes, version: int = PROTOCOL_VERSION) -> Frame:
     """Decodes a frame body: the type byte first, no length prefix."""
-    r = _Reader(body)
+    r = _Reader(body, 0, None, version)
     frame_type = r.u8()
     frame: Frame
     if frame_type == FrameType.SEND_RESULT:
-        count = r.count(12)
+        with_log_seq = version >= LOG_SEQ_VERSION
+        count = r.count(20 if with_log_seq else 12)
         outcomes = []
         buf = body
         for _ in range(count):
@@ -967,7 +1022,9 @@ def decode_body(body: bytes) -> Frame:
                 raise r.eof(12)
             seq, code, n = _SEND_OUTCOME.unpack_from(buf, r.pos)
             r.pos += 12
-            outcomes.append(tuple.__new__(SendOutcome, (seq, code, r.text(n) if n else "")))
+            reason = r.text(n) if n else ""
+            log_seq = r.u64() if with_log_seq else 0
+            outcomes.append(tuple.__new__(SendOutcome, (seq, code, reason, log_seq)))
         frame = SendResult(outcomes)
     elif frame_type == FrameType.DELIVER:
         count = r.count(8 + 4 + MESSAGE_BYTES_MIN)
@@ -1058,9 +1115,9 @@ def decode_body(body: bytes) -> Frame:
     return frame
 
 
-def decode_message(raw: bytes) -> Message:
+def decode_message(raw: bytes, version: int = PROTOCOL_VERSION) -> Message:
     """One message alone, as :func:`encode_message` writes it."""
-    r = _Reader(bytes(raw))
+    r = _Reader(bytes(raw), 0, None, version)
     message, _ = r.message()
     r.finish()
     return message
@@ -1077,9 +1134,10 @@ class FrameWriter:
     messages share a frame and a system call.
     """
 
-    __slots__ = ("buf", "_open_type", "_open_start", "_open_count", "frame_bytes_max")
+    __slots__ = ("buf", "_open_type", "_open_start", "_open_count", "frame_bytes_max", "version")
 
-    def __init__(self, frame_bytes_max: int = FRAME_BYTES_MAX_DEFAULT) -> None:
+    def __init__(self, frame_bytes_max: int = FRAME_BYTES_MAX_DEFAULT, version: int = PROTOCOL_VERSION) -> None:
+        self.version = version
         self.buf = bytearray()
         self._open_type = 0
         self._open_start = 0
@@ -1138,7 +1196,7 @@ class FrameWriter:
         """Any frame; batch frames merge entry by entry with their neighbours."""
         if isinstance(frame, Send):
             for e in frame.entries:
-                self.push_send(e.seq, encode_message(e.message), e.quiet)
+                self.push_send(e.seq, encode_message(e.message, 0, self.version), e.quiet)
         elif isinstance(frame, Ack):
             for d in frame.deliveries:
                 self.push_ack(d)
@@ -1147,7 +1205,7 @@ class FrameWriter:
                 self.push_nack(n.delivery, n.delay_ms)
         else:
             self._close()
-            self.buf += encode_frame(frame)
+            self.buf += encode_frame(frame, self.version)
 
     def take(self) -> bytes:
         """Everything encoded so far; the writer starts afresh."""

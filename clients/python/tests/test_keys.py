@@ -1,0 +1,109 @@
+"""Ordering keys on protocol version 4 (PROTOCOL.md §8.4), against a real
+broker: a key's deliveries come pipelined, and the client hands them to
+its handler one at a time, in order, while other keys keep flowing."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from typing import Any
+
+from support import Broker, eventually
+
+from courier_client import Incoming, Nack, connect
+
+
+def service_row(broker: Broker, name: str) -> dict[str, Any]:
+    rows = [row for row in broker.cli_json("services") if row["name"] == name]
+    assert len(rows) == 1, rows
+    row: dict[str, Any] = rows[0]
+    return row
+
+
+async def test_a_key_is_pipelined_to_the_client_and_handled_one_at_a_time(broker: Broker) -> None:
+    handled: list[int] = []
+    release = asyncio.Event()
+    async with (
+        connect(broker.addr, "ledger", max_in_flight=16, max_concurrency=16) as ledger,
+        connect(broker.addr, "web") as web,
+    ):
+
+        async def post(msg: Incoming) -> None:
+            handled.append(msg.json()["n"])
+            await release.wait()
+
+        await ledger.on("ledger.post", post)
+        for n in range(5):
+            await web.send("ledger.post", {"n": n}, key="account-7")
+        # One in flight per key (versions 1 to 3) would stop at 1: on
+        # version 4 the broker sends the key's next ones ahead ...
+        await eventually(lambda: service_row(broker, "ledger")["in_flight"] == 5, what="5 of one key in flight")
+        # ... and the client still gives its handler only the first.
+        assert handled == [0]
+        release.set()
+        await eventually(lambda: handled == [0, 1, 2, 3, 4])
+        await eventually(lambda: service_row(broker, "ledger")["in_flight"] == 0)
+
+
+async def test_keys_are_handled_in_order_each_while_others_flow_and_nacks_start_a_key_again(broker: Broker) -> None:
+    keys = [f"account-{k}" for k in range(4)]
+    per_key = 40
+    # What the handler was given, per key: (n, attempt, nacked).
+    seen: dict[str, list[tuple[int, int, bool]]] = defaultdict(list)
+    active: set[str] = set()
+    overlaps: list[str] = []
+    peak_keys = 0
+    async with (
+        connect(broker.addr, "ledger", max_in_flight=64, nack_delay=0) as ledger,
+        connect(broker.addr, "web") as web,
+    ):
+
+        async def post(msg: Incoming) -> None:
+            nonlocal peak_keys
+            body = msg.json()
+            key, n = body["key"], body["n"]
+            assert msg.message.key == key.encode()
+            if key in active:
+                overlaps.append(f"{key} #{n} began while another of its key ran")
+            active.add(key)
+            peak_keys = max(peak_keys, len(active))
+            try:
+                # Give every other delivery a chance to start meanwhile.
+                await asyncio.sleep(0)
+                await asyncio.sleep(0)
+                nack = n % 7 == 3 and msg.attempt == 1
+                seen[key].append((n, msg.attempt, nack))
+                if nack:
+                    raise Nack(delay=0)
+            finally:
+                active.discard(key)
+
+        await ledger.on("ledger.post", post)
+        sends = [
+            web.command("ledger.post", {"key": key, "n": n}, key=key).enqueue()
+            for n in range(per_key)
+            for key in keys
+        ]
+        await asyncio.gather(*sends)
+
+        def all_handled() -> bool:
+            return all(sum(1 for _, _, nacked in seen[k] if not nacked) == per_key for k in keys)
+
+        await eventually(all_handled, what="every message of every key handled")
+        await eventually(lambda: service_row(broker, "ledger")["in_flight"] == 0)
+
+    assert overlaps == []
+    assert peak_keys > 1, "different keys are handled at the same time"
+    for key in keys:
+        calls = seen[key]
+        # Strictly in order: after an ack the next message, after a nack the
+        # same one again (the broker takes the later ones back and starts
+        # the key from the nacked one).
+        assert calls[0][0] == 0, (key, calls[:5])
+        for (n, _, nacked), (following, attempt, _) in zip(calls, calls[1:]):
+            if nacked:
+                assert (following, attempt) == (n, 2), (key, n, calls)
+            else:
+                assert following == n + 1, (key, n, calls)
+        assert [n for n, _, nacked in calls if not nacked] == list(range(per_key))
+        assert sum(1 for _, _, nacked in calls if nacked) == len([n for n in range(per_key) if n % 7 == 3])

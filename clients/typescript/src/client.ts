@@ -11,6 +11,8 @@ import {
   FRAME_BYTES_MAX_DEFAULT,
   FrameReader,
   FrameWriter,
+  ATTEMPT_KEY_START,
+  PIPELINED_KEYS_VERSION,
   PROTOCOL_VERSION,
   Flag,
   encodeFrame,
@@ -387,6 +389,43 @@ interface Flush {
 interface Job {
   handler: Handler;
   message: IncomingMessage;
+  /** Keyed on a pipelined connection: its place in its key's line. */
+  ticket?: KeyTicket;
+}
+
+/** A delivery's place among its key's on a pipelined connection (protocol version 4). */
+interface KeyTicket {
+  key: string;
+  generation: number;
+  /** The key start it came after ({@link KeyLine.run}). */
+  run: number;
+  /** Its arrival number within the key. */
+  n: number;
+}
+
+/**
+ * One ordering key on a pipelined connection (protocol version 4,
+ * docs/PROTOCOL.md §8.4): the broker sends a key's next deliveries before
+ * the earlier ones are acked, and this hands them to handlers one at a
+ * time, in arrival order (which is the key's order). A nacked one makes
+ * the broker take back every later delivery of the key; those that arrive
+ * before the broker's next key start (bit 31 of `attempt`) are dropped
+ * unhandled and unsettled.
+ */
+class KeyLine {
+  /** Key starts seen. */
+  run = 0;
+  arrivals = 0;
+  /** Deliveries of this run that arrived after this one are stale. */
+  dropAfter: number | null = null;
+  /** A delivery of the key is with a handler, or queued for one. */
+  busy = false;
+  /** Deliveries waiting for it, in order. */
+  waiting: Job[] = [];
+
+  live(ticket: KeyTicket): boolean {
+    return ticket.run === this.run && (this.dropAfter === null || ticket.n <= this.dropAfter);
+  }
 }
 
 /** Deliveries waiting for a free handler, first in first out, in O(1) per job. */
@@ -428,6 +467,8 @@ export interface ConnectionInfo {
   broker: string;
   service: string;
   frameBytesMax: number;
+  /** The protocol version both ends speak on this connection (WELCOME's). */
+  protocolVersion: number;
 }
 
 interface Established {
@@ -523,6 +564,7 @@ export class Client implements DeliveryOwner {
   private writer = new FrameWriter();
   private writeScheduled = false;
   private frameBytesMax = FRAME_BYTES_MAX_DEFAULT;
+  private readonly keyLines = new Map<string, KeyLine>();
   private lastReceivedAt = 0;
   private keepAlive: NodeJS.Timeout | null = null;
   private sweeper: NodeJS.Timeout | null = null;
@@ -1031,25 +1073,113 @@ export class Client implements DeliveryOwner {
     this.scheduleWrite();
   }
 
-  private dispatch(delivery: bigint, attempt: number, message: Message): void {
+  private dispatch(delivery: bigint, attempt: number, message: Message, pipelined: boolean): void {
     if (message.kind === "reply") {
       this.routeReply(message);
       return;
     }
+    let keyStart = false;
+    if (pipelined) {
+      keyStart = attempt >= ATTEMPT_KEY_START;
+      attempt = attempt & ~ATTEMPT_KEY_START;
+    }
+    const key = pipelined && message.key !== undefined && !message.transient ? message.key.toString("latin1") : undefined;
     const subscription = this.subscriptions.find((s) => patternMatches(s.pattern, message.name));
     if (subscription === undefined) {
       // Subscribed by another instance of this service, not here: let the
       // broker try elsewhere soon.
       this.settle(this.generation, delivery, message.transient, this.opts.nackDelayMs);
+      if (key !== undefined) {
+        this.keyRefused(key, keyStart);
+      }
       return;
     }
     const incoming = new IncomingMessage(message, attempt, this, this.generation, delivery);
+    if (key !== undefined) {
+      this.deliverKeyed({ handler: subscription.handler, message: incoming }, key, keyStart);
+      return;
+    }
     if (message.transient && this.queue.length >= this.opts.transientQueueMax && this.running >= this.opts.concurrency) {
       this.transientDropped++;
       return;
     }
     this.queue.push({ handler: subscription.handler, message: incoming });
     this.pump();
+  }
+
+  /**
+   * A keyed delivery on a pipelined connection goes to its handler once the
+   * one before it of its key is settled, or is dropped if the broker took
+   * it back (see {@link KeyLine}).
+   */
+  private deliverKeyed(job: Job, key: string, keyStart: boolean): void {
+    let line = this.keyLines.get(key);
+    if (line === undefined) {
+      line = new KeyLine();
+      this.keyLines.set(key, line);
+    }
+    if (keyStart) {
+      // Whatever of an earlier run still waits was taken back.
+      line.run++;
+      line.dropAfter = null;
+      line.waiting = [];
+    }
+    if (line.dropAfter !== null) {
+      return; // stale: taken back after a nack; no ack or nack for it
+    }
+    line.arrivals++;
+    job.ticket = { key, generation: this.generation, run: line.run, n: line.arrivals };
+    if (line.busy) {
+      line.waiting.push(job);
+      return;
+    }
+    line.busy = true;
+    this.queue.push(job);
+    this.pump();
+  }
+
+  /** A keyed delivery no handler here takes was nacked: the broker takes back the key's later ones with it. */
+  private keyRefused(key: string, keyStart: boolean): void {
+    let line = this.keyLines.get(key);
+    if (line === undefined) {
+      line = new KeyLine();
+      this.keyLines.set(key, line);
+    }
+    if (keyStart) {
+      line.run++;
+      line.waiting = [];
+    }
+    line.dropAfter = line.arrivals;
+  }
+
+  /** Whether a keyed delivery still goes to its handler: the broker may have taken it back since it arrived. */
+  private keyLive(ticket: KeyTicket): boolean {
+    return ticket.generation === this.generation && this.keyLines.get(ticket.key)?.live(ticket) === true;
+  }
+
+  /** A keyed delivery is done with (handled, or dropped unhandled): its key's next live one goes to a handler. */
+  private keyNext(ticket: KeyTicket, nacked: boolean): void {
+    if (ticket.generation !== this.generation) {
+      return;
+    }
+    const line = this.keyLines.get(ticket.key);
+    if (line === undefined) {
+      return;
+    }
+    if (nacked && ticket.run === line.run) {
+      // The broker takes back every later delivery of the key.
+      line.dropAfter = line.dropAfter === null ? ticket.n : Math.min(line.dropAfter, ticket.n);
+    }
+    for (let next = line.waiting.shift(); next !== undefined; next = line.waiting.shift()) {
+      if (next.ticket !== undefined && line.live(next.ticket)) {
+        this.queue.push(next);
+        return;
+      }
+    }
+    line.busy = false;
+    if (line.dropAfter === null) {
+      this.keyLines.delete(ticket.key);
+    }
   }
 
   /**
@@ -1075,26 +1205,32 @@ export class Client implements DeliveryOwner {
   }
 
   private run(job: Job): void {
+    if (job.ticket !== undefined && !this.keyLive(job.ticket)) {
+      // Taken back while it waited for a handler: not handled, not settled.
+      this.keyNext(job.ticket, false);
+      return;
+    }
     this.running++;
     const { handler, message } = job;
     let outcome: unknown;
     try {
       outcome = message.inActivity(() => handler(message));
     } catch (e) {
-      this.finishJob(message, e);
+      this.finishJob(job, e);
       return;
     }
     if (outcome instanceof Promise || (typeof outcome === "object" && outcome !== null && "then" in outcome)) {
       Promise.resolve(outcome).then(
-        () => this.finishJob(message, undefined),
-        (e: unknown) => this.finishJob(message, e ?? new Error("handler failed")),
+        () => this.finishJob(job, undefined),
+        (e: unknown) => this.finishJob(job, e ?? new Error("handler failed")),
       );
     } else {
-      this.finishJob(message, undefined);
+      this.finishJob(job, undefined);
     }
   }
 
-  private finishJob(message: IncomingMessage, error: unknown): void {
+  private finishJob(job: Job, error: unknown): void {
+    const message = job.message;
     if (error === undefined) {
       message.finish(null);
     } else {
@@ -1107,6 +1243,9 @@ export class Client implements DeliveryOwner {
       message.finish(delay);
     }
     this.running--;
+    if (job.ticket !== undefined) {
+      this.keyNext(job.ticket, message.nacked);
+    }
     this.pump();
   }
 
@@ -1242,6 +1381,8 @@ export class Client implements DeliveryOwner {
           return;
         }
         if (frame.type === "welcome") {
+          // What follows WELCOME is read as its version has it.
+          reader.version = frame.version;
           settled = true;
           clearTimeout(timer);
           // Paused until attached, so that no byte after the WELCOME is lost.
@@ -1258,6 +1399,7 @@ export class Client implements DeliveryOwner {
               broker: frame.broker,
               service: frame.service ?? opts.service,
               frameBytesMax: frame.frameBytesMax === 0 ? FRAME_BYTES_MAX_DEFAULT : frame.frameBytesMax,
+              protocolVersion: frame.version,
             },
           });
         } else if (frame.type === "error") {
@@ -1282,7 +1424,9 @@ export class Client implements DeliveryOwner {
     this.socket = socket;
     this.info = info;
     this.frameBytesMax = info.frameBytesMax;
-    this.writer = new FrameWriter();
+    this.writer = new FrameWriter(info.protocolVersion);
+    // The broker took back every delivery of the last connection.
+    this.keyLines.clear();
     this.lastReceivedAt = Date.now();
     for (const subscription of this.subscriptions) {
       this.pushSubscribe(subscription);
@@ -1356,11 +1500,14 @@ export class Client implements DeliveryOwner {
           this.sendResult(o.seq, o.code, o.reason);
         }
         return true;
-      case "deliver":
+      case "deliver": {
+        // Version 4: a key's deliveries come pipelined (docs/PROTOCOL.md §8.4).
+        const pipelined = (this.info?.protocolVersion ?? 1) >= PIPELINED_KEYS_VERSION;
         for (const d of frame.entries) {
-          this.dispatch(d.delivery, d.attempt, d.message);
+          this.dispatch(d.delivery, d.attempt, d.message, pipelined);
         }
         return true;
+      }
       case "result": {
         const op = this.operations.get(frame.request);
         if (op !== undefined) {

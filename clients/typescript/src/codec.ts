@@ -5,8 +5,16 @@ import { isUtf8 } from "node:buffer";
 import { CourierError } from "./errors.js";
 import { readUuid, writeUuid } from "./uuid.js";
 
-/** The protocol version this client speaks. */
-export const PROTOCOL_VERSION = 1;
+/** The newest protocol version this client speaks; it reads and writes 1 to 4, each as that version has it. */
+export const PROTOCOL_VERSION = 4;
+/** From this version on a message may carry `parentId` (flag 0x80). */
+export const PARENT_ID_VERSION = 2;
+/** From this version on a SEND_RESULT entry carries `log_seq`. */
+export const LOG_SEQ_VERSION = 3;
+/** From this version on the broker sends a key's deliveries ahead (docs/PROTOCOL.md §8.4). */
+export const PIPELINED_KEYS_VERSION = 4;
+/** Bit 31 of a DELIVER entry's `attempt` (version 4): the first delivery of its key this connection holds. */
+export const ATTEMPT_KEY_START = 0x8000_0000;
 /** `CRR1`: the first bytes of every HELLO body. */
 export const HELLO_MAGIC = Buffer.from("CRR1", "latin1");
 /** The frame limit a receiver applies unless told otherwise (8 MiB). */
@@ -55,10 +63,17 @@ export const Flag = {
   DELIVER_AT: 0x20,
   /** Only in a SEND entry: answer only a refusal. */
   QUIET: 0x40,
+  /** Version 2 on: the message carries the id of the message that caused it. */
+  PARENT_ID: 0x80,
 } as const;
 
-/** The flags any message may carry (QUIET only in SEND entries). */
+/** The flags any message of version 1 may carry (QUIET only in SEND entries). */
 const FLAGS_ALL = 0x3f;
+
+/** The flags a message may carry on a connection of `version`. */
+function messageFlags(version: number): number {
+  return version >= PARENT_ID_VERSION ? FLAGS_ALL | Flag.PARENT_ID : FLAGS_ALL;
+}
 
 export type Kind = "command" | "event" | "reply";
 
@@ -92,6 +107,8 @@ export interface Message {
   expiresAt?: bigint | undefined;
   /** Unix nanoseconds before which the message is not delivered. */
   deliverAt?: bigint | undefined;
+  /** The message whose handling caused this one (version 2 on). */
+  parentId?: string | undefined;
   /** At most once, in memory only. */
   transient: boolean;
   /** On a reply: no more replies follow. */
@@ -113,6 +130,8 @@ export interface SendOutcome {
   seq: bigint;
   code: number;
   reason: string;
+  /** Version 3 on: where the broker's log holds the accepted message (0: nowhere). Absent below version 3. */
+  logSeq?: bigint;
 }
 
 export interface Delivery {
@@ -261,6 +280,7 @@ export function encodedMessageLength(m: Message): number {
   if (m.key !== undefined) len += 2 + m.key.length;
   if (m.expiresAt !== undefined) len += 8;
   if (m.deliverAt !== undefined) len += 8;
+  if (m.parentId !== undefined) len += 16;
   for (const [k, v] of m.headers) {
     len += 1 + Buffer.byteLength(k) + 2 + Buffer.byteLength(v);
   }
@@ -279,9 +299,10 @@ export interface MessageLayout {
 
 /**
  * Checks that `m` can be encoded and works out its layout; `extraFlags`
- * may add QUIET. Throws {@link EncodeError} naming what does not fit.
+ * may add QUIET. Below version 2 `parentId` is left out, as the broker
+ * leaves it out. Throws {@link EncodeError} naming what does not fit.
  */
-export function layoutMessage(m: Message, extraFlags = 0): MessageLayout {
+export function layoutMessage(m: Message, extraFlags = 0, version = PROTOCOL_VERSION): MessageLayout {
   const code = KIND_CODES[m.kind];
   if (code === undefined) {
     throw new EncodeError(`kind ${JSON.stringify(m.kind)} is not command, event or reply`);
@@ -326,6 +347,10 @@ export function layoutMessage(m: Message, extraFlags = 0): MessageLayout {
     flags |= Flag.DELIVER_AT;
     length += 8;
   }
+  if (m.parentId !== undefined && version >= PARENT_ID_VERSION) {
+    flags |= Flag.PARENT_ID;
+    length += 16;
+  }
   return { length, code, flags, nameBytes, senderBytes };
 }
 
@@ -356,6 +381,9 @@ function writeMessageAt(b: Buffer, start: number, m: Message, layout: MessageLay
   if (m.deliverAt !== undefined) {
     at = b.writeBigUInt64BE(m.deliverAt, at);
   }
+  if ((layout.flags & Flag.PARENT_ID) !== 0) {
+    at = writeUuid(b, at, m.parentId!);
+  }
   at = b.writeUInt16BE(m.headers.length, at);
   for (const [k, v] of m.headers) {
     b[at++] = Buffer.byteLength(k);
@@ -375,8 +403,8 @@ function writeMessageAt(b: Buffer, start: number, m: Message, layout: MessageLay
  * Encodes one message (docs/PROTOCOL.md §4) into a buffer of its own, the
  * layout it has inside SEND and DELIVER entries. `extraFlags` may add QUIET.
  */
-export function encodeMessage(m: Message, extraFlags = 0): Buffer {
-  const layout = layoutMessage(m, extraFlags);
+export function encodeMessage(m: Message, extraFlags = 0, version = PROTOCOL_VERSION): Buffer {
+  const layout = layoutMessage(m, extraFlags, version);
   const b = Buffer.allocUnsafe(layout.length);
   writeMessageAt(b, 0, m, layout);
   return b;
@@ -404,6 +432,9 @@ export class FrameWriter {
   private buf: Buffer = Buffer.allocUnsafe(WRITER_INITIAL_BYTES);
   private len = 0;
   private open: OpenBatch | null = null;
+
+  /** The protocol version of the connection the frames are for. */
+  constructor(readonly version = PROTOCOL_VERSION) {}
 
   /** Bytes pushed and not yet taken. */
   get length(): number {
@@ -497,14 +528,19 @@ export class FrameWriter {
     this.endEntry(writeMessageAt(this.buf, at, m, layout));
   }
 
-  pushSendOutcome(seq: bigint, code: number, reason: string): void {
+  pushSendOutcome(seq: bigint, code: number, reason: string, logSeq = 0n): void {
     checkU16("code", code);
     const text = lossyText(reason);
-    let at = this.batchEntry(FrameType.SEND_RESULT, 12 + text.length);
+    const withLogSeq = this.version >= LOG_SEQ_VERSION;
+    let at = this.batchEntry(FrameType.SEND_RESULT, 12 + text.length + (withLogSeq ? 8 : 0));
     at = this.buf.writeBigUInt64BE(seq, at);
     at = this.buf.writeUInt16BE(code, at);
     at = this.buf.writeUInt16BE(text.length, at);
     at += text.copy(this.buf, at);
+    if (withLogSeq) {
+      checkU64("log_seq", logSeq);
+      at = this.buf.writeBigUInt64BE(logSeq, at);
+    }
     this.endEntry(at);
   }
 
@@ -535,19 +571,19 @@ export class FrameWriter {
       case "send":
         for (const e of frame.entries) {
           checkU64("seq", e.seq);
-          this.pushSend(e.seq, encodeMessage(e.message), e.quiet);
+          this.pushSend(e.seq, encodeMessage(e.message, 0, this.version), e.quiet);
         }
         return;
       case "send_result":
         for (const e of frame.entries) {
           checkU64("seq", e.seq);
-          this.pushSendOutcome(e.seq, e.code, e.reason);
+          this.pushSendOutcome(e.seq, e.code, e.reason, e.logSeq);
         }
         return;
       case "deliver":
         for (const e of frame.entries) {
           checkU64("delivery", e.delivery);
-          this.pushDelivery(e.delivery, e.attempt, encodeMessage(e.message));
+          this.pushDelivery(e.delivery, e.attempt, encodeMessage(e.message, 0, this.version));
         }
         return;
       case "ack":
@@ -685,9 +721,12 @@ function encodeSingleBody(frame: Frame): Buffer {
   return b.done();
 }
 
-/** Encodes one frame on its own (a batch frame with all its entries in one frame). */
-export function encodeFrame(frame: Frame): Buffer {
-  const w = new FrameWriter();
+/**
+ * Encodes one frame on its own (a batch frame with all its entries in one
+ * frame), as a connection of `version` carries it.
+ */
+export function encodeFrame(frame: Frame, version = PROTOCOL_VERSION): Buffer {
+  const w = new FrameWriter(version);
   w.push(frame);
   return w.take() ?? Buffer.alloc(0);
 }
@@ -698,7 +737,14 @@ export function encodeFrame(frame: Frame): Buffer {
 /** Reads the fields of one frame body (type byte at offset 0). */
 class Reader {
   pos = 0;
-  constructor(readonly buf: Buffer) {}
+  /** The message flags the connection's version allows. */
+  private readonly flags: number;
+  constructor(
+    readonly buf: Buffer,
+    readonly version: number,
+  ) {
+    this.flags = messageFlags(version);
+  }
 
   need(n: number): void {
     const have = this.buf.length - this.pos;
@@ -794,7 +840,7 @@ class Reader {
     }
     offset = this.pos;
     const flags = this.u8();
-    if ((flags & ~(FLAGS_ALL | extraFlags)) !== 0) {
+    if ((flags & ~(this.flags | extraFlags)) !== 0) {
       throw new DecodeError(
         "UnknownFlags",
         `unknown message flags 0x${flags.toString(16).padStart(2, "0")} at byte ${offset}`,
@@ -812,6 +858,7 @@ class Reader {
     const key = flags & Flag.KEY ? this.bytes(this.u16()) : undefined;
     const expiresAt = flags & Flag.EXPIRES_AT ? this.u64() : undefined;
     const deliverAt = flags & Flag.DELIVER_AT ? this.u64() : undefined;
+    const parentId = flags & Flag.PARENT_ID ? this.uuid() : undefined;
     const headerCount = this.u16();
     if (headerCount > HEADERS_MAX) {
       throw new DecodeError("TooManyHeaders", `message has ${headerCount} headers; at most ${HEADERS_MAX} are allowed`, {
@@ -836,6 +883,7 @@ class Reader {
       key,
       expiresAt,
       deliverAt,
+      parentId,
       transient: (flags & Flag.TRANSIENT) !== 0,
       final: (flags & Flag.FINAL) !== 0,
       headers,
@@ -856,11 +904,11 @@ class Reader {
 }
 
 /**
- * Decodes a frame body (type byte first, no length prefix). Payloads and
- * keys are views of `body`, not copies.
+ * Decodes a frame body (type byte first, no length prefix) as a connection
+ * of `version` carries it. Payloads and keys are views of `body`, not copies.
  */
-export function decodeBody(body: Buffer): Frame {
-  const r = new Reader(body);
+export function decodeBody(body: Buffer, version = PROTOCOL_VERSION): Frame {
+  const r = new Reader(body, version);
   const type = r.u8();
   let frame: Frame;
   switch (type) {
@@ -908,12 +956,14 @@ export function decodeBody(body: Buffer): Frame {
       break;
     }
     case FrameType.SEND_RESULT: {
-      const count = r.count(12);
+      const withLogSeq = version >= LOG_SEQ_VERSION;
+      const count = r.count(withLogSeq ? 20 : 12);
       const entries: SendOutcome[] = [];
       for (let i = 0; i < count; i++) {
         const seq = r.u64();
         const code = r.u16();
-        entries.push({ seq, code, reason: r.str16() });
+        const reason = r.str16();
+        entries.push(withLogSeq ? { seq, code, reason, logSeq: r.u64() } : { seq, code, reason });
       }
       frame = { type: "send_result", entries };
       break;
@@ -1016,8 +1066,8 @@ export function decodeBody(body: Buffer): Frame {
 }
 
 /** Decodes one message encoded by {@link encodeMessage} (nothing may follow it). */
-export function decodeMessage(bytes: Buffer): Message {
-  const r = new Reader(bytes);
+export function decodeMessage(bytes: Buffer, version = PROTOCOL_VERSION): Message {
+  const r = new Reader(bytes, version);
   const [message] = r.message();
   r.finish();
   return message;
@@ -1043,6 +1093,7 @@ function checkLength(len: number, frameBytesMax: number): void {
 export function decodeFrame(
   bytes: Buffer,
   frameBytesMax = FRAME_BYTES_MAX_DEFAULT,
+  version = PROTOCOL_VERSION,
 ): { frame: Frame; size: number } | null {
   if (bytes.length < LENGTH_PREFIX_BYTES) {
     return null;
@@ -1053,7 +1104,7 @@ export function decodeFrame(
   if (bytes.length < size) {
     return null;
   }
-  return { frame: decodeBody(bytes.subarray(LENGTH_PREFIX_BYTES, size)), size };
+  return { frame: decodeBody(bytes.subarray(LENGTH_PREFIX_BYTES, size), version), size };
 }
 
 /**
@@ -1066,6 +1117,8 @@ export class FrameReader {
   private buffered = 0;
   /** Bytes the frame at the front needs in all, once its prefix is known. */
   private needed = 0;
+  /** The protocol version frames are read at: set it from WELCOME. */
+  version = PROTOCOL_VERSION;
 
   constructor(private readonly frameBytesMax = FRAME_BYTES_MAX_DEFAULT) {}
 
@@ -1108,7 +1161,7 @@ export class FrameReader {
       this.chunks[0] = head.subarray(size);
     }
     this.buffered -= size;
-    return decodeBody(body);
+    return decodeBody(body, this.version);
   }
 
   private join(): Buffer {

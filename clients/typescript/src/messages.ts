@@ -282,6 +282,14 @@ export class IncomingMessage extends Received {
   get settled(): boolean {
     return this.settledAs !== null;
   }
+  /** @internal Whether it was nacked. */
+  get nacked(): boolean {
+    return this.settledAs === "nack";
+  }
+  /** The message whose handling caused this one, when the sender said (protocol version 2 on). */
+  get parentId(): string | undefined {
+    return this.envelope.parentId;
+  }
 
   /**
    * Replies to this command with `outcome` (its name in domain language,

@@ -18,7 +18,10 @@ interface Peer {
   send(frame: Frame): void;
 }
 
-/** A scripted broker: answers HELLO with WELCOME, records everything else. */
+/**
+ * A scripted broker of protocol version 1: answers HELLO with WELCOME of
+ * version 1 (so the client speaks 1 to it), records everything else.
+ */
 class ScriptedBroker {
   readonly peers: Peer[] = [];
   private server: Server;
@@ -45,7 +48,8 @@ class ScriptedBroker {
 
   private accept(socket: Socket): void {
     const reader = new FrameReader();
-    const peer: Peer = { socket, frames: [], send: (frame) => socket.write(encodeFrame(frame)) };
+    reader.version = 1;
+    const peer: Peer = { socket, frames: [], send: (frame) => socket.write(encodeFrame(frame, 1)) };
     this.peers.push(peer);
     socket.on("error", () => {});
     socket.on("data", (chunk: Buffer) => {
@@ -96,7 +100,9 @@ async function setup(options: Partial<Parameters<typeof Client.connect>[0]> = {}
 test("HELLO carries the service, instance, max_in_flight and token", async () => {
   const { broker, client } = await setup({ token: "crr_secret" });
   const hello = broker.peers[0]!.frames[0];
-  assert.deepEqual(hello, { type: "hello", version: 1, service: "web", instance: "web-7", maxInFlight: 32, token: "crr_secret" });
+  // The client offers its newest version; this broker answers 1.
+  assert.deepEqual(hello, { type: "hello", version: 4, service: "web", instance: "web-7", maxInFlight: 32, token: "crr_secret" });
+  assert.equal(client.connection?.protocolVersion, 1);
   assert.equal(client.connection?.broker, "scripted");
   assert.equal(client.connection?.frameBytesMax, 1 << 20);
   // A message that would not fit the broker's frame limit is refused here.

@@ -107,3 +107,34 @@ async def test_keys_are_handled_in_order_each_while_others_flow_and_nacks_start_
                 assert following == n + 1, (key, n, calls)
         assert [n for n, _, nacked in calls if not nacked] == list(range(per_key))
         assert sum(1 for _, _, nacked in calls if nacked) == len([n for n in range(per_key) if n % 7 == 3])
+
+
+async def test_a_key_held_when_the_broker_dies_starts_again_from_its_first_unacked_message(broker: Broker) -> None:
+    handled: list[int] = []
+    never = asyncio.Event()
+    async with (
+        connect(broker.addr, "ledger", reconnect_delay_max=0.2, drain_timeout=0.5) as ledger,
+        connect(broker.addr, "web", reconnect_delay_max=0.2) as web,
+    ):
+
+        async def post(msg: Incoming) -> None:
+            n = msg.json()["n"]
+            handled.append(n)
+            if n == 2 and msg.attempt == 1:
+                await never.wait()  # the broker dies first
+
+        await ledger.on("ledger.post", post)
+        for n in range(6):
+            await web.send("ledger.post", {"n": n}, key="account-7")
+        await eventually(lambda: handled == [0, 1, 2])
+        # 0 and 1 acked; 2 with the handler, 3 to 5 pipelined behind it.
+        await eventually(lambda: service_row(broker, "ledger")["in_flight"] == 4, what="4 of the key in flight")
+        broker.kill9()
+        await eventually(lambda: not ledger.is_connected, what="the client saw the crash")
+        broker.start()
+        await eventually(lambda: handled[-1:] == [5] and len(handled) > 6, timeout=20, what="the key handled again")
+        await eventually(lambda: service_row(broker, "ledger")["in_flight"] == 0)
+    # After the crash the key starts again from its first unacked message
+    # (2) and goes on in order.
+    again = handled[3:]
+    assert again == list(range(again[0], 6)) and again[0] <= 2, handled

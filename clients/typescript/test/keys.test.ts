@@ -6,13 +6,22 @@ import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
 
 import { Client, Nack, type ClientOptions } from "../src/index.js";
-import { Broker, eventually } from "./broker.js";
+import { Broker, eventually, signal } from "./broker.js";
 
 let broker: Broker;
 const clients: Client[] = [];
 
 async function connect(service: string, options: Partial<ClientOptions> = {}): Promise<Client> {
-  const client = await Client.connect({ url: broker.addr, service, logger: null, ...options });
+  const client = await Client.connect({
+    url: broker.addr,
+    service,
+    logger: null,
+    reconnectDelayMinMs: 20,
+    reconnectDelayMaxMs: 200,
+    // One handler here never finishes: closing need not wait for it long.
+    drainTimeoutMs: 500,
+    ...options,
+  });
   clients.push(client);
   return client;
 }
@@ -111,4 +120,34 @@ test("keys are handled in order each while others flow, and a nack starts its ke
     );
     assert.equal(calls.filter((c) => c.nacked).length, Array.from({ length: perKey }, (_, n) => n).filter((n) => n % 7 === 3).length);
   }
+});
+
+test("a key held when the broker dies starts again from its first unacked message", async () => {
+  const handled: number[] = [];
+  const stuck = signal();
+  const ledger = await connect("crashed-ledger");
+  await ledger.on("ledger.post", async (msg) => {
+    const { n } = msg.json<{ n: number }>();
+    handled.push(n);
+    if (n === 2 && msg.attempt === 1) {
+      stuck.resolve();
+      await new Promise(() => {}); // never answers: the broker dies first
+    }
+  });
+  const web = await connect("crashed-web");
+  for (let n = 0; n < 6; n++) {
+    await web.send("ledger.post", { n }, { key: "account-7" });
+  }
+  await stuck.promise;
+  // 0 and 1 acked; 2 with the handler, 3 to 5 pipelined behind it.
+  await eventually("4 of the key in flight", () => broker.service("crashed-ledger").in_flight === 4);
+  assert.deepEqual(handled, [0, 1, 2]);
+  await broker.restart();
+  await eventually("the key handled again", () => handled.length > 6 && handled[handled.length - 1] === 5, 20_000);
+  await eventually("all acked", () => broker.service("crashed-ledger").in_flight === 0);
+  // After the crash the key starts again from its first unacked message
+  // (2) and goes on in order.
+  const again = handled.slice(3);
+  assert.ok(again[0]! <= 2, JSON.stringify(handled));
+  assert.deepEqual(again, Array.from({ length: 6 - again[0]! }, (_, i) => again[0]! + i), JSON.stringify(handled));
 });

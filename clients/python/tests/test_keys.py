@@ -11,6 +11,7 @@ from typing import Any
 from support import Broker, eventually
 
 from courier_client import Incoming, Nack, connect
+from courier_client import protocol as p
 
 
 def service_row(broker: Broker, name: str) -> dict[str, Any]:
@@ -138,3 +139,97 @@ async def test_a_key_held_when_the_broker_dies_starts_again_from_its_first_unack
     # (2) and goes on in order.
     again = handled[3:]
     assert again == list(range(again[0], 6)) and again[0] <= 2, handled
+
+
+class ScriptedBroker:
+    """A broker of protocol version 4 played by the test through the codec:
+    answers HELLO with WELCOME and records every frame the client sends."""
+
+    def __init__(self) -> None:
+        self.frames: list[p.Frame] = []
+        self.writer: asyncio.StreamWriter | None = None
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        host, port = self.server.sockets[0].getsockname()[:2]
+        return f"{host}:{port}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        buf = b""
+        while chunk := await reader.read(65536):
+            buf += chunk
+            while (got := p.decode_frame(buf, version=4)) is not None:
+                frame, used = got
+                buf = buf[used:]
+                self.frames.append(frame)
+                if isinstance(frame, p.Hello):
+                    self.send(p.Welcome(4, 1, 1 << 20, "scripted"))
+
+    def send(self, frame: p.Frame) -> None:
+        assert self.writer is not None
+        self.writer.write(p.encode_frame(frame, 4))
+
+    def of(self, kind: type[Any]) -> list[Any]:
+        return [f for f in self.frames if isinstance(f, kind)]
+
+    async def stop(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+async def test_stale_arrivals_of_a_nacked_key_are_dropped_unsettled_until_the_key_start() -> None:
+    broker = ScriptedBroker()
+    addr = await broker.start()
+    handled: list[str] = []
+    start = p.ATTEMPT_KEY_START
+    try:
+        # This broker answers no DRAIN: closing need not wait for it long.
+        async with connect(
+            addr, "ledger", nack_delay=0, max_concurrency=8, drain_timeout=0.2
+        ) as ledger:
+
+            async def post(msg: Incoming) -> None:
+                assert msg.message.key is not None
+                at = f"{msg.message.key.decode()}:{msg.text()}#{msg.attempt}"
+                handled.append(at)
+                await asyncio.sleep(0)
+                if at == "k:1#1":
+                    raise Nack(delay=0)
+
+            subscribing = asyncio.ensure_future(ledger.on("ledger.post", post))
+            await eventually(lambda: bool(broker.of(p.Subscribe)), what="SUBSCRIBE sent")
+            broker.send(p.Result(broker.of(p.Subscribe)[0].request, 0))
+            await subscribing
+
+            def entry(delivery: int, key: str, n: int, attempt: int) -> p.Delivery:
+                message = p.Message(p.Kind.COMMAND, "ledger.post", str(n).encode(), sender="web", timestamp=1)
+                message.key = key.encode()
+                return p.Delivery(delivery, attempt, message)
+
+            # The key k pipelined (1, 2, 3) and another key j beside it.
+            broker.send(
+                p.Deliver([entry(1, "k", 1, start + 1), entry(2, "k", 2, 1), entry(3, "k", 3, 1), entry(4, "j", 1, start + 1)])
+            )
+            await eventually(lambda: bool(broker.of(p.Nack)), what="k:1 nacked")
+            assert [e.delivery for f in broker.of(p.Nack) for e in f.entries] == [1]
+            # What of k was already on its way is stale (5); then the broker
+            # starts k again from the nacked one, marked as a key start.
+            broker.send(
+                p.Deliver([entry(5, "k", 4, 1), entry(6, "k", 1, start + 2), entry(7, "k", 2, 1), entry(8, "k", 3, 1)])
+            )
+
+            def acked() -> list[int]:
+                return [d for f in broker.of(p.Ack) for d in f.deliveries]
+
+            await eventually(lambda: 8 in acked(), what="k handled again")
+            assert [h for h in handled if h.startswith("k:")] == ["k:1#1", "k:1#2", "k:2#1", "k:3#1"]
+            assert "j:1#1" in handled
+            assert sorted(acked()) == [4, 6, 7, 8]
+            assert [e.delivery for f in broker.of(p.Nack) for e in f.entries] == [1], "nothing taken back is settled"
+    finally:
+        await broker.stop()

@@ -213,7 +213,9 @@ async def test_stale_arrivals_of_a_nacked_key_are_dropped_unsettled_until_the_ke
 
             # The key k pipelined (1, 2, 3) and another key j beside it.
             broker.send(
-                p.Deliver([entry(1, "k", 1, start + 1), entry(2, "k", 2, 1), entry(3, "k", 3, 1), entry(4, "j", 1, start + 1)])
+                p.Deliver(
+                    [entry(1, "k", 1, start + 1), entry(2, "k", 2, 1), entry(3, "k", 3, 1), entry(4, "j", 1, start + 1)]
+                )
             )
             await eventually(lambda: bool(broker.of(p.Nack)), what="k:1 nacked")
             assert [e.delivery for f in broker.of(p.Nack) for e in f.entries] == [1]

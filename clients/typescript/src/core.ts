@@ -4,7 +4,7 @@
 import { EventEmitter } from "node:events";
 import type * as net from "node:net";
 
-import { FRAME_BYTES_MAX_DEFAULT, FrameWriter } from "./codec.js";
+import { FRAME_BYTES_MAX_DEFAULT, FrameWriter, PROTOCOL_VERSION } from "./codec.js";
 import type { ConnectionInfo } from "./connect.js";
 import { ClosedError, InvalidMessageError, RefusedError } from "./errors.js";
 import type { DeliveryOwner, ReplyOptions } from "./messages.js";
@@ -49,6 +49,11 @@ export abstract class ClientCore implements DeliveryOwner {
         throw new InvalidMessageError(`service ${problem}`);
       }
     }
+  }
+
+  /** The protocol version of the connection of the moment (the newest before the first). */
+  protected get protocolVersion(): number {
+    return this.info?.protocolVersion ?? PROTOCOL_VERSION;
   }
 
   /** @internal A reply to `to`, in its activity. */

@@ -154,7 +154,7 @@ export abstract class SendingClient extends ClientCore {
       (n) => Number.isFinite(n) && n > 0,
       "timeoutMs",
     );
-    const layout = layoutMessage(message, message.transient ? Flag.QUIET : 0);
+    const layout = layoutMessage(message, message.transient ? Flag.QUIET : 0, this.protocolVersion);
     this.checkSize(message.name, layout.length);
     if (options.signal?.aborted) {
       const reason: unknown = options.signal.reason;
@@ -183,7 +183,7 @@ export abstract class SendingClient extends ClientCore {
       this.writer.pushSendMessage(quietSeq, message, layout);
       this.scheduleWrite();
     } else {
-      const ack = this.enqueueEncoded(message.id, encodeMessage(message));
+      const ack = this.enqueueEncoded(message.id, encodeMessage(message, 0, this.protocolVersion));
       ack.then(undefined, (error: unknown) => stream.fail(error as Error));
     }
     return stream;
@@ -198,13 +198,15 @@ export abstract class SendingClient extends ClientCore {
       activityId: to.activityId,
     });
     message.responseTo = to.id;
+    // A reply's parent is the command it answers.
+    message.parentId = to.id;
     message.final = options.final ?? true;
     return this.enqueueMessage(message);
   }
 
   private enqueueMessage(message: Message): PendingAck {
     this.checkOpen();
-    const bytes = encodeMessage(message);
+    const bytes = encodeMessage(message, 0, this.protocolVersion);
     this.checkSize(message.name, bytes.length);
     return this.enqueueEncoded(message.id, bytes);
   }
@@ -225,7 +227,7 @@ export abstract class SendingClient extends ClientCore {
 
   private async sendQuiet(message: Message): Promise<string> {
     this.checkOpen();
-    const layout = layoutMessage(message, Flag.QUIET);
+    const layout = layoutMessage(message, Flag.QUIET, this.protocolVersion);
     this.checkSize(message.name, layout.length);
     for (;;) {
       const socket = this.socket;

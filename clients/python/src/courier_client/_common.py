@@ -50,6 +50,8 @@ are dropped (durable ones are bounded by ``max_in_flight`` at the broker)."""
 _ACTIVITY: contextvars.ContextVar[bytes | None] = contextvars.ContextVar(
     "courier_activity", default=None
 )
+_HANDLED: contextvars.ContextVar[bytes | None] = contextvars.ContextVar("courier_handled", default=None)
+"""The id of the message being handled: the ``parent_id`` of what is sent meanwhile."""
 
 _U64 = struct.Struct(">Q")
 _U32 = struct.Struct(">I")

@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Awaitable, cast
 
 from . import protocol as p
-from ._common import _ACTIVITY, _MISSING, TRANSIENT_BACKLOG_MAX, Handler, Seconds, Start, log, _seconds, _wait
+from ._common import _ACTIVITY, _HANDLED, _MISSING, TRANSIENT_BACKLOG_MAX, Handler, Seconds, Start, log, _seconds, _wait
 from ._messages import Incoming
 from ._sending import _Sending
 from .errors import ClientClosed, ConnectionLost, CourierTimeout, Nack, Refused
@@ -280,6 +280,7 @@ class _Handling(_Sending):
             return
         self._running += 1
         token = _ACTIVITY.set(incoming.message.activity_id_bytes)
+        handled = _HANDLED.set(incoming.message.id_bytes)
         error: BaseException | None = None
         try:
             result = handler(incoming)
@@ -293,6 +294,7 @@ class _Handling(_Sending):
             error = e
         finally:
             _ACTIVITY.reset(token)
+            _HANDLED.reset(handled)
         self._finish(incoming, error)
 
     async def _run_handler(self, awaitable: Awaitable[Any], incoming: Incoming) -> None:

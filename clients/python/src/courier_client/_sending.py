@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 from . import protocol as p
 from ._common import (
     _ACTIVITY,
+    _HANDLED,
     EAGER_WRITE_BYTES,
     _JSON_HEADERS,
     _NO_HEADERS,
@@ -70,8 +71,16 @@ class _Sending(_ClientCore):
             validate_name(name)
             name8 = _remember_name(name)
         id_bytes = new_id_bytes() if id is None else id.bytes
+        # A message sent while handling another inherits its activity and
+        # names it as its parent (a reply: the command it answers).
+        parent = response_to if kind == Kind.REPLY else None
         if activity_id is None:
-            activity = _ACTIVITY.get() or id_bytes
+            inherited = _ACTIVITY.get()
+            if inherited is None:
+                activity = id_bytes
+            else:
+                activity = inherited
+                parent = _HANDLED.get()
         elif isinstance(activity_id, uuid.UUID):
             activity = activity_id.bytes
         else:
@@ -98,6 +107,9 @@ class _Sending(_ClientCore):
             if delay is not None:
                 at += int(_seconds(delay) * 1e9)
             optional += _U64.pack(min(max(at, 0), _U64_MAX))
+        if parent is not None and self._version >= p.PARENT_ID_VERSION:
+            flags |= Flag.PARENT_ID
+            optional += parent
         if isinstance(payload, (bytes, bytearray, memoryview)):
             raw = bytes(payload)
             header_bytes = _NO_HEADERS if not headers else p.encode_headers(_header_list(headers))

@@ -174,6 +174,26 @@ function answers(
   });
 }
 
+/**
+ * Closes a connection left open and waits until the broker closed its side
+ * too: it forgets a connection (and takes back what it held) before it
+ * closes it, so the next connection cannot race the last one's end.
+ */
+function closeAndWait(socket: net.Socket): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(
+      () => reject(new Error("the broker did not close a connection the client closed")),
+      ANSWERS_TIMEOUT_MS,
+    );
+    socket.on("close", () => {
+      clearTimeout(timer);
+      resolve();
+    });
+    socket.resume(); // what still comes is read and dropped
+    socket.end();
+  });
+}
+
 function allMatch(expected: Json[], got: JsonObject[], anyOrder: boolean): boolean {
   if (expected.length !== got.length) return false;
   if (!anyOrder) return expected.every((e, i) => matches(e, got[i], errorCodeName));
@@ -225,6 +245,9 @@ describe("a real broker answers every broker case, through this codec", () => {
           // length is refused from its 4 bytes): what it answered counts.
           socket.write(bytes);
           const { items, closed } = await answered;
+          if (!closed) {
+            await closeAndWait(socket);
+          }
           socket.destroy();
           assert.ok(
             allMatch(expected, items, connection.any_order === true) && closed === closes,

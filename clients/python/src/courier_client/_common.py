@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Literal, Mapping, Sequence, Union
 
 from . import protocol as p
+from .protocol import Message
 
 if TYPE_CHECKING:
     from ._messages import Incoming
@@ -47,11 +48,9 @@ TRANSIENT_BACKLOG_MAX = 65_536
 """Transient deliveries waiting for a free handler slot before newer ones
 are dropped (durable ones are bounded by ``max_in_flight`` at the broker)."""
 
-_ACTIVITY: contextvars.ContextVar[bytes | None] = contextvars.ContextVar(
-    "courier_activity", default=None
-)
-_HANDLED: contextvars.ContextVar[bytes | None] = contextvars.ContextVar("courier_handled", default=None)
-"""The id of the message being handled: the ``parent_id`` of what is sent meanwhile."""
+_HANDLING: contextvars.ContextVar[Message | None] = contextvars.ContextVar("courier_handling", default=None)
+"""The message being handled: what is sent meanwhile takes its activity and
+names it as parent."""
 
 _U64 = struct.Struct(">Q")
 _U32 = struct.Struct(">I")
@@ -66,8 +65,8 @@ _MISSING: Any = object()
 def current_activity() -> uuid.UUID | None:
     """The activity a message sent now would carry: the one of the message
     being handled, when called from a handler (or code it runs)."""
-    raw = _ACTIVITY.get()
-    return None if raw is None else uuid.UUID(bytes=raw)
+    handling = _HANDLING.get()
+    return None if handling is None else uuid.UUID(bytes=handling.activity_id_bytes)
 
 
 def _seconds(value: Seconds) -> float:

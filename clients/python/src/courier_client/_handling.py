@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Awaitable, cast
 
 from . import protocol as p
-from ._common import _ACTIVITY, _HANDLED, _MISSING, TRANSIENT_BACKLOG_MAX, Handler, Seconds, Start, log, _seconds, _wait
+from ._common import _HANDLING, _MISSING, TRANSIENT_BACKLOG_MAX, Handler, Seconds, Start, log, _seconds, _wait
 from ._messages import Incoming
 from ._sending import _Sending
 from .errors import ClientClosed, ConnectionLost, CourierTimeout, Nack, Refused
@@ -168,9 +168,9 @@ class _Handling(_Sending):
                 continue
             key = message.key if pipelined and not message.transient else None
             key_start = False
-            if pipelined:
-                key_start = bool(attempt & p.ATTEMPT_KEY_START)
-                attempt &= ~p.ATTEMPT_KEY_START
+            if attempt >= _KEY_START and pipelined:
+                key_start = True
+                attempt &= ~_KEY_START
             name = message.name
             sub = routes.get(name, _MISSING)
             if sub is _MISSING:
@@ -279,8 +279,7 @@ class _Handling(_Sending):
             self._key_next(incoming)
             return
         self._running += 1
-        token = _ACTIVITY.set(incoming.message.activity_id_bytes)
-        handled = _HANDLED.set(incoming.message.id_bytes)
+        token = _HANDLING.set(incoming.message)
         error: BaseException | None = None
         try:
             result = handler(incoming)
@@ -293,8 +292,7 @@ class _Handling(_Sending):
         except Exception as e:  # a plain function that raised
             error = e
         finally:
-            _ACTIVITY.reset(token)
-            _HANDLED.reset(handled)
+            _HANDLING.reset(token)
         self._finish(incoming, error)
 
     async def _run_handler(self, awaitable: Awaitable[Any], incoming: Incoming) -> None:
@@ -344,6 +342,7 @@ class _Handling(_Sending):
 
 
 _DELIVERY_HEAD = struct.Struct(">QI")
+_KEY_START = p.ATTEMPT_KEY_START
 
 
 def _decode_deliveries(body: bytes, version: int) -> list[tuple[int, int, Message]]:

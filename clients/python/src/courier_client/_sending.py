@@ -12,8 +12,7 @@ from typing import Any, Mapping, Sequence
 
 from . import protocol as p
 from ._common import (
-    _ACTIVITY,
-    _HANDLED,
+    _HANDLING,
     EAGER_WRITE_BYTES,
     _JSON_HEADERS,
     _NO_HEADERS,
@@ -75,12 +74,12 @@ class _Sending(_ClientCore):
         # names it as its parent (a reply: the command it answers).
         parent = response_to if kind == Kind.REPLY else None
         if activity_id is None:
-            inherited = _ACTIVITY.get()
-            if inherited is None:
+            handling = _HANDLING.get()
+            if handling is None:
                 activity = id_bytes
             else:
-                activity = inherited
-                parent = _HANDLED.get()
+                activity = handling.activity_id_bytes
+                parent = handling.id_bytes
         elif isinstance(activity_id, uuid.UUID):
             activity = activity_id.bytes
         else:

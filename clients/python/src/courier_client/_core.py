@@ -65,7 +65,6 @@ class _ClientCore:
         timed out before the broker answered (each is also logged)."""
         self.last_unheard_refusal: Refused | None = None
 
-
     # -- writing --
 
     def _schedule_flush(self) -> None:
@@ -89,7 +88,6 @@ class _ClientCore:
             self._writable = None
             if not waiter.done():
                 waiter.set_result(None)
-
 
     def _settle(self, generation: int, delivery: int, message: Message, nack_delay: float | None) -> None:
         """Writes the ACK or NACK, if the delivery came on the current

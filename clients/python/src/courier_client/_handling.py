@@ -157,13 +157,13 @@ class _Handling(_Sending):
 
     # -- what arrives --
 
-
     def _on_deliver(self, deliveries: list[tuple[int, int, Message]], generation: int, version: int) -> None:
         routes = self._routes
+        client = cast("Client", self)  # once a frame: cast is a call
         # Version 4: a key's deliveries come pipelined (PROTOCOL.md §8.4).
         pipelined = version >= p.PIPELINED_KEYS_VERSION
         for delivery, attempt, message in deliveries:
-            if message.kind == Kind.REPLY:
+            if message.kind == _REPLY:
                 self._route_reply(message)
                 continue
             key = message.key if pipelined and not message.transient else None
@@ -189,7 +189,7 @@ class _Handling(_Sending):
                 if key is not None:
                     self._key_refused(key, key_start)
                 continue
-            incoming = Incoming(cast("Client", self), generation, delivery, attempt, message)
+            incoming = Incoming(client, generation, delivery, attempt, message)
             if key is not None:
                 self._deliver_keyed(sub.handler, incoming, key, key_start)
             elif self._running < self._options.max_concurrency:
@@ -337,12 +337,14 @@ class _Handling(_Sending):
                 self._start(handler, waiting)
         finally:
             self._pumping = False
-        if self._running == 0 and not self._backlog and self._idle is not None and not self._idle.done():
-            self._idle.set_result(None)
+        idle = self._idle  # only close() waits for it
+        if idle is not None and self._running == 0 and not self._backlog and not idle.done():
+            idle.set_result(None)
 
 
 _DELIVERY_HEAD = struct.Struct(">QI")
 _KEY_START = p.ATTEMPT_KEY_START
+_REPLY = Kind.REPLY
 
 
 def _decode_deliveries(body: bytes, version: int) -> list[tuple[int, int, Message]]:

@@ -71,8 +71,9 @@ class _Sending(_ClientCore):
             name8 = _remember_name(name)
         id_bytes = new_id_bytes() if id is None else id.bytes
         # A message sent while handling another inherits its activity and
-        # names it as its parent (a reply: the command it answers).
-        parent = response_to if kind == Kind.REPLY else None
+        # names it as its parent; a reply (the one message with response_to)
+        # names the command it answers.
+        parent = response_to
         if activity_id is None:
             handling = _HANDLING.get()
             if handling is None:
@@ -357,7 +358,6 @@ class _Sending(_ClientCore):
             del self._requests[stream._command]
         if stream._quiet_seq is not None:
             self._quiet_requests.pop(stream._quiet_seq, None)
-
 
     def _on_send_results(self, body: bytes, with_log_seq: bool) -> None:
         # The hot path of a pipelined publisher: no objects per entry.

@@ -44,7 +44,6 @@ class Client(_Handling):
     same ids: the broker drops duplicates).
     """
 
-
     # -- identity and state --
 
     @property
@@ -235,7 +234,6 @@ class Client(_Handling):
         self._schedule_flush()
         self._keepalive = self._loop.call_later(o.ping_interval, self._keep_alive, conn)
 
-
     def _handle(self, body: bytes, generation: int, conn: _Connection) -> bool:
         """Handles one frame body; ``False`` when the connection is done."""
         frame_type = body[0]
@@ -273,7 +271,6 @@ class Client(_Handling):
         else:
             raise p.DecodeError("UnexpectedFrame", f"unexpected frame from the broker: {type(frame).__name__}")
         return True
-
 
     async def close(self, timeout: Seconds | None = None) -> None:
         """Stops taking deliveries (DRAIN), waits — up to ``timeout``,

@@ -52,11 +52,11 @@ async fn same_key_in_order_one_at_a_time_with_concurrent_handlers() {
     for ack in acks {
         ack.wait().await.expect("accepted");
     }
-    let deadline = Instant::now() + T;
-    while log.lock().expect("lock").len() < 60 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let log = log.lock().expect("lock").clone();
+    let log = common::wait_for_async("the 60 posts handled", T, || {
+        let handled = log.lock().expect("lock").clone();
+        async move { (handled.len() >= 60).then_some(handled) }
+    })
+    .await;
     assert_eq!(log.len(), 60);
     for k in 0..3u32 {
         let order: Vec<u32> = log

@@ -538,15 +538,25 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
 /// Polls `check` every 50 ms until it returns `Some`, or panics with
 /// `what` after `timeout`.
 pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    wait_until(what, timeout, || check().ok_or("no"))
+}
+
+/// Polls `check` every 50 ms until it returns `Ok`, or panics after
+/// `timeout` with `what` and the last `Err`: what was seen instead.
+pub fn wait_until<T, E: std::fmt::Display>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> Result<T, E>,
+) -> T {
     let deadline = std::time::Instant::now() + timeout;
     loop {
-        if let Some(found) = check() {
-            return found;
+        match check() {
+            Ok(found) => return found,
+            Err(last) => assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: not within {timeout:?}; last seen: {last}"
+            ),
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{what}: not within {timeout:?}"
-        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }

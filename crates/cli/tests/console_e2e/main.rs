@@ -103,18 +103,14 @@ fn service<'a>(services: &'a Value, name: &str) -> Option<&'a Value> {
 
 /// Waits for `check` on successive answers of `GET path`.
 fn wait_json(http: &str, path: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
-    let deadline = std::time::Instant::now() + T;
-    loop {
+    common::wait_until(&format!("{what} (GET {path})"), T, || {
         let v = get_json(http, path);
         if check(&v) {
-            return v;
+            Ok(v)
+        } else {
+            Err(v)
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{what}; last {path}: {v}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    })
 }
 
 /// A `web` instance that stays connected and, every 100 ms until dropped,

@@ -3,7 +3,7 @@
 mod common;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use common::{json_lines, stderr, Broker};
@@ -404,19 +404,17 @@ fn a_reloaded_manifest_revokes_tokens_and_a_bad_one_is_refused() {
     let todo_hash = courier_manifest::hash_token(&t.todo);
     let admin_hash = courier_manifest::hash_token(&t.admin);
     write_manifest(&path, None, &todo_hash, &admin_hash);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let out = send(&broker);
-        if out.status.code() == Some(4) && stderr(&out).contains("not in the manifest") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "web's token still accepted: {}",
-            stderr(&out)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    common::wait_until(
+        "web's token refused once the manifest without it is read",
+        Duration::from_secs(10),
+        || {
+            let out = send(&broker);
+            match (out.status.code(), stderr(&out)) {
+                (Some(4), said) if said.contains("not in the manifest") => Ok(()),
+                (code, said) => Err(format!("exit {code:?}: {said}")),
+            }
+        },
+    );
 }
 
 #[test]

@@ -546,3 +546,57 @@ fn send_with_options_from_env() {
     });
     println!("from_env: sent as the token's service");
 }
+
+#[tokio::test]
+async fn a_send_waiting_for_a_reconnect_the_manifest_refuses_fails_with_the_refusal() {
+    let dir = common::tempdir::Dir::new("revoked");
+    let (broker, t, path) = start_with_manifest(&dir);
+    let mut opts = ClientOptions::new(broker.addr.clone(), "todo");
+    opts.token = Some(t.todo.clone());
+    let todo = Client::connect(opts).await.expect("todo connects");
+    todo.on("todo.create", |msg| async move { msg.ack() })
+        .await
+        .expect("todo subscribes");
+    let mut opts = ClientOptions::new(broker.addr.clone(), "web");
+    opts.token = Some(t.web.clone());
+    let web = Client::connect(opts).await.expect("web connects");
+    web.send("todo.create", &serde_json::json!({"text": "milk"}))
+        .await
+        .expect("sent while allowed");
+
+    // web's token removed: the broker closes web's connection and refuses
+    // its reconnects. A send waiting for one is answered with that refusal,
+    // not left waiting for a connection that will not come.
+    let todo_hash = courier_manifest::hash_token(&t.todo);
+    let admin_hash = courier_manifest::hash_token(&t.admin);
+    write_manifest(&path, None, &todo_hash, &admin_hash);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let sent = tokio::time::timeout(
+            Duration::from_secs(10),
+            web.send("todo.create", &serde_json::json!({"text": "eggs"})),
+        )
+        .await
+        .expect("a send under a refused identity is answered, not left waiting");
+        match sent {
+            // Sent before the broker read the new manifest.
+            Ok(_) => {}
+            Err(courier_client::Error::Refused { code, reason }) => {
+                assert_eq!(
+                    code,
+                    courier_client::proto::ErrorCode::Unauthorized,
+                    "{reason}"
+                );
+                break;
+            }
+            Err(other) => panic!("expected the broker's refusal, got {other}"),
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new manifest was never read"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    web.shutdown().await;
+    todo.shutdown().await;
+}

@@ -165,6 +165,9 @@ pub(crate) async fn drive(inner: Arc<Inner>, first: Established) {
                     }
                     Err(error) => {
                         debug!(%error, ?delay, "reconnect failed");
+                        if refuses_this_identity(&error) {
+                            fail_waiting(&inner, &error);
+                        }
                         let jitter = Duration::from_millis(
                             u64::from(uuid::Uuid::new_v4().as_bytes()[0]) % 50,
                         );
@@ -269,6 +272,45 @@ pub(crate) async fn drive(inner: Arc<Inner>, first: Established) {
     }
     state.requests.clear();
     state.quiet_requests.clear();
+    drop(state);
+    inner.writer_drained.notify_waiters();
+}
+
+/// Whether the broker refused the handshake for what this client is (its
+/// credentials, name or protocol version), which trying again cannot
+/// change until the broker's configuration does.
+fn refuses_this_identity(error: &Error) -> bool {
+    matches!(
+        error,
+        Error::Refused {
+            code: ErrorCode::Unauthorized | ErrorCode::InvalidName | ErrorCode::UnsupportedVersion,
+            ..
+        }
+    )
+}
+
+/// Answers everything waiting for a connection with `error`: sends to be
+/// sent again, flushes and requests would otherwise wait for a reconnect
+/// the broker refuses. The client keeps trying (the broker's manifest
+/// may take it back); what comes later waits for that.
+fn fail_waiting(inner: &Inner, error: &Error) {
+    let refusal = || match error {
+        Error::Refused { code, reason } => Error::Refused {
+            code: *code,
+            reason: reason.clone(),
+        },
+        other => Error::Closed(other.to_string()),
+    };
+    let mut state = inner.lock();
+    for (_, pending) in state.pending_sends.take() {
+        let _ = pending.done.send(Err(refusal()));
+    }
+    for (_, tx) in state.flushes.drain(..) {
+        let _ = tx.send(Err(refusal()));
+    }
+    for (_, waiting) in state.requests.drain() {
+        let _ = waiting.replies.try_send(Err(refusal()));
+    }
     drop(state);
     inner.writer_drained.notify_waiters();
 }

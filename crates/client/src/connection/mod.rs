@@ -192,7 +192,7 @@ pub(crate) async fn drive(inner: Arc<Inner>, first: Established) {
         let write = write_loop(&inner, writer);
         let read = read_loop(&inner, generation, version, &mut reader, &mut buf);
         // Read first: the write loop, polled after the reader in the same
-        // poll, takes what the frames just handled queued (see `reading`).
+        // poll, takes what the frames just handled queued (see `WriteWake`).
         let (stopped, reason) = tokio::select! {
             biased;
             end = read => {

@@ -25,6 +25,24 @@ pub(super) struct Bucket {
     records: BTreeMap<String, KvRecord>,
 }
 
+impl Bucket {
+    /// Stores `value` (`None`: a delete marker) under the bucket's next
+    /// revision, which it returns.
+    fn write(&mut self, key: &str, value: Option<Bytes>, now: Millis) -> u64 {
+        self.last_revision += 1;
+        let revision = self.last_revision;
+        self.records.insert(
+            key.to_string(),
+            KvRecord {
+                revision,
+                value,
+                written_at: now,
+            },
+        );
+        revision
+    }
+}
+
 impl JetStreamModel {
     /// Creates a bucket (history 1); `max_age` 0: keys never age out.
     pub fn add_bucket(&mut self, name: &str, max_age: Millis) {
@@ -80,17 +98,7 @@ impl JetStreamModel {
                 actual,
             });
         }
-        b.last_revision += 1;
-        let revision = b.last_revision;
-        b.records.insert(
-            key.to_string(),
-            KvRecord {
-                revision,
-                value: Some(value),
-                written_at: now,
-            },
-        );
-        Ok(revision)
+        Ok(b.write(key, Some(value), now))
     }
 
     /// Writes only if the key holds no live value (absent, deleted or
@@ -152,16 +160,7 @@ impl JetStreamModel {
                 actual,
             });
         }
-        b.last_revision += 1;
-        let revision = b.last_revision;
-        b.records.insert(
-            key.to_string(),
-            KvRecord {
-                revision,
-                value: None,
-                written_at: now,
-            },
-        );
+        b.write(key, None, now);
         Ok(())
     }
 }

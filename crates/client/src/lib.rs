@@ -46,6 +46,7 @@ mod discovery;
 mod error;
 mod events;
 mod handler;
+mod handshake;
 mod options;
 #[cfg(feature = "otel")]
 mod otel;
@@ -53,6 +54,7 @@ mod pending;
 mod reply;
 mod send;
 mod state;
+mod sync;
 mod trace_context;
 
 use courier_proto::Message;

@@ -1,6 +1,5 @@
 //! The connection driver: handshake, reading, writing, reconnecting.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -196,7 +195,7 @@ pub(crate) async fn drive(inner: Arc<Inner>, first: Established) {
         let write = write_loop(&inner, writer);
         let read = read_loop(&inner, generation, version, &mut reader, &mut buf);
         // Read first: the write loop, polled after the reader in the same
-        // poll, takes what the frames just handled queued (see `reading`).
+        // poll, takes what the frames just handled queued (see `WriteWake`).
         let (stopped, reason) = tokio::select! {
             biased;
             end = read => {
@@ -342,7 +341,7 @@ async fn write_loop(inner: &Inner, mut writer: Writer) -> std::io::Result<()> {
         let notified = inner.writer_wake.notified();
         tokio::pin!(notified);
         let requested = std::future::poll_fn(|cx| {
-            if inner.write_requested.swap(false, Ordering::SeqCst) {
+            if inner.write_wake.take_request() {
                 return Poll::Ready(());
             }
             std::future::Future::poll(notified.as_mut(), cx)
@@ -375,20 +374,21 @@ impl ReadEnd {
     }
 }
 
-/// `Inner::reading` for as long as it lives (cleared on every way out, or
-/// writes queued after a lost connection would never wake the writer).
+/// The driver is reading (`WriteWake::start_reading`) for as long as this
+/// lives: it stops on every way out, or writes queued after a lost
+/// connection would never wake the writer.
 struct Reading<'a>(&'a Inner);
 
 impl<'a> Reading<'a> {
     fn start(inner: &'a Inner) -> Reading<'a> {
-        inner.reading.store(true, Ordering::SeqCst);
+        inner.write_wake.start_reading();
         Reading(inner)
     }
 }
 
 impl Drop for Reading<'_> {
     fn drop(&mut self) {
-        self.0.reading.store(false, Ordering::SeqCst);
+        self.0.write_wake.stop_reading();
     }
 }
 

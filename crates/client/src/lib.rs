@@ -46,6 +46,7 @@ mod discovery;
 mod error;
 mod events;
 mod handler;
+pub mod http;
 mod options;
 #[cfg(feature = "otel")]
 mod otel;

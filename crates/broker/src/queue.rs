@@ -561,9 +561,15 @@ impl Queue {
         }
         if let Some(key) = flight.entry.key() {
             if let Some(state) = self.keys.get_mut(key) {
-                let was_first = state.in_flight.front().map(|(d, _)| *d) == Some(delivery);
-                state.in_flight.retain(|(d, _)| *d != delivery);
-                if was_first {
+                // Acks come in the key's order: the delivery is almost
+                // always the first, so this finds it at once (a scan of
+                // the whole window per ack made a hot key's cost grow with
+                // its window).
+                let position = state.in_flight.iter().position(|(d, _)| *d == delivery);
+                if let Some(index) = position {
+                    state.in_flight.remove(index);
+                }
+                if position == Some(0) {
                     if let Some(&(next, _)) = state.in_flight.front() {
                         if let Some(f) = self.in_flight.get_mut(&next) {
                             if f.deadline == NOT_ARMED && next_deadline != NOT_ARMED {

@@ -255,7 +255,7 @@ impl Receivers {
                          while more than the server's pause_bytes (4 MiB) of deliveries wait to be \
                          written to it (receivers_paused), dropping its transient messages meanwhile \
                          (transient_dropped_paused); the receivers must keep up with the \
-                         publisher, e.g. with a smaller TRANSIENT_LEAD_BYTES in bench/courier.rs",
+                         publisher, e.g. with a smaller TRANSIENT_LEAD_BYTES in bench/courier_transient.rs",
                         thousands(total),
                         thousands(expected),
                         each.join(", "),

@@ -47,6 +47,7 @@ mod error;
 mod events;
 mod handler;
 mod handshake;
+pub mod http;
 mod options;
 #[cfg(feature = "otel")]
 mod otel;

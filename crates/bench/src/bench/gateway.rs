@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use super::courier::{connect, per_second, progress, w4_ask, w4_responder, W4_NAME, W4_REQUESTER};
+use super::courier::{connect, w4_ask, w4_responder, W4_NAME, W4_REQUESTER};
 use super::process::{free_loopback_addr, DataDir, ServerChild};
 use super::*;
 

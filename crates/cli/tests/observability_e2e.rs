@@ -307,6 +307,12 @@ fn metrics_count_real_traffic_per_name_service_and_outcome() {
     assert!(value(&m, "courier_group_commit_records_count", &[]).is_some_and(|n| n > 0.0));
     assert_eq!(value(&m, "courier_degraded", &[]), Some(0.0));
     assert!(value(&m, "courier_frames_in_total", &[]).is_some_and(|n| n > 0.0));
+    // Every frame so far took the core's lock and held it a while.
+    let takings = value(&m, "courier_core_lock_takings_total", &[]).expect("lock takings");
+    assert!(takings >= 5.0, "{takings}");
+    let held = value(&m, "courier_core_lock_held_seconds_total", &[]).expect("lock held");
+    assert!(held > 0.0 && held < 60.0, "{held}");
+    assert!(value(&m, "courier_core_lock_wait_seconds_total", &[]).is_some_and(|w| w >= 0.0));
 
     // Consuming them acks them: the backlog empties, the counters move.
     let out = broker.run(&["subscribe", "audit.*", "--service", "audit", "--count", "5"]);

@@ -70,7 +70,8 @@ impl Up {
     }
 
     fn start_with(dir: &Path, bus: &str, http: &str, web: &str, extra: &[&str]) -> Up {
-        let mut child = Command::new(courier_bin())
+        let mut command = Command::new(courier_bin());
+        command
             .arg("up")
             .arg(dir)
             .args(["--no-build", "--listen", bus, "--http", http])
@@ -79,13 +80,17 @@ impl Up {
             .env("SENSOR_BIN_DIR", bin_dir())
             .env("TRANSFER_BIN_DIR", bin_dir())
             .env("TELLER_INTERVAL_MS", "300")
-            .env("TODO_WEB_LISTEN", web)
             .env("NO_COLOR", "1")
             .env("COURIER_LOG", "info")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn courier up");
+            .stderr(Stdio::inherit());
+        // No address: todo-web listens where `courier up` says (HOST:PORT).
+        if web.is_empty() {
+            command.env_remove("TODO_WEB_LISTEN");
+        } else {
+            command.env("TODO_WEB_LISTEN", web);
+        }
+        let mut child = command.spawn().expect("spawn courier up");
         let stdout = child.stdout.take().expect("stdout");
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
@@ -639,7 +644,37 @@ fn print_compose_writes_every_service_port_and_variable_and_no_token() {
         assert!(!text.contains(&token), "no token in the compose file");
     }
     assert_eq!(services["web"]["environment"]["PORT"], "3000");
+    assert_eq!(services["web"]["environment"]["HOST"], "0.0.0.0");
     assert_eq!(services["web"]["ports"], serde_json::json!(["3000:3000"]));
+    // The replica advertises its own address: run the command's shell as
+    // the container would (compose turns $$ into $), with `run` replaced
+    // by a print of what it would see.
+    let web_command = services["web"]["command"][2].as_str().expect("command");
+    let (prefix, run) = web_command
+        .split_once("exec ")
+        .expect("the prefix runs before `run`");
+    assert!(run.contains("todo-web"), "{web_command}");
+    let shell = format!("{}echo \"$COURIER_ADVERTISE\"", prefix.replace("$$", "$"));
+    let seen = Command::new("sh")
+        .args(["-c", &shell])
+        .env("PORT", "3000")
+        .env_remove("COURIER_ADVERTISE")
+        .output()
+        .expect("sh");
+    let advertised = String::from_utf8_lossy(&seen.stdout).trim().to_string();
+    let (ip, port) = advertised.rsplit_once(':').expect("IP:PORT advertised");
+    assert_eq!(port, "3000");
+    assert!(
+        ip.parse::<std::net::IpAddr>().is_ok(),
+        "advertised {advertised:?}"
+    );
+    assert!(
+        !services["stats"]["environment"]
+            .as_object()
+            .expect("environment")
+            .contains_key("HOST"),
+        "stats has no http port"
+    );
     assert!(
         dir.join(".courier/manifest.toml").exists(),
         "the broker's manifest is written"
@@ -708,17 +743,23 @@ fn a_service_with_an_http_port_is_registered_at_it_unless_its_env_says_otherwise
         "the example's last table is stats"
     );
     // todo declares a port; stats (the file's last table) one too, and
-    // advertises an address of its own.
-    let toml =
-        toml.replacen(
+    // advertises an address of its own; web's two instances serve where
+    // their PORT says (3000 + n - 1 moved to a free pair).
+    let web_port: u16 = port(free_addr()).parse().expect("port");
+    let toml = toml
+        .replacen(
             "[services.todo]\n",
             &format!("[services.todo]\nhttp = {todo_port}\n"),
             1,
-        ) + &format!("http = {stats_port}\nenv = {{ COURIER_ADVERTISE = \"127.0.0.1:4999\" }}\n");
+        )
+        .replacen("http = 3000\n", &format!("http = {web_port}\n"), 1)
+        + &format!("http = {stats_port}\nenv = {{ COURIER_ADVERTISE = \"127.0.0.1:4999\" }}\n");
     std::fs::write(dir.join("courier.toml"), toml).expect("write courier.toml");
-    let (bus, http_port, web) = (free_addr(), free_addr(), free_addr());
-    let mut up = Up::start(&dir, &bus, &http_port, &web);
-    up.wait_line(&["courier up: up: stats 1/1, todo 1/1, web 1/1"]);
+    let (bus, http_port) = (free_addr(), free_addr());
+    let mut up = Up::start_with(&dir, &bus, &http_port, "", &["--scale", "web=2"]);
+    up.wait_line(&["courier up: up: stats 1/1, todo 1/1, web 2/2"]);
+    let second_web = format!("127.0.0.1:{}", web_port + 1);
+    up.wait_line(&["web.2", "todo web listening on", &second_web]);
 
     // A service's own token reads the registry.
     let token = token_of(&dir, "todo");
@@ -726,18 +767,20 @@ fn a_service_with_an_http_port_is_registered_at_it_unless_its_env_says_otherwise
     let expected = (
         vec![format!("127.0.0.1:{todo_port}")],
         vec!["127.0.0.1:4999".to_string()],
+        vec![format!("127.0.0.1:{web_port}"), second_web.clone()],
     );
     loop {
         let seen = (
             registered_addresses(&http_port, &token, "todo"),
             registered_addresses(&http_port, &token, "stats"),
+            registered_addresses(&http_port, &token, "web"),
         );
         if seen == expected {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "registered (todo, stats): {seen:?}, not {expected:?}"
+            "registered (todo, stats, web): {seen:?}, not {expected:?}"
         );
         std::thread::sleep(Duration::from_millis(100));
     }

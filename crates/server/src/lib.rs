@@ -16,6 +16,7 @@ mod clock;
 mod config;
 mod connection;
 mod console;
+mod core_lock;
 #[cfg(test)]
 mod dispatch_tests;
 mod dns;

@@ -40,6 +40,8 @@ pub(crate) struct MetricsSnapshot {
     pub recovery_seconds: f64,
     pub frames_in: u64,
     pub entries_out: u64,
+    /// The core's lock: takings, time waited for it and held.
+    pub core_lock: crate::core_lock::LockTotals,
     /// `None` when traces are off.
     pub traces: Option<crate::trace::TraceGauges>,
     /// The core's sampler: messages skipped, and the level (2^-level of
@@ -55,6 +57,8 @@ impl MetricsSnapshot {
         let traces = shared.tracer.as_ref().map(crate::trace::Tracer::gauges);
         let webhooks = shared.webhooks.snapshot();
         let mut core = shared.core();
+        // Before this taking is counted: it shows what came before the scrape.
+        let core_lock = shared.core_lock.totals();
         let traffic = core.traffic();
         let (names, names_max, names_over_cap) = (
             traffic.names().to_vec(),
@@ -63,6 +67,7 @@ impl MetricsSnapshot {
         );
         let subscriptions = core.subscription_gauges(now);
         MetricsSnapshot {
+            core_lock,
             webhooks,
             traces,
             trace_sampling: core.trace_sampling(),
@@ -123,6 +128,12 @@ impl<'a> Family<'a> {
         self.encoder
             .encode_family(labels)?
             .encode_counter::<NoLabels, _, f64>(&value, None)
+    }
+
+    fn counter_seconds(&mut self, labels: &impl EncodeLabelSet, seconds: f64) -> fmt::Result {
+        self.encoder
+            .encode_family(labels)?
+            .encode_counter::<NoLabels, _, f64>(&seconds, None)
     }
 
     fn gauge(&mut self, labels: &impl EncodeLabelSet, value: f64) -> fmt::Result {
@@ -414,6 +425,29 @@ fn encode_broker(encoder: &mut DescriptorEncoder, s: &MetricsSnapshot) -> fmt::R
     ];
     for (metric, help, value) in counters {
         Family::open(encoder, metric, help, MetricType::Counter)?.counter(&NONE, value)?;
+    }
+    let lock = &s.core_lock;
+    Family::open(
+        encoder,
+        "courier_core_lock_takings",
+        "Times the broker core's one lock was taken",
+        MetricType::Counter,
+    )?
+    .counter(&NONE, lock.takings)?;
+    for (metric, help, nanos) in [
+        (
+            "courier_core_lock_wait_seconds",
+            "Time spent waiting for the broker core's lock, summed over its takers",
+            lock.waited_ns,
+        ),
+        (
+            "courier_core_lock_held_seconds",
+            "Time the broker core's lock was held (over wall time: the share of one CPU it serialises)",
+            lock.held_ns,
+        ),
+    ] {
+        Family::open(encoder, metric, help, MetricType::Counter)?
+            .counter_seconds(&NONE, nanos as f64 / 1e9)?;
     }
     let st = &s.storage;
     let mut gauges: Vec<(&str, &str, f64)> = vec![

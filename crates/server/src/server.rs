@@ -185,6 +185,7 @@ impl Server {
                 connections_warned_at: AtomicU64::new(0),
                 paused: Mutex::new(std::collections::HashSet::new()),
                 core: Mutex::new(core),
+                core_lock: crate::core_lock::LockStats::default(),
                 outboxes: Mutex::new(FastMap::default()),
                 peers: Mutex::new(FastMap::default()),
                 next_conn: AtomicU64::new(1),

@@ -14,7 +14,9 @@ use tracing::{error, warn};
 
 use crate::background::answer_trace_query;
 use crate::outbox::OutState;
-use crate::{console, gateway, group_commit, registry, tail, trace, Outbox, ServerConfig};
+use crate::{
+    console, core_lock, gateway, group_commit, registry, tail, trace, Outbox, ServerConfig,
+};
 
 pub(crate) type Store = Box<dyn MessageStore>;
 
@@ -43,6 +45,8 @@ pub(crate) struct Shared {
     /// Connections paused for back-pressure, checked on every tick.
     pub(crate) paused: Mutex<std::collections::HashSet<ConnId>>,
     pub(crate) core: Mutex<Broker<Store>>,
+    /// How the core's lock is taken, waited for and held (`/metrics`).
+    pub(crate) core_lock: core_lock::LockStats,
     pub(crate) outboxes: Mutex<FastMap<ConnId, Arc<Outbox>>>,
     /// Where each live connection comes from and since when, for the
     /// console (the broker core knows nothing of sockets or clocks).
@@ -97,10 +101,8 @@ pub(crate) enum Commit {
 }
 
 impl Shared {
-    pub(crate) fn core(&self) -> MutexGuard<'_, Broker<Store>> {
-        self.core
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    pub(crate) fn core(&self) -> core_lock::Measured<'_, Broker<Store>> {
+        core_lock::lock(&self.core, &self.core_lock)
     }
 
     pub(crate) fn peers(&self) -> MutexGuard<'_, FastMap<ConnId, console::Peer>> {

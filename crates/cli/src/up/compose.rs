@@ -15,6 +15,11 @@ use super::state::StateDir;
 const BUS_PORT: u16 = 7700;
 const HTTP_PORT: u16 = 7780;
 
+/// Shell run before a service's `run` in its container: sets
+/// COURIER_ADVERTISE to the container's first address and its PORT.
+const ADVERTISE_OWN_ADDRESS: &str = "address=$(hostname -i 2>/dev/null | cut -d' ' -f1); \
+     [ -n \"$address\" ] && export COURIER_ADVERTISE=\"$address:$PORT\"; ";
+
 /// A YAML scalar: a JSON string is one, with every character escaped as
 /// YAML reads it back.
 fn q(text: &str) -> String {
@@ -80,12 +85,21 @@ pub fn render(
             "    build: {}",
             q(spec.app.dir.as_deref().unwrap_or("."))
         );
+        let command = match spec.app.http {
+            // Each replica advertises its own address in the compose
+            // network, which only the container knows; a service's env
+            // that sets one wins, as under `courier up`.
+            Some(_) if !spec.app.env.contains_key(super::ADVERTISE) => {
+                format!("{ADVERTISE_OWN_ADDRESS}{run}")
+            }
+            _ => run.clone(),
+        };
         let _ = writeln!(
             out,
             "    command: [{}, {}, {}]",
             q("sh"),
             q("-c"),
-            literal(run)
+            literal(&command)
         );
         out.push_str("    environment:\n");
         let _ = writeln!(
@@ -96,6 +110,8 @@ pub fn render(
         let _ = writeln!(out, "      COURIER_SERVICE: {}", q(name));
         if let Some(port) = spec.app.http {
             let _ = writeln!(out, "      PORT: {}", q(&port.to_string()));
+            // Reachable from the other containers and the published port.
+            let _ = writeln!(out, "      HOST: {}", q("0.0.0.0"));
         }
         for (key, value) in &spec.app.env {
             let _ = writeln!(out, "      {}: {}", q(key), literal(value));

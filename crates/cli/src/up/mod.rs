@@ -285,7 +285,7 @@ async fn build_all(manifest: &courier_manifest::Manifest, app_dir: &Path) -> any
 }
 
 /// The variable an SDK service reads the address it advertises from.
-const ADVERTISE: &str = "COURIER_ADVERTISE";
+pub(crate) const ADVERTISE: &str = "COURIER_ADVERTISE";
 
 /// Every instance to start: its command, directory and environment.
 fn instance_specs(
@@ -315,6 +315,8 @@ fn instance_specs(
             if let Some(port) = spec.app.http {
                 let port = u32::from(port) + i - 1;
                 env.push(("PORT".to_string(), port.to_string()));
+                // Not a HOST the user's shell may export.
+                env.push(("HOST".to_string(), "127.0.0.1".to_string()));
                 // So the registry and its DNS list where the instance
                 // serves; the service's own env may say otherwise (an
                 // address behind a proxy, say).

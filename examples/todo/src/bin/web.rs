@@ -40,9 +40,7 @@ async fn main() -> anyhow::Result<()> {
         Err(_) => 5_000,
     };
     opts.request_timeout = Duration::from_millis(timeout_ms);
-    let listen: SocketAddr = std::env::var("TODO_WEB_LISTEN")
-        .unwrap_or_else(|_| "127.0.0.1:3000".into())
-        .parse()?;
+    let listen = listen_address()?;
     // Bound before connecting, so the registry learns the real port (also
     // when TODO_WEB_LISTEN asks for port 0); COURIER_ADVERTISE, when set,
     // says otherwise (an address behind a proxy, say).
@@ -108,6 +106,24 @@ fn unavailable(web: &Web, error: Error) -> Response {
         Html(format!("<p class=\"error\">{}</p>", escape(&message))),
     )
         .into_response()
+}
+
+/// TODO_WEB_LISTEN when set; else HOST:PORT when PORT is set (`courier up`
+/// sets both for each instance, 127.0.0.1; its compose file 0.0.0.0 for
+/// each replica); else 127.0.0.1:3000.
+fn listen_address() -> anyhow::Result<SocketAddr> {
+    if let Ok(listen) = std::env::var("TODO_WEB_LISTEN") {
+        return listen.parse().with_context(|| {
+            format!("TODO_WEB_LISTEN={listen:?} is not IP:PORT, e.g. 127.0.0.1:3000")
+        });
+    }
+    let Ok(port) = std::env::var("PORT") else {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], 3000)));
+    };
+    let host = std::env::var("HOST").unwrap_or_else(|_| "127.0.0.1".into());
+    format!("{host}:{port}").parse().with_context(|| {
+        format!("HOST={host:?} PORT={port:?} is not an IP address and port, e.g. HOST=127.0.0.1 PORT=3000")
+    })
 }
 
 async fn index(State(web): State<Web>) -> Response {

@@ -117,7 +117,8 @@ impl Mark {
 /// takes `&mut self`.
 ///
 /// Failure contract: `append` only buffers (it writes early when the buffer
-/// is full, and seals a full segment), `sync` makes records durable per
+/// is full, and rolls a full segment, whose seal — the fsyncs — waits for
+/// the next sync), `sync` makes records durable per
 /// [`FsyncPolicy`](crate::FsyncPolicy). When a write fails, the records not yet written are
 /// discarded; when an fsync fails, every record since the last successful
 /// fsync is discarded (the file is truncated back), because after a failed

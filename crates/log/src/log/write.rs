@@ -153,9 +153,11 @@ impl Log {
     /// records below [`PendingSync::covers`] are durable. On error nothing
     /// new is durable, and if the fsync failed on the active segment,
     /// everything since the last successful fsync is discarded, as after a
-    /// failed [`Log::sync`]. A sync begun before records were discarded
-    /// (after some other failure, or by another log) fails: what it covered
-    /// may be gone.
+    /// failed [`Log::sync`]; if the seal it ran failed, or the fsync failed
+    /// on a segment rolled away from whose seal had not run, the roll's
+    /// records are discarded as `docs/STORAGE.md` §6.2 says. A sync begun
+    /// before records were discarded (after some other failure, or by
+    /// another log) fails: what it covered may be gone.
     pub fn finish_sync(
         &mut self,
         pending: PendingSync,

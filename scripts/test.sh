@@ -174,6 +174,13 @@ echo "== cargo test"
 cargo test --workspace --locked
 # The SDK's OpenTelemetry spans (a feature, off by default).
 cargo test -p courier-client --features otel --locked
+# loom's models of the SDK's lock-free handshakes (crates/client/src/
+# handshake.rs): every interleaving of the threads on each side. Its own
+# cfg changes every crate's flags, so it builds in a directory of its own
+# beside the normal build, which stays warm.
+echo "== loom models (courier-client)"
+RUSTFLAGS="--cfg courier_loom" CARGO_TARGET_DIR="$CARGO_TARGET_DIR/loom" \
+  cargo test -p courier-client --lib --locked loom_models
 # The TypeScript client, against the debug broker the cargo tests just built.
 echo "== TypeScript client (clients/typescript)"
 (

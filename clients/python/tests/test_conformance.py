@@ -25,7 +25,8 @@ needs_vectors = pytest.mark.skipif(not DATA, reason=f"{VECTORS} does not exist")
 
 def by_name(section: str) -> list[Any]:
     # A vector of a newer protocol version than this codec speaks (it says
-    # so in its own protocol_version) is not for it.
+    # so in its own protocol_version) is not for it; every other one is
+    # read at its own version.
     return [
         pytest.param(v, id=v["name"])
         for v in DATA.get(section, [])
@@ -50,20 +51,21 @@ def to_message(d: dict[str, Any]) -> p.Message:
         key=bytes.fromhex(d["key"]) if "key" in d else None,
         expires_at=d.get("expires_at"),
         deliver_at=d.get("deliver_at"),
+        parent_id=uuid.UUID(d["parent_id"]) if "parent_id" in d else None,
         transient=d["transient"],
         final=d["final"],
         headers=[(k, v) for k, v in d["headers"]],
     )
 
 
-def flags_of(m: p.Message, quiet: bool = False) -> int:
-    return p.encode_message(m, p.Flag.QUIET if quiet else 0)[1]
+def flags_of(m: p.Message, quiet: bool = False, version: int = p.PROTOCOL_VERSION) -> int:
+    return p.encode_message(m, p.Flag.QUIET if quiet else 0, version)[1]
 
 
-def from_message(m: p.Message) -> dict[str, Any]:
+def from_message(m: p.Message, version: int) -> dict[str, Any]:
     d: dict[str, Any] = {
         "kind": int(m.kind),
-        "flags": flags_of(m),
+        "flags": flags_of(m, False, version),
         "transient": m.transient,
         "final": m.final,
         "name": m.name,
@@ -83,10 +85,12 @@ def from_message(m: p.Message) -> dict[str, Any]:
         d["expires_at"] = m.expires_at
     if m.deliver_at is not None:
         d["deliver_at"] = m.deliver_at
+    if m.parent_id is not None:
+        d["parent_id"] = str(m.parent_id)
     return d
 
 
-def to_frame(d: dict[str, Any]) -> p.Frame:
+def to_frame(d: dict[str, Any], version: int) -> p.Frame:
     t = d["type"]
     if t == "HELLO":
         return p.Hello(d["service"], d["instance"], d["max_in_flight"], d.get("token"), d["version"])
@@ -96,11 +100,13 @@ def to_frame(d: dict[str, Any]) -> p.Frame:
         entries = []
         for e in d["entries"]:
             message = to_message(e["message"])
-            assert flags_of(message, e["quiet"]) == e["message"]["flags"], "flags follow from the fields"
+            assert flags_of(message, e["quiet"], version) == e["message"]["flags"], "flags follow from the fields"
             entries.append(p.SendEntry(e["seq"], message, e["quiet"]))
         return p.Send(entries)
     if t == "SEND_RESULT":
-        return p.SendResult([p.SendOutcome(e["seq"], e["code"], e["reason"]) for e in d["entries"]])
+        return p.SendResult(
+            [p.SendOutcome(e["seq"], e["code"], e["reason"], e.get("log_seq", 0)) for e in d["entries"]]
+        )
     if t == "SUBSCRIBE":
         return p.Subscribe(
             d["request"], d["pattern"], d["ack_deadline_ms"], d["max_deliveries"], d["start"], d["start_time"]
@@ -113,7 +119,7 @@ def to_frame(d: dict[str, Any]) -> p.Frame:
         deliveries = []
         for e in d["entries"]:
             message = to_message(e["message"])
-            assert flags_of(message) == e["message"]["flags"], "flags follow from the fields"
+            assert flags_of(message, False, version) == e["message"]["flags"], "flags follow from the fields"
             deliveries.append(p.Delivery(e["delivery"], e["attempt"], message))
         return p.Deliver(deliveries)
     if t == "ACK":
@@ -135,7 +141,7 @@ def to_frame(d: dict[str, Any]) -> p.Frame:
     raise AssertionError(f"a frame type this test does not know: {t}")
 
 
-def answer_items(frame: p.Frame) -> list[dict[str, Any]]:
+def answer_items(frame: p.Frame, version: int) -> list[dict[str, Any]]:
     """A broker's answer as the vectors' items: one per frame, one per
     entry of a batch frame."""
     if isinstance(frame, p.Welcome):
@@ -150,12 +156,16 @@ def answer_items(frame: p.Frame) -> list[dict[str, Any]]:
             item["service"] = frame.service
         return [item]
     if isinstance(frame, p.SendResult):
-        return [{"type": "SEND_RESULT", "seq": o.seq, "code": o.code, "reason": o.reason} for o in frame.entries]
+        return [
+            {"type": "SEND_RESULT", "seq": o.seq, "code": o.code, "reason": o.reason}
+            | ({"log_seq": o.log_seq} if o.log_seq else {})
+            for o in frame.entries
+        ]
     if isinstance(frame, p.Result):
         return [{"type": "RESULT", "request": frame.request, "code": frame.code, "reason": frame.reason}]
     if isinstance(frame, p.Deliver):
         return [
-            {"type": "DELIVER", "delivery": e.delivery, "attempt": e.attempt, "message": from_message(e.message)}
+            {"type": "DELIVER", "delivery": e.delivery, "attempt": e.attempt, "message": from_message(e.message, version)}
             for e in frame.entries
         ]
     if isinstance(frame, p.Pong):
@@ -203,17 +213,22 @@ def test_the_vectors_file_is_there_when_the_protocol_document_points_at_it() -> 
 @needs_vectors
 @pytest.mark.parametrize("vector", by_name("frames"))
 def test_frame_vectors_decode_to_their_fields_and_encode_to_their_bytes(vector: dict[str, Any]) -> None:
+    version = vector.get("protocol_version", 1)
     wire = bytes.fromhex(vector["hex"])
-    expected = to_frame(vector["frame"])
-    assert p.decode_frame(wire) == (expected, len(wire))
-    assert p.encode_frame(expected).hex() == vector["hex"]
+    expected = to_frame(vector["frame"], version)
+    assert p.decode_frame(wire, version=version) == (expected, len(wire))
+    assert p.encode_frame(expected, version).hex() == vector["hex"]
 
 
 @needs_vectors
 @pytest.mark.parametrize("vector", by_name("malformed"))
 def test_malformed_vectors_are_refused_for_their_reason(vector: dict[str, Any]) -> None:
     with pytest.raises(p.DecodeError) as refused:
-        p.decode_frame(bytes.fromhex(vector["hex"]), vector.get("frame_bytes_max", p.FRAME_BYTES_MAX_DEFAULT))
+        p.decode_frame(
+            bytes.fromhex(vector["hex"]),
+            vector.get("frame_bytes_max", p.FRAME_BYTES_MAX_DEFAULT),
+            vector.get("protocol_version", 1),
+        )
     assert refused.value.kind == vector["error"], refused.value
     assert refused.value.code == vector["code"]
     assert refused.value.code.wire_name == vector["code_name"]
@@ -222,14 +237,17 @@ def test_malformed_vectors_are_refused_for_their_reason(vector: dict[str, Any]) 
 @needs_vectors
 @pytest.mark.parametrize("vector", by_name("incomplete"))
 def test_incomplete_vectors_wait_for_more_bytes(vector: dict[str, Any]) -> None:
-    assert p.decode_frame(bytes.fromhex(vector["hex"]), vector.get("frame_bytes_max", p.FRAME_BYTES_MAX_DEFAULT)) is None
+    wire = bytes.fromhex(vector["hex"])
+    limit = vector.get("frame_bytes_max", p.FRAME_BYTES_MAX_DEFAULT)
+    assert p.decode_frame(wire, limit, vector.get("protocol_version", 1)) is None
 
 
 # --- the broker cases, through this codec ----------------------------------------------
 
 
-def read_answers(sock: socket.socket, want: int | None, deadline: float) -> list[dict[str, Any]]:
-    """Answers until ``want`` items came (or, with ``None``, the broker closed)."""
+def read_answers(sock: socket.socket, want: int | None, deadline: float, version: int) -> list[dict[str, Any]]:
+    """Answers until ``want`` items came (or, with ``None``, the broker
+    closed), read at the version WELCOME settles on (``version`` before)."""
     buf = b""
     items: list[dict[str, Any]] = []
     while want is None or len(items) < want:
@@ -243,11 +261,29 @@ def read_answers(sock: socket.socket, want: int | None, deadline: float) -> list
         if not chunk:
             break
         buf += chunk
-        while (got := p.decode_frame(buf, 64 * 1024 * 1024)) is not None:
+        while (got := p.decode_frame(buf, 64 * 1024 * 1024, version)) is not None:
             frame, used = got
             buf = buf[used:]
-            items.extend(answer_items(frame))
+            if isinstance(frame, p.Welcome):
+                version = frame.version
+            items.extend(answer_items(frame, version))
     return items
+
+
+def close_and_wait(sock: socket.socket, deadline: float) -> None:
+    """Closes a connection left open and waits until the broker closed its
+    side too: it forgets a connection (and takes back what it held) before
+    it closes it, so the next connection cannot race the last one's end."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        while True:
+            sock.settimeout(max(deadline - time.monotonic(), 0.01))
+            if not sock.recv(65536):
+                return
+    except (ConnectionResetError, BrokenPipeError):
+        return
+    except socket.timeout:
+        raise AssertionError("the broker did not close a connection the client closed") from None
 
 
 @needs_vectors
@@ -262,15 +298,23 @@ def test_broker_cases(case: dict[str, Any], start_broker: Callable[..., Broker],
     host, port = broker.addr.rsplit(":", 1)
     for connection in case["connections"]:
         with socket.create_connection((host, int(port)), timeout=10) as sock:
+            # A connection speaks the version its HELLO asks for (the
+            # broker speaks them all).
+            version = next(
+                (i["frame"]["version"] for i in connection["send"] if i.get("frame", {}).get("type") == "HELLO"), 1
+            )
             for item in connection["send"]:
-                wire = bytes.fromhex(item["hex"]) if "hex" in item else p.encode_frame(to_frame(item["frame"]))
+                if "hex" in item:
+                    wire = bytes.fromhex(item["hex"])
+                else:
+                    wire = p.encode_frame(to_frame(item["frame"], version), version)
                 try:
                     sock.sendall(wire)
                 except (ConnectionResetError, BrokenPipeError):
                     break  # the broker already closed; its answers are still to be read
             expected = connection["expect"]
             closed = connection["then"] == "closed"
-            got = read_answers(sock, None if closed else len(expected), time.monotonic() + 10)
+            got = read_answers(sock, None if closed else len(expected), time.monotonic() + 10, version)
             assert len(got) == len(expected), f"expected {expected}, got {got}"
             if connection.get("any_order"):
                 left = list(got)
@@ -281,3 +325,5 @@ def test_broker_cases(case: dict[str, Any], start_broker: Callable[..., Broker],
             else:
                 for want, answer in zip(expected, got):
                     assert matches(want, answer), f"expected {want}, got {answer}"
+            if not closed:
+                close_and_wait(sock, time.monotonic() + 10)

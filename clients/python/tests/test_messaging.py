@@ -255,6 +255,7 @@ async def test_bad_messages_are_refused_before_they_leave(broker: Broker) -> Non
 
 async def test_activity_flows_into_everything_sent_while_handling(broker: Broker) -> None:
     seen: dict[str, uuid.UUID] = {}
+    parents: dict[str, uuid.UUID | None] = {}
     async with (
         connect(broker.addr, "orders") as orders,
         connect(broker.addr, "audit") as audit,
@@ -273,6 +274,7 @@ async def test_activity_flows_into_everything_sent_while_handling(broker: Broker
 
         async def record(msg: Incoming) -> None:
             seen[msg.name] = msg.activity_id
+            parents[msg.name] = msg.parent_id
 
         await orders.on("order.place", place)
         await audit.on("order.*", record)
@@ -284,6 +286,10 @@ async def test_activity_flows_into_everything_sent_while_handling(broker: Broker
         assert seen["order.placed"] == command.id
         assert seen["order.audited"] == command.id
         assert reply.activity_id == command.id
+        # Each names the message whose handling caused it (protocol version 2 on).
+        assert parents["order.placed"] == command.id
+        assert parents["order.audited"] == command.id
+        assert reply.parent_id == command.id
 
 
 async def test_an_unreachable_broker_fails_at_once_with_the_address() -> None:

@@ -39,18 +39,19 @@ SEND_RESULT_WIRE = hexbytes("00 00 00 11 04 00 00 00 01 00 00 00 00 00 00 00 01 
 ACK_WIRE = hexbytes("00 00 00 15 09 00 00 00 02 00 00 00 00 00 00 00 01 00 00 00 00 00 00 00 02")
 
 
-def roundtrip(wire: bytes) -> p.Frame:
-    got = p.decode_frame(wire)
+def roundtrip(wire: bytes, version: int = 1) -> p.Frame:
+    """The worked examples are of version 1 (they read the same at 2)."""
+    got = p.decode_frame(wire, version=version)
     assert got is not None
     frame, used = got
     assert used == len(wire)
-    assert p.encode_frame(frame) == wire
+    assert p.encode_frame(frame, version) == wire
     return frame
 
 
 def test_worked_example_hello() -> None:
     frame = roundtrip(HELLO_WIRE)
-    assert frame == p.Hello("web", "web-1", 64, "tok")
+    assert frame == p.Hello("web", "web-1", 64, "tok", version=1)
     no_token = p.encode_frame(p.Hello("web", "web-1", 64))
     assert no_token[:4] == b"\x00\x00\x00\x16" and no_token.endswith(b"\x00\x00\x00\x40\x00")
 
@@ -179,7 +180,6 @@ def message_bytes(kind: int = 2, flags: int = 0, headers: int = 0) -> bytes:
         (body(0x01, b"CRR2\x00\x01\x01a\x00\x00\x00\x00\x00\x00"), "BadMagic"),
         (body(0x01, b"CRR1\x00\x01\x01a\x00\x00\x00\x00\x00\x02"), "UnknownCredentials"),
         (body(0x03, b"\x00\x00\x00\x01" + bytes(8) + message_bytes(kind=4)), "UnknownKind"),
-        (body(0x03, b"\x00\x00\x00\x01" + bytes(8) + message_bytes(flags=0x80)), "UnknownFlags"),
         (body(0x08, b"\x00\x00\x00\x01" + bytes(12) + message_bytes(flags=0x40)), "UnknownFlags"),
         (body(0x03, b"\x00\x00\x00\x01" + bytes(8) + message_bytes(headers=65)), "TooManyHeaders"),
         (body(0x09, b"\x00\x00\x00\x00"), "EmptyBatch"),
@@ -195,6 +195,36 @@ def test_malformed_frames_are_refused_with_their_reason(wire: bytes, kind: str) 
     assert refused.value.kind == kind, refused.value
     expected = p.ErrorCode.FRAME_TOO_LARGE if kind == "FrameTooLarge" else p.ErrorCode.MALFORMED_FRAME
     assert refused.value.code == expected
+
+
+def test_flag_bit_7_is_parent_id_from_version_2_and_unknown_before() -> None:
+    wire = body(0x03, b"\x00\x00\x00\x01" + bytes(8) + message_bytes(flags=0x80))
+    with pytest.raises(p.DecodeError) as refused:
+        p.decode_frame(wire, version=1)
+    assert refused.value.kind == "UnknownFlags"
+    # Version 2 on, the 16 bytes of parent_id are read from what follows.
+    with pytest.raises(p.DecodeError) as refused:
+        p.decode_frame(wire, version=2)
+    assert refused.value.kind == "UnexpectedEof"
+
+
+def test_parent_id_travels_from_version_2_and_is_left_out_below() -> None:
+    cause = uuid.uuid4()
+    m = p.Message(p.Kind.EVENT, "todo.created", b"hi", parent_id=cause)
+    frame = p.Send([p.SendEntry(1, m)])
+    decoded = p.decode_frame(p.encode_frame(frame, version=2), version=2)
+    assert decoded is not None and isinstance(decoded[0], p.Send)
+    assert decoded[0].entries[0].message.parent_id == cause
+    old = p.decode_frame(p.encode_frame(frame, version=1), version=1)
+    assert old is not None and isinstance(old[0], p.Send)
+    assert old[0].entries[0].message.parent_id is None
+
+
+def test_send_result_carries_log_seq_from_version_3() -> None:
+    frame = p.SendResult([p.SendOutcome(1, 0, "", 42)])
+    assert p.decode_frame(p.encode_frame(frame, version=3), version=3) == (frame, 29)
+    # Below version 3 the field is not on the wire.
+    assert p.decode_frame(p.encode_frame(frame, version=2), version=2) == (p.SendResult([p.SendOutcome(1, 0, "")]), 21)
 
 
 def test_quiet_is_accepted_only_in_send_entries() -> None:

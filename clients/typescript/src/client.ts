@@ -1,359 +1,29 @@
 // The client: one connection to the broker on behalf of one service
-// instance, reconnecting by itself.
-
-import { EventEmitter } from "node:events";
-import { readFileSync } from "node:fs";
-import { isIP } from "node:net";
-import * as net from "node:net";
-import * as tls from "node:tls";
+// instance, reconnecting by itself. Built in layers: ClientCore (state and
+// writer), SendingClient (sends and requests), and this one (subscriptions,
+// deliveries, the connection's lifecycle).
 
 import {
-  FRAME_BYTES_MAX_DEFAULT,
+  ATTEMPT_KEY_START,
   FrameReader,
   FrameWriter,
-  PROTOCOL_VERSION,
-  Flag,
-  encodeFrame,
-  encodeMessage,
-  layoutMessage,
+  PIPELINED_KEYS_VERSION,
   type Frame,
-  type Kind,
   type Message,
   type StartFrom,
 } from "./codec.js";
-import {
-  ClosedError,
-  ConnectionError,
-  CourierError,
-  InvalidMessageError,
-  Nack,
-  RefusedError,
-  TimeoutError,
-} from "./errors.js";
-import {
-  IncomingMessage,
-  Reply,
-  buildMessage,
-  type DeliveryOwner,
-  type PublishOptions,
-  type ReplyOptions,
-  type RequestOptions,
-  type SendOptions,
-} from "./messages.js";
-import { nameProblem, patternMatches, validatePattern } from "./names.js";
+import { type ConnectionInfo, type Established, establish } from "./connect.js";
+import { ClosedError, ConnectionError, RefusedError, TimeoutError } from "./errors.js";
+import { type Handler, Handlers, type SubscribeOptions } from "./handlers.js";
+import { IncomingMessage } from "./messages.js";
+import { patternMatches, validatePattern } from "./names.js";
+import { type ClientOptions, resolved } from "./options.js";
+import { SendingClient } from "./sending.js";
 
-/** TLS to the broker (TLS 1.3, ALPN `courier/1`). */
-export interface TlsOptions {
-  /** The CA that signs the broker's certificate, the only one trusted: PEM text or a file path (read at each connect). */
-  ca: string | Buffer;
-  /** A client certificate chain for brokers that authenticate by certificate (mTLS): PEM text or a file path. */
-  cert?: string | Buffer;
-  /** The private key of `cert`: PEM text or a file path. */
-  key?: string | Buffer;
-  /** The name the broker's certificate must carry; default the host of `url`. */
-  serverName?: string;
-}
-
-/** Where warnings go; `null` in the options silences them. */
-export interface Logger {
-  warn(message: string): void;
-}
-
-export interface ClientOptions {
-  /** `host:port` of the broker; default `$COURIER_URL`, else `127.0.0.1:7700`. */
-  url?: string;
-  /** The service this client acts for. May be empty with a token or client certificate under a manifest: they decide. */
-  service: string;
-  /** This instance's name; the broker makes one up when empty. */
-  instance?: string;
-  /** Credentials for brokers with a manifest. */
-  token?: string;
-  /** TLS to the broker; plain TCP without. */
-  tls?: TlsOptions;
-  /** Unacknowledged deliveries the broker may have outstanding on this connection (default 64). */
-  maxInFlight?: number;
-  /** Handlers running at once (default `maxInFlight`); further deliveries wait in order. */
-  concurrency?: number;
-  /** How long a send waits for the broker's acceptance (default 30 000). */
-  sendTimeoutMs?: number;
-  /** How long a request waits for its reply unless told otherwise (default 30 000). */
-  requestTimeoutMs?: number;
-  /** Ack deadline asked for this service's subscriptions; default the broker's. */
-  ackDeadlineMs?: number;
-  /** Deliveries of one message before it goes to the dead letters; default the broker's. */
-  maxDeliveries?: number;
-  /** Redelivery delay when a handler throws (default 1 000). */
-  nackDelayMs?: number;
-  /** First reconnect delay (default 50); doubles per failed attempt … */
-  reconnectDelayMinMs?: number;
-  /** … up to this (default 5 000); each delay is jittered. */
-  reconnectDelayMaxMs?: number;
-  /** TCP connect, TLS and HELLO/WELCOME must finish within this (default 10 000). */
-  handshakeTimeoutMs?: number;
-  /** A PING goes out this often (default 10 000) … */
-  pingIntervalMs?: number;
-  /** … and a connection on which nothing arrived for this long is given up and replaced (default 30 000). */
-  idleTimeoutMs?: number;
-  /** How long `close()` waits for running handlers and unanswered sends (default 30 000). */
-  drainTimeoutMs?: number;
-  /** Transient deliveries that may wait for a free handler before more are dropped (default 10 000). */
-  transientQueueMax?: number;
-  /** Warnings (lost connection, failed handler …); default `console`, `null` for none. */
-  logger?: Logger | null;
-}
-
-/** Bytes of quiet sends that may wait for the socket before a quiet send waits for room. */
-export const QUIET_BUFFER_BYTES_MAX = 1024 * 1024;
-/** Replies buffered per request stream before further ones are dropped. */
-const REPLY_BUFFER_MAX = 1024;
-/** The ALPN protocol offered: Courier, version 1. */
-const ALPN = "courier/1";
-/** Largest frame accepted from the broker. */
-const INBOUND_FRAME_BYTES_MAX = 64 * 1024 * 1024;
-
-/**
- * Options from the environment, as the CLI and the Rust SDK read them:
- * `COURIER_URL` (default `127.0.0.1:7700`), `COURIER_TOKEN`, and with
- * `COURIER_TLS_CA` TLS trusting that CA, with the client certificate of
- * `COURIER_TLS_CERT` and `COURIER_TLS_KEY` when both are set. The service
- * is `COURIER_SERVICE`; without it a token or client certificate decides
- * (the service stays empty, the broker names it), else it is `cli`.
- */
-export function optionsFromEnv(overrides: Partial<ClientOptions> = {}): ClientOptions {
-  const env = process.env;
-  const credentials = Boolean(env.COURIER_TOKEN) || Boolean(env.COURIER_TLS_CERT && env.COURIER_TLS_KEY);
-  const options: ClientOptions = {
-    url: env.COURIER_URL ?? "127.0.0.1:7700",
-    service: env.COURIER_SERVICE ?? (credentials ? "" : "cli"),
-  };
-  if (env.COURIER_TOKEN) {
-    options.token = env.COURIER_TOKEN;
-  }
-  if (env.COURIER_TLS_CA) {
-    options.tls = { ca: env.COURIER_TLS_CA };
-    if (env.COURIER_TLS_CERT && env.COURIER_TLS_KEY) {
-      options.tls.cert = env.COURIER_TLS_CERT;
-      options.tls.key = env.COURIER_TLS_KEY;
-    }
-  }
-  return { ...options, ...overrides };
-}
-
-type Settled = { ok: true; id: string } | { ok: false; error: Error };
-
-/**
- * The broker's answer to one queued message: await it (it is a thenable)
- * for the message's id once the broker accepted it, or the refusal. The id
- * is known at once. Nothing is raised for an answer never awaited.
- */
-export class PendingAck implements PromiseLike<string> {
-  private outcome: Settled | null = null;
-  private promise: Promise<string> | null = null;
-  private resolveFn: ((id: string) => void) | null = null;
-  private rejectFn: ((error: Error) => void) | null = null;
-
-  /** @internal */
-  constructor(
-    /** The message's id. */
-    readonly id: string,
-  ) {}
-
-  /** @internal */
-  settle(outcome: Settled): void {
-    if (this.outcome !== null) {
-      return;
-    }
-    this.outcome = outcome;
-    if (outcome.ok) {
-      this.resolveFn?.(outcome.id);
-    } else {
-      this.rejectFn?.(outcome.error);
-    }
-  }
-
-  private settled(): Promise<string> {
-    if (this.promise === null) {
-      const outcome = this.outcome;
-      if (outcome === null) {
-        this.promise = new Promise<string>((resolve, reject) => {
-          this.resolveFn = resolve;
-          this.rejectFn = reject;
-        });
-      } else {
-        this.promise = outcome.ok ? Promise.resolve(outcome.id) : Promise.reject(outcome.error);
-      }
-    }
-    return this.promise;
-  }
-
-  then<A = string, B = never>(
-    onFulfilled?: ((id: string) => A | PromiseLike<A>) | null,
-    onRejected?: ((reason: unknown) => B | PromiseLike<B>) | null,
-  ): Promise<A | B> {
-    return this.settled().then(onFulfilled, onRejected);
-  }
-
-  catch<B = never>(onRejected?: ((reason: unknown) => B | PromiseLike<B>) | null): Promise<string | B> {
-    return this.settled().catch(onRejected);
-  }
-}
-
-/**
- * The replies to one command, as an async iterable: it ends after the
- * final reply, or throws the {@link TimeoutError} when the request's
- * timeout passes first (or the refusal of the command, or the abort
- * reason). Leaving the loop early forgets the request.
- *
- * ```ts
- * for await (const reply of client.requestStream("file.copy", { from: "a" })) {
- *   console.log(reply.name, reply.json());
- * }
- * ```
- */
-export class ReplyStream implements AsyncIterable<Reply> {
-  private buffered: Reply[] = [];
-  private error: Error | null = null;
-  private ended = false;
-  private waiter: { resolve: (r: IteratorResult<Reply>) => void; reject: (e: Error) => void } | null = null;
-  private timer: NodeJS.Timeout | null = null;
-  private dropped = 0;
-
-  /** @internal */
-  constructor(
-    /** The id of the command these replies answer. */
-    readonly commandId: string,
-    private readonly forget: () => void,
-    timeoutMs: number,
-    signal: AbortSignal | undefined,
-  ) {
-    this.timer = setTimeout(() => {
-      this.fail(new TimeoutError("no final reply", timeoutMs));
-    }, timeoutMs);
-    if (signal !== undefined) {
-      const abort = (): void => {
-        const reason: unknown = signal.reason;
-        this.fail(reason instanceof Error ? reason : new CourierError("the request was aborted"));
-      };
-      if (signal.aborted) {
-        abort();
-      } else {
-        signal.addEventListener("abort", abort, { once: true });
-        // One signal may serve many requests: each takes its listener along.
-        this.unlisten = () => signal.removeEventListener("abort", abort);
-      }
-    }
-  }
-
-  private unlisten: (() => void) | null = null;
-
-  /** @internal A reply arrived; true if it was the final one. */
-  push(reply: Reply): boolean {
-    if (this.ended || this.error !== null) {
-      return true;
-    }
-    if (reply.final) {
-      this.finish();
-      this.forget();
-    }
-    if (this.waiter !== null) {
-      const waiter = this.waiter;
-      this.waiter = null;
-      waiter.resolve({ done: false, value: reply });
-    } else if (this.buffered.length < REPLY_BUFFER_MAX || reply.final) {
-      this.buffered.push(reply);
-    } else {
-      this.dropped++;
-    }
-    if (reply.final) {
-      this.ended = true;
-    }
-    return reply.final;
-  }
-
-  /** @internal The request ends with `error` (after the replies already buffered). */
-  fail(error: Error): void {
-    if (this.ended || this.error !== null) {
-      return;
-    }
-    this.finish();
-    this.error = error;
-    this.forget();
-    if (this.waiter !== null) {
-      const waiter = this.waiter;
-      this.waiter = null;
-      waiter.reject(error);
-    }
-  }
-
-  /** Replies dropped because more than 1 024 waited unread. */
-  get droppedReplies(): number {
-    return this.dropped;
-  }
-
-  private finish(): void {
-    if (this.timer !== null) {
-      clearTimeout(this.timer);
-      this.timer = null;
-    }
-    this.unlisten?.();
-    this.unlisten = null;
-  }
-
-  /** Stops waiting for replies. */
-  cancel(): void {
-    if (!this.ended) {
-      this.ended = true;
-      this.finish();
-      this.forget();
-    }
-    this.buffered = [];
-    if (this.waiter !== null) {
-      const waiter = this.waiter;
-      this.waiter = null;
-      waiter.resolve({ done: true, value: undefined });
-    }
-  }
-
-  /** The next reply; `done` after the final one. */
-  next(): Promise<IteratorResult<Reply>> {
-    const reply = this.buffered.shift();
-    if (reply !== undefined) {
-      return Promise.resolve({ done: false, value: reply });
-    }
-    if (this.error !== null) {
-      const error = this.error;
-      this.ended = true;
-      return Promise.reject(error);
-    }
-    if (this.ended) {
-      return Promise.resolve({ done: true, value: undefined });
-    }
-    return new Promise((resolve, reject) => {
-      this.waiter = { resolve, reject };
-    });
-  }
-
-  [Symbol.asyncIterator](): AsyncIterator<Reply> {
-    return {
-      next: () => this.next(),
-      return: () => {
-        this.cancel();
-        return Promise.resolve({ done: true, value: undefined });
-      },
-    };
-  }
-}
-
-/** A handler for deliveries: resolving acks, throwing nacks. */
-export type Handler = (message: IncomingMessage) => unknown;
-
-/** Where a subscription new to the service starts: new messages only, every retained event, or those accepted since a time. */
-export type From = "new" | "beginning" | Date;
-
-export interface SubscribeOptions {
-  /** Only when the broker does not know the subscription yet (default `"new"`). */
-  from?: From;
-}
+export type { ConnectionInfo } from "./connect.js";
+export type { From, Handler, SubscribeOptions } from "./handlers.js";
+export { optionsFromEnv, QUIET_BUFFER_BYTES_MAX, type ClientOptions, type Logger, type TlsOptions } from "./options.js";
+export { PendingAck, ReplyStream } from "./pending.js";
 
 interface Subscription {
   pattern: string;
@@ -363,126 +33,10 @@ interface Subscription {
   waiters: Array<{ resolve: () => void; reject: (e: Error) => void }>;
 }
 
-interface PendingSend {
-  seq: bigint;
-  /** The encoded message, re-sent as it is after a reconnect. */
-  bytes: Buffer;
-  ack: PendingAck;
-  deadline: number;
-}
-
 interface Operation {
   resolve: () => void;
   reject: (e: Error) => void;
   subscription: Subscription | null;
-}
-
-interface Flush {
-  nonce: bigint;
-  resolve: () => void;
-  reject: (e: Error) => void;
-  timer: NodeJS.Timeout;
-}
-
-interface Job {
-  handler: Handler;
-  message: IncomingMessage;
-}
-
-/** Deliveries waiting for a free handler, first in first out, in O(1) per job. */
-class JobQueue {
-  private jobs: Array<Job | undefined> = [];
-  private head = 0;
-
-  get length(): number {
-    return this.jobs.length - this.head;
-  }
-
-  push(job: Job): void {
-    this.jobs.push(job);
-  }
-
-  shift(): Job | undefined {
-    if (this.head === this.jobs.length) {
-      return undefined;
-    }
-    const job = this.jobs[this.head];
-    this.jobs[this.head++] = undefined;
-    // Drop the consumed front once it is most of the array.
-    if (this.head > 1024 && this.head * 2 > this.jobs.length) {
-      this.jobs = this.jobs.slice(this.head);
-      this.head = 0;
-    }
-    return job;
-  }
-
-  clear(): void {
-    this.jobs = [];
-    this.head = 0;
-  }
-}
-
-/** What a connection learned from the broker's WELCOME. */
-export interface ConnectionInfo {
-  connectionId: bigint;
-  broker: string;
-  service: string;
-  frameBytesMax: number;
-}
-
-interface Established {
-  socket: net.Socket;
-  reader: FrameReader;
-  info: ConnectionInfo;
-}
-
-type State = "open" | "closing" | "closed";
-
-/** `value` if `valid` says so; otherwise a RangeError naming the option. */
-function resolved<T>(value: T, valid: (v: T) => boolean, what: string): T {
-  if (!valid(value)) {
-    throw new RangeError(`option ${what} is out of range: ${String(value)}`);
-  }
-  return value;
-}
-
-function splitUrl(url: string): { host: string; port: number } {
-  const match = /^(?:\[([^\]]+)\]|([^:]+)):(\d+)$/.exec(url);
-  const port = match ? Number(match[3]) : NaN;
-  if (!match || !(port > 0 && port < 65536)) {
-    throw new InvalidMessageError(`broker url ${JSON.stringify(url)} is not host:port (for example 127.0.0.1:7700)`);
-  }
-  return { host: match[1] ?? match[2]!, port };
-}
-
-/** PEM text as given, or read from the file it names. */
-function pem(value: string | Buffer, what: string): string | Buffer {
-  if (Buffer.isBuffer(value) || value.includes("-----BEGIN")) {
-    return value;
-  }
-  try {
-    return readFileSync(value);
-  } catch (e) {
-    throw new ConnectionError(`cannot read ${what} ${value}: ${(e as Error).message}`);
-  }
-}
-
-/** Why a TLS session failed, in words that point at the fix. */
-function tlsHint(error: NodeJS.ErrnoException): string {
-  const code = error.code ?? "";
-  if (code === "ERR_TLS_CERT_ALTNAME_INVALID") {
-    return "; the broker's certificate does not name this host: connect by a name it carries, or set tls.serverName";
-  }
-  if (code.includes("CERT") || code.includes("SIGNATURE") || code === "UNABLE_TO_GET_ISSUER_CERT_LOCALLY") {
-    return "; the broker's certificate is not signed by the trusted CA (tls.ca / COURIER_TLS_CA)";
-  }
-  if (code === "EPROTO" || /wrong version number|packet length too long/.test(error.message)) {
-    return "; is the broker listening with TLS (courier serve --tls-cert --tls-key)?";
-  }
-  if (/alert/.test(error.message)) {
-    return "; the broker refused the TLS session: is this client certificate signed by the broker's --tls-client-ca?";
-  }
-  return "";
 }
 
 /**
@@ -497,103 +51,29 @@ function tlsHint(error: NodeJS.ErrnoException): string {
  * const reply = await web.request("todo.create", { text: "milk" });
  * ```
  */
-export class Client implements DeliveryOwner {
-  /** `connected` (ConnectionInfo), `disconnected` (Error), `handlerError` (Error, IncomingMessage). */
-  readonly events = new EventEmitter();
-
-  readonly nackDelayMs: number;
-  private readonly opts: Required<
-    Omit<ClientOptions, "tls" | "token" | "ackDeadlineMs" | "maxDeliveries" | "logger" | "url">
-  > & {
-    url: string;
-    tls: TlsOptions | undefined;
-    token: string | undefined;
-    ackDeadlineMs: number | undefined;
-    maxDeliveries: number | undefined;
-  };
-  private readonly host: string;
-  private readonly port: number;
-  private readonly logger: Logger | null;
-
-  private state: State = "open";
-  private socket: net.Socket | null = null;
-  private info: ConnectionInfo | null = null;
-  /** Counts connections; a delivery from an older one cannot be settled. */
-  private generation = 0;
-  private writer = new FrameWriter();
-  private writeScheduled = false;
-  private frameBytesMax = FRAME_BYTES_MAX_DEFAULT;
-  private lastReceivedAt = 0;
-  private keepAlive: NodeJS.Timeout | null = null;
-  private sweeper: NodeJS.Timeout | null = null;
-  private reconnectTimer: NodeJS.Timeout | null = null;
-  private reconnectWake: (() => void) | null = null;
-
-  private nextSeq = 0n;
-  private readonly pendingSends = new Map<bigint, PendingSend>();
-  /** Transient requests' commands, sent QUIET: command id by seq (only a refusal is answered). */
-  private readonly quietRequests = new Map<bigint, string>();
-  private readonly requests = new Map<string, ReplyStream>();
+export class Client extends SendingClient {
   private readonly subscriptions: Subscription[] = [];
   private nextOp = 0n;
   private readonly operations = new Map<bigint, Operation>();
-  private flushes: Flush[] = [];
-  private nextFlush = 0n;
+  private readonly handlers: Handlers;
+  private lastReceivedAt = 0;
+  private keepAlive: NodeJS.Timeout | null = null;
+  private reconnectTimer: NodeJS.Timeout | null = null;
+  private reconnectWake: (() => void) | null = null;
   private drained: (() => void) | null = null;
-  private roomWaiters: Array<() => void> = [];
-
-  private running = 0;
-  private pumping = false;
-  private readonly queue = new JobQueue();
-  private idleWaiters: Array<() => void> = [];
-  private refusalsUnheard = 0;
-  private lastRefusal: RefusedError | undefined;
-  private transientDropped = 0;
 
   private constructor(options: ClientOptions) {
-    const url = options.url ?? process.env.COURIER_URL ?? "127.0.0.1:7700";
-    const maxInFlight = options.maxInFlight ?? 64;
-    const positive = (n: number): boolean => Number.isInteger(n) && n > 0;
-    const nonNegative = (n: number): boolean => Number.isFinite(n) && n >= 0;
-    this.opts = {
-      url,
-      service: options.service,
-      instance: options.instance ?? "",
-      token: options.token,
-      tls: options.tls,
-      maxInFlight: resolved(maxInFlight, (n) => Number.isInteger(n) && n >= 0 && n <= 0xffff_ffff, "maxInFlight"),
-      concurrency: resolved(options.concurrency ?? Math.max(1, maxInFlight), positive, "concurrency"),
-      sendTimeoutMs: resolved(options.sendTimeoutMs ?? 30_000, positive, "sendTimeoutMs"),
-      requestTimeoutMs: resolved(options.requestTimeoutMs ?? 30_000, positive, "requestTimeoutMs"),
-      ackDeadlineMs:
-        options.ackDeadlineMs === undefined
-          ? undefined
-          : resolved(options.ackDeadlineMs, (n) => Number.isInteger(n) && n > 0 && n <= 0xffff_ffff, "ackDeadlineMs"),
-      maxDeliveries:
-        options.maxDeliveries === undefined
-          ? undefined
-          : resolved(options.maxDeliveries, (n) => Number.isInteger(n) && n > 0 && n <= 0xffff_ffff, "maxDeliveries"),
-      nackDelayMs: resolved(options.nackDelayMs ?? 1_000, nonNegative, "nackDelayMs"),
-      reconnectDelayMinMs: resolved(options.reconnectDelayMinMs ?? 50, positive, "reconnectDelayMinMs"),
-      reconnectDelayMaxMs: resolved(options.reconnectDelayMaxMs ?? 5_000, positive, "reconnectDelayMaxMs"),
-      handshakeTimeoutMs: resolved(options.handshakeTimeoutMs ?? 10_000, positive, "handshakeTimeoutMs"),
-      pingIntervalMs: resolved(options.pingIntervalMs ?? 10_000, positive, "pingIntervalMs"),
-      idleTimeoutMs: resolved(options.idleTimeoutMs ?? 30_000, positive, "idleTimeoutMs"),
-      drainTimeoutMs: resolved(options.drainTimeoutMs ?? 30_000, nonNegative, "drainTimeoutMs"),
-      transientQueueMax: resolved(options.transientQueueMax ?? 10_000, nonNegative, "transientQueueMax"),
-    };
-    this.nackDelayMs = this.opts.nackDelayMs;
-    this.logger = options.logger === undefined ? { warn: (m) => console.warn(`courier: ${m}`) } : options.logger;
-    ({ host: this.host, port: this.port } = splitUrl(url));
-    const service = this.opts.service;
-    // Empty with credentials: the broker takes the service from them.
-    const credentials = this.opts.token !== undefined || this.opts.tls?.cert !== undefined;
-    if (!(service === "" && credentials)) {
-      const problem = nameProblem(service);
-      if (problem !== null) {
-        throw new InvalidMessageError(`service ${problem}`);
-      }
-    }
+    super(options);
+    this.handlers = new Handlers(
+      this.opts.concurrency,
+      this.opts.transientQueueMax,
+      () => this.generation,
+      (message, error) => {
+        const text = error instanceof Error ? error.message : String(error);
+        this.logger?.warn(`handler of ${message.name} failed; nacking for a retry: ${text}`);
+      },
+      (error, message) => this.events.emit("handlerError", error, message),
+    );
   }
 
   /**
@@ -603,7 +83,7 @@ export class Client implements DeliveryOwner {
    */
   static async connect(options: ClientOptions): Promise<Client> {
     const client = new Client(options);
-    const established = await client.establish();
+    const established = await establish(client.host, client.port, client.opts);
     client.attach(established);
     return client;
   }
@@ -623,269 +103,12 @@ export class Client implements DeliveryOwner {
     return this.info;
   }
 
-  /**
-   * Refusals nobody awaited: of quiet sends, and of sends whose wait had
-   * timed out when the broker answered.
-   */
-  get unheardRefusals(): number {
-    return this.refusalsUnheard;
-  }
-
-  /** The latest refusal counted in {@link Client.unheardRefusals}. */
-  get lastUnheardRefusal(): RefusedError | undefined {
-    return this.lastRefusal;
-  }
-
   /** Transient deliveries dropped because more than `transientQueueMax` waited for a handler. */
   get droppedTransient(): number {
-    return this.transientDropped;
+    return this.handlers.droppedTransient;
   }
 
-  // -------------------------------------------------------------------------
-  // Sending
-
-  /**
-   * Sends a command; resolves with its id once the broker accepted it (not
-   * once it was handled). The message is queued at the call, so commands
-   * sent one after another leave in that order and need no round trip each.
-   * A payload is sent as JSON unless it is a `Uint8Array`.
-   */
-  send(name: string, payload?: unknown, options: PublishOptions = {}): Promise<string> {
-    return this.sendKind("command", name, payload, options);
-  }
-
-  /** Publishes an event; resolves with its id once the broker accepted it. */
-  publish(name: string, payload?: unknown, options: PublishOptions = {}): Promise<string> {
-    return this.sendKind("event", name, payload, options);
-  }
-
-  private sendKind(kind: Kind, name: string, payload: unknown, options: PublishOptions): Promise<string> {
-    try {
-      const message = buildMessage(kind, name, payload, options);
-      if (options.quiet) {
-        return this.sendQuiet(message);
-      }
-      return this.enqueueMessage(message).then((id) => id);
-    } catch (e) {
-      return Promise.reject(e);
-    }
-  }
-
-  /**
-   * Queues a command or event at once and returns the broker's answer to
-   * await later: for pipelining many sends without a round trip each.
-   * Throws at once for a message that cannot be sent (bad name, too large).
-   *
-   * ```ts
-   * const acks = [];
-   * for (let i = 0; i < 1000; i++) acks.push(client.enqueue("event", "metric.sampled", { i }));
-   * await Promise.all(acks);
-   * ```
-   */
-  enqueue(kind: "command" | "event", name: string, payload?: unknown, options: SendOptions = {}): PendingAck {
-    return this.enqueueMessage(buildMessage(kind, name, payload, options));
-  }
-
-  /**
-   * Resolves once the broker has answered everything this client sent
-   * before the call: accepted durable messages are on disk, refusals of
-   * quiet sends are counted in {@link Client.unheardRefusals}.
-   */
-  flush(): Promise<void> {
-    if (this.state === "closed") {
-      return Promise.reject(new ClosedError());
-    }
-    if (this.socket === null) {
-      return Promise.reject(new ConnectionError("not connected to the broker"));
-    }
-    this.nextFlush += 1n;
-    const nonce = this.nextFlush;
-    return new Promise<void>((resolve, reject) => {
-      const timer = setTimeout(() => {
-        this.flushes = this.flushes.filter((f) => f.nonce !== nonce);
-        reject(new TimeoutError("the broker did not answer the flush", this.opts.sendTimeoutMs));
-      }, this.opts.sendTimeoutMs);
-      this.flushes.push({ nonce, resolve, reject, timer });
-      this.writer.push({ type: "ping", nonce });
-      this.scheduleWrite();
-    });
-  }
-
-  /**
-   * Sends a command and resolves with its first reply (within `timeoutMs`,
-   * default the client's `requestTimeoutMs`). A transient command is sent
-   * at most once; a durable one is re-sent after a reconnect.
-   */
-  async request(name: string, payload?: unknown, options: RequestOptions = {}): Promise<Reply> {
-    const stream = this.requestStream(name, payload, options);
-    try {
-      const first = await stream.next();
-      if (first.done) {
-        throw new ClosedError("the request ended without a reply");
-      }
-      return first.value;
-    } finally {
-      stream.cancel();
-    }
-  }
-
-  /**
-   * Sends a command and returns its replies as an async iterable, which
-   * ends after the final reply or throws when the timeout passes first.
-   */
-  requestStream(name: string, payload?: unknown, options: RequestOptions = {}): ReplyStream {
-    this.checkOpen();
-    const message = buildMessage("command", name, payload, options);
-    const timeoutMs = resolved(
-      options.timeoutMs ?? this.opts.requestTimeoutMs,
-      (n) => Number.isFinite(n) && n > 0,
-      "timeoutMs",
-    );
-    const layout = layoutMessage(message, message.transient ? Flag.QUIET : 0);
-    this.checkSize(message.name, layout.length);
-    if (options.signal?.aborted) {
-      const reason: unknown = options.signal.reason;
-      throw reason instanceof Error ? reason : new CourierError("the request was aborted");
-    }
-    const id = message.id;
-    let quietSeq: bigint | null = null;
-    const stream = new ReplyStream(
-      id,
-      () => {
-        this.requests.delete(id);
-        if (quietSeq !== null) {
-          this.quietRequests.delete(quietSeq);
-        }
-      },
-      timeoutMs,
-      options.signal,
-    );
-    this.requests.set(id, stream);
-    if (message.transient && this.socket !== null) {
-      // Quiet: the broker's acceptance would come well before the reply
-      // and say nothing the reply does not; only a refusal is answered.
-      this.nextSeq += 1n;
-      quietSeq = this.nextSeq;
-      this.quietRequests.set(quietSeq, id);
-      this.writer.pushSendMessage(quietSeq, message, layout);
-      this.scheduleWrite();
-    } else {
-      const ack = this.enqueueEncoded(message.id, encodeMessage(message));
-      ack.then(undefined, (error: unknown) => stream.fail(error as Error));
-    }
-    return stream;
-  }
-
-  /** @internal A reply to `to`, in its activity. */
-  reply(to: Message, outcome: string, payload: unknown, options: ReplyOptions): PendingAck {
-    const message = buildMessage("reply", outcome, payload, {
-      ...(options.headers === undefined ? {} : { headers: options.headers }),
-      ...(options.version === undefined ? {} : { version: options.version }),
-      ...(options.id === undefined ? {} : { id: options.id }),
-      activityId: to.activityId,
-    });
-    message.responseTo = to.id;
-    message.final = options.final ?? true;
-    return this.enqueueMessage(message);
-  }
-
-  private checkOpen(): void {
-    if (this.state === "closed") {
-      throw new ClosedError();
-    }
-  }
-
-  private checkSize(name: string, messageBytes: number): void {
-    // type, count and seq go around the message in a SEND frame of one entry.
-    const frameLength = 1 + 4 + 8 + messageBytes;
-    if (frameLength > this.frameBytesMax) {
-      throw new RefusedError(
-        13,
-        `${name} is ${messageBytes} bytes encoded; the broker takes frames of at most ${this.frameBytesMax} bytes`,
-      );
-    }
-  }
-
-  private enqueueMessage(message: Message): PendingAck {
-    this.checkOpen();
-    const bytes = encodeMessage(message);
-    this.checkSize(message.name, bytes.length);
-    return this.enqueueEncoded(message.id, bytes);
-  }
-
-  /** Queues a checked, encoded message to be sent now and after every reconnect until answered. */
-  private enqueueEncoded(id: string, bytes: Buffer): PendingAck {
-    this.nextSeq += 1n;
-    const seq = this.nextSeq;
-    const ack = new PendingAck(id);
-    this.pendingSends.set(seq, { seq, bytes, ack, deadline: Date.now() + this.opts.sendTimeoutMs });
-    this.armSweeper();
-    if (this.socket !== null) {
-      this.writer.pushSend(seq, bytes);
-      this.scheduleWrite();
-    }
-    return ack;
-  }
-
-  private async sendQuiet(message: Message): Promise<string> {
-    this.checkOpen();
-    const layout = layoutMessage(message, Flag.QUIET);
-    this.checkSize(message.name, layout.length);
-    for (;;) {
-      const socket = this.socket;
-      if (socket === null) {
-        throw new ConnectionError(
-          "not connected to the broker; a quiet send is not queued across reconnects (send it without quiet to have it re-sent)",
-        );
-      }
-      if (socket.writableLength + this.writer.length < QUIET_BUFFER_BYTES_MAX) {
-        this.nextSeq += 1n;
-        this.writer.pushSendMessage(this.nextSeq, message, layout);
-        this.scheduleWrite();
-        return message.id;
-      }
-      if (this.writer.length > 0) {
-        // A caller that never yields to the event loop (awaiting only
-        // settled promises) would never let the scheduled write run.
-        this.writeNow();
-        continue;
-      }
-      await new Promise<void>((resolve) => this.roomWaiters.push(resolve));
-    }
-  }
-
-  /** Fails sends whose acceptance did not come within `sendTimeoutMs`. */
-  private armSweeper(): void {
-    if (this.sweeper !== null) {
-      return;
-    }
-    const every = Math.min(1_000, Math.max(10, Math.floor(this.opts.sendTimeoutMs / 10)));
-    this.sweeper = setInterval(() => {
-      const now = Date.now();
-      // Deadlines grow with insertion order (one timeout for all sends).
-      for (const [seq, pending] of this.pendingSends) {
-        if (pending.deadline > now) {
-          break;
-        }
-        this.pendingSends.delete(seq);
-        pending.ack.settle({
-          ok: false,
-          error: new TimeoutError(
-            this.socket === null ? "not connected to the broker" : "the broker did not accept the message",
-            this.opts.sendTimeoutMs,
-          ),
-        });
-      }
-      if (this.pendingSends.size === 0 && this.sweeper !== null) {
-        clearInterval(this.sweeper);
-        this.sweeper = null;
-      }
-    }, every);
-    this.sweeper.unref();
-  }
-
-  // -------------------------------------------------------------------------
-  // Handlers
+  // Subscriptions and deliveries
 
   /**
    * Handles every command or event whose name matches `pattern` (`*` one
@@ -1017,258 +240,39 @@ export class Client implements DeliveryOwner {
     });
   }
 
-  /** @internal Writes the ACK or NACK, if the delivery came on the current connection. */
-  settle(generation: number, delivery: bigint, transient: boolean, nackDelayMs: number | undefined): void {
-    // After a reconnect the broker has already taken the delivery back.
-    if (transient || this.socket === null || generation !== this.generation) {
-      return;
-    }
-    if (nackDelayMs === undefined) {
-      this.writer.pushAck(delivery);
-    } else {
-      this.writer.pushNack(delivery, Math.min(Math.max(0, Math.round(nackDelayMs)), 0xffff_ffff));
-    }
-    this.scheduleWrite();
-  }
-
-  private dispatch(delivery: bigint, attempt: number, message: Message): void {
+  private dispatch(delivery: bigint, attempt: number, message: Message, pipelined: boolean): void {
     if (message.kind === "reply") {
       this.routeReply(message);
       return;
     }
+    let keyStart = false;
+    if (pipelined) {
+      keyStart = attempt >= ATTEMPT_KEY_START;
+      attempt = attempt & ~ATTEMPT_KEY_START;
+    }
+    const key = pipelined && message.key !== undefined && !message.transient ? message.key.toString("latin1") : undefined;
     const subscription = this.subscriptions.find((s) => patternMatches(s.pattern, message.name));
     if (subscription === undefined) {
       // Subscribed by another instance of this service, not here: let the
       // broker try elsewhere soon.
       this.settle(this.generation, delivery, message.transient, this.opts.nackDelayMs);
+      if (key !== undefined) {
+        this.handlers.keyRefused(key, keyStart);
+      }
       return;
     }
     const incoming = new IncomingMessage(message, attempt, this, this.generation, delivery);
-    if (message.transient && this.queue.length >= this.opts.transientQueueMax && this.running >= this.opts.concurrency) {
-      this.transientDropped++;
-      return;
+    if (key !== undefined) {
+      this.handlers.deliverKeyed({ handler: subscription.handler, message: incoming }, key, keyStart);
+    } else {
+      this.handlers.deliver({ handler: subscription.handler, message: incoming });
     }
-    this.queue.push({ handler: subscription.handler, message: incoming });
-    this.pump();
   }
 
   /**
-   * Starts queued handlers while there is room. A loop, not a recursion: a
-   * run of handlers that finish at once must not grow the stack.
-   */
-  private pump(): void {
-    if (this.pumping) {
-      return;
-    }
-    this.pumping = true;
-    while (this.running < this.opts.concurrency) {
-      const job = this.queue.shift();
-      if (job === undefined) {
-        break;
-      }
-      this.run(job);
-    }
-    this.pumping = false;
-    if (this.running === 0 && this.queue.length === 0) {
-      for (const wake of this.idleWaiters.splice(0)) wake();
-    }
-  }
-
-  private run(job: Job): void {
-    this.running++;
-    const { handler, message } = job;
-    let outcome: unknown;
-    try {
-      outcome = message.inActivity(() => handler(message));
-    } catch (e) {
-      this.finishJob(message, e);
-      return;
-    }
-    if (outcome instanceof Promise || (typeof outcome === "object" && outcome !== null && "then" in outcome)) {
-      Promise.resolve(outcome).then(
-        () => this.finishJob(message, undefined),
-        (e: unknown) => this.finishJob(message, e ?? new Error("handler failed")),
-      );
-    } else {
-      this.finishJob(message, undefined);
-    }
-  }
-
-  private finishJob(message: IncomingMessage, error: unknown): void {
-    if (error === undefined) {
-      message.finish(null);
-    } else {
-      const delay = error instanceof Nack ? error.delayMs : undefined;
-      if (!(error instanceof Nack)) {
-        const text = error instanceof Error ? error.message : String(error);
-        this.logger?.warn(`handler of ${message.name} failed; nacking for a retry: ${text}`);
-      }
-      this.events.emit("handlerError", error, message);
-      message.finish(delay);
-    }
-    this.running--;
-    this.pump();
-  }
-
-  private routeReply(message: Message): void {
-    const command = message.responseTo;
-    const stream = command === undefined ? undefined : this.requests.get(command);
-    if (stream === undefined) {
-      return; // nobody waits (any more): the request timed out or took its first reply
-    }
-    if (stream.push(new Reply(message))) {
-      this.requests.delete(command!);
-    }
-  }
-
-  // -------------------------------------------------------------------------
-  // The connection
-
-  private scheduleWrite(): void {
-    if (this.writeScheduled) {
-      return;
-    }
-    this.writeScheduled = true;
-    // After the current turn of the event loop: everything queued by the
-    // code now running (a loop of sends, the acks of a delivered batch)
-    // leaves in one write.
-    setImmediate(() => {
-      this.writeScheduled = false;
-      this.writeNow();
-    });
-  }
-
-  private writeNow(): void {
-    const socket = this.socket;
-    if (socket === null) {
-      return;
-    }
-    const bytes = this.writer.take();
-    if (bytes !== null) {
-      socket.write(bytes);
-    }
-  }
-
-  /** Connects and completes HELLO/WELCOME. */
-  private establish(): Promise<Established> {
-    const { host, port } = this;
-    const opts = this.opts;
-    const where = `${host}:${port}`;
-    return new Promise<Established>((resolve, reject) => {
-      let socket: net.Socket | undefined;
-      let settled = false;
-      const reader = new FrameReader(INBOUND_FRAME_BYTES_MAX);
-      const fail = (error: Error): void => {
-        if (settled) return;
-        settled = true;
-        clearTimeout(timer);
-        socket?.destroy();
-        reject(error);
-      };
-      const timer = setTimeout(() => {
-        fail(new ConnectionError(`no WELCOME from the broker at ${where} within ${opts.handshakeTimeoutMs} ms`));
-      }, opts.handshakeTimeoutMs);
-      const hello = (): void => {
-        socket?.write(
-          encodeFrame({
-            type: "hello",
-            version: PROTOCOL_VERSION,
-            service: opts.service,
-            instance: opts.instance,
-            maxInFlight: opts.maxInFlight,
-            token: opts.token,
-          }),
-        );
-      };
-      try {
-        if (opts.tls === undefined) {
-          socket = net.connect({ host, port, noDelay: true }, hello);
-        } else {
-          const t = opts.tls;
-          const serverName = t.serverName ?? (isIP(host) === 0 ? host : undefined);
-          socket = tls.connect(
-            {
-              host,
-              port,
-              ca: pem(t.ca, "the TLS CA file"),
-              ...(t.cert === undefined ? {} : { cert: pem(t.cert, "the client certificate file") }),
-              ...(t.key === undefined ? {} : { key: pem(t.key, "the client key file") }),
-              ...(serverName === undefined ? {} : { servername: serverName }),
-              ...(t.serverName === undefined
-                ? {}
-                : { checkServerIdentity: (_: string, cert: tls.PeerCertificate) => tls.checkServerIdentity(t.serverName!, cert) }),
-              ALPNProtocols: [ALPN],
-              minVersion: "TLSv1.3",
-            },
-            hello,
-          );
-          socket.setNoDelay(true);
-        }
-      } catch (e) {
-        clearTimeout(timer);
-        reject(e instanceof CourierError ? e : new ConnectionError(`cannot reach broker at ${where}: ${(e as Error).message}`));
-        return;
-      }
-      socket.on("error", (e: NodeJS.ErrnoException) => {
-        const tlsText = opts.tls !== undefined ? tlsHint(e) : "";
-        const hint =
-          e.code === "ECONNREFUSED" ? " — is 'courier serve' running?" : tlsText;
-        fail(new ConnectionError(`cannot reach broker at ${where}: ${e.message}${hint}`));
-      });
-      socket.on("close", () => {
-        fail(
-          new ConnectionError(
-            opts.tls !== undefined
-              ? `broker at ${where} closed the connection during the handshake (did it refuse this client certificate?)`
-              : `broker at ${where} closed the connection during the handshake`,
-          ),
-        );
-      });
-      const onData = (chunk: Buffer): void => {
-        reader.push(chunk);
-        let frame: Frame | null;
-        try {
-          frame = reader.next();
-        } catch (e) {
-          const looksTls = opts.tls === undefined && chunk[0] !== undefined && (chunk[0] === 0x15 || chunk[0] === 0x16) && chunk[1] === 0x03;
-          fail(
-            new ConnectionError(
-              `broker sent a bad frame: ${(e as Error).message}${looksTls ? "; it looks like TLS: set tls.ca (COURIER_TLS_CA)" : ""}`,
-            ),
-          );
-          return;
-        }
-        if (frame === null) {
-          return;
-        }
-        if (frame.type === "welcome") {
-          settled = true;
-          clearTimeout(timer);
-          // Paused until attached, so that no byte after the WELCOME is lost.
-          socket.pause();
-          socket.off("data", onData);
-          socket.removeAllListeners("close");
-          socket.removeAllListeners("error");
-          socket.on("error", () => {});
-          resolve({
-            socket,
-            reader,
-            info: {
-              connectionId: frame.connectionId,
-              broker: frame.broker,
-              service: frame.service ?? opts.service,
-              frameBytesMax: frame.frameBytesMax === 0 ? FRAME_BYTES_MAX_DEFAULT : frame.frameBytesMax,
-            },
-          });
-        } else if (frame.type === "error") {
-          fail(new RefusedError(frame.code, frame.message));
-        } else {
-          fail(new ConnectionError(`expected WELCOME from the broker, got ${frame.type.toUpperCase()}`));
-        }
-      };
-      socket.on("data", onData);
-    });
-  }
+   * A keyed delivery on a pipelined connection goes to its handler once the
+   * one before it of its key is settled, or is dropped if the broker took
+   * it back (see {@link KeyLine}).
 
   /** A new connection is up: subscribe again and re-send what was not yet acknowledged. */
   private attach(established: Established): void {
@@ -1282,7 +286,9 @@ export class Client implements DeliveryOwner {
     this.socket = socket;
     this.info = info;
     this.frameBytesMax = info.frameBytesMax;
-    this.writer = new FrameWriter();
+    this.writer = new FrameWriter(info.protocolVersion);
+    // The broker took back every delivery of the last connection.
+    this.handlers.connected();
     this.lastReceivedAt = Date.now();
     for (const subscription of this.subscriptions) {
       this.pushSubscribe(subscription);
@@ -1356,11 +362,14 @@ export class Client implements DeliveryOwner {
           this.sendResult(o.seq, o.code, o.reason);
         }
         return true;
-      case "deliver":
+      case "deliver": {
+        // Version 4: a key's deliveries come pipelined (docs/PROTOCOL.md §8.4).
+        const pipelined = (this.info?.protocolVersion ?? 1) >= PIPELINED_KEYS_VERSION;
         for (const d of frame.entries) {
-          this.dispatch(d.delivery, d.attempt, d.message);
+          this.dispatch(d.delivery, d.attempt, d.message, pipelined);
         }
         return true;
+      }
       case "result": {
         const op = this.operations.get(frame.request);
         if (op !== undefined) {
@@ -1395,33 +404,6 @@ export class Client implements DeliveryOwner {
     }
   }
 
-  private sendResult(seq: bigint, code: number, reason: string): void {
-    const pending = this.pendingSends.get(seq);
-    if (pending !== undefined) {
-      this.pendingSends.delete(seq);
-      pending.ack.settle(code === 0 ? { ok: true, id: pending.ack.id } : { ok: false, error: new RefusedError(code, reason) });
-      return;
-    }
-    const command = this.quietRequests.get(seq);
-    if (command !== undefined) {
-      // Only a refusal is answered; the request ends with it.
-      this.quietRequests.delete(seq);
-      this.requests.get(command)?.fail(new RefusedError(code, reason));
-      return;
-    }
-    if (code !== 0) {
-      const refusal = new RefusedError(code, reason);
-      this.refusalsUnheard++;
-      this.lastRefusal = refusal;
-      this.logger?.warn(`the broker refused a send nobody awaits: ${refusal.message}`);
-    }
-  }
-
-  private wakeRoomWaiters(): void {
-    for (const wake of this.roomWaiters.splice(0)) wake();
-  }
-
-  /** The connection ended: fail what cannot survive it and reconnect. */
   private lost(reason: Error): void {
     const socket = this.socket;
     if (socket === null) {
@@ -1470,7 +452,7 @@ export class Client implements DeliveryOwner {
     let delay = this.opts.reconnectDelayMinMs;
     while (this.state === "open") {
       try {
-        const established = await this.establish();
+        const established = await establish(this.host, this.port, this.opts);
         if (this.state === "open") {
           this.attach(established);
         } else {
@@ -1538,8 +520,8 @@ export class Client implements DeliveryOwner {
       this.scheduleWrite();
       await until(drained);
     }
-    if (this.running > 0 || this.queue.length > 0) {
-      await until(new Promise<void>((resolve) => this.idleWaiters.push(resolve)));
+    if (!this.handlers.idle) {
+      await until(this.handlers.whenIdle());
     }
     while (this.pendingSends.size > 0 && this.socket !== null && Date.now() < deadline) {
       await until(new Promise<void>((resolve) => setTimeout(resolve, 10)));
@@ -1581,6 +563,6 @@ export class Client implements DeliveryOwner {
       f.reject(closed);
     }
     this.wakeRoomWaiters();
-    this.queue.clear();
+    this.handlers.clear();
   }
 }

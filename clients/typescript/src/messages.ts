@@ -10,6 +10,8 @@ import { isUuid, uuidv7 } from "./uuid.js";
 
 interface ActivityScope {
   activityId: string;
+  /** The message being handled: the `parentId` of what is sent meanwhile. */
+  parentId?: string;
 }
 
 const activityStorage = new AsyncLocalStorage<ActivityScope>();
@@ -157,8 +159,10 @@ export function buildMessage(kind: Kind, name: string, payload: unknown, options
     throw new InvalidMessageError(`activity id ${JSON.stringify(options.activityId)} is not a UUID`);
   }
   const id = options.id ?? uuidv7();
-  // A new activity is named after the message that starts it.
-  const activityId = options.activityId ?? currentActivity() ?? id;
+  // A new activity is named after the message that starts it; one sent
+  // while handling another inherits its activity and names it as parent.
+  const scope = options.activityId === undefined ? activityStorage.getStore() : undefined;
+  const activityId = options.activityId ?? scope?.activityId ?? id;
   const key =
     options.key === undefined
       ? undefined
@@ -177,6 +181,7 @@ export function buildMessage(kind: Kind, name: string, payload: unknown, options
     key,
     expiresAt: options.ttlMs === undefined ? undefined : nanosFromNow(options.ttlMs, "ttlMs"),
     deliverAt: options.delayMs === undefined ? undefined : nanosFromNow(options.delayMs, "delayMs"),
+    parentId: scope?.parentId,
     transient: options.transient ?? false,
     final: kind === "reply",
     headers,
@@ -199,6 +204,10 @@ abstract class Received {
   }
   get activityId(): string {
     return this.envelope.activityId;
+  }
+  /** The message whose handling caused this one, when the sender said (protocol version 2 on). */
+  get parentId(): string | undefined {
+    return this.envelope.parentId;
   }
   /** The service that sent it, as the broker authenticated it. */
   get sender(): string {
@@ -282,6 +291,10 @@ export class IncomingMessage extends Received {
   get settled(): boolean {
     return this.settledAs !== null;
   }
+  /** @internal Whether it was nacked. */
+  get nacked(): boolean {
+    return this.settledAs === "nack";
+  }
 
   /**
    * Replies to this command with `outcome` (its name in domain language,
@@ -326,6 +339,6 @@ export class IncomingMessage extends Received {
 
   /** @internal Runs `fn` in this message's activity. */
   inActivity<T>(fn: () => T): T {
-    return activityStorage.run({ activityId: this.envelope.activityId }, fn);
+    return activityStorage.run({ activityId: this.envelope.activityId, parentId: this.envelope.id }, fn);
   }
 }

@@ -319,11 +319,15 @@ describe("handlers", () => {
 
   test("everything sent while handling a message carries its activity", async () => {
     const audited: Array<[string, string]> = [];
+    const parents: Array<string | undefined> = [];
+    let placed = "";
     await (await connect("audit")).on("orders.*", (msg) => {
       audited.push([msg.name, msg.activityId]);
+      parents.push(msg.parentId);
     });
     const orders = await connect("orders");
     await orders.on("order.place", async (msg) => {
+      placed = msg.id;
       assert.equal(currentActivity(), msg.activityId);
       await sleep(10); // the activity survives awaits
       await orders.publish("orders.placed", {});
@@ -336,10 +340,15 @@ describe("handlers", () => {
     assert.equal(reply.activityId, activity);
     await eventually("both events audited", () => audited.length === 2);
     assert.deepEqual(audited.map(([, a]) => a), [activity, activity]);
+    // Each names the message whose handling caused it (protocol version 2 on).
+    assert.deepEqual(parents, [placed, placed]);
+    assert.equal(reply.parentId, placed, "a reply's parent is the command it answers");
+    assert.equal(reply.parentId, reply.responseTo);
     assert.equal(currentActivity(), undefined);
     const own = await shop.publish("orders.other", {});
     await eventually("the unrelated event audited", () => audited.length === 3);
     assert.equal(audited[2]![1], own, "outside a handler a message starts its own activity");
+    assert.equal(parents[2], undefined, "and has no parent");
   });
 
   test("no more handlers run at once than the concurrency allows", async () => {

@@ -25,9 +25,9 @@ function hex(text: string): Buffer {
   return Buffer.from(text.replace(/\s+/g, ""), "hex");
 }
 
-function decodeError(bytes: Buffer, frameBytesMax?: number): DecodeError {
+function decodeError(bytes: Buffer, frameBytesMax?: number, version?: number): DecodeError {
   try {
-    decodeFrame(bytes, frameBytesMax);
+    decodeFrame(bytes, frameBytesMax, version);
   } catch (e) {
     assert.ok(e instanceof DecodeError, `a DecodeError, not ${String(e)}`);
     return e;
@@ -48,6 +48,7 @@ function sampleMessage(overrides: Partial<Message> = {}): Message {
     key: Buffer.from("u1"),
     expiresAt: undefined,
     deliverAt: undefined,
+    parentId: undefined,
     transient: false,
     final: false,
     headers: [],
@@ -113,8 +114,9 @@ describe("worked examples of the protocol document", () => {
   test("SEND_RESULT and ACK (§10.4)", () => {
     const result = hex(`00 00 00 11 04 00 00 00 01 00 00 00 00 00 00 00 01 00 00 00 00`);
     const frame: Frame = { type: "send_result", entries: [{ seq: 1n, code: 0, reason: "" }] };
-    assert.deepEqual(encodeFrame(frame), result);
-    assert.deepEqual(decodeFrame(result)?.frame, frame);
+    // Of version 1 (and 2): SEND_RESULT's log_seq came with version 3.
+    assert.deepEqual(encodeFrame(frame, 1), result);
+    assert.deepEqual(decodeFrame(result, undefined, 1)?.frame, frame);
     const ack = hex(`00 00 00 15 09 00 00 00 02 00 00 00 00 00 00 00 01 00 00 00 00 00 00 00 02`);
     assert.deepEqual(encodeFrame({ type: "ack", deliveries: [1n, 2n] }), ack);
     assert.deepEqual(decodeFrame(ack)?.frame, { type: "ack", deliveries: [1n, 2n] });
@@ -132,6 +134,7 @@ describe("round trips", () => {
     key: Buffer.from([0, 255, 7]),
     expiresAt: 0xffff_ffff_ffff_ffffn,
     deliverAt: 1n,
+    parentId: "017f22e2-79b0-7cc3-98c4-dc0c0c0739ab",
     transient: true,
     final: true,
     headers: [
@@ -144,7 +147,7 @@ describe("round trips", () => {
   const frames: Frame[] = [
     { type: "hello", version: 1, service: "todo", instance: "", maxInFlight: 0, token: undefined },
     { type: "send", entries: [{ seq: 0xffff_ffff_ffff_ffffn, quiet: true, message: full }, { seq: 2n, quiet: false, message: sampleMessage() }] },
-    { type: "send_result", entries: [{ seq: 3n, code: 6, reason: "no service receives todo.create" }] },
+    { type: "send_result", entries: [{ seq: 3n, code: 6, reason: "no service receives todo.create", logSeq: 0n }, { seq: 4n, code: 0, reason: "", logSeq: 42n }] },
     { type: "subscribe", request: 1n, pattern: "todo.>", ackDeadlineMs: 30_000, maxDeliveries: 5, start: { kind: "new" } },
     { type: "subscribe", request: 2n, pattern: "*.created", ackDeadlineMs: 0, maxDeliveries: 0, start: { kind: "beginning" } },
     { type: "subscribe", request: 3n, pattern: "a", ackDeadlineMs: 1, maxDeliveries: 1, start: { kind: "time", time: 42n } },
@@ -312,7 +315,9 @@ describe("malformed frames", () => {
 
   test("unknown kind and flags", () => {
     assert.equal(decodeError(sendWith((m) => Buffer.concat([Buffer.from([4]), m.subarray(1)]))).kind, "UnknownKind");
-    assert.equal(decodeError(sendWith((m) => ((m[1] = 0x80), m))).kind, "UnknownFlags");
+    // Bit 7 is PARENT_ID from version 2 on: 16 bytes of it are read from what follows.
+    assert.equal(decodeError(sendWith((m) => ((m[1] = 0x80), m)), undefined, 1).kind, "UnknownFlags");
+    assert.equal(decodeError(sendWith((m) => ((m[1] = 0x80), m)), undefined, 2).kind, "UnexpectedEof");
   });
 
   test("QUIET outside a SEND entry", () => {

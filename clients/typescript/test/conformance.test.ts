@@ -37,7 +37,8 @@ function list(key: string): JsonObject[] {
   const value = vectors[key];
   assert.ok(Array.isArray(value) && value.length > 0, `the vectors have a non-empty ${key} list`);
   // A vector of a newer protocol version than this codec speaks (it says
-  // so in its own protocol_version) is not for it.
+  // so in its own protocol_version) is not for it; every other one is read
+  // at its own version.
   return (value as JsonObject[]).filter((v) => Number(v.protocol_version ?? 1) <= PROTOCOL_VERSION);
 }
 
@@ -58,11 +59,15 @@ function show(value: unknown): string {
   return JSON.stringify(value, (_, v: unknown) => (typeof v === "bigint" ? v.toString() : v));
 }
 
+function versionOf(vector: JsonObject): number {
+  return Number(vector.protocol_version ?? 1);
+}
+
 function hexOf(item: JsonObject): Buffer {
   return Buffer.from(item.hex as string, "hex");
 }
 
-test("the vectors cover protocol version 1", () => {
+test("the vectors cover this client's protocol version", () => {
   assert.ok(Number(vectors.protocol_version) >= PROTOCOL_VERSION);
 });
 
@@ -79,12 +84,13 @@ describe("frames decode to their fields and encode to their bytes", () => {
     test(vector.name as string, () => {
       const bytes = hexOf(vector);
       const expected = withoutNotes(vector.frame as Json);
-      const decoded = decodeFrame(bytes, FRAME_BYTES_MAX_DEFAULT);
+      const version = versionOf(vector);
+      const decoded = decodeFrame(bytes, FRAME_BYTES_MAX_DEFAULT, version);
       assert.ok(decoded !== null, "a whole frame");
       assert.equal(decoded.size, bytes.length, "the frame takes all the bytes");
       assert.deepEqual(canonical(frameToJson(decoded.frame)), canonical(expected));
-      const frame: Frame = frameFromJson(expected as JsonObject, vector.name as string);
-      assert.equal(encodeFrame(frame).toString("hex"), vector.hex);
+      const frame: Frame = frameFromJson(expected as JsonObject, vector.name as string, version);
+      assert.equal(encodeFrame(frame, version).toString("hex"), vector.hex);
     });
   }
 });
@@ -103,8 +109,9 @@ describe("malformed bytes are refused as the vectors say", () => {
         }
         return true;
       };
-      assert.throws(() => decodeFrame(hexOf(vector), limit), check);
+      assert.throws(() => decodeFrame(hexOf(vector), limit, versionOf(vector)), check);
       const reader = new FrameReader(limit);
+      reader.version = versionOf(vector);
       reader.push(hexOf(vector));
       assert.throws(() => reader.next(), check, "the stream reader agrees");
     });
@@ -115,8 +122,9 @@ describe("incomplete bytes wait for more", () => {
   for (const vector of list("incomplete")) {
     test(vector.name as string, () => {
       const limit = (vector.frame_bytes_max as number | undefined) ?? FRAME_BYTES_MAX_DEFAULT;
-      assert.equal(decodeFrame(hexOf(vector), limit), null);
+      assert.equal(decodeFrame(hexOf(vector), limit, versionOf(vector)), null);
       const reader = new FrameReader(limit);
+      reader.version = versionOf(vector);
       reader.push(hexOf(vector));
       assert.equal(reader.next(), null);
     });
@@ -130,10 +138,16 @@ const ANSWERS_TIMEOUT_MS = 10_000;
  * The broker's answers on `socket` as answer items, and whether it closed
  * the connection: until it closes, or until `enough` items came.
  */
-function answers(socket: net.Socket, enough: number | null): Promise<{ items: JsonObject[]; closed: boolean }> {
+function answers(
+  socket: net.Socket,
+  enough: number | null,
+  version: number,
+): Promise<{ items: JsonObject[]; closed: boolean }> {
   return new Promise((resolve, reject) => {
     const items: JsonObject[] = [];
     const reader = new FrameReader(0xffff_ffff);
+    // Read at the HELLO's version until WELCOME settles it.
+    reader.version = version;
     const done = (closed: boolean): void => {
       clearTimeout(timer);
       socket.removeAllListeners("data");
@@ -144,6 +158,7 @@ function answers(socket: net.Socket, enough: number | null): Promise<{ items: Js
       reader.push(chunk);
       try {
         for (let frame = reader.next(); frame !== null; frame = reader.next()) {
+          if (frame.type === "welcome") reader.version = frame.version;
           items.push(...answerItems(frame));
         }
       } catch (e) {
@@ -156,6 +171,26 @@ function answers(socket: net.Socket, enough: number | null): Promise<{ items: Js
     // A reset after the broker's ERROR and close counts as closed.
     socket.on("error", () => {});
     socket.on("close", () => done(true));
+  });
+}
+
+/**
+ * Closes a connection left open and waits until the broker closed its side
+ * too: it forgets a connection (and takes back what it held) before it
+ * closes it, so the next connection cannot race the last one's end.
+ */
+function closeAndWait(socket: net.Socket): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(
+      () => reject(new Error("the broker did not close a connection the client closed")),
+      ANSWERS_TIMEOUT_MS,
+    );
+    socket.on("close", () => {
+      clearTimeout(timer);
+      resolve();
+    });
+    socket.resume(); // what still comes is read and dropped
+    socket.end();
   });
 }
 
@@ -186,10 +221,14 @@ describe("a real broker answers every broker case, through this codec", () => {
       try {
         const connections = vector.connections as JsonObject[];
         for (const [i, connection] of connections.entries()) {
+          const send = connection.send as JsonObject[];
+          // A connection speaks the version its HELLO asks for (the broker speaks them all).
+          const hello = send.find((item) => (item.frame as JsonObject | undefined)?.type === "HELLO");
+          const version = Number((hello?.frame as JsonObject | undefined)?.version ?? 1);
           const bytes = Buffer.concat(
-            (connection.send as JsonObject[]).map((item, j) =>
+            send.map((item, j) =>
               item.frame !== undefined
-                ? encodeFrame(frameFromJson(item.frame as JsonObject, `connections[${i}].send[${j}]`))
+                ? encodeFrame(frameFromJson(item.frame as JsonObject, `connections[${i}].send[${j}]`, version), version)
                 : hexOf(item),
             ),
           );
@@ -201,11 +240,14 @@ describe("a real broker answers every broker case, through this codec", () => {
           });
           const expected = connection.expect as Json[];
           const closes = connection.then === "closed";
-          const answered = answers(socket, closes ? null : expected.length);
+          const answered = answers(socket, closes ? null : expected.length, version);
           // The broker may close before taking everything (an oversized
           // length is refused from its 4 bytes): what it answered counts.
           socket.write(bytes);
           const { items, closed } = await answered;
+          if (!closed) {
+            await closeAndWait(socket);
+          }
           socket.destroy();
           assert.ok(
             allMatch(expected, items, connection.any_order === true) && closed === closes,

@@ -7,7 +7,7 @@ import assert from "node:assert/strict";
 import { createServer, type Server, type Socket } from "node:net";
 import { after, test } from "node:test";
 
-import { Client } from "../src/index.js";
+import { Client, Nack } from "../src/index.js";
 import { FrameReader, encodeFrame, type Frame } from "../src/codec.js";
 import { eventually } from "./broker.js";
 
@@ -18,20 +18,27 @@ interface Peer {
   send(frame: Frame): void;
 }
 
-/** A scripted broker: answers HELLO with WELCOME, records everything else. */
+/**
+ * A scripted broker of one protocol version (1 unless told): answers HELLO
+ * with WELCOME of that version (so the client speaks it), records
+ * everything else.
+ */
 class ScriptedBroker {
   readonly peers: Peer[] = [];
   private server: Server;
   /** Whether to answer PINGs with PONGs. */
   answerPings = true;
 
-  private constructor(server: Server) {
+  private constructor(
+    server: Server,
+    private readonly version: number,
+  ) {
     this.server = server;
   }
 
-  static async start(): Promise<ScriptedBroker> {
+  static async start(version = 1): Promise<ScriptedBroker> {
     const server = createServer();
-    const broker = new ScriptedBroker(server);
+    const broker = new ScriptedBroker(server, version);
     server.on("connection", (socket) => broker.accept(socket));
     await new Promise<void>((ready) => server.listen(0, "127.0.0.1", ready));
     return broker;
@@ -45,7 +52,8 @@ class ScriptedBroker {
 
   private accept(socket: Socket): void {
     const reader = new FrameReader();
-    const peer: Peer = { socket, frames: [], send: (frame) => socket.write(encodeFrame(frame)) };
+    reader.version = this.version;
+    const peer: Peer = { socket, frames: [], send: (frame) => socket.write(encodeFrame(frame, this.version)) };
     this.peers.push(peer);
     socket.on("error", () => {});
     socket.on("data", (chunk: Buffer) => {
@@ -53,7 +61,7 @@ class ScriptedBroker {
       for (let frame = reader.next(); frame !== null; frame = reader.next()) {
         peer.frames.push(frame);
         if (frame.type === "hello") {
-          peer.send({ type: "welcome", version: 1, connectionId: BigInt(this.peers.length), frameBytesMax: 1 << 20, broker: "scripted" });
+          peer.send({ type: "welcome", version: this.version, connectionId: BigInt(this.peers.length), frameBytesMax: 1 << 20, broker: "scripted" });
         } else if (frame.type === "ping" && this.answerPings) {
           peer.send({ type: "pong", nonce: frame.nonce });
         }
@@ -77,8 +85,11 @@ after(async () => {
   await Promise.all(brokers.map((b) => b.stop()));
 });
 
-async function setup(options: Partial<Parameters<typeof Client.connect>[0]> = {}): Promise<{ broker: ScriptedBroker; client: Client }> {
-  const broker = await ScriptedBroker.start();
+async function setup(
+  options: Partial<Parameters<typeof Client.connect>[0]> = {},
+  version = 1,
+): Promise<{ broker: ScriptedBroker; client: Client }> {
+  const broker = await ScriptedBroker.start(version);
   brokers.push(broker);
   const client = await Client.connect({
     url: broker.addr,
@@ -96,7 +107,9 @@ async function setup(options: Partial<Parameters<typeof Client.connect>[0]> = {}
 test("HELLO carries the service, instance, max_in_flight and token", async () => {
   const { broker, client } = await setup({ token: "crr_secret" });
   const hello = broker.peers[0]!.frames[0];
-  assert.deepEqual(hello, { type: "hello", version: 1, service: "web", instance: "web-7", maxInFlight: 32, token: "crr_secret" });
+  // The client offers its newest version; this broker answers 1.
+  assert.deepEqual(hello, { type: "hello", version: 4, service: "web", instance: "web-7", maxInFlight: 32, token: "crr_secret" });
+  assert.equal(client.connection?.protocolVersion, 1);
   assert.equal(client.connection?.broker, "scripted");
   assert.equal(client.connection?.frameBytesMax, 1 << 20);
   // A message that would not fit the broker's frame limit is refused here.
@@ -247,4 +260,68 @@ test("a long run of handlers that finish at once, queued behind a slow one, does
   const acked = (): number =>
     peer.frames.reduce((n, f) => n + (f.type === "ack" ? f.deliveries.length : 0), 0);
   await eventually("every delivery was acked", () => acked() === count);
+});
+
+test("version 4: a key's deliveries go to the handler one at a time; after a nack its stale arrivals are dropped unsettled until the key start", async () => {
+  const { broker, client } = await setup({ concurrency: 8, nackDelayMs: 0 }, 4);
+  assert.equal(client.connection?.protocolVersion, 4);
+  const peer = broker.peers[0]!;
+  const handled: string[] = [];
+  const subscribed = client.on("ledger.post", async (msg) => {
+    const at = `${msg.key!.toString()}:${msg.text()}#${msg.attempt}`;
+    handled.push(at);
+    await new Promise((r) => setImmediate(r));
+    if (at === "k:1#1") throw new Nack("nacked by the test", { delayMs: 0 });
+  });
+  await eventually("SUBSCRIBE sent", () => peer.frames.some((f) => f.type === "subscribe"));
+  const subscribe = peer.frames.find((f) => f.type === "subscribe");
+  assert.ok(subscribe?.type === "subscribe");
+  peer.send({ type: "result", request: subscribe.request, code: 0, reason: "" });
+  await subscribed;
+  const START = 0x8000_0000;
+  const entry = (delivery: bigint, key: string, n: number, attempt: number) => ({
+    delivery,
+    attempt,
+    message: {
+      kind: "command" as const,
+      name: "ledger.post",
+      version: { major: 1, minor: 0 },
+      id: `01890a5d-ac96-774b-bcce-b30209${String(n).padStart(2, "0")}${key === "k" ? "aa" : "bb"}${String(delivery).padStart(2, "0")}`,
+      activityId: "01890a5d-ac96-774b-bcce-b302099a8000",
+      timestamp: 1n,
+      sender: "web",
+      key: Buffer.from(key),
+      transient: false,
+      final: false,
+      headers: [],
+      payload: Buffer.from(String(n)),
+    },
+  });
+  // The key k pipelined (1, 2, 3) and another key j beside it.
+  peer.send({
+    type: "deliver",
+    entries: [entry(1n, "k", 1, START + 1), entry(2n, "k", 2, 1), entry(3n, "k", 3, 1), entry(4n, "j", 1, START + 1)],
+  });
+  await eventually("k:1 nacked", () => peer.frames.some((f) => f.type === "nack"));
+  assert.deepEqual(
+    peer.frames.find((f) => f.type === "nack"),
+    { type: "nack", entries: [{ delivery: 1n, delayMs: 0 }] },
+  );
+  // What of k was already on its way is stale (5); then the broker starts
+  // k again from the nacked one, marked as a key start.
+  peer.send({
+    type: "deliver",
+    entries: [entry(5n, "k", 4, 1), entry(6n, "k", 1, START + 2), entry(7n, "k", 2, 1), entry(8n, "k", 3, 1)],
+  });
+  const acked = (): bigint[] => peer.frames.flatMap((f) => (f.type === "ack" ? f.deliveries : []));
+  await eventually("k handled again", () => acked().includes(8n));
+  assert.deepEqual(
+    handled.filter((h) => h.startsWith("k:")),
+    ["k:1#1", "k:1#2", "k:2#1", "k:3#1"],
+    "one at a time, in order; 2, 3 and the stale 4 never handled before the key start",
+  );
+  assert.ok(handled.includes("j:1#1"));
+  assert.deepEqual([...acked()].sort(), [4n, 6n, 7n, 8n]);
+  const nacked = peer.frames.flatMap((f) => (f.type === "nack" ? f.entries.map((e) => e.delivery) : []));
+  assert.deepEqual(nacked, [1n], "no ACK or NACK for what the broker took back");
 });

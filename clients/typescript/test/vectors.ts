@@ -151,6 +151,7 @@ function messageFromJson(j: JsonObject, path: string): Message {
     key: j.key === undefined ? undefined : Buffer.from(str(j.key, `${path}.key`), "hex"),
     expiresAt: j.expires_at === undefined ? undefined : u64(j.expires_at, `${path}.expires_at`),
     deliverAt: j.deliver_at === undefined ? undefined : u64(j.deliver_at, `${path}.deliver_at`),
+    parentId: j.parent_id === undefined ? undefined : str(j.parent_id, `${path}.parent_id`),
     transient: bool(j.transient, `${path}.transient`),
     final: bool(j.final, `${path}.final`),
     headers: arr(j.headers, `${path}.headers`).map((h, i) => {
@@ -170,6 +171,7 @@ function flagsOf(m: Message, quiet: boolean): number {
     (m.key !== undefined ? Flag.KEY : 0) |
     (m.expiresAt !== undefined ? Flag.EXPIRES_AT : 0) |
     (m.deliverAt !== undefined ? Flag.DELIVER_AT : 0) |
+    (m.parentId !== undefined ? Flag.PARENT_ID : 0) |
     (quiet ? Flag.QUIET : 0)
   );
 }
@@ -191,13 +193,14 @@ function messageToJson(m: Message, quiet: boolean): JsonObject {
   if (m.key !== undefined) j.key = m.key.toString("hex");
   if (m.expiresAt !== undefined) j.expires_at = m.expiresAt;
   if (m.deliverAt !== undefined) j.deliver_at = m.deliverAt;
+  if (m.parentId !== undefined) j.parent_id = m.parentId;
   j.headers = m.headers.map(([k, v]) => [k, v]);
   j.payload = m.payload.toString("hex");
   return j;
 }
 
-/** A vector's `frame` object as this codec's frame. */
-export function frameFromJson(j: JsonObject, path: string): Frame {
+/** A vector's `frame` object as this codec's frame, at protocol `version` (SEND_RESULT's log_seq from 3). */
+export function frameFromJson(j: JsonObject, path: string, version = 1): Frame {
   const type = str(j.type, `${path}.type`);
   const entries = (): Json[] => arr(j.entries, `${path}.entries`);
   switch (type) {
@@ -242,6 +245,9 @@ export function frameFromJson(j: JsonObject, path: string): Frame {
             seq: u64(entry.seq, `${path}.entries[${i}].seq`),
             code: int(entry.code, `${path}.entries[${i}].code`),
             reason: str(entry.reason, `${path}.entries[${i}].reason`),
+            ...(version >= 3
+              ? { logSeq: entry.log_seq === undefined ? 0n : u64(entry.log_seq, `${path}.entries[${i}].log_seq`) }
+              : {}),
           };
         }),
       };
@@ -341,7 +347,15 @@ export function frameToJson(frame: Frame): JsonObject {
         entries: frame.entries.map((e) => ({ seq: e.seq, quiet: e.quiet, message: messageToJson(e.message, e.quiet) })),
       };
     case "send_result":
-      return { type: "SEND_RESULT", entries: frame.entries.map((e) => ({ seq: e.seq, code: e.code, reason: e.reason })) };
+      return {
+        type: "SEND_RESULT",
+        entries: frame.entries.map((e) => ({
+          seq: e.seq,
+          code: e.code,
+          reason: e.reason,
+          ...(e.logSeq !== undefined && e.logSeq !== 0n ? { log_seq: e.logSeq } : {}),
+        })),
+      };
     case "subscribe":
       return {
         type: "SUBSCRIBE",

@@ -8,7 +8,6 @@
 //! talks to it as any application does.
 
 mod bench;
-mod http_get;
 
 use std::process::ExitCode;
 

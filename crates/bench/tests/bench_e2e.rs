@@ -60,17 +60,70 @@ fn leftover_brokers(pid: u32) -> Vec<String> {
     leftover_processes(pid, " serve ")
 }
 
-/// Runs `courier-bench <args>` to its end; its pid (to look for leftovers by)
-/// and its output.
-fn run_bench(args: &[&str]) -> (u32, std::process::Output) {
-    let child = courier_bench()
-        .args(args)
+/// nats-server processes the bench process `pid` left running (their
+/// config lives in one of its data directories).
+fn leftover_nats_servers(pid: u32) -> Vec<String> {
+    leftover_processes(pid, "nats-server")
+}
+
+/// Runs `command` to its end; its pid (to look for leftovers by) and its
+/// output.
+fn run_to_end(mut command: Command) -> (u32, std::process::Output) {
+    let child = command
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("spawn courier bench");
     let pid = child.id();
     (pid, child.wait_with_output().expect("courier bench runs"))
+}
+
+/// Runs `courier-bench <args>` to its end; its pid and its output.
+fn run_bench(args: &[&str]) -> (u32, std::process::Output) {
+    let mut command = courier_bench();
+    command.args(args);
+    run_to_end(command)
+}
+
+/// What a run that must succeed printed: its pid, stdout and stderr.
+struct Ran {
+    pid: u32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Ran {
+    /// The objects `--json` printed.
+    fn rows(&self) -> Vec<serde_json::Value> {
+        json_lines(&self.stdout)
+    }
+
+    /// Fails if the run left a data directory, a broker or a nats-server
+    /// behind.
+    fn left_nothing(&self) {
+        assert_eq!(leftover_dirs(self.pid), Vec::<String>::new());
+        assert_eq!(leftover_brokers(self.pid), Vec::<String>::new());
+        assert_eq!(leftover_nats_servers(self.pid), Vec::<String>::new());
+    }
+}
+
+/// Runs `command`, which must succeed.
+fn run_ok(command: Command) -> Ran {
+    let (pid, out) = run_to_end(command);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "courier bench failed: {stderr}");
+    Ran {
+        pid,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr,
+    }
+}
+
+/// Runs `courier-bench <args>`, which must succeed.
+fn bench_ok(args: &[&str]) -> Ran {
+    let mut command = courier_bench();
+    command.args(args);
+    run_ok(command)
 }
 
 /// The objects `--json` printed, one per line of stdout.
@@ -81,15 +134,30 @@ fn json_lines(stdout: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The (workload, metric) of each row.
+fn row_ids(rows: &[serde_json::Value]) -> Vec<(String, String)> {
+    rows.iter()
+        .map(|v| {
+            (
+                v["workload"].as_str().unwrap_or_default().to_string(),
+                v["metric"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Owned (workload, metric) pairs, to compare with [`row_ids`].
+fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+    list.iter()
+        .map(|(w, m)| (w.to_string(), m.to_string()))
+        .collect()
+}
+
 #[test]
 fn quick_json_run_prints_one_object_per_figure_and_cleans_up() {
-    let (pid, out) = run_bench(&["--quick", "--runs", "1", "--only", "W5a,W5b,W6", "--json"]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "courier bench failed: {stderr}");
-
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let mut rows = Vec::new();
-    for v in json_lines(&stdout) {
+    let ran = bench_ok(&["--quick", "--runs", "1", "--only", "W5a,W5b,W6", "--json"]);
+    let rows = ran.rows();
+    for v in &rows {
         for field in ["workload", "metric", "unit"] {
             assert!(v[field].is_string(), "{field} missing in {v}");
         }
@@ -103,10 +171,6 @@ fn quick_json_run_prints_one_object_per_figure_and_cleans_up() {
                 .all(|r| r["courier"].as_f64().is_some_and(|x| x > 0.0)),
             "{v}"
         );
-        rows.push((
-            v["workload"].as_str().unwrap_or_default().to_string(),
-            v["metric"].as_str().unwrap_or_default().to_string(),
-        ));
     }
     let expected = [
         ("W5a", "throughput"),
@@ -115,23 +179,22 @@ fn quick_json_run_prints_one_object_per_figure_and_cleans_up() {
         ("W5b", "throughput"),
         ("W6", "throughput"),
     ];
-    assert_eq!(
-        rows,
-        expected.map(|(w, m)| (w.to_string(), m.to_string())),
-        "{stdout}"
-    );
+    assert_eq!(row_ids(&rows), pairs(&expected), "{}", ran.stdout);
     // Progress and the settings go to stderr in --json mode.
-    assert!(stderr.contains("W6 run 1/1"), "{stderr}");
-    assert!(stderr.contains("Machine: nproc"), "{stderr}");
-    assert!(stderr.contains("Command: "), "{stderr}");
-    assert!(stderr.contains("--http 127.0.0.1:0"), "{stderr}");
-    assert_eq!(leftover_dirs(pid), Vec::<String>::new());
-    assert_eq!(leftover_brokers(pid), Vec::<String>::new());
+    for said in [
+        "W6 run 1/1",
+        "Machine: nproc",
+        "Command: ",
+        "--http 127.0.0.1:0",
+    ] {
+        assert!(ran.stderr.contains(said), "{}", ran.stderr);
+    }
+    ran.left_nothing();
 }
 
 #[test]
 fn observability_off_starts_brokers_without_the_http_port_name_metrics_or_traces() {
-    let (pid, out) = run_bench(&[
+    let ran = bench_ok(&[
         "--quick",
         "--runs",
         "1",
@@ -141,21 +204,21 @@ fn observability_off_starts_brokers_without_the_http_port_name_metrics_or_traces
         "--observability",
         "off",
     ]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "courier bench failed: {stderr}");
     assert!(
-        stderr.contains("--http off --metrics-names-max 0 --trace off"),
-        "the settings name the flags: {stderr}"
+        ran.stderr
+            .contains("--http off --metrics-names-max 0 --trace off"),
+        "the settings name the flags: {}",
+        ran.stderr
     );
-    let rows = json_lines(&String::from_utf8_lossy(&out.stdout));
+    let rows = ran.rows();
     assert_eq!(rows.len(), 1);
     assert!(rows[0]["courier"].as_f64().is_some_and(|x| x > 0.0));
-    assert_eq!(leftover_brokers(pid), Vec::<String>::new());
+    ran.left_nothing();
 }
 
 #[test]
 fn observability_compare_runs_both_sides_and_judges_the_ratio() {
-    let (pid, out) = run_bench(&[
+    let ran = bench_ok(&[
         "--quick",
         "--runs",
         "1",
@@ -165,13 +228,13 @@ fn observability_compare_runs_both_sides_and_judges_the_ratio() {
         "--observability",
         "compare",
     ]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "courier bench failed: {stderr}");
     assert!(
-        stderr.contains("(observed), or --http off --metrics-names-max 0 --trace off (unobserved)"),
-        "the settings name both sides' flags: {stderr}"
+        ran.stderr
+            .contains("(observed), or --http off --metrics-names-max 0 --trace off (unobserved)"),
+        "the settings name both sides' flags: {}",
+        ran.stderr
     );
-    let rows = json_lines(&String::from_utf8_lossy(&out.stdout));
+    let rows = ran.rows();
     assert_eq!(rows.len(), 1);
     let (observed, unobserved) = (
         rows[0]["courier"].as_f64().expect("observed"),
@@ -180,15 +243,13 @@ fn observability_compare_runs_both_sides_and_judges_the_ratio() {
     let ratio = rows[0]["ratio"].as_f64().expect("ratio");
     assert!((ratio - observed / unobserved).abs() < 0.01, "{}", rows[0]);
     assert_eq!(rows[0]["met"], serde_json::json!(ratio >= 0.95));
-    assert_eq!(leftover_brokers(pid), Vec::<String>::new());
+    ran.left_nothing();
 }
 
 #[test]
 fn metrics_scrape_times_the_metrics_page_of_a_broker_with_many_names() {
-    let (pid, out) = run_bench(&["--metrics-scrape", "--quick"]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "courier bench failed: {stderr}");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let ran = bench_ok(&["--metrics-scrape", "--quick"]);
+    let stdout = &ran.stdout;
     assert!(
         stdout.contains("counted 500 names from 50 services")
             && stdout.contains("(500 of them courier_messages_sent_total)"),
@@ -201,15 +262,13 @@ fn metrics_scrape_times_the_metrics_page_of_a_broker_with_many_names() {
         .and_then(|ms| ms.parse::<f64>().ok())
         .unwrap_or_else(|| panic!("no p99 figure: {stdout}"));
     assert!(p99 > 0.0, "{stdout}");
-    assert_eq!(leftover_brokers(pid), Vec::<String>::new());
+    ran.left_nothing();
 }
 
 #[test]
 fn ids_compares_courier_s_generator_with_the_plain_ways_row_by_row() {
-    let (_, out) = run_bench(&["--ids", "--quick"]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "courier bench failed: {stderr}");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let ran = bench_ok(&["--ids", "--quick"]);
+    let stdout = &ran.stdout;
     for generator in [
         "courier new_id (ChaCha12 pool)",
         "uuid Uuid::now_v7 (OS per id)",
@@ -230,10 +289,8 @@ fn ids_compares_courier_s_generator_with_the_plain_ways_row_by_row() {
 
 #[test]
 fn only_registry_prints_the_registrys_three_figures_with_their_goals() {
-    let (pid, out) = run_bench(&["--only", "registry", "--quick"]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "courier bench failed: {stderr}");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let ran = bench_ok(&["--only", "registry", "--quick"]);
+    let stdout = &ran.stdout;
     for (figure, goal) in [
         ("(a) registry change → watcher", "goal p99 ≤ 100 ms"),
         ("(b) DNS over UDP", "goal ≥ 20000 queries/s with p99 ≤ 1 ms"),
@@ -258,12 +315,13 @@ fn only_registry_prints_the_registrys_three_figures_with_their_goals() {
         .and_then(|n| n.parse::<f64>().ok())
         .unwrap_or_else(|| panic!("no DNS rate: {stdout}"));
     assert!(rate > 0.0, "{stdout}");
-    assert_eq!(leftover_brokers(pid), Vec::<String>::new());
+    ran.left_nothing();
 }
 
-#[test]
-fn a_run_over_its_timeout_stops_with_a_clear_error_and_cleans_up() {
-    let (pid, out) = run_bench(&[
+/// Runs W7 with `--timeout 150ms` and `extra` flags: it must stop with
+/// the error as its last line, print no table and leave nothing behind.
+fn w7_times_out(extra: &[&str]) {
+    let mut args = vec![
         "--quick",
         "--runs",
         "1",
@@ -271,7 +329,9 @@ fn a_run_over_its_timeout_stops_with_a_clear_error_and_cleans_up() {
         "W7",
         "--timeout",
         "150ms",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let (pid, out) = run_bench(&args);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     let last = stderr.lines().last().unwrap_or_default();
@@ -287,12 +347,14 @@ fn a_run_over_its_timeout_stops_with_a_clear_error_and_cleans_up() {
 }
 
 #[test]
+fn a_run_over_its_timeout_stops_with_a_clear_error_and_cleans_up() {
+    w7_times_out(&[]);
+}
+
+#[test]
 fn the_gateway_workload_compares_http_with_the_native_protocol_and_cleans_up() {
-    let (pid, out) = run_bench(&["--quick", "--runs", "1", "--only", "W-HTTP-a", "--json"]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "courier bench failed: {stderr}");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let rows = json_lines(&stdout);
+    let ran = bench_ok(&["--quick", "--runs", "1", "--only", "W-HTTP-a", "--json"]);
+    let (stdout, rows) = (&ran.stdout, ran.rows());
     assert_eq!(rows.len(), 6, "{stdout}");
     for row in &rows {
         assert_eq!(row["workload"], "W-HTTP-a", "{row}");
@@ -305,8 +367,7 @@ fn the_gateway_workload_compares_http_with_the_native_protocol_and_cleans_up() {
         2,
         "throughput share and added p50: {stdout}"
     );
-    assert_eq!(leftover_dirs(pid), Vec::<String>::new());
-    assert_eq!(leftover_brokers(pid), Vec::<String>::new());
+    ran.left_nothing();
 }
 
 #[test]
@@ -355,80 +416,44 @@ fn courier_bench_subcommand_runs_the_bench_program_beside_it() {
         "{stdout}"
     );
 
-    let child = Command::new(courier_binary())
+    let mut command = Command::new(courier_binary());
+    command
         .args(["bench", "--quick", "--runs", "1", "--only", "W5b", "--json"])
-        .env_remove("COURIER_BENCH_COURIER")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn courier bench");
-    let pid = child.id();
-    let out = child.wait_with_output().expect("courier bench runs");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "courier bench failed: {stderr}");
-    let rows = json_lines(&String::from_utf8_lossy(&out.stdout));
-    assert_eq!(rows.len(), 1, "{stderr}");
+        .env_remove("COURIER_BENCH_COURIER");
+    let ran = run_ok(command);
+    let rows = ran.rows();
+    assert_eq!(rows.len(), 1, "{}", ran.stderr);
     assert!(rows[0]["courier"].as_f64().is_some_and(|x| x > 0.0));
-    assert!(stderr.contains("courier-bench: W5b run 1/1"), "{stderr}");
-    assert_eq!(leftover_dirs(pid), Vec::<String>::new());
-    assert_eq!(leftover_brokers(pid), Vec::<String>::new());
-}
-
-/// nats-server processes the bench process `pid` left running (their
-/// config lives in one of its data directories).
-fn leftover_nats_servers(pid: u32) -> Vec<String> {
-    leftover_processes(pid, "nats-server")
+    assert!(
+        ran.stderr.contains("courier-bench: W5b run 1/1"),
+        "{}",
+        ran.stderr
+    );
+    ran.left_nothing();
 }
 
 #[test]
 fn against_nats_prints_both_columns_a_ratio_and_the_nats_settings() {
-    let (pid, out) = run_bench(&[
-        "--against",
-        "nats",
-        "--quick",
-        "--runs",
-        "1",
-        "--only",
-        "W1a,W4a,W5a",
-        "--json",
-    ]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "courier bench --against nats failed: {stderr}"
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let rows = json_lines(&stdout);
-    let ids: Vec<(&str, &str)> = rows
-        .iter()
-        .map(|v| {
-            (
-                v["workload"].as_str().unwrap_or_default(),
-                v["metric"].as_str().unwrap_or_default(),
-            )
-        })
-        .collect();
-    for expected in [
+    let (rows, stderr) = both_sides_rows("W1a,W4a,W5a", "1");
+    let ids = row_ids(&rows);
+    for expected in pairs(&[
         ("W1a", "throughput"),
         ("W4a", "latency p50"),
         ("W4a", "latency p99.9"),
         ("W5a", "throughput"),
         ("W5a-always", "throughput"),
-    ] {
-        assert!(ids.contains(&expected), "no {expected:?} row in {stdout}");
+    ]) {
+        assert!(ids.contains(&expected), "no {expected:?} row in {rows:?}");
     }
     for v in &rows {
-        let courier = v["courier"].as_f64().expect("courier is a number");
-        let nats = v["nats"].as_f64().expect("nats is a number");
-        let ratio = v["ratio"].as_f64().expect("ratio is a number");
-        assert!(courier > 0.0 && nats > 0.0, "{v}");
+        let (courier, nats) = (v["courier"].as_f64(), v["nats"].as_f64());
         let expected = if v["higher_is_better"] == true {
-            courier / nats
+            courier.zip(nats).map(|(c, n)| c / n)
         } else {
-            nats / courier
+            courier.zip(nats).map(|(c, n)| n / c)
         };
+        let (ratio, expected) = (v["ratio"].as_f64().unwrap_or(0.0), expected.unwrap_or(0.0));
         assert!((ratio - expected).abs() <= 0.01 * expected + 0.001, "{v}");
-        assert!(v["nats_side"].is_string(), "{v}");
     }
     let always = rows
         .iter()
@@ -458,59 +483,31 @@ fn against_nats_prints_both_columns_a_ratio_and_the_nats_settings() {
             "{stderr}"
         );
     }
-    assert_eq!(leftover_dirs(pid), Vec::<String>::new());
-    assert_eq!(leftover_brokers(pid), Vec::<String>::new());
-    assert_eq!(leftover_nats_servers(pid), Vec::<String>::new());
 }
 
 #[test]
 fn on_a_current_thread_client_runtime_runs_finish_and_timeouts_still_clean_up() {
-    let out = courier_bench()
-        .args([
-            "--against",
-            "nats",
-            "--client-runtime",
-            "current-thread",
-            "--quick",
-            "--runs",
-            "1",
-            "--only",
-            "W1a,W4a",
-        ])
-        .output()
-        .expect("run courier bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        stdout.contains("| W1a") && stdout.contains("| W4a"),
-        "{stdout}"
-    );
-    assert!(stdout.contains("tokio current-thread runtime"), "{stdout}");
-    assert!(stdout.contains("NATS (median)"), "{stdout}");
-
-    let (pid, out) = run_bench(&[
+    let ran = bench_ok(&[
+        "--against",
+        "nats",
         "--client-runtime",
         "current-thread",
         "--quick",
         "--runs",
         "1",
         "--only",
-        "W7",
-        "--timeout",
-        "150ms",
+        "W1a,W4a",
     ]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let stdout = &ran.stdout;
     assert!(
-        stderr.contains("did not finish within 150ms (--timeout)"),
-        "{stderr}"
+        stdout.contains("| W1a") && stdout.contains("| W4a"),
+        "{stdout}"
     );
-    assert_eq!(leftover_dirs(pid), Vec::<String>::new());
-    assert_eq!(leftover_brokers(pid), Vec::<String>::new());
+    assert!(stdout.contains("tokio current-thread runtime"), "{stdout}");
+    assert!(stdout.contains("NATS (median)"), "{stdout}");
+    ran.left_nothing();
+
+    w7_times_out(&["--client-runtime", "current-thread"]);
 }
 
 /// Fan-out and competing consumers, with the publisher and every receiver
@@ -520,7 +517,7 @@ fn on_a_current_thread_client_runtime_runs_finish_and_timeouts_still_clean_up() 
 /// may be lost (a lost one fails the run).
 #[test]
 fn fan_out_and_competing_consumers_finish_on_one_client_thread() {
-    let (pid, out) = run_bench(&[
+    let ran = bench_ok(&[
         "--client-runtime",
         "current-thread",
         "--quick",
@@ -530,22 +527,18 @@ fn fan_out_and_competing_consumers_finish_on_one_client_thread() {
         "W2a,W2b,W3a,W3b",
         "--json",
     ]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "courier bench failed: {stderr}");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let mut rows = Vec::new();
-    for v in json_lines(&stdout) {
-        let throughput = v["courier"].as_f64().expect("courier is a number");
-        assert!(throughput > 0.0, "{v}");
-        rows.push(v["workload"].as_str().unwrap_or_default().to_string());
+    let rows = ran.rows();
+    for v in &rows {
+        assert!(v["courier"].as_f64().is_some_and(|x| x > 0.0), "{v}");
     }
-    assert_eq!(rows, ["W2a", "W2b", "W3a", "W3b"], "{stdout}");
+    let workloads: Vec<String> = row_ids(&rows).into_iter().map(|(w, _)| w).collect();
+    assert_eq!(workloads, ["W2a", "W2b", "W3a", "W3b"], "{}", ran.stdout);
     assert!(
-        stderr.contains("W2b run 1/1 (Courier): W2b throughput"),
-        "{stderr}"
+        ran.stderr.contains("W2b run 1/1 (Courier): W2b throughput"),
+        "{}",
+        ran.stderr
     );
-    assert_eq!(leftover_dirs(pid), Vec::<String>::new());
-    assert_eq!(leftover_brokers(pid), Vec::<String>::new());
+    ran.left_nothing();
 }
 
 /// The PostgreSQL the tests use (scripts/test.sh starts it and sets this).
@@ -578,7 +571,7 @@ fn leftover_databases(pid: u32) -> Vec<String> {
 
 #[test]
 fn the_outbox_workload_times_the_relay_beside_direct_publishing_and_drops_its_database() {
-    let (pid, out) = run_bench(&[
+    let ran = bench_ok(&[
         "--quick",
         "--runs",
         "1",
@@ -590,10 +583,9 @@ fn the_outbox_workload_times_the_relay_beside_direct_publishing_and_drops_its_da
         "--postgres-url",
         &test_postgres_url(),
     ]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "courier bench failed: {stderr}");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let rows: Vec<(String, String, f64, String)> = json_lines(&stdout)
+    let stdout = &ran.stdout;
+    let rows: Vec<(String, String, f64, String)> = ran
+        .rows()
         .iter()
         .map(|v| {
             (
@@ -625,10 +617,9 @@ fn the_outbox_workload_times_the_relay_beside_direct_publishing_and_drops_its_da
     assert_eq!(rows[3].3, "≤ 5,000 µs");
     assert!(rows[2].2 <= rows[3].2, "p50 ≤ p99: {stdout}");
     assert!(rows[4].2 <= rows[5].2, "p50 ≤ p99: {stdout}");
-    assert!(stderr.contains("outbox filled with"), "{stderr}");
-    assert_eq!(leftover_databases(pid), Vec::<String>::new());
-    assert_eq!(leftover_dirs(pid), Vec::<String>::new());
-    assert_eq!(leftover_brokers(pid), Vec::<String>::new());
+    assert!(ran.stderr.contains("outbox filled with"), "{}", ran.stderr);
+    assert_eq!(leftover_databases(ran.pid), Vec::<String>::new());
+    ran.left_nothing();
 }
 
 #[test]
@@ -749,9 +740,9 @@ fn only_clients_names_what_to_install_when_a_client_cannot_run() {
 }
 
 /// The JSON rows of `--against nats` for `only`, each with both sides'
-/// numbers and the ratio between them.
-fn both_sides_rows(only: &str, scale: &str) -> Vec<serde_json::Value> {
-    let (pid, out) = run_bench(&[
+/// numbers and the ratio between them; and the progress on stderr.
+fn both_sides_rows(only: &str, scale: &str) -> (Vec<serde_json::Value>, String) {
+    let ran = bench_ok(&[
         "--against",
         "nats",
         "--quick",
@@ -763,9 +754,7 @@ fn both_sides_rows(only: &str, scale: &str) -> Vec<serde_json::Value> {
         only,
         "--json",
     ]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "courier-bench failed: {stderr}");
-    let rows = json_lines(&String::from_utf8_lossy(&out.stdout));
+    let rows = ran.rows();
     for v in &rows {
         let courier = v["courier"].as_f64().expect("courier is a number");
         let nats = v["nats"].as_f64().expect("nats is a number");
@@ -773,27 +762,13 @@ fn both_sides_rows(only: &str, scale: &str) -> Vec<serde_json::Value> {
         assert!(v["ratio"].as_f64().is_some_and(|r| r > 0.0), "{v}");
         assert!(v["nats_side"].is_string(), "{v}");
     }
-    assert_eq!(leftover_dirs(pid), Vec::<String>::new());
-    assert_eq!(leftover_brokers(pid), Vec::<String>::new());
-    assert_eq!(leftover_nats_servers(pid), Vec::<String>::new());
-    rows
-}
-
-/// The (workload, metric) of each row.
-fn row_ids(rows: &[serde_json::Value]) -> Vec<(String, String)> {
-    rows.iter()
-        .map(|v| {
-            (
-                v["workload"].as_str().unwrap_or_default().to_string(),
-                v["metric"].as_str().unwrap_or_default().to_string(),
-            )
-        })
-        .collect()
+    ran.left_nothing();
+    (rows, ran.stderr)
 }
 
 #[test]
 fn large_events_and_requests_under_load_print_both_sides() {
-    let rows = both_sides_rows("W11,W12", "0.2");
+    let (rows, _) = both_sides_rows("W11,W12", "0.2");
     let expected = [
         ("W11", "throughput, MB/s"),
         ("W11", "share of the disk's write+fsync"),
@@ -803,10 +778,7 @@ fn large_events_and_requests_under_load_print_both_sides() {
         ("W12", "latency p99"),
         ("W12", "W5b publishing beside it"),
     ];
-    assert_eq!(
-        row_ids(&rows),
-        expected.map(|(w, m)| (w.to_string(), m.to_string()))
-    );
+    assert_eq!(row_ids(&rows), pairs(&expected));
     let w11 = &rows[0];
     let always = &rows[2];
     assert_eq!(w11["courier"], always["courier"], "the same Courier runs");

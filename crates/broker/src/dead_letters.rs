@@ -23,22 +23,14 @@ impl DeadLetterPage {
 }
 
 impl<S: MessageStore> Broker<S> {
-    /// The service's dead letters with their messages (`None` if unreadable).
+    /// The service's dead letters with their messages (`None` if
+    /// unreadable): each one is a read from the store, so listings a
+    /// caller pages through use [`Broker::dead_letters_page`].
     pub fn dead_letters(&mut self, service: &str) -> Vec<(DeadLetter, Option<Arc<Message>>)> {
-        self.dead_letters_first(service, usize::MAX)
-    }
-
-    /// Like [`Broker::dead_letters`], the oldest `max` only: each one is a
-    /// read from the store.
-    pub fn dead_letters_first(
-        &mut self,
-        service: &str,
-        max: usize,
-    ) -> Vec<(DeadLetter, Option<Arc<Message>>)> {
         let letters: Vec<DeadLetter> = self
             .services
             .get(service)
-            .map(|s| s.queue.dead_letters.iter().take(max).cloned().collect())
+            .map(|s| s.queue.dead_letters.to_vec())
             .unwrap_or_default();
         letters
             .into_iter()

@@ -234,7 +234,7 @@ impl Service {
     fn is_idle(&self) -> bool {
         self.patterns.is_empty()
             && self.instances.is_empty()
-            && self.queue.depth() == 0
+            && self.queue.is_empty()
             && self.parked_replies.is_empty()
     }
 }

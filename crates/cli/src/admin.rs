@@ -1,8 +1,10 @@
 //! The broker's own commands (`courier.*`), asked as a request and
 //! answered with one reply; `courier metrics` and `courier services`.
 
+use courier_client::http as http_get;
+
 use crate::conn::{self, Broker, Conn};
-use crate::{http_get, output, registry};
+use crate::{output, registry};
 
 /// Sends a `courier.*` command to the broker and returns its reply's payload.
 pub(crate) async fn admin_request(

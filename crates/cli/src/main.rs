@@ -13,7 +13,6 @@ mod certs;
 mod check;
 mod conn;
 mod dead_letters;
-mod http_get;
 mod outbox;
 mod output;
 mod pause;

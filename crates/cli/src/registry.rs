@@ -5,7 +5,9 @@ use anyhow::{bail, Context};
 use clap::Args;
 use serde_json::{json, Value};
 
-use crate::{http_get, output};
+use courier_client::http as http_get;
+
+use crate::output;
 
 /// The broker's HTTP port, where the registry answers.
 #[derive(Args, Clone)]

@@ -146,8 +146,38 @@ fn play(case: &Value, manifests: &serde_json::Map<String, Value>) -> Result<(), 
                 if closed { ", then close" } else { "" },
             ));
         }
+        if !closed {
+            close_and_wait(&mut stream)?;
+        }
     }
     Ok(())
+}
+
+/// Closes a connection the case left open and waits for the broker to
+/// close its side: it forgets a connection (taking back what it held)
+/// before closing it, so the next connection cannot race this one's end.
+fn close_and_wait(stream: &mut TcpStream) -> Result<(), String> {
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let deadline = Instant::now() + ANSWERS_TIMEOUT;
+    let mut chunk = [0u8; 64 * 1024];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err("the broker did not close a connection the client closed".into());
+        }
+        stream.set_read_timeout(Some(left)).expect("set timeout");
+        match stream.read(&mut chunk) {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(()),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(format!("reading until the broker closed: {e}")),
+        }
+    }
 }
 
 #[test]

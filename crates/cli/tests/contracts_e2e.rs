@@ -3,7 +3,7 @@
 mod common;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use common::{json_lines, stderr, Broker};
@@ -404,19 +404,17 @@ fn a_reloaded_manifest_revokes_tokens_and_a_bad_one_is_refused() {
     let todo_hash = courier_manifest::hash_token(&t.todo);
     let admin_hash = courier_manifest::hash_token(&t.admin);
     write_manifest(&path, None, &todo_hash, &admin_hash);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let out = send(&broker);
-        if out.status.code() == Some(4) && stderr(&out).contains("not in the manifest") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "web's token still accepted: {}",
-            stderr(&out)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    common::wait_until(
+        "web's token refused once the manifest without it is read",
+        Duration::from_secs(10),
+        || {
+            let out = send(&broker);
+            match (out.status.code(), stderr(&out)) {
+                (Some(4), said) if said.contains("not in the manifest") => Ok(()),
+                (code, said) => Err(format!("exit {code:?}: {said}")),
+            }
+        },
+    );
 }
 
 #[test]
@@ -547,4 +545,58 @@ fn send_with_options_from_env() {
         client.shutdown().await;
     });
     println!("from_env: sent as the token's service");
+}
+
+#[tokio::test]
+async fn a_send_waiting_for_a_reconnect_the_manifest_refuses_fails_with_the_refusal() {
+    let dir = common::tempdir::Dir::new("revoked");
+    let (broker, t, path) = start_with_manifest(&dir);
+    let mut opts = ClientOptions::new(broker.addr.clone(), "todo");
+    opts.token = Some(t.todo.clone());
+    let todo = Client::connect(opts).await.expect("todo connects");
+    todo.on("todo.create", |msg| async move { msg.ack() })
+        .await
+        .expect("todo subscribes");
+    let mut opts = ClientOptions::new(broker.addr.clone(), "web");
+    opts.token = Some(t.web.clone());
+    let web = Client::connect(opts).await.expect("web connects");
+    web.send("todo.create", &serde_json::json!({"text": "milk"}))
+        .await
+        .expect("sent while allowed");
+
+    // web's token removed: the broker closes web's connection and refuses
+    // its reconnects. A send waiting for one is answered with that refusal,
+    // not left waiting for a connection that will not come.
+    let todo_hash = courier_manifest::hash_token(&t.todo);
+    let admin_hash = courier_manifest::hash_token(&t.admin);
+    write_manifest(&path, None, &todo_hash, &admin_hash);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let sent = tokio::time::timeout(
+            Duration::from_secs(10),
+            web.send("todo.create", &serde_json::json!({"text": "eggs"})),
+        )
+        .await
+        .expect("a send under a refused identity is answered, not left waiting");
+        match sent {
+            // Sent before the broker read the new manifest.
+            Ok(_) => {}
+            Err(courier_client::Error::Refused { code, reason }) => {
+                assert_eq!(
+                    code,
+                    courier_client::proto::ErrorCode::Unauthorized,
+                    "{reason}"
+                );
+                break;
+            }
+            Err(other) => panic!("expected the broker's refusal, got {other}"),
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new manifest was never read"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    web.shutdown().await;
+    todo.shutdown().await;
 }

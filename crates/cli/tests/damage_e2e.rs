@@ -265,7 +265,10 @@ fn a_torn_write_after_the_last_record_is_dropped_reported_and_loses_nothing() {
 
     // The repair was durable: the next start finds nothing to report.
     let (broker, log) = start(broker.kill9());
-    std::thread::sleep(Duration::from_millis(200));
+    // Damage is reported before recovery ends: once "recovered" is on
+    // stderr, a report this start made would be there too.
+    log.wait_for(&["recovered"], READY_WAIT)
+        .unwrap_or_else(|| panic!("no recovery line on stderr:\n{}", log.text()));
     assert!(
         !log.text().contains(DAMAGE_WARNING),
         "repaired once, reported once:\n{}",

@@ -177,20 +177,16 @@ fn the_background_scrub_finds_damage_in_a_sealed_segment_once_and_counts_it() {
             && line.contains(&format!("records {bad_seq}..{}", bad_seq + 1)),
         "{line}"
     );
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let metrics = loop {
+    let metrics = common::wait_until("a scrub pass finished", Duration::from_secs(20), || {
         let out = broker.run(&["metrics"]);
         assert!(out.status.success(), "{}", stderr(&out));
         let m = json_lines(&out).remove(0);
         if m["scrub_passes"].as_u64() >= Some(1) {
-            break m;
+            Ok(m)
+        } else {
+            Err(m)
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no pass finished: {m}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    });
     assert_eq!(metrics["scrub_damage_found"], 1, "{metrics}");
     assert!(
         metrics["scrub_bytes"].as_u64() > Some(4096 * 5),

@@ -1,9 +1,9 @@
 //! `Client`: connecting, handlers and subscriptions, the connection's
 //! events, shutdown.
 
+use crate::handshake::{HandlersRunning, WriteWake};
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 use courier_proto::{validate_pattern, FrameWriter, Kind};
@@ -89,12 +89,10 @@ impl Client {
             opts,
             connector,
             writer_wake: Notify::new(),
-            write_requested: AtomicBool::new(false),
-            reading: AtomicBool::new(false),
+            write_wake: WriteWake::new(),
             writer_drained: Notify::new(),
             handler_done: Notify::new(),
-            handlers_running: std::sync::atomic::AtomicUsize::new(0),
-            awaiting_handlers: std::sync::atomic::AtomicBool::new(false),
+            handlers: HandlersRunning::new(),
             shutdown,
         });
         let mut first = first;
@@ -269,19 +267,12 @@ impl Client {
         if let Some(rx) = drained {
             let _ = tokio::time::timeout_at(deadline, rx).await;
         }
-        // SeqCst pairs with `handler::finish`: either it sees this flag and
-        // notifies, or its decrement comes first and the load below sees it.
-        self.inner
-            .awaiting_handlers
-            .store(true, std::sync::atomic::Ordering::SeqCst);
+        // Either the last handler out sees this and notifies, or it is out
+        // before and `none_running` sees it (`handshake::HandlersRunning`).
+        self.inner.handlers.await_last();
         loop {
             let notified = self.inner.handler_done.notified();
-            if self
-                .inner
-                .handlers_running
-                .load(std::sync::atomic::Ordering::SeqCst)
-                == 0
-            {
+            if self.inner.handlers.none_running() {
                 break;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {

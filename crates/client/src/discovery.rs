@@ -10,11 +10,9 @@ use std::time::Duration;
 
 use courier_resilience::{Balance, Balancer, BoxError, Idempotency, InFlight, Policy, Spread};
 use serde::Deserialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use crate::{Client, Error, Result};
+use crate::{http, Client, Error, Result};
 
 /// How long one long-poll asks the broker to hold it.
 const WAIT: Duration = Duration::from_secs(30);
@@ -301,10 +299,7 @@ impl Lookup {
             .await
             .map_err(|_| self.error(format!("no answer within {limit:?}")))??;
         if status != 200 {
-            let detail = serde_json::from_slice::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| v["detail"].as_str().map(str::to_string))
-                .unwrap_or_else(|| String::from_utf8_lossy(&body).trim().to_string());
+            let detail = http::problem_detail(&body);
             return Err(self.error(format!("{status}: {detail}")));
         }
         let answer: Answer = serde_json::from_slice(&body)
@@ -316,77 +311,23 @@ impl Lookup {
     }
 
     async fn http_get(&self, path: &str) -> Result<(u16, Vec<u8>)> {
-        let mut stream = TcpStream::connect(&self.http).await.map_err(|e| {
-            self.error(format!(
-                "{e} — is the broker's HTTP port there? Set ClientOptions::http (or COURIER_HTTP) to its --http address"
-            ))
+        let answer = http::exchange(
+            &self.http,
+            "GET",
+            path,
+            self.token.as_deref(),
+            None,
+            ANSWER_BYTES_MAX,
+        )
+        .await
+        .map_err(|e| match e {
+            http::HttpError::Unreachable { source, .. } => self.error(format!(
+                "{source} — is the broker's HTTP port there? Set ClientOptions::http (or COURIER_HTTP) to its --http address"
+            )),
+            http::HttpError::Io { source, .. } => self.error(source.to_string()),
+            other => self.error(other.to_string()),
         })?;
-        let auth = self
-            .token
-            .as_deref()
-            .map(|t| format!("Authorization: Bearer {t}\r\n"))
-            .unwrap_or_default();
-        let request = format!(
-            "GET {path} HTTP/1.1\r\nHost: {}\r\n{auth}User-Agent: courier-client\r\nConnection: close\r\n\r\n",
-            self.http
-        );
-        stream
-            .write_all(request.as_bytes())
-            .await
-            .map_err(|e| self.error(e.to_string()))?;
-        let mut answer = Vec::new();
-        (&mut stream)
-            .take(ANSWER_BYTES_MAX as u64 + 1)
-            .read_to_end(&mut answer)
-            .await
-            .map_err(|e| self.error(e.to_string()))?;
-        if answer.len() > ANSWER_BYTES_MAX {
-            return Err(self.error(format!("the answer is over {ANSWER_BYTES_MAX} bytes")));
-        }
-        parse_response(&answer).map_err(|reason| self.error(reason))
-    }
-}
-
-/// Status and body of a whole HTTP/1.1 answer (read to its end).
-fn parse_response(answer: &[u8]) -> std::result::Result<(u16, Vec<u8>), String> {
-    let head_end = answer
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or("the answer is not HTTP (no end of headers)")?;
-    let head = String::from_utf8_lossy(&answer[..head_end]);
-    let body = &answer[head_end + 4..];
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse::<u16>().ok())
-        .ok_or("the answer is not HTTP (no status)")?;
-    let chunked = head.lines().any(|line| {
-        let line = line.to_ascii_lowercase();
-        line.starts_with("transfer-encoding:") && line.contains("chunked")
-    });
-    if !chunked {
-        return Ok((status, body.to_vec()));
-    }
-    let mut rest = body;
-    let mut out = Vec::with_capacity(body.len());
-    loop {
-        let line_end = rest
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .ok_or("a chunk without its size line")?;
-        let size_text = String::from_utf8_lossy(&rest[..line_end]);
-        let size_text = size_text.split(';').next().unwrap_or_default().trim();
-        let size = usize::from_str_radix(size_text, 16)
-            .map_err(|_| format!("a chunk size that is not hex: {size_text:?}"))?;
-        rest = &rest[line_end + 2..];
-        if size == 0 {
-            return Ok((status, out));
-        }
-        if rest.len() < size {
-            return Err("the answer ends inside a chunk".to_string());
-        }
-        out.extend_from_slice(&rest[..size]);
-        rest = rest[size..].strip_prefix(b"\r\n").unwrap_or(&rest[size..]);
+        Ok((answer.status, answer.body))
     }
 }
 
@@ -407,19 +348,6 @@ fn encode_path(segment: &str) -> String {
 #[allow(clippy::unwrap_used)] // a test that unwraps fails, which is its point
 mod tests {
     use super::*;
-
-    #[test]
-    fn answers_plain_and_chunked_are_read_whole() {
-        let plain = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}";
-        assert_eq!(parse_response(plain).unwrap(), (200, b"{}".to_vec()));
-        let chunked =
-            b"HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
-        assert_eq!(parse_response(chunked).unwrap(), (404, b"abcde".to_vec()));
-        assert!(parse_response(b"garbage").is_err());
-        assert!(
-            parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n").is_err()
-        );
-    }
 
     #[test]
     fn names_are_encoded_for_the_path() {

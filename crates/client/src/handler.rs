@@ -341,7 +341,7 @@ fn run_line(inner: &Arc<Inner>, handler: Handler, incoming: Incoming) {
         let Some(ticket) = incoming.ticket.clone() else {
             return;
         };
-        inner.handlers_running.fetch_add(1, Ordering::AcqRel);
+        inner.handlers.started();
         if !start(inner, &handler, incoming, true) {
             return;
         }
@@ -415,7 +415,7 @@ pub(crate) fn still_live(inner: &Inner, incoming: &Incoming) -> bool {
 /// Borrows what it can: every reference count taken per delivery (the
 /// handler's, the client's) was an atomic add and subtract.
 pub(crate) fn spawn(inner: &Arc<Inner>, handler: &Handler, incoming: Incoming) {
-    inner.handlers_running.fetch_add(1, Ordering::AcqRel);
+    inner.handlers.started();
     if let Some(queue) = &inner.sequential {
         match queue.try_send((handler.clone(), incoming)) {
             Ok(()) => return,
@@ -429,7 +429,7 @@ pub(crate) fn spawn(inner: &Arc<Inner>, handler: &Handler, incoming: Incoming) {
     start(inner, handler, incoming, false);
 }
 
-/// Starts a handler (`handlers_running` already counts it); `true` if it
+/// Starts a handler (`handlers` already counts it); `true` if it
 /// finished at once. `line`: it is keyed on a pipelined connection, and its
 /// task carries on with its key's line when done.
 fn start(inner: &Arc<Inner>, handler: &Handler, incoming: Incoming, line: bool) -> bool {
@@ -530,11 +530,8 @@ fn finish(
 
 /// A handler finished, or a delivery queued for one was dropped.
 fn handler_gone(inner: &Inner) {
-    // Only the last one out wakes `shutdown`, which waits for zero (see
-    // there for the ordering).
-    if inner.handlers_running.fetch_sub(1, Ordering::SeqCst) == 1
-        && inner.awaiting_handlers.load(Ordering::SeqCst)
-    {
+    // Only the last one out wakes `shutdown`, and only while it waits.
+    if inner.handlers.finished() {
         inner.handler_done.notify_waiters();
     }
 }

@@ -46,6 +46,8 @@ mod discovery;
 mod error;
 mod events;
 mod handler;
+mod handshake;
+pub mod http;
 mod options;
 #[cfg(feature = "otel")]
 mod otel;
@@ -53,6 +55,7 @@ mod pending;
 mod reply;
 mod send;
 mod state;
+mod sync;
 mod trace_context;
 
 use courier_proto::Message;

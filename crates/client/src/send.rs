@@ -2,7 +2,6 @@
 //! kept until the broker answers them (re-sent after a reconnect).
 
 use std::future::Future;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use courier_proto::{delivery_frame_len, validate_name, Kind, Message};
@@ -282,7 +281,7 @@ impl Client {
         let lone = state.requests.is_empty()
             && state.writer.is_empty()
             && !state.writing
-            && !self.inner.reading.load(Ordering::SeqCst);
+            && !self.inner.write_wake.is_reading();
         state.next_seq += 1;
         let seq = state.next_seq;
         state.writer.push_quiet_send(seq, &message)?;

@@ -2,7 +2,6 @@
 //! state under one lock (`State`), and the handles around it (`Inner`).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -11,6 +10,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch, Notify};
 use uuid::Uuid;
 
 use crate::handler::Handler;
+use crate::handshake::{HandlersRunning, WriteWake};
 use crate::pending::PendingSends;
 
 use crate::{
@@ -116,24 +116,16 @@ pub(crate) struct Inner {
     pub(crate) state: Mutex<State>,
     /// Something was written to `state.writer` (see [`Inner::wake_writer`]).
     pub(crate) writer_wake: Notify,
-    /// Set with every write to `state.writer`; the write loop clears it
-    /// when it looks.
-    pub(crate) write_requested: AtomicBool,
-    /// The driver task is handling frames it read. Its write loop is polled
-    /// right after that, in the same poll, and looks at `write_requested`:
-    /// a wake now would only make the running task reschedule itself, as a
-    /// yield that also wakes an idle worker thread.
-    pub(crate) reading: AtomicBool,
+    /// Whether a write to `state.writer` needs `writer_wake`, or the
+    /// driver, reading, will look anyway.
+    pub(crate) write_wake: WriteWake,
     /// The write loop handed `state.writer`'s bytes to the socket, or the
     /// connection ended: quiet senders waiting for room look again.
     pub(crate) writer_drained: Notify,
-    /// The last running handler finished.
+    /// The last running handler finished while `shutdown` waited.
     pub(crate) handler_done: Notify,
-    /// Handlers started and not finished; `shutdown` waits for zero.
-    pub(crate) handlers_running: std::sync::atomic::AtomicUsize,
-    /// `shutdown` waits for `handler_done`: only then does the last handler
-    /// out notify it (a notify per delivery showed in profiles).
-    pub(crate) awaiting_handlers: std::sync::atomic::AtomicBool,
+    /// Handlers started and not finished; `shutdown` waits for none.
+    pub(crate) handlers: HandlersRunning,
     pub(crate) shutdown: watch::Sender<bool>,
     /// The queue of the one handler task, when handlers run sequentially.
     pub(crate) sequential: Option<mpsc::Sender<(Handler, Incoming)>>,
@@ -148,13 +140,8 @@ impl Inner {
 
     /// Tells the write loop that `state.writer` has bytes (call after the
     /// lock is released).
-    ///
-    /// SeqCst pairs with the driver's `reading` store: a caller that saw
-    /// `reading` set stored `write_requested` before the driver cleared
-    /// `reading`, so the write loop, which looks after that, sees it.
     pub(crate) fn wake_writer(&self) {
-        self.write_requested.store(true, Ordering::SeqCst);
-        if !self.reading.load(Ordering::SeqCst) {
+        if self.write_wake.request() {
             self.writer_wake.notify_one();
         }
     }

@@ -14,7 +14,7 @@
 //! Runs interleave client by client, so a change in the machine's load
 //! falls on all three columns.
 
-use super::courier::{connect, progress, publish_pipelined, subscribe_offline};
+use super::courier::{connect, publish_pipelined, subscribe_offline};
 use super::process::{BrokerProcess, DataDir};
 use super::*;
 

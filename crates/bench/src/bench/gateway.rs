@@ -19,7 +19,7 @@ use http_body_util::{BodyExt as _, Full};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 
-use super::courier::{connect, per_second, progress, w4_ask, w4_responder, W4_NAME, W4_REQUESTER};
+use super::courier::{connect, w4_ask, w4_responder, W4_NAME, W4_REQUESTER};
 use super::process::{free_loopback_addr, DataDir, ServerChild};
 use super::*;
 

@@ -9,7 +9,6 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use super::courier::progress;
 use super::*;
 
 const IDS_FULL: u64 = 5_000_000;

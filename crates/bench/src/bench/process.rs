@@ -391,3 +391,31 @@ impl BrokerProcess {
             })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_broker_that_exits_before_its_ready_line_is_reported_with_its_stderr() {
+        let dir = DataDir::create().expect("data dir");
+        let path = dir.path().to_path_buf();
+        // `sh serve --listen …` fails at once: there is no script `serve`.
+        let err = BrokerProcess::start(Path::new("/bin/sh"), dir.path())
+            .await
+            .err()
+            .expect("not a broker");
+        let msg = format!("{err:#}");
+        assert!(
+            msg.starts_with("the broker exited before it was ready (exit status: "),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("its stderr ends: ") && msg.contains("serve"),
+            "{msg}"
+        );
+        assert!(!msg.contains('\n'), "one line: {msg}");
+        drop(dir);
+        assert!(!path.exists(), "the data dir is removed on drop");
+    }
+}

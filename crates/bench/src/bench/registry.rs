@@ -10,7 +10,6 @@
 
 use std::net::UdpSocket;
 
-use super::courier::progress;
 use super::process::{free_loopback_addr, DataDir, ServerChild};
 use super::*;
 
@@ -176,7 +175,7 @@ fn spawn(exe: &Path, addr: &str, http: &str, dns: &str, dir: &Path) -> anyhow::R
 async fn wait_ready(http: &str, server: &ServerChild) -> anyhow::Result<()> {
     let deadline = Instant::now() + READY_TIMEOUT;
     while Instant::now() < deadline {
-        if crate::http_get::get(http, "/v1/registry", None)
+        if courier_client::http::get(http, "/v1/registry", None)
             .await
             .is_ok()
         {
@@ -191,7 +190,7 @@ async fn wait_ready(http: &str, server: &ServerChild) -> anyhow::Result<()> {
 }
 
 async fn register(http: &str, service: &str, body: &Value) -> anyhow::Result<u64> {
-    let answer = crate::http_get::request(
+    let answer = courier_client::http::request(
         "POST",
         http,
         &format!("/v1/services/{service}"),
@@ -206,7 +205,7 @@ async fn register(http: &str, service: &str, body: &Value) -> anyhow::Result<u64
 }
 
 async fn healthy_count(http: &str, service: &str) -> anyhow::Result<usize> {
-    let answer = crate::http_get::get(http, &format!("/v1/services/{service}"), None).await?;
+    let answer = courier_client::http::get(http, &format!("/v1/services/{service}"), None).await?;
     let answer: Value = serde_json::from_str(&answer).context("the lookup's answer")?;
     Ok(answer["instances"].as_array().map_or(0, Vec::len))
 }
@@ -227,7 +226,7 @@ async fn watch_latencies(http: &str, changes: usize) -> anyhow::Result<Vec<f64>>
                     None => "/v1/services/bench-watch".to_string(),
                     Some(index) => format!("/v1/services/bench-watch?index={index}&wait=30s"),
                 };
-                let poll = crate::http_get::get(&http, &path, None);
+                let poll = courier_client::http::get(&http, &path, None);
                 armed.notify_one();
                 let Ok(answer) = poll.await else { return };
                 let at = Instant::now();

@@ -2,7 +2,7 @@
 //! `GET /metrics` once it has counted traffic of many names from many
 //! services — the page a Prometheus scrape reads every few seconds.
 
-use super::courier::{connect, progress};
+use super::courier::connect;
 use super::process::{free_loopback_addr, DataDir, ServerChild};
 use super::*;
 
@@ -89,7 +89,7 @@ pub(super) async fn run(exe: &Path, quick: bool) -> anyhow::Result<()> {
     let mut page = String::new();
     for _ in 0..SCRAPES {
         let started = Instant::now();
-        page = crate::http_get::get(&http, "/metrics", None).await?;
+        page = courier_client::http::get(&http, "/metrics", None).await?;
         took.push(started.elapsed().as_secs_f64() * 1000.0);
     }
     took.sort_by(f64::total_cmp);

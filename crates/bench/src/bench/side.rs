@@ -1,15 +1,19 @@
-//! The one interface both systems under test offer the workloads, and the
-//! workloads written once against it.
+//! The one interface both systems under test offer the workloads.
 //!
 //! The Courier side ([`super::courier::CourierSide`]: the SDK against a
 //! `courier serve` child) and the NATS side
 //! ([`super::nats::NatsSide`]: async-nats against a nats-server child with
-//! JetStream) each implement [`Side`]; a workload that only publishes
-//! durable events and asks requests is then one function for both, and
-//! the two columns of its row measure the same code path by construction.
-//! Workloads whose mechanics differ between the systems (W1–W3's flow
-//! control, W6–W8's consumers, W7's restart) stay per side, in
-//! `courier.rs` and `nats.rs`.
+//! JetStream) each implement [`Side`] and its extensions; every workload
+//! is then one function for both (its message counts, sizes, phases and
+//! what is timed written once), and the two columns of its row measure
+//! the same shape by construction. What differs between the systems —
+//! W1–W3's flow control, how a consumer takes a backlog, how a server
+//! restarts — is an operation of the trait, implemented per side.
+//!
+//! [`Side`]: durable publishing and request/reply (W4, W5, W11–W13);
+//! [`TransientSide`]: at-most-once fan-out (W1–W3); [`BacklogSide`]:
+//! events that wait for an offline consumer, then that consumer (W6,
+//! W8); [`RestartSide`]: kill -9 and a restart on the same data (W7).
 
 use std::future::Future;
 
@@ -21,6 +25,8 @@ pub(super) trait Side {
     /// A connection that publishes durable events (NATS: a JetStream
     /// context whose file stream holds the subject).
     type Publisher: Clone + Send + Sync + 'static;
+    /// A durable event sent, its ack not awaited yet.
+    type Pending: Send + 'static;
     /// A requester and the responder it asks, on the same server.
     type Requester: Send + Sync + 'static;
 
@@ -49,15 +55,21 @@ pub(super) trait Side {
         payload: Bytes,
     ) -> impl Future<Output = anyhow::Result<()>> + Send + 'a;
 
-    /// Publishes `count` durable events, keeping at most `window`
-    /// unacknowledged.
-    fn publish_pipelined<'a>(
+    /// Sends one durable event named `name`, ordered by `key` when it has
+    /// one, without awaiting its ack.
+    fn send<'a>(
         publisher: &'a Self::Publisher,
         name: &'static str,
-        payload: &'a Bytes,
-        count: u64,
-        window: usize,
-    ) -> impl Future<Output = anyhow::Result<()>> + Send + 'a;
+        key: Option<Key>,
+        payload: Bytes,
+    ) -> impl Future<Output = anyhow::Result<Self::Pending>> + Send + 'a;
+
+    /// Waits for the ack of one [`Side::send`].
+    fn acked(pending: Self::Pending) -> impl Future<Output = anyhow::Result<()>> + Send;
+
+    /// Closes a publisher's connection (so that it cannot reconnect to a
+    /// restarted server).
+    fn close_publisher(publisher: Self::Publisher) -> impl Future<Output = ()>;
 
     /// Connects a responder that answers every request with
     /// [`TINY_BYTES`], and a requester on another connection.
@@ -72,6 +84,225 @@ pub(super) trait Side {
 
     /// Closes the requester's and the responder's connections.
     fn close_requester(requester: Self::Requester) -> impl Future<Output = ()> + Send;
+}
+
+/// The ordering key of a W8 event: `value` of the run's keys; NATS puts
+/// it in the subject, in one of `partitions`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Key {
+    pub(super) value: u64,
+    pub(super) partitions: u64,
+}
+
+/// Publishes `count` durable events, keeping at most `window`
+/// unacknowledged; event `i` is `event(i)`: its name, key and payload.
+pub(super) async fn publish_each<S: Side>(
+    publisher: &S::Publisher,
+    count: u64,
+    window: usize,
+    mut event: impl FnMut(u64) -> (&'static str, Option<Key>, Bytes),
+) -> anyhow::Result<()> {
+    let mut pending: VecDeque<(u64, S::Pending)> = VecDeque::with_capacity(window);
+    for i in 0..count {
+        if pending.len() >= window {
+            if let Some((j, ack)) = pending.pop_front() {
+                S::acked(ack)
+                    .await
+                    .with_context(|| format!("publish {} of {count} failed", j + 1))?;
+            }
+        }
+        let (name, key, payload) = event(i);
+        let ack = S::send(publisher, name, key, payload)
+            .await
+            .with_context(|| format!("publish {} of {count} could not be sent", i + 1))?;
+        pending.push_back((i, ack));
+    }
+    for (j, ack) in pending {
+        S::acked(ack)
+            .await
+            .with_context(|| format!("publish {} of {count} failed", j + 1))?;
+    }
+    Ok(())
+}
+
+/// Publishes `count` durable events named `name`, keeping at most
+/// `window` unacknowledged.
+pub(super) async fn publish_pipelined<S: Side>(
+    publisher: &S::Publisher,
+    name: &'static str,
+    payload: &Bytes,
+    count: u64,
+    window: usize,
+) -> anyhow::Result<()> {
+    publish_each::<S>(publisher, count, window, |_| (name, None, payload.clone())).await
+}
+
+/// Who receives W1–W3's transient events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Audience {
+    /// W1: one receiver.
+    One,
+    /// W2: four receivers, each gets every event (Courier: 4 services;
+    /// NATS: 4 subscriptions).
+    FanOut,
+    /// W3: four competing receivers, each event goes to one (Courier: one
+    /// service with 4 instances; NATS: a queue group of 4).
+    Competing,
+}
+
+/// Receivers of W2, and instances of W3's competing consumers.
+pub(super) const AUDIENCE_SIZE: usize = 4;
+
+impl Audience {
+    pub(super) fn of(job: Job) -> Option<(Audience, Size)> {
+        match job {
+            Job::PubSub(size) => Some((Audience::One, size)),
+            Job::FanOut(size) => Some((Audience::FanOut, size)),
+            Job::Competing(size) => Some((Audience::Competing, size)),
+            _ => None,
+        }
+    }
+
+    /// Connections that receive.
+    pub(super) fn receivers(self) -> usize {
+        match self {
+            Audience::One => 1,
+            Audience::FanOut | Audience::Competing => AUDIENCE_SIZE,
+        }
+    }
+
+    /// Deliveries per published event.
+    pub(super) fn copies(self) -> u64 {
+        match self {
+            Audience::One | Audience::Competing => 1,
+            Audience::FanOut => AUDIENCE_SIZE as u64,
+        }
+    }
+}
+
+/// What W1–W3 need: transient (at most once) events from one publisher
+/// to an [`Audience`], each system with its own flow control.
+pub(super) trait TransientSide: Side {
+    /// The receiving connections and their count of deliveries.
+    type Receivers;
+    /// The publisher of transient events.
+    type Sender;
+
+    /// Connects and subscribes `audience`; `capacity` is the most events
+    /// a run publishes (NATS sizes its subscription buffers by it).
+    fn receivers(
+        address: &str,
+        audience: Audience,
+        capacity: u64,
+    ) -> impl Future<Output = anyhow::Result<Self::Receivers>>;
+
+    /// Connects the publisher (closed with the receivers).
+    fn sender(
+        address: &str,
+        receivers: &mut Self::Receivers,
+    ) -> impl Future<Output = anyhow::Result<Self::Sender>>;
+
+    /// From now on every event published so far, `published` in all, is
+    /// to be received (by each receiving service or subscription).
+    fn expect(receivers: &Self::Receivers, published: u64);
+
+    /// Publishes `count` transient events of `payload`.
+    fn publish_transient(
+        sender: &Self::Sender,
+        receivers: &Self::Receivers,
+        payload: &Bytes,
+        count: u64,
+    ) -> impl Future<Output = anyhow::Result<()>>;
+
+    /// Waits until what [`TransientSide::expect`] set was received, and
+    /// returns when that was; fails when deliveries were lost or stopped.
+    fn received(
+        receivers: &Self::Receivers,
+        sender: &Self::Sender,
+    ) -> impl Future<Output = anyhow::Result<Instant>>;
+
+    /// Closes every receiving connection and the publisher's.
+    fn close_transient(receivers: Self::Receivers) -> impl Future<Output = ()>;
+}
+
+/// The backlogs of W6–W8: events published while their consumer is not
+/// connected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Backlog {
+    /// W6: consumed by one consumer afterwards.
+    Consume,
+    /// W7: never consumed; the server restarts under it.
+    Restart,
+    /// W8: keyed, consumed in order by 2 instances afterwards.
+    Ordered(Keys),
+}
+
+/// What W6–W8 need: events that wait for a consumer that is not
+/// connected, then that consumer.
+pub(super) trait BacklogSide: Side {
+    /// What consumes a backlog, connected but not consuming yet.
+    type Consumer;
+    /// How the progress line calls the backlog's reader before it
+    /// connects, e.g. "one subscribed offline service".
+    const BACKLOG_WAITS_FOR: &'static str;
+
+    /// A publisher of `backlog`'s events, with what must be in place for
+    /// them to wait (Courier: the service subscribed, then gone; NATS: the
+    /// stream, and for W7 its durable consumer).
+    fn backlog_publisher(
+        address: &str,
+        backlog: Backlog,
+    ) -> impl Future<Output = anyhow::Result<Self::Publisher>>;
+
+    /// What is set up before the consuming is timed.
+    fn consumer(
+        address: &str,
+        backlog: Backlog,
+    ) -> impl Future<Output = anyhow::Result<Self::Consumer>>;
+
+    /// W6, timed: takes all `count` events with explicit acks (at most
+    /// [`MAX_IN_FLIGHT`] unacknowledged) until the server has applied the
+    /// acks; returns how many deliveries were redeliveries.
+    fn consume_all(
+        consumer: Self::Consumer,
+        count: u64,
+    ) -> impl Future<Output = anyhow::Result<u64>>;
+
+    /// W8, timed: 2 instances take all `count` keyed events with explicit
+    /// acks, each delivery shown to `order`, until the server has applied
+    /// the acks.
+    fn consume_in_order(
+        consumer: Self::Consumer,
+        keys: Keys,
+        count: u64,
+        order: Arc<OrderCheck>,
+    ) -> impl Future<Output = anyhow::Result<()>>;
+}
+
+/// What W7 needs: kill -9 and a restart on the same data and port.
+pub(super) trait RestartSide: BacklogSide {
+    /// How the progress lines name the server ("broker") and its data
+    /// ("data dir").
+    const SERVER: &'static str;
+    const DATA: &'static str;
+
+    /// The server's resident memory.
+    fn rss_mib(&self) -> anyhow::Result<f64>;
+
+    /// The bytes in its data directory.
+    fn data_bytes(&self) -> u64;
+
+    /// Kills the server (SIGKILL) and starts it again on the same data
+    /// and port; the time from spawning to its ready line, and to the
+    /// first connection that sees the whole backlog of `count`.
+    fn restart(&mut self, count: u64)
+        -> impl Future<Output = anyhow::Result<(Duration, Duration)>>;
+
+    /// Fails unless the backlog's consumer still has all `count` waiting.
+    fn check_backlog(&mut self, count: u64) -> impl Future<Output = anyhow::Result<()>>;
+
+    /// What the restarted server logged of its recovery.
+    fn recovery_note(&self) -> Option<String>;
 }
 
 /// Which fsync setting a NATS server of a run has, and so which row its
@@ -102,291 +333,4 @@ impl Fsync {
             Fsync::Always => "JetStream with sync_interval: always",
         }
     }
-}
-
-/// The event name (NATS: the subject) W5 publishes to.
-pub(super) const W5_NAME: &str = "bench.w5.published";
-
-/// W5a: durable events one at a time, each ack awaited; throughput and
-/// the p50 and p99 of one publish, filed under `workload`.
-pub(super) async fn publish_one_by_one<S: Side>(
-    side: &mut S,
-    plan: &Plan,
-    workload: Workload,
-) -> anyhow::Result<Vec<Measurement>> {
-    let address = side.address();
-    let work = async {
-        let publisher = S::publisher(&address, W5_NAME).await?;
-        let payload = Bytes::from(vec![b'x'; SMALL_BYTES]);
-        for i in 0..plan.w5a_warmup {
-            S::publish(&publisher, W5_NAME, payload.clone())
-                .await
-                .with_context(|| format!("warm-up publish {} of {}", i + 1, plan.w5a_warmup))?;
-        }
-        let mut latencies = Vec::with_capacity(usize::try_from(plan.w5a).unwrap_or(0));
-        let started = Instant::now();
-        for i in 0..plan.w5a {
-            let t = Instant::now();
-            S::publish(&publisher, W5_NAME, payload.clone())
-                .await
-                .with_context(|| format!("publish {} of {}", i + 1, plan.w5a))?;
-            latencies.push(t.elapsed().as_nanos() as u64);
-        }
-        let elapsed = started.elapsed();
-        latencies.sort_unstable();
-        let micros = |p| percentile(&latencies, p).unwrap_or(0) as f64 / 1000.0;
-        Ok(vec![
-            (workload, Metric::Throughput, per_second(plan.w5a, elapsed)),
-            (workload, Metric::LatencyP50, micros(50.0)),
-            (workload, Metric::LatencyP99, micros(99.0)),
-        ])
-    };
-    side.watch(work).await
-}
-
-/// W5b: durable events pipelined with a window of [`WINDOW`].
-pub(super) async fn publish_windowed<S: Side>(
-    side: &mut S,
-    plan: &Plan,
-    workload: Workload,
-) -> anyhow::Result<Vec<Measurement>> {
-    let address = side.address();
-    let work = async {
-        let publisher = S::publisher(&address, W5_NAME).await?;
-        let payload = Bytes::from(vec![b'x'; SMALL_BYTES]);
-        S::publish_pipelined(&publisher, W5_NAME, &payload, plan.w5b_warmup, WINDOW)
-            .await
-            .context("warm-up")?;
-        let started = Instant::now();
-        S::publish_pipelined(&publisher, W5_NAME, &payload, plan.w5b, WINDOW).await?;
-        let elapsed = started.elapsed();
-        Ok(vec![(
-            workload,
-            Metric::Throughput,
-            per_second(plan.w5b, elapsed),
-        )])
-    };
-    side.watch(work).await
-}
-
-/// Each of `publishers` sends `each` events one at a time, all at once;
-/// returns how long until the last ack.
-async fn publish_from_each<S: Side>(
-    publishers: &[S::Publisher],
-    payload: &Bytes,
-    each: u64,
-) -> anyhow::Result<Duration> {
-    let started = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for publisher in publishers {
-        let (publisher, payload) = (publisher.clone(), payload.clone());
-        tasks.spawn(async move {
-            for i in 0..each {
-                S::publish(&publisher, W5_NAME, payload.clone())
-                    .await
-                    .with_context(|| format!("publish {} of {each}", i + 1))?;
-            }
-            Ok::<(), anyhow::Error>(())
-        });
-    }
-    while let Some(done) = tasks.join_next().await {
-        done.context("a publishing task failed")??;
-    }
-    Ok(started.elapsed())
-}
-
-/// W13: durable events from 1, 4, 16 and 64 connections at once, each
-/// awaiting every ack (what one fsync shared across connections buys);
-/// `twin` picks each count's row. Returns the figures and each count's
-/// rate.
-pub(super) async fn publish_concurrent<S: Side>(
-    side: &mut S,
-    plan: &Plan,
-    twin: impl Fn(usize) -> Workload,
-) -> anyhow::Result<(Vec<Measurement>, Vec<(usize, f64)>)> {
-    let address = side.address();
-    let work = async {
-        let payload = Bytes::from(vec![b'x'; SMALL_BYTES]);
-        let mut measured = Vec::new();
-        let mut rates = Vec::new();
-        for connections in W13_CONNECTIONS {
-            let mut publishers = Vec::with_capacity(connections);
-            for _ in 0..connections {
-                publishers.push(S::publisher(&address, W5_NAME).await?);
-            }
-            let n = connections as u64;
-            publish_from_each::<S>(&publishers, &payload, (plan.w13_warmup / n).max(1))
-                .await
-                .context("warm-up")?;
-            let each = (plan.w13 / n).max(1);
-            let elapsed = publish_from_each::<S>(&publishers, &payload, each).await?;
-            let rate = per_second(each * n, elapsed);
-            rates.push((connections, rate));
-            measured.push((twin(connections), Metric::Throughput, rate));
-        }
-        Ok((measured, rates))
-    };
-    side.watch(work).await
-}
-
-/// Asks `requests` of `requester`, timed (see [`timed_requests`]).
-pub(super) async fn requests<S: Side>(
-    side: &mut S,
-    requester: &S::Requester,
-    requests: Requests,
-    latencies: &mut Vec<u64>,
-) -> anyhow::Result<Duration> {
-    let ask = |i| S::request(requester, i, requests.of);
-    side.watch(timed_requests(requests, latencies, ask)).await
-}
-
-/// W11's event name (NATS: subject).
-pub(super) const W11_NAME: &str = "bench.w11.stored";
-/// W11's payload: 1 MiB.
-pub(super) const W11_BYTES: usize = 1024 * 1024;
-/// W11's unacknowledged events at most: 16 MiB in flight.
-pub(super) const W11_WINDOW: usize = 16;
-/// The disk's own figure is taken on at most this many MiB.
-pub(super) const DISK_PROBE_MIB_MAX: u64 = 256;
-
-/// MB (10⁶ bytes) per second.
-fn megabytes_per_second(bytes: u64, elapsed: Duration) -> f64 {
-    bytes as f64 / 1e6 / elapsed.as_secs_f64().max(1e-9)
-}
-
-/// The disk's own write+fsync bandwidth in `dir`, in MB/s: `mib` writes
-/// of 1 MiB to a fresh file there, each followed by an fdatasync (each
-/// event made durable before the next), the file removed afterwards.
-pub(super) async fn disk_write_fsync(dir: &Path, mib: u64) -> anyhow::Result<f64> {
-    use std::io::Write as _;
-    let path = dir.join("courier-bench-disk-probe");
-    let probe = path.clone();
-    let timed = tokio::task::spawn_blocking(move || -> anyhow::Result<Duration> {
-        let mut file = std::fs::File::create(&probe)
-            .with_context(|| format!("cannot create {}", probe.display()))?;
-        let block = vec![b'x'; W11_BYTES];
-        let started = Instant::now();
-        for _ in 0..mib {
-            file.write_all(&block)
-                .with_context(|| format!("cannot write {}", probe.display()))?;
-            file.sync_data()
-                .with_context(|| format!("cannot fdatasync {}", probe.display()))?;
-        }
-        Ok(started.elapsed())
-    })
-    .await
-    .context("internal: the disk probe panicked")?;
-    let _ = std::fs::remove_file(&path);
-    Ok(megabytes_per_second(mib * W11_BYTES as u64, timed?))
-}
-
-/// W11: [`Plan::w11`] durable events of 1 MiB, pipelined ([`W11_WINDOW`]
-/// unacknowledged); MB/s, and that as a share of the disk's own
-/// write+fsync bandwidth measured right after in the same data directory.
-pub(super) async fn large_events<S: Side>(
-    side: &mut S,
-    plan: &Plan,
-    workload: Workload,
-) -> anyhow::Result<Vec<Measurement>> {
-    let address = side.address();
-    let count = plan.w11;
-    let work = async {
-        let publisher = S::publisher(&address, W11_NAME).await?;
-        let payload = Bytes::from(vec![b'x'; W11_BYTES]);
-        let started = Instant::now();
-        S::publish_pipelined(&publisher, W11_NAME, &payload, count, W11_WINDOW).await?;
-        Ok(started.elapsed())
-    };
-    let elapsed = side.watch(work).await?;
-    let rate = megabytes_per_second(count * W11_BYTES as u64, elapsed);
-    let disk = disk_write_fsync(side.data_dir(), count.min(DISK_PROBE_MIB_MAX)).await?;
-    progress(&format!(
-        "  {} × 1 MiB in {:.2} s: {rate:.0} MB/s; the disk alone (1 MiB writes, each fdatasync'd, in the same data dir): {disk:.0} MB/s",
-        thousands(count),
-        elapsed.as_secs_f64()
-    ));
-    Ok(vec![
-        (workload, Metric::MegabytesPerSecond, rate),
-        (workload, Metric::DiskShare, rate * 100.0 / disk.max(1e-9)),
-    ])
-}
-
-/// W12's event name (NATS: subject) for the publishing beside the requests.
-pub(super) const W12_NAME: &str = "bench.w12.published";
-/// The load's events go in chunks of this many (each chunk pipelined).
-const W12_CHUNK: u64 = 1_000;
-
-/// W12: W4a's requests, one at a time, while another connection publishes
-/// durable events pipelined (W5b) as fast as it can; the requests' p50
-/// and p99, and the publishing rate meanwhile.
-pub(super) async fn requests_under_load<S: Side + 'static>(
-    side: &mut S,
-    plan: &Plan,
-) -> anyhow::Result<Vec<Measurement>> {
-    let address = side.address();
-    let count = plan.w4a;
-    let work = async {
-        let requester = S::requester(&address).await?;
-        let publisher = S::publisher(&address, W12_NAME).await?;
-        let measured = async {
-            let mut latencies = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
-            let warmup = Requests {
-                first: 0,
-                count: plan.warmup,
-                of: plan.warmup,
-                in_flight: 1,
-            };
-            timed_requests(warmup, &mut latencies, |i| {
-                S::request(&requester, i, plan.warmup)
-            })
-            .await
-            .context("warm-up")?;
-            latencies.clear();
-            let stop = Arc::new(AtomicBool::new(false));
-            let published = Arc::new(AtomicU64::new(0));
-            let (load_stop, load_published) = (stop.clone(), published.clone());
-            let load = tokio::spawn(async move {
-                let payload = Bytes::from(vec![b'x'; SMALL_BYTES]);
-                let started = Instant::now();
-                while !load_stop.load(Ordering::Relaxed) {
-                    S::publish_pipelined(&publisher, W12_NAME, &payload, W12_CHUNK, WINDOW)
-                        .await
-                        .context("the publishing beside the requests")?;
-                    load_published.fetch_add(W12_CHUNK, Ordering::Relaxed);
-                }
-                Ok::<Duration, anyhow::Error>(started.elapsed())
-            });
-            // The load is at full speed once its first chunk is in.
-            while published.load(Ordering::Relaxed) == 0 && !load.is_finished() {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-            let requests = Requests {
-                first: 0,
-                count,
-                of: count,
-                in_flight: 1,
-            };
-            let asked = timed_requests(requests, &mut latencies, |i| {
-                S::request(&requester, i, count)
-            })
-            .await;
-            stop.store(true, Ordering::Relaxed);
-            let loaded = load
-                .await
-                .context("internal: the publishing task panicked")?;
-            asked?;
-            let load_rate = per_second(published.load(Ordering::Relaxed), loaded?);
-            latencies.sort_unstable();
-            let micros = |p| percentile(&latencies, p).unwrap_or(0) as f64 / 1000.0;
-            Ok(vec![
-                (Workload::W12, Metric::LatencyP50, micros(50.0)),
-                (Workload::W12, Metric::LatencyP99, micros(99.0)),
-                (Workload::W12, Metric::LoadThroughput, load_rate),
-            ])
-        }
-        .await;
-        S::close_requester(requester).await;
-        measured
-    };
-    side.watch(work).await
 }

@@ -1,4 +1,5 @@
-//! W4, request/reply, on either side alone or on both at once.
+//! W4, request/reply, on either side alone or on both at once; and W12,
+//! W4a's requests while another connection publishes.
 //!
 //! With both sides, one run sets up Courier's and NATS's servers and
 //! clients side by side, then alternates between them in [`W4_SLICES`]
@@ -10,7 +11,7 @@
 //! sides the same share of every burst.
 
 use super::nats::{NatsInstall, NatsRequester, NatsSide};
-use super::side::{self, Fsync, Side};
+use super::side::{publish_pipelined, Fsync, Side};
 use super::*;
 
 use futures_util::stream::{FuturesUnordered, StreamExt as _};
@@ -102,11 +103,11 @@ impl W4Side {
         match self {
             W4Side::Courier(pair) => {
                 let (side, requester) = &mut **pair;
-                side::requests(side, requester, requests, latencies).await
+                side_requests(side, requester, requests, latencies).await
             }
             W4Side::Nats(pair) => {
                 let (side, requester) = &mut **pair;
-                side::requests(side, requester, requests, latencies).await
+                side_requests(side, requester, requests, latencies).await
             }
         }
     }
@@ -273,6 +274,97 @@ async fn timed_run(
         }
     }
     Ok(tallies)
+}
+
+/// Asks `requests` of `requester`, timed (see [`timed_requests`]).
+async fn side_requests<S: Side>(
+    side: &mut S,
+    requester: &S::Requester,
+    requests: Requests,
+    latencies: &mut Vec<u64>,
+) -> anyhow::Result<Duration> {
+    let ask = |i| S::request(requester, i, requests.of);
+    side.watch(timed_requests(requests, latencies, ask)).await
+}
+
+/// W12's event name (NATS: subject) for the publishing beside the requests.
+pub(super) const W12_NAME: &str = "bench.w12.published";
+/// The load's events go in chunks of this many (each chunk pipelined).
+const W12_CHUNK: u64 = 1_000;
+
+/// W12: W4a's requests, one at a time, while another connection publishes
+/// durable events pipelined (W5b) as fast as it can; the requests' p50
+/// and p99, and the publishing rate meanwhile.
+pub(super) async fn requests_under_load<S: Side + 'static>(
+    side: &mut S,
+    plan: &Plan,
+) -> anyhow::Result<Vec<Measurement>> {
+    let address = side.address();
+    let count = plan.w4a;
+    let work = async {
+        let requester = S::requester(&address).await?;
+        let publisher = S::publisher(&address, W12_NAME).await?;
+        let measured = async {
+            let mut latencies = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
+            let warmup = Requests {
+                first: 0,
+                count: plan.warmup,
+                of: plan.warmup,
+                in_flight: 1,
+            };
+            timed_requests(warmup, &mut latencies, |i| {
+                S::request(&requester, i, plan.warmup)
+            })
+            .await
+            .context("warm-up")?;
+            latencies.clear();
+            let stop = Arc::new(AtomicBool::new(false));
+            let published = Arc::new(AtomicU64::new(0));
+            let (load_stop, load_published) = (stop.clone(), published.clone());
+            let load = tokio::spawn(async move {
+                let payload = Bytes::from(vec![b'x'; SMALL_BYTES]);
+                let started = Instant::now();
+                while !load_stop.load(Ordering::Relaxed) {
+                    publish_pipelined::<S>(&publisher, W12_NAME, &payload, W12_CHUNK, WINDOW)
+                        .await
+                        .context("the publishing beside the requests")?;
+                    load_published.fetch_add(W12_CHUNK, Ordering::Relaxed);
+                }
+                Ok::<Duration, anyhow::Error>(started.elapsed())
+            });
+            // The load is at full speed once its first chunk is in.
+            while published.load(Ordering::Relaxed) == 0 && !load.is_finished() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let requests = Requests {
+                first: 0,
+                count,
+                of: count,
+                in_flight: 1,
+            };
+            let asked = timed_requests(requests, &mut latencies, |i| {
+                S::request(&requester, i, count)
+            })
+            .await;
+            stop.store(true, Ordering::Relaxed);
+            let loaded = load
+                .await
+                .context("internal: the publishing task panicked")?;
+            asked?;
+            let load_rate = per_second(published.load(Ordering::Relaxed), loaded?);
+            latencies.sort_unstable();
+            let micros = |p| percentile(&latencies, p).unwrap_or(0) as f64 / 1000.0;
+            Ok(vec![
+                (Workload::W12, Metric::LatencyP50, micros(50.0)),
+                (Workload::W12, Metric::LatencyP99, micros(99.0)),
+                (Workload::W12, Metric::LoadThroughput, load_rate),
+            ])
+        }
+        .await;
+        S::close_requester(requester).await;
+        measured
+    };
+    side.watch(work).await
 }
 
 #[cfg(test)]

@@ -98,11 +98,12 @@ fn taking_a_key_back_puts_its_messages_in_order_again() {
         vec![(2, 0), (3, 0)],
         "taken back uncounted"
     );
-    assert!(q.ready.len() == 0 && q.in_flight.is_empty());
+    assert!(q.ready.is_empty() && q.in_flight.is_empty());
     assert_eq!(q.key_holder(&Bytes::from_static(b"a")), None);
     q.make_ready_again(failed.entry);
     assert_eq!(ready_seqs(&q), vec![1]);
     assert_eq!(q.depth(), 5);
+    assert!(!q.is_empty());
     let mut order = Vec::new();
     let mut delivery = 30;
     while let Some(entry) = q.ready.pop_front() {
@@ -124,7 +125,7 @@ fn deferred_entries_come_out_in_time_order() {
     q.defer(10, keyed(3, "z"));
     assert_eq!(q.next_timer(), Some(10));
     q.release_due(9);
-    assert!(q.ready.len() == 0);
+    assert!(q.ready.is_empty());
     q.release_due(10);
     assert_eq!(
         q.ready.iter().map(|e| e.seq).collect::<Vec<_>>(),

@@ -2,6 +2,25 @@
 
 use super::*;
 
+/// Where most of these rules start: `web` on connection 1 sends, and
+/// `todo` on connection 2 receives `pattern`.
+fn web_and_todo(pattern: &str) -> Harness {
+    set_up(&[(1, "web"), (2, "todo")], &[(2, pattern)])
+}
+
+/// A broker with these instances (connection, service; no in-flight
+/// limit) connected, then these subscriptions (connection, pattern) made.
+fn set_up(instances: &[(ConnId, &str)], subscriptions: &[(ConnId, &str)]) -> Harness {
+    let mut h = Harness::new();
+    for (conn, service) in instances {
+        h.connect(*conn, service, 0);
+    }
+    for (conn, pattern) in subscriptions {
+        h.subscribe(*conn, pattern);
+    }
+    h
+}
+
 #[test]
 fn command_without_receiver_is_refused_with_its_name() {
     let mut h = Harness::new();
@@ -44,14 +63,10 @@ fn commands_compete_across_instances_of_one_service() {
 
 #[test]
 fn events_fan_out_across_services_and_compete_within_one() {
-    let mut h = Harness::new();
-    h.connect(1, "todo", 0);
-    h.connect(2, "audit", 0);
-    h.connect(3, "audit", 0);
-    h.connect(4, "mail", 0);
-    h.subscribe(2, "todo.*");
-    h.subscribe(3, "todo.*");
-    h.subscribe(4, "todo.>");
+    let mut h = set_up(
+        &[(1, "todo"), (2, "audit"), (3, "audit"), (4, "mail")],
+        &[(2, "todo.*"), (3, "todo.*"), (4, "todo.>")],
+    );
     h.send(1, 1, event("todo.created", "a"));
     h.send(1, 2, event("todo.item.deleted", "b"));
     let deliveries = h.deliveries();
@@ -72,10 +87,7 @@ fn event_without_subscriber_is_accepted_and_dropped() {
 
 #[test]
 fn broker_sets_sender_and_timestamp() {
-    let mut h = Harness::new();
-    h.connect(1, "web", 0);
-    h.connect(2, "todo", 0);
-    h.subscribe(2, "todo.create");
+    let mut h = web_and_todo("todo.create");
     let mut m = command("todo.create", "x");
     m.sender = "admin".into();
     m.timestamp = 5;
@@ -94,10 +106,7 @@ fn broker_sets_sender_and_timestamp() {
 
 #[test]
 fn subscription_belongs_to_the_service_and_messages_wait() {
-    let mut h = Harness::new();
-    h.connect(1, "web", 0);
-    h.connect(2, "todo", 0);
-    h.subscribe(2, "todo.create");
+    let mut h = web_and_todo("todo.create");
     h.broker.disconnect(2, h.now);
     h.send(1, 1, command("todo.create", "waiting"));
     assert_eq!(results(&h.actions()), vec![(1, ErrorCode::Ok)]);
@@ -111,10 +120,7 @@ fn subscription_belongs_to_the_service_and_messages_wait() {
 
 #[test]
 fn unsubscribe_removes_the_subscription_and_its_backlog() {
-    let mut h = Harness::new();
-    h.connect(1, "web", 0);
-    h.connect(2, "todo", 0);
-    h.subscribe(2, "todo.create");
+    let mut h = web_and_todo("todo.create");
     h.broker.disconnect(2, h.now);
     h.send(1, 1, command("todo.create", "x"));
     assert_eq!(h.broker.store().len(), 1);
@@ -154,10 +160,7 @@ fn unacked_delivery_goes_to_another_instance_after_the_deadline() {
 
 #[test]
 fn disconnect_redelivers_at_once_to_another_instance() {
-    let mut h = Harness::new();
-    h.connect(1, "web", 0);
-    h.connect(2, "todo", 0);
-    h.subscribe(2, "todo.create");
+    let mut h = web_and_todo("todo.create");
     h.send(1, 1, command("todo.create", "x"));
     assert_eq!(h.deliveries()[0].0, 2);
     h.connect(3, "todo", 0);
@@ -170,9 +173,8 @@ fn disconnect_redelivers_at_once_to_another_instance() {
 
 #[test]
 fn nack_with_delay_then_dead_letter_after_max_deliveries() {
-    let mut h = Harness::new();
-    h.connect(1, "web", 0);
-    h.connect(2, "todo", 0);
+    let mut h = set_up(&[(1, "web"), (2, "todo")], &[]);
+    // A max_deliveries of its own.
     h.broker
         .subscribe(2, 0, "todo.create", 0, 3, StartFrom::New, h.now);
     h.send(1, 1, command("todo.create", "poison"));
@@ -200,11 +202,10 @@ fn nack_with_delay_then_dead_letter_after_max_deliveries() {
 
 #[test]
 fn ack_from_another_connection_is_ignored() {
-    let mut h = Harness::new();
-    h.connect(1, "web", 0);
-    h.connect(2, "todo", 0);
-    h.connect(3, "todo", 0);
-    h.subscribe(2, "todo.create");
+    let mut h = set_up(
+        &[(1, "web"), (2, "todo"), (3, "todo")],
+        &[(2, "todo.create")],
+    );
     h.send(1, 1, command("todo.create", "x"));
     let d = h.deliveries();
     h.broker.ack(3, d[0].1, h.now);
@@ -220,12 +221,10 @@ fn ack_from_another_connection_is_ignored() {
 
 #[test]
 fn same_key_is_delivered_in_order_one_at_a_time() {
-    let mut h = Harness::new();
-    h.connect(1, "web", 0);
-    h.connect(2, "todo", 0);
-    h.connect(3, "todo", 0);
-    h.subscribe(2, "todo.update");
-    h.subscribe(3, "todo.update");
+    let mut h = set_up(
+        &[(1, "web"), (2, "todo"), (3, "todo")],
+        &[(2, "todo.update"), (3, "todo.update")],
+    );
     for (i, payload) in ["k1-a", "k1-b", "k1-c"].into_iter().enumerate() {
         let mut m = command("todo.update", payload);
         m.key = Some(Bytes::from_static(b"k1"));
@@ -262,10 +261,7 @@ fn same_key_is_delivered_in_order_one_at_a_time() {
 
 #[test]
 fn duplicate_id_within_window_is_acknowledged_and_dropped() {
-    let mut h = Harness::new();
-    h.connect(1, "web", 0);
-    h.connect(2, "todo", 0);
-    h.subscribe(2, "todo.create");
+    let mut h = web_and_todo("todo.create");
     let m = command("todo.create", "x");
     h.send(1, 1, m.clone());
     h.send(1, 2, m.clone());
@@ -299,10 +295,7 @@ fn duplicate_id_within_window_is_acknowledged_and_dropped() {
 
 #[test]
 fn quiet_sends_are_answered_only_when_refused() {
-    let mut h = Harness::new();
-    h.connect(1, "web", 0);
-    h.connect(2, "todo", 0);
-    h.subscribe(2, "todo.created");
+    let mut h = web_and_todo("todo.created");
     let _ = h.actions();
     let mut accepted = event("todo.created", "x");
     accepted.transient = true;
@@ -332,10 +325,7 @@ fn quiet_sends_are_answered_only_when_refused() {
 
 #[test]
 fn a_pong_follows_the_answers_to_everything_sent_before_its_ping() {
-    let mut h = Harness::new();
-    h.connect(1, "web", 0);
-    h.connect(2, "todo", 0);
-    h.subscribe(2, "todo.created");
+    let mut h = web_and_todo("todo.created");
     let _ = h.actions();
     h.send(1, 1, event("todo.created", "durable"));
     h.broker
@@ -376,9 +366,8 @@ fn refused_send_retried_with_the_same_id_is_routed_not_deduplicated() {
 
 #[test]
 fn redelivery_after_disconnect_counts_towards_max_deliveries() {
-    let mut h = Harness::new();
-    h.connect(1, "web", 0);
-    h.connect(2, "todo", 0);
+    let mut h = set_up(&[(1, "web"), (2, "todo")], &[]);
+    // A max_deliveries of its own.
     h.broker
         .subscribe(2, 0, "todo.create", 0, 2, StartFrom::New, h.now);
     h.send(1, 1, command("todo.create", "crashy"));
@@ -397,10 +386,7 @@ fn redelivery_after_disconnect_counts_towards_max_deliveries() {
 
 #[test]
 fn expired_messages_are_refused_or_dropped() {
-    let mut h = Harness::new();
-    h.connect(1, "web", 0);
-    h.connect(2, "todo", 0);
-    h.subscribe(2, "todo.create");
+    let mut h = web_and_todo("todo.create");
     let mut stale = command("todo.create", "x");
     stale.expires_at = Some(h.now - 1);
     h.send(1, 1, stale);
@@ -420,10 +406,7 @@ fn expired_messages_are_refused_or_dropped() {
 
 #[test]
 fn deferred_delivery_waits_for_deliver_at() {
-    let mut h = Harness::new();
-    h.connect(1, "web", 0);
-    h.connect(2, "todo", 0);
-    h.subscribe(2, "todo.remind");
+    let mut h = web_and_todo("todo.remind");
     let mut later = command("todo.remind", "x");
     later.deliver_at = Some(h.now + 500 * MS);
     h.send(1, 1, later);
@@ -437,10 +420,7 @@ fn deferred_delivery_waits_for_deliver_at() {
 
 #[test]
 fn transient_messages_go_to_connected_instances_only() {
-    let mut h = Harness::new();
-    h.connect(1, "web", 0);
-    h.connect(2, "todo", 0);
-    h.subscribe(2, "todo.ping");
+    let mut h = web_and_todo("todo.ping");
     let mut m = event("todo.ping", "x");
     m.transient = true;
     h.send(1, 1, m.clone());
@@ -477,11 +457,7 @@ fn flow_control_limits_deliveries_in_flight() {
 
 #[test]
 fn replies_stream_back_to_the_requesting_instance() {
-    let mut h = Harness::new();
-    h.connect(1, "web", 0);
-    h.connect(5, "web", 0);
-    h.connect(2, "file", 0);
-    h.subscribe(2, "file.copy");
+    let mut h = set_up(&[(1, "web"), (5, "web"), (2, "file")], &[(2, "file.copy")]);
     let cmd = command("file.copy", "{}");
     let cmd_id = cmd.id;
     h.send(5, 1, cmd);
@@ -512,11 +488,10 @@ fn replies_stream_back_to_the_requesting_instance() {
 
 #[test]
 fn reply_goes_to_another_instance_when_the_requester_is_gone() {
-    let mut h = Harness::new();
-    h.connect(1, "web", 0);
-    h.connect(5, "web", 0);
-    h.connect(2, "todo", 0);
-    h.subscribe(2, "todo.create");
+    let mut h = set_up(
+        &[(1, "web"), (5, "web"), (2, "todo")],
+        &[(2, "todo.create")],
+    );
     let cmd = command("todo.create", "{}");
     let id = cmd.id;
     h.send(5, 1, cmd);
@@ -533,10 +508,7 @@ fn reply_goes_to_another_instance_when_the_requester_is_gone() {
 
 #[test]
 fn reply_waits_while_no_instance_of_the_requester_is_connected() {
-    let mut h = Harness::new();
-    h.connect(5, "web", 0);
-    h.connect(2, "todo", 0);
-    h.subscribe(2, "todo.create");
+    let mut h = set_up(&[(5, "web"), (2, "todo")], &[(2, "todo.create")]);
     let cmd = command("todo.create", "{}");
     let id = cmd.id;
     h.send(5, 1, cmd);
@@ -574,10 +546,7 @@ fn invalid_names_and_patterns_are_refused() {
 
 #[test]
 fn an_acceptance_says_where_the_log_holds_the_message() {
-    let mut h = Harness::new();
-    h.connect(1, "web", 0);
-    h.connect(2, "todo", 0);
-    h.subscribe(2, "todo.create");
+    let mut h = web_and_todo("todo.create");
     h.actions();
     let log_seq_of = |actions: &[Action], wanted: u64| {
         actions.iter().find_map(|a| match a {
@@ -621,10 +590,7 @@ fn an_acceptance_says_where_the_log_holds_the_message() {
 
 #[test]
 fn drain_stops_new_deliveries() {
-    let mut h = Harness::new();
-    h.connect(1, "web", 0);
-    h.connect(2, "todo", 0);
-    h.subscribe(2, "todo.create");
+    let mut h = web_and_todo("todo.create");
     h.broker.drain(2);
     let actions = h.actions();
     assert!(actions

@@ -398,7 +398,7 @@ impl Broker {
         let log = StderrLog::default();
         let stderr = child.stderr.take().expect("stderr");
         let lines = log.0.clone();
-        std::thread::spawn(move || {
+        let stderr_reader = std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { return };
                 lines
@@ -414,7 +414,9 @@ impl Broker {
             _ => {
                 let _ = child.kill();
                 let _ = child.wait();
-                std::thread::sleep(Duration::from_millis(100));
+                // The process is gone, so its stderr ends: every line it
+                // wrote is in the log once the reader returns.
+                let _ = stderr_reader.join();
                 panic!(
                     "courier serve printed no ready line; its stderr:\n{}",
                     log.text()
@@ -536,16 +538,47 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
 /// Polls `check` every 50 ms until it returns `Some`, or panics with
 /// `what` after `timeout`.
 pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    wait_until(what, timeout, || check().ok_or("no"))
+}
+
+/// Polls `check` every 50 ms until it returns `Ok`, or panics after
+/// `timeout` with `what` and the last `Err`: what was seen instead.
+pub fn wait_until<T, E: std::fmt::Display>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> Result<T, E>,
+) -> T {
     let deadline = std::time::Instant::now() + timeout;
     loop {
-        if let Some(found) = check() {
+        match check() {
+            Ok(found) => return found,
+            Err(last) => assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: not within {timeout:?}; last seen: {last}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// [`wait_for`] for async tests: polls `check` every 50 ms without
+/// blocking the runtime, until it returns `Some`, or panics with `what`
+/// after `timeout`.
+pub async fn wait_for_async<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(found) = check().await {
             return found;
         }
         assert!(
             std::time::Instant::now() < deadline,
             "{what}: not within {timeout:?}"
         );
-        std::thread::sleep(Duration::from_millis(50));
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

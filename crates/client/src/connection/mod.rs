@@ -1,6 +1,5 @@
 //! The connection driver: handshake, reading, writing, reconnecting.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -165,6 +164,9 @@ pub(crate) async fn drive(inner: Arc<Inner>, first: Established) {
                     }
                     Err(error) => {
                         debug!(%error, ?delay, "reconnect failed");
+                        if refuses_this_identity(&error) {
+                            fail_waiting(&inner, &error);
+                        }
                         let jitter = Duration::from_millis(
                             u64::from(uuid::Uuid::new_v4().as_bytes()[0]) % 50,
                         );
@@ -193,7 +195,7 @@ pub(crate) async fn drive(inner: Arc<Inner>, first: Established) {
         let write = write_loop(&inner, writer);
         let read = read_loop(&inner, generation, version, &mut reader, &mut buf);
         // Read first: the write loop, polled after the reader in the same
-        // poll, takes what the frames just handled queued (see `reading`).
+        // poll, takes what the frames just handled queued (see `WriteWake`).
         let (stopped, reason) = tokio::select! {
             biased;
             end = read => {
@@ -273,6 +275,45 @@ pub(crate) async fn drive(inner: Arc<Inner>, first: Established) {
     inner.writer_drained.notify_waiters();
 }
 
+/// Whether the broker refused the handshake for what this client is (its
+/// credentials, name or protocol version), which trying again cannot
+/// change until the broker's configuration does.
+fn refuses_this_identity(error: &Error) -> bool {
+    matches!(
+        error,
+        Error::Refused {
+            code: ErrorCode::Unauthorized | ErrorCode::InvalidName | ErrorCode::UnsupportedVersion,
+            ..
+        }
+    )
+}
+
+/// Answers everything waiting for a connection with `error`: sends to be
+/// sent again, flushes and requests would otherwise wait for a reconnect
+/// the broker refuses. The client keeps trying (the broker's manifest
+/// may take it back); what comes later waits for that.
+fn fail_waiting(inner: &Inner, error: &Error) {
+    let refusal = || match error {
+        Error::Refused { code, reason } => Error::Refused {
+            code: *code,
+            reason: reason.clone(),
+        },
+        other => Error::Closed(other.to_string()),
+    };
+    let mut state = inner.lock();
+    for (_, pending) in state.pending_sends.take() {
+        let _ = pending.done.send(Err(refusal()));
+    }
+    for (_, tx) in state.flushes.drain(..) {
+        let _ = tx.send(Err(refusal()));
+    }
+    for (_, waiting) in state.requests.drain() {
+        let _ = waiting.replies.try_send(Err(refusal()));
+    }
+    drop(state);
+    inner.writer_drained.notify_waiters();
+}
+
 /// Writes whatever the client queued; ends `Ok` on shutdown after the last flush.
 async fn write_loop(inner: &Inner, mut writer: Writer) -> std::io::Result<()> {
     let mut shutdown = inner.shutdown.subscribe();
@@ -300,7 +341,7 @@ async fn write_loop(inner: &Inner, mut writer: Writer) -> std::io::Result<()> {
         let notified = inner.writer_wake.notified();
         tokio::pin!(notified);
         let requested = std::future::poll_fn(|cx| {
-            if inner.write_requested.swap(false, Ordering::SeqCst) {
+            if inner.write_wake.take_request() {
                 return Poll::Ready(());
             }
             std::future::Future::poll(notified.as_mut(), cx)
@@ -333,20 +374,21 @@ impl ReadEnd {
     }
 }
 
-/// `Inner::reading` for as long as it lives (cleared on every way out, or
-/// writes queued after a lost connection would never wake the writer).
+/// The driver is reading (`WriteWake::start_reading`) for as long as this
+/// lives: it stops on every way out, or writes queued after a lost
+/// connection would never wake the writer.
 struct Reading<'a>(&'a Inner);
 
 impl<'a> Reading<'a> {
     fn start(inner: &'a Inner) -> Reading<'a> {
-        inner.reading.store(true, Ordering::SeqCst);
+        inner.write_wake.start_reading();
         Reading(inner)
     }
 }
 
 impl Drop for Reading<'_> {
     fn drop(&mut self) {
-        self.0.reading.store(false, Ordering::SeqCst);
+        self.0.write_wake.stop_reading();
     }
 }
 

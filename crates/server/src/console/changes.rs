@@ -51,8 +51,7 @@ pub(crate) fn change<T>(
     responses(
         (status = 200, description = "Back in the service's queue", body = crate::openapi::Replayed),
         (status = 400, description = "Not a dead letter id, or a body that is not a JSON object", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Under a manifest: no admin token, or one it does not list", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "A service's token, or a non-loopback caller without a manifest", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        AdminRefusals,
         (status = 404, description = "No such dead letter", body = crate::openapi::Problem, content_type = "application/problem+json"),
         (status = 409, description = "It cannot be replayed now", body = crate::openapi::Problem, content_type = "application/problem+json"),
         (status = 415, description = "A POST must be sent as Content-Type: application/json", body = crate::openapi::Problem, content_type = "application/problem+json"),
@@ -93,8 +92,7 @@ pub(crate) async fn replay(
     responses(
         (status = 200, description = "All of the service's dead letters deleted", body = crate::openapi::Purged),
         (status = 400, description = "A body that is not a JSON object", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Under a manifest: no admin token, or one it does not list", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "A service's token, or a non-loopback caller without a manifest", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        AdminRefusals,
         (status = 404, description = "No such service", body = crate::openapi::Problem, content_type = "application/problem+json"),
         (status = 415, description = "A POST must be sent as Content-Type: application/json", body = crate::openapi::Problem, content_type = "application/problem+json"),
         (status = 503, description = "The broker's disk failed while saving the change", body = crate::openapi::Problem, content_type = "application/problem+json"),
@@ -119,57 +117,44 @@ pub(crate) async fn purge(
     }
 }
 
-#[utoipa::path(
-    post,
-    path = "/v1/subscriptions/{service}/pause",
-    tag = "console",
-    params(
-        ("service" = String, Path, description = "The service's name"),
-    ),
-    request_body(content = crate::openapi::PauseChange, content_type = "application/json"),
-    responses(
-        (status = 200, description = "Paused", body = crate::openapi::Paused),
-        (status = 400, description = "A bad body", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Under a manifest: no admin token, or one it does not list", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "A service's token, or a non-loopback caller without a manifest", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such service or subscription", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 415, description = "A POST must be sent as Content-Type: application/json", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "The broker's disk failed while saving the change", body = crate::openapi::Problem, content_type = "application/problem+json"),
-    ),
-)]
-pub(crate) async fn pause(
-    State(shared): State<Arc<Shared>>,
-    Path(service): Path<String>,
-    body: Bytes,
-) -> Response {
-    pause_or_resume(&shared, &service, &body, true)
+/// `pause` and `resume`: one route each, alike but for the path, the
+/// answer's description and which way the change goes.
+macro_rules! pause_route {
+    ($name:ident, $path:tt, $done:tt, $pause:expr) => {
+        #[utoipa::path(
+            post,
+            path = $path,
+            tag = "console",
+            params(
+                ("service" = String, Path, description = "The service's name"),
+            ),
+            request_body(content = crate::openapi::PauseChange, content_type = "application/json"),
+            responses(
+                (status = 200, description = $done, body = crate::openapi::Paused),
+                (status = 400, description = "A bad body", body = crate::openapi::Problem, content_type = "application/problem+json"),
+                AdminRefusals,
+                (status = 404, description = "No such service or subscription", body = crate::openapi::Problem, content_type = "application/problem+json"),
+                (status = 415, description = "A POST must be sent as Content-Type: application/json", body = crate::openapi::Problem, content_type = "application/problem+json"),
+                (status = 503, description = "The broker's disk failed while saving the change", body = crate::openapi::Problem, content_type = "application/problem+json"),
+            ),
+        )]
+        pub(crate) async fn $name(
+            State(shared): State<Arc<Shared>>,
+            Path(service): Path<String>,
+            body: Bytes,
+        ) -> Response {
+            pause_or_resume(&shared, &service, &body, $pause)
+        }
+    };
 }
 
-#[utoipa::path(
-    post,
-    path = "/v1/subscriptions/{service}/resume",
-    tag = "console",
-    params(
-        ("service" = String, Path, description = "The service's name"),
-    ),
-    request_body(content = crate::openapi::PauseChange, content_type = "application/json"),
-    responses(
-        (status = 200, description = "Resumed", body = crate::openapi::Paused),
-        (status = 400, description = "A bad body", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Under a manifest: no admin token, or one it does not list", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "A service's token, or a non-loopback caller without a manifest", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such service or subscription", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 415, description = "A POST must be sent as Content-Type: application/json", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "The broker's disk failed while saving the change", body = crate::openapi::Problem, content_type = "application/problem+json"),
-    ),
-)]
-pub(crate) async fn resume(
-    State(shared): State<Arc<Shared>>,
-    Path(service): Path<String>,
-    body: Bytes,
-) -> Response {
-    pause_or_resume(&shared, &service, &body, false)
-}
+pause_route!(pause, "/v1/subscriptions/{service}/pause", "Paused", true);
+pause_route!(
+    resume,
+    "/v1/subscriptions/{service}/resume",
+    "Resumed",
+    false
+);
 
 /// `POST /v1/subscriptions/{service}/pause|resume` with `{"pattern": P}`,
 /// or `{}` for every subscription of the service.

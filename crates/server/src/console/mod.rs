@@ -35,6 +35,25 @@ mod reads;
 pub(crate) use changes::*;
 pub(crate) use reads::*;
 
+/// The refusals of every console route ([`authorized`]), listed in the
+/// OpenAPI document with each route's own answers.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)] // described, answered by `authorized`
+pub(crate) enum AdminRefusals {
+    #[response(
+        status = 401,
+        description = "Under a manifest: no admin token, or one it does not list",
+        content_type = "application/problem+json"
+    )]
+    NoAdminToken(crate::openapi::Problem),
+    #[response(
+        status = 403,
+        description = "A service's token, or a non-loopback caller without a manifest",
+        content_type = "application/problem+json"
+    )]
+    NotAdmin(crate::openapi::Problem),
+}
+
 /// Where a connection comes from, and since when.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Peer {

@@ -26,8 +26,7 @@ use super::*;
     tag = "console",
     responses(
         (status = 200, description = "Every service the broker knows, its subscriptions, queue and instances", body = crate::openapi::ServicesListing),
-        (status = 401, description = "Under a manifest: no admin token, or one it does not list", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "A service's token, or a non-loopback caller without a manifest", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        AdminRefusals,
     ),
 )]
 pub(crate) async fn services(State(shared): State<Arc<Shared>>) -> Response {
@@ -115,8 +114,7 @@ pub(crate) fn traffic_copy(shared: &Shared) -> (Vec<NameStats>, usize, u64) {
     tag = "console",
     responses(
         (status = 200, description = "Per message name: counters, reply latency, outcomes", body = crate::openapi::NamesListing),
-        (status = 401, description = "Under a manifest: no admin token, or one it does not list", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "A service's token, or a non-loopback caller without a manifest", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        AdminRefusals,
     ),
 )]
 pub(crate) async fn names(State(shared): State<Arc<Shared>>) -> Response {
@@ -251,8 +249,7 @@ pub(crate) fn quantile(h: &Histogram, q: f64) -> Option<f64> {
     tag = "console",
     responses(
         (status = 200, description = "Who sent what to whom", body = crate::openapi::Topology),
-        (status = 401, description = "Under a manifest: no admin token, or one it does not list", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "A service's token, or a non-loopback caller without a manifest", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        AdminRefusals,
     ),
 )]
 pub(crate) async fn topology(State(shared): State<Arc<Shared>>) -> Response {
@@ -313,8 +310,7 @@ pub(crate) fn topology_json(names: &[NameStats], mut services: Vec<String>, now:
     responses(
         (status = 200, description = "A page of dead letters by id, how many there are, and where the next page starts", body = crate::openapi::DeadLetters),
         (status = 400, description = "after or limit is not a number in range", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Under a manifest: no admin token, or one it does not list", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "A service's token, or a non-loopback caller without a manifest", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        AdminRefusals,
         (status = 404, description = "No such service", body = crate::openapi::Problem, content_type = "application/problem+json"),
     ),
 )]
@@ -378,8 +374,7 @@ pub(crate) async fn dead_letters(
     responses(
         (status = 200, description = "One dead letter with its envelope and payload", body = crate::openapi::DeadLetter),
         (status = 400, description = "Not a dead letter id", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Under a manifest: no admin token, or one it does not list", body = crate::openapi::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "A service's token, or a non-loopback caller without a manifest", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        AdminRefusals,
         (status = 404, description = "No such dead letter", body = crate::openapi::Problem, content_type = "application/problem+json"),
     ),
 )]

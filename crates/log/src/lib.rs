@@ -83,7 +83,8 @@ pub enum FsyncPolicy {
     /// durable only up to the last fsync.
     Interval(Duration),
     /// `sync` only writes to the OS; a machine crash may lose anything not
-    /// yet in a sealed segment (sealing always fsyncs).
+    /// yet in a sealed segment (the seal of a rolled segment, run by the
+    /// next sync, always fsyncs it).
     Never,
 }
 

@@ -170,78 +170,94 @@ fn fill_first_segment(log: &mut courier_log::Log) {
 }
 
 #[test]
-fn failed_fsync_while_sealing_discards_the_unsynced_records_and_keeps_the_segment() {
+fn failed_fsync_while_sealing_undoes_the_roll_and_discards_the_unsynced_records() {
     let env = Env::small(5);
     let mut log = env.open_clean();
     append_n(&mut log, 10, 40);
     log.sync().expect("sync");
     append_n(&mut log, 5, 40);
+    // This append rolls the segment; the seal waits for the next sync.
+    append_n(&mut log, 3, 40);
+    assert_eq!(log.segments().len(), 2);
     env.fs.fail_nth(FaultOp::Sync, 1, Fault::Io);
-    // This append rolls the segment, which needs the fsync that fails.
-    let err = log
-        .append(RecordKind::Message, 1, &body(16, 40, 0))
-        .expect_err("fsync fails");
+    let err = log.sync().expect_err("the seal's fsync fails");
     assert!(matches!(err, LogError::Io { .. }), "{err}");
-    assert_eq!(log.next_seq(), 11);
-    assert_eq!(log.segments().len(), 1);
+    assert_eq!(log.next_seq(), 11, "back to the last successful fsync");
+    assert_eq!(log.segments().len(), 1, "the roll is undone");
+    assert!(
+        !log_files(&env).contains(&"00000000000000000016.log".to_string()),
+        "the segment rolled to is removed"
+    );
     append_n(&mut log, 10, 40);
     log.sync().expect("sync");
     assert_eq!(log.segments().len(), 2);
     drop(log);
+    env.fs.crash().expect("crash");
     let mut log = env.open_clean();
     assert_eq!(log.verify().expect("verify"), 20);
 }
 
+/// The file names in the segments directory.
+fn log_files(env: &Env) -> Vec<String> {
+    std::fs::read_dir(env.segments_dir())
+        .expect("list")
+        .map(|e| e.expect("entry").file_name().into_string().expect("utf-8"))
+        .collect()
+}
+
 #[test]
-fn failed_index_write_while_sealing_keeps_everything_and_retries() {
+fn failed_index_write_while_sealing_discards_only_the_new_segment_and_retries() {
     let env = Env::small(6);
     let mut log = env.open_clean();
     fill_first_segment(&mut log);
     log.sync().expect("sync");
-    // Everything is durable, so the roll's first write is the index file.
-    env.fs.fail_nth(FaultOp::Write, 1, Fault::NoSpace);
-    let err = log
-        .append(RecordKind::Message, 16_000, &body(16, 40, 0))
-        .expect_err("index write fails");
+    // The roll does no I/O but the new file's creation.
+    log.append(RecordKind::Message, 16_000, &body(16, 40, 0))
+        .expect("roll");
+    // The sync writes record 16 (write 1); the seal needs no fsync of the
+    // segment, all of it was durable, so its first write is the index.
+    env.fs.fail_nth(FaultOp::Write, 2, Fault::NoSpace);
+    let err = log.sync().expect_err("index write fails");
     assert!(matches!(err, LogError::NoSpace { .. }), "{err}");
     assert_eq!(
         log.next_seq(),
         16,
-        "nothing discarded: all of it was durable"
+        "the sealed segment is durable; the new one's record is not"
     );
-    let leftovers: Vec<_> = std::fs::read_dir(env.segments_dir())
-        .expect("list")
-        .map(|e| e.expect("entry").file_name().into_string().expect("utf-8"))
+    assert_eq!(log.segments().len(), 2, "the seal is tried again");
+    let leftovers: Vec<_> = log_files(&env)
+        .into_iter()
         .filter(|name| name.ends_with(".tmp"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
     append_n(&mut log, 5, 40);
     log.sync().expect("sync");
-    assert_eq!(log.segments().len(), 2);
+    assert!(log_files(&env).contains(&"00000000000000000001.idx".to_string()));
     drop(log);
+    env.fs.crash().expect("crash");
     let mut log = env.open_clean();
     assert_eq!(log.verify().expect("verify"), 20);
 }
 
 #[test]
-fn failed_directory_fsync_for_a_new_segment_is_retried_before_sync_succeeds() {
+fn failed_directory_fsync_while_sealing_is_retried_before_sync_succeeds() {
     let env = Env::small(7);
     let mut log = env.open_clean();
     fill_first_segment(&mut log);
     log.sync().expect("sync");
-    // Roll: index fsync (1), directory fsync after its rename (2), directory
-    // fsync for the new segment (3).
-    env.fs.fail_nth(FaultOp::Sync, 3, Fault::Io);
-    let err = log
-        .append(RecordKind::Message, 16_000, &body(16, 40, 0))
-        .expect_err("dir fsync fails");
+    log.append(RecordKind::Message, 16_000, &body(16, 40, 0))
+        .expect("roll");
+    // The seal: index fsync (1), directory fsync after its rename, which
+    // also covers the new segment's entry (2).
+    env.fs.fail_nth(FaultOp::Sync, 2, Fault::Io);
+    let err = log.sync().expect_err("dir fsync fails");
     assert!(matches!(err, LogError::Io { .. }), "{err}");
     assert_eq!(log.next_seq(), 16);
-    assert_eq!(log.segments().len(), 2, "the new segment is active");
+    assert_eq!(log.segments().len(), 2, "the new segment stays active");
     // The directory fsync fails again: the new segment's records are not
     // claimed durable.
     append_n(&mut log, 3, 40);
-    env.fs.fail_nth(FaultOp::Sync, 1, Fault::Io);
+    env.fs.fail_nth(FaultOp::Sync, 2, Fault::Io);
     assert!(log.sync().is_err());
     assert_eq!(log.next_seq(), 16);
     append_n(&mut log, 3, 40);
@@ -249,8 +265,8 @@ fn failed_directory_fsync_for_a_new_segment_is_retried_before_sync_succeeds() {
     log.sync().expect("sync");
     assert_eq!(
         env.fs.counts().syncs - syncs_before,
-        2,
-        "directory, then the segment"
+        3,
+        "the index, the directory, then the segment"
     );
     drop(log);
     env.fs.crash().expect("crash");

@@ -4,7 +4,9 @@
 //! (`Shared::with_core_deferred`): what must wait for the disk is held in
 //! the core, and this thread is woken. It writes what was appended to the
 //! OS under the lock ([`Broker::start_sync`]), runs the fdatasync without
-//! it, and takes the lock again to release what became durable
+//! it (first the seal of a segment the log rolled away from, if one
+//! waits: its fdatasync, index file and directory fsync), and takes the
+//! lock again to release what became durable
 //! ([`Broker::finish_sync`]). Batches of every connection that arrive
 //! during an fsync share the next one; transient traffic and routing never
 //! wait for it.

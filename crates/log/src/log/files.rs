@@ -27,7 +27,8 @@ impl Log {
         let mut freed = 0;
         let mut removed = 0;
         let mut result = Ok(());
-        for segment in &self.sealed {
+        let removable = self.sealed.len() - usize::from(self.sealing.is_some());
+        for segment in &self.sealed[..removable] {
             if segment.next_seq > seq {
                 break;
             }
@@ -71,8 +72,9 @@ impl Log {
     /// them, and hands their files over to delete outside the log
     /// ([`SegmentRemoval::run`]); from here on the log reads none of them.
     pub fn detach_segments_before(&mut self, seq: Seq) -> SegmentRemoval {
-        let count = self
-            .sealed
+        // A segment whose seal is still to run stays until it ran.
+        let removable = self.sealed.len() - usize::from(self.sealing.is_some());
+        let count = self.sealed[..removable]
             .iter()
             .take_while(|segment| segment.next_seq <= seq)
             .count();
@@ -154,7 +156,7 @@ impl Log {
                 next_seq: self.next_seq(),
             });
         }
-        if snapshot.covers >= self.durable.next_seq {
+        if snapshot.covers >= self.durable_next() {
             self.make_all_durable()?;
         }
         Ok(())
@@ -178,7 +180,7 @@ impl Log {
                 next_seq: self.next_seq(),
             });
         }
-        if covers >= self.durable.next_seq {
+        if covers >= self.durable_next() {
             self.make_all_durable()?;
         }
         let encoded = encode_snapshot(covers, bytes);
@@ -201,9 +203,7 @@ impl Log {
     fn make_all_durable(&mut self) -> Result<(), LogError> {
         self.check_poisoned()?;
         self.flush()?;
-        if self.dir_sync_pending {
-            self.sync_segments_dir()?;
-        }
+        self.seal_in_place()?;
         if self.written != self.durable {
             self.fsync_active()?;
         }
@@ -258,10 +258,20 @@ pub(crate) fn write_index(
     segment: &Segment,
 ) -> Result<u64, LogError> {
     let bytes = encode_index(&segment.to_index());
-    let name = index_file_name(segment.first_seq);
+    write_index_bytes(fs, segments_dir, segment.first_seq, &bytes)
+}
+
+/// [`write_index`] of an index already encoded.
+pub(crate) fn write_index_bytes(
+    fs: &dyn FileSystem,
+    segments_dir: &Path,
+    first_seq: Seq,
+    bytes: &[u8],
+) -> Result<u64, LogError> {
+    let name = index_file_name(first_seq);
     let tmp = segments_dir.join(format!("{name}.tmp"));
     let path = segments_dir.join(name);
-    let result = write_file_durably(fs, &tmp, &bytes)
+    let result = write_file_durably(fs, &tmp, bytes)
         .and_then(|()| {
             fs.rename(&tmp, &path)
                 .map_err(|e| LogError::io("rename the index into place at", &path, e))

@@ -17,6 +17,7 @@ use crate::{LogConfig, Seq};
 mod files;
 mod open;
 mod read;
+mod seal;
 mod write;
 
 pub(crate) use files::{
@@ -24,6 +25,7 @@ pub(crate) use files::{
     write_file_durably, DurableMark,
 };
 pub(crate) use open::reconcile_boundaries;
+use seal::SealWork;
 use write::FsyncGate;
 pub use write::PendingSync;
 
@@ -115,7 +117,8 @@ impl Mark {
 /// takes `&mut self`.
 ///
 /// Failure contract: `append` only buffers (it writes early when the buffer
-/// is full, and seals a full segment), `sync` makes records durable per
+/// is full, and rolls a full segment, whose seal — the fsyncs — waits for
+/// the next sync), `sync` makes records durable per
 /// [`FsyncPolicy`](crate::FsyncPolicy). When a write fails, the records not yet written are
 /// discarded; when an fsync fails, every record since the last successful
 /// fsync is discarded (the file is truncated back), because after a failed
@@ -142,8 +145,15 @@ pub struct Log {
     written: Mark,
     /// The active segment after the last successful fsync.
     durable: Mark,
-    /// A new segment file's directory entry is not yet known to be durable.
-    dir_sync_pending: bool,
+    /// The seal of the segment rolled away from (its fdatasync, index file
+    /// and the directory fsync that also covers the new segment's entry),
+    /// left to the next sync, in place or in a [`PendingSync`]; at most one
+    /// waits. Shared with the job that runs it.
+    seal: Arc<Mutex<Option<SealWork>>>,
+    /// While a seal waits: the sealed segment's last durable mark, to cut
+    /// it back to if its fdatasync fails. The records of the active
+    /// segment are not durable before the seal finished.
+    sealing: Option<Mark>,
     last_fsync: Option<Instant>,
     /// Serialises every fdatasync of the active segment, the log's own and
     /// one run outside it ([`PendingSync::run`]), and keeps the failure of

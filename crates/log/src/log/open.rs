@@ -94,19 +94,52 @@ impl Log {
             )?;
             return Ok((log, damage));
         };
-        let firsts: Vec<Seq> = segment_seqs.iter().copied().collect();
+        let mut firsts: Vec<Seq> = segment_seqs.iter().copied().collect();
         let mut sealed = Vec::with_capacity(firsts.len());
         let mut max_timestamp = 0;
-        for pair in firsts.windows(2) {
-            let segment = load_sealed(
-                &*fs,
-                &segments_dir,
-                pair[0],
-                pair[1],
-                &config,
-                max_timestamp,
-                &mut damage,
-            )?;
+        let mut last_seq = last_seq;
+        for at in 0..firsts.len() - 1 {
+            let (first, next_first) = (firsts[at], firsts[at + 1]);
+            let segment = if at + 2 == firsts.len() && !index_seqs.contains(&first) {
+                // The newest sealed segment has no index: its seal may not
+                // have run before the crash.
+                match finish_roll(
+                    &*fs,
+                    &segments_dir,
+                    first,
+                    next_first,
+                    &config,
+                    max_timestamp,
+                    mark.as_ref(),
+                )? {
+                    RollEnd::Finished(segment, scan_damage) => {
+                        damage.extend(scan_damage);
+                        Some(segment)
+                    }
+                    RollEnd::Undone(removed) => {
+                        metrics.fsyncs += 1;
+                        damage.extend(removed);
+                        firsts.pop();
+                        last_seq = first;
+                        break;
+                    }
+                    RollEnd::NotARoll => None,
+                }
+            } else {
+                None
+            };
+            let segment = match segment {
+                Some(segment) => segment,
+                None => load_sealed(
+                    &*fs,
+                    &segments_dir,
+                    first,
+                    next_first,
+                    &config,
+                    max_timestamp,
+                    &mut damage,
+                )?,
+            };
             max_timestamp = segment.max_timestamp;
             sealed.push(segment);
         }
@@ -221,7 +254,8 @@ impl Log {
             pending: Vec::new(),
             written: mark,
             durable: mark,
-            dir_sync_pending: false,
+            seal: Arc::default(),
+            sealing: None,
             last_fsync: None,
             gate: Arc::default(),
             sync_in_flight: false,
@@ -270,7 +304,8 @@ impl Log {
             pending: Vec::new(),
             written: mark,
             durable: mark,
-            dir_sync_pending: false,
+            seal: Arc::default(),
+            sealing: None,
             last_fsync: None,
             gate: Arc::default(),
             sync_in_flight: false,
@@ -340,6 +375,85 @@ pub(crate) fn load_sealed(
             Ok(segment)
         }
     }
+}
+
+/// What open makes of a newest sealed segment without an index file.
+pub(crate) enum RollEnd {
+    /// It holds every record up to where the last segment begins: its
+    /// seal had not run, and is run now (index written, the scan's damage
+    /// returned).
+    Finished(Segment, Vec<Damage>),
+    /// It ends before the last segment begins (a torn tail, or records
+    /// the crash took), and no durable mark reaches past its intact
+    /// records: the roll had not finished, so no record after its end was
+    /// ever durable. The last segment was removed (reported as a torn
+    /// tail), and this one is the last segment now.
+    Undone(Option<Damage>),
+    /// A durable mark reaches past its intact records: records are lost,
+    /// not a roll cut short; it is loaded as any sealed segment.
+    NotARoll,
+}
+
+/// Finishes or undoes the roll away from segment `first_seq` (the newest
+/// sealed one, which has no index file); see [`RollEnd`].
+pub(crate) fn finish_roll(
+    fs: &dyn FileSystem,
+    segments_dir: &Path,
+    first_seq: Seq,
+    next_first_seq: Seq,
+    config: &LogConfig,
+    earlier_max_timestamp: u64,
+    mark: Option<&DurableMark>,
+) -> Result<RollEnd, LogError> {
+    let path = segments_dir.join(segment_file_name(first_seq));
+    let mut file = fs
+        .open(&path, OpenMode::Read)
+        .map_err(|e| LogError::io("open", &path, e))?;
+    let file_len = file
+        .size()
+        .map_err(|e| LogError::io("read the size of", &path, e))?;
+    let scanned = scan_segment(
+        &*file,
+        &path,
+        first_seq,
+        file_len,
+        config.index_every_records,
+        earlier_max_timestamp,
+        true,
+        None,
+    )
+    .map_err(|e| LogError::io("read", &path, e))?;
+    if scanned.torn_at.is_none() && scanned.segment.next_seq == next_first_seq {
+        // The seal, as the roll would have run it: the segment durable
+        // before an index says what it holds.
+        file.sync_data()
+            .map_err(|e| LogError::io("fsync", &path, e))?;
+        let mut segment = scanned.segment;
+        segment.sealed = true;
+        // Best effort, as for a rebuilt index: without it the next open
+        // scans this segment again.
+        if let Ok(index_bytes) = write_index(fs, segments_dir, &segment) {
+            segment.index_bytes = index_bytes;
+        }
+        return Ok(RollEnd::Finished(segment, scanned.damage));
+    }
+    if mark.is_some_and(|mark| mark.next_seq > scanned.segment.next_seq) {
+        return Ok(RollEnd::NotARoll);
+    }
+    let rolled_to = segments_dir.join(segment_file_name(next_first_seq));
+    let bytes = fs
+        .open(&rolled_to, OpenMode::Read)
+        .and_then(|file| file.size())
+        .map_err(|e| LogError::io("read the size of", &rolled_to, e))?;
+    remove_if_present(fs, &rolled_to)?;
+    remove_if_present(fs, &segments_dir.join(index_file_name(next_first_seq)))?;
+    fs.sync_dir(segments_dir)
+        .map_err(|e| LogError::io("fsync the directory", segments_dir, e))?;
+    Ok(RollEnd::Undone((bytes > 0).then_some(Damage::TornTail {
+        segment: rolled_to,
+        offset: 0,
+        bytes_dropped: bytes,
+    })))
 }
 
 /// The last segment ends before `mark`: seals it as it is (no byte cut),

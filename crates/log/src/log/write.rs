@@ -1,6 +1,6 @@
 //! Appends and syncs with their failure rules: the buffer, the fsync
-//! gate, a sync split in two (`PendingSync`), segment rolls and what a
-//! failed write or fsync takes back.
+//! gate, a sync split in two (`PendingSync`) and what a failed write or
+//! fsync takes back. Segment rolls and their seals are `seal.rs`.
 
 use std::fmt;
 use std::io;
@@ -8,12 +8,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::error::LogError;
-use crate::format::{check_record, encode_record, segment_file_name, RECORD_HEADER_BYTES};
-use crate::fs::{LogFile, OpenMode};
-use crate::segment::Segment;
+use crate::format::{check_record, encode_record, RECORD_HEADER_BYTES};
+use crate::fs::LogFile;
 use crate::{FsyncPolicy, RecordKind, Seq};
 
-use super::files::write_index;
+use super::seal::run_seal;
 use super::*;
 
 impl Log {
@@ -87,26 +86,25 @@ impl Log {
         self.check_poisoned()?;
         let fsync_due = self.fsync_due();
         let unsynced = self.written != self.durable;
-        if self.pending.is_empty() && !self.dir_sync_pending && !(unsynced && fsync_due) {
+        if self.pending.is_empty() && self.sealing.is_none() && !(unsynced && fsync_due) {
             return Ok(());
         }
         self.metrics.syncs += 1;
         self.flush()?;
-        if self.dir_sync_pending {
-            self.sync_segments_dir()?;
-        }
+        self.seal_in_place()?;
         if fsync_due && self.written != self.durable {
             self.fsync_active()?;
         }
         Ok(())
     }
 
-    /// Like [`Log::sync`], but leaves the fdatasync, the slow part, to the
-    /// caller: writes the buffer to the OS and, when the policy wants an
-    /// fsync, returns it as a [`PendingSync`] to [`run`](PendingSync::run)
-    /// anywhere and hand back to [`Log::finish_sync`]; appends may go on
-    /// meanwhile. `Ok(None)`: every append so far is already durable per
-    /// the policy. One may be out at a time.
+    /// Like [`Log::sync`], but leaves the slow part to the caller: writes
+    /// the buffer to the OS and, when the policy wants an fsync or a rolled
+    /// segment waits for its seal (whatever the policy), returns them as a
+    /// [`PendingSync`] to [`run`](PendingSync::run) anywhere and hand back
+    /// to [`Log::finish_sync`]; appends may go on meanwhile. `Ok(None)`:
+    /// every append so far is already durable per the policy. One may be
+    /// out at a time.
     pub fn begin_sync(&mut self) -> Result<Option<PendingSync>, LogError> {
         self.check_poisoned()?;
         if self.sync_in_flight {
@@ -114,27 +112,35 @@ impl Log {
                 reason: "a sync was begun while another is out".to_string(),
             });
         }
+        // A seal an earlier job ran, whose sync was refused before its
+        // outcome was taken.
+        self.settle_seal()?;
         let fsync_due = self.fsync_due();
         let unsynced = self.written != self.durable;
-        if self.pending.is_empty() && !self.dir_sync_pending && !(unsynced && fsync_due) {
+        if self.pending.is_empty() && self.sealing.is_none() && !(unsynced && fsync_due) {
             return Ok(None);
         }
         self.metrics.syncs += 1;
         self.flush()?;
-        if self.dir_sync_pending {
-            self.sync_segments_dir()?;
-        }
-        if !fsync_due || self.written == self.durable {
+        let fsync = fsync_due && self.written != self.durable;
+        if !fsync && self.sealing.is_none() {
             return Ok(None);
         }
-        let Ok(file) = self.active_file.try_clone() else {
-            // A file that cannot be shared is synced here and now.
-            self.fsync_active()?;
-            return Ok(None);
+        let file = if fsync {
+            let Ok(file) = self.active_file.try_clone() else {
+                // A file that cannot be shared is synced here and now.
+                self.seal_in_place()?;
+                self.fsync_active()?;
+                return Ok(None);
+            };
+            Some(file)
+        } else {
+            None
         };
         self.sync_in_flight = true;
         Ok(Some(PendingSync {
             file,
+            seal: Arc::clone(&self.seal),
             gate: Arc::clone(&self.gate),
             segment: self.active.first_seq,
             mark: self.written,
@@ -147,9 +153,11 @@ impl Log {
     /// records below [`PendingSync::covers`] are durable. On error nothing
     /// new is durable, and if the fsync failed on the active segment,
     /// everything since the last successful fsync is discarded, as after a
-    /// failed [`Log::sync`]. A sync begun before records were discarded
-    /// (after some other failure, or by another log) fails: what it covered
-    /// may be gone.
+    /// failed [`Log::sync`]; if the seal it ran failed, or the fsync failed
+    /// on a segment rolled away from whose seal had not run, the roll's
+    /// records are discarded as `docs/STORAGE.md` §6.2 says. A sync begun
+    /// before records were discarded (after some other failure, or by
+    /// another log) fails: what it covered may be gone.
     pub fn finish_sync(
         &mut self,
         pending: PendingSync,
@@ -172,39 +180,53 @@ impl Log {
             ));
         }
         let still_active = pending.segment == self.active.first_seq;
-        match (result, failed) {
-            (Ok(()), None) => {
+        let failure = match (result, failed) {
+            (Ok(()), None) => None,
+            (Err(e), _) => Some(e),
+            (Ok(()), Some(reason)) => Some(io::Error::other(reason)),
+        };
+        // The seal it ran comes first: no record past the sealed segment
+        // is durable unless it finished, and if it failed, what it took
+        // back is all there is to say.
+        self.settle_seal()?;
+        let Some(e) = failure else {
+            if still_active && self.sealing.is_some() {
+                return Err(LogError::Bug {
+                    reason: "a sync was finished without having run the seal it carried"
+                        .to_string(),
+                });
+            }
+            if pending.file.is_some() {
                 self.metrics.fsyncs += 1;
                 self.last_fsync = Some(self.config.clock.now());
                 if still_active && pending.mark.next_seq > self.durable.next_seq {
                     self.durable = pending.mark;
+                } else if let Some(sealing) = self.sealing.as_mut() {
+                    // The segment was rolled away from meanwhile and waits
+                    // for its seal: what this fsync made durable stays, even
+                    // if the seal's fsync fails.
+                    if !still_active && pending.mark.next_seq > sealing.next_seq {
+                        *sealing = pending.mark;
+                    }
                 }
-                // Otherwise the segment was sealed meanwhile, and sealing
-                // fsynced it whole.
-                Ok(())
             }
-            (Err(e), _) => Err(self.fsync_failed(&pending, still_active, e)),
-            (Ok(()), Some(reason)) => {
-                Err(self.fsync_failed(&pending, still_active, io::Error::other(reason)))
-            }
-        }
-    }
-
-    pub(crate) fn fsync_failed(
-        &mut self,
-        pending: &PendingSync,
-        still_active: bool,
-        e: io::Error,
-    ) -> LogError {
+            return Ok(());
+        };
         self.metrics.fsync_errors += 1;
         let error = LogError::io("fsync", &pending.path, e);
         if still_active {
             self.roll_back_to(self.durable, true);
+        } else if self.sealing.is_some() {
+            // The segment was rolled away from and its seal has not run:
+            // the pages this fsync could not write may be gone, so the roll
+            // is undone and the segment cut back as after a failed `sync`.
+            self.undo_roll();
         }
-        // A sealed segment was fsynced whole by the seal, which would have
-        // failed had this fsync's failure come first; its records stay,
-        // but nothing is reported durable by this sync.
-        error
+        // Otherwise the segment was sealed meanwhile, and the seal fsynced
+        // it whole (it would itself have failed had this failure come
+        // first): its records stay, but nothing is reported durable by
+        // this sync.
+        Err(error)
     }
 
     pub(crate) fn fsync_due(&self) -> bool {
@@ -267,25 +289,6 @@ impl Log {
         }
     }
 
-    /// Makes the new active segment's directory entry durable; until then
-    /// none of its records is. On error they are discarded like after a
-    /// failed fsync, and the next sync tries again.
-    pub(crate) fn sync_segments_dir(&mut self) -> Result<(), LogError> {
-        match self.fs.sync_dir(&self.segments_dir) {
-            Ok(()) => {
-                self.metrics.fsyncs += 1;
-                self.dir_sync_pending = false;
-                Ok(())
-            }
-            Err(e) => {
-                self.metrics.fsync_errors += 1;
-                let error = LogError::io("fsync the directory", &self.segments_dir, e);
-                self.roll_back_to(self.durable, true);
-                Err(error)
-            }
-        }
-    }
-
     pub(crate) fn sync_dir_counted(&mut self, dir: &Path) -> Result<(), LogError> {
         match self.fs.sync_dir(dir) {
             Ok(()) => {
@@ -334,48 +337,6 @@ impl Log {
             ));
         }
     }
-
-    /// Seals the full active segment and starts the next one: the segment
-    /// is fsynced (whatever the policy, so sealed segments are immutable and
-    /// whole), its index written (temporary file, fsync, rename, directory
-    /// fsync), then the new segment file created and its directory entry
-    /// fsynced.
-    pub(crate) fn roll(&mut self) -> Result<(), LogError> {
-        self.flush()?;
-        if self.dir_sync_pending {
-            self.sync_segments_dir()?;
-        }
-        if self.written != self.durable {
-            self.fsync_active()?;
-        }
-        if self.active.next_seq == self.active.first_seq {
-            // Everything was discarded: nothing to seal.
-            return Ok(());
-        }
-        let index_bytes = write_index(&*self.fs, &self.segments_dir, &self.active)?;
-        self.metrics.fsyncs += 2;
-        let next_first = self.active.next_seq;
-        let path = self.segments_dir.join(segment_file_name(next_first));
-        let new_file = self
-            .fs
-            .open(&path, OpenMode::Create)
-            .map_err(|e| LogError::io("create", &path, e))?;
-        let max_timestamp = self.active.max_timestamp;
-        let mut sealed =
-            std::mem::replace(&mut self.active, Segment::empty(next_first, max_timestamp));
-        sealed.sealed = true;
-        sealed.index_bytes = index_bytes;
-        self.sealed.push(sealed);
-        self.active_file = new_file;
-        self.written = Mark::of(&self.active);
-        self.durable = self.written;
-        self.metrics.segments_sealed += 1;
-        // From here on the new segment is the active one; if its directory
-        // entry cannot be made durable now, `sync` keeps trying before it
-        // claims any of its records durable.
-        self.dir_sync_pending = true;
-        self.sync_segments_dir()
-    }
 }
 
 /// What an fdatasync run outside the log ([`PendingSync::run`]) found, kept
@@ -398,7 +359,11 @@ pub(crate) fn lock_gate(gate: &Mutex<FsyncGate>) -> MutexGuard<'_, FsyncGate> {
 /// Its records count as durable only once [`Log::finish_sync`] accepted
 /// the result.
 pub struct PendingSync {
-    pub(crate) file: Box<dyn LogFile>,
+    /// A second handle of the active segment, when the policy wants it
+    /// fsynced.
+    pub(crate) file: Option<Box<dyn LogFile>>,
+    /// The log's waiting seal, if any: run first.
+    pub(crate) seal: Arc<Mutex<Option<SealWork>>>,
     pub(crate) gate: Arc<Mutex<FsyncGate>>,
     /// First seq of the segment it syncs.
     pub(crate) segment: Seq,
@@ -422,11 +387,20 @@ impl PendingSync {
         self.mark.next_seq
     }
 
-    /// The fdatasync itself: the slow part, needing no access to the log.
-    /// Waits for any fsync the log itself is running on the file.
+    /// The slow part, needing no access to the log: the seal of a segment
+    /// rolled away from, if one waits (its fdatasync, index file and
+    /// directory fsync), then the fdatasync of the active segment. Waits
+    /// for any fsync the log itself is running on the file.
     pub fn run(&mut self) -> io::Result<()> {
+        if !run_seal(&self.seal, &self.gate) {
+            // What failed is kept with the seal for `finish_sync`.
+            return Err(io::Error::other("sealing the previous segment failed"));
+        }
+        let Some(file) = self.file.as_mut() else {
+            return Ok(());
+        };
         let mut gate = lock_gate(&self.gate);
-        let result = self.file.sync_data();
+        let result = file.sync_data();
         if let Err(e) = &result {
             gate.failed.get_or_insert_with(|| e.to_string());
         }

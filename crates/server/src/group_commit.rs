@@ -177,8 +177,10 @@ mod tests {
         let far = Instant::now() + Duration::from_secs(60);
         committer.gather(3, far);
         assert!(Instant::now() < far);
-        assert_eq!(committer.take_round(), 3);
+        // The third connection's second batch may come after the gather
+        // ended: let it, so this round counts it and the next does not.
         sends.join().expect("the sending thread");
+        assert_eq!(committer.take_round(), 3);
         // The timers' batches count no connection: a gather for two waits
         // out its deadline.
         committer.wake(None);

@@ -12,6 +12,7 @@
 
 mod admin;
 mod backfill;
+mod checkpoint;
 mod config;
 mod connections;
 mod dead_letters;

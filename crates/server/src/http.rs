@@ -51,8 +51,10 @@ impl HttpListener {
     ///
     /// HTTP/1.1 only, each connection on hyper's own HTTP/1 loop (what
     /// `axum::serve` would wrap in a version-detecting one): nothing on
-    /// the port speaks HTTP/2 (the WebSocket upgrade is HTTP/1.1's), and
-    /// answers to pipelined requests go out in one write.
+    /// the port speaks HTTP/2 (the WebSocket upgrade is HTTP/1.1's).
+    /// Without hyper's `pipeline_flush`: with it a stream's body (a tail's
+    /// Server-Sent Events) was polled into memory while its reader did not
+    /// read, instead of the tail falling behind and saying so.
     pub(crate) async fn serve(self, shared: Arc<Shared>, bus: std::io::Result<SocketAddr>) {
         let mut app = router(shared.clone());
         if let Ok(bus) = bus {
@@ -76,7 +78,6 @@ impl HttpListener {
                 });
             tokio::spawn(async move {
                 let served = hyper::server::conn::http1::Builder::new()
-                    .pipeline_flush(true)
                     .serve_connection(TokioIo::new(stream), service)
                     .with_upgrades()
                     .await;

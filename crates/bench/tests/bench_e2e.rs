@@ -355,7 +355,7 @@ fn a_run_over_its_timeout_stops_with_a_clear_error_and_cleans_up() {
 fn the_gateway_workload_compares_http_with_the_native_protocol_and_cleans_up() {
     let ran = bench_ok(&["--quick", "--runs", "1", "--only", "W-HTTP-a", "--json"]);
     let (stdout, rows) = (&ran.stdout, ran.rows());
-    assert_eq!(rows.len(), 6, "{stdout}");
+    assert_eq!(rows.len(), 7, "{stdout}");
     for row in &rows {
         assert_eq!(row["workload"], "W-HTTP-a", "{row}");
         assert!(row["native"].as_f64().is_some_and(|v| v > 0.0), "{row}");

@@ -5,6 +5,7 @@
 //! run ahead of the slowest receiving service.
 
 use super::side::{Audience, TransientSide, AUDIENCE_SIZE};
+use super::w10::Names;
 use super::*;
 
 pub(super) const W1_NAME: &str = "bench.w1.published";
@@ -80,7 +81,7 @@ const LOSS_CHECK_AFTER: Duration = Duration::from_secs(2);
 /// What one receiving service of W1–W3 has handled, however many
 /// instances it runs.
 struct Tally {
-    service: &'static str,
+    service: String,
     handled: Arc<AtomicU64>,
     catch_up: Arc<CatchUp>,
 }
@@ -137,14 +138,15 @@ impl Receivers {
         }
     }
 
-    /// Connects `instances` instances of `service`, each handling `name`
-    /// by counting it; the clients go to `clients` (to be shut down).
+    /// Connects `instances` instances of `service`, each handling
+    /// `patterns` by counting what they match; the clients go to `clients`
+    /// (to be shut down).
     async fn subscribe(
         &mut self,
         addr: &str,
-        service: &'static str,
+        service: &str,
         instances: usize,
-        name: &str,
+        patterns: &[String],
         clients: &mut Vec<Client>,
     ) -> anyhow::Result<()> {
         let handled = Arc::new(AtomicU64::new(0));
@@ -155,22 +157,26 @@ impl Receivers {
         for _ in 0..instances {
             let client = connect(addr, service, None).await?;
             clients.push(client.clone());
-            let (h, goal, reached) = (handled.clone(), self.goal.clone(), self.reached.clone());
-            let catch_up = catch_up.clone();
-            client
-                .on(name, move |_msg| {
+            let subscribed = patterns.iter().map(|pattern| {
+                let (h, goal, reached) = (handled.clone(), self.goal.clone(), self.reached.clone());
+                let catch_up = catch_up.clone();
+                let on = client.on(pattern, move |_msg| {
                     let count = h.fetch_add(1, Ordering::Relaxed) + 1;
                     if count == goal.load(Ordering::Relaxed) {
                         reached.notify_one();
                     }
                     catch_up.handled(count);
                     std::future::ready(Ok::<(), courier_client::Error>(()))
-                })
-                .await
-                .with_context(|| format!("cannot subscribe {service} to {name}"))?;
+                });
+                async move {
+                    on.await
+                        .with_context(|| format!("cannot subscribe {service} to {pattern}"))
+                }
+            });
+            futures_util::future::try_join_all(subscribed).await?;
         }
         self.tallies.push(Tally {
-            service,
+            service: service.to_string(),
             handled,
             catch_up,
         });
@@ -287,14 +293,15 @@ async fn broker_metrics(client: &Client) -> anyhow::Result<Value> {
 /// fails if the broker refused any.
 async fn publish_transient(
     client: &Client,
-    name: &str,
+    names: &Names,
     payload: &Bytes,
     count: u64,
     receivers: &Receivers,
 ) -> anyhow::Result<()> {
     let refused_before = client.unheard_refusals();
-    let every = (transient_window(name, payload.len()) / 2) as u64;
-    let lead = transient_lead(name, payload.len());
+    let sample = names.sample();
+    let every = (transient_window(&sample, payload.len()) / 2) as u64;
+    let lead = transient_lead(&sample, payload.len());
     let received_before = receivers.slowest();
     let mut flushes = VecDeque::with_capacity(3);
     for i in 0..count {
@@ -311,7 +318,7 @@ async fn publish_transient(
             }
         }
         client
-            .event(name)
+            .event(names.next())
             .payload(payload.clone())
             .transient()
             .send_quiet()
@@ -341,12 +348,12 @@ async fn publish_transient(
     Ok(())
 }
 
-/// W1–W3's receiving services, Courier side: their tallies, the event
-/// name they receive, and every connection of the run (the publisher's
-/// too), to shut down at the end.
+/// W1–W3's (and W10's) receiving services, Courier side: their tallies,
+/// the event names they receive, and every connection of the run (the
+/// publisher's too), to shut down at the end.
 pub(super) struct CourierReceivers {
     receivers: Receivers,
-    name: &'static str,
+    names: Names,
     clients: Vec<Client>,
 }
 
@@ -359,20 +366,28 @@ impl TransientSide for CourierSide {
         audience: Audience,
         _capacity: u64,
     ) -> anyhow::Result<CourierReceivers> {
-        let (name, services): (&'static str, Vec<(&'static str, usize)>) = match audience {
-            Audience::One => (W1_NAME, vec![(W1_SERVICE, 1)]),
-            Audience::FanOut => (W2_NAME, W2_SERVICES.map(|s| (s, 1)).to_vec()),
-            Audience::Competing => (W3_NAME, vec![(W3_SERVICE, AUDIENCE_SIZE)]),
+        let one = |name: &'static str| (Names::One(name), vec![name.to_string()]);
+        let ((names, patterns), services): (_, Vec<(String, usize)>) = match audience {
+            Audience::One => (one(W1_NAME), vec![(W1_SERVICE.to_string(), 1)]),
+            Audience::FanOut => (
+                one(W2_NAME),
+                W2_SERVICES.map(|s| (s.to_string(), 1)).to_vec(),
+            ),
+            Audience::Competing => (one(W3_NAME), vec![(W3_SERVICE.to_string(), AUDIENCE_SIZE)]),
+            Audience::Routed { service } => (
+                (Names::routed(service), w10::patterns(service)),
+                vec![(w10::service(service), 1)],
+            ),
         };
         let mut run = CourierReceivers {
             receivers: Receivers::new(),
-            name,
+            names,
             clients: Vec::new(),
         };
         for (service, instances) in services {
             let subscribed = run
                 .receivers
-                .subscribe(address, service, instances, name, &mut run.clients)
+                .subscribe(address, &service, instances, &patterns, &mut run.clients)
                 .await;
             if let Err(e) = subscribed {
                 shutdown_all(&run.clients).await;
@@ -398,7 +413,14 @@ impl TransientSide for CourierSide {
         payload: &Bytes,
         count: u64,
     ) -> anyhow::Result<()> {
-        publish_transient(sender, receivers.name, payload, count, &receivers.receivers).await
+        publish_transient(
+            sender,
+            &receivers.names,
+            payload,
+            count,
+            &receivers.receivers,
+        )
+        .await
     }
 
     async fn received(receivers: &CourierReceivers, sender: &Client) -> anyhow::Result<Instant> {

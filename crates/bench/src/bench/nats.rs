@@ -7,7 +7,7 @@ use super::*;
 
 use super::nats_server::NatsServer;
 pub(super) use super::nats_server::{install, NatsInstall};
-use super::side::{self, Fsync, Key, Side};
+use super::side::{self, Fsync, IdleSide, Key, Side};
 use async_nats::jetstream;
 use futures_util::StreamExt as _;
 
@@ -267,6 +267,14 @@ pub(super) async fn run(
             let mut side = NatsSide::start(nats, Fsync::Default).await?;
             super::w4::requests_under_load(&mut side, plan).await
         }
+        Job::IdleConnections => {
+            let mut side = NatsSide::start(nats, Fsync::Default).await?;
+            super::w9::run(&mut side, plan).await
+        }
+        Job::RoutingTable => {
+            let mut side = NatsSide::start(nats, Fsync::Default).await?;
+            super::w10::run(&mut side, plan).await
+        }
         Job::Outbox => Ok(Vec::new()),
     }
 }
@@ -376,6 +384,10 @@ impl Side for NatsSide {
         self.server.dir.path()
     }
 
+    fn rss_mib(&self) -> anyhow::Result<f64> {
+        self.server.rss_mib()
+    }
+
     async fn watch<T>(
         &mut self,
         work: impl std::future::Future<Output = anyhow::Result<T>>,
@@ -469,6 +481,38 @@ impl Side for NatsSide {
 
     async fn close_requester(requester: NatsRequester) {
         drop(requester.tasks);
+    }
+}
+
+/// One idle connection of W9, NATS side, and its queue subscription.
+pub(super) struct NatsIdle {
+    _client: async_nats::Client,
+    _subscription: async_nats::Subscriber,
+}
+
+impl IdleSide for NatsSide {
+    type Idle = NatsIdle;
+
+    async fn idle(address: &str, service: u64) -> anyhow::Result<NatsIdle> {
+        let (name, subject) = (super::w9::service(service), super::w9::pattern(service));
+        let events = Arc::new(ClientEvents::default());
+        let client = connect(address, &name, MIN_SUBSCRIPTION_CAPACITY, &events).await?;
+        let subscription = client
+            .queue_subscribe(subject.clone(), name.clone())
+            .await
+            .with_context(|| format!("{name} cannot subscribe to {subject}"))?;
+        client
+            .flush()
+            .await
+            .with_context(|| format!("{name}: flush after subscribing failed"))?;
+        Ok(NatsIdle {
+            _client: client,
+            _subscription: subscription,
+        })
+    }
+
+    async fn close_idle(idle: Vec<NatsIdle>) {
+        drop(idle);
     }
 }
 

@@ -364,7 +364,7 @@ pub(super) fn settings_lines(
         args.runs,
         humantime::format_duration(args.timeout),
         if args.quick {
-            "; --quick: message counts ÷ 20"
+            "; --quick: message counts ÷ 20, W9's connections and W10's subscriptions ÷ 10"
         } else {
             ""
         }

@@ -297,6 +297,7 @@ async fn publish_transient(
     payload: &Bytes,
     count: u64,
     receivers: &Receivers,
+    lost: &Mutex<Option<String>>,
 ) -> anyhow::Result<()> {
     let refused_before = client.unheard_refusals();
     let sample = names.sample();
@@ -328,14 +329,14 @@ async fn publish_transient(
             flushes.push_back(client.flush());
             if flushes.len() > 2 {
                 if let Some(flush) = flushes.pop_front() {
-                    flush.await.context("flush after transient publishes")?;
+                    flushed(flush, lost).await?;
                 }
             }
         }
     }
     flushes.push_back(client.flush());
     for flush in flushes {
-        flush.await.context("flush after transient publishes")?;
+        flushed(flush, lost).await?;
     }
     let refused = client.unheard_refusals() - refused_before;
     if refused > 0 {
@@ -348,6 +349,29 @@ async fn publish_transient(
     Ok(())
 }
 
+/// How long a failed flush waits for the SDK to say why the connection
+/// was lost (it fails the flush first, then reports the loss).
+const LOST_REASON_WAIT: Duration = Duration::from_millis(100);
+
+/// Awaits a flush of the transient publisher; a failure says why the
+/// SDK lost the connection, which tells which side gave up.
+async fn flushed(
+    flush: impl std::future::Future<Output = courier_client::Result<()>>,
+    lost: &Mutex<Option<String>>,
+) -> anyhow::Result<()> {
+    let Err(e) = flush.await else {
+        return Ok(());
+    };
+    tokio::time::sleep(LOST_REASON_WAIT).await;
+    let reason = lost.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    Err(anyhow::Error::from(e).context(match reason {
+        Some(reason) => format!(
+            "flush after transient publishes (the publisher's connection was lost: {reason})"
+        ),
+        None => "flush after transient publishes".to_string(),
+    }))
+}
+
 /// W1–W3's (and W10's) receiving services, Courier side: their tallies,
 /// the event names they receive, and every connection of the run (the
 /// publisher's too), to shut down at the end.
@@ -355,6 +379,8 @@ pub(super) struct CourierReceivers {
     receivers: Receivers,
     names: Names,
     clients: Vec<Client>,
+    /// Why the publisher's connection was last lost, if it was.
+    lost: Arc<Mutex<Option<String>>>,
 }
 
 impl TransientSide for CourierSide {
@@ -383,6 +409,7 @@ impl TransientSide for CourierSide {
             receivers: Receivers::new(),
             names,
             clients: Vec::new(),
+            lost: Arc::new(Mutex::new(None)),
         };
         for (service, instances) in services {
             let subscribed = run
@@ -400,6 +427,16 @@ impl TransientSide for CourierSide {
     async fn sender(address: &str, receivers: &mut CourierReceivers) -> anyhow::Result<Client> {
         let publisher = connect(address, TRANSIENT_PUBLISHER, None).await?;
         receivers.clients.push(publisher.clone());
+        let mut events = publisher.connection_events();
+        let lost = receivers.lost.clone();
+        // Ends when the publisher is shut down.
+        tokio::spawn(async move {
+            while let Some(event) = events.next().await {
+                if let courier_client::ConnectionEvent::Lost { reason } = event {
+                    *lost.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+                }
+            }
+        });
         Ok(publisher)
     }
 
@@ -419,6 +456,7 @@ impl TransientSide for CourierSide {
             payload,
             count,
             &receivers.receivers,
+            &receivers.lost,
         )
         .await
     }

@@ -528,7 +528,7 @@ pub(super) fn settings(nats: &NatsInstall, runtime: &str) -> Vec<String> {
             "  config file per run: listen: 127.0.0.1:<free port>; max_payload: 8MB (for W11's 1 MiB events; Courier's frames allow 8 MiB); jetstream {{ store_dir: <fresh dir in {}> }}; no log file (logs to stderr, info level); everything else at its defaults; a fresh server and store dir per run",
             std::env::temp_dir().display()
         ),
-        "  JetStream fsync: sync_interval at its default (acks once the OS has the data, fsync every 2 min) for W5a, W5b, W6 and W7; `sync_interval: always` (fsync before every ack) for W5a-always and W5b-always; W1–W4 run on the same config without touching JetStream".to_string(),
+        "  JetStream fsync: sync_interval at its default (acks once the OS has the data, fsync every 2 min) for W5a, W5b, W6 and W7; `sync_interval: always` (fsync before every ack) for W5a-always and W5b-always; W1–W4, W9 and W10 run on the same config without touching JetStream".to_string(),
         format!(
             "  streams: file storage, 1 replica, limits retention, one subject each; W5: a stream without consumers; W6: durable pull consumer created after the backlog, AckPolicy::Explicit, max_ack_pending {MAX_IN_FLIGHT}, pull batches of {MAX_IN_FLIGHT}; W7: a durable pull consumer created before the backlog that never pulls; W7 restarts on the same config, store and port after kill -9"
         ),

@@ -52,16 +52,49 @@ impl Bucket {
     }
 
     /// Moves the open set into the sorted array, and frees the set.
+    ///
+    /// A bucket sealed before and reopened by late ids (a broker behind
+    /// its senders gets ids stamped long ago) merges the few new ones into
+    /// the array: sorting the whole array again on every pass made a
+    /// broker that fell behind fall further behind.
     fn seal(&mut self) {
         if self.open.is_empty() {
             return;
         }
-        let open = std::mem::take(&mut self.open);
-        self.sealed.reserve_exact(open.len());
-        self.sealed.extend(open);
-        self.sealed.sort_unstable();
-        self.sealed.dedup();
+        let mut open: Vec<u64> = std::mem::take(&mut self.open).into_iter().collect();
+        open.sort_unstable();
+        if self.sealed.is_empty() {
+            self.sealed = open;
+            return;
+        }
+        self.sealed = merge_sorted(&self.sealed, &open);
     }
+}
+
+/// The union of two sorted arrays without duplicates, sorted.
+fn merge_sorted(a: &[u64], b: &[u64]) -> Vec<u64> {
+    let mut merged = Vec::with_capacity(a.len() + b.len());
+    let (mut i, mut j) = (0, 0);
+    while let (Some(&x), Some(&y)) = (a.get(i), b.get(j)) {
+        match x.cmp(&y) {
+            std::cmp::Ordering::Less => {
+                merged.push(x);
+                i += 1;
+            }
+            std::cmp::Ordering::Greater => {
+                merged.push(y);
+                j += 1;
+            }
+            std::cmp::Ordering::Equal => {
+                merged.push(x);
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    merged.extend_from_slice(&a[i..]);
+    merged.extend_from_slice(&b[j..]);
+    merged
 }
 
 pub(crate) struct DedupWindow {
@@ -389,6 +422,38 @@ mod tests {
         // A late retry of the same id into a sealed bucket is still a duplicate.
         w.insert(&v7(now / MS, 5), now + 200 * MS);
         assert_eq!(w.len(), 1000);
+    }
+
+    #[test]
+    fn late_ids_reopen_a_sealed_bucket_and_are_merged_into_it_in_order() {
+        let now = 1_700_000_000_000 * MS;
+        let mut w = DedupWindow::new(120_000, 1_000_000);
+        for n in (0..1000).step_by(2) {
+            w.insert(&v7(now / MS, n), now);
+        }
+        w.expire(now + 200 * MS);
+        for round in 1..=3u64 {
+            // Late ids of the same moment, sealed again each pass.
+            for n in (1..1000).step_by(2).filter(|n| n % 3 == round - 1) {
+                w.insert(&v7(now / MS, n), now + (200 + round) * MS);
+            }
+            w.expire(now + (200 + round) * MS);
+        }
+        let sealed = &w
+            .buckets
+            .iter()
+            .find(|b| !b.sealed.is_empty())
+            .expect("a bucket")
+            .sealed;
+        assert!(
+            sealed.windows(2).all(|p| p[0] < p[1]),
+            "sorted, no duplicates"
+        );
+        assert_eq!(sealed.len(), 1000);
+        assert!((0..1000).all(|n| w.contains(&v7(now / MS, n))));
+        assert!(!w.contains(&v7(now / MS, 1000)));
+        assert_eq!(merge_sorted(&[1, 3, 5], &[2, 3, 6]), vec![1, 2, 3, 5, 6]);
+        assert_eq!(merge_sorted(&[], &[4]), vec![4]);
     }
 
     #[test]

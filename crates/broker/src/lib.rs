@@ -23,6 +23,7 @@ mod expiring;
 mod inspection;
 mod journal;
 mod outputs;
+mod pattern_index;
 mod queue;
 mod recovery;
 mod refcount;
@@ -213,6 +214,8 @@ impl Service {
         }
     }
 
+    /// The linear rule the pattern index stands in for (tests compare them).
+    #[cfg(test)]
     fn receives(&self, name: &str) -> bool {
         self.patterns
             .iter()
@@ -269,6 +272,9 @@ pub struct Broker<S: MessageStore> {
     store: S,
     conns: FastMap<ConnId, Conn>,
     services: FastMap<String, Service>,
+    /// Every service's `patterns`, indexed for routing: kept in step with
+    /// them wherever they change (`receivers`).
+    subscribers: pattern_index::PatternIndex<String>,
     /// References per stored message: services that still owe an ack (or
     /// hold it as a dead letter). Ordered, so the oldest live seq is cheap.
     refs: refcount::RefCounts,
@@ -352,6 +358,7 @@ impl<S: MessageStore> Broker<S> {
             store,
             conns: FastMap::default(),
             services: FastMap::default(),
+            subscribers: pattern_index::PatternIndex::default(),
             refs: refcount::RefCounts::default(),
             dedup,
             route_cache: FastMap::default(),

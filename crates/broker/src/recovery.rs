@@ -218,6 +218,7 @@ impl<S: MessageStore> Broker<S> {
 
     fn clear_state(&mut self) {
         self.services.clear();
+        self.subscribers.clear();
         self.routes_changed();
         self.refs.clear();
         self.dedup.clear();

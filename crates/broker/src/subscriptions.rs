@@ -109,6 +109,7 @@ impl<S: MessageStore> Broker<S> {
             .entry(service.to_string())
             .or_insert_with(|| Service::new(config));
         if svc.patterns.insert(pattern.to_string()) {
+            self.subscribers.insert(pattern, &service.to_string());
             self.route_cache.clear();
         }
         if ack_deadline_ms != 0 {
@@ -157,6 +158,7 @@ impl<S: MessageStore> Broker<S> {
             return Err(format!("service {service} is not subscribed to {pattern}"));
         }
         svc.paused.remove(pattern);
+        self.subscribers.remove(pattern, &service.to_string());
         self.route_cache.clear();
         for instance in &svc.instances {
             if let Some(c) = self.conns.get_mut(instance) {

@@ -104,6 +104,7 @@ mod recovery;
 mod registry;
 mod reply_stream_model;
 mod reply_streams;
+mod routing_index;
 mod rules;
 
 fn payloads(deliveries: &[(ConnId, DeliveryId, u32, String, Bytes)]) -> Vec<Bytes> {

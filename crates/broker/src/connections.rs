@@ -49,7 +49,7 @@ impl<S: MessageStore> Broker<S> {
                 instance: courier_proto::SharedStr::from(instance),
                 max_in_flight,
                 in_flight: 0,
-                patterns: Vec::new(),
+                patterns: Default::default(),
                 draining: false,
                 paused: false,
                 send_bucket: svc.send_bucket.clone(),

@@ -162,7 +162,7 @@ impl<S: MessageStore> Broker<S> {
                 instance: c.instance.to_string(),
                 in_flight: c.in_flight,
                 max_in_flight: c.max_in_flight,
-                patterns: c.patterns.clone(),
+                patterns: c.patterns.to_vec(),
                 draining: c.draining,
                 paused: c.paused,
             })

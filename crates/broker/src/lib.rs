@@ -106,7 +106,7 @@ struct Conn {
     max_in_flight: u32,
     in_flight: u32,
     /// Patterns this connection consumes; empty means it only sends.
-    patterns: Vec<String>,
+    patterns: pattern_index::PatternList,
     draining: bool,
     /// Its outbox is full (it does not read): no deliveries until resumed.
     paused: bool,
@@ -170,11 +170,7 @@ impl SendBucket {
 
 impl Conn {
     fn wants(&self, name: &str) -> bool {
-        !self.draining
-            && self
-                .patterns
-                .iter()
-                .any(|p| courier_proto::pattern_matches(p, name))
+        !self.draining && self.patterns.matches(name)
     }
 }
 

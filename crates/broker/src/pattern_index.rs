@@ -176,6 +176,11 @@ impl<K: Eq + Hash + Clone> PatternIndex<K> {
         self.root.collect(Some(name), out);
     }
 
+    /// Whether `name` matches any pattern held; stops at the first.
+    pub(crate) fn matches_any(&self, name: &str) -> bool {
+        self.root.any(Some(name))
+    }
+
     /// The holders of the patterns `name` matches, sorted, each once.
     #[cfg(test)]
     pub(crate) fn matching(&self, name: &str) -> Vec<&K>
@@ -198,6 +203,19 @@ impl<K: Eq + Hash> Node<K> {
             && self.tail.is_empty()
     }
 
+    /// Whether a pattern here or below matches `rest` (as in `collect`).
+    fn any(&self, rest: Option<&str>) -> bool {
+        let Some(rest) = rest else {
+            return !self.end.is_empty();
+        };
+        if !self.tail.is_empty() {
+            return true;
+        }
+        let (segment, more) = first_segment(rest);
+        self.literal.get(segment).is_some_and(|c| c.any(more))
+            || self.star.as_ref().is_some_and(|c| c.any(more))
+    }
+
     /// `rest`: the name's segments not yet matched (`None`: none left).
     fn collect<'a>(&'a self, rest: Option<&str>, out: &mut Vec<&'a K>) {
         let Some(rest) = rest else {
@@ -212,6 +230,72 @@ impl<K: Eq + Hash> Node<K> {
         }
         if let Some(child) = &self.star {
             child.collect(more, out);
+        }
+    }
+}
+
+/// Patterns a connection's list is tested against one by one; past it,
+/// they are indexed too. W10's services consume 100 patterns each, and a
+/// delivery asks its connection whether it takes the name.
+const CONN_PATTERNS_SCANNED_MAX: usize = 8;
+
+/// A connection's patterns, in the order it subscribed to them; past
+/// [`CONN_PATTERNS_SCANNED_MAX`], also in an index, so that whether it
+/// takes a name (asked for every delivery) does not cost one test per
+/// pattern. Few patterns, the usual case, cost no index.
+#[derive(Default)]
+pub(crate) struct PatternList {
+    list: Vec<String>,
+    index: Option<Box<PatternIndex<()>>>,
+}
+
+impl PatternList {
+    /// Adds `pattern` unless it is there already; whether it was added.
+    pub(crate) fn insert(&mut self, pattern: &str) -> bool {
+        if self.list.iter().any(|p| p == pattern) {
+            return false;
+        }
+        self.list.push(pattern.to_string());
+        match &mut self.index {
+            Some(index) => index.insert(pattern, &()),
+            None if self.list.len() > CONN_PATTERNS_SCANNED_MAX => {
+                let mut index = PatternIndex::default();
+                for p in &self.list {
+                    index.insert(p, &());
+                }
+                self.index = Some(Box::new(index));
+            }
+            None => {}
+        }
+        true
+    }
+
+    pub(crate) fn remove(&mut self, pattern: &str) {
+        let before = self.list.len();
+        self.list.retain(|p| p != pattern);
+        if self.list.len() != before {
+            if let Some(index) = &mut self.index {
+                index.remove(pattern, &());
+            }
+        }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    pub(crate) fn to_vec(&self) -> Vec<String> {
+        self.list.clone()
+    }
+
+    /// Whether `name` matches one of the patterns.
+    pub(crate) fn matches(&self, name: &str) -> bool {
+        match &self.index {
+            Some(index) => index.matches_any(name),
+            None => self
+                .list
+                .iter()
+                .any(|p| courier_proto::pattern_matches(p, name)),
         }
     }
 }
@@ -314,7 +398,7 @@ mod tests {
         for k in 0..1_000u32 {
             let service = format!("s{k:04}");
             for j in 0..100u32 {
-                let last = if j % 2 == 0 { "*" } else { ">" };
+                let last = if j.is_multiple_of(2) { "*" } else { ">" };
                 index.insert(&format!("w.{service}.t{j:02}.{last}"), &service);
             }
         }
@@ -327,6 +411,28 @@ mod tests {
             assert_eq!(out, [&"s0500".to_string()]);
         }
         assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    }
+
+    #[test]
+    fn a_connection_with_many_patterns_matches_through_an_index() {
+        let pattern = |j: u32| format!("w.t{j:02}.{}", if j.is_multiple_of(2) { "*" } else { ">" });
+        let mut list = PatternList::default();
+        for j in 0..20 {
+            assert!(list.insert(&pattern(j)));
+        }
+        assert!(!list.insert(&pattern(0)));
+        assert!(list.index.is_some());
+        assert!(list.matches("w.t03.a.b"));
+        assert!(list.matches("w.t02.a"));
+        assert!(!list.matches("w.t02.a.b"));
+        assert!(!list.matches("w.t20.a"));
+        list.remove(&pattern(3));
+        assert!(!list.matches("w.t03.a.b"));
+        for j in 0..20 {
+            list.remove(&pattern(j));
+        }
+        assert!(list.is_empty());
+        assert!(!list.matches("w.t02.a"));
     }
 
     #[derive(Debug, Clone)]
@@ -365,20 +471,25 @@ mod tests {
         #[test]
         fn agrees_with_matching_every_pattern(ops in prop::collection::vec(op(), 1..200)) {
             let mut index: PatternIndex<u8> = PatternIndex::default();
+            // Each holder's patterns as a connection keeps them.
+            let mut lists: Vec<PatternList> = (0..4).map(|_| PatternList::default()).collect();
             // The linear rule's table: (pattern, holder) pairs.
             let mut table: BTreeSet<(String, u8)> = BTreeSet::new();
             for op in ops {
                 match op {
                     Op::Insert(pattern, holder) => {
-                        if table.insert((pattern.clone(), holder)) {
+                        let new = table.insert((pattern.clone(), holder));
+                        if new {
                             index.insert(&pattern, &holder);
                         }
+                        prop_assert_eq!(lists[usize::from(holder)].insert(&pattern), new);
                     }
                     Op::Remove(pattern, holder) => {
                         // As the broker does: only what it holds.
                         if table.remove(&(pattern.clone(), holder)) {
                             prop_assert!(index.remove(&pattern, &holder));
                         }
+                        lists[usize::from(holder)].remove(&pattern);
                     }
                     Op::Lookup(name) => {
                         let expected: BTreeSet<u8> = table
@@ -387,6 +498,11 @@ mod tests {
                             .map(|(_, h)| *h)
                             .collect();
                         let got: BTreeSet<u8> = index.matching(&name).into_iter().copied().collect();
+                        for (holder, list) in lists.iter().enumerate() {
+                            let holds = expected.contains(&(holder as u8));
+                            prop_assert_eq!(list.matches(&name), holds, "holder {} name {:?}", holder, name);
+                        }
+                        prop_assert_eq!(index.matches_any(&name), !expected.is_empty());
                         prop_assert_eq!(got, expected, "name {:?}", name);
                     }
                 }

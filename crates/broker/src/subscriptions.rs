@@ -36,9 +36,7 @@ impl<S: MessageStore> Broker<S> {
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
-        if !c.patterns.iter().any(|p| p == pattern) {
-            c.patterns.push(pattern.to_string());
-        }
+        c.patterns.insert(pattern);
         let service = c.service.to_string();
         let existing = self.services.get(&service);
         let is_new = !existing.is_some_and(|s| s.patterns.contains(pattern));
@@ -162,7 +160,7 @@ impl<S: MessageStore> Broker<S> {
         self.route_cache.clear();
         for instance in &svc.instances {
             if let Some(c) = self.conns.get_mut(instance) {
-                c.patterns.retain(|p| p != pattern);
+                c.patterns.remove(pattern);
             }
         }
         if svc.patterns.is_empty() {

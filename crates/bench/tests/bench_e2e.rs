@@ -784,3 +784,55 @@ fn large_events_and_requests_under_load_print_both_sides() {
     assert_eq!(w11["courier"], always["courier"], "the same Courier runs");
     assert_eq!(rows[1]["target"], "≥ 50.0 %");
 }
+
+#[test]
+fn idle_connections_and_a_big_routing_table_print_both_sides() {
+    // W9: 200 idle connections (2 instances of 100 services); W10: 20
+    // services × 100 subscriptions and 2,000 events through them.
+    let ran = bench_ok(&[
+        "--against",
+        "nats",
+        "--quick",
+        "--runs",
+        "1",
+        "--scale",
+        "0.2",
+        "--only",
+        "W9,W10",
+        "--json",
+    ]);
+    let rows = ran.rows();
+    assert_eq!(
+        row_ids(&rows),
+        pairs(&[
+            ("W9", "server RSS per idle connection"),
+            ("W9", "W4a p99 before they connect"),
+            ("W9", "W4a p99 with them connected"),
+            ("W9", "W4a p99 with ÷ before"),
+            ("W10", "throughput"),
+        ]),
+        "{}",
+        ran.stderr
+    );
+    for v in &rows {
+        let (courier, nats) = (v["courier"].as_f64(), v["nats"].as_f64());
+        assert!(courier.is_some() && nats.is_some(), "{v}");
+        if v["unit"] != "KiB" {
+            // Memory of 200 connections can sit inside pages already mapped.
+            assert!(
+                courier.zip(nats).is_some_and(|(c, n)| c > 0.0 && n > 0.0),
+                "{v}"
+            );
+        }
+        assert!(v["nats_side"].is_string(), "{v}");
+    }
+    for line in [
+        "idle connections subscribed: 200 of 200",
+        "routing table: 2,000 subscriptions of 20 services",
+        "W9 run 1/1 (NATS)",
+        "W10 run 1/1 (Courier)",
+    ] {
+        assert!(ran.stderr.contains(line), "no {line:?} in {}", ran.stderr);
+    }
+    ran.left_nothing();
+}

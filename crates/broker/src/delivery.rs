@@ -240,6 +240,7 @@ impl<S: MessageStore> Broker<S> {
                         delivery,
                         attempt: wire_attempt,
                         message,
+                        log_seq: seq,
                     });
                 }
                 Pick::AllBusy if holder.is_some() => {

@@ -16,6 +16,13 @@
 //!   but deliveries of transient messages and replies, which are stored
 //!   nowhere: an acknowledgement, a delivery of a stored message and a
 //!   change's answer leave only once their records are durable;
+//! - except a delivery of a message whose record is durable already (a
+//!   backlog, a redelivery) when nothing is held for its connection: it
+//!   leaves at once, before the bookkeeping of its batch (delivered,
+//!   acked) is durable. A crash before that bookkeeping is durable
+//!   delivers the message again, the duplicate at-least-once allows; its
+//!   attempt may be counted once less. Consuming a backlog thus never
+//!   waits for the disk, and a connection's deliveries keep their order;
 //! - answers (everything but deliveries) to one connection keep their
 //!   order: one queues behind the held answers to its connection; a PONG
 //!   waits for everything stored before it (it confirms quiet sends, which
@@ -56,6 +63,10 @@ pub(crate) struct Durability {
     held: VecDeque<(Seq, Action)>,
     /// Answers in `held` per connection.
     held_answers: crate::FastMap<ConnId, u32>,
+    /// Deliveries in `held` per connection.
+    held_deliveries: crate::FastMap<ConnId, u32>,
+    /// Records below this seq are durable.
+    durable_below: Seq,
     batches: VecDeque<UnsyncedBatch>,
     /// Released by a sync, not yet taken.
     released: Vec<Action>,
@@ -83,10 +94,22 @@ fn stored_nowhere(action: &Action) -> bool {
 
 impl Durability {
     fn hold(&mut self, needs: Seq, action: Action) {
-        if !matches!(action, Action::Deliver { .. }) {
-            *self.held_answers.entry(conn_of(&action)).or_insert(0) += 1;
-        }
+        let held = if matches!(action, Action::Deliver { .. }) {
+            &mut self.held_deliveries
+        } else {
+            &mut self.held_answers
+        };
+        *held.entry(conn_of(&action)).or_insert(0) += 1;
         self.held.push_back((needs, action));
+    }
+
+    /// A delivery of a message already durable, with no delivery held
+    /// before it for its connection.
+    fn delivers_durable(&self, action: &Action) -> bool {
+        matches!(action, Action::Deliver { conn, log_seq, .. }
+            if *log_seq != 0
+                && *log_seq < self.durable_below
+                && !self.held_deliveries.contains_key(conn))
     }
 
     fn answers_held_for(&self, action: &Action) -> bool {
@@ -94,7 +117,13 @@ impl Durability {
             && self.held_answers.contains_key(&conn_of(action))
     }
 
-    /// Records below `covers` are durable: what waited for them is released.
+    /// Records below `covers` are durable: the mark moves up.
+    fn made_durable(&mut self, covers: Seq) {
+        self.durable_below = self.durable_below.max(covers);
+        self.durable_to(covers);
+    }
+
+    /// Releases what waited for records below `covers`.
     fn durable_to(&mut self, covers: Seq) {
         while self.batches.front().is_some_and(|b| b.end <= covers) {
             self.batches.pop_front();
@@ -103,13 +132,16 @@ impl Durability {
             let Some((_, action)) = self.held.pop_front() else {
                 break;
             };
-            if !matches!(action, Action::Deliver { .. }) {
-                let conn = conn_of(&action);
-                if let Some(count) = self.held_answers.get_mut(&conn) {
-                    *count -= 1;
-                    if *count == 0 {
-                        self.held_answers.remove(&conn);
-                    }
+            let held = if matches!(action, Action::Deliver { .. }) {
+                &mut self.held_deliveries
+            } else {
+                &mut self.held_answers
+            };
+            let conn = conn_of(&action);
+            if let Some(count) = held.get_mut(&conn) {
+                *count -= 1;
+                if *count == 0 {
+                    held.remove(&conn);
                 }
             }
             self.released.push(action);
@@ -153,7 +185,7 @@ impl<S: MessageStore> Broker<S> {
                 .chain(self.unsynced.drain(..))
                 .collect();
             for action in batch {
-                if stored_nowhere(&action) {
+                if stored_nowhere(&action) || self.durability.delivers_durable(&action) {
                     out.push(action);
                 } else {
                     self.durability.hold(end, action);
@@ -198,7 +230,7 @@ impl<S: MessageStore> Broker<S> {
             Ok(Some(job)) => Some(job),
             Ok(None) => {
                 if !self.records_discarded() {
-                    self.durability.durable_to(self.store.next_seq());
+                    self.durability.made_durable(self.store.next_seq());
                 }
                 None
             }
@@ -218,7 +250,7 @@ impl<S: MessageStore> Broker<S> {
         let result = self.store.finish_sync(job, result);
         self.alerts.extend(self.store.take_reports());
         match result {
-            Ok(()) if !self.records_discarded() => self.durability.durable_to(covers),
+            Ok(()) if !self.records_discarded() => self.durability.made_durable(covers),
             Ok(()) => self.unsynced_failed(StoreError::Io(
                 "records not yet durable were thrown away after a write failed".to_string(),
             )),
@@ -260,6 +292,7 @@ impl<S: MessageStore> Broker<S> {
         ops.append(&mut self.batch_ops);
         self.batch_ops = ops;
         self.durability.held_answers.clear();
+        self.durability.held_deliveries.clear();
         // Released ones were durable: they leave as they are, first.
         let released = std::mem::take(&mut self.durability.released);
         let mut actions: Vec<Action> = self
@@ -284,7 +317,9 @@ impl<S: MessageStore> Broker<S> {
 
     /// After a synchronous sync succeeded: everything waited for is durable.
     pub(crate) fn all_durable(&mut self, out: &mut Vec<Action>) {
+        let next = self.store.next_seq();
         self.durability.durable_to(Seq::MAX);
+        self.durability.durable_below = self.durability.durable_below.max(next);
         out.append(&mut self.durability.released);
     }
 
@@ -308,6 +343,8 @@ mod tests {
     use crate::{Action, Broker, Config, ConnId, Nanos, StartFrom};
 
     const NOW: Nanos = 1_000_000_000_000;
+    /// The property test's consumer of one message at a time.
+    const SLOW: ConnId = 9;
 
     fn broker() -> Broker<MemoryLog> {
         let mut broker = Broker::new(Config::default(), MemoryLog::new());
@@ -443,6 +480,69 @@ mod tests {
         assert_eq!(order, ["result 1", "result 2", "pong 99", "pong 5"]);
     }
 
+    /// Deliveries of `actions` as (conn, delivery, log seq).
+    fn delivered(actions: &[Action]) -> Vec<(ConnId, u64, u64)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Deliver {
+                    conn,
+                    delivery,
+                    log_seq,
+                    ..
+                } => Some((*conn, *delivery, *log_seq)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_durable_backlog_is_delivered_without_waiting_for_its_bookkeeping() {
+        let mut broker = broker();
+        // One message in flight at a time: each ack brings the next.
+        broker.connect(4, "slow", "slow-1", 1);
+        broker.subscribe(4, 0, "job.*", 0, 0, StartFrom::New, NOW);
+        broker.connect(2, "sender", "sender-1", 10);
+        for seq in 1..=3 {
+            broker.send(2, seq, event("job.run", false), NOW);
+        }
+        assert!(ready(&mut broker).is_empty(), "nothing before the fsync");
+        let job = broker.start_sync().expect("a sync");
+        broker.finish_sync(job, Ok(()));
+        let out = ready(&mut broker);
+        let first: Vec<_> = delivered(&out).into_iter().filter(|d| d.0 == 4).collect();
+        assert_eq!(first.len(), 1, "{out:?}");
+        broker.ack(4, first[0].1, NOW);
+        let out = ready(&mut broker);
+        let second = delivered(&out);
+        assert_eq!(second.len(), 1, "the next one left at once: {out:?}");
+        assert!(second[0].2 > first[0].2);
+        assert!(
+            broker.sync_wanted(),
+            "the ack and the delivery's record wait for the next fsync"
+        );
+        // A message not yet durable still waits, and so does whatever of
+        // the same connection follows it.
+        broker.send(2, 4, event("job.run", false), NOW);
+        broker.ack(4, second[0].1, NOW);
+        let out = ready(&mut broker);
+        let third = delivered(&out);
+        assert_eq!(third.iter().filter(|d| d.0 == 4).count(), 1, "{out:?}");
+        broker.ack(4, third.iter().find(|d| d.0 == 4).expect("slow's").1, NOW);
+        assert_eq!(
+            delivered(&ready(&mut broker))
+                .iter()
+                .filter(|d| d.0 == 4)
+                .count(),
+            0,
+            "the fourth message is not durable yet"
+        );
+        let job = broker.start_sync().expect("a sync");
+        broker.finish_sync(job, Ok(()));
+        let out = ready(&mut broker);
+        assert_eq!(delivered(&out).iter().filter(|d| d.0 == 4).count(), 1);
+    }
+
     #[test]
     fn a_failed_fsync_refuses_every_batch_waiting_for_it() {
         let mut broker = broker();
@@ -471,11 +571,22 @@ mod tests {
 
     #[derive(Debug, Clone)]
     enum Step {
-        Send { conn: ConnId, transient: bool },
-        Ping { conn: ConnId },
+        Send {
+            conn: ConnId,
+            transient: bool,
+        },
+        Ping {
+            conn: ConnId,
+        },
         Start,
-        Finish { ok: bool },
+        Finish {
+            ok: bool,
+        },
         Ready,
+        /// The slow consumer acks (or nacks) its oldest delivery.
+        Settle {
+            nack: bool,
+        },
     }
 
     fn step() -> impl Strategy<Value = Step> {
@@ -485,25 +596,33 @@ mod tests {
             2 => Just(Step::Start),
             2 => (0..8u8).prop_map(|n| Step::Finish { ok: n > 0 }),
             3 => Just(Step::Ready),
+            3 => any::<bool>().prop_map(|nack| Step::Settle { nack }),
         ]
     }
 
     proptest! {
         /// Whatever the interleaving of batches, fsyncs and their failures:
         /// no acknowledgement or delivery of a stored message leaves before
-        /// its record survives a crash, every send is answered once, and a
-        /// connection's answers keep their order.
+        /// its record survives a crash (a backlog's deliveries included,
+        /// which leave before their bookkeeping is durable), every send is
+        /// answered once, and a connection's answers keep their order.
         #[test]
         fn nothing_leaves_before_it_is_durable(steps in prop::collection::vec(step(), 1..80)) {
             let mut broker = broker();
             for conn in 2..5 {
                 broker.connect(conn, "sender", &format!("sender-{conn}"), 10);
             }
+            // A consumer taking one message at a time: its acks bring the
+            // next, from a backlog that may be durable already.
+            broker.connect(SLOW, "slow", "slow-1", 1);
+            broker.subscribe(SLOW, 0, "job.*", 0, 0, StartFrom::New, NOW);
+            let mut outstanding = std::collections::VecDeque::new();
             let mut job = None;
             let mut next_seq = [0u64; 5];
             let mut answered: Vec<Vec<u64>> = vec![Vec::new(); 5];
             let mut sent = 0usize;
             let mut check = |broker: &mut Broker<MemoryLog>, out: Vec<Action>| {
+                let mut to_slow = Vec::new();
                 let durable = broker.store().crash();
                 let mut kept = Vec::new();
                 courier_store::MessageStore::scan_messages(&mut durable.clone(), 0, &mut |_, m| {
@@ -520,13 +639,16 @@ mod tests {
                             prop_assert!(answered[conn].last().is_none_or(|last| *last < seq), "answers out of order");
                             answered[conn].push(seq);
                         }
-                        Action::Deliver { message, .. } if !message.transient => {
+                        Action::Deliver { conn, delivery, message, .. } if !message.transient => {
                             prop_assert!(kept.contains(&message.id), "delivered before its fsync");
+                            if conn == SLOW {
+                                to_slow.push(delivery);
+                            }
                         }
                         _ => {}
                     }
                 }
-                Ok(())
+                Ok(to_slow)
             };
             for step in steps {
                 match step {
@@ -535,12 +657,12 @@ mod tests {
                         sent += 1;
                         broker.send(conn, next_seq[conn as usize], event("job.run", transient), NOW);
                         let out = ready(&mut broker);
-                        check(&mut broker, out)?;
+                        outstanding.extend(check(&mut broker, out)?);
                     }
                     Step::Ping { conn } => {
                         broker.ping(conn, 0);
                         let out = ready(&mut broker);
-                        check(&mut broker, out)?;
+                        outstanding.extend(check(&mut broker, out)?);
                     }
                     Step::Start => {
                         if job.is_none() {
@@ -555,7 +677,18 @@ mod tests {
                     }
                     Step::Ready => {
                         let out = ready(&mut broker);
-                        check(&mut broker, out)?;
+                        outstanding.extend(check(&mut broker, out)?);
+                    }
+                    Step::Settle { nack } => {
+                        if let Some(delivery) = outstanding.pop_front() {
+                            if nack {
+                                broker.nack(SLOW, delivery, 0, NOW);
+                            } else {
+                                broker.ack(SLOW, delivery, NOW);
+                            }
+                            let out = ready(&mut broker);
+                            outstanding.extend(check(&mut broker, out)?);
+                        }
                     }
                 }
                 // A degraded broker refuses durable sends until the disk works.
@@ -563,7 +696,7 @@ mod tests {
                     broker.tick(NOW);
                     let mut out = Vec::new();
                     broker.take_actions(&mut out);
-                    check(&mut broker, out)?;
+                    outstanding.extend(check(&mut broker, out)?);
                 }
             }
             if let Some(j) = job.take() {
@@ -571,7 +704,7 @@ mod tests {
             }
             let mut out = Vec::new();
             broker.take_actions(&mut out);
-            check(&mut broker, out)?;
+            outstanding.extend(check(&mut broker, out)?);
             let answers: usize = answered.iter().map(Vec::len).sum();
             prop_assert_eq!(answers, sent, "every send answered once");
         }

@@ -11,6 +11,9 @@ pub enum Action {
         delivery: DeliveryId,
         attempt: u32,
         message: Arc<Message>,
+        /// Where the log holds the message; 0: it holds none (a transient
+        /// message, a reply).
+        log_seq: Seq,
     },
     SendResult {
         conn: ConnId,

@@ -248,6 +248,7 @@ impl<S: MessageStore> Broker<S> {
             delivery: self.next_delivery,
             attempt: 1,
             message,
+            log_seq: 0,
         });
     }
 

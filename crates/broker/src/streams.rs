@@ -233,6 +233,7 @@ impl<S: MessageStore> Broker<S> {
             delivery,
             attempt: 1,
             message,
+            log_seq: 0,
         });
         if is_final {
             // The stream is over: nothing to ack any more.

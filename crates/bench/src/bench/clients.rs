@@ -179,7 +179,7 @@ pub(super) async fn run(
         for side in Side::ALL {
             let which = format!("{} run {run}/{runs}", side.title());
             let data = DataDir::create()?;
-            let mut broker = BrokerProcess::start(exe, data.path()).await?;
+            let mut broker = BrokerProcess::start(exe, data.path(), &[]).await?;
             let addr = broker.addr.clone();
             progress(&format!(
                 "{which}: {count} messages of {CLIENT_PAYLOAD_BYTES} B …"

@@ -2,7 +2,7 @@
 //! `courier serve` child and data directory per run, driven through the
 //! SDK. W1–W3's flow control is in `courier_transient.rs`.
 
-use super::side::{self, Backlog, BacklogSide, Key, RestartSide};
+use super::side::{self, Backlog, BacklogSide, IdleSide, Key, RestartSide, RoutingSide};
 use super::*;
 
 pub(super) const W6_SERVICE: &str = "bench-consumer";
@@ -126,8 +126,13 @@ pub(super) struct CourierSide {
 
 impl CourierSide {
     pub(super) async fn start(exe: &Path) -> anyhow::Result<CourierSide> {
+        CourierSide::start_with(exe, &[]).await
+    }
+
+    /// [`CourierSide::start`] with `extra` flags for `serve`.
+    pub(super) async fn start_with(exe: &Path, extra: &[&str]) -> anyhow::Result<CourierSide> {
         let dir = DataDir::create()?;
-        let broker = BrokerProcess::start(exe, dir.path()).await?;
+        let broker = BrokerProcess::start(exe, dir.path(), extra).await?;
         Ok(CourierSide {
             broker,
             probe: None,
@@ -155,6 +160,10 @@ impl Side for CourierSide {
 
     fn data_dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    fn rss_mib(&self) -> anyhow::Result<f64> {
+        self.broker.rss_mib()
     }
 
     async fn watch<T>(
@@ -343,6 +352,75 @@ impl BacklogSide for CourierSide {
     }
 }
 
+/// Connects as `service` over a plain TCP socket of one descriptor. By
+/// default the SDK keeps a second descriptor of its socket (to write a
+/// lone request without waking a worker); 10,000 idle clients would then
+/// need 20,000 open files in this process, this machine's hard limit.
+/// The broker sees the same connection either way.
+async fn connect_one_descriptor(addr: &str, service: &str) -> anyhow::Result<Client> {
+    let target = addr.to_string();
+    let connector = courier_client::Connector::new(move || {
+        let target = target.clone();
+        Box::pin(async move {
+            let stream = tokio::net::TcpStream::connect(&target).await?;
+            stream.set_nodelay(true)?;
+            let (reader, writer) = stream.into_split();
+            let halves: (courier_client::BoxRead, courier_client::BoxWrite) =
+                (Box::pin(reader), Box::pin(writer));
+            Ok(halves)
+        })
+    });
+    Client::connect_with(ClientOptions::new(addr, service), connector)
+        .await
+        .with_context(|| format!("cannot connect to the broker at {addr} as {service}"))
+}
+
+impl IdleSide for CourierSide {
+    type Idle = Client;
+
+    async fn idle(address: &str, service: u64) -> anyhow::Result<Client> {
+        let (name, pattern) = (w9::service(service), w9::pattern(service));
+        let client = connect_one_descriptor(address, &name).await?;
+        client
+            .on(&pattern, |_msg| async {
+                Ok::<(), courier_client::Error>(())
+            })
+            .await
+            .with_context(|| format!("cannot subscribe {name} to {pattern}"))?;
+        Ok(client)
+    }
+
+    async fn close_idle(idle: Vec<Client>) {
+        shutdown_all(&idle).await;
+    }
+}
+
+impl RoutingSide for CourierSide {
+    type TableService = Client;
+
+    async fn table_service(address: &str, service: u64) -> anyhow::Result<Client> {
+        let name = w10::service(service);
+        let client = connect(address, &name, None).await?;
+        let patterns = w10::patterns(service);
+        let subscribed = patterns.iter().map(|pattern| {
+            let on = client.on(pattern, |_msg| async {
+                Ok::<(), courier_client::Error>(())
+            });
+            let name = &name;
+            async move {
+                on.await
+                    .with_context(|| format!("cannot subscribe {name} to {pattern}"))
+            }
+        });
+        futures_util::future::try_join_all(subscribed).await?;
+        Ok(client)
+    }
+
+    async fn close_table(table: Vec<Client>) {
+        shutdown_all(&table).await;
+    }
+}
+
 /// Connects as soon as the broker lets us; the time since `since`.
 async fn first_connect(addr: &str, since: Instant) -> anyhow::Result<(Duration, Client)> {
     loop {
@@ -363,10 +441,6 @@ impl RestartSide for CourierSide {
     const SERVER: &'static str = "broker";
     const DATA: &'static str = "data dir";
 
-    fn rss_mib(&self) -> anyhow::Result<f64> {
-        self.broker.rss_mib()
-    }
-
     fn data_bytes(&self) -> u64 {
         self.dir.size()
     }
@@ -374,7 +448,7 @@ impl RestartSide for CourierSide {
     async fn restart(&mut self, _count: u64) -> anyhow::Result<(Duration, Duration)> {
         let addr = self.broker.addr.clone();
         self.broker.kill9();
-        self.broker = BrokerProcess::spawn(&self.exe, &addr, self.dir.path())?;
+        self.broker = BrokerProcess::spawn(&self.exe, &addr, self.dir.path(), &[])?;
         let spawned_at = self.broker.server.spawned_at;
         let broker = &mut self.broker;
         let restarted = async {

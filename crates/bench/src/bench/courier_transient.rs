@@ -5,6 +5,7 @@
 //! run ahead of the slowest receiving service.
 
 use super::side::{Audience, TransientSide, AUDIENCE_SIZE};
+use super::w10::Names;
 use super::*;
 
 pub(super) const W1_NAME: &str = "bench.w1.published";
@@ -80,7 +81,7 @@ const LOSS_CHECK_AFTER: Duration = Duration::from_secs(2);
 /// What one receiving service of W1–W3 has handled, however many
 /// instances it runs.
 struct Tally {
-    service: &'static str,
+    service: String,
     handled: Arc<AtomicU64>,
     catch_up: Arc<CatchUp>,
 }
@@ -137,14 +138,15 @@ impl Receivers {
         }
     }
 
-    /// Connects `instances` instances of `service`, each handling `name`
-    /// by counting it; the clients go to `clients` (to be shut down).
+    /// Connects `instances` instances of `service`, each handling
+    /// `patterns` by counting what they match; the clients go to `clients`
+    /// (to be shut down).
     async fn subscribe(
         &mut self,
         addr: &str,
-        service: &'static str,
+        service: &str,
         instances: usize,
-        name: &str,
+        patterns: &[String],
         clients: &mut Vec<Client>,
     ) -> anyhow::Result<()> {
         let handled = Arc::new(AtomicU64::new(0));
@@ -155,22 +157,26 @@ impl Receivers {
         for _ in 0..instances {
             let client = connect(addr, service, None).await?;
             clients.push(client.clone());
-            let (h, goal, reached) = (handled.clone(), self.goal.clone(), self.reached.clone());
-            let catch_up = catch_up.clone();
-            client
-                .on(name, move |_msg| {
+            let subscribed = patterns.iter().map(|pattern| {
+                let (h, goal, reached) = (handled.clone(), self.goal.clone(), self.reached.clone());
+                let catch_up = catch_up.clone();
+                let on = client.on(pattern, move |_msg| {
                     let count = h.fetch_add(1, Ordering::Relaxed) + 1;
                     if count == goal.load(Ordering::Relaxed) {
                         reached.notify_one();
                     }
                     catch_up.handled(count);
                     std::future::ready(Ok::<(), courier_client::Error>(()))
-                })
-                .await
-                .with_context(|| format!("cannot subscribe {service} to {name}"))?;
+                });
+                async move {
+                    on.await
+                        .with_context(|| format!("cannot subscribe {service} to {pattern}"))
+                }
+            });
+            futures_util::future::try_join_all(subscribed).await?;
         }
         self.tallies.push(Tally {
-            service,
+            service: service.to_string(),
             handled,
             catch_up,
         });
@@ -287,14 +293,16 @@ async fn broker_metrics(client: &Client) -> anyhow::Result<Value> {
 /// fails if the broker refused any.
 async fn publish_transient(
     client: &Client,
-    name: &str,
+    names: &Names,
     payload: &Bytes,
     count: u64,
     receivers: &Receivers,
+    lost: &Mutex<Option<String>>,
 ) -> anyhow::Result<()> {
     let refused_before = client.unheard_refusals();
-    let every = (transient_window(name, payload.len()) / 2) as u64;
-    let lead = transient_lead(name, payload.len());
+    let sample = names.sample();
+    let every = (transient_window(&sample, payload.len()) / 2) as u64;
+    let lead = transient_lead(&sample, payload.len());
     let received_before = receivers.slowest();
     let mut flushes = VecDeque::with_capacity(3);
     for i in 0..count {
@@ -311,7 +319,7 @@ async fn publish_transient(
             }
         }
         client
-            .event(name)
+            .event(names.next())
             .payload(payload.clone())
             .transient()
             .send_quiet()
@@ -321,14 +329,14 @@ async fn publish_transient(
             flushes.push_back(client.flush());
             if flushes.len() > 2 {
                 if let Some(flush) = flushes.pop_front() {
-                    flush.await.context("flush after transient publishes")?;
+                    flushed(flush, lost).await?;
                 }
             }
         }
     }
     flushes.push_back(client.flush());
     for flush in flushes {
-        flush.await.context("flush after transient publishes")?;
+        flushed(flush, lost).await?;
     }
     let refused = client.unheard_refusals() - refused_before;
     if refused > 0 {
@@ -341,13 +349,38 @@ async fn publish_transient(
     Ok(())
 }
 
-/// W1–W3's receiving services, Courier side: their tallies, the event
-/// name they receive, and every connection of the run (the publisher's
-/// too), to shut down at the end.
+/// How long a failed flush waits for the SDK to say why the connection
+/// was lost (it fails the flush first, then reports the loss).
+const LOST_REASON_WAIT: Duration = Duration::from_millis(100);
+
+/// Awaits a flush of the transient publisher; a failure says why the
+/// SDK lost the connection, which tells which side gave up.
+async fn flushed(
+    flush: impl std::future::Future<Output = courier_client::Result<()>>,
+    lost: &Mutex<Option<String>>,
+) -> anyhow::Result<()> {
+    let Err(e) = flush.await else {
+        return Ok(());
+    };
+    tokio::time::sleep(LOST_REASON_WAIT).await;
+    let reason = lost.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    Err(anyhow::Error::from(e).context(match reason {
+        Some(reason) => format!(
+            "flush after transient publishes (the publisher's connection was lost: {reason})"
+        ),
+        None => "flush after transient publishes".to_string(),
+    }))
+}
+
+/// W1–W3's (and W10's) receiving services, Courier side: their tallies,
+/// the event names they receive, and every connection of the run (the
+/// publisher's too), to shut down at the end.
 pub(super) struct CourierReceivers {
     receivers: Receivers,
-    name: &'static str,
+    names: Names,
     clients: Vec<Client>,
+    /// Why the publisher's connection was last lost, if it was.
+    lost: Arc<Mutex<Option<String>>>,
 }
 
 impl TransientSide for CourierSide {
@@ -359,20 +392,29 @@ impl TransientSide for CourierSide {
         audience: Audience,
         _capacity: u64,
     ) -> anyhow::Result<CourierReceivers> {
-        let (name, services): (&'static str, Vec<(&'static str, usize)>) = match audience {
-            Audience::One => (W1_NAME, vec![(W1_SERVICE, 1)]),
-            Audience::FanOut => (W2_NAME, W2_SERVICES.map(|s| (s, 1)).to_vec()),
-            Audience::Competing => (W3_NAME, vec![(W3_SERVICE, AUDIENCE_SIZE)]),
+        let one = |name: &'static str| (Names::One(name), vec![name.to_string()]);
+        let ((names, patterns), services): (_, Vec<(String, usize)>) = match audience {
+            Audience::One => (one(W1_NAME), vec![(W1_SERVICE.to_string(), 1)]),
+            Audience::FanOut => (
+                one(W2_NAME),
+                W2_SERVICES.map(|s| (s.to_string(), 1)).to_vec(),
+            ),
+            Audience::Competing => (one(W3_NAME), vec![(W3_SERVICE.to_string(), AUDIENCE_SIZE)]),
+            Audience::Routed { service } => (
+                (Names::routed(service), w10::patterns(service)),
+                vec![(w10::service(service), 1)],
+            ),
         };
         let mut run = CourierReceivers {
             receivers: Receivers::new(),
-            name,
+            names,
             clients: Vec::new(),
+            lost: Arc::new(Mutex::new(None)),
         };
         for (service, instances) in services {
             let subscribed = run
                 .receivers
-                .subscribe(address, service, instances, name, &mut run.clients)
+                .subscribe(address, &service, instances, &patterns, &mut run.clients)
                 .await;
             if let Err(e) = subscribed {
                 shutdown_all(&run.clients).await;
@@ -385,6 +427,16 @@ impl TransientSide for CourierSide {
     async fn sender(address: &str, receivers: &mut CourierReceivers) -> anyhow::Result<Client> {
         let publisher = connect(address, TRANSIENT_PUBLISHER, None).await?;
         receivers.clients.push(publisher.clone());
+        let mut events = publisher.connection_events();
+        let lost = receivers.lost.clone();
+        // Ends when the publisher is shut down.
+        tokio::spawn(async move {
+            while let Some(event) = events.next().await {
+                if let courier_client::ConnectionEvent::Lost { reason } = event {
+                    *lost.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+                }
+            }
+        });
         Ok(publisher)
     }
 
@@ -398,7 +450,15 @@ impl TransientSide for CourierSide {
         payload: &Bytes,
         count: u64,
     ) -> anyhow::Result<()> {
-        publish_transient(sender, receivers.name, payload, count, &receivers.receivers).await
+        publish_transient(
+            sender,
+            &receivers.names,
+            payload,
+            count,
+            &receivers.receivers,
+            &receivers.lost,
+        )
+        .await
     }
 
     async fn received(receivers: &CourierReceivers, sender: &Client) -> anyhow::Result<Instant> {

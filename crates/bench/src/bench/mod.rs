@@ -18,7 +18,8 @@
 //! `machine` (what is printed); `side` (the one trait both systems
 //! offer, and its extensions) with the workloads written once against it
 //! (`transient`: W1–W3, `w4`: W4 and W12, `publish`: W5, W11, W13,
-//! `backlog`: W6 and W8, `restart`: W7), and its two implementations,
+//! `backlog`: W6 and W8, `restart`: W7, `w9`: W9, `w10`: W10), and its
+//! two implementations,
 //! `courier*` and `nats*`.
 
 use std::collections::VecDeque;
@@ -61,7 +62,9 @@ mod runner;
 mod scrape;
 mod side;
 mod transient;
+mod w10;
 mod w4;
+mod w9;
 mod workload;
 
 use backlog::*;
@@ -92,6 +95,8 @@ const REQUESTS_IN_FLIGHT: usize = 64;
 const MAX_IN_FLIGHT: u32 = 1024;
 /// W13: publishing connections at once, each awaiting every ack.
 const W13_CONNECTIONS: [usize; 4] = [1, 4, 16, 64];
+/// W10's events through the routing table, before --quick and --scale.
+const W10_MESSAGES: u64 = 200_000;
 /// The broker's `--fsync` for every run (its default).
 const FSYNC: &str = "always";
 /// `--quick` divides every message count by this.

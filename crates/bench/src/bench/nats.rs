@@ -7,7 +7,7 @@ use super::*;
 
 use super::nats_server::NatsServer;
 pub(super) use super::nats_server::{install, NatsInstall};
-use super::side::{self, Fsync, Key, Side};
+use super::side::{self, Fsync, IdleSide, Key, Side};
 use async_nats::jetstream;
 use futures_util::StreamExt as _;
 
@@ -267,6 +267,14 @@ pub(super) async fn run(
             let mut side = NatsSide::start(nats, Fsync::Default).await?;
             super::w4::requests_under_load(&mut side, plan).await
         }
+        Job::IdleConnections => {
+            let mut side = NatsSide::start(nats, Fsync::Default).await?;
+            super::w9::run(&mut side, plan).await
+        }
+        Job::RoutingTable => {
+            let mut side = NatsSide::start(nats, Fsync::Default).await?;
+            super::w10::run(&mut side, plan).await
+        }
         Job::Outbox => Ok(Vec::new()),
     }
 }
@@ -376,6 +384,10 @@ impl Side for NatsSide {
         self.server.dir.path()
     }
 
+    fn rss_mib(&self) -> anyhow::Result<f64> {
+        self.server.rss_mib()
+    }
+
     async fn watch<T>(
         &mut self,
         work: impl std::future::Future<Output = anyhow::Result<T>>,
@@ -472,6 +484,38 @@ impl Side for NatsSide {
     }
 }
 
+/// One idle connection of W9, NATS side, and its queue subscription.
+pub(super) struct NatsIdle {
+    _client: async_nats::Client,
+    _subscription: async_nats::Subscriber,
+}
+
+impl IdleSide for NatsSide {
+    type Idle = NatsIdle;
+
+    async fn idle(address: &str, service: u64) -> anyhow::Result<NatsIdle> {
+        let (name, subject) = (super::w9::service(service), super::w9::pattern(service));
+        let events = Arc::new(ClientEvents::default());
+        let client = connect(address, &name, MIN_SUBSCRIPTION_CAPACITY, &events).await?;
+        let subscription = client
+            .queue_subscribe(subject.clone(), name.clone())
+            .await
+            .with_context(|| format!("{name} cannot subscribe to {subject}"))?;
+        client
+            .flush()
+            .await
+            .with_context(|| format!("{name}: flush after subscribing failed"))?;
+        Ok(NatsIdle {
+            _client: client,
+            _subscription: subscription,
+        })
+    }
+
+    async fn close_idle(idle: Vec<NatsIdle>) {
+        drop(idle);
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Settings
 
@@ -484,7 +528,7 @@ pub(super) fn settings(nats: &NatsInstall, runtime: &str) -> Vec<String> {
             "  config file per run: listen: 127.0.0.1:<free port>; max_payload: 8MB (for W11's 1 MiB events; Courier's frames allow 8 MiB); jetstream {{ store_dir: <fresh dir in {}> }}; no log file (logs to stderr, info level); everything else at its defaults; a fresh server and store dir per run",
             std::env::temp_dir().display()
         ),
-        "  JetStream fsync: sync_interval at its default (acks once the OS has the data, fsync every 2 min) for W5a, W5b, W6 and W7; `sync_interval: always` (fsync before every ack) for W5a-always and W5b-always; W1–W4 run on the same config without touching JetStream".to_string(),
+        "  JetStream fsync: sync_interval at its default (acks once the OS has the data, fsync every 2 min) for W5a, W5b, W6 and W7; `sync_interval: always` (fsync before every ack) for W5a-always and W5b-always; W1–W4, W9 and W10 run on the same config without touching JetStream".to_string(),
         format!(
             "  streams: file storage, 1 replica, limits retention, one subject each; W5: a stream without consumers; W6: durable pull consumer created after the backlog, AckPolicy::Explicit, max_ack_pending {MAX_IN_FLIGHT}, pull batches of {MAX_IN_FLIGHT}; W7: a durable pull consumer created before the backlog that never pulls; W7 restarts on the same config, store and port after kill -9"
         ),

@@ -330,10 +330,6 @@ impl RestartSide for NatsSide {
     const SERVER: &'static str = "nats-server";
     const DATA: &'static str = "store dir";
 
-    fn rss_mib(&self) -> anyhow::Result<f64> {
-        self.server.rss_mib()
-    }
-
     fn data_bytes(&self) -> u64 {
         self.server.dir.size()
     }

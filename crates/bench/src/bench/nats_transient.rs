@@ -4,7 +4,8 @@
 
 use super::nats::NatsSide;
 use super::nats::{connect, ClientEvents, Tasks, LOSS_GRACE, MIN_SUBSCRIPTION_CAPACITY};
-use super::side::{Audience, TransientSide};
+use super::side::{Audience, RoutingSide, TransientSide};
+use super::w10::Names;
 use super::*;
 
 use futures_util::StreamExt as _;
@@ -84,12 +85,13 @@ impl Tally {
 /// then flushes.
 async fn publish_core(
     client: &async_nats::Client,
+    names: &Names,
     payload: &Bytes,
     count: u64,
 ) -> anyhow::Result<()> {
     for i in 0..count {
         client
-            .publish(TRANSIENT_SUBJECT, payload.clone())
+            .publish(names.next().into_owned(), payload.clone())
             .await
             .with_context(|| format!("publish {} of {count} failed", i + 1))?;
     }
@@ -105,6 +107,7 @@ pub(super) struct NatsReceivers {
     _subscribers: Vec<async_nats::Client>,
     events: Arc<ClientEvents>,
     copies: u64,
+    names: Names,
 }
 
 impl TransientSide for NatsSide {
@@ -123,29 +126,43 @@ impl TransientSide for NatsSide {
         let tally = Arc::new(Tally::default());
         let mut tasks = Tasks::default();
         let mut subscribers = Vec::new();
+        let (names, subjects) = match audience {
+            Audience::Routed { service } => (Names::routed(service), w10::patterns(service)),
+            Audience::One | Audience::FanOut | Audience::Competing => (
+                Names::One(TRANSIENT_SUBJECT),
+                vec![TRANSIENT_SUBJECT.to_string()],
+            ),
+        };
         for i in 1..=audience.receivers() {
-            let name = format!("bench-subscriber-{i}");
+            let name = match audience {
+                Audience::Routed { service } => w10::service(service),
+                _ => format!("bench-subscriber-{i}"),
+            };
             let client = connect(address, &name, capacity, &events).await?;
-            let mut subscription = match audience {
-                Audience::Competing => {
-                    client
-                        .queue_subscribe(TRANSIENT_SUBJECT, QUEUE_GROUP.to_string())
-                        .await
+            for subject in &subjects {
+                let mut subscription = match audience {
+                    Audience::Competing => {
+                        client
+                            .queue_subscribe(subject.clone(), QUEUE_GROUP.to_string())
+                            .await
+                    }
+                    Audience::One | Audience::FanOut | Audience::Routed { .. } => {
+                        client.subscribe(subject.clone()).await
+                    }
                 }
-                Audience::One | Audience::FanOut => client.subscribe(TRANSIENT_SUBJECT).await,
+                .with_context(|| format!("{name} cannot subscribe to {subject}"))?;
+                let tally = tally.clone();
+                tasks.0.push(tokio::spawn(async move {
+                    while subscription.next().await.is_some() {
+                        tally.add();
+                    }
+                }));
             }
-            .with_context(|| format!("{name} cannot subscribe"))?;
-            // The server has the subscription once it answers the ping.
+            // The server has the subscriptions once it answers the ping.
             client
                 .flush()
                 .await
                 .with_context(|| format!("{name}: flush after subscribing failed"))?;
-            let tally = tally.clone();
-            tasks.0.push(tokio::spawn(async move {
-                while subscription.next().await.is_some() {
-                    tally.add();
-                }
-            }));
             subscribers.push(client);
         }
         Ok(NatsReceivers {
@@ -154,6 +171,7 @@ impl TransientSide for NatsSide {
             _subscribers: subscribers,
             events,
             copies: audience.copies(),
+            names,
         })
     }
 
@@ -176,11 +194,11 @@ impl TransientSide for NatsSide {
 
     async fn publish_transient(
         sender: &async_nats::Client,
-        _receivers: &NatsReceivers,
+        receivers: &NatsReceivers,
         payload: &Bytes,
         count: u64,
     ) -> anyhow::Result<()> {
-        publish_core(sender, payload, count).await
+        publish_core(sender, &receivers.names, payload, count).await
     }
 
     async fn received(
@@ -192,6 +210,44 @@ impl TransientSide for NatsSide {
 
     async fn close_transient(receivers: NatsReceivers) {
         drop(receivers.tasks);
+    }
+}
+
+/// One service of W10's table, NATS side: its connection and the
+/// subscriptions it holds (dropping one unsubscribes it).
+pub(super) struct NatsTableService {
+    _client: async_nats::Client,
+    _subscriptions: Vec<async_nats::Subscriber>,
+}
+
+impl RoutingSide for NatsSide {
+    type TableService = NatsTableService;
+
+    async fn table_service(address: &str, service: u64) -> anyhow::Result<NatsTableService> {
+        let name = w10::service(service);
+        let events = Arc::new(ClientEvents::default());
+        let client = connect(address, &name, MIN_SUBSCRIPTION_CAPACITY, &events).await?;
+        let mut subscriptions = Vec::new();
+        for subject in w10::patterns(service) {
+            subscriptions.push(
+                client
+                    .subscribe(subject.clone())
+                    .await
+                    .with_context(|| format!("{name} cannot subscribe to {subject}"))?,
+            );
+        }
+        client
+            .flush()
+            .await
+            .with_context(|| format!("{name}: flush after subscribing failed"))?;
+        Ok(NatsTableService {
+            _client: client,
+            _subscriptions: subscriptions,
+        })
+    }
+
+    async fn close_table(table: Vec<NatsTableService>) {
+        drop(table);
     }
 }
 

@@ -27,7 +27,10 @@ pub struct BenchArgs {
     #[arg(long)]
     pub(super) json: bool,
     /// Run only these workloads, comma-separated: W5a, W5b, W6, W7a, W7b,
-    /// W8a, W8b (W5, W7 and W8 name both halves), W13 (durable sends one at
+    /// W8a, W8b (W5, W7 and W8 name both halves), W9 (10,000 idle
+    /// subscribed connections: server memory per connection, W4a's p99
+    /// beside them), W10 (100,000 wildcard subscriptions, W1a-shaped
+    /// traffic through them), W13 (durable sends one at
     /// a time from 1, 4, 16 and 64 connections; W13-16 and the like name
     /// one count), W-HTTP-a (request/reply through the
     /// HTTP gateway beside the native protocol), or `outbox` (the
@@ -186,10 +189,12 @@ pub(super) fn parse_only(text: &str) -> Result<Only, String> {
             "w13-64" | "w13-64-always" => &[W13c64, W13c64Always],
             "w11" | "w11-always" => &[W11, W11Always],
             "w12" => &[W12],
+            "w9" => &[W9],
+            "w10" => &[W10],
             "outbox" => &[Outbox],
             _ => {
                 return Err(format!(
-                    "unknown workload {part:?}; choose from W1a, W1b, W2a, W2b, W3a, W3b, W4a, W4b, W5a, W5b, W6, W7a, W7b, W8a, W8b, W11, W12, W13-1, W13-4, W13-16, W13-64 (W1 … W8 and W13 name all their parts), W-HTTP-a or outbox, comma-separated, or registry alone"
+                    "unknown workload {part:?}; choose from W1a, W1b, W2a, W2b, W3a, W3b, W4a, W4b, W5a, W5b, W6, W7a, W7b, W8a, W8b, W9, W10, W11, W12, W13-1, W13-4, W13-16, W13-64 (W1 … W8 and W13 name all their parts), W-HTTP-a or outbox, comma-separated, or registry alone"
                 ))
             }
         };
@@ -256,8 +261,13 @@ mod tests {
             parse_only("w4a,w-http-a"),
             Ok(Only::Workloads(vec![W4a], true))
         );
-        let unknown = parse_only("W5a,W9").expect_err("W9 is unknown");
-        assert!(unknown.contains("\"W9\"") && unknown.contains("W5a, W5b, W6, W7a, W7b"));
+        assert_eq!(
+            parse_only("W10,w9,W4a"),
+            Ok(Only::Workloads(vec![W4a, W9, W10], false))
+        );
+        let unknown = parse_only("W5a,W14").expect_err("W14 is unknown");
+        assert!(unknown.contains("\"W14\"") && unknown.contains("W5a, W5b, W6, W7a, W7b"));
+        assert!(unknown.contains("W9, W10"), "{unknown}");
         assert!(parse_only(" , ").is_err());
         assert_eq!(parse_only("Registry"), Ok(Only::Registry));
         assert_eq!(parse_only("clients"), Ok(Only::Clients));
@@ -307,7 +317,11 @@ mod tests {
         );
         assert_eq!(a.timeout, Duration::from_secs(90));
         assert!(args(&["--runs", "0"]).is_err());
-        assert!(args(&["--only", "W10"]).is_err());
+        assert!(args(&["--only", "W14"]).is_err());
+        assert_eq!(
+            args(&["--only", "w10,W9"]).expect("parse").only,
+            Some(Only::Workloads(vec![Workload::W9, Workload::W10], false))
+        );
     }
 
     #[test]

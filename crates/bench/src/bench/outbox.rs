@@ -140,7 +140,7 @@ pub(super) async fn courier_outbox(exe: &Path, plan: &Plan) -> anyhow::Result<Ve
         .with_context(|| format!("cannot connect to the scratch database {}", database.name))?;
     courier_outbox::migrate_postgres(&pool).await?;
     let dir = DataDir::create()?;
-    let mut broker = BrokerProcess::start(exe, dir.path()).await?;
+    let mut broker = BrokerProcess::start(exe, dir.path(), &[]).await?;
     let addr = broker.addr.clone();
     let result = async {
         let mut measured = Vec::new();

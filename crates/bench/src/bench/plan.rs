@@ -26,6 +26,13 @@ pub(super) struct Plan {
     /// W11: 1 MiB events.
     pub(super) w11: u64,
     pub(super) gateway: gateway::GatewayPlan,
+    /// W9: idle connections (10,000; `--quick` 1,000).
+    pub(super) w9_connections: u64,
+    /// W10: services in the routing table, each with
+    /// [`w10::PATTERNS_PER_SERVICE`] subscriptions (1,000; `--quick` 100).
+    pub(super) w10_services: u64,
+    /// W10: events through the table.
+    pub(super) w10: u64,
     /// Rows in the outbox when the relay starts.
     pub(super) outbox_relay: u64,
     /// Business transactions timed one at a time.
@@ -41,6 +48,11 @@ impl Plan {
         }
         let factor = if quick { scale / QUICK_DIVISOR } else { scale };
         let n = |base: u64| ((base as f64 * factor).round() as u64).max(MIN_MESSAGES);
+        // W9 and W10 keep their shape under --quick: a tenth, not a twentieth.
+        let crowd = |full: u64, least: u64| {
+            let base = if quick { full / 10 } else { full };
+            ((base as f64 * scale).round() as u64).max(least)
+        };
         Ok(Plan {
             transient_tiny: n(1_000_000),
             transient_kib: n(200_000),
@@ -62,6 +74,9 @@ impl Plan {
                 sequential: n(5_000),
                 warmup: n(1_000),
             },
+            w9_connections: crowd(10_000, 1),
+            w10_services: crowd(1_000, 2),
+            w10: n(W10_MESSAGES),
             outbox_relay: n(200_000),
             outbox_latency: n(2_000),
             postgres_url: outbox::DEFAULT_POSTGRES_URL.to_string(),
@@ -148,6 +163,28 @@ impl Plan {
                 "W4a's {} requests of {TINY_BYTES} B one at a time (after {} warm-up without load) while another connection publishes durable events of {SMALL_BYTES} B pipelined (window {WINDOW}, as W5b) as fast as it can; the requests' latency, and the publishing rate meanwhile",
                 thousands(self.w4a),
                 thousands(self.warmup)
+            ),
+            Job::IdleConnections => format!(
+                "{} idle connections ({}; Courier: SDK clients on one socket descriptor each (a Connector; the SDK's default keeps a second one per socket), each subscribed to its service's {}; NATS: async-nats clients with one queue subscription each on the same subject, a queue group per service), connected {} at a time; the server's VmRSS just before they connect and {} s after the last did: (after − before) ÷ connections; W4a ({} requests of {TINY_BYTES} B one at a time after {} warm-up) on the same server and requester connection just before they connect, and again while all are connected (Courier's broker with --connections-max {})",
+                thousands(self.w9_connections),
+                w9::shape(self.w9_connections),
+                w9::pattern_shown(),
+                w9::CONNECTING_AT_ONCE,
+                w9::SETTLE.as_secs(),
+                thousands(self.w4a),
+                thousands(self.warmup),
+                thousands(w9::connections_max(self.w9_connections))
+            ),
+            Job::RoutingTable => format!(
+                "{} services × {} subscriptions = {} (one connection per service: {}), then {} transient events of {TINY_BYTES} B from 1 publisher (after {} warm-up) named {}: each matches one subscription of one service (1 in {}), and every name is new, so neither server's route cache holds it; timed and flow-controlled as W1a",
+                thousands(self.w10_services),
+                w10::PATTERNS_PER_SERVICE,
+                thousands(self.w10_services * w10::PATTERNS_PER_SERVICE),
+                w10::patterns_shown(),
+                thousands(self.w10),
+                thousands(self.warmup),
+                w10::name_shown(self.w10_services),
+                thousands(self.w10_services)
             ),
             Job::Outbox => format!(
                 "the transactional outbox on PostgreSQL (a scratch database per run): one relay publishes a backlog of {} rows of {SMALL_BYTES} B (batches of 1,000 read, published pipelined, deleted in one statement), timed until the outbox is empty; beside it the same count and size published by the SDK straight to the broker (window {WINDOW}); then {} business transactions one at a time (Outbox::enqueue + commit) with the relay on LISTEN/NOTIFY, each timed from the commit's return until the relay has the broker's acceptance, and after each one durable event sent by the SDK straight to the broker, timed from the send until its acceptance (the floor at the same moments: the broker's fsync)",

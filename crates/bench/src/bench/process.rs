@@ -290,12 +290,19 @@ pub(super) struct BrokerProcess {
 }
 
 impl BrokerProcess {
-    /// Spawns `exe serve` on `addr` with its log in `dir`; does not wait.
-    pub(super) fn spawn(exe: &Path, addr: &str, dir: &Path) -> anyhow::Result<BrokerProcess> {
+    /// Spawns `exe serve` on `addr` with its log in `dir` and `extra`
+    /// flags; does not wait.
+    pub(super) fn spawn(
+        exe: &Path,
+        addr: &str,
+        dir: &Path,
+        extra: &[&str],
+    ) -> anyhow::Result<BrokerProcess> {
         let spawned_at = Instant::now();
         let mut child = Command::new(exe)
             .args(["serve", "--listen", addr, "--fsync", FSYNC])
             .args(observability_flags())
+            .args(extra)
             .arg("--data-dir")
             .arg(dir)
             .env("COURIER_LOG", "info")
@@ -324,8 +331,12 @@ impl BrokerProcess {
     }
 
     /// Spawns a broker on a fresh port and waits until it is ready.
-    pub(super) async fn start(exe: &Path, dir: &Path) -> anyhow::Result<BrokerProcess> {
-        let mut broker = BrokerProcess::spawn(exe, &free_loopback_addr()?, dir)?;
+    pub(super) async fn start(
+        exe: &Path,
+        dir: &Path,
+        extra: &[&str],
+    ) -> anyhow::Result<BrokerProcess> {
+        let mut broker = BrokerProcess::spawn(exe, &free_loopback_addr()?, dir, extra)?;
         broker.wait_ready().await?;
         Ok(broker)
     }
@@ -401,7 +412,7 @@ mod tests {
         let dir = DataDir::create().expect("data dir");
         let path = dir.path().to_path_buf();
         // `sh serve --listen …` fails at once: there is no script `serve`.
-        let err = BrokerProcess::start(Path::new("/bin/sh"), dir.path())
+        let err = BrokerProcess::start(Path::new("/bin/sh"), dir.path(), &[])
             .await
             .err()
             .expect("not a broker");

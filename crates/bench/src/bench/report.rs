@@ -160,7 +160,7 @@ impl Results {
             if compared {
                 cells.push(
                     row.ratio(&self.systems)
-                        .map_or_else(|| "—".to_string(), |r| format!("{r:.2}×")),
+                        .map_or_else(|| "—".to_string(), ratio_text),
                 );
             }
             cells.push(row.metric.unit().to_string());
@@ -269,6 +269,15 @@ impl Results {
     }
 }
 
+/// `1.24×`; a ratio far below 1 keeps a digit that is not 0 (`0.004×`).
+pub(super) fn ratio_text(ratio: f64) -> String {
+    if ratio > 0.0 && ratio < 0.095 {
+        format!("{ratio:.3}×")
+    } else {
+        format!("{ratio:.2}×")
+    }
+}
+
 /// One line of a run's figures for the progress output.
 pub(super) fn summary_line(measured: &[Measurement]) -> String {
     measured
@@ -364,7 +373,7 @@ pub(super) fn settings_lines(
         args.runs,
         humantime::format_duration(args.timeout),
         if args.quick {
-            "; --quick: message counts ÷ 20"
+            "; --quick: message counts ÷ 20, W9's connections and W10's subscriptions ÷ 10"
         } else {
             ""
         }
@@ -559,6 +568,13 @@ mod tests {
         assert!(always["nats_side"]
             .as_str()
             .is_some_and(|s| s.contains("always")));
+    }
+
+    #[test]
+    fn ratios_far_below_one_keep_a_digit() {
+        assert_eq!(ratio_text(1.236), "1.24×");
+        assert_eq!(ratio_text(0.0037), "0.004×");
+        assert_eq!(ratio_text(0.5), "0.50×");
     }
 
     #[test]

@@ -22,6 +22,10 @@ pub(super) enum Metric {
     MegabytesPerSecond,
     DiskShare,
     LoadThroughput,
+    RssPerIdleConnection,
+    P99BeforeIdle,
+    P99WithIdle,
+    P99IdleGrowth,
 }
 
 impl Metric {
@@ -45,6 +49,10 @@ impl Metric {
             Metric::MegabytesPerSecond => "throughput, MB/s",
             Metric::DiskShare => "share of the disk's write+fsync",
             Metric::LoadThroughput => "W5b publishing beside it",
+            Metric::RssPerIdleConnection => "server RSS per idle connection",
+            Metric::P99BeforeIdle => "W4a p99 before they connect",
+            Metric::P99WithIdle => "W4a p99 with them connected",
+            Metric::P99IdleGrowth => "W4a p99 with ÷ before",
         }
     }
 
@@ -60,12 +68,16 @@ impl Metric {
             | Metric::LatencyP90
             | Metric::LatencyP99
             | Metric::LatencyP999
+            | Metric::P99BeforeIdle
+            | Metric::P99WithIdle
             | Metric::CommitToAcceptP50
             | Metric::CommitToAcceptP99
             | Metric::SendToAcceptP50
             | Metric::SendToAcceptP99 => "µs",
             Metric::ReadyLine | Metric::FirstConnect => "ms",
             Metric::RssWithBacklog | Metric::RssAfterRestart => "MiB",
+            Metric::RssPerIdleConnection => "KiB",
+            Metric::P99IdleGrowth => "×",
         }
     }
 
@@ -170,7 +182,7 @@ pub(super) const MIB_PER_150_MB: f64 = 150_000_000.0 / (1024.0 * 1024.0);
 
 /// Every row the table can have, in the order it is printed, with the
 /// target for it.
-pub(super) const ROWS: [(Workload, Metric, Option<Target>); 48] = [
+pub(super) const ROWS: [(Workload, Metric, Option<Target>); 53] = [
     (Workload::W1a, Metric::Throughput, Target::ratio(1.2)),
     (Workload::W1b, Metric::Throughput, Target::ratio(1.0)),
     (Workload::W2a, Metric::Throughput, Target::ratio(1.2)),
@@ -245,6 +257,20 @@ pub(super) const ROWS: [(Workload, Metric, Option<Target>); 48] = [
     (Workload::W12, Metric::LatencyP50, None),
     (Workload::W12, Metric::LatencyP99, Target::ratio(1.0)),
     (Workload::W12, Metric::LoadThroughput, None),
+    // Courier ≤ NATS: the ratio is NATS ÷ Courier for a lower-is-better row.
+    (
+        Workload::W9,
+        Metric::RssPerIdleConnection,
+        Target::ratio(1.0),
+    ),
+    (Workload::W9, Metric::P99BeforeIdle, None),
+    (Workload::W9, Metric::P99WithIdle, None),
+    (
+        Workload::W9,
+        Metric::P99IdleGrowth,
+        Target::at_most(W9_P99_GROWTH_MAX),
+    ),
+    (Workload::W10, Metric::Throughput, Target::ratio(1.2)),
     (
         Workload::Outbox,
         Metric::RelayThroughput,
@@ -260,6 +286,10 @@ pub(super) const ROWS: [(Workload, Metric, Option<Target>); 48] = [
     (Workload::Outbox, Metric::SendToAcceptP50, None),
     (Workload::Outbox, Metric::SendToAcceptP99, None),
 ];
+
+/// W9: W4a's p99 with the idle connections at most this many times its
+/// p99 before they connected.
+pub(super) const W9_P99_GROWTH_MAX: f64 = 1.1;
 
 /// The relay's goal, msg/s from PostgreSQL to the broker.
 pub(super) const OUTBOX_RELAY_MIN: f64 = 20_000.0;
@@ -302,7 +332,9 @@ mod tests {
                 Job::Ordered(Keys::Thousand),
                 Job::PublishConcurrent,
                 Job::LargeEvents,
-                Job::RequestUnderLoad
+                Job::RequestUnderLoad,
+                Job::IdleConnections,
+                Job::RoutingTable
             ]
         );
         for job in Job::for_selection(&Workload::ALL) {

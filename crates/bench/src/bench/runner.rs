@@ -35,6 +35,11 @@ async fn courier_job(exe: &Path, plan: &Plan, job: Job) -> anyhow::Result<Vec<Me
     if job == Job::Outbox {
         return outbox::courier_outbox(exe, plan).await;
     }
+    if job == Job::IdleConnections {
+        let max = w9::connections_max(plan.w9_connections).to_string();
+        let mut courier = CourierSide::start_with(exe, &["--connections-max", &max]).await?;
+        return w9::run(&mut courier, plan).await;
+    }
     let mut courier = CourierSide::start(exe).await?;
     if let Some((audience, size)) = Audience::of(job) {
         return transient::run(&mut courier, plan, audience, size, job.workload()).await;
@@ -69,6 +74,8 @@ async fn courier_job(exe: &Path, plan: &Plan, job: Job) -> anyhow::Result<Vec<Me
         }
         Job::LargeEvents => publish::large_events(&mut courier, plan, Workload::W11).await,
         Job::RequestUnderLoad => w4::requests_under_load(&mut courier, plan).await,
+        Job::RoutingTable => w10::run(&mut courier, plan).await,
+        Job::IdleConnections => bail!("internal: W9 runs above"),
         Job::Outbox => bail!("internal: the outbox runs above"),
     }
 }

@@ -13,7 +13,9 @@
 //! [`Side`]: durable publishing and request/reply (W4, W5, W11–W13);
 //! [`TransientSide`]: at-most-once fan-out (W1–W3); [`BacklogSide`]:
 //! events that wait for an offline consumer, then that consumer (W6,
-//! W8); [`RestartSide`]: kill -9 and a restart on the same data (W7).
+//! W8); [`RestartSide`]: kill -9 and a restart on the same data (W7);
+//! [`IdleSide`]: idle subscribed connections by the thousand (W9);
+//! [`RoutingSide`]: a routing table of many wildcard subscriptions (W10).
 
 use std::future::Future;
 
@@ -35,6 +37,9 @@ pub(super) trait Side {
 
     /// The server's data directory (W11 measures the disk there).
     fn data_dir(&self) -> &Path;
+
+    /// The server's resident memory (W7, W9).
+    fn rss_mib(&self) -> anyhow::Result<f64>;
 
     /// Runs `work`, but fails as soon as the server dies.
     fn watch<T>(
@@ -148,6 +153,10 @@ pub(super) enum Audience {
     /// W3: four competing receivers, each event goes to one (Courier: one
     /// service with 4 instances; NATS: a queue group of 4).
     Competing,
+    /// W10: service `service` of the routing table, on one connection
+    /// with all its subscriptions; each event has a name of its own that
+    /// one of them matches (see the `w10` module).
+    Routed { service: u64 },
 }
 
 /// Receivers of W2, and instances of W3's competing consumers.
@@ -166,7 +175,7 @@ impl Audience {
     /// Connections that receive.
     pub(super) fn receivers(self) -> usize {
         match self {
-            Audience::One => 1,
+            Audience::One | Audience::Routed { .. } => 1,
             Audience::FanOut | Audience::Competing => AUDIENCE_SIZE,
         }
     }
@@ -174,7 +183,7 @@ impl Audience {
     /// Deliveries per published event.
     pub(super) fn copies(self) -> u64 {
         match self {
-            Audience::One | Audience::Competing => 1,
+            Audience::One | Audience::Competing | Audience::Routed { .. } => 1,
             Audience::FanOut => AUDIENCE_SIZE as u64,
         }
     }
@@ -223,6 +232,38 @@ pub(super) trait TransientSide: Side {
 
     /// Closes every receiving connection and the publisher's.
     fn close_transient(receivers: Self::Receivers) -> impl Future<Output = ()>;
+}
+
+/// What W9 needs: many idle connections, each subscribed, beside the
+/// requests of W4a.
+pub(super) trait IdleSide: Side {
+    /// One idle connection and its subscription.
+    type Idle: Send + 'static;
+
+    /// Connects an instance of W9's service `service` (see the `w9`
+    /// module) and subscribes it; it then stays idle.
+    fn idle(address: &str, service: u64)
+        -> impl Future<Output = anyhow::Result<Self::Idle>> + Send;
+
+    /// Closes the idle connections.
+    fn close_idle(idle: Vec<Self::Idle>) -> impl Future<Output = ()>;
+}
+
+/// What W10 needs besides W1's events: a routing table of many services'
+/// wildcard subscriptions, each service on a connection of its own.
+pub(super) trait RoutingSide: TransientSide {
+    /// One service of the table: its connection and subscriptions.
+    type TableService: Send + 'static;
+
+    /// Connects W10's service `service` and subscribes it to all its
+    /// patterns (see the `w10` module).
+    fn table_service(
+        address: &str,
+        service: u64,
+    ) -> impl Future<Output = anyhow::Result<Self::TableService>> + Send;
+
+    /// Closes the table's connections.
+    fn close_table(table: Vec<Self::TableService>) -> impl Future<Output = ()>;
 }
 
 /// The backlogs of W6–W8: events published while their consumer is not
@@ -285,9 +326,6 @@ pub(super) trait RestartSide: BacklogSide {
     /// ("data dir").
     const SERVER: &'static str;
     const DATA: &'static str;
-
-    /// The server's resident memory.
-    fn rss_mib(&self) -> anyhow::Result<f64>;
 
     /// The bytes in its data directory.
     fn data_bytes(&self) -> u64;

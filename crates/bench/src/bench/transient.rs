@@ -1,6 +1,7 @@
 //! W1–W3, written once for both sides ([`TransientSide`]): transient (at
 //! most once) events from one publisher to one receiver, to four that
-//! each get every event, or to four competing ones.
+//! each get every event, or to four competing ones; W10's events go
+//! through here too.
 
 use super::side::{Audience, TransientSide};
 use super::*;
@@ -15,8 +16,27 @@ pub(super) async fn run<S: TransientSide>(
     size: Size,
     workload: Workload,
 ) -> anyhow::Result<Vec<Measurement>> {
+    run_counted(
+        side,
+        plan.transient(size),
+        plan.warmup,
+        audience,
+        size,
+        workload,
+    )
+    .await
+}
+
+/// [`run`] with `count` events after `warmup` (W10 has counts of its own).
+pub(super) async fn run_counted<S: TransientSide>(
+    side: &mut S,
+    count: u64,
+    warmup: u64,
+    audience: Audience,
+    size: Size,
+    workload: Workload,
+) -> anyhow::Result<Vec<Measurement>> {
     let address = side.address();
-    let (count, warmup) = (plan.transient(size), plan.warmup);
     let work = async {
         let mut receivers = S::receivers(&address, audience, warmup + count).await?;
         let measured = async {

@@ -46,13 +46,19 @@ pub(super) enum Workload {
     W11Always,
     /// W4a's requests while another connection publishes as W5b does.
     W12,
+    /// 10,000 idle subscribed connections: the server's memory per
+    /// connection, and W4a's p99 beside them.
+    W9,
+    /// W1a-shaped traffic through a routing table of 100,000 wildcard
+    /// subscriptions, each event matching one service in 1,000.
+    W10,
     /// The transactional outbox (needs PostgreSQL; only with `--only`).
     Outbox,
 }
 
 impl Workload {
     /// Every workload; [`Workload::DEFAULT`] without `--only`.
-    pub(super) const ALL: [Workload; 29] = [
+    pub(super) const ALL: [Workload; 31] = [
         Workload::W1a,
         Workload::W1b,
         Workload::W2a,
@@ -81,6 +87,8 @@ impl Workload {
         Workload::W11,
         Workload::W11Always,
         Workload::W12,
+        Workload::W9,
+        Workload::W10,
         Workload::Outbox,
     ];
 
@@ -149,6 +157,8 @@ impl Workload {
             Workload::W11 => "W11",
             Workload::W11Always => "W11-always",
             Workload::W12 => "W12",
+            Workload::W9 => "W9",
+            Workload::W10 => "W10",
             Workload::Outbox => "outbox",
         }
     }
@@ -192,6 +202,12 @@ impl Workload {
             Workload::W12 => {
                 "core request/reply beside JetStream async publish on another connection, default fsync"
             }
+            Workload::W9 => {
+                "core NATS connections, one queue subscription each (a queue group per service), beside core request/reply"
+            }
+            Workload::W10 => {
+                "core pub/sub, the same subjects and wildcard subscriptions, one connection per service"
+            }
             Workload::Outbox => "none (Courier's outbox only)",
         }
     }
@@ -223,6 +239,8 @@ impl Workload {
             | Workload::W13c64Always => Job::PublishConcurrent,
             Workload::W11 | Workload::W11Always => Job::LargeEvents,
             Workload::W12 => Job::RequestUnderLoad,
+            Workload::W9 => Job::IdleConnections,
+            Workload::W10 => Job::RoutingTable,
             Workload::Outbox => Job::Outbox,
         }
     }
@@ -313,6 +331,10 @@ pub(super) enum Job {
     LargeEvents,
     /// W12: W4a beside W5b.
     RequestUnderLoad,
+    /// W9: idle subscribed connections, then W4a beside them.
+    IdleConnections,
+    /// W10: a big routing table, then W1a-shaped traffic through it.
+    RoutingTable,
     Outbox,
 }
 
@@ -388,6 +410,8 @@ impl Job {
             Job::PublishConcurrent => "W13",
             Job::LargeEvents => "W11",
             Job::RequestUnderLoad => "W12",
+            Job::IdleConnections => "W9",
+            Job::RoutingTable => "W10",
             Job::Outbox => "outbox",
         }
     }

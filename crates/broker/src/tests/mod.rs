@@ -61,6 +61,7 @@ impl<S: MessageStore> Harness<S> {
                     delivery,
                     attempt,
                     message,
+                    ..
                 } => Some((
                     conn,
                     delivery,

@@ -152,6 +152,7 @@ impl KeyModel {
                     delivery,
                     attempt,
                     message,
+                    ..
                 } => {
                     let key = message.key.as_ref().expect("keyed")[0];
                     let index: usize = std::str::from_utf8(&message.payload)

@@ -163,6 +163,7 @@ fn deliveries(actions: &[Action]) -> Vec<(ConnId, DeliveryId, u32, String)> {
                 delivery,
                 attempt,
                 message,
+                ..
             } => Some((*conn, *delivery, *attempt, text(&message.payload))),
             _ => None,
         })

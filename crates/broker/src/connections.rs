@@ -36,10 +36,7 @@ impl<S: MessageStore> Broker<S> {
         }
         let max_in_flight = self.effective_max_in_flight(max_in_flight);
         let config = &self.config;
-        let svc = self
-            .services
-            .entry(service.to_string())
-            .or_insert_with(|| Service::new(config));
+        let svc = self.services.get_or_insert(service, config);
         svc.instances.push(conn);
         self.conns.insert(
             conn,

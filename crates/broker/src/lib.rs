@@ -31,6 +31,7 @@ pub mod registry;
 mod repeats;
 mod routing;
 mod send;
+mod services;
 pub mod stats;
 mod storage;
 mod streams;
@@ -192,6 +193,8 @@ struct Service {
     parked_replies: VecDeque<Arc<Message>>,
     /// The send rate's token bucket (its connections hold it too).
     send_bucket: Arc<SendBucket>,
+    /// Its timers as `services` last read them.
+    noted: services::Noted,
 }
 
 impl Service {
@@ -207,6 +210,7 @@ impl Service {
             waiting: VecDeque::new(),
             parked_replies: VecDeque::new(),
             send_bucket: SendBucket::new(config.send_rate_per_service),
+            noted: Default::default(),
         }
     }
 
@@ -267,7 +271,7 @@ pub struct Broker<S: MessageStore> {
     config: Config,
     store: S,
     conns: FastMap<ConnId, Conn>,
-    services: FastMap<String, Service>,
+    services: services::Services,
     /// Every service's `patterns`, indexed for routing: kept in step with
     /// them wherever they change (`receivers`).
     subscribers: pattern_index::PatternIndex<String>,
@@ -353,7 +357,7 @@ impl<S: MessageStore> Broker<S> {
             config,
             store,
             conns: FastMap::default(),
-            services: FastMap::default(),
+            services: Default::default(),
             subscribers: pattern_index::PatternIndex::default(),
             refs: refcount::RefCounts::default(),
             dedup,

@@ -316,10 +316,7 @@ impl<S: MessageStore> Broker<S> {
             }
             None => {
                 let config = &self.config;
-                let svc = self
-                    .services
-                    .entry(service)
-                    .or_insert_with(|| Service::new(config));
+                let svc = self.services.get_or_insert(&service, config);
                 if svc.parked_replies.len() >= self.config.parked_replies_max {
                     svc.parked_replies.pop_front();
                     self.metrics.replies_dropped += 1;

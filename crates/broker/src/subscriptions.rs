@@ -102,10 +102,7 @@ impl<S: MessageStore> Broker<S> {
         max_deliveries: u32,
     ) {
         let config = &self.config;
-        let svc = self
-            .services
-            .entry(service.to_string())
-            .or_insert_with(|| Service::new(config));
+        let svc = self.services.get_or_insert(service, config);
         if svc.patterns.insert(pattern.to_string()) {
             self.subscribers.insert(pattern, &service.to_string());
             self.route_cache.clear();

@@ -46,6 +46,9 @@ impl<S: MessageStore> Harness<S> {
     }
 
     fn actions(&mut self) -> Vec<Action> {
+        // As the server does after every pass; debug builds check its
+        // answer against every service's queue.
+        self.broker.next_timer();
         let mut out = Vec::new();
         self.broker.take_actions(&mut out);
         out

@@ -148,3 +148,37 @@ fn routes_through_many_services_as_the_linear_rule() {
     h.crash_and_recover();
     h.broker.assert_routes_as_by_scan(&names);
 }
+
+/// What a route costs with W10's table (1,000 services × 100 patterns)
+/// and names that never repeat, through the index and by the old scan:
+/// `cargo test --release -p courier-broker -- --ignored --nocapture route_cost`.
+#[test]
+#[ignore = "a measurement; run it in release"]
+fn route_cost_with_100_000_subscriptions() {
+    let mut h = Harness::new();
+    for k in 0..1_000u64 {
+        h.connect(k + 1, &format!("s{k:04}"), 0);
+        for j in 0..100u64 {
+            let last = if j.is_multiple_of(2) { "*" } else { ">" };
+            h.subscribe(k + 1, &format!("w10.s{k:04}.t{j:02}.{last}"));
+        }
+    }
+    h.actions();
+    let name = |i: u64| format!("w10.s0500.t{:02}.m{i:08}", i % 100);
+    let routes = 200_000u64;
+    let started = std::time::Instant::now();
+    for i in 0..routes {
+        assert_eq!(h.broker.receivers(&name(i), 1).len(), 1);
+    }
+    let indexed = started.elapsed().as_nanos() as f64 / routes as f64;
+    let scans = 200u64;
+    let started = std::time::Instant::now();
+    for i in 0..scans {
+        assert_eq!(h.broker.receivers_by_scan(&name(i)).len(), 1);
+    }
+    let scanned = started.elapsed().as_nanos() as f64 / scans as f64;
+    println!(
+        "100,000 subscriptions, new names: {indexed:.0} ns a route through the index, {scanned:.0} ns by the scan ({:.0}x)",
+        scanned / indexed
+    );
+}

@@ -23,7 +23,6 @@ mod expiring;
 mod inspection;
 mod journal;
 mod outputs;
-mod pattern_index;
 mod queue;
 mod recovery;
 mod refcount;
@@ -107,7 +106,7 @@ struct Conn {
     max_in_flight: u32,
     in_flight: u32,
     /// Patterns this connection consumes; empty means it only sends.
-    patterns: pattern_index::PatternList,
+    patterns: courier_proto::pattern_index::PatternList,
     draining: bool,
     /// Its outbox is full (it does not read): no deliveries until resumed.
     paused: bool,
@@ -274,7 +273,7 @@ pub struct Broker<S: MessageStore> {
     services: services::Services,
     /// Every service's `patterns`, indexed for routing: kept in step with
     /// them wherever they change (`receivers`).
-    subscribers: pattern_index::PatternIndex<String>,
+    subscribers: courier_proto::pattern_index::PatternIndex<String>,
     /// References per stored message: services that still owe an ack (or
     /// hold it as a dead letter). Ordered, so the oldest live seq is cheap.
     refs: refcount::RefCounts,
@@ -358,7 +357,7 @@ impl<S: MessageStore> Broker<S> {
             store,
             conns: FastMap::default(),
             services: Default::default(),
-            subscribers: pattern_index::PatternIndex::default(),
+            subscribers: courier_proto::pattern_index::PatternIndex::default(),
             refs: refcount::RefCounts::default(),
             dedup,
             route_cache: FastMap::default(),

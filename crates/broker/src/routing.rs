@@ -83,7 +83,7 @@ impl<S: MessageStore> Broker<S> {
     /// With a manifest, only services it allows to receive `name` at
     /// `major` count: a wildcard subscription is cut down to what is allowed.
     ///
-    /// Found through the pattern index (`pattern_index.rs`), and cached per
+    /// Found through the pattern index (`courier_proto::pattern_index`), and cached per
     /// name and major version: matching patterns and asking the manifest
     /// for every routed message was the largest cost of a send. Every
     /// change to patterns or the manifest empties the cache.

@@ -10,7 +10,7 @@
 //! lookup follows the name's segment through the literal child and the
 //! `*` child, and collects the `>` sets on the way.
 //!
-//! It agrees with [`courier_proto::pattern_matches`] on every pattern, valid
+//! It agrees with [`crate::pattern_matches`] on every pattern, valid
 //! or not (the proptest below checks it against that linear rule): a
 //! pattern with neither `*` nor `>` in it is compared whole, as a string;
 //! a `>` segment ends the pattern wherever it stands; other segments,
@@ -18,10 +18,11 @@
 
 use std::hash::Hash;
 
-use crate::FastMap;
+/// foldhash: the table's keys are segments and holders, hashed per lookup.
+type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 /// Patterns → the holders (services) that subscribed to them.
-pub(crate) struct PatternIndex<K> {
+pub struct PatternIndex<K> {
     root: Node<K>,
     /// (pattern, holder) pairs held.
     len: usize,
@@ -67,7 +68,7 @@ enum Step<'a> {
     Tail,
 }
 
-/// A pattern's steps, read as [`courier_proto::pattern_matches`] reads it.
+/// A pattern's steps, read as [`crate::pattern_matches`] reads it.
 fn steps(pattern: &str) -> impl Iterator<Item = Step<'_>> {
     let wild = pattern.bytes().any(|b| b == b'*' || b == b'>');
     let mut ended = false;
@@ -98,7 +99,7 @@ fn first_segment(rest: &str) -> (&str, Option<&str>) {
 impl<K: Eq + Hash + Clone> PatternIndex<K> {
     /// Records that `holder` subscribed to `pattern`. The caller keeps the
     /// pairs a set: each pair is inserted once and removed once.
-    pub(crate) fn insert(&mut self, pattern: &str, holder: &K) {
+    pub fn insert(&mut self, pattern: &str, holder: &K) {
         let mut node = &mut self.root;
         let mut tail = false;
         for step in steps(pattern) {
@@ -120,7 +121,7 @@ impl<K: Eq + Hash + Clone> PatternIndex<K> {
     /// (patterns that end at the same place are not told apart).
     /// Nodes left with nothing below them go, so the trie stays the size
     /// of what it holds.
-    pub(crate) fn remove(&mut self, pattern: &str, holder: &K) -> bool {
+    pub fn remove(&mut self, pattern: &str, holder: &K) -> bool {
         let removed = Self::remove_below(&mut self.root, steps(pattern), holder);
         if removed {
             self.len -= 1;
@@ -159,31 +160,35 @@ impl<K: Eq + Hash + Clone> PatternIndex<K> {
         }
     }
 
-    pub(crate) fn clear(&mut self) {
+    pub fn clear(&mut self) {
         *self = PatternIndex::default();
     }
 
     /// (pattern, holder) pairs held.
-    #[cfg(test)]
-    pub(crate) fn len(&self) -> usize {
+    pub fn len(&self) -> usize {
         self.len
+    }
+
+    /// Whether it holds no pattern.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 
     /// Appends to `out` the holders of the patterns `name` matches: a
     /// holder once per matching pattern, in no particular order. Visits
     /// only the branches the name's segments lead to.
-    pub(crate) fn matching_into<'a>(&'a self, name: &str, out: &mut Vec<&'a K>) {
+    pub fn matching_into<'a>(&'a self, name: &str, out: &mut Vec<&'a K>) {
         self.root.collect(Some(name), out);
     }
 
     /// Whether `name` matches any pattern held; stops at the first.
-    pub(crate) fn matches_any(&self, name: &str) -> bool {
+    pub fn matches_any(&self, name: &str) -> bool {
         self.root.any(Some(name))
     }
 
     /// The holders of the patterns `name` matches, sorted, each once.
     #[cfg(test)]
-    pub(crate) fn matching(&self, name: &str) -> Vec<&K>
+    pub fn matching(&self, name: &str) -> Vec<&K>
     where
         K: Ord,
     {
@@ -244,14 +249,14 @@ const CONN_PATTERNS_SCANNED_MAX: usize = 8;
 /// takes a name (asked for every delivery) does not cost one test per
 /// pattern. Few patterns, the usual case, cost no index.
 #[derive(Default)]
-pub(crate) struct PatternList {
+pub struct PatternList {
     list: Vec<String>,
     index: Option<Box<PatternIndex<()>>>,
 }
 
 impl PatternList {
     /// Adds `pattern` unless it is there already; whether it was added.
-    pub(crate) fn insert(&mut self, pattern: &str) -> bool {
+    pub fn insert(&mut self, pattern: &str) -> bool {
         if self.list.iter().any(|p| p == pattern) {
             return false;
         }
@@ -270,7 +275,7 @@ impl PatternList {
         true
     }
 
-    pub(crate) fn remove(&mut self, pattern: &str) {
+    pub fn remove(&mut self, pattern: &str) {
         let before = self.list.len();
         self.list.retain(|p| p != pattern);
         if self.list.len() != before {
@@ -280,22 +285,19 @@ impl PatternList {
         }
     }
 
-    pub(crate) fn is_empty(&self) -> bool {
+    pub fn is_empty(&self) -> bool {
         self.list.is_empty()
     }
 
-    pub(crate) fn to_vec(&self) -> Vec<String> {
+    pub fn to_vec(&self) -> Vec<String> {
         self.list.clone()
     }
 
     /// Whether `name` matches one of the patterns.
-    pub(crate) fn matches(&self, name: &str) -> bool {
+    pub fn matches(&self, name: &str) -> bool {
         match &self.index {
             Some(index) => index.matches_any(name),
-            None => self
-                .list
-                .iter()
-                .any(|p| courier_proto::pattern_matches(p, name)),
+            None => self.list.iter().any(|p| crate::pattern_matches(p, name)),
         }
     }
 }
@@ -315,7 +317,7 @@ fn release<K: Eq + Hash>(holders: &mut FastMap<K, u32>, holder: &K) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use courier_proto::pattern_matches;
+    use crate::pattern_matches;
     use proptest::prelude::*;
     use std::collections::BTreeSet;
 

@@ -103,13 +103,15 @@ impl Durability {
         self.held.push_back((needs, action));
     }
 
-    /// A delivery of a message already durable, with no delivery held
-    /// before it for its connection.
+    /// A delivery of a message already durable, with nothing held before
+    /// it for its connection: no delivery (their order), and no answer (a
+    /// subscription's RESULT comes before its first delivery).
     fn delivers_durable(&self, action: &Action) -> bool {
         matches!(action, Action::Deliver { conn, log_seq, .. }
             if *log_seq != 0
                 && *log_seq < self.durable_below
-                && !self.held_deliveries.contains_key(conn))
+                && !self.held_deliveries.contains_key(conn)
+                && !self.held_answers.contains_key(conn))
     }
 
     fn answers_held_for(&self, action: &Action) -> bool {

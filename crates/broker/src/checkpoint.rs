@@ -284,7 +284,14 @@ impl<S: MessageStore> Broker<S> {
             } else {
                 uncounted.push(name.clone());
             }
-            self.services.insert(name, svc);
+            for pattern in &svc.patterns {
+                self.subscribers.insert(pattern, &name);
+            }
+            if let Some(replaced) = self.services.insert(name.clone(), svc) {
+                for pattern in &replaced.patterns {
+                    self.subscribers.remove(pattern, &name);
+                }
+            }
             self.routes_changed();
         }
         let ids = r.u32()?;

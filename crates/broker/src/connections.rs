@@ -36,10 +36,7 @@ impl<S: MessageStore> Broker<S> {
         }
         let max_in_flight = self.effective_max_in_flight(max_in_flight);
         let config = &self.config;
-        let svc = self
-            .services
-            .entry(service.to_string())
-            .or_insert_with(|| Service::new(config));
+        let svc = self.services.get_or_insert(service, config);
         svc.instances.push(conn);
         self.conns.insert(
             conn,
@@ -49,7 +46,7 @@ impl<S: MessageStore> Broker<S> {
                 instance: courier_proto::SharedStr::from(instance),
                 max_in_flight,
                 in_flight: 0,
-                patterns: Vec::new(),
+                patterns: Default::default(),
                 draining: false,
                 paused: false,
                 send_bucket: svc.send_bucket.clone(),

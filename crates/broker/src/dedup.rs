@@ -32,6 +32,10 @@ pub(crate) const SKEW_MS: u64 = 5_000;
 /// A bucket is sealed once the clock is this far past its end: late ids of
 /// the same moment still find it open.
 const SEAL_AFTER_MS: u64 = 2 * BUCKET_MS;
+/// A sealed bucket is sealed again once its late ids are this fraction of
+/// it (one in 8): merging them in costs, per late id, 8 ids' worth of
+/// copying.
+const RESEAL_FRACTION: usize = 8;
 
 type FastSet<T> = HashSet<T, foldhash::fast::RandomState>;
 
@@ -52,16 +56,49 @@ impl Bucket {
     }
 
     /// Moves the open set into the sorted array, and frees the set.
+    ///
+    /// A bucket sealed before and reopened by late ids (a broker behind
+    /// its senders gets ids stamped long ago; they wait for
+    /// [`RESEAL_FRACTION`]) merges them into the array, linear in its
+    /// size, rather than sorting it all again.
     fn seal(&mut self) {
         if self.open.is_empty() {
             return;
         }
-        let open = std::mem::take(&mut self.open);
-        self.sealed.reserve_exact(open.len());
-        self.sealed.extend(open);
-        self.sealed.sort_unstable();
-        self.sealed.dedup();
+        let mut open: Vec<u64> = std::mem::take(&mut self.open).into_iter().collect();
+        open.sort_unstable();
+        if self.sealed.is_empty() {
+            self.sealed = open;
+            return;
+        }
+        self.sealed = merge_sorted(&self.sealed, &open);
     }
+}
+
+/// The union of two sorted arrays without duplicates, sorted.
+fn merge_sorted(a: &[u64], b: &[u64]) -> Vec<u64> {
+    let mut merged = Vec::with_capacity(a.len() + b.len());
+    let (mut i, mut j) = (0, 0);
+    while let (Some(&x), Some(&y)) = (a.get(i), b.get(j)) {
+        match x.cmp(&y) {
+            std::cmp::Ordering::Less => {
+                merged.push(x);
+                i += 1;
+            }
+            std::cmp::Ordering::Greater => {
+                merged.push(y);
+                j += 1;
+            }
+            std::cmp::Ordering::Equal => {
+                merged.push(x);
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    merged.extend_from_slice(&a[i..]);
+    merged.extend_from_slice(&b[j..]);
+    merged
 }
 
 pub(crate) struct DedupWindow {
@@ -194,11 +231,18 @@ impl DedupWindow {
         if bucket.sealed.binary_search(&fp).is_ok() {
             return true;
         }
-        if bucket.open.is_empty() {
-            self.unsealed.insert(start_ms);
-        }
         if bucket.open.insert(fp) {
             self.in_buckets += 1;
+            // A new bucket is sealed once the clock has left it. Late ids
+            // (a sender's clock behind, or a broker behind its senders)
+            // wait in a sealed bucket's open set until they are a
+            // fraction of it: sealing it again for each one sorted the
+            // whole bucket on every send, which kept a broker that had
+            // fallen behind from catching up.
+            let reseal_at = (bucket.sealed.len() / RESEAL_FRACTION).max(1);
+            if bucket.open.len() == reseal_at {
+                self.unsealed.insert(start_ms);
+            }
         }
         true
     }
@@ -389,6 +433,67 @@ mod tests {
         // A late retry of the same id into a sealed bucket is still a duplicate.
         w.insert(&v7(now / MS, 5), now + 200 * MS);
         assert_eq!(w.len(), 1000);
+    }
+
+    #[test]
+    fn late_ids_are_sealed_in_by_the_eighth_not_one_by_one() {
+        let mut w = DedupWindow::new(60_000, 1_000_000);
+        let at = 1_000_000u64;
+        for n in 0..8_000 {
+            w.insert(&v7(at, n), at * NANOS_PER_MS);
+        }
+        let later = (at + 1_000) * NANOS_PER_MS;
+        w.expire(later);
+        assert_eq!(w.buckets[0].sealed.len(), 8_000);
+        // Late ids, each followed by the expire of the send after it.
+        for n in 8_000..8_999 {
+            w.insert(&v7(at, n), later);
+            w.expire(later);
+        }
+        assert_eq!(w.buckets[0].open.len(), 999, "waiting for the 1,000th");
+        w.insert(&v7(at, 8_999), later);
+        w.expire(later);
+        assert_eq!(w.buckets[0].sealed.len(), 9_000, "sealed in at 1,000");
+        assert!(w.buckets[0].open.is_empty());
+        w.insert(&v7(at, 9_000), later);
+        w.expire(later);
+        assert_eq!(w.buckets[0].open.len(), 1, "waits for 1,125");
+        for n in 0..=9_000 {
+            assert!(w.contains(&v7(at, n)), "{n}");
+        }
+        assert_eq!(w.len(), 9_001);
+    }
+
+    #[test]
+    fn late_ids_reopen_a_sealed_bucket_and_are_merged_into_it_in_order() {
+        let now = 1_700_000_000_000 * MS;
+        let mut w = DedupWindow::new(120_000, 1_000_000);
+        for n in (0..1000).step_by(2) {
+            w.insert(&v7(now / MS, n), now);
+        }
+        w.expire(now + 200 * MS);
+        for round in 1..=3u64 {
+            // Late ids of the same moment, sealed again each pass.
+            for n in (1..1000).step_by(2).filter(|n| n % 3 == round - 1) {
+                w.insert(&v7(now / MS, n), now + (200 + round) * MS);
+            }
+            w.expire(now + (200 + round) * MS);
+        }
+        let sealed = &w
+            .buckets
+            .iter()
+            .find(|b| !b.sealed.is_empty())
+            .expect("a bucket")
+            .sealed;
+        assert!(
+            sealed.windows(2).all(|p| p[0] < p[1]),
+            "sorted, no duplicates"
+        );
+        assert_eq!(sealed.len(), 1000);
+        assert!((0..1000).all(|n| w.contains(&v7(now / MS, n))));
+        assert!(!w.contains(&v7(now / MS, 1000)));
+        assert_eq!(merge_sorted(&[1, 3, 5], &[2, 3, 6]), vec![1, 2, 3, 5, 6]);
+        assert_eq!(merge_sorted(&[], &[4]), vec![4]);
     }
 
     #[test]

@@ -546,8 +546,24 @@ impl<S: MessageStore> Broker<S> {
         }
     }
 
-    /// When [`Broker::tick`] next has work, if ever.
-    pub fn next_timer(&self) -> Option<Nanos> {
+    /// When [`Broker::tick`] next has work, if ever. Asked after every
+    /// pass of the core: it reads the services touched since it was last
+    /// asked, not every service (`services.rs`).
+    pub fn next_timer(&mut self) -> Option<Nanos> {
+        self.services.settle();
+        let (replaying, queues) = self.services.settled_timers();
+        let next = if replaying {
+            Some(self.now)
+        } else {
+            queues.into_iter().chain(self.registry.next_timer()).min()
+        };
+        debug_assert_eq!(next, self.next_timer_by_scan(), "settled timers");
+        next
+    }
+
+    /// What [`Broker::next_timer`] answers, read from every service: the
+    /// rule it keeps, checked in debug builds.
+    fn next_timer_by_scan(&self) -> Option<Nanos> {
         if self.backfills_pending() {
             return Some(self.now);
         }

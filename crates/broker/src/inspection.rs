@@ -118,7 +118,7 @@ impl<S: MessageStore> Broker<S> {
     /// against `wall_now`: the wall clock, which message timestamps are on.
     pub fn subscription_gauges(&mut self, wall_now: Nanos) -> Vec<SubscriptionGauges> {
         let mut out: Vec<SubscriptionGauges> = Vec::with_capacity(self.services.len());
-        for (name, s) in &self.services {
+        for (name, s) in self.services.iter() {
             let oldest_seq = s.queue.runs().map(|(entry, _, _)| entry.seq).min();
             let consumers: Vec<&Conn> = s
                 .instances
@@ -162,7 +162,7 @@ impl<S: MessageStore> Broker<S> {
                 instance: c.instance.to_string(),
                 in_flight: c.in_flight,
                 max_in_flight: c.max_in_flight,
-                patterns: c.patterns.clone(),
+                patterns: c.patterns.to_vec(),
                 draining: c.draining,
                 paused: c.paused,
             })

@@ -30,6 +30,7 @@ pub mod registry;
 mod repeats;
 mod routing;
 mod send;
+mod services;
 pub mod stats;
 mod storage;
 mod streams;
@@ -105,7 +106,7 @@ struct Conn {
     max_in_flight: u32,
     in_flight: u32,
     /// Patterns this connection consumes; empty means it only sends.
-    patterns: Vec<String>,
+    patterns: courier_proto::pattern_index::PatternList,
     draining: bool,
     /// Its outbox is full (it does not read): no deliveries until resumed.
     paused: bool,
@@ -169,11 +170,7 @@ impl SendBucket {
 
 impl Conn {
     fn wants(&self, name: &str) -> bool {
-        !self.draining
-            && self
-                .patterns
-                .iter()
-                .any(|p| courier_proto::pattern_matches(p, name))
+        !self.draining && self.patterns.matches(name)
     }
 }
 
@@ -195,6 +192,8 @@ struct Service {
     parked_replies: VecDeque<Arc<Message>>,
     /// The send rate's token bucket (its connections hold it too).
     send_bucket: Arc<SendBucket>,
+    /// Its timers as `services` last read them.
+    noted: services::Noted,
 }
 
 impl Service {
@@ -210,9 +209,12 @@ impl Service {
             waiting: VecDeque::new(),
             parked_replies: VecDeque::new(),
             send_bucket: SendBucket::new(config.send_rate_per_service),
+            noted: Default::default(),
         }
     }
 
+    /// The linear rule the pattern index stands in for (tests compare them).
+    #[cfg(test)]
     fn receives(&self, name: &str) -> bool {
         self.patterns
             .iter()
@@ -268,7 +270,10 @@ pub struct Broker<S: MessageStore> {
     config: Config,
     store: S,
     conns: FastMap<ConnId, Conn>,
-    services: FastMap<String, Service>,
+    services: services::Services,
+    /// Every service's `patterns`, indexed for routing: kept in step with
+    /// them wherever they change (`receivers`).
+    subscribers: courier_proto::pattern_index::PatternIndex<String>,
     /// References per stored message: services that still owe an ack (or
     /// hold it as a dead letter). Ordered, so the oldest live seq is cheap.
     refs: refcount::RefCounts,
@@ -351,7 +356,8 @@ impl<S: MessageStore> Broker<S> {
             config,
             store,
             conns: FastMap::default(),
-            services: FastMap::default(),
+            services: Default::default(),
+            subscribers: courier_proto::pattern_index::PatternIndex::default(),
             refs: refcount::RefCounts::default(),
             dedup,
             route_cache: FastMap::default(),

@@ -18,7 +18,7 @@ use uuid::Uuid;
 
 use crate::journal::Op;
 use crate::queue::{DeadLetter, Entry};
-use crate::{Broker, Nanos, ReplyRoute, Service};
+use crate::{Broker, Nanos, ReplyRoute};
 
 /// Records read per chunk while replaying; bounds recovery's extra memory.
 /// Measured on a restart replaying 47k records of 1 KiB: with 4096 a
@@ -195,10 +195,7 @@ impl<S: MessageStore> Broker<S> {
                 c.in_flight = 0;
             }
             let config = &self.config;
-            let svc = self
-                .services
-                .entry(service)
-                .or_insert_with(|| Service::new(config));
+            let svc = self.services.get_or_insert(&service, config);
             svc.instances.push(id);
         }
         for conn in pipelined {
@@ -218,6 +215,7 @@ impl<S: MessageStore> Broker<S> {
 
     fn clear_state(&mut self) {
         self.services.clear();
+        self.subscribers.clear();
         self.routes_changed();
         self.refs.clear();
         self.dedup.clear();

@@ -83,9 +83,10 @@ impl<S: MessageStore> Broker<S> {
     /// With a manifest, only services it allows to receive `name` at
     /// `major` count: a wildcard subscription is cut down to what is allowed.
     ///
-    /// Cached per name and major version: matching every service's patterns
-    /// (and asking the manifest) for every routed message was the largest
-    /// cost of a send. Every change to patterns or the manifest empties it.
+    /// Found through the pattern index (`courier_proto::pattern_index`), and cached per
+    /// name and major version: matching patterns and asking the manifest
+    /// for every routed message was the largest cost of a send. Every
+    /// change to patterns or the manifest empties the cache.
     pub(crate) fn receivers(&mut self, name: &str, major: u16) -> Receivers {
         if let Some(hit) = self
             .route_cache
@@ -94,20 +95,21 @@ impl<S: MessageStore> Broker<S> {
         {
             return hit.1.clone();
         }
-        let mut targets: Vec<String> = self
-            .services
-            .iter()
-            .filter(|(n, s)| {
-                s.receives(name)
-                    && self
-                        .manifest
-                        .as_ref()
-                        .is_none_or(|m| m.may_receive(n, name, major).is_ok())
+        // The index, not a scan: a miss costs the name's segments and the
+        // matches, however many subscriptions there are.
+        let mut matched: Vec<&String> = Vec::new();
+        self.subscribers.matching_into(name, &mut matched);
+        matched.sort_unstable();
+        matched.dedup();
+        let targets: Receivers = matched
+            .into_iter()
+            .filter(|n| {
+                self.manifest
+                    .as_ref()
+                    .is_none_or(|m| m.may_receive(n, name, major).is_ok())
             })
-            .map(|(n, _)| n.clone())
+            .cloned()
             .collect();
-        targets.sort_unstable();
-        let targets: Receivers = targets.into();
         if self.route_cache.len() >= ROUTE_CACHE_NAMES_MAX {
             self.route_cache.clear();
         }
@@ -314,10 +316,7 @@ impl<S: MessageStore> Broker<S> {
             }
             None => {
                 let config = &self.config;
-                let svc = self
-                    .services
-                    .entry(service)
-                    .or_insert_with(|| Service::new(config));
+                let svc = self.services.get_or_insert(&service, config);
                 if svc.parked_replies.len() >= self.config.parked_replies_max {
                     svc.parked_replies.pop_front();
                     self.metrics.replies_dropped += 1;

@@ -36,9 +36,7 @@ impl<S: MessageStore> Broker<S> {
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
-        if !c.patterns.iter().any(|p| p == pattern) {
-            c.patterns.push(pattern.to_string());
-        }
+        c.patterns.insert(pattern);
         let service = c.service.to_string();
         let existing = self.services.get(&service);
         let is_new = !existing.is_some_and(|s| s.patterns.contains(pattern));
@@ -104,11 +102,9 @@ impl<S: MessageStore> Broker<S> {
         max_deliveries: u32,
     ) {
         let config = &self.config;
-        let svc = self
-            .services
-            .entry(service.to_string())
-            .or_insert_with(|| Service::new(config));
+        let svc = self.services.get_or_insert(service, config);
         if svc.patterns.insert(pattern.to_string()) {
+            self.subscribers.insert(pattern, &service.to_string());
             self.route_cache.clear();
         }
         if ack_deadline_ms != 0 {
@@ -157,10 +153,11 @@ impl<S: MessageStore> Broker<S> {
             return Err(format!("service {service} is not subscribed to {pattern}"));
         }
         svc.paused.remove(pattern);
+        self.subscribers.remove(pattern, &service.to_string());
         self.route_cache.clear();
         for instance in &svc.instances {
             if let Some(c) = self.conns.get_mut(instance) {
-                c.patterns.retain(|p| p != pattern);
+                c.patterns.remove(pattern);
             }
         }
         if svc.patterns.is_empty() {

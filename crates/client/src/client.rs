@@ -12,7 +12,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch, Notify};
 use crate::pending::PendingSends;
 
 use crate::options::check_advertised;
-use crate::state::Subscription;
+use crate::state::{Subscription, Subscriptions};
 use crate::{
     connection, events, handler, BoxError, ClientOptions, ConnectionEvents, Connector, Error,
     Incoming, Inner, MessageBuilder, Result, StartFrom, State,
@@ -73,7 +73,7 @@ impl Client {
                 pending_sends: PendingSends::new(),
                 requests: HashMap::new(),
                 quiet_requests: HashMap::new(),
-                subscriptions: Vec::new(),
+                subscriptions: Subscriptions::default(),
                 next_op: 0,
                 pending_ops: HashMap::new(),
                 drained: None,
@@ -187,8 +187,7 @@ impl Client {
         let handler = handler::boxed(handler);
         let rx = {
             let mut state = self.inner.lock();
-            state.subscriptions.retain(|s| s.pattern != pattern);
-            state.subscriptions.push(Subscription {
+            state.subscriptions.subscribe(Subscription {
                 pattern: pattern.to_string(),
                 start,
                 handler,
@@ -217,7 +216,7 @@ impl Client {
     pub async fn unsubscribe(&self, pattern: &str) -> Result<()> {
         let rx = {
             let mut state = self.inner.lock();
-            state.subscriptions.retain(|s| s.pattern != pattern);
+            state.subscriptions.unsubscribe(pattern);
             state.next_op += 1;
             let request = state.next_op;
             let (tx, rx) = oneshot::channel();

@@ -16,7 +16,7 @@ pub enum Error {
         addr: String,
         source: std::io::Error,
     },
-    #[error("the broker closed the connection: {0}")]
+    #[error("the connection to the broker ended: {0}")]
     Closed(String),
     /// [`crate::ClientOptions`] hold something the client cannot use.
     #[error("invalid client options: {0}")]

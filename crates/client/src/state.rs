@@ -9,6 +9,8 @@ use courier_proto::{FrameWriter, Message};
 use tokio::sync::{broadcast, mpsc, oneshot, watch, Notify};
 use uuid::Uuid;
 
+use courier_proto::pattern_index::PatternIndex;
+
 use crate::handler::Handler;
 use crate::handshake::{HandlersRunning, WriteWake};
 use crate::pending::PendingSends;
@@ -29,6 +31,70 @@ pub(crate) struct Subscription {
     /// Where the subscription starts when the broker does not know it yet.
     pub(crate) start: StartFrom,
     pub(crate) handler: Handler,
+}
+
+/// Subscriptions tested one by one to find a delivery's handler; past
+/// this many they are indexed.
+const SUBSCRIPTIONS_SCANNED_MAX: usize = 8;
+
+/// The client's subscriptions, in the order subscribed; past
+/// [`SUBSCRIPTIONS_SCANNED_MAX`] also their positions by pattern, so that
+/// finding a delivery's handler costs the name's segments, not a test of
+/// every pattern.
+#[derive(Default)]
+pub(crate) struct Subscriptions {
+    list: Vec<Subscription>,
+    index: Option<Box<PatternIndex<usize>>>,
+}
+
+impl Subscriptions {
+    /// Subscribes `pattern` (again: it moves to the end, with its new
+    /// handler).
+    pub(crate) fn subscribe(&mut self, subscription: Subscription) {
+        self.list.retain(|s| s.pattern != subscription.pattern);
+        self.list.push(subscription);
+        self.reindex();
+    }
+
+    pub(crate) fn unsubscribe(&mut self, pattern: &str) {
+        self.list.retain(|s| s.pattern != pattern);
+        self.reindex();
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Subscription> {
+        self.list.iter()
+    }
+
+    /// Positions move when one is removed: the index is built again
+    /// (subscribing is rare; deliveries are not).
+    fn reindex(&mut self) {
+        self.index = (self.list.len() > SUBSCRIPTIONS_SCANNED_MAX).then(|| {
+            let mut index = PatternIndex::default();
+            for (position, s) in self.list.iter().enumerate() {
+                index.insert(&s.pattern, &position);
+            }
+            Box::new(index)
+        });
+    }
+
+    /// The handler of the first subscription, in subscription order,
+    /// whose pattern `name` matches.
+    pub(crate) fn handler_for(&self, name: &str) -> Option<Handler> {
+        let first = match &self.index {
+            Some(index) => {
+                let mut matched = Vec::new();
+                index.matching_into(name, &mut matched);
+                matched.into_iter().min().copied()
+            }
+            None => self
+                .list
+                .iter()
+                .position(|s| courier_proto::pattern_matches(&s.pattern, name)),
+        };
+        first
+            .and_then(|position| self.list.get(position))
+            .map(|s| s.handler.clone())
+    }
 }
 
 /// Replies buffered per request without flow control (`request`, which
@@ -57,7 +123,7 @@ pub(crate) struct State {
     /// only a refusal, which ends the request; so does a lost connection
     /// (transient is at most once: the command is not sent again).
     pub(crate) quiet_requests: HashMap<u64, Uuid>,
-    pub(crate) subscriptions: Vec<Subscription>,
+    pub(crate) subscriptions: Subscriptions,
     pub(crate) next_op: u64,
     pub(crate) pending_ops: HashMap<u64, oneshot::Sender<Result<()>>>,
     pub(crate) drained: Option<oneshot::Sender<()>>,
@@ -181,6 +247,56 @@ pub(crate) fn nanos_from_now(after: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn subscription(pattern: &str) -> Subscription {
+        Subscription {
+            pattern: pattern.to_string(),
+            start: StartFrom::New,
+            handler: crate::handler::boxed(|_| async { Ok::<(), crate::BoxError>(()) }),
+        }
+    }
+
+    /// The pattern of the subscription whose handler `handler_for` gave.
+    fn handled_by(subs: &Subscriptions, name: &str) -> Option<String> {
+        let handler = subs.handler_for(name)?;
+        subs.iter()
+            .find(|s| std::sync::Arc::ptr_eq(&s.handler, &handler))
+            .map(|s| s.pattern.clone())
+    }
+
+    #[test]
+    fn the_first_matching_subscription_handles_a_name_indexed_or_not() {
+        let mut subs = Subscriptions::default();
+        for pattern in ["todo.>", "todo.created", "todo.*"] {
+            subs.subscribe(subscription(pattern));
+        }
+        assert!(subs.index.is_none(), "few patterns: scanned");
+        assert_eq!(handled_by(&subs, "todo.created").as_deref(), Some("todo.>"));
+        for n in 0..20 {
+            subs.subscribe(subscription(&format!("other.{n}.*")));
+        }
+        assert!(subs.index.is_some(), "many patterns: indexed");
+        assert_eq!(handled_by(&subs, "todo.created").as_deref(), Some("todo.>"));
+        assert_eq!(handled_by(&subs, "other.7.x").as_deref(), Some("other.7.*"));
+        assert_eq!(handled_by(&subs, "other.7"), None);
+        // Positions move: the index follows.
+        subs.unsubscribe("todo.>");
+        assert_eq!(
+            handled_by(&subs, "todo.created").as_deref(),
+            Some("todo.created")
+        );
+        assert_eq!(handled_by(&subs, "todo.done").as_deref(), Some("todo.*"));
+        subs.subscribe(subscription("todo.created"));
+        assert_eq!(
+            handled_by(&subs, "todo.created").as_deref(),
+            Some("todo.*"),
+            "moved to the end"
+        );
+        assert_eq!(
+            handled_by(&subs, "other.19.y").as_deref(),
+            Some("other.19.*")
+        );
+    }
 
     #[test]
     fn far_deadlines_saturate_instead_of_wrapping_into_the_past() {

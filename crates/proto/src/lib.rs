@@ -11,6 +11,7 @@ mod error_code;
 mod frame;
 mod id;
 mod name;
+pub mod pattern_index;
 mod shared_str;
 
 pub use envelope::{

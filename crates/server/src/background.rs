@@ -153,7 +153,7 @@ pub(crate) async fn run_timer(shared: Arc<Shared>) {
     loop {
         let now = shared.clock.now();
         let next = {
-            let core = shared.core();
+            let mut core = shared.core();
             core.next_timer()
         };
         let due = next

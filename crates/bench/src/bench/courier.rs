@@ -142,6 +142,13 @@ impl CourierSide {
     }
 }
 
+impl CourierSide {
+    /// See [`BrokerProcess::lock_totals`].
+    pub(super) async fn lock_totals(&self) -> Option<process::LockTotals> {
+        self.broker.lock_totals().await
+    }
+}
+
 /// The W4 requester and responder, Courier side.
 pub(super) struct CourierRequester {
     requester: Client,

@@ -287,6 +287,50 @@ pub(super) struct BrokerProcess {
     exe: PathBuf,
     /// The first stdout line and when it was read; `None` at EOF.
     ready: Option<oneshot::Receiver<Option<(Instant, String)>>>,
+    /// Its HTTP port, from the line after the ready line (none with
+    /// `--http off`).
+    http: Arc<std::sync::OnceLock<String>>,
+    /// Whether it was started with an HTTP port.
+    serves_http: bool,
+}
+
+/// The broker core's lock since the broker started, from `/metrics`.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(super) struct LockTotals {
+    pub(super) takings: f64,
+    pub(super) waited_seconds: f64,
+    pub(super) held_seconds: f64,
+}
+
+impl LockTotals {
+    /// Reads the three `courier_core_lock_*` counters of a metrics page.
+    fn parse(page: &str) -> Option<LockTotals> {
+        // `name{} 1.5` (the empty label set the server writes) or `name 1.5`.
+        let value = |name: &str| {
+            page.lines().find_map(|line| {
+                let rest = line.strip_prefix(name)?;
+                let rest = rest.strip_prefix("{}").unwrap_or(rest);
+                rest.strip_prefix(' ')?.trim().parse().ok()
+            })
+        };
+        Some(LockTotals {
+            takings: value("courier_core_lock_takings_total")?,
+            waited_seconds: value("courier_core_lock_wait_seconds_total")?,
+            held_seconds: value("courier_core_lock_held_seconds_total")?,
+        })
+    }
+
+    /// What the lock did between `self` and `later`, `wall` apart: held and
+    /// waited for as shares of one CPU, and takings a second.
+    pub(super) fn describe_until(&self, later: &LockTotals, wall: Duration) -> String {
+        let seconds = wall.as_secs_f64().max(1e-9);
+        format!(
+            "held {:.0} % of one CPU, waited for {:.1} %, taken {:.0} times a second",
+            100.0 * (later.held_seconds - self.held_seconds) / seconds,
+            100.0 * (later.waited_seconds - self.waited_seconds) / seconds,
+            (later.takings - self.takings) / seconds
+        )
+    }
 }
 
 impl BrokerProcess {
@@ -313,11 +357,22 @@ impl BrokerProcess {
             .spawn()
             .with_context(|| format!("cannot start the broker {} serve", exe.display()))?;
         let (tx, rx) = oneshot::channel();
+        let http = Arc::new(std::sync::OnceLock::new());
         if let Some(stdout) = child.stdout.take() {
+            let http = http.clone();
             std::thread::spawn(move || {
                 let mut lines = BufReader::new(stdout).lines();
                 let first = lines.next().and_then(Result::ok);
                 let _ = tx.send(first.map(|line| (Instant::now(), line)));
+                // "courier http on http://ADDR/ (…)", printed right after.
+                if let Some(Ok(line)) = lines.next() {
+                    if let Some(addr) = line
+                        .strip_prefix("courier http on http://")
+                        .and_then(|rest| rest.split('/').next())
+                    {
+                        let _ = http.set(addr.to_string());
+                    }
+                }
                 // Keep draining, so a later line never meets a full pipe.
                 lines.for_each(drop);
             });
@@ -327,6 +382,10 @@ impl BrokerProcess {
             addr: addr.to_string(),
             exe: exe.to_path_buf(),
             ready: Some(rx),
+            http,
+            serves_http: observability_flags()
+                .windows(2)
+                .any(|flag| flag[0] == "--http" && flag[1] != "off"),
         })
     }
 
@@ -372,6 +431,26 @@ impl BrokerProcess {
         self.server.rss_mib()
     }
 
+    /// The core lock's counters now; `None` without an HTTP port or when
+    /// the page cannot be read (the figure is for information only).
+    pub(super) async fn lock_totals(&self) -> Option<LockTotals> {
+        // The port's line follows the ready line: it may be a moment behind.
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let http = loop {
+            match self.http.get() {
+                Some(http) => break http,
+                None if self.serves_http && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                None => return None,
+            }
+        };
+        let page = courier_client::http::get(http, "/metrics", None)
+            .await
+            .ok()?;
+        LockTotals::parse(&page)
+    }
+
     /// `kill -9` and reap.
     pub(super) fn kill9(&mut self) {
         self.server.kill9();
@@ -406,6 +485,31 @@ impl BrokerProcess {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_core_lock_counters_are_read_off_a_metrics_page_and_compared() {
+        let page = |takings: u64, waited: f64, held: f64| {
+            format!(
+                "# TYPE courier_core_lock_takings counter\n\
+                 courier_core_lock_takings_total{{}} {takings}\n\
+                 courier_core_lock_takings_created 1.7e9\n\
+                 courier_core_lock_wait_seconds_total {waited}\n\
+                 courier_core_lock_held_seconds_total {held}\n"
+            )
+        };
+        let before = LockTotals::parse(&page(1_000, 0.5, 2.0)).expect("counters");
+        assert_eq!(before.takings, 1_000.0);
+        let after = LockTotals::parse(&page(21_000, 0.52, 2.4)).expect("counters");
+        assert_eq!(
+            before.describe_until(&after, Duration::from_secs(2)),
+            "held 20 % of one CPU, waited for 1.0 %, taken 10000 times a second"
+        );
+        assert_eq!(
+            LockTotals::parse("courier_up 1\n"),
+            None,
+            "a broker without them"
+        );
+    }
 
     #[tokio::test]
     async fn a_broker_that_exits_before_its_ready_line_is_reported_with_its_stderr() {

@@ -35,14 +35,37 @@ async fn courier_job(exe: &Path, plan: &Plan, job: Job) -> anyhow::Result<Vec<Me
     if job == Job::Outbox {
         return outbox::courier_outbox(exe, plan).await;
     }
-    if job == Job::IdleConnections {
+    let mut courier = if job == Job::IdleConnections {
         let max = w9::connections_max(plan.w9_connections).to_string();
-        let mut courier = CourierSide::start_with(exe, &["--connections-max", &max]).await?;
-        return w9::run(&mut courier, plan).await;
+        CourierSide::start_with(exe, &["--connections-max", &max]).await?
+    } else {
+        CourierSide::start(exe).await?
+    };
+    let lock_before = courier.lock_totals().await;
+    let started = Instant::now();
+    let measured = courier_workload(&mut courier, plan, job).await?;
+    let wall = started.elapsed();
+    if let (Some(before), Some(after)) = (lock_before, courier.lock_totals().await) {
+        progress(&format!(
+            "  {}, Courier's core lock over the run: {}",
+            job.label(),
+            before.describe_until(&after, wall)
+        ));
     }
-    let mut courier = CourierSide::start(exe).await?;
+    Ok(measured)
+}
+
+/// The workload of `job` on a started Courier broker.
+async fn courier_workload(
+    courier: &mut CourierSide,
+    plan: &Plan,
+    job: Job,
+) -> anyhow::Result<Vec<Measurement>> {
+    if job == Job::IdleConnections {
+        return w9::run(courier, plan).await;
+    }
     if let Some((audience, size)) = Audience::of(job) {
-        return transient::run(&mut courier, plan, audience, size, job.workload()).await;
+        return transient::run(courier, plan, audience, size, job.workload()).await;
     }
     match job {
         Job::PubSub(_) | Job::FanOut(_) | Job::Competing(_) => {
@@ -51,16 +74,14 @@ async fn courier_job(exe: &Path, plan: &Plan, job: Job) -> anyhow::Result<Vec<Me
         Job::RequestSequential | Job::RequestConcurrent => {
             bail!("internal: W4 runs through w4::run")
         }
-        Job::PublishOneByOne => {
-            publish::publish_one_by_one(&mut courier, plan, Workload::W5a).await
-        }
-        Job::PublishPipelined => publish::publish_windowed(&mut courier, plan, Workload::W5b).await,
-        Job::Consume => backlog::consume(&mut courier, plan).await,
-        Job::Ordered(keys) => backlog::ordered(&mut courier, plan, keys).await,
-        Job::Restart => restart::run(&mut courier, plan).await,
+        Job::PublishOneByOne => publish::publish_one_by_one(courier, plan, Workload::W5a).await,
+        Job::PublishPipelined => publish::publish_windowed(courier, plan, Workload::W5b).await,
+        Job::Consume => backlog::consume(courier, plan).await,
+        Job::Ordered(keys) => backlog::ordered(courier, plan, keys).await,
+        Job::Restart => restart::run(courier, plan).await,
         Job::PublishConcurrent => {
             let twin = |c| Workload::w13(c, false);
-            let (measured, rates) = publish::publish_concurrent(&mut courier, plan, twin).await?;
+            let (measured, rates) = publish::publish_concurrent(courier, plan, twin).await?;
             let one = rates.first().map_or(0.0, |r| r.1);
             let scaling: Vec<String> = rates
                 .iter()
@@ -72,9 +93,9 @@ async fn courier_job(exe: &Path, plan: &Plan, job: Job) -> anyhow::Result<Vec<Me
             ));
             Ok(measured)
         }
-        Job::LargeEvents => publish::large_events(&mut courier, plan, Workload::W11).await,
-        Job::RequestUnderLoad => w4::requests_under_load(&mut courier, plan).await,
-        Job::RoutingTable => w10::run(&mut courier, plan).await,
+        Job::LargeEvents => publish::large_events(courier, plan, Workload::W11).await,
+        Job::RequestUnderLoad => w4::requests_under_load(courier, plan).await,
+        Job::RoutingTable => w10::run(courier, plan).await,
         Job::IdleConnections => bail!("internal: W9 runs above"),
         Job::Outbox => bail!("internal: the outbox runs above"),
     }

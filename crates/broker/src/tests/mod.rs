@@ -46,6 +46,9 @@ impl<S: MessageStore> Harness<S> {
     }
 
     fn actions(&mut self) -> Vec<Action> {
+        // As the server does after every pass; debug builds check its
+        // answer against every service's queue.
+        self.broker.next_timer();
         let mut out = Vec::new();
         self.broker.take_actions(&mut out);
         out
@@ -105,6 +108,7 @@ mod recovery;
 mod registry;
 mod reply_stream_model;
 mod reply_streams;
+mod routing_index;
 mod rules;
 
 fn payloads(deliveries: &[(ConnId, DeliveryId, u32, String, Bytes)]) -> Vec<Bytes> {

@@ -606,3 +606,44 @@ fn drain_stops_new_deliveries() {
     h.send(1, 1, command("todo.create", "x"));
     assert!(h.deliveries().is_empty());
 }
+
+#[test]
+fn the_next_timer_is_the_earliest_of_many_services_queues() {
+    let mut h = Harness::new();
+    h.connect(1, "web", 0);
+    for k in 0..100u64 {
+        h.connect(k + 2, &format!("svc{k:03}"), 0);
+        h.subscribe(k + 2, &format!("job.{k}"));
+    }
+    h.actions();
+    assert_eq!(h.broker.next_timer(), None);
+    let start = h.now;
+    for k in 0..100u64 {
+        h.send(1, k, command(&format!("job.{k}"), "x"));
+        h.now += MS;
+    }
+    let deliveries = h.deliveries();
+    assert_eq!(deliveries.len(), 100);
+    let deadline = |k: u64| start + k * MS + 30_000 * MS;
+    assert_eq!(h.broker.next_timer(), Some(deadline(0)));
+    // The earliest goes; the next service's deadline is the timer.
+    h.broker.ack(deliveries[0].0, deliveries[0].1, h.now);
+    assert_eq!(h.broker.next_timer(), Some(deadline(1)));
+    // A later one going changes nothing.
+    h.broker.ack(deliveries[50].0, deliveries[50].1, h.now);
+    assert_eq!(h.broker.next_timer(), Some(deadline(1)));
+    // A delay sooner than every deadline comes first.
+    let mut later = command("job.7", "y");
+    later.deliver_at = Some(h.now + 500 * MS);
+    h.send(1, 200, later);
+    assert_eq!(h.broker.next_timer(), Some(h.now + 500 * MS));
+    for (conn, delivery, ..) in deliveries {
+        h.broker.ack(conn, delivery, h.now);
+    }
+    h.advance(500);
+    let redelivered = h.deliveries();
+    assert_eq!(redelivered.len(), 1);
+    assert_eq!(h.broker.next_timer(), Some(h.now + 30_000 * MS));
+    h.broker.ack(redelivered[0].0, redelivered[0].1, h.now);
+    assert_eq!(h.broker.next_timer(), None);
+}

@@ -95,12 +95,7 @@ pub(crate) fn handle_frame(
                 };
                 let known = matches!(&last, Some((name, _)) if *name == d.message.name);
                 if !known {
-                    let found = inner
-                        .lock()
-                        .subscriptions
-                        .iter()
-                        .find(|s| courier_proto::pattern_matches(&s.pattern, &d.message.name))
-                        .map(|s| s.handler.clone());
+                    let found = inner.lock().subscriptions.handler_for(&d.message.name);
                     match found {
                         Some(handler) => last = Some((d.message.name.clone(), handler)),
                         None => {

@@ -214,7 +214,7 @@ impl Table {
     fn verdict_text(&self, i: usize, verdict: &Verdict) -> String {
         let figure = &self.figures[i];
         let (factor, unit) = figure.slope.unwrap_or((1.0, ""));
-        let slope = |s: f64| format!("{} {unit}", format_value(s * factor));
+        let slope = |s: f64| format!("{} {unit}", slope_text(s * factor));
         let how = match verdict {
             Verdict::NotJudged(why) => format!("not judged ({why})"),
             Verdict::Flat => "flat".to_string(),
@@ -296,7 +296,7 @@ impl Table {
             let figure = &self.figures[i];
             let (factor, unit) = figure.slope.unwrap_or((1.0, ""));
             let slope = match verdict {
-                Verdict::Linear(s) | Verdict::Superlinear(s, _) => json!(round3(s * factor)),
+                Verdict::Linear(s) | Verdict::Superlinear(s, _) => json!(s * factor),
                 Verdict::NotJudged(_) | Verdict::Flat => Value::Null,
             };
             lines.push(
@@ -520,9 +520,19 @@ async fn connections_curve(
     Ok(table)
 }
 
-/// W10's events per routing point: a tenth of W10's own.
+/// W10's events per routing point: W10's own.
 fn routing_events(plan: &Plan) -> u64 {
-    (plan.w10 / 10).max(MIN_MESSAGES)
+    plan.w10.max(MIN_MESSAGES)
+}
+
+/// A slope with two significant digits however small (0.0028, not 0.00).
+fn slope_text(v: f64) -> String {
+    let magnitude = v.abs();
+    if magnitude >= 10.0 || magnitude == 0.0 || !v.is_finite() {
+        return format_value(v);
+    }
+    let decimals = (1.0 - magnitude.log10().floor()).max(0.0) as usize;
+    format!("{v:.decimals$}")
 }
 
 async fn routing_curve(
@@ -731,6 +741,15 @@ mod tests {
         assert!(matches!(judge(&late), Verdict::Linear(_)));
         assert!(matches!(judge(&[(1.0, 2.0)]), Verdict::NotJudged(_)));
         assert!(matches!(judge(&[]), Verdict::NotJudged(_)));
+    }
+
+    #[test]
+    fn a_small_slope_keeps_two_significant_digits() {
+        assert_eq!(slope_text(0.002_8), "0.0028");
+        assert_eq!(slope_text(0.17), "0.17");
+        assert_eq!(slope_text(9.57), "9.6");
+        assert_eq!(slope_text(61.0), "61.0");
+        assert_eq!(slope_text(0.0), "0.00");
     }
 
     #[test]

@@ -836,3 +836,110 @@ fn idle_connections_and_a_big_routing_table_print_both_sides() {
     }
     ran.left_nothing();
 }
+
+/// The rows of the markdown table under `title` in `stdout`, split into
+/// cells.
+fn table_rows(stdout: &str, title: &str) -> Vec<Vec<String>> {
+    stdout
+        .lines()
+        .skip_while(|l| !l.starts_with(title))
+        .skip(1)
+        .skip_while(|l| l.is_empty())
+        .take_while(|l| l.starts_with('|'))
+        .skip(2)
+        .map(|l| {
+            l.trim_matches('|')
+                .split('|')
+                .map(|c| c.trim().to_string())
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn curves_print_a_table_per_curve_with_its_verdicts_and_clean_up() {
+    let ran = bench_ok(&["--curves", "--quick", "--scale", "0.1"]);
+    let stdout = &ran.stdout;
+    for (title, sizes, columns) in [
+        (
+            "Restart and memory against the backlog",
+            vec!["100", "1,000", "10,000"],
+            5,
+        ),
+        (
+            "Memory and latency against idle connections",
+            vec!["1", "10", "100"],
+            5,
+        ),
+        ("Routing against subscriptions", vec!["100"], 3),
+        (
+            "Durable publishing against publishers",
+            vec!["1", "2", "4", "8", "16"],
+            4,
+        ),
+    ] {
+        let rows = table_rows(stdout, title);
+        let firsts: Vec<&str> = rows.iter().map(|r| r[0].as_str()).collect();
+        assert_eq!(firsts, sizes, "{title}: {stdout}");
+        for row in &rows {
+            assert_eq!(row.len(), columns, "{title}: {row:?}");
+            for cell in &row[1..] {
+                assert!(
+                    cell.replace(',', "").parse::<f64>().is_ok(),
+                    "{title}: {row:?}"
+                );
+            }
+        }
+    }
+    for verdict in [
+        "- spawn to ready line (ms): ",
+        "- RSS after restart (MiB): ",
+        "- server RSS with them (MiB): ",
+        "- W4a p99 with them (µs): ",
+        "- µs per event: not judged (fewer than 2 points finished)",
+    ] {
+        assert!(stdout.contains(verdict), "no {verdict:?}: {stdout}");
+    }
+    assert!(stdout.contains("Verdicts: flat: "), "{stdout}");
+    ran.left_nothing();
+
+    let ran = bench_ok(&[
+        "--curves",
+        "publishers,routing",
+        "--quick",
+        "--scale",
+        "0.1",
+        "--json",
+    ]);
+    let rows = ran.rows();
+    let points: Vec<(&str, u64)> = rows
+        .iter()
+        .filter(|v| v.get("x").is_some())
+        .map(|v| {
+            (
+                v["curve"].as_str().unwrap_or_default(),
+                v["x"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(
+        points,
+        [
+            ("routing", 100),
+            ("publishers", 1),
+            ("publishers", 2),
+            ("publishers", 4),
+            ("publishers", 8),
+            ("publishers", 16)
+        ]
+    );
+    for v in rows.iter().filter(|v| v.get("x").is_some()) {
+        assert_eq!(v["finished"], serde_json::json!(true), "{v}");
+        assert!(v["us_per_event"].as_f64().is_some_and(|us| us > 0.0), "{v}");
+    }
+    let fits: Vec<&serde_json::Value> =
+        rows.iter().filter(|v| v.get("verdict").is_some()).collect();
+    assert_eq!(fits.len(), 2, "{rows:?}");
+    assert!(ran.stderr.contains("Verdicts: "), "{}", ran.stderr);
+    ran.left_nothing();
+}

@@ -20,7 +20,8 @@
 //! (`transient`: W1–W3, `w4`: W4 and W12, `publish`: W5, W11, W13,
 //! `backlog`: W6 and W8, `restart`: W7, `w9`: W9, `w10`: W10), and its
 //! two implementations,
-//! `courier*` and `nats*`.
+//! `courier*` and `nats*`; `curves` (`--curves`) runs those workloads at
+//! growing sizes.
 
 use std::collections::VecDeque;
 use std::fmt::Write as _;
@@ -41,6 +42,7 @@ mod backlog;
 mod clients;
 mod courier;
 mod courier_transient;
+mod curves;
 mod figures;
 mod gateway;
 mod ids;

@@ -66,6 +66,15 @@ pub struct BenchArgs {
     /// `Uuid::now_v7` and a pool refilled from the OS (one thread).
     #[arg(long, conflicts_with_all = ["against", "only", "observability", "metrics_scrape"])]
     pub(super) ids: bool,
+    /// Instead of the workloads: how the cost grows with the work, a
+    /// table per curve with its fitted growth — restart time and RSS
+    /// against the backlog (10⁴–10⁷ events), RSS and W4a's p99 against
+    /// idle connections (10²–10⁴), routing throughput against
+    /// subscriptions (10²–10⁵), durable publishing against publishers
+    /// (1–16). Alone it runs all four; or name some: backlog,
+    /// connections, routing, publishers.
+    #[arg(long, value_name = "CURVES", num_args = 0..=1, default_missing_value = "all", value_parser = curves::parse_curves, conflicts_with_all = ["against", "only", "observability", "metrics_scrape", "ids"])]
+    pub(super) curves: Option<curves::Curves>,
     /// The `courier` binary whose `serve` the bench measures (default: the
     /// one beside this program, else the first on the PATH).
     #[arg(long, env = "COURIER_BENCH_COURIER", value_name = "PATH")]

@@ -18,6 +18,8 @@ pub(super) struct Plan {
     pub(super) w5b_warmup: u64,
     pub(super) w6: u64,
     pub(super) w7: u64,
+    /// W7's event size (`--curves`' backlog curve takes a smaller one).
+    pub(super) w7_bytes: usize,
     /// W8a and W8b.
     pub(super) w8: u64,
     /// W13: events per connection count, shared by the connections.
@@ -65,6 +67,7 @@ impl Plan {
             w5b_warmup: n(10_000),
             w6: n(200_000),
             w7: n(1_000_000),
+            w7_bytes: LARGE_BYTES,
             w8: n(200_000),
             w13: n(8_000),
             w13_warmup: n(640),
@@ -143,7 +146,7 @@ impl Plan {
             Job::Restart => format!(
                 "a backlog of {} × {} durable events for an offline consumer (pipelined, window {WINDOW}); VmRSS; kill -9; restart on the same data: spawn to ready line, and to the first connection that sees the whole backlog (polled every {} ms); VmRSS",
                 thousands(self.w7),
-                bytes_text(LARGE_BYTES as u64),
+                bytes_text(self.w7_bytes as u64),
                 CONNECT_POLL.as_millis()
             ),
             Job::PublishConcurrent => format!(

@@ -51,23 +51,63 @@ pub(super) async fn publish_windowed<S: Side>(
     plan: &Plan,
     workload: Workload,
 ) -> anyhow::Result<Vec<Measurement>> {
+    let rate = pipelined_from(side, 1, plan.w5b, plan.w5b_warmup).await?;
+    Ok(vec![(workload, Metric::Throughput, rate)])
+}
+
+/// W5b's shape from `connections` connections at once, each pipelined
+/// with a window of [`WINDOW`]: `count` durable events shared among them
+/// after `warmup`; events per second until the last ack.
+pub(super) async fn pipelined_from<S: Side>(
+    side: &mut S,
+    connections: usize,
+    count: u64,
+    warmup: u64,
+) -> anyhow::Result<f64> {
     let address = side.address();
     let work = async {
-        let publisher = S::publisher(&address, W5_NAME).await?;
+        let mut publishers = Vec::with_capacity(connections);
+        for _ in 0..connections {
+            publishers.push(S::publisher(&address, W5_NAME).await?);
+        }
         let payload = Bytes::from(vec![b'x'; SMALL_BYTES]);
-        publish_pipelined::<S>(&publisher, W5_NAME, &payload, plan.w5b_warmup, WINDOW)
+        let n = connections.max(1) as u64;
+        let each = (count / n).max(1);
+        pipelined_from_each::<S>(&publishers, &payload, (warmup / n).max(1))
             .await
             .context("warm-up")?;
         let started = Instant::now();
-        publish_pipelined::<S>(&publisher, W5_NAME, &payload, plan.w5b, WINDOW).await?;
+        pipelined_from_each::<S>(&publishers, &payload, each).await?;
         let elapsed = started.elapsed();
-        Ok(vec![(
-            workload,
-            Metric::Throughput,
-            per_second(plan.w5b, elapsed),
-        )])
+        for publisher in publishers {
+            S::close_publisher(publisher).await;
+        }
+        Ok(per_second(each * n, elapsed))
     };
     side.watch(work).await
+}
+
+/// Each of `publishers` sends `each` events pipelined, all at once; one
+/// publisher sends on this task, as W5b always did.
+async fn pipelined_from_each<S: Side>(
+    publishers: &[S::Publisher],
+    payload: &Bytes,
+    each: u64,
+) -> anyhow::Result<()> {
+    if let [publisher] = publishers {
+        return publish_pipelined::<S>(publisher, W5_NAME, payload, each, WINDOW).await;
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for publisher in publishers {
+        let (publisher, payload) = (publisher.clone(), payload.clone());
+        tasks.spawn(async move {
+            publish_pipelined::<S>(&publisher, W5_NAME, &payload, each, WINDOW).await
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.context("a publishing task failed")??;
+    }
+    Ok(())
 }
 
 /// Each of `publishers` sends `each` events one at a time, all at once;

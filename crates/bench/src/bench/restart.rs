@@ -17,7 +17,7 @@ pub(super) async fn run<S: RestartSide>(
     let rss_before = side.rss_mib()?;
     let built = async {
         let publisher = S::backlog_publisher(&address, Backlog::Restart).await?;
-        let payload = Bytes::from(vec![b'x'; LARGE_BYTES]);
+        let payload = Bytes::from(vec![b'x'; plan.w7_bytes]);
         let started = Instant::now();
         publish_pipelined::<S>(&publisher, W7_NAME, &payload, count, WINDOW)
             .await
@@ -32,7 +32,7 @@ pub(super) async fn run<S: RestartSide>(
     progress(&format!(
         "  backlog of {} × {} published in {:.1} s ({} msg/s); {} {}; {} VmRSS {:.1} MiB before, {:.1} MiB with it ({:.0} B per waiting message)",
         thousands(count),
-        bytes_text(LARGE_BYTES as u64),
+        bytes_text(plan.w7_bytes as u64),
         build_time.as_secs_f64(),
         format_value(per_second(count, build_time)),
         S::DATA,

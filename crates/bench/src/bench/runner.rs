@@ -207,6 +207,18 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.ids {
         return ids::run(args.quick);
     }
+    if let Some(curves) = &args.curves {
+        let exe = locate_courier(args.courier.as_deref())?;
+        return curves::run(
+            &exe,
+            &curves.0,
+            args.quick,
+            args.scale,
+            args.timeout,
+            args.json,
+        )
+        .await;
+    }
     if args.metrics_scrape {
         let exe = locate_courier(args.courier.as_deref())?;
         return scrape::run(&exe, args.quick).await;

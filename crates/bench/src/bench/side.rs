@@ -99,6 +99,9 @@ pub(super) struct Key {
     pub(super) partitions: u64,
 }
 
+/// Sends from this many on show their progress every tenth.
+const PROGRESS_FROM: u64 = 1_000_000;
+
 /// Publishes `count` durable events, keeping at most `window`
 /// unacknowledged; event `i` is `event(i)`: its name, key and payload.
 pub(super) async fn publish_each<S: Side>(
@@ -108,7 +111,22 @@ pub(super) async fn publish_each<S: Side>(
     mut event: impl FnMut(u64) -> (&'static str, Option<Key>, Bytes),
 ) -> anyhow::Result<()> {
     let mut pending: VecDeque<(u64, S::Pending)> = VecDeque::with_capacity(window);
+    // A backlog of millions takes tens of seconds: say how far it got.
+    let step = if count >= PROGRESS_FROM {
+        count / 10
+    } else {
+        u64::MAX
+    };
+    let started = Instant::now();
     for i in 0..count {
+        if i > 0 && i % step == 0 {
+            progress(&format!(
+                "  published {} of {} after {:.1} s",
+                thousands(i),
+                thousands(count),
+                started.elapsed().as_secs_f64()
+            ));
+        }
         if pending.len() >= window {
             if let Some((j, ack)) = pending.pop_front() {
                 S::acked(ack)

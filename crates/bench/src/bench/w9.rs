@@ -150,12 +150,51 @@ async fn w4a_p99<S: Side>(
     Ok(percentile(&latencies, 99.0).unwrap_or(0) as f64 / 1000.0)
 }
 
+/// What one run of W9 measured.
+pub(super) struct IdleFigures {
+    pub(super) connections: u64,
+    /// The server's VmRSS just before the idle connections connect, and
+    /// [`SETTLE`] after the last did.
+    pub(super) rss_before_mib: f64,
+    pub(super) rss_with_mib: f64,
+    /// W4a's p99 in µs just before they connect, and while they are
+    /// connected.
+    pub(super) p99_before: f64,
+    pub(super) p99_with: f64,
+}
+
+impl IdleFigures {
+    pub(super) fn per_connection_kib(&self) -> f64 {
+        (self.rss_with_mib - self.rss_before_mib) * 1024.0 / self.connections.max(1) as f64
+    }
+}
+
 /// One run of W9 on `side`, whose server takes at least
 /// [`connections_max`] connections.
 pub(super) async fn run<S: IdleSide>(
     side: &mut S,
     plan: &Plan,
 ) -> anyhow::Result<Vec<Measurement>> {
+    let figures = measure(side, plan).await?;
+    let (before, with) = (figures.p99_before, figures.p99_with);
+    Ok(vec![
+        (
+            Workload::W9,
+            Metric::RssPerIdleConnection,
+            figures.per_connection_kib(),
+        ),
+        (Workload::W9, Metric::P99BeforeIdle, before),
+        (Workload::W9, Metric::P99WithIdle, with),
+        (
+            Workload::W9,
+            Metric::P99IdleGrowth,
+            with / before.max(f64::MIN_POSITIVE),
+        ),
+    ])
+}
+
+/// [`run`]'s figures, with [`Plan::w9_connections`] idle connections.
+pub(super) async fn measure<S: IdleSide>(side: &mut S, plan: &Plan) -> anyhow::Result<IdleFigures> {
     let connections = plan.w9_connections;
     check_open_files(connections)?;
     let services = service_count(connections);
@@ -188,23 +227,21 @@ pub(super) async fn run<S: IdleSide>(
         .await;
         S::close_idle(idle).await;
         let (rss_after, with) = with?;
-        let per_connection_kib = (rss_after - rss_before) * 1024.0 / connections as f64;
+        let figures = IdleFigures {
+            connections,
+            rss_before_mib: rss_before,
+            rss_with_mib: rss_after,
+            p99_before: before,
+            p99_with: with,
+        };
         progress(&format!(
-            "  VmRSS {rss_before:.1} MiB before, {rss_after:.1} MiB with {} idle connections ({}, connected in {:.1} s): {per_connection_kib:.1} KiB each; W4a p99 {before:.0} µs before, {with:.0} µs with them",
+            "  VmRSS {rss_before:.1} MiB before, {rss_after:.1} MiB with {} idle connections ({}, connected in {:.1} s): {:.1} KiB each; W4a p99 {before:.0} µs before, {with:.0} µs with them",
             thousands(connections),
             shape(connections),
-            connected_in.as_secs_f64()
+            connected_in.as_secs_f64(),
+            figures.per_connection_kib()
         ));
-        Ok(vec![
-            (Workload::W9, Metric::RssPerIdleConnection, per_connection_kib),
-            (Workload::W9, Metric::P99BeforeIdle, before),
-            (Workload::W9, Metric::P99WithIdle, with),
-            (
-                Workload::W9,
-                Metric::P99IdleGrowth,
-                with / before.max(f64::MIN_POSITIVE),
-            ),
-        ])
+        Ok(figures)
     }
     .await;
     S::close_requester(requester).await;

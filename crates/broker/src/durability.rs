@@ -546,6 +546,39 @@ mod tests {
     }
 
     #[test]
+    fn a_subscriptions_result_comes_before_its_first_backlog_delivery() {
+        let mut broker = broker();
+        let settle = |broker: &mut Broker<MemoryLog>| {
+            let _ = ready(broker);
+            if let Some(job) = broker.start_sync() {
+                broker.finish_sync(job, Ok(()));
+            }
+            ready(broker)
+        };
+        broker.connect(6, "late", "late-1", 10);
+        broker.subscribe(6, 1, "job.*", 0, 0, StartFrom::New, NOW);
+        settle(&mut broker);
+        broker.disconnect(6, NOW);
+        broker.connect(2, "sender", "sender-1", 10);
+        broker.send(2, 1, event("job.run", false), NOW);
+        settle(&mut broker);
+        // The backlog is durable; a new instance subscribes.
+        broker.connect(7, "late", "late-2", 10);
+        broker.subscribe(7, 5, "job.*", 0, 0, StartFrom::New, NOW);
+        let mut out = ready(&mut broker);
+        out.extend(settle(&mut broker));
+        let order: Vec<&str> = out
+            .iter()
+            .filter_map(|a| match a {
+                Action::OpResult { conn: 7, .. } => Some("result"),
+                Action::Deliver { conn: 7, .. } => Some("deliver"),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(order, ["result", "deliver"], "{out:?}");
+    }
+
+    #[test]
     fn a_failed_fsync_refuses_every_batch_waiting_for_it() {
         let mut broker = broker();
         let synced_before = broker.store().crash().synced_next_seq();

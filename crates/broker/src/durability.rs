@@ -16,13 +16,14 @@
 //!   but deliveries of transient messages and replies, which are stored
 //!   nowhere: an acknowledgement, a delivery of a stored message and a
 //!   change's answer leave only once their records are durable;
-//! - except a delivery of a message whose record is durable already (a
-//!   backlog, a redelivery) when nothing is held for its connection: it
-//!   leaves at once, before the bookkeeping of its batch (delivered,
-//!   acked) is durable. A crash before that bookkeeping is durable
-//!   delivers the message again, the duplicate at-least-once allows; its
-//!   attempt may be counted once less. Consuming a backlog thus never
-//!   waits for the disk, and a connection's deliveries keep their order;
+//! - except a first delivery of a message whose record is durable already
+//!   (a backlog) when nothing is held for its connection: it leaves at
+//!   once, before the bookkeeping of its batch (delivered, acked) is
+//!   durable. A crash before that bookkeeping is durable delivers the
+//!   message again, the duplicate at-least-once allows. Consuming a
+//!   backlog thus never waits for the disk, and a connection's deliveries
+//!   keep their order; a redelivery still waits for its batch (a receiver
+//!   nacking without delay must not spend the attempts in a tight loop);
 //! - answers (everything but deliveries) to one connection keep their
 //!   order: one queues behind the held answers to its connection; a PONG
 //!   waits for everything stored before it (it confirms quiet sends, which
@@ -103,13 +104,17 @@ impl Durability {
         self.held.push_back((needs, action));
     }
 
-    /// A delivery of a message already durable, with nothing held before
-    /// it for its connection: no delivery (their order), and no answer (a
-    /// subscription's RESULT comes before its first delivery).
+    /// A first delivery of a message already durable, with nothing held
+    /// before it for its connection: no delivery (their order), and no
+    /// answer (a subscription's RESULT comes before its first delivery).
+    /// A redelivery still waits for the fsync of the nack or expiry that
+    /// caused it: a receiver nacking without delay would otherwise spend a
+    /// message's attempts in a tight loop.
     fn delivers_durable(&self, action: &Action) -> bool {
-        matches!(action, Action::Deliver { conn, log_seq, .. }
+        matches!(action, Action::Deliver { conn, log_seq, attempt, .. }
             if *log_seq != 0
                 && *log_seq < self.durable_below
+                && *attempt & !courier_proto::ATTEMPT_KEY_START == 1
                 && !self.held_deliveries.contains_key(conn)
                 && !self.held_answers.contains_key(conn))
     }
@@ -542,7 +547,15 @@ mod tests {
         let job = broker.start_sync().expect("a sync");
         broker.finish_sync(job, Ok(()));
         let out = ready(&mut broker);
-        assert_eq!(delivered(&out).iter().filter(|d| d.0 == 4).count(), 1);
+        let fourth: Vec<_> = delivered(&out).into_iter().filter(|d| d.0 == 4).collect();
+        assert_eq!(fourth.len(), 1);
+        // A nack without delay: the redelivery waits for the nack's fsync,
+        // so attempts are not spent in a tight loop.
+        broker.nack(4, fourth[0].1, 0, NOW);
+        assert_eq!(delivered(&ready(&mut broker)).len(), 0);
+        let job = broker.start_sync().expect("a sync");
+        broker.finish_sync(job, Ok(()));
+        assert_eq!(delivered(&ready(&mut broker)).len(), 1);
     }
 
     #[test]

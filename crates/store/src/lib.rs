@@ -8,12 +8,14 @@
 
 pub mod histogram;
 mod log_store;
+mod upstream;
 
 pub use courier_log::{
     verify_dir, Damage, DirLock, FsyncPolicy, LogConfig, PendingSync, Scrubber, SegmentRemoval,
     SnapshotWrite, VerifyProgress, VerifyReport,
 };
 pub use log_store::{LogStore, RECENT_MESSAGES_MAX};
+pub use upstream::{AckHandle, Upstream};
 
 use std::collections::BTreeMap;
 use std::io;
@@ -83,8 +85,19 @@ pub enum Replayed {
 #[derive(Debug)]
 pub struct SyncJob {
     fsync: Option<PendingSync>,
+    /// A backend's wait instead of an fsync ([`SyncJob::waiting`]).
+    wait: Option<BackendWait>,
     covers: Seq,
     took: Option<Duration>,
+}
+
+/// A blocking wait for a replicated backend's acknowledgements.
+struct BackendWait(Box<dyn FnOnce() -> io::Result<()> + Send>);
+
+impl std::fmt::Debug for BackendWait {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BackendWait")
+    }
 }
 
 impl SyncJob {
@@ -94,6 +107,18 @@ impl SyncJob {
     pub fn marker(covers: Seq) -> SyncJob {
         SyncJob {
             fsync: None,
+            wait: None,
+            covers,
+            took: None,
+        }
+    }
+
+    /// A job whose slow part is `wait`: blocking until a replicated
+    /// backend acknowledged every record below `covers`.
+    pub fn waiting(covers: Seq, wait: impl FnOnce() -> io::Result<()> + Send + 'static) -> SyncJob {
+        SyncJob {
+            fsync: None,
+            wait: Some(BackendWait(Box::new(wait))),
             covers,
             took: None,
         }
@@ -107,9 +132,10 @@ impl SyncJob {
     /// Runs the fsync (blocking); hand the result to `finish_sync`.
     pub fn run(&mut self) -> io::Result<()> {
         let started = Instant::now();
-        let result = match &mut self.fsync {
-            Some(fsync) => fsync.run(),
-            None => Ok(()),
+        let result = match (&mut self.fsync, self.wait.take()) {
+            (Some(fsync), _) => fsync.run(),
+            (None, Some(BackendWait(wait))) => wait(),
+            (None, None) => Ok(()),
         };
         self.took = Some(started.elapsed());
         result
@@ -319,6 +345,32 @@ pub trait MessageStore: Send {
     }
     fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+    /// Whether the core keeps delivery state (queues, attempts, dead
+    /// letters) for what is appended. `false` for a replicated backend
+    /// whose consumers keep it: the core then queues nothing it appends,
+    /// delivers what [`MessageStore::hold_fetched`] holds, and reports how
+    /// each delivery ended through [`MessageStore::upstream`].
+    fn keeps_deliveries(&self) -> bool {
+        true
+    }
+    /// Keeps a message fetched from a replicated backend readable by the
+    /// seq returned until `remove`; `handle` settles it upstream. Only
+    /// stores that do not keep deliveries hold fetched messages.
+    fn hold_fetched(
+        &mut self,
+        message: Arc<Message>,
+        handle: AckHandle,
+    ) -> Result<Seq, StoreError> {
+        let _ = (message, handle);
+        Err(StoreError::Io(
+            "this store is the log itself: it holds no fetched messages".to_string(),
+        ))
+    }
+    /// A delivery-state change for a store that does not keep deliveries;
+    /// whatever it must make durable is waited for by the next sync.
+    fn upstream(&mut self, change: Upstream) {
+        let _ = change;
     }
 }
 

@@ -298,6 +298,7 @@ impl MessageStore for LogStore {
             Ok(Some(fsync)) => Ok(Some(SyncJob {
                 covers: fsync.covers(),
                 fsync: Some(fsync),
+                wait: None,
                 took: None,
             })),
             Ok(None) => {

@@ -1,0 +1,59 @@
+//! What a store whose backend keeps delivery state hears from the core.
+//!
+//! On one machine the core *is* the delivery state: it queues every
+//! accepted message for its receivers and journals what becomes of each
+//! delivery. On a replicated backend (docs/SCALE-OUT.md) the backend's
+//! consumers hold that state, shared by every node: a node's core delivers
+//! only what its edge fetched, and tells the store how each fetched
+//! message ended ([`Upstream`]) instead of journaling it.
+
+use crate::Seq;
+
+/// An opaque token the backend settles a fetched message by (on NATS
+/// JetStream, the message's ack subject).
+pub type AckHandle = String;
+
+/// A delivery-state change for the backend to carry out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Upstream {
+    /// The fetched message held at `seq` was handled (or expired unread):
+    /// it is done for its service.
+    Ack {
+        seq: Seq,
+    },
+    /// Deliver it again, no sooner than `delay_ms` from now, to any
+    /// instance of its service on any node.
+    Nak {
+        seq: Seq,
+        delay_ms: u64,
+    },
+    /// Its attempts ran out: keep it as one of `service`'s dead letters,
+    /// then settle it as done.
+    DeadLetter {
+        service: String,
+        seq: Seq,
+        attempts: u32,
+        reason: String,
+        /// Wall time, unix ns.
+        at: u64,
+    },
+    /// `service` receives `pattern` from now on (idempotent).
+    Subscribe {
+        service: String,
+        pattern: String,
+        ack_deadline_ms: u32,
+        max_deliveries: u32,
+    },
+    Unsubscribe {
+        service: String,
+        pattern: String,
+    },
+    Pause {
+        service: String,
+        pattern: String,
+    },
+    Resume {
+        service: String,
+        pattern: String,
+    },
+}

@@ -35,7 +35,10 @@ impl<S: MessageStore> Broker<S> {
     /// [`SnapshotJob::install`], [`Broker::finish_checkpoint`],
     /// [`RemovalJob::run`].
     pub fn checkpoint(&mut self, now: Nanos) -> Result<u64, StoreError> {
-        if !self.store.persistent() || self.store.next_seq() == self.checkpointed_at {
+        if !self.store.persistent()
+            || self.upstream
+            || self.store.next_seq() == self.checkpointed_at
+        {
             return Ok(0);
         }
         while self.backfills_pending() {
@@ -62,6 +65,7 @@ impl<S: MessageStore> Broker<S> {
     pub fn begin_checkpoint(&mut self, now: Nanos) -> Result<Option<SnapshotJob>, StoreError> {
         self.now = now;
         if !self.store.persistent()
+            || self.upstream
             || self.store.next_seq() == self.checkpointed_at
             || self.backfills_pending()
         {
@@ -107,6 +111,7 @@ impl<S: MessageStore> Broker<S> {
     /// due now, not only on the timer.
     pub fn checkpoint_due(&self) -> bool {
         self.store.persistent()
+            && !self.upstream
             && (self.store.len() as u64).saturating_sub(self.checkpointed_bytes)
                 >= self.config.checkpoint_log_bytes
     }

@@ -143,6 +143,9 @@ impl<S: MessageStore> Broker<S> {
             }
         }
         self.pump(&c.service, now);
+        if self.upstream {
+            self.give_back_unservable(&c.service);
+        }
         if self
             .services
             .get(c.service.as_str())

@@ -104,6 +104,11 @@ impl<S: MessageStore> Broker<S> {
                 svc.queue.release_key(&entry);
                 svc.queue.count_out(message.payload.len() as u64);
                 self.metrics.expired += 1;
+                if self.upstream {
+                    // Done with: the backend must not deliver it again.
+                    self.store
+                        .upstream(courier_store::Upstream::Ack { seq: entry.seq });
+                }
                 let slot = self.traffic.slot(&message.name);
                 if let Some(t) = self.traffic.traffic(slot, service) {
                     t.expired += 1;
@@ -420,6 +425,18 @@ impl<S: MessageStore> Broker<S> {
                 entry.attempts, svc.max_deliveries
             );
             self.dead_letter(service, entry, bytes, name, reason, now);
+        } else if self.upstream {
+            // The backend's consumer redelivers (to any node) and counts
+            // the attempt; kept here too, it would be delivered twice.
+            svc.queue.release_key(&entry);
+            svc.queue.count_out(bytes);
+            let seq = entry.seq;
+            self.journal(Op::Nacked {
+                service: service.to_string(),
+                seq,
+                until: now + delay,
+            });
+            release(&mut self.store, &mut self.refs, seq);
         } else if delay == 0 {
             svc.queue.make_ready_again(entry);
         } else {
@@ -456,7 +473,10 @@ impl<S: MessageStore> Broker<S> {
             reason,
             at: wall_now,
         };
-        svc.queue.dead_letters.push(letter.clone());
+        if !self.upstream {
+            // On a backend the dead letter is the backend's to keep.
+            svc.queue.dead_letters.push(letter.clone());
+        }
         self.metrics.dead_lettered += 1;
         if let Some(t) = self.traffic.traffic(name, service) {
             t.dead_lettered += 1;
@@ -468,6 +488,9 @@ impl<S: MessageStore> Broker<S> {
             reason: letter.reason,
             at: wall_now,
         });
+        if self.upstream {
+            release(&mut self.store, &mut self.refs, letter.seq);
+        }
     }
 
     /// Advances time: deferred messages fall due, overdue deliveries go to

@@ -84,7 +84,8 @@ fn conn_of(action: &Action) -> ConnId {
         | Action::Pong { conn, .. }
         | Action::StartTail { conn, .. }
         | Action::TraceQuery { conn, .. }
-        | Action::Close { conn, .. } => *conn,
+        | Action::Close { conn, .. }
+        | Action::ForwardReply { conn, .. } => *conn,
     }
 }
 

@@ -37,6 +37,7 @@ mod streams;
 mod subscriptions;
 mod tap;
 mod trace;
+mod upstream;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -70,6 +71,7 @@ pub use trace::{
     ActivityFilter, Outcome, TraceQuery, TraceRecord, TraceSampler, ACTIVITIES_LIMIT_DEFAULT,
     ACTIVITIES_LIMIT_MAX, DEAD_LETTERED,
 };
+pub use upstream::{Fetched, RemoteSubscriptions};
 
 /// The maps touched for every message (here and in the server): keyed by
 /// a fast hasher seeded at random per process (keys come from clients, so
@@ -342,6 +344,12 @@ pub struct Broker<S: MessageStore> {
     registry_checks: Vec<(String, String, registry::Check)>,
     /// Actions waiting for an fsync run outside the lock (`durability.rs`).
     durability: durability::Durability,
+    /// The store's backend keeps delivery state, not this core
+    /// (`upstream.rs`): set once, from [`MessageStore::keeps_deliveries`].
+    upstream: bool,
+    /// Commands fetched from a replicated backend that were accepted on
+    /// another node: where their replies go (`upstream.rs`).
+    remote_routes: ExpiringMap<Uuid, upstream::RemoteRoute>,
 }
 
 impl<S: MessageStore> Broker<S> {
@@ -352,6 +360,11 @@ impl<S: MessageStore> Broker<S> {
             config.reply_route_ms * NANOS_PER_MS,
             config.reply_routes_max,
         );
+        let remote_routes = ExpiringMap::new(
+            config.reply_route_ms * NANOS_PER_MS,
+            config.reply_routes_max,
+        );
+        let upstream = !store.keeps_deliveries();
         Broker {
             config,
             store,
@@ -391,6 +404,8 @@ impl<S: MessageStore> Broker<S> {
             registry: registry::Registry::default(),
             registry_checks: Vec::new(),
             durability: Default::default(),
+            upstream,
+            remote_routes,
         }
     }
 

@@ -52,6 +52,18 @@ pub enum Action {
         activity_id: Uuid,
         query: TraceQuery,
     },
+    /// A reply to a command accepted on another node of a replicated
+    /// backend (`upstream.rs`): the edge hands it to `node`, whose core
+    /// takes it with [`crate::Broker::remote_reply`], and answers `conn`'s
+    /// send `seq` with what that returned
+    /// ([`crate::Broker::forwarded_reply_answer`]).
+    ForwardReply {
+        conn: ConnId,
+        seq: u64,
+        quiet: bool,
+        node: String,
+        message: Arc<Message>,
+    },
     /// The broker gave up on the connection: the edge sends ERROR `code`
     /// with `reason` after what is queued for it, and closes it. The core
     /// has already taken back everything it held.

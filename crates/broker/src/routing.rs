@@ -71,6 +71,12 @@ impl<S: MessageStore> Broker<S> {
         // Before its deliveries (in `pump` below): records keep the order
         // things happened in.
         self.trace_accepted(&message, seq, &targets);
+        if self.upstream {
+            // The backend's consumers deliver it, on whichever node
+            // fetches for each receiver (`upstream.rs`).
+            self.tap(&message, targets.clone());
+            return Ok(seq);
+        }
         self.enqueue(seq, &message, &targets, now);
         self.tap(&message, targets.clone());
         for service in targets.iter() {
@@ -269,6 +275,11 @@ impl<S: MessageStore> Broker<S> {
                 "reply without response_to".to_string(),
             ));
         };
+        if self.upstream && self.reply_routes.get(&command).is_none() {
+            if let Some(forward) = self.forward_reply(conn, seq, quiet, &message)? {
+                return Ok(forward);
+            }
+        }
         let Some(route) = self.reply_routes.get(&command) else {
             return Err((
                 ErrorCode::UnknownRequest,

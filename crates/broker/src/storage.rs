@@ -8,6 +8,10 @@ impl<S: MessageStore> Broker<S> {
     /// its seq (0 if the write failed: the next sync then fails too and
     /// rebuilds the state).
     pub(crate) fn journal(&mut self, op: Op) -> Seq {
+        if self.upstream {
+            self.tell_upstream(op);
+            return self.store.next_seq();
+        }
         // Frozen: kept for the batch by reference count, not by a copy.
         let bytes = op.encode().freeze();
         if self.degraded {

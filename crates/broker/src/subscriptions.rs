@@ -52,6 +52,14 @@ impl<S: MessageStore> Broker<S> {
                 "the broker's disk is failing; a new subscription cannot be made durable now — retry later".to_string(),
             );
         }
+        if self.upstream && is_new && from != StartFrom::New {
+            return self.op_result(
+                conn,
+                request,
+                ErrorCode::InvalidMessage,
+                format!("{pattern}: replaying history (start from the beginning or a time) is not offered on a cluster backend; subscribe from new messages"),
+            );
+        }
         let from_seq = if is_new { self.start_seq(from) } else { 0 };
         if is_new || settings_change {
             let op_seq = self.journal(Op::Subscribe {

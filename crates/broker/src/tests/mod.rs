@@ -110,6 +110,7 @@ mod reply_stream_model;
 mod reply_streams;
 mod routing_index;
 mod rules;
+mod upstream;
 
 fn payloads(deliveries: &[(ConnId, DeliveryId, u32, String, Bytes)]) -> Vec<Bytes> {
     deliveries.iter().map(|d| d.4.clone()).collect()

@@ -1,0 +1,389 @@
+//! A node's core on a replicated backend: it queues nothing it accepts,
+//! delivers what was fetched, and tells the store how each delivery ended.
+
+use super::*;
+use courier_store::{AckHandle, Replayed, StoreError, Upstream};
+use std::collections::BTreeMap;
+
+/// Holds fetched messages and records what the core told it, as the
+/// cluster store does against JetStream.
+#[derive(Default)]
+struct BackendStore {
+    /// Readable by seq like a log's records: a core that queued what it
+    /// appended would deliver it.
+    appended: BTreeMap<Seq, Arc<Message>>,
+    held: BTreeMap<Seq, (Arc<Message>, AckHandle)>,
+    /// Held messages removed without an outcome (given back).
+    given_back: Vec<AckHandle>,
+    told: Vec<Upstream>,
+    next_seq: Seq,
+    syncs: u32,
+}
+
+impl BackendStore {
+    fn take_seq(&mut self) -> Seq {
+        self.next_seq += 1;
+        self.next_seq
+    }
+}
+
+impl MessageStore for BackendStore {
+    fn append(&mut self, message: Arc<Message>) -> Result<Seq, StoreError> {
+        let seq = self.take_seq();
+        self.appended.insert(seq, message);
+        Ok(seq)
+    }
+    fn journal(&mut self, _entry: &[u8]) -> Result<Seq, StoreError> {
+        Err(StoreError::Io("no journal on a backend".to_string()))
+    }
+    fn get(&mut self, seq: Seq) -> Result<Option<Arc<Message>>, StoreError> {
+        Ok(self
+            .held
+            .get(&seq)
+            .map(|h| h.0.clone())
+            .or_else(|| self.appended.get(&seq).cloned()))
+    }
+    fn remove(&mut self, seq: Seq) {
+        let settled = self.told.iter().any(|t| {
+            matches!(t, Upstream::Ack { seq: s } | Upstream::Nak { seq: s, .. } | Upstream::DeadLetter { seq: s, .. } if *s == seq)
+        });
+        if let Some((_, handle)) = self.held.remove(&seq) {
+            if !settled {
+                self.given_back.push(handle);
+            }
+        }
+    }
+    fn sync(&mut self) -> Result<(), StoreError> {
+        self.syncs += 1;
+        Ok(())
+    }
+    fn replay_chunk(&mut self, _: Seq, _: usize) -> Result<Vec<(Seq, Replayed)>, StoreError> {
+        Ok(Vec::new())
+    }
+    fn save_snapshot(&mut self, _: Seq, _: &[u8]) -> Result<(), StoreError> {
+        Ok(())
+    }
+    fn load_snapshot(&mut self) -> Result<Option<(Seq, Bytes)>, StoreError> {
+        Ok(None)
+    }
+    fn scan_messages(
+        &mut self,
+        _: Seq,
+        _: &mut dyn FnMut(Seq, Arc<Message>),
+    ) -> Result<(), StoreError> {
+        Ok(())
+    }
+    fn seq_at_time(&mut self, _: u64) -> Result<Seq, StoreError> {
+        Ok(self.next_seq + 1)
+    }
+    fn next_seq(&self) -> Seq {
+        self.next_seq + 1
+    }
+    fn compact(&mut self, _: Seq, _: u64) -> Result<u64, StoreError> {
+        Ok(0)
+    }
+    fn len(&self) -> usize {
+        self.held.len()
+    }
+    fn keeps_deliveries(&self) -> bool {
+        false
+    }
+    fn hold_fetched(
+        &mut self,
+        message: Arc<Message>,
+        handle: AckHandle,
+    ) -> Result<Seq, StoreError> {
+        let seq = self.take_seq();
+        self.held.insert(seq, (message, handle));
+        Ok(seq)
+    }
+    fn upstream(&mut self, change: Upstream) {
+        self.told.push(change);
+    }
+}
+
+fn node() -> Harness<BackendStore> {
+    Harness::with_store(BackendStore::default())
+}
+
+fn fetched(service: &str, message: Message, attempt: u32, handle: &str) -> Fetched {
+    Fetched {
+        service: service.to_string(),
+        message: Arc::new(message),
+        attempt,
+        handle: handle.to_string(),
+        reply_node: None,
+    }
+}
+
+#[test]
+fn an_accepted_message_is_published_not_queued_here() {
+    let mut h = node();
+    assert!(h.broker.delivers_upstream());
+    h.connect(1, "worker", 10);
+    h.subscribe(1, "job.*");
+    h.connect(2, "web", 10);
+    h.send(2, 7, command("job.run", "x"));
+    let actions = h.actions();
+    assert_eq!(results(&actions), vec![(7, ErrorCode::Ok)]);
+    assert!(
+        !actions.iter().any(|a| matches!(a, Action::Deliver { .. })),
+        "delivered here as well as by the backend: {actions:?}"
+    );
+    let store = h.broker.store();
+    assert_eq!(store.appended.len(), 1);
+    assert!(store.syncs >= 1, "answered before the backend confirmed");
+}
+
+#[test]
+fn a_subscription_is_told_upstream_and_answered_after_the_sync() {
+    let mut h = node();
+    h.connect(1, "worker", 10);
+    h.broker
+        .subscribe(1, 5, "job.*", 2_000, 3, StartFrom::New, h.now);
+    let syncs_before = h.broker.store().syncs;
+    let actions = h.actions();
+    assert!(actions.iter().any(|a| matches!(
+        a,
+        Action::OpResult {
+            request: 5,
+            code: ErrorCode::Ok,
+            ..
+        }
+    )));
+    assert!(h.broker.store().syncs > syncs_before);
+    assert_eq!(
+        h.broker.store().told,
+        vec![Upstream::Subscribe {
+            service: "worker".to_string(),
+            pattern: "job.*".to_string(),
+            ack_deadline_ms: 2_000,
+            max_deliveries: 3,
+        }]
+    );
+    // History replay is the backend's to offer, and it does not yet.
+    h.broker
+        .subscribe(1, 6, "audit.>", 0, 0, StartFrom::Beginning, h.now);
+    let actions = h.actions();
+    assert!(actions
+        .iter()
+        .any(|a| matches!(a, Action::OpResult { request: 6, code: ErrorCode::InvalidMessage, reason, .. } if reason.contains("new messages"))));
+}
+
+#[test]
+fn a_fetched_message_is_delivered_and_its_ack_told_upstream() {
+    let mut h = node();
+    h.connect(1, "worker", 10);
+    h.subscribe(1, "job.*");
+    h.actions();
+    h.broker.fetched(
+        fetched("worker", command("job.run", "a"), 1, "ack-a"),
+        h.now,
+    );
+    let delivered = h.deliveries();
+    assert_eq!(delivered.len(), 1);
+    assert_eq!(delivered[0].2, 1);
+    let seq = *h.broker.store().held.keys().next().expect("held");
+    h.broker.ack(1, delivered[0].1, h.now);
+    h.actions();
+    let store = h.broker.store();
+    assert!(store.told.contains(&Upstream::Ack { seq }));
+    assert!(store.held.is_empty(), "still held after its ack");
+    assert!(store.given_back.is_empty());
+}
+
+#[test]
+fn a_nack_goes_back_to_the_backend_and_is_not_retried_here() {
+    let mut h = node();
+    h.connect(1, "worker", 10);
+    h.subscribe(1, "job.*");
+    h.actions();
+    h.broker.fetched(
+        fetched("worker", command("job.run", "a"), 2, "ack-a"),
+        h.now,
+    );
+    let delivered = h.deliveries();
+    assert_eq!(delivered[0].2, 2, "the backend's attempt count is kept");
+    let seq = *h.broker.store().held.keys().next().expect("held");
+    h.broker.nack(1, delivered[0].1, 250, h.now);
+    h.actions();
+    assert!(h
+        .broker
+        .store()
+        .told
+        .contains(&Upstream::Nak { seq, delay_ms: 250 }));
+    h.advance(1_000);
+    assert!(h.deliveries().is_empty(), "retried here too");
+    assert!(h.broker.store().held.is_empty());
+}
+
+#[test]
+fn the_last_attempt_becomes_the_backends_dead_letter() {
+    let mut h = node();
+    h.connect(1, "worker", 10);
+    h.broker
+        .subscribe(1, 0, "job.*", 0, 3, StartFrom::New, h.now);
+    h.actions();
+    h.broker.fetched(
+        fetched("worker", command("job.run", "a"), 3, "ack-a"),
+        h.now,
+    );
+    let delivered = h.deliveries();
+    let seq = *h.broker.store().held.keys().next().expect("held");
+    h.broker.nack(1, delivered[0].1, 0, h.now);
+    h.actions();
+    let told = &h.broker.store().told;
+    assert!(
+        told.iter().any(|t| matches!(t, Upstream::DeadLetter { seq: s, attempts: 3, service, .. } if *s == seq && service == "worker")),
+        "{told:?}"
+    );
+    assert!(
+        h.broker.dead_letters("worker").is_empty(),
+        "kept here as well"
+    );
+}
+
+#[test]
+fn what_no_instance_here_can_take_goes_back_at_once() {
+    let mut h = node();
+    h.connect(1, "worker", 1);
+    h.subscribe(1, "job.*");
+    h.actions();
+    assert_eq!(h.broker.fetch_credit("worker"), 1);
+    h.broker.fetched(
+        fetched("worker", command("job.run", "a"), 1, "ack-a"),
+        h.now,
+    );
+    h.broker.fetched(
+        fetched("worker", command("job.run", "b"), 1, "ack-b"),
+        h.now,
+    );
+    assert_eq!(h.deliveries().len(), 1);
+    assert_eq!(h.broker.fetch_credit("worker"), 0);
+    assert_eq!(h.broker.consuming_services(), vec!["worker".to_string()]);
+    h.broker.disconnect(1, h.now);
+    h.actions();
+    let store = h.broker.store();
+    assert!(store.held.is_empty(), "kept after its only consumer left");
+    // The one in flight is nacked (an attempt); the waiting one is given
+    // back unsettled.
+    assert_eq!(store.given_back, vec!["ack-b".to_string()]);
+    assert!(store
+        .told
+        .iter()
+        .any(|t| matches!(t, Upstream::Nak { delay_ms: 0, .. })));
+    assert!(h.broker.consuming_services().is_empty());
+}
+
+#[test]
+fn a_message_for_a_service_not_subscribed_here_is_given_back() {
+    let mut h = node();
+    h.broker.fetched(
+        fetched("worker", command("job.run", "a"), 1, "ack-a"),
+        h.now,
+    );
+    assert!(h.deliveries().is_empty());
+    assert!(h.broker.store().held.is_empty());
+}
+
+#[test]
+fn subscriptions_made_on_other_nodes_route_here() {
+    let mut h = node();
+    h.connect(2, "web", 10);
+    h.send(2, 1, command("job.run", "x"));
+    assert_eq!(results(&h.actions())[0].1, ErrorCode::NoReceiver);
+    h.broker.subscriptions_changed(
+        "worker",
+        Some(RemoteSubscriptions {
+            ack_deadline_ms: 1_000,
+            max_deliveries: 4,
+            patterns: vec![("job.*".to_string(), false)],
+        }),
+        h.now,
+    );
+    h.send(2, 2, command("job.run", "x"));
+    assert_eq!(results(&h.actions()), vec![(2, ErrorCode::Ok)]);
+    assert!(
+        h.broker.store().told.is_empty(),
+        "another node's change told back"
+    );
+    h.broker.subscriptions_changed("worker", None, h.now);
+    h.send(2, 3, command("job.run", "x"));
+    assert_eq!(results(&h.actions())[0].1, ErrorCode::NoReceiver);
+}
+
+#[test]
+fn a_reply_to_a_command_from_another_node_is_forwarded_there() {
+    let mut h = node();
+    h.connect(1, "worker", 10);
+    h.subscribe(1, "job.*");
+    h.actions();
+    let cmd = command("job.run", "a");
+    let id = cmd.id;
+    let mut f = fetched("worker", cmd, 1, "ack-a");
+    f.reply_node = Some("node-b".to_string());
+    h.broker.fetched(f, h.now);
+    assert_eq!(h.deliveries().len(), 1);
+    let mut reply = Message::new(Kind::Reply, "job.done", "ok");
+    reply.response_to = Some(id);
+    reply.is_final = true;
+    h.send(1, 9, reply);
+    let actions = h.actions();
+    let forwarded = actions.iter().find_map(|a| match a {
+        Action::ForwardReply {
+            conn: 1,
+            seq: 9,
+            node,
+            message,
+            ..
+        } => Some((node.clone(), message.clone())),
+        _ => None,
+    });
+    let (node, message) = forwarded.expect("forwarded");
+    assert_eq!(node, "node-b");
+    assert_eq!(message.sender.as_str(), "worker");
+    assert!(
+        results(&actions).is_empty(),
+        "answered before node-b took it"
+    );
+    h.broker
+        .forwarded_reply_answer(1, 9, false, ErrorCode::Ok, String::new());
+    assert_eq!(results(&h.actions()), vec![(9, ErrorCode::Ok)]);
+    // Final: a second reply finds no route.
+    let mut again = Message::new(Kind::Reply, "job.done", "ok");
+    again.response_to = Some(id);
+    h.send(1, 10, again);
+    assert_eq!(results(&h.actions())[0].1, ErrorCode::UnknownRequest);
+}
+
+#[test]
+fn a_forwarded_reply_reaches_the_requester_on_this_node() {
+    let mut h = node();
+    h.broker.subscriptions_changed(
+        "worker",
+        Some(RemoteSubscriptions {
+            patterns: vec![("job.*".to_string(), false)],
+            ..Default::default()
+        }),
+        h.now,
+    );
+    h.connect(2, "web", 10);
+    let cmd = command("job.run", "x");
+    let id = cmd.id;
+    h.send(2, 1, cmd);
+    h.actions();
+    let mut reply = Message::new(Kind::Reply, "job.done", "ok");
+    reply.response_to = Some(id);
+    reply.sender = "intruder".into();
+    let (code, _) = h.broker.remote_reply(Arc::new(reply.clone()), h.now);
+    assert_eq!(code, ErrorCode::Unauthorized);
+    reply.sender = "worker".into();
+    reply.is_final = true;
+    let (code, reason) = h.broker.remote_reply(Arc::new(reply.clone()), h.now);
+    assert_eq!(code, ErrorCode::Ok, "{reason}");
+    let delivered = h.deliveries();
+    assert_eq!(delivered.len(), 1);
+    assert_eq!(delivered[0].0, 2);
+    let (code, _) = h.broker.remote_reply(Arc::new(reply), h.now);
+    assert_eq!(code, ErrorCode::UnknownRequest);
+}

@@ -1,0 +1,373 @@
+//! Delivering for a replicated backend that keeps delivery state itself
+//! (docs/SCALE-OUT.md): a node's core queues nothing it accepts — the
+//! store publishes it, and the backend's consumers hand it to whichever
+//! node fetches for the receiving service — and it delivers what its edge
+//! fetched ([`Broker::fetched`]). What becomes of each delivery is told to
+//! the store ([`Upstream`]) instead of journaled: the backend's consumer
+//! redelivers, counts attempts and keeps dead letters, shared by every
+//! node. The rules of delivery (instances, in-flight limits, keys, pauses,
+//! deadlines, expiry) stay this core's, unchanged.
+
+use courier_store::{AckHandle, Upstream};
+
+use super::*;
+use crate::journal::Op;
+
+/// A message a node fetched from the backend for one of its services.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    pub service: String,
+    pub message: Arc<Message>,
+    /// Deliveries so far, this one included (the backend counts them).
+    pub attempt: u32,
+    pub handle: AckHandle,
+    /// The node the command was accepted on, when another one: its
+    /// replies go there.
+    pub reply_node: Option<String>,
+}
+
+/// Where the replies to a command accepted on another node go.
+pub(crate) struct RemoteRoute {
+    pub node: String,
+    /// The service the command was fetched for: only it may reply here.
+    pub service: String,
+}
+
+impl<S: MessageStore> Broker<S> {
+    /// Whether delivery state is the backend's (see the module).
+    pub fn delivers_upstream(&self) -> bool {
+        self.upstream
+    }
+
+    /// A journal entry, as the backend's operation: outcomes of fetched
+    /// deliveries and subscription changes. Those the next sync must wait
+    /// for (subscriptions, dead letters) make the batch dirty, so what
+    /// answers them is held until the backend confirmed them.
+    pub(crate) fn tell_upstream(&mut self, op: Op) {
+        let change = match op {
+            Op::Subscribe {
+                service,
+                pattern,
+                ack_deadline_ms,
+                max_deliveries,
+                ..
+            } => Upstream::Subscribe {
+                service,
+                pattern,
+                ack_deadline_ms,
+                max_deliveries,
+            },
+            Op::Unsubscribe { service, pattern } => Upstream::Unsubscribe { service, pattern },
+            Op::Paused { service, pattern } => Upstream::Pause { service, pattern },
+            Op::Resumed { service, pattern } => Upstream::Resume { service, pattern },
+            Op::Acked { seq, .. } => return self.store.upstream(Upstream::Ack { seq }),
+            Op::Nacked { seq, until, .. } => {
+                let delay_ms = until.saturating_sub(self.now) / NANOS_PER_MS;
+                return self.store.upstream(Upstream::Nak { seq, delay_ms });
+            }
+            Op::DeadLettered {
+                service,
+                seq,
+                attempts,
+                reason,
+                at,
+            } => Upstream::DeadLetter {
+                service,
+                seq,
+                attempts,
+                reason,
+                at,
+            },
+            // The backend counts deliveries; dead letters and the registry
+            // are not the core's on a backend (yet kept per node).
+            Op::Delivered { .. } | Op::Revived { .. } | Op::Purged { .. } | Op::Registry(_) => {
+                return
+            }
+        };
+        self.dirty = true;
+        self.batch_structural = true;
+        self.store.upstream(change);
+    }
+
+    /// A message the edge fetched for `fetched.service`: held by the store
+    /// and queued for the service's instances on this node. Refused (and
+    /// given back to the backend at once) when the service has no
+    /// subscription here any more.
+    pub fn fetched(&mut self, fetched: Fetched, now: Nanos) {
+        self.now = now;
+        let Fetched {
+            service,
+            message,
+            attempt,
+            handle,
+            reply_node,
+        } = fetched;
+        let seq = match self.store.hold_fetched(message.clone(), handle) {
+            Ok(seq) => seq,
+            Err(e) => {
+                self.alerts.push(format!(
+                    "a fetched message for {service} cannot be held: {e}"
+                ));
+                return;
+            }
+        };
+        if self
+            .services
+            .get(&service)
+            .is_none_or(|s| s.patterns.is_empty())
+        {
+            self.store.upstream(Upstream::Nak { seq, delay_ms: 0 });
+            self.store.remove(seq);
+            return;
+        }
+        if let (Some(node), Kind::Command) = (reply_node, message.kind) {
+            if self.reply_routes.get(&message.id).is_none() {
+                let route = upstream::RemoteRoute {
+                    node,
+                    service: service.clone(),
+                };
+                self.remote_routes.insert(message.id, route, now);
+            }
+        }
+        self.refs.add(seq);
+        let entry = Entry::new(seq, attempt.saturating_sub(1), message.key.clone());
+        if let Some(svc) = self.services.get_mut(&service) {
+            svc.queue.count_in(message.payload.len() as u64);
+            svc.queue.make_ready(entry);
+        }
+        self.pump(&service, now);
+    }
+
+    /// How many more messages `service`'s instances on this node can take
+    /// now: their free in-flight room, less what already waits here for
+    /// them. The edge fetches no more than this, so a node never holds
+    /// work it cannot hand out while other nodes could.
+    pub fn fetch_credit(&self, service: &str) -> u32 {
+        let Some(svc) = self.services.get(service) else {
+            return 0;
+        };
+        if svc.is_paused() {
+            return 0;
+        }
+        let room: u64 = svc
+            .instances
+            .iter()
+            .filter_map(|i| self.conns.get(i))
+            .filter(|c| !c.draining && !c.paused && !c.patterns.is_empty())
+            .map(|c| u64::from(c.max_in_flight.saturating_sub(c.in_flight)))
+            .sum();
+        let waiting = svc.queue.ready.len() as u64;
+        u32::try_from(room.saturating_sub(waiting)).unwrap_or(u32::MAX)
+    }
+
+    /// Services with an instance on this node that consumes: the edge
+    /// fetches for these.
+    pub fn consuming_services(&self) -> Vec<String> {
+        self.services
+            .iter()
+            .filter(|(_, s)| {
+                !s.patterns.is_empty()
+                    && s.instances
+                        .iter()
+                        .any(|i| self.conns.get(i).is_some_and(|c| !c.patterns.is_empty()))
+            })
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
+    /// The backend's view of `service`'s subscriptions (another node, or
+    /// this one, changed them): patterns and pauses as given, none when
+    /// `None`. Not told upstream again. Only routing and this node's
+    /// queue follow; connections keep the patterns they subscribed.
+    pub fn subscriptions_changed(
+        &mut self,
+        service: &str,
+        subscriptions: Option<RemoteSubscriptions>,
+        now: Nanos,
+    ) {
+        self.now = now;
+        let subscriptions = subscriptions.unwrap_or_default();
+        let config = &self.config;
+        let svc = self.services.get_or_insert(service, config);
+        if subscriptions.ack_deadline_ms != 0 {
+            svc.ack_deadline_ms = subscriptions.ack_deadline_ms;
+        }
+        if subscriptions.max_deliveries != 0 {
+            svc.max_deliveries = subscriptions.max_deliveries;
+        }
+        let wanted: BTreeSet<String> = subscriptions
+            .patterns
+            .iter()
+            .map(|(p, _)| p.clone())
+            .collect();
+        let paused: BTreeSet<String> = subscriptions
+            .patterns
+            .iter()
+            .filter(|(_, paused)| *paused)
+            .map(|(p, _)| p.clone())
+            .collect();
+        if svc.patterns == wanted && svc.paused == paused {
+            return;
+        }
+        let gone: Vec<String> = svc.patterns.difference(&wanted).cloned().collect();
+        let new: Vec<String> = wanted.difference(&svc.patterns).cloned().collect();
+        svc.patterns = wanted;
+        svc.paused = paused;
+        for pattern in &gone {
+            self.subscribers.remove(pattern, &service.to_string());
+        }
+        for pattern in &new {
+            self.subscribers.insert(pattern, &service.to_string());
+        }
+        self.routes_changed();
+        self.pump(service, now);
+        self.give_back_unservable(service);
+    }
+
+    /// Gives everything fetched for `service` back to the backend when no
+    /// instance here consumes it any more (the last one left, or the
+    /// subscription ended): other nodes' instances take it at once
+    /// instead of after the backend's ack deadline.
+    pub(crate) fn give_back_unservable(&mut self, service: &str) {
+        let Some(svc) = self.services.get_mut(service) else {
+            return;
+        };
+        let consumed_here = !svc.patterns.is_empty()
+            && svc
+                .instances
+                .iter()
+                .any(|i| self.conns.get(i).is_some_and(|c| !c.patterns.is_empty()));
+        if consumed_here {
+            return;
+        }
+        for seq in svc.queue.drain_all() {
+            // Unsettled: the store gives it back to the backend.
+            release(&mut self.store, &mut self.refs, seq);
+        }
+        for instance in &svc.instances {
+            if let Some(c) = self.conns.get_mut(instance) {
+                c.in_flight = 0;
+            }
+        }
+    }
+
+    /// A reply from `conn` to a command fetched here that was accepted on
+    /// another node: it goes there ([`Action::ForwardReply`]), and the
+    /// send is answered when that node has taken it. `None`: the command
+    /// is not one of those.
+    pub(crate) fn forward_reply(
+        &mut self,
+        conn: ConnId,
+        seq: u64,
+        quiet: bool,
+        message: &Arc<Message>,
+    ) -> Result<Option<ReplyFate>, (ErrorCode, String)> {
+        let Some(command) = message.response_to else {
+            return Ok(None);
+        };
+        let Some(route) = self.remote_routes.get(&command) else {
+            return Ok(None);
+        };
+        if route.service != message.sender.as_str() {
+            return Err((
+                ErrorCode::Unauthorized,
+                format!(
+                    "service {} may not reply to command {command}: it was not delivered to {}",
+                    message.sender, message.sender
+                ),
+            ));
+        }
+        let node = route.node.clone();
+        if message.is_final {
+            self.remote_routes.remove(&command);
+        }
+        self.actions.push(Action::ForwardReply {
+            conn,
+            seq,
+            quiet,
+            node,
+            message: message.clone(),
+        });
+        Ok(Some(ReplyFate::Held))
+    }
+
+    /// How the requester's node took a reply this node forwarded
+    /// ([`Action::ForwardReply`]): the replier's send is answered with it.
+    pub fn forwarded_reply_answer(
+        &mut self,
+        conn: ConnId,
+        seq: u64,
+        quiet: bool,
+        code: ErrorCode,
+        reason: String,
+    ) {
+        if code == ErrorCode::Ok {
+            self.metrics.accepted += 1;
+            if quiet {
+                return;
+            }
+        } else {
+            self.metrics.refused += 1;
+        }
+        self.send_result(conn, seq, code, reason);
+    }
+
+    /// A reply another node forwarded to the command's requester on this
+    /// one (its sender already stamped and checked there): routed as a
+    /// reply sent here would be. Returns the answer for the replier.
+    pub fn remote_reply(&mut self, message: Arc<Message>, now: Nanos) -> (ErrorCode, String) {
+        self.now = now;
+        let Some(command) = message.response_to else {
+            return (
+                ErrorCode::InvalidMessage,
+                "reply without response_to".to_string(),
+            );
+        };
+        let Some(route) = self.reply_routes.get(&command) else {
+            return (
+                ErrorCode::UnknownRequest,
+                format!("no command {command} awaits replies (it finished, timed out, or was never sent)"),
+            );
+        };
+        if !route.receivers.iter().any(|r| *r == message.sender) {
+            return (
+                ErrorCode::Unauthorized,
+                format!(
+                    "service {} may not reply to command {command}: it was not delivered to {}",
+                    message.sender, message.sender
+                ),
+            );
+        }
+        let service = route.service.clone();
+        let (route_conn, command_slot, accepted_at) =
+            (route.conn, route.command, route.accepted_at);
+        // A flow-controlled stream's window is the requester's node's: a
+        // forwarded reply is delivered without waiting for its credit.
+        self.count_reply(command_slot, accepted_at, &message, &service);
+        if message.is_final {
+            if let Some(route) = self.reply_routes.remove(&command) {
+                if let Some(c) = self.conns.get_mut(&route.conn) {
+                    c.streams.remove(&command);
+                }
+            }
+        }
+        if self.conns.contains_key(&route_conn) {
+            self.deliver_untracked(route_conn, message);
+            (ErrorCode::Ok, String::new())
+        } else {
+            (
+                ErrorCode::UnknownRequest,
+                format!("the requester of command {command} is gone"),
+            )
+        }
+    }
+}
+
+/// A service's subscriptions as the backend holds them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RemoteSubscriptions {
+    pub ack_deadline_ms: u32,
+    pub max_deliveries: u32,
+    /// Each pattern and whether it is paused.
+    pub patterns: Vec<(String, bool)>,
+}

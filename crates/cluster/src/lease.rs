@@ -140,7 +140,7 @@ pub async fn holder(store: &kv::Store, key: &str) -> Result<Option<(LeaseValue, 
 /// 2.15 answers a `create` of an existing key with error 10164 (`wrong
 /// last sequence`, for an expected sequence of 0), which async-nats does
 /// not classify, so the cause chain is searched for either code.
-fn is_wrong_revision(e: &(dyn std::error::Error + 'static)) -> bool {
+pub(crate) fn is_wrong_revision(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cause = Some(e);
     while let Some(err) = cause {
         if let Some(js) = err.downcast_ref::<async_nats::jetstream::Error>() {

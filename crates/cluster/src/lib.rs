@@ -1,20 +1,25 @@
 //! The I/O edge of a Courier node on a NATS JetStream cluster
 //! (docs/SCALE-OUT.md): the connection to several servers, the streams
 //! and KV buckets every node needs (created or checked at start), the
-//! durability check, leases, and the node registry.
+//! durability check, leases, the node registry, the broker core's store
+//! on the cluster ([`store::ClusterStore`]), the fetch loops that feed it
+//! ([`fetch`]) and the subscription table ([`services`]).
 //!
 //! A node starts by [`connect`]ing, running [`durability::check`] and
-//! [`provision`], then [`nodes::register`]ing itself. Routing and
-//! delivery on the cluster are not here yet.
+//! [`provision`], then [`nodes::register`]ing itself.
 
+pub mod ack_subject;
 mod connect;
 pub mod consumers;
 pub mod durability;
+pub mod fetch;
 pub mod lease;
 pub mod model;
 pub mod names;
 pub mod nodes;
 mod provision;
+pub mod services;
+pub mod store;
 
 pub use connect::{
     connect, Auth, Backend, BackendError, ConnectError, Connection, CONNECT_TIMEOUT,

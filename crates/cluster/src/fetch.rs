@@ -1,0 +1,285 @@
+//! A node's fetch loop for one service (docs/SCALE-OUT.md §4 "Competing
+//! instances"): pulls from the service's two consumers no more than its
+//! instances on this node can take, and hands each message over with
+//! what the core needs to deliver and settle it.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::PullConsumer;
+use bytes::Bytes;
+use courier_proto::{decode_message, Message};
+use courier_store::AckHandle;
+use futures_util::StreamExt as _;
+use tokio::sync::{watch, Notify};
+
+use crate::ack_subject::AckSubject;
+use crate::consumers::{consumer_name, Lane};
+use crate::names::MESSAGES_STREAM;
+use crate::store::REPLY_TO_HEADER;
+use crate::Connection;
+
+/// How long one pull waits for messages. Never a pull without one
+/// (SCALE-OUT §16): the server holds a "no wait" pull open while the
+/// consumer is at `max_ack_pending` and then fills it with redeliveries.
+pub const FETCH_EXPIRES: Duration = Duration::from_secs(1);
+/// The most messages one pull asks for, whatever the credit.
+pub const FETCH_BATCH_MAX: u32 = 1_024;
+/// When there is no credit, how often it is looked at again even if
+/// nobody signals room (a missed signal costs no more than this).
+pub const ROOM_RECHECK: Duration = Duration::from_millis(250);
+/// The first and the longest pause before looking for a consumer again
+/// (it does not exist until the service subscribes) or after a failed pull.
+pub const RETRY_PAUSE_MIN: Duration = Duration::from_millis(100);
+pub const RETRY_PAUSE_MAX: Duration = Duration::from_secs(2);
+
+/// A message fetched for `service`, to hand to one of its instances.
+#[derive(Clone, Debug)]
+pub struct Fetched {
+    pub service: String,
+    pub lane: Lane,
+    pub message: Arc<Message>,
+    /// JetStream's delivery count: 1 on the first delivery.
+    pub attempt: u32,
+    /// The message's seq in `COURIER_MSGS` (dead letters are named by it).
+    pub stream_seq: u64,
+    /// Its ack subject: what [`courier_store::MessageStore::hold_fetched`]
+    /// takes to settle it.
+    pub handle: AckHandle,
+    /// The node that accepted a command (`Courier-Reply-To`).
+    pub reply_node: Option<String>,
+}
+
+/// What both lanes' loops share: the credit, and what each lane asked
+/// for and has not received yet, so that the two together never ask for
+/// more than the credit.
+struct Shared<C, D> {
+    credit: C,
+    room: Arc<Notify>,
+    deliver: Mutex<D>,
+    /// Per lane (unkeyed, keyed): messages asked for, not yet received.
+    asked: [AtomicU32; 2],
+}
+
+fn index(lane: Lane) -> usize {
+    match lane {
+        Lane::Unkeyed => 0,
+        Lane::Keyed => 1,
+    }
+}
+
+/// Fetches `service`'s messages from both its consumers until `stop`
+/// turns true (or its sender is gone). `credit` is what this node's
+/// instances of the service can take now (the sum of `max_in_flight −
+/// in_flight`); the loop waits on `room` when it is 0. Each message goes
+/// to `deliver`; one that does not decode is terminated (`+TERM`) and
+/// logged. A consumer that does not exist yet is looked for again with a
+/// growing pause.
+pub async fn run<C, D>(
+    connection: Connection,
+    service: String,
+    credit: C,
+    room: Arc<Notify>,
+    deliver: D,
+    stop: watch::Receiver<bool>,
+) where
+    C: Fn() -> u32 + Send + Sync,
+    D: FnMut(Fetched) + Send,
+{
+    let shared = Shared {
+        credit,
+        room,
+        deliver: Mutex::new(deliver),
+        asked: [AtomicU32::new(0), AtomicU32::new(0)],
+    };
+    tokio::join!(
+        lane_loop(&connection, &service, Lane::Unkeyed, &shared, stop.clone()),
+        lane_loop(&connection, &service, Lane::Keyed, &shared, stop),
+    );
+}
+
+/// Whether to stop: `stop` is true or its sender is gone.
+fn stopping(stop: &watch::Receiver<bool>) -> bool {
+    *stop.borrow() || stop.has_changed().is_err()
+}
+
+/// Sleeps `pause`; false when told to stop meanwhile.
+async fn pause_unless_stopped(pause: Duration, stop: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(pause) => !stopping(stop),
+        _ = stop.changed() => !stopping(stop),
+    }
+}
+
+async fn lane_loop<C, D>(
+    connection: &Connection,
+    service: &str,
+    lane: Lane,
+    shared: &Shared<C, D>,
+    mut stop: watch::Receiver<bool>,
+) where
+    C: Fn() -> u32 + Send + Sync,
+    D: FnMut(Fetched) + Send,
+{
+    let name = consumer_name(service, lane);
+    let mine = &shared.asked[index(lane)];
+    let other = &shared.asked[1 - index(lane)];
+    let mut consumer: Option<PullConsumer> = None;
+    let mut retry = RETRY_PAUSE_MIN;
+    while !stopping(&stop) {
+        let Some(pulling) = consumer.as_ref() else {
+            match connection
+                .jetstream
+                .get_consumer_from_stream(&name, MESSAGES_STREAM)
+                .await
+            {
+                Ok(found) => {
+                    consumer = Some(found);
+                    retry = RETRY_PAUSE_MIN;
+                }
+                Err(e) => {
+                    tracing::debug!("consumer {name}: {e}; looking again in {retry:?}");
+                    if !pause_unless_stopped(retry, &mut stop).await {
+                        return;
+                    }
+                    retry = (retry * 2).min(RETRY_PAUSE_MAX);
+                }
+            }
+            continue;
+        };
+        // Half the credit each, so that one lane waiting out an empty
+        // pull does not hold all of it from the other.
+        let total = (shared.credit)();
+        let free = total.saturating_sub(other.load(Ordering::Acquire));
+        let ask = free.min(total.div_ceil(2)).min(FETCH_BATCH_MAX);
+        if ask == 0 {
+            tokio::select! {
+                _ = shared.room.notified() => {}
+                _ = tokio::time::sleep(ROOM_RECHECK) => {}
+                _ = stop.changed() => {}
+            }
+            continue;
+        }
+        mine.store(ask, Ordering::Release);
+        let batch = pulling
+            .batch()
+            .max_messages(ask as usize)
+            .expires(FETCH_EXPIRES)
+            .messages()
+            .await;
+        let mut batch = match batch {
+            Ok(batch) => batch,
+            Err(e) => {
+                mine.store(0, Ordering::Release);
+                tracing::warn!("consumer {name}: pull failed: {e}; retrying in {retry:?}");
+                consumer = None;
+                if !pause_unless_stopped(retry, &mut stop).await {
+                    return;
+                }
+                retry = (retry * 2).min(RETRY_PAUSE_MAX);
+                continue;
+            }
+        };
+        loop {
+            let next = tokio::select! {
+                biased;
+                _ = stop.changed() => {
+                    if stopping(&stop) {
+                        break;
+                    }
+                    continue;
+                }
+                next = batch.next() => next,
+            };
+            match next {
+                None => break,
+                Some(Ok(message)) => {
+                    handle(connection, service, lane, shared, message).await;
+                    let _ = mine.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                        Some(n.saturating_sub(1))
+                    });
+                }
+                Some(Err(e)) => {
+                    // Consumer deleted (the service unsubscribed), a lost
+                    // connection, a server's refusal: look it up again.
+                    tracing::debug!("consumer {name}: {e}; looking it up again");
+                    consumer = None;
+                    break;
+                }
+            }
+        }
+        mine.store(0, Ordering::Release);
+        // The other lane may be waiting for what this one asked for.
+        shared.room.notify_waiters();
+    }
+}
+
+/// Hands one fetched message over, or terminates it when it cannot be
+/// read: nothing from the network may stop the loop.
+async fn handle<C, D>(
+    connection: &Connection,
+    service: &str,
+    lane: Lane,
+    shared: &Shared<C, D>,
+    message: async_nats::jetstream::Message,
+) where
+    D: FnMut(Fetched) + Send,
+{
+    let message = message.message;
+    let Some(reply) = message.reply.as_ref().map(|r| r.to_string()) else {
+        tracing::warn!(
+            "service {service}: a message on {} came without an ack subject; skipped",
+            message.subject
+        );
+        return;
+    };
+    let Some(ack) = AckSubject::parse(&reply) else {
+        tracing::warn!(
+            "service {service}: a message on {} came with `{reply}`, not an ack subject; skipped",
+            message.subject
+        );
+        return;
+    };
+    let (attempt, stream_seq) = (
+        u32::try_from(ack.delivered).unwrap_or(u32::MAX),
+        ack.stream_seq,
+    );
+    match decode_message(message.payload.clone()) {
+        Ok(decoded) => {
+            let reply_node = message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(REPLY_TO_HEADER))
+                .map(|v| v.as_str().to_string());
+            let fetched = Fetched {
+                service: service.to_string(),
+                lane,
+                message: Arc::new(decoded),
+                attempt,
+                stream_seq,
+                handle: reply,
+                reply_node,
+            };
+            let mut deliver = shared
+                .deliver
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            (*deliver)(fetched);
+        }
+        Err(e) => {
+            // Redelivering it would fail the same way, forever.
+            tracing::warn!(
+                "service {service}: message {stream_seq} on {} does not decode ({e}); terminated",
+                message.subject
+            );
+            if let Err(e) = connection
+                .client
+                .publish(reply, Bytes::from_static(b"+TERM"))
+                .await
+            {
+                tracing::warn!("service {service}: +TERM of message {stream_seq} not sent: {e}");
+            }
+        }
+    }
+}

@@ -20,6 +20,7 @@ mod registry;
 mod reply;
 mod send;
 mod serve;
+mod serve_cluster;
 mod serve_limits;
 mod subscribe;
 mod tail;

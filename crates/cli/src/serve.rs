@@ -17,6 +17,16 @@ pub(crate) struct ServeArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:7700")]
     pub(crate) listen: SocketAddr,
+    /// Where messages and delivery state live: `embedded` (this machine's
+    /// log in --data-dir) or a NATS JetStream cluster,
+    /// `nats://h1:4222,h2:4222,h3:4222` (`tls://…` for TLS): then this is
+    /// one stateless node of any number serving the same clients, and
+    /// everything acknowledged lives in the cluster with three replicas
+    /// (docs/SCALE-OUT.md).
+    #[arg(long, value_name = "URLS", default_value = "embedded", conflicts_with_all = ["in_memory", "fsync"])]
+    pub(crate) backend: String,
+    #[command(flatten)]
+    pub(crate) cluster: crate::serve_cluster::ClusterArgs,
     /// Where the broker keeps its log, snapshot and state.
     #[arg(long, default_value = "./courier-data")]
     pub(crate) data_dir: PathBuf,
@@ -109,6 +119,12 @@ pub(crate) struct ServeArgs {
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct HttpAddr(Option<std::net::SocketAddr>);
 
+impl HttpAddr {
+    pub(crate) fn addr(&self) -> Option<std::net::SocketAddr> {
+        self.0
+    }
+}
+
 pub(crate) fn parse_http_addr(text: &str) -> Result<HttpAddr, String> {
     if text.eq_ignore_ascii_case("off") {
         return Ok(HttpAddr(None));
@@ -169,7 +185,19 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let started = std::time::Instant::now();
-    let (store, description): (Box<dyn courier_store::MessageStore>, String) = if args.in_memory {
+    let mut cluster = None;
+    let (store, description): (Box<dyn courier_store::MessageStore>, String) = if args.backend
+        != "embedded"
+    {
+        let node = crate::serve_cluster::join(&args).await?;
+        let description = format!(
+            "NATS JetStream cluster {} as node {}",
+            args.backend,
+            node.node.node.as_str()
+        );
+        cluster = Some(node.node);
+        (node.store, description)
+    } else if args.in_memory {
         (
             Box::new(courier_store::MemoryStore::new()),
             "memory (nothing survives a restart)".to_string(),
@@ -233,6 +261,7 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             payloads: args.trace_payloads,
             dir: (!args.in_memory).then(|| args.data_dir.join("trace")),
         }),
+        cluster,
         ..ServerConfig::default()
     };
     args.limits.apply(

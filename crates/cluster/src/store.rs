@@ -379,6 +379,8 @@ impl ClusterStore {
         held.settled = true;
         let ack = held.handle.clone();
         let message = held.message.clone();
+        // Waited for like a change (see `change`).
+        self.take_seq();
         let built = AckSubject::parse(&ack)
             .ok_or_else(|| {
                 format!("the message's ack handle `{ack}` is not a JetStream ack subject")
@@ -417,6 +419,10 @@ impl ClusterStore {
     }
 
     fn change(&mut self, change: Upstream) {
+        // A seq of its own: what waits for the change (the subscriber's
+        // RESULT) waits for a sync that covers it, not for one already
+        // under way when it was made (the core releases by seq).
+        self.take_seq();
         let ticket = self.ticket();
         if let Err(e) = self.changes.try_send(ServiceOp { change, ticket }) {
             tracing::warn!("a subscription change could not be queued ({e}); the next sync fails");

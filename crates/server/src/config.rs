@@ -66,6 +66,10 @@ pub struct ServerConfig {
     /// secret from, made on first start; `None`: a key for this process
     /// only (its secrets change with every start).
     pub webhook_key: Option<std::path::PathBuf>,
+    /// A node on a NATS JetStream cluster (the store given to
+    /// [`crate::Server::bind`] is then the cluster's); `None`: a single
+    /// broker on its own store.
+    pub cluster: Option<std::sync::Arc<crate::ClusterNode>>,
     pub broker: BrokerConfig,
 }
 
@@ -91,6 +95,7 @@ impl Default for ServerConfig {
             dns: None,
             trace: Some(TraceSettings::default()),
             webhook_key: None,
+            cluster: None,
             broker: BrokerConfig::default(),
         }
     }

@@ -13,6 +13,7 @@ mod accept;
 mod auth;
 mod background;
 mod clock;
+mod cluster_edge;
 mod config;
 mod connection;
 mod console;
@@ -37,6 +38,7 @@ mod tls;
 mod trace;
 
 pub use auth::{load_manifest, ADMIN_SERVICE};
+pub use cluster_edge::ClusterNode;
 pub use gateway::webhook::{webhook_signature, WebhookKey, WebhookKeyError};
 pub use tls::{certificate_subject, TlsSettings, ALPN};
 pub use trace::TraceSettings;

@@ -167,6 +167,10 @@ impl Server {
             Some(path) => gateway::webhook::WebhookKey::load_or_create(path),
             None => gateway::webhook::WebhookKey::ephemeral(),
         }?;
+        let cluster = config
+            .cluster
+            .clone()
+            .map(crate::cluster_edge::ClusterEdge::new);
         Ok(Server {
             recovery,
             http,
@@ -201,6 +205,7 @@ impl Server {
                 committer: Arc::default(),
                 checkpointing: Mutex::new(()),
                 dispatching: Mutex::new(()),
+                cluster,
             }),
             listener,
         })
@@ -256,6 +261,7 @@ impl Server {
         let _timer = tokio::spawn(run_timer(self.shared.clone()));
         let _checks = AbortOnDrop(tokio::spawn(registry::report_results(self.shared.clone())));
         let _reloader = tokio::spawn(watch_manifest(self.shared.clone()));
+        let _cluster = crate::cluster_edge::start(&self.shared);
         loop {
             match self.listener.accept().await {
                 Ok((stream, peer)) => {

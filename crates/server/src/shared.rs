@@ -78,6 +78,8 @@ pub(crate) struct Shared {
     /// the core's lock is let go, so passes encode in the core's order.
     /// Never held while waiting for the core's lock.
     pub(crate) dispatching: Mutex<()>,
+    /// The edge to a cluster backend (`cluster_edge.rs`), when on one.
+    pub(crate) cluster: Option<crate::cluster_edge::ClusterEdge>,
 }
 
 /// What the broker wants the operator to hear: harm to durable data at
@@ -157,6 +159,12 @@ impl Shared {
         f(&mut core, now);
         let mut actions = Vec::new();
         let mut wake_committer = None;
+        // A cluster backend's sync waits on the network for answers that
+        // this runtime's tasks deliver: never in place, on a task.
+        let commit = match commit {
+            Commit::InPlace if self.cluster.is_some() => Commit::Deferred(None),
+            other => other,
+        };
         if commit == Commit::InPlace || !self.committer.running() {
             core.take_actions(&mut actions);
         } else {
@@ -207,6 +215,10 @@ impl Shared {
         if let Some(conn) = wake_committer {
             self.committer.wake(conn);
         }
+        if let Some(edge) = &self.cluster {
+            // Acks free room the fetch loops wait for.
+            edge.room.notify_waiters();
+        }
         if let Some(t) = next_timer {
             if t < self.timer_due.load(Ordering::Relaxed) {
                 self.timer_wake.notify_one();
@@ -239,6 +251,22 @@ impl Shared {
         });
     }
 
+    /// Hands a reply to the cluster edge, which sends it to its command's
+    /// node; without one (never: only a cluster backend forwards), the
+    /// sender hears why.
+    fn forward_reply(&self, forward: crate::cluster_edge::Forward) {
+        let Some(edge) = &self.cluster else {
+            warn!(
+                conn = forward.conn,
+                "a reply to forward without a cluster backend; dropped"
+            );
+            return;
+        };
+        if edge.forwards.send(forward).is_err() {
+            warn!("the cluster edge has stopped; a reply was not forwarded");
+        }
+    }
+
     /// Encodes actions into outboxes; returns how many connections were cut
     /// off as slow consumers, and those now over the pause threshold.
     pub(crate) fn dispatch(&self, actions: Vec<Action>) -> (u64, Vec<ConnId>) {
@@ -255,6 +283,26 @@ impl Shared {
         // a batch of results): one map lookup and one lock per run.
         let mut current: Option<(ConnId, MutexGuard<'_, OutState>)> = None;
         for action in actions {
+            // Not for a connection here: for the node its command came from.
+            let action = match action {
+                Action::ForwardReply {
+                    conn,
+                    seq,
+                    quiet,
+                    node,
+                    message,
+                } => {
+                    self.forward_reply(crate::cluster_edge::Forward {
+                        conn,
+                        seq,
+                        quiet,
+                        node,
+                        message,
+                    });
+                    continue;
+                }
+                other => other,
+            };
             let conn = match &action {
                 Action::Deliver { conn, .. }
                 | Action::SendResult { conn, .. }
@@ -263,7 +311,8 @@ impl Shared {
                 | Action::Pong { conn, .. }
                 | Action::StartTail { conn, .. }
                 | Action::TraceQuery { conn, .. }
-                | Action::Close { conn, .. } => *conn,
+                | Action::Close { conn, .. }
+                | Action::ForwardReply { conn, .. } => *conn,
             };
             if current.as_ref().is_none_or(|(c, _)| *c != conn) {
                 current = None;
@@ -318,6 +367,7 @@ impl Shared {
                     pushed
                 }
                 Action::Pong { nonce, .. } => state.writer.push(&Frame::Pong(nonce)),
+                Action::ForwardReply { .. } => Ok(()),
                 Action::StartTail {
                     conn,
                     request,

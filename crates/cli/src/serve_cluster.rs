@@ -1,0 +1,143 @@
+//! `courier serve --backend nats://…`: joining a NATS JetStream cluster
+//! as one stateless node (docs/SCALE-OUT.md §14, §15): connect, check
+//! that the servers sync before they acknowledge, create or check every
+//! stream and bucket, and hand the server the cluster's store.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use courier_cluster::{durability, nodes::NodeRecord, Auth, Backend, NodeId};
+
+use crate::serve::ServeArgs;
+
+/// Flags of a node on a cluster backend; meaningless without `--backend`.
+#[derive(clap::Args, Debug, Clone)]
+pub(crate) struct ClusterArgs {
+    /// The NATS user Courier's streams and buckets live under.
+    #[arg(long, requires = "nats_password_file")]
+    pub(crate) nats_user: Option<String>,
+    /// A file holding --nats-user's password (never on the command line).
+    #[arg(long, requires = "nats_user")]
+    pub(crate) nats_password_file: Option<PathBuf>,
+    /// A user of the NATS system account: the node asks every server
+    /// whether it syncs before acknowledging (`sync_interval: always`).
+    #[arg(long, requires = "nats_system_password_file")]
+    pub(crate) nats_system_user: Option<String>,
+    /// A file holding --nats-system-user's password.
+    #[arg(long, requires = "nats_system_user")]
+    pub(crate) nats_system_password_file: Option<PathBuf>,
+    /// Start even when the servers acknowledge before they sync, or cannot
+    /// be asked: acknowledged sends may then be lost when machines crash
+    /// (docs/SCALE-OUT.md §14 cites the Jepsen findings).
+    #[arg(long)]
+    pub(crate) accept_weaker_durability: bool,
+    /// This node's name in the cluster (default: hostname and 8 random
+    /// hex digits, new at every start).
+    #[arg(long)]
+    pub(crate) node_id: Option<String>,
+}
+
+/// What joining gives the server.
+pub(crate) struct Joined {
+    pub(crate) store: Box<dyn courier_store::MessageStore>,
+    pub(crate) node: Arc<courier_server::ClusterNode>,
+}
+
+fn read_password(path: &PathBuf, flag: &str) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read {flag} {}", path.display()))?;
+    Ok(text.trim_end_matches(['\n', '\r']).to_string())
+}
+
+fn auth(user: &Option<String>, password: &Option<PathBuf>, flag: &str) -> anyhow::Result<Auth> {
+    Ok(match (user, password) {
+        (Some(user), Some(path)) => Auth::UserPassword {
+            user: user.clone(),
+            password: read_password(path, flag)?,
+        },
+        _ => Auth::None,
+    })
+}
+
+pub(crate) async fn join(args: &ServeArgs) -> anyhow::Result<Joined> {
+    let cluster = &args.cluster;
+    let backend = Backend::parse(&args.backend)?;
+    let node = match &cluster.node_id {
+        Some(id) => NodeId::new(id)?,
+        None => NodeId::generate(),
+    };
+    let connection = courier_cluster::connect(
+        &backend,
+        &auth(
+            &cluster.nats_user,
+            &cluster.nats_password_file,
+            "--nats-password-file",
+        )?,
+        &format!("courier node {}", node.as_str()),
+    )
+    .await?;
+    let system = match &cluster.nats_system_user {
+        Some(_) => {
+            let auth = auth(
+                &cluster.nats_system_user,
+                &cluster.nats_system_password_file,
+                "--nats-system-password-file",
+            )?;
+            let system = courier_cluster::connect(
+                &backend,
+                &auth,
+                &format!("courier node {} (checks)", node.as_str()),
+            )
+            .await
+            .context("cannot connect as the NATS system user (--nats-system-user)")?;
+            Some(system.client)
+        }
+        None => None,
+    };
+    match durability::check(system.as_ref(), cluster.accept_weaker_durability).await? {
+        durability::Durability::AsSingleNode => {
+            tracing::info!("every NATS server syncs before it acknowledges")
+        }
+        durability::Durability::Weaker(findings) => {
+            for finding in findings {
+                tracing::warn!("weaker durability accepted: {finding}");
+            }
+        }
+    }
+    let settings = courier_cluster::Settings {
+        dedup_window: std::time::Duration::from_millis(
+            courier_server::BrokerConfig::default().dedup_window_ms,
+        ),
+        max_message_bytes: i32::try_from(courier_proto::FRAME_BYTES_MAX_DEFAULT)
+            .unwrap_or(i32::MAX),
+        retention_bytes: args
+            .retention_bytes
+            .map(|b| i64::try_from(b).unwrap_or(i64::MAX)),
+        ..courier_cluster::Settings::default()
+    };
+    let provisioned = courier_cluster::provision(&connection, &settings).await?;
+    for difference in &provisioned.differences {
+        tracing::warn!("the cluster's setting is used: {difference}");
+    }
+    let store = courier_cluster::store::ClusterStore::new(
+        connection.clone(),
+        tokio::runtime::Handle::current(),
+        node.clone(),
+        &provisioned,
+        courier_cluster::store::StoreOptions::default(),
+    );
+    let record = NodeRecord::starting_now(
+        args.listen.to_string(),
+        args.http.addr().map(|a| a.to_string()),
+    );
+    Ok(Joined {
+        store: Box::new(store),
+        node: Arc::new(courier_server::ClusterNode {
+            connection,
+            node,
+            nodes: provisioned.nodes,
+            record,
+        }),
+    })
+}

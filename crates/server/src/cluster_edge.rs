@@ -1,0 +1,389 @@
+//! A node's edge to a NATS JetStream cluster (docs/SCALE-OUT.md): the
+//! tasks that feed the core what other nodes did and what the backend
+//! holds for this node's instances.
+//!
+//! - **Fetching.** For every service with an instance here that consumes,
+//!   a loop pulls from the service's consumers no more than the core's
+//!   [`Broker::fetch_credit`], and hands each message to
+//!   [`Broker::fetched`]. Loops start and stop as instances come and go.
+//! - **Subscriptions.** A watch of the `courier_services` bucket feeds
+//!   [`Broker::subscriptions_changed`]: a subscription made on any node
+//!   routes on every node.
+//! - **Replies.** A reply to a command accepted on another node leaves as
+//!   a core NATS request to `courier.node.<node>.reply`
+//!   ([`courier_broker::Action::ForwardReply`]); this node answers those
+//!   requests for its own requesters with [`Broker::remote_reply`].
+//! - **Registration.** The node's record in `courier_nodes`, renewed.
+//!
+//! [`Broker::fetch_credit`]: courier_broker::Broker::fetch_credit
+//! [`Broker::fetched`]: courier_broker::Broker::fetched
+//! [`Broker::subscriptions_changed`]: courier_broker::Broker::subscriptions_changed
+//! [`Broker::remote_reply`]: courier_broker::Broker::remote_reply
+
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use courier_broker::{ConnId, RemoteSubscriptions};
+use courier_cluster::{Connection, NodeId};
+use courier_proto::{ErrorCode, Message};
+use futures_util::StreamExt as _;
+use tokio::sync::{mpsc, watch, Notify};
+use tracing::{info, warn};
+
+use crate::Shared;
+
+/// How long a node waits for the requester's node to take a reply.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the fetch loops are checked against the consuming services
+/// when nothing woke the check earlier.
+const FETCHERS_CHECK_EVERY: Duration = Duration::from_millis(250);
+
+/// What a server on a cluster backend is given.
+pub struct ClusterNode {
+    pub connection: Connection,
+    pub node: NodeId,
+    /// The node's record in `courier_nodes` is put into this bucket.
+    pub nodes: async_nats::jetstream::kv::Store,
+    /// The record put there (its addresses are filled in at start).
+    pub record: courier_cluster::nodes::NodeRecord,
+}
+
+impl std::fmt::Debug for ClusterNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterNode")
+            .field("node", &self.node.as_str())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A reply on its way to the node its command was accepted on.
+pub(crate) struct Forward {
+    pub conn: ConnId,
+    pub seq: u64,
+    pub quiet: bool,
+    pub node: String,
+    pub message: Arc<Message>,
+}
+
+/// The edge's state the server shares.
+pub(crate) struct ClusterEdge {
+    pub node: Arc<ClusterNode>,
+    /// Replies to forward ([`courier_broker::Action::ForwardReply`]).
+    pub forwards: mpsc::UnboundedSender<Forward>,
+    forwards_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<Forward>>>,
+    /// Woken after every pass of the core: room may have freed up for a
+    /// fetch loop, or a service may have gained or lost its consumers.
+    pub room: Arc<Notify>,
+}
+
+impl ClusterEdge {
+    pub(crate) fn new(node: Arc<ClusterNode>) -> ClusterEdge {
+        let (forwards, rx) = mpsc::unbounded_channel();
+        ClusterEdge {
+            node,
+            forwards,
+            forwards_rx: std::sync::Mutex::new(Some(rx)),
+            room: Arc::new(Notify::new()),
+        }
+    }
+}
+
+/// The subject a node takes forwarded replies on.
+fn reply_subject(node: &str) -> String {
+    format!("courier.node.{node}.reply")
+}
+
+/// Starts the edge's tasks; they end when the server's tasks are dropped
+/// (each holds the server only weakly).
+pub(crate) fn start(shared: &Arc<Shared>) -> Vec<crate::AbortOnDrop> {
+    let Some(edge) = &shared.cluster else {
+        return Vec::new();
+    };
+    let forwards = edge
+        .forwards_rx
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    let mut tasks = vec![
+        crate::AbortOnDrop(tokio::spawn(run_fetchers(Arc::downgrade(shared)))),
+        crate::AbortOnDrop(tokio::spawn(watch_subscriptions(Arc::downgrade(shared)))),
+        crate::AbortOnDrop(tokio::spawn(serve_forwarded_replies(Arc::downgrade(
+            shared,
+        )))),
+        crate::AbortOnDrop(tokio::spawn(keep_registered(edge.node.clone()))),
+    ];
+    if let Some(rx) = forwards {
+        tasks.push(crate::AbortOnDrop(tokio::spawn(forward_replies(
+            Arc::downgrade(shared),
+            rx,
+        ))));
+    }
+    tasks
+}
+
+/// Keeps one fetch loop per service that has a consuming instance here.
+async fn run_fetchers(shared: Weak<Shared>) {
+    let mut running: HashMap<String, watch::Sender<bool>> = HashMap::new();
+    loop {
+        let Some(strong) = shared.upgrade() else {
+            return;
+        };
+        let Some(edge) = &strong.cluster else {
+            return;
+        };
+        let room = edge.room.clone();
+        let connection = edge.node.connection.clone();
+        let wanted = strong.core().consuming_services();
+        drop(strong);
+        running.retain(|service, stop| {
+            let keep = wanted.contains(service);
+            if !keep {
+                let _ = stop.send(true);
+            }
+            keep
+        });
+        for service in wanted {
+            if running.contains_key(&service) {
+                continue;
+            }
+            let (stop, stopped) = watch::channel(false);
+            running.insert(service.clone(), stop);
+            let credit_of = shared.clone();
+            let credit_service = service.clone();
+            let credit = move || {
+                credit_of
+                    .upgrade()
+                    .map_or(0, |s| s.core().fetch_credit(&credit_service))
+            };
+            let deliver_to = shared.clone();
+            let deliver = move |fetched: courier_cluster::fetch::Fetched| {
+                let Some(shared) = deliver_to.upgrade() else {
+                    return;
+                };
+                let fetched = courier_broker::Fetched {
+                    service: fetched.service,
+                    message: fetched.message,
+                    attempt: fetched.attempt,
+                    handle: fetched.handle,
+                    reply_node: fetched.reply_node,
+                };
+                shared.with_core_deferred(|core, now| core.fetched(fetched, now));
+            };
+            tokio::spawn(courier_cluster::fetch::run(
+                connection.clone(),
+                service,
+                credit,
+                room.clone(),
+                deliver,
+                stopped,
+            ));
+        }
+        let _ = tokio::time::timeout(FETCHERS_CHECK_EVERY, room.notified()).await;
+    }
+}
+
+/// Feeds the core every change of `courier_services`, from any node.
+async fn watch_subscriptions(shared: Weak<Shared>) {
+    loop {
+        let Some(connection) = shared
+            .upgrade()
+            .and_then(|s| s.cluster.as_ref().map(|e| e.node.connection.clone()))
+        else {
+            return;
+        };
+        let mut changes = match courier_cluster::services::watch(&connection).await {
+            Ok(changes) => Box::pin(changes),
+            Err(e) => {
+                warn!(error = %e, "cannot watch the cluster's subscriptions; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        while let Some(change) = changes.next().await {
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            match change {
+                Ok((service, subscriptions)) => {
+                    let subscriptions = subscriptions.map(|s| RemoteSubscriptions {
+                        ack_deadline_ms: s.ack_deadline_ms,
+                        max_deliveries: s.max_deliveries,
+                        patterns: s
+                            .patterns
+                            .into_iter()
+                            .map(|(pattern, state)| (pattern, state.paused))
+                            .collect(),
+                    });
+                    shared.with_core_deferred(|core, now| {
+                        core.subscriptions_changed(&service, subscriptions, now)
+                    });
+                }
+                Err(e) => warn!(error = %e, "a subscription change could not be read"),
+            }
+        }
+        warn!("the watch of the cluster's subscriptions ended; watching again");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Encodes a node's answer to a forwarded reply: the code, then the reason.
+fn encode_answer(code: ErrorCode, reason: &str) -> Bytes {
+    let mut out = BytesMut::with_capacity(2 + reason.len());
+    out.put_u16(code.as_u16());
+    out.put_slice(reason.as_bytes());
+    out.freeze()
+}
+
+fn decode_answer(bytes: &[u8]) -> (ErrorCode, String) {
+    match bytes {
+        [high, low, reason @ ..] => (
+            ErrorCode::from_u16(u16::from_be_bytes([*high, *low])),
+            String::from_utf8_lossy(reason).into_owned(),
+        ),
+        _ => (
+            ErrorCode::StorageFailed,
+            "the requester's node answered with nothing readable".to_string(),
+        ),
+    }
+}
+
+/// Takes replies other nodes forward to this node's requesters.
+async fn serve_forwarded_replies(shared: Weak<Shared>) {
+    let Some((client, subject)) = shared.upgrade().and_then(|s| {
+        s.cluster.as_ref().map(|e| {
+            (
+                e.node.connection.client.clone(),
+                reply_subject(e.node.node.as_str()),
+            )
+        })
+    }) else {
+        return;
+    };
+    let mut requests = match client.subscribe(subject.clone()).await {
+        Ok(requests) => requests,
+        Err(e) => {
+            warn!(error = %e, %subject, "cannot take forwarded replies; replies to this node's requesters from other nodes will fail");
+            return;
+        }
+    };
+    while let Some(request) = requests.next().await {
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let answer = match courier_proto::decode_message(request.payload.clone()) {
+            Ok(message) => {
+                let mut answer = (ErrorCode::Ok, String::new());
+                shared.with_core_deferred(|core, now| {
+                    answer = core.remote_reply(Arc::new(message), now)
+                });
+                answer
+            }
+            Err(e) => (
+                ErrorCode::InvalidMessage,
+                format!("the forwarded reply cannot be decoded: {e}"),
+            ),
+        };
+        if let Some(to) = request.reply {
+            if let Err(e) = client.publish(to, encode_answer(answer.0, &answer.1)).await {
+                warn!(error = %e, "could not answer a forwarded reply");
+            }
+        }
+    }
+}
+
+/// Sends replies to their command's node and answers their senders.
+async fn forward_replies(shared: Weak<Shared>, mut forwards: mpsc::UnboundedReceiver<Forward>) {
+    while let Some(forward) = forwards.recv().await {
+        let Some(client) = shared
+            .upgrade()
+            .and_then(|s| s.cluster.as_ref().map(|e| e.node.connection.client.clone()))
+        else {
+            return;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let (code, reason) = forward_one(&client, &forward).await;
+            if let Some(shared) = shared.upgrade() {
+                shared.with_core_deferred(|core, _now| {
+                    core.forwarded_reply_answer(
+                        forward.conn,
+                        forward.seq,
+                        forward.quiet,
+                        code,
+                        reason,
+                    )
+                });
+            }
+        });
+    }
+}
+
+async fn forward_one(client: &async_nats::Client, forward: &Forward) -> (ErrorCode, String) {
+    let mut payload = BytesMut::new();
+    if let Err(e) = courier_proto::encode_message(&forward.message, &mut payload) {
+        return (
+            ErrorCode::InvalidMessage,
+            format!("the reply cannot be encoded: {e}"),
+        );
+    }
+    let request = client.request(reply_subject(&forward.node), payload.freeze());
+    match tokio::time::timeout(FORWARD_TIMEOUT, request).await {
+        Ok(Ok(answer)) => decode_answer(&answer.payload),
+        Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => (
+            ErrorCode::UnknownRequest,
+            format!(
+                "the node the command was sent through ({}) is gone, and its requester with it",
+                forward.node
+            ),
+        ),
+        Ok(Err(e)) => (
+            ErrorCode::StorageFailed,
+            format!(
+                "the reply could not reach node {}: {e}; retry",
+                forward.node
+            ),
+        ),
+        Err(_) => (
+            ErrorCode::StorageFailed,
+            format!(
+                "node {} did not take the reply within {} s; retry",
+                forward.node,
+                FORWARD_TIMEOUT.as_secs()
+            ),
+        ),
+    }
+}
+
+/// Puts the node's record into `courier_nodes` now and every few seconds,
+/// so other nodes and the console find it while it lives.
+async fn keep_registered(node: Arc<ClusterNode>) {
+    let mut announced = false;
+    loop {
+        match courier_cluster::nodes::put_node(&node.nodes, &node.node, &node.record).await {
+            Ok(_) if !announced => {
+                announced = true;
+                info!(node = node.node.as_str(), "registered in the cluster");
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "could not renew this node's registration"),
+        }
+        tokio::time::sleep(courier_cluster::nodes::NODE_PUT_EVERY).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_round_trip() {
+        let bytes = encode_answer(ErrorCode::UnknownRequest, "gone");
+        assert_eq!(
+            decode_answer(&bytes),
+            (ErrorCode::UnknownRequest, "gone".to_string())
+        );
+        assert_eq!(decode_answer(&[]).0, ErrorCode::StorageFailed);
+    }
+}

@@ -449,6 +449,21 @@ async fn fetched_messages_are_settled_as_the_core_says() {
     sync(&mut store).unwrap();
     assert_eq!(store.len(), 0);
 
+    // A keyed message comes through the keyed lane.
+    let mut keyed = accepted(Kind::Event, "todo.created", "four");
+    keyed.key = Some(Bytes::from_static(b"list-7"));
+    store.append(Arc::new(keyed.clone())).unwrap();
+    sync(&mut store).unwrap();
+    let delivery = next(&mut fetched, Duration::from_secs(5)).await;
+    assert_eq!((delivery.lane, delivery.attempt), (Lane::Keyed, 1));
+    assert_eq!(*delivery.message, keyed);
+    let seq = store
+        .hold_fetched(delivery.message.clone(), delivery.handle.clone())
+        .unwrap();
+    store.upstream(Upstream::Ack { seq });
+    store.remove(seq);
+    sync(&mut store).unwrap();
+
     // A payload that is not a message is terminated, not delivered.
     connection
         .jetstream
@@ -463,8 +478,10 @@ async fn fetched_messages_are_settled_as_the_core_says() {
         "an undecodable payload",
     )
     .await;
-    let info = consumer_info(&provisioned, "svc-todo").await.unwrap();
-    assert_eq!((info.num_pending, info.num_ack_pending), (0, 0));
+    for name in ["svc-todo", "svc-todo-keyed"] {
+        let info = consumer_info(&provisioned, name).await.unwrap();
+        assert_eq!((info.num_pending, info.num_ack_pending), (0, 0), "{name}");
+    }
 
     stop.send(true).unwrap();
     tokio::time::timeout(Duration::from_secs(3), task)

@@ -148,6 +148,23 @@ async fn appends_are_stored_once_and_subscriptions_make_consumers() {
         .is_err());
     let stats = store.storage_stats();
     assert_eq!(stats.sync_seconds.cumulative().last().unwrap().1, 2);
+    assert!(stats.sync_batch_records.quantile(1.0).is_some());
+
+    // A batch of sends is one sync: the PubAcks are awaited together.
+    const BATCH: u64 = 2_000;
+    let started = Instant::now();
+    for _ in 0..BATCH {
+        store
+            .append(Arc::new(accepted(Kind::Event, "load.tick", "x")))
+            .unwrap();
+    }
+    sync(&mut store).unwrap();
+    eprintln!(
+        "{BATCH} appends and one sync on a local three-server cluster: {:?}",
+        started.elapsed()
+    );
+    let info = log.clone().info().await.unwrap().clone();
+    assert_eq!(info.state.messages, 3 + BATCH);
 
     // The watch starts with what is there (nothing) and then sees changes.
     let mut watch = Box::pin(services::watch(&connection).await.unwrap());

@@ -60,6 +60,8 @@ struct Shared<C, D> {
     deliver: Mutex<D>,
     /// Per lane (unkeyed, keyed): messages asked for, not yet received.
     asked: [AtomicU32; 2],
+    /// How many lanes share the credit.
+    lanes: u32,
 }
 
 fn index(lane: Lane) -> usize {
@@ -87,16 +89,47 @@ pub async fn run<C, D>(
     C: Fn() -> u32 + Send + Sync,
     D: FnMut(Fetched) + Send,
 {
+    run_lanes(
+        connection,
+        service,
+        &[Lane::Unkeyed, Lane::Keyed],
+        credit,
+        room,
+        deliver,
+        stop,
+    )
+    .await
+}
+
+/// [`run`] on the given lanes only: a node that does not hold the
+/// service's keyed lane (SCALE-OUT §5) fetches the unkeyed one alone.
+pub async fn run_lanes<C, D>(
+    connection: Connection,
+    service: String,
+    lanes: &[Lane],
+    credit: C,
+    room: Arc<Notify>,
+    deliver: D,
+    stop: watch::Receiver<bool>,
+) where
+    C: Fn() -> u32 + Send + Sync,
+    D: FnMut(Fetched) + Send,
+{
+    let running: Vec<Lane> = [Lane::Unkeyed, Lane::Keyed]
+        .into_iter()
+        .filter(|lane| lanes.contains(lane))
+        .collect();
     let shared = Shared {
         credit,
         room,
         deliver: Mutex::new(deliver),
         asked: [AtomicU32::new(0), AtomicU32::new(0)],
+        lanes: if running.len() == 2 { 2 } else { 1 },
     };
-    tokio::join!(
-        lane_loop(&connection, &service, Lane::Unkeyed, &shared, stop.clone()),
-        lane_loop(&connection, &service, Lane::Keyed, &shared, stop),
-    );
+    let loops = running
+        .iter()
+        .map(|lane| lane_loop(&connection, &service, *lane, &shared, stop.clone()));
+    futures_util::future::join_all(loops).await;
 }
 
 /// Whether to stop: `stop` is true or its sender is gone.
@@ -148,11 +181,11 @@ async fn lane_loop<C, D>(
             }
             continue;
         };
-        // Half the credit each, so that one lane waiting out an empty
-        // pull does not hold all of it from the other.
+        // With two lanes, half the credit each, so that one lane waiting
+        // out an empty pull does not hold all of it from the other.
         let total = (shared.credit)();
         let free = total.saturating_sub(other.load(Ordering::Acquire));
-        let ask = free.min(total.div_ceil(2)).min(FETCH_BATCH_MAX);
+        let ask = free.min(total.div_ceil(shared.lanes)).min(FETCH_BATCH_MAX);
         if ask == 0 {
             tokio::select! {
                 _ = shared.room.notified() => {}

@@ -309,17 +309,21 @@ impl ServiceWriter {
                 self.max_ack_pending,
                 self.replicas,
             );
-            let consumer = ensure_consumer(&self.messages, config)
+            ensure_consumer(&self.messages, config)
                 .await
                 .map_err(|e| consumer_error(&e))?;
-            let paused = consumer.cached_info().paused;
-            if pause && !paused {
+            // Paused or resumed every time, not only when the consumer's
+            // info says otherwise: that info may not show a pause yet
+            // (seen on 2.15.1: a consumer read unpaused right after its
+            // pause was answered), and a resume skipped on it would leave
+            // the service paused for good.
+            if pause {
                 let until = pause_until().map_err(|e| consumer_error(&e))?;
                 self.messages
                     .pause_consumer(&name, until)
                     .await
                     .map_err(|e| consumer_error(&e))?;
-            } else if !pause && paused {
+            } else {
                 self.messages
                     .resume_consumer(&name)
                     .await

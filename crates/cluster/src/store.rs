@@ -3,7 +3,7 @@
 //!
 //! The core calls the store under its lock, so nothing here waits on the
 //! network: `append` and `upstream` hand their writes to tasks on the
-//! node's runtime and return. The writes issued since the last
+//! node's runtime and return. The writes made since the last
 //! `start_sync` form one batch, and the sync job's wait (run by the core
 //! without its lock, on a thread of its own) blocks until every write of
 //! the batch finished — the group commit of SCALE-OUT §3: a send's
@@ -212,7 +212,7 @@ impl Drop for Ticket {
     }
 }
 
-/// A write for the publisher task, in the order issued.
+/// A write for the publisher task, in the order made.
 enum Op {
     /// A JetStream publish; its PubAck settles it.
     Publish {
@@ -255,7 +255,7 @@ pub struct ClusterStore {
     node: NodeId,
     next_seq: Seq,
     held: HashMap<Seq, Held>,
-    /// Writes issued since the last `start_sync`.
+    /// Writes made since the last `start_sync`.
     batch: Arc<Batch>,
     batch_writes: u64,
     publishes: mpsc::Sender<Op>,
@@ -317,7 +317,7 @@ impl ClusterStore {
 
     /// Queues a write of the current batch; one that cannot be queued
     /// fails the batch (its ticket is dropped unfinished).
-    fn issue(&mut self, make: impl FnOnce(Ticket) -> Op) {
+    fn queue_write(&mut self, make: impl FnOnce(Ticket) -> Op) {
         let op = make(self.ticket());
         if let Err(e) = self.publishes.try_send(op) {
             tracing::warn!(
@@ -337,7 +337,7 @@ impl ClusterStore {
         }
         held.settled = true;
         let subject = held.handle.clone();
-        self.issue(|ticket| Op::Settle {
+        self.queue_write(|ticket| Op::Settle {
             subject,
             body: Bytes::from_static(body.as_bytes()),
             ticket,
@@ -361,7 +361,7 @@ impl ClusterStore {
             Bytes::from(format!("-NAK {{\"delay\": {ns}}}"))
         };
         let subject = held.handle.clone();
-        self.issue(|ticket| Op::Settle {
+        self.queue_write(|ticket| Op::Settle {
             subject,
             body,
             ticket,
@@ -401,7 +401,7 @@ impl ClusterStore {
                 headers.insert(REASON_HEADER, header_text(reason).as_str());
                 headers.insert(DEAD_LETTERED_AT_HEADER, at.to_string().as_str());
                 let subject = dead_letter_subject(service, stream_seq);
-                self.issue(|ticket| Op::DeadLetter {
+                self.queue_write(|ticket| Op::DeadLetter {
                     subject,
                     headers,
                     payload,
@@ -626,7 +626,7 @@ impl MessageStore for ClusterStore {
     }
 }
 
-/// Sends the writes in the order issued — a stream's order is its
+/// Sends the writes in the order made — a stream's order is its
 /// publishes' order, which per-key ordering relies on — and waits for
 /// their PubAcks concurrently (each in a task of its own), so that a
 /// batch of sends costs about one round trip, not one per send.
@@ -692,7 +692,7 @@ async fn publish_loop(connection: Connection, mut ops: mpsc::Receiver<Op>) {
     }
 }
 
-/// Carries out subscription changes one at a time, in the order issued:
+/// Carries out subscription changes one at a time, in the order made:
 /// a subscribe and an unsubscribe of one pattern must not swap.
 async fn change_loop(writer: ServiceWriter, mut ops: mpsc::Receiver<ServiceOp>) {
     while let Some(ServiceOp { change, ticket }) = ops.recv().await {

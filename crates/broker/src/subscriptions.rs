@@ -61,7 +61,10 @@ impl<S: MessageStore> Broker<S> {
             );
         }
         let from_seq = if is_new { self.start_seq(from) } else { 0 };
-        if is_new || settings_change {
+        // On a backend, a pattern known from another node's subscription
+        // is told again: the backend's write is idempotent and makes sure
+        // the service's consumers exist before the RESULT.
+        if is_new || settings_change || self.upstream {
             let op_seq = self.journal(Op::Subscribe {
                 service: service.clone(),
                 pattern: pattern.to_string(),

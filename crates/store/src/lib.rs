@@ -793,6 +793,19 @@ impl<T: MessageStore + ?Sized> MessageStore for Box<T> {
     fn lost_records(&self) -> Vec<Range<Seq>> {
         (**self).lost_records()
     }
+    fn keeps_deliveries(&self) -> bool {
+        (**self).keeps_deliveries()
+    }
+    fn hold_fetched(
+        &mut self,
+        message: Arc<Message>,
+        handle: AckHandle,
+    ) -> Result<Seq, StoreError> {
+        (**self).hold_fetched(message, handle)
+    }
+    fn upstream(&mut self, change: Upstream) {
+        (**self).upstream(change)
+    }
 }
 
 #[cfg(test)]

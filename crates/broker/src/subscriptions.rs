@@ -266,6 +266,17 @@ impl<S: MessageStore> Broker<S> {
         if self.degraded {
             return Err(PauseError::StorageFailing);
         }
+        let paused_after = if paused {
+            svc.paused.len() + changes.len()
+        } else {
+            svc.paused.len() - changes.len()
+        };
+        if self.upstream && paused_after != 0 && paused_after != svc.patterns.len() {
+            return Err(PauseError::PartialOnCluster {
+                service: service.to_string(),
+                pattern: changes.join(", "),
+            });
+        }
         for pattern in changes {
             let op = if paused {
                 Op::Paused {

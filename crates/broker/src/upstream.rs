@@ -51,12 +51,26 @@ impl<S: MessageStore> Broker<S> {
                 ack_deadline_ms,
                 max_deliveries,
                 ..
-            } => Upstream::Subscribe {
-                service,
-                pattern,
-                ack_deadline_ms,
-                max_deliveries,
-            },
+            } => {
+                // 0 keeps the service's setting (or the default): the
+                // backend is told the value in force, its consumers'
+                // redelivery timer.
+                let svc = self.services.get(&service);
+                let ack_deadline_ms = match ack_deadline_ms {
+                    0 => svc.map_or(self.config.ack_deadline_ms, |s| s.ack_deadline_ms),
+                    ms => ms,
+                };
+                let max_deliveries = match max_deliveries {
+                    0 => svc.map_or(self.config.max_deliveries, |s| s.max_deliveries),
+                    n => n,
+                };
+                Upstream::Subscribe {
+                    service,
+                    pattern,
+                    ack_deadline_ms,
+                    max_deliveries,
+                }
+            }
             Op::Unsubscribe { service, pattern } => Upstream::Unsubscribe { service, pattern },
             Op::Paused { service, pattern } => Upstream::Pause { service, pattern },
             Op::Resumed { service, pattern } => Upstream::Resume { service, pattern },

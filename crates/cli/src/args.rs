@@ -26,7 +26,7 @@ pub(crate) struct Cli {
 #[derive(Subcommand)]
 pub(crate) enum Command {
     /// Runs the broker.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Sends a command; prints {"id", "seq"} per accepted message.
     Send(send::SendArgs),
     /// Publishes an event; prints {"id", "seq"} per accepted message.

@@ -118,7 +118,7 @@ fn exit_code(e: &anyhow::Error) -> u8 {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve(args) => serve::serve(args).await,
+        Command::Serve(args) => serve::serve(*args).await,
         Command::Send(args) => send::send(args, false).await,
         Command::Publish(args) => send::send(args, true).await,
         Command::Request(args) => send::request(args).await,

@@ -186,6 +186,8 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .init();
     let started = std::time::Instant::now();
     let mut cluster = None;
+    // A node on a cluster backend keeps nothing on its own disk.
+    let local_files = args.backend == "embedded" && !args.in_memory;
     let (store, description): (Box<dyn courier_store::MessageStore>, String) = if args.backend
         != "embedded"
     {
@@ -253,21 +255,19 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         webhook_key: args
             .webhook_key
             .clone()
-            .or_else(|| (!args.in_memory).then(|| args.data_dir.join("webhook.key"))),
+            .or_else(|| local_files.then(|| args.data_dir.join("webhook.key"))),
         trace: (args.trace == "on").then(|| courier_server::TraceSettings {
             retention_ms: args.trace_retention.as_millis().min(u128::from(u64::MAX)) as u64,
             bytes_max: args.trace_bytes_max,
             rate: args.trace_rate,
             payloads: args.trace_payloads,
-            dir: (!args.in_memory).then(|| args.data_dir.join("trace")),
+            dir: local_files.then(|| args.data_dir.join("trace")),
         }),
         cluster,
         ..ServerConfig::default()
     };
-    args.limits.apply(
-        &mut config,
-        (!args.in_memory).then(|| args.data_dir.join("log")),
-    );
+    args.limits
+        .apply(&mut config, local_files.then(|| args.data_dir.join("log")));
     let server = Server::bind(config, store).await?;
     let r = server.recovery().clone();
     tracing::info!(

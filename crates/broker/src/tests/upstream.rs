@@ -387,3 +387,29 @@ fn a_forwarded_reply_reaches_the_requester_on_this_node() {
     let (code, _) = h.broker.remote_reply(Arc::new(reply), h.now);
     assert_eq!(code, ErrorCode::UnknownRequest);
 }
+
+#[test]
+fn a_service_pauses_as_a_whole_on_a_backend() {
+    let mut h = node();
+    h.connect(1, "worker", 10);
+    h.subscribe(1, "job.*");
+    h.subscribe(1, "audit.>");
+    h.actions();
+    let refused = h.broker.pause_subscription("worker", Some("job.*"), h.now);
+    assert!(
+        matches!(refused, Err(PauseError::PartialOnCluster { .. })),
+        "{refused:?}"
+    );
+    let paused = h
+        .broker
+        .pause_subscription("worker", None, h.now)
+        .expect("the whole service pauses");
+    assert_eq!(paused.len(), 2);
+    assert_eq!(h.broker.fetch_credit("worker"), 0, "fetches while paused");
+    let refused = h.broker.resume_subscription("worker", Some("job.*"), h.now);
+    assert!(matches!(refused, Err(PauseError::PartialOnCluster { .. })));
+    h.broker
+        .resume_subscription("worker", None, h.now)
+        .expect("the whole service resumes");
+    assert_eq!(h.broker.fetch_credit("worker"), 10);
+}

@@ -258,6 +258,15 @@ impl Proc {
         }
     }
 
+    /// The next stdout line as JSON, if one comes within `wait`.
+    pub fn try_json_line(&self, wait: Duration) -> Option<serde_json::Value> {
+        let line = self.lines.recv_timeout(wait).ok()?;
+        Some(
+            serde_json::from_str(&line)
+                .unwrap_or_else(|e| panic!("line {line:?} is not JSON: {e}")),
+        )
+    }
+
     pub fn no_line(&self, wait: Duration) -> bool {
         self.lines.recv_timeout(wait).is_err()
     }

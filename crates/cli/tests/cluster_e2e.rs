@@ -1,0 +1,260 @@
+//! Courier nodes on a real NATS JetStream cluster: three nats-servers on
+//! loopback ports (`sync_interval: always`) and two `courier serve
+//! --backend nats://…` processes, with clients spread across both nodes,
+//! as a user runs them (docs/SCALE-OUT.md §19).
+
+mod common;
+// The three-server cluster harness of courier-cluster's own tests.
+#[path = "../../cluster/tests/common/mod.rs"]
+mod nats;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use common::*;
+use nats::{NatsCluster, Sync};
+
+const T: Duration = Duration::from_secs(30);
+
+/// The cluster and two Courier nodes on it, `a` and `b`.
+struct Nodes {
+    a: Broker,
+    b: Broker,
+    /// Declared after the nodes: the servers stop after them.
+    _cluster: NatsCluster,
+    _secrets: tempdir::Dir,
+}
+
+fn node_flags(cluster: &NatsCluster, secrets: &std::path::Path, id: &str) -> Vec<String> {
+    [
+        "--backend".to_string(),
+        cluster.backend_text(),
+        "--nats-user".to_string(),
+        nats::COURIER_USER.to_string(),
+        "--nats-password-file".to_string(),
+        secrets.join("nats.pass").display().to_string(),
+        "--nats-system-user".to_string(),
+        nats::SYSTEM_USER.to_string(),
+        "--nats-system-password-file".to_string(),
+        secrets.join("sys.pass").display().to_string(),
+        "--node-id".to_string(),
+        id.to_string(),
+    ]
+    .to_vec()
+}
+
+async fn start_nodes() -> Nodes {
+    let cluster = NatsCluster::start([Sync::Always; 3]).await;
+    let secrets = tempdir::Dir::new("secrets");
+    std::fs::write(secrets.path().join("nats.pass"), nats::COURIER_PASSWORD).expect("write");
+    std::fs::write(secrets.path().join("sys.pass"), nats::SYSTEM_PASSWORD).expect("write");
+    let start = |id: &str| {
+        let flags = node_flags(&cluster, secrets.path(), id);
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        Broker::start_with(&flags)
+    };
+    let a = start("a");
+    let b = start("b");
+    Nodes {
+        a,
+        b,
+        _cluster: cluster,
+        _secrets: secrets,
+    }
+}
+
+/// Sends through `node` until it is accepted: a subscription made on the
+/// other node reaches this one's routing by the cluster's watch, a moment
+/// after the subscriber's RESULT.
+fn send_when_routed(node: &Broker, args: &[&str]) -> std::process::Output {
+    let deadline = Instant::now() + T;
+    loop {
+        let out = node.run(args);
+        if out.status.success() || Instant::now() > deadline {
+            return out;
+        }
+        assert!(
+            stderr(&out).contains("no_receiver"),
+            "refused for another reason than routing: {}",
+            stderr(&out)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Publishes probe events through `node` until `subscriber` has one: its
+/// subscription is then in force cluster-wide. Returns once one arrived
+/// (the subscriber may yet see more probes).
+fn until_received(node: &Broker, subscriber: &Proc, name: &str) {
+    let deadline = Instant::now() + T;
+    loop {
+        assert!(Instant::now() < deadline, "no probe of {name} arrived");
+        let out = node.run(&["publish", name, "--data", "probe"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        if !subscriber.no_line(Duration::from_millis(300)) {
+            return;
+        }
+    }
+}
+
+/// One cluster and two nodes for every scenario: a cluster takes seconds
+/// to form, and three at once on one machine race for ports.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_nodes_serve_one_bus() {
+    let nodes = start_nodes().await;
+    a_command_sent_through_one_node_is_answered_from_the_other(&nodes);
+    events_reach_every_service_and_commands_one_instance_of_it(&nodes);
+    a_resend_through_the_other_node_is_dropped_as_a_duplicate(&nodes);
+}
+
+fn a_command_sent_through_one_node_is_answered_from_the_other(nodes: &Nodes) {
+    let responder = nodes.a.spawn(&[
+        "reply",
+        "todo.create",
+        "--service",
+        "todo",
+        "--outcome",
+        "todo.created",
+        "--echo",
+    ]);
+    responder.wait_stderr("replying to todo.create", T);
+    let out = send_when_routed(
+        &nodes.b,
+        &[
+            "request",
+            "todo.create",
+            "--service",
+            "web",
+            "--data",
+            r#"{"text":"milk"}"#,
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let replies = json_lines(&out);
+    assert_eq!(replies.len(), 1, "{replies:?}");
+    assert_eq!(replies[0]["sender"], "todo");
+    assert_eq!(replies[0]["payload"]["text"], "milk");
+    assert_eq!(replies[0]["final"], true);
+    // And through the responder's own node.
+    let out = nodes.a.run(&[
+        "request",
+        "todo.create",
+        "--service",
+        "web",
+        "--data",
+        r#"{"text":"bread"}"#,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(json_lines(&out)[0]["payload"]["text"], "bread");
+}
+
+fn events_reach_every_service_and_commands_one_instance_of_it(nodes: &Nodes) {
+    let audit = nodes
+        .a
+        .spawn(&["subscribe", "order.*", "--service", "audit"]);
+    let mail = nodes
+        .b
+        .spawn(&["subscribe", "order.*", "--service", "mail"]);
+    until_received(&nodes.b, &audit, "order.probe");
+    until_received(&nodes.a, &mail, "order.probe");
+    // Instances of one service on both nodes share its commands.
+    let work_a = nodes.a.spawn(&["subscribe", "job.*", "--service", "work"]);
+    nodes.a.wait_consumers("work", 1, None);
+    let work_b = nodes.b.spawn(&["subscribe", "job.*", "--service", "work"]);
+    nodes.b.wait_consumers("work", 1, None);
+    // In force cluster-wide once a probe reached one of them (the other
+    // may take later probes: they are skipped below).
+    let probe_deadline = Instant::now() + T;
+    loop {
+        assert!(Instant::now() < probe_deadline, "no job probe arrived");
+        assert!(nodes.a.run(&["publish", "job.probe"]).status.success());
+        let a = work_a.try_json_line(Duration::from_millis(200));
+        let b = work_b.try_json_line(Duration::from_millis(200));
+        if a.is_some() || b.is_some() {
+            break;
+        }
+    }
+
+    const EVENTS: usize = 20;
+    const COMMANDS: usize = 60;
+    for n in 0..EVENTS {
+        let node = if n % 2 == 0 { &nodes.a } else { &nodes.b };
+        let out = node.run(&["publish", "order.placed", "--data", &format!("{n}")]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let first = send_when_routed(&nodes.b, &["send", "job.run", "--data", "0"]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    for n in 1..COMMANDS {
+        let node = if n % 2 == 0 { &nodes.a } else { &nodes.b };
+        let out = node.run(&["send", "job.run", "--data", &format!("{n}")]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+
+    // Every service has every event once (probes aside).
+    for (service, subscriber) in [("audit", &audit), ("mail", &mail)] {
+        let mut placed = BTreeSet::new();
+        while placed.len() < EVENTS {
+            let m = subscriber.json_line(T);
+            if m["name"] == "order.placed" {
+                let n = m["payload"].as_u64().expect("a number");
+                assert!(placed.insert(n), "{service} got event {m} twice");
+            }
+        }
+    }
+
+    // Each command reaches exactly one instance of `work`, and both
+    // nodes' instances take a share.
+    let mut by_instance: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
+    let mut seen = BTreeSet::new();
+    let deadline = Instant::now() + T;
+    while seen.len() < COMMANDS {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {COMMANDS} commands arrived: {by_instance:?}",
+            seen.len()
+        );
+        for (instance, subscriber) in [("a", &work_a), ("b", &work_b)] {
+            while let Some(m) = subscriber.try_json_line(Duration::from_millis(20)) {
+                if m["name"] == "job.probe" {
+                    continue;
+                }
+                let n = m["payload"].as_u64().expect("a number");
+                assert!(seen.insert(n), "command {n} delivered twice: {m}");
+                assert_eq!(m["attempt"], 1, "{m}");
+                by_instance.entry(instance).or_default().push(n);
+            }
+        }
+    }
+    assert!(
+        by_instance.get("a").is_some_and(|v| !v.is_empty())
+            && by_instance.get("b").is_some_and(|v| !v.is_empty()),
+        "one node's instance took all the work: {by_instance:?}"
+    );
+    for subscriber in [&work_a, &work_b] {
+        assert!(
+            subscriber.no_line(Duration::from_millis(500)),
+            "a duplicate"
+        );
+    }
+}
+
+fn a_resend_through_the_other_node_is_dropped_as_a_duplicate(nodes: &Nodes) {
+    let worker = nodes.a.spawn(&["subscribe", "pay.*", "--service", "pay"]);
+    until_received(&nodes.b, &worker, "pay.probe");
+    while worker.try_json_line(Duration::from_millis(300)).is_some() {}
+    let id = "01a24a5a-0000-7000-8000-000000000001";
+    let out = send_when_routed(&nodes.a, &["send", "pay.charge", "--id", id, "--data", "1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = send_when_routed(&nodes.b, &["send", "pay.charge", "--id", id, "--data", "1"]);
+    assert!(
+        out.status.success(),
+        "the resend is acknowledged: {}",
+        stderr(&out)
+    );
+    let first = worker.json_line(T);
+    assert_eq!(first["id"], id);
+    assert!(
+        worker.no_line(Duration::from_secs(2)),
+        "the resend through node b was delivered again"
+    );
+}

@@ -12,7 +12,9 @@ use courier_client::{Client, ClientOptions, ConnectionEvent, Error as ClientErro
 /// asks the broker's own commands (`courier dead-letters`, `pause`, …).
 #[derive(Args, Clone)]
 pub struct Broker {
-    /// Broker address.
+    /// Broker address, HOST:PORT; or several, separated by commas
+    /// (127.0.0.1:7701,127.0.0.1:7702): each (re)connect tries them in
+    /// turn, from the one after the broker connected to last.
     #[arg(long, env = "COURIER_URL", default_value = "127.0.0.1:7700")]
     pub url: String,
     /// Credentials, for brokers that require them.
@@ -137,8 +139,14 @@ pub struct GaveUp {
 impl GaveUp {
     /// `waited`: how long it waited and why it stopped, in words.
     fn new(url: &str, connected: bool, waited: &str, progress: &str) -> GaveUp {
+        let addresses: Vec<&str> = url.split(',').map(str::trim).collect();
         let message = if connected {
             format!("{waited}; {progress}")
+        } else if addresses.len() > 1 {
+            format!(
+                "no broker at {} is reachable; {waited}; {progress}",
+                addresses.join(", ")
+            )
         } else {
             format!("the broker at {url} is unreachable; {waited}; {progress}")
         };
@@ -190,14 +198,21 @@ pub async fn connect(
         }
     };
     let mut events = client.connection_events();
-    let url = conn.broker.url.clone();
+    // Of several brokers, the one connected to: the one lost is the one
+    // last restored (read at the restore, not at the loss, which a quick
+    // reconnect to the next broker may already have overtaken).
+    let watched = client.clone();
+    let mut address = client.broker_address();
     tokio::spawn(async move {
         while let Some(event) = events.next().await {
             match event {
                 ConnectionEvent::Lost { .. } => {
-                    eprintln!("courier: connection to {url} lost; reconnecting…")
+                    eprintln!("courier: connection to {address} lost; reconnecting…")
                 }
-                ConnectionEvent::Restored => eprintln!("courier: connection to {url} restored"),
+                ConnectionEvent::Restored => {
+                    address = watched.broker_address();
+                    eprintln!("courier: connection to {address} restored")
+                }
                 _ => {}
             }
         }
@@ -264,5 +279,25 @@ mod tests {
         let opts = anonymous.options();
         assert_eq!(opts.service, "cli");
         assert!(opts.tls.is_some(), "--tls-ca means TLS");
+    }
+
+    #[test]
+    fn giving_up_names_the_broker_or_every_one_of_several() {
+        let one = GaveUp::new(
+            "127.0.0.1:7700",
+            false,
+            "gave up after 2s",
+            "0 acknowledged",
+        );
+        assert_eq!(
+            one.to_string(),
+            "the broker at 127.0.0.1:7700 is unreachable; gave up after 2s; 0 acknowledged"
+        );
+        let several = GaveUp::new("a:1, b:2", false, "gave up after 2s", "0 acknowledged");
+        assert_eq!(
+            several.to_string(),
+            "no broker at a:1, b:2 is reachable; gave up after 2s; 0 acknowledged"
+        );
+        assert!(several.unreachable);
     }
 }

@@ -105,6 +105,10 @@ fn exit_code(e: &anyhow::Error) -> u8 {
     if let Some(client) = e.downcast_ref::<ClientError>() {
         return match client {
             ClientError::Connect { .. } => exit::UNREACHABLE,
+            // Of several brokers, one that answered and refused says more
+            // than the others' absence.
+            ClientError::Unreachable { .. } if client.code().is_some() => exit::REFUSED,
+            ClientError::Unreachable { .. } => exit::UNREACHABLE,
             ClientError::Refused { .. } => exit::REFUSED,
             ClientError::Timeout(_) => exit::TIMEOUT,
             _ => exit::FAILURE,
@@ -187,5 +191,29 @@ mod tests {
         });
         assert_eq!(exit_code(&refused), exit::REFUSED);
         assert_eq!(exit_code(&unreachable), exit::UNREACHABLE);
+        let connect = |addr: &str| ClientError::Connect {
+            addr: addr.into(),
+            source: std::io::Error::other("x"),
+        };
+        let none_there = anyhow::Error::new(ClientError::Unreachable {
+            failures: vec![
+                ("a:1".into(), connect("a:1")),
+                ("b:2".into(), connect("b:2")),
+            ],
+        });
+        assert_eq!(exit_code(&none_there), exit::UNREACHABLE);
+        let one_refused = anyhow::Error::new(ClientError::Unreachable {
+            failures: vec![
+                ("a:1".into(), connect("a:1")),
+                (
+                    "b:2".into(),
+                    ClientError::Refused {
+                        code: ErrorCode::Unauthorized,
+                        reason: "x".into(),
+                    },
+                ),
+            ],
+        });
+        assert_eq!(exit_code(&one_refused), exit::REFUSED);
     }
 }

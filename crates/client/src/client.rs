@@ -52,7 +52,11 @@ impl Client {
         if let Some(address) = &opts.advertise {
             check_advertised(address)?;
         }
-        let first = connection::establish(&opts, connector.as_ref()).await?;
+        let addresses = match connector {
+            Some(_) => vec![opts.url.clone()],
+            None => opts.addresses()?,
+        };
+        let first = connection::establish(&opts, &addresses, None, connector.as_ref()).await?;
         let (shutdown, _) = watch::channel(false);
         let (sequential, sequential_rx) = if opts.sequential {
             let (tx, rx) = mpsc::channel(opts.max_in_flight.max(1) as usize * 2);
@@ -68,6 +72,7 @@ impl Client {
                 writing: false,
                 generation: 0,
                 connected: false,
+                address: first.address,
                 frame_bytes_max: first.frame_bytes_max,
                 next_seq: 0,
                 pending_sends: PendingSends::new(),
@@ -87,6 +92,7 @@ impl Client {
             }),
             service: first.service.clone(),
             opts,
+            addresses,
             connector,
             writer_wake: Notify::new(),
             write_wake: WriteWake::new(),
@@ -106,6 +112,14 @@ impl Client {
         }
         tokio::spawn(connection::drive(inner.clone(), first));
         Ok(Client { inner })
+    }
+
+    /// `host:port` of the broker this client is connected to, or was last
+    /// connected to while it reconnects: one of the addresses of
+    /// [`ClientOptions::url`].
+    pub fn broker_address(&self) -> String {
+        let index = self.inner.lock().address;
+        self.inner.address(index).to_string()
     }
 
     /// The service this client acts for: [`ClientOptions::service`], or,

@@ -203,7 +203,10 @@ impl Client {
     /// the last list stays in use meanwhile.
     pub async fn discover_with(&self, service: &str, balance: Balance) -> Result<Discovery> {
         let lookup = Lookup {
-            http: self.http_address(),
+            http: match &self.inner.opts.http {
+                Some(http) => HttpPort::Named(trim_http(http)),
+                None => HttpPort::BrokerHost(Arc::downgrade(&self.inner)),
+            },
             token: self.inner.opts.token.clone(),
             service: service.to_string(),
         };
@@ -217,23 +220,42 @@ impl Client {
             current,
         })
     }
+}
 
-    /// `host:port` of the broker's HTTP port: the option, or the bus
-    /// address's host with port 7780.
-    pub(crate) fn http_address(&self) -> String {
-        let opts = &self.inner.opts;
-        match &opts.http {
-            Some(http) => http
-                .trim_start_matches("http://")
-                .trim_end_matches('/')
-                .to_string(),
-            None => {
-                let host = opts
-                    .url
-                    .rsplit_once(':')
-                    .map_or(opts.url.as_str(), |(host, _)| host);
-                format!("{host}:{HTTP_PORT_DEFAULT}")
-            }
+fn trim_http(http: &str) -> String {
+    http.trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string()
+}
+
+/// The host of the broker connected to (or last connected to), with the
+/// default HTTP port: after a failover, the lookups follow the client to
+/// its new broker.
+fn broker_http_port(inner: &crate::Inner) -> String {
+    let index = inner.lock().address;
+    let address = inner.address(index);
+    let host = address.rsplit_once(':').map_or(address, |(host, _)| host);
+    format!("{host}:{HTTP_PORT_DEFAULT}")
+}
+
+/// Where lookups go.
+enum HttpPort {
+    /// [`ClientOptions::http`](crate::ClientOptions::http).
+    Named(String),
+    /// The host of the broker the client is connected to, whichever of its
+    /// addresses that is at each lookup. Weak: the watch does not keep a
+    /// dropped client's state alive.
+    BrokerHost(std::sync::Weak<crate::Inner>),
+}
+
+impl HttpPort {
+    fn address(&self) -> Result<String> {
+        match self {
+            HttpPort::Named(http) => Ok(http.clone()),
+            HttpPort::BrokerHost(inner) => inner
+                .upgrade()
+                .map(|inner| broker_http_port(&inner))
+                .ok_or(Error::Shutdown),
         }
     }
 }
@@ -257,6 +279,8 @@ async fn watch_loop(lookup: Lookup, sender: watch::Sender<Endpoints>, balancer: 
                     changed
                 });
             }
+            // The client is gone, and with it the broker to ask.
+            Err(Error::Shutdown) => return,
             Err(error) => {
                 tracing::debug!(service = %lookup.service, %error, "registry lookup failed; retrying");
                 tokio::select! {
@@ -270,22 +294,23 @@ async fn watch_loop(lookup: Lookup, sender: watch::Sender<Endpoints>, balancer: 
 }
 
 struct Lookup {
-    http: String,
+    http: HttpPort,
     token: Option<String>,
     service: String,
 }
 
-impl Lookup {
-    fn error(&self, reason: impl Into<String>) -> Error {
-        Error::Discovery {
-            http: self.http.clone(),
-            reason: reason.into(),
-        }
+fn lookup_error(http: &str, reason: impl Into<String>) -> Error {
+    Error::Discovery {
+        http: http.to_string(),
+        reason: reason.into(),
     }
+}
 
+impl Lookup {
     /// `GET /v1/services/NAME`; with an index, held until the registry
     /// moves past it (or `WAIT` passes).
     async fn get(&self, index: Option<u64>) -> Result<Endpoints> {
+        let http = self.http.address()?;
         let mut path = format!("/v1/services/{}", encode_path(&self.service));
         if let Some(index) = index {
             path.push_str(&format!("?index={index}&wait={}s", WAIT.as_secs()));
@@ -295,24 +320,25 @@ impl Lookup {
         } else {
             ANSWER_SLACK
         };
-        let (status, body) = tokio::time::timeout(limit, self.http_get(&path))
+        let (status, body) = tokio::time::timeout(limit, self.http_get(&http, &path))
             .await
-            .map_err(|_| self.error(format!("no answer within {limit:?}")))??;
+            .map_err(|_| lookup_error(&http, format!("no answer within {limit:?}")))??;
         if status != 200 {
             let detail = http::problem_detail(&body);
-            return Err(self.error(format!("{status}: {detail}")));
+            return Err(lookup_error(&http, format!("{status}: {detail}")));
         }
-        let answer: Answer = serde_json::from_slice(&body)
-            .map_err(|e| self.error(format!("the answer is not a registry listing: {e}")))?;
+        let answer: Answer = serde_json::from_slice(&body).map_err(|e| {
+            lookup_error(&http, format!("the answer is not a registry listing: {e}"))
+        })?;
         Ok(Endpoints {
             index: answer.index,
             endpoints: answer.instances.into(),
         })
     }
 
-    async fn http_get(&self, path: &str) -> Result<(u16, Vec<u8>)> {
+    async fn http_get(&self, http: &str, path: &str) -> Result<(u16, Vec<u8>)> {
         let answer = http::exchange(
-            &self.http,
+            http,
             "GET",
             path,
             self.token.as_deref(),
@@ -321,11 +347,11 @@ impl Lookup {
         )
         .await
         .map_err(|e| match e {
-            http::HttpError::Unreachable { source, .. } => self.error(format!(
+            http::HttpError::Unreachable { source, .. } => lookup_error(http, format!(
                 "{source} — is the broker's HTTP port there? Set ClientOptions::http (or COURIER_HTTP) to its --http address"
             )),
-            http::HttpError::Io { source, .. } => self.error(source.to_string()),
-            other => self.error(other.to_string()),
+            http::HttpError::Io { source, .. } => lookup_error(http, source.to_string()),
+            other => lookup_error(http, other.to_string()),
         })?;
         Ok((answer.status, answer.body))
     }

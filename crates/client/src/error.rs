@@ -16,6 +16,15 @@ pub enum Error {
         addr: String,
         source: std::io::Error,
     },
+    /// Every address of a [`ClientOptions::url`](crate::ClientOptions::url)
+    /// with several failed, in one round of attempts: each address with
+    /// its failure, in the order tried. (With a single address, its
+    /// failure is the error.)
+    #[error(
+        "cannot reach a broker at {} — is 'courier serve' running?",
+        describe_failures(.failures)
+    )]
+    Unreachable { failures: Vec<(String, Error)> },
     #[error("the connection to the broker ended: {0}")]
     Closed(String),
     /// [`crate::ClientOptions`] hold something the client cannot use.
@@ -48,12 +57,27 @@ pub enum Error {
 
 impl Error {
     /// The broker's error code, when the broker refused.
+    /// For [`Error::Unreachable`], that of the first broker that refused.
     pub fn code(&self) -> Option<ErrorCode> {
         match self {
             Error::Refused { code, .. } => Some(*code),
+            Error::Unreachable { failures } => failures.iter().find_map(|(_, e)| e.code()),
             _ => None,
         }
     }
+}
+
+/// `a:1 (connection refused), b:2 (…)`: an address's own failure without
+/// the advice the whole message gives once.
+fn describe_failures(failures: &[(String, Error)]) -> String {
+    let described: Vec<String> = failures
+        .iter()
+        .map(|(address, error)| match error {
+            Error::Connect { source, .. } => format!("{address} ({source})"),
+            other => format!("{address} ({other})"),
+        })
+        .collect();
+    described.join(", ")
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -4,8 +4,9 @@
 //! publishes events ([`Client::publish`]), asks and awaits replies
 //! ([`Client::request`], [`Client::request_stream`]), and handles the
 //! commands and events it receives ([`Client::on`]). The client reconnects
-//! by itself after a broker restart, subscribes again, and re-sends what
-//! was not yet acknowledged (safe: the broker drops duplicates by id).
+//! by itself after a broker restart (or, given several brokers in
+//! [`ClientOptions::url`], to the next one), subscribes again, and re-sends
+//! what was not yet acknowledged (safe: the broker drops duplicates by id).
 //!
 //! ```
 //! use courier_client::{Client, ClientOptions};

@@ -11,7 +11,17 @@ use crate::{Error, Result};
 /// How to reach the broker and behave on the way.
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
-    /// `host:port` of the broker.
+    /// `host:port` of the broker, or of several brokers (the nodes of a
+    /// cluster) separated by commas: `10.0.0.1:7700,10.0.0.2:7700`
+    /// (spaces around the commas are allowed). Each connection attempt,
+    /// the first and every reconnect, tries them in turn, starting after
+    /// the one connected to last (so a client whose broker died goes on
+    /// to the next without waiting on the dead one first), each within
+    /// the connect and handshake timeout; when every one fails, that
+    /// counts as one failed attempt for the reconnect backoff. TLS checks
+    /// each broker's certificate against that address's own host.
+    /// [`Client::broker_address`](crate::Client::broker_address) tells
+    /// which one the client is connected to.
     pub url: String,
     /// The service this client acts for. Empty: the one its token or
     /// client certificate belongs to (a broker with a manifest names it in
@@ -22,8 +32,9 @@ pub struct ClientOptions {
     /// Credentials for brokers that require them.
     pub token: Option<String>,
     /// `host:port` of the broker's HTTP port, where [`Client::discover`](crate::Client::discover)
-    /// looks services up. `None`: the host of `url` with port 7780 (what
-    /// `courier serve --http` listens on by default).
+    /// looks services up. `None`: the host of the address in `url` the
+    /// client is connected to, with port 7780 (what `courier serve --http`
+    /// listens on by default).
     pub http: Option<String>,
     /// TLS to the broker; `None` is plain TCP.
     pub tls: Option<ClientTls>,
@@ -59,6 +70,19 @@ pub struct ClientOptions {
 }
 
 impl ClientOptions {
+    /// The broker addresses of [`ClientOptions::url`], in the order
+    /// written; an empty entry (`a:1,,b:2`, or a trailing comma) is an
+    /// error that says what to write.
+    ///
+    /// ```
+    /// let opts = courier_client::ClientOptions::new("127.0.0.1:7701, 127.0.0.1:7702", "web");
+    /// assert_eq!(opts.addresses()?, ["127.0.0.1:7701", "127.0.0.1:7702"]);
+    /// # Ok::<(), courier_client::Error>(())
+    /// ```
+    pub fn addresses(&self) -> Result<Vec<String>> {
+        parse_addresses(&self.url)
+    }
+
     /// Options with defaults for everything but where and who.
     ///
     /// ```
@@ -105,7 +129,9 @@ impl ClientOptions {
     }
 
     /// Reads what the `courier` CLI reads: `COURIER_URL` (default
-    /// `127.0.0.1:7700`), `COURIER_TOKEN` when set, `COURIER_HTTP` (the
+    /// `127.0.0.1:7700`; several brokers separated by commas, e.g.
+    /// `127.0.0.1:7701,127.0.0.1:7702`, see [`ClientOptions::url`]),
+    /// `COURIER_TOKEN` when set, `COURIER_HTTP` (the
     /// HTTP port, for discovery) when set, and with
     /// `COURIER_TLS_CA` set, TLS trusting that CA, with the client
     /// certificate of `COURIER_TLS_CERT` and `COURIER_TLS_KEY` when both are
@@ -214,6 +240,25 @@ impl std::fmt::Debug for Connector {
     }
 }
 
+/// `url` split at its commas, each address trimmed.
+pub(crate) fn parse_addresses(url: &str) -> Result<Vec<String>> {
+    let addresses: Vec<String> = url.split(',').map(|a| a.trim().to_string()).collect();
+    if addresses.iter().any(String::is_empty) {
+        return Err(Error::Options(format!(
+            "the broker address {url:?} (COURIER_URL, --url or ClientOptions::url) has an empty entry; write HOST:PORT, or several separated by commas: 127.0.0.1:7701,127.0.0.1:7702"
+        )));
+    }
+    Ok(addresses)
+}
+
+/// The order in which one connection attempt tries `count` addresses:
+/// from the one after `last` (the address connected to last), round to
+/// `last` itself; from the first when none was connected to yet.
+pub(crate) fn rotation(count: usize, last: Option<usize>) -> impl Iterator<Item = usize> {
+    let start = last.map_or(0, |last| last + 1);
+    (0..count).map(move |k| (start + k) % count.max(1))
+}
+
 /// An advertised address must be `HOST:PORT`, as the registry holds it.
 pub(crate) fn check_advertised(address: &str) -> Result<()> {
     let port = address
@@ -228,6 +273,7 @@ pub(crate) fn check_advertised(address: &str) -> Result<()> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test that unwraps fails, which is its point
 mod tests {
     use super::*;
 
@@ -272,6 +318,49 @@ mod tests {
 
         let ca_only = from(&[("COURIER_TLS_CA", "ca.pem")]);
         assert_eq!(ca_only.service, "cli", "a CA alone authenticates nobody");
+    }
+
+    #[test]
+    fn a_url_is_one_address_or_several_separated_by_commas() {
+        assert_eq!(
+            parse_addresses("127.0.0.1:7700").unwrap(),
+            ["127.0.0.1:7700"]
+        );
+        assert_eq!(
+            parse_addresses("a:1,b:2").unwrap(),
+            ["a:1", "b:2"],
+            "no spaces"
+        );
+        assert_eq!(
+            parse_addresses(" a:1 ,  b:2,c:3 ").unwrap(),
+            ["a:1", "b:2", "c:3"],
+            "spaces around the commas"
+        );
+        assert_eq!(
+            parse_addresses("[::1]:7700,[::1]:7701").unwrap(),
+            ["[::1]:7700", "[::1]:7701"]
+        );
+        for bad in ["", " ", "a:1,", ",a:1", "a:1,,b:2", "a:1, ,b:2"] {
+            let e = parse_addresses(bad).expect_err(bad).to_string();
+            assert!(
+                e.contains("empty entry") && e.contains("127.0.0.1:7701,127.0.0.1:7702"),
+                "{bad:?}: {e}"
+            );
+        }
+        let opts = from(&[("COURIER_URL", "h:1, h:2")]);
+        assert_eq!(opts.addresses().unwrap(), ["h:1", "h:2"]);
+    }
+
+    #[test]
+    fn each_attempt_starts_after_the_address_connected_to_last() {
+        let order = |count, last| rotation(count, last).collect::<Vec<_>>();
+        assert_eq!(order(1, None), [0]);
+        assert_eq!(order(1, Some(0)), [0], "one address: always that one");
+        assert_eq!(order(3, None), [0, 1, 2], "the first connect: as written");
+        assert_eq!(order(3, Some(0)), [1, 2, 0], "the one that died comes last");
+        assert_eq!(order(3, Some(1)), [2, 0, 1]);
+        assert_eq!(order(3, Some(2)), [0, 1, 2], "round past the end");
+        assert_eq!(order(0, None), Vec::<usize>::new());
     }
 
     #[test]

@@ -114,6 +114,9 @@ pub(crate) struct State {
     /// Counts connections; deliveries from an older one can't be acked.
     pub(crate) generation: u64,
     pub(crate) connected: bool,
+    /// The index in `Inner::addresses` of the broker connected to now, or
+    /// last: the next attempt starts after it.
+    pub(crate) address: usize,
     pub(crate) frame_bytes_max: u32,
     pub(crate) next_seq: u64,
     pub(crate) pending_sends: PendingSends<PendingSend>,
@@ -174,6 +177,9 @@ pub(crate) struct Waiting {
 
 pub(crate) struct Inner {
     pub(crate) opts: ClientOptions,
+    /// The brokers of `opts.url`, in the order written (with a connector,
+    /// `opts.url` as it is: it only names the broker in errors).
+    pub(crate) addresses: Vec<String>,
     /// Where connections come from when not TCP to `opts.url`.
     pub(crate) connector: Option<Connector>,
     /// The service the broker authenticated the first connection as
@@ -202,6 +208,13 @@ impl Inner {
         self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The broker address at `index` of `addresses`.
+    pub(crate) fn address(&self, index: usize) -> &str {
+        self.addresses
+            .get(index)
+            .map_or(self.opts.url.as_str(), String::as_str)
     }
 
     /// Tells the write loop that `state.writer` has bytes (call after the

@@ -16,6 +16,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
+use crate::options::rotation;
 use crate::{BoxRead, BoxWrite, ClientOptions, ClientTls, Connector, Error, Result};
 
 use super::*;
@@ -128,17 +129,16 @@ pub(crate) fn tls_connector(
 }
 
 /// The name the broker's certificate must carry: the override, else the
-/// host part of `host:port` (an IP address or a DNS name).
+/// host part of `address` (`host:port`, an IP address or a DNS name).
 pub(crate) fn server_name(
-    opts: &ClientOptions,
+    address: &str,
     tls: &ClientTls,
 ) -> std::result::Result<ServerName<'static>, String> {
     let host = match &tls.server_name {
         Some(name) => name.as_str(),
-        None => opts
-            .url
+        None => address
             .rsplit_once(':')
-            .map_or(opts.url.as_str(), |(host, _)| host)
+            .map_or(address, |(host, _)| host)
             .trim_start_matches('[')
             .trim_end_matches(']'),
     };
@@ -164,28 +164,79 @@ pub(crate) fn tls_failure(addr: &str, e: &std::io::Error) -> String {
 }
 
 /// Connects and completes HELLO/WELCOME: through `connector` when there
-/// is one, else over TCP (and TLS) to `opts.url`.
+/// is one, else over TCP (and TLS) to each of `addresses` in turn, from
+/// the one after `last` (the index of the address connected to last),
+/// until one answers. With several addresses, all failing fails with
+/// [`Error::Unreachable`], naming each; with one, with its own error.
 pub(crate) async fn establish(
     opts: &ClientOptions,
+    addresses: &[String],
+    last: Option<usize>,
     connector: Option<&Connector>,
 ) -> Result<Established> {
+    if let Some(connector) = connector {
+        return establish_via(opts, connector).await;
+    }
+    let mut failures = Vec::new();
+    for index in rotation(addresses.len(), last) {
+        let Some(address) = addresses.get(index) else {
+            continue;
+        };
+        match establish_at(opts, address).await {
+            Ok(mut established) => {
+                established.address = index;
+                return Ok(established);
+            }
+            Err(error) => {
+                if addresses.len() > 1 {
+                    debug!(%address, %error, "no broker there; trying the next address");
+                }
+                failures.push((address.clone(), error));
+            }
+        }
+    }
+    if failures.len() <= 1 {
+        return Err(failures.pop().map_or_else(
+            || Error::Options("no broker address given".into()),
+            |(_, error)| error,
+        ));
+    }
+    Err(Error::Unreachable { failures })
+}
+
+/// Over the byte stream `connector` opens; [`ClientOptions::url`] only
+/// names the broker in errors.
+async fn establish_via(opts: &ClientOptions, connector: &Connector) -> Result<Established> {
     let connect_error = |source| Error::Connect {
         addr: opts.url.clone(),
         source,
     };
-    if let Some(connector) = connector {
-        let (reader, writer) = tokio::time::timeout(HANDSHAKE_TIMEOUT, (connector.0)())
-            .await
-            .map_err(|_| {
-                connect_error(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "connect timed out",
-                ))
-            })?
-            .map_err(connect_error)?;
-        return handshake(opts, Reader::Other(reader), Writer::Other(writer), None).await;
-    }
-    let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(&opts.url))
+    let (reader, writer) = tokio::time::timeout(HANDSHAKE_TIMEOUT, (connector.0)())
+        .await
+        .map_err(|_| {
+            connect_error(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "connect timed out",
+            ))
+        })?
+        .map_err(connect_error)?;
+    handshake(
+        opts,
+        &opts.url,
+        Reader::Other(reader),
+        Writer::Other(writer),
+        None,
+    )
+    .await
+}
+
+/// Over TCP (and TLS) to `address`, each step within its timeout.
+async fn establish_at(opts: &ClientOptions, address: &str) -> Result<Established> {
+    let connect_error = |source| Error::Connect {
+        addr: address.to_string(),
+        source,
+    };
+    let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(address))
         .await
         .map_err(|_| {
             connect_error(std::io::Error::new(
@@ -215,35 +266,36 @@ pub(crate) async fn establish(
                 ))
             };
             let connector = tls_connector(tls).map_err(setup_error)?;
-            let name = server_name(opts, tls).map_err(setup_error)?;
+            let name = server_name(address, tls).map_err(setup_error)?;
             let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, stream))
                 .await
                 .map_err(|_| Error::Closed("no TLS handshake with the broker within 10 s".into()))?
-                .map_err(|e| Error::Closed(tls_failure(&opts.url, &e)))?;
+                .map_err(|e| Error::Closed(tls_failure(address, &e)))?;
             let (reader, writer) = tokio::io::split(stream);
             (Reader::Tls(reader), Writer::Tls(writer))
         }
     };
-    handshake(opts, reader, writer, direct).await
+    handshake(opts, address, reader, writer, direct).await
 }
 
 /// HELLO, then the broker's WELCOME (or its refusal).
 pub(crate) async fn handshake(
     opts: &ClientOptions,
+    address: &str,
     mut reader: Reader,
     mut writer: Writer,
     direct: Option<std::net::TcpStream>,
 ) -> Result<Established> {
     let is_tls = matches!(reader, Reader::Tls(_));
     let connect_error = |source| Error::Connect {
-        addr: opts.url.clone(),
+        addr: address.to_string(),
         source,
     };
     // Errors on an established TLS session (a refused client certificate
     // arrives as an alert after the client's side of the handshake).
     let session_error = |e: std::io::Error| {
         if is_tls {
-            Error::Closed(tls_failure(&opts.url, &e))
+            Error::Closed(tls_failure(address, &e))
         } else {
             connect_error(e)
         }
@@ -307,6 +359,7 @@ pub(crate) async fn handshake(
             // A broker of version 1 gets messages without parent_id.
             version: w.version.min(PROTOCOL_VERSION),
             service: w.service.unwrap_or_else(|| opts.service.clone()),
+            address: 0,
         }),
         Frame::Error(e) => Err(Error::Refused {
             code: e.code,

@@ -51,6 +51,8 @@ pub(crate) struct Established {
     /// The service the broker authenticated this connection as: named in
     /// WELCOME when it is not the one HELLO asked for, else that one.
     pub service: String,
+    /// Which of the client's addresses this connection is to (`Inner::addresses`).
+    pub address: usize,
 }
 
 /// Queues a SUBSCRIBE and returns where its RESULT will arrive.
@@ -83,6 +85,7 @@ pub(crate) fn on_connected(inner: &Arc<Inner>, established: &mut Established) {
     let mut state = inner.lock();
     state.generation += 1;
     state.connected = true;
+    state.address = established.address;
     // The broker took back every delivery of the last connection.
     state.key_lines.clear();
     if state.generation > 1 {
@@ -155,17 +158,24 @@ pub(crate) async fn drive(inner: Arc<Inner>, first: Established) {
                 if *shutdown.borrow() {
                     break;
                 }
-                match establish(&inner.opts, inner.connector.as_ref()).await {
+                let last = inner.lock().address;
+                let connecting = establish(
+                    &inner.opts,
+                    &inner.addresses,
+                    Some(last),
+                    inner.connector.as_ref(),
+                );
+                match connecting.await {
                     Ok(mut e) => {
                         on_connected(&inner, &mut e);
                         delay = inner.opts.reconnect_delay_min;
-                        debug!(service = %inner.service, "reconnected");
+                        debug!(service = %inner.service, broker = %inner.address(e.address), "reconnected");
                         e
                     }
                     Err(error) => {
                         debug!(%error, ?delay, "reconnect failed");
-                        if refuses_this_identity(&error) {
-                            fail_waiting(&inner, &error);
+                        if let Some(refusal) = identity_refusal(&error) {
+                            fail_waiting(&inner, refusal);
                         }
                         let jitter = Duration::from_millis(
                             u64::from(uuid::Uuid::new_v4().as_bytes()[0]) % 50,
@@ -256,7 +266,8 @@ pub(crate) async fn drive(inner: Arc<Inner>, first: Established) {
         if stopped || *shutdown.borrow() {
             break;
         }
-        warn!(service = %inner.service, %reason, "connection to the broker lost; reconnecting");
+        let broker = inner.address(inner.lock().address);
+        warn!(service = %inner.service, %broker, %reason, "connection to the broker lost; reconnecting");
         inner.lock().emit(ConnectionEvent::Lost { reason });
     }
     let mut state = inner.lock();
@@ -277,23 +288,25 @@ pub(crate) async fn drive(inner: Arc<Inner>, first: Established) {
 
 /// Whether the broker refused the handshake for what this client is (its
 /// credentials, name or protocol version), which trying again cannot
-/// change until the broker's configuration does.
-fn refuses_this_identity(error: &Error) -> bool {
-    matches!(
-        error,
+/// change until the broker's configuration does. Of several brokers, one
+/// that refused is enough: the nodes of a cluster share a configuration.
+fn identity_refusal(error: &Error) -> Option<&Error> {
+    match error {
         Error::Refused {
             code: ErrorCode::Unauthorized | ErrorCode::InvalidName | ErrorCode::UnsupportedVersion,
             ..
-        }
-    )
+        } => Some(error),
+        Error::Unreachable { failures } => failures.iter().find_map(|(_, e)| identity_refusal(e)),
+        _ => None,
+    }
 }
 
-/// Answers everything waiting for a connection with `error`: sends to be
-/// sent again, flushes and requests would otherwise wait for a reconnect
-/// the broker refuses. The client keeps trying (the broker's manifest
-/// may take it back); what comes later waits for that.
-fn fail_waiting(inner: &Inner, error: &Error) {
-    let refusal = || match error {
+/// Answers everything waiting for a connection with `refusal`: sends to
+/// be sent again, flushes and requests would otherwise wait for a
+/// reconnect the broker refuses. The client keeps trying (the broker's
+/// manifest may take it back); what comes later waits for that.
+fn fail_waiting(inner: &Inner, refusal: &Error) {
+    let refusal = || match refusal {
         Error::Refused { code, reason } => Error::Refused {
             code: *code,
             reason: reason.clone(),

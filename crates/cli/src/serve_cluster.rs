@@ -136,7 +136,8 @@ pub(crate) async fn join(args: &ServeArgs) -> anyhow::Result<Joined> {
         node: Arc::new(courier_server::ClusterNode {
             connection,
             node,
-            nodes: provisioned.nodes,
+            nodes: provisioned.nodes.clone(),
+            leases: provisioned.leases.clone(),
             record,
         }),
     })

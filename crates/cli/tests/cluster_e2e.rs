@@ -102,9 +102,26 @@ fn until_received(node: &Broker, subscriber: &Proc, name: &str) {
 #[tokio::test(flavor = "multi_thread")]
 async fn two_nodes_serve_one_bus() {
     let nodes = start_nodes().await;
-    a_command_sent_through_one_node_is_answered_from_the_other(&nodes);
-    events_reach_every_service_and_commands_one_instance_of_it(&nodes);
-    a_resend_through_the_other_node_is_dropped_as_a_duplicate(&nodes);
+    let scenarios: [(&str, fn(&Nodes)); 4] = [
+        (
+            "request and reply",
+            a_command_sent_through_one_node_is_answered_from_the_other,
+        ),
+        (
+            "fan-out and competing",
+            events_reach_every_service_and_commands_one_instance_of_it,
+        ),
+        (
+            "dedup",
+            a_resend_through_the_other_node_is_dropped_as_a_duplicate,
+        ),
+        ("keyed lane", keyed_messages_go_in_order_through_one_node),
+    ];
+    for (name, scenario) in scenarios {
+        let started = Instant::now();
+        scenario(&nodes);
+        eprintln!("{name}: {:?}", started.elapsed());
+    }
 }
 
 fn a_command_sent_through_one_node_is_answered_from_the_other(nodes: &Nodes) {
@@ -162,19 +179,20 @@ fn events_reach_every_service_and_commands_one_instance_of_it(nodes: &Nodes) {
     nodes.a.wait_consumers("work", 1, None);
     let work_b = nodes.b.spawn(&["subscribe", "job.*", "--service", "work"]);
     nodes.b.wait_consumers("work", 1, None);
-    // In force cluster-wide once a probe reached one of them (the other
-    // may take later probes: they are skipped below).
+    // In force on both nodes once each instance has had a probe: each
+    // node fetches for its own instance as soon as the service's consumer
+    // exists.
     let probe_deadline = Instant::now() + T;
-    loop {
-        assert!(Instant::now() < probe_deadline, "no job probe arrived");
+    let (mut probed_a, mut probed_b) = (false, false);
+    while !(probed_a && probed_b) {
+        assert!(
+            Instant::now() < probe_deadline,
+            "job probes reached a: {probed_a}, b: {probed_b}"
+        );
         assert!(nodes.a.run(&["publish", "job.probe"]).status.success());
-        let a = work_a.try_json_line(Duration::from_millis(200));
-        let b = work_b.try_json_line(Duration::from_millis(200));
-        if a.is_some() || b.is_some() {
-            break;
-        }
+        probed_a |= work_a.try_json_line(Duration::from_millis(100)).is_some();
+        probed_b |= work_b.try_json_line(Duration::from_millis(100)).is_some();
     }
-
     const EVENTS: usize = 20;
     const COMMANDS: usize = 60;
     for n in 0..EVENTS {
@@ -257,4 +275,68 @@ fn a_resend_through_the_other_node_is_dropped_as_a_duplicate(nodes: &Nodes) {
         worker.no_line(Duration::from_secs(2)),
         "the resend through node b was delivered again"
     );
+}
+
+/// One node at a time leads a service's keyed lane (its lease): every
+/// keyed message goes to the instance on that node, each key in order,
+/// while the other node's instance still takes unkeyed work.
+fn keyed_messages_go_in_order_through_one_node(nodes: &Nodes) {
+    let on_a = nodes
+        .a
+        .spawn(&["subscribe", "ledger.*", "--service", "ledger"]);
+    let on_b = nodes
+        .b
+        .spawn(&["subscribe", "ledger.*", "--service", "ledger"]);
+    nodes.a.wait_consumers("ledger", 1, None);
+    nodes.b.wait_consumers("ledger", 1, None);
+    const KEYS: usize = 4;
+    const PER_KEY: u64 = 25;
+    let probe = send_when_routed(&nodes.a, &["send", "ledger.probe"]);
+    assert!(probe.status.success(), "{}", stderr(&probe));
+    for k in 0..KEYS {
+        let node = if k % 2 == 0 { &nodes.a } else { &nodes.b };
+        let out = node.run(&[
+            "send",
+            "ledger.entry",
+            "--key",
+            &format!("account-{k}"),
+            "--count",
+            &PER_KEY.to_string(),
+            "--data",
+            "{seq}",
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let mut keyed: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    let mut where_keyed: BTreeSet<&str> = BTreeSet::new();
+    let total = KEYS * PER_KEY as usize;
+    let deadline = Instant::now() + T;
+    while keyed.values().map(Vec::len).sum::<usize>() < total {
+        assert!(
+            Instant::now() < deadline,
+            "keyed messages missing: {keyed:?}"
+        );
+        for (node, subscriber) in [("a", &on_a), ("b", &on_b)] {
+            while let Some(m) = subscriber.try_json_line(Duration::from_millis(20)) {
+                if m["name"] != "ledger.entry" {
+                    continue;
+                }
+                where_keyed.insert(node);
+                let key = m["key"].as_str().expect("a key").to_string();
+                keyed
+                    .entry(key)
+                    .or_default()
+                    .push(m["payload"].as_u64().expect("a number"));
+            }
+        }
+    }
+    assert_eq!(
+        where_keyed.len(),
+        1,
+        "keyed messages went through both nodes: {where_keyed:?}"
+    );
+    for (key, seqs) in &keyed {
+        let expected: Vec<u64> = (0..PER_KEY).collect();
+        assert_eq!(seqs, &expected, "{key} out of order or repeated");
+    }
 }

@@ -24,8 +24,12 @@ use crate::Connection;
 /// (SCALE-OUT §16): the server holds a "no wait" pull open while the
 /// consumer is at `max_ack_pending` and then fills it with redeliveries.
 pub const FETCH_EXPIRES: Duration = Duration::from_secs(1);
-/// The most messages one pull asks for, whatever the credit.
-pub const FETCH_BATCH_MAX: u32 = 1_024;
+/// The most messages one pull asks for, whatever the credit. JetStream
+/// gives each arriving message to the oldest waiting pull until that pull
+/// has its batch: a large batch would let one node take everything that
+/// trickles in for a whole `FETCH_EXPIRES` while instances on other nodes
+/// idle. A full pull ends and its node asks again, behind the others.
+pub const FETCH_BATCH_MAX: u32 = 32;
 /// When there is no credit, how often it is looked at again even if
 /// nobody signals room (a missed signal costs no more than this).
 pub const ROOM_RECHECK: Duration = Duration::from_millis(250);

@@ -696,13 +696,30 @@ async fn publish_loop(connection: Connection, mut ops: mpsc::Receiver<Op>) {
 /// a subscribe and an unsubscribe of one pattern must not swap.
 async fn change_loop(writer: ServiceWriter, mut ops: mpsc::Receiver<ServiceOp>) {
     while let Some(ServiceOp { change, ticket }) = ops.recv().await {
-        let result = writer.change(&change).await;
-        if let Err(e) = &result {
-            tracing::warn!("{e}");
+        let mut result = writer.change(&change).await;
+        // A change is idempotent: one that met a passing refusal (a
+        // stream leader being elected answers "no responders") is made
+        // again, for a while, before its sync fails.
+        let mut pause = CHANGE_RETRY_PAUSE;
+        let deadline = tokio::time::Instant::now() + CHANGE_RETRY_FOR;
+        while let Err(e) = &result {
+            if tokio::time::Instant::now() + pause > deadline {
+                tracing::warn!("{e}");
+                break;
+            }
+            tracing::debug!("{e}; trying again in {pause:?}");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
+            result = writer.change(&change).await;
         }
         ticket.finish(result.map_err(|e| e.to_string()));
     }
 }
+
+/// How long a failing subscription change is tried again before its sync
+/// fails, and the first pause between tries.
+const CHANGE_RETRY_FOR: Duration = Duration::from_secs(5);
+const CHANGE_RETRY_PAUSE: Duration = Duration::from_millis(50);
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // a test that unwraps fails, which is its point

@@ -26,6 +26,8 @@ use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use courier_broker::{ConnId, RemoteSubscriptions};
+use courier_cluster::consumers::Lane;
+use courier_cluster::lease::{Acquired, Holding, Lease, LeaseKeeper, LeaseTiming};
 use courier_cluster::{Connection, NodeId};
 use courier_proto::{ErrorCode, Message};
 use futures_util::StreamExt as _;
@@ -46,6 +48,8 @@ pub struct ClusterNode {
     pub node: NodeId,
     /// The node's record in `courier_nodes` is put into this bucket.
     pub nodes: async_nats::jetstream::kv::Store,
+    /// `courier_leases`: the keyed lanes' leases.
+    pub leases: async_nats::jetstream::kv::Store,
     /// The record put there (its addresses are filled in at start).
     pub record: courier_cluster::nodes::NodeRecord,
 }
@@ -150,38 +154,189 @@ async fn run_fetchers(shared: Weak<Shared>) {
             }
             let (stop, stopped) = watch::channel(false);
             running.insert(service.clone(), stop);
-            let credit_of = shared.clone();
-            let credit_service = service.clone();
-            let credit = move || {
-                credit_of
-                    .upgrade()
-                    .map_or(0, |s| s.core().fetch_credit(&credit_service))
-            };
-            let deliver_to = shared.clone();
-            let deliver = move |fetched: courier_cluster::fetch::Fetched| {
-                let Some(shared) = deliver_to.upgrade() else {
-                    return;
-                };
-                let fetched = courier_broker::Fetched {
-                    service: fetched.service,
-                    message: fetched.message,
-                    attempt: fetched.attempt,
-                    handle: fetched.handle,
-                    reply_node: fetched.reply_node,
-                };
-                shared.with_core_deferred(|core, now| core.fetched(fetched, now));
-            };
-            tokio::spawn(courier_cluster::fetch::run(
+            tokio::spawn(fetch_service(
+                shared.clone(),
                 connection.clone(),
                 service,
-                credit,
                 room.clone(),
-                deliver,
                 stopped,
             ));
         }
         let _ = tokio::time::timeout(FETCHERS_CHECK_EVERY, room.notified()).await;
     }
+}
+
+/// What a fetch loop asks before each pull: the room `service`'s
+/// instances here have.
+fn credit_of(shared: Weak<Shared>, service: String) -> impl Fn() -> u32 + Send + Sync {
+    move || {
+        shared
+            .upgrade()
+            .map_or(0, |s| s.core().fetch_credit(&service))
+    }
+}
+
+/// Where a fetch loop hands each message: the core.
+fn deliver_to(shared: Weak<Shared>) -> impl FnMut(courier_cluster::fetch::Fetched) + Send {
+    move |fetched| {
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let fetched = courier_broker::Fetched {
+            service: fetched.service,
+            message: fetched.message,
+            attempt: fetched.attempt,
+            handle: fetched.handle,
+            reply_node: fetched.reply_node,
+        };
+        shared.with_core_deferred(|core, now| core.fetched(fetched, now));
+    }
+}
+
+/// Fetches `service`'s messages until `stop`: its unkeyed lane always,
+/// its keyed lane only while this node holds the lane's lease
+/// (SCALE-OUT §5) — one fetcher at a time keeps each key's messages in
+/// order across nodes.
+async fn fetch_service(
+    shared: Weak<Shared>,
+    connection: Connection,
+    service: String,
+    room: Arc<Notify>,
+    stop: watch::Receiver<bool>,
+) {
+    let unkeyed = courier_cluster::fetch::run_lanes(
+        connection.clone(),
+        service.clone(),
+        &[Lane::Unkeyed],
+        credit_of(shared.clone(), service.clone()),
+        room.clone(),
+        deliver_to(shared.clone()),
+        stop.clone(),
+    );
+    let keyed = lead_keyed_lane(shared, connection, service, room, stop);
+    tokio::join!(unkeyed, keyed);
+}
+
+/// How often a node that does not hold a keyed lane's lease tries again.
+const LANE_LEASE_RETRY: Duration = Duration::from_secs(1);
+/// Added to the lane's ack deadline when a new holder waits for what the
+/// last one left unacknowledged.
+const TAKEOVER_MARGIN: Duration = Duration::from_millis(500);
+
+/// Takes the lease of `service`'s keyed lane whenever it is free, and
+/// fetches the lane while the lease is valid.
+async fn lead_keyed_lane(
+    shared: Weak<Shared>,
+    connection: Connection,
+    service: String,
+    room: Arc<Notify>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let Some((leases, node)) = shared.upgrade().and_then(|s| {
+        s.cluster
+            .as_ref()
+            .map(|e| (e.node.leases.clone(), e.node.node.clone()))
+    }) else {
+        return;
+    };
+    let key = courier_cluster::names::keyed_lane_lease(&service);
+    while !*stop.borrow() {
+        let acquired = Lease::acquire(&leases, &key, &node, LeaseTiming::default()).await;
+        let keeper = match acquired {
+            Ok(Acquired::Gained(lease)) => LeaseKeeper::keep(*lease),
+            Ok(Acquired::HeldBy { .. }) => {
+                let _ = tokio::time::timeout(LANE_LEASE_RETRY, stop.changed()).await;
+                continue;
+            }
+            Err(e) => {
+                warn!(error = %e, %service, "cannot take the keyed lane's lease; retrying");
+                let _ = tokio::time::timeout(LANE_LEASE_RETRY, stop.changed()).await;
+                continue;
+            }
+        };
+        info!(%service, "leading the keyed lane");
+        let mut holding = keeper.watch();
+        let (lane_stop, lane_stopped) = watch::channel(false);
+        let lane = async {
+            wait_for_takeover(&connection, &service).await;
+            courier_cluster::fetch::run_lanes(
+                connection.clone(),
+                service.clone(),
+                &[Lane::Keyed],
+                credit_of(shared.clone(), service.clone()),
+                room.clone(),
+                deliver_to(shared.clone()),
+                lane_stopped,
+            )
+            .await;
+        };
+        let fence = lease_ends(&mut holding);
+        let stopping = async {
+            while !*stop.borrow() {
+                if stop.changed().await.is_err() {
+                    break;
+                }
+            }
+        };
+        tokio::select! {
+            () = lane => {}
+            () = fence => {
+                warn!(%service, "the keyed lane's lease ended; this node stops fetching it");
+                let _ = lane_stop.send(true);
+            }
+            () = stopping => {
+                let _ = lane_stop.send(true);
+                if let Err(e) = keeper.release().await {
+                    warn!(error = %e, %service, "could not release the keyed lane's lease; it ages out");
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// Returns when the lease may no longer be acted on: lost, or its last
+/// confirmed renewal too old (no quorum to renew it).
+async fn lease_ends(holding: &mut watch::Receiver<Holding>) {
+    loop {
+        let valid_until = match &*holding.borrow() {
+            Holding::Held { valid_until, .. } => *valid_until,
+            Holding::Lost { .. } => return,
+        };
+        let expired = tokio::time::sleep_until(valid_until.into());
+        tokio::select! {
+            () = expired => return,
+            changed = holding.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// A new holder of a keyed lane waits until what the previous holder had
+/// fetched and not acknowledged is due for redelivery: JetStream hands
+/// redeliveries out before newer messages, so each key resumes from its
+/// first unacknowledged message, in order.
+async fn wait_for_takeover(connection: &Connection, service: &str) {
+    let name = courier_cluster::consumers::consumer_name(service, Lane::Keyed);
+    let consumer: Result<async_nats::jetstream::consumer::PullConsumer, _> = connection
+        .jetstream
+        .get_consumer_from_stream(&name, courier_cluster::names::MESSAGES_STREAM)
+        .await;
+    let Ok(mut consumer) = consumer else {
+        return; // none yet: nothing was fetched from it
+    };
+    let Ok(info) = consumer.info().await else {
+        return;
+    };
+    if info.num_ack_pending == 0 {
+        return;
+    }
+    let wait = info.config.ack_wait + TAKEOVER_MARGIN;
+    info!(
+        %service,
+        unacknowledged = info.num_ack_pending,
+        "waiting {wait:?} for the last holder's unacknowledged keyed messages"
+    );
+    tokio::time::sleep(wait).await;
 }
 
 /// Feeds the core every change of `courier_services`, from any node.

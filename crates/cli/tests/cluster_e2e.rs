@@ -3,105 +3,22 @@
 //! --backend nats://…` processes, with clients spread across both nodes,
 //! as a user runs them (docs/SCALE-OUT.md §19).
 
+mod cluster_common;
 mod common;
-// The three-server cluster harness of courier-cluster's own tests.
-#[path = "../../cluster/tests/common/mod.rs"]
-mod nats;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
+use cluster_common::{send_when_routed, until_received, Nodes};
 use common::*;
-use nats::{NatsCluster, Sync};
 
 const T: Duration = Duration::from_secs(30);
-
-/// The cluster and two Courier nodes on it, `a` and `b`.
-struct Nodes {
-    a: Broker,
-    b: Broker,
-    /// Declared after the nodes: the servers stop after them.
-    _cluster: NatsCluster,
-    _secrets: tempdir::Dir,
-}
-
-fn node_flags(cluster: &NatsCluster, secrets: &std::path::Path, id: &str) -> Vec<String> {
-    [
-        "--backend".to_string(),
-        cluster.backend_text(),
-        "--nats-user".to_string(),
-        nats::COURIER_USER.to_string(),
-        "--nats-password-file".to_string(),
-        secrets.join("nats.pass").display().to_string(),
-        "--nats-system-user".to_string(),
-        nats::SYSTEM_USER.to_string(),
-        "--nats-system-password-file".to_string(),
-        secrets.join("sys.pass").display().to_string(),
-        "--node-id".to_string(),
-        id.to_string(),
-    ]
-    .to_vec()
-}
-
-async fn start_nodes() -> Nodes {
-    let cluster = NatsCluster::start([Sync::Always; 3]).await;
-    let secrets = tempdir::Dir::new("secrets");
-    std::fs::write(secrets.path().join("nats.pass"), nats::COURIER_PASSWORD).expect("write");
-    std::fs::write(secrets.path().join("sys.pass"), nats::SYSTEM_PASSWORD).expect("write");
-    let start = |id: &str| {
-        let flags = node_flags(&cluster, secrets.path(), id);
-        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-        Broker::start_with(&flags)
-    };
-    let a = start("a");
-    let b = start("b");
-    Nodes {
-        a,
-        b,
-        _cluster: cluster,
-        _secrets: secrets,
-    }
-}
-
-/// Sends through `node` until it is accepted: a subscription made on the
-/// other node reaches this one's routing by the cluster's watch, a moment
-/// after the subscriber's RESULT.
-fn send_when_routed(node: &Broker, args: &[&str]) -> std::process::Output {
-    let deadline = Instant::now() + T;
-    loop {
-        let out = node.run(args);
-        if out.status.success() || Instant::now() > deadline {
-            return out;
-        }
-        assert!(
-            stderr(&out).contains("no_receiver"),
-            "refused for another reason than routing: {}",
-            stderr(&out)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// Publishes probe events through `node` until `subscriber` has one: its
-/// subscription is then in force cluster-wide. Returns once one arrived
-/// (the subscriber may yet see more probes).
-fn until_received(node: &Broker, subscriber: &Proc, name: &str) {
-    let deadline = Instant::now() + T;
-    loop {
-        assert!(Instant::now() < deadline, "no probe of {name} arrived");
-        let out = node.run(&["publish", name, "--data", "probe"]);
-        assert!(out.status.success(), "{}", stderr(&out));
-        if !subscriber.no_line(Duration::from_millis(300)) {
-            return;
-        }
-    }
-}
 
 /// One cluster and two nodes for every scenario: a cluster takes seconds
 /// to form, and three at once on one machine race for ports.
 #[tokio::test(flavor = "multi_thread")]
 async fn two_nodes_serve_one_bus() {
-    let nodes = start_nodes().await;
+    let nodes = Nodes::start().await;
     let scenarios: [(&str, fn(&Nodes)); 4] = [
         (
             "request and reply",

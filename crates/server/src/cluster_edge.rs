@@ -303,7 +303,7 @@ async fn lease_ends(holding: &mut watch::Receiver<Holding>) {
             Holding::Held { valid_until, .. } => *valid_until,
             Holding::Lost { .. } => return,
         };
-        let expired = tokio::time::sleep_until(valid_until.into());
+        let expired = tokio::time::sleep_until(valid_until);
         tokio::select! {
             () = expired => return,
             changed = holding.changed() => if changed.is_err() { return },

@@ -1,0 +1,511 @@
+//! Faults under two Courier nodes on a real three-server NATS JetStream
+//! cluster (docs/SCALE-OUT.md): a node killed with deliveries in flight,
+//! a delivery that fails until it is a dead letter, a nats-server killed
+//! while a client sends. Clients are the Rust SDK, as a user's services
+//! are.
+
+mod cluster_common;
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cluster_common::Nodes;
+use common::{wait_for_async, Broker};
+use courier_client::{Client, ClientOptions, ErrorCode, Incoming};
+use uuid::Uuid;
+
+/// How long anything the cluster owes (a routing, a redelivery after the
+/// ack deadline, a recovery after a server's restart) may take, at most.
+const T: Duration = Duration::from_secs(60);
+/// The ack deadline of the services here: short, so that what a dead
+/// node held comes back soon.
+const ACK_DEADLINE: Duration = Duration::from_secs(2);
+
+/// (message id, attempt) of each delivery a handler saw, in order.
+type Seen = Arc<Mutex<Vec<(Uuid, u32)>>>;
+
+fn seen(log: &Seen) -> Vec<(Uuid, u32)> {
+    log.lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .clone()
+}
+
+fn opts(node: &Broker, service: &str) -> ClientOptions {
+    let mut o = ClientOptions::new(node.addr.clone(), service);
+    o.reconnect_delay_max = Duration::from_millis(200);
+    o
+}
+
+async fn connect(o: ClientOptions) -> Client {
+    let addr = o.url.clone();
+    Client::connect(o)
+        .await
+        .unwrap_or_else(|e| panic!("connect to the node at {addr}: {e}"))
+}
+
+/// Subscribes `client` to `pattern` with a handler that records each
+/// delivery and then acks it (`hold: false`) or keeps it forever
+/// unsettled (`hold: true`).
+async fn recording(client: &Client, pattern: &str, hold: bool) -> Seen {
+    let log: Seen = Arc::default();
+    let handler_log = log.clone();
+    client
+        .on(pattern, move |msg: Incoming| {
+            let log = handler_log.clone();
+            async move {
+                log.lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .push((msg.message().id, msg.attempt()));
+                if hold {
+                    std::future::pending::<()>().await;
+                }
+                Ok::<(), courier_client::Error>(())
+            }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("subscribe to {pattern}: {e}"));
+    log
+}
+
+/// Sends a command through `client` until its node routes it: a
+/// subscription made on the other node reaches this one by the cluster's
+/// watch, a moment after the subscriber's RESULT.
+async fn send_when_routed(client: &Client, name: &str, payload: &serde_json::Value) -> Uuid {
+    let deadline = Instant::now() + cluster_common::ROUTED_WITHIN;
+    loop {
+        match client.send(name, payload).await {
+            Ok(id) => return id,
+            Err(e) if e.code() == Some(ErrorCode::NoReceiver) && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("send {name}: {e}"),
+        }
+    }
+}
+
+/// One cluster and two nodes for every scenario: a cluster takes seconds
+/// to form, and three at once on one machine race for ports.
+#[tokio::test(flavor = "multi_thread")]
+async fn nodes_and_servers_fail_and_nothing_acknowledged_is_lost() {
+    let started = Instant::now();
+    let mut nodes = Nodes::start_watched().await;
+    eprintln!("cluster and nodes up in {:?}", started.elapsed());
+    let started = Instant::now();
+    a_node_killed_with_deliveries_in_flight_leaves_them_to_the_other(&mut nodes).await;
+    eprintln!("a node killed: {:?}", started.elapsed());
+    let started = Instant::now();
+    a_failing_delivery_is_retried_after_its_delay_then_dead_lettered(&nodes).await;
+    eprintln!("dead letters: {:?}", started.elapsed());
+    let started = Instant::now();
+    a_server_killed_under_load_loses_and_doubles_no_acknowledged_event(&mut nodes).await;
+    eprintln!("a server killed: {:?}", started.elapsed());
+}
+
+async fn a_node_killed_with_deliveries_in_flight_leaves_them_to_the_other(nodes: &mut Nodes) {
+    const COMMANDS: usize = 50;
+    /// Sent while only node a's instance consumes, so that it holds some.
+    const FIRST: usize = 5;
+    const HELD_MAX: u32 = 10;
+    // Attempts enough that what node a held is never dead-lettered on the
+    // way (its core gives a delivery back at the ack deadline, and it may
+    // take it again before it dies).
+    const MAX_DELIVERIES: u32 = 20;
+    let service_opts = |node: &Broker| {
+        let mut o = opts(node, "work");
+        o.ack_deadline = Some(ACK_DEADLINE);
+        o.max_deliveries = Some(MAX_DELIVERIES);
+        o
+    };
+
+    // Node a's instance takes deliveries and never settles them.
+    let mut o = service_opts(&nodes.a);
+    o.max_in_flight = HELD_MAX;
+    o.drain_timeout = Duration::from_millis(100);
+    let holder = connect(o).await;
+    let held = recording(&holder, "work.do", true).await;
+    nodes.a.wait_consumers("work", 1, None);
+
+    let web = connect(opts(&nodes.b, "web")).await;
+    let mut sent = vec![send_when_routed(&web, "work.do", &serde_json::json!(0)).await];
+    for n in 1..FIRST {
+        sent.push(
+            web.send("work.do", &serde_json::json!(n))
+                .await
+                .unwrap_or_else(|e| panic!("send {n}: {e}")),
+        );
+    }
+    wait_for_async("node a's instance holds a delivery", T, || {
+        let held = seen(&held);
+        async move { (!held.is_empty()).then_some(()) }
+    })
+    .await;
+
+    // Node b's instance acks. The rest is sent while node a dies.
+    let acker = connect(service_opts(&nodes.b)).await;
+    let handled = recording(&acker, "work.do", false).await;
+    nodes.b.wait_consumers("work", 1, None);
+    let sender = {
+        let web = web.clone();
+        tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for n in FIRST..COMMANDS {
+                match web.send("work.do", &serde_json::json!(n)).await {
+                    Ok(id) => ids.push(id),
+                    Err(e) => panic!("send {n} through node b: {e}"),
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            ids
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let held_at_kill = seen(&held);
+    nodes.a.child.kill().expect("kill -9 node a");
+    nodes.a.child.wait().expect("reap node a");
+    let killed_at = Instant::now();
+    let rest = tokio::time::timeout(T, sender)
+        .await
+        .expect("the sends through node b finished in time")
+        .expect("the sender task");
+    sent.extend(rest);
+    // Whatever node a's instance got, it got before its node died.
+    let held_ids: BTreeSet<Uuid> = seen(&held).iter().map(|(id, _)| *id).collect();
+    holder.shutdown().await;
+
+    // Every acknowledged send is handled by node b's instance.
+    let wanted: BTreeSet<Uuid> = sent.iter().copied().collect();
+    assert_eq!(wanted.len(), COMMANDS, "every send got an id of its own");
+    let all = wait_for_async("every acknowledged command handled on node b", T, || {
+        let handled = seen(&handled);
+        let got: BTreeSet<Uuid> = handled.iter().map(|(id, _)| *id).collect();
+        let done = wanted.is_subset(&got);
+        async move { done.then_some(handled) }
+    })
+    .await;
+    eprintln!(
+        "node a held {} (at the kill {}: {:?}); node b had all {COMMANDS} {:?} after the kill",
+        held_ids.len(),
+        held_at_kill.len(),
+        held_at_kill,
+        killed_at.elapsed()
+    );
+    // Nothing more comes once the deadline of anything outstanding passed.
+    tokio::time::sleep(ACK_DEADLINE + Duration::from_secs(1)).await;
+    let all_later = seen(&handled);
+    assert_eq!(
+        all_later.len(),
+        all.len(),
+        "deliveries after all were handled: {:?}",
+        &all_later[all.len()..]
+    );
+
+    let mut first_attempt: BTreeMap<Uuid, u32> = BTreeMap::new();
+    let mut times: BTreeMap<Uuid, usize> = BTreeMap::new();
+    for (id, attempt) in &all_later {
+        assert!(wanted.contains(id), "node b handled {id}, never sent");
+        first_attempt.entry(*id).or_insert(*attempt);
+        *times.entry(*id).or_default() += 1;
+    }
+    for id in &held_ids {
+        assert!(
+            first_attempt[id] >= 2,
+            "{id}, held by node a, came to node b as attempt {}",
+            first_attempt[id]
+        );
+    }
+    let twice: Vec<(&Uuid, &usize)> = times.iter().filter(|(_, n)| **n > 1).collect();
+    eprintln!(
+        "ids node b handled more than once: {twice:?}; attempts seen on node b: {:?}",
+        all_later.iter().map(|(_, a)| a).collect::<BTreeSet<_>>()
+    );
+    for (id, n) in &twice {
+        assert!(
+            held_ids.contains(id),
+            "{id} handled {n} times on node b, and node a never had it; {}",
+            nodes.log_tails(30)
+        );
+    }
+
+    // Node a, started again with its flags, serves: a request through it
+    // is answered from node b.
+    let node_a = nodes.start_node("a");
+    nodes.a = node_a;
+    let echo = connect(opts(&nodes.b, "echo")).await;
+    echo.on("echo.ping", |msg: Incoming| async move {
+        let text: String = msg.json()?;
+        msg.reply("echo.pong", &text).await
+    })
+    .await
+    .expect("subscribe echo.ping");
+    let caller = connect(opts(&nodes.a, "web")).await;
+    let deadline = Instant::now() + cluster_common::ROUTED_WITHIN;
+    let reply = loop {
+        match caller.request("echo.ping", &"after the restart").await {
+            Ok(reply) => break reply,
+            Err(e) if e.code() == Some(ErrorCode::NoReceiver) && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!(
+                "a request through the restarted node a: {e}; {}",
+                nodes.log_tails(30)
+            ),
+        }
+    };
+    assert_eq!(reply.name(), "echo.pong");
+    assert_eq!(
+        reply.json::<String>().expect("a JSON string"),
+        "after the restart"
+    );
+    for client in [&web, &acker, &echo, &caller] {
+        client.shutdown().await;
+    }
+}
+
+async fn a_failing_delivery_is_retried_after_its_delay_then_dead_lettered(nodes: &Nodes) {
+    const SERVICE: &str = "flaky";
+    const NACK_DELAY: Duration = Duration::from_millis(300);
+    let mut o = opts(&nodes.a, SERVICE);
+    o.max_deliveries = Some(2);
+    o.nack_delay = NACK_DELAY;
+    o.ack_deadline = Some(ACK_DEADLINE);
+    let failing = connect(o).await;
+    let deliveries: Arc<Mutex<Vec<(u32, Instant)>>> = Arc::default();
+    let log = deliveries.clone();
+    failing
+        .on("flaky.run", move |msg: Incoming| {
+            let log = log.clone();
+            async move {
+                log.lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .push((msg.attempt(), Instant::now()));
+                Err::<(), _>(std::io::Error::other("always fails"))
+            }
+        })
+        .await
+        .expect("subscribe flaky.run");
+    let web = connect(opts(&nodes.b, "web")).await;
+    let id = send_when_routed(&web, "flaky.run", &serde_json::json!("once")).await;
+
+    let got = |deliveries: &Arc<Mutex<Vec<(u32, Instant)>>>| {
+        deliveries
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    };
+    wait_for_async("the second attempt", T, || {
+        let n = got(&deliveries).len();
+        async move { (n >= 2).then_some(()) }
+    })
+    .await;
+
+    // Stored in COURIER_DEAD, read as an operator would, past the nodes.
+    let connection = nodes.cluster.connect("test-reader").await;
+    let dead = connection
+        .jetstream
+        .get_stream("COURIER_DEAD")
+        .await
+        .expect("stream COURIER_DEAD");
+    let filter = format!("courier.dl.{SERVICE}.>");
+    let subject = wait_for_async("a dead letter of flaky", T, || {
+        let dead = dead.clone();
+        let filter = filter.clone();
+        async move {
+            use futures_util::TryStreamExt as _;
+            let mut info = dead.info_with_subjects(&filter).await.ok()?;
+            let mut subjects = Vec::new();
+            while let Ok(Some((subject, count))) = info.try_next().await {
+                subjects.push((subject, count));
+            }
+            match subjects.as_slice() {
+                [] => None,
+                [(subject, 1)] => Some(subject.clone()),
+                more => panic!("more than one dead letter of {SERVICE}: {more:?}"),
+            }
+        }
+    })
+    .await;
+    let letter = dead
+        .get_last_raw_message_by_subject(&subject)
+        .await
+        .expect("the dead letter");
+    let header = |name: &str| letter.headers.get(name).map(|v| v.as_str().to_string());
+    assert_eq!(
+        header("Courier-Attempts").as_deref(),
+        Some("2"),
+        "{:?}",
+        letter.headers
+    );
+    let reason = header("Courier-Reason").unwrap_or_default();
+    assert!(
+        !reason.is_empty(),
+        "no Courier-Reason: {:?}",
+        letter.headers
+    );
+    let message = courier_proto::decode_message(letter.payload.clone()).expect("a Courier message");
+    assert_eq!(message.id, id);
+    eprintln!("dead letter {subject}: reason {reason:?}");
+
+    // Not delivered again: past the nack delay and the ack deadline.
+    tokio::time::sleep(ACK_DEADLINE + Duration::from_secs(1)).await;
+    let deliveries = got(&deliveries);
+    let attempts: Vec<u32> = deliveries.iter().map(|(a, _)| *a).collect();
+    assert_eq!(attempts, [1, 2], "delivered as attempts 1 and 2 only");
+    let gap = deliveries[1].1 - deliveries[0].1;
+    assert!(
+        gap >= NACK_DELAY - Duration::from_millis(10),
+        "the second attempt came {gap:?} after the first, before the nack delay {NACK_DELAY:?}"
+    );
+    eprintln!("second attempt {gap:?} after the first");
+    failing.shutdown().await;
+    web.shutdown().await;
+}
+
+async fn a_server_killed_under_load_loses_and_doubles_no_acknowledged_event(nodes: &mut Nodes) {
+    const EVENTS: usize = 200;
+    /// Sent before the server is killed.
+    const BEFORE_KILL: usize = 30;
+    /// How long one event may take to be acknowledged, retries included.
+    const SEND_WITHIN: Duration = Duration::from_secs(60);
+
+    let ledger = connect(opts(&nodes.b, "ledger")).await;
+    let received = recording(&ledger, "tick.*", false).await;
+    // The SDK's send timeout (30 s) is longer than a node waits for
+    // JetStream's acknowledgement, so a send lost with the leader comes
+    // back as the node's own refusal.
+    let web = connect(opts(&nodes.a, "web")).await;
+    // In force cluster-wide once a probe through node a reached node b.
+    let probe_deadline = Instant::now() + cluster_common::ROUTED_WITHIN;
+    let mut probes = BTreeSet::new();
+    while seen(&received).is_empty() {
+        assert!(Instant::now() < probe_deadline, "no probe reached node b");
+        probes.insert(
+            web.publish("tick.probe", &"probe")
+                .await
+                .expect("publish a probe"),
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Aim at the leader of the messages stream: its loss interrupts
+    // every write until a new leader is elected.
+    let connection = nodes.cluster.connect("test-observer").await;
+    let mut messages = connection
+        .jetstream
+        .get_stream("COURIER_MSGS")
+        .await
+        .expect("stream COURIER_MSGS");
+    let leader = messages
+        .info()
+        .await
+        .expect("COURIER_MSGS info")
+        .cluster
+        .as_ref()
+        .and_then(|c| c.leader.clone())
+        .expect("COURIER_MSGS has a leader");
+    let victim = nodes.cluster.index_of(&leader);
+
+    let progress = Arc::new(AtomicUsize::new(0));
+    let refusals: Arc<Mutex<Vec<(usize, String)>>> = Arc::default();
+    let sender = {
+        let (web, progress, refusals) = (web.clone(), progress.clone(), refusals.clone());
+        tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut slowest = Duration::ZERO;
+            for n in 0..EVENTS {
+                let id = Uuid::now_v7();
+                let started = Instant::now();
+                let deadline = started + SEND_WITHIN;
+                loop {
+                    let sent = web
+                        .event("tick.n")
+                        .id(id)
+                        .json(&n)
+                        .expect("a JSON payload")
+                        .send()
+                        .await;
+                    match sent {
+                        Ok(_) => break,
+                        Err(e) => {
+                            refusals
+                                .lock()
+                                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                                .push((n, e.to_string()));
+                            assert!(
+                                Instant::now() < deadline,
+                                "event {n} ({id}) not acknowledged within {SEND_WITHIN:?}: {e}"
+                            );
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                    }
+                }
+                slowest = slowest.max(started.elapsed());
+                acked.push(id);
+                progress.store(n + 1, Ordering::Release);
+            }
+            (acked, slowest)
+        })
+    };
+    wait_for_async("events sent before the kill", T, || {
+        let n = progress.load(Ordering::Acquire);
+        async move { (n >= BEFORE_KILL).then_some(()) }
+    })
+    .await;
+    nodes.cluster.kill9(victim);
+    let killed_at = Instant::now();
+    let sent_at_kill = progress.load(Ordering::Acquire);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    nodes.cluster.restart(victim).await;
+    eprintln!(
+        "killed {leader} (the COURIER_MSGS leader) after {sent_at_kill} events; back with the cluster {:?} later",
+        killed_at.elapsed()
+    );
+    let (acked, slowest) = tokio::time::timeout(T * 2, sender)
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "the sender did not finish: {} of {EVENTS} acknowledged; {}\n{}",
+                progress.load(Ordering::Acquire),
+                nodes.log_tails(30),
+                nodes.cluster.logs()
+            )
+        })
+        .expect("the sender task");
+    let refusals = refusals
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .clone();
+    eprintln!(
+        "{} sends refused or timed out and retried with the same id: {refusals:?}; the slowest event took {slowest:?} to be acknowledged",
+        refusals.len()
+    );
+
+    // Every acknowledged event reaches node b's subscriber, once.
+    let wanted: BTreeSet<Uuid> = acked.iter().copied().collect();
+    assert_eq!(wanted.len(), EVENTS);
+    wait_for_async("every acknowledged event on node b", T, || {
+        let got: BTreeSet<Uuid> = seen(&received).iter().map(|(id, _)| *id).collect();
+        let missing = wanted.difference(&got).count();
+        async move { (missing == 0).then_some(()) }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut times: BTreeMap<Uuid, Vec<u32>> = BTreeMap::new();
+    for (id, attempt) in seen(&received) {
+        if probes.contains(&id) {
+            continue;
+        }
+        assert!(wanted.contains(&id), "node b received {id}, never sent");
+        times.entry(id).or_default().push(attempt);
+    }
+    let doubled: Vec<(&Uuid, &Vec<u32>)> = times.iter().filter(|(_, a)| a.len() > 1).collect();
+    assert!(
+        doubled.is_empty(),
+        "events received more than once on node b (id, attempts): {doubled:?}; {}",
+        nodes.log_tails(30)
+    );
+    web.shutdown().await;
+    ledger.shutdown().await;
+}

@@ -14,12 +14,15 @@ use common::*;
 
 const T: Duration = Duration::from_secs(30);
 
+/// One check run on the shared nodes.
+type Scenario = fn(&Nodes);
+
 /// One cluster and two nodes for every scenario: a cluster takes seconds
 /// to form, and three at once on one machine race for ports.
 #[tokio::test(flavor = "multi_thread")]
 async fn two_nodes_serve_one_bus() {
     let nodes = Nodes::start().await;
-    let scenarios: [(&str, fn(&Nodes)); 4] = [
+    let scenarios: [(&str, Scenario); 4] = [
         (
             "request and reply",
             a_command_sent_through_one_node_is_answered_from_the_other,

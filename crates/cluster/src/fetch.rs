@@ -24,6 +24,15 @@ use crate::Connection;
 /// (SCALE-OUT §16): the server holds a "no wait" pull open while the
 /// consumer is at `max_ack_pending` and then fills it with redeliveries.
 pub const FETCH_EXPIRES: Duration = Duration::from_secs(1);
+/// How long a lookup of a consumer may take before it is tried again.
+pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(1);
+
+fn lookup_timed_out() -> async_nats::jetstream::stream::ConsumerError {
+    async_nats::jetstream::stream::ConsumerError::new(
+        async_nats::jetstream::stream::ConsumerErrorKind::TimedOut,
+    )
+}
+
 /// The most messages one pull asks for, whatever the credit. JetStream
 /// gives each arriving message to the oldest waiting pull until that pull
 /// has its batch: a large batch would let one node take everything that
@@ -166,11 +175,18 @@ async fn lane_loop<C, D>(
     let mut retry = RETRY_PAUSE_MIN;
     while !stopping(&stop) {
         let Some(pulling) = consumer.as_ref() else {
-            match connection
-                .jetstream
-                .get_consumer_from_stream(&name, MESSAGES_STREAM)
-                .await
-            {
+            // Bounded well below the JetStream context's timeout: while a
+            // new consumer's leader is elected, a lookup can go unanswered,
+            // and waiting it out would stall the lane for seconds.
+            let lookup = tokio::time::timeout(
+                LOOKUP_TIMEOUT,
+                connection
+                    .jetstream
+                    .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(&name, MESSAGES_STREAM),
+            )
+            .await
+            .unwrap_or_else(|_| Err(lookup_timed_out()));
+            match lookup {
                 Ok(found) => {
                     consumer = Some(found);
                     retry = RETRY_PAUSE_MIN;
@@ -227,7 +243,12 @@ async fn lane_loop<C, D>(
                     }
                     continue;
                 }
-                next = batch.next() => next,
+                next = tokio::time::timeout(FETCH_EXPIRES + LOOKUP_TIMEOUT, batch.next()) => match next {
+                    Ok(next) => next,
+                    // The server never ended the pull (a consumer's leader
+                    // moving): ask again rather than wait on it.
+                    Err(_) => break,
+                },
             };
             match next {
                 None => break,
@@ -239,9 +260,15 @@ async fn lane_loop<C, D>(
                 }
                 Some(Err(e)) => {
                     // Consumer deleted (the service unsubscribed), a lost
-                    // connection, a server's refusal: look it up again.
-                    tracing::debug!("consumer {name}: {e}; looking it up again");
+                    // connection, a server's refusal (503 while its leader
+                    // is elected): look it up again, after a pause.
+                    tracing::debug!("consumer {name}: {e}; looking it up again in {retry:?}");
                     consumer = None;
+                    mine.store(0, Ordering::Release);
+                    if !pause_unless_stopped(retry, &mut stop).await {
+                        return;
+                    }
+                    retry = (retry * 2).min(RETRY_PAUSE_MAX);
                     break;
                 }
             }

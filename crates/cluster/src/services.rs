@@ -206,6 +206,18 @@ impl ServiceWriter {
         let Some(service) = service_of(change) else {
             return Ok(());
         };
+        if matches!(change, Upstream::Subscribe { .. }) {
+            // The consumers first: a node that learns of the subscription
+            // from the bucket routes to the service at once, and a message
+            // stored before the consumer that takes it exists never
+            // reaches the service.
+            let mut value = read(&self.services, service)
+                .await?
+                .map(|(value, _)| value)
+                .unwrap_or_default();
+            value.apply(change);
+            self.align_consumers(service, Some(&value)).await?;
+        }
         let entry = self.write_entry(service, change).await?;
         self.align_consumers(service, entry.as_ref()).await
     }

@@ -22,7 +22,7 @@ type Scenario = fn(&Nodes);
 #[tokio::test(flavor = "multi_thread")]
 async fn two_nodes_serve_one_bus() {
     let nodes = Nodes::start().await;
-    let scenarios: [(&str, Scenario); 4] = [
+    let scenarios: [(&str, Scenario); 5] = [
         (
             "request and reply",
             a_command_sent_through_one_node_is_answered_from_the_other,
@@ -36,6 +36,10 @@ async fn two_nodes_serve_one_bus() {
             a_resend_through_the_other_node_is_dropped_as_a_duplicate,
         ),
         ("keyed lane", keyed_messages_go_in_order_through_one_node),
+        (
+            "deferred and expiring",
+            deferred_messages_wait_and_expired_ones_are_dropped,
+        ),
     ];
     for (name, scenario) in scenarios {
         let started = Instant::now();
@@ -259,4 +263,49 @@ fn keyed_messages_go_in_order_through_one_node(nodes: &Nodes) {
         let expected: Vec<u64> = (0..PER_KEY).collect();
         assert_eq!(seqs, &expected, "{key} out of order or repeated");
     }
+}
+
+/// A deferred send waits in the cluster (a schedule the servers fire),
+/// not on a node; an expired one is dropped undelivered wherever it is
+/// fetched.
+fn deferred_messages_wait_and_expired_ones_are_dropped(nodes: &Nodes) {
+    // Subscribed, then gone: its messages wait in the cluster.
+    let mut first = nodes
+        .a
+        .spawn(&["subscribe", "remind.*", "--service", "remind"]);
+    until_received(&nodes.b, &first, "remind.probe");
+    first.kill9();
+    let out = nodes
+        .b
+        .run(&["send", "remind.soon", "--ttl", "1s", "--data", "stale"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let sent_at = Instant::now();
+    let out = nodes
+        .b
+        .run(&["send", "remind.later", "--delay", "3s", "--data", "later"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    std::thread::sleep(Duration::from_millis(1500));
+    let again = nodes
+        .a
+        .spawn(&["subscribe", "remind.*", "--service", "remind"]);
+    let deadline = Instant::now() + T;
+    loop {
+        assert!(Instant::now() < deadline, "the deferred message never came");
+        let Some(m) = again.try_json_line(Duration::from_millis(100)) else {
+            continue;
+        };
+        match m["name"].as_str() {
+            Some("remind.probe") => continue,
+            Some("remind.later") => {
+                let waited = sent_at.elapsed();
+                assert!(
+                    waited >= Duration::from_millis(2900),
+                    "delivered after {waited:?}, before its delay of 3 s"
+                );
+                break;
+            }
+            _ => panic!("an expired or unexpected message was delivered: {m}"),
+        }
+    }
+    assert!(again.no_line(Duration::from_millis(500)), "more arrived");
 }

@@ -134,13 +134,23 @@ impl Specs {
 
 fn specs(settings: &Settings) -> Specs {
     let mut messages = message_stream(MESSAGES_STREAM, MESSAGES_SUBJECTS, settings);
-    // A full log refuses sends (they fail `storage_failed`) rather than
-    // dropping stored messages nobody has consumed yet.
-    messages.discard = DiscardPolicy::New;
     messages.max_bytes = settings.retention_bytes.unwrap_or(-1);
     messages.allow_direct = true;
     // `Nats-TTL` on sends with `expires_at` frees their space early (§8).
     messages.allow_message_ttl = true;
+    if settings.retention_bytes.is_some() {
+        // A full log refuses sends (they fail `storage_failed`) rather
+        // than dropping stored messages nobody has consumed yet. JetStream
+        // schedules no messages in such a stream: deferred sends are
+        // refused then.
+        messages.discard = DiscardPolicy::New;
+    } else {
+        // Without a limit nothing is ever discarded, and a send with
+        // `deliver_at` is a schedule the servers fire (§8), which JetStream
+        // allows only with this policy.
+        messages.discard = DiscardPolicy::Old;
+        messages.allow_message_schedules = true;
+    }
 
     let mut deferred = message_stream(DEFERRED_STREAM, DEFERRED_SUBJECTS, settings);
     deferred.discard = DiscardPolicy::New;
@@ -565,6 +575,14 @@ fn compare(spec: &Spec, found: &stream::Config) -> (Vec<Mismatch>, Vec<Differenc
             format!("`nats stream edit {name} --allow-msg-ttl`"),
         );
     }
+    if want.allow_message_schedules && !found.allow_message_schedules {
+        refuse(
+            "allow_msg_schedules",
+            "false".into(),
+            "true".into(),
+            format!("`nats stream edit {name} --allow-schedules`"),
+        );
+    }
 
     let mut differences = Vec::new();
     if spec.bucket.is_none() {
@@ -692,7 +710,7 @@ mod tests {
         let spec = spec_named(MESSAGES_STREAM);
         let mut found = spec.config.clone();
         found.storage = StorageType::Memory;
-        found.discard = DiscardPolicy::Old;
+        found.discard = DiscardPolicy::New;
         found.max_age = Duration::from_secs(3600);
         found.allow_message_ttl = false;
         found.subjects = vec!["other.>".into()];

@@ -54,6 +54,9 @@ pub const REASON_HEADER: &str = "Courier-Reason";
 pub const DEAD_LETTERED_AT_HEADER: &str = "Courier-Dead-Lettered-At";
 /// Per-message TTL, whole seconds (JetStream, `allow_msg_ttl`).
 pub const TTL_HEADER: &str = "Nats-TTL";
+/// A deferred message's schedule and the subject it fires into.
+pub const SCHEDULE_HEADER: &str = "Nats-Schedule";
+pub const SCHEDULE_TARGET_HEADER: &str = "Nats-Schedule-Target";
 
 /// Settings of the consumers a subscription change creates.
 #[derive(Clone, Copy, Debug)]
@@ -69,6 +72,21 @@ impl Default for StoreOptions {
             max_ack_pending: MAX_ACK_PENDING_DEFAULT,
         }
     }
+}
+
+/// A schedule's time (`@at` and RFC 3339 UTC, whole seconds rounded up:
+/// never delivered before `deliver_at`).
+pub fn schedule_at(deliver_at: u64) -> String {
+    let seconds = deliver_at.div_ceil(1_000_000_000);
+    let time = UNIX_EPOCH + Duration::from_secs(seconds);
+    format!("@at {}", humantime::format_rfc3339_seconds(time))
+}
+
+/// Where a deferred message waits as a schedule: a subject of its own
+/// (a schedule's subject is its identity), outside every consumer's
+/// filter.
+pub fn schedule_subject(message: &Message) -> String {
+    format!("courier.m.s.{}", message.id.simple())
 }
 
 /// The subject a durable message is stored on in `COURIER_MSGS`:
@@ -262,6 +280,8 @@ pub struct ClusterStore {
     changes: mpsc::Sender<ServiceOp>,
     /// Whether `COURIER_MSGS` takes `Nats-TTL`.
     ttl_allowed: bool,
+    /// Whether `COURIER_MSGS` takes schedules (deferred sends).
+    schedules_allowed: bool,
     discards: u64,
     sync_started: Option<(Instant, u64)>,
     stats: StorageStats,
@@ -297,6 +317,11 @@ impl ClusterStore {
             publishes,
             changes,
             ttl_allowed: provisioned.messages.cached_info().config.allow_message_ttl,
+            schedules_allowed: provisioned
+                .messages
+                .cached_info()
+                .config
+                .allow_message_schedules,
             discards: 0,
             sync_started: None,
             stats: StorageStats::default(),
@@ -450,6 +475,22 @@ impl MessageStore for ClusterStore {
                 ttl_seconds(expires_at, unix_ns()).to_string().as_str(),
             );
         }
+        // Deferred: stored as a schedule of its own that the servers fire
+        // at `deliver_at` into the message's subject, replicated like any
+        // message, so it survives every node (§8).
+        let subject = match message.deliver_at {
+            Some(at) if at > unix_ns() && !self.schedules_allowed => {
+                return Err(StoreError::Io(
+                    "deferred delivery is not available: the cluster's message stream has a byte limit (--retention-bytes), and JetStream schedules no messages in a stream that refuses sends when full".to_string(),
+                ));
+            }
+            Some(at) if at > unix_ns() => {
+                headers.insert(SCHEDULE_HEADER, schedule_at(at).as_str());
+                headers.insert(SCHEDULE_TARGET_HEADER, subject.as_str());
+                schedule_subject(&message)
+            }
+            _ => subject,
+        };
         // Reserved first: a send refused for a full queue fails alone,
         // not the batch it would have joined.
         let permit = self.publishes.try_reserve().map_err(|e| {

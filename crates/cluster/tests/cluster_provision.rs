@@ -122,13 +122,14 @@ async fn an_existing_object_with_a_weaker_config_is_refused_naming_the_fix() {
         text.contains("KV bucket courier_leases (stream KV_courier_leases) exists with max_age 1m, Courier needs 10s: `nats stream edit KV_courier_leases --max-age=10s --dupe-window=10s`"),
         "{text}"
     );
-    // The log also lacks direct gets, per-message TTLs and `discard: new`.
+    // The log also lacks direct gets, per-message TTLs and schedules
+    // (without a byte limit, `discard: old` is what Courier creates).
     let settings: Vec<(&str, &str)> = found
         .iter()
         .map(|m| (m.object.as_str(), m.setting))
         .collect();
     assert!(
-        settings.contains(&("stream COURIER_MSGS", "discard")),
+        settings.contains(&("stream COURIER_MSGS", "allow_msg_schedules")),
         "{settings:?}"
     );
     assert!(
@@ -159,9 +160,10 @@ async fn an_existing_object_with_a_weaker_config_is_refused_naming_the_fix() {
         .unwrap();
     let mut config = log.info().await.unwrap().config.clone();
     config.num_replicas = 3;
-    config.discard = stream::DiscardPolicy::New;
+    config.discard = stream::DiscardPolicy::Old;
     config.allow_direct = true;
     config.allow_message_ttl = true;
+    config.allow_message_schedules = true;
     node.jetstream.update_stream(config).await.unwrap();
     let mut leases = node
         .jetstream

@@ -18,6 +18,7 @@ pub mod model;
 pub mod names;
 pub mod nodes;
 mod provision;
+pub mod reclaim;
 pub mod services;
 pub mod store;
 

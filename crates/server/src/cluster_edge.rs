@@ -117,6 +117,7 @@ pub(crate) fn start(shared: &Arc<Shared>) -> Vec<crate::AbortOnDrop> {
             shared,
         )))),
         crate::AbortOnDrop(tokio::spawn(keep_registered(edge.node.clone()))),
+        crate::AbortOnDrop(tokio::spawn(reclaim_while_leading(edge.node.clone()))),
     ];
     if let Some(rx) = forwards {
         tasks.push(crate::AbortOnDrop(tokio::spawn(forward_replies(
@@ -508,6 +509,47 @@ async fn forward_one(client: &async_nats::Client, forward: &Forward) -> (ErrorCo
                 FORWARD_TIMEOUT.as_secs()
             ),
         ),
+    }
+}
+
+/// How often the holder of the `reclaimer` lease purges what no consumer
+/// needs any more.
+const RECLAIM_EVERY: Duration = Duration::from_secs(30);
+
+/// Takes the `reclaimer` lease whenever it is free and, while it holds
+/// it, gives the log's space back every [`RECLAIM_EVERY`]
+/// (`courier_cluster::reclaim`): one node at a time does, whichever.
+async fn reclaim_while_leading(node: Arc<ClusterNode>) {
+    loop {
+        let acquired = Lease::acquire(
+            &node.leases,
+            courier_cluster::names::RECLAIMER_LEASE,
+            &node.node,
+            LeaseTiming::default(),
+        )
+        .await;
+        let keeper = match acquired {
+            Ok(Acquired::Gained(lease)) => LeaseKeeper::keep(*lease),
+            Ok(Acquired::HeldBy { .. }) => {
+                tokio::time::sleep(RECLAIM_EVERY).await;
+                continue;
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot take the reclaimer's lease; retrying");
+                tokio::time::sleep(LANE_LEASE_RETRY).await;
+                continue;
+            }
+        };
+        while keeper.is_valid_at(tokio::time::Instant::now()) {
+            match courier_cluster::reclaim::reclaim_once(&node.connection.jetstream).await {
+                Ok(Some(below)) => {
+                    tracing::debug!(below, "purged the stored sends every consumer is past")
+                }
+                Ok(None) => {}
+                Err(e) => warn!(error = %e, "the log's space was not reclaimed this time"),
+            }
+            tokio::time::sleep(RECLAIM_EVERY).await;
+        }
     }
 }
 

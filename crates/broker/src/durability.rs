@@ -86,12 +86,16 @@ fn conn_of(action: &Action) -> ConnId {
         | Action::TraceQuery { conn, .. }
         | Action::Close { conn, .. }
         | Action::ForwardReply { conn, .. } => *conn,
+        // No connection's: never held (a transient message is stored
+        // nowhere), so its "connection" orders nothing.
+        Action::ForwardTransient { .. } => 0,
     }
 }
 
 /// A delivery of something no store holds: it waits for no disk.
 fn stored_nowhere(action: &Action) -> bool {
     matches!(action, Action::Deliver { message, .. } if message.transient || message.kind == Kind::Reply)
+        || matches!(action, Action::ForwardTransient { .. })
 }
 
 impl Durability {

@@ -64,6 +64,14 @@ pub enum Action {
         node: String,
         message: Arc<Message>,
     },
+    /// A transient message for `service`, which has no instance here that
+    /// takes it, on a replicated backend: the edge offers it to the nodes
+    /// with instances of the service (one of them, at most once), whose
+    /// cores take it with [`crate::Broker::remote_transient`].
+    ForwardTransient {
+        service: String,
+        message: Arc<Message>,
+    },
     /// The broker gave up on the connection: the edge sends ERROR `code`
     /// with `reason` after what is queued for it, and closes it. The core
     /// has already taken back everything it held.

@@ -58,7 +58,7 @@ impl<S: MessageStore> Broker<S> {
             self.trace_accepted(&message, 0, &targets);
             self.tap(&message, targets.clone());
             for service in targets.iter() {
-                self.deliver_transient(service, &message);
+                self.deliver_transient(service, &message, false);
             }
             return Ok(0);
         }
@@ -188,7 +188,13 @@ impl<S: MessageStore> Broker<S> {
         }
     }
 
-    pub(crate) fn deliver_transient(&mut self, service: &str, message: &Arc<Message>) {
+    /// `remote`: it came from another node already, and goes no further.
+    pub(crate) fn deliver_transient(
+        &mut self,
+        service: &str,
+        message: &Arc<Message>,
+        remote: bool,
+    ) {
         let Some(svc) = self.services.get_mut(service) else {
             return;
         };
@@ -218,6 +224,13 @@ impl<S: MessageStore> Broker<S> {
         }
         if paused {
             self.metrics.transient_dropped_paused += 1;
+        } else if self.upstream && !remote {
+            // No instance here takes it: one on another node may
+            // (`Action::ForwardTransient`), at most once as always.
+            self.actions.push(Action::ForwardTransient {
+                service: service.to_string(),
+                message: message.clone(),
+            });
         } else {
             self.metrics.dropped_unrouted += 1;
         }

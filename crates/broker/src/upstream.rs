@@ -377,6 +377,16 @@ impl<S: MessageStore> Broker<S> {
     }
 }
 
+impl<S: MessageStore> Broker<S> {
+    /// A transient message another node offered to `service`'s instances
+    /// here ([`Action::ForwardTransient`]): delivered to one of them, or
+    /// dropped, at most once as always.
+    pub fn remote_transient(&mut self, service: &str, message: Arc<Message>, now: Nanos) {
+        self.now = now;
+        self.deliver_transient(service, &message, true);
+    }
+}
+
 /// A service's subscriptions as the backend holds them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RemoteSubscriptions {

@@ -22,7 +22,7 @@ type Scenario = fn(&Nodes);
 #[tokio::test(flavor = "multi_thread")]
 async fn two_nodes_serve_one_bus() {
     let nodes = Nodes::start().await;
-    let scenarios: [(&str, Scenario); 5] = [
+    let scenarios: [(&str, Scenario); 6] = [
         (
             "request and reply",
             a_command_sent_through_one_node_is_answered_from_the_other,
@@ -39,6 +39,10 @@ async fn two_nodes_serve_one_bus() {
         (
             "deferred and expiring",
             deferred_messages_wait_and_expired_ones_are_dropped,
+        ),
+        (
+            "transient",
+            transient_messages_reach_instances_on_other_nodes,
         ),
     ];
     for (name, scenario) in scenarios {
@@ -308,4 +312,29 @@ fn deferred_messages_wait_and_expired_ones_are_dropped(nodes: &Nodes) {
         }
     }
     assert!(again.no_line(Duration::from_millis(500)), "more arrived");
+}
+
+/// A transient message reaches an instance on another node (at most
+/// once), and one on the accepting node when there is one.
+fn transient_messages_reach_instances_on_other_nodes(nodes: &Nodes) {
+    let dash = nodes
+        .a
+        .spawn(&["subscribe", "gauge.*", "--service", "dash"]);
+    nodes.a.wait_consumers("dash", 1, None);
+    let deadline = Instant::now() + T;
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "no transient message crossed nodes"
+        );
+        let out = nodes
+            .b
+            .run(&["publish", "gauge.cpu", "--transient", "--data", "0.5"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        if let Some(m) = dash.try_json_line(Duration::from_millis(300)) {
+            assert_eq!(m["name"], "gauge.cpu");
+            assert_eq!(m["payload"], 0.5);
+            break;
+        }
+    }
 }

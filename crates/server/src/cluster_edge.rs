@@ -5,7 +5,11 @@
 //! - **Fetching.** For every service with an instance here that consumes,
 //!   a loop pulls from the service's consumers no more than the core's
 //!   [`Broker::fetch_credit`], and hands each message to
-//!   [`Broker::fetched`]. Loops start and stop as instances come and go.
+//!   [`Broker::fetched`] (the keyed lane only under its lease). Loops
+//!   start and stop as instances come and go.
+//! - **Transient messages** no instance here takes are offered to the
+//!   nodes with instances of their service, and taken from them.
+//! - **Reclaiming** the log's space, under the `reclaimer` lease.
 //! - **Subscriptions.** A watch of the `courier_services` bucket feeds
 //!   [`Broker::subscriptions_changed`]: a subscription made on any node
 //!   routes on every node.
@@ -71,12 +75,21 @@ pub(crate) struct Forward {
     pub message: Arc<Message>,
 }
 
+/// A transient message offered to another node's instances.
+pub(crate) struct Transient {
+    pub service: String,
+    pub message: Arc<Message>,
+}
+
 /// The edge's state the server shares.
 pub(crate) struct ClusterEdge {
     pub node: Arc<ClusterNode>,
     /// Replies to forward ([`courier_broker::Action::ForwardReply`]).
     pub forwards: mpsc::UnboundedSender<Forward>,
     forwards_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<Forward>>>,
+    /// Transient messages to offer ([`courier_broker::Action::ForwardTransient`]).
+    pub transients: mpsc::UnboundedSender<Transient>,
+    transients_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<Transient>>>,
     /// Woken after every pass of the core: room may have freed up for a
     /// fetch loop, or a service may have gained or lost its consumers.
     pub room: Arc<Notify>,
@@ -85,10 +98,13 @@ pub(crate) struct ClusterEdge {
 impl ClusterEdge {
     pub(crate) fn new(node: Arc<ClusterNode>) -> ClusterEdge {
         let (forwards, rx) = mpsc::unbounded_channel();
+        let (transients, transients_rx) = mpsc::unbounded_channel();
         ClusterEdge {
             node,
             forwards,
             forwards_rx: std::sync::Mutex::new(Some(rx)),
+            transients,
+            transients_rx: std::sync::Mutex::new(Some(transients_rx)),
             room: Arc::new(Notify::new()),
         }
     }
@@ -125,7 +141,83 @@ pub(crate) fn start(shared: &Arc<Shared>) -> Vec<crate::AbortOnDrop> {
             rx,
         ))));
     }
+    let transients = edge
+        .transients_rx
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    if let Some(rx) = transients {
+        tasks.push(crate::AbortOnDrop(tokio::spawn(offer_transients(
+            edge.node.connection.client.clone(),
+            rx,
+        ))));
+    }
     tasks
+}
+
+/// Where a service's transient messages are offered to other nodes: a
+/// core NATS subject per service and name, taken by one node of the
+/// service's queue group (SCALE-OUT §9).
+fn transient_subject(service: &str, name: &str) -> String {
+    format!(
+        "courier.t.{}.{name}",
+        courier_cluster::names::service_token(service)
+    )
+}
+
+/// Offers transient messages no instance here takes to the nodes that
+/// have instances of their service: at most once, as on one broker.
+async fn offer_transients(
+    client: async_nats::Client,
+    mut transients: mpsc::UnboundedReceiver<Transient>,
+) {
+    while let Some(Transient { service, message }) = transients.recv().await {
+        let mut payload = BytesMut::new();
+        if courier_proto::encode_message(&message, &mut payload).is_err() {
+            continue;
+        }
+        let subject = transient_subject(&service, &message.name);
+        if let Err(e) = client.publish(subject, payload.freeze()).await {
+            tracing::debug!(error = %e, "a transient message was not offered to other nodes");
+        }
+    }
+}
+
+/// Takes the transient messages other nodes offer to `service` while it
+/// has instances here (one node of the queue group gets each).
+async fn take_transients(
+    shared: Weak<Shared>,
+    client: async_nats::Client,
+    service: String,
+    mut stop: watch::Receiver<bool>,
+) {
+    let token = courier_cluster::names::service_token(&service);
+    let subject = format!("courier.t.{token}.>");
+    let mut offered = match client.queue_subscribe(subject, token).await {
+        Ok(offered) => offered,
+        Err(e) => {
+            warn!(error = %e, %service, "cannot take transient messages from other nodes");
+            return;
+        }
+    };
+    loop {
+        let message = tokio::select! {
+            message = offered.next() => message,
+            _ = stop.changed() => None,
+        };
+        let Some(message) = message else {
+            return;
+        };
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        match courier_proto::decode_message(message.payload) {
+            Ok(decoded) => shared.with_core_deferred(|core, now| {
+                core.remote_transient(&service, Arc::new(decoded), now)
+            }),
+            Err(e) => tracing::debug!(error = %e, "an offered transient message does not decode"),
+        }
+    }
 }
 
 /// Keeps one fetch loop per service that has a consuming instance here.
@@ -197,7 +289,8 @@ fn deliver_to(shared: Weak<Shared>) -> impl FnMut(courier_cluster::fetch::Fetche
 /// Fetches `service`'s messages until `stop`: its unkeyed lane always,
 /// its keyed lane only while this node holds the lane's lease
 /// (SCALE-OUT §5) — one fetcher at a time keeps each key's messages in
-/// order across nodes.
+/// order across nodes — and takes the transient messages other nodes
+/// offer it.
 async fn fetch_service(
     shared: Weak<Shared>,
     connection: Connection,
@@ -214,8 +307,14 @@ async fn fetch_service(
         deliver_to(shared.clone()),
         stop.clone(),
     );
+    let transients = take_transients(
+        shared.clone(),
+        connection.client.clone(),
+        service.clone(),
+        stop.clone(),
+    );
     let keyed = lead_keyed_lane(shared, connection, service, room, stop);
-    tokio::join!(unkeyed, keyed);
+    tokio::join!(unkeyed, keyed, transients);
 }
 
 /// How often a node that does not hold a keyed lane's lease tries again.

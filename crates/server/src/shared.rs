@@ -301,6 +301,14 @@ impl Shared {
                     });
                     continue;
                 }
+                Action::ForwardTransient { service, message } => {
+                    if let Some(edge) = &self.cluster {
+                        let _ = edge
+                            .transients
+                            .send(crate::cluster_edge::Transient { service, message });
+                    }
+                    continue;
+                }
                 other => other,
             };
             let conn = match &action {
@@ -313,6 +321,7 @@ impl Shared {
                 | Action::TraceQuery { conn, .. }
                 | Action::Close { conn, .. }
                 | Action::ForwardReply { conn, .. } => *conn,
+                Action::ForwardTransient { .. } => continue,
             };
             if current.as_ref().is_none_or(|(c, _)| *c != conn) {
                 current = None;
@@ -367,7 +376,7 @@ impl Shared {
                     pushed
                 }
                 Action::Pong { nonce, .. } => state.writer.push(&Frame::Pong(nonce)),
-                Action::ForwardReply { .. } => Ok(()),
+                Action::ForwardReply { .. } | Action::ForwardTransient { .. } => Ok(()),
                 Action::StartTail {
                     conn,
                     request,

@@ -413,3 +413,48 @@ fn a_service_pauses_as_a_whole_on_a_backend() {
         .expect("the whole service resumes");
     assert_eq!(h.broker.fetch_credit("worker"), 10);
 }
+
+#[test]
+fn a_transient_message_no_instance_here_takes_is_offered_to_other_nodes() {
+    let mut h = node();
+    h.broker.subscriptions_changed(
+        "dash",
+        Some(RemoteSubscriptions {
+            patterns: vec![("metrics.*".to_string(), false)],
+            ..Default::default()
+        }),
+        h.now,
+    );
+    h.connect(2, "probe", 10);
+    let mut m = event("metrics.cpu", "0.5");
+    m.transient = true;
+    h.send(2, 1, m);
+    let actions = h.actions();
+    let offered: Vec<&str> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::ForwardTransient { service, .. } => Some(service.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(offered, vec!["dash"]);
+    // Offered here from elsewhere: one local instance takes it, or nobody.
+    let mut m = event("metrics.cpu", "0.7");
+    m.transient = true;
+    let m = Arc::new(m);
+    h.broker.remote_transient("dash", m.clone(), h.now);
+    let actions = h.actions();
+    assert!(
+        !actions
+            .iter()
+            .any(|a| matches!(a, Action::ForwardTransient { .. })),
+        "offered on again: {actions:?}"
+    );
+    h.connect(1, "dash", 10);
+    h.subscribe(1, "metrics.*");
+    h.actions();
+    h.broker.remote_transient("dash", m, h.now);
+    let delivered = h.deliveries();
+    assert_eq!(delivered.len(), 1);
+    assert_eq!(delivered[0].0, 1);
+}

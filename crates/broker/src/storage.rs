@@ -114,6 +114,49 @@ impl<S: MessageStore> Broker<S> {
             self.actions.append(&mut self.unsynced);
             return;
         }
+        if self.upstream {
+            // The backend, not this store, holds the state: nothing to
+            // rebuild from it. The batch's sends and changes are refused
+            // (a resend with the same id is safe), its deliveries of
+            // fetched messages stand.
+            self.alerts.push(format!(
+                "storage sync failed: {error}; refusing this batch's sends and changes"
+            ));
+            let reason = format!("not stored: {error}");
+            let batch: Vec<Action> = self
+                .actions
+                .drain(..)
+                .chain(self.unsynced.drain(..))
+                .collect();
+            for action in batch {
+                let action = match action {
+                    Action::SendResult {
+                        conn, seq, code, ..
+                    } if code.is_ok() => Action::SendResult {
+                        conn,
+                        seq,
+                        code: ErrorCode::StorageFailed,
+                        reason: reason.clone(),
+                        log_seq: 0,
+                    },
+                    Action::OpResult {
+                        conn,
+                        request,
+                        code,
+                        ..
+                    } if code.is_ok() => Action::OpResult {
+                        conn,
+                        request,
+                        code: ErrorCode::StorageFailed,
+                        reason: reason.clone(),
+                    },
+                    other => other,
+                };
+                self.actions.push(action);
+            }
+            self.batch_ops.clear();
+            return;
+        }
         self.alerts.push(format!(
             "storage sync failed: {error}; refusing this batch and rebuilding state from the log"
         ));

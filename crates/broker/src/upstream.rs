@@ -375,9 +375,7 @@ impl<S: MessageStore> Broker<S> {
             )
         }
     }
-}
 
-impl<S: MessageStore> Broker<S> {
     /// A transient message another node offered to `service`'s instances
     /// here ([`Action::ForwardTransient`]): delivered to one of them, or
     /// dropped, at most once as always.

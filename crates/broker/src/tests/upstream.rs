@@ -18,6 +18,8 @@ struct BackendStore {
     told: Vec<Upstream>,
     next_seq: Seq,
     syncs: u32,
+    /// The next sync fails (no quorum).
+    fail_next_sync: bool,
 }
 
 impl BackendStore {
@@ -55,6 +57,9 @@ impl MessageStore for BackendStore {
     }
     fn sync(&mut self) -> Result<(), StoreError> {
         self.syncs += 1;
+        if std::mem::take(&mut self.fail_next_sync) {
+            return Err(StoreError::Io("no quorum".to_string()));
+        }
         Ok(())
     }
     fn replay_chunk(&mut self, _: Seq, _: usize) -> Result<Vec<(Seq, Replayed)>, StoreError> {
@@ -457,4 +462,29 @@ fn a_transient_message_no_instance_here_takes_is_offered_to_other_nodes() {
     let delivered = h.deliveries();
     assert_eq!(delivered.len(), 1);
     assert_eq!(delivered[0].0, 1);
+}
+
+#[test]
+fn a_failed_publish_refuses_its_send_and_keeps_the_nodes_state() {
+    let mut h = node();
+    h.connect(1, "worker", 10);
+    h.subscribe(1, "job.*");
+    h.actions();
+    h.broker.fetched(
+        fetched("worker", command("job.run", "a"), 1, "ack-a"),
+        h.now,
+    );
+    assert_eq!(h.deliveries().len(), 1);
+    h.connect(2, "web", 10);
+    h.broker.store_mut().fail_next_sync = true;
+    h.send(2, 1, command("job.run", "x"));
+    let actions = h.actions();
+    assert_eq!(results(&actions), vec![(1, ErrorCode::StorageFailed)]);
+    // Nothing rebuilt from the (empty) store: the subscription routes, and
+    // what was fetched is still held and in flight.
+    h.advance(10);
+    h.send(2, 2, command("job.run", "y"));
+    assert_eq!(results(&h.actions()), vec![(2, ErrorCode::Ok)]);
+    assert_eq!(h.broker.store().held.len(), 1);
+    assert_eq!(h.broker.fetch_credit("worker"), 9);
 }

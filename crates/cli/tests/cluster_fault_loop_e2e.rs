@@ -15,7 +15,7 @@ mod common;
 mod fault_checker;
 
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -53,6 +53,8 @@ const ACK_SLACK: Duration = Duration::from_secs(1);
 /// What the clients record, timed from one start.
 struct Log {
     start: Instant,
+    /// Sends acknowledged so far.
+    acknowledged: AtomicUsize,
     deliveries: Mutex<Vec<Delivery>>,
     disconnects: Mutex<Vec<(String, Duration)>>,
 }
@@ -70,8 +72,38 @@ impl Log {
     }
 }
 
-/// Sends tried again, by the reason the try failed.
-type Retries = Arc<Mutex<std::collections::BTreeMap<String, usize>>>;
+/// Sends tried again: (sender, why the try failed, when).
+type Retries = Arc<Mutex<Vec<(u32, String, Duration)>>>;
+
+/// Retries as runs of one sender and one reason with gaps under 2 s
+/// (where the load stalled), the runs longer than a second, with the
+/// fault under way when each began.
+fn stalls(retries: &[(u32, String, Duration)], faults: &[Fault]) -> Vec<String> {
+    let mut runs: Vec<(u32, String, Duration, Duration, usize)> = Vec::new();
+    for (sender, reason, at) in retries {
+        match runs
+            .iter_mut()
+            .rev()
+            .find(|r| r.0 == *sender && r.1 == *reason)
+        {
+            Some(run) if *at - run.3 < Duration::from_secs(2) => {
+                run.3 = *at;
+                run.4 += 1;
+            }
+            _ => runs.push((*sender, reason.clone(), *at, *at, 1)),
+        }
+    }
+    runs.iter()
+        .filter(|r| r.3 - r.2 > Duration::from_secs(1))
+        .map(|(sender, reason, from, to, n)| {
+            let during = faults.iter().rev().find(|f| f.start <= *from).map_or_else(
+                || "before the first fault".to_string(),
+                |f| format!("cycle {} {}", f.cycle, f.what),
+            );
+            format!("sender {sender}: {n} x {reason} from {from:?} to {to:?} (after {during})")
+        })
+        .collect()
+}
 
 /// What a command carries, for the checker.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -186,11 +218,11 @@ async fn send_orders(
                     let reason = e
                         .code()
                         .map_or_else(|| e.to_string(), |code| format!("{code:?}"));
-                    *retries
+                    let at = log.now();
+                    retries
                         .lock()
                         .unwrap_or_else(|poisoned| poisoned.into_inner())
-                        .entry(reason)
-                        .or_default() += 1;
+                        .push((sender, reason, at));
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 Err(e) => {
@@ -207,6 +239,7 @@ async fn send_orders(
             seq,
             at: log.now(),
         });
+        log.acknowledged.fetch_add(1, Ordering::Relaxed);
         next_seq[slot] += 1;
         n += 1;
         tokio::time::sleep(SEND_PAUSE).await;
@@ -232,6 +265,8 @@ fn node(nodes: &mut Nodes, i: usize) -> &mut common::Broker {
 }
 
 const NODE_IDS: [&str; 2] = ["a", "b"];
+/// A node start slower than this is reported with what the node logged.
+const SLOW_START: Duration = Duration::from_secs(5);
 
 fn kill_node(nodes: &mut Nodes, i: usize) {
     let child = &mut node(nodes, i).child;
@@ -247,8 +282,22 @@ fn restart_node(nodes: &mut Nodes, i: usize, past_logs: &mut Vec<(String, common
         past_logs.push((id.to_string(), log.clone()));
     }
     let addr = node(nodes, i).addr.clone();
+    let started = Instant::now();
     let fresh = tokio::task::block_in_place(|| nodes.start_node_on(id, &addr));
     *node(nodes, i) = fresh;
+    // A slow start is where a cycle's time goes: say what the node did.
+    if started.elapsed() > SLOW_START {
+        let said = nodes
+            .logs
+            .get(id)
+            .map(common::StderrLog::text)
+            .filter(|text| !text.is_empty())
+            .unwrap_or_else(|| "nothing (at level info)".to_string());
+        eprintln!(
+            "node {id} took {:?} to start again; before its ready line it said {said}",
+            started.elapsed()
+        );
+    }
 }
 
 /// Runs fault `cycle` (round-robin over the five of §17; the server and
@@ -306,6 +355,7 @@ async fn the_fault_loop_loses_reorders_and_doubles_nothing_unexplained() {
     let mut nodes = Nodes::start_watched().await;
     let log = Arc::new(Log {
         start: Instant::now(),
+        acknowledged: AtomicUsize::new(0),
         deliveries: Mutex::default(),
         disconnects: Mutex::default(),
     });
@@ -352,8 +402,9 @@ async fn the_fault_loop_loses_reorders_and_doubles_nothing_unexplained() {
         let what = fault(&mut nodes, cycle, &mut past_logs).await;
         let end = log.now();
         eprintln!(
-            "cycle {cycle}: {what} ({:?}); {} delivered so far",
+            "cycle {cycle}: {what} ({:?}); so far {} acknowledged, {} delivered",
             end - start,
+            log.acknowledged.load(Ordering::Relaxed),
             log.deliveries().len()
         );
         faults.push(Fault {
@@ -408,6 +459,17 @@ async fn the_fault_loop_loses_reorders_and_doubles_nothing_unexplained() {
         cycles: cycle,
     };
     let verdict = fault_checker::check(&history, ACK_SLACK);
+    let retries = retries
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .clone();
+    let mut retry_reasons = std::collections::BTreeMap::<&str, usize>::new();
+    for (_, reason, _) in &retries {
+        *retry_reasons.entry(reason).or_default() += 1;
+    }
+    for stall in stalls(&retries, &history.faults) {
+        eprintln!("stalled: {stall}");
+    }
     let connected: Vec<String> = instances
         .iter()
         .chain(&sender_clients)
@@ -424,9 +486,7 @@ async fn the_fault_loop_loses_reorders_and_doubles_nothing_unexplained() {
         verdict.deliveries,
         verdict.late_repeats,
         verdict.unsent.len(),
-        retries
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        retry_reasons,
         history.disconnects.len(),
         run_started.elapsed()
     );

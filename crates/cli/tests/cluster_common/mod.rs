@@ -68,7 +68,8 @@ impl Nodes {
         std::fs::write(secrets.path().join("sys.pass"), nats::SYSTEM_PASSWORD).expect("write");
         let mut logs = std::collections::BTreeMap::new();
         let mut start = |id: &str| {
-            let (node, log) = start_node(&cluster, &secrets, id, watched);
+            let listen = format!("127.0.0.1:{}", crate::common::free_port());
+            let (node, log) = start_node(&cluster, &secrets, id, &listen, watched);
             if let Some(log) = log {
                 logs.insert(id.to_string(), log);
             }
@@ -89,7 +90,14 @@ impl Nodes {
     /// Starts node `id` again with the flags it first had (on a new
     /// client port); the caller puts it in place of the dead one.
     pub fn start_node(&mut self, id: &str) -> Broker {
-        let (node, log) = start_node(&self.cluster, &self.secrets, id, self.watched);
+        let listen = format!("127.0.0.1:{}", crate::common::free_port());
+        self.start_node_on(id, &listen)
+    }
+
+    /// [`Nodes::start_node`] on the client address `listen`: the one a
+    /// dead node had, so that clients given it find the node back.
+    pub fn start_node_on(&mut self, id: &str, listen: &str) -> Broker {
+        let (node, log) = start_node(&self.cluster, &self.secrets, id, listen, self.watched);
         if let Some(log) = log {
             self.logs.insert(id.to_string(), log);
         }
@@ -115,16 +123,19 @@ fn start_node(
     cluster: &NatsCluster,
     secrets: &tempdir::Dir,
     id: &str,
+    listen: &str,
     watched: bool,
 ) -> (Broker, Option<StderrLog>) {
     let flags = node_flags(cluster, secrets.path(), id);
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     if watched {
-        let listen = format!("127.0.0.1:{}", crate::common::free_port());
-        let (node, log) = Broker::start_watched_with(&listen, tempdir::Dir::new("node"), &flags);
+        let (node, log) = Broker::start_watched_with(listen, tempdir::Dir::new("node"), &flags);
         (node, Some(log))
     } else {
-        (Broker::start_with(&flags), None)
+        (
+            Broker::start_on_with(listen, tempdir::Dir::new("node"), &flags),
+            None,
+        )
     }
 }
 

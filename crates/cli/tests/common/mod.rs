@@ -125,6 +125,11 @@ impl Broker {
         )
     }
 
+    /// [`Broker::start_on`] with extra `serve` flags.
+    pub fn start_on_with(listen: &str, data_dir: tempdir::Dir, extra: &[&str]) -> Broker {
+        Broker::start_full(listen, data_dir, extra)
+    }
+
     fn start_full(listen: &str, data_dir: tempdir::Dir, extra: &[&str]) -> Broker {
         Broker::start_logging(listen, data_dir, extra, "warn", Stdio::inherit())
     }

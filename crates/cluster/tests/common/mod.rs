@@ -125,7 +125,7 @@ impl NatsCluster {
 
     /// Waits until every running server answers the system account's JSZ
     /// ping and they agree on a meta leader.
-    async fn wait_formed(&self) {
+    pub async fn wait_formed(&self) {
         let until = Instant::now() + FORM_DEADLINE;
         let running = self.servers.iter().filter(|s| s.child.is_some()).count();
         let mut last = None;
@@ -250,6 +250,16 @@ impl NatsCluster {
         self.try_system_client()
             .await
             .expect("connect as the system account")
+    }
+
+    /// The PID of server `i`, while it runs (for `kill -STOP`).
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.servers[i].child.as_ref().map(Child::id)
+    }
+
+    /// How many servers the cluster has, running or not.
+    pub fn server_count(&self) -> usize {
+        self.servers.len()
     }
 
     /// `kill -9` server `i` (by its PID) and reap it.

@@ -9,7 +9,8 @@ use courier_proto::{ErrorCode, Kind, Message};
 use courier_store::MessageStore;
 use serde_json::{json, Value};
 
-use crate::{Broker, ConnId, DeadLetter, Nanos};
+use crate::streams::ReplyFate;
+use crate::{Broker, ConnId, DeadLetter, DeadLetterFound, DeadLetterQuery, Nanos};
 
 /// Names under this prefix belong to the broker.
 pub const SYSTEM_PREFIX: &str = "courier.";
@@ -72,9 +73,11 @@ impl<S: MessageStore> Broker<S> {
     pub(crate) fn system_command(
         &mut self,
         conn: ConnId,
+        seq: u64,
+        quiet: bool,
         command: &Message,
         now: Nanos,
-    ) -> Result<(), Refusal> {
+    ) -> Result<ReplyFate, Refusal> {
         let args: Value = if command.payload.is_empty() {
             Value::Null
         } else {
@@ -114,7 +117,7 @@ impl<S: MessageStore> Broker<S> {
                     filter,
                 });
                 // The network edge answers from here on, reply by reply.
-                return Ok(());
+                return Ok(ReplyFate::Delivered);
             }
             "courier.trace.get" | "courier.trace.find" => {
                 if !self.is_tracing() {
@@ -141,82 +144,78 @@ impl<S: MessageStore> Broker<S> {
                     query,
                 });
                 // The network edge answers: the traces live there.
-                return Ok(());
+                return Ok(ReplyFate::Delivered);
             }
-            "courier.dead-letters.list" => {
-                let service = service()?;
-                // Paging: a page by id (`limit`, so one answer reads a
-                // bounded number of messages); a page too long for one
-                // frame is cut (see `fit`). Either way the last element
-                // says after which id the rest is listed.
-                let after = match args.get("after") {
-                    None | Some(Value::Null) => 0,
-                    Some(v) => v.as_u64().ok_or_else(|| {
-                        (
-                            ErrorCode::InvalidMessage,
-                            format!("after must be a dead letter id (a whole number), not {v}"),
-                        )
-                    })?,
+            "courier.dead-letters.list"
+            | "courier.dead-letters.show"
+            | "courier.dead-letters.replay"
+            | "courier.dead-letters.purge" => {
+                let query = match command.name.as_str() {
+                    "courier.dead-letters.list" => {
+                        // Paging: a page by id (`limit`, so one answer
+                        // reads a bounded number of messages); a page too
+                        // long for one frame is cut (see `fit`). Either
+                        // way the last element says after which id the
+                        // rest is listed.
+                        let after = match args.get("after") {
+                            None | Some(Value::Null) => 0,
+                            Some(v) => v.as_u64().ok_or_else(|| {
+                                (
+                                    ErrorCode::InvalidMessage,
+                                    format!(
+                                        "after must be a dead letter id (a whole number), not {v}"
+                                    ),
+                                )
+                            })?,
+                        };
+                        let limit = match args.get("limit") {
+                            None | Some(Value::Null) => DEAD_LETTERS_PAGE_DEFAULT,
+                            Some(v) => v
+                                .as_u64()
+                                .filter(|n| (1..=DEAD_LETTERS_PAGE_MAX as u64).contains(n))
+                                .ok_or_else(|| {
+                                    (
+                                        ErrorCode::InvalidMessage,
+                                        format!(
+                                            "limit must be a whole number from 1 to {DEAD_LETTERS_PAGE_MAX}, not {v}"
+                                        ),
+                                    )
+                                })? as usize,
+                        };
+                        DeadLetterQuery::List {
+                            service: service()?,
+                            after,
+                            limit,
+                        }
+                    }
+                    "courier.dead-letters.show" => DeadLetterQuery::Show {
+                        service: service()?,
+                        id: id()?,
+                    },
+                    "courier.dead-letters.replay" => DeadLetterQuery::Replay {
+                        service: service()?,
+                        id: id()?,
+                    },
+                    _ => DeadLetterQuery::Purge {
+                        service: service()?,
+                        id: args.get("id").and_then(Value::as_u64),
+                    },
                 };
-                let limit = match args.get("limit") {
-                    None | Some(Value::Null) => DEAD_LETTERS_PAGE_DEFAULT,
-                    Some(v) => v
-                        .as_u64()
-                        .filter(|n| (1..=DEAD_LETTERS_PAGE_MAX as u64).contains(n))
-                        .ok_or_else(|| {
-                            (
-                                ErrorCode::InvalidMessage,
-                                format!(
-                                    "limit must be a whole number from 1 to {DEAD_LETTERS_PAGE_MAX}, not {v}"
-                                ),
-                            )
-                        })? as usize,
-                };
-                let page = self.dead_letters_page(&service, after, limit);
-                let mut letters: Vec<Value> = page
-                    .letters
-                    .iter()
-                    .map(|(d, m)| dead_letter_json(d, m.as_ref(), false))
-                    .collect();
-                if let Some(rest_after) = page.rest_after() {
-                    letters.push(json!({
-                        "truncated": true,
-                        "shown": page.letters.len(),
-                        "total": page.total_after,
-                        "reason": format!("a page holds at most {limit} (limit)"),
-                        "rest_after": rest_after,
-                    }));
+                if self.upstream {
+                    // The backend keeps the dead letters: the edge reads
+                    // them and answers (`dead_letters_answered`), the send
+                    // with the reply.
+                    self.actions.push(crate::Action::DeadLetterQuery {
+                        conn,
+                        seq,
+                        quiet,
+                        request: command.id,
+                        activity_id: command.activity_id,
+                        query,
+                    });
+                    return Ok(ReplyFate::Held);
                 }
-                ("courier.dead-letters.listing", json!(letters))
-            }
-            "courier.dead-letters.show" => {
-                let (service, id) = (service()?, id()?);
-                let letters = self.dead_letters(&service);
-                let (d, m) = letters.iter().find(|(d, _)| d.seq == id).ok_or_else(|| {
-                    (
-                        ErrorCode::InvalidMessage,
-                        format!("service {service} has no dead letter {id}"),
-                    )
-                })?;
-                ("courier.dead-letter", dead_letter_json(d, m.as_ref(), true))
-            }
-            "courier.dead-letters.replay" => {
-                let (service, id) = (service()?, id()?);
-                self.revive(&service, id, now)
-                    .map_err(|e| (ErrorCode::InvalidMessage, e))?;
-                (
-                    "courier.dead-letters.replayed",
-                    json!({"service": service, "id": id}),
-                )
-            }
-            "courier.dead-letters.purge" => {
-                let service = service()?;
-                let only = args.get("id").and_then(Value::as_u64).map(|id| vec![id]);
-                let purged = self.purge(&service, only.as_deref());
-                (
-                    "courier.dead-letters.purged",
-                    json!({"service": service, "purged": purged}),
-                )
+                self.dead_letters_here(query, now)?.answer()
             }
             "courier.subscriptions.pause" | "courier.subscriptions.resume" => {
                 let service = service()?;
@@ -315,7 +314,7 @@ impl<S: MessageStore> Broker<S> {
                     }
                 };
                 let Some(c) = self.conns.get(&conn) else {
-                    return Ok(());
+                    return Ok(ReplyFate::Delivered);
                 };
                 let (service, instance) = (c.service.to_string(), c.instance.to_string());
                 self.advertise_bus_instance(&service, &instance, address.clone(), meta)
@@ -347,9 +346,72 @@ impl<S: MessageStore> Broker<S> {
                 ))
             }
         };
+        let reply = self.admin_reply(
+            command.id,
+            command.activity_id,
+            &command.name,
+            outcome,
+            body,
+            now,
+        )?;
+        self.deliver_untracked(conn, Arc::new(reply));
+        Ok(ReplyFate::Delivered)
+    }
+
+    /// A dead-letter command answered from this broker's own queues.
+    fn dead_letters_here(
+        &mut self,
+        query: DeadLetterQuery,
+        now: Nanos,
+    ) -> Result<DeadLetterFound, Refusal> {
+        let unknown = |service: &str, id: u64| {
+            (
+                ErrorCode::InvalidMessage,
+                format!("service {service} has no dead letter {id}"),
+            )
+        };
+        Ok(match query {
+            DeadLetterQuery::List {
+                service,
+                after,
+                limit,
+            } => DeadLetterFound::Listing {
+                page: self.dead_letters_page(&service, after, limit),
+                limit,
+            },
+            DeadLetterQuery::Show { service, id } => {
+                let (d, m) = self
+                    .find_dead_letter(&service, id)
+                    .ok_or_else(|| unknown(&service, id))?;
+                DeadLetterFound::Letter(d, m)
+            }
+            DeadLetterQuery::Replay { service, id } => {
+                self.revive(&service, id, now)
+                    .map_err(|e| (ErrorCode::InvalidMessage, e))?;
+                DeadLetterFound::Replayed { service, id }
+            }
+            DeadLetterQuery::Purge { service, id } => {
+                let only = id.map(|id| vec![id]);
+                let purged = self.purge(&service, only.as_deref());
+                DeadLetterFound::Purged { service, purged }
+            }
+        })
+    }
+
+    /// The broker's reply to its command `request` (named `command`):
+    /// `body` fitted into one frame (see `fit`), or why it cannot be.
+    pub(crate) fn admin_reply(
+        &self,
+        request: uuid::Uuid,
+        activity_id: uuid::Uuid,
+        command: &str,
+        outcome: &str,
+        body: Value,
+        now: Nanos,
+    ) -> Result<Message, Refusal> {
         let mut reply = Message::new(Kind::Reply, outcome, Vec::new());
-        reply.response_to = Some(command.id);
-        reply.activity_id = command.activity_id;
+        reply.response_to = Some(request);
+        reply.activity_id = activity_id;
         reply.sender = "courier".into();
         reply.timestamp = self.wall(now);
         reply.is_final = true;
@@ -363,14 +425,13 @@ impl<S: MessageStore> Broker<S> {
                 (
                     ErrorCode::PayloadTooLarge,
                     format!(
-                        "the answer to {} is {len} bytes of JSON, more than the {room} that fit in one frame under the broker's frame limit of {}",
-                        command.name, self.config.frame_bytes_max
+                        "the answer to {command} is {len} bytes of JSON, more than the {room} that fit in one frame under the broker's frame limit of {}",
+                        self.config.frame_bytes_max
                     ),
                 )
             })?
             .into();
-        self.deliver_untracked(conn, Arc::new(reply));
-        Ok(())
+        Ok(reply)
     }
 }
 

@@ -154,3 +154,156 @@ impl<S: MessageStore> Broker<S> {
         seqs.len()
     }
 }
+
+/// An admin's `courier.dead-letters.*` command on a backend that keeps the
+/// dead letters itself ([`Broker::delivers_upstream`]): its arguments,
+/// already checked; the edge reads or changes the backend's dead letters
+/// and hands the outcome back with [`Broker::dead_letters_answered`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeadLetterQuery {
+    List {
+        service: String,
+        after: Seq,
+        limit: usize,
+    },
+    Show {
+        service: String,
+        id: Seq,
+    },
+    /// Delivered again to the service, as a new message (attempts start
+    /// over), and no longer a dead letter.
+    Replay {
+        service: String,
+        id: Seq,
+    },
+    /// One dead letter, or all of the service's.
+    Purge {
+        service: String,
+        id: Option<Seq>,
+    },
+}
+
+impl DeadLetterQuery {
+    /// The command that asked.
+    pub fn command(&self) -> &'static str {
+        match self {
+            DeadLetterQuery::List { .. } => "courier.dead-letters.list",
+            DeadLetterQuery::Show { .. } => "courier.dead-letters.show",
+            DeadLetterQuery::Replay { .. } => "courier.dead-letters.replay",
+            DeadLetterQuery::Purge { .. } => "courier.dead-letters.purge",
+        }
+    }
+
+    pub fn service(&self) -> &str {
+        match self {
+            DeadLetterQuery::List { service, .. }
+            | DeadLetterQuery::Show { service, .. }
+            | DeadLetterQuery::Replay { service, .. }
+            | DeadLetterQuery::Purge { service, .. } => service,
+        }
+    }
+}
+
+/// What a `courier.dead-letters.*` command found or did: the same
+/// answers on one broker and on a backend.
+#[derive(Debug)]
+pub enum DeadLetterFound {
+    /// A page of at most `limit` (the limit asked for: the note of a cut
+    /// page names it).
+    Listing {
+        page: DeadLetterPage,
+        limit: usize,
+    },
+    Letter(DeadLetter, Option<Arc<Message>>),
+    Replayed {
+        service: String,
+        id: Seq,
+    },
+    Purged {
+        service: String,
+        purged: usize,
+    },
+}
+
+impl DeadLetterFound {
+    /// The reply's name and JSON body.
+    pub(crate) fn answer(&self) -> (&'static str, serde_json::Value) {
+        use serde_json::json;
+        match self {
+            DeadLetterFound::Listing { page, limit } => {
+                let mut letters: Vec<serde_json::Value> = page
+                    .letters
+                    .iter()
+                    .map(|(d, m)| admin::dead_letter_json(d, m.as_ref(), false))
+                    .collect();
+                if let Some(rest_after) = page.rest_after() {
+                    letters.push(json!({
+                        "truncated": true,
+                        "shown": page.letters.len(),
+                        "total": page.total_after,
+                        "reason": format!("a page holds at most {limit} (limit)"),
+                        "rest_after": rest_after,
+                    }));
+                }
+                ("courier.dead-letters.listing", json!(letters))
+            }
+            DeadLetterFound::Letter(d, m) => (
+                "courier.dead-letter",
+                admin::dead_letter_json(d, m.as_ref(), true),
+            ),
+            DeadLetterFound::Replayed { service, id } => (
+                "courier.dead-letters.replayed",
+                json!({"service": service, "id": id}),
+            ),
+            DeadLetterFound::Purged { service, purged } => (
+                "courier.dead-letters.purged",
+                json!({"service": service, "purged": purged}),
+            ),
+        }
+    }
+}
+
+/// The edge's outcome of an [`Action::DeadLetterQuery`], for
+/// [`Broker::dead_letters_answered`].
+#[derive(Debug)]
+pub struct DeadLetterAnswer {
+    pub conn: ConnId,
+    /// The command's send, answered now.
+    pub seq: u64,
+    pub quiet: bool,
+    /// The command's id and activity, which the reply carries.
+    pub request: Uuid,
+    pub activity_id: Uuid,
+    pub command: &'static str,
+    /// What was found or done, or why the command is refused.
+    pub found: Result<DeadLetterFound, (ErrorCode, String)>,
+}
+
+impl<S: MessageStore> Broker<S> {
+    /// Answers a `courier.dead-letters.*` command the edge carried out
+    /// ([`Action::DeadLetterQuery`]): the reply, then the command's send
+    /// result — or the send's refusal, as on one broker.
+    pub fn dead_letters_answered(&mut self, answer: DeadLetterAnswer, now: Nanos) {
+        self.now = now;
+        let DeadLetterAnswer {
+            conn,
+            seq,
+            quiet,
+            request,
+            activity_id,
+            command,
+            found,
+        } = answer;
+        let replied = found.and_then(|found| {
+            let (outcome, body) = found.answer();
+            let reply = self.admin_reply(request, activity_id, command, outcome, body, now)?;
+            self.deliver_untracked(conn, Arc::new(reply));
+            Ok(())
+        });
+        let (code, reason) = match replied {
+            Ok(()) => (ErrorCode::Ok, String::new()),
+            Err(refusal) => refusal,
+        };
+        self.forwarded_reply_answer(conn, seq, quiet, code, reason);
+    }
+}

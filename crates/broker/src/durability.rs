@@ -84,6 +84,7 @@ fn conn_of(action: &Action) -> ConnId {
         | Action::Pong { conn, .. }
         | Action::StartTail { conn, .. }
         | Action::TraceQuery { conn, .. }
+        | Action::DeadLetterQuery { conn, .. }
         | Action::Close { conn, .. }
         | Action::ForwardReply { conn, .. } => *conn,
         // No connection's: never held (a transient message is stored

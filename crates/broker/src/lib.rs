@@ -54,7 +54,7 @@ pub use admin::{
 };
 pub use config::{Config, RetentionRule};
 pub use courier_proto::StartFrom;
-pub use dead_letters::DeadLetterPage;
+pub use dead_letters::{DeadLetterAnswer, DeadLetterFound, DeadLetterPage, DeadLetterQuery};
 use delivery::release;
 use expiring::ExpiringMap;
 use inspection::{push_trace, traces};

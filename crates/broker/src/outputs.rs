@@ -52,6 +52,19 @@ pub enum Action {
         activity_id: Uuid,
         query: TraceQuery,
     },
+    /// An admin's `courier.dead-letters.*` command on a replicated
+    /// backend, which keeps the dead letters (`upstream.rs`): the edge
+    /// carries out `query` there and hands the outcome to
+    /// [`crate::Broker::dead_letters_answered`], which answers `request`
+    /// with its reply and then the command's send `seq`.
+    DeadLetterQuery {
+        conn: ConnId,
+        seq: u64,
+        quiet: bool,
+        request: Uuid,
+        activity_id: Uuid,
+        query: DeadLetterQuery,
+    },
     /// A reply to a command accepted on another node of a replicated
     /// backend (`upstream.rs`): the edge hands it to `node`, whose core
     /// takes it with [`crate::Broker::remote_reply`], and answers `conn`'s

@@ -102,11 +102,11 @@ impl<S: MessageStore> Broker<S> {
         let mut log_seq: Seq = 0;
         let outcome = match message.kind {
             Kind::Command if message.name.starts_with(SYSTEM_PREFIX) => {
-                let answered = self.system_command(conn, &message, now);
+                let answered = self.system_command(conn, seq, quiet, &message, now);
                 if answered.is_ok() {
                     self.tap(&message, Arc::from([]));
                 }
-                answered.map(|()| ReplyFate::Delivered)
+                answered
             }
             _ if message.name.starts_with(SYSTEM_PREFIX) => Err((
                 ErrorCode::InvalidName,

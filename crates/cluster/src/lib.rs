@@ -11,6 +11,7 @@
 pub mod ack_subject;
 mod connect;
 pub mod consumers;
+pub mod dead_letters;
 pub mod durability;
 pub mod fetch;
 pub mod lease;

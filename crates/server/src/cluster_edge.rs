@@ -90,6 +90,8 @@ pub(crate) struct ClusterEdge {
     /// Transient messages to offer ([`courier_broker::Action::ForwardTransient`]).
     pub transients: mpsc::UnboundedSender<Transient>,
     transients_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<Transient>>>,
+    /// The dead-letter commands (`cluster_dead_letters.rs`).
+    pub dead_letters: crate::cluster_dead_letters::Queries,
     /// Woken after every pass of the core: room may have freed up for a
     /// fetch loop, or a service may have gained or lost its consumers.
     pub room: Arc<Notify>,
@@ -105,6 +107,7 @@ impl ClusterEdge {
             forwards_rx: std::sync::Mutex::new(Some(rx)),
             transients,
             transients_rx: std::sync::Mutex::new(Some(transients_rx)),
+            dead_letters: crate::cluster_dead_letters::Queries::new(),
             room: Arc::new(Notify::new()),
         }
     }
@@ -135,6 +138,7 @@ pub(crate) fn start(shared: &Arc<Shared>) -> Vec<crate::AbortOnDrop> {
         crate::AbortOnDrop(tokio::spawn(keep_registered(edge.node.clone()))),
         crate::AbortOnDrop(tokio::spawn(reclaim_while_leading(edge.node.clone()))),
     ];
+    tasks.extend(edge.dead_letters.start(shared));
     if let Some(rx) = forwards {
         tasks.push(crate::AbortOnDrop(tokio::spawn(forward_replies(
             Arc::downgrade(shared),

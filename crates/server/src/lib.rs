@@ -13,6 +13,7 @@ mod accept;
 mod auth;
 mod background;
 mod clock;
+mod cluster_dead_letters;
 mod cluster_edge;
 mod config;
 mod connection;

@@ -309,6 +309,10 @@ impl Shared {
                     }
                     continue;
                 }
+                action @ Action::DeadLetterQuery { .. } => {
+                    crate::cluster_dead_letters::ask(self, action);
+                    continue;
+                }
                 other => other,
             };
             let conn = match &action {
@@ -321,7 +325,7 @@ impl Shared {
                 | Action::TraceQuery { conn, .. }
                 | Action::Close { conn, .. }
                 | Action::ForwardReply { conn, .. } => *conn,
-                Action::ForwardTransient { .. } => continue,
+                Action::ForwardTransient { .. } | Action::DeadLetterQuery { .. } => continue,
             };
             if current.as_ref().is_none_or(|(c, _)| *c != conn) {
                 current = None;
@@ -376,7 +380,9 @@ impl Shared {
                     pushed
                 }
                 Action::Pong { nonce, .. } => state.writer.push(&Frame::Pong(nonce)),
-                Action::ForwardReply { .. } | Action::ForwardTransient { .. } => Ok(()),
+                Action::ForwardReply { .. }
+                | Action::ForwardTransient { .. }
+                | Action::DeadLetterQuery { .. } => Ok(()),
                 Action::StartTail {
                     conn,
                     request,

@@ -487,4 +487,160 @@ fn a_failed_publish_refuses_its_send_and_keeps_the_nodes_state() {
     assert_eq!(results(&h.actions()), vec![(2, ErrorCode::Ok)]);
     assert_eq!(h.broker.store().held.len(), 1);
     assert_eq!(h.broker.fetch_credit("worker"), 9);
+
+/// The dead-letter commands on a backend: checked here, carried out by
+/// the edge, answered as on one broker.
+#[test]
+fn dead_letter_commands_go_to_the_edge_and_are_answered_as_on_one_broker() {
+    let mut h = node();
+    h.connect(1, "ops", 10);
+    let ask = |h: &mut Harness<BackendStore>, seq: u64, name: &str, args: serde_json::Value| {
+        let command = Message::new(Kind::Command, name, args.to_string());
+        let id = command.id;
+        h.send(1, seq, command);
+        (id, h.actions())
+    };
+    let queries = |actions: &[Action]| -> Vec<(u64, DeadLetterQuery)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::DeadLetterQuery {
+                    conn: 1,
+                    seq,
+                    query,
+                    ..
+                } => Some((*seq, query.clone())),
+                _ => None,
+            })
+            .collect()
+    };
+
+    // Bad arguments are refused here, before anything goes to the edge.
+    let (_, actions) = ask(
+        &mut h,
+        1,
+        "courier.dead-letters.list",
+        serde_json::json!({"service": "worker", "limit": 0}),
+    );
+    assert_eq!(results(&actions), vec![(1, ErrorCode::InvalidMessage)]);
+    assert!(queries(&actions).is_empty());
+    let (_, actions) = ask(
+        &mut h,
+        2,
+        "courier.dead-letters.show",
+        serde_json::json!({"service": "worker"}),
+    );
+    assert_eq!(results(&actions), vec![(2, ErrorCode::InvalidMessage)]);
+    assert!(queries(&actions).is_empty());
+
+    // Good ones go to the edge, and the send waits for its answer.
+    let (request, actions) = ask(
+        &mut h,
+        3,
+        "courier.dead-letters.list",
+        serde_json::json!({"service": "worker", "after": 4, "limit": 1}),
+    );
+    assert_eq!(
+        queries(&actions),
+        vec![(
+            3,
+            DeadLetterQuery::List {
+                service: "worker".to_string(),
+                after: 4,
+                limit: 1
+            }
+        )]
+    );
+    assert!(results(&actions).is_empty(), "answered before the edge");
+    let (_, actions) = ask(
+        &mut h,
+        4,
+        "courier.dead-letters.purge",
+        serde_json::json!({"service": "worker"}),
+    );
+    assert_eq!(
+        queries(&actions)[0].1,
+        DeadLetterQuery::Purge {
+            service: "worker".to_string(),
+            id: None
+        }
+    );
+    let (_, actions) = ask(
+        &mut h,
+        5,
+        "courier.dead-letters.replay",
+        serde_json::json!({"service": "worker", "id": 9}),
+    );
+    assert_eq!(
+        queries(&actions)[0].1,
+        DeadLetterQuery::Replay {
+            service: "worker".to_string(),
+            id: 9
+        }
+    );
+
+    // The edge's page: the reply as on one broker, with its note, then
+    // the send's result.
+    let letter = DeadLetter {
+        seq: 7,
+        attempts: 3,
+        reason: "nacked".to_string(),
+        at: 11,
+    };
+    let page = DeadLetterPage {
+        letters: vec![(letter, Some(Arc::new(command("job.run", "a"))))],
+        total_after: 2,
+    };
+    h.broker.dead_letters_answered(
+        DeadLetterAnswer {
+            conn: 1,
+            seq: 3,
+            quiet: false,
+            request,
+            activity_id: Uuid::nil(),
+            command: "courier.dead-letters.list",
+            found: Ok(DeadLetterFound::Listing { page, limit: 1 }),
+        },
+        h.now,
+    );
+    let actions = h.actions();
+    let reply = actions
+        .iter()
+        .find_map(|a| match a {
+            Action::Deliver {
+                conn: 1, message, ..
+            } => Some(message.clone()),
+            _ => None,
+        })
+        .expect("a reply");
+    assert_eq!(reply.name.as_str(), "courier.dead-letters.listing");
+    assert_eq!(reply.response_to, Some(request));
+    let listing: serde_json::Value = serde_json::from_slice(&reply.payload).expect("JSON");
+    assert_eq!(listing[0]["id"], 7);
+    assert_eq!(listing[0]["attempts"], 3);
+    assert_eq!(listing[0]["name"], "job.run");
+    assert_eq!(listing[1]["truncated"], true);
+    assert_eq!(listing[1]["rest_after"], 7);
+    assert_eq!(listing[1]["total"], 2);
+    assert_eq!(results(&actions), vec![(3, ErrorCode::Ok)]);
+
+    // What the edge did not find refuses the send, as on one broker.
+    h.broker.dead_letters_answered(
+        DeadLetterAnswer {
+            conn: 1,
+            seq: 5,
+            quiet: false,
+            request: Uuid::nil(),
+            activity_id: Uuid::nil(),
+            command: "courier.dead-letters.replay",
+            found: Err((
+                ErrorCode::InvalidMessage,
+                "service worker has no dead letter 9".to_string(),
+            )),
+        },
+        h.now,
+    );
+    let actions = h.actions();
+    assert!(!actions.iter().any(|a| matches!(a, Action::Deliver { .. })));
+    assert_eq!(results(&actions), vec![(5, ErrorCode::InvalidMessage)]);
 }

@@ -1,0 +1,191 @@
+//! `courier dead-letters` on a real three-server NATS JetStream cluster
+//! with two nodes (docs/SCALE-OUT.md §7): what was dead-lettered through
+//! node a is listed, shown, replayed and purged through node b, with the
+//! same answers as on one broker.
+
+mod cluster_common;
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cluster_common::Nodes;
+use common::{json_lines, stderr, wait_for_async, Broker};
+use courier_client::{Client, ClientOptions, ErrorCode, Incoming};
+use uuid::Uuid;
+
+/// How long anything the cluster owes (a routing, a dead letter) may take.
+const T: Duration = Duration::from_secs(60);
+const SERVICE: &str = "flaky";
+
+fn opts(node: &Broker, service: &str) -> ClientOptions {
+    let mut o = ClientOptions::new(node.addr.clone(), service);
+    o.reconnect_delay_max = Duration::from_millis(200);
+    o
+}
+
+async fn connect(o: ClientOptions) -> Client {
+    let addr = o.url.clone();
+    Client::connect(o)
+        .await
+        .unwrap_or_else(|e| panic!("connect to the node at {addr}: {e}"))
+}
+
+/// Sends a command until its node routes it: a subscription made on the
+/// other node reaches this one by the cluster's watch.
+async fn send_when_routed(client: &Client, name: &str, payload: &serde_json::Value) -> Uuid {
+    let deadline = Instant::now() + cluster_common::ROUTED_WITHIN;
+    loop {
+        match client.send(name, payload).await {
+            Ok(id) => return id,
+            Err(e) if e.code() == Some(ErrorCode::NoReceiver) && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("send {name}: {e}"),
+        }
+    }
+}
+
+/// `courier dead-letters …` through `node`, blocking off the runtime.
+async fn dead_letters(node: &Broker, args: &[&str]) -> std::process::Output {
+    let mut all = vec!["dead-letters".to_string()];
+    all.extend(args.iter().map(|a| a.to_string()));
+    all.extend(["--service".to_string(), SERVICE.to_string()]);
+    let cli = node.cli(&[]);
+    tokio::task::spawn_blocking(move || {
+        let mut cli = cli;
+        cli.args(&all).output().expect("run courier")
+    })
+    .await
+    .expect("the CLI ran")
+}
+
+async fn listed(node: &Broker, args: &[&str]) -> Vec<serde_json::Value> {
+    let mut all = vec!["list"];
+    all.extend_from_slice(args);
+    let out = dead_letters(node, &all).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    json_lines(&out)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dead_letters_of_one_node_are_listed_shown_replayed_and_purged_through_the_other() {
+    let nodes = Nodes::start_watched().await;
+    // Fails every delivery until told to take them; one attempt each.
+    let mut o = opts(&nodes.a, SERVICE);
+    o.max_deliveries = Some(1);
+    let failing = connect(o).await;
+    let taking = Arc::new(AtomicBool::new(false));
+    let seen: Arc<Mutex<Vec<(Uuid, u32)>>> = Arc::default();
+    let (handler_taking, handler_seen) = (taking.clone(), seen.clone());
+    failing
+        .on("flaky.run", move |msg: Incoming| {
+            let (taking, seen) = (handler_taking.clone(), handler_seen.clone());
+            async move {
+                seen.lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .push((msg.message().id, msg.attempt()));
+                if taking.load(Ordering::SeqCst) {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::other("always fails"))
+                }
+            }
+        })
+        .await
+        .expect("subscribe flaky.run");
+    let web = connect(opts(&nodes.b, "web")).await;
+    let first = send_when_routed(&web, "flaky.run", &serde_json::json!({"n": 1})).await;
+    let second = send_when_routed(&web, "flaky.run", &serde_json::json!({"n": 2})).await;
+
+    // Both dead-lettered on the cluster, listed through the other node.
+    let b = &nodes.b;
+    let listing = wait_for_async("two dead letters listed through node b", T, || async move {
+        let listing = listed(b, &[]).await;
+        (listing.len() == 2).then_some(listing)
+    })
+    .await;
+    let ids: Vec<u64> = listing.iter().filter_map(|l| l["id"].as_u64()).collect();
+    assert_eq!(ids.len(), 2, "{listing:?}");
+    assert!(ids[0] < ids[1], "not by id: {listing:?}");
+    for (letter, id) in listing.iter().zip([first, second]) {
+        assert_eq!(letter["name"], "flaky.run", "{letter}");
+        assert_eq!(letter["message_id"], id.to_string(), "{letter}");
+        assert_eq!(letter["attempts"], 1, "{letter}");
+        assert_eq!(letter["sender"], "web", "{letter}");
+        assert!(
+            letter["dead_lettered_at"].as_u64().unwrap_or(0) > 0,
+            "{letter}"
+        );
+    }
+    let (id1, id2) = (ids[0].to_string(), ids[1].to_string());
+
+    // Pages by id, with the note that says where the rest starts.
+    let page = listed(&nodes.b, &["--limit", "1"]).await;
+    assert_eq!(page.len(), 2, "{page:?}");
+    assert_eq!(page[0]["id"], ids[0]);
+    assert_eq!(page[1]["truncated"], true);
+    assert_eq!(page[1]["rest_after"], ids[0]);
+    assert_eq!(page[1]["total"], 2);
+    let rest = listed(&nodes.b, &["--after", &id1]).await;
+    assert_eq!(rest.len(), 1, "{rest:?}");
+    assert_eq!(rest[0]["id"], ids[1]);
+
+    let out = dead_letters(&nodes.b, &["show", &id1]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let shown = &json_lines(&out)[0];
+    assert_eq!(shown["id"], ids[0]);
+    assert_eq!(shown["payload"]["n"], 1, "{shown}");
+    assert_eq!(shown["activity_id"].as_str().map(str::len), Some(36));
+
+    // Replayed through node b: delivered again to the service on node a,
+    // as a first attempt, and no longer a dead letter.
+    taking.store(true, Ordering::SeqCst);
+    let out = dead_letters(&nodes.b, &["replay", &id1]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let replayed = &json_lines(&out)[0];
+    assert_eq!(replayed["service"], SERVICE);
+    assert_eq!(replayed["id"], ids[0]);
+    wait_for_async("the replay delivered", T, || {
+        let seen = seen
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
+        async move { seen.iter().filter(|(id, _)| *id == first).nth(1).copied() }
+    })
+    .await;
+    let first_seen: Vec<u32> = seen
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .iter()
+        .filter(|(id, _)| *id == first)
+        .map(|(_, attempt)| *attempt)
+        .collect();
+    assert_eq!(first_seen, [1, 1], "the replay is not a first attempt");
+    let listing = listed(&nodes.b, &[]).await;
+    assert_eq!(listing.len(), 1, "{listing:?}");
+    assert_eq!(listing[0]["id"], ids[1]);
+
+    // What is gone is refused as on one broker.
+    for args in [["show", id1.as_str()], ["replay", id1.as_str()]] {
+        let out = dead_letters(&nodes.b, &args).await;
+        assert!(!out.status.success(), "{args:?} of a replayed dead letter");
+        assert!(
+            stderr(&out).contains(&format!("has no dead letter {id1}")),
+            "{}",
+            stderr(&out)
+        );
+    }
+
+    // Purged: one by id, then nothing is left to purge.
+    let out = dead_letters(&nodes.b, &["purge", "--id", &id2]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(json_lines(&out)[0]["purged"], 1);
+    assert!(listed(&nodes.b, &[]).await.is_empty());
+    let out = dead_letters(&nodes.a, &["purge"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(json_lines(&out)[0]["purged"], 0);
+    failing.shutdown().await;
+    web.shutdown().await;
+}

@@ -487,6 +487,7 @@ fn a_failed_publish_refuses_its_send_and_keeps_the_nodes_state() {
     assert_eq!(results(&h.actions()), vec![(2, ErrorCode::Ok)]);
     assert_eq!(h.broker.store().held.len(), 1);
     assert_eq!(h.broker.fetch_credit("worker"), 9);
+}
 
 /// The dead-letter commands on a backend: checked here, carried out by
 /// the edge, answered as on one broker.

@@ -943,3 +943,79 @@ fn curves_print_a_table_per_curve_with_its_verdicts_and_clean_up() {
     assert!(ran.stderr.contains("Verdicts: "), "{}", ran.stderr);
     ran.left_nothing();
 }
+
+#[test]
+fn backend_cluster_puts_courier_on_the_cluster_beside_single_node_courier_and_jetstream_r3() {
+    let ran = bench_ok(&["--backend", "cluster", "--quick", "--runs", "1"]);
+    let lines: Vec<&str> = ran.stdout.lines().collect();
+    let cells = |line: &str| -> Vec<String> {
+        line.trim_matches('|')
+            .split('|')
+            .map(|c| c.trim().to_string())
+            .collect()
+    };
+    let header = cells(lines.first().expect("a table"));
+    let column = |title: &str| {
+        header
+            .iter()
+            .position(|h| h == title)
+            .unwrap_or_else(|| panic!("no {title:?} column in {header:?}"))
+    };
+    let columns = [
+        column("Courier (median)"),
+        column("Courier cluster (median)"),
+        column("JetStream R3 (median)"),
+    ];
+    let ratio = column("ratio");
+    let target = column("target");
+    for workload in ["W5a", "W5b", "W6"] {
+        let row = lines
+            .iter()
+            .map(|l| cells(l))
+            .find(|c| c[0] == workload && c[1] == "throughput")
+            .unwrap_or_else(|| panic!("no {workload} throughput row in\n{}", ran.stdout));
+        for c in columns {
+            let figure: f64 = row[c].replace(',', "").parse().unwrap_or(0.0);
+            assert!(figure > 0.0, "{workload}: {:?} in {row:?}", row[c]);
+        }
+        assert!(row[ratio].ends_with('×'), "{row:?}");
+        assert_eq!(row[target], "≥ 0.8×", "{row:?}");
+    }
+    for needed in [
+        "Cluster:",
+        "sync_interval: always",
+        "num_replicas 3",
+        "--node-id",
+    ] {
+        assert!(
+            ran.stdout.contains(needed),
+            "no {needed:?} in {}",
+            ran.stdout
+        );
+    }
+    for side in ["Courier", "Courier cluster", "JetStream R3"] {
+        assert!(
+            ran.stderr
+                .contains(&format!("W6 run 1/1 ({side}): W6 throughput")),
+            "{}",
+            ran.stderr
+        );
+    }
+    ran.left_nothing();
+}
+
+#[test]
+fn backend_cluster_refuses_workloads_it_does_not_run_and_a_lone_nats_flag() {
+    let (_, out) = run_bench(&["--backend", "cluster", "--only", "W1a"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("W1a does not run with --backend cluster"),
+        "{stderr}"
+    );
+    let (_, out) = run_bench(&["--nats", "nats://127.0.0.1:4222"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("add --backend cluster"),
+        "{stderr}"
+    );
+}

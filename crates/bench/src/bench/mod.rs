@@ -40,6 +40,7 @@ use tokio::sync::{oneshot, Notify};
 
 mod backlog;
 mod clients;
+mod cluster;
 mod courier;
 mod courier_transient;
 mod curves;

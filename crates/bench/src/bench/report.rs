@@ -25,19 +25,31 @@ impl Row {
         summarize(&self.runs[i]).map(|s| s.median)
     }
 
-    /// Courier's advantage over the other column (NATS, or Courier
-    /// unobserved), of the medians.
-    pub(super) fn ratio(&self, systems: &[System]) -> Option<f64> {
+    /// The column the ratio and the target judge, and the column it is
+    /// held against: Courier on the cluster against raw JetStream R3, else
+    /// Courier against the other column (NATS, or Courier unobserved).
+    pub(super) fn compared(systems: &[System]) -> Option<(System, System)> {
+        if systems.contains(&System::CourierCluster) && systems.contains(&System::JetStreamR3) {
+            return Some((System::CourierCluster, System::JetStreamR3));
+        }
         let other = systems.iter().find(|s| **s != System::Courier)?;
+        Some((System::Courier, *other))
+    }
+
+    /// The judged column's advantage over the other (see
+    /// [`Row::compared`]), of the medians.
+    pub(super) fn ratio(&self, systems: &[System]) -> Option<f64> {
+        let (judged, other) = Row::compared(systems)?;
         ratio(
             self.metric,
-            self.median(systems, System::Courier)?,
-            self.median(systems, *other)?,
+            self.median(systems, judged)?,
+            self.median(systems, other)?,
         )
     }
 
     /// The row's target; comparing Courier with itself unobserved, every
-    /// figure's is "observing costs at most 5 %".
+    /// figure's is "observing costs at most 5 %"; on the cluster, the
+    /// durable rows' is `cluster::RATIO_MIN` of raw JetStream R3.
     pub(super) fn target(&self, systems: &[System]) -> Option<Target> {
         if systems.contains(&System::CourierUnobserved) {
             return Some(Target {
@@ -45,6 +57,9 @@ impl Row {
                 max_courier: None,
                 min_courier: None,
             });
+        }
+        if systems.contains(&System::CourierCluster) {
+            return cluster::target(self.workload, self.metric);
         }
         self.target
     }
@@ -61,7 +76,8 @@ impl Row {
                 .then(|| absolute.met(self.median(systems, System::Courier), None))
                 .flatten();
         }
-        target.met(self.median(systems, System::Courier), self.ratio(systems))
+        let judged = Row::compared(systems).map_or(System::Courier, |(judged, _)| judged);
+        target.met(self.median(systems, judged), self.ratio(systems))
     }
 }
 

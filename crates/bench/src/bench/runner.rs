@@ -4,13 +4,22 @@
 use super::side::Audience;
 use super::*;
 
+/// What the columns beside Courier's run on: nats-server for NATS's, the
+/// cluster for the cluster's.
+#[derive(Clone, Copy, Default)]
+pub(super) struct Others<'a> {
+    pub(super) nats: Option<&'a nats::NatsInstall>,
+    pub(super) cluster: Option<&'a cluster::Access>,
+}
+
 async fn run_job(
     systems: &[System],
     job: Job,
     exe: &Path,
-    nats: Option<&nats::NatsInstall>,
+    others: Others<'_>,
     plan: &Plan,
 ) -> anyhow::Result<Vec<(System, Vec<Measurement>)>> {
+    let Others { nats, cluster } = others;
     if job.is_request_reply() {
         return w4::run(systems, job, exe, nats, plan).await;
     }
@@ -25,6 +34,15 @@ async fn run_job(
         System::Nats => {
             let nats = nats.ok_or_else(|| anyhow!("internal: no nats-server for the NATS side"))?;
             nats::run(job, nats, plan).await
+        }
+        System::CourierCluster | System::JetStreamR3 => {
+            let access =
+                cluster.ok_or_else(|| anyhow!("internal: no cluster for the cluster columns"))?;
+            if system == System::CourierCluster {
+                cluster::courier_job(exe, access, plan, job).await
+            } else {
+                cluster::jetstream_job(access, plan, job).await
+            }
         }
     }?;
     Ok(vec![(system, measured)])
@@ -127,20 +145,21 @@ pub(super) async fn run_job_within(
     systems: &[System],
     job: Job,
     exe: &Path,
-    nats: Option<&nats::NatsInstall>,
+    others: Others<'_>,
     plan: &Plan,
 ) -> Result<anyhow::Result<Vec<(System, Vec<Measurement>)>>, TimedOut> {
     match runtime {
         ClientRuntime::MultiThread => {
-            tokio::time::timeout(timeout, run_job(systems, job, exe, nats, plan))
+            tokio::time::timeout(timeout, run_job(systems, job, exe, others, plan))
                 .await
                 .map_err(|_| TimedOut)
         }
         ClientRuntime::CurrentThread => {
-            let (systems, exe, nats, plan) = (
+            let (systems, exe, nats, cluster, plan) = (
                 systems.to_vec(),
                 exe.to_path_buf(),
-                nats.cloned(),
+                others.nats.cloned(),
+                others.cluster.cloned(),
                 plan.clone(),
             );
             // Dropped when this future is (Ctrl-C): the job stops too.
@@ -152,7 +171,7 @@ pub(super) async fn run_job_within(
                     .context("cannot start a current-thread runtime for the clients")?;
                 runtime.block_on(async {
                     tokio::select! {
-                        done = tokio::time::timeout(timeout, run_job(&systems, job, &exe, nats.as_ref(), &plan)) => {
+                        done = tokio::time::timeout(timeout, run_job(&systems, job, &exe, Others { nats: nats.as_ref(), cluster: cluster.as_ref() }, &plan)) => {
                             Ok(done.ok())
                         }
                         _ = stopped => Ok(None),
@@ -223,7 +242,18 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let exe = locate_courier(args.courier.as_deref())?;
         return scrape::run(&exe, args.quick).await;
     }
+    let clustered = args.backend == Backend::Cluster;
+    if clustered && args.against.is_some() {
+        bail!("--backend cluster brings its own JetStream column (R3 on the cluster); run it without --against");
+    }
+    if clustered && args.observability == Observability::Compare {
+        bail!("--observability compare puts Courier beside itself unobserved; run it without --backend cluster");
+    }
+    if !clustered && args.nats.is_some() {
+        bail!("--nats names the cluster of --backend cluster; add --backend cluster");
+    }
     let selected = match args.only.clone() {
+        _ if clustered => cluster::selection(args.only.as_ref())?,
         None => Workload::DEFAULT.to_vec(),
         Some(Only::Workloads(selected, _)) => selected,
         Some(Only::Registry) => {
@@ -277,7 +307,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let mut deployment = match args.backend {
+        Backend::Cluster => Some(cluster::Deployment::start(args.nats.as_deref()).await?),
+        Backend::Embedded => None,
+    };
+    let access = deployment.as_ref().map(|d| d.access.clone());
     let systems: Vec<System> = match nats {
+        None if clustered => vec![System::Courier, System::CourierCluster, System::JetStreamR3],
         Some(_) if args.observability == Observability::Compare => {
             bail!("--observability compare puts Courier beside itself unobserved; run it without --against")
         }
@@ -307,9 +343,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                         group_title(&group)
                     );
                     progress(&format!("{which} …"));
+                    if let Some(deployment) = deployment.as_mut() {
+                        deployment.check().await.with_context(|| which.clone())?;
+                    }
                     let started = Instant::now();
                     let cpu_before = CpuTimes::read();
-                    let measured = run_job_within(args.client_runtime, args.timeout, &group, job, &exe, nats.as_ref(), &plan)
+                    let measured = run_job_within(args.client_runtime, args.timeout, &group, job, &exe, Others { nats: nats.as_ref(), cluster: access.as_ref() }, &plan)
                         .await
                         .map_err(|_| {
                             anyhow!(
@@ -364,7 +403,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         date,
         command,
     };
-    let settings = settings_lines(&args, &plan, &selected, nats.as_ref(), &when);
+    let mut settings = settings_lines(&args, &plan, &selected, nats.as_ref(), &when);
+    if let Some(deployment) = &deployment {
+        // After the clients' lines, before the runs'.
+        let at = settings
+            .iter()
+            .position(|l| l.starts_with("Runs: "))
+            .unwrap_or(settings.len());
+        let runtime = args.client_runtime.describe(when.machine.nproc);
+        settings.splice(at..at, deployment.settings(&runtime));
+    }
     if args.json {
         let mut out = std::io::stdout().lock();
         for line in results.json_lines() {
@@ -381,7 +429,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             println!("{line}");
         }
     }
-    if with_gateway && args.against.is_none() {
+    drop(deployment);
+    if with_gateway && args.against.is_none() && !clustered {
         if !args.json {
             println!();
         }

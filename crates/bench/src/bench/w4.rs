@@ -92,6 +92,9 @@ impl W4Side {
                 let requester = side.watch(NatsSide::requester(&side.address())).await?;
                 Ok(W4Side::Nats(Box::new((side, requester))))
             }
+            System::CourierCluster | System::JetStreamR3 => {
+                bail!("W4 does not run with --backend cluster")
+            }
         }
     }
 

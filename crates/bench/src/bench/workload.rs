@@ -271,6 +271,11 @@ pub(super) enum System {
     Nats,
     /// Courier with its observability off (`--observability compare`).
     CourierUnobserved,
+    /// Two Courier nodes on a three-server JetStream cluster
+    /// (`--backend cluster`).
+    CourierCluster,
+    /// async-nats on that cluster's replicated streams (`--backend cluster`).
+    JetStreamR3,
 }
 
 impl System {
@@ -279,6 +284,8 @@ impl System {
             System::Courier => "courier",
             System::Nats => "nats",
             System::CourierUnobserved => "courier_unobserved",
+            System::CourierCluster => "courier_cluster",
+            System::JetStreamR3 => "jetstream_r3",
         }
     }
 
@@ -287,6 +294,8 @@ impl System {
             System::Courier => "Courier",
             System::Nats => "NATS",
             System::CourierUnobserved => "Courier unobserved",
+            System::CourierCluster => "Courier cluster",
+            System::JetStreamR3 => "JetStream R3",
         }
     }
 }

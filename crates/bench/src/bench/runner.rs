@@ -170,8 +170,24 @@ pub(super) async fn run_job_within(
                     .build()
                     .context("cannot start a current-thread runtime for the clients")?;
                 runtime.block_on(async {
+                    // On the heap: the job's future is large, and a
+                    // blocking thread's stack (2 MiB) does not hold it in a
+                    // debug build.
+                    let job = Box::pin(tokio::time::timeout(
+                        timeout,
+                        run_job(
+                            &systems,
+                            job,
+                            &exe,
+                            Others {
+                                nats: nats.as_ref(),
+                                cluster: cluster.as_ref(),
+                            },
+                            &plan,
+                        ),
+                    ));
                     tokio::select! {
-                        done = tokio::time::timeout(timeout, run_job(&systems, job, &exe, Others { nats: nats.as_ref(), cluster: cluster.as_ref() }, &plan)) => {
+                        done = job => {
                             Ok(done.ok())
                         }
                         _ = stopped => Ok(None),

@@ -114,56 +114,24 @@ impl<S: MessageStore> Broker<S> {
             self.actions.append(&mut self.unsynced);
             return;
         }
-        if self.upstream {
-            // The backend, not this store, holds the state: nothing to
-            // rebuild from it. The batch's sends and changes are refused
-            // (a resend with the same id is safe), its deliveries of
-            // fetched messages stand.
+        // The batch's acceptances become refusals (a resend with the same
+        // id is safe). On a backend that keeps delivery state, nothing is
+        // rebuilt: its fetched messages' deliveries stand. Otherwise
+        // nothing of the batch happened: its deliveries are dropped (the
+        // message may not exist any more; the rebuilt state delivers again
+        // whatever survived) and the seqs it used are issued again.
+        let rebuild = !self.upstream;
+        if rebuild {
+            self.alerts.push(format!(
+                "storage sync failed: {error}; refusing this batch and rebuilding state from the log"
+            ));
+            self.traces.clear();
+            self.traces_bytes = 0;
+        } else {
             self.alerts.push(format!(
                 "storage sync failed: {error}; refusing this batch's sends and changes"
             ));
-            let reason = format!("not stored: {error}");
-            let batch: Vec<Action> = self
-                .actions
-                .drain(..)
-                .chain(self.unsynced.drain(..))
-                .collect();
-            for action in batch {
-                let action = match action {
-                    Action::SendResult {
-                        conn, seq, code, ..
-                    } if code.is_ok() => Action::SendResult {
-                        conn,
-                        seq,
-                        code: ErrorCode::StorageFailed,
-                        reason: reason.clone(),
-                        log_seq: 0,
-                    },
-                    Action::OpResult {
-                        conn,
-                        request,
-                        code,
-                        ..
-                    } if code.is_ok() => Action::OpResult {
-                        conn,
-                        request,
-                        code: ErrorCode::StorageFailed,
-                        reason: reason.clone(),
-                    },
-                    other => other,
-                };
-                self.actions.push(action);
-            }
-            self.batch_ops.clear();
-            return;
         }
-        self.alerts.push(format!(
-            "storage sync failed: {error}; refusing this batch and rebuilding state from the log"
-        ));
-        // Nothing of the batch happened: its sends are refused, its
-        // deliveries dropped, and seqs it used are issued again.
-        self.traces.clear();
-        self.traces_bytes = 0;
         let reason = format!("not stored: {error}");
         let batch: Vec<Action> = self
             .actions
@@ -192,11 +160,13 @@ impl<S: MessageStore> Broker<S> {
                     code: ErrorCode::StorageFailed,
                     reason: reason.clone(),
                 }),
-                // The message may not exist any more; the rebuilt state
-                // delivers again whatever survived.
-                Action::Deliver { .. } => {}
+                Action::Deliver { .. } if rebuild => {}
                 other => self.actions.push(other),
             }
+        }
+        if !rebuild {
+            self.batch_ops.clear();
+            return;
         }
         self.dirty = false;
         let now = self.now;

@@ -206,6 +206,31 @@ impl DedupWindow {
         self.evict_over_capacity();
     }
 
+    /// Forgets `id`: its acceptance was withdrawn (the backend refused to
+    /// store it), so a resend with the same id is a new send, not a
+    /// duplicate to acknowledge.
+    pub fn remove(&mut self, id: &Uuid) {
+        let fp = fingerprint(id);
+        if let Some(stamped) = v7_millis(id) {
+            let start_ms = stamped - stamped % BUCKET_MS;
+            let index = start_ms
+                .checked_sub(self.first_ms)
+                .and_then(|d| usize::try_from(d / BUCKET_MS).ok());
+            if let Some(bucket) = index.and_then(|i| self.buckets.get_mut(i)) {
+                if bucket.open.remove(&fp) {
+                    self.in_buckets -= 1;
+                    return;
+                }
+                if let Ok(at) = bucket.sealed.binary_search(&fp) {
+                    bucket.sealed.remove(at);
+                    self.in_buckets -= 1;
+                    return;
+                }
+            }
+        }
+        self.others.remove(&fp);
+    }
+
     /// `false` if the bucket is too far from the others (the clock jumped):
     /// the buckets never span much more than the window.
     fn insert_in_bucket(&mut self, start_ms: u64, fp: u64) -> bool {
@@ -568,6 +593,8 @@ mod tests {
         Insert { n: u64, offset_ms: i64, v7: bool },
         /// Ask for id `n`.
         Ask(u64),
+        /// Withdraw id `n`'s acceptance.
+        Remove(u64),
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -579,6 +606,7 @@ mod tests {
                 v7
             }),
             (0u64..64).prop_map(Op::Ask),
+            (0u64..64).prop_map(Op::Remove),
         ]
     }
 
@@ -606,6 +634,15 @@ mod tests {
                         if !w.contains(&id) {
                             w.insert(&id, now);
                             model.insert(n, (id, now));
+                        }
+                    }
+                    Op::Remove(n) => {
+                        if let Some((id, _)) = model.remove(&n) {
+                            let before = w.len();
+                            let held = w.contains(&id);
+                            w.remove(&id);
+                            prop_assert!(!w.contains(&id), "still held after its removal");
+                            prop_assert_eq!(w.len(), before - usize::from(held));
                         }
                     }
                     Op::Ask(n) => {

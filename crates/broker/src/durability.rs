@@ -52,6 +52,8 @@ pub(crate) struct UnsyncedBatch {
     end: Seq,
     /// Its journal entries, to write again if only bookkeeping was lost.
     ops: Vec<bytes::Bytes>,
+    /// The ids it accepted (on a backend; see `Broker::batch_ids`).
+    ids: Vec<uuid::Uuid>,
     structural: bool,
     appended: bool,
 }
@@ -186,6 +188,7 @@ impl<S: MessageStore> Broker<S> {
             self.durability.batches.push_back(UnsyncedBatch {
                 end,
                 ops: std::mem::take(&mut self.batch_ops),
+                ids: std::mem::take(&mut self.batch_ids),
                 structural: self.batch_structural,
                 appended: self.batch_appended,
             });
@@ -297,13 +300,17 @@ impl<S: MessageStore> Broker<S> {
     /// of a synchronous sync ([`Broker::storage_failed`]).
     pub(crate) fn unsynced_failed(&mut self, error: StoreError) {
         let mut ops = Vec::new();
+        let mut ids = Vec::new();
         for batch in self.durability.batches.drain(..) {
             ops.extend(batch.ops);
+            ids.extend(batch.ids);
             self.batch_structural |= batch.structural;
             self.batch_appended |= batch.appended;
         }
         ops.append(&mut self.batch_ops);
         self.batch_ops = ops;
+        ids.append(&mut self.batch_ids);
+        self.batch_ids = ids;
         self.durability.held_answers.clear();
         self.durability.held_deliveries.clear();
         // Released ones were durable: they leave as they are, first.
@@ -321,6 +328,7 @@ impl<S: MessageStore> Broker<S> {
         actions.append(&mut self.actions);
         self.actions = actions;
         self.batch_ops.clear();
+        self.batch_ids.clear();
         self.batch_structural = false;
         self.batch_appended = false;
         self.dirty = false;

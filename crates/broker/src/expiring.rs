@@ -7,7 +7,10 @@ use std::hash::Hash;
 use crate::Nanos;
 
 pub(crate) struct ExpiringMap<K, V> {
-    entries: crate::FastMap<K, V>,
+    /// Each value with the time it was inserted: a slot in `order` acts
+    /// on the entry only if the times match, so a key removed and
+    /// inserted again is not forgotten by its earlier slot.
+    entries: crate::FastMap<K, (Nanos, V)>,
     /// Insertion order, which is also expiry order: the lifetime is fixed.
     order: VecDeque<(Nanos, K)>,
     lifetime: Nanos,
@@ -29,13 +32,22 @@ impl<K: Hash + Eq + Clone, V> ExpiringMap<K, V> {
     pub fn insert(&mut self, key: K, value: V, now: Nanos) -> Option<(K, V)> {
         let mut evicted = None;
         if self.order.len() >= self.capacity {
-            if let Some((_, old)) = self.order.pop_front() {
-                evicted = self.entries.remove_entry(&old);
+            if let Some((t, old)) = self.order.pop_front() {
+                evicted = self.take_if_inserted_at(&old, t);
             }
         }
-        self.entries.insert(key.clone(), value);
+        self.entries.insert(key.clone(), (now, value));
         self.order.push_back((now, key));
         evicted
+    }
+
+    /// Removes `key`'s entry if it is the one inserted at `t`.
+    fn take_if_inserted_at(&mut self, key: &K, t: Nanos) -> Option<(K, V)> {
+        if self.entries.get(key).is_some_and(|(at, _)| *at == t) {
+            self.entries.remove_entry(key).map(|(k, (_, v))| (k, v))
+        } else {
+            None
+        }
     }
 
     /// Room for `additional` more entries (never beyond the capacity), so
@@ -51,11 +63,11 @@ impl<K: Hash + Eq + Clone, V> ExpiringMap<K, V> {
     }
 
     pub fn get(&self, key: &K) -> Option<&V> {
-        self.entries.get(key)
+        self.entries.get(key).map(|(_, v)| v)
     }
 
     pub fn get_mut(&mut self, key: &K) -> Option<&mut V> {
-        self.entries.get_mut(key)
+        self.entries.get_mut(key).map(|(_, v)| v)
     }
 
     pub fn contains(&self, key: &K) -> bool {
@@ -64,14 +76,17 @@ impl<K: Hash + Eq + Clone, V> ExpiringMap<K, V> {
 
     /// Forgets `key` now; its slot in the order expires harmlessly later.
     pub fn remove(&mut self, key: &K) -> Option<V> {
-        self.entries.remove(key)
+        self.entries.remove(key).map(|(_, v)| v)
     }
 
     /// Live entries with the time they were inserted, oldest first.
     pub fn iter(&self) -> impl Iterator<Item = (&K, &V, Nanos)> {
-        self.order
-            .iter()
-            .filter_map(|(t, k)| self.entries.get_key_value(k).map(|(k, v)| (k, v, *t)))
+        self.order.iter().filter_map(|(t, k)| {
+            self.entries
+                .get_key_value(k)
+                .filter(|(_, (at, _))| at == t)
+                .map(|(k, (_, v))| (k, v, *t))
+        })
     }
 
     /// When the oldest entry still in the order was inserted (it may have
@@ -82,8 +97,8 @@ impl<K: Hash + Eq + Clone, V> ExpiringMap<K, V> {
 
     /// Forgets the oldest live entry; `false` if there was none.
     pub fn forget_oldest(&mut self) -> bool {
-        while let Some((_, key)) = self.order.pop_front() {
-            if self.entries.remove(&key).is_some() {
+        while let Some((t, key)) = self.order.pop_front() {
+            if self.take_if_inserted_at(&key, t).is_some() {
                 return true;
             }
         }
@@ -107,8 +122,8 @@ impl<K: Hash + Eq + Clone, V> ExpiringMap<K, V> {
             if t + self.lifetime > now {
                 break;
             }
-            if let Some((_, key)) = self.order.pop_front() {
-                if let Some((key, value)) = self.entries.remove_entry(&key) {
+            if let Some((t, key)) = self.order.pop_front() {
+                if let Some((key, value)) = self.take_if_inserted_at(&key, t) {
                     gone(key, value);
                 }
             }
@@ -133,5 +148,21 @@ mod tests {
         assert_eq!(m.get(&"c"), Some(&3));
         m.expire(16);
         assert!(!m.contains(&"c"));
+    }
+
+    #[test]
+    fn a_key_inserted_again_lives_from_its_new_insertion() {
+        let mut m = ExpiringMap::new(10, 8);
+        m.insert("a", 1, 0);
+        m.remove(&"a");
+        m.insert("a", 2, 8);
+        m.expire(12);
+        assert_eq!(m.get(&"a"), Some(&2), "forgotten by its earlier slot");
+        assert_eq!(m.iter().count(), 1);
+        m.insert("a", 3, 9);
+        m.expire(18);
+        assert_eq!(m.get(&"a"), Some(&3));
+        m.expire(19);
+        assert!(!m.contains(&"a"));
     }
 }

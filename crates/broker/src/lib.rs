@@ -321,6 +321,10 @@ pub struct Broker<S: MessageStore> {
     deferred_ops: Vec<bytes::Bytes>,
     /// Journal entries written since the last good sync.
     batch_ops: Vec<bytes::Bytes>,
+    /// On a backend: the ids accepted since the last good sync. A failed
+    /// sync withdraws them from the dedup window, or a resend of a send
+    /// refused as not stored would be acknowledged as its duplicate.
+    batch_ids: Vec<uuid::Uuid>,
     /// The batch changed more than delivery bookkeeping.
     batch_structural: bool,
     /// The batch appended messages.
@@ -392,6 +396,7 @@ impl<S: MessageStore> Broker<S> {
             degraded: false,
             deferred_ops: Vec::new(),
             batch_ops: Vec::new(),
+            batch_ids: Vec::new(),
             batch_structural: false,
             batch_appended: false,
             manifest: None,

@@ -125,7 +125,7 @@ impl<S: MessageStore> Broker<S> {
             // Answered when it goes out to the requester (streams.rs).
             Ok(ReplyFate::Held) => {}
             Ok(ReplyFate::Discarded(reason)) => {
-                self.dedup.insert(&id, self.wall(now));
+                self.accepted_id(id, now);
                 self.metrics.accepted += 1;
                 if !quiet {
                     self.send_result(conn, seq, ErrorCode::Ok, reason);
@@ -134,7 +134,7 @@ impl<S: MessageStore> Broker<S> {
             Ok(ReplyFate::Delivered) => {
                 // Only accepted ids count for dedup: a refused send retried
                 // with the same id must be tried again, not dropped.
-                self.dedup.insert(&id, self.wall(now));
+                self.accepted_id(id, now);
                 self.metrics.accepted += 1;
                 self.traffic.at(counted).sent += 1;
                 if quiet {
@@ -196,6 +196,15 @@ impl<S: MessageStore> Broker<S> {
             self.actions.push(action);
         } else {
             self.unsynced.push(action);
+        }
+    }
+
+    /// Remembers an accepted send's id for dedup (and, on a backend, until
+    /// its batch is stored: see `batch_ids`).
+    fn accepted_id(&mut self, id: uuid::Uuid, now: Nanos) {
+        self.dedup.insert(&id, self.wall(now));
+        if self.upstream {
+            self.batch_ids.push(id);
         }
     }
 

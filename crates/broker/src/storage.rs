@@ -89,6 +89,7 @@ impl<S: MessageStore> Broker<S> {
                 }
             }
             self.batch_ops.clear();
+            self.batch_ids.clear();
             self.batch_structural = false;
             self.batch_appended = false;
         }
@@ -111,6 +112,8 @@ impl<S: MessageStore> Broker<S> {
                 "storage sync failed: {error}; delivery state is kept in memory until the disk works again"
             ));
             self.deferred_ops.append(&mut self.batch_ops);
+            // Its answers stand, so do its ids.
+            self.batch_ids.clear();
             self.actions.append(&mut self.unsynced);
             return;
         }
@@ -165,9 +168,14 @@ impl<S: MessageStore> Broker<S> {
             }
         }
         if !rebuild {
+            // Refused, so not accepted: a resend is a new send.
+            for id in std::mem::take(&mut self.batch_ids) {
+                self.dedup.remove(&id);
+            }
             self.batch_ops.clear();
             return;
         }
+        self.batch_ids.clear();
         self.dirty = false;
         let now = self.now;
         if let Err(e) = self.rebuild(now) {

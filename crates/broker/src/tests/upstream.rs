@@ -20,6 +20,8 @@ struct BackendStore {
     syncs: u32,
     /// The next sync fails (no quorum).
     fail_next_sync: bool,
+    /// Failed syncs: the writes they waited for may not be stored.
+    discards: u64,
 }
 
 impl BackendStore {
@@ -58,9 +60,13 @@ impl MessageStore for BackendStore {
     fn sync(&mut self) -> Result<(), StoreError> {
         self.syncs += 1;
         if std::mem::take(&mut self.fail_next_sync) {
+            self.discards += 1;
             return Err(StoreError::Io("no quorum".to_string()));
         }
         Ok(())
+    }
+    fn discards(&self) -> u64 {
+        self.discards
     }
     fn replay_chunk(&mut self, _: Seq, _: usize) -> Result<Vec<(Seq, Replayed)>, StoreError> {
         Ok(Vec::new())
@@ -487,6 +493,69 @@ fn a_failed_publish_refuses_its_send_and_keeps_the_nodes_state() {
     assert_eq!(results(&h.actions()), vec![(2, ErrorCode::Ok)]);
     assert_eq!(h.broker.store().held.len(), 1);
     assert_eq!(h.broker.fetch_credit("worker"), 9);
+}
+
+/// A send refused as not stored, sent again with its id, is a new send:
+/// stored, and acknowledged once stored — never acknowledged as the
+/// duplicate of a copy the backend does not have. Both ways of syncing:
+/// in place, and on the group-commit thread (how a node runs).
+#[test]
+fn a_send_refused_as_not_stored_is_stored_when_sent_again() {
+    for on_commit_thread in [false, true] {
+        let mut h = node();
+        h.connect(1, "worker", 10);
+        h.subscribe(1, "job.*");
+        h.connect(2, "web", 10);
+        h.actions();
+        let sync_and_take = |h: &mut Harness<BackendStore>| {
+            if !on_commit_thread {
+                return h.actions();
+            }
+            let mut out = Vec::new();
+            h.broker.take_ready_actions(&mut out);
+            if let Some(mut job) = h.broker.start_sync() {
+                let result = job.run();
+                h.broker.finish_sync(job, result);
+            }
+            h.broker.take_ready_actions(&mut out);
+            out
+        };
+        let order = command("job.run", "x");
+        h.broker.store_mut().fail_next_sync = true;
+        h.send(2, 1, order.clone());
+        let refused = sync_and_take(&mut h);
+        assert_eq!(
+            results(&refused),
+            vec![(1, ErrorCode::StorageFailed)],
+            "{refused:?}"
+        );
+        h.advance(10);
+        h.send(2, 2, order.clone());
+        let answered = sync_and_take(&mut h);
+        let reasons: Vec<&str> = answered
+            .iter()
+            .filter_map(|a| match a {
+                Action::SendResult { seq: 2, reason, .. } => Some(reason.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(results(&answered), vec![(2, ErrorCode::Ok)]);
+        assert_eq!(
+            reasons,
+            [""],
+            "answered as a duplicate of what was not stored"
+        );
+        assert_eq!(
+            h.broker.store().appended.len(),
+            2,
+            "the resend was not stored"
+        );
+        // Now it is stored: a third copy is the duplicate.
+        h.send(2, 3, order);
+        let again = sync_and_take(&mut h);
+        assert_eq!(results(&again), vec![(3, ErrorCode::Ok)]);
+        assert_eq!(h.broker.store().appended.len(), 2);
+    }
 }
 
 /// The dead-letter commands on a backend: checked here, carried out by

@@ -511,6 +511,8 @@ async fn the_fault_loop_loses_reorders_and_doubles_nothing_unexplained() {
                 format!("--- node {id}, an earlier run ---\n{}", tail.join("\n"))
             })
             .collect();
+        let lost: std::collections::BTreeSet<Uuid> = verdict.lost.iter().map(|s| s.id).collect();
+        eprintln!("{}", where_lost_ones_are(&nodes.cluster, &lost).await);
         eprintln!(
             "{}\n{}\n{}",
             verdict.details(&history, 20),
@@ -541,4 +543,83 @@ async fn the_fault_loop_loses_reorders_and_doubles_nothing_unexplained() {
         "{} keyed deliveries out of order",
         verdict.out_of_order.len()
     );
+}
+
+/// Where the lost commands are: in the log or not, at which seqs, and
+/// each consumer's position — a message never stored, one a consumer
+/// has passed, and one it still holds look different here.
+async fn where_lost_ones_are(
+    cluster: &cluster_common::nats::NatsCluster,
+    lost: &std::collections::BTreeSet<Uuid>,
+) -> String {
+    use async_nats::jetstream::consumer::pull::OrderedConfig;
+    use futures_util::StreamExt as _;
+    if lost.is_empty() {
+        return String::new();
+    }
+    let connection = cluster.connect("fault-checker").await;
+    let mut lines = Vec::new();
+    let mut stream = match connection.jetstream.get_stream("COURIER_MSGS").await {
+        Ok(stream) => stream,
+        Err(e) => return format!("COURIER_MSGS: {e}"),
+    };
+    let last = match stream.info().await {
+        Ok(info) => {
+            lines.push(format!("COURIER_MSGS: {:?}", info.state));
+            info.state.last_sequence
+        }
+        Err(e) => return format!("COURIER_MSGS info: {e}"),
+    };
+    let mut consumers = stream.consumers();
+    while let Some(consumer) = consumers.next().await {
+        match consumer {
+            Ok(c) => lines.push(format!(
+                "consumer {}: delivered {}, ack floor {}, ack pending {}, pending {}, redelivered {}, waiting {}, paused {}, leader {:?}",
+                c.name,
+                c.delivered.stream_sequence,
+                c.ack_floor.stream_sequence,
+                c.num_ack_pending,
+                c.num_pending,
+                c.num_redelivered,
+                c.num_waiting,
+                c.paused,
+                c.cluster.and_then(|c| c.leader)
+            )),
+            Err(e) => lines.push(format!("a consumer's info: {e}")),
+        }
+    }
+    let scan = stream
+        .create_consumer(OrderedConfig::default())
+        .await
+        .expect("an ordered consumer over COURIER_MSGS");
+    let mut messages = scan.messages().await.expect("its messages");
+    let mut found = 0;
+    while let Ok(Some(Ok(message))) =
+        tokio::time::timeout(Duration::from_secs(5), messages.next()).await
+    {
+        let Ok(info) = message.info() else { continue };
+        let seq = info.stream_sequence;
+        let id = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+            .and_then(|v| Uuid::parse_str(v.as_str()).ok());
+        if let Some(id) = id.filter(|id| lost.contains(id)) {
+            found += 1;
+            if found <= 20 {
+                lines.push(format!(
+                    "lost {id}: in the log at seq {seq} on {}",
+                    message.subject
+                ));
+            }
+        }
+        if seq >= last {
+            break;
+        }
+    }
+    lines.push(format!(
+        "{found} of the {} lost commands are in the log",
+        lost.len()
+    ));
+    lines.join("\n")
 }

@@ -381,6 +381,10 @@ async fn find_or_create(
     }
 }
 
+/// How long one read of an object's config may take before it is tried
+/// again.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// How long provisioning waits out a cluster that is still forming.
 pub const CLUSTER_SETTLE_WAIT: Duration = Duration::from_secs(30);
 
@@ -405,7 +409,18 @@ async fn try_find_or_create(
     spec: &Spec,
 ) -> Result<stream::Stream, ProvisionError> {
     let name = &spec.config.name;
-    match js.get_stream(name).await {
+    // Bounded well below the context's timeout: a read sent through a
+    // server that lost its routes goes unanswered, and another attempt
+    // (through a server that answers) is quicker than waiting it out.
+    let read = tokio::time::timeout(READ_TIMEOUT, js.get_stream(name))
+        .await
+        .unwrap_or_else(|_| {
+            Err(jetstream::context::GetStreamError::with_source(
+                GetStreamErrorKind::Request,
+                format!("no answer within {READ_TIMEOUT:?}"),
+            ))
+        });
+    match read {
         Ok(stream) => return Ok(stream),
         Err(e) if is_not_found(&e) => {}
         Err(source) => {

@@ -350,7 +350,6 @@ async fn fault(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "it found acknowledged commands lost after kill -9 of a nats-server (docs/SCALE-OUT.md, Implementation status, known defects); run it with --ignored"]
 async fn the_fault_loop_loses_reorders_and_doubles_nothing_unexplained() {
     let run_started = Instant::now();
     let mut nodes = Nodes::start_watched().await;

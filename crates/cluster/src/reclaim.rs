@@ -52,9 +52,20 @@ pub async fn reclaim_once(js: &jetstream::Context) -> Result<Option<u64>, Reclai
         .map_err(reclaim_error)?;
     let state = stream.info().await.map_err(reclaim_error)?.state.clone();
     let mut floor = state.last_sequence + 1;
+    let mut listed = 0;
     let mut consumers = stream.consumers();
     while let Some(info) = consumers.try_next().await.map_err(reclaim_error)? {
         floor = floor.min(first_needed(&info));
+        listed += 1;
+    }
+    // A consumer whose leader is being elected can be missing from the
+    // listing, without an error: its floor would be missing too, and a
+    // purge to the others' floors would take what it still needs.
+    if listed < state.consumer_count {
+        return Err(ReclaimError(format!(
+            "{listed} of the stream's {} consumers answered; nothing purged",
+            state.consumer_count
+        )));
     }
     if floor <= state.first_sequence {
         return Ok(None);

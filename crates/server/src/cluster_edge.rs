@@ -135,6 +135,7 @@ pub(crate) fn start(shared: &Arc<Shared>) -> Vec<crate::AbortOnDrop> {
             shared,
         )))),
         crate::AbortOnDrop(tokio::spawn(keep_registered(edge.node.clone()))),
+        crate::AbortOnDrop(tokio::spawn(reclaim_while_leading(edge.node.clone()))),
     ];
     tasks.extend(edge.dead_letters.start(shared));
     if let Some(rx) = forwards {
@@ -620,10 +621,6 @@ const RECLAIM_EVERY: Duration = Duration::from_secs(30);
 /// Takes the `reclaimer` lease whenever it is free and, while it holds
 /// it, gives the log's space back every [`RECLAIM_EVERY`]
 /// (`courier_cluster::reclaim`): one node at a time does, whichever.
-/// Not started: until its floor is proven safe while consumers' leaders
-/// move (the fault loop once lost acknowledged messages, and a purge
-/// below a wrong floor is one way to), a node keeps everything.
-#[allow(dead_code)]
 async fn reclaim_while_leading(node: Arc<ClusterNode>) {
     loop {
         let acquired = Lease::acquire(

@@ -33,12 +33,34 @@ fn lookup_timed_out() -> async_nats::jetstream::stream::ConsumerError {
     )
 }
 
-/// The most messages one pull asks for, whatever the credit. JetStream
-/// gives each arriving message to the oldest waiting pull until that pull
-/// has its batch: a large batch would let one node take everything that
-/// trickles in for a whole `FETCH_EXPIRES` while instances on other nodes
-/// idle. A full pull ends and its node asks again, behind the others.
-pub const FETCH_BATCH_MAX: u32 = 32;
+/// The most messages a pull asks for while messages trickle in, whatever
+/// the credit. JetStream gives each arriving message to the oldest
+/// waiting pull until that pull has its batch: a large batch would let
+/// one node take everything that trickles in for a whole `FETCH_EXPIRES`
+/// while instances on other nodes idle. A full pull ends and its node
+/// asks again, behind the others.
+pub const FETCH_BATCH_MIN: u32 = 32;
+/// The most messages one pull asks for, whatever the credit. A pull that
+/// came back full found a backlog, where every node's pulls fill at once
+/// and a small batch only adds round trips: the next pull asks for twice
+/// as many, up to this; a pull that came back short goes back to
+/// [`FETCH_BATCH_MIN`].
+pub const FETCH_BATCH_MAX: u32 = 1024;
+
+/// The next pull's batch after one that asked for `asked` and received
+/// `received`, when the last batch size was `last`.
+pub fn next_batch_size(last: u32, asked: u32, received: u32) -> u32 {
+    if asked == 0 || received < asked {
+        FETCH_BATCH_MIN
+    } else if asked == last {
+        (last * 2).min(FETCH_BATCH_MAX)
+    } else {
+        // Full, but the credit asked for less than the batch size: the
+        // credit bounded the pull, not the backlog.
+        last
+    }
+}
+
 /// When there is no credit, how often it is looked at again even if
 /// nobody signals room (a missed signal costs no more than this).
 pub const ROOM_RECHECK: Duration = Duration::from_millis(250);
@@ -173,6 +195,7 @@ async fn lane_loop<C, D>(
     let other = &shared.asked[1 - index(lane)];
     let mut consumer: Option<PullConsumer> = None;
     let mut retry = RETRY_PAUSE_MIN;
+    let mut batch_size = FETCH_BATCH_MIN;
     while !stopping(&stop) {
         let Some(pulling) = consumer.as_ref() else {
             // Bounded well below the JetStream context's timeout: while a
@@ -205,7 +228,7 @@ async fn lane_loop<C, D>(
         // out an empty pull does not hold all of it from the other.
         let total = (shared.credit)();
         let free = total.saturating_sub(other.load(Ordering::Acquire));
-        let ask = free.min(total.div_ceil(shared.lanes)).min(FETCH_BATCH_MAX);
+        let ask = free.min(total.div_ceil(shared.lanes)).min(batch_size);
         if ask == 0 {
             tokio::select! {
                 _ = shared.room.notified() => {}
@@ -234,6 +257,7 @@ async fn lane_loop<C, D>(
                 continue;
             }
         };
+        let mut received = 0u32;
         loop {
             let next = tokio::select! {
                 biased;
@@ -253,6 +277,7 @@ async fn lane_loop<C, D>(
             match next {
                 None => break,
                 Some(Ok(message)) => {
+                    received += 1;
                     handle(connection, service, lane, shared, message).await;
                     let _ = mine.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                         Some(n.saturating_sub(1))
@@ -273,6 +298,7 @@ async fn lane_loop<C, D>(
                 }
             }
         }
+        batch_size = next_batch_size(batch_size, ask, received);
         mine.store(0, Ordering::Release);
         // The other lane may be waiting for what this one asked for.
         shared.room.notify_waiters();
@@ -345,5 +371,26 @@ async fn handle<C, D>(
                 tracing::warn!("service {service}: +TERM of message {stream_seq} not sent: {e}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_pulls_grow_the_batch_short_ones_shrink_it() {
+        assert_eq!(next_batch_size(FETCH_BATCH_MIN, 32, 32), 64);
+        assert_eq!(next_batch_size(512, 512, 512), FETCH_BATCH_MAX);
+        assert_eq!(
+            next_batch_size(FETCH_BATCH_MAX, 1024, 1024),
+            FETCH_BATCH_MAX
+        );
+        // A trickle: the pull expired short.
+        assert_eq!(next_batch_size(512, 512, 3), FETCH_BATCH_MIN);
+        // The credit asked for less than the batch size and got it all.
+        assert_eq!(next_batch_size(256, 10, 10), 256);
+        // Nothing asked, nothing learned about the backlog.
+        assert_eq!(next_batch_size(256, 0, 0), FETCH_BATCH_MIN);
     }
 }

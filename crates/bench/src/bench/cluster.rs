@@ -329,11 +329,13 @@ impl Deployment {
             "Cluster:".to_string(),
             servers,
             format!(
-                "  Courier cluster: {} `courier serve --backend {} --nats-user {COURIER_USER} --nats-system-user {SYSTEM_USER} --node-id ID` nodes ({}), fresh per run; every stream and bucket with 3 replicas; publishers connect to node a (the SDK given a,b), consumers to node b (given b,a); a node pulls at most {} messages per fetch",
+                "  Courier cluster: {} `courier serve --backend {} --nats-user {COURIER_USER} --nats-system-user {SYSTEM_USER} --node-id ID` nodes ({}), fresh per run; every stream and bucket with 3 replicas; publishers connect to node a (the SDK given a,b), consumers to node b (given b,a); a node pulls {} messages per fetch, twice as many after a full pull up to {}, back to {} after a short one",
                 NODES.len(),
                 self.access.backend(),
                 NODES.join(", "),
-                FETCH_BATCH_MAX
+                FETCH_BATCH_MIN,
+                FETCH_BATCH_MAX,
+                FETCH_BATCH_MIN
             ),
             format!(
                 "  JetStream R3: async-nats {} in the bench process, {runtime}; file streams with num_replicas 3 made by the publisher, the NATS side's clients unchanged (W5: at most {WINDOW} PublishAckFutures unawaited; W6: durable pull consumer, explicit ack, max_ack_pending {MAX_IN_FLIGHT}, pull batches of {MAX_IN_FLIGHT}); the publisher given the servers from n1, the consumer from n2",
@@ -347,9 +349,10 @@ impl Deployment {
     }
 }
 
-/// `courier_cluster::fetch::FETCH_BATCH_MAX`, as its settings line cites
+/// `courier_cluster::fetch::FETCH_BATCH_MIN` and `FETCH_BATCH_MAX`, as its settings line cites
 /// it (the bench does not link the cluster crate).
-const FETCH_BATCH_MAX: u32 = 32;
+const FETCH_BATCH_MIN: u32 = 32;
+const FETCH_BATCH_MAX: u32 = 1024;
 
 // ---------------------------------------------------------------------------
 // The cluster columns' runs

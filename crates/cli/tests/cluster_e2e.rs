@@ -22,7 +22,7 @@ type Scenario = fn(&Nodes);
 #[tokio::test(flavor = "multi_thread")]
 async fn two_nodes_serve_one_bus() {
     let nodes = Nodes::start().await;
-    let scenarios: [(&str, Scenario); 6] = [
+    let scenarios: [(&str, Scenario); 7] = [
         (
             "request and reply",
             a_command_sent_through_one_node_is_answered_from_the_other,
@@ -44,6 +44,7 @@ async fn two_nodes_serve_one_bus() {
             "transient",
             transient_messages_reach_instances_on_other_nodes,
         ),
+        ("manifest", the_manifests_rules_hold_on_every_node),
     ];
     for (name, scenario) in scenarios {
         let started = Instant::now();
@@ -336,5 +337,112 @@ fn transient_messages_reach_instances_on_other_nodes(nodes: &Nodes) {
             assert_eq!(m["payload"], 0.5);
             break;
         }
+    }
+}
+
+/// `courier token new`: the token and its hash.
+fn token_pair() -> (String, String) {
+    let out = std::process::Command::new(courier_bin())
+        .args(["token", "new"])
+        .output()
+        .expect("run courier token new");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut lines = text.lines();
+    let token = lines.next().expect("a token line").to_string();
+    let hash = lines.next().expect("a hash line").to_string();
+    (token, hash)
+}
+
+/// Two more nodes, both given one manifest (SCALE-OUT §15: every node
+/// the same file): who may connect, send and receive what holds on each,
+/// and an allowed command crosses from one to the other.
+fn the_manifests_rules_hold_on_every_node(nodes: &Nodes) {
+    let (shop, shop_hash) = token_pair();
+    let (stock, stock_hash) = token_pair();
+    let (_, admin_hash) = token_pair();
+    let dir = tempdir::Dir::new("manifest");
+    let path = dir.path().join("courier.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"[services.shop]
+sends = ["stock.reserve@1"]
+receives = ["stock.reserved@1"]
+tokens = ["{shop_hash}"]
+
+[services.stock]
+receives = ["stock.reserve@1"]
+sends = ["stock.reserved@1"]
+tokens = ["{stock_hash}"]
+
+[admin]
+tokens = ["{admin_hash}"]
+"#
+        ),
+    )
+    .expect("write the manifest");
+    let manifest = path.to_str().expect("a UTF-8 path");
+    let c = nodes.start_node_with("c", &["--manifest", manifest]);
+    let d = nodes.start_node_with("d", &["--manifest", manifest]);
+
+    let receiver = c.spawn(&[
+        "subscribe",
+        "stock.>",
+        "--service",
+        "stock",
+        "--token",
+        &stock,
+    ]);
+    let out = send_when_routed(
+        &d,
+        &[
+            "send",
+            "stock.reserve",
+            "--service",
+            "shop",
+            "--token",
+            &shop,
+            "--data",
+            r#"{"sku":"milk"}"#,
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let got = receiver.json_line(T);
+    assert_eq!(got["name"], "stock.reserve");
+    assert_eq!(got["sender"], "shop", "the sender comes from the token");
+
+    for node in [&c, &d] {
+        let out = node.run(&["send", "stock.reserve", "--service", "shop"]);
+        assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("requires credentials"),
+            "{}",
+            stderr(&out)
+        );
+        let out = node.run(&[
+            "send",
+            "stock.release",
+            "--service",
+            "shop",
+            "--token",
+            &shop,
+        ]);
+        assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+        let err = stderr(&out);
+        assert!(
+            err.contains("service shop may not send stock.release")
+                && err.contains("stock.reserve@1"),
+            "{err}"
+        );
+        let out = node.run(&[
+            "publish",
+            "stock.audited",
+            "--service",
+            "stock",
+            "--token",
+            &stock,
+        ]);
+        assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
     }
 }

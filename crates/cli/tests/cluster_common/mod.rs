@@ -104,6 +104,16 @@ impl Nodes {
         node
     }
 
+    /// Another node `id` on the cluster, with `extra` flags besides the
+    /// cluster's (e.g. `--manifest`); not watched.
+    pub fn start_node_with(&self, id: &str, extra: &[&str]) -> Broker {
+        let listen = format!("127.0.0.1:{}", crate::common::free_port());
+        let mut flags = node_flags(&self.cluster, self.secrets.path(), id);
+        flags.extend(extra.iter().map(|flag| flag.to_string()));
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        Broker::start_on_with(&listen, tempdir::Dir::new("node"), &flags)
+    }
+
     /// The last `lines` lines of every watched node's stderr, for a
     /// failure message.
     pub fn log_tails(&self, lines: usize) -> String {

@@ -11,7 +11,7 @@ use async_nats::jetstream::consumer::PullConsumer;
 use bytes::Bytes;
 use courier_proto::{decode_message, Message};
 use courier_store::AckHandle;
-use futures_util::StreamExt as _;
+use futures_util::{FutureExt as _, StreamExt as _};
 use tokio::sync::{watch, Notify};
 
 use crate::ack_subject::AckSubject;
@@ -61,6 +61,8 @@ pub fn next_batch_size(last: u32, asked: u32, received: u32) -> u32 {
     }
 }
 
+/// The most fetched messages handed to the core in one call.
+pub const HANDOFF_MAX: usize = 256;
 /// When there is no credit, how often it is looked at again even if
 /// nobody signals room (a missed signal costs no more than this).
 pub const ROOM_RECHECK: Duration = Duration::from_millis(250);
@@ -109,9 +111,10 @@ fn index(lane: Lane) -> usize {
 /// Fetches `service`'s messages from both its consumers until `stop`
 /// turns true (or its sender is gone). `credit` is what this node's
 /// instances of the service can take now (the sum of `max_in_flight −
-/// in_flight`); the loop waits on `room` when it is 0. Each message goes
-/// to `deliver`; one that does not decode is terminated (`+TERM`) and
-/// logged. A consumer that does not exist yet is looked for again with a
+/// in_flight`); the loop waits on `room` when it is 0. Messages go to
+/// `deliver` as they arrive, those that arrived together in one call (at
+/// most [`HANDOFF_MAX`]); one that does not decode is terminated
+/// (`+TERM`) and logged. A consumer that does not exist yet is looked for again with a
 /// growing pause.
 pub async fn run<C, D>(
     connection: Connection,
@@ -122,7 +125,7 @@ pub async fn run<C, D>(
     stop: watch::Receiver<bool>,
 ) where
     C: Fn() -> u32 + Send + Sync,
-    D: FnMut(Fetched) + Send,
+    D: FnMut(Vec<Fetched>) + Send,
 {
     run_lanes(
         connection,
@@ -148,7 +151,7 @@ pub async fn run_lanes<C, D>(
     stop: watch::Receiver<bool>,
 ) where
     C: Fn() -> u32 + Send + Sync,
-    D: FnMut(Fetched) + Send,
+    D: FnMut(Vec<Fetched>) + Send,
 {
     let running: Vec<Lane> = [Lane::Unkeyed, Lane::Keyed]
         .into_iter()
@@ -188,7 +191,7 @@ async fn lane_loop<C, D>(
     mut stop: watch::Receiver<bool>,
 ) where
     C: Fn() -> u32 + Send + Sync,
-    D: FnMut(Fetched) + Send,
+    D: FnMut(Vec<Fetched>) + Send,
 {
     let name = consumer_name(service, lane);
     let mine = &shared.asked[index(lane)];
@@ -258,32 +261,45 @@ async fn lane_loop<C, D>(
             }
         };
         let mut received = 0u32;
+        // Messages that arrived together go to the core in one pass.
+        let mut ready: Vec<Fetched> = Vec::new();
+        let mut taken = 0u32;
         loop {
-            let next = tokio::select! {
-                biased;
-                _ = stop.changed() => {
-                    if stopping(&stop) {
-                        break;
-                    }
-                    continue;
+            let polled = batch.next().now_or_never();
+            let polled = match polled {
+                Some(next) if ready.len() < HANDOFF_MAX => Some(next),
+                polled => {
+                    hand_over(shared, mine, &mut ready, &mut taken);
+                    polled
                 }
-                next = tokio::time::timeout(FETCH_EXPIRES + LOOKUP_TIMEOUT, batch.next()) => match next {
-                    Ok(next) => next,
-                    // The server never ended the pull (a consumer's leader
-                    // moving): ask again rather than wait on it.
-                    Err(_) => break,
+            };
+            let next = match polled {
+                Some(next) => next,
+                None => tokio::select! {
+                    biased;
+                    _ = stop.changed() => {
+                        if stopping(&stop) {
+                            break;
+                        }
+                        continue;
+                    }
+                    next = tokio::time::timeout(FETCH_EXPIRES + LOOKUP_TIMEOUT, batch.next()) => match next {
+                        Ok(next) => next,
+                        // The server never ended the pull (a consumer's leader
+                        // moving): ask again rather than wait on it.
+                        Err(_) => break,
+                    },
                 },
             };
             match next {
                 None => break,
                 Some(Ok(message)) => {
                     received += 1;
-                    handle(connection, service, lane, shared, message).await;
-                    let _ = mine.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                        Some(n.saturating_sub(1))
-                    });
+                    taken += 1;
+                    ready.extend(decode(connection, service, lane, message).await);
                 }
                 Some(Err(e)) => {
+                    hand_over(shared, mine, &mut ready, &mut taken);
                     // Consumer deleted (the service unsubscribed), a lost
                     // connection, a server's refusal (503 while its leader
                     // is elected): look it up again, after a pause.
@@ -298,6 +314,7 @@ async fn lane_loop<C, D>(
                 }
             }
         }
+        hand_over(shared, mine, &mut ready, &mut taken);
         batch_size = next_batch_size(batch_size, ask, received);
         mine.store(0, Ordering::Release);
         // The other lane may be waiting for what this one asked for.
@@ -305,31 +322,51 @@ async fn lane_loop<C, D>(
     }
 }
 
-/// Hands one fetched message over, or terminates it when it cannot be
-/// read: nothing from the network may stop the loop.
-async fn handle<C, D>(
+/// Hands what is ready to the core in one call, and counts it as no
+/// longer asked for.
+fn hand_over<C, D>(
+    shared: &Shared<C, D>,
+    mine: &AtomicU32,
+    ready: &mut Vec<Fetched>,
+    taken: &mut u32,
+) where
+    D: FnMut(Vec<Fetched>) + Send,
+{
+    if !ready.is_empty() {
+        let mut deliver = shared
+            .deliver
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        (*deliver)(std::mem::take(ready));
+    }
+    let done = std::mem::take(taken);
+    let _ = mine.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+        Some(n.saturating_sub(done))
+    });
+}
+
+/// Reads one fetched message, or terminates it when it cannot be read:
+/// nothing from the network may stop the loop.
+async fn decode(
     connection: &Connection,
     service: &str,
     lane: Lane,
-    shared: &Shared<C, D>,
     message: async_nats::jetstream::Message,
-) where
-    D: FnMut(Fetched) + Send,
-{
+) -> Option<Fetched> {
     let message = message.message;
     let Some(reply) = message.reply.as_ref().map(|r| r.to_string()) else {
         tracing::warn!(
             "service {service}: a message on {} came without an ack subject; skipped",
             message.subject
         );
-        return;
+        return None;
     };
     let Some(ack) = AckSubject::parse(&reply) else {
         tracing::warn!(
             "service {service}: a message on {} came with `{reply}`, not an ack subject; skipped",
             message.subject
         );
-        return;
+        return None;
     };
     let (attempt, stream_seq) = (
         u32::try_from(ack.delivered).unwrap_or(u32::MAX),
@@ -342,7 +379,7 @@ async fn handle<C, D>(
                 .as_ref()
                 .and_then(|h| h.get(REPLY_TO_HEADER))
                 .map(|v| v.as_str().to_string());
-            let fetched = Fetched {
+            Some(Fetched {
                 service: service.to_string(),
                 lane,
                 message: Arc::new(decoded),
@@ -350,12 +387,7 @@ async fn handle<C, D>(
                 stream_seq,
                 handle: reply,
                 reply_node,
-            };
-            let mut deliver = shared
-                .deliver
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            (*deliver)(fetched);
+            })
         }
         Err(e) => {
             // Redelivering it would fail the same way, forever.
@@ -370,6 +402,7 @@ async fn handle<C, D>(
             {
                 tracing::warn!("service {service}: +TERM of message {stream_seq} not sent: {e}");
             }
+            None
         }
     }
 }

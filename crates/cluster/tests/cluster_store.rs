@@ -322,8 +322,10 @@ fn start_fetching(
         service.to_string(),
         move || credit.load(Ordering::Acquire),
         room,
-        move |fetched| {
-            let _ = tx.send(fetched);
+        move |batch: Vec<Fetched>| {
+            for fetched in batch {
+                let _ = tx.send(fetched);
+            }
         },
         stop,
     ));

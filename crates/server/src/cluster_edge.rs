@@ -272,20 +272,24 @@ fn credit_of(shared: Weak<Shared>, service: String) -> impl Fn() -> u32 + Send +
     }
 }
 
-/// Where a fetch loop hands each message: the core.
-fn deliver_to(shared: Weak<Shared>) -> impl FnMut(courier_cluster::fetch::Fetched) + Send {
-    move |fetched| {
+/// Where a fetch loop hands what it fetched: the core, in one pass.
+fn deliver_to(shared: Weak<Shared>) -> impl FnMut(Vec<courier_cluster::fetch::Fetched>) + Send {
+    move |batch| {
         let Some(shared) = shared.upgrade() else {
             return;
         };
-        let fetched = courier_broker::Fetched {
-            service: fetched.service,
-            message: fetched.message,
-            attempt: fetched.attempt,
-            handle: fetched.handle,
-            reply_node: fetched.reply_node,
-        };
-        shared.with_core_deferred(|core, now| core.fetched(fetched, now));
+        shared.with_core_deferred(|core, now| {
+            for fetched in batch {
+                let fetched = courier_broker::Fetched {
+                    service: fetched.service,
+                    message: fetched.message,
+                    attempt: fetched.attempt,
+                    handle: fetched.handle,
+                    reply_node: fetched.reply_node,
+                };
+                core.fetched(fetched, now);
+            }
+        });
     }
 }
 

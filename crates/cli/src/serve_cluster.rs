@@ -36,6 +36,13 @@ pub(crate) struct ClusterArgs {
     /// hex digits, new at every start).
     #[arg(long)]
     pub(crate) node_id: Option<String>,
+    /// How many deliveries each service's consumer may have unacknowledged
+    /// across every node (JetStream's `max_ack_pending`): keep it above
+    /// the sum of the service's instances' max_in_flight, or deliveries
+    /// stop at it. Applied to a consumer when its service next subscribes.
+    #[arg(long, default_value_t = courier_cluster::consumers::MAX_ACK_PENDING_DEFAULT,
+          value_parser = clap::value_parser!(i64).range(1..))]
+    pub(crate) nats_max_ack_pending: i64,
 }
 
 /// What joining gives the server.
@@ -95,16 +102,19 @@ pub(crate) async fn join(args: &ServeArgs) -> anyhow::Result<Joined> {
         }
         None => None,
     };
-    match durability::check(system.as_ref(), cluster.accept_weaker_durability).await? {
-        durability::Durability::AsSingleNode => {
-            tracing::info!("every NATS server syncs before it acknowledges")
-        }
-        durability::Durability::Weaker(findings) => {
-            for finding in findings {
-                tracing::warn!("weaker durability accepted: {finding}");
+    let durability_weaker =
+        match durability::check(system.as_ref(), cluster.accept_weaker_durability).await? {
+            durability::Durability::AsSingleNode => {
+                tracing::info!("every NATS server syncs before it acknowledges");
+                false
             }
-        }
-    }
+            durability::Durability::Weaker(findings) => {
+                for finding in findings {
+                    tracing::warn!("weaker durability accepted: {finding}");
+                }
+                true
+            }
+        };
     let settings = courier_cluster::Settings {
         dedup_window: std::time::Duration::from_millis(
             courier_server::BrokerConfig::default().dedup_window_ms,
@@ -125,7 +135,10 @@ pub(crate) async fn join(args: &ServeArgs) -> anyhow::Result<Joined> {
         tokio::runtime::Handle::current(),
         node.clone(),
         &provisioned,
-        courier_cluster::store::StoreOptions::default(),
+        courier_cluster::store::StoreOptions {
+            max_ack_pending: cluster.nats_max_ack_pending,
+            ..courier_cluster::store::StoreOptions::default()
+        },
     );
     let record = NodeRecord::starting_now(
         args.listen.to_string(),
@@ -139,6 +152,7 @@ pub(crate) async fn join(args: &ServeArgs) -> anyhow::Result<Joined> {
             nodes: provisioned.nodes.clone(),
             leases: provisioned.leases.clone(),
             record,
+            durability_weaker,
         }),
     })
 }

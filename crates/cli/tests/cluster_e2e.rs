@@ -54,6 +54,11 @@ async fn two_nodes_serve_one_bus() {
 }
 
 fn a_command_sent_through_one_node_is_answered_from_the_other(nodes: &Nodes) {
+    // Servers that sync before they acknowledge: durability as one node's.
+    let http = nodes.a.http.as_deref().expect("node a's HTTP port");
+    let (_, metrics) = http_get(http, "/metrics", None);
+    assert_eq!(metric(&metrics, "courier_durability_weaker"), Some(0.0));
+
     let responder = nodes.a.spawn(&[
         "reply",
         "todo.create",

@@ -55,6 +55,9 @@ pub struct ClusterNode {
     pub leases: async_nats::jetstream::kv::Store,
     /// The record put there (its addresses are filled in at start).
     pub record: courier_cluster::nodes::NodeRecord,
+    /// Started with `--accept-weaker-durability` past a failed check
+    /// (the `courier_durability_weaker` gauge).
+    pub durability_weaker: bool,
 }
 
 impl std::fmt::Debug for ClusterNode {

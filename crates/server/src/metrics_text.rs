@@ -49,6 +49,8 @@ pub(crate) struct MetricsSnapshot {
     pub trace_sampling: Option<(u64, u8)>,
     /// The gateway's webhook posts: delivered, retried, given up.
     pub webhooks: (u64, u64, u64),
+    /// On a cluster backend: whether the node runs with weaker durability.
+    pub durability_weaker: Option<bool>,
 }
 
 impl MetricsSnapshot {
@@ -71,6 +73,7 @@ impl MetricsSnapshot {
             webhooks,
             traces,
             trace_sampling: core.trace_sampling(),
+            durability_weaker: shared.cluster.as_ref().map(|e| e.node.durability_weaker),
             counters: core.metrics().clone(),
             names,
             names_max,
@@ -472,6 +475,13 @@ fn encode_broker(encoder: &mut DescriptorEncoder, s: &MetricsSnapshot) -> fmt::R
             f64::from(u8::from(s.degraded)),
         ),
     ];
+    if let Some(weaker) = s.durability_weaker {
+        gauges.push((
+            "courier_durability_weaker",
+            "1 when the node started with --accept-weaker-durability past servers that acknowledge before they sync (or could not be asked)",
+            f64::from(u8::from(weaker)),
+        ));
+    }
     if let Some(free) = st.disk_free_bytes {
         gauges.push((
             "courier_disk_free_bytes",

@@ -338,8 +338,13 @@ impl Deployment {
                 FETCH_BATCH_MIN
             ),
             format!(
-                "  JetStream R3: async-nats {} in the bench process, {runtime}; file streams with num_replicas 3 made by the publisher, the NATS side's clients unchanged (W5: at most {WINDOW} PublishAckFutures unawaited; W6: durable pull consumer, explicit ack, max_ack_pending {MAX_IN_FLIGHT}, pull batches of {MAX_IN_FLIGHT}); the publisher given the servers from n1, the consumer from n2",
-                nats::CLIENT_VERSION
+                "  JetStream R3: async-nats {} in the bench process, {runtime}; file streams with num_replicas 3 made by the publisher, the NATS side's clients unchanged (W5: at most {WINDOW} PublishAckFutures unawaited, {}; W6: durable pull consumer, explicit ack, max_ack_pending {MAX_IN_FLIGHT}, pull batches of {MAX_IN_FLIGHT}); the publisher given the servers from n1, the consumer from n2",
+                nats::CLIENT_VERSION,
+                if nats::MSG_IDS.load(std::sync::atomic::Ordering::Relaxed) {
+                    "each with a Nats-Msg-Id as Courier's sends (--nats-msg-ids)"
+                } else {
+                    "without Nats-Msg-Id (Courier's sends carry one: --nats-msg-ids gives the peer the same)"
+                }
             ),
             "  Single-node Courier: as under Courier server above (embedded store, --fsync always, its own data dir on the same disk)".to_string(),
             format!(

@@ -13,6 +13,29 @@ use futures_util::StreamExt as _;
 
 /// async-nats, as in Cargo.toml.
 pub(super) const CLIENT_VERSION: &str = "0.51";
+
+/// `--nats-msg-ids`: W5's publishes carry a `Nats-Msg-Id` each. Set once,
+/// before any run.
+pub(super) static MSG_IDS: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Publishes `payload` on `subject`, with a fresh `Nats-Msg-Id` under
+/// `--nats-msg-ids`.
+async fn publish_maybe_with_id(
+    js: &jetstream::Context,
+    subject: String,
+    payload: Bytes,
+) -> Result<jetstream::context::PublishAckFuture, jetstream::context::PublishError> {
+    if !MSG_IDS.load(std::sync::atomic::Ordering::Relaxed) {
+        return js.publish(subject, payload).await;
+    }
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(
+        async_nats::header::NATS_MESSAGE_ID,
+        uuid::Uuid::now_v7().hyphenated().to_string().as_str(),
+    );
+    js.publish_with_headers(subject, headers, payload).await
+}
 /// Core NATS subject of W4.
 const REQUEST_SUBJECT: &str = "bench.requests";
 /// async-nats drops messages for a subscription whose buffer is full (a
@@ -442,9 +465,7 @@ impl Side for NatsSide {
         name: &'static str,
         payload: Bytes,
     ) -> anyhow::Result<()> {
-        publisher
-            .js
-            .publish(name, payload)
+        publish_maybe_with_id(&publisher.js, name.to_string(), payload)
             .await
             .context("publish failed")?
             .await
@@ -458,15 +479,11 @@ impl Side for NatsSide {
         key: Option<Key>,
         payload: Bytes,
     ) -> anyhow::Result<Self::Pending> {
-        let ack = match key {
-            None => publisher.js.publish(name, payload).await?,
-            Some(key) => {
-                publisher
-                    .js
-                    .publish(keyed_subject(name, key), payload)
-                    .await?
-            }
+        let subject = match key {
+            None => name.to_string(),
+            Some(key) => keyed_subject(name, key),
         };
+        let ack = publish_maybe_with_id(&publisher.js, subject, payload).await?;
         Ok(ack)
     }
 
@@ -574,8 +591,13 @@ pub(super) fn settings(nats: &NatsInstall, runtime: &str) -> Vec<String> {
             thousands(MIN_SUBSCRIPTION_CAPACITY as u64)
         ),
         format!(
-            "  W4: Client::request (one shared reply subscription per connection), the responder answers each request with {TINY_BYTES} B, W4b keeps {REQUESTS_IN_FLIGHT} requests in flight (FuturesUnordered); W5a: JetStream publish, ack awaited before the next; W5b and the W6/W7 backlogs: at most {WINDOW} PublishAckFutures unawaited; JetStream context timeout {} s; W6 acks each message with ack() and is timed until the consumer's info shows no ack pending and the ack floor at the last message",
-            JETSTREAM_TIMEOUT.as_secs()
+            "  W4: Client::request (one shared reply subscription per connection), the responder answers each request with {TINY_BYTES} B, W4b keeps {REQUESTS_IN_FLIGHT} requests in flight (FuturesUnordered); W5a: JetStream publish, ack awaited before the next; W5b and the W6/W7 backlogs: at most {WINDOW} PublishAckFutures unawaited; JetStream context timeout {} s; W6 acks each message with ack() and is timed until the consumer's info shows no ack pending and the ack floor at the last message; W5's publishes {} a Nats-Msg-Id (--nats-msg-ids)",
+            JETSTREAM_TIMEOUT.as_secs(),
+            if MSG_IDS.load(std::sync::atomic::Ordering::Relaxed) {
+                "each carry"
+            } else {
+                "carry no"
+            }
         ),
     ]
 }

@@ -27,6 +27,11 @@ pub struct BenchArgs {
     /// only its own `BENCH_*` streams, not Courier's.
     #[arg(long, value_name = "URLS")]
     pub(super) nats: Option<String>,
+    /// The NATS side's W5 publishes carry a `Nats-Msg-Id` each (a new
+    /// UUID v7), as Courier's sends do on a cluster for its dedup: the
+    /// servers then keep the same duplicate window of ids.
+    #[arg(long)]
+    pub(super) nats_msg_ids: bool,
     /// The tokio runtime the bench's clients (both sides) run on:
     /// `multi-thread` (as many workers as CPUs) or `current-thread` (one
     /// thread for all of a run's clients).

@@ -258,6 +258,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let exe = locate_courier(args.courier.as_deref())?;
         return scrape::run(&exe, args.quick).await;
     }
+    nats::MSG_IDS.store(args.nats_msg_ids, std::sync::atomic::Ordering::Relaxed);
     let clustered = args.backend == Backend::Cluster;
     if clustered && args.against.is_some() {
         bail!("--backend cluster brings its own JetStream column (R3 on the cluster); run it without --against");

@@ -345,27 +345,13 @@ fn transient_messages_reach_instances_on_other_nodes(nodes: &Nodes) {
     }
 }
 
-/// `courier token new`: the token and its hash.
-fn token_pair() -> (String, String) {
-    let out = std::process::Command::new(courier_bin())
-        .args(["token", "new"])
-        .output()
-        .expect("run courier token new");
-    assert!(out.status.success(), "{}", stderr(&out));
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let mut lines = text.lines();
-    let token = lines.next().expect("a token line").to_string();
-    let hash = lines.next().expect("a hash line").to_string();
-    (token, hash)
-}
-
 /// Two more nodes, both given one manifest (SCALE-OUT §15: every node
 /// the same file): who may connect, send and receive what holds on each,
 /// and an allowed command crosses from one to the other.
 fn the_manifests_rules_hold_on_every_node(nodes: &Nodes) {
-    let (shop, shop_hash) = token_pair();
-    let (stock, stock_hash) = token_pair();
-    let (_, admin_hash) = token_pair();
+    let (shop, shop_hash) = common::token_pair();
+    let (stock, stock_hash) = common::token_pair();
+    let (_, admin_hash) = common::token_pair();
     let dir = tempdir::Dir::new("manifest");
     let path = dir.path().join("courier.toml");
     std::fs::write(

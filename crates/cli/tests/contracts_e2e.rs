@@ -19,27 +19,6 @@ struct Tokens {
     admin: String,
 }
 
-fn token_pair(broker_or_none: Option<&Broker>) -> (String, String) {
-    let out = match broker_or_none {
-        Some(b) => b.run(&["token", "new"]),
-        None => std::process::Command::new(common::courier_bin())
-            .args(["token", "new"])
-            .output()
-            .expect("run"),
-    };
-    assert!(out.status.success());
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let mut lines = text.lines();
-    let token = lines.next().expect("token line").to_string();
-    let hash = lines.next().expect("hash line").to_string();
-    assert!(
-        hash.starts_with("sha256:") && hash.len() == 7 + 64,
-        "{hash}"
-    );
-    assert_ne!(token, hash);
-    (token, hash)
-}
-
 fn write_manifest(path: &Path, web_hash: Option<&str>, todo_hash: &str, admin_hash: &str) {
     let web_tokens = web_hash.map(|h| format!("\"{h}\"")).unwrap_or_default();
     std::fs::write(
@@ -64,9 +43,9 @@ tokens = ["{admin_hash}"]
 }
 
 fn start_with_manifest(dir: &common::tempdir::Dir) -> (Broker, Tokens, std::path::PathBuf) {
-    let (web, web_hash) = token_pair(None);
-    let (todo, todo_hash) = token_pair(None);
-    let (admin, admin_hash) = token_pair(None);
+    let (web, web_hash) = common::token_pair();
+    let (todo, todo_hash) = common::token_pair();
+    let (admin, admin_hash) = common::token_pair();
     let path = dir.path().join("courier.toml");
     write_manifest(&path, Some(&web_hash), &todo_hash, &admin_hash);
     let broker = Broker::start_with(&["--manifest", path.to_str().expect("utf-8 path")]);
@@ -365,9 +344,9 @@ async fn a_reply_from_a_service_the_command_never_reached_is_refused_under_a_man
 #[test]
 fn a_reloaded_manifest_revokes_tokens_and_a_bad_one_is_refused() {
     let dir = common::tempdir::Dir::new("reload");
-    let (web, web_hash) = token_pair(None);
-    let (todo, todo_hash) = token_pair(None);
-    let (admin, admin_hash) = token_pair(None);
+    let (web, web_hash) = common::token_pair();
+    let (todo, todo_hash) = common::token_pair();
+    let (admin, admin_hash) = common::token_pair();
     let path = dir.path().join("courier.toml");
     write_manifest(&path, Some(&web_hash), &todo_hash, &admin_hash);
     let (broker, log) = Broker::start_watched_with(

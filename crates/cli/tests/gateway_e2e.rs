@@ -201,20 +201,6 @@ fn bad_envelope_headers_and_timeouts_are_refused_with_the_fix() {
     assert_eq!(bad_name.status, 400, "{}", bad_name.body);
 }
 
-fn token_pair() -> (String, String) {
-    let out = std::process::Command::new(common::courier_bin())
-        .args(["token", "new"])
-        .output()
-        .expect("run");
-    assert!(out.status.success());
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let mut lines = text.lines();
-    (
-        lines.next().expect("token").to_string(),
-        lines.next().expect("hash").to_string(),
-    )
-}
-
 fn write_manifest(path: &Path, web_hash: &str, todo_hash: &str, admin_hash: &str) {
     std::fs::write(
         path,
@@ -240,9 +226,9 @@ tokens = ["{admin_hash}"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_a_manifest_the_gateway_takes_service_tokens_and_keeps_the_rules() {
     let dir = common::tempdir::Dir::new("gateway-manifest");
-    let (web, web_hash) = token_pair();
-    let (todo_token, todo_hash) = token_pair();
-    let (admin, admin_hash) = token_pair();
+    let (web, web_hash) = common::token_pair();
+    let (todo_token, todo_hash) = common::token_pair();
+    let (admin, admin_hash) = common::token_pair();
     let path = dir.path().join("courier.toml");
     write_manifest(&path, &web_hash, &todo_hash, &admin_hash);
     let broker = Broker::start_with(&["--manifest", path.to_str().expect("utf-8 path")]);

@@ -50,16 +50,6 @@ fn dev_certs(dir: &common::tempdir::Dir) -> PathBuf {
     certs
 }
 
-fn token_pair() -> (String, String) {
-    let out = courier(&["token", "new"]);
-    assert!(out.status.success());
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let mut lines = text.lines();
-    let token = lines.next().expect("token line").to_string();
-    let hash = lines.next().expect("hash line").to_string();
-    (token, hash)
-}
-
 struct Setup {
     broker: Broker,
     certs: PathBuf,
@@ -72,7 +62,7 @@ struct Setup {
 fn start() -> Setup {
     let dir = common::tempdir::Dir::new("tls");
     let certs = dev_certs(&dir);
-    let (todo_token, todo_hash) = token_pair();
+    let (todo_token, todo_hash) = common::token_pair();
     let manifest = dir.path().join("courier.toml");
     std::fs::write(
         &manifest,

@@ -9,6 +9,26 @@ use std::time::Duration;
 
 pub mod webdriver;
 
+/// `courier token new`: a new token and its hash (`sha256:…`), as a
+/// manifest names it.
+pub fn token_pair() -> (String, String) {
+    let out = Command::new(courier_bin())
+        .args(["token", "new"])
+        .output()
+        .expect("run courier token new");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut lines = text.lines();
+    let token = lines.next().expect("a token line").to_string();
+    let hash = lines.next().expect("a hash line").to_string();
+    assert!(
+        hash.starts_with("sha256:") && hash.len() == 7 + 64,
+        "{hash}"
+    );
+    assert_ne!(token, hash);
+    (token, hash)
+}
+
 pub fn courier_bin() -> &'static str {
     env!("CARGO_BIN_EXE_courier")
 }

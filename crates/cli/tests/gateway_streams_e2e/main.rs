@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::time::Duration;
 
-use common::Broker;
+use common::{token_pair, Broker};
 
 const T: Duration = Duration::from_secs(20);
 
@@ -216,20 +216,6 @@ impl Stream {
 
 fn ack(http: &str, delivery: &str, headers: &[(&str, &str)]) -> Answer {
     post(http, &format!("/v1/acks/{delivery}"), headers, "")
-}
-
-fn token_pair() -> (String, String) {
-    let out = std::process::Command::new(common::courier_bin())
-        .args(["token", "new"])
-        .output()
-        .expect("run");
-    assert!(out.status.success());
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let mut lines = text.lines();
-    (
-        lines.next().expect("token").to_string(),
-        lines.next().expect("hash").to_string(),
-    )
 }
 
 /// A broker with a manifest: `web` sends todo.create and receives

@@ -71,15 +71,21 @@ fn http_line(extra: &[&str], lines: &mut std::io::Lines<BufReader<ChildStdout>>)
 
 pub mod tempdir {
     use std::path::{Path, PathBuf};
+    use std::sync::atomic::{AtomicU64, Ordering};
 
     /// A directory removed on drop.
     pub struct Dir(PathBuf);
 
     impl Dir {
         pub fn new(tag: &str) -> Dir {
+            // Tests of one binary run in parallel and the clock's
+            // resolution can give two of them the same instant: the counter
+            // keeps their directories apart.
+            static CREATED: AtomicU64 = AtomicU64::new(0);
             let path = std::env::temp_dir().join(format!(
-                "courier-test-{tag}-{}-{}",
+                "courier-test-{tag}-{}-{}-{}",
                 std::process::id(),
+                CREATED.fetch_add(1, Ordering::Relaxed),
                 uuid_like()
             ));
             std::fs::create_dir_all(&path).expect("create temp dir");

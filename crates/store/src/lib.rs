@@ -8,6 +8,7 @@
 
 pub mod histogram;
 mod log_store;
+mod read_ahead;
 mod upstream;
 
 pub use courier_log::{

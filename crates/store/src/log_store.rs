@@ -13,6 +13,7 @@ use courier_log::{Damage, DirLock, Log, LogConfig, LogError, RecordKind};
 use courier_proto::{decode_message, encode_message, Message};
 
 use crate::histogram::{Histogram, BATCH_BUCKETS, SECONDS_BUCKETS};
+use crate::read_ahead::{ReadAhead, READ_AHEAD_BYTES_MAX, READ_AHEAD_MESSAGES};
 use crate::{
     MessageStore, RemovalJob, Replayed, Seq, SnapshotJob, StorageStats, StoreError, SyncJob,
 };
@@ -21,17 +22,15 @@ use crate::{
 /// a send does not read the disk. Bounds the cache's memory: at most this
 /// many messages (their payloads included).
 pub const RECENT_MESSAGES_MAX: usize = 4096;
-/// Messages decoded ahead of a disk read: a backlog is delivered in seq
-/// order, so one scan serves the next reads too instead of each read
-/// walking from its index entry again.
-pub const READ_AHEAD_MESSAGES: usize = 256;
 
 pub struct LogStore {
     log: Log,
     recent: HashMap<Seq, Arc<Message>>,
     recent_order: VecDeque<Seq>,
-    /// Messages read ahead from disk (at most `READ_AHEAD_MESSAGES`).
-    ahead: HashMap<Seq, Arc<Message>>,
+    /// Messages decoded from disk before they are asked for.
+    ahead: ReadAhead,
+    /// Message records decoded from disk, ever.
+    decoded_from_disk: u64,
     /// Journal records carry the newest message timestamp, so the log's
     /// time index stays non-decreasing without the store reading a clock.
     last_timestamp: u64,
@@ -78,7 +77,8 @@ impl LogStore {
             log,
             recent: HashMap::new(),
             recent_order: VecDeque::new(),
-            ahead: HashMap::new(),
+            ahead: ReadAhead::default(),
+            decoded_from_disk: 0,
             last_timestamp: 0,
             reports: Vec::new(),
             synced_next: 0,
@@ -135,6 +135,7 @@ impl LogStore {
                 let next = self.log.next_seq();
                 self.recent.retain(|s, _| *s < next);
                 self.recent_order.retain(|s| *s < next);
+                self.ahead.forget_from(next);
                 self.reports
                     .push("the log was reopened after a write it could not undo".to_string());
                 self.note_lost(&damage);
@@ -169,6 +170,7 @@ impl LogStore {
         let next = self.log.next_seq();
         self.recent.retain(|s, _| *s < next);
         self.recent_order.retain(|s| *s < next);
+        self.ahead.forget_from(next);
         Err(store_error(e))
     }
 
@@ -183,6 +185,7 @@ impl LogStore {
     }
 
     fn decode(&mut self, seq: Seq, body: Bytes) -> Option<Arc<Message>> {
+        self.decoded_from_disk += 1;
         match decode_message(body) {
             Ok(m) => Some(Arc::new(m)),
             Err(e) => {
@@ -232,23 +235,28 @@ impl MessageStore for LogStore {
         if let Some(m) = self.recent.get(&seq) {
             return Ok(Some(m.clone()));
         }
-        if let Some(m) = self.ahead.get(&seq) {
+        if let Some(m) = self.ahead.get(seq) {
             return Ok(Some(m.clone()));
         }
         if seq < self.log.first_seq() || seq >= self.log.next_seq() {
             return Ok(None);
         }
-        self.ahead.clear();
         let mut bodies = Vec::new();
+        let mut bytes = 0;
         let mut first = None;
+        let (ahead, recent) = (&self.ahead, &self.recent);
         let scanned = self.log.scan(seq, &mut |record| {
             if first.is_none() {
                 first = Some(record.seq);
+            } else if ahead.contains(record.seq) || recent.contains_key(&record.seq) {
+                // Read before, and what follows it too, most likely.
+                return ControlFlow::Break(());
             }
             if record.kind == RecordKind::Message {
+                bytes += record.body.len();
                 bodies.push((record.seq, record.body));
             }
-            if bodies.len() >= READ_AHEAD_MESSAGES {
+            if bodies.len() >= READ_AHEAD_MESSAGES || bytes >= READ_AHEAD_BYTES_MAX / 8 {
                 ControlFlow::Break(())
             } else {
                 ControlFlow::Continue(())
@@ -259,9 +267,11 @@ impl MessageStore for LogStore {
                 return Err(store_error(e));
             }
         }
-        for (s, body) in bodies {
+        // Last first: if room is short, what is asked for next stays.
+        for (s, body) in bodies.into_iter().rev() {
+            let size = body.len();
             if let Some(m) = self.decode(s, body) {
-                self.ahead.insert(s, m);
+                self.ahead.insert(s, m, size);
             }
         }
         if first != Some(seq) {
@@ -269,7 +279,7 @@ impl MessageStore for LogStore {
             // never a record of ours.
             return Ok(None);
         }
-        Ok(self.ahead.get(&seq).cloned())
+        Ok(self.ahead.get(seq).cloned())
     }
 
     fn remove(&mut self, seq: Seq) {
@@ -278,7 +288,7 @@ impl MessageStore for LogStore {
         // Its slot in `recent_order` goes stale and is dropped on eviction:
         // removing it here would cost a scan of the order per ack.
         self.recent.remove(&seq);
-        self.ahead.remove(&seq);
+        self.ahead.remove(seq);
     }
 
     fn sync(&mut self) -> Result<(), StoreError> {
@@ -517,5 +527,63 @@ impl MessageStore for LogStore {
 
     fn lost_records(&self) -> Vec<Range<Seq>> {
         self.lost.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use courier_proto::Kind;
+
+    /// A backlog of `keys` keys interleaved in the log, read back after a
+    /// reopen by one cursor per key, each a different distance behind.
+    fn decodes_for_cursors(keys: u64, per_key: u64) -> u64 {
+        let dir = tempfile::tempdir().expect("temp dir");
+        {
+            let (mut store, _) = LogStore::open(LogConfig::new(dir.path())).expect("open");
+            for n in 0..keys * per_key {
+                let message = Message::new(Kind::Event, "backlog", format!("{n}").into_bytes());
+                store.append(Arc::new(message)).expect("append");
+            }
+            store.sync().expect("sync");
+        }
+        let (mut store, _) = LogStore::open(LogConfig::new(dir.path())).expect("reopen");
+        let first = store.log.first_seq();
+        // Round robin over the cursors, each reading its key's next
+        // message and removing it (delivered and acknowledged), the later
+        // keys starting further behind, as keys drain at their own pace.
+        let mut next: Vec<u64> = vec![0; keys as usize];
+        for round in 0..per_key + keys * 40 {
+            for key in 0..keys {
+                let started = round >= key * 40;
+                let n = next[key as usize];
+                if !started || n >= per_key {
+                    continue;
+                }
+                let seq = first + n * keys + key;
+                let message = store.get(seq).expect("read").expect("present");
+                assert_eq!(
+                    &message.payload[..],
+                    format!("{}", n * keys + key).as_bytes()
+                );
+                store.remove(seq);
+                next[key as usize] += 1;
+            }
+        }
+        store.decoded_from_disk
+    }
+
+    #[test]
+    fn cursors_at_different_places_decode_each_message_about_once() {
+        let (keys, per_key) = (3, 2000);
+        let decoded = decodes_for_cursors(keys, per_key);
+        // Each scan stops where an earlier one began, so a record is
+        // decoded again only when room ran short; starting over at every
+        // jump decoded each one dozens of times here.
+        assert!(
+            decoded <= keys * per_key * 11 / 10,
+            "{decoded} decodes for {} messages",
+            keys * per_key
+        );
     }
 }

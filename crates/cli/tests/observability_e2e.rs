@@ -9,54 +9,9 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use common::Broker;
+use common::{http_get as get, Broker};
 
 const T: Duration = Duration::from_secs(20);
-
-/// `GET path` with an optional bearer token: (status, body).
-fn get(http: &str, path: &str, token: Option<&str>) -> (u16, String) {
-    let addr = http.trim_start_matches("http://").trim_end_matches('/');
-    let mut s = TcpStream::connect(addr).expect("connect to the HTTP port");
-    s.set_read_timeout(Some(T)).expect("timeout");
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
-    )
-    .expect("write request");
-    let mut answer = String::new();
-    s.read_to_string(&mut answer).expect("read answer");
-    let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("a status code");
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(body)
-    } else {
-        body.to_string()
-    };
-    (status, body)
-}
-
-fn dechunk(mut rest: &str) -> String {
-    let mut out = String::new();
-    loop {
-        let (size, after) = rest.split_once("\r\n").expect("chunk size line");
-        let size = usize::from_str_radix(size.trim(), 16).expect("hex chunk size");
-        if size == 0 {
-            return out;
-        }
-        out.push_str(&after[..size]);
-        rest = after[size..].trim_start_matches("\r\n");
-    }
-}
 
 /// One sample of the exposition format: metric name and labels → value.
 type Samples = BTreeMap<(String, BTreeMap<String, String>), f64>;

@@ -19,6 +19,7 @@ use std::io;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use async_nats::jetstream::context::{PublishAckFuture, PublishError, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::HeaderMap;
 use bytes::{Bytes, BytesMut};
@@ -680,17 +681,16 @@ async fn publish_loop(connection: Connection, mut ops: mpsc::Receiver<Op>) {
                 payload,
                 ticket,
             } => {
-                let publish = PublishMessage::build().payload(payload).headers(headers);
-                match connection.jetstream.send_publish(subject, publish).await {
-                    Ok(ack) => {
-                        // A duplicate (`duplicate: true`) is stored already:
-                        // success (SCALE-OUT §6).
-                        tokio::spawn(async move {
-                            ticket.finish(ack.await.map(|_| ()).map_err(|e| e.to_string()));
-                        });
-                    }
-                    Err(e) => ticket.finish(Err(e.to_string())),
-                }
+                let publish = Publish {
+                    subject,
+                    headers,
+                    payload,
+                };
+                let first = publish.send(&connection.jetstream).await;
+                let jetstream = connection.jetstream.clone();
+                tokio::spawn(async move {
+                    ticket.finish(publish.stored(&jetstream, first).await);
+                });
             }
             Op::Settle {
                 subject,
@@ -707,28 +707,102 @@ async fn publish_loop(connection: Connection, mut ops: mpsc::Receiver<Op>) {
                 ack,
                 ticket,
             } => {
-                let publish = PublishMessage::build().payload(payload).headers(headers);
-                match connection.jetstream.send_publish(subject, publish).await {
-                    Ok(stored) => {
-                        let client = connection.client.clone();
-                        tokio::spawn(async move {
-                            // Acked only once the dead letter is stored: a
-                            // failure leaves the original to be redelivered
-                            // and dead-lettered again (the dead letter's id
-                            // makes that a duplicate).
-                            let result = match stored.await {
-                                Ok(_) => client
-                                    .publish(ack, Bytes::from_static(b"+ACK"))
-                                    .await
-                                    .map_err(|e| e.to_string()),
-                                Err(e) => Err(format!("dead letter not stored: {e}")),
-                            };
-                            ticket.finish(result);
-                        });
-                    }
-                    Err(e) => ticket.finish(Err(format!("dead letter not stored: {e}"))),
-                }
+                let publish = Publish {
+                    subject,
+                    headers,
+                    payload,
+                };
+                let first = publish.send(&connection.jetstream).await;
+                let (jetstream, client) = (connection.jetstream.clone(), connection.client.clone());
+                tokio::spawn(async move {
+                    // Acked only once the dead letter is stored: a failure
+                    // leaves the original to be redelivered and
+                    // dead-lettered again (the dead letter's id makes that
+                    // a duplicate).
+                    let result = match publish.stored(&jetstream, first).await {
+                        Ok(()) => client
+                            .publish(ack, Bytes::from_static(b"+ACK"))
+                            .await
+                            .map_err(|e| e.to_string()),
+                        Err(e) => Err(format!("dead letter not stored: {e}")),
+                    };
+                    ticket.finish(result);
+                });
             }
+        }
+    }
+}
+
+/// How long a publish waits for its PubAck before it is made again: a
+/// server that died with it never answers, and its stream's next leader
+/// is elected within a few seconds.
+const PUBACK_PATIENCE: Duration = Duration::from_secs(2);
+/// How long a publish is made again, from its first try, before what
+/// waits on it fails (its send is refused `storage_failed`); within the
+/// SDK's send timeout (30 s), so the client hears the refusal.
+const PUBLISH_RETRY_FOR: Duration = Duration::from_secs(12);
+const PUBLISH_RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+/// A JetStream publish that can be made again: it carries `Nats-Msg-Id`,
+/// so the stream stores it once however often it arrives (SCALE-OUT §6).
+struct Publish {
+    subject: String,
+    headers: HeaderMap,
+    payload: Bytes,
+}
+
+impl Publish {
+    async fn send(
+        &self,
+        jetstream: &async_nats::jetstream::Context,
+    ) -> Result<PublishAckFuture, PublishError> {
+        let message = PublishMessage::build()
+            .payload(self.payload.clone())
+            .headers(self.headers.clone());
+        jetstream.send_publish(self.subject.clone(), message).await
+    }
+
+    /// Waits for the PubAck of `first`, publishing again while the cluster
+    /// cannot store it for a moment (a leader being elected answers "no
+    /// stream", a dead one nothing at all), so that a failover delays
+    /// sends instead of refusing them. A duplicate (`duplicate: true`) is
+    /// stored already: success. Another refusal (a full stream, a message
+    /// too large) fails at once.
+    async fn stored(
+        &self,
+        jetstream: &async_nats::jetstream::Context,
+        first: Result<PublishAckFuture, PublishError>,
+    ) -> Result<(), String> {
+        let started = tokio::time::Instant::now();
+        let repeatable = self
+            .headers
+            .get(async_nats::header::NATS_MESSAGE_ID)
+            .is_some();
+        let mut pause = PUBLISH_RETRY_PAUSE;
+        let mut attempt = first;
+        loop {
+            let error = match attempt {
+                Ok(ack) => match tokio::time::timeout(PUBACK_PATIENCE, ack).await {
+                    Ok(Ok(_)) => return Ok(()),
+                    Ok(Err(e)) => e,
+                    Err(_) => PublishError::new(PublishErrorKind::TimedOut),
+                },
+                Err(e) => e,
+            };
+            let passing = matches!(
+                error.kind(),
+                PublishErrorKind::StreamNotFound
+                    | PublishErrorKind::TimedOut
+                    | PublishErrorKind::BrokenPipe
+                    | PublishErrorKind::MaxAckPending
+            );
+            if !repeatable || !passing || started.elapsed() + pause > PUBLISH_RETRY_FOR {
+                return Err(error.to_string());
+            }
+            tracing::debug!(subject = %self.subject, "{error}; publishing again in {pause:?}");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
+            attempt = self.send(jetstream).await;
         }
     }
 }

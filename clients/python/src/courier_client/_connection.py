@@ -18,8 +18,9 @@ class _Connection(asyncio.Protocol):
     :meth:`attach` it only waits for WELCOME; frames behind it stay
     buffered so that nothing is handled before the client took over."""
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Client, address: str) -> None:
         self.client = client
+        self.address = address
         self.loop = client._loop
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
@@ -122,7 +123,7 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.welcome.done():
             if exc is not None and self.client._options.ssl is not None:
-                why = f"TLS session with {self.client._options.url} failed: {exc}; is this client certificate signed by the broker's --tls-client-ca?"
+                why = f"TLS session with {self.address} failed: {exc}; is this client certificate signed by the broker's --tls-client-ca?"
             elif self.client._options.ssl is not None:
                 why = "broker closed the connection during the handshake (did it refuse this client certificate?)"
             else:

@@ -31,6 +31,8 @@ class _ClientCore:
         self._version = p.PROTOCOL_VERSION
         self._key_lines: dict[bytes, _KeyLine] = {}
         self._conn: _Connection | None = None
+        # The index in the options' addresses of the broker connected to last.
+        self._address = 0
         self._generation = 0
         self._connected = False
         self._service = options.service

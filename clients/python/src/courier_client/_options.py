@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import ssl as sslmod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generator
+from typing import TYPE_CHECKING, Any, Generator, Iterator, NamedTuple
 
 from ._common import ALPN, Seconds, _seconds
 from .names import validate_name
@@ -41,11 +41,18 @@ def tls_context(
     return ctx
 
 
+class _Address(NamedTuple):
+    """One broker address of ``url``: as written, and split."""
+
+    text: str
+    host: str
+    port: int
+
+
 @dataclass(frozen=True)
 class _Options:
     url: str
-    host: str
-    port: int
+    addresses: tuple[_Address, ...]
     service: str
     instance: str
     token: str | None
@@ -64,6 +71,28 @@ class _Options:
     handshake_timeout: float
     ping_interval: float
     idle_timeout: float
+
+
+def _parse_addresses(url: str) -> list[str]:
+    """``url`` split at its commas, each address trimmed; an empty entry
+    (``a:1,,b:2``, or a trailing comma) is an error that says what to write."""
+    addresses = [address.strip() for address in url.split(",")]
+    if any(not address for address in addresses):
+        raise ValueError(
+            f"the broker address {url!r} (COURIER_URL or connect's url) has an empty entry; "
+            "write HOST:PORT, or several separated by commas: 127.0.0.1:7701,127.0.0.1:7702"
+        )
+    return addresses
+
+
+def _rotation(count: int, last: int | None) -> Iterator[int]:
+    """The order in which one connection attempt tries ``count`` addresses:
+    from the one after ``last`` (the address connected to last), round to
+    ``last`` itself, so a client whose broker died goes on to the next
+    without waiting on the dead one first; from the first when none was
+    connected to yet."""
+    start = 0 if last is None else last + 1
+    return ((start + k) % count for k in range(count))
 
 
 def _split_url(url: str) -> tuple[str, int]:
@@ -130,7 +159,8 @@ def connect(
     ping_interval: Seconds = 10.0,
     idle_timeout: Seconds = 30.0,
 ) -> _Connect:
-    """Connects to the broker at ``url`` (``host:port``) as ``service``.
+    """Connects to the broker at ``url`` (``host:port``, or several brokers
+    separated by commas) as ``service``.
 
     ``await connect(...)`` returns a connected :class:`Client` (or raises
     :class:`ConnectError` / :class:`Refused` at once); ``async with
@@ -151,8 +181,15 @@ def connect(
     - ``nack_delay``: redelivery delay after a handler raised.
     - ``ping_interval``, ``idle_timeout``: keep-alive; a connection on which
       nothing arrived for ``idle_timeout`` is given up and reconnected.
+
+    With several addresses (``127.0.0.1:7701,127.0.0.1:7702``, the nodes of
+    a cluster) each connection attempt, the first and every reconnect,
+    tries them in turn — the first in the order written, a reconnect from
+    the one after the address connected to last — each within
+    ``handshake_timeout``; TLS checks each broker's certificate against
+    that address's own host unless ``server_hostname`` is given.
     """
-    host, port = _split_url(url)
+    addresses = tuple(_Address(text, *_split_url(text)) for text in _parse_addresses(url))
     if max_in_flight < 0 or max_in_flight > 0xFFFF_FFFF:
         raise ValueError(f"max_in_flight must be 0..{0xFFFF_FFFF}, not {max_in_flight}")
     concurrency = max_concurrency if max_concurrency is not None else max(max_in_flight, 1)
@@ -163,8 +200,7 @@ def connect(
     return _Connect(
         _Options(
             url=url,
-            host=host,
-            port=port,
+            addresses=addresses,
             service=service,
             instance=instance,
             token=token,
@@ -188,7 +224,8 @@ def connect(
 
 
 def connect_from_env(**overrides: Any) -> _Connect:
-    """:func:`connect` with ``COURIER_URL`` (default ``127.0.0.1:7700``),
+    """:func:`connect` with ``COURIER_URL`` (default ``127.0.0.1:7700``;
+    several brokers separated by commas),
     ``COURIER_SERVICE`` (default: the token's service, else ``cli``),
     ``COURIER_TOKEN``, and TLS trusting ``COURIER_TLS_CA`` when set, with
     the client certificate of ``COURIER_TLS_CERT``/``COURIER_TLS_KEY``.

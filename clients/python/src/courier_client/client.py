@@ -13,7 +13,7 @@ from ._common import Handler, Seconds, _seconds, _wait, current_activity, log
 from ._connection import _Connection
 from ._handling import _Handling, _decode_deliveries
 from ._messages import Incoming, Outgoing, PendingAck, Reply
-from ._options import connect, connect_from_env, tls_context
+from ._options import _Address, _rotation, connect, connect_from_env, tls_context
 from ._stream import ReplyStream
 from .errors import ClientClosed, ConnectError, ConnectionLost, Refused
 from .protocol import ErrorCode, FrameType
@@ -58,6 +58,13 @@ class Client(_Handling):
         return self._broker
 
     @property
+    def broker_address(self) -> str:
+        """``host:port`` of the broker this client is connected to, or was
+        last connected to while it reconnects: one of the addresses of
+        ``url``."""
+        return self._options.addresses[self._address].text
+
+    @property
     def is_connected(self) -> bool:
         return self._connected
 
@@ -74,30 +81,63 @@ class Client(_Handling):
     # -- connecting --
 
     async def _connect_first(self) -> None:
-        conn = await self._establish()
+        conn = await self._establish(None)
         self._on_connected(conn)
         self._driver = self._loop.create_task(self._drive())
 
-    async def _establish(self) -> _Connection:
+    async def _establish(self, last: int | None) -> _Connection:
+        """Connects and completes HELLO/WELCOME with the broker at each
+        address in turn, from the one after ``last`` (the index of the
+        address connected to last), until one answers. With one address,
+        its failure is the error; with several, a :class:`ConnectError`
+        naming each (or, when a broker refused, the first refusal)."""
+        addresses = self._options.addresses
+        failures: list[tuple[str, Exception]] = []
+        for index in _rotation(len(addresses), last):
+            address = addresses[index]
+            try:
+                conn = await self._establish_at(address)
+            except Exception as e:  # the next address may work
+                if len(addresses) == 1:
+                    raise
+                log.debug("no broker at %s (%s); trying the next address", address.text, e)
+                failures.append((address.text, e))
+                continue
+            self._address = index
+            return conn
+        unreachable = ConnectError(
+            f"cannot reach a broker at {', '.join(_described(a, e) for a, e in failures)}"
+            " — is 'courier serve' running?"
+        )
+        refusal = next((e for _, e in failures if isinstance(e, Refused)), None)
+        if refusal is not None:
+            raise refusal from unreachable
+        raise unreachable
+
+    async def _establish_at(self, address: _Address) -> _Connection:
         o = self._options
-        conn = _Connection(self)
+        conn = _Connection(self, address.text)
         try:
             if o.ssl is not None:
                 await asyncio.wait_for(
                     self._loop.create_connection(
                         lambda: conn,
-                        o.host,
-                        o.port,
+                        address.host,
+                        address.port,
                         ssl=o.ssl,
-                        server_hostname=o.server_hostname or o.host,
+                        server_hostname=o.server_hostname or address.host,
                         ssl_handshake_timeout=o.handshake_timeout,
                     ),
                     o.handshake_timeout,
                 )
             else:
-                await asyncio.wait_for(self._loop.create_connection(lambda: conn, o.host, o.port), o.handshake_timeout)
+                await asyncio.wait_for(
+                    self._loop.create_connection(lambda: conn, address.host, address.port), o.handshake_timeout
+                )
         except asyncio.TimeoutError:
-            raise ConnectError(f"cannot reach broker at {o.url}: no connection within {o.handshake_timeout:g}s") from None
+            raise ConnectError(
+                f"cannot reach broker at {address.text}: no connection within {o.handshake_timeout:g}s"
+            ) from None
         except sslmod.SSLError as e:
             hint = ""
             text = str(e)
@@ -105,9 +145,9 @@ class Client(_Handling):
                 hint = "; the broker's certificate is not signed by the trusted CA or does not name this host"
             elif "WRONG_VERSION_NUMBER" in text or "record layer failure" in text or "PACKET_LENGTH_TOO_LONG" in text:
                 hint = "; is the broker listening with TLS (courier serve --tls-cert --tls-key)?"
-            raise ConnectError(f"TLS session with {o.url} failed: {e}{hint}") from e
+            raise ConnectError(f"TLS session with {address.text} failed: {e}{hint}") from e
         except OSError as e:
-            raise ConnectError(f"cannot reach broker at {o.url}: {e} — is 'courier serve' running?") from e
+            raise ConnectError(f"cannot reach broker at {address.text}: {e} — is 'courier serve' running?") from e
         transport = conn.transport
         assert transport is not None
         try:
@@ -167,7 +207,7 @@ class Client(_Handling):
             delay = o.reconnect_delay_min
             while not self._closed:
                 try:
-                    conn = await self._establish()
+                    conn = await self._establish(self._address)
                 except Exception as e:  # whatever failed, the next try may work
                     level = logging.WARNING if isinstance(e, Refused) else logging.DEBUG
                     log.log(level, "reconnecting to %s failed: %s; next try in %.2fs", o.url, e, delay)
@@ -180,7 +220,7 @@ class Client(_Handling):
                         conn.transport.abort()
                     return
                 self._on_connected(conn)
-                log.info("reconnected to %s as %s", o.url, self._service)
+                log.info("reconnected to %s as %s", self.broker_address, self._service)
                 break
 
     def _on_connection_lost(self, conn: _Connection, exc: Exception | None) -> None:
@@ -330,3 +370,12 @@ class Client(_Handling):
         if conn is not None:
             await asyncio.wait([conn.closed], timeout=1.0)
         self._closed_event.set()
+
+
+def _described(address: str, error: Exception) -> str:
+    """``a:1 ([Errno 111] Connection refused)``: one address's failure
+    without the advice the whole message gives once."""
+    cause = error.__cause__
+    if isinstance(error, ConnectError) and isinstance(cause, OSError) and not isinstance(cause, sslmod.SSLError):
+        return f"{address} ({cause})"
+    return f"{address} ({error})"

@@ -33,6 +33,7 @@ from .errors import (
     Nack,
     Refused,
 )
+from ._trace import TRACEPARENT, TraceParent
 from .names import pattern_matches, validate_name, validate_pattern
 from .protocol import ErrorCode, Kind, Message
 
@@ -60,6 +61,8 @@ __all__ = [
     "Refused",
     "Reply",
     "ReplyStream",
+    "TRACEPARENT",
+    "TraceParent",
     "connect",
     "connect_from_env",
     "current_activity",

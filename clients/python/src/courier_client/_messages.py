@@ -99,7 +99,8 @@ class Reply(_Received):
 class Incoming(_Received):
     """A delivered command or event, and the means to answer it.
 
-    Everything sent while its handler runs carries its ``activity_id``.
+    Everything sent while its handler runs carries its ``activity_id``, its
+    id as ``parent_id`` and a child of its trace (``traceparent``).
     """
 
     __slots__ = ("client", "delivery", "attempt", "_generation", "_settled", "_nacked", "_ticket")
@@ -149,10 +150,11 @@ class Incoming(_Received):
             headers,
             version,
             None,
-            self.message.activity_id_bytes,
+            None,
             self.message.id_bytes,
             final,
             None,
+            self.message,
         ).send()
 
     def ack(self) -> None:

@@ -34,6 +34,7 @@ from ._core import _ClientCore
 from ._ids import new_id_bytes
 from ._messages import Outgoing, PendingAck, Reply
 from ._stream import ReplyStream
+from ._trace import TRACEPARENT, child_header
 from .errors import ClientClosed, ConnectionLost, CourierTimeout, Refused
 from .names import validate_name
 from .protocol import ErrorCode, Flag, Kind, Message
@@ -61,26 +62,32 @@ class _Sending(_ClientCore):
         response_to: bytes | None,
         final: bool,
         timeout: Seconds | None,
+        cause: Message | None,
         /,
     ) -> Outgoing:
         """The message encoded once, as every send of it will carry it
-        (arguments by position: this is every send's path)."""
+        (arguments by position: this is every send's path). ``cause``: the
+        message this one is a consequence of (a reply: the command it
+        answers); by default the one being handled, if any."""
         name8 = _NAME8.get(name)
         if name8 is None:
             validate_name(name)
             name8 = _remember_name(name)
         id_bytes = new_id_bytes() if id is None else id.bytes
-        # A message sent while handling another inherits its activity and
-        # names it as its parent; a reply (the one message with response_to)
-        # names the command it answers.
-        parent = response_to
+        # A message sent while handling another inherits its activity, names
+        # it as its parent and carries a child of its trace; one that starts
+        # an activity carries no traceparent (its trace id is its activity).
+        parent = None
+        traceparent = None
         if activity_id is None:
-            handling = _HANDLING.get()
-            if handling is None:
+            if cause is None:
+                cause = _HANDLING.get()
+            if cause is None:
                 activity = id_bytes
             else:
-                activity = handling.activity_id_bytes
-                parent = handling.id_bytes
+                activity = cause.activity_id_bytes
+                parent = cause.id_bytes
+                traceparent = child_header(cause, id_bytes)
         elif isinstance(activity_id, uuid.UUID):
             activity = activity_id.bytes
         else:
@@ -110,18 +117,25 @@ class _Sending(_ClientCore):
         if parent is not None and self._version >= p.PARENT_ID_VERSION:
             flags |= Flag.PARENT_ID
             optional += parent
-        if isinstance(payload, (bytes, bytearray, memoryview)):
+        is_raw = isinstance(payload, (bytes, bytearray, memoryview))
+        if is_raw:
             raw = bytes(payload)
-            header_bytes = _NO_HEADERS if not headers else p.encode_headers(_header_list(headers))
         else:
             raw = jsonlib.dumps(payload, separators=(",", ":")).encode()
-            if not headers:
-                header_bytes = _JSON_HEADERS
+        if not headers:
+            if traceparent is None:
+                header_bytes = _NO_HEADERS if is_raw else _JSON_HEADERS
             else:
-                listed = _header_list(headers)
-                if not any(k == "content-type" for k, _ in listed):
-                    listed.append(("content-type", "application/json"))
-                header_bytes = p.encode_headers(listed)
+                header_bytes = (_TRACE_ONLY if is_raw else _JSON_AND_TRACE) + traceparent.encode()
+        else:
+            listed = _header_list(headers)
+            if not is_raw and not any(k == "content-type" for k, _ in listed):
+                listed.append(("content-type", "application/json"))
+            # A traceparent the sender set (from an HTTP request, say) is
+            # continued as it is.
+            if traceparent is not None and not any(k == TRACEPARENT for k, _ in listed):
+                listed.append((TRACEPARENT, traceparent))
+            header_bytes = p.encode_headers(listed)
         if version == (1, 0) or version == "1.0":
             version_bytes = _VERSION_1_0
         else:
@@ -193,6 +207,7 @@ class _Sending(_ClientCore):
             None,
             False,
             timeout,
+            None,
         )
 
     def event(
@@ -227,6 +242,7 @@ class _Sending(_ClientCore):
             activity_id,
             None,
             False,
+            None,
             None,
         )
 
@@ -425,6 +441,11 @@ class _Sending(_ClientCore):
 
 
 _U16 = struct.Struct(">H")
+# Headers of a message sent while handling one, without headers of its own,
+# before the traceparent's 55 characters (the header's length is fixed).
+_TRACE_HEAD = bytes((len(TRACEPARENT),)) + TRACEPARENT.encode() + _U16.pack(55)
+_TRACE_ONLY = _U16.pack(1) + _TRACE_HEAD
+_JSON_AND_TRACE = _U16.pack(2) + _JSON_HEADERS[2:] + _TRACE_HEAD
 _VERSION = struct.Struct(">HH")
 _U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
 _NAME8: dict[str, bytes] = {}

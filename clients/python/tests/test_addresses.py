@@ -12,7 +12,7 @@ from typing import Callable
 import pytest
 from support import Broker, eventually, free_port
 
-from courier_client import ConnectError, Incoming, PendingAck, connect, connect_from_env
+from courier_client import ConnectError, ErrorCode, Incoming, PendingAck, Refused, connect, connect_from_env
 from courier_client._options import _parse_addresses, _rotation
 
 
@@ -63,6 +63,12 @@ async def test_the_first_connect_tries_the_addresses_in_order(broker: Broker) ->
     text = str(error.value)
     assert text.startswith(f"cannot reach a broker at {down} (") and f", {other} (" in text, text
     assert text.endswith("is 'courier serve' running?"), text
+    # A broker that answered with a refusal says more than one that is down.
+    with pytest.raises(Refused) as refused:
+        await connect(f"{down},{broker.addr}", "")
+    assert refused.value.code == ErrorCode.INVALID_NAME
+    assert isinstance(refused.value.__cause__, ConnectError)
+    assert f"{down} (" in str(refused.value.__cause__) and f"{broker.addr} (" in str(refused.value.__cause__)
 
 
 async def test_a_client_whose_broker_is_killed_carries_on_with_the_next(start_broker: Callable[..., Broker]) -> None:

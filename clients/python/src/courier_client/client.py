@@ -39,9 +39,9 @@ class Client(_Handling):
     Made by :func:`connect`. It sends commands (:meth:`send`), publishes
     events (:meth:`publish`), asks and awaits replies (:meth:`request`,
     :meth:`request_stream`) and handles what its service receives
-    (:meth:`on`). It reconnects by itself after a broker restart,
-    subscribes again and re-sends what was not yet acknowledged (with the
-    same ids: the broker drops duplicates).
+    (:meth:`on`). It reconnects by itself after a broker restart (or to
+    the next of several brokers), subscribes again and re-sends what was
+    not yet acknowledged (with the same ids: the broker drops duplicates).
     """
 
     # -- identity and state --

@@ -269,11 +269,6 @@ export class Client extends SendingClient {
     }
   }
 
-  /**
-   * A keyed delivery on a pipelined connection goes to its handler once the
-   * one before it of its key is settled, or is dropped if the broker took
-   * it back (see {@link KeyLine}).
-
   /** A new connection is up: subscribe again and re-send what was not yet acknowledged. */
   private attach(established: Established): void {
     const { socket, reader, info } = established;

@@ -61,17 +61,6 @@ function tlsHint(error: NodeJS.ErrnoException): string {
   return "";
 }
 
-/**
- * A connection to the broker on behalf of one service instance.
- *
- * ```ts
- * const todo = await Client.connect({ url: "127.0.0.1:7700", service: "todo" });
- * await todo.on("todo.create", async (msg) => {
- *   await msg.reply("todo.created", msg.json());
- * });
- * const web = await Client.connect({ url: "127.0.0.1:7700", service: "web" });
- * const reply = await web.request("todo.create", { text: "milk" });
-
 /** Connects to `host:port` and completes HELLO/WELCOME. */
 export function establish(host: string, port: number, opts: ResolvedOptions): Promise<Established> {
   const where = `${host}:${port}`;

@@ -83,9 +83,17 @@ export class Client extends SendingClient {
    */
   static async connect(options: ClientOptions): Promise<Client> {
     const client = new Client(options);
-    const established = await establish(client.host, client.port, client.opts);
-    client.attach(established);
+    const { established, index } = await establish(client.addresses, undefined, client.opts);
+    client.attach(established, index);
     return client;
+  }
+
+  /**
+   * `host:port` of the broker this client is connected to, or was last
+   * connected to while it reconnects: one of the addresses of `url`.
+   */
+  get brokerAddress(): string {
+    return this.addresses[this.addressIndex]!.address;
   }
 
   /** The service this client acts for: the one the broker authenticated. */
@@ -270,12 +278,13 @@ export class Client extends SendingClient {
   }
 
   /** A new connection is up: subscribe again and re-send what was not yet acknowledged. */
-  private attach(established: Established): void {
+  private attach(established: Established, addressIndex: number): void {
     const { socket, reader, info } = established;
     if (this.state === "closed") {
       socket.destroy();
       return;
     }
+    this.addressIndex = addressIndex;
     this.generation++;
     const generation = this.generation;
     this.socket = socket;
@@ -442,21 +451,27 @@ export class Client extends SendingClient {
     }
   }
 
-  /** Reconnects with exponential backoff and jitter until connected or closed. */
+  /**
+   * Reconnects with exponential backoff and jitter until connected or
+   * closed. Each attempt tries every address, from the one after the
+   * broker connected to last (so a dead broker is tried last); all of
+   * them failing is one failed attempt.
+   */
   private async reconnect(): Promise<void> {
     let delay = this.opts.reconnectDelayMinMs;
     while (this.state === "open") {
       try {
-        const established = await establish(this.host, this.port, this.opts);
+        const { established, index } = await establish(this.addresses, this.addressIndex, this.opts);
         if (this.state === "open") {
-          this.attach(established);
+          this.attach(established, index);
         } else {
           established.socket.destroy();
         }
         return;
       } catch (e) {
-        if (e instanceof RefusedError) {
-          this.logger?.warn(`the broker refused the reconnect: ${e.message}`);
+        const refusal = e instanceof RefusedError ? e : e instanceof Error ? e.cause : undefined;
+        if (refusal instanceof RefusedError) {
+          this.logger?.warn(`the broker refused the reconnect: ${(e as Error).message}`);
         }
       }
       // Equal jitter: instances that lost the broker together spread out.

@@ -7,7 +7,7 @@ import * as tls from "node:tls";
 
 import { FRAME_BYTES_MAX_DEFAULT, FrameReader, PROTOCOL_VERSION, encodeFrame, type Frame } from "./codec.js";
 import { ConnectionError, CourierError, RefusedError } from "./errors.js";
-import type { ResolvedOptions } from "./options.js";
+import { type BrokerAddress, type ResolvedOptions, rotation } from "./options.js";
 
 /** The ALPN protocol offered: Courier, version 1. */
 export const ALPN = "courier/1";
@@ -61,8 +61,48 @@ function tlsHint(error: NodeJS.ErrnoException): string {
   return "";
 }
 
+/**
+ * An address's own failure to connect, for the error that names every
+ * address tried: its reason without the advice that error gives once.
+ */
+const unreachable = new WeakMap<Error, { brief: string; refused: boolean }>();
+
+/**
+ * Connects to each of `addresses` in turn, from the one after `last` (the
+ * index of the address connected to last; the first when undefined), and
+ * completes HELLO/WELCOME with the first that answers. With one address,
+ * its failure is the error; with several, all failing is one
+ * ConnectionError naming each (its `cause` the first broker's refusal, if
+ * one refused).
+ */
+export async function establish(
+  addresses: readonly BrokerAddress[],
+  last: number | undefined,
+  opts: ResolvedOptions,
+): Promise<{ established: Established; index: number }> {
+  const failures: Array<{ address: string; error: Error }> = [];
+  for (const index of rotation(addresses.length, last)) {
+    const { address, host, port } = addresses[index]!;
+    try {
+      return { established: await establishAt(host, port, opts), index };
+    } catch (e) {
+      failures.push({ address, error: e instanceof Error ? e : new ConnectionError(String(e)) });
+    }
+  }
+  if (failures.length <= 1) {
+    throw failures[0]?.error ?? new ConnectionError("no broker address given");
+  }
+  const described = failures.map(({ address, error }) => `${address} (${unreachable.get(error)?.brief ?? error.message})`);
+  const hint = failures.some(({ error }) => unreachable.get(error)?.refused) ? " — is 'courier serve' running?" : "";
+  const refusal = failures.find(({ error }) => error instanceof RefusedError)?.error;
+  throw new ConnectionError(
+    `cannot reach a broker at ${described.join(", ")}${hint}`,
+    refusal === undefined ? undefined : { cause: refusal },
+  );
+}
+
 /** Connects to `host:port` and completes HELLO/WELCOME. */
-export function establish(host: string, port: number, opts: ResolvedOptions): Promise<Established> {
+export function establishAt(host: string, port: number, opts: ResolvedOptions): Promise<Established> {
   const where = `${host}:${port}`;
   return new Promise<Established>((resolve, reject) => {
     let socket: net.Socket | undefined;
@@ -121,9 +161,11 @@ export function establish(host: string, port: number, opts: ResolvedOptions): Pr
     }
     socket.on("error", (e: NodeJS.ErrnoException) => {
       const tlsText = opts.tls !== undefined ? tlsHint(e) : "";
-      const hint =
-        e.code === "ECONNREFUSED" ? " — is 'courier serve' running?" : tlsText;
-      fail(new ConnectionError(`cannot reach broker at ${where}: ${e.message}${hint}`));
+      const refused = e.code === "ECONNREFUSED";
+      const hint = refused ? " — is 'courier serve' running?" : tlsText;
+      const error = new ConnectionError(`cannot reach broker at ${where}: ${e.message}${hint}`);
+      unreachable.set(error, { brief: `${e.message}${tlsText}`, refused });
+      fail(error);
     });
     socket.on("close", () => {
       fail(

@@ -10,7 +10,14 @@ import { ClosedError, InvalidMessageError, RefusedError } from "./errors.js";
 import type { DeliveryOwner, ReplyOptions } from "./messages.js";
 import type { Message } from "./codec.js";
 import { nameProblem } from "./names.js";
-import { type ClientOptions, type Logger, type ResolvedOptions, resolveOptions, splitUrl } from "./options.js";
+import {
+  type BrokerAddress,
+  type ClientOptions,
+  type Logger,
+  type ResolvedOptions,
+  parseAddresses,
+  resolveOptions,
+} from "./options.js";
 import type { PendingAck } from "./pending.js";
 
 export type State = "open" | "closing" | "closed";
@@ -22,8 +29,10 @@ export abstract class ClientCore implements DeliveryOwner {
 
   readonly nackDelayMs: number;
   protected readonly opts: ResolvedOptions;
-  protected readonly host: string;
-  protected readonly port: number;
+  /** The brokers of `url`, tried in turn. */
+  protected readonly addresses: readonly BrokerAddress[];
+  /** The index in `addresses` of the broker connected to now, or last. */
+  protected addressIndex = 0;
   protected readonly logger: Logger | null;
 
   protected state: State = "open";
@@ -39,7 +48,7 @@ export abstract class ClientCore implements DeliveryOwner {
     this.opts = resolveOptions(options);
     this.nackDelayMs = this.opts.nackDelayMs;
     this.logger = options.logger === undefined ? { warn: (m) => console.warn(`courier: ${m}`) } : options.logger;
-    ({ host: this.host, port: this.port } = splitUrl(this.opts.url));
+    this.addresses = parseAddresses(this.opts.url);
     const service = this.opts.service;
     // Empty with credentials: the broker takes the service from them.
     const credentials = this.opts.token !== undefined || this.opts.tls?.cert !== undefined;

@@ -11,7 +11,7 @@ export interface TlsOptions {
   cert?: string | Buffer;
   /** The private key of `cert`: PEM text or a file path. */
   key?: string | Buffer;
-  /** The name the broker's certificate must carry; default the host of `url`. */
+  /** The name every broker's certificate must carry; default the host of the address connected to. */
   serverName?: string;
 }
 
@@ -21,7 +21,13 @@ export interface Logger {
 }
 
 export interface ClientOptions {
-  /** `host:port` of the broker; default `$COURIER_URL`, else `127.0.0.1:7700`. */
+  /**
+   * `host:port` of the broker, or of several (the nodes of a cluster)
+   * separated by commas: `127.0.0.1:7701,127.0.0.1:7702`; default
+   * `$COURIER_URL`, else `127.0.0.1:7700`. Each connection attempt, the
+   * first and every reconnect, tries them in turn, starting after the one
+   * connected to last, each within `handshakeTimeoutMs`.
+   */
   url?: string;
   /** The service this client acts for. May be empty with a token or client certificate under a manifest: they decide. */
   service: string;
@@ -146,6 +152,39 @@ export function resolved<T>(value: T, valid: (v: T) => boolean, what: string): T
     throw new RangeError(`option ${what} is out of range: ${String(value)}`);
   }
   return value;
+}
+
+/** One broker address of `url`, as written and as its parts. */
+export interface BrokerAddress {
+  address: string;
+  host: string;
+  port: number;
+}
+
+/**
+ * The broker addresses of `url`, in the order written, each trimmed and
+ * checked by {@link splitUrl}; an empty entry (`a:1,,b:2`, a trailing
+ * comma) is an error that says what to write.
+ */
+export function parseAddresses(url: string): BrokerAddress[] {
+  const addresses = url.split(",").map((a) => a.trim());
+  if (addresses.some((a) => a === "")) {
+    throw new InvalidMessageError(
+      `the broker address ${JSON.stringify(url)} (COURIER_URL or the url option) has an empty entry; write HOST:PORT, or several separated by commas: 127.0.0.1:7701,127.0.0.1:7702`,
+    );
+  }
+  return addresses.map((address) => ({ address, ...splitUrl(address) }));
+}
+
+/**
+ * The order in which one connection attempt tries `count` addresses: from
+ * the one after `last` (the address connected to last), round to `last`
+ * itself, so a client whose broker died tries the others before it; from
+ * the first when none was connected to yet.
+ */
+export function rotation(count: number, last: number | undefined): number[] {
+  const start = last === undefined ? 0 : last + 1;
+  return Array.from({ length: count }, (_, k) => (start + k) % count);
 }
 
 /** `host:port` (an IPv6 host in brackets) as its parts. */

@@ -7,8 +7,7 @@ import type * as net from "node:net";
 import { FRAME_BYTES_MAX_DEFAULT, FrameWriter, PROTOCOL_VERSION } from "./codec.js";
 import type { ConnectionInfo } from "./connect.js";
 import { ClosedError, InvalidMessageError, RefusedError } from "./errors.js";
-import type { DeliveryOwner, ReplyOptions } from "./messages.js";
-import type { Message } from "./codec.js";
+import type { DeliveryOwner, HandlingScope, ReplyOptions } from "./messages.js";
 import { nameProblem } from "./names.js";
 import {
   type BrokerAddress,
@@ -65,8 +64,8 @@ export abstract class ClientCore implements DeliveryOwner {
     return this.info?.protocolVersion ?? PROTOCOL_VERSION;
   }
 
-  /** @internal A reply to `to`, in its activity. */
-  abstract reply(to: Message, outcome: string, payload: unknown, options: ReplyOptions): PendingAck;
+  /** @internal A reply to `to.handled`, in its activity. */
+  abstract reply(to: HandlingScope, outcome: string, payload: unknown, options: ReplyOptions): PendingAck;
 
   protected checkOpen(): void {
     if (this.state === "closed") {

@@ -36,6 +36,7 @@ export {
   errorCodeName,
 } from "./errors.js";
 export { NAME_BYTES_MAX, patternMatches, validateName, validatePattern } from "./names.js";
+export { TRACEPARENT, TraceParent } from "./trace.js";
 export { uuidv7 } from "./uuid.js";
 export * as codec from "./codec.js";
 export type { Kind, Message, Version } from "./codec.js";

@@ -6,13 +6,20 @@ import { AsyncLocalStorage } from "node:async_hooks";
 import type { Kind, Message, Version } from "./codec.js";
 import { CourierError, InvalidMessageError } from "./errors.js";
 import { validateName } from "./names.js";
+import { TRACEPARENT, TraceParent } from "./trace.js";
 import { isUuid, uuidv7 } from "./uuid.js";
 
-interface ActivityScope {
+/** What a message sent now inherits: an activity, and the message being handled if there is one. */
+export interface ActivityScope {
   activityId: string;
-  /** The message being handled: the `parentId` of what is sent meanwhile. */
-  parentId?: string;
+  /** The message being handled: the `parentId` of what is sent meanwhile, and the parent of its trace. */
+  handled?: Message;
+  /** The handled message's trace, read once when first needed. */
+  trace?: TraceParent;
 }
+
+/** The scope of a message being handled. */
+export type HandlingScope = ActivityScope & { handled: Message };
 
 const activityStorage = new AsyncLocalStorage<ActivityScope>();
 
@@ -142,8 +149,18 @@ export function encodePayload(payload: unknown): { bytes: Buffer; json: boolean 
   return { bytes: Buffer.from(text, "utf8"), json: true };
 }
 
-/** Builds the envelope of a message to send (timestamp and sender are the broker's). */
-export function buildMessage(kind: Kind, name: string, payload: unknown, options: SendOptions = {}): Message {
+/**
+ * Builds the envelope of a message to send (timestamp and sender are the
+ * broker's). It inherits from `cause`, else from the activity in scope
+ * unless `options.activityId` names another.
+ */
+export function buildMessage(
+  kind: Kind,
+  name: string,
+  payload: unknown,
+  options: SendOptions = {},
+  cause?: ActivityScope,
+): Message {
   validateName(name);
   const { bytes, json } = encodePayload(payload);
   const headers = headerList(options.headers);
@@ -160,9 +177,15 @@ export function buildMessage(kind: Kind, name: string, payload: unknown, options
   }
   const id = options.id ?? uuidv7();
   // A new activity is named after the message that starts it; one sent
-  // while handling another inherits its activity and names it as parent.
-  const scope = options.activityId === undefined ? activityStorage.getStore() : undefined;
-  const activityId = options.activityId ?? scope?.activityId ?? id;
+  // while handling another inherits its activity, names it as parent and
+  // continues its trace (unless the sender set a traceparent itself).
+  const scope = cause ?? (options.activityId === undefined ? activityStorage.getStore() : undefined);
+  const activityId = scope?.activityId ?? options.activityId ?? id;
+  const handled = scope?.handled;
+  if (scope !== undefined && handled !== undefined && !headers.some(([k]) => k === TRACEPARENT)) {
+    scope.trace ??= TraceParent.of(handled);
+    headers.push([TRACEPARENT, scope.trace.child(id).toHeader()]);
+  }
   const key =
     options.key === undefined
       ? undefined
@@ -181,7 +204,7 @@ export function buildMessage(kind: Kind, name: string, payload: unknown, options
     key,
     expiresAt: options.ttlMs === undefined ? undefined : nanosFromNow(options.ttlMs, "ttlMs"),
     deliverAt: options.delayMs === undefined ? undefined : nanosFromNow(options.delayMs, "delayMs"),
-    parentId: scope?.parentId,
+    parentId: handled?.id,
     transient: options.transient ?? false,
     final: kind === "reply",
     headers,
@@ -257,16 +280,19 @@ export class Reply extends Received {
 /** What a delivery needs from its client. */
 export interface DeliveryOwner {
   settle(generation: number, delivery: bigint, transient: boolean, nackDelayMs: number | undefined): void;
-  reply(to: Message, outcome: string, payload: unknown, options: ReplyOptions): PromiseLike<string>;
+  reply(to: HandlingScope, outcome: string, payload: unknown, options: ReplyOptions): PromiseLike<string>;
   readonly nackDelayMs: number;
 }
 
 /**
  * A delivered command or event, and the means to answer it. Messages sent
- * while it is handled carry its `activityId`.
+ * while it is handled carry its `activityId`, its id as their `parentId`
+ * and a child of its trace as their `traceparent`.
  */
 export class IncomingMessage extends Received {
   private settledAs: "ack" | "nack" | null = null;
+  /** What its replies, and what is sent while it is handled, inherit. */
+  private readonly scope: HandlingScope;
 
   /** @internal */
   constructor(
@@ -278,6 +304,7 @@ export class IncomingMessage extends Received {
     private readonly delivery: bigint,
   ) {
     super(envelope);
+    this.scope = { activityId: envelope.activityId, handled: envelope };
   }
 
   get kind(): Kind {
@@ -302,7 +329,7 @@ export class IncomingMessage extends Received {
    * reply, more follow). Resolves once the broker accepted the reply.
    */
   reply(outcome: string, payload?: unknown, options: ReplyOptions = {}): PromiseLike<string> {
-    return this.owner.reply(this.envelope, outcome, payload, options);
+    return this.owner.reply(this.scope, outcome, payload, options);
   }
 
   /** Marks the delivery handled. Done for you when the handler resolves. */
@@ -339,6 +366,6 @@ export class IncomingMessage extends Received {
 
   /** @internal Runs `fn` in this message's activity. */
   inActivity<T>(fn: () => T): T {
-    return activityStorage.run({ activityId: this.envelope.activityId, parentId: this.envelope.id }, fn);
+    return activityStorage.run(this.scope, fn);
   }
 }

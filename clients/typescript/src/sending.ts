@@ -5,6 +5,7 @@ import { Flag, encodeMessage, layoutMessage, type Kind, type Message } from "./c
 import { ClientCore } from "./core.js";
 import { ClosedError, ConnectionError, CourierError, RefusedError, TimeoutError } from "./errors.js";
 import {
+  type HandlingScope,
   Reply,
   buildMessage,
   type PublishOptions,
@@ -189,17 +190,20 @@ export abstract class SendingClient extends ClientCore {
     return stream;
   }
 
-  /** @internal A reply to `to`, in its activity. */
-  reply(to: Message, outcome: string, payload: unknown, options: ReplyOptions): PendingAck {
-    const message = buildMessage("reply", outcome, payload, {
-      ...(options.headers === undefined ? {} : { headers: options.headers }),
-      ...(options.version === undefined ? {} : { version: options.version }),
-      ...(options.id === undefined ? {} : { id: options.id }),
-      activityId: to.activityId,
-    });
-    message.responseTo = to.id;
-    // A reply's parent is the command it answers.
-    message.parentId = to.id;
+  /** @internal A reply to `to.handled`, in its activity, its parent the command it answers. */
+  reply(to: HandlingScope, outcome: string, payload: unknown, options: ReplyOptions): PendingAck {
+    const message = buildMessage(
+      "reply",
+      outcome,
+      payload,
+      {
+        ...(options.headers === undefined ? {} : { headers: options.headers }),
+        ...(options.version === undefined ? {} : { version: options.version }),
+        ...(options.id === undefined ? {} : { id: options.id }),
+      },
+      to,
+    );
+    message.responseTo = to.handled.id;
     message.final = options.final ?? true;
     return this.enqueueMessage(message);
   }

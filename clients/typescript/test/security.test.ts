@@ -7,7 +7,7 @@ import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 
 import { Client, ConnectionError, RefusedError, optionsFromEnv, type ClientOptions } from "../src/index.js";
-import { Broker, courier, removeDir, tempDir } from "./broker.js";
+import { Broker, courier, freePort, removeDir, tempDir } from "./broker.js";
 
 /** `courier token new`: the token and the line for the manifest. */
 function tokenPair(): { token: string; hash: string } {
@@ -118,6 +118,19 @@ tokens = ["${todo.hash}"]
       }),
       (e: unknown) => e instanceof ConnectionError && /does not name this host|elsewhere/.test(e.message),
     );
+  });
+
+  test("with several addresses, each broker's certificate is checked against its own address's host", async () => {
+    const port = broker.addr.split(":")[1]!;
+    const dead = `127.0.0.1:${await freePort()}`;
+    const client = await connect({
+      url: `${dead},localhost:${port}`,
+      service: "todo",
+      token: todoToken,
+      tls: { ca: cert("ca") },
+    });
+    assert.equal(client.brokerAddress, `localhost:${port}`);
+    await client.flush();
   });
 
   test("a broker certificate from another CA is refused, naming the fix", async () => {

@@ -65,7 +65,13 @@ impl MessageBuilder {
     }
 
     pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> MessageBuilder {
-        self.message.headers.push((name.into(), value.into()));
+        let name = name.into();
+        if name == crate::TRACEPARENT {
+            // The sender's own trace (from an HTTP request, say) is
+            // continued instead of the one the handled message gave.
+            self.message.headers.retain(|(k, _)| *k != name);
+        }
+        self.message.headers.push((name, value.into()));
         self
     }
 
@@ -104,10 +110,12 @@ impl MessageBuilder {
     /// # Ok(()) }
     /// ```
     pub fn id(mut self, id: Uuid) -> MessageBuilder {
-        if self.message.activity_id == self.message.id {
+        let old = self.message.id;
+        if self.message.activity_id == old {
             self.message.activity_id = id;
         }
         self.message.id = id;
+        crate::trace_context::follow_new_id(&mut self.message, old);
         self
     }
 
@@ -117,9 +125,15 @@ impl MessageBuilder {
         self
     }
 
-    /// Belongs to this activity rather than the current one.
+    /// Belongs to this activity rather than the current one: then it is
+    /// not a consequence of the message being handled, and carries neither
+    /// its id as `parent_id` nor a child of its trace.
     pub fn activity(mut self, activity_id: Uuid) -> MessageBuilder {
-        self.message.activity_id = activity_id;
+        if activity_id != self.message.activity_id {
+            self.message.activity_id = activity_id;
+            self.message.parent_id = None;
+            crate::trace_context::drop_derived(&mut self.message);
+        }
         self
     }
 

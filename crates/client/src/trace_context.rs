@@ -147,6 +147,31 @@ fn hex_byte(two: &[u8]) -> Option<u8> {
     Some(digit(two[0])? << 4 | digit(two[1])?)
 }
 
+/// The `traceparent` of `message` if the SDK derived it from the message's
+/// id `id` (its span id is that id's): one a sender set keeps its own.
+fn derived_from(message: &Message, id: Uuid) -> Option<TraceParent> {
+    message
+        .header(TRACEPARENT)
+        .and_then(TraceParent::parse)
+        .filter(|context| context.span_id == span_id_of(id))
+}
+
+/// `message` was given the id it now has in place of `old_id`: a
+/// `traceparent` derived from the old id names the new one.
+pub(crate) fn follow_new_id(message: &mut Message, old_id: Uuid) {
+    if let Some(context) = derived_from(message, old_id) {
+        set_traceparent(message, &context.child(message.id));
+    }
+}
+
+/// `message` no longer follows from the message being handled: the
+/// `traceparent` derived for it goes.
+pub(crate) fn drop_derived(message: &mut Message) {
+    if derived_from(message, message.id).is_some() {
+        message.headers.retain(|(k, _)| k != TRACEPARENT);
+    }
+}
+
 /// Sets `message`'s `traceparent` (replacing one it has) to `context`.
 pub(crate) fn set_traceparent(message: &mut Message, context: &TraceParent) {
     message.headers.retain(|(k, _)| k != TRACEPARENT);

@@ -43,12 +43,47 @@ async fn messages_sent_while_handling_name_their_cause_and_continue_its_trace() 
     })
     .await
     .expect("subscribe");
-    // audit: todo.created → command mail.send through the Incoming.
+    // audit: todo.created → command mail.send through the Incoming; and,
+    // built but not sent, messages whose builder changes what the handled
+    // message gave them: (handled event, own traceparent, own id, other
+    // activity).
     let audit = client(&broker, "audit").await;
+    type Built = (
+        courier_client::proto::Message,
+        courier_client::proto::Message,
+        courier_client::proto::Message,
+        courier_client::proto::Message,
+    );
+    let built: Arc<Mutex<Vec<Built>>> = Arc::default();
+    let kept = built.clone();
     audit
-        .on("todo.created", |msg: Incoming| async move {
-            msg.command("mail.send").json(&"hi")?.send().await?;
-            Ok::<(), courier_client::Error>(())
+        .on("todo.created", move |msg: Incoming| {
+            let kept = kept.clone();
+            async move {
+                let own_trace = msg
+                    .command("mail.send")
+                    .header("traceparent", OWN_TRACE)
+                    .message()
+                    .clone();
+                let own_id = msg
+                    .command("mail.send")
+                    .id(uuid::Uuid::now_v7())
+                    .message()
+                    .clone();
+                let elsewhere = msg
+                    .command("mail.send")
+                    .activity(uuid::Uuid::now_v7())
+                    .message()
+                    .clone();
+                kept.lock().expect("lock").push((
+                    msg.message().clone(),
+                    own_trace,
+                    own_id,
+                    elsewhere,
+                ));
+                msg.command("mail.send").json(&"hi")?.send().await?;
+                Ok::<(), courier_client::Error>(())
+            }
         })
         .await
         .expect("subscribe");
@@ -109,4 +144,38 @@ async fn messages_sent_while_handling_name_their_cause_and_continue_its_trace() 
         assert_eq!(trace.to_header()[3..35], upstream[3..35], "{}", m.name);
         assert_eq!(trace.span_id, m.id.as_bytes()[8..]);
     }
+
+    let built = built.lock().expect("lock").clone();
+    assert_eq!(built.len(), 2, "one set built per todo.created");
+    for (handled, own_trace, own_id, elsewhere) in &built {
+        let headers = |m: &courier_client::proto::Message| {
+            m.headers
+                .iter()
+                .filter(|(k, _)| k == "traceparent")
+                .map(|(_, v)| v.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            headers(own_trace),
+            [OWN_TRACE],
+            "a traceparent the handler sets is the one it carries"
+        );
+        assert_eq!(own_trace.parent_id, Some(handled.id));
+        let trace = trace_of(own_id);
+        assert_eq!(
+            trace.span_id,
+            own_id.id.as_bytes()[8..],
+            "the span follows an id given to the builder"
+        );
+        assert_eq!(trace.trace_id, trace_of(handled).trace_id);
+        assert_eq!(own_id.parent_id, Some(handled.id));
+        assert_ne!(elsewhere.activity_id, handled.activity_id);
+        assert_eq!(
+            (elsewhere.parent_id, headers(elsewhere).len()),
+            (None, 0),
+            "a message of another activity does not follow from the handled one"
+        );
+    }
 }
+
+const OWN_TRACE: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";

@@ -75,6 +75,9 @@ pub enum Action {
         seq: u64,
         quiet: bool,
         node: String,
+        /// The command's sender: its instances elsewhere take the reply
+        /// if `node` is gone ([`crate::Broker::reply_to_service`]).
+        requester: String,
         message: Arc<Message>,
     },
     /// A transient message for `service`, which has no instance here that

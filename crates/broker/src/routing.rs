@@ -338,20 +338,24 @@ impl<S: MessageStore> Broker<S> {
             Some(conn) => {
                 self.deliver_untracked(conn, message);
             }
-            None => {
-                let config = &self.config;
-                let svc = self.services.get_or_insert(&service, config);
-                if svc.parked_replies.len() >= self.config.parked_replies_max {
-                    svc.parked_replies.pop_front();
-                    self.metrics.replies_dropped += 1;
-                }
-                let mut message = message;
-                Arc::make_mut(&mut message).detach();
-                svc.parked_replies.push_back(message);
-                self.metrics.replies_parked += 1;
-            }
+            None => self.park_reply(&service, message),
         }
         Ok(ReplyFate::Delivered)
+    }
+
+    /// Keeps a reply for `service` until one of its instances connects
+    /// here (at most `parked_replies_max` per service, the oldest dropped).
+    pub fn park_reply(&mut self, service: &str, message: Arc<Message>) {
+        let config = &self.config;
+        let svc = self.services.get_or_insert(service, config);
+        if svc.parked_replies.len() >= self.config.parked_replies_max {
+            svc.parked_replies.pop_front();
+            self.metrics.replies_dropped += 1;
+        }
+        let mut message = message;
+        Arc::make_mut(&mut message).detach();
+        svc.parked_replies.push_back(message);
+        self.metrics.replies_parked += 1;
     }
 
     /// Counts an accepted reply for its command's outcomes (and the

@@ -31,6 +31,21 @@ pub(crate) struct RemoteRoute {
     pub node: String,
     /// The service the command was fetched for: only it may reply here.
     pub service: String,
+    /// The service that sent the command: where its replies go when its
+    /// node is gone.
+    pub requester: String,
+}
+
+/// What became of a reply another node forwarded here
+/// ([`Broker::remote_reply`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RemoteReply {
+    /// The answer for the replier.
+    Answer(ErrorCode, String),
+    /// The requesting connection is gone and no other instance of its
+    /// service is here: the edge offers the reply to the service's
+    /// instances on other nodes (then parks it, [`Broker::park_reply`]).
+    ToService(String),
 }
 
 impl<S: MessageStore> Broker<S> {
@@ -139,6 +154,7 @@ impl<S: MessageStore> Broker<S> {
                 let route = upstream::RemoteRoute {
                     node,
                     service: service.clone(),
+                    requester: message.sender.to_string(),
                 };
                 self.remote_routes.insert(message.id, route, now);
             }
@@ -291,7 +307,7 @@ impl<S: MessageStore> Broker<S> {
                 ),
             ));
         }
-        let node = route.node.clone();
+        let (node, requester) = (route.node.clone(), route.requester.clone());
         if message.is_final {
             self.remote_routes.remove(&command);
         }
@@ -300,6 +316,7 @@ impl<S: MessageStore> Broker<S> {
             seq,
             quiet,
             node,
+            requester,
             message: message.clone(),
         });
         Ok(Some(ReplyFate::Held))
@@ -328,23 +345,26 @@ impl<S: MessageStore> Broker<S> {
 
     /// A reply another node forwarded to the command's requester on this
     /// one (its sender already stamped and checked there): routed as a
-    /// reply sent here would be. Returns the answer for the replier.
-    pub fn remote_reply(&mut self, message: Arc<Message>, now: Nanos) -> (ErrorCode, String) {
+    /// reply sent here would be — to the requesting connection, else to
+    /// another instance of its service here, else
+    /// [`RemoteReply::ToService`]: its instance may have moved to another
+    /// node.
+    pub fn remote_reply(&mut self, message: Arc<Message>, now: Nanos) -> RemoteReply {
         self.now = now;
         let Some(command) = message.response_to else {
-            return (
+            return RemoteReply::Answer(
                 ErrorCode::InvalidMessage,
                 "reply without response_to".to_string(),
             );
         };
         let Some(route) = self.reply_routes.get(&command) else {
-            return (
+            return RemoteReply::Answer(
                 ErrorCode::UnknownRequest,
                 format!("no command {command} awaits replies (it finished, timed out, or was never sent)"),
             );
         };
         if !route.receivers.iter().any(|r| *r == message.sender) {
-            return (
+            return RemoteReply::Answer(
                 ErrorCode::Unauthorized,
                 format!(
                     "service {} may not reply to command {command}: it was not delivered to {}",
@@ -365,15 +385,50 @@ impl<S: MessageStore> Broker<S> {
                 }
             }
         }
-        if self.conns.contains_key(&route_conn) {
-            self.deliver_untracked(route_conn, message);
-            (ErrorCode::Ok, String::new())
+        let target = if self.conns.contains_key(&route_conn) {
+            Some(route_conn)
         } else {
-            (
-                ErrorCode::UnknownRequest,
-                format!("the requester of command {command} is gone"),
-            )
+            self.services
+                .get(&service)
+                .and_then(|s| s.instances.first().copied())
+        };
+        match target {
+            Some(conn) => {
+                self.deliver_untracked(conn, message);
+                RemoteReply::Answer(ErrorCode::Ok, String::new())
+            }
+            None => RemoteReply::ToService(service),
         }
+    }
+
+    /// A reply offered to `service`'s instances here (its requester's node
+    /// is gone, or its requester left that node): delivered to one of
+    /// them, as a parked reply is — the instance that sent the command
+    /// knows it by its `response_to`. Returns the answer for the replier;
+    /// `None` if no instance of `service` is here.
+    pub fn reply_to_service(
+        &mut self,
+        service: &str,
+        message: Arc<Message>,
+        now: Nanos,
+    ) -> Option<(ErrorCode, String)> {
+        self.now = now;
+        let conn = self
+            .services
+            .get(service)
+            .and_then(|s| s.instances.first().copied())?;
+        self.deliver_untracked(conn, message);
+        Some((ErrorCode::Ok, String::new()))
+    }
+
+    /// Services with an instance connected here: each takes the replies
+    /// other nodes offer it ([`Broker::reply_to_service`]).
+    pub fn services_with_instances(&self) -> Vec<String> {
+        self.services
+            .iter()
+            .filter(|(_, s)| !s.instances.is_empty())
+            .map(|(name, _)| name.clone())
+            .collect()
     }
 
     /// A transient message another node offered to `service`'s instances

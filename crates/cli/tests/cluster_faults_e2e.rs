@@ -99,6 +99,12 @@ async fn nodes_and_servers_fail_and_nothing_acknowledged_is_lost() {
     let started = Instant::now();
     a_failing_delivery_is_retried_after_its_delay_then_dead_lettered(&nodes).await;
     eprintln!("dead letters: {:?}", started.elapsed());
+    let started = Instant::now();
+    a_reply_finds_its_requester_after_the_requesters_node_died(&mut nodes).await;
+    eprintln!(
+        "a reply after the requester's node died: {:?}",
+        started.elapsed()
+    );
 }
 
 /// A cluster of its own: the messages stream's leader killed under load.
@@ -532,4 +538,90 @@ async fn a_server_killed_under_load_loses_no_acknowledged_event(nodes: &mut Node
     );
     web.shutdown().await;
     ledger.shutdown().await;
+}
+
+/// A request through node a is answered from node b after node a died:
+/// the requester moved to node b by itself (it was given both
+/// addresses), and the reply, which node a can no longer take, goes to
+/// the requesting service's instance wherever it is now.
+async fn a_reply_finds_its_requester_after_the_requesters_node_died(nodes: &mut Nodes) {
+    let asked = Arc::new(tokio::sync::Notify::new());
+    let answer = Arc::new(tokio::sync::Notify::new());
+    let slow = connect(opts(&nodes.b, "slow")).await;
+    {
+        let (asked, answer) = (asked.clone(), answer.clone());
+        slow.on("slow.ask", move |msg: Incoming| {
+            let (asked, answer) = (asked.clone(), answer.clone());
+            async move {
+                asked.notify_one();
+                answer.notified().await;
+                let text: String = msg.json()?;
+                msg.reply("slow.answer", &text).await
+            }
+        })
+        .await
+        .expect("subscribe slow.ask");
+    }
+    nodes.b.wait_consumers("slow", 1, None);
+
+    let mut o = opts(&nodes.a, "asker");
+    o.url = format!("{},{}", nodes.a.addr, nodes.b.addr);
+    o.send_timeout = T;
+    let asker = connect(o).await;
+    assert_eq!(
+        asker.broker_address(),
+        nodes.a.addr,
+        "the first address first"
+    );
+    let request = {
+        let asker = asker.clone();
+        tokio::spawn(async move {
+            let deadline = Instant::now() + cluster_common::ROUTED_WITHIN;
+            loop {
+                match asker
+                    .command("slow.ask")
+                    .json(&"still there?")?
+                    .timeout(T)
+                    .request()
+                    .await
+                {
+                    Err(e)
+                        if e.code() == Some(ErrorCode::NoReceiver) && Instant::now() < deadline =>
+                    {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    answered => return answered,
+                }
+            }
+        })
+    };
+    tokio::time::timeout(T, asked.notified())
+        .await
+        .expect("the command reached the responder on node b");
+
+    nodes.a.child.kill().expect("kill -9 node a");
+    nodes.a.child.wait().expect("reap node a");
+    wait_for_async("the requester moved to node b", T, || {
+        let moved = asker.is_connected() && asker.broker_address() == nodes.b.addr;
+        async move { moved.then_some(()) }
+    })
+    .await;
+    answer.notify_one();
+
+    let reply = tokio::time::timeout(T, request)
+        .await
+        .unwrap_or_else(|_| panic!("no reply within {T:?}; {}", nodes.log_tails(30)))
+        .expect("the request task")
+        .unwrap_or_else(|e| panic!("the request failed: {e}; {}", nodes.log_tails(30)));
+    assert_eq!(reply.name(), "slow.answer");
+    assert_eq!(
+        reply.json::<String>().expect("a JSON string"),
+        "still there?"
+    );
+
+    let node_a = nodes.start_node("a");
+    nodes.a = node_a;
+    for client in [&slow, &asker] {
+        client.shutdown().await;
+    }
 }

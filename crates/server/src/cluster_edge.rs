@@ -15,7 +15,10 @@
 //! - **Replies.** A reply to a command accepted on another node leaves as
 //!   a core NATS request to `courier.node.<node>.reply`
 //!   ([`courier_broker::Action::ForwardReply`]); this node answers those
-//!   requests for its own requesters with [`Broker::remote_reply`].
+//!   requests for its own requesters with [`Broker::remote_reply`]. A
+//!   reply whose requester's node is gone, or whose requester left it, is
+//!   offered to its service's instances on any node (`courier.r.<service>`),
+//!   else parked on the node that has it.
 //! - **Registration.** The node's record in `courier_nodes`, renewed.
 //!
 //! [`Broker::fetch_credit`]: courier_broker::Broker::fetch_credit
@@ -28,7 +31,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use courier_broker::{ConnId, RemoteSubscriptions};
+use courier_broker::{ConnId, RemoteReply, RemoteSubscriptions};
 use courier_cluster::consumers::Lane;
 use courier_cluster::lease::{Acquired, Holding, Lease, LeaseKeeper, LeaseTiming};
 use courier_cluster::{Connection, NodeId};
@@ -74,6 +77,9 @@ pub(crate) struct Forward {
     pub seq: u64,
     pub quiet: bool,
     pub node: String,
+    /// The command's sender, whose instances elsewhere take the reply if
+    /// `node` is gone.
+    pub requester: String,
     pub message: Arc<Message>,
 }
 
@@ -137,6 +143,7 @@ pub(crate) fn start(shared: &Arc<Shared>) -> Vec<crate::AbortOnDrop> {
         crate::AbortOnDrop(tokio::spawn(serve_forwarded_replies(Arc::downgrade(
             shared,
         )))),
+        crate::AbortOnDrop(tokio::spawn(run_reply_takers(Arc::downgrade(shared)))),
         crate::AbortOnDrop(tokio::spawn(keep_registered(edge.node.clone()))),
         crate::AbortOnDrop(tokio::spawn(reclaim_while_leading(edge.node.clone()))),
     ];
@@ -533,27 +540,203 @@ async fn serve_forwarded_replies(shared: Weak<Shared>) {
             return;
         }
     };
+    let shared_weak = shared;
     while let Some(request) = requests.next().await {
-        let Some(shared) = shared.upgrade() else {
+        let Some(shared) = shared_weak.upgrade() else {
             return;
         };
-        let answer = match courier_proto::decode_message(request.payload.clone()) {
+        let Some(to) = request.reply else {
+            continue;
+        };
+        let message = match courier_proto::decode_message(request.payload.clone()) {
+            Ok(message) => Arc::new(message),
+            Err(e) => {
+                let reason = format!("the forwarded reply cannot be decoded: {e}");
+                let _ = client
+                    .publish(to, encode_answer(ErrorCode::InvalidMessage, &reason))
+                    .await;
+                continue;
+            }
+        };
+        let mut fate = RemoteReply::Answer(ErrorCode::Ok, String::new());
+        shared.with_core_deferred(|core, now| fate = core.remote_reply(message.clone(), now));
+        drop(shared);
+        let client = client.clone();
+        let shared_weak = shared_weak.clone();
+        // Offering it elsewhere waits on other nodes: not in this loop.
+        tokio::spawn(async move {
+            let (code, reason) = match fate {
+                RemoteReply::Answer(code, reason) => (code, reason),
+                RemoteReply::ToService(service) => {
+                    to_service_or_parked(&shared_weak, &client, &service, &request.payload, message)
+                        .await
+                }
+            };
+            if let Err(e) = client.publish(to, encode_answer(code, &reason)).await {
+                warn!(error = %e, "could not answer a forwarded reply");
+            }
+        });
+    }
+}
+
+/// Where a service's instances on other nodes take replies whose
+/// requesting connection is gone: one node of the service's queue group
+/// (SCALE-OUT §10).
+fn service_reply_subject(service: &str) -> String {
+    format!(
+        "courier.r.{}",
+        courier_cluster::names::service_token(service)
+    )
+}
+
+/// Offers a reply to `service`'s instances on the other nodes; if none
+/// takes it, gives it to one here, else parks it in this node's core for
+/// the next instance of `service` to connect here. The answer for the
+/// replier.
+async fn to_service_or_parked(
+    shared: &Weak<Shared>,
+    client: &async_nats::Client,
+    service: &str,
+    encoded: &Bytes,
+    message: Arc<Message>,
+) -> (ErrorCode, String) {
+    let request = client.request(service_reply_subject(service), encoded.clone());
+    match tokio::time::timeout(FORWARD_TIMEOUT, request).await {
+        Ok(Ok(answer)) => {
+            let (code, reason) = decode_answer(&answer.payload);
+            // Its instance there left meanwhile: park it here after all.
+            if code != ErrorCode::UnknownRequest {
+                return (code, reason);
+            }
+        }
+        Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => {}
+        Ok(Err(e)) => {
+            return (
+                ErrorCode::StorageFailed,
+                format!(
+                    "the reply could not be offered to service {service}'s instances: {e}; retry"
+                ),
+            )
+        }
+        Err(_) => {
+            return (
+                ErrorCode::StorageFailed,
+                format!(
+                    "no node with an instance of {service} took the reply within {} s; retry",
+                    FORWARD_TIMEOUT.as_secs()
+                ),
+            )
+        }
+    }
+    let Some(shared) = shared.upgrade() else {
+        return (
+            ErrorCode::StorageFailed,
+            "the node is shutting down; retry".to_string(),
+        );
+    };
+    // An instance that connected here a moment ago may not be taking
+    // offers yet: it comes first.
+    let mut answer = (ErrorCode::Ok, String::new());
+    shared.with_core_deferred(|core, now| {
+        match core.reply_to_service(service, message.clone(), now) {
+            Some(taken) => answer = taken,
+            None => core.park_reply(service, message),
+        }
+    });
+    answer
+}
+
+/// Keeps one taker of offered replies per service with an instance here.
+async fn run_reply_takers(shared: Weak<Shared>) {
+    let mut running: HashMap<String, watch::Sender<bool>> = HashMap::new();
+    loop {
+        let Some(strong) = shared.upgrade() else {
+            return;
+        };
+        let Some(edge) = &strong.cluster else {
+            return;
+        };
+        let room = edge.room.clone();
+        let client = edge.node.connection.client.clone();
+        let wanted = strong.core().services_with_instances();
+        drop(strong);
+        running.retain(|service, stop| {
+            let keep = wanted.contains(service);
+            if !keep {
+                let _ = stop.send(true);
+            }
+            keep
+        });
+        for service in wanted {
+            if running.contains_key(&service) {
+                continue;
+            }
+            let (stop, stopped) = watch::channel(false);
+            running.insert(service.clone(), stop);
+            tokio::spawn(take_service_replies(
+                shared.clone(),
+                client.clone(),
+                service,
+                stopped,
+            ));
+        }
+        let _ = tokio::time::timeout(FETCHERS_CHECK_EVERY, room.notified()).await;
+    }
+}
+
+/// Takes the replies other nodes offer `service` while it has instances
+/// here ([`Broker::reply_to_service`]); answers `UnknownRequest` if they
+/// all left meanwhile, so the offering node keeps the reply.
+///
+/// [`Broker::reply_to_service`]: courier_broker::Broker::reply_to_service
+async fn take_service_replies(
+    shared: Weak<Shared>,
+    client: async_nats::Client,
+    service: String,
+    mut stop: watch::Receiver<bool>,
+) {
+    let subject = service_reply_subject(&service);
+    let group = courier_cluster::names::service_token(&service);
+    let mut offered = match client.queue_subscribe(subject, group).await {
+        Ok(offered) => offered,
+        Err(e) => {
+            warn!(error = %e, %service, "cannot take replies other nodes offer; they wait on those nodes instead");
+            return;
+        }
+    };
+    loop {
+        let request = tokio::select! {
+            request = offered.next() => request,
+            _ = stop.changed() => None,
+        };
+        let Some(request) = request else {
+            return;
+        };
+        let Some(to) = request.reply else {
+            continue;
+        };
+        let answer = match courier_proto::decode_message(request.payload) {
             Ok(message) => {
-                let mut answer = (ErrorCode::Ok, String::new());
-                shared.with_core_deferred(|core, now| {
-                    answer = core.remote_reply(Arc::new(message), now)
-                });
-                answer
+                let mut taken = None;
+                if let Some(shared) = shared.upgrade() {
+                    shared.with_core_deferred(|core, now| {
+                        taken = core.reply_to_service(&service, Arc::new(message), now)
+                    });
+                }
+                taken.unwrap_or_else(|| {
+                    (
+                        ErrorCode::UnknownRequest,
+                        format!("no instance of {service} is on this node any more"),
+                    )
+                })
             }
             Err(e) => (
                 ErrorCode::InvalidMessage,
-                format!("the forwarded reply cannot be decoded: {e}"),
+                format!("the offered reply cannot be decoded: {e}"),
             ),
         };
-        if let Some(to) = request.reply {
-            if let Err(e) = client.publish(to, encode_answer(answer.0, &answer.1)).await {
-                warn!(error = %e, "could not answer a forwarded reply");
-            }
+        if let Err(e) = client.publish(to, encode_answer(answer.0, &answer.1)).await {
+            warn!(error = %e, "could not answer an offered reply");
         }
     }
 }
@@ -569,7 +752,24 @@ async fn forward_replies(shared: Weak<Shared>, mut forwards: mpsc::UnboundedRece
         };
         let shared = shared.clone();
         tokio::spawn(async move {
-            let (code, reason) = forward_one(&client, &forward).await;
+            let (code, reason) = match forward_one(&client, &forward).await {
+                Some(answer) => answer,
+                // The requester's node is gone: its instances reconnect
+                // elsewhere, and one of them takes the reply.
+                None => match encoded(&forward.message) {
+                    Ok(payload) => {
+                        to_service_or_parked(
+                            &shared,
+                            &client,
+                            &forward.requester,
+                            &payload,
+                            forward.message.clone(),
+                        )
+                        .await
+                    }
+                    Err(answer) => answer,
+                },
+            };
             if let Some(shared) = shared.upgrade() {
                 shared.with_core_deferred(|core, _now| {
                     core.forwarded_reply_answer(
@@ -585,24 +785,31 @@ async fn forward_replies(shared: Weak<Shared>, mut forwards: mpsc::UnboundedRece
     }
 }
 
-async fn forward_one(client: &async_nats::Client, forward: &Forward) -> (ErrorCode, String) {
+fn encoded(message: &Message) -> Result<Bytes, (ErrorCode, String)> {
     let mut payload = BytesMut::new();
-    if let Err(e) = courier_proto::encode_message(&forward.message, &mut payload) {
-        return (
+    courier_proto::encode_message(message, &mut payload).map_err(|e| {
+        (
             ErrorCode::InvalidMessage,
             format!("the reply cannot be encoded: {e}"),
-        );
-    }
-    let request = client.request(reply_subject(&forward.node), payload.freeze());
-    match tokio::time::timeout(FORWARD_TIMEOUT, request).await {
+        )
+    })?;
+    Ok(payload.freeze())
+}
+
+/// The requester's node's answer to a forwarded reply; `None` if that
+/// node is gone (nothing listens on its subject).
+async fn forward_one(
+    client: &async_nats::Client,
+    forward: &Forward,
+) -> Option<(ErrorCode, String)> {
+    let payload = match encoded(&forward.message) {
+        Ok(payload) => payload,
+        Err(answer) => return Some(answer),
+    };
+    let request = client.request(reply_subject(&forward.node), payload);
+    Some(match tokio::time::timeout(FORWARD_TIMEOUT, request).await {
         Ok(Ok(answer)) => decode_answer(&answer.payload),
-        Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => (
-            ErrorCode::UnknownRequest,
-            format!(
-                "the node the command was sent through ({}) is gone, and its requester with it",
-                forward.node
-            ),
-        ),
+        Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => return None,
         Ok(Err(e)) => (
             ErrorCode::StorageFailed,
             format!(
@@ -618,7 +825,7 @@ async fn forward_one(client: &async_nats::Client, forward: &Forward) -> (ErrorCo
                 FORWARD_TIMEOUT.as_secs()
             ),
         ),
-    }
+    })
 }
 
 /// How often the holder of the `reclaimer` lease purges what no consumer

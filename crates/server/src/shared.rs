@@ -290,6 +290,7 @@ impl Shared {
                     seq,
                     quiet,
                     node,
+                    requester,
                     message,
                 } => {
                     self.forward_reply(crate::cluster_edge::Forward {
@@ -297,6 +298,7 @@ impl Shared {
                         seq,
                         quiet,
                         node,
+                        requester,
                         message,
                     });
                     continue;

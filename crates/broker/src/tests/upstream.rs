@@ -386,17 +386,72 @@ fn a_forwarded_reply_reaches_the_requester_on_this_node() {
     let mut reply = Message::new(Kind::Reply, "job.done", "ok");
     reply.response_to = Some(id);
     reply.sender = "intruder".into();
-    let (code, _) = h.broker.remote_reply(Arc::new(reply.clone()), h.now);
-    assert_eq!(code, ErrorCode::Unauthorized);
+    let answer = h.broker.remote_reply(Arc::new(reply.clone()), h.now);
+    assert!(
+        matches!(answer, RemoteReply::Answer(ErrorCode::Unauthorized, _)),
+        "{answer:?}"
+    );
     reply.sender = "worker".into();
     reply.is_final = true;
-    let (code, reason) = h.broker.remote_reply(Arc::new(reply.clone()), h.now);
-    assert_eq!(code, ErrorCode::Ok, "{reason}");
+    let answer = h.broker.remote_reply(Arc::new(reply.clone()), h.now);
+    assert_eq!(answer, RemoteReply::Answer(ErrorCode::Ok, String::new()));
     let delivered = h.deliveries();
     assert_eq!(delivered.len(), 1);
     assert_eq!(delivered[0].0, 2);
-    let (code, _) = h.broker.remote_reply(Arc::new(reply), h.now);
-    assert_eq!(code, ErrorCode::UnknownRequest);
+    let answer = h.broker.remote_reply(Arc::new(reply), h.now);
+    assert!(
+        matches!(answer, RemoteReply::Answer(ErrorCode::UnknownRequest, _)),
+        "{answer:?}"
+    );
+}
+
+#[test]
+fn a_reply_whose_requester_left_this_node_goes_to_its_service_elsewhere_or_waits_here() {
+    let mut h = node();
+    h.broker.subscriptions_changed(
+        "worker",
+        Some(RemoteSubscriptions {
+            patterns: vec![("job.*".to_string(), false)],
+            ..Default::default()
+        }),
+        h.now,
+    );
+    h.connect(2, "web", 10);
+    let cmd = command("job.run", "x");
+    let id = cmd.id;
+    h.send(2, 1, cmd);
+    h.actions();
+    assert_eq!(h.broker.services_with_instances(), vec!["web".to_string()]);
+    h.broker.disconnect(2, h.now);
+    h.actions();
+    assert!(h.broker.services_with_instances().is_empty());
+    let mut reply = Message::new(Kind::Reply, "job.done", "ok");
+    reply.response_to = Some(id);
+    reply.sender = "worker".into();
+    let answer = h.broker.remote_reply(Arc::new(reply.clone()), h.now);
+    assert_eq!(
+        answer,
+        RemoteReply::ToService("web".to_string()),
+        "no instance of web here: offered to its instances on other nodes"
+    );
+    assert_eq!(
+        h.broker
+            .reply_to_service("web", Arc::new(reply.clone()), h.now),
+        None,
+        "none here to take it"
+    );
+    // Nowhere to go: kept for the next instance of web to connect here.
+    h.broker.park_reply("web", Arc::new(reply.clone()));
+    h.connect(3, "web", 10);
+    let delivered = h.deliveries();
+    assert_eq!(delivered.len(), 1);
+    assert_eq!(delivered[0].0, 3);
+    // An instance here takes what other nodes offer its service.
+    assert_eq!(
+        h.broker.reply_to_service("web", Arc::new(reply), h.now),
+        Some((ErrorCode::Ok, String::new()))
+    );
+    assert_eq!(h.deliveries().len(), 1);
 }
 
 #[test]

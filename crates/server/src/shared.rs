@@ -78,7 +78,7 @@ pub(crate) struct Shared {
     /// the core's lock is let go, so passes encode in the core's order.
     /// Never held while waiting for the core's lock.
     pub(crate) dispatching: Mutex<()>,
-    /// The edge to a cluster backend (`cluster_edge.rs`), when on one.
+    /// The edge to a cluster backend (`cluster_edge/`), when on one.
     pub(crate) cluster: Option<crate::cluster_edge::ClusterEdge>,
 }
 

@@ -1,0 +1,284 @@
+//! Fetching (docs/SCALE-OUT.md §4, §5, §9): a loop per service with a
+//! consuming instance here pulls its unkeyed lane always and its keyed
+//! lane while this node holds the lane's lease; transient messages no
+//! instance here takes are offered to the nodes with instances of their
+//! service, and taken from them.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use courier_cluster::consumers::Lane;
+use courier_cluster::lease::{Acquired, Holding, Lease, LeaseKeeper, LeaseTiming};
+use courier_cluster::Connection;
+use futures_util::StreamExt as _;
+use tokio::sync::{mpsc, watch, Notify};
+use tracing::{info, warn};
+
+use super::{per_service, ClusterEdge, Transient};
+use crate::Shared;
+
+/// Where a service's transient messages are offered to other nodes: a
+/// core NATS subject per service and name, taken by one node of the
+/// service's queue group (SCALE-OUT §9).
+fn transient_subject(service: &str, name: &str) -> String {
+    format!(
+        "courier.t.{}.{name}",
+        courier_cluster::names::service_token(service)
+    )
+}
+
+/// Offers transient messages no instance here takes to the nodes that
+/// have instances of their service: at most once, as on one broker.
+pub(super) async fn offer_transients(
+    client: async_nats::Client,
+    mut transients: mpsc::UnboundedReceiver<Transient>,
+) {
+    while let Some(Transient { service, message }) = transients.recv().await {
+        let mut payload = BytesMut::new();
+        if courier_proto::encode_message(&message, &mut payload).is_err() {
+            continue;
+        }
+        let subject = transient_subject(&service, &message.name);
+        if let Err(e) = client.publish(subject, payload.freeze()).await {
+            tracing::debug!(error = %e, "a transient message was not offered to other nodes");
+        }
+    }
+}
+
+/// Takes the transient messages other nodes offer to `service` while it
+/// has instances here (one node of the queue group gets each).
+async fn take_transients(
+    shared: Weak<Shared>,
+    client: async_nats::Client,
+    service: String,
+    mut stop: watch::Receiver<bool>,
+) {
+    let token = courier_cluster::names::service_token(&service);
+    let subject = format!("courier.t.{token}.>");
+    let mut offered = match client.queue_subscribe(subject, token).await {
+        Ok(offered) => offered,
+        Err(e) => {
+            warn!(error = %e, %service, "cannot take transient messages from other nodes");
+            return;
+        }
+    };
+    loop {
+        let message = tokio::select! {
+            message = offered.next() => message,
+            _ = stop.changed() => None,
+        };
+        let Some(message) = message else {
+            return;
+        };
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        match courier_proto::decode_message(message.payload) {
+            Ok(decoded) => shared.with_core_deferred(|core, now| {
+                core.remote_transient(&service, Arc::new(decoded), now)
+            }),
+            Err(e) => tracing::debug!(error = %e, "an offered transient message does not decode"),
+        }
+    }
+}
+
+/// Keeps one fetch loop per service that has a consuming instance here.
+pub(super) async fn run_fetchers(shared: Weak<Shared>) {
+    let wanted = |shared: &Shared| shared.core().consuming_services();
+    let fetcher = |edge: &ClusterEdge, shared: Weak<Shared>, service, stop| {
+        fetch_service(
+            shared,
+            edge.node.connection.clone(),
+            service,
+            edge.room.clone(),
+            stop,
+        )
+    };
+    per_service(shared, wanted, fetcher).await;
+}
+
+/// What a fetch loop asks before each pull: the room `service`'s
+/// instances here have.
+fn credit_of(shared: Weak<Shared>, service: String) -> impl Fn() -> u32 + Send + Sync {
+    move || {
+        shared
+            .upgrade()
+            .map_or(0, |s| s.core().fetch_credit(&service))
+    }
+}
+
+/// Where a fetch loop hands what it fetched: the core, in one pass.
+fn deliver_to(shared: Weak<Shared>) -> impl FnMut(Vec<courier_cluster::fetch::Fetched>) + Send {
+    move |batch| {
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        shared.with_core_deferred(|core, now| {
+            for fetched in batch {
+                let fetched = courier_broker::Fetched {
+                    service: fetched.service,
+                    message: fetched.message,
+                    attempt: fetched.attempt,
+                    handle: fetched.handle,
+                    reply_node: fetched.reply_node,
+                };
+                core.fetched(fetched, now);
+            }
+        });
+    }
+}
+
+/// Fetches `service`'s messages until `stop`: its unkeyed lane always,
+/// its keyed lane only while this node holds the lane's lease
+/// (SCALE-OUT §5) — one fetcher at a time keeps each key's messages in
+/// order across nodes — and takes the transient messages other nodes
+/// offer it.
+async fn fetch_service(
+    shared: Weak<Shared>,
+    connection: Connection,
+    service: String,
+    room: Arc<Notify>,
+    stop: watch::Receiver<bool>,
+) {
+    let unkeyed = courier_cluster::fetch::run_lanes(
+        connection.clone(),
+        service.clone(),
+        &[Lane::Unkeyed],
+        credit_of(shared.clone(), service.clone()),
+        room.clone(),
+        deliver_to(shared.clone()),
+        stop.clone(),
+    );
+    let transients = take_transients(
+        shared.clone(),
+        connection.client.clone(),
+        service.clone(),
+        stop.clone(),
+    );
+    let keyed = lead_keyed_lane(shared, connection, service, room, stop);
+    tokio::join!(unkeyed, keyed, transients);
+}
+
+/// How often a node that does not hold a keyed lane's lease tries again.
+pub(super) const LANE_LEASE_RETRY: Duration = Duration::from_secs(1);
+
+/// Added to the lane's ack deadline when a new holder waits for what the
+/// last one left unacknowledged.
+const TAKEOVER_MARGIN: Duration = Duration::from_millis(500);
+
+/// Takes the lease of `service`'s keyed lane whenever it is free, and
+/// fetches the lane while the lease is valid.
+async fn lead_keyed_lane(
+    shared: Weak<Shared>,
+    connection: Connection,
+    service: String,
+    room: Arc<Notify>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let Some((leases, node)) = shared.upgrade().and_then(|s| {
+        s.cluster
+            .as_ref()
+            .map(|e| (e.node.leases.clone(), e.node.node.clone()))
+    }) else {
+        return;
+    };
+    let key = courier_cluster::names::keyed_lane_lease(&service);
+    while !*stop.borrow() {
+        let acquired = Lease::acquire(&leases, &key, &node, LeaseTiming::default()).await;
+        let keeper = match acquired {
+            Ok(Acquired::Gained(lease)) => LeaseKeeper::keep(*lease),
+            Ok(Acquired::HeldBy { .. }) => {
+                let _ = tokio::time::timeout(LANE_LEASE_RETRY, stop.changed()).await;
+                continue;
+            }
+            Err(e) => {
+                warn!(error = %e, %service, "cannot take the keyed lane's lease; retrying");
+                let _ = tokio::time::timeout(LANE_LEASE_RETRY, stop.changed()).await;
+                continue;
+            }
+        };
+        info!(%service, "leading the keyed lane");
+        let mut holding = keeper.watch();
+        let (lane_stop, lane_stopped) = watch::channel(false);
+        let lane = async {
+            wait_for_takeover(&connection, &service).await;
+            courier_cluster::fetch::run_lanes(
+                connection.clone(),
+                service.clone(),
+                &[Lane::Keyed],
+                credit_of(shared.clone(), service.clone()),
+                room.clone(),
+                deliver_to(shared.clone()),
+                lane_stopped,
+            )
+            .await;
+        };
+        let fence = lease_ends(&mut holding);
+        let stopping = async {
+            while !*stop.borrow() {
+                if stop.changed().await.is_err() {
+                    break;
+                }
+            }
+        };
+        tokio::select! {
+            () = lane => {}
+            () = fence => {
+                warn!(%service, "the keyed lane's lease ended; this node stops fetching it");
+                let _ = lane_stop.send(true);
+            }
+            () = stopping => {
+                let _ = lane_stop.send(true);
+                if let Err(e) = keeper.release().await {
+                    warn!(error = %e, %service, "could not release the keyed lane's lease; it ages out");
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// Returns when the lease may no longer be acted on: lost, or its last
+/// confirmed renewal too old (no quorum to renew it).
+async fn lease_ends(holding: &mut watch::Receiver<Holding>) {
+    loop {
+        let valid_until = match &*holding.borrow() {
+            Holding::Held { valid_until, .. } => *valid_until,
+            Holding::Lost { .. } => return,
+        };
+        let expired = tokio::time::sleep_until(valid_until);
+        tokio::select! {
+            () = expired => return,
+            changed = holding.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// A new holder of a keyed lane waits until what the previous holder had
+/// fetched and not acknowledged is due for redelivery: JetStream hands
+/// redeliveries out before newer messages, so each key resumes from its
+/// first unacknowledged message, in order.
+async fn wait_for_takeover(connection: &Connection, service: &str) {
+    let name = courier_cluster::consumers::consumer_name(service, Lane::Keyed);
+    let consumer: Result<async_nats::jetstream::consumer::PullConsumer, _> = connection
+        .jetstream
+        .get_consumer_from_stream(&name, courier_cluster::names::MESSAGES_STREAM)
+        .await;
+    let Ok(mut consumer) = consumer else {
+        return; // none yet: nothing was fetched from it
+    };
+    let Ok(info) = consumer.info().await else {
+        return;
+    };
+    if info.num_ack_pending == 0 {
+        return;
+    }
+    let wait = info.config.ack_wait + TAKEOVER_MARGIN;
+    info!(
+        %service,
+        unacknowledged = info.num_ack_pending,
+        "waiting {wait:?} for the last holder's unacknowledged keyed messages"
+    );
+    tokio::time::sleep(wait).await;
+}

@@ -1,0 +1,313 @@
+//! A node's edge to a NATS JetStream cluster (docs/SCALE-OUT.md): the
+//! tasks that feed the core what other nodes did and what the backend
+//! holds for this node's instances.
+//!
+//! - **Fetching.** For every service with an instance here that consumes,
+//!   a loop pulls from the service's consumers no more than the core's
+//!   [`Broker::fetch_credit`], and hands each message to
+//!   [`Broker::fetched`] (the keyed lane only under its lease). Loops
+//!   start and stop as instances come and go.
+//! - **Transient messages** no instance here takes are offered to the
+//!   nodes with instances of their service, and taken from them.
+//! - **Subscriptions.** A watch of the `courier_services` bucket feeds
+//!   [`Broker::subscriptions_changed`]: a subscription made on any node
+//!   routes on every node.
+//! - **Replies.** A reply to a command accepted on another node leaves as
+//!   a core NATS request to `courier.node.<node>.reply`
+//!   ([`courier_broker::Action::ForwardReply`]); this node answers those
+//!   requests for its own requesters with [`Broker::remote_reply`]. A
+//!   reply whose requester's node is gone, or whose requester left it, is
+//!   offered to its service's instances on any node (`courier.r.<service>`),
+//!   else parked on the node that has it.
+//! - **Registration.** The node's record in `courier_nodes`, renewed.
+//!
+//! `fetching.rs` holds the fetch loops, the keyed lanes' leases and the
+//! transient offers; `replies.rs` the replies across nodes; this file
+//! starts them all and keeps the per-service ones in step with the core.
+//!
+//! [`Broker::fetch_credit`]: courier_broker::Broker::fetch_credit
+//! [`Broker::fetched`]: courier_broker::Broker::fetched
+//! [`Broker::subscriptions_changed`]: courier_broker::Broker::subscriptions_changed
+//! [`Broker::remote_reply`]: courier_broker::Broker::remote_reply
+
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use courier_broker::{ConnId, RemoteSubscriptions};
+use courier_cluster::lease::{Acquired, Lease, LeaseKeeper, LeaseTiming};
+use courier_cluster::{Connection, NodeId};
+use courier_proto::Message;
+use futures_util::StreamExt as _;
+use tokio::sync::{mpsc, watch, Notify};
+use tracing::{info, warn};
+
+use crate::Shared;
+
+mod fetching;
+mod replies;
+
+use fetching::{offer_transients, run_fetchers, LANE_LEASE_RETRY};
+use replies::{forward_replies, run_reply_takers, serve_forwarded_replies};
+
+/// How often the per-service tasks (fetch loops, reply takers) are
+/// checked against the services they serve when nothing woke the check
+/// earlier.
+const SERVICE_TASKS_CHECK_EVERY: Duration = Duration::from_millis(250);
+
+/// Keeps one task per service that `wanted` lists (asked after every pass
+/// of the core, at least every [`SERVICE_TASKS_CHECK_EVERY`]): `task` makes it
+/// with a signal that stops it once the service leaves the list.
+async fn per_service<Task>(
+    shared: Weak<Shared>,
+    wanted: impl Fn(&Shared) -> Vec<String>,
+    task: impl Fn(&ClusterEdge, Weak<Shared>, String, watch::Receiver<bool>) -> Task,
+) where
+    Task: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut running: HashMap<String, watch::Sender<bool>> = HashMap::new();
+    loop {
+        let Some(strong) = shared.upgrade() else {
+            return;
+        };
+        let Some(edge) = &strong.cluster else {
+            return;
+        };
+        let services = wanted(&strong);
+        running.retain(|service, stop| {
+            let keep = services.contains(service);
+            if !keep {
+                let _ = stop.send(true);
+            }
+            keep
+        });
+        for service in services {
+            if running.contains_key(&service) {
+                continue;
+            }
+            let (stop, stopped) = watch::channel(false);
+            running.insert(service.clone(), stop);
+            tokio::spawn(task(edge, shared.clone(), service, stopped));
+        }
+        let room = edge.room.clone();
+        drop(strong);
+        let _ = tokio::time::timeout(SERVICE_TASKS_CHECK_EVERY, room.notified()).await;
+    }
+}
+
+/// What a server on a cluster backend is given.
+pub struct ClusterNode {
+    pub connection: Connection,
+    pub node: NodeId,
+    /// The node's record in `courier_nodes` is put into this bucket.
+    pub nodes: async_nats::jetstream::kv::Store,
+    /// `courier_leases`: the keyed lanes' leases.
+    pub leases: async_nats::jetstream::kv::Store,
+    /// The record put there (its addresses are filled in at start).
+    pub record: courier_cluster::nodes::NodeRecord,
+    /// Started with `--accept-weaker-durability` past a failed check
+    /// (the `courier_durability_weaker` gauge).
+    pub durability_weaker: bool,
+}
+
+impl std::fmt::Debug for ClusterNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterNode")
+            .field("node", &self.node.as_str())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A reply on its way to the node its command was accepted on.
+pub(crate) struct Forward {
+    pub conn: ConnId,
+    pub seq: u64,
+    pub quiet: bool,
+    pub node: String,
+    /// The command's sender, whose instances elsewhere take the reply if
+    /// `node` is gone.
+    pub requester: String,
+    pub message: Arc<Message>,
+}
+
+/// A transient message offered to another node's instances.
+pub(crate) struct Transient {
+    pub service: String,
+    pub message: Arc<Message>,
+}
+
+/// The edge's state the server shares.
+pub(crate) struct ClusterEdge {
+    pub node: Arc<ClusterNode>,
+    /// Replies to forward ([`courier_broker::Action::ForwardReply`]).
+    pub forwards: mpsc::UnboundedSender<Forward>,
+    forwards_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<Forward>>>,
+    /// Transient messages to offer ([`courier_broker::Action::ForwardTransient`]).
+    pub transients: mpsc::UnboundedSender<Transient>,
+    transients_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<Transient>>>,
+    /// The dead-letter commands (`cluster_dead_letters.rs`).
+    pub dead_letters: crate::cluster_dead_letters::Queries,
+    /// Woken after every pass of the core: room may have freed up for a
+    /// fetch loop, or a service may have gained or lost its consumers.
+    pub room: Arc<Notify>,
+}
+
+impl ClusterEdge {
+    pub(crate) fn new(node: Arc<ClusterNode>) -> ClusterEdge {
+        let (forwards, rx) = mpsc::unbounded_channel();
+        let (transients, transients_rx) = mpsc::unbounded_channel();
+        ClusterEdge {
+            node,
+            forwards,
+            forwards_rx: std::sync::Mutex::new(Some(rx)),
+            transients,
+            transients_rx: std::sync::Mutex::new(Some(transients_rx)),
+            dead_letters: crate::cluster_dead_letters::Queries::new(),
+            room: Arc::new(Notify::new()),
+        }
+    }
+}
+
+/// Starts the edge's tasks; they end when the server's tasks are dropped
+/// (each holds the server only weakly).
+pub(crate) fn start(shared: &Arc<Shared>) -> Vec<crate::AbortOnDrop> {
+    let Some(edge) = &shared.cluster else {
+        return Vec::new();
+    };
+    let forwards = edge
+        .forwards_rx
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    let mut tasks = vec![
+        crate::AbortOnDrop(tokio::spawn(run_fetchers(Arc::downgrade(shared)))),
+        crate::AbortOnDrop(tokio::spawn(watch_subscriptions(Arc::downgrade(shared)))),
+        crate::AbortOnDrop(tokio::spawn(serve_forwarded_replies(Arc::downgrade(
+            shared,
+        )))),
+        crate::AbortOnDrop(tokio::spawn(run_reply_takers(Arc::downgrade(shared)))),
+        crate::AbortOnDrop(tokio::spawn(keep_registered(edge.node.clone()))),
+        crate::AbortOnDrop(tokio::spawn(reclaim_while_leading(edge.node.clone()))),
+    ];
+    tasks.extend(edge.dead_letters.start(shared));
+    if let Some(rx) = forwards {
+        tasks.push(crate::AbortOnDrop(tokio::spawn(forward_replies(
+            Arc::downgrade(shared),
+            rx,
+        ))));
+    }
+    let transients = edge
+        .transients_rx
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    if let Some(rx) = transients {
+        tasks.push(crate::AbortOnDrop(tokio::spawn(offer_transients(
+            edge.node.connection.client.clone(),
+            rx,
+        ))));
+    }
+    tasks
+}
+
+/// Feeds the core every change of `courier_services`, from any node.
+async fn watch_subscriptions(shared: Weak<Shared>) {
+    loop {
+        let Some(connection) = shared
+            .upgrade()
+            .and_then(|s| s.cluster.as_ref().map(|e| e.node.connection.clone()))
+        else {
+            return;
+        };
+        let mut changes = match courier_cluster::services::watch(&connection).await {
+            Ok(changes) => Box::pin(changes),
+            Err(e) => {
+                warn!(error = %e, "cannot watch the cluster's subscriptions; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        while let Some(change) = changes.next().await {
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            match change {
+                Ok((service, subscriptions)) => {
+                    let subscriptions = subscriptions.map(|s| RemoteSubscriptions {
+                        ack_deadline_ms: s.ack_deadline_ms,
+                        max_deliveries: s.max_deliveries,
+                        patterns: s
+                            .patterns
+                            .into_iter()
+                            .map(|(pattern, state)| (pattern, state.paused))
+                            .collect(),
+                    });
+                    shared.with_core_deferred(|core, now| {
+                        core.subscriptions_changed(&service, subscriptions, now)
+                    });
+                }
+                Err(e) => warn!(error = %e, "a subscription change could not be read"),
+            }
+        }
+        warn!("the watch of the cluster's subscriptions ended; watching again");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// How often the holder of the `reclaimer` lease purges what no consumer
+/// needs any more.
+const RECLAIM_EVERY: Duration = Duration::from_secs(30);
+
+/// Takes the `reclaimer` lease whenever it is free and, while it holds
+/// it, gives the log's space back every [`RECLAIM_EVERY`]
+/// (`courier_cluster::reclaim`): one node at a time does, whichever.
+async fn reclaim_while_leading(node: Arc<ClusterNode>) {
+    loop {
+        let acquired = Lease::acquire(
+            &node.leases,
+            courier_cluster::names::RECLAIMER_LEASE,
+            &node.node,
+            LeaseTiming::default(),
+        )
+        .await;
+        let keeper = match acquired {
+            Ok(Acquired::Gained(lease)) => LeaseKeeper::keep(*lease),
+            Ok(Acquired::HeldBy { .. }) => {
+                tokio::time::sleep(RECLAIM_EVERY).await;
+                continue;
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot take the reclaimer's lease; retrying");
+                tokio::time::sleep(LANE_LEASE_RETRY).await;
+                continue;
+            }
+        };
+        while keeper.is_valid_at(tokio::time::Instant::now()) {
+            match courier_cluster::reclaim::reclaim_once(&node.connection.jetstream).await {
+                Ok(Some(below)) => {
+                    tracing::debug!(below, "purged the stored sends every consumer is past")
+                }
+                Ok(None) => {}
+                Err(e) => warn!(error = %e, "the log's space was not reclaimed this time"),
+            }
+            tokio::time::sleep(RECLAIM_EVERY).await;
+        }
+    }
+}
+
+/// Puts the node's record into `courier_nodes` now and every few seconds,
+/// so other nodes and the console find it while it lives.
+async fn keep_registered(node: Arc<ClusterNode>) {
+    let mut announced = false;
+    loop {
+        match courier_cluster::nodes::put_node(&node.nodes, &node.node, &node.record).await {
+            Ok(_) if !announced => {
+                announced = true;
+                info!(node = node.node.as_str(), "registered in the cluster");
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "could not renew this node's registration"),
+        }
+        tokio::time::sleep(courier_cluster::nodes::NODE_PUT_EVERY).await;
+    }
+}

@@ -1,0 +1,343 @@
+//! Replies across nodes (docs/SCALE-OUT.md §10): a reply to a command
+//! accepted on another node goes to that node (`courier.node.<id>.reply`);
+//! one whose requester's node is gone, or whose requester left it, goes
+//! to an instance of the requesting service on any node
+//! (`courier.r.<service>`), else waits on the node that has it.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use courier_broker::RemoteReply;
+use courier_proto::{ErrorCode, Message};
+use futures_util::StreamExt as _;
+use tokio::sync::{mpsc, watch};
+use tracing::warn;
+
+use super::{per_service, ClusterEdge, Forward};
+use crate::Shared;
+
+/// How long a node waits for the requester's node to take a reply.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The subject a node takes forwarded replies on.
+fn reply_subject(node: &str) -> String {
+    format!("courier.node.{node}.reply")
+}
+
+/// Encodes a node's answer to a forwarded reply: the code, then the reason.
+fn encode_answer(code: ErrorCode, reason: &str) -> Bytes {
+    let mut out = BytesMut::with_capacity(2 + reason.len());
+    out.put_u16(code.as_u16());
+    out.put_slice(reason.as_bytes());
+    out.freeze()
+}
+
+fn decode_answer(bytes: &[u8]) -> (ErrorCode, String) {
+    match bytes {
+        [high, low, reason @ ..] => (
+            ErrorCode::from_u16(u16::from_be_bytes([*high, *low])),
+            String::from_utf8_lossy(reason).into_owned(),
+        ),
+        _ => (
+            ErrorCode::StorageFailed,
+            "the requester's node answered with nothing readable".to_string(),
+        ),
+    }
+}
+
+/// Takes replies other nodes forward to this node's requesters.
+pub(super) async fn serve_forwarded_replies(shared: Weak<Shared>) {
+    let Some((client, subject)) = shared.upgrade().and_then(|s| {
+        s.cluster.as_ref().map(|e| {
+            (
+                e.node.connection.client.clone(),
+                reply_subject(e.node.node.as_str()),
+            )
+        })
+    }) else {
+        return;
+    };
+    let mut requests = match client.subscribe(subject.clone()).await {
+        Ok(requests) => requests,
+        Err(e) => {
+            warn!(error = %e, %subject, "cannot take forwarded replies; replies to this node's requesters from other nodes will fail");
+            return;
+        }
+    };
+    let shared_weak = shared;
+    while let Some(request) = requests.next().await {
+        let Some(shared) = shared_weak.upgrade() else {
+            return;
+        };
+        let Some(to) = request.reply else {
+            continue;
+        };
+        let message = match courier_proto::decode_message(request.payload.clone()) {
+            Ok(message) => Arc::new(message),
+            Err(e) => {
+                let reason = format!("the forwarded reply cannot be decoded: {e}");
+                let _ = client
+                    .publish(to, encode_answer(ErrorCode::InvalidMessage, &reason))
+                    .await;
+                continue;
+            }
+        };
+        let mut fate = RemoteReply::Answer(ErrorCode::Ok, String::new());
+        shared.with_core_deferred(|core, now| fate = core.remote_reply(message.clone(), now));
+        drop(shared);
+        let client = client.clone();
+        let shared_weak = shared_weak.clone();
+        // Offering it elsewhere waits on other nodes: not in this loop.
+        tokio::spawn(async move {
+            let (code, reason) = match fate {
+                RemoteReply::Answer(code, reason) => (code, reason),
+                RemoteReply::ToService(service) => {
+                    to_service_or_parked(&shared_weak, &client, &service, &request.payload, message)
+                        .await
+                }
+            };
+            if let Err(e) = client.publish(to, encode_answer(code, &reason)).await {
+                warn!(error = %e, "could not answer a forwarded reply");
+            }
+        });
+    }
+}
+
+/// Where a service's instances on other nodes take replies whose
+/// requesting connection is gone: one node of the service's queue group
+/// (SCALE-OUT §10).
+fn service_reply_subject(service: &str) -> String {
+    format!(
+        "courier.r.{}",
+        courier_cluster::names::service_token(service)
+    )
+}
+
+/// Offers a reply to `service`'s instances on the other nodes; if none
+/// takes it, gives it to one here, else parks it in this node's core for
+/// the next instance of `service` to connect here. The answer for the
+/// replier.
+async fn to_service_or_parked(
+    shared: &Weak<Shared>,
+    client: &async_nats::Client,
+    service: &str,
+    encoded: &Bytes,
+    message: Arc<Message>,
+) -> (ErrorCode, String) {
+    let request = client.request(service_reply_subject(service), encoded.clone());
+    match tokio::time::timeout(FORWARD_TIMEOUT, request).await {
+        Ok(Ok(answer)) => {
+            let (code, reason) = decode_answer(&answer.payload);
+            // Its instance there left meanwhile: park it here after all.
+            if code != ErrorCode::UnknownRequest {
+                return (code, reason);
+            }
+        }
+        Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => {}
+        Ok(Err(e)) => {
+            return (
+                ErrorCode::StorageFailed,
+                format!(
+                    "the reply could not be offered to service {service}'s instances: {e}; retry"
+                ),
+            )
+        }
+        Err(_) => {
+            return (
+                ErrorCode::StorageFailed,
+                format!(
+                    "no node with an instance of {service} took the reply within {} s; retry",
+                    FORWARD_TIMEOUT.as_secs()
+                ),
+            )
+        }
+    }
+    let Some(shared) = shared.upgrade() else {
+        return (
+            ErrorCode::StorageFailed,
+            "the node is shutting down; retry".to_string(),
+        );
+    };
+    // An instance that connected here a moment ago may not be taking
+    // offers yet: it comes first.
+    let mut answer = (ErrorCode::Ok, String::new());
+    shared.with_core_deferred(|core, now| {
+        match core.reply_to_service(service, message.clone(), now) {
+            Some(taken) => answer = taken,
+            None => core.park_reply(service, message),
+        }
+    });
+    answer
+}
+
+/// Keeps one taker of offered replies per service with an instance here.
+pub(super) async fn run_reply_takers(shared: Weak<Shared>) {
+    let wanted = |shared: &Shared| shared.core().services_with_instances();
+    let taker = |edge: &ClusterEdge, shared: Weak<Shared>, service, stop| {
+        take_service_replies(shared, edge.node.connection.client.clone(), service, stop)
+    };
+    per_service(shared, wanted, taker).await;
+}
+
+/// Takes the replies other nodes offer `service` while it has instances
+/// here ([`Broker::reply_to_service`]); answers `UnknownRequest` if they
+/// all left meanwhile, so the offering node keeps the reply.
+///
+/// [`Broker::reply_to_service`]: courier_broker::Broker::reply_to_service
+async fn take_service_replies(
+    shared: Weak<Shared>,
+    client: async_nats::Client,
+    service: String,
+    mut stop: watch::Receiver<bool>,
+) {
+    let subject = service_reply_subject(&service);
+    let group = courier_cluster::names::service_token(&service);
+    let mut offered = match client.queue_subscribe(subject, group).await {
+        Ok(offered) => offered,
+        Err(e) => {
+            warn!(error = %e, %service, "cannot take replies other nodes offer; they wait on those nodes instead");
+            return;
+        }
+    };
+    loop {
+        let request = tokio::select! {
+            request = offered.next() => request,
+            _ = stop.changed() => None,
+        };
+        let Some(request) = request else {
+            return;
+        };
+        let Some(to) = request.reply else {
+            continue;
+        };
+        let answer = match courier_proto::decode_message(request.payload) {
+            Ok(message) => {
+                let mut taken = None;
+                if let Some(shared) = shared.upgrade() {
+                    shared.with_core_deferred(|core, now| {
+                        taken = core.reply_to_service(&service, Arc::new(message), now)
+                    });
+                }
+                taken.unwrap_or_else(|| {
+                    (
+                        ErrorCode::UnknownRequest,
+                        format!("no instance of {service} is on this node any more"),
+                    )
+                })
+            }
+            Err(e) => (
+                ErrorCode::InvalidMessage,
+                format!("the offered reply cannot be decoded: {e}"),
+            ),
+        };
+        if let Err(e) = client.publish(to, encode_answer(answer.0, &answer.1)).await {
+            warn!(error = %e, "could not answer an offered reply");
+        }
+    }
+}
+
+/// Sends replies to their command's node and answers their senders.
+pub(super) async fn forward_replies(
+    shared: Weak<Shared>,
+    mut forwards: mpsc::UnboundedReceiver<Forward>,
+) {
+    while let Some(forward) = forwards.recv().await {
+        let Some(client) = shared
+            .upgrade()
+            .and_then(|s| s.cluster.as_ref().map(|e| e.node.connection.client.clone()))
+        else {
+            return;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let (code, reason) = match forward_one(&client, &forward).await {
+                Some(answer) => answer,
+                // The requester's node is gone: its instances reconnect
+                // elsewhere, and one of them takes the reply.
+                None => match encoded(&forward.message) {
+                    Ok(payload) => {
+                        to_service_or_parked(
+                            &shared,
+                            &client,
+                            &forward.requester,
+                            &payload,
+                            forward.message.clone(),
+                        )
+                        .await
+                    }
+                    Err(answer) => answer,
+                },
+            };
+            if let Some(shared) = shared.upgrade() {
+                shared.with_core_deferred(|core, _now| {
+                    core.forwarded_reply_answer(
+                        forward.conn,
+                        forward.seq,
+                        forward.quiet,
+                        code,
+                        reason,
+                    )
+                });
+            }
+        });
+    }
+}
+
+fn encoded(message: &Message) -> Result<Bytes, (ErrorCode, String)> {
+    let mut payload = BytesMut::new();
+    courier_proto::encode_message(message, &mut payload).map_err(|e| {
+        (
+            ErrorCode::InvalidMessage,
+            format!("the reply cannot be encoded: {e}"),
+        )
+    })?;
+    Ok(payload.freeze())
+}
+
+/// The requester's node's answer to a forwarded reply; `None` if that
+/// node is gone (nothing listens on its subject).
+async fn forward_one(
+    client: &async_nats::Client,
+    forward: &Forward,
+) -> Option<(ErrorCode, String)> {
+    let payload = match encoded(&forward.message) {
+        Ok(payload) => payload,
+        Err(answer) => return Some(answer),
+    };
+    let request = client.request(reply_subject(&forward.node), payload);
+    Some(match tokio::time::timeout(FORWARD_TIMEOUT, request).await {
+        Ok(Ok(answer)) => decode_answer(&answer.payload),
+        Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => return None,
+        Ok(Err(e)) => (
+            ErrorCode::StorageFailed,
+            format!(
+                "the reply could not reach node {}: {e}; retry",
+                forward.node
+            ),
+        ),
+        Err(_) => (
+            ErrorCode::StorageFailed,
+            format!(
+                "node {} did not take the reply within {} s; retry",
+                forward.node,
+                FORWARD_TIMEOUT.as_secs()
+            ),
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_round_trip() {
+        let bytes = encode_answer(ErrorCode::UnknownRequest, "gone");
+        assert_eq!(
+            decode_answer(&bytes),
+            (ErrorCode::UnknownRequest, "gone".to_string())
+        );
+        assert_eq!(decode_answer(&[]).0, ErrorCode::StorageFailed);
+    }
+}

@@ -324,13 +324,7 @@ impl<S: MessageStore> Broker<S> {
             }
         }
         self.count_reply(command_slot, accepted_at, &message, &service);
-        let target = if self.conns.contains_key(&route_conn) {
-            Some(route_conn)
-        } else {
-            self.services
-                .get(&service)
-                .and_then(|s| s.instances.first().copied())
-        };
+        let target = self.reply_target(Some(route_conn), &service);
         if message.is_final {
             self.reply_routes.remove(&command);
         }
@@ -341,6 +335,18 @@ impl<S: MessageStore> Broker<S> {
             None => self.park_reply(&service, message),
         }
         Ok(ReplyFate::Delivered)
+    }
+
+    /// Where a reply goes: the requesting connection if it is still here,
+    /// else another instance of its `service` here (the reply names its
+    /// command, which the instance that sent it knows).
+    pub(crate) fn reply_target(&self, requester: Option<ConnId>, service: &str) -> Option<ConnId> {
+        if let Some(requester) = requester.filter(|r| self.conns.contains_key(r)) {
+            return Some(requester);
+        }
+        self.services
+            .get(service)
+            .and_then(|s| s.instances.first().copied())
     }
 
     /// Keeps a reply for `service` until one of its instances connects

@@ -385,14 +385,7 @@ impl<S: MessageStore> Broker<S> {
                 }
             }
         }
-        let target = if self.conns.contains_key(&route_conn) {
-            Some(route_conn)
-        } else {
-            self.services
-                .get(&service)
-                .and_then(|s| s.instances.first().copied())
-        };
-        match target {
+        match self.reply_target(Some(route_conn), &service) {
             Some(conn) => {
                 self.deliver_untracked(conn, message);
                 RemoteReply::Answer(ErrorCode::Ok, String::new())
@@ -413,10 +406,7 @@ impl<S: MessageStore> Broker<S> {
         now: Nanos,
     ) -> Option<(ErrorCode, String)> {
         self.now = now;
-        let conn = self
-            .services
-            .get(service)
-            .and_then(|s| s.instances.first().copied())?;
+        let conn = self.reply_target(None, service)?;
         self.deliver_untracked(conn, message);
         Some((ErrorCode::Ok, String::new()))
     }

@@ -105,6 +105,9 @@ async fn nodes_and_servers_fail_and_nothing_acknowledged_is_lost() {
         "a reply after the requester's node died: {:?}",
         started.elapsed()
     );
+    let started = Instant::now();
+    a_reply_nobody_can_take_waits_in_the_cluster_for_its_requester(&mut nodes).await;
+    eprintln!("a parked reply: {:?}", started.elapsed());
 }
 
 /// A cluster of its own: the messages stream's leader killed under load.
@@ -624,4 +627,95 @@ async fn a_reply_finds_its_requester_after_the_requesters_node_died(nodes: &mut 
     for client in [&slow, &asker] {
         client.shutdown().await;
     }
+}
+
+/// A reply whose requester's node died, with no instance of the
+/// requesting service anywhere, is accepted and kept in the cluster — not
+/// in the memory of the node it went through — and reaches the requester
+/// when it comes back.
+async fn a_reply_nobody_can_take_waits_in_the_cluster_for_its_requester(nodes: &mut Nodes) {
+    let asked = Arc::new(tokio::sync::Notify::new());
+    let answer = Arc::new(tokio::sync::Notify::new());
+    let replied: Arc<Mutex<Option<String>>> = Arc::default();
+    let keeper = connect(opts(&nodes.b, "keeper")).await;
+    {
+        let (asked, answer, replied) = (asked.clone(), answer.clone(), replied.clone());
+        keeper
+            .on("keeper.ask", move |msg: Incoming| {
+                let (asked, answer, replied) = (asked.clone(), answer.clone(), replied.clone());
+                async move {
+                    asked.notify_one();
+                    answer.notified().await;
+                    let text: String = msg.json()?;
+                    let sent = msg.reply("keeper.answer", &text).await;
+                    *replied.lock().unwrap_or_else(|p| p.into_inner()) = Some(
+                        sent.as_ref()
+                            .map_or_else(|e| e.to_string(), |_| "ok".into()),
+                    );
+                    sent
+                }
+            })
+            .await
+            .expect("subscribe keeper.ask");
+    }
+    nodes.b.wait_consumers("keeper", 1, None);
+
+    // Given node a alone: it cannot move anywhere while node a is down.
+    let node_a_addr = nodes.a.addr.clone();
+    let mut o = opts(&nodes.a, "lonely");
+    o.send_timeout = T;
+    let lonely = connect(o).await;
+    let request = {
+        let lonely = lonely.clone();
+        tokio::spawn(async move {
+            let deadline = Instant::now() + cluster_common::ROUTED_WITHIN;
+            loop {
+                match lonely
+                    .command("keeper.ask")
+                    .json(&"kept?")?
+                    .timeout(T * 2)
+                    .request()
+                    .await
+                {
+                    Err(e)
+                        if e.code() == Some(ErrorCode::NoReceiver) && Instant::now() < deadline =>
+                    {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    answered => return answered,
+                }
+            }
+        })
+    };
+    tokio::time::timeout(T, asked.notified())
+        .await
+        .expect("the command reached the responder on node b");
+    nodes.a.child.kill().expect("kill -9 node a");
+    nodes.a.child.wait().expect("reap node a");
+    answer.notify_one();
+    wait_for_async("the responder's reply answered", T, || {
+        let replied = replied.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        async move { replied }
+    })
+    .await;
+    assert_eq!(
+        replied.lock().unwrap_or_else(|p| p.into_inner()).as_deref(),
+        Some("ok"),
+        "a reply with nobody to take it is accepted"
+    );
+    // Node b, which had it, dies too: the reply is not in its memory.
+    nodes.b.child.kill().expect("kill -9 node b");
+    nodes.b.child.wait().expect("reap node b");
+    nodes.a = nodes.start_node_on("a", &node_a_addr);
+    let reply = tokio::time::timeout(T, request)
+        .await
+        .unwrap_or_else(|_| panic!("no reply within {T:?}; {}", nodes.log_tails(30)))
+        .expect("the request task")
+        .unwrap_or_else(|e| panic!("the request failed: {e}; {}", nodes.log_tails(30)));
+    assert_eq!(reply.name(), "keeper.answer");
+    assert_eq!(reply.json::<String>().expect("a JSON string"), "kept?");
+
+    nodes.b = nodes.start_node("b");
+    keeper.shutdown().await;
+    lonely.shutdown().await;
 }

@@ -18,6 +18,7 @@ pub mod lease;
 pub mod model;
 pub mod names;
 pub mod nodes;
+pub mod parked;
 mod provision;
 pub mod reclaim;
 pub mod services;

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use courier_broker::RemoteReply;
+use courier_cluster::Connection;
 use courier_proto::{ErrorCode, Message};
 use futures_util::StreamExt as _;
 use tokio::sync::{mpsc, watch};
@@ -48,16 +49,17 @@ fn decode_answer(bytes: &[u8]) -> (ErrorCode, String) {
 
 /// Takes replies other nodes forward to this node's requesters.
 pub(super) async fn serve_forwarded_replies(shared: Weak<Shared>) {
-    let Some((client, subject)) = shared.upgrade().and_then(|s| {
+    let Some((connection, subject)) = shared.upgrade().and_then(|s| {
         s.cluster.as_ref().map(|e| {
             (
-                e.node.connection.client.clone(),
+                e.node.connection.clone(),
                 reply_subject(e.node.node.as_str()),
             )
         })
     }) else {
         return;
     };
+    let client = connection.client.clone();
     let mut requests = match client.subscribe(subject.clone()).await {
         Ok(requests) => requests,
         Err(e) => {
@@ -86,15 +88,21 @@ pub(super) async fn serve_forwarded_replies(shared: Weak<Shared>) {
         let mut fate = RemoteReply::Answer(ErrorCode::Ok, String::new());
         shared.with_core_deferred(|core, now| fate = core.remote_reply(message.clone(), now));
         drop(shared);
-        let client = client.clone();
+        let (client, connection) = (client.clone(), connection.clone());
         let shared_weak = shared_weak.clone();
         // Offering it elsewhere waits on other nodes: not in this loop.
         tokio::spawn(async move {
             let (code, reason) = match fate {
                 RemoteReply::Answer(code, reason) => (code, reason),
                 RemoteReply::ToService(service) => {
-                    to_service_or_parked(&shared_weak, &client, &service, &request.payload, message)
-                        .await
+                    to_service_or_parked(
+                        &shared_weak,
+                        &connection,
+                        &service,
+                        &request.payload,
+                        message,
+                    )
+                    .await
                 }
             };
             if let Err(e) = client.publish(to, encode_answer(code, &reason)).await {
@@ -115,17 +123,19 @@ fn service_reply_subject(service: &str) -> String {
 }
 
 /// Offers a reply to `service`'s instances on the other nodes; if none
-/// takes it, gives it to one here, else parks it in this node's core for
-/// the next instance of `service` to connect here. The answer for the
-/// replier.
+/// takes it, gives it to one here, else parks it in `COURIER_PARKED` for
+/// the next instance of `service` to connect to any node (in this node's
+/// memory if the cluster cannot store it). The answer for the replier.
 async fn to_service_or_parked(
     shared: &Weak<Shared>,
-    client: &async_nats::Client,
+    connection: &Connection,
     service: &str,
     encoded: &Bytes,
     message: Arc<Message>,
 ) -> (ErrorCode, String) {
-    let request = client.request(service_reply_subject(service), encoded.clone());
+    let request = connection
+        .client
+        .request(service_reply_subject(service), encoded.clone());
     match tokio::time::timeout(FORWARD_TIMEOUT, request).await {
         Ok(Ok(answer)) => {
             let (code, reason) = decode_answer(&answer.payload);
@@ -153,7 +163,8 @@ async fn to_service_or_parked(
             )
         }
     }
-    let Some(shared) = shared.upgrade() else {
+    let shared_weak = shared;
+    let Some(shared) = shared_weak.upgrade() else {
         return (
             ErrorCode::StorageFailed,
             "the node is shutting down; retry".to_string(),
@@ -161,31 +172,65 @@ async fn to_service_or_parked(
     };
     // An instance that connected here a moment ago may not be taking
     // offers yet: it comes first.
-    let mut answer = (ErrorCode::Ok, String::new());
+    let mut taken = None;
     shared.with_core_deferred(|core, now| {
-        match core.reply_to_service(service, message.clone(), now) {
-            Some(taken) => answer = taken,
-            None => core.park_reply(service, message),
-        }
+        taken = core.reply_to_service(service, message.clone(), now)
     });
-    answer
+    if let Some(answer) = taken {
+        return answer;
+    }
+    drop(shared);
+    if let Err(e) = courier_cluster::parked::park(connection, service, &message).await {
+        warn!(%service, "{e}; the reply waits in this node's memory instead");
+        if let Some(shared) = shared_weak.upgrade() {
+            shared.with_core_deferred(|core, _now| core.park_reply(service, message));
+        }
+    }
+    (ErrorCode::Ok, String::new())
 }
 
 /// Keeps one taker of offered replies per service with an instance here.
 pub(super) async fn run_reply_takers(shared: Weak<Shared>) {
     let wanted = |shared: &Shared| shared.core().services_with_instances();
     let taker = |edge: &ClusterEdge, shared: Weak<Shared>, service, stop| {
-        take_service_replies(shared, edge.node.connection.client.clone(), service, stop)
+        take_service_replies(shared, edge.node.connection.clone(), service, stop)
     };
     per_service(shared, wanted, taker).await;
 }
 
-/// Takes the replies other nodes offer `service` while it has instances
-/// here ([`Broker::reply_to_service`]); answers `UnknownRequest` if they
-/// all left meanwhile, so the offering node keeps the reply.
+/// While `service` has instances here: takes the replies other nodes
+/// offer it, and those parked for it in `COURIER_PARKED`.
+async fn take_service_replies(
+    shared: Weak<Shared>,
+    connection: Connection,
+    service: String,
+    stop: watch::Receiver<bool>,
+) {
+    let deliver = {
+        let (shared, service) = (shared.clone(), service.clone());
+        move |reply: Message| {
+            let Some(shared) = shared.upgrade() else {
+                return false;
+            };
+            let mut taken = None;
+            shared.with_core_deferred(|core, now| {
+                taken = core.reply_to_service(&service, Arc::new(reply), now)
+            });
+            taken.is_some()
+        }
+    };
+    let parked =
+        courier_cluster::parked::take(connection.clone(), service.clone(), deliver, stop.clone());
+    let offered = take_offered_replies(shared, connection.client, service, stop);
+    tokio::join!(parked, offered);
+}
+
+/// Takes the replies other nodes offer `service` ([`Broker::reply_to_service`]);
+/// answers `UnknownRequest` if its instances all left meanwhile, so the
+/// offering node parks the reply.
 ///
 /// [`Broker::reply_to_service`]: courier_broker::Broker::reply_to_service
-async fn take_service_replies(
+async fn take_offered_replies(
     shared: Weak<Shared>,
     client: async_nats::Client,
     service: String,
@@ -243,15 +288,15 @@ pub(super) async fn forward_replies(
     mut forwards: mpsc::UnboundedReceiver<Forward>,
 ) {
     while let Some(forward) = forwards.recv().await {
-        let Some(client) = shared
+        let Some(connection) = shared
             .upgrade()
-            .and_then(|s| s.cluster.as_ref().map(|e| e.node.connection.client.clone()))
+            .and_then(|s| s.cluster.as_ref().map(|e| e.node.connection.clone()))
         else {
             return;
         };
         let shared = shared.clone();
         tokio::spawn(async move {
-            let (code, reason) = match forward_one(&client, &forward).await {
+            let (code, reason) = match forward_one(&connection.client, &forward).await {
                 Some(answer) => answer,
                 // The requester's node is gone: its instances reconnect
                 // elsewhere, and one of them takes the reply.
@@ -259,7 +304,7 @@ pub(super) async fn forward_replies(
                     Ok(payload) => {
                         to_service_or_parked(
                             &shared,
-                            &client,
+                            &connection,
                             &forward.requester,
                             &payload,
                             forward.message.clone(),

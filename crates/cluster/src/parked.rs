@@ -1,16 +1,24 @@
 //! Parked replies in `COURIER_PARKED` (SCALE-OUT.md §10): a reply that
 //! no instance of its requesting service took, anywhere, waits here —
 //! not in the memory of the node that had it, which may die — until an
-//! instance of the service connects to any node, whose taker fetches it.
+//! instance of the service is connected to some node, which takes it.
 //! The stream keeps at most its per-subject limit a service, the oldest
 //! dropped, as one broker does.
+//!
+//! No consumer: a JetStream consumer per service would be a replicated
+//! group for every service ever connected, for a path most never take.
+//! A taker reads a service's subject from the stream's leader, deletes
+//! what an instance got, and looks again when a node says it parked one
+//! (`courier.pn.<service>`) or, for a notice lost with its node, every
+//! [`RECHECK_EVERY`]. Two nodes taking at once may both deliver a reply:
+//! at least once, as every parked reply is.
 
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use async_nats::HeaderMap;
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use courier_proto::Message;
 use futures_util::StreamExt as _;
 use tokio::sync::watch;
@@ -18,28 +26,19 @@ use tokio::sync::watch;
 use crate::names::{service_token, PARKED_STREAM};
 use crate::Connection;
 
-/// A pull waits this long for parked replies before asking again.
-const PULL_EXPIRES: Duration = Duration::from_secs(1);
-/// A taker whose pull failed waits this long before trying again.
+/// How often a taker looks for parked replies without being told.
+pub const RECHECK_EVERY: Duration = Duration::from_secs(60);
+/// A taker that cannot subscribe to notices tries again after this.
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
-/// A fetched reply not acknowledged within this comes again (its node
-/// died between taking and delivering it).
-const ACK_WAIT: Duration = Duration::from_secs(30);
-/// A consumer of a service no instance has been taking for this long is
-/// removed by the servers.
-const INACTIVE_THRESHOLD: Duration = Duration::from_secs(3600);
-/// Parked replies taken at once.
-const PULL_BATCH: usize = 64;
 
 /// The subject of `service`'s parked replies.
 pub fn parked_subject(service: &str) -> String {
     format!("courier.p.{}", service_token(service))
 }
 
-/// The durable pull consumer every node with an instance of `service`
-/// takes its parked replies from.
-pub fn parked_consumer(service: &str) -> String {
-    format!("svc-{}-parked", service_token(service))
+/// Where a node that parked a reply for `service` says so.
+pub fn notice_subject(service: &str) -> String {
+    format!("courier.pn.{}", service_token(service))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -75,100 +74,86 @@ pub async fn park(
         .map_err(|e| ParkError::Publish(e.to_string()))?
         .await
         .map_err(|e| ParkError::Publish(e.to_string()))?;
+    // A lost notice costs a delay (the takers' recheck), never the reply.
+    let _ = connection
+        .client
+        .publish(notice_subject(service), Bytes::new())
+        .await;
     Ok(())
 }
 
-/// Hands `service`'s parked replies to `deliver` until `stop`: each is
-/// acknowledged once `deliver` took it (`true`: an instance here got it),
-/// else given back for another node's instance.
+/// Hands `service`'s parked replies to `deliver` until `stop`; one that
+/// `deliver` took (`true`: an instance here got it) is deleted, one it
+/// did not stays for another node's instance.
 pub async fn take(
     connection: Connection,
     service: String,
     mut deliver: impl FnMut(Message) -> bool + Send,
     mut stop: watch::Receiver<bool>,
 ) {
-    let config = pull::Config {
-        durable_name: Some(parked_consumer(&service)),
-        filter_subject: parked_subject(&service),
-        ack_policy: AckPolicy::Explicit,
-        ack_wait: ACK_WAIT,
-        deliver_policy: DeliverPolicy::All,
-        inactive_threshold: INACTIVE_THRESHOLD,
-        ..Default::default()
+    let mut notices = loop {
+        match connection.client.subscribe(notice_subject(&service)).await {
+            Ok(notices) => break notices,
+            Err(e) => {
+                tracing::debug!(%service, "cannot hear of parked replies yet: {e}");
+                tokio::select! {
+                    _ = tokio::time::sleep(RETRY_PAUSE) => {}
+                    _ = stop.changed() => return,
+                }
+            }
+        }
     };
     loop {
         if *stop.borrow() {
             return;
         }
-        let consumer = match connection.jetstream.get_stream(PARKED_STREAM).await {
-            Ok(stream) => stream
-                .create_consumer(config.clone())
-                .await
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        let consumer = match consumer {
-            Ok(consumer) => consumer,
-            Err(e) => {
-                tracing::debug!(%service, "cannot take parked replies yet: {e}");
-                if !pause(&mut stop).await {
-                    return;
-                }
-                continue;
-            }
-        };
-        loop {
-            let batch = consumer
-                .batch()
-                .max_messages(PULL_BATCH)
-                .expires(PULL_EXPIRES)
-                .messages()
-                .await;
-            let mut batch = match batch {
-                Ok(batch) => batch,
-                Err(e) => {
-                    tracing::debug!(%service, "a pull of parked replies failed: {e}");
-                    break;
-                }
-            };
-            loop {
-                let next = tokio::select! {
-                    next = batch.next() => next,
-                    _ = stop.changed() => return,
-                };
-                let Some(Ok(fetched)) = next else {
-                    break;
-                };
-                let taken = match courier_proto::decode_message(fetched.payload.clone()) {
-                    Ok(reply) => deliver(reply),
-                    Err(e) => {
-                        tracing::warn!(%service, "a parked reply does not decode: {e}; dropped");
-                        true
-                    }
-                };
-                let settled = if taken {
-                    fetched.ack().await
-                } else {
-                    fetched
-                        .ack_with(async_nats::jetstream::AckKind::Nak(None))
-                        .await
-                };
-                if let Err(e) = settled {
-                    tracing::debug!(%service, "a parked reply was not settled: {e}");
-                }
-            }
+        if let Err(e) = drain(&connection, &service, &mut deliver).await {
+            tracing::debug!(%service, "parked replies not taken yet: {e}");
         }
-        if !pause(&mut stop).await {
-            return;
+        tokio::select! {
+            _ = notices.next() => {}
+            _ = tokio::time::sleep(RECHECK_EVERY) => {}
+            _ = stop.changed() => return,
         }
     }
 }
 
-/// Waits [`RETRY_PAUSE`]; `false` if stopped meanwhile.
-async fn pause(stop: &mut watch::Receiver<bool>) -> bool {
-    tokio::select! {
-        _ = tokio::time::sleep(RETRY_PAUSE) => !*stop.borrow(),
-        _ = stop.changed() => false,
+/// Delivers `service`'s parked replies, oldest first, until none is left
+/// or `deliver` takes one no more.
+async fn drain(
+    connection: &Connection,
+    service: &str,
+    deliver: &mut (impl FnMut(Message) -> bool + Send),
+) -> Result<(), String> {
+    let stream = connection
+        .jetstream
+        .get_stream_no_info(PARKED_STREAM)
+        .await
+        .map_err(|e| e.to_string())?;
+    let subject = parked_subject(service);
+    let mut from = 1;
+    loop {
+        let stored = match stream
+            .get_first_raw_message_by_subject(&subject, from)
+            .await
+        {
+            Ok(stored) => stored,
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(()),
+            Err(e) => return Err(e.to_string()),
+        };
+        from = stored.sequence + 1;
+        match courier_proto::decode_message(stored.payload.clone()) {
+            Ok(reply) => {
+                if !deliver(reply) {
+                    return Ok(());
+                }
+            }
+            Err(e) => tracing::warn!(%service, "a parked reply does not decode: {e}; dropped"),
+        }
+        // Taken: gone, so that no node delivers it again.
+        if let Err(e) = stream.delete_message(stored.sequence).await {
+            tracing::debug!(%service, "a taken parked reply was not deleted: {e}");
+        }
     }
 }
 
@@ -179,6 +164,6 @@ mod tests {
     #[test]
     fn a_service_with_dots_has_one_subject_token() {
         assert_eq!(parked_subject("billing.eu"), "courier.p.billing~eu");
-        assert_eq!(parked_consumer("billing.eu"), "svc-billing~eu-parked");
+        assert_eq!(notice_subject("billing.eu"), "courier.pn.billing~eu");
     }
 }

@@ -543,30 +543,87 @@ async fn a_server_killed_under_load_loses_no_acknowledged_event(nodes: &mut Node
     ledger.shutdown().await;
 }
 
+/// A responder that answers `{service}.ask` with `{service}.answer` (the
+/// request's text) only when told: `asked` is notified when a command
+/// arrives, `answer` lets it reply, `replied` says how its reply was
+/// answered ("ok" or the error).
+struct HeldResponder {
+    client: Client,
+    asked: Arc<tokio::sync::Notify>,
+    answer: Arc<tokio::sync::Notify>,
+    replied: Arc<Mutex<Option<String>>>,
+}
+
+async fn held_responder(node: &Broker, service: &str) -> HeldResponder {
+    let asked = Arc::new(tokio::sync::Notify::new());
+    let answer = Arc::new(tokio::sync::Notify::new());
+    let replied: Arc<Mutex<Option<String>>> = Arc::default();
+    let client = connect(opts(node, service)).await;
+    let outcome = format!("{service}.answer");
+    {
+        let (asked, answer, replied) = (asked.clone(), answer.clone(), replied.clone());
+        client
+            .on(&format!("{service}.ask"), move |msg: Incoming| {
+                let (asked, answer, replied) = (asked.clone(), answer.clone(), replied.clone());
+                let outcome = outcome.clone();
+                async move {
+                    asked.notify_one();
+                    answer.notified().await;
+                    let text: String = msg.json()?;
+                    let sent = msg.reply(&outcome, &text).await;
+                    *replied.lock().unwrap_or_else(|p| p.into_inner()) = Some(
+                        sent.as_ref()
+                            .map_or_else(|e| e.to_string(), |_| "ok".into()),
+                    );
+                    sent
+                }
+            })
+            .await
+            .expect("subscribe the held responder");
+    }
+    node.wait_consumers(service, 1, None);
+    HeldResponder {
+        client,
+        asked,
+        answer,
+        replied,
+    }
+}
+
+/// A request of `name` with `text` through `client`, on a task of its
+/// own, sent again while its node does not route it yet.
+fn request_task(
+    client: &Client,
+    name: &str,
+    text: &'static str,
+    timeout: Duration,
+) -> tokio::task::JoinHandle<courier_client::Result<courier_client::Reply>> {
+    let (client, name) = (client.clone(), name.to_string());
+    tokio::spawn(async move {
+        let deadline = Instant::now() + cluster_common::ROUTED_WITHIN;
+        loop {
+            match client
+                .command(name.clone())
+                .json(&text)?
+                .timeout(timeout)
+                .request()
+                .await
+            {
+                Err(e) if e.code() == Some(ErrorCode::NoReceiver) && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                answered => return answered,
+            }
+        }
+    })
+}
+
 /// A request through node a is answered from node b after node a died:
 /// the requester moved to node b by itself (it was given both
 /// addresses), and the reply, which node a can no longer take, goes to
 /// the requesting service's instance wherever it is now.
 async fn a_reply_finds_its_requester_after_the_requesters_node_died(nodes: &mut Nodes) {
-    let asked = Arc::new(tokio::sync::Notify::new());
-    let answer = Arc::new(tokio::sync::Notify::new());
-    let slow = connect(opts(&nodes.b, "slow")).await;
-    {
-        let (asked, answer) = (asked.clone(), answer.clone());
-        slow.on("slow.ask", move |msg: Incoming| {
-            let (asked, answer) = (asked.clone(), answer.clone());
-            async move {
-                asked.notify_one();
-                answer.notified().await;
-                let text: String = msg.json()?;
-                msg.reply("slow.answer", &text).await
-            }
-        })
-        .await
-        .expect("subscribe slow.ask");
-    }
-    nodes.b.wait_consumers("slow", 1, None);
-
+    let slow = held_responder(&nodes.b, "slow").await;
     let mut o = opts(&nodes.a, "asker");
     o.url = format!("{},{}", nodes.a.addr, nodes.b.addr);
     o.send_timeout = T;
@@ -576,29 +633,8 @@ async fn a_reply_finds_its_requester_after_the_requesters_node_died(nodes: &mut 
         nodes.a.addr,
         "the first address first"
     );
-    let request = {
-        let asker = asker.clone();
-        tokio::spawn(async move {
-            let deadline = Instant::now() + cluster_common::ROUTED_WITHIN;
-            loop {
-                match asker
-                    .command("slow.ask")
-                    .json(&"still there?")?
-                    .timeout(T)
-                    .request()
-                    .await
-                {
-                    Err(e)
-                        if e.code() == Some(ErrorCode::NoReceiver) && Instant::now() < deadline =>
-                    {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                    answered => return answered,
-                }
-            }
-        })
-    };
-    tokio::time::timeout(T, asked.notified())
+    let request = request_task(&asker, "slow.ask", "still there?", T);
+    tokio::time::timeout(T, slow.asked.notified())
         .await
         .expect("the command reached the responder on node b");
 
@@ -609,7 +645,7 @@ async fn a_reply_finds_its_requester_after_the_requesters_node_died(nodes: &mut 
         async move { moved.then_some(()) }
     })
     .await;
-    answer.notify_one();
+    slow.answer.notify_one();
 
     let reply = tokio::time::timeout(T, request)
         .await
@@ -624,7 +660,7 @@ async fn a_reply_finds_its_requester_after_the_requesters_node_died(nodes: &mut 
 
     let node_a = nodes.start_node("a");
     nodes.a = node_a;
-    for client in [&slow, &asker] {
+    for client in [&slow.client, &asker] {
         client.shutdown().await;
     }
 }
@@ -634,72 +670,34 @@ async fn a_reply_finds_its_requester_after_the_requesters_node_died(nodes: &mut 
 /// in the memory of the node it went through — and reaches the requester
 /// when it comes back.
 async fn a_reply_nobody_can_take_waits_in_the_cluster_for_its_requester(nodes: &mut Nodes) {
-    let asked = Arc::new(tokio::sync::Notify::new());
-    let answer = Arc::new(tokio::sync::Notify::new());
-    let replied: Arc<Mutex<Option<String>>> = Arc::default();
-    let keeper = connect(opts(&nodes.b, "keeper")).await;
-    {
-        let (asked, answer, replied) = (asked.clone(), answer.clone(), replied.clone());
-        keeper
-            .on("keeper.ask", move |msg: Incoming| {
-                let (asked, answer, replied) = (asked.clone(), answer.clone(), replied.clone());
-                async move {
-                    asked.notify_one();
-                    answer.notified().await;
-                    let text: String = msg.json()?;
-                    let sent = msg.reply("keeper.answer", &text).await;
-                    *replied.lock().unwrap_or_else(|p| p.into_inner()) = Some(
-                        sent.as_ref()
-                            .map_or_else(|e| e.to_string(), |_| "ok".into()),
-                    );
-                    sent
-                }
-            })
-            .await
-            .expect("subscribe keeper.ask");
-    }
-    nodes.b.wait_consumers("keeper", 1, None);
-
+    let keeper = held_responder(&nodes.b, "keeper").await;
     // Given node a alone: it cannot move anywhere while node a is down.
     let node_a_addr = nodes.a.addr.clone();
     let mut o = opts(&nodes.a, "lonely");
     o.send_timeout = T;
     let lonely = connect(o).await;
-    let request = {
-        let lonely = lonely.clone();
-        tokio::spawn(async move {
-            let deadline = Instant::now() + cluster_common::ROUTED_WITHIN;
-            loop {
-                match lonely
-                    .command("keeper.ask")
-                    .json(&"kept?")?
-                    .timeout(T * 2)
-                    .request()
-                    .await
-                {
-                    Err(e)
-                        if e.code() == Some(ErrorCode::NoReceiver) && Instant::now() < deadline =>
-                    {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                    answered => return answered,
-                }
-            }
-        })
-    };
-    tokio::time::timeout(T, asked.notified())
+    let request = request_task(&lonely, "keeper.ask", "kept?", T * 2);
+    tokio::time::timeout(T, keeper.asked.notified())
         .await
         .expect("the command reached the responder on node b");
     nodes.a.child.kill().expect("kill -9 node a");
     nodes.a.child.wait().expect("reap node a");
-    answer.notify_one();
+    keeper.answer.notify_one();
     wait_for_async("the responder's reply answered", T, || {
-        let replied = replied.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let replied = keeper
+            .replied
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         async move { replied }
     })
     .await;
     assert_eq!(
-        replied.lock().unwrap_or_else(|p| p.into_inner()).as_deref(),
+        keeper
+            .replied
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_deref(),
         Some("ok"),
         "a reply with nobody to take it is accepted"
     );
@@ -716,6 +714,6 @@ async fn a_reply_nobody_can_take_waits_in_the_cluster_for_its_requester(nodes: &
     assert_eq!(reply.json::<String>().expect("a JSON string"), "kept?");
 
     nodes.b = nodes.start_node("b");
-    keeper.shutdown().await;
+    keeper.client.shutdown().await;
     lonely.shutdown().await;
 }

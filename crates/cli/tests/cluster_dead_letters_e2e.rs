@@ -8,44 +8,17 @@ mod common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use cluster_common::sdk::{connect, opts, send_when_routed};
 use cluster_common::Nodes;
 use common::{json_lines, stderr, wait_for_async, Broker};
-use courier_client::{Client, ClientOptions, ErrorCode, Incoming};
+use courier_client::Incoming;
 use uuid::Uuid;
 
 /// How long anything the cluster owes (a routing, a dead letter) may take.
 const T: Duration = Duration::from_secs(60);
 const SERVICE: &str = "flaky";
-
-fn opts(node: &Broker, service: &str) -> ClientOptions {
-    let mut o = ClientOptions::new(node.addr.clone(), service);
-    o.reconnect_delay_max = Duration::from_millis(200);
-    o
-}
-
-async fn connect(o: ClientOptions) -> Client {
-    let addr = o.url.clone();
-    Client::connect(o)
-        .await
-        .unwrap_or_else(|e| panic!("connect to the node at {addr}: {e}"))
-}
-
-/// Sends a command until its node routes it: a subscription made on the
-/// other node reaches this one by the cluster's watch.
-async fn send_when_routed(client: &Client, name: &str, payload: &serde_json::Value) -> Uuid {
-    let deadline = Instant::now() + cluster_common::ROUTED_WITHIN;
-    loop {
-        match client.send(name, payload).await {
-            Ok(id) => return id,
-            Err(e) if e.code() == Some(ErrorCode::NoReceiver) && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => panic!("send {name}: {e}"),
-        }
-    }
-}
 
 /// `courier dead-letters …` through `node`, blocking off the runtime.
 async fn dead_letters(node: &Broker, args: &[&str]) -> std::process::Output {

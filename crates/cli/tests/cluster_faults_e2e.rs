@@ -12,9 +12,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use cluster_common::sdk::{connect, opts, send_when_routed};
 use cluster_common::Nodes;
 use common::{wait_for_async, Broker};
-use courier_client::{Client, ClientOptions, ErrorCode, Incoming};
+use courier_client::{Client, ErrorCode, Incoming};
 use uuid::Uuid;
 
 /// How long anything the cluster owes (a routing, a redelivery after the
@@ -31,19 +32,6 @@ fn seen(log: &Seen) -> Vec<(Uuid, u32)> {
     log.lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
         .clone()
-}
-
-fn opts(node: &Broker, service: &str) -> ClientOptions {
-    let mut o = ClientOptions::new(node.addr.clone(), service);
-    o.reconnect_delay_max = Duration::from_millis(200);
-    o
-}
-
-async fn connect(o: ClientOptions) -> Client {
-    let addr = o.url.clone();
-    Client::connect(o)
-        .await
-        .unwrap_or_else(|e| panic!("connect to the node at {addr}: {e}"))
 }
 
 /// Subscribes `client` to `pattern` with a handler that records each
@@ -68,22 +56,6 @@ async fn recording(client: &Client, pattern: &str, hold: bool) -> Seen {
         .await
         .unwrap_or_else(|e| panic!("subscribe to {pattern}: {e}"));
     log
-}
-
-/// Sends a command through `client` until its node routes it: a
-/// subscription made on the other node reaches this one by the cluster's
-/// watch, a moment after the subscriber's RESULT.
-async fn send_when_routed(client: &Client, name: &str, payload: &serde_json::Value) -> Uuid {
-    let deadline = Instant::now() + cluster_common::ROUTED_WITHIN;
-    loop {
-        match client.send(name, payload).await {
-            Ok(id) => return id,
-            Err(e) if e.code() == Some(ErrorCode::NoReceiver) && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => panic!("send {name}: {e}"),
-        }
-    }
 }
 
 /// One cluster and two nodes for every scenario: a cluster takes seconds

@@ -8,6 +8,7 @@
 // The three-server cluster harness of courier-cluster's own tests.
 #[path = "../../../cluster/tests/common/mod.rs"]
 pub mod nats;
+pub mod sdk;
 
 use std::time::{Duration, Instant};
 

@@ -7,8 +7,13 @@
 //! room is needed, rather than starting over at every jump: starting over
 //! decoded the same records again for each position, hundreds of times per
 //! message on a keyed backlog after a restart.
+//!
+//! Room is made by letting go of what was read longest ago: a message read
+//! ahead that nobody asks for (it waits for a service that is away) ages
+//! out, where letting go of what lies furthest ahead would keep it for
+//! ever and leave no room for the reads that move on.
 
-use std::collections::BTreeMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use courier_proto::Message;
@@ -19,14 +24,17 @@ use crate::Seq;
 /// the messages after it, too.
 pub const READ_AHEAD_MESSAGES: usize = 256;
 /// At most this many messages are kept decoded from disk.
-pub const READ_AHEAD_KEPT_MAX: usize = 8192;
+pub const READ_AHEAD_KEPT_MAX: usize = 4096;
 /// At most this many bytes of messages are kept decoded from disk (large
 /// payloads fill it before the message count does).
-pub const READ_AHEAD_BYTES_MAX: usize = 64 << 20;
+pub const READ_AHEAD_BYTES_MAX: usize = 16 << 20;
 
 #[derive(Default)]
 pub(crate) struct ReadAhead {
-    messages: BTreeMap<Seq, (Arc<Message>, usize)>,
+    messages: HashMap<Seq, (Arc<Message>, usize)>,
+    /// Seqs in the order they were read; some may have been removed since
+    /// (skipped when met, dropped when they outnumber the kept ones).
+    order: VecDeque<Seq>,
     bytes: usize,
 }
 
@@ -39,27 +47,32 @@ impl ReadAhead {
         self.messages.contains_key(&seq)
     }
 
-    /// Keeps `message` (of `size` bytes), then lets go of the messages
-    /// furthest ahead until within bounds, never `seq` itself: readers
-    /// move forward, so what lies furthest ahead is needed last. (A scan's
-    /// messages go in from its last to its first, so when room is short
-    /// the ones kept are those asked for first.)
+    /// Keeps `message` (of `size` bytes), then lets go of what was read
+    /// longest ago until within bounds, never `seq` itself.
     pub(crate) fn insert(&mut self, seq: Seq, message: Arc<Message>, size: usize) {
-        if let Some((_, old)) = self.messages.insert(seq, (message, size)) {
-            self.bytes -= old;
+        match self.messages.insert(seq, (message, size)) {
+            Some((_, old)) => self.bytes -= old,
+            None => self.order.push_back(seq),
         }
         self.bytes += size;
         while self.messages.len() > READ_AHEAD_KEPT_MAX || self.bytes > READ_AHEAD_BYTES_MAX {
-            let furthest = self
-                .messages
-                .keys()
-                .rev()
-                .find(|&&kept| kept != seq)
-                .copied();
-            match furthest {
-                Some(furthest) => self.remove(furthest),
-                None => break,
+            let Some(oldest) = self.order.pop_front() else {
+                break;
+            };
+            if oldest == seq {
+                self.order.push_back(seq);
+                if self.messages.len() == 1 {
+                    break;
+                }
+                continue;
             }
+            if let Some((_, size)) = self.messages.remove(&oldest) {
+                self.bytes -= size;
+            }
+        }
+        if self.order.len() > 2 * self.messages.len() + 64 {
+            let messages = &self.messages;
+            self.order.retain(|s| messages.contains_key(s));
         }
     }
 
@@ -72,9 +85,15 @@ impl ReadAhead {
     /// Forgets every message from `next` on: their seqs were cut from the
     /// log and may be issued again.
     pub(crate) fn forget_from(&mut self, next: Seq) {
-        for (_, (_, size)) in self.messages.split_off(&next) {
-            self.bytes -= size;
-        }
+        let bytes = &mut self.bytes;
+        self.messages.retain(|&seq, (_, size)| {
+            let keep = seq < next;
+            if !keep {
+                *bytes -= *size;
+            }
+            keep
+        });
+        self.order.retain(|&seq| seq < next);
     }
 }
 
@@ -88,20 +107,29 @@ mod tests {
     }
 
     #[test]
-    fn room_is_made_by_letting_go_of_what_lies_furthest_ahead() {
+    fn room_is_made_by_letting_go_of_what_was_read_longest_ago() {
         let mut cache = ReadAhead::default();
-        for seq in 0..READ_AHEAD_KEPT_MAX as Seq {
+        // Read long ago and never asked for (a service that is away).
+        for seq in 0..100 {
             cache.insert(seq, message(), 1);
         }
-        let beyond = READ_AHEAD_KEPT_MAX as Seq + 10;
-        cache.insert(beyond, message(), 1);
+        for seq in 1000..1000 + READ_AHEAD_KEPT_MAX as Seq {
+            cache.insert(seq, message(), 1);
+        }
         assert_eq!(cache.messages.len(), READ_AHEAD_KEPT_MAX);
-        assert!(cache.contains(beyond), "the one just read stays");
-        assert!(!cache.contains(beyond - 11));
-        assert!(cache.contains(0));
-        cache.insert(5_000_000, message(), 1);
-        assert!(cache.contains(5_000_000) && !cache.contains(beyond));
+        assert!(!cache.contains(99), "the oldest reads went first");
+        assert!(cache.contains(1000) && cache.contains(999 + READ_AHEAD_KEPT_MAX as Seq));
+        // Removed ones leave stale places in the order: skipped, and the
+        // order does not grow without bound.
+        for seq in 1000..1000 + READ_AHEAD_KEPT_MAX as Seq {
+            cache.remove(seq);
+        }
+        for seq in 10_000..10_000 + 4 * READ_AHEAD_KEPT_MAX as Seq {
+            cache.insert(seq, message(), 1);
+        }
         assert_eq!(cache.messages.len(), READ_AHEAD_KEPT_MAX);
+        assert!(cache.order.len() <= 2 * READ_AHEAD_KEPT_MAX + 64);
+        assert!(cache.contains(10_000 + 4 * READ_AHEAD_KEPT_MAX as Seq - 1));
     }
 
     #[test]
@@ -114,7 +142,7 @@ mod tests {
         assert_eq!(cache.messages.len(), 4);
         cache.insert(10, message(), big);
         assert_eq!(cache.messages.len(), 4);
-        assert!(!cache.contains(3) && cache.contains(10));
+        assert!(!cache.contains(0) && cache.contains(10));
         cache.insert(20, message(), READ_AHEAD_BYTES_MAX * 2);
         assert!(
             cache.contains(20),

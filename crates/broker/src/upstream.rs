@@ -423,9 +423,26 @@ impl<S: MessageStore> Broker<S> {
 
     /// A transient message another node offered to `service`'s instances
     /// here ([`Action::ForwardTransient`]): delivered to one of them, or
-    /// dropped, at most once as always.
-    pub fn remote_transient(&mut self, service: &str, message: Arc<Message>, now: Nanos) {
+    /// dropped, at most once as always. A command's replies go back to
+    /// `reply_node`, the node that accepted it.
+    pub fn remote_transient(
+        &mut self,
+        service: &str,
+        message: Arc<Message>,
+        reply_node: Option<String>,
+        now: Nanos,
+    ) {
         self.now = now;
+        if let (Some(node), Kind::Command) = (reply_node, message.kind) {
+            if self.reply_routes.get(&message.id).is_none() {
+                let route = RemoteRoute {
+                    node,
+                    service: service.to_string(),
+                    requester: message.sender.to_string(),
+                };
+                self.remote_routes.insert(message.id, route, now);
+            }
+        }
         self.deliver_transient(service, &message, true);
     }
 }

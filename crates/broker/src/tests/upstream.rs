@@ -508,7 +508,7 @@ fn a_transient_message_no_instance_here_takes_is_offered_to_other_nodes() {
     let mut m = event("metrics.cpu", "0.7");
     m.transient = true;
     let m = Arc::new(m);
-    h.broker.remote_transient("dash", m.clone(), h.now);
+    h.broker.remote_transient("dash", m.clone(), None, h.now);
     let actions = h.actions();
     assert!(
         !actions
@@ -519,10 +519,40 @@ fn a_transient_message_no_instance_here_takes_is_offered_to_other_nodes() {
     h.connect(1, "dash", 10);
     h.subscribe(1, "metrics.*");
     h.actions();
-    h.broker.remote_transient("dash", m, h.now);
+    h.broker.remote_transient("dash", m, None, h.now);
     let delivered = h.deliveries();
     assert_eq!(delivered.len(), 1);
     assert_eq!(delivered[0].0, 1);
+}
+
+#[test]
+fn a_reply_to_a_transient_command_offered_here_goes_back_to_the_node_that_took_it() {
+    let mut h = node();
+    h.connect(1, "worker", 10);
+    h.subscribe(1, "job.*");
+    h.actions();
+    let mut cmd = command("job.run", "x");
+    cmd.transient = true;
+    cmd.sender = "web".into();
+    let id = cmd.id;
+    h.broker
+        .remote_transient("worker", Arc::new(cmd), Some("node-a".to_string()), h.now);
+    assert_eq!(h.deliveries().len(), 1);
+    let mut reply = Message::new(Kind::Reply, "job.done", "ok");
+    reply.response_to = Some(id);
+    reply.transient = true;
+    h.send(1, 7, reply);
+    let forwarded = h.actions().into_iter().find_map(|a| match a {
+        Action::ForwardReply {
+            node, requester, ..
+        } => Some((node, requester)),
+        _ => None,
+    });
+    assert_eq!(
+        forwarded,
+        Some(("node-a".to_string(), "web".to_string())),
+        "forwarded to the node the command came from"
+    );
 }
 
 #[test]

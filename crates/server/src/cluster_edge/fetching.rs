@@ -30,8 +30,10 @@ fn transient_subject(service: &str, name: &str) -> String {
 
 /// Offers transient messages no instance here takes to the nodes that
 /// have instances of their service: at most once, as on one broker.
+/// A command's offer names this node, where its replies go back to.
 pub(super) async fn offer_transients(
     client: async_nats::Client,
+    node: String,
     mut transients: mpsc::UnboundedReceiver<Transient>,
 ) {
     while let Some(Transient { service, message }) = transients.recv().await {
@@ -40,7 +42,12 @@ pub(super) async fn offer_transients(
             continue;
         }
         let subject = transient_subject(&service, &message.name);
-        if let Err(e) = client.publish(subject, payload.freeze()).await {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(courier_cluster::store::REPLY_TO_HEADER, node.as_str());
+        let offered = client
+            .publish_with_headers(subject, headers, payload.freeze())
+            .await;
+        if let Err(e) = offered {
             tracing::debug!(error = %e, "a transient message was not offered to other nodes");
         }
     }
@@ -74,9 +81,14 @@ async fn take_transients(
         let Some(shared) = shared.upgrade() else {
             return;
         };
+        let reply_node = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(courier_cluster::store::REPLY_TO_HEADER))
+            .map(|v| v.as_str().to_string());
         match courier_proto::decode_message(message.payload) {
             Ok(decoded) => shared.with_core_deferred(|core, now| {
-                core.remote_transient(&service, Arc::new(decoded), now)
+                core.remote_transient(&service, Arc::new(decoded), reply_node, now)
             }),
             Err(e) => tracing::debug!(error = %e, "an offered transient message does not decode"),
         }

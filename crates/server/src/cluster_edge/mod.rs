@@ -204,6 +204,7 @@ pub(crate) fn start(shared: &Arc<Shared>) -> Vec<crate::AbortOnDrop> {
     if let Some(rx) = transients {
         tasks.push(crate::AbortOnDrop(tokio::spawn(offer_transients(
             edge.node.connection.client.clone(),
+            edge.node.node.as_str().to_string(),
             rx,
         ))));
     }

@@ -321,7 +321,8 @@ fn deferred_messages_wait_and_expired_ones_are_dropped(nodes: &Nodes) {
 }
 
 /// A transient message reaches an instance on another node (at most
-/// once), and one on the accepting node when there is one.
+/// once), and one on the accepting node when there is one; a transient
+/// command's reply comes back across nodes.
 fn transient_messages_reach_instances_on_other_nodes(nodes: &Nodes) {
     let dash = nodes
         .a
@@ -343,6 +344,47 @@ fn transient_messages_reach_instances_on_other_nodes(nodes: &Nodes) {
             break;
         }
     }
+
+    // A transient command taken by an instance on the other node is
+    // answered: the reply goes back to the node that accepted it.
+    let responder = nodes.a.spawn(&[
+        "reply",
+        "clock.read",
+        "--service",
+        "clock",
+        "--outcome",
+        "clock.time",
+        "--echo",
+    ]);
+    responder.wait_stderr("replying to clock.read", T);
+    nodes.a.wait_consumers("clock", 1, None);
+    let deadline = Instant::now() + T;
+    let replies = loop {
+        let out = nodes.b.run(&[
+            "request",
+            "clock.read",
+            "--service",
+            "web",
+            "--transient",
+            "--timeout",
+            "2s",
+            "--data",
+            r#"{"zone":"utc"}"#,
+        ]);
+        if out.status.success() {
+            break json_lines(&out);
+        }
+        // Dropped while the offer was not yet in force across nodes.
+        assert!(
+            Instant::now() < deadline,
+            "no transient reply crossed nodes: {}",
+            stderr(&out)
+        );
+    };
+    assert_eq!(replies.len(), 1, "{replies:?}");
+    assert_eq!(replies[0]["name"], "clock.time");
+    assert_eq!(replies[0]["sender"], "clock");
+    assert_eq!(replies[0]["payload"]["zone"], "utc");
 }
 
 /// Two more nodes, both given one manifest (SCALE-OUT §15: every node

@@ -946,7 +946,17 @@ fn curves_print_a_table_per_curve_with_its_verdicts_and_clean_up() {
 
 #[test]
 fn backend_cluster_puts_courier_on_the_cluster_beside_single_node_courier_and_jetstream_r3() {
-    let ran = bench_ok(&["--backend", "cluster", "--quick", "--runs", "1"]);
+    let ran = bench_ok(&[
+        "--backend",
+        "cluster",
+        "--only",
+        "W1a,W2b,W3a,W4,W5,W6,W7,W8",
+        "--quick",
+        "--runs",
+        "1",
+        "--scale",
+        "0.2",
+    ]);
     let lines: Vec<&str> = ran.stdout.lines().collect();
     let cells = |line: &str| -> Vec<String> {
         line.trim_matches('|')
@@ -981,11 +991,41 @@ fn backend_cluster_puts_courier_on_the_cluster_beside_single_node_courier_and_je
         assert!(row[ratio].ends_with('×'), "{row:?}");
         assert_eq!(row[target], "≥ 0.8×", "{row:?}");
     }
+    // Beside the durable rows, W1–W8 on the cluster with their ratio and
+    // no target.
+    for (workload, metric) in [
+        ("W1a", "throughput"),
+        ("W2b", "throughput"),
+        ("W3a", "throughput"),
+        ("W4a", "latency p99"),
+        ("W4b", "throughput"),
+        ("W7a", "restart: spawn to ready line"),
+        ("W7a", "restart: spawn to first use"),
+        ("W7b", "RSS, backlog just written"),
+        ("W7b", "RSS, backlog after restart"),
+        ("W8a", "throughput"),
+        ("W8b", "throughput"),
+    ] {
+        let row = lines
+            .iter()
+            .map(|l| cells(l))
+            .find(|c| c[0] == workload && c[1] == metric)
+            .unwrap_or_else(|| panic!("no {workload} {metric} row in\n{}", ran.stdout));
+        for c in columns {
+            let figure: f64 = row[c].replace(',', "").parse().unwrap_or(0.0);
+            assert!(figure > 0.0, "{workload} {metric}: {:?} in {row:?}", row[c]);
+        }
+        assert!(row[ratio].ends_with('×'), "{row:?}");
+        assert_eq!(row[target], "", "{row:?}");
+    }
     for needed in [
         "Cluster:",
         "sync_interval: always",
         "num_replicas 3",
         "--node-id",
+        "W7 (no target): ",
+        "the nats-server leading it killed (kill -9)",
+        "Where clients connect: ",
     ] {
         assert!(
             ran.stdout.contains(needed),
@@ -1001,15 +1041,23 @@ fn backend_cluster_puts_courier_on_the_cluster_beside_single_node_courier_and_je
             ran.stderr
         );
     }
+    assert!(
+        ran.stderr.contains("leads the stream BENCH_W7")
+            && ran.stderr.contains("the cluster placed an R3 stream again"),
+        "{}",
+        ran.stderr
+    );
     ran.left_nothing();
 }
 
 #[test]
 fn backend_cluster_refuses_workloads_it_does_not_run_and_a_lone_nats_flag() {
-    let (_, out) = run_bench(&["--backend", "cluster", "--only", "W1a"]);
+    let (_, out) = run_bench(&["--backend", "cluster", "--only", "W1a,W13-16"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        !out.status.success() && stderr.contains("W1a does not run with --backend cluster"),
+        !out.status.success()
+            && stderr.contains("W13-16 does not run with --backend cluster")
+            && stderr.contains("W1a, W1b"),
         "{stderr}"
     );
     let (_, out) = run_bench(&["--nats", "nats://127.0.0.1:4222"]);

@@ -1,31 +1,57 @@
-//! `--backend cluster` (docs/SCALE-OUT.md §18): the durable workloads
-//! three ways on one machine — single-node Courier, two Courier nodes on
-//! a three-server JetStream cluster, and raw JetStream R3 on that same
-//! cluster through async-nats.
+//! `--backend cluster` (docs/SCALE-OUT.md §18): W1–W8 three ways on one
+//! machine — single-node Courier, two Courier nodes on a three-server
+//! JetStream cluster, and raw NATS on that same cluster through
+//! async-nats (core NATS for W1–W4, JetStream R3 for W5–W8).
 //!
 //! The cluster is the one of SCALE-OUT §19 (`sync_interval: always`,
 //! `max_payload: 8MB`, accounts COURIER and SYS), started once for the
 //! whole bench with its stores in a directory of the bench's, or named
-//! with `--nats`. Both cluster columns run the workloads of `publish` and
-//! `backlog` unchanged, through [`Clustered`]: a [`Side`] that forwards
-//! to Courier's or NATS's own and only chooses where clients connect —
-//! publishers to the first server or node, consumers to the next.
+//! with `--nats`. Both cluster columns run the workloads of `transient`,
+//! `w4`, `publish`, `backlog` and `restart` unchanged, through
+//! [`Clustered`]: a [`Side`] that forwards to Courier's or NATS's own and
+//! only chooses where clients connect — the publisher (or requester) to
+//! the first server or node, the others spread over the rest in turn
+//! (see [`side::spread`]) — and, for W7, what is killed and restarted: a
+//! Courier node, or the nats-server leading the stream.
 
 use std::marker::PhantomData;
 
 use super::nats::{self, NatsInstall, NatsSide};
+use super::nats_backlog::{check_w7_backlog, first_use, W7_STREAM};
 use super::nats_server::{quoted, spawn_server};
-use super::side::{Backlog, BacklogSide, Key, Side};
+use super::side::{self, Audience, Backlog, BacklogSide, Key, RestartSide, Side, TransientSide};
 use super::*;
 use futures_util::StreamExt as _;
 
 /// The least Courier cluster ÷ JetStream R3 of the durable rows.
 pub(super) const RATIO_MIN: f64 = 0.80;
 /// The workloads the cluster runs, by default and at most.
-pub(super) const WORKLOADS: [Workload; 3] = [Workload::W5a, Workload::W5b, Workload::W6];
+pub(super) const WORKLOADS: [Workload; 15] = [
+    Workload::W1a,
+    Workload::W1b,
+    Workload::W2a,
+    Workload::W2b,
+    Workload::W3a,
+    Workload::W3b,
+    Workload::W4a,
+    Workload::W4b,
+    Workload::W5a,
+    Workload::W5b,
+    Workload::W6,
+    Workload::W7a,
+    Workload::W7b,
+    Workload::W8a,
+    Workload::W8b,
+];
+/// The rows whose throughput carries [`RATIO_MIN`]; the others print
+/// their ratio without a target.
+const DURABLE: [Workload; 3] = [Workload::W5a, Workload::W5b, Workload::W6];
+/// What `--only` may name with `--backend cluster`, for its errors.
+const ACCEPTED: &str =
+    "W1a, W1b, W2a, W2b, W3a, W3b, W4a, W4b, W5a, W5b, W6, W7a, W7b, W8a or W8b (W1 … W8 name both halves)";
 /// nats-server processes of a cluster the bench starts.
 const SERVERS: usize = 3;
-/// The Courier nodes of a run, by node id.
+/// The Courier nodes of a run, by node id; W7 restarts the first.
 const NODES: [&str; 2] = ["a", "b"];
 /// The accounts of SCALE-OUT §19.
 const COURIER_USER: &str = "courier";
@@ -39,10 +65,27 @@ const FORM_TIMEOUT: Duration = Duration::from_secs(60);
 const BENCH_STREAMS: &str = "BENCH_";
 /// The stream made and deleted to see that the cluster places R3 streams.
 const PROBE_STREAM: &str = "BENCH_PROBE";
+/// Courier's stream of stored sends (SCALE-OUT §2), where W7's backlog
+/// waits on the cluster.
+const COURIER_MESSAGES: &str = "COURIER_MSGS";
+/// W7, JetStream side: each ask of the restarted server for the stream
+/// waits this long for an answer (a stream without a leader yet answers
+/// nothing), so the time to first use is not rounded up to the client's
+/// usual 30 s.
+const FIRST_USE_ASK: Duration = Duration::from_millis(500);
+
+/// W1–W4 on the cluster: how long the publisher (or requester) waits
+/// after the receivers subscribed before its first send, for their
+/// interest to reach the other servers (core NATS routes) or nodes (the
+/// queue subscription a node makes for a service's transient messages
+/// once an instance of it subscribes there, SCALE-OUT §9, up to 250 ms
+/// later): a transient message sent before is dropped, as at most once
+/// allows, and a dropped request is never answered.
+const SETTLE: Duration = Duration::from_secs(1);
 
 /// A row's target on the cluster: the durable throughputs only.
 pub(super) fn target(workload: Workload, metric: Metric) -> Option<Target> {
-    if metric == Metric::Throughput && WORKLOADS.contains(&workload) {
+    if metric == Metric::Throughput && DURABLE.contains(&workload) {
         Target::ratio(RATIO_MIN)
     } else {
         None
@@ -55,9 +98,7 @@ pub(super) fn selection(only: Option<&Only>) -> anyhow::Result<Vec<Workload>> {
     let picked = match only {
         None => return Ok(WORKLOADS.to_vec()),
         Some(Only::Workloads(picked, false)) => picked,
-        Some(_) => bail!(
-            "--backend cluster runs the durable workloads only: --only W5a, W5b or W6 (or W5 for both halves)"
-        ),
+        Some(_) => bail!("--backend cluster runs W1–W8: --only {ACCEPTED}"),
     };
     // `--only W5` names the -always twins too; they have no place here.
     let picked: Vec<Workload> = picked
@@ -67,7 +108,7 @@ pub(super) fn selection(only: Option<&Only>) -> anyhow::Result<Vec<Workload>> {
         .collect();
     if let Some(other) = picked.iter().find(|w| !WORKLOADS.contains(w)) {
         bail!(
-            "{} does not run with --backend cluster; choose from W5a, W5b and W6",
+            "{} does not run with --backend cluster; choose from {ACCEPTED}",
             other.id()
         );
     }
@@ -78,13 +119,38 @@ pub(super) fn selection(only: Option<&Only>) -> anyhow::Result<Vec<Workload>> {
 // The cluster
 
 /// How clients reach the cluster; cheap to clone into a run.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub(super) struct Access {
     /// Each server's client address, `host:port`.
     servers: Vec<String>,
     /// Whether the bench started the cluster, and so may empty its COURIER
     /// account before each run.
     owned: bool,
+    /// The servers' processes when the bench started them (W7 restarts
+    /// one); killed by the [`Deployment`].
+    processes: Option<Arc<Mutex<Servers>>>,
+    /// Their JetStream stores, when the bench started them.
+    stores: Option<PathBuf>,
+}
+
+/// The nats-server children of a cluster the bench started, and how to
+/// start each again.
+pub(super) struct Servers {
+    binary: PathBuf,
+    configs: Vec<PathBuf>,
+    children: Vec<ServerChild>,
+}
+
+/// A server started again: when, its ready line, its recovery lines.
+struct Respawned {
+    spawned_at: Instant,
+    ready: oneshot::Receiver<Instant>,
+    recovered: Arc<Mutex<Vec<String>>>,
+}
+
+/// A server's name in the cluster the bench starts: `n1` for the first.
+fn server_name(i: usize) -> String {
+    format!("n{}", i + 1)
 }
 
 impl Access {
@@ -103,6 +169,8 @@ impl Access {
         Ok(Access {
             servers,
             owned: false,
+            processes: None,
+            stores: None,
         })
     }
 
@@ -121,35 +189,145 @@ impl Access {
             .join(",")
     }
 
-    /// Deletes the account's streams before a run: every one when the
-    /// bench owns the cluster (Courier's objects too, so each run starts
-    /// empty as a fresh single-node broker does), else the bench's own.
-    async fn clear(&self) -> anyhow::Result<()> {
+    /// One client of the COURIER account, for the bench's own looks at
+    /// the cluster; closed by `look` when it is done.
+    async fn look<T>(
+        &self,
+        name: &str,
+        look: impl AsyncFnOnce(&async_nats::jetstream::Context) -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
         let events = Arc::new(nats::ClientEvents::default());
         let client = nats::connect(
             &self.jetstream_address(),
-            "bench-cleaner",
+            name,
             nats::MIN_SUBSCRIPTION_CAPACITY,
             &events,
         )
         .await?;
         let js = nats::jetstream_context(client.clone());
-        let mut names = js.stream_names();
-        let mut doomed = Vec::new();
-        while let Some(name) = names.next().await {
-            let name = name.context("cannot list the cluster's streams")?;
-            if self.owned || name.starts_with(BENCH_STREAMS) {
-                doomed.push(name);
-            }
-        }
-        for name in doomed {
-            js.delete_stream(&name)
-                .await
-                .with_context(|| format!("cannot delete the stream {name} before the run"))?;
-        }
+        let result = look(&js).await;
         drop(js);
         nats::close(client, &events).await;
-        Ok(())
+        result
+    }
+
+    /// Deletes the account's streams before a run: every one when the
+    /// bench owns the cluster (Courier's objects too, so each run starts
+    /// empty as a fresh single-node broker does), else the bench's own.
+    async fn clear(&self) -> anyhow::Result<()> {
+        self.look("bench-cleaner", async |js| {
+            let mut names = js.stream_names();
+            let mut doomed = Vec::new();
+            while let Some(name) = names.next().await {
+                let name = name.context("cannot list the cluster's streams")?;
+                if self.owned || name.starts_with(BENCH_STREAMS) {
+                    doomed.push(name);
+                }
+            }
+            for name in doomed {
+                js.delete_stream(&name)
+                    .await
+                    .with_context(|| format!("cannot delete the stream {name} before the run"))?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Which server leads `stream` (its index), as the cluster says.
+    async fn stream_leader(&self, stream: &str) -> anyhow::Result<usize> {
+        let leader = self
+            .look("bench-leader", async |js| {
+                let mut stream = js
+                    .get_stream(stream)
+                    .await
+                    .with_context(|| format!("cannot look up the stream {stream}"))?;
+                let info = stream
+                    .info()
+                    .await
+                    .context("cannot read the stream's info")?;
+                Ok(info.cluster.as_ref().and_then(|c| c.leader.clone()))
+            })
+            .await?;
+        let leader = leader.ok_or_else(|| anyhow!("the stream {stream} has no leader"))?;
+        (0..SERVERS)
+            .find(|&i| server_name(i) == leader)
+            .ok_or_else(|| {
+                anyhow!("the stream {stream} is led by {leader}, not a server the bench started")
+            })
+    }
+
+    /// What the durable consumer `consumer` of `stream` holds for its
+    /// service: not delivered yet, or delivered and not acked.
+    async fn held(&self, stream: &str, consumer: &str) -> anyhow::Result<u64> {
+        self.look("bench-check", async |js| {
+            let stream = js
+                .get_stream(stream)
+                .await
+                .with_context(|| format!("cannot look up the stream {stream}"))?;
+            let info = stream
+                .consumer_info(consumer)
+                .await
+                .with_context(|| format!("cannot read the consumer {consumer}"))?;
+            Ok(info.num_pending + info.num_ack_pending as u64)
+        })
+        .await
+    }
+
+    /// `kill -9` of server `i`, and the same binary, config, port and
+    /// store again; does not wait for it.
+    fn restart_server(&self, i: usize) -> anyhow::Result<Respawned> {
+        let processes = self
+            .processes
+            .as_ref()
+            .ok_or_else(|| anyhow!("internal: the bench did not start this cluster"))?;
+        let mut servers = processes.lock().unwrap_or_else(|p| p.into_inner());
+        let Servers {
+            binary,
+            configs,
+            children,
+        } = &mut *servers;
+        let (Some(child), Some(config)) = (children.get_mut(i), configs.get(i)) else {
+            bail!("internal: no server {}", server_name(i));
+        };
+        child.kill9();
+        let spawned = spawn_server(binary, config)?;
+        *child = spawned.server;
+        Ok(Respawned {
+            spawned_at: child.spawned_at,
+            ready: spawned.ready,
+            recovered: spawned.recovered,
+        })
+    }
+
+    /// Server `i`'s RSS, or the mean of all when `i` is `None`.
+    fn server_rss_mib(&self, i: Option<usize>) -> anyhow::Result<f64> {
+        let processes = self
+            .processes
+            .as_ref()
+            .ok_or_else(|| anyhow!("internal: the bench did not start this cluster"))?;
+        let servers = processes.lock().unwrap_or_else(|p| p.into_inner());
+        match i {
+            Some(i) => servers
+                .children
+                .get(i)
+                .ok_or_else(|| anyhow!("internal: no server {}", server_name(i)))?
+                .rss_mib(),
+            None => {
+                let each: Vec<f64> = servers
+                    .children
+                    .iter()
+                    .map(ServerChild::rss_mib)
+                    .collect::<anyhow::Result<_>>()?;
+                Ok(each.iter().sum::<f64>() / each.len().max(1) as f64)
+            }
+        }
+    }
+
+    /// The bytes of the servers' stores (every replica), when the bench
+    /// started them.
+    fn stores_bytes(&self) -> u64 {
+        self.stores.as_deref().map_or(0, dir_bytes)
     }
 
     /// Waits until the cluster places an R3 stream (a meta leader is
@@ -172,39 +350,39 @@ impl Access {
     }
 
     async fn probe(&self) -> anyhow::Result<()> {
-        let events = Arc::new(nats::ClientEvents::default());
-        let client = nats::connect(
-            &self.jetstream_address(),
-            "bench-probe",
-            nats::MIN_SUBSCRIPTION_CAPACITY,
-            &events,
-        )
-        .await?;
-        let js = nats::jetstream_context(client.clone());
-        let made = nats::create_stream(&js, PROBE_STREAM, "bench.probe", SERVERS).await;
-        let deleted = match made {
-            Ok(_) => js
-                .delete_stream(PROBE_STREAM)
+        self.look("bench-probe", async |js| {
+            nats::create_stream(js, PROBE_STREAM, "bench.probe", SERVERS).await?;
+            js.delete_stream(PROBE_STREAM)
                 .await
                 .map(drop)
-                .context("cannot delete the probe stream"),
-            Err(e) => Err(e),
-        };
-        drop(js);
-        nats::close(client, &events).await;
-        deleted
+                .context("cannot delete the probe stream")
+        })
+        .await
     }
 }
 
 /// The cluster of a bench: three nats-server children the bench started,
 /// or none with `--nats`.
 pub(super) struct Deployment {
-    /// Killed (and reaped) before `dir` is removed.
-    servers: Vec<ServerChild>,
     pub(super) access: Access,
     /// nats-server's `--version`, when the bench started it.
     version: Option<String>,
+    /// Removed after the servers are killed (see `Drop`).
     _dir: Option<DataDir>,
+}
+
+impl Drop for Deployment {
+    /// Kills (and reaps) the servers before their stores are removed,
+    /// whoever still holds a copy of the access.
+    fn drop(&mut self) {
+        if let Some(processes) = &self.access.processes {
+            processes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .children
+                .clear();
+        }
+    }
 }
 
 /// One server's config: SCALE-OUT §19's, on the given ports and store.
@@ -233,7 +411,6 @@ impl Deployment {
             progress(&format!("using the cluster at {}", access.backend()));
             access.wait_formed().await?;
             return Ok(Deployment {
-                servers: Vec::new(),
                 access,
                 version: None,
                 _dir: None,
@@ -250,18 +427,15 @@ impl Deployment {
         let routes: Vec<String> = (0..SERVERS)
             .map(|_| free_loopback_addr())
             .collect::<anyhow::Result<_>>()?;
-        let mut servers = Vec::new();
+        let stores = dir.path().join("stores");
+        // Declared after `dir`: dropped (killed) before it on an error.
+        let mut children = Vec::new();
+        let mut configs = Vec::new();
         let mut ready = Vec::new();
         for i in 0..SERVERS {
-            let name = format!("n{}", i + 1);
+            let name = server_name(i);
             let config = dir.path().join(format!("{name}.conf"));
-            let text = config_text(
-                &name,
-                &clients[i],
-                &routes[i],
-                &routes,
-                &dir.path().join(&name),
-            );
+            let text = config_text(&name, &clients[i], &routes[i], &routes, &stores.join(&name));
             std::fs::write(&config, text).with_context(|| {
                 format!(
                     "cannot write the nats-server config {}; point TMPDIR at a writable directory",
@@ -269,29 +443,35 @@ impl Deployment {
                 )
             })?;
             let spawned = spawn_server(&install.path, &config)?;
-            servers.push(spawned.server);
+            children.push(spawned.server);
             ready.push(spawned.ready);
+            configs.push(config);
         }
-        let access = Access {
-            servers: clients,
-            owned: true,
-        };
-        let mut deployment = Deployment {
-            servers,
-            access,
-            version: Some(install.version.clone()),
-            _dir: Some(dir),
-        };
         for (i, rx) in ready.into_iter().enumerate() {
             if !matches!(tokio::time::timeout(READY_TIMEOUT, rx).await, Ok(Ok(_))) {
-                let why = deployment.servers[i].exit_report().await;
+                let why = children[i].exit_report().await;
                 bail!(
-                    "nats-server n{} of the cluster was not ready within {} s{why}",
-                    i + 1,
+                    "nats-server {} of the cluster was not ready within {} s{why}",
+                    server_name(i),
                     READY_TIMEOUT.as_secs()
                 );
             }
         }
+        let access = Access {
+            servers: clients,
+            owned: true,
+            processes: Some(Arc::new(Mutex::new(Servers {
+                binary: install.path.clone(),
+                configs,
+                children,
+            }))),
+            stores: Some(stores),
+        };
+        let deployment = Deployment {
+            access,
+            version: Some(install.version.clone()),
+            _dir: Some(dir),
+        };
         let formed = deployment.access.wait_formed().await?;
         progress(&format!(
             "started a cluster of {SERVERS} nats-servers ({}) at {}; R3 streams placed after {:.1} s",
@@ -304,17 +484,25 @@ impl Deployment {
 
     /// Fails if a server the bench started has exited.
     pub(super) async fn check(&mut self) -> anyhow::Result<()> {
-        for (i, server) in self.servers.iter_mut().enumerate() {
-            if server.exited() {
-                let why = server.exit_report().await;
-                bail!("nats-server n{} of the cluster exited{why}", i + 1);
-            }
+        let Some(processes) = &self.access.processes else {
+            return Ok(());
+        };
+        let dead = {
+            let mut servers = processes.lock().unwrap_or_else(|p| p.into_inner());
+            // Taken out to be reported; the bench stops here.
+            let exited = servers.children.iter_mut().position(ServerChild::exited);
+            exited.map(|i| (i, servers.children.remove(i)))
+        };
+        if let Some((i, mut server)) = dead {
+            let why = server.exit_report().await;
+            bail!("nats-server {} of the cluster exited{why}", server_name(i));
         }
         Ok(())
     }
 
-    /// The cluster's settings, printed with the table.
-    pub(super) fn settings(&self, runtime: &str) -> Vec<String> {
+    /// The cluster's settings, printed with the table: what each selected
+    /// row runs on the cluster.
+    pub(super) fn settings(&self, runtime: &str, selected: &[Workload]) -> Vec<String> {
         let servers = match &self.version {
             Some(version) => format!(
                 "  {SERVERS} nats-servers ({version}) started by the bench on loopback ports, SCALE-OUT §19's config: sync_interval: always (fsync before every ack), max_payload: 8MB, accounts COURIER and SYS, JetStream stores in a fresh dir in {}; one cluster for the whole bench, its account emptied (every stream deleted) before each run of either cluster column",
@@ -325,11 +513,11 @@ impl Deployment {
                 self.access.backend()
             ),
         };
-        vec![
+        let mut lines = vec![
             "Cluster:".to_string(),
             servers,
             format!(
-                "  Courier cluster: {} `courier serve --backend {} --nats-user {COURIER_USER} --nats-system-user {SYSTEM_USER} --node-id ID` nodes ({}), fresh per run; every stream and bucket with 3 replicas; publishers connect to node a (the SDK given a,b), consumers to node b (given b,a); a node pulls {} messages per fetch, twice as many after a full pull up to {}, back to {} after a short one",
+                "  Courier cluster: {} `courier serve --backend {} --nats-user {COURIER_USER} --nats-system-user {SYSTEM_USER} --node-id ID` nodes ({}), fresh per run; every stream and bucket with 3 replicas; a node pulls {} messages per fetch, twice as many after a full pull up to {}, back to {} after a short one",
                 NODES.len(),
                 self.access.backend(),
                 NODES.join(", "),
@@ -338,19 +526,57 @@ impl Deployment {
                 FETCH_BATCH_MIN
             ),
             format!(
-                "  JetStream R3: async-nats {} in the bench process, {runtime}; file streams with num_replicas 3 made by the publisher, the NATS side's clients unchanged (W5: at most {WINDOW} PublishAckFutures unawaited, {}; W6: durable pull consumer, explicit ack, max_ack_pending {MAX_IN_FLIGHT}, pull batches of {MAX_IN_FLIGHT}); the publisher given the servers from n1, the consumer from n2",
+                "  NATS on the cluster: async-nats {} in the bench process, {runtime}, the NATS side's clients unchanged, each given every server and trying them in the order given; streams are file streams with num_replicas 3 made by the publisher",
                 nats::CLIENT_VERSION,
+            ),
+            format!("  Where clients connect: the publisher (W4: the requester) to the first server or node (Courier: the SDK given a,b; NATS: n1,n2,n3), every other client of the run to the next in turn (Courier: b, a, b, …; NATS: n2, n3, n1, …), as users' clients spread, but for W4; W1–W4 wait {} s after the receivers subscribed, before the warm-up, for their interest to reach the other servers or nodes", SETTLE.as_secs()),
+        ];
+        let has = |w: &[Workload]| selected.iter().any(|s| w.contains(s));
+        if has(&[
+            Workload::W1a,
+            Workload::W1b,
+            Workload::W2a,
+            Workload::W2b,
+            Workload::W3a,
+            Workload::W3b,
+        ]) {
+            lines.push("  W1–W3 (at most once, no target): Courier's transient events through node a to subscribers on b (W1), 4 services on b, a, b, a (W2) or 4 instances of one service on b, a, b, a (W3; a node delivers to its own instances first, SCALE-OUT §9, so the publisher's node a takes the events while its instances keep up), against core NATS pub/sub and a queue group, publisher on n1, subscribers on n2, n3, n1, n2".to_string());
+        }
+        if has(&[Workload::W4a, Workload::W4b]) {
+            lines.push(format!(
+                "  W4 (at most once, no target): transient commands from a requester to its responder, both on node a (the reply to a transient command another node took finds no route back yet: across nodes it goes unanswered), against core NATS request/reply, requester and responder both on n1; the three columns alternate in {} slices of one run",
+                w4::W4_SLICES
+            ));
+        }
+        if has(&[Workload::W5a, Workload::W5b, Workload::W6]) {
+            lines.push(format!(
+                "  W5, W6 (target ≥ {RATIO_MIN:.2}× JetStream R3): publisher on node a, consumer on b; JetStream R3: at most {WINDOW} PublishAckFutures unawaited (W5b), {}; W6: durable pull consumer, explicit ack, max_ack_pending {MAX_IN_FLIGHT}, pull batches of {MAX_IN_FLIGHT}, publisher on n1, consumer on n2",
                 if nats::MSG_IDS.load(std::sync::atomic::Ordering::Relaxed) {
-                    "each with a Nats-Msg-Id as Courier's sends (--nats-msg-ids)"
+                    "each W5 publish with a Nats-Msg-Id as Courier's sends (--nats-msg-ids)"
                 } else {
-                    "without Nats-Msg-Id (Courier's sends carry one: --nats-msg-ids gives the peer the same)"
+                    "W5 without Nats-Msg-Id (Courier's sends carry one: --nats-msg-ids gives the peer the same)"
                 }
-            ),
-            "  Single-node Courier: as under Courier server above (embedded store, --fsync always, its own data dir on the same disk)".to_string(),
-            format!(
-                "Ratio: Courier cluster ÷ JetStream R3, of the medians (higher is better); target ≥ {RATIO_MIN:.2}× on the throughput rows. Order: the runs interleave, single-node Courier, Courier cluster, JetStream R3, run by run"
-            ),
-        ]
+            ));
+        }
+        if has(&[Workload::W7a, Workload::W7b]) {
+            lines.push(format!(
+                "  W7 (no target): the backlog published through node a for a service subscribed there and gone, waiting in the cluster; node a killed (kill -9) and started again with the same flags and port, timed from its spawn to its ready line and to the first SDK connection to it, then the backlog checked in the cluster ({COURIER_MESSAGES}'s consumer of the service); RSS: node a's. JetStream R3: the stream {W7_STREAM} with a durable consumer that never pulls; the nats-server leading it killed (kill -9) and started again on the same config, store and ports, timed from its spawn to its ready line and to the first answer through it that shows the stream with the whole backlog (asks of {} ms each), then the consumer checked; RSS: that server's (before the backlog: the mean of the three); the next run waits until the cluster places R3 streams again{}",
+                FIRST_USE_ASK.as_millis(),
+                if self.access.processes.is_none() {
+                    "; with --nats the cluster is not the bench's to kill: the JetStream R3 column stays empty"
+                } else {
+                    ""
+                }
+            ));
+        }
+        if has(&[Workload::W8a, Workload::W8b]) {
+            lines.push("  W8 (no target): the keyed backlog published through node a, consumed by 2 instances of one service, one on node b and one on a (the node holding the service's keyed lane delivers its keyed messages to its own instances, SCALE-OUT §5); JetStream R3 as the NATS side of `--against nats` (W8a: one pull consumer with max_ack_pending 1 pulled by both; W8b: 16 subject partitions, a consumer each), the instances on n2 and n3".to_string());
+        }
+        lines.push("  Single-node Courier: as under Courier server above (embedded store, --fsync always, its own data dir on the same disk)".to_string());
+        lines.push(format!(
+            "Ratio: Courier cluster ÷ the JetStream R3 column (which runs core NATS on the same cluster for W1–W4), of the medians, inverted where lower is better (above 1: Courier cluster leads); target ≥ {RATIO_MIN:.2}× on the W5 and W6 throughput rows, none on the others. Order: the runs interleave, single-node Courier, Courier cluster, JetStream R3, run by run (W4: in slices of one run)"
+        ));
+        lines
     }
 }
 
@@ -362,50 +588,101 @@ const FETCH_BATCH_MAX: u32 = 1024;
 // ---------------------------------------------------------------------------
 // The cluster columns' runs
 
-/// Runs `job` on two fresh Courier nodes on the cluster.
+/// Two fresh Courier nodes on the emptied cluster.
+pub(super) async fn courier_side(
+    exe: &Path,
+    access: &Access,
+) -> anyhow::Result<Clustered<CourierSide>> {
+    access.clear().await?;
+    Clustered::<CourierSide>::start_nodes(exe, access).await
+}
+
+/// Raw NATS on the cluster, as it is (the caller empties it).
+pub(super) fn jetstream_side(access: &Access) -> anyhow::Result<Clustered<NatsSide>> {
+    Ok(Clustered {
+        nodes: Vec::new(),
+        node_flags: Vec::new(),
+        exe: PathBuf::new(),
+        address: access.jetstream_address(),
+        access: access.clone(),
+        victim: None,
+        recovered: None,
+        probe: None,
+        dir: DataDir::create()?,
+        side: PhantomData,
+    })
+}
+
+/// Runs `job` (not W4: see `w4::run`) on two fresh Courier nodes on the
+/// cluster.
 pub(super) async fn courier_job(
     exe: &Path,
     access: &Access,
     plan: &Plan,
     job: Job,
 ) -> anyhow::Result<Vec<Measurement>> {
-    access.clear().await?;
-    let mut side = Clustered::<CourierSide>::start_nodes(exe, access).await?;
-    workload(&mut side, plan, job).await
+    let mut side = courier_side(exe, access).await?;
+    match job {
+        Job::Restart => restart::run(&mut side, plan).await,
+        _ => workload(&mut side, plan, job).await,
+    }
 }
 
-/// Runs `job` as raw JetStream R3 on the cluster.
+/// Runs `job` (not W4) as raw NATS on the cluster: core NATS for W1–W3,
+/// JetStream R3 for the rest.
 pub(super) async fn jetstream_job(
     access: &Access,
     plan: &Plan,
     job: Job,
 ) -> anyhow::Result<Vec<Measurement>> {
     access.clear().await?;
-    let mut side = Clustered::<NatsSide> {
-        nodes: Vec::new(),
-        address: access.jetstream_address(),
-        dir: DataDir::create()?,
-        side: PhantomData,
+    let mut side = jetstream_side(access)?;
+    let measured = match job {
+        Job::Restart if access.processes.is_none() => {
+            progress("  the cluster named with --nats is not the bench's to kill: W7's JetStream R3 column stays empty");
+            Ok(Vec::new())
+        }
+        Job::Restart => restart::run(&mut side, plan).await,
+        _ => workload(&mut side, plan, job).await,
     };
-    let measured = workload(&mut side, plan, job).await;
+    // The restarted server must be back before the next run places its
+    // R3 streams (Courier's nodes make theirs as they start).
+    let formed = match job {
+        Job::Restart if access.processes.is_some() => match access.wait_formed().await {
+            Ok(after) => {
+                progress(&format!(
+                    "  the cluster placed an R3 stream again {:.1} s later",
+                    after.as_secs_f64()
+                ));
+                Ok(())
+            }
+            Err(e) => Err(e.context("after W7's restart of a nats-server")),
+        },
+        _ => Ok(()),
+    };
     // The streams of a run with --nats are not left behind.
     let cleared = access.clear().await;
     let measured = measured?;
+    formed?;
     cleared?;
     Ok(measured)
 }
 
-async fn workload<S: BacklogSide>(
+async fn workload<S: BacklogSide + TransientSide>(
     side: &mut S,
     plan: &Plan,
     job: Job,
 ) -> anyhow::Result<Vec<Measurement>> {
+    if let Some((audience, size)) = Audience::of(job) {
+        return transient::run(side, plan, audience, size, job.workload()).await;
+    }
     match job {
         Job::PublishOneByOne => publish::publish_one_by_one(side, plan, Workload::W5a).await,
         Job::PublishPipelined => publish::publish_windowed(side, plan, Workload::W5b).await,
         Job::Consume => backlog::consume(side, plan).await,
+        Job::Ordered(keys) => backlog::ordered(side, plan, keys).await,
         other => bail!(
-            "internal: {} does not run with --backend cluster",
+            "internal: {} does not run here with --backend cluster",
             other.label()
         ),
     }
@@ -413,23 +690,26 @@ async fn workload<S: BacklogSide>(
 
 /// `S`'s side of the workloads on the cluster: its clients unchanged,
 /// connected to several servers (or Courier nodes) — publishers from the
-/// first, consumers from the second.
+/// first, the others spread over the rest (see [`side::spread`]).
 pub(super) struct Clustered<S> {
-    /// Courier's nodes (none for raw JetStream); killed before `dir` goes.
+    /// Courier's nodes (none for raw NATS); killed before `dir` goes.
     nodes: Vec<BrokerProcess>,
+    /// Each node's store flags, to start it again (W7).
+    node_flags: Vec<Vec<String>>,
+    /// The `courier` binary of the nodes.
+    exe: PathBuf,
     /// The addresses, comma-separated, in the publishers' order.
     address: String,
+    access: Access,
+    /// W7, JetStream side: the server it restarts (the stream's leader),
+    /// once the backlog is written.
+    victim: Option<usize>,
+    /// W7, JetStream side: the restarted server's recovery lines.
+    recovered: Option<Arc<Mutex<Vec<String>>>>,
+    /// W7, Courier side: the first connection to the restarted node.
+    probe: Option<Client>,
     dir: DataDir,
     side: PhantomData<fn() -> S>,
-}
-
-/// `address`'s servers from the second on, then the first: where a
-/// consumer connects while publishers take the first.
-fn from_second(address: &str) -> String {
-    let mut servers: Vec<&str> = address.split(',').collect();
-    let by = 1.min(servers.len());
-    servers.rotate_left(by);
-    servers.join(",")
 }
 
 impl Clustered<CourierSide> {
@@ -453,11 +733,12 @@ impl Clustered<CourierSide> {
         );
         let backend = access.backend();
         let mut nodes = Vec::new();
+        let mut node_flags = Vec::new();
         for id in NODES {
             let data = dir.path().join(id);
             std::fs::create_dir(&data)
                 .with_context(|| format!("cannot create {}", data.display()))?;
-            let store = [
+            let store: Vec<String> = [
                 "--backend",
                 &backend,
                 "--nats-user",
@@ -470,14 +751,18 @@ impl Clustered<CourierSide> {
                 &system_password,
                 "--node-id",
                 id,
-            ];
+            ]
+            .map(str::to_string)
+            .to_vec();
+            let flags: Vec<&str> = store.iter().map(String::as_str).collect();
             nodes.push(BrokerProcess::spawn_on(
                 exe,
                 &free_loopback_addr()?,
                 &data,
-                &store,
+                &flags,
                 &[],
             )?);
+            node_flags.push(store);
         }
         for node in &mut nodes {
             node.wait_ready().await?;
@@ -489,7 +774,13 @@ impl Clustered<CourierSide> {
             .join(",");
         Ok(Clustered {
             nodes,
+            node_flags,
+            exe: exe.to_path_buf(),
             address,
+            access: access.clone(),
+            victim: None,
+            recovered: None,
+            probe: None,
             dir,
             side: PhantomData,
         })
@@ -509,9 +800,13 @@ impl<S: Side> Side for Clustered<S> {
         self.dir.path()
     }
 
-    /// The nodes' together (raw JetStream has none of its own).
+    /// What W7 restarts: node a; for raw NATS the server leading W7's
+    /// stream, before that is known the servers' mean.
     fn rss_mib(&self) -> anyhow::Result<f64> {
-        self.nodes.iter().map(BrokerProcess::rss_mib).sum()
+        match self.nodes.first() {
+            Some(node) => node.rss_mib(),
+            None => self.access.server_rss_mib(self.victim),
+        }
     }
 
     async fn watch<T>(
@@ -557,10 +852,21 @@ impl<S: Side> Side for Clustered<S> {
         S::close_publisher(publisher)
     }
 
+    /// W4's requester and responder both on the first server or node: a
+    /// reply to a transient command that another node took over core
+    /// NATS finds no route back yet (that node keeps none), so Courier's
+    /// requests across nodes go unanswered; NATS's pair is kept on one
+    /// server likewise, to compare the same shape.
     fn requester(
         address: &str,
     ) -> impl std::future::Future<Output = anyhow::Result<S::Requester>> + Send {
-        S::requester(address)
+        let first = address.split(',').next().unwrap_or(address);
+        let requester = S::requester(first);
+        async move {
+            let requester = requester.await?;
+            tokio::time::sleep(SETTLE).await;
+            Ok(requester)
+        }
     }
 
     fn request<'a>(
@@ -576,6 +882,49 @@ impl<S: Side> Side for Clustered<S> {
     }
 }
 
+impl<S: TransientSide> TransientSide for Clustered<S> {
+    type Receivers = S::Receivers;
+    type Sender = S::Sender;
+
+    fn receivers(
+        address: &str,
+        audience: Audience,
+        capacity: u64,
+    ) -> impl std::future::Future<Output = anyhow::Result<S::Receivers>> {
+        S::receivers(address, audience, capacity)
+    }
+
+    async fn sender(address: &str, receivers: &mut S::Receivers) -> anyhow::Result<S::Sender> {
+        let sender = S::sender(address, receivers).await?;
+        tokio::time::sleep(SETTLE).await;
+        Ok(sender)
+    }
+
+    fn expect(receivers: &S::Receivers, published: u64) {
+        S::expect(receivers, published);
+    }
+
+    fn publish_transient(
+        sender: &S::Sender,
+        receivers: &S::Receivers,
+        payload: &Bytes,
+        count: u64,
+    ) -> impl std::future::Future<Output = anyhow::Result<()>> {
+        S::publish_transient(sender, receivers, payload, count)
+    }
+
+    fn received(
+        receivers: &S::Receivers,
+        sender: &S::Sender,
+    ) -> impl std::future::Future<Output = anyhow::Result<Instant>> {
+        S::received(receivers, sender)
+    }
+
+    fn close_transient(receivers: S::Receivers) -> impl std::future::Future<Output = ()> {
+        S::close_transient(receivers)
+    }
+}
+
 impl<S: BacklogSide> BacklogSide for Clustered<S> {
     type Consumer = S::Consumer;
     const BACKLOG_WAITS_FOR: &'static str = S::BACKLOG_WAITS_FOR;
@@ -588,7 +937,7 @@ impl<S: BacklogSide> BacklogSide for Clustered<S> {
     }
 
     async fn consumer(address: &str, backlog: Backlog) -> anyhow::Result<S::Consumer> {
-        S::consumer(&from_second(address), backlog).await
+        S::consumer(&side::spread(address, 1), backlog).await
     }
 
     fn consume_all(
@@ -608,15 +957,137 @@ impl<S: BacklogSide> BacklogSide for Clustered<S> {
     }
 }
 
+/// W7 on Courier's nodes: node a, where the backlog was published, is
+/// killed and started again; the backlog waits in the cluster meanwhile.
+impl RestartSide for Clustered<CourierSide> {
+    const SERVER: &'static str = "node a";
+    const DATA: &'static str = "the cluster's stores (3 replicas)";
+
+    fn data_bytes(&self) -> u64 {
+        self.access.stores_bytes()
+    }
+
+    async fn restart(&mut self, _count: u64) -> anyhow::Result<(Duration, Duration)> {
+        let (Some(node), Some(flags), Some(id)) = (
+            self.nodes.first_mut(),
+            self.node_flags.first(),
+            NODES.first(),
+        ) else {
+            bail!("internal: no Courier node to restart");
+        };
+        let addr = node.addr.clone();
+        node.kill9();
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        *node = BrokerProcess::spawn_on(&self.exe, &addr, &self.dir.path().join(id), &flags, &[])?;
+        let spawned_at = node.server.spawned_at;
+        let restarted = async {
+            let (ready, (connected, client)) =
+                tokio::try_join!(node.wait_ready(), first_connect(&addr, spawned_at))?;
+            Ok((ready, connected, client))
+        }
+        .await;
+        let (ready, connected, client) = node.explain(restarted).await?;
+        self.probe = Some(client);
+        Ok((ready, connected))
+    }
+
+    async fn check_backlog(&mut self, count: u64) -> anyhow::Result<()> {
+        if let Some(probe) = self.probe.take() {
+            probe.shutdown().await;
+        }
+        let consumer = format!("svc-{W7_SERVICE}");
+        let held = self.access.held(COURIER_MESSAGES, &consumer).await?;
+        if held != count {
+            bail!(
+                "after node a's restart the cluster holds {} messages for {W7_SERVICE}, not {}: messages were lost",
+                thousands(held),
+                thousands(count)
+            );
+        }
+        Ok(())
+    }
+
+    fn recovery_note(&self) -> Option<String> {
+        None
+    }
+}
+
+/// W7 on raw JetStream R3: the server leading the stream is killed and
+/// started again.
+impl RestartSide for Clustered<NatsSide> {
+    const SERVER: &'static str = "the stream leader's nats-server";
+    const DATA: &'static str = "the cluster's stores (3 replicas)";
+
+    fn data_bytes(&self) -> u64 {
+        self.access.stores_bytes()
+    }
+
+    async fn backlog_written(&mut self) -> anyhow::Result<()> {
+        let leader = self.access.stream_leader(W7_STREAM).await?;
+        progress(&format!(
+            "  {} leads the stream {W7_STREAM}: it is the server killed and started again",
+            server_name(leader)
+        ));
+        self.victim = Some(leader);
+        Ok(())
+    }
+
+    async fn restart(&mut self, count: u64) -> anyhow::Result<(Duration, Duration)> {
+        let victim = self
+            .victim
+            .ok_or_else(|| anyhow!("internal: no server chosen to restart"))?;
+        let Respawned {
+            spawned_at,
+            ready,
+            recovered,
+        } = self.access.restart_server(victim)?;
+        self.recovered = Some(recovered);
+        let name = server_name(victim);
+        let ready = async {
+            match tokio::time::timeout(READY_TIMEOUT, ready).await {
+                Ok(Ok(at)) => Ok(at.duration_since(spawned_at)),
+                Ok(Err(_)) => bail!("nats-server {name} exited before it was ready again"),
+                Err(_) => bail!(
+                    "nats-server {name} was not ready within {} s of its restart",
+                    READY_TIMEOUT.as_secs()
+                ),
+            }
+        };
+        let url = format!(
+            "nats://{COURIER_USER}:{COURIER_PASSWORD}@{}",
+            self.access.servers[victim]
+        );
+        tokio::try_join!(ready, first_use(&url, count, spawned_at, FIRST_USE_ASK))
+    }
+
+    async fn check_backlog(&mut self, count: u64) -> anyhow::Result<()> {
+        check_w7_backlog(&self.access.jetstream_address(), count).await
+    }
+
+    fn recovery_note(&self) -> Option<String> {
+        let lines = self
+            .recovered
+            .as_ref()?
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        (!lines.is_empty()).then(|| lines.join("; "))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn consumers_connect_from_the_second_address() {
-        assert_eq!(from_second("a:1,b:2"), "b:2,a:1");
-        assert_eq!(from_second("n1,n2,n3"), "n2,n3,n1");
-        assert_eq!(from_second("only"), "only");
+    fn clients_spread_over_the_addresses_from_the_first() {
+        assert_eq!(side::spread("a:1,b:2", 0), "a:1,b:2");
+        assert_eq!(side::spread("a:1,b:2", 1), "b:2,a:1");
+        assert_eq!(side::spread("a:1,b:2", 2), "a:1,b:2");
+        assert_eq!(side::spread("n1,n2,n3", 1), "n2,n3,n1");
+        assert_eq!(side::spread("n1,n2,n3", 2), "n3,n1,n2");
+        assert_eq!(side::spread("n1,n2,n3", 4), "n2,n3,n1");
+        assert_eq!(side::spread("only", 3), "only");
     }
 
     #[test]
@@ -664,22 +1135,52 @@ mod tests {
     }
 
     #[test]
-    fn only_the_durable_workloads_run_on_the_cluster() {
+    fn w1_to_w8_run_on_the_cluster_and_only_the_durable_rows_have_a_target() {
         assert_eq!(selection(None).expect("default"), WORKLOADS.to_vec());
+        assert_eq!(
+            Job::for_selection(&WORKLOADS).len(),
+            14,
+            "W1a … W8b, W7 one job"
+        );
         let w5 = parse_only("W5").expect("parse");
         assert_eq!(
             selection(Some(&w5)).expect("W5"),
             vec![Workload::W5a, Workload::W5b]
         );
-        let w1 = parse_only("W1a,W6").expect("parse");
-        assert!(selection(Some(&w1))
-            .expect_err("W1a")
-            .to_string()
-            .contains("W1a"));
+        let some = parse_only("W1a,W4,W7,W8b").expect("parse");
+        assert_eq!(
+            selection(Some(&some)).expect("W1–W8"),
+            vec![
+                Workload::W1a,
+                Workload::W4a,
+                Workload::W4b,
+                Workload::W7a,
+                Workload::W7b,
+                Workload::W8b
+            ]
+        );
+        let w13 = parse_only("W1a,W13-16").expect("parse");
+        let refused = selection(Some(&w13)).expect_err("W13").to_string();
+        assert!(
+            refused.contains("W13-16") && refused.contains("W1a, W1b") && refused.contains("W8b"),
+            "{refused}"
+        );
+        let gateway = parse_only("W-HTTP-a").expect("parse");
+        let refused = selection(Some(&gateway))
+            .expect_err("the gateway")
+            .to_string();
+        assert!(
+            refused.contains("W1–W8") && refused.contains("W8a"),
+            "{refused}"
+        );
         assert_eq!(
             target(Workload::W6, Metric::Throughput).and_then(|t| t.min_ratio),
             Some(RATIO_MIN)
         );
         assert_eq!(target(Workload::W5a, Metric::LatencyP99), None);
+        for w in [Workload::W1a, Workload::W4b, Workload::W8a] {
+            assert_eq!(target(w, Metric::Throughput), None, "{w:?}");
+        }
+        assert_eq!(target(Workload::W7a, Metric::ReadyLine), None);
     }
 }

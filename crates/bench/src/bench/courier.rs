@@ -327,9 +327,9 @@ impl BacklogSide for CourierSide {
     ) -> anyhow::Result<()> {
         let all_handled = Arc::new(Notify::new());
         let mut instances = Vec::new();
-        for _ in 0..2 {
-            let instance =
-                connect(&consumer.address, consumer.service, Some(MAX_IN_FLIGHT)).await?;
+        for i in 0..2 {
+            let address = side::spread(&consumer.address, i);
+            let instance = connect(&address, consumer.service, Some(MAX_IN_FLIGHT)).await?;
             let (order, done) = (order.clone(), all_handled.clone());
             instance
                 .on(consumer.name, move |msg| {
@@ -429,7 +429,10 @@ impl RoutingSide for CourierSide {
 }
 
 /// Connects as soon as the broker lets us; the time since `since`.
-async fn first_connect(addr: &str, since: Instant) -> anyhow::Result<(Duration, Client)> {
+pub(super) async fn first_connect(
+    addr: &str,
+    since: Instant,
+) -> anyhow::Result<(Duration, Client)> {
     loop {
         match Client::connect(ClientOptions::new(addr, "bench-probe")).await {
             Ok(client) => return Ok((since.elapsed(), client)),

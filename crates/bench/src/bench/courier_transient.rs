@@ -4,7 +4,7 @@
 //! the broker has not routed yet, a lead bounds how far the publisher may
 //! run ahead of the slowest receiving service.
 
-use super::side::{Audience, TransientSide, AUDIENCE_SIZE};
+use super::side::{spread, Audience, TransientSide, AUDIENCE_SIZE};
 use super::w10::Names;
 use super::*;
 
@@ -140,7 +140,8 @@ impl Receivers {
 
     /// Connects `instances` instances of `service`, each handling
     /// `patterns` by counting what they match; the clients go to `clients`
-    /// (to be shut down).
+    /// (to be shut down). Each connects from the next of `addr`'s servers
+    /// (see [`spread`]).
     async fn subscribe(
         &mut self,
         addr: &str,
@@ -155,7 +156,8 @@ impl Receivers {
             reached: Notify::new(),
         });
         for _ in 0..instances {
-            let client = connect(addr, service, None).await?;
+            // The publisher, connected last, is client 0.
+            let client = connect(&spread(addr, clients.len() + 1), service, None).await?;
             clients.push(client.clone());
             let subscribed = patterns.iter().map(|pattern| {
                 let (h, goal, reached) = (handled.clone(), self.goal.clone(), self.reached.clone());

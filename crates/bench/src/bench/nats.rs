@@ -44,7 +44,7 @@ const REQUEST_SUBJECT: &str = "bench.requests";
 pub(super) const MIN_SUBSCRIPTION_CAPACITY: usize = 65_536;
 /// JetStream API requests and publish acks wait this long (async-nats's
 /// default is 5 s, short for a slow disk with `sync_interval: always`).
-const JETSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
+pub(super) const JETSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
 /// After a client reported dropped messages or a lost connection, the
 /// receivers may still catch up for this long before the run fails.
 pub(super) const LOSS_GRACE: Duration = Duration::from_secs(1);
@@ -159,6 +159,9 @@ pub(super) async fn connect(
         .name(name)
         .subscription_capacity(capacity)
         .max_reconnects(MAX_RECONNECTS)
+        // Tried in the order given (the client shuffles them otherwise),
+        // so the clients of a run spread over a cluster as they are told.
+        .retain_servers_order()
         .event_callback(move |event| {
             let events = events.clone();
             async move { events.record(event) }
@@ -681,7 +684,9 @@ mod tests {
         server.restart().expect("restart");
         let spawned_at = server.server.spawned_at;
         server.wait_ready().await.expect("ready again");
-        first_use(&url, 1, spawned_at).await.expect("first use");
+        first_use(&url, 1, spawned_at, JETSTREAM_TIMEOUT)
+            .await
+            .expect("first use");
         let pid = server.server.pid();
         drop(server);
         assert!(

@@ -4,9 +4,9 @@
 
 use super::nats::{
     connect, create_stream, jetstream_context, replicas_for, ClientEvents, NatsPublisher, NatsSide,
-    MIN_SUBSCRIPTION_CAPACITY,
+    JETSTREAM_TIMEOUT, MIN_SUBSCRIPTION_CAPACITY,
 };
-use super::side::{Backlog, BacklogSide, RestartSide};
+use super::side::{spread, Backlog, BacklogSide, RestartSide};
 use super::*;
 
 use async_nats::jetstream::{self, consumer::pull, consumer::AckPolicy};
@@ -74,8 +74,9 @@ impl BacklogSide for NatsSide {
             Backlog::Consume | Backlog::Restart => (vec!["bench-consumer"], W6_STREAM),
         };
         let mut instances = Vec::new();
-        for name in names {
-            let client = connect(address, name, MIN_SUBSCRIPTION_CAPACITY, &events).await?;
+        for (i, name) in names.into_iter().enumerate() {
+            let address = spread(address, i);
+            let client = connect(&address, name, MIN_SUBSCRIPTION_CAPACITY, &events).await?;
             let js = jetstream_context(client.clone());
             instances.push((client, js));
         }
@@ -284,8 +285,14 @@ async fn pull_in_order(
 }
 
 /// Connects as soon as the restarted server lets us and asks for the
-/// stream until it reports all `count` messages; the time since `since`.
-pub(super) async fn first_use(url: &str, count: u64, since: Instant) -> anyhow::Result<Duration> {
+/// stream until it reports all `count` messages, each ask waiting at most
+/// `ask_within` for JetStream's answer; the time since `since`.
+pub(super) async fn first_use(
+    url: &str,
+    count: u64,
+    since: Instant,
+    ask_within: Duration,
+) -> anyhow::Result<Duration> {
     let events = Arc::new(ClientEvents::default());
     let client = loop {
         match connect(url, "bench-probe", MIN_SUBSCRIPTION_CAPACITY, &events).await {
@@ -299,7 +306,9 @@ pub(super) async fn first_use(url: &str, count: u64, since: Instant) -> anyhow::
             Err(_) => tokio::time::sleep(CONNECT_POLL).await,
         }
     };
-    let js = jetstream_context(client);
+    let js = jetstream::ContextBuilder::new()
+        .timeout(ask_within)
+        .build(client);
     loop {
         let error = match js.get_stream(W7_STREAM).await {
             Ok(stream) => {
@@ -340,37 +349,52 @@ impl RestartSide for NatsSide {
         self.server.restart()?;
         let spawned_at = self.server.server.spawned_at;
         let server = &mut self.server;
-        let restarted =
-            async { tokio::try_join!(server.wait_ready(), first_use(&url, count, spawned_at)) }
-                .await;
+        let restarted = async {
+            tokio::try_join!(
+                server.wait_ready(),
+                first_use(&url, count, spawned_at, JETSTREAM_TIMEOUT)
+            )
+        }
+        .await;
         self.server.explain(restarted).await
     }
 
     async fn check_backlog(&mut self, count: u64) -> anyhow::Result<()> {
         let url = self.server.url();
-        let checked = async {
-            let events = Arc::new(ClientEvents::default());
-            let client = connect(&url, "bench-check", MIN_SUBSCRIPTION_CAPACITY, &events).await?;
-            let js = jetstream_context(client.clone());
-            let stream = js.get_stream(W7_STREAM).await.with_context(|| {
-                format!("cannot look up the stream {W7_STREAM} after the restart")
-            })?;
-            let info = stream.consumer_info(W7_CONSUMER).await.with_context(|| {
-                format!("cannot read the consumer {W7_CONSUMER} after the restart")
-            })?;
-            if info.num_pending != count {
-                bail!(
-                    "after the restart the consumer {W7_CONSUMER} has {} messages pending, not {}: nats-server lost messages",
-                    thousands(info.num_pending),
-                    thousands(count)
-                );
-            }
-            Ok(())
-        };
-        self.server.watch(checked).await
+        self.server.watch(check_w7_backlog(&url, count)).await
     }
 
     fn recovery_note(&self) -> Option<String> {
         self.server.recovery_lines()
     }
+}
+
+/// Fails unless W7's durable consumer still has all `count` messages
+/// pending, asked through `url`.
+pub(super) async fn check_w7_backlog(url: &str, count: u64) -> anyhow::Result<()> {
+    let events = Arc::new(ClientEvents::default());
+    let client = connect(url, "bench-check", MIN_SUBSCRIPTION_CAPACITY, &events).await?;
+    let js = jetstream_context(client.clone());
+    let checked = async {
+        let stream = js
+            .get_stream(W7_STREAM)
+            .await
+            .with_context(|| format!("cannot look up the stream {W7_STREAM} after the restart"))?;
+        let info = stream
+            .consumer_info(W7_CONSUMER)
+            .await
+            .with_context(|| format!("cannot read the consumer {W7_CONSUMER} after the restart"))?;
+        if info.num_pending != count {
+            bail!(
+                "after the restart the consumer {W7_CONSUMER} has {} messages pending, not {}: nats-server lost messages",
+                thousands(info.num_pending),
+                thousands(count)
+            );
+        }
+        Ok(())
+    }
+    .await;
+    drop(js);
+    super::nats::close(client, &events).await;
+    checked
 }

@@ -4,7 +4,7 @@
 
 use super::nats::NatsSide;
 use super::nats::{connect, ClientEvents, Tasks, LOSS_GRACE, MIN_SUBSCRIPTION_CAPACITY};
-use super::side::{Audience, RoutingSide, TransientSide};
+use super::side::{spread, Audience, RoutingSide, TransientSide};
 use super::w10::Names;
 use super::*;
 
@@ -138,7 +138,7 @@ impl TransientSide for NatsSide {
                 Audience::Routed { service } => w10::service(service),
                 _ => format!("bench-subscriber-{i}"),
             };
-            let client = connect(address, &name, capacity, &events).await?;
+            let client = connect(&spread(address, i), &name, capacity, &events).await?;
             for subject in &subjects {
                 let mut subscription = match audience {
                     Audience::Competing => {

@@ -12,12 +12,14 @@ pub struct BenchArgs {
     #[arg(long, value_enum)]
     pub(super) against: Option<Against>,
     /// `embedded` (the default: one broker on its own store), or `cluster`:
-    /// W5 and W6 three ways, interleaved run by run — single-node Courier,
-    /// two Courier nodes on a three-server JetStream cluster (`courier
-    /// serve --backend nats://…`), and raw JetStream R3 on that cluster
-    /// through async-nats — with Courier cluster ÷ JetStream R3 per row.
-    /// The bench starts the cluster (nats-server as for `--against nats`)
-    /// unless `--nats` names one.
+    /// W1–W8 three ways, interleaved run by run — single-node Courier, two
+    /// Courier nodes on a three-server JetStream cluster (`courier serve
+    /// --backend nats://…`, clients spread over both), and raw NATS on
+    /// that cluster through async-nats (core NATS for W1–W4, JetStream R3
+    /// for W5–W8; W7 restarts a node, or the nats-server leading the
+    /// stream) — with Courier cluster ÷ NATS per row, and the target
+    /// ≥ 0.8× on W5 and W6. The bench starts the cluster (nats-server as
+    /// for `--against nats`) unless `--nats` names one.
     #[arg(long, value_enum, default_value_t = Backend::Embedded)]
     pub(super) backend: Backend,
     /// With `--backend cluster`: a running three-server cluster to use,

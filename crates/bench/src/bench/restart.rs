@@ -28,6 +28,7 @@ pub(super) async fn run<S: RestartSide>(
         Ok(elapsed)
     };
     let build_time = side.watch(built).await?;
+    side.backlog_written().await?;
     let rss_with_backlog = side.rss_mib()?;
     progress(&format!(
         "  backlog of {} × {} published in {:.1} s ({} msg/s); {} {}; {} VmRSS {:.1} MiB before, {:.1} MiB with it ({:.0} B per waiting message)",

@@ -19,10 +19,10 @@ async fn run_job(
     others: Others<'_>,
     plan: &Plan,
 ) -> anyhow::Result<Vec<(System, Vec<Measurement>)>> {
-    let Others { nats, cluster } = others;
     if job.is_request_reply() {
-        return w4::run(systems, job, exe, nats, plan).await;
+        return w4::run(systems, job, exe, others, plan).await;
     }
+    let Others { nats, cluster } = others;
     let &[system] = systems else {
         bail!("internal: {} runs one system at a time", job.label());
     };
@@ -38,10 +38,13 @@ async fn run_job(
         System::CourierCluster | System::JetStreamR3 => {
             let access =
                 cluster.ok_or_else(|| anyhow!("internal: no cluster for the cluster columns"))?;
+            // On the heap: W1–W8 on the cluster make large futures, and a
+            // current-thread run's stack (see `run_job_within`) is small in
+            // a debug build.
             if system == System::CourierCluster {
-                cluster::courier_job(exe, access, plan, job).await
+                Box::pin(cluster::courier_job(exe, access, plan, job)).await
             } else {
-                cluster::jetstream_job(access, plan, job).await
+                Box::pin(cluster::jetstream_job(access, plan, job)).await
             }
         }
     }?;
@@ -428,7 +431,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             .position(|l| l.starts_with("Runs: "))
             .unwrap_or(settings.len());
         let runtime = args.client_runtime.describe(when.machine.nproc);
-        settings.splice(at..at, deployment.settings(&runtime));
+        settings.splice(at..at, deployment.settings(&runtime, &selected));
     }
     if args.json {
         let mut out = std::io::stdout().lock();

@@ -91,6 +91,18 @@ pub(super) trait Side {
     fn close_requester(requester: Self::Requester) -> impl Future<Output = ()> + Send;
 }
 
+/// Where client `client` of a run connects: `address`'s servers from
+/// the `client`-th on (counting from 0, modulo their number), then the
+/// others. One server is itself; on a cluster the clients of a run
+/// spread over its servers or nodes as users' would, the publisher (0)
+/// on the first.
+pub(super) fn spread(address: &str, client: usize) -> String {
+    let mut servers: Vec<&str> = address.split(',').collect();
+    let by = client % servers.len();
+    servers.rotate_left(by);
+    servers.join(",")
+}
+
 /// The ordering key of a W8 event: `value` of the run's keys; NATS puts
 /// it in the subject, in one of `partitions`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -353,6 +365,13 @@ pub(super) trait RestartSide: BacklogSide {
     /// first connection that sees the whole backlog of `count`.
     fn restart(&mut self, count: u64)
         -> impl Future<Output = anyhow::Result<(Duration, Duration)>>;
+
+    /// Once the backlog is written, before the RSS with it is read: where
+    /// the restart is chosen by what the backlog made (on the cluster,
+    /// JetStream's side restarts the server leading the stream).
+    fn backlog_written(&mut self) -> impl Future<Output = anyhow::Result<()>> {
+        async { Ok(()) }
+    }
 
     /// Fails unless the backlog's consumer still has all `count` waiting.
     fn check_backlog(&mut self, count: u64) -> impl Future<Output = anyhow::Result<()>>;

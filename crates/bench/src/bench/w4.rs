@@ -10,7 +10,9 @@
 //! not to the other side. Slices of a few hundred milliseconds give both
 //! sides the same share of every burst.
 
-use super::nats::{NatsInstall, NatsRequester, NatsSide};
+use super::cluster::Clustered;
+use super::nats::{NatsRequester, NatsSide};
+use super::runner::Others;
 use super::side::{publish_pipelined, Fsync, Side};
 use super::*;
 
@@ -67,18 +69,21 @@ where
 
 /// One side's W4 server, responder and requester.
 enum W4Side {
-    // Boxed: both hold a server and clients; one of each per run.
+    // Boxed: each holds servers and clients; one of each per run.
     Courier(Box<(CourierSide, CourierRequester)>),
     Nats(Box<(NatsSide, NatsRequester)>),
+    CourierCluster(Box<(Clustered<CourierSide>, CourierRequester)>),
+    NatsCluster(Box<(Clustered<NatsSide>, NatsRequester)>),
 }
 
 impl W4Side {
-    async fn start(
-        system: System,
-        exe: &Path,
-        nats: Option<&NatsInstall>,
-    ) -> anyhow::Result<W4Side> {
+    async fn start(system: System, exe: &Path, others: Others<'_>) -> anyhow::Result<W4Side> {
         super::process::observe_as(system);
+        let cluster = || {
+            others
+                .cluster
+                .ok_or_else(|| anyhow!("internal: no cluster for the cluster columns"))
+        };
         match system {
             System::Courier | System::CourierUnobserved => {
                 let mut side = CourierSide::start(exe).await?;
@@ -86,14 +91,30 @@ impl W4Side {
                 Ok(W4Side::Courier(Box::new((side, requester))))
             }
             System::Nats => {
-                let nats =
-                    nats.ok_or_else(|| anyhow!("internal: no nats-server for the NATS side"))?;
+                let nats = others
+                    .nats
+                    .ok_or_else(|| anyhow!("internal: no nats-server for the NATS side"))?;
                 let mut side = NatsSide::start(nats, Fsync::Default).await?;
                 let requester = side.watch(NatsSide::requester(&side.address())).await?;
                 Ok(W4Side::Nats(Box::new((side, requester))))
             }
-            System::CourierCluster | System::JetStreamR3 => {
-                bail!("W4 does not run with --backend cluster")
+            System::CourierCluster => {
+                let mut side = super::cluster::courier_side(exe, cluster()?).await?;
+                let address = side.address();
+                let requester = side
+                    .watch(Clustered::<CourierSide>::requester(&address))
+                    .await?;
+                Ok(W4Side::CourierCluster(Box::new((side, requester))))
+            }
+            System::JetStreamR3 => {
+                // Core NATS only: the cluster's streams are left alone (the
+                // Courier nodes of the same run have theirs there).
+                let mut side = super::cluster::jetstream_side(cluster()?)?;
+                let address = side.address();
+                let requester = side
+                    .watch(Clustered::<NatsSide>::requester(&address))
+                    .await?;
+                Ok(W4Side::NatsCluster(Box::new((side, requester))))
             }
         }
     }
@@ -112,6 +133,14 @@ impl W4Side {
                 let (side, requester) = &mut **pair;
                 side_requests(side, requester, requests, latencies).await
             }
+            W4Side::CourierCluster(pair) => {
+                let (side, requester) = &mut **pair;
+                side_requests(side, requester, requests, latencies).await
+            }
+            W4Side::NatsCluster(pair) => {
+                let (side, requester) = &mut **pair;
+                side_requests(side, requester, requests, latencies).await
+            }
         }
     }
 
@@ -119,6 +148,8 @@ impl W4Side {
         match self {
             W4Side::Courier(pair) => CourierSide::close_requester(pair.1).await,
             W4Side::Nats(pair) => NatsSide::close_requester(pair.1).await,
+            W4Side::CourierCluster(pair) => CourierSide::close_requester(pair.1).await,
+            W4Side::NatsCluster(pair) => NatsSide::close_requester(pair.1).await,
         }
     }
 }
@@ -176,7 +207,7 @@ pub(super) async fn run(
     systems: &[System],
     job: Job,
     exe: &Path,
-    nats: Option<&NatsInstall>,
+    others: Others<'_>,
     plan: &Plan,
 ) -> anyhow::Result<Vec<(System, Vec<Measurement>)>> {
     let (count, in_flight) = match job {
@@ -187,7 +218,7 @@ pub(super) async fn run(
     let mut sides = Vec::with_capacity(systems.len());
     for &system in systems {
         // Those started before are dropped on error: their servers killed.
-        sides.push((system, W4Side::start(system, exe, nats).await?));
+        sides.push((system, W4Side::start(system, exe, others).await?));
     }
     let result = timed_run(&mut sides, plan.warmup, count, in_flight).await;
     for (_, side) in sides {

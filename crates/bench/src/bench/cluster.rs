@@ -529,7 +529,7 @@ impl Deployment {
                 "  NATS on the cluster: async-nats {} in the bench process, {runtime}, the NATS side's clients unchanged, each given every server and trying them in the order given; streams are file streams with num_replicas 3 made by the publisher",
                 nats::CLIENT_VERSION,
             ),
-            format!("  Where clients connect: the publisher (W4: the requester) to the first server or node (Courier: the SDK given a,b; NATS: n1,n2,n3), every other client of the run to the next in turn (Courier: b, a, b, …; NATS: n2, n3, n1, …), as users' clients spread, but for W4; W1–W4 wait {} s after the receivers subscribed, before the warm-up, for their interest to reach the other servers or nodes", SETTLE.as_secs()),
+            format!("  Where clients connect: the publisher (W4: the requester) to the first server or node (Courier: the SDK given a,b; NATS: n1,n2,n3), every other client of the run to the next in turn (Courier: b, a, b, …; NATS: n2, n3, n1, …), as users' clients spread; W1–W4 wait {} s after the receivers subscribed, before the warm-up, for their interest to reach the other servers or nodes", SETTLE.as_secs()),
         ];
         let has = |w: &[Workload]| selected.iter().any(|s| w.contains(s));
         if has(&[
@@ -544,7 +544,7 @@ impl Deployment {
         }
         if has(&[Workload::W4a, Workload::W4b]) {
             lines.push(format!(
-                "  W4 (at most once, no target): transient commands from a requester to its responder, both on node a (the reply to a transient command another node took finds no route back yet: across nodes it goes unanswered), against core NATS request/reply, requester and responder both on n1; the three columns alternate in {} slices of one run",
+                "  W4 (at most once, no target): transient commands from a requester on node a to its responder on b, the replies back through b to a, against core NATS request/reply, requester on n1, responder on n2; the three columns alternate in {} slices of one run",
                 w4::W4_SLICES
             ));
         }
@@ -852,18 +852,17 @@ impl<S: Side> Side for Clustered<S> {
         S::close_publisher(publisher)
     }
 
-    /// W4's requester and responder both on the first server or node: a
-    /// reply to a transient command that another node took over core
-    /// NATS finds no route back yet (that node keeps none), so Courier's
-    /// requests across nodes go unanswered; NATS's pair is kept on one
-    /// server likewise, to compare the same shape.
+    /// W4's requester on the first server or node, its responder on the
+    /// next: a request crosses the cluster and its reply comes back
+    /// (SCALE-OUT §9), as when a user's services sit on different nodes.
     fn requester(
-        address: &str,
+        requester: &str,
+        responder: &str,
     ) -> impl std::future::Future<Output = anyhow::Result<S::Requester>> + Send {
-        let first = address.split(',').next().unwrap_or(address);
-        let requester = S::requester(first);
+        let requester_at = side::spread(requester, 0);
+        let responder_at = side::spread(responder, 1);
         async move {
-            let requester = requester.await?;
+            let requester = S::requester(&requester_at, &responder_at).await?;
             tokio::time::sleep(SETTLE).await;
             Ok(requester)
         }

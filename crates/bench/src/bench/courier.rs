@@ -219,9 +219,9 @@ impl Side for CourierSide {
         publisher.shutdown().await;
     }
 
-    async fn requester(address: &str) -> anyhow::Result<CourierRequester> {
-        let responder = w4_responder(address).await?;
-        match connect(address, W4_REQUESTER, None).await {
+    async fn requester(requester: &str, responder: &str) -> anyhow::Result<CourierRequester> {
+        let responder = w4_responder(responder).await?;
+        match connect(requester, W4_REQUESTER, None).await {
             Ok(requester) => Ok(CourierRequester {
                 requester,
                 responder,

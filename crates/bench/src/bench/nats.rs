@@ -501,12 +501,12 @@ impl Side for NatsSide {
         close(client, &events).await;
     }
 
-    async fn requester(address: &str) -> anyhow::Result<NatsRequester> {
+    async fn requester(requester: &str, responder: &str) -> anyhow::Result<NatsRequester> {
         let events = Arc::new(ClientEvents::default());
         let mut tasks = Tasks::default();
-        start_responder(address, &events, &mut tasks).await?;
+        start_responder(responder, &events, &mut tasks).await?;
         let requester = connect(
-            address,
+            requester,
             "bench-requester",
             MIN_SUBSCRIPTION_CAPACITY,
             &events,

@@ -76,9 +76,13 @@ pub(super) trait Side {
     /// restarted server).
     fn close_publisher(publisher: Self::Publisher) -> impl Future<Output = ()>;
 
-    /// Connects a responder that answers every request with
-    /// [`TINY_BYTES`], and a requester on another connection.
-    fn requester(address: &str) -> impl Future<Output = anyhow::Result<Self::Requester>> + Send;
+    /// Connects a responder to `responder` that answers every request
+    /// with [`TINY_BYTES`], and a requester to `requester` on another
+    /// connection (one server: the same address twice).
+    fn requester(
+        requester: &str,
+        responder: &str,
+    ) -> impl Future<Output = anyhow::Result<Self::Requester>> + Send;
 
     /// One request of [`TINY_BYTES`]; request `i` of `of` (for errors).
     fn request<'a>(

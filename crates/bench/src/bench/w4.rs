@@ -87,7 +87,9 @@ impl W4Side {
         match system {
             System::Courier | System::CourierUnobserved => {
                 let mut side = CourierSide::start(exe).await?;
-                let requester = side.watch(CourierSide::requester(&side.address())).await?;
+                let requester = side
+                    .watch(CourierSide::requester(&side.address(), &side.address()))
+                    .await?;
                 Ok(W4Side::Courier(Box::new((side, requester))))
             }
             System::Nats => {
@@ -95,14 +97,16 @@ impl W4Side {
                     .nats
                     .ok_or_else(|| anyhow!("internal: no nats-server for the NATS side"))?;
                 let mut side = NatsSide::start(nats, Fsync::Default).await?;
-                let requester = side.watch(NatsSide::requester(&side.address())).await?;
+                let requester = side
+                    .watch(NatsSide::requester(&side.address(), &side.address()))
+                    .await?;
                 Ok(W4Side::Nats(Box::new((side, requester))))
             }
             System::CourierCluster => {
                 let mut side = super::cluster::courier_side(exe, cluster()?).await?;
                 let address = side.address();
                 let requester = side
-                    .watch(Clustered::<CourierSide>::requester(&address))
+                    .watch(Clustered::<CourierSide>::requester(&address, &address))
                     .await?;
                 Ok(W4Side::CourierCluster(Box::new((side, requester))))
             }
@@ -112,7 +116,7 @@ impl W4Side {
                 let mut side = super::cluster::jetstream_side(cluster()?)?;
                 let address = side.address();
                 let requester = side
-                    .watch(Clustered::<NatsSide>::requester(&address))
+                    .watch(Clustered::<NatsSide>::requester(&address, &address))
                     .await?;
                 Ok(W4Side::NatsCluster(Box::new((side, requester))))
             }
@@ -336,7 +340,7 @@ pub(super) async fn requests_under_load<S: Side + 'static>(
     let address = side.address();
     let count = plan.w4a;
     let work = async {
-        let requester = S::requester(&address).await?;
+        let requester = S::requester(&address, &address).await?;
         let publisher = S::publisher(&address, W12_NAME).await?;
         let measured = async {
             let mut latencies = Vec::with_capacity(usize::try_from(count).unwrap_or(0));

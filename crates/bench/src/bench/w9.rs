@@ -199,7 +199,7 @@ pub(super) async fn measure<S: IdleSide>(side: &mut S, plan: &Plan) -> anyhow::R
     check_open_files(connections)?;
     let services = service_count(connections);
     let address = side.address();
-    let requester = side.watch(S::requester(&address)).await?;
+    let requester = side.watch(S::requester(&address, &address)).await?;
     let measured = async {
         let before = side
             .watch(w4a_p99::<S>(&requester, plan.warmup, plan.w4a))

@@ -88,7 +88,8 @@ fn conn_of(action: &Action) -> ConnId {
         | Action::TraceQuery { conn, .. }
         | Action::DeadLetterQuery { conn, .. }
         | Action::Close { conn, .. }
-        | Action::ForwardReply { conn, .. } => *conn,
+        | Action::ForwardReply { conn, .. }
+        | Action::FindReplyRoute { conn, .. } => *conn,
         // No connection's: never held (a transient message is stored
         // nowhere), so its "connection" orders nothing.
         Action::ForwardTransient { .. } => 0,

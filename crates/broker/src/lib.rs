@@ -71,7 +71,7 @@ pub use trace::{
     ActivityFilter, Outcome, TraceQuery, TraceRecord, TraceSampler, ACTIVITIES_LIMIT_DEFAULT,
     ACTIVITIES_LIMIT_MAX, DEAD_LETTERED,
 };
-pub use upstream::{Fetched, RemoteReply, RemoteSubscriptions};
+pub use upstream::{Fetched, KnownReplyRoute, RemoteReply, RemoteSubscriptions};
 
 /// The maps touched for every message (here and in the server): keyed by
 /// a fast hasher seeded at random per process (keys come from clients, so

@@ -80,6 +80,17 @@ pub enum Action {
         requester: String,
         message: Arc<Message>,
     },
+    /// A reply to a command this node does not know (its replier
+    /// reconnected here while handling it), on a replicated backend: the
+    /// edge asks the other nodes where its replies go
+    /// ([`crate::Broker::reply_route_of`]) and hands their answer to
+    /// [`crate::Broker::reply_route_found`].
+    FindReplyRoute {
+        conn: ConnId,
+        seq: u64,
+        quiet: bool,
+        message: Arc<Message>,
+    },
     /// A transient message for `service`, which has no instance here that
     /// takes it, on a replicated backend: the edge offers it to the nodes
     /// with instances of the service (one of them, at most once), whose

@@ -292,6 +292,7 @@ impl<S: MessageStore> Broker<S> {
             if let Some(forward) = self.forward_reply(conn, seq, quiet, &message)? {
                 return Ok(forward);
             }
+            return Ok(self.find_reply_route(conn, seq, quiet, &message));
         }
         let Some(route) = self.reply_routes.get(&command) else {
             return Err((

@@ -36,6 +36,19 @@ pub(crate) struct RemoteRoute {
     pub requester: String,
 }
 
+/// Where a command's replies go, as the node that knows says
+/// ([`Broker::reply_route_of`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KnownReplyRoute {
+    /// The node the command was accepted on; `None`: the node answering.
+    pub node: Option<String>,
+    /// The services the command went to: only they may reply.
+    pub receivers: Vec<String>,
+    /// The command's sender: its instances elsewhere take the replies if
+    /// its node is gone.
+    pub requester: String,
+}
+
 /// What became of a reply another node forwarded here
 /// ([`Broker::remote_reply`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -320,6 +333,107 @@ impl<S: MessageStore> Broker<S> {
             message: message.clone(),
         });
         Ok(Some(ReplyFate::Held))
+    }
+
+    /// A reply from `conn` to a command this node neither accepted nor
+    /// fetched — its replier reconnected here while handling it: the
+    /// edge asks the other nodes where its replies go
+    /// ([`Action::FindReplyRoute`]), and [`Broker::reply_route_found`]
+    /// takes their answer.
+    pub(crate) fn find_reply_route(
+        &mut self,
+        conn: ConnId,
+        seq: u64,
+        quiet: bool,
+        message: &Arc<Message>,
+    ) -> ReplyFate {
+        self.actions.push(Action::FindReplyRoute {
+            conn,
+            seq,
+            quiet,
+            message: message.clone(),
+        });
+        ReplyFate::Held
+    }
+
+    /// Where the replies to `command` go, if this node knows: it accepted
+    /// the command (`node` is `None`: here), or it fetched the command
+    /// for one of its instances. Asked for another node's
+    /// [`Action::FindReplyRoute`].
+    pub fn reply_route_of(&self, command: Uuid) -> Option<KnownReplyRoute> {
+        if let Some(route) = self.reply_routes.get(&command) {
+            return Some(KnownReplyRoute {
+                node: None,
+                receivers: route.receivers.clone(),
+                requester: route.service.clone(),
+            });
+        }
+        self.remote_routes
+            .get(&command)
+            .map(|route| KnownReplyRoute {
+                node: Some(route.node.clone()),
+                receivers: vec![route.service.clone()],
+                requester: route.requester.clone(),
+            })
+    }
+
+    /// The other nodes' answer to [`Action::FindReplyRoute`]: the reply
+    /// goes to the node its command was accepted on, as a reply to a
+    /// command fetched here does ([`Action::ForwardReply`]); `None` (no
+    /// node knows the command) refuses it as one broker does.
+    pub fn reply_route_found(
+        &mut self,
+        conn: ConnId,
+        seq: u64,
+        quiet: bool,
+        message: Arc<Message>,
+        found: Option<(String, KnownReplyRoute)>,
+        now: Nanos,
+    ) {
+        self.now = now;
+        let Some(command) = message.response_to else {
+            return;
+        };
+        let Some((node, route)) = found else {
+            self.metrics.refused += 1;
+            self.send_result(
+                conn,
+                seq,
+                ErrorCode::UnknownRequest,
+                format!("no command {command} awaits replies (it finished, timed out, or was never sent)"),
+            );
+            return;
+        };
+        if !route.receivers.iter().any(|r| *r == message.sender) {
+            self.metrics.refused += 1;
+            self.send_result(
+                conn,
+                seq,
+                ErrorCode::Unauthorized,
+                format!(
+                    "service {} may not reply to command {command}: it was not delivered to {}",
+                    message.sender, message.sender
+                ),
+            );
+            return;
+        }
+        // Later replies of a stream go straight there.
+        if !message.is_final {
+            let remote = RemoteRoute {
+                node: node.clone(),
+                service: message.sender.to_string(),
+                requester: route.requester.clone(),
+            };
+            self.remote_routes.insert(command, remote, now);
+        }
+        self.actions.push(Action::ForwardReply {
+            conn,
+            seq,
+            quiet,
+            node,
+            requester: route.requester,
+            message,
+        });
     }
 
     /// How the requester's node took a reply this node forwarded

@@ -7,7 +7,16 @@ mod cluster_common;
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use courier_client::proto::{
+    decode_frame, Credentials, ErrorCode, Frame, FrameWriter, Hello, Kind, Message,
+    PROTOCOL_VERSION,
+};
+use uuid::Uuid;
 
 use cluster_common::{send_when_routed, until_received, Nodes};
 use common::*;
@@ -22,10 +31,14 @@ type Scenario = fn(&Nodes);
 #[tokio::test(flavor = "multi_thread")]
 async fn two_nodes_serve_one_bus() {
     let nodes = Nodes::start().await;
-    let scenarios: [(&str, Scenario); 7] = [
+    let scenarios: [(&str, Scenario); 8] = [
         (
             "request and reply",
             a_command_sent_through_one_node_is_answered_from_the_other,
+        ),
+        (
+            "reply through another node",
+            a_reply_through_a_node_that_never_saw_the_command_reaches_the_requester,
         ),
         (
             "fan-out and competing",
@@ -97,6 +110,108 @@ fn a_command_sent_through_one_node_is_answered_from_the_other(nodes: &Nodes) {
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(json_lines(&out)[0]["payload"]["text"], "bread");
+}
+
+/// One reply sent by a raw client of `service` connected to `addr`, and
+/// the broker's answer to it.
+fn raw_reply(addr: &str, service: &str, command: Uuid, is_final: bool) -> (ErrorCode, String) {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream.set_read_timeout(Some(T)).expect("read timeout");
+    let mut w = FrameWriter::new();
+    w.push(&Frame::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        service: service.into(),
+        instance: String::new(),
+        max_in_flight: 0,
+        credentials: Credentials::None,
+    }))
+    .expect("encode");
+    let mut reply = Message::new(Kind::Reply, "ledger.posted", r#"{"posted":true}"#);
+    reply.response_to = Some(command);
+    reply.is_final = is_final;
+    w.push_send(1, &reply).expect("encode");
+    stream.write_all(&w.take()).expect("send");
+    let mut buf = BytesMut::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        while let Some(frame) = decode_frame(&mut buf, u32::MAX).expect("frames decode") {
+            match frame {
+                Frame::SendResult(mut outcomes) => {
+                    let outcome = outcomes.remove(0);
+                    return (outcome.code, outcome.reason);
+                }
+                Frame::Error(e) => panic!("the node closed the connection: {}", e.message),
+                _ => {}
+            }
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) => panic!("the node closed the connection"),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) => panic!("no answer to the reply: {e}"),
+        }
+    }
+}
+
+/// A replier that reconnected to another node while handling a command
+/// replies there: that node never saw the command, asks the others, and
+/// the reply reaches the requester; only the receiving service may reply.
+fn a_reply_through_a_node_that_never_saw_the_command_reaches_the_requester(nodes: &Nodes) {
+    let ledger = nodes
+        .a
+        .spawn(&["subscribe", "ledger.post", "--service", "ledger"]);
+    // In force once a probe came through (a command accepted before the
+    // service's consumer exists does not reach it).
+    let deadline = Instant::now() + T;
+    while ledger.try_json_line(Duration::from_millis(300)).is_none() {
+        assert!(Instant::now() < deadline, "no probe reached ledger");
+        let probe = nodes
+            .a
+            .run(&["send", "ledger.post", "--data", r#""probe""#]);
+        assert!(
+            probe.status.success() || stderr(&probe).contains("no_receiver"),
+            "{}",
+            stderr(&probe)
+        );
+    }
+    let mut requester = nodes.a.spawn(&[
+        "request",
+        "ledger.post",
+        "--service",
+        "shop",
+        "--timeout",
+        "30s",
+        "--data",
+        r#"{"amount":5}"#,
+    ]);
+    let delivered = loop {
+        let m = ledger.json_line(T);
+        if m["payload"] != "probe" {
+            break m;
+        }
+    };
+    assert_eq!(delivered["payload"]["amount"], 5);
+    let command: Uuid = delivered["id"]
+        .as_str()
+        .and_then(|id| id.parse().ok())
+        .expect("the command's id");
+
+    let (code, reason) = raw_reply(&nodes.b.addr, "mallory", command, true);
+    assert_eq!(code, ErrorCode::Unauthorized, "{reason}");
+    let (code, reason) = raw_reply(&nodes.b.addr, "ledger", command, true);
+    assert_eq!(code, ErrorCode::Ok, "{reason}");
+    assert_eq!(
+        requester.wait_exit(T),
+        Some(0),
+        "the requester got its reply"
+    );
+    let replies = requester.rest(T);
+    assert_eq!(replies.len(), 1, "{replies:?}");
+    assert_eq!(replies[0]["name"], "ledger.posted");
+    assert_eq!(replies[0]["sender"], "ledger");
+    assert_eq!(replies[0]["payload"]["posted"], true);
+    // The final reply ended the command: no node knows it any more.
+    let (code, reason) = raw_reply(&nodes.b.addr, "ledger", command, true);
+    assert_eq!(code, ErrorCode::UnknownRequest, "{reason}");
 }
 
 fn events_reach_every_service_and_commands_one_instance_of_it(nodes: &Nodes) {

@@ -303,6 +303,31 @@ impl Shared {
                     });
                     continue;
                 }
+                Action::FindReplyRoute {
+                    conn,
+                    seq,
+                    quiet,
+                    message,
+                } => {
+                    let find = crate::cluster_edge::Find {
+                        conn,
+                        seq,
+                        quiet,
+                        message,
+                    };
+                    match &self.cluster {
+                        Some(edge) => {
+                            if edge.finds.send(find).is_err() {
+                                warn!("the cluster edge has stopped; a reply's route was not asked for");
+                            }
+                        }
+                        None => warn!(
+                            conn,
+                            "a reply's route to ask for without a cluster backend; dropped"
+                        ),
+                    }
+                    continue;
+                }
                 Action::ForwardTransient { service, message } => {
                     if let Some(edge) = &self.cluster {
                         let _ = edge
@@ -326,7 +351,8 @@ impl Shared {
                 | Action::StartTail { conn, .. }
                 | Action::TraceQuery { conn, .. }
                 | Action::Close { conn, .. }
-                | Action::ForwardReply { conn, .. } => *conn,
+                | Action::ForwardReply { conn, .. }
+                | Action::FindReplyRoute { conn, .. } => *conn,
                 Action::ForwardTransient { .. } | Action::DeadLetterQuery { .. } => continue,
             };
             if current.as_ref().is_none_or(|(c, _)| *c != conn) {
@@ -383,6 +409,7 @@ impl Shared {
                 }
                 Action::Pong { nonce, .. } => state.writer.push(&Frame::Pong(nonce)),
                 Action::ForwardReply { .. }
+                | Action::FindReplyRoute { .. }
                 | Action::ForwardTransient { .. }
                 | Action::DeadLetterQuery { .. } => Ok(()),
                 Action::StartTail {

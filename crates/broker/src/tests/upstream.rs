@@ -360,11 +360,151 @@ fn a_reply_to_a_command_from_another_node_is_forwarded_there() {
     h.broker
         .forwarded_reply_answer(1, 9, false, ErrorCode::Ok, String::new());
     assert_eq!(results(&h.actions()), vec![(9, ErrorCode::Ok)]);
-    // Final: a second reply finds no route.
+    // Final: a second reply finds no route here, and none elsewhere.
     let mut again = Message::new(Kind::Reply, "job.done", "ok");
     again.response_to = Some(id);
     h.send(1, 10, again);
-    assert_eq!(results(&h.actions())[0].1, ErrorCode::UnknownRequest);
+    let actions = h.actions();
+    let asked = actions.iter().find_map(|a| match a {
+        Action::FindReplyRoute {
+            conn: 1,
+            seq: 10,
+            message,
+            ..
+        } => Some(message.clone()),
+        _ => None,
+    });
+    let asked = asked.expect("the other nodes asked");
+    h.broker.reply_route_found(1, 10, false, asked, None, h.now);
+    assert_eq!(results(&h.actions()), vec![(10, ErrorCode::UnknownRequest)]);
+}
+
+#[test]
+fn a_reply_to_a_command_another_node_knows_goes_where_that_node_says() {
+    let mut h = node();
+    h.broker.subscriptions_changed(
+        "ledger",
+        Some(RemoteSubscriptions {
+            patterns: vec![("ledger.*".to_string(), false)],
+            ..Default::default()
+        }),
+        h.now,
+    );
+    // What this node says of the commands it accepted and fetched.
+    h.connect(2, "shop", 10);
+    let accepted = command("ledger.post", "x");
+    let accepted_id = accepted.id;
+    h.send(2, 1, accepted);
+    h.actions();
+    assert_eq!(
+        h.broker.reply_route_of(accepted_id),
+        Some(KnownReplyRoute {
+            node: None,
+            receivers: vec!["ledger".to_string()],
+            requester: "shop".to_string(),
+        })
+    );
+    h.connect(1, "ledger", 10);
+    h.subscribe(1, "ledger.*");
+    h.actions();
+    let mut elsewhere = command("ledger.post", "y");
+    elsewhere.sender = "shop".into();
+    let elsewhere_id = elsewhere.id;
+    let mut f = fetched("ledger", elsewhere, 1, "ack-y");
+    f.reply_node = Some("node-c".to_string());
+    h.broker.fetched(f, h.now);
+    h.actions();
+    assert_eq!(
+        h.broker.reply_route_of(elsewhere_id),
+        Some(KnownReplyRoute {
+            node: Some("node-c".to_string()),
+            receivers: vec!["ledger".to_string()],
+            requester: "shop".to_string(),
+        })
+    );
+    assert_eq!(h.broker.reply_route_of(Uuid::now_v7()), None);
+
+    // A replier that moved here replies to a command it got elsewhere.
+    let unknown = Uuid::now_v7();
+    let reply = |is_final: bool| {
+        let mut reply = Message::new(Kind::Reply, "ledger.posted", "ok");
+        reply.response_to = Some(unknown);
+        reply.is_final = is_final;
+        reply
+    };
+    h.send(1, 7, reply(false));
+    let actions = h.actions();
+    assert!(results(&actions).is_empty(), "answered before it was found");
+    let asked = actions
+        .iter()
+        .find_map(|a| match a {
+            Action::FindReplyRoute {
+                conn: 1,
+                seq: 7,
+                message,
+                ..
+            } => Some(message.clone()),
+            _ => None,
+        })
+        .expect("the other nodes asked");
+    assert_eq!(
+        asked.sender.as_str(),
+        "ledger",
+        "stamped before it is asked for"
+    );
+    let known = KnownReplyRoute {
+        node: Some("node-b".to_string()),
+        receivers: vec!["ledger".to_string()],
+        requester: "shop".to_string(),
+    };
+    h.broker.reply_route_found(
+        1,
+        7,
+        false,
+        asked,
+        Some(("node-b".to_string(), known.clone())),
+        h.now,
+    );
+    let forwarded = h.actions().into_iter().find_map(|a| match a {
+        Action::ForwardReply {
+            conn: 1,
+            seq: 7,
+            node,
+            requester,
+            ..
+        } => Some((node, requester)),
+        _ => None,
+    });
+    assert_eq!(forwarded, Some(("node-b".to_string(), "shop".to_string())));
+    // The stream's next reply goes straight there.
+    h.send(1, 8, reply(true));
+    assert!(h.actions().iter().any(|a| matches!(
+        a,
+        Action::ForwardReply { seq: 8, node, .. } if node == "node-b"
+    )));
+
+    // Only a service the command went to may reply to it.
+    h.connect(3, "mallory", 10);
+    let mut forged = reply(true);
+    forged.response_to = Some(Uuid::now_v7());
+    h.send(3, 1, forged);
+    let asked = h
+        .actions()
+        .into_iter()
+        .find_map(|a| match a {
+            Action::FindReplyRoute { message, .. } => Some(message),
+            _ => None,
+        })
+        .expect("asked");
+    h.broker.reply_route_found(
+        3,
+        1,
+        false,
+        asked,
+        Some(("node-b".to_string(), known)),
+        h.now,
+    );
+    assert_eq!(results(&h.actions()), vec![(1, ErrorCode::Unauthorized)]);
 }
 
 #[test]

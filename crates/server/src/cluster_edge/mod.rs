@@ -18,7 +18,9 @@
 //!   requests for its own requesters with [`Broker::remote_reply`]. A
 //!   reply whose requester's node is gone, or whose requester left it, is
 //!   offered to its service's instances on any node (`courier.r.<service>`),
-//!   else parked on the node that has it.
+//!   else parked on the node that has it. A reply to a command this node
+//!   does not know (its replier reconnected here while handling it) first
+//!   asks the other nodes where it goes (`courier.routes`).
 //! - **Registration.** The node's record in `courier_nodes`, renewed.
 //!
 //! `fetching.rs` holds the fetch loops, the keyed lanes' leases and the
@@ -48,7 +50,10 @@ mod fetching;
 mod replies;
 
 use fetching::{offer_transients, run_fetchers, LANE_LEASE_RETRY};
-use replies::{forward_replies, run_reply_takers, serve_forwarded_replies};
+use replies::{
+    answer_route_questions, find_reply_routes, forward_replies, run_reply_takers,
+    serve_forwarded_replies,
+};
 
 /// How often the per-service tasks (fetch loops, reply takers) are
 /// checked against the services they serve when nothing woke the check
@@ -130,6 +135,15 @@ pub(crate) struct Forward {
     pub message: Arc<Message>,
 }
 
+/// A reply to a command this node does not know, whose route it asks
+/// the other nodes for.
+pub(crate) struct Find {
+    pub conn: ConnId,
+    pub seq: u64,
+    pub quiet: bool,
+    pub message: Arc<Message>,
+}
+
 /// A transient message offered to another node's instances.
 pub(crate) struct Transient {
     pub service: String,
@@ -142,6 +156,9 @@ pub(crate) struct ClusterEdge {
     /// Replies to forward ([`courier_broker::Action::ForwardReply`]).
     pub forwards: mpsc::UnboundedSender<Forward>,
     forwards_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<Forward>>>,
+    /// Replies whose route to ask for ([`courier_broker::Action::FindReplyRoute`]).
+    pub finds: mpsc::UnboundedSender<Find>,
+    finds_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<Find>>>,
     /// Transient messages to offer ([`courier_broker::Action::ForwardTransient`]).
     pub transients: mpsc::UnboundedSender<Transient>,
     transients_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<Transient>>>,
@@ -155,11 +172,14 @@ pub(crate) struct ClusterEdge {
 impl ClusterEdge {
     pub(crate) fn new(node: Arc<ClusterNode>) -> ClusterEdge {
         let (forwards, rx) = mpsc::unbounded_channel();
+        let (finds, finds_rx) = mpsc::unbounded_channel();
         let (transients, transients_rx) = mpsc::unbounded_channel();
         ClusterEdge {
             node,
             forwards,
             forwards_rx: std::sync::Mutex::new(Some(rx)),
+            finds,
+            finds_rx: std::sync::Mutex::new(Some(finds_rx)),
             transients,
             transients_rx: std::sync::Mutex::new(Some(transients_rx)),
             dead_letters: crate::cluster_dead_letters::Queries::new(),
@@ -186,10 +206,22 @@ pub(crate) fn start(shared: &Arc<Shared>) -> Vec<crate::AbortOnDrop> {
             shared,
         )))),
         crate::AbortOnDrop(tokio::spawn(run_reply_takers(Arc::downgrade(shared)))),
+        crate::AbortOnDrop(tokio::spawn(answer_route_questions(Arc::downgrade(shared)))),
         crate::AbortOnDrop(tokio::spawn(keep_registered(edge.node.clone()))),
         crate::AbortOnDrop(tokio::spawn(reclaim_while_leading(edge.node.clone()))),
     ];
     tasks.extend(edge.dead_letters.start(shared));
+    let finds = edge
+        .finds_rx
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    if let Some(rx) = finds {
+        tasks.push(crate::AbortOnDrop(tokio::spawn(find_reply_routes(
+            Arc::downgrade(shared),
+            rx,
+        ))));
+    }
     if let Some(rx) = forwards {
         tasks.push(crate::AbortOnDrop(tokio::spawn(forward_replies(
             Arc::downgrade(shared),

@@ -2,24 +2,46 @@
 //! accepted on another node goes to that node (`courier.node.<id>.reply`);
 //! one whose requester's node is gone, or whose requester left it, goes
 //! to an instance of the requesting service on any node
-//! (`courier.r.<service>`), else waits on the node that has it.
+//! (`courier.r.<service>`), else waits on the node that has it. A reply
+//! to a command the replier's node does not know — the replier
+//! reconnected there while handling it — asks every node on
+//! `courier.routes`; the node that accepted the command, or the one that
+//! fetched it, answers where its replies go.
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use courier_broker::RemoteReply;
+use courier_broker::{KnownReplyRoute, RemoteReply};
 use courier_cluster::Connection;
 use courier_proto::{ErrorCode, Message};
 use futures_util::StreamExt as _;
 use tokio::sync::{mpsc, watch};
 use tracing::warn;
 
-use super::{per_service, ClusterEdge, Forward};
+use super::{per_service, ClusterEdge, Find, Forward};
 use crate::Shared;
 
 /// How long a node waits for the requester's node to take a reply.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where a node asks the others for the route of a reply to a command it
+/// does not know; only a node that knows answers.
+const ROUTE_SUBJECT: &str = "courier.routes";
+
+/// How long a node waits for another to say where a reply goes before it
+/// refuses it as a reply to no known command: a node that knows answers
+/// within a round trip on the cluster's network.
+const ROUTE_ASK_PATIENCE: Duration = Duration::from_secs(1);
+
+/// A node's answer on [`ROUTE_SUBJECT`].
+#[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+struct RouteAnswer {
+    /// The node the command was accepted on.
+    node: String,
+    receivers: Vec<String>,
+    requester: String,
+}
 
 /// The subject a node takes forwarded replies on.
 fn reply_subject(node: &str) -> String {
@@ -282,6 +304,113 @@ async fn take_offered_replies(
     }
 }
 
+/// Answers other nodes' questions for the routes of commands this node
+/// accepted or fetched ([`courier_broker::Broker::reply_route_of`]);
+/// says nothing of the others.
+pub(super) async fn answer_route_questions(shared: Weak<Shared>) {
+    let Some((client, node)) = shared.upgrade().and_then(|s| {
+        s.cluster.as_ref().map(|e| {
+            (
+                e.node.connection.client.clone(),
+                e.node.node.as_str().to_string(),
+            )
+        })
+    }) else {
+        return;
+    };
+    let mut questions = match client.subscribe(ROUTE_SUBJECT).await {
+        Ok(questions) => questions,
+        Err(e) => {
+            warn!(error = %e, "cannot answer other nodes' questions for reply routes; replies through them to commands accepted or fetched here will be refused");
+            return;
+        }
+    };
+    while let Some(question) = questions.next().await {
+        let (Some(to), Ok(command)) = (question.reply, uuid::Uuid::from_slice(&question.payload))
+        else {
+            continue;
+        };
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let known = shared.core().reply_route_of(command);
+        drop(shared);
+        let Some(known) = known else {
+            continue;
+        };
+        let answer = RouteAnswer {
+            node: known.node.unwrap_or_else(|| node.clone()),
+            receivers: known.receivers,
+            requester: known.requester,
+        };
+        let Ok(payload) = serde_json::to_vec(&answer) else {
+            continue;
+        };
+        if let Err(e) = client.publish(to, payload.into()).await {
+            warn!(error = %e, "could not answer a question for a reply route");
+        }
+    }
+}
+
+/// Asks the other nodes where the replies to `command` go; `None` if no
+/// node knows within [`ROUTE_ASK_PATIENCE`].
+async fn ask_route(
+    client: &async_nats::Client,
+    command: uuid::Uuid,
+) -> Option<(String, KnownReplyRoute)> {
+    let question = client.request(ROUTE_SUBJECT, Bytes::copy_from_slice(command.as_bytes()));
+    let answer = tokio::time::timeout(ROUTE_ASK_PATIENCE, question)
+        .await
+        .ok()?
+        .ok()?;
+    let RouteAnswer {
+        node,
+        receivers,
+        requester,
+    } = serde_json::from_slice(&answer.payload).ok()?;
+    let route = KnownReplyRoute {
+        node: Some(node.clone()),
+        receivers,
+        requester,
+    };
+    Some((node, route))
+}
+
+/// Asks for the routes of replies to commands this node does not know,
+/// and hands the answers to the core, which forwards or refuses them.
+pub(super) async fn find_reply_routes(
+    shared: Weak<Shared>,
+    mut finds: mpsc::UnboundedReceiver<Find>,
+) {
+    while let Some(find) = finds.recv().await {
+        let Some(client) = shared
+            .upgrade()
+            .and_then(|s| s.cluster.as_ref().map(|e| e.node.connection.client.clone()))
+        else {
+            return;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let found = match find.message.response_to {
+                Some(command) => ask_route(&client, command).await,
+                None => None,
+            };
+            if let Some(shared) = shared.upgrade() {
+                shared.with_core_deferred(|core, now| {
+                    core.reply_route_found(
+                        find.conn,
+                        find.seq,
+                        find.quiet,
+                        find.message,
+                        found,
+                        now,
+                    )
+                });
+            }
+        });
+    }
+}
+
 /// Sends replies to their command's node and answers their senders.
 pub(super) async fn forward_replies(
     shared: Weak<Shared>,
@@ -375,6 +504,20 @@ async fn forward_one(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn route_answers_round_trip() {
+        let answer = RouteAnswer {
+            node: "a".to_string(),
+            receivers: vec!["ledger".to_string()],
+            requester: "shop".to_string(),
+        };
+        let bytes = serde_json::to_vec(&answer).expect("encode");
+        assert_eq!(
+            serde_json::from_slice::<RouteAnswer>(&bytes).expect("decode"),
+            answer
+        );
+    }
 
     #[test]
     fn answers_round_trip() {

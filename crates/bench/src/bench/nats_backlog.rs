@@ -369,13 +369,16 @@ impl RestartSide for NatsSide {
     }
 }
 
+/// How long W7's check of the backlog after a restart keeps asking.
+const W7_CHECK_PATIENCE: Duration = Duration::from_secs(30);
+
 /// Fails unless W7's durable consumer still has all `count` messages
 /// pending, asked through `url`.
 pub(super) async fn check_w7_backlog(url: &str, count: u64) -> anyhow::Result<()> {
     let events = Arc::new(ClientEvents::default());
     let client = connect(url, "bench-check", MIN_SUBSCRIPTION_CAPACITY, &events).await?;
     let js = jetstream_context(client.clone());
-    let checked = async {
+    let check = async || {
         let stream = js
             .get_stream(W7_STREAM)
             .await
@@ -392,8 +395,18 @@ pub(super) async fn check_w7_backlog(url: &str, count: u64) -> anyhow::Result<()
             );
         }
         Ok(())
-    }
-    .await;
+    };
+    // On a cluster the restarted server's groups elect leaders and catch
+    // up for a while: asks time out, a replica counts what it has so far.
+    let deadline = Instant::now() + W7_CHECK_PATIENCE;
+    let checked = loop {
+        match check().await {
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            done => break done,
+        }
+    };
     drop(js);
     super::nats::close(client, &events).await;
     checked

@@ -99,6 +99,43 @@ fn a_command_sent_through_one_node_is_answered_from_the_other(nodes: &Nodes) {
     assert_eq!(replies[0]["sender"], "todo");
     assert_eq!(replies[0]["payload"]["text"], "milk");
     assert_eq!(replies[0]["final"], true);
+    // One trace of it, asked on either node: the command accepted on b,
+    // its delivery and ack on a, the reply accepted on a.
+    let activity = replies[0]["activity_id"].as_str().expect("activity id");
+    for node in [&nodes.b, &nodes.a] {
+        let deadline = Instant::now() + T;
+        let tree = loop {
+            let out = node.run(&["trace", activity, "--json"]);
+            assert!(out.status.success(), "{}", stderr(&out));
+            let tree: serde_json::Value =
+                serde_json::from_slice(&out.stdout).expect("the tree is JSON");
+            if tree["roots"][0]["deliveries"][0]["outcome"] == "acked" {
+                break tree;
+            }
+            assert!(Instant::now() < deadline, "no whole trace: {tree}");
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let command = &tree["roots"][0];
+        assert_eq!(command["name"], "todo.create", "{tree}");
+        assert_eq!(command["deliveries"][0]["service"], "todo", "{tree}");
+        assert_eq!(command["children"][0]["name"], "todo.created", "{tree}");
+        assert_eq!(tree["messages"], 2, "{tree}");
+        assert!(tree.get("partial").is_none(), "{tree}");
+    }
+    let out = nodes.a.run(&["trace", "--name", "todo.create"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let listed = json_lines(&out);
+    let entry = listed
+        .iter()
+        .find(|a| a["activity_id"] == activity)
+        .unwrap_or_else(|| panic!("the activity is listed: {listed:?}"));
+    assert_eq!(entry["messages"], 2, "{entry}");
+    assert_eq!(
+        entry["outcomes"],
+        serde_json::json!(["todo.created"]),
+        "{entry}"
+    );
+
     // And through the responder's own node.
     let out = nodes.a.run(&[
         "request",

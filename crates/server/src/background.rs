@@ -14,15 +14,27 @@ use crate::{auth, load_manifest, trace, wall_nanos, Outbox, ScrubSettings, Serve
 
 /// Answers a `courier.trace.*` command off the broker's lock (a tree
 /// may take a while to build) with one final reply.
+/// On a cluster the answer is every node's (`cluster_edge/traces.rs`).
 pub(crate) fn answer_trace_query(
     tracer: trace::Tracer,
+    cluster: Option<Arc<crate::cluster_edge::ClusterNode>>,
     outbox: Arc<Outbox>,
     request: uuid::Uuid,
     activity_id: uuid::Uuid,
     query: courier_broker::TraceQuery,
 ) {
-    tokio::task::spawn_blocking(move || {
-        let (outcome, body) = tracer.answer(&query);
+    tokio::spawn(async move {
+        let answered = match cluster {
+            Some(node) => crate::cluster_edge::traces::answer(&node, &tracer, &query).await,
+            None => match tokio::task::spawn_blocking(move || tracer.answer(&query)).await {
+                Ok(answered) => answered,
+                Err(e) => {
+                    warn!(error = %e, "a trace query failed");
+                    return;
+                }
+            },
+        };
+        let (outcome, body) = answered;
         let mut reply =
             courier_proto::Message::new(courier_proto::Kind::Reply, outcome, body.to_string());
         reply.response_to = Some(request);

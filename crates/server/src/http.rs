@@ -261,9 +261,17 @@ pub(crate) async fn activity(
             )
         }
     };
-    let found =
-        tokio::task::spawn_blocking(move || tracer.tree(&id).ok_or_else(|| tracer.not_found(&id)))
-            .await;
+    let found = match &shared.cluster {
+        Some(edge) => Ok(crate::cluster_edge::traces::tree(&edge.node, &tracer, id)
+            .await
+            .ok_or_else(|| tracer.not_found(&id))),
+        None => {
+            tokio::task::spawn_blocking(move || {
+                tracer.tree(&id).ok_or_else(|| tracer.not_found(&id))
+            })
+            .await
+        }
+    };
     match found {
         Ok(Ok(tree)) => json_response(&tree),
         Ok(Err(why)) => problem(
@@ -328,6 +336,11 @@ pub(crate) async fn activities(
         Ok(filter) => filter,
         Err((_, reason)) => return problem(StatusCode::BAD_REQUEST, &reason),
     };
+    if let Some(edge) = &shared.cluster {
+        return json_response(
+            &crate::cluster_edge::traces::find(&edge.node, &tracer, &filter).await,
+        );
+    }
     match tokio::task::spawn_blocking(move || tracer.find(&filter)).await {
         Ok(listing) => json_response(&listing),
         Err(e) => problem(

@@ -152,6 +152,10 @@ impl Server {
         let recovery_seconds = recovery_started.elapsed().as_secs_f64();
         say_alerts(&mut core);
         let tracer = match &config.trace {
+            Some(settings) if config.cluster.is_some() => Some(
+                trace::Tracer::start_on_cluster(settings, wall_nanos())
+                    .map_err(ServerError::Trace)?,
+            ),
             Some(settings) => {
                 Some(trace::Tracer::start(settings, wall_nanos()).map_err(ServerError::Trace)?)
             }

@@ -433,6 +433,7 @@ impl Shared {
                     if let (Some(outbox), Some(tracer)) = (outboxes.get(&conn), &self.tracer) {
                         answer_trace_query(
                             tracer.clone(),
+                            self.cluster.as_ref().map(|edge| edge.node.clone()),
                             outbox.clone(),
                             request,
                             activity_id,

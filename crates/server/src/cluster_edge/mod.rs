@@ -21,6 +21,8 @@
 //!   else parked on the node that has it. A reply to a command this node
 //!   does not know (its replier reconnected here while handling it) first
 //!   asks the other nodes where it goes (`courier.routes`).
+//! - **Traces.** A trace query on any node merges every node's part of
+//!   the activities (`traces.rs`).
 //! - **Registration.** The node's record in `courier_nodes`, renewed.
 //!
 //! `fetching.rs` holds the fetch loops, the keyed lanes' leases and the
@@ -48,6 +50,7 @@ use crate::Shared;
 
 mod fetching;
 mod replies;
+pub(crate) mod traces;
 
 use fetching::{offer_transients, run_fetchers, LANE_LEASE_RETRY};
 use replies::{
@@ -207,6 +210,9 @@ pub(crate) fn start(shared: &Arc<Shared>) -> Vec<crate::AbortOnDrop> {
         )))),
         crate::AbortOnDrop(tokio::spawn(run_reply_takers(Arc::downgrade(shared)))),
         crate::AbortOnDrop(tokio::spawn(answer_route_questions(Arc::downgrade(shared)))),
+        crate::AbortOnDrop(tokio::spawn(traces::serve_trace_questions(Arc::downgrade(
+            shared,
+        )))),
         crate::AbortOnDrop(tokio::spawn(keep_registered(edge.node.clone()))),
         crate::AbortOnDrop(tokio::spawn(reclaim_while_leading(edge.node.clone()))),
     ];

@@ -72,6 +72,11 @@ pub(crate) struct IndexConfig {
     pub retention_ns: Nanos,
     pub bytes_max: usize,
     pub payloads: bool,
+    /// On a cluster: a delivery of an activity this node never saw
+    /// accepted (another node accepted it) files the activity here too;
+    /// a query merges every node's part. On one broker such a delivery
+    /// belongs to an activity the sampler skipped, and is not kept.
+    pub deliveries_of_unseen: bool,
 }
 
 /// Counters for `/metrics`; they only go up.
@@ -92,6 +97,12 @@ enum Filed<'a> {
         name: &'a str,
         seq: u64,
         final_reply: bool,
+    },
+    /// On a cluster, a delivery names the seq its node holds the
+    /// message under, which outcomes name (see `deliveries_of_unseen`).
+    Delivered {
+        name: &'a str,
+        seq: u64,
     },
     Event {
         dead: bool,
@@ -194,13 +205,24 @@ impl TraceIndex {
                 };
                 (message.activity_id, message.timestamp, filed)
             }
-            TraceRecord::Delivered { message, at, .. } => {
-                if !self.activities.contains_key(&message.activity_id) {
-                    self.stats.records_unmatched += 1;
-                    return;
+            TraceRecord::Delivered {
+                message, at, seq, ..
+            } => {
+                if !self.config.deliveries_of_unseen {
+                    if !self.activities.contains_key(&message.activity_id) {
+                        self.stats.records_unmatched += 1;
+                        return;
+                    }
+                    record::encode_event(&mut written.bytes, record, &message.activity_id);
+                    (message.activity_id, *at, Filed::Event { dead: false })
+                } else {
+                    record::encode_event(&mut written.bytes, record, &message.activity_id);
+                    let filed = Filed::Delivered {
+                        name: &message.name,
+                        seq: *seq,
+                    };
+                    (message.activity_id, *at, filed)
                 }
-                record::encode_event(&mut written.bytes, record, &message.activity_id);
-                (message.activity_id, *at, Filed::Event { dead: false })
             }
             TraceRecord::Settled {
                 seq, at, outcome, ..
@@ -236,6 +258,10 @@ impl TraceIndex {
                 name: &a.name,
                 seq: a.seq,
                 final_reply: a.kind == Kind::Reply && a.is_final,
+            },
+            Record::Delivered(d) if self.config.deliveries_of_unseen => Filed::Delivered {
+                name: "",
+                seq: d.seq,
             },
             Record::Delivered(_) => Filed::Event { dead: false },
             Record::Settled(s) => Filed::Event {
@@ -309,6 +335,14 @@ impl TraceIndex {
                     entry.stored += 1;
                 }
             }
+            Filed::Delivered { name, seq } => {
+                if entry.name.is_empty() {
+                    entry.name = name.to_string();
+                }
+                if seq != 0 && self.seqs.insert(seq, activity).is_none() {
+                    entry.stored += 1;
+                }
+            }
             Filed::Event { dead } => entry.dead_lettered |= dead,
         }
         let grown = entry.heap_bytes() - before;
@@ -354,10 +388,13 @@ impl TraceIndex {
         };
         if activity.stored > 0 {
             for r in record::decode_all(&activity.records) {
-                if let Record::Accepted(a) = r {
-                    if a.seq != 0 && self.seqs.get(&a.seq) == Some(&id) {
-                        self.seqs.remove(&a.seq);
-                    }
+                let seq = match r {
+                    Record::Accepted(a) => a.seq,
+                    Record::Delivered(d) if self.config.deliveries_of_unseen => d.seq,
+                    _ => continue,
+                };
+                if seq != 0 && self.seqs.get(&seq) == Some(&id) {
+                    self.seqs.remove(&seq);
                 }
             }
         }
@@ -373,6 +410,14 @@ impl TraceIndex {
             tree["records_dropped"] = json!(entry.dropped);
         }
         Some(tree)
+    }
+
+    /// One activity's records as filed (encoded), and how many were
+    /// dropped for its size: this node's part of it, for a query on
+    /// another node to merge.
+    pub fn records(&self, activity: &Uuid) -> Option<(&[u8], u32)> {
+        let entry = self.activities.get(activity)?;
+        Some((&entry.records, entry.dropped))
     }
 
     /// Recent activities matching `filter`, newest first.
@@ -432,6 +477,7 @@ mod tests {
             retention_ns: 3_600_000 * MS,
             bytes_max,
             payloads: false,
+            deliveries_of_unseen: false,
         }
     }
 
@@ -551,5 +597,62 @@ mod tests {
         assert_eq!(index.stats.evicted_retention, 1);
         index.evict(T0 + 10 * 3_600_000 * MS);
         assert_eq!((index.activities(), index.memory_bytes()), (0, 0));
+    }
+
+    #[test]
+    fn on_a_cluster_a_delivery_of_an_activity_accepted_elsewhere_is_kept_with_its_outcome() {
+        let command = message(Kind::Command, "job.run", T0, None);
+        let delivered = TraceRecord::Delivered {
+            message: command.clone(),
+            seq: 5,
+            service: SharedStr::from("worker"),
+            instance: SharedStr::from("worker-1"),
+            attempt: 1,
+            at: T0 + MS,
+        };
+        let settled = TraceRecord::Settled {
+            seq: 5,
+            service: SharedStr::from("worker"),
+            outcome: Outcome::Acked,
+            at: T0 + 2 * MS,
+        };
+        // One broker: an activity it never saw accepted was skipped by
+        // the sampler; its delivery is not kept.
+        let mut one = TraceIndex::new(config(usize::MAX));
+        let mut written = Written::default();
+        one.apply(&delivered, &mut written);
+        one.apply(&settled, &mut written);
+        assert_eq!(one.activities(), 0);
+        assert_eq!(one.stats.records_unmatched, 2);
+
+        let mut node = TraceIndex::new(IndexConfig {
+            deliveries_of_unseen: true,
+            ..config(usize::MAX)
+        });
+        node.apply(&delivered, &mut written);
+        node.apply(&settled, &mut written);
+        assert_eq!(node.stats.records_unmatched, 0);
+        let (records, dropped) = node.records(&command.activity_id).expect("kept");
+        assert_eq!(dropped, 0);
+        let kinds: Vec<&str> = record::decode_all(records)
+            .iter()
+            .map(|r| match r {
+                Record::Accepted(_) => "accepted",
+                Record::Delivered(_) => "delivered",
+                Record::Settled(_) => "settled",
+            })
+            .collect();
+        assert_eq!(kinds, vec!["delivered", "settled"]);
+        let listed = node.find(&ActivityFilter {
+            name: None,
+            outcome: None,
+            since: None,
+            limit: 10,
+        });
+        assert_eq!(listed["activities"][0]["name"], "job.run");
+        // Evicted with its seq: a later outcome of seq 5 matches nothing.
+        node.evict(T0 + 10 * 3_600_000 * MS);
+        node.apply(&settled, &mut written);
+        assert_eq!(node.stats.records_unmatched, 1);
     }
 }

@@ -31,6 +31,7 @@
 //! size or the retention).
 
 mod index;
+mod merge;
 mod record;
 mod tree;
 
@@ -176,7 +177,17 @@ impl Tracer {
     /// starts the trace thread. A log that cannot be opened leaves traces
     /// in memory only (said in the log), never stops the broker.
     pub(crate) fn start(settings: &TraceSettings, now: Nanos) -> std::io::Result<Tracer> {
-        Tracer::start_coalescing(settings, now, COALESCE_INTERVAL)
+        Tracer::start_coalescing(settings, now, COALESCE_INTERVAL, false)
+    }
+
+    /// [`Tracer::start`] for a node of a cluster: deliveries of activities
+    /// accepted on other nodes are kept too (their parts are merged on
+    /// query, `cluster_edge/traces.rs`).
+    pub(crate) fn start_on_cluster(
+        settings: &TraceSettings,
+        now: Nanos,
+    ) -> std::io::Result<Tracer> {
+        Tracer::start_coalescing(settings, now, COALESCE_INTERVAL, true)
     }
 
     /// [`Tracer::start`] with the thread's sleep between rounds given.
@@ -184,11 +195,13 @@ impl Tracer {
         settings: &TraceSettings,
         now: Nanos,
         coalesce: Duration,
+        on_cluster: bool,
     ) -> std::io::Result<Tracer> {
         let config = IndexConfig {
             retention_ns: settings.retention_ms.saturating_mul(1_000_000),
             bytes_max: usize::try_from(settings.bytes_max).unwrap_or(usize::MAX),
             payloads: settings.payloads,
+            deliveries_of_unseen: on_cluster,
         };
         let mut index = TraceIndex::new(config);
         let counters = Arc::new(Counters::default());
@@ -312,6 +325,41 @@ impl Tracer {
     pub(crate) fn tree(&self, activity: &Uuid) -> Option<Value> {
         self.settle();
         lock(&self.index).tree(activity)
+    }
+
+    /// This node's part of an activity: its records, encoded, and how
+    /// many were dropped for size.
+    pub(crate) fn records(&self, activity: &Uuid) -> Option<(Vec<u8>, u32)> {
+        self.settle();
+        lock(&self.index)
+            .records(activity)
+            .map(|(bytes, dropped)| (bytes.to_vec(), dropped))
+    }
+
+    /// One activity's causal tree from several nodes' parts of it
+    /// ([`Tracer::records`] on each); `None` if no node has any.
+    pub(crate) fn tree_of_parts(activity: &Uuid, parts: Vec<(Vec<u8>, u32)>) -> Option<Value> {
+        if parts.is_empty() {
+            return None;
+        }
+        let dropped: u64 = parts.iter().map(|(_, dropped)| u64::from(*dropped)).sum();
+        let records = merge::merge_records(
+            parts
+                .iter()
+                .map(|(bytes, _)| record::decode_all(bytes))
+                .collect(),
+        );
+        let mut tree = tree::build(*activity, &records);
+        if dropped > 0 {
+            tree["truncated"] = json!(true);
+            tree["records_dropped"] = json!(dropped);
+        }
+        Some(tree)
+    }
+
+    /// Several nodes' listings ([`Tracer::find`] on each) as one.
+    pub(crate) fn merge_listings(listings: &[Value], limit: usize) -> Value {
+        merge::merge_listings(listings, limit)
     }
 
     /// Recent activities matching `filter`, newest first.
@@ -694,8 +742,8 @@ mod tests {
     #[test]
     fn many_waiting_batches_wake_the_thread_from_its_sleep() {
         let sleeps_an_hour = Duration::from_secs(3600);
-        let tracer =
-            Tracer::start_coalescing(&TraceSettings::default(), 0, sleeps_an_hour).expect("starts");
+        let tracer = Tracer::start_coalescing(&TraceSettings::default(), 0, sleeps_an_hour, false)
+            .expect("starts");
         let now = crate::wall_nanos();
         // The first round is taken at once; then the thread sleeps.
         tracer.submit(records(now).1, 1);

@@ -392,6 +392,9 @@ impl<S: MessageStore> Broker<S> {
     ) {
         self.now = now;
         let Some(command) = message.response_to else {
+            self.metrics.refused += 1;
+            let reason = "reply without response_to".to_string();
+            self.send_result(conn, seq, ErrorCode::InvalidMessage, reason);
             return;
         };
         let Some((node, route)) = found else {

@@ -279,6 +279,26 @@ fn events_reach_every_service_and_commands_one_instance_of_it(nodes: &Nodes) {
         probed_a |= work_a.try_json_line(Duration::from_millis(100)).is_some();
         probed_b |= work_b.try_json_line(Duration::from_millis(100)).is_some();
     }
+    // The console on either node shows both instances, each with its node.
+    for node in [&nodes.a, &nodes.b] {
+        let http = node.http.as_deref().expect("the node's HTTP port");
+        let (status, body) = http_get(http, "/v1/services", None);
+        assert_eq!(status, 200, "{body}");
+        let page: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        let work = page["services"]
+            .as_array()
+            .and_then(|s| s.iter().find(|s| s["name"] == "work"))
+            .unwrap_or_else(|| panic!("no work row: {page}"));
+        let mut on: Vec<&str> = work["instances"]
+            .as_array()
+            .expect("instances")
+            .iter()
+            .filter_map(|i| i["node"].as_str())
+            .collect();
+        on.sort();
+        assert_eq!(on, vec!["a", "b"], "{work}");
+        assert!(page.get("partial").is_none(), "{page}");
+    }
     const EVENTS: usize = 20;
     const COMMANDS: usize = 60;
     for n in 0..EVENTS {

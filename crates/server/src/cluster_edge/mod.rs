@@ -22,7 +22,8 @@
 //!   does not know (its replier reconnected here while handling it) first
 //!   asks the other nodes where it goes (`courier.routes`).
 //! - **Traces.** A trace query on any node merges every node's part of
-//!   the activities (`traces.rs`).
+//!   the activities (`traces.rs`); the console's services page shows
+//!   every node's instances (`views.rs`).
 //! - **Registration.** The node's record in `courier_nodes`, renewed.
 //!
 //! `fetching.rs` holds the fetch loops, the keyed lanes' leases and the
@@ -51,6 +52,7 @@ use crate::Shared;
 mod fetching;
 mod replies;
 pub(crate) mod traces;
+pub(crate) mod views;
 
 use fetching::{offer_transients, run_fetchers, LANE_LEASE_RETRY};
 use replies::{
@@ -101,6 +103,48 @@ async fn per_service<Task>(
         drop(strong);
         let _ = tokio::time::timeout(SERVICE_TASKS_CHECK_EVERY, room.notified()).await;
     }
+}
+
+/// Asks every other node in `courier_nodes` at once, each on its own
+/// `subject`, waiting up to `patience` for each: the answers that came,
+/// by node, and the nodes that gave none in time (or, if the registry
+/// cannot be read, what stands for them).
+pub(crate) async fn ask_every_other_node(
+    node: &ClusterNode,
+    subject: impl Fn(&str) -> String,
+    payload: bytes::Bytes,
+    patience: Duration,
+) -> (Vec<(String, bytes::Bytes)>, Vec<String>) {
+    let others: Vec<String> = match courier_cluster::nodes::list_nodes(&node.nodes).await {
+        Ok(nodes) => nodes
+            .into_iter()
+            .map(|(id, _)| id)
+            .filter(|id| id != node.node.as_str())
+            .collect(),
+        Err(e) => {
+            warn!(error = %e, "cannot list the cluster's nodes; answering with this node's part only");
+            return (Vec::new(), vec![format!("every other node ({e})")]);
+        }
+    };
+    let asks = others.iter().map(|id| {
+        let request = node.connection.client.request(subject(id), payload.clone());
+        async move {
+            match tokio::time::timeout(patience, request).await {
+                Ok(Ok(answer)) => Some(answer.payload),
+                _ => None,
+            }
+        }
+    });
+    let answers = futures_util::future::join_all(asks).await;
+    let mut came = Vec::new();
+    let mut silent = Vec::new();
+    for (id, answer) in others.into_iter().zip(answers) {
+        match answer {
+            Some(answer) => came.push((id, answer)),
+            None => silent.push(id),
+        }
+    }
+    (came, silent)
 }
 
 /// What a server on a cluster backend is given.
@@ -213,6 +257,9 @@ pub(crate) fn start(shared: &Arc<Shared>) -> Vec<crate::AbortOnDrop> {
         crate::AbortOnDrop(tokio::spawn(traces::serve_trace_questions(Arc::downgrade(
             shared,
         )))),
+        crate::AbortOnDrop(tokio::spawn(views::serve_instance_questions(
+            Arc::downgrade(shared),
+        ))),
         crate::AbortOnDrop(tokio::spawn(keep_registered(edge.node.clone()))),
         crate::AbortOnDrop(tokio::spawn(reclaim_while_leading(edge.node.clone()))),
     ];

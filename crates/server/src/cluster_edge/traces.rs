@@ -122,46 +122,23 @@ pub(super) async fn serve_trace_questions(shared: Weak<Shared>) {
     }
 }
 
-/// Asks every other node in `courier_nodes` at once: the answers that
-/// came, and the nodes that gave none in time.
-async fn ask_others(node: &ClusterNode, question: &Question) -> (Vec<Bytes>, Vec<String>) {
-    let others: Vec<String> = match courier_cluster::nodes::list_nodes(&node.nodes).await {
-        Ok(nodes) => nodes
-            .into_iter()
-            .map(|(id, _)| id)
-            .filter(|id| id != node.node.as_str())
-            .collect(),
-        Err(e) => {
-            warn!(error = %e, "cannot list the cluster's nodes; a trace query answers with this node's part only");
-            return (Vec::new(), vec![format!("every other node ({e})")]);
-        }
-    };
+/// Asks every other node `question`: the answers that came, and the
+/// nodes that gave none in time.
+async fn ask(node: &ClusterNode, question: &Question) -> (Vec<Bytes>, Vec<String>) {
     let Ok(payload) = serde_json::to_vec(question) else {
-        return (Vec::new(), others);
+        return (Vec::new(), Vec::new());
     };
-    let payload = Bytes::from(payload);
-    let asks = others.iter().map(|id| {
-        let request = node
-            .connection
-            .client
-            .request(trace_subject(id), payload.clone());
-        async move {
-            match tokio::time::timeout(TRACE_ASK_PATIENCE, request).await {
-                Ok(Ok(answer)) => Some(answer.payload),
-                _ => None,
-            }
-        }
-    });
-    let answers = futures_util::future::join_all(asks).await;
-    let mut came = Vec::new();
-    let mut silent = Vec::new();
-    for (id, answer) in others.into_iter().zip(answers) {
-        match answer {
-            Some(answer) => came.push(answer),
-            None => silent.push(id),
-        }
-    }
-    (came, silent)
+    let (answers, silent) = super::ask_every_other_node(
+        node,
+        trace_subject,
+        Bytes::from(payload),
+        TRACE_ASK_PATIENCE,
+    )
+    .await;
+    (
+        answers.into_iter().map(|(_, answer)| answer).collect(),
+        silent,
+    )
 }
 
 /// One activity's causal tree from every node's part; `None` if no node
@@ -171,7 +148,7 @@ pub(crate) async fn tree(node: &ClusterNode, tracer: &Tracer, activity: Uuid) ->
         let tracer = tracer.clone();
         tokio::task::spawn_blocking(move || tracer.records(&activity))
     };
-    let (answers, silent) = ask_others(node, &Question::Activity(activity.to_string())).await;
+    let (answers, silent) = ask(node, &Question::Activity(activity.to_string())).await;
     let mut parts: Vec<(Vec<u8>, u32)> = here.await.ok().flatten().into_iter().collect();
     parts.extend(answers.iter().filter_map(|answer| decode_part(answer)));
     let mut tree = Tracer::tree_of_parts(&activity, parts)?;
@@ -187,7 +164,7 @@ pub(crate) async fn find(node: &ClusterNode, tracer: &Tracer, filter: &ActivityF
         let (tracer, filter) = (tracer.clone(), filter.clone());
         tokio::task::spawn_blocking(move || tracer.find(&filter))
     };
-    let (answers, silent) = ask_others(node, &Question::Activities(filter_args(filter))).await;
+    let (answers, silent) = ask(node, &Question::Activities(filter_args(filter))).await;
     let mut listings: Vec<Value> = here.await.ok().into_iter().collect();
     listings.extend(
         answers

@@ -31,6 +31,17 @@ use super::*;
 )]
 pub(crate) async fn services(State(shared): State<Arc<Shared>>) -> Response {
     let now = wall_nanos();
+    // On a cluster: every node's instances, each naming its node.
+    if let Some(edge) = &shared.cluster {
+        let gauges = shared.core().subscription_gauges(now);
+        let mut page = services_json(&gauges, &[], &FastMap::default(), now);
+        let node = edge.node.node.as_str();
+        let here = crate::cluster_edge::views::local_instances(&shared, node);
+        crate::cluster_edge::views::add_instances(&mut page, here);
+        return json_answer(
+            crate::cluster_edge::views::services_everywhere(&edge.node, page).await,
+        );
+    }
     let (gauges, instances) = {
         let mut core = shared.core();
         (core.subscription_gauges(now), core.instances())

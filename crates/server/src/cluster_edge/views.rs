@@ -1,0 +1,174 @@
+//! The console's services page across nodes (docs/SCALE-OUT.md §12):
+//! every node knows every service's subscriptions (they are the
+//! cluster's), but only its own connections; the page asks every node in
+//! `courier_nodes` for its instances on `courier.node.<id>.instances` and
+//! shows them all, each with the node it is connected to.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use serde_json::{json, Value};
+use tracing::warn;
+
+use super::ClusterNode;
+use crate::console::instance_json;
+use crate::{ConnId, FastMap, Shared};
+
+/// How long the page waits for each other node's instances.
+const INSTANCES_ASK_PATIENCE: Duration = Duration::from_secs(1);
+
+fn instances_subject(node: &str) -> String {
+    format!("courier.node.{node}.instances")
+}
+
+/// This node's instances as the services page shows them, each with its
+/// service and this node's id.
+pub(crate) fn local_instances(shared: &Shared, node: &str) -> Vec<Value> {
+    let instances = shared.core().instances();
+    let peers: FastMap<ConnId, crate::console::Peer> = shared
+        .peers()
+        .iter()
+        .map(|(conn, peer)| (*conn, *peer))
+        .collect();
+    instances
+        .iter()
+        .map(|i| {
+            let mut json = instance_json(i, peers.get(&i.conn));
+            json["service"] = json!(i.service);
+            json["node"] = json!(node);
+            json
+        })
+        .collect()
+}
+
+/// Answers other nodes' questions for this node's instances.
+pub(super) async fn serve_instance_questions(shared: Weak<Shared>) {
+    let Some((client, node)) = shared.upgrade().and_then(|s| {
+        let edge = s.cluster.as_ref()?;
+        Some((
+            edge.node.connection.client.clone(),
+            edge.node.node.as_str().to_string(),
+        ))
+    }) else {
+        return;
+    };
+    let mut questions = match client.subscribe(instances_subject(&node)).await {
+        Ok(questions) => questions,
+        Err(e) => {
+            warn!(error = %e, "cannot answer other nodes' questions for instances; their console pages will name this node as partial");
+            return;
+        }
+    };
+    while let Some(question) = questions.next().await {
+        let Some(to) = question.reply else {
+            continue;
+        };
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let instances = local_instances(&shared, &node);
+        drop(shared);
+        let answer = Bytes::from(Value::Array(instances).to_string());
+        if let Err(e) = client.publish(to, answer).await {
+            warn!(error = %e, "could not answer a question for instances");
+        }
+    }
+}
+
+/// The services page (`console::services_json`'s shape, built from this
+/// node's instances) with every other node's instances added; nodes that
+/// did not answer are named in `partial`.
+pub(crate) async fn services_everywhere(node: &Arc<ClusterNode>, mut page: Value) -> Value {
+    let (answers, silent) = super::ask_every_other_node(
+        node,
+        instances_subject,
+        Bytes::new(),
+        INSTANCES_ASK_PATIENCE,
+    )
+    .await;
+    let elsewhere: Vec<Value> = answers
+        .iter()
+        .filter_map(|(_, answer)| serde_json::from_slice::<Vec<Value>>(answer).ok())
+        .flatten()
+        .collect();
+    add_instances(&mut page, elsewhere);
+    if !silent.is_empty() {
+        page["partial"] = json!(silent);
+    }
+    page
+}
+
+/// Files instances (each naming its `service`) under their services on
+/// the page; a service the page does not list yet (connected elsewhere,
+/// subscribed to nothing) gets a row of its own.
+pub(crate) fn add_instances(page: &mut Value, instances: Vec<Value>) {
+    let Some(services) = page["services"].as_array_mut() else {
+        return;
+    };
+    for mut instance in instances {
+        let Some(service) = instance["service"].as_str().map(str::to_string) else {
+            continue;
+        };
+        if let Some(object) = instance.as_object_mut() {
+            object.remove("service");
+        }
+        let row = match services.iter().position(|s| s["name"] == service.as_str()) {
+            Some(row) => row,
+            None => {
+                services.push(json!({
+                    "name": service,
+                    "patterns": [],
+                    "paused": false,
+                    "instances": [],
+                    "backlog": 0,
+                    "backlog_bytes": 0,
+                    "in_flight": 0,
+                    "dead_letters": 0,
+                    "oldest_unacked_seconds": null,
+                    "consumers": 0,
+                    "consumers_paused": 0,
+                }));
+                services.len() - 1
+            }
+        };
+        if let Some(list) = services[row]["instances"].as_array_mut() {
+            list.push(instance);
+        }
+    }
+    services.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn other_nodes_instances_join_their_services_rows() {
+        let mut page = json!({"at": 1, "services": [
+            {"name": "ledger", "patterns": [], "instances": [{"instance": "l-1", "node": "a"}]},
+        ]});
+        add_instances(
+            &mut page,
+            vec![
+                json!({"service": "ledger", "instance": "l-2", "node": "b"}),
+                json!({"service": "audit", "instance": "a-1", "node": "b"}),
+                json!({"instance": "nameless"}),
+            ],
+        );
+        let services = page["services"].as_array().expect("services");
+        let names: Vec<&str> = services.iter().filter_map(|s| s["name"].as_str()).collect();
+        assert_eq!(names, vec!["audit", "ledger"]);
+        assert_eq!(services[0]["instances"][0]["instance"], "a-1");
+        assert_eq!(services[0]["backlog"], 0);
+        let ledger: Vec<&str> = services[1]["instances"]
+            .as_array()
+            .expect("instances")
+            .iter()
+            .filter_map(|i| i["node"].as_str())
+            .collect();
+        assert_eq!(ledger, vec!["a", "b"]);
+        assert!(services[1]["instances"][1].get("service").is_none());
+    }
+}

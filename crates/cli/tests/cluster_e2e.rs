@@ -12,10 +12,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use courier_client::proto::{
-    decode_frame, Credentials, ErrorCode, Frame, FrameWriter, Hello, Kind, Message,
-    PROTOCOL_VERSION,
-};
+use courier_client::proto::{decode_frame, ErrorCode, Frame, FrameWriter, Kind, Message};
 use uuid::Uuid;
 
 use cluster_common::{send_when_routed, until_received, Nodes};
@@ -154,15 +151,10 @@ fn a_command_sent_through_one_node_is_answered_from_the_other(nodes: &Nodes) {
 fn raw_reply(addr: &str, service: &str, command: Uuid, is_final: bool) -> (ErrorCode, String) {
     let mut stream = TcpStream::connect(addr).expect("connect");
     stream.set_read_timeout(Some(T)).expect("read timeout");
+    stream
+        .write_all(&common::hello_frame(service))
+        .expect("hello");
     let mut w = FrameWriter::new();
-    w.push(&Frame::Hello(Hello {
-        version: PROTOCOL_VERSION,
-        service: service.into(),
-        instance: String::new(),
-        max_in_flight: 0,
-        credentials: Credentials::None,
-    }))
-    .expect("encode");
     let mut reply = Message::new(Kind::Reply, "ledger.posted", r#"{"posted":true}"#);
     reply.response_to = Some(command);
     reply.is_final = is_final;

@@ -12,24 +12,13 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use common::{courier_bin, free_port, strip_ansi, tempdir, Broker};
-use courier_client::proto::{
-    decode_frame, Credentials, ErrorCode, Frame, FrameWriter, Hello, PROTOCOL_VERSION,
-};
+use courier_client::proto::{decode_frame, ErrorCode, Frame, FrameWriter};
 
 /// What a close may take beyond its deadline on a loaded test machine.
 const SLACK: Duration = Duration::from_millis(1500);
 
 fn hello(service: &str) -> Vec<u8> {
-    let mut w = FrameWriter::new();
-    w.push(&Frame::Hello(Hello {
-        version: PROTOCOL_VERSION,
-        service: service.into(),
-        instance: String::new(),
-        max_in_flight: 0,
-        credentials: Credentials::None,
-    }))
-    .expect("encode");
-    w.take().to_vec()
+    common::hello_frame(service)
 }
 
 fn ping(nonce: u64) -> Vec<u8> {

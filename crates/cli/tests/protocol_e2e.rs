@@ -23,16 +23,7 @@ fn raw(broker: &Broker) -> TcpStream {
 }
 
 fn hello(service: &str) -> Vec<u8> {
-    let mut w = FrameWriter::new();
-    w.push(&Frame::Hello(Hello {
-        version: PROTOCOL_VERSION,
-        service: service.into(),
-        instance: String::new(),
-        max_in_flight: 0,
-        credentials: Credentials::None,
-    }))
-    .expect("encode");
-    w.take().to_vec()
+    common::hello_frame(service)
 }
 
 /// Reads frames until an ERROR arrives and the broker closes the stream.

@@ -9,6 +9,22 @@ use std::time::Duration;
 
 pub mod webdriver;
 
+/// A HELLO frame of the current protocol version from `service` (no
+/// credentials), for tests that speak the protocol byte by byte.
+pub fn hello_frame(service: &str) -> Vec<u8> {
+    use courier_client::proto::{Credentials, Frame, FrameWriter, Hello, PROTOCOL_VERSION};
+    let mut w = FrameWriter::new();
+    w.push(&Frame::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        service: service.into(),
+        instance: String::new(),
+        max_in_flight: 0,
+        credentials: Credentials::None,
+    }))
+    .expect("encode");
+    w.take().to_vec()
+}
+
 /// `courier token new`: a new token and its hash (`sha256:…`), as a
 /// manifest names it.
 pub fn token_pair() -> (String, String) {

@@ -13,8 +13,8 @@ use crate::shared::say_alerts;
 use crate::{auth, load_manifest, trace, wall_nanos, Outbox, ScrubSettings, ServerHandle, Shared};
 
 /// Answers a `courier.trace.*` command off the broker's lock (a tree
-/// may take a while to build) with one final reply.
-/// On a cluster the answer is every node's (`cluster_edge/traces.rs`).
+/// may take a while to build) with one final reply; on a cluster, with
+/// every node's part (`cluster_edge/traces.rs`).
 pub(crate) fn answer_trace_query(
     tracer: trace::Tracer,
     cluster: Option<Arc<crate::cluster_edge::ClusterNode>>,

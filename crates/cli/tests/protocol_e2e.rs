@@ -152,16 +152,7 @@ fn frames_before_the_handshake_and_wrong_versions_are_refused() {
     );
 
     let mut s = raw(&broker);
-    let mut w = FrameWriter::new();
-    w.push(&Frame::Hello(Hello {
-        version: 99,
-        service: "x".into(),
-        instance: String::new(),
-        max_in_flight: 0,
-        credentials: Credentials::None,
-    }))
-    .expect("encode");
-    s.write_all(&w.take()).expect("write");
+    s.write_all(&hello_version("x", 99)).expect("write");
     assert_eq!(
         expect_error_then_close(&mut s).0,
         ErrorCode::UnsupportedVersion
@@ -408,16 +399,7 @@ async fn a_receiver_that_stops_reading_is_paused_without_growing_memory_or_slowi
 
 /// A HELLO asking for protocol `version`.
 fn hello_version(service: &str, version: u16) -> Vec<u8> {
-    let mut w = FrameWriter::new();
-    w.push(&Frame::Hello(Hello {
-        version,
-        service: service.into(),
-        instance: String::new(),
-        max_in_flight: 0,
-        credentials: Credentials::None,
-    }))
-    .expect("encode");
-    w.take().to_vec()
+    common::hello_frame_of_version(service, version)
 }
 
 /// Reads frames, decoded strictly as protocol `version`, until `want`

@@ -12,10 +12,15 @@ pub mod webdriver;
 /// A HELLO frame of the current protocol version from `service` (no
 /// credentials), for tests that speak the protocol byte by byte.
 pub fn hello_frame(service: &str) -> Vec<u8> {
-    use courier_client::proto::{Credentials, Frame, FrameWriter, Hello, PROTOCOL_VERSION};
+    hello_frame_of_version(service, courier_client::proto::PROTOCOL_VERSION)
+}
+
+/// [`hello_frame`] asking for protocol `version`.
+pub fn hello_frame_of_version(service: &str, version: u16) -> Vec<u8> {
+    use courier_client::proto::{Credentials, Frame, FrameWriter, Hello};
     let mut w = FrameWriter::new();
     w.push(&Frame::Hello(Hello {
-        version: PROTOCOL_VERSION,
+        version,
         service: service.into(),
         instance: String::new(),
         max_in_flight: 0,

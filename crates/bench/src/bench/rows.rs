@@ -183,12 +183,12 @@ pub(super) const MIB_PER_150_MB: f64 = 150_000_000.0 / (1024.0 * 1024.0);
 /// Every row the table can have, in the order it is printed, with the
 /// target for it.
 pub(super) const ROWS: [(Workload, Metric, Option<Target>); 53] = [
-    (Workload::W1a, Metric::Throughput, Target::ratio(1.2)),
-    (Workload::W1b, Metric::Throughput, Target::ratio(1.0)),
-    (Workload::W2a, Metric::Throughput, Target::ratio(1.2)),
-    (Workload::W2b, Metric::Throughput, Target::ratio(1.0)),
-    (Workload::W3a, Metric::Throughput, Target::ratio(1.2)),
-    (Workload::W3b, Metric::Throughput, Target::ratio(1.0)),
+    (Workload::W1a, Metric::Throughput, Target::ratio(1.3)),
+    (Workload::W1b, Metric::Throughput, Target::ratio(1.2)),
+    (Workload::W2a, Metric::Throughput, Target::ratio(1.3)),
+    (Workload::W2b, Metric::Throughput, Target::ratio(1.2)),
+    (Workload::W3a, Metric::Throughput, Target::ratio(1.3)),
+    (Workload::W3b, Metric::Throughput, Target::ratio(1.2)),
     (Workload::W4a, Metric::LatencyP50, Target::ratio(1.0)),
     (Workload::W4a, Metric::LatencyP90, None),
     (Workload::W4a, Metric::LatencyP99, Target::ratio(1.0)),

@@ -1018,6 +1018,19 @@ fn backend_cluster_puts_courier_on_the_cluster_beside_single_node_courier_and_je
         assert!(row[ratio].ends_with('×'), "{row:?}");
         assert_eq!(row[target], "", "{row:?}");
     }
+    // Each side's ordered drain as a share of its own W6: no ratio.
+    for workload in ["W8a", "W8b"] {
+        let row = lines
+            .iter()
+            .map(|l| cells(l))
+            .find(|c| c[0] == workload && c[1] == "throughput ÷ W6's")
+            .unwrap_or_else(|| panic!("no {workload} share row in\n{}", ran.stdout));
+        for c in columns {
+            let share: f64 = row[c].replace(',', "").parse().unwrap_or(0.0);
+            assert!(share > 0.0, "{workload}: {:?} in {row:?}", row[c]);
+        }
+        assert_eq!(row[ratio], "—", "{row:?}");
+    }
     for needed in [
         "Cluster:",
         "sync_interval: always",

@@ -39,6 +39,11 @@ impl Row {
     /// The judged column's advantage over the other (see
     /// [`Row::compared`]), of the medians.
     pub(super) fn ratio(&self, systems: &[System]) -> Option<f64> {
+        // Each side's share of its own W6: holding one side's against the
+        // other's says nothing.
+        if self.metric == Metric::ShareOfW6 {
+            return None;
+        }
         let (judged, other) = Row::compared(systems)?;
         ratio(
             self.metric,
@@ -100,6 +105,7 @@ impl Results {
                     systems.contains(&System::Nats)
                         || !Workload::ALL.iter().any(|o| o.courier_twin() == Some(*w))
                 })
+                .filter(|(_, m, _)| *m != Metric::ShareOfW6 || selected.contains(&Workload::W6))
                 .map(|&(workload, metric, target)| Row {
                     workload,
                     metric,
@@ -132,6 +138,40 @@ impl Results {
             {
                 row.runs[s].push(value);
             }
+            if metric == Metric::Throughput && matches!(workload, Workload::W8a | Workload::W8b) {
+                self.file_share_of_w6(s, workload);
+            }
+        }
+    }
+
+    /// Files W8's latest run of system `s` as a share of the W6 run of
+    /// the same index (W6 runs first: workloads run in their order).
+    fn file_share_of_w6(&mut self, s: usize, workload: Workload) {
+        let run = |w: Workload| {
+            self.rows
+                .iter()
+                .find(|r| r.workload == w && r.metric == Metric::Throughput)
+                .map(|r| &r.runs[s])
+        };
+        let Some(ordered) = run(workload) else {
+            return;
+        };
+        let Some(&latest) = ordered.last() else {
+            return;
+        };
+        let index = ordered.len() - 1;
+        let Some(&unordered) = run(Workload::W6).and_then(|w6| w6.get(index)) else {
+            return;
+        };
+        if unordered <= 0.0 {
+            return;
+        }
+        if let Some(row) = self
+            .rows
+            .iter_mut()
+            .find(|r| r.workload == workload && r.metric == Metric::ShareOfW6)
+        {
+            row.runs[s].push(100.0 * latest / unordered);
         }
     }
 
@@ -584,6 +624,47 @@ mod tests {
         assert!(always["nats_side"]
             .as_str()
             .is_some_and(|s| s.contains("always")));
+    }
+
+    #[test]
+    fn w8_rows_add_each_sides_share_of_its_own_w6_run_by_run() {
+        let systems = [System::Courier, System::Nats];
+        let mut r = Results::new(&[Workload::W6, Workload::W8a, Workload::W8b], &systems);
+        for (courier, nats) in [(400.0, 100.0), (500.0, 120.0)] {
+            r.record(
+                System::Courier,
+                &[(Workload::W6, Metric::Throughput, courier)],
+            );
+            r.record(System::Nats, &[(Workload::W6, Metric::Throughput, nats)]);
+        }
+        for (courier, nats) in [(300.0, 10.0), (300.0, 12.0)] {
+            r.record(
+                System::Courier,
+                &[(Workload::W8a, Metric::Throughput, courier)],
+            );
+            r.record(System::Nats, &[(Workload::W8a, Metric::Throughput, nats)]);
+        }
+        let share = |w: Workload| {
+            r.rows
+                .iter()
+                .find(|row| row.workload == w && row.metric == Metric::ShareOfW6)
+                .expect("a share row")
+        };
+        let w8a = share(Workload::W8a);
+        assert_eq!(w8a.runs, vec![vec![75.0, 60.0], vec![10.0, 10.0]]);
+        assert_eq!(w8a.ratio(&systems), None);
+        assert_eq!(
+            w8a.met(&systems),
+            Some(true),
+            "67.5 % against at least 50 %"
+        );
+        assert_eq!(share(Workload::W8b).met(&systems), None, "W8b did not run");
+
+        let without_w6 = Results::new(&[Workload::W8a], &systems);
+        assert!(without_w6
+            .rows
+            .iter()
+            .all(|row| row.metric != Metric::ShareOfW6));
     }
 
     #[test]

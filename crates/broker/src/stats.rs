@@ -44,9 +44,27 @@ pub struct Traffic {
 
 impl Traffic {
     pub fn refuse(&mut self, code: ErrorCode) {
+        self.refuse_many(code, 1);
+    }
+
+    fn refuse_many(&mut self, code: ErrorCode, count: u64) {
         match self.refused.iter_mut().find(|(c, _)| *c == code) {
-            Some((_, n)) => *n += 1,
-            None => self.refused.push((code, 1)),
+            Some((_, n)) => *n += count,
+            None => self.refused.push((code, count)),
+        }
+    }
+
+    /// Adds `other`'s counts (another node's, say).
+    pub fn add(&mut self, other: &Traffic) {
+        self.sent += other.sent;
+        self.delivered += other.delivered;
+        self.redelivered += other.redelivered;
+        self.acked += other.acked;
+        self.nacked += other.nacked;
+        self.expired += other.expired;
+        self.dead_lettered += other.dead_lettered;
+        for (code, count) in &other.refused {
+            self.refuse_many(*code, *count);
         }
     }
 }
@@ -64,6 +82,21 @@ pub struct NameStats {
 }
 
 impl NameStats {
+    /// Adds what `other` counted of the same name (another node's part).
+    pub fn add(&mut self, other: &NameStats) {
+        for (service, traffic) in &other.by_service {
+            let i = self.service_index(service);
+            self.by_service[i].1.add(traffic);
+        }
+        self.reply_latency.add(&other.reply_latency);
+        for (outcome, count) in &other.outcomes {
+            match self.outcomes.iter_mut().find(|(o, _)| o == outcome) {
+                Some((_, n)) => *n += count,
+                None => self.outcomes.push((outcome.clone(), *count)),
+            }
+        }
+    }
+
     fn service_index(&mut self, service: &SharedStr) -> usize {
         let found = self
             .by_service
@@ -248,6 +281,17 @@ impl TrafficStats {
     }
 }
 
+/// Joins another node's counts into `names`: a name both counted adds
+/// up, a name only `other` counted is appended (in its order).
+pub fn add_names(names: &mut Vec<NameStats>, other: &[NameStats]) {
+    for theirs in other {
+        match names.iter_mut().find(|n| n.name == theirs.name) {
+            Some(ours) => ours.add(theirs),
+            None => names.push(theirs.clone()),
+        }
+    }
+}
+
 /// Whether two shared strings are the same allocation (cheaper than
 /// comparing text when the decoder shared one copy across a batch).
 trait PtrEq {
@@ -290,6 +334,47 @@ mod tests {
             vec![(ErrorCode::Unauthorized, 1)]
         );
         assert_eq!(n.by_service[2].1.delivered, 1);
+    }
+
+    #[test]
+    fn two_nodes_counts_add_up_per_name_and_service() {
+        let (create, done) = (SharedStr::from("todo.create"), SharedStr::from("todo.done"));
+        let (web, todo) = (SharedStr::from("web"), SharedStr::from("todo"));
+        let mut a = TrafficStats::new(10);
+        let mut b = TrafficStats::new(10);
+        let counted = a.locate(&create, &web);
+        a.at(counted).sent += 2;
+        a.refused(&create, &web, ErrorCode::Unauthorized);
+        let slot = a.slot(&create);
+        a.final_reply(slot, 300_000);
+        a.outcome(slot, &done);
+        let counted = b.locate(&create, &todo);
+        b.at(counted).delivered += 1;
+        b.refused(&create, &web, ErrorCode::Unauthorized);
+        b.refused(&create, &web, ErrorCode::RateLimited);
+        let slot = b.slot(&create);
+        b.final_reply(slot, 2_000_000);
+        b.outcome(slot, &done);
+        let counted = b.locate(&done, &todo);
+        b.at(counted).sent += 1;
+
+        let mut names = a.names().to_vec();
+        add_names(&mut names, b.names());
+        let found: Vec<&str> = names.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(found, vec!["todo.create", "todo.done"]);
+        let create = &names[0];
+        assert_eq!(create.by_service.len(), 2);
+        assert_eq!(create.by_service[0].0, "web");
+        assert_eq!(create.by_service[0].1.sent, 2);
+        assert_eq!(
+            create.by_service[0].1.refused,
+            vec![(ErrorCode::Unauthorized, 2), (ErrorCode::RateLimited, 1)]
+        );
+        assert_eq!(create.by_service[1].0, "todo");
+        assert_eq!(create.by_service[1].1.delivered, 1);
+        assert_eq!(create.reply_latency.count, 2);
+        assert_eq!(create.outcomes, vec![(SharedStr::from("todo.done"), 2)]);
+        assert_eq!(names[1].by_service[0].1.sent, 1);
     }
 
     #[test]

@@ -133,6 +133,44 @@ fn a_command_sent_through_one_node_is_answered_from_the_other(nodes: &Nodes) {
         "{entry}"
     );
 
+    // The traffic pages add both nodes' counters: b counted web's send,
+    // a the delivery to todo and its ack; the edge web → todo needs both.
+    for node in [&nodes.a, &nodes.b] {
+        let http = node.http.as_deref().expect("the node's HTTP port");
+        let deadline = Instant::now() + T;
+        loop {
+            let (status, body) = http_get(http, "/v1/topology", None);
+            assert_eq!(status, 200, "{body}");
+            let page: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+            assert!(page.get("partial").is_none(), "{page}");
+            let edge = page["edges"].as_array().and_then(|edges| {
+                edges
+                    .iter()
+                    .find(|e| e["from"] == "web" && e["to"] == "todo" && e["name"] == "todo.create")
+            });
+            if edge.is_some() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "no edge web → todo: {page}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let (status, body) = http_get(http, "/v1/names", None);
+        assert_eq!(status, 200, "{body}");
+        let page: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        let create = page["names"]
+            .as_array()
+            .and_then(|names| names.iter().find(|n| n["name"] == "todo.create"))
+            .unwrap_or_else(|| panic!("no todo.create: {page}"));
+        let totals = &create["totals"];
+        assert!(totals["sent"].as_u64() >= Some(1), "{create}");
+        assert!(totals["delivered"].as_u64() >= Some(1), "{create}");
+        assert!(totals["acked"].as_u64() >= Some(1), "{create}");
+        assert!(
+            create["reply_latency"]["count"].as_u64() >= Some(1),
+            "{create}"
+        );
+    }
+
     // And through the responder's own node.
     let out = nodes.a.run(&[
         "request",

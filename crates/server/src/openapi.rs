@@ -260,6 +260,10 @@ pub(crate) struct ServicesListing {
     at: u64,
     #[schema(value_type = Vec<Object>)]
     services: Vec<()>,
+    /// On a cluster: the nodes that did not answer in time; the page
+    /// lacks their part.
+    #[schema(nullable = false)]
+    partial: Option<Vec<String>>,
 }
 
 /// `GET /v1/names`: per message name, counters and reply latency.
@@ -271,6 +275,10 @@ pub(crate) struct NamesListing {
     names: Vec<()>,
     names_max: u64,
     names_over_cap: u64,
+    /// On a cluster: the nodes that did not answer in time; the page
+    /// lacks their part.
+    #[schema(nullable = false)]
+    partial: Option<Vec<String>>,
 }
 
 /// `GET /v1/topology`: who sent what to whom.
@@ -280,6 +288,10 @@ pub(crate) struct Topology {
     at: u64,
     services: Vec<String>,
     edges: Vec<TopologyEdge>,
+    /// On a cluster: the nodes that did not answer in time; the page
+    /// lacks their part.
+    #[schema(nullable = false)]
+    partial: Option<Vec<String>>,
 }
 
 #[derive(ToSchema)]

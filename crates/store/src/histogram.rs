@@ -46,6 +46,43 @@ impl Histogram {
         out
     }
 
+    /// The observations at or below each bound and above the one before
+    /// it, one count per bound (those past the last are only in `count`).
+    pub fn buckets(&self) -> &[u64] {
+        &self.buckets
+    }
+
+    /// A histogram over `bounds` with these per-bound counts (as
+    /// [`Histogram::buckets`] gives them), total and sum; `None` unless
+    /// there is one count per bound and they add up to at most `count`.
+    pub fn from_counts(
+        bounds: &'static [f64],
+        buckets: Vec<u64>,
+        count: u64,
+        sum: f64,
+    ) -> Option<Histogram> {
+        let counted = buckets.iter().try_fold(0u64, |a, n| a.checked_add(*n))?;
+        (buckets.len() == bounds.len() && counted <= count).then_some(Histogram {
+            bounds,
+            buckets,
+            count,
+            sum,
+        })
+    }
+
+    /// Adds `other`'s observations (another node's, say). Over other
+    /// bounds, each of its buckets goes to the first bound here at or
+    /// above its own, so nothing is counted below where it was.
+    pub fn add(&mut self, other: &Histogram) {
+        self.count += other.count;
+        self.sum += other.sum;
+        for (le, n) in other.bounds.iter().zip(&other.buckets) {
+            if let Some(i) = self.bounds.iter().position(|own| le <= own) {
+                self.buckets[i] += n;
+            }
+        }
+    }
+
     /// The bound below which `q` (0–1) of the observations fall (the upper
     /// bound of the bucket holding that rank); `None` without observations
     /// or when it lies past the last bound.
@@ -92,6 +129,40 @@ mod tests {
         assert_eq!(h.quantile(1.0), Some(2.5));
         assert!((h.sum - 2.00113).abs() < 1e-9);
         assert_eq!(Histogram::new(&SECONDS_BUCKETS).quantile(0.5), None);
+    }
+
+    #[test]
+    fn histograms_add_and_come_back_from_their_counts() {
+        let mut a = Histogram::new(&SECONDS_BUCKETS);
+        let mut b = Histogram::new(&SECONDS_BUCKETS);
+        a.observe(0.000_05);
+        b.observe(0.000_05);
+        b.observe(0.003);
+        b.observe(100.0);
+        a.add(&b);
+        assert_eq!(a.count, 4);
+        assert_eq!(a.cumulative()[0], (0.000_1, 2));
+        assert_eq!(a.cumulative()[5], (0.005, 3));
+        assert_eq!(a.cumulative().last(), Some(&(f64::INFINITY, 4)));
+        let back = Histogram::from_counts(&SECONDS_BUCKETS, a.buckets().to_vec(), a.count, a.sum);
+        assert_eq!(back.as_ref(), Some(&a));
+        assert_eq!(
+            Histogram::from_counts(&SECONDS_BUCKETS, vec![1; 3], 3, 0.0),
+            None
+        );
+        assert_eq!(
+            Histogram::from_counts(&SECONDS_BUCKETS, vec![1; 16], 3, 0.0),
+            None
+        );
+
+        // Other bounds: nothing lands below where it was counted.
+        let mut batches = Histogram::new(&BATCH_BUCKETS);
+        let mut seconds = Histogram::new(&SECONDS_BUCKETS);
+        seconds.observe(1.5);
+        batches.add(&seconds);
+        // 1.5 was counted at or below 2.5: here at or below 4.
+        assert_eq!(batches.cumulative()[1], (2.0, 0));
+        assert_eq!(batches.cumulative()[2], (4.0, 1));
     }
 
     #[test]

@@ -23,7 +23,8 @@
 //!   asks the other nodes where it goes (`courier.routes`).
 //! - **Traces.** A trace query on any node merges every node's part of
 //!   the activities (`traces.rs`); the console's services page shows
-//!   every node's instances (`views.rs`).
+//!   every node's instances (`views.rs`), its names and topology pages
+//!   every node's counters (`names.rs`).
 //! - **Registration.** The node's record in `courier_nodes`, renewed.
 //!
 //! `fetching.rs` holds the fetch loops, the keyed lanes' leases and the
@@ -50,6 +51,7 @@ use tracing::{info, warn};
 use crate::Shared;
 
 mod fetching;
+pub(crate) mod names;
 mod replies;
 pub(crate) mod traces;
 pub(crate) mod views;
@@ -145,6 +147,47 @@ pub(crate) async fn ask_every_other_node(
         }
     }
     (came, silent)
+}
+
+/// Answers the questions other nodes ask this one on `subject(node)`
+/// with `answer(shared, question)`, until the server is gone; `what` names
+/// the answers in the warning of a node that cannot subscribe (the others'
+/// pages then name it as partial).
+pub(super) async fn answer_questions(
+    shared: Weak<Shared>,
+    subject: fn(&str) -> String,
+    what: &str,
+    answer: impl Fn(&Shared, &bytes::Bytes) -> bytes::Bytes,
+) {
+    let Some((client, subject)) = shared.upgrade().and_then(|s| {
+        let edge = s.cluster.as_ref()?;
+        Some((
+            edge.node.connection.client.clone(),
+            subject(edge.node.node.as_str()),
+        ))
+    }) else {
+        return;
+    };
+    let mut questions = match client.subscribe(subject).await {
+        Ok(questions) => questions,
+        Err(e) => {
+            warn!(error = %e, "cannot answer other nodes' questions for {what}; their pages will name this node as partial");
+            return;
+        }
+    };
+    while let Some(question) = questions.next().await {
+        let Some(to) = question.reply else {
+            continue;
+        };
+        let Some(strong) = shared.upgrade() else {
+            return;
+        };
+        let answered = answer(&strong, &question.payload);
+        drop(strong);
+        if let Err(e) = client.publish(to, answered).await {
+            warn!(error = %e, "could not answer a question for {what}");
+        }
+    }
 }
 
 /// What a server on a cluster backend is given.
@@ -260,6 +303,9 @@ pub(crate) fn start(shared: &Arc<Shared>) -> Vec<crate::AbortOnDrop> {
         crate::AbortOnDrop(tokio::spawn(views::serve_instance_questions(
             Arc::downgrade(shared),
         ))),
+        crate::AbortOnDrop(tokio::spawn(names::serve_names_questions(Arc::downgrade(
+            shared,
+        )))),
         crate::AbortOnDrop(tokio::spawn(keep_registered(edge.node.clone()))),
         crate::AbortOnDrop(tokio::spawn(reclaim_while_leading(edge.node.clone()))),
     ];

@@ -8,9 +8,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::StreamExt as _;
 use serde_json::{json, Value};
-use tracing::warn;
 
 use super::ClusterNode;
 use crate::console::instance_json;
@@ -45,36 +43,14 @@ pub(crate) fn local_instances(shared: &Shared, node: &str) -> Vec<Value> {
 
 /// Answers other nodes' questions for this node's instances.
 pub(super) async fn serve_instance_questions(shared: Weak<Shared>) {
-    let Some((client, node)) = shared.upgrade().and_then(|s| {
-        let edge = s.cluster.as_ref()?;
-        Some((
-            edge.node.connection.client.clone(),
-            edge.node.node.as_str().to_string(),
-        ))
-    }) else {
-        return;
-    };
-    let mut questions = match client.subscribe(instances_subject(&node)).await {
-        Ok(questions) => questions,
-        Err(e) => {
-            warn!(error = %e, "cannot answer other nodes' questions for instances; their console pages will name this node as partial");
-            return;
-        }
-    };
-    while let Some(question) = questions.next().await {
-        let Some(to) = question.reply else {
-            continue;
-        };
-        let Some(shared) = shared.upgrade() else {
-            return;
-        };
-        let instances = local_instances(&shared, &node);
-        drop(shared);
-        let answer = Bytes::from(Value::Array(instances).to_string());
-        if let Err(e) = client.publish(to, answer).await {
-            warn!(error = %e, "could not answer a question for instances");
-        }
-    }
+    super::answer_questions(shared, instances_subject, "instances", |shared, _| {
+        let node = shared
+            .cluster
+            .as_ref()
+            .map_or("", |edge| edge.node.node.as_str());
+        Bytes::from(Value::Array(local_instances(shared, node)).to_string())
+    })
+    .await;
 }
 
 /// The services page (`console::services_json`'s shape, built from this

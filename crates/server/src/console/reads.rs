@@ -130,14 +130,32 @@ pub(crate) fn traffic_copy(shared: &Shared) -> (Vec<NameStats>, usize, u64) {
 )]
 pub(crate) async fn names(State(shared): State<Arc<Shared>>) -> Response {
     let now = wall_nanos();
-    let (names, names_max, over_cap) = traffic_copy(&shared);
+    let (names, names_max, over_cap, partial) = traffic_everywhere(&shared).await;
     let names: Vec<Value> = names.iter().map(name_json).collect();
-    json_answer(json!({
+    let mut page = json!({
         "at": now,
         "names": names,
         "names_max": names_max,
         "names_over_cap": over_cap,
-    }))
+    });
+    if !partial.is_empty() {
+        page["partial"] = json!(partial);
+    }
+    json_answer(page)
+}
+
+/// This node's traffic counters ([`traffic_copy`]) and, on a cluster,
+/// every other node's added, with the nodes that gave none.
+async fn traffic_everywhere(shared: &Shared) -> (Vec<NameStats>, usize, u64, Vec<String>) {
+    let (names, names_max, over_cap) = traffic_copy(shared);
+    match &shared.cluster {
+        Some(edge) => {
+            let (names, over_cap, partial) =
+                crate::cluster_edge::names::names_everywhere(&edge.node, names, over_cap).await;
+            (names, names_max, over_cap, partial)
+        }
+        None => (names, names_max, over_cap, Vec::new()),
+    }
 }
 
 pub(crate) fn refused_total(t: &Traffic) -> u64 {
@@ -265,14 +283,18 @@ pub(crate) fn quantile(h: &Histogram, q: f64) -> Option<f64> {
 )]
 pub(crate) async fn topology(State(shared): State<Arc<Shared>>) -> Response {
     let now = wall_nanos();
-    let (names, _, _) = traffic_copy(&shared);
+    let (names, _, _, partial) = traffic_everywhere(&shared).await;
     let known: Vec<String> = shared
         .core()
         .services()
         .into_iter()
         .map(|s| s.name)
         .collect();
-    json_answer(topology_json(&names, known, now))
+    let mut page = topology_json(&names, known, now);
+    if !partial.is_empty() {
+        page["partial"] = json!(partial);
+    }
+    json_answer(page)
 }
 
 pub(crate) fn topology_json(names: &[NameStats], mut services: Vec<String>, now: Nanos) -> Value {

@@ -335,6 +335,17 @@ impl<S: MessageStore> Broker<S> {
                         })
                     })
                     .collect();
+                if self.upstream {
+                    self.actions.push(crate::Action::ServicesQuery {
+                        conn,
+                        request: command.id,
+                        activity_id: command.activity_id,
+                        listing: json!(services),
+                    });
+                    // The edge answers once the other nodes said which
+                    // instances they hold.
+                    return Ok(ReplyFate::Delivered);
+                }
                 ("courier.services.listing", json!(services))
             }
             other => {

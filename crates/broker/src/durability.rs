@@ -86,6 +86,7 @@ fn conn_of(action: &Action) -> ConnId {
         | Action::Pong { conn, .. }
         | Action::StartTail { conn, .. }
         | Action::TraceQuery { conn, .. }
+        | Action::ServicesQuery { conn, .. }
         | Action::DeadLetterQuery { conn, .. }
         | Action::Close { conn, .. }
         | Action::ForwardReply { conn, .. }

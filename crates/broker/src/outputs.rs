@@ -52,6 +52,16 @@ pub enum Action {
         activity_id: Uuid,
         query: TraceQuery,
     },
+    /// An admin's `courier.services.list` on a replicated backend: the
+    /// core's `listing` has the cluster's services but only this node's
+    /// instances; the edge adds the other nodes' and answers `request`
+    /// with one final `courier.services.listing` reply.
+    ServicesQuery {
+        conn: ConnId,
+        request: Uuid,
+        activity_id: Uuid,
+        listing: serde_json::Value,
+    },
     /// An admin's `courier.dead-letters.*` command on a replicated
     /// backend, which keeps the dead letters (`upstream.rs`): the edge
     /// carries out `query` there and hands the outcome to

@@ -62,7 +62,26 @@ pub(crate) async fn services(
     if name.is_some() || json || all {
         return registry::show(name, all, json, http, admin.token.as_deref()).await;
     }
-    let listing = admin_request(admin, "courier.services.list", serde_json::json!({})).await?;
+    let client = connect_admin(admin).await?;
+    let reply = client
+        .command("courier.services.list")
+        .json(&serde_json::json!({}))?
+        .request()
+        .await;
+    client.shutdown().await;
+    let reply = reply?;
+    let listing: serde_json::Value = reply.json()?;
+    // On a cluster, nodes that did not answer in time.
+    if let Some((_, nodes)) = reply
+        .message()
+        .headers
+        .iter()
+        .find(|(key, _)| key == "courier-partial")
+    {
+        eprintln!(
+            "courier: node(s) {nodes} did not answer in time: their instances are missing below; ask again, or through another node"
+        );
+    }
     for service in listing.as_array().into_iter().flatten() {
         output::line(service);
     }

@@ -328,6 +328,20 @@ fn events_reach_every_service_and_commands_one_instance_of_it(nodes: &Nodes) {
         on.sort();
         assert_eq!(on, vec!["a", "b"], "{work}");
         assert!(page.get("partial").is_none(), "{page}");
+        // And `courier services` (courier.services.list) through it.
+        let out = node.run(&["services"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let listed = json_lines(&out);
+        let work = listed
+            .iter()
+            .find(|s| s["name"] == "work")
+            .unwrap_or_else(|| panic!("no work line: {listed:?}"));
+        assert_eq!(
+            work["instances"].as_array().map(Vec::len),
+            Some(2),
+            "{work}"
+        );
+        assert!(!stderr(&out).contains("did not answer"), "{}", stderr(&out));
     }
     const EVENTS: usize = 20;
     const COMMANDS: usize = 60;

@@ -35,15 +35,7 @@ pub(crate) fn answer_trace_query(
             },
         };
         let (outcome, body) = answered;
-        let mut reply =
-            courier_proto::Message::new(courier_proto::Kind::Reply, outcome, body.to_string());
-        reply.response_to = Some(request);
-        reply.activity_id = activity_id;
-        reply.sender = "courier".into();
-        reply.timestamp = wall_nanos();
-        reply
-            .headers
-            .push(("content-type".into(), "application/json".into()));
+        let mut reply = broker_reply(request, activity_id, outcome, &body);
         let limit = outbox.lock().writer.frame_bytes_max() as usize;
         let size = courier_proto::delivery_frame_len(&reply);
         if size > limit {
@@ -55,6 +47,53 @@ pub(crate) fn answer_trace_query(
             });
             reply.name = "courier.trace.too-large".into();
             reply.payload = why.to_string().into();
+        }
+        outbox.deliver(&reply, usize::MAX);
+    });
+}
+
+/// A final reply from the broker itself (`sender` "courier", JSON) to
+/// the admin command `request`.
+fn broker_reply(
+    request: uuid::Uuid,
+    activity_id: uuid::Uuid,
+    outcome: &str,
+    body: &serde_json::Value,
+) -> courier_proto::Message {
+    let mut reply =
+        courier_proto::Message::new(courier_proto::Kind::Reply, outcome, body.to_string());
+    reply.response_to = Some(request);
+    reply.activity_id = activity_id;
+    reply.sender = "courier".into();
+    reply.timestamp = wall_nanos();
+    reply
+        .headers
+        .push(("content-type".into(), "application/json".into()));
+    reply
+}
+
+/// Answers `courier.services.list` on a cluster: the core's listing
+/// (the cluster's services, this node's instances) with every other
+/// node's instances added; nodes that did not answer are named in the
+/// reply's `courier-partial` header (the payload stays the one listing).
+/// Only a core on a cluster asks; without one the listing goes as it is.
+pub(crate) fn answer_services_query(
+    node: Option<Arc<crate::cluster_edge::ClusterNode>>,
+    outbox: Arc<Outbox>,
+    request: uuid::Uuid,
+    activity_id: uuid::Uuid,
+    listing: serde_json::Value,
+) {
+    tokio::spawn(async move {
+        let (listing, partial) = match node {
+            Some(node) => crate::cluster_edge::views::listing_everywhere(&node, listing).await,
+            None => (listing, Vec::new()),
+        };
+        let mut reply = broker_reply(request, activity_id, "courier.services.listing", &listing);
+        if !partial.is_empty() {
+            reply
+                .headers
+                .push(("courier-partial".into(), partial.join(",")));
         }
         outbox.deliver(&reply, usize::MAX);
     });

@@ -12,7 +12,7 @@ use courier_store::MessageStore;
 use tokio::sync::Notify;
 use tracing::{error, warn};
 
-use crate::background::answer_trace_query;
+use crate::background::{answer_services_query, answer_trace_query};
 use crate::outbox::OutState;
 use crate::{
     console, core_lock, gateway, group_commit, registry, tail, trace, Outbox, ServerConfig,
@@ -350,6 +350,7 @@ impl Shared {
                 | Action::Pong { conn, .. }
                 | Action::StartTail { conn, .. }
                 | Action::TraceQuery { conn, .. }
+                | Action::ServicesQuery { conn, .. }
                 | Action::Close { conn, .. }
                 | Action::ForwardReply { conn, .. }
                 | Action::FindReplyRoute { conn, .. } => *conn,
@@ -421,6 +422,23 @@ impl Shared {
                     if let Some(outbox) = outboxes.get(&conn) {
                         self.tails
                             .start_bus_tail(outbox.clone(), request, activity_id, filter);
+                    }
+                    Ok(())
+                }
+                Action::ServicesQuery {
+                    conn,
+                    request,
+                    activity_id,
+                    listing,
+                } => {
+                    if let Some(outbox) = outboxes.get(&conn) {
+                        answer_services_query(
+                            self.cluster.as_ref().map(|edge| edge.node.clone()),
+                            outbox.clone(),
+                            request,
+                            activity_id,
+                            listing,
+                        );
                     }
                     Ok(())
                 }

@@ -621,6 +621,44 @@ fn a_service_pauses_as_a_whole_on_a_backend() {
 }
 
 #[test]
+fn the_services_listing_is_handed_to_the_edge_to_add_other_nodes_instances() {
+    let mut h = node();
+    h.connect(1, "worker", 10);
+    h.subscribe(1, "job.*");
+    h.connect(2, "ops", 10);
+    h.actions();
+    let list = command("courier.services.list", "");
+    let request = list.id;
+    h.send(2, 3, list);
+    let actions = h.actions();
+    assert_eq!(results(&actions), vec![(3, ErrorCode::Ok)]);
+    assert!(
+        !actions
+            .iter()
+            .any(|a| matches!(a, Action::Deliver { conn: 2, .. })),
+        "answered with this node's instances only: {actions:?}"
+    );
+    let listing = actions
+        .iter()
+        .find_map(|a| match a {
+            Action::ServicesQuery {
+                conn: 2,
+                request: r,
+                listing,
+                ..
+            } if *r == request => Some(listing),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no question to the edge: {actions:?}"));
+    let worker = listing
+        .as_array()
+        .and_then(|l| l.iter().find(|s| s["name"] == "worker"))
+        .unwrap_or_else(|| panic!("no worker: {listing}"));
+    assert_eq!(worker["patterns"], serde_json::json!(["job.*"]));
+    assert_eq!(worker["instances"].as_array().map(Vec::len), Some(1));
+}
+
+#[test]
 fn a_transient_message_no_instance_here_takes_is_offered_to_other_nodes() {
     let mut h = node();
     h.broker.subscriptions_changed(

@@ -76,6 +76,60 @@ pub(crate) async fn services_everywhere(node: &Arc<ClusterNode>, mut page: Value
     page
 }
 
+/// `courier.services.list`'s listing (the core's: the cluster's services,
+/// this node's instance ids) with every other node's instance ids added,
+/// and the nodes that did not answer.
+pub(crate) async fn listing_everywhere(
+    node: &Arc<ClusterNode>,
+    mut listing: Value,
+) -> (Value, Vec<String>) {
+    let (answers, silent) = super::ask_every_other_node(
+        node,
+        instances_subject,
+        Bytes::new(),
+        INSTANCES_ASK_PATIENCE,
+    )
+    .await;
+    let elsewhere: Vec<Value> = answers
+        .iter()
+        .filter_map(|(_, answer)| serde_json::from_slice::<Vec<Value>>(answer).ok())
+        .flatten()
+        .collect();
+    add_instance_ids(&mut listing, &elsewhere);
+    (listing, silent)
+}
+
+/// Adds instances (each naming its `service` and `instance`) to the
+/// listing's rows by id; a service it lacks gets a row of its own.
+pub(crate) fn add_instance_ids(listing: &mut Value, instances: &[Value]) {
+    let Some(services) = listing.as_array_mut() else {
+        return;
+    };
+    for instance in instances {
+        let (Some(service), Some(id)) =
+            (instance["service"].as_str(), instance["instance"].as_str())
+        else {
+            continue;
+        };
+        let row = match services.iter().position(|s| s["name"] == service) {
+            Some(row) => row,
+            None => {
+                services.push(json!({
+                    "name": service, "patterns": [], "paused": [], "instances": [],
+                    "backlog": 0, "in_flight": 0, "dead_letters": 0,
+                }));
+                services.len() - 1
+            }
+        };
+        if let Some(ids) = services[row]["instances"].as_array_mut() {
+            if !ids.iter().any(|known| known == id) {
+                ids.push(json!(id));
+            }
+        }
+    }
+    services.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+}
+
 /// Files instances (each naming its `service`) under their services on
 /// the page; a service the page does not list yet (connected elsewhere,
 /// subscribed to nothing) gets a row of its own.
@@ -119,6 +173,27 @@ pub(crate) fn add_instances(page: &mut Value, instances: Vec<Value>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn other_nodes_instance_ids_join_the_services_listing() {
+        let mut listing = json!([
+            {"name": "ledger", "patterns": ["ledger.*"], "instances": ["l-1"]},
+        ]);
+        add_instance_ids(
+            &mut listing,
+            &[
+                json!({"service": "ledger", "instance": "l-2", "node": "b"}),
+                json!({"service": "ledger", "instance": "l-1", "node": "a"}),
+                json!({"service": "audit", "instance": "a-1", "node": "b"}),
+                json!({"instance": "nameless"}),
+            ],
+        );
+        assert_eq!(listing[0]["name"], "audit");
+        assert_eq!(listing[0]["instances"], json!(["a-1"]));
+        assert_eq!(listing[0]["patterns"], json!([]));
+        assert_eq!(listing[1]["instances"], json!(["l-1", "l-2"]));
+        assert_eq!(listing.as_array().map(Vec::len), Some(2));
+    }
 
     #[test]
     fn other_nodes_instances_join_their_services_rows() {

@@ -42,6 +42,27 @@ async fn listed(node: &Broker, args: &[&str]) -> Vec<serde_json::Value> {
     json_lines(&out)
 }
 
+/// An HTTP call to a node's port off the runtime (`{}` as a POST's
+/// body): status and body.
+async fn http_async(http: &str, method: &str, path: &str) -> (u16, String) {
+    let (http, method, path) = (http.to_string(), method.to_string(), path.to_string());
+    tokio::task::spawn_blocking(move || {
+        let headers = [("Content-Type", "application/json")];
+        let body = if method == "POST" { "{}" } else { "" };
+        let (status, _, body) = common::http_call(&http, &method, &path, &headers, body);
+        (status, body)
+    })
+    .await
+    .expect("the HTTP call ran")
+}
+
+/// `GET path`, which must answer 200 with JSON.
+async fn get_json(http: &str, path: &str) -> serde_json::Value {
+    let (status, body) = http_async(http, "GET", path).await;
+    assert_eq!(status, 200, "{path}: {body}");
+    serde_json::from_str(&body).expect("JSON")
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn dead_letters_of_one_node_are_listed_shown_replayed_and_purged_through_the_other() {
     let nodes = Nodes::start_watched().await;
@@ -105,6 +126,22 @@ async fn dead_letters_of_one_node_are_listed_shown_replayed_and_purged_through_t
     assert_eq!(rest.len(), 1, "{rest:?}");
     assert_eq!(rest[0]["id"], ids[1]);
 
+    // The console's pages read the cluster's dead letters, on either node.
+    for node in [&nodes.a, &nodes.b] {
+        let http = node.http.clone().expect("the node's HTTP port");
+        let page = get_json(&http, &format!("/v1/dead-letters/{SERVICE}?limit=1")).await;
+        assert_eq!(page["total"], 2, "{page}");
+        assert_eq!(page["dead_letters"][0]["id"], ids[0], "{page}");
+        assert_eq!(page["dead_letters"][0]["name"], "flaky.run", "{page}");
+        assert_eq!(page["rest_after"], ids[0], "{page}");
+        let rest = get_json(&http, &format!("/v1/dead-letters/{SERVICE}?after={id1}")).await;
+        assert_eq!(rest["total"], 2, "{rest}");
+        assert_eq!(rest["dead_letters"][0]["id"], ids[1], "{rest}");
+        assert!(rest["rest_after"].is_null(), "{rest}");
+        let one = get_json(&http, &format!("/v1/dead-letters/{SERVICE}/{id1}")).await;
+        assert_eq!(one["payload"]["n"], 1, "{one}");
+    }
+
     let out = dead_letters(&nodes.b, &["show", &id1]).await;
     assert!(out.status.success(), "{}", stderr(&out));
     let shown = &json_lines(&out)[0];
@@ -159,6 +196,21 @@ async fn dead_letters_of_one_node_are_listed_shown_replayed_and_purged_through_t
     let out = dead_letters(&nodes.a, &["purge"]).await;
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(json_lines(&out)[0]["purged"], 0);
+    // What is gone is gone for the console too, and its purge finds none.
+    let http = nodes.a.http.clone().expect("node a's HTTP port");
+    let (status, body) =
+        http_async(&http, "GET", &format!("/v1/dead-letters/{SERVICE}/{id1}")).await;
+    assert_eq!(status, 404, "{body}");
+    assert!(
+        body.contains(&format!("has no dead letter {id1}")),
+        "{body}"
+    );
+    let (status, body) =
+        http_async(&http, "POST", &format!("/v1/dead-letters/{SERVICE}/purge")).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(r#""purged":0"#), "{body}");
+    let (status, body) = http_async(&http, "GET", "/v1/dead-letters/nobody").await;
+    assert_eq!(status, 404, "{body}");
     failing.shutdown().await;
     web.shutdown().await;
 }

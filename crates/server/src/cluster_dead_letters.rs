@@ -126,7 +126,7 @@ fn refusal(e: DeadLettersError) -> (ErrorCode, String) {
     (code, e.to_string())
 }
 
-async fn carry_out(
+pub(crate) async fn carry_out(
     jetstream: &async_nats::jetstream::Context,
     query: &DeadLetterQuery,
     request: &str,
@@ -168,4 +168,18 @@ async fn carry_out(
             }),
     };
     found.map_err(refusal)
+}
+
+/// The console's dead-letter pages and changes on a cluster: `query`
+/// carried out on `COURIER_DEAD` as the protocol's commands are; `None`
+/// on one broker (the core has the dead letters). A refusal that names
+/// a missing dead letter is `InvalidMessage`, one the cluster did not
+/// answer `StorageFailed`.
+pub(crate) async fn for_console(
+    shared: &Shared,
+    query: DeadLetterQuery,
+) -> Option<Result<DeadLetterFound, (ErrorCode, String)>> {
+    let jetstream = shared.cluster.as_ref()?.node.connection.jetstream.clone();
+    let request = uuid::Uuid::now_v7().to_string();
+    Some(carry_out(&jetstream, &query, &request).await)
 }

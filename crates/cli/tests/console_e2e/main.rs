@@ -10,14 +10,12 @@
 #[path = "../common/mod.rs"]
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::webdriver::{base64_decode, screenshot_dir, Browser};
-use common::Broker;
+use common::{http_call as call, Broker};
 use courier_client::{Client, ClientOptions};
 use serde_json::{json, Value};
 
@@ -34,46 +32,6 @@ fn one_browser() -> std::sync::MutexGuard<'static, ()> {
     BROWSER
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// An HTTP call to the broker's port: (status, content type, body).
-fn call(
-    http: &str,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> (u16, String, String) {
-    let addr = http.trim_start_matches("http://").trim_end_matches('/');
-    let mut s = TcpStream::connect(addr).expect("connect to the HTTP port");
-    s.set_read_timeout(Some(T)).expect("timeout");
-    let extra: String = headers
-        .iter()
-        .map(|(k, v)| format!("{k}: {v}\r\n"))
-        .collect();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("write request");
-    let mut answer = String::new();
-    s.read_to_string(&mut answer).expect("read answer");
-    let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("a status code");
-    let content_type = head
-        .lines()
-        .find_map(|l| {
-            l.to_ascii_lowercase()
-                .strip_prefix("content-type:")
-                .map(|v| v.trim().to_string())
-        })
-        .unwrap_or_default();
-    (status, content_type, body.to_string())
 }
 
 fn get_json(http: &str, path: &str) -> Value {

@@ -8,7 +8,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use courier_broker::{Broker, PauseError};
+use courier_broker::{Broker, DeadLetterFound, DeadLetterQuery, PauseError};
 use serde_json::{json, Value};
 
 use crate::{Nanos, Shared, Store};
@@ -67,6 +67,19 @@ pub(crate) async fn replay(
         Ok(id) => id,
         Err(refusal) => return refusal.into_response(),
     };
+    let query = DeadLetterQuery::Replay {
+        service: service.clone(),
+        id,
+    };
+    if let Some(found) = on_cluster(&shared, query).await {
+        return match found {
+            Ok(DeadLetterFound::Replayed { .. }) => {
+                json_answer(json!({"service": service, "id": id, "replayed": true}))
+            }
+            Ok(_) => unexpected_answer(&service),
+            Err(refusal) => refusal,
+        };
+    }
     let revived = change(&shared, |core, now| {
         core.find_dead_letter(&service, id)?;
         Some(core.revive(&service, id, now))
@@ -105,6 +118,19 @@ pub(crate) async fn purge(
 ) -> Response {
     if let Err(refusal) = no_fields(&body) {
         return refusal.into_response();
+    }
+    let query = DeadLetterQuery::Purge {
+        service: service.clone(),
+        id: None,
+    };
+    if let Some(found) = on_cluster(&shared, query).await {
+        return match found {
+            Ok(DeadLetterFound::Purged { purged, .. }) => {
+                json_answer(json!({"service": service, "purged": purged}))
+            }
+            Ok(_) => unexpected_answer(&service),
+            Err(refusal) => refusal,
+        };
     }
     let purged = change(&shared, |core, _| {
         core.dead_letter_count(&service)?;

@@ -8,7 +8,11 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use courier_broker::stats::{NameStats, Traffic};
-use courier_broker::{dead_letter_json, InstanceInfo, SubscriptionGauges, SYSTEM_PREFIX};
+use courier_broker::{
+    dead_letter_json, DeadLetterFound, DeadLetterQuery, InstanceInfo, SubscriptionGauges,
+    SYSTEM_PREFIX,
+};
+use courier_proto::ErrorCode;
 use courier_store::histogram::Histogram;
 use serde_json::{json, Value};
 
@@ -372,6 +376,12 @@ pub(crate) async fn dead_letters(
             )
         }
     };
+    if shared.cluster.is_some() {
+        return match cluster_page(&shared, &service, after, limit).await {
+            Ok(page) => json_answer(page),
+            Err(refusal) => refusal,
+        };
+    }
     let (total, page) = {
         let mut core = shared.core();
         let Some(total) = core.dead_letter_count(&service) else {
@@ -385,13 +395,103 @@ pub(crate) async fn dead_letters(
         .iter()
         .map(|(d, m)| dead_letter_json(d, m.as_ref(), false))
         .collect();
-    json_answer(json!({
+    json_answer(dead_letters_json(&service, total, &letters, rest_after))
+}
+
+fn dead_letters_json(
+    service: &str,
+    total: usize,
+    letters: &[Value],
+    rest_after: Option<u64>,
+) -> Value {
+    json!({
         "service": service,
         "total": total,
         "listed_max": DEAD_LETTERS_LISTED_MAX,
         "dead_letters": letters,
         "rest_after": rest_after,
-    }))
+    })
+}
+
+/// A page of the service's dead letters on a cluster, from
+/// `COURIER_DEAD`; past the first page, a second look counts them all.
+async fn cluster_page(
+    shared: &Shared,
+    service: &str,
+    after: u64,
+    limit: usize,
+) -> Result<Value, Response> {
+    let list = async |after, limit| {
+        let query = DeadLetterQuery::List {
+            service: service.to_string(),
+            after,
+            limit,
+        };
+        match on_cluster(shared, query).await {
+            Some(Ok(DeadLetterFound::Listing { page, .. })) => Ok(page),
+            Some(Err(refusal)) => Err(refusal),
+            _ => Err(unexpected_answer(service)),
+        }
+    };
+    let page = list(after, limit).await?;
+    let total = if after == 0 {
+        page.total_after
+    } else {
+        list(0, 1).await?.total_after
+    };
+    let letters: Vec<Value> = page
+        .letters
+        .iter()
+        .map(|(d, m)| dead_letter_json(d, m.as_ref(), false))
+        .collect();
+    Ok(dead_letters_json(
+        service,
+        total,
+        &letters,
+        page.rest_after(),
+    ))
+}
+
+/// On a cluster: `query` carried out on the cluster's dead letters
+/// (`COURIER_DEAD`), or the answer that refuses it (an unknown service,
+/// no such dead letter, a cluster that did not answer); `None` on one
+/// broker, whose core has them.
+pub(crate) async fn on_cluster(
+    shared: &Shared,
+    query: DeadLetterQuery,
+) -> Option<Result<DeadLetterFound, Response>> {
+    shared.cluster.as_ref()?;
+    let (service, id) = match &query {
+        DeadLetterQuery::List { service, .. } | DeadLetterQuery::Purge { service, .. } => {
+            (service.clone(), None)
+        }
+        DeadLetterQuery::Show { service, id } | DeadLetterQuery::Replay { service, id } => {
+            (service.clone(), Some(*id))
+        }
+    };
+    if shared.core().dead_letter_count(&service).is_none() {
+        return Some(Err(unknown_service(&service)));
+    }
+    Some(
+        crate::cluster_dead_letters::for_console(shared, query)
+            .await?
+            .map_err(|(code, reason)| match (code, id) {
+                (ErrorCode::InvalidMessage, Some(id)) => no_dead_letter(&service, id),
+                _ => refuse(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("the cluster did not answer for the dead letters of {service} ({reason}); retry once /readyz answers ready"),
+                ),
+            }),
+    )
+}
+
+/// The cluster answered a dead-letter query with the wrong kind of
+/// answer: never, but not a panic.
+pub(crate) fn unexpected_answer(service: &str) -> Response {
+    refuse(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        &format!("the cluster answered for the dead letters of {service} with something else; see the broker's log"),
+    )
 }
 
 /// `GET /v1/dead-letters/{service}/{id}`: one, with its whole envelope
@@ -419,6 +519,19 @@ pub(crate) async fn dead_letter(
         Ok(id) => id,
         Err(refusal) => return refusal.into_response(),
     };
+    let query = DeadLetterQuery::Show {
+        service: service.clone(),
+        id,
+    };
+    if let Some(found) = on_cluster(&shared, query).await {
+        return match found {
+            Ok(DeadLetterFound::Letter(d, m)) => {
+                json_answer(dead_letter_json(&d, m.as_ref(), true))
+            }
+            Ok(_) => unexpected_answer(&service),
+            Err(refusal) => refusal,
+        };
+    }
     let found = shared.core().find_dead_letter(&service, id);
     match found {
         Some((d, m)) => json_answer(dead_letter_json(&d, m.as_ref(), true)),

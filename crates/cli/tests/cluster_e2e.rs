@@ -28,7 +28,7 @@ type Scenario = fn(&Nodes);
 #[tokio::test(flavor = "multi_thread")]
 async fn two_nodes_serve_one_bus() {
     let nodes = Nodes::start().await;
-    let scenarios: [(&str, Scenario); 8] = [
+    let scenarios: [(&str, Scenario); 9] = [
         (
             "request and reply",
             a_command_sent_through_one_node_is_answered_from_the_other,
@@ -55,6 +55,7 @@ async fn two_nodes_serve_one_bus() {
             transient_messages_reach_instances_on_other_nodes,
         ),
         ("manifest", the_manifests_rules_hold_on_every_node),
+        ("tail", a_tail_on_one_node_sees_what_every_node_accepts),
     ];
     for (name, scenario) in scenarios {
         let started = Instant::now();
@@ -693,5 +694,43 @@ tokens = ["{admin_hash}"]
             &stock,
         ]);
         assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    }
+}
+
+fn a_tail_on_one_node_sees_what_every_node_accepts(nodes: &Nodes) {
+    let tail = nodes.a.spawn(&["tail", "tailed.>", "--payload"]);
+    tail.wait_stderr("tailing tailed.>", T);
+    // Node b relays once it heard that a has a tail (within a second).
+    let deadline = Instant::now() + T;
+    let line = loop {
+        let out = nodes.b.run(&[
+            "publish",
+            "tailed.thing",
+            "--service",
+            "web",
+            "--data",
+            r#"{"n":1}"#,
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        if let Some(line) = tail.try_json_line(Duration::from_millis(500)) {
+            break line;
+        }
+        assert!(Instant::now() < deadline, "no tail line from node b");
+    };
+    assert_eq!(line["name"], "tailed.thing", "{line}");
+    assert_eq!(line["node"], "b", "{line}");
+    assert_eq!(line["sender"], "web", "{line}");
+    assert_eq!(line["payload"]["n"], 1, "{line}");
+    // Its own node's, named too.
+    let out = nodes.a.run(&["publish", "tailed.here", "--service", "web"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let deadline = Instant::now() + T;
+    loop {
+        let line = tail.json_line(T);
+        if line["name"] == "tailed.here" {
+            assert_eq!(line["node"], "a", "{line}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no line of node a's own");
     }
 }

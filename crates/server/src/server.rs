@@ -202,7 +202,7 @@ impl Server {
                 recovery_seconds,
                 frames_in: AtomicU64::new(0),
                 entries_out: AtomicU64::new(0),
-                tails: tail::Tails::new(),
+                tails: tail::Tails::new(cluster.as_ref().map(|edge| edge.node.node.as_str())),
                 tracer,
                 webhooks: Arc::default(),
                 webhook_key,

@@ -177,7 +177,7 @@ impl Shared {
         }
         // Sent under the lock, so every tail sees the core's order.
         for tapped in core.take_taps() {
-            let _ = self.tails.sender.send(Arc::new(tapped));
+            self.tails.accepted(tapped);
         }
         // One send per batch, under the lock too: the trace thread sees
         // acceptances before the deliveries and acks that follow them.

@@ -7,11 +7,15 @@
 //! oldest lines for a tail that lags, and a bus tail whose connection has
 //! more than `TAIL_PENDING_BYTES_MAX` unwritten drops lines too; either
 //! way the tail is told how many it missed (a `dropped` line).
+//!
+//! On a cluster a node's tails see every node's accepted messages: while
+//! a node has tails, the others relay theirs to it (`cluster_edge/tails.rs`)
+//! into the same channel, and each line names the node that accepted it.
 
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::response::sse::{Event, KeepAlive, Sse};
 use courier_broker::{TailFilter, Tapped};
@@ -33,29 +37,101 @@ const TAIL_PENDING_BYTES_MAX: usize = 1024 * 1024;
 /// How often a bus tail whose channel is quiet checks its connection.
 const GONE_CHECK: Duration = Duration::from_millis(500);
 
+/// One accepted message on its way to the tails.
+pub(crate) struct TailItem {
+    pub(crate) tapped: Tapped,
+    /// On a cluster, the node that accepted it.
+    pub(crate) node: Option<Arc<str>>,
+    /// Another node relayed it here: it goes no further.
+    pub(crate) relayed: bool,
+}
+
 /// The tails' shared parts: the channel and the count of live tails (the
-/// core records accepted messages only while it is above zero).
+/// core records accepted messages only while it is above zero, or while
+/// another node's tails want this node's).
 #[derive(Clone)]
 pub(crate) struct Tails {
-    pub(crate) sender: broadcast::Sender<Arc<Tapped>>,
+    sender: broadcast::Sender<Arc<TailItem>>,
     live: Arc<AtomicUsize>,
+    /// This node's id on a cluster.
+    node: Option<Arc<str>>,
+    /// Until when (ms since `epoch`) other nodes' tails want this node's
+    /// accepted messages.
+    wanted_until: Arc<AtomicU64>,
+    epoch: Instant,
 }
 
 impl Tails {
-    pub(crate) fn new() -> Tails {
+    pub(crate) fn new(node: Option<&str>) -> Tails {
         let (sender, _) = broadcast::channel(TAIL_BUFFER_MESSAGES);
         Tails {
             sender,
             live: Arc::new(AtomicUsize::new(0)),
+            node: node.map(Arc::from),
+            wanted_until: Arc::new(AtomicU64::new(0)),
+            epoch: Instant::now(),
         }
     }
 
+    /// Whether the core should record what it accepts.
     pub(crate) fn any(&self) -> bool {
+        self.local() || self.wanted_elsewhere()
+    }
+
+    /// Whether this node has tails of its own.
+    pub(crate) fn local(&self) -> bool {
         self.live.load(Ordering::Relaxed) > 0
     }
 
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Whether other nodes' tails asked for this node's messages lately.
+    pub(crate) fn wanted_elsewhere(&self) -> bool {
+        self.now_ms() < self.wanted_until.load(Ordering::Relaxed)
+    }
+
+    /// Another node's tails want this node's messages for `lasting`.
+    pub(crate) fn want_elsewhere(&self, lasting: Duration) {
+        let until = self
+            .now_ms()
+            .saturating_add(u64::try_from(lasting.as_millis()).unwrap_or(u64::MAX));
+        self.wanted_until.fetch_max(until, Ordering::Relaxed);
+    }
+
+    /// What this node's core accepted, to every tail (under the core's
+    /// lock, so they see the core's order).
+    pub(crate) fn accepted(&self, tapped: Tapped) {
+        let item = TailItem {
+            tapped,
+            node: self.node.clone(),
+            relayed: false,
+        };
+        let _ = self.sender.send(Arc::new(item));
+    }
+
+    /// What another node accepted, to this node's tails.
+    pub(crate) fn relayed(&self, tapped: Tapped, node: &str) {
+        if !self.local() {
+            return;
+        }
+        let item = TailItem {
+            tapped,
+            node: Some(Arc::from(node)),
+            relayed: true,
+        };
+        let _ = self.sender.send(Arc::new(item));
+    }
+
+    /// Everything sent to the tails, for the relay to other nodes (not
+    /// counted as a tail).
+    pub(crate) fn watch(&self) -> broadcast::Receiver<Arc<TailItem>> {
+        self.sender.subscribe()
+    }
+
     /// A new tail's receiver; the count drops when the guard does.
-    fn join(&self) -> (broadcast::Receiver<Arc<Tapped>>, LiveTail) {
+    fn join(&self) -> (broadcast::Receiver<Arc<TailItem>>, LiveTail) {
         self.live.fetch_add(1, Ordering::Relaxed);
         (self.sender.subscribe(), LiveTail(self.live.clone()))
     }
@@ -90,9 +166,9 @@ impl Tails {
         let lines = futures_util::stream::unfold(state, |mut state| async move {
             loop {
                 match state.rx.recv().await {
-                    Ok(tapped) => {
-                        if state.filter.matches(&tapped) {
-                            let line = state.filter.line(&tapped).to_string();
+                    Ok(item) => {
+                        if state.filter.matches(&item.tapped) {
+                            let line = tail_line(&state.filter, &item).to_string();
                             let event = Event::default().event("message").data(line);
                             return Some((Ok(event), state));
                         }
@@ -116,7 +192,7 @@ impl Tails {
 }
 
 struct SseTail {
-    rx: broadcast::Receiver<Arc<Tapped>>,
+    rx: broadcast::Receiver<Arc<TailItem>>,
     filter: TailFilter,
     _live: LiveTail,
 }
@@ -130,6 +206,16 @@ impl Drop for LiveTail {
     }
 }
 
+/// A tail's line for `item`; on a cluster it names the node that
+/// accepted the message.
+fn tail_line(filter: &TailFilter, item: &TailItem) -> Value {
+    let mut line = filter.line(&item.tapped);
+    if let Some(node) = &item.node {
+        line["node"] = json!(node.as_ref());
+    }
+    line
+}
+
 fn started_line(filter: &TailFilter) -> Value {
     json!({
         "pattern": filter.pattern.as_deref().unwrap_or(">"),
@@ -140,7 +226,7 @@ fn started_line(filter: &TailFilter) -> Value {
 }
 
 async fn run_bus_tail(
-    mut rx: broadcast::Receiver<Arc<Tapped>>,
+    mut rx: broadcast::Receiver<Arc<TailItem>>,
     _live: LiveTail,
     outbox: Arc<Outbox>,
     request: Uuid,
@@ -169,16 +255,16 @@ async fn run_bus_tail(
         if outbox.is_gone() {
             return;
         }
-        let tapped = match tokio::time::timeout(GONE_CHECK, rx.recv()).await {
+        let item = match tokio::time::timeout(GONE_CHECK, rx.recv()).await {
             Err(_) => continue,
-            Ok(Ok(tapped)) => tapped,
+            Ok(Ok(item)) => item,
             Ok(Err(broadcast::error::RecvError::Lagged(n))) => {
                 dropped += n;
                 continue;
             }
             Ok(Err(broadcast::error::RecvError::Closed)) => return,
         };
-        if !filter.matches(&tapped) {
+        if !filter.matches(&item.tapped) {
             continue;
         }
         if dropped > 0 {
@@ -187,7 +273,7 @@ async fn run_bus_tail(
                 dropped = 0;
             }
         }
-        let line = reply("courier.tail.line", &filter.line(&tapped));
+        let line = reply("courier.tail.line", &tail_line(&filter, &item));
         if !outbox.deliver(&line, TAIL_PENDING_BYTES_MAX) {
             dropped += 1;
         }

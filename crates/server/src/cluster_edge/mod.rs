@@ -24,7 +24,8 @@
 //! - **Traces.** A trace query on any node merges every node's part of
 //!   the activities (`traces.rs`); the console's services page shows
 //!   every node's instances (`views.rs`), its names and topology pages
-//!   every node's counters (`names.rs`).
+//!   every node's counters (`names.rs`); tails see every node's accepted
+//!   messages, relayed while some node tails (`tails.rs`).
 //! - **Registration.** The node's record in `courier_nodes`, renewed.
 //!
 //! `fetching.rs` holds the fetch loops, the keyed lanes' leases and the
@@ -53,6 +54,7 @@ use crate::Shared;
 mod fetching;
 pub(crate) mod names;
 mod replies;
+mod tails;
 pub(crate) mod traces;
 pub(crate) mod views;
 
@@ -304,6 +306,13 @@ pub(crate) fn start(shared: &Arc<Shared>) -> Vec<crate::AbortOnDrop> {
             Arc::downgrade(shared),
         ))),
         crate::AbortOnDrop(tokio::spawn(names::serve_names_questions(Arc::downgrade(
+            shared,
+        )))),
+        crate::AbortOnDrop(tokio::spawn(tails::announce_tails(Arc::downgrade(shared)))),
+        crate::AbortOnDrop(tokio::spawn(tails::relay_to_other_tails(Arc::downgrade(
+            shared,
+        )))),
+        crate::AbortOnDrop(tokio::spawn(tails::take_other_nodes_lines(Arc::downgrade(
             shared,
         )))),
         crate::AbortOnDrop(tokio::spawn(keep_registered(edge.node.clone()))),

@@ -294,7 +294,7 @@ pub(crate) async fn activity(
     params(
         ("name" = Option<String>, Query, description = "Only activities that started with a name matching this pattern", pattern = r"^$|^(([a-z0-9_-]+|\*)\.)*([a-z0-9_-]+|\*|>)$", max_length = 255),
         ("outcome" = Option<String>, Query, description = "Only activities with this outcome"),
-        ("since" = Option<String>, Query, description = "Only activities since then: an age (90s, 15m, 2h, 1d) or Unix nanoseconds; RFC 3339 times are taken too", pattern = r"^$|^[0-9]{1,6}[smhd]$|^[0-9]{1,18}$"),
+        ("since" = Option<String>, Query, description = "Only activities since then: an age (90s, 15m, 2h, 1d) or Unix nanoseconds (up to 19 digits); the broker also takes RFC 3339 times (2026-12-05T10:00:00Z), which the pattern does not describe", pattern = r"^$|^[0-9]{1,6}[smhd]$|^[0-9]{1,19}$"),
         ("limit" = Option<u32>, Query, description = "At most this many (default 50)", minimum = 1, maximum = 1000),
     ),
     responses(

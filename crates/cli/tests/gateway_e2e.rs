@@ -34,32 +34,8 @@ impl Answer {
 
 /// `POST path` with headers and a body, over HTTP/1.1.
 fn post(http: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Answer {
-    let addr = http.trim_start_matches("http://").trim_end_matches('/');
-    let mut s = TcpStream::connect(addr).expect("connect to the HTTP port");
-    s.set_read_timeout(Some(T)).expect("timeout");
-    let mut extra = String::new();
-    for (k, v) in headers {
-        extra.push_str(&format!("{k}: {v}\r\n"));
-    }
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("write request");
-    let mut answer = String::new();
-    s.read_to_string(&mut answer).expect("read answer");
-    let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("a status code");
-    Answer {
-        status,
-        head: head.to_string(),
-        body: body.to_string(),
-    }
+    let (status, head, body) = common::http_exchange(http, "POST", path, headers, body);
+    Answer { status, head, body }
 }
 
 async fn connect(broker: &Broker, service: &str, token: Option<&str>) -> Client {

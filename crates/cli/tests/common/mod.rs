@@ -543,16 +543,17 @@ pub fn rss_bytes(pid: u32) -> u64 {
     kb * 1024
 }
 
-/// An HTTP call to the broker's port: (status, content type, body).
-pub fn http_call(
+/// One HTTP/1.1 exchange on a port (`http://host:port/`): the status,
+/// the head and the body as it came (chunks not put together).
+pub fn http_exchange(
     http: &str,
     method: &str,
     path: &str,
     headers: &[(&str, &str)],
     body: &str,
 ) -> (u16, String, String) {
-    let addr = http.trim_start_matches("http://").trim_end_matches('/');
     use std::io::Write;
+    let addr = http.trim_start_matches("http://").trim_end_matches('/');
     let mut s = std::net::TcpStream::connect(addr).expect("connect to the HTTP port");
     s.set_read_timeout(Some(Duration::from_secs(30)))
         .expect("timeout");
@@ -574,6 +575,18 @@ pub fn http_call(
         .nth(1)
         .and_then(|c| c.parse().ok())
         .expect("a status code");
+    (status, head.to_string(), body.to_string())
+}
+
+/// An HTTP call to the broker's port: (status, content type, body).
+pub fn http_call(
+    http: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String, String) {
+    let (status, head, body) = http_exchange(http, method, path, headers, body);
     let content_type = head
         .lines()
         .find_map(|l| {
@@ -582,40 +595,26 @@ pub fn http_call(
                 .map(|v| v.trim().to_string())
         })
         .unwrap_or_default();
-    (status, content_type, body.to_string())
+    (status, content_type, body)
 }
 
 /// `GET path` on an HTTP port (`http://host:port/`) with an optional
 /// bearer token: (status, body). Bodies sent chunked are put together.
 pub fn http_get(http: &str, path: &str, token: Option<&str>) -> (u16, String) {
-    use std::io::Write;
-    let addr = http.trim_start_matches("http://").trim_end_matches('/');
-    let mut s = std::net::TcpStream::connect(addr).expect("connect to the HTTP port");
-    s.set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
-    )
-    .expect("write request");
-    let mut answer = String::new();
-    s.read_to_string(&mut answer).expect("read answer");
-    let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("a status code");
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = auth
+        .as_deref()
+        .map(|a| ("Authorization", a))
+        .into_iter()
+        .collect();
+    let (status, head, body) = http_exchange(http, "GET", path, &headers, "");
     let chunked = head
         .to_ascii_lowercase()
         .contains("transfer-encoding: chunked");
     if !chunked {
-        return (status, body.to_string());
+        return (status, body);
     }
-    let mut rest = body;
+    let mut rest = body.as_str();
     let mut out = String::new();
     loop {
         let (size, after) = rest.split_once("\r\n").expect("chunk size line");

@@ -57,6 +57,17 @@ pub(super) async fn serve_instance_questions(shared: Weak<Shared>) {
 /// node's instances) with every other node's instances added; nodes that
 /// did not answer are named in `partial`.
 pub(crate) async fn services_everywhere(node: &Arc<ClusterNode>, mut page: Value) -> Value {
+    let (elsewhere, silent) = other_nodes_instances(node).await;
+    add_instances(&mut page, elsewhere);
+    if !silent.is_empty() {
+        page["partial"] = json!(silent);
+    }
+    page
+}
+
+/// Every other node's instances (each naming its `service`, `instance`
+/// and `node`), and the nodes that did not answer.
+async fn other_nodes_instances(node: &Arc<ClusterNode>) -> (Vec<Value>, Vec<String>) {
     let (answers, silent) = super::ask_every_other_node(
         node,
         instances_subject,
@@ -64,16 +75,12 @@ pub(crate) async fn services_everywhere(node: &Arc<ClusterNode>, mut page: Value
         INSTANCES_ASK_PATIENCE,
     )
     .await;
-    let elsewhere: Vec<Value> = answers
+    let instances = answers
         .iter()
         .filter_map(|(_, answer)| serde_json::from_slice::<Vec<Value>>(answer).ok())
         .flatten()
         .collect();
-    add_instances(&mut page, elsewhere);
-    if !silent.is_empty() {
-        page["partial"] = json!(silent);
-    }
-    page
+    (instances, silent)
 }
 
 /// `courier.services.list`'s listing (the core's: the cluster's services,
@@ -83,18 +90,7 @@ pub(crate) async fn listing_everywhere(
     node: &Arc<ClusterNode>,
     mut listing: Value,
 ) -> (Value, Vec<String>) {
-    let (answers, silent) = super::ask_every_other_node(
-        node,
-        instances_subject,
-        Bytes::new(),
-        INSTANCES_ASK_PATIENCE,
-    )
-    .await;
-    let elsewhere: Vec<Value> = answers
-        .iter()
-        .filter_map(|(_, answer)| serde_json::from_slice::<Vec<Value>>(answer).ok())
-        .flatten()
-        .collect();
+    let (elsewhere, silent) = other_nodes_instances(node).await;
     add_instance_ids(&mut listing, &elsewhere);
     (listing, silent)
 }

@@ -183,19 +183,7 @@ pub(crate) fn name_json(n: &NameStats) -> Value {
     let mut total = Traffic::default();
     let mut services = Vec::with_capacity(n.by_service.len());
     for (service, t) in &n.by_service {
-        total.sent += t.sent;
-        total.delivered += t.delivered;
-        total.acked += t.acked;
-        total.nacked += t.nacked;
-        total.redelivered += t.redelivered;
-        total.expired += t.expired;
-        total.dead_lettered += t.dead_lettered;
-        for (code, count) in &t.refused {
-            match total.refused.iter_mut().find(|(c, _)| c == code) {
-                Some((_, n)) => *n += count,
-                None => total.refused.push((*code, *count)),
-            }
-        }
+        total.add(t);
         let mut counters = counters_json(t);
         counters["service"] = json!(service.as_str());
         counters["refused_by_reason"] = Value::Object(

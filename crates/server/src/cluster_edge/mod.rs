@@ -151,15 +151,19 @@ pub(crate) async fn ask_every_other_node(
     (came, silent)
 }
 
+/// What a node that cannot answer the console's questions costs the
+/// others.
+const PARTIAL_ELSEWHERE: &str = "their pages will name this node as partial";
+
 /// Answers the questions other nodes ask this one on `subject(node)`
-/// with `answer(shared, question)`, until the server is gone; `what` names
-/// the answers in the warning of a node that cannot subscribe (the others'
-/// pages then name it as partial).
+/// with `answer(shared, question)` (`None`: stays silent), until the
+/// server is gone; `why` says in a warning what is lost when this node
+/// cannot subscribe, `what` names the answers.
 pub(super) async fn answer_questions(
     shared: Weak<Shared>,
     subject: fn(&str) -> String,
-    what: &str,
-    answer: impl Fn(&Shared, &bytes::Bytes) -> bytes::Bytes,
+    (what, why): (&str, &str),
+    answer: impl Fn(&Shared, &bytes::Bytes) -> Option<bytes::Bytes>,
 ) {
     let Some((client, subject)) = shared.upgrade().and_then(|s| {
         let edge = s.cluster.as_ref()?;
@@ -173,7 +177,7 @@ pub(super) async fn answer_questions(
     let mut questions = match client.subscribe(subject).await {
         Ok(questions) => questions,
         Err(e) => {
-            warn!(error = %e, "cannot answer other nodes' questions for {what}; their pages will name this node as partial");
+            warn!(error = %e, "cannot answer other nodes' questions for {what}; {why}");
             return;
         }
     };
@@ -186,6 +190,9 @@ pub(super) async fn answer_questions(
         };
         let answered = answer(&strong, &question.payload);
         drop(strong);
+        let Some(answered) = answered else {
+            continue;
+        };
         if let Err(e) = client.publish(to, answered).await {
             warn!(error = %e, "could not answer a question for {what}");
         }

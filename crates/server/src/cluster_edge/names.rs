@@ -143,9 +143,10 @@ fn decode(answer: &[u8]) -> Option<(Vec<NameStats>, u64)> {
 
 /// Answers other nodes' questions for this node's counters.
 pub(super) async fn serve_names_questions(shared: Weak<Shared>) {
-    super::answer_questions(shared, names_subject, "traffic counters", |shared, _| {
+    let lost = ("traffic counters", super::PARTIAL_ELSEWHERE);
+    super::answer_questions(shared, names_subject, lost, |shared, _| {
         let (names, _, over_cap) = crate::console::traffic_copy(shared);
-        encode(&names, over_cap)
+        Some(encode(&names, over_cap))
     })
     .await;
 }

@@ -308,48 +308,27 @@ async fn take_offered_replies(
 /// accepted or fetched ([`courier_broker::Broker::reply_route_of`]);
 /// says nothing of the others.
 pub(super) async fn answer_route_questions(shared: Weak<Shared>) {
-    let Some((client, node)) = shared.upgrade().and_then(|s| {
-        s.cluster.as_ref().map(|e| {
-            (
-                e.node.connection.client.clone(),
-                e.node.node.as_str().to_string(),
-            )
-        })
-    }) else {
-        return;
-    };
-    let mut questions = match client.subscribe(ROUTE_SUBJECT).await {
-        Ok(questions) => questions,
-        Err(e) => {
-            warn!(error = %e, "cannot answer other nodes' questions for reply routes; replies through them to commands accepted or fetched here will be refused");
-            return;
-        }
-    };
-    while let Some(question) = questions.next().await {
-        let (Some(to), Ok(command)) = (question.reply, uuid::Uuid::from_slice(&question.payload))
-        else {
-            continue;
-        };
-        let Some(shared) = shared.upgrade() else {
-            return;
-        };
-        let known = shared.core().reply_route_of(command);
-        drop(shared);
-        let Some(known) = known else {
-            continue;
-        };
-        let answer = RouteAnswer {
-            node: known.node.unwrap_or_else(|| node.clone()),
-            receivers: known.receivers,
-            requester: known.requester,
-        };
-        let Ok(payload) = serde_json::to_vec(&answer) else {
-            continue;
-        };
-        if let Err(e) = client.publish(to, payload.into()).await {
-            warn!(error = %e, "could not answer a question for a reply route");
-        }
-    }
+    let lost = (
+        "reply routes",
+        "replies through them to commands accepted or fetched here will be refused",
+    );
+    super::answer_questions(
+        shared,
+        |_| ROUTE_SUBJECT.to_string(),
+        lost,
+        |shared, question| {
+            let command = uuid::Uuid::from_slice(question).ok()?;
+            let known = shared.core().reply_route_of(command)?;
+            let node = shared.cluster.as_ref()?.node.node.as_str().to_string();
+            let answer = RouteAnswer {
+                node: known.node.unwrap_or(node),
+                receivers: known.receivers,
+                requester: known.requester,
+            };
+            serde_json::to_vec(&answer).ok().map(Into::into)
+        },
+    )
+    .await;
 }
 
 /// Asks the other nodes where the replies to `command` go; `None` if no

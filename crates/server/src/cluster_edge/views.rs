@@ -43,12 +43,15 @@ pub(crate) fn local_instances(shared: &Shared, node: &str) -> Vec<Value> {
 
 /// Answers other nodes' questions for this node's instances.
 pub(super) async fn serve_instance_questions(shared: Weak<Shared>) {
-    super::answer_questions(shared, instances_subject, "instances", |shared, _| {
+    let lost = ("instances", super::PARTIAL_ELSEWHERE);
+    super::answer_questions(shared, instances_subject, lost, |shared, _| {
         let node = shared
             .cluster
             .as_ref()
             .map_or("", |edge| edge.node.node.as_str());
-        Bytes::from(Value::Array(local_instances(shared, node)).to_string())
+        Some(Bytes::from(
+            Value::Array(local_instances(shared, node)).to_string(),
+        ))
     })
     .await;
 }

@@ -120,11 +120,12 @@ impl<S: MessageStore> Broker<S> {
                 reason,
                 at,
             },
-            // The backend counts deliveries; dead letters and the registry
-            // are not the core's on a backend (yet kept per node).
-            Op::Delivered { .. } | Op::Revived { .. } | Op::Purged { .. } | Op::Registry(_) => {
-                return
+            Op::Registry(op) => {
+                let (service, id) = op.instance();
+                return self.replicate_registry_entry(&service, &id, false);
             }
+            // The backend counts deliveries and keeps dead letters.
+            Op::Delivered { .. } | Op::Revived { .. } | Op::Purged { .. } => return,
         };
         self.dirty = true;
         self.batch_structural = true;

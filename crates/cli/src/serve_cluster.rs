@@ -151,6 +151,7 @@ pub(crate) async fn join(args: &ServeArgs) -> anyhow::Result<Joined> {
             node,
             nodes: provisioned.nodes.clone(),
             leases: provisioned.leases.clone(),
+            registry: provisioned.registry.clone(),
             record,
             durability_weaker,
         }),

@@ -28,7 +28,7 @@ type Scenario = fn(&Nodes);
 #[tokio::test(flavor = "multi_thread")]
 async fn two_nodes_serve_one_bus() {
     let nodes = Nodes::start().await;
-    let scenarios: [(&str, Scenario); 9] = [
+    let scenarios: [(&str, Scenario); 10] = [
         (
             "request and reply",
             a_command_sent_through_one_node_is_answered_from_the_other,
@@ -56,6 +56,7 @@ async fn two_nodes_serve_one_bus() {
         ),
         ("manifest", the_manifests_rules_hold_on_every_node),
         ("tail", a_tail_on_one_node_sees_what_every_node_accepts),
+        ("registry", the_registry_is_one_on_every_node),
     ];
     for (name, scenario) in scenarios {
         let started = Instant::now();
@@ -733,4 +734,106 @@ fn a_tail_on_one_node_sees_what_every_node_accepts(nodes: &Nodes) {
         }
         assert!(Instant::now() < deadline, "no line of node a's own");
     }
+}
+
+/// `courier register` and friends through `node`'s HTTP port.
+fn registry_cli(node: &Broker, args: &[&str]) -> std::process::Output {
+    let http = node.http.as_deref().expect("the node's HTTP port");
+    let http = http
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    node.cli(args)
+        .env("COURIER_HTTP", http)
+        .output()
+        .expect("run courier")
+}
+
+/// Every instance of `service` in `node`'s registry, with its health.
+fn registry_instances(node: &Broker, service: &str) -> BTreeMap<String, String> {
+    let http = node.http.as_deref().expect("the node's HTTP port");
+    let (status, body) = http_get(http, &format!("/v1/services/{service}?all=1"), None);
+    assert_eq!(status, 200, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    answer["instances"]
+        .as_array()
+        .expect("instances")
+        .iter()
+        .map(|i| {
+            (
+                i["id"].as_str().expect("id").to_string(),
+                i["health"].as_str().expect("health").to_string(),
+            )
+        })
+        .collect()
+}
+
+/// One registry on both nodes: what is registered, heartbeated or
+/// deregistered through one is seen through the other, a bus connection
+/// to one is an instance on both, and the checks run somewhere.
+fn the_registry_is_one_on_every_node(nodes: &Nodes) {
+    let out = registry_cli(
+        &nodes.a,
+        &[
+            "register",
+            "regdb",
+            "--address",
+            "127.0.0.1:5432",
+            "--check",
+            "ttl:2s",
+            "--flap-threshold",
+            "1",
+            "--id",
+            "regdb-1",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_for("the registration through a is seen on b", T, || {
+        registry_instances(&nodes.b, "regdb")
+            .contains_key("regdb-1")
+            .then_some(())
+    });
+    // No heartbeat: whichever node runs the checks lapses the TTL, and
+    // both nodes see it.
+    for node in [&nodes.a, &nodes.b] {
+        wait_for("the TTL lapses on both nodes", T, || {
+            (registry_instances(node, "regdb")
+                .get("regdb-1")
+                .map(String::as_str)
+                == Some("critical"))
+            .then_some(())
+        });
+    }
+    // A heartbeat through b passes the check on a.
+    let out = registry_cli(&nodes.b, &["heartbeat", "regdb", "regdb-1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_for("the heartbeat through b is seen on a", T, || {
+        (registry_instances(&nodes.a, "regdb")
+            .get("regdb-1")
+            .map(String::as_str)
+            == Some("passing"))
+        .then_some(())
+    });
+
+    // A bus connection to b is an instance on a's registry, until it goes.
+    let mut sub = nodes
+        .b
+        .spawn(&["subscribe", "regbus.*", "--service", "regbus"]);
+    wait_for("the bus instance on b is in a's registry", T, || {
+        (registry_instances(&nodes.a, "regbus").len() == 1).then_some(())
+    });
+    sub.kill9();
+    wait_for("the closed connection leaves a's registry", T, || {
+        registry_instances(&nodes.a, "regbus")
+            .is_empty()
+            .then_some(())
+    });
+
+    let out = registry_cli(&nodes.b, &["deregister", "regdb", "regdb-1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_for("the deregistration through b is seen on a", T, || {
+        registry_instances(&nodes.a, "regdb")
+            .is_empty()
+            .then_some(())
+    });
 }

@@ -21,6 +21,7 @@ pub mod nodes;
 pub mod parked;
 mod provision;
 pub mod reclaim;
+pub mod service_registry;
 pub mod services;
 pub mod store;
 

@@ -28,11 +28,18 @@ pub const NODES_BUCKET: &str = "courier_nodes";
 pub const LEASES_BUCKET: &str = "courier_leases";
 /// Reply routes: `<command id, 32 hex>`.
 pub const ROUTES_BUCKET: &str = "courier_routes";
+/// The service registry: `i.<service>.<id, hex>` for registered instances,
+/// `b.<node id>.<service>.<id, hex>` for bus connections to that node.
+pub const REGISTRY_BUCKET: &str = "courier_registry";
+/// Core NATS subject of TTL heartbeats, heard by every node.
+pub const REGISTRY_HEARTBEATS: &str = "courier.registry.heartbeat";
 
 /// The lease of the node that purges the log below every consumer's floor.
 pub const RECLAIMER_LEASE: &str = "reclaimer";
 /// The lease of the node that releases deferred messages.
 pub const SCHEDULER_LEASE: &str = "scheduler";
+/// The lease of the node that runs the registry's checks.
+pub const REGISTRY_LEASE: &str = "registry";
 
 /// The lease key of service `service`'s keyed lane.
 pub fn keyed_lane_lease(service: &str) -> String {

@@ -178,6 +178,7 @@ fn specs(settings: &Settings) -> Specs {
             bucket(NODES_BUCKET, settings.nodes_max_age, settings),
             bucket(LEASES_BUCKET, settings.lease_max_age, settings),
             bucket(ROUTES_BUCKET, settings.routes_max_age, settings),
+            bucket(REGISTRY_BUCKET, Duration::ZERO, settings),
         ],
     }
 }
@@ -275,6 +276,7 @@ pub struct Provisioned {
     pub nodes: kv::Store,
     pub leases: kv::Store,
     pub routes: kv::Store,
+    pub registry: kv::Store,
     /// Cluster-wide settings taken from the cluster, not from this node.
     pub differences: Vec<Difference>,
 }
@@ -325,6 +327,7 @@ pub async fn provision(
         nodes: open(NODES_BUCKET).await?,
         leases: open(LEASES_BUCKET).await?,
         routes: open(ROUTES_BUCKET).await?,
+        registry: open(REGISTRY_BUCKET).await?,
         differences: report.differences,
     })
 }
@@ -678,7 +681,7 @@ mod tests {
     fn every_object_is_replicated_on_file_storage() {
         let specs = specs(&Settings::default());
         let all: Vec<&Spec> = specs.all().collect();
-        assert_eq!(all.len(), 9);
+        assert_eq!(all.len(), 10);
         for spec in &all {
             assert_eq!(spec.config.num_replicas, 3, "{}", spec.config.name);
             assert_eq!(spec.config.storage, StorageType::File);

@@ -78,21 +78,29 @@ impl ServiceSubscriptions {
                     state.paused = paused;
                 }
             }
-            Upstream::Ack { .. } | Upstream::Nak { .. } | Upstream::DeadLetter { .. } => {}
+            Upstream::Ack { .. }
+            | Upstream::Nak { .. }
+            | Upstream::DeadLetter { .. }
+            | Upstream::Registry { .. }
+            | Upstream::RegistryHeartbeat { .. } => {}
         }
         *self != before
     }
 }
 
 /// The service a subscription change is about; `None` for outcomes of
-/// deliveries.
+/// deliveries and registry changes.
 pub fn service_of(change: &Upstream) -> Option<&str> {
     match change {
         Upstream::Subscribe { service, .. }
         | Upstream::Unsubscribe { service, .. }
         | Upstream::Pause { service, .. }
         | Upstream::Resume { service, .. } => Some(service),
-        Upstream::Ack { .. } | Upstream::Nak { .. } | Upstream::DeadLetter { .. } => None,
+        Upstream::Ack { .. }
+        | Upstream::Nak { .. }
+        | Upstream::DeadLetter { .. }
+        | Upstream::Registry { .. }
+        | Upstream::RegistryHeartbeat { .. } => None,
     }
 }
 

@@ -20,6 +20,7 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::context::{PublishAckFuture, PublishError, PublishErrorKind};
+use async_nats::jetstream::kv;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::HeaderMap;
 use bytes::{Bytes, BytesMut};
@@ -240,7 +241,8 @@ enum Op {
         payload: Bytes,
         ticket: Ticket,
     },
-    /// A core NATS publish on a message's ack subject.
+    /// A core NATS publish: on a message's ack subject, or a registry
+    /// heartbeat.
     Settle {
         subject: String,
         body: Bytes,
@@ -301,11 +303,15 @@ impl ClusterStore {
     ) -> ClusterStore {
         let (publishes, publish_queue) = mpsc::channel(PUBLISH_QUEUE_MAX);
         let (changes, change_queue) = mpsc::channel(SERVICE_QUEUE_MAX);
-        let writer = ServiceWriter {
-            services: provisioned.services.clone(),
-            messages: provisioned.messages.clone(),
-            replicas: options.consumer_replicas,
-            max_ack_pending: options.max_ack_pending,
+        let writer = ChangeWriter {
+            services: ServiceWriter {
+                services: provisioned.services.clone(),
+                messages: provisioned.messages.clone(),
+                replicas: options.consumer_replicas,
+                max_ack_pending: options.max_ack_pending,
+            },
+            registry: provisioned.registry.clone(),
+            node: node.clone(),
         };
         runtime.spawn(publish_loop(connection, publish_queue));
         runtime.spawn(change_loop(writer, change_queue));
@@ -660,10 +666,42 @@ impl MessageStore for ClusterStore {
                 reason,
                 at,
             } => self.dead_letter(&service, seq, attempts, &reason, at),
+            // A bus connection's entry holds nothing up: the connection
+            // works whether or not other nodes see it yet, so its write
+            // fails no batch (it is retried, then reported).
+            change @ Upstream::Registry { on_bus: true, .. } => {
+                let detached = Ticket { batch: None };
+                if let Err(e) = self.changes.try_send(ServiceOp {
+                    change,
+                    ticket: detached,
+                }) {
+                    tracing::warn!("a bus connection's registry entry could not be queued ({e})");
+                }
+            }
             change @ (Upstream::Subscribe { .. }
             | Upstream::Unsubscribe { .. }
             | Upstream::Pause { .. }
-            | Upstream::Resume { .. }) => self.change(change),
+            | Upstream::Resume { .. }
+            | Upstream::Registry { .. }) => self.change(change),
+            Upstream::RegistryHeartbeat { service, id } => {
+                let heartbeat = crate::service_registry::Heartbeat { service, id };
+                let body = match serde_json::to_vec(&heartbeat) {
+                    Ok(body) => body,
+                    Err(e) => {
+                        tracing::warn!("a registry heartbeat could not be encoded: {e}");
+                        return;
+                    }
+                };
+                // Not stored, and one lost is one missed: it fails no batch.
+                let publish = Op::Settle {
+                    subject: crate::names::REGISTRY_HEARTBEATS.to_string(),
+                    body: body.into(),
+                    ticket: Ticket { batch: None },
+                };
+                if let Err(e) = self.publishes.try_send(publish) {
+                    tracing::warn!("a registry heartbeat could not be queued ({e})");
+                }
+            }
         }
     }
 }
@@ -807,9 +845,52 @@ impl Publish {
     }
 }
 
-/// Carries out subscription changes one at a time, in the order made:
-/// a subscribe and an unsubscribe of one pattern must not swap.
-async fn change_loop(writer: ServiceWriter, mut ops: mpsc::Receiver<ServiceOp>) {
+/// Where the changes of [`change_loop`] go.
+struct ChangeWriter {
+    services: ServiceWriter,
+    registry: kv::Store,
+    node: NodeId,
+}
+
+impl ChangeWriter {
+    async fn change(&self, change: &Upstream) -> Result<(), String> {
+        match change {
+            Upstream::Registry {
+                service,
+                id,
+                on_bus,
+                record,
+            } => {
+                let write = |key: String, record: Option<Bytes>| async move {
+                    crate::service_registry::write(&self.registry, &key, record)
+                        .await
+                        .map_err(|e| e.to_string())
+                };
+                let registered = crate::service_registry::entry_key(service, id, None);
+                let bus = crate::service_registry::entry_key(service, id, Some(&self.node));
+                match record {
+                    Some(record) if *on_bus => write(bus, Some(record.clone())).await,
+                    Some(record) => write(registered, Some(record.clone())).await,
+                    // What left may have been either: both keys go.
+                    None => {
+                        write(registered, None).await?;
+                        write(bus, None).await
+                    }
+                }
+            }
+            change => self
+                .services
+                .change(change)
+                .await
+                .map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// Carries out subscription and registry changes one at a time, in the
+/// order made: a subscribe and an unsubscribe of one pattern must not
+/// swap, nor two changes of one instance.
+async fn change_loop(writer: ChangeWriter, mut ops: mpsc::Receiver<ServiceOp>) {
     while let Some(ServiceOp { change, ticket }) = ops.recv().await {
         let mut result = writer.change(&change).await;
         // A change is idempotent: one that met a passing refusal (a
@@ -827,7 +908,7 @@ async fn change_loop(writer: ServiceWriter, mut ops: mpsc::Receiver<ServiceOp>) 
             pause = (pause * 2).min(Duration::from_secs(1));
             result = writer.change(&change).await;
         }
-        ticket.finish(result.map_err(|e| e.to_string()));
+        ticket.finish(result);
     }
 }
 

@@ -56,4 +56,21 @@ pub enum Upstream {
         service: String,
         pattern: String,
     },
+    /// The registry's entry for instance `id` of `service` is now `record`
+    /// (the core's encoding of the instance and its health; `None`: it
+    /// left the registry). `on_bus`: the entry of a bus connection to this
+    /// node, which leaves with the node; nothing waits for its write (a
+    /// removal removes either kind of entry).
+    Registry {
+        service: String,
+        id: String,
+        on_bus: bool,
+        record: Option<bytes::Bytes>,
+    },
+    /// A TTL heartbeat for instance `id` of `service` passed on this node:
+    /// every node hears of it, the one running the checks too.
+    RegistryHeartbeat {
+        service: String,
+        id: String,
+    },
 }

@@ -41,7 +41,84 @@ impl<S: crate::MessageStore> crate::Broker<S> {
         let mut out = Vec::new();
         let result = self.registry.heartbeat(service, id, now, &mut out);
         self.registry_actions(out);
+        if result.is_ok() && self.upstream {
+            // The node that runs the checks keeps the TTL: it must hear it.
+            self.store
+                .upstream(courier_store::Upstream::RegistryHeartbeat {
+                    service: service.to_string(),
+                    id: id.to_string(),
+                });
+        }
         result
+    }
+
+    /// A replicated backend's registry entry changed (any node's change,
+    /// this one's too): see [`Registry::apply_replicated`]. A record that
+    /// does not decode is reported and changes nothing.
+    pub fn registry_replicated(
+        &mut self,
+        service: &str,
+        id: &str,
+        record: Option<bytes::Bytes>,
+        now: Nanos,
+    ) {
+        self.now = self.now.max(now);
+        let record = match record.map(decode_record).transpose() {
+            Ok(record) => record,
+            Err(e) => {
+                self.alerts.push(format!(
+                    "the cluster's registry entry for instance {id:?} of {service:?} cannot be read ({e}); it is left as it was here"
+                ));
+                return;
+            }
+        };
+        let healthy_before = self.registry.get(service, id).map(|i| i.health);
+        if self.registry.apply_replicated(service, id, record, now)
+            && self.registry.get(service, id).map(|i| i.health) != healthy_before
+        {
+            // A recovered instance takes work again at once.
+            self.pump(service, now);
+        }
+    }
+
+    /// A TTL heartbeat that passed on another node (or this one, heard
+    /// back): counts here as one taken here.
+    pub fn registry_heard_heartbeat(&mut self, service: &str, id: &str, now: Nanos) {
+        self.now = self.now.max(now);
+        let mut out = Vec::new();
+        if self.registry.heartbeat(service, id, now, &mut out).is_ok() {
+            self.registry_actions(out);
+        }
+    }
+
+    /// Whether this node runs the registry's checks (the one that leads
+    /// the registry on a cluster): [`Registry::set_checks_here`].
+    pub fn set_registry_checks_here(&mut self, here: bool, now: Nanos) {
+        self.now = self.now.max(now);
+        self.registry.set_checks_here(here, now);
+    }
+
+    /// On a replicated backend, the entry of instance `id` of `service` as
+    /// it now is here goes to the backend, for every node. A change of a
+    /// bus connection's entry (`on_bus`) is not waited for; a registered
+    /// instance's is, like a journal entry: what answers it waits until
+    /// the backend has it.
+    pub(crate) fn replicate_registry_entry(&mut self, service: &str, id: &str, on_bus: bool) {
+        if !self.upstream {
+            return;
+        }
+        let instance = self.registry.get(service, id);
+        let on_bus = on_bus || instance.is_some_and(|i| i.spec.on_bus);
+        let record = instance.map(encode_record);
+        if !on_bus {
+            self.dirty = true;
+        }
+        self.store.upstream(courier_store::Upstream::Registry {
+            service: service.to_string(),
+            id: id.to_string(),
+            on_bus,
+            record,
+        });
     }
 
     pub fn registry_check_result(
@@ -76,7 +153,9 @@ impl<S: crate::MessageStore> crate::Broker<S> {
         let mut out = Vec::new();
         // A name the registry cannot hold (not a DNS label) is simply not
         // discoverable; the connection works all the same.
-        let _ = self.registry.register(spec, now, &mut out);
+        if self.registry.register(spec, now, &mut out).is_ok() {
+            self.replicate_registry_entry(service, instance, true);
+        }
     }
 
     /// `courier.registry.advertise` from a bus connection: its own entry.
@@ -91,13 +170,22 @@ impl<S: crate::MessageStore> crate::Broker<S> {
         let result = self
             .registry
             .advertise(service, instance, address, meta, &mut out);
+        let changed = out
+            .iter()
+            .any(|action| matches!(action, RegistryAction::Changed { .. }));
         self.registry_actions(out);
+        if changed {
+            self.replicate_registry_entry(service, instance, true);
+        }
         result
     }
 
     pub(crate) fn deregister_bus_instance(&mut self, service: &str, instance: &str) {
         let mut out = Vec::new();
         self.registry.connection_closed(service, instance, &mut out);
+        if !out.is_empty() {
+            self.replicate_registry_entry(service, instance, true);
+        }
     }
 
     pub(crate) fn registry_tick(&mut self, now: Nanos) {

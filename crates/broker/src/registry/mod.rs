@@ -253,7 +253,7 @@ pub enum RegistryError {
     Invalid(String),
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Registry {
     instances: BTreeMap<(String, String), Instance>,
     /// Grows by one for every visible change; watchers long-poll from it.
@@ -262,6 +262,39 @@ pub struct Registry {
     /// cost O(log n) per due instance, not a walk over all of them (10,000
     /// instances checked every 5 s are due 2,000 times a second).
     timers: BTreeSet<(Nanos, (String, String))>,
+    /// Whether this registry runs the checks, lapses TTLs and removes
+    /// instances critical too long. One broker always does; of the nodes
+    /// of a cluster only the one that leads the registry does, and the
+    /// others take what it decides from the backend.
+    checks_here: bool,
+}
+
+impl Default for Registry {
+    fn default() -> Registry {
+        Registry {
+            instances: BTreeMap::new(),
+            index: 0,
+            timers: BTreeSet::new(),
+            checks_here: true,
+        }
+    }
+}
+
+/// An instance as a replicated backend holds it: its spec and visible
+/// health (the snapshot's form of one instance).
+pub fn encode_record(instance: &Instance) -> bytes::Bytes {
+    let mut w = Writer::new();
+    write_spec(&mut w, &instance.spec);
+    w.u8(instance.health.code());
+    w.0.freeze()
+}
+
+/// The spec and health of an [`encode_record`]ed instance.
+pub fn decode_record(bytes: bytes::Bytes) -> Result<(InstanceSpec, Health), JournalError> {
+    let mut r = Reader::new(bytes);
+    let spec = read_spec(&mut r)?;
+    let health = Health::from_code(r.u8()?)?;
+    Ok((spec, health))
 }
 
 fn validate(spec: &InstanceSpec) -> Result<(), RegistryError> {
@@ -361,6 +394,16 @@ pub(crate) fn read_spec(r: &mut Reader) -> Result<InstanceSpec, JournalError> {
 }
 
 impl RegistryOp {
+    /// The service and id of the instance the change is about.
+    pub fn instance(&self) -> (String, String) {
+        match self {
+            RegistryOp::Register(spec) => (spec.service.clone(), spec.id.clone()),
+            RegistryOp::Deregister { service, id } | RegistryOp::Health { service, id, .. } => {
+                (service.clone(), id.clone())
+            }
+        }
+    }
+
     pub(crate) fn encode_into(&self, w: &mut Writer) {
         match self {
             RegistryOp::Register(spec) => {

@@ -213,9 +213,92 @@ impl Registry {
         out.push(RegistryAction::Changed { index });
     }
 
+    /// Whether this registry runs the checks (see [`Registry`]).
+    pub fn checks_here(&self) -> bool {
+        self.checks_here
+    }
+
+    /// This registry starts or stops running the checks. One that starts
+    /// checks every instance at once and gives each TTL a whole period
+    /// from now: whatever ran them before may have stopped long ago, and
+    /// a heartbeat it took is not known here.
+    pub fn set_checks_here(&mut self, here: bool, now: Nanos) {
+        if self.checks_here == here {
+            return;
+        }
+        self.checks_here = here;
+        if !here {
+            return;
+        }
+        let keys: Vec<(String, String)> = self.instances.keys().cloned().collect();
+        for key in keys {
+            if let Some(instance) = self.instances.get_mut(&key) {
+                match instance.spec.check {
+                    Check::None => {}
+                    Check::Ttl { ttl_ms } => {
+                        instance.next_check = now + Nanos::from(ttl_ms) * MS;
+                    }
+                    _ => instance.next_check = now,
+                }
+                if instance.critical_since.is_some() {
+                    instance.critical_since = Some(now);
+                }
+            }
+            self.reschedule(&key);
+        }
+    }
+
+    /// The backend says instance `id` of `service` is now `record`
+    /// (`None`: it left), as whichever node changed it wrote it. Applied
+    /// as a recovery applies the journal: nothing is written back. Its
+    /// own changes come back this way too; one that matches what is
+    /// here changes nothing. Whether anything visible changed.
+    pub fn apply_replicated(
+        &mut self,
+        service: &str,
+        id: &str,
+        record: Option<(InstanceSpec, Health)>,
+        now: Nanos,
+    ) -> bool {
+        let key = (service.to_string(), id.to_string());
+        match record {
+            None => {
+                if !self.instances.contains_key(&key) {
+                    return false;
+                }
+                self.apply_deregister(service, id);
+                true
+            }
+            Some((spec, health)) => {
+                let same_spec = match self.instances.get(&key) {
+                    Some(here) if here.spec == spec && here.health == health => return false,
+                    Some(here) => here.spec == spec,
+                    None => false,
+                };
+                if !same_spec {
+                    self.apply_register(spec, now);
+                }
+                let (service, id) = key;
+                self.apply(
+                    RegistryOp::Health {
+                        service,
+                        id,
+                        health,
+                    },
+                    now,
+                );
+                true
+            }
+        }
+    }
+
     /// Advances time: due checks are asked for, TTLs that lapsed count as
     /// critical results, and instances critical too long are removed.
+    /// Nothing, where another runs the checks ([`Registry::set_checks_here`]).
     pub fn tick(&mut self, now: Nanos, out: &mut Vec<RegistryAction>) {
+        if !self.checks_here {
+            return;
+        }
         let mut due = Vec::new();
         while self.timers.first().is_some_and(|(at, _)| *at <= now) {
             if let Some((_, key)) = self.timers.pop_first() {
@@ -269,6 +352,9 @@ impl Registry {
 
     /// When [`Registry::tick`] next has work.
     pub fn next_timer(&self) -> Option<Nanos> {
+        if !self.checks_here {
+            return None;
+        }
         self.timers.first().map(|(at, _)| *at)
     }
 

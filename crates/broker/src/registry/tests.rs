@@ -241,3 +241,84 @@ fn journal_replay_and_snapshot_rebuild_the_same_registry() {
     assert!(loaded.index() >= r.index());
     assert_eq!(loaded.len(), 1, "bus instances are not saved");
 }
+
+#[test]
+fn a_registry_that_does_not_run_the_checks_asks_for_none_until_it_does() {
+    let mut r = Registry::default();
+    r.set_checks_here(false, 0);
+    let mut out = Vec::new();
+    r.register(spec("a", http(), 1, 0), 0, &mut out).unwrap();
+    r.register(spec("t", Check::Ttl { ttl_ms: 1_000 }, 1, 0), 0, &mut out)
+        .unwrap();
+    out.clear();
+    r.tick(10 * S, &mut out);
+    assert!(out.is_empty(), "{out:?}");
+    assert_eq!(r.next_timer(), None);
+    assert_eq!(r.get("todo", "t").unwrap().health, Health::Passing);
+
+    // Taking the checks over: every check at once, every TTL a whole
+    // period from now (a heartbeat the last runner took is not known).
+    r.set_checks_here(true, 20 * S);
+    r.tick(20 * S, &mut out);
+    let checks: Vec<&str> = out
+        .iter()
+        .filter_map(|a| match a {
+            RegistryAction::RunCheck { id, .. } => Some(id.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(checks, vec!["a"]);
+    assert_eq!(r.get("todo", "t").unwrap().health, Health::Passing);
+    out.clear();
+    r.tick(21 * S, &mut out);
+    assert_eq!(r.get("todo", "t").unwrap().health, Health::Critical);
+}
+
+#[test]
+fn replicated_records_apply_once_and_change_only_what_differs() {
+    let mut here = Registry::default();
+    let mut there = Registry::default();
+    let mut out = Vec::new();
+    there
+        .register(spec("a", Check::Ttl { ttl_ms: 1_000 }, 1, 0), 0, &mut out)
+        .unwrap();
+    let record = |r: &Registry| {
+        let bytes = encode_record(r.get("todo", "a").unwrap());
+        decode_record(bytes).unwrap()
+    };
+    assert!(here.apply_replicated("todo", "a", Some(record(&there)), S));
+    assert_eq!(
+        here.get("todo", "a").unwrap().spec,
+        there.get("todo", "a").unwrap().spec
+    );
+    let index = here.index();
+    // Its own write heard back, or the same one twice: nothing moves.
+    assert!(!here.apply_replicated("todo", "a", Some(record(&there)), 2 * S));
+    assert_eq!(here.index(), index);
+
+    there.tick(2 * S, &mut out);
+    assert_eq!(there.get("todo", "a").unwrap().health, Health::Critical);
+    assert!(here.apply_replicated("todo", "a", Some(record(&there)), 3 * S));
+    assert_eq!(here.get("todo", "a").unwrap().health, Health::Critical);
+    assert!(here.instances("todo", false).is_empty());
+
+    assert!(here.apply_replicated("todo", "a", None, 4 * S));
+    assert!(here.get("todo", "a").is_none());
+    assert!(!here.apply_replicated("todo", "a", None, 5 * S));
+}
+
+#[test]
+fn a_record_that_is_cut_short_does_not_decode() {
+    let mut r = Registry::default();
+    let mut out = Vec::new();
+    r.register(spec("a", http(), 2, 60_000), 0, &mut out)
+        .unwrap();
+    let bytes = encode_record(r.get("todo", "a").unwrap());
+    assert_eq!(
+        decode_record(bytes.clone()).unwrap(),
+        (r.get("todo", "a").unwrap().spec.clone(), Health::Critical)
+    );
+    for cut in 0..bytes.len() {
+        assert!(decode_record(bytes.slice(..cut)).is_err(), "cut at {cut}");
+    }
+}

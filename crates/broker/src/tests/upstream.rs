@@ -150,6 +150,8 @@ fn an_accepted_message_is_published_not_queued_here() {
 fn a_subscription_is_told_upstream_and_answered_after_the_sync() {
     let mut h = node();
     h.connect(1, "worker", 10);
+    // The connection's registry entry was told; the subscription follows.
+    h.broker.store_mut().told.clear();
     h.broker
         .subscribe(1, 5, "job.*", 2_000, 3, StartFrom::New, h.now);
     let syncs_before = h.broker.store().syncs;
@@ -303,6 +305,7 @@ fn subscriptions_made_on_other_nodes_route_here() {
     h.connect(2, "web", 10);
     h.send(2, 1, command("job.run", "x"));
     assert_eq!(results(&h.actions())[0].1, ErrorCode::NoReceiver);
+    h.broker.store_mut().told.clear();
     h.broker.subscriptions_changed(
         "worker",
         Some(RemoteSubscriptions {
@@ -976,4 +979,82 @@ fn dead_letter_commands_go_to_the_edge_and_are_answered_as_on_one_broker() {
     let actions = h.actions();
     assert!(!actions.iter().any(|a| matches!(a, Action::Deliver { .. })));
     assert_eq!(results(&actions), vec![(5, ErrorCode::InvalidMessage)]);
+}
+
+#[test]
+fn the_registry_goes_to_the_backend_and_what_it_holds_comes_back() {
+    let registered = |told: &[Upstream]| -> Vec<(String, bool, bool)> {
+        told.iter()
+            .filter_map(|t| match t {
+                Upstream::Registry {
+                    id, on_bus, record, ..
+                } => Some((id.clone(), *on_bus, record.is_some())),
+                _ => None,
+            })
+            .collect()
+    };
+    let mut h = node();
+    // A bus connection's own entry, and its going.
+    h.connect(1, "worker", 10);
+    h.broker.disconnect(1, h.now);
+    assert_eq!(
+        registered(&h.broker.store().told),
+        vec![
+            ("worker-1".to_string(), true, true),
+            ("worker-1".to_string(), true, false)
+        ]
+    );
+    h.broker.store_mut().told.clear();
+
+    let db = registry_spec("db-1");
+    h.broker.registry_register(db, h.now).expect("registered");
+    h.broker
+        .registry_heartbeat("db", "db-1", h.now)
+        .expect("a TTL instance takes heartbeats");
+    h.broker
+        .registry_deregister("db", "db-1")
+        .expect("deregistered");
+    let told = &h.broker.store().told;
+    assert_eq!(
+        registered(told),
+        vec![
+            ("db-1".to_string(), false, true),
+            ("db-1".to_string(), false, false)
+        ]
+    );
+    assert!(told.iter().any(|t| matches!(
+        t,
+        Upstream::RegistryHeartbeat { service, id } if service == "db" && id == "db-1"
+    )));
+
+    // What another node registered is here, without being told back.
+    let mut there = node();
+    there
+        .broker
+        .registry_register(registry_spec("db-2"), there.now)
+        .expect("registered");
+    let record = there.broker.store().told.iter().find_map(|t| match t {
+        Upstream::Registry { record, .. } => record.clone(),
+        _ => None,
+    });
+    h.broker.store_mut().told.clear();
+    h.broker.registry_replicated("db", "db-2", record, h.now);
+    assert_eq!(h.broker.registry().instances("db", false).len(), 1);
+    assert!(registered(&h.broker.store().told).is_empty());
+    h.broker.registry_replicated("db", "db-2", None, h.now);
+    assert!(h.broker.registry().instances("db", true).is_empty());
+}
+
+fn registry_spec(id: &str) -> crate::registry::InstanceSpec {
+    crate::registry::InstanceSpec {
+        service: "db".into(),
+        id: id.into(),
+        address: "127.0.0.1:5432".into(),
+        meta: BTreeMap::new(),
+        check: crate::registry::Check::Ttl { ttl_ms: 10_000 },
+        interval_ms: 0,
+        flap_threshold: 1,
+        deregister_after_ms: 0,
+        on_bus: false,
+    }
 }

@@ -26,6 +26,10 @@
 //!   every node's instances (`views.rs`), its names and topology pages
 //!   every node's counters (`names.rs`); tails see every node's accepted
 //!   messages, relayed while some node tails (`tails.rs`).
+//! - **Registry.** A watch of `courier_registry` feeds
+//!   [`Broker::registry_replicated`], TTL heartbeats taken on any node
+//!   reach every node, and the node that holds the `registry` lease runs
+//!   the checks (`registry.rs`).
 //! - **Registration.** The node's record in `courier_nodes`, renewed.
 //!
 //! `fetching.rs` holds the fetch loops, the keyed lanes' leases and the
@@ -36,6 +40,7 @@
 //! [`Broker::fetched`]: courier_broker::Broker::fetched
 //! [`Broker::subscriptions_changed`]: courier_broker::Broker::subscriptions_changed
 //! [`Broker::remote_reply`]: courier_broker::Broker::remote_reply
+//! [`Broker::registry_replicated`]: courier_broker::Broker::registry_replicated
 
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
@@ -53,6 +58,7 @@ use crate::Shared;
 
 mod fetching;
 pub(crate) mod names;
+mod registry;
 mod replies;
 mod tails;
 pub(crate) mod traces;
@@ -207,6 +213,8 @@ pub struct ClusterNode {
     pub nodes: async_nats::jetstream::kv::Store,
     /// `courier_leases`: the keyed lanes' leases.
     pub leases: async_nats::jetstream::kv::Store,
+    /// `courier_registry`: the service registry's entries.
+    pub registry: async_nats::jetstream::kv::Store,
     /// The record put there (its addresses are filled in at start).
     pub record: courier_cluster::nodes::NodeRecord,
     /// Started with `--accept-weaker-durability` past a failed check
@@ -293,6 +301,8 @@ pub(crate) fn start(shared: &Arc<Shared>) -> Vec<crate::AbortOnDrop> {
     let Some(edge) = &shared.cluster else {
         return Vec::new();
     };
+    // Until this node leads the registry, another one runs its checks.
+    shared.with_core(|core, now| core.set_registry_checks_here(false, now));
     let forwards = edge
         .forwards_rx
         .lock()
@@ -320,6 +330,15 @@ pub(crate) fn start(shared: &Arc<Shared>) -> Vec<crate::AbortOnDrop> {
             shared,
         )))),
         crate::AbortOnDrop(tokio::spawn(tails::take_other_nodes_lines(Arc::downgrade(
+            shared,
+        )))),
+        crate::AbortOnDrop(tokio::spawn(registry::watch_registry(Arc::downgrade(
+            shared,
+        )))),
+        crate::AbortOnDrop(tokio::spawn(registry::hear_heartbeats(Arc::downgrade(
+            shared,
+        )))),
+        crate::AbortOnDrop(tokio::spawn(registry::lead_registry(Arc::downgrade(
             shared,
         )))),
         crate::AbortOnDrop(tokio::spawn(keep_registered(edge.node.clone()))),
@@ -358,8 +377,20 @@ pub(crate) fn start(shared: &Arc<Shared>) -> Vec<crate::AbortOnDrop> {
     tasks
 }
 
-/// Feeds the core every change of `courier_services`, from any node.
-async fn watch_subscriptions(shared: Weak<Shared>) {
+/// A stream the cluster gives: a KV watch, a core NATS subscription.
+pub(super) type Followed<Item> = std::pin::Pin<Box<dyn futures_util::Stream<Item = Item> + Send>>;
+
+/// Hands every item of `what` to `each` for as long as the server lives:
+/// `open` makes the stream on the node's connection, again whenever it
+/// cannot be made or ends.
+pub(super) async fn follow<Item, Fut>(
+    shared: Weak<Shared>,
+    what: &'static str,
+    open: impl Fn(courier_cluster::Connection) -> Fut,
+    each: impl Fn(&Shared, Item),
+) where
+    Fut: std::future::Future<Output = Result<Followed<Item>, String>>,
+{
     loop {
         let Some(connection) = shared
             .upgrade()
@@ -367,71 +398,102 @@ async fn watch_subscriptions(shared: Weak<Shared>) {
         else {
             return;
         };
-        let mut changes = match courier_cluster::services::watch(&connection).await {
-            Ok(changes) => Box::pin(changes),
+        let mut items = match open(connection).await {
+            Ok(items) => items,
             Err(e) => {
-                warn!(error = %e, "cannot watch the cluster's subscriptions; retrying");
+                warn!(error = %e, "cannot follow {what}; trying again");
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
         };
-        while let Some(change) = changes.next().await {
+        while let Some(item) = items.next().await {
             let Some(shared) = shared.upgrade() else {
                 return;
             };
-            match change {
-                Ok((service, subscriptions)) => {
-                    let subscriptions = subscriptions.map(|s| RemoteSubscriptions {
-                        ack_deadline_ms: s.ack_deadline_ms,
-                        max_deliveries: s.max_deliveries,
-                        patterns: s
-                            .patterns
-                            .into_iter()
-                            .map(|(pattern, state)| (pattern, state.paused))
-                            .collect(),
-                    });
-                    shared.with_core_deferred(|core, now| {
-                        core.subscriptions_changed(&service, subscriptions, now)
-                    });
-                }
-                Err(e) => warn!(error = %e, "a subscription change could not be read"),
-            }
+            each(&shared, item);
         }
-        warn!("the watch of the cluster's subscriptions ended; watching again");
+        warn!("{what} ended; following it again");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Feeds the core every change of `courier_services`, from any node.
+async fn watch_subscriptions(shared: Weak<Shared>) {
+    let open = |connection: courier_cluster::Connection| async move {
+        match courier_cluster::services::watch(&connection).await {
+            Ok(changes) => Ok(Box::pin(changes)
+                as Followed<
+                    Result<
+                        courier_cluster::services::ServiceUpdate,
+                        courier_cluster::services::ServicesError,
+                    >,
+                >),
+            Err(e) => Err(e.to_string()),
+        }
+    };
+    follow(
+        shared,
+        "the cluster's subscriptions",
+        open,
+        |shared, change| match change {
+            Ok((service, subscriptions)) => {
+                let subscriptions = subscriptions.map(|s| RemoteSubscriptions {
+                    ack_deadline_ms: s.ack_deadline_ms,
+                    max_deliveries: s.max_deliveries,
+                    patterns: s
+                        .patterns
+                        .into_iter()
+                        .map(|(pattern, state)| (pattern, state.paused))
+                        .collect(),
+                });
+                shared.with_core_deferred(|core, now| {
+                    core.subscriptions_changed(&service, subscriptions, now)
+                });
+            }
+            Err(e) => warn!(error = %e, "a subscription change could not be read"),
+        },
+    )
+    .await;
 }
 
 /// How often the holder of the `reclaimer` lease purges what no consumer
 /// needs any more.
 const RECLAIM_EVERY: Duration = Duration::from_secs(30);
 
-/// Takes the `reclaimer` lease whenever it is free and, while it holds
-/// it, gives the log's space back every [`RECLAIM_EVERY`]
-/// (`courier_cluster::reclaim`): one node at a time does, whichever.
-async fn reclaim_while_leading(node: Arc<ClusterNode>) {
+/// Takes lease `lease` whenever it is free (asking again `ask_again`
+/// after finding it held) and hands each tenure's keeper to `lead`, which
+/// returns once the lease may no longer be acted on: one node at a time
+/// does the work, whichever.
+pub(super) async fn while_leading<Fut>(
+    node: &ClusterNode,
+    lease: &'static str,
+    ask_again: Duration,
+    mut lead: impl FnMut(LeaseKeeper) -> Fut,
+) where
+    Fut: std::future::Future<Output = ()>,
+{
     loop {
-        let acquired = Lease::acquire(
-            &node.leases,
-            courier_cluster::names::RECLAIMER_LEASE,
-            &node.node,
-            LeaseTiming::default(),
-        )
-        .await;
-        let keeper = match acquired {
-            Ok(Acquired::Gained(lease)) => LeaseKeeper::keep(*lease),
-            Ok(Acquired::HeldBy { .. }) => {
-                tokio::time::sleep(RECLAIM_EVERY).await;
-                continue;
-            }
+        let acquired =
+            Lease::acquire(&node.leases, lease, &node.node, LeaseTiming::default()).await;
+        match acquired {
+            Ok(Acquired::Gained(gained)) => lead(LeaseKeeper::keep(*gained)).await,
+            Ok(Acquired::HeldBy { .. }) => tokio::time::sleep(ask_again).await,
             Err(e) => {
-                warn!(error = %e, "cannot take the reclaimer's lease; retrying");
+                warn!(error = %e, "cannot take the {lease} lease; retrying");
                 tokio::time::sleep(LANE_LEASE_RETRY).await;
-                continue;
             }
-        };
+        }
+    }
+}
+
+/// Gives the log's space back every [`RECLAIM_EVERY`] while this node
+/// holds the `reclaimer` lease (`courier_cluster::reclaim`).
+async fn reclaim_while_leading(node: Arc<ClusterNode>) {
+    let lease = courier_cluster::names::RECLAIMER_LEASE;
+    let jetstream = &node.connection.jetstream;
+    while_leading(&node, lease, RECLAIM_EVERY, |keeper| async move {
         while keeper.is_valid_at(tokio::time::Instant::now()) {
-            match courier_cluster::reclaim::reclaim_once(&node.connection.jetstream).await {
+            match courier_cluster::reclaim::reclaim_once(jetstream).await {
                 Ok(Some(below)) => {
                     tracing::debug!(below, "purged the stored sends every consumer is past")
                 }
@@ -440,7 +502,8 @@ async fn reclaim_while_leading(node: Arc<ClusterNode>) {
             }
             tokio::time::sleep(RECLAIM_EVERY).await;
         }
-    }
+    })
+    .await;
 }
 
 /// Puts the node's record into `courier_nodes` now and every few seconds,

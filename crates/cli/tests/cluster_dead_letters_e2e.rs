@@ -140,6 +140,15 @@ async fn dead_letters_of_one_node_are_listed_shown_replayed_and_purged_through_t
         assert!(rest["rest_after"].is_null(), "{rest}");
         let one = get_json(&http, &format!("/v1/dead-letters/{SERVICE}/{id1}")).await;
         assert_eq!(one["payload"]["n"], 1, "{one}");
+        // The services page counts the cluster's, not what this node holds.
+        let page = get_json(&http, "/v1/services").await;
+        let row = page["services"]
+            .as_array()
+            .and_then(|rows| rows.iter().find(|row| row["name"] == SERVICE))
+            .unwrap_or_else(|| panic!("no {SERVICE} row: {page}"));
+        assert_eq!(row["dead_letters"], 2, "{row}");
+        assert_eq!(row["backlog"], 0, "{row}");
+        assert!(page.get("partial").is_none(), "{page}");
     }
 
     let out = dead_letters(&nodes.b, &["show", &id1]).await;
@@ -211,6 +220,29 @@ async fn dead_letters_of_one_node_are_listed_shown_replayed_and_purged_through_t
     assert!(body.contains(r#""purged":0"#), "{body}");
     let (status, body) = http_async(&http, "GET", "/v1/dead-letters/nobody").await;
     assert_eq!(status, 404, "{body}");
+
+    // With its instance gone, what is sent to the service waits in the
+    // cluster: both nodes' services pages count it.
     failing.shutdown().await;
+    for n in 0..3 {
+        let sent = web
+            .command("flaky.run")
+            .json(&serde_json::json!({ "n": 10 + n }))
+            .expect("a command")
+            .send()
+            .await;
+        assert!(sent.is_ok(), "{sent:?}");
+    }
+    for node in [&nodes.a, &nodes.b] {
+        let http = node.http.clone().expect("the node's HTTP port");
+        let http = &http;
+        wait_for_async("the backlog counted on every node", T, || async move {
+            let page = get_json(http, "/v1/services").await;
+            let rows = page["services"].as_array().cloned().unwrap_or_default();
+            rows.into_iter()
+                .find(|row| row["name"] == SERVICE && row["backlog"] == 3)
+        })
+        .await;
+    }
     web.shutdown().await;
 }

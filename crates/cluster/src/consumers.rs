@@ -120,6 +120,51 @@ pub async fn ensure_consumer(
     messages.create_consumer(config).await
 }
 
+/// A service's messages cluster-wide over both its consumers: not yet
+/// delivered (`backlog`) and delivered but not acknowledged
+/// (`in_flight`). A lane without a consumer (the service has no keyed
+/// message, say) counts nothing.
+pub async fn service_pending(
+    js: &async_nats::jetstream::Context,
+    service: &str,
+) -> Result<ServicePending, String> {
+    let messages = js
+        .get_stream_no_info(crate::names::MESSAGES_STREAM)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut pending = ServicePending::default();
+    for lane in [Lane::Unkeyed, Lane::Keyed] {
+        let name = consumer_name(service, lane);
+        match messages.consumer_info(&name).await {
+            Ok(info) => {
+                pending.backlog += info.num_pending;
+                pending.in_flight += info.num_ack_pending as u64;
+            }
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(format!("consumer {name}: {e}")),
+        }
+    }
+    Ok(pending)
+}
+
+fn is_not_found(e: &async_nats::jetstream::context::ConsumerInfoError) -> bool {
+    use async_nats::jetstream::context::ConsumerInfoErrorKind;
+    match e.kind() {
+        ConsumerInfoErrorKind::NotFound => true,
+        ConsumerInfoErrorKind::JetStream(e) => {
+            e.error_code() == async_nats::jetstream::ErrorCode::CONSUMER_NOT_FOUND
+        }
+        _ => false,
+    }
+}
+
+/// See [`service_pending`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServicePending {
+    pub backlog: u64,
+    pub in_flight: u64,
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // a test that unwraps fails, which is its point
 mod tests {

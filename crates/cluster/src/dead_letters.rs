@@ -92,6 +92,18 @@ fn parse(id: u64, stored: StreamMessage) -> DeadLetter {
     }
 }
 
+/// How many dead letters `service` has (one subject each: the count of
+/// its subjects, read from the stream's per-subject state).
+pub async fn count(js: &jetstream::Context, service: &str) -> Result<u64, DeadLettersError> {
+    let stream = dead_stream(js).await?;
+    let (filter, _) = service_subjects(service);
+    let subjects = stream.info_with_subjects(&filter).await.map_err(backend)?;
+    subjects
+        .try_fold(0u64, |count, _| async move { Ok(count + 1) })
+        .await
+        .map_err(backend)
+}
+
 /// The stored dead letter `id` of `service`, `None` when there is none.
 async fn read(
     stream: &Stream<()>,

@@ -2,7 +2,9 @@
 //! every node knows every service's subscriptions (they are the
 //! cluster's), but only its own connections; the page asks every node in
 //! `courier_nodes` for its instances on `courier.node.<id>.instances` and
-//! shows them all, each with the node it is connected to.
+//! shows them all, each with the node it is connected to; each service's
+//! backlog, messages in flight and dead letters are the cluster's, read
+//! from its consumers and `COURIER_DEAD`.
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -60,8 +62,11 @@ pub(super) async fn serve_instance_questions(shared: Weak<Shared>) {
 /// node's instances) with every other node's instances added; nodes that
 /// did not answer are named in `partial`.
 pub(crate) async fn services_everywhere(node: &Arc<ClusterNode>, mut page: Value) -> Value {
-    let (elsewhere, silent) = other_nodes_instances(node).await;
+    let (elsewhere, mut silent) = other_nodes_instances(node).await;
     add_instances(&mut page, elsewhere);
+    if let Some(rows) = page["services"].as_array_mut() {
+        silent.extend(put_cluster_counts(node, rows).await);
+    }
     if !silent.is_empty() {
         page["partial"] = json!(silent);
     }
@@ -93,9 +98,74 @@ pub(crate) async fn listing_everywhere(
     node: &Arc<ClusterNode>,
     mut listing: Value,
 ) -> (Value, Vec<String>) {
-    let (elsewhere, silent) = other_nodes_instances(node).await;
+    let (elsewhere, mut silent) = other_nodes_instances(node).await;
     add_instance_ids(&mut listing, &elsewhere);
+    if let Some(rows) = listing.as_array_mut() {
+        silent.extend(put_cluster_counts(node, rows).await);
+    }
     (listing, silent)
+}
+
+/// How many services' counts are asked for at once.
+const COUNTS_IN_FLIGHT_MAX: usize = 8;
+
+/// A service's counts as the cluster holds them.
+struct ClusterCounts {
+    backlog: u64,
+    in_flight: u64,
+    dead_letters: u64,
+}
+
+async fn cluster_counts(
+    js: &async_nats::jetstream::Context,
+    service: &str,
+) -> Result<ClusterCounts, String> {
+    let pending = courier_cluster::consumers::service_pending(js, service).await?;
+    let dead_letters = courier_cluster::dead_letters::count(js, service)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(ClusterCounts {
+        backlog: pending.backlog,
+        in_flight: pending.in_flight,
+        dead_letters,
+    })
+}
+
+/// Each row's `backlog`, `in_flight` and `dead_letters` as the cluster
+/// holds them (a node's core holds only what it fetched): the service's
+/// consumers' pending and unacknowledged messages, and its dead letters
+/// in `COURIER_DEAD`. A row whose counts cannot be read keeps this
+/// node's and is named in what is returned.
+async fn put_cluster_counts(node: &ClusterNode, rows: &mut [Value]) -> Vec<String> {
+    use futures_util::StreamExt as _;
+    let js = &node.connection.jetstream;
+    let names: Vec<String> = rows
+        .iter()
+        .filter_map(|row| row["name"].as_str().map(str::to_string))
+        .collect();
+    let counted: Vec<_> = futures_util::stream::iter(names)
+        .map(|service| async move {
+            let counts = cluster_counts(js, &service).await;
+            (service, counts)
+        })
+        .buffered(COUNTS_IN_FLIGHT_MAX)
+        .collect()
+        .await;
+    let mut unread = Vec::new();
+    for (service, counts) in counted {
+        let Some(row) = rows.iter_mut().find(|row| row["name"] == service.as_str()) else {
+            continue;
+        };
+        match counts {
+            Ok(counts) => {
+                row["backlog"] = json!(counts.backlog);
+                row["in_flight"] = json!(counts.in_flight);
+                row["dead_letters"] = json!(counts.dead_letters);
+            }
+            Err(e) => unread.push(format!("the cluster's counts of {service} ({e})")),
+        }
+    }
+    unread
 }
 
 /// Adds instances (each naming its `service` and `instance`) to the

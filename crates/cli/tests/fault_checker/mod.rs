@@ -255,9 +255,30 @@ pub fn check(history: &History, ack_slack: Duration) -> Verdict {
                 continue;
             };
             if previous[0] > first_next {
+                // Who handled each, which attempt, and when each send was
+                // acknowledged: what tells a store-order fault from a
+                // delivery-order one.
+                let acknowledged_at = |seq: u64| {
+                    history
+                        .acknowledged
+                        .iter()
+                        .find(|s| s.sender == *sender && s.key == Some(*key) && s.seq == seq)
+                        .map(|s| s.at)
+                };
+                let (later, earlier) = (
+                    &history.deliveries[first_next],
+                    &history.deliveries[previous[0]],
+                );
                 verdict.out_of_order.push(format!(
-                    "sender {sender} key {key}: seq {seq} handled at {at:?} before seq {before} first was, at {:?}",
-                    history.deliveries[previous[0]].at
+                    "sender {sender} key {key}: seq {seq} handled at {at:?} ({} attempt {}; acknowledged at {:?}) before seq {before} first was, at {:?} ({} attempt {}; acknowledged at {:?}); nearest fault: {}",
+                    later.instance,
+                    later.attempt,
+                    acknowledged_at(*seq),
+                    earlier.at,
+                    earlier.instance,
+                    earlier.attempt,
+                    acknowledged_at(before),
+                    nearest_fault(&history.faults, at)
                 ));
                 continue;
             }

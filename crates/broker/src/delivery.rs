@@ -430,13 +430,30 @@ impl<S: MessageStore> Broker<S> {
             // the attempt; kept here too, it would be delivered twice.
             svc.queue.release_key(&entry);
             svc.queue.count_out(bytes);
-            let seq = entry.seq;
-            self.journal(Op::Nacked {
-                service: service.to_string(),
-                seq,
-                until: now + delay,
-            });
-            release(&mut self.store, &mut self.refs, seq);
+            // The key starts again from this message on the backend: what
+            // of it waits here goes back behind it, in order and after the
+            // same delay, or it would be handled first.
+            let behind = match entry.key() {
+                Some(key) => svc.queue.give_back_key(key),
+                None => Vec::new(),
+            };
+            for seq in std::iter::once(entry.seq).chain(behind.iter().map(|e| e.seq)) {
+                if seq != entry.seq {
+                    let bytes = match self.store.get(seq) {
+                        Ok(Some(message)) => message.payload.len() as u64,
+                        _ => 0,
+                    };
+                    if let Some(svc) = self.services.get_mut(service) {
+                        svc.queue.count_out(bytes);
+                    }
+                }
+                self.journal(Op::Nacked {
+                    service: service.to_string(),
+                    seq,
+                    until: now + delay,
+                });
+                release(&mut self.store, &mut self.refs, seq);
+            }
         } else if delay == 0 {
             svc.queue.make_ready_again(entry);
         } else {

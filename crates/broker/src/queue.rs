@@ -636,20 +636,7 @@ impl Queue {
         if let Some(entry) = parked {
             back.push_back(entry);
         } else if let Some(next) = next {
-            let in_ready = self.ready.iter().position(|e| e.seq == next);
-            let entry = if let Some(index) = in_ready {
-                self.ready.remove(index)
-            } else if let Some(index) = self.unreadable.iter().position(|e| e.seq == next) {
-                Some(self.unreadable.remove(index))
-            } else {
-                let due = self
-                    .deferred
-                    .iter()
-                    .find(|(_, e)| e.seq == next)
-                    .map(|(k, _)| *k);
-                due.and_then(|k| self.deferred.remove(&k))
-            };
-            back.extend(entry);
+            back.extend(self.take_entry(next));
         }
         let Some(state) = self.keys.get_mut(key) else {
             return taken;
@@ -658,6 +645,51 @@ impl Queue {
             state.waiting.push_front(entry);
         }
         taken
+    }
+
+    /// The entry of `seq` out of wherever a key's next waits: ready, set
+    /// aside unreadable, or deferred for a retry.
+    fn take_entry(&mut self, seq: Seq) -> Option<Entry> {
+        let in_ready = self.ready.iter().position(|e| e.seq == seq);
+        if let Some(index) = in_ready {
+            return self.ready.remove(index);
+        }
+        if let Some(index) = self.unreadable.iter().position(|e| e.seq == seq) {
+            return Some(self.unreadable.remove(index));
+        }
+        let due = self
+            .deferred
+            .iter()
+            .find(|(_, e)| e.seq == seq)
+            .map(|(k, _)| *k);
+        due.and_then(|k| self.deferred.remove(&k))
+    }
+
+    /// On a backend that redelivers (docs/SCALE-OUT.md §5), a message of
+    /// `key` went back to it: every later message of the key held here
+    /// and not out — its next (wherever that waits), the parked one and
+    /// the waiting line — leaves too, returned in order, to go back behind
+    /// it. Kept here, the next would go out before the backend hands the
+    /// earlier one out again. Deliveries still out keep the key.
+    pub fn give_back_key(&mut self, key: &Bytes) -> Vec<Entry> {
+        let Some(state) = self.keys.get_mut(key) else {
+            return Vec::new();
+        };
+        let next = state.next.take();
+        let mut back: Vec<Entry> = Vec::new();
+        if let Some(parked) = state.parked.take() {
+            back.push(parked);
+        } else if let Some(next) = next {
+            back.extend(self.take_entry(next));
+        }
+        let Some(state) = self.keys.get_mut(key) else {
+            return back;
+        };
+        back.extend(state.waiting.drain(..));
+        if state.is_empty() {
+            self.keys.remove(key);
+        }
+        back
     }
 
     /// The message is done with (acked, dead-lettered, expired): the key

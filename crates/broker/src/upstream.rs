@@ -284,7 +284,11 @@ impl<S: MessageStore> Broker<S> {
         if consumed_here {
             return;
         }
-        for seq in svc.queue.drain_all() {
+        // In the order fetched (the backend's): it hands them out again in
+        // the order given back, and a key must come back in its order.
+        let mut seqs = svc.queue.drain_all();
+        seqs.sort_unstable();
+        for seq in seqs {
             // Unsettled: the store gives it back to the backend.
             release(&mut self.store, &mut self.refs, seq);
         }

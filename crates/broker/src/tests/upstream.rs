@@ -1058,3 +1058,76 @@ fn registry_spec(id: &str) -> crate::registry::InstanceSpec {
         on_bus: false,
     }
 }
+
+#[test]
+fn a_keyed_message_given_back_takes_the_later_ones_of_its_key_back_behind_it() {
+    let mut h = node();
+    h.connect(1, "worker", 10);
+    h.connect(2, "worker", 10);
+    h.subscribe(1, "job.*");
+    h.subscribe(2, "job.*");
+    h.actions();
+    for (payload, handle) in [("1", "ack-1"), ("2", "ack-2"), ("3", "ack-3")] {
+        h.broker.fetched(
+            fetched("worker", keyed("job.run", "k", payload), 1, handle),
+            h.now,
+        );
+    }
+    let delivered = h.deliveries();
+    let first = delivered
+        .iter()
+        .find(|d| d.4 == Bytes::from_static(b"1"))
+        .expect("the key's first delivered");
+    let holder = first.0;
+    let seqs: Vec<Seq> = h.broker.store().held.keys().copied().collect();
+    h.broker.store_mut().told.clear();
+
+    // The holder goes with the key's first unacknowledged: the backend
+    // hands the key out again from it, so nothing of the key may go to the
+    // other instance meanwhile, and the later ones go back behind it.
+    h.broker.disconnect(holder, h.now);
+    assert!(
+        h.deliveries().is_empty(),
+        "a later message of the key went out before the first came back"
+    );
+    let naks: Vec<Seq> = h
+        .broker
+        .store()
+        .told
+        .iter()
+        .filter_map(|t| match t {
+            Upstream::Nak { seq, .. } => Some(*seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(naks, seqs, "given back in the key's order");
+    assert!(h.broker.store().held.is_empty());
+
+    // A nack with a delay: the later ones wait out the same delay.
+    for (payload, handle) in [("4", "ack-4"), ("5", "ack-5")] {
+        h.broker.fetched(
+            fetched("worker", keyed("job.run", "k", payload), 1, handle),
+            h.now,
+        );
+    }
+    let delivered = h.deliveries();
+    assert_eq!(
+        delivered.len(),
+        1,
+        "one of the key out at a time: {delivered:?}"
+    );
+    h.broker.store_mut().told.clear();
+    h.broker.nack(delivered[0].0, delivered[0].1, 300, h.now);
+    assert!(h.deliveries().is_empty());
+    let delays: Vec<u64> = h
+        .broker
+        .store()
+        .told
+        .iter()
+        .filter_map(|t| match t {
+            Upstream::Nak { delay_ms, .. } => Some(*delay_ms),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(delays, vec![300, 300]);
+}

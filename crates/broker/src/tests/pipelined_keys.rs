@@ -4,7 +4,7 @@ use super::*;
 
 /// What a model instance does next (indices wrap over what exists).
 #[derive(Debug, Clone)]
-enum KeyOp {
+pub(super) enum KeyOp {
     Send {
         key: u8,
     },
@@ -28,7 +28,7 @@ enum KeyOp {
     Advance(u16),
 }
 
-fn key_op() -> impl Strategy<Value = KeyOp> {
+pub(super) fn key_op() -> impl Strategy<Value = KeyOp> {
     prop_oneof![
         4 => (0u8..3).prop_map(|key| KeyOp::Send { key }),
         1 => proptest::bool::weighted(0.75).prop_map(|pipelined| KeyOp::Connect { pipelined }),
@@ -72,8 +72,33 @@ impl ModelInstance {
     }
 }
 
-struct KeyModel {
-    h: Harness,
+/// Where the model's messages live: one broker's own store, or a backend
+/// that keeps delivery state (the cluster's JetStream), simulated.
+pub(super) trait ModelBackend: MessageStore + Sized {
+    fn fresh() -> Self;
+    /// After every step: what the backend does on its own (hands the node
+    /// what it may fetch, takes the node's outcomes).
+    fn run(_h: &mut Harness<Self>) {}
+    /// At the end: nothing the backend holds is left undone.
+    fn settled(h: &mut Harness<Self>) -> Result<(), TestCaseError> {
+        let dead = h.broker.dead_letters("worker").len();
+        prop_assert_eq!(
+            h.broker.store().len(),
+            dead,
+            "only dead letters stay stored"
+        );
+        Ok(())
+    }
+}
+
+impl ModelBackend for MemoryStore {
+    fn fresh() -> Self {
+        MemoryStore::new()
+    }
+}
+
+pub(super) struct KeyModel<S: ModelBackend = MemoryStore> {
+    h: Harness<S>,
     instances: Vec<ModelInstance>,
     next_conn: ConnId,
     /// Messages sent per key.
@@ -88,11 +113,13 @@ struct KeyModel {
     /// When each delivery was handed to a handler.
     seen_at: HashMap<DeliveryId, u64>,
     step: u64,
+    /// The delay a handler's nack asks for.
+    nack_delay_ms: u32,
 }
 
-impl KeyModel {
-    fn new() -> KeyModel {
-        let mut h = Harness::new();
+impl<S: ModelBackend> KeyModel<S> {
+    pub(super) fn new(nack_delay_ms: u32) -> KeyModel<S> {
+        let mut h = Harness::with_store(S::fresh());
         h.connect(1, "sender", 0);
         KeyModel {
             h,
@@ -104,10 +131,11 @@ impl KeyModel {
             acked: HashMap::new(),
             seen_at: HashMap::new(),
             step: 0,
+            nack_delay_ms,
         }
     }
 
-    fn connect(&mut self, pipelined: bool) {
+    pub(super) fn connect(&mut self, pipelined: bool) {
         self.next_conn += 1;
         let conn = self.next_conn;
         self.h.connect(conn, "worker", 4);
@@ -255,12 +283,14 @@ impl KeyModel {
             if ack {
                 self.h.broker.ack(conn, delivery, self.h.now);
             } else {
-                self.h.broker.nack(conn, delivery, 20, self.h.now);
+                self.h
+                    .broker
+                    .nack(conn, delivery, self.nack_delay_ms, self.h.now);
             }
         }
     }
 
-    fn apply(&mut self, op: KeyOp) {
+    pub(super) fn apply(&mut self, op: KeyOp) {
         match op {
             KeyOp::Send { key } => {
                 let index = self.sent.entry(key).or_default();
@@ -299,6 +329,7 @@ impl KeyModel {
             KeyOp::Advance(ms) => self.h.advance(u64::from(ms)),
         }
         self.step += 1;
+        S::run(&mut self.h);
         self.absorb();
     }
 
@@ -308,7 +339,7 @@ impl KeyModel {
     /// closed) afterwards: the at-least-once duplicate. (A delivery read
     /// after the broker took it back is a duplicate of its message, as
     /// with any message; it is not n's last attempt.)
-    fn check_order(&self) -> Result<(), TestCaseError> {
+    pub(super) fn check_order(&self) -> Result<(), TestCaseError> {
         for (key, index, _, instance, at) in &self.seen {
             if *index == 0 {
                 continue;
@@ -338,42 +369,60 @@ proptest! {
     /// dead-lettered in the end.
     #[test]
     fn pipelined_keys_never_overtake(ops in proptest::collection::vec(key_op(), 1..250)) {
-        let mut m = KeyModel::new();
-        m.connect(true);
-        for op in ops {
-            m.apply(op);
-            m.check_order()?;
-        }
-        // Settle: faults stop; a fresh instance joins; everyone reads,
-        // acks and flushes until nothing is left — without the broker
-        // giving up on anyone (a key start lets an instance that dropped
-        // a key's stale deliveries take the key again).
-        m.connect(true);
-        let gone = m.gone_at.len();
-        for _ in 0..400 {
-            for i in 0..m.instances.len() {
-                if !m.instances[i].alive {
-                    continue;
-                }
-                while !m.instances[i].wire.is_empty() {
-                    m.receive(i);
-                }
-                while !m.instances[i].running.is_empty() {
-                    m.finish(i, 0, true);
-                }
-                m.flush(i);
-                m.absorb();
+        never_overtake::<MemoryStore>(ops, 20)?;
+    }
+}
+
+/// The property of [`pipelined_keys_never_overtake`] on backend `S`, the
+/// handlers' nacks asking for `nack_delay_ms`.
+pub(super) fn never_overtake<S: ModelBackend>(
+    ops: Vec<KeyOp>,
+    nack_delay_ms: u32,
+) -> Result<(), TestCaseError> {
+    let mut m = KeyModel::<S>::new(nack_delay_ms);
+    m.connect(true);
+    for op in ops {
+        m.apply(op);
+        m.check_order()?;
+    }
+    // Settle: faults stop; a fresh instance joins; everyone reads,
+    // acks and flushes until nothing is left — without the broker
+    // giving up on anyone (a key start lets an instance that dropped
+    // a key's stale deliveries take the key again).
+    m.connect(true);
+    let gone = m.gone_at.len();
+    for _ in 0..400 {
+        for i in 0..m.instances.len() {
+            if !m.instances[i].alive {
+                continue;
             }
-            m.h.advance(50);
+            while !m.instances[i].wire.is_empty() {
+                m.receive(i);
+            }
+            while !m.instances[i].running.is_empty() {
+                m.finish(i, 0, true);
+            }
+            m.flush(i);
+            S::run(&mut m.h);
             m.absorb();
         }
-        m.check_order()?;
-        prop_assert_eq!(m.gone_at.len(), gone, "an instance was closed while all went well");
-        let depth = m.h.broker.services.get("worker").map_or(0, |s| s.queue.depth());
-        prop_assert_eq!(depth, 0, "everything acked or dead-lettered");
-        let dead = m.h.broker.dead_letters("worker").len();
-        prop_assert_eq!(m.h.broker.store().len(), dead, "only dead letters stay stored");
+        m.h.advance(50);
+        S::run(&mut m.h);
+        m.absorb();
     }
+    m.check_order()?;
+    prop_assert_eq!(
+        m.gone_at.len(),
+        gone,
+        "an instance was closed while all went well"
+    );
+    let depth =
+        m.h.broker
+            .services
+            .get("worker")
+            .map_or(0, |s| s.queue.depth());
+    prop_assert_eq!(depth, 0, "everything acked or dead-lettered");
+    S::settled(&mut m.h)
 }
 
 #[test]

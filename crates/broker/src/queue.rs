@@ -7,6 +7,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use courier_store::Seq;
 
@@ -16,13 +18,14 @@ use crate::{DeliveryId, Nanos};
 ///
 /// A backlog holds one per waiting message, so it is kept at 24 bytes:
 /// the rare ordering key lives behind a pointer, not inline (`Bytes` alone
-/// is 32).
+/// is 32) — a shared one: the entry is copied as it moves through the
+/// queue, and its key goes into the key table, each a count, not a copy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Entry {
     pub seq: Seq,
     /// Deliveries made so far.
     pub attempts: u32,
-    key: Option<Box<Bytes>>,
+    key: Option<Arc<Bytes>>,
 }
 
 impl Entry {
@@ -32,13 +35,18 @@ impl Entry {
             attempts,
             // Its own copy: a key sliced from a read buffer or a log read
             // would keep all of that alive while the entry waits.
-            key: key.map(|key| Box::new(Bytes::copy_from_slice(&key))),
+            key: key.map(|key| Arc::new(Bytes::copy_from_slice(&key))),
         }
     }
 
     /// The ordering key, if the message has one.
     pub fn key(&self) -> Option<&Bytes> {
         self.key.as_deref()
+    }
+
+    /// The ordering key as the key table holds it.
+    fn shared_key(&self) -> Option<&Arc<Bytes>> {
+        self.key.as_ref()
     }
 }
 
@@ -51,7 +59,7 @@ struct Span {
     first: Seq,
     count: u32,
     attempts: u32,
-    key: Option<Box<Bytes>>,
+    key: Option<Arc<Bytes>>,
 }
 
 impl Span {
@@ -321,10 +329,10 @@ pub(crate) struct Queue {
     deadlines: BTreeSet<(Nanos, DeliveryId)>,
     /// Per ordering key: what is out, what goes next, what waits
     /// ([`KeyState`]). A key with nothing in any state has no entry.
-    keys: crate::FastMap<Bytes, KeyState>,
+    keys: crate::FastMap<Arc<Bytes>, KeyState>,
     /// Per connection, the keys whose next message is parked for it, in
     /// the order they were parked.
-    parked: crate::FastMap<u64, VecDeque<Bytes>>,
+    parked: crate::FastMap<u64, VecDeque<Arc<Bytes>>>,
     /// Messages whose record could not be read: kept (counted in the
     /// depth, saved in snapshots as ready, holding their key) but not
     /// tried again until the next start, so they neither stall the pump
@@ -394,7 +402,7 @@ impl Queue {
     /// order; the one that goes next is ready (or deferred for a retry),
     /// the later ones wait.
     pub fn make_ready(&mut self, entry: Entry) {
-        if let Some(key) = entry.key() {
+        if let Some(key) = entry.shared_key() {
             let state = self.keys.entry(key.clone()).or_default();
             if state.next == Some(entry.seq) {
                 // A retry whose delay is over.
@@ -412,7 +420,7 @@ impl Queue {
     /// keyed one is its key's next message again ([`Queue::take_back`]
     /// made room for it).
     pub fn make_ready_again(&mut self, entry: Entry) {
-        if let Some(key) = entry.key() {
+        if let Some(key) = entry.shared_key() {
             self.keys.entry(key.clone()).or_default().next = Some(entry.seq);
         }
         self.ready.push_front(entry);
@@ -420,7 +428,7 @@ impl Queue {
 
     /// A retry after a delay; a keyed one holds its key meanwhile.
     pub fn defer_retry(&mut self, until: Nanos, entry: Entry) {
-        if let Some(key) = entry.key() {
+        if let Some(key) = entry.shared_key() {
             self.keys.entry(key.clone()).or_default().next = Some(entry.seq);
         }
         self.defer(until, entry);
@@ -466,7 +474,7 @@ impl Queue {
     /// Returns whether it is the first of its key now out on `conn`.
     pub fn start(&mut self, delivery: DeliveryId, mut flight: InFlight, pipelined: bool) -> bool {
         let mut first = true;
-        if let Some(key) = flight.entry.key() {
+        if let Some(key) = flight.entry.shared_key() {
             let state = self.keys.entry(key.clone()).or_default();
             if state.next == Some(flight.entry.seq) {
                 state.next = None;
@@ -508,7 +516,7 @@ impl Queue {
         let Some(entry) = self.ready.remove(index) else {
             return;
         };
-        let Some(key) = entry.key().cloned() else {
+        let Some(key) = entry.shared_key().cloned() else {
             self.ready.push_front(entry);
             return;
         };

@@ -437,16 +437,16 @@ impl<S: MessageStore> Broker<S> {
                 Some(key) => svc.queue.give_back_key(key),
                 None => Vec::new(),
             };
-            for seq in std::iter::once(entry.seq).chain(behind.iter().map(|e| e.seq)) {
-                if seq != entry.seq {
-                    let bytes = match self.store.get(seq) {
-                        Ok(Some(message)) => message.payload.len() as u64,
-                        _ => 0,
-                    };
-                    if let Some(svc) = self.services.get_mut(service) {
-                        svc.queue.count_out(bytes);
-                    }
+            for later in &behind {
+                let bytes = match self.store.get(later.seq) {
+                    Ok(Some(message)) => message.payload.len() as u64,
+                    _ => 0,
+                };
+                if let Some(svc) = self.services.get_mut(service) {
+                    svc.queue.count_out(bytes);
                 }
+            }
+            for seq in std::iter::once(entry.seq).chain(behind.iter().map(|e| e.seq)) {
                 self.journal(Op::Nacked {
                     service: service.to_string(),
                     seq,

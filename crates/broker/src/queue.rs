@@ -6,7 +6,6 @@
 //! gets what.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-
 use std::sync::Arc;
 
 use bytes::Bytes;

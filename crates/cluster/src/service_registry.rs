@@ -171,9 +171,11 @@ pub async fn remove_entries_of_gone_nodes(
     Ok(removed)
 }
 
-/// How long a removal's marker stays in the bucket: long enough for every
-/// watch that was catching up to have read it.
-pub const REMOVAL_MARKERS_KEPT: Duration = Duration::from_secs(60);
+/// How long a removal's marker stays in the bucket. A watch that starts
+/// reads every key's last entry, markers too: a node whose watch was down
+/// (its NATS connection lost) for less than this sees the removals made
+/// meanwhile when it watches again.
+pub const REMOVAL_MARKERS_KEPT: Duration = Duration::from_secs(600);
 
 /// Purges the markers of removals older than `older_than`. A removed key
 /// leaves a marker behind, and bus connections come and go by the

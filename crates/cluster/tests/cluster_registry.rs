@@ -28,16 +28,21 @@ async fn entries_are_watched_gone_nodes_leave_and_old_removals_are_purged() {
     let registered = entry_key("db", "db-1", None);
     let on_alive = entry_key("todo", "todo-1", Some(&alive));
     let on_dead = entry_key("todo", "todo.2", Some(&dead));
-    for key in [&registered, &on_alive, &on_dead] {
+    let removed_before = entry_key("db", "db-0", None);
+    for key in [&removed_before, &registered, &on_alive, &on_dead] {
         service_registry::write(store, key, Some(Bytes::from(key.clone())))
             .await
             .unwrap();
     }
+    service_registry::write(store, &removed_before, None)
+        .await
+        .unwrap();
 
-    // A watch starts with every entry, names parsed from the keys.
+    // A watch starts with every key's last entry, names parsed from the
+    // keys: a removal made before it started is one too.
     let mut watch = Box::pin(service_registry::watch(&connection).await.unwrap());
     let mut seen = BTreeMap::new();
-    while seen.len() < 3 {
+    while seen.len() < 4 {
         let (name, record) = tokio::time::timeout(Duration::from_secs(10), watch.next())
             .await
             .expect("the watch gives every entry")
@@ -46,8 +51,14 @@ async fn entries_are_watched_gone_nodes_leave_and_old_removals_are_purged() {
         seen.insert((name.service, name.id, name.node), record);
     }
     assert_eq!(
+        seen.get(&("db".to_string(), "db-0".to_string(), None)),
+        Some(&None),
+        "the removal before the watch"
+    );
+    assert_eq!(
         seen.keys().cloned().collect::<Vec<_>>(),
         vec![
+            ("db".to_string(), "db-0".to_string(), None),
             ("db".to_string(), "db-1".to_string(), None),
             (
                 "todo".to_string(),
@@ -98,7 +109,7 @@ async fn entries_are_watched_gone_nodes_leave_and_old_removals_are_purged() {
             .unwrap();
         subjects.len()
     };
-    assert_eq!(subjects().await, 3, "two markers and a value");
+    assert_eq!(subjects().await, 4, "three markers and a value");
     let kept = service_registry::purge_old_removals(store, Duration::from_secs(3600))
         .await
         .unwrap();
@@ -106,7 +117,7 @@ async fn entries_are_watched_gone_nodes_leave_and_old_removals_are_purged() {
     let purged = service_registry::purge_old_removals(store, Duration::ZERO)
         .await
         .unwrap();
-    assert_eq!(purged, 2);
+    assert_eq!(purged, 3);
     assert_eq!(subjects().await, 1);
     assert_eq!(
         store.get(&on_alive).await.unwrap(),

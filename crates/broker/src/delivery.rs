@@ -425,6 +425,13 @@ impl<S: MessageStore> Broker<S> {
                 entry.attempts, svc.max_deliveries
             );
             self.dead_letter(service, entry, bytes, name, reason, now);
+        } else if self.upstream && delay > 0 && entry.key().is_some() {
+            // A keyed retry after a delay stays here, holding its key as on
+            // one broker: NAKed with the delay, the backend would hand out
+            // the key's later messages meanwhile. Unsettled on the backend,
+            // it comes back in the key's order if this node goes (its
+            // deadline there passes) or gives its work back.
+            svc.queue.defer_retry(now + delay, entry);
         } else if self.upstream {
             // The backend's consumer redelivers (to any node) and counts
             // the attempt; kept here too, it would be delivered twice.

@@ -224,6 +224,18 @@ async fn dead_letters_of_one_node_are_listed_shown_replayed_and_purged_through_t
     // With its instance gone, what is sent to the service waits in the
     // cluster: both nodes' services pages count it.
     failing.shutdown().await;
+    for node in [&nodes.a, &nodes.b] {
+        let http = node.http.clone().expect("the node's HTTP port");
+        let http = &http;
+        wait_for_async("the instance gone from every node", T, || async move {
+            let page = get_json(http, "/v1/services").await;
+            let rows = page["services"].as_array().cloned().unwrap_or_default();
+            rows.into_iter()
+                .find(|row| row["name"] == SERVICE)
+                .filter(|row| row["instances"].as_array().is_some_and(Vec::is_empty))
+        })
+        .await;
+    }
     for n in 0..3 {
         let sent = web
             .command("flaky.run")

@@ -224,18 +224,10 @@ async fn dead_letters_of_one_node_are_listed_shown_replayed_and_purged_through_t
     // With its instance gone, what is sent to the service waits in the
     // cluster: both nodes' services pages count it.
     failing.shutdown().await;
-    for node in [&nodes.a, &nodes.b] {
-        let http = node.http.clone().expect("the node's HTTP port");
-        let http = &http;
-        wait_for_async("the instance gone from every node", T, || async move {
-            let page = get_json(http, "/v1/services").await;
-            let rows = page["services"].as_array().cloned().unwrap_or_default();
-            rows.into_iter()
-                .find(|row| row["name"] == SERVICE)
-                .filter(|row| row["instances"].as_array().is_some_and(Vec::is_empty))
-        })
-        .await;
-    }
+    until_every_services_row(&nodes, "the instance gone from every node", |row| {
+        row["instances"].as_array().is_some_and(Vec::is_empty)
+    })
+    .await;
     for n in 0..3 {
         let sent = web
             .command("flaky.run")
@@ -245,16 +237,30 @@ async fn dead_letters_of_one_node_are_listed_shown_replayed_and_purged_through_t
             .await;
         assert!(sent.is_ok(), "{sent:?}");
     }
+    until_every_services_row(&nodes, "the backlog counted on every node", |row| {
+        row["backlog"] == 3
+    })
+    .await;
+    web.shutdown().await;
+}
+
+/// Waits until the services page of every node has a row for `SERVICE`
+/// for which `holds`.
+async fn until_every_services_row(
+    nodes: &Nodes,
+    what: &str,
+    holds: impl Fn(&serde_json::Value) -> bool,
+) {
+    let holds = &holds;
     for node in [&nodes.a, &nodes.b] {
         let http = node.http.clone().expect("the node's HTTP port");
         let http = &http;
-        wait_for_async("the backlog counted on every node", T, || async move {
+        wait_for_async(what, T, || async move {
             let page = get_json(http, "/v1/services").await;
             let rows = page["services"].as_array().cloned().unwrap_or_default();
             rows.into_iter()
-                .find(|row| row["name"] == SERVICE && row["backlog"] == 3)
+                .find(|row| row["name"] == SERVICE && holds(row))
         })
         .await;
     }
-    web.shutdown().await;
 }

@@ -18,8 +18,13 @@ use std::time::Duration;
 use futures_util::StreamExt as _;
 use serde::Deserialize;
 
-/// Every server's answer is awaited at most this long.
+/// Every server's answer to one ping is awaited at most this long.
 pub const SURVEY_DEADLINE: Duration = Duration::from_secs(2);
+/// A server that is starting, or busy on a loaded machine, may miss one
+/// ping: the check pings this many times before it calls a server silent.
+pub const SURVEY_ATTEMPTS: u32 = 4;
+/// The pause between pings while some server stays silent.
+const SURVEY_PAUSE: Duration = Duration::from_millis(500);
 /// The request every server of the system account answers.
 pub const JSZ_PING_SUBJECT: &str = "$SYS.REQ.SERVER.PING.JSZ";
 /// Fewer JetStream servers cannot keep three replicas.
@@ -96,7 +101,7 @@ impl fmt::Display for Finding {
                 }
                 write!(
                     f,
-                    " within {} s, so its sync setting is unknown: start the node when every server runs, {OR_ACCEPT}",
+                    " {SURVEY_ATTEMPTS} pings of {} s each, so its sync setting is unknown: start the node when every server runs, {OR_ACCEPT}",
                     SURVEY_DEADLINE.as_secs()
                 )
             }
@@ -226,10 +231,35 @@ pub async fn check(
     accept_weaker: bool,
 ) -> Result<Durability, DurabilityError> {
     let findings = match system {
-        Some(system) => assess(&survey(system, SURVEY_DEADLINE).await?),
+        Some(system) => survey_until_all_answer(system).await?,
         None => vec![Finding::Unchecked],
     };
     decide(findings, accept_weaker)
+}
+
+/// Surveys again, up to `SURVEY_ATTEMPTS` times, while servers of the
+/// meta group stay silent: a silence is the one finding time can change.
+async fn survey_until_all_answer(
+    system: &async_nats::Client,
+) -> Result<Vec<Finding>, DurabilityError> {
+    let mut attempt = 1;
+    loop {
+        let findings = assess(&survey(system, SURVEY_DEADLINE).await?);
+        let silent = findings.iter().find_map(|f| match f {
+            Finding::Unanswered { missing, .. } => Some(*missing),
+            _ => None,
+        });
+        match silent {
+            Some(missing) if attempt < SURVEY_ATTEMPTS => {
+                tracing::info!(
+                    "durability check: {missing} server(s) silent on ping {attempt} of {SURVEY_ATTEMPTS}; asking again"
+                );
+                attempt += 1;
+                tokio::time::sleep(SURVEY_PAUSE).await;
+            }
+            _ => return Ok(findings),
+        }
+    }
 }
 
 /// A JSZ answer's parts the check reads.

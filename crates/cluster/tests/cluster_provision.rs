@@ -236,7 +236,7 @@ async fn the_durability_check_passes_a_cluster_syncing_always_and_names_a_dead_s
     let err = durability::check(Some(&system), false).await.unwrap_err();
     assert!(
         err.to_string()
-            .contains("nats-server n3 did not answer within 2 s"),
+            .contains("nats-server n3 did not answer 4 pings of 2 s each"),
         "{err}"
     );
 }

@@ -378,10 +378,13 @@ impl LeaseKeeper {
         matches!(*self.holding.borrow(), Holding::Held { valid_until, .. } if now < valid_until)
     }
 
-    /// The latest outcome; `changed()` on it wakes at each renewal and at
-    /// the loss.
+    /// The latest outcome; `changed()` on it wakes at the next renewal
+    /// and at the loss (a clone would also wake for every renewal since
+    /// the keeper began).
     pub fn watch(&self) -> tokio::sync::watch::Receiver<Holding> {
-        self.holding.clone()
+        let mut holding = self.holding.clone();
+        holding.mark_unchanged();
+        holding
     }
 
     /// Stops renewing and deletes the key if it is still this tenure's.

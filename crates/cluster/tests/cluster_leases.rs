@@ -269,6 +269,19 @@ async fn a_kept_lease_is_renewed_on_time_and_its_loss_is_reported() {
         lost => panic!("{lost:?}"),
     };
     assert!(renewed > first, "renewed: revision {first} → {renewed}");
+    // A watch taken just after a renewal wakes at the next one, not for
+    // those before.
+    holding.changed().await.unwrap();
+    holding.borrow_and_update();
+    let mut fresh = keeper.watch();
+    let waited = Instant::now();
+    fresh.changed().await.unwrap();
+    assert!(
+        waited.elapsed() >= TIMING.renew_every / 2,
+        "woke after {:?}, renewals every {:?}",
+        waited.elapsed(),
+        TIMING.renew_every
+    );
 
     // Someone takes the key from under it (an operator deleting it, here):
     // the next renewal is refused and the loss reported.

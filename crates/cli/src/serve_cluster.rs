@@ -144,9 +144,11 @@ pub(crate) async fn join(args: &ServeArgs) -> anyhow::Result<Joined> {
         args.listen.to_string(),
         args.http.addr().map(|a| a.to_string()),
     );
+    let in_progress = store.in_progress();
     Ok(Joined {
         store: Box::new(store),
         node: Arc::new(courier_server::ClusterNode {
+            in_progress,
             connection,
             node,
             nodes: provisioned.nodes.clone(),

@@ -28,7 +28,7 @@ type Scenario = fn(&Nodes);
 #[tokio::test(flavor = "multi_thread")]
 async fn two_nodes_serve_one_bus() {
     let nodes = Nodes::start().await;
-    let scenarios: [(&str, Scenario); 10] = [
+    let scenarios: [(&str, Scenario); 11] = [
         (
             "request and reply",
             a_command_sent_through_one_node_is_answered_from_the_other,
@@ -46,6 +46,10 @@ async fn two_nodes_serve_one_bus() {
             a_resend_through_the_other_node_is_dropped_as_a_duplicate,
         ),
         ("keyed lane", keyed_messages_go_in_order_through_one_node),
+        (
+            "keyed retry past the ack deadline",
+            a_keyed_retry_longer_than_the_ack_deadline_is_delivered_once_in_order,
+        ),
         (
             "deferred and expiring",
             deferred_messages_wait_and_expired_ones_are_dropped,
@@ -491,6 +495,101 @@ fn keyed_messages_go_in_order_through_one_node(nodes: &Nodes) {
         let expected: Vec<u64> = (0..PER_KEY).collect();
         assert_eq!(seqs, &expected, "{key} out of order or repeated");
     }
+}
+
+/// A keyed message nacked for longer than its ack deadline waits on the
+/// node that holds the lane, its key's later messages behind it; the node
+/// keeps them all alive on JetStream meanwhile (`+WPI`), so none is handed
+/// out a second time.
+fn a_keyed_retry_longer_than_the_ack_deadline_is_delivered_once_in_order(nodes: &Nodes) {
+    const ACK_DEADLINE: Duration = Duration::from_secs(1);
+    const RETRY_AFTER: Duration = Duration::from_millis(2500);
+    let addr = nodes.b.addr.clone();
+    let handled: std::sync::Arc<std::sync::Mutex<Vec<(String, u32, Instant)>>> =
+        std::sync::Arc::default();
+    let (subscribed_tx, subscribed) = std::sync::mpsc::channel();
+    let (stop_tx, stop) = tokio::sync::oneshot::channel::<()>();
+    let log = handled.clone();
+    let instance = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        runtime.block_on(async move {
+            let mut o = courier_client::ClientOptions::new(addr, "payments");
+            o.ack_deadline = Some(ACK_DEADLINE);
+            o.nack_delay = RETRY_AFTER;
+            let client = courier_client::Client::connect(o).await.expect("connect");
+            client
+                .on("payments.*", move |msg: courier_client::Incoming| {
+                    let log = log.clone();
+                    async move {
+                        let payload = String::from_utf8_lossy(msg.payload()).into_owned();
+                        let first_try_of_0 = payload == "0" && msg.attempt() == 1;
+                        log.lock()
+                            .expect("log")
+                            .push((payload, msg.attempt(), Instant::now()));
+                        if first_try_of_0 {
+                            return Err(std::io::Error::other("later"));
+                        }
+                        Ok(())
+                    }
+                })
+                .await
+                .expect("subscribe");
+            subscribed_tx.send(()).expect("the test waits");
+            let _ = stop.await;
+            client.shutdown().await;
+        });
+    });
+    subscribed.recv_timeout(T).expect("subscribed");
+    nodes.b.wait_consumers("payments", 1, None);
+    let probe = send_when_routed(&nodes.a, &["send", "payments.probe"]);
+    assert!(probe.status.success(), "{}", stderr(&probe));
+    let out = nodes.a.run(&[
+        "send",
+        "payments.charge",
+        "--key",
+        "card-1",
+        "--count",
+        "3",
+        "--data",
+        "{seq}",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let charges = |log: &[(String, u32, Instant)]| {
+        log.iter()
+            .filter(|(p, _, _)| p.len() == 1)
+            .map(|(p, attempt, _)| (p.clone(), *attempt))
+            .collect::<Vec<_>>()
+    };
+    let expected: Vec<(String, u32)> = [("0", 1), ("0", 2), ("1", 1), ("2", 1)]
+        .into_iter()
+        .map(|(p, a)| (p.to_string(), a))
+        .collect();
+    let deadline = Instant::now() + T;
+    while charges(&handled.lock().expect("log")).len() < expected.len() {
+        assert!(
+            Instant::now() < deadline,
+            "charges missing: {:?}",
+            charges(&handled.lock().expect("log"))
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Long enough for JetStream to hand anything out again twice over.
+    std::thread::sleep(3 * ACK_DEADLINE);
+    let log = handled.lock().expect("log").clone();
+    assert_eq!(charges(&log), expected, "each charge once, in order");
+    let at = |payload: &str, attempt: u32| {
+        log.iter()
+            .find(|(p, a, _)| p == payload && *a == attempt)
+            .map(|(_, _, at)| *at)
+            .expect("handled")
+    };
+    let waited = at("0", 2) - at("0", 1);
+    assert!(waited >= RETRY_AFTER, "retried after {waited:?}");
+    let _ = stop_tx.send(());
+    instance.join().expect("the instance's thread");
 }
 
 /// A deferred send waits in the cluster (a schedule the servers fire),

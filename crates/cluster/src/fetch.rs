@@ -86,6 +86,9 @@ pub struct Fetched {
     pub handle: AckHandle,
     /// The node that accepted a command (`Courier-Reply-To`).
     pub reply_node: Option<String>,
+    /// Its consumer's `ack_wait`: JetStream hands it out again after
+    /// this unless it is settled or kept alive ([`crate::in_progress`]).
+    pub ack_wait: Duration,
 }
 
 /// What both lanes' loops share: the credit, and what each lane asked
@@ -296,7 +299,8 @@ async fn lane_loop<C, D>(
                 Some(Ok(message)) => {
                     received += 1;
                     taken += 1;
-                    ready.extend(decode(connection, service, lane, message).await);
+                    let ack_wait = pulling.cached_info().config.ack_wait;
+                    ready.extend(decode(connection, service, lane, ack_wait, message).await);
                 }
                 Some(Err(e)) => {
                     hand_over(shared, mine, &mut ready, &mut taken);
@@ -351,6 +355,7 @@ async fn decode(
     connection: &Connection,
     service: &str,
     lane: Lane,
+    ack_wait: Duration,
     message: async_nats::jetstream::Message,
 ) -> Option<Fetched> {
     let message = message.message;
@@ -387,6 +392,7 @@ async fn decode(
                 stream_seq,
                 handle: reply,
                 reply_node,
+                ack_wait,
             })
         }
         Err(e) => {

@@ -14,6 +14,7 @@ pub mod consumers;
 pub mod dead_letters;
 pub mod durability;
 pub mod fetch;
+pub mod in_progress;
 pub mod lease;
 pub mod model;
 pub mod names;

@@ -32,6 +32,7 @@ use tokio::sync::mpsc;
 
 use crate::ack_subject::AckSubject;
 use crate::consumers::MAX_ACK_PENDING_DEFAULT;
+use crate::in_progress::InProgress;
 use crate::names::{service_token, NodeId};
 use crate::services::ServiceWriter;
 use crate::{Connection, Provisioned};
@@ -276,6 +277,8 @@ pub struct ClusterStore {
     node: NodeId,
     next_seq: Seq,
     held: HashMap<Seq, Held>,
+    /// Held messages kept alive on JetStream until settled.
+    in_progress: Arc<InProgress>,
     /// Writes made since the last `start_sync`.
     batch: Arc<Batch>,
     batch_writes: u64,
@@ -313,12 +316,18 @@ impl ClusterStore {
             registry: provisioned.registry.clone(),
             node: node.clone(),
         };
+        let in_progress = InProgress::new();
+        runtime.spawn(crate::in_progress::keep_alive(
+            connection.client.clone(),
+            Arc::downgrade(&in_progress),
+        ));
         runtime.spawn(publish_loop(connection, publish_queue));
         runtime.spawn(change_loop(writer, change_queue));
         ClusterStore {
             node,
             next_seq: 1,
             held: HashMap::new(),
+            in_progress,
             batch: Batch::new(),
             batch_writes: 0,
             publishes,
@@ -334,6 +343,12 @@ impl ClusterStore {
             stats: StorageStats::default(),
             reports: Vec::new(),
         }
+    }
+
+    /// Where the fetch loops record what they hand to the core, so that
+    /// JetStream does not hand it out again while this node holds it.
+    pub fn in_progress(&self) -> Arc<InProgress> {
+        self.in_progress.clone()
     }
 
     fn take_seq(&mut self) -> Seq {
@@ -368,6 +383,7 @@ impl ClusterStore {
             return false;
         }
         held.settled = true;
+        self.in_progress.release(&held.handle);
         let subject = held.handle.clone();
         self.queue_write(|ticket| Op::Settle {
             subject,
@@ -386,6 +402,7 @@ impl ClusterStore {
             return;
         }
         held.settled = true;
+        self.in_progress.release(&held.handle);
         let body = if delay_ms == 0 {
             Bytes::from_static(b"-NAK")
         } else {
@@ -409,6 +426,7 @@ impl ClusterStore {
             return;
         }
         held.settled = true;
+        self.in_progress.release(&held.handle);
         let ack = held.handle.clone();
         let message = held.message.clone();
         // Waited for like a change (see `change`).

@@ -557,3 +557,62 @@ async fn a_sync_without_quorum_fails_and_the_resend_is_stored_once() {
     let info = provisioned.messages.clone().info().await.unwrap().clone();
     assert_eq!(info.state.messages, 2, "first and second, each once");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_message_is_kept_alive_past_ack_wait_and_comes_back_once_let_go() {
+    const ACK_DEADLINE: Duration = Duration::from_secs(1);
+    let cluster = NatsCluster::start(ALL_SYNC).await;
+    let (connection, _provisioned, mut store) = node(&cluster, "a").await;
+    store.upstream(subscribe("todo", "todo.*", 1_000));
+    sync(&mut store).unwrap();
+    let credit = Arc::new(AtomicU32::new(10));
+    let (mut fetched, stop, task) =
+        start_fetching(&connection, "todo", credit, Arc::new(Notify::new()));
+    let in_progress = store.in_progress();
+
+    store
+        .append(Arc::new(accepted(Kind::Event, "todo.created", "one")))
+        .unwrap();
+    sync(&mut store).unwrap();
+    let first = next(&mut fetched, Duration::from_secs(5)).await;
+    assert_eq!(first.ack_wait, ACK_DEADLINE);
+    store
+        .hold_fetched(first.message.clone(), first.handle.clone())
+        .unwrap();
+    in_progress.hold([(first.handle.as_str(), first.ack_wait)], Instant::now());
+    nothing(
+        &mut fetched,
+        3 * ACK_DEADLINE,
+        "while the node holds it and keeps it alive",
+    )
+    .await;
+
+    // No longer kept alive (as by a node paused or cut off): JetStream
+    // hands it out again once a whole ack_wait passed without a +WPI.
+    in_progress.release(&first.handle);
+    let let_go = Instant::now();
+    let again = next(&mut fetched, 3 * ACK_DEADLINE).await;
+    assert_eq!((again.attempt, again.stream_seq), (2, first.stream_seq));
+    assert!(
+        let_go.elapsed() >= ACK_DEADLINE / 3,
+        "back {:?} after the last +WPI could have gone",
+        let_go.elapsed()
+    );
+
+    // Settling it ends its keep-alive.
+    let seq = store
+        .hold_fetched(again.message.clone(), again.handle.clone())
+        .unwrap();
+    in_progress.hold([(again.handle.as_str(), again.ack_wait)], Instant::now());
+    assert_eq!(in_progress.len(), 1);
+    store.upstream(Upstream::Ack { seq });
+    sync(&mut store).unwrap();
+    assert!(in_progress.is_empty());
+    nothing(&mut fetched, 2 * ACK_DEADLINE, "after the ACK").await;
+
+    stop.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(3), task)
+        .await
+        .expect("the fetch loop stops")
+        .unwrap();
+}

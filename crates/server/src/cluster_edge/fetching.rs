@@ -120,12 +120,19 @@ fn credit_of(shared: Weak<Shared>, service: String) -> impl Fn() -> u32 + Send +
     }
 }
 
-/// Where a fetch loop hands what it fetched: the core, in one pass.
+/// Where a fetch loop hands what it fetched: the core, in one pass,
+/// each message kept alive on JetStream until the core settles it.
 fn deliver_to(shared: Weak<Shared>) -> impl FnMut(Vec<courier_cluster::fetch::Fetched>) + Send {
     move |batch| {
         let Some(shared) = shared.upgrade() else {
             return;
         };
+        if let Some(edge) = &shared.cluster {
+            let held = batch.iter().map(|f| (f.handle.as_str(), f.ack_wait));
+            edge.node
+                .in_progress
+                .hold(held, tokio::time::Instant::now());
+        }
         shared.with_core_deferred(|core, now| {
             for fetched in batch {
                 let fetched = courier_broker::Fetched {
@@ -239,6 +246,14 @@ async fn lead_keyed_lane(
             () = fence => {
                 warn!(%service, "the keyed lane's lease ended; this node stops fetching it");
                 let _ = lane_stop.send(true);
+                // What this node holds of the lane goes back to the next
+                // holder after `ack_wait`, as after a crash.
+                let consumer = courier_cluster::consumers::consumer_name(&service, Lane::Keyed);
+                if let Some(shared) = shared.upgrade() {
+                    if let Some(edge) = &shared.cluster {
+                        edge.node.in_progress.release_consumer(&consumer);
+                    }
+                }
             }
             () = stopping => {
                 let _ = lane_stop.send(true);

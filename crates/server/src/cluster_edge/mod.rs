@@ -217,6 +217,9 @@ pub struct ClusterNode {
     pub registry: async_nats::jetstream::kv::Store,
     /// The record put there (its addresses are filled in at start).
     pub record: courier_cluster::nodes::NodeRecord,
+    /// The store's fetched messages kept alive on JetStream while held
+    /// ([`courier_cluster::store::ClusterStore::in_progress`]).
+    pub in_progress: Arc<courier_cluster::in_progress::InProgress>,
     /// Started with `--accept-weaker-durability` past a failed check
     /// (the `courier_durability_weaker` gauge).
     pub durability_weaker: bool,

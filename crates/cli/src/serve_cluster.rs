@@ -149,6 +149,7 @@ pub(crate) async fn join(args: &ServeArgs) -> anyhow::Result<Joined> {
         store: Box::new(store),
         node: Arc::new(courier_server::ClusterNode {
             in_progress,
+            held_leases: Default::default(),
             connection,
             node,
             nodes: provisioned.nodes.clone(),

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use cluster_common::sdk::{connect, opts, send_when_routed};
 use cluster_common::Nodes;
-use common::{json_lines, stderr, wait_for_async, Broker};
+use common::{json_lines, metric, stderr, wait_for_async, Broker};
 use courier_client::Incoming;
 use uuid::Uuid;
 
@@ -241,6 +241,38 @@ async fn dead_letters_of_one_node_are_listed_shown_replayed_and_purged_through_t
         row["backlog"] == 3
     })
     .await;
+    // /metrics: the cluster's counts come from one node only, the holder
+    // of the reclaimer lease, so that Prometheus' sum is right.
+    let backlog = format!("courier_cluster_backlog_messages{{service=\"{SERVICE}\"}}");
+    let reclaimer = r#"courier_lease_held{lease="reclaimer"}"#;
+    let (serving, silent) = wait_for_async("one node serving the cluster's counts", T, || {
+        let backlog = &backlog;
+        let nodes = &nodes;
+        async move {
+            let mut pages = Vec::new();
+            for node in [&nodes.a, &nodes.b] {
+                let http = node.http.clone().expect("the node's HTTP port");
+                let (status, text) = http_async(&http, "GET", "/metrics").await;
+                assert_eq!(status, 200, "{text}");
+                pages.push(text);
+            }
+            let (a, b) = (pages.remove(0), pages.remove(0));
+            match (metric(&a, backlog), metric(&b, backlog)) {
+                (Some(3.0), None) => Some((a, b)),
+                (None, Some(3.0)) => Some((b, a)),
+                _ => None,
+            }
+        }
+    })
+    .await;
+    assert_eq!(metric(&serving, reclaimer), Some(1.0), "{serving}");
+    assert_ne!(metric(&silent, reclaimer), Some(1.0), "{silent}");
+    let in_flight = format!("courier_cluster_in_flight{{service=\"{SERVICE}\"}}");
+    assert_eq!(metric(&serving, &in_flight), Some(0.0), "{serving}");
+    let ack_pending = format!("courier_nats_ack_pending{{consumer=\"svc-{SERVICE}\"}}");
+    assert_eq!(metric(&serving, &ack_pending), Some(0.0), "{serving}");
+    assert!(metric(&serving, "courier_cluster_counts_age_seconds").is_some_and(|age| age < 6.0));
+    assert!(!silent.contains("courier_cluster_dead_letters"), "{silent}");
     web.shutdown().await;
 }
 

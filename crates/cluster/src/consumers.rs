@@ -139,6 +139,9 @@ pub async fn service_pending(
             Ok(info) => {
                 pending.backlog += info.num_pending;
                 pending.in_flight += info.num_ack_pending as u64;
+                pending
+                    .ack_pending
+                    .push((name, info.num_ack_pending as u64));
             }
             Err(e) if is_not_found(&e) => {}
             Err(e) => return Err(format!("consumer {name}: {e}")),
@@ -159,10 +162,13 @@ fn is_not_found(e: &async_nats::jetstream::context::ConsumerInfoError) -> bool {
 }
 
 /// See [`service_pending`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServicePending {
     pub backlog: u64,
     pub in_flight: u64,
+    /// Each existing consumer's `num_ack_pending`, by consumer name:
+    /// JetStream stops delivering from one at its `max_ack_pending`.
+    pub ack_pending: Vec<(String, u64)>,
 }
 
 #[cfg(test)]

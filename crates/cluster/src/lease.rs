@@ -314,6 +314,62 @@ pub enum Holding {
     Lost { now_held_by: Option<String> },
 }
 
+/// The leases a node has held since it started, each with its current
+/// tenure's outcome (none between tenures): what its `courier_lease_held`
+/// gauge shows, and how it knows whether it holds one now.
+#[derive(Default)]
+pub struct HeldLeases {
+    leases: std::sync::Mutex<Tenures>,
+}
+
+/// Per lease, the current tenure's outcome.
+type Tenures = std::collections::BTreeMap<String, Option<tokio::sync::watch::Receiver<Holding>>>;
+
+impl HeldLeases {
+    fn leases(&self) -> std::sync::MutexGuard<'_, Tenures> {
+        self.leases
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A tenure of `lease` began, kept by `keeper`.
+    pub fn began(&self, lease: &str, keeper: &LeaseKeeper) {
+        self.leases()
+            .insert(lease.to_string(), Some(keeper.watch()));
+    }
+
+    /// The tenure of `lease` ended (lost, let go, or no longer valid).
+    pub fn ended(&self, lease: &str) {
+        if let Some(tenure) = self.leases().get_mut(lease) {
+            *tenure = None;
+        }
+    }
+
+    /// Whether this node may act on `lease` at `now`.
+    pub fn holds(&self, lease: &str, now: Instant) -> bool {
+        self.leases()
+            .get(lease)
+            .and_then(Option::as_ref)
+            .is_some_and(|tenure| valid(&tenure.borrow(), now))
+    }
+
+    /// Every lease held since start, by name, and whether it is held at
+    /// `now`.
+    pub fn at(&self, now: Instant) -> Vec<(String, bool)> {
+        self.leases()
+            .iter()
+            .map(|(lease, tenure)| {
+                let held = tenure.as_ref().is_some_and(|t| valid(&t.borrow(), now));
+                (lease.clone(), held)
+            })
+            .collect()
+    }
+}
+
+fn valid(holding: &Holding, now: Instant) -> bool {
+    matches!(holding, Holding::Held { valid_until, .. } if now < *valid_until)
+}
+
 /// Keeps a lease: renews it on time in a task of its own and publishes
 /// the outcome. A renewal that gets no answer is retried; the lease stays
 /// usable only until its last confirmed renewal's `valid_until`, which
@@ -375,7 +431,7 @@ impl LeaseKeeper {
     /// Whether the holder may act at `now`: held, and within the last
     /// confirmed renewal's validity.
     pub fn is_valid_at(&self, now: Instant) -> bool {
-        matches!(*self.holding.borrow(), Holding::Held { valid_until, .. } if now < valid_until)
+        valid(&self.holding.borrow(), now)
     }
 
     /// The latest outcome; `changed()` on it wakes at the next renewal

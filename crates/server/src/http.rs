@@ -159,14 +159,24 @@ pub(crate) async fn metrics(
     }
     let started = Instant::now();
     // Off the runtime: the trace counters wait for the trace thread.
+    let taker = shared.clone();
     let snapshot =
-        tokio::task::spawn_blocking(move || MetricsSnapshot::take(&shared, wall_nanos())).await;
-    let Ok(snapshot) = snapshot else {
+        tokio::task::spawn_blocking(move || MetricsSnapshot::take(&taker, wall_nanos())).await;
+    let Ok(mut snapshot) = snapshot else {
         return problem(
             StatusCode::INTERNAL_SERVER_ERROR,
             "the metrics could not be gathered (the task failed); see the broker's log",
         );
     };
+    if let Some(edge) = &shared.cluster {
+        let services = snapshot
+            .subscriptions
+            .iter()
+            .map(|s| s.service.clone())
+            .collect();
+        snapshot.cluster =
+            Some(crate::cluster_edge::gauges::gather(&edge.node, &edge.readings, services).await);
+    }
     let text = encode_metrics(snapshot, started);
     (
         [(

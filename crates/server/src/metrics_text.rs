@@ -51,6 +51,9 @@ pub(crate) struct MetricsSnapshot {
     pub webhooks: (u64, u64, u64),
     /// On a cluster backend: whether the node runs with weaker durability.
     pub durability_weaker: Option<bool>,
+    /// On a cluster backend: its leases and, on one node, its counts
+    /// (added after the core's part is taken).
+    pub cluster: Option<crate::cluster_edge::gauges::ClusterGauges>,
 }
 
 impl MetricsSnapshot {
@@ -74,6 +77,7 @@ impl MetricsSnapshot {
             traces,
             trace_sampling: core.trace_sampling(),
             durability_weaker: shared.cluster.as_ref().map(|e| e.node.durability_weaker),
+            cluster: None,
             counters: core.metrics().clone(),
             names,
             names_max,
@@ -174,6 +178,9 @@ impl Collector for Exposition {
         encode_traffic(&mut encoder, &s.names)?;
         encode_subscriptions(&mut encoder, &s.subscriptions)?;
         encode_broker(&mut encoder, s)?;
+        if let Some(cluster) = &s.cluster {
+            encode_cluster(&mut encoder, cluster)?;
+        }
         if let (Some(traces), Some(sampling)) = (&s.traces, s.trace_sampling) {
             encode_traces(&mut encoder, traces, sampling)?;
         }
@@ -506,6 +513,74 @@ fn encode_broker(encoder: &mut DescriptorEncoder, s: &MetricsSnapshot) -> fmt::R
         MetricType::Histogram,
     )?
     .histogram(&NONE, &st.sync_batch_records)?;
+    Ok(())
+}
+
+fn encode_cluster(
+    encoder: &mut DescriptorEncoder,
+    c: &crate::cluster_edge::gauges::ClusterGauges,
+) -> fmt::Result {
+    let mut leases = Family::open(
+        encoder,
+        "courier_lease_held",
+        "1 while this node holds the lease (the keyed lanes', the reclaimer's, the registry's), 0 for one it held since it started",
+        MetricType::Gauge,
+    )?;
+    for (lease, held) in &c.leases {
+        leases.gauge(&[("lease", lease.as_str())], f64::from(u8::from(*held)))?;
+    }
+    let Some((reading, age)) = &c.counts else {
+        return Ok(());
+    };
+    type Pick = fn(&crate::cluster_edge::views::ClusterCounts) -> u64;
+    let per_service: [(&str, &str, Pick); 3] = [
+        (
+            "courier_cluster_backlog_messages",
+            "Messages JetStream holds for the service not yet delivered, both lanes (served by the holder of the reclaimer lease only)",
+            |c| c.backlog,
+        ),
+        (
+            "courier_cluster_in_flight",
+            "Messages delivered to the service's nodes and not acknowledged, both lanes (reclaimer holder only)",
+            |c| c.in_flight,
+        ),
+        (
+            "courier_cluster_dead_letters",
+            "The service's dead letters in COURIER_DEAD (reclaimer holder only)",
+            |c| c.dead_letters,
+        ),
+    ];
+    for (metric, help, pick) in per_service {
+        let mut family = Family::open(encoder, metric, help, MetricType::Gauge)?;
+        for (service, counts) in &reading.services {
+            family.gauge(&[("service", service.as_str())], pick(counts) as f64)?;
+        }
+    }
+    let mut ack_pending = Family::open(
+        encoder,
+        "courier_nats_ack_pending",
+        "A service consumer's unacknowledged messages; JetStream delivers no more from it at max_ack_pending (reclaimer holder only)",
+        MetricType::Gauge,
+    )?;
+    for (_, counts) in &reading.services {
+        for (consumer, pending) in &counts.ack_pending {
+            ack_pending.gauge(&[("consumer", consumer.as_str())], *pending as f64)?;
+        }
+    }
+    for (metric, help, value) in [
+        (
+            "courier_cluster_counts_age_seconds",
+            "How old the cluster counts above are (they are read at most every 5 s)",
+            age.as_secs_f64(),
+        ),
+        (
+            "courier_cluster_counts_unread",
+            "Services whose cluster counts could not be read at that reading",
+            reading.unread as f64,
+        ),
+    ] {
+        Family::open(encoder, metric, help, MetricType::Gauge)?.gauge(&NONE, value)?;
+    }
     Ok(())
 }
 

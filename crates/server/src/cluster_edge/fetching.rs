@@ -195,16 +195,15 @@ async fn lead_keyed_lane(
     room: Arc<Notify>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let Some((leases, node)) = shared.upgrade().and_then(|s| {
-        s.cluster
-            .as_ref()
-            .map(|e| (e.node.leases.clone(), e.node.node.clone()))
-    }) else {
+    let Some(node) = shared
+        .upgrade()
+        .and_then(|s| s.cluster.as_ref().map(|e| e.node.clone()))
+    else {
         return;
     };
     let key = courier_cluster::names::keyed_lane_lease(&service);
     while !*stop.borrow() {
-        let acquired = Lease::acquire(&leases, &key, &node, LeaseTiming::default()).await;
+        let acquired = Lease::acquire(&node.leases, &key, &node.node, LeaseTiming::default()).await;
         let keeper = match acquired {
             Ok(Acquired::Gained(lease)) => LeaseKeeper::keep(*lease),
             Ok(Acquired::HeldBy { .. }) => {
@@ -218,6 +217,7 @@ async fn lead_keyed_lane(
             }
         };
         info!(%service, "leading the keyed lane");
+        node.held_leases.began(&key, &keeper);
         let mut holding = keeper.watch();
         let (lane_stop, lane_stopped) = watch::channel(false);
         let lane = async {
@@ -242,20 +242,18 @@ async fn lead_keyed_lane(
             }
         };
         tokio::select! {
-            () = lane => {}
+            () = lane => node.held_leases.ended(&key),
             () = fence => {
+                node.held_leases.ended(&key);
                 warn!(%service, "the keyed lane's lease ended; this node stops fetching it");
                 let _ = lane_stop.send(true);
                 // What this node holds of the lane goes back to the next
                 // holder after `ack_wait`, as after a crash.
                 let consumer = courier_cluster::consumers::consumer_name(&service, Lane::Keyed);
-                if let Some(shared) = shared.upgrade() {
-                    if let Some(edge) = &shared.cluster {
-                        edge.node.in_progress.release_consumer(&consumer);
-                    }
-                }
+                node.in_progress.release_consumer(&consumer);
             }
             () = stopping => {
+                node.held_leases.ended(&key);
                 let _ = lane_stop.send(true);
                 if let Err(e) = keeper.release().await {
                     warn!(error = %e, %service, "could not release the keyed lane's lease; it ages out");

@@ -57,6 +57,7 @@ use tracing::{info, warn};
 use crate::Shared;
 
 mod fetching;
+pub(crate) mod gauges;
 pub(crate) mod names;
 mod registry;
 mod replies;
@@ -217,6 +218,8 @@ pub struct ClusterNode {
     pub registry: async_nats::jetstream::kv::Store,
     /// The record put there (its addresses are filled in at start).
     pub record: courier_cluster::nodes::NodeRecord,
+    /// The leases this node holds (the `courier_lease_held` gauge).
+    pub held_leases: courier_cluster::lease::HeldLeases,
     /// The store's fetched messages kept alive on JetStream while held
     /// ([`courier_cluster::store::ClusterStore::in_progress`]).
     pub in_progress: Arc<courier_cluster::in_progress::InProgress>,
@@ -277,6 +280,8 @@ pub(crate) struct ClusterEdge {
     /// Woken after every pass of the core: room may have freed up for a
     /// fetch loop, or a service may have gained or lost its consumers.
     pub room: Arc<Notify>,
+    /// The cluster's counts as `/metrics` last read them.
+    pub readings: gauges::Readings,
 }
 
 impl ClusterEdge {
@@ -294,6 +299,7 @@ impl ClusterEdge {
             transients_rx: std::sync::Mutex::new(Some(transients_rx)),
             dead_letters: crate::cluster_dead_letters::Queries::new(),
             room: Arc::new(Notify::new()),
+            readings: gauges::Readings::default(),
         }
     }
 }
@@ -479,7 +485,12 @@ pub(super) async fn while_leading<Fut>(
         let acquired =
             Lease::acquire(&node.leases, lease, &node.node, LeaseTiming::default()).await;
         match acquired {
-            Ok(Acquired::Gained(gained)) => lead(LeaseKeeper::keep(*gained)).await,
+            Ok(Acquired::Gained(gained)) => {
+                let keeper = LeaseKeeper::keep(*gained);
+                node.held_leases.began(lease, &keeper);
+                lead(keeper).await;
+                node.held_leases.ended(lease);
+            }
             Ok(Acquired::HeldBy { .. }) => tokio::time::sleep(ask_again).await,
             Err(e) => {
                 warn!(error = %e, "cannot take the {lease} lease; retrying");

@@ -110,10 +110,13 @@ pub(crate) async fn listing_everywhere(
 const COUNTS_IN_FLIGHT_MAX: usize = 8;
 
 /// A service's counts as the cluster holds them.
-struct ClusterCounts {
-    backlog: u64,
-    in_flight: u64,
-    dead_letters: u64,
+#[derive(Debug)]
+pub(crate) struct ClusterCounts {
+    pub backlog: u64,
+    pub in_flight: u64,
+    pub dead_letters: u64,
+    /// Each of its consumers' unacknowledged messages, by consumer name.
+    pub ack_pending: Vec<(String, u64)>,
 }
 
 async fn cluster_counts(
@@ -128,7 +131,26 @@ async fn cluster_counts(
         backlog: pending.backlog,
         in_flight: pending.in_flight,
         dead_letters,
+        ack_pending: pending.ack_pending,
     })
+}
+
+/// Each service's counts as the cluster holds them, a few services at a
+/// time, in the order given.
+pub(crate) async fn counts_of(
+    node: &ClusterNode,
+    services: Vec<String>,
+) -> Vec<(String, Result<ClusterCounts, String>)> {
+    use futures_util::StreamExt as _;
+    let js = &node.connection.jetstream;
+    futures_util::stream::iter(services)
+        .map(|service| async move {
+            let counts = cluster_counts(js, &service).await;
+            (service, counts)
+        })
+        .buffered(COUNTS_IN_FLIGHT_MAX)
+        .collect()
+        .await
 }
 
 /// Each row's `backlog`, `in_flight` and `dead_letters` as the cluster
@@ -137,20 +159,11 @@ async fn cluster_counts(
 /// in `COURIER_DEAD`. A row whose counts cannot be read keeps this
 /// node's and is named in what is returned.
 async fn put_cluster_counts(node: &ClusterNode, rows: &mut [Value]) -> Vec<String> {
-    use futures_util::StreamExt as _;
-    let js = &node.connection.jetstream;
     let names: Vec<String> = rows
         .iter()
         .filter_map(|row| row["name"].as_str().map(str::to_string))
         .collect();
-    let counted: Vec<_> = futures_util::stream::iter(names)
-        .map(|service| async move {
-            let counts = cluster_counts(js, &service).await;
-            (service, counts)
-        })
-        .buffered(COUNTS_IN_FLIGHT_MAX)
-        .collect()
-        .await;
+    let counted = counts_of(node, names).await;
     let mut unread = Vec::new();
     for (service, counts) in counted {
         let Some(row) = rows.iter_mut().find(|row| row["name"] == service.as_str()) else {

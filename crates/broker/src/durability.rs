@@ -91,16 +91,19 @@ fn conn_of(action: &Action) -> ConnId {
         | Action::Close { conn, .. }
         | Action::ForwardReply { conn, .. }
         | Action::FindReplyRoute { conn, .. } => *conn,
-        // No connection's: never held (a transient message is stored
-        // nowhere), so its "connection" orders nothing.
-        Action::ForwardTransient { .. } => 0,
+        // No connection's: never held (a transient message or a reply is
+        // stored nowhere), so its "connection" orders nothing.
+        Action::ForwardTransient { .. } | Action::AnswerForwardedReply { .. } => 0,
     }
 }
 
 /// A delivery of something no store holds: it waits for no disk.
 fn stored_nowhere(action: &Action) -> bool {
     matches!(action, Action::Deliver { message, .. } if message.transient || message.kind == Kind::Reply)
-        || matches!(action, Action::ForwardTransient { .. })
+        || matches!(
+            action,
+            Action::ForwardTransient { .. } | Action::AnswerForwardedReply { .. }
+        )
 }
 
 impl Durability {

@@ -90,6 +90,16 @@ pub enum Action {
         requester: String,
         message: Arc<Message>,
     },
+    /// The answer to a reply another node forwarded here
+    /// ([`crate::Broker::remote_reply`] said
+    /// [`crate::RemoteReply::Pending`]): it waited for the requester's
+    /// credit in its stream, and went out, or was discarded or refused.
+    /// The edge sends it to the node awaiting `answer`.
+    AnswerForwardedReply {
+        answer: u64,
+        code: ErrorCode,
+        reason: String,
+    },
     /// A reply to a command this node does not know (its replier
     /// reconnected here while handling it), on a replicated backend: the
     /// edge asks the other nodes where its replies go

@@ -319,7 +319,8 @@ impl<S: MessageStore> Broker<S> {
                 .and_then(|r| r.stream.take());
             if let Some(stream) = stream {
                 let reply = message.clone();
-                let fate = self.route_stream_reply(conn, seq, quiet, message, stream, now)?;
+                let sender = streams::ReplySender::Local { conn, seq, quiet };
+                let fate = self.route_stream_reply(sender, message, stream, now)?;
                 self.count_reply(command_slot, accepted_at, &reply, &service);
                 return Ok(fate);
             }

@@ -74,9 +74,19 @@ pub(crate) struct Stream {
 #[derive(Debug)]
 struct Held {
     message: Arc<Message>,
-    /// `(conn, seq, quiet)` of each send of it (a responder that
-    /// reconnected sends it again, under a new seq).
-    senders: Vec<(ConnId, u64, bool)>,
+    /// Each send of it (a responder that reconnected sends it again,
+    /// under a new seq).
+    senders: Vec<ReplySender>,
+}
+
+/// Who sent a reply of a stream and awaits its SEND_RESULT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ReplySender {
+    /// A connection here, and its send.
+    Local { conn: ConnId, seq: u64, quiet: bool },
+    /// A replier on another node, whose node forwarded the reply and
+    /// awaits the answer under this number ([`Action::AnswerForwardedReply`]).
+    Remote { answer: u64 },
 }
 
 impl Held {
@@ -123,24 +133,20 @@ impl<S: MessageStore> Broker<S> {
     /// A reply to a flow-controlled stream, from `conn` (its send `seq`).
     pub(crate) fn route_stream_reply(
         &mut self,
-        conn: ConnId,
-        seq: u64,
-        quiet: bool,
+        sender: ReplySender,
         message: Arc<Message>,
         mut stream: Box<Stream>,
         now: Nanos,
     ) -> Result<ReplyFate, (ErrorCode, String)> {
         let command = message.response_to.unwrap_or_default();
-        let outcome = self.stream_reply(conn, seq, quiet, message, &mut stream, now);
+        let outcome = self.stream_reply(sender, message, &mut stream, now);
         self.put_back(command, stream);
         outcome
     }
 
     fn stream_reply(
         &mut self,
-        conn: ConnId,
-        seq: u64,
-        quiet: bool,
+        sender: ReplySender,
         message: Arc<Message>,
         stream: &mut Stream,
         now: Nanos,
@@ -155,7 +161,7 @@ impl<S: MessageStore> Broker<S> {
         }
         if let Some(held) = stream.held.iter_mut().find(|h| h.message.id == message.id) {
             // Sent again (its responder reconnected): it answers this send too.
-            held.senders.push((conn, seq, quiet));
+            held.senders.push(sender);
             return Ok(ReplyFate::Held);
         }
         if stream.final_held {
@@ -165,7 +171,7 @@ impl<S: MessageStore> Broker<S> {
             ));
         }
         // The handler is working: its delivery is not overdue.
-        self.keep_handlers_alive(stream, conn, now);
+        self.keep_handlers_alive(stream, sender, now);
         if stream.has_credit() && stream.held.is_empty() {
             self.deliver_in_stream(command, stream, message);
             return Ok(ReplyFate::Delivered);
@@ -189,7 +195,7 @@ impl<S: MessageStore> Broker<S> {
         Arc::make_mut(&mut message).detach();
         stream.held.push_back(Held {
             message,
-            senders: vec![(conn, seq, quiet)],
+            senders: vec![sender],
         });
         Ok(ReplyFate::Held)
     }
@@ -312,11 +318,9 @@ impl<S: MessageStore> Broker<S> {
             // Accepted now: from here on a copy sent again is a duplicate.
             self.dedup.insert(&held.message.id, self.wall(now));
             self.metrics.accepted += 1;
-            for (conn, seq, quiet) in &held.senders {
-                self.keep_handlers_alive(stream, *conn, now);
-                if !quiet {
-                    self.send_result(*conn, *seq, ErrorCode::Ok, String::new());
-                }
+            for sender in &held.senders {
+                self.keep_handlers_alive(stream, *sender, now);
+                self.answer_reply_sender(*sender, ErrorCode::Ok, String::new());
             }
             let is_final = held.message.is_final;
             self.deliver_in_stream(command, stream, held.message);
@@ -340,10 +344,8 @@ impl<S: MessageStore> Broker<S> {
             self.dedup.insert(&h.message.id, self.wall(now));
             self.metrics.accepted += 1;
             self.metrics.replies_discarded += 1;
-            for (conn, seq, quiet) in h.senders {
-                if !quiet {
-                    self.send_result(conn, seq, ErrorCode::Ok, format!("discarded: {reason}"));
-                }
+            for sender in h.senders {
+                self.answer_reply_sender(sender, ErrorCode::Ok, format!("discarded: {reason}"));
             }
         }
         if final_went {
@@ -378,10 +380,9 @@ impl<S: MessageStore> Broker<S> {
         for h in std::mem::take(&mut stream.held) {
             self.held_reply_bytes = self.held_reply_bytes.saturating_sub(h.bytes());
             self.metrics.refused += 1;
-            for (conn, seq, _) in h.senders {
-                self.send_result(
-                    conn,
-                    seq,
+            for sender in h.senders {
+                self.answer_reply_sender(
+                    sender,
                     ErrorCode::UnknownRequest,
                     format!("command {command} {why} while this reply waited for the requester's credit"),
                 );
@@ -411,10 +412,34 @@ impl<S: MessageStore> Broker<S> {
         stream.handlers.push((service.to_string(), delivery));
     }
 
+    /// The SEND_RESULT of a reply that waited in its stream: to the
+    /// connection here (a quiet send hears only a refusal), or to the node
+    /// that forwarded it.
+    fn answer_reply_sender(&mut self, sender: ReplySender, code: ErrorCode, reason: String) {
+        match sender {
+            ReplySender::Local { conn, seq, quiet } => {
+                if !quiet || code != ErrorCode::Ok {
+                    self.send_result(conn, seq, code, reason);
+                }
+            }
+            ReplySender::Remote { answer } => {
+                self.actions.push(Action::AnswerForwardedReply {
+                    answer,
+                    code,
+                    reason,
+                });
+            }
+        }
+    }
+
     /// A handler on `conn` replied (or its reply went out): it is alive, so
     /// its delivery of the command gets a fresh ack deadline — a handler
-    /// paced by a slow requester is not taken for a dead one.
-    fn keep_handlers_alive(&mut self, stream: &Stream, conn: ConnId, now: Nanos) {
+    /// paced by a slow requester is not taken for a dead one. A handler on
+    /// another node is kept alive there.
+    fn keep_handlers_alive(&mut self, stream: &Stream, sender: ReplySender, now: Nanos) {
+        let ReplySender::Local { conn, .. } = sender else {
+            return;
+        };
         for (service, delivery) in &stream.handlers {
             if let Some(svc) = self.services.get_mut(service) {
                 let deadline = now + u64::from(svc.ack_deadline_ms) * NANOS_PER_MS;

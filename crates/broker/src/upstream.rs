@@ -55,6 +55,10 @@ pub struct KnownReplyRoute {
 pub enum RemoteReply {
     /// The answer for the replier.
     Answer(ErrorCode, String),
+    /// It waits for the requester's credit in its flow-controlled stream:
+    /// the answer comes later, as [`Action::AnswerForwardedReply`] with
+    /// the number given.
+    Pending,
     /// The requesting connection is gone and no other instance of its
     /// service is here: the edge offers the reply to the service's
     /// instances on other nodes (then parks it, [`Broker::park_reply`]).
@@ -471,7 +475,7 @@ impl<S: MessageStore> Broker<S> {
     /// another instance of its service here, else
     /// [`RemoteReply::ToService`]: its instance may have moved to another
     /// node.
-    pub fn remote_reply(&mut self, message: Arc<Message>, now: Nanos) -> RemoteReply {
+    pub fn remote_reply(&mut self, message: Arc<Message>, answer: u64, now: Nanos) -> RemoteReply {
         self.now = now;
         let Some(command) = message.response_to else {
             return RemoteReply::Answer(
@@ -497,8 +501,28 @@ impl<S: MessageStore> Broker<S> {
         let service = route.service.clone();
         let (route_conn, command_slot, accepted_at) =
             (route.conn, route.command, route.accepted_at);
-        // A flow-controlled stream's window is the requester's node's: a
-        // forwarded reply is delivered without waiting for its credit.
+        // A flow-controlled stream's window is the requester's, kept here:
+        // a forwarded reply waits for its credit as a reply sent here
+        // does, and its node hears the answer when it goes out.
+        let stream = self
+            .reply_routes
+            .get_mut(&command)
+            .and_then(|r| r.stream.take());
+        if let Some(stream) = stream {
+            let sender = streams::ReplySender::Remote { answer };
+            let fate = self.route_stream_reply(sender, message.clone(), stream, now);
+            return match fate {
+                Ok(fate) => {
+                    self.count_reply(command_slot, accepted_at, &message, &service);
+                    match fate {
+                        ReplyFate::Delivered => RemoteReply::Answer(ErrorCode::Ok, String::new()),
+                        ReplyFate::Held => RemoteReply::Pending,
+                        ReplyFate::Discarded(reason) => RemoteReply::Answer(ErrorCode::Ok, reason),
+                    }
+                }
+                Err((code, reason)) => RemoteReply::Answer(code, reason),
+            };
+        }
         self.count_reply(command_slot, accepted_at, &message, &service);
         if message.is_final {
             if let Some(route) = self.reply_routes.remove(&command) {

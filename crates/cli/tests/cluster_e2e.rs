@@ -28,7 +28,7 @@ type Scenario = fn(&Nodes);
 #[tokio::test(flavor = "multi_thread")]
 async fn two_nodes_serve_one_bus() {
     let nodes = Nodes::start().await;
-    let scenarios: [(&str, Scenario); 11] = [
+    let scenarios: [(&str, Scenario); 12] = [
         (
             "request and reply",
             a_command_sent_through_one_node_is_answered_from_the_other,
@@ -36,6 +36,10 @@ async fn two_nodes_serve_one_bus() {
         (
             "reply through another node",
             a_reply_through_a_node_that_never_saw_the_command_reaches_the_requester,
+        ),
+        (
+            "reply stream across nodes",
+            a_reply_stream_from_another_node_is_paced_by_the_requesters_window,
         ),
         (
             "fan-out and competing",
@@ -228,6 +232,96 @@ fn raw_reply(addr: &str, service: &str, command: Uuid, is_final: bool) -> (Error
 /// A replier that reconnected to another node while handling a command
 /// replies there: that node never saw the command, asks the others, and
 /// the reply reaches the requester; only the receiving service may reply.
+/// Runs `work` to completion on a runtime of its own (a scenario runs
+/// on the test's runtime, which it may not block on).
+fn on_own_runtime<T: Send>(work: impl std::future::Future<Output = T> + Send) -> T {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .expect("a runtime")
+                    .block_on(work)
+            })
+            .join()
+            .expect("the scenario's thread")
+    })
+}
+
+/// A flow-controlled reply stream whose responder is on node a and whose
+/// requester is on node b: the window is the requester's, on b, and the
+/// responder, awaiting each reply's answer, is paced by the requester's
+/// reading as on one broker.
+fn a_reply_stream_from_another_node_is_paced_by_the_requesters_window(nodes: &Nodes) {
+    use cluster_common::sdk::{connect, opts};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    const WINDOW: u32 = 2;
+    const REPLIES: u64 = 20;
+    on_own_runtime(async {
+        let responder = connect(opts(&nodes.a, "copier")).await;
+        let sent = Arc::new(AtomicU64::new(0));
+        let counter = sent.clone();
+        responder
+            .on("copy.run", move |msg| {
+                let counter = counter.clone();
+                async move {
+                    for i in 0..REPLIES {
+                        msg.reply_builder("copy.progress", i + 1 == REPLIES)
+                            .payload(i.to_string())
+                            .send()
+                            .await?;
+                        counter.store(i + 1, Ordering::Relaxed);
+                    }
+                    Ok::<(), courier_client::Error>(())
+                }
+            })
+            .await
+            .expect("subscribe copy.run");
+        let mut o = opts(&nodes.b, "copyweb");
+        o.reply_window = WINDOW;
+        let requester = connect(o).await;
+        let deadline = Instant::now() + T;
+        let mut stream = loop {
+            match requester.request_stream("copy.run", &()).await {
+                Ok(stream) => break stream,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("not routed yet: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("request_stream: {e}"),
+            }
+        };
+        let mut next = 0u64;
+        while let Some(reply) = tokio::time::timeout(T, stream.next_reply())
+            .await
+            .expect("the next reply within 30 s")
+        {
+            let reply = reply.unwrap_or_else(|e| panic!("reply {next}: {e}"));
+            assert_eq!(reply.payload().as_ref(), next.to_string().as_bytes());
+            assert_eq!(reply.is_final(), next + 1 == REPLIES);
+            next += 1;
+            if next <= 4 {
+                // A slow reader at first: the responder must wait for it.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            if next == 4 {
+                let ahead = sent.load(Ordering::Relaxed);
+                assert!(
+                    ahead <= next + 2 * u64::from(WINDOW) + 1,
+                    "the responder on node a ran {ahead} replies ahead of a requester on node b at {next}: the window does not pace it"
+                );
+            }
+        }
+        assert_eq!(next, REPLIES, "every reply, in order");
+        assert_eq!(sent.load(Ordering::Relaxed), REPLIES);
+        requester.shutdown().await;
+        responder.shutdown().await;
+    });
+}
+
 fn a_reply_through_a_node_that_never_saw_the_command_reaches_the_requester(nodes: &Nodes) {
     let ledger = nodes
         .a

@@ -336,6 +336,16 @@ impl Shared {
                     }
                     continue;
                 }
+                Action::AnswerForwardedReply {
+                    answer,
+                    code,
+                    reason,
+                } => {
+                    if let Some(edge) = &self.cluster {
+                        let _ = edge.answers.send((answer, code, reason));
+                    }
+                    continue;
+                }
                 action @ Action::DeadLetterQuery { .. } => {
                     crate::cluster_dead_letters::ask(self, action);
                     continue;
@@ -354,7 +364,9 @@ impl Shared {
                 | Action::Close { conn, .. }
                 | Action::ForwardReply { conn, .. }
                 | Action::FindReplyRoute { conn, .. } => *conn,
-                Action::ForwardTransient { .. } | Action::DeadLetterQuery { .. } => continue,
+                Action::ForwardTransient { .. }
+                | Action::DeadLetterQuery { .. }
+                | Action::AnswerForwardedReply { .. } => continue,
             };
             if current.as_ref().is_none_or(|(c, _)| *c != conn) {
                 current = None;
@@ -412,7 +424,8 @@ impl Shared {
                 Action::ForwardReply { .. }
                 | Action::FindReplyRoute { .. }
                 | Action::ForwardTransient { .. }
-                | Action::DeadLetterQuery { .. } => Ok(()),
+                | Action::DeadLetterQuery { .. }
+                | Action::AnswerForwardedReply { .. } => Ok(()),
                 Action::StartTail {
                     conn,
                     request,

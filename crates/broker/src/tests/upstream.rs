@@ -674,23 +674,103 @@ fn a_forwarded_reply_reaches_the_requester_on_this_node() {
     let mut reply = Message::new(Kind::Reply, "job.done", "ok");
     reply.response_to = Some(id);
     reply.sender = "intruder".into();
-    let answer = h.broker.remote_reply(Arc::new(reply.clone()), h.now);
+    let answer = h.broker.remote_reply(Arc::new(reply.clone()), 1, h.now);
     assert!(
         matches!(answer, RemoteReply::Answer(ErrorCode::Unauthorized, _)),
         "{answer:?}"
     );
     reply.sender = "worker".into();
     reply.is_final = true;
-    let answer = h.broker.remote_reply(Arc::new(reply.clone()), h.now);
+    let answer = h.broker.remote_reply(Arc::new(reply.clone()), 1, h.now);
     assert_eq!(answer, RemoteReply::Answer(ErrorCode::Ok, String::new()));
     let delivered = h.deliveries();
     assert_eq!(delivered.len(), 1);
     assert_eq!(delivered[0].0, 2);
-    let answer = h.broker.remote_reply(Arc::new(reply), h.now);
+    let answer = h.broker.remote_reply(Arc::new(reply), 1, h.now);
     assert!(
         matches!(answer, RemoteReply::Answer(ErrorCode::UnknownRequest, _)),
         "{answer:?}"
     );
+}
+
+/// The answers to forwarded replies, by the number their node awaits.
+fn forwarded_answers(actions: &[Action]) -> Vec<(u64, ErrorCode, String)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::AnswerForwardedReply {
+                answer,
+                code,
+                reason,
+            } => Some((*answer, *code, reason.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn forwarded_replies_of_a_stream_wait_for_the_requesters_credit() {
+    let mut h = node();
+    h.broker.subscriptions_changed(
+        "file",
+        Some(RemoteSubscriptions {
+            patterns: vec![("file.copy".to_string(), false)],
+            ..Default::default()
+        }),
+        h.now,
+    );
+    h.connect(5, "web", 10);
+    let cmd = stream_command("2");
+    let id = cmd.id;
+    h.send(5, 1, cmd);
+    h.actions();
+    let reply = |payload: &str, is_final: bool| {
+        let mut r = reply_to(id, payload, is_final);
+        r.sender = "file".into();
+        Arc::new(r)
+    };
+    // Two go out at once; the next two wait; a fifth is refused.
+    for (answer, payload) in [(1, "r1"), (2, "r2")] {
+        let fate = h.broker.remote_reply(reply(payload, false), answer, h.now);
+        assert_eq!(fate, RemoteReply::Answer(ErrorCode::Ok, String::new()));
+    }
+    let (r3, r4) = (reply("r3", false), reply("r4", false));
+    for (answer, waiting) in [(3, &r3), (4, &r4)] {
+        let fate = h.broker.remote_reply(waiting.clone(), answer, h.now);
+        assert_eq!(fate, RemoteReply::Pending, "waits for credit");
+    }
+    let fate = h.broker.remote_reply(reply("r5", false), 5, h.now);
+    assert!(
+        matches!(fate, RemoteReply::Answer(ErrorCode::StreamFull, _)),
+        "{fate:?}"
+    );
+    let actions = h.actions();
+    assert_eq!(
+        delivered_to(&actions),
+        vec![(5, "r1".into()), (5, "r2".into())]
+    );
+    let first = delivery_ids(&actions, 5);
+    // A resend of a waiting reply (its responder's node asked again) is
+    // answered with it.
+    let again = h.broker.remote_reply(r3, 6, h.now);
+    assert_eq!(again, RemoteReply::Pending);
+    // Credit back: r3 goes out and both its senders hear it.
+    h.broker.ack(5, first[0], h.now);
+    let actions = h.actions();
+    assert_eq!(delivered_to(&actions), vec![(5, "r3".into())]);
+    assert_eq!(
+        forwarded_answers(&actions),
+        vec![
+            (3, ErrorCode::Ok, String::new()),
+            (6, ErrorCode::Ok, String::new())
+        ]
+    );
+    // The requester stops reading: r4 is discarded, its sender told why.
+    h.broker.nack(5, first[1], 0, h.now);
+    let answers = forwarded_answers(&h.actions());
+    assert_eq!(answers.len(), 1);
+    assert_eq!((answers[0].0, answers[0].1), (4, ErrorCode::Ok));
+    assert!(answers[0].2.starts_with("discarded: "), "{answers:?}");
 }
 
 #[test]
@@ -716,7 +796,7 @@ fn a_reply_whose_requester_left_this_node_goes_to_its_service_elsewhere_or_waits
     let mut reply = Message::new(Kind::Reply, "job.done", "ok");
     reply.response_to = Some(id);
     reply.sender = "worker".into();
-    let answer = h.broker.remote_reply(Arc::new(reply.clone()), h.now);
+    let answer = h.broker.remote_reply(Arc::new(reply.clone()), 1, h.now);
     assert_eq!(
         answer,
         RemoteReply::ToService("web".to_string()),

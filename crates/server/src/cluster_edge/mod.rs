@@ -60,7 +60,7 @@ mod fetching;
 pub(crate) mod gauges;
 pub(crate) mod names;
 mod registry;
-mod replies;
+pub(crate) mod replies;
 mod tails;
 pub(crate) mod traces;
 pub(crate) mod views;
@@ -282,6 +282,13 @@ pub(crate) struct ClusterEdge {
     pub room: Arc<Notify>,
     /// The cluster's counts as `/metrics` last read them.
     pub readings: gauges::Readings,
+    /// Forwarded replies waiting in a stream for the requester's credit:
+    /// where their nodes await the answer.
+    pub pending_answers: replies::PendingAnswers,
+    /// Their answers, once the core gives them
+    /// ([`courier_broker::Action::AnswerForwardedReply`]).
+    pub answers: mpsc::UnboundedSender<replies::Answer>,
+    answers_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<replies::Answer>>>,
 }
 
 impl ClusterEdge {
@@ -289,6 +296,7 @@ impl ClusterEdge {
         let (forwards, rx) = mpsc::unbounded_channel();
         let (finds, finds_rx) = mpsc::unbounded_channel();
         let (transients, transients_rx) = mpsc::unbounded_channel();
+        let (answers, answers_rx) = mpsc::unbounded_channel();
         ClusterEdge {
             node,
             forwards,
@@ -300,6 +308,9 @@ impl ClusterEdge {
             dead_letters: crate::cluster_dead_letters::Queries::new(),
             room: Arc::new(Notify::new()),
             readings: gauges::Readings::default(),
+            pending_answers: replies::PendingAnswers::default(),
+            answers,
+            answers_rx: std::sync::Mutex::new(Some(answers_rx)),
         }
     }
 }
@@ -314,6 +325,11 @@ pub(crate) fn start(shared: &Arc<Shared>) -> Vec<crate::AbortOnDrop> {
     shared.with_core(|core, now| core.set_registry_checks_here(false, now));
     let forwards = edge
         .forwards_rx
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    let answers = edge
+        .answers_rx
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .take();
@@ -370,6 +386,11 @@ pub(crate) fn start(shared: &Arc<Shared>) -> Vec<crate::AbortOnDrop> {
             Arc::downgrade(shared),
             rx,
         ))));
+    }
+    if let Some(rx) = answers {
+        tasks.push(crate::AbortOnDrop(tokio::spawn(
+            replies::answer_waiting_replies(Arc::downgrade(shared), rx),
+        )));
     }
     let transients = edge
         .transients_rx

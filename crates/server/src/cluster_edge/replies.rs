@@ -8,6 +8,7 @@
 //! `courier.routes`; the node that accepted the command, or the one that
 //! fetched it, answers where its replies go.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -22,8 +23,66 @@ use tracing::warn;
 use super::{per_service, ClusterEdge, Find, Forward};
 use crate::Shared;
 
-/// How long a node waits for the requester's node to take a reply.
-const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a node waits for the requester's node to take a reply: a
+/// reply of a flow-controlled stream is taken when the requester has
+/// credit for it, so this is as long as a client waits for a send's
+/// answer (the SDK's send timeout).
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The answer to a forwarded reply that waited for the requester's
+/// credit: the number its node awaits it under, the code and the reason.
+pub(crate) type Answer = (u64, ErrorCode, String);
+
+/// Forwarded replies waiting in a stream here for the requester's
+/// credit: the inbox each forwarding node awaits the answer on.
+#[derive(Default)]
+pub(crate) struct PendingAnswers {
+    next: std::sync::atomic::AtomicU64,
+    inboxes: std::sync::Mutex<HashMap<u64, async_nats::Subject>>,
+}
+
+impl PendingAnswers {
+    fn inboxes(&self) -> std::sync::MutexGuard<'_, HashMap<u64, async_nats::Subject>> {
+        self.inboxes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A number to await an answer under, sent to `inbox` when it comes.
+    fn await_on(&self, inbox: async_nats::Subject) -> u64 {
+        let answer = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inboxes().insert(answer, inbox);
+        answer
+    }
+
+    fn take(&self, answer: u64) -> Option<async_nats::Subject> {
+        self.inboxes().remove(&answer)
+    }
+}
+
+/// Sends each answer the core gives to a forwarded reply that waited for
+/// credit to the node awaiting it.
+pub(super) async fn answer_waiting_replies(
+    shared: Weak<Shared>,
+    mut answers: mpsc::UnboundedReceiver<Answer>,
+) {
+    while let Some((answer, code, reason)) = answers.recv().await {
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let Some(edge) = &shared.cluster else {
+            return;
+        };
+        let Some(inbox) = edge.pending_answers.take(answer) else {
+            continue;
+        };
+        let client = edge.node.connection.client.clone();
+        drop(shared);
+        if let Err(e) = client.publish(inbox, encode_answer(code, &reason)).await {
+            warn!(error = %e, "could not answer a forwarded reply that waited for credit");
+        }
+    }
+}
 
 /// Where a node asks the others for the route of a reply to a command it
 /// does not know; only a node that knows answers.
@@ -108,7 +167,19 @@ pub(super) async fn serve_forwarded_replies(shared: Weak<Shared>) {
             }
         };
         let mut fate = RemoteReply::Answer(ErrorCode::Ok, String::new());
-        shared.with_core_deferred(|core, now| fate = core.remote_reply(message.clone(), now));
+        // Awaited before the core takes it: its answer may come in the
+        // same pass.
+        let pending = shared.cluster.as_ref().map(|edge| &edge.pending_answers);
+        let answer = pending.map_or(0, |p| p.await_on(to.clone()));
+        shared.with_core_deferred(|core, now| {
+            fate = core.remote_reply(message.clone(), answer, now);
+        });
+        if fate == RemoteReply::Pending {
+            continue;
+        }
+        if let Some(pending) = pending {
+            pending.take(answer);
+        }
         drop(shared);
         let (client, connection) = (client.clone(), connection.clone());
         let shared_weak = shared_weak.clone();
@@ -116,6 +187,7 @@ pub(super) async fn serve_forwarded_replies(shared: Weak<Shared>) {
         tokio::spawn(async move {
             let (code, reason) = match fate {
                 RemoteReply::Answer(code, reason) => (code, reason),
+                RemoteReply::Pending => return,
                 RemoteReply::ToService(service) => {
                     to_service_or_parked(
                         &shared_weak,
@@ -458,7 +530,12 @@ async fn forward_one(
         Ok(payload) => payload,
         Err(answer) => return Some(answer),
     };
-    let request = client.request(reply_subject(&forward.node), payload);
+    let request = client.send_request(
+        reply_subject(&forward.node),
+        async_nats::Request::new()
+            .payload(payload)
+            .timeout(Some(FORWARD_TIMEOUT)),
+    );
     Some(match tokio::time::timeout(FORWARD_TIMEOUT, request).await {
         Ok(Ok(answer)) => decode_answer(&answer.payload),
         Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => return None,

@@ -699,6 +699,19 @@ impl Queue {
         back
     }
 
+    /// Every keyed message held here and not out, [`Queue::give_back_key`]
+    /// for each key, in seq order (the order fetched): a node that no
+    /// longer holds the keyed lane gives them all back.
+    pub fn give_back_keyed(&mut self) -> Vec<Entry> {
+        let keys: Vec<Arc<Bytes>> = self.keys.keys().cloned().collect();
+        let mut back: Vec<Entry> = keys
+            .iter()
+            .flat_map(|key| self.give_back_key(key))
+            .collect();
+        back.sort_unstable_by_key(|e| e.seq);
+        back
+    }
+
     /// The message is done with (acked, dead-lettered, expired): the key
     /// lets its next message go when that is due.
     pub fn release_key(&mut self, entry: &Entry) {

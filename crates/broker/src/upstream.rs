@@ -303,6 +303,35 @@ impl<S: MessageStore> Broker<S> {
         }
     }
 
+    /// This node no longer holds `service`'s keyed lane (its lease ended):
+    /// every keyed message it fetched and has not handed out goes back to
+    /// the backend now, in the order fetched, for the next holder — kept,
+    /// it would go to an instance here after the next holder began. What
+    /// is out stays out: its ack still counts, and a deadline that passes
+    /// gives it back as ever.
+    pub fn keyed_lane_lost(&mut self, service: &str, now: Nanos) {
+        self.now = now;
+        let Some(svc) = self.services.get_mut(service) else {
+            return;
+        };
+        let back = svc.queue.give_back_keyed();
+        for entry in back {
+            let bytes = match self.store.get(entry.seq) {
+                Ok(Some(message)) => message.payload.len() as u64,
+                _ => 0,
+            };
+            if let Some(svc) = self.services.get_mut(service) {
+                svc.queue.count_out(bytes);
+            }
+            self.journal(Op::Nacked {
+                service: service.to_string(),
+                seq: entry.seq,
+                until: now,
+            });
+            release(&mut self.store, &mut self.refs, entry.seq);
+        }
+    }
+
     /// A reply from `conn` to a command fetched here that was accepted on
     /// another node: it goes there ([`Action::ForwardReply`]), and the
     /// send is answered when that node has taken it. `None`: the command

@@ -1366,3 +1366,63 @@ fn a_keyed_message_given_back_takes_the_later_ones_of_its_key_back_behind_it() {
         (2, delivered[0].4.clone())
     );
 }
+
+#[test]
+fn a_node_that_loses_the_keyed_lane_gives_back_what_it_has_not_handed_out() {
+    let mut h = node();
+    h.connect(1, "worker", 10);
+    h.subscribe(1, "job.*");
+    h.actions();
+    let fetch = |h: &mut Harness<BackendStore>, key: &'static str, payload: &'static str| {
+        let handle = format!("ack-{payload}");
+        h.broker.fetched(
+            fetched("worker", keyed("job.run", key, payload), 1, &handle),
+            h.now,
+        );
+    };
+    fetch(&mut h, "k", "1");
+    fetch(&mut h, "k", "2");
+    fetch(&mut h, "j", "3");
+    fetch(&mut h, "k", "4");
+    let out = h.deliveries();
+    let out_payloads: Vec<Bytes> = out.iter().map(|d| d.4.clone()).collect();
+    assert_eq!(
+        out_payloads,
+        [Bytes::from_static(b"1"), Bytes::from_static(b"3")]
+    );
+    // A retry after a delay waits here too, holding its key.
+    let j = out
+        .iter()
+        .find(|d| d.4 == Bytes::from_static(b"3"))
+        .expect("j out");
+    h.broker.nack(j.0, j.1, 5_000, h.now);
+    h.actions();
+    let held: Vec<Seq> = {
+        let mut seqs: Vec<Seq> = h.broker.store().held.keys().copied().collect();
+        seqs.sort_unstable();
+        seqs
+    };
+    h.broker.store_mut().told.clear();
+
+    h.broker.keyed_lane_lost("worker", h.now);
+    let naks: Vec<(Seq, u64)> = h
+        .broker
+        .store()
+        .told
+        .iter()
+        .filter_map(|t| match t {
+            Upstream::Nak { seq, delay_ms } => Some((*seq, *delay_ms)),
+            _ => None,
+        })
+        .collect();
+    // Everything but "1", which is out: in the order fetched, at once.
+    assert_eq!(naks, [(held[1], 0), (held[2], 0), (held[3], 0)]);
+    // The delivery out still settles; nothing of the lane goes out after.
+    h.broker.ack(out[0].0, out[0].1, h.now);
+    h.advance(10_000);
+    assert!(
+        h.deliveries().is_empty(),
+        "a message of the lost lane went out"
+    );
+    assert!(h.broker.store().held.is_empty());
+}

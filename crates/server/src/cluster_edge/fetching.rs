@@ -247,8 +247,13 @@ async fn lead_keyed_lane(
                 node.held_leases.ended(&key);
                 warn!(%service, "the keyed lane's lease ended; this node stops fetching it");
                 let _ = lane_stop.send(true);
-                // What this node holds of the lane goes back to the next
-                // holder after `ack_wait`, as after a crash.
+                // What this node holds of the lane goes to the next
+                // holder: at once what it has not handed out, and after
+                // `ack_wait`, as after a crash, what its instances have
+                // (no longer kept alive), unless they settle it first.
+                if let Some(shared) = shared.upgrade() {
+                    shared.with_core_deferred(|core, now| core.keyed_lane_lost(&service, now));
+                }
                 let consumer = courier_cluster::consumers::consumer_name(&service, Lane::Keyed);
                 node.in_progress.release_consumer(&consumer);
             }

@@ -46,6 +46,9 @@ const SEND_WITHIN: Duration = Duration::from_secs(90);
 /// How long the drain after the last cycle may take: a keyed lane whose
 /// holder died waits for the lease to age out (10 s) and the ack deadline.
 const DRAIN_WITHIN: Duration = Duration::from_secs(60);
+/// A node stopped this long loses its leases: their keys age out after
+/// 10 s, and another node takes them.
+const LEASE_OUTLIVED: Duration = Duration::from_secs(12);
 /// How long an ack may take from a handler to JetStream, at most, for the
 /// checker's rule on duplicates (a loaded debug build on two cores).
 const ACK_SLACK: Duration = Duration::from_secs(1);
@@ -265,6 +268,21 @@ fn node(nodes: &mut Nodes, i: usize) -> &mut common::Broker {
 }
 
 const NODE_IDS: [&str; 2] = ["a", "b"];
+
+/// The node that holds the keyed lane of `orders` now, if one does.
+async fn keyed_lane_holder(cluster: &cluster_common::nats::NatsCluster) -> Option<usize> {
+    let connection = cluster.connect("fault-loop").await;
+    let leases = connection
+        .jetstream
+        .get_key_value(courier_cluster::names::LEASES_BUCKET)
+        .await
+        .ok()?;
+    let lease = courier_cluster::names::keyed_lane_lease("orders");
+    let (value, _) = courier_cluster::lease::holder(&leases, &lease)
+        .await
+        .ok()??;
+    NODE_IDS.iter().position(|id| *id == value.node)
+}
 /// A node start slower than this is reported with what the node logged.
 const SLOW_START: Duration = Duration::from_secs(5);
 
@@ -332,11 +350,22 @@ async fn fault(
             format!("kill -9 server n{} and node {}", server + 1, NODE_IDS[n])
         }
         3 => {
+            // Every other round, the keyed lane's holder past its lease
+            // (10 s max age): the other node takes the lane while this one
+            // sleeps, and this one must give it up when it wakes.
+            let (n, stopped_for, what) = if round % 2 == 1 {
+                match keyed_lane_holder(&nodes.cluster).await {
+                    Some(holder) => (holder, LEASE_OUTLIVED, " (the keyed lane's holder)"),
+                    None => (n, LEASE_OUTLIVED, " (no keyed lane holder found)"),
+                }
+            } else {
+                (n, ACK_DEADLINE + Duration::from_secs(1), "")
+            };
             let pid = node(nodes, n).child.id();
             signal("-STOP", pid);
-            tokio::time::sleep(ACK_DEADLINE + Duration::from_secs(1)).await;
+            tokio::time::sleep(stopped_for).await;
             signal("-CONT", pid);
-            format!("kill -STOP node {}", NODE_IDS[n])
+            format!("kill -STOP node {}{what} for {stopped_for:?}", NODE_IDS[n])
         }
         _ => {
             let pid = nodes.cluster.pid(server).expect("the server runs");

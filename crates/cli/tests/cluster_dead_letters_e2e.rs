@@ -271,7 +271,11 @@ async fn dead_letters_of_one_node_are_listed_shown_replayed_and_purged_through_t
     assert_eq!(metric(&serving, &in_flight), Some(0.0), "{serving}");
     let ack_pending = format!("courier_nats_ack_pending{{consumer=\"svc-{SERVICE}\"}}");
     assert_eq!(metric(&serving, &ack_pending), Some(0.0), "{serving}");
-    assert!(metric(&serving, "courier_cluster_counts_age_seconds").is_some_and(|age| age < 6.0));
+    // Read at most every 5 s, so never much older.
+    assert!(
+        metric(&serving, "courier_cluster_counts_age_seconds").is_some_and(|age| age < 10.0),
+        "{serving}"
+    );
     assert!(!silent.contains("courier_cluster_dead_letters"), "{silent}");
     web.shutdown().await;
 }

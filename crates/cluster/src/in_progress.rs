@@ -1,7 +1,8 @@
 //! Keeping fetched messages alive on JetStream while this node holds
 //! them (docs/SCALE-OUT.md §4, §5): a message fetched and not settled yet
-//! gets `+WPI` ("work in progress") every half of its consumer's
-//! `ack_wait`, so JetStream hands it out again only when the node stops
+//! gets `+WPI` ("work in progress") every third of its consumer's
+//! `ack_wait` (two chances to reach JetStream before it gives up on the
+//! message), so JetStream hands it out again only when the node stops
 //! sending it — dead, paused, or cut off — and never while the node still
 //! holds it: a keyed retry waiting out its delay, a message queued behind
 //! a hot key, a delivery whose deadline a reply stream restarted. The
@@ -21,7 +22,7 @@ use tokio::time::Instant;
 use crate::ack_subject::AckSubject;
 
 /// How often the held messages are looked over. A message's `+WPI` goes
-/// out at most this late after half its `ack_wait`.
+/// out at most this late after a third of its `ack_wait`.
 pub const KEEP_ALIVE_TICK: Duration = Duration::from_millis(100);
 /// The shortest period between two `+WPI`s of one message, whatever its
 /// `ack_wait`.
@@ -55,7 +56,7 @@ impl InProgress {
     pub fn hold<'a>(&self, fetched: impl IntoIterator<Item = (&'a str, Duration)>, now: Instant) {
         let mut held = self.held();
         for (handle, ack_wait) in fetched {
-            let every = (ack_wait / 2).max(KEEP_ALIVE_PERIOD_MIN);
+            let every = (ack_wait / 3).max(KEEP_ALIVE_PERIOD_MIN);
             held.insert(
                 handle.to_string(),
                 Due {
@@ -103,7 +104,7 @@ impl InProgress {
 
 /// Sends the due `+WPI`s every [`KEEP_ALIVE_TICK`] until `in_progress`
 /// is dropped everywhere else. A `+WPI` that cannot be sent is not
-/// retried before its next period: one missed leaves half an `ack_wait`.
+/// retried before its next period: one missed leaves a third of `ack_wait`.
 pub async fn keep_alive(client: async_nats::Client, in_progress: std::sync::Weak<InProgress>) {
     let mut tick = tokio::time::interval(KEEP_ALIVE_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -134,18 +135,21 @@ mod tests {
     }
 
     #[test]
-    fn a_held_message_is_due_every_half_ack_wait_until_released() {
+    fn a_held_message_is_due_every_third_of_ack_wait_until_released() {
         let in_progress = InProgress::default();
         let start = Instant::now();
         let (a, b) = (ack("svc-todo", 1), ack("svc-todo", 2));
         in_progress.hold(
             [
-                (a.as_str(), Duration::from_secs(2)),
+                (a.as_str(), Duration::from_secs(3)),
                 (b.as_str(), Duration::from_secs(30)),
             ],
             start,
         );
         assert!(in_progress.take_due(start).is_empty());
+        assert!(in_progress
+            .take_due(start + Duration::from_millis(999))
+            .is_empty());
         assert_eq!(
             in_progress.take_due(start + Duration::from_secs(1)),
             vec![a.clone()]

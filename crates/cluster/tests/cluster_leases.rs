@@ -277,7 +277,8 @@ async fn a_kept_lease_is_renewed_on_time_and_its_loss_is_reported() {
     let waited = Instant::now();
     fresh.changed().await.unwrap();
     assert!(
-        waited.elapsed() >= TIMING.renew_every / 2,
+        // (Not at once; renewals' round trips vary, so not a whole period.)
+        waited.elapsed() >= TIMING.renew_every / 5,
         "woke after {:?}, renewals every {:?}",
         waited.elapsed(),
         TIMING.renew_every

@@ -157,6 +157,11 @@ pub(crate) async fn join(args: &ServeArgs) -> anyhow::Result<Joined> {
             registry: provisioned.registry.clone(),
             record,
             durability_weaker,
+            event_retention: args
+                .retain
+                .iter()
+                .map(|rule| std::time::Duration::from_millis(rule.max_age_ms))
+                .fold(args.retention, std::cmp::Ord::max),
         }),
     })
 }

@@ -53,7 +53,10 @@ async fn sends_leave_once_every_consumer_is_past_them() {
         seqs.push(ack.sequence);
     }
     // Nothing consumed: nothing goes.
-    assert_eq!(reclaim_once(&node.jetstream).await.unwrap(), None);
+    assert_eq!(
+        reclaim_once(&node.jetstream, Duration::ZERO).await.unwrap(),
+        None
+    );
 
     // Six handled in order, the seventh delivered and not acked.
     let mut batch = work.fetch().max_messages(7).messages().await.unwrap();
@@ -65,7 +68,7 @@ async fn sends_leave_once_every_consumer_is_past_them() {
     for message in &got[..6] {
         message.double_ack().await.unwrap();
     }
-    let floor = reclaim_once(&node.jetstream).await.unwrap();
+    let floor = reclaim_once(&node.jetstream, Duration::ZERO).await.unwrap();
     assert_eq!(floor, Some(seqs[6]), "purged below the first unacked");
     let mut stream = node
         .jetstream
@@ -92,8 +95,59 @@ async fn sends_leave_once_every_consumer_is_past_them() {
         message.unwrap().double_ack().await.unwrap();
     }
     let last = *seqs.last().unwrap();
-    assert_eq!(reclaim_once(&node.jetstream).await.unwrap(), Some(last + 1));
+    assert_eq!(
+        reclaim_once(&node.jetstream, Duration::ZERO).await.unwrap(),
+        Some(last + 1)
+    );
     let state = stream.info().await.unwrap().state.clone();
     assert_eq!(state.messages, 1, "{state:?}");
     assert!(stream.get_raw_message(schedule).await.is_ok());
+}
+
+#[tokio::test]
+async fn events_stay_for_the_retention_commands_go_once_handled() {
+    let cluster = NatsCluster::start([Sync::Always; 3]).await;
+    let node = cluster.connect("courier node a").await;
+    provision(&node, &Settings::default()).await.unwrap();
+    let publish = |subject: &'static str| {
+        let jetstream = node.jetstream.clone();
+        async move {
+            jetstream
+                .publish(subject, "x".into())
+                .await
+                .unwrap()
+                .await
+                .unwrap()
+                .sequence
+        }
+    };
+    // No service takes any of them: only the retention keeps an event.
+    let old_event = publish("courier.m.e.audit.old").await;
+    let old_keyed = publish("courier.m.ek.audit.old").await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let command = publish("courier.m.c.job.run").await;
+    let new_event = publish("courier.m.e.audit.new").await;
+
+    let retention = Duration::from_secs(2);
+    let floor = reclaim_once(&node.jetstream, retention).await.unwrap();
+    assert_eq!(floor, Some(new_event + 1), "every send no consumer needs");
+    let stream = node
+        .jetstream
+        .get_stream(courier_cluster::names::MESSAGES_STREAM)
+        .await
+        .unwrap();
+    for (seq, what) in [
+        (old_event, "an old event"),
+        (old_keyed, "an old keyed event"),
+        (command, "a command"),
+    ] {
+        assert!(stream.get_raw_message(seq).await.is_err(), "{what} stayed");
+    }
+    assert!(
+        stream.get_raw_message(new_event).await.is_ok(),
+        "an event within the retention went"
+    );
+    // The probe that found the retention's first seq is gone.
+    let mut stream = stream;
+    assert_eq!(stream.info().await.unwrap().state.consumer_count, 0);
 }

@@ -226,6 +226,10 @@ pub struct ClusterNode {
     /// Started with `--accept-weaker-durability` past a failed check
     /// (the `courier_durability_weaker` gauge).
     pub durability_weaker: bool,
+    /// How long events stay in the log for history replays: the longest
+    /// of `--retention` and the `--retain` rules' ages (a purge cannot
+    /// spare one pattern's events, so each is kept at least as asked).
+    pub event_retention: Duration,
 }
 
 impl std::fmt::Debug for ClusterNode {
@@ -526,9 +530,10 @@ pub(super) async fn while_leading<Fut>(
 async fn reclaim_while_leading(node: Arc<ClusterNode>) {
     let lease = courier_cluster::names::RECLAIMER_LEASE;
     let jetstream = &node.connection.jetstream;
+    let retention = node.event_retention;
     while_leading(&node, lease, RECLAIM_EVERY, |keeper| async move {
         while keeper.is_valid_at(tokio::time::Instant::now()) {
-            match courier_cluster::reclaim::reclaim_once(jetstream).await {
+            match courier_cluster::reclaim::reclaim_once(jetstream, retention).await {
                 Ok(Some(below)) => {
                     tracing::debug!(below, "purged the stored sends every consumer is past")
                 }

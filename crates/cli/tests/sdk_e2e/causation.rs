@@ -33,7 +33,7 @@ async fn next(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_sent_while_handling_name_their_cause_and_continue_its_trace() {
     use courier_client::TraceParent;
-    let broker = Broker::start();
+    let broker = Bus::start().await;
     // todo: todo.create → publishes todo.created (plain client), replies.
     let todo = client(&broker, "todo").await;
     todo.on("todo.create", |msg: Incoming| async move {

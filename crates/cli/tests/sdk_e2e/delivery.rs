@@ -4,7 +4,7 @@ use super::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn same_key_in_order_one_at_a_time_with_concurrent_handlers() {
-    let broker = Broker::start();
+    let broker = Bus::start().await;
     let log: Arc<Mutex<Vec<(String, u32)>>> = Arc::default();
     let busy: Arc<Mutex<HashMap<String, bool>>> = Arc::default();
     let mut workers = Vec::new();
@@ -71,7 +71,7 @@ async fn same_key_in_order_one_at_a_time_with_concurrent_handlers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nack_redelivers_after_its_delay_then_dead_letters_after_max_deliveries() {
-    let broker = Broker::start();
+    let broker = Bus::start().await;
     let mut o = opts(&broker, "mailer");
     o.max_deliveries = Some(3);
     let mailer = Client::connect(o).await.expect("connect");
@@ -106,7 +106,7 @@ async fn nack_redelivers_after_its_delay_then_dead_letters_after_max_deliveries(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unacked_delivery_goes_elsewhere_after_the_ack_deadline() {
-    let broker = Broker::start();
+    let broker = Bus::start().await;
     let mut o = opts(&broker, "jobs");
     o.ack_deadline = Some(Duration::from_millis(300));
     let stuck = Client::connect(o.clone()).await.expect("connect");
@@ -145,7 +145,7 @@ async fn unacked_delivery_goes_elsewhere_after_the_ack_deadline() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dedup_ttl_deferred_and_flow_control() {
-    let broker = Broker::start();
+    let broker = Bus::start().await;
     let worker = client(&broker, "w").await;
     let mut rx = recorder(&worker, "w.>").await;
     let web = client(&broker, "web").await;

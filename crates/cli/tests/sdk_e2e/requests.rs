@@ -7,7 +7,7 @@ use super::*;
 /// request it answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transient_requests_get_their_own_replies_and_their_refusals() {
-    let broker = Broker::start();
+    let broker = Bus::start().await;
     let web = client(&broker, "web").await;
     let started = Instant::now();
     let err = web
@@ -81,7 +81,7 @@ fn checksum(bytes: &[u8]) -> u64 {
 /// and the next request must still follow it intact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lone_request_larger_than_the_socket_buffer_arrives_whole() {
-    let broker = Broker::start();
+    let broker = Bus::start().await;
     let sizes = client(&broker, "sizes").await;
     sizes
         .on("size.measure", |msg: Incoming| async move {
@@ -116,7 +116,7 @@ async fn a_lone_request_larger_than_the_socket_buffer_arrives_whole() {
 /// reply can come.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transient_request_ends_at_once_when_its_connection_is_lost() {
-    let broker = Broker::start();
+    let broker = Bus::start().await;
     let slow = client(&broker, "slow").await;
     let (got_tx, mut got) = mpsc::channel(1);
     slow.on("slow.work", move |_msg: Incoming| {
@@ -145,7 +145,7 @@ async fn a_transient_request_ends_at_once_when_its_connection_is_lost() {
         .await
         .expect("the command reached the handler in time");
     let killed = Instant::now();
-    let _broker = broker.crash_and_restart();
+    let _broker = broker.crash_and_restart().await;
     let err = tokio::time::timeout(T, request)
         .await
         .expect("the request ended well before its timeout")
@@ -163,7 +163,7 @@ async fn a_transient_request_ends_at_once_when_its_connection_is_lost() {
 /// delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sends_over_the_service_send_rate_are_refused() {
-    let broker = Broker::start_with(&["--send-rate", "5"]);
+    let broker = Bus::start_with(&["--send-rate", "5"]).await;
     let audit = client(&broker, "audit").await;
     let mut seen = recorder(&audit, "noise.made").await;
     let chatty = client(&broker, "chatty").await;
@@ -198,7 +198,7 @@ async fn sends_over_the_service_send_rate_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_times_out_when_nobody_replies() {
-    let broker = Broker::start();
+    let broker = Bus::start().await;
     let todo = client(&broker, "todo").await;
     todo.on("todo.create", |_msg| async {
         Ok::<(), courier_client::Error>(())
@@ -219,7 +219,7 @@ async fn request_times_out_when_nobody_replies() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streaming_replies_arrive_in_order_and_end_with_the_final() {
-    let broker = Broker::start();
+    let broker = Bus::start().await;
     let files = client(&broker, "files").await;
     files
         .on("file.copy", |msg: Incoming| async move {

@@ -4,7 +4,7 @@ use super::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn typed_request_reply_carries_the_activity_into_everything_sent_while_handling() {
-    let broker = Broker::start();
+    let broker = Bus::start().await;
     let todo = client(&broker, "todo").await;
     let audit = client(&broker, "audit").await;
     let mut events = recorder(&audit, "todo.created").await;
@@ -59,7 +59,7 @@ async fn typed_request_reply_carries_the_activity_into_everything_sent_while_han
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_acceptance_says_where_the_broker_s_log_holds_the_message() {
-    let broker = Broker::start();
+    let broker = Bus::start().await;
     let web = client(&broker, "web").await;
     let first = web
         .event("todo.created")
@@ -94,7 +94,7 @@ async fn an_acceptance_says_where_the_broker_s_log_holds_the_message() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_send_says_why() {
-    let broker = Broker::start();
+    let broker = Bus::start().await;
     let web = client(&broker, "web").await;
     let err = web
         .send("todo.create", &())
@@ -116,7 +116,7 @@ async fn refused_send_says_why() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quiet_sends_are_delivered_and_only_their_refusals_are_counted_by_flush() {
-    let broker = Broker::start();
+    let broker = Bus::start().await;
     let audit = client(&broker, "audit").await;
     let mut events = recorder(&audit, "metric.sampled").await;
     let todo = client(&broker, "todo").await;
@@ -207,7 +207,7 @@ async fn quiet_sends_wait_for_room_once_the_socket_buffer_is_full() {
     use std::future::Future;
     use std::task::{Context, Poll, Waker};
 
-    let broker = Broker::start();
+    let broker = Bus::start().await;
     let audit = client(&broker, "audit").await;
     let mut events = recorder(&audit, "metric.sampled").await;
     let web = client(&broker, "web").await;

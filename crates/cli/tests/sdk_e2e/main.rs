@@ -87,10 +87,23 @@ impl Bus {
         match self {
             Bus::One(broker) => Bus::One(broker.crash_and_restart()),
             Bus::Cluster { mut nodes, next } => {
-                // Both down before either is back: one outage for every
-                // client, wherever it reconnected.
+                // Both stopped before either dies: a client whose node
+                // dies first must not reconnect to the other and then lose
+                // that one too (one outage for every client, as with one
+                // broker).
+                let pids = [
+                    nodes.a.child.id().to_string(),
+                    nodes.b.child.id().to_string(),
+                ];
+                for signal in ["-STOP", "-KILL"] {
+                    let status = std::process::Command::new("kill")
+                        .arg(signal)
+                        .args(&pids)
+                        .status()
+                        .expect("run kill");
+                    assert!(status.success(), "kill {signal} {pids:?} failed");
+                }
                 for node in [&mut nodes.a, &mut nodes.b] {
-                    let _ = node.child.kill();
                     let _ = node.child.wait();
                 }
                 let (a, b) = (nodes.a.addr.clone(), nodes.b.addr.clone());

@@ -351,6 +351,9 @@ pub struct Broker<S: MessageStore> {
     /// The store's backend keeps delivery state, not this core
     /// (`upstream.rs`): set once, from [`MessageStore::keeps_deliveries`].
     upstream: bool,
+    /// The history a SUBSCRIBE being told to the backend asked for: set
+    /// just before its change is made, taken by it (`upstream.rs`).
+    history_asked: StartFrom,
     /// Commands fetched from a replicated backend that were accepted on
     /// another node: where their replies go (`upstream.rs`).
     remote_routes: ExpiringMap<Uuid, upstream::RemoteRoute>,
@@ -410,6 +413,7 @@ impl<S: MessageStore> Broker<S> {
             registry_checks: Vec::new(),
             durability: Default::default(),
             upstream,
+            history_asked: StartFrom::New,
             remote_routes,
         }
     }

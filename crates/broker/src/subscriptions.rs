@@ -52,15 +52,17 @@ impl<S: MessageStore> Broker<S> {
                 "the broker's disk is failing; a new subscription cannot be made durable now — retry later".to_string(),
             );
         }
-        if self.upstream && is_new && from != StartFrom::New {
-            return self.op_result(
-                conn,
-                request,
-                ErrorCode::InvalidMessage,
-                format!("{pattern}: replaying history (start from the beginning or a time) is not offered on a cluster backend; subscribe from new messages"),
-            );
+        // On a backend, the history is the backend's to replay: it is
+        // asked for with the change (and kept to when the pattern is new
+        // to the service cluster-wide).
+        let from_seq = if is_new && !self.upstream {
+            self.start_seq(from)
+        } else {
+            0
+        };
+        if self.upstream {
+            self.history_asked = if is_new { from } else { StartFrom::New };
         }
-        let from_seq = if is_new { self.start_seq(from) } else { 0 };
         // On a backend, a pattern known from another node's subscription
         // is told again: the backend's write is idempotent and makes sure
         // the service's consumers exist before the RESULT.

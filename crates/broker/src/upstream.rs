@@ -101,6 +101,7 @@ impl<S: MessageStore> Broker<S> {
                     pattern,
                     ack_deadline_ms,
                     max_deliveries,
+                    history: std::mem::take(&mut self.history_asked),
                 }
             }
             Op::Unsubscribe { service, pattern } => Upstream::Unsubscribe { service, pattern },

@@ -145,10 +145,12 @@ pub(crate) async fn join(args: &ServeArgs) -> anyhow::Result<Joined> {
         args.http.addr().map(|a| a.to_string()),
     );
     let in_progress = store.in_progress();
+    let services = store.service_writer();
     Ok(Joined {
         store: Box::new(store),
         node: Arc::new(courier_server::ClusterNode {
             in_progress,
+            services,
             held_leases: Default::default(),
             connection,
             node,

@@ -17,6 +17,7 @@ use uuid::Uuid;
 
 use cluster_common::{send_when_routed, until_received, Nodes};
 use common::*;
+use futures_util::TryStreamExt as _;
 
 const T: Duration = Duration::from_secs(30);
 
@@ -28,7 +29,7 @@ type Scenario = fn(&Nodes);
 #[tokio::test(flavor = "multi_thread")]
 async fn two_nodes_serve_one_bus() {
     let nodes = Nodes::start().await;
-    let scenarios: [(&str, Scenario); 12] = [
+    let scenarios: [(&str, Scenario); 13] = [
         (
             "request and reply",
             a_command_sent_through_one_node_is_answered_from_the_other,
@@ -50,6 +51,7 @@ async fn two_nodes_serve_one_bus() {
             a_resend_through_the_other_node_is_dropped_as_a_duplicate,
         ),
         ("keyed lane", keyed_messages_go_in_order_through_one_node),
+        ("history replay", history_is_replayed_to_a_new_subscription),
         (
             "keyed retry past the ack deadline",
             a_keyed_retry_longer_than_the_ack_deadline_is_delivered_once_in_order,
@@ -599,6 +601,147 @@ fn keyed_messages_go_in_order_through_one_node(nodes: &Nodes) {
         let expected: Vec<u64> = (0..PER_KEY).collect();
         assert_eq!(seqs, &expected, "{key} out of order or repeated");
     }
+}
+
+/// Events stored while no service took them are kept for the retention
+/// and replayed to a subscription new to its service, from the beginning
+/// or from a time: each once, a key's history in order before its new
+/// messages, whichever node the events went through. The replay's
+/// consumer goes once it is done.
+fn history_is_replayed_to_a_new_subscription(nodes: &Nodes) {
+    let publish = |node: &Broker, args: &[&str]| {
+        let mut all = vec!["publish"];
+        all.extend_from_slice(args);
+        let out = node.run(&all);
+        assert!(out.status.success(), "{}", stderr(&out));
+    };
+    publish(&nodes.a, &["hist.note", "--count", "5", "--data", "{seq}"]);
+    publish(
+        &nodes.b,
+        &[
+            "hist.step",
+            "--key",
+            "k1",
+            "--count",
+            "5",
+            "--data",
+            "{seq}",
+        ],
+    );
+    // Stored timestamps are the servers' clocks, in whole nanoseconds:
+    // a clear gap keeps the first five before the time.
+    std::thread::sleep(Duration::from_millis(1200));
+    let since = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+    std::thread::sleep(Duration::from_millis(200));
+    publish(&nodes.a, &["hist.note", "--count", "2", "--data", "1{seq}"]);
+
+    let all = nodes.b.spawn(&[
+        "subscribe",
+        "hist.*",
+        "--service",
+        "replay-all",
+        "--from",
+        "beginning",
+    ]);
+    let recent = nodes.a.spawn(&[
+        "subscribe",
+        "hist.note",
+        "--service",
+        "replay-since",
+        "--from",
+        &since,
+    ]);
+    let mut got: BTreeMap<&str, Vec<(String, u64)>> = BTreeMap::new();
+    let read_until =
+        |got: &mut BTreeMap<&str, Vec<(String, u64)>>, all_n: usize, recent_n: usize| {
+            let deadline = Instant::now() + T;
+            while got.get("all").map_or(0, Vec::len) < all_n
+                || got.get("recent").map_or(0, Vec::len) < recent_n
+            {
+                assert!(
+                    Instant::now() < deadline,
+                    "replayed events missing: {got:?}"
+                );
+                for (who, subscriber) in [("all", &all), ("recent", &recent)] {
+                    while let Some(m) = subscriber.try_json_line(Duration::from_millis(20)) {
+                        let name = m["name"].as_str().expect("a name").to_string();
+                        let payload = m["payload"].as_u64().expect("a number");
+                        got.entry(who).or_default().push((name, payload));
+                    }
+                }
+            }
+        };
+    read_until(&mut got, 12, 2);
+    // New events after the history, through either node.
+    publish(
+        &nodes.a,
+        &[
+            "hist.step",
+            "--key",
+            "k1",
+            "--count",
+            "3",
+            "--data",
+            "1{seq}",
+        ],
+    );
+    publish(&nodes.b, &["hist.note", "--data", "20"]);
+    read_until(&mut got, 16, 3);
+    // Nothing comes twice.
+    std::thread::sleep(Duration::from_millis(1500));
+    read_until(&mut got, 16, 3);
+    let of = |who: &str, name: &str| -> Vec<u64> {
+        got[who]
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, p)| *p)
+            .collect()
+    };
+    assert_eq!(
+        of("all", "hist.step"),
+        [0, 1, 2, 3, 4, 10, 11, 12],
+        "the key's history, then its new events, in order, once"
+    );
+    let mut notes = of("all", "hist.note");
+    notes.sort_unstable();
+    assert_eq!(notes, [0, 1, 2, 3, 4, 10, 11, 20], "{got:?}");
+    let mut recent_notes = of("recent", "hist.note");
+    recent_notes.sort_unstable();
+    assert_eq!(recent_notes, [10, 11, 20], "replayed from the time only");
+    assert_eq!(got["all"].len(), 16, "{got:?}");
+    assert_eq!(got["recent"].len(), 3, "{got:?}");
+    // Both replays end: their consumers go.
+    let replay_all = courier_cluster::consumers::replay_consumer_name("replay-all", "hist.*");
+    let replay_since =
+        courier_cluster::consumers::replay_consumer_name("replay-since", "hist.note");
+    on_own_runtime(async {
+        let connection = nodes.cluster.connect("history replay check").await;
+        let stream = connection
+            .jetstream
+            .get_stream(courier_cluster::names::MESSAGES_STREAM)
+            .await
+            .expect("the messages stream");
+        let deadline = Instant::now() + T;
+        loop {
+            let names: Vec<String> = stream
+                .consumer_names()
+                .try_collect()
+                .await
+                .expect("the consumers");
+            let replays: Vec<&String> = names
+                .iter()
+                .filter(|n| **n == replay_all || **n == replay_since)
+                .collect();
+            if replays.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "replays still going: {replays:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
 }
 
 /// A keyed message nacked for longer than its ack deadline waits on the

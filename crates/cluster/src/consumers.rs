@@ -9,6 +9,8 @@ use async_nats::jetstream::{
     stream::{ConsumerError, Stream},
 };
 
+use courier_proto::StartFrom;
+
 use crate::names::service_token;
 
 /// Above the sum of all instances' `max_in_flight`: JetStream stops
@@ -109,6 +111,54 @@ pub fn consumer_config<S: AsRef<str>>(
         num_replicas: replicas,
         ..Default::default()
     }
+}
+
+/// The consumer that replays `pattern`'s retained events to `service`
+/// (§4 "History replay"): `svc-<service token>-replay-<16 hex digits of
+/// the pattern's FNV-1a hash>` (a consumer name takes no `.`, `*`, `>`).
+pub fn replay_consumer_name(service: &str, pattern: &str) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in pattern.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("svc-{}-replay-{hash:016x}", service_token(service))
+}
+
+/// The replay consumer's settings: the pattern's events only, keyed or
+/// not (commands are never replayed), from the beginning or `history`'s
+/// time; the rest as a service consumer's. `Err` for `StartFrom::New`,
+/// which replays nothing.
+pub fn replay_config(
+    service: &str,
+    pattern: &str,
+    history: StartFrom,
+    ack_wait: Duration,
+    max_ack_pending: i64,
+    replicas: usize,
+) -> Result<pull::Config, String> {
+    let deliver_policy = match history {
+        StartFrom::New => return Err("a subscription from new messages replays nothing".into()),
+        StartFrom::Beginning => DeliverPolicy::All,
+        StartFrom::Time(unix_ns) => DeliverPolicy::ByStartTime {
+            start_time: async_nats::datetime::from_nanos(i128::from(unix_ns))
+                .map_err(|e| format!("start time {unix_ns}: {e}"))?,
+        },
+    };
+    Ok(pull::Config {
+        durable_name: Some(replay_consumer_name(service, pattern)),
+        filter_subjects: vec![
+            format!("courier.m.e.{pattern}"),
+            format!("courier.m.ek.{pattern}"),
+        ],
+        ack_policy: AckPolicy::Explicit,
+        ack_wait,
+        max_deliver: -1,
+        max_ack_pending,
+        deliver_policy,
+        num_replicas: replicas,
+        ..Default::default()
+    })
 }
 
 /// Creates the consumer, or updates its filters and settings when it

@@ -71,6 +71,12 @@ pub const ROOM_RECHECK: Duration = Duration::from_millis(250);
 pub const RETRY_PAUSE_MIN: Duration = Duration::from_millis(100);
 pub const RETRY_PAUSE_MAX: Duration = Duration::from_secs(2);
 
+/// Tells whether the message named `name` at stream seq `seq`, fetched
+/// from the service's consumer of the lane, belongs to a history replay
+/// instead (SCALE-OUT §4): such a message is acknowledged on the
+/// consumer and not handed over.
+pub type Skip = dyn Fn(Lane, &str, u64) -> bool + Send + Sync;
+
 /// A message fetched for `service`, to hand to one of its instances.
 #[derive(Clone, Debug)]
 pub struct Fetched {
@@ -98,6 +104,8 @@ struct Shared<C, D> {
     credit: C,
     room: Arc<Notify>,
     deliver: Mutex<D>,
+    /// Whether a fetched message belongs to a history replay instead.
+    skip: Box<Skip>,
     /// Per lane (unkeyed, keyed): messages asked for, not yet received.
     asked: [AtomicU32; 2],
     /// How many lanes share the credit.
@@ -137,13 +145,16 @@ pub async fn run<C, D>(
         credit,
         room,
         deliver,
+        Box::new(|_, _, _| false),
         stop,
     )
     .await
 }
 
 /// [`run`] on the given lanes only: a node that does not hold the
-/// service's keyed lane (SCALE-OUT §5) fetches the unkeyed one alone.
+/// service's keyed lane (SCALE-OUT §5) fetches the unkeyed one alone;
+/// what `skip` names is acknowledged and not handed over.
+#[allow(clippy::too_many_arguments)] // the loop's inputs, each its own
 pub async fn run_lanes<C, D>(
     connection: Connection,
     service: String,
@@ -151,6 +162,7 @@ pub async fn run_lanes<C, D>(
     credit: C,
     room: Arc<Notify>,
     deliver: D,
+    skip: Box<Skip>,
     stop: watch::Receiver<bool>,
 ) where
     C: Fn() -> u32 + Send + Sync,
@@ -164,6 +176,7 @@ pub async fn run_lanes<C, D>(
         credit,
         room,
         deliver: Mutex::new(deliver),
+        skip,
         asked: [AtomicU32::new(0), AtomicU32::new(0)],
         lanes: if running.len() == 2 { 2 } else { 1 },
     };
@@ -300,7 +313,13 @@ async fn lane_loop<C, D>(
                     received += 1;
                     taken += 1;
                     let ack_wait = pulling.cached_info().config.ack_wait;
-                    ready.extend(decode(connection, service, lane, ack_wait, message).await);
+                    let fetched = decode(connection, service, lane, ack_wait, message).await;
+                    match fetched {
+                        Some(f) if (shared.skip)(lane, &f.message.name, f.stream_seq) => {
+                            settle_skipped(connection, service, f).await;
+                        }
+                        fetched => ready.extend(fetched),
+                    }
                 }
                 Some(Err(e)) => {
                     hand_over(shared, mine, &mut ready, &mut taken);
@@ -349,9 +368,25 @@ fn hand_over<C, D>(
     });
 }
 
+/// Acknowledges on its consumer a message that a history replay hands
+/// out instead.
+async fn settle_skipped(connection: &Connection, service: &str, fetched: Fetched) {
+    let acked = connection
+        .client
+        .publish(fetched.handle, Bytes::from_static(b"+ACK"))
+        .await;
+    if let Err(e) = acked {
+        // Fetched again after its ack deadline, and skipped again.
+        tracing::debug!(
+            "service {service}: message {} left to its replay was not acked: {e}",
+            fetched.stream_seq
+        );
+    }
+}
+
 /// Reads one fetched message, or terminates it when it cannot be read:
 /// nothing from the network may stop the loop.
-async fn decode(
+pub(crate) async fn decode(
     connection: &Connection,
     service: &str,
     lane: Lane,

@@ -13,11 +13,14 @@ use async_nats::jetstream::{
     stream::{ConsumerErrorKind, LastRawMessageErrorKind, Stream},
     ErrorCode,
 };
+use courier_proto::StartFrom;
 use courier_store::Upstream;
 use futures_util::{Stream as FuturesStream, StreamExt as _};
 use serde::{Deserialize, Serialize};
 
-use crate::consumers::{consumer_config, consumer_name, ensure_consumer, Lane};
+use crate::consumers::{
+    consumer_config, consumer_name, ensure_consumer, replay_config, replay_consumer_name, Lane,
+};
 use crate::lease::is_wrong_revision;
 use crate::names::SERVICES_BUCKET;
 use crate::Connection;
@@ -35,11 +38,45 @@ pub struct ServiceSubscriptions {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PatternState {
-    /// The log's last seq when the pattern joined (history replay, §4).
+    /// With a history replay: the log's last seq once the pattern joined
+    /// the unkeyed consumer. Its messages up to here are the replay's, not
+    /// the consumer's (§4 "History replay").
     #[serde(default)]
     pub from_seq: u64,
     #[serde(default)]
     pub paused: bool,
+    /// With a history replay: the log's last seq once the pattern joined
+    /// the keyed consumer, which the keyed lane's holder does before it
+    /// replays (0 until then).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub keyed_from_seq: u64,
+    /// An unfinished history replay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replay: Option<Replay>,
+}
+
+/// An unfinished history replay of one pattern (§4 "History replay").
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Replay {
+    /// The pattern is in the keyed consumer's filters (its
+    /// `keyed_from_seq` follows once read).
+    #[serde(default)]
+    pub keyed_joined: bool,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+impl PatternState {
+    /// Whether the message at `seq` of this pattern belongs to its
+    /// history replay rather than to the service's consumer of `lane`.
+    pub fn replays(&self, lane: Lane, seq: u64) -> bool {
+        match lane {
+            Lane::Unkeyed => seq <= self.from_seq,
+            Lane::Keyed => seq <= self.keyed_from_seq,
+        }
+    }
 }
 
 impl ServiceSubscriptions {
@@ -50,6 +87,41 @@ impl ServiceSubscriptions {
             .filter(|(_, state)| !state.paused)
             .map(|(p, _)| p.as_str())
             .collect()
+    }
+
+    /// The patterns `lane`'s consumer filters on: all of them (the active
+    /// ones, unless every one is paused), the keyed lane without those
+    /// whose replay the lane's holder has not joined yet.
+    pub fn lane_patterns(&self, lane: Lane) -> Vec<&str> {
+        let active = self.active_patterns();
+        let patterns: Vec<&str> = if active.is_empty() {
+            self.patterns.keys().map(String::as_str).collect()
+        } else {
+            active
+        };
+        patterns
+            .into_iter()
+            .filter(|p| {
+                lane == Lane::Unkeyed
+                    || self.patterns[*p]
+                        .replay
+                        .as_ref()
+                        .is_none_or(|r| r.keyed_joined)
+            })
+            .collect()
+    }
+
+    /// Whether the message named `name` at `seq` of the service's
+    /// consumer of `lane` belongs to a history replay instead: every
+    /// pattern of the service that matches it replays it. A name no
+    /// pattern matches (a table not yet up to date) is the consumer's.
+    pub fn replays(&self, lane: Lane, name: &str, seq: u64) -> bool {
+        let mut matching = self
+            .patterns
+            .iter()
+            .filter(|(p, _)| courier_proto::pattern_matches(p, name))
+            .peekable();
+        matching.peek().is_some() && matching.all(|(_, state)| state.replays(lane, seq))
     }
 
     /// Applies a subscription change of this service; whether anything
@@ -63,11 +135,17 @@ impl ServiceSubscriptions {
                 pattern,
                 ack_deadline_ms,
                 max_deliveries,
+                history,
                 ..
             } => {
                 self.ack_deadline_ms = *ack_deadline_ms;
                 self.max_deliveries = *max_deliveries;
-                self.patterns.entry(pattern.clone()).or_default();
+                self.patterns
+                    .entry(pattern.clone())
+                    .or_insert_with(|| PatternState {
+                        replay: (*history != StartFrom::New).then(Replay::default),
+                        ..PatternState::default()
+                    });
             }
             Upstream::Unsubscribe { pattern, .. } => {
                 self.patterns.remove(pattern);
@@ -198,7 +276,7 @@ const PAUSED_FOR: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 /// What a subscription change writes to: the bucket and the log's
 /// consumers.
 #[derive(Clone, Debug)]
-pub(crate) struct ServiceWriter {
+pub struct ServiceWriter {
     pub services: kv::Store,
     pub messages: Stream,
     pub replicas: usize,
@@ -214,7 +292,11 @@ impl ServiceWriter {
         let Some(service) = service_of(change) else {
             return Ok(());
         };
-        if matches!(change, Upstream::Subscribe { .. }) {
+        let mut from_seq = 0;
+        if let Upstream::Subscribe {
+            pattern, history, ..
+        } = change
+        {
             // The consumers first: a node that learns of the subscription
             // from the bucket routes to the service at once, and a message
             // stored before the consumer that takes it exists never
@@ -223,23 +305,151 @@ impl ServiceWriter {
                 .await?
                 .map(|(value, _)| value)
                 .unwrap_or_default();
+            let is_new = !value.patterns.contains_key(pattern);
             value.apply(change);
+            if is_new && *history != StartFrom::New {
+                let ack_wait = Duration::from_millis(u64::from(value.ack_deadline_ms.max(1)));
+                let config = replay_config(
+                    service,
+                    pattern,
+                    *history,
+                    ack_wait,
+                    self.max_ack_pending,
+                    self.replicas,
+                )
+                .map_err(|reason| ServicesError::Consumer {
+                    consumer: replay_consumer_name(service, pattern),
+                    reason,
+                })?;
+                // Made again by a retry of this change, or by another node
+                // subscribing the pattern at the same moment: the same
+                // consumer, unless the other asked for another start.
+                ensure_consumer(&self.messages, config).await.map_err(|e| {
+                    ServicesError::Consumer {
+                        consumer: replay_consumer_name(service, pattern),
+                        reason: e.to_string(),
+                    }
+                })?;
+            }
             self.align_consumers(service, Some(&value)).await?;
+            if is_new && *history != StartFrom::New {
+                from_seq = self.last_seq(service).await?;
+            }
         }
-        let entry = self.write_entry(service, change).await?;
+        let entry = self
+            .write_entry(service, |value| {
+                let mut changed = value.apply(change);
+                if let Upstream::Subscribe { pattern, .. } = change {
+                    if let Some(state) = value.patterns.get_mut(pattern) {
+                        if state.replay.is_some() && state.from_seq == 0 && from_seq > 0 {
+                            state.from_seq = from_seq;
+                            changed = true;
+                        }
+                    }
+                }
+                changed
+            })
+            .await?;
+        if let Upstream::Unsubscribe { pattern, .. } = change {
+            let still = entry
+                .as_ref()
+                .is_some_and(|e| e.patterns.contains_key(pattern));
+            if !still {
+                self.delete_consumer(&replay_consumer_name(service, pattern))
+                    .await?;
+            }
+        }
         self.align_consumers(service, entry.as_ref()).await
     }
 
-    /// The entry after the change, as written.
+    /// The log's last seq, read once a consumer change was answered: a
+    /// message stored after it is in that consumer's view.
+    async fn last_seq(&self, service: &str) -> Result<u64, ServicesError> {
+        let mut messages = self.messages.clone();
+        let info = messages.info().await.map_err(|e| store_error(service, e))?;
+        Ok(info.state.last_sequence)
+    }
+
+    /// The keyed lane's holder joins `pattern`'s replay: the pattern goes
+    /// into the keyed consumer's filters, and the log's last seq after
+    /// that is recorded as its `keyed_from_seq` — the replay hands out its
+    /// keyed messages up to there, the keyed consumer those after. Returns
+    /// the pattern's state as written (`None`: it is no longer subscribed,
+    /// or replays nothing).
+    pub async fn join_keyed_lane(
+        &self,
+        service: &str,
+        pattern: &str,
+    ) -> Result<Option<PatternState>, ServicesError> {
+        let joining = |value: &mut ServiceSubscriptions| match value
+            .patterns
+            .get_mut(pattern)
+            .and_then(|s| s.replay.as_mut())
+        {
+            Some(replay) if !replay.keyed_joined => {
+                replay.keyed_joined = true;
+                true
+            }
+            _ => false,
+        };
+        let entry = self.write_entry(service, joining).await?;
+        let Some(state) = entry.as_ref().and_then(|e| e.patterns.get(pattern)) else {
+            return Ok(None);
+        };
+        if state.replay.is_none() || state.keyed_from_seq > 0 {
+            return Ok(Some(state.clone()));
+        }
+        self.align_consumers(service, entry.as_ref()).await?;
+        let keyed_from_seq = self.last_seq(service).await?;
+        let entry = self
+            .write_entry(service, |value| match value.patterns.get_mut(pattern) {
+                Some(state) if state.replay.is_some() && state.keyed_from_seq == 0 => {
+                    state.keyed_from_seq = keyed_from_seq;
+                    true
+                }
+                _ => false,
+            })
+            .await?;
+        Ok(entry.and_then(|e| e.patterns.get(pattern).cloned()))
+    }
+
+    /// A replay handed out and settled all it had: its consumer goes, and
+    /// the pattern's entry says so.
+    pub async fn end_replay(&self, service: &str, pattern: &str) -> Result<(), ServicesError> {
+        self.delete_consumer(&replay_consumer_name(service, pattern))
+            .await?;
+        self.write_entry(service, |value| {
+            value
+                .patterns
+                .get_mut(pattern)
+                .is_some_and(|s| s.replay.take().is_some())
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn delete_consumer(&self, name: &str) -> Result<(), ServicesError> {
+        match self.messages.delete_consumer(name).await {
+            Ok(_) => Ok(()),
+            Err(e) if is_consumer_not_found(e.kind()) => Ok(()),
+            Err(e) => Err(ServicesError::Consumer {
+                consumer: name.to_string(),
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    /// The entry after `change` (which says whether it changed anything),
+    /// as written.
     async fn write_entry(
         &self,
         service: &str,
-        change: &Upstream,
+        change: impl Fn(&mut ServiceSubscriptions) -> bool,
     ) -> Result<Option<ServiceSubscriptions>, ServicesError> {
         for attempt in 1..=CAS_ATTEMPTS_MAX {
             let current = read(&self.services, service).await?;
             let mut value = current.as_ref().map(|(v, _)| v.clone()).unwrap_or_default();
-            let changed = value.apply(change);
+            let changed = change(&mut value);
             let written = match (&current, changed) {
                 (_, false) => return Ok(current.map(|(v, _)| v)),
                 // The last pattern gone: the key goes (watchers see `None`).
@@ -314,13 +524,14 @@ impl ServiceWriter {
                 }
                 continue;
             };
-            let active = entry.active_patterns();
-            let pause = active.is_empty();
-            let patterns: Vec<&str> = if pause {
-                entry.patterns.keys().map(String::as_str).collect()
-            } else {
-                active
-            };
+            let pause = entry.active_patterns().is_empty();
+            let patterns = entry.lane_patterns(lane);
+            if patterns.is_empty() {
+                // Only replays the keyed lane has not joined: no filter
+                // yet (a consumer without one would take everything).
+                self.delete_consumer(&name).await?;
+                continue;
+            }
             let config: pull::Config = consumer_config(
                 service,
                 &patterns,
@@ -354,7 +565,7 @@ impl ServiceWriter {
     }
 }
 
-fn is_consumer_not_found(kind: ConsumerErrorKind) -> bool {
+pub(crate) fn is_consumer_not_found(kind: ConsumerErrorKind) -> bool {
     matches!(kind, ConsumerErrorKind::JetStream(e) if e.error_code() == ErrorCode::CONSUMER_NOT_FOUND)
 }
 
@@ -378,6 +589,7 @@ mod tests {
             pattern: pattern.into(),
             ack_deadline_ms: 30_000,
             max_deliveries: 5,
+            history: StartFrom::New,
         }
     }
 
@@ -398,6 +610,45 @@ mod tests {
         .unwrap();
         assert_eq!(read.patterns["audit.>"].from_seq, 41230);
         assert!(read.active_patterns().is_empty());
+    }
+
+    #[test]
+    fn a_replayed_pattern_joins_the_keyed_lane_only_once_its_holder_says_so() {
+        let mut entry = ServiceSubscriptions::default();
+        entry.apply(&subscribe("todo.*"));
+        let with_history = Upstream::Subscribe {
+            service: "todo".into(),
+            pattern: "audit.>".into(),
+            ack_deadline_ms: 30_000,
+            max_deliveries: 5,
+            history: StartFrom::Beginning,
+        };
+        assert!(entry.apply(&with_history));
+        assert_eq!(
+            entry.patterns["audit.>"].replay,
+            Some(Replay {
+                keyed_joined: false
+            })
+        );
+        assert_eq!(entry.lane_patterns(Lane::Unkeyed), ["audit.>", "todo.*"]);
+        assert_eq!(entry.lane_patterns(Lane::Keyed), ["todo.*"]);
+        // Subscribing again with a start replays nothing more.
+        assert!(!entry.apply(&with_history));
+        if let Some(replay) = entry
+            .patterns
+            .get_mut("audit.>")
+            .and_then(|s| s.replay.as_mut())
+        {
+            replay.keyed_joined = true;
+        }
+        assert_eq!(entry.lane_patterns(Lane::Keyed), ["audit.>", "todo.*"]);
+        // Alone, an unjoined replay leaves the keyed lane no pattern.
+        let mut alone = ServiceSubscriptions::default();
+        alone.apply(&with_history);
+        assert!(alone.lane_patterns(Lane::Keyed).is_empty());
+        // The value without a replay reads as before.
+        let json = serde_json::to_value(&entry.patterns["todo.*"]).unwrap();
+        assert_eq!(json, serde_json::json!({"from_seq": 0, "paused": false}));
     }
 
     #[test]

@@ -279,6 +279,9 @@ pub struct ClusterStore {
     held: HashMap<Seq, Held>,
     /// Held messages kept alive on JetStream until settled.
     in_progress: Arc<InProgress>,
+    /// The subscription table's writer (the keyed lane's holder joins
+    /// and ends history replays with it).
+    service_writer: ServiceWriter,
     /// Writes made since the last `start_sync`.
     batch: Arc<Batch>,
     batch_writes: u64,
@@ -306,13 +309,14 @@ impl ClusterStore {
     ) -> ClusterStore {
         let (publishes, publish_queue) = mpsc::channel(PUBLISH_QUEUE_MAX);
         let (changes, change_queue) = mpsc::channel(SERVICE_QUEUE_MAX);
+        let service_writer = ServiceWriter {
+            services: provisioned.services.clone(),
+            messages: provisioned.messages.clone(),
+            replicas: options.consumer_replicas,
+            max_ack_pending: options.max_ack_pending,
+        };
         let writer = ChangeWriter {
-            services: ServiceWriter {
-                services: provisioned.services.clone(),
-                messages: provisioned.messages.clone(),
-                replicas: options.consumer_replicas,
-                max_ack_pending: options.max_ack_pending,
-            },
+            services: service_writer.clone(),
             registry: provisioned.registry.clone(),
             node: node.clone(),
         };
@@ -328,6 +332,7 @@ impl ClusterStore {
             next_seq: 1,
             held: HashMap::new(),
             in_progress,
+            service_writer,
             batch: Batch::new(),
             batch_writes: 0,
             publishes,
@@ -349,6 +354,11 @@ impl ClusterStore {
     /// JetStream does not hand it out again while this node holds it.
     pub fn in_progress(&self) -> Arc<InProgress> {
         self.in_progress.clone()
+    }
+
+    /// What changes the subscription table and the service consumers.
+    pub fn service_writer(&self) -> ServiceWriter {
+        self.service_writer.clone()
     }
 
     fn take_seq(&mut self) -> Seq {

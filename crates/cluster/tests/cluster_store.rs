@@ -68,6 +68,7 @@ fn subscribe(service: &str, pattern: &str, ack_deadline_ms: u32) -> Upstream {
         pattern: pattern.into(),
         ack_deadline_ms,
         max_deliveries: 3,
+        history: courier_proto::StartFrom::New,
     }
 }
 

@@ -37,12 +37,15 @@ pub enum Upstream {
         /// Wall time, unix ns.
         at: u64,
     },
-    /// `service` receives `pattern` from now on (idempotent).
+    /// `service` receives `pattern` from now on (idempotent). `history`
+    /// other than `New`: a pattern new to the service first replays the
+    /// retained events it matches (from the beginning or a time).
     Subscribe {
         service: String,
         pattern: String,
         ack_deadline_ms: u32,
         max_deliveries: u32,
+        history: courier_proto::StartFrom,
     },
     Unsubscribe {
         service: String,

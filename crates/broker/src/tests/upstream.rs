@@ -317,15 +317,31 @@ fn a_subscription_is_told_upstream_and_answered_after_the_sync() {
             pattern: "job.*".to_string(),
             ack_deadline_ms: 2_000,
             max_deliveries: 3,
+            history: StartFrom::New,
         }]
     );
-    // History replay is the backend's to offer, and it does not yet.
+    // History replay is the backend's: asked for with the change of a
+    // pattern new to the service, never for one it has.
     h.broker
-        .subscribe(1, 6, "audit.>", 0, 0, StartFrom::Beginning, h.now);
+        .subscribe(1, 6, "audit.>", 0, 0, StartFrom::Time(42), h.now);
+    h.broker
+        .subscribe(1, 7, "job.*", 0, 0, StartFrom::Beginning, h.now);
     let actions = h.actions();
-    assert!(actions
-        .iter()
-        .any(|a| matches!(a, Action::OpResult { request: 6, code: ErrorCode::InvalidMessage, reason, .. } if reason.contains("new messages"))));
+    for request in [6, 7] {
+        assert!(actions.iter().any(|a| matches!(
+            a,
+            Action::OpResult { request: r, code: ErrorCode::Ok, .. } if *r == request
+        )));
+    }
+    let told = &h.broker.store().told;
+    assert!(
+        matches!(&told[1], Upstream::Subscribe { pattern, history: StartFrom::Time(42), .. } if pattern == "audit.>"),
+        "{told:?}"
+    );
+    assert!(
+        matches!(&told[2], Upstream::Subscribe { pattern, history: StartFrom::New, .. } if pattern == "job.*"),
+        "{told:?}"
+    );
 }
 
 #[test]

@@ -15,8 +15,10 @@ use futures_util::StreamExt as _;
 use tokio::sync::{mpsc, watch, Notify};
 use tracing::{info, warn};
 
+use super::replays::{self, SubscriptionTable};
 use super::{per_service, ClusterEdge, Transient};
 use crate::Shared;
+use courier_cluster::replay::Drained;
 
 /// Where a service's transient messages are offered to other nodes: a
 /// core NATS subject per service and name, taken by one node of the
@@ -104,6 +106,7 @@ pub(super) async fn run_fetchers(shared: Weak<Shared>) {
             edge.node.connection.clone(),
             service,
             edge.room.clone(),
+            edge.subscriptions.clone(),
             stop,
         )
     };
@@ -112,7 +115,7 @@ pub(super) async fn run_fetchers(shared: Weak<Shared>) {
 
 /// What a fetch loop asks before each pull: the room `service`'s
 /// instances here have.
-fn credit_of(shared: Weak<Shared>, service: String) -> impl Fn() -> u32 + Send + Sync {
+pub(super) fn credit_of(shared: Weak<Shared>, service: String) -> impl Fn() -> u32 + Send + Sync {
     move || {
         shared
             .upgrade()
@@ -122,7 +125,9 @@ fn credit_of(shared: Weak<Shared>, service: String) -> impl Fn() -> u32 + Send +
 
 /// Where a fetch loop hands what it fetched: the core, in one pass,
 /// each message kept alive on JetStream until the core settles it.
-fn deliver_to(shared: Weak<Shared>) -> impl FnMut(Vec<courier_cluster::fetch::Fetched>) + Send {
+pub(super) fn deliver_to(
+    shared: Weak<Shared>,
+) -> impl FnMut(Vec<courier_cluster::fetch::Fetched>) + Send {
     move |batch| {
         let Some(shared) = shared.upgrade() else {
             return;
@@ -158,6 +163,7 @@ async fn fetch_service(
     connection: Connection,
     service: String,
     room: Arc<Notify>,
+    table: Arc<SubscriptionTable>,
     stop: watch::Receiver<bool>,
 ) {
     let unkeyed = courier_cluster::fetch::run_lanes(
@@ -167,6 +173,7 @@ async fn fetch_service(
         credit_of(shared.clone(), service.clone()),
         room.clone(),
         deliver_to(shared.clone()),
+        table.skip_for(&service),
         stop.clone(),
     );
     let transients = take_transients(
@@ -175,7 +182,7 @@ async fn fetch_service(
         service.clone(),
         stop.clone(),
     );
-    let keyed = lead_keyed_lane(shared, connection, service, room, stop);
+    let keyed = lead_keyed_lane(shared, connection, service, room, table, stop);
     tokio::join!(unkeyed, keyed, transients);
 }
 
@@ -187,12 +194,14 @@ pub(super) const LANE_LEASE_RETRY: Duration = Duration::from_secs(1);
 const TAKEOVER_MARGIN: Duration = Duration::from_millis(500);
 
 /// Takes the lease of `service`'s keyed lane whenever it is free, and
-/// fetches the lane while the lease is valid.
+/// while the lease is valid hands out the service's history replays
+/// (`replays.rs`), then fetches the lane until another replay comes.
 async fn lead_keyed_lane(
     shared: Weak<Shared>,
     connection: Connection,
     service: String,
     room: Arc<Notify>,
+    table: Arc<SubscriptionTable>,
     mut stop: watch::Receiver<bool>,
 ) {
     let Some(node) = shared
@@ -221,17 +230,54 @@ async fn lead_keyed_lane(
         let mut holding = keeper.watch();
         let (lane_stop, lane_stopped) = watch::channel(false);
         let lane = async {
-            wait_for_takeover(&connection, &service).await;
-            courier_cluster::fetch::run_lanes(
-                connection.clone(),
-                service.clone(),
-                &[Lane::Keyed],
-                credit_of(shared.clone(), service.clone()),
-                room.clone(),
-                deliver_to(shared.clone()),
-                lane_stopped,
-            )
-            .await;
+            wait_for_takeover(&connection, &service, &table).await;
+            let mut lane_stopped = lane_stopped;
+            loop {
+                let replays = replays::hand_out_replays(
+                    &shared,
+                    &node,
+                    &table,
+                    &connection,
+                    &service,
+                    &room,
+                    &lane_stopped,
+                )
+                .await;
+                match replays {
+                    Ok(Drained::Done) => {}
+                    Ok(Drained::Stopped) => return,
+                    Err(e) => {
+                        warn!(error = %e, %service, "a history replay did not go on; trying again");
+                        let _ =
+                            tokio::time::timeout(LANE_LEASE_RETRY, lane_stopped.changed()).await;
+                        continue;
+                    }
+                }
+                // The keyed lane, until this lease ends or another
+                // replay waits to be joined.
+                let (keyed_stop, keyed_stopped) = watch::channel(false);
+                let keyed = courier_cluster::fetch::run_lanes(
+                    connection.clone(),
+                    service.clone(),
+                    &[Lane::Keyed],
+                    credit_of(shared.clone(), service.clone()),
+                    room.clone(),
+                    deliver_to(shared.clone()),
+                    table.skip_for(&service),
+                    keyed_stopped,
+                );
+                tokio::pin!(keyed);
+                tokio::select! {
+                    () = &mut keyed => return,
+                    () = table.replay_appears(&service) => {}
+                    _ = lane_stopped.changed() => {}
+                }
+                let _ = keyed_stop.send(true);
+                keyed.await;
+                if *lane_stopped.borrow() {
+                    return;
+                }
+            }
         };
         let fence = lease_ends(&mut holding);
         let stopping = async {
@@ -256,6 +302,10 @@ async fn lead_keyed_lane(
                 }
                 let consumer = courier_cluster::consumers::consumer_name(&service, Lane::Keyed);
                 node.in_progress.release_consumer(&consumer);
+                for pattern in table.replaying(&service) {
+                    let replay = courier_cluster::consumers::replay_consumer_name(&service, &pattern);
+                    node.in_progress.release_consumer(&replay);
+                }
             }
             () = stopping => {
                 node.held_leases.ended(&key);
@@ -286,28 +336,45 @@ async fn lease_ends(holding: &mut watch::Receiver<Holding>) {
 }
 
 /// A new holder of a keyed lane waits until what the previous holder had
-/// fetched and not acknowledged is due for redelivery: JetStream hands
-/// redeliveries out before newer messages, so each key resumes from its
-/// first unacknowledged message, in order.
-async fn wait_for_takeover(connection: &Connection, service: &str) {
-    let name = courier_cluster::consumers::consumer_name(service, Lane::Keyed);
-    let consumer: Result<async_nats::jetstream::consumer::PullConsumer, _> = connection
-        .jetstream
-        .get_consumer_from_stream(&name, courier_cluster::names::MESSAGES_STREAM)
-        .await;
-    let Ok(mut consumer) = consumer else {
-        return; // none yet: nothing was fetched from it
-    };
-    let Ok(info) = consumer.info().await else {
-        return;
-    };
-    if info.num_ack_pending == 0 {
+/// fetched and not acknowledged — from the keyed consumer or a history
+/// replay's — is due for redelivery: JetStream hands redeliveries out
+/// before newer messages, so each key resumes from its first
+/// unacknowledged message, in order.
+async fn wait_for_takeover(connection: &Connection, service: &str, table: &SubscriptionTable) {
+    let mut consumers = vec![courier_cluster::consumers::consumer_name(
+        service,
+        Lane::Keyed,
+    )];
+    consumers.extend(
+        table
+            .replaying(service)
+            .iter()
+            .map(|pattern| courier_cluster::consumers::replay_consumer_name(service, pattern)),
+    );
+    let mut wait = Duration::ZERO;
+    let mut unacknowledged = 0;
+    for name in consumers {
+        let consumer: Result<async_nats::jetstream::consumer::PullConsumer, _> = connection
+            .jetstream
+            .get_consumer_from_stream(&name, courier_cluster::names::MESSAGES_STREAM)
+            .await;
+        let Ok(mut consumer) = consumer else {
+            continue; // none yet: nothing was fetched from it
+        };
+        let Ok(info) = consumer.info().await else {
+            continue;
+        };
+        if info.num_ack_pending > 0 {
+            unacknowledged += info.num_ack_pending;
+            wait = wait.max(info.config.ack_wait + TAKEOVER_MARGIN);
+        }
+    }
+    if unacknowledged == 0 {
         return;
     }
-    let wait = info.config.ack_wait + TAKEOVER_MARGIN;
     info!(
         %service,
-        unacknowledged = info.num_ack_pending,
+        unacknowledged,
         "waiting {wait:?} for the last holder's unacknowledged keyed messages"
     );
     tokio::time::sleep(wait).await;

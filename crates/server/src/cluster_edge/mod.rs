@@ -60,6 +60,7 @@ mod fetching;
 pub(crate) mod gauges;
 pub(crate) mod names;
 mod registry;
+pub(crate) mod replays;
 pub(crate) mod replies;
 mod tails;
 pub(crate) mod traces;
@@ -223,6 +224,9 @@ pub struct ClusterNode {
     /// The store's fetched messages kept alive on JetStream while held
     /// ([`courier_cluster::store::ClusterStore::in_progress`]).
     pub in_progress: Arc<courier_cluster::in_progress::InProgress>,
+    /// Changes the subscription table (the keyed lane's holder joins and
+    /// ends history replays, `replays.rs`).
+    pub services: courier_cluster::services::ServiceWriter,
     /// Started with `--accept-weaker-durability` past a failed check
     /// (the `courier_durability_weaker` gauge).
     pub durability_weaker: bool,
@@ -293,6 +297,8 @@ pub(crate) struct ClusterEdge {
     /// ([`courier_broker::Action::AnswerForwardedReply`]).
     pub answers: mpsc::UnboundedSender<replies::Answer>,
     answers_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<replies::Answer>>>,
+    /// This node's copy of `courier_services`.
+    pub subscriptions: Arc<replays::SubscriptionTable>,
 }
 
 impl ClusterEdge {
@@ -315,6 +321,7 @@ impl ClusterEdge {
             pending_answers: replies::PendingAnswers::default(),
             answers,
             answers_rx: std::sync::Mutex::new(Some(answers_rx)),
+            subscriptions: Arc::default(),
         }
     }
 }
@@ -471,6 +478,9 @@ async fn watch_subscriptions(shared: Weak<Shared>) {
         open,
         |shared, change| match change {
             Ok((service, subscriptions)) => {
+                if let Some(edge) = &shared.cluster {
+                    edge.subscriptions.update(&service, subscriptions.clone());
+                }
                 let subscriptions = subscriptions.map(|s| RemoteSubscriptions {
                     ack_deadline_ms: s.ack_deadline_ms,
                     max_deliveries: s.max_deliveries,

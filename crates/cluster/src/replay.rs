@@ -1,0 +1,207 @@
+//! History replay on a cluster (docs/SCALE-OUT.md §4 "History replay"):
+//! a pattern subscribed with `start` 1 or 2 replays the retained events
+//! it matches from a consumer of its own, `svc-<service>-replay-<hash>`,
+//! which only the holder of the service's keyed lane reads, before it
+//! reads the keyed lane again: a key's history comes before its new
+//! messages, one node at a time hands out both.
+//!
+//! The replay's end is where the service's consumers took over: an
+//! unkeyed event belongs to the replay up to the pattern's `from_seq`,
+//! a keyed one up to its `keyed_from_seq` (what the consumers fetch up to
+//! there is skipped, [`crate::fetch::Skip`]). What the replay consumer
+//! holds past that is acknowledged unread.
+
+use std::sync::Arc;
+
+use async_nats::jetstream::consumer::PullConsumer;
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use tokio::sync::{watch, Notify};
+
+use crate::consumers::{replay_consumer_name, Lane};
+use crate::fetch::{decode, Fetched, FETCH_EXPIRES, HANDOFF_MAX, LOOKUP_TIMEOUT, ROOM_RECHECK};
+use crate::names::MESSAGES_STREAM;
+use crate::services::PatternState;
+use crate::Connection;
+
+/// The most one pull of a replay asks for.
+pub const REPLAY_BATCH_MAX: u32 = 256;
+
+#[derive(Debug, thiserror::Error)]
+#[error("history replay of {pattern} to service {service}: {reason}")]
+pub struct ReplayError {
+    pub service: String,
+    pub pattern: String,
+    pub reason: String,
+}
+
+/// How a [`drain`] ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Drained {
+    /// Everything up to the replay's end was handed out and settled (or
+    /// there was nothing): the replay can end.
+    Done,
+    /// Told to stop first; the replay goes on at the lane's next holder.
+    Stopped,
+}
+
+/// Whether the replayed event `name` at `seq`, keyed or not, is past the
+/// replay's end.
+fn past_end(state: &PatternState, keyed: bool, seq: u64) -> bool {
+    let end = if keyed {
+        state.keyed_from_seq
+    } else {
+        state.from_seq
+    };
+    seq > end
+}
+
+/// Hands out `pattern`'s history to `service`'s instances here: fetches
+/// its replay consumer within `credit`, hands each message to `deliver`
+/// as the service's lanes do, and returns once every message up to the
+/// replay's end is settled — the keyed lane waits until then, so a key's
+/// redelivered history still comes before its new messages. `state` is
+/// the pattern's, once the keyed lane joined it.
+#[allow(clippy::too_many_arguments)] // the loop's inputs, each its own
+pub async fn drain<C, D>(
+    connection: &Connection,
+    service: &str,
+    pattern: &str,
+    state: &PatternState,
+    credit: C,
+    room: Arc<Notify>,
+    mut deliver: D,
+    mut stop: watch::Receiver<bool>,
+) -> Result<Drained, ReplayError>
+where
+    C: Fn() -> u32,
+    D: FnMut(Vec<Fetched>),
+{
+    let error = |reason: String| ReplayError {
+        service: service.to_string(),
+        pattern: pattern.to_string(),
+        reason,
+    };
+    let name = replay_consumer_name(service, pattern);
+    let lookup = tokio::time::timeout(
+        LOOKUP_TIMEOUT * 5,
+        connection
+            .jetstream
+            .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
+                &name,
+                MESSAGES_STREAM,
+            ),
+    )
+    .await
+    .map_err(|_| error(format!("consumer {name} was not found in time")))?;
+    let mut consumer: PullConsumer = match lookup {
+        Ok(consumer) => consumer,
+        // Ended by a holder before, which then could not say so.
+        Err(e) if crate::services::is_consumer_not_found(e.kind()) => return Ok(Drained::Done),
+        Err(e) => return Err(error(format!("consumer {name}: {e}"))),
+    };
+    let end = state.from_seq.max(state.keyed_from_seq);
+    loop {
+        if *stop.borrow() || stop.has_changed().is_err() {
+            return Ok(Drained::Stopped);
+        }
+        let info = consumer
+            .info()
+            .await
+            .map_err(|e| error(format!("consumer {name}: {e}")))?
+            .clone();
+        let handed_out = info.num_pending == 0 || info.delivered.stream_sequence >= end;
+        if handed_out && info.num_ack_pending == 0 {
+            return Ok(Drained::Done);
+        }
+        let ask = credit().min(REPLAY_BATCH_MAX);
+        if ask == 0 {
+            tokio::select! {
+                _ = room.notified() => {}
+                _ = tokio::time::sleep(ROOM_RECHECK) => {}
+                _ = stop.changed() => {}
+            }
+            continue;
+        }
+        let ack_wait = info.config.ack_wait;
+        let mut batch = consumer
+            .batch()
+            .max_messages(ask as usize)
+            .expires(FETCH_EXPIRES)
+            .messages()
+            .await
+            .map_err(|e| error(format!("consumer {name}: pull failed: {e}")))?;
+        let mut ready = Vec::new();
+        loop {
+            let next = tokio::select! {
+                next = tokio::time::timeout(FETCH_EXPIRES + LOOKUP_TIMEOUT, batch.next()) => next,
+                _ = stop.changed() => break,
+            };
+            let message = match next {
+                Ok(Some(Ok(message))) => message,
+                Ok(Some(Err(e))) => {
+                    tracing::debug!("consumer {name}: {e}; pulling again");
+                    break;
+                }
+                Ok(None) | Err(_) => break,
+            };
+            let keyed = message.subject.as_str().starts_with("courier.m.ek.");
+            let Some(fetched) =
+                decode(connection, service, lane_of(keyed), ack_wait, message).await
+            else {
+                continue;
+            };
+            if past_end(state, keyed, fetched.stream_seq) {
+                // The service's consumer hands it out.
+                ack(connection, &fetched.handle).await;
+                continue;
+            }
+            ready.push(fetched);
+            if ready.len() >= HANDOFF_MAX {
+                deliver(std::mem::take(&mut ready));
+            }
+        }
+        if !ready.is_empty() {
+            deliver(ready);
+        }
+    }
+}
+
+fn lane_of(keyed: bool) -> Lane {
+    if keyed {
+        Lane::Keyed
+    } else {
+        Lane::Unkeyed
+    }
+}
+
+async fn ack(connection: &Connection, handle: &str) {
+    let acked = connection
+        .client
+        .publish(handle.to_string(), Bytes::from_static(b"+ACK"))
+        .await;
+    if let Err(e) = acked {
+        // Redelivered after its ack deadline, and acknowledged then.
+        tracing::debug!("a replayed message past the replay's end was not acked: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::services::Replay;
+
+    #[test]
+    fn the_end_is_where_each_lane_took_over() {
+        let state = PatternState {
+            from_seq: 10,
+            keyed_from_seq: 20,
+            replay: Some(Replay { keyed_joined: true }),
+            ..PatternState::default()
+        };
+        assert!(!past_end(&state, false, 10));
+        assert!(past_end(&state, false, 11));
+        assert!(!past_end(&state, true, 20));
+        assert!(past_end(&state, true, 21));
+    }
+}

@@ -1,0 +1,270 @@
+//! History replays on a cluster (docs/SCALE-OUT.md §4 "History replay"):
+//! this node's copy of the subscription table, which tells the fetch
+//! loops what belongs to a replay, and the keyed lane holder's part —
+//! join each unfinished replay, hand it out, end it — before the keyed
+//! lane goes on.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+
+use courier_cluster::fetch::Skip;
+use courier_cluster::replay::{self, Drained};
+use courier_cluster::services::{PatternState, ServiceSubscriptions};
+use courier_cluster::Connection;
+use tokio::sync::{watch, Notify};
+use tracing::info;
+
+use super::fetching::{credit_of, deliver_to};
+use super::ClusterNode;
+use crate::Shared;
+
+/// Every service's entry of `courier_services` as this node last saw it.
+#[derive(Debug)]
+pub(crate) struct SubscriptionTable {
+    entries: Mutex<HashMap<String, ServiceSubscriptions>>,
+    /// Bumped on every change, for whoever waits for one.
+    version: watch::Sender<u64>,
+}
+
+impl Default for SubscriptionTable {
+    fn default() -> SubscriptionTable {
+        SubscriptionTable {
+            entries: Mutex::default(),
+            version: watch::Sender::new(0),
+        }
+    }
+}
+
+impl SubscriptionTable {
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<String, ServiceSubscriptions>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A change of `service`'s entry (`None`: it has no subscription). A
+    /// pattern's `from_seq` and `keyed_from_seq` only grow while it stays
+    /// subscribed: a value this node wrote itself is kept until the watch
+    /// brings it.
+    pub(crate) fn update(&self, service: &str, entry: Option<ServiceSubscriptions>) {
+        {
+            let mut entries = self.entries();
+            match entry {
+                None => {
+                    entries.remove(service);
+                }
+                Some(mut entry) => {
+                    if let Some(known) = entries.get(service) {
+                        for (pattern, state) in &mut entry.patterns {
+                            if let Some(old) = known.patterns.get(pattern) {
+                                state.from_seq = state.from_seq.max(old.from_seq);
+                                state.keyed_from_seq = state.keyed_from_seq.max(old.keyed_from_seq);
+                            }
+                        }
+                    }
+                    entries.insert(service.to_string(), entry);
+                }
+            }
+        }
+        self.version.send_modify(|v| *v += 1);
+    }
+
+    /// What the keyed lane's holder wrote of `pattern`.
+    fn note(&self, service: &str, pattern: &str, state: &PatternState) {
+        let mut entries = self.entries();
+        if let Some(known) = entries
+            .get_mut(service)
+            .and_then(|e| e.patterns.get_mut(pattern))
+        {
+            known.from_seq = known.from_seq.max(state.from_seq);
+            known.keyed_from_seq = known.keyed_from_seq.max(state.keyed_from_seq);
+        }
+    }
+
+    /// The fetch loops' test: a message of `service` that a replay hands
+    /// out instead.
+    pub(crate) fn skip_for(self: &Arc<Self>, service: &str) -> Box<Skip> {
+        let table = self.clone();
+        let service = service.to_string();
+        Box::new(move |lane, name, seq| {
+            table
+                .entries()
+                .get(&service)
+                .is_some_and(|entry| entry.replays(lane, name, seq))
+        })
+    }
+
+    /// Whether `service` has a replay the keyed lane has not joined.
+    fn replay_waiting(&self, service: &str) -> bool {
+        self.entries().get(service).is_some_and(|entry| {
+            entry
+                .patterns
+                .values()
+                .any(|s| s.replay.as_ref().is_some_and(|r| !r.keyed_joined))
+        })
+    }
+
+    /// Returns once `service` has a replay the keyed lane has not joined.
+    pub(crate) async fn replay_appears(&self, service: &str) {
+        let mut version = self.version.subscribe();
+        while !self.replay_waiting(service) {
+            if version.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    }
+
+    /// The patterns of `service` with an unfinished replay.
+    pub(crate) fn replaying(&self, service: &str) -> Vec<String> {
+        self.entries().get(service).map_or_else(Vec::new, |entry| {
+            entry
+                .patterns
+                .iter()
+                .filter(|(_, s)| s.replay.is_some())
+                .map(|(p, _)| p.clone())
+                .collect()
+        })
+    }
+}
+
+/// The keyed lane holder's part: every unfinished replay of `service`,
+/// in turn, joined to the keyed lane, handed out and ended. `Stopped`
+/// when `stop` came first; an error leaves the rest to the next try.
+pub(crate) async fn hand_out_replays(
+    shared: &Weak<Shared>,
+    node: &ClusterNode,
+    table: &Arc<SubscriptionTable>,
+    connection: &Connection,
+    service: &str,
+    room: &Arc<Notify>,
+    stop: &watch::Receiver<bool>,
+) -> Result<Drained, String> {
+    // Read from the bucket's leader: this node's copy may not show a
+    // subscription made on another node a moment ago.
+    let entry = courier_cluster::services::read(&node.services.services, service)
+        .await
+        .map_err(|e| e.to_string())?;
+    let Some((entry, _)) = entry else {
+        return Ok(Drained::Done);
+    };
+    table.update(service, Some(entry.clone()));
+    for (pattern, state) in entry.patterns.iter().filter(|(_, s)| s.replay.is_some()) {
+        let state = if state.keyed_from_seq == 0 {
+            let joined = node
+                .services
+                .join_keyed_lane(service, pattern)
+                .await
+                .map_err(|e| e.to_string())?;
+            let Some(joined) = joined else { continue };
+            table.note(service, pattern, &joined);
+            joined
+        } else {
+            state.clone()
+        };
+        if state.replay.is_none() {
+            continue;
+        }
+        info!(%service, %pattern, from_seq = state.from_seq, keyed_from_seq = state.keyed_from_seq, "replaying history");
+        let drained = replay::drain(
+            connection,
+            service,
+            pattern,
+            &state,
+            credit_of(shared.clone(), service.to_string()),
+            room.clone(),
+            deliver_to(shared.clone()),
+            stop.clone(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        if drained == Drained::Stopped {
+            return Ok(Drained::Stopped);
+        }
+        node.services
+            .end_replay(service, pattern)
+            .await
+            .map_err(|e| e.to_string())?;
+        info!(%service, %pattern, "history replayed");
+    }
+    Ok(Drained::Done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use courier_cluster::consumers::Lane;
+    use courier_cluster::services::Replay;
+
+    fn skips(
+        table: &Arc<SubscriptionTable>,
+        service: &str,
+        lane: Lane,
+        name: &str,
+        seq: u64,
+    ) -> bool {
+        (table.skip_for(service))(lane, name, seq)
+    }
+
+    fn entry(patterns: &[(&str, u64, u64, Option<Replay>)]) -> ServiceSubscriptions {
+        ServiceSubscriptions {
+            ack_deadline_ms: 1000,
+            max_deliveries: 3,
+            patterns: patterns
+                .iter()
+                .map(|(p, from, keyed, replay)| {
+                    (
+                        p.to_string(),
+                        PatternState {
+                            from_seq: *from,
+                            keyed_from_seq: *keyed,
+                            replay: replay.clone(),
+                            ..PatternState::default()
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_replayed_patterns_messages_up_to_its_join_are_the_replays() {
+        let table = Arc::new(SubscriptionTable::default());
+        table.update(
+            "audit",
+            Some(entry(&[
+                ("audit.*", 10, 20, Some(Replay { keyed_joined: true })),
+                ("audit.login", 0, 0, None),
+            ])),
+        );
+        assert!(skips(&table, "audit", Lane::Unkeyed, "audit.x", 10));
+        assert!(!skips(&table, "audit", Lane::Unkeyed, "audit.x", 11));
+        assert!(skips(&table, "audit", Lane::Keyed, "audit.x", 20));
+        assert!(!skips(&table, "audit", Lane::Keyed, "audit.x", 21));
+        // Another pattern that takes it from before: the consumer's.
+        assert!(!skips(&table, "audit", Lane::Unkeyed, "audit.login", 5));
+        // A name no pattern takes, another service: the consumer's.
+        assert!(!skips(&table, "audit", Lane::Unkeyed, "other", 1));
+        assert!(!skips(&table, "billing", Lane::Unkeyed, "audit.x", 1));
+    }
+
+    #[test]
+    fn what_this_node_wrote_outlives_an_older_view() {
+        let table = Arc::new(SubscriptionTable::default());
+        let joining = Some(Replay {
+            keyed_joined: false,
+        });
+        table.update("s", Some(entry(&[("a.*", 10, 0, joining.clone())])));
+        assert!(table.replay_waiting("s"));
+        let joined = PatternState {
+            from_seq: 10,
+            keyed_from_seq: 30,
+            replay: Some(Replay { keyed_joined: true }),
+            ..PatternState::default()
+        };
+        table.note("s", "a.*", &joined);
+        // The watch brings the entry from before the join.
+        table.update("s", Some(entry(&[("a.*", 10, 0, joining)])));
+        assert!(skips(&table, "s", Lane::Keyed, "a.b", 30));
+        table.update("s", None);
+        assert!(!skips(&table, "s", Lane::Keyed, "a.b", 30));
+        assert!(table.replaying("s").is_empty());
+    }
+}

@@ -1,16 +1,20 @@
-//! The `courier` CLI against a real broker process, as users run it.
+//! The `courier` CLI against a real broker process, as users run it —
+//! or, with `COURIER_E2E_BACKEND=cluster`, against two nodes on a
+//! three-server NATS cluster (`cluster_common::bus`).
 
+mod cluster_common;
 mod common;
 
 use std::time::Duration;
 
-use common::{json_lines, stderr, Broker};
+use cluster_common::bus::Bus;
+use common::{json_lines, stderr};
 
 const T: Duration = Duration::from_secs(10);
 
 #[test]
 fn serve_prints_its_address_and_send_without_receiver_is_refused() {
-    let broker = Broker::start();
+    let broker = Bus::start_blocking();
     let out = broker.run(&["send", "todo.create", "--data", "{}"]);
     assert_eq!(out.status.code(), Some(4), "refusal exit code");
     let err = stderr(&out);
@@ -36,7 +40,7 @@ fn unreachable_broker_names_the_fix() {
 
 #[test]
 fn request_gets_a_stream_of_replies_ending_with_the_final_one() {
-    let broker = Broker::start();
+    let broker = Bus::start_blocking();
     let responder = broker.spawn(&[
         "reply",
         "file.copy",
@@ -94,10 +98,10 @@ fn request_gets_a_stream_of_replies_ending_with_the_final_one() {
 
 #[test]
 fn request_times_out_with_its_own_exit_code() {
-    let broker = Broker::start();
+    let broker = Bus::start_blocking();
     // A service that receives the command but never replies.
     let silent = broker.spawn(&["subscribe", "todo.create", "--service", "todo"]);
-    broker.wait_consumers("todo", 1, None);
+    broker.wait_consumers("todo", 1);
     let started = std::time::Instant::now();
     let out = broker.run(&["request", "todo.create", "--timeout", "500ms"]);
     assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
@@ -110,7 +114,7 @@ fn request_times_out_with_its_own_exit_code() {
 
 #[test]
 fn events_fan_out_to_services_and_wildcards_match_segments() {
-    let broker = Broker::start();
+    let broker = Bus::start_blocking();
     // Create the subscriptions; they stay after the subscriber exits.
     for (pattern, service) in [("todo.*", "audit"), ("todo.>", "mail")] {
         let out = broker.run(&[
@@ -199,7 +203,7 @@ fn events_fan_out_to_services_and_wildcards_match_segments() {
 
 #[test]
 fn commands_wait_for_a_service_with_no_instance_and_compete_when_many() {
-    let broker = Broker::start();
+    let broker = Bus::start_blocking();
     assert!(broker
         .run(&[
             "subscribe",
@@ -254,7 +258,7 @@ fn commands_wait_for_a_service_with_no_instance_and_compete_when_many() {
 
 #[test]
 fn receiver_killed_mid_handling_its_command_goes_to_another_instance() {
-    let broker = Broker::start();
+    let broker = Bus::start_blocking();
     let mut slow = broker.spawn(&[
         "reply",
         "report.build",
@@ -297,7 +301,7 @@ fn receiver_killed_mid_handling_its_command_goes_to_another_instance() {
 
 #[test]
 fn transient_publish_reaches_only_connected_instances() {
-    let broker = Broker::start();
+    let broker = Bus::start_blocking();
     assert!(broker
         .run(&[
             "subscribe",
@@ -318,7 +322,7 @@ fn transient_publish_reaches_only_connected_instances() {
         listener.no_line(Duration::from_millis(500)),
         "nothing waited for a transient message"
     );
-    broker.wait_consumers("clock", 1, None);
+    broker.wait_consumers("clock", 1);
     assert!(broker
         .run(&["publish", "tick", "--transient", "--data", "seen"])
         .status

@@ -6,6 +6,7 @@
 #![allow(dead_code)] // each test file uses its own part
 
 // The three-server cluster harness of courier-cluster's own tests.
+pub mod bus;
 #[path = "../../../cluster/tests/common/mod.rs"]
 pub mod nats;
 pub mod sdk;

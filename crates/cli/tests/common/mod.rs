@@ -239,23 +239,27 @@ impl Broker {
 
     /// Starts a long-running client command with its stdout piped.
     pub fn spawn(&self, args: &[&str]) -> Proc {
-        let mut child = self
-            .cli(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn courier");
-        let (tx, rx) = mpsc::channel();
-        let stdout = child.stdout.take().expect("stdout");
-        std::thread::spawn(move || forward_lines(stdout, tx));
-        let stderr = child.stderr.take().expect("stderr");
-        let (etx, erx) = mpsc::channel();
-        std::thread::spawn(move || forward_lines(stderr, etx));
-        Proc {
-            child,
-            lines: rx,
-            errors: erx,
-        }
+        spawn_client(self.cli(args))
+    }
+}
+
+/// Starts a long-running client command with its stdout and stderr piped.
+pub fn spawn_client(mut command: Command) -> Proc {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn courier");
+    let (tx, rx) = mpsc::channel();
+    let stdout = child.stdout.take().expect("stdout");
+    std::thread::spawn(move || forward_lines(stdout, tx));
+    let stderr = child.stderr.take().expect("stderr");
+    let (etx, erx) = mpsc::channel();
+    std::thread::spawn(move || forward_lines(stderr, etx));
+    Proc {
+        child,
+        lines: rx,
+        errors: erx,
     }
 }
 

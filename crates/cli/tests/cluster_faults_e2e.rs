@@ -91,6 +91,183 @@ async fn the_stream_leader_killed_under_load_loses_nothing_acknowledged() {
     eprintln!("a server killed: {:?}", started.elapsed());
 }
 
+/// A cluster of its own: the node handing out a history replay killed
+/// part way; the other node goes on with it from each key's first
+/// unacknowledged event, in order, and then with the keys' new events.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replay_goes_on_at_the_next_holder_when_its_node_dies() {
+    const KEYS: usize = 4;
+    const PER_KEY: usize = 150;
+    const NEW: usize = 10;
+    /// (key, index, attempt) of each delivery, in the order handled.
+    type Log = Arc<Mutex<Vec<(usize, usize, u32)>>>;
+    fn log_of(log: &Log) -> Vec<(usize, usize, u32)> {
+        log.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+    async fn instance(node: &Broker, history: bool) -> (Client, Log) {
+        let mut o = opts(node, "ledger");
+        o.ack_deadline = Some(ACK_DEADLINE);
+        let client = connect(o).await;
+        let log: Log = Arc::default();
+        let handler_log = log.clone();
+        let handler = move |msg: Incoming| {
+            let log = handler_log.clone();
+            async move {
+                let key = msg
+                    .message()
+                    .key
+                    .as_deref()
+                    .and_then(|k| std::str::from_utf8(k).ok())
+                    .and_then(|k| k.strip_prefix('k'))
+                    .and_then(|k| k.parse::<usize>().ok())
+                    .expect("key k<n>");
+                let index: usize = std::str::from_utf8(msg.payload())
+                    .ok()
+                    .and_then(|p| p.parse().ok())
+                    .expect("an index");
+                // Slow enough that the replay is still going when its
+                // node dies.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                log.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((key, index, msg.attempt()));
+                Ok::<(), courier_client::Error>(())
+            }
+        };
+        let start = if history {
+            courier_client::StartFrom::Beginning
+        } else {
+            courier_client::StartFrom::New
+        };
+        client
+            .on_from("ledger.*", start, handler)
+            .await
+            .expect("subscribed");
+        (client, log)
+    }
+
+    let mut nodes = Nodes::start_watched().await;
+    // The history, through node b, before any service takes it.
+    let web = connect(opts(&nodes.b, "bank")).await;
+    let mut accepted = Vec::new();
+    for index in 0..PER_KEY {
+        for key in 0..KEYS {
+            let sent = web
+                .event("ledger.entry")
+                .key(format!("k{key}"))
+                .json(&index)
+                .expect("payload")
+                .enqueue()
+                .expect("queued");
+            accepted.push(sent);
+        }
+    }
+    for sent in accepted {
+        sent.wait().await.expect("accepted");
+    }
+    // Node a's instance alone: node a holds the keyed lane and replays.
+    let (on_a, by_a) = instance(&nodes.a, true).await;
+    wait_for_async("node a's instance handles some of the history", T, || {
+        let n = log_of(&by_a).len();
+        async move { (n >= 100).then_some(()) }
+    })
+    .await;
+    let (on_b, by_b) = instance(&nodes.b, false).await;
+    nodes.a.child.kill().expect("kill -9 node a");
+    nodes.a.child.wait().expect("reap node a");
+    let handled_on_a = log_of(&by_a);
+    on_a.shutdown().await;
+    assert!(
+        handled_on_a.len() < KEYS * PER_KEY,
+        "the replay ended before node a died"
+    );
+
+    // Node b goes on with it: every event handled, keys in order.
+    let all: BTreeSet<(usize, usize)> = (0..KEYS)
+        .flat_map(|k| (0..PER_KEY).map(move |i| (k, i)))
+        .collect();
+    wait_for_async("the rest of the history handled on node b", T, || {
+        let done: BTreeSet<(usize, usize)> = handled_on_a
+            .iter()
+            .chain(log_of(&by_b).iter())
+            .map(|(k, i, _)| (*k, *i))
+            .collect();
+        let complete = done == all;
+        async move { complete.then_some(()) }
+    })
+    .await;
+    // New events after the history, in order behind it.
+    for index in PER_KEY..PER_KEY + NEW {
+        web.event("ledger.entry")
+            .key("k0")
+            .json(&index)
+            .expect("payload")
+            .send()
+            .await
+            .expect("accepted");
+    }
+    wait_for_async("the new events handled on node b", T, || {
+        let n = log_of(&by_b)
+            .iter()
+            .filter(|(k, i, _)| *k == 0 && *i >= PER_KEY)
+            .count();
+        async move { (n >= NEW).then_some(()) }
+    })
+    .await;
+    let by_b = log_of(&by_b);
+    eprintln!(
+        "node a handled {} of the history before it died, node b {} after (repeats: {})",
+        handled_on_a.len(),
+        by_b.len(),
+        handled_on_a.len() + by_b.len() - KEYS * PER_KEY - NEW
+    );
+    for key in 0..KEYS {
+        let on_b: Vec<usize> = by_b
+            .iter()
+            .filter(|(k, _, _)| *k == key)
+            .map(|(_, i, _)| *i)
+            .collect();
+        assert!(
+            on_b.windows(2).all(|w| w[1] >= w[0]),
+            "key k{key} went back on node b: {on_b:?}"
+        );
+        // Node b began at or before the first event node a had not
+        // handled: nothing skipped.
+        let done_on_a = handled_on_a
+            .iter()
+            .filter(|(k, _, _)| *k == key)
+            .map(|(_, i, _)| *i + 1)
+            .max()
+            .unwrap_or(0);
+        if done_on_a < PER_KEY {
+            assert!(
+                on_b.first().is_some_and(|first| *first <= done_on_a),
+                "key k{key}: node a handled up to {done_on_a}, node b began at {:?}",
+                on_b.first()
+            );
+        }
+    }
+    // The replay ended: its consumer is gone.
+    let connection = nodes.cluster.connect("replay check").await;
+    let stream = connection
+        .jetstream
+        .get_stream(courier_cluster::names::MESSAGES_STREAM)
+        .await
+        .expect("the messages stream");
+    let replay = courier_cluster::consumers::replay_consumer_name("ledger", "ledger.*");
+    wait_for_async("the replay's consumer goes", T, || {
+        let stream = stream.clone();
+        let replay = replay.clone();
+        async move {
+            let found = stream.consumer_info(&replay).await.is_ok();
+            (!found).then_some(())
+        }
+    })
+    .await;
+    on_b.shutdown().await;
+    web.shutdown().await;
+}
+
 async fn a_node_killed_with_deliveries_in_flight_leaves_them_to_the_other(nodes: &mut Nodes) {
     const COMMANDS: usize = 50;
     /// Sent while only node a's instance consumes, so that it holds some.

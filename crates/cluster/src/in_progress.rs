@@ -12,7 +12,7 @@
 //! the store forgets it when it settles or drops it
 //! ([`InProgress::release`]); [`keep_alive`] sends the `+WPI`s.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -30,16 +30,34 @@ pub const KEEP_ALIVE_PERIOD_MIN: Duration = Duration::from_millis(50);
 
 const WORK_IN_PROGRESS: &[u8] = b"+WPI";
 
-/// When a held message's next `+WPI` is due, and how often.
-struct Due {
+/// One consumer's held messages: kept alive together, in stream order,
+/// on one schedule. JetStream redelivers what expired in the order it
+/// expired, and a message's clock restarts at its `+WPI`: messages of a
+/// key kept alive apart would expire — after a node dies — in the order
+/// of their last `+WPI`, and the next holder would get a key's later
+/// message before an earlier one. Refreshed together and in stream order,
+/// they expire in stream order; one fetched after the last refresh
+/// expires after them.
+struct ConsumerHeld {
     next: Instant,
     every: Duration,
+    /// Ack subjects by stream seq.
+    handles: BTreeMap<u64, String>,
 }
 
-/// The messages this node holds unsettled, by ack subject.
+/// The messages this node holds unsettled, by consumer.
 #[derive(Default)]
 pub struct InProgress {
-    held: Mutex<HashMap<String, Due>>,
+    held: Mutex<HashMap<String, ConsumerHeld>>,
+}
+
+/// A handle that is not an ack subject (none are) is kept under its own
+/// name, seq 0.
+fn consumer_and_seq(handle: &str) -> (String, u64) {
+    match AckSubject::parse(handle) {
+        Some(ack) => (ack.consumer.to_string(), ack.stream_seq),
+        None => (handle.to_string(), 0),
+    }
 }
 
 impl InProgress {
@@ -47,55 +65,63 @@ impl InProgress {
         Arc::new(InProgress::default())
     }
 
-    fn held(&self) -> MutexGuard<'_, HashMap<String, Due>> {
+    fn held(&self) -> MutexGuard<'_, HashMap<String, ConsumerHeld>> {
         self.held.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Keeps each `(ack subject, the consumer's ack_wait)` alive from
-    /// `now` on.
+    /// `now` on, on its consumer's schedule.
     pub fn hold<'a>(&self, fetched: impl IntoIterator<Item = (&'a str, Duration)>, now: Instant) {
         let mut held = self.held();
         for (handle, ack_wait) in fetched {
             let every = (ack_wait / 3).max(KEEP_ALIVE_PERIOD_MIN);
-            held.insert(
-                handle.to_string(),
-                Due {
-                    next: now + every,
-                    every,
-                },
-            );
+            let (consumer, seq) = consumer_and_seq(handle);
+            let entry = held.entry(consumer).or_insert_with(|| ConsumerHeld {
+                next: now + every,
+                every,
+                handles: BTreeMap::new(),
+            });
+            entry.every = entry.every.min(every);
+            entry.handles.insert(seq, handle.to_string());
         }
     }
 
     /// Stops keeping `handle` alive: it was settled, or given up.
     pub fn release(&self, handle: &str) {
-        self.held().remove(handle);
+        let (consumer, seq) = consumer_and_seq(handle);
+        let mut held = self.held();
+        if let Some(entry) = held.get_mut(&consumer) {
+            entry.handles.remove(&seq);
+            if entry.handles.is_empty() {
+                held.remove(&consumer);
+            }
+        }
     }
 
     /// Stops keeping alive every message of `consumer` (a keyed lane
     /// whose lease this node lost: the new holder must get them back).
     pub fn release_consumer(&self, consumer: &str) {
-        self.held()
-            .retain(|handle, _| AckSubject::parse(handle).is_none_or(|a| a.consumer != consumer));
+        self.held().remove(consumer);
     }
 
     /// How many messages are kept alive.
     pub fn len(&self) -> usize {
-        self.held().len()
+        self.held().values().map(|c| c.handles.len()).sum()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// The ack subjects whose `+WPI` is due at `now`; each is due again a
-    /// period later.
+    /// The ack subjects whose `+WPI` is due at `now`, each due
+    /// consumer's all of them in stream order; each is due again a period
+    /// later.
     pub fn take_due(&self, now: Instant) -> Vec<String> {
         let mut due = Vec::new();
-        for (handle, d) in self.held().iter_mut() {
-            if d.next <= now {
-                d.next = now + d.every;
-                due.push(handle.clone());
+        for entry in self.held().values_mut() {
+            if entry.next <= now {
+                entry.next = now + entry.every;
+                due.extend(entry.handles.values().cloned());
             }
         }
         due
@@ -138,7 +164,7 @@ mod tests {
     fn a_held_message_is_due_every_third_of_ack_wait_until_released() {
         let in_progress = InProgress::default();
         let start = Instant::now();
-        let (a, b) = (ack("svc-todo", 1), ack("svc-todo", 2));
+        let (a, b) = (ack("svc-todo", 1), ack("svc-audit", 2));
         in_progress.hold(
             [
                 (a.as_str(), Duration::from_secs(3)),
@@ -163,10 +189,28 @@ mod tests {
             vec![a.clone()]
         );
         in_progress.release(&a);
-        let mut due = in_progress.take_due(start + Duration::from_secs(20));
-        due.sort();
+        let due = in_progress.take_due(start + Duration::from_secs(20));
         assert_eq!(due, [b]);
         assert_eq!(in_progress.len(), 1);
+    }
+
+    #[test]
+    fn a_consumers_messages_are_kept_alive_together_in_stream_order() {
+        let in_progress = InProgress::default();
+        let start = Instant::now();
+        let wait = Duration::from_secs(3);
+        let later = ack("svc-todo-keyed", 49);
+        in_progress.hold([(later.as_str(), wait)], start);
+        let earlier: Vec<String> = (34..=48).map(|seq| ack("svc-todo-keyed", seq)).collect();
+        // Fetched half a period later (a redelivery of earlier seqs, say).
+        in_progress.hold(
+            earlier.iter().map(|h| (h.as_str(), wait)),
+            start + Duration::from_millis(500),
+        );
+        let due = in_progress.take_due(start + Duration::from_secs(1));
+        let mut expected = earlier.clone();
+        expected.push(later);
+        assert_eq!(due, expected, "all of the consumer's, lowest seq first");
     }
 
     #[test]

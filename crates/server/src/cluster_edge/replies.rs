@@ -227,10 +227,19 @@ async fn to_service_or_parked(
     encoded: &Bytes,
     message: Arc<Message>,
 ) -> (ErrorCode, String) {
-    let request = connection
-        .client
-        .request(service_reply_subject(service), encoded.clone());
-    match tokio::time::timeout(FORWARD_TIMEOUT, request).await {
+    let offer = || {
+        connection
+            .client
+            .request(service_reply_subject(service), encoded.clone())
+    };
+    let mut offered = tokio::time::timeout(FORWARD_TIMEOUT, offer()).await;
+    if matches!(&offered, Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::TimedOut) {
+        // The one node of the group was killed a moment ago, and a server
+        // still took its interest for real (it leaves by gossip): by now
+        // it is gone, and nobody answers at once.
+        offered = tokio::time::timeout(FORWARD_TIMEOUT, offer()).await;
+    }
+    match offered {
         Ok(Ok(answer)) => {
             let (code, reason) = decode_answer(&answer.payload);
             // Its instance there left meanwhile: park it here after all.
@@ -536,25 +545,60 @@ async fn forward_one(
             .payload(payload)
             .timeout(Some(FORWARD_TIMEOUT)),
     );
-    Some(match tokio::time::timeout(FORWARD_TIMEOUT, request).await {
-        Ok(Ok(answer)) => decode_answer(&answer.payload),
-        Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => return None,
-        Ok(Err(e)) => (
-            ErrorCode::StorageFailed,
-            format!(
-                "the reply could not reach node {}: {e}; retry",
-                forward.node
-            ),
-        ),
-        Err(_) => (
-            ErrorCode::StorageFailed,
-            format!(
-                "node {} did not take the reply within {} s; retry",
-                forward.node,
-                FORWARD_TIMEOUT.as_secs()
-            ),
-        ),
-    })
+    tokio::pin!(request);
+    let gave_up = tokio::time::sleep(FORWARD_TIMEOUT);
+    tokio::pin!(gave_up);
+    // A node killed a moment ago can still look subscribed from another
+    // server of the cluster (its interest leaves by gossip), and then the
+    // request waits in vain: while waiting, ask now and then whether the
+    // node is there at all.
+    let mut probe = tokio::time::interval_at(
+        tokio::time::Instant::now() + LIVENESS_PROBE_EVERY,
+        LIVENESS_PROBE_EVERY,
+    );
+    loop {
+        tokio::select! {
+            answer = &mut request => {
+                return Some(match answer {
+                    Ok(answer) => decode_answer(&answer.payload),
+                    Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => return None,
+                    Err(e) => (
+                        ErrorCode::StorageFailed,
+                        format!("the reply could not reach node {}: {e}; retry", forward.node),
+                    ),
+                });
+            }
+            () = &mut gave_up => {
+                return Some((
+                    ErrorCode::StorageFailed,
+                    format!(
+                        "node {} did not take the reply within {} s; retry",
+                        forward.node,
+                        FORWARD_TIMEOUT.as_secs()
+                    ),
+                ));
+            }
+            _ = probe.tick() => {
+                if !node_answers(client, &forward.node).await {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// How often a node waiting on another to take a reply asks whether it
+/// is there.
+const LIVENESS_PROBE_EVERY: Duration = Duration::from_secs(2);
+
+/// Whether node `node` is there: `false` only when nothing listens on its
+/// subjects any more (a probe that times out says nothing).
+async fn node_answers(client: &async_nats::Client, node: &str) -> bool {
+    let probe = client.request(super::views::instances_subject(node), Bytes::new());
+    match tokio::time::timeout(Duration::from_secs(1), probe).await {
+        Ok(Err(e)) => e.kind() != async_nats::RequestErrorKind::NoResponders,
+        Ok(Ok(_)) | Err(_) => true,
+    }
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use crate::{ConnId, FastMap, Shared};
 /// How long the page waits for each other node's instances.
 const INSTANCES_ASK_PATIENCE: Duration = Duration::from_secs(1);
 
-fn instances_subject(node: &str) -> String {
+pub(super) fn instances_subject(node: &str) -> String {
     format!("courier.node.{node}.instances")
 }
 

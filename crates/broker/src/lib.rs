@@ -354,6 +354,9 @@ pub struct Broker<S: MessageStore> {
     /// The history a SUBSCRIBE being told to the backend asked for: set
     /// just before its change is made, taken by it (`upstream.rs`).
     history_asked: StartFrom,
+    /// A pause or resume being told to the backend is the whole service's
+    /// (`subscriptions.rs`).
+    pausing_whole: bool,
     /// Commands fetched from a replicated backend that were accepted on
     /// another node: where their replies go (`upstream.rs`).
     remote_routes: ExpiringMap<Uuid, upstream::RemoteRoute>,
@@ -414,6 +417,7 @@ impl<S: MessageStore> Broker<S> {
             durability: Default::default(),
             upstream,
             history_asked: StartFrom::New,
+            pausing_whole: false,
             remote_routes,
         }
     }

@@ -270,8 +270,4 @@ pub enum PauseError {
         "the broker's disk is failing; a pause or resume cannot be made durable now — retry later"
     )]
     StorageFailing,
-    /// On a cluster backend a service pauses as a whole: its consumers
-    /// deliver every pattern or none.
-    #[error("service {service} cannot pause or resume {pattern} alone on a cluster backend (its consumers deliver every pattern or none): pause or resume the whole service instead")]
-    PartialOnCluster { service: String, pattern: String },
 }

@@ -268,17 +268,9 @@ impl<S: MessageStore> Broker<S> {
         if self.degraded {
             return Err(PauseError::StorageFailing);
         }
-        let paused_after = if paused {
-            svc.paused.len() + changes.len()
-        } else {
-            svc.paused.len() - changes.len()
-        };
-        if self.upstream && paused_after != 0 && paused_after != svc.patterns.len() {
-            return Err(PauseError::PartialOnCluster {
-                service: service.to_string(),
-                pattern: changes.join(", "),
-            });
-        }
+        // Told to a backend as one change of every pattern, not as a
+        // pause of each alone.
+        self.pausing_whole = pattern.is_none();
         for pattern in changes {
             let op = if paused {
                 Op::Paused {
@@ -294,6 +286,7 @@ impl<S: MessageStore> Broker<S> {
             self.journal(op);
             self.apply_paused(service, &pattern, paused);
         }
+        self.pausing_whole = false;
         if !paused {
             self.pump(service, now);
         }

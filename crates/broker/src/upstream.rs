@@ -105,8 +105,16 @@ impl<S: MessageStore> Broker<S> {
                 }
             }
             Op::Unsubscribe { service, pattern } => Upstream::Unsubscribe { service, pattern },
-            Op::Paused { service, pattern } => Upstream::Pause { service, pattern },
-            Op::Resumed { service, pattern } => Upstream::Resume { service, pattern },
+            Op::Paused { service, pattern } => Upstream::Pause {
+                service,
+                pattern,
+                whole: self.pausing_whole,
+            },
+            Op::Resumed { service, pattern } => Upstream::Resume {
+                service,
+                pattern,
+                whole: self.pausing_whole,
+            },
             Op::Acked { seq, .. } => return self.store.upstream(Upstream::Ack { seq }),
             Op::Nacked { seq, until, .. } => {
                 let delay_ms = until.saturating_sub(self.now) / NANOS_PER_MS;

@@ -29,7 +29,7 @@ type Scenario = fn(&Nodes);
 #[tokio::test(flavor = "multi_thread")]
 async fn two_nodes_serve_one_bus() {
     let nodes = Nodes::start().await;
-    let scenarios: [(&str, Scenario); 13] = [
+    let scenarios: [(&str, Scenario); 14] = [
         (
             "request and reply",
             a_command_sent_through_one_node_is_answered_from_the_other,
@@ -52,6 +52,10 @@ async fn two_nodes_serve_one_bus() {
         ),
         ("keyed lane", keyed_messages_go_in_order_through_one_node),
         ("history replay", history_is_replayed_to_a_new_subscription),
+        (
+            "one pattern paused",
+            a_pattern_paused_alone_waits_and_comes_in_order,
+        ),
         (
             "keyed retry past the ack deadline",
             a_keyed_retry_longer_than_the_ack_deadline_is_delivered_once_in_order,
@@ -601,6 +605,135 @@ fn keyed_messages_go_in_order_through_one_node(nodes: &Nodes) {
         let expected: Vec<u64> = (0..PER_KEY).collect();
         assert_eq!(seqs, &expected, "{key} out of order or repeated");
     }
+}
+
+/// One pattern of a service paused through one node: its messages wait
+/// in the cluster while the service's other pattern goes on, and come
+/// once resumed through the other node — a key's in order, each once,
+/// before the key's later ones.
+fn a_pattern_paused_alone_waits_and_comes_in_order(nodes: &Nodes) {
+    type Got = std::sync::Arc<std::sync::Mutex<Vec<(String, u64)>>>;
+    on_own_runtime(async {
+        let worker = cluster_common::sdk::connect(cluster_common::sdk::opts(&nodes.b, "pp")).await;
+        let got: Got = Got::default();
+        for pattern in ["pa.*", "pb.*"] {
+            let got = got.clone();
+            worker
+                .on(pattern, move |msg: courier_client::Incoming| {
+                    let got = got.clone();
+                    async move {
+                        let n = std::str::from_utf8(msg.payload())
+                            .ok()
+                            .and_then(|p| p.parse().ok())
+                            .expect("a number");
+                        got.lock().expect("log").push((msg.name().to_string(), n));
+                        Ok::<(), courier_client::Error>(())
+                    }
+                })
+                .await
+                .expect("subscribed");
+        }
+        let front =
+            cluster_common::sdk::connect(cluster_common::sdk::opts(&nodes.a, "front")).await;
+        let publish = |name: &'static str, from: u64, count: u64| {
+            let front = front.clone();
+            async move {
+                for n in from..from + count {
+                    front
+                        .event(name)
+                        .key("k1")
+                        .json(&n)
+                        .expect("payload")
+                        .send()
+                        .await
+                        .expect("accepted");
+                }
+            }
+        };
+        let of = |got: &Got, name: &str| -> Vec<u64> {
+            got.lock()
+                .expect("log")
+                .iter()
+                .filter(|(n, _)| n == name)
+                .map(|(_, p)| *p)
+                .collect()
+        };
+        let wait = |got: Got, name: &'static str, n: usize| async move {
+            let deadline = Instant::now() + T;
+            while of(&got, name).len() < n {
+                assert!(
+                    Instant::now() < deadline,
+                    "{name} missing: {:?}",
+                    got.lock().expect("log")
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        publish("pa.x", 0, 2).await;
+        wait(got.clone(), "pa.x", 2).await;
+
+        let paused = nodes.a.run(&["pause", "pa.*", "--service", "pp"]);
+        assert!(paused.status.success(), "{}", stderr(&paused));
+        publish("pa.x", 2, 3).await;
+        publish("pb.x", 0, 3).await;
+        wait(got.clone(), "pb.x", 3).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(of(&got, "pa.x"), [0, 1], "a paused pattern's messages wait");
+
+        let resumed = nodes.b.run(&["resume", "pa.*", "--service", "pp"]);
+        assert!(resumed.status.success(), "{}", stderr(&resumed));
+        wait(got.clone(), "pa.x", 5).await;
+        publish("pa.x", 5, 2).await;
+        wait(got.clone(), "pa.x", 7).await;
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        assert_eq!(
+            of(&got, "pa.x"),
+            [0, 1, 2, 3, 4, 5, 6],
+            "held, then in order behind them, each once"
+        );
+        assert_eq!(of(&got, "pb.x"), [0, 1, 2]);
+        // A pattern pauses again once what it held is handed out.
+        let connection = nodes.cluster.connect("pause check").await;
+        let stream = connection
+            .jetstream
+            .get_stream(courier_cluster::names::MESSAGES_STREAM)
+            .await
+            .expect("the messages stream");
+        let held = courier_cluster::consumers::held_consumer_name("pp", "pa.*");
+        let gone = || async {
+            let deadline = Instant::now() + T;
+            while stream.consumer_info(&held).await.is_ok() {
+                assert!(Instant::now() < deadline, "{held} still there");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        };
+        gone().await;
+
+        // The whole service paused, one pattern resumed: the other's
+        // messages wait from where the whole pause stopped them.
+        let paused = nodes.a.run(&["pause", "--service", "pp"]);
+        assert!(paused.status.success(), "{}", stderr(&paused));
+        publish("pa.x", 7, 1).await;
+        publish("pb.x", 3, 1).await;
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        assert_eq!(of(&got, "pb.x"), [0, 1, 2], "the whole service waits");
+        let resumed = nodes.b.run(&["resume", "pb.*", "--service", "pp"]);
+        assert!(resumed.status.success(), "{}", stderr(&resumed));
+        wait(got.clone(), "pb.x", 4).await;
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        assert_eq!(of(&got, "pa.x").len(), 7, "pa.* is still paused");
+        let resumed = nodes.a.run(&["resume", "--service", "pp"]);
+        assert!(resumed.status.success(), "{}", stderr(&resumed));
+        wait(got.clone(), "pa.x", 8).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(of(&got, "pa.x"), [0, 1, 2, 3, 4, 5, 6, 7]);
+        assert_eq!(of(&got, "pb.x"), [0, 1, 2, 3]);
+
+        // The holds ended: the consumer goes.
+        gone().await;
+        worker.shutdown().await;
+        front.shutdown().await;
+    });
 }
 
 /// Events stored while no service took them are kept for the retention

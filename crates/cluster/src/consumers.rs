@@ -117,12 +117,60 @@ pub fn consumer_config<S: AsRef<str>>(
 /// (§4 "History replay"): `svc-<service token>-replay-<16 hex digits of
 /// the pattern's FNV-1a hash>` (a consumer name takes no `.`, `*`, `>`).
 pub fn replay_consumer_name(service: &str, pattern: &str) -> String {
+    format!(
+        "svc-{}-replay-{:016x}",
+        service_token(service),
+        pattern_hash(pattern)
+    )
+}
+
+/// FNV-1a, 64 bits: stable across builds and machines, as a consumer's
+/// name must be.
+fn pattern_hash(pattern: &str) -> u64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for byte in pattern.bytes() {
         hash ^= u64::from(byte);
         hash = hash.wrapping_mul(0x0100_0000_01b3);
     }
-    format!("svc-{}-replay-{hash:016x}", service_token(service))
+    hash
+}
+
+/// The consumer a pattern paused alone waits in (§4 "Pausing"):
+/// `svc-<service token>-held-<hash>`, hashed as [`replay_consumer_name`].
+pub fn held_consumer_name(service: &str, pattern: &str) -> String {
+    format!(
+        "svc-{}-held-{:016x}",
+        service_token(service),
+        pattern_hash(pattern)
+    )
+}
+
+/// The held consumer's settings: the pattern's commands and events,
+/// keyed or not, from `start_seq`; the rest as a service consumer's.
+pub fn held_config(
+    service: &str,
+    pattern: &str,
+    start_seq: u64,
+    ack_wait: Duration,
+    max_ack_pending: i64,
+    replicas: usize,
+) -> pull::Config {
+    pull::Config {
+        durable_name: Some(held_consumer_name(service, pattern)),
+        filter_subjects: ["c", "e", "ck", "ek"]
+            .iter()
+            .map(|kind| format!("courier.m.{kind}.{pattern}"))
+            .collect(),
+        ack_policy: AckPolicy::Explicit,
+        ack_wait,
+        max_deliver: -1,
+        max_ack_pending,
+        deliver_policy: DeliverPolicy::ByStartSequence {
+            start_sequence: start_seq.max(1),
+        },
+        num_replicas: replicas,
+        ..Default::default()
+    }
 }
 
 /// The replay consumer's settings: the pattern's events only, keyed or
@@ -200,7 +248,7 @@ pub async fn service_pending(
     Ok(pending)
 }
 
-fn is_not_found(e: &async_nats::jetstream::context::ConsumerInfoError) -> bool {
+pub(crate) fn is_not_found(e: &async_nats::jetstream::context::ConsumerInfoError) -> bool {
     use async_nats::jetstream::context::ConsumerInfoErrorKind;
     match e.kind() {
         ConsumerInfoErrorKind::NotFound => true,

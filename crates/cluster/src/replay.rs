@@ -18,7 +18,7 @@ use bytes::Bytes;
 use futures_util::StreamExt as _;
 use tokio::sync::{watch, Notify};
 
-use crate::consumers::{replay_consumer_name, Lane};
+use crate::consumers::{held_consumer_name, replay_consumer_name, Lane};
 use crate::fetch::{decode, Fetched, FETCH_EXPIRES, HANDOFF_MAX, LOOKUP_TIMEOUT, ROOM_RECHECK};
 use crate::names::MESSAGES_STREAM;
 use crate::services::PatternState;
@@ -45,15 +45,18 @@ pub enum Drained {
     Stopped,
 }
 
-/// Whether the replayed event `name` at `seq`, keyed or not, is past the
-/// replay's end.
-fn past_end(state: &PatternState, keyed: bool, seq: u64) -> bool {
-    let end = if keyed {
-        state.keyed_from_seq
-    } else {
-        state.from_seq
+/// Whether the message at `seq`, keyed or not, is outside what the
+/// hand-out gives: past its end (the service's consumers have it), or —
+/// from a hold — at or before what they had delivered when it began.
+fn outside(state: &PatternState, keyed: bool, seq: u64) -> bool {
+    let (after, end) = match (keyed, &state.hold) {
+        (false, hold) => (hold.as_ref().map_or(0, |h| h.unkeyed_after), state.from_seq),
+        (true, hold) => (
+            hold.as_ref().map_or(0, |h| h.keyed_after),
+            state.keyed_from_seq,
+        ),
     };
-    seq > end
+    seq <= after || seq > end
 }
 
 /// Hands out `pattern`'s history to `service`'s instances here: fetches
@@ -82,7 +85,10 @@ where
         pattern: pattern.to_string(),
         reason,
     };
-    let name = replay_consumer_name(service, pattern);
+    let name = match state.hold {
+        Some(_) => held_consumer_name(service, pattern),
+        None => replay_consumer_name(service, pattern),
+    };
     let lookup = tokio::time::timeout(
         LOOKUP_TIMEOUT * 5,
         connection
@@ -145,14 +151,16 @@ where
                 }
                 Ok(None) | Err(_) => break,
             };
-            let keyed = message.subject.as_str().starts_with("courier.m.ek.");
+            let subject = message.subject.as_str();
+            let keyed =
+                subject.starts_with("courier.m.ek.") || subject.starts_with("courier.m.ck.");
             let Some(fetched) =
                 decode(connection, service, lane_of(keyed), ack_wait, message).await
             else {
                 continue;
             };
-            if past_end(state, keyed, fetched.stream_seq) {
-                // The service's consumer hands it out.
+            if outside(state, keyed, fetched.stream_seq) {
+                // The service's consumers hand it out.
                 ack(connection, &fetched.handle).await;
                 continue;
             }
@@ -189,19 +197,57 @@ async fn ack(connection: &Connection, handle: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::services::Replay;
+    use crate::services::{Hold, Replay};
 
     #[test]
     fn the_end_is_where_each_lane_took_over() {
         let state = PatternState {
             from_seq: 10,
             keyed_from_seq: 20,
-            replay: Some(Replay { keyed_joined: true }),
+            replay: Some(Replay {
+                keyed_joined: true,
+                keyed_read: true,
+            }),
             ..PatternState::default()
         };
-        assert!(!past_end(&state, false, 10));
-        assert!(past_end(&state, false, 11));
-        assert!(!past_end(&state, true, 20));
-        assert!(past_end(&state, true, 21));
+        assert!(!outside(&state, false, 1));
+        assert!(!outside(&state, false, 10));
+        assert!(outside(&state, false, 11));
+        assert!(!outside(&state, true, 20));
+        assert!(outside(&state, true, 21));
+    }
+
+    #[test]
+    fn a_hold_begins_after_what_the_consumers_had_delivered() {
+        let state = PatternState {
+            from_seq: 50,
+            keyed_from_seq: 60,
+            replay: Some(Replay {
+                keyed_joined: true,
+                keyed_read: true,
+            }),
+            hold: Some(Hold {
+                unkeyed_after: 10,
+                keyed_after: 12,
+                keyed_left: true,
+            }),
+            ..PatternState::default()
+        };
+        assert!(outside(&state, false, 10));
+        assert!(!outside(&state, false, 11));
+        assert!(outside(&state, true, 12));
+        assert!(!outside(&state, true, 13));
+        // Resumed before it left the keyed consumer: no keyed message
+        // waited.
+        let kept = PatternState {
+            hold: Some(Hold {
+                unkeyed_after: 10,
+                keyed_after: u64::MAX,
+                keyed_left: true,
+            }),
+            ..state
+        };
+        assert!(outside(&kept, true, 13));
+        assert!(kept.replay.is_some() && !kept.keyed_join_waiting());
     }
 }

@@ -19,7 +19,8 @@ use futures_util::{Stream as FuturesStream, StreamExt as _};
 use serde::{Deserialize, Serialize};
 
 use crate::consumers::{
-    consumer_config, consumer_name, ensure_consumer, replay_config, replay_consumer_name, Lane,
+    consumer_config, consumer_name, ensure_consumer, held_config, held_consumer_name,
+    replay_config, replay_consumer_name, Lane,
 };
 use crate::lease::is_wrong_revision;
 use crate::names::SERVICES_BUCKET;
@@ -50,9 +51,32 @@ pub struct PatternState {
     /// replays (0 until then).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub keyed_from_seq: u64,
-    /// An unfinished history replay.
+    /// An unfinished history replay — or, once a held pattern resumes,
+    /// the hand-out of what waited in its hold.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replay: Option<Replay>,
+    /// The pattern is paused while others of the service are not: its
+    /// messages wait in a consumer of their own (§4 "Pausing").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold: Option<Hold>,
+}
+
+/// A pattern paused alone: its messages stored after what the service's
+/// consumers had delivered when it paused wait in
+/// `svc-<service>-held-<hash>`, until it resumes and they are handed out
+/// as a replay is.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hold {
+    /// The unkeyed consumer's last delivered seq as the pause began: its
+    /// messages up to there were the consumer's.
+    #[serde(default)]
+    pub unkeyed_after: u64,
+    /// The keyed consumer's, once the keyed lane's holder took the
+    /// pattern out of it (`keyed_left`).
+    #[serde(default)]
+    pub keyed_after: u64,
+    #[serde(default)]
+    pub keyed_left: bool,
 }
 
 /// An unfinished history replay of one pattern (§4 "History replay").
@@ -62,6 +86,10 @@ pub struct Replay {
     /// `keyed_from_seq` follows once read).
     #[serde(default)]
     pub keyed_joined: bool,
+    /// The pattern's `keyed_from_seq` was read for this hand-out (an
+    /// earlier one's stays in the pattern's state until then).
+    #[serde(default)]
+    pub keyed_read: bool,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -69,6 +97,19 @@ fn is_zero(n: &u64) -> bool {
 }
 
 impl PatternState {
+    /// Whether the keyed lane's holder still has to join this pattern's
+    /// hand-out to the keyed consumer (a replay's, or a resumed hold's
+    /// that left the keyed consumer).
+    pub fn keyed_join_waiting(&self) -> bool {
+        let kept_keyed = self
+            .hold
+            .as_ref()
+            .is_some_and(|h| h.keyed_after == u64::MAX);
+        self.replay
+            .as_ref()
+            .is_some_and(|r| !r.keyed_joined || (!r.keyed_read && !kept_keyed))
+    }
+
     /// Whether the message at `seq` of this pattern belongs to its
     /// history replay rather than to the service's consumer of `lane`.
     pub fn replays(&self, lane: Lane, seq: u64) -> bool {
@@ -99,7 +140,7 @@ impl ServiceSubscriptions {
         } else {
             active
         };
-        patterns
+        let mut patterns: Vec<&str> = patterns
             .into_iter()
             .filter(|p| {
                 lane == Lane::Unkeyed
@@ -107,6 +148,41 @@ impl ServiceSubscriptions {
                         .replay
                         .as_ref()
                         .is_none_or(|r| r.keyed_joined)
+            })
+            .collect();
+        if lane == Lane::Keyed {
+            // A pattern paused alone stays until the keyed lane's holder
+            // takes it out.
+            for (pattern, state) in &self.patterns {
+                let leaving = state.paused && state.hold.as_ref().is_some_and(|h| !h.keyed_left);
+                if leaving && !patterns.contains(&pattern.as_str()) {
+                    patterns.push(pattern);
+                }
+            }
+            patterns.sort_unstable();
+        }
+        patterns
+    }
+
+    /// Whether the keyed lane's holder has a change to make before it
+    /// fetches the lane again: a replay to join, a held pattern to take
+    /// out of the lane.
+    pub fn keyed_lane_change_waiting(&self) -> bool {
+        self.patterns.values().any(|s| {
+            s.replay.as_ref().is_some_and(|r| !r.keyed_joined)
+                || (s.paused && s.hold.as_ref().is_some_and(|h| !h.keyed_left))
+        })
+    }
+
+    /// The consumers whose messages the keyed lane's holder hands out
+    /// before the lane's: each unfinished replay's or hold's.
+    pub fn hand_out_consumers(&self, service: &str) -> Vec<String> {
+        self.patterns
+            .iter()
+            .filter(|(_, s)| s.replay.is_some() || s.hold.is_some())
+            .map(|(p, s)| match s.hold {
+                Some(_) => held_consumer_name(service, p),
+                None => replay_consumer_name(service, p),
             })
             .collect()
     }
@@ -194,6 +270,8 @@ pub enum ServicesError {
         "subscription table (KV courier_services), service {service}: the key kept changing under {attempts} attempts to update it"
     )]
     Contended { service: String, attempts: u32 },
+    #[error("service {service}, pattern {pattern}: its earlier messages are still being handed out (a history replay or a resume); pause it again in a moment")]
+    Busy { service: String, pattern: String },
 }
 
 fn store_error(service: &str, e: impl std::fmt::Display) -> ServicesError {
@@ -336,12 +414,19 @@ impl ServiceWriter {
                 from_seq = self.last_seq(service).await?;
             }
         }
+        let plan = match change {
+            Upstream::Pause { .. } | Upstream::Resume { .. } => {
+                self.plan_pause(service, change).await?
+            }
+            _ => PausePlan::default(),
+        };
         let entry = self
             .write_entry(service, |value| {
                 let mut changed = value.apply(change);
+                changed |= plan.apply(value, change);
                 if let Upstream::Subscribe { pattern, .. } = change {
                     if let Some(state) = value.patterns.get_mut(pattern) {
-                        if state.replay.is_some() && state.from_seq == 0 && from_seq > 0 {
+                        if state.replay.is_some() && from_seq > state.from_seq {
                             state.from_seq = from_seq;
                             changed = true;
                         }
@@ -357,9 +442,190 @@ impl ServiceWriter {
             if !still {
                 self.delete_consumer(&replay_consumer_name(service, pattern))
                     .await?;
+                self.delete_consumer(&held_consumer_name(service, pattern))
+                    .await?;
             }
         }
         self.align_consumers(service, entry.as_ref()).await
+    }
+
+    /// What a pause or resume does besides the patterns' `paused` flags
+    /// (§4 "Pausing"): the holds it begins — a pattern paused alone, or
+    /// left paused by a resume of others — and the holds it ends. The
+    /// consumers are made and the resumed patterns' filters set here,
+    /// before the entry names them.
+    async fn plan_pause(
+        &self,
+        service: &str,
+        change: &Upstream,
+    ) -> Result<PausePlan, ServicesError> {
+        let mut plan = PausePlan::default();
+        let Some((current, _)) = read(&self.services, service).await? else {
+            return Ok(plan);
+        };
+        let mut after = current.clone();
+        after.apply(change);
+        PausePlan::whole(&mut after, change);
+        // A pattern whose earlier messages are still being handed out (a
+        // replay, a resumed hold) pauses once that is done.
+        let busy = after.patterns.iter().find(|(p, s)| {
+            s.paused && s.replay.is_some() && current.patterns.get(*p).is_some_and(|c| !c.paused)
+        });
+        if let Some((pattern, _)) = busy {
+            return Err(ServicesError::Busy {
+                service: service.to_string(),
+                pattern: pattern.clone(),
+            });
+        }
+        if after.active_patterns().is_empty() {
+            // Every pattern paused: the consumers pause themselves.
+            return Ok(plan);
+        }
+        let ack_wait = Duration::from_millis(u64::from(current.ack_deadline_ms.max(1)));
+        let begins: Vec<(&String, bool)> = after
+            .patterns
+            .iter()
+            .filter(|(p, s)| s.paused && s.hold.is_none() && current.patterns.contains_key(*p))
+            .map(|(p, _)| (p, current.patterns[p].paused))
+            .collect();
+        if !begins.is_empty() {
+            // Read before a pattern leaves the filters: what the consumers
+            // deliver in between is handed out again at the resume, never
+            // lost.
+            let unkeyed = match self.delivered(service, Lane::Unkeyed).await? {
+                Some(seq) => seq,
+                None => self.last_seq(service).await?,
+            };
+            let keyed = self.delivered(service, Lane::Keyed).await?;
+            for (pattern, was_paused) in begins {
+                let start = unkeyed.min(keyed.unwrap_or(unkeyed)) + 1;
+                self.make_held_consumer(service, pattern, start, ack_wait)
+                    .await?;
+                // A pattern that was paused with the whole service stays
+                // paused as others resume: the consumers were paused, so
+                // what they delivered is exact, and its keyed messages
+                // have waited from then on.
+                let hold = match (was_paused, keyed) {
+                    (true, Some(keyed_after)) => Hold {
+                        unkeyed_after: unkeyed,
+                        keyed_after,
+                        keyed_left: true,
+                    },
+                    _ => Hold {
+                        unkeyed_after: unkeyed,
+                        ..Hold::default()
+                    },
+                };
+                plan.holds.insert(pattern.clone(), hold);
+            }
+        }
+        let ends: Vec<&String> = after
+            .patterns
+            .iter()
+            .filter(|(p, s)| {
+                !s.paused && s.hold.is_some() && current.patterns.get(*p).is_some_and(|c| c.paused)
+            })
+            .map(|(p, _)| p)
+            .collect();
+        if !ends.is_empty() {
+            for pattern in &ends {
+                let name = held_consumer_name(service, pattern);
+                self.messages.resume_consumer(&name).await.map_err(|e| {
+                    ServicesError::Consumer {
+                        consumer: name.clone(),
+                        reason: e.to_string(),
+                    }
+                })?;
+                plan.ends.push((*pattern).clone());
+            }
+            let mut provisional = after.clone();
+            plan.apply(&mut provisional, change);
+            self.align_consumers(service, Some(&provisional)).await?;
+            plan.resumed = self.last_seq(service).await?;
+        }
+        Ok(plan)
+    }
+
+    /// Creates `pattern`'s held consumer from `start`, paused. Nothing
+    /// reads it before the entry names the hold: one left by an earlier
+    /// try of this change goes, and starts again here.
+    async fn make_held_consumer(
+        &self,
+        service: &str,
+        pattern: &str,
+        start: u64,
+        ack_wait: Duration,
+    ) -> Result<(), ServicesError> {
+        let name = held_consumer_name(service, pattern);
+        let consumer_error = |e: &dyn std::fmt::Display| ServicesError::Consumer {
+            consumer: name.clone(),
+            reason: e.to_string(),
+        };
+        self.delete_consumer(&name).await?;
+        let config = held_config(
+            service,
+            pattern,
+            start,
+            ack_wait,
+            self.max_ack_pending,
+            self.replicas,
+        );
+        ensure_consumer(&self.messages, config)
+            .await
+            .map_err(|e| consumer_error(&e))?;
+        let until = pause_until().map_err(|e| consumer_error(&e))?;
+        self.messages
+            .pause_consumer(&name, until)
+            .await
+            .map_err(|e| consumer_error(&e))?;
+        Ok(())
+    }
+
+    /// A service consumer's last delivered stream seq; `None` when the
+    /// consumer does not exist.
+    async fn delivered(&self, service: &str, lane: Lane) -> Result<Option<u64>, ServicesError> {
+        let name = consumer_name(service, lane);
+        match self.messages.consumer_info(&name).await {
+            Ok(info) => Ok(Some(info.delivered.stream_sequence)),
+            Err(e) if crate::consumers::is_not_found(&e) => Ok(None),
+            Err(e) => Err(ServicesError::Consumer {
+                consumer: name,
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    /// The keyed lane's holder takes a pattern paused alone out of the
+    /// keyed consumer; `keyed_after` is that consumer's last delivered
+    /// seq, read while the holder fetched nothing from it.
+    pub async fn leave_keyed_lane(
+        &self,
+        service: &str,
+        pattern: &str,
+        keyed_after: u64,
+    ) -> Result<(), ServicesError> {
+        let entry = self
+            .write_entry(service, |value| {
+                match value
+                    .patterns
+                    .get_mut(pattern)
+                    .and_then(|s| s.hold.as_mut())
+                {
+                    Some(hold) if !hold.keyed_left => {
+                        hold.keyed_left = true;
+                        hold.keyed_after = keyed_after;
+                        true
+                    }
+                    _ => false,
+                }
+            })
+            .await?;
+        self.align_consumers(service, entry.as_ref()).await
+    }
+
+    /// The keyed consumer's last delivered seq (the holder reads it).
+    pub async fn keyed_delivered(&self, service: &str) -> Result<Option<u64>, ServicesError> {
+        self.delivered(service, Lane::Keyed).await
     }
 
     /// The log's last seq, read once a consumer change was answered: a
@@ -396,18 +662,24 @@ impl ServiceWriter {
         let Some(state) = entry.as_ref().and_then(|e| e.patterns.get(pattern)) else {
             return Ok(None);
         };
-        if state.replay.is_none() || state.keyed_from_seq > 0 {
+        if !state.keyed_join_waiting() {
             return Ok(Some(state.clone()));
         }
         self.align_consumers(service, entry.as_ref()).await?;
         let keyed_from_seq = self.last_seq(service).await?;
         let entry = self
-            .write_entry(service, |value| match value.patterns.get_mut(pattern) {
-                Some(state) if state.replay.is_some() && state.keyed_from_seq == 0 => {
-                    state.keyed_from_seq = keyed_from_seq;
-                    true
+            .write_entry(service, |value| {
+                let Some(state) = value.patterns.get_mut(pattern) else {
+                    return false;
+                };
+                match state.replay.as_mut() {
+                    Some(replay) if !replay.keyed_read => {
+                        replay.keyed_read = true;
+                        state.keyed_from_seq = state.keyed_from_seq.max(keyed_from_seq);
+                        true
+                    }
+                    _ => false,
                 }
-                _ => false,
             })
             .await?;
         Ok(entry.and_then(|e| e.patterns.get(pattern).cloned()))
@@ -418,11 +690,13 @@ impl ServiceWriter {
     pub async fn end_replay(&self, service: &str, pattern: &str) -> Result<(), ServicesError> {
         self.delete_consumer(&replay_consumer_name(service, pattern))
             .await?;
+        self.delete_consumer(&held_consumer_name(service, pattern))
+            .await?;
         self.write_entry(service, |value| {
-            value
-                .patterns
-                .get_mut(pattern)
-                .is_some_and(|s| s.replay.take().is_some())
+            value.patterns.get_mut(pattern).is_some_and(|s| {
+                let ended = s.replay.take().is_some();
+                ended | s.hold.take().is_some()
+            })
         })
         .await?;
         Ok(())
@@ -565,6 +839,69 @@ impl ServiceWriter {
     }
 }
 
+/// See [`ServiceWriter::plan_pause`].
+#[derive(Debug, Default)]
+struct PausePlan {
+    /// Holds that begin, by pattern.
+    holds: BTreeMap<String, Hold>,
+    /// Held patterns that resume: what waited is handed out as a replay.
+    ends: Vec<String>,
+    /// With `ends`: the log's last seq once they rejoined the unkeyed
+    /// consumer.
+    resumed: u64,
+}
+
+impl PausePlan {
+    /// A whole service's pause or resume changes every pattern at once.
+    fn whole(value: &mut ServiceSubscriptions, change: &Upstream) {
+        let (Upstream::Pause { whole: true, .. } | Upstream::Resume { whole: true, .. }) = change
+        else {
+            return;
+        };
+        let paused = matches!(change, Upstream::Pause { .. });
+        for state in value.patterns.values_mut() {
+            state.paused = paused;
+        }
+    }
+
+    /// The plan on the entry: whether it changed anything.
+    fn apply(&self, value: &mut ServiceSubscriptions, change: &Upstream) -> bool {
+        let before = value.clone();
+        PausePlan::whole(value, change);
+        for (pattern, hold) in &self.holds {
+            if let Some(state) = value.patterns.get_mut(pattern) {
+                if state.paused && state.hold.is_none() {
+                    state.hold = Some(hold.clone());
+                }
+            }
+        }
+        for pattern in &self.ends {
+            let Some(state) = value.patterns.get_mut(pattern) else {
+                continue;
+            };
+            if state.paused || state.replay.is_some() {
+                continue;
+            }
+            if let Some(hold) = state.hold.as_mut() {
+                // Resumed before the keyed lane's holder took it out of
+                // the keyed consumer: its keyed messages never waited, and
+                // the keyed lane goes on as is.
+                let kept_keyed = !hold.keyed_left;
+                if kept_keyed {
+                    hold.keyed_left = true;
+                    hold.keyed_after = u64::MAX;
+                }
+                state.replay = Some(Replay {
+                    keyed_joined: kept_keyed,
+                    keyed_read: kept_keyed,
+                });
+                state.from_seq = state.from_seq.max(self.resumed);
+            }
+        }
+        *value != before
+    }
+}
+
 pub(crate) fn is_consumer_not_found(kind: ConsumerErrorKind) -> bool {
     matches!(kind, ConsumerErrorKind::JetStream(e) if e.error_code() == ErrorCode::CONSUMER_NOT_FOUND)
 }
@@ -624,12 +961,7 @@ mod tests {
             history: StartFrom::Beginning,
         };
         assert!(entry.apply(&with_history));
-        assert_eq!(
-            entry.patterns["audit.>"].replay,
-            Some(Replay {
-                keyed_joined: false
-            })
-        );
+        assert_eq!(entry.patterns["audit.>"].replay, Some(Replay::default()));
         assert_eq!(entry.lane_patterns(Lane::Unkeyed), ["audit.>", "todo.*"]);
         assert_eq!(entry.lane_patterns(Lane::Keyed), ["todo.*"]);
         // Subscribing again with a start replays nothing more.
@@ -660,6 +992,7 @@ mod tests {
         let pause = Upstream::Pause {
             service: "todo".into(),
             pattern: "audit.>".into(),
+            whole: false,
         };
         assert!(entry.apply(&pause));
         assert!(!entry.apply(&pause));
@@ -670,6 +1003,7 @@ mod tests {
         let unknown = Upstream::Resume {
             service: "todo".into(),
             pattern: "nope".into(),
+            whole: false,
         };
         assert!(!entry.apply(&unknown));
         assert!(entry.apply(&Upstream::Unsubscribe {

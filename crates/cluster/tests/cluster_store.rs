@@ -202,6 +202,7 @@ async fn appends_are_stored_once_and_subscriptions_make_consumers() {
     store.upstream(Upstream::Pause {
         service: "todo".into(),
         pattern: "audit.>".into(),
+        whole: false,
     });
     sync(&mut store).unwrap();
     let info = consumer_info(&provisioned, "svc-todo").await.unwrap();
@@ -213,6 +214,7 @@ async fn appends_are_stored_once_and_subscriptions_make_consumers() {
     store.upstream(Upstream::Pause {
         service: "todo".into(),
         pattern: "todo.*".into(),
+        whole: false,
     });
     sync(&mut store).unwrap();
     for name in ["svc-todo", "svc-todo-keyed"] {
@@ -233,6 +235,7 @@ async fn appends_are_stored_once_and_subscriptions_make_consumers() {
     store.upstream(Upstream::Resume {
         service: "todo".into(),
         pattern: "todo.*".into(),
+        whole: false,
     });
     sync(&mut store).unwrap();
     let info = wait_for("svc-todo resumed", Duration::from_secs(5), || async {

@@ -51,13 +51,17 @@ pub enum Upstream {
         service: String,
         pattern: String,
     },
+    /// `whole`: every pattern of the service pauses (or resumes) with
+    /// this change; its other patterns' changes follow.
     Pause {
         service: String,
         pattern: String,
+        whole: bool,
     },
     Resume {
         service: String,
         pattern: String,
+        whole: bool,
     },
     /// The registry's entry for instance `id` of `service` is now `record`
     /// (the core's encoding of the instance and its health; `None`: it

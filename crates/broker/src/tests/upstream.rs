@@ -839,25 +839,41 @@ fn a_reply_whose_requester_left_this_node_goes_to_its_service_elsewhere_or_waits
 }
 
 #[test]
-fn a_service_pauses_as_a_whole_on_a_backend() {
+fn a_pattern_pauses_alone_or_the_whole_service_on_a_backend() {
     let mut h = node();
     h.connect(1, "worker", 10);
     h.subscribe(1, "job.*");
     h.subscribe(1, "audit.>");
     h.actions();
-    let refused = h.broker.pause_subscription("worker", Some("job.*"), h.now);
-    assert!(
-        matches!(refused, Err(PauseError::PartialOnCluster { .. })),
-        "{refused:?}"
+    let told = h.broker.store().told.len();
+    let paused = h
+        .broker
+        .pause_subscription("worker", Some("job.*"), h.now)
+        .expect("one pattern pauses");
+    assert_eq!(paused, ["job.*"]);
+    assert_eq!(
+        h.broker.store().told[told..],
+        [Upstream::Pause {
+            service: "worker".into(),
+            pattern: "job.*".into(),
+            whole: false,
+        }],
+        "the backend holds the pattern's messages"
     );
+    assert_eq!(
+        h.broker.fetch_credit("worker"),
+        10,
+        "the other pattern goes on"
+    );
+    h.broker
+        .resume_subscription("worker", Some("job.*"), h.now)
+        .expect("it resumes");
     let paused = h
         .broker
         .pause_subscription("worker", None, h.now)
         .expect("the whole service pauses");
     assert_eq!(paused.len(), 2);
     assert_eq!(h.broker.fetch_credit("worker"), 0, "fetches while paused");
-    let refused = h.broker.resume_subscription("worker", Some("job.*"), h.now);
-    assert!(matches!(refused, Err(PauseError::PartialOnCluster { .. })));
     h.broker
         .resume_subscription("worker", None, h.now)
         .expect("the whole service resumes");

@@ -269,7 +269,7 @@ async fn lead_keyed_lane(
                 tokio::pin!(keyed);
                 tokio::select! {
                     () = &mut keyed => return,
-                    () = table.replay_appears(&service) => {}
+                    () = table.keyed_change_appears(&service) => {}
                     _ = lane_stopped.changed() => {}
                 }
                 let _ = keyed_stop.send(true);
@@ -302,9 +302,8 @@ async fn lead_keyed_lane(
                 }
                 let consumer = courier_cluster::consumers::consumer_name(&service, Lane::Keyed);
                 node.in_progress.release_consumer(&consumer);
-                for pattern in table.replaying(&service) {
-                    let replay = courier_cluster::consumers::replay_consumer_name(&service, &pattern);
-                    node.in_progress.release_consumer(&replay);
+                for consumer in table.hand_out_consumers(&service) {
+                    node.in_progress.release_consumer(&consumer);
                 }
             }
             () = stopping => {
@@ -345,12 +344,7 @@ async fn wait_for_takeover(connection: &Connection, service: &str, table: &Subsc
         service,
         Lane::Keyed,
     )];
-    consumers.extend(
-        table
-            .replaying(service)
-            .iter()
-            .map(|pattern| courier_cluster::consumers::replay_consumer_name(service, pattern)),
-    );
+    consumers.extend(table.hand_out_consumers(service));
     let mut wait = Duration::ZERO;
     let mut unacknowledged = 0;
     for name in consumers {

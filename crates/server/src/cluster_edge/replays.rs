@@ -92,38 +92,36 @@ impl SubscriptionTable {
         })
     }
 
-    /// Whether `service` has a replay the keyed lane has not joined.
-    fn replay_waiting(&self, service: &str) -> bool {
-        self.entries().get(service).is_some_and(|entry| {
-            entry
-                .patterns
-                .values()
-                .any(|s| s.replay.as_ref().is_some_and(|r| !r.keyed_joined))
-        })
+    /// Whether the keyed lane of `service` has a change waiting for its
+    /// holder: a replay to join, a held pattern to leave.
+    fn keyed_change_waiting(&self, service: &str) -> bool {
+        self.entries()
+            .get(service)
+            .is_some_and(ServiceSubscriptions::keyed_lane_change_waiting)
     }
 
-    /// Returns once `service` has a replay the keyed lane has not joined.
-    pub(crate) async fn replay_appears(&self, service: &str) {
+    /// Returns once the keyed lane of `service` has a change waiting.
+    pub(crate) async fn keyed_change_appears(&self, service: &str) {
         let mut version = self.version.subscribe();
-        while !self.replay_waiting(service) {
+        while !self.keyed_change_waiting(service) {
             if version.changed().await.is_err() {
                 return std::future::pending().await;
             }
         }
     }
 
-    /// The patterns of `service` with an unfinished replay.
-    pub(crate) fn replaying(&self, service: &str) -> Vec<String> {
-        self.entries().get(service).map_or_else(Vec::new, |entry| {
-            entry
-                .patterns
-                .iter()
-                .filter(|(_, s)| s.replay.is_some())
-                .map(|(p, _)| p.clone())
-                .collect()
-        })
+    /// The consumers of `service`'s unfinished replays and holds.
+    pub(crate) fn hand_out_consumers(&self, service: &str) -> Vec<String> {
+        self.entries()
+            .get(service)
+            .map_or_else(Vec::new, |entry| entry.hand_out_consumers(service))
     }
 }
+
+/// Waited for after the last pull of the keyed lane's expiry, before its
+/// consumer's delivered seq is read: the server may still fill a pull
+/// until it expires.
+const PULL_LAPSE_MARGIN: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// The keyed lane holder's part: every unfinished replay of `service`,
 /// in turn, joined to the keyed lane, handed out and ended. `Stopped`
@@ -146,8 +144,32 @@ pub(crate) async fn hand_out_replays(
         return Ok(Drained::Done);
     };
     table.update(service, Some(entry.clone()));
+    // Patterns paused alone leave the keyed consumer, at a seq read while
+    // nothing is fetched from it (a pull made before lapses first).
+    let leaving: Vec<&String> = entry
+        .patterns
+        .iter()
+        .filter(|(_, s)| s.paused && s.hold.as_ref().is_some_and(|h| !h.keyed_left))
+        .map(|(p, _)| p)
+        .collect();
+    if !leaving.is_empty() {
+        tokio::time::sleep(courier_cluster::fetch::FETCH_EXPIRES + PULL_LAPSE_MARGIN).await;
+        let keyed_after = node
+            .services
+            .keyed_delivered(service)
+            .await
+            .map_err(|e| e.to_string())?
+            .unwrap_or(0);
+        for pattern in leaving {
+            node.services
+                .leave_keyed_lane(service, pattern, keyed_after)
+                .await
+                .map_err(|e| e.to_string())?;
+            info!(%service, %pattern, keyed_after, "paused: the pattern's keyed messages wait");
+        }
+    }
     for (pattern, state) in entry.patterns.iter().filter(|(_, s)| s.replay.is_some()) {
-        let state = if state.keyed_from_seq == 0 {
+        let state = if state.keyed_join_waiting() {
             let joined = node
                 .services
                 .join_keyed_lane(service, pattern)
@@ -230,7 +252,15 @@ mod tests {
         table.update(
             "audit",
             Some(entry(&[
-                ("audit.*", 10, 20, Some(Replay { keyed_joined: true })),
+                (
+                    "audit.*",
+                    10,
+                    20,
+                    Some(Replay {
+                        keyed_joined: true,
+                        keyed_read: true,
+                    }),
+                ),
                 ("audit.login", 0, 0, None),
             ])),
         );
@@ -248,15 +278,16 @@ mod tests {
     #[test]
     fn what_this_node_wrote_outlives_an_older_view() {
         let table = Arc::new(SubscriptionTable::default());
-        let joining = Some(Replay {
-            keyed_joined: false,
-        });
+        let joining = Some(Replay::default());
         table.update("s", Some(entry(&[("a.*", 10, 0, joining.clone())])));
-        assert!(table.replay_waiting("s"));
+        assert!(table.keyed_change_waiting("s"));
         let joined = PatternState {
             from_seq: 10,
             keyed_from_seq: 30,
-            replay: Some(Replay { keyed_joined: true }),
+            replay: Some(Replay {
+                keyed_joined: true,
+                keyed_read: true,
+            }),
             ..PatternState::default()
         };
         table.note("s", "a.*", &joined);
@@ -265,6 +296,6 @@ mod tests {
         assert!(skips(&table, "s", Lane::Keyed, "a.b", 30));
         table.update("s", None);
         assert!(!skips(&table, "s", Lane::Keyed, "a.b", 30));
-        assert!(table.replaying("s").is_empty());
+        assert!(table.hand_out_consumers("s").is_empty());
     }
 }

@@ -58,8 +58,8 @@ impl ServiceWriter {
                 None => self.last_seq(service).await?,
             };
             let keyed = self.delivered(service, Lane::Keyed).await?;
+            let start = unkeyed.min(keyed.unwrap_or(unkeyed)) + 1;
             for (pattern, was_paused) in begins {
-                let start = unkeyed.min(keyed.unwrap_or(unkeyed)) + 1;
                 self.make_held_consumer(service, pattern, start, ack_wait)
                     .await?;
                 // A pattern that was paused with the whole service stays

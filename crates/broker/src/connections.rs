@@ -52,6 +52,7 @@ impl<S: MessageStore> Broker<S> {
                 send_bucket: svc.send_bucket.clone(),
                 streams: Default::default(),
                 pipelined_keys: false,
+                relay: false,
             },
         );
         // Replies that arrived while no instance of this service was here.
@@ -117,11 +118,14 @@ impl<S: MessageStore> Broker<S> {
         for command in &c.streams {
             self.requester_left(*command, now);
         }
-        self.deregister_bus_instance(&c.service, &c.instance);
+        if !c.relay {
+            self.deregister_bus_instance(&c.service, &c.instance);
+        }
         let Some(svc) = self.services.get_mut(c.service.as_str()) else {
             return;
         };
         svc.instances.retain(|i| *i != conn);
+        svc.relays.retain(|i| *i != conn);
         // Oldest first: a key's first delivery out is retried (counted)
         // and takes the later ones of its key back with it, in order.
         let mut deliveries: Vec<(Seq, DeliveryId)> = svc

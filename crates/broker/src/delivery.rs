@@ -38,7 +38,7 @@ impl<S: MessageStore> Broker<S> {
             let partly_paused = !svc.paused.is_empty();
             // Without an instance that has room, looking at messages (which
             // may mean reading them from disk) is wasted work.
-            let has_room = svc.instances.iter().any(|i| {
+            let has_room = svc.instances.iter().chain(&svc.relays).any(|i| {
                 self.conns.get(i).is_some_and(|c| {
                     !c.draining
                         && !c.paused
@@ -161,12 +161,13 @@ impl<S: MessageStore> Broker<S> {
                 );
                 continue;
             }
+            let keyed = entry.key().is_some();
             let holder = entry.key().and_then(|key| svc.queue.key_holder(key));
             let picked = match holder {
                 // A key out on a connection goes on there (pipelined) or
                 // not at all until it comes back.
                 Some(conn) => self.pick_holder(service, conn, &message.name),
-                None => self.pick(service, &message.name),
+                None => self.pick(service, &message.name, keyed),
             };
             match picked {
                 Pick::Conn(conn) => {
@@ -179,7 +180,13 @@ impl<S: MessageStore> Broker<S> {
                     entry.attempts += 1;
                     let attempt = entry.attempts;
                     let keyed = entry.key().is_some();
-                    let deadline = now + u64::from(svc.ack_deadline_ms) * NANOS_PER_MS;
+                    let relay = self.conns.get(&conn).is_some_and(|c| c.relay);
+                    // A relay's node runs the deadline of its instances.
+                    let deadline = if relay {
+                        queue::NOT_ARMED
+                    } else {
+                        now + u64::from(svc.ack_deadline_ms) * NANOS_PER_MS
+                    };
                     self.next_delivery += 1;
                     let delivery = self.next_delivery;
                     let seq = entry.seq;
@@ -213,6 +220,19 @@ impl<S: MessageStore> Broker<S> {
                     }
                     if let Some(c) = self.conns.get_mut(&conn) {
                         c.in_flight += 1;
+                    }
+                    if relay {
+                        // Counted and traced where it is handled.
+                        self.actions.push(Action::Deliver {
+                            conn,
+                            delivery,
+                            attempt: wire_attempt,
+                            message,
+                            log_seq: seq,
+                        });
+                        continue;
+                    }
+                    if let Some(c) = self.conns.get(&conn) {
                         if traced {
                             push_trace(
                                 &mut self.traces,
@@ -248,8 +268,16 @@ impl<S: MessageStore> Broker<S> {
                         log_seq: seq,
                     });
                 }
-                Pick::AllBusy if holder.is_some() => {
-                    // Only its holder may take it; others may take the rest.
+                Pick::AllBusy
+                    if holder.is_some()
+                        || (!keyed
+                            && self
+                                .services
+                                .get(service)
+                                .is_some_and(|s| !s.relays.is_empty())) =>
+                {
+                    // Only its holder may take it (or, unkeyed, only the
+                    // instances here); others may take the rest.
                     index += 1;
                     skipped += 1;
                     if skipped >= UNMATCHED_SCAN_MAX {
@@ -271,15 +299,19 @@ impl<S: MessageStore> Broker<S> {
     /// The receiver handled a delivery.
     pub fn ack(&mut self, conn: ConnId, delivery: DeliveryId, now: Nanos) {
         let wall_now = self.wall(now);
+        let relay = self.is_relay(conn);
         let Some(flight) = self.take_flight(conn, delivery, now) else {
             // A reply of a flow-controlled stream: one credit back.
             self.ack_reply(conn, delivery, now);
             return;
         };
-        self.metrics.acked += 1;
         let service = flight.1;
-        if let Some(t) = self.traffic.traffic(flight.0.name, &service) {
-            t.acked += 1;
+        if !relay {
+            // A relay's are counted where they were handled.
+            self.metrics.acked += 1;
+            if let Some(t) = self.traffic.traffic(flight.0.name, &service) {
+                t.acked += 1;
+            }
         }
         let seq = flight.0.entry.seq;
         self.journal(Op::Acked {
@@ -309,6 +341,7 @@ impl<S: MessageStore> Broker<S> {
     /// The receiver could not handle a delivery now; retry after `delay_ms`.
     pub fn nack(&mut self, conn: ConnId, delivery: DeliveryId, delay_ms: u32, now: Nanos) {
         let wall_now = self.wall(now);
+        let relay = self.is_relay(conn);
         let Some((flight, service)) = self.take_flight(conn, delivery, now) else {
             // A reply of a flow-controlled stream: the requester stops
             // reading it.
@@ -316,9 +349,11 @@ impl<S: MessageStore> Broker<S> {
             return;
         };
         self.take_back_key(&service, &flight);
-        self.metrics.nacked += 1;
-        if let Some(t) = self.traffic.traffic(flight.name, &service) {
-            t.nacked += 1;
+        if !relay {
+            self.metrics.nacked += 1;
+            if let Some(t) = self.traffic.traffic(flight.name, &service) {
+                t.nacked += 1;
+            }
         }
         if flight.traced {
             push_trace(
@@ -355,7 +390,11 @@ impl<S: MessageStore> Broker<S> {
         if svc.queue.in_flight.get(&delivery).map(|f| f.conn) != Some(conn) {
             return None;
         }
-        let next_deadline = now + u64::from(svc.ack_deadline_ms) * NANOS_PER_MS;
+        let next_deadline = if c.relay {
+            queue::NOT_ARMED
+        } else {
+            now + u64::from(svc.ack_deadline_ms) * NANOS_PER_MS
+        };
         let flight = svc.queue.finish(delivery, next_deadline)?;
         c.in_flight = c.in_flight.saturating_sub(1);
         Some((flight, c.service.clone()))
@@ -425,13 +464,19 @@ impl<S: MessageStore> Broker<S> {
                 entry.attempts, svc.max_deliveries
             );
             self.dead_letter(service, entry, bytes, name, reason, now);
-        } else if self.upstream && delay > 0 && entry.key().is_some() {
-            // A keyed retry after a delay stays here, holding its key as on
-            // one broker: NAKed with the delay, the backend would hand out
-            // the key's later messages meanwhile. Unsettled on the backend,
-            // it comes back in the key's order if this node goes (its
-            // deadline there passes) or gives its work back.
-            svc.queue.defer_retry(now + delay, entry);
+        } else if self.upstream && entry.key().is_some() && (delay > 0 || svc.keyed_lane_here) {
+            // A keyed retry stays here, holding its key as on one broker:
+            // NAKed with a delay, the backend would hand out the key's
+            // later messages meanwhile; NAKed at once by the keyed lane's
+            // holder, the key's later messages already on their way here
+            // would come before it. Unsettled on the backend, it comes
+            // back in the key's order if this node goes (its deadline
+            // there passes) or gives its work back.
+            if delay == 0 {
+                svc.queue.make_ready_again(entry);
+            } else {
+                svc.queue.defer_retry(now + delay, entry);
+            }
         } else if self.upstream {
             // The backend's consumer redelivers (to any node) and counts
             // the attempt; kept here too, it would be delivered twice.

@@ -21,9 +21,12 @@
 //!   once, before the bookkeeping of its batch (delivered, acked) is
 //!   durable. A crash before that bookkeeping is durable delivers the
 //!   message again, the duplicate at-least-once allows. Consuming a
-//!   backlog thus never waits for the disk, and a connection's deliveries
-//!   keep their order; a redelivery still waits for its batch (a receiver
-//!   nacking without delay must not spend the attempts in a tight loop);
+//!   backlog thus never waits for the disk; a redelivery still waits for
+//!   its batch (a receiver nacking without delay must not spend the
+//!   attempts in a tight loop);
+//! - a connection's deliveries keep their order: one queues behind the
+//!   held deliveries to its connection, from any batch (on a backend that
+//!   keeps delivery state, a batch that only delivers stores nothing);
 //! - answers (everything but deliveries) to one connection keep their
 //!   order: one queues behind the held answers to its connection; a PONG
 //!   waits for everything stored before it (it confirms quiet sends, which
@@ -132,6 +135,15 @@ impl Durability {
                 && !self.held_answers.contains_key(conn))
     }
 
+    /// A delivery to a connection whose earlier deliveries wait for the
+    /// disk waits behind them, even from a batch that stored nothing (on a
+    /// backend that keeps delivery state, most deliveries): a pipelined
+    /// receiver takes a key's deliveries in arrival order.
+    fn deliveries_held_for(&self, action: &Action) -> bool {
+        !stored_nowhere(action)
+            && matches!(action, Action::Deliver { conn, .. } if self.held_deliveries.contains_key(conn))
+    }
+
     fn answers_held_for(&self, action: &Action) -> bool {
         !matches!(action, Action::Deliver { .. })
             && self.held_answers.contains_key(&conn_of(action))
@@ -223,6 +235,7 @@ impl<S: MessageStore> Broker<S> {
                 // held to queue behind: it waits for everything stored.
                 if matches!(action, Action::Pong { .. })
                     || self.durability.answers_held_for(&action)
+                    || self.durability.deliveries_held_for(&action)
                 {
                     self.durability.hold(end, action);
                 } else {

@@ -156,6 +156,7 @@ impl<S: MessageStore> Broker<S> {
         let mut out: Vec<InstanceInfo> = self
             .conns
             .iter()
+            .filter(|(_, c)| !c.relay)
             .map(|(id, c)| InstanceInfo {
                 conn: *id,
                 service: c.service.to_string(),
@@ -174,7 +175,7 @@ impl<S: MessageStore> Broker<S> {
     /// Live connections per service (instances and senders alike).
     pub fn connections_by_service(&self) -> Vec<(String, usize)> {
         let mut counts: std::collections::BTreeMap<&str, usize> = Default::default();
-        for c in self.conns.values() {
+        for c in self.conns.values().filter(|c| !c.relay) {
             *counts.entry(c.service.as_str()).or_default() += 1;
         }
         counts

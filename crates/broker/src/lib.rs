@@ -27,6 +27,7 @@ mod queue;
 mod recovery;
 mod refcount;
 pub mod registry;
+mod relays;
 mod repeats;
 mod routing;
 mod send;
@@ -118,6 +119,9 @@ struct Conn {
     streams: std::collections::HashSet<Uuid, foldhash::fast::RandomState>,
     /// It takes a key's messages pipelined (protocol version 4).
     pipelined_keys: bool,
+    /// Another node's instances of the service, reached through its edge
+    /// (`relays.rs`): keyed deliveries only, no ack deadline here.
+    relay: bool,
 }
 
 /// A service's send-rate token bucket, held by each of its connections
@@ -185,6 +189,12 @@ struct Service {
     max_deliveries: u32,
     /// Connected instances, in connection order.
     instances: Vec<ConnId>,
+    /// Other nodes' instances, when this node holds the service's keyed
+    /// lane on a replicated backend (`relays.rs`).
+    relays: Vec<ConnId>,
+    /// This node holds the service's keyed lane on a replicated backend:
+    /// its keyed retries stay here (`upstream.rs`).
+    keyed_lane_here: bool,
     /// Round-robin cursor into `instances`.
     next_instance: usize,
     queue: Queue,
@@ -206,6 +216,8 @@ impl Service {
             ack_deadline_ms: config.ack_deadline_ms,
             max_deliveries: config.max_deliveries,
             instances: Vec::new(),
+            relays: Vec::new(),
+            keyed_lane_here: false,
             next_instance: 0,
             queue: Queue::default(),
             waiting: VecDeque::new(),
@@ -239,6 +251,7 @@ impl Service {
     fn is_idle(&self) -> bool {
         self.patterns.is_empty()
             && self.instances.is_empty()
+            && self.relays.is_empty()
             && self.queue.is_empty()
             && self.parked_replies.is_empty()
     }

@@ -395,15 +395,26 @@ impl<S: MessageStore> Broker<S> {
         }
     }
 
-    pub(crate) fn pick(&mut self, service: &str, name: &str) -> Pick {
+    /// An instance for a message named `name` that no connection holds
+    /// the key of, in turn; a keyed one may go to a relay too
+    /// (`relays.rs`), counted after the instances here.
+    pub(crate) fn pick(&mut self, service: &str, name: &str, keyed: bool) -> Pick {
         let Some(svc) = self.services.get_mut(service) else {
             return Pick::NoneMatching;
         };
-        let n = svc.instances.len();
+        let local = svc.instances.len();
+        let n = if keyed {
+            local + svc.relays.len()
+        } else {
+            local
+        };
         let mut any_matching = false;
         for k in 0..n {
             let idx = (svc.next_instance + k) % n;
-            let conn = svc.instances[idx];
+            let conn = match svc.instances.get(idx) {
+                Some(conn) => *conn,
+                None => svc.relays[idx - local],
+            };
             let Some(c) = self.conns.get(&conn) else {
                 continue;
             };

@@ -168,7 +168,7 @@ impl<S: MessageStore> Broker<S> {
         svc.paused.remove(pattern);
         self.subscribers.remove(pattern, &service.to_string());
         self.route_cache.clear();
-        for instance in &svc.instances {
+        for instance in svc.instances.iter().chain(&svc.relays) {
             if let Some(c) = self.conns.get_mut(instance) {
                 c.patterns.remove(pattern);
             }
@@ -182,7 +182,7 @@ impl<S: MessageStore> Broker<S> {
                     release(&mut self.store, &mut self.refs, entry.seq);
                 }
             }
-            for instance in &svc.instances {
+            for instance in svc.instances.iter().chain(&svc.relays) {
                 if let Some(c) = self.conns.get_mut(instance) {
                     c.in_flight = 0;
                 }

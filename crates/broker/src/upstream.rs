@@ -167,11 +167,15 @@ impl<S: MessageStore> Broker<S> {
                 return;
             }
         };
-        if self
-            .services
-            .get(&service)
-            .is_none_or(|s| s.patterns.is_empty())
-        {
+        // No instance here consumes it (any more): a relayed delivery can
+        // come after the last one left.
+        let consumed_here = self.services.get(&service).is_some_and(|s| {
+            !s.patterns.is_empty()
+                && s.instances
+                    .iter()
+                    .any(|i| self.conns.get(i).is_some_and(|c| !c.patterns.is_empty()))
+        });
+        if !consumed_here {
             self.store.upstream(Upstream::Nak { seq, delay_ms: 0 });
             self.store.remove(seq);
             return;
@@ -199,16 +203,21 @@ impl<S: MessageStore> Broker<S> {
     /// now: their free in-flight room, less what already waits here for
     /// them. The edge fetches no more than this, so a node never holds
     /// work it cannot hand out while other nodes could.
-    pub fn fetch_credit(&self, service: &str) -> u32 {
+    ///
+    /// `keyed`: for the keyed lane, whose messages the relays to other
+    /// nodes' instances take too (`relays.rs`).
+    pub fn fetch_credit(&self, service: &str, keyed: bool) -> u32 {
         let Some(svc) = self.services.get(service) else {
             return 0;
         };
         if svc.is_paused() {
             return 0;
         }
+        let relays: &[ConnId] = if keyed { &svc.relays } else { &[] };
         let room: u64 = svc
             .instances
             .iter()
+            .chain(relays)
             .filter_map(|i| self.conns.get(i))
             .filter(|c| !c.draining && !c.paused && !c.patterns.is_empty())
             .map(|c| u64::from(c.max_in_flight.saturating_sub(c.in_flight)))
@@ -305,11 +314,21 @@ impl<S: MessageStore> Broker<S> {
             // Unsettled: the store gives it back to the backend.
             release(&mut self.store, &mut self.refs, seq);
         }
-        for instance in &svc.instances {
+        for instance in svc.instances.iter().chain(&svc.relays) {
             if let Some(c) = self.conns.get_mut(instance) {
                 c.in_flight = 0;
             }
         }
+    }
+
+    /// This node holds `service`'s keyed lane now: it fetches the keyed
+    /// messages, so a failed one (nack, deadline, its instance gone) is
+    /// retried here, in its key's line, instead of going back to the
+    /// backend — whose redelivery would come after the key's later
+    /// messages already on their way here.
+    pub fn keyed_lane_gained(&mut self, service: &str) {
+        let config = &self.config;
+        self.services.get_or_insert(service, config).keyed_lane_here = true;
     }
 
     /// This node no longer holds `service`'s keyed lane (its lease ended):
@@ -323,6 +342,7 @@ impl<S: MessageStore> Broker<S> {
         let Some(svc) = self.services.get_mut(service) else {
             return;
         };
+        svc.keyed_lane_here = false;
         let back = svc.queue.give_back_keyed();
         for entry in back {
             let bytes = match self.store.get(entry.seq) {

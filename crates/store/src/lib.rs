@@ -368,6 +368,11 @@ pub trait MessageStore: Send {
             "this store is the log itself: it holds no fetched messages".to_string(),
         ))
     }
+    /// The handle a fetched message held at `seq` settles by, while held.
+    fn fetched_handle(&self, seq: Seq) -> Option<AckHandle> {
+        let _ = seq;
+        None
+    }
     /// A delivery-state change for a store that does not keep deliveries;
     /// whatever it must make durable is waited for by the next sync.
     fn upstream(&mut self, change: Upstream) {
@@ -803,6 +808,9 @@ impl<T: MessageStore + ?Sized> MessageStore for Box<T> {
         handle: AckHandle,
     ) -> Result<Seq, StoreError> {
         (**self).hold_fetched(message, handle)
+    }
+    fn fetched_handle(&self, seq: Seq) -> Option<AckHandle> {
+        (**self).fetched_handle(seq)
     }
     fn upstream(&mut self, change: Upstream) {
         (**self).upstream(change)

@@ -379,7 +379,20 @@ pub(super) fn never_overtake<S: ModelBackend>(
     ops: Vec<KeyOp>,
     nack_delay_ms: u32,
 ) -> Result<(), TestCaseError> {
+    never_overtake_as::<S>(ops, nack_delay_ms, false)
+}
+
+/// [`never_overtake`]; `holds_lane`: on a backend, the node holds the
+/// service's keyed lane (its keyed retries stay on it).
+pub(super) fn never_overtake_as<S: ModelBackend>(
+    ops: Vec<KeyOp>,
+    nack_delay_ms: u32,
+    holds_lane: bool,
+) -> Result<(), TestCaseError> {
     let mut m = KeyModel::<S>::new(nack_delay_ms);
+    if holds_lane {
+        m.h.broker.keyed_lane_gained("worker");
+    }
     m.connect(true);
     for op in ops {
         m.apply(op);

@@ -29,6 +29,9 @@ struct BackendStore {
     handle_of: HashMap<Seq, AckHandle>,
     /// A JetStream consumer of what was appended, for the key model.
     consumer: SimConsumer,
+    /// Syncs run as jobs ([`Broker::start_sync`]), as the server runs
+    /// them, instead of in place.
+    sync_jobs: bool,
 }
 
 /// A durable pull consumer as JetStream runs one (as
@@ -115,6 +118,15 @@ impl MessageStore for BackendStore {
     }
     fn keeps_deliveries(&self) -> bool {
         false
+    }
+    fn persistent(&self) -> bool {
+        self.sync_jobs
+    }
+    fn start_sync(&mut self) -> Result<Option<courier_store::SyncJob>, StoreError> {
+        if self.sync_jobs {
+            return Ok(Some(courier_store::SyncJob::marker(self.next_seq + 1)));
+        }
+        self.sync().map(|()| None)
     }
     fn hold_fetched(
         &mut self,
@@ -204,7 +216,7 @@ impl super::pipelined_keys::ModelBackend for BackendStore {
     fn run(h: &mut Harness<Self>) {
         let now = h.now;
         h.broker.store_mut().consumer_takes_outcomes(now);
-        while h.broker.fetch_credit("worker") > 0 {
+        while h.broker.fetch_credit("worker", false) > 0 {
             let Some((seq, attempt, message)) = h.broker.store_mut().consumer_next(now) else {
                 break;
             };
@@ -255,6 +267,15 @@ proptest! {
         ops in proptest::collection::vec(super::pipelined_keys::key_op(), 1..250)
     ) {
         super::pipelined_keys::never_overtake::<BackendStore>(ops, 20)?;
+    }
+
+    /// … and on the keyed lane's holder, which keeps every keyed retry
+    /// (a NAK would race the messages of the key already on their way).
+    #[test]
+    fn pipelined_keys_never_overtake_on_the_keyed_lanes_holder(
+        ops in proptest::collection::vec(super::pipelined_keys::key_op(), 1..250)
+    ) {
+        super::pipelined_keys::never_overtake_as::<BackendStore>(ops, 0, true)?;
     }
 }
 
@@ -423,7 +444,7 @@ fn what_no_instance_here_can_take_goes_back_at_once() {
     h.connect(1, "worker", 1);
     h.subscribe(1, "job.*");
     h.actions();
-    assert_eq!(h.broker.fetch_credit("worker"), 1);
+    assert_eq!(h.broker.fetch_credit("worker", false), 1);
     h.broker.fetched(
         fetched("worker", command("job.run", "a"), 1, "ack-a"),
         h.now,
@@ -433,7 +454,7 @@ fn what_no_instance_here_can_take_goes_back_at_once() {
         h.now,
     );
     assert_eq!(h.deliveries().len(), 1);
-    assert_eq!(h.broker.fetch_credit("worker"), 0);
+    assert_eq!(h.broker.fetch_credit("worker", false), 0);
     assert_eq!(h.broker.consuming_services(), vec!["worker".to_string()]);
     h.broker.disconnect(1, h.now);
     h.actions();
@@ -861,7 +882,7 @@ fn a_pattern_pauses_alone_or_the_whole_service_on_a_backend() {
         "the backend holds the pattern's messages"
     );
     assert_eq!(
-        h.broker.fetch_credit("worker"),
+        h.broker.fetch_credit("worker", false),
         10,
         "the other pattern goes on"
     );
@@ -873,11 +894,15 @@ fn a_pattern_pauses_alone_or_the_whole_service_on_a_backend() {
         .pause_subscription("worker", None, h.now)
         .expect("the whole service pauses");
     assert_eq!(paused.len(), 2);
-    assert_eq!(h.broker.fetch_credit("worker"), 0, "fetches while paused");
+    assert_eq!(
+        h.broker.fetch_credit("worker", false),
+        0,
+        "fetches while paused"
+    );
     h.broker
         .resume_subscription("worker", None, h.now)
         .expect("the whole service resumes");
-    assert_eq!(h.broker.fetch_credit("worker"), 10);
+    assert_eq!(h.broker.fetch_credit("worker", false), 10);
 }
 
 #[test]
@@ -1015,7 +1040,7 @@ fn a_failed_publish_refuses_its_send_and_keeps_the_nodes_state() {
     h.send(2, 2, command("job.run", "y"));
     assert_eq!(results(&h.actions()), vec![(2, ErrorCode::Ok)]);
     assert_eq!(h.broker.store().held.len(), 1);
-    assert_eq!(h.broker.fetch_credit("worker"), 9);
+    assert_eq!(h.broker.fetch_credit("worker", false), 9);
 }
 
 /// A send refused as not stored, sent again with its id, is a new send:
@@ -1457,4 +1482,213 @@ fn a_node_that_loses_the_keyed_lane_gives_back_what_it_has_not_handed_out() {
         "a message of the lost lane went out"
     );
     assert!(h.broker.store().held.is_empty());
+}
+
+#[test]
+fn a_relay_takes_keyed_messages_only_without_a_deadline_and_its_failures_stay_here_in_order() {
+    const RELAY: ConnId = 100;
+    let mut h = node();
+    h.connect(1, "worker", 1);
+    h.subscribe(1, "job.*");
+    h.broker.keyed_lane_gained("worker");
+    h.broker
+        .open_relay(RELAY, "worker", "b", &["job.*".to_string()], 10, h.now);
+    h.actions();
+    assert!(
+        h.broker.instances().iter().all(|i| i.conn != RELAY),
+        "a relay is listed as an instance here"
+    );
+    assert_eq!(h.broker.fetch_credit("worker", false), 1);
+    assert_eq!(h.broker.fetch_credit("worker", true), 11);
+
+    // Unkeyed work stays with the instances here, however full.
+    for (payload, handle) in [("u1", "ack-u1"), ("u2", "ack-u2")] {
+        h.broker.fetched(
+            fetched("worker", command("job.run", payload), 1, handle),
+            h.now,
+        );
+    }
+    let out = h.deliveries();
+    assert_eq!(
+        out.iter().map(|d| d.0).collect::<Vec<_>>(),
+        [1],
+        "unkeyed work went to a relay: {out:?}"
+    );
+    h.broker.ack(out[0].0, out[0].1, h.now);
+    let next = h.deliveries();
+    assert_eq!(next.iter().map(|d| d.0).collect::<Vec<_>>(), [1]);
+    h.broker.ack(next[0].0, next[0].1, h.now);
+
+    // A key that goes to the relay goes there pipelined, marked as a
+    // key start on its first delivery.
+    for (payload, handle) in [("1", "ack-1"), ("2", "ack-2"), ("3", "ack-3")] {
+        h.broker.fetched(
+            fetched("worker", keyed("job.run", "k", payload), 1, handle),
+            h.now,
+        );
+    }
+    let relayed = h.deliveries();
+    assert_eq!(
+        relayed
+            .iter()
+            .map(|d| (d.0, d.4.clone()))
+            .collect::<Vec<_>>(),
+        [
+            (RELAY, Bytes::from_static(b"1")),
+            (RELAY, Bytes::from_static(b"2")),
+            (RELAY, Bytes::from_static(b"3"))
+        ]
+    );
+    assert_ne!(relayed[0].2 & courier_proto::ATTEMPT_KEY_START, 0);
+    assert_eq!(relayed[1].2 & courier_proto::ATTEMPT_KEY_START, 0);
+    assert_eq!(h.broker.relay_in_flight(RELAY), Some(3));
+
+    // The other node runs the deadlines: none passes here.
+    h.advance(60_000);
+    assert!(h.deliveries().is_empty());
+    assert_eq!(h.broker.relay_in_flight(RELAY), Some(3));
+
+    // Its first acked; its second nacked by the other node: the key
+    // starts again from the second, here (this node holds the keyed lane:
+    // nothing goes back to the backend, where the key's later messages
+    // could overtake it).
+    h.broker.store_mut().told.clear();
+    h.broker.ack(RELAY, relayed[0].1, h.now);
+    h.broker.nack(RELAY, relayed[1].1, 0, h.now);
+    // The other node's give-back of the third comes after: already back.
+    h.broker.nack(RELAY, relayed[2].1, 0, h.now);
+    let told_naks = |h: &Harness<BackendStore>| {
+        h.broker
+            .store()
+            .told
+            .iter()
+            .filter(|t| matches!(t, Upstream::Nak { .. }))
+            .count()
+    };
+    assert_eq!(told_naks(&h), 0, "given back to the backend");
+    let again = h.deliveries();
+    let payloads: Vec<(Bytes, u32)> = again
+        .iter()
+        .map(|d| (d.4.clone(), d.2 & !courier_proto::ATTEMPT_KEY_START))
+        .collect();
+    assert_eq!(payloads[0], (Bytes::from_static(b"2"), 2), "{again:?}");
+    for d in &again {
+        h.broker.ack(d.0, d.1, h.now);
+    }
+    let rest = h.deliveries();
+    for d in &rest {
+        h.broker.ack(d.0, d.1, h.now);
+    }
+    let handled: Vec<Bytes> = again.iter().chain(&rest).map(|d| d.4.clone()).collect();
+    assert_eq!(
+        handled,
+        [Bytes::from_static(b"2"), Bytes::from_static(b"3")]
+    );
+    assert_eq!(h.broker.relay_in_flight(RELAY), Some(0));
+
+    // Closed (its node is gone): what is out on it comes again, in order,
+    // to the instance here once it has room. (It is busy: the key goes to
+    // the relay first.)
+    h.broker.fetched(
+        fetched("worker", command("job.run", "u3"), 1, "ack-u3"),
+        h.now,
+    );
+    for (payload, handle) in [("4", "ack-4"), ("5", "ack-5")] {
+        h.broker.fetched(
+            fetched("worker", keyed("job.run", "j", payload), 1, handle),
+            h.now,
+        );
+    }
+    let out = h.deliveries();
+    let busy: Vec<_> = out.iter().filter(|d| d.0 == 1).collect();
+    let relayed: Vec<_> = out.iter().filter(|d| d.0 == RELAY).collect();
+    assert_eq!(relayed.len(), 2, "{out:?}");
+    h.broker.close_relay(RELAY, h.now);
+    assert_eq!(h.broker.relay_in_flight(RELAY), None);
+    assert_eq!(told_naks(&h), 0, "given back to the backend");
+    assert!(h.deliveries().is_empty(), "the instance here had no room");
+    h.broker.ack(busy[0].0, busy[0].1, h.now);
+    let again = h.deliveries();
+    assert_eq!(again.len(), 1, "{again:?}");
+    assert_eq!(
+        (again[0].4.clone(), again[0].2),
+        (Bytes::from_static(b"4"), 2)
+    );
+}
+
+#[test]
+fn a_connections_deliveries_keep_their_order_while_a_redelivery_waits_for_the_sync() {
+    let mut h = node();
+    h.connect(1, "worker", 10);
+    h.broker.set_pipelined_keys(1, true);
+    h.subscribe(1, "job.*");
+    h.broker.keyed_lane_gained("worker");
+    h.actions();
+    h.broker.store_mut().sync_jobs = true;
+    let ready = |h: &mut Harness<BackendStore>| {
+        h.broker.next_timer();
+        let mut out = Vec::new();
+        h.broker.take_ready_actions(&mut out);
+        out.into_iter()
+            .filter_map(|a| match a {
+                Action::Deliver {
+                    delivery,
+                    attempt,
+                    message,
+                    ..
+                } => Some((delivery, attempt, message.payload.clone())),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    for (payload, handle) in [("1", "ack-1"), ("2", "ack-2")] {
+        h.broker.fetched(
+            fetched("worker", keyed("job.run", "k", payload), 1, handle),
+            h.now,
+        );
+    }
+    let first = ready(&mut h);
+    assert_eq!(first.len(), 2, "{first:?}");
+    // The first is nacked for a retry in 10 ms: the retry (a redelivery)
+    // and the key's second wait for the sync of the pass that delivers
+    // them...
+    h.broker.nack(1, first[0].0, 10, h.now);
+    ready(&mut h);
+    h.now += 10 * MS;
+    h.broker.tick(h.now);
+    assert!(
+        ready(&mut h).is_empty(),
+        "a redelivery left before the sync"
+    );
+    // ... and so does the key's third, fetched meanwhile, though its pass
+    // stored nothing: it must not overtake them.
+    h.broker.fetched(
+        fetched("worker", keyed("job.run", "k", "3"), 1, "ack-3"),
+        h.now,
+    );
+    assert!(
+        ready(&mut h).is_empty(),
+        "a later delivery overtook the held ones"
+    );
+    let job = h.broker.start_sync().expect("a sync");
+    h.broker.finish_sync(job, Ok(()));
+    let out = ready(&mut h);
+    let order: Vec<(Bytes, u32)> = out
+        .iter()
+        .map(|(_, attempt, payload)| {
+            (
+                payload.clone(),
+                *attempt & !courier_proto::ATTEMPT_KEY_START,
+            )
+        })
+        .collect();
+    assert_eq!(
+        order,
+        [
+            (Bytes::from_static(b"1"), 2),
+            (Bytes::from_static(b"2"), 1),
+            (Bytes::from_static(b"3"), 1)
+        ]
+    );
+    assert_ne!(out[0].1 & courier_proto::ATTEMPT_KEY_START, 0);
 }

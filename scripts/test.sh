@@ -172,10 +172,11 @@ fi
 export COURIER_PYTHON="$PY_VENV/bin/python"
 echo "== cargo test"
 cargo test --workspace --locked
-# The SDK's and the CLI's end-to-end tests again, against two Courier
-# nodes on a three-server NATS JetStream cluster, clients on both.
-echo "== SDK and CLI end-to-end tests on a cluster"
-COURIER_E2E_BACKEND=cluster cargo test -p courier-cli --locked --test sdk_e2e --test cli_e2e
+# The SDK's, the CLI's and the ordering keys' end-to-end tests again,
+# against two Courier nodes on a three-server NATS JetStream cluster,
+# clients on both.
+echo "== SDK, CLI and ordering-key end-to-end tests on a cluster"
+COURIER_E2E_BACKEND=cluster cargo test -p courier-cli --locked --test sdk_e2e --test cli_e2e --test ordered_e2e
 # The SDK's OpenTelemetry spans (a feature, off by default).
 cargo test -p courier-client --features otel --locked
 # loom's models of the SDK's lock-free handshakes (crates/client/src/

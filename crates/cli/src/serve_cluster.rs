@@ -145,11 +145,13 @@ pub(crate) async fn join(args: &ServeArgs) -> anyhow::Result<Joined> {
         args.http.addr().map(|a| a.to_string()),
     );
     let in_progress = store.in_progress();
+    let given_back = store.given_back();
     let services = store.service_writer();
     Ok(Joined {
         store: Box::new(store),
         node: Arc::new(courier_server::ClusterNode {
             in_progress,
+            given_back,
             services,
             held_leases: Default::default(),
             connection,

@@ -22,6 +22,7 @@ pub mod nodes;
 pub mod parked;
 mod provision;
 pub mod reclaim;
+pub mod relay;
 pub mod replay;
 pub mod service_registry;
 pub mod services;

@@ -34,6 +34,7 @@ use crate::ack_subject::AckSubject;
 use crate::consumers::MAX_ACK_PENDING_DEFAULT;
 use crate::in_progress::InProgress;
 use crate::names::{service_token, NodeId};
+use crate::relay::{GivenBack, RelayHandle};
 use crate::services::ServiceWriter;
 use crate::{Connection, Provisioned};
 
@@ -279,6 +280,8 @@ pub struct ClusterStore {
     held: HashMap<Seq, Held>,
     /// Held messages kept alive on JetStream until settled.
     in_progress: Arc<InProgress>,
+    /// Keys given back to a relay's holder (`relay.rs`).
+    given_back: Arc<GivenBack>,
     /// The subscription table's writer (the keyed lane's holder joins
     /// and ends history replays with it).
     service_writer: ServiceWriter,
@@ -332,6 +335,7 @@ impl ClusterStore {
             next_seq: 1,
             held: HashMap::new(),
             in_progress,
+            given_back: Arc::default(),
             service_writer,
             batch: Batch::new(),
             batch_writes: 0,
@@ -354,6 +358,12 @@ impl ClusterStore {
     /// JetStream does not hand it out again while this node holds it.
     pub fn in_progress(&self) -> Arc<InProgress> {
         self.in_progress.clone()
+    }
+
+    /// The keys this node gave back to a relay's holder: their relayed
+    /// deliveries on the way are dropped until the key starts again.
+    pub fn given_back(&self) -> Arc<GivenBack> {
+        self.given_back.clone()
     }
 
     /// What changes the subscription table and the service consumers.
@@ -413,6 +423,9 @@ impl ClusterStore {
         }
         held.settled = true;
         self.in_progress.release(&held.handle);
+        if let (Some(key), Some(relayed)) = (&held.message.key, RelayHandle::parse(&held.handle)) {
+            self.given_back.given_back(&relayed, key);
+        }
         let body = if delay_ms == 0 {
             Bytes::from_static(b"-NAK")
         } else {
@@ -442,12 +455,14 @@ impl ClusterStore {
         // Waited for like a change (see `change`).
         self.take_seq();
         let built = AckSubject::parse(&ack)
+            .map(|parsed| parsed.stream_seq)
+            .or_else(|| RelayHandle::parse(&ack).map(|relayed| relayed.stream_seq))
             .ok_or_else(|| {
                 format!("the message's ack handle `{ack}` is not a JetStream ack subject")
             })
             .and_then(|parsed| {
                 encode(&message)
-                    .map(|payload| (parsed.stream_seq, payload))
+                    .map(|payload| (parsed, payload))
                     .map_err(|e| e.to_string())
             });
         match built {
@@ -677,6 +692,10 @@ impl MessageStore for ClusterStore {
             },
         );
         Ok(seq)
+    }
+
+    fn fetched_handle(&self, seq: Seq) -> Option<AckHandle> {
+        self.held.get(&seq).map(|held| held.handle.clone())
     }
 
     fn upstream(&mut self, change: Upstream) {

@@ -174,8 +174,7 @@ pub(crate) async fn metrics(
             .iter()
             .map(|s| s.service.clone())
             .collect();
-        snapshot.cluster =
-            Some(crate::cluster_edge::gauges::gather(&edge.node, &edge.readings, services).await);
+        snapshot.cluster = Some(crate::cluster_edge::gauges::gather(edge, services).await);
     }
     let text = encode_metrics(snapshot, started);
     (

@@ -529,6 +529,18 @@ fn encode_cluster(
     for (lease, held) in &c.leases {
         leases.gauge(&[("lease", lease.as_str())], f64::from(u8::from(*held)))?;
     }
+    let mut relays = Family::open(
+        encoder,
+        "courier_keyed_relay",
+        "1 for each other node this node relays a service's keyed messages to, as the holder of its keyed lane",
+        MetricType::Gauge,
+    )?;
+    for (service, node) in &c.relays {
+        relays.gauge(
+            &[("service", service.as_str()), ("node", node.as_str())],
+            1.0,
+        )?;
+    }
     let Some((reading, age)) = &c.counts else {
         return Ok(());
     };

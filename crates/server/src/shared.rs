@@ -267,6 +267,32 @@ impl Shared {
         }
     }
 
+    /// A delivery to another node's instances through a relay this node
+    /// holds (`cluster_edge/relaying.rs`); other actions for a connection
+    /// that is gone are dropped.
+    fn relay(&self, action: Action) {
+        let (
+            Some(edge),
+            Action::Deliver {
+                conn,
+                delivery,
+                attempt,
+                message,
+                log_seq,
+            },
+        ) = (&self.cluster, action)
+        else {
+            return;
+        };
+        edge.relays.send(crate::cluster_edge::relaying::Relayed {
+            conn,
+            delivery,
+            attempt,
+            message,
+            log_seq,
+        });
+    }
+
     /// Encodes actions into outboxes; returns how many connections were cut
     /// off as slow consumers, and those now over the pause threshold.
     pub(crate) fn dispatch(&self, actions: Vec<Action>) -> (u64, Vec<ConnId>) {
@@ -371,6 +397,7 @@ impl Shared {
             if current.as_ref().is_none_or(|(c, _)| *c != conn) {
                 current = None;
                 let Some(outbox) = outboxes.get(&conn) else {
+                    self.relay(action);
                     continue;
                 };
                 if !touched.iter().any(|o| Arc::ptr_eq(o, outbox)) {

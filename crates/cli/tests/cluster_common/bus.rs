@@ -102,18 +102,26 @@ impl Bus {
             Bus::Cluster { nodes, .. } => nodes,
         };
         let series = format!("courier_subscription_consumers{{service=\"{service}\"}}");
+        let relay = format!("courier_keyed_relay{{service=\"{service}\",");
         wait_for(
-            &format!("{n} consumer(s) of {service}"),
+            &format!("{n} consumer(s) of {service}, each node's reached by its keyed lane"),
             Duration::from_secs(10),
             || {
                 let mut consumers = 0.0;
+                let mut nodes_consuming = 0;
+                let mut relays = 0;
                 for node in [&nodes.a, &nodes.b] {
                     let http = node.http.as_deref().expect("the node's HTTP port");
                     let (status, body) = http_get(http, "/metrics", None);
                     assert_eq!(status, 200, "/metrics: {body}");
-                    consumers += metric(&body, &series)?;
+                    let here = metric(&body, &series)?;
+                    consumers += here;
+                    nodes_consuming += usize::from(here > 0.0);
+                    relays += body.lines().filter(|l| l.starts_with(&relay)).count();
                 }
-                (consumers >= n as f64).then_some(())
+                // The keyed lane's holder relays to every other node with
+                // consumers: until it does, their keys all go elsewhere.
+                (consumers >= n as f64 && relays + 1 >= nodes_consuming).then_some(())
             },
         );
     }

@@ -177,8 +177,11 @@ impl Broker {
         Broker::start_full(listen, data_dir, extra)
     }
 
+    /// Logs to the test's stderr at level `warn`, or as
+    /// `COURIER_E2E_LOG` says (e.g. `info`, for a failure to look into).
     fn start_full(listen: &str, data_dir: tempdir::Dir, extra: &[&str]) -> Broker {
-        Broker::start_logging(listen, data_dir, extra, "warn", Stdio::inherit())
+        let level = std::env::var("COURIER_E2E_LOG").unwrap_or_else(|_| "warn".to_string());
+        Broker::start_logging(listen, data_dir, extra, &level, Stdio::inherit())
     }
 
     fn start_logging(

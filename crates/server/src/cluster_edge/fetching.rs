@@ -1,6 +1,7 @@
 //! Fetching (docs/SCALE-OUT.md §4, §5, §9): a loop per service with a
 //! consuming instance here pulls its unkeyed lane always and its keyed
-//! lane while this node holds the lane's lease; transient messages no
+//! lane while this node holds the lane's lease (else it pulls its share
+//! from the holder, `relaying.rs`); transient messages no
 //! instance here takes are offered to the nodes with instances of their
 //! service, and taken from them.
 
@@ -114,12 +115,17 @@ pub(super) async fn run_fetchers(shared: Weak<Shared>) {
 }
 
 /// What a fetch loop asks before each pull: the room `service`'s
-/// instances here have.
-pub(super) fn credit_of(shared: Weak<Shared>, service: String) -> impl Fn() -> u32 + Send + Sync {
+/// instances here have — and, for the keyed lane (`keyed`), its relays
+/// to other nodes' instances.
+pub(super) fn credit_of(
+    shared: Weak<Shared>,
+    service: String,
+    keyed: bool,
+) -> impl Fn() -> u32 + Send + Sync {
     move || {
         shared
             .upgrade()
-            .map_or(0, |s| s.core().fetch_credit(&service))
+            .map_or(0, |s| s.core().fetch_credit(&service, keyed))
     }
 }
 
@@ -170,7 +176,7 @@ async fn fetch_service(
         connection.clone(),
         service.clone(),
         &[Lane::Unkeyed],
-        credit_of(shared.clone(), service.clone()),
+        credit_of(shared.clone(), service.clone(), false),
         room.clone(),
         deliver_to(shared.clone()),
         table.skip_for(&service),
@@ -182,8 +188,9 @@ async fn fetch_service(
         service.clone(),
         stop.clone(),
     );
+    let pulls = super::relaying::pull_keyed_lane(shared.clone(), service.clone(), stop.clone());
     let keyed = lead_keyed_lane(shared, connection, service, room, table, stop);
-    tokio::join!(unkeyed, keyed, transients);
+    tokio::join!(unkeyed, keyed, transients, pulls);
 }
 
 /// How often a node that does not hold a keyed lane's lease tries again.
@@ -227,6 +234,14 @@ async fn lead_keyed_lane(
         };
         info!(%service, "leading the keyed lane");
         node.held_leases.began(&key, &keeper);
+        if let Some(shared) = shared.upgrade() {
+            shared.with_core_deferred(|core, _| core.keyed_lane_gained(&service));
+        }
+        // Other nodes' instances pull their share while this node leads.
+        let _pulls = crate::AbortOnDrop(tokio::spawn(super::relaying::serve_pulls(
+            shared.clone(),
+            service.clone(),
+        )));
         let mut holding = keeper.watch();
         let (lane_stop, lane_stopped) = watch::channel(false);
         let lane = async {
@@ -260,7 +275,7 @@ async fn lead_keyed_lane(
                     connection.clone(),
                     service.clone(),
                     &[Lane::Keyed],
-                    credit_of(shared.clone(), service.clone()),
+                    credit_of(shared.clone(), service.clone(), true),
                     room.clone(),
                     deliver_to(shared.clone()),
                     table.skip_for(&service),

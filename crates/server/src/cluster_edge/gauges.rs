@@ -1,5 +1,5 @@
 //! What `/metrics` adds on a cluster (docs/SCALE-OUT.md §12): the leases
-//! this node holds, and — from the holder of the `reclaimer` lease only,
+//! this node holds, the relays of keyed messages it keeps open, and — from the holder of the `reclaimer` lease only,
 //! so that a sum over the nodes never counts them twice — each service's
 //! backlog, in-flight and dead letters as JetStream holds them, and each
 //! consumer's unacknowledged messages.
@@ -34,6 +34,8 @@ pub(crate) struct Reading {
 pub(crate) struct ClusterGauges {
     /// Every lease held since start, and whether it is held now.
     pub leases: Vec<(String, bool)>,
+    /// The relays of keyed messages open here: (service, node), sorted.
+    pub relays: Vec<(String, String)>,
     /// Only on the holder of the `reclaimer` lease: the cluster's counts
     /// and how old they are.
     pub counts: Option<(Arc<Reading>, Duration)>,
@@ -46,16 +48,15 @@ pub(crate) struct Readings {
 }
 
 /// The cluster gauges for a scrape; `services` are those the core knows.
-pub(crate) async fn gather(
-    node: &ClusterNode,
-    readings: &Readings,
-    services: Vec<String>,
-) -> ClusterGauges {
+pub(crate) async fn gather(edge: &super::ClusterEdge, services: Vec<String>) -> ClusterGauges {
+    let (node, readings) = (&edge.node, &edge.readings);
     let now = Instant::now();
     let leases = node.held_leases.at(now);
+    let relays = edge.relays.listing();
     if !node.held_leases.holds(RECLAIMER_LEASE, now) {
         return ClusterGauges {
             leases,
+            relays,
             counts: None,
         };
     }
@@ -74,7 +75,11 @@ pub(crate) async fn gather(
         }
     }
     let counts = last.as_ref().map(|r| (r.clone(), r.at.elapsed()));
-    ClusterGauges { leases, counts }
+    ClusterGauges {
+        leases,
+        relays,
+        counts,
+    }
 }
 
 async fn read(node: &ClusterNode, services: Vec<String>) -> Reading {

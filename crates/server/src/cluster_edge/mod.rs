@@ -32,6 +32,9 @@
 //!   the checks (`registry.rs`).
 //! - **Registration.** The node's record in `courier_nodes`, renewed.
 //!
+//! - **Keyed messages to other nodes' instances.** The keyed lane's
+//!   holder relays them to the nodes that pull (`relaying.rs`).
+//!
 //! `fetching.rs` holds the fetch loops, the keyed lanes' leases and the
 //! transient offers; `replies.rs` the replies across nodes; this file
 //! starts them all and keeps the per-service ones in step with the core.
@@ -60,6 +63,7 @@ mod fetching;
 pub(crate) mod gauges;
 pub(crate) mod names;
 mod registry;
+pub(crate) mod relaying;
 pub(crate) mod replays;
 pub(crate) mod replies;
 mod tails;
@@ -224,6 +228,9 @@ pub struct ClusterNode {
     /// The store's fetched messages kept alive on JetStream while held
     /// ([`courier_cluster::store::ClusterStore::in_progress`]).
     pub in_progress: Arc<courier_cluster::in_progress::InProgress>,
+    /// The keys this node gave back to a relay's holder
+    /// ([`courier_cluster::store::ClusterStore::given_back`]).
+    pub given_back: Arc<courier_cluster::relay::GivenBack>,
     /// Changes the subscription table (the keyed lane's holder joins and
     /// ends history replays, `replays.rs`).
     pub services: courier_cluster::services::ServiceWriter,
@@ -299,6 +306,9 @@ pub(crate) struct ClusterEdge {
     answers_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<replies::Answer>>>,
     /// This node's copy of `courier_services`.
     pub subscriptions: Arc<replays::SubscriptionTable>,
+    /// The relays of keyed messages to other nodes' instances, while this
+    /// node holds keyed lanes (`relaying.rs`).
+    pub relays: relaying::Relays,
 }
 
 impl ClusterEdge {
@@ -322,6 +332,7 @@ impl ClusterEdge {
             answers,
             answers_rx: std::sync::Mutex::new(Some(answers_rx)),
             subscriptions: Arc::default(),
+            relays: relaying::Relays::default(),
         }
     }
 }
@@ -381,6 +392,7 @@ pub(crate) fn start(shared: &Arc<Shared>) -> Vec<crate::AbortOnDrop> {
         crate::AbortOnDrop(tokio::spawn(reclaim_while_leading(edge.node.clone()))),
     ];
     tasks.extend(edge.dead_letters.start(shared));
+    tasks.extend(relaying::start(shared));
     let finds = edge
         .finds_rx
         .lock()

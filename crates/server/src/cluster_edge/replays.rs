@@ -190,7 +190,7 @@ pub(crate) async fn hand_out_replays(
             service,
             pattern,
             &state,
-            credit_of(shared.clone(), service.to_string()),
+            credit_of(shared.clone(), service.to_string(), true),
             room.clone(),
             deliver_to(shared.clone()),
             stop.clone(),

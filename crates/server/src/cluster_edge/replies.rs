@@ -593,7 +593,7 @@ const LIVENESS_PROBE_EVERY: Duration = Duration::from_secs(2);
 
 /// Whether node `node` is there: `false` only when nothing listens on its
 /// subjects any more (a probe that times out says nothing).
-async fn node_answers(client: &async_nats::Client, node: &str) -> bool {
+pub(super) async fn node_answers(client: &async_nats::Client, node: &str) -> bool {
     let probe = client.request(super::views::instances_subject(node), Bytes::new());
     match tokio::time::timeout(Duration::from_secs(1), probe).await {
         Ok(Err(e)) => e.kind() != async_nats::RequestErrorKind::NoResponders,

@@ -1,5 +1,6 @@
 //! Faults under two Courier nodes on a real three-server NATS JetStream
-//! cluster (docs/SCALE-OUT.md): a node killed with deliveries in flight,
+//! cluster (docs/SCALE-OUT.md): a node killed with deliveries in flight
+//! (its own, or keys relayed to it by the keyed lane's holder),
 //! a delivery that fails until it is a dead letter, a nats-server killed
 //! while a client sends. Clients are the Rust SDK, as a user's services
 //! are.
@@ -265,6 +266,155 @@ async fn a_replay_goes_on_at_the_next_holder_when_its_node_dies() {
     })
     .await;
     on_b.shutdown().await;
+    web.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_relayed_to_a_node_that_dies_go_on_at_the_holder() {
+    const KEYS: usize = 8;
+    const PER_KEY: usize = 100;
+    /// (key, index, attempt) of each delivery, in the order handled.
+    type Log = Arc<Mutex<Vec<(usize, usize, u32)>>>;
+    fn log_of(log: &Log) -> Vec<(usize, usize, u32)> {
+        log.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+    async fn instance(node: &Broker) -> (Client, Log) {
+        let mut o = opts(node, "ledger");
+        o.ack_deadline = Some(ACK_DEADLINE);
+        let client = connect(o).await;
+        let log: Log = Arc::default();
+        let handler_log = log.clone();
+        let handler = move |msg: Incoming| {
+            let log = handler_log.clone();
+            async move {
+                let key = msg
+                    .message()
+                    .key
+                    .as_deref()
+                    .and_then(|k| std::str::from_utf8(k).ok())
+                    .and_then(|k| k.strip_prefix('k'))
+                    .and_then(|k| k.parse::<usize>().ok())
+                    .expect("key k<n>");
+                let index: usize = std::str::from_utf8(msg.payload())
+                    .ok()
+                    .and_then(|p| p.parse().ok())
+                    .expect("an index");
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                log.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((key, index, msg.attempt()));
+                Ok::<(), courier_client::Error>(())
+            }
+        };
+        client.on("ledger.*", handler).await.expect("subscribed");
+        (client, log)
+    }
+    fn metrics_of(node: &Broker) -> String {
+        let http = node.http.as_deref().expect("the node's HTTP port");
+        common::http_get(http, "/metrics", None).1
+    }
+
+    let mut nodes = Nodes::start_watched().await;
+    // Node a's instance first: node a holds the keyed lane.
+    let (on_a, by_a) = instance(&nodes.a).await;
+    wait_for_async("node a leads the keyed lane", T, || {
+        let held = metrics_of(&nodes.a).contains("courier_lease_held{lease=\"keyed.ledger\"} 1");
+        async move { held.then_some(()) }
+    })
+    .await;
+    // Node b's instance pulls its share: node a relays keys to it.
+    let (on_b, by_b) = instance(&nodes.b).await;
+    wait_for_async("node a relays to node b", T, || {
+        let relaying = metrics_of(&nodes.a).contains("courier_keyed_relay{service=\"ledger\",");
+        async move { relaying.then_some(()) }
+    })
+    .await;
+    let web = connect(opts(&nodes.a, "bank")).await;
+    let mut accepted = Vec::new();
+    for index in 0..PER_KEY {
+        for key in 0..KEYS {
+            let sent = web
+                .event("ledger.entry")
+                .key(format!("k{key}"))
+                .json(&index)
+                .expect("payload")
+                .enqueue()
+                .expect("queued");
+            accepted.push(sent);
+        }
+    }
+    for sent in accepted {
+        sent.wait().await.expect("accepted");
+    }
+    wait_for_async("node b's instance handles some keys", T, || {
+        let n = log_of(&by_b).len();
+        async move { (n >= 60).then_some(()) }
+    })
+    .await;
+    nodes.b.child.kill().expect("kill -9 node b");
+    nodes.b.child.wait().expect("reap node b");
+    let handled_on_b = log_of(&by_b);
+    on_b.shutdown().await;
+    assert!(
+        handled_on_b.len() < KEYS * PER_KEY,
+        "everything was handled before node b died"
+    );
+
+    // The holder takes back what was out on node b's relay: every event
+    // handled, each key in order, none skipped.
+    let all: BTreeSet<(usize, usize)> = (0..KEYS)
+        .flat_map(|k| (0..PER_KEY).map(move |i| (k, i)))
+        .collect();
+    wait_for_async("every event handled", T, || {
+        let done: BTreeSet<(usize, usize)> = handled_on_b
+            .iter()
+            .chain(log_of(&by_a).iter())
+            .map(|(k, i, _)| (*k, *i))
+            .collect();
+        let complete = done == all;
+        async move { complete.then_some(()) }
+    })
+    .await;
+    let by_a = log_of(&by_a);
+    let keys_on_b: BTreeSet<usize> = handled_on_b.iter().map(|(k, _, _)| *k).collect();
+    eprintln!(
+        "node b's instance handled {} events of keys {keys_on_b:?} before its node died, node a's {} (repeats: {})",
+        handled_on_b.len(),
+        by_a.len(),
+        handled_on_b.len() + by_a.len() - KEYS * PER_KEY
+    );
+    assert!(!keys_on_b.is_empty(), "node b was relayed no key");
+    for key in 0..KEYS {
+        let of_key = |log: &[(usize, usize, u32)]| -> Vec<usize> {
+            log.iter()
+                .filter(|(k, _, _)| *k == key)
+                .map(|(_, i, _)| *i)
+                .collect()
+        };
+        let (on_a_key, on_b_key) = (of_key(&by_a), of_key(&handled_on_b));
+        for (node, seen) in [("a", &on_a_key), ("b", &on_b_key)] {
+            assert!(
+                seen.windows(2).all(|w| w[1] >= w[0]),
+                "key k{key} went back on node {node}: {seen:?}"
+            );
+        }
+        // What node b had not handled came to node a from the first of it.
+        let done_on_b = on_b_key.iter().map(|i| i + 1).max().unwrap_or(0);
+        let after: Vec<usize> = on_a_key
+            .iter()
+            .copied()
+            .filter(|i| *i >= done_on_b)
+            .collect();
+        if done_on_b > 0 && done_on_b < PER_KEY {
+            assert_eq!(
+                after.first().copied(),
+                Some(done_on_b),
+                "key k{key}: node b handled up to {done_on_b}, node a went on from {:?}",
+                after.first()
+            );
+        }
+    }
+    on_a.shutdown().await;
     web.shutdown().await;
 }
 

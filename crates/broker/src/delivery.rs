@@ -221,19 +221,10 @@ impl<S: MessageStore> Broker<S> {
                     if let Some(c) = self.conns.get_mut(&conn) {
                         c.in_flight += 1;
                     }
-                    if relay {
-                        // Counted and traced where it is handled.
-                        self.actions.push(Action::Deliver {
-                            conn,
-                            delivery,
-                            attempt: wire_attempt,
-                            message,
-                            log_seq: seq,
-                        });
-                        continue;
-                    }
-                    if let Some(c) = self.conns.get(&conn) {
-                        if traced {
+                    // A relay's delivery is counted and traced on the node
+                    // that hands it to an instance.
+                    if !relay {
+                        if let Some(c) = self.conns.get(&conn).filter(|_| traced) {
                             push_trace(
                                 &mut self.traces,
                                 &mut self.traces_bytes,
@@ -247,18 +238,18 @@ impl<S: MessageStore> Broker<S> {
                                 },
                             );
                         }
-                    }
-                    self.journal(Op::Delivered {
-                        service: service.to_string(),
-                        seq,
-                    });
-                    self.metrics.delivered += 1;
-                    if let Some(t) = self.traffic.traffic(slot, service) {
-                        t.delivered += 1;
-                        t.redelivered += u64::from(attempt > 1);
-                    }
-                    if attempt > 1 {
-                        self.metrics.redelivered += 1;
+                        self.journal(Op::Delivered {
+                            service: service.to_string(),
+                            seq,
+                        });
+                        self.metrics.delivered += 1;
+                        if let Some(t) = self.traffic.traffic(slot, service) {
+                            t.delivered += 1;
+                            t.redelivered += u64::from(attempt > 1);
+                        }
+                        if attempt > 1 {
+                            self.metrics.redelivered += 1;
+                        }
                     }
                     self.actions.push(Action::Deliver {
                         conn,

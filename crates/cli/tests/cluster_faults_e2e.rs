@@ -59,6 +59,55 @@ async fn recording(client: &Client, pattern: &str, hold: bool) -> Seen {
     log
 }
 
+/// (key, index, attempt) of each keyed delivery, in the order handled.
+type KeyedLog = Arc<Mutex<Vec<(usize, usize, u32)>>>;
+
+fn keyed_log_of(log: &KeyedLog) -> Vec<(usize, usize, u32)> {
+    log.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+/// An instance of `ledger` on `node` subscribed to `ledger.*` from
+/// `start`, which takes `pause` over each event (key `k<n>`, payload an
+/// index) and records it.
+async fn keyed_instance(
+    node: &Broker,
+    start: courier_client::StartFrom,
+    pause: Duration,
+) -> (Client, KeyedLog) {
+    let mut o = opts(node, "ledger");
+    o.ack_deadline = Some(ACK_DEADLINE);
+    let client = connect(o).await;
+    let log: KeyedLog = Arc::default();
+    let handler_log = log.clone();
+    let handler = move |msg: Incoming| {
+        let log = handler_log.clone();
+        async move {
+            let key = msg
+                .message()
+                .key
+                .as_deref()
+                .and_then(|k| std::str::from_utf8(k).ok())
+                .and_then(|k| k.strip_prefix('k'))
+                .and_then(|k| k.parse::<usize>().ok())
+                .expect("key k<n>");
+            let index: usize = std::str::from_utf8(msg.payload())
+                .ok()
+                .and_then(|p| p.parse().ok())
+                .expect("an index");
+            tokio::time::sleep(pause).await;
+            log.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((key, index, msg.attempt()));
+            Ok::<(), courier_client::Error>(())
+        }
+    };
+    client
+        .on_from("ledger.*", start, handler)
+        .await
+        .expect("subscribed");
+    (client, log)
+}
+
 /// One cluster and two nodes for every scenario: a cluster takes seconds
 /// to form, and three at once on one machine race for ports.
 #[tokio::test(flavor = "multi_thread")]
@@ -100,51 +149,15 @@ async fn a_replay_goes_on_at_the_next_holder_when_its_node_dies() {
     const KEYS: usize = 4;
     const PER_KEY: usize = 150;
     const NEW: usize = 10;
-    /// (key, index, attempt) of each delivery, in the order handled.
-    type Log = Arc<Mutex<Vec<(usize, usize, u32)>>>;
-    fn log_of(log: &Log) -> Vec<(usize, usize, u32)> {
-        log.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-    async fn instance(node: &Broker, history: bool) -> (Client, Log) {
-        let mut o = opts(node, "ledger");
-        o.ack_deadline = Some(ACK_DEADLINE);
-        let client = connect(o).await;
-        let log: Log = Arc::default();
-        let handler_log = log.clone();
-        let handler = move |msg: Incoming| {
-            let log = handler_log.clone();
-            async move {
-                let key = msg
-                    .message()
-                    .key
-                    .as_deref()
-                    .and_then(|k| std::str::from_utf8(k).ok())
-                    .and_then(|k| k.strip_prefix('k'))
-                    .and_then(|k| k.parse::<usize>().ok())
-                    .expect("key k<n>");
-                let index: usize = std::str::from_utf8(msg.payload())
-                    .ok()
-                    .and_then(|p| p.parse().ok())
-                    .expect("an index");
-                // Slow enough that the replay is still going when its
-                // node dies.
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                log.lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push((key, index, msg.attempt()));
-                Ok::<(), courier_client::Error>(())
-            }
-        };
+    // Slow enough that the replay is still going when its node dies.
+    const PAUSE: Duration = Duration::from_millis(5);
+    async fn instance(node: &Broker, history: bool) -> (Client, KeyedLog) {
         let start = if history {
             courier_client::StartFrom::Beginning
         } else {
             courier_client::StartFrom::New
         };
-        client
-            .on_from("ledger.*", start, handler)
-            .await
-            .expect("subscribed");
-        (client, log)
+        keyed_instance(node, start, PAUSE).await
     }
 
     let mut nodes = Nodes::start_watched().await;
@@ -169,14 +182,14 @@ async fn a_replay_goes_on_at_the_next_holder_when_its_node_dies() {
     // Node a's instance alone: node a holds the keyed lane and replays.
     let (on_a, by_a) = instance(&nodes.a, true).await;
     wait_for_async("node a's instance handles some of the history", T, || {
-        let n = log_of(&by_a).len();
+        let n = keyed_log_of(&by_a).len();
         async move { (n >= 100).then_some(()) }
     })
     .await;
     let (on_b, by_b) = instance(&nodes.b, false).await;
     nodes.a.child.kill().expect("kill -9 node a");
     nodes.a.child.wait().expect("reap node a");
-    let handled_on_a = log_of(&by_a);
+    let handled_on_a = keyed_log_of(&by_a);
     on_a.shutdown().await;
     assert!(
         handled_on_a.len() < KEYS * PER_KEY,
@@ -190,7 +203,7 @@ async fn a_replay_goes_on_at_the_next_holder_when_its_node_dies() {
     wait_for_async("the rest of the history handled on node b", T, || {
         let done: BTreeSet<(usize, usize)> = handled_on_a
             .iter()
-            .chain(log_of(&by_b).iter())
+            .chain(keyed_log_of(&by_b).iter())
             .map(|(k, i, _)| (*k, *i))
             .collect();
         let complete = done == all;
@@ -208,14 +221,14 @@ async fn a_replay_goes_on_at_the_next_holder_when_its_node_dies() {
             .expect("accepted");
     }
     wait_for_async("the new events handled on node b", T, || {
-        let n = log_of(&by_b)
+        let n = keyed_log_of(&by_b)
             .iter()
             .filter(|(k, i, _)| *k == 0 && *i >= PER_KEY)
             .count();
         async move { (n >= NEW).then_some(()) }
     })
     .await;
-    let by_b = log_of(&by_b);
+    let by_b = keyed_log_of(&by_b);
     eprintln!(
         "node a handled {} of the history before it died, node b {} after (repeats: {})",
         handled_on_a.len(),
@@ -273,41 +286,9 @@ async fn a_replay_goes_on_at_the_next_holder_when_its_node_dies() {
 async fn keys_relayed_to_a_node_that_dies_go_on_at_the_holder() {
     const KEYS: usize = 8;
     const PER_KEY: usize = 100;
-    /// (key, index, attempt) of each delivery, in the order handled.
-    type Log = Arc<Mutex<Vec<(usize, usize, u32)>>>;
-    fn log_of(log: &Log) -> Vec<(usize, usize, u32)> {
-        log.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-    async fn instance(node: &Broker) -> (Client, Log) {
-        let mut o = opts(node, "ledger");
-        o.ack_deadline = Some(ACK_DEADLINE);
-        let client = connect(o).await;
-        let log: Log = Arc::default();
-        let handler_log = log.clone();
-        let handler = move |msg: Incoming| {
-            let log = handler_log.clone();
-            async move {
-                let key = msg
-                    .message()
-                    .key
-                    .as_deref()
-                    .and_then(|k| std::str::from_utf8(k).ok())
-                    .and_then(|k| k.strip_prefix('k'))
-                    .and_then(|k| k.parse::<usize>().ok())
-                    .expect("key k<n>");
-                let index: usize = std::str::from_utf8(msg.payload())
-                    .ok()
-                    .and_then(|p| p.parse().ok())
-                    .expect("an index");
-                tokio::time::sleep(Duration::from_millis(2)).await;
-                log.lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push((key, index, msg.attempt()));
-                Ok::<(), courier_client::Error>(())
-            }
-        };
-        client.on("ledger.*", handler).await.expect("subscribed");
-        (client, log)
+    async fn instance(node: &Broker) -> (Client, KeyedLog) {
+        let start = courier_client::StartFrom::New;
+        keyed_instance(node, start, Duration::from_millis(2)).await
     }
     fn metrics_of(node: &Broker) -> String {
         let http = node.http.as_deref().expect("the node's HTTP port");
@@ -347,13 +328,13 @@ async fn keys_relayed_to_a_node_that_dies_go_on_at_the_holder() {
         sent.wait().await.expect("accepted");
     }
     wait_for_async("node b's instance handles some keys", T, || {
-        let n = log_of(&by_b).len();
+        let n = keyed_log_of(&by_b).len();
         async move { (n >= 60).then_some(()) }
     })
     .await;
     nodes.b.child.kill().expect("kill -9 node b");
     nodes.b.child.wait().expect("reap node b");
-    let handled_on_b = log_of(&by_b);
+    let handled_on_b = keyed_log_of(&by_b);
     on_b.shutdown().await;
     assert!(
         handled_on_b.len() < KEYS * PER_KEY,
@@ -368,14 +349,14 @@ async fn keys_relayed_to_a_node_that_dies_go_on_at_the_holder() {
     wait_for_async("every event handled", T, || {
         let done: BTreeSet<(usize, usize)> = handled_on_b
             .iter()
-            .chain(log_of(&by_a).iter())
+            .chain(keyed_log_of(&by_a).iter())
             .map(|(k, i, _)| (*k, *i))
             .collect();
         let complete = done == all;
         async move { complete.then_some(()) }
     })
     .await;
-    let by_a = log_of(&by_a);
+    let by_a = keyed_log_of(&by_a);
     let keys_on_b: BTreeSet<usize> = handled_on_b.iter().map(|(k, _, _)| *k).collect();
     eprintln!(
         "node b's instance handled {} events of keys {keys_on_b:?} before its node died, node a's {} (repeats: {})",

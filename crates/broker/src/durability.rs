@@ -24,9 +24,11 @@
 //!   backlog thus never waits for the disk; a redelivery still waits for
 //!   its batch (a receiver nacking without delay must not spend the
 //!   attempts in a tight loop);
-//! - a connection's deliveries keep their order: one queues behind the
-//!   held deliveries to its connection, from any batch (on a backend that
-//!   keeps delivery state, a batch that only delivers stores nothing);
+//! - on a backend that keeps delivery state, where a batch that only
+//!   delivers stores nothing, a delivery queues behind the held
+//!   deliveries to its connection from any batch, so that a connection's
+//!   deliveries keep their order (one broker's delivering batches journal,
+//!   and are held as a whole);
 //! - answers (everything but deliveries) to one connection keep their
 //!   order: one queues behind the held answers to its connection; a PONG
 //!   waits for everything stored before it (it confirms quiet sends, which
@@ -137,8 +139,8 @@ impl Durability {
 
     /// A delivery to a connection whose earlier deliveries wait for the
     /// disk waits behind them, even from a batch that stored nothing (on a
-    /// backend that keeps delivery state, most deliveries): a pipelined
-    /// receiver takes a key's deliveries in arrival order.
+    /// backend that keeps delivery state, most of them; asked only there):
+    /// a pipelined receiver takes a key's deliveries in arrival order.
     fn deliveries_held_for(&self, action: &Action) -> bool {
         !stored_nowhere(action)
             && matches!(action, Action::Deliver { conn, .. } if self.held_deliveries.contains_key(conn))
@@ -235,7 +237,7 @@ impl<S: MessageStore> Broker<S> {
                 // held to queue behind: it waits for everything stored.
                 if matches!(action, Action::Pong { .. })
                     || self.durability.answers_held_for(&action)
-                    || self.durability.deliveries_held_for(&action)
+                    || (self.upstream && self.durability.deliveries_held_for(&action))
                 {
                     self.durability.hold(end, action);
                 } else {

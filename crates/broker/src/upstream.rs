@@ -326,7 +326,14 @@ impl<S: MessageStore> Broker<S> {
     /// retried here, in its key's line, instead of going back to the
     /// backend — whose redelivery would come after the key's later
     /// messages already on their way here.
-    pub fn keyed_lane_gained(&mut self, service: &str) {
+    ///
+    /// What it holds of the lane and has not handed out came through the
+    /// last holder's relay: it goes back now (its outcome to that holder,
+    /// which is gone or no longer leads), or it would go out here before
+    /// the key's earlier messages the last holder had out, which come to
+    /// this node again after the backend's ack deadline.
+    pub fn keyed_lane_gained(&mut self, service: &str, now: Nanos) {
+        self.give_back_keyed_held(service, now);
         let config = &self.config;
         self.services.get_or_insert(service, config).keyed_lane_here = true;
     }
@@ -338,11 +345,19 @@ impl<S: MessageStore> Broker<S> {
     /// is out stays out: its ack still counts, and a deadline that passes
     /// gives it back as ever.
     pub fn keyed_lane_lost(&mut self, service: &str, now: Nanos) {
+        if let Some(svc) = self.services.get_mut(service) {
+            svc.keyed_lane_here = false;
+        }
+        self.give_back_keyed_held(service, now);
+    }
+
+    /// Every keyed message of `service` held here and not out goes back,
+    /// in the order fetched.
+    fn give_back_keyed_held(&mut self, service: &str, now: Nanos) {
         self.now = now;
         let Some(svc) = self.services.get_mut(service) else {
             return;
         };
-        svc.keyed_lane_here = false;
         let back = svc.queue.give_back_keyed();
         for entry in back {
             let bytes = match self.store.get(entry.seq) {

@@ -391,7 +391,8 @@ pub(super) fn never_overtake_as<S: ModelBackend>(
 ) -> Result<(), TestCaseError> {
     let mut m = KeyModel::<S>::new(nack_delay_ms);
     if holds_lane {
-        m.h.broker.keyed_lane_gained("worker");
+        let now = m.h.now;
+        m.h.broker.keyed_lane_gained("worker", now);
     }
     m.connect(true);
     for op in ops {

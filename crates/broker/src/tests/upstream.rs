@@ -1490,7 +1490,7 @@ fn a_relay_takes_keyed_messages_only_without_a_deadline_and_its_failures_stay_he
     let mut h = node();
     h.connect(1, "worker", 1);
     h.subscribe(1, "job.*");
-    h.broker.keyed_lane_gained("worker");
+    h.broker.keyed_lane_gained("worker", h.now);
     h.broker
         .open_relay(RELAY, "worker", "b", &["job.*".to_string()], 10, h.now);
     h.actions();
@@ -1622,7 +1622,7 @@ fn a_connections_deliveries_keep_their_order_while_a_redelivery_waits_for_the_sy
     h.connect(1, "worker", 10);
     h.broker.set_pipelined_keys(1, true);
     h.subscribe(1, "job.*");
-    h.broker.keyed_lane_gained("worker");
+    h.broker.keyed_lane_gained("worker", h.now);
     h.actions();
     h.broker.store_mut().sync_jobs = true;
     let ready = |h: &mut Harness<BackendStore>| {

@@ -235,7 +235,7 @@ async fn lead_keyed_lane(
         info!(%service, "leading the keyed lane");
         node.held_leases.began(&key, &keeper);
         if let Some(shared) = shared.upgrade() {
-            shared.with_core_deferred(|core, _| core.keyed_lane_gained(&service));
+            shared.with_core_deferred(|core, now| core.keyed_lane_gained(&service, now));
         }
         // Other nodes' instances pull their share while this node leads.
         let _pulls = crate::AbortOnDrop(tokio::spawn(super::relaying::serve_pulls(

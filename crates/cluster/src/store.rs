@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::context::{PublishAckFuture, PublishError, PublishErrorKind};
@@ -26,7 +26,7 @@ use async_nats::HeaderMap;
 use bytes::{Bytes, BytesMut};
 use courier_proto::{encode_message, encoded_message_len, Kind, Message};
 use courier_store::{
-    AckHandle, MessageStore, Replayed, Seq, StorageStats, StoreError, SyncJob, Upstream,
+    AckHandle, MessageStore, Replayed, Seq, StorageStats, StoreError, SyncDone, SyncJob, Upstream,
 };
 use tokio::sync::mpsc;
 
@@ -141,10 +141,10 @@ fn header_text(text: &str) -> String {
         .collect()
 }
 
-/// The writes of one sync: how many are still out, and the first failure.
+/// The writes of one sync: how many are still out, the first failure,
+/// and what to call once none is out.
 struct Batch {
     state: Mutex<BatchState>,
-    settled: Condvar,
 }
 
 #[derive(Default)]
@@ -152,53 +152,59 @@ struct BatchState {
     outstanding: u64,
     failed: u64,
     first_failure: Option<String>,
+    /// Set once the batch's sync started; called by whoever settles the
+    /// batch's last write.
+    when_settled: Option<SyncDone>,
+}
+
+impl BatchState {
+    fn result(&self) -> io::Result<()> {
+        match &self.first_failure {
+            None => Ok(()),
+            Some(reason) => Err(io::Error::other(format!(
+                "{} of the batch's writes to the NATS cluster failed; the first: {reason}",
+                self.failed
+            ))),
+        }
+    }
+
+    /// The callback and its result, once nothing is out and a sync waits.
+    fn take_settled(&mut self) -> Option<(SyncDone, io::Result<()>)> {
+        if self.outstanding > 0 {
+            return None;
+        }
+        let done = self.when_settled.take()?;
+        Some((done, self.result()))
+    }
 }
 
 impl Batch {
     fn new() -> Arc<Batch> {
         Arc::new(Batch {
             state: Mutex::new(BatchState::default()),
-            settled: Condvar::new(),
         })
     }
 
+    fn state(&self) -> std::sync::MutexGuard<'_, BatchState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn ticket(self: &Arc<Batch>) -> Ticket {
-        self.state
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .outstanding += 1;
+        self.state().outstanding += 1;
         Ticket {
             batch: Some(self.clone()),
         }
     }
 
-    /// Blocks until every write finished, or `limit` passed.
-    fn wait(&self, limit: Duration) -> io::Result<()> {
-        let until = Instant::now() + limit;
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        while state.outstanding > 0 {
-            let left = until.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!(
-                        "{} writes to the NATS cluster not acknowledged within {limit:?}",
-                        state.outstanding
-                    ),
-                ));
-            }
-            state = self
-                .settled
-                .wait_timeout(state, left)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
-        match &state.first_failure {
-            None => Ok(()),
-            Some(reason) => Err(io::Error::other(format!(
-                "{} of the batch's writes to the NATS cluster failed; the first: {reason}",
-                state.failed
-            ))),
+    /// Calls `done` once every write finished: at once if none is out.
+    fn when_settled(&self, done: SyncDone) {
+        let settled = {
+            let mut state = self.state();
+            state.when_settled = Some(done);
+            state.take_settled()
+        };
+        if let Some((done, result)) = settled {
+            done(result);
         }
     }
 }
@@ -210,16 +216,35 @@ struct Ticket {
 }
 
 impl Ticket {
-    fn finish(mut self, result: Result<(), String>) {
-        if let Some(batch) = self.batch.take() {
-            let mut state = batch.state.lock().unwrap_or_else(PoisonError::into_inner);
-            state.outstanding = state.outstanding.saturating_sub(1);
-            if let Err(reason) = result {
-                state.failed += 1;
-                state.first_failure.get_or_insert(reason);
-            }
-            batch.settled.notify_all();
+    /// Finishes the write; if it was its batch's last and the batch's sync
+    /// started, the sync's callback runs here.
+    fn finish(self, result: Result<(), String>) {
+        if let Some((done, result)) = self.settle(result) {
+            done(result);
         }
+    }
+
+    /// [`Ticket::finish`] for the loop that sends every write: the sync's
+    /// callback (the core's release of the batch, under its lock) runs in
+    /// a task of its own, so that the loop goes on sending meanwhile.
+    fn finish_in_send_loop(self, result: Result<(), String>) {
+        if let Some((done, result)) = self.settle(result) {
+            tokio::spawn(async move { done(result) });
+        }
+    }
+
+    /// Counts the write finished; the sync's callback and its result if
+    /// nothing of the batch is out any more.
+    fn settle(mut self, result: Result<(), String>) -> Option<(SyncDone, io::Result<()>)> {
+        let batch = self.batch.take()?;
+        let mut state = batch.state();
+        state.outstanding = state.outstanding.saturating_sub(1);
+        if let Err(reason) = result {
+            state.failed += 1;
+            state.first_failure.get_or_insert(reason);
+        }
+        // Called outside the batch's lock.
+        state.take_settled()
     }
 }
 
@@ -598,9 +623,11 @@ impl MessageStore for ClusterStore {
         let batch = std::mem::replace(&mut self.batch, Batch::new());
         let writes = std::mem::take(&mut self.batch_writes);
         self.sync_started = Some((Instant::now(), writes));
-        Ok(Some(SyncJob::waiting(self.next_seq, move || {
-            batch.wait(SYNC_WAIT_MAX)
-        })))
+        Ok(Some(SyncJob::acknowledged(
+            self.next_seq,
+            SYNC_WAIT_MAX,
+            move |done| batch.when_settled(done),
+        )))
     }
 
     fn finish_sync(&mut self, job: SyncJob, result: io::Result<()>) -> Result<(), StoreError> {
@@ -783,7 +810,7 @@ async fn publish_loop(connection: Connection, mut ops: mpsc::Receiver<Op>) {
                 ticket,
             } => {
                 let sent = connection.client.publish(subject, body).await;
-                ticket.finish(sent.map_err(|e| e.to_string()));
+                ticket.finish_in_send_loop(sent.map_err(|e| e.to_string()));
             }
             Op::DeadLetter {
                 subject,
@@ -1009,15 +1036,18 @@ mod tests {
         assert_eq!(ttl_seconds(5 * s, 10 * s), 1);
     }
 
+    fn sync_of(batch: &Arc<Batch>, limit: Duration) -> SyncJob {
+        let batch = batch.clone();
+        SyncJob::acknowledged(1, limit, move |done| batch.when_settled(done))
+    }
+
     #[test]
     fn a_batch_waits_for_every_write_and_reports_the_first_failure() {
         let batch = Batch::new();
         let a = batch.ticket();
         let b = batch.ticket();
-        let waiter = {
-            let batch = batch.clone();
-            std::thread::spawn(move || batch.wait(Duration::from_secs(10)))
-        };
+        let mut job = sync_of(&batch, Duration::from_secs(10));
+        let waiter = std::thread::spawn(move || job.run());
         a.finish(Ok(()));
         b.finish(Err("no quorum".into()));
         let e = waiter.join().unwrap().unwrap_err();
@@ -1025,12 +1055,44 @@ mod tests {
 
         let batch = Batch::new();
         drop(batch.ticket());
-        let e = batch.wait(Duration::from_secs(1)).unwrap_err();
+        let e = sync_of(&batch, Duration::from_secs(1)).run().unwrap_err();
         assert!(e.to_string().contains("dropped"), "{e}");
 
         let batch = Batch::new();
         let _held = batch.ticket();
-        let e = batch.wait(Duration::from_millis(50)).unwrap_err();
+        let e = sync_of(&batch, Duration::from_millis(50))
+            .run()
+            .unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+    }
+
+    #[test]
+    fn a_batch_calls_back_once_from_its_last_write_outside_its_lock() {
+        let batch = Batch::new();
+        let a = batch.ticket();
+        let b = batch.ticket();
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let wait = sync_of(&batch, Duration::from_secs(1))
+            .take_backend_wait()
+            .unwrap();
+        {
+            let (calls, batch) = (calls.clone(), batch.clone());
+            // Taking the batch's lock in the callback would deadlock if
+            // it ran under it.
+            wait.start(move |result| {
+                let outstanding = batch.state().outstanding;
+                calls.lock().unwrap().push((result.is_ok(), outstanding));
+            });
+        }
+        a.finish(Ok(()));
+        assert!(calls.lock().unwrap().is_empty(), "a write is still out");
+        b.finish(Ok(()));
+        assert_eq!(*calls.lock().unwrap(), [(true, 0)]);
+
+        // Settled before its sync started: called at once.
+        let batch = Batch::new();
+        batch.ticket().finish(Ok(()));
+        let mut job = sync_of(&batch, Duration::from_millis(50));
+        assert!(job.run().is_ok());
     }
 }

@@ -92,12 +92,58 @@ pub struct SyncJob {
     took: Option<Duration>,
 }
 
-/// A blocking wait for a replicated backend's acknowledgements.
-struct BackendWait(Box<dyn FnOnce() -> io::Result<()> + Send>);
+/// What a [`BackendWait`] calls with its result, once.
+pub type SyncDone = Box<dyn FnOnce(io::Result<()>) + Send>;
+
+/// A replicated backend's wait for its acknowledgements. It blocks no
+/// thread: [`BackendWait::start`] hands it a callback, which whatever
+/// settles the last acknowledgement calls (a task of the backend's
+/// client), so the records can be released from there without waking a
+/// thread that waited.
+pub struct BackendWait {
+    start: Box<dyn FnOnce(SyncDone) + Send>,
+    limit: Duration,
+}
 
 impl std::fmt::Debug for BackendWait {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("BackendWait")
+        write!(f, "BackendWait(limit {:?})", self.limit)
+    }
+}
+
+impl BackendWait {
+    /// How long the backend may take; a caller that waits longer treats
+    /// the sync as failed.
+    pub fn limit(&self) -> Duration {
+        self.limit
+    }
+
+    /// Starts the wait: `done` is called once with its result, perhaps
+    /// at once on this thread, never while the caller's locks are taken
+    /// by the backend (so it may take them).
+    pub fn start(self, done: impl FnOnce(io::Result<()>) + Send + 'static) {
+        (self.start)(Box::new(done))
+    }
+
+    /// Waits on this thread, at most [`BackendWait::limit`].
+    fn block(self) -> io::Result<()> {
+        let limit = self.limit;
+        let (sender, receiver) = std::sync::mpsc::sync_channel(1);
+        self.start(move |result| {
+            // The receiver is gone only after the limit passed: that
+            // result is already given up.
+            let _ = sender.send(result);
+        });
+        match receiver.recv_timeout(limit) {
+            Ok(result) => result,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the backend did not acknowledge the sync within {limit:?}"),
+            )),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(io::Error::other(
+                "the backend dropped the sync without an answer",
+            )),
+        }
     }
 }
 
@@ -114,15 +160,31 @@ impl SyncJob {
         }
     }
 
-    /// A job whose slow part is `wait`: blocking until a replicated
-    /// backend acknowledged every record below `covers`.
-    pub fn waiting(covers: Seq, wait: impl FnOnce() -> io::Result<()> + Send + 'static) -> SyncJob {
+    /// A job whose slow part is a replicated backend acknowledging every
+    /// record below `covers`: `start` is given the callback to call with
+    /// the result once, and the backend is expected to call it within
+    /// `limit` ([`BackendWait`]).
+    pub fn acknowledged(
+        covers: Seq,
+        limit: Duration,
+        start: impl FnOnce(SyncDone) + Send + 'static,
+    ) -> SyncJob {
         SyncJob {
             fsync: None,
-            wait: Some(BackendWait(Box::new(wait))),
+            wait: Some(BackendWait {
+                start: Box::new(start),
+                limit,
+            }),
             covers,
             took: None,
         }
+    }
+
+    /// The backend's wait, for a caller that would rather be called back
+    /// than block in [`SyncJob::run`]; the job is then finished with the
+    /// result the callback gets.
+    pub fn take_backend_wait(&mut self) -> Option<BackendWait> {
+        self.wait.take()
     }
 
     /// Every record below this seq is durable once the job finished `Ok`.
@@ -135,7 +197,7 @@ impl SyncJob {
         let started = Instant::now();
         let result = match (&mut self.fsync, self.wait.take()) {
             (Some(fsync), _) => fsync.run(),
-            (None, Some(BackendWait(wait))) => wait(),
+            (None, Some(wait)) => wait.block(),
             (None, None) => Ok(()),
         };
         self.took = Some(started.elapsed());

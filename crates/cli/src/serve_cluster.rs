@@ -15,18 +15,31 @@ use crate::serve::ServeArgs;
 #[derive(clap::Args, Debug, Clone)]
 pub(crate) struct ClusterArgs {
     /// The NATS user Courier's streams and buckets live under.
-    #[arg(long, requires = "nats_password_file")]
+    #[arg(long, requires = "nats_password_file", conflicts_with = "nats_creds")]
     pub(crate) nats_user: Option<String>,
     /// A file holding --nats-user's password (never on the command line).
     #[arg(long, requires = "nats_user")]
     pub(crate) nats_password_file: Option<PathBuf>,
+    /// A NATS credentials file (a user JWT and its nkey seed, as `nsc
+    /// generate creds` writes it) for the account Courier's streams and
+    /// buckets live in, where an operator's JWTs define the accounts.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) nats_creds: Option<PathBuf>,
     /// A user of the NATS system account: the node asks every server
     /// whether it syncs before acknowledging (`sync_interval: always`).
-    #[arg(long, requires = "nats_system_password_file")]
+    #[arg(
+        long,
+        requires = "nats_system_password_file",
+        conflicts_with = "nats_system_creds"
+    )]
     pub(crate) nats_system_user: Option<String>,
     /// A file holding --nats-system-user's password.
     #[arg(long, requires = "nats_system_user")]
     pub(crate) nats_system_password_file: Option<PathBuf>,
+    /// A credentials file of a user of the NATS system account, for the
+    /// same check as --nats-system-user.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) nats_system_creds: Option<PathBuf>,
     /// Start even when the servers acknowledge before they sync, or cannot
     /// be asked: acknowledged sends may then be lost when machines crash
     /// (docs/SCALE-OUT.md §14 cites the Jepsen findings).
@@ -57,14 +70,36 @@ fn read_password(path: &PathBuf, flag: &str) -> anyhow::Result<String> {
     Ok(text.trim_end_matches(['\n', '\r']).to_string())
 }
 
-fn auth(user: &Option<String>, password: &Option<PathBuf>, flag: &str) -> anyhow::Result<Auth> {
-    Ok(match (user, password) {
-        (Some(user), Some(path)) => Auth::UserPassword {
-            user: user.clone(),
-            password: read_password(path, flag)?,
-        },
-        _ => Auth::None,
-    })
+/// How a connection logs in: a user and its password file (named
+/// `password_flag` in errors), or a credentials file (`creds_flag`).
+struct Login<'a> {
+    user: &'a Option<String>,
+    password: &'a Option<PathBuf>,
+    password_flag: &'a str,
+    creds: &'a Option<PathBuf>,
+    creds_flag: &'a str,
+}
+
+impl Login<'_> {
+    fn given(&self) -> bool {
+        self.user.is_some() || self.creds.is_some()
+    }
+
+    fn auth(&self) -> anyhow::Result<Auth> {
+        if let Some(path) = self.creds {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {} {}", self.creds_flag, path.display()))?;
+            return Auth::credentials(text)
+                .with_context(|| format!("{} {}", self.creds_flag, path.display()));
+        }
+        Ok(match (self.user, self.password) {
+            (Some(user), Some(path)) => Auth::UserPassword {
+                user: user.clone(),
+                password: read_password(path, self.password_flag)?,
+            },
+            _ => Auth::None,
+        })
+    }
 }
 
 pub(crate) async fn join(args: &ServeArgs) -> anyhow::Result<Joined> {
@@ -74,33 +109,39 @@ pub(crate) async fn join(args: &ServeArgs) -> anyhow::Result<Joined> {
         Some(id) => NodeId::new(id)?,
         None => NodeId::generate(),
     };
+    let login = Login {
+        user: &cluster.nats_user,
+        password: &cluster.nats_password_file,
+        password_flag: "--nats-password-file",
+        creds: &cluster.nats_creds,
+        creds_flag: "--nats-creds",
+    };
     let connection = courier_cluster::connect(
         &backend,
-        &auth(
-            &cluster.nats_user,
-            &cluster.nats_password_file,
-            "--nats-password-file",
-        )?,
+        &login.auth()?,
         &format!("courier node {}", node.as_str()),
     )
     .await?;
-    let system = match &cluster.nats_system_user {
-        Some(_) => {
-            let auth = auth(
-                &cluster.nats_system_user,
-                &cluster.nats_system_password_file,
-                "--nats-system-password-file",
-            )?;
-            let system = courier_cluster::connect(
-                &backend,
-                &auth,
-                &format!("courier node {} (checks)", node.as_str()),
-            )
-            .await
-            .context("cannot connect as the NATS system user (--nats-system-user)")?;
-            Some(system.client)
-        }
-        None => None,
+    let system_login = Login {
+        user: &cluster.nats_system_user,
+        password: &cluster.nats_system_password_file,
+        password_flag: "--nats-system-password-file",
+        creds: &cluster.nats_system_creds,
+        creds_flag: "--nats-system-creds",
+    };
+    let system = if system_login.given() {
+        let system = courier_cluster::connect(
+            &backend,
+            &system_login.auth()?,
+            &format!("courier node {} (checks)", node.as_str()),
+        )
+        .await
+        .context(
+            "cannot connect as the NATS system user (--nats-system-user or --nats-system-creds)",
+        )?;
+        Some(system.client)
+    } else {
+        None
     };
     let durability_weaker =
         match durability::check(system.as_ref(), cluster.accept_weaker_durability).await? {

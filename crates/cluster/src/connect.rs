@@ -90,6 +90,29 @@ pub enum Auth {
         user: String,
         password: String,
     },
+    /// A user JWT and the nkey seed that signs for it, as a NATS
+    /// credentials file holds them (`nsc generate creds`): for servers
+    /// whose accounts an operator's JWTs define.
+    Credentials(Credentials),
+}
+
+/// A credentials file's text, checked to hold a JWT and a seed.
+#[derive(Clone)]
+pub struct Credentials(String);
+
+#[derive(Debug, thiserror::Error)]
+#[error("not a NATS credentials file ({0}): it must hold a user JWT and its nkey seed between the `-----BEGIN NATS USER JWT-----` and `-----BEGIN USER NKEY SEED-----` markers, as `nsc generate creds` writes them")]
+pub struct CredentialsError(std::io::Error);
+
+impl Auth {
+    /// [`Auth::Credentials`] from a credentials file's text; refused if
+    /// the text holds no JWT and seed.
+    pub fn credentials(text: String) -> Result<Auth, CredentialsError> {
+        async_nats::ConnectOptions::new()
+            .credentials(&text)
+            .map_err(CredentialsError)?;
+        Ok(Auth::Credentials(Credentials(text)))
+    }
 }
 
 impl std::fmt::Debug for Auth {
@@ -97,6 +120,7 @@ impl std::fmt::Debug for Auth {
         match self {
             Auth::None => f.write_str("Auth::None"),
             Auth::UserPassword { user, .. } => write!(f, "Auth::UserPassword({user}, ****)"),
+            Auth::Credentials(_) => f.write_str("Auth::Credentials(****)"),
         }
     }
 }
@@ -109,7 +133,7 @@ pub struct Connection {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("cannot connect to any NATS server of {servers}: {source}; check that the servers run and that the user and password are right")]
+#[error("cannot connect to any NATS server of {servers}: {source}; check that the servers run and that the user and password (or credentials) are right")]
 pub struct ConnectError {
     servers: String,
     #[source]
@@ -138,21 +162,32 @@ pub async fn connect(
                 other => tracing::debug!("NATS: {other}"),
             }
         });
-    if let Auth::UserPassword { user, password } = auth {
-        options = options.user_and_password(user.clone(), password.clone());
+    let failed = |source| ConnectError {
+        servers: backend
+            .servers()
+            .iter()
+            .map(|s| format!("{}:{}", s.host(), s.port()))
+            .collect::<Vec<_>>()
+            .join(","),
+        source,
+    };
+    match auth {
+        Auth::None => {}
+        Auth::UserPassword { user, password } => {
+            options = options.user_and_password(user.clone(), password.clone());
+        }
+        Auth::Credentials(Credentials(text)) => {
+            // Checked when the Auth was made; a failure here still names
+            // the cause.
+            options = options.credentials(text).map_err(|e| {
+                failed(async_nats::ConnectError::with_source(
+                    async_nats::ConnectErrorKind::Authentication,
+                    e,
+                ))
+            })?;
+        }
     }
-    let client = options
-        .connect(backend.servers())
-        .await
-        .map_err(|source| ConnectError {
-            servers: backend
-                .servers()
-                .iter()
-                .map(|s| format!("{}:{}", s.host(), s.port()))
-                .collect::<Vec<_>>()
-                .join(","),
-            source,
-        })?;
+    let client = options.connect(backend.servers()).await.map_err(failed)?;
     let mut jetstream = jetstream::new(client.clone());
     jetstream.set_timeout(JETSTREAM_TIMEOUT);
     Ok(Connection { client, jetstream })
@@ -168,6 +203,19 @@ mod tests {
             .iter()
             .map(|s| format!("{}:{}", s.host(), s.port()))
             .collect()
+    }
+
+    #[test]
+    fn credentials_must_hold_a_jwt_and_a_seed_and_never_show() {
+        let e = Auth::credentials("courier-dev\n".to_string()).unwrap_err();
+        assert!(e.to_string().contains("nsc generate creds"), "{e}");
+        let seed = nkeys::KeyPair::new_user().seed().unwrap();
+        let text = format!(
+            "-----BEGIN NATS USER JWT-----\neyJ0eXAiOiJKV1QifQ.e30.c2ln\n------END NATS USER JWT------\n\n\
+             -----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
+        );
+        let auth = Auth::credentials(text).unwrap();
+        assert_eq!(format!("{auth:?}"), "Auth::Credentials(****)");
     }
 
     #[test]

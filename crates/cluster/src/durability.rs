@@ -81,7 +81,7 @@ impl fmt::Display for Finding {
         match self {
             Finding::Unchecked => write!(
                 f,
-                "the servers' sync setting cannot be checked without the system account: give --nats-system-user and --nats-system-password-file, {OR_ACCEPT}"
+                "the servers' sync setting cannot be checked without the system account: give --nats-system-user and --nats-system-password-file (or --nats-system-creds), {OR_ACCEPT}"
             ),
             Finding::NoAnswer => write!(
                 f,

@@ -29,8 +29,8 @@ pub mod services;
 pub mod store;
 
 pub use connect::{
-    connect, Auth, Backend, BackendError, ConnectError, Connection, CONNECT_TIMEOUT,
-    JETSTREAM_TIMEOUT,
+    connect, Auth, Backend, BackendError, ConnectError, Connection, Credentials, CredentialsError,
+    CONNECT_TIMEOUT, JETSTREAM_TIMEOUT,
 };
 pub use names::{NodeId, NodeIdError};
 pub use provision::{provision, Difference, Mismatch, ProvisionError, Provisioned, Settings};

@@ -40,9 +40,29 @@ struct Server {
     child: Option<Child>,
 }
 
+/// How the servers know their accounts (both: COURIER with JetStream,
+/// SYS as the system account).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accounts {
+    /// In the servers' config, with a user and password each.
+    Config,
+    /// In JWTs an operator signed, preloaded in the servers (operator
+    /// mode); each account's user logs in with a credentials file.
+    Operator,
+}
+
+/// The credentials files' text of the accounts' users (operator mode).
+#[derive(Clone)]
+pub struct UserCredentials {
+    pub courier: String,
+    pub system: String,
+}
+
 pub struct NatsCluster {
     binary: PathBuf,
     servers: Vec<Server>,
+    /// Set in operator mode.
+    credentials: Option<UserCredentials>,
     /// Declared last: removed after the servers are dead.
     dir: tempfile::TempDir,
 }
@@ -51,7 +71,25 @@ impl NatsCluster {
     /// Three servers syncing as `sync` says (server `n1` first); returns
     /// once every server answers and a meta leader is elected.
     pub async fn start(sync: [Sync; SERVERS]) -> NatsCluster {
+        NatsCluster::start_with(sync, Accounts::Config).await
+    }
+
+    /// [`NatsCluster::start`] with the accounts defined as `accounts` says.
+    pub async fn start_with(sync: [Sync; SERVERS], accounts: Accounts) -> NatsCluster {
         let binary = nats_server_binary();
+        let (accounts_text, credentials) = match accounts {
+            Accounts::Config => (
+                format!(
+                    "accounts {{\n  COURIER {{ jetstream: enabled, users: [ {{ user: {COURIER_USER}, password: {COURIER_PASSWORD} }} ] }}\n  \
+                     SYS {{ users: [ {{ user: {SYSTEM_USER}, password: {SYSTEM_PASSWORD} }} ] }}\n}}\nsystem_account: SYS\n"
+                ),
+                None,
+            ),
+            Accounts::Operator => {
+                let operator = jwt::Operator::new();
+                (operator.config(), Some(operator.credentials()))
+            }
+        };
         let dir = tempfile::tempdir().expect("a temporary directory");
         let ports = free_ports(SERVERS * 2);
         let (client_ports, route_ports) = ports.split_at(SERVERS);
@@ -71,8 +109,7 @@ impl NatsCluster {
                 "server_name: {name}\nlisten: 127.0.0.1:{client}\nmax_payload: 8MB\n\
                  jetstream {{\n  store_dir: \"{store}\"\n{sync_line}}}\n\
                  cluster {{\n  name: courier\n  listen: 127.0.0.1:{route}\n  routes: [\n{routes}\n  ]\n}}\n\
-                 accounts {{\n  COURIER {{ jetstream: enabled, users: [ {{ user: {COURIER_USER}, password: {COURIER_PASSWORD} }} ] }}\n  \
-                 SYS {{ users: [ {{ user: {SYSTEM_USER}, password: {SYSTEM_PASSWORD} }} ] }}\n}}\nsystem_account: SYS\n",
+                 {accounts_text}",
                 client = client_ports[i],
                 route = route_ports[i],
                 store = store.display(),
@@ -91,6 +128,7 @@ impl NatsCluster {
         let mut cluster = NatsCluster {
             binary,
             servers,
+            credentials,
             dir,
         };
         for i in 0..SERVERS {
@@ -155,13 +193,11 @@ impl NatsCluster {
     /// running server.
     async fn jetstream_answers(&self) -> bool {
         for i in (0..SERVERS).filter(|i| self.servers[*i].child.is_some()) {
-            let Ok(client) = async_nats::ConnectOptions::with_user_and_password(
-                COURIER_USER.into(),
-                COURIER_PASSWORD.into(),
-            )
-            .connection_timeout(Duration::from_secs(2))
-            .connect(self.url(i))
-            .await
+            let Ok(client) = self
+                .login(false)
+                .connection_timeout(Duration::from_secs(2))
+                .connect(self.url(i))
+                .await
             else {
                 return false;
             };
@@ -217,6 +253,32 @@ impl NatsCluster {
             .unwrap_or_else(|| panic!("no server named {name}"))
     }
 
+    /// The credentials files' text, in operator mode.
+    pub fn credentials(&self) -> Option<&UserCredentials> {
+        self.credentials.as_ref()
+    }
+
+    /// How the harness's own clients log in: as COURIER's user, or the
+    /// system account's.
+    fn login(&self, system: bool) -> async_nats::ConnectOptions {
+        match (&self.credentials, system) {
+            (Some(c), false) => async_nats::ConnectOptions::new()
+                .credentials(&c.courier)
+                .expect("the harness's credentials parse"),
+            (Some(c), true) => async_nats::ConnectOptions::new()
+                .credentials(&c.system)
+                .expect("the harness's credentials parse"),
+            (None, false) => async_nats::ConnectOptions::with_user_and_password(
+                COURIER_USER.into(),
+                COURIER_PASSWORD.into(),
+            ),
+            (None, true) => async_nats::ConnectOptions::with_user_and_password(
+                SYSTEM_USER.into(),
+                SYSTEM_PASSWORD.into(),
+            ),
+        }
+    }
+
     pub fn courier_auth() -> Auth {
         Auth::UserPassword {
             user: COURIER_USER.into(),
@@ -236,13 +298,10 @@ impl NatsCluster {
             .filter(|i| self.servers[*i].child.is_some())
             .map(|i| self.url(i))
             .collect();
-        async_nats::ConnectOptions::with_user_and_password(
-            SYSTEM_USER.into(),
-            SYSTEM_PASSWORD.into(),
-        )
-        .connection_timeout(Duration::from_secs(2))
-        .connect(urls.as_slice())
-        .await
+        self.login(true)
+            .connection_timeout(Duration::from_secs(2))
+            .connect(urls.as_slice())
+            .await
     }
 
     /// A connection as the system account (for the durability check).
@@ -372,5 +431,119 @@ where
         }
         assert!(Instant::now() < until, "{what}: not within {limit:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// An operator, the COURIER and SYS accounts and a user of each, as JWTs
+/// (what `nsc` makes): nats-server's operator mode with a memory resolver.
+mod jwt {
+    use base64::Engine as _;
+    use nkeys::KeyPair;
+    use serde_json::{json, Value};
+
+    pub struct Operator {
+        operator: KeyPair,
+        courier: KeyPair,
+        system: KeyPair,
+    }
+
+    impl Operator {
+        pub fn new() -> Operator {
+            Operator {
+                operator: KeyPair::new_operator(),
+                courier: KeyPair::new_account(),
+                system: KeyPair::new_account(),
+            }
+        }
+
+        /// The servers' config lines for these accounts.
+        pub fn config(&self) -> String {
+            let system = self.system.public_key();
+            let courier = self.courier.public_key();
+            let operator = signed(
+                &self.operator,
+                &self.operator.public_key(),
+                "courier-tests",
+                json!({ "type": "operator", "version": 2, "system_account": system }),
+            );
+            let unlimited = json!({
+                "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+                "wildcards": true, "conn": -1, "leaf": -1,
+            });
+            let mut jetstream = unlimited.clone();
+            for (limit, value) in [
+                ("mem_storage", -1),
+                ("disk_storage", -1),
+                ("streams", -1),
+                ("consumer", -1),
+            ] {
+                jetstream[limit] = json!(value);
+            }
+            let account = |name: &str, key: &str, limits: &Value| {
+                signed(
+                    &self.operator,
+                    key,
+                    name,
+                    json!({ "limits": limits, "type": "account", "version": 2 }),
+                )
+            };
+            format!(
+                "operator: \"{operator}\"\nsystem_account: {system}\nresolver: MEMORY\nresolver_preload: {{\n  {system}: \"{}\"\n  {courier}: \"{}\"\n}}\n",
+                account("SYS", &system, &unlimited),
+                account("COURIER", &courier, &jetstream),
+            )
+        }
+
+        /// A new user of each account, as credentials files' text.
+        pub fn credentials(&self) -> super::UserCredentials {
+            super::UserCredentials {
+                courier: user(&self.courier, super::COURIER_USER),
+                system: user(&self.system, super::SYSTEM_USER),
+            }
+        }
+    }
+
+    fn user(account: &KeyPair, name: &str) -> String {
+        let user = KeyPair::new_user();
+        let token = signed(
+            account,
+            &user.public_key(),
+            name,
+            json!({
+                "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1,
+                "type": "user", "version": 2,
+            }),
+        );
+        let seed = user.seed().expect("a new key pair has a seed");
+        format!(
+            "-----BEGIN NATS USER JWT-----\n{token}\n------END NATS USER JWT------\n\n\
+             -----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
+        )
+    }
+
+    /// A JWT of `nats` claims about `subject`, signed by `issuer`.
+    fn signed(issuer: &KeyPair, subject: &str, name: &str, nats: Value) -> String {
+        let encode = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970");
+        let claims = json!({
+            // Unique is enough here (nsc puts a hash of the claims).
+            "jti": format!("{:X}{}", now.as_nanos(), &subject[1..9]),
+            "iat": now.as_secs(),
+            "iss": issuer.public_key(),
+            "name": name,
+            "sub": subject,
+            "nats": nats,
+        });
+        let signed_part = format!(
+            "{}.{}",
+            encode(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#),
+            encode(claims.to_string().as_bytes())
+        );
+        let signature = issuer
+            .sign(signed_part.as_bytes())
+            .expect("an account or operator key signs");
+        format!("{signed_part}.{}", encode(&signature))
     }
 }

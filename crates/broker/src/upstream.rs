@@ -351,6 +351,15 @@ impl<S: MessageStore> Broker<S> {
         self.give_back_keyed_held(service, now);
     }
 
+    /// Another relay now brings `service`'s keyed messages to this node
+    /// (its pull is answered by a new holder of the lane, or by a new
+    /// relay of the same one): what is held here and not handed out goes
+    /// back to whoever relayed it. Kept, it could go out here after the
+    /// key's earlier messages, which come again through the new relay.
+    pub fn keyed_relay_moved(&mut self, service: &str, now: Nanos) {
+        self.give_back_keyed_held(service, now);
+    }
+
     /// Every keyed message of `service` held here and not out goes back,
     /// in the order fetched.
     fn give_back_keyed_held(&mut self, service: &str, now: Nanos) {

@@ -15,7 +15,7 @@
 //! those ([`GivenBack`]) until the holder starts the key again (the
 //! key-start bit of the attempt, as on a version-4 connection).
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -145,15 +145,43 @@ impl Outcome {
 }
 
 /// The keys a node gave back to a relay's holder, whose deliveries still
-/// on their way are stale until the holder starts the key again.
+/// on their way are stale until the holder starts the key again; and the
+/// relays whose holder no longer leads their lane for this node.
 #[derive(Debug, Default)]
 pub struct GivenBack {
     keys: Mutex<HashSet<(String, u64, Bytes)>>,
+    /// The last [`RETIRED_KEPT`] relays retired, oldest first.
+    retired: Mutex<VecDeque<(String, u64)>>,
+}
+
+/// How many retired relays a node remembers: a service's holder changes
+/// rarely, and a relay's deliveries still on their way arrive within
+/// moments of its retirement.
+const RETIRED_KEPT: usize = 256;
+
+/// What to do with a relayed delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Hand it to the core.
+    Take,
+    /// Its key was given back and has not started again: the holder took
+    /// the key's later deliveries back with it; drop it.
+    Stale,
+    /// Its relay was retired: give it back to its holder (`-NAK`), which
+    /// no longer leads the lane and returns it to the backend for the
+    /// next holder.
+    Retired,
 }
 
 impl GivenBack {
     fn keys(&self) -> std::sync::MutexGuard<'_, HashSet<(String, u64, Bytes)>> {
         self.keys
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn retired(&self) -> std::sync::MutexGuard<'_, VecDeque<(String, u64)>> {
+        self.retired
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -165,24 +193,43 @@ impl GivenBack {
     }
 
     /// Whether a delivery that came through `handle`'s relay may be
-    /// handled: not one of a key given back, unless it starts the key.
-    pub fn admit(&self, handle: &RelayHandle, key: Option<&Bytes>, key_start: bool) -> bool {
+    /// handled: not one of a retired relay, nor of a key given back
+    /// unless it starts the key.
+    pub fn admit(&self, handle: &RelayHandle, key: Option<&Bytes>, key_start: bool) -> Admission {
+        if self
+            .retired()
+            .iter()
+            .any(|(holder, relay)| *holder == handle.holder && *relay == handle.relay)
+        {
+            return Admission::Retired;
+        }
         let Some(key) = key else {
-            return true;
+            return Admission::Take;
         };
         let entry = (handle.holder.clone(), handle.relay, key.clone());
         let mut keys = self.keys();
         if key_start {
             keys.remove(&entry);
-            return true;
+            return Admission::Take;
         }
-        !keys.contains(&entry)
+        if keys.contains(&entry) {
+            Admission::Stale
+        } else {
+            Admission::Take
+        }
     }
 
-    /// Forgets a relay's keys (its holder closed it or is gone).
-    pub fn forget_relay(&self, holder: &str, relay: u64) {
+    /// Another node took the lane (or this node's pull is answered by
+    /// another relay): nothing of `holder`'s `relay` is handled here any
+    /// more, and its keys are forgotten.
+    pub fn retire_relay(&self, holder: &str, relay: u64) {
         self.keys()
             .retain(|(h, r, _)| !(h == holder && *r == relay));
+        let mut retired = self.retired();
+        if retired.len() == RETIRED_KEPT {
+            retired.pop_front();
+        }
+        retired.push_back((holder.to_string(), relay));
     }
 }
 
@@ -226,11 +273,65 @@ mod tests {
             stream_seq: 1,
         };
         let key = Bytes::from_static(b"k");
-        assert!(given_back.admit(&handle, Some(&key), false));
+        let take = |key_start| given_back.admit(&handle, Some(&key), key_start);
+        assert_eq!(take(false), Admission::Take);
         given_back.given_back(&handle, &key);
-        assert!(!given_back.admit(&handle, Some(&key), false));
-        assert!(given_back.admit(&handle, None, false), "unkeyed");
-        assert!(given_back.admit(&handle, Some(&key), true));
-        assert!(given_back.admit(&handle, Some(&key), false));
+        assert_eq!(take(false), Admission::Stale);
+        assert_eq!(
+            given_back.admit(&handle, None, false),
+            Admission::Take,
+            "unkeyed"
+        );
+        assert_eq!(take(true), Admission::Take);
+        assert_eq!(take(false), Admission::Take);
+    }
+
+    #[test]
+    fn nothing_of_a_retired_relay_is_taken_and_the_oldest_retirement_goes_first() {
+        let given_back = GivenBack::default();
+        let handle = |holder: &str, relay| RelayHandle {
+            holder: holder.to_string(),
+            relay,
+            delivery: 1,
+            stream_seq: 1,
+        };
+        let key = Bytes::from_static(b"k");
+        given_back.given_back(&handle("a", 1), &key);
+        given_back.retire_relay("a", 1);
+        for key_start in [false, true] {
+            assert_eq!(
+                given_back.admit(&handle("a", 1), Some(&key), key_start),
+                Admission::Retired
+            );
+        }
+        assert_eq!(
+            given_back.admit(&handle("a", 1), None, false),
+            Admission::Retired
+        );
+        assert_eq!(
+            given_back.admit(&handle("a", 2), Some(&key), false),
+            Admission::Take
+        );
+        assert_eq!(
+            given_back.admit(&handle("b", 1), Some(&key), false),
+            Admission::Take
+        );
+
+        for relay in 2..=RETIRED_KEPT as u64 {
+            given_back.retire_relay("a", relay);
+        }
+        assert_eq!(
+            given_back.admit(&handle("a", 1), None, false),
+            Admission::Retired
+        );
+        given_back.retire_relay("b", 1);
+        assert_eq!(
+            given_back.admit(&handle("a", 1), None, false),
+            Admission::Take
+        );
+        assert_eq!(
+            given_back.admit(&handle("b", 1), None, false),
+            Admission::Retired
+        );
     }
 }

@@ -1485,6 +1485,54 @@ fn a_node_that_loses_the_keyed_lane_gives_back_what_it_has_not_handed_out() {
 }
 
 #[test]
+fn a_node_whose_relay_moves_gives_back_what_the_last_holder_relayed_and_is_not_out() {
+    let mut h = node();
+    h.connect(1, "worker", 1);
+    h.subscribe(1, "job.*");
+    h.actions();
+    // Relayed by the last holder: the instance here has room for one.
+    for (key, payload) in [("k", "1"), ("k", "2"), ("j", "3")] {
+        h.broker.fetched(
+            fetched(
+                "worker",
+                keyed("job.run", key, payload),
+                1,
+                &format!("ack-{payload}"),
+            ),
+            h.now,
+        );
+    }
+    let out = h.deliveries();
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(out[0].4, Bytes::from_static(b"1"));
+    let held: Vec<Seq> = {
+        let mut seqs: Vec<Seq> = h.broker.store().held.keys().copied().collect();
+        seqs.sort_unstable();
+        seqs
+    };
+    h.broker.store_mut().told.clear();
+
+    h.broker.keyed_relay_moved("worker", h.now);
+    let naks: Vec<Seq> = h
+        .broker
+        .store()
+        .told
+        .iter()
+        .filter_map(|t| match t {
+            Upstream::Nak { seq, .. } => Some(*seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(naks, [held[1], held[2]], "not what was held and not out");
+    h.broker.ack(out[0].0, out[0].1, h.now);
+    h.advance(10_000);
+    assert!(
+        h.deliveries().is_empty(),
+        "a message of the last holder's relay went out"
+    );
+}
+
+#[test]
 fn a_relay_takes_keyed_messages_only_without_a_deadline_and_its_failures_stay_here_in_order() {
     const RELAY: ConnId = 100;
     let mut h = node();

@@ -22,7 +22,7 @@ use bytes::BytesMut;
 use courier_broker::ConnId;
 use courier_cluster::ack_subject::AckSubject;
 use courier_cluster::relay::{
-    self, GivenBack, Outcome, Pull, PullAnswer, RelayHandle, ATTEMPT_HEADER, PULL_EVERY,
+    self, Admission, GivenBack, Outcome, Pull, PullAnswer, RelayHandle, ATTEMPT_HEADER, PULL_EVERY,
     RELAY_IDLE, SERVICE_HEADER, SETTLE_HEADER,
 };
 use courier_proto::{Kind, Message, ATTEMPT_KEY_START};
@@ -277,8 +277,18 @@ async fn take_relayed(shared: Weak<Shared>) {
         }
     };
     while let Some(delivery) = relayed.next().await {
-        let Some(taken) = read_relayed(&delivery, &given_back) else {
-            continue;
+        let taken = match read_relayed(&delivery, &given_back) {
+            Arrival::Taken(taken) => taken,
+            Arrival::Dropped => continue,
+            Arrival::Retired(handle) => {
+                // Its holder no longer leads the lane for this node: it
+                // returns the message to the backend for the next one.
+                let back = client.publish(handle, bytes::Bytes::from_static(b"-NAK"));
+                if let Err(e) = back.await {
+                    debug!(error = %e, "a delivery of a retired relay was not given back; its holder gives it back when the relay closes");
+                }
+                continue;
+            }
         };
         let Some(shared) = shared.upgrade() else {
             return;
@@ -297,12 +307,34 @@ async fn take_relayed(shared: Weak<Shared>) {
     }
 }
 
-/// A relayed delivery as the core takes it; `None` when it does not read
-/// or is stale (its key was given back and has not started again).
-fn read_relayed(
+/// What becomes of a delivery another node relayed here.
+enum Arrival {
+    /// The core takes it.
+    Taken(courier_broker::Fetched),
+    /// It does not read, or is stale (its key was given back and has not
+    /// started again).
+    Dropped,
+    /// It came through a retired relay: it goes back to its holder
+    /// through this handle.
+    Retired(String),
+}
+
+fn read_relayed(delivery: &async_nats::Message, given_back: &GivenBack) -> Arrival {
+    let Some((fetched, handle, key_start)) = decode_relayed(delivery) else {
+        return Arrival::Dropped;
+    };
+    match given_back.admit(&handle, fetched.message.key.as_ref(), key_start) {
+        Admission::Take => Arrival::Taken(fetched),
+        Admission::Stale => Arrival::Dropped,
+        Admission::Retired => Arrival::Retired(fetched.handle),
+    }
+}
+
+/// A relayed delivery as the core takes it, its relay handle, and whether
+/// it starts its key; `None` when it does not read.
+fn decode_relayed(
     delivery: &async_nats::Message,
-    given_back: &GivenBack,
-) -> Option<courier_broker::Fetched> {
+) -> Option<(courier_broker::Fetched, RelayHandle, bool)> {
     let headers = delivery.headers.as_ref()?;
     let header = |name: &str| headers.get(name).map(|v| v.as_str().to_string());
     let service = header(SERVICE_HEADER)?;
@@ -316,17 +348,14 @@ fn read_relayed(
             return None;
         }
     };
-    let key_start = attempt & ATTEMPT_KEY_START != 0;
-    if !given_back.admit(&handle, message.key.as_ref(), key_start) {
-        return None;
-    }
-    Some(courier_broker::Fetched {
+    let fetched = courier_broker::Fetched {
         service,
         message: Arc::new(message),
         attempt: (attempt & !ATTEMPT_KEY_START).max(1),
         handle: settle,
         reply_node: header(courier_cluster::store::REPLY_TO_HEADER),
-    })
+    };
+    Some((fetched, handle, attempt & ATTEMPT_KEY_START != 0))
 }
 
 /// The other side: while this node has instances of `service` that
@@ -386,8 +415,16 @@ pub(super) async fn pull_keyed_lane(
             continue;
         };
         if let Some(before) = answered.as_ref().filter(|before| **before != answer) {
-            // Another relay: nothing more comes through the last one.
-            given_back.forget_relay(&before.holder, before.relay);
+            // Another relay (another holder, or the same one that closed
+            // the last, perhaps taking back what was out on it): nothing
+            // of the last is handled here any more, and what it relayed
+            // and is still queued here goes back. The new relay's first
+            // deliveries, if already here, go back with them; its holder
+            // retries them in their keys' order.
+            given_back.retire_relay(&before.holder, before.relay);
+            if let Some(shared) = shared.upgrade() {
+                shared.with_core_deferred(|core, now| core.keyed_relay_moved(&service, now));
+            }
             info!(%service, holder = %answer.holder, "taking keyed messages from the keyed lane's holder");
         }
         answered = Some(answer);

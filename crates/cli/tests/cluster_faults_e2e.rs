@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cluster_common::sdk::{connect, opts, send_when_routed};
+use cluster_common::sdk::{connect, opts, publish_keyed, send_when_routed};
 use cluster_common::Nodes;
 use common::{wait_for_async, Broker};
 use courier_client::{Client, ErrorCode, Incoming};
@@ -108,6 +108,68 @@ async fn keyed_instance(
     (client, log)
 }
 
+/// Waits until the instance of the node that died (what it `handled`)
+/// and the one that went on (`going_on`) together handled every event of
+/// `keys` × `per_key`.
+async fn every_event_handled(
+    handled: &[(usize, usize, u32)],
+    going_on: &KeyedLog,
+    keys: usize,
+    per_key: usize,
+) {
+    let all: BTreeSet<(usize, usize)> = (0..keys)
+        .flat_map(|k| (0..per_key).map(move |i| (k, i)))
+        .collect();
+    wait_for_async("every event handled", T, || {
+        let done: BTreeSet<(usize, usize)> = handled
+            .iter()
+            .chain(keyed_log_of(going_on).iter())
+            .map(|(k, i, _)| (*k, *i))
+            .collect();
+        let complete = done == all;
+        async move { complete.then_some(()) }
+    })
+    .await;
+}
+
+/// Each key went in order on both nodes' instances (`(node, log)`: the
+/// one whose node died, and the one that went on), and the one that went
+/// on took each key up from the first event the other had not handled:
+/// nothing skipped.
+fn went_on_in_order(
+    died: (&str, &[(usize, usize, u32)]),
+    went_on: (&str, &[(usize, usize, u32)]),
+    keys: usize,
+    per_key: usize,
+) {
+    for key in 0..keys {
+        let of_key = |log: &[(usize, usize, u32)]| -> Vec<usize> {
+            log.iter()
+                .filter(|(k, _, _)| *k == key)
+                .map(|(_, i, _)| *i)
+                .collect()
+        };
+        let (before, after) = (of_key(died.1), of_key(went_on.1));
+        for (node, seen) in [(died.0, &before), (went_on.0, &after)] {
+            assert!(
+                seen.windows(2).all(|w| w[1] >= w[0]),
+                "key k{key} went back on node {node}: {seen:?}"
+            );
+        }
+        let done = before.iter().map(|i| i + 1).max().unwrap_or(0);
+        let from = after.iter().copied().find(|i| *i >= done);
+        if done < per_key {
+            assert_eq!(
+                from,
+                Some(done),
+                "key k{key}: node {} handled up to {done}, node {} went on from {from:?}",
+                died.0,
+                went_on.0
+            );
+        }
+    }
+}
+
 /// One cluster and two nodes for every scenario: a cluster takes seconds
 /// to form, and three at once on one machine race for ports.
 #[tokio::test(flavor = "multi_thread")]
@@ -163,22 +225,7 @@ async fn a_replay_goes_on_at_the_next_holder_when_its_node_dies() {
     let mut nodes = Nodes::start_watched().await;
     // The history, through node b, before any service takes it.
     let web = connect(opts(&nodes.b, "bank")).await;
-    let mut accepted = Vec::new();
-    for index in 0..PER_KEY {
-        for key in 0..KEYS {
-            let sent = web
-                .event("ledger.entry")
-                .key(format!("k{key}"))
-                .json(&index)
-                .expect("payload")
-                .enqueue()
-                .expect("queued");
-            accepted.push(sent);
-        }
-    }
-    for sent in accepted {
-        sent.wait().await.expect("accepted");
-    }
+    publish_keyed(&web, KEYS, PER_KEY).await;
     // Node a's instance alone: node a holds the keyed lane and replays.
     let (on_a, by_a) = instance(&nodes.a, true).await;
     wait_for_async("node a's instance handles some of the history", T, || {
@@ -197,19 +244,7 @@ async fn a_replay_goes_on_at_the_next_holder_when_its_node_dies() {
     );
 
     // Node b goes on with it: every event handled, keys in order.
-    let all: BTreeSet<(usize, usize)> = (0..KEYS)
-        .flat_map(|k| (0..PER_KEY).map(move |i| (k, i)))
-        .collect();
-    wait_for_async("the rest of the history handled on node b", T, || {
-        let done: BTreeSet<(usize, usize)> = handled_on_a
-            .iter()
-            .chain(keyed_log_of(&by_b).iter())
-            .map(|(k, i, _)| (*k, *i))
-            .collect();
-        let complete = done == all;
-        async move { complete.then_some(()) }
-    })
-    .await;
+    every_event_handled(&handled_on_a, &by_b, KEYS, PER_KEY).await;
     // New events after the history, in order behind it.
     for index in PER_KEY..PER_KEY + NEW {
         web.event("ledger.entry")
@@ -235,32 +270,7 @@ async fn a_replay_goes_on_at_the_next_holder_when_its_node_dies() {
         by_b.len(),
         handled_on_a.len() + by_b.len() - KEYS * PER_KEY - NEW
     );
-    for key in 0..KEYS {
-        let on_b: Vec<usize> = by_b
-            .iter()
-            .filter(|(k, _, _)| *k == key)
-            .map(|(_, i, _)| *i)
-            .collect();
-        assert!(
-            on_b.windows(2).all(|w| w[1] >= w[0]),
-            "key k{key} went back on node b: {on_b:?}"
-        );
-        // Node b began at or before the first event node a had not
-        // handled: nothing skipped.
-        let done_on_a = handled_on_a
-            .iter()
-            .filter(|(k, _, _)| *k == key)
-            .map(|(_, i, _)| *i + 1)
-            .max()
-            .unwrap_or(0);
-        if done_on_a < PER_KEY {
-            assert!(
-                on_b.first().is_some_and(|first| *first <= done_on_a),
-                "key k{key}: node a handled up to {done_on_a}, node b began at {:?}",
-                on_b.first()
-            );
-        }
-    }
+    went_on_in_order(("a", &handled_on_a), ("b", &by_b), KEYS, PER_KEY);
     // The replay ended: its consumer is gone.
     let connection = nodes.cluster.connect("replay check").await;
     let stream = connection
@@ -311,22 +321,7 @@ async fn keys_relayed_to_a_node_that_dies_go_on_at_the_holder() {
     })
     .await;
     let web = connect(opts(&nodes.a, "bank")).await;
-    let mut accepted = Vec::new();
-    for index in 0..PER_KEY {
-        for key in 0..KEYS {
-            let sent = web
-                .event("ledger.entry")
-                .key(format!("k{key}"))
-                .json(&index)
-                .expect("payload")
-                .enqueue()
-                .expect("queued");
-            accepted.push(sent);
-        }
-    }
-    for sent in accepted {
-        sent.wait().await.expect("accepted");
-    }
+    publish_keyed(&web, KEYS, PER_KEY).await;
     wait_for_async("node b's instance handles some keys", T, || {
         let n = keyed_log_of(&by_b).len();
         async move { (n >= 60).then_some(()) }
@@ -343,19 +338,7 @@ async fn keys_relayed_to_a_node_that_dies_go_on_at_the_holder() {
 
     // The holder takes back what was out on node b's relay: every event
     // handled, each key in order, none skipped.
-    let all: BTreeSet<(usize, usize)> = (0..KEYS)
-        .flat_map(|k| (0..PER_KEY).map(move |i| (k, i)))
-        .collect();
-    wait_for_async("every event handled", T, || {
-        let done: BTreeSet<(usize, usize)> = handled_on_b
-            .iter()
-            .chain(keyed_log_of(&by_a).iter())
-            .map(|(k, i, _)| (*k, *i))
-            .collect();
-        let complete = done == all;
-        async move { complete.then_some(()) }
-    })
-    .await;
+    every_event_handled(&handled_on_b, &by_a, KEYS, PER_KEY).await;
     let by_a = keyed_log_of(&by_a);
     let keys_on_b: BTreeSet<usize> = handled_on_b.iter().map(|(k, _, _)| *k).collect();
     eprintln!(
@@ -365,36 +348,7 @@ async fn keys_relayed_to_a_node_that_dies_go_on_at_the_holder() {
         handled_on_b.len() + by_a.len() - KEYS * PER_KEY
     );
     assert!(!keys_on_b.is_empty(), "node b was relayed no key");
-    for key in 0..KEYS {
-        let of_key = |log: &[(usize, usize, u32)]| -> Vec<usize> {
-            log.iter()
-                .filter(|(k, _, _)| *k == key)
-                .map(|(_, i, _)| *i)
-                .collect()
-        };
-        let (on_a_key, on_b_key) = (of_key(&by_a), of_key(&handled_on_b));
-        for (node, seen) in [("a", &on_a_key), ("b", &on_b_key)] {
-            assert!(
-                seen.windows(2).all(|w| w[1] >= w[0]),
-                "key k{key} went back on node {node}: {seen:?}"
-            );
-        }
-        // What node b had not handled came to node a from the first of it.
-        let done_on_b = on_b_key.iter().map(|i| i + 1).max().unwrap_or(0);
-        let after: Vec<usize> = on_a_key
-            .iter()
-            .copied()
-            .filter(|i| *i >= done_on_b)
-            .collect();
-        if done_on_b > 0 && done_on_b < PER_KEY {
-            assert_eq!(
-                after.first().copied(),
-                Some(done_on_b),
-                "key k{key}: node b handled up to {done_on_b}, node a went on from {:?}",
-                after.first()
-            );
-        }
-    }
+    went_on_in_order(("b", &handled_on_b), ("a", &by_a), KEYS, PER_KEY);
     on_a.shutdown().await;
     web.shutdown().await;
 }

@@ -92,22 +92,7 @@ async fn keyed_events_stay_in_order_per_key_under_nacks_and_a_kill_9() {
     let publisher = Client::connect(ClientOptions::new(broker.addr(), "bank"))
         .await
         .expect("connect publisher");
-    let mut accepted = Vec::new();
-    for index in 0..PER_KEY {
-        for key in 0..KEYS {
-            let sent = publisher
-                .event("ledger.entry")
-                .key(format!("k{key}"))
-                .json(&index)
-                .expect("payload")
-                .enqueue()
-                .expect("queued");
-            accepted.push(sent);
-        }
-    }
-    for sent in accepted {
-        sent.wait().await.expect("accepted");
-    }
+    cluster_common::sdk::publish_keyed(&publisher, KEYS, PER_KEY).await;
 
     let mut by_a: Vec<(usize, usize)> = Vec::new();
     let a_lines = tokio::task::spawn_blocking(move || {

@@ -36,3 +36,25 @@ pub async fn send_when_routed(client: &Client, name: &str, payload: &serde_json:
         }
     }
 }
+
+/// Sends `per_key` events `ledger.entry` for each of `keys` keys
+/// (`k0`, `k1`, …; payload the index), pipelined, index by index across
+/// the keys, and waits until every one is accepted.
+pub async fn publish_keyed(client: &Client, keys: usize, per_key: usize) {
+    let mut accepted = Vec::with_capacity(keys * per_key);
+    for index in 0..per_key {
+        for key in 0..keys {
+            let sent = client
+                .event("ledger.entry")
+                .key(format!("k{key}"))
+                .json(&index)
+                .expect("payload")
+                .enqueue()
+                .expect("queued");
+            accepted.push(sent);
+        }
+    }
+    for sent in accepted {
+        sent.wait().await.expect("accepted");
+    }
+}

@@ -172,6 +172,22 @@ impl Broker {
         )
     }
 
+    /// A broker whose allocator gives freed pages back to the OS at once
+    /// (jemalloc's `dirty_decay_ms:0`; the build's default keeps them
+    /// about a second): its RSS is then what it holds, not also the
+    /// buffers a burst freed a moment ago — for tests that bound it.
+    pub fn start_freeing_at_once() -> Broker {
+        let level = std::env::var("COURIER_E2E_LOG").unwrap_or_else(|_| "warn".to_string());
+        Broker::start_logging_env(
+            &format!("127.0.0.1:{}", free_port()),
+            tempdir::Dir::new("broker"),
+            &[],
+            &level,
+            Stdio::inherit(),
+            &[("_RJEM_MALLOC_CONF", "dirty_decay_ms:0,muzzy_decay_ms:0")],
+        )
+    }
+
     /// [`Broker::start_on`] with extra `serve` flags.
     pub fn start_on_with(listen: &str, data_dir: tempdir::Dir, extra: &[&str]) -> Broker {
         Broker::start_full(listen, data_dir, extra)
@@ -191,12 +207,24 @@ impl Broker {
         level: &str,
         stderr: Stdio,
     ) -> Broker {
+        Broker::start_logging_env(listen, data_dir, extra, level, stderr, &[])
+    }
+
+    fn start_logging_env(
+        listen: &str,
+        data_dir: tempdir::Dir,
+        extra: &[&str],
+        level: &str,
+        stderr: Stdio,
+        envs: &[(&str, &str)],
+    ) -> Broker {
         let mut child = Command::new(courier_bin())
             .args(["serve", "--listen", listen, "--data-dir"])
             .arg(data_dir.path())
             .args(http_flags(extra))
             .args(extra)
             .env("COURIER_LOG", level)
+            .envs(envs.iter().copied())
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()

@@ -414,6 +414,7 @@ pub(super) async fn pull_keyed_lane(
         let Ok(answer) = serde_json::from_slice::<PullAnswer>(&answer.payload) else {
             continue;
         };
+        given_back.relay_answered(&answer.holder, answer.relay);
         if let Some(before) = answered.as_ref().filter(|before| **before != answer) {
             // Another relay (another holder, or the same one that closed
             // the last, perhaps taking back what was out on it): nothing

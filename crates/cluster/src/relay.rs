@@ -67,6 +67,7 @@ pub struct Pull {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PullAnswer {
     pub holder: String,
+    /// The relay's number on its holder, unique to the holder's run.
     pub relay: u64,
 }
 
@@ -231,14 +232,6 @@ impl GivenBack {
         }
         retired.push_back((holder.to_string(), relay));
     }
-
-    /// `holder`'s `relay` answered this node's pull: it is not retired,
-    /// even if a relay of the same number was (a holder that restarted
-    /// with the same node id numbers its relays from the start again).
-    pub fn relay_answered(&self, holder: &str, relay: u64) {
-        self.retired()
-            .retain(|(h, r)| !(h == holder && *r == relay));
-    }
 }
 
 #[cfg(test)]
@@ -340,12 +333,6 @@ mod tests {
         assert_eq!(
             given_back.admit(&handle("b", 1), None, false),
             Admission::Retired
-        );
-        // A holder started again numbers its relays anew.
-        given_back.relay_answered("b", 1);
-        assert_eq!(
-            given_back.admit(&handle("b", 1), None, false),
-            Admission::Take
         );
     }
 }

@@ -61,15 +61,29 @@ pub(crate) struct Relays {
     open: Mutex<HashMap<ConnId, Relay>>,
     deliveries: mpsc::UnboundedSender<Relayed>,
     deliveries_rx: Mutex<Option<mpsc::UnboundedReceiver<Relayed>>>,
+    /// The high half of this process's relay numbers (random, never 0):
+    /// a node started again under the same id counts its connections
+    /// from 1 again, and an outcome meant for a relay of its last run
+    /// must not settle a delivery of this one.
+    run: u64,
 }
+
+/// The low half of a relay number: the relay's connection id.
+const RELAY_CONN_BITS: u64 = 0xFFFF_FFFF;
 
 impl Default for Relays {
     fn default() -> Relays {
+        use std::hash::{BuildHasher, Hasher};
         let (deliveries, rx) = mpsc::unbounded_channel();
+        // Seeded at random per process by the standard library.
+        let random = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
         Relays {
             open: Mutex::default(),
             deliveries,
             deliveries_rx: Mutex::new(Some(rx)),
+            run: (random & RELAY_CONN_BITS).max(1) << 32,
         }
     }
 }
@@ -77,6 +91,21 @@ impl Default for Relays {
 impl Relays {
     fn open(&self) -> MutexGuard<'_, HashMap<ConnId, Relay>> {
         self.open.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The number other nodes know the relay of `conn` by.
+    fn number(&self, conn: ConnId) -> u64 {
+        self.run | (conn & RELAY_CONN_BITS)
+    }
+
+    /// The open relay an outcome's relay `number` names: `None` for a
+    /// relay of another run of this node, or one closed since.
+    fn conn_of(&self, number: u64) -> Option<ConnId> {
+        if number & !RELAY_CONN_BITS != self.run {
+            return None;
+        }
+        let conn = number & RELAY_CONN_BITS;
+        self.open().contains_key(&conn).then_some(conn)
     }
 
     /// Hands the core's delivery to a relay on to its node; `false`: no
@@ -174,7 +203,7 @@ async fn send_relayed(shared: Weak<Shared>, mut deliveries: mpsc::UnboundedRecei
                 });
                 let handle = RelayHandle {
                     holder: holder.clone(),
-                    relay: relayed.conn,
+                    relay: edge.relays.number(relayed.conn),
                     delivery: relayed.delivery,
                     stream_seq,
                 };
@@ -235,21 +264,25 @@ async fn take_outcomes(shared: Weak<Shared>) {
         let Some(shared) = shared.upgrade() else {
             return;
         };
+        let Some(edge) = &shared.cluster else {
+            return;
+        };
+        let Some(conn) = edge.relays.conn_of(handle.relay) else {
+            debug!(subject = %message.subject, "an outcome for a relay closed or of an earlier run of this node");
+            continue;
+        };
         match outcome {
             Outcome::Ack => {
-                shared.with_core_deferred(|core, now| core.ack(handle.relay, handle.delivery, now))
+                shared.with_core_deferred(|core, now| core.ack(conn, handle.delivery, now))
             }
-            Outcome::Nak { delay_ms } => shared.with_core_deferred(|core, now| {
-                core.nack(handle.relay, handle.delivery, delay_ms, now)
-            }),
+            Outcome::Nak { delay_ms } => shared
+                .with_core_deferred(|core, now| core.nack(conn, handle.delivery, delay_ms, now)),
             Outcome::InProgress => {}
             Outcome::Gone => {
-                if let Some(edge) = &shared.cluster {
-                    if edge.relays.open().remove(&handle.relay).is_some() {
-                        info!("closed the relay of keyed messages to a node with no instance left");
-                    }
+                if edge.relays.open().remove(&conn).is_some() {
+                    info!("closed the relay of keyed messages to a node with no instance left");
                 }
-                shared.with_core_deferred(|core, now| core.close_relay(handle.relay, now));
+                shared.with_core_deferred(|core, now| core.close_relay(conn, now));
             }
         }
     }
@@ -414,7 +447,6 @@ pub(super) async fn pull_keyed_lane(
         let Ok(answer) = serde_json::from_slice::<PullAnswer>(&answer.payload) else {
             continue;
         };
-        given_back.relay_answered(&answer.holder, answer.relay);
         if let Some(before) = answered.as_ref().filter(|before| **before != answer) {
             // Another relay (another holder, or the same one that closed
             // the last, perhaps taking back what was out on it): nothing
@@ -501,11 +533,11 @@ pub(super) async fn serve_pulls(shared: Weak<Shared>, service: String) {
         if let Some(relay) = edge.relays.open().get_mut(&conn) {
             relay.last_pull = Instant::now();
         }
-        drop(strong);
         let answer = PullAnswer {
             holder,
-            relay: conn,
+            relay: edge.relays.number(conn),
         };
+        drop(strong);
         if let Ok(body) = serde_json::to_vec(&answer) {
             if let Err(e) = client.publish(reply_to, body.into()).await {
                 debug!(error = %e, "a pull was not answered");

@@ -1372,16 +1372,7 @@ fn a_keyed_message_given_back_takes_the_later_ones_of_its_key_back_behind_it() {
         h.deliveries().is_empty(),
         "a later message of the key went out before the first came back"
     );
-    let naks: Vec<Seq> = h
-        .broker
-        .store()
-        .told
-        .iter()
-        .filter_map(|t| match t {
-            Upstream::Nak { seq, .. } => Some(*seq),
-            _ => None,
-        })
-        .collect();
+    let naks = naks_told(&h);
     assert_eq!(naks, seqs, "given back in the key's order");
     assert!(h.broker.store().held.is_empty());
 
@@ -1424,6 +1415,26 @@ fn a_keyed_message_given_back_takes_the_later_ones_of_its_key_back_behind_it() {
     );
 }
 
+/// The seqs the store was told to NAK, in the order told.
+fn naks_told(h: &Harness<BackendStore>) -> Vec<Seq> {
+    h.broker
+        .store()
+        .told
+        .iter()
+        .filter_map(|t| match t {
+            Upstream::Nak { seq, .. } => Some(*seq),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The seqs the store holds, lowest first (the order fetched).
+fn held_in_order(h: &Harness<BackendStore>) -> Vec<Seq> {
+    let mut seqs: Vec<Seq> = h.broker.store().held.keys().copied().collect();
+    seqs.sort_unstable();
+    seqs
+}
+
 #[test]
 fn a_node_that_loses_the_keyed_lane_gives_back_what_it_has_not_handed_out() {
     let mut h = node();
@@ -1454,11 +1465,7 @@ fn a_node_that_loses_the_keyed_lane_gives_back_what_it_has_not_handed_out() {
         .expect("j out");
     h.broker.nack(j.0, j.1, 5_000, h.now);
     h.actions();
-    let held: Vec<Seq> = {
-        let mut seqs: Vec<Seq> = h.broker.store().held.keys().copied().collect();
-        seqs.sort_unstable();
-        seqs
-    };
+    let held = held_in_order(&h);
     h.broker.store_mut().told.clear();
 
     h.broker.keyed_lane_lost("worker", h.now);
@@ -1505,24 +1512,11 @@ fn a_node_whose_relay_moves_gives_back_what_the_last_holder_relayed_and_is_not_o
     let out = h.deliveries();
     assert_eq!(out.len(), 1, "{out:?}");
     assert_eq!(out[0].4, Bytes::from_static(b"1"));
-    let held: Vec<Seq> = {
-        let mut seqs: Vec<Seq> = h.broker.store().held.keys().copied().collect();
-        seqs.sort_unstable();
-        seqs
-    };
+    let held = held_in_order(&h);
     h.broker.store_mut().told.clear();
 
     h.broker.keyed_relay_moved("worker", h.now);
-    let naks: Vec<Seq> = h
-        .broker
-        .store()
-        .told
-        .iter()
-        .filter_map(|t| match t {
-            Upstream::Nak { seq, .. } => Some(*seq),
-            _ => None,
-        })
-        .collect();
+    let naks = naks_told(&h);
     assert_eq!(naks, [held[1], held[2]], "not what was held and not out");
     h.broker.ack(out[0].0, out[0].1, h.now);
     h.advance(10_000);

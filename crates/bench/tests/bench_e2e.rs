@@ -1054,6 +1054,20 @@ fn backend_cluster_puts_courier_on_the_cluster_beside_single_node_courier_and_je
             ran.stderr
         );
     }
+    // W5's and W6's leaders are put where each column's clients enter.
+    for placed in [
+        "the stream COURIER_MSGS led from n",
+        "the consumer svc-bench-consumer of COURIER_MSGS led from n",
+        "the stream BENCH_W5_PUBLISHED led from n",
+        "the stream BENCH_W6 led from n",
+        "the consumer bench-consumer of BENCH_W6 led from n",
+    ] {
+        assert!(
+            ran.stderr.contains(placed),
+            "no {placed:?} in {}",
+            ran.stderr
+        );
+    }
     assert!(
         ran.stderr.contains("leads the stream BENCH_W7")
             && ran.stderr.contains("the cluster placed an R3 stream again"),

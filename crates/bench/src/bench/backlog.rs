@@ -3,7 +3,7 @@
 //! consumed with explicit acks — by one consumer (W6), or in order by 2
 //! instances that check every key's order as they go (W8).
 
-use super::side::{publish_each, publish_pipelined, Backlog, BacklogSide, Key};
+use super::side::{publish_each, publish_pipelined, Backlog, BacklogSide, Key, Leg};
 use super::*;
 
 /// W6's and W7's event names (NATS: subjects).
@@ -33,8 +33,10 @@ pub(super) async fn consume<S: BacklogSide>(
 ) -> anyhow::Result<Vec<Measurement>> {
     let address = side.address();
     let count = plan.w6;
+    let leaders = side.leaders();
     let work = async {
         let publisher = S::backlog_publisher(&address, Backlog::Consume).await?;
+        leaders.place(Leg::Backlog).await?;
         let payload = Bytes::from(vec![b'x'; SMALL_BYTES]);
         let setup = Instant::now();
         publish_pipelined::<S>(&publisher, W6_NAME, &payload, count, WINDOW)
@@ -51,6 +53,7 @@ pub(super) async fn consume<S: BacklogSide>(
         ));
 
         let consumer = S::consumer(&address, Backlog::Consume).await?;
+        leaders.place(Leg::Consume).await?;
         let started = Instant::now();
         let redelivered = S::consume_all(consumer, count).await?;
         let elapsed = started.elapsed();

@@ -18,8 +18,11 @@ use std::marker::PhantomData;
 
 use super::nats::{self, NatsInstall, NatsSide};
 use super::nats_backlog::{check_w7_backlog, first_use, W7_STREAM};
+use super::nats_backlog::{W6_CONSUMER, W6_STREAM};
 use super::nats_server::{quoted, spawn_server};
-use super::side::{self, Audience, Backlog, BacklogSide, Key, RestartSide, Side, TransientSide};
+use super::side::{
+    self, Audience, Backlog, BacklogSide, Key, Leaders, Leg, RestartSide, Side, TransientSide,
+};
 use super::*;
 use futures_util::StreamExt as _;
 
@@ -73,6 +76,16 @@ const COURIER_MESSAGES: &str = "COURIER_MSGS";
 /// nothing), so the time to first use is not rounded up to the client's
 /// usual 30 s.
 const FIRST_USE_ASK: Duration = Duration::from_millis(500);
+
+/// How long the servers may take to answer the bench's question of
+/// which client connections each holds.
+const CONNZ_WAIT: Duration = Duration::from_secs(2);
+/// How long a stream's or consumer's group may take to elect the
+/// preferred leader the bench asked for.
+const LEAD_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long after a step-down the bench asks again if another server
+/// was elected.
+const STEPDOWN_AGAIN: Duration = Duration::from_secs(2);
 
 /// W1–W4 on the cluster: how long the publisher (or requester) waits
 /// after the receivers subscribed before its first send, for their
@@ -255,6 +268,119 @@ impl Access {
             .ok_or_else(|| {
                 anyhow!("the stream {stream} is led by {leader}, not a server the bench started")
             })
+    }
+
+    /// Which server holds the client connection named `connection`, as
+    /// the servers list their connections to the system account.
+    async fn entry_of(&self, connection: &str) -> anyhow::Result<usize> {
+        let address = self
+            .servers
+            .iter()
+            .map(|s| format!("nats://{SYSTEM_USER}:{SYSTEM_PASSWORD}@{s}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let events = Arc::new(nats::ClientEvents::default());
+        let client = nats::connect(
+            &address,
+            "bench-placement",
+            nats::MIN_SUBSCRIPTION_CAPACITY,
+            &events,
+        )
+        .await?;
+        let found = async {
+            let inbox = client.new_inbox();
+            let mut answers = client
+                .subscribe(inbox.clone())
+                .await
+                .context("cannot subscribe for the servers' connection lists")?;
+            client
+                .publish_with_reply(
+                    "$SYS.REQ.SERVER.PING.CONNZ",
+                    inbox,
+                    Bytes::from_static(b"{}"),
+                )
+                .await
+                .context("cannot ask the servers for their connection lists")?;
+            let deadline = tokio::time::Instant::now() + CONNZ_WAIT;
+            let mut heard = 0;
+            while heard < SERVERS {
+                let Ok(Some(answer)) = tokio::time::timeout_at(deadline, answers.next()).await
+                else {
+                    break;
+                };
+                heard += 1;
+                let answer: Value = serde_json::from_slice(&answer.payload)
+                    .context("a server's connection list is not JSON")?;
+                let holds = answer["data"]["connections"]
+                    .as_array()
+                    .is_some_and(|all| all.iter().any(|c| c["name"] == connection));
+                if holds {
+                    let server = answer["server"]["name"].as_str().unwrap_or_default();
+                    return (0..SERVERS).find(|&i| server_name(i) == server).ok_or_else(|| {
+                        anyhow!("{connection:?} is connected to {server:?}, not a server the bench knows")
+                    });
+                }
+            }
+            bail!(
+                "no server of the cluster lists a connection named {connection:?} ({heard} of {SERVERS} answered within {} s)",
+                CONNZ_WAIT.as_secs()
+            )
+        }
+        .await;
+        nats::close(client, &events).await;
+        found
+    }
+
+    /// Makes server `to` the leader of `group`'s stream or consumer:
+    /// asks its leader to step down in favour of `to` and waits until the
+    /// group elected it. False if `to` led it already.
+    async fn lead_from(&self, group: &Group, to: usize) -> anyhow::Result<bool> {
+        let preferred = server_name(to);
+        let request = match &group.consumer {
+            None => format!("STREAM.LEADER.STEPDOWN.{}", group.stream),
+            Some(consumer) => format!("CONSUMER.LEADER.STEPDOWN.{}.{consumer}", group.stream),
+        };
+        self.look("bench-leaders", async |js| {
+            let deadline = Instant::now() + LEAD_TIMEOUT;
+            let mut asked: Option<Instant> = None;
+            let mut refused = String::new();
+            loop {
+                // While the group elects, its leader does not answer.
+                let leader = group.leader(js).await.unwrap_or(None);
+                if leader.as_deref() == Some(preferred.as_str()) {
+                    return Ok(asked.is_some());
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "{} is led by {} {} s after the bench asked for {preferred}{refused}",
+                        group.describe(),
+                        leader.as_deref().unwrap_or("no server"),
+                        LEAD_TIMEOUT.as_secs()
+                    );
+                }
+                // Asked again while the group has no leader, or one that
+                // is not the preferred server a while after the last ask
+                // (a follower that was behind is not elected).
+                if leader.is_some() && asked.is_none_or(|at| at.elapsed() >= STEPDOWN_AGAIN) {
+                    asked = Some(Instant::now());
+                    let answer: Result<Value, _> = js
+                        .request(
+                            request.clone(),
+                            &json!({ "placement": { "preferred": preferred } }),
+                        )
+                        .await;
+                    refused = match answer {
+                        Ok(answer) => match answer.get("error") {
+                            Some(error) => format!("; its last answer: {error}"),
+                            None => String::new(),
+                        },
+                        Err(e) => format!("; its last answer: {e}"),
+                    };
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
     }
 
     /// What the durable consumer `consumer` of `stream` holds for its
@@ -550,7 +676,7 @@ impl Deployment {
         }
         if has(&[Workload::W5a, Workload::W5b, Workload::W6]) {
             lines.push(format!(
-                "  W5, W6 (target ≥ {RATIO_MIN:.2}× JetStream R3): publisher on node a, consumer on b; JetStream R3: at most {WINDOW} PublishAckFutures unawaited (W5b), {}; W6: durable pull consumer, explicit ack, max_ack_pending {MAX_IN_FLIGHT}, pull batches of {MAX_IN_FLIGHT}, publisher on n1, consumer on n2",
+                "  W5, W6 (target ≥ {RATIO_MIN:.2}× JetStream R3): publisher on node a, consumer on b; JetStream R3: at most {WINDOW} PublishAckFutures unawaited (W5b), {}; W6: durable pull consumer, explicit ack, max_ack_pending {MAX_IN_FLIGHT}, pull batches of {MAX_IN_FLIGHT}, publisher on n1, consumer on n2. Leaders, both columns alike: before the warm-up (W6: before the backlog, and again before consuming) the stream's leader is moved to the server the publisher's connection is on (Courier: node a's), W6's consumer's to the server of the consumer's connection (Courier: node b's), by a step-down that names the preferred server, so that no column's write or ack takes a hop more by where the cluster happened to place a leader",
                 if nats::MSG_IDS.load(std::sync::atomic::Ordering::Relaxed) {
                     "each W5 publish with a Nats-Msg-Id as Courier's sends (--nats-msg-ids)"
                 } else {
@@ -577,6 +703,122 @@ impl Deployment {
             "Ratio: Courier cluster ÷ the JetStream R3 column (which runs core NATS on the same cluster for W1–W4), of the medians, inverted where lower is better (above 1: Courier cluster leads); target ≥ {RATIO_MIN:.2}× on the W5 and W6 throughput rows, none on the others. Order: the runs interleave, single-node Courier, Courier cluster, JetStream R3, run by run (W4: in slices of one run)"
         ));
         lines
+    }
+}
+
+/// A replicated group a durable workload's traffic goes to (a stream,
+/// or a consumer of one), and the client connection it enters the
+/// cluster through.
+pub(super) struct Group {
+    stream: String,
+    consumer: Option<String>,
+    /// The connection's name on the servers.
+    connection: String,
+}
+
+impl Group {
+    fn describe(&self) -> String {
+        match &self.consumer {
+            None => format!("the stream {}", self.stream),
+            Some(consumer) => format!("the consumer {consumer} of {}", self.stream),
+        }
+    }
+
+    /// The server leading the group, by name; none while it elects.
+    async fn leader(&self, js: &async_nats::jetstream::Context) -> anyhow::Result<Option<String>> {
+        let mut stream = js
+            .get_stream(&self.stream)
+            .await
+            .with_context(|| format!("cannot look up the stream {}", self.stream))?;
+        let cluster = match &self.consumer {
+            None => stream
+                .info()
+                .await
+                .context("cannot read the stream's info")?
+                .cluster
+                .clone(),
+            Some(consumer) => {
+                stream
+                    .consumer_info(consumer)
+                    .await
+                    .with_context(|| format!("cannot read the consumer {consumer}"))?
+                    .cluster
+            }
+        };
+        Ok(cluster.and_then(|c| c.leader))
+    }
+}
+
+/// Where each side's durable traffic goes on the cluster.
+pub(super) trait ClusterGroups {
+    fn group(leg: Leg) -> Group;
+}
+
+/// A node's stored sends all go to one stream; W6's service has its own
+/// consumer (SCALE-OUT §2). The publisher is on node a, the consumer on
+/// node b, and each node's traffic enters through its own connection.
+impl ClusterGroups for CourierSide {
+    fn group(leg: Leg) -> Group {
+        let (consumer, node) = match leg {
+            Leg::Publish(_) | Leg::Backlog => (None, NODES[0]),
+            Leg::Consume => (Some(format!("svc-{W6_SERVICE}")), NODES[1]),
+        };
+        Group {
+            stream: COURIER_MESSAGES.to_string(),
+            consumer,
+            connection: format!("courier node {node}"),
+        }
+    }
+}
+
+impl ClusterGroups for NatsSide {
+    fn group(leg: Leg) -> Group {
+        let (stream, consumer, connection) = match leg {
+            Leg::Publish(name) => (nats::stream_name(name), None, nats::PUBLISHER_CONNECTION),
+            Leg::Backlog => (W6_STREAM.to_string(), None, nats::PUBLISHER_CONNECTION),
+            Leg::Consume => (
+                W6_STREAM.to_string(),
+                Some(W6_CONSUMER.to_string()),
+                W6_CONSUMER,
+            ),
+        };
+        Group {
+            stream,
+            consumer,
+            connection: connection.to_string(),
+        }
+    }
+}
+
+/// Puts a durable workload's leaders where its clients' traffic enters
+/// the cluster, on either side alike: the stream's leader on the server
+/// the publisher (for Courier: node a) is connected to, the consumer's on
+/// the consumer's (node b's). The cluster places leaders at random, and a
+/// write that enters at a follower takes one more hop than one that
+/// enters at the leader, so without this the two columns would differ
+/// by where each run's leaders fell.
+pub(super) struct LeaderMover {
+    access: Access,
+    group: fn(Leg) -> Group,
+}
+
+impl LeaderMover {
+    pub(super) async fn place(&self, leg: Leg) -> anyhow::Result<()> {
+        let group = (self.group)(leg);
+        let entry = self.access.entry_of(&group.connection).await?;
+        let moved = self.access.lead_from(&group, entry).await?;
+        progress(&format!(
+            "  {} led from {} ({}), where the connection {:?} is",
+            group.describe(),
+            server_name(entry),
+            if moved {
+                "moved there"
+            } else {
+                "already there"
+            },
+            group.connection
+        ));
+        Ok(())
     }
 }
 
@@ -787,10 +1029,17 @@ impl Clustered<CourierSide> {
     }
 }
 
-impl<S: Side> Side for Clustered<S> {
+impl<S: Side + ClusterGroups> Side for Clustered<S> {
     type Publisher = S::Publisher;
     type Pending = S::Pending;
     type Requester = S::Requester;
+
+    fn leaders(&self) -> Leaders {
+        Leaders::of(LeaderMover {
+            access: self.access.clone(),
+            group: S::group,
+        })
+    }
 
     fn address(&self) -> String {
         self.address.clone()
@@ -881,7 +1130,7 @@ impl<S: Side> Side for Clustered<S> {
     }
 }
 
-impl<S: TransientSide> TransientSide for Clustered<S> {
+impl<S: TransientSide + ClusterGroups> TransientSide for Clustered<S> {
     type Receivers = S::Receivers;
     type Sender = S::Sender;
 
@@ -924,7 +1173,7 @@ impl<S: TransientSide> TransientSide for Clustered<S> {
     }
 }
 
-impl<S: BacklogSide> BacklogSide for Clustered<S> {
+impl<S: BacklogSide + ClusterGroups> BacklogSide for Clustered<S> {
     type Consumer = S::Consumer;
     const BACKLOG_WAITS_FOR: &'static str = S::BACKLOG_WAITS_FOR;
 

@@ -386,7 +386,13 @@ impl NatsPublisher {
     /// Connects as `bench-publisher`.
     pub(super) async fn connect(url: &str) -> anyhow::Result<NatsPublisher> {
         let events = Arc::new(ClientEvents::default());
-        let client = connect(url, "bench-publisher", MIN_SUBSCRIPTION_CAPACITY, &events).await?;
+        let client = connect(
+            url,
+            PUBLISHER_CONNECTION,
+            MIN_SUBSCRIPTION_CAPACITY,
+            &events,
+        )
+        .await?;
         Ok(NatsPublisher {
             js: jetstream_context(client.clone()),
             client,
@@ -395,9 +401,12 @@ impl NatsPublisher {
     }
 }
 
+/// The name a publisher's connection shows on the servers.
+pub(super) const PUBLISHER_CONNECTION: &str = "bench-publisher";
+
 /// The JetStream stream that holds the subject `name`:
 /// `bench.w5.published` → `BENCH_W5_PUBLISHED`.
-fn stream_name(name: &str) -> String {
+pub(super) fn stream_name(name: &str) -> String {
     name.to_ascii_uppercase().replace(['.', '-'], "_")
 }
 

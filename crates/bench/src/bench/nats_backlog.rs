@@ -13,8 +13,9 @@ use async_nats::jetstream::{self, consumer::pull, consumer::AckPolicy};
 use futures_util::StreamExt as _;
 
 /// The streams and durable consumers of W6–W8.
-const W6_STREAM: &str = "BENCH_W6";
-const W6_CONSUMER: &str = "bench-consumer";
+pub(super) const W6_STREAM: &str = "BENCH_W6";
+/// W6's durable consumer, and the name of the connection that pulls it.
+pub(super) const W6_CONSUMER: &str = "bench-consumer";
 pub(super) const W7_STREAM: &str = "BENCH_W7";
 const W7_CONSUMER: &str = "bench-offline";
 /// W8: one stream over `bench.w8.<partition>.<key>`.
@@ -39,6 +40,9 @@ pub(super) struct NatsConsumer {
     events: Arc<ClientEvents>,
     instances: Vec<(async_nats::Client, jetstream::Context)>,
     stream: jetstream::stream::Stream,
+    /// W6's durable pull consumer, made before the timing starts (W8's
+    /// consumers are made by its instances).
+    pull: Option<jetstream::consumer::PullConsumer>,
 }
 
 impl BacklogSide for NatsSide {
@@ -71,7 +75,7 @@ impl BacklogSide for NatsSide {
         let (names, stream) = match backlog {
             Backlog::Ordered(_) => (vec!["bench-ordered-0", "bench-ordered-1"], W8_STREAM),
             // W7's backlog is never consumed.
-            Backlog::Consume | Backlog::Restart => (vec!["bench-consumer"], W6_STREAM),
+            Backlog::Consume | Backlog::Restart => (vec![W6_CONSUMER], W6_STREAM),
         };
         let mut instances = Vec::new();
         for (i, name) in names.into_iter().enumerate() {
@@ -85,10 +89,20 @@ impl BacklogSide for NatsSide {
             .get_stream(stream)
             .await
             .with_context(|| format!("cannot look up the stream {stream}"))?;
+        let pull = match backlog {
+            Backlog::Consume => Some(
+                stream
+                    .create_consumer(consumer_config(W6_CONSUMER))
+                    .await
+                    .context("cannot create the pull consumer")?,
+            ),
+            Backlog::Restart | Backlog::Ordered(_) => None,
+        };
         Ok(NatsConsumer {
             events,
             instances,
             stream,
+            pull,
         })
     }
 
@@ -96,13 +110,11 @@ impl BacklogSide for NatsSide {
         let NatsConsumer {
             events,
             instances,
-            stream,
+            pull,
+            ..
         } = consumer;
         let client = &instances[0].0;
-        let consumer = stream
-            .create_consumer(consumer_config(W6_CONSUMER))
-            .await
-            .context("cannot create the pull consumer")?;
+        let consumer = pull.ok_or_else(|| anyhow!("internal: W6's pull consumer was not made"))?;
         let mut messages = consumer
             .stream()
             .max_messages_per_batch(MAX_IN_FLIGHT as usize)
@@ -180,6 +192,7 @@ impl BacklogSide for NatsSide {
             events,
             instances,
             stream,
+            ..
         } = consumer;
         let partitions = w8_partitions(keys);
         let all_handled = Arc::new(Notify::new());

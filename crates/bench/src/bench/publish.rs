@@ -2,7 +2,7 @@
 //! at a time, and pipelined), W13 (one at a time from many connections at
 //! once) and W11 (1 MiB events, beside the disk's own bandwidth).
 
-use super::side::publish_pipelined;
+use super::side::{publish_pipelined, Leg};
 use super::*;
 
 /// The event name (NATS: the subject) W5 publishes to.
@@ -16,8 +16,10 @@ pub(super) async fn publish_one_by_one<S: Side>(
     workload: Workload,
 ) -> anyhow::Result<Vec<Measurement>> {
     let address = side.address();
+    let leaders = side.leaders();
     let work = async {
         let publisher = S::publisher(&address, W5_NAME).await?;
+        leaders.place(Leg::Publish(W5_NAME)).await?;
         let payload = Bytes::from(vec![b'x'; SMALL_BYTES]);
         for i in 0..plan.w5a_warmup {
             S::publish(&publisher, W5_NAME, payload.clone())
@@ -65,11 +67,13 @@ pub(super) async fn pipelined_from<S: Side>(
     warmup: u64,
 ) -> anyhow::Result<f64> {
     let address = side.address();
+    let leaders = side.leaders();
     let work = async {
         let mut publishers = Vec::with_capacity(connections);
         for _ in 0..connections {
             publishers.push(S::publisher(&address, W5_NAME).await?);
         }
+        leaders.place(Leg::Publish(W5_NAME)).await?;
         let payload = Bytes::from(vec![b'x'; SMALL_BYTES]);
         let n = connections.max(1) as u64;
         let each = (count / n).max(1);

@@ -41,6 +41,13 @@ pub(super) trait Side {
     /// The server's resident memory (W7, W9).
     fn rss_mib(&self) -> anyhow::Result<f64>;
 
+    /// What moves a cluster's leaders to where a durable workload's
+    /// clients enter it, before the workload is timed; one server has no
+    /// leaders to move.
+    fn leaders(&self) -> Leaders {
+        Leaders::default()
+    }
+
     /// Runs `work`, but fails as soon as the server dies.
     fn watch<T>(
         &mut self,
@@ -93,6 +100,37 @@ pub(super) trait Side {
 
     /// Closes the requester's and the responder's connections.
     fn close_requester(requester: Self::Requester) -> impl Future<Output = ()> + Send;
+}
+
+/// A durable workload's traffic, as far as a cluster places it: the
+/// replicated group that takes it, and the client whose server it enters
+/// the cluster through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Leg {
+    /// W5's publisher: its events named this, into their stream.
+    Publish(&'static str),
+    /// W6's publisher: the backlog, into its stream.
+    Backlog,
+    /// W6's consumer: its pulls and acks, into the consumer.
+    Consume,
+}
+
+/// See [`Side::leaders`]: nothing, or a cluster's leaders to move.
+#[derive(Default)]
+pub(super) struct Leaders(Option<super::cluster::LeaderMover>);
+
+impl Leaders {
+    pub(super) fn of(mover: super::cluster::LeaderMover) -> Leaders {
+        Leaders(Some(mover))
+    }
+
+    /// Leads `leg`'s group from the server its client is connected to.
+    pub(super) async fn place(&self, leg: Leg) -> anyhow::Result<()> {
+        match &self.0 {
+            Some(mover) => mover.place(leg).await,
+            None => Ok(()),
+        }
+    }
 }
 
 /// Where client `client` of a run connects: `address`'s servers from

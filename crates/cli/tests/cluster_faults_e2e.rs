@@ -150,10 +150,20 @@ fn went_on_in_order(
                 .collect()
         };
         let (before, after) = (of_key(died.1), of_key(went_on.1));
-        for (node, seen) in [(died.0, &before), (went_on.0, &after)] {
+        // (index, attempt) of the key's events as a node's instance
+        // handled them: what a failure shows.
+        let attempts = |log: &[(usize, usize, u32)]| -> Vec<(usize, u32)> {
+            log.iter()
+                .filter(|(k, _, _)| *k == key)
+                .map(|(_, i, attempt)| (*i, *attempt))
+                .collect()
+        };
+        for ((node, log), seen) in [(died, &before), (went_on, &after)] {
             assert!(
                 seen.windows(2).all(|w| w[1] >= w[0]),
-                "key k{key} went back on node {node}: {seen:?}"
+                "key k{key} went back on node {node}: (index, attempt) {:?}; the other node handled {:?}",
+                attempts(log),
+                attempts(if node == died.0 { went_on.1 } else { died.1 })
             );
         }
         let done = before.iter().map(|i| i + 1).max().unwrap_or(0);

@@ -146,6 +146,7 @@ pub async fn run<C, D>(
         room,
         deliver,
         Box::new(|_, _, _| false),
+        0,
         stop,
     )
     .await
@@ -153,7 +154,9 @@ pub async fn run<C, D>(
 
 /// [`run`] on the given lanes only: a node that does not hold the
 /// service's keyed lane (SCALE-OUT §5) fetches the unkeyed one alone;
-/// what `skip` names is acknowledged and not handed over.
+/// what `skip` names is acknowledged and not handed over. `gather`: the
+/// messages a new holder of the lanes knows are due again from the last
+/// one (see [`first_pull`]).
 #[allow(clippy::too_many_arguments)] // the loop's inputs, each its own
 pub async fn run_lanes<C, D>(
     connection: Connection,
@@ -163,6 +166,7 @@ pub async fn run_lanes<C, D>(
     room: Arc<Notify>,
     deliver: D,
     skip: Box<Skip>,
+    gather: u32,
     stop: watch::Receiver<bool>,
 ) where
     C: Fn() -> u32 + Send + Sync,
@@ -182,7 +186,7 @@ pub async fn run_lanes<C, D>(
     };
     let loops = running
         .iter()
-        .map(|lane| lane_loop(&connection, &service, *lane, &shared, stop.clone()));
+        .map(|lane| lane_loop(&connection, &service, *lane, &shared, gather, stop.clone()));
     futures_util::future::join_all(loops).await;
 }
 
@@ -199,11 +203,24 @@ async fn pause_unless_stopped(pause: Duration, stop: &mut watch::Receiver<bool>)
     }
 }
 
+/// The first pull's size for a holder that knows `gather` messages are
+/// due again from the last holder, when the credit would ask for `ask`:
+/// all of them (up to [`FETCH_BATCH_MAX`]) in one pull, handed to the
+/// core together in stream order ([`in_log_order`]). JetStream hands them
+/// out in the order their deadlines ran out, not stream order; pulled a
+/// few at a time, a key's later message could go out before an earlier
+/// one that came in the next pull. The core keeps what its instances
+/// have no room for yet.
+pub fn first_pull(ask: u32, gather: u32) -> u32 {
+    ask.max(gather.min(FETCH_BATCH_MAX))
+}
+
 async fn lane_loop<C, D>(
     connection: &Connection,
     service: &str,
     lane: Lane,
     shared: &Shared<C, D>,
+    mut gather: u32,
     mut stop: watch::Receiver<bool>,
 ) where
     C: Fn() -> u32 + Send + Sync,
@@ -247,7 +264,14 @@ async fn lane_loop<C, D>(
         // out an empty pull does not hold all of it from the other.
         let total = (shared.credit)();
         let free = total.saturating_sub(other.load(Ordering::Acquire));
-        let ask = free.min(total.div_ceil(shared.lanes)).min(batch_size);
+        let mut ask = free.min(total.div_ceil(shared.lanes)).min(batch_size);
+        // Gathering the last holder's redeliveries: nothing goes to the
+        // core before the pull that takes them ends.
+        let gathering = ask > 0 && gather > 0;
+        if gathering {
+            ask = first_pull(ask, gather);
+            gather = 0;
+        }
         if ask == 0 {
             tokio::select! {
                 _ = shared.room.notified() => {}
@@ -283,9 +307,11 @@ async fn lane_loop<C, D>(
         loop {
             let polled = batch.next().now_or_never();
             let polled = match polled {
-                Some(next) if ready.len() < HANDOFF_MAX => Some(next),
+                Some(next) if ready.len() < HANDOFF_MAX || gathering => Some(next),
                 polled => {
-                    hand_over(shared, mine, &mut ready, &mut taken);
+                    if !gathering {
+                        hand_over(shared, mine, &mut ready, &mut taken);
+                    }
                     polled
                 }
             };
@@ -345,8 +371,19 @@ async fn lane_loop<C, D>(
     }
 }
 
-/// Hands what is ready to the core in one call, and counts it as no
-/// longer asked for.
+/// Puts what one hand-over carries in the log's order, which is each
+/// key's send order. JetStream gives messages back in the order their
+/// ack deadlines ran out, and keep-alives (`+WPI`) move those deadlines:
+/// a dead holder's messages of one key can come back to the next holder
+/// a later one first.
+pub fn in_log_order(ready: &mut [Fetched]) {
+    if !ready.is_sorted_by_key(|f| f.stream_seq) {
+        ready.sort_by_key(|f| f.stream_seq);
+    }
+}
+
+/// Hands what is ready to the core in one call, in the log's order, and
+/// counts it as no longer asked for.
 fn hand_over<C, D>(
     shared: &Shared<C, D>,
     mine: &AtomicU32,
@@ -356,6 +393,7 @@ fn hand_over<C, D>(
     D: FnMut(Vec<Fetched>) + Send,
 {
     if !ready.is_empty() {
+        in_log_order(ready);
         let mut deliver = shared
             .deliver
             .lock()
@@ -451,6 +489,47 @@ pub(crate) async fn decode(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use courier_proto::Kind;
+
+    fn fetched(stream_seq: u64, attempt: u32) -> Fetched {
+        Fetched {
+            service: "ledger".to_string(),
+            lane: Lane::Keyed,
+            message: Arc::new(Message::new(Kind::Event, "ledger.entry", Bytes::new())),
+            attempt,
+            stream_seq,
+            handle: format!("ack-{stream_seq}-{attempt}"),
+            reply_node: None,
+            ack_wait: Duration::from_secs(30),
+        }
+    }
+
+    #[test]
+    fn a_new_holder_pulls_the_last_holder_s_redeliveries_at_once() {
+        assert_eq!(first_pull(32, 0), 32);
+        assert_eq!(first_pull(32, 150), 150);
+        assert_eq!(first_pull(512, 150), 512);
+        assert_eq!(first_pull(32, 100_000), FETCH_BATCH_MAX);
+    }
+
+    #[test]
+    fn a_hand_over_goes_in_log_order_whatever_order_the_deadlines_gave_back() {
+        // A dead holder's messages, the later one's deadline run out first.
+        let mut ready = vec![
+            fetched(51, 2),
+            fetched(36, 2),
+            fetched(37, 2),
+            fetched(52, 1),
+        ];
+        in_log_order(&mut ready);
+        let order: Vec<(u64, u32)> = ready.iter().map(|f| (f.stream_seq, f.attempt)).collect();
+        assert_eq!(order, [(36, 2), (37, 2), (51, 2), (52, 1)]);
+        // One seq given twice keeps the order it came in.
+        let mut twice = vec![fetched(9, 3), fetched(4, 1), fetched(9, 2)];
+        in_log_order(&mut twice);
+        let handles: Vec<&str> = twice.iter().map(|f| f.handle.as_str()).collect();
+        assert_eq!(handles, ["ack-4-1", "ack-9-3", "ack-9-2"]);
+    }
 
     #[test]
     fn full_pulls_grow_the_batch_short_ones_shrink_it() {

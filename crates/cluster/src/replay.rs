@@ -19,7 +19,10 @@ use futures_util::StreamExt as _;
 use tokio::sync::{watch, Notify};
 
 use crate::consumers::{held_consumer_name, replay_consumer_name, Lane};
-use crate::fetch::{decode, Fetched, FETCH_EXPIRES, HANDOFF_MAX, LOOKUP_TIMEOUT, ROOM_RECHECK};
+use crate::fetch::{
+    decode, first_pull, in_log_order, Fetched, FETCH_EXPIRES, HANDOFF_MAX, LOOKUP_TIMEOUT,
+    ROOM_RECHECK,
+};
 use crate::names::MESSAGES_STREAM;
 use crate::services::PatternState;
 use crate::Connection;
@@ -65,6 +68,8 @@ fn outside(state: &PatternState, keyed: bool, seq: u64) -> bool {
 /// replay's end is settled — the keyed lane waits until then, so a key's
 /// redelivered history still comes before its new messages. `state` is
 /// the pattern's, once the keyed lane joined it.
+/// `gather`: the messages of its consumer due again from the last
+/// holder, taken in one pull ([`crate::fetch::first_pull`]).
 #[allow(clippy::too_many_arguments)] // the loop's inputs, each its own
 pub async fn drain<C, D>(
     connection: &Connection,
@@ -74,6 +79,7 @@ pub async fn drain<C, D>(
     credit: C,
     room: Arc<Notify>,
     mut deliver: D,
+    mut gather: u32,
     mut stop: watch::Receiver<bool>,
 ) -> Result<Drained, ReplayError>
 where
@@ -85,10 +91,7 @@ where
         pattern: pattern.to_string(),
         reason,
     };
-    let name = match state.hold {
-        Some(_) => held_consumer_name(service, pattern),
-        None => replay_consumer_name(service, pattern),
-    };
+    let name = consumer_of(service, pattern, state);
     let lookup = tokio::time::timeout(
         LOOKUP_TIMEOUT * 5,
         connection
@@ -120,7 +123,14 @@ where
         if handed_out && info.num_ack_pending == 0 {
             return Ok(Drained::Done);
         }
-        let ask = credit().min(REPLAY_BATCH_MAX);
+        let mut ask = credit().min(REPLAY_BATCH_MAX);
+        // Gathering the last holder's redeliveries: nothing is handed
+        // out before the pull that takes them ends.
+        let gathering = ask > 0 && gather > 0;
+        if gathering {
+            ask = first_pull(ask, gather);
+            gather = 0;
+        }
         if ask == 0 {
             tokio::select! {
                 _ = room.notified() => {}
@@ -165,13 +175,24 @@ where
                 continue;
             }
             ready.push(fetched);
-            if ready.len() >= HANDOFF_MAX {
+            if ready.len() >= HANDOFF_MAX && !gathering {
+                in_log_order(&mut ready);
                 deliver(std::mem::take(&mut ready));
             }
         }
         if !ready.is_empty() {
+            in_log_order(&mut ready);
             deliver(ready);
         }
+    }
+}
+
+/// The consumer `pattern`'s hand-out reads: its hold's once it resumed
+/// from a pause, else its replay's.
+pub fn consumer_of(service: &str, pattern: &str, state: &PatternState) -> String {
+    match state.hold {
+        Some(_) => held_consumer_name(service, pattern),
+        None => replay_consumer_name(service, pattern),
     }
 }
 

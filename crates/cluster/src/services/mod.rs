@@ -17,7 +17,7 @@ use courier_store::Upstream;
 use futures_util::{Stream as FuturesStream, StreamExt as _};
 use serde::{Deserialize, Serialize};
 
-use crate::consumers::{held_consumer_name, replay_consumer_name, Lane};
+use crate::consumers::Lane;
 use crate::names::SERVICES_BUCKET;
 use crate::Connection;
 
@@ -175,10 +175,7 @@ impl ServiceSubscriptions {
         self.patterns
             .iter()
             .filter(|(_, s)| s.replay.is_some() || s.hold.is_some())
-            .map(|(p, s)| match s.hold {
-                Some(_) => held_consumer_name(service, p),
-                None => replay_consumer_name(service, p),
-            })
+            .map(|(p, s)| crate::replay::consumer_of(service, p, s))
             .collect()
     }
 

@@ -180,6 +180,7 @@ async fn fetch_service(
         room.clone(),
         deliver_to(shared.clone()),
         table.skip_for(&service),
+        0,
         stop.clone(),
     );
     let transients = take_transients(
@@ -245,7 +246,7 @@ async fn lead_keyed_lane(
         let mut holding = keeper.watch();
         let (lane_stop, lane_stopped) = watch::channel(false);
         let lane = async {
-            wait_for_takeover(&connection, &service, &table).await;
+            let mut due_again = wait_for_takeover(&connection, &service, &table).await;
             let mut lane_stopped = lane_stopped;
             loop {
                 let replays = replays::hand_out_replays(
@@ -255,6 +256,7 @@ async fn lead_keyed_lane(
                     &connection,
                     &service,
                     &room,
+                    &mut due_again,
                     &lane_stopped,
                 )
                 .await;
@@ -271,6 +273,8 @@ async fn lead_keyed_lane(
                 // The keyed lane, until this lease ends or another
                 // replay waits to be joined.
                 let (keyed_stop, keyed_stopped) = watch::channel(false);
+                let keyed_consumer =
+                    courier_cluster::consumers::consumer_name(&service, Lane::Keyed);
                 let keyed = courier_cluster::fetch::run_lanes(
                     connection.clone(),
                     service.clone(),
@@ -279,6 +283,7 @@ async fn lead_keyed_lane(
                     room.clone(),
                     deliver_to(shared.clone()),
                     table.skip_for(&service),
+                    due_again.remove(&keyed_consumer).unwrap_or(0),
                     keyed_stopped,
                 );
                 tokio::pin!(keyed);
@@ -354,7 +359,11 @@ async fn lease_ends(holding: &mut watch::Receiver<Holding>) {
 /// replay's — is due for redelivery: JetStream hands redeliveries out
 /// before newer messages, so each key resumes from its first
 /// unacknowledged message, in order.
-async fn wait_for_takeover(connection: &Connection, service: &str, table: &SubscriptionTable) {
+async fn wait_for_takeover(
+    connection: &Connection,
+    service: &str,
+    table: &SubscriptionTable,
+) -> DueAgain {
     let mut consumers = vec![courier_cluster::consumers::consumer_name(
         service,
         Lane::Keyed,
@@ -362,6 +371,7 @@ async fn wait_for_takeover(connection: &Connection, service: &str, table: &Subsc
     consumers.extend(table.hand_out_consumers(service));
     let mut wait = Duration::ZERO;
     let mut unacknowledged = 0;
+    let mut due_again = DueAgain::new();
     for name in consumers {
         let consumer: Result<async_nats::jetstream::consumer::PullConsumer, _> = connection
             .jetstream
@@ -376,10 +386,14 @@ async fn wait_for_takeover(connection: &Connection, service: &str, table: &Subsc
         if info.num_ack_pending > 0 {
             unacknowledged += info.num_ack_pending;
             wait = wait.max(info.config.ack_wait + TAKEOVER_MARGIN);
+            due_again.insert(
+                name,
+                u32::try_from(info.num_ack_pending).unwrap_or(u32::MAX),
+            );
         }
     }
     if unacknowledged == 0 {
-        return;
+        return due_again;
     }
     info!(
         %service,
@@ -387,4 +401,10 @@ async fn wait_for_takeover(connection: &Connection, service: &str, table: &Subsc
         "waiting {wait:?} for the last holder's unacknowledged keyed messages"
     );
     tokio::time::sleep(wait).await;
+    due_again
 }
+
+/// What a new holder of a keyed lane knows is due again from the last
+/// holder, by consumer: each consumer's first pull takes that many at
+/// once ([`courier_cluster::fetch::first_pull`]).
+pub(super) type DueAgain = std::collections::HashMap<String, u32>;

@@ -126,6 +126,9 @@ const PULL_LAPSE_MARGIN: std::time::Duration = std::time::Duration::from_millis(
 /// The keyed lane holder's part: every unfinished replay of `service`,
 /// in turn, joined to the keyed lane, handed out and ended. `Stopped`
 /// when `stop` came first; an error leaves the rest to the next try.
+/// `due_again`: what the last holder left due, by consumer; a replay's
+/// first pull takes its consumer's share at once.
+#[allow(clippy::too_many_arguments)] // the lane's context, each its own
 pub(crate) async fn hand_out_replays(
     shared: &Weak<Shared>,
     node: &ClusterNode,
@@ -133,6 +136,7 @@ pub(crate) async fn hand_out_replays(
     connection: &Connection,
     service: &str,
     room: &Arc<Notify>,
+    due_again: &mut super::fetching::DueAgain,
     stop: &watch::Receiver<bool>,
 ) -> Result<Drained, String> {
     // Read from the bucket's leader: this node's copy may not show a
@@ -185,6 +189,9 @@ pub(crate) async fn hand_out_replays(
             continue;
         }
         info!(%service, %pattern, from_seq = state.from_seq, keyed_from_seq = state.keyed_from_seq, "replaying history");
+        let gather = due_again
+            .remove(&replay::consumer_of(service, pattern, &state))
+            .unwrap_or(0);
         let drained = replay::drain(
             connection,
             service,
@@ -193,6 +200,7 @@ pub(crate) async fn hand_out_replays(
             credit_of(shared.clone(), service.to_string(), true),
             room.clone(),
             deliver_to(shared.clone()),
+            gather,
             stop.clone(),
         )
         .await

@@ -370,7 +370,6 @@ async fn wait_for_takeover(
     )];
     consumers.extend(table.hand_out_consumers(service));
     let mut wait = Duration::ZERO;
-    let mut unacknowledged = 0;
     let mut due_again = DueAgain::new();
     for name in consumers {
         let consumer: Result<async_nats::jetstream::consumer::PullConsumer, _> = connection
@@ -384,7 +383,6 @@ async fn wait_for_takeover(
             continue;
         };
         if info.num_ack_pending > 0 {
-            unacknowledged += info.num_ack_pending;
             wait = wait.max(info.config.ack_wait + TAKEOVER_MARGIN);
             due_again.insert(
                 name,
@@ -392,9 +390,10 @@ async fn wait_for_takeover(
             );
         }
     }
-    if unacknowledged == 0 {
+    if due_again.is_empty() {
         return due_again;
     }
+    let unacknowledged: u64 = due_again.values().map(|&n| u64::from(n)).sum();
     info!(
         %service,
         unacknowledged,

@@ -72,8 +72,8 @@ impl<S: MessageStore> Broker<S> {
             return Ok(None);
         }
         let covers = self.store.next_seq().saturating_sub(1);
-        let state = self.snapshot_bytes();
-        self.store.start_snapshot(covers, &state).map(Some)
+        let state = self.snapshot_bytes().freeze();
+        self.store.start_snapshot(covers, state).map(Some)
     }
 
     /// Whether a written snapshot may be installed: the records it covers
@@ -118,10 +118,11 @@ impl<S: MessageStore> Broker<S> {
 
     fn snapshot_bytes(&self) -> bytes::BytesMut {
         let mut w = Writer::new();
-        // Sized up front (about 40 bytes an entry) so the buffer is not
-        // copied as it grows.
-        let backlog: usize = self.services.values().map(|s| s.queue.depth()).sum();
-        w.0.reserve(4096 + backlog * 40 + self.dedup.len() * 32);
+        // Sized up front so the buffer is not copied as it grows: about 40
+        // bytes a run of waiting messages (a backlog of consecutive seqs is
+        // one), at most 16 a dedup id.
+        let runs: usize = self.services.values().map(|s| s.queue.runs().count()).sum();
+        w.0.reserve(4096 + runs * 40 + self.dedup.len() * 16);
         w.0.extend_from_slice(SNAPSHOT_MAGIC);
         w.u32(SNAPSHOT_VERSION);
         // Services with nothing durable (senders only) are not saved.

@@ -10,8 +10,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::error::LogError;
+use crate::format::SnapshotParts;
 use crate::fs::FileSystem;
-use crate::log::{remove_if_present, write_file_durably};
+use crate::log::{remove_if_present, write_snapshot_durably};
 use crate::Seq;
 
 /// A snapshot being saved outside the log. [`SnapshotWrite::write`] puts
@@ -24,7 +25,7 @@ pub struct SnapshotWrite {
     pub(crate) tmp: PathBuf,
     pub(crate) path: PathBuf,
     pub(crate) dir: PathBuf,
-    pub(crate) encoded: Vec<u8>,
+    pub(crate) parts: SnapshotParts,
     pub(crate) covers: Seq,
     /// The log's count of discarded records when it began: if it grew,
     /// seqs the snapshot covers may have been issued again.
@@ -37,7 +38,7 @@ impl fmt::Debug for SnapshotWrite {
         f.debug_struct("SnapshotWrite")
             .field("path", &self.path)
             .field("covers", &self.covers)
-            .field("bytes", &self.encoded.len())
+            .field("bytes", &self.parts.len())
             .finish()
     }
 }
@@ -51,7 +52,7 @@ impl SnapshotWrite {
     /// Writes the temporary file and fdatasyncs it: the slow part, needing
     /// no access to the log. Nothing reads the temporary file.
     pub fn write(&mut self) -> Result<(), LogError> {
-        let result = write_file_durably(&*self.fs, &self.tmp, &self.encoded);
+        let result = write_snapshot_durably(&*self.fs, &self.tmp, &self.parts);
         if result.is_err() {
             let _ = self.fs.remove_file(&self.tmp);
         }

@@ -5,6 +5,7 @@
 
 mod common;
 
+use bytes::Bytes;
 use common::{append_n, expected_record, file_len, scan_all, Env};
 use courier_log::{Fault, FaultOp};
 
@@ -20,7 +21,9 @@ fn a_snapshot_written_outside_is_in_place_only_once_installed() {
     let mut log = env.open_clean();
     append_n(&mut log, 3, 40);
     let syncs_before = env.fs.counts().syncs;
-    let mut snapshot = log.begin_snapshot(3, b"state").expect("begin");
+    let mut snapshot = log
+        .begin_snapshot(3, Bytes::from_static(b"state"))
+        .expect("begin");
     assert_eq!(env.fs.counts().syncs, syncs_before, "begin does no I/O");
     // Appends go on while it is written; it covers none of them.
     append_n(&mut log, 2, 40);
@@ -48,7 +51,9 @@ fn a_snapshot_of_records_a_sync_made_durable_needs_no_fsync_of_its_own() {
     let env = one_segment_env(12);
     let mut log = env.open_clean();
     append_n(&mut log, 3, 40);
-    let mut snapshot = log.begin_snapshot(3, b"state").expect("begin");
+    let mut snapshot = log
+        .begin_snapshot(3, Bytes::from_static(b"state"))
+        .expect("begin");
     append_n(&mut log, 2, 40);
     // The group commit's sync, outside the log too.
     let mut pending = log.begin_sync().expect("begin").expect("an fsync");
@@ -69,7 +74,9 @@ fn a_snapshot_whose_records_were_thrown_away_is_never_installed() {
     append_n(&mut log, 2, 40);
     log.save_snapshot(2, b"old").expect("save");
     append_n(&mut log, 3, 40);
-    let mut snapshot = log.begin_snapshot(5, b"new").expect("begin");
+    let mut snapshot = log
+        .begin_snapshot(5, Bytes::from_static(b"new"))
+        .expect("begin");
     // The fsync fails: records 3..=5 are discarded, their seqs reissued.
     env.fs.fail_nth(FaultOp::Sync, 1, Fault::Io);
     assert!(log.sync().is_err());

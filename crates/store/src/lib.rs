@@ -15,7 +15,7 @@ pub use courier_log::{
     verify_dir, Damage, DirLock, FsyncPolicy, LogConfig, PendingSync, Scrubber, SegmentRemoval,
     SnapshotWrite, VerifyProgress, VerifyReport,
 };
-pub use log_store::{LogStore, RECENT_MESSAGES_MAX};
+pub use log_store::{LogStore, RECENT_BYTES_MAX, RECENT_MESSAGES_MAX};
 pub use upstream::{AckHandle, Upstream};
 
 use std::collections::BTreeMap;
@@ -342,8 +342,8 @@ pub trait MessageStore: Send {
     /// Like `save_snapshot`, but leaves the writing to the caller, to run
     /// without holding whatever guards the store (see [`SnapshotJob`]).
     /// One at a time.
-    fn start_snapshot(&mut self, covers: Seq, state: &[u8]) -> Result<SnapshotJob, StoreError> {
-        self.save_snapshot(covers, state)
+    fn start_snapshot(&mut self, covers: Seq, state: Bytes) -> Result<SnapshotJob, StoreError> {
+        self.save_snapshot(covers, &state)
             .map(|()| SnapshotJob::saved(covers))
     }
     /// Whether a written [`SnapshotJob`] may be put in place: the records
@@ -810,7 +810,7 @@ impl<T: MessageStore + ?Sized> MessageStore for Box<T> {
     fn save_snapshot(&mut self, covers: Seq, state: &[u8]) -> Result<(), StoreError> {
         (**self).save_snapshot(covers, state)
     }
-    fn start_snapshot(&mut self, covers: Seq, state: &[u8]) -> Result<SnapshotJob, StoreError> {
+    fn start_snapshot(&mut self, covers: Seq, state: Bytes) -> Result<SnapshotJob, StoreError> {
         (**self).start_snapshot(covers, state)
     }
     fn snapshot_ready(&mut self, job: &SnapshotJob) -> Result<(), StoreError> {

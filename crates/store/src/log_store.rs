@@ -20,13 +20,21 @@ use crate::{
 
 /// Messages kept decoded in memory after append, so a delivery right after
 /// a send does not read the disk. Bounds the cache's memory: at most this
-/// many messages (their payloads included).
+/// many messages (their payloads included), and at most
+/// [`RECENT_BYTES_MAX`] of them.
 pub const RECENT_MESSAGES_MAX: usize = 4096;
+/// The cache's bound in bytes, counted as each message's encoded length:
+/// small messages reach [`RECENT_MESSAGES_MAX`] first (4,096 of 128 B are
+/// under 1 MiB), large ones this (about 850 of 1 KiB, where 4,096 held
+/// 5 MiB that a consumer keeping up never needs and one away never reads).
+pub const RECENT_BYTES_MAX: usize = 1024 * 1024;
 
 pub struct LogStore {
     log: Log,
     recent: HashMap<Seq, Arc<Message>>,
     recent_order: VecDeque<Seq>,
+    /// What the messages in `recent` count for ([`cached_bytes`]).
+    recent_bytes: usize,
     /// Messages decoded from disk before they are asked for.
     ahead: ReadAhead,
     /// Message records decoded from disk, ever.
@@ -48,6 +56,11 @@ pub struct LogStore {
     discarded_seen: u64,
     /// Held while the store is open (see [`LogStore::open`]).
     _lock: Option<DirLock>,
+}
+
+/// What a cached message counts for against [`RECENT_BYTES_MAX`].
+fn cached_bytes(message: &Message) -> usize {
+    courier_proto::encoded_message_len(message)
 }
 
 pub(crate) fn store_error(e: LogError) -> StoreError {
@@ -77,6 +90,7 @@ impl LogStore {
             log,
             recent: HashMap::new(),
             recent_order: VecDeque::new(),
+            recent_bytes: 0,
             ahead: ReadAhead::default(),
             decoded_from_disk: 0,
             last_timestamp: 0,
@@ -133,8 +147,7 @@ impl LogStore {
                 self.log = log;
                 self.discarded_seen = self.log.metrics().records_discarded;
                 let next = self.log.next_seq();
-                self.recent.retain(|s, _| *s < next);
-                self.recent_order.retain(|s| *s < next);
+                self.forget_recent_from(next);
                 self.ahead.forget_from(next);
                 self.reports
                     .push("the log was reopened after a write it could not undo".to_string());
@@ -168,20 +181,39 @@ impl LogStore {
         };
         self.recover_from(&e);
         let next = self.log.next_seq();
-        self.recent.retain(|s, _| *s < next);
-        self.recent_order.retain(|s| *s < next);
+        self.forget_recent_from(next);
         self.ahead.forget_from(next);
         Err(store_error(e))
     }
 
     fn remember(&mut self, seq: Seq, message: Arc<Message>) {
-        if self.recent_order.len() >= RECENT_MESSAGES_MAX {
+        let bytes = cached_bytes(&message);
+        while self.recent_order.len() >= RECENT_MESSAGES_MAX
+            || (self.recent_bytes + bytes > RECENT_BYTES_MAX && !self.recent_order.is_empty())
+        {
             if let Some(old) = self.recent_order.pop_front() {
-                self.recent.remove(&old);
+                self.forget_recent(old);
             }
         }
-        self.recent.insert(seq, message);
+        self.recent_bytes += bytes;
+        if let Some(replaced) = self.recent.insert(seq, message) {
+            self.recent_bytes -= cached_bytes(&replaced);
+        }
         self.recent_order.push_back(seq);
+    }
+
+    fn forget_recent(&mut self, seq: Seq) {
+        if let Some(message) = self.recent.remove(&seq) {
+            self.recent_bytes -= cached_bytes(&message);
+        }
+    }
+
+    /// Drops the cached messages from `next` on (seqs the log will issue
+    /// again).
+    fn forget_recent_from(&mut self, next: Seq) {
+        self.recent.retain(|s, _| *s < next);
+        self.recent_order.retain(|s| *s < next);
+        self.recent_bytes = self.recent.values().map(|m| cached_bytes(m)).sum();
     }
 
     fn decode(&mut self, seq: Seq, body: Bytes) -> Option<Arc<Message>> {
@@ -286,7 +318,7 @@ impl MessageStore for LogStore {
         // lets go now.
         // Its slot in `recent_order` goes stale and is dropped on eviction:
         // removing it here would cost a scan of the order per ack.
-        self.recent.remove(&seq);
+        self.forget_recent(seq);
         self.ahead.remove(seq);
     }
 
@@ -392,7 +424,7 @@ impl MessageStore for LogStore {
         self.synced(result)
     }
 
-    fn start_snapshot(&mut self, covers: Seq, state: &[u8]) -> Result<SnapshotJob, StoreError> {
+    fn start_snapshot(&mut self, covers: Seq, state: Bytes) -> Result<SnapshotJob, StoreError> {
         let write = self
             .log
             .begin_snapshot(covers, state)
@@ -533,6 +565,53 @@ impl MessageStore for LogStore {
 mod tests {
     use super::*;
     use courier_proto::Kind;
+
+    #[test]
+    fn the_cache_of_recent_messages_holds_large_ones_up_to_its_byte_bound() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (mut store, _) = LogStore::open(LogConfig::new(dir.path())).expect("open");
+        let payload = vec![b'x'; 64 * 1024];
+        let mut seqs = Vec::new();
+        for _ in 0..100 {
+            let message = Message::new(Kind::Event, "large", payload.clone());
+            seqs.push(store.append(Arc::new(message)).expect("append"));
+        }
+        store.sync().expect("sync");
+        assert!(
+            store.recent_bytes <= RECENT_BYTES_MAX,
+            "{} bytes cached",
+            store.recent_bytes
+        );
+        let held = store.recent.len();
+        assert!((10..=16).contains(&held), "{held} of 64 KiB cached");
+        let summed: usize = store.recent.values().map(|m| cached_bytes(m)).sum();
+        assert_eq!(store.recent_bytes, summed);
+
+        // The newest come from memory, the oldest from the disk.
+        let newest = *seqs.last().expect("appended");
+        store.get(newest).expect("read").expect("present");
+        assert_eq!(store.decoded_from_disk, 0);
+        store.get(seqs[0]).expect("read").expect("present");
+        assert!(store.decoded_from_disk > 0);
+
+        // Acknowledged ones leave the count at once.
+        store.remove(newest);
+        let summed: usize = store.recent.values().map(|m| cached_bytes(m)).sum();
+        assert_eq!(store.recent_bytes, summed);
+        assert_eq!(store.recent.len(), held - 1);
+    }
+
+    #[test]
+    fn one_message_over_the_byte_bound_is_still_cached_alone() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (mut store, _) = LogStore::open(LogConfig::new(dir.path())).expect("open");
+        let small = Message::new(Kind::Event, "small", b"x".to_vec());
+        store.append(Arc::new(small)).expect("append");
+        let huge = Message::new(Kind::Event, "huge", vec![b'x'; RECENT_BYTES_MAX + 1]);
+        let seq = store.append(Arc::new(huge)).expect("append");
+        assert_eq!(store.recent.len(), 1);
+        assert!(store.recent.contains_key(&seq));
+    }
 
     /// A backlog of `keys` keys interleaved in the log, read back after a
     /// reopen by one cursor per key, each a different distance behind.

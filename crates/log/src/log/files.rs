@@ -8,9 +8,9 @@ use bytes::Bytes;
 
 use crate::error::{Damage, LogError};
 use crate::format::{
-    decode_index, decode_snapshot, encode_index, encode_snapshot, index_file_name,
-    segment_file_name, INDEX_ENTRY_BYTES, INDEX_HEADER_BYTES, INDEX_TRAILER_BYTES,
-    RECORD_HEADER_BYTES, SNAPSHOT_HEADER_BYTES, SNAPSHOT_TRAILER_BYTES,
+    decode_index, decode_snapshot, encode_index, index_file_name, segment_file_name, SnapshotParts,
+    INDEX_ENTRY_BYTES, INDEX_HEADER_BYTES, INDEX_TRAILER_BYTES, RECORD_HEADER_BYTES,
+    SNAPSHOT_HEADER_BYTES, SNAPSHOT_TRAILER_BYTES,
 };
 use crate::fs::{read_exact_at, FileSystem, OpenMode};
 use crate::jobs::{SegmentRemoval, SnapshotWrite};
@@ -111,7 +111,7 @@ impl Log {
     /// [`SnapshotWrite`] writes its temporary file without the log; before
     /// it is installed, [`Log::snapshot_ready`] must say the records it
     /// covers are durable. One at a time (they share the temporary file).
-    pub fn begin_snapshot(&mut self, covers: Seq, bytes: &[u8]) -> Result<SnapshotWrite, LogError> {
+    pub fn begin_snapshot(&mut self, covers: Seq, bytes: Bytes) -> Result<SnapshotWrite, LogError> {
         if bytes.len() as u64 > SNAPSHOT_BYTES_MAX {
             return Err(LogError::SnapshotTooLarge {
                 len: bytes.len(),
@@ -129,7 +129,7 @@ impl Log {
             tmp: self.snapshot_tmp_path.clone(),
             path: self.snapshot_path.clone(),
             dir: self.config.dir.clone(),
-            encoded: encode_snapshot(covers, bytes),
+            parts: SnapshotParts::new(covers, bytes),
             covers,
             discarded_at_begin: self.metrics.records_discarded,
             written: false,
@@ -183,9 +183,9 @@ impl Log {
         if covers >= self.durable_next() {
             self.make_all_durable()?;
         }
-        let encoded = encode_snapshot(covers, bytes);
+        let parts = SnapshotParts::new(covers, Bytes::copy_from_slice(bytes));
         let tmp = self.snapshot_tmp_path.clone();
-        let result = write_file_durably(&*self.fs, &tmp, &encoded).and_then(|()| {
+        let result = write_snapshot_durably(&*self.fs, &tmp, &parts).and_then(|()| {
             self.fs.rename(&tmp, &self.snapshot_path).map_err(|e| {
                 LogError::io("rename the snapshot into place at", &self.snapshot_path, e)
             })
@@ -247,6 +247,24 @@ pub(crate) fn write_file_durably(
         .map_err(|e| LogError::io("create", path, e))?;
     file.append(bytes)
         .map_err(|e| LogError::io("write", path, e))?;
+    file.sync_data().map_err(|e| LogError::io("fsync", path, e))
+}
+
+/// Creates `path` with the snapshot `parts` and fsyncs it (not its
+/// directory).
+pub(crate) fn write_snapshot_durably(
+    fs: &dyn FileSystem,
+    path: &Path,
+    parts: &SnapshotParts,
+) -> Result<(), LogError> {
+    let mut file = fs
+        .open(path, OpenMode::Create)
+        .map_err(|e| LogError::io("create", path, e))?;
+    let trailer = parts.trailer();
+    for part in [&parts.header[..], &parts.body[..], &trailer[..]] {
+        file.append(part)
+            .map_err(|e| LogError::io("write", path, e))?;
+    }
     file.sync_data().map_err(|e| LogError::io("fsync", path, e))
 }
 

@@ -22,7 +22,7 @@ mod write;
 
 pub(crate) use files::{
     check_snapshot, index_next_seq, read_index, remove_if_present, snapshot_mark,
-    write_file_durably, DurableMark,
+    write_snapshot_durably, DurableMark,
 };
 pub(crate) use open::reconcile_boundaries;
 use seal::SealWork;

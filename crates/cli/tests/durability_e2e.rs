@@ -418,8 +418,7 @@ async fn a_keyed_backlog_of_a_million_messages_keeps_only_keys_in_memory() {
     // A place in its key's line, the key's own copy and a dedup id, plus
     // the cache of recent messages; a key that kept its read buffer alive
     // would keep every payload in memory (512 MiB here).
-    let bound =
-        (courier_store::RECENT_MESSAGES_MAX * (PAYLOAD_BYTES + 200) + 200 * MESSAGES) as u64;
+    let bound = (recent_cache_bound(PAYLOAD_BYTES) + 200 * MESSAGES) as u64;
     assert!(
         growth < bound,
         "broker memory grew by {} MiB for {} MiB of keyed backlog (bound {} MiB)",
@@ -483,8 +482,7 @@ async fn an_offline_backlog_lives_on_disk_not_in_broker_memory() {
     // ready span, a reference count, a dedup id): at most 320 B per waiting
     // message, well above the ~40 B measured at a million.
     let growth = with_backlog.saturating_sub(baseline);
-    let bound =
-        (courier_store::RECENT_MESSAGES_MAX * (PAYLOAD_BYTES + 200) + 320 * MESSAGES) as u64;
+    let bound = (recent_cache_bound(PAYLOAD_BYTES) + 320 * MESSAGES) as u64;
     assert!(
         growth < bound,
         "broker memory grew by {} MiB for {} MiB of backlog",
@@ -516,4 +514,13 @@ async fn an_offline_backlog_lives_on_disk_not_in_broker_memory() {
         assert_eq!(len, PAYLOAD_BYTES);
         received += 1;
     }
+}
+
+/// What the store's cache of recent messages may hold of `payload_bytes`
+/// messages: its count or its byte bound, whichever it reaches first, each
+/// message with its envelope and place in the cache.
+fn recent_cache_bound(payload_bytes: usize) -> usize {
+    let per_message = payload_bytes + 200;
+    let by_bytes = courier_store::RECENT_BYTES_MAX / payload_bytes.max(1) * per_message;
+    (courier_store::RECENT_MESSAGES_MAX * per_message).min(by_bytes + per_message)
 }

@@ -241,8 +241,7 @@ impl Log {
             .filter(|d| matches!(d, Damage::CorruptRecord { .. }))
             .count() as u64;
 
-        let mark = Mark::of(&active);
-        let log = Log {
+        let log = Log::from(Opened {
             config,
             fs,
             segments_dir,
@@ -251,21 +250,8 @@ impl Log {
             sealed,
             active,
             active_file,
-            pending: Vec::new(),
-            written: mark,
-            durable: mark,
-            seal: Arc::default(),
-            sealing: None,
-            last_fsync: None,
-            gate: Arc::default(),
-            sync_in_flight: false,
-            rollbacks: 0,
-            poisoned: None,
-            reader: None,
-            readahead: ReadAhead::default(),
-            damage: Vec::new(),
             metrics,
-        };
+        });
         Ok((log, damage))
     }
 
@@ -290,17 +276,50 @@ impl Log {
             .map_err(|e| LogError::io("create", &path, e))?;
         fs.sync_dir(&segments_dir)
             .map_err(|e| LogError::io("fsync the directory", &segments_dir, e))?;
-        let active = Segment::empty(first_seq, 0);
-        let mark = Mark::of(&active);
-        Ok(Log {
+        Ok(Log::from(Opened {
             config,
             fs,
             segments_dir,
             snapshot_path,
             snapshot_tmp_path,
             sealed: Vec::new(),
-            active,
+            active: Segment::empty(first_seq, 0),
             active_file,
+            metrics: LogMetrics {
+                fsyncs: metrics.fsyncs + 1,
+                ..metrics
+            },
+        }))
+    }
+}
+
+/// What opening found or made on disk; the rest of a [`Log`] starts the
+/// same however it was opened: everything written is durable, nothing is
+/// pending, sealing or failed.
+struct Opened {
+    config: LogConfig,
+    fs: Arc<dyn FileSystem>,
+    segments_dir: PathBuf,
+    snapshot_path: PathBuf,
+    snapshot_tmp_path: PathBuf,
+    sealed: Vec<Segment>,
+    active: Segment,
+    active_file: Box<dyn LogFile>,
+    metrics: LogMetrics,
+}
+
+impl From<Opened> for Log {
+    fn from(opened: Opened) -> Log {
+        let mark = Mark::of(&opened.active);
+        Log {
+            config: opened.config,
+            fs: opened.fs,
+            segments_dir: opened.segments_dir,
+            snapshot_path: opened.snapshot_path,
+            snapshot_tmp_path: opened.snapshot_tmp_path,
+            sealed: opened.sealed,
+            active: opened.active,
+            active_file: opened.active_file,
             pending: Vec::new(),
             written: mark,
             durable: mark,
@@ -314,11 +333,8 @@ impl Log {
             reader: None,
             readahead: ReadAhead::default(),
             damage: Vec::new(),
-            metrics: LogMetrics {
-                fsyncs: metrics.fsyncs + 1,
-                ..metrics
-            },
-        })
+            metrics: opened.metrics,
+        }
     }
 }
 

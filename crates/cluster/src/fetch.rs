@@ -215,6 +215,38 @@ pub fn first_pull(ask: u32, gather: u32) -> u32 {
     ask.max(gather.min(FETCH_BATCH_MAX))
 }
 
+/// Added to an ack deadline when waiting for what it makes due again:
+/// JetStream looks for expired deliveries on a timer, not at the instant.
+pub const REDELIVERY_MARGIN: Duration = Duration::from_millis(500);
+
+/// Finds deliveries that went nowhere on a keyed lane. One node at a time
+/// pulls the lane, so the consumer numbers its deliveries to that node
+/// one after another (the consumer seq of each ack subject). A number
+/// skipped is a delivery the consumer counts as made that never arrived:
+/// a pull's inbox was gone with a lost connection, or the pull had been
+/// given up. JetStream hands it out again only after `ack_wait`, and a
+/// later message of its key, pulled meanwhile, would go first.
+#[derive(Debug, Default)]
+pub struct DeliveryGaps {
+    last: Option<u64>,
+}
+
+impl DeliveryGaps {
+    /// Notes the delivery numbered `consumer_seq`; true when one before it
+    /// never came. A number not above the last one starts the count again
+    /// (the consumer was made anew).
+    pub fn skipped_before(&mut self, consumer_seq: u64) -> bool {
+        let skipped = self.last.is_some_and(|last| consumer_seq > last + 1);
+        self.last = Some(consumer_seq);
+        skipped
+    }
+
+    /// Forgets the last number: the next pull gathers what went missing.
+    pub fn restart(&mut self) {
+        self.last = None;
+    }
+}
+
 async fn lane_loop<C, D>(
     connection: &Connection,
     service: &str,
@@ -232,6 +264,7 @@ async fn lane_loop<C, D>(
     let mut consumer: Option<PullConsumer> = None;
     let mut retry = RETRY_PAUSE_MIN;
     let mut batch_size = FETCH_BATCH_MIN;
+    let mut gaps = DeliveryGaps::default();
     while !stopping(&stop) {
         let Some(pulling) = consumer.as_ref() else {
             // Bounded well below the JetStream context's timeout: while a
@@ -300,6 +333,8 @@ async fn lane_loop<C, D>(
                 continue;
             }
         };
+        let lane_ack_wait = pulling.cached_info().config.ack_wait;
+        let mut gap_found = false;
         let mut received = 0u32;
         // Messages that arrived together go to the core in one pass.
         let mut ready: Vec<Fetched> = Vec::new();
@@ -338,8 +373,13 @@ async fn lane_loop<C, D>(
                 Some(Ok(message)) => {
                     received += 1;
                     taken += 1;
-                    let ack_wait = pulling.cached_info().config.ack_wait;
-                    let fetched = decode(connection, service, lane, ack_wait, message).await;
+                    if lane == Lane::Keyed && delivery_skipped(&mut gaps, &message) {
+                        // Neither this message nor the rest of the pull
+                        // may go out before the one that went missing.
+                        gap_found = true;
+                        break;
+                    }
+                    let fetched = decode(connection, service, lane, lane_ack_wait, message).await;
                     match fetched {
                         Some(f) if (shared.skip)(lane, &f.message.name, f.stream_seq) => {
                             settle_skipped(connection, service, f).await;
@@ -368,7 +408,32 @@ async fn lane_loop<C, D>(
         mine.store(0, Ordering::Release);
         // The other lane may be waiting for what this one asked for.
         shared.room.notify_waiters();
+        if gap_found {
+            // What was dropped, the missing delivery and the rest of the
+            // pull come back once their deadlines run out, in the order
+            // the deadlines gave; the next pull gathers them all and
+            // hands them over in log order, as after a takeover.
+            let pause = lane_ack_wait + REDELIVERY_MARGIN;
+            tracing::warn!(
+                "consumer {name}: a delivery never arrived; pausing the lane {pause:?} until it is due again"
+            );
+            if !pause_unless_stopped(pause, &mut stop).await {
+                return;
+            }
+            gather = FETCH_BATCH_MAX;
+            gaps.restart();
+        }
     }
+}
+
+/// Notes a keyed lane's delivery in `gaps`; true when one before it never
+/// arrived. A message without an ack subject is left to [`decode`].
+fn delivery_skipped(gaps: &mut DeliveryGaps, message: &async_nats::jetstream::Message) -> bool {
+    let consumer_seq = message
+        .reply
+        .as_ref()
+        .and_then(|reply| AckSubject::parse(reply).map(|ack| ack.consumer_seq));
+    consumer_seq.is_some_and(|seq| gaps.skipped_before(seq))
 }
 
 /// Puts what one hand-over carries in the log's order, which is each
@@ -529,6 +594,23 @@ mod tests {
         in_log_order(&mut twice);
         let handles: Vec<&str> = twice.iter().map(|f| f.handle.as_str()).collect();
         assert_eq!(handles, ["ack-4-1", "ack-9-3", "ack-9-2"]);
+    }
+
+    #[test]
+    fn a_skipped_delivery_number_is_a_gap_a_repeated_or_lower_one_is_not() {
+        let mut gaps = DeliveryGaps::default();
+        assert!(!gaps.skipped_before(7), "the first number seen is no gap");
+        assert!(!gaps.skipped_before(8));
+        assert!(gaps.skipped_before(10), "9 never came");
+        assert!(!gaps.skipped_before(11));
+        assert!(
+            !gaps.skipped_before(3),
+            "a consumer made anew counts from 1"
+        );
+        assert!(!gaps.skipped_before(4));
+        gaps.restart();
+        assert!(!gaps.skipped_before(40), "after a restart nothing is known");
+        assert!(gaps.skipped_before(42));
     }
 
     #[test]

@@ -197,10 +197,6 @@ async fn fetch_service(
 /// How often a node that does not hold a keyed lane's lease tries again.
 pub(super) const LANE_LEASE_RETRY: Duration = Duration::from_secs(1);
 
-/// Added to the lane's ack deadline when a new holder waits for what the
-/// last one left unacknowledged.
-const TAKEOVER_MARGIN: Duration = Duration::from_millis(500);
-
 /// Takes the lease of `service`'s keyed lane whenever it is free, and
 /// while the lease is valid hands out the service's history replays
 /// (`replays.rs`), then fetches the lane until another replay comes.
@@ -383,7 +379,7 @@ async fn wait_for_takeover(
             continue;
         };
         if info.num_ack_pending > 0 {
-            wait = wait.max(info.config.ack_wait + TAKEOVER_MARGIN);
+            wait = wait.max(info.config.ack_wait + courier_cluster::fetch::REDELIVERY_MARGIN);
             due_again.insert(
                 name,
                 u32::try_from(info.num_ack_pending).unwrap_or(u32::MAX),

@@ -147,6 +147,7 @@ pub async fn run<C, D>(
         deliver,
         Box::new(|_, _, _| false),
         0,
+        &Mutex::default(),
         stop,
     )
     .await
@@ -156,7 +157,10 @@ pub async fn run<C, D>(
 /// service's keyed lane (SCALE-OUT §5) fetches the unkeyed one alone;
 /// what `skip` names is acknowledged and not handed over. `gather`: the
 /// messages a new holder of the lanes knows are due again from the last
-/// one (see [`first_pull`]).
+/// one (see [`first_pull`]). `keyed_gaps`: what the keyed lane's holder
+/// knows of its deliveries from an earlier run in the same tenure, taken
+/// at the start and given back at the end (a pull that was waiting at the
+/// consumer's leader when the lane stopped shows as a gap in the next run).
 #[allow(clippy::too_many_arguments)] // the loop's inputs, each its own
 pub async fn run_lanes<C, D>(
     connection: Connection,
@@ -167,6 +171,7 @@ pub async fn run_lanes<C, D>(
     deliver: D,
     skip: Box<Skip>,
     gather: u32,
+    keyed_gaps: &Mutex<DeliveryGaps>,
     stop: watch::Receiver<bool>,
 ) where
     C: Fn() -> u32 + Send + Sync,
@@ -184,10 +189,25 @@ pub async fn run_lanes<C, D>(
         asked: [AtomicU32::new(0), AtomicU32::new(0)],
         lanes: if running.len() == 2 { 2 } else { 1 },
     };
-    let loops = running
-        .iter()
-        .map(|lane| lane_loop(&connection, &service, *lane, &shared, gather, stop.clone()));
+    let (connection, service, shared) = (&connection, &service, &shared);
+    let loops = running.iter().map(|&lane| {
+        let stop = stop.clone();
+        async move {
+            let mut gaps = match lane {
+                Lane::Keyed => std::mem::take(&mut *lock(keyed_gaps)),
+                Lane::Unkeyed => DeliveryGaps::default(),
+            };
+            lane_loop(connection, service, lane, shared, gather, &mut gaps, stop).await;
+            if lane == Lane::Keyed {
+                *lock(keyed_gaps) = gaps;
+            }
+        }
+    });
     futures_util::future::join_all(loops).await;
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Whether to stop: `stop` is true or its sender is gone.
@@ -253,6 +273,7 @@ async fn lane_loop<C, D>(
     lane: Lane,
     shared: &Shared<C, D>,
     mut gather: u32,
+    gaps: &mut DeliveryGaps,
     mut stop: watch::Receiver<bool>,
 ) where
     C: Fn() -> u32 + Send + Sync,
@@ -264,7 +285,6 @@ async fn lane_loop<C, D>(
     let mut consumer: Option<PullConsumer> = None;
     let mut retry = RETRY_PAUSE_MIN;
     let mut batch_size = FETCH_BATCH_MIN;
-    let mut gaps = DeliveryGaps::default();
     while !stopping(&stop) {
         let Some(pulling) = consumer.as_ref() else {
             // Bounded well below the JetStream context's timeout: while a
@@ -373,7 +393,7 @@ async fn lane_loop<C, D>(
                 Some(Ok(message)) => {
                     received += 1;
                     taken += 1;
-                    if lane == Lane::Keyed && delivery_skipped(&mut gaps, &message) {
+                    if lane == Lane::Keyed && delivery_skipped(gaps, &message) {
                         // Neither this message nor the rest of the pull
                         // may go out before the one that went missing.
                         gap_found = true;

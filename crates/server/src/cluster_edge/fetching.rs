@@ -172,6 +172,7 @@ async fn fetch_service(
     table: Arc<SubscriptionTable>,
     stop: watch::Receiver<bool>,
 ) {
+    let no_keyed_lane = std::sync::Mutex::default();
     let unkeyed = courier_cluster::fetch::run_lanes(
         connection.clone(),
         service.clone(),
@@ -181,6 +182,7 @@ async fn fetch_service(
         deliver_to(shared.clone()),
         table.skip_for(&service),
         0,
+        &no_keyed_lane,
         stop.clone(),
     );
     let transients = take_transients(
@@ -244,6 +246,10 @@ async fn lead_keyed_lane(
         let lane = async {
             let mut due_again = wait_for_takeover(&connection, &service, &table).await;
             let mut lane_stopped = lane_stopped;
+            // Kept across the lane's runs in this tenure: a pull left
+            // waiting at the leader when a replay stopped the lane is a
+            // gap the next run sees.
+            let keyed_gaps = std::sync::Mutex::default();
             loop {
                 let replays = replays::hand_out_replays(
                     &shared,
@@ -280,6 +286,7 @@ async fn lead_keyed_lane(
                     deliver_to(shared.clone()),
                     table.skip_for(&service),
                     due_again.remove(&keyed_consumer).unwrap_or(0),
+                    &keyed_gaps,
                     keyed_stopped,
                 );
                 tokio::pin!(keyed);

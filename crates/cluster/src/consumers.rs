@@ -248,6 +248,28 @@ pub async fn service_pending(
     Ok(pending)
 }
 
+/// What a consumer holds delivered and unacknowledged, and its
+/// `ack_wait`; `None` when it does not exist (nothing was fetched from
+/// it). An error is an unanswered question, not a "none": a server or a
+/// leader missing for a moment says nothing about what was delivered.
+pub async fn unacknowledged(
+    js: &async_nats::jetstream::Context,
+    name: &str,
+) -> Result<Option<(u32, std::time::Duration)>, String> {
+    let messages = js
+        .get_stream_no_info(crate::names::MESSAGES_STREAM)
+        .await
+        .map_err(|e| e.to_string())?;
+    match messages.consumer_info(name).await {
+        Ok(info) => Ok(Some((
+            u32::try_from(info.num_ack_pending).unwrap_or(u32::MAX),
+            info.config.ack_wait,
+        ))),
+        Err(e) if is_not_found(&e) => Ok(None),
+        Err(e) => Err(format!("consumer {name}: {e}")),
+    }
+}
+
 pub(crate) fn is_not_found(e: &async_nats::jetstream::context::ConsumerInfoError) -> bool {
     use async_nats::jetstream::context::ConsumerInfoErrorKind;
     match e.kind() {

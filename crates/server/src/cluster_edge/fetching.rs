@@ -196,6 +196,10 @@ async fn fetch_service(
     tokio::join!(unkeyed, keyed, transients, pulls);
 }
 
+/// The pause before a new holder asks a consumer again what it holds
+/// unacknowledged, when the last question went unanswered.
+const TAKEOVER_ASK_PAUSE: Duration = Duration::from_millis(250);
+
 /// How often a node that does not hold a keyed lane's lease tries again.
 pub(super) const LANE_LEASE_RETRY: Duration = Duration::from_secs(1);
 
@@ -375,22 +379,26 @@ async fn wait_for_takeover(
     let mut wait = Duration::ZERO;
     let mut due_again = DueAgain::new();
     for name in consumers {
-        let consumer: Result<async_nats::jetstream::consumer::PullConsumer, _> = connection
-            .jetstream
-            .get_consumer_from_stream(&name, courier_cluster::names::MESSAGES_STREAM)
-            .await;
-        let Ok(mut consumer) = consumer else {
-            continue; // none yet: nothing was fetched from it
+        // Asked until answered: taken for "nothing delivered", a question
+        // lost while the consumer's leader is elected (the last holder's
+        // server died, say) would let this holder pull a key's later
+        // messages before the earlier ones JetStream hands out again.
+        let mut asked = 0u32;
+        let unacknowledged = loop {
+            match courier_cluster::consumers::unacknowledged(&connection.jetstream, &name).await {
+                Ok(found) => break found,
+                Err(e) => {
+                    asked += 1;
+                    if asked == 1 || asked.is_multiple_of(20) {
+                        warn!(%service, error = %e, "cannot read what the last holder left unacknowledged; asking again");
+                    }
+                    tokio::time::sleep(TAKEOVER_ASK_PAUSE).await;
+                }
+            }
         };
-        let Ok(info) = consumer.info().await else {
-            continue;
-        };
-        if info.num_ack_pending > 0 {
-            wait = wait.max(info.config.ack_wait + courier_cluster::fetch::REDELIVERY_MARGIN);
-            due_again.insert(
-                name,
-                u32::try_from(info.num_ack_pending).unwrap_or(u32::MAX),
-            );
+        if let Some((pending, ack_wait)) = unacknowledged.filter(|(pending, _)| *pending > 0) {
+            wait = wait.max(ack_wait + courier_cluster::fetch::REDELIVERY_MARGIN);
+            due_again.insert(name, pending);
         }
     }
     if due_again.is_empty() {

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use async_nats::jetstream::consumer::pull::Batch;
 use async_nats::jetstream::consumer::PullConsumer;
 use bytes::Bytes;
 use courier_proto::{decode_message, Message};
@@ -285,6 +286,8 @@ async fn lane_loop<C, D>(
     let mut consumer: Option<PullConsumer> = None;
     let mut retry = RETRY_PAUSE_MIN;
     let mut batch_size = FETCH_BATCH_MIN;
+    // A pull already asked for while the last one was filling, and its size.
+    let mut next_pull: Option<(Batch, u32)> = None;
     while !stopping(&stop) {
         let Some(pulling) = consumer.as_ref() else {
             // Bounded well below the JetStream context's timeout: while a
@@ -313,44 +316,50 @@ async fn lane_loop<C, D>(
             }
             continue;
         };
-        // With two lanes, half the credit each, so that one lane waiting
-        // out an empty pull does not hold all of it from the other.
-        let total = (shared.credit)();
-        let free = total.saturating_sub(other.load(Ordering::Acquire));
-        let mut ask = free.min(total.div_ceil(shared.lanes)).min(batch_size);
-        // Gathering the last holder's redeliveries: nothing goes to the
-        // core before the pull that takes them ends.
-        let gathering = ask > 0 && gather > 0;
-        if gathering {
-            ask = first_pull(ask, gather);
-            gather = 0;
-        }
-        if ask == 0 {
-            tokio::select! {
-                _ = shared.room.notified() => {}
-                _ = tokio::time::sleep(ROOM_RECHECK) => {}
-                _ = stop.changed() => {}
-            }
-            continue;
-        }
-        mine.store(ask, Ordering::Release);
-        let batch = pulling
-            .batch()
-            .max_messages(ask as usize)
-            .expires(FETCH_EXPIRES)
-            .messages()
-            .await;
-        let mut batch = match batch {
-            Ok(batch) => batch,
-            Err(e) => {
-                mine.store(0, Ordering::Release);
-                tracing::warn!("consumer {name}: pull failed: {e}; retrying in {retry:?}");
-                consumer = None;
-                if !pause_unless_stopped(retry, &mut stop).await {
-                    return;
+        let (mut batch, ask, gathering) = match next_pull.take() {
+            Some((batch, ask)) => (batch, ask, false),
+            None => {
+                // With two lanes, half the credit each, so that one lane waiting
+                // out an empty pull does not hold all of it from the other.
+                let total = (shared.credit)();
+                let free = total.saturating_sub(other.load(Ordering::Acquire));
+                let mut ask = free.min(total.div_ceil(shared.lanes)).min(batch_size);
+                // Gathering the last holder's redeliveries: nothing goes to the
+                // core before the pull that takes them ends.
+                let gathering = ask > 0 && gather > 0;
+                if gathering {
+                    ask = first_pull(ask, gather);
+                    gather = 0;
                 }
-                retry = (retry * 2).min(RETRY_PAUSE_MAX);
-                continue;
+                if ask == 0 {
+                    tokio::select! {
+                        _ = shared.room.notified() => {}
+                        _ = tokio::time::sleep(ROOM_RECHECK) => {}
+                        _ = stop.changed() => {}
+                    }
+                    continue;
+                }
+                mine.store(ask, Ordering::Release);
+                let batch = pulling
+                    .batch()
+                    .max_messages(ask as usize)
+                    .expires(FETCH_EXPIRES)
+                    .messages()
+                    .await;
+                let batch = match batch {
+                    Ok(batch) => batch,
+                    Err(e) => {
+                        mine.store(0, Ordering::Release);
+                        tracing::warn!("consumer {name}: pull failed: {e}; retrying in {retry:?}");
+                        consumer = None;
+                        if !pause_unless_stopped(retry, &mut stop).await {
+                            return;
+                        }
+                        retry = (retry * 2).min(RETRY_PAUSE_MAX);
+                        continue;
+                    }
+                };
+                (batch, ask, gathering)
             }
         };
         let lane_ack_wait = pulling.cached_info().config.ack_wait;
@@ -393,6 +402,9 @@ async fn lane_loop<C, D>(
                 Some(Ok(message)) => {
                     received += 1;
                     taken += 1;
+                    if next_pull.is_none() && pipelines(lane, batch_size, ask, received) {
+                        next_pull = ask_ahead(pulling, shared, mine, ask - received).await;
+                    }
                     if lane == Lane::Keyed && delivery_skipped(gaps, &message) {
                         // Neither this message nor the rest of the pull
                         // may go out before the one that went missing.
@@ -414,6 +426,7 @@ async fn lane_loop<C, D>(
                     // is elected): look it up again, after a pause.
                     tracing::debug!("consumer {name}: {e}; looking it up again in {retry:?}");
                     consumer = None;
+                    next_pull = None;
                     mine.store(0, Ordering::Release);
                     if !pause_unless_stopped(retry, &mut stop).await {
                         return;
@@ -425,7 +438,13 @@ async fn lane_loop<C, D>(
         }
         hand_over(shared, mine, &mut ready, &mut taken);
         batch_size = next_batch_size(batch_size, ask, received);
-        mine.store(0, Ordering::Release);
+        if gap_found || stopping(&stop) {
+            next_pull = None;
+        }
+        mine.store(
+            next_pull.as_ref().map_or(0, |(_, ask)| *ask),
+            Ordering::Release,
+        );
         // The other lane may be waiting for what this one asked for.
         shared.room.notify_waiters();
         if gap_found {
@@ -442,6 +461,65 @@ async fn lane_loop<C, D>(
             }
             gather = FETCH_BATCH_MAX;
             gaps.restart();
+        }
+    }
+}
+
+/// Whether a pull of `ask` that has `received` so far should have the
+/// next one asked for now: on the unkeyed lane, once pulls come back full
+/// at the largest `batch_size` (a backlog drains), at the pull's half. The
+/// next pull then waits at the consumer's leader when this one is done,
+/// and the node holds more than its instances' window unacknowledged at
+/// JetStream, which the hop every message takes through the node needs.
+/// The keyed lane asks once at a time: its deliveries must come numbered
+/// one after another ([`DeliveryGaps`]).
+fn pipelines(lane: Lane, batch_size: u32, ask: u32, received: u32) -> bool {
+    lane == Lane::Unkeyed
+        && batch_size == FETCH_BATCH_MAX
+        && ask >= FETCH_BATCH_MIN
+        && received == ask / 2
+}
+
+/// The most messages a node asks for beyond what its instances have room
+/// for, and only in a pull asked ahead ([`pipelines`]). They wait in the
+/// node's queue, kept alive like every message it holds, until an
+/// instance has room.
+pub const PREFETCH_MAX: u32 = 4 * FETCH_BATCH_MAX;
+
+/// Asks for the next pull ahead: what the instances have room for beyond
+/// the `outstanding` messages of the pull still filling, plus up to
+/// [`PREFETCH_MAX`]. None when that is less than a small pull or the pull
+/// cannot be made: the lane asks again once this one ends.
+async fn ask_ahead<C, D>(
+    pulling: &PullConsumer,
+    shared: &Shared<C, D>,
+    mine: &AtomicU32,
+    outstanding: u32,
+) -> Option<(Batch, u32)>
+where
+    C: Fn() -> u32 + Send + Sync,
+{
+    let ask = (shared.credit)()
+        .saturating_add(PREFETCH_MAX)
+        .saturating_sub(outstanding)
+        .min(PREFETCH_MAX);
+    if ask < FETCH_BATCH_MIN {
+        return None;
+    }
+    let batch = pulling
+        .batch()
+        .max_messages(ask as usize)
+        .expires(FETCH_EXPIRES)
+        .messages()
+        .await;
+    match batch {
+        Ok(batch) => {
+            mine.fetch_add(ask, Ordering::AcqRel);
+            Some((batch, ask))
+        }
+        Err(e) => {
+            tracing::debug!("a pull asked ahead failed: {e}");
+            None
         }
     }
 }
@@ -631,6 +709,24 @@ mod tests {
         gaps.restart();
         assert!(!gaps.skipped_before(40), "after a restart nothing is known");
         assert!(gaps.skipped_before(42));
+    }
+
+    #[test]
+    fn only_a_draining_unkeyed_backlog_asks_ahead_once_at_half_a_pull() {
+        let max = FETCH_BATCH_MAX;
+        assert!(pipelines(Lane::Unkeyed, max, 1024, 512));
+        assert!(!pipelines(Lane::Unkeyed, max, 1024, 511));
+        assert!(!pipelines(Lane::Unkeyed, max, 1024, 513), "once a pull");
+        assert!(
+            pipelines(Lane::Unkeyed, max, 4096, 2048),
+            "an asked-ahead pull too"
+        );
+        assert!(
+            !pipelines(Lane::Keyed, max, 1024, 512),
+            "the keyed lane never"
+        );
+        assert!(!pipelines(Lane::Unkeyed, 256, 256, 128), "no backlog yet");
+        assert!(!pipelines(Lane::Unkeyed, max, 16, 8), "too small to matter");
     }
 
     #[test]

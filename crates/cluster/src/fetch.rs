@@ -224,6 +224,20 @@ async fn pause_unless_stopped(pause: Duration, stop: &mut watch::Receiver<bool>)
     }
 }
 
+/// Asks `consumer` for up to `ask` messages; the pull ends after
+/// [`FETCH_EXPIRES`] with fewer if fewer come.
+pub(crate) async fn pull(
+    consumer: &PullConsumer,
+    ask: u32,
+) -> Result<Batch, async_nats::jetstream::consumer::pull::BatchError> {
+    consumer
+        .batch()
+        .max_messages(ask as usize)
+        .expires(FETCH_EXPIRES)
+        .messages()
+        .await
+}
+
 /// The first pull's size for a holder that knows `gather` messages are
 /// due again from the last holder, when the credit would ask for `ask`:
 /// all of them (up to [`FETCH_BATCH_MAX`]) in one pull, handed to the
@@ -340,13 +354,7 @@ async fn lane_loop<C, D>(
                     continue;
                 }
                 mine.store(ask, Ordering::Release);
-                let batch = pulling
-                    .batch()
-                    .max_messages(ask as usize)
-                    .expires(FETCH_EXPIRES)
-                    .messages()
-                    .await;
-                let batch = match batch {
+                let batch = match pull(pulling, ask).await {
                     Ok(batch) => batch,
                     Err(e) => {
                         mine.store(0, Ordering::Release);
@@ -506,13 +514,7 @@ where
     if ask < FETCH_BATCH_MIN {
         return None;
     }
-    let batch = pulling
-        .batch()
-        .max_messages(ask as usize)
-        .expires(FETCH_EXPIRES)
-        .messages()
-        .await;
-    match batch {
+    match pull(pulling, ask).await {
         Ok(batch) => {
             mine.fetch_add(ask, Ordering::AcqRel);
             Some((batch, ask))

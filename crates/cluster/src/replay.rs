@@ -140,11 +140,7 @@ where
             continue;
         }
         let ack_wait = info.config.ack_wait;
-        let mut batch = consumer
-            .batch()
-            .max_messages(ask as usize)
-            .expires(FETCH_EXPIRES)
-            .messages()
+        let mut batch = crate::fetch::pull(&consumer, ask)
             .await
             .map_err(|e| error(format!("consumer {name}: pull failed: {e}")))?;
         let mut ready = Vec::new();

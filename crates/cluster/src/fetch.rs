@@ -250,6 +250,18 @@ pub fn first_pull(ask: u32, gather: u32) -> u32 {
     ask.max(gather.min(FETCH_BATCH_MAX))
 }
 
+/// The next pull's size when the credit would ask for `ask`, and whether
+/// it gathers the last holder's redeliveries: the first pull with credit
+/// takes all `gather` of them ([`first_pull`]), and nothing of it goes to
+/// the core before it ends; `gather` is then spent.
+pub fn gathering_pull(ask: u32, gather: &mut u32) -> (u32, bool) {
+    if ask > 0 && *gather > 0 {
+        (first_pull(ask, std::mem::take(gather)), true)
+    } else {
+        (ask, false)
+    }
+}
+
 /// Added to an ack deadline when waiting for what it makes due again:
 /// JetStream looks for expired deliveries on a timer, not at the instant.
 pub const REDELIVERY_MARGIN: Duration = Duration::from_millis(500);
@@ -337,14 +349,10 @@ async fn lane_loop<C, D>(
                 // out an empty pull does not hold all of it from the other.
                 let total = (shared.credit)();
                 let free = total.saturating_sub(other.load(Ordering::Acquire));
-                let mut ask = free.min(total.div_ceil(shared.lanes)).min(batch_size);
-                // Gathering the last holder's redeliveries: nothing goes to the
-                // core before the pull that takes them ends.
-                let gathering = ask > 0 && gather > 0;
-                if gathering {
-                    ask = first_pull(ask, gather);
-                    gather = 0;
-                }
+                let (ask, gathering) = gathering_pull(
+                    free.min(total.div_ceil(shared.lanes)).min(batch_size),
+                    &mut gather,
+                );
                 if ask == 0 {
                     tokio::select! {
                         _ = shared.room.notified() => {}
@@ -729,6 +737,20 @@ mod tests {
         );
         assert!(!pipelines(Lane::Unkeyed, 256, 256, 128), "no backlog yet");
         assert!(!pipelines(Lane::Unkeyed, max, 16, 8), "too small to matter");
+    }
+
+    #[test]
+    fn the_first_pull_with_credit_gathers_once() {
+        let mut gather = 300;
+        assert_eq!(
+            gathering_pull(0, &mut gather),
+            (0, false),
+            "no credit: wait"
+        );
+        assert_eq!(gather, 300);
+        assert_eq!(gathering_pull(32, &mut gather), (300, true));
+        assert_eq!(gather, 0);
+        assert_eq!(gathering_pull(32, &mut gather), (32, false));
     }
 
     #[test]

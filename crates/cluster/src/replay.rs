@@ -20,7 +20,7 @@ use tokio::sync::{watch, Notify};
 
 use crate::consumers::{held_consumer_name, replay_consumer_name, Lane};
 use crate::fetch::{
-    decode, first_pull, in_log_order, Fetched, FETCH_EXPIRES, HANDOFF_MAX, LOOKUP_TIMEOUT,
+    decode, gathering_pull, in_log_order, Fetched, FETCH_EXPIRES, HANDOFF_MAX, LOOKUP_TIMEOUT,
     ROOM_RECHECK,
 };
 use crate::names::MESSAGES_STREAM;
@@ -123,14 +123,7 @@ where
         if handed_out && info.num_ack_pending == 0 {
             return Ok(Drained::Done);
         }
-        let mut ask = credit().min(REPLAY_BATCH_MAX);
-        // Gathering the last holder's redeliveries: nothing is handed
-        // out before the pull that takes them ends.
-        let gathering = ask > 0 && gather > 0;
-        if gathering {
-            ask = first_pull(ask, gather);
-            gather = 0;
-        }
+        let (ask, gathering) = gathering_pull(credit().min(REPLAY_BATCH_MAX), &mut gather);
         if ask == 0 {
             tokio::select! {
                 _ = room.notified() => {}

@@ -113,7 +113,14 @@ impl<S: MessageStore> Broker<S> {
                 if let Some(t) = self.traffic.traffic(slot, service) {
                     t.expired += 1;
                 }
-                if traces(&self.sampler, &message, now) {
+                if traces_stored(
+                    &self.sampler,
+                    &self.store,
+                    self.upstream,
+                    entry.seq,
+                    &message,
+                    now,
+                ) {
                     push_trace(
                         &mut self.traces,
                         &mut self.traces_bytes,
@@ -191,7 +198,14 @@ impl<S: MessageStore> Broker<S> {
                     let delivery = self.next_delivery;
                     let seq = entry.seq;
                     let slot = self.traffic.slot(&message.name);
-                    let traced = traces(&self.sampler, &message, now);
+                    let traced = traces_stored(
+                        &self.sampler,
+                        &self.store,
+                        self.upstream,
+                        seq,
+                        &message,
+                        now,
+                    );
                     let pipelined = self.conns.get(&conn).is_some_and(|c| c.pipelined_keys);
                     let first_of_key = svc.queue.start(
                         delivery,

@@ -82,7 +82,19 @@ impl<S: MessageStore> Broker<S> {
         seq: Seq,
         receivers: &Receivers,
     ) {
-        if self.sample(message) {
+        let traced = self.sample(message);
+        self.record_accepted(traced, message, seq, receivers);
+    }
+
+    /// Records an accepted message the sampler decided on already.
+    pub(crate) fn record_accepted(
+        &mut self,
+        traced: bool,
+        message: &Arc<Message>,
+        seq: Seq,
+        receivers: &Receivers,
+    ) {
+        if traced {
             self.trace(TraceRecord::Accepted {
                 message: message.clone(),
                 seq,
@@ -190,6 +202,26 @@ pub(crate) fn traces(sampler: &Option<trace::TraceSampler>, message: &Message, n
     sampler
         .as_ref()
         .is_some_and(|s| s.traces(&message.activity_id, now))
+}
+
+/// [`traces`] for the stored message at `seq`. On a node that fetches
+/// from a backend the node that accepted the message decided, and the
+/// store holds the answer: this node's sampler follows only what this
+/// node accepts, so a node that delivers more than it accepts would trace
+/// activities the accepting node left out, and pay for it.
+pub(crate) fn traces_stored<S: MessageStore>(
+    sampler: &Option<trace::TraceSampler>,
+    store: &S,
+    upstream: bool,
+    seq: Seq,
+    message: &Message,
+    now: Nanos,
+) -> bool {
+    if upstream {
+        sampler.is_some() && store.fetched_traced(seq)
+    } else {
+        traces(sampler, message, now)
+    }
 }
 
 /// Records `record`, counting the memory it holds on to (the message it

@@ -58,7 +58,7 @@ pub use courier_proto::StartFrom;
 pub use dead_letters::{DeadLetterAnswer, DeadLetterFound, DeadLetterPage, DeadLetterQuery};
 use delivery::release;
 use expiring::ExpiringMap;
-use inspection::{push_trace, traces};
+use inspection::{push_trace, traces, traces_stored};
 pub use journal::JournalError;
 use journal::Op;
 pub use outputs::{Action, InstanceInfo, Metrics, PauseError, ServiceInfo, SubscriptionGauges};

@@ -118,6 +118,9 @@ pub enum Action {
     ForwardTransient {
         service: String,
         message: Arc<Message>,
+        /// This node traces its activity: the node that delivers it
+        /// records the delivery ([`crate::Fetched::traced`]).
+        traced: bool,
     },
     /// The broker gave up on the connection: the edge sends ERROR `code`
     /// with `reason` after what is queued for it, and closes it. The core

@@ -27,14 +27,15 @@ impl<S: MessageStore> Broker<S> {
                 return Err((ErrorCode::NoReceiver, reason));
             }
             self.metrics.dropped_unrouted += 1;
-            self.trace_accepted(&message, 0, &targets);
+            let traced = self.sample(&message);
+            self.record_accepted(traced, &message, 0, &targets);
             self.tap(&message, targets);
             if !message.transient {
                 // Kept for history replay (`--from`) until retention ends;
                 // no service holds a reference.
                 let seq = self
                     .store
-                    .append(message)
+                    .append_traced(message, traced)
                     .map_err(|e| (ErrorCode::StorageFailed, format!("not stored: {e}")))?;
                 self.dirty = true;
                 self.batch_appended = true;
@@ -58,19 +59,22 @@ impl<S: MessageStore> Broker<S> {
             self.trace_accepted(&message, 0, &targets);
             self.tap(&message, targets.clone());
             for service in targets.iter() {
-                self.deliver_transient(service, &message, false);
+                self.deliver_transient(service, &message, None);
             }
             return Ok(0);
         }
+        // Decided before it is stored: a backend carries the answer to the
+        // nodes that deliver it.
+        let traced = self.sample(&message);
         let seq = self
             .store
-            .append(message.clone())
+            .append_traced(message.clone(), traced)
             .map_err(|e| (ErrorCode::StorageFailed, format!("not stored: {e}")))?;
         self.dirty = true;
         self.batch_appended = true;
         // Before its deliveries (in `pump` below): records keep the order
         // things happened in.
-        self.trace_accepted(&message, seq, &targets);
+        self.record_accepted(traced, &message, seq, &targets);
         if self.upstream {
             // The backend's consumers deliver it, on whichever node
             // fetches for each receiver (`upstream.rs`).
@@ -188,13 +192,16 @@ impl<S: MessageStore> Broker<S> {
         }
     }
 
-    /// `remote`: it came from another node already, and goes no further.
+    /// `offered`: it came from another node already, and goes no further;
+    /// `Some(traced)`: whether that node traces its activity.
     pub(crate) fn deliver_transient(
         &mut self,
         service: &str,
         message: &Arc<Message>,
-        remote: bool,
+        offered: Option<bool>,
     ) {
+        let remote = offered.is_some();
+        let traced = offered.unwrap_or_else(|| traces(&self.sampler, message, self.now));
         let Some(svc) = self.services.get_mut(service) else {
             return;
         };
@@ -219,7 +226,7 @@ impl<S: MessageStore> Broker<S> {
                 continue;
             }
             svc.next_instance = idx + 1;
-            self.deliver_untracked(conn, message.clone());
+            self.deliver_untracked_as(conn, message.clone(), traced);
             return;
         }
         if paused {
@@ -230,6 +237,7 @@ impl<S: MessageStore> Broker<S> {
             self.actions.push(Action::ForwardTransient {
                 service: service.to_string(),
                 message: message.clone(),
+                traced,
             });
         } else {
             self.metrics.dropped_unrouted += 1;
@@ -239,15 +247,27 @@ impl<S: MessageStore> Broker<S> {
     /// A delivery that needs no ack (a reply, a transient message): nothing
     /// is kept in flight for it, and acks for it are ignored.
     pub(crate) fn deliver_untracked(&mut self, conn: ConnId, message: Arc<Message>) {
+        // The broker's own answers belong to no traced activity.
+        let traced =
+            !message.name.starts_with(SYSTEM_PREFIX) && traces(&self.sampler, &message, self.now);
+        self.deliver_untracked_as(conn, message, traced);
+    }
+
+    /// [`Broker::deliver_untracked`] of a message whose activity is
+    /// `traced` or not.
+    pub(crate) fn deliver_untracked_as(
+        &mut self,
+        conn: ConnId,
+        message: Arc<Message>,
+        traced: bool,
+    ) {
         self.next_delivery += 1;
         self.metrics.delivered += 1;
         let wall_now = self.wall(self.now);
         if let Some(c) = self.conns.get(&conn) {
             let counted = self.traffic.locate(&message.name, &c.service);
             self.traffic.at(counted).delivered += 1;
-            // The broker's own answers belong to no traced activity.
-            if !message.name.starts_with(SYSTEM_PREFIX) && traces(&self.sampler, &message, self.now)
-            {
+            if traced && self.sampler.is_some() {
                 push_trace(
                     &mut self.traces,
                     &mut self.traces_bytes,

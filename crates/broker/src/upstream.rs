@@ -24,6 +24,10 @@ pub struct Fetched {
     /// The node the command was accepted on, when another one: its
     /// replies go there.
     pub reply_node: Option<String>,
+    /// The accepting node traces the message's activity: this node records
+    /// its deliveries and outcomes, whatever its own sampler would say
+    /// (that one follows what this node accepts, not what it delivers).
+    pub traced: bool,
 }
 
 /// Where the replies to a command accepted on another node go.
@@ -157,8 +161,9 @@ impl<S: MessageStore> Broker<S> {
             attempt,
             handle,
             reply_node,
+            traced,
         } = fetched;
-        let seq = match self.store.hold_fetched(message.clone(), handle) {
+        let seq = match self.store.hold_fetched(message.clone(), handle, traced) {
             Ok(seq) => seq,
             Err(e) => {
                 self.alerts.push(format!(
@@ -652,12 +657,14 @@ impl<S: MessageStore> Broker<S> {
     /// A transient message another node offered to `service`'s instances
     /// here ([`Action::ForwardTransient`]): delivered to one of them, or
     /// dropped, at most once as always. A command's replies go back to
-    /// `reply_node`, the node that accepted it.
+    /// `reply_node`, the node that accepted it; `traced`: that node traces
+    /// its activity.
     pub fn remote_transient(
         &mut self,
         service: &str,
         message: Arc<Message>,
         reply_node: Option<String>,
+        traced: bool,
         now: Nanos,
     ) {
         self.now = now;
@@ -671,7 +678,7 @@ impl<S: MessageStore> Broker<S> {
                 self.remote_routes.insert(message.id, route, now);
             }
         }
-        self.deliver_transient(service, &message, true);
+        self.deliver_transient(service, &message, Some(traced));
     }
 }
 

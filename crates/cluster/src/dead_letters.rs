@@ -21,7 +21,9 @@ use courier_proto::Message;
 use futures_util::{StreamExt as _, TryStreamExt as _};
 
 use crate::names::{service_token, DEAD_STREAM};
-use crate::store::{dead_letter_subject, ATTEMPTS_HEADER, DEAD_LETTERED_AT_HEADER, REASON_HEADER};
+use crate::store::{
+    dead_letter_subject, ATTEMPTS_HEADER, DEAD_LETTERED_AT_HEADER, REASON_HEADER, TRACED_HEADER,
+};
 
 /// Dead letters of one page read at once: a page of 1000 is that many
 /// reads, and in flight together they cost a few round trips.
@@ -224,6 +226,9 @@ pub async fn replay(
         async_nats::header::NATS_MESSAGE_ID,
         format!("replay.{service}.{id}.{request}").as_str(),
     );
+    if header(&stored, TRACED_HEADER).is_some() {
+        headers.insert(TRACED_HEADER, "1");
+    }
     let publish = PublishMessage::build()
         .payload(stored.payload)
         .headers(headers);

@@ -18,7 +18,7 @@ use tokio::sync::{watch, Notify};
 use crate::ack_subject::AckSubject;
 use crate::consumers::{consumer_name, Lane};
 use crate::names::MESSAGES_STREAM;
-use crate::store::REPLY_TO_HEADER;
+use crate::store::{REPLY_TO_HEADER, TRACED_HEADER};
 use crate::Connection;
 
 /// How long one pull waits for messages. Never a pull without one
@@ -93,6 +93,8 @@ pub struct Fetched {
     pub handle: AckHandle,
     /// The node that accepted a command (`Courier-Reply-To`).
     pub reply_node: Option<String>,
+    /// The accepting node traces its activity (`Courier-Traced`).
+    pub traced: bool,
     /// Its consumer's `ack_wait`: JetStream hands it out again after
     /// this unless it is settled or kept alive ([`crate::in_progress`]).
     pub ack_wait: Duration,
@@ -625,11 +627,11 @@ pub(crate) async fn decode(
     );
     match decode_message(message.payload.clone()) {
         Ok(decoded) => {
-            let reply_node = message
-                .headers
-                .as_ref()
+            let headers = message.headers.as_ref();
+            let reply_node = headers
                 .and_then(|h| h.get(REPLY_TO_HEADER))
                 .map(|v| v.as_str().to_string());
+            let traced = headers.is_some_and(|h| h.get(TRACED_HEADER).is_some());
             Some(Fetched {
                 service: service.to_string(),
                 lane,
@@ -638,6 +640,7 @@ pub(crate) async fn decode(
                 stream_seq,
                 handle: reply,
                 reply_node,
+                traced,
                 ack_wait,
             })
         }
@@ -673,6 +676,7 @@ mod tests {
             stream_seq,
             handle: format!("ack-{stream_seq}-{attempt}"),
             reply_node: None,
+            traced: false,
             ack_wait: Duration::from_secs(30),
         }
     }

@@ -52,6 +52,10 @@ pub const SYNC_WAIT_MAX: Duration = Duration::from_secs(60);
 /// The header naming the node (and so the route) a command's replies go
 /// back to (SCALE-OUT §3).
 pub const REPLY_TO_HEADER: &str = "Courier-Reply-To";
+/// On a message whose activity the accepting node traces: every node that
+/// delivers it records the delivery too, and no node records one without
+/// it (each node's sampler sees only what that node accepts).
+pub const TRACED_HEADER: &str = "Courier-Traced";
 /// Dead letters' headers (SCALE-OUT §7).
 pub const ATTEMPTS_HEADER: &str = "Courier-Attempts";
 pub const REASON_HEADER: &str = "Courier-Reason";
@@ -294,6 +298,8 @@ struct ServiceOp {
 struct Held {
     message: Arc<Message>,
     handle: AckHandle,
+    /// The accepting node traces its activity.
+    traced: bool,
     /// An outcome (ack, nak, dead letter) was sent for it.
     settled: bool,
 }
@@ -477,6 +483,7 @@ impl ClusterStore {
         self.in_progress.release(&held.handle);
         let ack = held.handle.clone();
         let message = held.message.clone();
+        let traced = held.traced;
         // Waited for like a change (see `change`).
         self.take_seq();
         let built = AckSubject::parse(&ack)
@@ -500,6 +507,10 @@ impl ClusterStore {
                 headers.insert(ATTEMPTS_HEADER, attempts.to_string().as_str());
                 headers.insert(REASON_HEADER, header_text(reason).as_str());
                 headers.insert(DEAD_LETTERED_AT_HEADER, at.to_string().as_str());
+                if traced {
+                    // Its replay, if any, is traced like the original.
+                    headers.insert(TRACED_HEADER, "1");
+                }
                 let subject = dead_letter_subject(service, stream_seq);
                 self.queue_write(|ticket| Op::DeadLetter {
                     subject,
@@ -532,6 +543,10 @@ impl ClusterStore {
 
 impl MessageStore for ClusterStore {
     fn append(&mut self, message: Arc<Message>) -> Result<Seq, StoreError> {
+        self.append_traced(message, false)
+    }
+
+    fn append_traced(&mut self, message: Arc<Message>, traced: bool) -> Result<Seq, StoreError> {
         let subject = message_subject(&message).ok_or_else(|| {
             StoreError::Io("a reply is routed to its requester, never stored in the log".into())
         })?;
@@ -543,6 +558,9 @@ impl MessageStore for ClusterStore {
         );
         if message.kind == Kind::Command {
             headers.insert(REPLY_TO_HEADER, self.node.as_str());
+        }
+        if traced {
+            headers.insert(TRACED_HEADER, "1");
         }
         if let (Some(expires_at), true) = (message.expires_at, self.ttl_allowed) {
             headers.insert(
@@ -708,6 +726,7 @@ impl MessageStore for ClusterStore {
         &mut self,
         message: Arc<Message>,
         handle: AckHandle,
+        traced: bool,
     ) -> Result<Seq, StoreError> {
         let seq = self.take_seq();
         self.held.insert(
@@ -715,6 +734,7 @@ impl MessageStore for ClusterStore {
             Held {
                 message,
                 handle,
+                traced,
                 settled: false,
             },
         );
@@ -723,6 +743,10 @@ impl MessageStore for ClusterStore {
 
     fn fetched_handle(&self, seq: Seq) -> Option<AckHandle> {
         self.held.get(&seq).map(|held| held.handle.clone())
+    }
+
+    fn fetched_traced(&self, seq: Seq) -> bool {
+        self.held.get(&seq).is_some_and(|held| held.traced)
     }
 
     fn upstream(&mut self, change: Upstream) {

@@ -379,7 +379,7 @@ async fn fetched_messages_are_settled_as_the_core_says() {
     assert_eq!(first.reply_node.as_deref(), Some("a"));
     assert_eq!(*first.message, command);
     let seq = store
-        .hold_fetched(first.message.clone(), first.handle.clone())
+        .hold_fetched(first.message.clone(), first.handle.clone(), first.traced)
         .unwrap();
     assert_eq!(store.get(seq).unwrap().unwrap().id, command.id);
     assert_eq!(store.len(), 1);
@@ -401,7 +401,7 @@ async fn fetched_messages_are_settled_as_the_core_says() {
 
     // ACK: never again, not even after the ack deadline.
     let seq = store
-        .hold_fetched(again.message.clone(), again.handle.clone())
+        .hold_fetched(again.message.clone(), again.handle.clone(), again.traced)
         .unwrap();
     store.upstream(Upstream::Ack { seq });
     sync(&mut store).unwrap();
@@ -415,7 +415,11 @@ async fn fetched_messages_are_settled_as_the_core_says() {
     let delivery = next(&mut fetched, Duration::from_secs(5)).await;
     assert_eq!(delivery.reply_node, None, "events name no reply node");
     let seq = store
-        .hold_fetched(delivery.message.clone(), delivery.handle.clone())
+        .hold_fetched(
+            delivery.message.clone(),
+            delivery.handle.clone(),
+            delivery.traced,
+        )
         .unwrap();
     store.upstream(Upstream::DeadLetter {
         service: "todo".into(),
@@ -456,7 +460,11 @@ async fn fetched_messages_are_settled_as_the_core_says() {
     sync(&mut store).unwrap();
     let delivery = next(&mut fetched, Duration::from_secs(5)).await;
     let seq = store
-        .hold_fetched(delivery.message.clone(), delivery.handle.clone())
+        .hold_fetched(
+            delivery.message.clone(),
+            delivery.handle.clone(),
+            delivery.traced,
+        )
         .unwrap();
     let forgotten_at = Instant::now();
     store.remove(seq);
@@ -465,7 +473,7 @@ async fn fetched_messages_are_settled_as_the_core_says() {
     assert_eq!((back.attempt, back.stream_seq), (2, delivery.stream_seq));
     assert!(forgotten_at.elapsed() < ACK_DEADLINE);
     let seq = store
-        .hold_fetched(back.message.clone(), back.handle.clone())
+        .hold_fetched(back.message.clone(), back.handle.clone(), back.traced)
         .unwrap();
     store.upstream(Upstream::Ack { seq });
     store.remove(seq);
@@ -481,7 +489,11 @@ async fn fetched_messages_are_settled_as_the_core_says() {
     assert_eq!((delivery.lane, delivery.attempt), (Lane::Keyed, 1));
     assert_eq!(*delivery.message, keyed);
     let seq = store
-        .hold_fetched(delivery.message.clone(), delivery.handle.clone())
+        .hold_fetched(
+            delivery.message.clone(),
+            delivery.handle.clone(),
+            delivery.traced,
+        )
         .unwrap();
     store.upstream(Upstream::Ack { seq });
     store.remove(seq);
@@ -581,7 +593,7 @@ async fn a_held_message_is_kept_alive_past_ack_wait_and_comes_back_once_let_go()
     let first = next(&mut fetched, Duration::from_secs(5)).await;
     assert_eq!(first.ack_wait, ACK_DEADLINE);
     store
-        .hold_fetched(first.message.clone(), first.handle.clone())
+        .hold_fetched(first.message.clone(), first.handle.clone(), first.traced)
         .unwrap();
     in_progress.hold([(first.handle.as_str(), first.ack_wait)], Instant::now());
     nothing(
@@ -605,7 +617,7 @@ async fn a_held_message_is_kept_alive_past_ack_wait_and_comes_back_once_let_go()
 
     // Settling it ends its keep-alive.
     let seq = store
-        .hold_fetched(again.message.clone(), again.handle.clone())
+        .hold_fetched(again.message.clone(), again.handle.clone(), again.traced)
         .unwrap();
     in_progress.hold([(again.handle.as_str(), again.ack_wait)], Instant::now());
     assert_eq!(in_progress.len(), 1);

@@ -354,11 +354,17 @@ impl Shared {
                     }
                     continue;
                 }
-                Action::ForwardTransient { service, message } => {
+                Action::ForwardTransient {
+                    service,
+                    message,
+                    traced,
+                } => {
                     if let Some(edge) = &self.cluster {
-                        let _ = edge
-                            .transients
-                            .send(crate::cluster_edge::Transient { service, message });
+                        let _ = edge.transients.send(crate::cluster_edge::Transient {
+                            service,
+                            message,
+                            traced,
+                        });
                     }
                     continue;
                 }

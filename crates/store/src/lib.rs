@@ -303,6 +303,15 @@ impl RemovalJob {
 /// broker rebuilds its state from the store rather than assume otherwise.
 pub trait MessageStore: Send {
     fn append(&mut self, message: Arc<Message>) -> Result<Seq, StoreError>;
+    /// [`MessageStore::append`], saying whether the broker traces the
+    /// message's activity. A store that other nodes deliver from carries
+    /// the answer with the message, so that every node records the
+    /// activities the accepting node's sampler picked and no others;
+    /// a store read by one broker alone has nothing to carry.
+    fn append_traced(&mut self, message: Arc<Message>, traced: bool) -> Result<Seq, StoreError> {
+        let _ = traced;
+        self.append(message)
+    }
     /// Appends a journal record (a delivery-state change), in order with messages.
     fn journal(&mut self, entry: &[u8]) -> Result<Seq, StoreError>;
     fn get(&mut self, seq: Seq) -> Result<Option<Arc<Message>>, StoreError>;
@@ -418,14 +427,16 @@ pub trait MessageStore: Send {
         true
     }
     /// Keeps a message fetched from a replicated backend readable by the
-    /// seq returned until `remove`; `handle` settles it upstream. Only
-    /// stores that do not keep deliveries hold fetched messages.
+    /// seq returned until `remove`; `handle` settles it upstream; `traced`:
+    /// the node that accepted it traces its activity. Only stores that do
+    /// not keep deliveries hold fetched messages.
     fn hold_fetched(
         &mut self,
         message: Arc<Message>,
         handle: AckHandle,
+        traced: bool,
     ) -> Result<Seq, StoreError> {
-        let _ = (message, handle);
+        let _ = (message, handle, traced);
         Err(StoreError::Io(
             "this store is the log itself: it holds no fetched messages".to_string(),
         ))
@@ -434,6 +445,12 @@ pub trait MessageStore: Send {
     fn fetched_handle(&self, seq: Seq) -> Option<AckHandle> {
         let _ = seq;
         None
+    }
+    /// Whether the node that accepted the fetched message held at `seq`
+    /// traces its activity (see [`MessageStore::append_traced`]).
+    fn fetched_traced(&self, seq: Seq) -> bool {
+        let _ = seq;
+        false
     }
     /// A delivery-state change for a store that does not keep deliveries;
     /// whatever it must make durable is waited for by the next sync.
@@ -779,6 +796,9 @@ impl<T: MessageStore + ?Sized> MessageStore for Box<T> {
     fn append(&mut self, message: Arc<Message>) -> Result<Seq, StoreError> {
         (**self).append(message)
     }
+    fn append_traced(&mut self, message: Arc<Message>, traced: bool) -> Result<Seq, StoreError> {
+        (**self).append_traced(message, traced)
+    }
     fn journal(&mut self, entry: &[u8]) -> Result<Seq, StoreError> {
         (**self).journal(entry)
     }
@@ -868,11 +888,15 @@ impl<T: MessageStore + ?Sized> MessageStore for Box<T> {
         &mut self,
         message: Arc<Message>,
         handle: AckHandle,
+        traced: bool,
     ) -> Result<Seq, StoreError> {
-        (**self).hold_fetched(message, handle)
+        (**self).hold_fetched(message, handle, traced)
     }
     fn fetched_handle(&self, seq: Seq) -> Option<AckHandle> {
         (**self).fetched_handle(seq)
+    }
+    fn fetched_traced(&self, seq: Seq) -> bool {
+        (**self).fetched_traced(seq)
     }
     fn upstream(&mut self, change: Upstream) {
         (**self).upstream(change)

@@ -12,6 +12,10 @@ struct BackendStore {
     /// Readable by seq like a log's records: a core that queued what it
     /// appended would deliver it.
     appended: BTreeMap<Seq, Arc<Message>>,
+    /// Appended seqs the core said it traces (a backend carries that).
+    appended_traced: std::collections::HashSet<Seq>,
+    /// Held seqs whose accepting node traces them.
+    held_traced: std::collections::HashSet<Seq>,
     held: BTreeMap<Seq, (Arc<Message>, AckHandle)>,
     /// Held messages removed without an outcome (given back).
     given_back: Vec<AckHandle>,
@@ -57,6 +61,13 @@ impl MessageStore for BackendStore {
     fn append(&mut self, message: Arc<Message>) -> Result<Seq, StoreError> {
         let seq = self.take_seq();
         self.appended.insert(seq, message);
+        Ok(seq)
+    }
+    fn append_traced(&mut self, message: Arc<Message>, traced: bool) -> Result<Seq, StoreError> {
+        let seq = self.append(message)?;
+        if traced {
+            self.appended_traced.insert(seq);
+        }
         Ok(seq)
     }
     fn journal(&mut self, _entry: &[u8]) -> Result<Seq, StoreError> {
@@ -132,11 +143,18 @@ impl MessageStore for BackendStore {
         &mut self,
         message: Arc<Message>,
         handle: AckHandle,
+        traced: bool,
     ) -> Result<Seq, StoreError> {
         let seq = self.take_seq();
+        if traced {
+            self.held_traced.insert(seq);
+        }
         self.handle_of.insert(seq, handle.clone());
         self.held.insert(seq, (message, handle));
         Ok(seq)
+    }
+    fn fetched_traced(&self, seq: Seq) -> bool {
+        self.held_traced.contains(&seq)
     }
     fn upstream(&mut self, change: Upstream) {
         if let Upstream::Ack { seq }
@@ -226,6 +244,7 @@ impl super::pipelined_keys::ModelBackend for BackendStore {
                 attempt,
                 handle: seq.to_string(),
                 reply_node: None,
+                traced: false,
             };
             h.broker.fetched(fetched, now);
             h.broker.store_mut().consumer_takes_outcomes(now);
@@ -290,7 +309,68 @@ fn fetched(service: &str, message: Message, attempt: u32, handle: &str) -> Fetch
         attempt,
         handle: handle.to_string(),
         reply_node: None,
+        traced: false,
     }
+}
+
+/// The delivery records this node made since the last call, by handle.
+fn delivered_records(h: &mut Harness<BackendStore>) -> Vec<String> {
+    let mut records = Vec::new();
+    h.broker.take_traces(&mut records);
+    records
+        .iter()
+        .filter_map(|r| match r {
+            TraceRecord::Delivered { seq, .. } => h.broker.store().handle_of.get(seq).cloned(),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_delivering_node_traces_what_the_accepting_node_traces_and_nothing_else() {
+    // The accepting node: its sampler's answer goes to the backend with
+    // the message.
+    let mut accepting = node();
+    accepting.broker.set_tracing(Some(0));
+    accepting.connect(1, "worker", 10);
+    accepting.subscribe(1, "job.*");
+    accepting.connect(2, "web", 10);
+    accepting.send(2, 7, event("job.done", "x"));
+    accepting.send(2, 8, event("audit.done", "x"));
+    let store = accepting.broker.store();
+    assert_eq!(store.appended.len(), 2, "routed, and kept for replays");
+    assert!(
+        store
+            .appended
+            .keys()
+            .all(|seq| store.appended_traced.contains(seq)),
+        "a traced activity's message went to the backend without saying so"
+    );
+
+    // The delivering node traces everything it would accept itself (rate
+    // 0), yet records deliveries only of what the accepting node traced.
+    let mut h = node();
+    h.broker.set_tracing(Some(0));
+    h.connect(1, "worker", 10);
+    h.subscribe(1, "job.*");
+    let _ = delivered_records(&mut h);
+    let traced_elsewhere = Fetched {
+        traced: true,
+        ..fetched("worker", event("job.done", "a"), 1, "101")
+    };
+    h.broker.fetched(traced_elsewhere, h.now);
+    h.broker
+        .fetched(fetched("worker", event("job.done", "b"), 1, "102"), h.now);
+    let delivered = h.actions();
+    assert_eq!(
+        delivered
+            .iter()
+            .filter(|a| matches!(a, Action::Deliver { .. }))
+            .count(),
+        2,
+        "{delivered:?}"
+    );
+    assert_eq!(delivered_records(&mut h), vec!["101".to_string()]);
 }
 
 #[test]
@@ -946,6 +1026,7 @@ fn the_services_listing_is_handed_to_the_edge_to_add_other_nodes_instances() {
 #[test]
 fn a_transient_message_no_instance_here_takes_is_offered_to_other_nodes() {
     let mut h = node();
+    h.broker.set_tracing(Some(0));
     h.broker.subscriptions_changed(
         "dash",
         Some(RemoteSubscriptions {
@@ -959,19 +1040,26 @@ fn a_transient_message_no_instance_here_takes_is_offered_to_other_nodes() {
     m.transient = true;
     h.send(2, 1, m);
     let actions = h.actions();
-    let offered: Vec<&str> = actions
+    let offered: Vec<(&str, bool)> = actions
         .iter()
         .filter_map(|a| match a {
-            Action::ForwardTransient { service, .. } => Some(service.as_str()),
+            Action::ForwardTransient {
+                service, traced, ..
+            } => Some((service.as_str(), *traced)),
             _ => None,
         })
         .collect();
-    assert_eq!(offered, vec!["dash"]);
+    assert_eq!(
+        offered,
+        vec![("dash", true)],
+        "offered, saying it is traced"
+    );
     // Offered here from elsewhere: one local instance takes it, or nobody.
     let mut m = event("metrics.cpu", "0.7");
     m.transient = true;
     let m = Arc::new(m);
-    h.broker.remote_transient("dash", m.clone(), None, h.now);
+    h.broker
+        .remote_transient("dash", m.clone(), None, false, h.now);
     let actions = h.actions();
     assert!(
         !actions
@@ -982,10 +1070,22 @@ fn a_transient_message_no_instance_here_takes_is_offered_to_other_nodes() {
     h.connect(1, "dash", 10);
     h.subscribe(1, "metrics.*");
     h.actions();
-    h.broker.remote_transient("dash", m, None, h.now);
+    let mut records = Vec::new();
+    h.broker.take_traces(&mut records);
+    // What the offering node left out is not traced here, however this
+    // node's own sampler would answer; what it traces is.
+    h.broker
+        .remote_transient("dash", m.clone(), None, false, h.now);
+    h.broker.remote_transient("dash", m, None, true, h.now);
     let delivered = h.deliveries();
-    assert_eq!(delivered.len(), 1);
+    assert_eq!(delivered.len(), 2);
     assert_eq!(delivered[0].0, 1);
+    h.broker.take_traces(&mut records);
+    let traced = records
+        .iter()
+        .filter(|r| matches!(r, TraceRecord::Delivered { .. }))
+        .count();
+    assert_eq!(traced, 1, "{records:?}");
 }
 
 #[test]
@@ -998,8 +1098,13 @@ fn a_reply_to_a_transient_command_offered_here_goes_back_to_the_node_that_took_i
     cmd.transient = true;
     cmd.sender = "web".into();
     let id = cmd.id;
-    h.broker
-        .remote_transient("worker", Arc::new(cmd), Some("node-a".to_string()), h.now);
+    h.broker.remote_transient(
+        "worker",
+        Arc::new(cmd),
+        Some("node-a".to_string()),
+        false,
+        h.now,
+    );
     assert_eq!(h.deliveries().len(), 1);
     let mut reply = Message::new(Kind::Reply, "job.done", "ok");
     reply.response_to = Some(id);

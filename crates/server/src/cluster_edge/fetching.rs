@@ -39,7 +39,12 @@ pub(super) async fn offer_transients(
     node: String,
     mut transients: mpsc::UnboundedReceiver<Transient>,
 ) {
-    while let Some(Transient { service, message }) = transients.recv().await {
+    while let Some(Transient {
+        service,
+        message,
+        traced,
+    }) = transients.recv().await
+    {
         let mut payload = BytesMut::new();
         if courier_proto::encode_message(&message, &mut payload).is_err() {
             continue;
@@ -47,6 +52,9 @@ pub(super) async fn offer_transients(
         let subject = transient_subject(&service, &message.name);
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(courier_cluster::store::REPLY_TO_HEADER, node.as_str());
+        if traced {
+            headers.insert(courier_cluster::store::TRACED_HEADER, "1");
+        }
         let offered = client
             .publish_with_headers(subject, headers, payload.freeze())
             .await;
@@ -84,14 +92,15 @@ async fn take_transients(
         let Some(shared) = shared.upgrade() else {
             return;
         };
-        let reply_node = message
-            .headers
-            .as_ref()
+        let headers = message.headers.as_ref();
+        let reply_node = headers
             .and_then(|h| h.get(courier_cluster::store::REPLY_TO_HEADER))
             .map(|v| v.as_str().to_string());
+        let traced =
+            headers.is_some_and(|h| h.get(courier_cluster::store::TRACED_HEADER).is_some());
         match courier_proto::decode_message(message.payload) {
             Ok(decoded) => shared.with_core_deferred(|core, now| {
-                core.remote_transient(&service, Arc::new(decoded), reply_node, now)
+                core.remote_transient(&service, Arc::new(decoded), reply_node, traced, now)
             }),
             Err(e) => tracing::debug!(error = %e, "an offered transient message does not decode"),
         }
@@ -152,6 +161,7 @@ pub(super) fn deliver_to(
                     attempt: fetched.attempt,
                     handle: fetched.handle,
                     reply_node: fetched.reply_node,
+                    traced: fetched.traced,
                 };
                 core.fetched(fetched, now);
             }

@@ -276,6 +276,8 @@ pub(crate) struct Find {
 pub(crate) struct Transient {
     pub service: String,
     pub message: Arc<Message>,
+    /// This node traces its activity (`Courier-Traced`).
+    pub traced: bool,
 }
 
 /// The edge's state the server shares.

@@ -190,7 +190,8 @@ async fn send_relayed(shared: Weak<Shared>, mut deliveries: mpsc::UnboundedRecei
                 };
                 // A message relayed here by the last holder is relayed on:
                 // its outcome comes back here and goes on to that holder.
-                let Some(stream_seq) = core.store().fetched_handle(relayed.log_seq).and_then(|h| {
+                let store = core.store();
+                let Some(stream_seq) = store.fetched_handle(relayed.log_seq).and_then(|h| {
                     AckSubject::parse(&h)
                         .map(|ack| ack.stream_seq)
                         .or_else(|| RelayHandle::parse(&h).map(|r| r.stream_seq))
@@ -207,11 +208,19 @@ async fn send_relayed(shared: Weak<Shared>, mut deliveries: mpsc::UnboundedRecei
                     delivery: relayed.delivery,
                     stream_seq,
                 };
-                out.push((service.clone(), node.clone(), handle, reply_node, relayed));
+                let traced = store.fetched_traced(relayed.log_seq);
+                out.push((
+                    service.clone(),
+                    node.clone(),
+                    handle,
+                    reply_node,
+                    traced,
+                    relayed,
+                ));
             }
         }
         drop(strong);
-        for (service, node, handle, reply_node, relayed) in out {
+        for (service, node, handle, reply_node, traced, relayed) in out {
             let mut payload = BytesMut::new();
             if let Err(e) = courier_proto::encode_message(&relayed.message, &mut payload) {
                 warn!(error = %e, "a keyed delivery for another node cannot be encoded; it goes back when that node is gone");
@@ -223,6 +232,9 @@ async fn send_relayed(shared: Weak<Shared>, mut deliveries: mpsc::UnboundedRecei
             headers.insert(SETTLE_HEADER, handle.subject().as_str());
             if let Some(reply_node) = &reply_node {
                 headers.insert(courier_cluster::store::REPLY_TO_HEADER, reply_node.as_str());
+            }
+            if traced {
+                headers.insert(courier_cluster::store::TRACED_HEADER, "1");
             }
             let sent = client
                 .publish_with_headers(relay::deliver_subject(&node), headers, payload.freeze())
@@ -387,6 +399,7 @@ fn decode_relayed(
         attempt: (attempt & !ATTEMPT_KEY_START).max(1),
         handle: settle,
         reply_node: header(courier_cluster::store::REPLY_TO_HEADER),
+        traced: headers.get(courier_cluster::store::TRACED_HEADER).is_some(),
     };
     Some((fetched, handle, attempt & ATTEMPT_KEY_START != 0))
 }

@@ -4,6 +4,10 @@
 //! seq>.<ts>.<pending>`, or with a domain and an account hash after
 //! `$JS.ACK` (ADR-15; 11 or more tokens).
 
+/// The most tokens after `$JS.ACK.` an ack subject is read with (ADR-15
+/// has 9, and leaves room for a few more at the end).
+const ACK_TOKENS_MAX: usize = 16;
+
 /// What an ack subject says of its message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AckSubject<'a> {
@@ -19,13 +23,19 @@ impl<'a> AckSubject<'a> {
     /// `None` when `subject` is not a JetStream ack subject.
     pub fn parse(subject: &'a str) -> Option<AckSubject<'a>> {
         let rest = subject.strip_prefix("$JS.ACK.")?;
-        let tokens: Vec<&str> = rest.split('.').collect();
+        // Read for every message fetched and settled: no allocation.
+        let mut tokens = [""; ACK_TOKENS_MAX];
+        let mut count = 0;
+        for token in rest.split('.') {
+            *tokens.get_mut(count)? = token;
+            count += 1;
+        }
         // Without domain and account hash: stream, consumer, delivered,
         // stream seq, consumer seq, timestamp, pending (7); with them,
         // two more in front and maybe a trailing token (9 or more).
-        let fields = match tokens.len() {
-            7 => &tokens[..],
-            n if n >= 9 => &tokens[2..],
+        let fields = match count {
+            7 => &tokens[..7],
+            n if n >= 9 => &tokens[2..n],
             _ => return None,
         };
         if fields[0].is_empty() || fields[1].is_empty() {
@@ -88,5 +98,7 @@ mod tests {
         ] {
             assert_eq!(AckSubject::parse(bad), None, "{bad}");
         }
+        let endless = format!("$JS.ACK.d.h.S.C.1.2.3.4.5{}", ".x".repeat(ACK_TOKENS_MAX));
+        assert_eq!(AckSubject::parse(&endless), None, "{endless}");
     }
 }

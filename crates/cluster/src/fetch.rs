@@ -310,7 +310,6 @@ async fn lane_loop<C, D>(
 {
     let name = consumer_name(service, lane);
     let mine = &shared.asked[index(lane)];
-    let other = &shared.asked[1 - index(lane)];
     let mut consumer: Option<PullConsumer> = None;
     let mut retry = RETRY_PAUSE_MIN;
     let mut batch_size = FETCH_BATCH_MIN;
@@ -346,16 +345,9 @@ async fn lane_loop<C, D>(
         };
         let (mut batch, ask, gathering) = match next_pull.take() {
             Some((batch, ask)) => (batch, ask, false),
-            None => {
-                // With two lanes, half the credit each, so that one lane waiting
-                // out an empty pull does not hold all of it from the other.
-                let total = (shared.credit)();
-                let free = total.saturating_sub(other.load(Ordering::Acquire));
-                let (ask, gathering) = gathering_pull(
-                    free.min(total.div_ceil(shared.lanes)).min(batch_size),
-                    &mut gather,
-                );
-                if ask == 0 {
+            None => match pull_with_credit(pulling, shared, lane, batch_size, &mut gather).await {
+                Ok(Some(started)) => (started.batch, started.ask, started.gathering),
+                Ok(None) => {
                     tokio::select! {
                         _ = shared.room.notified() => {}
                         _ = tokio::time::sleep(ROOM_RECHECK) => {}
@@ -363,22 +355,16 @@ async fn lane_loop<C, D>(
                     }
                     continue;
                 }
-                mine.store(ask, Ordering::Release);
-                let batch = match pull(pulling, ask).await {
-                    Ok(batch) => batch,
-                    Err(e) => {
-                        mine.store(0, Ordering::Release);
-                        tracing::warn!("consumer {name}: pull failed: {e}; retrying in {retry:?}");
-                        consumer = None;
-                        if !pause_unless_stopped(retry, &mut stop).await {
-                            return;
-                        }
-                        retry = (retry * 2).min(RETRY_PAUSE_MAX);
-                        continue;
+                Err(e) => {
+                    tracing::warn!("consumer {name}: pull failed: {e}; retrying in {retry:?}");
+                    consumer = None;
+                    if !pause_unless_stopped(retry, &mut stop).await {
+                        return;
                     }
-                };
-                (batch, ask, gathering)
-            }
+                    retry = (retry * 2).min(RETRY_PAUSE_MAX);
+                    continue;
+                }
+            },
         };
         let lane_ack_wait = pulling.cached_info().config.ack_wait;
         let mut gap_found = false;
@@ -479,6 +465,53 @@ async fn lane_loop<C, D>(
             }
             gather = FETCH_BATCH_MAX;
             gaps.restart();
+        }
+    }
+}
+
+/// A lane's pull, started ([`pull_with_credit`]).
+struct Started {
+    batch: Batch,
+    ask: u32,
+    /// It gathers the last holder's redeliveries ([`gathering_pull`]).
+    gathering: bool,
+}
+
+/// Starts `lane`'s next pull for what the credit allows, at most
+/// `batch_size`, and counts it as asked for; `None` when the instances
+/// have no room. With two lanes, half the credit each, so that one lane
+/// waiting out an empty pull does not hold all of it from the other.
+async fn pull_with_credit<C, D>(
+    pulling: &PullConsumer,
+    shared: &Shared<C, D>,
+    lane: Lane,
+    batch_size: u32,
+    gather: &mut u32,
+) -> Result<Option<Started>, async_nats::jetstream::consumer::pull::BatchError>
+where
+    C: Fn() -> u32 + Send + Sync,
+{
+    let mine = &shared.asked[index(lane)];
+    let other = &shared.asked[1 - index(lane)];
+    let total = (shared.credit)();
+    let free = total.saturating_sub(other.load(Ordering::Acquire));
+    let (ask, gathering) = gathering_pull(
+        free.min(total.div_ceil(shared.lanes)).min(batch_size),
+        gather,
+    );
+    if ask == 0 {
+        return Ok(None);
+    }
+    mine.store(ask, Ordering::Release);
+    match pull(pulling, ask).await {
+        Ok(batch) => Ok(Some(Started {
+            batch,
+            ask,
+            gathering,
+        })),
+        Err(e) => {
+            mine.store(0, Ordering::Release);
+            Err(e)
         }
     }
 }

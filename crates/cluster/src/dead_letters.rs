@@ -22,7 +22,8 @@ use futures_util::{StreamExt as _, TryStreamExt as _};
 
 use crate::names::{service_token, DEAD_STREAM};
 use crate::store::{
-    dead_letter_subject, ATTEMPTS_HEADER, DEAD_LETTERED_AT_HEADER, REASON_HEADER, TRACED_HEADER,
+    dead_letter_subject, is_traced, mark_traced, ATTEMPTS_HEADER, DEAD_LETTERED_AT_HEADER,
+    REASON_HEADER,
 };
 
 /// Dead letters of one page read at once: a page of 1000 is that many
@@ -226,9 +227,7 @@ pub async fn replay(
         async_nats::header::NATS_MESSAGE_ID,
         format!("replay.{service}.{id}.{request}").as_str(),
     );
-    if header(&stored, TRACED_HEADER).is_some() {
-        headers.insert(TRACED_HEADER, "1");
-    }
+    mark_traced(&mut headers, is_traced(Some(&stored.headers)));
     let publish = PublishMessage::build()
         .payload(stored.payload)
         .headers(headers);

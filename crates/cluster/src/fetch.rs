@@ -18,7 +18,7 @@ use tokio::sync::{watch, Notify};
 use crate::ack_subject::AckSubject;
 use crate::consumers::{consumer_name, Lane};
 use crate::names::MESSAGES_STREAM;
-use crate::store::{REPLY_TO_HEADER, TRACED_HEADER};
+use crate::store::{is_traced, REPLY_TO_HEADER};
 use crate::Connection;
 
 /// How long one pull waits for messages. Never a pull without one
@@ -664,7 +664,7 @@ pub(crate) async fn decode(
             let reply_node = headers
                 .and_then(|h| h.get(REPLY_TO_HEADER))
                 .map(|v| v.as_str().to_string());
-            let traced = headers.is_some_and(|h| h.get(TRACED_HEADER).is_some());
+            let traced = is_traced(headers);
             Some(Fetched {
                 service: service.to_string(),
                 lane,

@@ -56,6 +56,19 @@ pub const REPLY_TO_HEADER: &str = "Courier-Reply-To";
 /// delivers it records the delivery too, and no node records one without
 /// it (each node's sampler sees only what that node accepts).
 pub const TRACED_HEADER: &str = "Courier-Traced";
+
+/// Says in `headers` that the accepting node traces the message's
+/// activity, when it does ([`TRACED_HEADER`]).
+pub fn mark_traced(headers: &mut HeaderMap, traced: bool) {
+    if traced {
+        headers.insert(TRACED_HEADER, "1");
+    }
+}
+
+/// Whether `headers` say the accepting node traces the message's activity.
+pub fn is_traced(headers: Option<&HeaderMap>) -> bool {
+    headers.is_some_and(|h| h.get(TRACED_HEADER).is_some())
+}
 /// Dead letters' headers (SCALE-OUT §7).
 pub const ATTEMPTS_HEADER: &str = "Courier-Attempts";
 pub const REASON_HEADER: &str = "Courier-Reason";
@@ -507,10 +520,8 @@ impl ClusterStore {
                 headers.insert(ATTEMPTS_HEADER, attempts.to_string().as_str());
                 headers.insert(REASON_HEADER, header_text(reason).as_str());
                 headers.insert(DEAD_LETTERED_AT_HEADER, at.to_string().as_str());
-                if traced {
-                    // Its replay, if any, is traced like the original.
-                    headers.insert(TRACED_HEADER, "1");
-                }
+                // Its replay, if any, is traced like the original.
+                mark_traced(&mut headers, traced);
                 let subject = dead_letter_subject(service, stream_seq);
                 self.queue_write(|ticket| Op::DeadLetter {
                     subject,
@@ -559,9 +570,7 @@ impl MessageStore for ClusterStore {
         if message.kind == Kind::Command {
             headers.insert(REPLY_TO_HEADER, self.node.as_str());
         }
-        if traced {
-            headers.insert(TRACED_HEADER, "1");
-        }
+        mark_traced(&mut headers, traced);
         if let (Some(expires_at), true) = (message.expires_at, self.ttl_allowed) {
             headers.insert(
                 TTL_HEADER,

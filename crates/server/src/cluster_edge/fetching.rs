@@ -52,9 +52,7 @@ pub(super) async fn offer_transients(
         let subject = transient_subject(&service, &message.name);
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(courier_cluster::store::REPLY_TO_HEADER, node.as_str());
-        if traced {
-            headers.insert(courier_cluster::store::TRACED_HEADER, "1");
-        }
+        courier_cluster::store::mark_traced(&mut headers, traced);
         let offered = client
             .publish_with_headers(subject, headers, payload.freeze())
             .await;
@@ -96,8 +94,7 @@ async fn take_transients(
         let reply_node = headers
             .and_then(|h| h.get(courier_cluster::store::REPLY_TO_HEADER))
             .map(|v| v.as_str().to_string());
-        let traced =
-            headers.is_some_and(|h| h.get(courier_cluster::store::TRACED_HEADER).is_some());
+        let traced = courier_cluster::store::is_traced(headers);
         match courier_proto::decode_message(message.payload) {
             Ok(decoded) => shared.with_core_deferred(|core, now| {
                 core.remote_transient(&service, Arc::new(decoded), reply_node, traced, now)

@@ -162,6 +162,18 @@ pub(super) fn start(shared: &Arc<Shared>) -> Vec<crate::AbortOnDrop> {
     tasks
 }
 
+/// A delivery on its way to a relay's node, with what its headers say.
+struct Outgoing {
+    service: String,
+    node: String,
+    handle: RelayHandle,
+    /// Where a command's replies go.
+    reply_node: Option<String>,
+    /// The accepting node traces its activity.
+    traced: bool,
+    relayed: Relayed,
+}
+
 /// The holder's side: sends each delivery to its relay's node, naming
 /// where the outcome goes and, for a command, the node its replies go to.
 async fn send_relayed(shared: Weak<Shared>, mut deliveries: mpsc::UnboundedReceiver<Relayed>) {
@@ -208,19 +220,26 @@ async fn send_relayed(shared: Weak<Shared>, mut deliveries: mpsc::UnboundedRecei
                     delivery: relayed.delivery,
                     stream_seq,
                 };
-                let traced = store.fetched_traced(relayed.log_seq);
-                out.push((
-                    service.clone(),
-                    node.clone(),
+                out.push(Outgoing {
+                    service: service.clone(),
+                    node: node.clone(),
                     handle,
                     reply_node,
-                    traced,
+                    traced: store.fetched_traced(relayed.log_seq),
                     relayed,
-                ));
+                });
             }
         }
         drop(strong);
-        for (service, node, handle, reply_node, traced, relayed) in out {
+        for outgoing in out {
+            let Outgoing {
+                service,
+                node,
+                handle,
+                reply_node,
+                traced,
+                relayed,
+            } = outgoing;
             let mut payload = BytesMut::new();
             if let Err(e) = courier_proto::encode_message(&relayed.message, &mut payload) {
                 warn!(error = %e, "a keyed delivery for another node cannot be encoded; it goes back when that node is gone");
@@ -233,9 +252,7 @@ async fn send_relayed(shared: Weak<Shared>, mut deliveries: mpsc::UnboundedRecei
             if let Some(reply_node) = &reply_node {
                 headers.insert(courier_cluster::store::REPLY_TO_HEADER, reply_node.as_str());
             }
-            if traced {
-                headers.insert(courier_cluster::store::TRACED_HEADER, "1");
-            }
+            courier_cluster::store::mark_traced(&mut headers, traced);
             let sent = client
                 .publish_with_headers(relay::deliver_subject(&node), headers, payload.freeze())
                 .await;
@@ -399,7 +416,7 @@ fn decode_relayed(
         attempt: (attempt & !ATTEMPT_KEY_START).max(1),
         handle: settle,
         reply_node: header(courier_cluster::store::REPLY_TO_HEADER),
-        traced: headers.get(courier_cluster::store::TRACED_HEADER).is_some(),
+        traced: courier_cluster::store::is_traced(Some(headers)),
     };
     Some((fetched, handle, attempt & ATTEMPT_KEY_START != 0))
 }

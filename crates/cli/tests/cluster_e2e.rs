@@ -29,7 +29,7 @@ type Scenario = fn(&Nodes);
 #[tokio::test(flavor = "multi_thread")]
 async fn two_nodes_serve_one_bus() {
     let nodes = Nodes::start().await;
-    let scenarios: [(&str, Scenario); 14] = [
+    let scenarios: [(&str, Scenario); 15] = [
         (
             "request and reply",
             a_command_sent_through_one_node_is_answered_from_the_other,
@@ -68,11 +68,18 @@ async fn two_nodes_serve_one_bus() {
             "transient",
             transient_messages_reach_instances_on_other_nodes,
         ),
+        (
+            "sampled traces",
+            a_delivering_node_traces_only_what_the_accepting_node_picked,
+        ),
         ("manifest", the_manifests_rules_hold_on_every_node),
         ("tail", a_tail_on_one_node_sees_what_every_node_accepts),
         ("registry", the_registry_is_one_on_every_node),
     ];
-    for (name, scenario) in scenarios {
+    for (name, scenario) in scenarios
+        .into_iter()
+        .filter(|(n, _)| std::env::var("ONLY").map_or(true, |o| o == *n))
+    {
         let started = Instant::now();
         scenario(&nodes);
         eprintln!("{name}: {:?}", started.elapsed());
@@ -1076,6 +1083,86 @@ fn transient_messages_reach_instances_on_other_nodes(nodes: &Nodes) {
     assert_eq!(replies[0]["name"], "clock.time");
     assert_eq!(replies[0]["sender"], "clock");
     assert_eq!(replies[0]["payload"]["zone"], "utc");
+}
+
+/// Two more nodes, sampling traces above 50 messages a second: the one
+/// that only delivers what the other accepts records exactly the
+/// activities the accepting node's sampler picked (SCALE-OUT §11). Its
+/// own sampler sees no sends, and would pick every one.
+fn a_delivering_node_traces_only_what_the_accepting_node_picked(nodes: &Nodes) {
+    const BURST: usize = 2000;
+    let accepting = nodes.start_node_with("e", &["--trace-rate", "50"]);
+    let delivering = nodes.start_node_with("f", &["--trace-rate", "50"]);
+    let accepting_http = accepting.http.clone().expect("the node's HTTP port");
+    let delivering_http = delivering.http.clone().expect("the node's HTTP port");
+    let sink = delivering.spawn(&["subscribe", "burst.*", "--service", "sink"]);
+    delivering.wait_consumers("sink", 1, None);
+    // Until the subscription is in force on the accepting node, what it
+    // accepts for `burst.*` goes nowhere, traced or not.
+    until_received(&accepting, &sink, "burst.probe");
+    // What the two nodes traced before the bursts, once it stops moving.
+    let traces = || {
+        let (_, picked) = http_get(&accepting_http, "/metrics", None);
+        let (_, held) = http_get(&delivering_http, "/metrics", None);
+        let count = |text: &str, name: &str| metric(text, name).unwrap_or(0.0);
+        (
+            count(&picked, "courier_trace_messages_traced_total"),
+            count(&picked, "courier_trace_messages_skipped_total"),
+            count(&held, "courier_trace_activities"),
+        )
+    };
+    let mut before = traces();
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = traces();
+        if now == before {
+            break;
+        }
+        before = now;
+    }
+    let (traced_before, skipped_before, held_before) = before;
+    // Bursts until the accepting node's sampler has left some out.
+    let mut bursts = 0;
+    wait_for("activities left out by the sampler", T, || {
+        let count = BURST.to_string();
+        let out = accepting.run(&[
+            "publish",
+            "burst.tick",
+            "--service",
+            "src",
+            "--count",
+            &count,
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        bursts += 1;
+        (traces().1 > skipped_before).then_some(())
+    });
+    let sent = (bursts * BURST) as f64;
+    let delivered_line = "courier_messages_delivered_total{name=\"burst.tick\",service=\"sink\"}";
+    wait_until("every burst delivered on the other node", T, || {
+        let (_, text) = http_get(&delivering_http, "/metrics", None);
+        let delivered = metric(&text, delivered_line).unwrap_or(0.0);
+        if delivered >= sent {
+            Ok(())
+        } else {
+            Err(format!("{delivered} of {sent} delivered"))
+        }
+    });
+    wait_until(
+        "the delivering node's traces match the sampler's picks",
+        T,
+        || {
+            let (traced, _, held) = traces();
+            let (traced, held) = (traced - traced_before, held - held_before);
+            if traced > 0.0 && traced < sent && held == traced {
+                Ok(())
+            } else {
+                Err(format!(
+                "{sent} sent: {traced} traced on the accepting node, {held} new activities on the delivering one"
+            ))
+            }
+        },
+    );
 }
 
 /// Two more nodes, both given one manifest (SCALE-OUT §15: every node

@@ -76,17 +76,8 @@ impl<S: MessageStore> Broker<S> {
         push_trace(&mut self.traces, &mut self.traces_bytes, record);
     }
 
-    pub(crate) fn trace_accepted(
-        &mut self,
-        message: &Arc<Message>,
-        seq: Seq,
-        receivers: &Receivers,
-    ) {
-        let traced = self.sample(message);
-        self.record_accepted(traced, message, seq, receivers);
-    }
-
-    /// Records an accepted message the sampler decided on already.
+    /// Records an accepted message that the sampler (`sample`) picked,
+    /// when it did.
     pub(crate) fn record_accepted(
         &mut self,
         traced: bool,

@@ -56,10 +56,11 @@ impl<S: MessageStore> Broker<S> {
             Arc::make_mut(&mut message).detach();
         }
         if message.transient {
-            self.trace_accepted(&message, 0, &targets);
+            let traced = self.sample(&message);
+            self.record_accepted(traced, &message, 0, &targets);
             self.tap(&message, targets.clone());
             for service in targets.iter() {
-                self.deliver_transient(service, &message, None);
+                self.deliver_transient(service, &message, traced, false);
             }
             return Ok(0);
         }
@@ -192,16 +193,15 @@ impl<S: MessageStore> Broker<S> {
         }
     }
 
-    /// `offered`: it came from another node already, and goes no further;
-    /// `Some(traced)`: whether that node traces its activity.
+    /// `traced`: the accepting node's sampler picked its activity;
+    /// `remote`: it came from another node already, and goes no further.
     pub(crate) fn deliver_transient(
         &mut self,
         service: &str,
         message: &Arc<Message>,
-        offered: Option<bool>,
+        traced: bool,
+        remote: bool,
     ) {
-        let remote = offered.is_some();
-        let traced = offered.unwrap_or_else(|| traces(&self.sampler, message, self.now));
         let Some(svc) = self.services.get_mut(service) else {
             return;
         };

@@ -678,7 +678,7 @@ impl<S: MessageStore> Broker<S> {
                 self.remote_routes.insert(message.id, route, now);
             }
         }
-        self.deliver_transient(service, &message, Some(traced));
+        self.deliver_transient(service, &message, traced, true);
     }
 }
 

@@ -219,6 +219,7 @@ pub(crate) async fn run_timer(shared: Arc<Shared>) {
         shared.with_core_deferred(|core, now| {
             core.tick(now);
             shared.resume_drained(core, now);
+            shared.backend_syncs.give_up_overdue(core);
         });
         let due = shared.core().checkpoint_due();
         if due || shared.clock.now() >= next_checkpoint {

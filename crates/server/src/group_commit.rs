@@ -20,18 +20,12 @@
 //! start an fsync that covers it alone (PostgreSQL's `commit_delay` and
 //! `commit_siblings` do the same, fixed; here they follow the load). One
 //! connection alone never waits.
-//!
-//! A replicated backend's sync is a wait for its acknowledgements, not an
-//! fsync: the thread starts it and the backend's task that settles the
-//! last one releases the records ([`finish_when_acknowledged`]).
 
-use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use courier_broker::{ConnId, FastMap};
-use courier_store::{BackendWait, SyncJob};
 
 use tracing::warn;
 
@@ -118,8 +112,13 @@ impl Committer {
     }
 }
 
-/// Starts the thread; it ends when the server is gone.
+/// Starts the thread; it ends when the server is gone. A cluster backend
+/// needs none: its syncs wait on the network (`backend_sync.rs`).
 pub(crate) fn start(shared: &Arc<Shared>) {
+    if shared.cluster.is_some() {
+        shared.backend_syncs.attach(shared);
+        return;
+    }
     let committer = Arc::clone(&shared.committer);
     let weak = Arc::downgrade(shared);
     let spawned = std::thread::Builder::new()
@@ -157,51 +156,9 @@ fn run(shared: Weak<Shared>, committer: Arc<Committer>) {
         shared.with_core_committing(|core, _now| job = core.start_sync());
         if let Some(mut job) = job {
             let started = Instant::now();
-            match job.take_backend_wait() {
-                None => {
-                    let result = job.run();
-                    shared.with_core_committing(|core, _now| core.finish_sync(job, result));
-                }
-                Some(wait) => finish_when_acknowledged(&shared, job, wait),
-            }
+            let result = job.run();
+            shared.with_core_committing(|core, _now| core.finish_sync(job, result));
             last_round = (conns, started.elapsed());
-        }
-    }
-}
-
-/// A replicated backend's sync is finished by whoever settles its last
-/// acknowledgement (a task of the backend's client): the records it
-/// covers are released from there, without waking this thread first.
-/// The thread waits until then (one sync at a time), or gives the sync up
-/// at the backend's limit.
-fn finish_when_acknowledged(shared: &Arc<Shared>, job: SyncJob, wait: BackendWait) {
-    let limit = wait.limit();
-    // Whoever comes first finishes the job: the backend's answer or the
-    // limit.
-    let job = Arc::new(Mutex::new(Some(job)));
-    let finish = {
-        let job = Arc::clone(&job);
-        let shared = Arc::downgrade(shared);
-        move |result: io::Result<()>| {
-            let job = job.lock().unwrap_or_else(|p| p.into_inner()).take();
-            if let (Some(job), Some(shared)) = (job, shared.upgrade()) {
-                shared.with_core_committing(|core, _now| core.finish_sync(job, result));
-            }
-        }
-    };
-    let (finished, finishing) = std::sync::mpsc::sync_channel::<()>(1);
-    wait.start(move |result| {
-        finish(result);
-        let _ = finished.send(());
-    });
-    if finishing.recv_timeout(limit).is_err() {
-        let job = job.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(job) = job {
-            let gave_up = io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("the backend did not acknowledge the sync within {limit:?}"),
-            );
-            shared.with_core_committing(|core, _now| core.finish_sync(job, Err(gave_up)));
         }
     }
 }

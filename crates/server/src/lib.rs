@@ -11,6 +11,9 @@
 
 mod accept;
 mod auth;
+mod backend_sync;
+#[cfg(test)]
+mod backend_sync_tests;
 mod background;
 mod clock;
 mod cluster_dead_letters;

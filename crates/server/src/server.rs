@@ -207,6 +207,7 @@ impl Server {
                 webhooks: Arc::default(),
                 webhook_key,
                 committer: Arc::default(),
+                backend_syncs: Default::default(),
                 checkpointing: Mutex::new(()),
                 dispatching: Mutex::new(()),
                 cluster,

@@ -15,7 +15,8 @@ use tracing::{error, warn};
 use crate::background::{answer_services_query, answer_trace_query};
 use crate::outbox::OutState;
 use crate::{
-    console, core_lock, gateway, group_commit, registry, tail, trace, Outbox, ServerConfig,
+    backend_sync, console, core_lock, gateway, group_commit, registry, tail, trace, Outbox,
+    ServerConfig,
 };
 
 pub(crate) type Store = Box<dyn MessageStore>;
@@ -71,6 +72,8 @@ pub(crate) struct Shared {
     pub(crate) webhook_key: gateway::webhook::WebhookKey,
     /// Wakes the thread that fsyncs outside the core's lock.
     pub(crate) committer: Arc<group_commit::Committer>,
+    /// A cluster backend's syncs, which take the committer's place there.
+    pub(crate) backend_syncs: backend_sync::BackendSyncs,
     /// Held for a whole checkpoint: one at a time (they share the
     /// snapshot's temporary file).
     pub(crate) checkpointing: Mutex<()>,
@@ -159,13 +162,14 @@ impl Shared {
         f(&mut core, now);
         let mut actions = Vec::new();
         let mut wake_committer = None;
-        // A cluster backend's sync waits on the network for answers that
-        // this runtime's tasks deliver: never in place, on a task.
-        let commit = match commit {
-            Commit::InPlace if self.cluster.is_some() => Commit::Deferred(None),
-            other => other,
-        };
-        if commit == Commit::InPlace || !self.committer.running() {
+        let mut backend_sync = None;
+        if self.backend_syncs.attached() {
+            // A cluster backend's sync waits on the network for answers
+            // that this runtime's tasks deliver: never in place, and no
+            // thread waits on it (`backend_sync.rs`).
+            core.take_ready_actions(&mut actions);
+            backend_sync = self.backend_syncs.begin(&mut core, &mut actions);
+        } else if commit == Commit::InPlace || !self.committer.running() {
             core.take_actions(&mut actions);
         } else {
             core.take_ready_actions(&mut actions);
@@ -214,6 +218,9 @@ impl Shared {
         }
         if let Some(conn) = wake_committer {
             self.committer.wake(conn);
+        }
+        if let Some(begun) = backend_sync {
+            self.backend_syncs.start(begun, commit);
         }
         if let Some(edge) = &self.cluster {
             // Acks free room the fetch loops wait for.

@@ -38,6 +38,7 @@ impl<S: MessageStore> Broker<S> {
         let config = &self.config;
         let svc = self.services.get_or_insert(service, config);
         svc.instances.push(conn);
+        self.membership_changes += 1;
         self.conns.insert(
             conn,
             Conn {
@@ -126,6 +127,7 @@ impl<S: MessageStore> Broker<S> {
         };
         svc.instances.retain(|i| *i != conn);
         svc.relays.retain(|i| *i != conn);
+        self.membership_changes += 1;
         // Oldest first: a key's first delivery out is retried (counted)
         // and takes the later ones of its key back with it, in order.
         let mut deliveries: Vec<(Seq, DeliveryId)> = svc

@@ -297,6 +297,8 @@ pub struct Broker<S: MessageStore> {
     dedup: dedup::DedupWindow,
     /// Name → (major version, receiving services); see `receivers`.
     route_cache: FastMap<String, Vec<(u16, Receivers)>>,
+    /// See [`Broker::membership_changes`].
+    membership_changes: u64,
     /// Command id → where its replies go.
     reply_routes: ExpiringMap<Uuid, ReplyRoute>,
     /// Replies of flow-controlled streams delivered and not yet acked →
@@ -397,6 +399,7 @@ impl<S: MessageStore> Broker<S> {
             refs: refcount::RefCounts::default(),
             dedup,
             route_cache: FastMap::default(),
+            membership_changes: 0,
             reply_routes,
             reply_deliveries: FastMap::default(),
             held_reply_bytes: 0,

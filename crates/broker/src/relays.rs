@@ -71,6 +71,7 @@ impl<S: MessageStore> Broker<S> {
         }
         c.patterns = list;
         c.max_in_flight = max_in_flight.max(1);
+        self.membership_changes += 1;
         let service = c.service.to_string();
         self.pump(&service, now);
     }

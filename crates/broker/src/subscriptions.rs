@@ -37,6 +37,7 @@ impl<S: MessageStore> Broker<S> {
             return;
         };
         c.patterns.insert(pattern);
+        self.membership_changes += 1;
         let service = c.service.to_string();
         let existing = self.services.get(&service);
         let is_new = !existing.is_some_and(|s| s.patterns.contains(pattern));
@@ -119,6 +120,7 @@ impl<S: MessageStore> Broker<S> {
         if svc.patterns.insert(pattern.to_string()) {
             self.subscribers.insert(pattern, &service.to_string());
             self.route_cache.clear();
+            self.membership_changes += 1;
         }
         if ack_deadline_ms != 0 {
             svc.ack_deadline_ms = ack_deadline_ms;
@@ -168,6 +170,7 @@ impl<S: MessageStore> Broker<S> {
         svc.paused.remove(pattern);
         self.subscribers.remove(pattern, &service.to_string());
         self.route_cache.clear();
+        self.membership_changes += 1;
         for instance in svc.instances.iter().chain(&svc.relays) {
             if let Some(c) = self.conns.get_mut(instance) {
                 c.patterns.remove(pattern);

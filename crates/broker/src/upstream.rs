@@ -231,6 +231,15 @@ impl<S: MessageStore> Broker<S> {
         u32::try_from(room.saturating_sub(waiting)).unwrap_or(u32::MAX)
     }
 
+    /// Counts the changes of which services have instances and patterns
+    /// here (connects, disconnects, subscription changes, the backend's
+    /// views): the edge lists [`Broker::consuming_services`] and
+    /// [`Broker::services_with_instances`] again only when it moved, not
+    /// after every pass.
+    pub fn membership_changes(&self) -> u64 {
+        self.membership_changes
+    }
+
     /// Services with an instance on this node that consumes: the edge
     /// fetches for these.
     pub fn consuming_services(&self) -> Vec<String> {
@@ -284,6 +293,7 @@ impl<S: MessageStore> Broker<S> {
         let new: Vec<String> = wanted.difference(&svc.patterns).cloned().collect();
         svc.patterns = wanted;
         svc.paused = paused;
+        self.membership_changes += 1;
         for pattern in &gone {
             self.subscribers.remove(pattern, &service.to_string());
         }

@@ -196,6 +196,7 @@ impl Shared {
         let checks = core.take_registry_checks();
         self.registry.after_core(core.registry().index(), checks);
         let next_timer = core.next_timer();
+        let membership = core.membership_changes();
         // Frames are encoded without the core's lock: the dispatch lock,
         // taken before the core's is let go, keeps every pass's frames in
         // the order the core decided them, while the next pass already
@@ -225,6 +226,11 @@ impl Shared {
         if let Some(edge) = &self.cluster {
             // Acks free room the fetch loops wait for.
             edge.room.notify_waiters();
+            edge.membership.send_if_modified(|seen| {
+                let moved = membership > *seen;
+                *seen = (*seen).max(membership);
+                moved
+            });
         }
         if let Some(t) = next_timer {
             if t < self.timer_due.load(Ordering::Relaxed) {

@@ -551,6 +551,49 @@ fn what_no_instance_here_can_take_goes_back_at_once() {
 }
 
 #[test]
+fn the_membership_count_moves_with_what_the_service_lists_read_and_not_with_traffic() {
+    let mut h = node();
+    let mut seen = h.broker.membership_changes();
+    let mut moved = |h: &Harness<BackendStore>, by: &str| {
+        let now = h.broker.membership_changes();
+        assert!(now > seen, "{by} left the count at {now}");
+        seen = now;
+    };
+    h.connect(1, "worker", 4);
+    moved(&h, "a connect");
+    h.subscribe(1, "job.*");
+    moved(&h, "a subscription");
+    h.connect(2, "web", 4);
+    moved(&h, "a second connect");
+    let quiet = h.broker.membership_changes();
+    h.broker.fetched(
+        fetched("worker", command("job.run", "a"), 1, "ack-a"),
+        h.now,
+    );
+    h.send(2, 1, command("job.run", "b"));
+    assert!(!h.deliveries().is_empty());
+    assert_eq!(
+        h.broker.membership_changes(),
+        quiet,
+        "sends and deliveries moved it"
+    );
+    h.broker.subscriptions_changed(
+        "report",
+        Some(RemoteSubscriptions {
+            ack_deadline_ms: 1_000,
+            max_deliveries: 4,
+            patterns: vec![("job.*".to_string(), false)],
+        }),
+        h.now,
+    );
+    moved(&h, "another node's subscription");
+    h.broker.unsubscribe(1, 2, "job.*");
+    moved(&h, "an unsubscribe");
+    h.broker.disconnect(1, h.now);
+    moved(&h, "a disconnect");
+}
+
+#[test]
 fn a_message_for_a_service_not_subscribed_here_is_given_back() {
     let mut h = node();
     h.broker.fetched(

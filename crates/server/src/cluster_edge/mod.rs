@@ -81,9 +81,10 @@ use replies::{
 /// earlier.
 const SERVICE_TASKS_CHECK_EVERY: Duration = Duration::from_millis(250);
 
-/// Keeps one task per service that `wanted` lists (asked after every pass
-/// of the core, at least every [`SERVICE_TASKS_CHECK_EVERY`]): `task` makes it
-/// with a signal that stops it once the service leaves the list.
+/// Keeps one task per service that `wanted` lists (asked whenever the
+/// core's [`courier_broker::Broker::membership_changes`] moved, at least
+/// every [`SERVICE_TASKS_CHECK_EVERY`]): `task` makes it with a signal
+/// that stops it once the service leaves the list.
 async fn per_service<Task>(
     shared: Weak<Shared>,
     wanted: impl Fn(&Shared) -> Vec<String>,
@@ -92,6 +93,13 @@ async fn per_service<Task>(
     Task: std::future::Future<Output = ()> + Send + 'static,
 {
     let mut running: HashMap<String, watch::Sender<bool>> = HashMap::new();
+    let mut membership = match shared.upgrade() {
+        Some(strong) => match &strong.cluster {
+            Some(edge) => edge.membership.subscribe(),
+            None => return,
+        },
+        None => return,
+    };
     loop {
         let Some(strong) = shared.upgrade() else {
             return;
@@ -115,9 +123,15 @@ async fn per_service<Task>(
             running.insert(service.clone(), stop);
             tokio::spawn(task(edge, shared.clone(), service, stopped));
         }
-        let room = edge.room.clone();
         drop(strong);
-        let _ = tokio::time::timeout(SERVICE_TASKS_CHECK_EVERY, room.notified()).await;
+        // A change made while the list was read is still seen: a watch
+        // marks it until looked at.
+        if let Ok(Err(_)) =
+            tokio::time::timeout(SERVICE_TASKS_CHECK_EVERY, membership.changed()).await
+        {
+            // The edge is gone.
+            return;
+        }
     }
 }
 
@@ -295,8 +309,12 @@ pub(crate) struct ClusterEdge {
     /// The dead-letter commands (`cluster_dead_letters.rs`).
     pub dead_letters: crate::cluster_dead_letters::Queries,
     /// Woken after every pass of the core: room may have freed up for a
-    /// fetch loop, or a service may have gained or lost its consumers.
+    /// fetch loop.
     pub room: Arc<Notify>,
+    /// The core's [`courier_broker::Broker::membership_changes`] as of
+    /// its last pass: the per-service tasks' supervisors wait for it to
+    /// move.
+    pub membership: watch::Sender<u64>,
     /// The cluster's counts as `/metrics` last read them.
     pub readings: gauges::Readings,
     /// Forwarded replies waiting in a stream for the requester's credit:
@@ -329,6 +347,7 @@ impl ClusterEdge {
             transients_rx: std::sync::Mutex::new(Some(transients_rx)),
             dead_letters: crate::cluster_dead_letters::Queries::new(),
             room: Arc::new(Notify::new()),
+            membership: watch::Sender::new(0),
             readings: gauges::Readings::default(),
             pending_answers: replies::PendingAnswers::default(),
             answers,

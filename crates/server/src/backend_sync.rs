@@ -82,7 +82,12 @@ impl BackendSyncs {
         if running.is_some() || !core.sync_wanted() {
             return None;
         }
-        let mut job = core.start_sync()?;
+        let Some(mut job) = core.start_sync() else {
+            // Nothing was left to wait for (a batch that stored nothing, as
+            // one answering a duplicate): what it held is released now.
+            core.take_ready_actions(actions);
+            return None;
+        };
         let Some(wait) = job.take_backend_wait() else {
             let result = job.run();
             core.finish_sync(job, result);

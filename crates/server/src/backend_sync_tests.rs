@@ -108,6 +108,10 @@ impl MessageStore for AcknowledgedStore {
     }
 }
 
+fn event() -> Message {
+    Message::new(Kind::Event, "thing.happened", Bytes::from_static(b"{}"))
+}
+
 struct Harness {
     shared: Arc<crate::Shared>,
     started: Started,
@@ -146,7 +150,10 @@ impl Harness {
 
     /// A durable event sent as the connection's send `seq`.
     fn send(&self, seq: u64) {
-        let message = Message::new(Kind::Event, "thing.happened", Bytes::from_static(b"{}"));
+        self.send_message(seq, event());
+    }
+
+    fn send_message(&self, seq: u64, message: Message) {
         self.shared
             .with_core_deferred_for(CONN, |core, now| core.send(CONN, seq, message, now));
     }
@@ -262,4 +269,18 @@ async fn a_sync_the_backend_never_answers_fails_at_its_limit_and_the_next_one_ru
     h.answer(1, Ok(()));
     let outcomes: Vec<_> = h.outcomes().iter().map(|o| (o.seq, o.code)).collect();
     assert_eq!(outcomes, vec![(2, ErrorCode::Ok)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_that_stored_nothing_is_answered_in_its_own_pass() {
+    let h = Harness::new(Duration::from_secs(60)).await;
+    let first = event();
+    h.send_message(1, first.clone());
+    h.answer(0, Ok(()));
+    assert_eq!(h.outcomes().len(), 1);
+    // Sent again: the dedup window answers it, and nothing is stored.
+    h.send_message(2, first);
+    let again: Vec<_> = h.outcomes().iter().map(|o| o.seq).collect();
+    assert_eq!(again, vec![2], "a duplicate waited for a later pass");
+    assert_eq!(h.syncs_started(), 1, "a sync started with nothing stored");
 }

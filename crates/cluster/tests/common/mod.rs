@@ -58,6 +58,14 @@ pub struct UserCredentials {
     pub system: String,
 }
 
+/// Why a cluster did not form.
+enum NotFormed {
+    /// This server exited (a port taken, a bad config).
+    Exited(String),
+    /// Not within [`FORM_DEADLINE`]; the last survey.
+    Late(String),
+}
+
 pub struct NatsCluster {
     binary: PathBuf,
     servers: Vec<Server>,
@@ -90,6 +98,31 @@ impl NatsCluster {
                 (operator.config(), Some(operator.credentials()))
             }
         };
+        // The servers bind ports found free a moment before; a test
+        // running beside may take one meanwhile, and its server exits.
+        const STARTS_MAX: u32 = 3;
+        let mut start = 1;
+        loop {
+            let mut cluster =
+                NatsCluster::launch(binary.clone(), sync, &accounts_text, credentials.clone());
+            match cluster.formed().await {
+                Ok(()) => return cluster,
+                Err(NotFormed::Exited(name)) if start < STARTS_MAX => {
+                    eprintln!("nats-server {name} exited while the cluster formed (a port taken meanwhile?); starting the cluster again on other ports");
+                    start += 1;
+                }
+                Err(not_formed) => cluster.give_up(not_formed),
+            }
+        }
+    }
+
+    /// Writes the three servers' configs on fresh ports and starts them.
+    fn launch(
+        binary: PathBuf,
+        sync: [Sync; SERVERS],
+        accounts_text: &str,
+        credentials: Option<UserCredentials>,
+    ) -> NatsCluster {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let ports = free_ports(SERVERS * 2);
         let (client_ports, route_ports) = ports.split_at(SERVERS);
@@ -134,7 +167,6 @@ impl NatsCluster {
         for i in 0..SERVERS {
             cluster.spawn(i);
         }
-        cluster.wait_formed().await;
         cluster
     }
 
@@ -163,27 +195,59 @@ impl NatsCluster {
 
     /// Waits until every running server answers the system account's JSZ
     /// ping and they agree on a meta leader.
-    pub async fn wait_formed(&self) {
+    pub async fn wait_formed(&mut self) {
+        if let Err(not_formed) = self.formed().await {
+            self.give_up(not_formed);
+        }
+    }
+
+    /// [`NatsCluster::wait_formed`], saying why not instead of panicking:
+    /// not within [`FORM_DEADLINE`], or a server exited meanwhile.
+    async fn formed(&mut self) -> Result<(), NotFormed> {
         let until = Instant::now() + FORM_DEADLINE;
         let running = self.servers.iter().filter(|s| s.child.is_some()).count();
         let mut last = None;
         while Instant::now() < until {
+            if let Some(name) = self.exited() {
+                return Err(NotFormed::Exited(name));
+            }
             if let Ok(system) = self.try_system_client().await {
                 if let Ok(survey) = durability::survey(&system, Duration::from_secs(2)).await {
                     if survey.servers.len() >= running
                         && survey.meta_leader.is_some()
                         && self.jetstream_answers().await
                     {
-                        return;
+                        return Ok(());
                     }
                     last = Some(survey);
                 }
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        Err(NotFormed::Late(format!("{last:?}")))
+    }
+
+    /// A server started here that is no longer running, by name.
+    fn exited(&mut self) -> Option<String> {
+        self.servers.iter_mut().find_map(|server| {
+            let exited = matches!(
+                server.child.as_mut().map(Child::try_wait),
+                Some(Ok(Some(_)))
+            );
+            exited.then(|| server.name.clone())
+        })
+    }
+
+    fn give_up(&self, not_formed: NotFormed) -> ! {
+        let why = match not_formed {
+            NotFormed::Exited(name) => format!("nats-server {name} exited"),
+            NotFormed::Late(survey) => format!(
+                "it did not form within {} s (last survey: {survey})",
+                FORM_DEADLINE.as_secs()
+            ),
+        };
         panic!(
-            "the nats-server cluster did not form within {} s (last survey: {last:?}); logs in {}:\n{}",
-            FORM_DEADLINE.as_secs(),
+            "the nats-server cluster did not form: {why}; logs in {}:\n{}",
             self.dir.path().display(),
             self.logs()
         );
